@@ -1,0 +1,73 @@
+"""A bounded reader for the project's fixed binary layouts (big-endian, no varints).
+
+Every read checks the remaining length, so truncated input is a ``Truncated`` error
+rather than an exception from ``struct``; ``finish`` rejects trailing bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from constellation.errors import CountOutOfRange, TrailingBytes, Truncated
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+class Reader:
+    """Reads a byte string front to back; raises a typed ``DecodeError`` on bad input."""
+
+    __slots__ = ("_data", "_pos", "what")
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self._data = data
+        self._pos = 0
+        self.what = what
+
+    def _need(self, n: int) -> int:
+        pos = self._pos
+        if pos + n > len(self._data):
+            raise Truncated(f"{self.what}: needs {pos + n} bytes, got {len(self._data)}")
+        self._pos = pos + n
+        return pos
+
+    def bytes(self, n: int) -> bytes:
+        pos = self._need(n)
+        return self._data[pos : pos + n]
+
+    def u8(self) -> int:
+        return self._data[self._need(1)]
+
+    def u16(self) -> int:
+        return int(_U16.unpack_from(self._data, self._need(2))[0])
+
+    def u32(self) -> int:
+        return int(_U32.unpack_from(self._data, self._need(4))[0])
+
+    def u64(self) -> int:
+        return int(_U64.unpack_from(self._data, self._need(8))[0])
+
+    def count(self, lo: int, hi: int, of: str) -> int:
+        """A u16 element count that must lie in ``lo..hi``."""
+        n = self.u16()
+        if not lo <= n <= hi:
+            raise CountOutOfRange(f"{self.what}: {n} {of}, allowed {lo}..{hi}")
+        return n
+
+    def finish(self) -> None:
+        if self._pos != len(self._data):
+            extra = len(self._data) - self._pos
+            raise TrailingBytes(f"{self.what}: {extra} bytes after the end")
+
+
+def u16(n: int) -> bytes:
+    return _U16.pack(n)
+
+
+def u32(n: int) -> bytes:
+    return _U32.pack(n)
+
+
+def u64(n: int) -> bytes:
+    return _U64.pack(n)

@@ -1,0 +1,253 @@
+"""The partition state machine: the coins of a set of partitions, and their locks.
+
+A worker holds one ``PartitionState`` for the partitions it hosts. Two-phase commit
+drives it: ``prepare`` locks and checks the inputs held here (a held lock is a
+refusal, never a wait) and records the outputs that will be created here; ``commit``
+spends and creates; ``abort`` releases. Each call either succeeds whole or raises a
+typed ``LedgerError`` and changes nothing.
+
+Invariants (``check_invariants`` verifies them all; the hot path asserts the cheap ones):
+
+* a coin is unspent or spent, never both, and spent at most once;
+* every lock belongs to exactly one pending transaction, which holds that coin as an
+  input, and every pending input is an unspent coin locked by it (no leaked locks);
+* ``held_msat == sum(coin values) == issued + received - sent``: value moves only
+  through commits and issuances; across the states of a ledger with nothing pending,
+  ``sum(held) + sum(fees) == sum(issued)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import NamedTuple
+
+from constellation.errors import (
+    AlreadyCommitted,
+    BadIssuance,
+    BadSignature,
+    CoinSpent,
+    InputLocked,
+    NotHeldHere,
+    UnknownCoin,
+    UnknownTransaction,
+    ValueMismatch,
+)
+from constellation.keys import XOnlyPubKey, schnorr_verify
+from constellation.sighash import sighash
+from constellation.tx import PARTITIONS, Issuance, Transaction
+
+
+class Coin(NamedTuple):
+    value_msat: int
+    owner: XOnlyPubKey
+
+
+class CoinStatus(Enum):
+    UNSPENT = "unspent"
+    LOCKED = "locked"
+    SPENT = "spent"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A YES vote: what this state locked and will create for one transaction."""
+
+    txid: bytes
+    inputs: tuple[bytes, ...]  # coin ids held here, now locked
+    outputs: tuple[tuple[bytes, Coin], ...]  # (coin id, coin) to create here
+    fee_msat: int  # the fee, recorded by the coordinator's state only
+    coordinator: bool
+
+
+class PartitionState:
+    """The coins, locks and pending transactions of the partitions one worker holds."""
+
+    def __init__(self, partitions: Iterable[int], issuers: Iterable[bytes] = ()) -> None:
+        self._held = bytearray(PARTITIONS)
+        for p in partitions:
+            if not 0 <= p < PARTITIONS:
+                raise ValueError(f"partition {p} outside 0..{PARTITIONS - 1}")
+            self._held[p] = 1
+        self.issuers = frozenset(issuers)
+        self.coins: dict[bytes, Coin] = {}
+        self.locks: dict[bytes, bytes] = {}  # coin id -> txid holding it
+        self.pending: dict[bytes, Prepared] = {}
+        self.spent: dict[bytes, bytes] = {}  # coin id -> txid that spent it
+        self.issued_ids: set[bytes] = set()
+        self.held_msat = 0
+        self.issued_msat = 0
+        self.received_msat = 0
+        self.sent_msat = 0
+        self.fees_msat = 0
+
+    # -- routing -------------------------------------------------------------------------
+
+    def holds(self, partition: int) -> bool:
+        return bool(self._held[partition])
+
+    def holds_coin(self, coin_id: bytes) -> bool:
+        return bool(self._held[(coin_id[0] << 8) | coin_id[1]])
+
+    def partitions(self) -> Iterator[int]:
+        return (p for p in range(PARTITIONS) if self._held[p])
+
+    # -- two-phase commit ----------------------------------------------------------------
+
+    def prepare(self, tx: Transaction, verify: bool = True) -> Prepared:
+        """Lock and check the inputs held here; record the outputs to create here.
+
+        Raises ``UnknownCoin``, ``CoinSpent``, ``AlreadyCommitted``, ``InputLocked``,
+        ``ValueMismatch``, ``BadSignature`` or ``NotHeldHere``, changing nothing. A
+        repeated PREPARE of a transaction already prepared returns the same vote.
+        """
+        txid = tx.txid
+        again = self.pending.get(txid)
+        if again is not None:
+            return again
+        held, coins, locks = self._held, self.coins, self.locks
+        witnesses = tx.witnesses
+        if verify and not witnesses:
+            raise BadSignature("the transaction carries no signatures")
+        mine: list[bytes] = []
+        for i, (cid, value) in enumerate(tx.inputs):
+            if not held[(cid[0] << 8) | cid[1]]:
+                continue
+            coin = coins.get(cid)
+            if coin is None:
+                self._raise_missing(cid, txid)
+            holder = locks.get(cid)
+            if holder is not None:
+                raise InputLocked(
+                    f"input {i} coin {cid.hex()} is locked by transaction {holder.hex()}"
+                )
+            if coin.value_msat != value:
+                raise ValueMismatch(
+                    f"input {i} states {value} msat, coin {cid.hex()} holds {coin.value_msat}"
+                )
+            if verify and not schnorr_verify(
+                coin.owner, sighash(txid, i, value, coin.owner), witnesses[i]
+            ):
+                raise BadSignature(f"input {i}: signature does not verify for coin {cid.hex()}")
+            mine.append(cid)
+        created = tuple(
+            (cid, Coin(value, owner))
+            for cid, (value, owner) in zip(tx.output_coin_ids(), tx.outputs, strict=True)
+            if held[(cid[0] << 8) | cid[1]]
+        )
+        if not mine and not created:
+            raise NotHeldHere(f"transaction {txid.hex()} touches no partition held here")
+        for cid in mine:
+            locks[cid] = txid
+        first = tx.inputs[0].coin_id
+        coordinator = bool(held[(first[0] << 8) | first[1]])
+        vote = Prepared(
+            txid, tuple(mine), created, tx.fee_msat if coordinator else 0, coordinator
+        )
+        self.pending[txid] = vote
+        return vote
+
+    def _raise_missing(self, cid: bytes, txid: bytes) -> None:
+        by = self.spent.get(cid)
+        if by == txid:
+            raise AlreadyCommitted(f"transaction {txid.hex()} is already committed")
+        if by is not None:
+            raise CoinSpent(f"coin {cid.hex()} was already spent by transaction {by.hex()}")
+        raise UnknownCoin(f"coin {cid.hex()} does not exist")
+
+    def commit(self, txid: bytes) -> Prepared:
+        """Spend the inputs locked by ``txid`` and create its outputs held here."""
+        vote = self.pending.pop(txid, None)
+        if vote is None:
+            raise UnknownTransaction(f"transaction {txid.hex()} is not prepared here")
+        coins, locks, spent = self.coins, self.locks, self.spent
+        sent = received = 0
+        for cid in vote.inputs:
+            assert locks.pop(cid) == txid, "a lock changed hands while prepared"
+            sent += coins.pop(cid).value_msat
+            spent[cid] = txid
+        for cid, coin in vote.outputs:
+            assert cid not in coins and cid not in spent, "an output id already exists"
+            coins[cid] = coin
+            received += coin.value_msat
+        self.sent_msat += sent
+        self.received_msat += received
+        self.fees_msat += vote.fee_msat
+        self.held_msat += received - sent
+        return vote
+
+    def abort(self, txid: bytes) -> bool:
+        """Release what ``txid`` locked here; False if it was not prepared (idempotent)."""
+        vote = self.pending.pop(txid, None)
+        if vote is None:
+            return False
+        locks = self.locks
+        for cid in vote.inputs:
+            assert locks.pop(cid) == txid, "a lock changed hands while prepared"
+        return True
+
+    # -- issuance ------------------------------------------------------------------------
+
+    def issue(self, issuance: Issuance) -> list[bytes]:
+        """Create an issuance's outputs held here; returns their coin ids.
+
+        Only an issuer this state trusts may issue, each issuance id once.
+        """
+        if issuance.issuer not in self.issuers:
+            raise BadIssuance(f"{issuance.issuer.hex()} is not an issuer of this ledger")
+        if issuance.issuance_id in self.issued_ids:
+            raise AlreadyCommitted(f"issuance {issuance.issuance_id.hex()} already applied")
+        issuance.verify()
+        created = []
+        for cid, (value, owner) in zip(
+            issuance.output_coin_ids(), issuance.outputs, strict=True
+        ):
+            if self.holds_coin(cid):
+                assert cid not in self.coins and cid not in self.spent, "issued id exists"
+                self.coins[cid] = Coin(value, owner)
+                self.issued_msat += value
+                self.held_msat += value
+                created.append(cid)
+        self.issued_ids.add(issuance.issuance_id)
+        return created
+
+    # -- queries -------------------------------------------------------------------------
+
+    def coin(self, coin_id: bytes) -> Coin | None:
+        return self.coins.get(coin_id)
+
+    def status(self, coin_id: bytes) -> CoinStatus:
+        if coin_id in self.locks:
+            return CoinStatus.LOCKED
+        if coin_id in self.coins:
+            return CoinStatus.UNSPENT
+        if coin_id in self.spent:
+            return CoinStatus.SPENT
+        return CoinStatus.UNKNOWN
+
+    def coins_of(self, owners: Collection[bytes]) -> dict[bytes, Coin]:
+        """Unspent coins held here owned by any of ``owners`` (a scan: the services index)."""
+        return {cid: c for cid, c in self.coins.items() if c.owner in owners}
+
+    def check_invariants(self) -> None:
+        """Verify every invariant of the module docstring; raises AssertionError."""
+        total = 0
+        for cid, coin in self.coins.items():
+            assert self.holds_coin(cid), "a coin sits in a partition not held here"
+            assert cid not in self.spent, "a coin is both unspent and spent"
+            assert 0 < coin.value_msat, "a coin has no value"
+            total += coin.value_msat
+        assert total == self.held_msat, "held_msat drifted from the coins"
+        assert self.held_msat == self.issued_msat + self.received_msat - self.sent_msat, (
+            "value was created or destroyed outside commits and issuances"
+        )
+        locked_by_pending = {}
+        for txid, vote in self.pending.items():
+            assert vote.txid == txid
+            for cid in vote.inputs:
+                assert cid in self.coins, "a pending input is not an unspent coin"
+                assert cid not in locked_by_pending, "two pending transactions share an input"
+                locked_by_pending[cid] = txid
+        assert locked_by_pending == self.locks, "a lock without a pending owner (leak)"

@@ -1,0 +1,292 @@
+"""Transactions, issuances, coin ids and partitions, with their canonical encodings.
+
+Layout of a transaction (all integers big-endian)::
+
+    body    = version:u8 (=1)
+              n_inputs:u16   { coin_id:32  value_msat:u64 }*
+              n_outputs:u16  { value_msat:u64  owner:32 }*
+              fee_msat:u64
+    witness = { kind:u8 (=0, BIP340 key path)  signature:64 }*   -- one per input
+    encoded = body || witness
+
+``txid = tagged_hash("constellation/tx", body)``: witnesses are not part of the id.
+Inputs state the value of the coin they spend, so balance is checked without state
+and every partition checks the claim against the coin it holds. Witness kinds other
+than 0 are reserved for script spends (hash- and time-locks).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from constellation.amount import MAX_MSAT
+from constellation.codec import Reader, u16, u64
+from constellation.errors import (
+    BadIssuance,
+    CountOutOfRange,
+    DuplicateInput,
+    InvalidKey,
+    NonCanonical,
+    Unbalanced,
+    UnsupportedVersion,
+    ValueOutOfRange,
+)
+from constellation.hashing import tagged_hasher
+from constellation.keys import (
+    SIGNATURE_LEN,
+    XOnlyPubKey,
+    is_valid_xonly,
+    schnorr_sign,
+    schnorr_verify,
+)
+
+TX_VERSION = 1
+ISSUANCE_VERSION = 1
+WITNESS_KEY_PATH = 0
+MAX_INPUTS = 256
+MAX_OUTPUTS = 256
+PARTITIONS = 1 << 16
+
+_txid_hash = tagged_hasher("constellation/tx")
+_coin_hash = tagged_hasher("constellation/coin")
+_issue_hash = tagged_hasher("constellation/issue")
+_INPUT = struct.Struct(">32sQ")
+_OUTPUT = struct.Struct(">Q32s")
+
+
+class TxInput(NamedTuple):
+    coin_id: bytes
+    value_msat: int
+
+
+class TxOutput(NamedTuple):
+    value_msat: int
+    owner: XOnlyPubKey
+
+
+def coin_id(txid: bytes, index: int) -> bytes:
+    """The id of output ``index`` of transaction (or issuance) ``txid``."""
+    return _coin_hash(txid + u16(index))
+
+
+def partition_of(coin_id: bytes) -> int:
+    """The partition holding a coin: the big-endian u16 of its first two bytes."""
+    return (coin_id[0] << 8) | coin_id[1]
+
+
+def _check_outputs(outputs: Sequence[TxOutput], what: str) -> int:
+    if not 1 <= len(outputs) <= MAX_OUTPUTS:
+        raise CountOutOfRange(f"{what}: {len(outputs)} outputs, allowed 1..{MAX_OUTPUTS}")
+    total = 0
+    for i, (value, owner) in enumerate(outputs):
+        if type(value) is not int or not 1 <= value <= MAX_MSAT:
+            raise ValueOutOfRange(f"{what}: output {i} value {value!r} not in 1..2^64-1 msat")
+        if not is_valid_xonly(owner):
+            raise InvalidKey(f"{what}: output {i} owner is not a BIP340 public key")
+        total += value
+    return total
+
+
+def _encode_outputs(outputs: Sequence[TxOutput]) -> bytes:
+    return u16(len(outputs)) + b"".join(_OUTPUT.pack(v, k) for v, k in outputs)
+
+
+def _decode_outputs(r: Reader) -> list[TxOutput]:
+    n = r.count(1, MAX_OUTPUTS, "outputs")
+    outs = []
+    for _ in range(n):
+        value = r.u64()
+        outs.append(TxOutput(value, XOnlyPubKey(r.bytes(32))))
+    return outs
+
+
+class Transaction:
+    """A transfer: spends coins, creates outputs, pays a fee. Well-formed by construction.
+
+    Construction checks everything that needs no ledger state: counts, value ranges,
+    owner keys, duplicate inputs and ``sum(in) == sum(out) + fee``. ``txid`` and the
+    encoded body are computed once.
+    """
+
+    __slots__ = ("_output_ids", "body", "fee_msat", "inputs", "outputs", "txid", "witnesses")
+
+    inputs: tuple[TxInput, ...]
+    outputs: tuple[TxOutput, ...]
+    fee_msat: int
+    witnesses: tuple[bytes, ...]
+    body: bytes
+    txid: bytes
+
+    def __init__(
+        self,
+        inputs: Sequence[TxInput],
+        outputs: Sequence[TxOutput],
+        fee_msat: int = 0,
+        witnesses: Sequence[bytes] = (),
+    ) -> None:
+        if not 1 <= len(inputs) <= MAX_INPUTS:
+            raise CountOutOfRange(f"{len(inputs)} inputs, allowed 1..{MAX_INPUTS}")
+        total_in = 0
+        for i, (cid, value) in enumerate(inputs):
+            if len(cid) != 32:
+                raise NonCanonical(f"input {i} coin id is {len(cid)} bytes, not 32")
+            if type(value) is not int or not 1 <= value <= MAX_MSAT:
+                raise ValueOutOfRange(f"input {i} value {value!r} not in 1..2^64-1 msat")
+            total_in += value
+        if len({cid for cid, _ in inputs}) != len(inputs):
+            raise DuplicateInput("a coin appears twice among the inputs")
+        total_out = _check_outputs(outputs, "transaction")
+        if type(fee_msat) is not int or not 0 <= fee_msat <= MAX_MSAT:
+            raise ValueOutOfRange(f"fee {fee_msat!r} not in 0..2^64-1 msat")
+        if total_in != total_out + fee_msat:
+            raise Unbalanced(
+                f"inputs {total_in} msat != outputs {total_out} + fee {fee_msat} msat"
+            )
+        if witnesses and len(witnesses) != len(inputs):
+            raise CountOutOfRange(f"{len(witnesses)} witnesses for {len(inputs)} inputs")
+        for i, sig in enumerate(witnesses):
+            if len(sig) != SIGNATURE_LEN:
+                raise NonCanonical(f"witness {i} is {len(sig)} bytes, not 64")
+        self.inputs = tuple(TxInput(c, v) for c, v in inputs)
+        self.outputs = tuple(TxOutput(v, k) for v, k in outputs)
+        self.fee_msat = fee_msat
+        self.witnesses = tuple(witnesses)
+        self.body = (
+            bytes((TX_VERSION,))
+            + u16(len(inputs))
+            + b"".join(_INPUT.pack(c, v) for c, v in inputs)
+            + _encode_outputs(outputs)
+            + u64(fee_msat)
+        )
+        self.txid = _txid_hash(self.body)
+        self._output_ids: tuple[bytes, ...] | None = None
+
+    def with_witnesses(self, witnesses: Sequence[bytes]) -> Transaction:
+        """The same transaction (same txid) carrying one signature per input."""
+        return Transaction(self.inputs, self.outputs, self.fee_msat, witnesses)
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.witnesses)
+
+    def output_coin_ids(self) -> tuple[bytes, ...]:
+        """The coin ids this transaction's outputs get, computed once."""
+        ids = self._output_ids
+        if ids is None:
+            txid = self.txid
+            ids = self._output_ids = tuple(coin_id(txid, i) for i in range(len(self.outputs)))
+        return ids
+
+    def encode(self) -> bytes:
+        """The canonical encoding: body, then one key-path witness per input."""
+        if not self.witnesses:
+            raise ValueError("an unsigned transaction has no transport encoding")
+        return self.body + b"".join(b"\x00" + sig for sig in self.witnesses)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Transaction)
+            and self.txid == other.txid
+            and self.witnesses == other.witnesses
+        )
+
+    def __hash__(self) -> int:
+        return hash(self.txid)
+
+    def __repr__(self) -> str:
+        return (
+            f"Transaction(txid={self.txid.hex()[:16]}…, {len(self.inputs)} in, "
+            f"{len(self.outputs)} out, fee={self.fee_msat} msat)"
+        )
+
+
+def decode_transaction(data: bytes) -> Transaction:
+    """Decode a canonical transaction; any deviation raises a specific ``DecodeError``."""
+    r = Reader(data, "transaction")
+    version = r.u8()
+    if version != TX_VERSION:
+        raise UnsupportedVersion(f"transaction version {version}, expected {TX_VERSION}")
+    n_in = r.count(1, MAX_INPUTS, "inputs")
+    inputs = []
+    for _ in range(n_in):
+        cid = r.bytes(32)
+        inputs.append(TxInput(cid, r.u64()))
+    outputs = _decode_outputs(r)
+    fee = r.u64()
+    witnesses = []
+    for i in range(n_in):
+        kind = r.u8()
+        if kind != WITNESS_KEY_PATH:
+            raise UnsupportedVersion(f"input {i}: witness kind {kind} is not supported")
+        witnesses.append(r.bytes(SIGNATURE_LEN))
+    r.finish()
+    return Transaction(inputs, outputs, fee, witnesses)
+
+
+class Issuance:
+    """New coins created by an operator's issuing key (genesis, local funding, tests).
+
+    The ledger accepts an issuance only from keys it is configured to trust, once per
+    id; the id covers the issuer, a nonce and the outputs::
+
+        body = version:u8 (=1) issuer:32 nonce:u64 n_outputs:u16 { value:u64 owner:32 }*
+        encoded = body || signature:64
+    """
+
+    __slots__ = ("body", "issuance_id", "issuer", "nonce", "outputs", "signature")
+
+    def __init__(
+        self, issuer: bytes, nonce: int, outputs: Sequence[TxOutput], signature: bytes = b""
+    ) -> None:
+        if not is_valid_xonly(issuer):
+            raise InvalidKey("issuer is not a BIP340 public key")
+        if type(nonce) is not int or not 0 <= nonce <= MAX_MSAT:
+            raise ValueOutOfRange(f"issuance nonce {nonce!r} outside u64")
+        _check_outputs(outputs, "issuance")
+        if signature and len(signature) != SIGNATURE_LEN:
+            raise NonCanonical("issuance signature must be 64 bytes")
+        self.issuer = XOnlyPubKey(issuer)
+        self.nonce = nonce
+        self.outputs = tuple(TxOutput(v, k) for v, k in outputs)
+        self.signature = signature
+        self.body = (
+            bytes((ISSUANCE_VERSION,)) + issuer + u64(nonce) + _encode_outputs(outputs)
+        )
+        self.issuance_id = _issue_hash(self.body)
+
+    @property
+    def total_msat(self) -> int:
+        return sum(v for v, _ in self.outputs)
+
+    def signed_by(self, secret: bytes, aux_rand: bytes | None = None) -> Issuance:
+        return Issuance(
+            self.issuer, self.nonce, self.outputs, schnorr_sign(secret, self.issuance_id, aux_rand)
+        )
+
+    def verify(self) -> None:
+        """Raise ``BadIssuance`` unless the issuer signed this issuance's id."""
+        if not schnorr_verify(self.issuer, self.issuance_id, self.signature):
+            raise BadIssuance("issuance signature does not verify under its issuer key")
+
+    def output_coin_ids(self) -> list[bytes]:
+        return [coin_id(self.issuance_id, i) for i in range(len(self.outputs))]
+
+    def encode(self) -> bytes:
+        if not self.signature:
+            raise ValueError("an unsigned issuance has no transport encoding")
+        return self.body + self.signature
+
+
+def decode_issuance(data: bytes) -> Issuance:
+    r = Reader(data, "issuance")
+    version = r.u8()
+    if version != ISSUANCE_VERSION:
+        raise UnsupportedVersion(f"issuance version {version}, expected {ISSUANCE_VERSION}")
+    issuer = r.bytes(32)
+    nonce = r.u64()
+    outputs = _decode_outputs(r)
+    signature = r.bytes(SIGNATURE_LEN)
+    r.finish()
+    return Issuance(issuer, nonce, outputs, signature)
