@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from typing import Protocol
 
 
-def tagged_hasher(tag: str) -> Callable[[bytes], bytes]:
+class TaggedHasher(Protocol):
+    """Hashes a message under one tag; ``midstate`` has absorbed the tag prefix."""
+
+    midstate: hashlib._Hash
+
+    def __call__(self, msg: bytes, /) -> bytes: ...
+
+
+def tagged_hasher(tag: str) -> TaggedHasher:
     """Return a function hashing a message under ``tag``, with the tag's prefix pre-absorbed.
 
     Hashing the 64-byte tag prefix once and copying the midstate makes each call cost
@@ -20,7 +28,8 @@ def tagged_hasher(tag: str) -> Callable[[bytes], bytes]:
         h.update(msg)
         return h.digest()
 
-    return tagged
+    tagged.midstate = midstate  # type: ignore[attr-defined]
+    return tagged  # type: ignore[return-value]
 
 
 def tagged_hash(tag: str, msg: bytes) -> bytes:

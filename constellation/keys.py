@@ -153,9 +153,7 @@ class ExtendedKey:
             raise InvalidKey(f"child {index} is invalid (probability 2^-127); skip to the next")
         if self.secret is not None:
             child = PrivateKey(self.secret).add(tweak)
-            return ExtendedKey(
-                child.public_key.format(), chain_code, child.secret, self.depth + 1
-            )
+            return ExtendedKey(child.public_key.format(), chain_code, child.secret, self.depth + 1)
         point = PublicKey(self.public).add(tweak)
         return ExtendedKey(point.format(), chain_code, None, self.depth + 1)
 

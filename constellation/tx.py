@@ -66,9 +66,24 @@ class TxOutput(NamedTuple):
     owner: XOnlyPubKey
 
 
+_INDEX_BYTES = [u16(i) for i in range(MAX_OUTPUTS)]
+
+
 def coin_id(txid: bytes, index: int) -> bytes:
     """The id of output ``index`` of transaction (or issuance) ``txid``."""
     return _coin_hash(txid + u16(index))
+
+
+def coin_ids(txid: bytes, count: int) -> tuple[bytes, ...]:
+    """``coin_id(txid, i)`` for i in ``0..count-1``, sharing the hash of the txid."""
+    base = _coin_hash.midstate.copy()
+    base.update(txid)
+    ids = []
+    for index_bytes in _INDEX_BYTES[:count]:
+        h = base.copy()
+        h.update(index_bytes)
+        ids.append(h.digest())
+    return tuple(ids)
 
 
 def partition_of(coin_id: bytes) -> int:
@@ -110,7 +125,7 @@ class Transaction:
     encoded body are computed once.
     """
 
-    __slots__ = ("_output_ids", "body", "fee_msat", "inputs", "outputs", "txid", "witnesses")
+    __slots__ = ("body", "fee_msat", "inputs", "output_ids", "outputs", "txid", "witnesses")
 
     inputs: tuple[TxInput, ...]
     outputs: tuple[TxOutput, ...]
@@ -118,6 +133,7 @@ class Transaction:
     witnesses: tuple[bytes, ...]
     body: bytes
     txid: bytes
+    output_ids: tuple[bytes, ...]
 
     def __init__(
         self,
@@ -141,9 +157,7 @@ class Transaction:
         if type(fee_msat) is not int or not 0 <= fee_msat <= MAX_MSAT:
             raise ValueOutOfRange(f"fee {fee_msat!r} not in 0..2^64-1 msat")
         if total_in != total_out + fee_msat:
-            raise Unbalanced(
-                f"inputs {total_in} msat != outputs {total_out} + fee {fee_msat} msat"
-            )
+            raise Unbalanced(f"inputs {total_in} msat != outputs {total_out} + fee {fee_msat} msat")
         if witnesses and len(witnesses) != len(inputs):
             raise CountOutOfRange(f"{len(witnesses)} witnesses for {len(inputs)} inputs")
         for i, sig in enumerate(witnesses):
@@ -161,7 +175,8 @@ class Transaction:
             + u64(fee_msat)
         )
         self.txid = _txid_hash(self.body)
-        self._output_ids: tuple[bytes, ...] | None = None
+        # Computed here, in the stateless stage, so partitions only look them up.
+        self.output_ids = coin_ids(self.txid, len(outputs))
 
     def with_witnesses(self, witnesses: Sequence[bytes]) -> Transaction:
         """The same transaction (same txid) carrying one signature per input."""
@@ -170,14 +185,6 @@ class Transaction:
     @property
     def signed(self) -> bool:
         return bool(self.witnesses)
-
-    def output_coin_ids(self) -> tuple[bytes, ...]:
-        """The coin ids this transaction's outputs get, computed once."""
-        ids = self._output_ids
-        if ids is None:
-            txid = self.txid
-            ids = self._output_ids = tuple(coin_id(txid, i) for i in range(len(self.outputs)))
-        return ids
 
     def encode(self) -> bytes:
         """The canonical encoding: body, then one key-path witness per input."""
@@ -235,7 +242,7 @@ class Issuance:
         encoded = body || signature:64
     """
 
-    __slots__ = ("body", "issuance_id", "issuer", "nonce", "outputs", "signature")
+    __slots__ = ("body", "issuance_id", "issuer", "nonce", "output_ids", "outputs", "signature")
 
     def __init__(
         self, issuer: bytes, nonce: int, outputs: Sequence[TxOutput], signature: bytes = b""
@@ -251,10 +258,9 @@ class Issuance:
         self.nonce = nonce
         self.outputs = tuple(TxOutput(v, k) for v, k in outputs)
         self.signature = signature
-        self.body = (
-            bytes((ISSUANCE_VERSION,)) + issuer + u64(nonce) + _encode_outputs(outputs)
-        )
+        self.body = bytes((ISSUANCE_VERSION,)) + issuer + u64(nonce) + _encode_outputs(outputs)
         self.issuance_id = _issue_hash(self.body)
+        self.output_ids = coin_ids(self.issuance_id, len(outputs))
 
     @property
     def total_msat(self) -> int:
@@ -269,9 +275,6 @@ class Issuance:
         """Raise ``BadIssuance`` unless the issuer signed this issuance's id."""
         if not schnorr_verify(self.issuer, self.issuance_id, self.signature):
             raise BadIssuance("issuance signature does not verify under its issuer key")
-
-    def output_coin_ids(self) -> list[bytes]:
-        return [coin_id(self.issuance_id, i) for i in range(len(self.outputs))]
 
     def encode(self) -> bytes:
         if not self.signature:

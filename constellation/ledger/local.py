@@ -40,7 +40,7 @@ class LocalLedger:
         """Indexes of the involved states, the coordinator's first."""
         coordinator = self._owner[partition_of(tx.inputs[0].coin_id)]
         involved = {self._owner[partition_of(c)] for c, _ in tx.inputs}
-        involved.update(self._owner[partition_of(c)] for c in tx.output_coin_ids())
+        involved.update(self._owner[partition_of(c)] for c in tx.output_ids)
         involved.discard(coordinator)
         return [coordinator, *sorted(involved)]
 

@@ -19,9 +19,8 @@ Invariants (``check_invariants`` verifies them all; the hot path asserts the che
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator
-from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 from constellation.errors import (
     AlreadyCommitted,
@@ -34,14 +33,12 @@ from constellation.errors import (
     UnknownTransaction,
     ValueMismatch,
 )
-from constellation.keys import XOnlyPubKey, schnorr_verify
+from constellation.keys import schnorr_verify
 from constellation.sighash import sighash
-from constellation.tx import PARTITIONS, Issuance, Transaction
+from constellation.tx import PARTITIONS, Issuance, Transaction, TxOutput
 
-
-class Coin(NamedTuple):
-    value_msat: int
-    owner: XOnlyPubKey
+Coin = TxOutput
+"""A coin is an output that exists: ``(value_msat, owner)``, found by its coin id."""
 
 
 class CoinStatus(Enum):
@@ -51,8 +48,7 @@ class CoinStatus(Enum):
     UNKNOWN = "unknown"
 
 
-@dataclass(frozen=True, slots=True)
-class Prepared:
+class Prepared(NamedTuple):
     """A YES vote: what this state locked and will create for one transaction."""
 
     txid: bytes
@@ -133,9 +129,11 @@ class PartitionState:
                 raise BadSignature(f"input {i}: signature does not verify for coin {cid.hex()}")
             mine.append(cid)
         created = tuple(
-            (cid, Coin(value, owner))
-            for cid, (value, owner) in zip(tx.output_coin_ids(), tx.outputs, strict=True)
-            if held[(cid[0] << 8) | cid[1]]
+            [
+                pair
+                for pair in zip(tx.output_ids, tx.outputs, strict=False)
+                if held[(pair[0][0] << 8) | pair[0][1]]
+            ]
         )
         if not mine and not created:
             raise NotHeldHere(f"transaction {txid.hex()} touches no partition held here")
@@ -143,13 +141,11 @@ class PartitionState:
             locks[cid] = txid
         first = tx.inputs[0].coin_id
         coordinator = bool(held[(first[0] << 8) | first[1]])
-        vote = Prepared(
-            txid, tuple(mine), created, tx.fee_msat if coordinator else 0, coordinator
-        )
+        vote = Prepared(txid, tuple(mine), created, tx.fee_msat if coordinator else 0, coordinator)
         self.pending[txid] = vote
         return vote
 
-    def _raise_missing(self, cid: bytes, txid: bytes) -> None:
+    def _raise_missing(self, cid: bytes, txid: bytes) -> NoReturn:
         by = self.spent.get(cid)
         if by == txid:
             raise AlreadyCommitted(f"transaction {txid.hex()} is already committed")
@@ -201,12 +197,10 @@ class PartitionState:
             raise AlreadyCommitted(f"issuance {issuance.issuance_id.hex()} already applied")
         issuance.verify()
         created = []
-        for cid, (value, owner) in zip(
-            issuance.output_coin_ids(), issuance.outputs, strict=True
-        ):
+        for cid, (value, owner) in zip(issuance.output_ids, issuance.outputs, strict=True):
             if self.holds_coin(cid):
                 assert cid not in self.coins and cid not in self.spent, "issued id exists"
-                self.coins[cid] = Coin(value, owner)
+                self.coins[cid] = TxOutput(value, owner)
                 self.issued_msat += value
                 self.held_msat += value
                 created.append(cid)
@@ -237,7 +231,7 @@ class PartitionState:
         for cid, coin in self.coins.items():
             assert self.holds_coin(cid), "a coin sits in a partition not held here"
             assert cid not in self.spent, "a coin is both unspent and spent"
-            assert 0 < coin.value_msat, "a coin has no value"
+            assert coin.value_msat > 0, "a coin has no value"
             total += coin.value_msat
         assert total == self.held_msat, "held_msat drifted from the coins"
         assert self.held_msat == self.issued_msat + self.received_msat - self.sent_msat, (

@@ -1,0 +1,1 @@
+"""Services: thin shells (NATS, HTTP, storage) around the pure core in ``constellation``."""

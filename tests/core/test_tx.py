@@ -1,0 +1,175 @@
+"""Transactions: canonical encoding, ids, and every way bad bytes are refused."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from constellation.codec import u16, u64
+from constellation.errors import (
+    ConstellationError,
+    CountOutOfRange,
+    DecodeError,
+    DuplicateInput,
+    InvalidKey,
+    NonCanonical,
+    TrailingBytes,
+    Truncated,
+    Unbalanced,
+    UnsupportedVersion,
+    ValueOutOfRange,
+)
+from constellation.hashing import tagged_hash
+from constellation.tx import (
+    MAX_INPUTS,
+    Issuance,
+    Transaction,
+    TxInput,
+    TxOutput,
+    coin_id,
+    decode_issuance,
+    decode_transaction,
+    partition_of,
+)
+from tests.strategies import KEYS, transactions
+
+OWNER = KEYS[0].pubkey
+CID = b"\x11" * 32
+
+
+def simple(fee: int = 10) -> Transaction:
+    return Transaction(
+        [TxInput(CID, 1_000)], [TxOutput(990 - fee + 10, OWNER)], fee, [b"\x00" * 64]
+    )
+
+
+@given(transactions())
+def test_roundtrip(tx: Transaction) -> None:
+    data = tx.encode()
+    again = decode_transaction(data)
+    assert again == tx and again.txid == tx.txid and again.encode() == data
+    assert again.output_ids == tuple(coin_id(tx.txid, i) for i in range(len(tx.outputs)))
+
+
+def test_txid_is_tagged_hash_of_body_without_witnesses() -> None:
+    tx = simple()
+    assert tx.txid == tagged_hash("constellation/tx", tx.body)
+    assert tx.with_witnesses([b"\x01" * 64]).txid == tx.txid
+    assert coin_id(tx.txid, 1) == tagged_hash("constellation/coin", tx.txid + b"\x00\x01")
+    assert partition_of(bytes([0xAB, 0xCD]) + b"\x00" * 30) == 0xABCD
+
+
+@given(transactions(), st.data())
+def test_every_truncation_is_refused(tx: Transaction, data: st.DataObject) -> None:
+    encoded = tx.encode()
+    cut = data.draw(st.integers(0, len(encoded) - 1))
+    with pytest.raises(Truncated):
+        decode_transaction(encoded[:cut])
+
+
+@given(transactions(), st.binary(min_size=1, max_size=8))
+def test_trailing_bytes_refused(tx: Transaction, extra: bytes) -> None:
+    with pytest.raises(TrailingBytes):
+        decode_transaction(tx.encode() + extra)
+
+
+@given(st.binary(max_size=600))
+def test_random_bytes_never_crash(data: bytes) -> None:
+    with contextlib.suppress(ConstellationError):
+        decode_transaction(data)
+
+
+@given(transactions(), st.data())
+def test_bit_flips_decode_to_another_tx_or_a_typed_error(
+    tx: Transaction, data: st.DataObject
+) -> None:
+    encoded = bytearray(tx.encode())
+    pos = data.draw(st.integers(0, len(encoded) - 1))
+    encoded[pos] ^= 1 << data.draw(st.integers(0, 7))
+    try:
+        other = decode_transaction(bytes(encoded))
+    except ConstellationError:
+        return
+    assert other != tx
+
+
+def body(inputs: list[tuple[bytes, int]], outputs: list[tuple[int, bytes]], fee: int) -> bytes:
+    return (
+        b"\x01"
+        + u16(len(inputs))
+        + b"".join(c + u64(v) for c, v in inputs)
+        + u16(len(outputs))
+        + b"".join(u64(v) + k for v, k in outputs)
+        + u64(fee)
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (
+            b"\x02" + body([(CID, 10)], [(10, OWNER)], 0)[1:] + b"\x00" + b"\x00" * 64,
+            UnsupportedVersion,
+        ),
+        (body([], [(10, OWNER)], 0), CountOutOfRange),
+        (b"\x01" + u16(MAX_INPUTS + 1), CountOutOfRange),
+        (body([(CID, 10)], [], 10) + b"\x00" + b"\x00" * 64, CountOutOfRange),
+        (body([(CID, 10)], [(10, OWNER)], 0) + b"\x01" + b"\x00" * 64, UnsupportedVersion),
+        (body([(CID, 10)], [(0, OWNER)], 10) + b"\x00" + b"\x00" * 64, ValueOutOfRange),
+        (body([(CID, 0)], [(1, OWNER)], 0) + b"\x00" + b"\x00" * 64, ValueOutOfRange),
+        (body([(CID, 10)], [(9, OWNER)], 0) + b"\x00" + b"\x00" * 64, Unbalanced),
+        (body([(CID, 2**64 - 1)], [(2**64 - 1, OWNER)], 1) + b"\x00" + b"\x00" * 64, Unbalanced),
+        (body([(CID, 10)], [(10, b"\xff" * 32)], 0) + b"\x00" + b"\x00" * 64, InvalidKey),
+        (
+            body([(CID, 5), (CID, 5)], [(10, OWNER)], 0) + (b"\x00" + b"\x00" * 64) * 2,
+            DuplicateInput,
+        ),
+    ],
+    ids=[
+        "version",
+        "no-inputs",
+        "too-many-inputs",
+        "no-outputs",
+        "witness-kind",
+        "zero-output",
+        "zero-input",
+        "unbalanced",
+        "overflowing-sum",
+        "bad-key",
+        "duplicate",
+    ],
+)
+def test_specific_errors(data: bytes, error: type[ConstellationError]) -> None:
+    with pytest.raises(error) as info:
+        decode_transaction(data)
+    assert info.value.code.startswith(("malformed", "invalid"))
+
+
+def test_constructor_checks() -> None:
+    with pytest.raises(NonCanonical):
+        Transaction([TxInput(b"\x00" * 31, 10)], [TxOutput(10, OWNER)])
+    with pytest.raises(CountOutOfRange):
+        Transaction([TxInput(CID, 10)], [TxOutput(10, OWNER)], 0, [b"\x00" * 64] * 2)
+    with pytest.raises(NonCanonical):
+        Transaction([TxInput(CID, 10)], [TxOutput(10, OWNER)], 0, [b"\x00" * 63])
+    with pytest.raises(ValueOutOfRange):
+        Transaction([TxInput(CID, 10)], [TxOutput(10, OWNER)], -1)
+    with pytest.raises(ValueError, match="unsigned"):
+        Transaction([TxInput(CID, 10)], [TxOutput(10, OWNER)]).encode()
+
+
+def test_issuance_roundtrip_and_signature() -> None:
+    issuer = KEYS[1]
+    iss = Issuance(issuer.pubkey, 7, [TxOutput(5, OWNER), TxOutput(6, OWNER)])
+    signed = iss.signed_by(issuer.secret)
+    signed.verify()
+    again = decode_issuance(signed.encode())
+    assert again.issuance_id == iss.issuance_id and again.output_ids == iss.output_ids
+    assert iss.issuance_id != Issuance(issuer.pubkey, 8, iss.outputs).issuance_id
+    with pytest.raises(DecodeError):
+        decode_issuance(signed.encode() + b"\x00")
+    with pytest.raises(ConstellationError):
+        Issuance(issuer.pubkey, 7, iss.outputs, KEYS[2].sign(iss.issuance_id)).verify()

@@ -1,0 +1,173 @@
+"""The partition state machine, one rule at a time."""
+
+from __future__ import annotations
+
+import pytest
+
+from constellation.errors import (
+    AlreadyCommitted,
+    BadIssuance,
+    BadSignature,
+    CoinSpent,
+    InputLocked,
+    NotHeldHere,
+    UnknownCoin,
+    UnknownTransaction,
+    ValueMismatch,
+)
+from constellation.keys import SigningKey
+from constellation.ledger import CoinStatus, LocalLedger, PartitionState
+from constellation.sighash import sign_transaction
+from constellation.tx import PARTITIONS, Issuance, Transaction, TxInput, TxOutput, partition_of
+from tests.strategies import KEYS
+
+ISSUER, ALICE, BOB = KEYS[7], KEYS[0], KEYS[1]
+
+
+def funded(values: list[int], owner: SigningKey = ALICE) -> tuple[PartitionState, list[bytes]]:
+    state = PartitionState(range(PARTITIONS), [ISSUER.pubkey])
+    iss = Issuance(ISSUER.pubkey, 0, [TxOutput(v, owner.pubkey) for v in values])
+    return state, state.issue(iss.signed_by(ISSUER.secret))
+
+
+def pay(
+    cids: list[bytes],
+    values: list[int],
+    to: SigningKey = BOB,
+    fee: int = 1,
+    key: SigningKey = ALICE,
+) -> Transaction:
+    tx = Transaction(
+        [TxInput(c, v) for c, v in zip(cids, values, strict=True)],
+        [TxOutput(sum(values) - fee, to.pubkey)],
+        fee,
+    )
+    return sign_transaction(tx, [key] * len(cids))
+
+
+def test_prepare_commit_moves_value() -> None:
+    state, (cid,) = funded([1_000])
+    tx = pay([cid], [1_000])
+    vote = state.prepare(tx)
+    assert vote.coordinator and vote.inputs == (cid,)
+    assert state.status(cid) is CoinStatus.LOCKED
+    state.commit(tx.txid)
+    assert state.status(cid) is CoinStatus.SPENT
+    out = tx.output_ids[0]
+    assert state.coin(out) == TxOutput(999, BOB.pubkey)
+    assert state.held_msat == 999 and state.fees_msat == 1
+    state.check_invariants()
+
+
+def test_held_lock_is_a_refusal_and_abort_releases() -> None:
+    state, (cid,) = funded([1_000])
+    first, second = pay([cid], [1_000]), pay([cid], [1_000], fee=2)
+    state.prepare(first)
+    with pytest.raises(InputLocked):
+        state.prepare(second)
+    assert state.abort(first.txid) and not state.abort(first.txid)
+    state.prepare(second)
+    state.commit(second.txid)
+    with pytest.raises(CoinSpent, match=second.txid.hex()):
+        state.prepare(first)
+    with pytest.raises(AlreadyCommitted):
+        state.prepare(second)
+    state.check_invariants()
+
+
+def test_prepare_is_idempotent_for_the_same_transaction() -> None:
+    state, (cid,) = funded([1_000])
+    tx = pay([cid], [1_000])
+    assert state.prepare(tx) == state.prepare(tx)
+    state.commit(tx.txid)
+    with pytest.raises(UnknownTransaction):
+        state.commit(tx.txid)
+
+
+def test_rejections_change_nothing() -> None:
+    state, (a, b) = funded([600, 400])
+    cases = [
+        (pay([a, b"\x00" * 32], [600, 5]), UnknownCoin),
+        (pay([a, b], [600, 401]), ValueMismatch),
+        (pay([a, b], [600, 400], key=BOB), BadSignature),
+        (Transaction([TxInput(a, 600)], [TxOutput(600, BOB.pubkey)]), BadSignature),
+    ]
+    for tx, error in cases:
+        with pytest.raises(error):
+            state.prepare(tx)
+        assert not state.locks and not state.pending
+    state.check_invariants()
+
+
+def test_bad_signature_on_second_input_releases_nothing_taken() -> None:
+    state, (a, b) = funded([600, 400])
+    tx = pay([a, b], [600, 400])
+    forged = tx.with_witnesses([tx.witnesses[0], tx.witnesses[0]])
+    with pytest.raises(BadSignature, match="input 1"):
+        state.prepare(forged)
+    assert state.status(a) is CoinStatus.UNSPENT
+    state.prepare(tx)
+    state.commit(tx.txid)
+    state.check_invariants()
+
+
+def test_verify_false_skips_signatures_only() -> None:
+    state, (cid,) = funded([1_000])
+    unsigned = Transaction([TxInput(cid, 1_000)], [TxOutput(1_000, BOB.pubkey)])
+    state.prepare(unsigned, verify=False)
+    state.commit(unsigned.txid)
+    state.check_invariants()
+
+
+def test_not_held_here() -> None:
+    _state, (cid,) = funded([1_000])
+    tx = pay([cid], [1_000])
+    p = partition_of(cid)
+    elsewhere = PartitionState(
+        [
+            q
+            for q in range(PARTITIONS)
+            if q != p and q not in {partition_of(o) for o in tx.output_ids}
+        ]
+    )
+    with pytest.raises(NotHeldHere):
+        elsewhere.prepare(tx)
+    with pytest.raises(ValueError):
+        PartitionState([PARTITIONS])
+
+
+def test_issuance_rules() -> None:
+    state, _ = funded([1])
+    iss = Issuance(ISSUER.pubkey, 1, [TxOutput(5, ALICE.pubkey)]).signed_by(ISSUER.secret)
+    state.issue(iss)
+    with pytest.raises(AlreadyCommitted):
+        state.issue(iss)
+    stranger = Issuance(BOB.pubkey, 1, [TxOutput(5, BOB.pubkey)]).signed_by(BOB.secret)
+    with pytest.raises(BadIssuance, match="not an issuer"):
+        state.issue(stranger)
+    forged = Issuance(ISSUER.pubkey, 2, [TxOutput(5, BOB.pubkey)], BOB.sign(b"x" * 32))
+    with pytest.raises(BadIssuance):
+        state.issue(forged)
+    assert state.issued_msat == 6
+    state.check_invariants()
+
+
+def test_cross_worker_commit_and_participant_refusal() -> None:
+    ledger = LocalLedger(4, [ISSUER.pubkey])
+    iss = Issuance(ISSUER.pubkey, 0, [TxOutput(500, ALICE.pubkey) for _ in range(8)])
+    cids = ledger.issue(iss.signed_by(ISSUER.secret))
+    # two inputs held by different workers
+    a = cids[0]
+    b = next(c for c in cids if ledger.state_of(c) is not ledger.state_of(a))
+    tx = pay([a, b], [500, 500])
+    assert len(ledger.participants(tx)) >= 2
+    # a competing spend of b locks it at b's worker: the coordinator's YES is undone
+    rival = pay([b], [500], fee=3)
+    ledger.state_of(b).prepare(rival)
+    with pytest.raises(InputLocked):
+        ledger.submit(tx)
+    assert ledger.status(a) is CoinStatus.UNSPENT
+    ledger.state_of(b).abort(rival.txid)
+    ledger.submit(tx)
+    assert ledger.status(a) is CoinStatus.SPENT and ledger.status(b) is CoinStatus.SPENT
+    ledger.check_invariants()
