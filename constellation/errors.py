@@ -120,3 +120,34 @@ class BadIssuance(LedgerError):
 
 class InsufficientFunds(ConstellationError):
     code = "wallet.insufficient_funds"
+
+
+# -- threshold signing --------------------------------------------------------------------
+
+
+class SigningError(ConstellationError):
+    """An input to a FROST function breaks its precondition (bad length, set, share)."""
+
+    code = "signing.invalid_input"
+
+
+class InvalidContribution(SigningError):
+    """A participant (or the coordinator, ``signer_id`` None) sent an invalid value.
+
+    ``contrib`` names it: ``pubnonce``, ``aggnonce`` or ``psig``. ROAST marks the sender
+    malicious; nothing else about the session is trusted from it.
+    """
+
+    code = "signing.invalid_contribution"
+
+    def __init__(self, signer_id: int | None, contrib: str) -> None:
+        who = "the coordinator" if signer_id is None else f"signer {signer_id}"
+        super().__init__(f"{who} sent an invalid {contrib}")
+        self.signer_id = signer_id
+        self.contrib = contrib
+
+
+class NonceReuse(SigningError):
+    """A secret nonce was used a second time; reuse would reveal the secret share."""
+
+    code = "signing.nonce_reuse"

@@ -1,0 +1,1 @@
+"""Threshold cryptography: FROST signing for BIP340 (BIP445) and the ROAST coordinator."""
