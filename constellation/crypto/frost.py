@@ -332,13 +332,13 @@ def sign(secnonce: SecNonce, secshare: bytes, my_id: int, session: SessionContex
     psig = s.to_bytes(32, "big")
     r1, r2 = base_mul(k1_), base_mul(k2_)
     assert r1 is not None and r2 is not None
-    assert _psig_verify_internal(
+    assert partial_sig_verify_internal(
         psig, my_id, cbytes(r1) + cbytes(r2), cbytes(pubshare), session, values
     )
     return psig
 
 
-def _psig_verify_internal(
+def partial_sig_verify_internal(
     psig: bytes,
     my_id: int,
     pubnonce: bytes,
@@ -346,6 +346,7 @@ def _psig_verify_internal(
     session: SessionContext,
     values: SessionValues,
 ) -> bool:
+    """Check one partial signature against values computed once for the session."""
     s = scalar(psig)
     if len(psig) != 32 or s >= N:
         return False
@@ -381,7 +382,7 @@ def partial_sig_verify(
     aggnonce = nonce_agg(pubnonces, signers.ids)
     session = SessionContext(signers, aggnonce, tuple(tweaks), tuple(is_xonly), msg)
     values = get_session_values(session)
-    return _psig_verify_internal(
+    return partial_sig_verify_internal(
         psig, signers.ids[i], pubnonces[i], signers.pubshares[i], session, values
     )
 
@@ -425,10 +426,7 @@ def deterministic_sign(
     the other signers' aggregated nonce, the tweaked key and the message, so it is never
     reused for a different session.
     """
-    if aux_rand is not None:
-        secshare_ = _xor(secshare, _h_aux(aux_rand))
-    else:
-        secshare_ = secshare
+    secshare_ = _xor(secshare, _h_aux(aux_rand)) if aux_rand is not None else secshare
     tweak = tweak_context(signers.thresh_pk, tweaks, is_xonly)
     prefix = (
         secshare_
