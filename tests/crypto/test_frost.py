@@ -49,7 +49,7 @@ def test_any_t_of_n_sign(n: int, data: st.DataObject) -> None:
 
 def test_fewer_than_t_cannot_sign() -> None:
     group, shares = deal(5, 3, random.Random(1))
-    with pytest.raises(SigningError, match="between t and n|in t..n"):
+    with pytest.raises(SigningError, match=r"in t\.\.n"):
         run_session(group, shares, [0, 1], b"m")
     # two shares used as if they were a full set interpolate to a different key
     fake = Group(group.n, 2, group.thresh_pk, group.pubshares)
