@@ -11,7 +11,6 @@ import struct
 from constellation.errors import CountOutOfRange, TrailingBytes, Truncated
 
 _U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
 
@@ -42,9 +41,6 @@ class Reader:
     def u16(self) -> int:
         return int(_U16.unpack_from(self._data, self._need(2))[0])
 
-    def u32(self) -> int:
-        return int(_U32.unpack_from(self._data, self._need(4))[0])
-
     def u64(self) -> int:
         return int(_U64.unpack_from(self._data, self._need(8))[0])
 
@@ -63,10 +59,6 @@ class Reader:
 
 def u16(n: int) -> bytes:
     return _U16.pack(n)
-
-
-def u32(n: int) -> bytes:
-    return _U32.pack(n)
 
 
 def u64(n: int) -> bytes:

@@ -93,11 +93,6 @@ class SigningKey:
         self.secret = secret
         self.pubkey = XOnlyPubKey(PublicKeyXOnly.from_secret(secret).format())
 
-    @classmethod
-    def generate(cls) -> SigningKey:
-        """A fresh key from the operating system's randomness."""
-        return cls(PrivateKey().secret)
-
     def sign(self, msg: bytes, aux_rand: bytes | None = None) -> bytes:
         return schnorr_sign(self.secret, msg, aux_rand)
 

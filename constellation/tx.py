@@ -182,10 +182,6 @@ class Transaction:
         """The same transaction (same txid) carrying one signature per input."""
         return Transaction(self.inputs, self.outputs, self.fee_msat, witnesses)
 
-    @property
-    def signed(self) -> bool:
-        return bool(self.witnesses)
-
     def encode(self) -> bytes:
         """The canonical encoding: body, then one key-path witness per input."""
         if not self.witnesses:

@@ -2,7 +2,7 @@
 
 Keys live at ``m/1237'/<network>'/<account>'/<chain>/<index>``: chain 0 receives,
 chain 1 takes change. The same words always give the same keys, so a wallet is
-recovered from its words alone (the ledger is asked which of its keys hold coins).
+recovered from its words alone.
 The wallet never reads the ledger itself: callers pass the coins it may spend.
 """
 
@@ -66,21 +66,9 @@ class Wallet:
     def fresh_address(self) -> str:
         return encode_address(self.fresh_key().pubkey, self.network)
 
-    def scan(self, gap: int) -> list[XOnlyPubKey]:
-        """Derive ``gap`` keys past the last used on both chains; returns their owners."""
-        owners = []
-        for chain in (RECEIVE, CHANGE):
-            start = self._next[chain]
-            owners += [self.key(chain, i).pubkey for i in range(start, start + gap)]
-        return owners
-
     @property
     def owners(self) -> frozenset[bytes]:
         return frozenset(self._keys)
-
-    def add_key(self, key: SigningKey) -> None:
-        """Spend with a key derived outside the HD tree (e.g. a contact address key)."""
-        self._keys[key.pubkey] = key
 
     def pay(
         self,

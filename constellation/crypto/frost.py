@@ -157,10 +157,6 @@ class TweakContext:
     def xonly_pk(self) -> bytes:
         return xbytes(self.q)
 
-    @property
-    def plain_pk(self) -> bytes:
-        return cbytes(self.q)
-
 
 def tweak_context(
     thresh_pk: bytes, tweaks: Sequence[bytes], is_xonly: Sequence[bool]
@@ -443,19 +439,11 @@ def deterministic_sign(
     r1, r2 = base_mul(k1), base_mul(k2)
     assert r1 is not None and r2 is not None, "nonce hash was zero"
     pubnonce = cbytes(r1) + cbytes(r2)
-    aggnonce = nonce_agg([aggothernonce_as_pubnonce(aggothernonce), pubnonce])
+    try:
+        others = [cpoint_ext(aggothernonce[33 * j : 33 * (j + 1)]) for j in (0, 1)]
+    except ValueError:
+        raise InvalidContribution(None, "aggothernonce") from None
+    aggnonce = cbytes_ext(add(others[0], r1)) + cbytes_ext(add(others[1], r2))
     session = SessionContext(signers, aggnonce, tuple(tweaks), tuple(is_xonly), msg)
     secnonce = SecNonce(k1.to_bytes(32, "big") + k2.to_bytes(32, "big"))
     return pubnonce, sign(secnonce, secshare, my_id, session)
-
-
-def aggothernonce_as_pubnonce(aggothernonce: bytes) -> bytes:
-    """The other signers' aggregated nonce, checked to be two finite points."""
-    try:
-        cpoint(aggothernonce[:33])
-        cpoint(aggothernonce[33:66])
-    except ValueError:
-        raise InvalidContribution(None, "aggothernonce") from None
-    if len(aggothernonce) != 66:
-        raise InvalidContribution(None, "aggothernonce")
-    return aggothernonce

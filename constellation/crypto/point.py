@@ -20,10 +20,6 @@ def scalar(data: bytes) -> int:
     return int.from_bytes(data, "big")
 
 
-def scalar_bytes(k: int) -> bytes:
-    return (k % N).to_bytes(32, "big")
-
-
 def cpoint(data: bytes) -> PublicKey:
     """Parse a 33-byte compressed point; raises ValueError if it is not one."""
     if len(data) != 33 or data[0] not in (2, 3):
@@ -50,11 +46,6 @@ def xbytes(p: PublicKey) -> bytes:
 
 def has_even_y(p: PublicKey) -> bool:
     return p.format()[0] == 2
-
-
-def lift_x(x: bytes) -> PublicKey:
-    """The point with x coordinate ``x`` and even y; raises ValueError if none exists."""
-    return cpoint(b"\x02" + x)
 
 
 def add(p: Point, q: Point) -> Point:
@@ -90,7 +81,3 @@ def mul(p: Point, k: int) -> Point:
 def base_mul(k: int) -> Point:
     k %= N
     return None if k == 0 else PublicKey.from_valid_secret(k.to_bytes(32, "big"))
-
-
-def negate(p: Point) -> Point:
-    return mul(p, N - 1)

@@ -18,7 +18,7 @@ Invariants (``check_invariants`` verifies them all; the hot path asserts the che
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable
 from enum import Enum
 from typing import NamedTuple, NoReturn
 
@@ -81,14 +81,8 @@ class PartitionState:
 
     # -- routing -------------------------------------------------------------------------
 
-    def holds(self, partition: int) -> bool:
-        return bool(self._held[partition])
-
     def holds_coin(self, coin_id: bytes) -> bool:
         return bool(self._held[(coin_id[0] << 8) | coin_id[1]])
-
-    def partitions(self) -> Iterator[int]:
-        return (p for p in range(PARTITIONS) if self._held[p])
 
     # -- two-phase commit ----------------------------------------------------------------
 
