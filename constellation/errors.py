@@ -151,3 +151,71 @@ class NonceReuse(SigningError):
     """A secret nonce was used a second time; reuse would reveal the secret share."""
 
     code = "signing.nonce_reuse"
+
+
+# -- distributed key generation (ChillDKG) ------------------------------------------------
+
+
+class DKGError(ConstellationError):
+    """A malformed DKG message or argument (wrong length, not a point)."""
+
+    code = "dkg.malformed"
+
+
+class HostSeckeyError(DKGError):
+    code = "dkg.host_seckey"
+
+
+class RandomnessError(DKGError):
+    code = "dkg.randomness"
+
+
+class ThresholdOrCountError(DKGError):
+    code = "dkg.threshold"
+
+
+class InvalidHostPubkeyError(DKGError):
+    code = "dkg.host_pubkey"
+
+    def __init__(self, participant: int) -> None:
+        super().__init__(f"host public key {participant} is not a valid point")
+        self.participant = participant
+
+
+class DuplicateHostPubkeyError(DKGError):
+    code = "dkg.duplicate_host_pubkey"
+
+    def __init__(self, participant1: int, participant2: int) -> None:
+        super().__init__(f"participants {participant1} and {participant2} share a host key")
+        self.participant1 = participant1
+        self.participant2 = participant2
+
+
+class DKGProtocolError(ConstellationError):
+    """Someone in the session misbehaved; the subclass says who can be blamed."""
+
+    code = "dkg.protocol"
+
+
+class FaultyParticipantOrCoordinatorError(DKGProtocolError):
+    """Participant ``participant`` is faulty, or the coordinator relayed it wrongly."""
+
+    code = "dkg.faulty_participant_or_coordinator"
+
+    def __init__(self, participant: int, message: str) -> None:
+        super().__init__(f"participant {participant} (or the coordinator): {message}")
+        self.participant = participant
+
+
+class FaultyParticipantError(DKGProtocolError):
+    """Seen by the coordinator, which talks to each participant directly."""
+
+    code = "dkg.faulty_participant"
+
+    def __init__(self, participant: int, message: str) -> None:
+        super().__init__(f"participant {participant}: {message}")
+        self.participant = participant
+
+
+class FaultyCoordinatorError(DKGProtocolError):
+    code = "dkg.faulty_coordinator"
