@@ -197,24 +197,22 @@ class DKGProtocolError(ConstellationError):
     code = "dkg.protocol"
 
 
-class FaultyParticipantOrCoordinatorError(DKGProtocolError):
+class _BlamesParticipant(DKGProtocolError):
+    def __init__(self, participant: int, message: str) -> None:
+        super().__init__(f"participant {participant}: {message}")
+        self.participant = participant
+
+
+class FaultyParticipantOrCoordinatorError(_BlamesParticipant):
     """Participant ``participant`` is faulty, or the coordinator relayed it wrongly."""
 
     code = "dkg.faulty_participant_or_coordinator"
 
-    def __init__(self, participant: int, message: str) -> None:
-        super().__init__(f"participant {participant} (or the coordinator): {message}")
-        self.participant = participant
 
-
-class FaultyParticipantError(DKGProtocolError):
+class FaultyParticipantError(_BlamesParticipant):
     """Seen by the coordinator, which talks to each participant directly."""
 
     code = "dkg.faulty_participant"
-
-    def __init__(self, participant: int, message: str) -> None:
-        super().__init__(f"participant {participant}: {message}")
-        self.participant = participant
 
 
 class FaultyCoordinatorError(DKGProtocolError):
