@@ -11,6 +11,7 @@ import struct
 from constellation.errors import CountOutOfRange, TrailingBytes, Truncated
 
 _U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
 
@@ -59,6 +60,10 @@ class Reader:
 
 def u16(n: int) -> bytes:
     return _U16.pack(n)
+
+
+def u32(n: int) -> bytes:
+    return _U32.pack(n)
 
 
 def u64(n: int) -> bytes:

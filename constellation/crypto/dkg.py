@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 from coincurve import PrivateKey, PublicKey
 
+from constellation.codec import u32
 from constellation.crypto.point import (
     N,
     Point,
@@ -41,7 +42,10 @@ from constellation.crypto.point import (
     cpoint_ext,
     has_even_y,
     mul,
+    scalar,
+    scalar_bytes,
     xbytes,
+    xor_bytes,
 )
 from constellation.errors import (
     DKGError,
@@ -66,18 +70,6 @@ def _h(tag: str, data: bytes) -> bytes:
     return tagged_hash(BIP_TAG + tag, data)
 
 
-def _int(data: bytes) -> int:
-    return int.from_bytes(data, "big")
-
-
-def _b32(k: int) -> bytes:
-    return (k % N).to_bytes(32, "big")
-
-
-def _u32(k: int) -> bytes:
-    return k.to_bytes(4, "big")
-
-
 # -- BIP340 with a custom tag prefix (the proofs of possession) ---------------------------
 
 
@@ -87,22 +79,20 @@ def bip340_sign_tagged(prefix: str, msg: bytes, secret: bytes, aux_rand: bytes) 
     With ``prefix="BIP0340"`` this is exactly BIP340 (the tests check it against BIP340's
     vectors); ChillDKG's proofs of possession use their own prefix for domain separation.
     """
-    d0 = _int(secret)
+    d0 = scalar(secret)
     if not 0 < d0 < N:
-        raise HostSeckeyError("secret key out of range")
+        raise DKGError("secret key is zero or not below the curve order")
     p = base_mul(d0)
     assert p is not None
     d = d0 if has_even_y(p) else N - d0
-    masked = bytes(
-        a ^ b for a, b in zip(_b32(d), tagged_hash(prefix + "/aux", aux_rand), strict=True)
-    )
-    k0 = _int(tagged_hash(prefix + "/nonce", masked + xbytes(p) + msg)) % N
+    masked = xor_bytes(scalar_bytes(d), tagged_hash(prefix + "/aux", aux_rand))
+    k0 = scalar(tagged_hash(prefix + "/nonce", masked + xbytes(p) + msg)) % N
     assert k0 != 0, "nonce hash was zero"
     r = base_mul(k0)
     assert r is not None
     k = k0 if has_even_y(r) else N - k0
-    e = _int(tagged_hash(prefix + "/challenge", xbytes(r) + xbytes(p) + msg)) % N
-    return xbytes(r) + _b32(k + e * d)
+    e = scalar(tagged_hash(prefix + "/challenge", xbytes(r) + xbytes(p) + msg)) % N
+    return xbytes(r) + scalar_bytes(k + e * d)
 
 
 def bip340_verify_tagged(prefix: str, msg: bytes, pubkey: bytes, sig: bytes) -> bool:
@@ -112,10 +102,10 @@ def bip340_verify_tagged(prefix: str, msg: bytes, pubkey: bytes, sig: bytes) -> 
         p = cpoint(b"\x02" + pubkey)
     except ValueError:
         return False
-    s = _int(sig[32:])
-    if s >= N or _int(sig[:32]) >= 2**256 - 2**32 - 977:
+    s = scalar(sig[32:])
+    if s >= N or scalar(sig[:32]) >= 2**256 - 2**32 - 977:
         return False
-    e = _int(tagged_hash(prefix + "/challenge", sig[:32] + pubkey + msg)) % N
+    e = scalar(tagged_hash(prefix + "/challenge", sig[:32] + pubkey + msg)) % N
     r = add(base_mul(s), mul(p, N - e))
     return r is not None and has_even_y(r) and xbytes(r) == sig[:32]
 
@@ -127,7 +117,7 @@ def hostpubkey_gen(hostseckey: bytes) -> bytes:
     """The 33-byte compressed host public key of a 32-byte host secret key."""
     if len(hostseckey) != 32:
         raise DKGError("a host secret key is 32 bytes")
-    if not 0 < _int(hostseckey) < N:
+    if not 0 < scalar(hostseckey) < N:
         raise HostSeckeyError("host secret key is zero or not below the curve order")
     return PrivateKey(hostseckey).public_key.format()
 
@@ -158,14 +148,14 @@ def params_validate(params: SessionParams) -> None:
 def params_hash(params: SessionParams) -> bytes:
     """A hash of the parameters for participants to compare out of band."""
     params_validate(params)
-    return _h("params_hash", _u32(params.t) + b"".join(params.hostpubkeys))
+    return _h("params_hash", u32(params.t) + b"".join(params.hostpubkeys))
 
 
 # -- VSS -----------------------------------------------------------------------------------
 
 
 def _vss_coeffs(seed: bytes, t: int) -> list[int]:
-    coeffs = [_int(_h("vss coeffs", seed + _u32(k))) for k in range(t)]
+    coeffs = [scalar(_h("vss coeffs", seed + u32(k))) for k in range(t)]
     assert all(c < N for c in coeffs), "a coefficient hash exceeded n"
     return coeffs
 
@@ -184,7 +174,7 @@ def _pubshare(coms: Sequence[Point], i: int) -> Point:
 def _taproot_commit(coms: Sequence[Point]) -> tuple[list[Point], int]:
     """Tweak the commitment so the key commits to an unspendable script path."""
     assert coms[0] is not None, "the summed key is infinity"
-    tweak = _int(tagged_hash("TapTweak", xbytes(coms[0])))
+    tweak = scalar(tagged_hash("TapTweak", xbytes(coms[0])))
     assert tweak < N, "TapTweak hash exceeded n"
     return [add(coms[0], base_mul(tweak)), *coms[1:]], tweak
 
@@ -204,24 +194,24 @@ def _parse_points(data: bytes, count: int, what: str) -> list[Point]:
 
 
 def _enc_context(t: int, hostpubkeys: Sequence[bytes]) -> bytes:
-    return _u32(t) + b"".join(hostpubkeys)
+    return u32(t) + b"".join(hostpubkeys)
 
 
 def _ecdh_pad(seckey: bytes, my_pub: bytes, their_pub: bytes, context: bytes, sending: bool) -> int:
     shared = hashlib.sha256(PublicKey(their_pub).multiply(seckey).format()).digest()
     keys = my_pub + their_pub if sending else their_pub + my_pub
-    return _int(_h("encpedpop ecdh", shared + keys + context)) % N
+    return scalar(_h("encpedpop ecdh", shared + keys + context)) % N
 
 
 def _self_pad(symkey: bytes, nonce: bytes, context: bytes) -> int:
-    return _int(_h("encaps_multi self_pad", symkey + nonce + context)) % N
+    return scalar(_h("encaps_multi self_pad", symkey + nonce + context)) % N
 
 
 def _decryption_pads(
     hostseckey: bytes, hostpubkey: bytes, pubnonces: Sequence[bytes], context: bytes, idx: int
 ) -> list[int]:
     """The pads each sender used for ``idx``; an unparsable nonce blames its sender."""
-    context_ = _u32(idx) + context
+    context_ = u32(idx) + context
     pads = []
     for sender, pubnonce in enumerate(pubnonces):
         if sender == idx:
@@ -287,7 +277,7 @@ def _outputs(sum_coms: Sequence[Point], n: int) -> tuple[int, bytes, tuple[bytes
 
 def _certeq_message(eq_input: bytes, idx: int) -> bytes:
     prefix = (BIP_TAG + "certeq message").encode()
-    return prefix + bytes(33 - len(prefix)) + _u32(idx) + eq_input
+    return prefix + bytes(33 - len(prefix)) + u32(idx) + eq_input
 
 
 def _cert_invalid_signer(hostpubkeys: Sequence[bytes], eq_input: bytes, cert: bytes) -> int | None:
@@ -341,16 +331,16 @@ def participant_step1(
     coeffs = _vss_coeffs(seed, t)
     coms = [base_mul(c) for c in coeffs]
     pop = bip340_sign_tagged(
-        POP_TAG_PREFIX, _u32(idx), _b32(coeffs[0]), _h("simplpedpop aux", seed)
+        POP_TAG_PREFIX, u32(idx), scalar_bytes(coeffs[0]), _h("simplpedpop aux", seed)
     )
     enc_shares = []
     for j, key in enumerate(hostpubkeys):
-        context_ = _u32(j) + context
+        context_ = u32(j) + context
         if j == idx:
             pad = _self_pad(hostseckey, pubnonce, context_)
         else:
             pad = _ecdh_pad(secnonce, pubnonce, key, context_, sending=True)
-        enc_shares.append(_b32(_poly_eval(coeffs, j + 1) + pad))
+        enc_shares.append(scalar_bytes(_poly_eval(coeffs, j + 1) + pad))
     com_bytes = _ser(coms)
     pmsg1 = com_bytes + pop + pubnonce + b"".join(enc_shares)
     assert len(pmsg1) == 33 * t + 97 + 32 * n
@@ -380,16 +370,16 @@ class _CoordinatorMsg1:
             _parse_points(parts[1], t - 1, "sum_coms_to_nonconst_terms"),
             [parts[2][64 * i : 64 * (i + 1)] for i in range(n)],
             [parts[3][33 * i : 33 * (i + 1)] for i in range(n)],
-            [_int(parts[4][32 * i : 32 * (i + 1)]) for i in range(n)],
+            [scalar(parts[4][32 * i : 32 * (i + 1)]) for i in range(n)],
         )
 
     def eq_input(self, t: int, hostpubkeys: Sequence[bytes]) -> bytes:
         return (
-            _u32(t)
+            u32(t)
             + _ser(self.sum_coms())
             + b"".join(hostpubkeys)
             + b"".join(self.pubnonces)
-            + b"".join(_b32(s) for s in self.enc_secshares)
+            + b"".join(scalar_bytes(s) for s in self.enc_secshares)
         )
 
     def sum_coms(self) -> list[Point]:
@@ -422,7 +412,7 @@ def participant_step2(
             continue
         if com is None:
             raise FaultyParticipantOrCoordinatorError(i, "Participant sent invalid commitment")
-        if not bip340_verify_tagged(POP_TAG_PREFIX, _u32(i), xbytes(com), msg.pops[i]):
+        if not bip340_verify_tagged(POP_TAG_PREFIX, u32(i), xbytes(com), msg.pops[i]):
             raise FaultyParticipantOrCoordinatorError(
                 i, "Participant sent invalid proof-of-knowledge"
             )
@@ -435,7 +425,7 @@ def participant_step2(
         )
         raise UnknownFaultyParticipantOrCoordinatorError(inv)
     eq_input = msg.eq_input(t, hostpubkeys)
-    output = DKGOutput(_b32(secshare + tweak), thresh, pubshares)
+    output = DKGOutput(scalar_bytes(secshare + tweak), thresh, pubshares)
     sig = schnorr_sign(hostseckey, _certeq_message(eq_input, idx), aux_rand)
     return ParticipantState2(state1.params, eq_input, output), sig
 
@@ -470,7 +460,7 @@ def _parse_pmsg1(
     coms = _parse_points(data[: 33 * t], t, f"participant {who}'s commitment")
     pop = data[33 * t : 33 * t + 64]
     pubnonce = data[33 * t + 64 : 33 * t + 97]
-    shares = [_int(data[33 * t + 97 + 32 * j : 33 * t + 129 + 32 * j]) for j in range(n)]
+    shares = [scalar(data[33 * t + 97 + 32 * j : 33 * t + 129 + 32 * j]) for j in range(n)]
     return coms, pop, pubnonce, shares
 
 
@@ -496,7 +486,7 @@ def coordinator_step1(
         + _ser(msg.sum_nonconst)
         + b"".join(msg.pops)
         + b"".join(msg.pubnonces)
-        + b"".join(_b32(s) for s in msg.enc_secshares)
+        + b"".join(scalar_bytes(s) for s in msg.enc_secshares)
     )
     _, thresh, pubshares = _outputs(msg.sum_coms(), n)
     state = CoordinatorState(
@@ -532,7 +522,7 @@ def recover(hostseckey: bytes | None, recovery_data: bytes) -> tuple[DKGOutput, 
     """
     if len(recovery_data) < 4:
         raise DKGError("recovery data is truncated")
-    t = _int(recovery_data[:4])
+    t = scalar(recovery_data[:4])
     rest = recovery_data[4 + 33 * t :]
     n, remainder = divmod(len(rest), 33 + 33 + 32 + 64)
     if t == 0 or remainder or len(recovery_data) < 4 + 33 * t:
@@ -541,7 +531,7 @@ def recover(hostseckey: bytes | None, recovery_data: bytes) -> tuple[DKGOutput, 
     hostpubkeys = tuple(rest[33 * i : 33 * (i + 1)] for i in range(n))
     pubnonces = [rest[33 * (n + i) : 33 * (n + i + 1)] for i in range(n)]
     enc = rest[66 * n : 98 * n]
-    enc_secshares = [_int(enc[32 * i : 32 * (i + 1)]) for i in range(n)]
+    enc_secshares = [scalar(enc[32 * i : 32 * (i + 1)]) for i in range(n)]
     params = SessionParams(hostpubkeys, t)
     params_validate(params)
     eq_input, cert = recovery_data[: -64 * n], recovery_data[-64 * n :]
@@ -559,7 +549,7 @@ def recover(hostseckey: bytes | None, recovery_data: bytes) -> tuple[DKGOutput, 
     mine = base_mul(secshare)
     # Every participant signed only after checking its own share, this one included.
     assert mine is not None and cbytes(mine) == pubshares[idx], "certified share mismatch"
-    return DKGOutput(_b32(secshare), thresh, pubshares), params
+    return DKGOutput(scalar_bytes(secshare), thresh, pubshares), params
 
 
 # -- investigation: who sent the bad share -------------------------------------------------
@@ -572,7 +562,7 @@ def coordinator_investigate(pmsgs1: Sequence[bytes], params: SessionParams) -> l
     n = len(hostpubkeys)
     parsed = [_parse_pmsg1(m, n, t, i) for i, m in enumerate(pmsgs1)]
     return [
-        b"".join(_b32(shares[i]) for _, _, _, shares in parsed)
+        b"".join(scalar_bytes(shares[i]) for _, _, _, shares in parsed)
         + _ser([_pubshare(coms, i) for coms, _, _, _ in parsed])
         for i in range(n)
     ]
@@ -584,7 +574,7 @@ def participant_investigate(error: UnknownFaultyParticipantOrCoordinatorError, c
     n = inv.n
     if len(cinv) != 65 * n:
         raise DKGError("investigation message has the wrong length")
-    enc_partials = [_int(cinv[32 * j : 32 * (j + 1)]) for j in range(n)]
+    enc_partials = [scalar(cinv[32 * j : 32 * (j + 1)]) for j in range(n)]
     partial_pubshares = _parse_points(cinv[32 * n :], n, "partial pubshares")
     if cbytes_ext(add_all(partial_pubshares)) != cbytes_ext(inv.pubshare):
         raise FaultyCoordinatorError("Sum of partial pubshares not equal to pubshare")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from coincurve import PublicKey
 
+from constellation.codec import u32, u64
 from constellation.crypto.point import (
     G,
     N,
@@ -37,7 +38,9 @@ from constellation.crypto.point import (
     has_even_y,
     mul,
     scalar,
+    scalar_bytes,
     xbytes,
+    xor_bytes,
 )
 from constellation.errors import InvalidContribution, NonceReuse, SigningError
 from constellation.hashing import tagged_hash, tagged_hasher
@@ -50,10 +53,6 @@ _h_nonce = tagged_hasher("BIP0445/nonce")
 _h_noncecoef = tagged_hasher("BIP0445/noncecoef")
 _h_det_nonce = tagged_hasher("BIP0445/deterministic/nonce")
 _h_challenge = tagged_hasher("BIP0340/challenge")
-
-
-def _xor(a: bytes, b: bytes) -> bytes:
-    return bytes(x ^ y for x, y in zip(a, b, strict=True))
 
 
 # -- signer sets ---------------------------------------------------------------------------
@@ -212,11 +211,11 @@ def nonce_gen(
     rand_ = os.urandom(32) if rand_ is None else rand_
     if len(rand_) != 32:
         raise SigningError("rand_ must be 32 bytes")
-    rand = _xor(secshare, _h_aux(rand_)) if secshare is not None else rand_
+    rand = xor_bytes(secshare, _h_aux(rand_)) if secshare is not None else rand_
     pubshare = pubshare or b""
     tpk = thresh_pk_xonly or b""
     extra = extra_in or b""
-    msg_prefixed = b"\x00" if msg is None else b"\x01" + len(msg).to_bytes(8, "big") + msg
+    msg_prefixed = b"\x00" if msg is None else b"\x01" + u64(len(msg)) + msg
     prefix = (
         rand
         + bytes([len(pubshare)])
@@ -224,7 +223,7 @@ def nonce_gen(
         + bytes([len(tpk)])
         + tpk
         + msg_prefixed
-        + len(extra).to_bytes(4, "big")
+        + u32(len(extra))
         + extra
     )
     k1 = scalar(_h_nonce(prefix + b"\x00")) % N
@@ -232,7 +231,7 @@ def nonce_gen(
     assert k1 != 0 and k2 != 0, "nonce hash was zero"
     r1, r2 = base_mul(k1), base_mul(k2)
     assert r1 is not None and r2 is not None
-    secnonce = SecNonce(k1.to_bytes(32, "big") + k2.to_bytes(32, "big"))
+    secnonce = SecNonce(scalar_bytes(k1) + scalar_bytes(k2))
     return secnonce, cbytes(r1) + cbytes(r2)
 
 
@@ -274,7 +273,7 @@ class SessionValues:
 
 
 def serialize_ids(ids: Sequence[int]) -> bytes:
-    return b"".join(i.to_bytes(4, "big") for i in sorted(ids))
+    return b"".join(u32(i) for i in sorted(ids))
 
 
 def get_session_values(session: SessionContext) -> SessionValues:
@@ -284,13 +283,7 @@ def get_session_values(session: SessionContext) -> SessionValues:
     count = len(ser_ids) if NONCECOEF_PREFIX_IS_BYTE_LENGTH else session.signers.u
     b = (
         scalar(
-            _h_noncecoef(
-                count.to_bytes(4, "big")
-                + ser_ids
-                + session.aggnonce
-                + xbytes(tweak.q)
-                + session.msg
-            )
+            _h_noncecoef(u32(count) + ser_ids + session.aggnonce + xbytes(tweak.q) + session.msg)
         )
         % N
     )
@@ -325,7 +318,7 @@ def sign(secnonce: SecNonce, secshare: bytes, my_id: int, session: SessionContex
     g = 1 if has_even_y(values.q) else N - 1
     d = g * values.gacc * d_ % N
     s = (k1 + values.b * k2 + values.e * lam * d) % N
-    psig = s.to_bytes(32, "big")
+    psig = scalar_bytes(s)
     r1, r2 = base_mul(k1_), base_mul(k2_)
     assert r1 is not None and r2 is not None
     assert partial_sig_verify_internal(
@@ -397,7 +390,7 @@ def partial_sig_agg(psigs: Sequence[bytes], session: SessionContext) -> bytes:
         s = (s + si) % N
     g = 1 if has_even_y(values.q) else N - 1
     s = (s + values.e * g * values.tacc) % N
-    return xbytes(values.r) + s.to_bytes(32, "big")
+    return xbytes(values.r) + scalar_bytes(s)
 
 
 def verify_aggregate(sig: bytes, session: SessionContext) -> bool:
@@ -422,16 +415,16 @@ def deterministic_sign(
     the other signers' aggregated nonce, the tweaked key and the message, so it is never
     reused for a different session.
     """
-    secshare_ = _xor(secshare, _h_aux(aux_rand)) if aux_rand is not None else secshare
+    secshare_ = xor_bytes(secshare, _h_aux(aux_rand)) if aux_rand is not None else secshare
     tweak = tweak_context(signers.thresh_pk, tweaks, is_xonly)
     prefix = (
         secshare_
-        + my_id.to_bytes(4, "big")
-        + signers.u.to_bytes(4, "big")
+        + u32(my_id)
+        + u32(signers.u)
         + serialize_ids(signers.ids)
         + aggothernonce
         + tweak.xonly_pk
-        + len(msg).to_bytes(8, "big")
+        + u64(len(msg))
         + msg
     )
     k1 = scalar(_h_det_nonce(prefix + b"\x00")) % N
@@ -445,5 +438,5 @@ def deterministic_sign(
         raise InvalidContribution(None, "aggothernonce") from None
     aggnonce = cbytes_ext(add(others[0], r1)) + cbytes_ext(add(others[1], r2))
     session = SessionContext(signers, aggnonce, tuple(tweaks), tuple(is_xonly), msg)
-    secnonce = SecNonce(k1.to_bytes(32, "big") + k2.to_bytes(32, "big"))
+    secnonce = SecNonce(scalar_bytes(k1) + scalar_bytes(k2))
     return pubnonce, sign(secnonce, secshare, my_id, session)

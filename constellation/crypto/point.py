@@ -17,7 +17,17 @@ _INFINITY_BYTES = bytes(33)
 
 
 def scalar(data: bytes) -> int:
+    """A big-endian integer (not reduced: callers check the range they need)."""
     return int.from_bytes(data, "big")
+
+
+def scalar_bytes(k: int) -> bytes:
+    """The 32-byte big-endian encoding of ``k mod n``."""
+    return (k % N).to_bytes(32, "big")
+
+
+def xor_bytes(a: bytes, b: bytes) -> bytes:
+    return bytes(x ^ y for x, y in zip(a, b, strict=True))
 
 
 def cpoint(data: bytes) -> PublicKey:

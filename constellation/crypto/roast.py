@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from constellation.crypto import frost
 from constellation.crypto.point import cpoint
-from constellation.errors import InvalidContribution, SigningError
+from constellation.errors import SigningError
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,15 @@ class SignRequest:
             self.is_xonly,
             self.msg,
         )
+
+
+def _is_pubnonce(data: bytes) -> bool:
+    try:
+        cpoint(data[:33])
+        cpoint(data[33:])
+    except ValueError:
+        return False
+    return len(data) == 66
 
 
 @dataclass
@@ -115,12 +124,7 @@ class Coordinator:
         elif pending is not None:
             self.malicious.add(signer)  # a fresh nonce while its session waits on it
             return []
-        try:
-            cpoint(pubnonce[:33])
-            cpoint(pubnonce[33:66])
-            if len(pubnonce) != 66:
-                raise ValueError
-        except ValueError:
+        if not _is_pubnonce(pubnonce):
             self.malicious.add(signer)
             return []
         self.pubnonce[signer] = pubnonce
@@ -166,10 +170,7 @@ class Coordinator:
             self.tweaks,
             self.is_xonly,
         )
-        try:
-            context = request.session(self.group)
-        except InvalidContribution as exc:  # unreachable: nonces were parsed on receipt
-            raise AssertionError(f"a checked nonce failed to aggregate: {exc}") from exc
+        context = request.session(self.group)  # nonces were parsed on receipt
         self.sessions[sid] = _Session(request, context, frost.get_session_values(context))
         for i in ids:
             self.session_of[i] = sid
