@@ -217,3 +217,57 @@ class FaultyParticipantError(_BlamesParticipant):
 
 class FaultyCoordinatorError(DKGProtocolError):
     code = "dkg.faulty_coordinator"
+
+
+# -- messages between services -------------------------------------------------------------
+
+
+class MessageError(ConstellationError):
+    """A message from another service or operator that we do not accept."""
+
+    code = "protocol.malformed"
+
+
+class NotAMember(MessageError):
+    code = "protocol.not_member"
+
+
+class BadMessageSignature(MessageError):
+    code = "protocol.bad_signature"
+
+
+class Misdirected(MessageError):
+    """Addressed to another recipient (or another guild): a replay across recipients."""
+
+    code = "protocol.misdirected"
+
+
+class StaleMessage(MessageError):
+    """Sent too long ago or too far in the future to be checked against replays."""
+
+    code = "protocol.stale"
+
+
+class Replayed(MessageError):
+    code = "protocol.replay"
+
+
+class Overloaded(ConstellationError):
+    """A bounded queue or table is full; the caller may retry later."""
+
+    code = "overloaded"
+
+
+# -- what the guild key signs --------------------------------------------------------------
+
+
+class RequestRefused(ConstellationError):
+    """A signer will not sign this request: invalid, not allowed, or conflicting."""
+
+    code = "signing.refused"
+
+
+class Equivocation(RequestRefused):
+    """Signing would contradict something this signer has already signed."""
+
+    code = "signing.equivocation"

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from constellation.cli import main
 from constellation.demo import run_demo
+from services.cli import main
 
 ROOT = Path(__file__).parents[1]
 

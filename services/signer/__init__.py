@@ -1,1 +1,1 @@
-"""Not built yet: see services/README.md."""
+"""The guild's threshold signer: ChillDKG key generation and ROAST signing over NATS."""

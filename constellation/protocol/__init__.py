@@ -1,0 +1,1 @@
+"""Typed, versioned messages between services, and the signed envelope they travel in."""

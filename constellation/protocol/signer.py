@@ -1,0 +1,182 @@
+"""Messages of the signer service: ChillDKG, ROAST signing, and the operator's requests.
+
+Each is a msgspec struct tagged with its kind and encoded as MessagePack; unknown
+fields and unknown kinds are refused. They travel inside signed envelopes
+(``constellation.protocol.envelope``), which say who sent them.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from constellation.guild import SignTarget
+
+
+class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind"):
+    pass
+
+
+# -- signing (coordinator <-> signers) -----------------------------------------------------
+
+
+class SignStart(_Msg, frozen=True, tag="sign.start"):
+    """Coordinator -> every signer: what to sign and why. Signers answer ``Presign``."""
+
+    request_id: bytes
+    target: SignTarget
+
+
+class Presign(_Msg, frozen=True, tag="sign.presign"):
+    """Signer -> coordinator: ready, with a fresh public nonce."""
+
+    request_id: bytes
+    pubnonce: bytes
+
+
+class SignSession(_Msg, frozen=True, tag="sign.session"):
+    """Coordinator -> the signers of one ROAST session: sign with these nonces."""
+
+    request_id: bytes
+    session_id: int
+    ids: list[int]
+    pubnonces: list[bytes]
+
+
+class Share(_Msg, frozen=True, tag="sign.share"):
+    """Signer -> coordinator: a partial signature and the next nonce."""
+
+    request_id: bytes
+    session_id: int
+    psig: bytes
+    pubnonce: bytes
+
+
+class SignRefused(_Msg, frozen=True, tag="sign.refused"):
+    """Signer -> coordinator: this signer will not sign the request, and why."""
+
+    request_id: bytes
+    code: str
+    reason: str
+
+
+class SignDone(_Msg, frozen=True, tag="sign.done"):
+    """Coordinator -> every signer: the request finished (signature, or empty if it failed)."""
+
+    request_id: bytes
+    signature: bytes
+
+
+# -- key generation (coordinator <-> participants) -----------------------------------------
+
+
+class DkgStart(_Msg, frozen=True, tag="dkg.start"):
+    dkg_id: bytes
+    hostpubkeys: list[bytes]
+    t: int
+
+
+class DkgMsg1(_Msg, frozen=True, tag="dkg.pmsg1"):
+    dkg_id: bytes
+    pmsg1: bytes
+
+
+class DkgCoord1(_Msg, frozen=True, tag="dkg.cmsg1"):
+    dkg_id: bytes
+    cmsg1: bytes
+
+
+class DkgMsg2(_Msg, frozen=True, tag="dkg.pmsg2"):
+    dkg_id: bytes
+    pmsg2: bytes
+
+
+class DkgCoord2(_Msg, frozen=True, tag="dkg.cmsg2"):
+    dkg_id: bytes
+    cmsg2: bytes
+
+
+class DkgDone(_Msg, frozen=True, tag="dkg.done"):
+    """Participant -> coordinator: the share is stored; the key it belongs to."""
+
+    dkg_id: bytes
+    threshold_pubkey: bytes
+
+
+class DkgFailed(_Msg, frozen=True, tag="dkg.failed"):
+    """Either side: the session cannot finish (blames a participant when it can)."""
+
+    dkg_id: bytes
+    code: str
+    reason: str
+    blamed: int = -1
+
+
+# -- the operator's own requests to its signer --------------------------------------------
+
+
+class KeygenRequest(_Msg, frozen=True, tag="op.keygen"):
+    t: int
+
+
+class SignRequest(_Msg, frozen=True, tag="op.sign"):
+    target: SignTarget
+
+
+class OpReply(_Msg, frozen=True, tag="op.reply"):
+    """Answer to an operator request: a key or a signature, or an error code."""
+
+    ok: bool
+    code: str = ""
+    error: str = ""
+    threshold_pubkey: bytes = b""
+    signature: bytes = b""
+    message: bytes = b""
+    sessions: int = 0
+    blamed: list[int] = []
+
+
+Message = (
+    SignStart
+    | Presign
+    | SignSession
+    | Share
+    | SignRefused
+    | SignDone
+    | DkgStart
+    | DkgMsg1
+    | DkgCoord1
+    | DkgMsg2
+    | DkgCoord2
+    | DkgDone
+    | DkgFailed
+    | KeygenRequest
+    | SignRequest
+    | OpReply
+)
+
+MAX_MESSAGE_BYTES = 256 * 1024
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+_target_decoder: msgspec.msgpack.Decoder[SignTarget] = msgspec.msgpack.Decoder(SignTarget)
+
+
+def encode_target(target: SignTarget) -> bytes:
+    return _encoder.encode(target)
+
+
+def decode_target(data: bytes) -> SignTarget:
+    target: SignTarget = _target_decoder.decode(data)
+    return target
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes) -> Message:
+    """Decode one message; raises msgspec.DecodeError/ValidationError on anything else."""
+    msg: Message = _decoder.decode(data)
+    return msg

@@ -1,0 +1,155 @@
+"""What every service shares: environment config, JSON logs, the ops HTTP server, SIGTERM.
+
+One way to start a process: ``run(service, level, build)`` configures logging, builds
+the service, installs the signal handlers and runs its ``main(stop)``, which returns once
+``stop`` is set and it has drained. ``OpsServer`` serves ``/healthz``, ``/readyz`` and ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class ConfigError(ValueError):
+    """A missing or invalid environment variable: the process refuses to start."""
+
+
+def env_str(env: Mapping[str, str], name: str, default: str | None = None) -> str:
+    value = env.get(name, default)
+    if value is None or value == "":
+        raise ConfigError(f"{name} must be set")
+    return value
+
+
+def env_int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name} must be in {lo}..{hi}, got {value}")
+    return value
+
+
+def env_addr(env: Mapping[str, str], name: str, default: str) -> tuple[str, int]:
+    raw = env.get(name) or default
+    host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{name} must be HOST:PORT, got {raw!r}")
+    return host or "127.0.0.1", int(port)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, service, event, and the record's extras."""
+
+    _standard = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "service": self.service,
+            "event": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in self._standard:
+                line[key] = value
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure_logging(service: str, level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def now_ms() -> int:
+    """The services' one wall clock (message timestamps are checked against it)."""
+    return time.time_ns() // 1_000_000
+
+
+class OpsServer:
+    """``/healthz`` (the process runs), ``/readyz`` (it can do its work), ``/metrics``."""
+
+    def __init__(self, registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]]) -> None:
+        self.registry = registry
+        self.ready = ready
+        self.app = web.Application()
+        self.app.router.add_get("/healthz", self._healthz)
+        self.app.router.add_get("/readyz", self._readyz)
+        self.app.router.add_get("/metrics", self._metrics)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        assert isinstance(server, asyncio.base_events.Server)
+        self.port = server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        ok, why = self.ready()
+        return web.json_response({"ready": ok, "reason": why}, status=200 if ok else 503)
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+
+def run(
+    service: str, level: str, build: Callable[[], Callable[[asyncio.Event], Awaitable[None]]]
+) -> int:
+    """Configure logs, ``build`` the service, run it until SIGTERM or SIGINT sets its stop
+    event; returns the exit code (2 for a configuration the service refused)."""
+    configure_logging(service, level)
+    log = logging.getLogger(service)
+    try:
+        main = build()
+    except ConfigError as exc:
+        log.error("bad configuration", extra={"error": str(exc)})
+        return 2
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())
+    log.info("stopped", extra={"pid": os.getpid()})
+    return 0

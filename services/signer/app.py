@@ -1,0 +1,155 @@
+"""Wiring: keys from disk, NATS subscriptions, the ops server, and a clean drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+from nats.aio.msg import Msg
+
+from constellation.crypto.dkg import hostpubkey_gen
+from constellation.errors import ConstellationError, NotAMember
+from constellation.guild import SigningPolicy
+from constellation.protocol import signer as proto
+from constellation.protocol.envelope import Membership, ReplayGuard
+from services.runtime import ConfigError, OpsServer
+from services.signer.config import Members, Settings
+from services.signer.coordinator import Coordinator
+from services.signer.handlers import Participant
+from services.signer.metrics import SignerMetrics
+from services.signer.store import AuditLog, KeyStore
+from services.signer.transport import Role, Transport, subject
+
+log = logging.getLogger("signer")
+
+
+class SignerNode:
+    """One operator's signer: participant for every member, coordinator for its operator."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = SignerMetrics()
+        members = Members.load(settings.members_path)
+        self.members = Membership(members.guild, members.hostpubkeys)
+        self.keystore = KeyStore(settings.state_dir, settings.storage_key)
+        self.hostseckey = self.keystore.load_identity()
+        self.hostpubkey = hostpubkey_gen(self.hostseckey)
+        me = self.members.index.get(self.hostpubkey)
+        if me is None:
+            raise ConfigError("this signer's identity is not in the guild's member list")
+        self.me = me
+        self.audit = AuditLog(settings.state_dir / "audit.log")
+        self.guard = ReplayGuard(settings.replay_window_ms)
+        self.transport: Transport | None = None
+        self.participant = Participant(
+            self.members,
+            me,
+            self.hostseckey,
+            self.keystore,
+            self.audit,
+            SigningPolicy(members.guild, settings.purposes),
+            self.metrics,
+            lambda idx, msg: self.send(Role.COORD, idx, msg),
+            settings.max_requests,
+            settings.request_timeout_ms,
+        )
+        self.coordinator = Coordinator(
+            self.members,
+            self.metrics,
+            lambda idx, msg: self.send(Role.SIGNER, idx, msg),
+            lambda: self.participant.group,
+            settings.max_requests,
+            settings.request_timeout_ms,
+        )
+        self.ops = OpsServer(self.metrics.registry, self.ready)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def ready(self) -> tuple[bool, str]:
+        if self.transport is None or not self.transport.nc.is_connected:
+            return False, "not connected to NATS"
+        if self.participant.group is None:
+            return True, "connected; no key share yet"
+        return True, "connected; holds a key share"
+
+    async def send(self, role: Role, idx: int, msg: proto.Message) -> None:
+        assert self.transport is not None
+        await self.transport.send(role, idx, msg)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.ops.start(self.settings.http_host, self.settings.http_port)
+        nc = await nats.connect(
+            self.settings.nats_url,
+            name=f"signer-{self.members.guild}-{self.me}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+        )
+        self.transport = Transport(nc, self.members, self.hostseckey, self.hostpubkey, self.guard)
+        guild = self.members.guild
+        await nc.subscribe(subject(guild, Role.SIGNER, self.me), cb=self._on_signer)
+        await nc.subscribe(subject(guild, Role.COORD, self.me), cb=self._on_coord)
+        ops = await nc.subscribe(subject(guild, Role.OP, self.me), cb=self._on_op)
+        await nc.flush()
+        log.info(
+            "signer ready",
+            extra={
+                "guild": guild,
+                "member": self.me,
+                "hostpubkey": self.hostpubkey.hex(),
+                "http_port": self.ops.port,
+                "has_share": self.participant.group is not None,
+                "audit_entries": self.audit.count,
+            },
+        )
+        await stop.wait()
+        # Take no new requests, finish the running ones (they need the other two
+        # subscriptions), then drain: callbacks that started complete before closing.
+        log.info("draining", extra={"open_requests": len(self._tasks)})
+        await ops.unsubscribe()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self.settings.request_timeout_ms / 1000)
+        await nc.drain()
+        self.audit.close()
+        await self.ops.stop()
+
+    def _open(self, data: bytes) -> tuple[int, proto.Message] | None:
+        assert self.transport is not None
+        try:
+            return self.transport.open(data)
+        except ConstellationError as exc:
+            self.metrics.rejected_messages.labels(exc.code).inc()
+            log.info("message rejected", extra={"code": exc.code, "reason": str(exc)})
+            return None
+
+    async def _on_signer(self, msg: Msg) -> None:
+        opened = self._open(msg.data)
+        if opened is not None:
+            await self.participant.handle(*opened)
+
+    async def _on_coord(self, msg: Msg) -> None:
+        opened = self._open(msg.data)
+        if opened is not None:
+            await self.coordinator.handle(*opened)
+
+    async def _on_op(self, msg: Msg) -> None:
+        opened = self._open(msg.data)
+        if opened is None:
+            return
+        sender, request = opened
+        if sender != self.me:
+            exc = NotAMember("only this operator's own key may command its signer")
+            self.metrics.rejected_messages.labels(exc.code).inc()
+            return
+        task = asyncio.create_task(self._serve_op(msg, request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_op(self, msg: Msg, request: proto.Message) -> None:
+        if isinstance(request, proto.KeygenRequest):
+            reply = await self.coordinator.keygen(request.t)
+        elif isinstance(request, proto.SignRequest):
+            reply = await self.coordinator.sign(request.target)
+        else:
+            reply = proto.OpReply(False, code="protocol.unexpected", error="not a request")
+        assert self.transport is not None
+        await msg.respond(self.transport.seal(self.hostpubkey, reply))

@@ -1,0 +1,84 @@
+"""The signer's settings, read once from the environment."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from constellation.guild import Purpose
+from services.runtime import ConfigError, env_addr, env_int, env_str
+
+GUILD_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Members:
+    """The guild file: its id and its members' host public keys, in signer-id order."""
+
+    guild: str
+    hostpubkeys: tuple[bytes, ...]
+
+    @staticmethod
+    def load(path: Path) -> Members:
+        try:
+            doc = json.loads(path.read_text())
+            guild = doc["guild"]
+            keys = tuple(bytes.fromhex(k) for k in doc["members"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"cannot read the guild file {path}: {exc}") from exc
+        if not isinstance(guild, str) or not GUILD_RE.match(guild):
+            raise ConfigError(f"guild id {guild!r} must match {GUILD_RE.pattern}")
+        if not keys or any(len(k) != 33 for k in keys):
+            raise ConfigError("members must be 33-byte compressed host public keys in hex")
+        return Members(guild, keys)
+
+    def save(self, path: Path) -> None:
+        doc = {"guild": self.guild, "members": [k.hex() for k in self.hostpubkeys]}
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class Settings:
+    nats_url: str
+    members_path: Path
+    state_dir: Path
+    storage_key: bytes  # encrypts the identity key and the share at rest
+    http_host: str
+    http_port: int
+    purposes: frozenset[Purpose]
+    request_timeout_ms: int
+    max_requests: int
+    replay_window_ms: int
+    log_level: str
+
+    @staticmethod
+    def from_env(env: Mapping[str, str]) -> Settings:
+        raw_key = env_str(env, "SIGNER_STORAGE_KEY")
+        try:
+            key = bytes.fromhex(raw_key)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise ConfigError("SIGNER_STORAGE_KEY must be 32 bytes in hex")
+        names = env.get("SIGNER_PURPOSES") or ",".join(p.value for p in Purpose)
+        try:
+            purposes = frozenset(Purpose(p.strip()) for p in names.split(",") if p.strip())
+        except ValueError as exc:
+            raise ConfigError(f"SIGNER_PURPOSES: {exc}") from exc
+        host, port = env_addr(env, "SIGNER_HTTP_ADDR", "127.0.0.1:0")
+        return Settings(
+            nats_url=env_str(env, "SIGNER_NATS_URL", "nats://127.0.0.1:4222"),
+            members_path=Path(env_str(env, "SIGNER_MEMBERS")),
+            state_dir=Path(env_str(env, "SIGNER_STATE_DIR")),
+            storage_key=key,
+            http_host=host,
+            http_port=port,
+            purposes=purposes,
+            request_timeout_ms=env_int(env, "SIGNER_REQUEST_TIMEOUT_MS", 30_000, 100, 600_000),
+            max_requests=env_int(env, "SIGNER_MAX_REQUESTS", 64, 1, 10_000),
+            replay_window_ms=env_int(env, "SIGNER_REPLAY_WINDOW_MS", 60_000, 1_000, 600_000),
+            log_level=env.get("SIGNER_LOG_LEVEL") or "info",
+        )
