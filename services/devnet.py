@@ -46,6 +46,7 @@ class Devnet:
     guild: str
     nats_port: int
     nats_pid: int = 0
+    request_timeout_ms: int = 30_000
     signers: list[SignerProc] = field(default_factory=list)
 
     @property
@@ -76,6 +77,7 @@ class Devnet:
             "SIGNER_STATE_DIR": proc.state_dir,
             "SIGNER_STORAGE_KEY": proc.storage_key,
             "SIGNER_HTTP_ADDR": f"127.0.0.1:{proc.http_port}",
+            "SIGNER_REQUEST_TIMEOUT_MS": str(self.request_timeout_ms),
         }
 
 

@@ -92,7 +92,7 @@ class Membership:
         sender's index. Freshness and replays are the ``ReplayGuard``'s."""
         try:
             env = _decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             raise BadMessageSignature(f"not an envelope: {exc}") from exc
         if env.v != VERSION:
             raise BadMessageSignature(f"envelope version {env.v} is not supported")

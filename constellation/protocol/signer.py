@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
+from constellation.errors import MessageError
 from constellation.guild import SignTarget
 
 
@@ -177,6 +178,9 @@ def encode(msg: Message) -> bytes:
 
 
 def decode(data: bytes) -> Message:
-    """Decode one message; raises msgspec.DecodeError/ValidationError on anything else."""
-    msg: Message = _decoder.decode(data)
+    """Decode one message; anything else (unknown kind or field, bad type) is refused."""
+    try:
+        msg: Message = _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        raise MessageError(f"malformed message: {exc}") from exc
     return msg

@@ -134,7 +134,7 @@ class Coordinator:
             return  # late answers to a finished request
         coordinator = run.roast
         if isinstance(msg, proto.SignRefused):
-            run.refused[sender] = msg.code
+            run.refused[sender] = f"[{msg.code}] {msg.reason}"
             self.metrics.signer_failures.labels(str(sender), "refused").inc()
             group = self.group()
             assert group is not None
@@ -144,7 +144,8 @@ class Coordinator:
                     proto.OpReply(
                         False,
                         code="signing.refused",
-                        error=f"signers refused: {run.refused}",
+                        error="signers refused: "
+                        + "; ".join(f"{i}: {why}" for i, why in sorted(run.refused.items())),
                         sessions=len(coordinator.sessions),
                         blamed=sorted(coordinator.malicious),
                     ),

@@ -161,31 +161,26 @@ class AuditLog:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return
-        lines = data.split(b"\n")
-        good = 0
-        for n, line in enumerate(lines):
-            if not line:
-                continue
+        complete, newline, tail = data.rpartition(b"\n")
+        if tail:  # no newline after it: the write was cut short, so it was never sent
+            keep = len(complete) + len(newline)
+            log.warning(
+                "audit log: cutting a torn last line",
+                extra={"path": str(self.path), "offset": keep},
+            )
+            with open(self.path, "r+b") as f:
+                f.truncate(keep)
+                os.fsync(f.fileno())
+        for n, line in enumerate(complete.split(b"\n") if complete else []):
             try:
                 entry = json.loads(line)
             except ValueError:
                 entry = None
-            last = n == len(lines) - 1  # no newline after it: the write was cut short
-            if entry is None or entry.get("prev") != self._prev:
-                if last:
-                    log.warning(
-                        "audit log: cutting a torn last line",
-                        extra={"path": str(self.path), "offset": good},
-                    )
-                    with open(self.path, "r+b") as f:
-                        f.truncate(good)
-                        os.fsync(f.fileno())
-                    return
+            if not isinstance(entry, dict) or entry.get("prev") != self._prev:
                 raise ConfigError(f"audit log {self.path} is broken at line {n + 1}")
             self.entries.append(entry)
             self.count += 1
             self._prev = hashlib.sha256(line).hexdigest()
-            good += len(line) + 1
 
     def append(self, entry: AuditEntry) -> None:
         record = {**entry.__dict__, "prev": self._prev}

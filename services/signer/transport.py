@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from enum import StrEnum
 
-import msgspec
 from nats.aio.client import Client
 
 from constellation.errors import MessageError
@@ -66,7 +65,4 @@ class Transport:
             raise MessageError(f"message of {len(data)} bytes is over the limit")
         env, sender = self.members.open(data, self.hostpubkey)
         self.guard.check(env, now_ms())
-        try:
-            return sender, proto.decode(env.body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise MessageError(f"malformed message from member {sender}: {exc}") from exc
+        return sender, proto.decode(env.body)

@@ -1,0 +1,126 @@
+"""Signed envelopes: only members, only the addressee, only once, only fresh."""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from constellation.crypto.dkg import hostpubkey_gen
+from constellation.errors import (
+    BadMessageSignature,
+    MessageError,
+    Misdirected,
+    NotAMember,
+    Overloaded,
+    Replayed,
+    StaleMessage,
+)
+from constellation.protocol import signer as proto
+from constellation.protocol.envelope import BROADCAST, Membership, ReplayGuard, seal
+
+SECRETS = [bytes([i + 1]) * 32 for i in range(3)]
+KEYS = [hostpubkey_gen(s) for s in SECRETS]
+GUILD = "test-guild"
+MEMBERS = Membership(GUILD, KEYS)
+NOW = 1_800_000_000_000
+
+
+def sealed(sender: int = 0, to: bytes | None = None, body: bytes = b"hi", **kw: object) -> bytes:
+    args: dict[str, object] = {
+        "guild": GUILD,
+        "hostseckey": SECRETS[sender],
+        "hostpubkey": KEYS[sender],
+        "to": KEYS[1] if to is None else to,
+        "msg_id": os.urandom(16),
+        "sent_ms": NOW,
+        "body": body,
+    }
+    args.update(kw)
+    return seal(**args)  # type: ignore[arg-type]
+
+
+def test_a_member_message_opens_for_its_addressee() -> None:
+    env, sender = MEMBERS.open(sealed(sender=2, body=b"payload"), KEYS[1])
+    assert sender == 2 and env.body == b"payload"
+    env, _ = MEMBERS.open(sealed(to=BROADCAST), KEYS[2])
+    assert env.to == BROADCAST
+
+
+def test_non_member_is_rejected() -> None:
+    outsider = bytes([9]) * 32
+    data = sealed(hostseckey=outsider, hostpubkey=hostpubkey_gen(outsider))
+    with pytest.raises(NotAMember):
+        MEMBERS.open(data, KEYS[1])
+
+
+def test_member_key_claimed_by_someone_else_fails_the_signature() -> None:
+    data = sealed(sender=0, hostseckey=SECRETS[2])  # claims to be member 0
+    with pytest.raises(BadMessageSignature):
+        MEMBERS.open(data, KEYS[1])
+
+
+def test_message_for_another_member_or_guild_is_misdirected() -> None:
+    with pytest.raises(Misdirected):
+        MEMBERS.open(sealed(to=KEYS[2]), KEYS[1])
+    with pytest.raises(Misdirected):
+        MEMBERS.open(sealed(guild="other"), KEYS[1])
+
+
+@given(st.data())
+def test_any_changed_byte_is_refused(data: st.DataObject) -> None:
+    wire = bytearray(sealed(body=b"some body bytes"))
+    i = data.draw(st.integers(0, len(wire) - 1))
+    wire[i] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(MessageError):
+        MEMBERS.open(bytes(wire), KEYS[1])
+
+
+@given(st.binary(max_size=300))
+def test_garbage_is_a_clear_error(data: bytes) -> None:
+    with pytest.raises(MessageError):
+        MEMBERS.open(data, KEYS[1])
+
+
+def test_replay_and_staleness() -> None:
+    guard = ReplayGuard(window_ms=1000)
+    env, _ = MEMBERS.open(sealed(), KEYS[1])
+    guard.check(env, NOW + 10)
+    with pytest.raises(Replayed):
+        guard.check(env, NOW + 20)
+    old, _ = MEMBERS.open(sealed(sent_ms=NOW - 5000), KEYS[1])
+    with pytest.raises(StaleMessage):
+        guard.check(old, NOW)
+    future, _ = MEMBERS.open(sealed(sent_ms=NOW + 5000), KEYS[1])
+    with pytest.raises(StaleMessage):
+        guard.check(future, NOW)
+
+
+def test_replay_memory_is_pruned_and_bounded() -> None:
+    guard = ReplayGuard(window_ms=1000, max_entries=3)
+    envs = [MEMBERS.open(sealed(sent_ms=NOW + 100 * i), KEYS[1])[0] for i in range(5)]
+    for env in envs[:3]:
+        guard.check(env, env.sent_ms)
+    with pytest.raises(Overloaded):
+        guard.check(envs[3], envs[3].sent_ms)
+    late = envs[4].sent_ms + 2500  # the first three are now older than two windows
+    fresh, _ = MEMBERS.open(sealed(sent_ms=late), KEYS[1])
+    guard.check(fresh, late)
+    assert len(guard._seen) == 1
+
+
+def test_messages_refuse_unknown_fields_and_kinds() -> None:
+    good = proto.encode(proto.Presign(b"r" * 16, b"n" * 66))
+    assert proto.decode(good) == proto.Presign(b"r" * 16, b"n" * 66)
+    doc = msgspec.msgpack.decode(good)
+    with pytest.raises(MessageError, match="extra"):
+        proto.decode(msgspec.msgpack.encode({**doc, "extra": 1}))
+    with pytest.raises(MessageError, match=r"sign\.steal"):
+        proto.decode(msgspec.msgpack.encode({**doc, "kind": "sign.steal"}))
+    with pytest.raises(MessageError, match="pubnonce"):
+        proto.decode(msgspec.msgpack.encode({**doc, "pubnonce": "not bytes"}))
+    with pytest.raises(MessageError):
+        proto.decode(b"\xa2\xff\xfe")

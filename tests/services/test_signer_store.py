@@ -1,0 +1,106 @@
+"""The signer's disk: sealed secrets and the hash-chained audit log."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from constellation.crypto.dkg import hostpubkey_gen
+from constellation.guild import Checkpoint, Statement
+from constellation.protocol.signer import encode_target
+from services.runtime import ConfigError
+from services.signer.store import AuditEntry, AuditLog, KeyStore, ShareRecord, target_of
+
+KEY = bytes(range(32))
+
+
+def record() -> ShareRecord:
+    return ShareRecord(
+        "g", 2, [b"\x02" * 33] * 3, b"\x03" * 33, [b"\x02" * 33] * 3, b"s" * 32, b"rd"
+    )
+
+
+def test_identity_and_share_round_trip_sealed(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path, KEY)
+    pub = store.create_identity()
+    assert hostpubkey_gen(store.load_identity()) == pub
+    assert store.load_share() is None
+    store.save_share(record())
+    assert store.load_share() == record()
+    on_disk = (tmp_path / "share.sealed").read_bytes() + store.identity_path.read_bytes()
+    assert b"s" * 32 not in on_disk and store.load_identity() not in on_disk
+    assert (tmp_path / "recovery.bin").read_bytes() == b"rd"
+
+
+def test_secrets_are_never_replaced(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path, KEY)
+    store.create_identity()
+    with pytest.raises(ConfigError, match="refusing to replace an identity"):
+        store.create_identity()
+    store.save_share(record())
+    with pytest.raises(ConfigError, match="refusing to replace a key share"):
+        store.save_share(record())
+
+
+def test_wrong_key_swapped_file_or_damage_is_refused(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path, KEY)
+    store.create_identity()
+    store.save_share(record())
+    with pytest.raises(ConfigError, match="wrong SIGNER_STORAGE_KEY"):
+        KeyStore(tmp_path, os.urandom(32)).load_identity()
+    share = (tmp_path / "share.sealed").read_bytes()
+    store.identity_path.write_bytes(share)  # a sealed share where the identity belongs
+    with pytest.raises(ConfigError):
+        store.load_identity()
+    (tmp_path / "share.sealed").write_bytes(share[:-1] + bytes([share[-1] ^ 1]))
+    with pytest.raises(ConfigError):
+        store.load_share()
+
+
+def entry(seq: int, height: int) -> AuditEntry:
+    target = Checkpoint("g", height, bytes(32), bytes(32)) if height >= 0 else Statement("hi")
+    return AuditEntry(
+        seq, 1, f"{seq:032x}", 0, "checkpoint", encode_target(target).hex(), "", 0, [0, 1], ""
+    )
+
+
+def test_audit_log_chains_and_reloads(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    for i in range(3):
+        log.append(entry(i, i - 1))
+    log.close()
+    again = AuditLog(path)
+    assert again.count == 3
+    assert [target_of(e) for e in again.entries][1] == Checkpoint("g", 0, bytes(32), bytes(32))
+    again.append(entry(3, 5))
+    again.close()
+    assert AuditLog(path).count == 4
+
+
+def test_audit_log_cuts_a_torn_tail_and_refuses_tampering(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    for i in range(3):
+        log.append(entry(i, i))
+    log.close()
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-1])  # even a whole entry without its newline was never sent
+    assert AuditLog(path).count == 2
+    path.write_bytes(whole[:-7])  # a crash in the middle of the last write
+    assert AuditLog(path).count == 2
+    assert "torn last line" in caplog.text
+    assert path.read_bytes() == whole[: whole.rindex(b"\n", 0, len(whole) - 1) + 1]
+
+    lines = whole.split(b"\n")
+    doc = json.loads(lines[0])
+    doc["psig"] = "00" * 32  # rewriting history breaks the chain at the next line
+    lines[0] = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(ConfigError, match="broken at line 2"):
+        AuditLog(path)

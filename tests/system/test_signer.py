@@ -1,0 +1,142 @@
+"""The signer service over real NATS with real signer processes.
+
+Robustness: for 2-of-3, 3-of-5 and 5-of-7, up to n - t signers are frozen (SIGSTOP),
+slow, or send invalid partial signatures, chosen at random per run (the seed is in
+every assertion message); ROAST finishes and coincurve verifies the signature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+import pytest
+from coincurve import PublicKeyXOnly
+
+from constellation.guild import Checkpoint, Statement
+from constellation.protocol import signer as proto
+from tests.system.conftest import Guild, GuildFactory
+
+pytestmark = pytest.mark.system
+
+FAULTS = ("silent", "slow:300", "bad_psig")
+
+
+def assert_valid(reply: proto.OpReply, expect_msg: bytes, context: str) -> None:
+    assert reply.ok, f"{context}: [{reply.code}] {reply.error}"
+    assert reply.message == expect_msg
+    key = PublicKeyXOnly(reply.threshold_pubkey)
+    assert key.verify(reply.signature, reply.message), context
+
+
+@pytest.mark.parametrize(("n", "t"), [(3, 2), (5, 3), (7, 5)])
+async def test_roast_finishes_with_up_to_n_minus_t_faulty_signers(
+    guild_factory: GuildFactory, n: int, t: int
+) -> None:
+    seed = int.from_bytes(os.urandom(4), "big")
+    rng = random.Random(seed)
+    count = rng.randint(1, n - t)
+    faulty = rng.sample(range(n), count)
+    kinds = {i: rng.choice(FAULTS) for i in faulty}
+    context = f"seed {seed}: {t}-of-{n}, faults {kinds}"
+    guild: Guild = guild_factory(n, {i: k for i, k in kinds.items() if k != "silent"})
+    keygen = await guild.keygen(t)
+    assert keygen.ok, f"{context}: {keygen.error}"
+    for i, kind in kinds.items():
+        if kind == "silent":
+            guild.freeze(i)
+    honest = [i for i in range(n) if i not in kinds]
+    for r in range(3):
+        text = f"round {r} of {context}"
+        reply = await guild.sign(Statement(text), operator=rng.choice(honest))
+        assert_valid(reply, text.encode(), context)
+        assert reply.threshold_pubkey == keygen.threshold_pubkey[1:], context
+        assert reply.sessions <= n - t + 1, context
+        assert set(reply.blamed) <= {i for i, k in kinds.items() if k == "bad_psig"}, context
+
+
+async def test_killing_a_signer_mid_session_does_not_stop_signing(
+    guild_factory: GuildFactory,
+) -> None:
+    guild = guild_factory(5)
+    assert (await guild.keygen(3)).ok
+    texts = [f"payment batch {i}" for i in range(12)]
+    pending = [asyncio.ensure_future(guild.sign(Statement(s))) for s in texts]
+    await asyncio.sleep(0.03)
+    guild.kill(2)  # while its sessions are open: ROAST moves on without it
+    replies = await asyncio.gather(*pending)
+    for text, reply in zip(texts, replies, strict=True):
+        assert_valid(reply, text.encode(), "after kill -9 of signer 2")
+    guild.kill(4)  # n - t = 2 gone now: still enough
+    assert_valid(await guild.sign(Statement("two down"), operator=3), b"two down", "3 left")
+    guild.start(2)  # back from its sealed share and audit log
+    assert_valid(await guild.sign(Statement("back"), operator=2), b"back", "restarted")
+
+
+async def test_too_few_signers_is_a_clear_timeout(guild_factory: GuildFactory) -> None:
+    guild = guild_factory(3, timeout_ms=1500)
+    assert (await guild.keygen(2)).ok
+    guild.freeze(1)
+    guild.freeze(2)
+    started = time.monotonic()
+    reply = await guild.sign(Statement("nobody home"))
+    assert not reply.ok and reply.code == "signing.timeout"
+    assert "silent [1, 2]" in reply.error and 1.4 < time.monotonic() - started < 10
+    assert guild.metric(0, 'signer_signer_failures_total{reason="unresponsive"') >= 1
+
+
+async def test_signers_never_sign_conflicting_checkpoints_even_after_restart(
+    guild_factory: GuildFactory,
+) -> None:
+    guild = guild_factory(3)
+    assert (await guild.keygen(2)).ok
+    first = Checkpoint("test", 0, bytes(32), b"a" * 32)
+    assert_valid(await guild.sign(first), first.message(), "checkpoint 0")
+    assert_valid(await guild.sign(first, operator=1), first.message(), "retry of checkpoint 0")
+    fork = Checkpoint("test", 0, bytes(32), b"b" * 32)
+    refused = await guild.sign(fork)
+    assert not refused.ok and refused.code == "signing.refused"
+    assert "signing.equivocation" in refused.error
+    for i in range(3):  # policy is rebuilt from the audit log
+        guild.stop(i)
+        guild.start(i)
+    again = await guild.sign(fork, operator=2)
+    assert not again.ok and "signing.equivocation" in again.error
+    nxt = Checkpoint("test", 1, first.message(), b"c" * 32)
+    assert_valid(await guild.sign(nxt), nxt.message(), "checkpoint 1")
+    wrong_guild = await guild.sign(Checkpoint("other", 5, b"x" * 32, b"c" * 32))
+    assert not wrong_guild.ok and "not ours" in wrong_guild.error
+    statement = await guild.sign(Statement("x" * 32))
+    assert not statement.ok and "digest" in statement.error
+
+
+async def test_keygen_refuses_to_replace_a_share(guild_factory: GuildFactory) -> None:
+    guild = guild_factory(3)
+    before = await guild.keygen(2)
+    assert before.ok and len(before.threshold_pubkey) == 33
+    again = await guild.keygen(3, operator=1)
+    assert not again.ok and "never replaces" in again.error
+    bad_t = await guild.keygen(4)
+    assert not bad_t.ok and bad_t.code.startswith("dkg.")
+
+
+async def test_ops_endpoints_and_clean_sigterm(guild_factory: GuildFactory) -> None:
+    guild = guild_factory(3)
+    assert guild.http(0, "/healthz")[0] == 200
+    status, body = guild.http(0, "/readyz")
+    assert status == 200 and "no key share yet" in body
+    assert (await guild.keygen(2)).ok
+    assert "holds a key share" in guild.http(1, "/readyz")[1]
+    assert_valid(await guild.sign(Statement("metrics")), b"metrics", "sign")
+    assert guild.metric(0, "signer_requests_finished_total") == 1
+    assert guild.metric(0, "signer_sessions_started_total") >= 1
+    assert guild.metric(0, "signer_sign_latency_seconds_count") == 1
+    assert sum(guild.metric(i, "signer_partial_signatures_total") for i in range(3)) >= 2
+    pid = guild.pid(1)
+    os.kill(pid, signal.SIGTERM)
+    _, status_code = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status_code) == 0
+    assert '"event": "stopped"' in guild.log(1)
