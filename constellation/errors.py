@@ -147,6 +147,12 @@ class InvalidContribution(SigningError):
         self.contrib = contrib
 
 
+class UnknownNonce(SigningError):
+    """A request names a nonce this signer never issued, already used, or forgot."""
+
+    code = "signing.unknown_nonce"
+
+
 class NonceReuse(SigningError):
     """A secret nonce was used a second time; reuse would reveal the secret share."""
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from constellation.crypto import frost
 from constellation.crypto.point import cpoint
-from constellation.errors import SigningError
+from constellation.errors import SigningError, UnknownNonce
 
 
 @dataclass(frozen=True)
@@ -178,30 +178,41 @@ class Coordinator:
 
 
 class Signer:
-    """One participant's side: a nonce ready at all times, each used for one request."""
+    """One participant's side: fresh nonces handed out ahead, each used for one request.
 
-    def __init__(self, group: Group, my_id: int, secshare: bytes) -> None:
+    ``presign`` makes a nonce and keeps its secret half in a bounded pool (the oldest is
+    erased when the pool is full), so a coordinator may hold a signer's nonce from one
+    request and use it in the next one, saving a round trip. ``sign`` takes the nonce the
+    request names out of the pool: a nonce never issued, already used or evicted is
+    refused, so no request can make the signer use a nonce twice.
+    """
+
+    def __init__(self, group: Group, my_id: int, secshare: bytes, pool_size: int = 64) -> None:
+        assert pool_size >= 1
         self.group = group
         self.my_id = my_id
         self.secshare = secshare
-        self._secnonce: frost.SecNonce | None = None
-        self._pubnonce = b""
+        self.pool_size = pool_size
+        self._pool: dict[bytes, frost.SecNonce] = {}  # insertion order = age
 
     def presign(self) -> bytes:
-        """A fresh public nonce (the previous unused one is erased)."""
-        self._secnonce, self._pubnonce = frost.nonce_gen(
+        """A fresh public nonce; its secret half waits in the pool for one request."""
+        secnonce, pubnonce = frost.nonce_gen(
             self.secshare, self.group.pubshares[self.my_id], self.group.thresh_pk[1:]
         )
-        return self._pubnonce
+        if len(self._pool) >= self.pool_size:
+            oldest = next(iter(self._pool))
+            self._pool.pop(oldest).take()  # erased
+        self._pool[pubnonce] = secnonce
+        return pubnonce
 
     def sign(self, request: SignRequest) -> tuple[bytes, bytes]:
         """Answer a request with ``(psig, next pubnonce)``; refuses to reuse a nonce."""
         if self.my_id not in request.ids:
             raise SigningError("this signer is not part of the session")
         k = request.ids.index(self.my_id)
-        secnonce = self._secnonce
-        if secnonce is None or request.pubnonces[k] != self._pubnonce:
-            raise SigningError("the request does not carry this signer's current nonce")
-        self._secnonce = None
+        secnonce = self._pool.pop(request.pubnonces[k], None)
+        if secnonce is None:
+            raise UnknownNonce("the request names a nonce this signer does not hold")
         psig = frost.sign(secnonce, self.secshare, self.my_id, request.session(self.group))
         return psig, self.presign()

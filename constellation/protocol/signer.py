@@ -21,10 +21,15 @@ class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="k
 
 
 class SignStart(_Msg, frozen=True, tag="sign.start"):
-    """Coordinator -> every signer: what to sign and why. Signers answer ``Presign``."""
+    """Coordinator -> every signer: what to sign and why.
+
+    With ``presign`` the signer answers with a fresh nonce (``Presign``); without, the
+    coordinator holds one of its nonces already and may start a session at once.
+    """
 
     request_id: bytes
     target: SignTarget
+    presign: bool = True
 
 
 class Presign(_Msg, frozen=True, tag="sign.presign"):

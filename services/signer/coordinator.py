@@ -73,6 +73,8 @@ class Coordinator:
         self.timeout_s = request_timeout_ms / 1000
         self.signing: dict[bytes, _Signing] = {}
         self._dkg: _Keygen | None = None
+        self._announcing: set[asyncio.Task[None]] = set()
+        self.cached: dict[int, bytes] = {}  # signer -> a fresh nonce it sent us, unused
 
     async def handle(self, sender: int, msg: proto.Message) -> None:
         if isinstance(msg, proto.Presign | proto.Share | proto.SignRefused):
@@ -85,6 +87,10 @@ class Coordinator:
     # -- signing ----------------------------------------------------------------------------
 
     async def sign(self, target: SignTarget) -> proto.OpReply:
+        """ROAST-sign ``target``. Signers' nonces left over from earlier requests start
+        the first session at once; a signer that restarted has forgotten its nonce and
+        says so, and if that leaves too few signers the request is run once more with
+        fresh nonces from everyone."""
         group = self.group()
         try:
             if group is None:
@@ -92,16 +98,35 @@ class Coordinator:
             if len(self.signing) >= self.max_requests:
                 raise RequestRefused(f"{self.max_requests} signing requests are running")
             derived = derive(target)
-            coordinator = roast.Coordinator(group, derived.msg, derived.tweaks, derived.is_xonly)
         except ConstellationError as exc:
             return _error(exc)
+        self.metrics.requests_started.inc()
+        started = time.perf_counter()
+        reply = await self._run(group, target, derived, use_cached=True)
+        if reply.code == "signing.refused" and "signing.unknown_nonce" in reply.error:
+            reply = await self._run(group, target, derived, use_cached=False)
+        outcome = "signed" if reply.ok else reply.code
+        self.metrics.requests_finished.labels(outcome).inc()
+        if reply.ok:
+            self.metrics.sign_latency.observe(time.perf_counter() - started)
+        return reply
+
+    async def _run(
+        self, group: roast.Group, target: SignTarget, derived: Derived, use_cached: bool
+    ) -> proto.OpReply:
+        coordinator = roast.Coordinator(group, derived.msg, derived.tweaks, derived.is_xonly)
         rid = os.urandom(16)
         run = _Signing(rid, derived, coordinator, asyncio.get_running_loop().create_future())
         self.signing[rid] = run
-        self.metrics.requests_started.inc()
-        started = time.perf_counter()
+        preloaded = []
         for i in range(self.n):
-            await self.send(i, proto.SignStart(rid, target))
+            nonce = self.cached.pop(i, None) if use_cached else None
+            await self.send(i, proto.SignStart(rid, target, presign=nonce is None))
+            if nonce is not None:
+                preloaded.append((i, nonce))
+        for i, nonce in preloaded:
+            run.presigned.add(i)
+            await self._dispatch(run, coordinator.receive(i, None, nonce))
         try:
             reply = await asyncio.wait_for(asyncio.shield(run.done), self.timeout_s)
         except TimeoutError:
@@ -119,19 +144,30 @@ class Coordinator:
                 sessions=len(coordinator.sessions),
                 blamed=sorted(coordinator.malicious),
             )
-            await self._finish(run, reply)
-        outcome = "signed" if reply.ok else reply.code
-        self.metrics.requests_finished.labels(outcome).inc()
-        if reply.ok:
-            self.metrics.sign_latency.observe(time.perf_counter() - started)
+            self._finish(run, reply)
+        announce = asyncio.create_task(self._announce(rid, reply.signature))
+        self._announcing.add(announce)
+        announce.add_done_callback(self._announcing.discard)
         return reply
+
+    async def _dispatch(self, run: _Signing, requests: list[roast.SignRequest]) -> None:
+        for request in requests:
+            self.metrics.sessions_started.inc()
+            session = proto.SignSession(
+                run.request_id, request.session_id, list(request.ids), list(request.pubnonces)
+            )
+            for i in request.ids:
+                await self.send(i, session)
 
     async def _on_signer(
         self, sender: int, msg: proto.Presign | proto.Share | proto.SignRefused
     ) -> None:
         run = self.signing.get(msg.request_id)
         if run is None:
-            return  # late answers to a finished request
+            # A late answer to a finished request: its fresh nonce starts a later one.
+            if not isinstance(msg, proto.SignRefused):
+                self.cached[sender] = msg.pubnonce
+            return
         coordinator = run.roast
         if isinstance(msg, proto.SignRefused):
             run.refused[sender] = f"[{msg.code}] {msg.reason}"
@@ -139,7 +175,7 @@ class Coordinator:
             group = self.group()
             assert group is not None
             if len(run.refused.keys() | coordinator.malicious) > group.n - group.t:
-                await self._finish(
+                self._finish(
                     run,
                     proto.OpReply(
                         False,
@@ -162,38 +198,36 @@ class Coordinator:
             log.warning(
                 "signer misbehaved", extra={"request_id": run.request_id.hex(), "signer": sender}
             )
-        if coordinator.signature is not None:
-            group = self.group()
-            assert group is not None
-            key = signing_pubkey(group.thresh_pk, run.derived)
-            assert schnorr_verify(key, run.derived.msg, coordinator.signature)
-            self.metrics.sessions_finished.inc()
-            await self._finish(
-                run,
-                proto.OpReply(
-                    True,
-                    threshold_pubkey=key,
-                    signature=coordinator.signature,
-                    message=run.derived.msg,
-                    sessions=len(coordinator.sessions),
-                    blamed=sorted(coordinator.malicious),
-                ),
-            )
+        if coordinator.signature is None:
+            await self._dispatch(run, requests)
             return
-        for request in requests:
-            self.metrics.sessions_started.inc()
-            session = proto.SignSession(
-                run.request_id, request.session_id, list(request.ids), list(request.pubnonces)
-            )
-            for i in request.ids:
-                await self.send(i, session)
+        group = self.group()
+        assert group is not None
+        key = signing_pubkey(group.thresh_pk, run.derived)
+        assert schnorr_verify(key, run.derived.msg, coordinator.signature)
+        self.metrics.sessions_finished.inc()
+        for i in coordinator.ready:  # nonces they sent that no session used
+            self.cached[i] = coordinator.pubnonce[i]
+        self._finish(
+            run,
+            proto.OpReply(
+                True,
+                threshold_pubkey=key,
+                signature=coordinator.signature,
+                message=run.derived.msg,
+                sessions=len(coordinator.sessions),
+                blamed=sorted(coordinator.malicious),
+            ),
+        )
 
-    async def _finish(self, run: _Signing, reply: proto.OpReply) -> None:
-        if self.signing.pop(run.request_id, None) is None:
-            return
-        run.done.set_result(reply)
+    def _finish(self, run: _Signing, reply: proto.OpReply) -> None:
+        if self.signing.pop(run.request_id, None) is not None:
+            run.done.set_result(reply)
+
+    async def _announce(self, request_id: bytes, signature: bytes) -> None:
+        """Tell every signer the request is over (after the operator has its answer)."""
         for i in range(self.n):
-            await self.send(i, proto.SignDone(run.request_id, reply.signature))
+            await self.send(i, proto.SignDone(request_id, signature))
 
     # -- key generation ---------------------------------------------------------------------
 

@@ -35,7 +35,6 @@ class _Pending:
     coordinator: int
     target: SignTarget
     derived: Derived
-    signer: roast.Signer
     deadline_ms: int
 
 
@@ -74,6 +73,7 @@ class Participant:
         self.share = keystore.load_share()
         self.group = self._group(self.share)
         self.pending: dict[bytes, _Pending] = {}
+        self.nonces: dict[int, roast.Signer] = {}  # per coordinator: its pool of our nonces
         self.finished: OrderedDict[bytes, None] = OrderedDict()
         self.dkg: _DkgRun | None = None
         for entry in audit.entries:
@@ -143,12 +143,19 @@ class Participant:
         except ConstellationError as exc:
             await self._refuse(sender, rid, exc)
             return
-        signer = roast.Signer(self.group, self.me, self.share.secshare)
-        pubnonce = signer.presign()
         deadline = now_ms() + self.request_timeout_ms
-        self.pending[rid] = _Pending(sender, msg.target, derived, signer, deadline)
+        self.pending[rid] = _Pending(sender, msg.target, derived, deadline)
         self.metrics.pending_requests.set(len(self.pending))
-        await self.reply(sender, proto.Presign(rid, pubnonce))
+        if msg.presign:
+            await self.reply(sender, proto.Presign(rid, self._signer(sender).presign()))
+
+    def _signer(self, coordinator: int) -> roast.Signer:
+        signer = self.nonces.get(coordinator)
+        if signer is None:
+            assert self.group is not None and self.share is not None
+            signer = roast.Signer(self.group, self.me, self.share.secshare, self.max_requests + 1)
+            self.nonces[coordinator] = signer
+        return signer
 
     async def _sign_session(self, sender: int, msg: proto.SignSession) -> None:
         rid = msg.request_id
@@ -169,7 +176,7 @@ class Participant:
             )
             # Checked again: another request may have signed a conflicting checkpoint.
             self.policy.check(pending.target)
-            psig, next_pubnonce = pending.signer.sign(request)
+            psig, next_pubnonce = self._signer(sender).sign(request)
         except ConstellationError as exc:
             del self.pending[rid]
             self._remember(rid)

@@ -15,8 +15,9 @@ from coincurve import PublicKeyXOnly
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from constellation.crypto import frost
 from constellation.crypto.roast import Coordinator, Signer, SignRequest
-from constellation.errors import SigningError
+from constellation.errors import SigningError, UnknownNonce
 from tests.crypto.dealer import deal
 
 BEHAVIOURS = ("silent", "stall", "bad_psig", "bad_nonce", "slow", "out_of_turn")
@@ -103,10 +104,30 @@ def test_signer_refuses_a_stale_or_foreign_nonce() -> None:
     na, nb = a.presign(), b.presign()
     request = SignRequest(0, (0, 1), (na, nb), b"m")
     a.sign(request)
-    with pytest.raises(SigningError, match="current nonce"):
+    with pytest.raises(UnknownNonce):
         a.sign(request)  # the same nonce again: refused, never a second signature
     with pytest.raises(SigningError, match="not part"):
         Signer(group, 2, shares[2]).sign(request)
+    with pytest.raises(UnknownNonce):
+        Signer(group, 0, shares[0]).sign(request)  # a restarted signer: nonce forgotten
+
+
+def test_signer_pool_is_bounded_and_any_pooled_nonce_signs_once() -> None:
+    group, shares = deal(3, 2, random.Random(11))
+    a, b = Signer(group, 0, shares[0], pool_size=3), Signer(group, 1, shares[1])
+    issued = [a.presign() for _ in range(5)]  # the first two are evicted and erased
+    for k, nonce in enumerate(issued):
+        request = SignRequest(k, (0, 1), (nonce, b.presign()), b"m")
+        if k < 2:
+            with pytest.raises(UnknownNonce):
+                a.sign(request)
+            continue
+        psig, _ = a.sign(request)
+        assert frost.partial_sig_verify(
+            psig, request.pubnonces, group.signers((0, 1)), (), (), b"m", 0
+        )
+        with pytest.raises(UnknownNonce):
+            a.sign(request)
 
 
 def test_coordinator_rejects_strangers_and_ignores_blamed() -> None:

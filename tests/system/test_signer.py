@@ -13,12 +13,18 @@ import random
 import signal
 import time
 
+import nats
 import pytest
 from coincurve import PublicKeyXOnly
+from nats.aio.msg import Msg
 
+from constellation.crypto.dkg import hostpubkey_gen
 from constellation.guild import Checkpoint, Statement
 from constellation.protocol import signer as proto
-from tests.system.conftest import Guild, GuildFactory
+from constellation.protocol.envelope import ReplayGuard
+from services.signer.transport import Role, Transport, subject
+from tests.system.conftest import GuildFactory
+from tests.system.guild import Guild
 
 pytestmark = pytest.mark.system
 
@@ -140,3 +146,67 @@ async def test_ops_endpoints_and_clean_sigterm(guild_factory: GuildFactory) -> N
     _, status_code = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status_code) == 0
     assert '"event": "stopped"' in guild.log(1)
+
+
+async def test_replays_outsiders_forgeries_and_garbage_are_rejected(
+    guild_factory: GuildFactory,
+) -> None:
+    guild = guild_factory(3)
+    assert (await guild.keygen(2)).ok
+    nc = await nats.connect(guild.net.nats_url)
+    captured: list[bytes] = []
+
+    async def capture(msg: Msg) -> None:
+        captured.append(msg.data)
+
+    await nc.subscribe(subject("test", Role.SIGNER, 1), cb=capture)
+    await nc.flush()
+    assert_valid(await guild.sign(Statement("once")), b"once", "capture")
+    assert captured
+
+    def rejected(code: str) -> float:
+        return guild.metric(1, f'signer_rejected_messages_total{{code="{code}"}}')
+
+    await nc.publish(subject("test", Role.SIGNER, 1), captured[0])  # a replay
+    outsider = Transport(
+        nc, guild.members, b"\x07" * 32, hostpubkey_gen(b"\x07" * 32), ReplayGuard()
+    )
+    start = proto.SignStart(os.urandom(16), Statement("from outside"))
+    await nc.publish(
+        subject("test", Role.SIGNER, 1), outsider.seal(guild.members.hostpubkeys[1], start)
+    )
+    await nc.publish(subject("test", Role.SIGNER, 1), b"\x93garbage")
+    await nc.publish(subject("test", Role.SIGNER, 1), b"\x00" * (proto.MAX_MESSAGE_BYTES + 1))
+    # Member 2 tries to command member 1's signer (only operator 1 may).
+    member2 = Transport(
+        nc, guild.members, guild.identity(2), guild.members.hostpubkeys[2], ReplayGuard()
+    )
+    with pytest.raises(nats.errors.TimeoutError):
+        await nc.request(
+            subject("test", Role.OP, 1),
+            member2.seal(guild.members.hostpubkeys[1], proto.KeygenRequest(2)),
+            timeout=1,
+        )
+    await nc.close()
+    assert rejected("protocol.replay") == 1
+    assert rejected("protocol.not_member") == 2  # the outsider, and the foreign command
+    assert rejected("protocol.bad_signature") == 1
+    assert rejected("protocol.malformed") == 1
+    assert_valid(await guild.sign(Statement("still fine"), 1), b"still fine", "after attacks")
+
+
+async def test_nonces_held_from_before_a_signer_restart_are_refused_then_replaced(
+    guild_factory: GuildFactory,
+) -> None:
+    guild = guild_factory(3)
+    assert (await guild.keygen(2)).ok
+    assert_valid(
+        await guild.sign(Statement("fills the nonce cache")), b"fills the nonce cache", "1"
+    )
+    for i in (1, 2):  # their pools are gone; coordinator 0 still holds their nonces
+        guild.stop(i)
+        guild.start(i)
+    reply = await guild.sign(Statement("after restarts"))
+    assert_valid(reply, b"after restarts", "stale nonces")
+    assert guild.metric(0, 'signer_signer_failures_total{reason="refused"') == 2
+    assert guild.metric(1, 'signer_requests_refused_total{code="signing.unknown_nonce"}') == 1
