@@ -208,6 +208,7 @@ class Coordinator:
         self.metrics.sessions_finished.inc()
         for i in coordinator.ready:  # nonces they sent that no session used
             self.cached[i] = coordinator.pubnonce[i]
+        self.cached[sender] = msg.pubnonce  # the share that completed it carries one too
         self._finish(
             run,
             proto.OpReply(

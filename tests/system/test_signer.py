@@ -208,5 +208,9 @@ async def test_nonces_held_from_before_a_signer_restart_are_refused_then_replace
         guild.start(i)
     reply = await guild.sign(Statement("after restarts"))
     assert_valid(reply, b"after restarts", "stale nonces")
-    assert guild.metric(0, 'signer_signer_failures_total{reason="refused"') == 2
-    assert guild.metric(1, 'signer_requests_refused_total{code="signing.unknown_nonce"}') == 1
+    refused = guild.metric(0, 'signer_signer_failures_total{reason="refused"')
+    stale = [
+        guild.metric(i, 'signer_requests_refused_total{code="signing.unknown_nonce"}')
+        for i in (1, 2)
+    ]
+    assert refused >= 1 and refused == sum(stale), (refused, stale)
