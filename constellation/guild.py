@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import msgspec
 
+from constellation.bitcoin import SpendInput, SpendOutput, p2tr_script, taproot_sighash
 from constellation.codec import u32, u64
 from constellation.crypto import frost
 from constellation.errors import Equivocation, RequestRefused
@@ -24,9 +25,16 @@ GUILD_ID_MAX_LEN = 64
 _checkpoint_hash = tagged_hasher("Constellation/checkpoint")
 
 
+MAX_SPEND_INPUTS = 500
+MAX_SPEND_OUTPUTS = 500
+MAX_SCRIPT_BYTES = 10_000
+MAX_SAT = 21_000_000 * 100_000_000
+
+
 class Purpose(StrEnum):
     STATEMENT = "statement"
     CHECKPOINT = "checkpoint"
+    SPEND = "spend"
 
 
 class Statement(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="statement"):
@@ -57,7 +65,22 @@ class Checkpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="c
         )
 
 
-SignTarget = Statement | Checkpoint
+class OnchainSpend(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="spend"):
+    """A Bitcoin transaction spending guild funds; the guild signs input ``input_index``.
+
+    Each signer recomputes the BIP341 signature hash from the transaction and the outputs
+    it spends, and signs only if that input is the guild's own taproot output (the guild
+    key with the BIP341 key-path tweak) and no value is created.
+    """
+
+    version: int
+    locktime: int
+    inputs: list[SpendInput]
+    outputs: list[SpendOutput]
+    input_index: int
+
+
+SignTarget = Statement | Checkpoint | OnchainSpend
 
 
 class Derived(NamedTuple):
@@ -69,8 +92,46 @@ class Derived(NamedTuple):
     is_xonly: tuple[bool, ...]
 
 
-def derive(target: SignTarget) -> Derived:
-    """Check a request's form and derive the message it signs (raises RequestRefused)."""
+def _u32(value: int) -> bool:
+    return 0 <= value < 2**32
+
+
+def _derive_spend(spend: OnchainSpend, thresh_pk: bytes) -> Derived:
+    if not 1 <= len(spend.inputs) <= MAX_SPEND_INPUTS:
+        raise RequestRefused(f"a spend has 1..{MAX_SPEND_INPUTS} inputs")
+    if not 1 <= len(spend.outputs) <= MAX_SPEND_OUTPUTS:
+        raise RequestRefused(f"a spend has 1..{MAX_SPEND_OUTPUTS} outputs")
+    if not (_u32(spend.version) and _u32(spend.locktime)):
+        raise RequestRefused("version and locktime are 32-bit")
+    if not 0 <= spend.input_index < len(spend.inputs):
+        raise RequestRefused("input_index names no input")
+    for i in spend.inputs:
+        if len(i.txid) != 32 or not (_u32(i.vout) and _u32(i.sequence)):
+            raise RequestRefused("an input's outpoint or sequence is malformed")
+    if len({(i.txid, i.vout) for i in spend.inputs}) != len(spend.inputs):
+        raise RequestRefused("an outpoint is spent twice")
+    coins: list[SpendInput | SpendOutput] = [*spend.inputs, *spend.outputs]
+    for coin in coins:
+        if not 0 <= coin.amount_sat <= MAX_SAT or len(coin.script_pubkey) > MAX_SCRIPT_BYTES:
+            raise RequestRefused("an amount or a script is out of range")
+    if sum(o.amount_sat for o in spend.outputs) > sum(i.amount_sat for i in spend.inputs):
+        raise RequestRefused("the outputs are worth more than the inputs")
+    tweak = frost.taproot_tweak(thresh_pk[1:])
+    output_key = frost.tweak_context(thresh_pk, [tweak], [True]).xonly_pk
+    if spend.inputs[spend.input_index].script_pubkey != p2tr_script(output_key):
+        raise RequestRefused("the input to sign is not the guild's taproot output")
+    msg = taproot_sighash(
+        spend.version, spend.locktime, spend.inputs, spend.outputs, spend.input_index
+    )
+    return Derived(Purpose.SPEND, msg, (tweak,), (True,))
+
+
+def derive(target: SignTarget, thresh_pk: bytes) -> Derived:
+    """Check a request's form and derive the message it signs (raises RequestRefused).
+
+    ``thresh_pk`` is the guild key (33 bytes): a spend must spend the guild's output."""
+    if isinstance(target, OnchainSpend):
+        return _derive_spend(target, thresh_pk)
     if isinstance(target, Statement):
         data = target.text.encode()
         if not 0 < len(data) <= MAX_STATEMENT_BYTES:
@@ -107,8 +168,8 @@ class SigningPolicy:
         self.allowed = allowed
         self.checkpoints: dict[int, bytes] = {}  # height -> message signed
 
-    def check(self, target: SignTarget) -> Derived:
-        derived = derive(target)
+    def check(self, target: SignTarget, thresh_pk: bytes) -> Derived:
+        derived = derive(target, thresh_pk)
         if derived.purpose not in self.allowed:
             raise RequestRefused(f"this signer does not sign {derived.purpose} requests")
         if isinstance(target, Checkpoint):

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
+from coincurve import PublicKey
 from hypothesis import given
 from hypothesis import strategies as st
 
+from constellation.bitcoin import SpendInput, SpendOutput, p2tr_script, taproot_sighash
+from constellation.crypto import frost
 from constellation.errors import Equivocation, RequestRefused
 from constellation.guild import (
     Checkpoint,
+    OnchainSpend,
     Purpose,
     SigningPolicy,
     Statement,
     derive,
+    signing_pubkey,
 )
 
 ALL = frozenset(Purpose)
+GUILD_PK = PublicKey.from_secret(b"\x11" * 32).format()
 
 
 def checkpoint(height: int, prev: bytes = bytes(32), root: bytes = b"r" * 32) -> Checkpoint:
@@ -24,14 +31,14 @@ def checkpoint(height: int, prev: bytes = bytes(32), root: bytes = b"r" * 32) ->
 
 @given(st.text(min_size=1, max_size=200).filter(lambda s: len(s.encode()) != 32))
 def test_a_statement_is_signed_as_its_utf8_bytes(text: str) -> None:
-    derived = derive(Statement(text))
+    derived = derive(Statement(text), GUILD_PK)
     assert derived.msg == text.encode() and derived.tweaks == ()
 
 
 @pytest.mark.parametrize("text", ["", "x" * 32, "é" * 16, "y" * 1025])
 def test_statements_that_could_pass_for_something_else_are_refused(text: str) -> None:
     with pytest.raises(RequestRefused):
-        derive(Statement(text))
+        derive(Statement(text), GUILD_PK)
 
 
 def test_checkpoint_message_commits_to_every_field() -> None:
@@ -58,28 +65,82 @@ def test_checkpoint_message_commits_to_every_field() -> None:
 )
 def test_malformed_checkpoints_are_refused(bad: Checkpoint) -> None:
     with pytest.raises(RequestRefused):
-        derive(bad)
+        derive(bad, GUILD_PK)
 
 
 def test_policy_never_signs_two_checkpoints_at_one_height() -> None:
     policy = SigningPolicy("g", ALL)
     first = checkpoint(0)
-    policy.check(first)
+    policy.check(first, GUILD_PK)
     policy.record(first)
-    policy.check(first)  # the same one again: a retry, allowed
+    policy.check(first, GUILD_PK)  # the same one again: a retry, allowed
     with pytest.raises(Equivocation):
-        policy.check(checkpoint(0, root=b"z" * 32))
+        policy.check(checkpoint(0, root=b"z" * 32), GUILD_PK)
     with pytest.raises(Equivocation):
-        policy.check(checkpoint(1, prev=b"w" * 32))  # does not extend what we signed
+        policy.check(checkpoint(1, prev=b"w" * 32), GUILD_PK)  # does not extend what we signed
     second = checkpoint(1, prev=first.message())
-    policy.check(second)
+    policy.check(second, GUILD_PK)
     policy.record(second)
-    policy.check(checkpoint(7, prev=b"w" * 32))  # nothing signed below: cannot judge
+    policy.check(checkpoint(7, prev=b"w" * 32), GUILD_PK)  # nothing signed below: cannot judge
 
 
 def test_policy_refuses_other_guilds_and_disallowed_purposes() -> None:
     with pytest.raises(RequestRefused, match="not ours"):
-        SigningPolicy("other", ALL).check(checkpoint(0))
+        SigningPolicy("other", ALL).check(checkpoint(0), GUILD_PK)
     only_checkpoints = SigningPolicy("g", frozenset({Purpose.CHECKPOINT}))
     with pytest.raises(RequestRefused, match="does not sign statement"):
-        only_checkpoints.check(Statement("hello"))
+        only_checkpoints.check(Statement("hello"), GUILD_PK)
+
+
+def guild_spend(**changes: object) -> OnchainSpend:
+    tweak = frost.taproot_tweak(GUILD_PK[1:])
+    output_key = frost.tweak_context(GUILD_PK, [tweak], [True]).xonly_pk
+    spend = OnchainSpend(
+        2,
+        0,
+        [
+            SpendInput(b"\x01" * 32, 0, 0xFFFFFFFD, 50_000, p2tr_script(output_key)),
+            SpendInput(b"\x02" * 32, 1, 0xFFFFFFFD, 10_000, b"\x00\x14" + b"\x05" * 20),
+        ],
+        [SpendOutput(45_000, b"\x51\x20" + b"\x07" * 32), SpendOutput(14_000, b"\x6a")],
+        0,
+    )
+    return msgspec.structs.replace(spend, **changes)
+
+
+def test_a_spend_signs_the_bip341_sighash_of_the_guild_input_under_the_tweaked_key() -> None:
+    spend = guild_spend()
+    derived = derive(spend, GUILD_PK)
+    assert derived.purpose == Purpose.SPEND
+    assert derived.msg == taproot_sighash(2, 0, spend.inputs, spend.outputs, 0)
+    assert derived.tweaks == (frost.taproot_tweak(GUILD_PK[1:]),) and derived.is_xonly == (True,)
+    assert p2tr_script(signing_pubkey(GUILD_PK, derived)) == spend.inputs[0].script_pubkey
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"input_index": 1}, "not the guild's taproot output"),
+        ({"input_index": 2}, "names no input"),
+        ({"outputs": [SpendOutput(60_001, b"\x6a")]}, "worth more"),
+        ({"outputs": []}, "outputs"),
+        ({"locktime": 2**32}, "32-bit"),
+        ({"inputs": [SpendInput(b"\x01" * 31, 0, 0, 1, b"")]}, "malformed"),
+        ({"outputs": [SpendOutput(-1, b"")]}, "out of range"),
+    ],
+)
+def test_spends_the_signer_cannot_vouch_for_are_refused(
+    changes: dict[str, object], reason: str
+) -> None:
+    with pytest.raises(RequestRefused, match=reason):
+        derive(guild_spend(**changes), GUILD_PK)
+    other_guild = PublicKey.from_secret(b"\x12" * 32).format()
+    with pytest.raises(RequestRefused, match="not the guild's"):
+        derive(guild_spend(), other_guild)
+
+
+def test_an_outpoint_spent_twice_is_refused() -> None:
+    spend = guild_spend()
+    twice = msgspec.structs.replace(spend, inputs=[spend.inputs[0], spend.inputs[0]])
+    with pytest.raises(RequestRefused, match="spent twice"):
+        derive(twice, GUILD_PK)

@@ -97,7 +97,7 @@ class Coordinator:
                 raise RequestRefused("no guild key yet: run keygen first")
             if len(self.signing) >= self.max_requests:
                 raise RequestRefused(f"{self.max_requests} signing requests are running")
-            derived = derive(target)
+            derived = derive(target, group.thresh_pk)
         except ConstellationError as exc:
             return _error(exc)
         self.metrics.requests_started.inc()

@@ -138,8 +138,7 @@ class Participant:
                 raise RequestRefused("this signer holds no key share yet (run keygen)")
             if len(self.pending) >= self.max_requests:
                 raise Overloaded(f"{self.max_requests} signing requests are open already")
-            derived = self.policy.check(msg.target)
-            signing_pubkey(self.group.thresh_pk, derived)  # the tweaks must apply
+            derived = self.policy.check(msg.target, self.group.thresh_pk)
         except ConstellationError as exc:
             await self._refuse(sender, rid, exc)
             return
@@ -175,7 +174,8 @@ class Participant:
                 pending.derived.is_xonly,
             )
             # Checked again: another request may have signed a conflicting checkpoint.
-            self.policy.check(pending.target)
+            assert self.group is not None
+            self.policy.check(pending.target, self.group.thresh_pk)
             psig, next_pubnonce = self._signer(sender).sign(request)
         except ConstellationError as exc:
             del self.pending[rid]

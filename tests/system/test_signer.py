@@ -13,13 +13,16 @@ import random
 import signal
 import time
 
+import msgspec
 import nats
 import pytest
 from coincurve import PublicKeyXOnly
 from nats.aio.msg import Msg
 
+from constellation.bitcoin import SpendInput, SpendOutput, p2tr_script, taproot_sighash
+from constellation.crypto import frost
 from constellation.crypto.dkg import hostpubkey_gen
-from constellation.guild import Checkpoint, Statement
+from constellation.guild import Checkpoint, OnchainSpend, Statement
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import ReplayGuard
 from services.signer.transport import Role, Transport, subject
@@ -214,3 +217,28 @@ async def test_nonces_held_from_before_a_signer_restart_are_refused_then_replace
         for i in (1, 2)
     ]
     assert refused >= 1 and refused == sum(stale), (refused, stale)
+
+
+async def test_an_onchain_spend_is_signed_under_the_guild_taproot_key(
+    guild_factory: GuildFactory,
+) -> None:
+    guild = guild_factory(3)
+    keygen = await guild.keygen(2)
+    tweak = frost.taproot_tweak(keygen.threshold_pubkey[1:])
+    output_key = frost.tweak_context(keygen.threshold_pubkey, [tweak], [True]).xonly_pk
+    spend = OnchainSpend(
+        2,
+        0,
+        [SpendInput(b"\x01" * 32, 0, 0xFFFFFFFD, 100_000, p2tr_script(output_key))],
+        [SpendOutput(99_000, b"\x00\x14" + b"\x05" * 20)],
+        0,
+    )
+    reply = await guild.sign(spend, operator=2)
+    assert_valid(reply, taproot_sighash(2, 0, spend.inputs, spend.outputs, 0), "spend")
+    assert reply.threshold_pubkey == output_key  # what a P2TR key-path witness verifies under
+    stranger = msgspec.structs.replace(
+        spend,
+        inputs=[msgspec.structs.replace(spend.inputs[0], script_pubkey=b"\x51\x20" + b"\x09" * 32)],
+    )
+    refused = await guild.sign(stranger)
+    assert not refused.ok and "not the guild's taproot output" in refused.error
