@@ -50,8 +50,8 @@ class _Keygen:
     complete: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def _error(exc: ConstellationError, **fields: object) -> proto.OpReply:
-    return proto.OpReply(False, code=exc.code, error=str(exc), **fields)  # type: ignore[arg-type]
+def _error(exc: ConstellationError, blamed: list[int] | None = None) -> proto.OpReply:
+    return proto.OpReply(False, code=exc.code, error=str(exc), blamed=blamed or [])
 
 
 class Coordinator:
