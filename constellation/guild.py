@@ -84,12 +84,14 @@ SignTarget = Statement | Checkpoint | OnchainSpend
 
 
 class Derived(NamedTuple):
-    """The exact FROST inputs a request stands for."""
+    """The exact FROST inputs a request stands for, and the key its signature verifies
+    under (x-only: the guild key, tweaked for a spend)."""
 
     purpose: Purpose
     msg: bytes
     tweaks: tuple[bytes, ...]
     is_xonly: tuple[bool, ...]
+    pubkey: bytes
 
 
 def _u32(value: int) -> bool:
@@ -123,7 +125,7 @@ def _derive_spend(spend: OnchainSpend, thresh_pk: bytes) -> Derived:
     msg = taproot_sighash(
         spend.version, spend.locktime, spend.inputs, spend.outputs, spend.input_index
     )
-    return Derived(Purpose.SPEND, msg, (tweak,), (True,))
+    return Derived(Purpose.SPEND, msg, (tweak,), (True,), output_key)
 
 
 def derive(target: SignTarget, thresh_pk: bytes) -> Derived:
@@ -138,7 +140,7 @@ def derive(target: SignTarget, thresh_pk: bytes) -> Derived:
             raise RequestRefused(f"a statement is 1..{MAX_STATEMENT_BYTES} bytes of UTF-8")
         if len(data) == 32:
             raise RequestRefused("a 32-byte statement could pass for a digest: refused")
-        return Derived(Purpose.STATEMENT, data, (), ())
+        return Derived(Purpose.STATEMENT, data, (), (), thresh_pk[1:])
     if not 0 < len(target.guild.encode()) <= GUILD_ID_MAX_LEN:
         raise RequestRefused("a checkpoint names its guild")
     if not 0 <= target.height < 2**64:
@@ -147,12 +149,7 @@ def derive(target: SignTarget, thresh_pk: bytes) -> Derived:
         raise RequestRefused("checkpoint hashes are 32 bytes")
     if target.height == 0 and target.prev_hash != bytes(32):
         raise RequestRefused("the first checkpoint has no predecessor")
-    return Derived(Purpose.CHECKPOINT, target.message(), (), ())
-
-
-def signing_pubkey(thresh_pk: bytes, derived: Derived) -> bytes:
-    """The x-only key the request's signature verifies under (the tweaked guild key)."""
-    return frost.tweak_context(thresh_pk, derived.tweaks, derived.is_xonly).xonly_pk
+    return Derived(Purpose.CHECKPOINT, target.message(), (), (), thresh_pk[1:])
 
 
 class SigningPolicy:
@@ -169,25 +166,32 @@ class SigningPolicy:
         self.checkpoints: dict[int, bytes] = {}  # height -> message signed
 
     def check(self, target: SignTarget, thresh_pk: bytes) -> Derived:
+        """Derive the request's message and apply every rule (raises RequestRefused)."""
         derived = derive(target, thresh_pk)
         if derived.purpose not in self.allowed:
             raise RequestRefused(f"this signer does not sign {derived.purpose} requests")
-        if isinstance(target, Checkpoint):
-            if target.guild != self.guild:
-                raise RequestRefused(f"checkpoint of guild {target.guild!r}, not ours")
-            signed = self.checkpoints.get(target.height)
-            if signed is not None and signed != derived.msg:
-                raise Equivocation(
-                    f"a different checkpoint at height {target.height} was signed already"
-                )
-            below = self.checkpoints.get(target.height - 1)
-            if below is not None and below != target.prev_hash:
-                raise Equivocation(
-                    f"checkpoint {target.height} does not extend the one signed below it"
-                )
+        if isinstance(target, Checkpoint) and target.guild != self.guild:
+            raise RequestRefused(f"checkpoint of guild {target.guild!r}, not ours")
+        self.check_history(target, derived.msg)
         return derived
 
-    def record(self, target: SignTarget) -> None:
-        """Remember a request this signer contributed a partial signature to."""
+    def check_history(self, target: SignTarget, msg: bytes) -> None:
+        """The rules that depend on what was signed since: checked again just before
+        signing, as a concurrent request may have signed a conflicting checkpoint."""
+        if not isinstance(target, Checkpoint):
+            return
+        signed = self.checkpoints.get(target.height)
+        if signed is not None and signed != msg:
+            raise Equivocation(
+                f"a different checkpoint at height {target.height} was signed already"
+            )
+        below = self.checkpoints.get(target.height - 1)
+        if below is not None and below != target.prev_hash:
+            raise Equivocation(
+                f"checkpoint {target.height} does not extend the one signed below it"
+            )
+
+    def record(self, target: SignTarget, msg: bytes) -> None:
+        """Remember a request (and its message) this signer made a partial signature for."""
         if isinstance(target, Checkpoint):
-            self.checkpoints[target.height] = target.message()
+            self.checkpoints[target.height] = msg

@@ -18,7 +18,7 @@ from constellation.protocol.envelope import Membership
 from services import devnet
 from services.runtime import ConfigError
 from services.signer.client import call
-from services.signer.config import Members
+from services.signer.config import load_members
 from services.signer.store import KeyStore
 
 DEFAULT_DIR = Path(".devnet")
@@ -28,9 +28,8 @@ def _operator(net: devnet.Devnet, index: int) -> tuple[Membership, bytes]:
     if not 0 <= index < len(net.signers):
         raise ConfigError(f"the devnet has operators 0..{len(net.signers) - 1}")
     proc = net.signers[index]
-    members = Members.load(net.members_path)
     hostseckey = KeyStore(Path(proc.state_dir), bytes.fromhex(proc.storage_key)).load_identity()
-    return Membership(members.guild, members.hostpubkeys), hostseckey
+    return load_members(net.members_path), hostseckey
 
 
 def _guild(args: argparse.Namespace) -> int:

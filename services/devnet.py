@@ -21,7 +21,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from services.signer.config import Members
+from constellation.protocol.envelope import Membership
+from services.signer.config import save_members
 from services.signer.store import KeyStore
 
 STATE_FILE = "devnet.json"
@@ -179,7 +180,7 @@ def create(directory: Path, signers: int, guild: str) -> Devnet:
             KeyStore(Path(proc.state_dir), bytes.fromhex(proc.storage_key)).create_identity()
         )
         net.signers.append(proc)
-    Members(guild, tuple(keys)).save(net.members_path)
+    save_members(Membership(guild, keys), net.members_path)
     net.save()
     return net
 

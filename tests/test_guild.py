@@ -18,7 +18,6 @@ from constellation.guild import (
     SigningPolicy,
     Statement,
     derive,
-    signing_pubkey,
 )
 
 ALL = frozenset(Purpose)
@@ -72,7 +71,7 @@ def test_policy_never_signs_two_checkpoints_at_one_height() -> None:
     policy = SigningPolicy("g", ALL)
     first = checkpoint(0)
     policy.check(first, GUILD_PK)
-    policy.record(first)
+    policy.record(first, first.message())
     policy.check(first, GUILD_PK)  # the same one again: a retry, allowed
     with pytest.raises(Equivocation):
         policy.check(checkpoint(0, root=b"z" * 32), GUILD_PK)
@@ -80,7 +79,7 @@ def test_policy_never_signs_two_checkpoints_at_one_height() -> None:
         policy.check(checkpoint(1, prev=b"w" * 32), GUILD_PK)  # does not extend what we signed
     second = checkpoint(1, prev=first.message())
     policy.check(second, GUILD_PK)
-    policy.record(second)
+    policy.record(second, second.message())
     policy.check(checkpoint(7, prev=b"w" * 32), GUILD_PK)  # nothing signed below: cannot judge
 
 
@@ -114,7 +113,7 @@ def test_a_spend_signs_the_bip341_sighash_of_the_guild_input_under_the_tweaked_k
     assert derived.purpose == Purpose.SPEND
     assert derived.msg == taproot_sighash(2, 0, spend.inputs, spend.outputs, 0)
     assert derived.tweaks == (frost.taproot_tweak(GUILD_PK[1:]),) and derived.is_xonly == (True,)
-    assert p2tr_script(signing_pubkey(GUILD_PK, derived)) == spend.inputs[0].script_pubkey
+    assert p2tr_script(derived.pubkey) == spend.inputs[0].script_pubkey
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,6 @@ from constellation.crypto.point import (
 )
 from constellation.errors import InvalidContribution, NonceReuse, SigningError
 from constellation.hashing import tagged_hash, tagged_hasher
-from constellation.keys import schnorr_verify
 
 NONCECOEF_PREFIX_IS_BYTE_LENGTH = True
 
@@ -391,12 +390,6 @@ def partial_sig_agg(psigs: Sequence[bytes], session: SessionContext) -> bytes:
     g = 1 if has_even_y(values.q) else N - 1
     s = (s + values.e * g * values.tacc) % N
     return xbytes(values.r) + scalar_bytes(s)
-
-
-def verify_aggregate(sig: bytes, session: SessionContext) -> bool:
-    """BIP340-verify an aggregate signature under the session's tweaked key."""
-    tweak = tweak_context(session.signers.thresh_pk, session.tweaks, session.is_xonly)
-    return schnorr_verify(tweak.xonly_pk, session.msg, sig)
 
 
 def deterministic_sign(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from constellation.crypto import frost
 from constellation.crypto.point import cpoint
 from constellation.errors import SigningError, UnknownNonce
+from constellation.keys import schnorr_verify
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class Coordinator:
         self.msg = msg
         self.tweaks = tuple(tweaks)
         self.is_xonly = tuple(is_xonly)
-        frost.tweak_context(group.thresh_pk, self.tweaks, self.is_xonly)  # fail early
+        self.tweak = frost.tweak_context(group.thresh_pk, self.tweaks, self.is_xonly)
         self.ready: list[int] = []
         self.malicious: set[int] = set()
         self.pubnonce: dict[int, bytes] = {}
@@ -153,7 +154,7 @@ class Coordinator:
             psigs = [session.psigs[i] for i in session.request.ids]
             sig = frost.partial_sig_agg(psigs, session.context)
             # Every share verified, so the sum must verify: anything else is our bug.
-            assert frost.verify_aggregate(sig, session.context), "valid shares, invalid sum"
+            assert schnorr_verify(self.tweak.xonly_pk, self.msg, sig), "valid shares, invalid sum"
             self.signature = sig
         return True
 

@@ -12,9 +12,9 @@ from constellation.crypto.dkg import hostpubkey_gen
 from constellation.errors import ConstellationError, NotAMember
 from constellation.guild import SigningPolicy
 from constellation.protocol import signer as proto
-from constellation.protocol.envelope import Membership, ReplayGuard
+from constellation.protocol.envelope import ReplayGuard
 from services.runtime import ConfigError, OpsServer
-from services.signer.config import Members, Settings
+from services.signer.config import Settings, load_members
 from services.signer.coordinator import Coordinator
 from services.signer.handlers import Participant
 from services.signer.metrics import SignerMetrics
@@ -30,8 +30,7 @@ class SignerNode:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = SignerMetrics()
-        members = Members.load(settings.members_path)
-        self.members = Membership(members.guild, members.hostpubkeys)
+        self.members = load_members(settings.members_path)
         self.keystore = KeyStore(settings.state_dir, settings.storage_key)
         self.hostseckey = self.keystore.load_identity()
         self.hostpubkey = hostpubkey_gen(self.hostseckey)
@@ -48,7 +47,7 @@ class SignerNode:
             self.hostseckey,
             self.keystore,
             self.audit,
-            SigningPolicy(members.guild, settings.purposes),
+            SigningPolicy(self.members.guild, settings.purposes),
             self.metrics,
             lambda idx, msg: self.send(Role.COORD, idx, msg),
             settings.max_requests,
@@ -84,7 +83,7 @@ class SignerNode:
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
         )
-        self.transport = Transport(nc, self.members, self.hostseckey, self.hostpubkey, self.guard)
+        self.transport = Transport(nc, self.members, self.hostseckey, self.guard)
         guild = self.members.guild
         await nc.subscribe(subject(guild, Role.SIGNER, self.me), cb=self._on_signer)
         await nc.subscribe(subject(guild, Role.COORD, self.me), cb=self._on_coord)
@@ -136,9 +135,9 @@ class SignerNode:
         if opened is None:
             return
         sender, request = opened
-        if sender != self.me:
-            exc = NotAMember("only this operator's own key may command its signer")
-            self.metrics.rejected_messages.labels(exc.code).inc()
+        if sender != self.me:  # only this operator's own key may command its signer
+            self.metrics.rejected_messages.labels(NotAMember.code).inc()
+            log.info("command from another member ignored", extra={"member": sender})
             return
         task = asyncio.create_task(self._serve_op(msg, request))
         self._tasks.add(task)

@@ -28,9 +28,7 @@ class SignerClient:
 
     async def __aenter__(self) -> SignerClient:
         self._nc = await nats.connect(self.nats_url, connect_timeout=5)
-        self._transport = Transport(
-            self._nc, self.members, self.hostseckey, self.hostpubkey, ReplayGuard()
-        )
+        self._transport = Transport(self._nc, self.members, self.hostseckey, ReplayGuard())
         return self
 
     async def __aexit__(

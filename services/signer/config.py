@@ -9,35 +9,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from constellation.guild import Purpose
+from constellation.protocol.envelope import Membership
 from services.runtime import ConfigError, env_addr, env_int, env_str
 
 GUILD_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
-@dataclass(frozen=True)
-class Members:
+def load_members(path: Path) -> Membership:
     """The guild file: its id and its members' host public keys, in signer-id order."""
+    try:
+        doc = json.loads(path.read_text())
+        guild = doc["guild"]
+        keys = tuple(bytes.fromhex(k) for k in doc["members"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot read the guild file {path}: {exc}") from exc
+    if not isinstance(guild, str) or not GUILD_RE.match(guild):
+        raise ConfigError(f"guild id {guild!r} must match {GUILD_RE.pattern}")
+    if not keys or any(len(k) != 33 for k in keys):
+        raise ConfigError("members must be 33-byte compressed host public keys in hex")
+    try:
+        return Membership(guild, keys)
+    except ValueError as exc:
+        raise ConfigError(f"the guild file {path}: {exc}") from exc
 
-    guild: str
-    hostpubkeys: tuple[bytes, ...]
 
-    @staticmethod
-    def load(path: Path) -> Members:
-        try:
-            doc = json.loads(path.read_text())
-            guild = doc["guild"]
-            keys = tuple(bytes.fromhex(k) for k in doc["members"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"cannot read the guild file {path}: {exc}") from exc
-        if not isinstance(guild, str) or not GUILD_RE.match(guild):
-            raise ConfigError(f"guild id {guild!r} must match {GUILD_RE.pattern}")
-        if not keys or any(len(k) != 33 for k in keys):
-            raise ConfigError("members must be 33-byte compressed host public keys in hex")
-        return Members(guild, keys)
-
-    def save(self, path: Path) -> None:
-        doc = {"guild": self.guild, "members": [k.hex() for k in self.hostpubkeys]}
-        path.write_text(json.dumps(doc, indent=2) + "\n")
+def save_members(members: Membership, path: Path) -> None:
+    doc = {"guild": members.guild, "members": [k.hex() for k in members.hostpubkeys]}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from constellation.errors import (
     DKGError,
     FaultyParticipantOrCoordinatorError,
     RequestRefused,
+    UnknownNonce,
 )
-from constellation.guild import Derived, SignTarget, derive, signing_pubkey
-from constellation.keys import schnorr_verify
+from constellation.guild import Derived, SignTarget, derive
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import Membership
 from services.signer.metrics import SignerMetrics
@@ -38,6 +38,7 @@ class _Signing:
     roast: roast.Coordinator
     done: asyncio.Future[proto.OpReply]
     refused: dict[int, str] = field(default_factory=dict)
+    stale_nonce: bool = False  # a signer no longer held a nonce we had cached for it
     presigned: set[int] = field(default_factory=set)
 
 
@@ -102,9 +103,9 @@ class Coordinator:
             return _error(exc)
         self.metrics.requests_started.inc()
         started = time.perf_counter()
-        reply = await self._run(group, target, derived, use_cached=True)
-        if reply.code == "signing.refused" and "signing.unknown_nonce" in reply.error:
-            reply = await self._run(group, target, derived, use_cached=False)
+        reply, stale = await self._run(group, target, derived, use_cached=True)
+        if not reply.ok and stale:
+            reply, _ = await self._run(group, target, derived, use_cached=False)
         outcome = "signed" if reply.ok else reply.code
         self.metrics.requests_finished.labels(outcome).inc()
         if reply.ok:
@@ -113,7 +114,8 @@ class Coordinator:
 
     async def _run(
         self, group: roast.Group, target: SignTarget, derived: Derived, use_cached: bool
-    ) -> proto.OpReply:
+    ) -> tuple[proto.OpReply, bool]:
+        """One ROAST run; also says whether a signer refused a nonce we held for it."""
         coordinator = roast.Coordinator(group, derived.msg, derived.tweaks, derived.is_xonly)
         rid = os.urandom(16)
         run = _Signing(rid, derived, coordinator, asyncio.get_running_loop().create_future())
@@ -148,7 +150,7 @@ class Coordinator:
         announce = asyncio.create_task(self._announce(rid, reply.signature))
         self._announcing.add(announce)
         announce.add_done_callback(self._announcing.discard)
-        return reply
+        return reply, run.stale_nonce
 
     async def _dispatch(self, run: _Signing, requests: list[roast.SignRequest]) -> None:
         for request in requests:
@@ -171,9 +173,9 @@ class Coordinator:
         coordinator = run.roast
         if isinstance(msg, proto.SignRefused):
             run.refused[sender] = f"[{msg.code}] {msg.reason}"
+            run.stale_nonce |= msg.code == UnknownNonce.code
             self.metrics.signer_failures.labels(str(sender), "refused").inc()
-            group = self.group()
-            assert group is not None
+            group = coordinator.group
             if len(run.refused.keys() | coordinator.malicious) > group.n - group.t:
                 self._finish(
                     run,
@@ -201,10 +203,6 @@ class Coordinator:
         if coordinator.signature is None:
             await self._dispatch(run, requests)
             return
-        group = self.group()
-        assert group is not None
-        key = signing_pubkey(group.thresh_pk, run.derived)
-        assert schnorr_verify(key, run.derived.msg, coordinator.signature)
         self.metrics.sessions_finished.inc()
         for i in coordinator.ready:  # nonces they sent that no session used
             self.cached[i] = coordinator.pubnonce[i]
@@ -213,7 +211,7 @@ class Coordinator:
             run,
             proto.OpReply(
                 True,
-                threshold_pubkey=key,
+                threshold_pubkey=run.derived.pubkey,
                 signature=coordinator.signature,
                 message=run.derived.msg,
                 sessions=len(coordinator.sessions),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from constellation.crypto import dkg, roast
 from constellation.errors import ConstellationError, Overloaded, RequestRefused, SigningError
-from constellation.guild import Derived, SigningPolicy, SignTarget, signing_pubkey
+from constellation.guild import Derived, SigningPolicy, SignTarget
 from constellation.keys import schnorr_verify
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import Membership
@@ -76,8 +76,8 @@ class Participant:
         self.nonces: dict[int, roast.Signer] = {}  # per coordinator: its pool of our nonces
         self.finished: OrderedDict[bytes, None] = OrderedDict()
         self.dkg: _DkgRun | None = None
-        for entry in audit.entries:
-            policy.record(target_of(entry))
+        for entry in audit.take_loaded():
+            policy.record(target_of(entry), bytes.fromhex(entry["msg"]))
             self._remember(bytes.fromhex(entry["request_id"]))
 
     def _group(self, share: ShareRecord | None) -> roast.Group | None:
@@ -174,8 +174,7 @@ class Participant:
                 pending.derived.is_xonly,
             )
             # Checked again: another request may have signed a conflicting checkpoint.
-            assert self.group is not None
-            self.policy.check(pending.target, self.group.thresh_pk)
+            self.policy.check_history(pending.target, pending.derived.msg)
             psig, next_pubnonce = self._signer(sender).sign(request)
         except ConstellationError as exc:
             del self.pending[rid]
@@ -198,7 +197,7 @@ class Participant:
             )
         )
         self.metrics.audit_fsync.observe(time.perf_counter() - started)
-        self.policy.record(pending.target)
+        self.policy.record(pending.target, pending.derived.msg)
         self.metrics.partial_signatures.inc()
         await self.reply(sender, proto.Share(rid, msg.session_id, psig, next_pubnonce))
 
@@ -209,9 +208,8 @@ class Participant:
         del self.pending[msg.request_id]
         self._remember(msg.request_id)
         self.metrics.pending_requests.set(len(self.pending))
-        assert self.group is not None
-        key = signing_pubkey(self.group.thresh_pk, pending.derived)
-        if msg.signature and not schnorr_verify(key, pending.derived.msg, msg.signature):
+        derived = pending.derived
+        if msg.signature and not schnorr_verify(derived.pubkey, derived.msg, msg.signature):
             log.warning(
                 "coordinator reported an invalid signature",
                 extra={"request_id": msg.request_id.hex(), "coordinator": sender},

@@ -150,7 +150,7 @@ class AuditLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.entries: list[dict[str, Any]] = []  # what was on disk at start
+        self._loaded: list[dict[str, Any]] = []  # what was on disk at start
         self.count = 0
         self._prev = bytes(32).hex()
         self._load()
@@ -178,9 +178,14 @@ class AuditLog:
                 entry = None
             if not isinstance(entry, dict) or entry.get("prev") != self._prev:
                 raise ConfigError(f"audit log {self.path} is broken at line {n + 1}")
-            self.entries.append(entry)
+            self._loaded.append(entry)
             self.count += 1
             self._prev = hashlib.sha256(line).hexdigest()
+
+    def take_loaded(self) -> list[dict[str, Any]]:
+        """The entries found on disk at start, handed out once (to rebuild the policy)."""
+        loaded, self._loaded = self._loaded, []
+        return loaded
 
     def append(self, entry: AuditEntry) -> None:
         record = {**entry.__dict__, "prev": self._prev}

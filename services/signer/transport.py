@@ -12,6 +12,7 @@ from enum import StrEnum
 
 from nats.aio.client import Client
 
+from constellation.crypto.dkg import hostpubkey_gen
 from constellation.errors import MessageError
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import MSG_ID_LEN, Membership, ReplayGuard, seal
@@ -34,14 +35,13 @@ class Transport:
         nc: Client,
         members: Membership,
         hostseckey: bytes,
-        hostpubkey: bytes,
         guard: ReplayGuard,
     ) -> None:
         self.nc = nc
         self.members = members
         self.guild = members.guild
         self.hostseckey = hostseckey
-        self.hostpubkey = hostpubkey
+        self.hostpubkey = hostpubkey_gen(hostseckey)
         self.guard = guard
 
     def seal(self, to: bytes, msg: proto.Message) -> bytes:

@@ -12,10 +12,9 @@ from pathlib import Path
 
 from constellation.guild import SignTarget
 from constellation.protocol import signer as proto
-from constellation.protocol.envelope import Membership
 from services import devnet
 from services.signer.client import SignerClient, call
-from services.signer.config import Members
+from services.signer.config import load_members
 from services.signer.store import KeyStore
 
 FAULTY = Path(__file__).with_name("faulty_signer.py")
@@ -32,8 +31,7 @@ class Guild:
         devnet.start_nats(self.net)
         for proc in self.net.signers:
             self.start(proc.index)
-        members = Members.load(self.net.members_path)
-        self.members = Membership(members.guild, members.hostpubkeys)
+        self.members = load_members(self.net.members_path)
 
     @property
     def n(self) -> int:

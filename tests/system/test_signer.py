@@ -21,7 +21,6 @@ from nats.aio.msg import Msg
 
 from constellation.bitcoin import SpendInput, SpendOutput, p2tr_script, taproot_sighash
 from constellation.crypto import frost
-from constellation.crypto.dkg import hostpubkey_gen
 from constellation.guild import Checkpoint, OnchainSpend, Statement
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import ReplayGuard
@@ -171,9 +170,7 @@ async def test_replays_outsiders_forgeries_and_garbage_are_rejected(
         return guild.metric(1, f'signer_rejected_messages_total{{code="{code}"}}')
 
     await nc.publish(subject("test", Role.SIGNER, 1), captured[0])  # a replay
-    outsider = Transport(
-        nc, guild.members, b"\x07" * 32, hostpubkey_gen(b"\x07" * 32), ReplayGuard()
-    )
+    outsider = Transport(nc, guild.members, b"\x07" * 32, ReplayGuard())
     start = proto.SignStart(os.urandom(16), Statement("from outside"))
     await nc.publish(
         subject("test", Role.SIGNER, 1), outsider.seal(guild.members.hostpubkeys[1], start)
@@ -181,9 +178,7 @@ async def test_replays_outsiders_forgeries_and_garbage_are_rejected(
     await nc.publish(subject("test", Role.SIGNER, 1), b"\x93garbage")
     await nc.publish(subject("test", Role.SIGNER, 1), b"\x00" * (proto.MAX_MESSAGE_BYTES + 1))
     # Member 2 tries to command member 1's signer (only operator 1 may).
-    member2 = Transport(
-        nc, guild.members, guild.identity(2), guild.members.hostpubkeys[2], ReplayGuard()
-    )
+    member2 = Transport(nc, guild.members, guild.identity(2), ReplayGuard())
     with pytest.raises(nats.errors.TimeoutError):
         await nc.request(
             subject("test", Role.OP, 1),
