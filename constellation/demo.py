@@ -42,7 +42,7 @@ class Demo:
         return wallet.pay(coins, self.wallets[dst].fresh_address(), amount_msat, FEE_MSAT)
 
     def setup(self) -> None:
-        ranges = ", ".join(f"{r.start}..{r.stop - 1}" for r in self.ledger.ranges)
+        ranges = ", ".join(f"{lo}..{hi - 1}" for _, lo, hi in self.ledger.pmap.ranges)
         self.say(f"ledger: {len(self.ledger.states)} workers holding partitions {ranges}")
         for name, wallet in self.wallets.items():
             self.say(f"wallet {name:<6} address {wallet.fresh_address()}")

@@ -11,27 +11,17 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 from constellation.ledger.partition import Coin, CoinStatus, PartitionState, Prepared
-from constellation.tx import PARTITIONS, Issuance, Transaction, partition_of
-
-
-def split_partitions(workers: int) -> list[range]:
-    """Contiguous, nearly equal partition ranges for ``workers`` workers."""
-    if not 1 <= workers <= PARTITIONS:
-        raise ValueError(f"workers must be in 1..{PARTITIONS}")
-    bounds = [PARTITIONS * i // workers for i in range(workers + 1)]
-    return [range(bounds[i], bounds[i + 1]) for i in range(workers)]
+from constellation.ledger.pmap import PartitionMap
+from constellation.tx import Issuance, Transaction, partition_of
 
 
 class LocalLedger:
     """A whole ledger as several partition states (simulated workers) in one process."""
 
     def __init__(self, workers: int, issuers: Sequence[bytes] = ()) -> None:
-        self.ranges = split_partitions(workers)
-        self.states = [PartitionState(r, issuers) for r in self.ranges]
-        self._owner = [0] * PARTITIONS
-        for w, r in enumerate(self.ranges):
-            for p in r:
-                self._owner[p] = w
+        self.pmap = pmap = PartitionMap.even(workers)
+        self.states = [PartitionState(pmap.held_by(w)[0], issuers) for w in range(workers)]
+        self._owner = pmap.owners()
 
     def state_of(self, coin_id: bytes) -> PartitionState:
         return self.states[self._owner[partition_of(coin_id)]]

@@ -1,0 +1,212 @@
+"""Messages of the partition workers, and the records of their block logs.
+
+Between workers (and from a gateway to a worker) messages travel in a ``Package``: the
+items one sender has for one destination, closed by a size limit or a deadline. Items
+are tagged MessagePack arrays; unknown kinds and malformed items are refused.
+
+Two-phase commit, as items::
+
+    gateway  --Submit-->  coordinator  --Prepare-->  participant
+    gateway  <--Result--  coordinator  <--Vote-----  participant
+                          coordinator  --Decide--->  participant
+                          coordinator  <--Ask------  participant  (in doubt, e.g. restarted)
+
+A worker's block log holds ``Block`` records: what it prepared (as a participant),
+committed, aborted and issued, in order. Replaying them rebuilds its state.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from constellation.errors import MessageError
+
+PROTOCOL_VERSION = 1
+
+
+class _Item(msgspec.Struct, frozen=True, array_like=True, tag_field="k"):
+    pass
+
+
+class Submit(_Item, frozen=True, tag="s"):
+    """Gateway -> coordinator: run this encoded transaction; answer ``Result`` with ``rid``."""
+
+    rid: int
+    tx: bytes
+
+
+class Issue(_Item, frozen=True, tag="i"):
+    """Gateway -> a worker holding an output: apply this encoded issuance."""
+
+    rid: int
+    issuance: bytes
+
+
+class Prepare(_Item, frozen=True, tag="p"):
+    """Coordinator -> participant: lock and check your part of this encoded transaction."""
+
+    tx: bytes
+
+
+class Vote(_Item, frozen=True, tag="v"):
+    """Participant -> coordinator: YES (``code`` empty; persisted at ``height``) or NO."""
+
+    txid: bytes
+    code: str
+    detail: str
+    height: int
+
+
+class Decide(_Item, frozen=True, tag="d"):
+    """Coordinator -> participant: the outcome."""
+
+    txid: bytes
+    commit: bool
+
+
+class Ask(_Item, frozen=True, tag="a"):
+    """Participant -> coordinator: what became of a transaction I prepared?"""
+
+    txid: bytes
+
+
+class Result(_Item, frozen=True, tag="r"):
+    """Worker -> gateway: committed (``code`` empty) with block references, or refused."""
+
+    rid: int
+    code: str
+    detail: str
+    blocks: list[tuple[int, int]]  # (worker, height) holding this transaction's parts
+
+
+Item = Union[Submit, Issue, Prepare, Vote, Decide, Ask, Result]  # noqa: UP007
+
+
+class Package(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    v: int
+    sender: int  # worker id, or -1 for a gateway
+    reply: str  # subject for answers
+    map_version: int
+    items: list[Item]
+
+
+# -- block log records ------------------------------------------------------------------
+
+
+class _Rec(msgspec.Struct, frozen=True, array_like=True, tag_field="k"):
+    pass
+
+
+class Prepared(_Rec, frozen=True, tag="P"):
+    """This worker voted YES as a participant: locks held until the outcome is known."""
+
+    tx: bytes
+    coordinator: int
+
+
+class Committed(_Rec, frozen=True, tag="C"):
+    """Committed; ``tx`` is carried by the coordinator's record (nothing prepared before)."""
+
+    txid: bytes
+    tx: bytes
+
+
+class Aborted(_Rec, frozen=True, tag="A"):
+    txid: bytes
+
+
+class Issued(_Rec, frozen=True, tag="I"):
+    issuance: bytes
+
+
+Record = Union[Prepared, Committed, Aborted, Issued]  # noqa: UP007
+
+
+class Block(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    worker: int
+    height: int
+    records: list[Record]
+
+
+# -- committed changes, published per block for indexes and subscriptions ----------------
+
+
+class CoinChange(msgspec.Struct, frozen=True, array_like=True):
+    txid: bytes  # the transaction or issuance
+    coin_id: bytes
+    owner: bytes
+    value_msat: int
+    created: bool  # False: spent
+
+
+class BlockEvents(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    worker: int
+    height: int
+    changes: list[CoinChange]
+    committed: list[tuple[bytes, int]]  # (txid, fee) of transactions this worker coordinated
+
+
+# -- queries (request/reply) -------------------------------------------------------------
+
+
+class CoinQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    coin_ids: list[bytes]
+
+
+class CoinInfo(msgspec.Struct, frozen=True, array_like=True):
+    coin_id: bytes
+    status: str  # unspent | locked | spent | unknown
+    value_msat: int
+    owner: bytes  # empty unless the coin exists here
+    spent_by: bytes  # empty unless spent
+
+
+class StateInfo(msgspec.Struct, frozen=True):
+    """A worker's totals, for operators and the tests' conservation checks."""
+
+    worker: int
+    map_version: int
+    height: int
+    held_msat: int
+    issued_msat: int
+    fees_msat: int
+    coins: int
+    locks: int
+    in_doubt: int
+    coordinating: int
+
+
+_package_encoder = msgspec.msgpack.Encoder()
+_package_decoder = msgspec.msgpack.Decoder(Package)
+_block_decoder = msgspec.msgpack.Decoder(Block)
+_events_decoder = msgspec.msgpack.Decoder(BlockEvents)
+
+
+def encode(msg: Package | Block | BlockEvents) -> bytes:
+    return _package_encoder.encode(msg)
+
+
+def decode_package(data: bytes) -> Package:
+    try:
+        pkg = _package_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise MessageError(f"malformed package: {exc}") from None
+    if pkg.v != PROTOCOL_VERSION:
+        raise MessageError(f"package version {pkg.v}, expected {PROTOCOL_VERSION}")
+    return pkg
+
+
+def decode_block(data: bytes) -> Block:
+    try:
+        return _block_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise MessageError(f"malformed block: {exc}") from None
+
+
+def decode_events(data: bytes) -> BlockEvents:
+    try:
+        return _events_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise MessageError(f"malformed block events: {exc}") from None

@@ -1,0 +1,199 @@
+"""Wiring: the partition map from NATS KV, the block log, subscriptions, ops, a clean drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+
+from constellation.errors import MessageError
+from constellation.ledger.pmap import PartitionMap
+from constellation.protocol import ledger as proto
+from services.partition.config import Settings
+from services.partition.metrics import WorkerMetrics
+from services.partition.transport import (
+    Packer,
+    events_subject,
+    load_map,
+    query_subject,
+    worker_subject,
+)
+from services.partition.wal import BlockLog
+from services.partition.worker import Worker
+from services.runtime import OpsServer
+
+TICK_S = 0.05
+MAP_WAIT_S = 30.0
+
+log = logging.getLogger("partition")
+
+
+class WorkerNode:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = WorkerMetrics()
+        self.ops = OpsServer(self.metrics.registry, self.ready)
+        self.worker: Worker | None = None
+        self.nc: Client | None = None
+        self.packer: Packer | None = None
+        self._events: asyncio.Queue[proto.BlockEvents] = asyncio.Queue()
+        self._recovered = False
+
+    def ready(self) -> tuple[bool, str]:
+        if self.nc is None or not self.nc.is_connected:
+            return False, "not connected to NATS"
+        if not self._recovered or self.worker is None:
+            return False, "recovering"
+        if self.worker.draining:
+            return False, "draining"
+        return True, f"serving partition map v{self.worker.pmap.version}"
+
+    async def _await_map(self, nc: Client) -> PartitionMap:
+        deadline = time.monotonic() + MAP_WAIT_S
+        while True:
+            pmap = await load_map(nc, self.settings.operator)
+            if pmap is not None:
+                return pmap
+            if time.monotonic() > deadline:
+                raise RuntimeError("no partition map was published in NATS KV")
+            await asyncio.sleep(0.2)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        await self.ops.start(s.http_host, s.http_port)
+        nc = self.nc = await nats.connect(
+            s.nats_url,
+            name=f"worker-{s.operator}-{s.worker}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            pending_size=64 << 20,
+        )
+        pmap = await self._await_map(nc)
+        own = worker_subject(s.operator, s.worker)
+        m = self.metrics
+        packer = self.packer = Packer(
+            nc, s.worker, own, lambda: pmap.version, s.packages, m.package_items.observe
+        )
+        worker = self.worker = Worker(
+            s.worker,
+            pmap,
+            s.issuers,
+            BlockLog(s.state_dir / "blocks.log"),
+            s.blocks,
+            s.prepare_timeout_ms,
+            m,
+            packer.send,
+            lambda w: worker_subject(s.operator, w),
+            self._events.put_nowait,
+        )
+        started = time.monotonic()
+        height = worker.recover()
+        log.info(
+            "recovered",
+            extra={
+                "blocks": height,
+                "coins": len(worker.state.coins),
+                "in_doubt": len(worker.in_doubt),
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
+        m.queue.labels("outbox").set_function(lambda: packer.depth)
+        m.queue.labels("block").set_function(lambda: worker.writer.depth)
+        m.queue.labels("coordinating").set_function(lambda: len(worker.coordinating))
+        m.queue.labels("in_doubt").set_function(lambda: len(worker.in_doubt))
+        m.queue.labels("events").set_function(self._events.qsize)
+        worker.writer.start()
+        for sub_subject, cb in (
+            (own, self._on_package),
+            (query_subject(s.operator, s.worker, "coins"), self._on_coins),
+            (query_subject(s.operator, s.worker, "state"), self._on_state),
+        ):
+            await nc.subscribe(sub_subject, cb=cb, pending_msgs_limit=1_000_000)
+        await nc.flush()
+        worker.ask_in_doubt(float("inf"))  # a restarted participant asks at once
+        self._recovered = True
+        tasks = [asyncio.create_task(self._tick()), asyncio.create_task(self._publish_events())]
+        log.info(
+            "worker ready",
+            extra={
+                "worker": s.worker,
+                "map_version": pmap.version,
+                "partitions": [[r.start, r.stop] for r in pmap.held_by(s.worker)],
+                "http_port": self.ops.port,
+            },
+        )
+        await stop.wait()
+        await self._drain(tasks)
+
+    async def _drain(self, tasks: list[asyncio.Task[None]]) -> None:
+        worker, nc, packer = self.worker, self.nc, self.packer
+        assert worker is not None and nc is not None and packer is not None
+        worker.draining = True
+        log.info("draining", extra={"coordinating": len(worker.coordinating)})
+        deadline = time.monotonic() + worker.timeout_s + 1
+        while worker.coordinating and time.monotonic() < deadline:
+            await asyncio.sleep(TICK_S)
+        await worker.writer.flush()
+        await packer.drain()
+        while not self._events.empty() and time.monotonic() < deadline:
+            await asyncio.sleep(TICK_S)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await nc.drain()
+        worker.wal.close()
+        await self.ops.stop()
+
+    async def _tick(self) -> None:
+        assert self.worker is not None
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            self.worker.expire(now)
+            self.worker.ask_in_doubt(now)
+
+    async def _publish_events(self) -> None:
+        """Committed changes, per block, into the JetStream events stream (in order)."""
+        assert self.nc is not None
+        js = self.nc.jetstream()
+        subject = events_subject(self.settings.operator)
+        while True:
+            events = await self._events.get()
+            data = proto.encode(events)
+            while True:
+                try:
+                    await js.publish(subject, data, timeout=5)
+                    break
+                except (NatsError, asyncio.TimeoutError) as exc:
+                    log.warning("event publish failed; retrying", extra={"error": str(exc)})
+                    await asyncio.sleep(0.5)
+
+    async def _on_package(self, msg: Msg) -> None:
+        assert self.worker is not None
+        try:
+            pkg = proto.decode_package(msg.data)
+        except MessageError as exc:
+            self.metrics.rejected_packages.inc()
+            log.info("package rejected", extra={"reason": str(exc)})
+            return
+        self.worker.handle(pkg)
+
+    async def _on_coins(self, msg: Msg) -> None:
+        assert self.worker is not None
+        try:
+            query = msgspec.msgpack.decode(msg.data, type=proto.CoinQuery)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            await msg.respond(msgspec.msgpack.encode({"error": f"bad query: {exc}"}))
+            return
+        infos = [self.worker.coin_info(cid) for cid in query.coin_ids[:1000]]
+        await msg.respond(msgspec.msgpack.encode(infos))
+
+    async def _on_state(self, msg: Msg) -> None:
+        assert self.worker is not None
+        await msg.respond(msgspec.msgpack.encode(self.worker.info()))

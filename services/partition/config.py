@@ -1,0 +1,88 @@
+"""A partition worker's settings, read once from the environment."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from constellation.keys import is_valid_xonly
+from services.runtime import ConfigError, env_addr, env_int, env_str
+
+OPERATOR_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def env_operator(env: Mapping[str, str], name: str) -> str:
+    operator = env_str(env, name, "local")
+    if not OPERATOR_RE.match(operator):
+        raise ConfigError(f"{name} must match {OPERATOR_RE.pattern}, got {operator!r}")
+    return operator
+
+
+def env_keys(env: Mapping[str, str], name: str) -> frozenset[bytes]:
+    """Comma-separated BIP340 public keys in hex."""
+    keys = set()
+    for part in (env.get(name) or "").split(","):
+        if not part.strip():
+            continue
+        try:
+            key = bytes.fromhex(part.strip())
+        except ValueError:
+            raise ConfigError(f"{name}: {part!r} is not hex") from None
+        if not is_valid_xonly(key):
+            raise ConfigError(f"{name}: {part!r} is not a BIP340 public key")
+        keys.add(key)
+    return frozenset(keys)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How packages and blocks close: at ``max_items`` or ``deadline_us`` after the first
+    item, whichever comes first; a deadline of 0 closes at the end of the event loop's
+    current turn (when everything that had already arrived has been handled)."""
+
+    max_items: int
+    deadline_us: int
+
+    @staticmethod
+    def from_env(env: Mapping[str, str], prefix: str, max_items: int, deadline_us: int) -> Batching:
+        return Batching(
+            env_int(env, f"{prefix}_MAX", max_items, 1, 1_000_000),
+            env_int(env, f"{prefix}_DEADLINE_US", deadline_us, 0, 1_000_000),
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    worker: int
+    operator: str
+    nats_url: str
+    state_dir: Path
+    issuers: frozenset[bytes]
+    http_host: str
+    http_port: int
+    packages: Batching
+    blocks: Batching
+    prepare_timeout_ms: int
+    log_level: str
+
+    @staticmethod
+    def from_env(env: Mapping[str, str]) -> Settings:
+        host, port = env_addr(env, "WORKER_HTTP_ADDR", "127.0.0.1:0")
+        worker = env_int(env, "WORKER_ID", -1, 0, 255)
+        if worker < 0:
+            raise ConfigError("WORKER_ID must be set")
+        return Settings(
+            worker=worker,
+            operator=env_operator(env, "WORKER_OPERATOR"),
+            nats_url=env_str(env, "WORKER_NATS_URL", "nats://127.0.0.1:4222"),
+            state_dir=Path(env_str(env, "WORKER_STATE_DIR")),
+            issuers=env_keys(env, "WORKER_ISSUERS"),
+            http_host=host,
+            http_port=port,
+            packages=Batching.from_env(env, "WORKER_PACKAGE", 512, 0),
+            blocks=Batching.from_env(env, "WORKER_BLOCK", 4096, 0),
+            prepare_timeout_ms=env_int(env, "WORKER_PREPARE_TIMEOUT_MS", 2_000, 10, 600_000),
+            log_level=env_str(env, "WORKER_LOG_LEVEL", "info"),
+        )

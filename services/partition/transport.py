@@ -1,0 +1,120 @@
+"""Subjects, the partition map in NATS KV, and packages: items batched per destination."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from nats.aio.client import Client
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+
+from constellation.ledger.pmap import PartitionMap, decode_map
+from constellation.protocol.ledger import PROTOCOL_VERSION, Item, Package, encode
+from services.partition.config import Batching
+
+MAP_KEY = "partition-map"
+GATEWAY = -1  # the sender id of a gateway
+
+log = logging.getLogger("partition.transport")
+
+
+def worker_subject(operator: str, worker: int) -> str:
+    return f"cst.{operator}.w.{worker}"
+
+
+def query_subject(operator: str, worker: int, what: str) -> str:
+    return f"cst.{operator}.q.{worker}.{what}"
+
+
+def events_subject(operator: str) -> str:
+    return f"cst.{operator}.events"
+
+
+def events_stream(operator: str) -> str:
+    return f"cst-{operator}-events"
+
+
+def map_bucket(operator: str) -> str:
+    return f"cst-{operator}"
+
+
+async def load_map(nc: Client, operator: str) -> PartitionMap | None:
+    """The current partition map, or None where none was published yet."""
+    try:
+        kv = await nc.jetstream().key_value(map_bucket(operator))
+        entry = await kv.get(MAP_KEY)
+    except (BucketNotFoundError, KeyNotFoundError):
+        return None
+    assert entry.value is not None
+    return decode_map(entry.value)
+
+
+async def publish_map(nc: Client, operator: str, pmap: PartitionMap) -> None:
+    """Publish ``pmap``, refusing to go back to an older or equal version that differs."""
+    current = await load_map(nc, operator)
+    if current is not None and current.version >= pmap.version and current != pmap:
+        raise ValueError(f"the partition map is at v{current.version}; publish a newer one")
+    js = nc.jetstream()
+    kv = await js.create_key_value(bucket=map_bucket(operator), history=16)
+    await kv.put(MAP_KEY, pmap.encode())
+
+
+async def ensure_events_stream(nc: Client, operator: str) -> None:
+    js = nc.jetstream()
+    await js.add_stream(name=events_stream(operator), subjects=[events_subject(operator)])
+
+
+class Packer:
+    """Batches items per destination subject into packages (by size or deadline)."""
+
+    def __init__(
+        self,
+        nc: Client,
+        sender: int,
+        reply: str,
+        map_version: Callable[[], int],
+        batching: Batching,
+        observe: Callable[[int], None],
+    ) -> None:
+        self.nc = nc
+        self.sender = sender
+        self.reply = reply
+        self.map_version = map_version
+        self.batching = batching
+        self.observe = observe
+        self._out: dict[str, list[Item]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def depth(self) -> int:
+        return sum(len(items) for items in self._out.values())
+
+    def send(self, subject: str, item: Item) -> None:
+        items = self._out.get(subject)
+        if items is None:
+            items = self._out[subject] = []
+            loop = asyncio.get_running_loop()
+            if self.batching.deadline_us:
+                loop.call_later(self.batching.deadline_us / 1e6, self._close, subject, items)
+            else:
+                loop.call_soon(self._close, subject, items)
+        items.append(item)
+        if len(items) >= self.batching.max_items:
+            self._close(subject, items)
+
+    def _close(self, subject: str, items: list[Item]) -> None:
+        if self._out.get(subject) is not items:
+            return  # closed already, by size
+        del self._out[subject]
+        self.observe(len(items))
+        package = Package(PROTOCOL_VERSION, self.sender, self.reply, self.map_version(), items)
+        task = asyncio.create_task(self.nc.publish(subject, encode(package)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        for subject, items in list(self._out.items()):
+            self._close(subject, items)
+        if self._tasks:
+            await asyncio.wait(self._tasks)

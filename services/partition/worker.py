@@ -1,0 +1,477 @@
+"""A partition worker: its partitions' coins, two-phase commit over NATS, its block log.
+
+Everything runs on one event loop, one core. A package's items are handled at once,
+without awaiting; what must wait for the disk (a YES vote, a receipt, a decision to
+commit) is attached to the block that holds its record and runs once that block and
+every block before it are durable. Locks never wait: a held lock is a NO vote.
+
+Coordinator (the worker of a transaction's first input): lock and verify the inputs
+held here, PREPARE to every other involved worker, COMMIT on all YES (the record is
+persisted before anyone hears of it), ABORT on a NO or a timeout. Nothing is logged for
+an abort: a transaction the coordinator has no commit record for is aborted
+(presumed abort), and a participant in doubt asks until it hears the outcome.
+
+Participant: lock and verify the inputs held here, persist the PREPARED record, vote
+YES; keep the locks until the outcome arrives, through restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from constellation.errors import (
+    AlreadyCommitted,
+    ConstellationError,
+    NotHeldHere,
+)
+from constellation.ledger.partition import PartitionState
+from constellation.ledger.pmap import PartitionMap
+from constellation.protocol import ledger as proto
+from constellation.tx import Issuance, Transaction, decode_issuance, decode_transaction
+from services.partition.config import Batching
+from services.partition.metrics import WorkerMetrics
+from services.partition.wal import BlockLog
+
+TIMEOUT = "ledger.timeout"
+UNAVAILABLE = "unavailable"
+ASK_EVERY_S = 0.25
+
+log = logging.getLogger("partition.worker")
+
+Send = Callable[[str, proto.Item], None]
+
+
+@dataclass
+class Coordinating:
+    """A transaction this worker coordinates, waiting for votes."""
+
+    tx: Transaction
+    raw: bytes
+    reply: str
+    rid: int
+    waiting: set[int]
+    participants: tuple[int, ...]
+    started: float
+    deadline: float
+    blocks: list[tuple[int, int]] = field(default_factory=list)
+
+
+class BlockWriter:
+    """Gathers records into blocks and makes them durable, one fsync per block.
+
+    Records added while a block is being written go into the next one (group commit).
+    ``after`` callbacks run, in order, once their block is durable, with its height.
+    """
+
+    def __init__(
+        self,
+        wal: BlockLog,
+        worker: int,
+        batching: Batching,
+        metrics: WorkerMetrics,
+        publish: Callable[[proto.BlockEvents], None],
+    ) -> None:
+        self.wal = wal
+        self.worker = worker
+        self.batching = batching
+        self.metrics = metrics
+        self.publish = publish
+        self.records: list[proto.Record] = []
+        self.after: list[Callable[[int], None]] = []
+        self.changes: list[proto.CoinChange] = []
+        self.committed: list[tuple[bytes, int]] = []
+        self._due = asyncio.Event()
+        self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._write_loop())
+
+    def add(self, record: proto.Record, after: Callable[[int], None] | None = None) -> None:
+        self.records.append(record)
+        if after is not None:
+            self.after.append(after)
+        if len(self.records) >= self.batching.max_items:
+            self._due.set()
+        elif self._timer is None:
+            loop = asyncio.get_running_loop()
+            if self.batching.deadline_us:
+                self._timer = loop.call_later(self.batching.deadline_us / 1e6, self._due.set)
+            else:
+                self._timer = loop.call_soon(self._due.set)
+
+    @property
+    def depth(self) -> int:
+        return len(self.records)
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._due.wait()
+            self._due.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if not self.records:
+                continue
+            await self._write()
+
+    async def _write(self) -> None:
+        records, after, changes, committed = self.records, self.after, self.changes, self.committed
+        self.records, self.after, self.changes, self.committed = [], [], [], []
+        height = self.wal.height
+        payload = proto.encode(proto.Block(self.worker, height, records))
+        started = time.perf_counter()
+        await asyncio.to_thread(self.wal.append, payload)
+        self.metrics.fsync_seconds.observe(time.perf_counter() - started)
+        self.metrics.block_records.observe(len(records))
+        self.metrics.height.set(self.wal.height)
+        for callback in after:
+            callback(height)
+        if changes or committed:
+            self.publish(proto.BlockEvents(self.worker, height, changes, committed))
+
+    async def flush(self) -> None:
+        """Write what is gathered now (for a clean stop)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self.records:
+            await self._write()
+
+
+class Worker:
+    """The ledger logic of one worker; the app wires it to NATS, the disk and HTTP."""
+
+    def __init__(
+        self,
+        me: int,
+        pmap: PartitionMap,
+        issuers: frozenset[bytes],
+        wal: BlockLog,
+        blocks: Batching,
+        prepare_timeout_ms: int,
+        metrics: WorkerMetrics,
+        send: Send,
+        subject_of: Callable[[int], str],
+        publish: Callable[[proto.BlockEvents], None],
+    ) -> None:
+        self.me = me
+        self.pmap = pmap
+        self.owners = pmap.owners()
+        held = pmap.held_by(me)
+        if not held:
+            raise ValueError(f"partition map v{pmap.version} gives worker {me} no partitions")
+        self.state = PartitionState([p for r in held for p in r], issuers)
+        self.wal = wal
+        self.metrics = metrics
+        self.send = send
+        self.subject_of = subject_of
+        self.timeout_s = prepare_timeout_ms / 1000
+        self.writer = BlockWriter(wal, me, blocks, metrics, publish)
+        self.coordinating: dict[bytes, Coordinating] = {}
+        self.in_doubt: dict[bytes, tuple[int, float]] = {}  # txid -> (coordinator, asked at)
+        # Commits this worker coordinated that involved other workers: a participant in
+        # doubt asks for them (presumed abort answers everything else).
+        self.decided: set[bytes] = set()
+        self.draining = False
+
+    # -- recovery ------------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Replay the block log; returns the number of blocks read."""
+        state = self.state
+        for block in self.wal.replay():
+            for rec in block.records:
+                if isinstance(rec, proto.Prepared):
+                    tx = decode_transaction(rec.tx)
+                    state.prepare(tx, verify=False)
+                    self.in_doubt[tx.txid] = (rec.coordinator, 0.0)
+                elif isinstance(rec, proto.Committed):
+                    if rec.tx:
+                        tx = decode_transaction(rec.tx)
+                        state.prepare(tx, verify=False)
+                        if self._involved(tx):
+                            self.decided.add(rec.txid)
+                    else:
+                        self.in_doubt.pop(rec.txid, None)
+                    state.commit(rec.txid)
+                elif isinstance(rec, proto.Aborted):
+                    self.in_doubt.pop(rec.txid, None)
+                    state.abort(rec.txid)
+                else:
+                    try:
+                        state.issue(decode_issuance(rec.issuance))
+                    except AlreadyCommitted:
+                        pass
+        state.check_invariants()
+        self.metrics.height.set(self.wal.height)
+        return self.wal.height
+
+    # -- routing -------------------------------------------------------------------------
+
+    def _owner(self, coin_id: bytes) -> int:
+        return self.owners[(coin_id[0] << 8) | coin_id[1]]
+
+    def _involved(self, tx: Transaction) -> set[int]:
+        """The other workers a transaction touches."""
+        owners = self.owners
+        others = {owners[(c[0] << 8) | c[1]] for c, _ in tx.inputs}
+        others.update(owners[(c[0] << 8) | c[1]] for c in tx.output_ids)
+        others.discard(self.me)
+        return others
+
+    def _not_held(self, what: str, coin_id: bytes) -> tuple[str, str]:
+        p = (coin_id[0] << 8) | coin_id[1]
+        return NotHeldHere.code, (
+            f"{what}: partition {p} is held by worker {self._owner(coin_id)}, not worker "
+            f"{self.me}, in partition map v{self.pmap.version}"
+        )
+
+    # -- packages ------------------------------------------------------------------------
+
+    def handle(self, pkg: proto.Package) -> None:
+        for item in pkg.items:
+            if isinstance(item, proto.Submit):
+                self._submit(item, pkg.reply)
+            elif isinstance(item, proto.Vote):
+                self._vote(item, pkg.sender)
+            elif isinstance(item, proto.Prepare):
+                self._prepare(item, pkg.sender, pkg.reply)
+            elif isinstance(item, proto.Decide):
+                self._decide(item)
+            elif isinstance(item, proto.Ask):
+                self._ask(item, pkg.sender)
+            elif isinstance(item, proto.Issue):
+                self._issue(item, pkg.reply)
+            else:
+                log.info("unexpected item ignored", extra={"kind": type(item).__name__})
+
+    def _refuse(self, reply: str, rid: int, code: str, detail: str) -> None:
+        self.metrics.aborted.labels(code).inc()
+        self.send(reply, proto.Result(rid, code, detail, []))
+
+    # -- coordinator ---------------------------------------------------------------------
+
+    def _submit(self, item: proto.Submit, reply: str) -> None:
+        if self.draining:
+            self._refuse(reply, item.rid, UNAVAILABLE, f"worker {self.me} is shutting down")
+            return
+        try:
+            tx = decode_transaction(item.tx)
+        except ConstellationError as exc:
+            self._refuse(reply, item.rid, exc.code, str(exc))
+            return
+        first = tx.inputs[0].coin_id
+        if self._owner(first) != self.me:
+            self._refuse(reply, item.rid, *self._not_held("first input", first))
+            return
+        txid = tx.txid
+        if txid in self.coordinating:
+            self._refuse(reply, item.rid, "ledger.in_flight", "this transaction is being committed")
+            return
+        try:
+            self.state.prepare(tx)
+        except ConstellationError as exc:
+            self._refuse(reply, item.rid, exc.code, str(exc))
+            return
+        others = self._involved(tx)
+        now = time.monotonic()
+        if not others:
+            self._commit(tx, item.tx, reply, item.rid, now, [], ())
+            return
+        participants = tuple(sorted(others))
+        self.coordinating[txid] = Coordinating(
+            tx, item.tx, reply, item.rid, set(others), participants, now, now + self.timeout_s
+        )
+        prepare = proto.Prepare(item.tx)
+        for w in participants:
+            self.send(self.subject_of(w), prepare)
+
+    def _commit(
+        self,
+        tx: Transaction,
+        raw: bytes,
+        reply: str,
+        rid: int,
+        started: float,
+        blocks: list[tuple[int, int]],
+        participants: tuple[int, ...],
+    ) -> None:
+        txid = tx.txid
+        self._changes_of(txid)
+        self.state.commit(txid)
+        if participants:
+            self.decided.add(txid)
+        self.writer.committed.append((txid, tx.fee_msat))
+
+        def durable(height: int) -> None:
+            decide = proto.Decide(txid, True)
+            for w in participants:
+                self.send(self.subject_of(w), decide)
+            self.send(reply, proto.Result(rid, "", "", [(self.me, height), *blocks]))
+            self.metrics.committed.inc()
+            self.metrics.confirm_seconds.observe(time.monotonic() - started)
+
+        self.writer.add(proto.Committed(txid, raw), durable)
+
+    def _changes_of(self, txid: bytes) -> None:
+        """Record the coin changes committing ``txid`` makes here, for the block's events."""
+        vote = self.state.pending[txid]
+        coins = self.state.coins
+        changes = self.writer.changes
+        for cid in vote.inputs:
+            coin = coins[cid]
+            changes.append(proto.CoinChange(txid, cid, coin.owner, coin.value_msat, False))
+        for cid, coin in vote.outputs:
+            changes.append(proto.CoinChange(txid, cid, coin.owner, coin.value_msat, True))
+
+    def _vote(self, vote: proto.Vote, sender: int) -> None:
+        c = self.coordinating.get(vote.txid)
+        if c is None:
+            # Late or repeated: the outcome is settled; tell a YES voter what it was.
+            if not vote.code:
+                commit = vote.txid in self.decided
+                self.send(self.subject_of(sender), proto.Decide(vote.txid, commit))
+            return
+        if sender not in c.waiting:
+            return
+        if vote.code:
+            self._abort(c, vote.code, f"worker {sender}: {vote.detail}")
+            return
+        c.waiting.discard(sender)
+        c.blocks.append((sender, vote.height))
+        if not c.waiting:
+            del self.coordinating[vote.txid]
+            self._commit(c.tx, c.raw, c.reply, c.rid, c.started, c.blocks, c.participants)
+
+    def _abort(self, c: Coordinating, code: str, detail: str) -> None:
+        txid = c.tx.txid
+        del self.coordinating[txid]
+        self.state.abort(txid)
+        decide = proto.Decide(txid, False)
+        for w in c.participants:
+            self.send(self.subject_of(w), decide)
+        self._refuse(c.reply, c.rid, code, detail)
+
+    def expire(self, now: float) -> None:
+        """Abort what waited for votes past its deadline."""
+        late = [c for c in self.coordinating.values() if c.deadline <= now]
+        for c in late:
+            silent = ", ".join(str(w) for w in sorted(c.waiting))
+            self._abort(c, TIMEOUT, f"no vote from worker {silent} in {self.timeout_s:g} s")
+
+    def _ask(self, ask: proto.Ask, sender: int) -> None:
+        if ask.txid in self.coordinating:
+            return  # undecided: it will hear the outcome
+        self.send(self.subject_of(sender), proto.Decide(ask.txid, ask.txid in self.decided))
+
+    # -- participant ---------------------------------------------------------------------
+
+    def _prepare(self, item: proto.Prepare, sender: int, reply: str) -> None:
+        try:
+            tx = decode_transaction(item.tx)
+        except ConstellationError as exc:
+            self.send(reply, proto.Vote(b"", exc.code, str(exc), 0))
+            return
+        txid = tx.txid
+        if txid in self.in_doubt:
+            return  # a repeated PREPARE: the vote follows the record's block
+        try:
+            self.state.prepare(tx)
+        except NotHeldHere:
+            code, detail = self._not_held("transaction", tx.inputs[0].coin_id)
+            self.send(reply, proto.Vote(txid, code, detail, 0))
+            return
+        except ConstellationError as exc:
+            self.send(reply, proto.Vote(txid, exc.code, str(exc), 0))
+            return
+        self.in_doubt[txid] = (sender, time.monotonic())
+
+        def durable(height: int) -> None:
+            self.send(reply, proto.Vote(txid, "", "", height))
+
+        self.writer.add(proto.Prepared(item.tx, sender), durable)
+
+    def _decide(self, decide: proto.Decide) -> None:
+        txid = decide.txid
+        if self.in_doubt.pop(txid, None) is None:
+            return  # repeated, or never prepared here
+        if decide.commit:
+            self._changes_of(txid)
+            self.state.commit(txid)
+            self.writer.add(proto.Committed(txid, b""))
+        else:
+            self.state.abort(txid)
+            self.writer.add(proto.Aborted(txid))
+
+    def ask_in_doubt(self, now: float) -> None:
+        """Ask the coordinator of every transaction in doubt for longer than its timeout."""
+        patience = self.timeout_s + ASK_EVERY_S
+        for txid, (coordinator, since) in list(self.in_doubt.items()):
+            if now - since >= patience:
+                self.in_doubt[txid] = (coordinator, now - self.timeout_s)
+                self.send(self.subject_of(coordinator), proto.Ask(txid))
+
+    # -- issuance ------------------------------------------------------------------------
+
+    def _issue(self, item: proto.Issue, reply: str) -> None:
+        try:
+            issuance = decode_issuance(item.issuance)
+        except ConstellationError as exc:
+            self._refuse(reply, item.rid, exc.code, str(exc))
+            return
+        mine = [cid for cid in issuance.output_ids if self._owner(cid) == self.me]
+        if not mine:
+            self._refuse(reply, item.rid, *self._not_held("issuance", issuance.output_ids[0]))
+            return
+        try:
+            self.state.issue(issuance)
+        except AlreadyCommitted:
+            self.send(reply, proto.Result(item.rid, "", "already applied", []))
+            return
+        except ConstellationError as exc:
+            self._refuse(reply, item.rid, exc.code, str(exc))
+            return
+        self._issued_changes(issuance, mine)
+
+        def durable(height: int) -> None:
+            self.send(reply, proto.Result(item.rid, "", "", [(self.me, height)]))
+
+        self.writer.add(proto.Issued(item.issuance), durable)
+
+    def _issued_changes(self, issuance: Issuance, mine: list[bytes]) -> None:
+        changes = self.writer.changes
+        iid = issuance.issuance_id
+        for cid, (value, owner) in zip(issuance.output_ids, issuance.outputs, strict=True):
+            if cid in mine:
+                changes.append(proto.CoinChange(iid, cid, owner, value, True))
+
+    # -- queries -------------------------------------------------------------------------
+
+    def coin_info(self, coin_id: bytes) -> proto.CoinInfo:
+        state = self.state
+        coin = state.coins.get(coin_id)
+        status = state.status(coin_id).value
+        if coin is not None:
+            return proto.CoinInfo(coin_id, status, coin.value_msat, coin.owner, b"")
+        return proto.CoinInfo(coin_id, status, 0, b"", state.spent.get(coin_id, b""))
+
+    def info(self) -> proto.StateInfo:
+        s = self.state
+        return proto.StateInfo(
+            worker=self.me,
+            map_version=self.pmap.version,
+            height=self.wal.height,
+            held_msat=s.held_msat,
+            issued_msat=s.issued_msat,
+            fees_msat=s.fees_msat,
+            coins=len(s.coins),
+            locks=len(s.locks),
+            in_doubt=len(self.in_doubt),
+            coordinating=len(self.coordinating),
+        )
