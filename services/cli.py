@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 from coincurve import PublicKeyXOnly
 
 from constellation import __version__
-from constellation.demo import run_demo
+from constellation.address import decode_address
+from constellation.errors import ConstellationError
 from constellation.guild import Statement
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import Membership
+from constellation.tx import Issuance, TxOutput
 from services import devnet
 from services.runtime import ConfigError
 from services.signer.client import call
 from services.signer.config import load_members
 from services.signer.store import KeyStore
+from services.wallet import Gateway, GatewayError, wallet_command
+from services.workload import run_workload
 
 DEFAULT_DIR = Path(".devnet")
 
@@ -59,39 +66,117 @@ def _guild(args: argparse.Namespace) -> int:
     return 0 if valid else 1
 
 
+def _print_devnet(net: devnet.Devnet) -> None:
+    print(f"devnet {net.guild!r} up in {net.dir}")
+    print(f"  gateway:    {net.gateway_url} (pid {net.gateway_pid}; API at /openapi.json)")
+    for w in net.workers:
+        print(f"  worker {w.index}:   pid {w.pid}, http://127.0.0.1:{w.http_port}")
+    for proc in net.signers:
+        print(f"  signer {proc.index}:   pid {proc.pid}, http://127.0.0.1:{proc.http_port}")
+    print(f"  nats:       {net.nats_url}")
+    print(f"  redis:      {net.redis_url}")
+    print(f"  postgresql: {net.database_url}")
+
+
+async def _fund(net: devnet.Devnet, address: str, amount_msat: int) -> dict[str, Any]:
+    owner = decode_address(address, net.network)
+    issuance = Issuance(
+        net.issuer.pubkey, int.from_bytes(os.urandom(7)), [TxOutput(amount_msat, owner)]
+    )
+    async with aiohttp.ClientSession() as session:
+        return await Gateway(net.gateway_url, session).issue(issuance.signed_by(net.issuer.secret))
+
+
 def _devnet(args: argparse.Namespace) -> int:
     if args.devnet_command == "up":
-        net = devnet.up(args.dir, args.signers, args.guild)
-        print(f"devnet {net.guild!r} up in {net.dir}: nats {net.nats_url}")
-        for proc in net.signers:
-            print(f"  signer {proc.index}: pid {proc.pid}, http://127.0.0.1:{proc.http_port}")
+        _print_devnet(devnet.up(args.dir, args.signers, args.guild, args.workers))
+    elif args.devnet_command == "fund":
+        net = devnet.Devnet.load(args.dir)
+        receipt = asyncio.run(_fund(net, args.address, args.amount_msat))
+        coin = receipt["outputs"][0]["coin_id"]
+        print(f"issued {args.amount_msat} msat to {args.address}: coin {coin}")
     else:
         devnet.down(args.dir, args.purge)
         print("devnet down" + (" and deleted" if args.purge else ""))
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _demo(args: argparse.Namespace) -> int:
+    """The main job: a fresh devnet, a payment workload through its gateway, a report."""
+    if args.dir.exists():
+        devnet.down(args.dir, purge=True) if (args.dir / devnet.STATE_FILE).exists() else None
+    net = devnet.up(args.dir, 0, "demo", args.workers)
+    _print_devnet(net)
+    try:
+        ok = asyncio.run(
+            run_workload(net, args.wallets, args.coins, args.payments, args.clients, sys.stdout)
+        )
+    finally:
+        if not args.keep:
+            devnet.down(args.dir, purge=True)
+    return 0 if ok else 1
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="constellation", description=__doc__)
     parser.add_argument("--version", action="version", version=f"constellation {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
-        "demo", help="wallets, genesis funding and payments on an in-process ledger"
+        "demo", help="a fresh devnet, funded wallets and a payment workload through its gateway"
     )
-    demo.add_argument("--workers", type=int, default=4, help="simulated partition workers")
-    demo.add_argument("--payments", type=int, default=200, help="random payments to make")
-    demo.add_argument("--seed", type=int, default=None, help="seed for a reproducible run")
+    demo.add_argument("--workers", type=int, default=2, help="partition workers")
+    demo.add_argument("--wallets", type=int, default=20, help="wallets to fund")
+    demo.add_argument("--coins", type=int, default=20, help="coins each wallet is funded with")
+    demo.add_argument("--payments", type=int, default=3000, help="payments to make")
+    demo.add_argument("--clients", type=int, default=64, help="concurrent paying clients")
+    demo.add_argument("--dir", type=Path, default=Path(".devnet-demo"), help="its state folder")
+    demo.add_argument("--keep", action="store_true", help="leave the devnet running")
+    _add_devnet(sub)
+    _add_wallet(sub)
+    _add_guild(sub)
+    return parser
 
-    net = sub.add_parser("devnet", help="a local guild: nats-server and signers")
+
+def _add_devnet(sub: Any) -> None:
+    net = sub.add_parser(
+        "devnet", help="a local operator: NATS, Redis, PostgreSQL, workers, gateway, signers"
+    )
     net_sub = net.add_subparsers(dest="devnet_command", required=True)
     up = net_sub.add_parser("up", help="start (creating it the first time)")
     up.add_argument("--signers", type=int, default=3, help="guild members (first time)")
+    up.add_argument("--workers", type=int, default=2, help="partition workers (first time)")
     up.add_argument("--guild", default="devnet", help="guild id (first time)")
+    fund = net_sub.add_parser("fund", help="issue new coins to an address (devnet issuer key)")
+    fund.add_argument("address")
+    fund.add_argument("amount_msat", type=int)
     down = net_sub.add_parser("down", help="stop every process")
     down.add_argument("--purge", action="store_true", help="and delete the devnet's state")
-    for p in (up, down):
+    for p in (up, fund, down):
         p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="devnet state folder")
 
+
+def _add_wallet(sub: Any) -> None:
+    wallet = sub.add_parser("wallet", help="a wallet against a gateway")
+    wallet_sub = wallet.add_subparsers(dest="wallet_command", required=True)
+    create = wallet_sub.add_parser("create", help="new BIP39 words")
+    restore = wallet_sub.add_parser("restore", help="from BIP39 words")
+    restore.add_argument("words", nargs="+")
+    for p in (create, restore):
+        p.add_argument("--network", default="regtest", help="main, test or regtest")
+    address = wallet_sub.add_parser("address", help="a fresh receive address")
+    balance = wallet_sub.add_parser("balance", help="unspent coins")
+    history = wallet_sub.add_parser("history", help="coins received and spent")
+    history.add_argument("--limit", type=int, default=20)
+    send = wallet_sub.add_parser("send", help="pay an address")
+    send.add_argument("address")
+    send.add_argument("amount_msat", type=int)
+    send.add_argument("--fee-msat", type=int, default=1_000)
+    for p in (create, restore, address, balance, history, send):
+        p.add_argument("--file", type=Path, default=Path("wallet.json"), help="the wallet file")
+        p.add_argument("--gateway", default="", help="gateway URL (default: the wallet's)")
+
+
+def _add_guild(sub: Any) -> None:
     guild = sub.add_parser("guild", help="the guild's threshold key on a devnet")
     guild_sub = guild.add_subparsers(dest="guild_command", required=True)
     keygen = guild_sub.add_parser("keygen", help="ChillDKG among all the devnet's signers")
@@ -103,16 +188,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--operator", type=int, default=0, help="which member coordinates")
         p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait")
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            return run_demo(args.workers, args.payments, args.seed, sys.stdout)
+            return _demo(args)
         if args.command == "devnet":
             return _devnet(args)
+        if args.command == "wallet":
+            return asyncio.run(wallet_command(args, sys.stdout))
         return _guild(args)
-    except (ConfigError, devnet.DevnetError) as exc:
+    except (ConfigError, devnet.DevnetError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (ConstellationError, GatewayError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

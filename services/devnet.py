@@ -1,16 +1,21 @@
-"""A local guild on this machine: nats-server and one signer per member, no Docker.
+"""A local operator on this machine, no Docker: nats-server, Redis, PostgreSQL, the
+partition workers, the gateway, and one signer per guild member.
 
-``up`` creates what is missing (identity keys, the guild file, storage keys), starts
-the processes detached, waits until each answers ``/readyz``, and records it all in
-``devnet.json``; ``down`` sends SIGTERM (SIGKILL after a grace period). State survives
-``down``/``up``; ``down --purge`` deletes it. The storage keys of a devnet live in its
-``devnet.json``: a real operator's comes from a secret store.
+``up`` creates what is missing (identity keys, the guild file, storage keys, the
+issuer key, the database), publishes the partition map, starts the processes
+detached, waits until each is ready, and records it all in ``devnet.json``; ``down``
+sends SIGTERM (SIGKILL after a grace period). State survives ``down``/``up``; ``down
+--purge`` deletes it. The storage and issuer keys of a devnet live in its
+``devnet.json``: a real operator's come from a secret store.
 """
 
 from __future__ import annotations
 
+import asyncio
+import glob
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -21,7 +26,12 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import nats
+
+from constellation.keys import SigningKey
+from constellation.ledger.pmap import PartitionMap
 from constellation.protocol.envelope import Membership
+from services.partition.transport import load_map, publish_map
 from services.signer.config import save_members
 from services.signer.store import KeyStore
 
@@ -42,13 +52,69 @@ class SignerProc:
 
 
 @dataclass
+class WorkerProc:
+    index: int
+    state_dir: str
+    http_port: int
+    pid: int = 0
+
+
+@dataclass
 class Devnet:
     dir: str
     guild: str
     nats_port: int
+    issuer_secret: str
+    operator: str = "local"
+    network: str = "regtest"
     nats_pid: int = 0
+    redis_port: int = 0
+    redis_pid: int = 0
+    pg_port: int = 0
+    pg_pid: int = 0
+    gateway_port: int = 0
+    gateway_pid: int = 0
     request_timeout_ms: int = 30_000
     signers: list[SignerProc] = field(default_factory=list)
+    workers: list[WorkerProc] = field(default_factory=list)
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def database_url(self) -> str:
+        return f"postgresql://constellation@127.0.0.1:{self.pg_port}/constellation"
+
+    @property
+    def issuer(self) -> SigningKey:
+        return SigningKey(bytes.fromhex(self.issuer_secret))
+
+    def worker_env(self, proc: WorkerProc) -> dict[str, str]:
+        return {
+            **os.environ,
+            "WORKER_ID": str(proc.index),
+            "WORKER_OPERATOR": self.operator,
+            "WORKER_NATS_URL": self.nats_url,
+            "WORKER_STATE_DIR": proc.state_dir,
+            "WORKER_HTTP_ADDR": f"127.0.0.1:{proc.http_port}",
+            "WORKER_ISSUERS": self.issuer.pubkey.hex(),
+        }
+
+    def gateway_env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "GATEWAY_OPERATOR": self.operator,
+            "GATEWAY_NATS_URL": self.nats_url,
+            "GATEWAY_REDIS_URL": self.redis_url,
+            "GATEWAY_DATABASE_URL": self.database_url,
+            "GATEWAY_HTTP_ADDR": f"127.0.0.1:{self.gateway_port}",
+            "GATEWAY_NETWORK": self.network,
+        }
 
     @property
     def nats_url(self) -> str:
@@ -68,7 +134,8 @@ class Devnet:
         except FileNotFoundError:
             raise DevnetError(f"no devnet in {directory}: run `constellation devnet up`") from None
         signers = [SignerProc(**s) for s in doc.pop("signers")]
-        return Devnet(**doc, signers=signers)
+        workers = [WorkerProc(**w) for w in doc.pop("workers")]
+        return Devnet(**doc, signers=signers, workers=workers)
 
     def signer_env(self, proc: SignerProc) -> dict[str, str]:
         return {
@@ -97,7 +164,7 @@ def nats_server_binary() -> str:
     return found
 
 
-def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> int:
+def spawn(argv: list[str], env: dict[str, str], log_path: Path, user: str | None = None) -> int:
     """Start a detached process (its own session) logging to ``log_path``."""
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -107,6 +174,7 @@ def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> int:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            user=user,
         )
     return proc.pid
 
@@ -169,10 +237,129 @@ def start_signer(net: Devnet, proc: SignerProc, argv: list[str] | None = None) -
     wait_ready(proc.http_port, proc.pid, 20)
 
 
-def create(directory: Path, signers: int, guild: str) -> Devnet:
-    """Make the devnet's identities and guild file (not its processes)."""
+def start_redis(net: Devnet) -> None:
+    """Redis for rebuildable state (idempotency keys, rate limits): no persistence."""
+    data = Path(net.dir) / "redis"
+    data.mkdir(exist_ok=True)
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise DevnetError("redis-server not found: run scripts/setup")
+    argv = [binary, "--port", str(net.redis_port), "--bind", "127.0.0.1", "--dir", str(data)]
+    argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+    net.redis_pid = spawn(argv, dict(os.environ), data / "log")
+    wait_tcp(net.redis_port, 10)
+
+
+def pg_binary(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=_version_key)
+    path = found[-1] if found else shutil.which(name)
+    if path is None:
+        raise DevnetError(f"PostgreSQL's {name} not found: run scripts/setup")
+    return path
+
+
+def _version_key(path: str) -> int:
+    part = Path(path).parts[-3]
+    return int(part) if part.isdigit() else 0
+
+
+def _pg_user() -> str | None:
+    """PostgreSQL refuses to run as root: as root, run it as Debian's ``postgres`` user."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        raise DevnetError("running as root needs the postgres user (Debian's postgresql)") from None
+    return "postgres"
+
+
+def start_postgres(net: Devnet) -> None:
+    data = Path(net.dir) / "postgres"
+    user = _pg_user()
+    if not (data / "PG_VERSION").exists():
+        data.mkdir(mode=0o700, exist_ok=True)
+        if user is not None:
+            shutil.chown(data, user)
+        initdb = [pg_binary("initdb"), "-D", str(data), "-A", "trust", "-U", "constellation"]
+        done = subprocess.run(
+            [*initdb, "-E", "UTF8", "--no-sync"],
+            check=False,
+            user=user,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise DevnetError(f"initdb failed: {done.stderr.strip()}")
+    argv = [pg_binary("postgres"), "-D", str(data), "-p", str(net.pg_port), "-k", str(data)]
+    argv += ["-h", "127.0.0.1", "-c", "max_connections=50", "-c", "synchronous_commit=on"]
+    net.pg_pid = spawn(argv, dict(os.environ), Path(net.dir) / "postgres.log", user)
+    asyncio.run(_create_database(net))
+
+
+async def _create_database(net: Devnet) -> None:
+    import asyncpg
+
+    deadline = time.monotonic() + 30
+    while True:
+        if not alive(net.pg_pid):
+            raise DevnetError(f"postgres exited during start: see {net.dir}/postgres.log")
+        try:
+            conn = await asyncpg.connect(
+                host="127.0.0.1", port=net.pg_port, user="constellation", database="postgres"
+            )
+            break
+        except (OSError, asyncpg.PostgresError):
+            if time.monotonic() > deadline:
+                raise DevnetError("postgres did not accept connections in 30 s") from None
+            await asyncio.sleep(0.1)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = 'constellation'"):
+            await conn.execute("CREATE DATABASE constellation")
+    finally:
+        await conn.close()
+
+
+def publish_partition_map(net: Devnet) -> PartitionMap:
+    """Publish the even map for the devnet's workers, keeping the stored one if it matches."""
+
+    async def go() -> PartitionMap:
+        nc = await nats.connect(net.nats_url)
+        try:
+            wanted = PartitionMap.even(len(net.workers))
+            current = await load_map(nc, net.operator)
+            if current is not None:
+                if current.workers != wanted.workers:
+                    raise DevnetError(
+                        f"this devnet's map v{current.version} has {len(current.workers)} "
+                        f"workers; its coins live in their logs (create a new devnet)"
+                    )
+                return current
+            await publish_map(nc, net.operator, wanted)
+            return wanted
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def start_worker(net: Devnet, proc: WorkerProc) -> None:
+    Path(proc.state_dir).mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "services.partition"]
+    proc.pid = spawn(argv, net.worker_env(proc), Path(proc.state_dir) / "worker.log")
+    wait_ready(proc.http_port, proc.pid, 60)
+
+
+def start_gateway(net: Devnet) -> None:
+    argv = [sys.executable, "-m", "services.gateway"]
+    net.gateway_pid = spawn(argv, net.gateway_env(), Path(net.dir) / "gateway.log")
+    wait_ready(net.gateway_port, net.gateway_pid, 30)
+
+
+def create(directory: Path, signers: int, guild: str, workers: int) -> Devnet:
+    """Make the devnet's identities, guild file and issuer key (not its processes)."""
     directory.mkdir(parents=True, exist_ok=True)
-    net = Devnet(str(directory.resolve()), guild, free_port())
+    net = Devnet(str(directory.resolve()), guild, free_port(), os.urandom(32).hex())
     keys = []
     for i in range(signers):
         proc = SignerProc(i, str(Path(net.dir) / f"signer-{i}"), os.urandom(32).hex(), free_port())
@@ -180,25 +367,48 @@ def create(directory: Path, signers: int, guild: str) -> Devnet:
             KeyStore(Path(proc.state_dir), bytes.fromhex(proc.storage_key)).create_identity()
         )
         net.signers.append(proc)
-    save_members(Membership(guild, keys), net.members_path)
+    for i in range(workers):
+        net.workers.append(WorkerProc(i, str(Path(net.dir) / f"worker-{i}"), free_port()))
+    if keys:
+        save_members(Membership(guild, keys), net.members_path)
     net.save()
     return net
 
 
-def up(directory: Path, signers: int, guild: str) -> Devnet:
+def pids(net: Devnet) -> list[int]:
+    return [
+        net.nats_pid,
+        net.redis_pid,
+        net.pg_pid,
+        net.gateway_pid,
+        *(s.pid for s in net.signers),
+        *(w.pid for w in net.workers),
+    ]
+
+
+def up(directory: Path, signers: int, guild: str, workers: int = 2) -> Devnet:
     if (directory / STATE_FILE).exists():
         net = Devnet.load(directory)
-        if any(alive(p) for p in [net.nats_pid, *(s.pid for s in net.signers)]):
+        if any(alive(p) for p in pids(net)):
             raise DevnetError(f"the devnet in {directory} is running: `devnet down` first")
-        net.nats_port = free_port()
-        for proc in net.signers:
-            proc.http_port = free_port()
     else:
-        net = create(directory, signers, guild)
+        net = create(directory, signers, guild, workers)
+    net.nats_port, net.redis_port, net.pg_port = free_port(), free_port(), free_port()
+    net.gateway_port = free_port()
+    for proc in net.signers:
+        proc.http_port = free_port()
+    for worker in net.workers:
+        worker.http_port = free_port()
     try:
         start_nats(net)
+        start_redis(net)
+        start_postgres(net)
+        publish_partition_map(net)
         for proc in net.signers:
             start_signer(net, proc)
+        for worker in net.workers:
+            start_worker(net, worker)
+        start_gateway(net)
     except DevnetError:
         net.save()
         down(directory)
@@ -207,10 +417,10 @@ def up(directory: Path, signers: int, guild: str) -> Devnet:
     return net
 
 
-def stop_pid(pid: int, grace_s: float) -> None:
+def stop_pid(pid: int, grace_s: float, sig: signal.Signals = signal.SIGTERM) -> None:
     if not alive(pid):
         return
-    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, sig)
     end = time.monotonic() + grace_s
     while time.monotonic() < end:
         if not alive(pid):
@@ -221,8 +431,11 @@ def stop_pid(pid: int, grace_s: float) -> None:
 
 def down(directory: Path, purge: bool = False) -> None:
     net = Devnet.load(directory)
-    for proc in net.signers:
-        stop_pid(proc.pid, 10)
+    stop_pid(net.gateway_pid, 10)
+    for pid in [*(w.pid for w in net.workers), *(s.pid for s in net.signers)]:
+        stop_pid(pid, 10)
+    stop_pid(net.redis_pid, 5)
+    stop_pid(net.pg_pid, 10, signal.SIGINT)  # PostgreSQL's fast shutdown
     stop_pid(net.nats_pid, 5)
     if purge:
         shutil.rmtree(directory)

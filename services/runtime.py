@@ -94,10 +94,15 @@ def now_ms() -> int:
 class OpsServer:
     """``/healthz`` (the process runs), ``/readyz`` (it can do its work), ``/metrics``."""
 
-    def __init__(self, registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]]) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        ready: Callable[[], tuple[bool, str]],
+        max_body: int = 1 << 20,
+    ) -> None:
         self.registry = registry
         self.ready = ready
-        self.app = web.Application()
+        self.app = web.Application(client_max_size=max_body)
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", self._metrics)

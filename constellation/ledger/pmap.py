@@ -61,4 +61,3 @@ def decode_map(data: bytes) -> PartitionMap:
         raise MessageError(f"bad partition map: {exc}") from None
     except msgspec.DecodeError as exc:
         raise MessageError(f"partition map is not JSON: {exc}") from None
-

@@ -1,1 +1,1 @@
-"""Not built yet: see services/README.md."""
+"""The public API: transactions in, receipts, lookups, websocket pushes, the history index."""

@@ -1,1 +1,1 @@
-"""Not built yet: see services/README.md."""
+"""Partition workers: routing, two-phase commit, packages, blocks, the block log."""

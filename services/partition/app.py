@@ -170,7 +170,7 @@ class WorkerNode:
                 try:
                     await js.publish(subject, data, timeout=5)
                     break
-                except (NatsError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, NatsError) as exc:
                     log.warning("event publish failed; retrying", extra={"error": str(exc)})
                     await asyncio.sleep(0.5)
 

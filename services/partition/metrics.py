@@ -42,7 +42,5 @@ class WorkerMetrics:
         self.rejected_packages = Counter(
             "worker_rejected_packages", "packages refused as malformed", registry=r
         )
-        self.queue = Gauge(
-            "worker_queue_depth", "items waiting, by queue", ["queue"], registry=r
-        )
+        self.queue = Gauge("worker_queue_depth", "items waiting, by queue", ["queue"], registry=r)
         self.height = Gauge("worker_block_height", "blocks in this worker's log", registry=r)

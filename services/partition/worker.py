@@ -204,10 +204,7 @@ class Worker:
                     self.in_doubt.pop(rec.txid, None)
                     state.abort(rec.txid)
                 else:
-                    try:
-                        state.issue(decode_issuance(rec.issuance))
-                    except AlreadyCommitted:
-                        pass
+                    state.issue(decode_issuance(rec.issuance))
         state.check_invariants()
         self.metrics.height.set(self.wal.height)
         return self.wal.height

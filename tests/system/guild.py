@@ -25,7 +25,7 @@ class Guild:
         self, directory: Path, n: int, faults: dict[int, str] | None, timeout_ms: int
     ) -> None:
         self.faults = faults or {}
-        self.net = devnet.create(directory, n, "test")
+        self.net = devnet.create(directory, n, "test", workers=0)
         self.net.request_timeout_ms = timeout_ms
         self.frozen: set[int] = set()
         devnet.start_nats(self.net)

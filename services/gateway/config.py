@@ -1,0 +1,50 @@
+"""The gateway's settings, read once from the environment."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from constellation.address import Network
+from services.partition.config import Batching, env_operator
+from services.runtime import ConfigError, env_addr, env_int, env_str
+
+
+@dataclass(frozen=True)
+class Settings:
+    operator: str
+    nats_url: str
+    redis_url: str
+    database_url: str
+    network: Network
+    http_host: str
+    http_port: int
+    rate_per_s: int  # transactions per second per client
+    max_in_flight: int
+    max_body: int
+    timeout_ms: int
+    packages: Batching
+    log_level: str
+
+    @staticmethod
+    def from_env(env: Mapping[str, str]) -> Settings:
+        host, port = env_addr(env, "GATEWAY_HTTP_ADDR", "127.0.0.1:8080")
+        try:
+            network = Network.from_name(env_str(env, "GATEWAY_NETWORK", "regtest"))
+        except ValueError as exc:
+            raise ConfigError(f"GATEWAY_NETWORK: {exc}") from None
+        return Settings(
+            operator=env_operator(env, "GATEWAY_OPERATOR"),
+            nats_url=env_str(env, "GATEWAY_NATS_URL", "nats://127.0.0.1:4222"),
+            redis_url=env_str(env, "GATEWAY_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            database_url=env_str(env, "GATEWAY_DATABASE_URL"),
+            network=network,
+            http_host=host,
+            http_port=port,
+            rate_per_s=env_int(env, "GATEWAY_RATE_PER_S", 20_000, 1, 10_000_000),
+            max_in_flight=env_int(env, "GATEWAY_MAX_IN_FLIGHT", 20_000, 1, 10_000_000),
+            max_body=env_int(env, "GATEWAY_MAX_BODY", 4 << 20, 1024, 64 << 20),
+            timeout_ms=env_int(env, "GATEWAY_TIMEOUT_MS", 5_000, 100, 600_000),
+            packages=Batching.from_env(env, "GATEWAY_PACKAGE", 512, 0),
+            log_level=env_str(env, "GATEWAY_LOG_LEVEL", "info"),
+        )

@@ -1,0 +1,149 @@
+"""The gateway's client of the partition workers: routing, packages, answers by request id."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import defaultdict
+from collections.abc import Callable
+
+import msgspec
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from constellation.errors import MessageError
+from constellation.ledger.pmap import PartitionMap
+from constellation.protocol import ledger as proto
+from constellation.tx import Issuance, Transaction
+from services.partition.config import Batching
+from services.partition.transport import (
+    GATEWAY,
+    Packer,
+    load_map,
+    query_subject,
+    worker_subject,
+)
+
+UNAVAILABLE = "unavailable"
+
+
+class LedgerUnavailable(RuntimeError):
+    """No answer from a worker in time: the outcome is unknown."""
+
+
+class LedgerClient:
+    def __init__(
+        self,
+        nc: Client,
+        operator: str,
+        pmap: PartitionMap,
+        batching: Batching,
+        observe: Callable[[int], None],
+    ) -> None:
+        self.nc = nc
+        self.operator = operator
+        self.pmap = pmap
+        self.owners = pmap.owners()
+        self.inbox = f"cst.{operator}.gw.{nc.new_inbox().rsplit('.', 1)[-1]}"
+        self.packer = Packer(nc, GATEWAY, self.inbox, lambda: self.pmap.version, batching, observe)
+        self._rids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[proto.Result]] = {}
+
+    @classmethod
+    async def connect(
+        cls, url: str, operator: str, batching: Batching, observe: Callable[[int], None]
+    ) -> LedgerClient:
+        nc = await nats.connect(
+            url, name=f"gateway-{operator}", max_reconnect_attempts=-1, reconnect_time_wait=0.5
+        )
+        pmap = await load_map(nc, operator)
+        if pmap is None:
+            await nc.close()
+            raise LedgerUnavailable("no partition map is published yet")
+        client = cls(nc, operator, pmap, batching, observe)
+        await nc.subscribe(client.inbox, cb=client._on_results, pending_msgs_limit=1_000_000)
+        await nc.flush()
+        return client
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._waiting)
+
+    def owner(self, coin_id: bytes) -> int:
+        return self.owners[(coin_id[0] << 8) | coin_id[1]]
+
+    async def _on_results(self, msg: Msg) -> None:
+        try:
+            pkg = proto.decode_package(msg.data)
+        except MessageError:
+            return
+        waiting = self._waiting
+        for item in pkg.items:
+            if isinstance(item, proto.Result):
+                fut = waiting.pop(item.rid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(item)
+
+    def _request(
+        self, worker: int, item_of: Callable[[int, bytes], proto.Item], raw: bytes
+    ) -> tuple[int, asyncio.Future[proto.Result]]:
+        rid = next(self._rids)
+        fut: asyncio.Future[proto.Result] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = fut
+        self.packer.send(worker_subject(self.operator, worker), item_of(rid, raw))
+        return rid, fut
+
+    async def _wait(
+        self, rid: int, fut: asyncio.Future[proto.Result], timeout_s: float
+    ) -> proto.Result:
+        try:
+            return await asyncio.wait_for(fut, timeout_s)
+        except TimeoutError:
+            raise LedgerUnavailable(f"no answer from the ledger in {timeout_s:g} s") from None
+        finally:
+            self._waiting.pop(rid, None)
+
+    async def submit(self, tx: Transaction, raw: bytes, timeout_s: float) -> proto.Result:
+        """Run ``tx`` through its coordinator; the worker's ``Result``."""
+        rid, fut = self._request(self.owner(tx.inputs[0].coin_id), proto.Submit, raw)
+        return await self._wait(rid, fut, timeout_s)
+
+    async def issue(self, issuance: Issuance, raw: bytes, timeout_s: float) -> list[proto.Result]:
+        """Apply an issuance at every worker holding one of its outputs."""
+        workers = sorted({self.owner(cid) for cid in issuance.output_ids})
+        pending = [self._request(w, proto.Issue, raw) for w in workers]
+        return list(await asyncio.gather(*(self._wait(r, f, timeout_s) for r, f in pending)))
+
+    async def coins(self, coin_ids: list[bytes], timeout_s: float) -> dict[bytes, proto.CoinInfo]:
+        by_worker: dict[int, list[bytes]] = defaultdict(list)
+        for cid in coin_ids:
+            by_worker[self.owner(cid)].append(cid)
+        replies = await asyncio.gather(
+            *(
+                self._query(w, "coins", msgspec.msgpack.encode(proto.CoinQuery(ids)), timeout_s)
+                for w, ids in by_worker.items()
+            )
+        )
+        found = {}
+        for data in replies:
+            for info in msgspec.msgpack.decode(data, type=list[proto.CoinInfo]):
+                found[info.coin_id] = info
+        return found
+
+    async def state(self, worker: int, timeout_s: float) -> proto.StateInfo:
+        data = await self._query(worker, "state", b"", timeout_s)
+        return msgspec.msgpack.decode(data, type=proto.StateInfo)
+
+    async def _query(self, worker: int, what: str, payload: bytes, timeout_s: float) -> bytes:
+        try:
+            msg = await self.nc.request(
+                query_subject(self.operator, worker, what), payload, timeout=timeout_s
+            )
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise LedgerUnavailable(f"worker {worker} did not answer: {exc}") from None
+        return msg.data
+
+    async def close(self) -> None:
+        await self.packer.drain()
+        await self.nc.drain()

@@ -1,0 +1,196 @@
+"""A wallet against a gateway: the seed file, the gateway client, and the wallet commands.
+
+The wallet file holds the BIP39 words, the network, the gateway URL and how many keys
+of each chain were handed out; it is written with mode 0600 and must be protected like
+the seed it is (a real deployment keeps the words in a hardware or encrypted store).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from constellation.address import Network, decode_address, encode_address
+from constellation.errors import ConstellationError
+from constellation.ledger.partition import Coin
+from constellation.tx import Issuance, Transaction
+from constellation.wallet import CHANGE, RECEIVE, Wallet, new_mnemonic
+
+GAP = 5  # unused receive addresses past the last handed out that a balance also checks
+
+
+class GatewayError(RuntimeError):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"[{code}] {message} (HTTP {status})")
+        self.status = status
+        self.code = code
+
+
+class Gateway:
+    """The public API, over HTTP."""
+
+    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
+        self.url = url.rstrip("/")
+        self.session = session
+
+    async def _json(self, resp: aiohttp.ClientResponse) -> dict[str, Any]:
+        try:
+            doc: dict[str, Any] = await resp.json(content_type=None)
+        except (aiohttp.ContentTypeError, json.JSONDecodeError, ValueError):
+            raise GatewayError(resp.status, "http", await resp.text()) from None
+        if resp.status >= 400:
+            err = doc.get("error", {})
+            raise GatewayError(resp.status, err.get("code", "http"), err.get("message", ""))
+        return doc
+
+    async def get(self, path: str) -> dict[str, Any]:
+        async with self.session.get(self.url + path) as resp:
+            return await self._json(resp)
+
+    async def post(
+        self, path: str, body: bytes, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        hdrs = {"Content-Type": "application/octet-stream", **(headers or {})}
+        async with self.session.post(self.url + path, data=body, headers=hdrs) as resp:
+            return await self._json(resp)
+
+    async def submit(self, tx: Transaction, key: str | None = None) -> dict[str, Any]:
+        return await self.post("/v1/tx", tx.encode(), {"Idempotency-Key": key} if key else None)
+
+    async def issue(self, issuance: Issuance) -> dict[str, Any]:
+        return await self.post("/v1/issuance", issuance.encode())
+
+    async def coins(self, address: str) -> dict[bytes, Coin]:
+        doc = await self.get(f"/v1/address/{address}/coins?limit=500")
+        owner = decode_address(address, _network_of(address))
+        return {
+            bytes.fromhex(c["coin_id"]): Coin(c["value_msat"], owner)
+            for c in doc["coins"]
+            if c["status"] == "unspent"
+        }
+
+    async def history(self, address: str, limit: int = 50) -> list[dict[str, Any]]:
+        doc = await self.get(f"/v1/address/{address}/history?limit={limit}")
+        entries: list[dict[str, Any]] = doc["history"]
+        return entries
+
+
+def _network_of(address: str) -> Network:
+    hrp = address.lower().split("1", 1)[0]
+    for network in Network:
+        if network.value == hrp:
+            return network
+    raise ConstellationError(f"unknown address prefix {hrp!r}")
+
+
+@dataclass
+class WalletFile:
+    mnemonic: str
+    network: str
+    gateway: str
+    receive: int = 0  # receive keys handed out
+    change: int = 0
+
+    @staticmethod
+    def create(path: Path, gateway: str, network: str, words: str | None = None) -> WalletFile:
+        if path.exists():
+            raise FileExistsError(f"{path} exists: a wallet is never overwritten")
+        mnemonic = words if words is not None else new_mnemonic()
+        doc = WalletFile(mnemonic, network, gateway)
+        doc.wallet()  # checks the words and the network
+        doc.save(path)
+        return doc
+
+    @staticmethod
+    def load(path: Path) -> WalletFile:
+        try:
+            return WalletFile(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no wallet at {path}: `constellation wallet create`") from None
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def wallet(self) -> Wallet:
+        """The wallet with every key handed out so far (and the gap) registered."""
+        w = Wallet.from_mnemonic(self.mnemonic, network=Network.from_name(self.network))
+        for i in range(self.receive + GAP):
+            w.key(RECEIVE, i)
+        for i in range(self.change):
+            w.key(CHANGE, i)
+        return w
+
+    def addresses(self) -> list[str]:
+        w = self.wallet()
+        keys = [w.key(RECEIVE, i) for i in range(self.receive + GAP)]
+        keys += [w.key(CHANGE, i) for i in range(self.change)]
+        return [encode_address(k.pubkey, w.network) for k in keys]
+
+    def next_address(self) -> str:
+        key = self.wallet().key(RECEIVE, self.receive)
+        self.receive += 1
+        return encode_address(key.pubkey, Network.from_name(self.network))
+
+
+async def wallet_coins(gateway: Gateway, addresses: list[str]) -> dict[bytes, Coin]:
+    coins: dict[bytes, Coin] = {}
+    for address in addresses:
+        coins.update(await gateway.coins(address))
+    return coins
+
+
+async def wallet_command(args: Any, out: Any) -> int:
+    """``constellation wallet …`` (``args`` from the CLI's parser)."""
+    path: Path = args.file
+    if args.wallet_command in ("create", "restore"):
+        words = " ".join(args.words) if args.wallet_command == "restore" else None
+        doc = WalletFile.create(path, args.gateway, args.network, words)
+        if words is None:
+            print("write these words down; they are the only way to restore the wallet:", file=out)
+            print(f"  {doc.mnemonic}", file=out)
+        print(f"wallet saved to {path} ({doc.network}, gateway {doc.gateway})", file=out)
+        return 0
+    doc = WalletFile.load(path)
+    if args.wallet_command == "address":
+        address = doc.next_address()
+        doc.save(path)
+        print(address, file=out)
+        return 0
+    async with aiohttp.ClientSession() as session:
+        gw = Gateway(args.gateway or doc.gateway, session)
+        if args.wallet_command == "balance":
+            coins = await wallet_coins(gw, doc.addresses())
+            total = sum(c.value_msat for c in coins.values())
+            print(f"{total} msat in {len(coins)} coins", file=out)
+        elif args.wallet_command == "history":
+            entries = []
+            for address in doc.addresses():
+                entries += [(e["at"], address, e) for e in await gw.history(address, args.limit)]
+            for at, address, e in sorted(entries, key=lambda x: x[0], reverse=True)[: args.limit]:
+                sign = "+" if e["kind"] == "received" else "-"
+                print(
+                    f"{at}  {sign}{e['value_msat']:>15} msat  {address}  tx {e['txid']}", file=out
+                )
+        else:  # send
+            wallet = doc.wallet()
+            coins = await wallet_coins(gw, doc.addresses())
+            tx = wallet.pay(coins, args.address, args.amount_msat, args.fee_msat)
+            if len(tx.outputs) > 1:
+                doc.change += 1  # the change key is spent from the chain: remember it
+                doc.save(path)
+            receipt = await gw.submit(tx, key=tx.txid.hex())
+            blocks = ", ".join(
+                f"worker {b['worker']} block {b['height']}" for b in receipt["blocks"]
+            )
+            print(f"sent {args.amount_msat} msat to {args.address}", file=out)
+            print(f"txid {receipt['txid']} committed in {blocks}", file=out)
+    return 0
