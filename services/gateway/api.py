@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import WSMsgType, web
+from redis.exceptions import RedisError
 
 from constellation.address import Network, decode_address, encode_address
 from constellation.errors import ConstellationError, DecodeError
@@ -199,6 +200,9 @@ class Api:
             response = await handler(request)
         except ApiError as err:
             response = error_response(err)
+        except RedisError as exc:
+            log.warning("redis failed", extra={"error": str(exc)})
+            response = error_response(ApiError("unavailable", "limits store unavailable", 1))
         except web.HTTPRequestEntityTooLarge as exc:
             response = error_response(ApiError("too_large", exc.text or "request too large"))
         except web.HTTPException as exc:
@@ -270,8 +274,8 @@ class Api:
             "status": "committed",
             "blocks": [{"worker": w, "height": h} for w, h in result.blocks],
             "outputs": [
-                {"coin_id": cid.hex(), "value_msat": v, "address": encode_address(k, self.network)}
-                for cid, (v, k) in zip(tx.output_ids, tx.outputs, strict=True)
+                {"coin_id": cid.hex(), "value_msat": v}
+                for cid, (v, _) in zip(tx.output_ids, tx.outputs, strict=True)
             ],
         }
 
@@ -329,9 +333,8 @@ class Api:
 
         async def one(item: Transaction | ApiError) -> dict[str, Any]:
             if isinstance(item, ApiError):
-                return {"status": item.status, **item.body()}
-            status, answer = await self._run(item, item.encode())
-            return {"status": status, **answer}
+                return item.body()
+            return (await self._run(item, item.encode()))[1]
 
         results = await asyncio.gather(*(one(p) for p in parsed))
         return web.json_response({"results": results})

@@ -39,7 +39,9 @@ class Limits:
 
     @classmethod
     def connect(cls, url: str, rate_per_s: int) -> Limits:
-        return cls(aioredis.from_url(url), rate_per_s)
+        """A client whose requests wait for one of 32 connections (5 s at most)."""
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=32, timeout=5)
+        return cls(aioredis.Redis(connection_pool=pool), rate_per_s)
 
     async def admit(self, client: str, count: int) -> float:
         """Count ``count`` transactions for ``client``; 0 if admitted, else seconds to wait."""
