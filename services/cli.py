@@ -14,7 +14,7 @@ import aiohttp
 from coincurve import PublicKeyXOnly
 
 from constellation import __version__
-from constellation.address import decode_address
+from constellation.address import Network, decode_address
 from constellation.errors import ConstellationError
 from constellation.guild import Statement
 from constellation.protocol import signer as proto
@@ -79,7 +79,7 @@ def _print_devnet(net: devnet.Devnet) -> None:
 
 
 async def _fund(net: devnet.Devnet, address: str, amount_msat: int) -> dict[str, Any]:
-    owner = decode_address(address, net.network)
+    owner = decode_address(address, Network.from_name(net.network))
     issuance = Issuance(
         net.issuer.pubkey, int.from_bytes(os.urandom(7)), [TxOutput(amount_msat, owner)]
     )
