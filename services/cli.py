@@ -73,6 +73,7 @@ def _print_devnet(net: devnet.Devnet) -> None:
         print(f"  worker {w.index}:   pid {w.pid}, http://127.0.0.1:{w.http_port}")
     for proc in net.signers:
         print(f"  signer {proc.index}:   pid {proc.pid}, http://127.0.0.1:{proc.http_port}")
+    print(f"  indexer:    pid {net.indexer_pid}, http://127.0.0.1:{net.indexer_port}")
     print(f"  nats:       {net.nats_url}")
     print(f"  redis:      {net.redis_url}")
     print(f"  postgresql: {net.database_url}")

@@ -74,6 +74,8 @@ class Devnet:
     pg_pid: int = 0
     gateway_port: int = 0
     gateway_pid: int = 0
+    indexer_port: int = 0
+    indexer_pid: int = 0
     request_timeout_ms: int = 30_000
     signers: list[SignerProc] = field(default_factory=list)
     workers: list[WorkerProc] = field(default_factory=list)
@@ -350,6 +352,19 @@ def start_worker(net: Devnet, proc: WorkerProc) -> None:
     wait_ready(proc.http_port, proc.pid, 60)
 
 
+def start_indexer(net: Devnet) -> None:
+    env = {
+        **os.environ,
+        "INDEXER_OPERATOR": net.operator,
+        "INDEXER_NATS_URL": net.nats_url,
+        "INDEXER_DATABASE_URL": net.database_url,
+        "INDEXER_HTTP_ADDR": f"127.0.0.1:{net.indexer_port}",
+    }
+    argv = [sys.executable, "-m", "services.gateway.indexer"]
+    net.indexer_pid = spawn(argv, env, Path(net.dir) / "indexer.log")
+    wait_ready(net.indexer_port, net.indexer_pid, 30)
+
+
 def start_gateway(net: Devnet) -> None:
     argv = [sys.executable, "-m", "services.gateway"]
     net.gateway_pid = spawn(argv, net.gateway_env(), Path(net.dir) / "gateway.log")
@@ -381,6 +396,7 @@ def pids(net: Devnet) -> list[int]:
         net.redis_pid,
         net.pg_pid,
         net.gateway_pid,
+        net.indexer_pid,
         *(s.pid for s in net.signers),
         *(w.pid for w in net.workers),
     ]
@@ -394,7 +410,7 @@ def up(directory: Path, signers: int, guild: str, workers: int = 2) -> Devnet:
     else:
         net = create(directory, signers, guild, workers)
     net.nats_port, net.redis_port, net.pg_port = free_port(), free_port(), free_port()
-    net.gateway_port = free_port()
+    net.gateway_port, net.indexer_port = free_port(), free_port()
     for proc in net.signers:
         proc.http_port = free_port()
     for worker in net.workers:
@@ -409,6 +425,7 @@ def up(directory: Path, signers: int, guild: str, workers: int = 2) -> Devnet:
         for worker in net.workers:
             start_worker(net, worker)
         start_gateway(net)
+        start_indexer(net)
     except DevnetError:
         net.save()
         down(directory)
@@ -432,6 +449,7 @@ def stop_pid(pid: int, grace_s: float, sig: signal.Signals = signal.SIGTERM) -> 
 def down(directory: Path, purge: bool = False) -> None:
     net = Devnet.load(directory)
     stop_pid(net.gateway_pid, 10)
+    stop_pid(net.indexer_pid, 10)
     for pid in [*(w.pid for w in net.workers), *(s.pid for s in net.signers)]:
         stop_pid(pid, 10)
     stop_pid(net.redis_pid, 5)

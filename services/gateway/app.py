@@ -60,9 +60,6 @@ class GatewayNode:
                 log.warning("undecodable events", extra={"error": str(exc)})
 
         await ledger.nc.subscribe(events_subject(s.operator), cb=on_events)
-        indexer = asyncio.create_task(
-            index.consume(ledger.nc, s.operator, "index", m.indexed_blocks.inc)
-        )
         await self.ops.start(s.http_host, s.http_port)
         self.api = api
         log.info(
@@ -73,8 +70,6 @@ class GatewayNode:
         self.draining = True
         log.info("draining", extra={"in_flight": ledger.in_flight})
         await self.ops.stop()  # stops taking requests; waits for the running ones
-        indexer.cancel()
-        await asyncio.gather(indexer, return_exceptions=True)
         await ledger.close()
         await index.close()
         await limits.close()

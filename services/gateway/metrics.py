@@ -28,8 +28,5 @@ class GatewayMetrics:
             ["route", "status"],
             registry=r,
         )
-        self.indexed_blocks = Counter(
-            "gateway_indexed_blocks", "blocks of events stored in the index", registry=r
-        )
         self.queue = Gauge("gateway_queue_depth", "items waiting, by queue", ["queue"], registry=r)
         self.websockets = Gauge("gateway_websockets", "open websocket subscriptions", registry=r)
