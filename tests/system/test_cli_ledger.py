@@ -1,0 +1,131 @@
+"""The README's main command, the wallet commands against a devnet, ops endpoints, SIGTERM."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from services import devnet
+from services.cli import main
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="cst-cli-"))
+    path.chmod(0o755)  # PostgreSQL runs as its own user where the tests run as root
+    yield path
+    for state in path.glob("*/devnet.json"):
+        devnet.down(state.parent, purge=True)
+
+
+def cli(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(list(argv))
+    return code, out.getvalue()
+
+
+def get(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.status, r.read().decode()
+
+
+def test_demo_pays_through_a_devnet_and_checks_the_ledger(root: Path) -> None:
+    code, out = cli(
+        "demo",
+        "--payments",
+        "150",
+        "--wallets",
+        "6",
+        "--coins",
+        "5",
+        "--clients",
+        "8",
+        "--dir",
+        str(root / "demo"),
+    )
+    assert code == 0, out
+    assert re.search(r"payments: \d+ of 150 committed", out)
+    assert "tx/s" in out and "confirm latency ms: p50" in out
+    assert "double spend: 1 committed" in out and ": conserved" in out
+    assert not (root / "demo").exists()  # purged after the run
+
+
+def test_wallet_commands_ops_endpoints_and_a_clean_stop(root: Path) -> None:
+    d = str(root / "net")
+    code, out = cli("devnet", "up", "--dir", d, "--signers", "0", "--workers", "2")
+    assert code == 0 and "gateway:" in out
+    net = devnet.Devnet.load(Path(d))
+    alice, bob = str(root / "alice.json"), str(root / "bob.json")
+    code, out = cli("wallet", "create", "--file", alice, "--gateway", net.gateway_url)
+    assert code == 0
+    words = out.splitlines()[1].strip()
+    assert len(words.split()) == 12
+    assert cli("wallet", "create", "--file", alice, "--gateway", net.gateway_url)[0] == 2
+    _, a_addr = cli("wallet", "address", "--file", alice)
+    code, out = cli(
+        "wallet", "restore", *words.split(), "--file", bob, "--gateway", net.gateway_url
+    )
+    assert code == 0
+    # Bob's file restores Alice's words: same first address. Give Bob fresh words instead.
+    Path(bob).unlink()
+    cli("wallet", "create", "--file", bob, "--gateway", net.gateway_url)
+    _, b_addr = cli("wallet", "address", "--file", bob)
+    code, out = cli("devnet", "fund", a_addr.strip(), "5000000", "--dir", d)
+    assert code == 0 and "issued 5000000 msat" in out
+    assert _balance_is(alice, 5_000_000)
+    code, out = cli("wallet", "send", b_addr.strip(), "1200000", "--file", alice)
+    assert code == 0 and "committed in worker" in out, out
+    assert _balance_is(bob, 1_200_000)
+    assert _balance_is(alice, 5_000_000 - 1_200_000 - 1_000)
+    code, out = cli("wallet", "send", b_addr.strip(), "99000000", "--file", alice)
+    assert code == 1  # insufficient funds, refused before anything is sent
+    _, history = cli("wallet", "history", "--file", alice)
+    assert history.count("msat") >= 2 and "-" in history and "+" in history
+    # Every process answers its ops endpoints.
+    ports = [net.gateway_port, net.indexer_port, *(w.http_port for w in net.workers)]
+    for port in ports:
+        assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        status, body = get(f"http://127.0.0.1:{port}/readyz")
+        assert status == 200 and json.loads(body)["ready"]
+    _, metrics = get(f"http://127.0.0.1:{net.workers[0].http_port}/metrics")
+    for name in (
+        "worker_committed_txs",
+        "worker_confirm_seconds",
+        "worker_package_items",
+        "worker_block_records",
+        "worker_fsync_seconds",
+        "worker_queue_depth",
+    ):
+        assert name in metrics
+    _, metrics = get(f"http://127.0.0.1:{net.gateway_port}/metrics")
+    assert 'gateway_txs_total{code="committed"}' in metrics
+    assert "gateway_confirm_seconds" in metrics and "gateway_queue_depth" in metrics
+    # SIGTERM: every service drains and says so.
+    assert cli("devnet", "down", "--dir", d)[0] == 0
+    logs = [Path(w.state_dir) / "worker.log" for w in net.workers]
+    logs += [Path(d) / "gateway.log", Path(d) / "indexer.log"]
+    for log in logs:
+        assert '"event": "stopped"' in log.read_text(), log
+
+
+def _balance_is(wallet: str, expected: int) -> bool:
+    """Whether the wallet shows ``expected`` within 5 s (the index follows the blocks)."""
+    for _ in range(50):
+        code, out = cli("wallet", "balance", "--file", wallet)
+        assert code == 0, out
+        if int(out.split()[0]) == expected:
+            return True
+        time.sleep(0.1)
+    return False
