@@ -276,9 +276,24 @@ def _pg_user() -> str | None:
     return "postgres"
 
 
+def _reachable(folder: Path, user: str) -> bool:
+    """Whether ``user`` (not root, not the owner) may traverse every folder up to ``folder``."""
+    uid = pwd.getpwnam(user).pw_uid
+    for part in [folder, *folder.parents]:
+        st = part.stat()
+        if st.st_uid != uid and not st.st_mode & 0o001:
+            return False
+    return True
+
+
 def start_postgres(net: Devnet) -> None:
     data = Path(net.dir) / "postgres"
     user = _pg_user()
+    if user is not None and not _reachable(data.parent, user):
+        raise DevnetError(
+            f"PostgreSQL runs as {user!r}, which cannot reach {data.parent}: put the devnet "
+            "in a folder every user may traverse (e.g. under /tmp or the project)"
+        )
     if not (data / "PG_VERSION").exists():
         data.mkdir(mode=0o700, exist_ok=True)
         if user is not None:

@@ -112,8 +112,13 @@ class Workload:
 
     async def double_spend(self) -> int:
         """Two payments of one coin, sent at once: how many committed."""
-        src = next(a for a in self.accounts if a.coins)
-        cid, coin = src.coins.popitem()
+        src, cid, coin = next(
+            (a, cid, c)
+            for a in self.accounts
+            for cid, c in a.coins.items()
+            if c.value_msat > FEE_MSAT
+        )
+        del src.coins[cid]
         pays = [
             src.wallet.pay({cid: coin}, self.fresh_owner(a), coin.value_msat - FEE_MSAT, FEE_MSAT)
             for a in self.accounts[:2]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from services import devnet
 from tests.system.guild import Guild
 
 GuildFactory = Callable[..., Guild]
@@ -24,3 +27,16 @@ def guild_factory(tmp_path: Path) -> Iterator[GuildFactory]:
     yield make
     for guild in made:
         guild.close()
+
+
+@pytest.fixture
+def devnet_root() -> Iterator[Path]:
+    """A folder for devnets that PostgreSQL's own user can reach (pytest's tmp_path is
+    private to root where the tests run as root); running devnets in it are stopped."""
+    path = Path(tempfile.mkdtemp(prefix="cst-devnets-"))
+    path.chmod(0o755)
+    yield path
+    for state in path.glob("*/devnet.json"):
+        if state.parent.exists():
+            devnet.down(state.parent, purge=True)
+    shutil.rmtree(path, ignore_errors=True)

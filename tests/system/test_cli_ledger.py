@@ -5,10 +5,8 @@ from __future__ import annotations
 import io
 import json
 import re
-import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -18,15 +16,6 @@ from services import devnet
 from services.cli import main
 
 pytestmark = pytest.mark.system
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="cst-cli-"))
-    path.chmod(0o755)  # PostgreSQL runs as its own user where the tests run as root
-    yield path
-    for state in path.glob("*/devnet.json"):
-        devnet.down(state.parent, purge=True)
 
 
 def cli(*argv: str) -> tuple[int, str]:
@@ -41,7 +30,7 @@ def get(url: str) -> tuple[int, str]:
         return r.status, r.read().decode()
 
 
-def test_demo_pays_through_a_devnet_and_checks_the_ledger(root: Path) -> None:
+def test_demo_pays_through_a_devnet_and_checks_the_ledger(devnet_root: Path) -> None:
     code, out = cli(
         "demo",
         "--payments",
@@ -53,21 +42,21 @@ def test_demo_pays_through_a_devnet_and_checks_the_ledger(root: Path) -> None:
         "--clients",
         "8",
         "--dir",
-        str(root / "demo"),
+        str(devnet_root / "demo"),
     )
     assert code == 0, out
     assert re.search(r"payments: \d+ of 150 committed", out)
     assert "tx/s" in out and "confirm latency ms: p50" in out
     assert "double spend: 1 committed" in out and ": conserved" in out
-    assert not (root / "demo").exists()  # purged after the run
+    assert not (devnet_root / "demo").exists()  # purged after the run
 
 
-def test_wallet_commands_ops_endpoints_and_a_clean_stop(root: Path) -> None:
-    d = str(root / "net")
+def test_wallet_commands_ops_endpoints_and_a_clean_stop(devnet_root: Path) -> None:
+    d = str(devnet_root / "net")
     code, out = cli("devnet", "up", "--dir", d, "--signers", "0", "--workers", "2")
     assert code == 0 and "gateway:" in out
     net = devnet.Devnet.load(Path(d))
-    alice, bob = str(root / "alice.json"), str(root / "bob.json")
+    alice, bob = str(devnet_root / "alice.json"), str(devnet_root / "bob.json")
     code, out = cli("wallet", "create", "--file", alice, "--gateway", net.gateway_url)
     assert code == 0
     words = out.splitlines()[1].strip()
