@@ -200,7 +200,7 @@ def main() -> int:
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--seconds", type=float, default=4.0, help="length of each measured run")
     ap.add_argument("--offered", type=float, default=12_000, help="tx/s offered to saturate")
-    ap.add_argument("--tick-ms", type=float, default=2.0, help="batch interval of the generator")
+    ap.add_argument("--tick-ms", type=float, default=5.0, help="batch interval of the generator")
     ap.add_argument("--runs", type=int, default=1, help="repeat and take medians")
     args = ap.parse_args()
     figures: dict[str, Any] = {}
