@@ -52,7 +52,6 @@ FETCH_BATCH = 256
 class Index:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-        self.indexed_blocks = 0
 
     @classmethod
     async def open(cls, dsn: str) -> Index:
@@ -87,7 +86,6 @@ class Index:
                     " ON CONFLICT DO NOTHING",
                     txs,
                 )
-        self.indexed_blocks += len(events)
 
     async def consume(
         self, nc: Client, operator: str, durable: str, notify: Callable[[int], None]

@@ -25,8 +25,6 @@ from services.partition.transport import (
     worker_subject,
 )
 
-UNAVAILABLE = "unavailable"
-
 
 class LedgerUnavailable(RuntimeError):
     """No answer from a worker in time: the outcome is unknown."""
