@@ -40,7 +40,7 @@ import aiohttp
 from bench.common import median, print_table, write_json
 from constellation.keys import SigningKey, schnorr_sign
 from constellation.sighash import sighash
-from constellation.tx import Issuance, Transaction, TxInput, TxOutput
+from constellation.tx import Transaction, TxInput, TxOutput
 from services import devnet
 from services.wallet import Gateway
 
@@ -70,9 +70,7 @@ async def fund(
 
     async def chunk(n: int) -> None:
         owners = [rng.choice(keys) for _ in range(n)]
-        issuance = Issuance(
-            net.issuer.pubkey, rng.getrandbits(63), [TxOutput(COIN_MSAT, k.pubkey) for k in owners]
-        ).signed_by(net.issuer.secret)
+        issuance = net.issuance([TxOutput(COIN_MSAT, k.pubkey) for k in owners])
         receipt = await gw.issue(issuance)
         assert receipt["status"] == "committed"
         funded.extend(zip(issuance.output_ids, owners, strict=True))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ from constellation.errors import ConstellationError
 from constellation.guild import Statement
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import Membership
-from constellation.tx import Issuance, TxOutput
+from constellation.tx import TxOutput
 from services import devnet
 from services.runtime import ConfigError
 from services.signer.client import call
@@ -81,11 +80,9 @@ def _print_devnet(net: devnet.Devnet) -> None:
 
 async def _fund(net: devnet.Devnet, address: str, amount_msat: int) -> dict[str, Any]:
     owner = decode_address(address, Network.from_name(net.network))
-    issuance = Issuance(
-        net.issuer.pubkey, int.from_bytes(os.urandom(7)), [TxOutput(amount_msat, owner)]
-    )
+    issuance = net.issuance([TxOutput(amount_msat, owner)])
     async with aiohttp.ClientSession() as session:
-        return await Gateway(net.gateway_url, session).issue(issuance.signed_by(net.issuer.secret))
+        return await Gateway(net.gateway_url, session).issue(issuance)
 
 
 def _devnet(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import nats
 from constellation.keys import SigningKey
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol.envelope import Membership
+from constellation.tx import Issuance, TxOutput
 from services.partition.transport import load_map, publish_map
 from services.signer.config import save_members
 from services.signer.store import KeyStore
@@ -95,6 +97,12 @@ class Devnet:
     @property
     def issuer(self) -> SigningKey:
         return SigningKey(bytes.fromhex(self.issuer_secret))
+
+    def issuance(self, outputs: Sequence[TxOutput]) -> Issuance:
+        """New coins, signed by the devnet's issuer key (a fresh random nonce each)."""
+        issuer = self.issuer
+        nonce = int.from_bytes(os.urandom(8)) >> 1
+        return Issuance(issuer.pubkey, nonce, outputs).signed_by(issuer.secret)
 
     def worker_env(self, proc: WorkerProc) -> dict[str, str]:
         return {

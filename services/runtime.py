@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -133,6 +133,29 @@ class OpsServer:
         return web.Response(
             body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
+
+
+class HasLogLevel(Protocol):
+    @property
+    def log_level(self) -> str: ...
+
+
+S = TypeVar("S", bound=HasLogLevel)
+
+
+def serve(
+    service: Callable[[S], str],
+    from_env: Callable[[Mapping[str, str]], S],
+    node: Callable[[S], Callable[[asyncio.Event], Awaitable[None]]],
+) -> int:
+    """A service's ``main``: settings from the environment (exit 2, saying why, if they
+    are refused), then ``run`` the node they configure."""
+    try:
+        settings = from_env(os.environ)
+    except ConfigError as exc:
+        print(f"{sys.argv[0]}: {exc}", file=sys.stderr)
+        return 2
+    return run(service(settings), settings.log_level, lambda: node(settings))
 
 
 def run(

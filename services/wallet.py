@@ -16,7 +16,6 @@ from typing import Any
 import aiohttp
 
 from constellation.address import Network, decode_address, encode_address
-from constellation.errors import ConstellationError
 from constellation.ledger.partition import Coin
 from constellation.tx import Issuance, Transaction
 from constellation.wallet import CHANGE, RECEIVE, Wallet, new_mnemonic
@@ -67,7 +66,8 @@ class Gateway:
 
     async def coins(self, address: str) -> dict[bytes, Coin]:
         doc = await self.get(f"/v1/address/{address}/coins?limit=500")
-        owner = decode_address(address, _network_of(address))
+        # The wallet's own address: its network is whatever its prefix says.
+        owner = decode_address(address, address.rpartition("1")[0].lower())
         return {
             bytes.fromhex(c["coin_id"]): Coin(c["value_msat"], owner)
             for c in doc["coins"]
@@ -78,14 +78,6 @@ class Gateway:
         doc = await self.get(f"/v1/address/{address}/history?limit={limit}")
         entries: list[dict[str, Any]] = doc["history"]
         return entries
-
-
-def _network_of(address: str) -> Network:
-    hrp = address.lower().split("1", 1)[0]
-    for network in Network:
-        if network.value == hrp:
-            return network
-    raise ConstellationError(f"unknown address prefix {hrp!r}")
 
 
 @dataclass

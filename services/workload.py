@@ -16,7 +16,7 @@ import aiohttp
 from constellation.address import Network
 from constellation.keys import XOnlyPubKey
 from constellation.ledger.partition import Coin
-from constellation.tx import Issuance, Transaction, TxOutput
+from constellation.tx import Transaction, TxOutput
 from constellation.wallet import Wallet
 from services.devnet import Devnet
 from services.wallet import Gateway, GatewayError
@@ -60,12 +60,10 @@ class Workload:
 
     async def fund(self, coins_each: int) -> int:
         """One issuance per wallet; returns the msat issued."""
-        issuer = self.net.issuer
 
         async def one(account: Account) -> None:
             outputs = [TxOutput(COIN_MSAT, self.fresh_owner(account)) for _ in range(coins_each)]
-            issuance = Issuance(issuer.pubkey, self.rng.getrandbits(63), outputs)
-            receipt = await self.gw.issue(issuance.signed_by(issuer.secret))
+            receipt = await self.gw.issue(self.net.issuance(outputs))
             for (value, owner), o in zip(outputs, receipt["outputs"], strict=True):
                 account.coins[bytes.fromhex(o["coin_id"])] = Coin(value, owner)
 

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from services.gateway.app import GatewayNode
 from services.gateway.config import Settings
-from services.runtime import ConfigError, run
-
-
-def main() -> int:
-    try:
-        settings = Settings.from_env(os.environ)
-    except ConfigError as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
-        return 2
-    return run("gateway", settings.log_level, lambda: GatewayNode(settings).run)
-
+from services.runtime import serve
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve(lambda _: "gateway", Settings.from_env, lambda s: GatewayNode(s).run))

@@ -12,8 +12,7 @@ import asyncio
 import logging
 import struct
 import time
-from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -174,7 +173,7 @@ class Api:
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout_s
         self.pending: dict[bytes, float] = {}
-        self.sockets: dict[bytes, set[asyncio.Queue[dict[str, Any]]]] = defaultdict(set)
+        self.sockets: dict[bytes, set[asyncio.Queue[dict[str, Any]]]] = {}
 
     def install(self, app: web.Application) -> None:
         app.middlewares.append(self._errors)
@@ -313,7 +312,7 @@ class Api:
         if request.content_type != "application/octet-stream":
             raise ApiError("malformed.content_type", "a batch is application/octet-stream")
         body = await self._body(request, MAX_BATCH * MAX_TX_BYTES)
-        parsed: list[Transaction | ApiError] = []
+        parsed: list[tuple[Transaction, bytes] | ApiError] = []
         at = 0
         while at < len(body):
             if len(body) - at < _LEN.size:
@@ -322,8 +321,9 @@ class Api:
             at += _LEN.size
             if n > MAX_TX_BYTES or at + n > len(body):
                 raise ApiError("malformed.batch", f"transaction {len(parsed)} overruns the body")
+            raw = body[at : at + n]
             try:
-                parsed.append(decode_transaction(body[at : at + n], check_owners=False))
+                parsed.append((decode_transaction(raw, check_owners=False), raw))
             except ConstellationError as exc:
                 parsed.append(ApiError(exc.code, str(exc)))
             at += n
@@ -331,10 +331,10 @@ class Api:
                 raise ApiError("too_large", f"at most {MAX_BATCH} transactions per batch")
         await self._admit(request, len(parsed))
 
-        async def one(item: Transaction | ApiError) -> dict[str, Any]:
+        async def one(item: tuple[Transaction, bytes] | ApiError) -> dict[str, Any]:
             if isinstance(item, ApiError):
                 return item.body()
-            return (await self._run(item, item.encode()))[1]
+            return (await self._run(*item))[1]
 
         results = await asyncio.gather(*(one(p) for p in parsed))
         return web.json_response({"results": results})
@@ -469,17 +469,22 @@ class Api:
                 "block": {"worker": events.worker, "height": events.height},
             }
             for queue in list(queues):
-                try:
+                if queue.qsize() < WS_QUEUE:
                     queue.put_nowait(note)
-                except asyncio.QueueFull:
-                    queue.put_nowait({"type": "error", "code": "overloaded"})  # never full
+                else:  # the last slot is kept for this
+                    queue.put_nowait({"type": "error", "code": "overloaded"})
                     self._unsubscribe_all(queue)
 
+    def _unsubscribe(self, queue: asyncio.Queue[dict[str, Any]], owners: Iterable[bytes]) -> None:
+        for owner in owners:
+            queues = self.sockets.get(owner)
+            if queues is not None:
+                queues.discard(queue)
+                if not queues:
+                    del self.sockets[owner]
+
     def _unsubscribe_all(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
-        for owner in [o for o, qs in self.sockets.items() if queue in qs]:
-            self.sockets[owner].discard(queue)
-            if not self.sockets[owner]:
-                del self.sockets[owner]
+        self._unsubscribe(queue, [o for o, qs in self.sockets.items() if queue in qs])
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(heartbeat=30, max_msg_size=64 << 10)
@@ -522,10 +527,9 @@ class Api:
                     continue
                 for owner in add:
                     mine.add(owner)
-                    self.sockets[owner].add(queue)
-                for owner in drop:
-                    mine.discard(owner)
-                    self.sockets[owner].discard(queue)
+                    self.sockets.setdefault(owner, set()).add(queue)
+                mine.difference_update(drop)
+                self._unsubscribe(queue, drop)
                 await ws.send_json({"type": "subscribed", "count": len(mine)})
         finally:
             sender.cancel()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from services.gateway.index import Index
 from services.partition.config import env_operator
-from services.runtime import ConfigError, OpsServer, env_addr, env_str, run
+from services.runtime import OpsServer, env_addr, env_str, serve
 
 log = logging.getLogger("indexer")
 
@@ -79,14 +78,5 @@ class Indexer:
         await self.ops.stop()
 
 
-def main() -> int:
-    try:
-        settings = Settings.from_env(os.environ)
-    except ConfigError as exc:
-        print(f"indexer: {exc}", file=sys.stderr)
-        return 2
-    return run("indexer", settings.log_level, lambda: Indexer(settings).run)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve(lambda _: "indexer", Settings.from_env, lambda s: Indexer(s).run))

@@ -96,7 +96,8 @@ class LedgerClient:
         self, rid: int, fut: asyncio.Future[proto.Result], timeout_s: float
     ) -> proto.Result:
         try:
-            return await asyncio.wait_for(fut, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await fut
         except TimeoutError:
             raise LedgerUnavailable(f"no answer from the ledger in {timeout_s:g} s") from None
         finally:

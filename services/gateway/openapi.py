@@ -46,10 +46,12 @@ LIMIT = {
     "schema": {"type": "integer", "minimum": 1, "maximum": 500},
 }
 ADDRESS = _path_param("address", {"type": "string"})
+BINARY = {"type": "string", "format": "binary"}
+BINARY_BODY = {"required": True, "content": {"application/octet-stream": {"schema": BINARY}}}
 TX_BODY = {
     "required": True,
     "content": {
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": BINARY},
         "application/json": {"schema": _ref("Transaction")},
     },
 }
@@ -76,14 +78,7 @@ def openapi() -> dict[str, Any]:
             "/v1/txs": {
                 "post": {
                     "summary": "Submit a batch: (length:u32 big-endian, transaction)*",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/octet-stream": {
-                                "schema": {"type": "string", "format": "binary"}
-                            }
-                        },
-                    },
+                    "requestBody": BINARY_BODY,
                     "responses": {
                         "200": _json(
                             {
@@ -99,14 +94,7 @@ def openapi() -> dict[str, Any]:
             "/v1/issuance": {
                 "post": {
                     "summary": "Apply an issuance signed by a trusted issuer (idempotent)",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/octet-stream": {
-                                "schema": {"type": "string", "format": "binary"}
-                            }
-                        },
-                    },
+                    "requestBody": BINARY_BODY,
                     "responses": {
                         "200": _json({"type": "object"}, "applied"),
                         **_errors(400, 403, 413, 429, 503, 504),

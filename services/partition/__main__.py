@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from services.partition.app import WorkerNode
 from services.partition.config import Settings
-from services.runtime import ConfigError, run
-
-
-def main() -> int:
-    try:
-        settings = Settings.from_env(os.environ)
-    except ConfigError as exc:
-        print(f"worker: {exc}", file=sys.stderr)
-        return 2
-    return run(f"worker-{settings.worker}", settings.log_level, lambda: WorkerNode(settings).run)
-
+from services.runtime import serve
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve(lambda s: f"worker-{s.worker}", Settings.from_env, lambda s: WorkerNode(s).run))

@@ -139,7 +139,7 @@ class WorkerNode:
         deadline = time.monotonic() + worker.timeout_s + 1
         while worker.coordinating and time.monotonic() < deadline:
             await asyncio.sleep(TICK_S)
-        await worker.writer.flush()
+        await worker.writer.close()
         await packer.drain()
         while not self._events.empty() and time.monotonic() < deadline:
             await asyncio.sleep(TICK_S)

@@ -87,6 +87,7 @@ class BlockWriter:
         self._due = asyncio.Event()
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._write_loop())
@@ -115,9 +116,10 @@ class BlockWriter:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            if not self.records:
-                continue
-            await self._write()
+            if self.records:
+                await self._write()
+            if self._closing and not self.records:
+                return
 
     async def _write(self) -> None:
         records, after, changes, committed = self.records, self.after, self.changes, self.committed
@@ -134,14 +136,12 @@ class BlockWriter:
         if changes or committed:
             self.publish(proto.BlockEvents(self.worker, height, changes, committed))
 
-    async def flush(self) -> None:
-        """Write what is gathered now (for a clean stop)."""
+    async def close(self) -> None:
+        """Write what is gathered, after the block being written (for a clean stop)."""
+        self._closing = True
+        self._due.set()
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        if self.records:
-            await self._write()
+            await self._task
 
 
 class Worker:
@@ -356,8 +356,14 @@ class Worker:
         self._refuse(c.reply, c.rid, code, detail)
 
     def expire(self, now: float) -> None:
-        """Abort what waited for votes past its deadline."""
-        late = [c for c in self.coordinating.values() if c.deadline <= now]
+        """Abort what waited for votes past its deadline. Deadlines grow in the order the
+        transactions arrived (one timeout for all), so the scan stops at the first that
+        is not due."""
+        late = []
+        for c in self.coordinating.values():
+            if c.deadline > now:
+                break
+            late.append(c)
         for c in late:
             silent = ", ".join(str(w) for w in sorted(c.waiting))
             self._abort(c, TIMEOUT, f"no vote from worker {silent} in {self.timeout_s:g} s")

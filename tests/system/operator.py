@@ -13,7 +13,7 @@ import aiohttp
 
 from constellation.keys import SigningKey
 from constellation.sighash import sign_transaction
-from constellation.tx import Issuance, Transaction, TxInput, TxOutput, partition_of
+from constellation.tx import Transaction, TxInput, TxOutput, partition_of
 from services import devnet
 from services.wallet import Gateway
 
@@ -27,7 +27,6 @@ class Operator:
         self.root.chmod(0o755)
         self.net = devnet.up(self.root / "net", 0, "test", workers)
         self.frozen: set[int] = set()
-        self.nonce = int.from_bytes(os.urandom(6))
 
     @property
     def url(self) -> str:
@@ -66,17 +65,12 @@ class Operator:
         with contextlib.suppress(OSError):
             self.root.rmdir()
 
-    def issuance(self, outputs: list[TxOutput]) -> Issuance:
-        self.nonce += 1
-        issuer = self.net.issuer
-        return Issuance(issuer.pubkey, self.nonce, outputs).signed_by(issuer.secret)
-
     async def fund(
         self, gw: Gateway, key: SigningKey, value: int, worker: int | None = None
     ) -> bytes:
         """A new coin of ``value`` owned by ``key`` (on ``worker``, if given)."""
         while True:
-            issuance = self.issuance([TxOutput(value, key.pubkey)])
+            issuance = self.net.issuance([TxOutput(value, key.pubkey)])
             if worker is None or self.owner_of(issuance.output_ids[0]) == worker:
                 break
         receipt = await gw.issue(issuance)

@@ -67,8 +67,8 @@ def test_wallet_commands_ops_endpoints_and_a_clean_stop(devnet_root: Path) -> No
         "wallet", "restore", *words.split(), "--file", bob, "--gateway", net.gateway_url
     )
     assert code == 0
-    # Bob's file restores Alice's words: same first address. Give Bob fresh words instead.
-    Path(bob).unlink()
+    assert cli("wallet", "address", "--file", bob)[1] == a_addr  # the same words, same keys
+    Path(bob).unlink()  # Bob gets words of his own
     cli("wallet", "create", "--file", bob, "--gateway", net.gateway_url)
     _, b_addr = cli("wallet", "address", "--file", bob)
     code, out = cli("devnet", "fund", a_addr.strip(), "5000000", "--dir", d)

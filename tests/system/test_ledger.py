@@ -19,7 +19,7 @@ import pytest
 from constellation.address import Network, encode_address
 from constellation.keys import SigningKey
 from constellation.protocol import ledger as proto
-from constellation.tx import MAX_OUTPUTS, TxOutput
+from constellation.tx import MAX_OUTPUTS, Issuance, TxOutput
 from services.partition.transport import GATEWAY, worker_subject
 from services.wallet import Gateway, GatewayError
 from tests.system.operator import Operator, pay, post
@@ -134,8 +134,7 @@ async def test_bad_inputs_get_clear_errors_and_change_nothing(op: Operator, gw: 
         assert got == 409 and doc["error"]["code"] == "ledger.spent"
         assert "already spent" in doc["error"]["message"]
         rogue = SigningKey(os.urandom(32))
-        issuance = op.issuance([TxOutput(5, rogue.pubkey)])
-        forged_issue = type(issuance)(rogue.pubkey, 1, [TxOutput(5, rogue.pubkey)]).signed_by(
+        forged_issue = Issuance(rogue.pubkey, 1, [TxOutput(5, rogue.pubkey)]).signed_by(
             rogue.secret
         )
         got, doc, _ = await post(session, op.url + "/v1/issuance", forged_issue.encode())
