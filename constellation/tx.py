@@ -29,6 +29,8 @@ from constellation.errors import (
     DuplicateInput,
     InvalidKey,
     NonCanonical,
+    TrailingBytes,
+    Truncated,
     Unbalanced,
     UnsupportedVersion,
     ValueOutOfRange,
@@ -54,6 +56,8 @@ _coin_hash = tagged_hasher("constellation/coin")
 _issue_hash = tagged_hasher("constellation/issue")
 _INPUT = struct.Struct(">32sQ")
 _OUTPUT = struct.Struct(">Q32s")
+_FEE = struct.Struct(">Q")
+_WITNESS_LEN = 1 + SIGNATURE_LEN
 
 
 class TxInput(NamedTuple):
@@ -104,6 +108,22 @@ def _check_outputs(outputs: Sequence[TxOutput], what: str, check_owners: bool = 
     return total
 
 
+def _check_values(
+    inputs: tuple[TxInput, ...], outputs: tuple[TxOutput, ...], fee_msat: int, check_owners: bool
+) -> None:
+    """Input values, distinct inputs, outputs, and ``sum(in) == sum(out) + fee``."""
+    total_in = 0
+    for i, (_, value) in enumerate(inputs):
+        if type(value) is not int or not 1 <= value <= MAX_MSAT:
+            raise ValueOutOfRange(f"input {i} value {value!r} not in 1..2^64-1 msat")
+        total_in += value
+    if len({cid for cid, _ in inputs}) != len(inputs):
+        raise DuplicateInput("a coin appears twice among the inputs")
+    total_out = _check_outputs(outputs, "transaction", check_owners)
+    if total_in != total_out + fee_msat:
+        raise Unbalanced(f"inputs {total_in} msat != outputs {total_out} + fee {fee_msat} msat")
+
+
 def _encode_outputs(outputs: Sequence[TxOutput]) -> bytes:
     return u16(len(outputs)) + b"".join(_OUTPUT.pack(v, k) for v, k in outputs)
 
@@ -146,37 +166,42 @@ class Transaction:
     ) -> None:
         if not 1 <= len(inputs) <= MAX_INPUTS:
             raise CountOutOfRange(f"{len(inputs)} inputs, allowed 1..{MAX_INPUTS}")
-        total_in = 0
-        for i, (cid, value) in enumerate(inputs):
+        for i, (cid, _) in enumerate(inputs):
             if len(cid) != 32:
                 raise NonCanonical(f"input {i} coin id is {len(cid)} bytes, not 32")
-            if type(value) is not int or not 1 <= value <= MAX_MSAT:
-                raise ValueOutOfRange(f"input {i} value {value!r} not in 1..2^64-1 msat")
-            total_in += value
-        if len({cid for cid, _ in inputs}) != len(inputs):
-            raise DuplicateInput("a coin appears twice among the inputs")
-        total_out = _check_outputs(outputs, "transaction", check_owners)
         if type(fee_msat) is not int or not 0 <= fee_msat <= MAX_MSAT:
             raise ValueOutOfRange(f"fee {fee_msat!r} not in 0..2^64-1 msat")
-        if total_in != total_out + fee_msat:
-            raise Unbalanced(f"inputs {total_in} msat != outputs {total_out} + fee {fee_msat} msat")
         if witnesses and len(witnesses) != len(inputs):
             raise CountOutOfRange(f"{len(witnesses)} witnesses for {len(inputs)} inputs")
         for i, sig in enumerate(witnesses):
             if len(sig) != SIGNATURE_LEN:
                 raise NonCanonical(f"witness {i} is {len(sig)} bytes, not 64")
-        self.inputs = tuple(TxInput(c, v) for c, v in inputs)
-        self.outputs = tuple(TxOutput(v, k) for v, k in outputs)
-        self.fee_msat = fee_msat
-        self.witnesses = tuple(witnesses)
-        self.body = (
+        ins = tuple(TxInput(c, v) for c, v in inputs)
+        outs = tuple(TxOutput(v, k) for v, k in outputs)
+        _check_values(ins, outs, fee_msat, check_owners)
+        body = (
             bytes((TX_VERSION,))
-            + u16(len(inputs))
-            + b"".join(_INPUT.pack(c, v) for c, v in inputs)
-            + _encode_outputs(outputs)
+            + u16(len(ins))
+            + b"".join(_INPUT.pack(c, v) for c, v in ins)
+            + _encode_outputs(outs)
             + u64(fee_msat)
         )
-        self.txid = _txid_hash(self.body)
+        self._fill(ins, outs, fee_msat, tuple(witnesses), body)
+
+    def _fill(
+        self,
+        inputs: tuple[TxInput, ...],
+        outputs: tuple[TxOutput, ...],
+        fee_msat: int,
+        witnesses: tuple[bytes, ...],
+        body: bytes,
+    ) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self.fee_msat = fee_msat
+        self.witnesses = witnesses
+        self.body = body
+        self.txid = _txid_hash(body)
         # Computed here, in the stateless stage, so partitions only look them up.
         self.output_ids = coin_ids(self.txid, len(outputs))
 
@@ -207,31 +232,57 @@ class Transaction:
         )
 
 
+def _truncated(need: int, size: int) -> Truncated:
+    return Truncated(f"transaction: needs {need} bytes, got {size}")
+
+
 def decode_transaction(data: bytes, check_owners: bool = True) -> Transaction:
     """Decode a canonical transaction; any deviation raises a specific ``DecodeError``.
 
     ``check_owners=False`` skips checking that each output's owner is a curve point (a
     square root per output): for a transaction a trusted stage already checked.
+
+    This runs for every transaction at the gateway and at each involved worker, so it
+    reads the fixed-size records with ``iter_unpack`` and hashes the body as received.
     """
-    r = Reader(data, "transaction")
-    version = r.u8()
-    if version != TX_VERSION:
-        raise UnsupportedVersion(f"transaction version {version}, expected {TX_VERSION}")
-    n_in = r.count(1, MAX_INPUTS, "inputs")
-    inputs = []
-    for _ in range(n_in):
-        cid = r.bytes(32)
-        inputs.append(TxInput(cid, r.u64()))
-    outputs = _decode_outputs(r)
-    fee = r.u64()
+    size = len(data)
+    if size < 1:
+        raise _truncated(1, size)
+    if data[0] != TX_VERSION:
+        raise UnsupportedVersion(f"transaction version {data[0]}, expected {TX_VERSION}")
+    if size < 3:
+        raise _truncated(3, size)
+    n_in = (data[1] << 8) | data[2]
+    if not 1 <= n_in <= MAX_INPUTS:
+        raise CountOutOfRange(f"transaction: {n_in} inputs, allowed 1..{MAX_INPUTS}")
+    at = 3 + _INPUT.size * n_in
+    if size < at + 2:
+        raise _truncated(at + 2, size)
+    n_out = (data[at] << 8) | data[at + 1]
+    if not 1 <= n_out <= MAX_OUTPUTS:
+        raise CountOutOfRange(f"transaction: {n_out} outputs, allowed 1..{MAX_OUTPUTS}")
+    fee_at = at + 2 + _OUTPUT.size * n_out
+    body_end = fee_at + 8
+    if size < body_end:
+        raise _truncated(body_end, size)
+    inputs = tuple(map(TxInput._make, _INPUT.iter_unpack(data[3:at])))
+    outputs = tuple(map(TxOutput._make, _OUTPUT.iter_unpack(data[at + 2 : fee_at])))
+    fee = int(_FEE.unpack_from(data, fee_at)[0])
     witnesses = []
+    pos = body_end
     for i in range(n_in):
-        kind = r.u8()
-        if kind != WITNESS_KEY_PATH:
-            raise UnsupportedVersion(f"input {i}: witness kind {kind} is not supported")
-        witnesses.append(r.bytes(SIGNATURE_LEN))
-    r.finish()
-    return Transaction(inputs, outputs, fee, witnesses, check_owners=check_owners)
+        if size < pos + _WITNESS_LEN:
+            raise _truncated(pos + _WITNESS_LEN, size)
+        if data[pos] != WITNESS_KEY_PATH:
+            raise UnsupportedVersion(f"input {i}: witness kind {data[pos]} is not supported")
+        witnesses.append(data[pos + 1 : pos + _WITNESS_LEN])
+        pos += _WITNESS_LEN
+    if pos != size:
+        raise TrailingBytes(f"transaction: {size - pos} bytes after the end")
+    _check_values(inputs, outputs, fee, check_owners)
+    tx = Transaction.__new__(Transaction)
+    tx._fill(inputs, outputs, fee, tuple(witnesses), data[:body_end])
+    return tx
 
 
 class Issuance:

@@ -181,11 +181,16 @@ class StateInfo(msgspec.Struct, frozen=True):
 _package_encoder = msgspec.msgpack.Encoder()
 _package_decoder = msgspec.msgpack.Decoder(Package)
 _block_decoder = msgspec.msgpack.Decoder(Block)
-_events_decoder = msgspec.msgpack.Decoder(BlockEvents)
+_events_decoder = msgspec.msgpack.Decoder(list[BlockEvents])
 
 
-def encode(msg: Package | Block | BlockEvents) -> bytes:
+def encode(msg: Package | Block) -> bytes:
     return _package_encoder.encode(msg)
+
+
+def encode_events(blocks: list[BlockEvents]) -> bytes:
+    """One message of the events stream: consecutive blocks' events of one worker."""
+    return _package_encoder.encode(blocks)
 
 
 def decode_package(data: bytes) -> Package:
@@ -205,7 +210,7 @@ def decode_block(data: bytes) -> Block:
         raise MessageError(f"malformed block: {exc}") from None
 
 
-def decode_events(data: bytes) -> BlockEvents:
+def decode_events(data: bytes) -> list[BlockEvents]:
     try:
         return _events_decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:

@@ -241,10 +241,10 @@ class Api:
             "send application/octet-stream (canonical encoding) or application/json",
         )
 
-    async def _admit(self, request: web.Request, count: int) -> None:
+    def _admit(self, request: web.Request, count: int) -> None:
         if self.ledger.in_flight + count > self.max_in_flight:
             raise ApiError("overloaded", "too many transactions in flight; retry", 1.0)
-        wait = await self.limits.admit(request.remote or "unknown", count)
+        wait = self.limits.admit(request.remote or "unknown", count)
         if wait:
             raise ApiError("rate_limited", f"over {self.limits.rate_per_s} tx/s", wait)
 
@@ -297,7 +297,7 @@ class Api:
                 )
         try:
             tx, raw = self._parse(request, body)
-            await self._admit(request, 1)
+            self._admit(request, 1)
             status, answer = await self._run(tx, raw)
         except ApiError as err:
             if key is not None:
@@ -329,7 +329,7 @@ class Api:
             at += n
             if len(parsed) > MAX_BATCH:
                 raise ApiError("too_large", f"at most {MAX_BATCH} transactions per batch")
-        await self._admit(request, len(parsed))
+        self._admit(request, len(parsed))
 
         async def one(item: tuple[Transaction, bytes] | ApiError) -> dict[str, Any]:
             if isinstance(item, ApiError):
@@ -345,7 +345,7 @@ class Api:
             issuance = decode_issuance(body)
         except ConstellationError as exc:
             raise ApiError(exc.code, str(exc)) from None
-        await self._admit(request, 1)
+        self._admit(request, 1)
         try:
             results = await self.ledger.issue(issuance, body, self.timeout_s)
         except LedgerUnavailable as exc:
@@ -452,28 +452,36 @@ class Api:
 
     # -- websocket -----------------------------------------------------------------------
 
-    def on_events(self, events: proto.BlockEvents) -> None:
+    def on_events(self, blocks: list[proto.BlockEvents]) -> None:
         """Push committed changes to the sockets subscribed to their owners."""
         sockets = self.sockets
-        for c in events.changes:
-            queues = sockets.get(c.owner)
-            if not queues:
-                continue
-            note = {
-                "type": "coin",
-                "address": encode_address(c.owner, self.network),
-                "txid": c.txid.hex(),
-                "coin_id": c.coin_id.hex(),
-                "value_msat": c.value_msat,
-                "kind": "received" if c.created else "spent",
-                "block": {"worker": events.worker, "height": events.height},
-            }
-            for queue in list(queues):
-                if queue.qsize() < WS_QUEUE:
-                    queue.put_nowait(note)
-                else:  # the last slot is kept for this
-                    queue.put_nowait({"type": "error", "code": "overloaded"})
-                    self._unsubscribe_all(queue)
+        for events in blocks:
+            for c in events.changes:
+                queues = sockets.get(c.owner)
+                if queues:
+                    self._push(queues, events, c)
+
+    def _push(
+        self,
+        queues: set[asyncio.Queue[dict[str, Any]]],
+        events: proto.BlockEvents,
+        c: proto.CoinChange,
+    ) -> None:
+        note = {
+            "type": "coin",
+            "address": encode_address(c.owner, self.network),
+            "txid": c.txid.hex(),
+            "coin_id": c.coin_id.hex(),
+            "value_msat": c.value_msat,
+            "kind": "received" if c.created else "spent",
+            "block": {"worker": events.worker, "height": events.height},
+        }
+        for queue in list(queues):
+            if queue.qsize() < WS_QUEUE:
+                queue.put_nowait(note)
+            else:  # the last slot is kept for this
+                queue.put_nowait({"type": "error", "code": "overloaded"})
+                self._unsubscribe_all(queue)
 
     def _unsubscribe(self, queue: asyncio.Queue[dict[str, Any]], owners: Iterable[bytes]) -> None:
         for owner in owners:

@@ -54,12 +54,15 @@ class GatewayNode:
         await ensure_events_stream(ledger.nc, s.operator)
 
         async def on_events(msg: Msg) -> None:
+            if not api.sockets:
+                return  # nobody subscribed: not even worth decoding
             try:
                 api.on_events(proto.decode_events(msg.data))
             except MessageError as exc:
                 log.warning("undecodable events", extra={"error": str(exc)})
 
         await ledger.nc.subscribe(events_subject(s.operator), cb=on_events)
+        syncing = asyncio.create_task(limits.sync_forever())
         await self.ops.start(s.http_host, s.http_port)
         self.api = api
         log.info(
@@ -72,4 +75,6 @@ class GatewayNode:
         await self.ops.stop()  # stops taking requests; waits for the running ones
         await ledger.close()
         await index.close()
+        syncing.cancel()
+        await asyncio.gather(syncing, return_exceptions=True)
         await limits.close()

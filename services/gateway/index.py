@@ -103,7 +103,7 @@ class Index:
             events = []
             for msg in msgs:
                 try:
-                    events.append(proto.decode_events(msg.data))
+                    events.extend(proto.decode_events(msg.data))
                 except MessageError as exc:
                     log.error("undecodable event skipped", extra={"error": str(exc)})
             try:

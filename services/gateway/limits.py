@@ -1,23 +1,36 @@
 """Per-client rate limits and idempotency keys, in Redis (shared by every gateway).
 
-Rate limit: a fixed one-second window per client, counted in transactions. Idempotency:
-the first request with a key stores ``pending``, then the final answer for a day; a
-repeat gets that answer again, a repeat while pending is told to retry, and the same
-key with a different body is refused.
+Rate limit: a fixed one-second window per client, counted in transactions. Each gateway
+decides locally, from the window's count in Redis as last seen plus what it admitted
+since, and adds its counts to Redis every ``SYNC_S`` (one pipelined round trip for all
+clients, instead of one per request). With g gateways, a client can exceed its rate by
+at most what the other gateways admit in one ``SYNC_S``. If Redis is unreachable, each
+gateway goes on limiting by its own counts.
+
+Idempotency: the first request with a key stores ``pending``, then the final answer for
+a day; a repeat gets that answer again, a repeat while pending is told to retry, and
+the same key with a different body is refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 PENDING_TTL_S = 60
+SYNC_S = 0.1
+
+log = logging.getLogger("gateway.limits")
 
 
 @dataclass(frozen=True)
@@ -33,9 +46,15 @@ class KeyReused(ValueError):
 
 
 class Limits:
-    def __init__(self, client: aioredis.Redis, rate_per_s: int) -> None:
+    def __init__(
+        self, client: aioredis.Redis, rate_per_s: int, clock: Callable[[], float] = time.time
+    ) -> None:
         self.redis = client
         self.rate_per_s = rate_per_s
+        self.clock = clock
+        # (client, window) -> its count in Redis when last synced / admitted here since
+        self._seen: dict[tuple[str, int], int] = {}
+        self._unsynced: dict[tuple[str, int], int] = {}
 
     @classmethod
     def connect(cls, url: str, rate_per_s: int) -> Limits:
@@ -43,18 +62,48 @@ class Limits:
         pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=32, timeout=5)
         return cls(aioredis.Redis(connection_pool=pool), rate_per_s)
 
-    async def admit(self, client: str, count: int) -> float:
-        """Count ``count`` transactions for ``client``; 0 if admitted, else seconds to wait."""
-        now = time.time()
-        window = int(now)
-        key = f"rate:{client}:{window}"
+    def admit(self, client: str, count: int) -> float:
+        """Count ``count`` transactions for ``client``: 0 if admitted, else the seconds
+        until its window ends (nothing is counted then)."""
+        now = self.clock()
+        key = (client, int(now))
+        unsynced = self._unsynced.get(key, 0)
+        if self._seen.get(key, 0) + unsynced + count > self.rate_per_s:
+            return max(0.001, key[1] + 1 - now)
+        self._unsynced[key] = unsynced + count
+        return 0.0
+
+    async def sync(self) -> None:
+        """Add the counts admitted here to Redis and learn the windows' totals."""
+        window = int(self.clock())
+        seen = self._seen = {k: v for k, v in self._seen.items() if k[1] >= window}
+        batch = {k: n for k, n in self._unsynced.items() if k[1] >= window}
+        self._unsynced = {}
+        if not batch:
+            return
+        for key, n in batch.items():  # still counted while the round trip runs
+            seen[key] = seen.get(key, 0) + n
         pipe = self.redis.pipeline(transaction=False)
-        pipe.incrby(key, count)
-        pipe.expire(key, 2)
-        used, _ = await pipe.execute()
-        if int(used) <= self.rate_per_s:
-            return 0.0
-        return max(0.001, window + 1 - now)
+        for (client, w), n in batch.items():
+            pipe.incrby(f"rate:{client}:{w}", n)
+            pipe.expire(f"rate:{client}:{w}", 2)
+        try:
+            totals = (await pipe.execute())[::2]
+        except RedisError:
+            for key, n in batch.items():  # counted here, to be synced next time
+                seen[key] -= n
+                self._unsynced[key] = self._unsynced.get(key, 0) + n
+            raise
+        for key, total in zip(batch, totals, strict=True):
+            seen[key] = int(total)  # ours and every other gateway's
+
+    async def sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_S)
+            try:
+                await self.sync()
+            except RedisError as exc:
+                log.warning("rate counts not synced to redis", extra={"error": str(exc)})
 
     async def begin(self, client: str, key: str, body: bytes) -> Stored | None:
         """Claim ``key`` for this request; None if it is new, else what is stored."""

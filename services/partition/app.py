@@ -29,6 +29,10 @@ from services.partition.worker import Worker
 from services.runtime import OpsServer
 
 TICK_S = 0.05
+# One events message per this many seconds at most: a JetStream publish costs a round
+# trip, and every consumer's delivery and acknowledgement, per message, not per block.
+EVENTS_LINGER_S = 0.01
+EVENTS_MAX_BLOCKS = 1024
 MAP_WAIT_S = 30.0
 
 log = logging.getLogger("partition")
@@ -108,7 +112,6 @@ class WorkerNode:
         m.queue.labels("coordinating").set_function(lambda: len(worker.coordinating))
         m.queue.labels("in_doubt").set_function(lambda: len(worker.in_doubt))
         m.queue.labels("events").set_function(self._events.qsize)
-        worker.writer.start()
         for sub_subject, cb in (
             (own, self._on_package),
             (query_subject(s.operator, s.worker, "coins"), self._on_coins),
@@ -139,7 +142,7 @@ class WorkerNode:
         deadline = time.monotonic() + worker.timeout_s + 1
         while worker.coordinating and time.monotonic() < deadline:
             await asyncio.sleep(TICK_S)
-        await worker.writer.close()
+        worker.writer.flush()
         await packer.drain()
         while not self._events.empty() and time.monotonic() < deadline:
             await asyncio.sleep(TICK_S)
@@ -159,13 +162,18 @@ class WorkerNode:
             self.worker.ask_in_doubt(now)
 
     async def _publish_events(self) -> None:
-        """Committed changes, per block, into the JetStream events stream (in order)."""
+        """Committed changes into the JetStream events stream, in block order: what
+        gathered in ``EVENTS_LINGER_S`` after a block goes out as one message."""
         assert self.nc is not None
         js = self.nc.jetstream()
         subject = events_subject(self.settings.operator)
+        queue = self._events
         while True:
-            events = await self._events.get()
-            data = proto.encode(events)
+            batch = [await queue.get()]
+            await asyncio.sleep(EVENTS_LINGER_S)
+            while not queue.empty() and len(batch) < EVENTS_MAX_BLOCKS:
+                batch.append(queue.get_nowait())
+            data = proto.encode_events(batch)
             while True:
                 try:
                     await js.publish(subject, data, timeout=5)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
 from constellation.ledger.pmap import PartitionMap, decode_map
@@ -66,7 +68,11 @@ async def ensure_events_stream(nc: Client, operator: str) -> None:
 
 
 class Packer:
-    """Batches items per destination subject into packages (by size or deadline)."""
+    """Batches items per destination subject into packages (by size or deadline).
+
+    Closed packages queue for one publishing task, which hands them to the NATS client
+    in order; the client writes what gathered in one loop turn with one system call.
+    """
 
     def __init__(
         self,
@@ -84,11 +90,15 @@ class Packer:
         self.batching = batching
         self.observe = observe
         self._out: dict[str, list[Item]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed: deque[tuple[str, bytes]] = deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def depth(self) -> int:
-        return sum(len(items) for items in self._out.values())
+        return sum(len(items) for items in self._out.values()) + len(self._closed)
 
     def send(self, subject: str, item: Item) -> None:
         items = self._out.get(subject)
@@ -109,12 +119,32 @@ class Packer:
         del self._out[subject]
         self.observe(len(items))
         package = Package(PROTOCOL_VERSION, self.sender, self.reply, self.map_version(), items)
-        task = asyncio.create_task(self.nc.publish(subject, encode(package)))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._closed.append((subject, encode(package)))
+        if self._task is None:
+            self._task = asyncio.create_task(self._publish_loop())
+        self._idle.clear()
+        self._wake.set()
+
+    async def _publish_loop(self) -> None:
+        closed = self._closed
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while closed:
+                subject, data = closed.popleft()
+                try:
+                    await self.nc.publish(subject, data)
+                except NatsError as exc:
+                    # Lost like a package lost in transit: the sender's timeout covers it.
+                    log.warning("package not sent", extra={"to": subject, "error": str(exc)})
+            self._idle.set()
 
     async def drain(self) -> None:
+        """Close every open package and wait until all are handed to the client."""
         for subject, items in list(self._out.items()):
             self._close(subject, items)
-        if self._tasks:
-            await asyncio.wait(self._tasks)
+        await self._idle.wait()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None

@@ -73,7 +73,7 @@ class BlockLog:
         self._fd = fd
 
     def append(self, payload: bytes) -> None:
-        """Write one block and make it durable (blocking: run it off the event loop)."""
+        """Write one block and make it durable."""
         os.write(self._fd, _HEAD.pack(len(payload), zlib.crc32(payload)) + payload)
         os.fdatasync(self._fd)
         self.height += 1

@@ -63,8 +63,15 @@ class Coordinating:
 class BlockWriter:
     """Gathers records into blocks and makes them durable, one fsync per block.
 
-    Records added while a block is being written go into the next one (group commit).
+    A block closes at ``max_items`` records or at its deadline (0: at the end of the
+    event loop's turn, so that one block holds everything handled in that turn). The
     ``after`` callbacks run, in order, once their block is durable, with its height.
+
+    The write and its fsync run on the event loop itself. Handing them to a thread cost
+    more CPU than the fsync (two cross-thread wake-ups per block: about 150 us of CPU
+    per block on the benchmark machine, against 43 us for write and fdatasync), and
+    nothing a block holds can be answered before it is durable anyway. What arrives
+    meanwhile waits in the socket and goes into the next block (group commit).
     """
 
     def __init__(
@@ -84,50 +91,38 @@ class BlockWriter:
         self.after: list[Callable[[int], None]] = []
         self.changes: list[proto.CoinChange] = []
         self.committed: list[tuple[bytes, int]] = []
-        self._due = asyncio.Event()
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._write_loop())
 
     def add(self, record: proto.Record, after: Callable[[int], None] | None = None) -> None:
         self.records.append(record)
         if after is not None:
             self.after.append(after)
         if len(self.records) >= self.batching.max_items:
-            self._due.set()
+            self.flush()
         elif self._timer is None:
             loop = asyncio.get_running_loop()
             if self.batching.deadline_us:
-                self._timer = loop.call_later(self.batching.deadline_us / 1e6, self._due.set)
+                self._timer = loop.call_later(self.batching.deadline_us / 1e6, self.flush)
             else:
-                self._timer = loop.call_soon(self._due.set)
+                self._timer = loop.call_soon(self.flush)
 
     @property
     def depth(self) -> int:
         return len(self.records)
 
-    async def _write_loop(self) -> None:
-        while True:
-            await self._due.wait()
-            self._due.clear()
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            if self.records:
-                await self._write()
-            if self._closing and not self.records:
-                return
-
-    async def _write(self) -> None:
+    def flush(self) -> None:
+        """Write the gathered records as one block, if there are any."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.records:
+            return
         records, after, changes, committed = self.records, self.after, self.changes, self.committed
         self.records, self.after, self.changes, self.committed = [], [], [], []
         height = self.wal.height
         payload = proto.encode(proto.Block(self.worker, height, records))
         started = time.perf_counter()
-        await asyncio.to_thread(self.wal.append, payload)
+        self.wal.append(payload)
         self.metrics.fsync_seconds.observe(time.perf_counter() - started)
         self.metrics.block_records.observe(len(records))
         self.metrics.height.set(self.wal.height)
@@ -135,13 +130,6 @@ class BlockWriter:
             callback(height)
         if changes or committed:
             self.publish(proto.BlockEvents(self.worker, height, changes, committed))
-
-    async def close(self) -> None:
-        """Write what is gathered, after the block being written (for a clean stop)."""
-        self._closing = True
-        self._due.set()
-        if self._task is not None:
-            await self._task
 
 
 class Worker:

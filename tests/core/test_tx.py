@@ -79,7 +79,10 @@ def test_trailing_bytes_refused(tx: Transaction, extra: bytes) -> None:
 @given(st.binary(max_size=600))
 def test_random_bytes_never_crash(data: bytes) -> None:
     with contextlib.suppress(ConstellationError):
-        decode_transaction(data)
+        tx = decode_transaction(data)
+        # Whatever decodes is canonical, and its id is the id of the same rebuilt tx.
+        assert tx.encode() == data
+        assert Transaction(tx.inputs, tx.outputs, tx.fee_msat, tx.witnesses).txid == tx.txid
 
 
 @given(transactions(), st.data())
@@ -94,6 +97,8 @@ def test_bit_flips_decode_to_another_tx_or_a_typed_error(
     except ConstellationError:
         return
     assert other != tx
+    assert other.encode() == bytes(encoded)
+    assert Transaction(other.inputs, other.outputs, other.fee_msat, other.witnesses) == other
 
 
 def body(inputs: list[tuple[bytes, int]], outputs: list[tuple[int, bytes]], fee: int) -> bytes:

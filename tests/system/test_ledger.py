@@ -222,6 +222,32 @@ async def test_history_coins_and_websocket_pushes(op: Operator, gw: Gateway) -> 
     assert spec["openapi"].startswith("3.") and "/v1/tx" in spec["paths"]
 
 
+async def test_rate_limit_answers_429_with_retry_after(
+    op: Operator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GATEWAY_RATE_PER_S", "5")
+    op.restart_gateway()
+    try:
+        alice = SigningKey(os.urandom(32))
+        async with aiohttp.ClientSession() as session:
+            issuance = op.net.issuance([TxOutput(1_000, alice.pubkey)] * 6)
+            await Gateway(op.url, session).issue(issuance)
+            txs = [
+                pay([(c, 1_000, alice)], [TxOutput(1_000, alice.pubkey)])
+                for c in issuance.output_ids
+            ]
+            batch = b"".join(struct.pack(">I", len(t.encode())) + t.encode() for t in txs)
+            status, body, headers = await post(session, op.url + "/v1/txs", batch)
+            assert status == 429 and body["error"]["code"] == "rate_limited"
+            assert headers["Retry-After"] == "1"
+            # The refused batch was not counted: one transaction still fits.
+            status, body, _ = await post(session, op.url + "/v1/tx", txs[0].encode())
+            assert status == 200 and body["txid"] == txs[0].txid.hex()
+    finally:
+        monkeypatch.undo()
+        op.restart_gateway()
+
+
 async def test_worker_refuses_partitions_it_does_not_hold(op: Operator, gw: Gateway) -> None:
     alice = SigningKey(os.urandom(32))
     coin = await op.fund(gw, alice, 1_000, worker=0)
