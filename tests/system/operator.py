@@ -45,11 +45,13 @@ class Operator:
 
     def restart(self, i: int) -> None:
         devnet.start_worker(self.net, self.net.workers[i])
+        self.net.save()  # so that `down` stops the new process
 
     def restart_gateway(self) -> None:
         """Stop the gateway and start it again (with the environment as it is now)."""
         devnet.stop_pid(self.net.gateway_pid, 10)
         devnet.start_gateway(self.net)
+        self.net.save()
 
     def freeze(self, i: int) -> None:
         os.kill(self.worker_pid(i), signal.SIGSTOP)
