@@ -12,6 +12,7 @@ import asyncio
 import logging
 import struct
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -85,11 +86,19 @@ class ApiError(Exception):
         return {"error": {"code": self.code, "message": str(self)}}
 
 
+def json_response(
+    doc: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON answer, encoded by msgspec (several times faster than the json module)."""
+    body = msgspec.json.encode(doc)
+    return web.Response(body=body, status=status, headers=headers, content_type="application/json")
+
+
 def error_response(err: ApiError) -> web.Response:
     headers = {}
     if err.retry_after:
         headers["Retry-After"] = str(max(1, round(err.retry_after)))
-    return web.json_response(err.body(), status=err.status, headers=headers)
+    return json_response(err.body(), status=err.status, headers=headers)
 
 
 # -- the JSON form of a transaction -------------------------------------------------------
@@ -208,7 +217,7 @@ class Api:
             if exc.status < 400:
                 raise
             code = "not_found" if exc.status == 404 else "malformed"
-            response = web.json_response(
+            response = json_response(
                 {"error": {"code": code, "message": exc.reason}}, status=exc.status
             )
         self.metrics.http.labels(name, str(response.status)).inc()
@@ -248,24 +257,39 @@ class Api:
         if wait:
             raise ApiError("rate_limited", f"over {self.limits.rate_per_s} tx/s", wait)
 
-    async def _run(self, tx: Transaction, raw: bytes) -> tuple[int, dict[str, Any]]:
-        """Submit and wait; (HTTP status, receipt or error body)."""
+    async def _run(self, txs: list[tuple[Transaction, bytes]]) -> list[tuple[int, dict[str, Any]]]:
+        """Submit and wait; (HTTP status, receipt or error body) for each, in order."""
         started = time.monotonic()
-        self.pending[tx.txid] = started
+        pending = self.pending
+        for tx, _ in txs:
+            pending[tx.txid] = started
         try:
-            result = await self.ledger.submit(tx, raw, self.timeout_s)
-        except LedgerUnavailable as exc:
-            err = ApiError("timeout", f"{exc}; look up /v1/tx/{tx.txid.hex()} for the outcome")
-            self.metrics.submitted.labels(err.code).inc()
-            return err.status, err.body()
+            results = await self.ledger.submit(txs, self.timeout_s)
         finally:
-            self.pending.pop(tx.txid, None)
-        self.metrics.submitted.labels(result.code or "committed").inc()
-        if result.code:
-            err = ApiError(result.code, result.detail)
-            return err.status, err.body()
-        self.metrics.confirm_seconds.observe(time.monotonic() - started)
-        return 200, self._receipt(tx, result)
+            for tx, _ in txs:
+                pending.pop(tx.txid, None)
+        took = time.monotonic() - started
+        codes: Counter[str] = Counter()
+        answers = []
+        for (tx, _), result in zip(txs, results, strict=True):
+            if result is None:
+                err = ApiError(
+                    "timeout",
+                    f"no answer from the ledger in {self.timeout_s:g} s; look up"
+                    f" /v1/tx/{tx.txid.hex()} for the outcome",
+                )
+            elif result.code:
+                err = ApiError(result.code, result.detail)
+            else:
+                codes["committed"] += 1
+                self.metrics.confirm_seconds.observe(took)
+                answers.append((200, self._receipt(tx, result)))
+                continue
+            codes[err.code] += 1
+            answers.append((err.status, err.body()))
+        for code, n in codes.items():
+            self.metrics.submitted.labels(code).inc(n)
+        return answers
 
     def _receipt(self, tx: Transaction, result: proto.Result) -> dict[str, Any]:
         return {
@@ -292,20 +316,20 @@ class Api:
             if stored is not None:
                 if stored.status == 0:
                     raise ApiError("idempotency.in_progress", "the first request is running", 1)
-                return web.json_response(
+                return json_response(
                     stored.body, status=stored.status, headers={"Idempotent-Replayed": "true"}
                 )
         try:
             tx, raw = self._parse(request, body)
             self._admit(request, 1)
-            status, answer = await self._run(tx, raw)
+            [(status, answer)] = await self._run([(tx, raw)])
         except ApiError as err:
             if key is not None:
                 await self.limits.finish(client, key, body, err.status, err.body())
             raise
         if key is not None:
             await self.limits.finish(client, key, body, status, answer)
-        return web.json_response(answer, status=status)
+        return json_response(answer, status=status)
 
     async def post_txs(self, request: web.Request) -> web.Response:
         """A batch: ``(length:u32 transaction)*`` in, one answer per transaction out."""
@@ -330,14 +354,9 @@ class Api:
             if len(parsed) > MAX_BATCH:
                 raise ApiError("too_large", f"at most {MAX_BATCH} transactions per batch")
         self._admit(request, len(parsed))
-
-        async def one(item: tuple[Transaction, bytes] | ApiError) -> dict[str, Any]:
-            if isinstance(item, ApiError):
-                return item.body()
-            return (await self._run(*item))[1]
-
-        results = await asyncio.gather(*(one(p) for p in parsed))
-        return web.json_response({"results": results})
+        answers = iter(await self._run([p for p in parsed if not isinstance(p, ApiError)]))
+        results = [p.body() if isinstance(p, ApiError) else next(answers)[1] for p in parsed]
+        return json_response({"results": results})
 
     async def post_issuance(self, request: web.Request) -> web.Response:
         body = await self._body(request, MAX_TX_BYTES)
@@ -353,7 +372,7 @@ class Api:
         for result in results:
             if result.code:
                 raise ApiError(result.code, result.detail)
-        return web.json_response(
+        return json_response(
             {
                 "issuance_id": issuance.issuance_id.hex(),
                 "status": "committed",
@@ -374,11 +393,11 @@ class Api:
     async def get_tx(self, request: web.Request) -> web.Response:
         txid = _hex(request.match_info["txid"], "txid", 32)
         if txid in self.pending:
-            return web.json_response({"txid": txid.hex(), "status": "pending"})
+            return json_response({"txid": txid.hex(), "status": "pending"})
         found = await self.index.tx(txid)
         if found is None:
             raise ApiError("not_found", "no committed transaction with this id (yet)")
-        return web.json_response({"txid": txid.hex(), "status": "committed", **found})
+        return json_response({"txid": txid.hex(), "status": "committed", **found})
 
     async def _coin_infos(self, coin_ids: list[bytes]) -> dict[bytes, proto.CoinInfo]:
         try:
@@ -397,7 +416,7 @@ class Api:
             doc["address"] = encode_address(info.owner, self.network)
         if info.spent_by:
             doc["spent_by"] = info.spent_by.hex()
-        return web.json_response(doc)
+        return json_response(doc)
 
     def _owner(self, request: web.Request) -> bytes:
         try:
@@ -421,7 +440,7 @@ class Api:
             for cid, _ in indexed
             if infos[cid].status in ("unspent", "locked")
         ]
-        return web.json_response({"address": request.match_info["address"], "coins": coins})
+        return json_response({"address": request.match_info["address"], "coins": coins})
 
     async def get_history(self, request: web.Request) -> web.Response:
         owner = self._owner(request)
@@ -431,7 +450,7 @@ class Api:
         entries = await self.index.history(
             owner, self._limit(request), int(before_raw) if before_raw else None
         )
-        return web.json_response({"address": request.match_info["address"], "history": entries})
+        return json_response({"address": request.match_info["address"], "history": entries})
 
     async def get_ledger(self, _: web.Request) -> web.Response:
         """The operator's totals, summed over its workers (and each worker's)."""
@@ -445,10 +464,10 @@ class Api:
         doc: dict[str, Any] = {f: sum(getattr(st, f) for st in states) for f in fields}
         doc["map_version"] = self.ledger.pmap.version
         doc["workers"] = [msgspec.structs.asdict(st) for st in states]
-        return web.json_response(doc)
+        return json_response(doc)
 
     async def get_openapi(self, _: web.Request) -> web.Response:
-        return web.json_response(openapi())
+        return json_response(openapi())
 
     # -- websocket -----------------------------------------------------------------------
 

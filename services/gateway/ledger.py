@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import msgspec
 import nats
@@ -92,27 +92,41 @@ class LedgerClient:
         self.packer.send(worker_subject(self.operator, worker), item_of(rid, raw))
         return rid, fut
 
-    async def _wait(
-        self, rid: int, fut: asyncio.Future[proto.Result], timeout_s: float
-    ) -> proto.Result:
+    async def _answers(
+        self, pending: list[tuple[int, asyncio.Future[proto.Result]]], timeout_s: float
+    ) -> list[proto.Result | None]:
+        """Every answer that came within ``timeout_s`` (one timeout for them all); None
+        where none came."""
         try:
             async with asyncio.timeout(timeout_s):
-                return await fut
+                for _, fut in pending:
+                    await fut
         except TimeoutError:
-            raise LedgerUnavailable(f"no answer from the ledger in {timeout_s:g} s") from None
+            pass
         finally:
-            self._waiting.pop(rid, None)
+            for rid, _ in pending:
+                self._waiting.pop(rid, None)
+        return [f.result() if f.done() and not f.cancelled() else None for _, f in pending]
 
-    async def submit(self, tx: Transaction, raw: bytes, timeout_s: float) -> proto.Result:
-        """Run ``tx`` through its coordinator; the worker's ``Result``."""
-        rid, fut = self._request(self.owner(tx.inputs[0].coin_id), proto.Submit, raw)
-        return await self._wait(rid, fut, timeout_s)
+    async def submit(
+        self, txs: Sequence[tuple[Transaction, bytes]], timeout_s: float
+    ) -> list[proto.Result | None]:
+        """Run each transaction through its coordinator: the workers' ``Result``s, in
+        order, or None where no answer came in time (the outcome is unknown)."""
+        pending = [
+            self._request(self.owner(tx.inputs[0].coin_id), proto.Submit, raw) for tx, raw in txs
+        ]
+        return await self._answers(pending, timeout_s)
 
     async def issue(self, issuance: Issuance, raw: bytes, timeout_s: float) -> list[proto.Result]:
         """Apply an issuance at every worker holding one of its outputs."""
         workers = sorted({self.owner(cid) for cid in issuance.output_ids})
         pending = [self._request(w, proto.Issue, raw) for w in workers]
-        return list(await asyncio.gather(*(self._wait(r, f, timeout_s) for r, f in pending)))
+        answers = await self._answers(pending, timeout_s)
+        found = [a for a in answers if a is not None]
+        if len(found) < len(answers):
+            raise LedgerUnavailable(f"no answer from the ledger in {timeout_s:g} s")
+        return found
 
     async def coins(self, coin_ids: list[bytes], timeout_s: float) -> dict[bytes, proto.CoinInfo]:
         by_worker: dict[int, list[bytes]] = defaultdict(list)

@@ -248,6 +248,35 @@ async def test_rate_limit_answers_429_with_retry_after(
         op.restart_gateway()
 
 
+async def test_no_answer_in_time_is_504_and_the_txid_tells_the_outcome(
+    op: Operator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GATEWAY_TIMEOUT_MS", "500")
+    op.restart_gateway()
+    try:
+        alice = SigningKey(os.urandom(32))
+        async with aiohttp.ClientSession() as session:
+            gw = Gateway(op.url, session)
+            coin = await op.fund(gw, alice, 1_000, worker=0)
+            tx = pay([(coin, 1_000, alice)], [TxOutput(1_000, alice.pubkey)])
+            op.freeze(0)
+            try:
+                status, body, _ = await post(session, op.url + "/v1/tx", tx.encode())
+            finally:
+                op.thaw(0)
+            assert status == 504 and body["error"]["code"] == "timeout"
+            assert f"/v1/tx/{tx.txid.hex()}" in body["error"]["message"]
+            # The coordinator was only slow: it commits, and the coin says by what.
+            end = time.monotonic() + 10
+            while (doc := await gw.get(f"/v1/coin/{coin.hex()}"))["status"] != "spent":
+                assert time.monotonic() < end, doc
+                await asyncio.sleep(0.1)
+            assert doc["spent_by"] == tx.txid.hex()
+    finally:
+        monkeypatch.undo()
+        op.restart_gateway()
+
+
 async def test_worker_refuses_partitions_it_does_not_hold(op: Operator, gw: Gateway) -> None:
     alice = SigningKey(os.urandom(32))
     coin = await op.fund(gw, alice, 1_000, worker=0)
