@@ -8,6 +8,7 @@ the service, installs the signal handlers and runs its ``main(stop)``, which ret
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -171,6 +172,9 @@ def run(
         return 2
 
     async def until_stopped() -> None:
+        # Fewer collections: the young generation is collected every 50,000 allocations
+        # instead of 700 (the hot paths allocate many short-lived tuples).
+        gc.set_threshold(50_000, 20, 20)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -18,10 +18,12 @@ from typing import Any
 
 import msgspec
 from aiohttp import WSMsgType, web
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
 from redis.exceptions import RedisError
 
 from constellation.address import Network, decode_address, encode_address
-from constellation.errors import ConstellationError, DecodeError
+from constellation.errors import ConstellationError, DecodeError, MessageError
 from constellation.protocol import ledger as proto
 from constellation.tx import (
     Transaction,
@@ -35,6 +37,7 @@ from services.gateway.ledger import LedgerClient, LedgerUnavailable
 from services.gateway.limits import KeyReused, Limits
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import openapi
+from services.partition.transport import events_subject
 
 log = logging.getLogger("gateway.api")
 
@@ -183,6 +186,8 @@ class Api:
         self.timeout_s = timeout_s
         self.pending: dict[bytes, float] = {}
         self.sockets: dict[bytes, set[asyncio.Queue[dict[str, Any]]]] = {}
+        self._events: NatsSubscription | None = None
+        self._following = asyncio.Lock()
 
     def install(self, app: web.Application) -> None:
         app.middlewares.append(self._errors)
@@ -471,6 +476,25 @@ class Api:
 
     # -- websocket -----------------------------------------------------------------------
 
+    async def _follow_events(self) -> None:
+        """Receive the workers' events while, and only while, some socket subscribes
+        to an address: each events message wakes the gateway."""
+        async with self._following:
+            nc = self.ledger.nc
+            if self.sockets and self._events is None:
+                subject = events_subject(self.ledger.operator)
+                self._events = await nc.subscribe(subject, cb=self._on_events)
+                await nc.flush()  # what commits after the "subscribed" answer is pushed
+            elif not self.sockets and self._events is not None:
+                events, self._events = self._events, None
+                await events.unsubscribe()
+
+    async def _on_events(self, msg: Msg) -> None:
+        try:
+            self.on_events(proto.decode_events(msg.data))
+        except MessageError as exc:
+            log.warning("undecodable events", extra={"error": str(exc)})
+
     def on_events(self, blocks: list[proto.BlockEvents]) -> None:
         """Push committed changes to the sockets subscribed to their owners."""
         sockets = self.sockets
@@ -557,9 +581,11 @@ class Api:
                     self.sockets.setdefault(owner, set()).add(queue)
                 mine.difference_update(drop)
                 self._unsubscribe(queue, drop)
+                await self._follow_events()
                 await ws.send_json({"type": "subscribed", "count": len(mine)})
         finally:
             sender.cancel()
             self._unsubscribe_all(queue)
             self.metrics.websockets.dec()
+            await self._follow_events()
         return ws

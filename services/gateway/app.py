@@ -5,17 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from nats.aio.msg import Msg
-
-from constellation.errors import MessageError
-from constellation.protocol import ledger as proto
 from services.gateway.api import Api
 from services.gateway.config import Settings
 from services.gateway.index import Index
 from services.gateway.ledger import LedgerClient
 from services.gateway.limits import Limits
 from services.gateway.metrics import GatewayMetrics
-from services.partition.transport import ensure_events_stream, events_subject
+from services.partition.transport import ensure_events_stream
 from services.runtime import OpsServer
 
 log = logging.getLogger("gateway")
@@ -52,16 +48,6 @@ class GatewayNode:
         m.queue.labels("in_flight").set_function(lambda: ledger.in_flight)
         m.queue.labels("outbox").set_function(lambda: ledger.packer.depth)
         await ensure_events_stream(ledger.nc, s.operator)
-
-        async def on_events(msg: Msg) -> None:
-            if not api.sockets:
-                return  # nobody subscribed: not even worth decoding
-            try:
-                api.on_events(proto.decode_events(msg.data))
-            except MessageError as exc:
-                log.warning("undecodable events", extra={"error": str(exc)})
-
-        await ledger.nc.subscribe(events_subject(s.operator), cb=on_events)
         syncing = asyncio.create_task(limits.sync_forever())
         await self.ops.start(s.http_host, s.http_port)
         self.api = api

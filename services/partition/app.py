@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 
@@ -31,7 +32,7 @@ from services.runtime import OpsServer
 TICK_S = 0.05
 # One events message per this many seconds at most: a JetStream publish costs a round
 # trip, and every consumer's delivery and acknowledgement, per message, not per block.
-EVENTS_LINGER_S = 0.01
+EVENTS_LINGER_S = 0.025
 EVENTS_MAX_BLOCKS = 1024
 MAP_WAIT_S = 30.0
 
@@ -98,6 +99,7 @@ class WorkerNode:
         )
         started = time.monotonic()
         height = worker.recover()
+        gc.freeze()  # the recovered state is long-lived: keep it out of collections
         log.info(
             "recovered",
             extra={
