@@ -9,13 +9,16 @@ them open loop (on a fixed schedule, whatever the answers) as batches every
 ``--tick-ms`` through the gateway's ``POST /v1/txs``.
 
 Each configuration runs twice: at ``--offered`` tx/s, far above what 2 cores commit,
-to find the maximum committed rate; then at half that rate for latency.
+to find the maximum committed rate; then at half that rate for latency. Last, the half
+rate runs once more for each package deadline of ``--deadlines`` (workers' and
+gateway's), to show what closing packages later costs and saves.
 
 Figures:
   tps_1w, tps_2w     committed tx/s at saturation, 1 and 2 workers
   p50_ms, p99_ms     confirm latency (submission to receipt) at 50% of tps_2w
   cpu_us_per_tx      CPU (user+system) of the workers and the gateway per committed
                      transaction, at 50% of tps_2w
+  package_deadlines  p50_ms, p99_ms and cpu_us_per_tx at 50% of tps_2w per deadline
 Targets on a 2-core machine: tps_2w >= 5000, p99_ms <= 50, cpu_us_per_tx <= 300.
 """
 
@@ -36,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
+import msgspec
 
 from bench.common import median, print_table, write_json
 from constellation.keys import SigningKey, schnorr_sign
@@ -122,7 +126,7 @@ async def open_loop(
             async with session.post(
                 gw_url + "/v1/txs", data=body, headers={"Content-Type": "application/octet-stream"}
             ) as resp:
-                doc = await resp.json()
+                doc = msgspec.json.decode(await resp.read())
             took = time.perf_counter() - sent
             if resp.status != 200:
                 code = doc["error"]["code"]
@@ -151,14 +155,21 @@ async def open_loop(
 
 
 class Setup:
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, env: dict[str, str] | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="cst-bench-"))
         self.dir.chmod(0o755)  # PostgreSQL runs as its own user where this runs as root
         self.workers = workers
+        self.env = env or {}
         self.net: devnet.Devnet | None = None
 
     def __enter__(self) -> devnet.Devnet:
-        self.net = devnet.up(self.dir / "net", 0, "bench", self.workers)
+        saved = dict(os.environ)
+        os.environ.update(self.env)  # the devnet's processes inherit this environment
+        try:
+            self.net = devnet.up(self.dir / "net", 0, "bench", self.workers)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         return self.net
 
     def __exit__(self, failed: object, *_: object) -> None:
@@ -198,7 +209,12 @@ def main() -> int:
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--seconds", type=float, default=4.0, help="length of each measured run")
     ap.add_argument("--offered", type=float, default=12_000, help="tx/s offered to saturate")
-    ap.add_argument("--tick-ms", type=float, default=5.0, help="batch interval of the generator")
+    ap.add_argument("--tick-ms", type=float, default=20.0, help="batch interval of the generator")
+    ap.add_argument(
+        "--deadlines",
+        default="0,250,500,1000",
+        help="package deadlines (us) to compare at 50%% of tps_2w; empty for none",
+    )
     ap.add_argument("--runs", type=int, default=1, help="repeat and take medians")
     args = ap.parse_args()
     figures: dict[str, Any] = {}
@@ -214,6 +230,16 @@ def main() -> int:
                     half = sat["tps"] / 2
                     lat = asyncio.run(measure(net, int(half * args.seconds), half, args.tick_ms))
                     runs.setdefault("half_2w", []).append(lat)
+    half = median([r["tps"] for r in runs["sat_2w"]]) / 2
+    sweep = []
+    for deadline in [int(d) for d in args.deadlines.split(",") if d]:
+        env = {
+            "WORKER_PACKAGE_DEADLINE_US": str(deadline),
+            "GATEWAY_PACKAGE_DEADLINE_US": str(deadline),
+        }
+        with Setup(2, env) as net:
+            lat = asyncio.run(measure(net, int(half * args.seconds), half, args.tick_ms))
+        sweep.append({"deadline_us": deadline, **lat})
     figures["tps_1w"] = median([r["tps"] for r in runs["sat_1w"]])
     figures["tps_2w"] = median([r["tps"] for r in runs["sat_2w"]])
     figures["p50_ms"] = median([r["p50_ms"] for r in runs["half_2w"]])
@@ -221,6 +247,8 @@ def main() -> int:
     figures["cpu_us_per_tx"] = median([r["cpu_us_per_tx"] for r in runs["half_2w"]])
     figures["cpu_us_per_tx_saturated_2w"] = median([r["cpu_us_per_tx"] for r in runs["sat_2w"]])
     figures["indexer_cpu_us_per_tx"] = median([r["indexer_cpu_us_per_tx"] for r in runs["half_2w"]])
+    figures["package_deadlines"] = sweep
+    figures["tick_ms"] = args.tick_ms
     figures["runs"] = runs
     print_table(
         "engine: gateway + partition workers over NATS, open loop",
@@ -241,6 +269,18 @@ def main() -> int:
             ),
         ],
     )
+    if sweep:
+        print_table(
+            "package deadline (workers and gateway) at 50% of tps_2w",
+            [
+                (
+                    f"{r['deadline_us']} us",
+                    f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms",
+                    f"{r['cpu_us_per_tx']:.0f} us cpu/tx",
+                )
+                for r in sweep
+            ],
+        )
     for name, rs in runs.items():
         for r in rs:
             if r["refused"]:

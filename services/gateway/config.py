@@ -45,6 +45,6 @@ class Settings:
             max_in_flight=env_int(env, "GATEWAY_MAX_IN_FLIGHT", 20_000, 1, 10_000_000),
             max_body=env_int(env, "GATEWAY_MAX_BODY", 4 << 20, 1024, 64 << 20),
             timeout_ms=env_int(env, "GATEWAY_TIMEOUT_MS", 5_000, 100, 600_000),
-            packages=Batching.from_env(env, "GATEWAY_PACKAGE", 512, 500),
+            packages=Batching.from_env(env, "GATEWAY_PACKAGE", 512, 0),
             log_level=env_str(env, "GATEWAY_LOG_LEVEL", "info"),
         )

@@ -81,7 +81,7 @@ class Settings:
             issuers=env_keys(env, "WORKER_ISSUERS"),
             http_host=host,
             http_port=port,
-            packages=Batching.from_env(env, "WORKER_PACKAGE", 512, 500),
+            packages=Batching.from_env(env, "WORKER_PACKAGE", 512, 0),
             blocks=Batching.from_env(env, "WORKER_BLOCK", 4096, 0),
             prepare_timeout_ms=env_int(env, "WORKER_PREPARE_TIMEOUT_MS", 2_000, 10, 600_000),
             log_level=env_str(env, "WORKER_LOG_LEVEL", "info"),
