@@ -73,18 +73,23 @@ class Index:
                     (c.owner, c.coin_id, c.txid, c.value_msat, c.created, ev.worker, ev.height)
                 )
             txs.extend((txid, fee, ev.worker, ev.height) for txid, fee in ev.committed)
+        # One set-based statement per table, its columns sent as arrays: a row costs
+        # a few microseconds this way, against tens with a statement per row.
         async with self.pool.acquire() as conn, conn.transaction():
             if changes:
-                await conn.executemany(
+                await conn.execute(
                     "INSERT INTO coin_events (owner, coin_id, txid, value_msat, created, worker,"
-                    " height) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-                    changes,
+                    " height) SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[],"
+                    " $4::numeric[], $5::boolean[], $6::integer[], $7::bigint[])"
+                    " ON CONFLICT DO NOTHING",
+                    *(list(column) for column in zip(*changes, strict=True)),
                 )
             if txs:
-                await conn.executemany(
-                    "INSERT INTO txs (txid, fee_msat, worker, height) VALUES ($1, $2, $3, $4)"
+                await conn.execute(
+                    "INSERT INTO txs (txid, fee_msat, worker, height) SELECT * FROM"
+                    " unnest($1::bytea[], $2::numeric[], $3::integer[], $4::bigint[])"
                     " ON CONFLICT DO NOTHING",
-                    txs,
+                    *(list(column) for column in zip(*txs, strict=True)),
                 )
 
     async def consume(

@@ -20,6 +20,7 @@ from constellation.address import Network, encode_address
 from constellation.keys import SigningKey
 from constellation.protocol import ledger as proto
 from constellation.tx import MAX_OUTPUTS, Issuance, TxOutput
+from services.gateway.index import Index
 from services.partition.transport import GATEWAY, worker_subject
 from services.wallet import Gateway, GatewayError
 from tests.system.operator import Operator, pay, post
@@ -373,3 +374,33 @@ async def test_kill_9_of_a_worker_under_load_then_restart(op: Operator, gw: Gate
     assert after["held_msat"] + fees == before["held_msat"]
     assert fees >= 100 * len(acked)
     assert "recovered" in op.worker_log(1)
+
+
+async def test_index_stores_each_change_once_however_often_it_is_delivered(op: Operator) -> None:
+    """The indexer may see a block's events again (a redelivery, a restart): the rows
+    are keyed by (coin, created), so history lists each change once."""
+    owner, txid = os.urandom(32), os.urandom(32)
+    coin, spent = os.urandom(32), os.urandom(32)
+    block = proto.BlockEvents(
+        0,
+        10**9,
+        [
+            proto.CoinChange(txid, spent, owner, 2**64 - 1, False),
+            proto.CoinChange(txid, coin, owner, 5, True),
+        ],
+        [(txid, 7)],
+    )
+    index = await Index.open(op.net.database_url)
+    try:
+        await index.store([block])
+        await index.store([block, block])  # again, and twice within one batch
+        history = await index.history(owner, 10, None)
+        assert sorted((e["kind"], e["value_msat"]) for e in history) == [
+            ("received", 5),
+            ("spent", 2**64 - 1),
+        ]
+        assert await index.unspent(owner, 10) == [(coin, 5)]
+        found = await index.tx(txid)
+        assert found is not None and found["fee_msat"] == 7
+    finally:
+        await index.close()
