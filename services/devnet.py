@@ -383,7 +383,9 @@ def start_indexer(net: Devnet) -> None:
         "INDEXER_DATABASE_URL": net.database_url,
         "INDEXER_HTTP_ADDR": f"127.0.0.1:{net.indexer_port}",
     }
-    argv = [sys.executable, "-m", "services.gateway.indexer"]
+    # The index follows the ledger; where they share cores, indexing yields to commits
+    # (it catches up when the load drops) rather than delaying them.
+    argv = ["nice", "-n", "10", sys.executable, "-m", "services.gateway.indexer"]
     net.indexer_pid = spawn(argv, env, Path(net.dir) / "indexer.log")
     wait_ready(net.indexer_port, net.indexer_pid, 30)
 

@@ -25,7 +25,7 @@ log = logging.getLogger("gateway.index")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS coin_events (
-    seq        bigserial PRIMARY KEY,
+    seq        bigserial NOT NULL,  -- the order of history; paged by (owner, seq)
     owner      bytea    NOT NULL,
     coin_id    bytea    NOT NULL,
     txid       bytea    NOT NULL,
@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS coin_events (
     worker     integer  NOT NULL,
     height     bigint   NOT NULL,
     at         timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (coin_id, created)
+    PRIMARY KEY (coin_id, created)
 );
 CREATE INDEX IF NOT EXISTS coin_events_owner ON coin_events (owner, seq);
 CREATE TABLE IF NOT EXISTS txs (
