@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,22 @@ class Operator:
         devnet.stop_pid(self.net.gateway_pid, 10)
         devnet.start_gateway(self.net)
         self.net.save()
+
+    @contextlib.contextmanager
+    def gateway_settings(self, **settings: str) -> Iterator[None]:
+        """Run the gateway with these ``GATEWAY_*`` settings, then as before."""
+        saved = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)
+        try:
+            self.restart_gateway()
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
+            self.restart_gateway()
 
     def freeze(self, i: int) -> None:
         os.kill(self.worker_pid(i), signal.SIGSTOP)

@@ -223,13 +223,9 @@ async def test_history_coins_and_websocket_pushes(op: Operator, gw: Gateway) -> 
     assert spec["openapi"].startswith("3.") and "/v1/tx" in spec["paths"]
 
 
-async def test_rate_limit_answers_429_with_retry_after(
-    op: Operator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("GATEWAY_RATE_PER_S", "5")
-    op.restart_gateway()
-    try:
-        alice = SigningKey(os.urandom(32))
+async def test_rate_limit_answers_429_with_retry_after(op: Operator) -> None:
+    alice = SigningKey(os.urandom(32))
+    with op.gateway_settings(GATEWAY_RATE_PER_S="5"):
         async with aiohttp.ClientSession() as session:
             issuance = op.net.issuance([TxOutput(1_000, alice.pubkey)] * 6)
             await Gateway(op.url, session).issue(issuance)
@@ -244,18 +240,11 @@ async def test_rate_limit_answers_429_with_retry_after(
             # The refused batch was not counted: one transaction still fits.
             status, body, _ = await post(session, op.url + "/v1/tx", txs[0].encode())
             assert status == 200 and body["txid"] == txs[0].txid.hex()
-    finally:
-        monkeypatch.undo()
-        op.restart_gateway()
 
 
-async def test_no_answer_in_time_is_504_and_the_txid_tells_the_outcome(
-    op: Operator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("GATEWAY_TIMEOUT_MS", "500")
-    op.restart_gateway()
-    try:
-        alice = SigningKey(os.urandom(32))
+async def test_no_answer_in_time_is_504_and_the_txid_tells_the_outcome(op: Operator) -> None:
+    alice = SigningKey(os.urandom(32))
+    with op.gateway_settings(GATEWAY_TIMEOUT_MS="500"):
         async with aiohttp.ClientSession() as session:
             gw = Gateway(op.url, session)
             coin = await op.fund(gw, alice, 1_000, worker=0)
@@ -273,9 +262,6 @@ async def test_no_answer_in_time_is_504_and_the_txid_tells_the_outcome(
                 assert time.monotonic() < end, doc
                 await asyncio.sleep(0.1)
             assert doc["spent_by"] == tx.txid.hex()
-    finally:
-        monkeypatch.undo()
-        op.restart_gateway()
 
 
 async def test_worker_refuses_partitions_it_does_not_hold(op: Operator, gw: Gateway) -> None:
