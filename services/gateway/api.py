@@ -490,13 +490,12 @@ class Api:
                 await events.unsubscribe()
 
     async def _on_events(self, msg: Msg) -> None:
+        """Push committed changes to the sockets subscribed to their owners."""
         try:
-            self.on_events(proto.decode_events(msg.data))
+            blocks = proto.decode_events(msg.data)
         except MessageError as exc:
             log.warning("undecodable events", extra={"error": str(exc)})
-
-    def on_events(self, blocks: list[proto.BlockEvents]) -> None:
-        """Push committed changes to the sockets subscribed to their owners."""
+            return
         sockets = self.sockets
         for events in blocks:
             for c in events.changes:
