@@ -101,10 +101,10 @@ def sig_rates(n_txs: int, n_in: int, block: int = 200) -> tuple[float, float]:
     """
     state, txs = _setup(n_txs, n_in, signed=True)
     items = [
-        (coin.owner, tx.witnesses[i], sighash(tx.txid, i, value, coin.owner))
+        (owner, tx.witnesses[i], sighash(tx.txid, i, value, owner))
         for tx in txs
         for i, (cid, value) in enumerate(tx.inputs)
-        for coin in [state.coins[cid]]
+        for _, owner in [state.coins[cid]]
     ]
     prepare, commit = state.prepare, state.commit
     t_apply = t_raw = 0.0

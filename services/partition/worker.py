@@ -312,10 +312,10 @@ class Worker:
         coins = self.state.coins
         changes = self.writer.changes
         for cid in vote.inputs:
-            coin = coins[cid]
-            changes.append(proto.CoinChange(txid, cid, coin.owner, coin.value_msat, False))
-        for cid, coin in vote.outputs:
-            changes.append(proto.CoinChange(txid, cid, coin.owner, coin.value_msat, True))
+            value, owner = coins[cid]
+            changes.append(proto.CoinChange(txid, cid, owner, value, False))
+        for cid, (value, owner) in vote.outputs:
+            changes.append(proto.CoinChange(txid, cid, owner, value, True))
 
     def _vote(self, vote: proto.Vote, sender: int) -> None:
         c = self.coordinating.get(vote.txid)
@@ -451,7 +451,7 @@ class Worker:
         coin = state.coins.get(coin_id)
         status = state.status(coin_id).value
         if coin is not None:
-            return proto.CoinInfo(coin_id, status, coin.value_msat, coin.owner, b"")
+            return proto.CoinInfo(coin_id, status, coin[0], coin[1], b"")
         return proto.CoinInfo(coin_id, status, 0, b"", state.spent.get(coin_id, b""))
 
     def info(self) -> proto.StateInfo:

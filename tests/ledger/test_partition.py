@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from constellation.errors import (
@@ -171,3 +173,20 @@ def test_cross_worker_commit_and_participant_refusal() -> None:
     ledger.submit(tx)
     assert ledger.status(a) is CoinStatus.SPENT and ledger.status(b) is CoinStatus.SPENT
     ledger.check_invariants()
+
+
+def test_stored_coins_leave_the_garbage_collectors_walk() -> None:
+    """A full collection must not walk every coin of the ledger: once collected, the
+    coins (issued and committed) and the maps of a state with nothing pending are no
+    longer tracked by the collector."""
+    state, cids = funded([1_000] * 50)
+    for cid in cids[:25]:
+        tx = pay([cid], [1_000])
+        state.prepare(tx)
+        state.commit(tx.txid)
+    gc.collect()
+    assert len(state.coins) == 50
+    assert not any(gc.is_tracked(coin) for coin in state.coins.values())
+    assert not gc.is_tracked(state.coins)
+    assert not gc.is_tracked(state.spent)
+    assert state.coin(cids[30]) == TxOutput(1_000, ALICE.pubkey)

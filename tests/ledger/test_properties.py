@@ -130,7 +130,7 @@ class LedgerMachine(RuleBasedStateMachine):
             for cid in vote.inputs:
                 assert cid not in self.spends, "a coin was spent twice"
                 self.spends[cid] = flight.tx.txid
-            self.known.update(vote.outputs)
+            self.known.update((cid, Coin._make(coin)) for cid, coin in vote.outputs)
         else:
             assert state.abort(flight.tx.txid)
         flight.done.append(w)
