@@ -95,7 +95,8 @@ class PartitionState:
     def prepare(self, tx: Transaction, verify: bool = True) -> Prepared:
         """Lock and check the inputs held here; record the outputs to create here.
 
-        Raises ``UnknownCoin``, ``CoinSpent``, ``AlreadyCommitted``, ``InputLocked``,
+        Raises ``UnknownCoin``, ``CoinSpent``, ``AlreadyCommitted`` (an input spent or an
+        output created by this transaction), ``InputLocked``,
         ``ValueMismatch``, ``BadSignature`` or ``NotHeldHere``, changing nothing. A
         repeated PREPARE of a transaction already prepared returns the same vote.
         """
@@ -136,6 +137,11 @@ class PartitionState:
         )
         if not mine and not created:
             raise NotHeldHere(f"transaction {txid.hex()} touches no partition held here")
+        for cid, _ in created:
+            # Coin ids come from the txid: an output that exists was committed by this
+            # very transaction (a repeated PREPARE where no input is held here).
+            if cid in coins or cid in self.spent:
+                raise AlreadyCommitted(f"transaction {txid.hex()} is already committed")
         for cid in mine:
             locks[cid] = txid
         first = tx.inputs[0].coin_id

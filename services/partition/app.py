@@ -121,7 +121,7 @@ class WorkerNode:
         ):
             await nc.subscribe(sub_subject, cb=cb, pending_msgs_limit=1_000_000)
         await nc.flush()
-        worker.ask_in_doubt(float("inf"))  # a restarted participant asks at once
+        worker.ask_in_doubt(time.monotonic(), at_once=True)  # a restarted participant
         self._recovered = True
         tasks = [asyncio.create_task(self._tick()), asyncio.create_task(self._publish_events())]
         log.info(

@@ -39,6 +39,8 @@ from services.partition.wal import BlockLog
 TIMEOUT = "ledger.timeout"
 UNAVAILABLE = "unavailable"
 ASK_EVERY_S = 0.25
+# How long a record that nothing waits for may wait for a block that something does.
+LAZY_S = 0.01
 
 log = logging.getLogger("partition.worker")
 
@@ -66,6 +68,9 @@ class BlockWriter:
     A block closes at ``max_items`` records or at its deadline (0: at the end of the
     event loop's turn, so that one block holds everything handled in that turn). The
     ``after`` callbacks run, in order, once their block is durable, with its height.
+    A ``lazy`` record (one that nothing waits for: a participant's record of an outcome
+    it learned, which it would learn again by asking) closes no block of its own; it
+    rides with the next block, or is written ``LAZY_S`` later. Records stay in order.
 
     The write and its fsync run on the event loop itself. Handing them to a thread cost
     more CPU than the fsync (two cross-thread wake-ups per block: about 150 us of CPU
@@ -92,19 +97,33 @@ class BlockWriter:
         self.changes: list[proto.CoinChange] = []
         self.committed: list[tuple[bytes, int]] = []
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._lazy = False  # the timer is a lazy record's
 
-    def add(self, record: proto.Record, after: Callable[[int], None] | None = None) -> None:
+    def add(
+        self,
+        record: proto.Record,
+        after: Callable[[int], None] | None = None,
+        lazy: bool = False,
+    ) -> None:
         self.records.append(record)
         if after is not None:
             self.after.append(after)
         if len(self.records) >= self.batching.max_items:
             self.flush()
-        elif self._timer is None:
-            loop = asyncio.get_running_loop()
-            if self.batching.deadline_us:
-                self._timer = loop.call_later(self.batching.deadline_us / 1e6, self.flush)
-            else:
-                self._timer = loop.call_soon(self.flush)
+            return
+        timer = self._timer
+        if timer is not None and (lazy or not self._lazy):
+            return  # the block closes soon enough
+        if timer is not None:
+            timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._lazy = lazy
+        if lazy:
+            self._timer = loop.call_later(LAZY_S, self.flush)
+        elif self.batching.deadline_us:
+            self._timer = loop.call_later(self.batching.deadline_us / 1e6, self.flush)
+        else:
+            self._timer = loop.call_soon(self.flush)
 
     @property
     def depth(self) -> int:
@@ -394,19 +413,22 @@ class Worker:
         txid = decide.txid
         if self.in_doubt.pop(txid, None) is None:
             return  # repeated, or never prepared here
+        # Lazy: until it is durable, a restart finds the transaction in doubt and asks.
         if decide.commit:
             self._changes_of(txid)
             self.state.commit(txid)
-            self.writer.add(proto.Committed(txid, b""))
+            self.writer.add(proto.Committed(txid, b""), lazy=True)
         else:
             self.state.abort(txid)
-            self.writer.add(proto.Aborted(txid))
+            self.writer.add(proto.Aborted(txid), lazy=True)
 
-    def ask_in_doubt(self, now: float) -> None:
-        """Ask the coordinator of every transaction in doubt for longer than its timeout."""
+    def ask_in_doubt(self, now: float, at_once: bool = False) -> None:
+        """Ask the coordinator of every transaction in doubt for longer than its timeout
+        (``at_once``: of every one, as a restarted participant does); then again every
+        ``ASK_EVERY_S`` until the outcome arrives. ``now`` is ``time.monotonic()``."""
         patience = self.timeout_s + ASK_EVERY_S
         for txid, (coordinator, since) in list(self.in_doubt.items()):
-            if now - since >= patience:
+            if at_once or now - since >= patience:
                 self.in_doubt[txid] = (coordinator, now - self.timeout_s)
                 self.send(self.subject_of(coordinator), proto.Ask(txid))
 

@@ -175,6 +175,22 @@ def test_cross_worker_commit_and_participant_refusal() -> None:
     ledger.check_invariants()
 
 
+def test_a_repeated_prepare_after_commit_is_refused_where_only_outputs_are_held() -> None:
+    """A participant holding none of a transaction's inputs must still refuse to prepare
+    it again once committed, or a late repeated PREPARE would create its outputs twice."""
+    _, (cid,) = funded([1_000])
+    tx = pay([cid], [1_000])
+    out = tx.output_ids[0]
+    outputs_only = PartitionState([partition_of(out)])
+    assert partition_of(out) != partition_of(cid)
+    outputs_only.prepare(tx)
+    outputs_only.commit(tx.txid)
+    with pytest.raises(AlreadyCommitted):
+        outputs_only.prepare(tx)
+    assert not outputs_only.pending
+    outputs_only.check_invariants()
+
+
 def test_stored_coins_leave_the_garbage_collectors_walk() -> None:
     """A full collection must not walk every coin of the ledger: once collected, the
     coins (issued and committed) and the maps of a state with nothing pending are no

@@ -1,0 +1,229 @@
+"""Two-phase commit between partition workers under randomized fault schedules.
+
+Three ``Worker``s (the real ledger logic, block logs on disk) exchange packages through
+a network that this test controls: packages are delivered out of order, lost or
+delivered twice; workers crash (whatever was not yet durable is lost) and recover from
+their logs; timeouts fire. Each schedule comes from a seed, printed with every failed
+assertion. Once the network heals and everything settles:
+
+* every transaction a client was told is committed is committed everywhere it touches;
+* no coin is spent twice, value is conserved, no lock or doubt is left;
+* replaying every worker's log rebuilds exactly the state it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from constellation.keys import SigningKey
+from constellation.ledger.pmap import PartitionMap
+from constellation.protocol import ledger as proto
+from constellation.sighash import sign_transaction
+from constellation.tx import Issuance, Transaction, TxInput, TxOutput
+from services.partition.config import Batching
+from services.partition.metrics import WorkerMetrics
+from services.partition.wal import BlockLog
+from services.partition.worker import Worker
+
+WORKERS = 3
+GATEWAY = "gw"
+ISSUER = SigningKey(b"\x07" * 32)
+OWNERS = [SigningKey(bytes([i + 1]) * 32) for i in range(4)]
+BY_PUB = {k.pubkey: k for k in OWNERS}
+PMAP = PartitionMap.even(WORKERS)
+Net = list[tuple[str, proto.Package]]
+
+
+def subject_of(worker: int) -> str:
+    return f"w.{worker}"
+
+
+class Node:
+    """One worker process: its ``Worker``, and what it sends into the network."""
+
+    def __init__(self, me: int, folder: Path, net: Net) -> None:
+        self.me, self.folder, self.net = me, folder, net
+        self.worker = self._start()
+
+    def _start(self) -> Worker:
+        worker = Worker(
+            self.me,
+            PMAP,
+            frozenset([ISSUER.pubkey]),
+            BlockLog(self.folder / f"w{self.me}.log"),
+            Batching(64, 0),
+            200,
+            WorkerMetrics(),
+            self._send,
+            subject_of,
+            lambda _: None,
+        )
+        worker.recover()
+        return worker
+
+    def _send(self, subject: str, item: proto.Item) -> None:
+        # One package per item: the network may reorder, lose or repeat each of them.
+        package = proto.Package(1, self.me, subject_of(self.me), PMAP.version, [item])
+        self.net.append((subject, package))
+
+    def crash(self) -> None:
+        """kill -9: what was not durable is gone; then recover from the log."""
+        writer = self.worker.writer
+        if writer._timer is not None:
+            writer._timer.cancel()
+        self.worker.wal.close()
+        self.worker = self._start()
+        self.worker.ask_in_doubt(time.monotonic(), at_once=True)
+
+
+class Cluster:
+    def __init__(self, folder: Path, rng: random.Random) -> None:
+        self.rng = rng
+        self.net: Net = []
+        self.nodes = [Node(w, folder, self.net) for w in range(WORKERS)]
+        self.results: dict[int, list[proto.Result]] = {}
+        self.txs: dict[int, Transaction] = {}
+        self.coins: dict[bytes, TxOutput] = {}  # every coin a payment may name (some never were)
+        self.issued = 0
+
+    def owner(self, coin_id: bytes) -> int:
+        return PMAP.owners()[(coin_id[0] << 8) | coin_id[1]]
+
+    async def settle_loop(self) -> None:
+        """Let the event loop run what it scheduled (block flushes)."""
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    def deliver(self, subject: str, package: proto.Package) -> None:
+        if subject == GATEWAY:
+            for item in package.items:
+                assert isinstance(item, proto.Result)
+                self.results.setdefault(item.rid, []).append(item)
+            return
+        self.nodes[int(subject.split(".")[1])].worker.handle(package)
+
+    def gateway_send(self, worker: int, item: proto.Item) -> None:
+        self.net.append((subject_of(worker), proto.Package(1, -1, GATEWAY, 1, [item])))
+
+    async def fund(self, count: int) -> None:
+        outputs = [TxOutput(self.rng.randrange(1_000, 100_000), k.pubkey) for k in OWNERS]
+        issuance = Issuance(ISSUER.pubkey, 0, outputs * (count // len(OWNERS)))
+        issuance = issuance.signed_by(ISSUER.secret)
+        for w in sorted({self.owner(c) for c in issuance.output_ids}):
+            self.nodes[w].worker.handle(
+                proto.Package(1, -1, GATEWAY, 1, [proto.Issue(0, issuance.encode())])
+            )
+        await self.settle_loop()
+        self.coins.update(zip(issuance.output_ids, issuance.outputs, strict=True))
+        self.issued = issuance.total_msat
+        self.net.clear()
+
+    def payment(self, rid: int) -> None:
+        """A payment from 1-2 random coins (some long spent) to 1-3 outputs; now and
+        then one with a bad signature."""
+        picks = self.rng.sample(sorted(self.coins), self.rng.randint(1, 2))
+        total = sum(self.coins[c].value_msat for c in picks)
+        n_out = min(self.rng.randint(1, 3), total)
+        fee = self.rng.randint(0, min(50, total - n_out))
+        values = [1] * (n_out - 1) + [total - fee - (n_out - 1)]
+        outputs = [TxOutput(v, self.rng.choice(OWNERS).pubkey) for v in values]
+        tx = Transaction([TxInput(c, self.coins[c].value_msat) for c in picks], outputs, fee)
+        keys = [BY_PUB[self.coins[c].owner] for c in picks]
+        if self.rng.random() < 0.05:
+            keys[0] = OWNERS[(OWNERS.index(keys[0]) + 1) % len(OWNERS)]
+        signed = sign_transaction(tx, keys)
+        self.txs[rid] = signed
+        self.coins.update(zip(signed.output_ids, signed.outputs, strict=True))
+        self.gateway_send(self.owner(picks[0]), proto.Submit(rid, signed.encode()))
+
+    async def step(self) -> None:
+        """One random event of the schedule."""
+        roll = self.rng.random()
+        if roll < 0.55 and self.net:
+            subject, package = self.net.pop(self.rng.randrange(len(self.net)))
+            fate = self.rng.random()
+            if fate < 0.05:
+                return  # lost
+            if fate < 0.10:
+                self.net.append((subject, package))  # delivered again later
+            self.deliver(subject, package)
+        elif roll < 0.75:
+            self.payment(len(self.txs))
+        elif roll < 0.80:
+            self.rng.choice(self.nodes).crash()
+        elif roll < 0.85:
+            node = self.rng.choice(self.nodes)
+            node.worker.expire(float("inf"))
+            node.worker.ask_in_doubt(time.monotonic(), at_once=True)
+        elif roll < 0.88:
+            await asyncio.sleep(0.012)  # lazy records are written
+        await self.settle_loop()
+
+    async def heal(self) -> None:
+        """No more faults: deliver everything, fire timeouts, until nothing moves."""
+        for _ in range(200):
+            while self.net:
+                self.deliver(*self.net.pop(0))
+                await self.settle_loop()
+            busy = False
+            for node in self.nodes:
+                worker = node.worker
+                busy = busy or bool(worker.coordinating or worker.in_doubt)
+                worker.expire(float("inf"))
+                worker.ask_in_doubt(time.monotonic(), at_once=True)
+                worker.writer.flush()
+            await self.settle_loop()
+            if not busy and not self.net:
+                return
+        raise AssertionError("the cluster did not settle")
+
+    def committed(self) -> Iterator[Transaction]:
+        for rid, results in self.results.items():
+            if any(not r.code for r in results):
+                yield self.txs[rid]
+
+
+@pytest.mark.parametrize("seed", range(16))
+async def test_random_fault_schedules_keep_every_promise(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    cluster = Cluster(tmp_path, rng)
+    await cluster.fund(24)
+    for _ in range(400):
+        await cluster.step()
+    await cluster.heal()
+    why = f"(seed {seed})"
+
+    states = [node.worker.state for node in cluster.nodes]
+    spent: dict[bytes, bytes] = {}
+    for state in states:
+        state.check_invariants()
+        assert not state.locks and not state.pending, f"a lock was left {why}"
+        for cid, txid in state.spent.items():
+            assert cid not in spent, f"coin {cid.hex()} spent twice {why}"
+            spent[cid] = txid
+    acknowledged = list(cluster.committed())
+    assert acknowledged, f"the schedule committed nothing {why}"
+    for tx in acknowledged:
+        for cid, _ in tx.inputs:
+            assert spent.get(cid) == tx.txid, f"an acknowledged spend is missing {why}"
+        for cid in tx.output_ids:
+            held = states[cluster.owner(cid)]
+            assert cid in held.coins or cid in held.spent, f"an acknowledged output is lost {why}"
+    fees = sum(s.fees_msat for s in states)
+    assert sum(s.held_msat for s in states) + fees == cluster.issued, f"value changed {why}"
+    for node in cluster.nodes:
+        assert not node.worker.in_doubt and not node.worker.coordinating, why
+
+    # What each worker holds, its log alone rebuilds.
+    for node in cluster.nodes:
+        before = node.worker.state
+        node.crash()
+        after = node.worker.state
+        assert after.coins == before.coins and after.spent == before.spent, why
+        assert after.fees_msat == before.fees_msat and not after.locks, why
