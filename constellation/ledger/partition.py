@@ -150,6 +150,19 @@ class PartitionState:
         self.pending[txid] = vote
         return vote
 
+    def signature_checks(
+        self, tx: Transaction, vote: Prepared
+    ) -> list[tuple[int, bytes, bytes, bytes]]:
+        """``(input index, owner, sighash, signature)`` for each input ``vote`` locked here:
+        what ``prepare(tx, verify=False)`` left unchecked, for checking elsewhere."""
+        txid, coins, witnesses, mine = tx.txid, self.coins, tx.witnesses, set(vote.inputs)
+        checks = []
+        for i, (cid, value) in enumerate(tx.inputs):
+            if cid in mine:
+                owner = coins[cid][1]
+                checks.append((i, owner, sighash(txid, i, value, owner), witnesses[i]))
+        return checks
+
     def _raise_missing(self, cid: bytes, txid: bytes) -> NoReturn:
         by = self.spent.get(cid)
         if by == txid:

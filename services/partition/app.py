@@ -25,6 +25,7 @@ from services.partition.transport import (
     query_subject,
     worker_subject,
 )
+from services.partition.verify import Verifiers
 from services.partition.wal import BlockLog
 from services.partition.worker import Worker
 from services.runtime import OpsServer
@@ -47,6 +48,7 @@ class WorkerNode:
         self.worker: Worker | None = None
         self.nc: Client | None = None
         self.packer: Packer | None = None
+        self.verifiers: Verifiers | None = None
         self._events: asyncio.Queue[proto.BlockEvents] = asyncio.Queue()
         self._recovered = False
 
@@ -85,6 +87,9 @@ class WorkerNode:
         packer = self.packer = Packer(
             nc, s.worker, own, lambda: pmap.version, s.packages, m.package_items.observe
         )
+        verifiers = self.verifiers = Verifiers(s.verifiers) if s.verifiers else None
+        if verifiers is not None:
+            await verifiers.start()
         worker = self.worker = Worker(
             s.worker,
             pmap,
@@ -96,6 +101,7 @@ class WorkerNode:
             packer.send,
             lambda w: worker_subject(s.operator, w),
             self._events.put_nowait,
+            verifiers,
         )
         started = time.monotonic()
         height = worker.recover()
@@ -114,6 +120,8 @@ class WorkerNode:
         m.queue.labels("coordinating").set_function(lambda: len(worker.coordinating))
         m.queue.labels("in_doubt").set_function(lambda: len(worker.in_doubt))
         m.queue.labels("events").set_function(self._events.qsize)
+        if verifiers is not None:
+            m.queue.labels("verifying").set_function(lambda: verifiers.in_flight)
         for sub_subject, cb in (
             (own, self._on_package),
             (query_subject(s.operator, s.worker, "coins"), self._on_coins),
@@ -142,7 +150,10 @@ class WorkerNode:
         worker.draining = True
         log.info("draining", extra={"coordinating": len(worker.coordinating)})
         deadline = time.monotonic() + worker.timeout_s + 1
-        while worker.coordinating and time.monotonic() < deadline:
+        verifiers = self.verifiers
+        while (worker.coordinating or (verifiers and verifiers.in_flight)) and (
+            time.monotonic() < deadline
+        ):
             await asyncio.sleep(TICK_S)
         worker.writer.flush()
         await packer.drain()
@@ -152,6 +163,8 @@ class WorkerNode:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await nc.drain()
+        if verifiers is not None:
+            verifiers.close()
         worker.wal.close()
         await self.ops.stop()
 

@@ -65,6 +65,7 @@ class Settings:
     packages: Batching
     blocks: Batching
     prepare_timeout_ms: int
+    verifiers: int  # processes checking signatures; 0: checked inline
     log_level: str
 
     @staticmethod
@@ -84,5 +85,6 @@ class Settings:
             packages=Batching.from_env(env, "WORKER_PACKAGE", 512, 0),
             blocks=Batching.from_env(env, "WORKER_BLOCK", 4096, 0),
             prepare_timeout_ms=env_int(env, "WORKER_PREPARE_TIMEOUT_MS", 2_000, 10, 600_000),
+            verifiers=env_int(env, "WORKER_VERIFIERS", 0, 0, 64),
             log_level=env_str(env, "WORKER_LOG_LEVEL", "info"),
         )

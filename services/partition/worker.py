@@ -25,15 +25,17 @@ from dataclasses import dataclass, field
 
 from constellation.errors import (
     AlreadyCommitted,
+    BadSignature,
     ConstellationError,
     NotHeldHere,
 )
-from constellation.ledger.partition import PartitionState
+from constellation.ledger.partition import PartitionState, Prepared
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
 from constellation.tx import Issuance, Transaction, decode_issuance, decode_transaction
 from services.partition.config import Batching
 from services.partition.metrics import WorkerMetrics
+from services.partition.verify import Verifiers
 from services.partition.wal import BlockLog
 
 TIMEOUT = "ledger.timeout"
@@ -166,8 +168,10 @@ class Worker:
         send: Send,
         subject_of: Callable[[int], str],
         publish: Callable[[proto.BlockEvents], None],
+        verifiers: Verifiers | None = None,
     ) -> None:
         self.me = me
+        self.verifiers = verifiers  # None: signatures are checked here, inline
         self.pmap = pmap
         self.owners = pmap.owners()
         held = pmap.held_by(me)
@@ -277,26 +281,72 @@ class Worker:
             self._refuse(reply, item.rid, *self._not_held("first input", first))
             return
         txid = tx.txid
-        if txid in self.coordinating:
+        if txid in self.state.pending:
             self._refuse(reply, item.rid, "ledger.in_flight", "this transaction is being committed")
             return
+        verifiers = self.verifiers
         try:
-            self.state.prepare(tx)
+            vote = self.state.prepare(tx, verify=verifiers is None)
         except ConstellationError as exc:
             self._refuse(reply, item.rid, exc.code, str(exc))
             return
+        started = time.monotonic()
+        if verifiers is None:
+            self._coordinate(tx, item.tx, reply, item.rid, started)
+            return
+
+        def checked(bad: str | None) -> None:
+            if bad is None:
+                self._coordinate(tx, item.tx, reply, item.rid, started)
+            else:
+                self.state.abort(txid)
+                self._refuse(reply, item.rid, *self._unchecked(bad))
+
+        self._check_signatures(tx, vote, checked)
+
+    def _coordinate(
+        self, tx: Transaction, raw: bytes, reply: str, rid: int, started: float
+    ) -> None:
+        """The inputs held here are locked and verified: commit, or PREPARE the others."""
         others = self._involved(tx)
-        now = time.monotonic()
         if not others:
-            self._commit(tx, item.tx, reply, item.rid, now, [], ())
+            self._commit(tx, raw, reply, rid, started, [], ())
             return
         participants = tuple(sorted(others))
-        self.coordinating[txid] = Coordinating(
-            tx, item.tx, reply, item.rid, set(others), participants, now, now + self.timeout_s
+        deadline = time.monotonic() + self.timeout_s
+        self.coordinating[tx.txid] = Coordinating(
+            tx, raw, reply, rid, set(others), participants, started, deadline
         )
-        prepare = proto.Prepare(item.tx)
+        prepare = proto.Prepare(raw)
         for w in participants:
             self.send(self.subject_of(w), prepare)
+
+    def _check_signatures(
+        self, tx: Transaction, vote: Prepared, then: Callable[[str | None], None]
+    ) -> None:
+        """Have the verifier processes check the signatures of the inputs ``vote`` locked;
+        ``then`` gets None if all verify, else what went wrong (a code for ``_unchecked``)."""
+        assert self.verifiers is not None
+        checks = self.state.signature_checks(tx, vote)
+        if not checks:
+            then(None)
+            return
+
+        def answered(first_bad: int | None) -> None:
+            if first_bad is None:
+                then(UNAVAILABLE)
+            elif first_bad < 0:
+                then(None)
+            else:
+                i = checks[first_bad][0]
+                then(f"input {i}: signature does not verify for coin {tx.inputs[i][0].hex()}")
+
+        self.verifiers.check([c[1:] for c in checks], answered)
+
+    def _unchecked(self, bad: str) -> tuple[str, str]:
+        if bad == UNAVAILABLE:
+            return UNAVAILABLE, f"worker {self.me}: the signature verifiers failed; retry"
+        return BadSignature.code, bad
 
     def _commit(
         self,
@@ -391,10 +441,11 @@ class Worker:
             self.send(reply, proto.Vote(b"", exc.code, str(exc), 0))
             return
         txid = tx.txid
-        if txid in self.in_doubt:
+        if txid in self.state.pending:
             return  # a repeated PREPARE: the vote follows the record's block
+        verifiers = self.verifiers
         try:
-            self.state.prepare(tx)
+            vote = self.state.prepare(tx, verify=verifiers is None)
         except NotHeldHere:
             code, detail = self._not_held("transaction", tx.inputs[0].coin_id)
             self.send(reply, proto.Vote(txid, code, detail, 0))
@@ -402,12 +453,27 @@ class Worker:
         except ConstellationError as exc:
             self.send(reply, proto.Vote(txid, exc.code, str(exc), 0))
             return
-        self.in_doubt[txid] = (sender, time.monotonic())
+        if verifiers is None:
+            self._prepared(txid, item.tx, sender, reply)
+            return
+
+        def checked(bad: str | None) -> None:
+            if bad is None:
+                self._prepared(txid, item.tx, sender, reply)
+            else:
+                self.state.abort(txid)
+                self.send(reply, proto.Vote(txid, *self._unchecked(bad), 0))
+
+        self._check_signatures(tx, vote, checked)
+
+    def _prepared(self, txid: bytes, raw: bytes, coordinator: int, reply: str) -> None:
+        """Locked and verified here: persist the PREPARED record, then vote YES."""
+        self.in_doubt[txid] = (coordinator, time.monotonic())
 
         def durable(height: int) -> None:
             self.send(reply, proto.Vote(txid, "", "", height))
 
-        self.writer.add(proto.Prepared(item.tx, sender), durable)
+        self.writer.add(proto.Prepared(raw, coordinator), durable)
 
     def _decide(self, decide: proto.Decide) -> None:
         txid = decide.txid

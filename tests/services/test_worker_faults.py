@@ -9,6 +9,9 @@ assertion. Once the network heals and everything settles:
 * every transaction a client was told is committed is committed everywhere it touches;
 * no coin is spent twice, value is conserved, no lock or doubt is left;
 * replaying every worker's log rebuilds exactly the state it holds.
+
+Some schedules check signatures in verifier processes, whose answers arrive whenever
+they arrive, between the other events.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from constellation.sighash import sign_transaction
 from constellation.tx import Issuance, Transaction, TxInput, TxOutput
 from services.partition.config import Batching
 from services.partition.metrics import WorkerMetrics
+from services.partition.verify import Check, Done, Verifiers
 from services.partition.wal import BlockLog
 from services.partition.worker import Worker
 
@@ -44,11 +48,29 @@ def subject_of(worker: int) -> str:
     return f"w.{worker}"
 
 
+class CrashableVerifiers(Verifiers):
+    """Real verifier processes; answers asked for before the worker's last crash are
+    dropped, as they die with it (the processes are kept to spare the test restarts)."""
+
+    def __init__(self, processes: int) -> None:
+        super().__init__(processes)
+        self.incarnation = 0
+
+    def check(self, checks: list[Check], done: Done) -> None:
+        asked_in = self.incarnation
+
+        def answered(answer: int | None) -> None:
+            if asked_in == self.incarnation:
+                done(answer)
+
+        super().check(checks, answered)
+
+
 class Node:
     """One worker process: its ``Worker``, and what it sends into the network."""
 
-    def __init__(self, me: int, folder: Path, net: Net) -> None:
-        self.me, self.folder, self.net = me, folder, net
+    def __init__(self, me: int, folder: Path, net: Net, verifiers: CrashableVerifiers | None):
+        self.me, self.folder, self.net, self.verifiers = me, folder, net, verifiers
         self.worker = self._start()
 
     def _start(self) -> Worker:
@@ -63,6 +85,7 @@ class Node:
             self._send,
             subject_of,
             lambda _: None,
+            self.verifiers,
         )
         worker.recover()
         return worker
@@ -78,19 +101,25 @@ class Node:
         if writer._timer is not None:
             writer._timer.cancel()
         self.worker.wal.close()
+        if self.verifiers is not None:
+            self.verifiers.incarnation += 1
         self.worker = self._start()
         self.worker.ask_in_doubt(time.monotonic(), at_once=True)
 
 
 class Cluster:
-    def __init__(self, folder: Path, rng: random.Random) -> None:
+    def __init__(self, folder: Path, rng: random.Random, verifiers: list[CrashableVerifiers]):
         self.rng = rng
         self.net: Net = []
-        self.nodes = [Node(w, folder, self.net) for w in range(WORKERS)]
+        self.nodes = [
+            Node(w, folder, self.net, verifiers[w] if verifiers else None) for w in range(WORKERS)
+        ]
         self.results: dict[int, list[proto.Result]] = {}
         self.txs: dict[int, Transaction] = {}
         self.coins: dict[bytes, TxOutput] = {}  # every coin a payment may name (some never were)
+        self.live: set[bytes] = set()  # issued, or created by a payment told it committed
         self.issued = 0
+        self.forged: set[int] = set()  # payments signed with a key that does not own a coin
 
     def owner(self, coin_id: bytes) -> int:
         return PMAP.owners()[(coin_id[0] << 8) | coin_id[1]]
@@ -105,6 +134,8 @@ class Cluster:
             for item in package.items:
                 assert isinstance(item, proto.Result)
                 self.results.setdefault(item.rid, []).append(item)
+                if not item.code:
+                    self.live.update(self.txs[item.rid].output_ids)
             return
         self.nodes[int(subject.split(".")[1])].worker.handle(package)
 
@@ -121,13 +152,15 @@ class Cluster:
             )
         await self.settle_loop()
         self.coins.update(zip(issuance.output_ids, issuance.outputs, strict=True))
+        self.live.update(issuance.output_ids)
         self.issued = issuance.total_msat
         self.net.clear()
 
     def payment(self, rid: int) -> None:
-        """A payment from 1-2 random coins (some long spent) to 1-3 outputs; now and
-        then one with a bad signature."""
-        picks = self.rng.sample(sorted(self.coins), self.rng.randint(1, 2))
+        """A payment from 1-2 random coins to 1-3 outputs; mostly coins that exist or did
+        (spent ones too), else any ever named; every 16th with a bad signature."""
+        pool = self.live if self.rng.random() < 0.8 else self.coins
+        picks = self.rng.sample(sorted(pool), self.rng.randint(1, 2))
         total = sum(self.coins[c].value_msat for c in picks)
         n_out = min(self.rng.randint(1, 3), total)
         fee = self.rng.randint(0, min(50, total - n_out))
@@ -135,9 +168,13 @@ class Cluster:
         outputs = [TxOutput(v, self.rng.choice(OWNERS).pubkey) for v in values]
         tx = Transaction([TxInput(c, self.coins[c].value_msat) for c in picks], outputs, fee)
         keys = [BY_PUB[self.coins[c].owner] for c in picks]
-        if self.rng.random() < 0.05:
-            keys[0] = OWNERS[(OWNERS.index(keys[0]) + 1) % len(OWNERS)]
+        forged = rid % 16 == 5
+        if forged:
+            k = self.rng.randrange(len(keys))
+            keys[k] = OWNERS[(OWNERS.index(keys[k]) + 1) % len(OWNERS)]
         signed = sign_transaction(tx, keys)
+        if forged:
+            self.forged.add(rid)
         self.txs[rid] = signed
         self.coins.update(zip(signed.output_ids, signed.outputs, strict=True))
         self.gateway_send(self.owner(picks[0]), proto.Submit(rid, signed.encode()))
@@ -175,6 +212,9 @@ class Cluster:
             for node in self.nodes:
                 worker = node.worker
                 busy = busy or bool(worker.coordinating or worker.in_doubt)
+                if node.verifiers is not None and node.verifiers.in_flight:
+                    busy = True
+                    await asyncio.sleep(0.005)
                 worker.expire(float("inf"))
                 worker.ask_in_doubt(time.monotonic(), at_once=True)
                 worker.writer.flush()
@@ -183,16 +223,43 @@ class Cluster:
                 return
         raise AssertionError("the cluster did not settle")
 
-    def committed(self) -> Iterator[Transaction]:
+    def committed(self) -> Iterator[int]:
+        """The payments a client was told are committed."""
         for rid, results in self.results.items():
             if any(not r.code for r in results):
-                yield self.txs[rid]
+                yield rid
+
+
+@pytest.fixture(scope="module")
+def verifier_processes() -> Iterator[list[CrashableVerifiers]]:
+    pools = [CrashableVerifiers(1) for _ in range(WORKERS)]
+
+    async def start() -> None:
+        await asyncio.gather(*(pool.start() for pool in pools))
+
+    asyncio.run(start())
+    yield pools
+    for pool in pools:
+        pool.close()
 
 
 @pytest.mark.parametrize("seed", range(16))
 async def test_random_fault_schedules_keep_every_promise(tmp_path: Path, seed: int) -> None:
+    await run_schedule(tmp_path, seed, [])
+
+
+@pytest.mark.parametrize("seed", range(100, 106))
+async def test_random_fault_schedules_with_verifier_processes(
+    tmp_path: Path, seed: int, verifier_processes: list[CrashableVerifiers]
+) -> None:
+    for pool in verifier_processes:
+        pool.incarnation += 1  # nothing of an earlier schedule reaches this one
+    await run_schedule(tmp_path, seed, verifier_processes)
+
+
+async def run_schedule(tmp_path: Path, seed: int, verifiers: list[CrashableVerifiers]) -> None:
     rng = random.Random(seed)
-    cluster = Cluster(tmp_path, rng)
+    cluster = Cluster(tmp_path, rng, verifiers)
     await cluster.fund(24)
     for _ in range(400):
         await cluster.step()
@@ -207,8 +274,14 @@ async def test_random_fault_schedules_keep_every_promise(tmp_path: Path, seed: i
         for cid, txid in state.spent.items():
             assert cid not in spent, f"coin {cid.hex()} spent twice {why}"
             spent[cid] = txid
-    acknowledged = list(cluster.committed())
+    acknowledged = [cluster.txs[rid] for rid in cluster.committed()]
     assert acknowledged, f"the schedule committed nothing {why}"
+    assert cluster.forged, f"the schedule forged no signature {why}"
+    assert not cluster.forged & set(cluster.committed()), f"a forged payment committed {why}"
+    # A forgery may share its txid with an honest payment (witnesses are not part of it):
+    # every committed transaction must be one that was honestly signed.
+    honest = {tx.txid for rid, tx in cluster.txs.items() if rid not in cluster.forged}
+    assert set(spent.values()) <= honest, f"a forged spend committed {why}"
     for tx in acknowledged:
         for cid, _ in tx.inputs:
             assert spent.get(cid) == tx.txid, f"an acknowledged spend is missing {why}"
