@@ -11,6 +11,12 @@ Two-phase commit, as items::
                           coordinator  --Decide--->  participant
                           coordinator  <--Ask------  participant  (in doubt, e.g. restarted)
 
+A transaction refused or aborted may be submitted again (a client retries), so one txid
+can have several rounds of two-phase commit, one at a time. Each round is an
+``attempt``, a number the coordinator draws at random: every Prepare, Vote, Decide and
+Ask names it, so that a message of an earlier round (late, repeated, or answering a
+question about it) never counts in a later one.
+
 A worker's block log holds ``Block`` records: what it prepared (as a participant),
 committed, aborted and issued, in order. Replaying them rebuilds its state.
 """
@@ -23,7 +29,7 @@ import msgspec
 
 from constellation.errors import MessageError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class _Item(msgspec.Struct, frozen=True, array_like=True, tag_field="k"):
@@ -48,6 +54,7 @@ class Prepare(_Item, frozen=True, tag="p"):
     """Coordinator -> participant: lock and check your part of this encoded transaction."""
 
     tx: bytes
+    attempt: int
 
 
 class Vote(_Item, frozen=True, tag="v"):
@@ -57,19 +64,22 @@ class Vote(_Item, frozen=True, tag="v"):
     code: str
     detail: str
     height: int
+    attempt: int
 
 
 class Decide(_Item, frozen=True, tag="d"):
-    """Coordinator -> participant: the outcome."""
+    """Coordinator -> participant: the outcome of one attempt."""
 
     txid: bytes
     commit: bool
+    attempt: int
 
 
 class Ask(_Item, frozen=True, tag="a"):
-    """Participant -> coordinator: what became of a transaction I prepared?"""
+    """Participant -> coordinator: what became of this attempt, which I prepared?"""
 
     txid: bytes
+    attempt: int
 
 
 class Result(_Item, frozen=True, tag="r"):
@@ -104,6 +114,7 @@ class Prepared(_Rec, frozen=True, tag="P"):
 
     tx: bytes
     coordinator: int
+    attempt: int = 0  # 0 in logs written before attempts were named
 
 
 class Committed(_Rec, frozen=True, tag="C"):
@@ -111,6 +122,7 @@ class Committed(_Rec, frozen=True, tag="C"):
 
     txid: bytes
     tx: bytes
+    attempt: int = 0  # the coordinator's: the attempt that committed
 
 
 class Aborted(_Rec, frozen=True, tag="A"):

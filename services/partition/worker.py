@@ -13,12 +13,17 @@ an abort: a transaction the coordinator has no commit record for is aborted
 
 Participant: lock and verify the inputs held here, persist the PREPARED record, vote
 YES; keep the locks until the outcome arrives, through restarts.
+
+A txid may go through several attempts (a client retries what was refused), one at a
+time: messages name their attempt, and a participant still in doubt about one attempt
+votes NO to the next until it learns the outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +62,7 @@ class Coordinating:
     raw: bytes
     reply: str
     rid: int
+    attempt: int
     waiting: set[int]
     participants: tuple[int, ...]
     started: float
@@ -185,10 +191,12 @@ class Worker:
         self.timeout_s = prepare_timeout_ms / 1000
         self.writer = BlockWriter(wal, me, blocks, metrics, publish)
         self.coordinating: dict[bytes, Coordinating] = {}
-        self.in_doubt: dict[bytes, tuple[int, float]] = {}  # txid -> (coordinator, asked at)
-        # Commits this worker coordinated that involved other workers: a participant in
-        # doubt asks for them (presumed abort answers everything else).
-        self.decided: set[bytes] = set()
+        # txid -> (coordinator, attempt, asked at): prepared here, the outcome not known.
+        self.in_doubt: dict[bytes, tuple[int, int, float]] = {}
+        # Commits this worker coordinated that involved other workers, with the attempt
+        # that committed: a participant in doubt asks for them (presumed abort answers
+        # everything else).
+        self.decided: dict[bytes, int] = {}
         self.draining = False
 
     # -- recovery ------------------------------------------------------------------------
@@ -203,13 +211,13 @@ class Worker:
                 if isinstance(rec, proto.Prepared):
                     tx = decode_transaction(rec.tx, check_owners=False)
                     state.prepare(tx, verify=False)
-                    self.in_doubt[tx.txid] = (rec.coordinator, 0.0)
+                    self.in_doubt[tx.txid] = (rec.coordinator, rec.attempt, 0.0)
                 elif isinstance(rec, proto.Committed):
                     if rec.tx:
                         tx = decode_transaction(rec.tx, check_owners=False)
                         state.prepare(tx, verify=False)
                         if self._involved(tx):
-                            self.decided.add(rec.txid)
+                            self.decided[rec.txid] = rec.attempt
                     else:
                         self.in_doubt.pop(rec.txid, None)
                     state.commit(rec.txid)
@@ -310,14 +318,15 @@ class Worker:
         """The inputs held here are locked and verified: commit, or PREPARE the others."""
         others = self._involved(tx)
         if not others:
-            self._commit(tx, raw, reply, rid, started, [], ())
+            self._commit(tx, raw, reply, rid, 0, started, [], ())
             return
         participants = tuple(sorted(others))
         deadline = time.monotonic() + self.timeout_s
+        attempt = random.getrandbits(63)
         self.coordinating[tx.txid] = Coordinating(
-            tx, raw, reply, rid, set(others), participants, started, deadline
+            tx, raw, reply, rid, attempt, set(others), participants, started, deadline
         )
-        prepare = proto.Prepare(raw)
+        prepare = proto.Prepare(raw, attempt)
         for w in participants:
             self.send(self.subject_of(w), prepare)
 
@@ -354,6 +363,7 @@ class Worker:
         raw: bytes,
         reply: str,
         rid: int,
+        attempt: int,
         started: float,
         blocks: list[tuple[int, int]],
         participants: tuple[int, ...],
@@ -362,18 +372,18 @@ class Worker:
         self._changes_of(txid)
         self.state.commit(txid)
         if participants:
-            self.decided.add(txid)
+            self.decided[txid] = attempt
         self.writer.committed.append((txid, tx.fee_msat))
 
         def durable(height: int) -> None:
-            decide = proto.Decide(txid, True)
+            decide = proto.Decide(txid, True, attempt)
             for w in participants:
                 self.send(self.subject_of(w), decide)
             self.send(reply, proto.Result(rid, "", "", [(self.me, height), *blocks]))
             self.metrics.committed.inc()
             self.metrics.confirm_seconds.observe(time.monotonic() - started)
 
-        self.writer.add(proto.Committed(txid, raw), durable)
+        self.writer.add(proto.Committed(txid, raw, attempt), durable)
 
     def _changes_of(self, txid: bytes) -> None:
         """Record the coin changes committing ``txid`` makes here, for the block's events."""
@@ -388,11 +398,10 @@ class Worker:
 
     def _vote(self, vote: proto.Vote, sender: int) -> None:
         c = self.coordinating.get(vote.txid)
-        if c is None:
-            # Late or repeated: the outcome is settled; tell a YES voter what it was.
+        if c is None or c.attempt != vote.attempt:
+            # Late or repeated: that attempt is settled; tell a YES voter how.
             if not vote.code:
-                commit = vote.txid in self.decided
-                self.send(self.subject_of(sender), proto.Decide(vote.txid, commit))
+                self._tell(sender, vote.txid, vote.attempt)
             return
         if sender not in c.waiting:
             return
@@ -403,13 +412,15 @@ class Worker:
         c.blocks.append((sender, vote.height))
         if not c.waiting:
             del self.coordinating[vote.txid]
-            self._commit(c.tx, c.raw, c.reply, c.rid, c.started, c.blocks, c.participants)
+            self._commit(
+                c.tx, c.raw, c.reply, c.rid, c.attempt, c.started, c.blocks, c.participants
+            )
 
     def _abort(self, c: Coordinating, code: str, detail: str) -> None:
         txid = c.tx.txid
         del self.coordinating[txid]
         self.state.abort(txid)
-        decide = proto.Decide(txid, False)
+        decide = proto.Decide(txid, False, c.attempt)
         for w in c.participants:
             self.send(self.subject_of(w), decide)
         self._refuse(c.reply, c.rid, code, detail)
@@ -428,57 +439,77 @@ class Worker:
             self._abort(c, TIMEOUT, f"no vote from worker {silent} in {self.timeout_s:g} s")
 
     def _ask(self, ask: proto.Ask, sender: int) -> None:
-        if ask.txid in self.coordinating:
+        c = self.coordinating.get(ask.txid)
+        if c is not None and c.attempt == ask.attempt:
             return  # undecided: it will hear the outcome
-        self.send(self.subject_of(sender), proto.Decide(ask.txid, ask.txid in self.decided))
+        self._tell(sender, ask.txid, ask.attempt)
+
+    def _tell(self, worker: int, txid: bytes, attempt: int) -> None:
+        """The outcome of a settled attempt: committed if it is the one that committed;
+        else aborted (presumed abort)."""
+        commit = self.decided.get(txid) == attempt
+        self.send(self.subject_of(worker), proto.Decide(txid, commit, attempt))
 
     # -- participant ---------------------------------------------------------------------
 
     def _prepare(self, item: proto.Prepare, sender: int, reply: str) -> None:
+        attempt = item.attempt
         try:
             tx = decode_transaction(item.tx, check_owners=False)  # the coordinator checked
         except ConstellationError as exc:
-            self.send(reply, proto.Vote(b"", exc.code, str(exc), 0))
+            self.send(reply, proto.Vote(b"", exc.code, str(exc), 0, attempt))
             return
         txid = tx.txid
-        if txid in self.state.pending:
-            return  # a repeated PREPARE: the vote follows the record's block
+        doubt = self.in_doubt.get(txid)
+        if doubt is not None:
+            if doubt[1] != attempt:
+                detail = f"worker {self.me} has not yet learned how an earlier attempt ended"
+                self.send(reply, proto.Vote(txid, "ledger.in_flight", detail, 0, attempt))
+            return  # else a repeated PREPARE: the vote follows the record's block
         verifiers = self.verifiers
         try:
             vote = self.state.prepare(tx, verify=verifiers is None)
         except NotHeldHere:
             code, detail = self._not_held("transaction", tx.inputs[0].coin_id)
-            self.send(reply, proto.Vote(txid, code, detail, 0))
+            self.send(reply, proto.Vote(txid, code, detail, 0, attempt))
             return
         except ConstellationError as exc:
-            self.send(reply, proto.Vote(txid, exc.code, str(exc), 0))
+            self.send(reply, proto.Vote(txid, exc.code, str(exc), 0, attempt))
             return
+        self.in_doubt[txid] = (sender, attempt, time.monotonic())
         if verifiers is None:
-            self._prepared(txid, item.tx, sender, reply)
+            self._prepared(txid, item.tx, sender, attempt, reply)
             return
 
         def checked(bad: str | None) -> None:
+            doubt = self.in_doubt.get(txid)
+            if doubt is None or doubt[1] != attempt:
+                return  # the outcome (an abort) came first
             if bad is None:
-                self._prepared(txid, item.tx, sender, reply)
+                self._prepared(txid, item.tx, sender, attempt, reply)
             else:
+                del self.in_doubt[txid]
                 self.state.abort(txid)
-                self.send(reply, proto.Vote(txid, *self._unchecked(bad), 0))
+                self.send(reply, proto.Vote(txid, *self._unchecked(bad), 0, attempt))
 
         self._check_signatures(tx, vote, checked)
 
-    def _prepared(self, txid: bytes, raw: bytes, coordinator: int, reply: str) -> None:
+    def _prepared(
+        self, txid: bytes, raw: bytes, coordinator: int, attempt: int, reply: str
+    ) -> None:
         """Locked and verified here: persist the PREPARED record, then vote YES."""
-        self.in_doubt[txid] = (coordinator, time.monotonic())
 
         def durable(height: int) -> None:
-            self.send(reply, proto.Vote(txid, "", "", height))
+            self.send(reply, proto.Vote(txid, "", "", height, attempt))
 
-        self.writer.add(proto.Prepared(raw, coordinator), durable)
+        self.writer.add(proto.Prepared(raw, coordinator, attempt), durable)
 
     def _decide(self, decide: proto.Decide) -> None:
         txid = decide.txid
-        if self.in_doubt.pop(txid, None) is None:
-            return  # repeated, or never prepared here
+        doubt = self.in_doubt.get(txid)
+        if doubt is None or doubt[1] != decide.attempt:
+            return  # repeated, never prepared here, or about another attempt
+        del self.in_doubt[txid]
         # Lazy: until it is durable, a restart finds the transaction in doubt and asks.
         if decide.commit:
             self._changes_of(txid)
@@ -493,10 +524,10 @@ class Worker:
         (``at_once``: of every one, as a restarted participant does); then again every
         ``ASK_EVERY_S`` until the outcome arrives. ``now`` is ``time.monotonic()``."""
         patience = self.timeout_s + ASK_EVERY_S
-        for txid, (coordinator, since) in list(self.in_doubt.items()):
+        for txid, (coordinator, attempt, since) in list(self.in_doubt.items()):
             if at_once or now - since >= patience:
-                self.in_doubt[txid] = (coordinator, now - self.timeout_s)
-                self.send(self.subject_of(coordinator), proto.Ask(txid))
+                self.in_doubt[txid] = (coordinator, attempt, now - self.timeout_s)
+                self.send(self.subject_of(coordinator), proto.Ask(txid, attempt))
 
     # -- issuance ------------------------------------------------------------------------
 

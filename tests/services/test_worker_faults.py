@@ -300,3 +300,56 @@ async def run_schedule(tmp_path: Path, seed: int, verifiers: list[CrashableVerif
         after = node.worker.state
         assert after.coins == before.coins and after.spent == before.spent, why
         assert after.fees_msat == before.fees_msat and not after.locks, why
+
+
+async def test_a_late_vote_of_an_aborted_attempt_does_not_count_in_the_next(
+    tmp_path: Path,
+) -> None:
+    """Attempt A times out at the coordinator after the participant voted YES; the client
+    submits the same transaction again (attempt B). A's YES arriving during B must not
+    count: the participant may still refuse B (here it is in doubt about A, so it must)."""
+    cluster = Cluster(tmp_path, random.Random(0), [])
+    await cluster.fund(24)
+    a = next(c for c in sorted(cluster.live) if cluster.owner(c) == 0)
+    b = next(c for c in sorted(cluster.live) if cluster.owner(c) == 1)
+    coins = [cluster.coins[a], cluster.coins[b]]
+    total = sum(c.value_msat for c in coins)
+    tx = Transaction(
+        [TxInput(a, coins[0].value_msat), TxInput(b, coins[1].value_msat)],
+        [TxOutput(total, OWNERS[0].pubkey)],
+    )
+    signed = sign_transaction(tx, [BY_PUB[c.owner] for c in coins])
+    w0, w1 = cluster.nodes[0].worker, cluster.nodes[1].worker
+
+    async def run(item: proto.Item, worker: Worker, sender: int) -> list[proto.Item]:
+        worker.handle(
+            proto.Package(1, sender, subject_of(sender) if sender >= 0 else GATEWAY, 1, [item])
+        )
+        await cluster.settle_loop()
+        sent = [i for _, p in cluster.net for i in p.items]
+        cluster.net.clear()
+        return sent
+
+    [prepare_a] = await run(proto.Submit(1, signed.encode()), w0, -1)
+    [yes_a] = await run(prepare_a, w1, 0)
+    assert isinstance(yes_a, proto.Vote) and not yes_a.code
+    w0.expire(float("inf"))  # A times out; its Decide(abort) to worker 1 is lost
+    cluster.net.clear()
+    [prepare_b] = await run(proto.Submit(2, signed.encode()), w0, -1)
+    assert isinstance(prepare_b, proto.Prepare) and prepare_b.attempt != yes_a.attempt
+    told = await run(yes_a, w0, 1)  # the late YES of A
+    assert told == [proto.Decide(signed.txid, False, yes_a.attempt)]
+    assert signed.txid in w0.coordinating and signed.txid not in w0.decided
+    [refusal] = await run(prepare_b, w1, 0)  # still in doubt about A
+    assert isinstance(refusal, proto.Vote) and refusal.code == "ledger.in_flight"
+    sent = await run(refusal, w0, 1)
+    [result] = [i for i in sent if isinstance(i, proto.Result)]
+    assert result.rid == 2 and result.code == "ledger.in_flight"
+    assert proto.Decide(signed.txid, False, prepare_b.attempt) in sent
+    assert not w0.state.locks and w1.state.locks  # worker 1 waits to learn A's outcome
+    w1.ask_in_doubt(time.monotonic(), at_once=True)
+    [ask] = [i for _, p in cluster.net for i in p.items]
+    cluster.net.clear()
+    [abort_a] = await run(ask, w0, 1)
+    await run(abort_a, w1, 0)
+    assert not w1.state.locks and not w1.in_doubt

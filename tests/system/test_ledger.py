@@ -300,13 +300,15 @@ async def test_participant_keeps_its_lock_through_a_restart_until_it_learns_the_
     try:
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
-        pkg = proto.Package(proto.PROTOCOL_VERSION, 0, inbox, 1, [proto.Prepare(tx.encode())])
+        prepare = proto.Prepare(tx.encode(), 7)
+        pkg = proto.Package(proto.PROTOCOL_VERSION, 0, inbox, 1, [prepare])
         op.freeze(0)
         await nc.publish(worker_subject(op.net.operator, 1), proto.encode(pkg))
         (vote,) = proto.decode_package((await sub.next_msg(timeout=5)).data).items
     finally:
         await nc.close()
     assert isinstance(vote, proto.Vote) and vote.code == "" and vote.txid == tx.txid
+    assert vote.attempt == 7
     op.kill(1)
     op.restart(1)
     assert (await gw.get(f"/v1/coin/{c1.hex()}"))["status"] == "locked"
