@@ -57,18 +57,23 @@ class Operator:
     @contextlib.contextmanager
     def gateway_settings(self, **settings: str) -> Iterator[None]:
         """Run the gateway with these ``GATEWAY_*`` settings, then as before."""
-        saved = {name: os.environ.get(name) for name in settings}
-        os.environ.update(settings)
-        try:
+        with environment(settings):
             self.restart_gateway()
             yield
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    del os.environ[name]
-                else:
-                    os.environ[name] = value
-            self.restart_gateway()
+        self.restart_gateway()
+
+    @contextlib.contextmanager
+    def worker_settings(self, i: int, **settings: str) -> Iterator[None]:
+        """Run worker ``i`` with these ``WORKER_*`` settings, then as before."""
+        with environment(settings):
+            self.stop_worker(i)
+            self.restart(i)
+            yield
+        self.stop_worker(i)
+        self.restart(i)
+
+    def stop_worker(self, i: int) -> None:
+        devnet.stop_pid(self.worker_pid(i), 10)
 
     def freeze(self, i: int) -> None:
         os.kill(self.worker_pid(i), signal.SIGSTOP)
@@ -100,6 +105,21 @@ class Operator:
         receipt = await gw.issue(issuance)
         assert receipt["status"] == "committed"
         return issuance.output_ids[0]
+
+
+@contextlib.contextmanager
+def environment(settings: dict[str, str]) -> Iterator[None]:
+    """These environment variables (for the processes started meanwhile), then as before."""
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def pay(

@@ -205,14 +205,16 @@ async def test_history_coins_and_websocket_pushes(op: Operator, gw: Gateway) -> 
         assert note["type"] == "coin" and note["address"] == bob_addr
         assert note["txid"] == tx.txid.hex() and note["kind"] == "received"
         assert note["value_msat"] == 39_000
+    # Each worker's events reach the index on their own: wait for both sides.
+    alice_addr = encode_address(alice.pubkey, Network.REGTEST)
     end = time.monotonic() + 10
-    while not (history := await gw.history(bob_addr)):
+    while not (history := await gw.history(bob_addr)) or len(await gw.history(alice_addr)) < 2:
         assert time.monotonic() < end, "the index never caught up"
         await asyncio.sleep(0.1)
     assert history[0]["txid"] == tx.txid.hex() and history[0]["kind"] == "received"
     coins = await gw.coins(bob_addr)
     assert list(coins) == [tx.output_ids[0]]
-    alice_history = await gw.history(encode_address(alice.pubkey, Network.REGTEST))
+    alice_history = await gw.history(alice_addr)
     assert {e["kind"] for e in alice_history} == {"received", "spent"}
     status = await gw.get(f"/v1/tx/{tx.txid.hex()}")
     assert status["status"] == "committed"
@@ -392,3 +394,44 @@ async def test_index_stores_each_change_once_however_often_it_is_delivered(op: O
         assert found is not None and found["fee_msat"] == 7
     finally:
         await index.close()
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+async def test_verifier_processes_check_signatures_and_stop_with_their_worker(
+    op: Operator, gw: Gateway
+) -> None:
+    """Worker 1 with ``WORKER_VERIFIERS=2``: forged signatures it holds are refused, as
+    coordinator and as participant, naming the input; honest payments commit; its
+    verifier processes end with it."""
+    alice, mallory = SigningKey(os.urandom(32)), SigningKey(os.urandom(32))
+    with op.worker_settings(1, WORKER_VERIFIERS="2"):
+        verifiers = children(op.worker_pid(1))
+        assert len(verifiers) >= 2
+        c0 = await op.fund(gw, alice, 1_000, worker=0)
+        c1 = await op.fund(gw, alice, 2_000, worker=1)
+        before = await settled(gw)
+        out = [TxOutput(2_990, alice.pubkey)]
+        async with aiohttp.ClientSession() as session:
+            for coins, bad in (
+                ([(c1, 2_000, mallory), (c0, 1_000, alice)], 0),  # checked by the coordinator
+                ([(c0, 1_000, alice), (c1, 2_000, mallory)], 1),  # by the participant
+            ):
+                forged = pay(coins, out, fee=10)
+                status, doc, _ = await post(session, op.url + "/v1/tx", forged.encode())
+                assert status == 400 and doc["error"]["code"] == "invalid.signature", doc
+                assert f"input {bad}: signature does not verify" in doc["error"]["message"]
+            assert await settled(gw) == before
+            honest = pay([(c1, 2_000, alice), (c0, 1_000, alice)], out, fee=10)
+            status, doc, _ = await post(session, op.url + "/v1/tx", honest.encode())
+        assert status == 200 and doc["status"] == "committed", doc
+        after = await settled(gw)
+        assert after["held_msat"] + after["fees_msat"] == before["held_msat"] + before["fees_msat"]
+    end = time.monotonic() + 5  # the verifiers are joined; the resource tracker follows
+    while [p for p in verifiers if os.path.exists(f"/proc/{p}")] and time.monotonic() < end:
+        time.sleep(0.1)
+    assert '"stopped"' in op.worker_log(1).split("worker ready")[-2], "no clean drain"
+    assert not [p for p in verifiers if os.path.exists(f"/proc/{p}")]
