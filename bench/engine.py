@@ -9,9 +9,11 @@ them open loop (on a fixed schedule, whatever the answers) as batches every
 ``--tick-ms`` through the gateway's ``POST /v1/txs``.
 
 Each configuration runs twice: at ``--offered`` tx/s, far above what 2 cores commit,
-to find the maximum committed rate; then at half that rate for latency. Last, the half
+to find the maximum committed rate; then at half that rate for latency. Then the half
 rate runs once more for each package deadline of ``--deadlines`` (workers' and
-gateway's), to show what closing packages later costs and saves.
+gateway's), to show what closing packages later costs and saves. Last, 2 workers run
+with each count of ``--verifiers`` processes checking their signatures, saturated and
+at the same half rate, to show whether that pays on this machine.
 
 Figures:
   tps_1w, tps_2w     committed tx/s at saturation, 1 and 2 workers
@@ -19,6 +21,8 @@ Figures:
   cpu_us_per_tx      CPU (user+system) of the workers and the gateway per committed
                      transaction, at 50% of tps_2w
   package_deadlines  p50_ms, p99_ms and cpu_us_per_tx at 50% of tps_2w per deadline
+  verifiers          tps saturated, then p50_ms, p99_ms and cpu_us_per_tx (the verifier
+                     processes included) at 50% of tps_2w, per WORKER_VERIFIERS
 Targets on a 2-core machine: tps_2w >= 5000, p99_ms <= 50, cpu_us_per_tx <= 300.
 """
 
@@ -51,6 +55,14 @@ from services.wallet import Gateway
 COIN_MSAT = 1_000_000
 FEE_MSAT = 100
 ISSUE_CHUNK = 250
+
+
+def with_children(pids: list[int]) -> list[int]:
+    """``pids`` and their child processes (a worker's verifiers)."""
+    found = list(pids)
+    for pid in pids:
+        found += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return found
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -185,7 +197,7 @@ async def measure(net: devnet.Devnet, count: int, rate: float, tick_ms: float) -
     async with aiohttp.ClientSession() as session:
         funded = await fund(Gateway(net.gateway_url, session), net, keys, count)
     txs = payments(funded, keys)
-    pids = [net.gateway_pid, *(w.pid for w in net.workers)]
+    pids = with_children([net.gateway_pid, *(w.pid for w in net.workers)])
     await asyncio.sleep(1)  # the indexer catches up with the funding
     cpu0, idx0 = cpu_seconds(pids), cpu_seconds([net.indexer_pid])
     committed, elapsed, lat, refused = await open_loop(net.gateway_url, txs, rate, tick_ms)
@@ -215,6 +227,11 @@ def main() -> int:
         default="0,250,500,1000",
         help="package deadlines (us) to compare at 50%% of tps_2w; empty for none",
     )
+    ap.add_argument(
+        "--verifiers",
+        default="1",
+        help="WORKER_VERIFIERS counts to compare with checking inline; empty for none",
+    )
     ap.add_argument("--runs", type=int, default=1, help="repeat and take medians")
     args = ap.parse_args()
     figures: dict[str, Any] = {}
@@ -240,6 +257,14 @@ def main() -> int:
         with Setup(2, env) as net:
             lat = asyncio.run(measure(net, int(half * args.seconds), half, args.tick_ms))
         sweep.append({"deadline_us": deadline, **lat})
+    verifying = []
+    for count in [int(v) for v in args.verifiers.split(",") if v]:
+        with Setup(2, {"WORKER_VERIFIERS": str(count)}) as net:
+            sat = asyncio.run(
+                measure(net, int(args.offered * args.seconds), args.offered, args.tick_ms)
+            )
+            lat = asyncio.run(measure(net, int(half * args.seconds), half, args.tick_ms))
+        verifying.append({"verifiers": count, "tps": sat["tps"], **lat})
     figures["tps_1w"] = median([r["tps"] for r in runs["sat_1w"]])
     figures["tps_2w"] = median([r["tps"] for r in runs["sat_2w"]])
     figures["p50_ms"] = median([r["p50_ms"] for r in runs["half_2w"]])
@@ -248,6 +273,7 @@ def main() -> int:
     figures["cpu_us_per_tx_saturated_2w"] = median([r["cpu_us_per_tx"] for r in runs["sat_2w"]])
     figures["indexer_cpu_us_per_tx"] = median([r["indexer_cpu_us_per_tx"] for r in runs["half_2w"]])
     figures["package_deadlines"] = sweep
+    figures["verifiers"] = verifying
     figures["tick_ms"] = args.tick_ms
     figures["runs"] = runs
     print_table(
@@ -279,6 +305,19 @@ def main() -> int:
                     f"{r['cpu_us_per_tx']:.0f} us cpu/tx",
                 )
                 for r in sweep
+            ],
+        )
+    if verifying:
+        print_table(
+            "signature checks in verifier processes, 2 workers (0: inline, the runs above)",
+            [
+                (
+                    f"{r['verifiers']} per worker",
+                    f"{r['tps']:,.0f} tx/s saturated; at 50%: p50 {r['p50_ms']:.1f} ms,"
+                    f" p99 {r['p99_ms']:.1f} ms",
+                    f"{r['cpu_us_per_tx']:.0f} us cpu/tx",
+                )
+                for r in verifying
             ],
         )
     for name, rs in runs.items():
