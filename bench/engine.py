@@ -59,10 +59,7 @@ ISSUE_CHUNK = 250
 
 def with_children(pids: list[int]) -> list[int]:
     """``pids`` and their child processes (a worker's verifiers)."""
-    found = list(pids)
-    for pid in pids:
-        found += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    return found
+    return [*pids, *(c for pid in pids for c in devnet.child_pids(pid))]
 
 
 def cpu_seconds(pids: list[int]) -> float:

@@ -189,6 +189,20 @@ def spawn(argv: list[str], env: dict[str, str], log_path: Path, user: str | None
     return proc.pid
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (started by any of its threads)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            if f"\nPPid:\t{pid}\n" in status:
+                found.append(int(entry.name))
+    return found
+
+
 def alive(pid: int) -> bool:
     if pid <= 0:
         return False

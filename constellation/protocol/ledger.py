@@ -10,12 +10,15 @@ Two-phase commit, as items::
     gateway  <--Result--  coordinator  <--Vote-----  participant
                           coordinator  --Decide--->  participant
                           coordinator  <--Ask------  participant  (in doubt, e.g. restarted)
+                          coordinator  <--Done-----  participant  (the commit is durable here)
 
 A transaction refused or aborted may be submitted again (a client retries), so one txid
 can have several rounds of two-phase commit, one at a time. Each round is an
 ``attempt``, a number the coordinator draws at random: every Prepare, Vote, Decide and
 Ask names it, so that a message of an earlier round (late, repeated, or answering a
-question about it) never counts in a later one.
+question about it) never counts in a later one. A coordinator remembers a commit until
+every participant has said Done, then logs that it may forget it (``Ended``): what it
+does not remember was aborted (presumed abort).
 
 A worker's block log holds ``Block`` records: what it prepared (as a participant),
 committed, aborted and issued, in order. Replaying them rebuilds its state.
@@ -91,7 +94,14 @@ class Result(_Item, frozen=True, tag="r"):
     blocks: list[tuple[int, int]]  # (worker, height) holding this transaction's parts
 
 
-Item = Union[Submit, Issue, Prepare, Vote, Decide, Ask, Result]  # noqa: UP007
+class Done(_Item, frozen=True, tag="e"):
+    """Participant -> coordinator: this attempt's commit is durable here."""
+
+    txid: bytes
+    attempt: int
+
+
+Item = Union[Submit, Issue, Prepare, Vote, Decide, Ask, Done, Result]  # noqa: UP007
 
 
 class Package(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -133,7 +143,13 @@ class Issued(_Rec, frozen=True, tag="I"):
     issuance: bytes
 
 
-Record = Union[Prepared, Committed, Aborted, Issued]  # noqa: UP007
+class Ended(_Rec, frozen=True, tag="E"):
+    """The coordinator's: every participant has this commit durably; nobody will ask."""
+
+    txid: bytes
+
+
+Record = Union[Prepared, Committed, Aborted, Issued, Ended]  # noqa: UP007
 
 
 class Block(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):

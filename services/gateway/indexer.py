@@ -73,7 +73,9 @@ class Indexer:
         await stop.wait()
         task.cancel()  # a batch not acknowledged yet is delivered again: rows are unique
         await asyncio.gather(task, return_exceptions=True)
-        await self.nc.drain()
+        # Close, not drain: a fetch cut short by the cancel can leave delivered messages
+        # that nobody will take, and a drain would wait for them (30 s).
+        await self.nc.close()
         await index.close()
         await self.ops.stop()
 

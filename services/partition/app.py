@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -119,6 +120,7 @@ class WorkerNode:
         m.queue.labels("block").set_function(lambda: worker.writer.depth)
         m.queue.labels("coordinating").set_function(lambda: len(worker.coordinating))
         m.queue.labels("in_doubt").set_function(lambda: len(worker.in_doubt))
+        m.queue.labels("decided").set_function(lambda: len(worker.decided))
         m.queue.labels("events").set_function(self._events.qsize)
         if verifiers is not None:
             m.queue.labels("verifying").set_function(lambda: verifiers.in_flight)
@@ -157,12 +159,14 @@ class WorkerNode:
             await asyncio.sleep(TICK_S)
         worker.writer.flush()
         await packer.drain()
-        while not self._events.empty() and time.monotonic() < deadline:
-            await asyncio.sleep(TICK_S)
+        with contextlib.suppress(TimeoutError):  # every block's events published and stored
+            await asyncio.wait_for(self._events.join(), max(0.0, deadline - time.monotonic()))
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await nc.drain()
+        # Close, not drain: what had to go out went above, and a drain waits (up to 30 s)
+        # for answers to requests cut short by the cancel.
+        await nc.close()
         if verifiers is not None:
             verifiers.close()
         worker.wal.close()
@@ -175,6 +179,7 @@ class WorkerNode:
             now = time.monotonic()
             self.worker.expire(now)
             self.worker.ask_in_doubt(now)
+            self.worker.retell(now)
 
     async def _publish_events(self) -> None:
         """Committed changes into the JetStream events stream, in block order: what
@@ -196,6 +201,8 @@ class WorkerNode:
                 except (TimeoutError, NatsError) as exc:
                     log.warning("event publish failed; retrying", extra={"error": str(exc)})
                     await asyncio.sleep(0.5)
+            for _ in batch:
+                queue.task_done()
 
     async def _on_package(self, msg: Msg) -> None:
         assert self.worker is not None

@@ -41,6 +41,12 @@ def _exit_with(parent: int) -> None:
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
+def _warm() -> None:
+    """Busy long enough that the pool starts a process for each of ``start``'s calls (it
+    starts one only where none is idle)."""
+    time.sleep(0.1)
+
+
 def first_bad(batch: list[list[Check]]) -> list[int]:
     """In a verifier process: for each transaction, the position of its first signature
     that does not verify, or -1."""
@@ -68,10 +74,10 @@ class Verifiers:
         )
 
     async def start(self) -> None:
-        """Start the processes (they import the curve library) before work arrives."""
+        """Start every process (each imports the curve library) before work arrives."""
         loop = asyncio.get_running_loop()
         await asyncio.gather(
-            *(loop.run_in_executor(self._pool, first_bad, []) for _ in range(self.processes))
+            *(loop.run_in_executor(self._pool, _warm) for _ in range(self.processes))
         )
 
     def check(self, checks: list[Check], done: Done) -> None:

@@ -48,6 +48,8 @@ UNAVAILABLE = "unavailable"
 ASK_EVERY_S = 0.25
 # How long a record that nothing waits for may wait for a block that something does.
 LAZY_S = 0.01
+# How long a coordinator waits for a participant's Done before telling it the commit again.
+RETELL_S = 1.0
 
 log = logging.getLogger("partition.worker")
 
@@ -68,6 +70,15 @@ class Coordinating:
     started: float
     deadline: float
     blocks: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class Decided:
+    """A commit this worker coordinated, remembered until every participant has it."""
+
+    attempt: int
+    waiting: set[int]  # participants that have not said Done
+    told: float  # when they were last told
 
 
 class BlockWriter:
@@ -133,6 +144,13 @@ class BlockWriter:
         else:
             self._timer = loop.call_soon(self.flush)
 
+    def after_durable(self, callback: Callable[[int], None]) -> None:
+        """Run ``callback`` once everything added so far is durable (now, if it is)."""
+        if self.records:
+            self.after.append(callback)
+        else:
+            callback(self.wal.height - 1)
+
     @property
     def depth(self) -> int:
         return len(self.records)
@@ -193,10 +211,10 @@ class Worker:
         self.coordinating: dict[bytes, Coordinating] = {}
         # txid -> (coordinator, attempt, asked at): prepared here, the outcome not known.
         self.in_doubt: dict[bytes, tuple[int, int, float]] = {}
-        # Commits this worker coordinated that involved other workers, with the attempt
-        # that committed: a participant in doubt asks for them (presumed abort answers
-        # everything else).
-        self.decided: dict[bytes, int] = {}
+        # Commits this worker coordinated that involved other workers, until each of
+        # them has said Done: a participant in doubt asks for them (presumed abort
+        # answers everything else).
+        self.decided: dict[bytes, Decided] = {}
         self.draining = False
 
     # -- recovery ------------------------------------------------------------------------
@@ -216,14 +234,16 @@ class Worker:
                     if rec.tx:
                         tx = decode_transaction(rec.tx, check_owners=False)
                         state.prepare(tx, verify=False)
-                        if self._involved(tx):
-                            self.decided[rec.txid] = rec.attempt
+                        if others := self._involved(tx):
+                            self.decided[rec.txid] = Decided(rec.attempt, others, 0.0)
                     else:
                         self.in_doubt.pop(rec.txid, None)
                     state.commit(rec.txid)
                 elif isinstance(rec, proto.Aborted):
                     self.in_doubt.pop(rec.txid, None)
                     state.abort(rec.txid)
+                elif isinstance(rec, proto.Ended):
+                    self.decided.pop(rec.txid, None)
                 else:
                     state.issue(decode_issuance(rec.issuance))
         state.check_invariants()
@@ -261,9 +281,11 @@ class Worker:
             elif isinstance(item, proto.Prepare):
                 self._prepare(item, pkg.sender, pkg.reply)
             elif isinstance(item, proto.Decide):
-                self._decide(item)
+                self._decide(item, pkg.sender)
             elif isinstance(item, proto.Ask):
                 self._ask(item, pkg.sender)
+            elif isinstance(item, proto.Done):
+                self._done(item, pkg.sender)
             elif isinstance(item, proto.Issue):
                 self._issue(item, pkg.reply)
             else:
@@ -372,7 +394,7 @@ class Worker:
         self._changes_of(txid)
         self.state.commit(txid)
         if participants:
-            self.decided[txid] = attempt
+            self.decided[txid] = Decided(attempt, set(participants), time.monotonic())
         self.writer.committed.append((txid, tx.fee_msat))
 
         def durable(height: int) -> None:
@@ -447,8 +469,28 @@ class Worker:
     def _tell(self, worker: int, txid: bytes, attempt: int) -> None:
         """The outcome of a settled attempt: committed if it is the one that committed;
         else aborted (presumed abort)."""
-        commit = self.decided.get(txid) == attempt
+        decided = self.decided.get(txid)
+        commit = decided is not None and decided.attempt == attempt
         self.send(self.subject_of(worker), proto.Decide(txid, commit, attempt))
+
+    def _done(self, done: proto.Done, sender: int) -> None:
+        decided = self.decided.get(done.txid)
+        if decided is None or decided.attempt != done.attempt:
+            return
+        decided.waiting.discard(sender)
+        if not decided.waiting:
+            del self.decided[done.txid]
+            self.writer.add(proto.Ended(done.txid), lazy=True)
+
+    def retell(self, now: float, at_once: bool = False) -> None:
+        """Tell the commit again to each participant that has not said Done in
+        ``RETELL_S`` (``at_once``: to every one). ``now`` is ``time.monotonic()``."""
+        for txid, decided in self.decided.items():
+            if at_once or now - decided.told >= RETELL_S:
+                decided.told = now
+                decide = proto.Decide(txid, True, decided.attempt)
+                for w in decided.waiting:
+                    self.send(self.subject_of(w), decide)
 
     # -- participant ---------------------------------------------------------------------
 
@@ -504,20 +546,31 @@ class Worker:
 
         self.writer.add(proto.Prepared(raw, coordinator, attempt), durable)
 
-    def _decide(self, decide: proto.Decide) -> None:
-        txid = decide.txid
+    def _decide(self, decide: proto.Decide, sender: int) -> None:
+        txid, attempt = decide.txid, decide.attempt
         doubt = self.in_doubt.get(txid)
-        if doubt is None or doubt[1] != decide.attempt:
-            return  # repeated, never prepared here, or about another attempt
+        if doubt is None:
+            # Repeated, or never prepared here. A commit is told again until it is Done,
+            # and only to a worker that voted YES, so that worker has applied it.
+            if decide.commit:
+                self.writer.after_durable(lambda _: self._say_done(sender, txid, attempt))
+            return
+        if doubt[1] != attempt:
+            return  # about another attempt
         del self.in_doubt[txid]
         # Lazy: until it is durable, a restart finds the transaction in doubt and asks.
         if decide.commit:
             self._changes_of(txid)
             self.state.commit(txid)
-            self.writer.add(proto.Committed(txid, b""), lazy=True)
+            self.writer.add(
+                proto.Committed(txid, b""), lambda _: self._say_done(sender, txid, attempt), True
+            )
         else:
             self.state.abort(txid)
             self.writer.add(proto.Aborted(txid), lazy=True)
+
+    def _say_done(self, coordinator: int, txid: bytes, attempt: int) -> None:
+        self.send(self.subject_of(coordinator), proto.Done(txid, attempt))
 
     def ask_in_doubt(self, now: float, at_once: bool = False) -> None:
         """Ask the coordinator of every transaction in doubt for longer than its timeout

@@ -198,6 +198,7 @@ class Cluster:
             node = self.rng.choice(self.nodes)
             node.worker.expire(float("inf"))
             node.worker.ask_in_doubt(time.monotonic(), at_once=True)
+            node.worker.retell(time.monotonic(), at_once=True)
         elif roll < 0.88:
             await asyncio.sleep(0.012)  # lazy records are written
         await self.settle_loop()
@@ -211,12 +212,13 @@ class Cluster:
             busy = False
             for node in self.nodes:
                 worker = node.worker
-                busy = busy or bool(worker.coordinating or worker.in_doubt)
+                busy = busy or bool(worker.coordinating or worker.in_doubt or worker.decided)
                 if node.verifiers is not None and node.verifiers.in_flight:
                     busy = True
                     await asyncio.sleep(0.005)
                 worker.expire(float("inf"))
                 worker.ask_in_doubt(time.monotonic(), at_once=True)
+                worker.retell(time.monotonic(), at_once=True)
                 worker.writer.flush()
             await self.settle_loop()
             if not busy and not self.net:
@@ -292,6 +294,7 @@ async def run_schedule(tmp_path: Path, seed: int, verifiers: list[CrashableVerif
     assert sum(s.held_msat for s in states) + fees == cluster.issued, f"value changed {why}"
     for node in cluster.nodes:
         assert not node.worker.in_doubt and not node.worker.coordinating, why
+        assert not node.worker.decided, f"a commit is remembered after every Done {why}"
 
     # What each worker holds, its log alone rebuilds.
     for node in cluster.nodes:
@@ -300,6 +303,7 @@ async def run_schedule(tmp_path: Path, seed: int, verifiers: list[CrashableVerif
         after = node.worker.state
         assert after.coins == before.coins and after.spent == before.spent, why
         assert after.fees_msat == before.fees_msat and not after.locks, why
+        assert not node.worker.decided, f"a log forgot that a commit ended {why}"
 
 
 async def test_a_late_vote_of_an_aborted_attempt_does_not_count_in_the_next(

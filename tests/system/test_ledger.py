@@ -20,6 +20,7 @@ from constellation.address import Network, encode_address
 from constellation.keys import SigningKey
 from constellation.protocol import ledger as proto
 from constellation.tx import MAX_OUTPUTS, Issuance, TxOutput
+from services import devnet
 from services.gateway.index import Index
 from services.partition.transport import GATEWAY, worker_subject
 from services.wallet import Gateway, GatewayError
@@ -396,11 +397,6 @@ async def test_index_stores_each_change_once_however_often_it_is_delivered(op: O
         await index.close()
 
 
-def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
-
-
 async def test_verifier_processes_check_signatures_and_stop_with_their_worker(
     op: Operator, gw: Gateway
 ) -> None:
@@ -409,7 +405,7 @@ async def test_verifier_processes_check_signatures_and_stop_with_their_worker(
     verifier processes end with it."""
     alice, mallory = SigningKey(os.urandom(32)), SigningKey(os.urandom(32))
     with op.worker_settings(1, WORKER_VERIFIERS="2"):
-        verifiers = children(op.worker_pid(1))
+        verifiers = devnet.child_pids(op.worker_pid(1))
         assert len(verifiers) >= 2
         c0 = await op.fund(gw, alice, 1_000, worker=0)
         c1 = await op.fund(gw, alice, 2_000, worker=1)
@@ -433,5 +429,6 @@ async def test_verifier_processes_check_signatures_and_stop_with_their_worker(
     end = time.monotonic() + 5  # the verifiers are joined; the resource tracker follows
     while [p for p in verifiers if os.path.exists(f"/proc/{p}")] and time.monotonic() < end:
         time.sleep(0.1)
-    assert '"stopped"' in op.worker_log(1).split("worker ready")[-2], "no clean drain"
+    run = op.worker_log(1).split("worker ready")[-2]
+    assert '"stopped"' in run, f"no clean drain: {run[-1500:]}"
     assert not [p for p in verifiers if os.path.exists(f"/proc/{p}")]
