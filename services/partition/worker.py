@@ -78,7 +78,8 @@ class Decided:
 
     attempt: int
     waiting: set[int]  # participants that have not said Done
-    told: float  # when they were last told
+    told: float = 0.0  # when they were last told
+    durable: bool = True  # False until the commit record is: nobody may hear of it yet
 
 
 class BlockWriter:
@@ -235,7 +236,7 @@ class Worker:
                         tx = decode_transaction(rec.tx, check_owners=False)
                         state.prepare(tx, verify=False)
                         if others := self._involved(tx):
-                            self.decided[rec.txid] = Decided(rec.attempt, others, 0.0)
+                            self.decided[rec.txid] = Decided(rec.attempt, others)
                     else:
                         self.in_doubt.pop(rec.txid, None)
                     state.commit(rec.txid)
@@ -393,11 +394,13 @@ class Worker:
         txid = tx.txid
         self._changes_of(txid)
         self.state.commit(txid)
+        decided = Decided(attempt, set(participants), durable=False)
         if participants:
-            self.decided[txid] = Decided(attempt, set(participants), time.monotonic())
+            self.decided[txid] = decided
         self.writer.committed.append((txid, tx.fee_msat))
 
         def durable(height: int) -> None:
+            decided.durable, decided.told = True, time.monotonic()
             decide = proto.Decide(txid, True, attempt)
             for w in participants:
                 self.send(self.subject_of(w), decide)
@@ -468,9 +471,12 @@ class Worker:
 
     def _tell(self, worker: int, txid: bytes, attempt: int) -> None:
         """The outcome of a settled attempt: committed if it is the one that committed;
-        else aborted (presumed abort)."""
+        else aborted (presumed abort). Nothing while its commit is not yet durable: the
+        asker hears it once it is."""
         decided = self.decided.get(txid)
         commit = decided is not None and decided.attempt == attempt
+        if commit and decided is not None and not decided.durable:
+            return
         self.send(self.subject_of(worker), proto.Decide(txid, commit, attempt))
 
     def _done(self, done: proto.Done, sender: int) -> None:
@@ -486,7 +492,7 @@ class Worker:
         """Tell the commit again to each participant that has not said Done in
         ``RETELL_S`` (``at_once``: to every one). ``now`` is ``time.monotonic()``."""
         for txid, decided in self.decided.items():
-            if at_once or now - decided.told >= RETELL_S:
+            if decided.durable and (at_once or now - decided.told >= RETELL_S):
                 decided.told = now
                 decide = proto.Decide(txid, True, decided.attempt)
                 for w in decided.waiting:

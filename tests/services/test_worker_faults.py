@@ -69,8 +69,13 @@ class CrashableVerifiers(Verifiers):
 class Node:
     """One worker process: its ``Worker``, and what it sends into the network."""
 
-    def __init__(self, me: int, folder: Path, net: Net, verifiers: CrashableVerifiers | None):
+    def __init__(
+        self, me: int, folder: Path, net: Net, verifiers: CrashableVerifiers | None, slow: bool
+    ) -> None:
         self.me, self.folder, self.net, self.verifiers = me, folder, net, verifiers
+        # A slow disk: blocks close 5 ms late, so that much happens (crashes too) between
+        # a record and its durability.
+        self.blocks = Batching(64, 5_000 if slow else 0)
         self.worker = self._start()
 
     def _start(self) -> Worker:
@@ -79,7 +84,7 @@ class Node:
             PMAP,
             frozenset([ISSUER.pubkey]),
             BlockLog(self.folder / f"w{self.me}.log"),
-            Batching(64, 0),
+            self.blocks,
             200,
             WorkerMetrics(),
             self._send,
@@ -108,11 +113,14 @@ class Node:
 
 
 class Cluster:
-    def __init__(self, folder: Path, rng: random.Random, verifiers: list[CrashableVerifiers]):
+    def __init__(
+        self, folder: Path, rng: random.Random, verifiers: list[CrashableVerifiers], slow: bool
+    ) -> None:
         self.rng = rng
         self.net: Net = []
         self.nodes = [
-            Node(w, folder, self.net, verifiers[w] if verifiers else None) for w in range(WORKERS)
+            Node(w, folder, self.net, verifiers[w] if verifiers else None, slow)
+            for w in range(WORKERS)
         ]
         self.results: dict[int, list[proto.Result]] = {}
         self.txs: dict[int, Transaction] = {}
@@ -150,6 +158,8 @@ class Cluster:
             self.nodes[w].worker.handle(
                 proto.Package(1, -1, GATEWAY, 1, [proto.Issue(0, issuance.encode())])
             )
+        for node in self.nodes:
+            node.worker.writer.flush()  # the issuance's answers, not a payment's
         await self.settle_loop()
         self.coins.update(zip(issuance.output_ids, issuance.outputs, strict=True))
         self.live.update(issuance.output_ids)
@@ -261,7 +271,7 @@ async def test_random_fault_schedules_with_verifier_processes(
 
 async def run_schedule(tmp_path: Path, seed: int, verifiers: list[CrashableVerifiers]) -> None:
     rng = random.Random(seed)
-    cluster = Cluster(tmp_path, rng, verifiers)
+    cluster = Cluster(tmp_path, rng, verifiers, slow=seed % 2 == 1)
     await cluster.fund(24)
     for _ in range(400):
         await cluster.step()
@@ -312,7 +322,7 @@ async def test_a_late_vote_of_an_aborted_attempt_does_not_count_in_the_next(
     """Attempt A times out at the coordinator after the participant voted YES; the client
     submits the same transaction again (attempt B). A's YES arriving during B must not
     count: the participant may still refuse B (here it is in doubt about A, so it must)."""
-    cluster = Cluster(tmp_path, random.Random(0), [])
+    cluster = Cluster(tmp_path, random.Random(0), [], slow=False)
     await cluster.fund(24)
     a = next(c for c in sorted(cluster.live) if cluster.owner(c) == 0)
     b = next(c for c in sorted(cluster.live) if cluster.owner(c) == 1)
