@@ -16,6 +16,7 @@ from constellation.protocol.ledger import PROTOCOL_VERSION, Item, Package, encod
 from services.partition.config import Batching
 
 MAP_KEY = "partition-map"
+LAZY_S = 0.05  # how long an item nobody waits for may wait for a package that goes anyway
 GATEWAY = -1  # the sender id of a gateway
 
 log = logging.getLogger("partition.transport")
@@ -90,6 +91,7 @@ class Packer:
         self.batching = batching
         self.observe = observe
         self._out: dict[str, list[Item]] = {}
+        self._lazy: set[str] = set()  # subjects whose open package holds only lazy items
         self._closed: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -100,23 +102,33 @@ class Packer:
     def depth(self) -> int:
         return sum(len(items) for items in self._out.values()) + len(self._closed)
 
-    def send(self, subject: str, item: Item) -> None:
+    def send(self, subject: str, item: Item, lazy: bool = False) -> None:
+        """Queue ``item`` for ``subject``. A ``lazy`` item (one nobody waits for) opens no
+        package of its own: it rides with the next one to that subject, or goes
+        ``LAZY_S`` later."""
         items = self._out.get(subject)
-        if items is None:
-            items = self._out[subject] = []
+        if items is None or (not lazy and subject in self._lazy):
             loop = asyncio.get_running_loop()
-            if self.batching.deadline_us:
-                loop.call_later(self.batching.deadline_us / 1e6, self._close, subject, items)
+            if items is None:
+                items = self._out[subject] = []
+            if lazy:
+                self._lazy.add(subject)
+                loop.call_later(LAZY_S, self._close, subject, items)
             else:
-                loop.call_soon(self._close, subject, items)
+                self._lazy.discard(subject)  # its lazy items go with this package
+                if self.batching.deadline_us:
+                    loop.call_later(self.batching.deadline_us / 1e6, self._close, subject, items)
+                else:
+                    loop.call_soon(self._close, subject, items)
         items.append(item)
         if len(items) >= self.batching.max_items:
             self._close(subject, items)
 
     def _close(self, subject: str, items: list[Item]) -> None:
         if self._out.get(subject) is not items:
-            return  # closed already, by size
+            return  # closed already (by size, or a lazy package by a timely one)
         del self._out[subject]
+        self._lazy.discard(subject)
         self.observe(len(items))
         package = Package(PROTOCOL_VERSION, self.sender, self.reply, self.map_version(), items)
         self._closed.append((subject, encode(package)))

@@ -27,6 +27,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from constellation.errors import (
     AlreadyCommitted,
@@ -53,7 +54,11 @@ RETELL_S = 1.0
 
 log = logging.getLogger("partition.worker")
 
-Send = Callable[[str, proto.Item], None]
+
+class Send(Protocol):
+    """Queue an item for a subject (``lazy``: nobody waits for it; see ``Packer.send``)."""
+
+    def __call__(self, subject: str, item: proto.Item, lazy: bool = False) -> None: ...
 
 
 @dataclass
@@ -576,7 +581,7 @@ class Worker:
             self.writer.add(proto.Aborted(txid), lazy=True)
 
     def _say_done(self, coordinator: int, txid: bytes, attempt: int) -> None:
-        self.send(self.subject_of(coordinator), proto.Done(txid, attempt))
+        self.send(self.subject_of(coordinator), proto.Done(txid, attempt), lazy=True)
 
     def ask_in_doubt(self, now: float, at_once: bool = False) -> None:
         """Ask the coordinator of every transaction in doubt for longer than its timeout

@@ -95,7 +95,7 @@ class Node:
         worker.recover()
         return worker
 
-    def _send(self, subject: str, item: proto.Item) -> None:
+    def _send(self, subject: str, item: proto.Item, lazy: bool = False) -> None:
         # One package per item: the network may reorder, lose or repeat each of them.
         package = proto.Package(1, self.me, subject_of(self.me), PMAP.version, [item])
         self.net.append((subject, package))
