@@ -9,10 +9,13 @@ Coordinator (the worker of a transaction's first input): lock and verify the inp
 held here, PREPARE to every other involved worker, COMMIT on all YES (the record is
 persisted before anyone hears of it), ABORT on a NO or a timeout. Nothing is logged for
 an abort: a transaction the coordinator has no commit record for is aborted
-(presumed abort), and a participant in doubt asks until it hears the outcome.
+(presumed abort), and a participant in doubt asks until it hears the outcome. A commit
+is remembered (and told again) until every participant has said Done, then forgotten
+(an ``Ended`` record).
 
 Participant: lock and verify the inputs held here, persist the PREPARED record, vote
-YES; keep the locks until the outcome arrives, through restarts.
+YES; keep the locks until the outcome arrives, through restarts; once its record of a
+commit is durable, say Done.
 
 A txid may go through several attempts (a client retries what was refused), one at a
 time: messages name their attempt, and a participant still in doubt about one attempt
