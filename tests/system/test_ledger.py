@@ -5,8 +5,10 @@ worker)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -432,3 +434,87 @@ async def test_verifier_processes_check_signatures_and_stop_with_their_worker(
     run = op.worker_log(1).split("worker ready")[-2]
     assert '"stopped"' in run, f"no clean drain: {run[-1500:]}"
     assert not [p for p in verifiers if os.path.exists(f"/proc/{p}")]
+
+
+class RawWebsocket:
+    """A websocket client that reads only when asked, with a small receive buffer, so
+    that it can fall behind the gateway."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, url: str) -> RawWebsocket:
+        host, port = url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET /v1/ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return cls(reader, writer)
+
+    def send_text(self, text: str) -> None:
+        data, mask = text.encode(), os.urandom(4)
+        assert len(data) < 126
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+        self.writer.write(bytes([0x81, 0x80 | len(data)]) + mask + masked)
+
+    async def frame(self) -> tuple[int, bytes]:
+        """(opcode, payload) of the next frame from the gateway."""
+        first, size = await self.reader.readexactly(2)
+        size &= 0x7F
+        if size == 126:
+            (size,) = struct.unpack(">H", await self.reader.readexactly(2))
+        elif size == 127:
+            (size,) = struct.unpack(">Q", await self.reader.readexactly(8))
+        return first & 0x0F, await self.reader.readexactly(size)
+
+
+async def test_a_websocket_subscriber_that_falls_behind_is_told_and_cut_off(
+    op: Operator, gw: Gateway
+) -> None:
+    """The gateway keeps a bounded queue per socket: a subscriber that cannot keep up
+    (it does not read, and thousands of its coins are created at once) gets the queued
+    notes, then an ``overloaded`` note, then the socket closes; the gateway serves
+    everyone else as before."""
+    carol = SigningKey(os.urandom(32))
+    address = encode_address(carol.pubkey, Network.REGTEST)
+    ws = await RawWebsocket.connect(op.url)
+    ws.send_text(json.dumps({"subscribe": [address]}))
+    opcode, payload = await ws.frame()
+    assert json.loads(payload)["type"] == "subscribed"
+    # 16,384 coins: about 5 MB of notes, more than the kernel's buffers and the
+    # socket's queue hold.
+    for _ in range(8):
+        issuances = [
+            op.net.issuance([TxOutput(1_000, carol.pubkey)] * MAX_OUTPUTS) for _ in range(8)
+        ]
+        for receipt in await asyncio.gather(*(gw.issue(i) for i in issuances)):
+            assert receipt["status"] == "committed"
+    notes: list[dict[str, Any]] = []
+    closed = b""
+    while not closed:
+        try:
+            opcode, payload = await asyncio.wait_for(ws.frame(), 10)
+        except TimeoutError:
+            raise AssertionError(f"{len(notes)} notes, {notes[-1:]}") from None
+        if opcode == 0x8:  # close: status code, then the reason
+            closed = payload[2:]
+        else:
+            notes.append(json.loads(payload))
+    ws.writer.close()
+    assert closed == b"subscriber too slow"
+    assert notes[-1] == {"type": "error", "code": "overloaded"}
+    assert all(n["type"] == "coin" and n["address"] == address for n in notes[:-1])
+    assert len(notes) - 1 < 64 * MAX_OUTPUTS
+    async with aiohttp.ClientSession() as session, session.ws_connect(op.url + "/v1/ws") as other:
+        await other.send_str(json.dumps({"subscribe": [address]}))
+        assert (await other.receive_json(timeout=5))["type"] == "subscribed"
