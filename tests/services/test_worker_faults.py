@@ -3,15 +3,18 @@
 Three ``Worker``s (the real ledger logic, block logs on disk) exchange packages through
 a network that this test controls: packages are delivered out of order, lost or
 delivered twice; workers crash (whatever was not yet durable is lost) and recover from
-their logs; timeouts fire. Each schedule comes from a seed, printed with every failed
-assertion. Once the network heals and everything settles:
+their logs; timeouts fire; clients retry, race for coins and forge signatures. Each
+schedule comes from a seed, printed with every failed assertion. Once the network heals
+and everything settles:
 
 * every transaction a client was told is committed is committed everywhere it touches;
-* no coin is spent twice, value is conserved, no lock or doubt is left;
+* no coin is spent twice, no forgery commits, value is conserved;
+* no lock, doubt or remembered commit is left;
 * replaying every worker's log rebuilds exactly the state it holds.
 
-Some schedules check signatures in verifier processes, whose answers arrive whenever
-they arrive, between the other events.
+Half the schedules have a slow disk (blocks close 5 ms late), so that much happens
+between a record and its durability; some check signatures in verifier processes, whose
+answers arrive whenever they arrive, between the other events.
 """
 
 from __future__ import annotations
@@ -46,6 +49,12 @@ Net = list[tuple[str, proto.Package]]
 
 def subject_of(worker: int) -> str:
     return f"w.{worker}"
+
+
+def package(sender: int, item: proto.Item) -> proto.Package:
+    """``item`` alone in a package from worker ``sender`` (-1: the gateway)."""
+    reply = subject_of(sender) if sender >= 0 else GATEWAY
+    return proto.Package(proto.PROTOCOL_VERSION, sender, reply, PMAP.version, [item])
 
 
 class CrashableVerifiers(Verifiers):
@@ -97,8 +106,7 @@ class Node:
 
     def _send(self, subject: str, item: proto.Item, lazy: bool = False) -> None:
         # One package per item: the network may reorder, lose or repeat each of them.
-        package = proto.Package(1, self.me, subject_of(self.me), PMAP.version, [item])
-        self.net.append((subject, package))
+        self.net.append((subject, package(self.me, item)))
 
     def crash(self) -> None:
         """kill -9: what was not durable is gone; then recover from the log."""
@@ -148,16 +156,14 @@ class Cluster:
         self.nodes[int(subject.split(".")[1])].worker.handle(package)
 
     def gateway_send(self, worker: int, item: proto.Item) -> None:
-        self.net.append((subject_of(worker), proto.Package(1, -1, GATEWAY, 1, [item])))
+        self.net.append((subject_of(worker), package(-1, item)))
 
     async def fund(self, count: int) -> None:
         outputs = [TxOutput(self.rng.randrange(1_000, 100_000), k.pubkey) for k in OWNERS]
         issuance = Issuance(ISSUER.pubkey, 0, outputs * (count // len(OWNERS)))
         issuance = issuance.signed_by(ISSUER.secret)
         for w in sorted({self.owner(c) for c in issuance.output_ids}):
-            self.nodes[w].worker.handle(
-                proto.Package(1, -1, GATEWAY, 1, [proto.Issue(0, issuance.encode())])
-            )
+            self.nodes[w].worker.handle(package(-1, proto.Issue(0, issuance.encode())))
         for node in self.nodes:
             node.worker.writer.flush()  # the issuance's answers, not a payment's
         await self.settle_loop()
@@ -336,9 +342,7 @@ async def test_a_late_vote_of_an_aborted_attempt_does_not_count_in_the_next(
     w0, w1 = cluster.nodes[0].worker, cluster.nodes[1].worker
 
     async def run(item: proto.Item, worker: Worker, sender: int) -> list[proto.Item]:
-        worker.handle(
-            proto.Package(1, sender, subject_of(sender) if sender >= 0 else GATEWAY, 1, [item])
-        )
+        worker.handle(package(sender, item))
         await cluster.settle_loop()
         sent = [i for _, p in cluster.net for i in p.items]
         cluster.net.clear()
