@@ -47,6 +47,11 @@ tuples, so a full collection does not walk every coin of the ledger; a named tup
 stays tracked (a million of them made each full collection take 0.2 s)."""
 
 
+def bad_signature(index: int, coin_id: bytes) -> BadSignature:
+    """The refusal of input ``index``'s signature (checked here or in a verifier process)."""
+    return BadSignature(f"input {index}: signature does not verify for coin {coin_id.hex()}")
+
+
 class CoinStatus(Enum):
     UNSPENT = "unspent"
     LOCKED = "locked"
@@ -126,7 +131,7 @@ class PartitionState:
                     f"input {i} states {value} msat, coin {cid.hex()} holds {held_value}"
                 )
             if verify and not schnorr_verify(owner, sighash(txid, i, value, owner), witnesses[i]):
-                raise BadSignature(f"input {i}: signature does not verify for coin {cid.hex()}")
+                raise bad_signature(i, cid)
             mine.append(cid)
         created = tuple(
             [

@@ -34,11 +34,10 @@ from typing import Protocol
 
 from constellation.errors import (
     AlreadyCommitted,
-    BadSignature,
     ConstellationError,
     NotHeldHere,
 )
-from constellation.ledger.partition import PartitionState, Prepared
+from constellation.ledger.partition import PartitionState, Prepared, bad_signature
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
 from constellation.tx import Issuance, Transaction, decode_issuance, decode_transaction
@@ -334,12 +333,12 @@ class Worker:
             self._coordinate(tx, item.tx, reply, item.rid, started)
             return
 
-        def checked(bad: str | None) -> None:
-            if bad is None:
+        def checked(refusal: tuple[str, str] | None) -> None:
+            if refusal is None:
                 self._coordinate(tx, item.tx, reply, item.rid, started)
             else:
                 self.state.abort(txid)
-                self._refuse(reply, item.rid, *self._unchecked(bad))
+                self._refuse(reply, item.rid, *refusal)
 
         self._check_signatures(tx, vote, checked)
 
@@ -362,10 +361,10 @@ class Worker:
             self.send(self.subject_of(w), prepare)
 
     def _check_signatures(
-        self, tx: Transaction, vote: Prepared, then: Callable[[str | None], None]
+        self, tx: Transaction, vote: Prepared, then: Callable[[tuple[str, str] | None], None]
     ) -> None:
         """Have the verifier processes check the signatures of the inputs ``vote`` locked;
-        ``then`` gets None if all verify, else what went wrong (a code for ``_unchecked``)."""
+        ``then`` gets None if all verify, else the refusal's (code, detail)."""
         assert self.verifiers is not None
         checks = self.state.signature_checks(tx, vote)
         if not checks:
@@ -374,19 +373,15 @@ class Worker:
 
         def answered(first_bad: int | None) -> None:
             if first_bad is None:
-                then(UNAVAILABLE)
+                then((UNAVAILABLE, f"worker {self.me}: the signature verifiers failed; retry"))
             elif first_bad < 0:
                 then(None)
             else:
                 i = checks[first_bad][0]
-                then(f"input {i}: signature does not verify for coin {tx.inputs[i][0].hex()}")
+                exc = bad_signature(i, tx.inputs[i].coin_id)
+                then((exc.code, str(exc)))
 
         self.verifiers.check([c[1:] for c in checks], answered)
-
-    def _unchecked(self, bad: str) -> tuple[str, str]:
-        if bad == UNAVAILABLE:
-            return UNAVAILABLE, f"worker {self.me}: the signature verifiers failed; retry"
-        return BadSignature.code, bad
 
     def _commit(
         self,
@@ -402,19 +397,21 @@ class Worker:
         txid = tx.txid
         self._changes_of(txid)
         self.state.commit(txid)
-        decided = Decided(attempt, set(participants), durable=False)
+        decided = None
         if participants:
-            self.decided[txid] = decided
+            decided = self.decided[txid] = Decided(attempt, set(participants), durable=False)
         self.writer.committed.append((txid, tx.fee_msat))
 
         def durable(height: int) -> None:
-            decided.durable, decided.told = True, time.monotonic()
-            decide = proto.Decide(txid, True, attempt)
-            for w in participants:
-                self.send(self.subject_of(w), decide)
+            now = time.monotonic()
+            if decided is not None:
+                decided.durable, decided.told = True, now
+                decide = proto.Decide(txid, True, attempt)
+                for w in participants:
+                    self.send(self.subject_of(w), decide)
             self.send(reply, proto.Result(rid, "", "", [(self.me, height), *blocks]))
             self.metrics.committed.inc()
-            self.metrics.confirm_seconds.observe(time.monotonic() - started)
+            self.metrics.confirm_seconds.observe(now - started)
 
         self.writer.add(proto.Committed(txid, raw, attempt), durable)
 
@@ -483,7 +480,7 @@ class Worker:
         asker hears it once it is."""
         decided = self.decided.get(txid)
         commit = decided is not None and decided.attempt == attempt
-        if commit and decided is not None and not decided.durable:
+        if decided is not None and commit and not decided.durable:
             return
         self.send(self.subject_of(worker), proto.Decide(txid, commit, attempt))
 
@@ -537,16 +534,16 @@ class Worker:
             self._prepared(txid, item.tx, sender, attempt, reply)
             return
 
-        def checked(bad: str | None) -> None:
+        def checked(refusal: tuple[str, str] | None) -> None:
             doubt = self.in_doubt.get(txid)
             if doubt is None or doubt[1] != attempt:
                 return  # the outcome (an abort) came first
-            if bad is None:
+            if refusal is None:
                 self._prepared(txid, item.tx, sender, attempt, reply)
             else:
                 del self.in_doubt[txid]
                 self.state.abort(txid)
-                self.send(reply, proto.Vote(txid, *self._unchecked(bad), 0, attempt))
+                self.send(reply, proto.Vote(txid, *refusal, 0, attempt))
 
         self._check_signatures(tx, vote, checked)
 

@@ -57,20 +57,24 @@ class Operator:
     @contextlib.contextmanager
     def gateway_settings(self, **settings: str) -> Iterator[None]:
         """Run the gateway with these ``GATEWAY_*`` settings, then as before."""
-        with environment(settings):
+        try:
+            with environment(settings):
+                self.restart_gateway()
+                yield
+        finally:
             self.restart_gateway()
-            yield
-        self.restart_gateway()
 
     @contextlib.contextmanager
     def worker_settings(self, i: int, **settings: str) -> Iterator[None]:
         """Run worker ``i`` with these ``WORKER_*`` settings, then as before."""
-        with environment(settings):
+        try:
+            with environment(settings):
+                self.stop_worker(i)
+                self.restart(i)
+                yield
+        finally:
             self.stop_worker(i)
             self.restart(i)
-            yield
-        self.stop_worker(i)
-        self.restart(i)
 
     def stop_worker(self, i: int) -> None:
         devnet.stop_pid(self.worker_pid(i), 10)
