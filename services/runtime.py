@@ -1,8 +1,11 @@
-"""What every service shares: environment config, JSON logs, the ops HTTP server, SIGTERM.
+"""What every service shares: environment config, JSON logs, the ops HTTP server,
+supervised background tasks, SIGTERM.
 
-One way to start a process: ``run(service, level, build)`` configures logging, builds
-the service, installs the signal handlers and runs its ``main(stop)``, which returns once
-``stop`` is set and it has drained. ``OpsServer`` serves ``/healthz``, ``/readyz`` and ``/metrics``.
+One way to start a process: ``serve(service, from_env, node)`` reads the settings,
+configures logging, builds the service, installs the signal handlers and runs its
+``main(stop)``, which returns once ``stop`` is set and it has drained. ``OpsServer``
+serves ``/healthz``, ``/readyz`` and ``/metrics``; its ``tasks`` run the service's
+long-running tasks and restart any that dies.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 import uvloop
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 
@@ -93,8 +96,71 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+_log = logging.getLogger("runtime")
+
+# A failed task waits this long before it runs again, doubling up to the maximum; the
+# wait starts over once a task has run for TASK_HEALTHY_S without failing.
+TASK_BACKOFF_S = 0.1
+TASK_BACKOFF_MAX_S = 10.0
+TASK_HEALTHY_S = 30.0
+
+
+class Tasks:
+    """A service's long-running tasks, supervised.
+
+    A task that dies (raises, or returns: none of them ever should) is logged once with
+    its traceback, counted in ``task_failures_total{task}``, makes the service not ready
+    until it runs again, and is restarted after a backoff. Nothing dies unnoticed: the
+    indexer once stopped indexing while its process stayed up and ready.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.failures = Counter(
+            "task_failures",
+            "long-running tasks that died and were restarted, by task",
+            ["task"],
+            registry=registry,
+        )
+        self.down: dict[str, str] = {}  # task -> why, while it waits to run again
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Run ``run()`` as the task ``name`` until ``stop``, restarting it if it dies."""
+        assert name not in self._tasks, f"task {name} started twice"
+        self._tasks[name] = asyncio.create_task(self._keep(name, run), name=name)
+
+    async def _keep(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = TASK_BACKOFF_S
+        while True:
+            started = loop.time()
+            try:
+                await run()
+                why = "it returned"
+                _log.error("task ended", extra={"task": name})
+            except Exception as exc:  # a dying task of any kind is this class's business
+                why = f"{type(exc).__name__}: {exc}"
+                _log.exception("task failed", extra={"task": name})
+            self.failures.labels(name).inc()
+            if loop.time() - started >= TASK_HEALTHY_S:
+                backoff = TASK_BACKOFF_S
+            self.down[name] = f"task {name} failed ({why}); restarting in {backoff:g} s"
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, TASK_BACKOFF_MAX_S)
+            del self.down[name]
+            _log.info("task restarted", extra={"task": name})
+
+    async def stop(self, *names: str) -> None:
+        """Cancel the named tasks (every task, if none is named) and wait for them."""
+        stopping = [self._tasks.pop(n) for n in names or list(self._tasks) if n in self._tasks]
+        for task in stopping:
+            task.cancel()
+        await asyncio.gather(*stopping, return_exceptions=True)
+
+
 class OpsServer:
-    """``/healthz`` (the process runs), ``/readyz`` (it can do its work), ``/metrics``."""
+    """``/healthz`` (the process runs), ``/readyz`` (it can do its work, and none of its
+    tasks is down), ``/metrics``."""
 
     def __init__(
         self,
@@ -104,6 +170,7 @@ class OpsServer:
     ) -> None:
         self.registry = registry
         self.ready = ready
+        self.tasks = Tasks(registry)
         self.app = web.Application(client_max_size=max_body)
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
@@ -122,11 +189,16 @@ class OpsServer:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    def readiness(self) -> tuple[bool, str]:
+        if self.tasks.down:
+            return False, "; ".join(self.tasks.down.values())
+        return self.ready()
+
     async def _healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, _: web.Request) -> web.Response:
-        ok, why = self.ready()
+        ok, why = self.readiness()
         return web.json_response({"ready": ok, "reason": why}, status=200 if ok else 503)
 
     async def _metrics(self, _: web.Request) -> web.Response:

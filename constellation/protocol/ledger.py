@@ -26,6 +26,7 @@ committed, aborted and issued, in order. Replaying them rebuilds its state.
 
 from __future__ import annotations
 
+import itertools
 from typing import Union
 
 import msgspec
@@ -158,7 +159,12 @@ class Block(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=
     records: list[Record]
 
 
-# -- committed changes, published per block for indexes and subscriptions ----------------
+# -- committed changes by block, for indexes and subscriptions --------------------------
+#
+# A worker derives each block's changes from the block and its state, writes them to
+# its events log and publishes them. Readers follow them by (worker, height): ``prev``
+# chains a worker's blocks with events, so a reader sees at once what it missed and
+# asks the worker's events log for it (``EventsQuery``, answered by an ``EventsPage``).
 
 
 class CoinChange(msgspec.Struct, frozen=True, array_like=True):
@@ -172,8 +178,24 @@ class CoinChange(msgspec.Struct, frozen=True, array_like=True):
 class BlockEvents(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     worker: int
     height: int
+    prev: int  # the height of this worker's previous block with events; -1: none
     changes: list[CoinChange]
     committed: list[tuple[bytes, int]]  # (txid, fee) of transactions this worker coordinated
+
+
+class EventsQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Reader -> worker: the events of your blocks above height ``after``."""
+
+    after: int
+
+
+class EventsPage(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """Worker -> reader: the next blocks' events in order (a bounded number of bytes, at
+    least one block if there is any), and the height of the worker's latest block with
+    events, so that the reader knows how far behind it is."""
+
+    last: int
+    blocks: list[BlockEvents]
 
 
 # -- queries (request/reply) -------------------------------------------------------------
@@ -204,21 +226,34 @@ class StateInfo(msgspec.Struct, frozen=True):
     locks: int
     in_doubt: int
     coordinating: int
+    events_height: int  # the latest block with events (-1: none): what readers follow
 
 
 _package_encoder = msgspec.msgpack.Encoder()
 _package_decoder = msgspec.msgpack.Decoder(Package)
 _block_decoder = msgspec.msgpack.Decoder(Block)
 _events_decoder = msgspec.msgpack.Decoder(list[BlockEvents])
+_block_events_decoder = msgspec.msgpack.Decoder(BlockEvents)
+_page_decoder = msgspec.msgpack.Decoder(EventsPage)
 
 
 def encode(msg: Package | Block) -> bytes:
     return _package_encoder.encode(msg)
 
 
-def encode_events(blocks: list[BlockEvents]) -> bytes:
-    """One message of the events stream: consecutive blocks' events of one worker."""
-    return _package_encoder.encode(blocks)
+def encode_block_events(events: BlockEvents) -> bytes:
+    """One block's events, as its worker stores them."""
+    return _package_encoder.encode(events)
+
+
+def encode_events(blocks: list[bytes]) -> bytes:
+    """One message of the events subject: consecutive blocks' encoded events of one
+    worker (as ``encode_block_events`` made them), as one list."""
+    return _package_encoder.encode([msgspec.Raw(b) for b in blocks])
+
+
+def encode_page(last: int, blocks: list[bytes]) -> bytes:
+    return _package_encoder.encode((last, [msgspec.Raw(b) for b in blocks]))
 
 
 def decode_package(data: bytes) -> Package:
@@ -243,3 +278,23 @@ def decode_events(data: bytes) -> list[BlockEvents]:
         return _events_decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise MessageError(f"malformed block events: {exc}") from None
+
+
+def decode_block_events(data: bytes) -> BlockEvents:
+    try:
+        return _block_events_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise MessageError(f"malformed block events: {exc}") from None
+
+
+def decode_page(data: bytes) -> EventsPage:
+    """A worker's answer to an ``EventsQuery``: its blocks in order, each above the one
+    before and chained to it, or ``MessageError``."""
+    try:
+        page = _page_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise MessageError(f"malformed events page: {exc}") from None
+    for before, after in itertools.pairwise(page.blocks):
+        if after.prev != before.height or after.height <= before.height:
+            raise MessageError(f"events page: block {after.height} does not follow {before.height}")
+    return page

@@ -11,7 +11,6 @@ from services.gateway.index import Index
 from services.gateway.ledger import LedgerClient
 from services.gateway.limits import Limits
 from services.gateway.metrics import GatewayMetrics
-from services.partition.transport import ensure_events_stream
 from services.runtime import OpsServer
 
 log = logging.getLogger("gateway")
@@ -47,8 +46,9 @@ class GatewayNode:
         api.install(self.ops.app)
         m.queue.labels("in_flight").set_function(lambda: ledger.in_flight)
         m.queue.labels("outbox").set_function(lambda: ledger.packer.depth)
-        await ensure_events_stream(ledger.nc, s.operator)
-        syncing = asyncio.create_task(limits.sync_forever())
+        tasks = self.ops.tasks
+        tasks.start("packages", ledger.packer.run)
+        tasks.start("limits", limits.sync_forever)
         await self.ops.start(s.http_host, s.http_port)
         self.api = api
         log.info(
@@ -60,7 +60,6 @@ class GatewayNode:
         log.info("draining", extra={"in_flight": ledger.in_flight})
         await self.ops.stop()  # stops taking requests; waits for the running ones
         await ledger.close()
+        await tasks.stop()
         await index.close()
-        syncing.cancel()
-        await asyncio.gather(syncing, return_exceptions=True)
         await limits.close()

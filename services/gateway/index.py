@@ -1,27 +1,18 @@
-"""The history index in PostgreSQL: committed coin changes by owner, fed from the events.
+"""The history index in PostgreSQL: committed coin changes by owner, by block.
 
-Workers publish each durable block's coin changes to a JetStream stream; the gateway
-consumes it with a durable consumer and acknowledges a batch only once its rows are
-stored, so the index misses nothing across restarts. Rows are keyed by
-``(coin_id, created)``: a replayed event inserts nothing twice.
+The indexer follows every worker's events log (``services.follow``) into it. A block's
+rows and the worker's cursor (the last block stored) are stored in one transaction;
+rows are keyed by ``(coin_id, created)`` and transactions by txid, so a block stored
+again inserts nothing twice.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Callable
 from typing import Any
 
 import asyncpg
-from nats.aio.client import Client
-from nats.errors import TimeoutError as NatsTimeout
 
-from constellation.errors import MessageError
 from constellation.protocol import ledger as proto
-from services.partition.transport import ensure_events_stream, events_subject
-
-log = logging.getLogger("gateway.index")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS coin_events (
@@ -44,9 +35,11 @@ CREATE TABLE IF NOT EXISTS txs (
     height   bigint  NOT NULL,
     at       timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS index_cursors (
+    worker integer PRIMARY KEY,
+    height bigint  NOT NULL  -- the last block with events stored
+);
 """
-
-FETCH_BATCH = 256
 
 
 class Index:
@@ -65,9 +58,12 @@ class Index:
         return cls(pool)
 
     async def store(self, events: list[proto.BlockEvents]) -> None:
+        """Store blocks' events, and move each worker's cursor to its last block here."""
         changes: list[tuple[bytes, bytes, bytes, int, bool, int, int]] = []
         txs: list[tuple[bytes, int, int, int]] = []
+        cursors: dict[int, int] = {}
         for ev in events:
+            cursors[ev.worker] = max(cursors.get(ev.worker, -1), ev.height)
             for c in ev.changes:
                 changes.append(
                     (c.owner, c.coin_id, c.txid, c.value_msat, c.created, ev.worker, ev.height)
@@ -91,37 +87,19 @@ class Index:
                     " ON CONFLICT DO NOTHING",
                     *(list(column) for column in zip(*txs, strict=True)),
                 )
+            if cursors:
+                await conn.execute(
+                    "INSERT INTO index_cursors (worker, height) SELECT * FROM"
+                    " unnest($1::integer[], $2::bigint[]) ON CONFLICT (worker) DO UPDATE"
+                    " SET height = GREATEST(index_cursors.height, EXCLUDED.height)",
+                    list(cursors),
+                    list(cursors.values()),
+                )
 
-    async def consume(
-        self, nc: Client, operator: str, durable: str, notify: Callable[[int], None]
-    ) -> None:
-        """Store the events stream forever (until cancelled); ``notify(blocks)`` after each
-        stored batch."""
-        await ensure_events_stream(nc, operator)
-        js = nc.jetstream()
-        sub = await js.pull_subscribe(events_subject(operator), durable=durable)
-        while True:
-            try:
-                msgs = await sub.fetch(FETCH_BATCH, timeout=1)
-            except NatsTimeout:
-                continue
-            events = []
-            for msg in msgs:
-                try:
-                    events.extend(proto.decode_events(msg.data))
-                except MessageError as exc:
-                    log.error("undecodable event skipped", extra={"error": str(exc)})
-            try:
-                await self.store(events)
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("index write failed; will retry", extra={"error": str(exc)})
-                for msg in msgs:
-                    await msg.nak(delay=1)
-                await asyncio.sleep(1)
-                continue
-            for msg in msgs:
-                await msg.ack()
-            notify(len(events))
+    async def cursors(self) -> dict[int, int]:
+        """Each worker's last block with events stored."""
+        rows = await self.pool.fetch("SELECT worker, height FROM index_cursors")
+        return {r["worker"]: r["height"] for r in rows}
 
     async def history(self, owner: bytes, limit: int, before: int | None) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(

@@ -1,8 +1,9 @@
 """``python -m services.gateway.indexer``: the history index's writer, its own process.
 
-It consumes the workers' events stream (a durable JetStream consumer) into PostgreSQL,
-which the gateways read for history and address queries. Kept apart from the gateway so
-indexing never takes CPU from answering payments, and scales on its own.
+It follows every worker's events log by height (``services.follow``) into PostgreSQL,
+which the gateways read for history and address queries; it is ready while it is no
+more than ``INDEXER_MAX_BEHIND`` blocks behind any worker. Kept apart from the gateway
+so indexing never takes CPU from answering payments, and scales on its own.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from dataclasses import dataclass
 
 import nats
 from nats.aio.client import Client
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
+from services.follow import Follower, FollowMetrics
 from services.gateway.index import Index
 from services.partition.config import env_operator
-from services.runtime import OpsServer, env_addr, env_str, serve
+from services.partition.transport import await_map
+from services.runtime import OpsServer, env_addr, env_int, env_str, serve
 
 log = logging.getLogger("indexer")
 
@@ -31,6 +34,7 @@ class Settings:
     database_url: str
     http_host: str
     http_port: int
+    max_behind: int  # blocks behind a worker's log beyond which it is not ready
     log_level: str
 
     @staticmethod
@@ -42,6 +46,7 @@ class Settings:
             database_url=env_str(env, "INDEXER_DATABASE_URL"),
             http_host=host,
             http_port=port,
+            max_behind=env_int(env, "INDEXER_MAX_BEHIND", 2_000, 0, 1 << 40),
             log_level=env_str(env, "INDEXER_LOG_LEVEL", "info"),
         )
 
@@ -50,32 +55,37 @@ class Indexer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         registry = CollectorRegistry()
-        self.indexed = Counter(
-            "indexer_blocks", "blocks of events stored in the index", registry=registry
-        )
+        self.metrics = FollowMetrics(registry, "indexer")
         self.ops = OpsServer(registry, self.ready)
         self.nc: Client | None = None
+        self.follower: Follower | None = None
 
     def ready(self) -> tuple[bool, str]:
         if self.nc is None or not self.nc.is_connected:
             return False, "not connected to NATS"
-        return True, "indexing"
+        if self.follower is None:
+            return False, "starting"
+        return self.follower.progress(self.settings.max_behind)
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
         await self.ops.start(s.http_host, s.http_port)
         index = await Index.open(s.database_url)
-        self.nc = await nats.connect(
+        nc = self.nc = await nats.connect(
             s.nats_url, name=f"indexer-{s.operator}", max_reconnect_attempts=-1
         )
-        task = asyncio.create_task(index.consume(self.nc, s.operator, "index", self.indexed.inc))
-        log.info("indexer ready", extra={"http_port": self.ops.port})
+        pmap = await await_map(nc, s.operator)
+        self.follower = Follower(
+            nc, s.operator, pmap.workers, await index.cursors(), index.store, self.metrics
+        )
+        self.ops.tasks.start("follow", self.follower.run)
+        log.info(
+            "indexer ready",
+            extra={"http_port": self.ops.port, "cursors": self.follower.cursor},
+        )
         await stop.wait()
-        task.cancel()  # a batch not acknowledged yet is delivered again: rows are unique
-        await asyncio.gather(task, return_exceptions=True)
-        # Close, not drain: a fetch cut short by the cancel can leave delivered messages
-        # that nobody will take, and a drain would wait for them (30 s).
-        await self.nc.close()
+        await self.ops.tasks.stop()  # a block stored, its cursor not yet: stored again
+        await nc.close()
         await index.close()
         await self.ops.stop()
 

@@ -1,4 +1,4 @@
-"""Wiring: the partition map from NATS KV, the block log, subscriptions, ops, a clean drain."""
+"""Wiring: the partition map from NATS KV, the logs, subscriptions, ops, a clean drain."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import time
+from collections import deque
 
 import msgspec
 import nats
@@ -15,27 +16,30 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 from constellation.errors import MessageError
-from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
 from services.partition.config import Settings
 from services.partition.metrics import WorkerMetrics
 from services.partition.transport import (
     Packer,
+    await_map,
     events_subject,
-    load_map,
     query_subject,
     worker_subject,
 )
 from services.partition.verify import Verifiers
-from services.partition.wal import BlockLog
+from services.partition.wal import BlockLog, EventLog
 from services.partition.worker import Worker
 from services.runtime import OpsServer
 
 TICK_S = 0.05
-# One events message per this many seconds at most: a JetStream publish costs a round
-# trip, and every consumer's delivery and acknowledgement, per message, not per block.
+# One events message per this many seconds at most: every reader wakes per message,
+# not per block.
 EVENTS_LINGER_S = 0.025
-EVENTS_MAX_BLOCKS = 1024
+EVENTS_MAX_BYTES = 512 << 10  # in one message (NATS refuses more than 1 MiB)
+# Blocks' events waiting to be published, at most: beyond, the oldest are not published
+# (readers find them in the events log).
+EVENTS_QUEUE = 4096
+EVENTS_PAGE_BYTES = 512 << 10  # in one answer to an EventsQuery (at least one block)
 MAP_WAIT_S = 30.0
 
 log = logging.getLogger("partition")
@@ -50,7 +54,8 @@ class WorkerNode:
         self.nc: Client | None = None
         self.packer: Packer | None = None
         self.verifiers: Verifiers | None = None
-        self._events: asyncio.Queue[proto.BlockEvents] = asyncio.Queue()
+        self._events: deque[bytes] = deque(maxlen=EVENTS_QUEUE)
+        self._events_waiting = asyncio.Event()
         self._recovered = False
 
     def ready(self) -> tuple[bool, str]:
@@ -62,16 +67,6 @@ class WorkerNode:
             return False, "draining"
         return True, f"serving partition map v{self.worker.pmap.version}"
 
-    async def _await_map(self, nc: Client) -> PartitionMap:
-        deadline = time.monotonic() + MAP_WAIT_S
-        while True:
-            pmap = await load_map(nc, self.settings.operator)
-            if pmap is not None:
-                return pmap
-            if time.monotonic() > deadline:
-                raise RuntimeError("no partition map was published in NATS KV")
-            await asyncio.sleep(0.2)
-
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
         await self.ops.start(s.http_host, s.http_port)
@@ -82,7 +77,7 @@ class WorkerNode:
             reconnect_time_wait=0.5,
             pending_size=64 << 20,
         )
-        pmap = await self._await_map(nc)
+        pmap = await await_map(nc, s.operator, MAP_WAIT_S)
         own = worker_subject(s.operator, s.worker)
         m = self.metrics
         packer = self.packer = Packer(
@@ -91,17 +86,20 @@ class WorkerNode:
         verifiers = self.verifiers = Verifiers(s.verifiers) if s.verifiers else None
         if verifiers is not None:
             await verifiers.start()
+        tasks = self.ops.tasks
+        tasks.start("packages", packer.run)
         worker = self.worker = Worker(
             s.worker,
             pmap,
             s.issuers,
             BlockLog(s.state_dir / "blocks.log"),
+            EventLog(s.state_dir / "events.log"),
             s.blocks,
             s.prepare_timeout_ms,
             m,
             packer.send,
             lambda w: worker_subject(s.operator, w),
-            self._events.put_nowait,
+            self._publish,
             verifiers,
         )
         started = time.monotonic()
@@ -113,6 +111,7 @@ class WorkerNode:
                 "blocks": height,
                 "coins": len(worker.state.coins),
                 "in_doubt": len(worker.in_doubt),
+                "events_height": worker.writer.events.last,
                 "seconds": round(time.monotonic() - started, 3),
             },
         )
@@ -121,19 +120,21 @@ class WorkerNode:
         m.queue.labels("coordinating").set_function(lambda: len(worker.coordinating))
         m.queue.labels("in_doubt").set_function(lambda: len(worker.in_doubt))
         m.queue.labels("decided").set_function(lambda: len(worker.decided))
-        m.queue.labels("events").set_function(self._events.qsize)
+        m.queue.labels("events").set_function(lambda: len(self._events))
         if verifiers is not None:
             m.queue.labels("verifying").set_function(lambda: verifiers.in_flight)
         for sub_subject, cb in (
             (own, self._on_package),
             (query_subject(s.operator, s.worker, "coins"), self._on_coins),
             (query_subject(s.operator, s.worker, "state"), self._on_state),
+            (query_subject(s.operator, s.worker, "events"), self._on_events_query),
         ):
             await nc.subscribe(sub_subject, cb=cb, pending_msgs_limit=1_000_000)
         await nc.flush()
         worker.ask_in_doubt(time.monotonic(), at_once=True)  # a restarted participant
         self._recovered = True
-        tasks = [asyncio.create_task(self._tick()), asyncio.create_task(self._publish_events())]
+        tasks.start("tick", self._tick)
+        tasks.start("events", self._publish_events)
         log.info(
             "worker ready",
             extra={
@@ -144,9 +145,9 @@ class WorkerNode:
             },
         )
         await stop.wait()
-        await self._drain(tasks)
+        await self._drain()
 
-    async def _drain(self, tasks: list[asyncio.Task[None]]) -> None:
+    async def _drain(self) -> None:
         worker, nc, packer = self.worker, self.nc, self.packer
         assert worker is not None and nc is not None and packer is not None
         worker.draining = True
@@ -159,17 +160,16 @@ class WorkerNode:
             await asyncio.sleep(TICK_S)
         worker.writer.flush()
         await packer.drain()
-        with contextlib.suppress(TimeoutError):  # every block's events published and stored
-            await asyncio.wait_for(self._events.join(), max(0.0, deadline - time.monotonic()))
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):  # readers are told of every block's events
+            await asyncio.wait_for(self._published(), max(0.0, deadline - time.monotonic()))
+        await self.ops.tasks.stop()
         # Close, not drain: what had to go out went above, and a drain waits (up to 30 s)
         # for answers to requests cut short by the cancel.
         await nc.close()
         if verifiers is not None:
             verifiers.close()
         worker.wal.close()
+        worker.writer.events.close()
         await self.ops.stop()
 
     async def _tick(self) -> None:
@@ -181,28 +181,35 @@ class WorkerNode:
             self.worker.ask_in_doubt(now)
             self.worker.retell(now)
 
-    async def _publish_events(self) -> None:
-        """Committed changes into the JetStream events stream, in block order: what
-        gathered in ``EVENTS_LINGER_S`` after a block goes out as one message."""
-        assert self.nc is not None
-        js = self.nc.jetstream()
-        subject = events_subject(self.settings.operator)
-        queue = self._events
-        while True:
-            batch = [await queue.get()]
+    def _publish(self, events: bytes) -> None:
+        self._events.append(events)
+        self._events_waiting.set()
+
+    async def _published(self) -> None:
+        while self._events:
             await asyncio.sleep(EVENTS_LINGER_S)
-            while not queue.empty() and len(batch) < EVENTS_MAX_BLOCKS:
-                batch.append(queue.get_nowait())
-            data = proto.encode_events(batch)
-            while True:
+
+    async def _publish_events(self) -> None:
+        """Each durable block's events, to the readers that listen: what gathered in
+        ``EVENTS_LINGER_S`` after a block goes out as one message. Nothing is retried:
+        what a reader misses, it reads from the events log."""
+        assert self.nc is not None
+        nc, queue = self.nc, self._events
+        subject = events_subject(self.settings.operator)
+        while True:
+            await self._events_waiting.wait()
+            await asyncio.sleep(EVENTS_LINGER_S)
+            self._events_waiting.clear()
+            while queue:
+                batch = [queue.popleft()]
+                size = len(batch[0])
+                while queue and size + len(queue[0]) <= EVENTS_MAX_BYTES:
+                    size += len(queue[0])
+                    batch.append(queue.popleft())
                 try:
-                    await js.publish(subject, data, timeout=5)
-                    break
-                except (TimeoutError, NatsError) as exc:
-                    log.warning("event publish failed; retrying", extra={"error": str(exc)})
-                    await asyncio.sleep(0.5)
-            for _ in batch:
-                queue.task_done()
+                    await nc.publish(subject, proto.encode_events(batch))
+                except NatsError as exc:
+                    log.warning("events not published", extra={"error": str(exc)})
 
     async def _on_package(self, msg: Msg) -> None:
         assert self.worker is not None
@@ -227,3 +234,15 @@ class WorkerNode:
     async def _on_state(self, msg: Msg) -> None:
         assert self.worker is not None
         await msg.respond(msgspec.msgpack.encode(self.worker.info()))
+
+    async def _on_events_query(self, msg: Msg) -> None:
+        """A page of the events log, for a reader that missed what was published."""
+        assert self.worker is not None
+        try:
+            query = msgspec.msgpack.decode(msg.data, type=proto.EventsQuery)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            await msg.respond(msgspec.msgpack.encode({"error": f"bad query: {exc}"}))
+            return
+        events = self.worker.writer.events
+        page = events.read_after(query.after, EVENTS_PAGE_BYTES)
+        await msg.respond(proto.encode_page(events.last, page))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -34,10 +35,6 @@ def events_subject(operator: str) -> str:
     return f"cst.{operator}.events"
 
 
-def events_stream(operator: str) -> str:
-    return f"cst-{operator}-events"
-
-
 def map_bucket(operator: str) -> str:
     return f"cst-{operator}"
 
@@ -53,6 +50,16 @@ async def load_map(nc: Client, operator: str) -> PartitionMap | None:
     return decode_map(entry.value)
 
 
+async def await_map(nc: Client, operator: str, wait_s: float = 30.0) -> PartitionMap:
+    """The current partition map, waiting up to ``wait_s`` for one to be published."""
+    deadline = time.monotonic() + wait_s
+    while (pmap := await load_map(nc, operator)) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError("no partition map was published in NATS KV")
+        await asyncio.sleep(0.2)
+    return pmap
+
+
 async def publish_map(nc: Client, operator: str, pmap: PartitionMap) -> None:
     """Publish ``pmap``, refusing to go back to an older or equal version that differs."""
     current = await load_map(nc, operator)
@@ -63,16 +70,12 @@ async def publish_map(nc: Client, operator: str, pmap: PartitionMap) -> None:
     await kv.put(MAP_KEY, pmap.encode())
 
 
-async def ensure_events_stream(nc: Client, operator: str) -> None:
-    js = nc.jetstream()
-    await js.add_stream(name=events_stream(operator), subjects=[events_subject(operator)])
-
-
 class Packer:
     """Batches items per destination subject into packages (by size or deadline).
 
-    Closed packages queue for one publishing task, which hands them to the NATS client
-    in order; the client writes what gathered in one loop turn with one system call.
+    Closed packages queue for one publishing task (``run``, which its owner starts as a
+    supervised task), which hands them to the NATS client in order; the client writes
+    what gathered in one loop turn with one system call.
     """
 
     def __init__(
@@ -96,7 +99,6 @@ class Packer:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def depth(self) -> int:
@@ -132,31 +134,27 @@ class Packer:
         self.observe(len(items))
         package = Package(PROTOCOL_VERSION, self.sender, self.reply, self.map_version(), items)
         self._closed.append((subject, encode(package)))
-        if self._task is None:
-            self._task = asyncio.create_task(self._publish_loop())
         self._idle.clear()
         self._wake.set()
 
-    async def _publish_loop(self) -> None:
+    async def run(self) -> None:
+        """Hand the closed packages to the client, in order, until cancelled."""
         closed = self._closed
         while True:
-            await self._wake.wait()
-            self._wake.clear()
             while closed:
-                subject, data = closed.popleft()
+                subject, data = closed[0]
                 try:
                     await self.nc.publish(subject, data)
                 except NatsError as exc:
                     # Lost like a package lost in transit: the sender's timeout covers it.
                     log.warning("package not sent", extra={"to": subject, "error": str(exc)})
+                closed.popleft()
             self._idle.set()
+            await self._wake.wait()
+            self._wake.clear()
 
     async def drain(self) -> None:
-        """Close every open package and wait until all are handed to the client."""
+        """Close every open package and wait until ``run`` has handed all to the client."""
         for subject, items in list(self._out.items()):
             self._close(subject, items)
         await self._idle.wait()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None

@@ -1,28 +1,87 @@
-"""A worker's block log: append-only frames on local disk, one fsync per block.
+"""A worker's logs on local disk: the block log, and the events log derived from it.
 
-Frame: ``length:u32 crc32:u32 payload`` (big-endian), payload an encoded ``Block``.
-Opening the log reads every frame; a frame cut short by a crash, or whose checksum or
-contents are wrong, ends the log there: the rest is cut off and the cut logged (nothing
-after it was ever acknowledged, since a block is acknowledged only once it and every
-block before it are on disk).
+Frame: ``length:u32 crc32:u32 payload`` (big-endian). Opening a log reads every frame;
+a frame cut short by a crash, or whose checksum or contents are wrong, ends the log
+there: the rest is cut off and the cut logged.
+
+The block log (payload: an encoded ``Block``) is the truth, one fsync per block: nothing
+after a cut was ever acknowledged, since a block is acknowledged only once it and every
+block before it are on disk. The events log (payload: an encoded ``BlockEvents``, one
+frame per block that changed coins) is what readers follow by height; it is written
+after its block, without an fsync, and recovery writes again whatever a crash cut from
+its tail, from the block log.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import struct
 import zlib
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
 from constellation.errors import MessageError
-from constellation.protocol.ledger import Block, decode_block
+from constellation.protocol.ledger import Block, decode_block, decode_block_events
 
 _HEAD = struct.Struct(">II")
 MAX_FRAME = 64 << 20
 
 log = logging.getLogger("partition.wal")
+
+
+class _Frames:
+    """The payloads of a log's bytes, in order, up to the first bad frame. ``end`` is the
+    offset after the last payload taken; ``why`` says what ended the frames early."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.end = 0
+        self.why = ""
+
+    def __iter__(self) -> Iterator[bytes]:
+        data, at = self.data, 0
+        while at < len(data):
+            if len(data) - at < _HEAD.size:
+                self.why = "a torn frame header"
+                return
+            length, crc = _HEAD.unpack_from(data, at)
+            payload = data[at + _HEAD.size : at + _HEAD.size + length]
+            if length > MAX_FRAME or len(payload) < length:
+                self.why = "a torn frame"
+                return
+            if zlib.crc32(payload) != crc:
+                self.why = "a checksum mismatch"
+                return
+            yield payload
+            at += _HEAD.size + length
+            self.end = at
+
+
+def _frame(payload: bytes) -> bytes:
+    return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _open(path: Path) -> tuple[int, bytes]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    with os.fdopen(os.dup(fd), "rb") as f:
+        return fd, f.read()
+
+
+def _cut(fd: int, path: Path, frames: _Frames, why: str) -> None:
+    """Keep what ``frames`` took; cut the rest (if any), saying ``why``."""
+    at, size = frames.end, len(frames.data)
+    if at < size:
+        log.warning(
+            "cut a log's tail",
+            extra={"path": str(path), "offset": at, "bytes": size - at, "why": why},
+        )
+        os.ftruncate(fd, at)
+        os.fsync(fd)
+    os.lseek(fd, at, os.SEEK_SET)
 
 
 class BlockLog:
@@ -33,24 +92,10 @@ class BlockLog:
 
     def replay(self) -> Iterator[Block]:
         """Yield the log's blocks in order, cutting a bad tail; then open for appending."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read()
-        at = 0
+        fd, data = _open(self.path)
+        frames = _Frames(data)
         why = ""
-        while at < len(data):
-            if len(data) - at < _HEAD.size:
-                why = "a torn frame header"
-                break
-            length, crc = _HEAD.unpack_from(data, at)
-            payload = data[at + _HEAD.size : at + _HEAD.size + length]
-            if length > MAX_FRAME or len(payload) < length:
-                why = "a torn frame"
-                break
-            if zlib.crc32(payload) != crc:
-                why = "a checksum mismatch"
-                break
+        for payload in frames:
             try:
                 block = decode_block(payload)
             except MessageError as exc:
@@ -61,22 +106,95 @@ class BlockLog:
                 break
             yield block
             self.height += 1
-            at += _HEAD.size + length
-        if at < len(data):
-            log.warning(
-                "cut the block log's tail",
-                extra={"path": str(self.path), "offset": at, "bytes": len(data) - at, "why": why},
-            )
-            os.ftruncate(fd, at)
-            os.fsync(fd)
-        os.lseek(fd, at, os.SEEK_SET)
+        _cut(fd, self.path, frames, why or frames.why)
         self._fd = fd
 
     def append(self, payload: bytes) -> None:
         """Write one block and make it durable."""
-        os.write(self._fd, _HEAD.pack(len(payload), zlib.crc32(payload)) + payload)
+        os.write(self._fd, _frame(payload))
         os.fdatasync(self._fd)
         self.height += 1
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class EventLog:
+    """The committed coin changes of a worker's blocks, by height, for readers to follow."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._heights = array("q")  # the height of each frame, ascending
+        self._offsets = array("q")  # where each frame starts
+        self._size = 0
+        self._fd = -1
+
+    @property
+    def last(self) -> int:
+        """The height of the latest block with events here; -1 while there is none."""
+        return self._heights[-1] if self._heights else -1
+
+    def open(self) -> None:
+        """Read the log, cutting a bad tail."""
+        fd, data = _open(self.path)
+        frames = _Frames(data)
+        why = ""
+        for payload in frames:
+            try:
+                height = decode_block_events(payload).height
+            except MessageError as exc:
+                why = str(exc)
+                break
+            if height <= self.last:
+                why = f"events of block {height} after those of block {self.last}"
+                break
+            self._heights.append(height)
+            self._offsets.append(frames.end)  # where this frame starts
+        _cut(fd, self.path, frames, why or frames.why)
+        self._size = frames.end
+        self._fd = fd
+
+    def cut_from(self, height: int) -> None:
+        """Forget the events of blocks from ``height`` on (the block log ends before)."""
+        keep = bisect.bisect_left(self._heights, height)
+        if keep == len(self._heights):
+            return
+        at = self._offsets[keep]
+        log.warning(
+            "cut the events log's tail beyond the block log",
+            extra={"path": str(self.path), "height": height, "bytes": self._size - at},
+        )
+        del self._heights[keep:], self._offsets[keep:]
+        os.ftruncate(self._fd, at)
+        os.lseek(self._fd, at, os.SEEK_SET)
+        self._size = at
+
+    def append(self, height: int, payload: bytes) -> None:
+        """Add the events of block ``height`` (above every height here); not synced."""
+        assert height > self.last, f"events of block {height} after {self.last}"
+        frame = _frame(payload)
+        os.write(self._fd, frame)
+        self._heights.append(height)
+        self._offsets.append(self._size)
+        self._size += len(frame)
+
+    def read_after(self, height: int, max_bytes: int) -> list[bytes]:
+        """The events of the blocks above ``height``, in order: as many as fit in
+        ``max_bytes``, and at least one if there is any."""
+        first = bisect.bisect_right(self._heights, height)
+        if first == len(self._heights):
+            return []
+        offsets = self._offsets
+        start = offsets[first]
+        limit = start + max_bytes
+        if self._size <= limit:
+            end = self._size
+        else:  # up to the last frame that ends within the limit, or the first alone
+            last = max(first, bisect.bisect_right(offsets, limit, lo=first + 1) - 2)
+            end = offsets[last + 1] if last + 1 < len(offsets) else self._size
+        return list(_Frames(os.pread(self._fd, end - start, start)))
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -44,7 +44,7 @@ from constellation.tx import Issuance, Transaction, decode_issuance, decode_tran
 from services.partition.config import Batching
 from services.partition.metrics import WorkerMetrics
 from services.partition.verify import Verifiers
-from services.partition.wal import BlockLog
+from services.partition.wal import BlockLog, EventLog
 
 TIMEOUT = "ledger.timeout"
 UNAVAILABLE = "unavailable"
@@ -53,6 +53,9 @@ ASK_EVERY_S = 0.25
 LAZY_S = 0.01
 # How long a coordinator waits for a participant's Done before telling it the commit again.
 RETELL_S = 1.0
+# A block closes at this many coin changes, so that its events (about 110 bytes a
+# change) fit in one NATS message: a transaction makes at most 512 more.
+MAX_BLOCK_CHANGES = 4096
 
 log = logging.getLogger("partition.worker")
 
@@ -92,12 +95,16 @@ class Decided:
 class BlockWriter:
     """Gathers records into blocks and makes them durable, one fsync per block.
 
-    A block closes at ``max_items`` records or at its deadline (0: at the end of the
-    event loop's turn, so that one block holds everything handled in that turn). The
-    ``after`` callbacks run, in order, once their block is durable, with its height.
-    A ``lazy`` record (one that nothing waits for: a participant's record of an outcome
-    it learned, which it would learn again by asking) closes no block of its own; it
-    rides with the next block, or is written ``LAZY_S`` later. Records stay in order.
+    A block closes at ``max_items`` records (or ``MAX_BLOCK_CHANGES`` coin changes) or at
+    its deadline (0: at the end of the event loop's turn, so that one block holds
+    everything handled in that turn). The ``after`` callbacks run, in order, once their
+    block is durable, with its height. A ``lazy`` record (one that nothing waits for: a
+    participant's record of an outcome it learned, which it would learn again by asking)
+    closes no block of its own; it rides with the next block, or is written ``LAZY_S``
+    later. Records stay in order.
+
+    A durable block's coin changes go to the events log and are then published: readers
+    follow the events log by height, and publishing only tells them sooner.
 
     The write and its fsync run on the event loop itself. Handing them to a thread cost
     more CPU than the fsync (two cross-thread wake-ups per block: about 150 us of CPU
@@ -109,12 +116,14 @@ class BlockWriter:
     def __init__(
         self,
         wal: BlockLog,
+        events: EventLog,
         worker: int,
         batching: Batching,
         metrics: WorkerMetrics,
-        publish: Callable[[proto.BlockEvents], None],
+        publish: Callable[[bytes], None],
     ) -> None:
         self.wal = wal
+        self.events = events
         self.worker = worker
         self.batching = batching
         self.metrics = metrics
@@ -135,7 +144,7 @@ class BlockWriter:
         self.records.append(record)
         if after is not None:
             self.after.append(after)
-        if len(self.records) >= self.batching.max_items:
+        if len(self.records) >= self.batching.max_items or len(self.changes) >= MAX_BLOCK_CHANGES:
             self.flush()
             return
         timer = self._timer
@@ -179,10 +188,21 @@ class BlockWriter:
         self.metrics.fsync_seconds.observe(time.perf_counter() - started)
         self.metrics.block_records.observe(len(records))
         self.metrics.height.set(self.wal.height)
+        self.events_of(height, changes, committed)
         for callback in after:
             callback(height)
-        if changes or committed:
-            self.publish(proto.BlockEvents(self.worker, height, changes, committed))
+
+    def events_of(
+        self, height: int, changes: list[proto.CoinChange], committed: list[tuple[bytes, int]]
+    ) -> None:
+        """Block ``height`` is durable: its changes (if any) into the events log, then
+        out to readers."""
+        if not changes and not committed:
+            return
+        events = proto.BlockEvents(self.worker, height, self.events.last, changes, committed)
+        payload = proto.encode_block_events(events)
+        self.events.append(height, payload)
+        self.publish(payload)
 
 
 class Worker:
@@ -194,12 +214,13 @@ class Worker:
         pmap: PartitionMap,
         issuers: frozenset[bytes],
         wal: BlockLog,
+        events: EventLog,
         blocks: Batching,
         prepare_timeout_ms: int,
         metrics: WorkerMetrics,
         send: Send,
         subject_of: Callable[[int], str],
-        publish: Callable[[proto.BlockEvents], None],
+        publish: Callable[[bytes], None],
         verifiers: Verifiers | None = None,
     ) -> None:
         self.me = me
@@ -215,7 +236,7 @@ class Worker:
         self.send = send
         self.subject_of = subject_of
         self.timeout_s = prepare_timeout_ms / 1000
-        self.writer = BlockWriter(wal, me, blocks, metrics, publish)
+        self.writer = BlockWriter(wal, events, me, blocks, metrics, publish)
         self.coordinating: dict[bytes, Coordinating] = {}
         # txid -> (coordinator, attempt, asked at): prepared here, the outcome not known.
         self.in_doubt: dict[bytes, tuple[int, int, float]] = {}
@@ -230,9 +251,12 @@ class Worker:
     def recover(self) -> int:
         """Replay the block log; returns the number of blocks read. Its transactions were
         checked before they were logged, and frames carry checksums, so output keys are
-        not checked again."""
-        state = self.state
+        not checked again. The events of blocks that a crash cut from the events log's
+        tail are derived again and written (and published) as they were the first time."""
+        state, writer = self.state, self.writer
+        writer.events.open()
         for block in self.wal.replay():
+            derive = block.height > writer.events.last
             for rec in block.records:
                 if isinstance(rec, proto.Prepared):
                     tx = decode_transaction(rec.tx, check_owners=False)
@@ -244,8 +268,12 @@ class Worker:
                         state.prepare(tx, verify=False)
                         if others := self._involved(tx):
                             self.decided[rec.txid] = Decided(rec.attempt, others)
+                        if derive:
+                            writer.committed.append((rec.txid, tx.fee_msat))
                     else:
                         self.in_doubt.pop(rec.txid, None)
+                    if derive:
+                        self._changes_of(rec.txid)
                     state.commit(rec.txid)
                 elif isinstance(rec, proto.Aborted):
                     self.in_doubt.pop(rec.txid, None)
@@ -253,7 +281,13 @@ class Worker:
                 elif isinstance(rec, proto.Ended):
                     self.decided.pop(rec.txid, None)
                 else:
-                    state.issue(decode_issuance(rec.issuance))
+                    issuance = decode_issuance(rec.issuance)
+                    state.issue(issuance)
+                    if derive:
+                        self._issued_changes(issuance)
+            writer.events_of(block.height, writer.changes, writer.committed)
+            writer.changes, writer.committed = [], []
+        writer.events.cut_from(self.wal.height)  # only a damaged block log is shorter
         state.check_invariants()
         self.metrics.height.set(self.wal.height)
         return self.wal.height
@@ -613,18 +647,19 @@ class Worker:
         except ConstellationError as exc:
             self._refuse(reply, item.rid, exc.code, str(exc))
             return
-        self._issued_changes(issuance, mine)
+        self._issued_changes(issuance)
 
         def durable(height: int) -> None:
             self.send(reply, proto.Result(item.rid, "", "", [(self.me, height)]))
 
         self.writer.add(proto.Issued(item.issuance), durable)
 
-    def _issued_changes(self, issuance: Issuance, mine: list[bytes]) -> None:
+    def _issued_changes(self, issuance: Issuance) -> None:
+        """Record the coins an issuance creates here, for the block's events."""
         changes = self.writer.changes
         iid = issuance.issuance_id
         for cid, (value, owner) in zip(issuance.output_ids, issuance.outputs, strict=True):
-            if cid in mine:
+            if self._owner(cid) == self.me:
                 changes.append(proto.CoinChange(iid, cid, owner, value, True))
 
     # -- queries -------------------------------------------------------------------------
@@ -650,4 +685,5 @@ class Worker:
             locks=len(s.locks),
             in_doubt=len(self.in_doubt),
             coordinating=len(self.coordinating),
+            events_height=self.writer.events.last,
         )

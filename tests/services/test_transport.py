@@ -24,7 +24,13 @@ class Recorder:
 
 
 def packer(nc: Recorder) -> Packer:
-    return Packer(cast(Client, nc), 0, "w.0", lambda: 1, Batching(512, 0), lambda _: None)
+    """A packer whose publishing task runs (until the test's loop ends)."""
+    p = Packer(cast(Client, nc), 0, "w.0", lambda: 1, Batching(512, 0), lambda _: None)
+    RUNNING.add(asyncio.get_running_loop().create_task(p.run()))
+    return p
+
+
+RUNNING: set[asyncio.Task[None]] = set()
 
 
 async def turn() -> None:

@@ -1,14 +1,24 @@
-"""The worker's block log: durable frames, and a torn or corrupt tail cut with a log line."""
+"""The worker's logs: durable frames, a torn or corrupt tail cut with a log line, and the
+events log read by height in bounded pages."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from constellation.protocol.ledger import Aborted, Block, encode
-from services.partition.wal import BlockLog
+from constellation.protocol.ledger import (
+    Aborted,
+    Block,
+    BlockEvents,
+    CoinChange,
+    decode_block_events,
+    encode,
+    encode_block_events,
+)
+from services.partition.wal import BlockLog, EventLog
 
 
 def write(path: Path, count: int) -> None:
@@ -42,15 +52,17 @@ def test_blocks_come_back_in_order(tmp_path: Path) -> None:
     ],
 )
 def test_a_bad_tail_is_cut_and_logged(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: object, kept: int
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: Callable[[bytes], bytes],
+    kept: int,
 ) -> None:
     path = tmp_path / "blocks.log"
     write(path, 5)
-    assert callable(damage)
     path.write_bytes(damage(path.read_bytes()))
     with caplog.at_level(logging.WARNING, "partition.wal"):
         assert heights(path) == list(range(kept))
-    assert "cut the block log's tail" in caplog.text
+    assert "cut a log's tail" in caplog.text
     size = path.stat().st_size
     # The cut is durable: the next open reads the same blocks and cuts nothing more.
     caplog.clear()
@@ -72,3 +84,59 @@ def test_a_block_out_of_sequence_ends_the_log(tmp_path: Path) -> None:
     wal.append(encode(Block(0, 7, [])))  # what a bug or a foreign file would leave
     wal.close()
     assert heights(path) == [0, 1]
+
+
+def events(height: int, prev: int, changes: int = 1) -> bytes:
+    change = CoinChange(b"t" * 32, bytes([height % 256]) * 32, b"o" * 32, 5, True)
+    return encode_block_events(BlockEvents(0, height, prev, [change] * changes, []))
+
+
+def read_heights(log: EventLog, after: int, max_bytes: int) -> list[int]:
+    return [decode_block_events(p).height for p in log.read_after(after, max_bytes)]
+
+
+def test_events_are_read_by_height_in_bounded_pages(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "events.log")
+    log.open()
+    assert log.last == -1 and log.read_after(-1, 1 << 20) == []
+    prev = -1
+    for h in (0, 3, 4, 9, 10):
+        log.append(h, events(h, prev))
+        prev = h
+    assert log.last == 10
+    assert read_heights(log, -1, 1 << 20) == [0, 3, 4, 9, 10]
+    assert read_heights(log, 3, 1 << 20) == [4, 9, 10]
+    assert read_heights(log, 5, 1 << 20) == [9, 10]  # a height without events
+    assert read_heights(log, 10, 1 << 20) == []
+    one = len(log.read_after(-1, 1 << 20)[0]) + 8  # a frame: header and payload
+    assert read_heights(log, -1, 2 * one) == [0, 3]  # whole frames within the limit
+    assert read_heights(log, -1, 2 * one - 1) == [0]
+    assert read_heights(log, -1, 1) == [0]  # at least one
+    assert read_heights(log, 9, 1) == [10]  # the last alone
+    with pytest.raises(AssertionError):
+        log.append(10, events(10, 9))  # heights only grow
+    log.close()
+
+
+def test_events_log_cut_at_a_torn_tail_and_beyond_the_block_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "events.log"
+    log = EventLog(path)
+    log.open()
+    for h in range(6):
+        log.append(h, events(h, h - 1, changes=h + 1))
+    log.close()
+    path.write_bytes(path.read_bytes()[:-5])  # a machine's crash lost the last write
+    log = EventLog(path)
+    with caplog.at_level(logging.WARNING):
+        log.open()
+    assert log.last == 4 and "cut a log's tail" in caplog.text
+    log.cut_from(3)  # the block log ends at height 3
+    assert log.last == 2 and read_heights(log, -1, 1 << 20) == [0, 1, 2]
+    log.append(3, events(3, 2))  # appending goes on where the cut was
+    log.close()
+    log = EventLog(path)
+    log.open()
+    assert read_heights(log, -1, 1 << 20) == [0, 1, 2, 3]
+    log.close()

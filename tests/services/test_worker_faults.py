@@ -10,7 +10,10 @@ and everything settles:
 * every transaction a client was told is committed is committed everywhere it touches;
 * no coin is spent twice, no forgery commits, value is conserved;
 * no lock, doubt or remembered commit is left;
-* replaying every worker's log rebuilds exactly the state it holds.
+* replaying every worker's log rebuilds exactly the state it holds;
+* every worker's events log (whose tail a crash may cut, as a machine's crash loses what
+  was not synced) holds every block's changes exactly as the block log derives them, and
+  they add up to the coins the worker holds.
 
 Half the schedules have a slow disk (blocks close 5 ms late), so that much happens
 between a record and its durability; some check signatures in verifier processes, whose
@@ -20,6 +23,7 @@ answers arrive whenever they arrive, between the other events.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -35,7 +39,7 @@ from constellation.tx import Issuance, Transaction, TxInput, TxOutput
 from services.partition.config import Batching
 from services.partition.metrics import WorkerMetrics
 from services.partition.verify import Check, Done, Verifiers
-from services.partition.wal import BlockLog
+from services.partition.wal import BlockLog, EventLog
 from services.partition.worker import Worker
 
 WORKERS = 3
@@ -85,6 +89,7 @@ class Node:
         # A slow disk: blocks close 5 ms late, so that much happens (crashes too) between
         # a record and its durability.
         self.blocks = Batching(64, 5_000 if slow else 0)
+        self.events_path = folder / f"w{me}.events"
         self.worker = self._start()
 
     def _start(self) -> Worker:
@@ -93,6 +98,7 @@ class Node:
             PMAP,
             frozenset([ISSUER.pubkey]),
             BlockLog(self.folder / f"w{self.me}.log"),
+            EventLog(self.events_path),
             self.blocks,
             200,
             WorkerMetrics(),
@@ -108,12 +114,17 @@ class Node:
         # One package per item: the network may reorder, lose or repeat each of them.
         self.net.append((subject, package(self.me, item)))
 
-    def crash(self) -> None:
-        """kill -9: what was not durable is gone; then recover from the log."""
+    def crash(self, unsynced: int = 0) -> None:
+        """kill -9: what was not durable is gone (and the last ``unsynced`` bytes of the
+        events log, as in a machine's crash); then recover from the log."""
         writer = self.worker.writer
         if writer._timer is not None:
             writer._timer.cancel()
         self.worker.wal.close()
+        writer.events.close()
+        if unsynced:
+            size = self.events_path.stat().st_size
+            os.truncate(self.events_path, max(0, size - unsynced))
         if self.verifiers is not None:
             self.verifiers.incarnation += 1
         self.worker = self._start()
@@ -208,8 +219,9 @@ class Cluster:
             self.deliver(subject, package)
         elif roll < 0.75:
             self.payment(len(self.txs))
-        elif roll < 0.80:
-            self.rng.choice(self.nodes).crash()
+        elif roll < 0.80:  # the roll also picks how much of the events log is lost
+            unsynced = (0, 7, 300, 10_000)[int((roll - 0.75) * 80)]
+            self.rng.choice(self.nodes).crash(unsynced)
         elif roll < 0.85:
             node = self.rng.choice(self.nodes)
             node.worker.expire(float("inf"))
@@ -320,6 +332,28 @@ async def run_schedule(tmp_path: Path, seed: int, verifiers: list[CrashableVerif
         assert after.coins == before.coins and after.spent == before.spent, why
         assert after.fees_msat == before.fees_msat and not after.locks, why
         assert not node.worker.decided, f"a log forgot that a commit ended {why}"
+
+    # Every block's events, as the block log derives them afresh, and they add up.
+    for node in cluster.nodes:
+        kept = all_events(node.worker)
+        node.events_path.unlink()
+        node.crash()
+        assert all_events(node.worker) == kept, f"the events log differs from its blocks {why}"
+        created: set[bytes] = set()
+        spent_here: set[bytes] = set()
+        prev = -1
+        for ev in map(proto.decode_block_events, kept):
+            assert ev.prev == prev, why
+            prev = ev.height
+            for c in ev.changes:
+                (created if c.created else spent_here).add(c.coin_id)
+        state = node.worker.state
+        assert created - spent_here == set(state.coins), f"events miss a change {why}"
+        assert spent_here == set(state.spent), f"events miss a spend {why}"
+
+
+def all_events(worker: Worker) -> list[bytes]:
+    return worker.writer.events.read_after(-1, 1 << 40)
 
 
 async def test_a_late_vote_of_an_aborted_attempt_does_not_count_in_the_next(

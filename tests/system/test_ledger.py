@@ -371,12 +371,14 @@ async def test_kill_9_of_a_worker_under_load_then_restart(op: Operator, gw: Gate
 
 async def test_index_stores_each_change_once_however_often_it_is_delivered(op: Operator) -> None:
     """The indexer may see a block's events again (a redelivery, a restart): the rows
-    are keyed by (coin, created), so history lists each change once."""
+    are keyed by (coin, created), so history lists each change once. (Worker 200 is no
+    worker of this operator: its cursor moves nothing the indexer follows.)"""
     owner, txid = os.urandom(32), os.urandom(32)
     coin, spent = os.urandom(32), os.urandom(32)
     block = proto.BlockEvents(
-        0,
+        200,
         10**9,
+        10**9 - 1,
         [
             proto.CoinChange(txid, spent, owner, 2**64 - 1, False),
             proto.CoinChange(txid, coin, owner, 5, True),
@@ -395,6 +397,7 @@ async def test_index_stores_each_change_once_however_often_it_is_delivered(op: O
         assert await index.unspent(owner, 10) == [(coin, 5)]
         found = await index.tx(txid)
         assert found is not None and found["fee_msat"] == 7
+        assert (await index.cursors())[200] == 10**9
     finally:
         await index.close()
 

@@ -1,0 +1,228 @@
+"""Following the ledger's committed changes, by worker and height.
+
+The readers of the ledger (the history index; later light-client proofs and settlement)
+follow each worker's events log, which its worker writes once a block is durable. A
+worker also publishes each block's events; a reader takes them in height order per
+worker (``prev`` chains a worker's blocks with events, so a gap shows at once) and reads
+whatever it missed from the worker's events log: a message lost, events a worker did
+not publish before it crashed, everything while the reader itself was down. Publishing
+only makes readers quicker: the logs are the truth, and a reader's cursor per worker
+(the last block it stored) says how far it is. Storing a block twice is harmless, so a
+reader stores first and moves its cursor after.
+
+Once shards are replicated, the same pages come from any copy of a worker's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from constellation.errors import MessageError
+from constellation.protocol import ledger as proto
+from services.partition.transport import events_subject, query_subject
+
+POLL_S = 1.0  # each worker's log is read this often, whatever was published
+LIVE_QUEUE = 1024  # published messages waiting; beyond, the oldest are left to the logs
+QUERY_TIMEOUT_S = 5.0
+
+log = logging.getLogger("follow")
+
+Sink = Callable[[list[proto.BlockEvents]], Awaitable[None]]
+
+
+class FollowMetrics:
+    def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
+        self.stored = Gauge(
+            f"{prefix}_stored_height",
+            "the last block with events stored, by worker",
+            ["worker"],
+            registry=registry,
+        )
+        self.log_height = Gauge(
+            f"{prefix}_log_height",
+            "the worker's latest block with events, as last heard",
+            ["worker"],
+            registry=registry,
+        )
+        self.behind = Gauge(
+            f"{prefix}_behind_blocks",
+            "how many heights the stored blocks are behind the worker's log",
+            ["worker"],
+            registry=registry,
+        )
+        self.blocks = Counter(
+            f"{prefix}_blocks",
+            "blocks of events stored, by where they came from (live or log)",
+            ["source"],
+            registry=registry,
+        )
+        self.gaps = Counter(
+            f"{prefix}_gaps",
+            "published events that did not follow the cursor (read from the log)",
+            ["worker"],
+            registry=registry,
+        )
+        self.refused = Counter(
+            f"{prefix}_refused",
+            "published messages or log pages refused as malformed or out of order",
+            registry=registry,
+        )
+
+
+class Follower:
+    """Follows the workers' events logs into ``sink``, in height order per worker."""
+
+    def __init__(
+        self,
+        nc: Client,
+        operator: str,
+        workers: Sequence[int],
+        cursors: dict[int, int],
+        sink: Sink,
+        metrics: FollowMetrics,
+    ) -> None:
+        self.nc = nc
+        self.operator = operator
+        self.workers = list(workers)
+        self.sink = sink
+        self.metrics = metrics
+        # worker -> the height of the last block with events stored (-1: none)
+        self.cursor = {w: cursors.get(w, -1) for w in self.workers}
+        # worker -> the height of its latest block with events, as last heard
+        self.last: dict[int, int] = {}
+        self.unreachable: dict[int, str] = {}  # worker -> why its log could not be read
+        self._live: deque[bytes] = deque(maxlen=LIVE_QUEUE)
+        self._wake = asyncio.Event()
+        for w in self.workers:
+            self._show(w)
+
+    def behind(self, worker: int) -> int:
+        """How many heights the stored blocks are behind the worker's log, as last heard."""
+        return max(0, self.last.get(worker, -1) - self.cursor[worker])
+
+    def progress(self, max_behind: int) -> tuple[bool, str]:
+        """Whether every worker's log is stored to within ``max_behind`` heights."""
+        if len(self.last) < len(self.workers):
+            missing = [w for w in self.workers if w not in self.last]
+            return False, f"not yet heard from worker {', '.join(map(str, missing))}"
+        late = {w: self.behind(w) for w in self.workers if self.behind(w) > max_behind}
+        if late:
+            return False, "behind the ledger: " + ", ".join(
+                f"worker {w} by {n} blocks" for w, n in late.items()
+            )
+        heights = ", ".join(f"{w}: {self.cursor[w]}" for w in self.workers)
+        return True, f"stored to heights {heights}"
+
+    async def run(self) -> None:
+        """Follow until cancelled: what is published at once, every log each ``POLL_S``."""
+        sub = await self.nc.subscribe(events_subject(self.operator), cb=self._on_live)
+        loop = asyncio.get_running_loop()
+        poll_at = 0.0
+        try:
+            while True:
+                wait = poll_at - loop.time()
+                if not self._live and wait > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
+                self._wake.clear()
+                gaps = await self._take_live()
+                poll = loop.time() >= poll_at
+                if poll:
+                    poll_at = loop.time() + POLL_S
+                for w in self.workers:
+                    if poll or w in gaps:
+                        await self._catch_up(w)
+        finally:
+            with contextlib.suppress(NatsError):
+                await sub.unsubscribe()
+
+    async def _on_live(self, msg: Msg) -> None:
+        self._live.append(msg.data)
+        self._wake.set()
+
+    async def _take_live(self) -> set[int]:
+        """Store the published blocks that follow the cursors; the workers with a gap."""
+        taken: list[proto.BlockEvents] = []
+        cursor = dict(self.cursor)
+        gaps: set[int] = set()
+        while self._live:
+            try:
+                blocks = proto.decode_events(self._live.popleft())
+            except MessageError as exc:
+                self.metrics.refused.inc()
+                log.warning("published events refused", extra={"error": str(exc)})
+                continue
+            for ev in blocks:
+                w = ev.worker
+                if w not in cursor:
+                    continue  # not a worker of this map
+                self.last[w] = max(self.last.get(w, -1), ev.height)
+                if ev.height <= cursor[w] or w in gaps:
+                    continue  # stored already, or read from the log below
+                if ev.prev == cursor[w]:
+                    taken.append(ev)
+                    cursor[w] = ev.height
+                else:
+                    gaps.add(w)
+                    self.metrics.gaps.labels(str(w)).inc()
+        if taken:
+            await self._store(taken, "live")
+        return gaps
+
+    async def _catch_up(self, worker: int) -> None:
+        """Read the worker's events log from the cursor on, page by page."""
+        subject = query_subject(self.operator, worker, "events")
+        while True:
+            query = msgspec.msgpack.encode(proto.EventsQuery(self.cursor[worker]))
+            try:
+                reply = await self.nc.request(subject, query, timeout=QUERY_TIMEOUT_S)
+                page = proto.decode_page(reply.data)
+            except (TimeoutError, NatsError) as exc:
+                self.unreachable[worker] = f"{type(exc).__name__}: {exc}"
+                return
+            except MessageError as exc:
+                self.metrics.refused.inc()
+                log.warning("events page refused", extra={"worker": worker, "error": str(exc)})
+                return
+            self.unreachable.pop(worker, None)
+            self.last[worker] = page.last
+            blocks = page.blocks
+            if not blocks:
+                self._show(worker)
+                return
+            first = blocks[0]
+            if first.prev != self.cursor[worker] or any(b.worker != worker for b in blocks):
+                self.metrics.refused.inc()
+                log.error(
+                    "a worker's events log does not follow what was stored",
+                    extra={"worker": worker, "cursor": self.cursor[worker], "prev": first.prev},
+                )
+                return
+            await self._store(blocks, "log")
+            if self.cursor[worker] >= page.last:
+                return
+
+    async def _store(self, blocks: list[proto.BlockEvents], source: str) -> None:
+        await self.sink(blocks)
+        for ev in blocks:
+            self.cursor[ev.worker] = max(self.cursor[ev.worker], ev.height)
+            self.last[ev.worker] = max(self.last.get(ev.worker, -1), ev.height)
+        self.metrics.blocks.labels(source).inc(len(blocks))
+        for w in {ev.worker for ev in blocks}:
+            self._show(w)
+
+    def _show(self, worker: int) -> None:
+        label = str(worker)
+        self.metrics.stored.labels(label).set(self.cursor[worker])
+        self.metrics.log_height.labels(label).set(self.last.get(worker, -1))
+        self.metrics.behind.labels(label).set(self.behind(worker))
