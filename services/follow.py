@@ -101,6 +101,7 @@ class Follower:
         # worker -> the height of its latest block with events, as last heard
         self.last: dict[int, int] = {}
         self.unreachable: dict[int, str] = {}  # worker -> why its log could not be read
+        self.turned_at = 0.0  # when the following last went round (loop time)
         self._live: deque[bytes] = deque(maxlen=LIVE_QUEUE)
         self._wake = asyncio.Event()
         for w in self.workers:
@@ -110,8 +111,12 @@ class Follower:
         """How many heights the stored blocks are behind the worker's log, as last heard."""
         return max(0, self.last.get(worker, -1) - self.cursor[worker])
 
-    def progress(self, max_behind: int) -> tuple[bool, str]:
-        """Whether every worker's log is stored to within ``max_behind`` heights."""
+    def progress(self, max_behind: int, stall_s: float) -> tuple[bool, str]:
+        """Whether every worker's log is stored to within ``max_behind`` heights, and the
+        following went round in the last ``stall_s`` seconds (storing can hang)."""
+        stalled = asyncio.get_running_loop().time() - self.turned_at
+        if stalled > stall_s:
+            return False, f"stalled: no progress for {stalled:.0f} s"
         if len(self.last) < len(self.workers):
             missing = [w for w in self.workers if w not in self.last]
             return False, f"not yet heard from worker {', '.join(map(str, missing))}"
@@ -130,6 +135,7 @@ class Follower:
         poll_at = 0.0
         try:
             while True:
+                self.turned_at = loop.time()
                 wait = poll_at - loop.time()
                 if not self._live and wait > 0:
                     with contextlib.suppress(TimeoutError):

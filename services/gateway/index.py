@@ -42,13 +42,18 @@ CREATE TABLE IF NOT EXISTS index_cursors (
 """
 
 
+COMMAND_TIMEOUT_S = 30.0  # a statement that takes longer fails (the database hangs)
+
+
 class Index:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
     @classmethod
     async def open(cls, dsn: str) -> Index:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+        pool = await asyncpg.create_pool(
+            dsn, min_size=1, max_size=4, command_timeout=COMMAND_TIMEOUT_S
+        )
         async with pool.acquire() as conn:
             await conn.execute("SELECT pg_advisory_lock(7411)")
             try:

@@ -2,7 +2,8 @@
 
 It follows every worker's events log by height (``services.follow``) into PostgreSQL,
 which the gateways read for history and address queries; it is ready while it is no
-more than ``INDEXER_MAX_BEHIND`` blocks behind any worker. Kept apart from the gateway
+more than ``INDEXER_MAX_BEHIND`` blocks behind any worker and its following goes round
+(not stuck for ``INDEXER_STALL_S``, e.g. on a database that hangs). Kept apart from the gateway
 so indexing never takes CPU from answering payments, and scales on its own.
 """
 
@@ -35,6 +36,7 @@ class Settings:
     http_host: str
     http_port: int
     max_behind: int  # blocks behind a worker's log beyond which it is not ready
+    stall_s: int  # seconds without progress after which it is not ready
     log_level: str
 
     @staticmethod
@@ -47,6 +49,7 @@ class Settings:
             http_host=host,
             http_port=port,
             max_behind=env_int(env, "INDEXER_MAX_BEHIND", 2_000, 0, 1 << 40),
+            stall_s=env_int(env, "INDEXER_STALL_S", 15, 1, 3600),
             log_level=env_str(env, "INDEXER_LOG_LEVEL", "info"),
         )
 
@@ -65,7 +68,7 @@ class Indexer:
             return False, "not connected to NATS"
         if self.follower is None:
             return False, "starting"
-        return self.follower.progress(self.settings.max_behind)
+        return self.follower.progress(self.settings.max_behind, self.settings.stall_s)
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings

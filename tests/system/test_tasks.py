@@ -1,0 +1,206 @@
+"""Every long-running task of every service is supervised: one that dies is logged once
+with its traceback, counted, makes its service not ready while it is down, and is
+restarted; the service then works as before.
+
+A worker, a gateway and an indexer run in this test's process (so that the test can
+break their tasks), as operator ``tasks`` on the NATS, Redis and PostgreSQL servers of a
+devnet (a database of their own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import nats
+import pytest
+
+from constellation.keys import SigningKey
+from constellation.ledger.pmap import PartitionMap
+from constellation.protocol import ledger as proto
+from constellation.tx import Issuance, TxOutput
+from services.gateway.app import GatewayNode
+from services.gateway.config import Settings as GatewaySettings
+from services.gateway.indexer import Indexer
+from services.gateway.indexer import Settings as IndexerSettings
+from services.partition.app import WorkerNode
+from services.partition.config import Settings as WorkerSettings
+from services.partition.transport import publish_map
+from services.runtime import OpsServer
+from services.wallet import Gateway
+from tests.system.operator import Operator, pay
+
+pytestmark = pytest.mark.system
+
+OPERATOR = "tasks"
+ISSUER = SigningKey(os.urandom(32))
+
+
+@pytest.fixture(scope="module")
+def op() -> Iterator[Operator]:
+    operator = Operator(workers=1)
+    yield operator
+    operator.close()
+
+
+@dataclass
+class Services:
+    worker: WorkerNode
+    gateway: GatewayNode
+    indexer: Indexer
+    url: str
+
+
+@pytest.fixture
+async def services(op: Operator, tmp_path: Path) -> AsyncIterator[Services]:
+    net = op.net
+    database = f"tasks_{os.getpid()}_{int(time.time() * 1000)}"
+    conn = await asyncpg.connect(net.database_url)
+    await conn.execute(f"CREATE DATABASE {database}")
+    await conn.close()
+    dsn = net.database_url.rsplit("/", 1)[0] + "/" + database
+    nc = await nats.connect(net.nats_url)
+    await publish_map(nc, OPERATOR, PartitionMap.even(1))
+    await nc.close()
+    worker = WorkerNode(
+        WorkerSettings.from_env(
+            {
+                "WORKER_ID": "0",
+                "WORKER_OPERATOR": OPERATOR,
+                "WORKER_NATS_URL": net.nats_url,
+                "WORKER_STATE_DIR": str(tmp_path / "worker"),
+                "WORKER_ISSUERS": ISSUER.pubkey.hex(),
+            }
+        )
+    )
+    gateway = GatewayNode(
+        GatewaySettings.from_env(
+            {
+                "GATEWAY_OPERATOR": OPERATOR,
+                "GATEWAY_NATS_URL": net.nats_url,
+                "GATEWAY_REDIS_URL": net.redis_url,
+                "GATEWAY_DATABASE_URL": dsn,
+                "GATEWAY_HTTP_ADDR": "127.0.0.1:0",
+            }
+        )
+    )
+    indexer = Indexer(
+        IndexerSettings.from_env(
+            {
+                "INDEXER_OPERATOR": OPERATOR,
+                "INDEXER_NATS_URL": net.nats_url,
+                "INDEXER_DATABASE_URL": dsn,
+                "INDEXER_STALL_S": "3",
+            }
+        )
+    )
+    stop = asyncio.Event()
+    running = [asyncio.create_task(n.run(stop)) for n in (worker, gateway, indexer)]
+    for node in (worker, gateway, indexer):
+        await until(lambda node=node: node.ops.readiness()[0], f"{node} ready")  # type: ignore[misc]
+    yield Services(worker, gateway, indexer, f"http://127.0.0.1:{gateway.ops.port}")
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*running), 30)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, f"not {what} after {timeout_s} s"
+        await asyncio.sleep(0.02)
+
+
+async def paid_and_indexed(url: str) -> None:
+    """A coin issued and paid through the gateway, then found in the index."""
+    alice, bob = SigningKey(os.urandom(32)), SigningKey(os.urandom(32))
+    async with aiohttp.ClientSession() as session:
+        gw = Gateway(url, session)
+        issuance = Issuance(ISSUER.pubkey, 1, [TxOutput(5_000, alice.pubkey)])
+        issuance = issuance.signed_by(ISSUER.secret)
+        await gw.issue(issuance)
+        tx = pay([(issuance.output_ids[0], 5_000, alice)], [TxOutput(4_900, bob.pubkey)], 100)
+        assert (await gw.submit(tx))["status"] == "committed"
+        end = time.monotonic() + 20
+        while True:
+            async with session.get(f"{url}/v1/tx/{tx.txid.hex()}") as resp:
+                if resp.status == 200:
+                    return
+            assert time.monotonic() < end, "the payment was not indexed"
+            await asyncio.sleep(0.05)
+
+
+class Broken:
+    """Makes a callable raise while ``broken`` is set; counts the calls that raised."""
+
+    def __init__(self, real: Callable[..., Any]) -> None:
+        self.real = real
+        self.broken = True
+        self.raised = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.broken:
+            self.raised += 1
+            raise RuntimeError("injected")
+        return self.real(*args, **kwargs)
+
+
+def failures(ops: OpsServer, task: str) -> float:
+    value = ops.registry.get_sample_value("task_failures_total", {"task": task})
+    return value or 0.0
+
+
+async def traffic(url: str) -> None:
+    """Payments, one after the other, whatever becomes of them (until cancelled)."""
+    while True:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(paid_and_indexed(url), 0.5)
+        await asyncio.sleep(0.05)
+
+
+async def test_each_kind_of_task_dies_is_seen_and_comes_back(
+    services: Services, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, "runtime")
+    await paid_and_indexed(services.url)
+    worker, gateway, indexer = services.worker, services.gateway, services.indexer
+    assert worker.worker is not None and worker.nc is not None
+    assert gateway.api is not None and indexer.follower is not None
+    cases: list[tuple[OpsServer, str, object, str]] = [
+        (worker.ops, "tick", worker.worker, "expire"),
+        (worker.ops, "events", proto, "encode_events"),
+        (worker.ops, "packages", worker.nc, "publish"),
+        (gateway.ops, "packages", gateway.api.ledger.nc, "publish"),
+        (gateway.ops, "limits", gateway.api.limits, "sync"),
+        (indexer.ops, "follow", indexer.follower, "sink"),
+    ]
+    for ops, task, target, attribute in cases:
+        caplog.clear()
+        before = failures(ops, task)
+        broken = Broken(getattr(target, attribute))
+        load = asyncio.create_task(traffic(services.url))
+        with monkeypatch.context() as patch:
+            patch.setattr(target, attribute, broken)
+            # It fails again and again (backing off) and says so while it waits.
+            await until(lambda: failures(ops, task) >= before + 3, f"{task} failing")  # noqa: B023
+            await until(lambda: not ops.readiness()[0], f"{task}: not ready")  # noqa: B023
+            why = ops.readiness()[1]
+            assert f"task {task} failed" in why and "injected" in why, why
+            # (Another task may fail with it: the worker's tasks share their NATS client.)
+            failed = [r for r in caplog.records if getattr(r, "task", "") == task]
+            failed = [r for r in failed if r.getMessage() == "task failed"]
+            assert failed and all(r.exc_info for r in failed)
+            broken.broken = False
+            await until(lambda: ops.readiness()[0], f"ready once {task} is mended")  # noqa: B023
+        load.cancel()
+        await asyncio.gather(load, return_exceptions=True)
+        assert any(r.getMessage() == "task restarted" for r in caplog.records)
+        await paid_and_indexed(services.url)  # and it works as before
