@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
+import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,46 @@ def _print_devnet(net: devnet.Devnet) -> None:
     print(f"  nats:       {net.nats_url}")
     print(f"  redis:      {net.redis_url}")
     print(f"  postgresql: {net.database_url}")
+    supervisor = devnet.read_status(Path(net.dir))
+    if supervisor is not None:
+        print(f"  supervisor: pid {supervisor['pid']}, restarts what exits (`devnet status`)")
+
+
+def _ago(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    return f"{s // 3600}h {s % 3600 // 60}m"
+
+
+def _print_status(st: devnet.DevnetStatus) -> None:
+    p = st.policy
+    if st.supervisor == "none":
+        print(f"devnet {st.guild!r} in {st.dir}: not supervised")
+    else:
+        print(
+            f"devnet {st.guild!r} in {st.dir}: supervisor pid {st.supervisor_pid} "
+            f"{st.supervisor}; restarts after {p.initial_s:g} s doubling to {p.max_s:g} s "
+            f"(reset after {p.reset_after_s:g} s up)"
+        )
+    now = time.time()
+    rows = [("process", "pid", "state", "restarts", "last exit", "up since")]
+    for proc in st.processes:
+        if proc.up_since is not None:
+            clock = datetime.fromtimestamp(proc.up_since).strftime("%H:%M:%S")
+            since = f"{clock} ({_ago(now - proc.up_since)})"
+        elif proc.restart_in_s is not None:
+            since = f"restart in {proc.restart_in_s:.1f} s"
+        else:
+            since = "-"
+        pid = str(proc.pid) if proc.pid else "-"
+        row = (proc.name, pid, proc.state, str(proc.restarts), proc.last_exit or "-", since)
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 async def _fund(net: devnet.Devnet, address: str, amount_msat: int) -> dict[str, Any]:
@@ -87,7 +130,15 @@ async def _fund(net: devnet.Devnet, address: str, amount_msat: int) -> dict[str,
 
 def _devnet(args: argparse.Namespace) -> int:
     if args.devnet_command == "up":
-        _print_devnet(devnet.up(args.dir, args.signers, args.guild, args.workers))
+        net = devnet.up(args.dir, args.signers, args.guild, args.workers, not args.unsupervised)
+        _print_devnet(net)
+    elif args.devnet_command == "status":
+        st = devnet.status(args.dir)
+        if args.json:
+            print(json.dumps(st.to_json(), indent=2))
+        else:
+            _print_status(st)
+        return 0 if st.healthy else 1
     elif args.devnet_command == "fund":
         net = devnet.Devnet.load(args.dir)
         receipt = asyncio.run(_fund(net, args.address, args.amount_msat))
@@ -144,12 +195,19 @@ def _add_devnet(sub: Any) -> None:
     up.add_argument("--signers", type=int, default=3, help="guild members (first time)")
     up.add_argument("--workers", type=int, default=2, help="partition workers (first time)")
     up.add_argument("--guild", default="devnet", help="guild id (first time)")
+    up.add_argument(
+        "--unsupervised", action="store_true", help="no supervisor: nothing restarts a process"
+    )
+    status = net_sub.add_parser(
+        "status", help="each process: pid, state, restarts, last exit (exit 1 if one is down)"
+    )
+    status.add_argument("--json", action="store_true", help="as JSON")
     fund = net_sub.add_parser("fund", help="issue new coins to an address (devnet issuer key)")
     fund.add_argument("address")
     fund.add_argument("amount_msat", type=int)
     down = net_sub.add_parser("down", help="stop every process")
     down.add_argument("--purge", action="store_true", help="and delete the devnet's state")
-    for p in (up, fund, down):
+    for p in (up, status, fund, down):
         p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="devnet state folder")
 
 

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,17 @@ from services.wallet import Gateway
 
 class Operator:
     """``devnet.up`` in a fresh folder (readable by PostgreSQL's user where tests run as
-    root), with helpers to kill, freeze and restart workers."""
+    root), with helpers to kill, freeze and restart workers.
 
-    def __init__(self, workers: int = 2) -> None:
+    Unsupervised by default: the test itself kills, stops and restarts processes. With
+    ``supervise``, the devnet's supervisor restarts what exits, and ``pid`` reads the
+    current pids from ``devnet.json`` (which only the supervisor writes)."""
+
+    def __init__(self, workers: int = 2, supervise: bool = False) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="cst-test-"))
         self.root.chmod(0o755)
-        self.net = devnet.up(self.root / "net", 0, "test", workers)
+        self.supervised = supervise
+        self.net = devnet.up(self.root / "net", 0, "test", workers, supervise=supervise)
         self.frozen: set[int] = set()
 
     @property
@@ -37,19 +43,58 @@ class Operator:
         """The worker holding ``coin_id`` under the devnet's even map."""
         return partition_of(coin_id) * len(self.net.workers) // (1 << 16)
 
+    def refresh(self) -> devnet.Devnet:
+        """The devnet as its supervisor last recorded it (the pids of restarted processes)."""
+        if self.supervised:
+            self.net = devnet.Devnet.load(Path(self.net.dir))
+        return self.net
+
+    def pid(self, name: str) -> int:
+        """The current pid of a process by its name (``worker-0``, ``gateway``, ``nats``)."""
+        return self.refresh().pid_of(name)
+
     def worker_pid(self, i: int) -> int:
-        return self.net.workers[i].pid
+        return self.pid(f"worker-{i}")
+
+    def status(self) -> devnet.DevnetStatus:
+        return devnet.status(Path(self.net.dir))
+
+    def wait_restarted(self, name: str, old_pid: int, deadline_s: float = 60) -> int:
+        """The pid of ``name`` once the supervisor has restarted it and it is ready."""
+        assert self.supervised, "nothing restarts a process of an unsupervised devnet"
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            pid = self.pid(name)
+            if pid != old_pid and devnet.alive(pid) and self._ready(name):
+                return pid
+            time.sleep(0.05)
+        raise AssertionError(f"{name} (pid {old_pid}) was not back after {deadline_s} s")
+
+    def _ready(self, name: str) -> bool:
+        port = self.http_port(name)
+        return devnet.ready(port) if port else True
+
+    def http_port(self, name: str) -> int:
+        """The port of ``name``'s ops endpoints (0 for nats, redis, postgres)."""
+        ports = {"gateway": self.net.gateway_port, "indexer": self.net.indexer_port}
+        ports.update((f"worker-{w.index}", w.http_port) for w in self.net.workers)
+        ports.update((f"signer-{s.index}", s.http_port) for s in self.net.signers)
+        return ports.get(name, 0)
 
     def kill(self, i: int) -> None:
-        os.kill(self.worker_pid(i), signal.SIGKILL)
-        os.waitpid(self.worker_pid(i), 0)
+        pid = self.worker_pid(i)
+        os.kill(pid, signal.SIGKILL)
+        if not self.supervised:  # else the supervisor's child: it reaps it
+            os.waitpid(pid, 0)
 
     def restart(self, i: int) -> None:
+        assert not self.supervised, "the supervisor restarts the devnet's processes"
         devnet.start_worker(self.net, self.net.workers[i])
         self.net.save()  # so that `down` stops the new process
 
     def restart_gateway(self) -> None:
         """Stop the gateway and start it again (with the environment as it is now)."""
+        assert not self.supervised, "the supervisor restarts the devnet's processes"
         devnet.stop_pid(self.net.gateway_pid, 10)
         devnet.start_gateway(self.net)
         self.net.save()
@@ -77,6 +122,7 @@ class Operator:
             self.restart(i)
 
     def stop_worker(self, i: int) -> None:
+        assert not self.supervised, "the supervisor would restart it"
         devnet.stop_pid(self.worker_pid(i), 10)
 
     def freeze(self, i: int) -> None:

@@ -1,0 +1,192 @@
+"""Processes on this machine: how one is started (a ``Spec``), watched and stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.devnet.state import DevnetError
+
+KILLED_WITHIN_S = 5.0  # how long stop_pid waits for a SIGKILLed process to be gone
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How to start one process: the same for its first start and for every restart."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    user: str | None = None
+
+
+# Our children, held so that the subprocess module's own clean-up (which reaps the
+# children of dropped Popen objects) never takes an exit status that the supervisor reads.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def spawn(argv: list[str], env: dict[str, str], log_path: Path, user: str | None = None) -> int:
+    """Start a detached process (its own session) logging to ``log_path``."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            user=user,
+        )
+    _children[proc.pid] = proc
+    return proc.pid
+
+
+def launch(spec: Spec) -> int:
+    return spawn(spec.argv, spec.env, spec.log_path, spec.user)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (started by any of its threads)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            if f"\nPPid:\t{pid}\n" in status:
+                found.append(int(entry.name))
+    return found
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` from the third (the state) on; None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def proc_state(pid: int) -> str | None:
+    """The kernel's one-letter state (R, S, D, T for stopped, Z for a zombie), or None."""
+    fields = _stat(pid) if pid > 0 else None
+    return fields[0] if fields else None
+
+
+def started_at(pid: int) -> float | None:
+    """When ``pid`` started, in Unix seconds (None if it is gone)."""
+    fields = _stat(pid) if pid > 0 else None
+    if fields is None:
+        return None
+    boot_s = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            boot_s = int(line.split()[1])
+    return boot_s + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+
+
+def alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie counts as gone: one of ours is reaped here, another waits for its parent.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return proc_state(pid) not in (None, "Z", "X")
+    if done:
+        _children.pop(pid, None)
+    return done == 0
+
+
+def describe_exit(status: int) -> str:
+    """A wait status as ``exit 3`` or the signal's name (``SIGKILL``)."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            return signal.Signals(number).name
+        except ValueError:
+            return f"signal {number}"
+    return f"exit {os.waitstatus_to_exitcode(status)}"
+
+
+def poll_exit(pid: int) -> str | None:
+    """None while ``pid`` runs (a stopped process runs); once it has ended, how it ended
+    (``describe_exit``), or ``unknown`` for a process that is not our child."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None if alive(pid) else "unknown"
+    if done == 0:
+        return None
+    _children.pop(pid, None)
+    return describe_exit(status)
+
+
+def wait_tcp(port: int, deadline_s: float) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise DevnetError(f"nothing listens on port {port} after {deadline_s} s")
+
+
+def ready(port: int) -> bool:
+    """Whether the process serving ops on ``port`` answers ``/readyz`` with 200."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def wait_ready(port: int, pid: int, deadline_s: float) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if not alive(pid):
+            raise DevnetError(f"process {pid} exited during start")
+        if ready(port):
+            return
+        time.sleep(0.05)
+    raise DevnetError(f"process {pid} was not ready after {deadline_s} s")
+
+
+def stop_pid(pid: int, grace_s: float, sig: signal.Signals = signal.SIGTERM) -> None:
+    """Send ``sig``, and SIGKILL after ``grace_s``; returns once ``pid`` is gone."""
+    if not alive(pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+        os.kill(pid, signal.SIGCONT)  # a frozen (SIGSTOP) process handles ``sig`` too
+    end = time.monotonic() + grace_s
+    while time.monotonic() < end:
+        if not alive(pid):
+            return
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    end = time.monotonic() + KILLED_WITHIN_S
+    while alive(pid) and time.monotonic() < end:
+        time.sleep(0.02)

@@ -1,0 +1,185 @@
+"""What a devnet is, as recorded in its ``devnet.json``: ports, keys, the pid of each
+process, and the environment each process is started with."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from constellation.keys import SigningKey
+from constellation.tx import Issuance, TxOutput
+
+STATE_FILE = "devnet.json"
+
+
+class DevnetError(RuntimeError):
+    pass
+
+
+def write_json_atomic(path: Path, doc: Any) -> None:
+    """Readers see the old document or the new one, never half of one."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(temp, path)
+
+
+@dataclass
+class SignerProc:
+    index: int
+    state_dir: str
+    storage_key: str
+    http_port: int
+    pid: int = 0
+
+
+@dataclass
+class WorkerProc:
+    index: int
+    state_dir: str
+    http_port: int
+    pid: int = 0
+
+
+@dataclass
+class Devnet:
+    dir: str
+    guild: str
+    nats_port: int
+    issuer_secret: str
+    operator: str = "local"
+    network: str = "regtest"
+    nats_pid: int = 0
+    redis_port: int = 0
+    redis_pid: int = 0
+    pg_port: int = 0
+    pg_pid: int = 0
+    gateway_port: int = 0
+    gateway_pid: int = 0
+    indexer_port: int = 0
+    indexer_pid: int = 0
+    request_timeout_ms: int = 30_000
+    signers: list[SignerProc] = field(default_factory=list)
+    workers: list[WorkerProc] = field(default_factory=list)
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def database_url(self) -> str:
+        return f"postgresql://constellation@127.0.0.1:{self.pg_port}/constellation"
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats_port}"
+
+    @property
+    def members_path(self) -> Path:
+        return Path(self.dir) / "guild.json"
+
+    @property
+    def issuer(self) -> SigningKey:
+        return SigningKey(bytes.fromhex(self.issuer_secret))
+
+    def issuance(self, outputs: Sequence[TxOutput]) -> Issuance:
+        """New coins, signed by the devnet's issuer key (a fresh random nonce each)."""
+        issuer = self.issuer
+        nonce = int.from_bytes(os.urandom(8)) >> 1
+        return Issuance(issuer.pubkey, nonce, outputs).signed_by(issuer.secret)
+
+    # -- processes, by name
+
+    def processes(self) -> list[tuple[str, int]]:
+        """Each process's name and pid (0: never started), in the order ``up`` starts them."""
+        return [
+            ("nats", self.nats_pid),
+            ("redis", self.redis_pid),
+            ("postgres", self.pg_pid),
+            *((f"signer-{s.index}", s.pid) for s in self.signers),
+            *((f"worker-{w.index}", w.pid) for w in self.workers),
+            ("gateway", self.gateway_pid),
+            ("indexer", self.indexer_pid),
+        ]
+
+    def pid_of(self, name: str) -> int:
+        return dict(self.processes())[name]
+
+    def set_pid(self, name: str, pid: int) -> None:
+        kind, _, index = name.partition("-")
+        if kind == "signer":
+            self.signers[int(index)].pid = pid
+        elif kind == "worker":
+            self.workers[int(index)].pid = pid
+        elif name in ("nats", "redis", "gateway", "indexer"):
+            setattr(self, f"{name}_pid", pid)
+        elif name == "postgres":
+            self.pg_pid = pid
+        else:
+            raise DevnetError(f"no process {name!r} in this devnet")
+
+    # -- the environment of each process (its settings; see each service's config.py)
+
+    def worker_env(self, proc: WorkerProc) -> dict[str, str]:
+        return {
+            **os.environ,
+            "WORKER_ID": str(proc.index),
+            "WORKER_OPERATOR": self.operator,
+            "WORKER_NATS_URL": self.nats_url,
+            "WORKER_STATE_DIR": proc.state_dir,
+            "WORKER_HTTP_ADDR": f"127.0.0.1:{proc.http_port}",
+            "WORKER_ISSUERS": self.issuer.pubkey.hex(),
+        }
+
+    def gateway_env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "GATEWAY_OPERATOR": self.operator,
+            "GATEWAY_NATS_URL": self.nats_url,
+            "GATEWAY_REDIS_URL": self.redis_url,
+            "GATEWAY_DATABASE_URL": self.database_url,
+            "GATEWAY_HTTP_ADDR": f"127.0.0.1:{self.gateway_port}",
+            "GATEWAY_NETWORK": self.network,
+        }
+
+    def indexer_env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "INDEXER_OPERATOR": self.operator,
+            "INDEXER_NATS_URL": self.nats_url,
+            "INDEXER_DATABASE_URL": self.database_url,
+            "INDEXER_HTTP_ADDR": f"127.0.0.1:{self.indexer_port}",
+        }
+
+    def signer_env(self, proc: SignerProc) -> dict[str, str]:
+        return {
+            **os.environ,
+            "SIGNER_NATS_URL": self.nats_url,
+            "SIGNER_MEMBERS": str(self.members_path),
+            "SIGNER_STATE_DIR": proc.state_dir,
+            "SIGNER_STORAGE_KEY": proc.storage_key,
+            "SIGNER_HTTP_ADDR": f"127.0.0.1:{proc.http_port}",
+            "SIGNER_REQUEST_TIMEOUT_MS": str(self.request_timeout_ms),
+        }
+
+    # -- devnet.json (once a devnet is supervised, its supervisor is the only writer)
+
+    def save(self) -> None:
+        write_json_atomic(Path(self.dir) / STATE_FILE, asdict(self))
+
+    @staticmethod
+    def load(directory: Path) -> Devnet:
+        try:
+            doc = json.loads((directory / STATE_FILE).read_text())
+        except FileNotFoundError:
+            raise DevnetError(f"no devnet in {directory}: run `constellation devnet up`") from None
+        signers = [SignerProc(**s) for s in doc.pop("signers")]
+        workers = [WorkerProc(**w) for w in doc.pop("workers")]
+        return Devnet(**doc, signers=signers, workers=workers)

@@ -1,0 +1,175 @@
+"""The devnet supervisor's restart policy and loop, on small throwaway processes with a
+clock the test moves; ``devnet status`` of a devnet that is not running."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from services import devnet
+from services.cli import main
+from services.devnet.supervisor import Supervisor
+
+POLICY = devnet.RestartPolicy(initial_s=1.0, max_s=8.0, reset_after_s=100.0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_devnet_policy_is_kubernetes_scaled_down() -> None:
+    k8s = devnet.KUBERNETES_POLICY
+    assert (k8s.initial_s, k8s.max_s, k8s.reset_after_s) == (10.0, 300.0, 600.0)
+    scaled = k8s.scaled(1 / 20)
+    assert scaled == devnet.DEVNET_POLICY
+    assert (scaled.initial_s, scaled.max_s, scaled.reset_after_s) == (0.5, 15.0, 30.0)
+    delays = [devnet.DEVNET_POLICY.delay_s(n) for n in range(1, 9)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0]
+    assert [k8s.delay_s(n) for n in range(1, 7)] == [10, 20, 40, 80, 160, 300]
+    assert k8s.delay_s(10_000) == 300.0  # no overflow, however long it crash-loops
+    with pytest.raises(AssertionError):
+        k8s.delay_s(0)
+
+
+class Procs:
+    """Small processes started for a test; whatever runs at the end is stopped."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.pids: list[int] = []
+
+    def start(self, name: str, argv: list[str]) -> devnet.Spec:
+        spec = devnet.Spec(name, argv, dict(os.environ), self.folder / f"{name}.log")
+        self.pids.append(devnet.launch(spec))
+        return spec
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    made = Procs(tmp_path)
+    yield made
+    for pid in made.pids:
+        devnet.stop_pid(pid, 2)
+
+
+def tick_until(sup: Supervisor, done: Callable[[], bool], deadline_s: float = 10) -> None:
+    """Tick (the test's clock stands still) until ``done``: real processes exit meanwhile."""
+    end = time.monotonic() + deadline_s
+    while not done():
+        assert time.monotonic() < end, "the supervisor never got there"
+        sup.tick()
+        time.sleep(0.01)
+
+
+def test_a_process_that_keeps_crashing_waits_longer_each_time(
+    tmp_path: Path, procs: Procs, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = procs.start("crasher", ["sh", "-c", "exit 3"])
+    clock = Clock()
+    restarted: list[tuple[str, int]] = []
+    status_path = tmp_path / devnet.STATUS_FILE
+    sup = Supervisor(
+        {"crasher": spec},
+        {"crasher": procs.pids[0]},
+        status_path,
+        lambda name, pid: restarted.append((name, pid)),
+        POLICY,
+        clock,
+    )
+    w = sup.watched["crasher"]
+    waits = []
+    caplog.set_level(logging.INFO, "devnet-supervisor")
+    for n in range(1, 6):
+        tick_until(sup, lambda: w.restart_s is not None)
+        assert w.last_exit == "exit 3" and w.exits_in_a_row == n
+        waits.append(w.backoff_s)
+        assert w.restart_s is not None
+        clock.now = w.restart_s - 0.001
+        sup.tick()
+        assert w.restart_s is not None, "restarted before its backoff was over"
+        clock.now += 0.001
+        sup.tick()
+        assert w.restart_s is None and w.restarts == n
+        procs.pids.append(w.pid)
+    assert waits == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert [pid for _, pid in restarted] == procs.pids[1:]
+    # Up longer than reset_after_s: its exits in a row are forgotten.
+    clock.now += POLICY.reset_after_s
+    tick_until(sup, lambda: w.restart_s is not None)
+    assert w.exits_in_a_row == 1 and w.backoff_s == 1.0
+    # Each restart is one JSON-ready log record with what an operator needs.
+    lines = [r for r in caplog.records if r.getMessage() == "restarted"]
+    assert len(lines) == 5
+    last = lines[-1].__dict__
+    assert last["proc"] == "crasher" and last["exit"] == "exit 3"
+    assert last["restarts"] == 5 and last["backoff_s"] == 8.0
+    assert last["old_pid"] == procs.pids[-2] and last["pid"] == procs.pids[-1]
+    doc = json.loads(status_path.read_text())
+    assert doc["state"] == "running" and doc["processes"][0]["restarts"] == 5
+    assert doc["processes"][0]["restart_at"] is not None  # waiting out its backoff
+
+
+def test_a_killed_process_restarts_and_a_frozen_one_is_left_alone(
+    tmp_path: Path, procs: Procs
+) -> None:
+    a = procs.start("a", ["sleep", "60"])
+    b = procs.start("b", ["sleep", "60"])
+    pid_a, pid_b = procs.pids
+    clock = Clock()
+    sup = Supervisor({"a": a, "b": b}, {"a": pid_a, "b": pid_b}, tmp_path / "s.json", clock=clock)
+    os.kill(pid_a, signal.SIGKILL)
+    os.kill(pid_b, signal.SIGSTOP)
+    try:
+        tick_until(sup, lambda: sup.watched["a"].restart_s is not None)
+        clock.now += devnet.DEVNET_POLICY.initial_s
+        sup.tick()
+        new_a = sup.watched["a"].pid
+        procs.pids.append(new_a)
+        assert new_a != pid_a and devnet.alive(new_a) and not devnet.alive(pid_a)
+        assert sup.watched["a"].last_exit == "SIGKILL" and sup.watched["a"].restarts == 1
+        clock.now += 60
+        sup.tick()
+        assert sup.watched["b"].pid == pid_b and sup.watched["b"].restarts == 0
+    finally:
+        os.kill(pid_b, signal.SIGCONT)
+
+
+def test_the_supervisor_module_refuses_anything_but_supervise() -> None:
+    code = os.spawnv(os.P_WAIT, sys.executable, [sys.executable, "-m", "services.devnet"])
+    assert code == 2
+
+
+def cli(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(list(argv))
+    return code, out.getvalue()
+
+
+def test_status_of_a_devnet_that_is_not_running(tmp_path: Path) -> None:
+    net = devnet.create(tmp_path / "net", 0, "g", workers=2)
+    st = devnet.status(Path(net.dir))
+    assert st.supervisor == "none" and not st.healthy
+    names = [p.name for p in st.processes]
+    assert names == ["nats", "redis", "postgres", "worker-0", "worker-1", "gateway", "indexer"]
+    assert all(p.state == "down" and p.restarts == 0 for p in st.processes)
+    code, out = cli("devnet", "status", "--dir", net.dir)
+    assert code == 1 and "not supervised" in out and "worker-1" in out
+    code, out = cli("devnet", "status", "--json", "--dir", net.dir)
+    doc = json.loads(out)
+    assert code == 1 and doc["supervisor"] == "none" and len(doc["processes"]) == 7
+    assert cli("devnet", "status", "--dir", str(tmp_path / "none"))[0] == 2
