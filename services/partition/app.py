@@ -8,6 +8,8 @@ import gc
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
 
 import msgspec
 import nats
@@ -43,6 +45,8 @@ EVENTS_PAGE_BYTES = 512 << 10  # in one answer to an EventsQuery (at least one b
 MAP_WAIT_S = 30.0
 
 log = logging.getLogger("partition")
+
+Q = TypeVar("Q", proto.CoinQuery, proto.EventsQuery)
 
 
 class WorkerNode:
@@ -222,14 +226,13 @@ class WorkerNode:
         self.worker.handle(pkg)
 
     async def _on_coins(self, msg: Msg) -> None:
-        assert self.worker is not None
-        try:
-            query = msgspec.msgpack.decode(msg.data, type=proto.CoinQuery)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            await msg.respond(msgspec.msgpack.encode({"error": f"bad query: {exc}"}))
-            return
-        infos = [self.worker.coin_info(cid) for cid in query.coin_ids[:1000]]
-        await msg.respond(msgspec.msgpack.encode(infos))
+        worker = self.worker
+        assert worker is not None
+        await _answer(
+            msg,
+            proto.CoinQuery,
+            lambda q: msgspec.msgpack.encode([worker.coin_info(c) for c in q.coin_ids[:1000]]),
+        )
 
     async def _on_state(self, msg: Msg) -> None:
         assert self.worker is not None
@@ -238,11 +241,19 @@ class WorkerNode:
     async def _on_events_query(self, msg: Msg) -> None:
         """A page of the events log, for a reader that missed what was published."""
         assert self.worker is not None
-        try:
-            query = msgspec.msgpack.decode(msg.data, type=proto.EventsQuery)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            await msg.respond(msgspec.msgpack.encode({"error": f"bad query: {exc}"}))
-            return
         events = self.worker.writer.events
-        page = events.read_after(query.after, EVENTS_PAGE_BYTES)
-        await msg.respond(proto.encode_page(events.last, page))
+        await _answer(
+            msg,
+            proto.EventsQuery,
+            lambda q: proto.encode_page(events.last, events.read_after(q.after, EVENTS_PAGE_BYTES)),
+        )
+
+
+async def _answer(msg: Msg, kind: type[Q], answer: Callable[[Q], bytes]) -> None:
+    """Answer a query of type ``kind``, or say why it is not one."""
+    try:
+        query = msgspec.msgpack.decode(msg.data, type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        await msg.respond(msgspec.msgpack.encode({"error": f"bad query: {exc}"}))
+        return
+    await msg.respond(answer(query))

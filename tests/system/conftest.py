@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from services import devnet
+from services.wallet import Gateway
 from tests.system.guild import Guild
+from tests.system.operator import Operator
 
 GuildFactory = Callable[..., Guild]
 
@@ -27,6 +30,13 @@ def guild_factory(tmp_path: Path) -> Iterator[GuildFactory]:
     yield make
     for guild in made:
         guild.close()
+
+
+@pytest.fixture
+async def gw(op: Operator) -> AsyncIterator[Gateway]:
+    """The gateway of the module's operator (its ``op`` fixture)."""
+    async with aiohttp.ClientSession() as session:
+        yield Gateway(op.url, session)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -36,12 +36,6 @@ def op() -> Iterator[Operator]:
     operator = Operator(workers=2)
     yield operator
     operator.close()
-
-
-@pytest.fixture
-async def gw(op: Operator) -> AsyncIterator[Gateway]:
-    async with aiohttp.ClientSession() as session:
-        yield Gateway(op.url, session)
 
 
 async def ledger(gw: Gateway) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,12 +46,6 @@ def op() -> Iterator[Operator]:
         operator = Operator(workers=2, supervise=True)
     yield operator
     operator.close()
-
-
-@pytest.fixture
-async def gw(op: Operator) -> AsyncIterator[Gateway]:
-    async with aiohttp.ClientSession() as session:
-        yield Gateway(op.url, session)
 
 
 @dataclass
