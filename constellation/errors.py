@@ -72,6 +72,12 @@ class BadSignature(InvalidTransaction):
     code = "invalid.signature"
 
 
+class Unsigned(InvalidTransaction):
+    """A transaction to run must carry one witness per input; this one does not."""
+
+    code = "invalid.unsigned"
+
+
 # -- stateful rules: the partition state machine ------------------------------------------
 
 
@@ -113,6 +119,24 @@ class NotHeldHere(LedgerError):
 
 class BadIssuance(LedgerError):
     code = "ledger.bad_issuance"
+
+
+class InFlight(LedgerError):
+    """The same transaction is being committed already; its outcome will tell."""
+
+    code = "ledger.in_flight"
+
+
+class CommitTimeout(LedgerError):
+    """The coordinator aborted: a participant did not vote in time. Retrying is safe."""
+
+    code = "ledger.timeout"
+
+
+class Unavailable(ConstellationError):
+    """A service cannot do its work now (shutting down, a dependency failed); retry."""
+
+    code = "unavailable"
 
 
 # -- wallets ------------------------------------------------------------------------------
@@ -262,6 +286,15 @@ class Overloaded(ConstellationError):
     """A bounded queue or table is full; the caller may retry later."""
 
     code = "overloaded"
+
+
+# -- the public API's own rules ------------------------------------------------------------
+
+
+class KeyReused(ConstellationError):
+    """An idempotency key came again with a different request."""
+
+    code = "idempotency.key_reused"
 
 
 # -- what the guild key signs --------------------------------------------------------------

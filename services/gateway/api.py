@@ -1,29 +1,29 @@
 """The public HTTP API: transactions in, receipts and lookups out, websocket pushes.
 
-Every error is JSON ``{"error": {"code", "message"}}`` with the status of its kind:
-400 malformed or invalid, 404 not found, 409 spent or conflicting, 413 too large, 422
-unknown coin or a value that does not match, 429 overloaded or rate limited (with
-``Retry-After``), 503 unavailable, 504 outcome unknown (look the txid up).
+Every error is JSON ``{"error": {"code", "message"}}`` with the status of its code, as
+``services/gateway/errors.py`` maps them once (and the OpenAPI document says).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import struct
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import asyncpg
 import msgspec
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from redis.exceptions import RedisError
 
 from constellation.address import Network, decode_address, encode_address
-from constellation.errors import ConstellationError, DecodeError, MessageError
+from constellation.errors import ConstellationError, DecodeError, MessageError, Unsigned
 from constellation.protocol import ledger as proto
 from constellation.tx import (
     Transaction,
@@ -32,9 +32,19 @@ from constellation.tx import (
     decode_issuance,
     decode_transaction,
 )
+from services.gateway.errors import (
+    IN_PROGRESS,
+    INTERNAL,
+    NOT_FOUND,
+    TIMEOUT,
+    TOO_LARGE,
+    ApiError,
+    error_response,
+    json_response,
+)
 from services.gateway.index import Index
 from services.gateway.ledger import LedgerClient, LedgerUnavailable
-from services.gateway.limits import KeyReused, Limits
+from services.gateway.limits import Limits
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import openapi
 from services.partition.transport import events_subject
@@ -46,63 +56,21 @@ MAX_BATCH = 4096
 MAX_SUBSCRIPTIONS = 1000
 WS_QUEUE = 1000
 HISTORY_LIMIT = 500
+MAX_CURSOR = 2**63 - 1  # history cursors are PostgreSQL bigints
+IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,128}")  # printable ASCII, as a Redis key part
+_DECIMAL = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit also takes "²"
+_HEX = re.compile(r"[0-9a-fA-F]*")
 _LEN = struct.Struct(">I")
 
-STATUS = {
-    "malformed": 400,
-    "invalid": 400,
-    "not_found": 404,
-    "ledger.unknown_coin": 422,
-    "ledger.value_mismatch": 422,
-    "idempotency.key_reused": 422,
-    "ledger.spent": 409,
-    "ledger.conflict": 409,
-    "ledger.already_committed": 409,
-    "ledger.in_flight": 409,
-    "idempotency.in_progress": 409,
-    "ledger.bad_issuance": 403,
-    "too_large": 413,
-    "overloaded": 429,
-    "rate_limited": 429,
-    "ledger.timeout": 503,
-    "ledger.wrong_partition": 503,
-    "unavailable": 503,
-    "timeout": 504,
-}
-
-
-def status_of(code: str) -> int:
-    return STATUS.get(code) or STATUS.get(code.split(".", 1)[0], 400)
-
-
-class ApiError(Exception):
-    def __init__(self, code: str, message: str, retry_after: float = 0.0) -> None:
-        super().__init__(message)
-        self.code = code
-        self.retry_after = retry_after
-
-    @property
-    def status(self) -> int:
-        return status_of(self.code)
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": str(self)}}
-
-
-def json_response(
-    doc: Any, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    """A JSON answer, encoded by msgspec (several times faster than the json module)."""
-    body = msgspec.json.encode(doc)
-    return web.Response(body=body, status=status, headers=headers, content_type="application/json")
-
-
-def error_response(err: ApiError) -> web.Response:
-    headers = {}
-    if err.retry_after:
-        headers["Retry-After"] = str(max(1, round(err.retry_after)))
-    return json_response(err.body(), status=err.status, headers=headers)
-
+# A dependency that failed on the way (PostgreSQL, a socket): 503, retry; not a bug.
+_UNAVAILABLE = (
+    ConnectionError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.ConnectionDoesNotExistError,
+)
 
 # -- the JSON form of a transaction -------------------------------------------------------
 
@@ -130,40 +98,65 @@ class Subscription(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def _hex(text: str, what: str, size: int) -> bytes:
-    try:
-        raw = bytes.fromhex(text)
-    except ValueError:
-        raise ApiError("malformed", f"{what} is not hex") from None
-    if len(raw) != size:
-        raise ApiError("malformed", f"{what} must be {size} bytes, got {len(raw)}")
-    return raw
+    if len(text) != 2 * size or not _HEX.fullmatch(text):
+        raise ApiError("malformed", f"{what} must be {size} bytes in hex")
+    return bytes.fromhex(text)
 
 
 def tx_from_json(body: bytes, network: Network) -> Transaction:
+    """A signed transaction from its JSON form; ``ApiError`` or a ``ConstellationError``
+    says what is wrong with it."""
     try:
         doc = msgspec.json.decode(body, type=JsonTx)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise ApiError("malformed.json", f"not a transaction: {exc}") from None
-    try:
-        return Transaction(
-            [TxInput(_hex(i.coin_id, "coin_id", 32), i.value_msat) for i in doc.inputs],
-            [TxOutput(o.value_msat, decode_address(o.address, network)) for o in doc.outputs],
-            doc.fee_msat,
-            [_hex(w, "witness", 64) for w in doc.witnesses],
+    if len(doc.witnesses) != len(doc.inputs):
+        raise Unsigned(
+            f"{len(doc.witnesses)} witnesses for {len(doc.inputs)} inputs:"
+            " a transaction carries one signature per input"
         )
-    except ConstellationError as exc:
-        raise ApiError(exc.code, str(exc)) from None
+    return Transaction(
+        [TxInput(_hex(i.coin_id, "coin_id", 32), i.value_msat) for i in doc.inputs],
+        [TxOutput(o.value_msat, decode_address(o.address, network)) for o in doc.outputs],
+        doc.fee_msat,
+        [_hex(w, "witness", 64) for w in doc.witnesses],
+    )
 
 
-def tx_to_json(tx: Transaction, network: Network) -> dict[str, Any]:
-    return {
-        "inputs": [{"coin_id": c.hex(), "value_msat": v} for c, v in tx.inputs],
-        "outputs": [
-            {"address": encode_address(k, network), "value_msat": v} for v, k in tx.outputs
-        ],
-        "fee_msat": tx.fee_msat,
-        "witnesses": [w.hex() for w in tx.witnesses],
-    }
+Parsed = tuple[Transaction, bytes] | ApiError
+
+
+def parse_batch(body: bytes) -> list[Parsed]:
+    """A batch's ``(length:u32 transaction)*``: each transaction with its encoding, or
+    the error that refuses it alone; ``ApiError`` if the framing itself is broken."""
+    parsed: list[Parsed] = []
+    at = 0
+    while at < len(body):
+        if len(body) - at < _LEN.size:
+            raise ApiError("malformed.batch", f"a length prefix is cut short at byte {at}")
+        (n,) = _LEN.unpack_from(body, at)
+        at += _LEN.size
+        if n > MAX_TX_BYTES or at + n > len(body):
+            raise ApiError("malformed.batch", f"transaction {len(parsed)} overruns the body")
+        raw = body[at : at + n]
+        try:
+            parsed.append((decode_transaction(raw, check_owners=False), raw))
+        except ConstellationError as exc:
+            parsed.append(ApiError.of(exc))
+        at += n
+        if len(parsed) > MAX_BATCH:
+            raise ApiError(TOO_LARGE, f"at most {MAX_BATCH} transactions per batch")
+    return parsed
+
+
+def _decimal(request: web.Request, name: str, low: int, high: int, default: int) -> int:
+    """Query parameter ``name``: a decimal in ``low..high``, ``default`` when absent."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not _DECIMAL.fullmatch(raw) or not low <= int(raw) <= high:
+        raise ApiError(f"malformed.{name}", f"{name} must be an integer in {low}..{high}")
+    return int(raw)
 
 
 class Api:
@@ -213,18 +206,26 @@ class Api:
             response = await handler(request)
         except ApiError as err:
             response = error_response(err)
+        except ConstellationError as exc:  # the core refused: each code has its status
+            response = error_response(ApiError.of(exc))
         except RedisError as exc:
             log.warning("redis failed", extra={"error": str(exc)})
             response = error_response(ApiError("unavailable", "limits store unavailable", 1))
+        except _UNAVAILABLE as exc:
+            log.warning("a dependency failed", extra={"route": name, "error": repr(exc)})
+            response = error_response(ApiError("unavailable", "a dependency is unavailable", 1))
         except web.HTTPRequestEntityTooLarge as exc:
-            response = error_response(ApiError("too_large", exc.text or "request too large"))
+            response = error_response(ApiError(TOO_LARGE, exc.text or "request too large"))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            code = "not_found" if exc.status == 404 else "malformed"
+            code = NOT_FOUND if exc.status == 404 else "malformed"
             response = json_response(
                 {"error": {"code": code, "message": exc.reason}}, status=exc.status
             )
+        except Exception:  # a bug: said once, with its traceback; the client still gets JSON
+            log.exception("unexpected error", extra={"route": name, "method": request.method})
+            response = error_response(ApiError(INTERNAL, "an unexpected error; it is logged"))
         self.metrics.http.labels(name, str(response.status)).inc()
         return response
 
@@ -242,11 +243,7 @@ class Api:
 
     def _parse(self, request: web.Request, body: bytes) -> tuple[Transaction, bytes]:
         if request.content_type == "application/octet-stream":
-            try:
-                tx = decode_transaction(body, check_owners=False)  # the coordinator checks
-            except ConstellationError as exc:
-                raise ApiError(exc.code, str(exc)) from None
-            return tx, body
+            return decode_transaction(body, check_owners=False), body  # the coordinator checks
         if request.content_type == "application/json":
             tx = tx_from_json(body, self.network)
             return tx, tx.encode()
@@ -279,7 +276,7 @@ class Api:
         for (tx, _), result in zip(txs, results, strict=True):
             if result is None:
                 err = ApiError(
-                    "timeout",
+                    TIMEOUT,
                     f"no answer from the ledger in {self.timeout_s:g} s; look up"
                     f" /v1/tx/{tx.txid.hex()} for the outcome",
                 )
@@ -312,15 +309,14 @@ class Api:
         key = request.headers.get("Idempotency-Key")
         client = request.remote or "unknown"
         if key is not None:
-            if not 1 <= len(key) <= 128:
-                raise ApiError("malformed.idempotency_key", "Idempotency-Key must be 1..128 chars")
-            try:
-                stored = await self.limits.begin(client, key, body)
-            except KeyReused as exc:
-                raise ApiError(exc.code, str(exc)) from None
+            if not IDEMPOTENCY_KEY.fullmatch(key):
+                raise ApiError(
+                    "malformed.idempotency_key", "Idempotency-Key must be 1..128 printable ASCII"
+                )
+            stored = await self.limits.begin(client, key, body)
             if stored is not None:
                 if stored.status == 0:
-                    raise ApiError("idempotency.in_progress", "the first request is running", 1)
+                    raise ApiError(IN_PROGRESS, "the first request is running", 1)
                 return json_response(
                     stored.body, status=stored.status, headers={"Idempotent-Replayed": "true"}
                 )
@@ -328,8 +324,9 @@ class Api:
             tx, raw = self._parse(request, body)
             self._admit(request, 1)
             [(status, answer)] = await self._run([(tx, raw)])
-        except ApiError as err:
+        except (ApiError, ConstellationError) as exc:
             if key is not None:
+                err = exc if isinstance(exc, ApiError) else ApiError.of(exc)
                 await self.limits.finish(client, key, body, err.status, err.body())
             raise
         if key is not None:
@@ -341,23 +338,7 @@ class Api:
         if request.content_type != "application/octet-stream":
             raise ApiError("malformed.content_type", "a batch is application/octet-stream")
         body = await self._body(request, MAX_BATCH * MAX_TX_BYTES)
-        parsed: list[tuple[Transaction, bytes] | ApiError] = []
-        at = 0
-        while at < len(body):
-            if len(body) - at < _LEN.size:
-                raise ApiError("malformed.batch", f"a length prefix is cut short at byte {at}")
-            (n,) = _LEN.unpack_from(body, at)
-            at += _LEN.size
-            if n > MAX_TX_BYTES or at + n > len(body):
-                raise ApiError("malformed.batch", f"transaction {len(parsed)} overruns the body")
-            raw = body[at : at + n]
-            try:
-                parsed.append((decode_transaction(raw, check_owners=False), raw))
-            except ConstellationError as exc:
-                parsed.append(ApiError(exc.code, str(exc)))
-            at += n
-            if len(parsed) > MAX_BATCH:
-                raise ApiError("too_large", f"at most {MAX_BATCH} transactions per batch")
+        parsed = parse_batch(body)
         self._admit(request, len(parsed))
         answers = iter(await self._run([p for p in parsed if not isinstance(p, ApiError)]))
         results = [p.body() if isinstance(p, ApiError) else next(answers)[1] for p in parsed]
@@ -365,15 +346,12 @@ class Api:
 
     async def post_issuance(self, request: web.Request) -> web.Response:
         body = await self._body(request, MAX_TX_BYTES)
-        try:
-            issuance = decode_issuance(body)
-        except ConstellationError as exc:
-            raise ApiError(exc.code, str(exc)) from None
+        issuance = decode_issuance(body)
         self._admit(request, 1)
         try:
             results = await self.ledger.issue(issuance, body, self.timeout_s)
         except LedgerUnavailable as exc:
-            raise ApiError("timeout", f"{exc}; issuing again is safe") from None
+            raise ApiError(TIMEOUT, f"{exc}; issuing again is safe") from None
         for result in results:
             if result.code:
                 raise ApiError(result.code, result.detail)
@@ -401,20 +379,22 @@ class Api:
             return json_response({"txid": txid.hex(), "status": "pending"})
         found = await self.index.tx(txid)
         if found is None:
-            raise ApiError("not_found", "no committed transaction with this id (yet)")
+            raise ApiError(NOT_FOUND, "no committed transaction with this id (yet)")
         return json_response({"txid": txid.hex(), "status": "committed", **found})
 
     async def _coin_infos(self, coin_ids: list[bytes]) -> dict[bytes, proto.CoinInfo]:
         try:
-            return await self.ledger.coins(coin_ids, self.timeout_s)
+            infos = await self.ledger.coins(coin_ids, self.timeout_s)
         except LedgerUnavailable as exc:
             raise ApiError("unavailable", str(exc)) from None
+        unknown = proto.CoinInfo(b"", "unknown", 0, b"", b"")
+        return {cid: infos.get(cid, unknown) for cid in coin_ids}
 
     async def get_coin(self, request: web.Request) -> web.Response:
         coin_id = _hex(request.match_info["coin_id"], "coin_id", 32)
         info = (await self._coin_infos([coin_id]))[coin_id]
         if info.status == "unknown":
-            raise ApiError("not_found", "no such coin")
+            raise ApiError(NOT_FOUND, "no such coin")
         doc: dict[str, Any] = {"coin_id": coin_id.hex(), "status": info.status}
         if info.owner:
             doc["value_msat"] = info.value_msat
@@ -424,16 +404,10 @@ class Api:
         return json_response(doc)
 
     def _owner(self, request: web.Request) -> bytes:
-        try:
-            return bytes(decode_address(request.match_info["address"], self.network))
-        except DecodeError as exc:
-            raise ApiError(exc.code, str(exc)) from None
+        return bytes(decode_address(request.match_info["address"], self.network))
 
     def _limit(self, request: web.Request) -> int:
-        raw = request.query.get("limit", "50")
-        if not raw.isdigit() or not 1 <= int(raw) <= HISTORY_LIMIT:
-            raise ApiError("malformed.limit", f"limit must be 1..{HISTORY_LIMIT}")
-        return int(raw)
+        return _decimal(request, "limit", 1, HISTORY_LIMIT, 50)
 
     async def get_coins(self, request: web.Request) -> web.Response:
         """The address's unspent coins: found in the index, confirmed by their workers."""
@@ -449,12 +423,8 @@ class Api:
 
     async def get_history(self, request: web.Request) -> web.Response:
         owner = self._owner(request)
-        before_raw = request.query.get("before")
-        if before_raw is not None and not before_raw.isdigit():
-            raise ApiError("malformed.before", "before must be a sequence number")
-        entries = await self.index.history(
-            owner, self._limit(request), int(before_raw) if before_raw else None
-        )
+        before = _decimal(request, "before", 0, MAX_CURSOR, MAX_CURSOR)
+        entries = await self.index.history(owner, self._limit(request), before)
         return json_response({"address": request.match_info["address"], "history": entries})
 
     async def get_ledger(self, _: web.Request) -> web.Response:
@@ -536,6 +506,27 @@ class Api:
     def _unsubscribe_all(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
         self._unsubscribe(queue, [o for o, qs in self.sockets.items() if queue in qs])
 
+    async def _subscription(
+        self, text: str, queue: asyncio.Queue[dict[str, Any]], mine: set[bytes]
+    ) -> dict[str, Any]:
+        """Apply one subscription message of a socket; the answer to send it."""
+        try:
+            sub = msgspec.json.decode(text, type=Subscription)
+            add = [bytes(decode_address(a, self.network)) for a in sub.subscribe]
+            drop = [bytes(decode_address(a, self.network)) for a in sub.unsubscribe]
+        except (msgspec.ValidationError, msgspec.DecodeError, DecodeError) as exc:
+            return {"type": "error", "code": "malformed", "message": str(exc)}
+        if len(mine | set(add)) > MAX_SUBSCRIPTIONS:
+            message = f"at most {MAX_SUBSCRIPTIONS} addresses"
+            return {"type": "error", "code": TOO_LARGE, "message": message}
+        for owner in add:
+            mine.add(owner)
+            self.sockets.setdefault(owner, set()).add(queue)
+        mine.difference_update(drop)
+        self._unsubscribe(queue, drop)
+        await self._follow_events()
+        return {"type": "subscribed", "count": len(mine)}
+
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(heartbeat=30, max_msg_size=64 << 10)
         await ws.prepare(request)
@@ -545,7 +536,8 @@ class Api:
         async def pump() -> None:
             while True:
                 note = await queue.get()
-                await ws.send_json(note)
+                if not await _send(ws, note):
+                    return
                 if note["type"] == "error":
                     await ws.close(message=b"subscriber too slow")
                     return
@@ -554,37 +546,35 @@ class Api:
         self.metrics.websockets.inc()
         try:
             async for msg in ws:
-                if msg.type != WSMsgType.TEXT:
-                    await ws.send_json(
-                        {"type": "error", "code": "malformed", "message": "text only"}
-                    )
-                    continue
-                try:
-                    sub = msgspec.json.decode(msg.data, type=Subscription)
-                    add = [bytes(decode_address(a, self.network)) for a in sub.subscribe]
-                    drop = [bytes(decode_address(a, self.network)) for a in sub.unsubscribe]
-                except (msgspec.ValidationError, msgspec.DecodeError, DecodeError) as exc:
-                    await ws.send_json({"type": "error", "code": "malformed", "message": str(exc)})
-                    continue
-                if len(mine | set(add)) > MAX_SUBSCRIPTIONS:
-                    await ws.send_json(
-                        {
-                            "type": "error",
-                            "code": "too_large",
-                            "message": f"at most {MAX_SUBSCRIPTIONS} addresses",
-                        }
-                    )
-                    continue
-                for owner in add:
-                    mine.add(owner)
-                    self.sockets.setdefault(owner, set()).add(queue)
-                mine.difference_update(drop)
-                self._unsubscribe(queue, drop)
-                await self._follow_events()
-                await ws.send_json({"type": "subscribed", "count": len(mine)})
+                if msg.type == WSMsgType.TEXT:
+                    answer = await self._subscription(msg.data, queue, mine)
+                elif msg.type == WSMsgType.BINARY:
+                    answer = {"type": "error", "code": "malformed", "message": "text only"}
+                else:  # ERROR (a frame over the size limit, a protocol error) or closing:
+                    # aiohttp has begun the close handshake; there is nobody to answer.
+                    why = {"type": msg.type.name, "error": str(msg.data)}
+                    log.debug("websocket ends", extra=why)
+                    break
+                if not await _send(ws, answer):
+                    break
+        except Exception:  # a bug: said once; the socket, already upgraded, is closed
+            log.exception("websocket handler failed")
+            await ws.close(code=WSCloseCode.INTERNAL_ERROR)
         finally:
             sender.cancel()
             self._unsubscribe_all(queue)
             self.metrics.websockets.dec()
             await self._follow_events()
         return ws
+
+
+async def _send(ws: web.WebSocketResponse, doc: dict[str, Any]) -> bool:
+    """Send ``doc``; False (and nothing logged above debug) once the socket is closing."""
+    if ws.closed:
+        return False
+    try:
+        await ws.send_json(doc)
+    except ConnectionResetError as exc:  # aiohttp's ClientConnectionResetError among them
+        log.debug("websocket closing", extra={"error": str(exc)})
+        return False
+    return True

@@ -26,6 +26,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from constellation.errors import KeyReused
+
 IDEMPOTENCY_TTL_S = 24 * 3600
 PENDING_TTL_S = 60
 SYNC_S = 0.1
@@ -39,10 +41,6 @@ class Stored:
 
     status: int
     body: dict[str, Any]
-
-
-class KeyReused(ValueError):
-    code = "idempotency.key_reused"
 
 
 class Limits:

@@ -1,14 +1,23 @@
-"""The OpenAPI 3.1 document of the public API (served at ``/openapi.json``)."""
+"""The OpenAPI 3.1 document of the public API (served at ``/openapi.json``).
+
+It documents every status an operation can answer (500 included: a bug, still answered
+with the JSON error), and its error descriptions come from ``services.gateway.errors``,
+where the codes are mapped to statuses.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from services.gateway.errors import describe
+
 HEX32 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+HEX32_IN = {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}
 MSAT = {"type": "integer", "minimum": 0, "maximum": 2**64 - 1}
+INT = {"type": "integer"}
 BLOCK = {
     "type": "object",
-    "properties": {"worker": {"type": "integer"}, "height": {"type": "integer"}},
+    "properties": {"worker": INT, "height": INT},
     "required": ["worker", "height"],
 }
 
@@ -21,23 +30,30 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    text = {
-        400: "malformed or invalid",
-        403: "not an issuer of this ledger",
-        404: "not found",
-        409: "a coin is spent or locked by another transaction",
-        413: "too large",
-        422: "an unknown coin, or a stated value that does not match",
-        429: "overloaded or rate limited; see Retry-After",
-        503: "unavailable or aborted; retry",
-        504: "no answer in time: the outcome is unknown, look the txid up",
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "seconds to wait before trying again",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
     }
-    return {str(s): _json(_ref("Error"), text[s]) for s in statuses}
+}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    """The JSON error for each of ``statuses``, and for 500 (a bug)."""
+    answers = {}
+    for status in sorted({*statuses, 500}):
+        answers[str(status)] = _json(_ref("Error"), describe(status))
+        if status in (429, 503):
+            answers[str(status)]["headers"] = RETRY_AFTER
+    return answers
 
 
 def _path_param(name: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+def _object(required: list[str], **properties: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": required}
 
 
 LIMIT = {
@@ -45,7 +61,20 @@ LIMIT = {
     "in": "query",
     "schema": {"type": "integer", "minimum": 1, "maximum": 500},
 }
-ADDRESS = _path_param("address", {"type": "string"})
+BEFORE = {
+    "name": "before",
+    "in": "query",
+    "description": "a history cursor: the seq of the last entry of the previous page",
+    "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+}
+# bech32m: the network's prefix, "1", then data; never a "/" or "%" in it.
+ADDRESS = _path_param("address", {"type": "string", "pattern": "^[0-9A-Za-z]{1,90}$"})
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "description": "the same key and body within a day get the first answer again",
+    "schema": {"type": "string", "pattern": "^[\\x20-\\x7e]{1,128}$"},
+}
 BINARY = {"type": "string", "format": "binary"}
 BINARY_BODY = {"required": True, "content": {"application/octet-stream": {"schema": BINARY}}}
 TX_BODY = {
@@ -55,23 +84,31 @@ TX_BODY = {
         "application/json": {"schema": _ref("Transaction")},
     },
 }
+COIN_OUT = _object(["coin_id", "value_msat"], coin_id=HEX32, value_msat=MSAT)
 
 
 def openapi() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Constellation gateway", "version": "1"},
+        "info": {
+            "title": "Constellation gateway",
+            "version": "1",
+            "description": (
+                "Every error is JSON {error: {code, message}}, its status set by its code."
+                " Only a request that the HTTP server refuses before the API reads it (a"
+                " request line or a header line over 8190 bytes) is answered 400 in plain"
+                " text."
+            ),
+        },
         "paths": {
             "/v1/tx": {
                 "post": {
                     "summary": "Submit a signed transaction; answered after it commits",
-                    "parameters": [
-                        {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}}
-                    ],
+                    "parameters": [IDEMPOTENCY_KEY],
                     "requestBody": TX_BODY,
                     "responses": {
                         "200": _json(_ref("Receipt"), "committed"),
-                        **_errors(400, 409, 413, 422, 429, 503, 504),
+                        **_errors(400, 403, 409, 413, 422, 429, 503, 504),
                     },
                 }
             },
@@ -81,11 +118,14 @@ def openapi() -> dict[str, Any]:
                     "requestBody": BINARY_BODY,
                     "responses": {
                         "200": _json(
-                            {
-                                "type": "object",
-                                "properties": {"results": {"type": "array", "items": {}}},
-                            },
-                            "one receipt or error per transaction, in order, each with its status",
+                            _object(
+                                ["results"],
+                                results={
+                                    "type": "array",
+                                    "items": {"anyOf": [_ref("Receipt"), _ref("Error")]},
+                                },
+                            ),
+                            "one receipt or error per transaction, in order",
                         ),
                         **_errors(400, 413, 429),
                     },
@@ -96,27 +136,53 @@ def openapi() -> dict[str, Any]:
                     "summary": "Apply an issuance signed by a trusted issuer (idempotent)",
                     "requestBody": BINARY_BODY,
                     "responses": {
-                        "200": _json({"type": "object"}, "applied"),
-                        **_errors(400, 403, 413, 429, 503, 504),
+                        "200": _json(
+                            _object(
+                                ["issuance_id", "status", "blocks", "outputs"],
+                                issuance_id=HEX32,
+                                status={"const": "committed"},
+                                blocks={"type": "array", "items": BLOCK},
+                                outputs={"type": "array", "items": COIN_OUT},
+                            ),
+                            "applied",
+                        ),
+                        **_errors(400, 403, 409, 413, 422, 429, 503, 504),
                     },
                 }
             },
             "/v1/tx/{txid}": {
                 "get": {
                     "summary": "A transaction's status",
-                    "parameters": [_path_param("txid", HEX32)],
+                    "parameters": [_path_param("txid", HEX32_IN)],
                     "responses": {
-                        "200": _json({"type": "object"}, "pending or committed"),
-                        **_errors(400, 404),
+                        "200": _json(
+                            _object(
+                                ["txid", "status"],
+                                txid=HEX32,
+                                status={"enum": ["pending", "committed"]},
+                            ),
+                            "pending or committed",
+                        ),
+                        **_errors(400, 404, 503),
                     },
                 }
             },
             "/v1/coin/{coin_id}": {
                 "get": {
                     "summary": "A coin: unspent, locked or spent",
-                    "parameters": [_path_param("coin_id", HEX32)],
+                    "parameters": [_path_param("coin_id", HEX32_IN)],
                     "responses": {
-                        "200": _json({"type": "object"}, "the coin"),
+                        "200": _json(
+                            _object(
+                                ["coin_id", "status"],
+                                coin_id=HEX32,
+                                status={"enum": ["unspent", "locked", "spent"]},
+                                value_msat=MSAT,
+                                address={"type": "string"},
+                                spent_by=HEX32,
+                            ),
+                            "the coin",
+                        ),
                         **_errors(400, 404, 503),
                     },
                 }
@@ -126,22 +192,32 @@ def openapi() -> dict[str, Any]:
                     "summary": "An address's unspent coins",
                     "parameters": [ADDRESS, LIMIT],
                     "responses": {
-                        "200": _json({"type": "object"}, "the coins"),
-                        **_errors(400, 503),
+                        "200": _json(
+                            _object(
+                                ["address", "coins"],
+                                address={"type": "string"},
+                                coins={"type": "array", "items": COIN_OUT},
+                            ),
+                            "the coins",
+                        ),
+                        **_errors(400, 404, 503),
                     },
                 }
             },
             "/v1/address/{address}/history": {
                 "get": {
                     "summary": "An address's coins received and spent, newest first",
-                    "parameters": [
-                        ADDRESS,
-                        LIMIT,
-                        {"name": "before", "in": "query", "schema": {"type": "integer"}},
-                    ],
+                    "parameters": [ADDRESS, LIMIT, BEFORE],
                     "responses": {
-                        "200": _json({"type": "object"}, "the history"),
-                        **_errors(400),
+                        "200": _json(
+                            _object(
+                                ["address", "history"],
+                                address={"type": "string"},
+                                history={"type": "array", "items": {"type": "object"}},
+                            ),
+                            "the history",
+                        ),
+                        **_errors(400, 404, 503),
                     },
                 }
             },
@@ -157,13 +233,19 @@ def openapi() -> dict[str, Any]:
             "/v1/ws": {
                 "get": {
                     "summary": "Websocket: send {subscribe: [address]} and receive coin changes",
-                    "responses": {"101": {"description": "switching to the websocket protocol"}},
+                    "responses": {
+                        "101": {"description": "switching to the websocket protocol"},
+                        **_errors(400),
+                    },
                 }
             },
             "/openapi.json": {
                 "get": {
                     "summary": "This document",
-                    "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+                    "responses": {
+                        "200": _json({"type": "object"}, "OpenAPI 3.1"),
+                        **_errors(),
+                    },
                 }
             },
         },
@@ -171,11 +253,13 @@ def openapi() -> dict[str, Any]:
             "schemas": {
                 "Error": {
                     "type": "object",
+                    "additionalProperties": False,
                     "properties": {
                         "error": {
                             "type": "object",
+                            "additionalProperties": False,
                             "properties": {
-                                "code": {"type": "string"},
+                                "code": {"type": "string", "minLength": 1},
                                 "message": {"type": "string"},
                             },
                             "required": ["code", "message"],
@@ -192,7 +276,7 @@ def openapi() -> dict[str, Any]:
                             "items": {
                                 "type": "object",
                                 "additionalProperties": False,
-                                "properties": {"coin_id": HEX32, "value_msat": MSAT},
+                                "properties": {"coin_id": HEX32_IN, "value_msat": MSAT},
                                 "required": ["coin_id", "value_msat"],
                             },
                         },
@@ -207,8 +291,9 @@ def openapi() -> dict[str, Any]:
                         },
                         "fee_msat": MSAT,
                         "witnesses": {
+                            "description": "one BIP340 signature per input, in input order",
                             "type": "array",
-                            "items": {"type": "string", "pattern": "^[0-9a-f]{128}$"},
+                            "items": {"type": "string", "pattern": "^[0-9a-fA-F]{128}$"},
                         },
                     },
                     "required": ["inputs", "outputs", "witnesses"],
@@ -219,7 +304,7 @@ def openapi() -> dict[str, Any]:
                         "txid": HEX32,
                         "status": {"const": "committed"},
                         "blocks": {"type": "array", "items": BLOCK},
-                        "outputs": {"type": "array", "items": {"type": "object"}},
+                        "outputs": {"type": "array", "items": COIN_OUT},
                     },
                     "required": ["txid", "status", "blocks", "outputs"],
                 },

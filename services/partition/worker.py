@@ -34,8 +34,11 @@ from typing import Protocol
 
 from constellation.errors import (
     AlreadyCommitted,
+    CommitTimeout,
     ConstellationError,
+    InFlight,
     NotHeldHere,
+    Unavailable,
 )
 from constellation.ledger.partition import PartitionState, Prepared, bad_signature
 from constellation.ledger.pmap import PartitionMap
@@ -46,8 +49,6 @@ from services.partition.metrics import WorkerMetrics
 from services.partition.verify import Verifiers
 from services.partition.wal import BlockLog, EventLog
 
-TIMEOUT = "ledger.timeout"
-UNAVAILABLE = "unavailable"
 ASK_EVERY_S = 0.25
 # How long a record that nothing waits for may wait for a block that something does.
 LAZY_S = 0.01
@@ -341,7 +342,7 @@ class Worker:
 
     def _submit(self, item: proto.Submit, reply: str) -> None:
         if self.draining:
-            self._refuse(reply, item.rid, UNAVAILABLE, f"worker {self.me} is shutting down")
+            self._refuse(reply, item.rid, Unavailable.code, f"worker {self.me} is shutting down")
             return
         try:
             tx = decode_transaction(item.tx)
@@ -354,7 +355,7 @@ class Worker:
             return
         txid = tx.txid
         if txid in self.state.pending:
-            self._refuse(reply, item.rid, "ledger.in_flight", "this transaction is being committed")
+            self._refuse(reply, item.rid, InFlight.code, "this transaction is being committed")
             return
         verifiers = self.verifiers
         try:
@@ -407,7 +408,7 @@ class Worker:
 
         def answered(first_bad: int | None) -> None:
             if first_bad is None:
-                then((UNAVAILABLE, f"worker {self.me}: the signature verifiers failed; retry"))
+                then((Unavailable.code, f"worker {self.me}: the signature verifiers failed; retry"))
             elif first_bad < 0:
                 then(None)
             else:
@@ -500,7 +501,9 @@ class Worker:
             late.append(c)
         for c in late:
             silent = ", ".join(str(w) for w in sorted(c.waiting))
-            self._abort(c, TIMEOUT, f"no vote from worker {silent} in {self.timeout_s:g} s")
+            self._abort(
+                c, CommitTimeout.code, f"no vote from worker {silent} in {self.timeout_s:g} s"
+            )
 
     def _ask(self, ask: proto.Ask, sender: int) -> None:
         c = self.coordinating.get(ask.txid)
@@ -551,7 +554,7 @@ class Worker:
         if doubt is not None:
             if doubt[1] != attempt:
                 detail = f"worker {self.me} has not yet learned how an earlier attempt ended"
-                self.send(reply, proto.Vote(txid, "ledger.in_flight", detail, 0, attempt))
+                self.send(reply, proto.Vote(txid, InFlight.code, detail, 0, attempt))
             return  # else a repeated PREPARE: the vote follows the record's block
         verifiers = self.verifiers
         try:
