@@ -10,6 +10,9 @@ only makes readers quicker: the logs are the truth, and a reader's cursor per wo
 (the last block it stored) says how far it is. Storing a block twice is harmless, so a
 reader stores first and moves its cursor after.
 
+A reader that wants only what comes next (the websocket pushes) starts at the end of
+each log instead of at a cursor it stored.
+
 Once shards are replicated, the same pages come from any copy of a worker's log.
 """
 
@@ -34,6 +37,7 @@ from services.partition.transport import events_subject, query_subject
 POLL_S = 1.0  # each worker's log is read this often, whatever was published
 LIVE_QUEUE = 1024  # published messages waiting; beyond, the oldest are left to the logs
 QUERY_TIMEOUT_S = 5.0
+END = 2**62  # a height beyond every log: what to ask to learn only where a log ends
 
 log = logging.getLogger("follow")
 
@@ -87,17 +91,21 @@ class Follower:
         nc: Client,
         operator: str,
         workers: Sequence[int],
-        cursors: dict[int, int],
+        cursors: dict[int, int] | None,
         sink: Sink,
         metrics: FollowMetrics,
     ) -> None:
+        """Follow from ``cursors`` (-1 for a worker not named), or from the end of each
+        log (what it holds when first read) if ``cursors`` is None."""
         self.nc = nc
         self.operator = operator
         self.workers = list(workers)
         self.sink = sink
         self.metrics = metrics
         # worker -> the height of the last block with events stored (-1: none)
-        self.cursor = {w: cursors.get(w, -1) for w in self.workers}
+        self.cursor = {w: (cursors or {}).get(w, -1) for w in self.workers}
+        self._at_end = set() if cursors is not None else set(self.workers)  # not read yet
+        self.started = asyncio.Event()  # every worker's log was read once (or tried)
         # worker -> the height of its latest block with events, as last heard
         self.last: dict[int, int] = {}
         self.unreachable: dict[int, str] = {}  # worker -> why its log could not be read
@@ -148,6 +156,7 @@ class Follower:
                 for w in self.workers:
                     if poll or w in gaps:
                         await self._catch_up(w)
+                self.started.set()
         finally:
             with contextlib.suppress(NatsError):
                 await sub.unsubscribe()
@@ -170,8 +179,8 @@ class Follower:
                 continue
             for ev in blocks:
                 w = ev.worker
-                if w not in cursor:
-                    continue  # not a worker of this map
+                if w not in cursor or w in self._at_end:
+                    continue  # not a worker of this map, or its log's end is not known yet
                 self.last[w] = max(self.last.get(w, -1), ev.height)
                 if ev.height <= cursor[w] or w in gaps:
                     continue  # stored already, or read from the log below
@@ -189,7 +198,8 @@ class Follower:
         """Read the worker's events log from the cursor on, page by page."""
         subject = query_subject(self.operator, worker, "events")
         while True:
-            query = msgspec.msgpack.encode(proto.EventsQuery(self.cursor[worker]))
+            after = END if worker in self._at_end else self.cursor[worker]
+            query = msgspec.msgpack.encode(proto.EventsQuery(after))
             try:
                 reply = await self.nc.request(subject, query, timeout=QUERY_TIMEOUT_S)
                 page = proto.decode_page(reply.data)
@@ -202,6 +212,11 @@ class Follower:
                 return
             self.unreachable.pop(worker, None)
             self.last[worker] = page.last
+            if worker in self._at_end:  # what comes next, from here
+                self._at_end.discard(worker)
+                self.cursor[worker] = page.last
+                self._show(worker)
+                return
             blocks = page.blocks
             if not blocks:
                 self._show(worker)

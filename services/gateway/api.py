@@ -12,18 +12,16 @@ import re
 import struct
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import msgspec
-from aiohttp import WSCloseCode, WSMsgType, web
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription as NatsSubscription
+from aiohttp import web
 from redis.exceptions import RedisError
 
 from constellation.address import Network, decode_address, encode_address
-from constellation.errors import ConstellationError, DecodeError, MessageError, Unsigned
+from constellation.errors import ConstellationError, Unsigned
 from constellation.protocol import ledger as proto
 from constellation.tx import (
     Transaction,
@@ -36,6 +34,7 @@ from services.gateway.errors import (
     IN_PROGRESS,
     INTERNAL,
     NOT_FOUND,
+    NOT_INDEXED,
     TIMEOUT,
     TOO_LARGE,
     ApiError,
@@ -47,15 +46,14 @@ from services.gateway.ledger import LedgerClient, LedgerUnavailable
 from services.gateway.limits import Limits
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import openapi
-from services.partition.transport import events_subject
+from services.gateway.ws import Pushes
 
 log = logging.getLogger("gateway.api")
 
 MAX_TX_BYTES = 128 << 10
 MAX_BATCH = 4096
-MAX_SUBSCRIPTIONS = 1000
-WS_QUEUE = 1000
 HISTORY_LIMIT = 500
+STATE_TIMEOUT_S = 1.0  # for a worker to say how far its log is, when a lookup finds nothing
 MAX_CURSOR = 2**63 - 1  # history cursors are PostgreSQL bigints
 IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,128}")  # printable ASCII, as a Redis key part
 _DECIMAL = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit also takes "²"
@@ -90,11 +88,6 @@ class JsonTx(msgspec.Struct, forbid_unknown_fields=True):
     outputs: list[JsonOutput]
     witnesses: list[str]
     fee_msat: int = 0
-
-
-class Subscription(msgspec.Struct, forbid_unknown_fields=True):
-    subscribe: list[str] = []
-    unsubscribe: list[str] = []
 
 
 def _hex(text: str, what: str, size: int) -> bytes:
@@ -166,6 +159,7 @@ class Api:
         index: Index,
         limits: Limits,
         metrics: GatewayMetrics,
+        pushes: Pushes,
         network: Network,
         max_in_flight: int,
         timeout_s: float,
@@ -174,13 +168,11 @@ class Api:
         self.index = index
         self.limits = limits
         self.metrics = metrics
+        self.pushes = pushes
         self.network = network
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout_s
         self.pending: dict[bytes, float] = {}
-        self.sockets: dict[bytes, set[asyncio.Queue[dict[str, Any]]]] = {}
-        self._events: NatsSubscription | None = None
-        self._following = asyncio.Lock()
 
     def install(self, app: web.Application) -> None:
         app.middlewares.append(self._errors)
@@ -193,7 +185,7 @@ class Api:
         r.add_get("/v1/address/{address}/coins", self.get_coins)
         r.add_get("/v1/address/{address}/history", self.get_history)
         r.add_get("/v1/ledger", self.get_ledger)
-        r.add_get("/v1/ws", self.websocket)
+        r.add_get("/v1/ws", self.pushes.websocket)
         r.add_get("/openapi.json", self.get_openapi)
 
     @web.middleware
@@ -379,8 +371,32 @@ class Api:
             return json_response({"txid": txid.hex(), "status": "pending"})
         found = await self.index.tx(txid)
         if found is None:
-            raise ApiError(NOT_FOUND, "no committed transaction with this id (yet)")
+            raise await self._not_found()
         return json_response({"txid": txid.hex(), "status": "committed", **found})
+
+    async def _not_found(self) -> ApiError:
+        """Not in the index: whether that is final, or the index is behind the ledger."""
+        workers = self.ledger.pmap.workers
+        indexed = await self.index.cursors()
+        states = await asyncio.gather(
+            *(self.ledger.state(w, STATE_TIMEOUT_S) for w in workers), return_exceptions=True
+        )
+        behind, unknown = [], []
+        for w, st in zip(workers, states, strict=True):
+            if not isinstance(st, proto.StateInfo):
+                unknown.append(str(w))
+            elif st.events_height > indexed.get(w, -1):
+                behind.append(
+                    f"worker {w}: indexed to height {indexed.get(w, -1)}, its log at"
+                    f" {st.events_height}"
+                )
+        if behind:
+            why = "; ".join(behind)
+            return ApiError(NOT_INDEXED, f"not in the index yet; it is behind the ledger ({why})")
+        if unknown:
+            why = f"worker {', '.join(unknown)} did not say how far its log is"
+            return ApiError(NOT_INDEXED, f"not in the index; it may be behind the ledger ({why})")
+        return ApiError(NOT_FOUND, "no committed transaction with this id")
 
     async def _coin_infos(self, coin_ids: list[bytes]) -> dict[bytes, proto.CoinInfo]:
         try:
@@ -443,138 +459,3 @@ class Api:
 
     async def get_openapi(self, _: web.Request) -> web.Response:
         return json_response(openapi())
-
-    # -- websocket -----------------------------------------------------------------------
-
-    async def _follow_events(self) -> None:
-        """Receive the workers' events while, and only while, some socket subscribes
-        to an address: each events message wakes the gateway."""
-        async with self._following:
-            nc = self.ledger.nc
-            if self.sockets and self._events is None:
-                subject = events_subject(self.ledger.operator)
-                self._events = await nc.subscribe(subject, cb=self._on_events)
-                await nc.flush()  # what commits after the "subscribed" answer is pushed
-            elif not self.sockets and self._events is not None:
-                events, self._events = self._events, None
-                await events.unsubscribe()
-
-    async def _on_events(self, msg: Msg) -> None:
-        """Push committed changes to the sockets subscribed to their owners."""
-        try:
-            blocks = proto.decode_events(msg.data)
-        except MessageError as exc:
-            log.warning("undecodable events", extra={"error": str(exc)})
-            return
-        sockets = self.sockets
-        for events in blocks:
-            for c in events.changes:
-                queues = sockets.get(c.owner)
-                if queues:
-                    self._push(queues, events, c)
-
-    def _push(
-        self,
-        queues: set[asyncio.Queue[dict[str, Any]]],
-        events: proto.BlockEvents,
-        c: proto.CoinChange,
-    ) -> None:
-        note = {
-            "type": "coin",
-            "address": encode_address(c.owner, self.network),
-            "txid": c.txid.hex(),
-            "coin_id": c.coin_id.hex(),
-            "value_msat": c.value_msat,
-            "kind": "received" if c.created else "spent",
-            "block": {"worker": events.worker, "height": events.height},
-        }
-        for queue in list(queues):
-            if queue.qsize() < WS_QUEUE:
-                queue.put_nowait(note)
-            else:  # the last slot is kept for this
-                queue.put_nowait({"type": "error", "code": "overloaded"})
-                self._unsubscribe_all(queue)
-
-    def _unsubscribe(self, queue: asyncio.Queue[dict[str, Any]], owners: Iterable[bytes]) -> None:
-        for owner in owners:
-            queues = self.sockets.get(owner)
-            if queues is not None:
-                queues.discard(queue)
-                if not queues:
-                    del self.sockets[owner]
-
-    def _unsubscribe_all(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
-        self._unsubscribe(queue, [o for o, qs in self.sockets.items() if queue in qs])
-
-    async def _subscription(
-        self, text: str, queue: asyncio.Queue[dict[str, Any]], mine: set[bytes]
-    ) -> dict[str, Any]:
-        """Apply one subscription message of a socket; the answer to send it."""
-        try:
-            sub = msgspec.json.decode(text, type=Subscription)
-            add = [bytes(decode_address(a, self.network)) for a in sub.subscribe]
-            drop = [bytes(decode_address(a, self.network)) for a in sub.unsubscribe]
-        except (msgspec.ValidationError, msgspec.DecodeError, DecodeError) as exc:
-            return {"type": "error", "code": "malformed", "message": str(exc)}
-        if len(mine | set(add)) > MAX_SUBSCRIPTIONS:
-            message = f"at most {MAX_SUBSCRIPTIONS} addresses"
-            return {"type": "error", "code": TOO_LARGE, "message": message}
-        for owner in add:
-            mine.add(owner)
-            self.sockets.setdefault(owner, set()).add(queue)
-        mine.difference_update(drop)
-        self._unsubscribe(queue, drop)
-        await self._follow_events()
-        return {"type": "subscribed", "count": len(mine)}
-
-    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=64 << 10)
-        await ws.prepare(request)
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(WS_QUEUE + 1)
-        mine: set[bytes] = set()
-
-        async def pump() -> None:
-            while True:
-                note = await queue.get()
-                if not await _send(ws, note):
-                    return
-                if note["type"] == "error":
-                    await ws.close(message=b"subscriber too slow")
-                    return
-
-        sender = asyncio.create_task(pump())
-        self.metrics.websockets.inc()
-        try:
-            async for msg in ws:
-                if msg.type == WSMsgType.TEXT:
-                    answer = await self._subscription(msg.data, queue, mine)
-                elif msg.type == WSMsgType.BINARY:
-                    answer = {"type": "error", "code": "malformed", "message": "text only"}
-                else:  # ERROR (a frame over the size limit, a protocol error) or closing:
-                    # aiohttp has begun the close handshake; there is nobody to answer.
-                    why = {"type": msg.type.name, "error": str(msg.data)}
-                    log.debug("websocket ends", extra=why)
-                    break
-                if not await _send(ws, answer):
-                    break
-        except Exception:  # a bug: said once; the socket, already upgraded, is closed
-            log.exception("websocket handler failed")
-            await ws.close(code=WSCloseCode.INTERNAL_ERROR)
-        finally:
-            sender.cancel()
-            self._unsubscribe_all(queue)
-            self.metrics.websockets.dec()
-            await self._follow_events()
-        return ws
-
-
-async def _send(ws: web.WebSocketResponse, doc: dict[str, Any]) -> bool:
-    """Send ``doc``; False (and nothing logged above debug) once the socket is closing."""
-    if ws.closed:
-        return False
-    try:
-        await ws.send_json(doc)
-    except ConnectionResetError as exc:  # aiohttp's ClientConnectionResetError among them
-        log.debug("websocket closing", extra={"error": str(exc)})
-        return False
-    return True

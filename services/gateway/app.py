@@ -11,6 +11,7 @@ from services.gateway.index import Index
 from services.gateway.ledger import LedgerClient
 from services.gateway.limits import Limits
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.ws import Pushes
 from services.runtime import OpsServer
 
 log = logging.getLogger("gateway")
@@ -42,7 +43,8 @@ class GatewayNode:
         index = await Index.open(s.database_url)
         limits = Limits.connect(s.redis_url, s.rate_per_s)
         await limits.ping()
-        api = Api(ledger, index, limits, m, s.network, s.max_in_flight, s.timeout_ms / 1000)
+        pushes = Pushes(ledger, s.network, m, m.registry, self.ops.tasks)
+        api = Api(ledger, index, limits, m, pushes, s.network, s.max_in_flight, s.timeout_ms / 1000)
         api.install(self.ops.app)
         m.queue.labels("in_flight").set_function(lambda: ledger.in_flight)
         m.queue.labels("outbox").set_function(lambda: ledger.packer.depth)

@@ -32,6 +32,7 @@ STATUS_TEXT = {
 
 # Codes that only the API edge uses (no class of the core raises them).
 NOT_FOUND = "not_found"
+NOT_INDEXED = "not_found.not_indexed_yet"  # the index is behind the ledger: look again
 TOO_LARGE = "too_large"
 RATE_LIMITED = "rate_limited"
 TIMEOUT = "timeout"
@@ -74,6 +75,7 @@ STATUS: dict[str, int] = {
     e.KeyReused.code: 422,
     IN_PROGRESS: 409,
     NOT_FOUND: 404,
+    NOT_INDEXED: 404,
     TOO_LARGE: 413,
     RATE_LIMITED: 429,
     TIMEOUT: 504,

@@ -24,6 +24,7 @@ import asyncpg
 import nats
 import pytest
 
+from constellation.address import Network, encode_address
 from constellation.keys import SigningKey
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
@@ -129,13 +130,7 @@ async def paid_and_indexed(url: str) -> None:
         await gw.issue(issuance)
         tx = pay([(issuance.output_ids[0], 5_000, alice)], [TxOutput(4_900, bob.pubkey)], 100)
         assert (await gw.submit(tx))["status"] == "committed"
-        end = time.monotonic() + 20
-        while True:
-            async with session.get(f"{url}/v1/tx/{tx.txid.hex()}") as resp:
-                if resp.status == 200:
-                    return
-            assert time.monotonic() < end, "the payment was not indexed"
-            await asyncio.sleep(0.05)
+    await until_found(url, tx.txid.hex())
 
 
 class Broken:
@@ -204,3 +199,67 @@ async def test_each_kind_of_task_dies_is_seen_and_comes_back(
         await asyncio.gather(load, return_exceptions=True)
         assert any(r.getMessage() == "task restarted" for r in caplog.records)
         await paid_and_indexed(services.url)  # and it works as before
+
+
+async def test_what_a_worker_did_not_publish_is_pushed_and_indexed_all_the_same(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker publishes nothing (as when it crashes right after writing a block): a
+    websocket subscriber is still told, and the index still finds the payment, from the
+    worker's events log."""
+    assert services.worker.worker is not None
+    monkeypatch.setattr(services.worker.worker.writer, "publish", lambda _: None)
+    alice, bob = SigningKey(os.urandom(32)), SigningKey(os.urandom(32))
+    address = encode_address(bob.pubkey, Network.REGTEST)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(services.url + "/v1/ws") as ws,
+    ):
+        await ws.send_json({"subscribe": [address]})
+        assert (await ws.receive_json(timeout=10))["type"] == "subscribed"
+        gw = Gateway(services.url, session)
+        issuance = Issuance(ISSUER.pubkey, 2, [TxOutput(5_000, alice.pubkey)])
+        issuance = issuance.signed_by(ISSUER.secret)
+        await gw.issue(issuance)
+        tx = pay([(issuance.output_ids[0], 5_000, alice)], [TxOutput(4_900, bob.pubkey)], 100)
+        assert (await gw.submit(tx))["status"] == "committed"
+        note = await ws.receive_json(timeout=10)
+        assert note["type"] == "coin" and note["txid"] == tx.txid.hex()
+        assert note["kind"] == "received" and note["address"] == address
+    await until_found(services.url, tx.txid.hex())
+
+
+async def test_a_lookup_says_when_the_index_is_behind_the_ledger(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert services.indexer.follower is not None
+    broken = Broken(services.indexer.follower.sink)
+    monkeypatch.setattr(services.indexer.follower, "sink", broken)
+    alice, bob = SigningKey(os.urandom(32)), SigningKey(os.urandom(32))
+    async with aiohttp.ClientSession() as session:
+        gw = Gateway(services.url, session)
+        issuance = Issuance(ISSUER.pubkey, 3, [TxOutput(5_000, alice.pubkey)])
+        issuance = issuance.signed_by(ISSUER.secret)
+        await gw.issue(issuance)
+        tx = pay([(issuance.output_ids[0], 5_000, alice)], [TxOutput(4_900, bob.pubkey)], 100)
+        await gw.submit(tx)
+        async with session.get(f"{services.url}/v1/tx/{tx.txid.hex()}") as resp:
+            error = (await resp.json())["error"]
+        assert resp.status == 404 and error["code"] == "not_found.not_indexed_yet", error
+        assert "worker 0: indexed to height" in error["message"], error
+        broken.broken = False
+        await until_found(services.url, tx.txid.hex())
+        async with session.get(f"{services.url}/v1/tx/{os.urandom(32).hex()}") as resp:
+            error = (await resp.json())["error"]
+        assert resp.status == 404 and error["code"] == "not_found", error
+
+
+async def until_found(url: str, txid: str) -> None:
+    end = time.monotonic() + 20
+    async with aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(f"{url}/v1/tx/{txid}") as resp:
+                if resp.status == 200:
+                    return
+            assert time.monotonic() < end, "the payment was not indexed"
+            await asyncio.sleep(0.05)
