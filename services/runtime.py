@@ -117,7 +117,7 @@ class Tasks:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.failures = Counter(
             "task_failures",
-            "long-running tasks that died and were restarted, by task",
+            "tasks that died, by task (a long-running one is restarted)",
             ["task"],
             registry=registry,
         )
@@ -149,6 +149,17 @@ class Tasks:
             backoff = min(backoff * 2, TASK_BACKOFF_MAX_S)
             del self.down[name]
             _log.info("task restarted", extra={"task": name})
+
+    def watch(self, name: str, task: asyncio.Task[Any]) -> None:
+        """A short-lived task (one request's, one connection's): if it fails, it is
+        logged once with its traceback and counted, like a long-running one."""
+        task.add_done_callback(lambda done: self._ended(name, done))
+
+    def _ended(self, name: str, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self.failures.labels(name).inc()
+        _log.error("task failed", extra={"task": name}, exc_info=task.exception())
 
     async def stop(self, *names: str) -> None:
         """Cancel the named tasks (every task, if none is named) and wait for them."""

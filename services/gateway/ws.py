@@ -156,6 +156,7 @@ class Pushes:
                     return
 
         sender = asyncio.create_task(pump())
+        self.tasks.watch("websocket", sender)
         self.metrics.websockets.inc()
         try:
             async for msg in ws:

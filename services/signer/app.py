@@ -142,6 +142,7 @@ class SignerNode:
         task = asyncio.create_task(self._serve_op(msg, request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self.ops.tasks.watch("request", task)
 
     async def _serve_op(self, msg: Msg, request: proto.Message) -> None:
         if isinstance(request, proto.KeygenRequest):

@@ -1,0 +1,91 @@
+"""Supervised tasks (``services.runtime.Tasks``): a long-running task that dies is logged
+with its traceback, counted, reported down while it waits, and restarted with a backoff
+that doubles; a short-lived task's failure is logged and counted too."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from services import runtime
+from services.runtime import Tasks
+
+
+def failures(registry: CollectorRegistry, task: str) -> float:
+    return registry.get_sample_value("task_failures_total", {"task": task}) or 0.0
+
+
+async def test_a_dying_task_is_restarted_with_backoff_and_reported_down_meanwhile(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime, "TASK_BACKOFF_S", 0.02)
+    registry = CollectorRegistry()
+    tasks = Tasks(registry)
+    runs: list[float] = []
+    healthy = asyncio.Event()
+
+    async def flaky() -> None:
+        runs.append(asyncio.get_running_loop().time())
+        if len(runs) <= 3:
+            raise RuntimeError(f"failure {len(runs)}")
+        healthy.set()
+        await asyncio.Event().wait()
+
+    with caplog.at_level(logging.INFO, "runtime"):
+        tasks.start("flaky", flaky)
+        await asyncio.sleep(0.005)
+        assert "task flaky failed (RuntimeError: failure 1)" in tasks.down["flaky"]
+        await asyncio.wait_for(healthy.wait(), 5)
+    assert not tasks.down and failures(registry, "flaky") == 3
+    waits = [b - a for a, b in itertools.pairwise(runs)]
+    assert waits[0] >= 0.02 and waits[1] >= 0.04 and waits[2] >= 0.08  # doubling
+    failed = [r for r in caplog.records if r.getMessage() == "task failed"]
+    assert len(failed) == 3 and all(r.exc_info for r in failed)
+    assert sum(r.getMessage() == "task restarted" for r in caplog.records) == 3
+    await tasks.stop()
+    assert failures(registry, "flaky") == 3  # stopping is no failure
+
+
+async def test_a_task_that_returns_counts_as_dead(caplog: pytest.LogCaptureFixture) -> None:
+    registry = CollectorRegistry()
+    tasks = Tasks(registry)
+
+    async def quits() -> None:
+        return
+
+    with caplog.at_level(logging.ERROR, "runtime"):
+        tasks.start("quits", quits)
+        await asyncio.sleep(0.01)
+    assert "task quits failed (it returned)" in tasks.down["quits"]
+    assert failures(registry, "quits") >= 1
+    await tasks.stop("quits")
+
+
+async def test_a_short_lived_task_that_fails_is_logged_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = CollectorRegistry()
+    tasks = Tasks(registry)
+
+    async def fails() -> None:
+        raise ValueError("boom")
+
+    async def cancelled() -> None:
+        await asyncio.Event().wait()
+
+    with caplog.at_level(logging.ERROR, "runtime"):
+        bad = asyncio.create_task(fails())
+        tasks.watch("request", bad)
+        quiet = asyncio.create_task(cancelled())
+        tasks.watch("request", quiet)
+        await asyncio.sleep(0)
+        quiet.cancel()
+        await asyncio.gather(bad, quiet, return_exceptions=True)
+        await asyncio.sleep(0)
+    assert failures(registry, "request") == 1
+    [record] = [r for r in caplog.records if r.getMessage() == "task failed"]
+    assert record.exc_info is not None and "boom" in str(record.exc_info[1])
