@@ -36,6 +36,8 @@ from services.partition.transport import events_subject, query_subject
 
 POLL_S = 1.0  # each worker's log is read this often, whatever was published
 LIVE_QUEUE = 1024  # published messages waiting; beyond, the oldest are left to the logs
+LIVE_BATCH = 64  # published messages stored at once (each up to 512 KiB)
+CATCH_UP_PAGES = 8  # pages read from one worker's log before the others have their turn
 QUERY_TIMEOUT_S = 5.0
 END = 2**62  # a height beyond every log: what to ask to learn only where a log ends
 
@@ -81,6 +83,11 @@ class FollowMetrics:
             "published messages or log pages refused as malformed or out of order",
             registry=registry,
         )
+        self.dropped = Counter(
+            f"{prefix}_dropped",
+            "published messages dropped unread, the queue full (read from the logs)",
+            registry=registry,
+        )
 
 
 class Follower:
@@ -109,8 +116,12 @@ class Follower:
         # worker -> the height of its latest block with events, as last heard
         self.last: dict[int, int] = {}
         self.unreachable: dict[int, str] = {}  # worker -> why its log could not be read
-        self.turned_at = 0.0  # when the following last went round (loop time)
+        # worker -> how its log no longer follows what was stored (reset, or rewritten):
+        # nothing more is stored from it; an operator must look
+        self.diverged: dict[int, str] = {}
+        self.turned_at = 0.0  # when the following last made progress (loop time)
         self._live: deque[bytes] = deque(maxlen=LIVE_QUEUE)
+        self._behind: set[int] = set()  # workers whose catching up was cut short
         self._wake = asyncio.Event()
         for w in self.workers:
             self._show(w)
@@ -125,6 +136,15 @@ class Follower:
         stalled = asyncio.get_running_loop().time() - self.turned_at
         if stalled > stall_s:
             return False, f"stalled: no progress for {stalled:.0f} s"
+        if self.diverged:
+            return False, "; ".join(
+                f"worker {w}'s log does not follow what was stored: {why}"
+                for w, why in self.diverged.items()
+            )
+        if self.unreachable:
+            return False, "; ".join(
+                f"worker {w} unreachable: {why}" for w, why in self.unreachable.items()
+            )
         if len(self.last) < len(self.workers):
             missing = [w for w in self.workers if w not in self.last]
             return False, f"not yet heard from worker {', '.join(map(str, missing))}"
@@ -145,7 +165,7 @@ class Follower:
             while True:
                 self.turned_at = loop.time()
                 wait = poll_at - loop.time()
-                if not self._live and wait > 0:
+                if not self._live and not self._behind and wait > 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), wait)
                 self._wake.clear()
@@ -154,7 +174,7 @@ class Follower:
                 if poll:
                     poll_at = loop.time() + POLL_S
                 for w in self.workers:
-                    if poll or w in gaps:
+                    if poll or w in gaps or w in self._behind:
                         await self._catch_up(w)
                 self.started.set()
         finally:
@@ -162,6 +182,8 @@ class Follower:
                 await sub.unsubscribe()
 
     async def _on_live(self, msg: Msg) -> None:
+        if len(self._live) == LIVE_QUEUE:
+            self.metrics.dropped.inc()  # the oldest goes; a gap, read from the log
         self._live.append(msg.data)
         self._wake.set()
 
@@ -170,7 +192,7 @@ class Follower:
         taken: list[proto.BlockEvents] = []
         cursor = dict(self.cursor)
         gaps: set[int] = set()
-        while self._live:
+        for _ in range(min(len(self._live), LIVE_BATCH)):
             try:
                 blocks = proto.decode_events(self._live.popleft())
             except MessageError as exc:
@@ -179,8 +201,8 @@ class Follower:
                 continue
             for ev in blocks:
                 w = ev.worker
-                if w not in cursor or w in self._at_end:
-                    continue  # not a worker of this map, or its log's end is not known yet
+                if w not in cursor or w in self._at_end or w in self.diverged:
+                    continue  # not followed (yet, or any more)
                 self.last[w] = max(self.last.get(w, -1), ev.height)
                 if ev.height <= cursor[w] or w in gaps:
                     continue  # stored already, or read from the log below
@@ -195,9 +217,13 @@ class Follower:
         return gaps
 
     async def _catch_up(self, worker: int) -> None:
-        """Read the worker's events log from the cursor on, page by page."""
+        """Read the worker's events log from the cursor on, page by page (a few pages at
+        a time: the other workers, and what is published, have their turn)."""
         subject = query_subject(self.operator, worker, "events")
-        while True:
+        self._behind.discard(worker)
+        if worker in self.diverged:
+            return
+        for _ in range(CATCH_UP_PAGES):
             after = END if worker in self._at_end else self.cursor[worker]
             query = msgspec.msgpack.encode(proto.EventsQuery(after))
             try:
@@ -211,6 +237,9 @@ class Follower:
                 log.warning("events page refused", extra={"worker": worker, "error": str(exc)})
                 return
             self.unreachable.pop(worker, None)
+            if page.last < self.cursor[worker]:
+                self._diverged(worker, f"its last block with events is {page.last}", page.last)
+                return
             self.last[worker] = page.last
             if worker in self._at_end:  # what comes next, from here
                 self._at_end.discard(worker)
@@ -223,18 +252,26 @@ class Follower:
                 return
             first = blocks[0]
             if first.prev != self.cursor[worker] or any(b.worker != worker for b in blocks):
-                self.metrics.refused.inc()
-                log.error(
-                    "a worker's events log does not follow what was stored",
-                    extra={"worker": worker, "cursor": self.cursor[worker], "prev": first.prev},
-                )
+                why = f"its block {first.height} follows block {first.prev}"
+                self._diverged(worker, why, page.last)
                 return
             await self._store(blocks, "log")
             if self.cursor[worker] >= page.last:
                 return
+        self._behind.add(worker)
+
+    def _diverged(self, worker: int, why: str, last: int) -> None:
+        """The worker's log is not the one stored from (reset, or rewritten)."""
+        self.metrics.refused.inc()
+        self.diverged[worker] = f"{why}, but block {self.cursor[worker]} was stored"
+        log.error(
+            "a worker's events log does not follow what was stored; not following it",
+            extra={"worker": worker, "stored": self.cursor[worker], "log_last": last, "why": why},
+        )
 
     async def _store(self, blocks: list[proto.BlockEvents], source: str) -> None:
         await self.sink(blocks)
+        self.turned_at = asyncio.get_running_loop().time()
         for ev in blocks:
             self.cursor[ev.worker] = max(self.cursor[ev.worker], ev.height)
             self.last[ev.worker] = max(self.last.get(ev.worker, -1), ev.height)

@@ -98,6 +98,25 @@ def now_ms() -> int:
 
 _log = logging.getLogger("runtime")
 
+EXIT_INVARIANT = 70  # EX_SOFTWARE: a broken invariant stops the process
+
+
+def unhandled(exc: BaseException, where: str) -> None:
+    """An exception that no task or handler took (a loop callback's, a NATS
+    subscription's): logged with its traceback; a broken invariant (``AssertionError``)
+    stops the process, which its supervisor restarts from its durable state."""
+    if isinstance(exc, AssertionError):
+        _log.critical("an invariant broke; stopping", extra={"where": where}, exc_info=exc)
+        logging.shutdown()
+        os._exit(EXIT_INVARIANT)
+    _log.error("unhandled error", extra={"where": where}, exc_info=exc)
+
+
+async def nats_error(exc: Exception) -> None:
+    """The NATS client's ``error_cb``: its subscriptions' callbacks end up here."""
+    unhandled(exc, "nats")
+
+
 # A failed task waits this long before it runs again, doubling up to the maximum; the
 # wait starts over once a task has run for TASK_HEALTHY_S without failing.
 TASK_BACKOFF_S = 0.1
@@ -145,9 +164,11 @@ class Tasks:
             if loop.time() - started >= TASK_HEALTHY_S:
                 backoff = TASK_BACKOFF_S
             self.down[name] = f"task {name} failed ({why}); restarting in {backoff:g} s"
-            await asyncio.sleep(backoff)
+            try:
+                await asyncio.sleep(backoff)
+            finally:  # restarted, or stopped while it waited: it is no longer down
+                del self.down[name]
             backoff = min(backoff * 2, TASK_BACKOFF_MAX_S)
-            del self.down[name]
             _log.info("task restarted", extra={"task": name})
 
     def watch(self, name: str, task: asyncio.Task[Any]) -> None:
@@ -260,6 +281,9 @@ def run(
         gc.set_threshold(50_000, 20, 20)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(
+            lambda _, ctx: unhandled(ctx.get("exception") or RuntimeError(ctx["message"]), "loop")
+        )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await main(stop)

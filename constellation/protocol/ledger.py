@@ -183,6 +183,14 @@ class BlockEvents(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_f
     committed: list[tuple[bytes, int]]  # (txid, fee) of transactions this worker coordinated
 
 
+class EventsHead(msgspec.Struct, frozen=True, array_like=True):
+    """The first fields of a ``BlockEvents``: enough to index an events log quickly."""
+
+    worker: int
+    height: int
+    prev: int
+
+
 class EventsQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Reader -> worker: the events of your blocks above height ``after``."""
 
@@ -235,6 +243,7 @@ _block_decoder = msgspec.msgpack.Decoder(Block)
 _events_decoder = msgspec.msgpack.Decoder(list[BlockEvents])
 _block_events_decoder = msgspec.msgpack.Decoder(BlockEvents)
 _page_decoder = msgspec.msgpack.Decoder(EventsPage)
+_head_decoder = msgspec.msgpack.Decoder(EventsHead)
 
 
 def encode(msg: Package | Block) -> bytes:
@@ -283,6 +292,13 @@ def decode_events(data: bytes) -> list[BlockEvents]:
 def decode_block_events(data: bytes) -> BlockEvents:
     try:
         return _block_events_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise MessageError(f"malformed block events: {exc}") from None
+
+
+def decode_events_head(data: bytes) -> EventsHead:
+    try:
+        return _head_decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise MessageError(f"malformed block events: {exc}") from None
 

@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry
 from services.follow import Follower, FollowMetrics
 from services.gateway.index import Index
 from services.partition.config import env_operator
-from services.partition.transport import await_map
-from services.runtime import OpsServer, env_addr, env_int, env_str, serve
+from services.partition.transport import await_map, drop_legacy_events_stream
+from services.runtime import OpsServer, env_addr, env_int, env_str, nats_error, serve
 
 log = logging.getLogger("indexer")
 
@@ -75,9 +75,10 @@ class Indexer:
         await self.ops.start(s.http_host, s.http_port)
         index = await Index.open(s.database_url)
         nc = self.nc = await nats.connect(
-            s.nats_url, name=f"indexer-{s.operator}", max_reconnect_attempts=-1
+            s.nats_url, name=f"indexer-{s.operator}", max_reconnect_attempts=-1, error_cb=nats_error
         )
         pmap = await await_map(nc, s.operator)
+        await drop_legacy_events_stream(nc, s.operator)
         self.follower = Follower(
             nc, s.operator, pmap.workers, await index.cursors(), index.store, self.metrics
         )

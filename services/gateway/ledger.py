@@ -24,6 +24,7 @@ from services.partition.transport import (
     query_subject,
     worker_subject,
 )
+from services.runtime import nats_error
 
 
 class LedgerUnavailable(RuntimeError):
@@ -53,7 +54,11 @@ class LedgerClient:
         cls, url: str, operator: str, batching: Batching, observe: Callable[[int], None]
     ) -> LedgerClient:
         nc = await nats.connect(
-            url, name=f"gateway-{operator}", max_reconnect_attempts=-1, reconnect_time_wait=0.5
+            url,
+            name=f"gateway-{operator}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            error_cb=nats_error,
         )
         pmap = await load_map(nc, operator)
         if pmap is None:

@@ -58,6 +58,7 @@ class Pushes:
         self.follow_metrics = FollowMetrics(registry, "gateway_pushes")
         self.tasks = tasks
         self.sockets: dict[bytes, set[Queue]] = {}
+        self.cut: set[Queue] = set()  # sockets told they are too slow: closing, not served
         self.follower: Follower | None = None
         self._following = asyncio.Lock()
 
@@ -108,6 +109,7 @@ class Pushes:
                 queue.put_nowait(note)
             else:  # the last slot is kept for this
                 queue.put_nowait({"type": "error", "code": "overloaded"})
+                self.cut.add(queue)
                 self._unsubscribe_all(queue)
 
     def _unsubscribe(self, queue: Queue, owners: Iterable[bytes]) -> None:
@@ -129,6 +131,8 @@ class Pushes:
             drop = [bytes(decode_address(a, self.network)) for a in sub.unsubscribe]
         except (msgspec.ValidationError, msgspec.DecodeError, DecodeError) as exc:
             return {"type": "error", "code": "malformed", "message": str(exc)}
+        if queue in self.cut:
+            return {"type": "error", "code": "overloaded", "message": "too slow: reconnect"}
         if len(mine | set(add)) > MAX_SUBSCRIPTIONS:
             message = f"at most {MAX_SUBSCRIPTIONS} addresses"
             return {"type": "error", "code": TOO_LARGE, "message": message}
@@ -176,6 +180,7 @@ class Pushes:
             await ws.close(code=WSCloseCode.INTERNAL_ERROR)
         finally:
             sender.cancel()
+            self.cut.discard(queue)
             self._unsubscribe_all(queue)
             self.metrics.websockets.dec()
             await self._follow()

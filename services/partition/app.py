@@ -31,7 +31,7 @@ from services.partition.transport import (
 from services.partition.verify import Verifiers
 from services.partition.wal import BlockLog, EventLog
 from services.partition.worker import Worker
-from services.runtime import OpsServer
+from services.runtime import OpsServer, nats_error
 
 TICK_S = 0.05
 # One events message per this many seconds at most: every reader wakes per message,
@@ -80,6 +80,7 @@ class WorkerNode:
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             pending_size=64 << 20,
+            error_cb=nats_error,
         )
         pmap = await await_map(nc, s.operator, MAP_WAIT_S)
         own = worker_subject(s.operator, s.worker)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -10,7 +11,7 @@ from collections.abc import Callable
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from constellation.ledger.pmap import PartitionMap, decode_map
 from constellation.protocol.ledger import PROTOCOL_VERSION, Item, Package, encode
@@ -58,6 +59,13 @@ async def await_map(nc: Client, operator: str, wait_s: float = 30.0) -> Partitio
             raise RuntimeError("no partition map was published in NATS KV")
         await asyncio.sleep(0.2)
     return pmap
+
+
+async def drop_legacy_events_stream(nc: Client, operator: str) -> None:
+    """Readers once consumed the events from a JetStream stream, which kept every
+    message; they follow the workers' events logs now, and the stream goes."""
+    with contextlib.suppress(NotFoundError):
+        await nc.jetstream().delete_stream(f"cst-{operator}-events")
 
 
 async def publish_map(nc: Client, operator: str, pmap: PartitionMap) -> None:

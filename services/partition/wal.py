@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from constellation.errors import MessageError
-from constellation.protocol.ledger import Block, decode_block, decode_block_events
+from constellation.protocol.ledger import Block, decode_block, decode_events_head
 
 _HEAD = struct.Struct(">II")
 MAX_FRAME = 64 << 20
@@ -62,6 +62,13 @@ class _Frames:
 
 def _frame(payload: bytes) -> bytes:
     return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _write(fd: int, data: bytes) -> None:
+    """All of ``data``, or ``OSError`` (a short write is a failed one)."""
+    written = os.write(fd, data)
+    if written != len(data):
+        raise OSError(f"wrote {written} of {len(data)} bytes")
 
 
 def _open(path: Path) -> tuple[int, bytes]:
@@ -111,7 +118,7 @@ class BlockLog:
 
     def append(self, payload: bytes) -> None:
         """Write one block and make it durable."""
-        os.write(self._fd, _frame(payload))
+        _write(self._fd, _frame(payload))
         os.fdatasync(self._fd)
         self.height += 1
 
@@ -143,7 +150,7 @@ class EventLog:
         why = ""
         for payload in frames:
             try:
-                height = decode_block_events(payload).height
+                height = decode_events_head(payload).height
             except MessageError as exc:
                 why = str(exc)
                 break
@@ -175,7 +182,7 @@ class EventLog:
         """Add the events of block ``height`` (above every height here); not synced."""
         assert height > self.last, f"events of block {height} after {self.last}"
         frame = _frame(payload)
-        os.write(self._fd, frame)
+        _write(self._fd, frame)
         self._heights.append(height)
         self._offsets.append(self._size)
         self._size += len(frame)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -57,6 +58,8 @@ RETELL_S = 1.0
 # A block closes at this many coin changes, so that its events (about 110 bytes a
 # change) fit in one NATS message: a transaction makes at most 512 more.
 MAX_BLOCK_CHANGES = 4096
+
+EXIT_DISK = 74  # EX_IOERR: the worker stops when its disk fails; its supervisor restarts it
 
 log = logging.getLogger("partition.worker")
 
@@ -185,11 +188,19 @@ class BlockWriter:
         height = self.wal.height
         payload = proto.encode(proto.Block(self.worker, height, records))
         started = time.perf_counter()
-        self.wal.append(payload)
+        try:
+            self.wal.append(payload)
+            self.events_of(height, changes, committed)
+        except OSError as exc:
+            # The records are applied in memory but not (all) on disk: only a restart,
+            # which replays the block log and derives the missing events, is safe.
+            log.critical(
+                "a log write failed; stopping", extra={"height": height, "error": str(exc)}
+            )
+            os._exit(EXIT_DISK)
         self.metrics.fsync_seconds.observe(time.perf_counter() - started)
         self.metrics.block_records.observe(len(records))
         self.metrics.height.set(self.wal.height)
-        self.events_of(height, changes, committed)
         for callback in after:
             callback(height)
 

@@ -13,7 +13,7 @@ from constellation.errors import ConstellationError, NotAMember
 from constellation.guild import SigningPolicy
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import ReplayGuard
-from services.runtime import ConfigError, OpsServer
+from services.runtime import ConfigError, OpsServer, nats_error
 from services.signer.config import Settings, load_members
 from services.signer.coordinator import Coordinator
 from services.signer.handlers import Participant
@@ -82,6 +82,7 @@ class SignerNode:
             name=f"signer-{self.members.guild}-{self.me}",
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
+            error_cb=nats_error,
         )
         self.transport = Transport(nc, self.members, self.hostseckey, self.guard)
         guild = self.members.guild

@@ -89,3 +89,19 @@ async def test_a_short_lived_task_that_fails_is_logged_and_counted(
     assert failures(registry, "request") == 1
     [record] = [r for r in caplog.records if r.getMessage() == "task failed"]
     assert record.exc_info is not None and "boom" in str(record.exc_info[1])
+
+
+async def test_a_task_stopped_while_it_waits_to_restart_is_no_longer_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runtime, "TASK_BACKOFF_S", 10.0)
+    tasks = Tasks(CollectorRegistry())
+
+    async def fails() -> None:
+        raise RuntimeError("once")
+
+    tasks.start("fails", fails)
+    await asyncio.sleep(0.01)
+    assert "fails" in tasks.down
+    await tasks.stop("fails")
+    assert not tasks.down  # a service that stopped it is not kept unready by it

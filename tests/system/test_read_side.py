@@ -36,6 +36,7 @@ pytestmark = pytest.mark.system
 
 CLIENTS = 48
 COINS_PER_CLIENT = 16
+PAYEES = 240
 CALM_S = 2.0  # between a process being back and the next kill
 
 
@@ -52,7 +53,8 @@ def op() -> Iterator[Operator]:
 class Book:
     """What the clients did: every payment sent, and which were acknowledged."""
 
-    keys: list[SigningKey]
+    keys: list[SigningKey]  # the clients'
+    payees: list[SigningKey]  # who they pay (each address holds at most /coins' 500 coins)
     funded: dict[bytes, tuple[int, bytes]] = field(default_factory=dict)  # coin -> (v, owner)
     sent: dict[bytes, Transaction] = field(default_factory=dict)
     acked: set[bytes] = field(default_factory=set)
@@ -94,7 +96,9 @@ async def client(
             if not coins or time.monotonic() > until[0]:
                 return
             cid, value = coins.pop(0)
-            payee = book.keys[rng.randrange(len(book.keys))]
+            if value < 1_000:
+                continue  # spent down: kept as it is
+            payee = book.payees[rng.randrange(len(book.payees))]
             amount = rng.randrange(1, value // 4)
             tx = pay(
                 [(cid, value, key)],
@@ -118,6 +122,10 @@ async def client(
                 if doc["error"]["code"] in ("overloaded", "rate_limited"):
                     coins.append((cid, value))  # refused before the ledger saw it
                     await asyncio.sleep(0.05)
+
+
+def keys(n: int) -> list[SigningKey]:
+    return [SigningKey(os.urandom(32)) for _ in range(n)]
 
 
 def kill(op: Operator, name: str) -> None:
@@ -189,7 +197,7 @@ async def history(gw: Gateway, address: str) -> list[dict[str, Any]]:
 
 
 async def test_kill_9_under_load_loses_no_payment_from_the_index(op: Operator, gw: Gateway) -> None:
-    book = Book([SigningKey(os.urandom(32)) for _ in range(CLIENTS)])
+    book = Book(keys(CLIENTS), keys(PAYEES))
     wallets = await fund(op, gw, book)
     started = time.monotonic()
     until = [started + 600.0]  # until the kills are done
@@ -239,7 +247,7 @@ async def test_kill_9_under_load_loses_no_payment_from_the_index(op: Operator, g
         for cid, (value, owner) in zip(tx.output_ids, tx.outputs, strict=True):
             created[cid] = (value, owner)
         spends[tx.inputs[0].coin_id] = txid
-    for key in book.keys:
+    for key in book.keys + book.payees:
         address = encode_address(key.pubkey, Network.REGTEST)
         mine = {cid for cid, (_, owner) in created.items() if owner == key.pubkey}
         unspent = {cid for cid in mine if cid not in spends}
@@ -277,7 +285,7 @@ async def all_found(gw: Gateway, book: Book) -> None:
 async def test_an_indexer_starved_of_its_event_loop_catches_up(op: Operator, gw: Gateway) -> None:
     """Frozen (SIGSTOP) for longer than its requests' deadlines while payments go on:
     once it runs again, its late timers and timed-out requests do not stop it."""
-    book = Book([SigningKey(os.urandom(32)) for _ in range(8)])
+    book = Book(keys(8), keys(8))
     wallets = await fund(op, gw, book)
     pid = op.pid("indexer")
     os.kill(pid, signal.SIGSTOP)
@@ -295,7 +303,7 @@ async def test_an_indexer_starved_of_its_event_loop_catches_up(op: Operator, gw:
 async def test_an_indexer_whose_database_hangs_says_so_and_recovers(
     op: Operator, gw: Gateway
 ) -> None:
-    book = Book([SigningKey(os.urandom(32)) for _ in range(8)])
+    book = Book(keys(8), keys(8))
     wallets = await fund(op, gw, book)
     # The server and every backend (each of which is a process group of its own).
     postgres = [op.pid("postgres"), *devnet.child_pids(op.pid("postgres"))]

@@ -23,12 +23,14 @@ import aiohttp
 import asyncpg
 import nats
 import pytest
+from prometheus_client import CollectorRegistry
 
 from constellation.address import Network, encode_address
 from constellation.keys import SigningKey
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
 from constellation.tx import Issuance, TxOutput
+from services.follow import Follower, FollowMetrics
 from services.gateway.app import GatewayNode
 from services.gateway.config import Settings as GatewaySettings
 from services.gateway.indexer import Indexer
@@ -263,3 +265,33 @@ async def until_found(url: str, txid: str) -> None:
                     return
             assert time.monotonic() < end, "the payment was not indexed"
             await asyncio.sleep(0.05)
+
+
+async def test_a_reader_ahead_of_a_workers_log_stops_following_it_and_says_so(
+    op: Operator, services: Services
+) -> None:
+    """A cursor beyond the worker's log (its state restored from an older backup, or
+    wiped) must not skip what the log holds now: the reader follows it no more and is
+    not ready, saying why."""
+    await paid_and_indexed(services.url)
+    nc = await nats.connect(op.net.nats_url)
+    stored: list[proto.BlockEvents] = []
+
+    async def sink(blocks: list[proto.BlockEvents]) -> None:
+        stored.extend(blocks)
+
+    follower = Follower(
+        nc, OPERATOR, [0], {0: 10**6}, sink, FollowMetrics(CollectorRegistry(), "test")
+    )
+    task = asyncio.create_task(follower.run())
+    try:
+        await until(lambda: 0 in follower.diverged, "diverged")
+        await paid_and_indexed(services.url)  # and the log goes on
+        await asyncio.sleep(1.5)  # a poll
+        ok, why = follower.progress(10**9, 60)
+        assert not ok and "worker 0's log does not follow what was stored" in why, why
+        assert not stored and follower.cursor[0] == 10**6
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await nc.close()
