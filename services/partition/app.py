@@ -67,9 +67,9 @@ class WorkerNode:
             return False, "not connected to NATS"
         if not self._recovered or self.worker is None:
             return False, "recovering"
-        if self.worker.draining:
+        if self.worker.engine.draining:
             return False, "draining"
-        return True, f"serving partition map v{self.worker.pmap.version}"
+        return True, f"serving partition map v{self.worker.engine.pmap.version}"
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -94,18 +94,18 @@ class WorkerNode:
         tasks = self.ops.tasks
         tasks.start("packages", packer.run)
         worker = self.worker = Worker(
-            s.worker,
-            pmap,
-            s.issuers,
-            BlockLog(s.state_dir / "blocks.log"),
-            EventLog(s.state_dir / "events.log"),
-            s.blocks,
-            s.prepare_timeout_ms,
-            m,
-            packer.send,
-            lambda w: worker_subject(s.operator, w),
-            self._publish,
-            verifiers,
+            me=s.worker,
+            pmap=pmap,
+            issuers=s.issuers,
+            wal=BlockLog(s.state_dir / "blocks.log"),
+            events=EventLog(s.state_dir / "events.log"),
+            blocks=s.blocks,
+            prepare_timeout_ms=s.prepare_timeout_ms,
+            metrics=m,
+            send=packer.send,
+            subject_of=lambda w: worker_subject(s.operator, w),
+            publish=self._publish,
+            verifiers=verifiers,
         )
         started = time.monotonic()
         height = worker.recover()
@@ -114,17 +114,17 @@ class WorkerNode:
             "recovered",
             extra={
                 "blocks": height,
-                "coins": len(worker.state.coins),
-                "in_doubt": len(worker.in_doubt),
+                "coins": len(worker.engine.state.coins),
+                "in_doubt": len(worker.engine.in_doubt),
                 "events_height": worker.writer.events.last,
                 "seconds": round(time.monotonic() - started, 3),
             },
         )
         m.queue.labels("outbox").set_function(lambda: packer.depth)
         m.queue.labels("block").set_function(lambda: worker.writer.depth)
-        m.queue.labels("coordinating").set_function(lambda: len(worker.coordinating))
-        m.queue.labels("in_doubt").set_function(lambda: len(worker.in_doubt))
-        m.queue.labels("decided").set_function(lambda: len(worker.decided))
+        m.queue.labels("coordinating").set_function(lambda: len(worker.engine.coordinating))
+        m.queue.labels("in_doubt").set_function(lambda: len(worker.engine.in_doubt))
+        m.queue.labels("decided").set_function(lambda: len(worker.engine.decided))
         m.queue.labels("events").set_function(lambda: len(self._events))
         if verifiers is not None:
             m.queue.labels("verifying").set_function(lambda: verifiers.in_flight)
@@ -136,7 +136,7 @@ class WorkerNode:
         ):
             await nc.subscribe(sub_subject, cb=cb, pending_msgs_limit=1_000_000)
         await nc.flush()
-        worker.ask_in_doubt(time.monotonic(), at_once=True)  # a restarted participant
+        worker.engine.ask_in_doubt(time.monotonic(), at_once=True)  # a restarted participant
         self._recovered = True
         tasks.start("tick", self._tick)
         tasks.start("events", self._publish_events)
@@ -155,11 +155,11 @@ class WorkerNode:
     async def _drain(self) -> None:
         worker, nc, packer = self.worker, self.nc, self.packer
         assert worker is not None and nc is not None and packer is not None
-        worker.draining = True
-        log.info("draining", extra={"coordinating": len(worker.coordinating)})
-        deadline = time.monotonic() + worker.timeout_s + 1
+        worker.engine.draining = True
+        log.info("draining", extra={"coordinating": len(worker.engine.coordinating)})
+        deadline = time.monotonic() + worker.engine.timeout_s + 1
         verifiers = self.verifiers
-        while (worker.coordinating or (verifiers and verifiers.in_flight)) and (
+        while (worker.engine.coordinating or (verifiers and verifiers.in_flight)) and (
             time.monotonic() < deadline
         ):
             await asyncio.sleep(TICK_S)
@@ -182,9 +182,9 @@ class WorkerNode:
         while True:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()
-            self.worker.expire(now)
-            self.worker.ask_in_doubt(now)
-            self.worker.retell(now)
+            self.worker.engine.expire(now)
+            self.worker.engine.ask_in_doubt(now)
+            self.worker.engine.retell(now)
 
     def _publish(self, events: bytes) -> None:
         self._events.append(events)
@@ -224,15 +224,15 @@ class WorkerNode:
             self.metrics.rejected_packages.inc()
             log.info("package rejected", extra={"reason": str(exc)})
             return
-        self.worker.handle(pkg)
+        self.worker.engine.handle(pkg)
 
     async def _on_coins(self, msg: Msg) -> None:
-        worker = self.worker
-        assert worker is not None
+        assert self.worker is not None
+        engine = self.worker.engine
         await _answer(
             msg,
             proto.CoinQuery,
-            lambda q: msgspec.msgpack.encode([worker.coin_info(c) for c in q.coin_ids[:1000]]),
+            lambda q: msgspec.msgpack.encode([engine.coin_info(c) for c in q.coin_ids[:1000]]),
         )
 
     async def _on_state(self, msg: Msg) -> None:

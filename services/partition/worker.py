@@ -1,25 +1,10 @@
-"""A partition worker: its partitions' coins, two-phase commit over NATS, its block log.
+"""A partition worker's shell: the two-phase commit engine wired to its logs.
 
-Everything runs on one event loop, one core. A package's items are handled at once,
-without awaiting; what must wait for the disk (a YES vote, a receipt, a decision to
-commit) is attached to the block that holds its record and runs once that block and
-every block before it are durable. Locks never wait: a held lock is a NO vote.
-
-Coordinator (the worker of a transaction's first input): lock and verify the inputs
-held here, PREPARE to every other involved worker, COMMIT on all YES (the record is
-persisted before anyone hears of it), ABORT on a NO or a timeout. Nothing is logged for
-an abort: a transaction the coordinator has no commit record for is aborted
-(presumed abort), and a participant in doubt asks until it hears the outcome. A commit
-is remembered (and told again) until every participant has said Done, then forgotten
-(an ``Ended`` record).
-
-Participant: lock and verify the inputs held here, persist the PREPARED record, vote
-YES; keep the locks until the outcome arrives, through restarts; once its record of a
-commit is durable, say Done.
-
-A txid may go through several attempts (a client retries what was refused), one at a
-time: messages name their attempt, and a participant still in doubt about one attempt
-votes NO to the next until it learns the outcome.
+The engine (``constellation.ledger.commit``) decides; this module makes its records
+durable. Everything runs on one event loop, one core: a package's items are handled at
+once, without awaiting, and what must wait for the disk runs once the block that holds
+its record, and every block before it, is durable (group commit, one fsync per block).
+Each durable block's coin changes then go to the events log, which readers follow.
 """
 
 from __future__ import annotations
@@ -29,71 +14,23 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Callable, Sequence
 
-from constellation.errors import (
-    AlreadyCommitted,
-    CommitTimeout,
-    ConstellationError,
-    InFlight,
-    NotHeldHere,
-    Unavailable,
-)
-from constellation.ledger.partition import PartitionState, Prepared, bad_signature
+from constellation.ledger.commit import Send, TwoPhaseCommit, Verifier
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
-from constellation.tx import Issuance, Transaction, decode_issuance, decode_transaction
 from services.partition.config import Batching
 from services.partition.metrics import WorkerMetrics
-from services.partition.verify import Verifiers
 from services.partition.wal import BlockLog, EventLog
 
-ASK_EVERY_S = 0.25
 # How long a record that nothing waits for may wait for a block that something does.
 LAZY_S = 0.01
-# How long a coordinator waits for a participant's Done before telling it the commit again.
-RETELL_S = 1.0
 # A block closes at this many coin changes, so that its events (about 110 bytes a
 # change) fit in one NATS message: a transaction makes at most 512 more.
 MAX_BLOCK_CHANGES = 4096
-
 EXIT_DISK = 74  # EX_IOERR: the worker stops when its disk fails; its supervisor restarts it
 
 log = logging.getLogger("partition.worker")
-
-
-class Send(Protocol):
-    """Queue an item for a subject (``lazy``: nobody waits for it; see ``Packer.send``)."""
-
-    def __call__(self, subject: str, item: proto.Item, lazy: bool = False) -> None: ...
-
-
-@dataclass
-class Coordinating:
-    """A transaction this worker coordinates, waiting for votes."""
-
-    tx: Transaction
-    raw: bytes
-    reply: str
-    rid: int
-    attempt: int
-    waiting: set[int]
-    participants: tuple[int, ...]
-    started: float
-    deadline: float
-    blocks: list[tuple[int, int]] = field(default_factory=list)
-
-
-@dataclass
-class Decided:
-    """A commit this worker coordinated, remembered until every participant has it."""
-
-    attempt: int
-    waiting: set[int]  # participants that have not said Done
-    told: float = 0.0  # when they were last told
-    durable: bool = True  # False until the commit record is: nobody may hear of it yet
 
 
 class BlockWriter:
@@ -144,8 +81,12 @@ class BlockWriter:
         record: proto.Record,
         after: Callable[[int], None] | None = None,
         lazy: bool = False,
+        changes: Sequence[proto.CoinChange] = (),
+        committed: Sequence[tuple[bytes, int]] = (),
     ) -> None:
         self.records.append(record)
+        self.changes += changes
+        self.committed += committed
         if after is not None:
             self.after.append(after)
         if len(self.records) >= self.batching.max_items or len(self.changes) >= MAX_BLOCK_CHANGES:
@@ -218,10 +159,11 @@ class BlockWriter:
 
 
 class Worker:
-    """The ledger logic of one worker; the app wires it to NATS, the disk and HTTP."""
+    """One worker: its engine, its block log and its events log."""
 
     def __init__(
         self,
+        *,
         me: int,
         pmap: PartitionMap,
         issuers: frozenset[bytes],
@@ -233,471 +175,60 @@ class Worker:
         send: Send,
         subject_of: Callable[[int], str],
         publish: Callable[[bytes], None],
-        verifiers: Verifiers | None = None,
+        verifiers: Verifier | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        draw: Callable[[], int] = lambda: random.getrandbits(63),
     ) -> None:
-        self.me = me
-        self.verifiers = verifiers  # None: signatures are checked here, inline
-        self.pmap = pmap
-        self.owners = pmap.owners()
-        held = pmap.held_by(me)
-        if not held:
-            raise ValueError(f"partition map v{pmap.version} gives worker {me} no partitions")
-        self.state = PartitionState([p for r in held for p in r], issuers)
         self.wal = wal
         self.metrics = metrics
-        self.send = send
-        self.subject_of = subject_of
-        self.timeout_s = prepare_timeout_ms / 1000
         self.writer = BlockWriter(wal, events, me, blocks, metrics, publish)
-        self.coordinating: dict[bytes, Coordinating] = {}
-        # txid -> (coordinator, attempt, asked at): prepared here, the outcome not known.
-        self.in_doubt: dict[bytes, tuple[int, int, float]] = {}
-        # Commits this worker coordinated that involved other workers, until each of
-        # them has said Done: a participant in doubt asks for them (presumed abort
-        # answers everything else).
-        self.decided: dict[bytes, Decided] = {}
-        self.draining = False
 
-    # -- recovery ------------------------------------------------------------------------
+        def confirmed(seconds: float) -> None:
+            metrics.committed.inc()
+            metrics.confirm_seconds.observe(seconds)
+
+        self.engine = TwoPhaseCommit(
+            me=me,
+            pmap=pmap,
+            issuers=issuers,
+            prepare_timeout_ms=prepare_timeout_ms,
+            send=send,
+            subject_of=subject_of,
+            log=self.writer,
+            clock=clock,
+            draw=draw,
+            verifiers=verifiers,
+            refused=lambda code: metrics.aborted.labels(code).inc(),
+            confirmed=confirmed,
+        )
 
     def recover(self) -> int:
-        """Replay the block log; returns the number of blocks read. Its transactions were
-        checked before they were logged, and frames carry checksums, so output keys are
-        not checked again. The events of blocks that a crash cut from the events log's
-        tail are derived again and written (and published) as they were the first time."""
-        state, writer = self.state, self.writer
+        """Replay the block log; returns the number of blocks read. The events of blocks
+        that a crash cut from the events log's tail are derived again and written (and
+        published) as they were the first time."""
+        engine, writer = self.engine, self.writer
         writer.events.open()
         for block in self.wal.replay():
             derive = block.height > writer.events.last
-            for rec in block.records:
-                if isinstance(rec, proto.Prepared):
-                    tx = decode_transaction(rec.tx, check_owners=False)
-                    state.prepare(tx, verify=False)
-                    self.in_doubt[tx.txid] = (rec.coordinator, rec.attempt, 0.0)
-                elif isinstance(rec, proto.Committed):
-                    if rec.tx:
-                        tx = decode_transaction(rec.tx, check_owners=False)
-                        state.prepare(tx, verify=False)
-                        if others := self._involved(tx):
-                            self.decided[rec.txid] = Decided(rec.attempt, others)
-                        if derive:
-                            writer.committed.append((rec.txid, tx.fee_msat))
-                    else:
-                        self.in_doubt.pop(rec.txid, None)
-                    if derive:
-                        self._changes_of(rec.txid)
-                    state.commit(rec.txid)
-                elif isinstance(rec, proto.Aborted):
-                    self.in_doubt.pop(rec.txid, None)
-                    state.abort(rec.txid)
-                elif isinstance(rec, proto.Ended):
-                    self.decided.pop(rec.txid, None)
-                else:
-                    issuance = decode_issuance(rec.issuance)
-                    state.issue(issuance)
-                    if derive:
-                        self._issued_changes(issuance)
-            writer.events_of(block.height, writer.changes, writer.committed)
-            writer.changes, writer.committed = [], []
+            writer.events_of(block.height, *engine.replay(block.records, derive))
         writer.events.cut_from(self.wal.height)  # only a damaged block log is shorter
-        state.check_invariants()
+        engine.state.check_invariants()
         self.metrics.height.set(self.wal.height)
         return self.wal.height
 
-    # -- routing -------------------------------------------------------------------------
-
-    def _owner(self, coin_id: bytes) -> int:
-        return self.owners[(coin_id[0] << 8) | coin_id[1]]
-
-    def _involved(self, tx: Transaction) -> set[int]:
-        """The other workers a transaction touches."""
-        owners = self.owners
-        others = {owners[(c[0] << 8) | c[1]] for c, _ in tx.inputs}
-        others.update(owners[(c[0] << 8) | c[1]] for c in tx.output_ids)
-        others.discard(self.me)
-        return others
-
-    def _not_held(self, what: str, coin_id: bytes) -> tuple[str, str]:
-        p = (coin_id[0] << 8) | coin_id[1]
-        return NotHeldHere.code, (
-            f"{what}: partition {p} is held by worker {self._owner(coin_id)}, not worker "
-            f"{self.me}, in partition map v{self.pmap.version}"
-        )
-
-    # -- packages ------------------------------------------------------------------------
-
-    def handle(self, pkg: proto.Package) -> None:
-        for item in pkg.items:
-            if isinstance(item, proto.Submit):
-                self._submit(item, pkg.reply)
-            elif isinstance(item, proto.Vote):
-                self._vote(item, pkg.sender)
-            elif isinstance(item, proto.Prepare):
-                self._prepare(item, pkg.sender, pkg.reply)
-            elif isinstance(item, proto.Decide):
-                self._decide(item, pkg.sender)
-            elif isinstance(item, proto.Ask):
-                self._ask(item, pkg.sender)
-            elif isinstance(item, proto.Done):
-                self._done(item, pkg.sender)
-            elif isinstance(item, proto.Issue):
-                self._issue(item, pkg.reply)
-            else:
-                log.info("unexpected item ignored", extra={"kind": type(item).__name__})
-
-    def _refuse(self, reply: str, rid: int, code: str, detail: str) -> None:
-        self.metrics.aborted.labels(code).inc()
-        self.send(reply, proto.Result(rid, code, detail, []))
-
-    # -- coordinator ---------------------------------------------------------------------
-
-    def _submit(self, item: proto.Submit, reply: str) -> None:
-        if self.draining:
-            self._refuse(reply, item.rid, Unavailable.code, f"worker {self.me} is shutting down")
-            return
-        try:
-            tx = decode_transaction(item.tx)
-        except ConstellationError as exc:
-            self._refuse(reply, item.rid, exc.code, str(exc))
-            return
-        first = tx.inputs[0].coin_id
-        if self._owner(first) != self.me:
-            self._refuse(reply, item.rid, *self._not_held("first input", first))
-            return
-        txid = tx.txid
-        if txid in self.state.pending:
-            self._refuse(reply, item.rid, InFlight.code, "this transaction is being committed")
-            return
-        verifiers = self.verifiers
-        try:
-            vote = self.state.prepare(tx, verify=verifiers is None)
-        except ConstellationError as exc:
-            self._refuse(reply, item.rid, exc.code, str(exc))
-            return
-        started = time.monotonic()
-        if verifiers is None:
-            self._coordinate(tx, item.tx, reply, item.rid, started)
-            return
-
-        def checked(refusal: tuple[str, str] | None) -> None:
-            if refusal is None:
-                self._coordinate(tx, item.tx, reply, item.rid, started)
-            else:
-                self.state.abort(txid)
-                self._refuse(reply, item.rid, *refusal)
-
-        self._check_signatures(tx, vote, checked)
-
-    def _coordinate(
-        self, tx: Transaction, raw: bytes, reply: str, rid: int, started: float
-    ) -> None:
-        """The inputs held here are locked and verified: commit, or PREPARE the others."""
-        others = self._involved(tx)
-        if not others:
-            self._commit(tx, raw, reply, rid, 0, started, [], ())
-            return
-        participants = tuple(sorted(others))
-        deadline = time.monotonic() + self.timeout_s
-        attempt = random.getrandbits(63)
-        self.coordinating[tx.txid] = Coordinating(
-            tx, raw, reply, rid, attempt, set(others), participants, started, deadline
-        )
-        prepare = proto.Prepare(raw, attempt)
-        for w in participants:
-            self.send(self.subject_of(w), prepare)
-
-    def _check_signatures(
-        self, tx: Transaction, vote: Prepared, then: Callable[[tuple[str, str] | None], None]
-    ) -> None:
-        """Have the verifier processes check the signatures of the inputs ``vote`` locked;
-        ``then`` gets None if all verify, else the refusal's (code, detail)."""
-        assert self.verifiers is not None
-        checks = self.state.signature_checks(tx, vote)
-        if not checks:
-            then(None)
-            return
-
-        def answered(first_bad: int | None) -> None:
-            if first_bad is None:
-                then((Unavailable.code, f"worker {self.me}: the signature verifiers failed; retry"))
-            elif first_bad < 0:
-                then(None)
-            else:
-                i = checks[first_bad][0]
-                exc = bad_signature(i, tx.inputs[i].coin_id)
-                then((exc.code, str(exc)))
-
-        self.verifiers.check([c[1:] for c in checks], answered)
-
-    def _commit(
-        self,
-        tx: Transaction,
-        raw: bytes,
-        reply: str,
-        rid: int,
-        attempt: int,
-        started: float,
-        blocks: list[tuple[int, int]],
-        participants: tuple[int, ...],
-    ) -> None:
-        txid = tx.txid
-        self._changes_of(txid)
-        self.state.commit(txid)
-        decided = None
-        if participants:
-            decided = self.decided[txid] = Decided(attempt, set(participants), durable=False)
-        self.writer.committed.append((txid, tx.fee_msat))
-
-        def durable(height: int) -> None:
-            now = time.monotonic()
-            if decided is not None:
-                decided.durable, decided.told = True, now
-                decide = proto.Decide(txid, True, attempt)
-                for w in participants:
-                    self.send(self.subject_of(w), decide)
-            self.send(reply, proto.Result(rid, "", "", [(self.me, height), *blocks]))
-            self.metrics.committed.inc()
-            self.metrics.confirm_seconds.observe(now - started)
-
-        self.writer.add(proto.Committed(txid, raw, attempt), durable)
-
-    def _changes_of(self, txid: bytes) -> None:
-        """Record the coin changes committing ``txid`` makes here, for the block's events."""
-        vote = self.state.pending[txid]
-        coins = self.state.coins
-        changes = self.writer.changes
-        for cid in vote.inputs:
-            value, owner = coins[cid]
-            changes.append(proto.CoinChange(txid, cid, owner, value, False))
-        for cid, (value, owner) in vote.outputs:
-            changes.append(proto.CoinChange(txid, cid, owner, value, True))
-
-    def _vote(self, vote: proto.Vote, sender: int) -> None:
-        c = self.coordinating.get(vote.txid)
-        if c is None or c.attempt != vote.attempt:
-            # Late or repeated: that attempt is settled; tell a YES voter how.
-            if not vote.code:
-                self._tell(sender, vote.txid, vote.attempt)
-            return
-        if sender not in c.waiting:
-            return
-        if vote.code:
-            self._abort(c, vote.code, f"worker {sender}: {vote.detail}")
-            return
-        c.waiting.discard(sender)
-        c.blocks.append((sender, vote.height))
-        if not c.waiting:
-            del self.coordinating[vote.txid]
-            self._commit(
-                c.tx, c.raw, c.reply, c.rid, c.attempt, c.started, c.blocks, c.participants
-            )
-
-    def _abort(self, c: Coordinating, code: str, detail: str) -> None:
-        txid = c.tx.txid
-        del self.coordinating[txid]
-        self.state.abort(txid)
-        decide = proto.Decide(txid, False, c.attempt)
-        for w in c.participants:
-            self.send(self.subject_of(w), decide)
-        self._refuse(c.reply, c.rid, code, detail)
-
-    def expire(self, now: float) -> None:
-        """Abort what waited for votes past its deadline. Deadlines grow in the order the
-        transactions arrived (one timeout for all), so the scan stops at the first that
-        is not due."""
-        late = []
-        for c in self.coordinating.values():
-            if c.deadline > now:
-                break
-            late.append(c)
-        for c in late:
-            silent = ", ".join(str(w) for w in sorted(c.waiting))
-            self._abort(
-                c, CommitTimeout.code, f"no vote from worker {silent} in {self.timeout_s:g} s"
-            )
-
-    def _ask(self, ask: proto.Ask, sender: int) -> None:
-        c = self.coordinating.get(ask.txid)
-        if c is not None and c.attempt == ask.attempt:
-            return  # undecided: it will hear the outcome
-        self._tell(sender, ask.txid, ask.attempt)
-
-    def _tell(self, worker: int, txid: bytes, attempt: int) -> None:
-        """The outcome of a settled attempt: committed if it is the one that committed;
-        else aborted (presumed abort). Nothing while its commit is not yet durable: the
-        asker hears it once it is."""
-        decided = self.decided.get(txid)
-        commit = decided is not None and decided.attempt == attempt
-        if decided is not None and commit and not decided.durable:
-            return
-        self.send(self.subject_of(worker), proto.Decide(txid, commit, attempt))
-
-    def _done(self, done: proto.Done, sender: int) -> None:
-        decided = self.decided.get(done.txid)
-        if decided is None or decided.attempt != done.attempt:
-            return
-        decided.waiting.discard(sender)
-        if not decided.waiting:
-            del self.decided[done.txid]
-            self.writer.add(proto.Ended(done.txid), lazy=True)
-
-    def retell(self, now: float, at_once: bool = False) -> None:
-        """Tell the commit again to each participant that has not said Done in
-        ``RETELL_S`` (``at_once``: to every one). ``now`` is ``time.monotonic()``."""
-        for txid, decided in self.decided.items():
-            if decided.durable and (at_once or now - decided.told >= RETELL_S):
-                decided.told = now
-                decide = proto.Decide(txid, True, decided.attempt)
-                for w in decided.waiting:
-                    self.send(self.subject_of(w), decide)
-
-    # -- participant ---------------------------------------------------------------------
-
-    def _prepare(self, item: proto.Prepare, sender: int, reply: str) -> None:
-        attempt = item.attempt
-        try:
-            tx = decode_transaction(item.tx, check_owners=False)  # the coordinator checked
-        except ConstellationError as exc:
-            self.send(reply, proto.Vote(b"", exc.code, str(exc), 0, attempt))
-            return
-        txid = tx.txid
-        doubt = self.in_doubt.get(txid)
-        if doubt is not None:
-            if doubt[1] != attempt:
-                detail = f"worker {self.me} has not yet learned how an earlier attempt ended"
-                self.send(reply, proto.Vote(txid, InFlight.code, detail, 0, attempt))
-            return  # else a repeated PREPARE: the vote follows the record's block
-        verifiers = self.verifiers
-        try:
-            vote = self.state.prepare(tx, verify=verifiers is None)
-        except NotHeldHere:
-            code, detail = self._not_held("transaction", tx.inputs[0].coin_id)
-            self.send(reply, proto.Vote(txid, code, detail, 0, attempt))
-            return
-        except ConstellationError as exc:
-            self.send(reply, proto.Vote(txid, exc.code, str(exc), 0, attempt))
-            return
-        self.in_doubt[txid] = (sender, attempt, time.monotonic())
-        if verifiers is None:
-            self._prepared(txid, item.tx, sender, attempt, reply)
-            return
-
-        def checked(refusal: tuple[str, str] | None) -> None:
-            doubt = self.in_doubt.get(txid)
-            if doubt is None or doubt[1] != attempt:
-                return  # the outcome (an abort) came first
-            if refusal is None:
-                self._prepared(txid, item.tx, sender, attempt, reply)
-            else:
-                del self.in_doubt[txid]
-                self.state.abort(txid)
-                self.send(reply, proto.Vote(txid, *refusal, 0, attempt))
-
-        self._check_signatures(tx, vote, checked)
-
-    def _prepared(
-        self, txid: bytes, raw: bytes, coordinator: int, attempt: int, reply: str
-    ) -> None:
-        """Locked and verified here: persist the PREPARED record, then vote YES."""
-
-        def durable(height: int) -> None:
-            self.send(reply, proto.Vote(txid, "", "", height, attempt))
-
-        self.writer.add(proto.Prepared(raw, coordinator, attempt), durable)
-
-    def _decide(self, decide: proto.Decide, sender: int) -> None:
-        txid, attempt = decide.txid, decide.attempt
-        doubt = self.in_doubt.get(txid)
-        if doubt is None:
-            # Repeated, or never prepared here. A commit is told again until it is Done,
-            # and only to a worker that voted YES, so that worker has applied it.
-            if decide.commit:
-                self.writer.after_durable(lambda _: self._say_done(sender, txid, attempt))
-            return
-        if doubt[1] != attempt:
-            return  # about another attempt
-        del self.in_doubt[txid]
-        # Lazy: until it is durable, a restart finds the transaction in doubt and asks.
-        if decide.commit:
-            self._changes_of(txid)
-            self.state.commit(txid)
-            self.writer.add(
-                proto.Committed(txid, b""), lambda _: self._say_done(sender, txid, attempt), True
-            )
-        else:
-            self.state.abort(txid)
-            self.writer.add(proto.Aborted(txid), lazy=True)
-
-    def _say_done(self, coordinator: int, txid: bytes, attempt: int) -> None:
-        self.send(self.subject_of(coordinator), proto.Done(txid, attempt), lazy=True)
-
-    def ask_in_doubt(self, now: float, at_once: bool = False) -> None:
-        """Ask the coordinator of every transaction in doubt for longer than its timeout
-        (``at_once``: of every one, as a restarted participant does); then again every
-        ``ASK_EVERY_S`` until the outcome arrives. ``now`` is ``time.monotonic()``."""
-        patience = self.timeout_s + ASK_EVERY_S
-        for txid, (coordinator, attempt, since) in list(self.in_doubt.items()):
-            if at_once or now - since >= patience:
-                self.in_doubt[txid] = (coordinator, attempt, now - self.timeout_s)
-                self.send(self.subject_of(coordinator), proto.Ask(txid, attempt))
-
-    # -- issuance ------------------------------------------------------------------------
-
-    def _issue(self, item: proto.Issue, reply: str) -> None:
-        try:
-            issuance = decode_issuance(item.issuance)
-        except ConstellationError as exc:
-            self._refuse(reply, item.rid, exc.code, str(exc))
-            return
-        mine = [cid for cid in issuance.output_ids if self._owner(cid) == self.me]
-        if not mine:
-            self._refuse(reply, item.rid, *self._not_held("issuance", issuance.output_ids[0]))
-            return
-        try:
-            self.state.issue(issuance)
-        except AlreadyCommitted:
-            self.send(reply, proto.Result(item.rid, "", "already applied", []))
-            return
-        except ConstellationError as exc:
-            self._refuse(reply, item.rid, exc.code, str(exc))
-            return
-        self._issued_changes(issuance)
-
-        def durable(height: int) -> None:
-            self.send(reply, proto.Result(item.rid, "", "", [(self.me, height)]))
-
-        self.writer.add(proto.Issued(item.issuance), durable)
-
-    def _issued_changes(self, issuance: Issuance) -> None:
-        """Record the coins an issuance creates here, for the block's events."""
-        changes = self.writer.changes
-        iid = issuance.issuance_id
-        for cid, (value, owner) in zip(issuance.output_ids, issuance.outputs, strict=True):
-            if self._owner(cid) == self.me:
-                changes.append(proto.CoinChange(iid, cid, owner, value, True))
-
-    # -- queries -------------------------------------------------------------------------
-
-    def coin_info(self, coin_id: bytes) -> proto.CoinInfo:
-        state = self.state
-        coin = state.coins.get(coin_id)
-        status = state.status(coin_id).value
-        if coin is not None:
-            return proto.CoinInfo(coin_id, status, coin[0], coin[1], b"")
-        return proto.CoinInfo(coin_id, status, 0, b"", state.spent.get(coin_id, b""))
-
     def info(self) -> proto.StateInfo:
-        s = self.state
+        e = self.engine
+        s = e.state
         return proto.StateInfo(
-            worker=self.me,
-            map_version=self.pmap.version,
+            worker=e.me,
+            map_version=e.pmap.version,
             height=self.wal.height,
             held_msat=s.held_msat,
             issued_msat=s.issued_msat,
             fees_msat=s.fees_msat,
             coins=len(s.coins),
             locks=len(s.locks),
-            in_doubt=len(self.in_doubt),
-            coordinating=len(self.coordinating),
+            in_doubt=len(e.in_doubt),
+            coordinating=len(e.coordinating),
             events_height=self.writer.events.last,
         )

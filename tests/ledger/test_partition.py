@@ -18,7 +18,8 @@ from constellation.errors import (
     ValueMismatch,
 )
 from constellation.keys import SigningKey
-from constellation.ledger import CoinStatus, LocalLedger, PartitionState
+from constellation.ledger import CoinStatus, PartitionState
+from constellation.ledger.pmap import PartitionMap
 from constellation.sighash import sign_transaction
 from constellation.tx import PARTITIONS, Issuance, Transaction, TxInput, TxOutput, partition_of
 from tests.strategies import KEYS
@@ -154,25 +155,35 @@ def test_issuance_rules() -> None:
     state.check_invariants()
 
 
-def test_cross_worker_commit_and_participant_refusal() -> None:
-    ledger = LocalLedger(4, [ISSUER.pubkey])
+def test_two_states_commit_together_and_a_held_lock_refuses() -> None:
+    """The steps of a two-phase commit across two states (one per worker): a rival's
+    lock at the second makes it refuse; once the rival aborts, both commit."""
+    pmap = PartitionMap.even(2)
+    states = [PartitionState(pmap.held_by(w)[0], [ISSUER.pubkey]) for w in range(2)]
+    owners = pmap.owners()
     iss = Issuance(ISSUER.pubkey, 0, [TxOutput(500, ALICE.pubkey) for _ in range(8)])
-    cids = ledger.issue(iss.signed_by(ISSUER.secret))
-    # two inputs held by different workers
+    cids = [c for s in states for c in s.issue(iss.signed_by(ISSUER.secret))]
     a = cids[0]
-    b = next(c for c in cids if ledger.state_of(c) is not ledger.state_of(a))
+    b = next(c for c in cids if owners[partition_of(c)] != owners[partition_of(a)])
+    first, second = states[owners[partition_of(a)]], states[owners[partition_of(b)]]
     tx = pay([a, b], [500, 500])
-    assert len(ledger.participants(tx)) >= 2
-    # a competing spend of b locks it at b's worker: the coordinator's YES is undone
     rival = pay([b], [500], fee=3)
-    ledger.state_of(b).prepare(rival)
+    second.prepare(rival)
+    first.prepare(tx)
     with pytest.raises(InputLocked):
-        ledger.submit(tx)
-    assert ledger.status(a) is CoinStatus.UNSPENT
-    ledger.state_of(b).abort(rival.txid)
-    ledger.submit(tx)
-    assert ledger.status(a) is CoinStatus.SPENT and ledger.status(b) is CoinStatus.SPENT
-    ledger.check_invariants()
+        second.prepare(tx)
+    first.abort(tx.txid)
+    assert first.status(a) is CoinStatus.UNSPENT
+    second.abort(rival.txid)
+    first.prepare(tx)
+    second.prepare(tx)
+    first.commit(tx.txid)
+    second.commit(tx.txid)
+    assert first.status(a) is CoinStatus.SPENT and second.status(b) is CoinStatus.SPENT
+    for s in states:
+        s.check_invariants()
+    held = sum(s.held_msat for s in states) + sum(s.fees_msat for s in states)
+    assert held == sum(s.issued_msat for s in states) == 4_000
 
 
 def test_a_repeated_prepare_after_commit_is_refused_where_only_outputs_are_held() -> None:

@@ -1,79 +1,172 @@
-"""Hypothesis attacks the ledger with random interleavings of two-phase commits.
+"""Hypothesis attacks the two-phase commit engine, the code the workers run.
 
-Many transactions, many of them conflicting (spending the same coins, spent coins,
-coins that do not exist, wrong values, bad signatures), advance one participant at a
-time in random order, commit or abort partially, and interleave with each other. After
-every step: each state's invariants hold; no coin is ever spent twice; once nothing
-is in flight, value is conserved and no lock is held.
+Three engines (``constellation.ledger.commit``) with logs in memory exchange packages
+through a network that hypothesis drives: messages are delivered in any order, lost or
+delivered twice; logs become durable whenever hypothesis says; engines crash (losing
+what was not durable) and are rebuilt from their logs; the clock jumps, so timeouts
+fire. Payments conflict (the same coins, spent coins, coins that never were, wrong
+values, bad signatures). After every step: each state's invariants hold and no coin is
+both spent and unspent. At the end, once the network heals: no lock or doubt is left,
+value is conserved, every payment a client was told is committed is committed
+everywhere, and an honest payment of an unspent coin commits (the engine still works).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+import random
+from collections.abc import Callable, Sequence
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    precondition,
-    rule,
-)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from constellation.errors import BadSignature, LedgerError
-from constellation.ledger import Coin, LocalLedger
+from constellation.keys import XOnlyPubKey
+from constellation.ledger.commit import TwoPhaseCommit
+from constellation.ledger.pmap import PartitionMap
+from constellation.protocol import ledger as proto
 from constellation.sighash import sign_transaction
-from constellation.tx import Issuance, Transaction, TxInput, TxOutput
+from constellation.tx import Issuance, Transaction, TxInput, TxOutput, partition_of
 from tests.strategies import KEYS
 
 ISSUER = KEYS[7]
 OWNERS = KEYS[:4]
 BY_PUB = {k.pubkey: k for k in OWNERS}
+WORKERS = 3
+PMAP = PartitionMap.even(WORKERS)
+OWNER_OF = PMAP.owners()
+GATEWAY = "gw"
+TIMEOUT_MS = 200
+# 100 examples take seconds; the seeded fault schedules (tests/services/
+# test_worker_faults.py) hunt deeper. CST_FUZZ_EXAMPLES=300 or more for a long hunt.
+EXAMPLES = int(os.environ.get("CST_FUZZ_EXAMPLES", "100"))
 
 
-@dataclass
-class Flight:
-    tx: Transaction
-    order: list[int]  # participants, the coordinator first
-    prepared: list[int] = field(default_factory=list)
-    outcome: str = ""  # "", "commit" or "abort"
-    done: list[int] = field(default_factory=list)
+def subject_of(worker: int) -> str:
+    return f"w.{worker}"
 
 
-class LedgerMachine(RuleBasedStateMachine):
+class MemoryLog:
+    """A block log in memory: records wait until ``flush`` makes them durable."""
+
+    def __init__(self, blocks: list[list[proto.Record]]) -> None:
+        self.blocks = blocks  # durable: what a crash keeps
+        self.records: list[proto.Record] = []
+        self.after: list[Callable[[int], None]] = []
+
+    def add(
+        self,
+        record: proto.Record,
+        after: Callable[[int], None] | None = None,
+        lazy: bool = False,
+        changes: Sequence[proto.CoinChange] = (),
+        committed: Sequence[tuple[bytes, int]] = (),
+    ) -> None:
+        self.records.append(record)
+        if after is not None:
+            self.after.append(after)
+
+    def after_durable(self, callback: Callable[[int], None]) -> None:
+        if self.records:
+            self.after.append(callback)
+        else:
+            callback(len(self.blocks) - 1)
+
+    def flush(self) -> None:
+        if not self.records:
+            return
+        height = len(self.blocks)
+        self.blocks.append(self.records)
+        after, self.records, self.after = self.after, [], []
+        for callback in after:
+            callback(height)
+
+
+class Node:
+    def __init__(self, me: int, machine: CommitMachine) -> None:
+        self.me, self.machine = me, machine
+        self.blocks: list[list[proto.Record]] = []
+        self.attempts = random.Random(me)
+        self.log, self.engine = self._start()
+
+    def _start(self) -> tuple[MemoryLog, TwoPhaseCommit]:
+        log = MemoryLog(self.blocks)
+        engine = TwoPhaseCommit(
+            me=self.me,
+            pmap=PMAP,
+            issuers=frozenset([ISSUER.pubkey]),
+            prepare_timeout_ms=TIMEOUT_MS,
+            send=self._send,
+            subject_of=subject_of,
+            log=log,
+            clock=lambda: self.machine.now,
+            draw=lambda: self.attempts.getrandbits(63),
+        )
+        for records in self.blocks:
+            engine.replay(records, derive=False)
+        engine.state.check_invariants()
+        return log, engine
+
+    def _send(self, subject: str, item: proto.Item, lazy: bool = False) -> None:
+        reply = subject_of(self.me)
+        package = proto.Package(proto.PROTOCOL_VERSION, self.me, reply, PMAP.version, [item])
+        self.machine.net.append((subject, package))
+
+    def crash(self) -> None:
+        """What was not durable is gone; the engine is rebuilt from the log."""
+        self.log, self.engine = self._start()
+        self.engine.ask_in_doubt(self.machine.now, at_once=True)
+
+
+class CommitMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.ledger = LocalLedger(3, [ISSUER.pubkey])
-        self.known: dict[bytes, Coin] = {}
-        self.flights: dict[bytes, Flight] = {}
-        self.spends: dict[bytes, bytes] = {}  # coin -> the one tx that spent it
-        self.nonce = 0
+        self.now = 0.0
+        self.net: list[tuple[str, proto.Package]] = []
+        self.nodes = [Node(w, self) for w in range(WORKERS)]
+        self.known: dict[bytes, TxOutput] = {}  # every coin a payment may name
+        self.issued = 0
+        self.txs: dict[int, Transaction] = {}
+        self.acked: set[int] = set()  # rids a client was told are committed
+        self.rid = 0
 
-    @initialize(values=st.lists(st.integers(1, 10**6), min_size=4, max_size=12))
+    def owner(self, coin_id: bytes) -> Node:
+        return self.nodes[OWNER_OF[partition_of(coin_id)]]
+
+    def submit(self, item: proto.Item, to: Node) -> None:
+        package = proto.Package(proto.PROTOCOL_VERSION, -1, GATEWAY, PMAP.version, [item])
+        self.net.append((subject_of(to.me), package))
+
+    def deliver(self, subject: str, package: proto.Package) -> None:
+        if subject == GATEWAY:
+            for item in package.items:
+                assert isinstance(item, proto.Result)
+                if not item.code and item.rid in self.txs:
+                    self.acked.add(item.rid)
+            return
+        self.nodes[int(subject.split(".")[1])].engine.handle(package)
+
+    @initialize(values=st.lists(st.integers(1, 10**6), min_size=6, max_size=12))
     def genesis(self, values: list[int]) -> None:
-        self.issue(values)
-
-    def issue(self, values: list[int]) -> None:
         outs = [TxOutput(v, OWNERS[i % len(OWNERS)].pubkey) for i, v in enumerate(values)]
-        iss = Issuance(ISSUER.pubkey, self.nonce, outs).signed_by(ISSUER.secret)
-        self.nonce += 1
-        self.ledger.issue(iss)
-        self.known.update(zip(iss.output_ids, iss.outputs, strict=True))
-
-    @rule(values=st.lists(st.integers(1, 10**6), min_size=1, max_size=3))
-    def more_issuance(self, values: list[int]) -> None:
-        self.issue(values)
+        issuance = Issuance(ISSUER.pubkey, 0, outs).signed_by(ISSUER.secret)
+        for node in {self.owner(c).me: self.owner(c) for c in issuance.output_ids}.values():
+            self.submit(proto.Issue(0, issuance.encode()), node)
+        self.heal()
+        self.known.update(zip(issuance.output_ids, issuance.outputs, strict=True))
+        self.issued = issuance.total_msat
 
     @rule(data=st.data())
-    def start(self, data: st.DataObject) -> None:
+    def pay(self, data: st.DataObject) -> None:
+        """A payment from 1-3 coins (now and then one that never was, a wrong value or a
+        wrong key) to 1-3 outputs, sent to its coordinator."""
         pool = sorted(self.known)
         picks = data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=3, unique=True))
         if data.draw(st.integers(0, 9)) == 0:
-            picks[-1] = data.draw(st.binary(min_size=32, max_size=32))  # a coin that never was
+            picks[-1] = data.draw(st.binary(min_size=32, max_size=32))
         values = [self.known[c].value_msat if c in self.known else 7 for c in picks]
         if data.draw(st.integers(0, 9)) == 0:
-            values[0] += 1  # claims more than the coin holds
+            values[0] += 1
         total = sum(values)
         fee = data.draw(st.integers(0, min(total - 1, 1000)))
         n_out = data.draw(st.integers(1, 3))
@@ -84,76 +177,105 @@ class LedgerMachine(RuleBasedStateMachine):
         tx = Transaction([TxInput(c, v) for c, v in zip(picks, values, strict=True)], outs, fee)
         signers = [BY_PUB[self.known[c].owner] if c in self.known else OWNERS[0] for c in picks]
         if data.draw(st.integers(0, 9)) == 0:
-            signers[0] = OWNERS[(OWNERS.index(signers[0]) + 1) % len(OWNERS)]  # wrong key
+            signers[0] = OWNERS[(OWNERS.index(signers[0]) + 1) % len(OWNERS)]
         tx = sign_transaction(tx, signers)
-        if tx.txid in self.flights:
-            return
-        order = self.ledger.participants(tx)
-        rest = data.draw(st.permutations(order[1:]))
-        self.flights[tx.txid] = Flight(tx, [order[0], *rest])
+        self.rid += 1
+        self.txs[self.rid] = tx
+        self.known.update(zip(tx.output_ids, tx.outputs, strict=True))
+        self.submit(proto.Submit(self.rid, tx.encode()), self.owner(tx.inputs[0].coin_id))
 
-    def _pick(self, data: st.DataObject, outcome: str) -> Flight | None:
-        choices = [f for f in self.flights.values() if f.outcome == outcome]
-        return data.draw(st.sampled_from(choices)) if choices else None
-
-    @precondition(lambda self: any(not f.outcome for f in self.flights.values()))
+    @precondition(lambda self: bool(self.txs))
     @rule(data=st.data())
-    def prepare_next(self, data: st.DataObject) -> None:
-        flight = self._pick(data, "")
-        assert flight is not None
-        if len(flight.prepared) == len(flight.order):
-            flight.outcome = "commit" if data.draw(st.integers(0, 5)) else "abort"  # timeout
-            return
-        w = flight.order[len(flight.prepared)]
-        try:
-            self.ledger.states[w].prepare(flight.tx)
-        except (LedgerError, BadSignature):
-            flight.outcome = "abort"
-            return
-        except Exception as exc:  # a stateless rejection is a bug in the test's txs
-            raise AssertionError(f"unexpected {exc!r}") from exc
-        flight.prepared.append(w)
+    def retry(self, data: st.DataObject) -> None:
+        """A client sends a payment again, the same bytes (a new attempt if it runs)."""
+        tx = self.txs[data.draw(st.sampled_from(sorted(self.txs)))]
+        self.rid += 1
+        self.txs[self.rid] = tx
+        self.submit(proto.Submit(self.rid, tx.encode()), self.owner(tx.inputs[0].coin_id))
 
-    @precondition(lambda self: any(f.outcome for f in self.flights.values()))
+    @precondition(lambda self: bool(self.net))
     @rule(data=st.data())
-    def finish_next(self, data: st.DataObject) -> None:
-        flight = self._pick(data, "commit") or self._pick(data, "abort")
-        assert flight is not None
-        remaining = [w for w in flight.prepared if w not in flight.done]
-        if not remaining:
-            del self.flights[flight.tx.txid]
+    def deliver_one(self, data: st.DataObject) -> None:
+        """A message in flight arrives (or is lost, or arrives and comes again later)."""
+        subject, package = self.net.pop(data.draw(st.integers(0, len(self.net) - 1)))
+        fate = data.draw(st.sampled_from(["deliver"] * 8 + ["lose", "repeat"]))
+        if fate == "lose":
             return
-        w = data.draw(st.sampled_from(remaining))
-        state = self.ledger.states[w]
-        if flight.outcome == "commit":
-            vote = state.commit(flight.tx.txid)  # a YES voter can always commit
-            for cid in vote.inputs:
-                assert cid not in self.spends, "a coin was spent twice"
-                self.spends[cid] = flight.tx.txid
-            self.known.update((cid, Coin._make(coin)) for cid, coin in vote.outputs)
-        else:
-            assert state.abort(flight.tx.txid)
-        flight.done.append(w)
+        if fate == "repeat":
+            self.net.append((subject, package))
+        self.deliver(subject, package)
+
+    @rule(w=st.integers(0, WORKERS - 1))
+    def flush(self, w: int) -> None:
+        self.nodes[w].log.flush()
+
+    @rule(w=st.integers(0, WORKERS - 1))
+    def crash(self, w: int) -> None:
+        self.nodes[w].crash()
+
+    @rule(seconds=st.sampled_from([0.01, 0.1, 0.5, 2.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.now += seconds
+        for node in self.nodes:
+            node.engine.expire(self.now)
+            node.engine.ask_in_doubt(self.now)
+            node.engine.retell(self.now)
 
     @invariant()
     def states_are_consistent(self) -> None:
-        for state in self.ledger.states:
+        for node in self.nodes:
+            state = node.engine.state
             state.check_invariants()
-            for cid in state.spent:
-                assert cid not in state.coins
+            assert not state.spent.keys() & state.coins.keys(), "a coin spent and unspent"
+
+    def heal(self) -> None:
+        """No more faults: deliver everything, make logs durable, let timeouts fire."""
+        for _ in range(100):
+            while self.net:
+                self.deliver(*self.net.pop(0))
+            for node in self.nodes:
+                node.log.flush()
+            if self.net:
+                continue
+            engines = [node.engine for node in self.nodes]
+            if not any(e.coordinating or e.in_doubt or e.decided for e in engines):
+                return
+            self.now += 1.0
+            for e in engines:
+                e.expire(self.now)
+                e.ask_in_doubt(self.now, at_once=True)
+                e.retell(self.now, at_once=True)
+        raise AssertionError("the engines did not settle")
 
     def teardown(self) -> None:
-        for flight in self.flights.values():
-            for w in flight.prepared:
-                if w in flight.done:
-                    continue
-                if flight.outcome == "commit":
-                    self.ledger.states[w].commit(flight.tx.txid)
-                else:
-                    self.ledger.states[w].abort(flight.tx.txid)
-        assert not any(s.locks or s.pending for s in self.ledger.states), "a lock leaked"
-        self.ledger.check_invariants()
+        if not self.known:
+            return
+        self.heal()
+        states = [node.engine.state for node in self.nodes]
+        for state in states:
+            assert not state.locks and not state.pending, "a lock was left"
+        fees = sum(s.fees_msat for s in states)
+        assert sum(s.held_msat for s in states) + fees == self.issued, "value changed"
+        spent_by = {cid: txid for s in states for cid, txid in s.spent.items()}
+        for rid in self.acked:
+            tx = self.txs[rid]
+            for cid, _ in tx.inputs:
+                assert spent_by.get(cid) == tx.txid, "an acknowledged spend is missing"
+            for cid in tx.output_ids:
+                held = self.owner(cid).engine.state
+                assert cid in held.coins or cid in held.spent, "an acknowledged output is lost"
+        # The engines still work: an honest payment of an unspent coin commits.
+        cid, (value, owner) = next((c, coin) for s in states for c, coin in sorted(s.coins.items()))
+        key = BY_PUB[XOnlyPubKey(owner)]
+        tx = sign_transaction(
+            Transaction([TxInput(cid, value)], [TxOutput(value, key.pubkey)]), [key]
+        )
+        self.rid += 1
+        self.txs[self.rid] = tx
+        self.submit(proto.Submit(self.rid, tx.encode()), self.owner(cid))
+        self.heal()
+        assert self.rid in self.acked, "an honest payment did not commit"
 
 
-LedgerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
-TestLedgerInterleavings = LedgerMachine.TestCase
+CommitMachine.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=60, deadline=None)
+TestCommitEngine = CommitMachine.TestCase

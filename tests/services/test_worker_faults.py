@@ -25,17 +25,24 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from constellation.keys import SigningKey
+from constellation.ledger.commit import TwoPhaseCommit
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
 from constellation.sighash import sign_transaction
-from constellation.tx import Issuance, Transaction, TxInput, TxOutput
+from constellation.tx import (
+    Issuance,
+    Transaction,
+    TxInput,
+    TxOutput,
+    decode_issuance,
+    decode_transaction,
+)
 from services.partition.config import Batching
 from services.partition.metrics import WorkerMetrics
 from services.partition.verify import Check, Done, Verifiers
@@ -83,63 +90,78 @@ class Node:
     """One worker process: its ``Worker``, and what it sends into the network."""
 
     def __init__(
-        self, me: int, folder: Path, net: Net, verifiers: CrashableVerifiers | None, slow: bool
+        self,
+        me: int,
+        folder: Path,
+        cluster: Cluster,
+        verifiers: CrashableVerifiers | None,
+        slow: bool,
     ) -> None:
-        self.me, self.folder, self.net, self.verifiers = me, folder, net, verifiers
+        self.me, self.folder, self.cluster, self.verifiers = me, folder, cluster, verifiers
         # A slow disk: blocks close 5 ms late, so that much happens (crashes too) between
         # a record and its durability.
         self.blocks = Batching(64, 5_000 if slow else 0)
         self.events_path = folder / f"w{me}.events"
-        self.worker = self._start()
+        # Attempt numbers from the schedule's seed: a schedule replays exactly (save for
+        # when verifier processes answer).
+        self.attempts = random.Random(cluster.seed * WORKERS + me)
+        self.shell = self._start()
+
+    @property
+    def worker(self) -> TwoPhaseCommit:
+        return self.shell.engine
 
     def _start(self) -> Worker:
-        worker = Worker(
-            self.me,
-            PMAP,
-            frozenset([ISSUER.pubkey]),
-            BlockLog(self.folder / f"w{self.me}.log"),
-            EventLog(self.events_path),
-            self.blocks,
-            200,
-            WorkerMetrics(),
-            self._send,
-            subject_of,
-            lambda _: None,
-            self.verifiers,
+        shell = Worker(
+            me=self.me,
+            pmap=PMAP,
+            issuers=frozenset([ISSUER.pubkey]),
+            wal=BlockLog(self.folder / f"w{self.me}.log"),
+            events=EventLog(self.events_path),
+            blocks=self.blocks,
+            prepare_timeout_ms=200,
+            metrics=WorkerMetrics(),
+            send=self._send,
+            subject_of=subject_of,
+            publish=lambda _: None,
+            verifiers=self.verifiers,
+            clock=lambda: self.cluster.now,
+            draw=lambda: self.attempts.getrandbits(63),
         )
-        worker.recover()
-        return worker
+        shell.recover()
+        return shell
 
     def _send(self, subject: str, item: proto.Item, lazy: bool = False) -> None:
         # One package per item: the network may reorder, lose or repeat each of them.
-        self.net.append((subject, package(self.me, item)))
+        self.cluster.net.append((subject, package(self.me, item)))
 
     def crash(self, unsynced: int = 0) -> None:
         """kill -9: what was not durable is gone (and the last ``unsynced`` bytes of the
         events log, as in a machine's crash); then recover from the log."""
-        writer = self.worker.writer
+        writer = self.shell.writer
         if writer._timer is not None:
             writer._timer.cancel()
-        self.worker.wal.close()
+        self.shell.wal.close()
         writer.events.close()
         if unsynced:
             size = self.events_path.stat().st_size
             os.truncate(self.events_path, max(0, size - unsynced))
         if self.verifiers is not None:
             self.verifiers.incarnation += 1
-        self.worker = self._start()
-        self.worker.ask_in_doubt(time.monotonic(), at_once=True)
+        self.shell = self._start()
+        self.worker.ask_in_doubt(self.cluster.now, at_once=True)
 
 
 class Cluster:
     def __init__(
-        self, folder: Path, rng: random.Random, verifiers: list[CrashableVerifiers], slow: bool
+        self, folder: Path, seed: int, verifiers: list[CrashableVerifiers], slow: bool
     ) -> None:
-        self.rng = rng
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.now = 0.0  # the schedule's clock: a step takes a millisecond
         self.net: Net = []
         self.nodes = [
-            Node(w, folder, self.net, verifiers[w] if verifiers else None, slow)
-            for w in range(WORKERS)
+            Node(w, folder, self, verifiers[w] if verifiers else None, slow) for w in range(WORKERS)
         ]
         self.results: dict[int, list[proto.Result]] = {}
         self.txs: dict[int, Transaction] = {}
@@ -176,7 +198,7 @@ class Cluster:
         for w in sorted({self.owner(c) for c in issuance.output_ids}):
             self.nodes[w].worker.handle(package(-1, proto.Issue(0, issuance.encode())))
         for node in self.nodes:
-            node.worker.writer.flush()  # the issuance's answers, not a payment's
+            node.shell.writer.flush()  # the issuance's answers, not a payment's
         await self.settle_loop()
         self.coins.update(zip(issuance.output_ids, issuance.outputs, strict=True))
         self.live.update(issuance.output_ids)
@@ -208,6 +230,7 @@ class Cluster:
 
     async def step(self) -> None:
         """One random event of the schedule."""
+        self.now += 0.001
         roll = self.rng.random()
         if roll < 0.55 and self.net:
             subject, package = self.net.pop(self.rng.randrange(len(self.net)))
@@ -225,8 +248,8 @@ class Cluster:
         elif roll < 0.85:
             node = self.rng.choice(self.nodes)
             node.worker.expire(float("inf"))
-            node.worker.ask_in_doubt(time.monotonic(), at_once=True)
-            node.worker.retell(time.monotonic(), at_once=True)
+            node.worker.ask_in_doubt(self.now, at_once=True)
+            node.worker.retell(self.now, at_once=True)
         elif roll < 0.88:
             await asyncio.sleep(0.012)  # lazy records are written
         await self.settle_loop()
@@ -245,9 +268,9 @@ class Cluster:
                     busy = True
                     await asyncio.sleep(0.005)
                 worker.expire(float("inf"))
-                worker.ask_in_doubt(time.monotonic(), at_once=True)
-                worker.retell(time.monotonic(), at_once=True)
-                worker.writer.flush()
+                worker.ask_in_doubt(self.now, at_once=True)
+                worker.retell(self.now, at_once=True)
+                node.shell.writer.flush()
             await self.settle_loop()
             if not busy and not self.net:
                 return
@@ -288,8 +311,7 @@ async def test_random_fault_schedules_with_verifier_processes(
 
 
 async def run_schedule(tmp_path: Path, seed: int, verifiers: list[CrashableVerifiers]) -> None:
-    rng = random.Random(seed)
-    cluster = Cluster(tmp_path, rng, verifiers, slow=seed % 2 == 1)
+    cluster = Cluster(tmp_path, seed, verifiers, slow=seed % 2 == 1)
     await cluster.fund(24)
     for _ in range(400):
         await cluster.step()
@@ -335,10 +357,10 @@ async def run_schedule(tmp_path: Path, seed: int, verifiers: list[CrashableVerif
 
     # Every block's events, as the block log derives them afresh, and they add up.
     for node in cluster.nodes:
-        kept = all_events(node.worker)
+        kept = all_events(node.shell)
         node.events_path.unlink()
         node.crash()
-        assert all_events(node.worker) == kept, f"the events log differs from its blocks {why}"
+        assert all_events(node.shell) == kept, f"the events log differs from its blocks {why}"
         created: set[bytes] = set()
         spent_here: set[bytes] = set()
         prev = -1
@@ -352,6 +374,37 @@ async def run_schedule(tmp_path: Path, seed: int, verifiers: list[CrashableVerif
         assert spent_here == set(state.spent), f"events miss a spend {why}"
 
 
+async def test_a_seed_replays_exactly(tmp_path: Path) -> None:
+    """The clock and the attempt numbers come from the schedule: the same seed writes the
+    same blocks, record for record (with a fast disk; a slow one closes blocks on real
+    timers). Signatures differ: BIP340 signing draws fresh auxiliary randomness."""
+    logs = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        await run_schedule(tmp_path / run, 4, [])
+        logs.append([blocks_of(tmp_path / run / f"w{w}.log") for w in range(WORKERS)])
+    assert logs[0] == logs[1]
+    assert all(len(log) > 20 for log in logs[0])
+
+
+def blocks_of(path: Path) -> list[list[tuple[str, bytes, int]]]:
+    """Each block's records, as (kind, txid, attempt): what a replay must agree on."""
+    wal = BlockLog(path)
+    found = []
+    for block in wal.replay():
+        records = []
+        for rec in block.records:
+            if isinstance(rec, proto.Prepared):
+                records.append(("P", decode_transaction(rec.tx).txid, rec.attempt))
+            elif isinstance(rec, proto.Committed | proto.Aborted | proto.Ended):
+                records.append((type(rec).__name__, rec.txid, getattr(rec, "attempt", 0)))
+            else:
+                records.append(("I", decode_issuance(rec.issuance).issuance_id, 0))
+        found.append(records)
+    wal.close()
+    return found
+
+
 def all_events(worker: Worker) -> list[bytes]:
     return worker.writer.events.read_after(-1, 1 << 40)
 
@@ -362,7 +415,7 @@ async def test_a_late_vote_of_an_aborted_attempt_does_not_count_in_the_next(
     """Attempt A times out at the coordinator after the participant voted YES; the client
     submits the same transaction again (attempt B). A's YES arriving during B must not
     count: the participant may still refuse B (here it is in doubt about A, so it must)."""
-    cluster = Cluster(tmp_path, random.Random(0), [], slow=False)
+    cluster = Cluster(tmp_path, 0, [], slow=False)
     await cluster.fund(24)
     a = next(c for c in sorted(cluster.live) if cluster.owner(c) == 0)
     b = next(c for c in sorted(cluster.live) if cluster.owner(c) == 1)
@@ -375,7 +428,7 @@ async def test_a_late_vote_of_an_aborted_attempt_does_not_count_in_the_next(
     signed = sign_transaction(tx, [BY_PUB[c.owner] for c in coins])
     w0, w1 = cluster.nodes[0].worker, cluster.nodes[1].worker
 
-    async def run(item: proto.Item, worker: Worker, sender: int) -> list[proto.Item]:
+    async def run(item: proto.Item, worker: TwoPhaseCommit, sender: int) -> list[proto.Item]:
         worker.handle(package(sender, item))
         await cluster.settle_loop()
         sent = [i for _, p in cluster.net for i in p.items]
@@ -399,7 +452,7 @@ async def test_a_late_vote_of_an_aborted_attempt_does_not_count_in_the_next(
     assert result.rid == 2 and result.code == "ledger.in_flight"
     assert proto.Decide(signed.txid, False, prepare_b.attempt) in sent
     assert not w0.state.locks and w1.state.locks  # worker 1 waits to learn A's outcome
-    w1.ask_in_doubt(time.monotonic(), at_once=True)
+    w1.ask_in_doubt(cluster.now, at_once=True)
     [ask] = [i for _, p in cluster.net for i in p.items]
     cluster.net.clear()
     [abort_a] = await run(ask, w0, 1)
