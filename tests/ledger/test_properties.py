@@ -277,5 +277,7 @@ class CommitMachine(RuleBasedStateMachine):
         assert self.rid in self.acked, "an honest payment did not commit"
 
 
-CommitMachine.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=60, deadline=None)
+CommitMachine.TestCase.settings = settings(
+    max_examples=EXAMPLES, stateful_step_count=60, deadline=None
+)
 TestCommitEngine = CommitMachine.TestCase

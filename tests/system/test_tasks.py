@@ -172,7 +172,7 @@ async def test_each_kind_of_task_dies_is_seen_and_comes_back(
     assert worker.worker is not None and worker.nc is not None
     assert gateway.api is not None and indexer.follower is not None
     cases: list[tuple[OpsServer, str, object, str]] = [
-        (worker.ops, "tick", worker.worker, "expire"),
+        (worker.ops, "tick", worker.worker.engine, "expire"),
         (worker.ops, "events", proto, "encode_events"),
         (worker.ops, "packages", worker.nc, "publish"),
         (gateway.ops, "packages", gateway.api.ledger.nc, "publish"),
