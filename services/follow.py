@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from constellation.errors import MessageError
 from constellation.protocol import ledger as proto
-from services.partition.transport import events_subject, query_subject
+from services.bus import events_subject, query_subject
 
 POLL_S = 1.0  # each worker's log is read this often, whatever was published
 LIVE_QUEUE = 1024  # published messages waiting; beyond, the oldest are left to the logs

@@ -15,6 +15,7 @@ import gc
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -25,6 +26,8 @@ import uvloop
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+OPERATOR_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
 class ConfigError(ValueError):
@@ -49,6 +52,13 @@ def env_int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -
     if not lo <= value <= hi:
         raise ConfigError(f"{name} must be in {lo}..{hi}, got {value}")
     return value
+
+
+def env_operator(env: Mapping[str, str], name: str) -> str:
+    operator = env_str(env, name, "local")
+    if not OPERATOR_RE.match(operator):
+        raise ConfigError(f"{name} must match {OPERATOR_RE.pattern}, got {operator!r}")
+    return operator
 
 
 def env_addr(env: Mapping[str, str], name: str, default: str) -> tuple[str, int]:

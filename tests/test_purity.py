@@ -1,4 +1,6 @@
-"""The core stays pure by rule: no I/O frameworks, no event loop, no clock."""
+"""The core stays pure by rule: no I/O frameworks, no event loop, no clock, no global
+randomness (a seeded run replays exactly), no threads or processes, and nothing of the
+services (the core never imports its shells)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,22 @@ import ast
 from pathlib import Path
 
 CORE = Path(__file__).parents[1] / "constellation"
-FORBIDDEN = {"asyncio", "nats", "aiohttp", "asyncpg", "redis", "socket", "time", "kopf"}
+FORBIDDEN = {
+    "asyncio",
+    "nats",
+    "aiohttp",
+    "asyncpg",
+    "redis",
+    "socket",
+    "time",
+    "kopf",
+    "random",
+    "threading",
+    "multiprocessing",
+    "subprocess",
+    "logging",
+    "services",
+}
 
 
 def imported_roots(path: Path) -> set[str]:

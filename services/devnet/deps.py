@@ -19,9 +19,9 @@ import nats
 
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol.envelope import Membership
+from services.bus import load_map, publish_map
 from services.devnet.procs import Spec, alive, free_port, launch, stop_pid, wait_ready, wait_tcp
 from services.devnet.state import Devnet, DevnetError, SignerProc, WorkerProc
-from services.partition.transport import load_map, publish_map
 from services.signer.config import save_members
 from services.signer.store import KeyStore
 
@@ -131,7 +131,7 @@ def gateway_spec(net: Devnet) -> Spec:
 def indexer_spec(net: Devnet) -> Spec:
     # The index follows the ledger; where they share cores, indexing yields to commits
     # (it catches up when the load drops) rather than delaying them.
-    argv = ["nice", "-n", "10", sys.executable, "-m", "services.gateway.indexer"]
+    argv = ["nice", "-n", "10", sys.executable, "-m", "services.indexer"]
     return Spec("indexer", argv, net.indexer_env(), Path(net.dir) / "indexer.log")
 
 

@@ -1,1 +1,1 @@
-"""The public API: transactions in, receipts, lookups, websocket pushes, the history index."""
+"""The public API: transactions in, receipts, lookups, websocket pushes."""

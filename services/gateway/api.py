@@ -41,12 +41,12 @@ from services.gateway.errors import (
     error_response,
     json_response,
 )
-from services.gateway.index import Index
-from services.gateway.ledger import LedgerClient, LedgerUnavailable
 from services.gateway.limits import Limits
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import openapi
 from services.gateway.ws import Pushes
+from services.indexer.store import Index
+from services.partition.client import LedgerClient, LedgerUnavailable
 
 log = logging.getLogger("gateway.api")
 

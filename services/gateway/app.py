@@ -7,11 +7,11 @@ import logging
 
 from services.gateway.api import Api
 from services.gateway.config import Settings
-from services.gateway.index import Index
-from services.gateway.ledger import LedgerClient
 from services.gateway.limits import Limits
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.ws import Pushes
+from services.indexer.store import Index
+from services.partition.client import LedgerClient
 from services.runtime import OpsServer
 
 log = logging.getLogger("gateway")

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from constellation.address import Network
-from services.partition.config import Batching, env_operator
-from services.runtime import ConfigError, env_addr, env_int, env_str
+from services.bus import Batching
+from services.runtime import ConfigError, env_addr, env_int, env_operator, env_str
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from constellation.errors import DecodeError
 from constellation.protocol import ledger as proto
 from services.follow import QUERY_TIMEOUT_S, Follower, FollowMetrics
 from services.gateway.errors import TOO_LARGE
-from services.gateway.ledger import LedgerClient
 from services.gateway.metrics import GatewayMetrics
+from services.partition.client import LedgerClient
 from services.runtime import Tasks
 
 MAX_SUBSCRIPTIONS = 1000

@@ -19,15 +19,15 @@ from nats.errors import Error as NatsError
 
 from constellation.errors import MessageError
 from constellation.protocol import ledger as proto
-from services.partition.config import Settings
-from services.partition.metrics import WorkerMetrics
-from services.partition.transport import (
+from services.bus import (
     Packer,
     await_map,
     events_subject,
     query_subject,
     worker_subject,
 )
+from services.partition.config import Settings
+from services.partition.metrics import WorkerMetrics
 from services.partition.verify import Verifiers
 from services.partition.wal import BlockLog, EventLog
 from services.partition.worker import Worker

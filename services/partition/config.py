@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from constellation.keys import is_valid_xonly
-from services.runtime import ConfigError, env_addr, env_int, env_str
-
-OPERATOR_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-
-
-def env_operator(env: Mapping[str, str], name: str) -> str:
-    operator = env_str(env, name, "local")
-    if not OPERATOR_RE.match(operator):
-        raise ConfigError(f"{name} must match {OPERATOR_RE.pattern}, got {operator!r}")
-    return operator
+from services.bus import Batching
+from services.runtime import ConfigError, env_addr, env_int, env_operator, env_str
 
 
 def env_keys(env: Mapping[str, str], name: str) -> frozenset[bytes]:
@@ -34,23 +25,6 @@ def env_keys(env: Mapping[str, str], name: str) -> frozenset[bytes]:
             raise ConfigError(f"{name}: {part!r} is not a BIP340 public key")
         keys.add(key)
     return frozenset(keys)
-
-
-@dataclass(frozen=True)
-class Batching:
-    """How packages and blocks close: at ``max_items`` or ``deadline_us`` after the first
-    item, whichever comes first; a deadline of 0 closes at the end of the event loop's
-    current turn (when everything that had already arrived has been handled)."""
-
-    max_items: int
-    deadline_us: int
-
-    @staticmethod
-    def from_env(env: Mapping[str, str], prefix: str, max_items: int, deadline_us: int) -> Batching:
-        return Batching(
-            env_int(env, f"{prefix}_MAX", max_items, 1, 1_000_000),
-            env_int(env, f"{prefix}_DEADLINE_US", deadline_us, 0, 1_000_000),
-        )
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from constellation.ledger.commit import Send, TwoPhaseCommit, Verifier
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
-from services.partition.config import Batching
+from services.bus import Batching
 from services.partition.metrics import WorkerMetrics
 from services.partition.wal import BlockLog, EventLog
 

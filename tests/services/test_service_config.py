@@ -23,7 +23,7 @@ import pytest
             {"GATEWAY_DATABASE_URL": "postgresql://x", "GATEWAY_RATE_PER_S": "fast"},
             "GATEWAY_RATE_PER_S",
         ),
-        ("services.gateway.indexer", {}, "INDEXER_DATABASE_URL must be set"),
+        ("services.indexer", {}, "INDEXER_DATABASE_URL must be set"),
     ],
 )
 def test_bad_configuration_is_refused(module: str, env: dict[str, str], says: str) -> None:

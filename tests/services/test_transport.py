@@ -9,8 +9,7 @@ from typing import Any, cast
 from nats.aio.client import Client
 
 from constellation.protocol import ledger as proto
-from services.partition.config import Batching
-from services.partition.transport import LAZY_S, Packer
+from services.bus import LAZY_S, Batching, Packer
 
 
 class Recorder:

@@ -43,7 +43,7 @@ from constellation.tx import (
     decode_issuance,
     decode_transaction,
 )
-from services.partition.config import Batching
+from services.bus import Batching
 from services.partition.metrics import WorkerMetrics
 from services.partition.verify import Check, Done, Verifiers
 from services.partition.wal import BlockLog, EventLog

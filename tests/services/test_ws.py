@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry
 from constellation.address import Network, encode_address
 from constellation.keys import SigningKey
 from constellation.protocol import ledger as proto
-from services.gateway.ledger import LedgerClient
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.ws import WS_QUEUE, Pushes
+from services.partition.client import LedgerClient
 from services.runtime import Tasks
 
 

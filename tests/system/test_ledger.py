@@ -23,8 +23,8 @@ from constellation.keys import SigningKey
 from constellation.protocol import ledger as proto
 from constellation.tx import MAX_OUTPUTS, Issuance, TxOutput
 from services import devnet
-from services.gateway.index import Index
-from services.partition.transport import GATEWAY, worker_subject
+from services.bus import GATEWAY, worker_subject
+from services.indexer.store import Index
 from services.wallet import Gateway, GatewayError
 from tests.system.operator import Operator, pay, post
 

@@ -30,14 +30,14 @@ from constellation.keys import SigningKey
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
 from constellation.tx import Issuance, TxOutput
+from services.bus import publish_map
 from services.follow import Follower, FollowMetrics
 from services.gateway.app import GatewayNode
 from services.gateway.config import Settings as GatewaySettings
-from services.gateway.indexer import Indexer
-from services.gateway.indexer import Settings as IndexerSettings
+from services.indexer.app import Indexer
+from services.indexer.config import Settings as IndexerSettings
 from services.partition.app import WorkerNode
 from services.partition.config import Settings as WorkerSettings
-from services.partition.transport import publish_map
 from services.runtime import OpsServer
 from services.wallet import Gateway
 from tests.system.operator import Operator, pay

@@ -16,9 +16,9 @@ from constellation.errors import MessageError
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
 from constellation.tx import Issuance, Transaction
-from services.partition.config import Batching
-from services.partition.transport import (
+from services.bus import (
     GATEWAY,
+    Batching,
     Packer,
     load_map,
     query_subject,

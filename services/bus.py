@@ -1,4 +1,5 @@
-"""Subjects, the partition map in NATS KV, and packages: items batched per destination."""
+"""What the services share on NATS: subjects, the partition map in NATS KV, and
+packages (items batched per destination, closed by size or deadline)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
@@ -15,7 +17,25 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from constellation.ledger.pmap import PartitionMap, decode_map
 from constellation.protocol.ledger import PROTOCOL_VERSION, Item, Package, encode
-from services.partition.config import Batching
+from services.runtime import env_int
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How packages and blocks close: at ``max_items`` or ``deadline_us`` after the first
+    item, whichever comes first; a deadline of 0 closes at the end of the event loop's
+    current turn (when everything that had already arrived has been handled)."""
+
+    max_items: int
+    deadline_us: int
+
+    @staticmethod
+    def from_env(env: Mapping[str, str], prefix: str, max_items: int, deadline_us: int) -> Batching:
+        return Batching(
+            env_int(env, f"{prefix}_MAX", max_items, 1, 1_000_000),
+            env_int(env, f"{prefix}_DEADLINE_US", deadline_us, 0, 1_000_000),
+        )
+
 
 MAP_KEY = "partition-map"
 LAZY_S = 0.05  # how long an item nobody waits for may wait for a package that goes anyway

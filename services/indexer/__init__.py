@@ -1,0 +1,1 @@
+"""The indexer: the history index in PostgreSQL, which follows the workers' logs."""

@@ -1,0 +1,58 @@
+"""The indexer's wiring: the store, NATS, following every worker's events log, ops."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+from nats.aio.client import Client
+from prometheus_client import CollectorRegistry
+
+from services.bus import await_map, drop_legacy_events_stream
+from services.follow import Follower, FollowMetrics
+from services.indexer.config import Settings
+from services.indexer.store import Index
+from services.runtime import OpsServer, nats_error
+
+log = logging.getLogger("indexer")
+
+
+class Indexer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        registry = CollectorRegistry()
+        self.metrics = FollowMetrics(registry, "indexer")
+        self.ops = OpsServer(registry, self.ready)
+        self.nc: Client | None = None
+        self.follower: Follower | None = None
+
+    def ready(self) -> tuple[bool, str]:
+        if self.nc is None or not self.nc.is_connected:
+            return False, "not connected to NATS"
+        if self.follower is None:
+            return False, "starting"
+        return self.follower.progress(self.settings.max_behind, self.settings.stall_s)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        await self.ops.start(s.http_host, s.http_port)
+        index = await Index.open(s.database_url)
+        nc = self.nc = await nats.connect(
+            s.nats_url, name=f"indexer-{s.operator}", max_reconnect_attempts=-1, error_cb=nats_error
+        )
+        pmap = await await_map(nc, s.operator)
+        await drop_legacy_events_stream(nc, s.operator)
+        self.follower = Follower(
+            nc, s.operator, pmap.workers, await index.cursors(), index.store, self.metrics
+        )
+        self.ops.tasks.start("follow", self.follower.run)
+        log.info(
+            "indexer ready",
+            extra={"http_port": self.ops.port, "cursors": self.follower.cursor},
+        )
+        await stop.wait()
+        await self.ops.tasks.stop()  # a block stored, its cursor not yet: stored again
+        await nc.close()
+        await index.close()
+        await self.ops.stop()
