@@ -21,8 +21,8 @@ from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 
 from constellation.keys import schnorr_verify
+from constellation.ledger.commit import Check
 
-Check = tuple[bytes, bytes, bytes]  # (x-only key, message, signature)
 # The position of the first check that failed, -1 if none did; None if it went unchecked.
 Done = Callable[[int | None], None]
 

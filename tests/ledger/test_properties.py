@@ -26,7 +26,15 @@ from constellation.ledger.commit import TwoPhaseCommit
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
 from constellation.sighash import sign_transaction
-from constellation.tx import Issuance, Transaction, TxInput, TxOutput, partition_of
+from constellation.tx import (
+    Issuance,
+    Transaction,
+    TxInput,
+    TxOutput,
+    decode_issuance,
+    decode_transaction,
+    partition_of,
+)
 from tests.strategies import KEYS
 
 ISSUER = KEYS[7]
@@ -281,3 +289,47 @@ CommitMachine.TestCase.settings = settings(
     max_examples=EXAMPLES, stateful_step_count=60, deadline=None
 )
 TestCommitEngine = CommitMachine.TestCase
+
+
+def summary(record: proto.Record) -> tuple[str, bytes, int]:
+    """A record as (kind, txid, attempt): signatures differ between runs (BIP340 signing
+    draws fresh auxiliary randomness), nothing else may."""
+    if isinstance(record, proto.Prepared):
+        return "P", decode_transaction(record.tx).txid, record.attempt
+    if isinstance(record, proto.Committed):
+        return ("C" if record.tx else "c"), record.txid, record.attempt
+    if isinstance(record, proto.Aborted | proto.Ended):
+        return type(record).__name__, record.txid, 0
+    return "I", decode_issuance(record.issuance).issuance_id, 0
+
+
+def test_the_engine_replays_a_run_exactly() -> None:
+    """The engines read no clock and draw no number of their own: the same inputs give
+    the same messages and the same logs, attempt numbers included."""
+
+    def run(seed: int) -> list[list[list[tuple[str, bytes, int]]]]:
+        rng = random.Random(seed)
+        machine = CommitMachine()
+        for node in machine.nodes:
+            node.attempts.seed(seed * WORKERS + node.me)
+        machine.genesis([rng.randrange(1_000, 10**6) for _ in range(12)])
+        for _ in range(40):
+            cid = rng.choice(sorted(c for n in machine.nodes for c in n.engine.state.coins))
+            value, owner = machine.owner(cid).engine.state.coins[cid]
+            key = BY_PUB[XOnlyPubKey(owner)]
+            to = rng.choice(OWNERS).pubkey
+            tx = Transaction([TxInput(cid, value)], [TxOutput(value, to)])
+            machine.rid += 1
+            machine.txs[machine.rid] = tx
+            machine.submit(
+                proto.Submit(machine.rid, sign_transaction(tx, [key]).encode()), machine.owner(cid)
+            )
+            machine.heal()
+        machine.teardown()
+        return [[[summary(r) for r in block] for block in n.blocks] for n in machine.nodes]
+
+    first = run(1)
+    assert run(1) == first
+    assert run(2) != first
+    attempts = {a for blocks in first for block in blocks for kind, _, a in block if kind == "C"}
+    assert len(attempts) > 10  # cross-worker commits, each with its drawn attempt

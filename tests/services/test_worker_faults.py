@@ -40,8 +40,6 @@ from constellation.tx import (
     Transaction,
     TxInput,
     TxOutput,
-    decode_issuance,
-    decode_transaction,
 )
 from services.bus import Batching
 from services.partition.metrics import WorkerMetrics
@@ -372,37 +370,6 @@ async def run_schedule(tmp_path: Path, seed: int, verifiers: list[CrashableVerif
         state = node.worker.state
         assert created - spent_here == set(state.coins), f"events miss a change {why}"
         assert spent_here == set(state.spent), f"events miss a spend {why}"
-
-
-async def test_a_seed_replays_exactly(tmp_path: Path) -> None:
-    """The clock and the attempt numbers come from the schedule: the same seed writes the
-    same blocks, record for record (with a fast disk; a slow one closes blocks on real
-    timers). Signatures differ: BIP340 signing draws fresh auxiliary randomness."""
-    logs = []
-    for run in ("a", "b"):
-        (tmp_path / run).mkdir()
-        await run_schedule(tmp_path / run, 4, [])
-        logs.append([blocks_of(tmp_path / run / f"w{w}.log") for w in range(WORKERS)])
-    assert logs[0] == logs[1]
-    assert all(len(log) > 20 for log in logs[0])
-
-
-def blocks_of(path: Path) -> list[list[tuple[str, bytes, int]]]:
-    """Each block's records, as (kind, txid, attempt): what a replay must agree on."""
-    wal = BlockLog(path)
-    found = []
-    for block in wal.replay():
-        records = []
-        for rec in block.records:
-            if isinstance(rec, proto.Prepared):
-                records.append(("P", decode_transaction(rec.tx).txid, rec.attempt))
-            elif isinstance(rec, proto.Committed | proto.Aborted | proto.Ended):
-                records.append((type(rec).__name__, rec.txid, getattr(rec, "attempt", 0)))
-            else:
-                records.append(("I", decode_issuance(rec.issuance).issuance_id, 0))
-        found.append(records)
-    wal.close()
-    return found
 
 
 def all_events(worker: Worker) -> list[bytes]:
