@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from constellation.keys import SigningKey
-from constellation.ledger.commit import TwoPhaseCommit
+from constellation.ledger.commit import Check, TwoPhaseCommit
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
 from constellation.sighash import sign_transaction
@@ -43,7 +43,7 @@ from constellation.tx import (
 )
 from services.bus import Batching
 from services.partition.metrics import WorkerMetrics
-from services.partition.verify import Check, Done, Verifiers
+from services.partition.verify import Done, Verifiers
 from services.partition.wal import BlockLog, EventLog
 from services.partition.worker import Worker
 
