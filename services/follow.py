@@ -166,8 +166,11 @@ class Follower:
                 self.turned_at = loop.time()
                 wait = poll_at - loop.time()
                 if not self._live and not self._behind and wait > 0:
+                    # Not wait_for: in Python 3.11 it can swallow a cancel that comes as
+                    # the event is set, and this loop would outlive its stop.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), wait)
+                        async with asyncio.timeout(wait):
+                            await self._wake.wait()
                 self._wake.clear()
                 gaps = await self._take_live()
                 poll = loop.time() >= poll_at

@@ -78,7 +78,8 @@ class Pushes:
                 )
                 self.tasks.start(TASK, follower.run)
                 try:  # a worker that does not answer is read from where it is once it does
-                    await asyncio.wait_for(follower.started.wait(), QUERY_TIMEOUT_S + 1)
+                    async with asyncio.timeout(QUERY_TIMEOUT_S + 1):
+                        await follower.started.wait()
                 except TimeoutError:
                     log.warning("pushes follow without every log's end")
             elif not self.sockets and self.follower is not None:
