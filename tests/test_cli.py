@@ -1,4 +1,4 @@
-"""The ledger benchmark, run end to end."""
+"""The ledger and worker benchmarks, run end to end."""
 
 from __future__ import annotations
 
@@ -37,3 +37,19 @@ def test_ledger_benchmark_writes_its_figures(tmp_path: Path) -> None:
         "sig_ratio",
     ):
         assert figures[key] > 0
+
+
+def test_worker_benchmark_commits_every_payment_and_writes_its_figures(tmp_path: Path) -> None:
+    """bench/worker.py asserts that every payment it sends commits."""
+    path = tmp_path / "worker.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "worker.py"),
+            *("--json", str(path), "--runs", "1", "--payments", "500", "--package", "50"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    figures = json.loads(path.read_text())
+    assert 0 < figures["cpu_us_per_tx"] < 100_000 and figures["package"] == 50

@@ -253,11 +253,16 @@ class Cluster:
         await self.settle_loop()
 
     async def heal(self) -> None:
-        """No more faults: deliver everything, fire timeouts, until nothing moves."""
+        """No more faults: deliver everything and write every block, until nothing
+        moves; then fire timeouts (what could still finish has finished), and again."""
         for _ in range(200):
             while self.net:
                 self.deliver(*self.net.pop(0))
                 await self.settle_loop()
+                if not self.net:
+                    for node in self.nodes:
+                        node.shell.writer.flush()
+                    await self.settle_loop()
             busy = False
             for node in self.nodes:
                 worker = node.worker
