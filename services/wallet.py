@@ -65,14 +65,21 @@ class Gateway:
         return await self.post("/v1/issuance", issuance.encode())
 
     async def coins(self, address: str) -> dict[bytes, Coin]:
-        doc = await self.get(f"/v1/address/{address}/coins?limit=500")
+        """Every unspent coin of ``address``, page by page."""
         # The wallet's own address: its network is whatever its prefix says.
         owner = decode_address(address, address.rpartition("1")[0].lower())
-        return {
-            bytes.fromhex(c["coin_id"]): Coin(c["value_msat"], owner)
-            for c in doc["coins"]
-            if c["status"] == "unspent"
-        }
+        found: dict[bytes, Coin] = {}
+        after = 0
+        while True:
+            doc = await self.get(f"/v1/address/{address}/coins?limit=500&after={after}")
+            found.update(
+                (bytes.fromhex(c["coin_id"]), Coin(c["value_msat"], owner))
+                for c in doc["coins"]
+                if c["status"] == "unspent"
+            )
+            if "next" not in doc:
+                return found
+            after = doc["next"]
 
     async def history(self, address: str, limit: int = 50) -> list[dict[str, Any]]:
         doc = await self.get(f"/v1/address/{address}/history?limit={limit}")

@@ -426,16 +426,22 @@ class Api:
         return _decimal(request, "limit", 1, HISTORY_LIMIT, 50)
 
     async def get_coins(self, request: web.Request) -> web.Response:
-        """The address's unspent coins: found in the index, confirmed by their workers."""
+        """The address's unspent coins, a page at a time (``after``: the previous page's
+        ``next``): found in the index, confirmed by their workers."""
         owner = self._owner(request)
-        indexed = await self.index.unspent(owner, self._limit(request))
-        infos = await self._coin_infos([cid for cid, _ in indexed]) if indexed else {}
+        limit = self._limit(request)
+        after = _decimal(request, "after", 0, MAX_CURSOR, 0)
+        indexed = await self.index.unspent(owner, limit, after)
+        infos = await self._coin_infos([cid for _, cid, _ in indexed]) if indexed else {}
         coins = [
             {"coin_id": cid.hex(), "value_msat": infos[cid].value_msat, "status": infos[cid].status}
-            for cid, _ in indexed
+            for _, cid, _ in indexed
             if infos[cid].status in ("unspent", "locked")
         ]
-        return json_response({"address": request.match_info["address"], "coins": coins})
+        doc: dict[str, Any] = {"address": request.match_info["address"], "coins": coins}
+        if len(indexed) == limit:
+            doc["next"] = indexed[-1][0]
+        return json_response(doc)
 
     async def get_history(self, request: web.Request) -> web.Response:
         owner = self._owner(request)

@@ -67,6 +67,12 @@ BEFORE = {
     "description": "a history cursor: the seq of the last entry of the previous page",
     "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
 }
+AFTER = {
+    "name": "after",
+    "in": "query",
+    "description": "a coins cursor: the previous page's next (coins come oldest first)",
+    "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+}
 # bech32m: the network's prefix, "1", then data; never a "/" or "%" in it.
 ADDRESS = _path_param("address", {"type": "string", "pattern": "^[0-9A-Za-z]{1,90}$"})
 IDEMPOTENCY_KEY = {
@@ -189,14 +195,20 @@ def openapi() -> dict[str, Any]:
             },
             "/v1/address/{address}/coins": {
                 "get": {
-                    "summary": "An address's unspent coins",
-                    "parameters": [ADDRESS, LIMIT],
+                    "summary": "An address's unspent coins, a page at a time",
+                    "parameters": [ADDRESS, LIMIT, AFTER],
                     "responses": {
                         "200": _json(
                             _object(
                                 ["address", "coins"],
                                 address={"type": "string"},
                                 coins={"type": "array", "items": COIN_OUT},
+                                next={
+                                    "type": "integer",
+                                    "minimum": 0,
+                                    "description": "present while there may be more: the"
+                                    " cursor (after) of the next page",
+                                },
                             ),
                             "the coins",
                         ),

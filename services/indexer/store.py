@@ -127,15 +127,19 @@ class Index:
             for r in rows
         ]
 
-    async def unspent(self, owner: bytes, limit: int) -> list[tuple[bytes, int]]:
+    async def unspent(
+        self, owner: bytes, limit: int, after: int = 0
+    ) -> list[tuple[int, bytes, int]]:
+        """(seq, coin_id, value) of the owner's unspent coins after ``after``, oldest first."""
         rows = await self.pool.fetch(
-            "SELECT c.coin_id, c.value_msat FROM coin_events c WHERE c.owner = $1 AND c.created"
-            " AND NOT EXISTS (SELECT 1 FROM coin_events s WHERE s.coin_id = c.coin_id"
-            " AND NOT s.created) ORDER BY c.seq LIMIT $2",
+            "SELECT c.seq, c.coin_id, c.value_msat FROM coin_events c WHERE c.owner = $1"
+            " AND c.created AND c.seq > $3 AND NOT EXISTS (SELECT 1 FROM coin_events s"
+            " WHERE s.coin_id = c.coin_id AND NOT s.created) ORDER BY c.seq LIMIT $2",
             owner,
             limit,
+            after,
         )
-        return [(r["coin_id"], int(r["value_msat"])) for r in rows]
+        return [(r["seq"], r["coin_id"], int(r["value_msat"])) for r in rows]
 
     async def tx(self, txid: bytes) -> dict[str, Any] | None:
         row = await self.pool.fetchrow(
