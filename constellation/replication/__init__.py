@@ -1,0 +1,1 @@
+"""Replication across the guild: every shard's log copied at every operator."""
