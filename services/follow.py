@@ -60,12 +60,6 @@ class FollowMetrics:
             ["worker"],
             registry=registry,
         )
-        self.behind = Gauge(
-            f"{prefix}_behind_blocks",
-            "how many heights the stored blocks are behind the worker's log",
-            ["worker"],
-            registry=registry,
-        )
         self.blocks = Counter(
             f"{prefix}_blocks",
             "blocks of events stored, by where they came from (live or log)",
@@ -286,4 +280,3 @@ class Follower:
         label = str(worker)
         self.metrics.stored.labels(label).set(self.cursor[worker])
         self.metrics.log_height.labels(label).set(self.last.get(worker, -1))
-        self.metrics.behind.labels(label).set(self.behind(worker))

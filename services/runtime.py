@@ -24,6 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 import uvloop
 from aiohttp import web
+from nats.errors import Error as NatsError
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -123,7 +124,12 @@ def unhandled(exc: BaseException, where: str) -> None:
 
 
 async def nats_error(exc: Exception) -> None:
-    """The NATS client's ``error_cb``: its subscriptions' callbacks end up here."""
+    """The NATS client's ``error_cb``. A lost or refused connection is said in one line
+    (the client reconnects by itself); anything else came from a subscription's callback
+    that nothing handled."""
+    if isinstance(exc, NatsError | OSError):
+        _log.warning("nats connection", extra={"error": repr(exc)})
+        return
     unhandled(exc, "nats")
 
 

@@ -183,7 +183,8 @@ class TwoPhaseCommit:
                     state.prepare(tx, verify=False)
                     if others := self._involved(tx):
                         self.decided[rec.txid] = Decided(rec.attempt, others)
-                    committed.append((rec.txid, tx.fee_msat))
+                    if derive:
+                        committed.append((rec.txid, tx.fee_msat))
                 else:
                     self.in_doubt.pop(rec.txid, None)
                 if derive:
@@ -199,7 +200,7 @@ class TwoPhaseCommit:
                 state.issue(issuance)
                 if derive:
                     changes += self._issued_changes(issuance)
-        return (changes, committed) if derive else ([], [])
+        return changes, committed
 
     # -- routing -------------------------------------------------------------------------
 

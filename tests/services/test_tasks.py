@@ -9,10 +9,11 @@ import itertools
 import logging
 
 import pytest
+from nats.errors import UnexpectedEOF
 from prometheus_client import CollectorRegistry
 
 from services import runtime
-from services.runtime import Tasks
+from services.runtime import Tasks, nats_error
 
 
 def failures(registry: CollectorRegistry, task: str) -> float:
@@ -105,3 +106,18 @@ async def test_a_task_stopped_while_it_waits_to_restart_is_no_longer_down(
     assert "fails" in tasks.down
     await tasks.stop("fails")
     assert not tasks.down  # a service that stopped it is not kept unready by it
+
+
+async def test_nats_errors_say_a_lost_connection_in_a_line_and_a_callbacks_bug_in_full(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, "runtime"):
+        await nats_error(UnexpectedEOF())
+        await nats_error(ConnectionRefusedError("refused"))
+        await nats_error(ValueError("a subscription callback's bug"))
+    lines = [(r.levelname, r.getMessage(), bool(r.exc_info)) for r in caplog.records]
+    assert lines == [
+        ("WARNING", "nats connection", False),
+        ("WARNING", "nats connection", False),
+        ("ERROR", "unhandled error", True),
+    ]
