@@ -1,6 +1,6 @@
-"""The read side never loses a payment: under load, with workers, the indexer and the
-gateway killed with ``kill -9`` (and restarted by the devnet's supervisor), every
-committed transaction ends up in the index, and the index agrees with the ledger.
+"""The read side never loses a payment: under load, with every kind of process killed
+with ``kill -9`` (and restarted by the devnet's supervisor), every committed transaction
+ends up in the index, the index agrees with the ledger, and every service is ready.
 
 The truth is the ledger: a payment is committed if and only if the worker holding its
 input says the coin is spent by it. The index must then answer, for every payment and
@@ -137,9 +137,10 @@ def kill(op: Operator, name: str) -> None:
 
 
 async def kills(op: Operator) -> list[str]:
-    """Each worker three times, the indexer and the gateway once, spread over the load."""
-    plan = ["worker-0", "worker-1", "indexer", "worker-0", "gateway", "worker-1"]
-    plan += ["worker-0", "worker-1"]
+    """Each worker three times; the indexer, the gateway, NATS, PostgreSQL and Redis once;
+    spread over the load."""
+    plan = ["worker-0", "worker-1", "indexer", "worker-0", "nats", "gateway", "worker-1"]
+    plan += ["postgres", "worker-0", "redis", "worker-1"]
     done = []
     for name in plan:
         await asyncio.sleep(CALM_S)
