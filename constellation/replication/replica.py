@@ -1,0 +1,965 @@
+"""One copy of a shard: the guild's replication protocol as a deterministic state machine.
+
+A shard is one worker's block log. Every operator keeps two copies of it; the copies
+form one replication group (a modified Raft, ``notes/replication.md``):
+
+* **Blocks.** The leader executes, seals and signs blocks: each header names its term
+  and height, chains to the previous header's hash and carries the state root after the
+  block. A copy stores a block only after checking it (chain, signature, body hash) and
+  executing it against its own state: the root must come out equal. It then acks, signed,
+  once the block is durable (``Ready``'s writes come before its messages). An invalid
+  block is refused and stays refused.
+* **Confirmation.** A block is confirmed when ``Quorums.confirm`` copies (a majority of
+  operators) have acked it or a later block in the leader's term; earlier blocks are
+  confirmed with it. Nothing acts on an unconfirmed block: ``Ready.confirmed`` is what
+  the application may answer for. Up to ``window`` blocks are in flight per copy.
+* **Leadership.** Copies have a preference: the owner's first copy, then its twin, then
+  the other operators' copies. Election timeouts follow it (the twin's is short, the
+  others' three times longer), and a leader hands leadership to a more preferred copy
+  once that copy has its whole log (``TimeoutNow``). An election: PreVote first (no term
+  is spent unless ``Quorums.elect`` copies would vote), then votes, one per copy per
+  term, persisted before it is sent, for a candidate whose log is at least as up to date.
+  A copy that heard from its leader within the election timeout votes for nobody (the
+  lease; a leader that does not hear from enough copies for as long steps down:
+  CheckQuorum). A new leader proves its election to every copy with the signed votes (the
+  certificate) and writes an empty block of its own term at once, which confirms what
+  earlier leaders left.
+* **Catching up.** A copy behind the leader's log gets a snapshot (the state after a
+  confirmed block, whose signed header carries its root: the copy checks the root) and
+  then the blocks after it. Every copy snapshots its own state every ``snapshot_every``
+  confirmed blocks, when nothing unconfirmed is applied (a leader pauses for that), and
+  keeps ``keep`` blocks behind it for copies slightly behind.
+* **Evidence.** A copy remembers the headers it saw and gossips its latest one to the
+  copies of other operators; two headers one operator signed at one (term, height), or
+  two votes one copy signed in one term, are a proof. A copy holding a proof against an
+  operator excludes it: it no longer follows, votes for or counts the copies of that
+  operator, so the others take leadership of its shards.
+
+Pure: time and randomness come in (``clock``, ``draw``), signing is ``sign``, the state
+machine being replicated is an ``Executor``. The shell persists ``Ready``'s writes, then
+sends its messages, then calls ``stored``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from constellation.errors import ConstellationError
+from constellation.keys import schnorr_verify
+from constellation.protocol import replication as rp
+from constellation.replication.quorum import Quorums
+
+GENESIS = bytes(32)
+EVERYONE = -1  # a message's destination: every other copy
+SEEN_LIMIT = 4096  # headers and votes remembered for finding equivocation, about
+
+
+class Executor(Protocol):
+    """The state machine a shard's blocks drive (its partitions and their 2PC records)."""
+
+    def execute(self, body: bytes, signatures: bool) -> bytes:
+        """Apply one block's body; return the state root after it. Raise a
+        ``ConstellationError`` for an invalid body, after which the state is undefined
+        (the replica restores it). ``signatures``: check transactions' signatures."""
+
+    def root(self) -> bytes: ...
+
+    def snapshot(self) -> bytes: ...
+
+    def restore(self, data: bytes) -> bytes:
+        """Replace the state with a snapshot's; return its root. Raise a
+        ``ConstellationError`` for a malformed snapshot."""
+
+
+class Role(Enum):
+    FOLLOWER = "follower"
+    PRECANDIDATE = "precandidate"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+@dataclass(frozen=True)
+class Settings:
+    heartbeat_s: float = 0.1
+    election_s: float = 1.0  # the twin's election timeout; the other operators' is 3x
+    window: int = 8  # unconfirmed blocks in flight per copy
+    append_bytes: int = 512 * 1024  # blocks per Append: at least one, then up to this
+    snapshot_every: int = 1024  # confirmed blocks between snapshots
+    keep: int = 256  # blocks kept behind a snapshot
+    chunk_bytes: int = 256 * 1024
+    snapshot_limit: int = 1 << 30  # a larger snapshot from a peer is refused
+
+
+@dataclass
+class Snapshot:
+    """The state after a confirmed block (``signed`` is None for the empty genesis)."""
+
+    height: int
+    term: int
+    hash: bytes
+    signed: rp.Signed | None
+    data: bytes
+
+
+@dataclass
+class Ready:
+    """What the shell does after a step: persist ``hard`` (term, vote), the snapshot,
+    the truncation and the appends, in that order and durably; then send ``messages``
+    ((copy or ``EVERYONE``, message)); then call ``stored(last)``."""
+
+    hard: tuple[int, int] | None = None
+    snapshot: Snapshot | None = None
+    truncate: int | None = None  # drop blocks above this height
+    append: list[rp.Block] = field(default_factory=list)
+    compact: int = 0  # blocks at or below this height may be dropped
+    messages: list[tuple[int, rp.Message]] = field(default_factory=list)
+    confirmed: int = 0  # the confirmed height, when it grew
+    leading: bool | None = None  # leadership gained (True) or lost (False)
+    repaired: bool = False  # a damaged copy is whole again: forget that it was damaged
+    last: int = 0
+
+    def empty(self) -> bool:
+        return not (
+            self.hard
+            or self.snapshot
+            or self.truncate is not None
+            or self.append
+            or self.compact
+            or self.messages
+            or self.confirmed
+            or self.leading is not None
+            or self.repaired
+        )
+
+
+@dataclass
+class Progress:
+    """What a leader knows of one other copy."""
+
+    match: int = 0  # the copy holds our log up to here
+    next: int = 1  # the next height to send
+    heard: float = -1e18  # when it last answered
+    knows: bool = False  # it answered in this term: it has seen our certificate
+    ack: rp.Appended | None = None  # its latest signed ack
+    offset: int = -1  # snapshot bytes it has; -1 while no snapshot is being sent
+
+
+@dataclass
+class Counters:
+    elections: int = 0
+    refused_blocks: int = 0
+    refused_messages: int = 0
+    snapshots_sent: int = 0
+    snapshots_installed: int = 0
+
+
+def body_hash(body: bytes) -> bytes:
+    return hashlib.sha256(body).digest()
+
+
+class Replica:
+    """One copy of one shard (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        owner: int,
+        worker: int,
+        me: int,
+        keys: Sequence[bytes],
+        sign: Callable[[bytes], bytes],
+        executor: Executor,
+        clock: Callable[[], float],
+        draw: Callable[[], float],
+        settings: Settings = Settings(),
+        hard: tuple[int, int] = (0, -1),
+        snapshot: Snapshot | None = None,
+        blocks: Sequence[rp.Block] = (),
+        damaged: bool = False,
+    ) -> None:
+        """``keys``: each operator's x-only key, by operator index; ``sign`` signs with
+        this copy's operator key. ``hard``, ``snapshot`` and ``blocks`` are what an
+        earlier run persisted (its blocks in order; those at or below the snapshot's height
+        are ignored). ``damaged``: the shell found the log's tail unreadable, so blocks
+        this copy acked may be gone: it neither votes nor campaigns until a leader has
+        brought it a block of that leader's term (else a leader missing a confirmed
+        block could be elected with its vote); the shell keeps the mark until
+        ``Ready.repaired``."""
+        self.owner, self.worker, self.me = owner, worker, me
+        self.keys = list(keys)
+        self.quorums = Quorums.of(len(self.keys))
+        self.copies = self.quorums.copies
+        if not 0 <= me < self.copies or not 0 <= owner < len(self.keys):
+            raise ValueError(f"no copy {me} or owner {owner} in a guild of {len(self.keys)}")
+        self.sign = sign
+        self.executor = executor
+        self.clock = clock
+        self.draw = draw
+        self.settings = settings
+        self.term, self.vote = hard
+        self.damaged = damaged
+        self.role = Role.FOLLOWER
+        self.leader = -1
+        self.heard = -1e18  # when the leader was last heard
+        self.counters = Counters()
+        # Preference: the owner's two copies, then the others in order.
+        first = 2 * owner
+        self.preference = [first, first + 1] + [c for c in range(self.copies) if c // 2 != owner]
+        self.rank = self.preference.index(me)
+        self.snap = snapshot or Snapshot(0, 0, GENESIS, None, executor.snapshot())
+        self.base = (self.snap.height, self.snap.term, self.snap.hash)  # just before log[0]
+        self.log = [b for b in blocks if b.signed.header.height > self.snap.height]
+        self.confirmed = self.snap.height
+        self._rebuild(self.last)
+        self.stored_height = self.last
+        self.ready_ = Ready()
+        self.progress: dict[int, Progress] = {}
+        self.prevotes: set[int] = set()
+        self.votes: dict[int, rp.Vote] = {}
+        self.cert: list[rp.Vote] = []
+        self.seen: dict[tuple[int, int], rp.Signed] = {}  # (term, height) -> a header
+        self.votes_seen: dict[tuple[int, int], rp.Vote] = {}  # (term, voter) -> its vote
+        self.evidence: dict[int, rp.Evidence] = {}  # operator -> a proof against it
+        self.incoming: tuple[rp.Signed, bytearray] | None = None  # a snapshot arriving
+        self.next_beat = 0.0
+        self.next_head = 0.0
+        self.transferred = -1e18
+        self.led_since = 0.0
+        self.deadline = 0.0
+        self._reset_deadline()
+
+    # -- the log -------------------------------------------------------------------------
+
+    @property
+    def first(self) -> int:
+        return self.base[0] + 1
+
+    @property
+    def last(self) -> int:
+        return self.base[0] + len(self.log)
+
+    def _block(self, height: int) -> rp.Block:
+        return self.log[height - self.first]
+
+    def hash_at(self, height: int) -> bytes:
+        if height == self.base[0]:
+            return self.base[2]
+        return rp.header_hash(self._block(height).signed.header)
+
+    def term_at(self, height: int) -> int:
+        if height == self.base[0]:
+            return self.base[1]
+        return self._block(height).signed.header.term
+
+    @property
+    def last_term(self) -> int:
+        return self.term_at(self.last)
+
+    def blocks(self, after: int, upto: int) -> list[rp.Block]:
+        """The blocks held in (after, upto]."""
+        lo = max(after + 1, self.first)
+        return self.log[lo - self.first : upto - self.first + 1]
+
+    def state_root(self) -> bytes:
+        if self.log:
+            return self.log[-1].signed.header.root
+        return self.executor.root()
+
+    # -- the shell's side ----------------------------------------------------------------
+
+    def ready(self) -> Ready:
+        """Take what the last steps produced (see ``Ready``)."""
+        out, self.ready_ = self.ready_, Ready()
+        out.last = self.last
+        return out
+
+    def stored(self, height: int) -> None:
+        """The shell made the log durable up to ``height``."""
+        self.stored_height = max(self.stored_height, min(height, self.last))
+        if self.role is Role.LEADER:
+            self._confirm()
+
+    def _send(self, to: int, msg: rp.Message) -> None:
+        self.ready_.messages.append((to, msg))
+
+    def _persist_hard(self) -> None:
+        self.ready_.hard = (self.term, self.vote)
+
+    # -- ticks ---------------------------------------------------------------------------
+
+    def _timeout(self) -> float:
+        t = self.settings.election_s
+        if self.rank < 2:
+            return t * (1 + 0.5 * self.draw())
+        return t * (3 + self.draw())
+
+    def _reset_deadline(self) -> None:
+        self.deadline = self.clock() + self._timeout()
+
+    def tick(self) -> None:
+        """Heartbeats, retransmissions, elections and leadership checks that are due."""
+        now = self.clock()
+        if self.role is Role.LEADER:
+            if now >= self.next_beat:
+                self.next_beat = now + self.settings.heartbeat_s
+                self._beat(now)
+            return
+        if now >= self.next_head and self.leader >= 0:
+            self.next_head = now + 2 * self.settings.heartbeat_s
+            self._gossip_head()
+        if now >= self.deadline:
+            self._reset_deadline()
+            self._prevote()
+
+    def _beat(self, now: float) -> None:
+        s = self.settings
+        heard = 1 + sum(
+            1
+            for c, p in self.progress.items()
+            if now - p.heard < s.election_s and not self._excluded(c)
+        )
+        if heard < self.quorums.confirm and now - self.led_since > s.election_s:
+            self._follow(self.term, -1)  # CheckQuorum: cut off from a confirming set
+            return
+        for c, p in self.progress.items():
+            self._send_to(c, p, beat=True)
+        self._hand_back(now)
+
+    def _hand_back(self, now: float) -> None:
+        """Give leadership to a more preferred copy that holds the whole log."""
+        if self.rank == 0 or now - self.transferred < self.settings.election_s:
+            return
+        for c in self.preference[: self.rank]:
+            p = self.progress[c]
+            if (
+                not self._excluded(c)
+                and p.match == self.last
+                and now - p.heard < self.settings.heartbeat_s * 3
+            ):
+                self.transferred = now
+                self._send(c, rp.TimeoutNow(self.term))
+                return
+
+    def _gossip_head(self) -> None:
+        if not self.log:
+            return
+        signed = self.log[-1].signed
+        lead = signed.header.leader // 2
+        for c in range(self.copies):
+            if c // 2 not in (lead, self.me // 2):
+                self._send(c, rp.Head(signed))
+
+    # -- elections -----------------------------------------------------------------------
+
+    def _prevote(self) -> None:
+        if self._excluded(self.me) or self.damaged:
+            return
+        self.role = Role.PRECANDIDATE
+        self.leader = -1
+        self.prevotes = {self.me}
+        self._send(EVERYONE, rp.AskVote(self.term + 1, self.last_term, self.last, True, False))
+
+    def _campaign(self, transfer: bool) -> None:
+        self.term += 1
+        self.vote = self.me
+        self._persist_hard()
+        self.role = Role.CANDIDATE
+        self.leader = -1
+        self.counters.elections += 1
+        mine = self._signed_vote(self.me)
+        self.votes = {self.me: mine}
+        self._reset_deadline()
+        self._send(EVERYONE, rp.AskVote(self.term, self.last_term, self.last, False, transfer))
+        self._won()
+
+    def _signed_vote(self, candidate: int) -> rp.Vote:
+        digest = rp.vote_digest(
+            self.owner, self.worker, self.term, candidate, self.last_term, self.last, self.me
+        )
+        return rp.Vote(self.term, candidate, self.last_term, self.last, self.me, self.sign(digest))
+
+    def _won(self) -> None:
+        voters = [divmod(c, 2) for c in self.votes if not self._excluded(c)]
+        if self.role is Role.CANDIDATE and self.quorums.elects(voters):
+            self._lead()
+
+    def _lead(self) -> None:
+        self.role = Role.LEADER
+        self.leader = self.me
+        self.cert = sorted(self.votes.values(), key=lambda v: v.voter)
+        now = self.clock()
+        self.led_since = now
+        self.progress = {
+            c: Progress(next=self.last + 1, heard=now) for c in range(self.copies) if c != self.me
+        }
+        self.ready_.leading = True
+        self.next_beat = now + self.settings.heartbeat_s
+        self.propose(b"", self.state_root())  # confirms what earlier terms left
+
+    def _follow(self, term: int, leader: int) -> None:
+        """Become a follower in ``term`` (of ``leader``, or of nobody yet: -1)."""
+        if term > self.term:
+            self.term, self.vote = term, -1
+            self._persist_hard()
+        was = self.role
+        self.role = Role.FOLLOWER
+        self.leader = leader
+        if was is Role.LEADER:
+            self.ready_.leading = False
+            self.progress = {}
+            self._rebuild(self.last)  # drop what the application applied past the log
+        if leader < 0:
+            self._reset_deadline()
+
+    def _up_to_date(self, last_term: int, last_height: int) -> bool:
+        return (last_term, last_height) >= (self.last_term, self.last)
+
+    def _in_lease(self) -> bool:
+        if self.role is Role.LEADER:
+            return True
+        return self.leader >= 0 and self.clock() - self.heard < self.settings.election_s
+
+    def _on_ask(self, sender: int, msg: rp.AskVote) -> None:
+        if self._excluded(sender) or self.damaged:
+            self._send(sender, rp.Voted(msg.term, False, msg.pre, None))
+            return
+        lease = self._in_lease() and not msg.transfer
+        if msg.pre:
+            grant = (
+                msg.term > self.term
+                and not lease
+                and self._up_to_date(msg.last_term, msg.last_height)
+            )
+            self._send(sender, rp.Voted(msg.term, grant, True, None))
+            return
+        if msg.term < self.term or lease:
+            self._send(sender, rp.Voted(self.term, False, False, None))
+            return
+        if msg.term > self.term:
+            self._follow(msg.term, -1)
+        grant = self.vote in (-1, sender) and self._up_to_date(msg.last_term, msg.last_height)
+        vote = None
+        if grant:
+            if self.vote != sender:
+                self.vote = sender
+                self._persist_hard()
+            self._reset_deadline()
+            vote = rp.Vote(
+                self.term,
+                sender,
+                msg.last_term,
+                msg.last_height,
+                self.me,
+                self.sign(
+                    rp.vote_digest(
+                        self.owner,
+                        self.worker,
+                        self.term,
+                        sender,
+                        msg.last_term,
+                        msg.last_height,
+                        self.me,
+                    )
+                ),
+            )
+        self._send(sender, rp.Voted(self.term, grant, False, vote))
+
+    def _on_voted(self, sender: int, msg: rp.Voted) -> None:
+        if msg.pre:
+            if self.role is Role.PRECANDIDATE and msg.term == self.term + 1 and msg.granted:
+                self.prevotes.add(sender)
+                voters = [divmod(c, 2) for c in self.prevotes if not self._excluded(c)]
+                if self.quorums.elects(voters):
+                    self._campaign(transfer=False)
+            return
+        if msg.term > self.term:
+            self._follow(msg.term, -1)
+            return
+        if self.role is not Role.CANDIDATE or msg.term != self.term or not msg.granted:
+            return
+        vote = msg.vote
+        if (
+            vote is None
+            or vote.voter != sender
+            or vote.candidate != self.me
+            or vote.term != self.term
+            or not self._vote_valid(vote)
+        ):
+            self.counters.refused_messages += 1
+            return
+        self.votes[sender] = vote
+        self._won()
+
+    def _vote_valid(self, vote: rp.Vote) -> bool:
+        if not 0 <= vote.voter < self.copies:
+            return False
+        digest = rp.vote_digest(
+            self.owner,
+            self.worker,
+            vote.term,
+            vote.candidate,
+            vote.last_term,
+            vote.last_height,
+            vote.voter,
+        )
+        return schnorr_verify(self.keys[vote.voter // 2], digest, vote.sig)
+
+    def _cert_valid(self, term: int, leader: int, cert: list[rp.Vote]) -> bool:
+        """Whether ``cert`` holds enough valid votes for ``leader`` in ``term``."""
+        if self._excluded(leader):
+            return False
+        voters = set()
+        for vote in cert:
+            if vote.term != term or vote.candidate != leader or vote.voter in voters:
+                continue
+            if not self._vote_valid(vote):
+                continue
+            self._saw_vote(vote)
+            if not self._excluded(vote.voter):
+                voters.add(vote.voter)
+        return self.quorums.elects(divmod(c, 2) for c in voters)
+
+    def _on_timeout_now(self, sender: int, msg: rp.TimeoutNow) -> None:
+        if (
+            msg.term == self.term
+            and sender == self.leader
+            and self.role is Role.FOLLOWER
+            and not self.damaged
+        ):
+            self._campaign(transfer=True)
+
+    # -- replication: leader -------------------------------------------------------------
+
+    def can_propose(self) -> bool:
+        """Whether a block proposed now would be taken (leading, the window not full,
+        no snapshot due)."""
+        return (
+            self.role is Role.LEADER
+            and self.last - self.confirmed < self.settings.window
+            and self.confirmed - self.snap.height < self.settings.snapshot_every
+        )
+
+    def propose(self, body: bytes, root: bytes) -> int:
+        """Seal ``body``, which the application has already applied (its state's root is
+        ``root``), as the next block; return its height."""
+        assert self.role is Role.LEADER, "only a leader proposes"
+        height = self.last + 1
+        header = rp.Header(
+            self.owner,
+            self.worker,
+            self.term,
+            height,
+            self.hash_at(self.last),
+            body_hash(body),
+            root,
+            self.me,
+            int(self.clock() * 1000),
+        )
+        block = rp.Block(rp.Signed(header, self.sign(rp.header_hash(header))), body)
+        self.log.append(block)
+        self.ready_.append.append(block)
+        self.seen[(header.term, height)] = block.signed
+        for c, p in self.progress.items():
+            if p.next == height:
+                self._send_to(c, p, beat=False)
+        return height
+
+    def _send_to(self, copy: int, p: Progress, beat: bool) -> None:
+        """Send ``copy`` what it lacks, within the window; an empty Append if ``beat``."""
+        if p.offset >= 0 or p.next < self.first:
+            self._send_chunk(copy, p)
+            return
+        upto = min(self.last, p.match + self.settings.window)
+        blocks: list[rp.Block] = []
+        size = 0
+        for block in self.blocks(p.next - 1, upto):
+            if blocks and size + len(block.body) > self.settings.append_bytes:
+                break
+            blocks.append(block)
+            size += len(block.body) + 200
+        if not blocks and not beat:
+            return
+        # A heartbeat names the last block sent: a copy that lacks it (lost on the
+        # way) says where to resume.
+        prev = max(p.next - 1, self.base[0])
+        cert = [] if p.knows else self.cert
+        self._send(
+            copy, rp.Append(self.term, prev, self.hash_at(prev), blocks, self.confirmed, cert)
+        )
+        p.next = max(p.next, prev + len(blocks) + 1)
+
+    def _send_chunk(self, copy: int, p: Progress) -> None:
+        snap = self.snap
+        assert snap.signed is not None, "a copy behind the log's start, but no snapshot"
+        if p.offset < 0:
+            p.offset = 0
+            self.counters.snapshots_sent += 1
+        data = snap.data[p.offset : p.offset + self.settings.chunk_bytes]
+        self._send(copy, rp.Chunk(self.term, snap.signed, p.offset, len(snap.data), data))
+
+    def _on_appended(self, sender: int, msg: rp.Appended) -> None:
+        if msg.term > self.term:
+            self._follow(msg.term, -1)
+            return
+        if self.role is not Role.LEADER or msg.term != self.term:
+            return
+        p = self.progress[sender]
+        p.heard = self.clock()
+        p.knows = True
+        if msg.refused:
+            self.counters.refused_blocks += 1
+        if not msg.ok:
+            p.next = max(p.match + 1, min(msg.height + 1, self.last + 1))
+            self._send_to(sender, p, beat=False)
+            return
+        if msg.height > self.last or msg.height < self.base[0]:
+            return
+        if msg.height >= self.first - 1 and self.hash_at(msg.height) != msg.block:
+            self.counters.refused_messages += 1
+            return
+        if msg.height > p.match:
+            p.match = msg.height
+            p.ack = msg
+            p.offset = -1
+        p.next = max(p.next, msg.height + 1)
+        self._confirm()
+        self._send_to(sender, p, beat=False)
+
+    def _on_chunk_ack(self, sender: int, msg: rp.ChunkAck) -> None:
+        if self.role is not Role.LEADER or msg.term != self.term:
+            return
+        p = self.progress[sender]
+        p.heard = self.clock()
+        if p.offset < 0 or msg.height != self.snap.height:
+            return
+        if msg.offset >= len(self.snap.data):
+            return  # installed: its Appended follows
+        p.offset = max(p.offset, msg.offset)
+        self._send_chunk(sender, p)
+
+    def _confirm(self) -> None:
+        matches = sorted(
+            [p.match for c, p in self.progress.items() if not self._excluded(c)]
+            + [self.stored_height],
+            reverse=True,
+        )
+        need = self.quorums.confirm
+        if len(matches) < need:
+            return
+        h = matches[need - 1]
+        if h > self.confirmed and self.term_at(h) == self.term:
+            self._confirmed(h)
+
+    def _confirmed(self, height: int) -> None:
+        self.confirmed = height
+        self.ready_.confirmed = height
+        if self.confirmed == self.last:
+            self._maybe_snapshot()
+        if len(self.seen) > SEEN_LIMIT:
+            horizon = height - SEEN_LIMIT // 2
+            self.seen = {k: v for k, v in self.seen.items() if k[1] > horizon}
+        if len(self.votes_seen) > SEEN_LIMIT:
+            self.votes_seen = {k: v for k, v in self.votes_seen.items() if k[0] >= self.term - 8}
+
+    def certificate(self) -> list[rp.Appended]:
+        """The latest signed acks of the other copies (a leader's)."""
+        return [p.ack for p in self.progress.values() if p.ack is not None]
+
+    # -- replication: follower -----------------------------------------------------------
+
+    def _on_append(self, sender: int, msg: rp.Append) -> None:
+        if msg.term < self.term:
+            self._refuse_append(sender, self.last, "")
+            return
+        if not (msg.term == self.term and self.leader == sender):
+            if self.role is Role.LEADER and msg.term == self.term:
+                self.counters.refused_messages += 1  # two leaders in a term: a forgery
+                return
+            if not self._cert_valid(msg.term, sender, msg.cert):
+                self.counters.refused_messages += 1
+                return
+            self._follow(msg.term, sender)
+        self.heard = self.clock()
+        self._reset_deadline()
+        prev = msg.prev_height
+        if prev > self.last:
+            self._refuse_append(sender, self.last, "")
+            return
+        if prev < self.base[0]:
+            self._refuse_append(sender, self.confirmed, "")
+            return
+        if self.hash_at(prev) != msg.prev_hash:
+            self._refuse_append(sender, min(self.confirmed, prev - 1), "")
+            return
+        if self.last == prev:
+            self._follower_confirm(min(msg.confirmed, prev))
+        height = prev
+        for block in msg.blocks:
+            height += 1
+            header = block.signed.header
+            if header.height != height:
+                self._refuse_append(sender, self.last, f"block {header.height} at {height}")
+                return
+            if height <= self.last:
+                if self.hash_at(height) == rp.header_hash(header):
+                    continue
+                if height <= self.confirmed:
+                    self._saw(block.signed)
+                    self._refuse_append(sender, self.last, f"replaces confirmed block {height}")
+                    return
+                self._truncate(height - 1)
+            why = self._check(block, msg.term)
+            if why:
+                self.counters.refused_blocks += 1
+                self._refuse_append(sender, self.last, why)
+                return
+            self.log.append(block)
+            self.ready_.append.append(block)
+        self._follower_confirm(min(msg.confirmed, height))
+        if self.damaged and self.last_term == msg.term:
+            # It holds a block of this leader's term, so all the leader's log below
+            # it: every block confirmed before this term.
+            self.damaged = False
+            self.ready_.repaired = True
+        digest = rp.ack_digest(
+            self.owner, self.worker, self.term, height, self.hash_at(height), self.me
+        )
+        self._send(
+            sender,
+            rp.Appended(self.term, True, height, self.hash_at(height), self.sign(digest), ""),
+        )
+
+    def _refuse_append(self, leader: int, resume: int, why: str) -> None:
+        self._send(leader, rp.Appended(self.term, False, max(resume, 0), b"", b"", why))
+
+    def _follower_confirm(self, height: int) -> None:
+        if height > self.confirmed:
+            self._confirmed(height)
+
+    def _truncate(self, height: int) -> None:
+        assert height >= self.confirmed, "a confirmed block would be dropped"
+        del self.log[height - self.first + 1 :]
+        self.stored_height = min(self.stored_height, height)
+        before = self.ready_.truncate
+        self.ready_.truncate = height if before is None else min(before, height)
+        self.ready_.append = [b for b in self.ready_.append if b.signed.header.height <= height]
+        self._rebuild(height)
+
+    def _check(self, block: rp.Block, term: int) -> str:
+        """Why ``block`` may not follow the log (it is then not applied), or ''."""
+        header = block.signed.header
+        if (header.owner, header.worker) != (self.owner, self.worker):
+            return "a block of another shard"
+        if not 0 <= header.leader < self.copies:
+            return f"no copy {header.leader}"
+        if header.term > term or header.term < self.last_term:
+            return f"term {header.term} out of order"
+        if header.prev != self.hash_at(self.last):
+            return "does not chain to the previous block"
+        if body_hash(block.body) != header.body:
+            return "the body does not match its hash"
+        signer = header.leader // 2
+        if self._excluded(header.leader):
+            return f"operator {signer} is excluded"
+        if not schnorr_verify(self.keys[signer], rp.header_hash(header), block.signed.sig):
+            return "bad header signature"
+        self._saw(block.signed)
+        try:
+            root = self.executor.execute(block.body, signer != self.me // 2)
+        except ConstellationError as exc:
+            self._rebuild(self.last)
+            return f"invalid block {header.height}: {exc}"
+        if root != header.root:
+            self._rebuild(self.last)
+            return f"block {header.height}: state root differs"
+        return ""
+
+    def _rebuild(self, height: int) -> None:
+        """Bring the executor to the state after ``height``: the snapshot, then the log."""
+        root = self.executor.restore(self.snap.data)
+        assert self.snap.signed is None or root == self.snap.signed.header.root, (
+            "our own snapshot does not match its root"
+        )
+        for block in self.blocks(self.snap.height, height):
+            root = self.executor.execute(block.body, False)
+            assert root == block.signed.header.root, "re-execution is not deterministic"
+
+    def _maybe_snapshot(self) -> None:
+        if self.confirmed - self.snap.height < self.settings.snapshot_every:
+            return
+        h = self.confirmed
+        block = self._block(h)
+        self.snap = Snapshot(
+            h, block.signed.header.term, self.hash_at(h), block.signed, self.executor.snapshot()
+        )
+        self.ready_.snapshot = self.snap
+        self._compact(h - self.settings.keep)
+
+    def _compact(self, upto: int) -> None:
+        if upto < self.first:
+            return
+        base = (upto, self.term_at(upto), self.hash_at(upto))
+        del self.log[: upto - self.first + 1]
+        self.base = base
+        self.ready_.compact = upto
+
+    def _on_chunk(self, sender: int, msg: rp.Chunk) -> None:
+        if msg.term != self.term or sender != self.leader or self.role is not Role.FOLLOWER:
+            return
+        self.heard = self.clock()
+        self._reset_deadline()
+        header = msg.signed.header
+        if msg.total > self.settings.snapshot_limit or header.height <= self.confirmed:
+            self.counters.refused_messages += 1
+            return
+        if msg.offset == 0:
+            self.incoming = (msg.signed, bytearray())
+        incoming = self.incoming
+        if incoming is None or incoming[0] != msg.signed or len(incoming[1]) != msg.offset:
+            have = len(incoming[1]) if incoming and incoming[0] == msg.signed else 0
+            self._send(sender, rp.ChunkAck(self.term, header.height, have))
+            return
+        incoming[1].extend(msg.data)
+        if len(incoming[1]) < msg.total:
+            self._send(sender, rp.ChunkAck(self.term, header.height, len(incoming[1])))
+            return
+        self.incoming = None
+        self._send(sender, rp.ChunkAck(self.term, header.height, msg.total))
+        self._install(sender, msg.signed, bytes(incoming[1]))
+
+    def _install(self, sender: int, signed: rp.Signed, data: bytes) -> None:
+        header = signed.header
+        signer = header.leader // 2
+        if (header.owner, header.worker) != (self.owner, self.worker) or not (
+            0 <= header.leader < self.copies
+            and schnorr_verify(self.keys[signer], rp.header_hash(header), signed.sig)
+        ):
+            self.counters.refused_messages += 1
+            return
+        try:
+            root = self.executor.restore(data)
+        except ConstellationError:
+            root = b""
+        if root != header.root:
+            self.counters.refused_messages += 1
+            self._rebuild(self.last)
+            return
+        h = header.height
+        self.snap = Snapshot(h, header.term, rp.header_hash(header), signed, data)
+        self.log = []
+        self.base = (h, header.term, self.snap.hash)
+        self.ready_.snapshot = self.snap
+        self.ready_.truncate = 0
+        self.ready_.append = []
+        self.confirmed = self.stored_height = h
+        self.ready_.confirmed = h
+        self.counters.snapshots_installed += 1
+        digest = rp.ack_digest(self.owner, self.worker, self.term, h, self.snap.hash, self.me)
+        self._send(sender, rp.Appended(self.term, True, h, self.snap.hash, self.sign(digest), ""))
+
+    # -- evidence ------------------------------------------------------------------------
+
+    def _excluded(self, copy: int) -> bool:
+        return copy // 2 in self.evidence
+
+    def _saw(self, signed: rp.Signed) -> None:
+        """Remember a header; two signed by one operator at one (term, height) are a proof."""
+        key = (signed.header.term, signed.header.height)
+        other = self.seen.setdefault(key, signed)
+        if other == signed or other.header == signed.header:
+            return
+        if other.header.leader // 2 != signed.header.leader // 2:
+            return
+        self._evidence(rp.Equivocation(other, signed))
+
+    def _saw_vote(self, vote: rp.Vote) -> None:
+        other = self.votes_seen.setdefault((vote.term, vote.voter), vote)
+        if other.candidate != vote.candidate:
+            self._evidence(rp.DoubleVote(self.owner, self.worker, other, vote))
+
+    def _on_head(self, sender: int, msg: rp.Head) -> None:
+        header = msg.signed.header
+        if (header.owner, header.worker) != (self.owner, self.worker):
+            self.counters.refused_messages += 1
+            return
+        self._saw(msg.signed)
+
+    def _on_proof(self, sender: int, msg: rp.Proof) -> None:
+        self._evidence(msg.evidence)
+
+    def _evidence(self, evidence: rp.Evidence) -> None:
+        culprit = self.check_evidence(evidence)
+        if culprit is None:
+            self.counters.refused_messages += 1
+            return
+        if culprit in self.evidence:
+            return
+        self.evidence[culprit] = evidence
+        self._send(EVERYONE, rp.Proof(evidence))
+        if self.leader >= 0 and self._excluded(self.leader):
+            if self.role is Role.LEADER:
+                self._follow(self.term, -1)
+            else:
+                self.leader = -1
+                self.heard = -1e18
+
+    def check_evidence(self, evidence: rp.Evidence) -> int | None:
+        """The operator a proof convicts, or None if it proves nothing."""
+        if isinstance(evidence, rp.Equivocation):
+            a, b = evidence.a.header, evidence.b.header
+            if (
+                (a.owner, a.worker, a.term, a.height) != (b.owner, b.worker, b.term, b.height)
+                or (a.owner, a.worker) != (self.owner, self.worker)
+                or a == b
+                or not (0 <= a.leader < self.copies and 0 <= b.leader < self.copies)
+                or a.leader // 2 != b.leader // 2
+            ):
+                return None
+            key = self.keys[a.leader // 2]
+            if all(
+                schnorr_verify(key, rp.header_hash(s.header), s.sig)
+                for s in (evidence.a, evidence.b)
+            ):
+                return a.leader // 2
+            return None
+        a_vote, b_vote = evidence.a, evidence.b
+        if (
+            (evidence.owner, evidence.worker) != (self.owner, self.worker)
+            or a_vote.term != b_vote.term
+            or a_vote.voter != b_vote.voter
+            or a_vote.candidate == b_vote.candidate
+        ):
+            return None
+        if self._vote_valid(a_vote) and self._vote_valid(b_vote):
+            return a_vote.voter // 2
+        return None
+
+    # -- messages ------------------------------------------------------------------------
+
+    def step(self, sender: int, msg: rp.Message) -> None:
+        """Take one message from copy ``sender`` (authenticated by the transport)."""
+        if not 0 <= sender < self.copies or sender == self.me:
+            self.counters.refused_messages += 1
+            return
+        if isinstance(msg, rp.Append):
+            self._on_append(sender, msg)
+        elif isinstance(msg, rp.Appended):
+            self._on_appended(sender, msg)
+        elif isinstance(msg, rp.AskVote):
+            self._on_ask(sender, msg)
+        elif isinstance(msg, rp.Voted):
+            self._on_voted(sender, msg)
+        elif isinstance(msg, rp.Chunk):
+            self._on_chunk(sender, msg)
+        elif isinstance(msg, rp.ChunkAck):
+            self._on_chunk_ack(sender, msg)
+        elif isinstance(msg, rp.TimeoutNow):
+            self._on_timeout_now(sender, msg)
+        elif isinstance(msg, rp.Head):
+            self._on_head(sender, msg)
+        else:
+            self._on_proof(sender, msg)

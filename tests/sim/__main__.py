@@ -1,0 +1,38 @@
+"""Run the guild simulator: ``python -m tests.sim --seeds N`` (a long hunt) or
+``--seed S`` (replay one seed, printing its fault log)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from tests.sim.guild import Guild, Violation, replay_command
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.sim")
+    parser.add_argument("--seed", type=int, help="replay this seed and print its faults")
+    parser.add_argument("--seeds", type=int, default=100, help="run seeds 0..N-1")
+    parser.add_argument("--first", type=int, default=0, help="the first seed of --seeds")
+    parser.add_argument("--operators", type=int, default=3)
+    args = parser.parse_args()
+    seeds = [args.seed] if args.seed is not None else range(args.first, args.first + args.seeds)
+    failed = []
+    started = time.monotonic()
+    for seed in seeds:
+        guild = Guild(seed, operators=args.operators)
+        try:
+            guild.run()
+        except Violation as exc:
+            failed.append(seed)
+            print(f"seed {seed}: {exc}\n  replay: {replay_command(seed, args.operators)}")
+            if args.seed is not None:
+                print("\n".join(guild.log))
+    took = time.monotonic() - started
+    print(f"{len(seeds)} seeds, {len(failed)} failed, {took:.1f} s ({took / len(seeds):.2f} s/seed)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
