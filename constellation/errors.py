@@ -139,6 +139,25 @@ class Unavailable(ConstellationError):
     code = "unavailable"
 
 
+# -- replication: what other copies of a shard send ---------------------------------------
+
+
+class InvalidBlock(ConstellationError):
+    """A block breaks a rule its leader had to check; ``index`` is the offending record."""
+
+    code = "replication.invalid_block"
+
+    def __init__(self, index: int, why: str) -> None:
+        super().__init__(f"record {index}: {why}")
+        self.index = index
+
+
+class InvalidSnapshot(ConstellationError):
+    """A snapshot that is malformed or describes no state a shard can be in."""
+
+    code = "replication.invalid_snapshot"
+
+
 # -- wallets ------------------------------------------------------------------------------
 
 

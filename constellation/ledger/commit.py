@@ -21,24 +21,41 @@ commit is durable, say Done.
 A txid may go through several attempts (a client retries what was refused), one at a
 time: messages name their attempt, and a participant still in doubt about one attempt
 votes NO to the next until it learns the outcome.
+
+Replication: the other copies of a worker's shard re-execute its blocks (``replay`` with
+``verify``) and must reach the same state root (``root``): a hash of what the log
+determines (coins, spent coins, issuance ids, the transactions in doubt here, the
+commits remembered until their participants are done, the totals), never of what only
+this process knows (what it coordinates, timers). A copy behind the log starts from a
+``snapshot`` of that state (``restore``).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from constellation.codec import u16, u64
 from constellation.errors import (
     AlreadyCommitted,
     CommitTimeout,
     ConstellationError,
     InFlight,
+    InvalidBlock,
+    InvalidSnapshot,
+    MessageError,
+    Misdirected,
     NotHeldHere,
     Unavailable,
+    UnknownTransaction,
+    ValueOutOfRange,
 )
+from constellation.hashing import tagged_hasher
 from constellation.ledger.partition import PartitionState, Prepared, bad_signature
 from constellation.ledger.pmap import PartitionMap
+from constellation.muhash import MuHash3072
 from constellation.protocol import ledger as proto
 from constellation.tx import Issuance, Transaction, decode_issuance, decode_transaction
 
@@ -47,6 +64,8 @@ ASK_EVERY_S = 0.25
 RETELL_S = 1.0
 
 Check = tuple[bytes, bytes, bytes]  # (x-only key, message, signature)
+
+_root_hash = tagged_hasher("constellation/root")
 
 
 class Send(Protocol):
@@ -76,6 +95,7 @@ class Decided:
     """A commit this worker coordinated, remembered until every participant has it."""
 
     attempt: int
+    participants: tuple[int, ...]  # ascending; after a restart, all of them wait again
     waiting: set[int]  # participants that have not said Done
     told: float = 0.0  # when they were last told
     durable: bool = True  # False until the commit record is: nobody may hear of it yet
@@ -106,6 +126,27 @@ class Verifier(Protocol):
     def check(self, checks: list[Check], done: Callable[[int | None], None]) -> None:
         """``done`` gets the position of the first check that failed, -1 if none did,
         None if they went unchecked."""
+
+
+def _doubt_element(txid: bytes, coordinator: int, attempt: int, vote: Prepared) -> bytes:
+    """A transaction in doubt here as an element of the root: who coordinates which
+    attempt, what it locks and what it will create here."""
+    outputs = [cid + u64(value) + owner for cid, (value, owner) in vote.outputs]
+    head = b"p" + txid + bytes((coordinator,)) + u64(attempt) + u16(len(vote.inputs))
+    return b"".join((head, *vote.inputs, *outputs))
+
+
+def _decided_element(txid: bytes, decided: Decided) -> bytes:
+    return b"d" + txid + u64(decided.attempt) + bytes(decided.participants)
+
+
+def _u128(total_msat: int) -> bytes:
+    return total_msat.to_bytes(16, "big")
+
+
+def _check_attempt(attempt: int) -> None:
+    if not 0 <= attempt < 1 << 64:
+        raise ValueOutOfRange(f"attempt {attempt} is not a u64")
 
 
 class TwoPhaseCommit:
@@ -142,7 +183,7 @@ class TwoPhaseCommit:
         held = pmap.held_by(me)
         if not held:
             raise ValueError(f"partition map v{pmap.version} gives worker {me} no partitions")
-        self.state = PartitionState([p for r in held for p in r], issuers)
+        self.state = self._new_state(issuers)
         self.send = send
         self.subject_of = subject_of
         self.log = log
@@ -158,49 +199,239 @@ class TwoPhaseCommit:
         # them has said Done: a participant in doubt asks for them (presumed abort
         # answers everything else).
         self.decided: dict[bytes, Decided] = {}
+        # txid -> its element of the root, for each transaction in doubt whose PREPARED
+        # record is in the log (the rest of in_doubt is having its signatures checked).
+        self.logged: dict[bytes, bytes] = {}
+        # The root's part that the state does not hold: ``logged`` and ``decided``.
+        self.muhash = MuHash3072()
         self.draining = False
 
-    # -- recovery ------------------------------------------------------------------------
+    def _new_state(self, issuers: frozenset[bytes]) -> PartitionState:
+        return PartitionState([p for r in self.pmap.held_by(self.me) for p in r], issuers)
+
+    # -- recovery and replication --------------------------------------------------------
 
     def replay(
-        self, records: list[proto.Record], derive: bool
+        self,
+        records: list[proto.Record],
+        derive: bool,
+        *,
+        verify: bool = False,
+        signatures: bool = False,
     ) -> tuple[list[proto.CoinChange], list[tuple[bytes, int]]]:
-        """Apply one block's records from the log (recovery); with ``derive``, also the
-        block's events: its coin changes and the (txid, fee) of what it coordinated.
-        Its transactions were checked before they were logged, and frames carry
-        checksums, so output keys are not checked again."""
-        state = self.state
+        """Apply one block's records; with ``derive``, also return the block's events:
+        its coin changes and the (txid, fee) of what it coordinated.
+
+        Without ``verify``, the block is from this worker's own log (recovery): its
+        transactions were checked before they were logged, and frames carry checksums,
+        so nothing is checked again. With ``verify``, it is another copy's (a replica
+        re-executing its leader's log): each record must be one the leader could have
+        written, checked as the leader had to (output keys included; signatures too
+        with ``signatures``, which a copy of the leader's own operator may skip), else
+        ``InvalidBlock`` names the first that is not. The state is then partly
+        applied (the records before that one are): the caller restores a snapshot
+        and replays from there.
+        """
+        if signatures and not verify:
+            raise ValueError("signatures are checked only with verify")
         changes: list[proto.CoinChange] = []
         committed: list[tuple[bytes, int]] = []
-        for rec in records:
-            if isinstance(rec, proto.Prepared):
-                tx = decode_transaction(rec.tx, check_owners=False)
-                state.prepare(tx, verify=False)
-                self.in_doubt[tx.txid] = (rec.coordinator, rec.attempt, 0.0)
-            elif isinstance(rec, proto.Committed):
-                if rec.tx:
-                    tx = decode_transaction(rec.tx, check_owners=False)
-                    state.prepare(tx, verify=False)
-                    if others := self._involved(tx):
-                        self.decided[rec.txid] = Decided(rec.attempt, others)
-                    if derive:
-                        committed.append((rec.txid, tx.fee_msat))
-                else:
+        for index, rec in enumerate(records):
+            try:
+                if isinstance(rec, proto.Prepared):
+                    self._replay_prepared(rec, verify, signatures)
+                elif isinstance(rec, proto.Committed):
+                    self._replay_committed(rec, verify, signatures, derive, changes, committed)
+                elif isinstance(rec, proto.Aborted):
+                    if verify and rec.txid not in self.logged:
+                        raise UnknownTransaction(f"{rec.txid.hex()} is not in doubt here")
                     self.in_doubt.pop(rec.txid, None)
-                if derive:
-                    changes += self._changes_of(rec.txid)
-                state.commit(rec.txid)
-            elif isinstance(rec, proto.Aborted):
-                self.in_doubt.pop(rec.txid, None)
-                state.abort(rec.txid)
-            elif isinstance(rec, proto.Ended):
-                self.decided.pop(rec.txid, None)
-            else:
-                issuance = decode_issuance(rec.issuance)
-                state.issue(issuance)
-                if derive:
-                    changes += self._issued_changes(issuance)
+                    self._settle(rec.txid)
+                    self.state.abort(rec.txid)
+                elif isinstance(rec, proto.Ended):
+                    decided = self.decided.pop(rec.txid, None)
+                    if decided is not None:
+                        self.muhash.remove(_decided_element(rec.txid, decided))
+                    elif verify:
+                        raise UnknownTransaction(f"no commit of {rec.txid.hex()} is remembered")
+                else:
+                    issuance = decode_issuance(rec.issuance)
+                    if verify and all(self._owner(c) != self.me for c in issuance.output_ids):
+                        raise NotHeldHere("the issuance creates no coin here")
+                    self.state.issue(issuance)
+                    if derive:
+                        changes += self._issued_changes(issuance)
+            except ConstellationError as exc:
+                if not verify:
+                    raise
+                raise InvalidBlock(index, f"{type(rec).__name__}: {exc}") from exc
         return changes, committed
+
+    def _replay_prepared(self, rec: proto.Prepared, verify: bool, signatures: bool) -> None:
+        tx = decode_transaction(rec.tx, check_owners=verify)
+        txid = tx.txid
+        if verify:
+            coordinator = self._owner(tx.inputs[0].coin_id)
+            if rec.coordinator != coordinator or coordinator == self.me:
+                raise Misdirected(
+                    f"names coordinator {rec.coordinator}; the first input's worker is "
+                    f"{coordinator}, and this is worker {self.me}"
+                )
+            if txid in self.state.pending:
+                raise InFlight(f"{txid.hex()} is prepared here already")
+            _check_attempt(rec.attempt)
+        self.state.prepare(tx, verify=signatures)
+        self.in_doubt[txid] = (rec.coordinator, rec.attempt, 0.0)
+        self._log_doubt(txid, rec.coordinator, rec.attempt)
+
+    def _replay_committed(
+        self,
+        rec: proto.Committed,
+        verify: bool,
+        signatures: bool,
+        derive: bool,
+        changes: list[proto.CoinChange],
+        committed: list[tuple[bytes, int]],
+    ) -> None:
+        state, txid = self.state, rec.txid
+        if rec.tx:  # the coordinator's record: nothing was prepared before it
+            tx = decode_transaction(rec.tx, check_owners=verify)
+            if verify:
+                if tx.txid != txid:
+                    raise MessageError(f"names {txid.hex()} but carries {tx.txid.hex()}")
+                first = tx.inputs[0].coin_id
+                if self._owner(first) != self.me:
+                    raise NotHeldHere(f"worker {self._owner(first)} coordinates {txid.hex()}")
+                if txid in state.pending:
+                    raise InFlight(f"{txid.hex()} is prepared here already")
+                _check_attempt(rec.attempt)
+            state.prepare(tx, verify=signatures)
+            if others := self._involved(tx):
+                participants = tuple(sorted(others))
+                decided = self.decided[txid] = Decided(rec.attempt, participants, others)
+                self.muhash.insert(_decided_element(txid, decided))
+            if derive:
+                committed.append((txid, tx.fee_msat))
+        else:
+            if verify and txid not in self.logged:
+                raise UnknownTransaction(f"{txid.hex()} is not in doubt here")
+            self.in_doubt.pop(txid, None)
+            self._settle(txid)
+        if derive:
+            changes += self._changes_of(txid)
+        state.commit(txid)
+
+    def _log_doubt(self, txid: bytes, coordinator: int, attempt: int) -> None:
+        """``txid``'s PREPARED record goes into the log: it is in doubt in the root."""
+        element = _doubt_element(txid, coordinator, attempt, self.state.pending[txid])
+        self.logged[txid] = element
+        self.muhash.insert(element)
+
+    def _settle(self, txid: bytes) -> bool:
+        """``txid`` is no longer in doubt: out of the root. False if no PREPARED record
+        of it was logged (its outcome came while its signatures were being checked)."""
+        element = self.logged.pop(txid, None)
+        if element is None:
+            return False
+        self.muhash.remove(element)
+        return True
+
+    def root(self) -> bytes:
+        """The shard's state root after the records logged so far (32 bytes): a hash of
+        all that ``snapshot`` carries, so a function of the state, not of its history.
+        Kept up to date as records are added; a call costs one modular inverse."""
+        return self._root_of(self.state, self.muhash)
+
+    def _root_of(self, state: PartitionState, muhash: MuHash3072) -> bytes:
+        totals = (state.issued_msat, state.received_msat, state.sent_msat, state.fees_msat)
+        return _root_hash(
+            b"".join(
+                (
+                    state.muhash.combine(muhash).digest(),
+                    u16(self.me),
+                    u64(self.pmap.version),
+                    *map(_u128, totals),
+                )
+            )
+        )
+
+    def snapshot(self) -> bytes:
+        """The shard's state after the records logged so far (what ``root`` hashes),
+        encoded canonically: the same state gives the same bytes in any process."""
+        state = self.state
+        in_doubt = []
+        for txid in sorted(self.logged):
+            coordinator, attempt, _ = self.in_doubt[txid]
+            vote = state.pending[txid]
+            assert not vote.coordinator, "a transaction in doubt here is coordinated here"
+            outputs = [(cid, value, owner) for cid, (value, owner) in vote.outputs]
+            in_doubt.append(proto.InDoubt(txid, coordinator, attempt, list(vote.inputs), outputs))
+        return proto.encode_snapshot(
+            proto.Snapshot(
+                proto.SNAPSHOT_VERSION,
+                self.me,
+                self.pmap.version,
+                [(cid, value, owner) for cid, (value, owner) in sorted(state.coins.items())],
+                sorted(state.spent.items()),
+                sorted(state.issued_ids),
+                in_doubt,
+                [
+                    proto.DecidedCommit(txid, d.attempt, list(d.participants))
+                    for txid, d in sorted(self.decided.items())
+                ],
+                _u128(state.issued_msat),
+                _u128(state.received_msat),
+                _u128(state.sent_msat),
+                _u128(state.fees_msat),
+            )
+        )
+
+    def restore(self, data: bytes) -> bytes:
+        """Replace the state with a snapshot's and return its root, which the caller
+        checks against the signed header of the snapshot's block (a copy behind the
+        log catches up so). The tables are rebuilt as a replay does: each participant
+        of a remembered commit waits again, and what this worker was coordinating is
+        forgotten (presumed abort, as after a restart).
+
+        The snapshot is another operator's data: ``InvalidSnapshot`` if it is
+        malformed, is another worker's or map's, or describes no state a shard can be
+        in; the engine is then unchanged.
+        """
+        snapshot = proto.decode_snapshot(data)
+        if snapshot.worker != self.me or snapshot.map_version != self.pmap.version:
+            raise InvalidSnapshot(
+                f"a snapshot of worker {snapshot.worker} in map v{snapshot.map_version}, "
+                f"not of worker {self.me} in map v{self.pmap.version}"
+            )
+        state = self._new_state(self.state.issuers)
+        state.load(snapshot)
+        others = set(self.pmap.workers) - {self.me}
+        muhash = MuHash3072()
+        in_doubt: dict[bytes, tuple[int, int, float]] = {}
+        logged: dict[bytes, bytes] = {}
+        for doubt in snapshot.in_doubt:
+            txid, coordinator, attempt = doubt.txid, doubt.coordinator, doubt.attempt
+            if coordinator not in others:
+                raise InvalidSnapshot(f"{txid.hex()}: coordinator {coordinator} is no other worker")
+            in_doubt[txid] = (coordinator, attempt, 0.0)
+            element = _doubt_element(txid, coordinator, attempt, state.pending[txid])
+            logged[txid] = element
+            muhash.insert(element)
+        decided: dict[bytes, Decided] = {}
+        after = b""
+        for entry in snapshot.decided:
+            txid, participants = entry.txid, tuple(entry.participants)
+            if txid <= after:
+                raise InvalidSnapshot("remembered commits are not in ascending order")
+            ascending = all(a < b for a, b in itertools.pairwise(participants))
+            if not (participants and ascending and others.issuperset(participants)):
+                raise InvalidSnapshot(f"{txid.hex()}: participants {list(participants)}")
+            decided[txid] = Decided(entry.attempt, participants, set(participants))
+            muhash.insert(_decided_element(txid, decided[txid]))
+            after = txid
+        self.state, self.muhash, self.logged = state, muhash, logged
+        self.in_doubt, self.decided, self.coordinating = in_doubt, decided, {}
+        return self.root()
 
     # -- routing -------------------------------------------------------------------------
 
@@ -342,7 +573,9 @@ class TwoPhaseCommit:
         self.state.commit(txid)
         decided = None
         if participants:
-            decided = self.decided[txid] = Decided(attempt, set(participants), durable=False)
+            decided = Decided(attempt, participants, set(participants), durable=False)
+            self.decided[txid] = decided
+            self.muhash.insert(_decided_element(txid, decided))
 
         def durable(height: int) -> None:
             now = self.clock()
@@ -438,6 +671,7 @@ class TwoPhaseCommit:
         decided.waiting.discard(sender)
         if not decided.waiting:
             del self.decided[done.txid]
+            self.muhash.remove(_decided_element(done.txid, decided))
             self.log.add(proto.Ended(done.txid), lazy=True)
 
     def retell(self, now: float, at_once: bool = False) -> None:
@@ -460,6 +694,13 @@ class TwoPhaseCommit:
             self.send(reply, proto.Vote(b"", exc.code, str(exc), 0, attempt))
             return
         txid = tx.txid
+        coordinator = self._owner(tx.inputs[0].coin_id)
+        if sender != coordinator or coordinator == self.me:
+            # Only the worker of the first input coordinates: the replicas refuse a
+            # PREPARED record that names another, or one written by that worker.
+            detail = f"worker {coordinator} coordinates {txid.hex()}, not worker {sender}"
+            self.send(reply, proto.Vote(txid, Misdirected.code, detail, 0, attempt))
+            return
         doubt = self.in_doubt.get(txid)
         if doubt is not None:
             if doubt[1] != attempt:
@@ -502,6 +743,7 @@ class TwoPhaseCommit:
         def durable(height: int) -> None:
             self.send(reply, proto.Vote(txid, "", "", height, attempt))
 
+        self._log_doubt(txid, coordinator, attempt)
         self.log.add(proto.Prepared(raw, coordinator, attempt), durable)
 
     def _decide(self, decide: proto.Decide, sender: int) -> None:
@@ -515,7 +757,10 @@ class TwoPhaseCommit:
             return
         if doubt[1] != attempt:
             return  # about another attempt
+        if decide.commit and txid not in self.logged:
+            return  # a commit is told only to a worker that voted YES; this one has not yet
         del self.in_doubt[txid]
+        logged = self._settle(txid)
         # Lazy: until it is durable, a restart finds the transaction in doubt and asks.
         if decide.commit:
             changes = self._changes_of(txid)
@@ -528,7 +773,8 @@ class TwoPhaseCommit:
             )
         else:
             self.state.abort(txid)
-            self.log.add(proto.Aborted(txid), lazy=True)
+            if logged:  # else its signatures were being checked: nothing of it is logged
+                self.log.add(proto.Aborted(txid), lazy=True)
 
     def _say_done(self, coordinator: int, txid: bytes, attempt: int) -> None:
         self.send(self.subject_of(coordinator), proto.Done(txid, attempt), lazy=True)

@@ -14,26 +14,35 @@ Invariants (``check_invariants`` verifies them all; the hot path asserts the che
 * ``held_msat == sum(coin values) == issued + received - sent``: value moves only
   through commits and issuances; across the states of a ledger with nothing pending,
   ``sum(held) + sum(fees) == sum(issued)``.
+
+``muhash`` hashes the multiset of the state's coins, spent coins and issuance ids, kept
+up to date by ``commit`` and ``issue`` (a few elements per change): the part of the
+shard's state root (``TwoPhaseCommit.root``) that this state holds.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection, Iterable
 from enum import Enum
 from typing import NamedTuple, NoReturn
 
+from constellation.codec import u64
 from constellation.errors import (
     AlreadyCommitted,
     BadIssuance,
     BadSignature,
     CoinSpent,
     InputLocked,
+    InvalidSnapshot,
     NotHeldHere,
     UnknownCoin,
     UnknownTransaction,
     ValueMismatch,
 )
 from constellation.keys import schnorr_verify
+from constellation.muhash import MuHash3072
+from constellation.protocol import ledger as proto
 from constellation.sighash import sighash
 from constellation.tx import PARTITIONS, Issuance, Transaction, TxOutput
 
@@ -45,6 +54,29 @@ Held = tuple[int, bytes]
 collector stops tracking an exact tuple of atoms, and then the dict holding only such
 tuples, so a full collection does not walk every coin of the ledger; a named tuple
 stays tracked (a million of them made each full collection take 0.2 s)."""
+
+
+def _coin_element(coin_id: bytes, coin: Held) -> bytes:
+    """A coin as an element of ``muhash`` (a root's elements each start with a tag byte)."""
+    return b"c" + coin_id + u64(coin[0]) + coin[1]
+
+
+def _spent_element(coin_id: bytes, txid: bytes) -> bytes:
+    return b"s" + coin_id + txid
+
+
+def _issued_element(issuance_id: bytes) -> bytes:
+    return b"i" + issuance_id
+
+
+def _not_here(what: str, coin_id: bytes) -> InvalidSnapshot:
+    return InvalidSnapshot(f"{what} {coin_id.hex()} is in a partition not held here")
+
+
+def _ascending(ids: list[bytes], what: str) -> None:
+    """A snapshot lists ids in ascending order, each once: one encoding per state."""
+    if any(a >= b for a, b in itertools.pairwise(ids)):
+        raise InvalidSnapshot(f"{what} are not in ascending order of id, each once")
 
 
 def bad_signature(index: int, coin_id: bytes) -> BadSignature:
@@ -89,6 +121,7 @@ class PartitionState:
         self.received_msat = 0
         self.sent_msat = 0
         self.fees_msat = 0
+        self.muhash = MuHash3072()
 
     # -- routing -------------------------------------------------------------------------
 
@@ -181,16 +214,20 @@ class PartitionState:
         vote = self.pending.pop(txid, None)
         if vote is None:
             raise UnknownTransaction(f"transaction {txid.hex()} is not prepared here")
-        coins, locks, spent = self.coins, self.locks, self.spent
+        coins, locks, spent, muhash = self.coins, self.locks, self.spent, self.muhash
         sent = received = 0
         for cid in vote.inputs:
             assert locks.pop(cid) == txid, "a lock changed hands while prepared"
-            sent += coins.pop(cid)[0]
+            coin = coins.pop(cid)
+            sent += coin[0]
             spent[cid] = txid
+            muhash.remove(_coin_element(cid, coin))
+            muhash.insert(_spent_element(cid, txid))
         for cid, coin in vote.outputs:
             assert cid not in coins and cid not in spent, "an output id already exists"
             coins[cid] = coin
             received += coin[0]
+            muhash.insert(_coin_element(cid, coin))
         self.sent_msat += sent
         self.received_msat += received
         self.fees_msat += vote.fee_msat
@@ -223,12 +260,78 @@ class PartitionState:
         for cid, (value, owner) in zip(issuance.output_ids, issuance.outputs, strict=True):
             if self.holds_coin(cid):
                 assert cid not in self.coins and cid not in self.spent, "issued id exists"
-                self.coins[cid] = (value, owner)
+                coin = self.coins[cid] = (value, owner)
                 self.issued_msat += value
                 self.held_msat += value
+                self.muhash.insert(_coin_element(cid, coin))
                 created.append(cid)
         self.issued_ids.add(issuance.issuance_id)
+        self.muhash.insert(_issued_element(issuance.issuance_id))
         return created
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    def load(self, snapshot: proto.Snapshot) -> None:
+        """Fill this new state with a snapshot's coins, spent coins, issuance ids,
+        in-doubt transactions (as the votes of a participant) and totals.
+
+        The snapshot is another operator's data: ``InvalidSnapshot`` unless it describes
+        a state this one could be in (then drop this state, partly filled).
+        """
+        assert not (self.coins or self.spent or self.issued_ids or self.pending), "not new"
+        coins, spent, muhash = self.coins, self.spent, self.muhash
+        _ascending([cid for cid, _, _ in snapshot.coins], "coins")
+        for cid, value, owner in snapshot.coins:
+            if not self.holds_coin(cid):
+                raise _not_here("coin", cid)
+            coin = coins[cid] = (value, owner)
+            muhash.insert(_coin_element(cid, coin))
+        _ascending([cid for cid, _ in snapshot.spent], "spent coins")
+        for cid, txid in snapshot.spent:
+            if not self.holds_coin(cid):
+                raise _not_here("spent coin", cid)
+            if cid in coins:
+                raise InvalidSnapshot(f"coin {cid.hex()} is both unspent and spent")
+            spent[cid] = txid
+            muhash.insert(_spent_element(cid, txid))
+        _ascending(snapshot.issued, "issuance ids")
+        for iid in snapshot.issued:
+            self.issued_ids.add(iid)
+            muhash.insert(_issued_element(iid))
+        _ascending([doubt.txid for doubt in snapshot.in_doubt], "transactions in doubt")
+        created: set[bytes] = set()
+        for doubt in snapshot.in_doubt:
+            self.pending[doubt.txid] = self._load_vote(doubt, created)
+        self.issued_msat = int.from_bytes(snapshot.issued_msat, "big")
+        self.received_msat = int.from_bytes(snapshot.received_msat, "big")
+        self.sent_msat = int.from_bytes(snapshot.sent_msat, "big")
+        self.fees_msat = int.from_bytes(snapshot.fees_msat, "big")
+        self.held_msat = sum(value for value, _ in coins.values())
+        if self.held_msat != self.issued_msat + self.received_msat - self.sent_msat:
+            raise InvalidSnapshot(
+                f"the coins hold {self.held_msat} msat; the totals say issued "
+                f"{self.issued_msat} + received {self.received_msat} - sent {self.sent_msat}"
+            )
+
+    def _load_vote(self, doubt: proto.InDoubt, created: set[bytes]) -> Prepared:
+        """Lock a snapshot's in-doubt transaction's inputs; ``created`` gathers the
+        outputs of those loaded before it (no two may create one coin)."""
+        txid, coins, locks = doubt.txid, self.coins, self.locks
+        for cid in doubt.inputs:
+            if cid not in coins or cid in locks:
+                raise InvalidSnapshot(f"{txid.hex()} locks {cid.hex()}, not a free coin")
+            locks[cid] = txid
+        outputs = []
+        for cid, value, owner in doubt.outputs:
+            if not self.holds_coin(cid):
+                raise _not_here("output", cid)
+            if cid in coins or cid in self.spent or cid in created:
+                raise InvalidSnapshot(f"{txid.hex()} creates {cid.hex()}, which exists")
+            created.add(cid)
+            outputs.append((cid, (value, owner)))
+        if not outputs and not doubt.inputs:
+            raise InvalidSnapshot(f"{txid.hex()} touches no partition held here")
+        return Prepared(txid, tuple(doubt.inputs), tuple(outputs), 0, False)
 
     # -- queries -------------------------------------------------------------------------
 

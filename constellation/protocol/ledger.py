@@ -27,11 +27,11 @@ committed, aborted and issued, in order. Replaying them rebuilds its state.
 from __future__ import annotations
 
 import itertools
-from typing import Union
+from typing import Annotated, Union
 
 import msgspec
 
-from constellation.errors import MessageError
+from constellation.errors import InvalidSnapshot, MessageError
 
 PROTOCOL_VERSION = 2
 
@@ -159,6 +159,56 @@ class Block(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=
     records: list[Record]
 
 
+# -- snapshots of a shard's state -------------------------------------------------------
+#
+# A copy of a shard that is behind its log catches up from a snapshot: the state after a
+# block, whose signed header carries the root the snapshot must hash to. It is another
+# operator's data, so its fields are bounded here and its consistency is checked on
+# restore. Lists are sorted by id, one encoding per state.
+
+SNAPSHOT_VERSION = 1
+
+# MessagePack integers end at 2^64 - 1: an unsigned one needs no upper bound.
+Id = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+Msat = Annotated[int, msgspec.Meta(ge=1)]
+U64 = Annotated[int, msgspec.Meta(ge=0)]
+WorkerId = Annotated[int, msgspec.Meta(ge=0, le=255)]
+U128 = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]  # big-endian: a total
+
+
+class InDoubt(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A transaction prepared here (a PREPARED record) whose outcome is not known yet."""
+
+    txid: Id
+    coordinator: WorkerId
+    attempt: U64
+    inputs: list[Id]  # the coins held here that it locks, in the transaction's order
+    outputs: list[tuple[Id, Msat, Id]]  # (coin id, value, owner) it creates here
+
+
+class DecidedCommit(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A commit this worker coordinated, until every participant has said Done."""
+
+    txid: Id
+    attempt: U64
+    participants: list[WorkerId]  # ascending
+
+
+class Snapshot(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    version: int
+    worker: WorkerId
+    map_version: U64
+    coins: list[tuple[Id, Msat, Id]]  # (coin id, value, owner), unspent
+    spent: list[tuple[Id, Id]]  # (coin id, the txid that spent it)
+    issued: list[Id]  # issuance ids applied
+    in_doubt: list[InDoubt]
+    decided: list[DecidedCommit]
+    issued_msat: U128
+    received_msat: U128
+    sent_msat: U128
+    fees_msat: U128
+
+
 # -- committed changes by block, for indexes and subscriptions --------------------------
 #
 # A worker derives each block's changes from the block and its state, writes them to
@@ -243,6 +293,7 @@ _block_decoder = msgspec.msgpack.Decoder(Block)
 _events_decoder = msgspec.msgpack.Decoder(list[BlockEvents])
 _block_events_decoder = msgspec.msgpack.Decoder(BlockEvents)
 _page_decoder = msgspec.msgpack.Decoder(EventsPage)
+_snapshot_decoder = msgspec.msgpack.Decoder(Snapshot)
 _head_decoder = msgspec.msgpack.Decoder(EventsHead)
 
 
@@ -301,6 +352,22 @@ def decode_events_head(data: bytes) -> EventsHead:
         return _head_decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise MessageError(f"malformed block events: {exc}") from None
+
+
+def encode_snapshot(snapshot: Snapshot) -> bytes:
+    return _package_encoder.encode(snapshot)
+
+
+def decode_snapshot(data: bytes) -> Snapshot:
+    """A snapshot's fields, each within its bounds, or ``InvalidSnapshot``; whether they
+    describe a state is for the restore to check."""
+    try:
+        snapshot = _snapshot_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise InvalidSnapshot(f"malformed snapshot: {exc}") from None
+    if snapshot.version != SNAPSHOT_VERSION:
+        raise InvalidSnapshot(f"snapshot version {snapshot.version}, expected {SNAPSHOT_VERSION}")
+    return snapshot
 
 
 def decode_page(data: bytes) -> EventsPage:

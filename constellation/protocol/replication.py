@@ -90,7 +90,7 @@ class Vote(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=T
     sig: bytes
 
 
-class _Msg(msgspec.Struct, frozen=True, array_like=True, tag_field="k"):
+class _Msg(msgspec.Struct, frozen=True, array_like=True, tag_field="k", forbid_unknown_fields=True):
     pass
 
 
@@ -159,14 +159,18 @@ class Head(_Msg, frozen=True, tag="h"):
     signed: Signed
 
 
-class Equivocation(msgspec.Struct, frozen=True, array_like=True, tag_field="k", tag="e"):
+class Equivocation(
+    msgspec.Struct, frozen=True, array_like=True, tag_field="k", tag="e", forbid_unknown_fields=True
+):
     """Two headers one operator signed at one (shard, term, height)."""
 
     a: Signed
     b: Signed
 
 
-class DoubleVote(msgspec.Struct, frozen=True, array_like=True, tag_field="k", tag="f"):
+class DoubleVote(
+    msgspec.Struct, frozen=True, array_like=True, tag_field="k", tag="f", forbid_unknown_fields=True
+):
     """Two votes one copy signed in one term, for different candidates."""
 
     owner: int

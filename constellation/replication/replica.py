@@ -10,8 +10,9 @@ form one replication group (a modified Raft, ``notes/replication.md``):
   once the block is durable (``Ready``'s writes come before its messages). An invalid
   block is refused and stays refused.
 * **Confirmation.** A block is confirmed when ``Quorums.confirm`` copies (a majority of
-  operators) have acked it or a later block in the leader's term; earlier blocks are
-  confirmed with it. Nothing acts on an unconfirmed block: ``Ready.confirmed`` is what
+  operators) have acked it or a later block in the leader's term, two of them outside
+  any one other operator (whose acks might be lies); earlier blocks are confirmed with
+  it. Nothing acts on an unconfirmed block: ``Ready.confirmed`` is what
   the application may answer for. Up to ``window`` blocks are in flight per copy.
 * **Leadership.** Copies have a preference: the owner's first copy, then its twin, then
   the other operators' copies. Election timeouts follow it (the twin's is short, the
@@ -43,6 +44,7 @@ sends its messages, then calls ``stored``.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -224,6 +226,7 @@ class Replica:
         self.seen: dict[tuple[int, int], rp.Signed] = {}  # (term, height) -> a header
         self.votes_seen: dict[tuple[int, int], rp.Vote] = {}  # (term, voter) -> its vote
         self.evidence: dict[int, rp.Evidence] = {}  # operator -> a proof against it
+        self.invalid: dict[bytes, str] = {}  # hash of a block found invalid -> why
         self.incoming: tuple[rp.Signed, bytearray] | None = None  # a snapshot arriving
         self.next_beat = 0.0
         self.next_head = 0.0
@@ -330,7 +333,8 @@ class Replica:
         self._hand_back(now)
 
     def _hand_back(self, now: float) -> None:
-        """Give leadership to a more preferred copy that holds the whole log."""
+        """Give leadership to a more preferred copy that holds the whole log (and take
+        no proposals meanwhile, so that it still does when it campaigns)."""
         if self.rank == 0 or now - self.transferred < self.settings.election_s:
             return
         for c in self.preference[: self.rank]:
@@ -535,10 +539,11 @@ class Replica:
     # -- replication: leader -------------------------------------------------------------
 
     def can_propose(self) -> bool:
-        """Whether a block proposed now would be taken (leading, the window not full,
-        no snapshot due)."""
+        """Whether a block proposed now would be taken (leading, not handing leadership
+        over, the window not full, no snapshot due)."""
         return (
             self.role is Role.LEADER
+            and self.clock() - self.transferred >= self.settings.election_s
             and self.last - self.confirmed < self.settings.window
             and self.confirmed - self.snap.height < self.settings.snapshot_every
         )
@@ -570,7 +575,10 @@ class Replica:
 
     def _send_to(self, copy: int, p: Progress, beat: bool) -> None:
         """Send ``copy`` what it lacks, within the window; an empty Append if ``beat``."""
+        cert = [] if p.knows else self.cert
         if p.offset >= 0 or p.next < self.first:
+            if beat or cert:  # leadership news and the confirmed height; it lacks the rest
+                self._send(copy, rp.Append(self.term, *self.base[::2], [], self.confirmed, cert))
             self._send_chunk(copy, p)
             return
         upto = min(self.last, p.match + self.settings.window)
@@ -586,7 +594,6 @@ class Replica:
         # A heartbeat names the last block sent: a copy that lacks it (lost on the
         # way) says where to resume.
         prev = max(p.next - 1, self.base[0])
-        cert = [] if p.knows else self.cert
         self._send(
             copy, rp.Append(self.term, prev, self.hash_at(prev), blocks, self.confirmed, cert)
         )
@@ -609,12 +616,14 @@ class Replica:
             return
         p = self.progress[sender]
         p.heard = self.clock()
-        p.knows = True
+        p.knows = msg.ok  # a refusal may come from a copy that lost our certificate
         if msg.refused:
             self.counters.refused_blocks += 1
         if not msg.ok:
             p.next = max(p.match + 1, min(msg.height + 1, self.last + 1))
-            self._send_to(sender, p, beat=False)
+            # A snapshot goes on at its own pace; a refused block waits for the heartbeat.
+            if p.offset < 0 and not msg.refused:
+                self._send_to(sender, p, beat=False)
             return
         if msg.height > self.last or msg.height < self.base[0]:
             return
@@ -642,17 +651,25 @@ class Replica:
         self._send_chunk(sender, p)
 
     def _confirm(self) -> None:
-        matches = sorted(
-            [p.match for c, p in self.progress.items() if not self._excluded(c)]
-            + [self.stored_height],
-            reverse=True,
-        )
-        need = self.quorums.confirm
-        if len(matches) < need:
-            return
-        h = matches[need - 1]
-        if h > self.confirmed and self.term_at(h) == self.term:
-            self._confirmed(h)
+        """Confirm the highest block of this term that enough copies hold: a confirming
+        set (``Quorums.confirm`` copies), which also keeps two copies once any one other
+        operator's copies are taken away, so that an operator acking what it did not
+        store cannot alone make a confirmed block depend on it."""
+        held = {c: p.match for c, p in self.progress.items() if not self._excluded(c)}
+        held[self.me] = self.stored_height
+        mine = self.me // 2
+        for h in sorted(set(held.values()), reverse=True):
+            if h <= self.confirmed:
+                return
+            copies = [c for c, m in held.items() if m >= h]
+            per_operator = Counter(c // 2 for c in copies)
+            if (
+                len(copies) >= self.quorums.confirm
+                and all(len(copies) - n >= 2 for op, n in per_operator.items() if op != mine)
+                and self.term_at(h) == self.term
+            ):
+                self._confirmed(h)
+                return
 
     def _confirmed(self, height: int) -> None:
         self.confirmed = height
@@ -681,6 +698,8 @@ class Replica:
                 return
             if not self._cert_valid(msg.term, sender, msg.cert):
                 self.counters.refused_messages += 1
+                if not msg.cert:  # a copy that restarted: ask for the certificate
+                    self._send(sender, rp.Appended(msg.term, False, self.last, b"", b"", ""))
                 return
             self._follow(msg.term, sender)
         self.heard = self.clock()
@@ -712,7 +731,7 @@ class Replica:
                     self._refuse_append(sender, self.last, f"replaces confirmed block {height}")
                     return
                 self._truncate(height - 1)
-            why = self._check(block, msg.term)
+            why = self.invalid.get(rp.header_hash(header)) or self._check(block, msg.term)
             if why:
                 self.counters.refused_blocks += 1
                 self._refuse_append(sender, self.last, why)
@@ -742,6 +761,7 @@ class Replica:
 
     def _truncate(self, height: int) -> None:
         assert height >= self.confirmed, "a confirmed block would be dropped"
+        assert height >= self.snap.height, "a snapshot's block would be dropped"
         del self.log[height - self.first + 1 :]
         self.stored_height = min(self.stored_height, height)
         before = self.ready_.truncate
@@ -762,9 +782,9 @@ class Replica:
             return "does not chain to the previous block"
         if body_hash(block.body) != header.body:
             return "the body does not match its hash"
+        # A convicted operator's old blocks may be history; its new leadership is not
+        # followed (``_cert_valid``).
         signer = header.leader // 2
-        if self._excluded(header.leader):
-            return f"operator {signer} is excluded"
         if not schnorr_verify(self.keys[signer], rp.header_hash(header), block.signed.sig):
             return "bad header signature"
         self._saw(block.signed)
@@ -772,11 +792,18 @@ class Replica:
             root = self.executor.execute(block.body, signer != self.me // 2)
         except ConstellationError as exc:
             self._rebuild(self.last)
-            return f"invalid block {header.height}: {exc}"
+            return self._invalid(header, f"invalid block {header.height}: {exc}")
         if root != header.root:
             self._rebuild(self.last)
-            return f"block {header.height}: state root differs"
+            return self._invalid(header, f"block {header.height}: state root differs")
         return ""
+
+    def _invalid(self, header: rp.Header, why: str) -> str:
+        """Remember a block found invalid, so that it is refused again without work."""
+        if len(self.invalid) >= SEEN_LIMIT:
+            self.invalid.clear()
+        self.invalid[rp.header_hash(header)] = why
+        return why
 
     def _rebuild(self, height: int) -> None:
         """Bring the executor to the state after ``height``: the snapshot, then the log."""
@@ -900,12 +927,30 @@ class Replica:
             return
         self.evidence[culprit] = evidence
         self._send(EVERYONE, rp.Proof(evidence))
+        self._distrust(culprit)
         if self.leader >= 0 and self._excluded(self.leader):
             if self.role is Role.LEADER:
                 self._follow(self.term, -1)
             else:
                 self.leader = -1
                 self.heard = -1e18
+
+    def _distrust(self, culprit: int) -> None:
+        """Take back what this copy confirmed on the word of a convicted leader: the
+        blocks of its last term here. It may have told other copies another story at
+        those heights (the confirming set may have been two operators meeting only in
+        the liar), so the next leader's log decides them. A copy that snapshotted past
+        them keeps them."""
+        h = self.last
+        while h > max(self.snap.height, self.base[0]):
+            header = self._block(h).signed.header
+            if header.leader // 2 != culprit:
+                break
+            term = header.term
+            h -= 1
+            if h > self.base[0] and self._block(h).signed.header.term != term:
+                break
+        self.confirmed = min(self.confirmed, h)
 
     def check_evidence(self, evidence: rp.Evidence) -> int | None:
         """The operator a proof convicts, or None if it proves nothing."""

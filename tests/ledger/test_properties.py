@@ -9,6 +9,12 @@ values, bad signatures). After every step: each state's invariants hold and no c
 both spent and unspent. At the end, once the network heals: no lock or doubt is left,
 value is conserved, every payment a client was told is committed is committed
 everywhere, and an honest payment of an unspent coin commits (the engine still works).
+
+Each worker also has a replica: a copy of its shard that re-executes every block as it
+becomes durable, checking every record and signature (``replay`` with ``verify``). It
+refuses no block and reaches the worker's state root after each; a restarted worker has
+that root again; a snapshot restored elsewhere has it too, and the replica, restored
+from its own snapshot, goes on re-executing the blocks that follow.
 """
 
 from __future__ import annotations
@@ -55,10 +61,16 @@ def subject_of(worker: int) -> str:
 
 
 class MemoryLog:
-    """A block log in memory: records wait until ``flush`` makes them durable."""
+    """A block log in memory: records wait until ``flush`` makes them durable (and go
+    to ``cut`` then, as a block)."""
 
-    def __init__(self, blocks: list[list[proto.Record]]) -> None:
+    def __init__(
+        self,
+        blocks: list[list[proto.Record]],
+        cut: Callable[[list[proto.Record]], None] = lambda _: None,
+    ) -> None:
         self.blocks = blocks  # durable: what a crash keeps
+        self.cut = cut
         self.records: list[proto.Record] = []
         self.after: list[Callable[[int], None]] = []
 
@@ -85,9 +97,25 @@ class MemoryLog:
             return
         height = len(self.blocks)
         self.blocks.append(self.records)
+        self.cut(self.records)
         after, self.records, self.after = self.after, [], []
         for callback in after:
             callback(height)
+
+
+def copy_of(me: int) -> TwoPhaseCommit:
+    """An engine that only re-executes blocks: a replica, or one restored from a snapshot."""
+    return TwoPhaseCommit(
+        me=me,
+        pmap=PMAP,
+        issuers=frozenset([ISSUER.pubkey]),
+        prepare_timeout_ms=TIMEOUT_MS,
+        send=lambda subject, item, lazy=False: None,
+        subject_of=subject_of,
+        log=MemoryLog([]),
+        clock=lambda: 0.0,
+        draw=lambda: 0,
+    )
 
 
 class Node:
@@ -95,10 +123,11 @@ class Node:
         self.me, self.machine = me, machine
         self.blocks: list[list[proto.Record]] = []
         self.attempts = random.Random(me)
+        self.replica = copy_of(me)
         self.log, self.engine = self._start()
 
     def _start(self) -> tuple[MemoryLog, TwoPhaseCommit]:
-        log = MemoryLog(self.blocks)
+        log = MemoryLog(self.blocks, self._cut)
         engine = TwoPhaseCommit(
             me=self.me,
             pmap=PMAP,
@@ -113,7 +142,13 @@ class Node:
         for records in self.blocks:
             engine.replay(records, derive=False)
         engine.state.check_invariants()
+        assert engine.root() == self.replica.root(), "a restart changed the state root"
         return log, engine
+
+    def _cut(self, records: list[proto.Record]) -> None:
+        """A block became durable: the replica re-executes it and agrees on the root."""
+        self.replica.replay(records, derive=False, verify=True, signatures=True)
+        assert self.replica.root() == self.engine.root(), "a replica's root differs"
 
     def _send(self, subject: str, item: proto.Item, lazy: bool = False) -> None:
         reply = subject_of(self.me)
@@ -220,6 +255,23 @@ class CommitMachine(RuleBasedStateMachine):
     @rule(w=st.integers(0, WORKERS - 1))
     def crash(self, w: int) -> None:
         self.nodes[w].crash()
+
+    @rule(w=st.integers(0, WORKERS - 1))
+    def snapshot(self, w: int) -> None:
+        """A worker's state, restored from its snapshot elsewhere, is the same state; its
+        replica catches up from its own snapshot and follows the log from there."""
+        node = self.nodes[w]
+        data = node.engine.snapshot()
+        copy = copy_of(w)
+        assert copy.restore(data) == node.engine.root()
+        assert copy.snapshot() == data
+        logged = {t: node.engine.in_doubt[t][:2] for t in node.engine.logged}
+        assert {t: doubt[:2] for t, doubt in copy.in_doubt.items()} == logged
+        decided = {t: (d.attempt, d.participants) for t, d in node.engine.decided.items()}
+        assert {t: (d.attempt, d.participants) for t, d in copy.decided.items()} == decided
+        behind, root = node.replica.snapshot(), node.replica.root()
+        node.replica = copy_of(w)
+        assert node.replica.restore(behind) == root
 
     @rule(seconds=st.sampled_from([0.01, 0.1, 0.5, 2.0]))
     def time_passes(self, seconds: float) -> None:

@@ -30,7 +30,9 @@ def main() -> int:
             if args.seed is not None:
                 print("\n".join(guild.log))
     took = time.monotonic() - started
-    print(f"{len(seeds)} seeds, {len(failed)} failed, {took:.1f} s ({took / len(seeds):.2f} s/seed)")
+    print(
+        f"{len(seeds)} seeds, {len(failed)} failed, {took:.1f} s ({took / len(seeds):.2f} s/seed)"
+    )
     return 1 if failed else 0
 
 

@@ -18,6 +18,7 @@ once, caught-up copies have equal state roots, and a leader confirms payments ag
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import random
@@ -156,7 +157,7 @@ class Guild:
         for m in range(self.machines):
             for s in range(shards):
                 self.copies[(m, s)] = self._start(m, s, Disk())
-            self._at(self.rng.uniform(0, TICK_S), lambda m=m: self._tick(m))
+            self._at(self.rng.uniform(0, TICK_S), functools.partial(self._tick, m))
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -175,9 +176,9 @@ class Guild:
             worker=s // self.operators,
             me=m,
             keys=[k.pubkey for k in self.keys],
-            sign=lambda digest, key=key: key.sign(digest, bytes(32)),
+            sign=functools.partial(_sign, key),
             executor=app,
-            clock=lambda m=m: self.now + self.offset[m],
+            clock=functools.partial(self._clock, m),
             draw=self.rng.random,
             settings=SETTINGS,
             hard=disk.hard,
@@ -186,6 +187,9 @@ class Guild:
             damaged=disk.damaged,
         )
         return Copy(s, replica, app, disk)
+
+    def _clock(self, m: int) -> float:
+        return self.now + self.offset[m]
 
     def _runnable(self, m: int) -> bool:
         return self.up[m] and self.paused_until[m] <= self.now
@@ -257,8 +261,8 @@ class Guild:
             if known != digest:
                 raise Violation(f"shard {c.shard}: two confirmed blocks at height {h}")
         if r.snap.height == r.confirmed and r.snap.height > c.reported:
-            known = self.confirmed.get((c.shard, r.snap.height))
-            if known is not None and known != r.snap.hash:
+            at = self.confirmed.get((c.shard, r.snap.height))
+            if at is not None and at != r.snap.hash:
                 raise Violation(f"shard {c.shard}: a snapshot off the confirmed chain")
         c.reported = r.confirmed
         if r.role is Role.LEADER:
@@ -489,6 +493,10 @@ class Guild:
         for block in r.blocks(r.snap.height, r.confirmed):
             app.execute(block.body, False)
         return app.state
+
+
+def _sign(key: SigningKey, digest: bytes) -> bytes:
+    return key.sign(digest, bytes(32))  # deterministic: a seed replays byte for byte
 
 
 def replay_command(seed: int, operators: int) -> str:

@@ -1,0 +1,237 @@
+"""One shard's six (or eight) copies: leadership, confirmation, catch-up, and the
+Byzantine cases (an invalid block, equivocation, double votes, acks of what was never
+stored, forged leadership)."""
+
+from __future__ import annotations
+
+import functools
+
+import msgspec
+import pytest
+
+from constellation.errors import MessageError
+from constellation.protocol import replication as rp
+from constellation.replication.replica import Role, body_hash
+from tests.replication.harness import KEYS, SETTINGS, Shard
+
+HEARTBEATS = 6 * SETTINGS.heartbeat_s
+
+
+def started(operators: int = 3) -> Shard:
+    shard = Shard(operators)
+    shard.until(lambda: shard.leader() == 0)
+    return shard
+
+
+def test_the_owners_copy_leads_and_a_block_confirms_at_every_copy() -> None:
+    shard = started()
+    height = shard.pay(3)
+    shard.until(lambda: shard.confirmed_everywhere(height))
+    roots = {r.state_root() for r in shard.replicas}
+    assert len(roots) == 1
+    assert all(len(app.state) == 3 for app in shard.apps)
+
+
+def test_the_twin_takes_over_when_the_leader_stops_then_hands_back() -> None:
+    shard = started()
+    shard.stop(0)
+    took = shard.until(lambda: shard.leader() == 1)
+    assert took < 2 * SETTINGS.election_s
+    height = shard.pay()
+    shard.until(lambda: shard.confirmed_everywhere(height))
+    shard.restart(0)
+    shard.until(lambda: shard.leader() == 0)
+    assert shard.replicas[0].last >= height
+
+
+def test_the_other_operators_elect_a_leader_when_the_owner_is_down() -> None:
+    shard = started()
+    before = shard.pay()
+    shard.until(lambda: shard.confirmed_everywhere(before))
+    shard.stop(0, 1)
+    shard.until(lambda: shard.leader() in {2, 3, 4, 5})
+    height = shard.pay(2)
+    shard.until(lambda: shard.confirmed_everywhere(height))
+    shard.restart(0, 1)
+    shard.until(lambda: shard.leader() == 0 and shard.confirmed_everywhere(height))
+    assert len({r.state_root() for r in shard.replicas}) == 1
+
+
+def test_the_owner_alone_confirms_nothing_and_steps_down() -> None:
+    shard = started()
+    shard.isolate({0, 1})
+    term = shard.replicas[0].term
+    height = shard.pay()
+    shard.run(2 * SETTINGS.election_s)
+    assert shard.replicas[0].confirmed < height
+    assert shard.replicas[0].role is not Role.LEADER  # CheckQuorum
+    shard.until(lambda: shard.leader() in {2, 3, 4, 5})
+    assert shard.replicas[shard.leaders()[0]].term > term
+
+
+def test_four_operators_confirm_on_five_copies() -> None:
+    shard = started(operators=4)
+    shard.stop(2, 3, 4)  # three of eight copies down: still 5
+    height = shard.pay()
+    shard.until(lambda: shard.confirmed_everywhere(height))
+    shard.stop(5)  # four down: nothing more confirms
+    stuck = shard.pay()
+    shard.run(1.0)
+    assert shard.replicas[0].confirmed < stuck
+
+
+def test_a_copy_far_behind_catches_up_from_a_snapshot() -> None:
+    shard = started()
+    shard.stop(5)
+    for _ in range(SETTINGS.snapshot_every + SETTINGS.keep + 8):
+        shard.until(functools.partial(shard.confirmed_everywhere, shard.pay()))
+    assert shard.replicas[0].first > 1  # the log was truncated behind a snapshot
+    shard.restart(5)
+    shard.until(lambda: shard.replicas[5].last == shard.replicas[0].last)
+    assert shard.replicas[5].counters.snapshots_installed == 1
+    assert shard.apps[5].state == shard.apps[0].state
+    assert shard.replicas[5].state_root() == shard.replicas[0].state_root()
+
+
+def test_an_invalid_block_is_refused_by_every_honest_copy() -> None:
+    shard = started()
+    good = shard.pay()
+    shard.until(lambda: shard.confirmed_everywhere(good))
+    leader = shard.replicas[0]
+    # The same payment again, with the root the leader claims: never valid.
+    body = msgspec.msgpack.encode([(1, 10)])
+    bad = leader.propose(body, leader.state_root())
+    shard.flush(0)
+    shard.run(5 * SETTINGS.heartbeat_s)
+    for c in range(1, 6):
+        r = shard.replicas[c]
+        assert r.last < bad
+        assert r.counters.refused_blocks >= 1
+    assert leader.confirmed < bad
+
+
+def _alternative(block: rp.Block, key_index: int) -> rp.Block:
+    """Another block at the same (term, height): empty, the state unchanged."""
+    header = block.signed.header
+    other = rp.Header(
+        header.owner,
+        header.worker,
+        header.term,
+        header.height,
+        header.prev,
+        body_hash(b""),
+        header.root,
+        header.leader,
+        header.time_ms,
+    )
+    return rp.Block(rp.Signed(other, KEYS[key_index].sign(rp.header_hash(other))), b"")
+
+
+def test_an_equivocating_leader_is_proven_faulty_and_excluded() -> None:
+    shard = started()
+    warmup = shard.pay()
+    shard.until(lambda: shard.confirmed_everywhere(warmup))
+    # The leader (operator 0) tells operator 2 a different story than operator 1.
+    swapped: dict[bytes, rp.Block] = {}
+
+    def tamper(src: int, dst: int, msg: rp.Message) -> list[rp.Message]:
+        if src // 2 == 0 and dst // 2 == 2 and isinstance(msg, rp.Append) and msg.blocks:
+            blocks = []
+            for b in msg.blocks:
+                key = rp.header_hash(b.signed.header)
+                if key not in swapped:
+                    swapped[key] = _alternative(b, 0)
+                blocks.append(swapped[key])
+            return [
+                rp.Append(msg.term, msg.prev_height, msg.prev_hash, blocks, msg.confirmed, msg.cert)
+            ]
+        return [msg]
+
+    shard.tamper = tamper
+    shard.pay(2)
+    honest = [2, 3, 4, 5]
+    took = shard.until(lambda: all(0 in shard.replicas[c].evidence for c in honest))
+    assert took < 10 * SETTINGS.heartbeat_s
+    proof = shard.replicas[2].evidence[0]
+    assert isinstance(proof, rp.Equivocation)
+    assert shard.replicas[4].check_evidence(proof) == 0
+    shard.tamper = None
+    shard.until(lambda: shard.leader() in honest)
+    after = shard.pay()
+    shard.until(lambda: shard.confirmed_everywhere(after, honest))
+    for c in honest:  # operator 0 no longer counts: its copies get no votes
+        assert 0 in shard.replicas[c].evidence
+
+
+def test_a_double_vote_is_proven_from_two_certificates() -> None:
+    shard = started()
+    leader = shard.replicas[0]
+    term = leader.term
+    voter = next(v for v in leader.cert if v.voter == 2)  # operator 1's copy voted for 0
+    digest = rp.vote_digest(0, 0, term, 3, voter.last_term, voter.last_height, 2)
+    second = rp.Vote(term, 3, voter.last_term, voter.last_height, 2, KEYS[1].sign(digest))
+    # Operator 1's other copy claims term ``term`` too, showing its vote for itself.
+    forged = rp.Append(term, 0, bytes(32), [], 0, [second])
+    shard.queue.append((3, 4, rp.encode(rp.Envelope(0, 0, 3, forged))))
+    shard.deliver()
+    copy = shard.replicas[4]
+    assert copy.leader == 0  # the forged leader was not followed
+    proof = copy.evidence[1]
+    assert isinstance(proof, rp.DoubleVote)
+    assert copy.check_evidence(proof) == 1
+    shard.run(3 * SETTINGS.heartbeat_s)
+    assert all(1 in shard.replicas[c].evidence for c in (0, 1, 4, 5))
+
+
+def test_a_leader_without_a_certificate_is_not_followed() -> None:
+    shard = started()
+    copy = shard.replicas[3]
+    before = (copy.term, copy.leader, copy.counters.refused_messages)
+    forged = rp.Append(before[0] + 5, 0, bytes(32), [], 0, [])
+    shard.queue.append((5, 3, rp.encode(rp.Envelope(0, 0, 5, forged))))
+    shard.deliver()
+    assert (copy.term, copy.leader) == before[:2]
+    assert copy.counters.refused_messages == before[2] + 1
+
+
+def test_acks_that_were_never_stored_cannot_confirm_alone() -> None:
+    shard = started()
+    shard.liars = {4, 5}  # operator 2 acks without storing
+    shard.stop(1, 2, 3)
+    height = shard.pay()
+    shard.run(1.0)
+    # Three acks (0, 4, 5), but without operator 2 only the leader holds it.
+    assert shard.replicas[0].confirmed < height
+    shard.restart(2)
+    shard.until(lambda: shard.replicas[0].confirmed >= height)
+
+
+def test_a_stale_leader_paused_by_a_partition_confirms_nothing() -> None:
+    shard = started()
+    shard.isolate({0})
+    stale = shard.pay()
+    shard.until(lambda: shard.leader() is not None and shard.leader() != 0, limit=5)
+    new = shard.leader()
+    assert new is not None
+    fresh = shard.pay()
+    shard.cut = set()
+    shard.until(lambda: shard.confirmed_everywhere(fresh))
+    assert shard.replicas[0].role is not Role.LEADER or shard.replicas[0].term > 1
+    # The stale block at ``stale`` was replaced: every copy agrees on every height.
+    hashes = {r.hash_at(stale) for r in shard.replicas if r.first <= stale}
+    assert len(hashes) == 1
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x92\x01",
+        msgspec.msgpack.encode([0, 0, 1, ["a", 1, 0, b"short", [], 0, []]]),
+        msgspec.msgpack.encode([0, 0, 1, ["z", 1]]),
+        msgspec.msgpack.encode([0, 0, 1, ["b", 1, True, 0, b"", b"", "", "extra"]]),
+    ],
+)
+def test_malformed_messages_are_refused(data: bytes) -> None:
+    with pytest.raises(MessageError):
+        rp.decode(data)
