@@ -104,6 +104,8 @@ STATUS: dict[str, int] = {
     e.Misdirected.code: 400,
     e.StaleMessage.code: 400,
     e.Replayed.code: 409,
+    e.InvalidBlock.code: 400,
+    e.InvalidSnapshot.code: 400,
 }
 assert set(STATUS.values()) <= STATUS_TEXT.keys(), "a status without its prose"
 

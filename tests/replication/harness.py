@@ -11,7 +11,7 @@ import msgspec
 
 from constellation.keys import SigningKey
 from constellation.protocol import replication as rp
-from constellation.replication.replica import EVERYONE, Replica, Role, Settings
+from constellation.replication.replica import EVERYONE, Executor, Replica, Role, Settings
 from tests.sim.guild import Disk, Payments
 
 SETTINGS = Settings(
@@ -26,7 +26,10 @@ Tamper = Callable[[int, int, rp.Message], list[rp.Message]]
 class Shard:
     """The 2n copies of shard (owner 0, worker 0); time moves only in ``run``."""
 
-    def __init__(self, operators: int = 3, seed: int = 1) -> None:
+    def __init__(
+        self, operators: int = 3, seed: int = 1, make: Callable[[], Executor] = Payments
+    ) -> None:
+        self.make = make
         self.operators = operators
         self.rng = random.Random(seed)
         self.now = 0.0
@@ -38,15 +41,15 @@ class Shard:
         self.tamper: Tamper | None = None
         self.queue: deque[tuple[int, int, bytes]] = deque()
         self.disks = [Disk() for _ in range(self.copies)]
-        self.apps: list[Payments] = []
+        self.apps: list[Executor] = []
         self.replicas: list[Replica] = []
         for c in range(self.copies):
-            self.apps.append(Payments())
+            self.apps.append(make())
             self.replicas.append(self._start(c))
         self.next_pid = 1
 
     def _start(self, c: int) -> Replica:
-        self.apps[c] = Payments()
+        self.apps[c] = self.make()
         disk = self.disks[c]
         key = self.keys[c // 2]
         return Replica(
@@ -142,7 +145,7 @@ class Shard:
         batch = [(self.next_pid + i, 10) for i in range(count)]
         self.next_pid += count
         body = msgspec.msgpack.encode(batch)
-        root = self.apps[c].execute(body, True)
+        root = self.apps[c].execute(body, True)  # as the leader's application applies it
         height = self.replicas[c].propose(body, root)
         self.flush(c)
         return height
