@@ -499,6 +499,11 @@ class TwoPhaseCommit:
         verifiers = self.verifiers
         try:
             vote = self.state.prepare(tx, verify=verifiers is None)
+        except AlreadyCommitted as exc:
+            # Told once the commit is: before, a crash or a lost leadership may undo it.
+            refusal = (reply, item.rid, exc.code, str(exc))
+            self.log.after_durable(lambda _: self._refuse(*refusal))
+            return
         except ConstellationError as exc:
             self._refuse(reply, item.rid, exc.code, str(exc))
             return
@@ -804,7 +809,8 @@ class TwoPhaseCommit:
         try:
             self.state.issue(issuance)
         except AlreadyCommitted:
-            self.send(reply, proto.Result(item.rid, "", "already applied", []))
+            result = proto.Result(item.rid, "", "already applied", [])
+            self.log.after_durable(lambda _: self.send(reply, result))
             return
         except ConstellationError as exc:
             self._refuse(reply, item.rid, exc.code, str(exc))

@@ -27,9 +27,10 @@ form one replication group (a modified Raft, ``notes/replication.md``):
   earlier leaders left.
 * **Catching up.** A copy behind the leader's log gets a snapshot (the state after a
   confirmed block, whose signed header carries its root: the copy checks the root) and
-  then the blocks after it. Every copy snapshots its own state every ``snapshot_every``
-  confirmed blocks, when nothing unconfirmed is applied (a leader pauses for that), and
-  keeps ``keep`` blocks behind it for copies slightly behind.
+  then the blocks after it. Every ``snapshot_every`` blocks a copy captures its state
+  right after applying a block (a leader: as it proposes it), and keeps the capture as
+  its snapshot once that block is confirmed (drops it if the block is dropped); it keeps
+  ``keep`` blocks behind its snapshot for copies slightly behind.
 * **Evidence.** A copy remembers the headers it saw and gossips its latest one to the
   copies of other operators; two headers one operator signed at one (term, height), or
   two votes one copy signed in one term, are a proof. A copy holding a proof against an
@@ -90,7 +91,7 @@ class Settings:
     election_s: float = 1.0  # the twin's election timeout; the other operators' is 3x
     window: int = 8  # unconfirmed blocks in flight per copy
     append_bytes: int = 512 * 1024  # blocks per Append: at least one, then up to this
-    snapshot_every: int = 1024  # confirmed blocks between snapshots
+    snapshot_every: int = 1024  # blocks between snapshots
     keep: int = 256  # blocks kept behind a snapshot
     chunk_bytes: int = 256 * 1024
     snapshot_limit: int = 1 << 30  # a larger snapshot from a peer is refused
@@ -228,6 +229,7 @@ class Replica:
         self.evidence: dict[int, rp.Evidence] = {}  # operator -> a proof against it
         self.invalid: dict[bytes, str] = {}  # hash of a block found invalid -> why
         self.incoming: tuple[rp.Signed, bytearray] | None = None  # a snapshot arriving
+        self.captured: tuple[int, bytes] | None = None  # (height, state) for the next snapshot
         self.next_beat = 0.0
         self.next_head = 0.0
         self.transferred = -1e18
@@ -540,12 +542,11 @@ class Replica:
 
     def can_propose(self) -> bool:
         """Whether a block proposed now would be taken (leading, not handing leadership
-        over, the window not full, no snapshot due)."""
+        over, the window not full)."""
         return (
             self.role is Role.LEADER
             and self.clock() - self.transferred >= self.settings.election_s
             and self.last - self.confirmed < self.settings.window
-            and self.confirmed - self.snap.height < self.settings.snapshot_every
         )
 
     def propose(self, body: bytes, root: bytes) -> int:
@@ -568,6 +569,7 @@ class Replica:
         self.log.append(block)
         self.ready_.append.append(block)
         self.seen[(header.term, height)] = block.signed
+        self._capture()
         for c, p in self.progress.items():
             if p.next == height:
                 self._send_to(c, p, beat=False)
@@ -674,8 +676,9 @@ class Replica:
     def _confirmed(self, height: int) -> None:
         self.confirmed = height
         self.ready_.confirmed = height
-        if self.confirmed == self.last:
-            self._maybe_snapshot()
+        captured = self.captured
+        if captured is not None and captured[0] <= height:
+            self._snapshot(*captured)
         if len(self.seen) > SEEN_LIMIT:
             horizon = height - SEEN_LIMIT // 2
             self.seen = {k: v for k, v in self.seen.items() if k[1] > horizon}
@@ -738,6 +741,7 @@ class Replica:
                 return
             self.log.append(block)
             self.ready_.append.append(block)
+            self._capture()
         self._follower_confirm(min(msg.confirmed, height))
         if self.damaged and self.last_term == msg.term:
             # It holds a block of this leader's term, so all the leader's log below
@@ -764,6 +768,8 @@ class Replica:
         assert height >= self.snap.height, "a snapshot's block would be dropped"
         del self.log[height - self.first + 1 :]
         self.stored_height = min(self.stored_height, height)
+        if self.captured is not None and self.captured[0] > height:
+            self.captured = None
         before = self.ready_.truncate
         self.ready_.truncate = height if before is None else min(before, height)
         self.ready_.append = [b for b in self.ready_.append if b.signed.header.height <= height]
@@ -815,16 +821,20 @@ class Replica:
             root = self.executor.execute(block.body, False)
             assert root == block.signed.header.root, "re-execution is not deterministic"
 
-    def _maybe_snapshot(self) -> None:
-        if self.confirmed - self.snap.height < self.settings.snapshot_every:
-            return
-        h = self.confirmed
-        block = self._block(h)
+    def _capture(self) -> None:
+        """The executor has applied exactly the log: take its state if a snapshot is due."""
+        if self.captured is None and self.last - self.snap.height >= self.settings.snapshot_every:
+            self.captured = (self.last, self.executor.snapshot())
+
+    def _snapshot(self, height: int, data: bytes) -> None:
+        """A captured state's block is confirmed: it becomes the snapshot."""
+        block = self._block(height)
         self.snap = Snapshot(
-            h, block.signed.header.term, self.hash_at(h), block.signed, self.executor.snapshot()
+            height, block.signed.header.term, self.hash_at(height), block.signed, data
         )
+        self.captured = None
         self.ready_.snapshot = self.snap
-        self._compact(h - self.settings.keep)
+        self._compact(height - self.settings.keep)
 
     def _compact(self, upto: int) -> None:
         if upto < self.first:
@@ -877,6 +887,7 @@ class Replica:
             return
         h = header.height
         self.snap = Snapshot(h, header.term, rp.header_hash(header), signed, data)
+        self.captured = None
         self.log = []
         self.base = (h, header.term, self.snap.hash)
         self.ready_.snapshot = self.snap

@@ -1,18 +1,27 @@
-"""A worker's ledger as replication sees it: its 2PC engine is the shard's ``Executor``.
+"""A worker's ledger on a replicated shard.
 
 A block's body is the list of records the leader's engine wrote (``proto.Record``).
 Every copy replays them with every check a leader had to make (``TwoPhaseCommit.replay``
 with ``verify``); a copy of the leader's own operator may skip transaction signatures,
-which its leader checked (``signatures``). The state root is the engine's.
+which its leader checked (``signatures``). The state root is the engine's
+(``LedgerExecutor``).
+
+At the leader, what waited for the disk in a lone worker waits for confirmation
+(``ShardLog``): a receipt, a YES vote, a decision. And a new leader acts on nothing its
+log holds until the log is confirmed (``LedgerShard``): a remembered commit in an
+unconfirmed block may still vanish, so it is told to nobody before.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import msgspec
 
 from constellation.errors import InvalidBlock
 from constellation.ledger.commit import TwoPhaseCommit
 from constellation.protocol import ledger as proto
+from constellation.replication.replica import Replica, Role
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[proto.Record])
@@ -51,3 +60,96 @@ class LedgerExecutor:
 
     def restore(self, data: bytes) -> bytes:
         return self.engine.restore(data)
+
+
+class ShardLog:
+    """A leader's block log as its engine sees it (the engine's ``Log``): records
+    gather into the next block; their callbacks run once the block holding them is
+    confirmed."""
+
+    def __init__(self) -> None:
+        self.records: list[proto.Record] = []
+        self.after: list[Callable[[int], None]] = []
+        self.waiting: dict[int, list[Callable[[int], None]]] = {}
+        self.confirmed = 0
+        self.proposed = 0
+
+    def add(
+        self,
+        record: proto.Record,
+        after: Callable[[int], None] | None = None,
+        lazy: bool = False,
+        changes: Sequence[proto.CoinChange] = (),
+        committed: Sequence[tuple[bytes, int]] = (),
+    ) -> None:
+        self.records.append(record)
+        if after is not None:
+            self.after.append(after)
+
+    def after_durable(self, callback: Callable[[int], None]) -> None:
+        if self.records:
+            self.after.append(callback)
+        elif self.proposed > self.confirmed:
+            self.waiting.setdefault(self.proposed, []).append(callback)
+        else:
+            callback(self.confirmed)
+
+    def seal(self, replica: Replica, engine: TwoPhaseCommit) -> None:
+        """Propose what gathered as the next block, if the replica takes one now."""
+        if not self.records or not replica.can_propose():
+            return
+        height = replica.propose(encode_body(self.records), engine.root())
+        self.proposed = height
+        self.waiting[height] = self.after
+        self.records, self.after = [], []
+
+    def confirm(self, height: int) -> None:
+        self.confirmed = max(self.confirmed, height)
+        for h in sorted(h for h in self.waiting if h <= height):
+            for callback in self.waiting.pop(h):
+                callback(h)
+
+    def reset(self, confirmed: int, last: int) -> None:
+        """Leadership changed: what was in no block went with the engine's old state."""
+        self.records, self.after, self.waiting = [], [], {}
+        self.confirmed, self.proposed = confirmed, last
+
+
+class LedgerShard:
+    """One copy's engine and log, and the rules of leading with them."""
+
+    def __init__(self, engine: TwoPhaseCommit, log: ShardLog) -> None:
+        assert engine.log is log, "the engine must write to this shard's log"
+        self.engine = engine
+        self.log = log
+        self.executor = LedgerExecutor(engine)
+        self.settling: int | None = None  # a new leader's log, up to here, not yet confirmed
+
+    def leading(self, gained: bool, replica: Replica) -> None:
+        """Leadership gained or lost (``Ready.leading``)."""
+        self.log.reset(replica.confirmed, replica.last)
+        self.settling = replica.last if gained else None
+
+    def accepting(self, replica: Replica) -> bool:
+        """Whether packages may be handed to the engine: leading, its log confirmed."""
+        return replica.role is Role.LEADER and self.settling is None
+
+    def confirmed(self, height: int) -> None:
+        self.log.confirm(height)
+
+    def tick(self, replica: Replica, now: float) -> None:
+        """The engine's timers and the next block, at a leader. Once a new leader's log
+        is confirmed it asks and tells at once, as a restarted worker does."""
+        if replica.role is not Role.LEADER:
+            return
+        engine = self.engine
+        if self.settling is not None:
+            if replica.confirmed < self.settling:
+                return
+            self.settling = None
+            engine.ask_in_doubt(now, at_once=True)
+            engine.retell(now, at_once=True)
+        engine.expire(now)
+        engine.retell(now)
+        engine.ask_in_doubt(now)
+        self.log.seal(replica, engine)

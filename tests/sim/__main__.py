@@ -8,6 +8,7 @@ import sys
 import time
 
 from tests.sim.guild import Guild, Violation, replay_command
+from tests.sim.ledger import LedgerGuild
 
 
 def main() -> int:
@@ -16,17 +17,22 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=100, help="run seeds 0..N-1")
     parser.add_argument("--first", type=int, default=0, help="the first seed of --seeds")
     parser.add_argument("--operators", type=int, default=3)
+    parser.add_argument(
+        "--ledger", action="store_true", help="the real ledger (2PC across two shards)"
+    )
     args = parser.parse_args()
     seeds = [args.seed] if args.seed is not None else range(args.first, args.first + args.seeds)
     failed = []
     started = time.monotonic()
     for seed in seeds:
-        guild = Guild(seed, operators=args.operators)
+        guild = (LedgerGuild if args.ledger else Guild)(seed, operators=args.operators)
         try:
             guild.run()
         except Violation as exc:
             failed.append(seed)
-            print(f"seed {seed}: {exc}\n  replay: {replay_command(seed, args.operators)}")
+            print(
+                f"seed {seed}: {exc}\n  replay: {replay_command(seed, args.operators, args.ledger)}"
+            )
             if args.seed is not None:
                 print("\n".join(guild.log))
     took = time.monotonic() - started

@@ -30,7 +30,15 @@ import msgspec
 from constellation.errors import ConstellationError
 from constellation.keys import SigningKey
 from constellation.protocol import replication as rp
-from constellation.replication.replica import EVERYONE, Ready, Replica, Role, Settings, Snapshot
+from constellation.replication.replica import (
+    EVERYONE,
+    Executor,
+    Ready,
+    Replica,
+    Role,
+    Settings,
+    Snapshot,
+)
 
 SETTINGS = Settings(
     heartbeat_s=0.05,
@@ -117,11 +125,12 @@ class Disk:
 
 @dataclass
 class Copy:
-    """One copy of one shard on a machine, with the leader's side of the application."""
+    """One copy of one shard on a machine, with the leader's side of the application
+    (``queue`` and ``waiting``: the toy payments')."""
 
     shard: int
     replica: Replica
-    app: Payments
+    app: Executor
     disk: Disk
     queue: dict[int, int] = field(default_factory=dict)  # pid -> amount, to propose
     waiting: dict[int, list[int]] = field(default_factory=dict)  # height -> pids
@@ -129,12 +138,20 @@ class Copy:
 
 
 class Guild:
-    def __init__(self, seed: int, operators: int = 3, shards: int = 2) -> None:
+    """The simulated guild, with the toy ``Payments`` as every shard's state; subclasses
+    run another application through the hooks ``_executor``, ``_propose``, ``_on_ready``,
+    ``_workload`` and ``_check_app``."""
+
+    def __init__(
+        self, seed: int, operators: int = 3, shards: list[tuple[int, int]] | None = None
+    ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.operators = operators
         self.machines = 2 * operators
-        self.shards = shards
+        # (owner, worker) of each shard; by default one shard each of two operators
+        self.shard_ids = shards or [(0, 0), (1, 0)]
+        self.shards = len(self.shard_ids)
         self.now = 0.0
         self.events: list[tuple[float, int, Callable[[], None]]] = []
         self.seq = 0
@@ -152,10 +169,10 @@ class Guild:
         self.acked: dict[int, int] = {}  # pid -> amount
         self.submitted: dict[int, tuple[int, int, float]] = {}  # pid -> (shard, amount, at)
         self.next_pid = 1
-        self.last_confirm_at = [0.0] * shards
+        self.last_confirm_at = [0.0] * self.shards
         self.log: list[str] = []
         for m in range(self.machines):
-            for s in range(shards):
+            for s in range(self.shards):
                 self.copies[(m, s)] = self._start(m, s, Disk())
             self._at(self.rng.uniform(0, TICK_S), functools.partial(self._tick, m))
 
@@ -165,15 +182,17 @@ class Guild:
         self.seq += 1
         heapq.heappush(self.events, (t, self.seq, action))
 
-    def _owner(self, shard: int) -> int:
-        return shard % self.operators
+    def _executor(self, m: int, s: int) -> Executor:
+        """A fresh state machine for copy ``m`` of shard ``s`` (a start or restart)."""
+        return Payments()
 
     def _start(self, m: int, s: int, disk: Disk) -> Copy:
-        app = Payments()
+        app = self._executor(m, s)
         key = self.keys[m // 2]
+        owner, worker = self.shard_ids[s]
         replica = Replica(
-            owner=self._owner(s),
-            worker=s // self.operators,
+            owner=owner,
+            worker=worker,
             me=m,
             keys=[k.pubkey for k in self.keys],
             sign=functools.partial(_sign, key),
@@ -207,7 +226,9 @@ class Guild:
             self._flush(m, c)
 
     def _propose(self, c: Copy) -> None:
+        """A tick of the copy's application (the leader's proposals)."""
         r = c.replica
+        assert isinstance(c.app, Payments)
         if not c.queue or not r.can_propose():
             return
         batch = [(pid, amt) for pid, amt in c.queue.items() if pid not in c.app.state][:16]
@@ -243,15 +264,24 @@ class Guild:
             if ready.repaired:
                 c.disk.damaged = False
             r.stored(ready.last)
-            if ready.leading is not None:
-                c.queue.clear()
-                c.waiting.clear()
-                if ready.leading:
-                    key = (c.shard, r.term)
-                    if self.leaders.setdefault(key, m) != m:
-                        raise Violation(f"two leaders of shard {c.shard} in term {r.term}")
+            if ready.leading:
+                key = (c.shard, r.term)
+                if self.leaders.setdefault(key, m) != m:
+                    raise Violation(f"two leaders of shard {c.shard} in term {r.term}")
             if ready.confirmed:
                 self._check_confirmed(c)
+            self._on_ready(m, c, ready)
+
+    def _on_ready(self, m: int, c: Copy, ready: Ready) -> None:
+        """The application's part of a step: leadership gained or lost, confirmations."""
+        if ready.leading is not None:
+            c.queue.clear()
+            c.waiting.clear()
+        r = c.replica
+        if ready.confirmed and r.role is Role.LEADER:
+            for h in [h for h in c.waiting if h <= r.confirmed]:
+                for pid in c.waiting.pop(h):
+                    self.acked[pid] = self.submitted[pid][1]
 
     def _check_confirmed(self, c: Copy) -> None:
         r = c.replica
@@ -267,14 +297,11 @@ class Guild:
         c.reported = r.confirmed
         if r.role is Role.LEADER:
             self.last_confirm_at[c.shard] = self.now
-            for h in [h for h in c.waiting if h <= r.confirmed]:
-                for pid in c.waiting.pop(h):
-                    self.acked[pid] = self.submitted[pid][1]
 
     def _send(self, src: int, dst: int, shard: int, msg: rp.Message) -> None:
         if not self.up[src] or (src, dst) in self.blocked or self.rng.random() < self.loss:
             return
-        data = rp.encode(rp.Envelope(self._owner(shard), shard // self.operators, src, msg))
+        data = rp.encode(rp.Envelope(*self.shard_ids[shard], src, msg))
         delay = self.rng.uniform(0.0005, 0.003)
         if self.rng.random() < 0.02:
             delay += self.rng.uniform(0.01, 0.1)  # reordered behind later messages
@@ -429,12 +456,15 @@ class Guild:
 
     # -- running -------------------------------------------------------------------------
 
-    def run(self, heal_s: float = 4.0, end_s: float = 8.0, rate: float = 150.0) -> None:
-        self.healed = False
+    def _workload(self, end_s: float) -> None:
         t = 0.0
         while t < end_s - 1.5:
-            t += self.rng.expovariate(rate)
+            t += self.rng.expovariate(150.0)
             self._at(t, self._new_payment)
+
+    def run(self, heal_s: float = 4.0, end_s: float = 8.0) -> None:
+        self.healed = False
+        self._workload(end_s)
         t = 0.3
         while True:
             t += self.rng.expovariate(2.5)
@@ -470,7 +500,19 @@ class Guild:
                 r = self.copies[(m, s)].replica
                 if r.last == lead.last and r.state_root() != lead.state_root():
                     raise Violation(f"shard {s}: copy {m} is caught up with another state")
-            confirmed_state = self._confirmed_state(leaders[0])
+        self._check_app(heal_s)
+
+    def leader_copy(self, s: int) -> Copy:
+        (lead,) = [
+            self.copies[(m, s)]
+            for m in range(self.machines)
+            if self.copies[(m, s)].replica.role is Role.LEADER
+        ]
+        return lead
+
+    def _check_app(self, heal_s: float) -> None:
+        for s in range(self.shards):
+            confirmed_state = self._confirmed_state(self.leader_copy(s))
             for pid, amount in self.acked.items():
                 if self.submitted[pid][0] == s and confirmed_state.get(pid) != amount:
                     raise Violation(f"shard {s}: acknowledged payment {pid} is not confirmed")
@@ -490,6 +532,7 @@ class Guild:
         r = c.replica
         app = Payments()
         app.restore(r.snap.data)
+        assert isinstance(c.app, Payments)
         for block in r.blocks(r.snap.height, r.confirmed):
             app.execute(block.body, False)
         return app.state
@@ -499,5 +542,6 @@ def _sign(key: SigningKey, digest: bytes) -> bytes:
     return key.sign(digest, bytes(32))  # deterministic: a seed replays byte for byte
 
 
-def replay_command(seed: int, operators: int) -> str:
-    return f".venv/bin/python -m tests.sim --seed {seed} --operators {operators}"
+def replay_command(seed: int, operators: int, ledger: bool = False) -> str:
+    flag = " --ledger" if ledger else ""
+    return f".venv/bin/python -m tests.sim --seed {seed} --operators {operators}{flag}"
