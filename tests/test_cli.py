@@ -53,3 +53,20 @@ def test_worker_benchmark_commits_every_payment_and_writes_its_figures(tmp_path:
     )
     figures = json.loads(path.read_text())
     assert 0 < figures["cpu_us_per_tx"] < 100_000 and figures["package"] == 50
+
+
+def test_the_replication_benchmark_runs(tmp_path: Path) -> None:
+    """bench/replication.py asserts that every payment commits and all six copies end
+    with one state root."""
+    path = tmp_path / "replication.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "replication.py"),
+            *("--json", str(path), "--runs", "1", "--payments", "250", "--package", "50"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    figures = json.loads(path.read_text())
+    assert figures["replication_cpu_ratio"] > 1 and figures["package"] == 50
