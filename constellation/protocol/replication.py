@@ -225,6 +225,12 @@ def check_shape(msg: Message) -> None:
         signed = [b.signed for b in msg.blocks]
     elif isinstance(msg, Appended):
         _nonneg(msg.term, msg.height)
+    elif isinstance(msg, AskVote):
+        _nonneg(msg.term, msg.last_term, msg.last_height)
+    elif isinstance(msg, ChunkAck):
+        _nonneg(msg.term, msg.height, msg.offset)
+    elif isinstance(msg, (Voted, TimeoutNow)):
+        _nonneg(msg.term)
     elif isinstance(msg, Chunk):
         _nonneg(msg.term, msg.offset, msg.total)
         signed = [msg.signed]
@@ -245,6 +251,9 @@ def _hash(value: bytes) -> None:
         raise MessageError(f"a hash of {len(value)} bytes, expected {HASH_LEN}")
 
 
+MAX_NUMBER = 1 << 48  # terms, heights, offsets: far above any real one, far below 2^64
+
+
 def _nonneg(*values: int) -> None:
-    if min(values) < 0:
-        raise MessageError("a negative term, height or offset")
+    if min(values) < 0 or max(values) >= MAX_NUMBER:
+        raise MessageError("a term, height or offset out of range")

@@ -149,6 +149,8 @@ class Progress:
     knows: bool = False  # it answered in this term: it has seen our certificate
     ack: rp.Appended | None = None  # its latest signed ack
     offset: int = -1  # snapshot bytes it has; -1 while no snapshot is being sent
+    snapshot: int = -1  # the height of the snapshot being sent
+    handed: float = 0.0  # leadership is not handed to it again before this time
 
 
 @dataclass
@@ -205,6 +207,7 @@ class Replica:
         self.settings = settings
         self.term, self.vote = hard
         self.damaged = damaged
+        self.damaged_term = self.term
         self.role = Role.FOLLOWER
         self.leader = -1
         self.heard = -1e18  # when the leader was last heard
@@ -233,6 +236,7 @@ class Replica:
         self.next_beat = 0.0
         self.next_head = 0.0
         self.transferred = -1e18
+        self.transfer = False  # the PreVote under way is a handed-over leadership's
         self.led_since = 0.0
         self.deadline = 0.0
         self._reset_deadline()
@@ -267,6 +271,8 @@ class Replica:
     def blocks(self, after: int, upto: int) -> list[rp.Block]:
         """The blocks held in (after, upto]."""
         lo = max(after + 1, self.first)
+        if upto < lo:
+            return []
         return self.log[lo - self.first : upto - self.first + 1]
 
     def state_root(self) -> bytes:
@@ -322,12 +328,12 @@ class Replica:
 
     def _beat(self, now: float) -> None:
         s = self.settings
-        heard = 1 + sum(
-            1
+        heard = [self.me] + [
+            c
             for c, p in self.progress.items()
             if now - p.heard < s.election_s and not self._excluded(c)
-        )
-        if heard < self.quorums.confirm and now - self.led_since > s.election_s:
+        ]
+        if not self._confirming(heard) and now - self.led_since > s.election_s:
             self._follow(self.term, -1)  # CheckQuorum: cut off from a confirming set
             return
         for c, p in self.progress.items():
@@ -343,10 +349,13 @@ class Replica:
             p = self.progress[c]
             if (
                 not self._excluded(c)
+                and p.knows
                 and p.match == self.last
                 and now - p.heard < self.settings.heartbeat_s * 3
+                and now >= p.handed
             ):
                 self.transferred = now
+                p.handed = now + 10 * self.settings.election_s  # if it does not take it
                 self._send(c, rp.TimeoutNow(self.term))
                 return
 
@@ -361,13 +370,19 @@ class Replica:
 
     # -- elections -----------------------------------------------------------------------
 
-    def _prevote(self) -> None:
+    def _prevote(self, transfer: bool = False) -> None:
+        """Ask whether an election would be won, spending no term. ``transfer``: the
+        leader hands leadership over; it stays the leader unless this succeeds."""
         if self._excluded(self.me) or self.damaged:
             return
         self.role = Role.PRECANDIDATE
-        self.leader = -1
+        if not transfer:
+            self.leader = -1
+        self.transfer = transfer
         self.prevotes = {self.me}
-        self._send(EVERYONE, rp.AskVote(self.term + 1, self.last_term, self.last, True, False))
+        self._send(
+            EVERYONE, rp.AskVote(self.term + 1, self.last_term, self.last, True, transfer)
+        )
 
     def _campaign(self, transfer: bool) -> None:
         self.term += 1
@@ -431,16 +446,23 @@ class Replica:
 
     def _on_ask(self, sender: int, msg: rp.AskVote) -> None:
         if self._excluded(sender) or self.damaged:
-            self._send(sender, rp.Voted(msg.term, False, msg.pre, None))
+            self._send(sender, rp.Voted(self.term, False, msg.pre, None))
             return
-        lease = self._in_lease() and not msg.transfer
+        # Leadership is handed only to a copy preferred to its leader: another copy
+        # naming a transfer does not break the lease.
+        transfer = msg.transfer and (
+            self.leader < 0 or self.preference.index(sender) < self.preference.index(self.leader)
+        )
+        lease = self._in_lease() and not transfer
         if msg.pre:
             grant = (
                 msg.term > self.term
                 and not lease
                 and self._up_to_date(msg.last_term, msg.last_height)
             )
-            self._send(sender, rp.Voted(msg.term, grant, True, None))
+            # A refusal names this copy's term: an asker behind it catches up (else
+            # copies behind in term and copies behind in log refuse each other for ever).
+            self._send(sender, rp.Voted(msg.term if grant else self.term, grant, True, None))
             return
         if msg.term < self.term or lease:
             self._send(sender, rp.Voted(self.term, False, False, None))
@@ -476,11 +498,15 @@ class Replica:
 
     def _on_voted(self, sender: int, msg: rp.Voted) -> None:
         if msg.pre:
-            if self.role is Role.PRECANDIDATE and msg.term == self.term + 1 and msg.granted:
+            if not msg.granted:
+                if msg.term > self.term:
+                    self._follow(msg.term, -1)
+                return
+            if self.role is Role.PRECANDIDATE and msg.term == self.term + 1:
                 self.prevotes.add(sender)
                 voters = [divmod(c, 2) for c in self.prevotes if not self._excluded(c)]
                 if self.quorums.elects(voters):
-                    self._campaign(transfer=False)
+                    self._campaign(self.transfer)
             return
         if msg.term > self.term:
             self._follow(msg.term, -1)
@@ -518,6 +544,8 @@ class Replica:
         """Whether ``cert`` holds enough valid votes for ``leader`` in ``term``."""
         if self._excluded(leader):
             return False
+        if len(cert) > self.copies:
+            return False
         voters = set()
         for vote in cert:
             if vote.term != term or vote.candidate != leader or vote.voter in voters:
@@ -536,7 +564,7 @@ class Replica:
             and self.role is Role.FOLLOWER
             and not self.damaged
         ):
-            self._campaign(transfer=True)
+            self._prevote(transfer=True)
 
     # -- replication: leader -------------------------------------------------------------
 
@@ -583,7 +611,9 @@ class Replica:
                 self._send(copy, rp.Append(self.term, *self.base[::2], [], self.confirmed, cert))
             self._send_chunk(copy, p)
             return
-        upto = min(self.last, p.match + self.settings.window)
+        # The window counts from what it acked; before its first answer in this term,
+        # from where we start sending.
+        upto = min(self.last, (p.match if p.knows else p.next - 1) + self.settings.window)
         blocks: list[rp.Block] = []
         size = 0
         for block in self.blocks(p.next - 1, upto):
@@ -604,8 +634,8 @@ class Replica:
     def _send_chunk(self, copy: int, p: Progress) -> None:
         snap = self.snap
         assert snap.signed is not None, "a copy behind the log's start, but no snapshot"
-        if p.offset < 0:
-            p.offset = 0
+        if p.offset < 0 or p.snapshot != snap.height:
+            p.offset, p.snapshot = 0, snap.height
             self.counters.snapshots_sent += 1
         data = snap.data[p.offset : p.offset + self.settings.chunk_bytes]
         self._send(copy, rp.Chunk(self.term, snap.signed, p.offset, len(snap.data), data))
@@ -622,6 +652,8 @@ class Replica:
         if msg.refused:
             self.counters.refused_blocks += 1
         if not msg.ok:
+            # A copy that lost blocks it acked (a damaged disk) resumes below its match.
+            p.match = min(p.match, msg.height)
             p.next = max(p.match + 1, min(msg.height + 1, self.last + 1))
             # A snapshot goes on at its own pace; a refused block waits for the heartbeat.
             if p.offset < 0 and not msg.refused:
@@ -645,11 +677,14 @@ class Replica:
             return
         p = self.progress[sender]
         p.heard = self.clock()
-        if p.offset < 0 or msg.height != self.snap.height:
+        if p.offset < 0:
             return
-        if msg.offset >= len(self.snap.data):
-            return  # installed: its Appended follows
-        p.offset = max(p.offset, msg.offset)
+        if msg.height != self.snap.height:
+            p.offset = 0  # it has another snapshot's bytes: start over with ours
+        elif msg.offset >= len(self.snap.data):
+            return  # installed (or declined): its Appended follows
+        else:
+            p.offset = msg.offset  # what it has, even if less than we thought
         self._send_chunk(sender, p)
 
     def _confirm(self) -> None:
@@ -659,19 +694,21 @@ class Replica:
         store cannot alone make a confirmed block depend on it."""
         held = {c: p.match for c, p in self.progress.items() if not self._excluded(c)}
         held[self.me] = self.stored_height
-        mine = self.me // 2
         for h in sorted(set(held.values()), reverse=True):
             if h <= self.confirmed:
                 return
-            copies = [c for c, m in held.items() if m >= h]
-            per_operator = Counter(c // 2 for c in copies)
-            if (
-                len(copies) >= self.quorums.confirm
-                and all(len(copies) - n >= 2 for op, n in per_operator.items() if op != mine)
-                and self.term_at(h) == self.term
-            ):
-                self._confirmed(h)
+            if self._confirming([c for c, m in held.items() if m >= h]):
+                if self.term_at(h) == self.term:
+                    self._confirmed(h)
                 return
+
+    def _confirming(self, copies: list[int]) -> bool:
+        """Whether these copies (this one among them) may confirm a block of ours."""
+        mine = self.me // 2
+        per_operator = Counter(c // 2 for c in copies)
+        return len(copies) >= self.quorums.confirm and all(
+            len(copies) - n >= 2 for op, n in per_operator.items() if op != mine
+        )
 
     def _confirmed(self, height: int) -> None:
         self.confirmed = height
@@ -679,11 +716,16 @@ class Replica:
         captured = self.captured
         if captured is not None and captured[0] <= height:
             self._snapshot(*captured)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Keep the headers and votes remembered for proofs within bounds."""
         if len(self.seen) > SEEN_LIMIT:
-            horizon = height - SEEN_LIMIT // 2
-            self.seen = {k: v for k, v in self.seen.items() if k[1] > horizon}
+            lo, hi = self.confirmed - SEEN_LIMIT // 4, self.last + SEEN_LIMIT // 4
+            self.seen = {k: v for k, v in self.seen.items() if lo < k[1] <= hi}
         if len(self.votes_seen) > SEEN_LIMIT:
-            self.votes_seen = {k: v for k, v in self.votes_seen.items() if k[0] >= self.term - 8}
+            lo, hi = self.term - 8, self.term + 8
+            self.votes_seen = {k: v for k, v in self.votes_seen.items() if lo <= k[0] <= hi}
 
     def certificate(self) -> list[rp.Appended]:
         """The latest signed acks of the other copies (a leader's)."""
@@ -705,6 +747,8 @@ class Replica:
                     self._send(sender, rp.Appended(msg.term, False, self.last, b"", b"", ""))
                 return
             self._follow(msg.term, sender)
+        elif self.role is not Role.FOLLOWER:
+            self._follow(msg.term, sender)  # a handed-over leadership that did not happen
         self.heard = self.clock()
         self._reset_deadline()
         prev = msg.prev_height
@@ -730,7 +774,8 @@ class Replica:
                 if self.hash_at(height) == rp.header_hash(header):
                     continue
                 if height <= self.confirmed:
-                    self._saw(block.signed)
+                    if self._signed_by_leader(block.signed):
+                        self._saw(block.signed)
                     self._refuse_append(sender, self.last, f"replaces confirmed block {height}")
                     return
                 self._truncate(height - 1)
@@ -743,18 +788,18 @@ class Replica:
             self.ready_.append.append(block)
             self._capture()
         self._follower_confirm(min(msg.confirmed, height))
-        if self.damaged and self.last_term == msg.term:
-            # It holds a block of this leader's term, so all the leader's log below
-            # it: every block confirmed before this term.
+        if self.damaged and msg.term > self.damaged_term and self.last_term == msg.term:
+            # It holds a block of a term begun after its restart, so all that leader's
+            # log below it: every block confirmed before that term.
             self.damaged = False
             self.ready_.repaired = True
-        digest = rp.ack_digest(
-            self.owner, self.worker, self.term, height, self.hash_at(height), self.me
-        )
-        self._send(
-            sender,
-            rp.Appended(self.term, True, height, self.hash_at(height), self.sign(digest), ""),
-        )
+        self._ack(sender, height)
+
+    def _ack(self, leader: int, height: int) -> None:
+        """Tell the leader, signed, that this copy holds its log up to ``height``."""
+        block = self.hash_at(height)
+        digest = rp.ack_digest(self.owner, self.worker, self.term, height, block, self.me)
+        self._send(leader, rp.Appended(self.term, True, height, block, self.sign(digest), ""))
 
     def _refuse_append(self, leader: int, resume: int, why: str) -> None:
         self._send(leader, rp.Appended(self.term, False, max(resume, 0), b"", b"", why))
@@ -853,7 +898,14 @@ class Replica:
         if msg.total > self.settings.snapshot_limit or header.height <= self.confirmed:
             self.counters.refused_messages += 1
             return
-        if msg.offset == 0:
+        h = header.height
+        if self.first - 1 <= h <= self.last and self.hash_at(h) == rp.header_hash(header):
+            # It holds that block: no need of the state; the log goes on from there.
+            self.incoming = None
+            self._send(sender, rp.ChunkAck(self.term, h, msg.total))
+            self._ack(sender, h)
+            return
+        if msg.offset == 0 and not (self.incoming and self.incoming[0] == msg.signed):
             self.incoming = (msg.signed, bytearray())
         incoming = self.incoming
         if incoming is None or incoming[0] != msg.signed or len(incoming[1]) != msg.offset:
@@ -896,8 +948,7 @@ class Replica:
         self.confirmed = self.stored_height = h
         self.ready_.confirmed = h
         self.counters.snapshots_installed += 1
-        digest = rp.ack_digest(self.owner, self.worker, self.term, h, self.snap.hash, self.me)
-        self._send(sender, rp.Appended(self.term, True, h, self.snap.hash, self.sign(digest), ""))
+        self._ack(sender, h)
 
     # -- evidence ------------------------------------------------------------------------
 
@@ -905,9 +956,12 @@ class Replica:
         return copy // 2 in self.evidence
 
     def _saw(self, signed: rp.Signed) -> None:
-        """Remember a header; two signed by one operator at one (term, height) are a proof."""
+        """Remember a header (its signature checked); two signed by one operator at one
+        (term, height) are a proof."""
         key = (signed.header.term, signed.header.height)
         other = self.seen.setdefault(key, signed)
+        if len(self.seen) > SEEN_LIMIT:
+            self._forget()
         if other == signed or other.header == signed.header:
             return
         if other.header.leader // 2 != signed.header.leader // 2:
@@ -916,15 +970,30 @@ class Replica:
 
     def _saw_vote(self, vote: rp.Vote) -> None:
         other = self.votes_seen.setdefault((vote.term, vote.voter), vote)
+        if len(self.votes_seen) > SEEN_LIMIT:
+            self._forget()
         if other.candidate != vote.candidate:
             self._evidence(rp.DoubleVote(self.owner, self.worker, other, vote))
 
     def _on_head(self, sender: int, msg: rp.Head) -> None:
         header = msg.signed.header
-        if (header.owner, header.worker) != (self.owner, self.worker):
+        if self.first <= header.height <= self.last and self.hash_at(header.height) == (
+            rp.header_hash(header)
+        ):
+            return  # the block this copy holds
+        if not self._signed_by_leader(msg.signed):
             self.counters.refused_messages += 1
             return
         self._saw(msg.signed)
+
+    def _signed_by_leader(self, signed: rp.Signed) -> bool:
+        """Whether a header is of this shard and signed by its leader's operator."""
+        h = signed.header
+        return (
+            (h.owner, h.worker) == (self.owner, self.worker)
+            and 0 <= h.leader < self.copies
+            and schnorr_verify(self.keys[h.leader // 2], rp.header_hash(h), signed.sig)
+        )
 
     def _on_proof(self, sender: int, msg: rp.Proof) -> None:
         self._evidence(msg.evidence)
@@ -998,7 +1067,11 @@ class Replica:
 
     def step(self, sender: int, msg: rp.Message) -> None:
         """Take one message from copy ``sender`` (authenticated by the transport)."""
-        if not 0 <= sender < self.copies or sender == self.me:
+        if (
+            not 0 <= sender < self.copies
+            or sender == self.me
+            or (self._excluded(sender) and not isinstance(msg, rp.Proof))
+        ):
             self.counters.refused_messages += 1
             return
         if isinstance(msg, rp.Append):

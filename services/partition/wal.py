@@ -27,12 +27,13 @@ from constellation.errors import MessageError
 from constellation.protocol.ledger import Block, decode_block, decode_events_head
 
 _HEAD = struct.Struct(">II")
+FRAME_HEAD = _HEAD.size  # bytes before a frame's payload
 MAX_FRAME = 64 << 20
 
 log = logging.getLogger("partition.wal")
 
 
-class _Frames:
+class Frames:
     """The payloads of a log's bytes, in order, up to the first bad frame. ``end`` is the
     offset after the last payload taken; ``why`` says what ended the frames early."""
 
@@ -60,25 +61,25 @@ class _Frames:
             self.end = at
 
 
-def _frame(payload: bytes) -> bytes:
+def frame(payload: bytes) -> bytes:
     return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def _write(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     """All of ``data``, or ``OSError`` (a short write is a failed one)."""
     written = os.write(fd, data)
     if written != len(data):
         raise OSError(f"wrote {written} of {len(data)} bytes")
 
 
-def _open(path: Path) -> tuple[int, bytes]:
+def open_log(path: Path) -> tuple[int, bytes]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     with os.fdopen(os.dup(fd), "rb") as f:
         return fd, f.read()
 
 
-def _cut(fd: int, path: Path, frames: _Frames, why: str) -> None:
+def _cut(fd: int, path: Path, frames: Frames, why: str) -> None:
     """Keep what ``frames`` took; cut the rest (if any), saying ``why``."""
     at, size = frames.end, len(frames.data)
     if at < size:
@@ -99,8 +100,8 @@ class BlockLog:
 
     def replay(self) -> Iterator[Block]:
         """Yield the log's blocks in order, cutting a bad tail; then open for appending."""
-        fd, data = _open(self.path)
-        frames = _Frames(data)
+        fd, data = open_log(self.path)
+        frames = Frames(data)
         why = ""
         for payload in frames:
             try:
@@ -118,7 +119,7 @@ class BlockLog:
 
     def append(self, payload: bytes) -> None:
         """Write one block and make it durable."""
-        _write(self._fd, _frame(payload))
+        write_all(self._fd, frame(payload))
         os.fdatasync(self._fd)
         self.height += 1
 
@@ -145,8 +146,8 @@ class EventLog:
 
     def open(self) -> None:
         """Read the log, cutting a bad tail."""
-        fd, data = _open(self.path)
-        frames = _Frames(data)
+        fd, data = open_log(self.path)
+        frames = Frames(data)
         why = ""
         for payload in frames:
             try:
@@ -181,11 +182,11 @@ class EventLog:
     def append(self, height: int, payload: bytes) -> None:
         """Add the events of block ``height`` (above every height here); not synced."""
         assert height > self.last, f"events of block {height} after {self.last}"
-        frame = _frame(payload)
-        _write(self._fd, frame)
+        framed = frame(payload)
+        write_all(self._fd, framed)
         self._heights.append(height)
         self._offsets.append(self._size)
-        self._size += len(frame)
+        self._size += len(framed)
 
     def read_after(self, height: int, max_bytes: int) -> list[bytes]:
         """The events of the blocks above ``height``, in order: as many as fit in
@@ -201,7 +202,7 @@ class EventLog:
         else:  # up to the last frame that ends within the limit, or the first alone
             last = max(first, bisect.bisect_right(offsets, limit, lo=first + 1) - 2)
             end = offsets[last + 1] if last + 1 < len(offsets) else self._size
-        return list(_Frames(os.pread(self._fd, end - start, start)))
+        return list(Frames(os.pread(self._fd, end - start, start)))
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -236,3 +236,130 @@ def test_a_stale_leader_paused_by_a_partition_confirms_nothing() -> None:
 def test_malformed_messages_are_refused(data: bytes) -> None:
     with pytest.raises(MessageError):
         rp.decode(data)
+
+
+# -- found by review: each a sequence that once broke a property -----------------------
+
+
+def test_a_junk_head_does_not_hide_an_equivocation() -> None:
+    shard = started()
+    warm = shard.pay()
+    shard.until(lambda: shard.confirmed_everywhere(warm))
+    leader = shard.replicas[0]
+    # First a header at the next height naming another operator's copy, badly signed.
+    junk = rp.Signed(
+        rp.Header(0, 0, leader.term, warm + 1, bytes(32), bytes(32), bytes(32), 4, 0), bytes(64)
+    )
+    for c in range(2, 6):
+        shard.queue.append((0, c, rp.encode(rp.Envelope(0, 0, 0, rp.Head(junk)))))
+    shard.deliver()
+    assert all(shard.replicas[c].counters.refused_messages for c in range(2, 6))
+    swapped: dict[bytes, rp.Block] = {}
+
+    def tamper(src: int, dst: int, msg: rp.Message) -> list[rp.Message]:
+        if src == 0 and dst // 2 == 2 and isinstance(msg, rp.Append) and msg.blocks:
+            blocks = [
+                swapped.setdefault(rp.header_hash(b.signed.header), _alternative(b, 0))
+                for b in msg.blocks
+            ]
+            return [
+                rp.Append(msg.term, msg.prev_height, msg.prev_hash, blocks, msg.confirmed, msg.cert)
+            ]
+        return [msg]
+
+    shard.tamper = tamper
+    shard.pay(2)
+    shard.until(lambda: all(0 in shard.replicas[c].evidence for c in range(2, 6)))
+
+
+def test_a_copy_that_lost_acked_blocks_catches_up_and_votes_again_in_a_later_term() -> None:
+    shard = started()
+    for _ in range(3):
+        shard.until(functools.partial(shard.confirmed_everywhere, shard.pay()))
+    shard.stop(5)
+    shard.disks[5].blocks = shard.disks[5].blocks[:-2]  # a corrupt tail, cut
+    shard.disks[5].damaged = True
+    shard.restart(5)
+    shard.run(1.0)
+    copy, leader = shard.replicas[5], shard.replicas[0]
+    assert copy.last == leader.last  # the leader went back below what it had acked
+    assert copy.damaged  # its own disk may hold blocks of this term: not proof enough
+    shard.stop(0)
+    shard.until(lambda: shard.leader() == 1)
+    shard.until(functools.partial(shard.confirmed_everywhere, shard.pay()))
+    assert not copy.damaged
+
+
+def test_copies_ahead_in_term_and_copies_ahead_in_log_still_elect() -> None:
+    shard = started()
+    shard.until(functools.partial(shard.confirmed_everywhere, shard.pay()))
+    term = shard.replicas[0].term
+    shard.stop(0, 1)
+
+    def only_copy_3_campaigns(src: int, dst: int, msg: rp.Message) -> list[rp.Message]:
+        if isinstance(msg, rp.AskVote) and (src != 3 or (not msg.pre and dst not in (2, 4))):
+            return []
+        return [msg]
+
+    shard.tamper = only_copy_3_campaigns
+    shard.until(lambda: any(shard.replicas[c].term > term for c in range(2, 6)), limit=5)
+    shard.tamper = None
+    shard.down -= {0, 1}
+    shard.isolate({0, 1, 5})
+    shard.pay()  # the old leader confirms one more block on 0, 1 and 5
+    shard.deliver()
+    shard.stop(5)
+    shard.run(2 * SETTINGS.election_s)
+    shard.restart(5)
+    shard.cut = set()
+    shard.until(lambda: shard.leader() is not None, limit=10)
+
+
+def test_a_snapshot_transfer_starts_over_when_the_leader_snapshots_again() -> None:
+    shard = started()
+    shard.stop(5)
+    for _ in range(SETTINGS.snapshot_every + SETTINGS.keep + 8):
+        shard.until(functools.partial(shard.confirmed_everywhere, shard.pay(20)))
+    leader = shard.replicas[0]
+    cut = [True]
+    shard.tamper = lambda src, dst, m: (
+        [] if cut[0] and isinstance(m, rp.Chunk) and m.offset >= 512 else [m]
+    )
+    shard.restart(5)
+    shard.until(lambda: leader.progress[5].offset >= 512)
+    old = leader.snap.height
+    while leader.snap.height == old:
+        shard.pay(20)
+        shard.deliver()
+    cut[0] = False
+    shard.until(lambda: shard.replicas[5].last == leader.last, limit=2)
+    assert shard.replicas[5].state_root() == leader.state_root()
+
+
+def test_a_leader_that_cannot_confirm_steps_down_for_those_who_can() -> None:
+    shard = started()
+    shard.stop(1)  # the owner's twin is down, and the owner cannot reach operator 2
+    shard.cut = {(0, 4), (4, 0), (0, 5), (5, 0)}
+    height = shard.pay()
+    shard.until(lambda: shard.leader() in {2, 3}, limit=5)
+    new = shard.pay()
+    shard.until(lambda: all(shard.replicas[c].confirmed >= new for c in (2, 3, 4, 5)))
+    assert height <= new
+
+
+def test_a_transfer_request_from_a_copy_not_preferred_breaks_no_lease() -> None:
+    shard = started()
+    term = shard.replicas[0].term
+    for _ in range(15):
+        ask = rp.AskVote(max(r.term for r in shard.replicas) + 1, 0, 0, False, True)
+        for c in range(6):
+            if c != 4:
+                shard.queue.append((4, c, rp.encode(rp.Envelope(0, 0, 4, ask))))
+        shard.run(0.2)
+    assert shard.leader() == 0 and shard.replicas[0].term == term
+
+
+def test_terms_beyond_any_real_one_are_refused() -> None:
+    voted = rp.Voted(1 << 63, False, True, None)
+    with pytest.raises(MessageError):
+        rp.decode(rp.encode(rp.Envelope(0, 0, 1, voted)))

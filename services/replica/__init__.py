@@ -1,0 +1,1 @@
+"""A copy of shards: replication's shell (its durable state for now)."""
