@@ -380,9 +380,7 @@ class Replica:
             self.leader = -1
         self.transfer = transfer
         self.prevotes = {self.me}
-        self._send(
-            EVERYONE, rp.AskVote(self.term + 1, self.last_term, self.last, True, transfer)
-        )
+        self._send(EVERYONE, rp.AskVote(self.term + 1, self.last_term, self.last, True, transfer))
 
     def _campaign(self, transfer: bool) -> None:
         self.term += 1
