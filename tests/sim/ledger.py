@@ -235,7 +235,7 @@ class LedgerGuild(Guild):
     def _workload(self, end_s: float) -> None:
         self._at(0.2, self._issue)
         t = 0.5
-        while t < end_s - 3.0:
+        while t < end_s - 2.0:
             t += self.rng.expovariate(60.0)
             self._at(t, self._new_payment)
 
