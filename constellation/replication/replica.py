@@ -190,9 +190,9 @@ class Replica:
         this copy's operator key. ``hard``, ``snapshot`` and ``blocks`` are what an
         earlier run persisted (its blocks in order; those at or below the snapshot's height
         are ignored). ``damaged``: the shell found the log's tail unreadable, so blocks
-        this copy acked may be gone: it neither votes nor campaigns until a leader has
-        brought it a block of that leader's term (else a leader missing a confirmed
-        block could be elected with its vote); the shell keeps the mark until
+        this copy acked may be gone: it neither votes nor campaigns until it holds a block
+        of a term begun after this start, from that term's leader (else a leader missing
+        a confirmed block could be elected with its vote); the shell keeps the mark until
         ``Ready.repaired``."""
         self.owner, self.worker, self.me = owner, worker, me
         self.keys = list(keys)
@@ -663,6 +663,13 @@ class Replica:
             self.counters.refused_messages += 1
             return
         if msg.height > p.match:
+            # An ack counts towards confirmation, and goes into certificates: signed.
+            digest = rp.ack_digest(
+                self.owner, self.worker, self.term, msg.height, msg.block, sender
+            )
+            if not schnorr_verify(self.keys[sender // 2], digest, msg.sig):
+                self.counters.refused_messages += 1
+                return
             p.match = msg.height
             p.ack = msg
             p.offset = -1
@@ -726,7 +733,7 @@ class Replica:
             self.votes_seen = {k: v for k, v in self.votes_seen.items() if lo <= k[0] <= hi}
 
     def certificate(self) -> list[rp.Appended]:
-        """The latest signed acks of the other copies (a leader's)."""
+        """The latest signed acks of the other copies (a leader's; each checked)."""
         return [p.ack for p in self.progress.values() if p.ack is not None]
 
     # -- replication: follower -----------------------------------------------------------

@@ -363,3 +363,16 @@ def test_terms_beyond_any_real_one_are_refused() -> None:
     voted = rp.Voted(1 << 63, False, True, None)
     with pytest.raises(MessageError):
         rp.decode(rp.encode(rp.Envelope(0, 0, 1, voted)))
+
+
+def test_an_ack_whose_signature_fails_does_not_count() -> None:
+    shard = started()
+    shard.stop(1, 2, 3, 4, 5)
+    leader = shard.replicas[0]
+    height = shard.pay()
+    before = leader.counters.refused_messages
+    for c in (2, 4):  # two other operators' copies, as forgers would claim them
+        forged = rp.Appended(leader.term, True, height, leader.hash_at(height), bytes(64), "")
+        leader.step(c, forged)
+    assert leader.confirmed < height
+    assert leader.counters.refused_messages == before + 2
