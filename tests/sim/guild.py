@@ -11,9 +11,10 @@ pauses of a leader, forward clock jumps, partitions. Then everything heals and t
 must make progress again.
 
 An oracle sees every copy. After every event it checks that no two confirmed blocks sit
-at one (shard, height) and no two leaders lead one (shard, term); at the end, that no
-confirmed block was lost, every acknowledged payment is in the confirmed log exactly
-once, caught-up copies have equal state roots, and a leader confirms payments again.
+at one (shard, height) and no two leaders lead one (shard, term), and that no message
+loop floods the network; at the end, that no confirmed block was lost, every
+acknowledged payment is in the confirmed log exactly once, every copy has caught up with
+its leader to the same state root, and a leader confirms payments again.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ SETTINGS = Settings(
     chunk_bytes=512,
 )
 TICK_S = 0.01
+MESSAGES_PER_TENTH = 5_000  # about 30 times the usual: more is a loop with no timer in it
 RETRY_S = 0.4  # a client resubmits a payment not acknowledged in this long
 
 
@@ -162,6 +164,7 @@ class Guild:
         self.blocked: set[tuple[int, int]] = set()  # (from machine, to machine)
         self.loss = 0.0
         self.crash_at_write: dict[int, str] = {}  # machine -> "after" | "torn"
+        self.sent: dict[int, int] = {}  # tenth of a second -> messages sent
         self.copies: dict[tuple[int, int], Copy] = {}
         # oracle
         self.confirmed: dict[tuple[int, int], bytes] = {}  # (shard, height) -> hash
@@ -299,6 +302,10 @@ class Guild:
             self.last_confirm_at[c.shard] = self.now
 
     def _send(self, src: int, dst: int, shard: int, msg: rp.Message) -> None:
+        bucket = int(self.now * 10)
+        self.sent[bucket] = self.sent.get(bucket, 0) + 1
+        if self.sent[bucket] > MESSAGES_PER_TENTH:
+            raise Violation(f"{MESSAGES_PER_TENTH} messages in 0.1 s: a message loop")
         if not self.up[src] or (src, dst) in self.blocked or self.rng.random() < self.loss:
             return
         data = rp.encode(rp.Envelope(*self.shard_ids[shard], src, msg))
@@ -498,7 +505,11 @@ class Guild:
                     raise Violation(f"shard {s}: confirmed block {h} is beyond the leader's log")
             for m in range(self.machines):
                 r = self.copies[(m, s)].replica
-                if r.last == lead.last and r.state_root() != lead.state_root():
+                if r.last != lead.last:
+                    raise Violation(
+                        f"shard {s}: copy {m} is at {r.last}, its leader at {lead.last}"
+                    )
+                if r.state_root() != lead.state_root():
                     raise Violation(f"shard {s}: copy {m} is caught up with another state")
         self._check_app(heal_s)
 
