@@ -372,7 +372,7 @@ class TwoPhaseCommit:
                 self.me,
                 self.pmap.version,
                 [(cid, value, owner) for cid, (value, owner) in sorted(state.coins.items())],
-                sorted(state.spent.items()),
+                [(cid, state.spent[cid]) for cid in state.spent_order],  # oldest first
                 sorted(state.issued_ids),
                 in_doubt,
                 [

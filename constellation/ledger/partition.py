@@ -8,7 +8,8 @@ typed ``LedgerError`` and changes nothing.
 
 Invariants (``check_invariants`` verifies them all; the hot path asserts the cheap ones):
 
-* a coin is unspent or spent, never both, and spent at most once;
+* a coin is unspent or spent, never both, and spent at most once; at most
+  ``SPENT_KEPT`` spent coins are remembered, the oldest forgotten first;
 * every lock belongs to exactly one pending transaction, which holds that coin as an
   input, and every pending input is an unspent coin locked by it (no leaked locks);
 * ``held_msat == sum(coin values) == issued + received - sent``: value moves only
@@ -23,6 +24,7 @@ shard's state root (``TwoPhaseCommit.root``) that this state holds.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Collection, Iterable
 from enum import Enum
 from typing import NamedTuple, NoReturn
@@ -48,6 +50,12 @@ from constellation.tx import PARTITIONS, Issuance, Transaction, TxOutput
 
 Coin = TxOutput
 """A coin is an output that exists: ``(value_msat, owner)``, found by its coin id."""
+
+SPENT_KEPT = 1_000_000
+"""Spent coins a shard remembers, per worker; beyond, the oldest are forgotten. A coin
+spent longer ago is then unknown: spending it again is still refused, as a coin that
+does not exist (and a retry of a transaction that old, as one spending unknown coins).
+A protocol constant: every copy must forget the same coins."""
 
 Held = tuple[int, bytes]
 """How the state stores a coin: an exact tuple ``(value_msat, owner)``. CPython's
@@ -115,6 +123,7 @@ class PartitionState:
         self.locks: dict[bytes, bytes] = {}  # coin id -> txid holding it
         self.pending: dict[bytes, Prepared] = {}
         self.spent: dict[bytes, bytes] = {}  # coin id -> txid that spent it
+        self.spent_order: deque[bytes] = deque()  # the spent coins, oldest first
         self.issued_ids: set[bytes] = set()
         self.held_msat = 0
         self.issued_msat = 0
@@ -207,7 +216,7 @@ class PartitionState:
             raise AlreadyCommitted(f"transaction {txid.hex()} is already committed")
         if by is not None:
             raise CoinSpent(f"coin {cid.hex()} was already spent by transaction {by.hex()}")
-        raise UnknownCoin(f"coin {cid.hex()} does not exist")
+        raise UnknownCoin(f"coin {cid.hex()} does not exist (or was spent long ago)")
 
     def commit(self, txid: bytes) -> Prepared:
         """Spend the inputs locked by ``txid`` and create its outputs held here."""
@@ -221,8 +230,11 @@ class PartitionState:
             coin = coins.pop(cid)
             sent += coin[0]
             spent[cid] = txid
+            self.spent_order.append(cid)
             muhash.remove(_coin_element(cid, coin))
             muhash.insert(_spent_element(cid, txid))
+        if len(spent) > SPENT_KEPT:
+            self._forget_spent(len(spent) - SPENT_KEPT)
         for cid, coin in vote.outputs:
             assert cid not in coins and cid not in spent, "an output id already exists"
             coins[cid] = coin
@@ -233,6 +245,14 @@ class PartitionState:
         self.fees_msat += vote.fee_msat
         self.held_msat += received - sent
         return vote
+
+    def _forget_spent(self, count: int) -> None:
+        """Forget the ``count`` coins spent longest ago: the same ones at every copy,
+        which spent them in the same order (a snapshot keeps the order)."""
+        spent, order, muhash = self.spent, self.spent_order, self.muhash
+        for _ in range(count):
+            cid = order.popleft()
+            muhash.remove(_spent_element(cid, spent.pop(cid)))
 
     def abort(self, txid: bytes) -> bool:
         """Release what ``txid`` locked here; False if it was not prepared (idempotent)."""
@@ -286,13 +306,15 @@ class PartitionState:
                 raise _not_here("coin", cid)
             coin = coins[cid] = (value, owner)
             muhash.insert(_coin_element(cid, coin))
-        _ascending([cid for cid, _ in snapshot.spent], "spent coins")
-        for cid, txid in snapshot.spent:
+        if len(snapshot.spent) > SPENT_KEPT:
+            raise InvalidSnapshot(f"{len(snapshot.spent)} spent coins, more than {SPENT_KEPT}")
+        for cid, txid in snapshot.spent:  # oldest first: the order forgetting follows
             if not self.holds_coin(cid):
                 raise _not_here("spent coin", cid)
-            if cid in coins:
-                raise InvalidSnapshot(f"coin {cid.hex()} is both unspent and spent")
+            if cid in coins or cid in spent:
+                raise InvalidSnapshot(f"coin {cid.hex()} is listed twice")
             spent[cid] = txid
+            self.spent_order.append(cid)
             muhash.insert(_spent_element(cid, txid))
         _ascending(snapshot.issued, "issuance ids")
         for iid in snapshot.issued:
@@ -361,6 +383,8 @@ class PartitionState:
             assert value > 0, "a coin has no value"
             total += value
         assert total == self.held_msat, "held_msat drifted from the coins"
+        assert len(self.spent) <= SPENT_KEPT, "the spent coins grow without bound"
+        assert list(self.spent_order) == list(self.spent), "spent coins out of order"
         assert self.held_msat == self.issued_msat + self.received_msat - self.sent_msat, (
             "value was created or destroyed outside commits and issuances"
         )

@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 
 from constellation.errors import InvalidBlock, InvalidSnapshot
 from constellation.keys import SigningKey, XOnlyPubKey
+from constellation.ledger import partition
 from constellation.ledger.commit import Check, TwoPhaseCommit, Verifier
+from constellation.ledger.partition import CoinStatus
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
 from constellation.sighash import sighash, sign_transaction
@@ -280,7 +282,7 @@ def _bad_snapshots() -> dict[str, bytes]:
         "zero value": encode(replace(snap, coins=[(coins[0][0], 0, coins[0][2]), *coins[1:]])),
         "coin not here": encode(replace(snap, coins=[(elsewhere, 5, ALICE.pubkey)])),
         "spent and unspent": encode(replace(snap, spent=[(coins[0][0], bytes(32))])),
-        "unsorted spent": encode(replace(snap, spent=[*spent, *spent])),
+        "spent twice": encode(replace(snap, spent=[*spent, *spent])),
         "lock of no coin": encode(replace(snap, in_doubt=[replace(doubt, inputs=[bytes(32)])])),
         "lock twice": encode(
             replace(snap, in_doubt=[replace(doubt, inputs=[doubt.inputs[0]] * 2)])
@@ -488,3 +490,26 @@ def test_an_abort_before_the_signatures_are_checked_logs_nothing() -> None:
     done(-1)  # the signatures verify, too late
     assert not log.records and not e.in_doubt and not e.state.pending
     assert e.root() == root
+
+
+def test_the_oldest_spent_coins_are_forgotten_alike_at_every_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(partition, "SPENT_KEPT", 3)
+    a = engine(0)
+    genesis(a)
+    mine = [c for c in GENESIS.output_ids if worker_of(c) == 0]
+    txs = [pay([cid], outputs_at=0) for cid in mine[:6]]
+    for tx in txs[:5]:
+        a.replay([_committed(tx)], False, verify=True, signatures=True)
+    assert list(a.state.spent) == mine[2:5]  # the two spent first are forgotten
+    assert a.state.status(mine[0]) is CoinStatus.UNKNOWN
+    with pytest.raises(InvalidBlock, match="does not exist"):
+        a.replay([_committed(txs[0])], False, verify=True, signatures=True)
+    b = engine(0)
+    assert b.restore(a.snapshot()) == a.root()
+    for e in (a, b):  # the restored copy forgets the same coin next
+        e.replay([_committed(txs[5])], False, verify=True, signatures=True)
+        e.state.check_invariants()
+    assert list(b.state.spent) == list(a.state.spent) == [*mine[3:5], mine[5]]
+    assert a.root() == b.root()
