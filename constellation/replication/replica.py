@@ -147,7 +147,6 @@ class Progress:
     next: int = 1  # the next height to send
     heard: float = -1e18  # when it last answered
     knows: bool = False  # it answered in this term: it has seen our certificate
-    ack: rp.Appended | None = None  # its latest signed ack
     offset: int = -1  # snapshot bytes it has; -1 while no snapshot is being sent
     snapshot: int = -1  # the height of the snapshot being sent
     handed: float = 0.0  # leadership is not handed to it again before this time
@@ -663,7 +662,7 @@ class Replica:
             self.counters.refused_messages += 1
             return
         if msg.height > p.match:
-            # An ack counts towards confirmation, and goes into certificates: signed.
+            # An ack counts towards confirmation only with its signature.
             digest = rp.ack_digest(
                 self.owner, self.worker, self.term, msg.height, msg.block, sender
             )
@@ -671,7 +670,6 @@ class Replica:
                 self.counters.refused_messages += 1
                 return
             p.match = msg.height
-            p.ack = msg
             p.offset = -1
         p.next = max(p.next, msg.height + 1)
         self._confirm()
@@ -731,10 +729,6 @@ class Replica:
         if len(self.votes_seen) > SEEN_LIMIT:
             lo, hi = self.term - 8, self.term + 8
             self.votes_seen = {k: v for k, v in self.votes_seen.items() if lo <= k[0] <= hi}
-
-    def certificate(self) -> list[rp.Appended]:
-        """The latest signed acks of the other copies (a leader's; each checked)."""
-        return [p.ack for p in self.progress.values() if p.ack is not None]
 
     # -- replication: follower -----------------------------------------------------------
 
