@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import median, print_table, write_json
+from bench.common import ISSUER, median, print_table, single_worker_payments, write_json
 from constellation.keys import SigningKey
 from constellation.ledger.commit import TwoPhaseCommit
 from constellation.ledger.pmap import PartitionMap
@@ -40,13 +40,8 @@ from constellation.protocol import ledger as proto
 from constellation.protocol import replication as rp
 from constellation.replication.replica import EVERYONE, Replica, Role, Settings
 from constellation.replication.shard import LedgerShard, ShardLog
-from constellation.sighash import sign_transaction
-from constellation.tx import Issuance, Transaction, TxInput, TxOutput
 
-ISSUER = SigningKey(b"\x07" * 32)
-OWNER = SigningKey(b"\x01" * 32)
 KEYS = [SigningKey(hashlib.sha256(b"operator %d" % i).digest()) for i in range(3)]
-ISSUE_CHUNK = 250
 
 
 def engine(log: ShardLog, results: list[proto.Result]) -> TwoPhaseCommit:
@@ -65,22 +60,6 @@ def engine(log: ShardLog, results: list[proto.Result]) -> TwoPhaseCommit:
         clock=time.monotonic,
         draw=lambda: 1,
     )
-
-
-def payments(count: int) -> tuple[list[bytes], list[bytes]]:
-    issuances, txs = [], []
-    for nonce in range(count // ISSUE_CHUNK):
-        issuance = Issuance(ISSUER.pubkey, nonce, [TxOutput(1_000, OWNER.pubkey)] * ISSUE_CHUNK)
-        issuance = issuance.signed_by(ISSUER.secret)
-        issuances.append(issuance.encode())
-        for cid in issuance.output_ids:
-            tx = Transaction(
-                [TxInput(cid, 1_000)],
-                [TxOutput(400, OWNER.pubkey), TxOutput(500, OWNER.pubkey)],
-                100,
-            )
-            txs.append(sign_transaction(tx, [OWNER]).encode())
-    return issuances, txs
 
 
 class Instant(ShardLog):
@@ -214,7 +193,7 @@ def main() -> int:
     ap.add_argument("--package", type=int, default=200, help="payments per package and block")
     ap.add_argument("--runs", type=int, default=3, help="repeat and take the median")
     args = ap.parse_args()
-    issuances, txs = payments(args.payments)
+    issuances, txs = single_worker_payments(args.payments)
     lones, runs = [], []
     for _ in range(args.runs):  # interleaved: the same noise for both
         lones.append(lone(issuances, txs, args.package))

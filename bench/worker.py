@@ -24,20 +24,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import median, print_table, write_json
-from constellation.keys import SigningKey
+from bench.common import ISSUER, median, print_table, single_worker_payments, write_json
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
-from constellation.sighash import sign_transaction
-from constellation.tx import Issuance, Transaction, TxInput, TxOutput
 from services.bus import Batching
 from services.partition.metrics import WorkerMetrics
 from services.partition.wal import BlockLog, EventLog
 from services.partition.worker import Worker
-
-ISSUER = SigningKey(b"\x07" * 32)
-OWNER = SigningKey(b"\x01" * 32)
-ISSUE_CHUNK = 250
 
 
 async def run(payments: int, package: int) -> float:
@@ -64,19 +57,10 @@ async def run(payments: int, package: int) -> float:
         )
         worker.recover()
         engine = worker.engine
-        txs = []
-        for nonce in range(payments // ISSUE_CHUNK):
-            issuance = Issuance(ISSUER.pubkey, nonce, [TxOutput(1_000, OWNER.pubkey)] * ISSUE_CHUNK)
-            issuance = issuance.signed_by(ISSUER.secret)
-            engine.handle(proto.Package(2, -1, "gw", 1, [proto.Issue(0, issuance.encode())]))
+        issuances, txs = single_worker_payments(payments)
+        for raw in issuances:
+            engine.handle(proto.Package(2, -1, "gw", 1, [proto.Issue(0, raw)]))
             worker.writer.flush()
-            for cid in issuance.output_ids:
-                tx = Transaction(
-                    [TxInput(cid, 1_000)],
-                    [TxOutput(400, OWNER.pubkey), TxOutput(500, OWNER.pubkey)],
-                    100,
-                )
-                txs.append(sign_transaction(tx, [OWNER]).encode())
         results.clear()
         started = time.process_time()
         for at in range(0, len(txs), package):

@@ -53,7 +53,7 @@ from constellation.errors import (
     ValueOutOfRange,
 )
 from constellation.hashing import tagged_hasher
-from constellation.ledger.partition import PartitionState, Prepared, bad_signature
+from constellation.ledger.partition import PartitionState, Prepared, accumulator, bad_signature
 from constellation.ledger.pmap import PartitionMap
 from constellation.muhash import MuHash3072
 from constellation.protocol import ledger as proto
@@ -173,10 +173,13 @@ class TwoPhaseCommit:
         verifiers: Verifier | None = None,
         refused: Callable[[str], None] = lambda _: None,
         confirmed: Callable[[float], None] = lambda _: None,
+        rooted: bool = True,
     ) -> None:
         """``refused(code)`` counts a refusal or abort; ``confirmed(seconds)`` a commit
-        this worker coordinated, from its arrival to its durable record."""
+        this worker coordinated, from its arrival to its durable record. ``rooted``:
+        keep the state root up to date (a shard that nobody replicates need not)."""
         self.me = me
+        self.rooted = rooted
         self.verifiers = verifiers  # None: signatures are checked here, inline
         self.pmap = pmap
         self.owners = pmap.owners()
@@ -203,11 +206,12 @@ class TwoPhaseCommit:
         # record is in the log (the rest of in_doubt is having its signatures checked).
         self.logged: dict[bytes, bytes] = {}
         # The root's part that the state does not hold: ``logged`` and ``decided``.
-        self.muhash = MuHash3072()
+        self.muhash = accumulator(rooted)
         self.draining = False
 
     def _new_state(self, issuers: frozenset[bytes]) -> PartitionState:
-        return PartitionState([p for r in self.pmap.held_by(self.me) for p in r], issuers)
+        held = [p for r in self.pmap.held_by(self.me) for p in r]
+        return PartitionState(held, issuers, self.rooted)
 
     # -- recovery and replication --------------------------------------------------------
 
@@ -406,7 +410,7 @@ class TwoPhaseCommit:
         state = self._new_state(self.state.issuers)
         state.load(snapshot)
         others = set(self.pmap.workers) - {self.me}
-        muhash = MuHash3072()
+        muhash = accumulator(self.rooted)
         in_doubt: dict[bytes, tuple[int, int, float]] = {}
         logged: dict[bytes, bytes] = {}
         for doubt in snapshot.in_doubt:

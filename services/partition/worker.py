@@ -200,6 +200,7 @@ class Worker:
             verifiers=verifiers,
             refused=lambda code: metrics.aborted.labels(code).inc(),
             confirmed=confirmed,
+            rooted=False,  # one operator's worker: no copies compare its root yet
         )
 
     def recover(self) -> int:

@@ -53,6 +53,7 @@ def engine(
     sent: list[proto.Item] | None = None,
     log: MemoryLog | None = None,
     verifiers: Verifier | None = None,
+    rooted: bool = True,
 ) -> TwoPhaseCommit:
     out = [] if sent is None else sent
     return TwoPhaseCommit(
@@ -66,6 +67,7 @@ def engine(
         clock=lambda: 0.0,
         draw=lambda: 7,
         verifiers=verifiers,
+        rooted=rooted,
     )
 
 
@@ -513,3 +515,15 @@ def test_the_oldest_spent_coins_are_forgotten_alike_at_every_copy(
         e.state.check_invariants()
     assert list(b.state.spent) == list(a.state.spent) == [*mine[3:5], mine[5]]
     assert a.root() == b.root()
+
+
+def test_a_shard_nobody_replicates_keeps_the_same_state_without_a_root() -> None:
+    rooted, bare = engine(0), engine(0, rooted=False)
+    mine = [c for c in GENESIS.output_ids if worker_of(c) == 0]
+    for e in (rooted, bare):
+        genesis(e)
+        e.replay([_committed(pay(mine[:2], outputs_at=0))], False, verify=True)
+    assert bare.snapshot() == rooted.snapshot()
+    assert engine(0).restore(bare.snapshot()) == rooted.root()
+    with pytest.raises(AssertionError, match="no state root"):
+        bare.root()

@@ -12,7 +12,7 @@ import msgspec
 from constellation.keys import SigningKey
 from constellation.protocol import replication as rp
 from constellation.replication.replica import EVERYONE, Executor, Replica, Role, Settings
-from tests.sim.guild import Disk, Payments
+from tests.sim.guild import Disk, Payments, restart
 
 SETTINGS = Settings(
     heartbeat_s=0.05, election_s=0.3, window=4, snapshot_every=16, keep=4, chunk_bytes=256
@@ -50,23 +50,12 @@ class Shard:
 
     def _start(self, c: int) -> Replica:
         self.apps[c] = self.make()
-        disk = self.disks[c]
-        key = self.keys[c // 2]
-        return Replica(
-            owner=0,
-            worker=0,
-            me=c,
-            keys=[k.pubkey for k in self.keys],
-            sign=lambda digest: key.sign(digest, bytes(32)),
-            executor=self.apps[c],
-            clock=lambda: self.now,
-            draw=self.rng.random,
-            settings=SETTINGS,
-            hard=disk.hard,
-            snapshot=disk.snapshot,
-            blocks=list(disk.blocks),
-            damaged=disk.damaged,
+        return restart(
+            self.disks[c], 0, 0, c, self.keys, self.apps[c], self.clock, self.rng.random, SETTINGS
         )
+
+    def clock(self) -> float:
+        return self.now
 
     # -- the network ---------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from constellation.replication.replica import Replica
 from services.replica.store import CopyStore
-from tests.replication.harness import KEYS, SETTINGS, Shard
+from tests.replication.harness import SETTINGS, Shard
+from tests.sim.guild import restart
 
 
 def written(folder: Path, payments: int = 6) -> Shard:
@@ -32,21 +33,7 @@ def written(folder: Path, payments: int = 6) -> Shard:
 
 def restarted(shard: Shard, folder: Path) -> Replica:
     loaded = CopyStore(folder).load()
-    return Replica(
-        owner=0,
-        worker=0,
-        me=2,
-        keys=[k.pubkey for k in KEYS[:3]],
-        sign=KEYS[1].sign,
-        executor=shard.make(),
-        clock=lambda: shard.now,
-        draw=lambda: 0.5,
-        settings=SETTINGS,
-        hard=loaded.hard,
-        snapshot=loaded.snapshot,
-        blocks=loaded.blocks,
-        damaged=loaded.damaged,
-    )
+    return restart(loaded, 0, 0, 2, shard.keys, shard.make(), shard.clock, lambda: 0.5, SETTINGS)
 
 
 def test_a_restart_reads_back_the_term_the_vote_the_snapshot_and_the_log(tmp_path: Path) -> None:

@@ -31,15 +31,8 @@ import msgspec
 from constellation.errors import ConstellationError
 from constellation.keys import SigningKey
 from constellation.protocol import replication as rp
-from constellation.replication.replica import (
-    EVERYONE,
-    Executor,
-    Ready,
-    Replica,
-    Role,
-    Settings,
-    Snapshot,
-)
+from constellation.replication.replica import EVERYONE, Executor, Ready, Replica, Role, Settings
+from services.replica.store import Loaded
 
 SETTINGS = Settings(
     heartbeat_s=0.05,
@@ -103,14 +96,8 @@ def decode_body(body: bytes) -> list[tuple[int, int]]:
         raise ConstellationError(f"malformed body: {exc}") from None
 
 
-@dataclass
-class Disk:
-    """What one copy persisted: exactly what survives a crash."""
-
-    hard: tuple[int, int] = (0, -1)
-    snapshot: Snapshot | None = None
-    blocks: list[rp.Block] = field(default_factory=list)
-    damaged: bool = False
+class Disk(Loaded):
+    """What one copy persisted, in memory: exactly what survives a crash."""
 
     def write(self, r: Ready, upto: int | None = None) -> None:
         """Persist a Ready (``upto``: only that many of its appends, a torn write)."""
@@ -191,23 +178,9 @@ class Guild:
 
     def _start(self, m: int, s: int, disk: Disk) -> Copy:
         app = self._executor(m, s)
-        key = self.keys[m // 2]
         owner, worker = self.shard_ids[s]
-        replica = Replica(
-            owner=owner,
-            worker=worker,
-            me=m,
-            keys=[k.pubkey for k in self.keys],
-            sign=functools.partial(_sign, key),
-            executor=app,
-            clock=functools.partial(self._clock, m),
-            draw=self.rng.random,
-            settings=SETTINGS,
-            hard=disk.hard,
-            snapshot=disk.snapshot,
-            blocks=list(disk.blocks),
-            damaged=disk.damaged,
-        )
+        clock = functools.partial(self._clock, m)
+        replica = restart(disk, owner, worker, m, self.keys, app, clock, self.rng.random, SETTINGS)
         return Copy(s, replica, app, disk)
 
     def _clock(self, m: int) -> float:
@@ -547,6 +520,35 @@ class Guild:
         for block in r.blocks(r.snap.height, r.confirmed):
             app.execute(block.body, False)
         return app.state
+
+
+def restart(
+    disk: Loaded,
+    owner: int,
+    worker: int,
+    me: int,
+    keys: list[SigningKey],
+    executor: Executor,
+    clock: Callable[[], float],
+    draw: Callable[[], float],
+    settings: Settings,
+) -> Replica:
+    """Copy ``me`` of shard (owner, worker), started from what it persisted."""
+    return Replica(
+        owner=owner,
+        worker=worker,
+        me=me,
+        keys=[k.pubkey for k in keys],
+        sign=functools.partial(_sign, keys[me // 2]),
+        executor=executor,
+        clock=clock,
+        draw=draw,
+        settings=settings,
+        hard=disk.hard,
+        snapshot=disk.snapshot,
+        blocks=list(disk.blocks),
+        damaged=disk.damaged,
+    )
 
 
 def _sign(key: SigningKey, digest: bytes) -> bytes:
