@@ -21,7 +21,7 @@ import msgspec
 from constellation.errors import InvalidBlock
 from constellation.ledger.commit import TwoPhaseCommit
 from constellation.protocol import ledger as proto
-from constellation.replication.replica import Replica, Role
+from constellation.replication.replica import Replica, Role, body_hash
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[proto.Record])
@@ -42,14 +42,25 @@ def decode_body(body: bytes) -> list[proto.Record]:
         raise InvalidBlock(0, f"the block body is malformed: {exc}") from None
 
 
-class LedgerExecutor:
-    """``Executor`` over one worker's engine."""
+Events = tuple[list[proto.CoinChange], list[tuple[bytes, int]]]
 
-    def __init__(self, engine: TwoPhaseCommit) -> None:
+
+class LedgerExecutor:
+    """``Executor`` over one worker's engine. With ``derive``, each block's events (its
+    coin changes and what it coordinated) are kept by body hash in ``derived`` until
+    the shell, which knows the block's height, takes them."""
+
+    def __init__(self, engine: TwoPhaseCommit, derive: bool = False) -> None:
         self.engine = engine
+        self.derive = derive
+        self.derived: dict[bytes, Events] = {}
 
     def execute(self, body: bytes, signatures: bool) -> bytes:
-        self.engine.replay(decode_body(body), False, verify=True, signatures=signatures)
+        events = self.engine.replay(
+            decode_body(body), self.derive, verify=True, signatures=signatures
+        )
+        if events[0] or events[1]:
+            self.derived[body_hash(body)] = events
         return self.engine.root()
 
     def root(self) -> bytes:
@@ -65,11 +76,15 @@ class LedgerExecutor:
 class ShardLog:
     """A leader's block log as its engine sees it (the engine's ``Log``): records
     gather into the next block; their callbacks run once the block holding them is
-    confirmed."""
+    confirmed. The events of each proposed block wait in ``events`` (by height) for
+    the shell."""
 
     def __init__(self) -> None:
         self.records: list[proto.Record] = []
         self.after: list[Callable[[int], None]] = []
+        self.changes: list[proto.CoinChange] = []
+        self.committed: list[tuple[bytes, int]] = []
+        self.events: dict[int, Events] = {}
         self.waiting: dict[int, list[Callable[[int], None]]] = {}
         self.confirmed = 0
         self.proposed = 0
@@ -83,6 +98,8 @@ class ShardLog:
         committed: Sequence[tuple[bytes, int]] = (),
     ) -> None:
         self.records.append(record)
+        self.changes += changes
+        self.committed += committed
         if after is not None:
             self.after.append(after)
 
@@ -101,7 +118,9 @@ class ShardLog:
         height = replica.propose(encode_body(self.records), engine.root())
         self.proposed = height
         self.waiting[height] = self.after
-        self.records, self.after = [], []
+        if self.changes or self.committed:
+            self.events[height] = (self.changes, self.committed)
+        self.records, self.after, self.changes, self.committed = [], [], [], []
 
     def confirm(self, height: int) -> None:
         self.confirmed = max(self.confirmed, height)
@@ -111,18 +130,19 @@ class ShardLog:
 
     def reset(self, confirmed: int, last: int) -> None:
         """Leadership changed: what was in no block went with the engine's old state."""
-        self.records, self.after, self.waiting = [], [], {}
+        self.records, self.after, self.waiting, self.events = [], [], {}, {}
+        self.changes, self.committed = [], []
         self.confirmed, self.proposed = confirmed, last
 
 
 class LedgerShard:
     """One copy's engine and log, and the rules of leading with them."""
 
-    def __init__(self, engine: TwoPhaseCommit, log: ShardLog) -> None:
+    def __init__(self, engine: TwoPhaseCommit, log: ShardLog, derive: bool = False) -> None:
         assert engine.log is log, "the engine must write to this shard's log"
         self.engine = engine
         self.log = log
-        self.executor = LedgerExecutor(engine)
+        self.executor = LedgerExecutor(engine, derive)
         self.settling: int | None = None  # a new leader's log, up to here, not yet confirmed
 
     def leading(self, gained: bool, replica: Replica) -> None:

@@ -20,8 +20,17 @@ import nats
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol.envelope import Membership
 from services.bus import load_map, publish_map
-from services.devnet.procs import Spec, alive, free_port, launch, stop_pid, wait_ready, wait_tcp
-from services.devnet.state import Devnet, DevnetError, SignerProc, WorkerProc
+from services.devnet.procs import (
+    Spec,
+    alive,
+    free_port,
+    launch,
+    stop_pid,
+    wait_ready,
+    wait_tcp,
+    wait_up,
+)
+from services.devnet.state import Devnet, DevnetError, MachineProc, SignerProc, WorkerProc
 from services.signer.config import save_members
 from services.signer.store import KeyStore
 
@@ -31,6 +40,7 @@ REDIS_START_S = 10
 POSTGRES_START_S = 30
 SIGNER_START_S = 20
 WORKER_START_S = 60
+MACHINE_START_S = 60
 GATEWAY_START_S = 30
 INDEXER_START_S = 30
 # How long each may take to drain on SIGTERM before it is killed.
@@ -86,6 +96,8 @@ def _reachable(folder: Path, user: str) -> bool:
 def nats_spec(net: Devnet) -> Spec:
     data = Path(net.dir) / "nats"
     argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(net.nats_port)]
+    if net.nats_password:  # a guild's operator: users and their permissions
+        argv += ["-c", str(net.nats_conf)]
     return Spec("nats", [*argv, "-js", "-sd", str(data)], dict(os.environ), data / "log")
 
 
@@ -123,6 +135,12 @@ def worker_spec(net: Devnet, proc: WorkerProc) -> Spec:
     return Spec(f"worker-{proc.index}", argv, net.worker_env(proc), log)
 
 
+def machine_spec(net: Devnet, proc: MachineProc) -> Spec:
+    argv = [sys.executable, "-m", "services.replica"]
+    log = Path(proc.state_dir) / "machine.log"
+    return Spec(f"machine-{proc.index}", argv, net.machine_env(proc), log)
+
+
 def gateway_spec(net: Devnet) -> Spec:
     argv = [sys.executable, "-m", "services.gateway"]
     return Spec("gateway", argv, net.gateway_env(), Path(net.dir) / "gateway.log")
@@ -140,6 +158,7 @@ def specs(net: Devnet) -> dict[str, Spec]:
     found = {s.name: s for s in (nats_spec(net), redis_spec(net), postgres_spec(net))}
     found.update((s.name, s) for s in (signer_spec(net, p) for p in net.signers))
     found.update((s.name, s) for s in (worker_spec(net, w) for w in net.workers))
+    found.update((s.name, s) for s in (machine_spec(net, m) for m in net.machines))
     found.update((s.name, s) for s in (gateway_spec(net), indexer_spec(net)))
     assert list(found) == [name for name, _ in net.processes()], "a process without a spec"
     return found
@@ -223,7 +242,7 @@ def publish_partition_map(net: Devnet) -> PartitionMap:
     async def go() -> PartitionMap:
         nc = await nats.connect(net.nats_url)
         try:
-            wanted = PartitionMap.even(len(net.workers))
+            wanted = PartitionMap.even(net.shard_count)
             current = await load_map(nc, net.operator)
             if current is not None:
                 if current.workers != wanted.workers:
@@ -244,6 +263,14 @@ def start_worker(net: Devnet, proc: WorkerProc) -> None:
     Path(proc.state_dir).mkdir(parents=True, exist_ok=True)
     proc.pid = launch(worker_spec(net, proc))
     wait_ready(proc.http_port, proc.pid, WORKER_START_S)
+
+
+def start_machine(net: Devnet, proc: MachineProc) -> None:
+    """Start a machine; it is up once it serves its ops port (it is ready only once its
+    copies follow leaders, which needs the other operators up too)."""
+    Path(proc.state_dir).mkdir(parents=True, exist_ok=True)
+    proc.pid = launch(machine_spec(net, proc))
+    wait_up(proc.http_port, proc.pid, MACHINE_START_S)
 
 
 def start_indexer(net: Devnet) -> None:
@@ -283,6 +310,8 @@ def assign_ports(net: Devnet) -> None:
         proc.http_port = free_port()
     for worker in net.workers:
         worker.http_port = free_port()
+    for machine in net.machines:
+        machine.http_port = free_port()
 
 
 def start_all(net: Devnet, started: Callable[[], None] = lambda: None) -> None:
@@ -301,6 +330,9 @@ def start_all(net: Devnet, started: Callable[[], None] = lambda: None) -> None:
     for worker in net.workers:
         start_worker(net, worker)
         started()
+    for machine in net.machines:
+        start_machine(net, machine)
+        started()
     start_gateway(net)
     started()
     start_indexer(net)
@@ -310,14 +342,16 @@ def start_all(net: Devnet, started: Callable[[], None] = lambda: None) -> None:
 def start_deadline_s(net: Devnet) -> float:
     """The longest ``start_all`` may take: the sum of every start's deadline."""
     each = NATS_START_S + REDIS_START_S + POSTGRES_START_S + GATEWAY_START_S + INDEXER_START_S
-    return each + SIGNER_START_S * len(net.signers) + WORKER_START_S * len(net.workers)
+    procs = SIGNER_START_S * len(net.signers) + WORKER_START_S * len(net.workers)
+    return each + procs + MACHINE_START_S * len(net.machines)
 
 
 def stop_all(net: Devnet) -> None:
     """SIGTERM every process (SIGKILL after its grace), those that depend on others first."""
     stop_pid(net.gateway_pid, STOP_GRACE_S)
     stop_pid(net.indexer_pid, STOP_GRACE_S)
-    for pid in [*(w.pid for w in net.workers), *(s.pid for s in net.signers)]:
+    procs = [*(w.pid for w in net.workers), *(m.pid for m in net.machines)]
+    for pid in [*procs, *(s.pid for s in net.signers)]:
         stop_pid(pid, STOP_GRACE_S)
     stop_pid(net.redis_pid, STOP_GRACE_QUICK_S)
     stop_pid(net.pg_pid, STOP_GRACE_S, signal.SIGINT)  # PostgreSQL's fast shutdown

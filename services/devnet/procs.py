@@ -153,24 +153,30 @@ def wait_tcp(port: int, deadline_s: float) -> None:
     raise DevnetError(f"nothing listens on port {port} after {deadline_s} s")
 
 
-def ready(port: int) -> bool:
-    """Whether the process serving ops on ``port`` answers ``/readyz`` with 200."""
+def ready(port: int, probe: str = "readyz") -> bool:
+    """Whether the process serving ops on ``port`` answers ``/readyz`` (or another
+    ``probe``) with 200."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/{probe}", timeout=1) as r:
             return bool(r.status == 200)
     except OSError:
         return False
 
 
-def wait_ready(port: int, pid: int, deadline_s: float) -> None:
+def wait_ready(port: int, pid: int, deadline_s: float, probe: str = "readyz") -> None:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         if not alive(pid):
             raise DevnetError(f"process {pid} exited during start")
-        if ready(port):
+        if ready(port, probe):
             return
         time.sleep(0.05)
-    raise DevnetError(f"process {pid} was not ready after {deadline_s} s")
+    raise DevnetError(f"process {pid} did not answer /{probe} within {deadline_s} s")
+
+
+def wait_up(port: int, pid: int, deadline_s: float) -> None:
+    """Wait until the process answers ``/healthz``: it runs, whether or not it is ready."""
+    wait_ready(port, pid, deadline_s, "healthz")
 
 
 def stop_pid(pid: int, grace_s: float, sig: signal.Signals = signal.SIGTERM) -> None:

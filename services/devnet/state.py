@@ -45,6 +45,16 @@ class WorkerProc:
 
 
 @dataclass
+class MachineProc:
+    """A machine of a guild's operator: it holds one copy of every shard."""
+
+    index: int
+    state_dir: str
+    http_port: int
+    pid: int = 0
+
+
+@dataclass
 class Devnet:
     dir: str
     guild: str
@@ -64,6 +74,20 @@ class Devnet:
     request_timeout_ms: int = 30_000
     signers: list[SignerProc] = field(default_factory=list)
     workers: list[WorkerProc] = field(default_factory=list)
+    # An operator of a local guild (``guild.py``): its machines instead of lone workers.
+    machines: list[MachineProc] = field(default_factory=list)
+    shards: int = 0  # workers (shards) the machines hold, per operator
+    operator_key: str = ""  # secret: signs its blocks, acks, votes and messages
+    nats_password: str = ""  # of its own processes' NATS user
+    issued: dict[str, str] = field(default_factory=dict)  # peer -> the NATS password issued
+
+    @property
+    def in_guild(self) -> bool:
+        return bool(self.machines)
+
+    @property
+    def shard_count(self) -> int:
+        return self.shards if self.in_guild else len(self.workers)
 
     @property
     def gateway_url(self) -> str:
@@ -79,7 +103,20 @@ class Devnet:
 
     @property
     def nats_url(self) -> str:
-        return f"nats://127.0.0.1:{self.nats_port}"
+        user = f"self:{self.nats_password}@" if self.nats_password else ""
+        return f"nats://{user}127.0.0.1:{self.nats_port}"
+
+    @property
+    def layout_path(self) -> Path:
+        return Path(self.dir) / "layout.json"
+
+    @property
+    def peers_path(self) -> Path:
+        return Path(self.dir) / "peers.json"
+
+    @property
+    def nats_conf(self) -> Path:
+        return Path(self.dir) / "nats.conf"
 
     @property
     def members_path(self) -> Path:
@@ -105,6 +142,7 @@ class Devnet:
             ("postgres", self.pg_pid),
             *((f"signer-{s.index}", s.pid) for s in self.signers),
             *((f"worker-{w.index}", w.pid) for w in self.workers),
+            *((f"machine-{m.index}", m.pid) for m in self.machines),
             ("gateway", self.gateway_pid),
             ("indexer", self.indexer_pid),
         ]
@@ -118,6 +156,8 @@ class Devnet:
             self.signers[int(index)].pid = pid
         elif kind == "worker":
             self.workers[int(index)].pid = pid
+        elif kind == "machine":
+            self.machines[int(index)].pid = pid
         elif name in ("nats", "redis", "gateway", "indexer"):
             setattr(self, f"{name}_pid", pid)
         elif name == "postgres":
@@ -136,6 +176,19 @@ class Devnet:
             "WORKER_STATE_DIR": proc.state_dir,
             "WORKER_HTTP_ADDR": f"127.0.0.1:{proc.http_port}",
             "WORKER_ISSUERS": self.issuer.pubkey.hex(),
+        }
+
+    def machine_env(self, proc: MachineProc) -> dict[str, str]:
+        return {
+            **os.environ,
+            "REPLICA_LAYOUT": str(self.layout_path),
+            "REPLICA_OPERATOR": self.operator,
+            "REPLICA_MACHINE": str(proc.index),
+            "REPLICA_KEY": self.operator_key,
+            "REPLICA_NATS_URL": self.nats_url,
+            "REPLICA_PEERS": str(self.peers_path),
+            "REPLICA_STATE_DIR": proc.state_dir,
+            "REPLICA_HTTP_ADDR": f"127.0.0.1:{proc.http_port}",
         }
 
     def gateway_env(self) -> dict[str, str]:
@@ -182,4 +235,5 @@ class Devnet:
             raise DevnetError(f"no devnet in {directory}: run `constellation devnet up`") from None
         signers = [SignerProc(**s) for s in doc.pop("signers")]
         workers = [WorkerProc(**w) for w in doc.pop("workers")]
-        return Devnet(**doc, signers=signers, workers=workers)
+        machines = [MachineProc(**m) for m in doc.pop("machines", [])]
+        return Devnet(**doc, signers=signers, workers=workers, machines=machines)

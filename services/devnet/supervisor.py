@@ -281,9 +281,20 @@ def main(directory: Path) -> int:
 def launch_supervisor(directory: Path, start_s: float) -> int:
     """Start the supervisor of the devnet in ``directory``; returns its pid once every
     process is ready (``start_s``: how long their starts may take)."""
-    log_path = directory / LOG_FILE
+    pid = spawn_supervisor(directory)
+    await_supervisor(directory, pid, start_s)
+    return pid
+
+
+def spawn_supervisor(directory: Path) -> int:
+    """Start the supervisor of the devnet in ``directory`` (``await_supervisor`` waits)."""
     argv = [sys.executable, "-m", "services.devnet", "supervise", str(directory)]
-    pid = spawn(argv, dict(os.environ), log_path)
+    return spawn(argv, dict(os.environ), directory / LOG_FILE)
+
+
+def await_supervisor(directory: Path, pid: int, start_s: float) -> None:
+    """Wait until supervisor ``pid`` has started every process; raise if it could not."""
+    log_path = directory / LOG_FILE
     end = time.monotonic() + SUPERVISOR_START_S + start_s
     while True:
         doc = read_status(directory)
@@ -296,7 +307,6 @@ def launch_supervisor(directory: Path, start_s: float) -> int:
         time.sleep(0.05)
     if doc["state"] != "running":
         raise DevnetError(f"{doc['error']} (see {log_path})")
-    return pid
 
 
 def _is_supervisor(pid: int) -> bool:

@@ -30,7 +30,7 @@ from services.partition.config import Settings
 from services.partition.metrics import WorkerMetrics
 from services.partition.verify import Verifiers
 from services.partition.wal import BlockLog, EventLog
-from services.partition.worker import Worker
+from services.partition.worker import Worker, state_info
 from services.runtime import OpsServer, nats_error
 
 TICK_S = 0.05
@@ -229,7 +229,7 @@ class WorkerNode:
     async def _on_coins(self, msg: Msg) -> None:
         assert self.worker is not None
         engine = self.worker.engine
-        await _answer(
+        await answer_query(
             msg,
             proto.CoinQuery,
             lambda q: msgspec.msgpack.encode([engine.coin_info(c) for c in q.coin_ids[:1000]]),
@@ -237,20 +237,22 @@ class WorkerNode:
 
     async def _on_state(self, msg: Msg) -> None:
         assert self.worker is not None
-        await msg.respond(msgspec.msgpack.encode(self.worker.info()))
+        worker = self.worker
+        info = state_info(worker.engine, worker.wal.height, worker.writer.events.last)
+        await msg.respond(msgspec.msgpack.encode(info))
 
     async def _on_events_query(self, msg: Msg) -> None:
         """A page of the events log, for a reader that missed what was published."""
         assert self.worker is not None
         events = self.worker.writer.events
-        await _answer(
+        await answer_query(
             msg,
             proto.EventsQuery,
             lambda q: proto.encode_page(events.last, events.read_after(q.after, EVENTS_PAGE_BYTES)),
         )
 
 
-async def _answer(msg: Msg, kind: type[Q], answer: Callable[[Q], bytes]) -> None:
+async def answer_query(msg: Msg, kind: type[Q], answer: Callable[[Q], bytes]) -> None:
     """Answer a query of type ``kind``, or say why it is not one."""
     try:
         query = msgspec.msgpack.decode(msg.data, type=kind)

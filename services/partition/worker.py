@@ -217,19 +217,20 @@ class Worker:
         self.metrics.height.set(self.wal.height)
         return self.wal.height
 
-    def info(self) -> proto.StateInfo:
-        e = self.engine
-        s = e.state
-        return proto.StateInfo(
-            worker=e.me,
-            map_version=e.pmap.version,
-            height=self.wal.height,
-            held_msat=s.held_msat,
-            issued_msat=s.issued_msat,
-            fees_msat=s.fees_msat,
-            coins=len(s.coins),
-            locks=len(s.locks),
-            in_doubt=len(e.in_doubt),
-            coordinating=len(e.coordinating),
-            events_height=self.writer.events.last,
-        )
+
+def state_info(engine: TwoPhaseCommit, height: int, events_height: int) -> proto.StateInfo:
+    """What a worker (or the copy leading its shard) says of its state."""
+    s = engine.state
+    return proto.StateInfo(
+        worker=engine.me,
+        map_version=engine.pmap.version,
+        height=height,
+        held_msat=s.held_msat,
+        issued_msat=s.issued_msat,
+        fees_msat=s.fees_msat,
+        coins=len(s.coins),
+        locks=len(s.locks),
+        in_doubt=len(engine.in_doubt),
+        coordinating=len(engine.coordinating),
+        events_height=events_height,
+    )

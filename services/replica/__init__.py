@@ -1,1 +1,1 @@
-"""A copy of shards: replication's shell (its durable state for now)."""
+"""A machine of an operator: it holds one copy of every shard of the guild (``app.py``)."""

@@ -1,0 +1,162 @@
+"""A local guild: several operators on this machine, each a devnet of its own.
+
+Operator ``opI`` lives in ``DIR/opI``: its own NATS server (users and permissions in
+``nats.conf``), Redis, PostgreSQL, gateway and indexer, and two machines
+(``services.replica``), each holding one copy of every shard of every operator. What
+binds them is the guild layout (``layout.json``, the same in every folder: each
+member's name, operator key, issuer keys and NATS address) and, per operator, the
+credentials each peer issued it (``peers.json``): a peer may publish on another's NATS
+only under its own name, and signs every message besides.
+
+Each operator's devnet has its own supervisor; ``up`` starts them all, then waits until
+every machine is ready (its copies follow live leaders, which needs a majority of the
+operators up). ``down`` stops them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from constellation.keys import SigningKey
+from services.devnet.deps import assign_ports, start_deadline_s, stop_all
+from services.devnet.procs import alive, free_port, ready
+from services.devnet.state import Devnet, DevnetError, MachineProc, write_json_atomic
+from services.devnet.supervisor import (
+    STATUS_FILE,
+    await_supervisor,
+    spawn_supervisor,
+    stop_supervisor,
+    supervisor_alive,
+)
+from services.replica.config import MACHINES, Layout, Member
+from services.replica.transport import peer_permissions
+
+GUILD_FILE = "guild-devnet.json"
+READY_S = 120  # every machine ready, once every operator's processes have started
+
+
+def operator_dirs(directory: Path) -> list[Path]:
+    """The folders of the guild's operators, in member order."""
+    try:
+        doc = json.loads((directory / GUILD_FILE).read_text())
+    except FileNotFoundError:
+        raise DevnetError(f"no local guild in {directory}: `devnet up --operators N`") from None
+    return [directory / name for name in doc["operators"]]
+
+
+def load(directory: Path) -> list[Devnet]:
+    return [Devnet.load(d) for d in operator_dirs(directory)]
+
+
+def create(directory: Path, operators: int, workers: int, guild: str) -> list[Devnet]:
+    if operators < 2:
+        raise DevnetError("a guild has at least two operators")
+    directory.mkdir(parents=True, exist_ok=True)
+    names = [f"op{i}" for i in range(operators)]
+    nets = []
+    for name in names:
+        folder = (directory / name).resolve()
+        folder.mkdir(exist_ok=True)
+        net = Devnet(str(folder), guild, free_port(), os.urandom(32).hex(), operator=name)
+        net.shards = workers
+        net.operator_key = os.urandom(32).hex()
+        net.nats_password = os.urandom(16).hex()
+        net.issued = {peer: os.urandom(16).hex() for peer in names if peer != name}
+        net.machines = [
+            MachineProc(m, str(folder / f"machine-{m}"), free_port()) for m in range(MACHINES)
+        ]
+        net.save()
+        nets.append(net)
+    write_json_atomic(directory / GUILD_FILE, {"guild": guild, "operators": names})
+    return nets
+
+
+def layout(nets: list[Devnet]) -> Layout:
+    return Layout(
+        nets[0].guild,
+        nets[0].shards,
+        tuple(
+            Member(
+                n.operator,
+                SigningKey(bytes.fromhex(n.operator_key)).pubkey,
+                frozenset([n.issuer.pubkey]),
+                f"nats://127.0.0.1:{n.nats_port}",
+            )
+            for n in nets
+        ),
+    )
+
+
+def write_config(nets: list[Devnet]) -> None:
+    """The layout, each operator's NATS users and the credentials its peers issued it
+    (the ports change with every ``up``)."""
+    doc = layout(nets).to_json()
+    for net in nets:
+        write_json_atomic(net.layout_path, doc)
+        peers = {
+            p.operator: f"nats://{net.operator}:{p.issued[net.operator]}@127.0.0.1:{p.nats_port}"
+            for p in nets
+            if p is not net
+        }
+        write_json_atomic(net.peers_path, peers)
+        users: list[dict[str, object]] = [{"user": "self", "password": net.nats_password}]
+        users += [
+            {"user": peer, "password": password, "permissions": peer_permissions(peer)}
+            for peer, password in net.issued.items()
+        ]
+        # NATS reads JSON as its configuration format.
+        net.nats_conf.write_text(json.dumps({"authorization": {"users": users}}, indent=2))
+
+
+def up(directory: Path, operators: int, workers: int, guild: str) -> list[Devnet]:
+    """Start the local guild in ``directory`` (creating it the first time); returns once
+    every machine of every operator is ready."""
+    if (directory / GUILD_FILE).exists():
+        nets = load(directory)
+        if len(nets) != operators or nets[0].shards != workers:
+            raise DevnetError(
+                f"the guild in {directory} has {len(nets)} operators of {nets[0].shards} "
+                "workers: `devnet down --purge` it first"
+            )
+        if any(supervisor_alive(Path(n.dir)) for n in nets):
+            raise DevnetError(f"the guild in {directory} is running: `devnet down` first")
+    else:
+        nets = create(directory, operators, workers, guild)
+    for net in nets:
+        assign_ports(net)
+    write_config(nets)
+    for net in nets:
+        net.save()
+        (Path(net.dir) / STATUS_FILE).unlink(missing_ok=True)
+    try:
+        pids = [spawn_supervisor(Path(n.dir)) for n in nets]
+        for net, pid in zip(nets, pids, strict=True):
+            await_supervisor(Path(net.dir), pid, start_deadline_s(net))
+        nets = load(directory)
+        wait_machines(nets, READY_S)
+    except BaseException:
+        down(directory)
+        raise
+    return nets
+
+
+def wait_machines(nets: list[Devnet], deadline_s: float) -> None:
+    """Wait until every running machine is ready (its copies follow live leaders)."""
+    end = time.monotonic() + deadline_s
+    machines = [m for n in nets for m in n.machines if alive(m.pid)]
+    while not all(ready(m.http_port) for m in machines):
+        if time.monotonic() > end:
+            late = [m.state_dir for m in machines if not ready(m.http_port)]
+            raise DevnetError(f"machines not ready after {deadline_s} s: {late}")
+        time.sleep(0.1)
+
+
+def down(directory: Path) -> None:
+    nets = load(directory)
+    for net in nets:
+        stop_supervisor(Path(net.dir))
+    for net in load(directory):
+        stop_all(net)

@@ -1,0 +1,244 @@
+"""A machine of an operator: one copy of every shard of the guild, their ticks, and the
+replication traffic to and from the other copies (``transport.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import gc
+import logging
+import time
+from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable, Sequence
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+
+from constellation.errors import ConstellationError
+from constellation.protocol import ledger as proto
+from constellation.protocol import replication as rp
+from constellation.replication.replica import Settings as ReplicaSettings
+from services.bus import events_subject
+from services.partition.app import EVENTS_LINGER_S, EVENTS_MAX_BYTES
+from services.replica.config import Settings
+from services.replica.host import HostedCopy
+from services.replica.metrics import MachineMetrics
+from services.replica.transport import Opener, Sealer, listen_subject, subject
+from services.runtime import OpsServer, nats_error, now_ms
+
+TICK_S = 0.02
+PEER_RETRY_S = 0.5
+OUTBOX = 100_000  # messages waiting for the NATS client, at most: beyond, the oldest go
+
+log = logging.getLogger("replica")
+
+
+class Machine:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.copies: list[HostedCopy] = []
+        self.metrics = MachineMetrics(lambda: self.copies)
+        self.ops = OpsServer(self.metrics.registry, self.ready)
+        self.nc: Client | None = None
+        self.peers: dict[int, Client] = {}
+        s = settings
+        names = [m.name for m in s.layout.members]
+        self.sealer = Sealer(s.layout.guild, s.key, s.layout.keys)
+        self.opener = Opener(s.layout.guild, names, s.layout.keys, s.operator)
+        self._out: deque[tuple[Client, str, bytes]] = deque(maxlen=OUTBOX)
+        self._out_wake = asyncio.Event()
+        self._events: dict[str, list[bytes]] = defaultdict(list)
+        self._events_wake = asyncio.Event()
+        self._started = False
+
+    def ready(self) -> tuple[bool, str]:
+        if self.nc is None or not self.nc.is_connected:
+            return False, "not connected to NATS"
+        if not self._started:
+            return False, "starting"
+        now = time.monotonic()
+        behind = [c.name for c in self.copies if not c.caught_up(now)]
+        if behind:
+            return False, f"no live leader known for {', '.join(behind)}"
+        leading = sum(1 for c in self.copies if c.serving)
+        return True, f"{len(self.copies)} copies, leading {leading}"
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        await self.ops.start(s.http_host, s.http_port)
+        nc = self.nc = await nats.connect(
+            s.nats_url,
+            name=f"replica-{s.name}-{s.machine}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            pending_size=64 << 20,
+            error_cb=nats_error,
+        )
+        replication = ReplicaSettings(
+            heartbeat_s=s.heartbeat_ms / 1000, election_s=s.election_ms / 1000
+        )
+        started = time.monotonic()
+        for owner, member in enumerate(s.layout.members):
+            for worker in range(s.layout.workers):
+                me = s.layout.copy_at(s.operator, s.machine, worker)
+                copy = HostedCopy(
+                    layout=s.layout,
+                    owner=owner,
+                    worker=worker,
+                    me=me,
+                    key=s.key,
+                    folder=s.state_dir / f"{member.name}-{worker}",
+                    replication=replication,
+                    prepare_timeout_ms=s.prepare_timeout_ms,
+                    nc=nc,
+                    deliver=self._deliver,
+                    publish_events=self._publish_events,
+                )
+                self.copies.append(copy)
+        gc.freeze()
+        log.info(
+            "recovered",
+            extra={
+                "copies": [[c.name, c.me, c.replica.last] for c in self.copies],
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
+        tasks = self.ops.tasks
+        for copy in self.copies:
+            await nc.subscribe(
+                listen_subject(copy.owner, copy.worker, copy.me),
+                cb=self._receiver(copy),
+                pending_msgs_limit=1_000_000,
+            )
+            tasks.start(f"packages-{copy.name}", copy.packer.run)
+        for peer, member in enumerate(s.layout.members):
+            if peer != s.operator:
+                tasks.start(f"peer-{member.name}", functools.partial(self._connect_peer, peer))
+        await nc.flush()
+        tasks.start("send", self._send)
+        tasks.start("events", self._publish_events_task)
+        tasks.start("tick", self._tick)
+        self._started = True
+        log.info(
+            "machine ready",
+            extra={"operator": s.name, "machine": s.machine, "http_port": self.ops.port},
+        )
+        await stop.wait()
+        await self._drain()
+
+    async def _drain(self) -> None:
+        log.info("stopping", extra={"leading": [c.name for c in self.copies if c.serving]})
+        await self.ops.tasks.stop()
+        for client in [self.nc, *self.peers.values()]:
+            if client is not None:
+                with contextlib.suppress(NatsError, OSError):
+                    await client.close()
+        for copy in self.copies:
+            copy.close()
+        await self.ops.stop()
+
+    async def _connect_peer(self, peer: int) -> None:
+        """Connect to a peer's NATS with the credentials it issued us, retrying until
+        it answers; the client reconnects by itself afterwards."""
+        s = self.settings
+        member = s.layout.members[peer]
+        while True:
+            try:
+                client = await nats.connect(
+                    s.peers[member.name],
+                    name=f"replica-{s.name}-{s.machine}",
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=PEER_RETRY_S,
+                    pending_size=8 << 20,
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                    error_cb=nats_error,
+                )
+                break
+            except (NatsError, OSError, TimeoutError) as exc:
+                log.debug("peer unreachable", extra={"peer": member.name, "error": repr(exc)})
+                await asyncio.sleep(PEER_RETRY_S)
+        self.peers[peer] = client
+        log.info("connected to peer", extra={"peer": member.name})
+        await asyncio.Event().wait()  # held until the machine stops
+
+    # -- the traffic -------------------------------------------------------------------
+
+    def _deliver(self, dests: Sequence[int], envelope: rp.Envelope) -> None:
+        """Seal ``envelope`` once per receiving operator and queue it for each copy."""
+        s = self.settings
+        me = s.layout.members[s.operator].name
+        now = now_ms()
+        sealed: dict[int, bytes | None] = {}
+        for dest in dests:
+            op = dest // 2
+            client = self.nc if op == s.operator else self.peers.get(op)
+            if client is None or not client.is_connected:
+                self.metrics.undelivered.labels(s.layout.members[op].name).inc()
+                continue
+            data = sealed.get(op)
+            if data is None:
+                data = sealed[op] = self.sealer.seal(op, envelope, now)
+            self._out.append((client, subject(me, envelope.owner, envelope.worker, dest), data))
+        self._out_wake.set()
+
+    async def _send(self) -> None:
+        out = self._out
+        while True:
+            await self._out_wake.wait()
+            self._out_wake.clear()
+            while out:
+                client, subj, data = out.popleft()
+                try:
+                    await client.publish(subj, data)
+                except NatsError as exc:  # lost like any message: the protocol resends
+                    log.debug("not sent", extra={"to": subj, "error": str(exc)})
+
+    def _receiver(self, copy: HostedCopy) -> Callable[[Msg], Awaitable[None]]:
+        async def receive(msg: Msg) -> None:
+            try:
+                envelope = self.opener.open(msg.subject, msg.data, now_ms())
+            except ConstellationError as exc:
+                self.metrics.rejected.labels(exc.code).inc()
+                log.info("message refused", extra={"subject": msg.subject, "reason": str(exc)})
+                return
+            copy.step(envelope.sender, envelope.msg)
+
+        return receive
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            for copy in self.copies:
+                copy.tick(now)
+
+    # -- events of confirmed blocks, to the owner's readers ---------------------------
+
+    def _publish_events(self, owner: str, payload: bytes) -> None:
+        self._events[owner].append(payload)
+        self._events_wake.set()
+
+    async def _publish_events_task(self) -> None:
+        """What gathered in ``EVENTS_LINGER_S`` goes out as few messages: readers wake
+        per message. Nothing is retried: what a reader misses, it asks for."""
+        assert self.nc is not None
+        while True:
+            await self._events_wake.wait()
+            await asyncio.sleep(EVENTS_LINGER_S)
+            self._events_wake.clear()
+            pending, self._events = self._events, defaultdict(list)
+            for owner, blocks in pending.items():
+                while blocks:
+                    batch: list[bytes] = []
+                    size = 0
+                    while blocks and (not batch or size + len(blocks[0]) <= EVENTS_MAX_BYTES):
+                        size += len(blocks[0])
+                        batch.append(blocks.pop(0))
+                    try:
+                        await self.nc.publish(events_subject(owner), proto.encode_events(batch))
+                    except NatsError as exc:
+                        log.warning("events not published", extra={"error": str(exc)})

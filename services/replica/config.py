@@ -1,0 +1,172 @@
+"""A machine's settings: the guild's layout (a file every member holds alike), this
+machine's place in it, and the credentials its operator was issued by each peer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from constellation.keys import SigningKey, is_valid_xonly
+from constellation.ledger.pmap import PartitionMap
+from services.runtime import ConfigError, env_addr, env_int, env_str
+
+MACHINES = 2  # per operator: each shard's two copies there are on different machines
+
+
+@dataclass(frozen=True)
+class Member:
+    """One operator of the guild, as every member knows it."""
+
+    name: str
+    key: bytes  # x-only: it signs blocks, acks, votes and every message it sends
+    issuers: frozenset[bytes]  # keys whose issuances its shards accept
+    nats: str  # its NATS server, where its peers deliver what they send it
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The guild: its members in order (a member's index is its operator number in the
+    replication protocol) and the workers (shards) each runs."""
+
+    guild: str
+    workers: int
+    members: tuple[Member, ...]
+
+    def index(self, name: str) -> int:
+        for i, m in enumerate(self.members):
+            if m.name == name:
+                return i
+        raise ConfigError(f"operator {name!r} is not a member of guild {self.guild!r}")
+
+    @property
+    def keys(self) -> list[bytes]:
+        return [m.key for m in self.members]
+
+    @property
+    def pmap(self) -> PartitionMap:
+        return PartitionMap.even(self.workers)
+
+    def copy_at(self, operator: int, machine: int, worker: int) -> int:
+        """The copy of each shard of worker ``worker`` that ``operator``'s ``machine``
+        holds. Every machine holds one copy of every shard; an operator's preferred copy
+        (``2*operator``) of worker ``w`` is on machine ``w % 2``, so an operator's shards
+        lead from both of its machines."""
+        return 2 * operator + (worker + machine) % MACHINES
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "guild": self.guild,
+            "workers": self.workers,
+            "members": [
+                {
+                    "name": m.name,
+                    "key": m.key.hex(),
+                    "issuers": sorted(k.hex() for k in m.issuers),
+                    "nats": m.nats,
+                }
+                for m in self.members
+            ],
+        }
+
+    @staticmethod
+    def from_json(doc: Any) -> Layout:
+        try:
+            members = tuple(
+                Member(
+                    str(m["name"]),
+                    bytes.fromhex(m["key"]),
+                    frozenset(bytes.fromhex(k) for k in m["issuers"]),
+                    str(m["nats"]),
+                )
+                for m in doc["members"]
+            )
+            layout = Layout(str(doc["guild"]), int(doc["workers"]), members)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"the guild layout is malformed: {exc!r}") from None
+        if not 1 <= layout.workers <= 256:
+            raise ConfigError("the guild layout needs 1 to 256 workers per operator")
+        if len(members) < 2:
+            raise ConfigError("a guild has at least two members")
+        if len({m.name for m in members}) != len(members) or len(set(layout.keys)) != len(members):
+            raise ConfigError("two members of the guild share a name or a key")
+        for m in members:
+            if not is_valid_xonly(m.key) or not all(is_valid_xonly(k) for k in m.issuers):
+                raise ConfigError(f"member {m.name!r}: a key is not a BIP340 public key")
+        return layout
+
+
+def load_layout(path: Path) -> Layout:
+    try:
+        return Layout.from_json(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read the guild layout {path}: {exc}") from None
+
+
+def load_peers(path: Path) -> dict[str, str]:
+    """Each peer's NATS URL with the credentials that peer issued to this operator."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read the peers' credentials {path}: {exc}") from None
+    if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
+        raise ConfigError(f"{path}: expected an object of peer name to NATS URL")
+    return {str(k): v for k, v in doc.items()}
+
+
+@dataclass(frozen=True)
+class Settings:
+    layout: Layout
+    operator: int  # this operator's index in the layout
+    machine: int
+    key: SigningKey
+    nats_url: str  # this operator's own NATS, with its own credentials
+    peers: dict[str, str]  # peer name -> URL with the credentials it issued us
+    state_dir: Path
+    http_host: str
+    http_port: int
+    heartbeat_ms: int
+    election_ms: int
+    prepare_timeout_ms: int
+    log_level: str
+
+    @property
+    def name(self) -> str:
+        return self.layout.members[self.operator].name
+
+    @staticmethod
+    def from_env(env: Mapping[str, str]) -> Settings:
+        layout = load_layout(Path(env_str(env, "REPLICA_LAYOUT")))
+        operator = layout.index(env_str(env, "REPLICA_OPERATOR"))
+        try:
+            key = SigningKey(bytes.fromhex(env_str(env, "REPLICA_KEY")))
+        except ValueError:
+            raise ConfigError("REPLICA_KEY must be a 32-byte secret key in hex") from None
+        if key.pubkey != layout.members[operator].key:
+            raise ConfigError("REPLICA_KEY is not this operator's key in the guild layout")
+        peers = load_peers(Path(env_str(env, "REPLICA_PEERS")))
+        for i, m in enumerate(layout.members):
+            if i != operator and m.name not in peers:
+                raise ConfigError(f"no credentials for peer {m.name!r} in REPLICA_PEERS")
+        host, port = env_addr(env, "REPLICA_HTTP_ADDR", "127.0.0.1:0")
+        heartbeat_ms = env_int(env, "REPLICA_HEARTBEAT_MS", 100, 10, 10_000)
+        election_ms = env_int(env, "REPLICA_ELECTION_MS", 800, 50, 60_000)
+        if election_ms < 3 * heartbeat_ms:
+            raise ConfigError("REPLICA_ELECTION_MS must be at least 3 heartbeats")
+        return Settings(
+            layout=layout,
+            operator=operator,
+            machine=env_int(env, "REPLICA_MACHINE", 0, 0, MACHINES - 1),
+            key=key,
+            nats_url=env_str(env, "REPLICA_NATS_URL", "nats://127.0.0.1:4222"),
+            peers=peers,
+            state_dir=Path(env_str(env, "REPLICA_STATE_DIR")),
+            http_host=host,
+            http_port=port,
+            heartbeat_ms=heartbeat_ms,
+            election_ms=election_ms,
+            prepare_timeout_ms=env_int(env, "REPLICA_PREPARE_TIMEOUT_MS", 2_000, 10, 600_000),
+            log_level=env_str(env, "REPLICA_LOG_LEVEL", "info"),
+        )

@@ -1,0 +1,96 @@
+"""A machine's Prometheus metrics: per copy, read from the replicas when scraped."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from constellation.replication.replica import Role
+from services.replica.host import HostedCopy
+
+
+class CopyCollector(Collector):
+    """Each copy's term, role, heights, lag, elections, refusals and evidence."""
+
+    def __init__(self, copies: Callable[[], Sequence[HostedCopy]]) -> None:
+        self.copies = copies
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["shard", "copy"]
+        term = GaugeMetricFamily("replica_term", "the copy's current term", labels=labels)
+        leading = GaugeMetricFamily(
+            "replica_leading", "1 where this copy leads its shard", labels=labels
+        )
+        leader = GaugeMetricFamily(
+            "replica_leader", "the copy this copy follows (-1: none known)", labels=labels
+        )
+        confirmed = GaugeMetricFamily(
+            "replica_confirmed_height", "the highest block known confirmed", labels=labels
+        )
+        last = GaugeMetricFamily("replica_last_height", "the highest block held", labels=labels)
+        since = GaugeMetricFamily(
+            "replica_seconds_since_confirmed",
+            "since this copy last learned of a newly confirmed block",
+            labels=labels,
+        )
+        lag = GaugeMetricFamily(
+            "replica_lag_blocks",
+            "at a leader: blocks each other copy lacks",
+            labels=[*labels, "peer"],
+        )
+        evidence = GaugeMetricFamily(
+            "replica_evidence", "operators this copy holds a proof against", labels=labels
+        )
+        elections = CounterMetricFamily(
+            "replica_elections", "elections this copy started", labels=labels
+        )
+        refused_blocks = CounterMetricFamily(
+            "replica_refused_blocks", "blocks this copy found invalid", labels=labels
+        )
+        refused = CounterMetricFamily(
+            "replica_refused_messages", "messages the protocol refused", labels=labels
+        )
+        snapshots = CounterMetricFamily(
+            "replica_snapshots_installed", "snapshots received from a leader", labels=labels
+        )
+        now = time.monotonic()
+        for c in self.copies():
+            r, lv = c.replica, [c.name, str(c.me)]
+            term.add_metric(lv, r.term)
+            leading.add_metric(lv, 1 if r.role is Role.LEADER else 0)
+            leader.add_metric(lv, r.leader)
+            confirmed.add_metric(lv, r.confirmed)
+            last.add_metric(lv, r.last)
+            since.add_metric(lv, now - c.confirmed_at)
+            evidence.add_metric(lv, len(r.evidence))
+            elections.add_metric(lv, r.counters.elections)
+            refused_blocks.add_metric(lv, r.counters.refused_blocks)
+            refused.add_metric(lv, r.counters.refused_messages)
+            snapshots.add_metric(lv, r.counters.snapshots_installed)
+            if r.role is Role.LEADER:
+                for peer, p in r.progress.items():
+                    lag.add_metric([*lv, str(peer)], max(0, r.last - p.match))
+        yield from (term, leading, leader, confirmed, last, since, lag, evidence)
+        yield from (elections, refused_blocks, refused, snapshots)
+
+
+class MachineMetrics:
+    def __init__(self, copies: Callable[[], Sequence[HostedCopy]]) -> None:
+        r = self.registry = CollectorRegistry()
+        r.register(CopyCollector(copies))
+        self.rejected = Counter(
+            "replica_rejected_messages",
+            "messages from the network refused before the protocol saw them, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.undelivered = Counter(
+            "replica_undelivered_messages",
+            "messages not sent: no connection to the receiving operator",
+            ["peer"],
+            registry=r,
+        )

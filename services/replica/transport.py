@@ -1,0 +1,96 @@
+"""Replication messages between copies, over each operator's own NATS.
+
+A message for copy ``c`` goes to the NATS server of operator ``c // 2``, on the subject
+``cst.rep.<sender>.<owner>.<worker>.<c>``. A peer reaches that server with credentials
+the receiving operator issued, which allow it to publish under its own name only
+(``cst.rep.<sender>.>``); and every message is sealed in an ``Envelope`` signed with the
+sender's operator key and addressed to the receiving operator, with a fresh id and the
+time it was sent. The receiver refuses, and counts by reason, anything that is not from
+a member, is signed by another than the subject names, is addressed to another, was seen
+before, is stale, or is not a replication message of a copy of that operator.
+
+No server is a hub: operator ``o``'s copies hear from ``o``'s server only, and each
+sender delivers to the server of each receiver.
+"""
+
+from __future__ import annotations
+
+import os
+
+from constellation.errors import Misdirected
+from constellation.keys import SigningKey
+from constellation.protocol import replication as rp
+from constellation.protocol.envelope import Membership, ReplayGuard, seal
+
+FRESH_MS = 30_000  # a message older (or newer) than this, by the receiver's clock, is stale
+PREFIX = "cst.rep"
+
+
+def member_key(xonly: bytes) -> bytes:
+    """An operator's key as an envelope names it (compressed, even Y: BIP340's lift)."""
+    return b"\x02" + xonly
+
+
+def subject(sender: str, owner: int, worker: int, copy: int) -> str:
+    return f"{PREFIX}.{sender}.{owner}.{worker}.{copy}"
+
+
+def listen_subject(owner: int, worker: int, copy: int) -> str:
+    """What copy ``copy`` of shard (owner, worker) listens on, from every sender."""
+    return f"{PREFIX}.*.{owner}.{worker}.{copy}"
+
+
+def peer_permissions(peer: str) -> dict[str, object]:
+    """The NATS permissions an operator grants a peer: publish its own messages, nothing
+    else (no subscriptions, no JetStream, no other subjects)."""
+    return {"publish": {"allow": [f"{PREFIX}.{peer}.>"]}, "subscribe": {"deny": [">"]}}
+
+
+class Sealer:
+    """Seals this operator's messages for each receiving operator."""
+
+    def __init__(self, guild: str, key: SigningKey, keys: list[bytes]) -> None:
+        self.guild = guild
+        self.key = key
+        self.me = member_key(key.pubkey)
+        self.to = [member_key(k) for k in keys]
+
+    def seal(self, operator: int, envelope: rp.Envelope, now_ms: int) -> bytes:
+        return seal(
+            self.guild,
+            self.key.secret,
+            self.me,
+            self.to[operator],
+            os.urandom(16),
+            now_ms,
+            rp.encode(envelope),
+        )
+
+
+class Opener:
+    """Checks what arrives for this operator's copies (see the module docstring)."""
+
+    def __init__(self, guild: str, names: list[str], keys: list[bytes], me: int) -> None:
+        self.names = {name: i for i, name in enumerate(names)}
+        self.membership = Membership(guild, [member_key(k) for k in keys])
+        self.me = member_key(keys[me])
+        self.guard = ReplayGuard(FRESH_MS)
+
+    def open(self, subj: str, data: bytes, now_ms: int) -> rp.Envelope:
+        """The replication envelope inside, or a ``ConstellationError`` saying why not."""
+        parts = subj.split(".")
+        if len(parts) != 6:
+            raise Misdirected(f"not a replication subject: {subj!r}")
+        claimed = self.names.get(parts[2])
+        env, sender = self.membership.open(data, self.me)
+        if sender != claimed:
+            raise Misdirected(f"signed by member {sender}, sent as {parts[2]!r}")
+        self.guard.check(env, now_ms)
+        inner = rp.decode(env.body)
+        if (
+            inner.sender // 2 != sender
+            or str(inner.owner) != parts[3]
+            or str(inner.worker) != parts[4]
+        ):
+            raise Misdirected("the message names another copy or shard than its subject")
+        return inner
