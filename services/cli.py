@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -23,12 +24,13 @@ from constellation.protocol import signer as proto
 from constellation.protocol.envelope import Membership
 from constellation.tx import TxOutput
 from services import devnet
+from services.devnet import guild
 from services.runtime import ConfigError
 from services.signer.client import call
 from services.signer.config import load_members
 from services.signer.store import KeyStore
 from services.wallet import Gateway, GatewayError, wallet_command
-from services.workload import run_workload
+from services.workload import run_guild_demo, run_workload
 
 DEFAULT_DIR = Path(".devnet")
 
@@ -129,9 +131,23 @@ async def _fund(net: devnet.Devnet, address: str, amount_msat: int) -> dict[str,
 
 
 def _devnet(args: argparse.Namespace) -> int:
-    if args.devnet_command == "up":
+    in_guild = (args.dir / guild.GUILD_FILE).exists()
+    if args.devnet_command == "up" and args.operators > 1:
+        nets = guild.up(args.dir, args.operators, args.workers, args.guild)
+        print(f"guild {args.guild!r} up in {args.dir}: {len(nets)} operators")
+        for net in nets:
+            _print_devnet(net)
+    elif args.devnet_command == "up":
         net = devnet.up(args.dir, args.signers, args.guild, args.workers, not args.unsupervised)
         _print_devnet(net)
+    elif args.devnet_command == "status" and in_guild:
+        states = [devnet.status(d) for d in guild.operator_dirs(args.dir)]
+        if args.json:
+            print(json.dumps([st.to_json() for st in states], indent=2))
+        else:
+            for st in states:
+                _print_status(st)
+        return 0 if all(st.healthy for st in states) else 1
     elif args.devnet_command == "status":
         st = devnet.status(args.dir)
         if args.json:
@@ -144,6 +160,17 @@ def _devnet(args: argparse.Namespace) -> int:
         receipt = asyncio.run(_fund(net, args.address, args.amount_msat))
         coin = receipt["outputs"][0]["coin_id"]
         print(f"issued {args.amount_msat} msat to {args.address}: coin {coin}")
+    elif args.devnet_command == "stop":
+        guild.stop_operator(args.dir, args.operator)
+        print(f"operator {args.operator} stopped")
+    elif args.devnet_command == "start":
+        guild.start_operator(args.dir, args.operator)
+        print(f"operator {args.operator} started and caught up")
+    elif in_guild:
+        guild.down(args.dir)
+        if args.purge:
+            shutil.rmtree(args.dir)
+        print("guild down" + (" and deleted" if args.purge else ""))
     else:
         devnet.down(args.dir, args.purge)
         print("devnet down" + (" and deleted" if args.purge else ""))
@@ -152,13 +179,26 @@ def _devnet(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """The main job: a fresh devnet, a payment workload through its gateway, a report."""
-    if args.dir.exists():
-        devnet.down(args.dir, purge=True) if (args.dir / devnet.STATE_FILE).exists() else None
+    _purge(args.dir)
+    if args.operators > 1:
+        payments = args.payments or 600
+        try:
+            ok = asyncio.run(
+                run_guild_demo(
+                    args.dir, args.operators, args.workers, payments, args.clients, sys.stdout
+                )
+            )
+        finally:
+            if not args.keep:
+                _purge(args.dir)
+        return 0 if ok else 1
     net = devnet.up(args.dir, 0, "demo", args.workers)
     _print_devnet(net)
     try:
         ok = asyncio.run(
-            run_workload(net, args.wallets, args.coins, args.payments, args.clients, sys.stdout)
+            run_workload(
+                net, args.wallets, args.coins, args.payments or 3000, args.clients, sys.stdout
+            )
         )
     finally:
         if not args.keep:
@@ -166,17 +206,35 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _purge(directory: Path) -> None:
+    """Stop and delete the devnet or local guild in ``directory``, if there is one."""
+    if (directory / guild.GUILD_FILE).exists():
+        guild.down(directory)
+        shutil.rmtree(directory)
+    elif (directory / devnet.STATE_FILE).exists():
+        devnet.down(directory, purge=True)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="constellation", description=__doc__)
     parser.add_argument("--version", action="version", version=f"constellation {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
-        "demo", help="a fresh devnet, funded wallets and a payment workload through its gateway"
+        "demo",
+        help="a fresh local guild (or one operator): payments, failures, recovery, checks",
     )
     demo.add_argument("--workers", type=int, default=2, help="partition workers")
     demo.add_argument("--wallets", type=int, default=20, help="wallets to fund")
     demo.add_argument("--coins", type=int, default=20, help="coins each wallet is funded with")
-    demo.add_argument("--payments", type=int, default=3000, help="payments to make")
+    demo.add_argument(
+        "--operators",
+        type=int,
+        default=3,
+        help="operators of a local guild (1: one operator, no replication)",
+    )
+    demo.add_argument(
+        "--payments", type=int, help="payments to make (3000; a guild: 600 at each operator)"
+    )
     demo.add_argument("--clients", type=int, default=64, help="concurrent paying clients")
     demo.add_argument("--dir", type=Path, default=Path(".devnet-demo"), help="its state folder")
     demo.add_argument("--keep", action="store_true", help="leave the devnet running")
@@ -196,6 +254,12 @@ def _add_devnet(sub: Any) -> None:
     up.add_argument("--workers", type=int, default=2, help="partition workers (first time)")
     up.add_argument("--guild", default="devnet", help="guild id (first time)")
     up.add_argument(
+        "--operators",
+        type=int,
+        default=1,
+        help="2 or more: a local guild of that many operators, each shard replicated at all",
+    )
+    up.add_argument(
         "--unsupervised", action="store_true", help="no supervisor: nothing restarts a process"
     )
     status = net_sub.add_parser(
@@ -207,7 +271,11 @@ def _add_devnet(sub: Any) -> None:
     fund.add_argument("amount_msat", type=int)
     down = net_sub.add_parser("down", help="stop every process")
     down.add_argument("--purge", action="store_true", help="and delete the devnet's state")
-    for p in (up, status, fund, down):
+    stop = net_sub.add_parser("stop", help="a local guild: stop one operator's every process")
+    start = net_sub.add_parser("start", help="a local guild: start a stopped operator again")
+    for p in (stop, start):
+        p.add_argument("operator", help="its name (op0, op1, ...)")
+    for p in (up, status, fund, down, stop, start):
         p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="devnet state folder")
 
 

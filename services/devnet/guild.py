@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 from constellation.keys import SigningKey
 from services.devnet.deps import assign_ports, start_deadline_s, stop_all
@@ -154,9 +156,107 @@ def wait_machines(nets: list[Devnet], deadline_s: float) -> None:
         time.sleep(0.1)
 
 
+def stop_operator(directory: Path, name: str) -> None:
+    """Stop one operator's supervisor and every process of it (the others go on)."""
+    folder = directory / name
+    stop_supervisor(folder)
+    stop_all(Devnet.load(folder))
+
+
+def start_operator(directory: Path, name: str) -> Devnet:
+    """Start a stopped operator again, on the ports its peers know; returns once its
+    machines are ready (caught up with live leaders)."""
+    folder = directory / name
+    if supervisor_alive(folder):
+        raise DevnetError(f"operator {name} runs already")
+    net = Devnet.load(folder)
+    (folder / STATUS_FILE).unlink(missing_ok=True)
+    await_supervisor(folder, spawn_supervisor(folder), start_deadline_s(net))
+    net = Devnet.load(folder)
+    wait_machines([net], READY_S)
+    return net
+
+
 def down(directory: Path) -> None:
     nets = load(directory)
     for net in nets:
         stop_supervisor(Path(net.dir))
     for net in load(directory):
         stop_all(net)
+
+
+# -- watching the copies (``/v1/copies`` of each machine) ------------------------------
+
+
+def copies(nets: list[Devnet]) -> list[dict[str, Any]]:
+    """What every running machine says of its copies, with where each copy lives."""
+    found = []
+    for net in nets:
+        for m in net.machines:
+            try:
+                url = f"http://127.0.0.1:{m.http_port}/v1/copies"
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    rows = json.load(r)
+            except OSError:
+                continue  # stopped, or starting
+            for row in rows:
+                row.update(operator=net.operator, machine=m.index, pid=m.pid)
+            found += rows
+    return found
+
+
+def leader(nets: list[Devnet], shard: str) -> dict[str, Any] | None:
+    """The copy of ``shard`` leading in the highest term, if any leads."""
+    leading = [c for c in copies(nets) if c["shard"] == shard and c["role"] == "leader"]
+    return max(leading, key=lambda c: c["term"], default=None)
+
+
+def wait_new_leader(
+    nets: list[Devnet], shard: str, confirmed: int, deadline_s: float = 30
+) -> dict[str, Any]:
+    """Wait until a copy leads ``shard`` and has confirmed a block above ``confirmed``."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        found = leader(nets, shard)
+        if found is not None and found["confirmed"] > confirmed:
+            return found
+        time.sleep(0.01)
+    raise DevnetError(f"no leader of {shard} confirmed a block within {deadline_s} s")
+
+
+def wait_converged(nets: list[Devnet], deadline_s: float = 60) -> dict[str, list[dict[str, Any]]]:
+    """Wait until every copy of every shard holds the same confirmed log with the same
+    state root; returns the copies by shard."""
+    end = time.monotonic() + deadline_s
+    expected = sum(len(n.machines) for n in nets) * len(nets) * nets[0].shards
+    while True:
+        rows = copies(nets)
+        by_shard: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_shard.setdefault(row["shard"], []).append(row)
+        if len(rows) == expected and all(
+            len({(c["last"], c["confirmed"], c["root"]) for c in cs}) == 1
+            and cs[0]["last"] == cs[0]["confirmed"]
+            for cs in by_shard.values()
+        ):
+            return by_shard
+        if time.monotonic() > end:
+            raise DevnetError(f"the copies did not converge within {deadline_s} s")
+        time.sleep(0.1)
+
+
+def wait_home(nets: list[Devnet], deadline_s: float = 60) -> None:
+    """Wait until every shard is led by a copy of its owner (leadership goes back home
+    once the owner's copies have caught up): the owner's gateway reaches its leaders."""
+    end = time.monotonic() + deadline_s
+    shards = [f"{n.operator}/{w}" for n in nets for w in range(n.shards)]
+    while True:
+        leaders = [leader(nets, s) for s in shards]
+        if all(
+            c is not None and c["operator"] == s.split("/")[0]
+            for s, c in zip(shards, leaders, strict=True)
+        ):
+            return
+        if time.monotonic() > end:
+            raise DevnetError(f"leadership did not return to the owners within {deadline_s} s")
+        time.sleep(0.1)

@@ -12,7 +12,7 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from constellation.errors import MessageError
+from constellation.errors import AlreadyCommitted, InFlight, MessageError
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
 from constellation.tx import Issuance, Transaction
@@ -25,6 +25,11 @@ from services.bus import (
     worker_subject,
 )
 from services.runtime import nats_error
+
+# A request unanswered this long is sent again (same request id): the package may have
+# gone to a leader that died or handed over, and a transaction's outcome is idempotent.
+RESEND_S = 1.0
+QUERY_RETRY_S = 0.1  # a query that found no responder (leadership changing) waits this
 
 
 class LedgerUnavailable(RuntimeError):
@@ -48,6 +53,8 @@ class LedgerClient:
         self.packer = Packer(nc, GATEWAY, self.inbox, lambda: self.pmap.version, batching, observe)
         self._rids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[proto.Result]] = {}
+        self._items: dict[int, tuple[str, proto.Item]] = {}  # rid -> what to send again
+        self._resent: set[int] = set()
 
     @classmethod
     async def connect(
@@ -84,9 +91,15 @@ class LedgerClient:
         waiting = self._waiting
         for item in pkg.items:
             if isinstance(item, proto.Result):
+                result = item
+                if item.rid in self._resent:
+                    if item.code == InFlight.code:
+                        continue  # sent again while the first runs: the first will tell
+                    if item.code == AlreadyCommitted.code:  # the first's answer was lost
+                        result = proto.Result(item.rid, "", "", [])
                 fut = waiting.pop(item.rid, None)
                 if fut is not None and not fut.done():
-                    fut.set_result(item)
+                    fut.set_result(result)
 
     def _request(
         self, worker: int, item_of: Callable[[int, bytes], proto.Item], raw: bytes
@@ -94,23 +107,33 @@ class LedgerClient:
         rid = next(self._rids)
         fut: asyncio.Future[proto.Result] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
-        self.packer.send(worker_subject(self.operator, worker), item_of(rid, raw))
+        subject, item = worker_subject(self.operator, worker), item_of(rid, raw)
+        self._items[rid] = (subject, item)
+        self.packer.send(subject, item)
         return rid, fut
 
     async def _answers(
         self, pending: list[tuple[int, asyncio.Future[proto.Result]]], timeout_s: float
     ) -> list[proto.Result | None]:
         """Every answer that came within ``timeout_s`` (one timeout for them all); None
-        where none came."""
+        where none came. What is unanswered after ``RESEND_S`` is sent again."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
         try:
-            async with asyncio.timeout(timeout_s):
-                for _, fut in pending:
-                    await fut
-        except TimeoutError:
-            pass
+            while True:
+                left = [f for _, f in pending if not f.done()]
+                if not left or loop.time() >= end:
+                    break
+                await asyncio.wait(left, timeout=min(RESEND_S, end - loop.time()))
+                for rid, fut in pending:
+                    if not fut.done() and loop.time() < end:
+                        self._resent.add(rid)
+                        self.packer.send(*self._items[rid])
         finally:
             for rid, _ in pending:
                 self._waiting.pop(rid, None)
+                self._items.pop(rid, None)
+                self._resent.discard(rid)
         return [f.result() if f.done() and not f.cancelled() else None for _, f in pending]
 
     async def submit(
@@ -154,13 +177,20 @@ class LedgerClient:
         return msgspec.msgpack.decode(data, type=proto.StateInfo)
 
     async def _query(self, worker: int, what: str, payload: bytes, timeout_s: float) -> bytes:
-        try:
-            msg = await self.nc.request(
-                query_subject(self.operator, worker, what), payload, timeout=timeout_s
-            )
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-            raise LedgerUnavailable(f"worker {worker} did not answer: {exc}") from None
-        return msg.data
+        """Ask a worker; while none answers (its leadership is changing), ask again."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        subject = query_subject(self.operator, worker, what)
+        while True:
+            try:
+                msg = await self.nc.request(subject, payload, timeout=end - loop.time())
+                return msg.data
+            except nats.errors.NoRespondersError as exc:
+                if loop.time() + QUERY_RETRY_S >= end:
+                    raise LedgerUnavailable(f"worker {worker} did not answer: {exc}") from None
+                await asyncio.sleep(QUERY_RETRY_S)
+            except nats.errors.TimeoutError as exc:
+                raise LedgerUnavailable(f"worker {worker} did not answer: {exc}") from None
 
     async def close(self) -> None:
         await self.packer.drain()

@@ -13,6 +13,7 @@ from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Sequence
 
 import nats
+from aiohttp import web
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -42,6 +43,7 @@ class Machine:
         self.copies: list[HostedCopy] = []
         self.metrics = MachineMetrics(lambda: self.copies)
         self.ops = OpsServer(self.metrics.registry, self.ready)
+        self.ops.app.router.add_get("/v1/copies", self._describe)
         self.nc: Client | None = None
         self.peers: dict[int, Client] = {}
         s = settings
@@ -65,6 +67,10 @@ class Machine:
             return False, f"no live leader known for {', '.join(behind)}"
         leading = sum(1 for c in self.copies if c.serving)
         return True, f"{len(self.copies)} copies, leading {leading}"
+
+    async def _describe(self, _: web.Request) -> web.Response:
+        """Each copy's place in its shard: what ``devnet status`` and tests compare."""
+        return web.json_response([c.describe() for c in self.copies])
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings

@@ -152,7 +152,7 @@ class Settings:
                 raise ConfigError(f"no credentials for peer {m.name!r} in REPLICA_PEERS")
         host, port = env_addr(env, "REPLICA_HTTP_ADDR", "127.0.0.1:0")
         heartbeat_ms = env_int(env, "REPLICA_HEARTBEAT_MS", 100, 10, 10_000)
-        election_ms = env_int(env, "REPLICA_ELECTION_MS", 800, 50, 60_000)
+        election_ms = env_int(env, "REPLICA_ELECTION_MS", 600, 50, 60_000)
         if election_ms < 3 * heartbeat_ms:
             raise ConfigError("REPLICA_ELECTION_MS must be at least 3 heartbeats")
         return Settings(

@@ -276,6 +276,20 @@ class HostedCopy:
             return True
         return r.leader >= 0 and now - r.heard < 3 * r.settings.election_s
 
+    def describe(self) -> dict[str, object]:
+        r = self.replica
+        return {
+            "shard": self.name,
+            "copy": self.me,
+            "role": r.role.value,
+            "term": r.term,
+            "leader": r.leader,
+            "confirmed": r.confirmed,
+            "last": r.last,
+            "root": r.state_root().hex(),
+            "evidence": sorted(r.evidence),
+        }
+
     def close(self) -> None:
         self.store.close()
         self.events.close()
