@@ -9,39 +9,37 @@ of that value's 384 little-endian bytes. Inserting and removing commute, so the 
 depends on the multiset only, never on the order that built it.
 
 Removal multiplies a denominator, so that the one modular inverse is paid in ``digest``.
-Between operations both products are kept below ``2^3072 + 2^44`` rather than below
-``p``: since ``2^3072 = 1103717 (mod p)``, the high part of a product folds onto its low
-part with a small multiplication, much cheaper than a division by ``p`` (``digest``
-reduces fully). An insertion costs one ChaCha20 call and one 3072-bit multiplication.
+The arithmetic is GMP's (``gmpy2``): a 3072-bit multiplication and reduction costs about
+2 us there against 15 us in Python's integers, and the inverse 15 us against 600 us,
+which every copy of a shard pays once per block. An insertion costs one ChaCha20 call
+and one multiplication.
 """
 
 from __future__ import annotations
 
 import hashlib
 
+import gmpy2
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 MODULUS = (1 << 3072) - 1103717
 ELEMENT_BYTES = 384
 
-_FOLD = 1103717  # 2^3072 mod p
-_LOW = (1 << 3072) - 1
+_P = gmpy2.mpz(MODULUS)
+_ONE = gmpy2.mpz(1)
 _ZEROS = bytes(ELEMENT_BYTES)
 _NONCE = bytes(16)  # cryptography's ChaCha20 nonce: block counter (4 bytes LE), then 12 bytes
 
 
-def _element(data: bytes) -> int:
+def _element(data: bytes) -> gmpy2.mpz:
     """The number of one element: 384 bytes of ChaCha20 keyed by ``SHA256(data)``."""
     key = hashlib.sha256(data).digest()
     keystream = Cipher(algorithms.ChaCha20(key, _NONCE), None).encryptor().update(_ZEROS)
-    return int.from_bytes(keystream, "little")
+    return gmpy2.mpz(int.from_bytes(keystream, "little"))
 
 
-def _times(a: int, b: int) -> int:
-    """``a * b``, congruent modulo p and below ``2^3072 + 2^44`` when a and b are."""
-    x = a * b
-    x = (x >> 3072) * _FOLD + (x & _LOW)
-    return (x >> 3072) * _FOLD + (x & _LOW)
+def _times(a: gmpy2.mpz, b: gmpy2.mpz) -> gmpy2.mpz:
+    return a * b % _P
 
 
 class MuHash3072:
@@ -55,8 +53,8 @@ class MuHash3072:
 
     def __init__(self) -> None:
         """The empty multiset."""
-        self.numerator = 1
-        self.denominator = 1
+        self.numerator = _ONE
+        self.denominator = _ONE
 
     def insert(self, data: bytes) -> None:
         self.numerator = _times(self.numerator, _element(data))
@@ -73,5 +71,5 @@ class MuHash3072:
 
     def digest(self) -> bytes:
         """SHA256 of ``numerator / denominator mod p``, 384 bytes little-endian."""
-        value = self.numerator * pow(self.denominator, -1, MODULUS) % MODULUS
-        return hashlib.sha256(value.to_bytes(ELEMENT_BYTES, "little")).digest()
+        value = self.numerator * gmpy2.invert(self.denominator, _P) % _P
+        return hashlib.sha256(int(value).to_bytes(ELEMENT_BYTES, "little")).digest()

@@ -43,6 +43,10 @@ from services.replica.store import CopyStore
 log = logging.getLogger("replica.copy")
 
 PACKAGES = Batching(512, 0)
+# Blocks proposed and not yet confirmed before the next waits for a confirmation: what
+# arrives meanwhile gathers into one block (each block costs every copy a signature
+# check, an execution, an fsync and a signed ack, whatever it holds).
+IN_FLIGHT = 2
 EXIT_DISK = 74  # EX_IOERR: a copy whose disk fails stops; its supervisor restarts it
 
 Deliver = Callable[[Sequence[int], rp.Envelope], None]  # (destination copies, message)
@@ -114,6 +118,7 @@ class HostedCopy:
         self.subs: list[Subscription] = []
         self.serving = False  # subscribed to the shard's subjects (or about to be)
         self._sealing = False
+        self._processing = False  # a process() is due
         self.confirmed_at = time.monotonic()
 
     @property
@@ -123,8 +128,12 @@ class HostedCopy:
     # -- driving the replica ---------------------------------------------------------
 
     def step(self, sender: int, msg: rp.Message) -> None:
+        """Take a message; what it asks for is done once this turn of the event loop
+        has taken every message that had arrived (one write and fsync for them all)."""
         self.replica.step(sender, msg)
-        self.process()
+        if not self._processing:
+            self._processing = True
+            asyncio.get_running_loop().call_soon(self.process)
 
     def tick(self, now: float) -> None:
         self.replica.tick()
@@ -133,6 +142,7 @@ class HostedCopy:
 
     def process(self) -> None:
         """Carry out what the replica asked, until it asks nothing more."""
+        self._processing = False
         while True:
             ready = self.replica.ready()
             if ready.empty():
@@ -199,8 +209,9 @@ class HostedCopy:
 
     def seal_soon(self) -> None:
         """Propose what the engine wrote, once everything that arrived in this turn of
-        the event loop is in."""
-        if self._sealing:
+        the event loop is in, unless ``IN_FLIGHT`` blocks wait for confirmation (the
+        next confirmation proposes it then)."""
+        if self._sealing or self.replica.last - self.replica.confirmed >= IN_FLIGHT:
             return
         self._sealing = True
         asyncio.get_running_loop().call_soon(self._seal)

@@ -1,0 +1,254 @@
+"""A 3-operator guild with replication against one operator without, on this machine:
+throughput, latency, CPU per payment, and how fast leadership recovers.
+
+    python bench/guild.py --json bench/results/guild.json
+
+Both run as real processes (``constellation devnet``): the lone operator is NATS, Redis,
+PostgreSQL, two partition workers, the gateway and the indexer; the guild is three such
+operators whose workers are two machines each, every machine holding a copy of every
+shard (6 copies a shard). The load is the same: random payments between wallets of one
+operator (op0 in the guild), through its gateway, from this process.
+
+Figures:
+  single_tps / guild_tps          saturated: committed payments a second, closed loop
+  guild_p50_ms / guild_p99_ms     open loop at half of guild_tps (latency from the moment
+                                  each payment was due, so queueing counts)
+  single_cpu_us_per_tx            CPU of every process of the operator, per payment
+  guild_cpu_us_per_tx             CPU of every process of all three operators, per payment
+  replication_cpu_ratio           guild / single, measured in the same run
+  twin_takeover_ms                median: kill -9 of a shard's leader to the next block
+                                  its successor confirmed
+  election_ms                     median: every process of the owning operator stopped to
+                                  the next block confirmed by a copy at another operator
+  cpu_share                       where the guild's CPU went, by kind of process
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import median, print_table, write_json
+from services import devnet
+from services.devnet import Devnet, guild
+from services.wallet import Gateway, GatewayError
+from services.workload import Workload, percentile
+
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def _tree(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if devnet.alive(p):
+            found.append(p)
+            todo += devnet.child_pids(p)
+    return found
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK  # utime, stime
+
+
+def cpu_by_kind(nets: list[Devnet]) -> dict[str, float]:
+    """CPU seconds so far of every process of ``nets`` (and their children), by kind."""
+    used: dict[str, float] = {}
+    for net in nets:
+        for name, pid in net.processes():
+            kind = name.split("-")[0]
+            used[kind] = used.get(kind, 0.0) + sum(_cpu_s(p) for p in _tree(pid))
+    return used
+
+
+class Load:
+    """Wallets of one operator paying each other through its gateway."""
+
+    def __init__(self, net: Devnet, session: aiohttp.ClientSession) -> None:
+        self.work = Workload(net, Gateway(net.gateway_url, session), 64, io.StringIO())
+        self.committed = 0
+        self.failed: Counter[str] = Counter()
+        self.latencies: list[float] = []
+
+    async def fund(self, coins_each: int) -> None:
+        await self.work.fund(coins_each)
+
+    async def pay(self, due: float) -> None:
+        made = self.work.payment()
+        if made is None:
+            self.failed["no coin free"] += 1
+            return
+        src, cid, coin, tx = made
+        try:
+            receipt = await self.work.gw.submit(tx)
+        except GatewayError as exc:
+            self.failed[exc.code] += 1
+            src.coins[cid] = coin
+            return
+        self.latencies.append(time.perf_counter() - due)
+        self.committed += 1
+        for (value, owner), o in zip(tx.outputs, receipt["outputs"], strict=True):
+            coins = self.work.by_owner[owner].coins
+            coins[bytes.fromhex(o["coin_id"])] = type(coin)(value, owner)
+
+    async def closed(self, seconds: float, clients: int) -> float:
+        """Payments a second with ``clients`` paying back to back."""
+        end = time.perf_counter() + seconds
+        start, before = time.perf_counter(), self.committed
+
+        async def client() -> None:
+            while time.perf_counter() < end:
+                await self.pay(time.perf_counter())
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return (self.committed - before) / (time.perf_counter() - start)
+
+    async def open(self, seconds: float, rate: float) -> list[float]:
+        """Latencies of payments started ``rate`` a second, whatever came back."""
+        self.latencies = []
+        start = time.perf_counter()
+        tasks = []
+        for i in range(int(seconds * rate)):
+            due = start + i / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.create_task(self.pay(due)))
+        await asyncio.gather(*tasks)
+        return sorted(self.latencies)
+
+
+async def measure(nets: list[Devnet], seconds: float, clients: int) -> dict[str, float]:
+    """Saturated throughput and CPU per payment, then latency at half the throughput."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        load = Load(nets[0], session)
+        await load.fund(40)
+        await load.closed(2, clients)  # warm up
+        cpu0 = cpu_by_kind(nets)
+        committed0 = load.committed
+        tps = await load.closed(seconds, clients)
+        cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu_by_kind(nets).items()}
+        per_tx = sum(cpu.values()) / max(1, load.committed - committed0) * 1e6
+        lat = await load.open(seconds, tps / 2)
+        return {
+            "tps": tps,
+            "cpu_us_per_tx": per_tx,
+            "p50_ms": percentile(lat, 0.5) * 1000,
+            "p99_ms": percentile(lat, 0.99) * 1000,
+            "failed": sum(load.failed.values()),
+            "failed_by": dict(load.failed),
+            **{f"cpu_share_{k}": v / max(1e-9, sum(cpu.values())) for k, v in cpu.items()},
+        }
+
+
+def takeovers(directory: Path, runs: int) -> list[float]:
+    """kill -9 of the leader of op0/0, to its successor's first confirmed block."""
+    found = []
+    for _ in range(runs):
+        nets = guild.load(directory)  # the pids of restarted machines
+        guild.wait_home(nets)
+        lead = guild.leader(nets, "op0/0")
+        assert lead is not None
+        started = time.monotonic()
+        os.kill(lead["pid"], signal.SIGKILL)
+        guild.wait_new_leader(nets, "op0/0", lead["confirmed"])
+        found.append((time.monotonic() - started) * 1000)
+        guild.wait_converged(guild.load(directory))  # the supervisor restarted it
+    return found
+
+
+def elections(directory: Path, runs: int) -> list[float]:
+    """Every process of op0 stopped, to a block confirmed by a leader elsewhere."""
+    found = []
+    for _ in range(runs):
+        nets = guild.load(directory)
+        guild.wait_home(nets)
+        lead = guild.leader(nets, "op0/0")
+        assert lead is not None
+        started = time.monotonic()
+        guild.stop_operator(directory, "op0")
+        new = guild.wait_new_leader(nets, "op0/0", lead["confirmed"])
+        found.append((time.monotonic() - started) * 1000)
+        assert new["operator"] != "op0"
+        guild.start_operator(directory, "op0")
+        guild.wait_converged(guild.load(directory))
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--seconds", type=float, default=8.0, help="per load phase")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=5, help="takeovers and elections")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-guild-", dir="/tmp") as tmp:
+        os.chmod(tmp, 0o755)  # PostgreSQL runs as its own user where we are root
+        lone_dir, guild_dir = Path(tmp) / "single", Path(tmp) / "guild"
+        lone = devnet.up(lone_dir, 0, "bench", 2)
+        try:
+            single = asyncio.run(measure([lone], args.seconds, args.clients))
+        finally:
+            devnet.down(lone_dir, purge=True)
+        nets = guild.up(guild_dir, 3, 2, "bench")
+        try:
+            many = asyncio.run(measure(nets, args.seconds, args.clients))
+            taken = takeovers(guild_dir, args.runs)
+            elected = elections(guild_dir, max(1, args.runs // 2))
+        finally:
+            guild.down(guild_dir)
+    share = {k[10:]: round(v, 3) for k, v in many.items() if k.startswith("cpu_share")}
+    figures = {
+        "single_tps": single["tps"],
+        "single_cpu_us_per_tx": single["cpu_us_per_tx"],
+        "single_p50_ms": single["p50_ms"],
+        "single_p99_ms": single["p99_ms"],
+        "guild_tps": many["tps"],
+        "guild_p50_ms": many["p50_ms"],
+        "guild_p99_ms": many["p99_ms"],
+        "guild_cpu_us_per_tx": many["cpu_us_per_tx"],
+        "replication_cpu_ratio": many["cpu_us_per_tx"] / single["cpu_us_per_tx"],
+        "twin_takeover_ms": median(taken),
+        "election_ms": median(elected),
+        "failed_payments": single["failed"] + many["failed"],
+        "cpu_share": share,
+        "takeovers_ms": taken,
+        "elections_ms": elected,
+    }
+    rows = [
+        ("single_tps", f"{single['tps']:,.0f}", "one operator, no replication, saturated"),
+        ("guild_tps", f"{many['tps']:,.0f}", "3 operators, 6 copies a shard, saturated"),
+        ("single p50 / p99 ms", f"{single['p50_ms']:.1f} / {single['p99_ms']:.1f}", "at half"),
+        ("guild p50 / p99 ms", f"{many['p50_ms']:.1f} / {many['p99_ms']:.1f}", "at half (<=100)"),
+        ("single_cpu_us_per_tx", f"{single['cpu_us_per_tx']:,.0f}", "all its processes"),
+        ("guild_cpu_us_per_tx", f"{many['cpu_us_per_tx']:,.0f}", "all processes of all 3"),
+        ("replication_cpu_ratio", f"{figures['replication_cpu_ratio']:.2f}", "target <= 4.5"),
+        ("twin_takeover_ms", f"{figures['twin_takeover_ms']:.0f}", f"median of {len(taken)}"),
+        ("election_ms", f"{figures['election_ms']:.0f}", f"median of {len(elected)}"),
+    ]
+    print_table("guild against one operator, this machine", rows)
+    print(
+        "guild CPU by process kind: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in sorted(share.items(), key=lambda kv: -kv[1]))
+    )
+    if args.json:
+        write_json(args.json, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
