@@ -33,6 +33,7 @@ this process knows (what it coordinates, timers). A copy behind the log starts f
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -62,6 +63,10 @@ from constellation.tx import Issuance, Transaction, decode_issuance, decode_tran
 ASK_EVERY_S = 0.25
 # How long a coordinator waits for a participant's Done before telling it the commit again.
 RETELL_S = 1.0
+# Refused requests remembered by (reply, request id): a client that sends a request again
+# (its first may have gone to a leader that died) hears the same refusal, rather than
+# starting a new attempt that could commit after it was told of the refusal.
+REFUSALS_KEPT = 4096
 
 Check = tuple[bytes, bytes, bytes]  # (x-only key, message, signature)
 
@@ -196,6 +201,7 @@ class TwoPhaseCommit:
         self.confirmed = confirmed
         self.timeout_s = prepare_timeout_ms / 1000
         self.coordinating: dict[bytes, Coordinating] = {}
+        self.refusals: OrderedDict[tuple[str, int], tuple[str, str]] = OrderedDict()
         # txid -> (coordinator, attempt, asked at): prepared here, the outcome not known.
         self.in_doubt: dict[bytes, tuple[int, int, float]] = {}
         # Commits this worker coordinated that involved other workers, until each of
@@ -478,14 +484,24 @@ class TwoPhaseCommit:
             # else a Result: answers go to gateways, never to a worker; ignored
 
     def _refuse(self, reply: str, rid: int, code: str, detail: str) -> None:
+        """Answer a client's request with a refusal, and remember it for that request
+        (not "in flight" nor "already committed": those are not final)."""
         self.refused(code)
         self.send(reply, proto.Result(rid, code, detail, []))
+        if code not in (InFlight.code, AlreadyCommitted.code):
+            self.refusals[(reply, rid)] = (code, detail)
+            if len(self.refusals) > REFUSALS_KEPT:
+                self.refusals.popitem(last=False)
 
     # -- coordinator ---------------------------------------------------------------------
 
     def _submit(self, item: proto.Submit, reply: str) -> None:
         if self.draining:
             self._refuse(reply, item.rid, Unavailable.code, f"worker {self.me} is shutting down")
+            return
+        refused = self.refusals.get((reply, item.rid))
+        if refused is not None:  # sent again, and refused already
+            self._refuse(reply, item.rid, *refused)
             return
         try:
             tx = decode_transaction(item.tx)

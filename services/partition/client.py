@@ -177,20 +177,21 @@ class LedgerClient:
         return msgspec.msgpack.decode(data, type=proto.StateInfo)
 
     async def _query(self, worker: int, what: str, payload: bytes, timeout_s: float) -> bytes:
-        """Ask a worker; while none answers (its leadership is changing), ask again."""
+        """Ask a worker; while none answers (its leadership is changing: no copy
+        subscribed, or a frozen one), ask again every ``RESEND_S``."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
         subject = query_subject(self.operator, worker, what)
         while True:
+            left = end - loop.time()
             try:
-                msg = await self.nc.request(subject, payload, timeout=end - loop.time())
+                msg = await self.nc.request(subject, payload, timeout=min(RESEND_S, left))
                 return msg.data
-            except nats.errors.NoRespondersError as exc:
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
                 if loop.time() + QUERY_RETRY_S >= end:
                     raise LedgerUnavailable(f"worker {worker} did not answer: {exc}") from None
-                await asyncio.sleep(QUERY_RETRY_S)
-            except nats.errors.TimeoutError as exc:
-                raise LedgerUnavailable(f"worker {worker} did not answer: {exc}") from None
+                if isinstance(exc, nats.errors.NoRespondersError):
+                    await asyncio.sleep(QUERY_RETRY_S)
 
     async def close(self) -> None:
         await self.packer.drain()

@@ -1,0 +1,168 @@
+"""Replication messages between operators: what ``Opener`` takes and what it refuses,
+and the guild layout every machine reads."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+
+from constellation.errors import (
+    BadMessageSignature,
+    MessageError,
+    Misdirected,
+    NotAMember,
+    Replayed,
+    StaleMessage,
+)
+from constellation.keys import SigningKey
+from constellation.protocol import replication as rp
+from services.replica.config import MACHINES, Layout
+from services.replica.transport import (
+    FRESH_MS,
+    Opener,
+    Sealer,
+    listen_subject,
+    peer_permissions,
+    subject,
+)
+from services.runtime import ConfigError
+
+KEYS = [SigningKey(hashlib.sha256(b"operator %d" % i).digest()) for i in range(4)]
+NAMES = ["op0", "op1", "op2", "op3"]
+PUBS = [k.pubkey for k in KEYS]
+NOW = 1_800_000_000_000
+HEARTBEAT = rp.Append(3, 0, bytes(32), [], 0, [])
+
+
+def sealed(sender: int, to: int, envelope: rp.Envelope, now: int = NOW) -> bytes:
+    return Sealer("g", KEYS[sender], PUBS).seal(to, envelope, now)
+
+
+def opener(me: int = 0) -> Opener:
+    return Opener("g", NAMES, PUBS, me)
+
+
+def test_a_sealed_message_opens_at_its_receiver() -> None:
+    env = rp.Envelope(0, 1, 2, HEARTBEAT)  # copy 2 (op1) to a copy of op0, shard op0/1
+    assert opener().open(subject("op1", 0, 1, 0), sealed(1, 0, env), NOW) == env
+
+
+@pytest.mark.parametrize(
+    ("subj", "data", "error"),
+    [
+        # signed by op1 but published as op2 (a peer's credentials allow only its name)
+        (subject("op2", 0, 1, 0), sealed(1, 0, rp.Envelope(0, 1, 2, HEARTBEAT)), Misdirected),
+        # addressed to op2
+        (subject("op1", 0, 1, 0), sealed(1, 2, rp.Envelope(0, 1, 2, HEARTBEAT)), Misdirected),
+        # the inner sender is a copy of op2, sealed by op1
+        (subject("op1", 0, 1, 0), sealed(1, 0, rp.Envelope(0, 1, 4, HEARTBEAT)), Misdirected),
+        # the inner shard is not the subject's
+        (subject("op1", 0, 0, 0), sealed(1, 0, rp.Envelope(0, 1, 2, HEARTBEAT)), Misdirected),
+        # stale, and from the future
+        (
+            subject("op1", 0, 1, 0),
+            sealed(1, 0, rp.Envelope(0, 1, 2, HEARTBEAT), NOW - FRESH_MS - 1),
+            StaleMessage,
+        ),
+        (
+            subject("op1", 0, 1, 0),
+            sealed(1, 0, rp.Envelope(0, 1, 2, HEARTBEAT), NOW + FRESH_MS + 1),
+            StaleMessage,
+        ),
+        (subject("op1", 0, 1, 0), b"\x93junk", BadMessageSignature),
+        ("cst.rep.op1.0.1", b"", Misdirected),
+    ],
+)
+def test_what_opener_refuses(subj: str, data: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        opener().open(subj, data, NOW)
+
+
+def test_an_outsider_is_refused() -> None:
+    outsider = SigningKey(hashlib.sha256(b"outsider").digest())
+    data = Sealer("g", outsider, PUBS).seal(0, rp.Envelope(0, 1, 2, HEARTBEAT), NOW)
+    with pytest.raises(NotAMember):
+        opener().open(subject("op1", 0, 1, 0), data, NOW)
+
+
+def test_a_forged_signature_is_refused() -> None:
+    data = bytearray(sealed(1, 0, rp.Envelope(0, 1, 2, HEARTBEAT)))
+    data[-1] ^= 1  # the signature is last
+    with pytest.raises(BadMessageSignature):
+        opener().open(subject("op1", 0, 1, 0), bytes(data), NOW)
+
+
+def test_a_replayed_message_is_refused() -> None:
+    o = opener()
+    data = sealed(1, 0, rp.Envelope(0, 1, 2, HEARTBEAT))
+    o.open(subject("op1", 0, 1, 0), data, NOW)
+    with pytest.raises(Replayed):
+        o.open(subject("op1", 0, 1, 0), data, NOW + 1)
+
+
+def test_a_malformed_replication_message_inside_a_good_envelope_is_refused() -> None:
+    bad = rp.Envelope(0, 1, 2, rp.Append(3, 0, bytes(31), [], 0, []))  # a short hash
+    with pytest.raises(MessageError):
+        opener().open(subject("op1", 0, 1, 0), sealed(1, 0, bad), NOW)
+
+
+def test_subjects_and_permissions_name_the_sender() -> None:
+    assert subject("op1", 0, 1, 4) == "cst.rep.op1.0.1.4"
+    assert listen_subject(0, 1, 4) == "cst.rep.*.0.1.4"
+    perms = peer_permissions("op1")
+    assert perms == {"publish": {"allow": ["cst.rep.op1.>"]}, "subscribe": {"deny": [">"]}}
+
+
+# -- the layout ---------------------------------------------------------------------------
+
+
+def layout_doc(operators: int = 3, **changes: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "guild": "g",
+        "workers": 3,
+        "members": [
+            {"name": n, "key": k.hex(), "issuers": [PUBS[0].hex()], "nats": "nats://x:1"}
+            for n, k in zip(NAMES[:operators], PUBS[:operators], strict=True)
+        ],
+    }
+    doc.update(changes)
+    return doc
+
+
+def test_the_layout_round_trips() -> None:
+    layout = Layout.from_json(layout_doc())
+    assert Layout.from_json(layout.to_json()) == layout
+    assert layout.index("op2") == 2 and layout.keys == PUBS[:3]
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        layout_doc(workers=0),
+        layout_doc(members=layout_doc()["members"][:1]),
+        layout_doc(members=[layout_doc()["members"][0]] * 2),
+        layout_doc(members=[{**m, "key": "00" * 32} for m in layout_doc()["members"]]),
+        layout_doc(members=[{"name": "op0"}]),
+        {"guild": "g"},
+    ],
+)
+def test_a_bad_layout_is_refused(doc: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        Layout.from_json(doc)
+
+
+@pytest.mark.parametrize("operators", [3, 4])
+def test_every_machine_holds_one_copy_of_every_shard_and_twins_are_apart(operators: int) -> None:
+    layout = Layout.from_json(layout_doc(operators))
+    for worker in range(layout.workers):
+        held = [layout.copy_at(op, m, worker) for op in range(operators) for m in range(MACHINES)]
+        assert sorted(held) == list(range(2 * operators))  # each copy once, on one machine
+        for op in range(operators):  # an operator's two copies are on its two machines
+            assert {layout.copy_at(op, m, worker) // 2 for m in range(MACHINES)} == {op}
+    # the owner's preferred copy leads from either machine, by worker
+    assert {m for w in range(2) for m in range(MACHINES) if layout.copy_at(0, m, w) == 0} == {
+        0,
+        1,
+    }

@@ -1,0 +1,179 @@
+"""A local guild of real processes: 3 operators, each with its own NATS, gateway,
+indexer and two machines holding a copy of every shard (6 copies a shard), under
+payments, with leaders killed (``kill -9``) and frozen (SIGSTOP), a whole operator
+stopped and started again, and forged traffic on an operator's NATS.
+
+After each: every acknowledged payment is in the books (the workload checks that value
+is conserved and its wallets' books equal the ledger), nothing is spent twice (its
+double spend is refused), and every copy of every shard reaches the same confirmed
+height and state root. The tests share one guild, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+import signal
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from constellation.keys import SigningKey
+from constellation.protocol import replication as rp
+from services.devnet import Devnet, guild
+from services.replica.transport import Sealer, subject
+from services.runtime import now_ms
+from services.workload import run_workload
+
+
+@pytest.fixture(scope="module")
+def where() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="cst-guild-"))
+    root.chmod(0o755)  # PostgreSQL runs as its own user where tests run as root
+    guild.up(root / "g", 3, 2, "test")
+    yield root / "g"
+    guild.down(root / "g")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def nets(where: Path) -> list[Devnet]:
+    return guild.load(where)  # the current pids (the supervisors restart what dies)
+
+
+async def pay(net: Devnet, payments: int = 150) -> bool:
+    """A workload at ``net``'s gateway; its report goes to the test's output."""
+    out = io.StringIO()
+    ok = await run_workload(net, 6, 6, payments, 16, out)
+    print(f"-- payments at {net.operator}:\n{out.getvalue()}")
+    return ok
+
+
+def converged(where: Path) -> dict[str, list[dict[str, Any]]]:
+    by_shard = guild.wait_converged(nets(where), 90)
+    assert len(by_shard) == 6 and all(len(cs) == 6 for cs in by_shard.values())
+    return by_shard
+
+
+def no_two_leaders_in_a_term(where: Path) -> None:
+    for shard in {c["shard"] for c in guild.copies(nets(where))}:
+        leaders = [
+            (c["term"], c["copy"])
+            for c in guild.copies(nets(where))
+            if c["shard"] == shard and c["role"] == "leader"
+        ]
+        assert len({t for t, _ in leaders}) == len(leaders), (shard, leaders)
+
+
+async def test_payments_reach_every_copy_of_their_shards_alike(where: Path) -> None:
+    assert all(await asyncio.gather(*(pay(n) for n in nets(where))))
+    by_shard = converged(where)
+    for owner in ("op0", "op1", "op2"):
+        assert by_shard[f"{owner}/0"][0]["confirmed"] > 1  # payments made blocks
+        leaders = [c for c in by_shard[f"{owner}/0"] if c["role"] == "leader"]
+        assert [c["operator"] for c in leaders] == [owner]
+
+
+async def test_kill_9_of_a_leader_under_payments_loses_nothing(where: Path) -> None:
+    lead = guild.leader(nets(where), "op0/0")
+    assert lead is not None and lead["operator"] == "op0"
+    paying = asyncio.create_task(pay(nets(where)[0], 300))
+    await asyncio.sleep(0.5)
+    os.kill(lead["pid"], signal.SIGKILL)
+    new = await asyncio.to_thread(guild.wait_new_leader, nets(where), "op0/0", lead["confirmed"])
+    assert new["operator"] == "op0" and new["copy"] == 1 - lead["copy"]  # the twin
+    assert await paying
+    converged(where)
+    no_two_leaders_in_a_term(where)
+
+
+async def test_a_frozen_leader_is_replaced_and_steps_down_when_it_wakes(where: Path) -> None:
+    await asyncio.to_thread(guild.wait_home, nets(where))
+    lead = guild.leader(nets(where), "op0/1")
+    assert lead is not None
+    os.kill(lead["pid"], signal.SIGSTOP)
+    try:
+        paying = asyncio.create_task(pay(nets(where)[0]))
+        new = await asyncio.to_thread(
+            guild.wait_new_leader, nets(where), "op0/1", lead["confirmed"]
+        )
+        assert new["term"] > lead["term"] and new["copy"] != lead["copy"]
+        assert await paying
+    finally:
+        os.kill(lead["pid"], signal.SIGCONT)
+    converged(where)
+    no_two_leaders_in_a_term(where)
+
+
+async def test_a_stopped_operator_s_shards_are_led_elsewhere_then_it_catches_up(
+    where: Path,
+) -> None:
+    await asyncio.to_thread(guild.wait_home, nets(where))
+    before = {s: guild.leader(nets(where), s) for s in ("op2/0", "op2/1")}
+    await asyncio.to_thread(guild.stop_operator, where, "op2")
+    for shard, lead in before.items():
+        assert lead is not None
+        new = await asyncio.to_thread(guild.wait_new_leader, nets(where), shard, lead["confirmed"])
+        assert new["operator"] != "op2"
+    assert await pay(nets(where)[0])  # the others go on paying (a majority is up)
+    await asyncio.to_thread(guild.start_operator, where, "op2")
+    by_shard = converged(where)
+    await asyncio.to_thread(guild.wait_home, nets(where))
+    assert await pay(nets(where)[2])
+    assert by_shard["op0/0"][0]["confirmed"] > 0
+
+
+def rejected(net: Devnet, machine: int) -> dict[str, float]:
+    url = f"http://127.0.0.1:{net.machines[machine].http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=2) as r:
+        text = r.read().decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("replica_rejected_messages_total{"):
+            reason = line.split('reason="')[1].split('"')[0]
+            found[reason] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+async def test_forged_replayed_and_impersonating_traffic_is_refused(where: Path) -> None:
+    op0, op1, _ = nets(where)
+    layout = guild.layout(nets(where))
+    machine = 0
+    dest = layout.copy_at(0, machine, 0)  # op0's copy of op0/0 on its machine 0
+    key = SigningKey(bytes.fromhex(op1.operator_key))
+    stale = rp.Envelope(0, 0, 2, rp.Appended(0, False, 0, bytes(32), bytes(64), ""))
+    good = Sealer(layout.guild, key, layout.keys).seal(0, stale, now_ms())
+    url = f"nats://op1:{op0.issued['op1']}@127.0.0.1:{op0.nats_port}"  # what op0 issued op1
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    before = rejected(op0, machine)
+    nc = await nats.connect(url, error_cb=on_error, max_reconnect_attempts=0)
+    try:
+        await nc.publish(subject("op1", 0, 0, dest), good)
+        await nc.publish(subject("op1", 0, 0, dest), good)  # replayed
+        await nc.publish(subject("op1", 0, 0, dest), b"\x00forged")
+        await nc.publish(subject("op2", 0, 0, dest), good)  # as another: not permitted
+        await nc.flush()
+        await asyncio.sleep(0.5)
+    finally:
+        await nc.close()
+    assert any("permissions violation" in str(e).lower() for e in errors), errors
+    after = rejected(op0, machine)
+    assert after.get("protocol.replay", 0) == before.get("protocol.replay", 0) + 1
+    assert sum(after.values()) == sum(before.values()) + 2  # the replay and the garbage
+    with pytest.raises(Exception, match=r"[Aa]uthoriz"):
+        bad = f"nats://op1:wrong@127.0.0.1:{op0.nats_port}"
+        await nats.connect(bad, max_reconnect_attempts=0, allow_reconnect=False)
+    started = time.monotonic()
+    assert await pay(op0, 20)  # and the guild goes on
+    assert time.monotonic() - started < 60
