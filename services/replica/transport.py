@@ -16,6 +16,7 @@ sender delivers to the server of each receiver.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from constellation.errors import Misdirected
 from constellation.keys import SigningKey
@@ -49,7 +50,7 @@ def peer_permissions(peer: str) -> dict[str, object]:
 class Sealer:
     """Seals this operator's messages for each receiving operator."""
 
-    def __init__(self, guild: str, key: SigningKey, keys: list[bytes]) -> None:
+    def __init__(self, guild: str, key: SigningKey, keys: Sequence[bytes]) -> None:
         self.guild = guild
         self.key = key
         self.me = member_key(key.pubkey)
@@ -70,7 +71,7 @@ class Sealer:
 class Opener:
     """Checks what arrives for this operator's copies (see the module docstring)."""
 
-    def __init__(self, guild: str, names: list[str], keys: list[bytes], me: int) -> None:
+    def __init__(self, guild: str, names: Sequence[str], keys: Sequence[bytes], me: int) -> None:
         self.names = {name: i for i, name in enumerate(names)}
         self.membership = Membership(guild, [member_key(k) for k in keys])
         self.me = member_key(keys[me])
