@@ -430,3 +430,41 @@ async def test_a_late_vote_of_an_aborted_attempt_does_not_count_in_the_next(
     [abort_a] = await run(ask, w0, 1)
     await run(abort_a, w1, 0)
     assert not w1.state.locks and not w1.in_doubt
+
+
+async def test_a_request_sent_again_after_its_refusal_hears_the_refusal_again(
+    tmp_path: Path,
+) -> None:
+    """A gateway sends a request again when no answer came in time (the leader may have
+    died). If the first was refused meanwhile (here: timed out), the copy that refused it
+    answers the same again rather than starting a new attempt that could commit after
+    the client was told of the refusal. A new request (another id) is a new attempt."""
+    cluster = Cluster(tmp_path, 0, [], slow=False)
+    await cluster.fund(24)
+    a = next(c for c in sorted(cluster.live) if cluster.owner(c) == 0)
+    b = next(c for c in sorted(cluster.live) if cluster.owner(c) == 1)
+    coins = [cluster.coins[a], cluster.coins[b]]
+    tx = Transaction(
+        [TxInput(a, coins[0].value_msat), TxInput(b, coins[1].value_msat)],
+        [TxOutput(sum(c.value_msat for c in coins), OWNERS[0].pubkey)],
+    )
+    signed = sign_transaction(tx, [BY_PUB[c.owner] for c in coins])
+    w0 = cluster.nodes[0].worker
+
+    async def run(item: proto.Item) -> list[proto.Item]:
+        w0.handle(package(-1, item))
+        await cluster.settle_loop()
+        sent = [i for _, p in cluster.net for i in p.items]
+        cluster.net.clear()
+        return sent
+
+    [prepare] = await run(proto.Submit(1, signed.encode()))
+    assert isinstance(prepare, proto.Prepare)
+    w0.expire(float("inf"))  # no vote came: aborted
+    await cluster.settle_loop()
+    told = [i for _, p in cluster.net for i in p.items if isinstance(i, proto.Result)]
+    cluster.net.clear()
+    assert [(r.rid, r.code) for r in told] == [(1, "ledger.timeout")]
+    assert await run(proto.Submit(1, signed.encode())) == told  # the same, nothing new
+    [again] = await run(proto.Submit(2, signed.encode()))  # the client retries anew
+    assert isinstance(again, proto.Prepare) and again.attempt != prepare.attempt
