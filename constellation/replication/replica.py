@@ -59,6 +59,7 @@ from constellation.replication.quorum import Quorums
 GENESIS = bytes(32)
 EVERYONE = -1  # a message's destination: every other copy
 SEEN_LIMIT = 4096  # headers and votes remembered for finding equivocation, about
+HEAD_AGAIN = 20  # heartbeats after which an unchanged head is shown again
 
 
 class Executor(Protocol):
@@ -234,6 +235,8 @@ class Replica:
         self.captured: tuple[int, bytes] | None = None  # (height, state) for the next snapshot
         self.next_beat = 0.0
         self.next_head = 0.0
+        self.gossiped: rp.Signed | None = None  # the header last shown to other operators
+        self.gossip_again = 0.0
         self.transferred = -1e18
         self.transfer = False  # the PreVote under way is a handed-over leadership's
         self.led_since = 0.0
@@ -320,7 +323,7 @@ class Replica:
             return
         if now >= self.next_head and self.leader >= 0:
             self.next_head = now + 2 * self.settings.heartbeat_s
-            self._gossip_head()
+            self._gossip_head(now)
         if now >= self.deadline:
             self._reset_deadline()
             self._prevote()
@@ -358,10 +361,16 @@ class Replica:
                 self._send(c, rp.TimeoutNow(self.term))
                 return
 
-    def _gossip_head(self) -> None:
+    def _gossip_head(self, now: float) -> None:
+        """Show the latest header to the copies of other operators: when it changed, and
+        again every ``HEAD_AGAIN`` heartbeats (one may have been lost); a header already
+        shown tells them nothing new."""
         if not self.log:
             return
         signed = self.log[-1].signed
+        if signed is self.gossiped and now < self.gossip_again:
+            return
+        self.gossiped, self.gossip_again = signed, now + HEAD_AGAIN * self.settings.heartbeat_s
         lead = signed.header.leader // 2
         for c in range(self.copies):
             if c // 2 not in (lead, self.me // 2):

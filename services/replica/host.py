@@ -46,7 +46,7 @@ PACKAGES = Batching(512, 0)
 # Blocks proposed and not yet confirmed before the next waits for a confirmation: what
 # arrives meanwhile gathers into one block (each block costs every copy a signature
 # check, an execution, an fsync and a signed ack, whatever it holds).
-IN_FLIGHT = 2
+IN_FLIGHT = 1
 EXIT_DISK = 74  # EX_IOERR: a copy whose disk fails stops; its supervisor restarts it
 
 Deliver = Callable[[Sequence[int], rp.Envelope], None]  # (destination copies, message)
