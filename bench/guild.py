@@ -11,6 +11,7 @@ operator (op0 in the guild), through its gateway, from this process.
 
 Figures:
   single_tps / guild_tps          saturated: committed payments a second, closed loop
+                                  (each figure is the median of --repeats runs)
   guild_p50_ms / guild_p99_ms     open loop at half of guild_tps (latency from the moment
                                   each payment was due, so queueing counts)
   single_cpu_us_per_tx            CPU of every process of the operator, per payment
@@ -131,25 +132,32 @@ class Load:
         return sorted(self.latencies)
 
 
-async def measure(nets: list[Devnet], seconds: float, clients: int) -> dict[str, float]:
-    """Saturated throughput and CPU per payment, then latency at half the throughput."""
+async def measure(
+    nets: list[Devnet], seconds: float, clients: int, repeats: int
+) -> dict[str, float]:
+    """Saturated throughput and CPU per payment (medians of ``repeats`` runs), then
+    latency at half the throughput (medians of as many runs)."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         load = Load(nets[0], session)
         await load.fund(40)
         await load.closed(2, clients)  # warm up
-        cpu0 = cpu_by_kind(nets)
-        committed0 = load.committed
-        tps = await load.closed(seconds, clients)
-        cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu_by_kind(nets).items()}
-        per_tx = sum(cpu.values()) / max(1, load.committed - committed0) * 1e6
-        lat = await load.open(seconds, tps / 2)
+        runs: list[tuple[float, float]] = []
+        total: dict[str, float] = {}
+        for _ in range(repeats):
+            cpu0, committed0 = cpu_by_kind(nets), load.committed
+            tps = await load.closed(seconds, clients)
+            cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu_by_kind(nets).items()}
+            runs.append((tps, sum(cpu.values()) / max(1, load.committed - committed0) * 1e6))
+            total = {k: total.get(k, 0.0) + v for k, v in cpu.items()}
+        tps = median([r[0] for r in runs])
+        lats = [await load.open(seconds, tps / 2) for _ in range(repeats)]
         return {
             "tps": tps,
-            "cpu_us_per_tx": per_tx,
-            "p50_ms": percentile(lat, 0.5) * 1000,
-            "p99_ms": percentile(lat, 0.99) * 1000,
+            "cpu_us_per_tx": median([r[1] for r in runs]),
+            "p50_ms": median([percentile(lat, 0.5) * 1000 for lat in lats]),
+            "p99_ms": median([percentile(lat, 0.99) * 1000 for lat in lats]),
             "failed": sum(load.failed.values()),
-            **{f"cpu_share_{k}": v / max(1e-9, sum(cpu.values())) for k, v in cpu.items()},
+            **{f"cpu_share_{k}": v / max(1e-9, sum(total.values())) for k, v in total.items()},
         }
 
 
@@ -192,19 +200,20 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--seconds", type=float, default=8.0, help="per load phase")
     parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=5, help="takeovers and elections")
+    parser.add_argument("--repeats", type=int, default=3, help="load runs (medians)")
+    parser.add_argument("--runs", type=int, default=5, help="takeovers (elections: half)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-guild-", dir="/tmp") as tmp:
         os.chmod(tmp, 0o755)  # PostgreSQL runs as its own user where we are root
         lone_dir, guild_dir = Path(tmp) / "single", Path(tmp) / "guild"
         lone = devnet.up(lone_dir, 0, "bench", 2)
         try:
-            single = asyncio.run(measure([lone], args.seconds, args.clients))
+            single = asyncio.run(measure([lone], args.seconds, args.clients, args.repeats))
         finally:
             devnet.down(lone_dir, purge=True)
         nets = guild.up(guild_dir, 3, 2, "bench")
         try:
-            many = asyncio.run(measure(nets, args.seconds, args.clients))
+            many = asyncio.run(measure(nets, args.seconds, args.clients, args.repeats))
             taken = takeovers(guild_dir, args.runs)
             elected = elections(guild_dir, max(1, args.runs // 2))
         finally:
