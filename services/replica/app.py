@@ -102,6 +102,7 @@ class Machine:
                     nc=nc,
                     deliver=self._deliver,
                     publish_events=self._publish_events,
+                    observe_round=self.metrics.round_seconds.observe,
                 )
                 self.copies.append(copy)
         gc.freeze()

@@ -69,12 +69,15 @@ class HostedCopy:
         nc: Client,
         deliver: Deliver,
         publish_events: Callable[[str, bytes], None],
+        observe_round: Callable[[float], None] = lambda _: None,
     ) -> None:
         self.layout, self.owner, self.worker, self.me = layout, owner, worker, me
         self.name = f"{layout.members[owner].name}/{worker}"
         self.nc = nc
         self.deliver = deliver
         self.publish_events = publish_events
+        self.observe_round = observe_round  # a leader's block: proposed to confirmed, s
+        self.proposed: dict[int, float] = {}  # at a leader: height -> when proposed
         owner_name = layout.members[owner].name
         self.subject = worker_subject(owner_name, worker)
         self.events_subject_owner = owner_name
@@ -157,6 +160,7 @@ class HostedCopy:
             self.replica.stored(ready.last)
             if ready.leading is not None:
                 self.shard.leading(ready.leading, self.replica)
+                self.proposed.clear()
                 log.info(
                     "leading" if ready.leading else "no longer leading",
                     extra={"shard": self.name, "copy": self.me, "term": self.replica.term},
@@ -191,8 +195,10 @@ class HostedCopy:
         derived.clear()
 
     def _confirmed(self, height: int) -> None:
-        self.confirmed_at = time.monotonic()
+        now = self.confirmed_at = time.monotonic()
         leading = self.replica.role is Role.LEADER
+        for h in [h for h in self.proposed if h <= height]:
+            self.observe_round(now - self.proposed.pop(h))
         if leading:
             self.shard.confirmed(height)
         for h in sorted(h for h in self.pending if h <= height):
@@ -218,7 +224,10 @@ class HostedCopy:
 
     def _seal(self) -> None:
         self._sealing = False
+        last = self.replica.last
         self.shard.log.seal(self.replica, self.engine)
+        if self.replica.last > last:
+            self.proposed[self.replica.last] = time.monotonic()
         self.process()
 
     # -- leading: the shard's subjects ---------------------------------------------

@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from constellation.replication.replica import Role
 from services.replica.host import HostedCopy
+
+ROUND_BUCKETS_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 class CopyCollector(Collector):
@@ -86,6 +88,12 @@ class MachineMetrics:
             "replica_rejected_messages",
             "messages from the network refused before the protocol saw them, by reason",
             ["reason"],
+            registry=r,
+        )
+        self.round_seconds = Histogram(
+            "replica_round_seconds",
+            "at a leader: from proposing a block to its confirmation",
+            buckets=ROUND_BUCKETS_S,
             registry=r,
         )
         self.undelivered = Counter(

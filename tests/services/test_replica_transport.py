@@ -166,3 +166,16 @@ def test_every_machine_holds_one_copy_of_every_shard_and_twins_are_apart(operato
         0,
         1,
     }
+
+
+def test_between_one_operator_s_machines_messages_go_plain() -> None:
+    """Over the operator's own server, under its own name (no peer may publish as it):
+    no signature to make or check; the same plain bytes claimed by a peer are refused."""
+    env = rp.Envelope(0, 1, 1, HEARTBEAT)  # op0's copy 1 to its copy 0
+    plain = sealed(0, 0, env)
+    assert plain == rp.encode(env)
+    assert opener().open(subject("op0", 0, 1, 0), plain, NOW) == env
+    with pytest.raises(BadMessageSignature):
+        opener().open(subject("op1", 0, 1, 0), plain, NOW)
+    with pytest.raises(Misdirected):  # a copy of another operator, under our name
+        opener().open(subject("op0", 0, 1, 0), rp.encode(rp.Envelope(0, 1, 2, HEARTBEAT)), NOW)
