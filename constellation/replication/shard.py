@@ -77,7 +77,8 @@ class ShardLog:
     """A leader's block log as its engine sees it (the engine's ``Log``): records
     gather into the next block; their callbacks run once the block holding them is
     confirmed. The events of each proposed block wait in ``events`` (by height) for
-    the shell."""
+    the shell. ``urgent``: something gathered that a client or another worker waits
+    for (a ``lazy`` record, nothing waits for, may wait for the leader's next tick)."""
 
     def __init__(self) -> None:
         self.records: list[proto.Record] = []
@@ -85,6 +86,7 @@ class ShardLog:
         self.changes: list[proto.CoinChange] = []
         self.committed: list[tuple[bytes, int]] = []
         self.events: dict[int, Events] = {}
+        self.urgent = False
         self.waiting: dict[int, list[Callable[[int], None]]] = {}
         self.confirmed = 0
         self.proposed = 0
@@ -100,6 +102,7 @@ class ShardLog:
         self.records.append(record)
         self.changes += changes
         self.committed += committed
+        self.urgent = self.urgent or not lazy
         if after is not None:
             self.after.append(after)
 
@@ -121,6 +124,7 @@ class ShardLog:
         if self.changes or self.committed:
             self.events[height] = (self.changes, self.committed)
         self.records, self.after, self.changes, self.committed = [], [], [], []
+        self.urgent = False
 
     def confirm(self, height: int) -> None:
         self.confirmed = max(self.confirmed, height)
@@ -131,7 +135,7 @@ class ShardLog:
     def reset(self, confirmed: int, last: int) -> None:
         """Leadership changed: what was in no block went with the engine's old state."""
         self.records, self.after, self.waiting, self.events = [], [], {}, {}
-        self.changes, self.committed = [], []
+        self.changes, self.committed, self.urgent = [], [], False
         self.confirmed, self.proposed = confirmed, last
 
 

@@ -84,7 +84,9 @@ class Machine:
             error_cb=nats_error,
         )
         replication = ReplicaSettings(
-            heartbeat_s=s.heartbeat_ms / 1000, election_s=s.election_ms / 1000
+            heartbeat_s=s.heartbeat_ms / 1000,
+            election_s=s.election_ms / 1000,
+            authenticated=True,  # every message is sealed (or from our own machine)
         )
         started = time.monotonic()
         for owner, member in enumerate(s.layout.members):
@@ -175,11 +177,15 @@ class Machine:
     # -- the traffic -------------------------------------------------------------------
 
     def _deliver(self, dests: Sequence[int], envelope: rp.Envelope) -> None:
-        """Seal ``envelope`` once per receiving operator and queue it for each copy."""
+        """Seal ``envelope`` once (for every member where it goes to several operators)
+        and queue it for each copy."""
         s = self.settings
         me = s.layout.members[s.operator].name
+        ops = {d // 2 for d in dests}
+        others = ops - {s.operator}
         now = now_ms()
-        sealed: dict[int, bytes | None] = {}
+        shared = self.sealer.seal_all(envelope, now) if len(others) > 1 else None
+        sealed: dict[int, bytes] = {}
         for dest in dests:
             op = dest // 2
             client = self.nc if op == s.operator else self.peers.get(op)
@@ -188,7 +194,10 @@ class Machine:
                 continue
             data = sealed.get(op)
             if data is None:
-                data = sealed[op] = self.sealer.seal(op, envelope, now)
+                own = op == s.operator
+                data = sealed[op] = (
+                    shared if shared and not own else self.sealer.seal(op, envelope, now)
+                )
             self._out.append((client, subject(me, envelope.owner, envelope.worker, dest), data))
         self._out_wake.set()
 

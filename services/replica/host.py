@@ -210,7 +210,7 @@ class HostedCopy:
             self.events.append(h, payload)
             if leading:
                 self.publish_events(self.events_subject_owner, payload)
-        if leading and not self._sealing:  # room in the window: what waited goes now
+        if leading and self.shard.log.urgent:  # room in the window: what waited goes now
             self.seal_soon()
 
     def seal_soon(self) -> None:
@@ -264,7 +264,8 @@ class HostedCopy:
             log.info("package rejected", extra={"reason": str(exc)})
             return
         self.engine.handle(pkg)
-        self.seal_soon()
+        if self.shard.log.urgent:  # else it rides with the next block, or the next tick
+            self.seal_soon()
 
     async def _on_coins(self, msg: Msg) -> None:
         engine = self.engine

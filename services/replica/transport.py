@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from constellation.errors import Misdirected
 from constellation.keys import SigningKey
 from constellation.protocol import replication as rp
-from constellation.protocol.envelope import Membership, ReplayGuard, seal
+from constellation.protocol.envelope import BROADCAST, Membership, ReplayGuard, seal
 
 FRESH_MS = 30_000  # a message older (or newer) than this, by the receiver's clock, is stale
 PREFIX = "cst.rep"
@@ -62,16 +62,20 @@ class Sealer:
         self.to = [member_key(k) for k in keys]
 
     def seal(self, operator: int, envelope: rp.Envelope, now_ms: int) -> bytes:
+        """For the copies of ``operator`` (plain for our own)."""
         if self.to[operator] == self.me:
             return rp.encode(envelope)  # to our own other machine
+        return self._seal(self.to[operator], envelope, now_ms)
+
+    def seal_all(self, envelope: rp.Envelope, now_ms: int) -> bytes:
+        """For the copies of several operators: one signature, addressed to every member
+        (each receiver's replay guard sees it once; a peer cannot pass it on, since it
+        may publish only under its own name)."""
+        return self._seal(BROADCAST, envelope, now_ms)
+
+    def _seal(self, to: bytes, envelope: rp.Envelope, now_ms: int) -> bytes:
         return seal(
-            self.guild,
-            self.key.secret,
-            self.me,
-            self.to[operator],
-            os.urandom(16),
-            now_ms,
-            rp.encode(envelope),
+            self.guild, self.key.secret, self.me, to, os.urandom(16), now_ms, rp.encode(envelope)
         )
 
 

@@ -179,3 +179,12 @@ def test_between_one_operator_s_machines_messages_go_plain() -> None:
         opener().open(subject("op1", 0, 1, 0), plain, NOW)
     with pytest.raises(Misdirected):  # a copy of another operator, under our name
         opener().open(subject("op0", 0, 1, 0), rp.encode(rp.Envelope(0, 1, 2, HEARTBEAT)), NOW)
+
+
+def test_one_seal_for_several_operators_opens_at_each_and_cannot_be_passed_on() -> None:
+    env = rp.Envelope(1, 0, 2, HEARTBEAT)  # op1's leader to the copies of op0 and op2
+    data = Sealer("g", KEYS[1], PUBS).seal_all(env, NOW)
+    assert opener(0).open(subject("op1", 1, 0, 0), data, NOW) == env
+    assert opener(2).open(subject("op1", 1, 0, 4), data, NOW) == env
+    with pytest.raises(Misdirected):  # op0 passing it on to op2, under its own name
+        opener(2).open(subject("op0", 1, 0, 4), data, NOW)
