@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import nats
 from nats.aio.client import Client
 from prometheus_client import CollectorRegistry
 
@@ -13,7 +12,7 @@ from services.bus import await_map, drop_legacy_events_stream
 from services.follow import Follower, FollowMetrics
 from services.indexer.config import Settings
 from services.indexer.store import Index
-from services.runtime import OpsServer, nats_error
+from services.runtime import OpsServer, connect_nats
 
 log = logging.getLogger("indexer")
 
@@ -38,9 +37,7 @@ class Indexer:
         s = self.settings
         await self.ops.start(s.http_host, s.http_port)
         index = await Index.open(s.database_url)
-        nc = self.nc = await nats.connect(
-            s.nats_url, name=f"indexer-{s.operator}", max_reconnect_attempts=-1, error_cb=nats_error
-        )
+        nc = self.nc = await connect_nats(s.nats_url, f"indexer-{s.operator}")
         pmap = await await_map(nc, s.operator)
         await drop_legacy_events_stream(nc, s.operator)
         self.follower = Follower(

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import msgspec
-import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -31,7 +30,7 @@ from services.partition.metrics import WorkerMetrics
 from services.partition.verify import Verifiers
 from services.partition.wal import BlockLog, EventLog
 from services.partition.worker import Worker, state_info
-from services.runtime import OpsServer, nats_error
+from services.runtime import OpsServer, connect_nats
 
 TICK_S = 0.05
 # One events message per this many seconds at most: every reader wakes per message,
@@ -74,13 +73,8 @@ class WorkerNode:
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
         await self.ops.start(s.http_host, s.http_port)
-        nc = self.nc = await nats.connect(
-            s.nats_url,
-            name=f"worker-{s.operator}-{s.worker}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            pending_size=64 << 20,
-            error_cb=nats_error,
+        nc = self.nc = await connect_nats(
+            s.nats_url, f"worker-{s.operator}-{s.worker}", pending_size=64 << 20
         )
         pmap = await await_map(nc, s.operator, MAP_WAIT_S)
         own = worker_subject(s.operator, s.worker)

@@ -24,7 +24,7 @@ from services.bus import (
     query_subject,
     worker_subject,
 )
-from services.runtime import nats_error
+from services.runtime import connect_nats
 
 # A request unanswered this long is sent again (same request id): the package may have
 # gone to a leader that died or handed over, and a transaction's outcome is idempotent.
@@ -60,13 +60,7 @@ class LedgerClient:
     async def connect(
         cls, url: str, operator: str, batching: Batching, observe: Callable[[int], None]
     ) -> LedgerClient:
-        nc = await nats.connect(
-            url,
-            name=f"gateway-{operator}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            error_cb=nats_error,
-        )
+        nc = await connect_nats(url, f"gateway-{operator}")
         pmap = await load_map(nc, operator)
         if pmap is None:
             await nc.close()

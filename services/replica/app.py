@@ -12,7 +12,6 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Sequence
 
-import nats
 from aiohttp import web
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -28,7 +27,7 @@ from services.replica.config import Settings
 from services.replica.host import HostedCopy
 from services.replica.metrics import MachineMetrics
 from services.replica.transport import Opener, Sealer, listen_subject, subject
-from services.runtime import OpsServer, nats_error, now_ms
+from services.runtime import OpsServer, connect_nats, now_ms
 
 TICK_S = 0.02
 PEER_RETRY_S = 0.5
@@ -75,13 +74,8 @@ class Machine:
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
         await self.ops.start(s.http_host, s.http_port)
-        nc = self.nc = await nats.connect(
-            s.nats_url,
-            name=f"replica-{s.name}-{s.machine}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            pending_size=64 << 20,
-            error_cb=nats_error,
+        nc = self.nc = await connect_nats(
+            s.nats_url, f"replica-{s.name}-{s.machine}", pending_size=64 << 20
         )
         replication = ReplicaSettings(
             heartbeat_s=s.heartbeat_ms / 1000,
@@ -156,15 +150,11 @@ class Machine:
         member = s.layout.members[peer]
         while True:
             try:
-                client = await nats.connect(
+                client = await connect_nats(
                     s.peers[member.name],
-                    name=f"replica-{s.name}-{s.machine}",
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=PEER_RETRY_S,
+                    f"replica-{s.name}-{s.machine}",
                     pending_size=8 << 20,
                     connect_timeout=2,
-                    allow_reconnect=True,
-                    error_cb=nats_error,
                 )
                 break
             except (NatsError, OSError, TimeoutError) as exc:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import nats
 from nats.aio.msg import Msg
 
 from constellation.crypto.dkg import hostpubkey_gen
@@ -13,7 +12,7 @@ from constellation.errors import ConstellationError, NotAMember
 from constellation.guild import SigningPolicy
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import ReplayGuard
-from services.runtime import ConfigError, OpsServer, nats_error
+from services.runtime import ConfigError, OpsServer, connect_nats
 from services.signer.config import Settings, load_members
 from services.signer.coordinator import Coordinator
 from services.signer.handlers import Participant
@@ -77,13 +76,7 @@ class SignerNode:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.ops.start(self.settings.http_host, self.settings.http_port)
-        nc = await nats.connect(
-            self.settings.nats_url,
-            name=f"signer-{self.members.guild}-{self.me}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            error_cb=nats_error,
-        )
+        nc = await connect_nats(self.settings.nats_url, f"signer-{self.members.guild}-{self.me}")
         self.transport = Transport(nc, self.members, self.hostseckey, self.guard)
         guild = self.members.guild
         await nc.subscribe(subject(guild, Role.SIGNER, self.me), cb=self._on_signer)
