@@ -178,41 +178,48 @@ def _devnet(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """The main job: a fresh devnet, a payment workload through its gateway, a report."""
+    """The main job: a fresh local guild (or one operator), payments, a report. What
+    fails leaves its state and logs behind, stopped, for a look."""
     _purge(args.dir)
-    if args.operators > 1:
-        payments = args.payments or 600
-        try:
+    ok = False
+    try:
+        if args.operators > 1:
             ok = asyncio.run(
                 run_guild_demo(
-                    args.dir, args.operators, args.workers, payments, args.clients, sys.stdout
+                    args.dir,
+                    args.operators,
+                    args.workers,
+                    args.payments or 600,
+                    args.clients,
+                    sys.stdout,
                 )
             )
-        finally:
-            if not args.keep:
-                _purge(args.dir)
-        return 0 if ok else 1
-    net = devnet.up(args.dir, 0, "demo", args.workers)
-    _print_devnet(net)
-    try:
-        ok = asyncio.run(
-            run_workload(
-                net, args.wallets, args.coins, args.payments or 3000, args.clients, sys.stdout
+        else:
+            net = devnet.up(args.dir, 0, "demo", args.workers)
+            _print_devnet(net)
+            ok = asyncio.run(
+                run_workload(
+                    net, args.wallets, args.coins, args.payments or 3000, args.clients, sys.stdout
+                )
             )
-        )
     finally:
-        if not args.keep:
-            devnet.down(args.dir, purge=True)
+        if ok and not args.keep:
+            _purge(args.dir)
+        elif not ok and not args.keep:
+            _purge(args.dir, keep=True)
+            print(f"stopped; its state and logs are in {args.dir}", file=sys.stderr)
     return 0 if ok else 1
 
 
-def _purge(directory: Path) -> None:
-    """Stop and delete the devnet or local guild in ``directory``, if there is one."""
+def _purge(directory: Path, keep: bool = False) -> None:
+    """Stop the devnet or local guild in ``directory``, if there is one, and delete its
+    state (unless ``keep``)."""
     if (directory / guild.GUILD_FILE).exists():
         guild.down(directory)
-        shutil.rmtree(directory)
+        if not keep:
+            shutil.rmtree(directory)
     elif (directory / devnet.STATE_FILE).exists():
-        devnet.down(directory, purge=True)
+        devnet.down(directory, purge=not keep)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,11 +34,28 @@ class Spec:
 _children: dict[int, subprocess.Popen[bytes]] = {}
 
 
+# Ports handed to the devnet's servers come from below the kernel's ephemeral range
+# (32768-60999 on Linux), where outgoing connections take their local ports: a port
+# chosen there may be taken by a client before its server starts.
+PORTS = range(20_000, 32_768)
+_handed: set[int] = set()  # by this process: not handed out twice
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A port nothing listens on now, outside the ephemeral range, and not handed out
+    before by this process."""
+    for _ in range(1000):
+        port = random.choice(PORTS)
+        if port in _handed:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed.add(port)
         return port
+    raise DevnetError("no free port found")
 
 
 def spawn(argv: list[str], env: dict[str, str], log_path: Path, user: str | None = None) -> int:

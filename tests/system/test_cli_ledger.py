@@ -30,25 +30,35 @@ def get(url: str) -> tuple[int, str]:
         return r.status, r.read().decode()
 
 
-def test_demo_pays_through_a_devnet_and_checks_the_ledger(devnet_root: Path) -> None:
-    code, out = cli(
-        "demo",
-        "--payments",
-        "150",
-        "--wallets",
-        "6",
-        "--coins",
-        "5",
-        "--clients",
-        "8",
-        "--dir",
-        str(devnet_root / "demo"),
-    )
-    assert code == 0, out
+def logs(folder: Path) -> str:
+    """The tails of a failed run's logs (the demo keeps them when it fails)."""
+    found = []
+    for path in sorted(folder.rglob("*.log")):
+        found.append(f"== {path}\n" + "\n".join(path.read_text().splitlines()[-15:]))
+    return "\n".join(found)
+
+
+def test_the_main_command_runs_a_guild_through_failures(devnet_root: Path) -> None:
+    folder = devnet_root / "demo"
+    code, out = cli("demo", "--payments", "150", "--clients", "8", "--dir", str(folder))
+    assert code == 0, out + logs(folder)
+    assert len(re.findall(r"payments: \d+ of (?:150|75) committed", out)) == 6
+    assert "kill -9 the leader of op0/0" in out and "leads in term" in out
+    assert re.search(r"op0/0: copy [2-5] at op[12] elected", out)
+    assert "every copy caught up" in out and "guild demo: every check held" in out
+    assert out.count(": conserved") == 6 and "NOT CONSERVED" not in out
+    assert not folder.exists()  # purged after the run
+
+
+def test_the_demo_of_one_operator_pays_and_checks_the_ledger(devnet_root: Path) -> None:
+    folder = devnet_root / "demo1"
+    argv = ["--payments", "150", "--wallets", "6", "--coins", "5", "--clients", "8"]
+    code, out = cli("demo", "--operators", "1", *argv, "--dir", str(folder))
+    assert code == 0, out + logs(folder)
     assert re.search(r"payments: \d+ of 150 committed", out)
     assert "tx/s" in out and "confirm latency ms: p50" in out
     assert "double spend: 1 committed" in out and ": conserved" in out
-    assert not (devnet_root / "demo").exists()  # purged after the run
+    assert not folder.exists()
 
 
 def test_wallet_commands_ops_endpoints_and_a_clean_stop(devnet_root: Path) -> None:
