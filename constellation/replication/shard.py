@@ -23,6 +23,11 @@ from constellation.ledger.commit import TwoPhaseCommit
 from constellation.protocol import ledger as proto
 from constellation.replication.replica import Replica, Role, body_hash
 
+# A block closes at either, so that it and the Append carrying it fit in one NATS
+# message (1 MiB at most), and its events too (about 110 bytes a coin change).
+MAX_BLOCK_BYTES = 256 << 10
+MAX_BLOCK_CHANGES = 4096
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[proto.Record])
 
@@ -87,6 +92,7 @@ class ShardLog:
         self.committed: list[tuple[bytes, int]] = []
         self.events: dict[int, Events] = {}
         self.urgent = False
+        self.size = 0  # about the encoded size of ``records``
         self.waiting: dict[int, list[Callable[[int], None]]] = {}
         self.confirmed = 0
         self.proposed = 0
@@ -100,11 +106,17 @@ class ShardLog:
         committed: Sequence[tuple[bytes, int]] = (),
     ) -> None:
         self.records.append(record)
+        self.size += 64 + len(getattr(record, "tx", b"")) + len(getattr(record, "issuance", b""))
         self.changes += changes
         self.committed += committed
         self.urgent = self.urgent or not lazy
         if after is not None:
             self.after.append(after)
+
+    @property
+    def full(self) -> bool:
+        """What gathered fills a block: it must be sealed before anything more is taken."""
+        return self.size >= MAX_BLOCK_BYTES or len(self.changes) >= MAX_BLOCK_CHANGES
 
     def after_durable(self, callback: Callable[[int], None]) -> None:
         if self.records:
@@ -124,7 +136,7 @@ class ShardLog:
         if self.changes or self.committed:
             self.events[height] = (self.changes, self.committed)
         self.records, self.after, self.changes, self.committed = [], [], [], []
-        self.urgent = False
+        self.urgent, self.size = False, 0
 
     def confirm(self, height: int) -> None:
         self.confirmed = max(self.confirmed, height)
@@ -135,7 +147,7 @@ class ShardLog:
     def reset(self, confirmed: int, last: int) -> None:
         """Leadership changed: what was in no block went with the engine's old state."""
         self.records, self.after, self.waiting, self.events = [], [], {}, {}
-        self.changes, self.committed, self.urgent = [], [], False
+        self.changes, self.committed, self.urgent, self.size = [], [], False, 0
         self.confirmed, self.proposed = confirmed, last
 
 

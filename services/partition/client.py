@@ -26,8 +26,9 @@ from services.bus import (
 )
 from services.runtime import connect_nats
 
-# A request unanswered this long is sent again (same request id): the package may have
-# gone to a leader that died or handed over, and a transaction's outcome is idempotent.
+# A request unanswered this long is sent again (same request id), then after twice as
+# long, and so on: the package may have gone to a leader that died or handed over, and
+# a transaction's outcome is idempotent; an overloaded leader is not flooded.
 RESEND_S = 1.0
 QUERY_RETRY_S = 0.1  # a query that found no responder (leadership changing) waits this
 
@@ -110,15 +111,18 @@ class LedgerClient:
         self, pending: list[tuple[int, asyncio.Future[proto.Result]]], timeout_s: float
     ) -> list[proto.Result | None]:
         """Every answer that came within ``timeout_s`` (one timeout for them all); None
-        where none came. What is unanswered after ``RESEND_S`` is sent again."""
+        where none came. What is unanswered after ``RESEND_S`` is sent again (and
+        after twice as long, ...)."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
+        wait_s = RESEND_S
         try:
             while True:
                 left = [f for _, f in pending if not f.done()]
                 if not left or loop.time() >= end:
                     break
-                await asyncio.wait(left, timeout=min(RESEND_S, end - loop.time()))
+                await asyncio.wait(left, timeout=min(wait_s, end - loop.time()))
+                wait_s *= 2
                 for rid, fut in pending:
                     if not fut.done() and loop.time() < end:
                         self._resent.add(rid)

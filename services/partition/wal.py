@@ -188,6 +188,9 @@ class EventLog:
         self._offsets.append(self._size)
         self._size += len(framed)
 
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
+
     def read_after(self, height: int, max_bytes: int) -> list[bytes]:
         """The events of the blocks above ``height``, in order: as many as fit in
         ``max_bytes``, and at least one if there is any."""

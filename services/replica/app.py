@@ -11,6 +11,7 @@ import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from nats.aio.client import Client
@@ -31,9 +32,16 @@ from services.runtime import OpsServer, connect_nats, now_ms
 
 TICK_S = 0.02
 PEER_RETRY_S = 0.5
-OUTBOX = 100_000  # messages waiting for the NATS client, at most: beyond, the oldest go
+PEER_PING_S = 2
+OUTBOX = 100_000  # messages waiting for one NATS client, at most: beyond, the oldest go
 
 log = logging.getLogger("replica")
+
+
+@dataclass
+class Outbox:
+    queue: deque[tuple[str, bytes]] = field(default_factory=lambda: deque(maxlen=OUTBOX))
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Machine:
@@ -49,8 +57,9 @@ class Machine:
         names = [m.name for m in s.layout.members]
         self.sealer = Sealer(s.layout.guild, s.key, s.layout.keys)
         self.opener = Opener(s.layout.guild, names, s.layout.keys, s.operator)
-        self._out: deque[tuple[Client, str, bytes]] = deque(maxlen=OUTBOX)
-        self._out_wake = asyncio.Event()
+        # Per receiving operator, what waits for its NATS client: each is sent by its own
+        # task, so that an unreachable peer holds up nobody else's messages.
+        self._out = [Outbox() for _ in s.layout.members]
         self._events: dict[str, list[bytes]] = defaultdict(list)
         self._events_wake = asyncio.Event()
         self._started = False
@@ -117,11 +126,12 @@ class Machine:
                 pending_msgs_limit=1_000_000,
             )
             tasks.start(f"packages-{copy.name}", copy.packer.run)
+            tasks.start(f"serve-{copy.name}", copy.serve)
         for peer, member in enumerate(s.layout.members):
             if peer != s.operator:
                 tasks.start(f"peer-{member.name}", functools.partial(self._connect_peer, peer))
         await nc.flush()
-        tasks.start("send", self._send)
+        tasks.start("send", functools.partial(self._pump, s.operator, nc))
         tasks.start("events", self._publish_events_task)
         tasks.start("tick", self._tick)
         self._started = True
@@ -155,6 +165,8 @@ class Machine:
                     f"replica-{s.name}-{s.machine}",
                     pending_size=8 << 20,
                     connect_timeout=2,
+                    ping_interval=PEER_PING_S,  # a peer gone silent is noticed in seconds
+                    max_outstanding_pings=3,
                 )
                 break
             except (NatsError, OSError, TimeoutError) as exc:
@@ -162,7 +174,7 @@ class Machine:
                 await asyncio.sleep(PEER_RETRY_S)
         self.peers[peer] = client
         log.info("connected to peer", extra={"peer": member.name})
-        await asyncio.Event().wait()  # held until the machine stops
+        await self._pump(peer, client)
 
     # -- the traffic -------------------------------------------------------------------
 
@@ -188,16 +200,20 @@ class Machine:
                 data = sealed[op] = (
                     shared if shared and not own else self.sealer.seal(op, envelope, now)
                 )
-            self._out.append((client, subject(me, envelope.owner, envelope.worker, dest), data))
-        self._out_wake.set()
+            out = self._out[op]
+            if len(out.queue) == OUTBOX:
+                self.metrics.undelivered.labels(s.layout.members[op].name).inc()
+            out.queue.append((subject(me, envelope.owner, envelope.worker, dest), data))
+            out.wake.set()
 
-    async def _send(self) -> None:
-        out = self._out
+    async def _pump(self, op: int, client: Client) -> None:
+        """Hand what waits for operator ``op`` to its client, for as long as we run."""
+        out = self._out[op]
         while True:
-            await self._out_wake.wait()
-            self._out_wake.clear()
-            while out:
-                client, subj, data = out.popleft()
+            await out.wake.wait()
+            out.wake.clear()
+            while out.queue:
+                subj, data = out.queue.popleft()
                 try:
                     await client.publish(subj, data)
                 except NatsError as exc:  # lost like any message: the protocol resends

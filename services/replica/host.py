@@ -17,8 +17,10 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import msgspec
 from nats.aio.client import Client
@@ -47,9 +49,17 @@ PACKAGES = Batching(512, 0)
 # arrives meanwhile gathers into one block (each block costs every copy a signature
 # check, an execution, an fsync and a signed ack, whatever it holds).
 IN_FLIGHT = 1
+HELD = 10_000  # packages waiting for room in the next block, at most
 EXIT_DISK = 74  # EX_IOERR: a copy whose disk fails stops; its supervisor restarts it
 
 Deliver = Callable[[Sequence[int], rp.Envelope], None]  # (destination copies, message)
+
+
+def _disk_failed(exc: OSError) -> NoReturn:
+    """A write or fsync failed: what the replica was promised is not durable. Only a
+    restart, which reads the disk back, is safe."""
+    log.critical("a copy's disk failed; stopping", extra={"error": str(exc)})
+    raise SystemExit(EXIT_DISK) from exc
 
 
 class HostedCopy:
@@ -119,7 +129,11 @@ class HostedCopy:
         self.pending: dict[int, Events] = {}  # events of blocks held, not yet confirmed
         self._take_events(self.replica.blocks(self.replica.first - 1, self.replica.last))
         self.subs: list[Subscription] = []
-        self.serving = False  # subscribed to the shard's subjects (or about to be)
+        self.serving = False  # wants the shard's subjects (``serve`` subscribes)
+        self._serve_changed = asyncio.Event()
+        self.closed = False
+        self.held: deque[proto.Package] = deque()  # packages waiting for a block's room
+        self.dropped = 0  # packages refused while HELD waited
         self._sealing = False
         self._processing = False  # a process() is due
         self.confirmed_at = time.monotonic()
@@ -139,17 +153,29 @@ class HostedCopy:
             asyncio.get_running_loop().call_soon(self.process)
 
     def tick(self, now: float) -> None:
+        if self.closed:
+            return
         self.replica.tick()
-        self.shard.tick(self.replica, now)
+        self._proposing(lambda: self.shard.tick(self.replica, now))
+        if self.held:
+            self._seal_full()
         self.process()
 
     def process(self) -> None:
-        """Carry out what the replica asked, until it asks nothing more."""
+        """Carry out what the replica asked, until it asks nothing more: the events of
+        new blocks and of confirmed ones first (confirmed blocks are durable already:
+        their callbacks run, even where this step also lost the leadership), then the
+        Ready's writes, its messages, ``stored``, and leadership gained or lost."""
         self._processing = False
+        if self.closed:
+            return
         while True:
             ready = self.replica.ready()
             if ready.empty():
                 break
+            self._note_blocks(ready)
+            if ready.confirmed:
+                self._confirmed(ready.confirmed, ready.snapshot is not None)
             self._persist(ready)
             for to, msg in ready.messages:
                 dests = range(self.replica.copies) if to == EVERYONE else (to,)
@@ -161,31 +187,36 @@ class HostedCopy:
             if ready.leading is not None:
                 self.shard.leading(ready.leading, self.replica)
                 self.proposed.clear()
+                self.held.clear()
                 log.info(
                     "leading" if ready.leading else "no longer leading",
                     extra={"shard": self.name, "copy": self.me, "term": self.replica.term},
                 )
-            if ready.confirmed:
-                self._confirmed(ready.confirmed)
         self._serve(self.shard.accepting(self.replica))
 
     def _persist(self, ready: Ready) -> None:
         try:
             self.store.write(ready)
         except OSError as exc:
-            log.critical("a copy's disk failed; stopping", extra={"error": str(exc)})
-            raise SystemExit(EXIT_DISK) from exc
+            _disk_failed(exc)
+
+    def _note_blocks(self, ready: Ready) -> None:
+        """Events of blocks dropped go; those of blocks now held are remembered, by
+        height (a follower derived them when it executed the block, a leader when it
+        proposed it). A truncation below what the events log holds (confirmed blocks
+        taken back from a convicted leader) cuts the log there; an installed snapshot
+        does not: the log holds confirmed blocks only."""
         if ready.truncate is not None:
             for h in [h for h in self.pending if h > ready.truncate]:
                 del self.pending[h]
-        if ready.snapshot is not None:  # the state jumped: earlier events are not derived
-            for h in [h for h in self.pending if h <= ready.snapshot.height]:
-                del self.pending[h]
+            floor = ready.truncate
+            if ready.snapshot is not None:
+                floor = max(floor, ready.snapshot.height)
+            if floor < self.events.last:
+                self.events.cut_from(floor + 1)
         self._take_events(ready.append)
 
     def _take_events(self, blocks: list[rp.Block]) -> None:
-        """Remember the events of blocks now held, by height (a follower derived them
-        when it executed the block, a leader when it proposed it)."""
         derived, proposed = self.shard.executor.derived, self.shard.log.events
         for block in blocks:
             h = block.signed.header.height
@@ -194,29 +225,38 @@ class HostedCopy:
                 self.pending[h] = events
         derived.clear()
 
-    def _confirmed(self, height: int) -> None:
+    def _confirmed(self, height: int, sync: bool) -> None:
+        """Blocks up to ``height`` are confirmed: the leader's callbacks run, their
+        events go to the events log (synced where ``sync``: a snapshot about to be
+        written covers them, and the blocks they are derived from go with it) and out
+        to readers."""
         now = self.confirmed_at = time.monotonic()
-        leading = self.replica.role is Role.LEADER
         for h in [h for h in self.proposed if h <= height]:
             self.observe_round(now - self.proposed.pop(h))
-        if leading:
-            self.shard.confirmed(height)
-        for h in sorted(h for h in self.pending if h <= height):
-            changes, committed = self.pending.pop(h)
-            if h <= self.events.last:
-                continue
-            events = proto.BlockEvents(self.worker, h, self.events.last, changes, committed)
-            payload = proto.encode_block_events(events)
-            self.events.append(h, payload)
-            if leading:
-                self.publish_events(self.events_subject_owner, payload)
-        if leading and self.shard.log.urgent:  # room in the window: what waited goes now
+        self.shard.confirmed(height)
+        leading = self.replica.role is Role.LEADER
+        try:
+            for h in sorted(h for h in self.pending if h <= height):
+                if h > self.events.last:
+                    changes, committed = self.pending[h]
+                    events = proto.BlockEvents(self.worker, h, self.events.last, changes, committed)
+                    payload = proto.encode_block_events(events)
+                    self.events.append(h, payload)
+                    if leading:
+                        self.publish_events(self.events_subject_owner, payload)
+                del self.pending[h]
+            if sync:
+                self.events.sync()
+        except OSError as exc:
+            _disk_failed(exc)
+        if leading and (self.shard.log.urgent or self.held):  # what waited goes now
             self.seal_soon()
 
     def seal_soon(self) -> None:
         """Propose what the engine wrote, once everything that arrived in this turn of
         the event loop is in, unless ``IN_FLIGHT`` blocks wait for confirmation (the
-        next confirmation proposes it then)."""
+        next confirmation proposes it then; the tick proposes what waits, whatever is
+        in flight, within the replica's window)."""
         if self._sealing or self.replica.last - self.replica.confirmed >= IN_FLIGHT:
             return
         self._sealing = True
@@ -224,36 +264,48 @@ class HostedCopy:
 
     def _seal(self) -> None:
         self._sealing = False
-        last = self.replica.last
-        self.shard.log.seal(self.replica, self.engine)
-        if self.replica.last > last:
-            self.proposed[self.replica.last] = time.monotonic()
+        if self.closed:
+            return
+        self._proposing(lambda: self.shard.log.seal(self.replica, self.engine))
+        if self.held:
+            self._seal_full()
         self.process()
+
+    def _proposing(self, propose: Callable[[], None]) -> None:
+        """Run ``propose``, noting when a block it proposed was proposed."""
+        last = self.replica.last
+        propose()
+        if self.replica.role is Role.LEADER and self.replica.last > last:
+            self.proposed[self.replica.last] = time.monotonic()
 
     # -- leading: the shard's subjects ---------------------------------------------
 
     def _serve(self, wanted: bool) -> None:
-        if wanted == self.serving:
-            return
-        self.serving = wanted
-        asyncio.get_running_loop().create_task(self._subscribe(wanted))
+        if wanted != self.serving:
+            self.serving = wanted
+            self._serve_changed.set()
 
-    async def _subscribe(self, wanted: bool) -> None:
-        for sub in self.subs:
-            await sub.unsubscribe()
-        self.subs = []
-        if not wanted or not self.serving:
-            return
+    async def serve(self) -> None:
+        """Keep the subscriptions to the shard's subjects in line with ``serving``, one
+        change at a time (a long-running task of the machine)."""
         owner = self.layout.members[self.owner].name
-        for subj, cb in (
+        handlers = (
             (self.subject, self._on_package),
             (query_subject(owner, self.worker, "coins"), self._on_coins),
             (query_subject(owner, self.worker, "state"), self._on_state),
             (query_subject(owner, self.worker, "events"), self._on_events_query),
-        ):
-            self.subs.append(await self.nc.subscribe(subj, cb=cb, pending_msgs_limit=1_000_000))
-        if not self.serving:  # it stopped leading meanwhile
-            await self._subscribe(False)
+        )
+        while True:
+            await self._serve_changed.wait()
+            self._serve_changed.clear()
+            if self.serving and not self.subs:
+                for subj, cb in handlers:
+                    sub = await self.nc.subscribe(subj, cb=cb, pending_msgs_limit=1_000_000)
+                    self.subs.append(sub)
+            elif not self.serving and self.subs:
+                subs, self.subs = self.subs, []
+                for sub in subs:
+                    await sub.unsubscribe()
 
     async def _on_package(self, msg: Msg) -> None:
         if not self.shard.accepting(self.replica):
@@ -263,11 +315,35 @@ class HostedCopy:
         except MessageError as exc:
             log.info("package rejected", extra={"reason": str(exc)})
             return
+        if self.held or self.shard.log.full:
+            # A block's worth waits to be sealed: the package waits for the next block
+            # (as many as HELD fit; beyond, its sender's timeout or resend covers it).
+            if len(self.held) < HELD:
+                self.held.append(pkg)
+            else:
+                self.dropped += 1
+            self._seal_full()
+            return
         self.engine.handle(pkg)
-        if self.shard.log.urgent:  # else it rides with the next block, or the next tick
+        if self.shard.log.full:
+            self._seal_full()
+        elif self.shard.log.urgent:  # else it rides with the next block, or the next tick
             self.seal_soon()
 
+    def _seal_full(self) -> None:
+        """Seal a full block now, whatever is in flight (within the replica's window),
+        then take what waited, as far as the next block has room."""
+        if self.shard.log.full:
+            self._proposing(lambda: self.shard.log.seal(self.replica, self.engine))
+        while self.held and not self.shard.log.full and self.shard.accepting(self.replica):
+            self.engine.handle(self.held.popleft())
+        if self.held and not self.shard.accepting(self.replica):
+            self.held.clear()  # no longer leading: their senders retry with the leader
+        self.process()
+
     async def _on_coins(self, msg: Msg) -> None:
+        if not self.shard.accepting(self.replica):
+            return  # no longer leading: the asker asks again, and the leader answers
         engine = self.engine
         await answer_query(
             msg,
@@ -276,11 +352,15 @@ class HostedCopy:
         )
 
     async def _on_state(self, msg: Msg) -> None:
+        if not self.shard.accepting(self.replica):
+            return
         await msg.respond(
             msgspec.msgpack.encode(state_info(self.engine, self.replica.last, self.events.last))
         )
 
     async def _on_events_query(self, msg: Msg) -> None:
+        if not self.shard.accepting(self.replica):
+            return
         events = self.events
         await answer_query(
             msg,
@@ -312,5 +392,6 @@ class HostedCopy:
         }
 
     def close(self) -> None:
+        self.closed = True  # what was scheduled before does nothing now
         self.store.close()
         self.events.close()

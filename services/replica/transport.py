@@ -29,6 +29,7 @@ from constellation.protocol import replication as rp
 from constellation.protocol.envelope import BROADCAST, Membership, ReplayGuard, seal
 
 FRESH_MS = 30_000  # a message older (or newer) than this, by the receiver's clock, is stale
+PER_SENDER = 500_000  # message ids remembered per sender (about 2 x FRESH_MS of them)
 PREFIX = "cst.rep"
 
 
@@ -87,7 +88,8 @@ class Opener:
         self.membership = Membership(guild, [member_key(k) for k in keys])
         self.me = member_key(keys[me])
         self.index = me
-        self.guard = ReplayGuard(FRESH_MS)
+        # One guard per sender: a member flooding fresh ids fills its own, not others'.
+        self.guards = [ReplayGuard(FRESH_MS, PER_SENDER) for _ in keys]
 
     def open(self, subj: str, data: bytes, now_ms: int) -> rp.Envelope:
         """The replication envelope inside, or a ``ConstellationError`` saying why not."""
@@ -101,7 +103,7 @@ class Opener:
             env, sender = self.membership.open(data, self.me)
             if sender != claimed:
                 raise Misdirected(f"signed by member {sender}, sent as {parts[2]!r}")
-            self.guard.check(env, now_ms)
+            self.guards[sender].check(env, now_ms)
             inner = rp.decode(env.body)
         if (
             inner.sender // 2 != sender

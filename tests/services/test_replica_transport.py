@@ -13,6 +13,7 @@ from constellation.errors import (
     MessageError,
     Misdirected,
     NotAMember,
+    Overloaded,
     Replayed,
     StaleMessage,
 )
@@ -188,3 +189,17 @@ def test_one_seal_for_several_operators_opens_at_each_and_cannot_be_passed_on() 
     assert opener(2).open(subject("op1", 1, 0, 4), data, NOW) == env
     with pytest.raises(Misdirected):  # op0 passing it on to op2, under its own name
         opener(2).open(subject("op0", 1, 0, 4), data, NOW)
+
+
+def test_a_member_flooding_fresh_messages_fills_only_its_own_replay_guard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("services.replica.transport.PER_SENDER", 3)
+    o = opener()
+    flood = rp.Envelope(0, 1, 2, HEARTBEAT)
+    for _ in range(3):
+        o.open(subject("op1", 0, 1, 0), sealed(1, 0, flood), NOW)
+    with pytest.raises(Overloaded):
+        o.open(subject("op1", 0, 1, 0), sealed(1, 0, flood), NOW)
+    other = rp.Envelope(0, 1, 4, HEARTBEAT)
+    assert o.open(subject("op2", 0, 1, 0), sealed(2, 0, other), NOW) == other
