@@ -73,6 +73,9 @@ class Machine:
         behind = [c.name for c in self.copies if not c.caught_up(now)]
         if behind:
             return False, f"no live leader known for {', '.join(behind)}"
+        gaps = [f"{c.name} up to {c.gap}" for c in self.copies if c.gap is not None]
+        if gaps:
+            return False, f"events missing (filling from the twin): {', '.join(gaps)}"
         leading = sum(1 for c in self.copies if c.serving)
         return True, f"{len(self.copies)} copies, leading {leading}"
 
@@ -90,6 +93,8 @@ class Machine:
             heartbeat_s=s.heartbeat_ms / 1000,
             election_s=s.election_ms / 1000,
             authenticated=True,  # every message is sealed (or from our own machine)
+            snapshot_every=s.snapshot_every,
+            keep=s.keep,
         )
         started = time.monotonic()
         for owner, member in enumerate(s.layout.members):
@@ -127,6 +132,9 @@ class Machine:
             )
             tasks.start(f"packages-{copy.name}", copy.packer.run)
             tasks.start(f"serve-{copy.name}", copy.serve)
+            if copy.fills:
+                await nc.subscribe(copy.own_subject, cb=copy.on_twin_query)
+                tasks.start(f"backfill-{copy.name}", copy.backfill)
         for peer, member in enumerate(s.layout.members):
             if peer != s.operator:
                 tasks.start(f"peer-{member.name}", functools.partial(self._connect_peer, peer))

@@ -130,6 +130,8 @@ class Settings:
     heartbeat_ms: int
     election_ms: int
     prepare_timeout_ms: int
+    snapshot_every: int  # blocks between a copy's snapshots
+    keep: int  # blocks kept behind a snapshot, for copies slightly behind
     log_level: str
 
     @property
@@ -168,5 +170,7 @@ class Settings:
             heartbeat_ms=heartbeat_ms,
             election_ms=election_ms,
             prepare_timeout_ms=env_int(env, "REPLICA_PREPARE_TIMEOUT_MS", 2_000, 10, 600_000),
+            snapshot_every=env_int(env, "REPLICA_SNAPSHOT_EVERY", 1024, 2, 1 << 20),
+            keep=env_int(env, "REPLICA_KEEP", 256, 1, 1 << 20),
             log_level=env_str(env, "REPLICA_LOG_LEVEL", "info"),
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections import deque
@@ -26,6 +27,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
 
 from constellation.errors import MessageError
 from constellation.keys import SigningKey
@@ -50,6 +52,8 @@ PACKAGES = Batching(512, 0)
 # check, an execution, an fsync and a signed ack, whatever it holds).
 IN_FLIGHT = 1
 HELD = 10_000  # packages waiting for room in the next block, at most
+GAP_FILE = "events.gap"  # the events log lacks the events of blocks up to the height in it
+BACKFILL_S = 1.0
 EXIT_DISK = 74  # EX_IOERR: a copy whose disk fails stops; its supervisor restarts it
 
 Deliver = Callable[[Sequence[int], rp.Envelope], None]  # (destination copies, message)
@@ -124,8 +128,16 @@ class HostedCopy:
             blocks=loaded.blocks,
             damaged=loaded.damaged,
         )
+        self.folder = folder
         self.events = EventLog(folder / "events.log")
         self.events.open()
+        self.gap = self._load_gap()  # the events log lacks blocks' events up to here
+        self._gap_found = asyncio.Event()
+        # The owner's copies (whose events its indexer reads) fill a gap from each other;
+        # the others' events logs are read by nobody, and may have gaps.
+        self.fills = me // 2 == owner
+        self.own_subject = f"cst.{owner_name}.qe.{worker}.{me}"
+        self.twin_subject = f"cst.{owner_name}.qe.{worker}.{me ^ 1}"
         self.pending: dict[int, Events] = {}  # events of blocks held, not yet confirmed
         self._take_events(self.replica.blocks(self.replica.first - 1, self.replica.last))
         self.subs: list[Subscription] = []
@@ -175,7 +187,8 @@ class HostedCopy:
                 break
             self._note_blocks(ready)
             if ready.confirmed:
-                self._confirmed(ready.confirmed, ready.snapshot is not None)
+                own = ready.snapshot if ready.truncate is None else None
+                self._confirmed(ready.confirmed, own.height if own is not None else None)
             self._persist(ready)
             for to, msg in ready.messages:
                 dests = range(self.replica.copies) if to == EVERYONE else (to,)
@@ -214,6 +227,9 @@ class HostedCopy:
                 floor = max(floor, ready.snapshot.height)
             if floor < self.events.last:
                 self.events.cut_from(floor + 1)
+            installed = ready.snapshot is not None and ready.snapshot.height > self.events.last
+            if installed and self.fills and ready.snapshot is not None:
+                self._set_gap(max(self.gap or 0, ready.snapshot.height))
         self._take_events(ready.append)
 
     def _take_events(self, blocks: list[rp.Block]) -> None:
@@ -225,15 +241,29 @@ class HostedCopy:
                 self.pending[h] = events
         derived.clear()
 
-    def _confirmed(self, height: int, sync: bool) -> None:
-        """Blocks up to ``height`` are confirmed: the leader's callbacks run, their
-        events go to the events log (synced where ``sync``: a snapshot about to be
-        written covers them, and the blocks they are derived from go with it) and out
-        to readers."""
+    def _confirmed(self, height: int, snapshot: int | None) -> None:
+        """Blocks up to ``height`` are confirmed: the leader's callbacks run, and their
+        events go to the events log and out to readers (see ``_write_events``)."""
         now = self.confirmed_at = time.monotonic()
         for h in [h for h in self.proposed if h <= height]:
             self.observe_round(now - self.proposed.pop(h))
         self.shard.confirmed(height)
+        if self.gap is not None and snapshot is not None:
+            # The blocks of what waits for the gap go with this snapshot: the gap grows.
+            for h in [h for h in self.pending if h <= snapshot]:
+                del self.pending[h]
+            self._set_gap(max(self.gap, snapshot))
+        self._write_events(height, snapshot is not None)
+        if self.replica.role is Role.LEADER and (self.shard.log.urgent or self.held):
+            self.seal_soon()  # what waited goes now
+
+    def _write_events(self, height: int, sync: bool) -> None:
+        """The events of confirmed blocks up to ``height``, in order, into the events
+        log (synced where ``sync``: a snapshot about to be written covers them, and the
+        blocks they are derived from go with it), and out to readers from a leader.
+        Nothing while the log has a gap: they wait for it to be filled."""
+        if self.gap is not None:
+            return
         leading = self.replica.role is Role.LEADER
         try:
             for h in sorted(h for h in self.pending if h <= height):
@@ -249,8 +279,90 @@ class HostedCopy:
                 self.events.sync()
         except OSError as exc:
             _disk_failed(exc)
-        if leading and (self.shard.log.urgent or self.held):  # what waited goes now
-            self.seal_soon()
+
+    # -- a gap in the events log: filled from the twin ---------------------------------
+
+    def _set_gap(self, upto: int | None) -> None:
+        """Mark (durably) that the events log lacks the events of blocks up to ``upto``
+        (a snapshot from the leader skipped their blocks), or that it is whole again."""
+        path = self.folder / GAP_FILE
+        try:
+            if upto is None:
+                path.unlink(missing_ok=True)
+            else:
+                temp = path.with_suffix(".tmp")
+                with open(temp, "w") as f:
+                    f.write(str(upto))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(temp, path)
+        except OSError as exc:
+            _disk_failed(exc)
+        self.gap = upto
+        if upto is not None:
+            self._gap_found.set()
+
+    def _load_gap(self) -> int | None:
+        try:
+            return int((self.folder / GAP_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            _disk_failed(OSError(f"unreadable {GAP_FILE}: {exc}"))
+
+    async def backfill(self) -> None:
+        """Fill a gap in the events log from the twin, the owner's other copy, which
+        serves its own log on ``own_subject`` (a long-running task of the machine).
+        Copies at other operators keep no gap filled: nobody reads their events."""
+        while True:
+            if self.gap is None or not self.fills:
+                await self._gap_found.wait()
+                self._gap_found.clear()
+                continue
+            try:
+                query = msgspec.msgpack.encode(proto.EventsQuery(self.events.last))
+                msg = await self.nc.request(self.twin_subject, query, timeout=BACKFILL_S)
+                page = proto.decode_page(msg.data)
+            except (NatsError, MessageError) as exc:
+                log.debug("backfill: twin unavailable", extra={"error": repr(exc)})
+                await asyncio.sleep(BACKFILL_S)
+                continue
+            self._fill(page)
+
+    def _fill(self, page: proto.EventsPage) -> None:
+        """Take a page of the twin's events log (``page.last``: the height up to which
+        it is whole, -1 while it has a gap of its own)."""
+        assert self.gap is not None
+        blocks = [b for b in page.blocks if self.events.last < b.height <= self.gap]
+        if blocks and blocks[0].prev > self.events.last:
+            log.error(
+                "backfill: the twin's events do not chain to ours",
+                extra={"shard": self.name, "ours": self.events.last, "prev": blocks[0].prev},
+            )
+            return
+        try:
+            for b in blocks:
+                self.events.append(b.height, proto.encode_block_events(b))
+            # Whole once the twin is whole past the gap and showed us a block past it, or
+            # nothing more (pages come in order from where we ask).
+            past = len(blocks) < len(page.blocks) or not page.blocks
+            if page.last >= self.gap and past:
+                self.events.sync()
+                log.info("backfill: events log whole", extra={"shard": self.name})
+                self._set_gap(None)
+                self._write_events(self.replica.confirmed, False)
+        except OSError as exc:
+            _disk_failed(exc)
+
+    async def on_twin_query(self, msg: Msg) -> None:
+        """The twin fills a gap: pages of this copy's events log, and how far it is
+        whole."""
+        events, whole = self.events, -1 if self.gap is not None else self.replica.confirmed
+        await answer_query(
+            msg,
+            proto.EventsQuery,
+            lambda q: proto.encode_page(whole, events.read_after(q.after, EVENTS_PAGE_BYTES)),
+        )
 
     def seal_soon(self) -> None:
         """Propose what the engine wrote, once everything that arrived in this turn of
@@ -359,8 +471,8 @@ class HostedCopy:
         )
 
     async def _on_events_query(self, msg: Msg) -> None:
-        if not self.shard.accepting(self.replica):
-            return
+        if not self.shard.accepting(self.replica) or self.gap is not None:
+            return  # readers ask again: the twin, or this copy once whole, answers
         events = self.events
         await answer_query(
             msg,
@@ -389,6 +501,7 @@ class HostedCopy:
             "last": r.last,
             "root": r.state_root().hex(),
             "evidence": sorted(r.evidence),
+            "events_gap": self.gap,
         }
 
     def close(self) -> None:

@@ -44,6 +44,11 @@ class CopyCollector(Collector):
             "at a leader: blocks each other copy lacks",
             labels=[*labels, "peer"],
         )
+        gap = GaugeMetricFamily(
+            "replica_events_gap",
+            "the height up to which the events log lacks blocks' events (0: whole)",
+            labels=labels,
+        )
         evidence = GaugeMetricFamily(
             "replica_evidence", "operators this copy holds a proof against", labels=labels
         )
@@ -69,6 +74,7 @@ class CopyCollector(Collector):
             last.add_metric(lv, r.last)
             since.add_metric(lv, now - c.confirmed_at)
             evidence.add_metric(lv, len(r.evidence))
+            gap.add_metric(lv, c.gap or 0)
             elections.add_metric(lv, r.counters.elections)
             refused_blocks.add_metric(lv, r.counters.refused_blocks)
             refused.add_metric(lv, r.counters.refused_messages)
@@ -76,7 +82,7 @@ class CopyCollector(Collector):
             if r.role is Role.LEADER:
                 for peer, p in r.progress.items():
                     lag.add_metric([*lv, str(peer)], max(0, r.last - p.match))
-        yield from (term, leading, leader, confirmed, last, since, lag, evidence)
+        yield from (term, leading, leader, confirmed, last, since, lag, evidence, gap)
         yield from (elections, refused_blocks, refused, snapshots)
 
 
