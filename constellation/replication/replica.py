@@ -151,7 +151,6 @@ class Progress:
     match: int = 0  # the copy holds our log up to here
     next: int = 1  # the next height to send
     heard: float = -1e18  # when it last answered
-    sent: float = -1e18  # when it was last sent an Append
     knows: bool = False  # it answered in this term: it has seen our certificate
     offset: int = -1  # snapshot bytes it has; -1 while no snapshot is being sent
     snapshot: int = -1  # the height of the snapshot being sent
@@ -344,8 +343,7 @@ class Replica:
             self._follow(self.term, -1)  # CheckQuorum: cut off from a confirming set
             return
         for c, p in self.progress.items():
-            if now - p.sent >= s.heartbeat_s:  # else what it was sent is the heartbeat
-                self._send_to(c, p, beat=True)
+            self._send_to(c, p, beat=True)
         self._hand_back(now)
 
     def _hand_back(self, now: float) -> None:
@@ -641,7 +639,6 @@ class Replica:
         self._send(
             copy, rp.Append(self.term, prev, self.hash_at(prev), blocks, self.confirmed, cert)
         )
-        p.sent = self.clock()
         p.next = max(p.next, prev + len(blocks) + 1)
 
     def _send_chunk(self, copy: int, p: Progress) -> None:
