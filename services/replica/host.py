@@ -54,6 +54,18 @@ IN_FLIGHT = 1
 HELD = 10_000  # packages waiting for room in the next block, at most
 GAP_FILE = "events.gap"  # the events log lacks the events of blocks up to the height in it
 BACKFILL_S = 1.0
+GAPPED_PENDING = 1024  # blocks' events held while the log has a gap; beyond, the gap grows
+
+_twin_encoder = msgspec.msgpack.Encoder()
+_twin_decoder = msgspec.msgpack.Decoder(tuple[int, msgspec.Raw])
+
+
+def _installed(ready: Ready) -> bool:
+    """Whether the Ready installs a leader's snapshot (all the log goes), rather than
+    keeping one of the copy's own."""
+    return ready.snapshot is not None and ready.truncate == 0
+
+
 EXIT_DISK = 74  # EX_IOERR: a copy whose disk fails stops; its supervisor restarts it
 
 Deliver = Callable[[Sequence[int], rp.Envelope], None]  # (destination copies, message)
@@ -132,6 +144,9 @@ class HostedCopy:
         self.events = EventLog(folder / "events.log")
         self.events.open()
         self.gap = self._load_gap()  # the events log lacks blocks' events up to here
+        if self.gap is not None and self.events.last >= self.gap:
+            self.gap = None  # filled, and the mark's removal was lost in a crash
+        # Events are written up to here (synced before every snapshot of our own).
         self._gap_found = asyncio.Event()
         # The owner's copies (whose events its indexer reads) fill a gap from each other;
         # the others' events logs are read by nobody, and may have gaps.
@@ -139,8 +154,9 @@ class HostedCopy:
         self.own_subject = f"cst.{owner_name}.qe.{worker}.{me}"
         self.twin_subject = f"cst.{owner_name}.qe.{worker}.{me ^ 1}"
         self.pending: dict[int, Events] = {}  # events of blocks held, not yet confirmed
+        self.written = self.replica.confirmed
         self._take_events(self.replica.blocks(self.replica.first - 1, self.replica.last))
-        self.subs: list[Subscription] = []
+        self.subs: dict[str, Subscription] = {}
         self.serving = False  # wants the shard's subjects (``serve`` subscribes)
         self._serve_changed = asyncio.Event()
         self.closed = False
@@ -187,7 +203,7 @@ class HostedCopy:
                 break
             self._note_blocks(ready)
             if ready.confirmed:
-                own = ready.snapshot if ready.truncate is None else None
+                own = None if _installed(ready) or ready.snapshot is None else ready.snapshot
                 self._confirmed(ready.confirmed, own.height if own is not None else None)
             self._persist(ready)
             for to, msg in ready.messages:
@@ -227,9 +243,10 @@ class HostedCopy:
                 floor = max(floor, ready.snapshot.height)
             if floor < self.events.last:
                 self.events.cut_from(floor + 1)
-            installed = ready.snapshot is not None and ready.snapshot.height > self.events.last
-            if installed and self.fills and ready.snapshot is not None:
-                self._set_gap(max(self.gap or 0, ready.snapshot.height))
+            snap = ready.snapshot
+            installed = _installed(ready) and snap is not None
+            if installed and snap is not None and snap.height > self.events.last and self.fills:
+                self._set_gap(max(self.gap or 0, snap.height))
         self._take_events(ready.append)
 
     def _take_events(self, blocks: list[rp.Block]) -> None:
@@ -263,6 +280,12 @@ class HostedCopy:
         blocks they are derived from go with it), and out to readers from a leader.
         Nothing while the log has a gap: they wait for it to be filled."""
         if self.gap is not None:
+            if len(self.pending) > GAPPED_PENDING:  # the twin has them: fill them too
+                confirmed = [h for h in self.pending if h <= self.replica.confirmed]
+                for h in confirmed:
+                    del self.pending[h]
+                if confirmed:
+                    self._set_gap(max(self.gap, *confirmed))
             return
         leading = self.replica.role is Role.LEADER
         try:
@@ -279,6 +302,7 @@ class HostedCopy:
                 self.events.sync()
         except OSError as exc:
             _disk_failed(exc)
+        self.written = max(self.written, height)
 
     # -- a gap in the events log: filled from the twin ---------------------------------
 
@@ -310,6 +334,11 @@ class HostedCopy:
         except (OSError, ValueError) as exc:
             _disk_failed(OSError(f"unreadable {GAP_FILE}: {exc}"))
 
+    def whole(self) -> int:
+        """The height up to which this copy's events log holds every confirmed block's
+        events: what it wrote, or while it has a gap, what it held before it."""
+        return self.events.last if self.gap is not None else self.written
+
     async def backfill(self) -> None:
         """Fill a gap in the events log from the twin, the owner's other copy, which
         serves its own log on ``own_subject`` (a long-running task of the machine).
@@ -322,47 +351,54 @@ class HostedCopy:
             try:
                 query = msgspec.msgpack.encode(proto.EventsQuery(self.events.last))
                 msg = await self.nc.request(self.twin_subject, query, timeout=BACKFILL_S)
-                page = proto.decode_page(msg.data)
-            except (NatsError, MessageError) as exc:
+                whole, raw = _twin_decoder.decode(msg.data)
+                page = proto.decode_page(raw)
+            except (NatsError, MessageError, msgspec.ValidationError, msgspec.DecodeError) as exc:
                 log.debug("backfill: twin unavailable", extra={"error": repr(exc)})
                 await asyncio.sleep(BACKFILL_S)
                 continue
-            self._fill(page)
+            if not self._fill(whole, page):
+                await asyncio.sleep(BACKFILL_S)  # the twin lacks them too, for now
 
-    def _fill(self, page: proto.EventsPage) -> None:
-        """Take a page of the twin's events log (``page.last``: the height up to which
-        it is whole, -1 while it has a gap of its own)."""
+    def _fill(self, whole: int, page: proto.EventsPage) -> bool:
+        """Take a page of the twin's events log (``whole``: how far it is whole);
+        return whether the gap shrank or closed."""
         assert self.gap is not None
         blocks = [b for b in page.blocks if self.events.last < b.height <= self.gap]
-        if blocks and blocks[0].prev > self.events.last:
+        if blocks and (
+            blocks[0].prev != self.events.last or any(b.worker != self.worker for b in blocks)
+        ):
             log.error(
                 "backfill: the twin's events do not chain to ours",
                 extra={"shard": self.name, "ours": self.events.last, "prev": blocks[0].prev},
             )
-            return
+            return False
         try:
             for b in blocks:
                 self.events.append(b.height, proto.encode_block_events(b))
-            # Whole once the twin is whole past the gap and showed us a block past it, or
-            # nothing more (pages come in order from where we ask).
+            # Whole once the twin is whole past the gap and showed us a block past it,
+            # or nothing more (pages come in order from where we ask).
             past = len(blocks) < len(page.blocks) or not page.blocks
-            if page.last >= self.gap and past:
+            if whole >= self.gap and past:
                 self.events.sync()
                 log.info("backfill: events log whole", extra={"shard": self.name})
+                self.written = self.gap
                 self._set_gap(None)
                 self._write_events(self.replica.confirmed, False)
+                return True
         except OSError as exc:
             _disk_failed(exc)
+        return bool(blocks)
 
     async def on_twin_query(self, msg: Msg) -> None:
-        """The twin fills a gap: pages of this copy's events log, and how far it is
-        whole."""
-        events, whole = self.events, -1 if self.gap is not None else self.replica.confirmed
-        await answer_query(
-            msg,
-            proto.EventsQuery,
-            lambda q: proto.encode_page(whole, events.read_after(q.after, EVENTS_PAGE_BYTES)),
-        )
+        """The twin fills a gap (or serves a reader while it has one): a page of this
+        copy's events log as readers get it, and how far the log is whole."""
+        await answer_query(msg, proto.EventsQuery, self._twin_page)
+
+    def _twin_page(self, query: proto.EventsQuery) -> bytes:
+        events = self.events
+        page = proto.encode_page(events.last, events.read_after(query.after, EVENTS_PAGE_BYTES))
+        return _twin_encoder.encode((self.whole(), msgspec.Raw(page)))
 
     def seal_soon(self) -> None:
         """Propose what the engine wrote, once everything that arrived in this turn of
@@ -398,26 +434,29 @@ class HostedCopy:
             self._serve_changed.set()
 
     async def serve(self) -> None:
-        """Keep the subscriptions to the shard's subjects in line with ``serving``, one
-        change at a time (a long-running task of the machine)."""
+        """Keep the subscriptions to the shard's subjects in line with ``serving``
+        (a long-running task of the machine: restarted, it picks up where it failed)."""
         owner = self.layout.members[self.owner].name
-        handlers = (
-            (self.subject, self._on_package),
-            (query_subject(owner, self.worker, "coins"), self._on_coins),
-            (query_subject(owner, self.worker, "state"), self._on_state),
-            (query_subject(owner, self.worker, "events"), self._on_events_query),
-        )
+        handlers = {
+            self.subject: self._on_package,
+            query_subject(owner, self.worker, "coins"): self._on_coins,
+            query_subject(owner, self.worker, "state"): self._on_state,
+            query_subject(owner, self.worker, "events"): self._on_events_query,
+        }
         while True:
-            await self._serve_changed.wait()
             self._serve_changed.clear()
-            if self.serving and not self.subs:
-                for subj, cb in handlers:
-                    sub = await self.nc.subscribe(subj, cb=cb, pending_msgs_limit=1_000_000)
-                    self.subs.append(sub)
-            elif not self.serving and self.subs:
-                subs, self.subs = self.subs, []
-                for sub in subs:
-                    await sub.unsubscribe()
+            if self.serving:
+                for subj, cb in handlers.items():
+                    if subj not in self.subs:
+                        self.subs[subj] = await self.nc.subscribe(
+                            subj, cb=cb, pending_msgs_limit=1_000_000
+                        )
+            else:
+                for subj in list(self.subs):
+                    await self.subs[subj].unsubscribe()
+                    del self.subs[subj]
+            if self.serving == bool(self.subs):
+                await self._serve_changed.wait()
 
     async def _on_package(self, msg: Msg) -> None:
         if not self.shard.accepting(self.replica):
@@ -471,8 +510,16 @@ class HostedCopy:
         )
 
     async def _on_events_query(self, msg: Msg) -> None:
-        if not self.shard.accepting(self.replica) or self.gap is not None:
-            return  # readers ask again: the twin, or this copy once whole, answers
+        if not self.shard.accepting(self.replica):
+            return
+        if self.gap is not None:  # the twin's log answers, while ours has a gap
+            try:
+                answer = await self.nc.request(self.twin_subject, msg.data, timeout=BACKFILL_S)
+                _, page = _twin_decoder.decode(answer.data)
+            except (NatsError, msgspec.ValidationError, msgspec.DecodeError):
+                return  # the reader asks again
+            await msg.respond(bytes(page))
+            return
         events = self.events
         await answer_query(
             msg,

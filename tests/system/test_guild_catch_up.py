@@ -47,7 +47,8 @@ def where() -> Iterator[Path]:
 
 
 async def events_log(net: Devnet, worker: int, copy: int) -> list[proto.BlockEvents]:
-    """A copy's whole events log, as it serves it to its twin."""
+    """A copy's whole events log, as it serves it to its twin (with how far it is
+    whole)."""
     nc = await nats.connect(net.nats_url)
     try:
         found: list[proto.BlockEvents] = []
@@ -55,7 +56,9 @@ async def events_log(net: Devnet, worker: int, copy: int) -> list[proto.BlockEve
             after = found[-1].height if found else -1
             query = msgspec.msgpack.encode(proto.EventsQuery(after))
             msg = await nc.request(f"cst.{net.operator}.qe.{worker}.{copy}", query, timeout=5)
-            page = proto.decode_page(msg.data)
+            whole, raw = msgspec.msgpack.decode(msg.data, type=tuple[int, msgspec.Raw])
+            assert whole >= 0
+            page = proto.decode_page(raw)
             if not page.blocks:
                 return found
             found += page.blocks
