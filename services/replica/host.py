@@ -2,13 +2,18 @@
 disk, and what it does while it leads.
 
 Every copy runs the worker's engine (``LedgerShard``): followers replay their leader's
-blocks, a leader takes packages and writes blocks. The shell's order for each ``Ready``
-is the replica's: persist (``CopyStore``, fsynced), then send, then ``stored``. Then the
-application's part: the events of newly confirmed blocks go to this copy's events log
-(every copy keeps one, so that whichever leads can serve readers), and a leader
-publishes them; leadership gained or lost resets the engine's log; a leader whose log
-is confirmed subscribes to the shard's subjects on its operator's NATS (packages and
+blocks, a leader takes packages and writes blocks. For each ``Ready`` the shell first
+does what confirmed blocks (durable at a quorum already) call for: the leader's
+callbacks (receipts, votes, decisions), and their events into this copy's events log,
+and out to readers from a leader. Then the replica's order: persist (``CopyStore``,
+fsynced), send, ``stored``; then leadership gained or lost. A leader whose log is
+confirmed subscribes to the shard's subjects on its operator's NATS (packages and
 queries), and unsubscribes when it stops leading.
+
+Every copy keeps an events log, so that whichever leads can serve its operator's
+indexer. A copy restored from a leader's snapshot lacks the events of the blocks the
+snapshot skipped: it marks the gap durably, and fills it from its twin (the owner's
+other copy), meanwhile serving readers from the twin's log.
 """
 
 from __future__ import annotations
@@ -146,7 +151,6 @@ class HostedCopy:
         self.gap = self._load_gap()  # the events log lacks blocks' events up to here
         if self.gap is not None and self.events.last >= self.gap:
             self.gap = None  # filled, and the mark's removal was lost in a crash
-        # Events are written up to here (synced before every snapshot of our own).
         self._gap_found = asyncio.Event()
         # The owner's copies (whose events its indexer reads) fill a gap from each other;
         # the others' events logs are read by nobody, and may have gaps.
@@ -154,6 +158,7 @@ class HostedCopy:
         self.own_subject = f"cst.{owner_name}.qe.{worker}.{me}"
         self.twin_subject = f"cst.{owner_name}.qe.{worker}.{me ^ 1}"
         self.pending: dict[int, Events] = {}  # events of blocks held, not yet confirmed
+        # Events are written up to here (synced before every snapshot of our own).
         self.written = self.replica.confirmed
         self._take_events(self.replica.blocks(self.replica.first - 1, self.replica.last))
         self.subs: dict[str, Subscription] = {}

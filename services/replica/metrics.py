@@ -61,6 +61,11 @@ class CopyCollector(Collector):
         refused = CounterMetricFamily(
             "replica_refused_messages", "messages the protocol refused", labels=labels
         )
+        dropped = CounterMetricFamily(
+            "replica_dropped_packages",
+            "at a leader: packages refused while a full block's worth waited",
+            labels=labels,
+        )
         snapshots = CounterMetricFamily(
             "replica_snapshots_installed", "snapshots received from a leader", labels=labels
         )
@@ -79,11 +84,12 @@ class CopyCollector(Collector):
             refused_blocks.add_metric(lv, r.counters.refused_blocks)
             refused.add_metric(lv, r.counters.refused_messages)
             snapshots.add_metric(lv, r.counters.snapshots_installed)
+            dropped.add_metric(lv, c.dropped)
             if r.role is Role.LEADER:
                 for peer, p in r.progress.items():
                     lag.add_metric([*lv, str(peer)], max(0, r.last - p.match))
         yield from (term, leading, leader, confirmed, last, since, lag, evidence, gap)
-        yield from (elections, refused_blocks, refused, snapshots)
+        yield from (elections, refused_blocks, refused, snapshots, dropped)
 
 
 class MachineMetrics:
