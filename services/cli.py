@@ -78,7 +78,8 @@ def _print_devnet(net: devnet.Devnet) -> None:
     for proc in net.signers:
         print(f"  signer {proc.index}:   pid {proc.pid}, http://127.0.0.1:{proc.http_port}")
     print(f"  indexer:    pid {net.indexer_pid}, http://127.0.0.1:{net.indexer_port}")
-    print(f"  nats:       {net.nats_url}")
+    users = " (users and passwords in nats.conf)" if net.nats_password else ""
+    print(f"  nats:       nats://127.0.0.1:{net.nats_port}{users}")
     print(f"  redis:      {net.redis_url}")
     print(f"  postgresql: {net.database_url}")
     supervisor = devnet.read_status(Path(net.dir))
