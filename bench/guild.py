@@ -47,10 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import median, print_table, write_json
 from services import devnet
 from services.devnet import Devnet, guild
+from services.devnet.procs import cpu_seconds
 from services.wallet import Gateway, GatewayError
 from services.workload import Workload, percentile
-
-CLK = os.sysconf("SC_CLK_TCK")
 
 
 def _tree(pid: int) -> list[int]:
@@ -63,21 +62,13 @@ def _tree(pid: int) -> list[int]:
     return found
 
 
-def _cpu_s(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK  # utime, stime
-
-
 def cpu_by_kind(nets: list[Devnet]) -> dict[str, float]:
     """CPU seconds so far of every process of ``nets`` (and their children), by kind."""
     used: dict[str, float] = {}
     for net in nets:
         for name, pid in net.processes():
             kind = name.split("-")[0]
-            used[kind] = used.get(kind, 0.0) + sum(_cpu_s(p) for p in _tree(pid))
+            used[kind] = used.get(kind, 0.0) + sum(cpu_seconds(p) for p in _tree(pid))
     return used
 
 

@@ -106,6 +106,14 @@ def proc_state(pid: int) -> str | None:
     return fields[0] if fields else None
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU ``pid`` has used so far, user and system (0 once it is gone)."""
+    fields = _stat(pid) if pid > 0 else None
+    if fields is None:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def started_at(pid: int) -> float | None:
     """When ``pid`` started, in Unix seconds (None if it is gone)."""
     fields = _stat(pid) if pid > 0 else None
