@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 import nats
 import uvloop
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -97,12 +98,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class MalformedHttp(logging.Filter):
+    """aiohttp logs a request it could not parse (a line too long, a bad header), which
+    it answers 400, as an error with its traceback: that is a client's mistake, said in
+    one line at info."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = f"malformed request answered 400: {exc.message}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def configure_logging(service: str, level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.getLogger("aiohttp.server").addFilter(MalformedHttp())
 
 
 def now_ms() -> int:
