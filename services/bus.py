@@ -10,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
@@ -98,6 +99,12 @@ async def publish_map(nc: Client, operator: str, pmap: PartitionMap) -> None:
     await kv.put(MAP_KEY, pmap.encode())
 
 
+class Publisher(Protocol):
+    """Where packages go: a NATS client, or what relays them (``services/replica/relay.py``)."""
+
+    async def publish(self, subject: str, payload: bytes) -> None: ...
+
+
 class Packer:
     """Batches items per destination subject into packages (by size or deadline).
 
@@ -108,7 +115,7 @@ class Packer:
 
     def __init__(
         self,
-        nc: Client,
+        nc: Publisher,
         sender: int,
         reply: str,
         map_version: Callable[[], int],

@@ -31,11 +31,15 @@ class GatewayError(RuntimeError):
 
 
 class Gateway:
-    """The public API, over HTTP."""
+    """The public API, over HTTP; transactions, issuances and totals go to ``ledger``
+    (a guild member's name) where given, else to the gateway's own operator's."""
 
-    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, url: str, session: aiohttp.ClientSession, ledger: str | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.session = session
+        self.query = f"?ledger={ledger}" if ledger else ""
 
     async def _json(self, resp: aiohttp.ClientResponse) -> dict[str, Any]:
         try:
@@ -59,10 +63,14 @@ class Gateway:
             return await self._json(resp)
 
     async def submit(self, tx: Transaction, key: str | None = None) -> dict[str, Any]:
-        return await self.post("/v1/tx", tx.encode(), {"Idempotency-Key": key} if key else None)
+        headers = {"Idempotency-Key": key} if key else None
+        return await self.post("/v1/tx" + self.query, tx.encode(), headers)
 
     async def issue(self, issuance: Issuance) -> dict[str, Any]:
-        return await self.post("/v1/issuance", issuance.encode())
+        return await self.post("/v1/issuance" + self.query, issuance.encode())
+
+    async def totals(self) -> dict[str, Any]:
+        return await self.get("/v1/ledger" + self.query)
 
     async def coins(self, address: str) -> dict[bytes, Coin]:
         """Every unspent coin of ``address``, page by page."""

@@ -200,6 +200,7 @@ class Devnet:
             "GATEWAY_DATABASE_URL": self.database_url,
             "GATEWAY_HTTP_ADDR": f"127.0.0.1:{self.gateway_port}",
             "GATEWAY_NETWORK": self.network,
+            **({"GATEWAY_LAYOUT": str(self.layout_path)} if self.in_guild else {}),
         }
 
     def indexer_env(self) -> dict[str, str]:

@@ -155,7 +155,8 @@ def _decimal(request: web.Request, name: str, low: int, high: int, default: int)
 class Api:
     def __init__(
         self,
-        ledger: LedgerClient,
+        ledgers: dict[str, LedgerClient],
+        operator: str,
         index: Index,
         limits: Limits,
         metrics: GatewayMetrics,
@@ -164,7 +165,8 @@ class Api:
         max_in_flight: int,
         timeout_s: float,
     ) -> None:
-        self.ledger = ledger
+        self.ledgers = ledgers  # every ledger served, by its operator's name
+        self.ledger = ledgers[operator]  # this operator's: the index and pushes are its
         self.index = index
         self.limits = limits
         self.metrics = metrics
@@ -244,21 +246,36 @@ class Api:
             "send application/octet-stream (canonical encoding) or application/json",
         )
 
+    def _ledger(self, request: web.Request) -> LedgerClient:
+        """The ledger a request is for: ``?ledger=NAME`` (a guild member's), else ours."""
+        name = request.query.get("ledger")
+        if name is None:
+            return self.ledger
+        client = self.ledgers.get(name)
+        if client is None:
+            raise ApiError(
+                "malformed.ledger",
+                f"no ledger {name[:64]!r} here; this gateway serves {', '.join(self.ledgers)}",
+            )
+        return client
+
     def _admit(self, request: web.Request, count: int) -> None:
-        if self.ledger.in_flight + count > self.max_in_flight:
+        if sum(c.in_flight for c in self.ledgers.values()) + count > self.max_in_flight:
             raise ApiError("overloaded", "too many transactions in flight; retry", 1.0)
         wait = self.limits.admit(request.remote or "unknown", count)
         if wait:
             raise ApiError("rate_limited", f"over {self.limits.rate_per_s} tx/s", wait)
 
-    async def _run(self, txs: list[tuple[Transaction, bytes]]) -> list[tuple[int, dict[str, Any]]]:
+    async def _run(
+        self, ledger: LedgerClient, txs: list[tuple[Transaction, bytes]]
+    ) -> list[tuple[int, dict[str, Any]]]:
         """Submit and wait; (HTTP status, receipt or error body) for each, in order."""
         started = time.monotonic()
         pending = self.pending
         for tx, _ in txs:
             pending[tx.txid] = started
         try:
-            results = await self.ledger.submit(txs, self.timeout_s)
+            results = await ledger.submit(txs, self.timeout_s)
         finally:
             for tx, _ in txs:
                 pending.pop(tx.txid, None)
@@ -298,6 +315,7 @@ class Api:
 
     async def post_tx(self, request: web.Request) -> web.Response:
         body = await self._body(request, MAX_TX_BYTES)
+        ledger = self._ledger(request)
         key = request.headers.get("Idempotency-Key")
         client = request.remote or "unknown"
         if key is not None:
@@ -305,6 +323,8 @@ class Api:
                 raise ApiError(
                     "malformed.idempotency_key", "Idempotency-Key must be 1..128 printable ASCII"
                 )
+            if ledger is not self.ledger:
+                key = f"{ledger.operator}:{key}"  # a key is the client's, per ledger
             stored = await self.limits.begin(client, key, body)
             if stored is not None:
                 if stored.status == 0:
@@ -315,7 +335,7 @@ class Api:
         try:
             tx, raw = self._parse(request, body)
             self._admit(request, 1)
-            [(status, answer)] = await self._run([(tx, raw)])
+            [(status, answer)] = await self._run(ledger, [(tx, raw)])
         except (ApiError, ConstellationError) as exc:
             if key is not None:
                 err = exc if isinstance(exc, ApiError) else ApiError.of(exc)
@@ -330,18 +350,21 @@ class Api:
         if request.content_type != "application/octet-stream":
             raise ApiError("malformed.content_type", "a batch is application/octet-stream")
         body = await self._body(request, MAX_BATCH * MAX_TX_BYTES)
+        ledger = self._ledger(request)
         parsed = parse_batch(body)
         self._admit(request, len(parsed))
-        answers = iter(await self._run([p for p in parsed if not isinstance(p, ApiError)]))
+        txs = [p for p in parsed if not isinstance(p, ApiError)]
+        answers = iter(await self._run(ledger, txs))
         results = [p.body() if isinstance(p, ApiError) else next(answers)[1] for p in parsed]
         return json_response({"results": results})
 
     async def post_issuance(self, request: web.Request) -> web.Response:
         body = await self._body(request, MAX_TX_BYTES)
+        ledger = self._ledger(request)
         issuance = decode_issuance(body)
         self._admit(request, 1)
         try:
-            results = await self.ledger.issue(issuance, body, self.timeout_s)
+            results = await ledger.issue(issuance, body, self.timeout_s)
         except LedgerUnavailable as exc:
             raise ApiError(TIMEOUT, f"{exc}; issuing again is safe") from None
         for result in results:
@@ -398,9 +421,11 @@ class Api:
             return ApiError(NOT_INDEXED, f"not in the index; it may be behind the ledger ({why})")
         return ApiError(NOT_FOUND, "no committed transaction with this id")
 
-    async def _coin_infos(self, coin_ids: list[bytes]) -> dict[bytes, proto.CoinInfo]:
+    async def _coin_infos(
+        self, ledger: LedgerClient, coin_ids: list[bytes]
+    ) -> dict[bytes, proto.CoinInfo]:
         try:
-            infos = await self.ledger.coins(coin_ids, self.timeout_s)
+            infos = await ledger.coins(coin_ids, self.timeout_s)
         except LedgerUnavailable as exc:
             raise ApiError("unavailable", str(exc)) from None
         unknown = proto.CoinInfo(b"", "unknown", 0, b"", b"")
@@ -408,7 +433,7 @@ class Api:
 
     async def get_coin(self, request: web.Request) -> web.Response:
         coin_id = _hex(request.match_info["coin_id"], "coin_id", 32)
-        info = (await self._coin_infos([coin_id]))[coin_id]
+        info = (await self._coin_infos(self._ledger(request), [coin_id]))[coin_id]
         if info.status == "unknown":
             raise ApiError(NOT_FOUND, "no such coin")
         doc: dict[str, Any] = {"coin_id": coin_id.hex(), "status": info.status}
@@ -432,7 +457,9 @@ class Api:
         limit = self._limit(request)
         after = _decimal(request, "after", 0, MAX_CURSOR, 0)
         indexed = await self.index.unspent(owner, limit, after)
-        infos = await self._coin_infos([cid for _, cid, _ in indexed]) if indexed else {}
+        infos = (
+            await self._coin_infos(self.ledger, [cid for _, cid, _ in indexed]) if indexed else {}
+        )
         coins = [
             {"coin_id": cid.hex(), "value_msat": infos[cid].value_msat, "status": infos[cid].status}
             for _, cid, _ in indexed
@@ -449,17 +476,19 @@ class Api:
         entries = await self.index.history(owner, self._limit(request), before)
         return json_response({"address": request.match_info["address"], "history": entries})
 
-    async def get_ledger(self, _: web.Request) -> web.Response:
-        """The operator's totals, summed over its workers (and each worker's)."""
+    async def get_ledger(self, request: web.Request) -> web.Response:
+        """A ledger's totals, summed over its workers (and each worker's)."""
+        ledger = self._ledger(request)
         try:
             states = await asyncio.gather(
-                *(self.ledger.state(w, self.timeout_s) for w in self.ledger.pmap.workers)
+                *(ledger.state(w, self.timeout_s) for w in ledger.pmap.workers)
             )
         except LedgerUnavailable as exc:
             raise ApiError("unavailable", str(exc)) from None
         fields = ("held_msat", "issued_msat", "fees_msat", "coins", "locks", "in_doubt")
         doc: dict[str, Any] = {f: sum(getattr(st, f) for st in states) for f in fields}
-        doc["map_version"] = self.ledger.pmap.version
+        doc["ledger"] = ledger.operator
+        doc["map_version"] = ledger.pmap.version
         doc["workers"] = [msgspec.structs.asdict(st) for st in states]
         return json_response(doc)
 

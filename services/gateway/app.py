@@ -37,31 +37,52 @@ class GatewayNode:
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
         m = self.metrics
-        ledger = await LedgerClient.connect(
-            s.nats_url, s.operator, s.packages, m.package_items.observe
-        )
+        pmap = s.layout.pmap if s.layout else None
+        ledgers = {
+            name: await LedgerClient.connect(
+                s.nats_url, name, s.packages, m.package_items.observe, pmap
+            )
+            for name in s.ledgers
+        }
+        ledger = ledgers[s.operator]
         index = await Index.open(s.database_url)
         limits = Limits.connect(s.redis_url, s.rate_per_s)
         await limits.ping()
         pushes = Pushes(ledger, s.network, m, m.registry, self.ops.tasks)
-        api = Api(ledger, index, limits, m, pushes, s.network, s.max_in_flight, s.timeout_ms / 1000)
+        api = Api(
+            ledgers,
+            s.operator,
+            index,
+            limits,
+            m,
+            pushes,
+            s.network,
+            s.max_in_flight,
+            s.timeout_ms / 1000,
+        )
         api.install(self.ops.app)
-        m.queue.labels("in_flight").set_function(lambda: ledger.in_flight)
-        m.queue.labels("outbox").set_function(lambda: ledger.packer.depth)
+        m.queue.labels("in_flight").set_function(lambda: sum(c.in_flight for c in ledgers.values()))
+        m.queue.labels("outbox").set_function(lambda: sum(c.packer.depth for c in ledgers.values()))
         tasks = self.ops.tasks
-        tasks.start("packages", ledger.packer.run)
+        for name, client in ledgers.items():
+            tasks.start(f"packages-{name}", client.packer.run)
         tasks.start("limits", limits.sync_forever)
         await self.ops.start(s.http_host, s.http_port)
         self.api = api
         log.info(
             "gateway ready",
-            extra={"http_port": self.ops.port, "map_version": ledger.pmap.version},
+            extra={
+                "http_port": self.ops.port,
+                "map_version": ledger.pmap.version,
+                "ledgers": list(ledgers),
+            },
         )
         await stop.wait()
         self.draining = True
-        log.info("draining", extra={"in_flight": ledger.in_flight})
+        log.info("draining", extra={"in_flight": sum(c.in_flight for c in ledgers.values())})
         await self.ops.stop()  # stops taking requests; waits for the running ones
-        await ledger.close()
+        for client in ledgers.values():
+            await client.close()
         await tasks.stop()
         await index.close()
         await limits.close()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from constellation.address import Network
 from services.bus import Batching
+from services.replica.config import Layout, load_layout
 from services.runtime import ConfigError, env_addr, env_int, env_operator, env_str
 
 
@@ -25,6 +27,15 @@ class Settings:
     timeout_ms: int
     packages: Batching
     log_level: str
+    # A guild member's gateway serves every member's ledger (its users pay here while
+    # their own operator is down), with the guild's partition map.
+    layout: Layout | None = None
+
+    @property
+    def ledgers(self) -> list[str]:
+        """The ledgers served: this operator's first."""
+        others = [m.name for m in self.layout.members] if self.layout else []
+        return [self.operator, *(o for o in others if o != self.operator)]
 
     @staticmethod
     def from_env(env: Mapping[str, str]) -> Settings:
@@ -33,8 +44,13 @@ class Settings:
             network = Network.from_name(env_str(env, "GATEWAY_NETWORK", "regtest"))
         except ValueError as exc:
             raise ConfigError(f"GATEWAY_NETWORK: {exc}") from None
+        operator = env_operator(env, "GATEWAY_OPERATOR")
+        layout = None
+        if env.get("GATEWAY_LAYOUT"):
+            layout = load_layout(Path(env_str(env, "GATEWAY_LAYOUT")))
+            layout.index(operator)  # a member of it
         return Settings(
-            operator=env_operator(env, "GATEWAY_OPERATOR"),
+            operator=operator,
             nats_url=env_str(env, "GATEWAY_NATS_URL", "nats://127.0.0.1:4222"),
             redis_url=env_str(env, "GATEWAY_REDIS_URL", "redis://127.0.0.1:6379/0"),
             database_url=env_str(env, "GATEWAY_DATABASE_URL"),
@@ -47,4 +63,5 @@ class Settings:
             timeout_ms=env_int(env, "GATEWAY_TIMEOUT_MS", 5_000, 100, 600_000),
             packages=Batching.from_env(env, "GATEWAY_PACKAGE", 512, 0),
             log_level=env_str(env, "GATEWAY_LOG_LEVEL", "info"),
+            layout=layout,
         )

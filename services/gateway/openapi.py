@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.gateway.errors import describe
+from services.runtime import OPERATOR_RE
 
 HEX32 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 HEX32_IN = {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}
@@ -81,6 +82,16 @@ IDEMPOTENCY_KEY = {
     "description": "the same key and body within a day get the first answer again",
     "schema": {"type": "string", "pattern": "^[\\x20-\\x7e]{1,128}$"},
 }
+LEDGER = {
+    "name": "ledger",
+    "in": "query",
+    "description": (
+        "the guild member whose ledger holds the coins (default: this gateway's operator):"
+        " a member's gateway serves every member's ledger, so that its users pay while"
+        " their own operator is down"
+    ),
+    "schema": {"type": "string", "pattern": OPERATOR_RE.pattern},
+}
 BINARY = {"type": "string", "format": "binary"}
 BINARY_BODY = {"required": True, "content": {"application/octet-stream": {"schema": BINARY}}}
 TX_BODY = {
@@ -110,7 +121,7 @@ def openapi() -> dict[str, Any]:
             "/v1/tx": {
                 "post": {
                     "summary": "Submit a signed transaction; answered after it commits",
-                    "parameters": [IDEMPOTENCY_KEY],
+                    "parameters": [IDEMPOTENCY_KEY, LEDGER],
                     "requestBody": TX_BODY,
                     "responses": {
                         "200": _json(_ref("Receipt"), "committed"),
@@ -121,6 +132,7 @@ def openapi() -> dict[str, Any]:
             "/v1/txs": {
                 "post": {
                     "summary": "Submit a batch: (length:u32 big-endian, transaction)*",
+                    "parameters": [LEDGER],
                     "requestBody": BINARY_BODY,
                     "responses": {
                         "200": _json(
@@ -140,6 +152,7 @@ def openapi() -> dict[str, Any]:
             "/v1/issuance": {
                 "post": {
                     "summary": "Apply an issuance signed by a trusted issuer (idempotent)",
+                    "parameters": [LEDGER],
                     "requestBody": BINARY_BODY,
                     "responses": {
                         "200": _json(
@@ -176,7 +189,7 @@ def openapi() -> dict[str, Any]:
             "/v1/coin/{coin_id}": {
                 "get": {
                     "summary": "A coin: unspent, locked or spent",
-                    "parameters": [_path_param("coin_id", HEX32_IN)],
+                    "parameters": [_path_param("coin_id", HEX32_IN), LEDGER],
                     "responses": {
                         "200": _json(
                             _object(
@@ -235,7 +248,8 @@ def openapi() -> dict[str, Any]:
             },
             "/v1/ledger": {
                 "get": {
-                    "summary": "The operator's totals: held, issued, fees, coins, locks, in doubt",
+                    "summary": "A ledger's totals: held, issued, fees, coins, locks, in doubt",
+                    "parameters": [LEDGER],
                     "responses": {
                         "200": _json({"type": "object"}, "totals, and each worker's"),
                         **_errors(503),

@@ -223,11 +223,12 @@ class WorkerNode:
     async def _on_coins(self, msg: Msg) -> None:
         assert self.worker is not None
         engine = self.worker.engine
-        await answer_query(
-            msg,
+        answer = query_answer(
+            msg.data,
             proto.CoinQuery,
             lambda q: msgspec.msgpack.encode([engine.coin_info(c) for c in q.coin_ids[:1000]]),
         )
+        await msg.respond(answer)
 
     async def _on_state(self, msg: Msg) -> None:
         assert self.worker is not None
@@ -239,18 +240,18 @@ class WorkerNode:
         """A page of the events log, for a reader that missed what was published."""
         assert self.worker is not None
         events = self.worker.writer.events
-        await answer_query(
-            msg,
+        answer = query_answer(
+            msg.data,
             proto.EventsQuery,
             lambda q: proto.encode_page(events.last, events.read_after(q.after, EVENTS_PAGE_BYTES)),
         )
+        await msg.respond(answer)
 
 
-async def answer_query(msg: Msg, kind: type[Q], answer: Callable[[Q], bytes]) -> None:
-    """Answer a query of type ``kind``, or say why it is not one."""
+def query_answer(data: bytes, kind: type[Q], answer: Callable[[Q], bytes]) -> bytes:
+    """The answer to a query of type ``kind``, or why it is not one."""
     try:
-        query = msgspec.msgpack.decode(msg.data, type=kind)
+        query = msgspec.msgpack.decode(data, type=kind)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        await msg.respond(msgspec.msgpack.encode({"error": f"bad query: {exc}"}))
-        return
-    await msg.respond(answer(query))
+        return msgspec.msgpack.encode({"error": f"bad query: {exc}"})
+    return answer(query)

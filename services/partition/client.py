@@ -59,10 +59,18 @@ class LedgerClient:
 
     @classmethod
     async def connect(
-        cls, url: str, operator: str, batching: Batching, observe: Callable[[int], None]
+        cls,
+        url: str,
+        operator: str,
+        batching: Batching,
+        observe: Callable[[int], None],
+        pmap: PartitionMap | None = None,
     ) -> LedgerClient:
+        """A client of ``operator``'s ledger through the NATS at ``url``: its partition
+        map is ``pmap`` where given (a guild's layout), else the one published there."""
         nc = await connect_nats(url, f"gateway-{operator}")
-        pmap = await load_map(nc, operator)
+        if pmap is None:
+            pmap = await load_map(nc, operator)
         if pmap is None:
             await nc.close()
             raise LedgerUnavailable("no partition map is published yet")

@@ -1,5 +1,6 @@
-"""A machine of an operator: one copy of every shard of the guild, their ticks, and the
-replication traffic to and from the other copies (``transport.py``)."""
+"""A machine of an operator: one copy of every shard of the guild, their ticks, the
+replication traffic to and from the other copies (``transport.py``), and its part of the
+relay to shards led at other operators (``relay.py``)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,15 @@ from services.partition.app import EVENTS_LINGER_S, EVENTS_MAX_BYTES
 from services.replica.config import Settings
 from services.replica.host import HostedCopy
 from services.replica.metrics import MachineMetrics
-from services.replica.transport import Opener, Sealer, listen_subject, subject
+from services.replica.relay import Relay
+from services.replica.transport import (
+    Opener,
+    Sealer,
+    forward_listen,
+    forward_subject,
+    listen_subject,
+    subject,
+)
 from services.runtime import OpsServer, connect_nats, now_ms
 
 TICK_S = 0.02
@@ -52,6 +61,7 @@ class Machine:
         self.ops = OpsServer(self.metrics.registry, self.ready)
         self.ops.app.router.add_get("/v1/copies", self._describe)
         self.nc: Client | None = None
+        self.relay: Relay | None = None
         self.peers: dict[int, Client] = {}
         s = settings
         names = [m.name for m in s.layout.members]
@@ -89,6 +99,7 @@ class Machine:
         nc = self.nc = await connect_nats(
             s.nats_url, f"replica-{s.name}-{s.machine}", pending_size=64 << 20
         )
+        relay = self.relay = Relay(s.layout, s.operator, s.machine, nc, self._forward)
         replication = ReplicaSettings(
             heartbeat_s=s.heartbeat_ms / 1000,
             election_s=s.election_ms / 1000,
@@ -110,11 +121,13 @@ class Machine:
                     replication=replication,
                     prepare_timeout_ms=s.prepare_timeout_ms,
                     nc=nc,
+                    publisher=relay,
                     deliver=self._deliver,
                     publish_events=self._publish_events,
                     observe_round=self.metrics.round_seconds.observe,
                 )
                 self.copies.append(copy)
+                relay.add(copy)
         gc.freeze()
         log.info(
             "recovered",
@@ -135,6 +148,10 @@ class Machine:
             if copy.fills:
                 await nc.subscribe(copy.own_subject, cb=copy.on_twin_query)
                 tasks.start(f"backfill-{copy.name}", copy.backfill)
+        await nc.subscribe(
+            forward_listen(s.machine), cb=self._take_forward, pending_msgs_limit=1_000_000
+        )
+        tasks.start("relay", relay.follow)
         for peer, member in enumerate(s.layout.members):
             if peer != s.operator:
                 tasks.start(f"peer-{member.name}", functools.partial(self._connect_peer, peer))
@@ -226,6 +243,31 @@ class Machine:
                     await client.publish(subj, data)
                 except NatsError as exc:  # lost like any message: the protocol resends
                     log.debug("not sent", extra={"to": subj, "error": str(exc)})
+
+    def _forward(self, operator: int, machine: int, body: bytes) -> None:
+        """Queue a relayed message for ``machine`` of ``operator`` (``relay.py``)."""
+        s = self.settings
+        peer = s.layout.members[operator].name
+        client = self.peers.get(operator)
+        out = self._out[operator]
+        if client is None or not client.is_connected or len(out.queue) == OUTBOX:
+            self.metrics.undelivered.labels(peer).inc()
+            return
+        self.metrics.relayed.labels("out").inc()
+        data = self.sealer.seal_forward(operator, body, now_ms())
+        out.queue.append((forward_subject(s.layout.members[s.operator].name, machine), data))
+        out.wake.set()
+
+    async def _take_forward(self, msg: Msg) -> None:
+        assert self.relay is not None
+        try:
+            sender, body = self.opener.open_forward(msg.subject, msg.data, now_ms())
+            await self.relay.receive(sender, body)
+        except ConstellationError as exc:
+            self.metrics.rejected.labels(exc.code).inc()
+            log.info("relayed message refused", extra={"subject": msg.subject, "reason": str(exc)})
+            return
+        self.metrics.relayed.labels("in").inc()
 
     def _receiver(self, copy: HostedCopy) -> Callable[[Msg], Awaitable[None]]:
         async def receive(msg: Msg) -> None:

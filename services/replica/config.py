@@ -56,6 +56,11 @@ class Layout:
         lead from both of its machines."""
         return 2 * operator + (worker + machine) % MACHINES
 
+    def machine_of(self, copy: int, worker: int) -> int:
+        """The machine of its operator that holds copy ``copy`` of worker ``worker``'s
+        shards (``copy_at``'s inverse)."""
+        return (copy % MACHINES - worker) % MACHINES
+
     def to_json(self) -> dict[str, Any]:
         return {
             "guild": self.guild,

@@ -19,6 +19,7 @@ other copy), meanwhile serving readers from the twin's log.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -42,8 +43,8 @@ from constellation.protocol import replication as rp
 from constellation.replication.replica import EVERYONE, Ready, Replica, Role, body_hash
 from constellation.replication.replica import Settings as ReplicaSettings
 from constellation.replication.shard import Events, LedgerShard, ShardLog
-from services.bus import Batching, Packer, query_subject, worker_subject
-from services.partition.app import EVENTS_PAGE_BYTES, answer_query
+from services.bus import Batching, Packer, Publisher, query_subject, worker_subject
+from services.partition.app import EVENTS_PAGE_BYTES, query_answer
 from services.partition.wal import EventLog
 from services.partition.worker import state_info
 from services.replica.config import Layout
@@ -60,6 +61,7 @@ HELD = 10_000  # packages waiting for room in the next block, at most
 GAP_FILE = "events.gap"  # the events log lacks the events of blocks up to the height in it
 BACKFILL_S = 1.0
 GAPPED_PENDING = 1024  # blocks' events held while the log has a gap; beyond, the gap grows
+QUERIES = ("coins", "state", "events")  # what a leader answers, on query_subject(..., what)
 
 _twin_encoder = msgspec.msgpack.Encoder()
 _twin_decoder = msgspec.msgpack.Decoder(tuple[int, msgspec.Raw])
@@ -98,6 +100,7 @@ class HostedCopy:
         replication: ReplicaSettings,
         prepare_timeout_ms: int,
         nc: Client,
+        publisher: Publisher,
         deliver: Deliver,
         publish_events: Callable[[str, bytes], None],
         observe_round: Callable[[float], None] = lambda _: None,
@@ -112,8 +115,10 @@ class HostedCopy:
         owner_name = layout.members[owner].name
         self.subject = worker_subject(owner_name, worker)
         self.events_subject_owner = owner_name
+        # Packages go out through ``publisher``: on NATS, or relayed to a shard's leader
+        # at another operator (``relay.py``).
         self.packer = Packer(
-            nc, worker, self.subject, lambda: layout.pmap.version, PACKAGES, lambda _: None
+            publisher, worker, self.subject, lambda: layout.pmap.version, PACKAGES, lambda _: None
         )
         self.store = CopyStore(folder)
         loaded = self.store.load()
@@ -398,7 +403,7 @@ class HostedCopy:
     async def on_twin_query(self, msg: Msg) -> None:
         """The twin fills a gap (or serves a reader while it has one): a page of this
         copy's events log as readers get it, and how far the log is whole."""
-        await answer_query(msg, proto.EventsQuery, self._twin_page)
+        await msg.respond(query_answer(msg.data, proto.EventsQuery, self._twin_page))
 
     def _twin_page(self, query: proto.EventsQuery) -> bytes:
         events = self.events
@@ -442,12 +447,11 @@ class HostedCopy:
         """Keep the subscriptions to the shard's subjects in line with ``serving``
         (a long-running task of the machine: restarted, it picks up where it failed)."""
         owner = self.layout.members[self.owner].name
-        handlers = {
-            self.subject: self._on_package,
-            query_subject(owner, self.worker, "coins"): self._on_coins,
-            query_subject(owner, self.worker, "state"): self._on_state,
-            query_subject(owner, self.worker, "events"): self._on_events_query,
-        }
+        handlers = {self.subject: self._on_package}
+        for what in QUERIES:
+            handlers[query_subject(owner, self.worker, what)] = functools.partial(
+                self._on_query, what
+            )
         while True:
             self._serve_changed.clear()
             if self.serving:
@@ -464,13 +468,17 @@ class HostedCopy:
                 await self._serve_changed.wait()
 
     async def _on_package(self, msg: Msg) -> None:
-        if not self.shard.accepting(self.replica):
-            return  # a package that reached a copy no longer leading: its sender retries
         try:
             pkg = proto.decode_package(msg.data)
         except MessageError as exc:
             log.info("package rejected", extra={"reason": str(exc)})
             return
+        self.take(pkg)
+
+    def take(self, pkg: proto.Package) -> None:
+        """A package for the shard, from this operator's NATS or relayed to it."""
+        if not self.shard.accepting(self.replica):
+            return  # a package that reached a copy no longer leading: its sender retries
         if self.held or self.shard.log.full:
             # A block's worth waits to be sealed: the package waits for the next block
             # (as many as HELD fit; beyond, its sender's timeout or resend covers it).
@@ -497,37 +505,35 @@ class HostedCopy:
             self.held.clear()  # no longer leading: their senders retry with the leader
         self.process()
 
-    async def _on_coins(self, msg: Msg) -> None:
+    async def _on_query(self, what: str, msg: Msg) -> None:
+        answer = await self.answer(what, msg.data)
+        if answer is not None:
+            await msg.respond(answer)
+
+    async def answer(self, what: str, data: bytes) -> bytes | None:
+        """The answer to query ``what`` (one of ``QUERIES``), or None where this copy
+        does not lead (the asker asks again, and the leader answers)."""
         if not self.shard.accepting(self.replica):
-            return  # no longer leading: the asker asks again, and the leader answers
+            return None
         engine = self.engine
-        await answer_query(
-            msg,
-            proto.CoinQuery,
-            lambda q: msgspec.msgpack.encode([engine.coin_info(c) for c in q.coin_ids[:1000]]),
-        )
-
-    async def _on_state(self, msg: Msg) -> None:
-        if not self.shard.accepting(self.replica):
-            return
-        await msg.respond(
-            msgspec.msgpack.encode(state_info(self.engine, self.replica.last, self.events.last))
-        )
-
-    async def _on_events_query(self, msg: Msg) -> None:
-        if not self.shard.accepting(self.replica):
-            return
+        if what == "coins":
+            return query_answer(
+                data,
+                proto.CoinQuery,
+                lambda q: msgspec.msgpack.encode([engine.coin_info(c) for c in q.coin_ids[:1000]]),
+            )
+        if what == "state":
+            return msgspec.msgpack.encode(state_info(engine, self.replica.last, self.events.last))
         if self.gap is not None:  # the twin's log answers, while ours has a gap
             try:
-                answer = await self.nc.request(self.twin_subject, msg.data, timeout=BACKFILL_S)
+                answer = await self.nc.request(self.twin_subject, data, timeout=BACKFILL_S)
                 _, page = _twin_decoder.decode(answer.data)
             except (NatsError, msgspec.ValidationError, msgspec.DecodeError):
-                return  # the reader asks again
-            await msg.respond(bytes(page))
-            return
+                return None  # the reader asks again
+            return bytes(page)
         events = self.events
-        await answer_query(
-            msg,
+        return query_answer(
+            data,
             proto.EventsQuery,
             lambda q: proto.encode_page(events.last, events.read_after(q.after, EVENTS_PAGE_BYTES)),
         )

@@ -114,3 +114,9 @@ class MachineMetrics:
             ["peer"],
             registry=r,
         )
+        self.relayed = Counter(
+            "replica_relayed_messages",
+            "packages, queries and answers relayed for shards led at another operator",
+            ["direction"],  # out: sent to another operator; in: taken from one
+            registry=r,
+        )

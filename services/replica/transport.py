@@ -16,6 +16,10 @@ Between the two machines of one operator, messages go over that operator's own s
 under its own name, which no peer may publish as: they are not sealed (``Sealer.seal``
 leaves them plain, ``Opener.open`` takes them plain), saving a signature and its check
 on every message to a twin.
+
+Packages and queries relayed to a shard's leader at another operator (``relay.py``) go
+to that leader's machine on ``cst.rep.<sender>.fwd.<machine>``, sealed the same way
+(always: a machine never relays to its own operator).
 """
 
 from __future__ import annotations
@@ -47,6 +51,15 @@ def listen_subject(owner: int, worker: int, copy: int) -> str:
     return f"{PREFIX}.*.{owner}.{worker}.{copy}"
 
 
+def forward_subject(sender: str, machine: int) -> str:
+    """Where ``sender`` relays to machine ``machine`` of the receiving operator."""
+    return f"{PREFIX}.{sender}.fwd.{machine}"
+
+
+def forward_listen(machine: int) -> str:
+    return f"{PREFIX}.*.fwd.{machine}"
+
+
 def peer_permissions(peer: str) -> dict[str, object]:
     """The NATS permissions an operator grants a peer: publish its own messages, nothing
     else (no subscriptions, no JetStream, no other subjects)."""
@@ -74,6 +87,12 @@ class Sealer:
         may publish only under its own name)."""
         return self._seal(BROADCAST, envelope, now_ms)
 
+    def seal_forward(self, operator: int, body: bytes, now_ms: int) -> bytes:
+        """A relayed package, query or answer (``relay.py``) for ``operator``."""
+        return seal(
+            self.guild, self.key.secret, self.me, self.to[operator], os.urandom(16), now_ms, body
+        )
+
     def _seal(self, to: bytes, envelope: rp.Envelope, now_ms: int) -> bytes:
         return seal(
             self.guild, self.key.secret, self.me, to, os.urandom(16), now_ms, rp.encode(envelope)
@@ -100,11 +119,8 @@ class Opener:
         if claimed == self.index:  # from our other machine, over our own server
             sender, inner = claimed, rp.decode(data)
         else:
-            env, sender = self.membership.open(data, self.me)
-            if sender != claimed:
-                raise Misdirected(f"signed by member {sender}, sent as {parts[2]!r}")
-            self.guards[sender].check(env, now_ms)
-            inner = rp.decode(env.body)
+            sender, body = self._open(claimed, parts[2], data, now_ms)
+            inner = rp.decode(body)
         if (
             inner.sender // 2 != sender
             or str(inner.owner) != parts[3]
@@ -112,3 +128,21 @@ class Opener:
         ):
             raise Misdirected("the message names another copy or shard than its subject")
         return inner
+
+    def open_forward(self, subj: str, data: bytes, now_ms: int) -> tuple[int, bytes]:
+        """(the sending operator, the relayed message inside), or a
+        ``ConstellationError`` saying why not."""
+        parts = subj.split(".")
+        if len(parts) != 5 or parts[3] != "fwd":
+            raise Misdirected(f"not a relay subject: {subj!r}")
+        claimed = self.names.get(parts[2])
+        if claimed == self.index:
+            raise Misdirected("a relay from our own name: machines never relay to their own")
+        return self._open(claimed, parts[2], data, now_ms)
+
+    def _open(self, claimed: int | None, name: str, data: bytes, now_ms: int) -> tuple[int, bytes]:
+        env, sender = self.membership.open(data, self.me)
+        if sender != claimed:
+            raise Misdirected(f"signed by member {sender}, sent as {name!r}")
+        self.guards[sender].check(env, now_ms)
+        return sender, env.body

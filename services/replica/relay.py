@@ -1,0 +1,299 @@
+"""Packages and queries for shards whose leader is at another operator.
+
+Gateways and workers reach a shard on their own operator's NATS: packages on
+``cst.<owner>.w.<w>``, queries on ``cst.<owner>.q.<w>.<what>``. A shard led at this
+operator is served there by its leader (``HostedCopy.serve``). A shard led elsewhere
+(another operator's shard, or this operator's own while its copies here are down or it
+is excluded) is served by the relay: this operator's machines take the shard's subjects
+(in one queue group, so that one machine takes each message) and send what comes to the
+machine of the leader, sealed like a replication message (``transport.py``). So a
+user whose operator is down pays through any other member's gateway, and a member's
+gateway serves every ledger of the guild.
+
+A leading copy's own packages to another shard go out through ``Relay.publish``: to a
+leader at another operator they go straight to its machine, so two-phase commit between
+shards led at different operators crosses one operator boundary per message.
+
+Answers go back where the request came from. The leader's machine rewrites a relayed
+client request's reply subject to ``cst.relay.<operator>.<machine>.<reply>``: what the
+engine answers there returns, sealed, to that machine, which publishes it on the
+original subject. A relayed query's answer returns to the inbox it came from.
+
+What arrives from another operator is untrusted. A package from a worker is taken only
+from the operator whose copy leads that worker's shard as this machine knows it, with
+only the items workers send each other and that worker's own subject as its reply. A
+package from a gateway carries only transactions and issuances, whose signatures the
+shard checks as it checks any. A query names a shard, one of ``QUERIES`` and an inbox.
+An answer is published only where this machine relayed such a request to that very
+operator. Anything else is refused with its reason, which the machine counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Callable
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from constellation.errors import MessageError, Misdirected
+from constellation.protocol import ledger as proto
+from services.bus import GATEWAY, query_subject, worker_subject
+from services.replica.config import MACHINES, Layout
+from services.replica.host import QUERIES, HostedCopy
+
+log = logging.getLogger("replica.relay")
+
+REPLY_PREFIX = "cst.relay"
+QUEUE = "relay"  # the queue group of an operator's machines on a shard's subjects
+FOLLOW_S = 0.05  # how often the subscriptions follow where the shards' leaders are
+EXPECTED = 65_536  # requests relayed whose answers may come back, at most (oldest go)
+_SUBJECT = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){1,15}")
+MAX_SUBJECT = 256
+_FROM_GATEWAY = (proto.Submit, proto.Issue)
+_FROM_WORKER = (proto.Prepare, proto.Vote, proto.Decide, proto.Ask, proto.Done)
+
+
+class _Msg(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True, tag_field="k"):
+    pass
+
+
+class Relayed(_Msg, frozen=True, tag="p"):
+    """A package for shard (``owner``, ``worker``), from machine ``machine`` of the sender."""
+
+    owner: int
+    worker: int
+    machine: int
+    package: bytes
+
+
+class Query(_Msg, frozen=True, tag="q"):
+    """Query ``what`` of shard (``owner``, ``worker``); the answer goes to ``reply`` at
+    machine ``machine`` of the sender."""
+
+    owner: int
+    worker: int
+    machine: int
+    what: str
+    data: bytes
+    reply: str
+
+
+class Answer(_Msg, frozen=True, tag="a"):
+    """Publish ``data`` on ``subject``: the answer to a request the receiver relayed."""
+
+    subject: str
+    data: bytes
+
+
+Forward = Relayed | Query | Answer
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Forward)
+
+
+def encode(msg: Forward) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(body: bytes) -> Forward:
+    try:
+        return _decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise MessageError(f"not a relayed message: {exc}") from None
+
+
+def _subject(text: str, what: str) -> str:
+    if len(text) > MAX_SUBJECT or not _SUBJECT.fullmatch(text):
+        raise MessageError(f"{what} is not a subject one may publish on: {text[:64]!r}")
+    return text
+
+
+class _Expected:
+    """Bounded memory of (subject, operator) pairs an answer may come back for."""
+
+    def __init__(self) -> None:
+        self._pairs: OrderedDict[tuple[str, int], None] = OrderedDict()
+
+    def add(self, subject: str, operator: int) -> None:
+        pairs = self._pairs
+        pairs[(subject, operator)] = None
+        pairs.move_to_end((subject, operator))
+        if len(pairs) > EXPECTED:
+            pairs.popitem(last=False)
+
+    def __contains__(self, pair: tuple[str, int]) -> bool:
+        return pair in self._pairs
+
+    def discard(self, pair: tuple[str, int]) -> None:
+        self._pairs.pop(pair, None)
+
+
+Send = Callable[[int, int, bytes], None]  # (operator, machine, relayed message)
+
+
+class Relay:
+    """This machine's part of the relay (see the module docstring). ``send`` seals a
+    message for an operator's machine and queues it."""
+
+    def __init__(self, layout: Layout, operator: int, machine: int, nc: Client, send: Send) -> None:
+        self.layout, self.operator, self.machine = layout, operator, machine
+        self.nc = nc
+        self.send = send
+        self.names = {m.name: i for i, m in enumerate(layout.members)}
+        self.copies: dict[tuple[int, int], HostedCopy] = {}
+        self.subs: dict[tuple[int, int], list[Subscription]] = {}
+        self.inboxes = _Expected()  # queries' inboxes, until answered
+        self.replies = _Expected()  # gateways' reply subjects (answered many times)
+
+    def add(self, copy: HostedCopy) -> None:
+        self.copies[(copy.owner, copy.worker)] = copy
+
+    def leader_at(self, owner: int, worker: int) -> tuple[int, int] | None:
+        """(operator, machine) of the shard's leader where it is at another operator;
+        None where it is here or unknown."""
+        leader = self.copies[(owner, worker)].replica.leader
+        operator = leader // 2
+        if leader < 0 or operator == self.operator:
+            return None
+        return operator, self.layout.machine_of(leader, worker)
+
+    def _leading_operator(self, owner: int, worker: int) -> int:
+        leader = self.copies[(owner, worker)].replica.leader
+        return leader // 2 if leader >= 0 else -1
+
+    def _send(self, operator: int, machine: int, msg: Forward) -> None:
+        self.send(operator, machine, encode(msg))
+
+    # -- going out -------------------------------------------------------------------
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        """A leading copy's package: relayed where it goes to another operator (a leader
+        there, or an answer to a request relayed here), else on our own NATS."""
+        parts = subject.split(".", 4)
+        if subject.startswith(REPLY_PREFIX + ".") and len(parts) == 5:
+            # cst.relay.<operator>.<machine>.<reply>: set by ``_take_package`` from
+            # numbers it checked.
+            self._send(int(parts[2]), int(parts[3]), Answer(parts[4], payload))
+            return
+        if len(parts) == 4 and parts[0] == "cst" and parts[2] == "w":
+            owner = self.names.get(parts[1])
+            worker = int(parts[3]) if parts[3].isdecimal() else -1
+            if owner is not None and (owner, worker) in self.copies:
+                at = self.leader_at(owner, worker)
+                if at is not None:
+                    self._send(*at, Relayed(owner, worker, self.machine, payload))
+                    return
+        await self.nc.publish(subject, payload)
+
+    async def follow(self) -> None:
+        """Keep this machine in the relay's queue group for every shard led at another
+        operator, and out of it for the others (a long-running task of the machine)."""
+        while True:
+            for (owner, worker), copy in self.copies.items():
+                wanted = not copy.closed and self.leader_at(owner, worker) is not None
+                subs = self.subs.get((owner, worker))
+                if wanted and subs is None:
+                    self.subs[(owner, worker)] = await self._subscribe(owner, worker)
+                elif subs is not None and not wanted:
+                    del self.subs[(owner, worker)]
+                    for sub in subs:
+                        await sub.unsubscribe()
+            await asyncio.sleep(FOLLOW_S)
+
+    async def _subscribe(self, owner: int, worker: int) -> list[Subscription]:
+        name = self.layout.members[owner].name
+        subs = [
+            await self.nc.subscribe(
+                worker_subject(name, worker),
+                queue=QUEUE,
+                cb=functools.partial(self._on_package, owner, worker),
+                pending_msgs_limit=1_000_000,
+            )
+        ]
+        for what in QUERIES:
+            subs.append(
+                await self.nc.subscribe(
+                    query_subject(name, worker, what),
+                    queue=QUEUE,
+                    cb=functools.partial(self._on_query, owner, worker, what),
+                )
+            )
+        return subs
+
+    async def _on_package(self, owner: int, worker: int, msg: Msg) -> None:
+        at = self.leader_at(owner, worker)
+        if at is None:
+            return  # the leadership came here or is changing: the sender resends
+        try:
+            pkg = proto.decode_package(msg.data)
+        except MessageError as exc:
+            log.info("package rejected", extra={"reason": str(exc)})
+            return
+        if pkg.sender == GATEWAY:
+            self.replies.add(pkg.reply, at[0])
+        self._send(*at, Relayed(owner, worker, self.machine, msg.data))
+
+    async def _on_query(self, owner: int, worker: int, what: str, msg: Msg) -> None:
+        at = self.leader_at(owner, worker)
+        if at is None or not msg.reply:
+            return  # the asker asks again
+        self.inboxes.add(msg.reply, at[0])
+        self._send(*at, Query(owner, worker, self.machine, what, msg.data, msg.reply))
+
+    # -- coming in -------------------------------------------------------------------
+
+    async def receive(self, sender: int, body: bytes) -> None:
+        """What operator ``sender`` relayed to this machine (authenticated already), or a
+        ``ConstellationError`` saying why it is refused."""
+        msg = decode(body)
+        if isinstance(msg, Answer):
+            await self._answer(sender, msg)
+            return
+        copy = self.copies.get((msg.owner, msg.worker))
+        if copy is None or not 0 <= msg.machine < MACHINES:
+            raise Misdirected(f"no shard ({msg.owner}, {msg.worker}) or machine {msg.machine}")
+        if isinstance(msg, Relayed):
+            copy.take(self._checked(sender, msg))
+            return
+        if msg.what not in QUERIES:
+            raise MessageError(f"no query {msg.what!r}")
+        reply = _subject(msg.reply, "the reply")
+        answer = await copy.answer(msg.what, msg.data)
+        if answer is not None:  # else this copy no longer leads: the asker asks again
+            self._send(sender, msg.machine, Answer(reply, answer))
+
+    def _checked(self, sender: int, msg: Relayed) -> proto.Package:
+        """The package, where operator ``sender`` may relay it (see the docstring)."""
+        pkg = proto.decode_package(msg.package)
+        if pkg.sender == GATEWAY:
+            if not all(isinstance(i, _FROM_GATEWAY) for i in pkg.items):
+                raise MessageError("a gateway's package carries transactions and issuances only")
+            reply = _subject(pkg.reply, "the reply")
+            relayed = f"{REPLY_PREFIX}.{sender}.{msg.machine}.{reply}"
+            return msgspec.structs.replace(pkg, reply=relayed)
+        if not 0 <= pkg.sender < self.layout.workers:
+            raise MessageError(f"no worker {pkg.sender}")
+        if not all(isinstance(i, _FROM_WORKER) for i in pkg.items):
+            raise MessageError("a worker's package carries two-phase commit messages only")
+        if pkg.reply != worker_subject(self.layout.members[msg.owner].name, pkg.sender):
+            raise Misdirected("a worker's package must name its own subject as the reply")
+        if self._leading_operator(msg.owner, pkg.sender) != sender:
+            raise Misdirected(
+                f"member {sender} does not lead shard ({msg.owner}, {pkg.sender}) as this "
+                "machine knows it"
+            )
+        return pkg
+
+    async def _answer(self, sender: int, msg: Answer) -> None:
+        pair = (msg.subject, sender)
+        if pair in self.inboxes:
+            self.inboxes.discard(pair)
+        elif pair not in self.replies:
+            raise Misdirected(f"an answer on {msg.subject[:64]!r}, which nobody asked it for")
+        await self.nc.publish(msg.subject, msg.data)
