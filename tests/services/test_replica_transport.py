@@ -1,11 +1,14 @@
 """Replication messages between operators: what ``Opener`` takes and what it refuses,
-and the guild layout every machine reads."""
+relayed messages' envelopes and encoding, and the guild layout every machine reads."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from constellation.errors import (
@@ -19,11 +22,15 @@ from constellation.errors import (
 )
 from constellation.keys import SigningKey
 from constellation.protocol import replication as rp
+from services.gateway.config import Settings as GatewaySettings
+from services.replica import relay
 from services.replica.config import MACHINES, Layout
 from services.replica.transport import (
     FRESH_MS,
     Opener,
     Sealer,
+    forward_listen,
+    forward_subject,
     listen_subject,
     peer_permissions,
     subject,
@@ -162,6 +169,9 @@ def test_every_machine_holds_one_copy_of_every_shard_and_twins_are_apart(operato
         assert sorted(held) == list(range(2 * operators))  # each copy once, on one machine
         for op in range(operators):  # an operator's two copies are on its two machines
             assert {layout.copy_at(op, m, worker) // 2 for m in range(MACHINES)} == {op}
+        for op in range(operators):  # machine_of finds the machine copy_at put a copy on
+            for m in range(MACHINES):
+                assert layout.machine_of(layout.copy_at(op, m, worker), worker) == m
     # the owner's preferred copy leads from either machine, by worker
     assert {m for w in range(2) for m in range(MACHINES) if layout.copy_at(0, m, w) == 0} == {
         0,
@@ -203,3 +213,69 @@ def test_a_member_flooding_fresh_messages_fills_only_its_own_replay_guard(
         o.open(subject("op1", 0, 1, 0), sealed(1, 0, flood), NOW)
     other = rp.Envelope(0, 1, 4, HEARTBEAT)
     assert o.open(subject("op2", 0, 1, 0), sealed(2, 0, other), NOW) == other
+
+
+def test_a_relayed_message_opens_at_its_receiver_and_what_is_refused() -> None:
+    body = relay.encode(relay.Query(0, 1, 1, "coins", b"\x80", "_INBOX.a.b"))
+    data = Sealer("g", KEYS[1], PUBS).seal_forward(0, body, NOW)
+    assert forward_subject("op1", 1) == "cst.rep.op1.fwd.1"
+    assert forward_listen(1) == "cst.rep.*.fwd.1"
+    assert opener().open_forward(forward_subject("op1", 1), data, NOW) == (1, body)
+    with pytest.raises(Replayed):
+        opener_ = opener()
+        opener_.open_forward(forward_subject("op1", 1), data, NOW)
+        opener_.open_forward(forward_subject("op1", 1), data, NOW)
+    with pytest.raises(Misdirected):  # signed by op1, published as op2
+        opener().open_forward(forward_subject("op2", 1), data, NOW)
+    with pytest.raises(Misdirected):  # addressed to op0, opened by op2
+        opener(2).open_forward(forward_subject("op1", 1), data, NOW)
+    with pytest.raises(Misdirected):  # machines never relay to their own operator
+        opener(1).open_forward(forward_subject("op1", 1), data, NOW)
+    with pytest.raises(Misdirected):
+        opener().open_forward("cst.rep.op1.fwd", data, NOW)
+    with pytest.raises(NotAMember):
+        sealed_by_outsider = Sealer("g", KEYS[3], [*PUBS[:3], KEYS[3].pubkey]).seal_forward(
+            0, body, NOW
+        )
+        Opener("g", NAMES[:3], PUBS[:3], 0).open_forward(
+            forward_subject("op1", 1), sealed_by_outsider, NOW
+        )
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        relay.Relayed(0, 1, 1, b"\x01\x02"),
+        relay.Query(2, 0, 0, "state", b"", "_INBOX.x"),
+        relay.Answer("cst.op0.gw.abc", b"\x00"),
+    ],
+)
+def test_relayed_messages_round_trip(msg: relay.Forward) -> None:
+    assert relay.decode(relay.encode(msg)) == msg
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"\x93junk",
+        msgspec.msgpack.encode(["z", 1, 2]),  # an unknown kind
+        msgspec.msgpack.encode(["a", "cst.x", b"", "more"]),  # an unknown field
+        msgspec.msgpack.encode(["p", "zero", 1, 1, b""]),  # a wrong type
+    ],
+)
+def test_a_malformed_relayed_message_is_refused(body: bytes) -> None:
+    with pytest.raises(MessageError):
+        relay.decode(body)
+
+
+def test_a_guild_member_s_gateway_serves_every_member_s_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "layout.json"
+    path.write_text(json.dumps(layout_doc()))
+    env = {"GATEWAY_OPERATOR": "op1", "GATEWAY_DATABASE_URL": "postgresql://x/y"}
+    assert GatewaySettings.from_env(env).ledgers == ["op1"]  # alone: its own
+    in_guild = GatewaySettings.from_env({**env, "GATEWAY_LAYOUT": str(path)})
+    assert in_guild.ledgers == ["op1", "op0", "op2"]  # its own first
+    assert in_guild.layout is not None and in_guild.layout.pmap.workers == [0, 1, 2]
+    with pytest.raises(ConfigError, match="not a member"):
+        GatewaySettings.from_env({**env, "GATEWAY_OPERATOR": "op9", "GATEWAY_LAYOUT": str(path)})

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import shutil
 import signal
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +29,12 @@ import nats
 import pytest
 
 from constellation.keys import SigningKey
+from constellation.protocol import ledger as proto
 from constellation.protocol import replication as rp
+from services.bus import GATEWAY, worker_subject
 from services.devnet import Devnet, guild
-from services.replica.transport import Sealer, subject
+from services.replica import relay
+from services.replica.transport import Sealer, forward_subject, subject
 from services.runtime import now_ms
 from services.workload import run_workload
 
@@ -48,11 +53,13 @@ def nets(where: Path) -> list[Devnet]:
     return guild.load(where)  # the current pids (the supervisors restart what dies)
 
 
-async def pay(net: Devnet, payments: int = 150) -> bool:
-    """A workload at ``net``'s gateway; its report goes to the test's output."""
+async def pay(net: Devnet, payments: int = 150, via: Devnet | None = None) -> bool:
+    """A workload on ``net``'s ledger, at its gateway or at ``via``'s; its report goes to
+    the test's output."""
     out = io.StringIO()
-    ok = await run_workload(net, 6, 6, payments, 16, out)
-    print(f"-- payments at {net.operator}:\n{out.getvalue()}")
+    ok = await run_workload(net, 6, 6, payments, 16, out, via)
+    where = f" through {via.operator}'s gateway" if via else ""
+    print(f"-- payments at {net.operator}{where}:\n{out.getvalue()}")
     return ok
 
 
@@ -74,6 +81,8 @@ def no_two_leaders_in_a_term(where: Path) -> None:
 
 async def test_payments_reach_every_copy_of_their_shards_alike(where: Path) -> None:
     assert all(await asyncio.gather(*(pay(n) for n in nets(where))))
+    op0, op1, _ = nets(where)
+    assert await pay(op0, 60, via=op1)  # relayed to op0's leaders, and answered back
     by_shard = converged(where)
     for owner in ("op0", "op1", "op2"):
         assert by_shard[f"{owner}/0"][0]["confirmed"] > 1  # payments made blocks
@@ -122,7 +131,11 @@ async def test_a_stopped_operator_s_shards_are_led_elsewhere_then_it_catches_up(
         assert lead is not None
         new = await asyncio.to_thread(guild.wait_new_leader, nets(where), shard, lead["confirmed"])
         assert new["operator"] != "op2"
-    assert await pay(nets(where)[0])  # the others go on paying (a majority is up)
+    op0, op1, op2 = nets(where)
+    assert await pay(op0)  # the others go on paying (a majority is up)
+    # op2's users pay through op1's gateway: its shards' new leaders, at op0 and op1 or
+    # both at one of them, take the payments relayed
+    assert await pay(op2, via=op1)
     await asyncio.to_thread(guild.start_operator, where, "op2")
     by_shard = converged(where)
     await asyncio.to_thread(guild.wait_home, nets(where))
@@ -177,3 +190,65 @@ async def test_forged_replayed_and_impersonating_traffic_is_refused(where: Path)
     started = time.monotonic()
     assert await pay(op0, 20)  # and the guild goes on
     assert time.monotonic() - started < 60
+
+
+async def test_relayed_packages_and_answers_from_a_peer_are_checked(where: Path) -> None:
+    """op1 relays to op0's machine that leads op0/0: a vote from a shard op1 does not
+    lead, a gateway's package with a worker's message, an answer nobody asked for and
+    garbage are refused, counted, and change nothing."""
+    await asyncio.to_thread(guild.wait_home, nets(where))
+    op0, op1, _ = nets(where)
+    layout = guild.layout(nets(where))
+    machine = layout.machine_of(0, 0)  # op0's preferred copy of op0/0 leads there
+    sealer = Sealer(layout.guild, SigningKey(bytes.fromhex(op1.operator_key)), layout.keys)
+    decide = proto.Decide(bytes(32), True, 1)
+    bodies: list[relay.Forward] = [
+        # as if op0/1's leader told op0/0 a decision: op1 leads no such shard
+        relay.Relayed(
+            0,
+            0,
+            0,
+            proto.encode(
+                proto.Package(proto.PROTOCOL_VERSION, 1, worker_subject("op0", 1), 1, [decide])
+            ),
+        ),
+        # a "gateway" package carrying a worker's message
+        relay.Relayed(
+            0,
+            0,
+            0,
+            proto.encode(proto.Package(proto.PROTOCOL_VERSION, GATEWAY, "cst.x.y", 1, [decide])),
+        ),
+        relay.Answer("cst.op0.gw.forged", b"\x00"),  # nobody asked op1 for it
+    ]
+    before = rejected(op0, machine)
+    ledger_before = await totals(op0)
+    url = f"nats://op1:{op0.issued['op1']}@127.0.0.1:{op0.nats_port}"
+    nc = await nats.connect(url, max_reconnect_attempts=0)
+    try:
+        for body in bodies:
+            data = sealer.seal_forward(0, relay.encode(body), now_ms())
+            await nc.publish(forward_subject("op1", machine), data)
+        await nc.publish(forward_subject("op1", machine), sealer.seal_forward(0, b"junk", now_ms()))
+        await nc.flush()
+        await asyncio.sleep(0.5)
+    finally:
+        await nc.close()
+    after = rejected(op0, machine)
+    assert after.get("protocol.misdirected", 0) == before.get("protocol.misdirected", 0) + 2
+    assert after.get("protocol.malformed", 0) == before.get("protocol.malformed", 0) + 2
+    assert await totals(op0) == ledger_before
+    assert await pay(op0, 20, via=op1)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        await asyncio.to_thread(urllib.request.urlopen, f"{op1.gateway_url}/v1/ledger?ledger=op7")
+    assert refused.value.code == 400
+    assert json.load(refused.value)["error"]["code"] == "malformed.ledger"
+
+
+async def totals(net: Devnet) -> dict[str, Any]:
+    def get() -> dict[str, Any]:
+        with urllib.request.urlopen(f"{net.gateway_url}/v1/ledger", timeout=10) as r:
+            doc: dict[str, Any] = json.load(r)
+        return {k: doc[k] for k in ("held_msat", "issued_msat", "fees_msat", "coins", "locks")}
+
+    return await asyncio.to_thread(get)
