@@ -34,9 +34,7 @@ class Gateway:
     """The public API, over HTTP; transactions, issuances and totals go to ``ledger``
     (a guild member's name) where given, else to the gateway's own operator's."""
 
-    def __init__(
-        self, url: str, session: aiohttp.ClientSession, ledger: str | None = None
-    ) -> None:
+    def __init__(self, url: str, session: aiohttp.ClientSession, ledger: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.session = session
         self.query = f"?ledger={ledger}" if ledger else ""
