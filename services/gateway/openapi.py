@@ -252,7 +252,7 @@ def openapi() -> dict[str, Any]:
                     "parameters": [LEDGER],
                     "responses": {
                         "200": _json({"type": "object"}, "totals, and each worker's"),
-                        **_errors(503),
+                        **_errors(400, 503),
                     },
                 }
             },

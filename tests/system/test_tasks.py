@@ -175,7 +175,7 @@ async def test_each_kind_of_task_dies_is_seen_and_comes_back(
         (worker.ops, "tick", worker.worker.engine, "expire"),
         (worker.ops, "events", proto, "encode_events"),
         (worker.ops, "packages", worker.nc, "publish"),
-        (gateway.ops, "packages", gateway.api.ledger.nc, "publish"),
+        (gateway.ops, f"packages-{OPERATOR}", gateway.api.ledger.nc, "publish"),
         (gateway.ops, "limits", gateway.api.limits, "sync"),
         (indexer.ops, "follow", indexer.follower, "sink"),
     ]
