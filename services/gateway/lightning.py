@@ -1,0 +1,454 @@
+"""The gateway's Lightning node: ``LightningBackend``, and Core Lightning behind it.
+
+The interface is shaped like the Cashu mints' (nutshell's ``cashu/lightning/base.py``):
+invoices in (create, look up, cancel, a stream of paid ones), payments out (pay with a
+fee limit, look up by hash) with a four-valued outcome (``constellation.lightning``),
+and the node's money: balances, channels, opening and splicing channels, on-chain
+addresses and withdrawals.
+
+``ClnBackend`` talks to Core Lightning through pyln-client over lightningd's unix socket,
+the same code whether a real lightningd or the simulated network
+(``services/lnsim``) serves it. pyln-client blocks: each call runs in a thread of a
+bounded pool, under a timeout (pyln sets none on its socket, so a call that times out
+keeps its thread until lightningd answers or goes). ``getinfo``'s version picks
+``xpay`` (v24.11) over ``pay`` and ``splicein``/``spliceout`` (v26.04) over the
+three-step splice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bolt11 import decode as decode_bolt11
+from bolt11.exceptions import Bolt11Exception
+from pyln.client import LightningRpc, RpcError
+
+from constellation.lightning import (
+    ALREADY_PAID,
+    Outcome,
+    PaymentState,
+    msat,
+    nothing_sent,
+    outgoing,
+    preimage_of,
+)
+
+log = logging.getLogger("gateway.lightning")
+
+CALL_S = 30.0  # an ordinary call
+PAY_S = 60.0  # a payment's call: past it the payment is looked up, not given up
+WAIT_S = 30  # a long poll for paid invoices (waitanyinvoice's own timeout)
+RETRY_FOR_S = 30  # how long lightningd keeps trying routes for a payment
+THREADS = 16
+CAN_ADD_HTLC = ("CHANNELD_NORMAL", "CHANNELD_AWAITING_SPLICE")
+SPLICE_ROUNDS = 10  # splice_update calls before the commitments must be secured
+
+
+class LightningError(RuntimeError):
+    """The node refused a call, or did not answer it."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    version: str
+    network: str
+    blockheight: int
+
+
+@dataclass(frozen=True)
+class Invoice:
+    label: str
+    bolt11: str
+    payment_hash: bytes
+    status: str  # unpaid, paid, expired
+    amount_msat: int | None
+    expires_at: int
+    pay_index: int | None = None
+    amount_received_msat: int | None = None
+    preimage: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Channel:
+    channel_id: str
+    peer_id: str
+    state: str
+    connected: bool
+    capacity_msat: int
+    local_msat: int
+    spendable_msat: int
+    receivable_msat: int
+    splicing: bool
+
+    @property
+    def usable(self) -> bool:
+        return self.connected and self.state in CAN_ADD_HTLC
+
+
+@dataclass(frozen=True)
+class Balances:
+    lightning_local_msat: int  # ours in channels that can carry payments
+    spendable_msat: int
+    receivable_msat: int
+    onchain_confirmed_msat: int
+    onchain_unconfirmed_msat: int
+
+
+class LightningBackend(ABC):
+    @abstractmethod
+    async def info(self) -> NodeInfo: ...
+
+    @abstractmethod
+    async def create_invoice(
+        self,
+        amount_msat: int,
+        label: str,
+        description: str,
+        expiry_s: int,
+        preimage: bytes | None = None,
+    ) -> Invoice:
+        """An invoice under ``label``; creating it again answers the same one (a retry
+        after a lost reply), and a different one under that label is refused."""
+
+    @abstractmethod
+    async def invoice(self, label: str) -> Invoice | None: ...
+
+    @abstractmethod
+    async def cancel_invoice(self, label: str) -> bool:
+        """Delete an unpaid invoice; False where it was paid meanwhile."""
+
+    @abstractmethod
+    def paid_invoices(self, after_pay_index: int) -> AsyncIterator[Invoice]:
+        """Every invoice paid after ``after_pay_index``, in order, for ever (persist
+        each one's ``pay_index`` to resume after a restart)."""
+
+    @abstractmethod
+    async def pay(self, bolt11: str, fee_limit_msat: int) -> PaymentState:
+        """Pay ``bolt11``: settled, failed, pending or unknown (never failed unless it
+        is). Paying it again after any outcome but failed pays nothing twice."""
+
+    @abstractmethod
+    async def payment(self, payment_hash: bytes) -> PaymentState:
+        """What became of a payment this node was asked to make."""
+
+    @abstractmethod
+    async def channels(self) -> list[Channel]: ...
+
+    @abstractmethod
+    async def balances(self) -> Balances: ...
+
+    @abstractmethod
+    async def open_channel(self, peer_id: str, sat: int, push_msat: int = 0) -> str: ...
+
+    @abstractmethod
+    async def splice_in(self, channel_id: str, sat: int) -> str: ...
+
+    @abstractmethod
+    async def splice_out(self, channel_id: str, sat: int) -> str: ...
+
+    @abstractmethod
+    async def new_address(self) -> str: ...
+
+    @abstractmethod
+    async def withdraw(self, address: str, sat: int) -> str: ...
+
+
+def payment_hash_of(bolt11: str) -> bytes:
+    """The payment hash a BOLT11 invoice names (``LightningError`` if it is none)."""
+    try:
+        found = decode_bolt11(bolt11).payment_hash
+    except (Bolt11Exception, ValueError, KeyError, IndexError) as exc:
+        raise LightningError(f"not a BOLT11 invoice: {exc}", -32602) from None
+    if found is None:
+        raise LightningError("the invoice names no payment hash", -32602)
+    return bytes.fromhex(found)
+
+
+def version_tuple(version: str) -> tuple[int, int]:
+    m = re.match(r"v?(\d+)\.(\d+)", version)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _code(exc: RpcError) -> int | None:
+    """The error's code; None where the connection was lost (pyln gives a string)."""
+    error = exc.error
+    return error.get("code") if isinstance(error, dict) else None
+
+
+def _message(exc: RpcError) -> str:
+    error = exc.error
+    return str(error.get("message", error)) if isinstance(error, dict) else str(error)
+
+
+def _invoice(doc: dict[str, Any]) -> Invoice:
+    payment_hash = bytes.fromhex(doc["payment_hash"])
+    return Invoice(
+        label=str(doc["label"]),
+        bolt11=doc.get("bolt11", ""),
+        payment_hash=payment_hash,
+        status=doc["status"],
+        amount_msat=msat(doc["amount_msat"]) if "amount_msat" in doc else None,
+        expires_at=int(doc["expires_at"]),
+        pay_index=doc.get("pay_index"),
+        amount_received_msat=(
+            msat(doc["amount_received_msat"]) if "amount_received_msat" in doc else None
+        ),
+        preimage=preimage_of(doc.get("payment_preimage"), payment_hash),
+    )
+
+
+class ClnBackend(LightningBackend):
+    """Core Lightning at ``socket`` (``<lightning-dir>/<network>/lightning-rpc``)."""
+
+    def __init__(self, socket: Path) -> None:
+        self.rpc = LightningRpc(str(socket))
+        self.pool = ThreadPoolExecutor(THREADS, thread_name_prefix="lightning")
+        self.version = (0, 0)
+
+    async def connect(self) -> NodeInfo:
+        """``getinfo``, and the methods its version offers."""
+        info = await self.info()
+        self.version = version_tuple(info.version)
+        return info
+
+    @property
+    def xpay(self) -> bool:
+        return self.version >= (24, 11)
+
+    @property
+    def splice_v2(self) -> bool:
+        return self.version >= (26, 4)
+
+    async def _call(self, method: str, params: dict[str, Any], timeout: float = CALL_S) -> Any:
+        """The result, or ``RpcError`` (lightningd refused, or the connection was lost),
+        ``OSError`` (no socket) or ``TimeoutError``."""
+        call = functools.partial(self.rpc.call, method, params)
+        return await asyncio.wait_for(
+            asyncio.get_running_loop().run_in_executor(self.pool, call), timeout
+        )
+
+    async def _ask(self, method: str, params: dict[str, Any], timeout: float = CALL_S) -> Any:
+        """Like ``_call``, every failure a ``LightningError``."""
+        try:
+            return await self._call(method, params, timeout)
+        except RpcError as exc:
+            raise LightningError(f"{method}: {_message(exc)}", _code(exc)) from None
+        except (OSError, TimeoutError) as exc:
+            raise LightningError(f"{method}: the node did not answer ({exc!r})") from None
+
+    async def info(self) -> NodeInfo:
+        doc = await self._ask("getinfo", {})
+        return NodeInfo(doc["id"], doc["version"], doc["network"], int(doc["blockheight"]))
+
+    # -- invoices ---------------------------------------------------------------------
+
+    async def create_invoice(
+        self,
+        amount_msat: int,
+        label: str,
+        description: str,
+        expiry_s: int,
+        preimage: bytes | None = None,
+    ) -> Invoice:
+        params: dict[str, Any] = {
+            "amount_msat": amount_msat,
+            "label": label,
+            "description": description,
+            "expiry": expiry_s,
+            "preimage": preimage.hex() if preimage is not None else None,
+        }
+        try:
+            await self._call("invoice", params)
+        except RpcError as exc:
+            if _code(exc) != 900:  # 900: the label exists (created before a lost reply)
+                raise LightningError(f"invoice: {_message(exc)}", _code(exc)) from None
+        except (OSError, TimeoutError) as exc:
+            raise LightningError(f"invoice: the node did not answer ({exc!r})") from None
+        found = await self.invoice(label)
+        if found is None:
+            raise LightningError(f"invoice {label!r} was created but is not listed")
+        if found.amount_msat != amount_msat or (
+            preimage is not None and found.preimage not in (None, preimage)
+        ):
+            raise LightningError(f"label {label!r} holds another invoice", 900)
+        return found
+
+    async def invoice(self, label: str) -> Invoice | None:
+        doc = await self._ask("listinvoices", {"label": label})
+        found = [_invoice(i) for i in doc["invoices"]]
+        return found[0] if found else None
+
+    async def cancel_invoice(self, label: str) -> bool:
+        try:
+            await self._call("delinvoice", {"label": label, "status": "unpaid"})
+            return True
+        except RpcError as exc:
+            if _code(exc) == 906:  # not unpaid any more: paid, or expired
+                current = (exc.error.get("data") or {}).get("current_status")
+                return current != "paid"
+            if _code(exc) == 905:  # no such invoice
+                return True
+            raise LightningError(f"delinvoice: {_message(exc)}", _code(exc)) from None
+        except (OSError, TimeoutError) as exc:
+            raise LightningError(f"delinvoice: the node did not answer ({exc!r})") from None
+
+    async def paid_invoices(self, after_pay_index: int) -> AsyncIterator[Invoice]:
+        backoff = 0.5
+        while True:
+            try:
+                doc = await self._call(
+                    "waitanyinvoice",
+                    {"lastpay_index": after_pay_index, "timeout": WAIT_S},
+                    WAIT_S + CALL_S,
+                )
+            except RpcError as exc:
+                if _code(exc) == 904:  # nothing paid within the timeout: wait again
+                    continue
+                log.warning("waiting for invoices failed", extra={"error": _message(exc)})
+            except (OSError, TimeoutError) as exc:
+                log.warning("waiting for invoices failed", extra={"error": repr(exc)})
+            else:
+                backoff = 0.5
+                inv = _invoice(doc)
+                if inv.pay_index is not None:
+                    after_pay_index = inv.pay_index
+                yield inv
+                continue
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    # -- payments ---------------------------------------------------------------------
+
+    async def pay(self, bolt11: str, fee_limit_msat: int) -> PaymentState:
+        try:
+            payment_hash = payment_hash_of(bolt11)
+        except LightningError as exc:
+            return PaymentState(Outcome.FAILED, b"", reason=str(exc))
+        method, invoice = ("xpay", "invstring") if self.xpay else ("pay", "bolt11")
+        params = {invoice: bolt11, "maxfee": fee_limit_msat, "retry_for": RETRY_FOR_S}
+        try:
+            doc = await self._call(method, params, PAY_S)
+        except RpcError as exc:
+            code = _code(exc)
+            if code is not None and nothing_sent(code):
+                return PaymentState(Outcome.FAILED, payment_hash, reason=_message(exc))
+            if code != ALREADY_PAID:
+                log.info(
+                    "payment error: looking it up",
+                    extra={"payment_hash": payment_hash.hex(), "error": _message(exc)},
+                )
+            return await self.payment(payment_hash)
+        except (OSError, TimeoutError) as exc:
+            log.info(
+                "payment not answered: looking it up",
+                extra={"payment_hash": payment_hash.hex(), "error": repr(exc)},
+            )
+            return await self.payment(payment_hash)
+        preimage = preimage_of(doc.get("payment_preimage"), payment_hash)
+        if preimage is None:  # a success without proof settles nothing
+            return await self.payment(payment_hash)
+        amount, sent = msat(doc["amount_msat"]), msat(doc["amount_sent_msat"])
+        return PaymentState(Outcome.SETTLED, payment_hash, preimage, amount, sent - amount)
+
+    async def payment(self, payment_hash: bytes) -> PaymentState:
+        try:
+            doc = await self._call("listpays", {"payment_hash": payment_hash.hex()})
+        except (RpcError, OSError, TimeoutError) as exc:
+            reason = _message(exc) if isinstance(exc, RpcError) else repr(exc)
+            return PaymentState(Outcome.UNKNOWN, payment_hash, reason=f"listpays: {reason}")
+        return outgoing(doc["pays"], payment_hash, asked=True)
+
+    # -- the node's money -------------------------------------------------------------
+
+    async def channels(self) -> list[Channel]:
+        doc = await self._ask("listpeerchannels", {})
+        return [
+            Channel(
+                channel_id=c.get("channel_id", ""),
+                peer_id=c["peer_id"],
+                state=c["state"],
+                connected=bool(c.get("peer_connected")),
+                capacity_msat=msat(c.get("total_msat", 0)),
+                local_msat=msat(c.get("to_us_msat", 0)),
+                spendable_msat=msat(c.get("spendable_msat", 0)),
+                receivable_msat=msat(c.get("receivable_msat", 0)),
+                splicing=bool(c.get("inflight")),
+            )
+            for c in doc["channels"]
+        ]
+
+    async def balances(self) -> Balances:
+        channels = await self.channels()
+        funds = await self._ask("listfunds", {})
+        open_ = [c for c in channels if c.state in CAN_ADD_HTLC]
+        outputs = [o for o in funds["outputs"] if o["status"] != "spent"]
+        return Balances(
+            lightning_local_msat=sum(c.local_msat for c in open_),
+            spendable_msat=sum(c.spendable_msat for c in open_ if c.connected),
+            receivable_msat=sum(c.receivable_msat for c in open_ if c.connected),
+            onchain_confirmed_msat=sum(
+                msat(o["amount_msat"]) for o in outputs if o["status"] == "confirmed"
+            ),
+            onchain_unconfirmed_msat=sum(
+                msat(o["amount_msat"]) for o in outputs if o["status"] == "unconfirmed"
+            ),
+        )
+
+    async def open_channel(self, peer_id: str, sat: int, push_msat: int = 0) -> str:
+        await self._ask("connect", {"id": peer_id})
+        params = {"id": peer_id, "amount": sat, "push_msat": push_msat or None}
+        doc = await self._ask("fundchannel", params)
+        return str(doc["channel_id"])
+
+    async def splice_in(self, channel_id: str, sat: int) -> str:
+        return await self._splice(channel_id, sat)
+
+    async def splice_out(self, channel_id: str, sat: int) -> str:
+        return await self._splice(channel_id, -sat)
+
+    async def _splice(self, channel_id: str, relative_sat: int) -> str:
+        if self.splice_v2:
+            if relative_sat > 0:
+                doc = await self._ask("splicein", {"channel": channel_id, "amount": relative_sat})
+            else:
+                params = {"channel": channel_id, "amount": -relative_sat}
+                doc = await self._ask("spliceout", params)
+            return str(doc["txid"])
+        # before v26.04: initiate, update until both commitments are secured, sign
+        init = {"channel_id": channel_id, "relative_amount": relative_sat}
+        psbt = (await self._ask("splice_init", init))["psbt"]
+        for _ in range(SPLICE_ROUNDS):
+            doc = await self._ask("splice_update", {"channel_id": channel_id, "psbt": psbt})
+            psbt = doc["psbt"]
+            if doc.get("commitments_secured"):
+                break
+        else:
+            raise LightningError(f"splice of {channel_id}: commitments not secured")
+        signed = (await self._ask("signpsbt", {"psbt": psbt}))["signed_psbt"]
+        doc = await self._ask("splice_signed", {"channel_id": channel_id, "psbt": signed})
+        return str(doc["txid"])
+
+    async def new_address(self) -> str:
+        doc = await self._ask("newaddr", {"addresstype": "p2tr"})
+        return str(doc["p2tr"])
+
+    async def withdraw(self, address: str, sat: int) -> str:
+        doc = await self._ask("withdraw", {"destination": address, "satoshi": sat})
+        return str(doc["txid"])
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
