@@ -1,0 +1,122 @@
+"""``python -m services.lnsim`` as a process: its nodes' sockets answer pyln-client, its
+control API sets faults, its ops port says how it is, and SIGTERM stops it cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyln.client import LightningRpc, RpcError
+
+from constellation.lightning import Outcome
+from services.devnet.procs import free_port, wait_ready
+from services.gateway.lightning import ClnBackend
+from services.lnsim.sim import socket_path
+
+pytestmark = pytest.mark.system
+
+
+class Proc:
+    def __init__(self, directory: Path, port: int, proc: subprocess.Popen[bytes]) -> None:
+        self.directory, self.port, self.proc = directory, port, proc
+
+    def call(self, method: str, path: str, doc: Any = None) -> Any:
+        data = json.dumps(doc).encode() if doc is not None else None
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=data, method=method
+        )
+        with urllib.request.urlopen(req, timeout=5) as r:
+            body = r.read().decode()
+        return json.loads(body) if body.startswith(("{", "[")) else body
+
+
+@pytest.fixture(scope="module")
+def lnsim() -> Iterator[Proc]:
+    directory = Path(tempfile.mkdtemp(prefix="lns", dir="/tmp"))
+    port = free_port()
+    env = {
+        **os.environ,
+        "LNSIM_DIR": str(directory),
+        "LNSIM_NODES": "op0,op1,op2",
+        "LNSIM_CHANNEL_SAT": "1000000",
+        "LNSIM_BLOCK_S": "1",
+        "LNSIM_HTTP_ADDR": f"127.0.0.1:{port}",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "services.lnsim"], env=env)
+    try:
+        wait_ready(port, proc.pid, 30)
+        yield Proc(directory, port, proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_bad_configuration_is_refused_with_its_reason() -> None:
+    env = {**os.environ, "LNSIM_DIR": "/tmp", "LNSIM_NODES": "a,a"}
+    done = subprocess.run(
+        [sys.executable, "-m", "services.lnsim"],
+        check=False,
+        env=env,
+        capture_output=True,
+        timeout=30,
+    )
+    assert done.returncode == 2 and b"LNSIM_NODES" in done.stderr
+
+
+async def test_every_node_answers_pyln_and_pays_across_the_mesh(lnsim: Proc) -> None:
+    nodes = lnsim.call("GET", "/v1/nodes")
+    assert [n["name"] for n in nodes] == ["op0", "op1", "op2"] and all(n["online"] for n in nodes)
+    rpc = LightningRpc(str(socket_path(lnsim.directory, "op0")))
+    info = await asyncio.to_thread(rpc.getinfo)
+    assert info["id"] == nodes[0]["id"] and info["num_active_channels"] == 2
+    op0 = ClnBackend(socket_path(lnsim.directory, "op0"))
+    op2 = ClnBackend(socket_path(lnsim.directory, "op2"))
+    try:
+        await op0.connect()
+        await op2.connect()
+        inv = await op2.create_invoice(123_000, "settle:1", "a settlement", 600)
+        assert (await op0.pay(inv.bolt11, 0)).outcome is Outcome.SETTLED
+        # faults over the control API: a payee that fails, then one that holds
+        lnsim.call("POST", "/v1/faults/op2", {"fail_next": 1})
+        inv2 = await op2.create_invoice(1_000, "settle:2", "x", 600)
+        assert (await op0.pay(inv2.bolt11, 0)).outcome is Outcome.FAILED
+        assert (await op0.pay(inv2.bolt11, 0)).outcome is Outcome.SETTLED
+        lnsim.call("POST", "/v1/faults/op1", {"offline": True})
+        assert not os.path.exists(socket_path(lnsim.directory, "op1"))
+        with pytest.raises(RpcError):  # op1 carries nothing now: no route through it
+            await asyncio.to_thread(rpc.call, "connect", {"id": nodes[1]["id"]})
+        lnsim.call("POST", "/v1/faults/op1", {"offline": False})
+        assert os.path.exists(socket_path(lnsim.directory, "op1"))
+    finally:
+        op0.close()
+        op2.close()
+    assert lnsim.call("GET", "/v1/books")["missing_msat"] == 0
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        lnsim.call("POST", "/v1/faults/op0", {"hold": "yes"})
+    assert bad.value.code == 400
+    with pytest.raises(urllib.error.HTTPError) as unknown:
+        lnsim.call("POST", "/v1/faults/op9", {"hold": True})
+    assert unknown.value.code == 404
+    height = lnsim.call("POST", "/v1/mine", {"blocks": 3})["height"]
+    assert height >= 104
+    metrics = lnsim.call("GET", "/metrics")
+    assert 'lnsim_payments{node="op0",status="complete"} 2.0' in metrics
+    assert "lnsim_books_missing_msat 0.0" in metrics
+
+
+def test_sigterm_stops_it_cleanly(lnsim: Proc) -> None:
+    lnsim.proc.send_signal(signal.SIGTERM)
+    assert lnsim.proc.wait(timeout=15) == 0
+    assert not os.path.exists(socket_path(lnsim.directory, "op0"))
