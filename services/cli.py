@@ -82,6 +82,8 @@ def _print_devnet(net: devnet.Devnet) -> None:
     print(f"  nats:       nats://127.0.0.1:{net.nats_port}{users}")
     print(f"  redis:      {net.redis_url}")
     print(f"  postgresql: {net.database_url}")
+    if net.lightning_rpc:
+        print(f"  lightning:  {net.lightning_rpc} (a simulated node: `lightning-cli --rpc-file`)")
     supervisor = devnet.read_status(Path(net.dir))
     if supervisor is not None:
         print(f"  supervisor: pid {supervisor['pid']}, restarts what exits (`devnet status`)")

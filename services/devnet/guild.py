@@ -11,12 +11,19 @@ only under its own name, and signs every message besides.
 Each operator's devnet has its own supervisor; ``up`` starts them all, then waits until
 every machine is ready (its copies follow live leaders, which needs a majority of the
 operators up). ``down`` stops them all.
+
+The operators' Lightning nodes are one simulated network (``python -m services.lnsim``,
+in ``DIR/lightning``: a channel between every pair of operators), which ``up`` starts
+first and ``down`` stops last; each gateway reaches its node's lightningd socket. A
+stopped operator's node goes offline with it. The network is not supervised: it is the
+stand-in for the outside world, and a restart would lose its channels.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -24,7 +31,7 @@ from typing import Any
 
 from constellation.keys import SigningKey
 from services.devnet.deps import assign_ports, start_deadline_s, stop_all
-from services.devnet.procs import alive, free_port, ready
+from services.devnet.procs import alive, free_port, ready, spawn, stop_pid, wait_ready
 from services.devnet.state import Devnet, DevnetError, MachineProc, write_json_atomic
 from services.devnet.supervisor import (
     STATUS_FILE,
@@ -33,11 +40,15 @@ from services.devnet.supervisor import (
     stop_supervisor,
     supervisor_alive,
 )
+from services.lnsim.sim import socket_path
 from services.replica.config import MACHINES, Layout, Member
 from services.replica.transport import peer_permissions
 
 GUILD_FILE = "guild-devnet.json"
 READY_S = 120  # every machine ready, once every operator's processes have started
+LIGHTNING_DIR = "lightning"
+LIGHTNING_START_S = 30
+CHANNEL_SAT = 10_000_000  # each channel between two operators (half on each side)
 
 
 def operator_dirs(directory: Path) -> list[Path]:
@@ -70,6 +81,7 @@ def create(directory: Path, operators: int, workers: int, guild: str) -> list[De
         net.machines = [
             MachineProc(m, str(folder / f"machine-{m}"), free_port()) for m in range(MACHINES)
         ]
+        net.lightning_rpc = str(socket_path((directory / LIGHTNING_DIR).resolve(), name))
         net.save()
         nets.append(net)
     write_json_atomic(directory / GUILD_FILE, {"guild": guild, "operators": names})
@@ -134,6 +146,7 @@ def up(directory: Path, operators: int, workers: int, guild: str) -> list[Devnet
         net.save()
         (Path(net.dir) / STATUS_FILE).unlink(missing_ok=True)
     try:
+        start_lightning(directory, [n.operator for n in nets])
         pids = [spawn_supervisor(Path(n.dir)) for n in nets]
         for net, pid in zip(nets, pids, strict=True):
             await_supervisor(Path(net.dir), pid, start_deadline_s(net))
@@ -161,6 +174,7 @@ def stop_operator(directory: Path, name: str) -> None:
     folder = directory / name
     stop_supervisor(folder)
     stop_all(Devnet.load(folder))
+    lightning_faults(directory, name, {"offline": True})
 
 
 def start_operator(directory: Path, name: str) -> Devnet:
@@ -172,6 +186,7 @@ def start_operator(directory: Path, name: str) -> Devnet:
     net = Devnet.load(folder)
     (folder / STATUS_FILE).unlink(missing_ok=True)
     await_supervisor(folder, spawn_supervisor(folder), start_deadline_s(net))
+    lightning_faults(directory, name, {"offline": False})
     net = Devnet.load(folder)
     wait_machines([net], READY_S)
     return net
@@ -183,6 +198,56 @@ def down(directory: Path) -> None:
         stop_supervisor(Path(net.dir))
     for net in load(directory):
         stop_all(net)
+    stop_lightning(directory)
+
+
+# -- the simulated Lightning network --------------------------------------------------
+
+
+def _guild_doc(directory: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((directory / GUILD_FILE).read_text())
+    return doc
+
+
+def start_lightning(directory: Path, names: list[str]) -> None:
+    """Start the operators' simulated Lightning network (stopping one left running)."""
+    stop_lightning(directory)
+    port = free_port()
+    env = {
+        **os.environ,
+        "LNSIM_DIR": str((directory / LIGHTNING_DIR).resolve()),
+        "LNSIM_NODES": ",".join(names),
+        "LNSIM_CHANNEL_SAT": str(CHANNEL_SAT),
+        "LNSIM_HTTP_ADDR": f"127.0.0.1:{port}",
+    }
+    pid = spawn([sys.executable, "-m", "services.lnsim"], env, directory / f"{LIGHTNING_DIR}.log")
+    wait_ready(port, pid, LIGHTNING_START_S)
+    doc = _guild_doc(directory)
+    doc["lightning"] = {"pid": pid, "http_port": port}
+    write_json_atomic(directory / GUILD_FILE, doc)
+
+
+def stop_lightning(directory: Path) -> None:
+    found = _guild_doc(directory).get("lightning")
+    if found is not None and alive(found["pid"]):
+        stop_pid(found["pid"], 10)
+
+
+def lightning_faults(directory: Path, node: str, faults: dict[str, Any]) -> None:
+    """Set faults at a node of the guild's simulated network (``services/lnsim/app.py``)."""
+    found = _guild_doc(directory).get("lightning")
+    if found is None:
+        raise DevnetError(f"no Lightning network runs for the guild in {directory}")
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{found['http_port']}/v1/faults/{node}",
+        data=json.dumps(faults).encode(),
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=5):
+            pass
+    except OSError as exc:
+        raise DevnetError(f"the guild's Lightning network did not take {faults}: {exc}") from None
 
 
 # -- watching the copies (``/v1/copies`` of each machine) ------------------------------

@@ -80,6 +80,7 @@ class Devnet:
     operator_key: str = ""  # secret: signs its blocks, acks, votes and messages
     nats_password: str = ""  # of its own processes' NATS user
     issued: dict[str, str] = field(default_factory=dict)  # peer -> the NATS password issued
+    lightning_rpc: str = ""  # its Lightning node's socket (the guild's simulated network)
 
     @property
     def in_guild(self) -> bool:
@@ -201,6 +202,7 @@ class Devnet:
             "GATEWAY_HTTP_ADDR": f"127.0.0.1:{self.gateway_port}",
             "GATEWAY_NETWORK": self.network,
             **({"GATEWAY_LAYOUT": str(self.layout_path)} if self.in_guild else {}),
+            **({"GATEWAY_LIGHTNING_RPC": self.lightning_rpc} if self.lightning_rpc else {}),
         }
 
     def indexer_env(self) -> dict[str, str]:

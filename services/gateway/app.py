@@ -7,6 +7,7 @@ import logging
 
 from services.gateway.api import Api
 from services.gateway.config import Settings
+from services.gateway.lightning import ClnBackend, LightningError
 from services.gateway.limits import Limits
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.ws import Pushes
@@ -15,6 +16,8 @@ from services.partition.client import LedgerClient
 from services.runtime import OpsServer
 
 log = logging.getLogger("gateway")
+
+LIGHTNING_POLL_S = 5.0
 
 
 class GatewayNode:
@@ -67,6 +70,9 @@ class GatewayNode:
         for name, client in ledgers.items():
             tasks.start(f"packages-{name}", client.packer.run)
         tasks.start("limits", limits.sync_forever)
+        lightning = ClnBackend(s.lightning_rpc) if s.lightning_rpc else None
+        if lightning is not None:
+            tasks.start("lightning", lambda: self._watch_lightning(lightning))
         await self.ops.start(s.http_host, s.http_port)
         self.api = api
         log.info(
@@ -84,5 +90,46 @@ class GatewayNode:
         for client in ledgers.values():
             await client.close()
         await tasks.stop()
+        if lightning is not None:
+            lightning.close()
         await index.close()
         await limits.close()
+
+    async def _watch_lightning(self, backend: ClnBackend) -> None:
+        """The Lightning node's money into the metrics, every ``LIGHTNING_POLL_S`` (its
+        version is read once it answers: it picks the methods the backend calls)."""
+        m = self.metrics
+        up = False
+        while True:
+            try:
+                if backend.version == (0, 0):
+                    info = await backend.connect()
+                    log.info(
+                        "lightning node",
+                        extra={"node_id": info.node_id, "version": info.version},
+                    )
+                channels = await backend.channels()
+                balances = await backend.balances()
+            except LightningError as exc:
+                if up:  # said once, as it goes down
+                    log.warning("lightning node unreachable", extra={"error": str(exc)})
+                up = False
+                m.lightning_up.set(0)
+            else:
+                up = True
+                m.lightning_up.set(1)
+                kinds = {
+                    "local": balances.lightning_local_msat,
+                    "spendable": balances.spendable_msat,
+                    "receivable": balances.receivable_msat,
+                    "onchain_confirmed": balances.onchain_confirmed_msat,
+                    "onchain_unconfirmed": balances.onchain_unconfirmed_msat,
+                }
+                for kind, value in kinds.items():
+                    m.lightning_msat.labels(kind).set(value)
+                for c in channels:
+                    m.lightning_channel_msat.labels(c.peer_id, "local").set(c.local_msat)
+                    m.lightning_channel_msat.labels(c.peer_id, "spendable").set(c.spendable_msat)
+                    m.lightning_channel_msat.labels(c.peer_id, "receivable").set(c.receivable_msat)
+                m.lightning_splicing.set(sum(1 for c in channels if c.splicing))
+            await asyncio.sleep(LIGHTNING_POLL_S)

@@ -30,6 +30,7 @@ class Settings:
     # A guild member's gateway serves every member's ledger (its users pay here while
     # their own operator is down), with the guild's partition map.
     layout: Layout | None = None
+    lightning_rpc: Path | None = None  # the operator's lightningd socket
 
     @property
     def ledgers(self) -> list[str]:
@@ -64,4 +65,7 @@ class Settings:
             packages=Batching.from_env(env, "GATEWAY_PACKAGE", 512, 0),
             log_level=env_str(env, "GATEWAY_LOG_LEVEL", "info"),
             layout=layout,
+            lightning_rpc=Path(env["GATEWAY_LIGHTNING_RPC"])
+            if env.get("GATEWAY_LIGHTNING_RPC")
+            else None,
         )

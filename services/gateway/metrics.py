@@ -30,3 +30,22 @@ class GatewayMetrics:
         )
         self.queue = Gauge("gateway_queue_depth", "items waiting, by queue", ["queue"], registry=r)
         self.websockets = Gauge("gateway_websockets", "open websocket subscriptions", registry=r)
+        self.lightning_up = Gauge(
+            "gateway_lightning_up", "1 while the Lightning node answers", registry=r
+        )
+        self.lightning_msat = Gauge(
+            "gateway_lightning_msat",
+            "the Lightning node's money: local, spendable and receivable in channels that "
+            "can carry payments, and on-chain (confirmed or not)",
+            ["kind"],
+            registry=r,
+        )
+        self.lightning_channel_msat = Gauge(
+            "gateway_lightning_channel_msat",
+            "per channel: ours, what we can send, what we can receive",
+            ["peer", "kind"],
+            registry=r,
+        )
+        self.lightning_splicing = Gauge(
+            "gateway_lightning_splicing", "channels with a splice in flight", registry=r
+        )

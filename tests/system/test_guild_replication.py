@@ -132,6 +132,8 @@ async def test_a_stopped_operator_s_shards_are_led_elsewhere_then_it_catches_up(
         new = await asyncio.to_thread(guild.wait_new_leader, nets(where), shard, lead["confirmed"])
         assert new["operator"] != "op2"
     op0, op1, op2 = nets(where)
+    nodes = {n["name"]: n for n in lightning(where, "/v1/nodes")}
+    assert not nodes["op2"]["online"] and nodes["op0"]["online"]  # its node went with it
     assert await pay(op0)  # the others go on paying (a majority is up)
     # op2's users pay through op1's gateway: its shards' new leaders, at op0 and op1 or
     # both at one of them, take the payments relayed
@@ -252,3 +254,35 @@ async def totals(net: Devnet) -> dict[str, Any]:
         return {k: doc[k] for k in ("held_msat", "issued_msat", "fees_msat", "coins", "locks")}
 
     return await asyncio.to_thread(get)
+
+
+def lightning(where: Path, path: str) -> Any:
+    port = json.loads((where / guild.GUILD_FILE).read_text())["lightning"]["http_port"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        return json.load(r)
+
+
+def gauges(net: Devnet, name: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"{net.gateway_url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {
+        line.split(" ")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name)
+    }
+
+
+async def test_every_gateway_watches_its_lightning_node_with_a_channel_to_each_peer(
+    where: Path,
+) -> None:
+    for net in nets(where):
+        end = time.monotonic() + 30
+        while gauges(net, "gateway_lightning_up").get("gateway_lightning_up") != 1:
+            assert time.monotonic() < end, f"{net.operator}'s gateway sees no Lightning node"
+            await asyncio.sleep(0.5)
+        money = gauges(net, "gateway_lightning_msat")
+        half = guild.CHANNEL_SAT * 1000 // 2  # each channel starts balanced
+        assert money['gateway_lightning_msat{kind="local"}'] == 2 * half
+        channels = gauges(net, "gateway_lightning_channel_msat")
+        assert sum(1 for k in channels if 'kind="local"' in k) == 2  # one per peer
+    assert lightning(where, "/v1/books")["missing_msat"] == 0
