@@ -1,0 +1,442 @@
+"""Settlement between two operators over Lightning: what one owes the other for payments
+out of its ledger into the other's, paid as one Lightning payment per batch, exactly
+once, and the outputs a batch covers released at the payee only once it is paid.
+
+An ordered pair (payer P, payee Q) is two state machines, ``Payer`` at P and ``Payee``
+at Q. Both are pure: the clock and the Lightning node's answers come in as calls; what
+to do comes out as actions. The shell's contract: after every call, persist the
+machine's state (``state``) before carrying out the actions it returned; after a crash,
+load the state and carry out ``resume()``'s actions. Whatever is lost in between is
+asked for again, and every action is idempotent where it meets the outside world.
+
+Obligations. Every payment out of P's ledger into Q's gives Q an output that is pending
+at Q, and P an obligation to Q: ``(seq, amount)``, ``seq`` counting from 1 per pair
+without gaps. Both sides learn of each (``owe``, ``announced``) and hold the same list.
+
+Batches. Every ``period_s``, with nothing in flight, P closes a batch: its obligations
+after the last settled one (``first..last``, ``amount`` their sum). Q makes one invoice
+for exactly that batch, only where the range follows what it released and the amount is
+what it holds pending from P there, and only one at a time: a new batch waits until the
+open one is paid or cancelled. The invoice's label is ``settle:<P>:<batch>`` and its
+preimage derives from the batch id (the shell's ``HMAC(Q's key, label)``), so making
+it again after a crash gives the same invoice.
+
+The payer writes PAYING before it asks its node to pay (asking again after a crash is
+safe: lightningd never pays one hash twice). Its outcome is four-valued
+(``constellation.lightning``): settled; failed; pending (waited for); unknown (looked
+up again, and where it stays unknown, Q is asked to cancel the invoice). A batch whose
+payment failed is cancelled at Q the same way. Q cancels only an unpaid invoice, which
+can then never be paid; a paid one settles the batch. Once cancelled, its obligations
+go into the next batch.
+
+Q releases a batch's outputs once its invoice is paid for the whole amount. The release
+is remembered until the shell says its ledger made it (``released``), and asked for
+again after a restart: the ledger's release of an output is idempotent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from constellation.lightning import Outcome
+
+PERIOD_S = 1.0  # a batch a second, at most
+RETRY_S = 2.0  # an unanswered request to the payee is sent again
+LOOKUP_S = 1.0  # a payment in doubt is looked up again
+GIVE_UP_S = 30.0  # a payment unknown this long: the payee is asked to cancel its invoice
+
+
+def label(payer: str, batch: int) -> str:
+    return f"settle:{payer}:{batch}"
+
+
+class Status(Enum):
+    ASKED = "asked"  # the payee was asked for an invoice
+    PAYING = "paying"  # the node was asked to pay it (written before)
+    CANCELLING = "cancelling"  # the payee was asked to cancel it
+
+
+@dataclass
+class Batch:
+    id: int
+    first: int
+    last: int
+    amount_msat: int
+    status: Status = Status.ASKED
+    bolt11: str = ""
+    payment_hash: bytes = b""
+    since: float = 0.0  # the status's start
+    asked: float = 0.0  # the last request or lookup
+
+
+# -- what the machines ask the shell to do -------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestInvoice:
+    """Payer -> payee: an invoice for this batch."""
+
+    batch: int
+    first: int
+    last: int
+    amount_msat: int
+
+
+@dataclass(frozen=True)
+class Pay:
+    batch: int
+    bolt11: str
+    fee_limit_msat: int
+
+
+@dataclass(frozen=True)
+class LookUp:
+    batch: int
+    payment_hash: bytes
+
+
+@dataclass(frozen=True)
+class RequestCancel:
+    """Payer -> payee: cancel this batch's invoice, or say it was paid."""
+
+    batch: int
+
+
+@dataclass(frozen=True)
+class MakeInvoice:
+    """At the payee's node (idempotent: the label and preimage derive from the batch)."""
+
+    batch: int
+    label: str
+    amount_msat: int
+
+
+@dataclass(frozen=True)
+class Offer:
+    """Payee -> payer: the invoice for a batch."""
+
+    batch: int
+    bolt11: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Payee -> payer: no invoice for this batch, and why (the payer asks again later)."""
+
+    batch: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class CancelInvoice:
+    """At the payee's node: delete the unpaid invoice (refused where it was paid)."""
+
+    batch: int
+    label: str
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """Payee -> payer: the batch's invoice can never be paid now (``paid``: it was)."""
+
+    batch: int
+    paid: bool
+
+
+@dataclass(frozen=True)
+class Release:
+    """At the payee's ledger: the pending outputs of obligations ``first..last``."""
+
+    batch: int
+    first: int
+    last: int
+
+
+Action = (
+    RequestInvoice
+    | Pay
+    | LookUp
+    | RequestCancel
+    | MakeInvoice
+    | Offer
+    | Refuse
+    | CancelInvoice
+    | Cancelled
+    | Release
+)
+
+
+# -- the payer -----------------------------------------------------------------------
+
+
+@dataclass
+class PayerState:
+    payer: str
+    payee: str
+    owed: list[tuple[int, int]] = field(default_factory=list)  # (seq, msat), unsettled
+    settled_upto: int = 0  # obligations up to this seq are paid
+    batch: Batch | None = None
+    next_batch: int = 1
+    closed_at: float = float("-inf")
+    paid_msat: int = 0
+    fees_msat: int = 0
+    settled: int = 0  # batches
+    failed: int = 0  # batches cancelled unpaid
+
+
+class Payer:
+    def __init__(
+        self,
+        state: PayerState,
+        fee_limit_msat: int = 0,
+        period_s: float = PERIOD_S,
+    ) -> None:
+        self.state = state
+        self.fee_limit_msat = fee_limit_msat
+        self.period_s = period_s
+
+    @property
+    def owed_msat(self) -> int:
+        return sum(a for _, a in self.state.owed)
+
+    def owe(self, seq: int, amount_msat: int) -> None:
+        """An obligation to the payee (told again after a crash: taken once)."""
+        s = self.state
+        last = s.owed[-1][0] if s.owed else s.settled_upto
+        if seq <= last:
+            return
+        if seq != last + 1 or amount_msat <= 0:
+            raise ValueError(f"obligation {seq} of {amount_msat} msat does not follow {last}")
+        s.owed.append((seq, amount_msat))
+
+    def tick(self, now: float) -> list[Action]:
+        s = self.state
+        b = s.batch
+        if b is None:
+            if not s.owed or now - s.closed_at < self.period_s:
+                return []
+            first, last = s.owed[0][0], s.owed[-1][0]
+            b = s.batch = Batch(s.next_batch, first, last, self.owed_msat, since=now, asked=now)
+            s.next_batch += 1
+            s.closed_at = now
+            return [RequestInvoice(b.id, first, last, b.amount_msat)]
+        if b.status is Status.ASKED and now - b.asked >= RETRY_S:
+            b.asked = now
+            return [RequestInvoice(b.id, b.first, b.last, b.amount_msat)]
+        if b.status is Status.PAYING and now - b.asked >= LOOKUP_S:
+            b.asked = now
+            return [LookUp(b.id, b.payment_hash)]
+        if b.status is Status.CANCELLING and now - b.asked >= RETRY_S:
+            b.asked = now
+            return [RequestCancel(b.id)]
+        return []
+
+    def offered(
+        self, batch: int, bolt11: str, payment_hash: bytes, amount_msat: int, now: float
+    ) -> list[Action]:
+        """The payee's invoice for ``batch`` (its amount and hash as decoded by the
+        shell, which also checked that the payee's node signed it)."""
+        b = self.state.batch
+        if b is None or b.id != batch or b.status is not Status.ASKED:
+            return []  # stale, or repeated
+        if amount_msat != b.amount_msat:
+            raise ValueError(f"batch {batch}: invoiced {amount_msat} msat, owed {b.amount_msat}")
+        b.status, b.bolt11, b.payment_hash, b.since, b.asked = (
+            Status.PAYING,
+            bolt11,
+            payment_hash,
+            now,
+            now,
+        )
+        return [Pay(b.id, bolt11, self.fee_limit_msat)]
+
+    def refused(self, batch: int, now: float) -> list[Action]:
+        """The payee made no invoice (it has not heard of every obligation yet, say):
+        the request is sent again after ``RETRY_S``."""
+        b = self.state.batch
+        if b is not None and b.id == batch and b.status is Status.ASKED:
+            b.asked = now
+        return []
+
+    def outcome(self, batch: int, outcome: Outcome, now: float, fee_msat: int = 0) -> list[Action]:
+        """What the node says of the batch's payment (an answer to ``Pay`` or ``LookUp``)."""
+        b = self.state.batch
+        if b is None or b.id != batch or b.status is not Status.PAYING:
+            return []
+        if outcome is Outcome.SETTLED:
+            self._settle(b, fee_msat)
+            return []
+        if outcome is Outcome.FAILED or now - b.since >= GIVE_UP_S:
+            # failed: the invoice is unpaid; unknown for long: make sure it stays so
+            b.status, b.since, b.asked = Status.CANCELLING, now, now
+            return [RequestCancel(b.id)]
+        return []  # pending, or unknown for now: looked up again
+
+    def cancelled(self, batch: int, paid: bool) -> list[Action]:
+        """The payee's answer to ``RequestCancel``."""
+        s = self.state
+        b = s.batch
+        if b is None or b.id != batch:
+            return []
+        if paid:
+            self._settle(b, 0)
+        else:
+            s.batch = None
+            s.failed += 1
+        return []
+
+    def _settle(self, b: Batch, fee_msat: int) -> None:
+        s = self.state
+        s.owed = [(q, a) for q, a in s.owed if q > b.last]
+        s.settled_upto = b.last
+        s.paid_msat += b.amount_msat
+        s.fees_msat += fee_msat
+        s.settled += 1
+        s.batch = None
+
+    def resume(self, now: float) -> list[Action]:
+        """After a restart: carry on with the batch in flight."""
+        b = self.state.batch
+        if b is None:
+            return []
+        b.asked = now
+        if b.status is Status.ASKED:
+            return [RequestInvoice(b.id, b.first, b.last, b.amount_msat)]
+        if b.status is Status.PAYING:  # the node pays no hash twice: asking again is safe
+            return [Pay(b.id, b.bolt11, self.fee_limit_msat)]
+        return [RequestCancel(b.id)]
+
+
+# -- the payee -----------------------------------------------------------------------
+
+
+@dataclass
+class Open:
+    batch: int
+    first: int
+    last: int
+    amount_msat: int
+    bolt11: str = ""
+
+
+@dataclass
+class PayeeState:
+    payer: str
+    payee: str
+    pending: list[tuple[int, int]] = field(default_factory=list)  # (seq, msat) announced
+    released_upto: int = 0
+    open: Open | None = None
+    last_batch: int = 0  # the newest batch closed: released, or cancelled unpaid
+    last_paid: bool = False  # whether it was released
+    released_msat: int = 0
+    releasing: list[tuple[int, int, int]] = field(default_factory=list)  # (batch, first, last)
+
+
+class Payee:
+    def __init__(self, state: PayeeState) -> None:
+        self.state = state
+
+    def announced(self, seq: int, amount_msat: int) -> None:
+        """An output pending from the payer (told again after a crash: taken once)."""
+        s = self.state
+        last = s.pending[-1][0] if s.pending else s.released_upto
+        if seq <= last:
+            return
+        if seq != last + 1 or amount_msat <= 0:
+            raise ValueError(f"obligation {seq} of {amount_msat} msat does not follow {last}")
+        s.pending.append((seq, amount_msat))
+
+    def request(self, batch: int, first: int, last: int, amount_msat: int) -> list[Action]:
+        """The payer asks for an invoice for a batch."""
+        s = self.state
+        o = s.open
+        if o is not None:
+            if (o.batch, o.first, o.last, o.amount_msat) != (batch, first, last, amount_msat):
+                return [Refuse(batch, f"batch {o.batch} is open: cancel it first")]
+            if o.bolt11:
+                return [Offer(batch, o.bolt11)]  # asked again: the same invoice
+            return [MakeInvoice(batch, label(s.payer, batch), amount_msat)]
+        if batch <= s.last_batch:
+            return [Refuse(batch, f"batch {batch} is over")]
+        if first != s.released_upto + 1:
+            return [Refuse(batch, f"the next obligation is {s.released_upto + 1}, not {first}")]
+        held = {q: a for q, a in s.pending if q <= last}
+        if last < first or len(held) != last - first + 1:
+            return [Refuse(batch, f"obligations {first}..{last} are not all announced here")]
+        if sum(held.values()) != amount_msat:
+            return [Refuse(batch, f"obligations {first}..{last} are {sum(held.values())} msat")]
+        s.open = Open(batch, first, last, amount_msat)
+        return [MakeInvoice(batch, label(s.payer, batch), amount_msat)]
+
+    def made(self, batch: int, bolt11: str) -> list[Action]:
+        """The node made (or, asked again, found) the batch's invoice."""
+        o = self.state.open
+        if o is None or o.batch != batch:
+            return []
+        o.bolt11 = bolt11
+        return [Offer(batch, bolt11)]
+
+    def paid(self, invoice_label: str, amount_received_msat: int) -> list[Action]:
+        """The node's stream says an invoice was paid (any invoice: others are not
+        this pair's)."""
+        o = self.state.open
+        if o is None or invoice_label != label(self.state.payer, o.batch):
+            return []
+        if amount_received_msat < o.amount_msat:
+            return []  # cannot be (the node takes no less than the invoice); never released
+        return self._release(o)
+
+    def cancel(self, batch: int) -> list[Action]:
+        """The payer asks to cancel a batch's invoice."""
+        s = self.state
+        o = s.open
+        if o is not None and o.batch == batch:
+            if not o.bolt11:  # no invoice was made: nothing to cancel
+                return self._close_unpaid(batch)
+            return [CancelInvoice(batch, label(s.payer, batch))]
+        if batch == s.last_batch:  # closed already: say how again
+            return [Cancelled(batch, paid=s.last_paid)]
+        if batch < s.last_batch:
+            return []  # an old request: the payer moved on long ago
+        return self._close_unpaid(batch)  # never opened here: it never will be
+
+    def cancel_result(self, batch: int, paid: bool) -> list[Action]:
+        """The node deleted the unpaid invoice, or refused since it was paid."""
+        s = self.state
+        o = s.open
+        if o is None or o.batch != batch:
+            return []
+        if paid:
+            return [*self._release(o), Cancelled(batch, paid=True)]
+        return self._close_unpaid(batch)
+
+    def _close_unpaid(self, batch: int) -> list[Action]:
+        s = self.state
+        s.open, s.last_batch, s.last_paid = None, batch, False
+        return [Cancelled(batch, paid=False)]
+
+    def _release(self, o: Open) -> list[Action]:
+        s = self.state
+        s.pending = [(q, a) for q, a in s.pending if q > o.last]
+        s.released_upto = o.last
+        s.released_msat += o.amount_msat
+        s.open, s.last_batch, s.last_paid = None, o.batch, True
+        s.releasing.append((o.batch, o.first, o.last))
+        return [Release(o.batch, o.first, o.last)]
+
+    def released(self, batch: int) -> None:
+        """The ledger released the batch's outputs."""
+        s = self.state
+        s.releasing = [r for r in s.releasing if r[0] != batch]
+
+    def resume(self) -> list[Action]:
+        """After a restart: the releases not known done, and the open batch's invoice
+        made again (the node finds it)."""
+        s = self.state
+        actions: list[Action] = [Release(*r) for r in s.releasing]
+        if s.open is not None:
+            actions.append(
+                MakeInvoice(s.open.batch, label(s.payer, s.open.batch), s.open.amount_msat)
+            )
+        return actions

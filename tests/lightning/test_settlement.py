@@ -1,0 +1,317 @@
+"""Settlement between two operators (``constellation/settlement.py``) over the simulated
+Lightning network, under random faults: payments that fail, hang or lose their answers,
+messages between the operators lost, repeated and reordered, and either side crashing
+between persisting and acting (it comes back from what it persisted).
+
+After every step: outputs are released in order, each once, and only when an invoice of
+exactly their batch was paid; the payer counts as paid only what the payee's node
+received. Once the faults stop, everything owed is paid and released, with at most one
+Lightning payment per batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import hmac
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from constellation.lightning import Outcome, nothing_sent, outgoing
+from constellation.settlement import (
+    Action,
+    CancelInvoice,
+    Cancelled,
+    LookUp,
+    MakeInvoice,
+    Offer,
+    Pay,
+    Payee,
+    PayeeState,
+    Payer,
+    PayerState,
+    Refuse,
+    Release,
+    RequestCancel,
+    RequestInvoice,
+    label,
+)
+from services.lnsim.network import Attempt, LnError, Network
+
+KEY = b"payee settlement key"
+
+
+@dataclass
+class World:
+    rng: random.Random
+    faulty: bool = True
+    now: float = 1_800_000_000.0
+    net: Network = field(init=False)
+    payer: Payer = field(init=False)
+    payee: Payee = field(init=False)
+    saved_payer: PayerState = field(init=False)
+    saved_payee: PayeeState = field(init=False)
+    to_payee: list[Action] = field(default_factory=list)  # messages in flight
+    to_payer: list[Action] = field(default_factory=list)
+    owed: list[int] = field(default_factory=list)  # amounts, by seq - 1
+    announced: int = 0
+    released: list[Release] = field(default_factory=list)
+    pay_index: int = 0  # the payee's stream, persisted with its state
+    saved_pay_index: int = 0
+
+    def __post_init__(self) -> None:
+        self.net = Network(lambda: self.now, seed=self.rng.getrandbits(32))
+        for name in ("p", "q"):
+            self.net.add_node(name)
+            self.net.fund(name, 50_000_000)
+        self.net.fundchannel("p", "q", 40_000_000, 0)
+        self.net.mine(1)
+        self.payer = Payer(PayerState("p", "q"))
+        self.payee = Payee(PayeeState("p", "q"))
+        self.saved_payer = copy.deepcopy(self.payer.state)
+        self.saved_payee = copy.deepcopy(self.payee.state)
+
+    def chance(self, p: float) -> bool:
+        return self.faulty and self.rng.random() < p
+
+    # -- the shells: persist, then act ----------------------------------------------
+
+    def payer_did(self, actions: list[Action]) -> None:
+        self.saved_payer = copy.deepcopy(self.payer.state)
+        for a in actions:
+            if self.chance(0.03):  # crash after persisting, before acting
+                self.crash_payer()
+                return
+            self.payer_act(a)
+
+    def payee_did(self, actions: list[Action]) -> None:
+        self.saved_payee = copy.deepcopy(self.payee.state)
+        self.saved_pay_index = self.pay_index
+        for a in actions:
+            if self.chance(0.03):
+                self.crash_payee()
+                return
+            self.payee_act(a)
+
+    def crash_payer(self) -> None:
+        self.payer = Payer(copy.deepcopy(self.saved_payer))
+        self.payer_did(self.payer.resume(self.now))
+
+    def crash_payee(self) -> None:
+        self.payee = Payee(copy.deepcopy(self.saved_payee))
+        self.pay_index = self.saved_pay_index
+        self.payee_did(self.payee.resume())
+
+    def payer_act(self, a: Action) -> None:
+        if isinstance(a, RequestInvoice | RequestCancel):
+            self.to_payee.append(a)
+        elif isinstance(a, Pay):
+            if self.chance(0.1):
+                self.net.nodes["q"].faults.fail_next = 1
+            if self.chance(0.1):
+                self.net.nodes["q"].faults.hold = True
+            try:
+                attempt = self.net.start_payment("p", a.bolt11, None, a.fee_limit_msat, True)
+            except LnError as exc:
+                if nothing_sent(exc.code):
+                    self.payer_did(self.payer.outcome(a.batch, Outcome.FAILED, self.now))
+                    return
+                attempt = None  # 200 (in progress) or 219 (paid): listpays says which
+            if isinstance(attempt, Attempt):
+                self.net.advance(attempt)
+            if self.chance(0.2):
+                return  # the answer was lost: the payer looks it up later
+            self.look_up(a.batch, self._hash(a.bolt11))
+        elif isinstance(a, LookUp):
+            if not self.chance(0.2):
+                self.look_up(a.batch, a.payment_hash)
+        else:
+            raise AssertionError(f"the payer does not {a}")
+
+    def _hash(self, bolt11: str) -> bytes:
+        return bytes.fromhex(self.net.decode(bolt11).payment_hash or "")
+
+    def look_up(self, batch: int, payment_hash: bytes) -> None:
+        state = outgoing(self.net.pays("p", payment_hash), payment_hash, asked=True)
+        self.payer_did(self.payer.outcome(batch, state.outcome, self.now))
+
+    def payee_act(self, a: Action) -> None:
+        if isinstance(a, Offer | Refuse | Cancelled):
+            self.to_payer.append(a)
+        elif isinstance(a, MakeInvoice):
+            preimage = hmac.digest(KEY, a.label.encode(), "sha256")
+            try:
+                inv = self.net.invoice("q", a.amount_msat, a.label, "settlement", 3600, preimage)
+            except LnError as exc:
+                assert exc.code == 900  # made before: the same invoice
+                inv = self.net.nodes["q"].invoices[a.label]
+                assert inv.amount_msat == a.amount_msat and inv.preimage == preimage
+            self.payee_did(self.payee.made(a.batch, inv.bolt11))
+        elif isinstance(a, CancelInvoice):
+            try:
+                self.net.delinvoice("q", a.label, "unpaid")
+                paid = False
+            except LnError as exc:
+                assert exc.code == 906 and exc.data is not None
+                paid = exc.data["current_status"] == "paid"
+                assert paid  # settlement invoices live an hour: never expired here
+            self.payee_did(self.payee.cancel_result(a.batch, paid))
+        elif isinstance(a, Release):
+            inv = self.net.nodes["q"].invoices[label("p", a.batch)]
+            assert inv.status == "paid", "released before paid"
+            assert inv.amount_received_msat == sum(self.owed[a.first - 1 : a.last])
+            if a not in self.released:  # the ledger's release is idempotent
+                expected_first = self.released[-1].last + 1 if self.released else 1
+                assert a.first == expected_first, "released out of order"
+                self.released.append(a)
+            self.payee.released(a.batch)
+            self.saved_payee = copy.deepcopy(self.payee.state)
+        else:
+            raise AssertionError(f"the payee does not {a}")
+
+    # -- the world turns ------------------------------------------------------------
+
+    def step(self) -> None:
+        r = self.rng.random()
+        if r < 0.15:  # a payment out of the payer's ledger into the payee's
+            amount = self.rng.randint(1, 5_000_000)
+            self.owed.append(amount)
+            self.payer.owe(len(self.owed), amount)
+            self.saved_payer = copy.deepcopy(self.payer.state)
+        elif r < 0.25 and self.announced < len(self.owed):  # the payee hears of it
+            self.announced += 1
+            self.payee.announced(self.announced, self.owed[self.announced - 1])
+            self.saved_payee = copy.deepcopy(self.payee.state)
+        elif r < 0.40:
+            self.now += self.rng.choice((0.1, 0.5, 1.0, 3.0))
+            self.payer_did(self.payer.tick(self.now))
+        elif r < 0.60 and self.to_payee:
+            self.deliver(self.to_payee, self.to_payee_message)
+        elif r < 0.80 and self.to_payer:
+            self.deliver(self.to_payer, self.to_payer_message)
+        elif r < 0.88:
+            self.stream()
+        elif r < 0.93 and self.net.attempts:
+            self.net.nodes["q"].faults.hold = False
+            self.net.release("q")
+        elif r < 0.95:
+            self.crash_payer()
+        elif r < 0.97:
+            self.crash_payee()
+
+    def deliver(self, queue: list[Action], handle: Any) -> None:
+        msg = queue.pop(self.rng.randrange(len(queue)) if self.faulty else 0)
+        if self.chance(0.1):
+            return  # lost
+        if self.chance(0.1):
+            queue.append(msg)  # and delivered again later
+        handle(msg)
+
+    def to_payee_message(self, msg: Action) -> None:
+        if isinstance(msg, RequestInvoice):
+            self.payee_did(self.payee.request(msg.batch, msg.first, msg.last, msg.amount_msat))
+        elif isinstance(msg, RequestCancel):
+            self.payee_did(self.payee.cancel(msg.batch))
+
+    def to_payer_message(self, msg: Action) -> None:
+        if isinstance(msg, Offer):
+            decoded = self.net.decode(msg.bolt11)
+            assert decoded.payee == self.net.nodes["q"].node_id  # the payee's node signed it
+            amount = int(decoded.amount_msat or 0)
+            actions = self.payer.offered(
+                msg.batch, msg.bolt11, self._hash(msg.bolt11), amount, self.now
+            )
+            self.payer_did(actions)
+        elif isinstance(msg, Refuse):
+            self.payer_did(self.payer.refused(msg.batch, self.now))
+        elif isinstance(msg, Cancelled):
+            self.payer_did(self.payer.cancelled(msg.batch, msg.paid))
+
+    def stream(self) -> None:
+        """The payee's node's paid invoices after its persisted index, in order."""
+        for inv in sorted(
+            (
+                i
+                for i in self.net.nodes["q"].invoices.values()
+                if (i.pay_index or 0) > self.pay_index
+            ),
+            key=lambda i: i.pay_index or 0,
+        ):
+            assert inv.pay_index is not None and inv.amount_received_msat is not None
+            self.pay_index = inv.pay_index
+            self.payee_did(self.payee.paid(inv.label, inv.amount_received_msat))
+
+    def check(self) -> None:
+        paid_invoices = [i for i in self.net.nodes["q"].invoices.values() if i.status == "paid"]
+        received = sum(i.amount_received_msat or 0 for i in paid_invoices)
+        assert self.payer.state.paid_msat <= received  # counted paid only what arrived
+        assert self.payee.state.released_msat <= received
+        assert self.net.books()["missing_msat"] == 0
+        complete = [p for p in self.net.nodes["p"].parts if p.status == "complete"]
+        assert len({p.payment_hash for p in complete}) == len(complete)  # nothing paid twice
+
+
+def run(seed: int, steps: int) -> World:
+    world = World(random.Random(seed))
+    for _ in range(steps):
+        world.step()
+        world.check()
+    # the faults stop; what is held is let go; everyone hears everything
+    world.faulty = False
+    world.net.nodes["q"].faults.hold = False
+    world.net.nodes["q"].faults.fail_next = 0
+    world.net.release("q")
+    while world.announced < len(world.owed):
+        world.announced += 1
+        world.payee.announced(world.announced, world.owed[world.announced - 1])
+    for _ in range(2000):
+        world.now += 0.5
+        world.payer_did(world.payer.tick(world.now))
+        while world.to_payee or world.to_payer:
+            if world.to_payee:
+                world.deliver(world.to_payee, world.to_payee_message)
+            if world.to_payer:
+                world.deliver(world.to_payer, world.to_payer_message)
+        world.stream()
+        world.check()
+        if world.payer.state.settled_upto == len(world.owed) and world.payer.state.batch is None:
+            break
+    return world
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_settlement_pays_each_batch_once_and_releases_only_what_was_paid(seed: int) -> None:
+    world = run(seed, 300)
+    p, q = world.payer.state, world.payee.state
+    context = f"seed {seed}"
+    assert p.settled_upto == len(world.owed) and q.released_upto == len(world.owed), context
+    assert p.paid_msat == q.released_msat == sum(world.owed), context
+    assert [r.first for r in world.released] == [1, *(r.last + 1 for r in world.released[:-1])]
+    paid = [i for i in world.net.nodes["q"].invoices.values() if i.status == "paid"]
+    assert sum(i.amount_received_msat or 0 for i in paid) == sum(world.owed), context
+    assert len(paid) == len(world.released) == p.settled, context  # one payment per batch
+
+
+def test_without_faults_a_batch_a_second_carries_every_payment_of_that_second() -> None:
+    world = World(random.Random(1), faulty=False)
+    for second in range(5):
+        for _ in range(100):  # a hundred payments, one Lightning payment
+            world.owed.append(1000)
+            world.payer.owe(len(world.owed), 1000)
+            world.announced += 1
+            world.payee.announced(world.announced, 1000)
+        world.now += 1.0
+        world.payer_did(world.payer.tick(world.now))
+        while world.to_payee or world.to_payer:
+            if world.to_payee:
+                world.deliver(world.to_payee, world.to_payee_message)
+            if world.to_payer:
+                world.deliver(world.to_payer, world.to_payer_message)
+        world.stream()
+        assert world.payee.state.released_upto == 100 * (second + 1)
+    assert world.payer.state.settled == 5
+    assert len([p for p in world.net.nodes["p"].parts if p.status == "complete"]) == 5
