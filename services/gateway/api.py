@@ -323,8 +323,7 @@ class Api:
                 raise ApiError(
                     "malformed.idempotency_key", "Idempotency-Key must be 1..128 printable ASCII"
                 )
-            if ledger is not self.ledger:
-                key = f"{ledger.operator}:{key}"  # a key is the client's, per ledger
+            key = f"{ledger.operator}/{key}"  # a key is the client's, per ledger
             stored = await self.limits.begin(client, key, body)
             if stored is not None:
                 if stored.status == 0:

@@ -28,7 +28,7 @@ from services.partition.app import EVENTS_LINGER_S, EVENTS_MAX_BYTES
 from services.replica.config import Settings
 from services.replica.host import HostedCopy
 from services.replica.metrics import MachineMetrics
-from services.replica.relay import Relay
+from services.replica.relay import Relay, Unasked
 from services.replica.transport import (
     Opener,
     Sealer,
@@ -244,18 +244,21 @@ class Machine:
                 except NatsError as exc:  # lost like any message: the protocol resends
                     log.debug("not sent", extra={"to": subj, "error": str(exc)})
 
-    def _forward(self, operator: int, machine: int, body: bytes) -> None:
-        """Queue a relayed message for ``machine`` of ``operator`` (``relay.py``)."""
+    def _forward(self, operator: int, machines: Sequence[int], body: bytes) -> None:
+        """Queue a relayed message for ``machines`` of ``operator`` (``relay.py``), sealed
+        once (each machine's replay guard sees it once)."""
         s = self.settings
         peer = s.layout.members[operator].name
         client = self.peers.get(operator)
         out = self._out[operator]
-        if client is None or not client.is_connected or len(out.queue) == OUTBOX:
+        if client is None or not client.is_connected or len(out.queue) >= OUTBOX:
             self.metrics.undelivered.labels(peer).inc()
             return
         self.metrics.relayed.labels("out").inc()
         data = self.sealer.seal_forward(operator, body, now_ms())
-        out.queue.append((forward_subject(s.layout.members[s.operator].name, machine), data))
+        me = s.layout.members[s.operator].name
+        for machine in machines:
+            out.queue.append((forward_subject(me, machine), data))
         out.wake.set()
 
     async def _take_forward(self, msg: Msg) -> None:
@@ -265,7 +268,10 @@ class Machine:
             await self.relay.receive(sender, body)
         except ConstellationError as exc:
             self.metrics.rejected.labels(exc.code).inc()
-            log.info("relayed message refused", extra={"subject": msg.subject, "reason": str(exc)})
+            # an answer for the operator's other machine is no news (answers go to both)
+            level = logging.DEBUG if isinstance(exc, Unasked) else logging.INFO
+            extra = {"subject": msg.subject, "reason": str(exc)}
+            log.log(level, "relayed message refused", extra=extra)
             return
         self.metrics.relayed.labels("in").inc()
 

@@ -14,6 +14,7 @@ from constellation.ledger.pmap import PartitionMap
 from services.runtime import ConfigError, env_addr, env_int, env_str
 
 MACHINES = 2  # per operator: each shard's two copies there are on different machines
+RESERVED = "relay"  # cst.relay.* carries the relay's answers (relay.py)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ class Layout:
             raise ConfigError("the guild layout needs 1 to 256 workers per operator")
         if len(members) < 2:
             raise ConfigError("a guild has at least two members")
+        if any(m.name == RESERVED for m in members):
+            raise ConfigError(f"no member may be named {RESERVED!r} (its subjects are the relay's)")
         if len({m.name for m in members}) != len(members) or len(set(layout.keys)) != len(members):
             raise ConfigError("two members of the guild share a name or a key")
         for m in members:

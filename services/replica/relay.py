@@ -15,17 +15,22 @@ leader at another operator they go straight to its machine, so two-phase commit 
 shards led at different operators crosses one operator boundary per message.
 
 Answers go back where the request came from. The leader's machine rewrites a relayed
-client request's reply subject to ``cst.relay.<operator>.<machine>.<reply>``: what the
-engine answers there returns, sealed, to that machine, which publishes it on the
-original subject. A relayed query's answer returns to the inbox it came from.
+client request's reply subject to ``cst.relay.<operator>.<reply>``: what the engine
+answers there returns, sealed once, to both machines of that operator (a resend may
+come through either: the engine's memory of a refusal is by reply subject and request
+id), and each publishes on the original subject the answers to the requests it
+relayed there itself. A relayed query's answer returns to the inbox it came from.
 
 What arrives from another operator is untrusted. A package from a worker is taken only
 from the operator whose copy leads that worker's shard as this machine knows it, with
 only the items workers send each other and that worker's own subject as its reply. A
 package from a gateway carries only transactions and issuances, whose signatures the
-shard checks as it checks any. A query names a shard, one of ``QUERIES`` and an inbox.
-An answer is published only where this machine relayed such a request to that very
-operator. Anything else is refused with its reason, which the machine counts.
+shard checks as it checks any. A query names a shard, one of ``RELAYED`` and an inbox
+(events are not relayed: only the owner's copies fill gaps in their events logs, and
+the owner's indexer waits for its own leaders). An answer is published only where this
+machine relayed that very request (its inbox, or its reply subject and request id) to
+that very operator, for a while. Anything else is refused with its reason, which the
+machine counts.
 """
 
 from __future__ import annotations
@@ -34,26 +39,31 @@ import asyncio
 import functools
 import logging
 import re
+import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from constellation.errors import MessageError, Misdirected
+from constellation.errors import InFlight, MessageError, Misdirected
 from constellation.protocol import ledger as proto
 from services.bus import GATEWAY, query_subject, worker_subject
 from services.replica.config import MACHINES, Layout
-from services.replica.host import QUERIES, HostedCopy
+from services.replica.host import HostedCopy
 
 log = logging.getLogger("replica.relay")
 
 REPLY_PREFIX = "cst.relay"
+INBOX = "_INBOX."  # a query's reply subject (NATS request/reply)
 QUEUE = "relay"  # the queue group of an operator's machines on a shard's subjects
+RELAYED = ("coins", "state")  # the queries relayed
 FOLLOW_S = 0.05  # how often the subscriptions follow where the shards' leaders are
 EXPECTED = 65_536  # requests relayed whose answers may come back, at most (oldest go)
+EXPECT_S = 120.0  # how long an answer to a relayed request may take
+ANSWERING = 256  # relayed queries answered at once, at most (beyond, the asker asks again)
 _SUBJECT = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){1,15}")
 MAX_SUBJECT = 256
 _FROM_GATEWAY = (proto.Submit, proto.Issue)
@@ -114,27 +124,35 @@ def _subject(text: str, what: str) -> str:
     return text
 
 
+class Unasked(Misdirected):
+    """An answer to a request this machine did not relay to its sender: forged, or
+    answered to the operator's other machine too (answers go to both)."""
+
+    code = "protocol.unasked"
+
+
 class _Expected:
-    """Bounded memory of (subject, operator) pairs an answer may come back for."""
+    """Bounded memory of the requests relayed whose answers may come back: the oldest
+    go beyond ``EXPECTED``, and any after ``EXPECT_S``."""
 
     def __init__(self) -> None:
-        self._pairs: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._keys: OrderedDict[tuple[str, int, int], float] = OrderedDict()
 
-    def add(self, subject: str, operator: int) -> None:
-        pairs = self._pairs
-        pairs[(subject, operator)] = None
-        pairs.move_to_end((subject, operator))
-        if len(pairs) > EXPECTED:
-            pairs.popitem(last=False)
+    def add(self, key: tuple[str, int, int], now: float) -> None:
+        keys = self._keys
+        keys[key] = now
+        keys.move_to_end(key)
+        while keys and (len(keys) > EXPECTED or next(iter(keys.values())) < now - EXPECT_S):
+            keys.popitem(last=False)
 
-    def __contains__(self, pair: tuple[str, int]) -> bool:
-        return pair in self._pairs
+    def __contains__(self, key: tuple[str, int, int]) -> bool:
+        return key in self._keys
 
-    def discard(self, pair: tuple[str, int]) -> None:
-        self._pairs.pop(pair, None)
+    def discard(self, key: tuple[str, int, int]) -> None:
+        self._keys.pop(key, None)
 
 
-Send = Callable[[int, int, bytes], None]  # (operator, machine, relayed message)
+Send = Callable[[int, Sequence[int], bytes], None]  # (operator, machines, relayed message)
 
 
 class Relay:
@@ -148,8 +166,8 @@ class Relay:
         self.names = {m.name: i for i, m in enumerate(layout.members)}
         self.copies: dict[tuple[int, int], HostedCopy] = {}
         self.subs: dict[tuple[int, int], list[Subscription]] = {}
-        self.inboxes = _Expected()  # queries' inboxes, until answered
-        self.replies = _Expected()  # gateways' reply subjects (answered many times)
+        self.expected = _Expected()  # (inbox, operator, 0) or (reply, operator, rid)
+        self.answering: set[asyncio.Task[None]] = set()
 
     def add(self, copy: HostedCopy) -> None:
         self.copies[(copy.owner, copy.worker)] = copy
@@ -167,27 +185,30 @@ class Relay:
         leader = self.copies[(owner, worker)].replica.leader
         return leader // 2 if leader >= 0 else -1
 
-    def _send(self, operator: int, machine: int, msg: Forward) -> None:
-        self.send(operator, machine, encode(msg))
+    def _send(self, operator: int, machines: Sequence[int], msg: Forward) -> None:
+        self.send(operator, machines, encode(msg))
 
     # -- going out -------------------------------------------------------------------
 
     async def publish(self, subject: str, payload: bytes) -> None:
         """A leading copy's package: relayed where it goes to another operator (a leader
         there, or an answer to a request relayed here), else on our own NATS."""
-        parts = subject.split(".", 4)
-        if subject.startswith(REPLY_PREFIX + ".") and len(parts) == 5:
-            # cst.relay.<operator>.<machine>.<reply>: set by ``_take_package`` from
-            # numbers it checked.
-            self._send(int(parts[2]), int(parts[3]), Answer(parts[4], payload))
+        if subject.startswith(REPLY_PREFIX + "."):
+            # cst.relay.<operator>.<reply>, as ``_checked`` wrote it
+            operator, _, reply = subject[len(REPLY_PREFIX) + 1 :].partition(".")
+            if not operator.isdecimal() or not 0 <= int(operator) < len(self.layout.members):
+                log.warning("an answer to an unknown relay dropped", extra={"to": subject})
+                return
+            self._send(int(operator), range(MACHINES), Answer(reply, payload))
             return
+        parts = subject.split(".")
         if len(parts) == 4 and parts[0] == "cst" and parts[2] == "w":
             owner = self.names.get(parts[1])
             worker = int(parts[3]) if parts[3].isdecimal() else -1
             if owner is not None and (owner, worker) in self.copies:
                 at = self.leader_at(owner, worker)
                 if at is not None:
-                    self._send(*at, Relayed(owner, worker, self.machine, payload))
+                    self._send(at[0], (at[1],), Relayed(owner, worker, self.machine, payload))
                     return
         await self.nc.publish(subject, payload)
 
@@ -201,29 +222,35 @@ class Relay:
                 if wanted and subs is None:
                     self.subs[(owner, worker)] = await self._subscribe(owner, worker)
                 elif subs is not None and not wanted:
-                    del self.subs[(owner, worker)]
                     for sub in subs:
                         await sub.unsubscribe()
+                    del self.subs[(owner, worker)]
             await asyncio.sleep(FOLLOW_S)
 
     async def _subscribe(self, owner: int, worker: int) -> list[Subscription]:
         name = self.layout.members[owner].name
-        subs = [
-            await self.nc.subscribe(
-                worker_subject(name, worker),
-                queue=QUEUE,
-                cb=functools.partial(self._on_package, owner, worker),
-                pending_msgs_limit=1_000_000,
-            )
-        ]
-        for what in QUERIES:
+        subs: list[Subscription] = []
+        try:
             subs.append(
                 await self.nc.subscribe(
-                    query_subject(name, worker, what),
+                    worker_subject(name, worker),
                     queue=QUEUE,
-                    cb=functools.partial(self._on_query, owner, worker, what),
+                    cb=functools.partial(self._on_package, owner, worker),
+                    pending_msgs_limit=1_000_000,
                 )
             )
+            for what in RELAYED:
+                subs.append(
+                    await self.nc.subscribe(
+                        query_subject(name, worker, what),
+                        queue=QUEUE,
+                        cb=functools.partial(self._on_query, owner, worker, what),
+                    )
+                )
+        except BaseException:
+            for sub in subs:  # none left behind: the restarted task subscribes again
+                await sub.unsubscribe()
+            raise
         return subs
 
     async def _on_package(self, owner: int, worker: int, msg: Msg) -> None:
@@ -236,15 +263,18 @@ class Relay:
             log.info("package rejected", extra={"reason": str(exc)})
             return
         if pkg.sender == GATEWAY:
-            self.replies.add(pkg.reply, at[0])
-        self._send(*at, Relayed(owner, worker, self.machine, msg.data))
+            now = time.monotonic()
+            for item in pkg.items:
+                if isinstance(item, _FROM_GATEWAY):
+                    self.expected.add((pkg.reply, at[0], item.rid), now)
+        self._send(at[0], (at[1],), Relayed(owner, worker, self.machine, msg.data))
 
     async def _on_query(self, owner: int, worker: int, what: str, msg: Msg) -> None:
         at = self.leader_at(owner, worker)
         if at is None or not msg.reply:
             return  # the asker asks again
-        self.inboxes.add(msg.reply, at[0])
-        self._send(*at, Query(owner, worker, self.machine, what, msg.data, msg.reply))
+        self.expected.add((msg.reply, at[0], 0), time.monotonic())
+        self._send(at[0], (at[1],), Query(owner, worker, self.machine, what, msg.data, msg.reply))
 
     # -- coming in -------------------------------------------------------------------
 
@@ -261,12 +291,21 @@ class Relay:
         if isinstance(msg, Relayed):
             copy.take(self._checked(sender, msg))
             return
-        if msg.what not in QUERIES:
-            raise MessageError(f"no query {msg.what!r}")
-        reply = _subject(msg.reply, "the reply")
+        if msg.what not in RELAYED:
+            raise MessageError(f"no query {msg.what!r} is relayed")
+        if not msg.reply.startswith(INBOX):
+            raise MessageError("a query's reply is an inbox")
+        _subject(msg.reply, "the reply")
+        if len(self.answering) >= ANSWERING:
+            return  # the asker asks again
+        task = asyncio.get_running_loop().create_task(self._answer_query(sender, copy, msg))
+        self.answering.add(task)
+        task.add_done_callback(self.answering.discard)
+
+    async def _answer_query(self, sender: int, copy: HostedCopy, msg: Query) -> None:
         answer = await copy.answer(msg.what, msg.data)
         if answer is not None:  # else this copy no longer leads: the asker asks again
-            self._send(sender, msg.machine, Answer(reply, answer))
+            self._send(sender, (msg.machine,), Answer(msg.reply, answer))
 
     def _checked(self, sender: int, msg: Relayed) -> proto.Package:
         """The package, where operator ``sender`` may relay it (see the docstring)."""
@@ -275,8 +314,7 @@ class Relay:
             if not all(isinstance(i, _FROM_GATEWAY) for i in pkg.items):
                 raise MessageError("a gateway's package carries transactions and issuances only")
             reply = _subject(pkg.reply, "the reply")
-            relayed = f"{REPLY_PREFIX}.{sender}.{msg.machine}.{reply}"
-            return msgspec.structs.replace(pkg, reply=relayed)
+            return msgspec.structs.replace(pkg, reply=f"{REPLY_PREFIX}.{sender}.{reply}")
         if not 0 <= pkg.sender < self.layout.workers:
             raise MessageError(f"no worker {pkg.sender}")
         if not all(isinstance(i, _FROM_WORKER) for i in pkg.items):
@@ -291,9 +329,29 @@ class Relay:
         return pkg
 
     async def _answer(self, sender: int, msg: Answer) -> None:
-        pair = (msg.subject, sender)
-        if pair in self.inboxes:
-            self.inboxes.discard(pair)
-        elif pair not in self.replies:
-            raise Misdirected(f"an answer on {msg.subject[:64]!r}, which nobody asked it for")
-        await self.nc.publish(msg.subject, msg.data)
+        """Publish what answers requests relayed to ``sender`` from here: a query's
+        whole answer, or a package's results for the requests this machine relayed."""
+        if msg.subject.startswith(INBOX):  # a query's answer (its inbox is its own)
+            inbox = (msg.subject, sender, 0)
+            if inbox not in self.expected:
+                raise Unasked(f"an answer on {msg.subject[:64]!r}, which awaits none from it")
+            self.expected.discard(inbox)
+            await self.nc.publish(msg.subject, msg.data)
+            return
+        pkg = proto.decode_package(msg.data)
+        asked = [
+            i
+            for i in pkg.items
+            if isinstance(i, proto.Result) and (msg.subject, sender, i.rid) in self.expected
+        ]
+        if not asked:
+            raise Unasked(f"an answer on {msg.subject[:64]!r} that no request relayed here awaits")
+        for item in asked:
+            if item.code != InFlight.code:  # "in flight" is not the answer: the first will be
+                self.expected.discard((msg.subject, sender, item.rid))
+        data = (
+            msg.data
+            if len(asked) == len(pkg.items)
+            else proto.encode(msgspec.structs.replace(pkg, items=asked))
+        )
+        await self.nc.publish(msg.subject, data)

@@ -107,8 +107,10 @@ class Opener:
         self.membership = Membership(guild, [member_key(k) for k in keys])
         self.me = member_key(keys[me])
         self.index = me
-        # One guard per sender: a member flooding fresh ids fills its own, not others'.
+        # One guard per sender: a member flooding fresh ids fills its own, not others';
+        # and relayed traffic its own, not that of replication.
         self.guards = [ReplayGuard(FRESH_MS, PER_SENDER) for _ in keys]
+        self.forward_guards = [ReplayGuard(FRESH_MS, PER_SENDER) for _ in keys]
 
     def open(self, subj: str, data: bytes, now_ms: int) -> rp.Envelope:
         """The replication envelope inside, or a ``ConstellationError`` saying why not."""
@@ -119,7 +121,7 @@ class Opener:
         if claimed == self.index:  # from our other machine, over our own server
             sender, inner = claimed, rp.decode(data)
         else:
-            sender, body = self._open(claimed, parts[2], data, now_ms)
+            sender, body = self._open(self.guards, claimed, parts[2], data, now_ms)
             inner = rp.decode(body)
         if (
             inner.sender // 2 != sender
@@ -138,11 +140,18 @@ class Opener:
         claimed = self.names.get(parts[2])
         if claimed == self.index:
             raise Misdirected("a relay from our own name: machines never relay to their own")
-        return self._open(claimed, parts[2], data, now_ms)
+        return self._open(self.forward_guards, claimed, parts[2], data, now_ms)
 
-    def _open(self, claimed: int | None, name: str, data: bytes, now_ms: int) -> tuple[int, bytes]:
+    def _open(
+        self,
+        guards: list[ReplayGuard],
+        claimed: int | None,
+        name: str,
+        data: bytes,
+        now_ms: int,
+    ) -> tuple[int, bytes]:
         env, sender = self.membership.open(data, self.me)
         if sender != claimed:
             raise Misdirected(f"signed by member {sender}, sent as {name!r}")
-        self.guards[sender].check(env, now_ms)
+        guards[sender].check(env, now_ms)
         return sender, env.body

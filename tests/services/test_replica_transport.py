@@ -6,13 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import pytest
+from nats.aio.client import Client
 
 from constellation.errors import (
     BadMessageSignature,
+    InFlight,
     MessageError,
     Misdirected,
     NotAMember,
@@ -21,6 +23,7 @@ from constellation.errors import (
     StaleMessage,
 )
 from constellation.keys import SigningKey
+from constellation.protocol import ledger as proto
 from constellation.protocol import replication as rp
 from services.gateway.config import Settings as GatewaySettings
 from services.replica import relay
@@ -279,3 +282,84 @@ def test_a_guild_member_s_gateway_serves_every_member_s_ledger(tmp_path: Path) -
     assert in_guild.layout is not None and in_guild.layout.pmap.workers == [0, 1, 2]
     with pytest.raises(ConfigError, match="not a member"):
         GatewaySettings.from_env({**env, "GATEWAY_OPERATOR": "op9", "GATEWAY_LAYOUT": str(path)})
+
+
+class Recorder:
+    """Stands in for the NATS client: keeps what is published."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        self.sent.append((subject, data))
+
+
+def a_relay() -> tuple[relay.Relay, Recorder, list[tuple[int, list[int], relay.Forward]]]:
+    nc = Recorder()
+    sent: list[tuple[int, list[int], relay.Forward]] = []
+    r = relay.Relay(
+        Layout.from_json(layout_doc()),
+        0,
+        0,
+        cast(Client, nc),
+        lambda op, machines, body: sent.append((op, list(machines), relay.decode(body))),
+    )
+    return r, nc, sent
+
+
+def results(*items: proto.Result) -> bytes:
+    return proto.encode(proto.Package(proto.PROTOCOL_VERSION, 0, "cst.op0.w.0", 1, list(items)))
+
+
+async def test_only_answers_to_requests_relayed_here_are_published() -> None:
+    r, nc, _ = a_relay()
+    inbox, gw = "_INBOX.abc.def", "cst.op0.gw.xyz"
+    r.expected.add((inbox, 1, 0), 0.0)  # a query relayed to op1
+    r.expected.add((gw, 1, 7), 0.0)  # request 7 of a gateway relayed to op1
+    await r.receive(1, relay.encode(relay.Answer(inbox, b"answer")))
+    assert nc.sent == [(inbox, b"answer")]
+    with pytest.raises(relay.Unasked):  # answered once: not again
+        await r.receive(1, relay.encode(relay.Answer(inbox, b"again")))
+    with pytest.raises(relay.Unasked):  # op2 was not asked
+        await r.receive(2, relay.encode(relay.Answer(gw, results(proto.Result(7, "", "", [])))))
+    with pytest.raises(relay.Unasked):  # op1 was asked, but not for request 8
+        await r.receive(1, relay.encode(relay.Answer(gw, results(proto.Result(8, "", "", [])))))
+    in_flight = proto.Result(7, InFlight.code, "being committed", [])
+    await r.receive(1, relay.encode(relay.Answer(gw, results(in_flight))))
+    done, forged = proto.Result(7, "", "", [(0, 3)]), proto.Result(9, "", "", [])
+    await r.receive(1, relay.encode(relay.Answer(gw, results(done, forged))))
+    published = [proto.decode_package(d).items for s, d in nc.sent[1:]]
+    assert published == [[in_flight], [done]]  # the forged result left out
+    with pytest.raises(relay.Unasked):  # answered: request 7 is over
+        await r.receive(1, relay.encode(relay.Answer(gw, results(done))))
+
+
+async def test_answers_go_back_to_both_machines_of_the_asking_operator() -> None:
+    r, nc, sent = a_relay()
+    await r.publish("cst.relay.2.cst.op0.gw.xyz", b"results")
+    assert sent == [(2, [0, 1], relay.Answer("cst.op0.gw.xyz", b"results"))]
+    await r.publish("cst.relay.x.cst.op0.gw.xyz", b"results")  # not ours: dropped
+    await r.publish("cst.relay.9.cst.op0.gw.xyz", b"results")
+    assert len(sent) == 1 and nc.sent == []
+    await r.publish("cst.op0.gw.xyz", b"local")  # anything else: on our own NATS
+    assert nc.sent == [("cst.op0.gw.xyz", b"local")]
+
+
+def test_expected_answers_are_forgotten_after_a_while_or_beyond_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    expected = relay._Expected()
+    expected.add(("a", 1, 1), 0.0)
+    expected.add(("b", 1, 1), relay.EXPECT_S + 1)  # the first is too old now
+    assert ("a", 1, 1) not in expected and ("b", 1, 1) in expected
+    monkeypatch.setattr(relay, "EXPECTED", 2)
+    for rid in range(2, 5):
+        expected.add(("b", 1, rid), relay.EXPECT_S + 1)
+    assert ("b", 1, 1) not in expected and ("b", 1, 4) in expected
+
+
+def test_no_member_may_take_the_relay_s_name() -> None:
+    doc = layout_doc()
+    doc["members"][1]["name"] = "relay"
+    with pytest.raises(ConfigError, match="relay"):
+        Layout.from_json(doc)

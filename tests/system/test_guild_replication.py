@@ -82,7 +82,9 @@ def no_two_leaders_in_a_term(where: Path) -> None:
 async def test_payments_reach_every_copy_of_their_shards_alike(where: Path) -> None:
     assert all(await asyncio.gather(*(pay(n) for n in nets(where))))
     op0, op1, _ = nets(where)
+    before = relayed(op1)
     assert await pay(op0, 60, via=op1)  # relayed to op0's leaders, and answered back
+    assert relayed(op1) > before
     by_shard = converged(where)
     for owner in ("op0", "op1", "op2"):
         assert by_shard[f"{owner}/0"][0]["confirmed"] > 1  # payments made blocks
@@ -137,12 +139,26 @@ async def test_a_stopped_operator_s_shards_are_led_elsewhere_then_it_catches_up(
     assert await pay(op0)  # the others go on paying (a majority is up)
     # op2's users pay through op1's gateway: its shards' new leaders, at op0 and op1 or
     # both at one of them, take the payments relayed
+    before_relayed = relayed(op0) + relayed(op1)
     assert await pay(op2, via=op1)
+    assert relayed(op0) + relayed(op1) > before_relayed
     await asyncio.to_thread(guild.start_operator, where, "op2")
     by_shard = converged(where)
     await asyncio.to_thread(guild.wait_home, nets(where))
     assert await pay(nets(where)[2])
     assert by_shard["op0/0"][0]["confirmed"] > 0
+
+
+def relayed(net: Devnet) -> float:
+    """Messages ``net``'s machines relayed to other operators."""
+    total = 0.0
+    for m in net.machines:
+        url = f"http://127.0.0.1:{m.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith('replica_relayed_messages_total{direction="out"}'):
+                    total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def rejected(net: Devnet, machine: int) -> dict[str, float]:
@@ -195,9 +211,9 @@ async def test_forged_replayed_and_impersonating_traffic_is_refused(where: Path)
 
 
 async def test_relayed_packages_and_answers_from_a_peer_are_checked(where: Path) -> None:
-    """op1 relays to op0's machine that leads op0/0: a vote from a shard op1 does not
-    lead, a gateway's package with a worker's message, an answer nobody asked for and
-    garbage are refused, counted, and change nothing."""
+    """op1 relays to op0's machine that leads op0/0: a decision from a shard op1 does not
+    lead, a gateway's package with a worker's message, an answer to a request nobody
+    relayed to op1 and garbage are refused, counted, and change nothing."""
     await asyncio.to_thread(guild.wait_home, nets(where))
     op0, op1, _ = nets(where)
     layout = guild.layout(nets(where))
@@ -221,7 +237,15 @@ async def test_relayed_packages_and_answers_from_a_peer_are_checked(where: Path)
             0,
             proto.encode(proto.Package(proto.PROTOCOL_VERSION, GATEWAY, "cst.x.y", 1, [decide])),
         ),
-        relay.Answer("cst.op0.gw.forged", b"\x00"),  # nobody asked op1 for it
+        # a "committed" answer to a gateway's request that was never relayed to op1
+        relay.Answer(
+            "cst.op0.gw.forged",
+            proto.encode(
+                proto.Package(
+                    proto.PROTOCOL_VERSION, 0, "cst.op0.w.0", 1, [proto.Result(1, "", "", [])]
+                )
+            ),
+        ),
     ]
     before = rejected(op0, machine)
     ledger_before = await totals(op0)
@@ -237,8 +261,9 @@ async def test_relayed_packages_and_answers_from_a_peer_are_checked(where: Path)
     finally:
         await nc.close()
     after = rejected(op0, machine)
-    assert after.get("protocol.misdirected", 0) == before.get("protocol.misdirected", 0) + 2
+    assert after.get("protocol.misdirected", 0) == before.get("protocol.misdirected", 0) + 1
     assert after.get("protocol.malformed", 0) == before.get("protocol.malformed", 0) + 2
+    assert after.get("protocol.unasked", 0) == before.get("protocol.unasked", 0) + 1
     assert await totals(op0) == ledger_before
     assert await pay(op0, 20, via=op1)
     with pytest.raises(urllib.error.HTTPError) as refused:
