@@ -7,7 +7,7 @@ import logging
 
 from services.gateway.api import Api
 from services.gateway.config import Settings
-from services.gateway.lightning import ClnBackend, LightningError
+from services.gateway.lightning import ClnBackend, LightningError, rebalance
 from services.gateway.limits import Limits
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.ws import Pushes
@@ -132,4 +132,26 @@ class GatewayNode:
                     m.lightning_channel_msat.labels(c.peer_id, "spendable").set(c.spendable_msat)
                     m.lightning_channel_msat.labels(c.peer_id, "receivable").set(c.receivable_msat)
                 m.lightning_splicing.set(sum(1 for c in channels if c.splicing))
+                if self.settings.liquidity_msat:
+                    await self._rebalance(backend)
             await asyncio.sleep(LIGHTNING_POLL_S)
+
+    async def _rebalance(self, backend: ClnBackend) -> None:
+        try:
+            done = await rebalance(backend, self.settings.liquidity_msat)
+        except LightningError as exc:
+            log.warning("liquidity not checked", extra={"error": str(exc)})
+            return
+        for splice, error in done:
+            direction = "in" if splice.relative_sat > 0 else "out"
+            self.metrics.lightning_splices.labels(direction, "failed" if error else "started").inc()
+            log.info(
+                "splice" if error is None else "splice refused",
+                extra={
+                    "channel": splice.channel_id,
+                    "peer": splice.peer,
+                    "sat": splice.relative_sat,
+                    "reason": splice.reason,
+                    **({"error": error} if error else {}),
+                },
+            )

@@ -31,6 +31,8 @@ class Settings:
     # their own operator is down), with the guild's partition map.
     layout: Layout | None = None
     lightning_rpc: Path | None = None  # the operator's lightningd socket
+    # what the channel to each peer should be able to send (twice over; 0: no splicing)
+    liquidity_msat: int = 0
 
     @property
     def ledgers(self) -> list[str]:
@@ -68,4 +70,5 @@ class Settings:
             lightning_rpc=Path(env["GATEWAY_LIGHTNING_RPC"])
             if env.get("GATEWAY_LIGHTNING_RPC")
             else None,
+            liquidity_msat=env_int(env, "GATEWAY_LIQUIDITY_MSAT", 0, 0, 10**15),
         )

@@ -41,6 +41,7 @@ from constellation.lightning import (
     outgoing,
     preimage_of,
 )
+from constellation.liquidity import DEFAULT, ChannelView, Limits, Splice, plan
 
 log = logging.getLogger("gateway.lightning")
 
@@ -452,3 +453,30 @@ class ClnBackend(LightningBackend):
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def rebalance(
+    backend: LightningBackend, expected_msat: int, limits: Limits = DEFAULT
+) -> list[tuple[Splice, str | None]]:
+    """Splice the channels that cannot carry ``expected_msat`` (``headroom`` times) to
+    their peer, from the wallet, or from a channel with far more than it needs
+    (``constellation.liquidity``); each splice with its error, or None."""
+    channels = await backend.channels()
+    balances = await backend.balances()
+    views = [
+        ChannelView(c.channel_id, c.peer_id, c.spendable_msat, c.usable, c.splicing)
+        for c in channels
+    ]
+    expected = {c.peer_id: expected_msat for c in channels}
+    done: list[tuple[Splice, str | None]] = []
+    for splice in plan(views, expected, balances.onchain_confirmed_msat // 1000, limits):
+        try:
+            if splice.relative_sat > 0:
+                await backend.splice_in(splice.channel_id, splice.relative_sat)
+            else:
+                await backend.splice_out(splice.channel_id, -splice.relative_sat)
+        except LightningError as exc:
+            done.append((splice, str(exc)))
+        else:
+            done.append((splice, None))
+    return done

@@ -49,3 +49,9 @@ class GatewayMetrics:
         self.lightning_splicing = Gauge(
             "gateway_lightning_splicing", "channels with a splice in flight", registry=r
         )
+        self.lightning_splices = Counter(
+            "gateway_lightning_splices",
+            "splices the liquidity policy started, by direction and outcome",
+            ["direction", "outcome"],
+            registry=r,
+        )

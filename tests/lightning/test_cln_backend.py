@@ -282,3 +282,24 @@ async def test_lightningd_s_wire_framing_ids_and_errors(net: Net) -> None:
     assert first["id"] == "x1" and "result" in first and second["id"] == 7
     [no_id] = await asyncio.to_thread(raw, b'{"jsonrpc":"2.0","method":"getinfo"}', 1)
     assert no_id["error"]["code"] == -32600  # type: ignore[index]
+
+
+async def test_a_channel_short_of_what_it_must_send_is_spliced_in_never_closed(net: Net) -> None:
+    a = await net.backend("a")
+    before = {c.channel_id: c for c in await a.channels()}
+    # each channel can send about half its capacity; twice 400,000 sat is more than that
+    started = [s for s, error in await lightning.rebalance(a, 400_000_000) if error is None]
+    assert started and all(s.relative_sat > 0 for s in started)
+    during = {c.channel_id: c for c in await a.channels()}
+    assert all(during[s.channel_id].splicing and during[s.channel_id].usable for s in started)
+    again = await lightning.rebalance(a, 400_000_000)  # one splice a channel at a time
+    assert not {s.channel_id for s, _ in again} & {s.channel_id for s in started}
+    for _ in range(4):  # the wallet's change confirms block by block
+        net.sim.network.mine(1)
+        await lightning.rebalance(a, 400_000_000)
+    net.sim.network.mine(1)
+    after = await a.channels()
+    assert {c.channel_id for c in after} == set(before)  # none closed
+    assert all(c.spendable_msat >= 2 * 400_000_000 and not c.splicing for c in after)
+    assert await lightning.rebalance(a, 400_000_000) == []  # enough now
+    assert net.sim.network.books()["missing_msat"] == 0
