@@ -39,7 +39,7 @@ from services.replica.transport import (
 )
 from services.runtime import OpsServer, connect_nats, now_ms
 
-TICK_S = 0.05
+TICK_S = 0.02
 PEER_RETRY_S = 0.5
 PEER_PING_S = 2
 OUTBOX = 100_000  # messages waiting for one NATS client, at most: beyond, the oldest go
