@@ -308,6 +308,12 @@ def _add_wallet(sub: Any) -> None:
     for p in (create, restore, address, balance, history, send):
         p.add_argument("--file", type=Path, default=Path("wallet.json"), help="the wallet file")
         p.add_argument("--gateway", default="", help="gateway URL (default: the wallet's)")
+    for p in (balance, send):
+        p.add_argument(
+            "--via",
+            default="",
+            help="another guild member's gateway, while the wallet's own operator is down",
+        )
 
 
 def _add_guild(sub: Any) -> None:

@@ -3,22 +3,28 @@
 The wallet file holds the BIP39 words, the network, the gateway URL and how many keys
 of each chain were handed out; it is written with mode 0600 and must be protected like
 the seed it is (a real deployment keeps the words in a hardware or encrypted store).
+
+It also keeps the name of the ledger holding its coins and the coins it last saw: while
+its own operator is down, another guild member's gateway (``--via``) serves that ledger
+but has no index of it, so the wallet pays with the coins it knows, each checked there.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from constellation.address import Network, decode_address, encode_address
+from constellation.keys import XOnlyPubKey
 from constellation.ledger.partition import Coin
 from constellation.tx import Issuance, Transaction
 from constellation.wallet import CHANGE, RECEIVE, Wallet, new_mnemonic
+from services.runtime import ConfigError
 
 GAP = 5  # unused receive addresses past the last handed out that a balance also checks
 
@@ -70,6 +76,15 @@ class Gateway:
     async def totals(self) -> dict[str, Any]:
         return await self.get("/v1/ledger" + self.query)
 
+    async def coin(self, coin_id: bytes) -> dict[str, Any] | None:
+        """A coin's state, or None where the ledger has no such coin."""
+        try:
+            return await self.get(f"/v1/coin/{coin_id.hex()}" + self.query)
+        except GatewayError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     async def coins(self, address: str) -> dict[bytes, Coin]:
         """Every unspent coin of ``address``, page by page."""
         # The wallet's own address: its network is whatever its prefix says.
@@ -100,6 +115,17 @@ class WalletFile:
     gateway: str
     receive: int = 0  # receive keys handed out
     change: int = 0
+    ledger: str = ""  # the operator whose ledger holds the coins (its gateway says)
+    coins: dict[str, list[Any]] = field(default_factory=dict)  # id hex: [msat, owner hex]
+
+    def remember(self, coins: dict[bytes, Coin]) -> None:
+        self.coins = {cid.hex(): [c.value_msat, bytes(c.owner).hex()] for cid, c in coins.items()}
+
+    def known(self) -> dict[bytes, Coin]:
+        return {
+            bytes.fromhex(cid): Coin(v, XOnlyPubKey(bytes.fromhex(owner)))
+            for cid, (v, owner) in self.coins.items()
+        }
 
     @staticmethod
     def create(path: Path, gateway: str, network: str, words: str | None = None) -> WalletFile:
@@ -153,6 +179,16 @@ async def wallet_coins(gateway: Gateway, addresses: list[str]) -> dict[bytes, Co
     return coins
 
 
+async def known_coins(gateway: Gateway, doc: WalletFile) -> dict[bytes, Coin]:
+    """The coins the wallet knows that ``gateway`` (serving its ledger) says are unspent."""
+    found = {}
+    for cid, coin in doc.known().items():
+        state = await gateway.coin(cid)
+        if state is not None and state["status"] == "unspent":
+            found[cid] = coin
+    return found
+
+
 async def wallet_command(args: Any, out: Any) -> int:
     """``constellation wallet …`` (``args`` from the CLI's parser)."""
     path: Path = args.file
@@ -170,32 +206,63 @@ async def wallet_command(args: Any, out: Any) -> int:
         doc.save(path)
         print(address, file=out)
         return 0
+    via = getattr(args, "via", "")
     async with aiohttp.ClientSession() as session:
-        gw = Gateway(args.gateway or doc.gateway, session)
+        if via:  # another member's gateway: no index of our ledger, the coins we know
+            if not doc.ledger:
+                raise ConfigError("the wallet does not know its ledger yet: ask its own gateway")
+            gw = Gateway(via, session, ledger=doc.ledger)
+        else:
+            gw = Gateway(args.gateway or doc.gateway, session)
+        if args.wallet_command == "history":
+            await _history(gw, doc, args.limit, out)
+            return 0
+        coins = await _coins(gw, doc, via)
+        doc.save(path)
         if args.wallet_command == "balance":
-            coins = await wallet_coins(gw, doc.addresses())
             total = sum(c.value_msat for c in coins.values())
-            print(f"{total} msat in {len(coins)} coins", file=out)
-        elif args.wallet_command == "history":
-            entries = []
-            for address in doc.addresses():
-                entries += [(e["at"], address, e) for e in await gw.history(address, args.limit)]
-            for at, address, e in sorted(entries, key=lambda x: x[0], reverse=True)[: args.limit]:
-                sign = "+" if e["kind"] == "received" else "-"
-                print(
-                    f"{at}  {sign}{e['value_msat']:>15} msat  {address}  tx {e['txid']}", file=out
-                )
-        else:  # send
-            wallet = doc.wallet()
-            coins = await wallet_coins(gw, doc.addresses())
-            tx = wallet.pay(coins, args.address, args.amount_msat, args.fee_msat)
-            if len(tx.outputs) > 1:
-                doc.change += 1  # the change key is spent from the chain: remember it
-                doc.save(path)
-            receipt = await gw.submit(tx, key=tx.txid.hex())
-            blocks = ", ".join(
-                f"worker {b['worker']} block {b['height']}" for b in receipt["blocks"]
-            )
-            print(f"sent {args.amount_msat} msat to {args.address}", file=out)
-            print(f"txid {receipt['txid']} committed in {blocks}", file=out)
+            where = f" (as {via} sees them)" if via else ""
+            print(f"{total} msat in {len(coins)} coins{where}", file=out)
+        else:
+            await _send(gw, doc, path, coins, args, out)
     return 0
+
+
+async def _coins(gw: Gateway, doc: WalletFile, via: str) -> dict[bytes, Coin]:
+    """The wallet's unspent coins: from its own gateway's index, or (``via`` another
+    member's gateway) those it knows, checked there; remembered either way."""
+    if via:
+        coins = await known_coins(gw, doc)
+    else:
+        doc.ledger = doc.ledger or (await gw.totals())["ledger"]
+        coins = await wallet_coins(gw, doc.addresses())
+    doc.remember(coins)
+    return coins
+
+
+async def _history(gw: Gateway, doc: WalletFile, limit: int, out: Any) -> None:
+    entries = []
+    for address in doc.addresses():
+        entries += [(e["at"], address, e) for e in await gw.history(address, limit)]
+    for at, address, e in sorted(entries, key=lambda x: x[0], reverse=True)[:limit]:
+        sign = "+" if e["kind"] == "received" else "-"
+        print(f"{at}  {sign}{e['value_msat']:>15} msat  {address}  tx {e['txid']}", file=out)
+
+
+async def _send(
+    gw: Gateway, doc: WalletFile, path: Path, coins: dict[bytes, Coin], args: Any, out: Any
+) -> None:
+    tx = doc.wallet().pay(coins, args.address, args.amount_msat, args.fee_msat)
+    if len(tx.outputs) > 1:
+        doc.change += 1  # the change key is spent from the chain: remember it
+        doc.save(path)
+    receipt = await gw.submit(tx, key=tx.txid.hex())
+    spent = {cid for cid, _ in tx.inputs}
+    kept = {cid: coin for cid, coin in coins.items() if cid not in spent}
+    for output, (value, owner) in zip(receipt["outputs"][1:], tx.outputs[1:], strict=True):
+        kept[bytes.fromhex(output["coin_id"])] = Coin(value, owner)  # our change
+    doc.remember(kept)
+    doc.save(path)
+    blocks = ", ".join(f"worker {b['worker']} block {b['height']}" for b in receipt["blocks"])
+    print(f"sent {args.amount_msat} msat to {args.address}", file=out)
+    print(f"txid {receipt['txid']} committed in {blocks}", file=out)

@@ -210,6 +210,13 @@ class World:
             queue.append(msg)  # and delivered again later
         handle(msg)
 
+    def deliver_all(self) -> None:
+        while self.to_payee or self.to_payer:
+            if self.to_payee:
+                self.deliver(self.to_payee, self.to_payee_message)
+            if self.to_payer:
+                self.deliver(self.to_payer, self.to_payer_message)
+
     def to_payee_message(self, msg: Action) -> None:
         if isinstance(msg, RequestInvoice):
             self.payee_did(self.payee.request(msg.batch, msg.first, msg.last, msg.amount_msat))
@@ -270,11 +277,7 @@ def run(seed: int, steps: int) -> World:
     for _ in range(2000):
         world.now += 0.5
         world.payer_did(world.payer.tick(world.now))
-        while world.to_payee or world.to_payer:
-            if world.to_payee:
-                world.deliver(world.to_payee, world.to_payee_message)
-            if world.to_payer:
-                world.deliver(world.to_payer, world.to_payer_message)
+        world.deliver_all()
         world.stream()
         world.check()
         if world.payer.state.settled_upto == len(world.owed) and world.payer.state.batch is None:
@@ -306,11 +309,7 @@ def test_without_faults_a_batch_a_second_carries_every_payment_of_that_second() 
             world.payee.announced(world.announced, 1000)
         world.now += 1.0
         world.payer_did(world.payer.tick(world.now))
-        while world.to_payee or world.to_payer:
-            if world.to_payee:
-                world.deliver(world.to_payee, world.to_payee_message)
-            if world.to_payer:
-                world.deliver(world.to_payer, world.to_payer_message)
+        world.deliver_all()
         world.stream()
         assert world.payee.state.released_upto == 100 * (second + 1)
     assert world.payer.state.settled == 5

@@ -12,6 +12,7 @@ height and state root. The tests share one guild, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -28,10 +29,12 @@ from typing import Any
 import nats
 import pytest
 
+from constellation.address import Network, encode_address
 from constellation.keys import SigningKey
 from constellation.protocol import ledger as proto
 from constellation.protocol import replication as rp
 from services.bus import GATEWAY, worker_subject
+from services.cli import main as cli_main
 from services.devnet import Devnet, guild
 from services.replica import relay
 from services.replica.transport import Sealer, forward_subject, subject
@@ -127,6 +130,18 @@ async def test_a_stopped_operator_s_shards_are_led_elsewhere_then_it_catches_up(
     where: Path,
 ) -> None:
     await asyncio.to_thread(guild.wait_home, nets(where))
+    # a user of op2 with the wallet command: it learns its ledger and coins at op2
+    alice = str(where.parent / "alice.json")
+    op2_dir = str(where / "op2")
+    assert (
+        await cli("wallet", "create", "--file", alice, "--gateway", nets(where)[2].gateway_url)
+    )[0] == 0
+    address = (await cli("wallet", "address", "--file", alice))[1].strip()
+    assert (await cli("devnet", "fund", address, "5000000", "--dir", op2_dir))[0] == 0
+    end = time.monotonic() + 10
+    while "5000000 msat in 1 coins" not in (await cli("wallet", "balance", "--file", alice))[1]:
+        assert time.monotonic() < end, "the funded coin is not in op2's index"
+        await asyncio.sleep(0.2)
     before = {s: guild.leader(nets(where), s) for s in ("op2/0", "op2/1")}
     await asyncio.to_thread(guild.stop_operator, where, "op2")
     for shard, lead in before.items():
@@ -142,6 +157,15 @@ async def test_a_stopped_operator_s_shards_are_led_elsewhere_then_it_catches_up(
     before_relayed = relayed(op0) + relayed(op1)
     assert await pay(op2, via=op1)
     assert relayed(op0) + relayed(op1) > before_relayed
+    # and alice pays with the coins her wallet knows, checked at op1's gateway
+    bob = SigningKey(os.urandom(32)).pubkey
+    bob_address = encode_address(bob, Network.REGTEST)
+    code, out = await cli(
+        "wallet", "send", bob_address, "1000000", "--file", alice, "--via", op1.gateway_url
+    )
+    assert code == 0, out
+    code, out = await cli("wallet", "balance", "--file", alice, "--via", op1.gateway_url)
+    assert "3999000 msat in 1 coins" in out, out  # the change, after a 1,000 msat fee
     await asyncio.to_thread(guild.start_operator, where, "op2")
     by_shard = converged(where)
     await asyncio.to_thread(guild.wait_home, nets(where))
@@ -311,3 +335,15 @@ async def test_every_gateway_watches_its_lightning_node_with_a_channel_to_each_p
         channels = gauges(net, "gateway_lightning_channel_msat")
         assert sum(1 for k in channels if 'kind="local"' in k) == 2  # one per peer
     assert lightning(where, "/v1/books")["missing_msat"] == 0
+
+
+async def cli(*argv: str) -> tuple[int, str]:
+    """``constellation ARGV``, its exit code and what it printed."""
+
+    def run() -> tuple[int, str]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = cli_main(list(argv))
+        return code, out.getvalue()
+
+    return await asyncio.to_thread(run)
