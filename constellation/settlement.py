@@ -26,8 +26,10 @@ safe: lightningd never pays one hash twice). Its outcome is four-valued
 (``constellation.lightning``): settled; failed; pending (waited for); unknown (looked
 up again, and where it stays unknown, Q is asked to cancel the invoice). A batch whose
 payment failed is cancelled at Q the same way. Q cancels only an unpaid invoice, which
-can then never be paid; a paid one settles the batch. Once cancelled, its obligations
-go into the next batch.
+can then never be paid; a paid one settles the batch. P does not take Q's word that it
+was cancelled: it asks its own node once more, and settles what its node says was paid,
+waits for what is pending, and only then puts the batch's obligations into the next
+batch (an unknown there means no attempt can complete: the invoice is gone).
 
 Q releases a batch's outputs once its invoice is paid for the whole amount. The release
 is remembered until the shell says its ledger made it (``released``), and asked for
@@ -55,6 +57,7 @@ class Status(Enum):
     ASKED = "asked"  # the payee was asked for an invoice
     PAYING = "paying"  # the node was asked to pay it (written before)
     CANCELLING = "cancelling"  # the payee was asked to cancel it
+    CANCELLED = "cancelled"  # the payee says it deleted it: our node confirms it unpaid
 
 
 @dataclass
@@ -230,6 +233,9 @@ class Payer:
         if b.status is Status.CANCELLING and now - b.asked >= RETRY_S:
             b.asked = now
             return [RequestCancel(b.id)]
+        if b.status is Status.CANCELLED and now - b.asked >= LOOKUP_S:
+            b.asked = now
+            return [LookUp(b.id, b.payment_hash)]
         return []
 
     def offered(
@@ -261,11 +267,17 @@ class Payer:
 
     def outcome(self, batch: int, outcome: Outcome, now: float, fee_msat: int = 0) -> list[Action]:
         """What the node says of the batch's payment (an answer to ``Pay`` or ``LookUp``)."""
-        b = self.state.batch
-        if b is None or b.id != batch or b.status is not Status.PAYING:
+        s = self.state
+        b = s.batch
+        if b is None or b.id != batch or b.status not in (Status.PAYING, Status.CANCELLED):
             return []
         if outcome is Outcome.SETTLED:
             self._settle(b, fee_msat)
+            return []
+        if b.status is Status.CANCELLED:
+            if outcome is not Outcome.PENDING:  # failed, or no attempt that can complete
+                s.batch = None
+                s.failed += 1
             return []
         if outcome is Outcome.FAILED or now - b.since >= GIVE_UP_S:
             # failed: the invoice is unpaid; unknown for long: make sure it stays so
@@ -273,18 +285,21 @@ class Payer:
             return [RequestCancel(b.id)]
         return []  # pending, or unknown for now: looked up again
 
-    def cancelled(self, batch: int, paid: bool) -> list[Action]:
-        """The payee's answer to ``RequestCancel``."""
-        s = self.state
-        b = s.batch
-        if b is None or b.id != batch:
+    def cancelled(self, batch: int, paid: bool, now: float) -> list[Action]:
+        """The payee's answer to ``RequestCancel``: paid settles the batch; cancelled is
+        confirmed with our own node before the batch is dropped."""
+        b = self.state.batch
+        if b is None or b.id != batch or b.status is not Status.CANCELLING:
             return []
         if paid:
             self._settle(b, 0)
-        else:
-            s.batch = None
-            s.failed += 1
-        return []
+            return []
+        if not b.payment_hash:  # no invoice was ever offered: nothing was paid
+            self.state.batch = None
+            self.state.failed += 1
+            return []
+        b.status, b.since, b.asked = Status.CANCELLED, now, now
+        return [LookUp(b.id, b.payment_hash)]
 
     def _settle(self, b: Batch, fee_msat: int) -> None:
         s = self.state
@@ -305,6 +320,8 @@ class Payer:
             return [RequestInvoice(b.id, b.first, b.last, b.amount_msat)]
         if b.status is Status.PAYING:  # the node pays no hash twice: asking again is safe
             return [Pay(b.id, b.bolt11, self.fee_limit_msat)]
+        if b.status is Status.CANCELLED:
+            return [LookUp(b.id, b.payment_hash)]
         return [RequestCancel(b.id)]
 
 
@@ -397,8 +414,8 @@ class Payee:
             return [CancelInvoice(batch, label(s.payer, batch))]
         if batch == s.last_batch:  # closed already: say how again
             return [Cancelled(batch, paid=s.last_paid)]
-        if batch < s.last_batch:
-            return []  # an old request: the payer moved on long ago
+        if batch < s.last_batch or o is not None:
+            return []  # an old request, or one that is not the open batch's: nothing
         return self._close_unpaid(batch)  # never opened here: it never will be
 
     def cancel_result(self, batch: int, paid: bool) -> list[Action]:
@@ -407,8 +424,8 @@ class Payee:
         o = s.open
         if o is None or o.batch != batch:
             return []
-        if paid:
-            return [*self._release(o), Cancelled(batch, paid=True)]
+        if paid:  # its release comes from the stream of paid invoices, amount checked
+            return []
         return self._close_unpaid(batch)
 
     def _close_unpaid(self, batch: int) -> list[Action]:

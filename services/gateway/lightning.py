@@ -10,15 +10,17 @@ addresses and withdrawals.
 the same code whether a real lightningd or the simulated network
 (``services/lnsim``) serves it. pyln-client blocks: each call runs in a thread of a
 bounded pool, under a timeout (pyln sets none on its socket, so a call that times out
-keeps its thread until lightningd answers or goes). ``getinfo``'s version picks
-``xpay`` (v24.11) over ``pay`` and ``splicein``/``spliceout`` (v26.04) over the
-three-step splice.
+keeps its thread until lightningd answers or goes). Payments, which may stay pending
+for hours, have a pool of their own, so that stuck ones never starve the lookups.
+``getinfo``'s version picks ``xpay`` (v24.11) over ``pay`` and ``splicein``/``spliceout``
+(v26.04) over the three-step splice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import re
 from abc import ABC, abstractmethod
@@ -49,7 +51,7 @@ CALL_S = 30.0  # an ordinary call
 PAY_S = 60.0  # a payment's call: past it the payment is looked up, not given up
 WAIT_S = 30  # a long poll for paid invoices (waitanyinvoice's own timeout)
 RETRY_FOR_S = 30  # how long lightningd keeps trying routes for a payment
-THREADS = 16
+THREADS = 8  # for calls, and as many again for payments
 CAN_ADD_HTLC = ("CHANNELD_NORMAL", "CHANNELD_AWAITING_SPLICE")
 SPLICE_ROUNDS = 10  # splice_update calls before the commitments must be secured
 
@@ -218,6 +220,7 @@ class ClnBackend(LightningBackend):
     def __init__(self, socket: Path) -> None:
         self.rpc = LightningRpc(str(socket))
         self.pool = ThreadPoolExecutor(THREADS, thread_name_prefix="lightning")
+        self.payments = ThreadPoolExecutor(THREADS, thread_name_prefix="lightning-pay")
         self.version = (0, 0)
 
     async def connect(self) -> NodeInfo:
@@ -234,12 +237,18 @@ class ClnBackend(LightningBackend):
     def splice_v2(self) -> bool:
         return self.version >= (26, 4)
 
-    async def _call(self, method: str, params: dict[str, Any], timeout: float = CALL_S) -> Any:
+    async def _call(
+        self,
+        method: str,
+        params: dict[str, Any],
+        timeout: float = CALL_S,
+        pool: ThreadPoolExecutor | None = None,
+    ) -> Any:
         """The result, or ``RpcError`` (lightningd refused, or the connection was lost),
         ``OSError`` (no socket) or ``TimeoutError``."""
         call = functools.partial(self.rpc.call, method, params)
         return await asyncio.wait_for(
-            asyncio.get_running_loop().run_in_executor(self.pool, call), timeout
+            asyncio.get_running_loop().run_in_executor(pool or self.pool, call), timeout
         )
 
     async def _ask(self, method: str, params: dict[str, Any], timeout: float = CALL_S) -> Any:
@@ -283,7 +292,7 @@ class ClnBackend(LightningBackend):
         if found is None:
             raise LightningError(f"invoice {label!r} was created but is not listed")
         if found.amount_msat != amount_msat or (
-            preimage is not None and found.preimage not in (None, preimage)
+            preimage is not None and found.payment_hash != hashlib.sha256(preimage).digest()
         ):
             raise LightningError(f"label {label!r} holds another invoice", 900)
         return found
@@ -300,8 +309,10 @@ class ClnBackend(LightningBackend):
         except RpcError as exc:
             if _code(exc) == 906:  # not unpaid any more: paid, or expired
                 current = (exc.error.get("data") or {}).get("current_status")
-                return current != "paid"
-            if _code(exc) == 905:  # no such invoice
+                if current not in ("paid", "expired"):
+                    raise LightningError(f"delinvoice: status {current!r}", 906) from None
+                return bool(current != "paid")
+            if _code(exc) == 905:  # gone: deleted before (a retry after a lost reply)
                 return True
             raise LightningError(f"delinvoice: {_message(exc)}", _code(exc)) from None
         except (OSError, TimeoutError) as exc:
@@ -342,36 +353,46 @@ class ClnBackend(LightningBackend):
         method, invoice = ("xpay", "invstring") if self.xpay else ("pay", "bolt11")
         params = {invoice: bolt11, "maxfee": fee_limit_msat, "retry_for": RETRY_FOR_S}
         try:
-            doc = await self._call(method, params, PAY_S)
+            doc = await self._call(method, params, PAY_S, self.payments)
+            preimage = preimage_of(doc.get("payment_preimage"), payment_hash)
+            amount, sent = msat(doc["amount_msat"]), msat(doc["amount_sent_msat"])
         except RpcError as exc:
             code = _code(exc)
-            if code is not None and nothing_sent(code):
-                return PaymentState(Outcome.FAILED, payment_hash, reason=_message(exc))
-            if code != ALREADY_PAID:
+            if code not in (ALREADY_PAID, None):
                 log.info(
                     "payment error: looking it up",
                     extra={"payment_hash": payment_hash.hex(), "error": _message(exc)},
                 )
-            return await self.payment(payment_hash)
-        except (OSError, TimeoutError) as exc:
+            # lightningd ended the command: what listpays says is final, and where the
+            # error proves no HTLC was offered, no attempt is a failure
+            return await self._lookup(payment_hash, asked=not nothing_sent(code), over=code)
+        except Exception as exc:
             log.info(
                 "payment not answered: looking it up",
                 extra={"payment_hash": payment_hash.hex(), "error": repr(exc)},
             )
-            return await self.payment(payment_hash)
-        preimage = preimage_of(doc.get("payment_preimage"), payment_hash)
+            # the command may still be running (a pay between its retries shows every
+            # attempt failed): failed is not final here
+            return await self._lookup(payment_hash, asked=True, over=None)
         if preimage is None:  # a success without proof settles nothing
             return await self.payment(payment_hash)
-        amount, sent = msat(doc["amount_msat"]), msat(doc["amount_sent_msat"])
         return PaymentState(Outcome.SETTLED, payment_hash, preimage, amount, sent - amount)
 
     async def payment(self, payment_hash: bytes) -> PaymentState:
+        return await self._lookup(payment_hash, asked=True, over=-1)
+
+    async def _lookup(self, payment_hash: bytes, asked: bool, over: int | None) -> PaymentState:
+        """``listpays``' verdict. ``over``: the code the payment's command ended with
+        (-1: not this call's), or None where it may still run: then failed is unknown."""
         try:
             doc = await self._call("listpays", {"payment_hash": payment_hash.hex()})
-        except (RpcError, OSError, TimeoutError) as exc:
+            state = outgoing(doc["pays"], payment_hash, asked)
+        except Exception as exc:
             reason = _message(exc) if isinstance(exc, RpcError) else repr(exc)
             return PaymentState(Outcome.UNKNOWN, payment_hash, reason=f"listpays: {reason}")
-        return outgoing(doc["pays"], payment_hash, asked=True)
+        if over is None and state.outcome is Outcome.FAILED:
+            return PaymentState(Outcome.UNKNOWN, payment_hash, reason="its command may still run")
+        return state
 
     # -- the node's money -------------------------------------------------------------
 
@@ -453,6 +474,7 @@ class ClnBackend(LightningBackend):
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.payments.shutdown(wait=False, cancel_futures=True)
 
 
 async def rebalance(
@@ -463,11 +485,18 @@ async def rebalance(
     (``constellation.liquidity``); each splice with its error, or None."""
     channels = await backend.channels()
     balances = await backend.balances()
+    # the busiest channel to each peer carries its payments (the others stay as they are)
+    best: dict[str, Channel] = {}
+    for c in channels:
+        if c.usable and (
+            c.peer_id not in best or c.spendable_msat > best[c.peer_id].spendable_msat
+        ):
+            best[c.peer_id] = c
     views = [
         ChannelView(c.channel_id, c.peer_id, c.spendable_msat, c.usable, c.splicing)
-        for c in channels
+        for c in best.values()
     ]
-    expected = {c.peer_id: expected_msat for c in channels}
+    expected = {peer: expected_msat for peer in best}
     done: list[tuple[Splice, str | None]] = []
     for splice in plan(views, expected, balances.onchain_confirmed_msat // 1000, limits):
         try:

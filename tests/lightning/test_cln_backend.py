@@ -303,3 +303,16 @@ async def test_a_channel_short_of_what_it_must_send_is_spliced_in_never_closed(n
     assert all(c.spendable_msat >= 2 * 400_000_000 and not c.splicing for c in after)
     assert await lightning.rebalance(a, 400_000_000) == []  # enough now
     assert net.sim.network.books()["missing_msat"] == 0
+
+
+async def test_a_lost_answer_over_failed_attempts_is_unknown_until_looked_up_again(
+    net: Net,
+) -> None:
+    """Without the command's own answer, every attempt failed may be a pay between its
+    retries: unknown. A later lookup, the command over, says failed."""
+    a, b = await net.backend("a"), await net.backend("b")
+    inv = await b.create_invoice(10_000, "retrying", "x", 600)
+    net.sim.network.nodes["b"].faults.fail_next = 1
+    net.sim.network.nodes["a"].faults.lose_replies = 1
+    assert (await a.pay(inv.bolt11, 1_000)).outcome is Outcome.UNKNOWN
+    assert (await a.payment(inv.payment_hash)).outcome is Outcome.FAILED

@@ -15,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from services.lnsim.network import (
     PAY_ALREADY_PAID,
+    PAY_IN_PROGRESS,
     PAY_INVOICE_EXPIRED,
     Attempt,
     Invoice,
@@ -89,6 +90,8 @@ class LightningNetwork(RuleBasedStateMachine):
             assert self._snapshot() == before  # nothing was sent
             if paid_before:
                 assert exc.code == PAY_ALREADY_PAID and xpay
+            elif (payer, inv.payment_hash) in self.net.attempts:
+                assert exc.code == PAY_IN_PROGRESS  # an attempt is held: no second one
             elif self.now >= inv.expires_at and payer != payee:
                 assert exc.code == PAY_INVOICE_EXPIRED
             return

@@ -235,7 +235,7 @@ class World:
         elif isinstance(msg, Refuse):
             self.payer_did(self.payer.refused(msg.batch, self.now))
         elif isinstance(msg, Cancelled):
-            self.payer_did(self.payer.cancelled(msg.batch, msg.paid))
+            self.payer_did(self.payer.cancelled(msg.batch, msg.paid, self.now))
 
     def stream(self) -> None:
         """The payee's node's paid invoices after its persisted index, in order."""
@@ -255,6 +255,9 @@ class World:
         paid_invoices = [i for i in self.net.nodes["q"].invoices.values() if i.status == "paid"]
         received = sum(i.amount_received_msat or 0 for i in paid_invoices)
         assert self.payer.state.paid_msat <= received  # counted paid only what arrived
+        # and nothing arrived twice: beyond what the payer settled, at most its batch
+        batch = self.payer.state.batch
+        assert received <= self.payer.state.paid_msat + (batch.amount_msat if batch else 0)
         assert self.payee.state.released_msat <= received
         assert self.net.books()["missing_msat"] == 0
         complete = [p for p in self.net.nodes["p"].parts if p.status == "complete"]
@@ -314,3 +317,33 @@ def test_without_faults_a_batch_a_second_carries_every_payment_of_that_second() 
         assert world.payee.state.released_upto == 100 * (second + 1)
     assert world.payer.state.settled == 5
     assert len([p for p in world.net.nodes["p"].parts if p.status == "complete"]) == 5
+
+
+def test_the_payer_confirms_a_cancel_with_its_own_node() -> None:
+    """A payee's "cancelled" is not taken on its word: the payer's node decides."""
+
+    def cancelling() -> tuple[Payer, int]:
+        payer = Payer(PayerState("p", "q"))
+        payer.owe(1, 5_000)
+        [request] = payer.tick(10.0)
+        assert isinstance(request, RequestInvoice)
+        payer.offered(request.batch, "lnbcrt1x", b"h" * 32, 5_000, 10.0)
+        assert payer.outcome(request.batch, Outcome.FAILED, 11.0) == [RequestCancel(request.batch)]
+        return payer, request.batch
+
+    payer, batch = cancelling()
+    assert payer.cancelled(batch + 1, False, 12.0) == []  # not this batch: ignored
+    assert payer.cancelled(batch, False, 12.0) == [LookUp(batch, b"h" * 32)]
+    assert payer.outcome(batch, Outcome.PENDING, 13.0) == []  # still in flight: wait
+    assert payer.state.batch is not None
+    assert payer.outcome(batch, Outcome.SETTLED, 14.0) == []  # it was paid after all
+    assert payer.state.batch is None and payer.state.settled_upto == 1
+    assert payer.state.paid_msat == 5_000 and payer.state.failed == 0
+
+    payer, batch = cancelling()
+    payer.cancelled(batch, False, 12.0)
+    payer.outcome(batch, Outcome.FAILED, 13.0)  # confirmed unpaid: into the next batch
+    assert payer.state.batch is None and payer.state.failed == 1
+    assert payer.state.owed == [(1, 5_000)]
+    assert payer.cancelled(batch, True, 14.0) == []  # too late to matter: ignored
+    assert payer.state.settled_upto == 0

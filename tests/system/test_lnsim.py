@@ -93,9 +93,16 @@ async def test_every_node_answers_pyln_and_pays_across_the_mesh(lnsim: Proc) -> 
         inv2 = await op2.create_invoice(1_000, "settle:2", "x", 600)
         assert (await op0.pay(inv2.bolt11, 0)).outcome is Outcome.FAILED
         assert (await op0.pay(inv2.bolt11, 0)).outcome is Outcome.SETTLED
+        lnsim.call("POST", "/v1/faults/op2", {"hold": True})
+        inv3 = await op2.create_invoice(2_000, "settle:3", "x", 600)
+        paying = asyncio.ensure_future(op0.pay(inv3.bolt11, 0))
+        await asyncio.sleep(0.3)
+        assert (await op0.payment(inv3.payment_hash)).outcome is Outcome.PENDING
+        lnsim.call("POST", "/v1/release/op2", {})
+        assert (await asyncio.wait_for(paying, 10)).outcome is Outcome.SETTLED
         lnsim.call("POST", "/v1/faults/op1", {"offline": True})
         assert not os.path.exists(socket_path(lnsim.directory, "op1"))
-        with pytest.raises(RpcError):  # op1 carries nothing now: no route through it
+        with pytest.raises(RpcError):  # op1 is down: op0 cannot reach it
             await asyncio.to_thread(rpc.call, "connect", {"id": nodes[1]["id"]})
         lnsim.call("POST", "/v1/faults/op1", {"offline": False})
         assert os.path.exists(socket_path(lnsim.directory, "op1"))
@@ -112,7 +119,7 @@ async def test_every_node_answers_pyln_and_pays_across_the_mesh(lnsim: Proc) -> 
     height = lnsim.call("POST", "/v1/mine", {"blocks": 3})["height"]
     assert height >= 104
     metrics = lnsim.call("GET", "/metrics")
-    assert 'lnsim_payments{node="op0",status="complete"} 2.0' in metrics
+    assert 'lnsim_payments{node="op0",status="complete"} 3.0' in metrics
     assert "lnsim_books_missing_msat 0.0" in metrics
 
 
