@@ -450,8 +450,14 @@ class ClnBackend(LightningBackend):
                 params = {"channel": channel_id, "amount": -relative_sat}
                 doc = await self._ask("spliceout", params)
             return str(doc["txid"])
-        # before v26.04: initiate, update until both commitments are secured, sign
-        init = {"channel_id": channel_id, "relative_amount": relative_sat}
+        # before v26.04: a PSBT with the wallet's inputs (in) or an output to the wallet
+        # (out); initiate; update until both commitments are secured; sign
+        if relative_sat > 0:
+            funds = {"satoshi": relative_sat, "feerate": "normal", "startweight": 0}
+            initial = (await self._ask("fundpsbt", funds))["psbt"]
+        else:
+            initial = (await self._ask("addpsbtoutput", {"satoshi": -relative_sat}))["psbt"]
+        init = {"channel_id": channel_id, "relative_amount": relative_sat, "initialpsbt": initial}
         psbt = (await self._ask("splice_init", init))["psbt"]
         for _ in range(SPLICE_ROUNDS):
             doc = await self._ask("splice_update", {"channel_id": channel_id, "psbt": psbt})

@@ -705,11 +705,33 @@ async def spliceout(s: NodeServer, p: dict[str, Any]) -> dict[str, Any]:
 
 # Before v26.04: splice_init, splice_update until the commitments are secured, then
 # splice_signed. The simulator's PSBT is a token naming the pending splice.
+async def fundpsbt(s: NodeServer, p: dict[str, Any]) -> dict[str, Any]:
+    """A PSBT spending the wallet's confirmed outputs for ``satoshi`` and the fee."""
+    amount = sat(p["satoshi"], "satoshi")
+    assert amount is not None
+    if s.network.wallet_sat(s.name, confirmed_only=True) < amount + 200:
+        raise LnError(301, f"Could not afford {amount}sat using the wallet's confirmed outputs")
+    return {"psbt": f"lnsim-funds:{amount}", "feerate_per_kw": 253, "estimated_final_weight": 0}
+
+
+async def addpsbtoutput(s: NodeServer, p: dict[str, Any]) -> dict[str, Any]:
+    """A PSBT with one output of ``satoshi`` to the wallet."""
+    amount = sat(p["satoshi"], "satoshi")
+    assert amount is not None
+    return {"psbt": f"lnsim-output:{amount}", "estimated_added_weight": 172, "outnum": 0}
+
+
 async def splice_init(s: NodeServer, p: dict[str, Any]) -> dict[str, Any]:
     relative = p["relative_amount"]
     if not isinstance(relative, int) or isinstance(relative, bool) or relative == 0:
         raise LnError(INVALID_PARAMS, "relative_amount: should be a non-zero integer")
     s.network.channel(s.name, _str(p["channel_id"], "channel_id"))  # it exists
+    # like lightningd: funds in come from the initial PSBT's inputs, funds out go to its
+    # outputs; without them there is nothing to splice with
+    kind, _, amount = str(p.get("initialpsbt", "")).partition(":")
+    wanted = ("lnsim-funds" if relative > 0 else "lnsim-output", str(abs(relative)))
+    if (kind, amount) != wanted:
+        raise LnError(357, "initialpsbt: it does not fund (or receive) the splice")
     return {"psbt": f"lnsim-splice:{p['channel_id']}:{relative}"}
 
 
@@ -846,6 +868,27 @@ METHODS: dict[str, tuple[Handler, tuple[str, ...], tuple[str, ...]]] = {
         spliceout,
         ("channel", "amount", "destination", "force_feerate"),
         ("channel", "amount"),
+    ),
+    "fundpsbt": (
+        fundpsbt,
+        (
+            "satoshi",
+            "feerate",
+            "startweight",
+            "minconf",
+            "reserve",
+            "locktime",
+            "min_witness_weight",
+            "excess_as_change",
+            "nonwrapped",
+            "opening_anchor_channel",
+        ),
+        ("satoshi", "feerate", "startweight"),
+    ),
+    "addpsbtoutput": (
+        addpsbtoutput,
+        ("satoshi", "initialpsbt", "locktime", "destination"),
+        ("satoshi",),
     ),
     "splice_init": (
         splice_init,

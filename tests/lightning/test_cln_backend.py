@@ -239,6 +239,18 @@ async def test_an_older_node_is_paid_with_pay_and_spliced_in_three_steps() -> No
         old.sim.network.mine(1)
         after = next(c for c in await a.channels() if c.channel_id == channel.channel_id)
         assert after.capacity_msat == channel.capacity_msat + 100_000_000
+        await a.splice_out(channel.channel_id, 50_000)  # to the wallet, through a PSBT output
+        old.sim.network.mine(1)
+        out = next(c for c in await a.channels() if c.channel_id == channel.channel_id)
+        assert out.capacity_msat < after.capacity_msat - 50_000_000
+        with pytest.raises(RpcError) as unfunded:  # lightningd wants the PSBT that funds it
+            await asyncio.to_thread(
+                old.rpc("a").call,
+                "splice_init",
+                {"channel_id": channel.channel_id, "relative_amount": 1000},
+            )
+        assert unfunded.value.error["code"] == 357
+        assert old.sim.network.books()["missing_msat"] == 0
     finally:
         await old.sim.close()
         for backend in old.backends.values():
