@@ -211,6 +211,12 @@ async def run_guild_demo(
         f"guild 'demo' up in {directory}: {operators} operators x {workers} workers; every "
         f"shard has {2 * operators} copies, one on each machine of every operator"
     )
+    nodes = await asyncio.to_thread(guild.lightning, directory, "/v1/nodes")
+    say(
+        f"Lightning: a simulated network of {len(nodes)} nodes, one per operator, with a "
+        f"channel of {guild.CHANNEL_SAT:,} sat between every pair; each gateway watches "
+        "its node through lightningd's JSON-RPC"
+    )
     ok = True
     for net in nets:
         say(f"\n== payments at {net.operator} ({net.gateway_url})")
@@ -238,6 +244,9 @@ async def run_guild_demo(
     before = {s: (guild.leader(nets, s) or {"confirmed": 0})["confirmed"] for s in _shards(gone)}
     started = time.monotonic()
     await asyncio.to_thread(guild.stop_operator, directory, gone.operator)
+    nodes = await asyncio.to_thread(guild.lightning, directory, "/v1/nodes")
+    offline = [n["name"] for n in nodes if not n["online"]]
+    say(f"its Lightning node went down with it (offline: {', '.join(offline)})")
     for s in _shards(gone):
         new = await asyncio.to_thread(guild.wait_new_leader, nets, s, before[s])
         say(
@@ -261,6 +270,14 @@ async def run_guild_demo(
     await asyncio.to_thread(guild.wait_home, nets)
     say(f"leadership of every shard is back with its owner; payments at {gone.operator}:")
     ok &= await run(gone, payments // 2)
+    books = await asyncio.to_thread(guild.lightning, directory, "/v1/books")
+    missing = int(books["missing_msat"])
+    say(
+        f"Lightning books: {books['minted_msat']:,} msat minted, all accounted for"
+        if missing == 0
+        else f"Lightning books: {missing:,} msat MISSING"
+    )
+    ok &= missing == 0
     say("\nguild demo: " + ("every check held" if ok else "A CHECK FAILED"))
     return ok
 

@@ -235,19 +235,24 @@ def stop_lightning(directory: Path) -> None:
 
 def lightning_faults(directory: Path, node: str, faults: dict[str, Any]) -> None:
     """Set faults at a node of the guild's simulated network (``services/lnsim/app.py``)."""
+    lightning(directory, f"/v1/faults/{node}", faults)
+
+
+def lightning(directory: Path, path: str, doc: dict[str, Any] | None = None) -> Any:
+    """The guild's simulated network's control API: GET ``path``, or POST ``doc``."""
     found = _guild_doc(directory).get("lightning")
     if found is None:
         raise DevnetError(f"no Lightning network runs for the guild in {directory}")
     req = urllib.request.Request(
-        f"http://127.0.0.1:{found['http_port']}/v1/faults/{node}",
-        data=json.dumps(faults).encode(),
-        method="POST",
+        f"http://127.0.0.1:{found['http_port']}{path}",
+        data=json.dumps(doc).encode() if doc is not None else None,
+        method="POST" if doc is not None else "GET",
     )
     try:
-        with urllib.request.urlopen(req, timeout=5):
-            pass
-    except OSError as exc:
-        raise DevnetError(f"the guild's Lightning network did not take {faults}: {exc}") from None
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.load(r)
+    except (OSError, ValueError) as exc:
+        raise DevnetError(f"the guild's Lightning network did not answer {path}: {exc}") from None
 
 
 # -- watching the copies (``/v1/copies`` of each machine) ------------------------------

@@ -149,7 +149,7 @@ async def test_a_stopped_operator_s_shards_are_led_elsewhere_then_it_catches_up(
         new = await asyncio.to_thread(guild.wait_new_leader, nets(where), shard, lead["confirmed"])
         assert new["operator"] != "op2"
     op0, op1, op2 = nets(where)
-    nodes = {n["name"]: n for n in lightning(where, "/v1/nodes")}
+    nodes = {n["name"]: n for n in guild.lightning(where, "/v1/nodes")}
     assert not nodes["op2"]["online"] and nodes["op0"]["online"]  # its node went with it
     assert await pay(op0)  # the others go on paying (a majority is up)
     # op2's users pay through op1's gateway: its shards' new leaders, at op0 and op1 or
@@ -305,12 +305,6 @@ async def totals(net: Devnet) -> dict[str, Any]:
     return await asyncio.to_thread(get)
 
 
-def lightning(where: Path, path: str) -> Any:
-    port = json.loads((where / guild.GUILD_FILE).read_text())["lightning"]["http_port"]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-        return json.load(r)
-
-
 def gauges(net: Devnet, name: str) -> dict[str, float]:
     with urllib.request.urlopen(f"{net.gateway_url}/metrics", timeout=5) as r:
         text = r.read().decode()
@@ -334,7 +328,7 @@ async def test_every_gateway_watches_its_lightning_node_with_a_channel_to_each_p
         assert money['gateway_lightning_msat{kind="local"}'] == 2 * half
         channels = gauges(net, "gateway_lightning_channel_msat")
         assert sum(1 for k in channels if 'kind="local"' in k) == 2  # one per peer
-    assert lightning(where, "/v1/books")["missing_msat"] == 0
+    assert guild.lightning(where, "/v1/books")["missing_msat"] == 0
 
 
 async def cli(*argv: str) -> tuple[int, str]:
