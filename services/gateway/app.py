@@ -26,6 +26,7 @@ class GatewayNode:
         self.metrics = GatewayMetrics()
         self.ops = OpsServer(self.metrics.registry, self.ready, settings.max_body)
         self.api: Api | None = None
+        self.lightning_up: bool | None = None  # None: no node configured, or not asked yet
         self.draining = False
 
     def ready(self) -> tuple[bool, str]:
@@ -35,7 +36,9 @@ class GatewayNode:
             return False, "not connected to NATS"
         if self.draining:
             return False, "draining"
-        return True, f"routing by partition map v{self.api.ledger.pmap.version}"
+        # payments in the ledger need no Lightning node: ready, and saying so
+        node = "; the Lightning node does not answer" if self.lightning_up is False else ""
+        return True, f"routing by partition map v{self.api.ledger.pmap.version}{node}"
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -113,10 +116,10 @@ class GatewayNode:
             except LightningError as exc:
                 if up:  # said once, as it goes down
                     log.warning("lightning node unreachable", extra={"error": str(exc)})
-                up = False
+                up = self.lightning_up = False
                 m.lightning_up.set(0)
             else:
-                up = True
+                up = self.lightning_up = True
                 m.lightning_up.set(1)
                 kinds = {
                     "local": balances.lightning_local_msat,

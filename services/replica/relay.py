@@ -57,6 +57,8 @@ from services.replica.host import HostedCopy
 log = logging.getLogger("replica.relay")
 
 REPLY_PREFIX = "cst.relay"
+RELAYED_REPLY = REPLY_PREFIX + "."
+SUBJECTS = 4096  # subjects whose shard is remembered, at most
 INBOX = "_INBOX."  # a query's reply subject (NATS request/reply)
 QUEUE = "relay"  # the queue group of an operator's machines on a shard's subjects
 RELAYED = ("coins", "state")  # the queries relayed
@@ -167,6 +169,9 @@ class Relay:
         self.copies: dict[tuple[int, int], HostedCopy] = {}
         self.subs: dict[tuple[int, int], list[Subscription]] = {}
         self.expected = _Expected()  # (inbox, operator, 0) or (reply, operator, rid)
+        # what each subject a copy publishes on is, parsed once (the shards' subjects and
+        # their clients' reply subjects: few, but a gateway's restart makes a new one)
+        self._shards: dict[str, tuple[int, int] | None] = {}
         self.answering: set[asyncio.Task[None]] = set()
 
     def add(self, copy: HostedCopy) -> None:
@@ -193,24 +198,35 @@ class Relay:
     async def publish(self, subject: str, payload: bytes) -> None:
         """A leading copy's package: relayed where it goes to another operator (a leader
         there, or an answer to a request relayed here), else on our own NATS."""
-        if subject.startswith(REPLY_PREFIX + "."):
+        if subject.startswith(RELAYED_REPLY):
             # cst.relay.<operator>.<reply>, as ``_checked`` wrote it
-            operator, _, reply = subject[len(REPLY_PREFIX) + 1 :].partition(".")
+            operator, _, reply = subject[len(RELAYED_REPLY) :].partition(".")
             if not operator.isdecimal() or not 0 <= int(operator) < len(self.layout.members):
                 log.warning("an answer to an unknown relay dropped", extra={"to": subject})
                 return
             self._send(int(operator), range(MACHINES), Answer(reply, payload))
             return
-        parts = subject.split(".")
-        if len(parts) == 4 and parts[0] == "cst" and parts[2] == "w":
-            owner = self.names.get(parts[1])
-            worker = int(parts[3]) if parts[3].isdecimal() else -1
-            if owner is not None and (owner, worker) in self.copies:
-                at = self.leader_at(owner, worker)
-                if at is not None:
-                    self._send(at[0], (at[1],), Relayed(owner, worker, self.machine, payload))
-                    return
+        if subject in self._shards:
+            shard = self._shards[subject]
+        else:
+            if len(self._shards) > SUBJECTS:  # gateways restarted many times: start over
+                self._shards.clear()
+            shard = self._shards[subject] = self._shard_of(subject)
+        if shard is not None:
+            at = self.leader_at(*shard)
+            if at is not None:
+                self._send(at[0], (at[1],), Relayed(shard[0], shard[1], self.machine, payload))
+                return
         await self.nc.publish(subject, payload)
+
+    def _shard_of(self, subject: str) -> tuple[int, int] | None:
+        """The shard whose packages ``subject`` carries (``cst.<owner>.w.<worker>``)."""
+        parts = subject.split(".")
+        if len(parts) != 4 or parts[0] != "cst" or parts[2] != "w" or not parts[3].isdecimal():
+            return None
+        owner = self.names.get(parts[1])
+        shard = (owner, int(parts[3])) if owner is not None else None
+        return shard if shard in self.copies else None
 
     async def follow(self) -> None:
         """Keep this machine in the relay's queue group for every shard led at another
@@ -300,7 +316,13 @@ class Relay:
             return  # the asker asks again
         task = asyncio.get_running_loop().create_task(self._answer_query(sender, copy, msg))
         self.answering.add(task)
-        task.add_done_callback(self.answering.discard)
+        task.add_done_callback(self._answered)
+
+    def _answered(self, task: asyncio.Task[None]) -> None:
+        self.answering.discard(task)
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:  # a bug: said, with its traceback (the asker asks again)
+            log.error("a relayed query failed", exc_info=exc)
 
     async def _answer_query(self, sender: int, copy: HostedCopy, msg: Query) -> None:
         answer = await copy.answer(msg.what, msg.data)
