@@ -4,6 +4,11 @@ An address is ``hrp`` + ``1`` + data, where data is a witness-style version (1: 
 BIP340 key-path owner key) followed by the 32-byte key. Version 1 with HRP ``bc``
 gives exactly Bitcoin's P2TR address for the same key; other versions are reserved
 for script spends.
+
+Version 2 also names the ledger that holds the owner's coins: data is ``2`` followed by
+the 32-byte key and the 8-byte ledger id (``constellation.tx.ledger_id`` of the
+operator's key). A payment to it from another operator's coins is settled between the
+two operators; a version 1 address means "in the payer's own ledger", and still decodes.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ _CHARSET_REV = {c: i for i, c in enumerate(CHARSET)}
 BECH32M_CONST = 0x2BC830A3
 MAX_LENGTH = 90
 KEY_VERSION = 1
+LEDGER_VERSION = 2
+LEDGER_ID_LEN = 8
 
 
 class Network(Enum):
@@ -99,23 +106,45 @@ def _convert_bits(data: bytes | list[int], from_bits: int, to_bits: int, pad: bo
     return out
 
 
-def encode_address(key: bytes, network: Network | str = Network.MAIN) -> str:
-    """The address of an owner key on ``network`` (or under a raw HRP string)."""
+def encode_address(
+    key: bytes, network: Network | str = Network.MAIN, ledger: bytes | None = None
+) -> str:
+    """The address of an owner key on ``network`` (or under a raw HRP string); with
+    ``ledger``, one that also names the ledger holding the owner's coins."""
     if not is_valid_xonly(key):
         raise InvalidAddress(f"not a BIP340 public key: {key.hex()}")
     hrp = network.value if isinstance(network, Network) else network
-    return bech32m_encode(hrp, [KEY_VERSION, *_convert_bits(key, 8, 5, pad=True)])
+    if ledger is None:
+        return bech32m_encode(hrp, [KEY_VERSION, *_convert_bits(key, 8, 5, pad=True)])
+    if len(ledger) != LEDGER_ID_LEN or ledger == bytes(LEDGER_ID_LEN):
+        raise InvalidAddress(f"a ledger id is 8 bytes, not all zero: {ledger.hex()}")
+    return bech32m_encode(hrp, [LEDGER_VERSION, *_convert_bits(key + ledger, 8, 5, pad=True)])
 
 
-def decode_address(text: str, network: Network | str = Network.MAIN) -> XOnlyPubKey:
-    """The owner key of an address, which must belong to ``network``."""
+def decode_destination(
+    text: str, network: Network | str = Network.MAIN
+) -> tuple[XOnlyPubKey, bytes | None]:
+    """The owner key of an address and the ledger it names (None: version 1, no ledger);
+    the address must belong to ``network``."""
     hrp, data = bech32m_decode(text)
     expected = network.value if isinstance(network, Network) else network
     if hrp != expected:
         raise InvalidAddress(f"address is for network {hrp!r}, expected {expected!r}")
-    if not data or data[0] != KEY_VERSION:
-        raise InvalidAddress(f"unsupported address version {data[0] if data else None}")
-    key = bytes(_convert_bits(data[1:], 5, 8, pad=False))
+    version = data[0] if data else None
+    if version not in (KEY_VERSION, LEDGER_VERSION):
+        raise InvalidAddress(f"unsupported address version {version}")
+    raw = bytes(_convert_bits(data[1:], 5, 8, pad=False))
+    size = 32 if version == KEY_VERSION else 32 + LEDGER_ID_LEN
+    if len(raw) != size:
+        raise InvalidAddress(f"a version {version} address holds {size} bytes, not {len(raw)}")
+    key, ledger = raw[:32], raw[32:] or None
     if not is_valid_xonly(key):
         raise InvalidAddress("the address does not hold a valid BIP340 key")
-    return XOnlyPubKey(key)
+    if ledger == bytes(LEDGER_ID_LEN):
+        raise InvalidAddress("the address names the all-zero ledger")
+    return XOnlyPubKey(key), ledger
+
+
+def decode_address(text: str, network: Network | str = Network.MAIN) -> XOnlyPubKey:
+    """The owner key of an address (either version), which must belong to ``network``."""
+    return decode_destination(text, network)[0]

@@ -72,6 +72,13 @@ class BadSignature(InvalidTransaction):
     code = "invalid.signature"
 
 
+class UnknownLedger(InvalidTransaction):
+    """An output names a ledger this one does not settle with (its value would be owed
+    to nobody)."""
+
+    code = "invalid.ledger"
+
+
 class Unsigned(InvalidTransaction):
     """A transaction to run must carry one witness per input; this one does not."""
 

@@ -2,9 +2,9 @@
 
 Layout of a transaction (all integers big-endian)::
 
-    body    = version:u8 (=1)
+    body    = version:u8 (1 or 2)
               n_inputs:u16   { coin_id:32  value_msat:u64 }*
-              n_outputs:u16  { value_msat:u64  owner:32 }*
+              n_outputs:u16  { value_msat:u64  owner:32  [ledger:8] }*   -- ledger: v2 only
               fee_msat:u64
     witness = { kind:u8 (=0, BIP340 key path)  signature:64 }*   -- one per input
     encoded = body || witness
@@ -13,6 +13,13 @@ Layout of a transaction (all integers big-endian)::
 Inputs state the value of the coin they spend, so balance is checked without state
 and every partition checks the claim against the coin it holds. Witness kinds other
 than 0 are reserved for script spends (hash- and time-locks).
+
+Version 2 names, for each output, the ledger that will hold it: eight zero bytes for the
+ledger of the inputs, else another operator's ledger id (``ledger_id``). Such an output
+is not created here: the ledger of the inputs records it as owed to that ledger, where
+it is pending until settled over Lightning (``constellation.settlement``). A
+transaction whose outputs all stay in the ledger is version 1 (version 2 with no other
+ledger is not canonical), so one meaning has one encoding.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from constellation.keys import (
 )
 
 TX_VERSION = 1
+TX_VERSION_LEDGERS = 2
 ISSUANCE_VERSION = 1
 WITNESS_KEY_PATH = 0
 MAX_INPUTS = 256
@@ -55,8 +63,12 @@ PARTITIONS = 1 << 16
 _txid_hash = tagged_hasher("constellation/tx")
 _coin_hash = tagged_hasher("constellation/coin")
 _issue_hash = tagged_hasher("constellation/issue")
+_ledger_hash = tagged_hasher("constellation/ledger")
 _INPUT = struct.Struct(">32sQ")
 _OUTPUT = struct.Struct(">Q32s")
+_OUTPUT_LEDGER = struct.Struct(">Q32s8s")
+LEDGER_ID_LEN = 8
+HERE = bytes(LEDGER_ID_LEN)  # an output that stays in the ledger of the inputs
 _FEE = struct.Struct(">Q")
 _WITNESS_LEN = 1 + SIGNATURE_LEN
 
@@ -72,6 +84,12 @@ class TxOutput(NamedTuple):
 
 
 _INDEX_BYTES = [u16(i) for i in range(MAX_OUTPUTS)]
+
+
+def ledger_id(operator_key: bytes) -> bytes:
+    """The id of the ledger an operator keeps, from its x-only operator key (8 bytes:
+    a collision between two operators that settle with each other is what matters)."""
+    return _ledger_hash(operator_key)[:LEDGER_ID_LEN]
 
 
 def coin_id(txid: bytes, index: int) -> bytes:
@@ -146,12 +164,22 @@ class Transaction:
     encoded body are computed once.
     """
 
-    __slots__ = ("body", "fee_msat", "inputs", "output_ids", "outputs", "txid", "witnesses")
+    __slots__ = (
+        "body",
+        "fee_msat",
+        "inputs",
+        "ledgers",
+        "output_ids",
+        "outputs",
+        "txid",
+        "witnesses",
+    )
 
     inputs: tuple[TxInput, ...]
     outputs: tuple[TxOutput, ...]
     fee_msat: int
     witnesses: tuple[bytes, ...]
+    ledgers: tuple[bytes, ...]  # per output (version 2); empty: every output stays here
     body: bytes
     txid: bytes
     output_ids: tuple[bytes, ...]
@@ -163,8 +191,11 @@ class Transaction:
         fee_msat: int = 0,
         witnesses: Sequence[bytes] = (),
         *,
+        ledgers: Sequence[bytes] = (),
         check_owners: bool = True,
     ) -> None:
+        """``ledgers``: the ledger of each output (``HERE``, or none at all, for every
+        output that stays in this ledger)."""
         if not 1 <= len(inputs) <= MAX_INPUTS:
             raise CountOutOfRange(f"{len(inputs)} inputs, allowed 1..{MAX_INPUTS}")
         for i, (cid, _) in enumerate(inputs):
@@ -180,14 +211,27 @@ class Transaction:
         ins = tuple(TxInput(c, v) for c, v in inputs)
         outs = tuple(TxOutput(v, k) for v, k in outputs)
         _check_values(ins, outs, fee_msat, check_owners)
+        if ledgers and len(ledgers) != len(outs):
+            raise CountOutOfRange(f"{len(ledgers)} ledgers for {len(outs)} outputs")
+        for i, ledger in enumerate(ledgers):
+            if len(ledger) != LEDGER_ID_LEN:
+                raise NonCanonical(f"output {i} ledger id is {len(ledger)} bytes, not 8")
+        lids = tuple(bytes(x) for x in ledgers) if any(x != HERE for x in ledgers) else ()
+        if lids:
+            version = TX_VERSION_LEDGERS
+            encoded = u16(len(outs)) + b"".join(
+                _OUTPUT_LEDGER.pack(v, k, x) for (v, k), x in zip(outs, lids, strict=True)
+            )
+        else:
+            version, encoded = TX_VERSION, _encode_outputs(outs)
         body = (
-            bytes((TX_VERSION,))
+            bytes((version,))
             + u16(len(ins))
             + b"".join(_INPUT.pack(c, v) for c, v in ins)
-            + _encode_outputs(outs)
+            + encoded
             + u64(fee_msat)
         )
-        self._fill(ins, outs, fee_msat, tuple(witnesses), body)
+        self._fill(ins, outs, fee_msat, tuple(witnesses), body, lids)
 
     def _fill(
         self,
@@ -196,7 +240,9 @@ class Transaction:
         fee_msat: int,
         witnesses: tuple[bytes, ...],
         body: bytes,
+        ledgers: tuple[bytes, ...],
     ) -> None:
+        self.ledgers = ledgers
         self.inputs = inputs
         self.outputs = outputs
         self.fee_msat = fee_msat
@@ -208,7 +254,17 @@ class Transaction:
 
     def with_witnesses(self, witnesses: Sequence[bytes]) -> Transaction:
         """The same transaction (same txid) carrying one signature per input."""
-        return Transaction(self.inputs, self.outputs, self.fee_msat, witnesses)
+        return Transaction(
+            self.inputs, self.outputs, self.fee_msat, witnesses, ledgers=self.ledgers
+        )
+
+    def remote(self) -> list[tuple[int, bytes]]:
+        """``(output index, ledger id)`` of each output that goes to another ledger."""
+        return [(i, x) for i, x in enumerate(self.ledgers) if x != HERE]
+
+    def here(self, index: int) -> bool:
+        """Whether output ``index`` is created in the ledger of the inputs."""
+        return not self.ledgers or self.ledgers[index] == HERE
 
     def encode(self) -> bytes:
         """The canonical encoding: body, then one key-path witness per input."""
@@ -254,8 +310,10 @@ def decode_transaction(data: bytes, check_owners: bool = True) -> Transaction:
     size = len(data)
     if size < 1:
         raise _truncated(1, size)
-    if data[0] != TX_VERSION:
-        raise UnsupportedVersion(f"transaction version {data[0]}, expected {TX_VERSION}")
+    version = data[0]
+    if version not in (TX_VERSION, TX_VERSION_LEDGERS):
+        raise UnsupportedVersion(f"transaction version {version}, expected 1 or 2")
+    out_format = _OUTPUT if version == TX_VERSION else _OUTPUT_LEDGER
     if size < 3:
         raise _truncated(3, size)
     n_in = (data[1] << 8) | data[2]
@@ -267,12 +325,20 @@ def decode_transaction(data: bytes, check_owners: bool = True) -> Transaction:
     n_out = (data[at] << 8) | data[at + 1]
     if not 1 <= n_out <= MAX_OUTPUTS:
         raise CountOutOfRange(f"transaction: {n_out} outputs, allowed 1..{MAX_OUTPUTS}")
-    fee_at = at + 2 + _OUTPUT.size * n_out
+    fee_at = at + 2 + out_format.size * n_out
     body_end = fee_at + 8
     if size < body_end:
         raise _truncated(body_end, size)
     inputs = tuple(map(_new_input, _INPUT.iter_unpack(data[3:at])))
-    outputs = tuple(map(_new_output, _OUTPUT.iter_unpack(data[at + 2 : fee_at])))
+    ledgers: tuple[bytes, ...] = ()
+    if version == TX_VERSION:
+        outputs = tuple(map(_new_output, _OUTPUT.iter_unpack(data[at + 2 : fee_at])))
+    else:
+        rows = list(_OUTPUT_LEDGER.iter_unpack(data[at + 2 : fee_at]))
+        outputs = tuple(_new_output((v, k)) for v, k, _ in rows)
+        ledgers = tuple(x for _, _, x in rows)
+        if all(x == HERE for x in ledgers):
+            raise NonCanonical("a version 2 transaction that names no other ledger")
     fee = int(_FEE.unpack_from(data, fee_at)[0])
     witnesses = []
     pos = body_end
@@ -287,7 +353,7 @@ def decode_transaction(data: bytes, check_owners: bool = True) -> Transaction:
         raise TrailingBytes(f"transaction: {size - pos} bytes after the end")
     _check_values(inputs, outputs, fee, check_owners)
     tx = Transaction.__new__(Transaction)
-    tx._fill(inputs, outputs, fee, tuple(witnesses), data[:body_end])
+    tx._fill(inputs, outputs, fee, tuple(witnesses), data[:body_end], ledgers)
     return tx
 
 

@@ -149,6 +149,15 @@ def _u128(total_msat: int) -> bytes:
     return total_msat.to_bytes(16, "big")
 
 
+def _outbound_of(tx: Transaction) -> list[proto.CoinChange]:
+    """The outputs ``tx`` pays to other ledgers, for the coordinator's block events."""
+    ids, outputs = tx.output_ids, tx.outputs
+    return [
+        proto.CoinChange(tx.txid, ids[i], outputs[i].owner, outputs[i].value_msat, True, ledger)
+        for i, ledger in tx.remote()
+    ]
+
+
 def _check_attempt(attempt: int) -> None:
     if not 0 <= attempt < 1 << 64:
         raise ValueOutOfRange(f"attempt {attempt} is not a u64")
@@ -322,6 +331,7 @@ class TwoPhaseCommit:
                 self.muhash.insert(_decided_element(txid, decided))
             if derive:
                 committed.append((txid, tx.fee_msat))
+                changes += _outbound_of(tx)
         else:
             if verify and txid not in self.logged:
                 raise UnknownTransaction(f"{txid.hex()} is not in doubt here")
@@ -353,7 +363,13 @@ class TwoPhaseCommit:
         return self._root_of(self.state, self.muhash)
 
     def _root_of(self, state: PartitionState, muhash: MuHash3072) -> bytes:
-        totals = (state.issued_msat, state.received_msat, state.sent_msat, state.fees_msat)
+        totals = (
+            state.issued_msat,
+            state.received_msat,
+            state.sent_msat,
+            state.fees_msat,
+            state.outbound_msat,
+        )
         return _root_hash(
             b"".join(
                 (
@@ -393,6 +409,7 @@ class TwoPhaseCommit:
                 _u128(state.received_msat),
                 _u128(state.sent_msat),
                 _u128(state.fees_msat),
+                _u128(state.outbound_msat),
             )
         )
 
@@ -452,7 +469,12 @@ class TwoPhaseCommit:
         """The other workers a transaction touches."""
         owners = self.owners
         others = {owners[(c[0] << 8) | c[1]] for c, _ in tx.inputs}
-        others.update(owners[(c[0] << 8) | c[1]] for c in tx.output_ids)
+        if tx.ledgers:
+            others.update(
+                owners[(c[0] << 8) | c[1]] for i, c in enumerate(tx.output_ids) if tx.here(i)
+            )
+        else:
+            others.update(owners[(c[0] << 8) | c[1]] for c in tx.output_ids)
         others.discard(self.me)
         return others
 
@@ -595,6 +617,8 @@ class TwoPhaseCommit:
     ) -> None:
         txid = tx.txid
         changes = self._changes_of(txid)
+        if tx.ledgers:
+            changes += _outbound_of(tx)
         self.state.commit(txid)
         decided = None
         if participants:

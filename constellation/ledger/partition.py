@@ -14,7 +14,8 @@ Invariants (``check_invariants`` verifies them all; the hot path asserts the che
   input, and every pending input is an unspent coin locked by it (no leaked locks);
 * ``held_msat == sum(coin values) == issued + received - sent``: value moves only
   through commits and issuances; across the states of a ledger with nothing pending,
-  ``sum(held) + sum(fees) == sum(issued)``.
+  ``sum(held) + sum(fees) + sum(outbound) == sum(issued)``, where ``outbound`` counts
+  the outputs paid to other ledgers (recorded, like the fee, by the coordinator).
 
 ``muhash`` hashes the multiset of the state's coins, spent coins and issuance ids, kept
 up to date by ``commit`` and ``issue`` (a few elements per change): the part of the
@@ -131,6 +132,7 @@ class Prepared(NamedTuple):
     outputs: tuple[tuple[bytes, Held], ...]  # (coin id, coin) to create here
     fee_msat: int  # the fee, recorded by the coordinator's state only
     coordinator: bool
+    outbound_msat: int = 0  # outputs to other ledgers, recorded by the coordinator only
 
 
 class PartitionState:
@@ -157,6 +159,7 @@ class PartitionState:
         self.received_msat = 0
         self.sent_msat = 0
         self.fees_msat = 0
+        self.outbound_msat = 0
         self.muhash = accumulator(rooted)
 
     # -- routing -------------------------------------------------------------------------
@@ -208,6 +211,14 @@ class PartitionState:
                 for cid, (value, owner) in zip(tx.output_ids, tx.outputs, strict=False)
                 if held[(cid[0] << 8) | cid[1]]
             ]
+            if not tx.ledgers
+            else [
+                (cid, (value, owner))
+                for i, (cid, (value, owner)) in enumerate(
+                    zip(tx.output_ids, tx.outputs, strict=True)
+                )
+                if held[(cid[0] << 8) | cid[1]] and tx.here(i)
+            ]
         )
         if not mine and not created:
             raise NotHeldHere(f"transaction {txid.hex()} touches no partition held here")
@@ -220,7 +231,10 @@ class PartitionState:
             locks[cid] = txid
         first = tx.inputs[0].coin_id
         coordinator = bool(held[(first[0] << 8) | first[1]])
-        vote = Prepared(txid, tuple(mine), created, tx.fee_msat if coordinator else 0, coordinator)
+        outbound = sum(tx.outputs[i].value_msat for i, _ in tx.remote()) if coordinator else 0
+        vote = Prepared(
+            txid, tuple(mine), created, tx.fee_msat if coordinator else 0, coordinator, outbound
+        )
         self.pending[txid] = vote
         return vote
 
@@ -270,6 +284,7 @@ class PartitionState:
         self.sent_msat += sent
         self.received_msat += received
         self.fees_msat += vote.fee_msat
+        self.outbound_msat += vote.outbound_msat
         self.held_msat += received - sent
         return vote
 
@@ -355,6 +370,7 @@ class PartitionState:
         self.received_msat = int.from_bytes(snapshot.received_msat, "big")
         self.sent_msat = int.from_bytes(snapshot.sent_msat, "big")
         self.fees_msat = int.from_bytes(snapshot.fees_msat, "big")
+        self.outbound_msat = int.from_bytes(snapshot.outbound_msat, "big")
         self.held_msat = sum(value for value, _ in coins.values())
         if self.held_msat != self.issued_msat + self.received_msat - self.sent_msat:
             raise InvalidSnapshot(

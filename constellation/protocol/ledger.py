@@ -166,7 +166,7 @@ class Block(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=
 # operator's data, so its fields are bounded here and its consistency is checked on
 # restore. Lists are sorted by id, one encoding per state.
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
 
 # MessagePack integers end at 2^64 - 1: an unsigned one needs no upper bound.
 Id = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
@@ -207,6 +207,7 @@ class Snapshot(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fiel
     received_msat: U128
     sent_msat: U128
     fees_msat: U128
+    outbound_msat: U128
 
 
 # -- committed changes by block, for indexes and subscriptions --------------------------
@@ -218,11 +219,15 @@ class Snapshot(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fiel
 
 
 class CoinChange(msgspec.Struct, frozen=True, array_like=True):
+    """A coin created or spent here; or, with ``ledger``, an output paid to another
+    ledger (created there, pending until settled: never a coin here)."""
+
     txid: bytes  # the transaction or issuance
     coin_id: bytes
     owner: bytes
     value_msat: int
     created: bool  # False: spent
+    ledger: bytes = b""  # the other ledger's id, for an output paid to it
 
 
 class BlockEvents(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -285,6 +290,7 @@ class StateInfo(msgspec.Struct, frozen=True):
     in_doubt: int
     coordinating: int
     events_height: int  # the latest block with events (-1: none): what readers follow
+    outbound_msat: int = 0  # paid to other ledgers (coordinated here)
 
 
 _package_encoder = msgspec.msgpack.Encoder()

@@ -20,10 +20,11 @@ import msgspec
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from constellation.address import Network, decode_address, encode_address
-from constellation.errors import ConstellationError, Unsigned
+from constellation.address import Network, decode_address, decode_destination, encode_address
+from constellation.errors import ConstellationError, UnknownLedger, Unsigned
 from constellation.protocol import ledger as proto
 from constellation.tx import (
+    HERE,
     Transaction,
     TxInput,
     TxOutput,
@@ -96,9 +97,10 @@ def _hex(text: str, what: str, size: int) -> bytes:
     return bytes.fromhex(text)
 
 
-def tx_from_json(body: bytes, network: Network) -> Transaction:
+def tx_from_json(body: bytes, network: Network, here: bytes | None = None) -> Transaction:
     """A signed transaction from its JSON form; ``ApiError`` or a ``ConstellationError``
-    says what is wrong with it."""
+    says what is wrong with it. An output to an address that names ledger ``here`` (the
+    ledger of the inputs) stays in it; one that names another goes there."""
     try:
         doc = msgspec.json.decode(body, type=JsonTx)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -108,11 +110,17 @@ def tx_from_json(body: bytes, network: Network) -> Transaction:
             f"{len(doc.witnesses)} witnesses for {len(doc.inputs)} inputs:"
             " a transaction carries one signature per input"
         )
+    outputs, ledgers = [], []
+    for o in doc.outputs:
+        owner, ledger = decode_destination(o.address, network)
+        outputs.append(TxOutput(o.value_msat, owner))
+        ledgers.append(HERE if ledger is None or ledger == here else ledger)
     return Transaction(
         [TxInput(_hex(i.coin_id, "coin_id", 32), i.value_msat) for i in doc.inputs],
-        [TxOutput(o.value_msat, decode_address(o.address, network)) for o in doc.outputs],
+        outputs,
         doc.fee_msat,
         [_hex(w, "witness", 64) for w in doc.witnesses],
+        ledgers=ledgers,
     )
 
 
@@ -164,8 +172,13 @@ class Api:
         network: Network,
         max_in_flight: int,
         timeout_s: float,
+        ledger_ids: dict[str, bytes],
     ) -> None:
         self.ledgers = ledgers  # every ledger served, by its operator's name
+        # the ledger id of each guild member (none without a layout): an output may go
+        # from a member's ledger to another's, settled between them
+        self.ledger_ids = ledger_ids
+        self.ledger_names = {lid: name for name, lid in ledger_ids.items()}
         self.ledger = ledgers[operator]  # this operator's: the index and pushes are its
         self.index = index
         self.limits = limits
@@ -235,16 +248,34 @@ class Api:
             raise ApiError("too_large", f"the body is {len(body)} bytes; at most {limit}")
         return body
 
-    def _parse(self, request: web.Request, body: bytes) -> tuple[Transaction, bytes]:
+    def _parse(
+        self, request: web.Request, body: bytes, ledger: LedgerClient
+    ) -> tuple[Transaction, bytes]:
         if request.content_type == "application/octet-stream":
-            return decode_transaction(body, check_owners=False), body  # the coordinator checks
-        if request.content_type == "application/json":
-            tx = tx_from_json(body, self.network)
-            return tx, tx.encode()
-        raise ApiError(
-            "malformed.content_type",
-            "send application/octet-stream (canonical encoding) or application/json",
-        )
+            tx = decode_transaction(body, check_owners=False)  # the coordinator checks
+            raw = body
+        elif request.content_type == "application/json":
+            tx = tx_from_json(body, self.network, self.ledger_ids.get(ledger.operator))
+            raw = tx.encode()
+        else:
+            raise ApiError(
+                "malformed.content_type",
+                "send application/octet-stream (canonical encoding) or application/json",
+            )
+        self._check_ledgers(ledger, tx)
+        return tx, raw
+
+    def _check_ledgers(self, ledger: LedgerClient, tx: Transaction) -> None:
+        """Every output to another ledger names one that ``ledger`` settles with: a guild
+        member other than itself (the ledger itself does not know its peers)."""
+        for i, lid in tx.remote():
+            name = self.ledger_names.get(lid)
+            if name is None or name == ledger.operator:
+                known = ", ".join(f"{n} {x.hex()}" for n, x in self.ledger_ids.items())
+                raise UnknownLedger(
+                    f"output {i} goes to ledger {lid.hex()}, which {ledger.operator}"
+                    f" does not settle with (members: {known or 'none configured'})"
+                )
 
     def _ledger(self, request: web.Request) -> LedgerClient:
         """The ledger a request is for: ``?ledger=NAME`` (a guild member's), else ours."""
@@ -309,7 +340,14 @@ class Api:
             "blocks": [{"worker": w, "height": h} for w, h in result.blocks],
             "outputs": [
                 {"coin_id": cid.hex(), "value_msat": v}
-                for cid, (v, _) in zip(tx.output_ids, tx.outputs, strict=True)
+                if tx.here(i)
+                else {
+                    "coin_id": cid.hex(),
+                    "value_msat": v,
+                    "ledger": self.ledger_names.get(tx.ledgers[i], tx.ledgers[i].hex()),
+                    "status": "pending",
+                }
+                for i, (cid, (v, _)) in enumerate(zip(tx.output_ids, tx.outputs, strict=True))
             ],
         }
 
@@ -332,7 +370,7 @@ class Api:
                     stored.body, status=stored.status, headers={"Idempotent-Replayed": "true"}
                 )
         try:
-            tx, raw = self._parse(request, body)
+            tx, raw = self._parse(request, body, ledger)
             self._admit(request, 1)
             [(status, answer)] = await self._run(ledger, [(tx, raw)])
         except (ApiError, ConstellationError) as exc:
@@ -350,12 +388,21 @@ class Api:
             raise ApiError("malformed.content_type", "a batch is application/octet-stream")
         body = await self._body(request, MAX_BATCH * MAX_TX_BYTES)
         ledger = self._ledger(request)
-        parsed = parse_batch(body)
+        parsed = [self._checked(ledger, p) for p in parse_batch(body)]
         self._admit(request, len(parsed))
         txs = [p for p in parsed if not isinstance(p, ApiError)]
         answers = iter(await self._run(ledger, txs))
         results = [p.body() if isinstance(p, ApiError) else next(answers)[1] for p in parsed]
         return json_response({"results": results})
+
+    def _checked(self, ledger: LedgerClient, parsed: Parsed) -> Parsed:
+        if isinstance(parsed, ApiError):
+            return parsed
+        try:
+            self._check_ledgers(ledger, parsed[0])
+        except UnknownLedger as exc:
+            return ApiError.of(exc)
+        return parsed
 
     async def post_issuance(self, request: web.Request) -> web.Response:
         body = await self._body(request, MAX_TX_BYTES)
@@ -484,7 +531,15 @@ class Api:
             )
         except LedgerUnavailable as exc:
             raise ApiError("unavailable", str(exc)) from None
-        fields = ("held_msat", "issued_msat", "fees_msat", "coins", "locks", "in_doubt")
+        fields = (
+            "held_msat",
+            "issued_msat",
+            "fees_msat",
+            "outbound_msat",
+            "coins",
+            "locks",
+            "in_doubt",
+        )
         doc: dict[str, Any] = {f: sum(getattr(st, f) for st in states) for f in fields}
         doc["ledger"] = ledger.operator
         doc["map_version"] = ledger.pmap.version

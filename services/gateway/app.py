@@ -65,6 +65,7 @@ class GatewayNode:
             s.network,
             s.max_in_flight,
             s.timeout_ms / 1000,
+            s.ledger_ids,
         )
         api.install(self.ops.app)
         m.queue.labels("in_flight").set_function(lambda: sum(c.in_flight for c in ledgers.values()))

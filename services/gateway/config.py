@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from constellation.address import Network
+from constellation.tx import ledger_id
 from services.bus import Batching
 from services.replica.config import Layout, load_layout
 from services.runtime import ConfigError, env_addr, env_int, env_operator, env_str
@@ -33,6 +34,12 @@ class Settings:
     lightning_rpc: Path | None = None  # the operator's lightningd socket
     # what the channel to each peer should be able to send (twice over; 0: no splicing)
     liquidity_msat: int = 0
+
+    @property
+    def ledger_ids(self) -> dict[str, bytes]:
+        """Each member's ledger id (none without a layout)."""
+        members = self.layout.members if self.layout else ()
+        return {m.name: ledger_id(m.key) for m in members}
 
     @property
     def ledgers(self) -> list[str]:

@@ -92,7 +92,7 @@ class Pushes:
         for events in blocks:
             for c in events.changes:
                 queues = sockets.get(c.owner)
-                if queues:
+                if queues and not c.ledger:  # an output paid to another ledger is not here
                     self._push(queues, events, c)
 
     def _push(self, queues: set[Queue], events: proto.BlockEvents, c: proto.CoinChange) -> None:

@@ -3,7 +3,8 @@
 The indexer follows every worker's events log (``services.follow``) into it. A block's
 rows and the worker's cursor (the last block stored) are stored in one transaction;
 rows are keyed by ``(coin_id, created)`` and transactions by txid, so a block stored
-again inserts nothing twice.
+again inserts nothing twice. Outputs paid to other ledgers go to ``outbound``, where
+settlement (``services.gateway.settle``) takes them as obligations.
 """
 
 from __future__ import annotations
@@ -35,6 +36,18 @@ CREATE TABLE IF NOT EXISTS txs (
     height   bigint  NOT NULL,
     at       timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS outbound (
+    coin_id    bytea PRIMARY KEY,  -- the output's id (a coin of the other ledger once settled)
+    txid       bytea    NOT NULL,
+    ledger     bytea    NOT NULL,  -- the ledger it is paid to
+    owner      bytea    NOT NULL,
+    value_msat numeric(20) NOT NULL,
+    worker     integer  NOT NULL,
+    height     bigint   NOT NULL,
+    at         timestamptz NOT NULL DEFAULT now(),
+    taken      boolean  NOT NULL DEFAULT false  -- settlement has made it an obligation
+);
+CREATE INDEX IF NOT EXISTS outbound_untaken ON outbound (worker, height) WHERE NOT taken;
 CREATE TABLE IF NOT EXISTS index_cursors (
     worker integer PRIMARY KEY,
     height bigint  NOT NULL  -- the last block with events stored
@@ -66,10 +79,16 @@ class Index:
         """Store blocks' events, and move each worker's cursor to its last block here."""
         changes: list[tuple[bytes, bytes, bytes, int, bool, int, int]] = []
         txs: list[tuple[bytes, int, int, int]] = []
+        outbound: list[tuple[bytes, bytes, bytes, bytes, int, int, int]] = []
         cursors: dict[int, int] = {}
         for ev in events:
             cursors[ev.worker] = max(cursors.get(ev.worker, -1), ev.height)
             for c in ev.changes:
+                if c.ledger:
+                    outbound.append(
+                        (c.coin_id, c.txid, c.ledger, c.owner, c.value_msat, ev.worker, ev.height)
+                    )
+                    continue
                 changes.append(
                     (c.owner, c.coin_id, c.txid, c.value_msat, c.created, ev.worker, ev.height)
                 )
@@ -84,6 +103,14 @@ class Index:
                     " $4::numeric[], $5::boolean[], $6::integer[], $7::bigint[])"
                     " ON CONFLICT DO NOTHING",
                     *(list(column) for column in zip(*changes, strict=True)),
+                )
+            if outbound:
+                await conn.execute(
+                    "INSERT INTO outbound (coin_id, txid, ledger, owner, value_msat, worker,"
+                    " height) SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[],"
+                    " $4::bytea[], $5::numeric[], $6::integer[], $7::bigint[])"
+                    " ON CONFLICT DO NOTHING",
+                    *(list(column) for column in zip(*outbound, strict=True)),
                 )
             if txs:
                 await conn.execute(

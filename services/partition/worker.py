@@ -233,4 +233,5 @@ def state_info(engine: TwoPhaseCommit, height: int, events_height: int) -> proto
         in_doubt=len(engine.in_doubt),
         coordinating=len(engine.coordinating),
         events_height=events_height,
+        outbound_msat=s.outbound_msat,
     )

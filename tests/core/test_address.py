@@ -9,8 +9,11 @@ from hypothesis import strategies as st
 from constellation.address import (
     CHARSET,
     Network,
+    _convert_bits,
     bech32m_decode,
+    bech32m_encode,
     decode_address,
+    decode_destination,
     encode_address,
 )
 from constellation.errors import InvalidAddress
@@ -101,3 +104,25 @@ def test_invalid_key_and_version_rejected() -> None:
     assert Network.from_name("regtest") is Network.REGTEST
     with pytest.raises(InvalidAddress):
         Network.from_name("moon")
+
+
+def test_an_address_may_name_the_ledger_of_its_coins() -> None:
+    key = SigningKey(b"\x05" * 32).pubkey
+    ledger = bytes.fromhex("0102030405060708")
+    text = encode_address(key, Network.REGTEST, ledger)
+    assert len(text) <= 90 and text != encode_address(key, Network.REGTEST)
+    assert decode_destination(text, Network.REGTEST) == (key, ledger)
+    assert decode_address(text, Network.REGTEST) == key  # the owner, either version
+    old = encode_address(key, Network.REGTEST)
+    assert decode_destination(old, Network.REGTEST) == (key, None)  # old addresses decode
+    with pytest.raises(InvalidAddress):
+        encode_address(key, Network.REGTEST, bytes(8))
+    with pytest.raises(InvalidAddress):
+        encode_address(key, Network.REGTEST, b"\x01" * 7)
+    # a version 2 payload of the wrong length, checksummed correctly
+    short = bech32m_encode("rcst", [2, *_convert_bits(key, 8, 5, pad=True)])
+    with pytest.raises(InvalidAddress, match="holds 40 bytes"):
+        decode_destination(short, Network.REGTEST)
+    zero = bech32m_encode("rcst", [2, *_convert_bits(key + bytes(8), 8, 5, pad=True)])
+    with pytest.raises(InvalidAddress, match="all-zero"):
+        decode_destination(zero, Network.REGTEST)

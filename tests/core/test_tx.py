@@ -24,6 +24,7 @@ from constellation.errors import (
 )
 from constellation.hashing import tagged_hash
 from constellation.tx import (
+    HERE,
     MAX_INPUTS,
     Issuance,
     Transaction,
@@ -32,6 +33,7 @@ from constellation.tx import (
     coin_id,
     decode_issuance,
     decode_transaction,
+    ledger_id,
     partition_of,
 )
 from tests.strategies import KEYS, transactions
@@ -116,7 +118,7 @@ def body(inputs: list[tuple[bytes, int]], outputs: list[tuple[int, bytes]], fee:
     ("data", "error"),
     [
         (
-            b"\x02" + body([(CID, 10)], [(10, OWNER)], 0)[1:] + b"\x00" + b"\x00" * 64,
+            b"\x03" + body([(CID, 10)], [(10, OWNER)], 0)[1:] + b"\x00" + b"\x00" * 64,
             UnsupportedVersion,
         ),
         (body([], [(10, OWNER)], 0), CountOutOfRange),
@@ -178,3 +180,44 @@ def test_issuance_roundtrip_and_signature() -> None:
         decode_issuance(signed.encode() + b"\x00")
     with pytest.raises(ConstellationError):
         Issuance(issuer.pubkey, 7, iss.outputs, KEYS[2].sign(iss.issuance_id)).verify()
+
+
+# -- outputs to other ledgers (version 2) ------------------------------------------------
+
+OTHER = ledger_id(KEYS[2].pubkey)
+
+
+def test_outputs_to_another_ledger_roundtrip() -> None:
+    tx = Transaction(
+        [TxInput(CID, 30)],
+        [TxOutput(10, OWNER), TxOutput(19, KEYS[1].pubkey)],
+        1,
+        [b"\x07" * 64],
+        ledgers=[HERE, OTHER],
+    )
+    assert tx.body[0] == 2 and tx.remote() == [(1, OTHER)]
+    assert tx.here(0) and not tx.here(1)
+    again = decode_transaction(tx.encode())
+    assert again.txid == tx.txid and again.ledgers == (HERE, OTHER)
+    assert again.with_witnesses([b"\x08" * 64]).txid == tx.txid
+    # the ledger is signed: the same outputs kept here are another transaction
+    local = Transaction([TxInput(CID, 30)], tx.outputs, 1, [b"\x07" * 64])
+    assert local.txid != tx.txid and local.body[0] == 1 and not local.remote()
+
+
+def test_all_local_ledgers_are_version_1() -> None:
+    outputs = [TxOutput(10, OWNER)]
+    tx = Transaction([TxInput(CID, 10)], outputs, 0, [b"\x07" * 64], ledgers=[HERE])
+    assert tx.body[0] == 1 and tx.ledgers == ()
+    v2 = b"\x02" + tx.body[1 : -8 - 40 - 2] + u16(1) + u64(10) + OWNER + HERE + u64(0)
+    with pytest.raises(NonCanonical, match="names no other ledger"):
+        decode_transaction(v2 + b"\x00" + b"\x07" * 64)
+
+
+def test_ledger_ids_checked() -> None:
+    with pytest.raises(NonCanonical):
+        Transaction([TxInput(CID, 10)], [TxOutput(10, OWNER)], ledgers=[b"\x01" * 7])
+    with pytest.raises(CountOutOfRange):
+        Transaction([TxInput(CID, 10)], [TxOutput(10, OWNER)], ledgers=[OTHER, OTHER])
+    assert ledger_id(KEYS[2].pubkey) != ledger_id(KEYS[3].pubkey)
+    assert len(OTHER) == 8

@@ -273,13 +273,13 @@ def _bad_snapshots() -> dict[str, bytes]:
         "not msgpack": b"\xc1",
         "truncated": encode(snap)[:-1],
         "trailing": encode(snap) + b"\x00",
-        "wrong version": encode(replace(snap, version=2)),
+        "wrong version": encode(replace(snap, version=1)),
         "another worker": encode(replace(snap, worker=0)),
         "another map": encode(replace(snap, map_version=2)),
         "unsorted coins": encode(replace(snap, coins=coins[::-1])),
         "duplicate coin": encode(replace(snap, coins=[coins[0], *coins])),
         "short coin id": msgspec.msgpack.encode(
-            [1, 1, 1, [[b"\x00" * 31, 5, ALICE.pubkey]], *([[]] * 4), *[bytes(16)] * 4]
+            [2, 1, 1, [[b"\x00" * 31, 5, ALICE.pubkey]], *([[]] * 4), *[bytes(16)] * 5]
         ),
         "zero value": encode(replace(snap, coins=[(coins[0][0], 0, coins[0][2]), *coins[1:]])),
         "coin not here": encode(replace(snap, coins=[(elsewhere, 5, ALICE.pubkey)])),
@@ -302,7 +302,7 @@ def _bad_snapshots() -> dict[str, bytes]:
         ),
         "no participants": encode(replace(snap, decided=[proto.DecidedCommit(bytes(32), 1, [])])),
         "totals disagree": encode(replace(snap, received_msat=(1).to_bytes(16, "big"))),
-        "short total": msgspec.msgpack.encode([1, 1, 1, *([[]] * 5), *[bytes(15)] * 4]),
+        "short total": msgspec.msgpack.encode([2, 1, 1, *([[]] * 5), *[bytes(15)] * 5]),
     }
 
 

@@ -47,5 +47,6 @@ def test_the_guild_keeps_every_invariant_under_faults(
         pytest.fail(f"{exc}\nreplay: {replay_command(seed, operators, ledger)}\n{faults}")
     if isinstance(guild, LedgerGuild):
         assert any(p.done for p in guild.payments.values()), "no payment was answered"
+        assert guild.outbound > 0, "no payment paid another ledger"
     else:
         assert guild.acked, "no payment was acknowledged"

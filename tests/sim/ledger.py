@@ -29,13 +29,22 @@ from constellation.protocol import ledger as proto
 from constellation.replication.replica import Ready, Role
 from constellation.replication.shard import LedgerExecutor, LedgerShard, ShardLog
 from constellation.sighash import sighash
-from constellation.tx import Issuance, Transaction, TxInput, TxOutput, decode_transaction
+from constellation.tx import (
+    HERE,
+    Issuance,
+    Transaction,
+    TxInput,
+    TxOutput,
+    decode_transaction,
+    ledger_id,
+)
 from tests.sim.guild import RETRY_S, Copy, Guild, Violation
 
 PMAP = PartitionMap.even(2)
 OWNERS = PMAP.owners()
 ISSUER = SigningKey(hashlib.sha256(b"issuer").digest())
 WALLETS = [SigningKey(hashlib.sha256(b"wallet %d" % i).digest()) for i in range(6)]
+OTHER_LEDGER = ledger_id(SigningKey(hashlib.sha256(b"another operator").digest()).pubkey)
 GENESIS = Issuance(
     ISSUER.pubkey, 0, [TxOutput(10_000 + i, WALLETS[i % len(WALLETS)].pubkey) for i in range(36)]
 ).signed_by(ISSUER.secret)
@@ -71,6 +80,7 @@ class LedgerGuild(Guild):
         super().__init__(seed, operators, shards=[(0, 0), (0, 1)])
         self.wallets: list[dict[bytes, int]] = [{} for _ in WALLETS]
         self.busy: set[int] = set()  # wallets with a payment in flight
+        self.outbound = 0  # paid to another ledger by committed payments
         self.payments: dict[bytes, Payment] = {}
         self.rids: dict[int, tuple[str, bytes]] = {}  # rid -> ("issue", shard) | ("pay", txid)
         self.next_rid = 1
@@ -190,8 +200,12 @@ class LedgerGuild(Guild):
             self.busy.discard(payment.payer)
             for inp in payment.tx.inputs:
                 del self.wallets[payment.payer][inp.coin_id]
-            for cid, out in zip(payment.tx.output_ids, payment.tx.outputs, strict=True):
-                self.wallets[self._wallet(out.owner)][cid] = out.value_msat
+            tx = payment.tx
+            for i, (cid, out) in enumerate(zip(tx.output_ids, tx.outputs, strict=True)):
+                if tx.here(i):
+                    self.wallets[self._wallet(out.owner)][cid] = out.value_msat
+                else:
+                    self.outbound += out.value_msat
 
     def _wallet(self, owner: bytes) -> int:
         return next(i for i, k in enumerate(WALLETS) if k.pubkey == owner)
@@ -203,22 +217,24 @@ class LedgerGuild(Guild):
         payer = self.rng.choice(idle)
         coins = self.rng.sample(sorted(self.wallets[payer]), min(2, len(self.wallets[payer])))
         total = sum(self.wallets[payer][c] for c in coins)
-        fee = self.rng.randint(0, 3)
+        fee = self.rng.randint(0, min(3, total - 1))
         payee = WALLETS[self.rng.randrange(len(WALLETS))].pubkey
         outputs = [TxOutput(total - fee, payee)]
+        ledgers: list[bytes] = []
         if total - fee > 2:
             half = (total - fee) // 2
             outputs = [TxOutput(half, payee), TxOutput(total - fee - half, WALLETS[payer].pubkey)]
-        tx = Transaction([TxInput(c, self.wallets[payer][c]) for c in coins], outputs, fee)
-        key = WALLETS[payer]
+            if self.rng.random() < 0.25:  # the payee's coins are at another operator
+                ledgers = [OTHER_LEDGER, HERE]
         tx = Transaction(
-            tx.inputs,
-            tx.outputs,
-            fee,
+            [TxInput(c, self.wallets[payer][c]) for c in coins], outputs, fee, ledgers=ledgers
+        )
+        key = WALLETS[payer]
+        tx = tx.with_witnesses(
             [
                 key.sign(sighash(tx.txid, i, inp.value_msat, key.pubkey), bytes(32))
                 for i, inp in enumerate(tx.inputs)
-            ],
+            ]
         )
         self.busy.add(payer)
         self.payments[tx.txid] = Payment(tx, payer, self.now)
@@ -252,14 +268,21 @@ class LedgerGuild(Guild):
                 raise Violation(f"worker {engine.me}: transactions still locked at the end")
         issued = sum(e.state.issued_msat for e in engines)
         held = sum(e.state.held_msat + e.state.fees_msat for e in engines)
-        if issued != sum(o.value_msat for o in GENESIS.outputs) or held != issued:
-            raise Violation(f"value not conserved: {held} held and paid in fees, {issued} issued")
+        outbound = sum(e.state.outbound_msat for e in engines)
+        if outbound != self.outbound:
+            raise Violation(f"{outbound} msat recorded as paid out, {self.outbound} committed")
+        if issued != sum(o.value_msat for o in GENESIS.outputs) or held + outbound != issued:
+            raise Violation(
+                f"value not conserved: {held} held and paid in fees, {outbound} paid to"
+                f" another ledger, {issued} issued"
+            )
         for txid, payment in self.payments.items():
             spent = [engines[worker_of(c)].state.spent.get(c) == txid for c, _ in payment.tx.inputs]
             made = [
                 cid in engines[worker_of(cid)].state.coins
                 or cid in engines[worker_of(cid)].state.spent
-                for cid in payment.tx.output_ids
+                for i, cid in enumerate(payment.tx.output_ids)
+                if payment.tx.here(i)
             ]
             if len(set(spent + made)) != 1 or (payment.done and not spent[0]):
                 raise Violation(f"transaction {txid.hex()[:16]} is not all or nothing")
