@@ -38,15 +38,22 @@ again after a restart: the ledger's release of an output is idempotent.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass, field
 from enum import Enum
 
+from constellation.hashing import tagged_hasher
+from constellation.keys import XOnlyPubKey
 from constellation.lightning import Outcome
+from constellation.tx import Issuance, TxOutput
 
 PERIOD_S = 1.0  # a batch a second, at most
 RETRY_S = 2.0  # an unanswered request to the payee is sent again
 LOOKUP_S = 1.0  # a payment in doubt is looked up again
 GIVE_UP_S = 30.0  # a payment unknown this long: the payee is asked to cancel its invoice
+
+_release_hash = tagged_hasher("constellation/release")
 
 
 def label(payer: str, batch: int) -> str:
@@ -457,3 +464,28 @@ class Payee:
                 MakeInvoice(s.open.batch, label(s.payer, s.open.batch), s.open.amount_msat)
             )
         return actions
+
+
+# -- what derives from the batch and the obligation, the same after any crash ---------
+
+
+def invoice_preimage(secret: bytes, invoice_label: str) -> bytes:
+    """The preimage of a batch's invoice: HMAC-SHA256 under the payee's secret, so the
+    invoice made again after a crash is the same, and nobody else can derive it."""
+    return hmac.new(secret, invoice_label.encode(), hashlib.sha256).digest()
+
+
+def release_nonce(payer_ledger: bytes, output_id: bytes) -> int:
+    """The nonce of the issuance that releases one pending output at the payee."""
+    return int.from_bytes(_release_hash(payer_ledger + output_id)[:8], "big")
+
+
+def release_issuance(
+    issuer: bytes, payer_ledger: bytes, output_id: bytes, value_msat: int, owner: bytes
+) -> Issuance:
+    """The coin a pending output becomes at the payee once its batch is paid: one
+    issuance per output, so its coin id is known while it is pending, and the ledger
+    applies it once whatever the retries (an issuance id is applied once)."""
+    return Issuance(
+        issuer, release_nonce(payer_ledger, output_id), [TxOutput(value_msat, XOnlyPubKey(owner))]
+    )

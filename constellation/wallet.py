@@ -12,12 +12,12 @@ from collections.abc import Mapping
 
 from mnemonic import Mnemonic
 
-from constellation.address import Network, decode_address, encode_address
+from constellation.address import Network, decode_destination, encode_address
 from constellation.errors import InsufficientFunds, InvalidKey
 from constellation.keys import ExtendedKey, SigningKey, XOnlyPubKey
 from constellation.ledger.partition import Coin
 from constellation.sighash import sign_transaction
-from constellation.tx import MAX_INPUTS, Transaction, TxInput, TxOutput
+from constellation.tx import HERE, MAX_INPUTS, Transaction, TxInput, TxOutput
 
 PURPOSE = 1237
 RECEIVE, CHANGE = 0, 1
@@ -76,13 +76,21 @@ class Wallet:
         to: str | XOnlyPubKey,
         amount_msat: int,
         fee_msat: int = 0,
+        *,
+        ledger: bytes | None = None,
+        here: bytes | None = None,
     ) -> Transaction:
         """A signed payment of ``amount_msat`` to an address or key, change to a fresh key.
 
         Picks the largest coins first. ``coins`` are coins the caller believes unspent;
-        those this wallet holds no key for are ignored.
+        those this wallet holds no key for are ignored. The payment goes to the ledger
+        the address names (or ``ledger``, for a key), settled between the operators
+        unless it is ``here``, the ledger of the coins; else it stays in that ledger.
         """
-        owner = decode_address(to, self.network) if isinstance(to, str) else to
+        if isinstance(to, str):
+            owner, ledger = decode_destination(to, self.network)
+        else:
+            owner = to
         mine = sorted(
             ((cid, c) for cid, c in coins.items() if c.owner in self._keys),
             key=lambda item: item[1].value_msat,
@@ -102,5 +110,11 @@ class Wallet:
         outputs = [TxOutput(amount_msat, owner)]
         if total > need:
             outputs.append(TxOutput(total - need, self.fresh_key(CHANGE).pubkey))
-        tx = Transaction([TxInput(cid, c.value_msat) for cid, c in chosen], outputs, fee_msat)
+        dest = HERE if ledger is None or ledger == here else ledger
+        tx = Transaction(
+            [TxInput(cid, c.value_msat) for cid, c in chosen],
+            outputs,
+            fee_msat,
+            ledgers=[dest, *[HERE] * (len(outputs) - 1)],
+        )
         return sign_transaction(tx, [self._keys[c.owner] for _, c in chosen])

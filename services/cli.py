@@ -130,7 +130,9 @@ async def _fund(net: devnet.Devnet, address: str, amount_msat: int) -> dict[str,
     owner = decode_address(address, Network.from_name(net.network))
     issuance = net.issuance([TxOutput(amount_msat, owner)])
     async with aiohttp.ClientSession() as session:
-        return await Gateway(net.gateway_url, session).issue(issuance)
+        receipt = await Gateway(net.gateway_url, session).issue(issuance)
+    await asyncio.to_thread(guild.deposit, net, amount_msat)
+    return receipt
 
 
 def _devnet(args: argparse.Namespace) -> int:

@@ -102,6 +102,12 @@ class Gateway:
                 return found
             after = doc["next"]
 
+    async def incoming(self, address: str, limit: int = 50) -> list[dict[str, Any]]:
+        """Outputs paid to ``address`` from other operators' ledgers (pending, released)."""
+        doc = await self.get(f"/v1/address/{address}/incoming?limit={limit}")
+        entries: list[dict[str, Any]] = doc["incoming"]
+        return entries
+
     async def history(self, address: str, limit: int = 50) -> list[dict[str, Any]]:
         doc = await self.get(f"/v1/address/{address}/history?limit={limit}")
         entries: list[dict[str, Any]] = doc["history"]

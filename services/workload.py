@@ -72,7 +72,9 @@ class Workload:
 
         await asyncio.gather(*(one(a) for a in self.accounts))
         self.say(f"funded {len(self.accounts)} wallets with {coins_each} coins of {COIN_MSAT} msat")
-        return COIN_MSAT * coins_each * len(self.accounts)
+        issued = COIN_MSAT * coins_each * len(self.accounts)
+        await asyncio.to_thread(guild.deposit, self.net, issued)
+        return issued
 
     def payment(self) -> tuple[Account, bytes, Coin, Transaction] | None:
         """A random payment with one coin of a random funded wallet (the coin is taken)."""
@@ -151,9 +153,10 @@ class Workload:
         d_issued = after["issued_msat"] - before["issued_msat"]
         held = after["held_msat"] - before["held_msat"]
         fees = after["fees_msat"] - before["fees_msat"]
+        out = after.get("outbound_msat", 0) - before.get("outbound_msat", 0)
         books = sum(c.value_msat for a in self.accounts for c in a.coins.values())
         books += self.extra_msat
-        ok = bool(d_issued == issued and held + fees == issued and held == books)
+        ok = bool(d_issued == issued and held + fees + out == issued and held == books)
         self.say(
             f"ledger check: issued {d_issued} = held {held} + fees {fees}; wallets' books "
             f"{books}; locks {after['locks']}, in doubt {after['in_doubt']}: "

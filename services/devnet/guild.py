@@ -233,6 +233,15 @@ def stop_lightning(directory: Path) -> None:
         stop_pid(found["pid"], 10)
 
 
+def deposit(net: Devnet, amount_msat: int) -> None:
+    """Back coins issued at ``net`` with as much on its Lightning node's wallet (the
+    simulated network's faucet): a deposit, so the reserve invariant holds. Nothing for
+    an operator outside a guild (it runs no Lightning network)."""
+    directory = Path(net.dir).parent
+    if net.in_guild and (directory / GUILD_FILE).exists() and amount_msat >= 1000:
+        lightning(directory, f"/v1/fund/{net.operator}", {"sat": amount_msat // 1000})
+
+
 def lightning_faults(directory: Path, node: str, faults: dict[str, Any]) -> None:
     """Set faults at a node of the guild's simulated network (``services/lnsim/app.py``)."""
     lightning(directory, f"/v1/faults/{node}", faults)

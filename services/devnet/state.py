@@ -78,6 +78,7 @@ class Devnet:
     machines: list[MachineProc] = field(default_factory=list)
     shards: int = 0  # workers (shards) the machines hold, per operator
     operator_key: str = ""  # secret: signs its blocks, acks, votes and messages
+    settle_period_ms: int = 1000  # a settlement batch per peer this often, at most
     nats_password: str = ""  # of its own processes' NATS user
     issued: dict[str, str] = field(default_factory=dict)  # peer -> the NATS password issued
     lightning_rpc: str = ""  # its Lightning node's socket (the guild's simulated network)
@@ -203,6 +204,16 @@ class Devnet:
             "GATEWAY_NETWORK": self.network,
             **({"GATEWAY_LAYOUT": str(self.layout_path)} if self.in_guild else {}),
             **({"GATEWAY_LIGHTNING_RPC": self.lightning_rpc} if self.lightning_rpc else {}),
+            **(self._settle_env() if self.in_guild and self.lightning_rpc else {}),
+        }
+
+    def _settle_env(self) -> dict[str, str]:
+        """The gateway settles with the other members over the Lightning network."""
+        return {
+            "GATEWAY_OPERATOR_KEY": self.operator_key,
+            "GATEWAY_ISSUER_KEY": self.issuer_secret,
+            "GATEWAY_PEERS": str(self.peers_path),
+            "GATEWAY_SETTLE_PERIOD_MS": str(self.settle_period_ms),
         }
 
     def indexer_env(self) -> dict[str, str]:

@@ -45,6 +45,8 @@ from services.gateway.errors import (
 from services.gateway.limits import Limits
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import openapi
+from services.gateway.settle import Settler
+from services.gateway.settle_store import SettleStore
 from services.gateway.ws import Pushes
 from services.indexer.store import Index
 from services.partition.client import LedgerClient, LedgerUnavailable
@@ -179,6 +181,8 @@ class Api:
         # from a member's ledger to another's, settled between them
         self.ledger_ids = ledger_ids
         self.ledger_names = {lid: name for name, lid in ledger_ids.items()}
+        self.settle_store: SettleStore | None = None  # set where this gateway settles
+        self.settler: Settler | None = None
         self.ledger = ledgers[operator]  # this operator's: the index and pushes are its
         self.index = index
         self.limits = limits
@@ -199,6 +203,8 @@ class Api:
         r.add_get("/v1/coin/{coin_id}", self.get_coin)
         r.add_get("/v1/address/{address}/coins", self.get_coins)
         r.add_get("/v1/address/{address}/history", self.get_history)
+        r.add_get("/v1/address/{address}/incoming", self.get_incoming)
+        r.add_get("/v1/settlement", self.get_settlement)
         r.add_get("/v1/ledger", self.get_ledger)
         r.add_get("/v1/ws", self.pushes.websocket)
         r.add_get("/openapi.json", self.get_openapi)
@@ -479,9 +485,24 @@ class Api:
 
     async def get_coin(self, request: web.Request) -> web.Response:
         coin_id = _hex(request.match_info["coin_id"], "coin_id", 32)
-        info = (await self._coin_infos(self._ledger(request), [coin_id]))[coin_id]
+        ledger = self._ledger(request)
+        info = (await self._coin_infos(ledger, [coin_id]))[coin_id]
         if info.status == "unknown":
-            raise ApiError(NOT_FOUND, "no such coin")
+            incoming = None
+            if self.settle_store is not None and ledger is self.ledger:
+                incoming = await self.settle_store.by_release_id(coin_id)
+            if incoming is None:
+                raise ApiError(NOT_FOUND, "no such coin")
+            # paid from another operator's ledger: a coin here once its batch is paid
+            return json_response(
+                {
+                    "coin_id": coin_id.hex(),
+                    "status": "pending",
+                    "value_msat": int(incoming["value_msat"]),
+                    "address": encode_address(incoming["owner"], self.network),
+                    "from": {"ledger": incoming["peer"], "txid": incoming["txid"].hex()},
+                }
+            )
         doc: dict[str, Any] = {"coin_id": coin_id.hex(), "status": info.status}
         if info.owner:
             doc["value_msat"] = info.value_msat
@@ -522,6 +543,36 @@ class Api:
         entries = await self.index.history(owner, self._limit(request), before)
         return json_response({"address": request.match_info["address"], "history": entries})
 
+    async def get_incoming(self, request: web.Request) -> web.Response:
+        """Outputs paid to the address from other operators' ledgers, newest first:
+        pending until the paying operator settles over Lightning, then a coin here."""
+        owner = self._owner(request)
+        if self.settle_store is None:
+            raise ApiError("unavailable", "this gateway does not settle with other operators")
+        rows = await self.settle_store.incoming(owner, self._limit(request))
+        entries = [
+            {
+                "from": r["peer"],
+                "txid": r["txid"].hex(),
+                "output": r["coin_id"].hex(),
+                "coin_id": r["release_id"].hex(),
+                "value_msat": int(r["value_msat"]),
+                "status": "pending" if r["released_at"] is None else "released",
+                "batch": r["batch"],
+                "seen_at": r["at"].timestamp(),
+                "released_at": None if r["released_at"] is None else r["released_at"].timestamp(),
+            }
+            for r in rows
+        ]
+        return json_response({"address": request.match_info["address"], "incoming": entries})
+
+    async def get_settlement(self, _: web.Request) -> web.Response:
+        """Each peer: what this operator owes it and holds for it, and the batches."""
+        settler = self.settler
+        if settler is None or not settler.leading:
+            raise ApiError("unavailable", "this gateway is not the operator's settler now")
+        return json_response({"peers": settler.summary()})
+
     async def get_ledger(self, request: web.Request) -> web.Response:
         """A ledger's totals, summed over its workers (and each worker's)."""
         ledger = self._ledger(request)
@@ -542,6 +593,8 @@ class Api:
         )
         doc: dict[str, Any] = {f: sum(getattr(st, f) for st in states) for f in fields}
         doc["ledger"] = ledger.operator
+        if ledger.operator in self.ledger_ids:
+            doc["ledger_id"] = self.ledger_ids[ledger.operator].hex()
         doc["map_version"] = ledger.pmap.version
         doc["workers"] = [msgspec.structs.asdict(st) for st in states]
         return json_response(doc)

@@ -10,6 +10,8 @@ from services.gateway.config import Settings
 from services.gateway.lightning import ClnBackend, LightningError, rebalance
 from services.gateway.limits import Limits
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.settle import Settler
+from services.gateway.settle_store import SettleStore
 from services.gateway.ws import Pushes
 from services.indexer.store import Index
 from services.partition.client import LedgerClient
@@ -77,6 +79,12 @@ class GatewayNode:
         lightning = ClnBackend(s.lightning_rpc) if s.lightning_rpc else None
         if lightning is not None:
             tasks.start("lightning", lambda: self._watch_lightning(lightning))
+        settle_store = None
+        if s.settle is not None and lightning is not None:
+            settle_store = await SettleStore.open(s.database_url)
+            settler = Settler(s.settle, settle_store, lightning, ledger, m)
+            api.settle_store, api.settler = settle_store, settler
+            tasks.start("settle", settler.run)
         await self.ops.start(s.http_host, s.http_port)
         self.api = api
         log.info(
@@ -97,6 +105,8 @@ class GatewayNode:
         if lightning is not None:
             lightning.close()
         await index.close()
+        if settle_store is not None:
+            await settle_store.close()
         await limits.close()
 
     async def _watch_lightning(self, backend: ClnBackend) -> None:

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from constellation.address import Network
+from constellation.keys import SigningKey
 from constellation.tx import ledger_id
 from services.bus import Batching
-from services.replica.config import Layout, load_layout
+from services.gateway.settle import Settings as SettleSettings
+from services.replica.config import Layout, load_layout, load_peers
 from services.runtime import ConfigError, env_addr, env_int, env_operator, env_str
 
 
@@ -34,6 +36,8 @@ class Settings:
     lightning_rpc: Path | None = None  # the operator's lightningd socket
     # what the channel to each peer should be able to send (twice over; 0: no splicing)
     liquidity_msat: int = 0
+    # settlement with the other members (needs the layout and the Lightning node)
+    settle: SettleSettings | None = None
 
     @property
     def ledger_ids(self) -> dict[str, bytes]:
@@ -59,6 +63,26 @@ class Settings:
         if env.get("GATEWAY_LAYOUT"):
             layout = load_layout(Path(env_str(env, "GATEWAY_LAYOUT")))
             layout.index(operator)  # a member of it
+        settle = None
+        if layout is not None and env.get("GATEWAY_OPERATOR_KEY"):
+            settle = SettleSettings(
+                operator=operator,
+                layout=layout,
+                key=_secret(env, "GATEWAY_OPERATOR_KEY"),
+                issuer=_secret(env, "GATEWAY_ISSUER_KEY"),
+                peers=load_peers(Path(env_str(env, "GATEWAY_PEERS"))),
+                database_url=env_str(env, "GATEWAY_DATABASE_URL"),
+                period_s=env_int(env, "GATEWAY_SETTLE_PERIOD_MS", 1000, 50, 3_600_000) / 1000,
+                fee_limit_msat=env_int(env, "GATEWAY_SETTLE_FEE_LIMIT_MSAT", 10_000, 0, 10**12),
+            )
+            if settle.key.pubkey != layout.members[layout.index(operator)].key:
+                raise ConfigError("GATEWAY_OPERATOR_KEY is not this operator's key in the layout")
+            missing = [m.name for m in layout.members if m.name != operator]
+            missing = [n for n in missing if n not in settle.peers]
+            if missing:
+                raise ConfigError(f"GATEWAY_PEERS has no credentials for {', '.join(missing)}")
+            if not env.get("GATEWAY_LIGHTNING_RPC"):
+                raise ConfigError("settling (GATEWAY_OPERATOR_KEY) needs GATEWAY_LIGHTNING_RPC")
         return Settings(
             operator=operator,
             nats_url=env_str(env, "GATEWAY_NATS_URL", "nats://127.0.0.1:4222"),
@@ -78,4 +102,12 @@ class Settings:
             if env.get("GATEWAY_LIGHTNING_RPC")
             else None,
             liquidity_msat=env_int(env, "GATEWAY_LIQUIDITY_MSAT", 0, 0, 10**15),
+            settle=settle,
         )
+
+
+def _secret(env: Mapping[str, str], name: str) -> SigningKey:
+    try:
+        return SigningKey(bytes.fromhex(env_str(env, name)))
+    except ValueError:
+        raise ConfigError(f"{name} must be a 32-byte secret key in hex") from None

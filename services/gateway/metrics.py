@@ -55,3 +55,80 @@ class GatewayMetrics:
             ["direction", "outcome"],
             registry=r,
         )
+        # -- settlement between operators (``settle.py``)
+        self.settle_owed = Counter(
+            "gateway_settle_owed_msat",
+            "outputs paid from this ledger into a peer's, taken as obligations",
+            ["peer"],
+            registry=r,
+        )
+        self.settle_paid = Counter(
+            "gateway_settle_paid_msat", "obligations settled over Lightning", ["peer"], registry=r
+        )
+        self.settle_released = Counter(
+            "gateway_settle_released_msat",
+            "outputs from a peer released here once paid",
+            ["peer"],
+            registry=r,
+        )
+        self.settle_batches = Counter(
+            "gateway_settle_batches",
+            "batches this operator paid, by outcome (settled, failed)",
+            ["peer", "outcome"],
+            registry=r,
+        )
+        self.settle_payments = Counter(
+            "gateway_settle_payments",
+            "Lightning payments started for settlement (a retry counts again)",
+            ["peer"],
+            registry=r,
+        )
+        self.settle_failures = Counter(
+            "gateway_settle_failures",
+            "batches that failed, by the outcome that ended them",
+            ["code"],
+            registry=r,
+        )
+        self.settle_batch_seconds = Histogram(
+            "gateway_settle_batch_seconds",
+            "from a batch's closing to its payment settled",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.settle_release_seconds = Histogram(
+            "gateway_settle_release_seconds",
+            "from an output announced pending here to its coin issued",
+            buckets=(0.1, 0.25, 0.5, 1, 1.5, 2, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.settle_pending = Gauge(
+            "gateway_settle_pending_outputs",
+            "outputs pending: owed to a peer, or held here for one",
+            ["peer", "side"],
+            registry=r,
+        )
+        self.settle_pending_age = Gauge(
+            "gateway_settle_pending_age_seconds",
+            "the age of the oldest output pending here from a peer",
+            ["peer"],
+            registry=r,
+        )
+        self.settle_unsent = Counter(
+            "gateway_settle_unsent",
+            "settlement messages not sent (the peer unreachable)",
+            ["peer"],
+            registry=r,
+        )
+        self.settle_refused = Counter(
+            "gateway_settle_refused", "settlement messages refused as malformed", registry=r
+        )
+        self.reserve_msat = Gauge(
+            "gateway_reserve_msat",
+            "the reserve invariant's terms: l3_held, owed_to_others, owed_by_others, funds,"
+            " slack, drift (0 when it holds), in_flight",
+            ["term"],
+            registry=r,
+        )
+        self.reserve_ok = Gauge(
+            "gateway_reserve_ok", "1 while the reserve invariant holds", registry=r
+        )

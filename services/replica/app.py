@@ -255,7 +255,7 @@ class Machine:
             self.metrics.undelivered.labels(peer).inc()
             return
         self.metrics.relayed.labels("out").inc()
-        data = self.sealer.seal_forward(operator, body, now_ms())
+        data = self.sealer.seal_body(operator, body, now_ms())
         me = s.layout.members[s.operator].name
         for machine in machines:
             out.queue.append((forward_subject(me, machine), data))

@@ -19,7 +19,8 @@ on every message to a twin.
 
 Packages and queries relayed to a shard's leader at another operator (``relay.py``) go
 to that leader's machine on ``cst.rep.<sender>.fwd.<machine>``, sealed the same way
-(always: a machine never relays to its own operator).
+(always: a machine never relays to its own operator). Settlement messages between two
+operators (``services.gateway.settle``) go on ``cst.rep.<sender>.set``, sealed too.
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ def forward_listen(machine: int) -> str:
     return f"{PREFIX}.*.fwd.{machine}"
 
 
+def settle_subject(sender: str) -> str:
+    return f"{PREFIX}.{sender}.set"
+
+
+SETTLE_LISTEN = f"{PREFIX}.*.set"
+
+
 def peer_permissions(peer: str) -> dict[str, object]:
     """The NATS permissions an operator grants a peer: publish its own messages, nothing
     else (no subscriptions, no JetStream, no other subjects)."""
@@ -87,8 +95,9 @@ class Sealer:
         may publish only under its own name)."""
         return self._seal(BROADCAST, envelope, now_ms)
 
-    def seal_forward(self, operator: int, body: bytes, now_ms: int) -> bytes:
-        """A relayed package, query or answer (``relay.py``) for ``operator``."""
+    def seal_body(self, operator: int, body: bytes, now_ms: int) -> bytes:
+        """A message for ``operator`` that is not replication's: a relayed package,
+        query or answer (``relay.py``), or a settlement message."""
         return seal(
             self.guild, self.key.secret, self.me, self.to[operator], os.urandom(16), now_ms, body
         )
@@ -111,6 +120,7 @@ class Opener:
         # and relayed traffic its own, not that of replication.
         self.guards = [ReplayGuard(FRESH_MS, PER_SENDER) for _ in keys]
         self.forward_guards = [ReplayGuard(FRESH_MS, PER_SENDER) for _ in keys]
+        self.settle_guards = [ReplayGuard(FRESH_MS, PER_SENDER) for _ in keys]
 
     def open(self, subj: str, data: bytes, now_ms: int) -> rp.Envelope:
         """The replication envelope inside, or a ``ConstellationError`` saying why not."""
@@ -141,6 +151,17 @@ class Opener:
         if claimed == self.index:
             raise Misdirected("a relay from our own name: machines never relay to their own")
         return self._open(self.forward_guards, claimed, parts[2], data, now_ms)
+
+    def open_settle(self, subj: str, data: bytes, now_ms: int) -> tuple[int, bytes]:
+        """(the sending operator, its settlement message inside), or a
+        ``ConstellationError`` saying why not."""
+        parts = subj.split(".")
+        if len(parts) != 4 or parts[3] != "set":
+            raise Misdirected(f"not a settlement subject: {subj!r}")
+        claimed = self.names.get(parts[2])
+        if claimed == self.index:
+            raise Misdirected("a settlement message from our own name")
+        return self._open(self.settle_guards, claimed, parts[2], data, now_ms)
 
     def _open(
         self,

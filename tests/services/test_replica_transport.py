@@ -220,7 +220,7 @@ def test_a_member_flooding_fresh_messages_fills_only_its_own_replay_guard(
 
 def test_a_relayed_message_opens_at_its_receiver_and_what_is_refused() -> None:
     body = relay.encode(relay.Query(0, 1, 1, "coins", b"\x80", "_INBOX.a.b"))
-    data = Sealer("g", KEYS[1], PUBS).seal_forward(0, body, NOW)
+    data = Sealer("g", KEYS[1], PUBS).seal_body(0, body, NOW)
     assert forward_subject("op1", 1) == "cst.rep.op1.fwd.1"
     assert forward_listen(1) == "cst.rep.*.fwd.1"
     assert opener().open_forward(forward_subject("op1", 1), data, NOW) == (1, body)
@@ -237,7 +237,7 @@ def test_a_relayed_message_opens_at_its_receiver_and_what_is_refused() -> None:
     with pytest.raises(Misdirected):
         opener().open_forward("cst.rep.op1.fwd", data, NOW)
     with pytest.raises(NotAMember):
-        sealed_by_outsider = Sealer("g", KEYS[3], [*PUBS[:3], KEYS[3].pubkey]).seal_forward(
+        sealed_by_outsider = Sealer("g", KEYS[3], [*PUBS[:3], KEYS[3].pubkey]).seal_body(
             0, body, NOW
         )
         Opener("g", NAMES[:3], PUBS[:3], 0).open_forward(

@@ -277,9 +277,9 @@ async def test_relayed_packages_and_answers_from_a_peer_are_checked(where: Path)
     nc = await nats.connect(url, max_reconnect_attempts=0)
     try:
         for body in bodies:
-            data = sealer.seal_forward(0, relay.encode(body), now_ms())
+            data = sealer.seal_body(0, relay.encode(body), now_ms())
             await nc.publish(forward_subject("op1", machine), data)
-        await nc.publish(forward_subject("op1", machine), sealer.seal_forward(0, b"junk", now_ms()))
+        await nc.publish(forward_subject("op1", machine), sealer.seal_body(0, b"junk", now_ms()))
         await nc.flush()
         await asyncio.sleep(0.5)
     finally:

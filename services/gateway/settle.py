@@ -1,0 +1,687 @@
+"""Settlement between operators: the shell around ``constellation.settlement``.
+
+For each other member of the guild, this operator is a ``Payer`` (what its ledger paid
+into the member's) and a ``Payee`` (what the member's ledger paid into it). The shell:
+
+* takes obligations from the index's ``outbound`` rows (``SettleStore.take``) and
+  announces them to the payee, which stores them as pending outputs (the receiver sees
+  them, with the coin each will become) and says how far it holds them;
+* carries out the machines' actions: messages to the peer, sealed with the operator
+  key on the peer's NATS; invoices, payments and look-ups at the operator's Lightning
+  node; releases, which issue each paid output's coin in this ledger
+  (``release_issuance``: applied once however often it is asked for);
+* persists each machine's state (``SettleStore.save_state``) before it acts on what a
+  call returned, and on start loads it and carries out ``resume()``;
+* checks the reserve invariant every second (``Reserve``).
+
+One gateway of an operator settles at a time: the holder of a PostgreSQL advisory lock
+(the others stand by and take over when its session ends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import bolt11 as bolt11_lib
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+
+from constellation import settlement as st
+from constellation.errors import AlreadyCommitted, ConstellationError
+from constellation.keys import SigningKey
+from constellation.lightning import Outcome
+from constellation.protocol import settlement as sp
+from constellation.tx import ledger_id
+from services.gateway.lightning import LightningBackend, LightningError, payment_hash_of
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.settle_store import SettleStore
+from services.partition.client import LedgerClient, LedgerUnavailable
+from services.replica.config import Layout
+from services.replica.transport import SETTLE_LISTEN, Opener, Sealer, settle_subject
+from services.runtime import connect_nats, now_ms
+
+log = logging.getLogger("settle")
+
+TICK_S = 0.1
+LEAD_RETRY_S = 1.0
+ANNOUNCE_RETRY_S = 1.0  # obligations not acknowledged are announced again
+TAKE_LIMIT = 4096  # obligations taken at once
+RELEASE_CHUNK = 256  # coins issued at once
+INVOICE_EXPIRY_S = 3600
+RESERVE_EVERY_S = 1.0
+PEER_RETRY_S = 1.0
+
+
+@dataclass
+class Pair:
+    """This operator and one peer: both machines and what the shell keeps beside them."""
+
+    name: str
+    index: int  # the peer's place in the layout
+    ledger: bytes
+    payer: st.Payer
+    payee: st.Payee
+    entries: dict[int, sp.Entry] = field(default_factory=dict)  # owed, not yet acknowledged
+    acked: int = 0  # the payee holds every obligation up to here
+    sent: int = 0  # announced up to here
+    announced_at: float = 0.0
+    releasing: asyncio.Task[None] | None = None
+    client: Client | None = None
+    announced: dict[int, float] = field(default_factory=dict)  # pending here: seq -> seen
+    releasing_msat: int = 0  # being issued now
+
+
+def _payer_blob(s: st.PayerState) -> bytes:
+    return msgspec.msgpack.encode(replace(s, owed=[]))
+
+
+def _payee_blob(s: st.PayeeState) -> bytes:
+    return msgspec.msgpack.encode(replace(s, pending=[]))
+
+
+@dataclass
+class Settings:
+    operator: str
+    layout: Layout
+    key: SigningKey  # the operator key: seals messages to peers
+    issuer: SigningKey  # issues released outputs into this ledger
+    peers: dict[str, str]  # peer name -> its NATS URL with the credentials it issued us
+    database_url: str
+    period_s: float = st.PERIOD_S
+    fee_limit_msat: int = 10_000
+
+
+class Settler:
+    def __init__(
+        self,
+        settings: Settings,
+        store: SettleStore,
+        backend: LightningBackend,
+        ledger: LedgerClient,
+        metrics: GatewayMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        s = self.settings = settings
+        self.store = store
+        self.backend = backend
+        self.ledger = ledger
+        self.metrics = metrics
+        self.clock = clock
+        layout = s.layout
+        self.me = layout.index(s.operator)
+        self.ledger_id = ledger_id(layout.members[self.me].key)
+        self.sealer = Sealer(layout.guild, s.key, layout.keys)
+        self.opener = Opener(layout.guild, [m.name for m in layout.members], layout.keys, self.me)
+        self.pairs: dict[str, Pair] = {}
+        self.by_ledger: dict[bytes, str] = {}
+        self.saved: dict[tuple[str, str], bytes] = {}
+        self.lock = asyncio.Lock()
+        self.leading = False
+        self.reserve = Reserve()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- running ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Stand by until this process holds the lock, then settle for ever."""
+        s = self.settings
+        while not await self.store.lead(s.database_url):
+            await asyncio.sleep(LEAD_RETRY_S)
+        await self._load()
+        self.leading = True
+        log.info("settling", extra={"peers": list(self.pairs)})
+        sub = await self.ledger.nc.subscribe(SETTLE_LISTEN, cb=self._on_message)
+        for pair in self.pairs.values():
+            self._spawn(self._connect(pair))
+        self._spawn(self._paid_stream())
+        try:
+            for pair in self.pairs.values():
+                await self._act(pair, pair.payer.resume(self.clock()))
+                await self._act(pair, pair.payee.resume())
+            next_reserve = 0.0
+            while True:
+                if not await self.store.still_leading():
+                    raise RuntimeError("lost the settlement lock's connection")
+                await self._step()
+                now = self.clock()
+                if now >= next_reserve:
+                    next_reserve = now + RESERVE_EVERY_S
+                    await self._check_reserve()
+                await asyncio.sleep(TICK_S)
+        finally:
+            self.leading = False
+            with contextlib.suppress(NatsError):
+                await sub.unsubscribe()
+            for task in list(self._tasks):
+                task.cancel()
+            for pair in self.pairs.values():
+                if pair.client is not None:
+                    with contextlib.suppress(NatsError, OSError):
+                        await pair.client.close()
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a settlement task failed", exc_info=task.exception())
+
+    async def _load(self) -> None:
+        s = self.settings
+        states = await self.store.load_states()
+        raw = states.get(("reserve", "baseline"))
+        if raw:
+            self.reserve.baseline = int.from_bytes(raw, "big", signed=True)
+        for i, m in enumerate(s.layout.members):
+            if i == self.me:
+                continue
+            raw = states.get(("payer", m.name))
+            payer_state = (
+                msgspec.msgpack.decode(raw, type=st.PayerState)
+                if raw
+                else st.PayerState(s.operator, m.name)
+            )
+            raw = states.get(("payee", m.name))
+            payee_state = (
+                msgspec.msgpack.decode(raw, type=st.PayeeState)
+                if raw
+                else st.PayeeState(m.name, s.operator)
+            )
+            pair = Pair(
+                m.name,
+                i,
+                ledger_id(m.key),
+                st.Payer(payer_state, s.fee_limit_msat, s.period_s),
+                st.Payee(payee_state),
+            )
+            after = payer_state.settled_upto
+            while batch := await self.store.owed(m.name, after, TAKE_LIMIT):
+                for e in batch:
+                    pair.payer.owe(e.seq, e.value_msat)
+                    pair.entries[e.seq] = e
+                after = batch[-1].seq
+            pair.acked = pair.sent = payer_state.settled_upto
+            for e in await self.store.pending(m.name, payee_state.released_upto):
+                pair.payee.announced(e.seq, e.value_msat)
+            self.saved[("payer", m.name)] = _payer_blob(payer_state)
+            self.saved[("payee", m.name)] = _payee_blob(payee_state)
+            self.pairs[m.name] = pair
+            self.by_ledger[pair.ledger] = m.name
+
+    async def _connect(self, pair: Pair) -> None:
+        while True:
+            try:
+                pair.client = await connect_nats(
+                    self.settings.peers[pair.name],
+                    f"settle-{self.settings.operator}",
+                    connect_timeout=2,
+                )
+                return
+            except (NatsError, OSError, TimeoutError) as exc:
+                log.debug("peer unreachable", extra={"peer": pair.name, "error": repr(exc)})
+                await asyncio.sleep(PEER_RETRY_S)
+
+    async def _send(self, pair: Pair, msg: sp.Message) -> None:
+        client = pair.client
+        if client is None or not client.is_connected:
+            self.metrics.settle_unsent.labels(pair.name).inc()
+            return
+        data = self.sealer.seal_body(pair.index, sp.encode(msg), now_ms())
+        try:
+            await client.publish(settle_subject(self.settings.operator), data)
+        except NatsError as exc:  # lost like any message: the machines ask again
+            self.metrics.settle_unsent.labels(pair.name).inc()
+            log.debug("not sent", extra={"peer": pair.name, "error": str(exc)})
+
+    # -- each tick --------------------------------------------------------------------
+
+    async def _step(self) -> None:
+        taken = await self.store.take(self.by_ledger, TAKE_LIMIT)
+        for name, e in taken:
+            pair = self.pairs[name]
+            pair.payer.owe(e.seq, e.value_msat)
+            pair.entries[e.seq] = e
+            self.metrics.settle_owed.labels(name).inc(e.value_msat)
+        now = self.clock()
+        for pair in self.pairs.values():
+            await self._announce(pair, now)
+            async with self.lock:
+                actions = pair.payer.tick(now)
+                await self._persist(pair)
+            await self._act(pair, actions)
+            if pair.payee.state.releasing and (pair.releasing is None or pair.releasing.done()):
+                pair.releasing = self._spawn(self._release(pair))
+            self._gauges(pair, now)
+
+    async def _announce(self, pair: Pair, now: float) -> None:
+        last = max(pair.entries, default=0)
+        if pair.acked < pair.sent and now - pair.announced_at >= ANNOUNCE_RETRY_S:
+            pair.sent = pair.acked  # not acknowledged: from there again
+        if pair.sent >= last:
+            return
+        first = pair.sent + 1
+        entries = [pair.entries[q] for q in range(first, min(last, first + sp.MAX_ENTRIES - 1) + 1)]
+        pair.sent, pair.announced_at = entries[-1].seq, now
+        await self._send(pair, sp.Announce(entries))
+
+    async def _persist(self, pair: Pair) -> None:
+        """Write each machine's state where it changed (called under ``self.lock``)."""
+        for role, blob in (
+            ("payer", _payer_blob(pair.payer.state)),
+            ("payee", _payee_blob(pair.payee.state)),
+        ):
+            if self.saved.get((role, pair.name)) != blob:
+                await self.store.save_state(role, pair.name, blob)
+                self.saved[(role, pair.name)] = blob
+
+    def _gauges(self, pair: Pair, now: float) -> None:
+        m = self.metrics
+        m.settle_pending.labels(pair.name, "owed").set(len(pair.payer.state.owed))
+        m.settle_pending.labels(pair.name, "held").set(len(pair.payee.state.pending))
+        oldest = min(pair.announced.values(), default=now)
+        m.settle_pending_age.labels(pair.name).set(now - oldest)
+
+    # -- actions ----------------------------------------------------------------------
+
+    async def _act(self, pair: Pair, actions: list[st.Action]) -> None:
+        for a in actions:
+            if isinstance(a, st.RequestInvoice):
+                await self._send(pair, sp.AskInvoice(a.batch, a.first, a.last, a.amount_msat))
+            elif isinstance(a, st.RequestCancel):
+                await self._send(pair, sp.AskCancel(a.batch))
+            elif isinstance(a, st.Offer):
+                await self._send(pair, sp.Offer(a.batch, a.bolt11))
+            elif isinstance(a, st.Refuse):
+                await self._send(pair, sp.Refuse(a.batch, a.reason[: sp.MAX_REASON]))
+            elif isinstance(a, st.Cancelled):
+                await self._send(pair, sp.Cancelled(a.batch, a.paid))
+            elif isinstance(a, st.Pay):
+                self._spawn(self._pay(pair, a))
+            elif isinstance(a, st.LookUp):
+                self._spawn(self._look_up(pair, a))
+            elif isinstance(a, st.MakeInvoice):
+                self._spawn(self._make_invoice(pair, a))
+            elif isinstance(a, st.CancelInvoice):
+                self._spawn(self._cancel_invoice(pair, a))
+            elif pair.releasing is None or pair.releasing.done():  # Release
+                pair.releasing = self._spawn(self._release(pair))
+
+    async def _call(self, pair: Pair, call: Callable[[], list[st.Action]]) -> None:
+        async with self.lock:
+            actions = call()
+            await self._persist(pair)
+        await self._act(pair, actions)
+
+    async def _pay(self, pair: Pair, a: st.Pay) -> None:
+        self.metrics.settle_payments.labels(pair.name).inc()
+        state = await self.backend.pay(a.bolt11, a.fee_limit_msat)
+        await self._outcome(pair, a.batch, state.outcome, state.fee_msat or 0, state.reason)
+
+    async def _look_up(self, pair: Pair, a: st.LookUp) -> None:
+        state = await self.backend.payment(a.payment_hash)
+        await self._outcome(pair, a.batch, state.outcome, state.fee_msat or 0, state.reason)
+
+    async def _outcome(
+        self, pair: Pair, batch: int, outcome: Outcome, fee_msat: int, reason: str
+    ) -> None:
+        s = pair.payer.state
+        b = s.batch
+        settled_before = s.settled
+        failed_before = s.failed
+        await self._call(pair, lambda: pair.payer.outcome(batch, outcome, self.clock(), fee_msat))
+        self._count(pair, b, settled_before, failed_before, outcome.value, reason)
+
+    def _count(
+        self,
+        pair: Pair,
+        b: st.Batch | None,
+        settled_before: int,
+        failed_before: int,
+        code: str,
+        reason: str,
+    ) -> None:
+        s, m = pair.payer.state, self.metrics
+        if b is None:
+            return
+        if s.settled > settled_before:
+            m.settle_batches.labels(pair.name, "settled").inc()
+            m.settle_paid.labels(pair.name).inc(b.amount_msat)
+            m.settle_batch_seconds.observe(self.clock() - b.since)
+            for q in range(b.first, b.last + 1):
+                pair.entries.pop(q, None)
+        elif s.failed > failed_before:
+            m.settle_batches.labels(pair.name, "failed").inc()
+            m.settle_failures.labels(code).inc()
+            log.warning(
+                "settlement batch not paid: its obligations go into the next",
+                extra={"peer": pair.name, "batch": b.id, "code": code, "reason": reason},
+            )
+
+    async def _make_invoice(self, pair: Pair, a: st.MakeInvoice) -> None:
+        preimage = st.invoice_preimage(self.settings.key.secret, a.label)
+        try:
+            inv = await self.backend.create_invoice(
+                a.amount_msat,
+                a.label,
+                f"settlement batch {a.batch} from {pair.name}",
+                INVOICE_EXPIRY_S,
+                preimage,
+            )
+        except LightningError as exc:  # the payer asks again
+            log.warning("no invoice made", extra={"peer": pair.name, "error": str(exc)})
+            return
+        await self._call(pair, lambda: pair.payee.made(a.batch, inv.bolt11))
+
+    async def _cancel_invoice(self, pair: Pair, a: st.CancelInvoice) -> None:
+        try:
+            cancelled = await self.backend.cancel_invoice(a.label)
+        except LightningError as exc:  # the payer asks again
+            log.warning("invoice not cancelled", extra={"peer": pair.name, "error": str(exc)})
+            return
+        await self._call(pair, lambda: pair.payee.cancel_result(a.batch, not cancelled))
+
+    async def _paid_stream(self) -> None:
+        """Paid invoices from the node, from where the last run stopped."""
+        states = await self.store.load_states()
+        raw = states.get(("stream", "lightning"))
+        after = int.from_bytes(raw, "big") if raw else 0
+        async for inv in self.backend.paid_invoices(after):
+            parts = inv.label.split(":")
+            pair = self.pairs.get(parts[1]) if len(parts) == 3 and parts[0] == "settle" else None
+            if pair is not None and inv.status == "paid":
+                received = inv.amount_received_msat or 0
+                await self._call(pair, functools.partial(pair.payee.paid, inv.label, received))
+            if inv.pay_index is not None:
+                await self.store.save_state("stream", "lightning", inv.pay_index.to_bytes(8, "big"))
+
+    async def _release(self, pair: Pair) -> None:
+        """Issue the coins of every batch paid and not yet released, then say so."""
+        for batch, first, last in list(pair.payee.state.releasing):
+            entries = await self.store.pending(pair.name, first - 1, last)
+            issuer = self.settings.issuer
+            pair.releasing_msat = sum(e.value_msat for e in entries)
+            issuances = [
+                st.release_issuance(
+                    issuer.pubkey, pair.ledger, e.coin_id, e.value_msat, e.owner
+                ).signed_by(issuer.secret)
+                for e in entries
+            ]
+            for at in range(0, len(issuances), RELEASE_CHUNK):
+                chunk = issuances[at : at + RELEASE_CHUNK]
+                results = await asyncio.gather(
+                    *(self.ledger.issue(i, i.encode(), 10.0) for i in chunk),
+                    return_exceptions=True,
+                )
+                for r in results:
+                    if isinstance(r, LedgerUnavailable):
+                        return  # tried again on the next tick
+                    if isinstance(r, BaseException):
+                        raise r
+                    refused = [x for x in r if x.code and x.code != AlreadyCommitted.code]
+                    if refused:
+                        log.error(
+                            "a release was refused",
+                            extra={"peer": pair.name, "batch": batch, "code": refused[0].code},
+                        )
+                        return
+            await self.store.released(pair.name, first, last, batch)
+            now = self.clock()
+            for q in range(first, last + 1):
+                seen = pair.announced.pop(q, None)
+                if seen is not None:
+                    self.metrics.settle_release_seconds.observe(now - seen)
+            self.metrics.settle_released.labels(pair.name).inc(sum(e.value_msat for e in entries))
+            async with self.lock:
+                pair.payee.released(batch)
+                await self._persist(pair)
+            pair.releasing_msat = 0
+
+    # -- messages from peers ----------------------------------------------------------
+
+    async def _on_message(self, msg: Msg) -> None:
+        try:
+            sender, body = self.opener.open_settle(msg.subject, msg.data, now_ms())
+            name = self.settings.layout.members[sender].name
+            pair = self.pairs[name]
+            message = sp.decode(body)
+        except (ConstellationError, KeyError) as exc:
+            self.metrics.settle_refused.inc()
+            log.info(
+                "settlement message refused", extra={"subject": msg.subject, "error": str(exc)}
+            )
+            return
+        now = self.clock()
+        if isinstance(message, sp.Announce):
+            await self._announced(pair, message, now)
+        elif isinstance(message, sp.AskInvoice):
+            await self._call(
+                pair,
+                lambda: pair.payee.request(
+                    message.batch, message.first, message.last, message.amount_msat
+                ),
+            )
+        elif isinstance(message, sp.AskCancel):
+            await self._call(pair, lambda: pair.payee.cancel(message.batch))
+        elif isinstance(message, sp.Announced):
+            pair.acked = max(pair.acked, message.upto)
+            for q in [q for q in pair.entries if q <= pair.acked and q <= pair.sent]:
+                pair.entries.pop(q, None)
+        elif isinstance(message, sp.Offer):
+            await self._offered(pair, message, now)
+        elif isinstance(message, sp.Refuse):
+            log.info(
+                "invoice refused",
+                extra={"peer": pair.name, "batch": message.batch, "reason": message.reason},
+            )
+            await self._call(pair, lambda: pair.payer.refused(message.batch, now))
+        else:
+            b, settled, failed = (
+                pair.payer.state.batch,
+                pair.payer.state.settled,
+                pair.payer.state.failed,
+            )
+            await self._call(pair, lambda: pair.payer.cancelled(message.batch, message.paid, now))
+            self._count(pair, b, settled, failed, "cancelled", "the payee cancelled its invoice")
+
+    async def _announced(self, pair: Pair, msg: sp.Announce, now: float) -> None:
+        s = pair.payee.state
+        last = s.pending[-1][0] if s.pending else s.released_upto
+        fresh = [e for e in msg.entries if e.seq > last]
+        if fresh and fresh[0].seq == last + 1:
+            rows = [
+                (
+                    e,
+                    st.release_issuance(
+                        self.settings.issuer.pubkey, pair.ledger, e.coin_id, e.value_msat, e.owner
+                    ).output_ids[0],
+                )
+                for e in fresh
+            ]
+            try:
+                await self.store.add_pending(pair.name, rows)
+            except Exception as exc:  # an output announced twice under two numbers
+                log.error("announcement refused", extra={"peer": pair.name, "error": repr(exc)})
+                return
+            async with self.lock:
+                for e in fresh:
+                    pair.payee.announced(e.seq, e.value_msat)
+                    pair.announced[e.seq] = now
+            last = fresh[-1].seq
+        await self._send(pair, sp.Announced(last))
+
+    async def _offered(self, pair: Pair, msg: sp.Offer, now: float) -> None:
+        try:
+            decoded = bolt11_lib.decode(msg.bolt11)
+            payment_hash = payment_hash_of(msg.bolt11)
+            amount = int(decoded.amount_msat or 0)
+        except Exception as exc:  # another operator's bytes: anything may be wrong
+            log.warning(
+                "an invoice that does not decode", extra={"peer": pair.name, "error": repr(exc)}
+            )
+            await self._call(pair, lambda: pair.payer.refused(msg.batch, now))
+            return
+        try:
+            await self._call(
+                pair, lambda: pair.payer.offered(msg.batch, msg.bolt11, payment_hash, amount, now)
+            )
+        except ValueError as exc:  # not the amount owed: never paid; asked again
+            log.warning(
+                "an invoice for another amount", extra={"peer": pair.name, "error": str(exc)}
+            )
+            await self._call(pair, lambda: pair.payer.refused(msg.batch, now))
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, p in self.pairs.items():
+            payer, payee = p.payer.state, p.payee.state
+            b = payer.batch
+            out[name] = {
+                "owed": {
+                    "outputs": len(payer.owed),
+                    "msat": p.payer.owed_msat,
+                    "settled_upto": payer.settled_upto,
+                    "paid_msat": payer.paid_msat,
+                    "fees_msat": payer.fees_msat,
+                    "batches_settled": payer.settled,
+                    "batches_failed": payer.failed,
+                    "batch": None
+                    if b is None
+                    else {
+                        "id": b.id,
+                        "first": b.first,
+                        "last": b.last,
+                        "amount_msat": b.amount_msat,
+                        "status": b.status.value,
+                    },
+                },
+                "held": {
+                    "outputs": len(payee.pending),
+                    "msat": sum(a for _, a in payee.pending),
+                    "released_upto": payee.released_upto,
+                    "released_msat": payee.released_msat,
+                    "open_batch": None if payee.open is None else payee.open.batch,
+                },
+            }
+        return out
+
+    # -- the reserve invariant --------------------------------------------------------
+
+    async def _check_reserve(self) -> None:
+        try:
+            states = await asyncio.gather(
+                *(self.ledger.state(w, 2.0) for w in self.ledger.pmap.workers)
+            )
+            channels = await self.backend.channels()
+            balances = await self.backend.balances()
+            released = await self.store.released_msat()
+        except (LedgerUnavailable, LightningError, OSError) as exc:
+            log.debug("reserve not checked", extra={"error": repr(exc)})
+            return
+        books = Books(
+            held_msat=sum(x.held_msat for x in states),
+            outbound_msat=sum(x.outbound_msat for x in states),
+            fees_msat=sum(x.fees_msat for x in states),
+            paid_out_msat=sum(p.payer.state.paid_msat for p in self.pairs.values()),
+            paid_in_msat=sum(p.payee.state.released_msat for p in self.pairs.values()),
+            released_msat=released,
+            owed_by_others_msat=sum(
+                sum(a for _, a in p.payee.state.pending) for p in self.pairs.values()
+            ),
+            lightning_msat=sum(c.local_msat for c in channels),
+            onchain_msat=balances.onchain_confirmed_msat + balances.onchain_unconfirmed_msat,
+            lightning_fees_msat=sum(p.payer.state.fees_msat for p in self.pairs.values()),
+            in_flight_msat=self._in_flight(),
+        )
+        had = self.reserve.baseline
+        verdict = self.reserve.check(books)
+        if had is None and self.reserve.baseline is not None:
+            await self.store.save_state(
+                "reserve", "baseline", self.reserve.baseline.to_bytes(16, "big", signed=True)
+            )
+        m = self.metrics
+        for name, value in verdict.items():
+            if name != "ok":
+                m.reserve_msat.labels(name).set(value)
+        m.reserve_ok.set(1 if verdict["ok"] else 0)
+        if not verdict["ok"]:
+            log.error("THE RESERVE INVARIANT IS BROKEN", extra=verdict)
+
+    def _in_flight(self) -> int:
+        """What may be on its way, and so counted on one side only for a moment: each
+        batch being paid, each invoice offered, each release under way."""
+        total = 0
+        for p in self.pairs.values():
+            b = p.payer.state.batch
+            if b is not None and b.status is not st.Status.ASKED:
+                total += b.amount_msat
+            o = p.payee.state.open
+            if o is not None and o.bolt11:
+                total += o.amount_msat
+            total += p.releasing_msat
+        return total
+
+
+@dataclass(frozen=True)
+class Books:
+    held_msat: int  # L3 coins in this ledger
+    outbound_msat: int  # paid from this ledger to others, in all (the ledger's books)
+    fees_msat: int  # collected by this ledger
+    paid_out_msat: int  # of that, settled over Lightning
+    paid_in_msat: int  # paid to us over Lightning for outputs into this ledger
+    released_msat: int  # of that, issued as coins here
+    owed_by_others_msat: int  # outputs pending here, not paid yet
+    lightning_msat: int  # our side of every channel
+    onchain_msat: int
+    lightning_fees_msat: int  # paid to route settlements
+    in_flight_msat: int
+
+
+class Reserve:
+    """The reserve invariant: L3 coins held + pending outputs owed to others - pending
+    outputs owed by others = Lightning local balance + on-chain funds, up to the fees
+    the books name and a starting difference (coins issued without Lightning funds, as
+    the local guild's genesis is).
+
+    Pending outputs owed by others are coins of this ledger's users, held as pending:
+    counted on the left as L3 coins and taken off again, they leave what was paid for
+    them and not yet issued. So ``slack = funds - (held + owed to others + paid in and
+    not yet issued)`` moves only by fees: up by what the ledger collects, down by what
+    Lightning takes. A change beyond what is in flight at that moment breaks it.
+    """
+
+    def __init__(self) -> None:
+        self.baseline: int | None = None
+
+    def check(self, b: Books) -> dict[str, Any]:
+        held = b.held_msat + b.owed_by_others_msat  # the users' coins, pending ones too
+        owed_to_others = b.outbound_msat - b.paid_out_msat
+        liabilities = held + owed_to_others - b.owed_by_others_msat
+        liabilities += b.paid_in_msat - b.released_msat  # paid for, being issued
+        funds = b.lightning_msat + b.onchain_msat
+        slack = funds - liabilities - b.fees_msat + b.lightning_fees_msat
+        if self.baseline is None and b.in_flight_msat == 0:
+            self.baseline = slack
+        drift = 0 if self.baseline is None else slack - self.baseline
+        return {
+            "l3_held": held,
+            "owed_to_others": owed_to_others,
+            "owed_by_others": b.owed_by_others_msat,
+            "funds": funds,
+            "slack": slack,
+            "drift": drift,
+            "in_flight": b.in_flight_msat,
+            "ok": abs(drift) <= b.in_flight_msat,
+        }
