@@ -134,6 +134,9 @@ class CrossWorkload:
                 self.codes[exc.code] += 1
                 src.coins[cid] = coin
                 continue
+            except (aiohttp.ClientError, TimeoutError):  # committed or not: the coin is left
+                self.codes["no answer"] += 1
+                continue
             self.latencies.append(time.perf_counter() - started)
             self.codes["committed"] += 1
             outs = receipt["outputs"]
@@ -161,7 +164,7 @@ class CrossWorkload:
         await asyncio.gather(*(self.payer(todo, cross) for _ in range(clients)))
         return self.codes["committed"] / (time.perf_counter() - started)
 
-    async def show_pending(self, c: Crossing) -> None:
+    async def show_pending(self, c: Crossing) -> list[str]:
         """How the receiver sees a payment from another operator: pending, then a coin."""
         seen: list[str] = []
         started = time.monotonic()
@@ -177,6 +180,7 @@ class CrossWorkload:
             f"the last payment, {c.value_msat} msat from op{c.src} to op{c.dst}, as its receiver"
             f" sees it after the commit: {' -> '.join(seen)}"
         )
+        return [x.split(" at ")[0] for x in seen]
 
     async def wait_released(self, timeout_s: float = RELEASE_WAIT_S) -> int:
         """Wait until every crossing is a coin at its payee; returns how many are not."""

@@ -413,6 +413,15 @@ class PartitionState:
             return CoinStatus.SPENT
         return CoinStatus.UNKNOWN
 
+    def pending_msat(self) -> int:
+        """The value that prepared transactions lock here or will create here: what a
+        total read while they commit may count on one side only."""
+        coins = self.coins
+        return sum(
+            sum(coins[cid][0] for cid in vote.inputs) + sum(c[0] for _, c in vote.outputs)
+            for vote in self.pending.values()
+        )
+
     def coins_of(self, owners: Collection[bytes]) -> dict[bytes, Coin]:
         """Unspent coins held here owned by any of ``owners`` (a scan: the services index)."""
         return {cid: Coin._make(c) for cid, c in self.coins.items() if c[1] in owners}

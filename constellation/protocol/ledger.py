@@ -291,6 +291,7 @@ class StateInfo(msgspec.Struct, frozen=True):
     coordinating: int
     events_height: int  # the latest block with events (-1: none): what readers follow
     outbound_msat: int = 0  # paid to other ledgers (coordinated here)
+    pending_msat: int = 0  # locked or to be created by transactions prepared here
 
 
 _package_encoder = msgspec.msgpack.Encoder()

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import asyncpg
 import bolt11 as bolt11_lib
 import msgspec
 from nats.aio.client import Client
@@ -58,6 +59,7 @@ TAKE_LIMIT = 4096  # obligations taken at once
 RELEASE_CHUNK = 256  # coins issued at once
 INVOICE_EXPIRY_S = 3600
 RESERVE_EVERY_S = 1.0
+CONFIRM = 5  # reserve checks in a row beyond what is in flight: the invariant is broken
 PEER_RETRY_S = 1.0
 
 
@@ -142,7 +144,7 @@ class Settler:
         sub = await self.ledger.nc.subscribe(SETTLE_LISTEN, cb=self._on_message)
         for pair in self.pairs.values():
             self._spawn(self._connect(pair))
-        self._spawn(self._paid_stream())
+        stream = self._spawn(self._paid_stream())
         try:
             for pair in self.pairs.values():
                 await self._act(pair, pair.payer.resume(self.clock()))
@@ -151,6 +153,8 @@ class Settler:
             while True:
                 if not await self.store.still_leading():
                     raise RuntimeError("lost the settlement lock's connection")
+                if stream.done():  # it ends only by failing: start over
+                    raise RuntimeError("the stream of paid invoices stopped")
                 await self._step()
                 now = self.clock()
                 if now >= next_reserve:
@@ -272,8 +276,13 @@ class Settler:
             pair.sent = pair.acked  # not acknowledged: from there again
         if pair.sent >= last:
             return
-        first = pair.sent + 1
-        entries = [pair.entries[q] for q in range(first, min(last, first + sp.MAX_ENTRIES - 1) + 1)]
+        entries = []
+        for q in range(pair.sent + 1, min(last, pair.sent + sp.MAX_ENTRIES) + 1):
+            if q not in pair.entries:
+                break
+            entries.append(pair.entries[q])
+        if not entries:
+            return
         pair.sent, pair.announced_at = entries[-1].seq, now
         await self._send(pair, sp.Announce(entries))
 
@@ -362,6 +371,8 @@ class Settler:
             m.settle_batch_seconds.observe(self.clock() - b.since)
             for q in range(b.first, b.last + 1):
                 pair.entries.pop(q, None)
+            # the payee invoiced them: it held every one
+            pair.acked, pair.sent = max(pair.acked, b.last), max(pair.sent, b.last)
         elif s.failed > failed_before:
             m.settle_batches.labels(pair.name, "failed").inc()
             m.settle_failures.labels(code).inc()
@@ -512,14 +523,16 @@ class Settler:
             ]
             try:
                 await self.store.add_pending(pair.name, rows)
-            except Exception as exc:  # an output announced twice under two numbers
-                log.error("announcement refused", extra={"peer": pair.name, "error": repr(exc)})
+            except asyncpg.UniqueViolationError as exc:  # one output under two numbers
+                log.error("announcement refused", extra={"peer": pair.name, "error": str(exc)})
                 return
+            # what the table holds (rows kept from before win over a changed story)
+            held = await self.store.pending(pair.name, last, fresh[-1].seq)
             async with self.lock:
-                for e in fresh:
+                for e in held:
                     pair.payee.announced(e.seq, e.value_msat)
                     pair.announced[e.seq] = now
-            last = fresh[-1].seq
+            last = held[-1].seq if held else last
         await self._send(pair, sp.Announced(last))
 
     async def _offered(self, pair: Pair, msg: sp.Offer, now: float) -> None:
@@ -603,7 +616,7 @@ class Settler:
             lightning_msat=sum(c.local_msat for c in channels),
             onchain_msat=balances.onchain_confirmed_msat + balances.onchain_unconfirmed_msat,
             lightning_fees_msat=sum(p.payer.state.fees_msat for p in self.pairs.values()),
-            in_flight_msat=self._in_flight(),
+            in_flight_msat=self._in_flight() + sum(x.pending_msat for x in states),
         )
         had = self.reserve.baseline
         verdict = self.reserve.check(books)
@@ -613,10 +626,10 @@ class Settler:
             )
         m = self.metrics
         for name, value in verdict.items():
-            if name != "ok":
+            if name not in ("ok", "broken"):
                 m.reserve_msat.labels(name).set(value)
-        m.reserve_ok.set(1 if verdict["ok"] else 0)
-        if not verdict["ok"]:
+        m.reserve_ok.set(0 if verdict["broken"] else 1)
+        if verdict["broken"]:
             log.error("THE RESERVE INVARIANT IS BROKEN", extra=verdict)
 
     def _in_flight(self) -> int:
@@ -664,6 +677,7 @@ class Reserve:
 
     def __init__(self) -> None:
         self.baseline: int | None = None
+        self.outside = 0  # checks in a row beyond what was in flight
 
     def check(self, b: Books) -> dict[str, Any]:
         held = b.held_msat + b.owed_by_others_msat  # the users' coins, pending ones too
@@ -675,6 +689,8 @@ class Reserve:
         if self.baseline is None and b.in_flight_msat == 0:
             self.baseline = slack
         drift = 0 if self.baseline is None else slack - self.baseline
+        within = abs(drift) <= b.in_flight_msat
+        self.outside = 0 if within else self.outside + 1
         return {
             "l3_held": held,
             "owed_to_others": owed_to_others,
@@ -683,5 +699,9 @@ class Reserve:
             "slack": slack,
             "drift": drift,
             "in_flight": b.in_flight_msat,
-            "ok": abs(drift) <= b.in_flight_msat,
+            "ok": within,
+            # a total read across workers and the node is not one instant: beyond what
+            # was in flight once may be a transaction committing between two reads;
+            # CONFIRM checks in a row is not
+            "broken": self.outside >= CONFIRM,
         }

@@ -234,4 +234,5 @@ def state_info(engine: TwoPhaseCommit, height: int, events_height: int) -> proto
         coordinating=len(engine.coordinating),
         events_height=events_height,
         outbound_msat=s.outbound_msat,
+        pending_msat=s.pending_msat(),
     )

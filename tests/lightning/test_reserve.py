@@ -1,0 +1,77 @@
+"""The reserve invariant's arithmetic: what moves its slack, and what breaks it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from services.gateway.settle import CONFIRM, Books, Reserve
+
+START = Books(
+    held_msat=1_000,
+    outbound_msat=0,
+    fees_msat=0,
+    paid_out_msat=0,
+    paid_in_msat=0,
+    released_msat=0,
+    owed_by_others_msat=0,
+    lightning_msat=50_000,
+    onchain_msat=7_000,
+    lightning_fees_msat=0,
+    in_flight_msat=0,
+)
+
+
+def test_a_payment_out_then_its_settlement_keep_it() -> None:
+    r = Reserve()
+    assert r.check(START)["ok"] and r.baseline is not None
+    # 300 paid to another ledger (fee 2): spent here at once, owed until settled
+    spent = replace(START, held_msat=698, outbound_msat=300, fees_msat=2)
+    v = r.check(spent)
+    assert v["ok"] and v["drift"] == 0 and v["owed_to_others"] == 300
+    # paid over Lightning with a routing fee of 1
+    paid = replace(spent, paid_out_msat=300, lightning_msat=49_699, lightning_fees_msat=1)
+    v = r.check(paid)
+    assert v["ok"] and v["drift"] == 0 and v["owed_to_others"] == 0
+
+
+def test_a_payment_in_is_pending_then_paid_then_released() -> None:
+    r = Reserve()
+    r.check(START)
+    pending = replace(START, owed_by_others_msat=400)  # held for its receiver, not paid
+    assert r.check(pending)["drift"] == 0
+    paid = replace(START, paid_in_msat=400, lightning_msat=50_400)  # paid, being issued
+    assert r.check(paid)["drift"] == 0
+    issued = replace(paid, held_msat=1_400, released_msat=400)
+    v = r.check(issued)
+    assert v["ok"] and v["drift"] == 0 and v["l3_held"] == 1_400
+
+
+def test_money_gone_or_coins_made_from_nothing_break_it() -> None:
+    r = Reserve()
+    r.check(START)
+    v = r.check(replace(START, lightning_msat=49_000))
+    assert not v["ok"] and v["drift"] == -1_000
+    v = r.check(replace(START, held_msat=1_500))  # issued without a deposit
+    assert not v["ok"] and v["drift"] == -500
+    # in flight: a moment's difference up to what is on its way is not a break
+    assert r.check(replace(START, lightning_msat=49_000, in_flight_msat=1_000))["ok"]
+
+
+def test_the_baseline_is_taken_only_when_nothing_is_in_flight() -> None:
+    r = Reserve()
+    v = r.check(replace(START, in_flight_msat=10))
+    assert r.baseline is None and v["ok"] and v["drift"] == 0
+    r.check(START)
+    assert r.baseline == 57_000 - 1_000
+
+
+def test_broken_only_when_it_stays_beyond_what_is_in_flight() -> None:
+    r = Reserve()
+    r.check(START)
+    skewed = replace(START, held_msat=900)  # a transaction committing between two reads
+    for _ in range(CONFIRM - 1):
+        assert not r.check(skewed)["broken"]
+    assert r.check(START)["ok"]  # it was a moment
+    for _ in range(CONFIRM - 1):
+        assert not r.check(skewed)["broken"]
+    assert r.check(skewed)["broken"]  # it stays: money appeared from nowhere
