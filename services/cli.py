@@ -24,13 +24,14 @@ from constellation.protocol import signer as proto
 from constellation.protocol.envelope import Membership
 from constellation.tx import TxOutput
 from services import devnet
+from services.demo import run_guild_demo
 from services.devnet import guild
 from services.runtime import ConfigError
 from services.signer.client import call
 from services.signer.config import load_members
 from services.signer.store import KeyStore
 from services.wallet import Gateway, GatewayError, wallet_command
-from services.workload import run_guild_demo, run_workload
+from services.workload import run_workload
 
 DEFAULT_DIR = Path(".devnet")
 

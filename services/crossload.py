@@ -104,65 +104,93 @@ class CrossWorkload:
         return encode_address(a.owner, self.network, self.lids[a.op])
 
     async def payer(self, todo: list[int], cross: bool) -> None:
-        ops = len(self.nets)
         while todo[0] > 0:
-            op = self.rng.randrange(ops)
-            funded = [a for a in self.accounts[op] if a.coins]
-            if not funded:
-                await asyncio.sleep(0.001)
-                continue
-            src = self.rng.choice(funded)
-            cid, coin = src.coins.popitem()
-            if coin.value_msat <= FEE_MSAT + 1_000:
-                continue  # dust: left where it is
             todo[0] -= 1
-            dst_op = self.rng.choice([o for o in range(ops) if o != op]) if cross else op
-            dst = self.rng.choice([a for a in self.accounts[dst_op] if a is not src])
-            amount = min(self.rng.randrange(1_000, 200_000), coin.value_msat - FEE_MSAT)
-            tx = src.wallet.pay(
-                {cid: coin},
-                dst.owner,
-                amount,
-                FEE_MSAT,
-                ledger=self.lids[dst_op],
-                here=self.lids[op],
-            )
-            started = time.perf_counter()
-            try:
-                receipt = await self.gws[op].submit(tx)
-            except GatewayError as exc:
-                self.codes[exc.code] += 1
-                src.coins[cid] = coin
-                continue
-            except (aiohttp.ClientError, TimeoutError):  # committed or not: the coin is left
-                self.codes["no answer"] += 1
-                continue
-            self.latencies.append(time.perf_counter() - started)
-            self.codes["committed"] += 1
-            outs = receipt["outputs"]
-            for i, ((value, owner), o) in enumerate(zip(tx.outputs, outs, strict=True)):
-                if i == 0 and dst_op != op:
-                    release = release_issuance(
-                        self.nets[dst_op].issuer.pubkey,
-                        self.lids[op],
-                        tx.output_ids[0],
-                        value,
-                        owner,
-                    )
-                    self.crossings.append(
-                        Crossing(op, dst_op, release.output_ids[0], value, time.time())
-                    )
-                elif owner == dst.owner and i == 0:
-                    dst.coins[bytes.fromhex(o["coin_id"])] = Coin(value, owner)
-                else:
-                    src.coins[bytes.fromhex(o["coin_id"])] = Coin(value, owner)
+            if not await self.pay_one(cross):
+                todo[0] += 1
+                await asyncio.sleep(0.001)
+
+    async def pay_one(self, cross: bool) -> bool:
+        """One payment from a random wallet, to another operator's wallet (``cross``) or
+        to one of its own; False where the operator picked has no coin free now."""
+        ops = len(self.nets)
+        op = self.rng.randrange(ops)
+        funded = [a for a in self.accounts[op] if a.coins]
+        if not funded:
+            return False
+        src = self.rng.choice(funded)
+        cid, coin = src.coins.popitem()
+        if coin.value_msat <= FEE_MSAT + 1_000:
+            return True  # dust: left where it is
+        dst_op = self.rng.choice([o for o in range(ops) if o != op]) if cross else op
+        dst = self.rng.choice([a for a in self.accounts[dst_op] if a is not src])
+        amount = min(self.rng.randrange(1_000, 200_000), coin.value_msat - FEE_MSAT)
+        tx = src.wallet.pay(
+            {cid: coin},
+            dst.owner,
+            amount,
+            FEE_MSAT,
+            ledger=self.lids[dst_op],
+            here=self.lids[op],
+        )
+        started = time.perf_counter()
+        try:
+            receipt = await self.gws[op].submit(tx)
+        except GatewayError as exc:
+            self.codes[exc.code] += 1
+            src.coins[cid] = coin
+            return True
+        except (aiohttp.ClientError, TimeoutError):  # committed or not: the coin is left
+            self.codes["no answer"] += 1
+            return True
+        self.latencies.append(time.perf_counter() - started)
+        self.codes["committed"] += 1
+        outs = receipt["outputs"]
+        for i, ((value, owner), o) in enumerate(zip(tx.outputs, outs, strict=True)):
+            if i == 0 and dst_op != op:
+                release = release_issuance(
+                    self.nets[dst_op].issuer.pubkey,
+                    self.lids[op],
+                    tx.output_ids[0],
+                    value,
+                    owner,
+                )
+                self.crossings.append(
+                    Crossing(op, dst_op, release.output_ids[0], value, time.time())
+                )
+            elif owner == dst.owner and i == 0:
+                dst.coins[bytes.fromhex(o["coin_id"])] = Coin(value, owner)
+            else:
+                src.coins[bytes.fromhex(o["coin_id"])] = Coin(value, owner)
+        return True
+
+    async def closed_loop(self, seconds: float, clients: int, cross: bool) -> float:
+        """``clients`` paying back to back for ``seconds``; returns tx/s committed."""
+        end = time.monotonic() + seconds
+        before = self.codes["committed"]
+
+        async def client() -> None:
+            while time.monotonic() < end:
+                if not await self.pay_one(cross):
+                    await asyncio.sleep(0.001)
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return (self.codes["committed"] - before) / seconds
+
+    async def open_loop(self, seconds: float, rate: float, cross: bool) -> None:
+        """A payment every ``1/rate`` s for ``seconds``, each on its own."""
+        started, tasks = time.monotonic(), []
+        for k in range(int(seconds * rate)):
+            await asyncio.sleep(max(0.0, started + k / rate - time.monotonic()))
+            tasks.append(asyncio.ensure_future(self.pay_one(cross)))
+        await asyncio.gather(*tasks)
 
     async def run(self, payments: int, clients: int, cross: bool) -> float:
         """Make ``payments`` (between operators, or each inside one); returns tx/s."""
-        todo = [payments]
+        todo, before = [payments], self.codes["committed"]
         started = time.perf_counter()
         await asyncio.gather(*(self.payer(todo, cross) for _ in range(clients)))
-        return self.codes["committed"] / (time.perf_counter() - started)
+        return (self.codes["committed"] - before) / (time.perf_counter() - started)
 
     async def show_pending(self, c: Crossing) -> list[str]:
         """How the receiver sees a payment from another operator: pending, then a coin."""
@@ -257,7 +285,8 @@ async def settled_books_agree(
             if led["issued_msat"] != led["held_msat"] + led["fees_msat"] + led["outbound_msat"]:
                 problems.append(f"{net.operator}: ledger books not conserved: {led}")
             r = me["reserve"]
-            if r.get("ok") != 1 or r.get("drift", 1) != 0 or r.get("in_flight", 1) != 0:
+            unsettled = r.get("owed_to_others", 1) or r.get("owed_by_others", 1)
+            if r.get("ok") != 1 or r.get("drift", 1) or r.get("in_flight", 1) or unsettled:
                 problems.append(f"{net.operator}: reserve {r}")
             for peer, pair in me["settlement"].items():
                 paid = pair["owed"]["paid_msat"]
