@@ -14,7 +14,9 @@ at Q, and P an obligation to Q: ``(seq, amount)``, ``seq`` counting from 1 per p
 without gaps. Both sides learn of each (``owe``, ``announced``) and hold the same list.
 
 Batches. Every ``period_s``, with nothing in flight, P closes a batch: its obligations
-after the last settled one (``first..last``, ``amount`` their sum). Q makes one invoice
+after the last settled one (``first..last``, ``amount`` their sum), as many as fit in
+``max_batch_msat`` (at least one), so that a batch the channel cannot carry does not
+grow for ever. Q makes one invoice
 for exactly that batch, only where the range follows what it released and the amount is
 what it holds pending from P there, and only one at a time: a new batch waits until the
 open one is paid or cancelled. The invoice's label is ``settle:<P>:<batch>`` and its
@@ -23,13 +25,15 @@ it again after a crash gives the same invoice.
 
 The payer writes PAYING before it asks its node to pay (asking again after a crash is
 safe: lightningd never pays one hash twice). Its outcome is four-valued
-(``constellation.lightning``): settled; failed; pending (waited for); unknown (looked
-up again, and where it stays unknown, Q is asked to cancel the invoice). A batch whose
+(``constellation.lightning``): settled; failed; pending or unknown (looked up again;
+where it stays so for ``GIVE_UP_S``, Q is asked to cancel the invoice). A batch whose
 payment failed is cancelled at Q the same way. Q cancels only an unpaid invoice, which
-can then never be paid; a paid one settles the batch. P does not take Q's word that it
-was cancelled: it asks its own node once more, and settles what its node says was paid,
-waits for what is pending, and only then puts the batch's obligations into the next
-batch (an unknown there means no attempt can complete: the invoice is gone).
+can then never be paid (an HTLC held for it fails); a paid one settles the batch. P
+does not take Q's word either way: it asks its own node once more. Cancelled, it puts
+the batch's obligations into the next batch only once its node says the payment
+failed (pending and unknown are looked up again: a payment in flight may still land);
+paid, it settles with the fee its node reports (and where its node paid nothing,
+someone else paid Q's invoice: Q released, so the batch is settled all the same).
 
 Q releases a batch's outputs once its invoice is paid for the whole amount. The release
 is remembered until the shell says its ledger made it (``released``), and asked for
@@ -78,6 +82,7 @@ class Batch:
     payment_hash: bytes = b""
     since: float = 0.0  # the status's start
     asked: float = 0.0  # the last request or lookup
+    paid_said: bool = False  # cancelling, the payee said its invoice was paid
 
 
 # -- what the machines ask the shell to do -------------------------------------------
@@ -201,10 +206,12 @@ class Payer:
         state: PayerState,
         fee_limit_msat: int = 0,
         period_s: float = PERIOD_S,
+        max_batch_msat: int = 2**64,
     ) -> None:
         self.state = state
         self.fee_limit_msat = fee_limit_msat
         self.period_s = period_s
+        self.max_batch_msat = max_batch_msat
 
     @property
     def owed_msat(self) -> int:
@@ -226,8 +233,12 @@ class Payer:
         if b is None:
             if not s.owed or now - s.closed_at < self.period_s:
                 return []
-            first, last = s.owed[0][0], s.owed[-1][0]
-            b = s.batch = Batch(s.next_batch, first, last, self.owed_msat, since=now, asked=now)
+            first, last, amount = s.owed[0][0], s.owed[0][0], s.owed[0][1]
+            for seq, msat in s.owed[1:]:
+                if amount + msat > self.max_batch_msat:
+                    break
+                last, amount = seq, amount + msat
+            b = s.batch = Batch(s.next_batch, first, last, amount, since=now, asked=now)
             s.next_batch += 1
             s.closed_at = now
             return [RequestInvoice(b.id, first, last, b.amount_msat)]
@@ -249,7 +260,7 @@ class Payer:
         self, batch: int, bolt11: str, payment_hash: bytes, amount_msat: int, now: float
     ) -> list[Action]:
         """The payee's invoice for ``batch`` (its amount and hash as decoded by the
-        shell, which also checked that the payee's node signed it)."""
+        shell; the payee's sealed message vouches for the invoice)."""
         b = self.state.batch
         if b is None or b.id != batch or b.status is not Status.ASKED:
             return []  # stale, or repeated
@@ -282,10 +293,13 @@ class Payer:
             self._settle(b, fee_msat)
             return []
         if b.status is Status.CANCELLED:
-            if outcome is not Outcome.PENDING:  # failed, or no attempt that can complete
-                s.batch = None
-                s.failed += 1
-            return []
+            if outcome is Outcome.FAILED:
+                if b.paid_said:  # paid, by someone else: the payee released it
+                    self._settle(b, 0)
+                else:
+                    s.batch = None
+                    s.failed += 1
+            return []  # pending or unknown: it may still land; looked up again
         if outcome is Outcome.FAILED or now - b.since >= GIVE_UP_S:
             # failed: the invoice is unpaid; unknown for long: make sure it stays so
             b.status, b.since, b.asked = Status.CANCELLING, now, now
@@ -298,14 +312,13 @@ class Payer:
         b = self.state.batch
         if b is None or b.id != batch or b.status is not Status.CANCELLING:
             return []
-        if paid:
-            self._settle(b, 0)
-            return []
-        if not b.payment_hash:  # no invoice was ever offered: nothing was paid
-            self.state.batch = None
+        if not b.payment_hash:
+            if paid:  # cannot be: nothing was offered to pay; asked again
+                return []
+            self.state.batch = None  # no invoice was ever offered: nothing was paid
             self.state.failed += 1
             return []
-        b.status, b.since, b.asked = Status.CANCELLED, now, now
+        b.status, b.since, b.asked, b.paid_said = Status.CANCELLED, now, now, paid
         return [LookUp(b.id, b.payment_hash)]
 
     def _settle(self, b: Batch, fee_msat: int) -> None:
@@ -354,7 +367,8 @@ class PayeeState:
     last_batch: int = 0  # the newest batch closed: released, or cancelled unpaid
     last_paid: bool = False  # whether it was released
     released_msat: int = 0
-    releasing: list[tuple[int, int, int]] = field(default_factory=list)  # (batch, first, last)
+    # (batch, first, last, msat): paid, their coins not yet issued
+    releasing: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
 class Payee:
@@ -446,7 +460,7 @@ class Payee:
         s.released_upto = o.last
         s.released_msat += o.amount_msat
         s.open, s.last_batch, s.last_paid = None, o.batch, True
-        s.releasing.append((o.batch, o.first, o.last))
+        s.releasing.append((o.batch, o.first, o.last, o.amount_msat))
         return [Release(o.batch, o.first, o.last)]
 
     def released(self, batch: int) -> None:
@@ -456,9 +470,9 @@ class Payee:
 
     def resume(self) -> list[Action]:
         """After a restart: the releases not known done, and the open batch's invoice
-        made again (the node finds it)."""
+        made again (the node finds it; the shell makes it only while the batch is open)."""
         s = self.state
-        actions: list[Action] = [Release(*r) for r in s.releasing]
+        actions: list[Action] = [Release(b, first, last) for b, first, last, _ in s.releasing]
         if s.open is not None:
             actions.append(
                 MakeInvoice(s.open.batch, label(s.payer, s.open.batch), s.open.amount_msat)

@@ -23,6 +23,7 @@ import msgspec
 
 from constellation.amount import MAX_MSAT
 from constellation.errors import MessageError
+from constellation.keys import is_valid_xonly
 
 MAX_ENTRIES = 1024  # obligations announced in one message
 MAX_BOLT11 = 2048
@@ -105,6 +106,8 @@ def decode(data: bytes) -> Message:
             raise MessageError("announced obligations are not consecutive from 1 up")
         if any(e.value_msat > MAX_MSAT for e in msg.entries):
             raise MessageError("an announced output's value is beyond 2^64-1 msat")
+        if not all(is_valid_xonly(e.owner) for e in msg.entries):
+            raise MessageError("an announced output's owner is not a BIP340 key")
     if isinstance(msg, AskInvoice):
         if not 1 <= msg.first <= msg.last:
             raise MessageError(f"a batch of obligations {msg.first}..{msg.last}")

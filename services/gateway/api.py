@@ -274,7 +274,13 @@ class Api:
     def _check_ledgers(self, ledger: LedgerClient, tx: Transaction) -> None:
         """Every output to another ledger names one that ``ledger`` settles with: a guild
         member other than itself (the ledger itself does not know its peers)."""
-        for i, lid in tx.remote():
+        remote = tx.remote()
+        if remote and ledger is self.ledger and self.settler is None:
+            raise UnknownLedger(
+                f"output {remote[0][0]} goes to another ledger, and this operator does not"
+                " settle with others (no operator key or Lightning node configured)"
+            )
+        for i, lid in remote:
             name = self.ledger_names.get(lid)
             if name is None or name == ledger.operator:
                 known = ", ".join(f"{n} {x.hex()}" for n, x in self.ledger_ids.items())

@@ -74,6 +74,9 @@ class Settings:
                 database_url=env_str(env, "GATEWAY_DATABASE_URL"),
                 period_s=env_int(env, "GATEWAY_SETTLE_PERIOD_MS", 1000, 50, 3_600_000) / 1000,
                 fee_limit_msat=env_int(env, "GATEWAY_SETTLE_FEE_LIMIT_MSAT", 10_000, 0, 10**12),
+                max_batch_msat=env_int(
+                    env, "GATEWAY_SETTLE_MAX_BATCH_MSAT", 10**9, 1000, 2_100_000_000_000_000
+                ),
             )
             if settle.key.pubkey != layout.members[layout.index(operator)].key:
                 raise ConfigError("GATEWAY_OPERATOR_KEY is not this operator's key in the layout")

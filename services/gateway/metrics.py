@@ -113,6 +113,22 @@ class GatewayMetrics:
             ["peer"],
             registry=r,
         )
+        self.settle_release_refused = Counter(
+            "gateway_settle_release_refused",
+            "releases the ledger refused (tried again later, with a back-off)",
+            ["peer"],
+            registry=r,
+        )
+        self.settle_untaken = Gauge(
+            "gateway_settle_untaken_outputs",
+            "outputs paid to other ledgers that are not obligations yet",
+            registry=r,
+        )
+        self.settle_untaken_age = Gauge(
+            "gateway_settle_untaken_age_seconds",
+            "the age of the oldest output paid to another ledger not yet an obligation",
+            registry=r,
+        )
         self.settle_unsent = Counter(
             "gateway_settle_unsent",
             "settlement messages not sent (the peer unreachable)",

@@ -100,25 +100,23 @@ class SettleStore:
 
     # -- the payer's side -------------------------------------------------------------
 
-    async def take(self, peers: dict[bytes, str], limit: int) -> list[tuple[str, Entry]]:
+    async def take(
+        self, peers: dict[bytes, str], last: dict[str, int], limit: int
+    ) -> list[tuple[str, Entry]]:
         """New obligations from the index's outputs to the ledgers of ``peers`` (by
-        ledger id): each numbered next for its peer, and marked taken, at once."""
+        ledger id), oldest first: each numbered next for its peer after ``last`` (which
+        it moves on), and marked taken, at once."""
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 "SELECT coin_id, txid, ledger, owner, value_msat FROM outbound"
                 " WHERE NOT taken AND ledger = ANY($1::bytea[])"
-                " ORDER BY worker, height, coin_id LIMIT $2 FOR UPDATE",
+                " ORDER BY at, coin_id LIMIT $2 FOR UPDATE",
                 list(peers),
                 limit,
             )
             if not rows:
                 return []
-            last = {
-                r["peer"]: r["seq"]
-                for r in await conn.fetch(
-                    "SELECT peer, max(seq) AS seq FROM settle_owed GROUP BY peer"
-                )
-            }
+            last = dict(last)
             taken: list[tuple[str, Entry]] = []
             for r in rows:
                 peer = peers[r["ledger"]]
@@ -142,6 +140,14 @@ class SettleStore:
                 [r["coin_id"] for r in rows],
             )
         return taken
+
+    async def untaken(self) -> tuple[int, float]:
+        """Outputs paid to other ledgers not yet obligations, and the oldest one's age."""
+        row = await self.pool.fetchrow(
+            "SELECT count(*) AS n, coalesce(extract(epoch FROM now() - min(at)), 0) AS age"
+            " FROM outbound WHERE NOT taken"
+        )
+        return int(row["n"]), float(row["age"])
 
     async def owed(self, peer: str, after: int, limit: int) -> list[Entry]:
         rows = await self.pool.fetch(
@@ -170,6 +176,17 @@ class SettleStore:
             [e.value_msat for e, _ in entries],
             [r for _, r in entries],
         )
+
+    async def releases(self, peer: str, first: int, last: int) -> list[tuple[Entry, bytes]]:
+        """Outputs ``first..last`` from ``peer``, each with the coin it becomes here."""
+        rows = await self.pool.fetch(
+            "SELECT seq, coin_id, txid, owner, value_msat, release_id FROM settle_pending"
+            " WHERE peer = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq",
+            peer,
+            first,
+            last,
+        )
+        return [(_entry(r), bytes(r["release_id"])) for r in rows]
 
     async def pending(self, peer: str, after: int, upto: int | None = None) -> list[Entry]:
         rows = await self.pool.fetch(
@@ -216,13 +233,6 @@ class SettleStore:
             " FROM settle_pending WHERE released_at IS NULL GROUP BY peer"
         )
         return [(r["peer"], r["n"], float(r["age"])) for r in rows]
-
-    async def released_msat(self) -> int:
-        """What released outputs issued into this ledger, in all."""
-        total = await self.pool.fetchval(
-            "SELECT coalesce(sum(value_msat), 0) FROM settle_pending WHERE released_at IS NOT NULL"
-        )
-        return int(total)
 
     # -- the machines' state ----------------------------------------------------------
 

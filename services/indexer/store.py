@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS outbound (
     at         timestamptz NOT NULL DEFAULT now(),
     taken      boolean  NOT NULL DEFAULT false  -- settlement has made it an obligation
 );
-CREATE INDEX IF NOT EXISTS outbound_untaken ON outbound (worker, height) WHERE NOT taken;
+CREATE INDEX IF NOT EXISTS outbound_untaken ON outbound (at) WHERE NOT taken;
 CREATE TABLE IF NOT EXISTS index_cursors (
     worker integer PRIMARY KEY,
     height bigint  NOT NULL  -- the last block with events stored

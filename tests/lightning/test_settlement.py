@@ -42,6 +42,7 @@ from constellation.settlement import (
 from services.lnsim.network import Attempt, LnError, Network
 
 KEY = b"payee settlement key"
+MAX_BATCH_MSAT = 12_000_000  # a batch holds a few obligations of up to 5,000,000 msat
 
 
 @dataclass
@@ -69,7 +70,7 @@ class World:
             self.net.fund(name, 50_000_000)
         self.net.fundchannel("p", "q", 40_000_000, 0)
         self.net.mine(1)
-        self.payer = Payer(PayerState("p", "q"))
+        self.payer = Payer(PayerState("p", "q"), max_batch_msat=MAX_BATCH_MSAT)
         self.payee = Payee(PayeeState("p", "q"))
         self.saved_payer = copy.deepcopy(self.payer.state)
         self.saved_payee = copy.deepcopy(self.payee.state)
@@ -97,7 +98,7 @@ class World:
             self.payee_act(a)
 
     def crash_payer(self) -> None:
-        self.payer = Payer(copy.deepcopy(self.saved_payer))
+        self.payer = Payer(copy.deepcopy(self.saved_payer), max_batch_msat=MAX_BATCH_MSAT)
         self.payer_did(self.payer.resume(self.now))
 
     def crash_payee(self) -> None:
@@ -107,6 +108,8 @@ class World:
 
     def payer_act(self, a: Action) -> None:
         if isinstance(a, RequestInvoice | RequestCancel):
+            if isinstance(a, RequestInvoice):  # a batch holds what fits, one at least
+                assert a.amount_msat <= MAX_BATCH_MSAT or a.first == a.last
             self.to_payee.append(a)
         elif isinstance(a, Pay):
             if self.chance(0.1):

@@ -6,13 +6,15 @@ import msgspec
 import pytest
 
 from constellation.errors import MessageError
+from constellation.keys import SigningKey
 from constellation.protocol import settlement as sp
 
 ID = b"\x01" * 32
+OWNER = SigningKey(b"\x02" * 32).pubkey
 
 
 def entry(seq: int, value: int = 5) -> sp.Entry:
-    return sp.Entry(seq, ID, ID, ID, value)
+    return sp.Entry(seq, ID, ID, OWNER, value)
 
 
 @pytest.mark.parametrize(
@@ -35,7 +37,7 @@ def raw(*fields: object) -> bytes:
     return msgspec.msgpack.encode(list(fields))
 
 
-E = [1, ID, ID, ID, 5]
+E = [1, ID, ID, OWNER, 5]
 
 
 @pytest.mark.parametrize(
@@ -48,9 +50,10 @@ E = [1, ID, ID, ID, 5]
         (raw("n", []), "an empty announcement"),
         (raw("n", [E] * (sp.MAX_ENTRIES + 1)), "too many entries"),
         (raw("n", [[1, ID[:31], ID, ID, 5]]), "a short coin id"),
-        (raw("n", [[1, ID, ID, ID, 0]]), "a zero value"),
-        (raw("n", [E, [3, ID, ID, ID, 5]]), "a gap between entries"),
-        (raw("n", [[0, ID, ID, ID, 5]]), "obligation 0"),
+        (raw("n", [[1, ID, ID, OWNER, 0]]), "a zero value"),
+        (raw("n", [[1, ID, ID, b"\xff" * 32, 5]]), "an owner that is no key"),
+        (raw("n", [E, [3, ID, ID, OWNER, 5]]), "a gap between entries"),
+        (raw("n", [[0, ID, ID, OWNER, 5]]), "obligation 0"),
         (raw("i", 1, 5, 4, 10), "last before first"),
         (raw("i", 1, 1, 1, 0), "a batch of nothing"),
         (raw("I", 1, "x" * (sp.MAX_BOLT11 + 1)), "an oversized invoice"),
