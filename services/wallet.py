@@ -11,6 +11,7 @@ but has no index of it, so the wallet pays with the coins it knows, each checked
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ from constellation.tx import Issuance, Transaction
 from constellation.wallet import CHANGE, RECEIVE, Wallet, new_mnemonic
 from services.runtime import ConfigError
 
+ADDRESS_TIMEOUT = aiohttp.ClientTimeout(total=5)
 GAP = 5  # unused receive addresses past the last handed out that a balance also checks
 
 
@@ -122,6 +124,7 @@ class WalletFile:
     receive: int = 0  # receive keys handed out
     change: int = 0
     ledger: str = ""  # the operator whose ledger holds the coins (its gateway says)
+    ledger_id: str = ""  # that ledger's id (hex), named by the wallet's addresses
     coins: dict[str, list[Any]] = field(default_factory=dict)  # id hex: [msat, owner hex]
 
     def remember(self, coins: dict[bytes, Coin]) -> None:
@@ -173,9 +176,17 @@ class WalletFile:
         return [encode_address(k.pubkey, w.network) for k in keys]
 
     def next_address(self) -> str:
+        """A fresh receive address, naming the wallet's ledger where it knows it (then
+        a payer at another operator pays it there, settled between the operators)."""
         key = self.wallet().key(RECEIVE, self.receive)
         self.receive += 1
-        return encode_address(key.pubkey, Network.from_name(self.network))
+        ledger = bytes.fromhex(self.ledger_id) if self.ledger_id else None
+        return encode_address(key.pubkey, Network.from_name(self.network), ledger)
+
+    def learn(self, totals: dict[str, Any]) -> None:
+        """The wallet's ledger, as its own gateway names it."""
+        self.ledger = self.ledger or totals["ledger"]
+        self.ledger_id = self.ledger_id or totals.get("ledger_id", "")
 
 
 async def wallet_coins(gateway: Gateway, addresses: list[str]) -> dict[bytes, Coin]:
@@ -208,6 +219,10 @@ async def wallet_command(args: Any, out: Any) -> int:
         return 0
     doc = WalletFile.load(path)
     if args.wallet_command == "address":
+        if not doc.ledger_id:  # ask once; without it the address names no ledger
+            with contextlib.suppress(aiohttp.ClientError, GatewayError, TimeoutError):
+                async with aiohttp.ClientSession(timeout=ADDRESS_TIMEOUT) as session:
+                    doc.learn(await Gateway(doc.gateway, session).totals())
         address = doc.next_address()
         doc.save(path)
         print(address, file=out)
@@ -229,6 +244,8 @@ async def wallet_command(args: Any, out: Any) -> int:
             total = sum(c.value_msat for c in coins.values())
             where = f" (as {via} sees them)" if via else ""
             print(f"{total} msat in {len(coins)} coins{where}", file=out)
+            if not via:
+                await _pending(gw, doc, out)
         else:
             await _send(gw, doc, path, coins, args, out)
     return 0
@@ -240,10 +257,30 @@ async def _coins(gw: Gateway, doc: WalletFile, via: str) -> dict[bytes, Coin]:
     if via:
         coins = await known_coins(gw, doc)
     else:
-        doc.ledger = doc.ledger or (await gw.totals())["ledger"]
+        doc.learn(await gw.totals())
         coins = await wallet_coins(gw, doc.addresses())
     doc.remember(coins)
     return coins
+
+
+async def _pending(gw: Gateway, doc: WalletFile, out: Any) -> None:
+    """Payments to the wallet from other operators' ledgers, not spendable yet."""
+    pending = []
+    for address in doc.addresses():
+        try:
+            pending += [e for e in await gw.incoming(address) if e["status"] == "pending"]
+        except GatewayError as exc:
+            if exc.status == 503:  # this operator does not settle with others
+                return
+            raise
+    if pending:
+        total = sum(e["value_msat"] for e in pending)
+        froms = ", ".join(sorted({e["from"] for e in pending}))
+        print(
+            f"+ {total} msat pending in {len(pending)} payments from {froms}:"
+            " spendable once that operator settles",
+            file=out,
+        )
 
 
 async def _history(gw: Gateway, doc: WalletFile, limit: int, out: Any) -> None:
@@ -258,7 +295,8 @@ async def _history(gw: Gateway, doc: WalletFile, limit: int, out: Any) -> None:
 async def _send(
     gw: Gateway, doc: WalletFile, path: Path, coins: dict[bytes, Coin], args: Any, out: Any
 ) -> None:
-    tx = doc.wallet().pay(coins, args.address, args.amount_msat, args.fee_msat)
+    here = bytes.fromhex(doc.ledger_id) if doc.ledger_id else None
+    tx = doc.wallet().pay(coins, args.address, args.amount_msat, args.fee_msat, here=here)
     if len(tx.outputs) > 1:
         doc.change += 1  # the change key is spent from the chain: remember it
         doc.save(path)
@@ -272,3 +310,10 @@ async def _send(
     blocks = ", ".join(f"worker {b['worker']} block {b['height']}" for b in receipt["blocks"])
     print(f"sent {args.amount_msat} msat to {args.address}", file=out)
     print(f"txid {receipt['txid']} committed in {blocks}", file=out)
+    paid = receipt["outputs"][0]
+    if "ledger" in paid:
+        print(
+            f"pending at {paid['ledger']} until the operators settle over Lightning (the"
+            " receiver's `wallet balance` shows it pending, then as a coin)",
+            file=out,
+        )

@@ -29,9 +29,12 @@ import asyncpg
 import pytest
 from pyln.client import LightningRpc
 
+from constellation.address import Network, decode_destination
 from constellation.lightning import msat
+from services.cli import main as cli_main
 from services.crossload import CrossWorkload, run_cross, settled_books_agree
 from services.devnet import Devnet, guild
+from services.wallet import Gateway
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +158,58 @@ async def each_release_was_paid_for(where: Path) -> None:
             if parts[0] == "settle" and inv["status"] == "paid":
                 paid[(parts[1], int(parts[2]))] = msat(inv["amount_received_msat"])
         assert paid == released, f"{net.operator}: paid {paid}, released {released}"
+
+
+async def cli(*argv: str) -> tuple[int, str]:
+    """``constellation ARGV``, its exit code and what it printed."""
+
+    def run() -> tuple[int, str]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = cli_main(list(argv))
+        return code, out.getvalue()
+
+    return await asyncio.to_thread(run)
+
+
+async def test_the_wallet_pays_a_user_of_another_operator(where: Path) -> None:
+    op0, op1, _ = nets(where)
+    alice, bob = str(where.parent / "alice.json"), str(where.parent / "bob.json")
+    for file, net in ((alice, op0), (bob, op1)):
+        assert (await cli("wallet", "create", "--file", file, "--gateway", net.gateway_url))[0] == 0
+    funding = (await cli("wallet", "address", "--file", alice))[1].strip()
+    assert (await cli("devnet", "fund", funding, "5000000", "--dir", op0.dir))[0] == 0
+    # bob's address names op1's ledger: alice's payment goes there, settled by op0
+    to_bob = (await cli("wallet", "address", "--file", bob))[1].strip()
+    _, named = decode_destination(to_bob, Network.REGTEST)
+    async with aiohttp.ClientSession() as s:
+        assert named == bytes.fromhex((await Gateway(op1.gateway_url, s).totals())["ledger_id"])
+    end = time.monotonic() + 10
+    while "5000000 msat in 1 coins" not in (await cli("wallet", "balance", "--file", alice))[1]:
+        assert time.monotonic() < end, "the funded coin is not in op0's index"
+        await asyncio.sleep(0.2)
+    # hold op1's node's incoming payments: bob sees the payment pending meanwhile
+    guild.lightning_faults(where, "op1", {"hold": True})
+    try:
+        code, out = await cli("wallet", "send", to_bob, "1000000", "--file", alice)
+        assert code == 0 and "pending at op1" in out, out
+        end = time.monotonic() + 10
+        while "1000000 msat pending in 1 payments from op0" not in (
+            out := (await cli("wallet", "balance", "--file", bob))[1]
+        ):
+            assert time.monotonic() < end, out
+            await asyncio.sleep(0.2)
+        assert out.startswith("0 msat in 0 coins"), out  # not spendable yet
+    finally:
+        guild.lightning_faults(where, "op1", {"hold": False})
+        guild.lightning(where, "/v1/release/op1", {})
+    end = time.monotonic() + 20
+    while not (out := (await cli("wallet", "balance", "--file", bob))[1]).startswith(
+        "1000000 msat in 1 coins"
+    ):
+        assert time.monotonic() < end, out
+        await asyncio.sleep(0.3)
+    assert "pending" not in out
+    # and bob spends it in op1's ledger
+    code, out = await cli("wallet", "send", funding, "500000", "--file", bob)
+    assert code == 0 and "pending at op0" in out, out  # alice's address names op0's ledger
