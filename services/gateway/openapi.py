@@ -195,10 +195,21 @@ def openapi() -> dict[str, Any]:
                             _object(
                                 ["coin_id", "status"],
                                 coin_id=HEX32,
-                                status={"enum": ["unspent", "locked", "spent"]},
+                                status={"enum": ["unspent", "locked", "spent", "pending"]},
                                 value_msat=MSAT,
                                 address={"type": "string"},
                                 spent_by=HEX32,
+                                **{
+                                    "from": {
+                                        "description": "pending: paid from this ledger of"
+                                        " another operator, a coin here once settled",
+                                        **_object(
+                                            ["ledger", "txid"],
+                                            ledger={"type": "string"},
+                                            txid=HEX32,
+                                        ),
+                                    }
+                                },
                             ),
                             "the coin",
                         ),
@@ -243,6 +254,39 @@ def openapi() -> dict[str, Any]:
                             "the history",
                         ),
                         **_errors(400, 404, 503),
+                    },
+                }
+            },
+            "/v1/address/{address}/incoming": {
+                "get": {
+                    "summary": (
+                        "Payments to the address from other operators' ledgers, newest first:"
+                        " pending until the paying operator settles over Lightning, then"
+                        " released as a coin here"
+                    ),
+                    "parameters": [ADDRESS, LIMIT],
+                    "responses": {
+                        "200": _json(
+                            _object(
+                                ["address", "incoming"],
+                                address={"type": "string"},
+                                incoming={"type": "array", "items": _ref("Incoming")},
+                            ),
+                            "the payments",
+                        ),
+                        **_errors(400, 503),
+                    },
+                }
+            },
+            "/v1/settlement": {
+                "get": {
+                    "summary": (
+                        "Settlement with each other operator: what this one owes and holds,"
+                        " the batch in flight (served by the operator's settling gateway)"
+                    ),
+                    "responses": {
+                        "200": _json({"type": "object"}, "per peer: owed and held"),
+                        **_errors(503),
                     },
                 }
             },
@@ -330,10 +374,34 @@ def openapi() -> dict[str, Any]:
                         "txid": HEX32,
                         "status": {"const": "committed"},
                         "blocks": {"type": "array", "items": BLOCK},
-                        "outputs": {"type": "array", "items": COIN_OUT},
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                **COIN_OUT,
+                                "description": "an output to another operator's ledger names"
+                                " it (ledger) and is pending there until settled",
+                                "properties": {
+                                    **COIN_OUT["properties"],
+                                    "ledger": {"type": "string"},
+                                    "status": {"const": "pending"},
+                                },
+                            },
+                        },
                     },
                     "required": ["txid", "status", "blocks", "outputs"],
                 },
+                "Incoming": _object(
+                    ["from", "txid", "output", "coin_id", "value_msat", "status"],
+                    **{"from": {"type": "string", "description": "the paying operator"}},
+                    txid=HEX32,
+                    output={**HEX32, "description": "the output's id in the payer's ledger"},
+                    coin_id={**HEX32, "description": "the coin it is (or becomes) here"},
+                    value_msat=MSAT,
+                    status={"enum": ["pending", "released"]},
+                    batch={"type": ["integer", "null"]},
+                    seen_at={"type": "number"},
+                    released_at={"type": ["number", "null"]},
+                ),
             }
         },
     }

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import io
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from constellation.guild import SignTarget
 from constellation.protocol import signer as proto
 from services import devnet
+from services.cli import main as cli_main
 from services.signer.client import SignerClient, call
 from services.signer.config import load_members
 from services.signer.store import KeyStore
@@ -99,3 +105,29 @@ class Guild:
         for proc in self.net.signers:
             devnet.stop_pid(proc.pid, 5)
         devnet.stop_pid(self.net.nats_pid, 5)
+
+
+@contextlib.contextmanager
+def local_guild(prefix: str) -> Iterator[Path]:
+    """A local guild of 3 operators with 2 workers each (``services.devnet.guild``), up
+    for the block, in a fresh directory."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)  # PostgreSQL runs as its own user where tests run as root
+    devnet.guild.up(root / "g", 3, 2, "test")
+    try:
+        yield root / "g"
+    finally:
+        devnet.guild.down(root / "g")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def cli(*argv: str) -> tuple[int, str]:
+    """``constellation ARGV``, its exit code and what it printed."""
+
+    def run() -> tuple[int, str]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = cli_main(list(argv))
+        return code, out.getvalue()
+
+    return await asyncio.to_thread(run)

@@ -12,13 +12,10 @@ height and state root. The tests share one guild, in order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import os
-import shutil
 import signal
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -34,22 +31,18 @@ from constellation.keys import SigningKey
 from constellation.protocol import ledger as proto
 from constellation.protocol import replication as rp
 from services.bus import GATEWAY, worker_subject
-from services.cli import main as cli_main
 from services.devnet import Devnet, guild
 from services.replica import relay
 from services.replica.transport import Sealer, forward_subject, subject
 from services.runtime import now_ms
 from services.workload import run_workload
+from tests.system.guild import cli, local_guild
 
 
 @pytest.fixture(scope="module")
 def where() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="cst-guild-"))
-    root.chmod(0o755)  # PostgreSQL runs as its own user where tests run as root
-    guild.up(root / "g", 3, 2, "test")
-    yield root / "g"
-    guild.down(root / "g")
-    shutil.rmtree(root, ignore_errors=True)
+    with local_guild("cst-guild-") as directory:
+        yield directory
 
 
 def nets(where: Path) -> list[Devnet]:
@@ -329,15 +322,3 @@ async def test_every_gateway_watches_its_lightning_node_with_a_channel_to_each_p
         channels = gauges(net, "gateway_lightning_channel_msat")
         assert sum(1 for k in channels if 'kind="local"' in k) == 2  # one per peer
     assert guild.lightning(where, "/v1/books")["missing_msat"] == 0
-
-
-async def cli(*argv: str) -> tuple[int, str]:
-    """``constellation ARGV``, its exit code and what it printed."""
-
-    def run() -> tuple[int, str]:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            code = cli_main(list(argv))
-        return code, out.getvalue()
-
-    return await asyncio.to_thread(run)

@@ -17,9 +17,7 @@ import contextlib
 import io
 import os
 import random
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,20 +29,16 @@ from pyln.client import LightningRpc
 
 from constellation.address import Network, decode_destination
 from constellation.lightning import msat
-from services.cli import main as cli_main
 from services.crossload import CrossWorkload, run_cross, settled_books_agree
 from services.devnet import Devnet, guild
 from services.wallet import Gateway
+from tests.system.guild import cli, local_guild
 
 
 @pytest.fixture(scope="module")
 def where() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="cst-settle-"))
-    root.chmod(0o755)  # PostgreSQL runs as its own user where tests run as root
-    guild.up(root / "g", 3, 2, "test")
-    yield root / "g"
-    guild.down(root / "g")
-    shutil.rmtree(root, ignore_errors=True)
+    with local_guild("cst-settle-") as directory:
+        yield directory
 
 
 def nets(where: Path) -> list[Devnet]:
@@ -158,18 +152,6 @@ async def each_release_was_paid_for(where: Path) -> None:
             if parts[0] == "settle" and inv["status"] == "paid":
                 paid[(parts[1], int(parts[2]))] = msat(inv["amount_received_msat"])
         assert paid == released, f"{net.operator}: paid {paid}, released {released}"
-
-
-async def cli(*argv: str) -> tuple[int, str]:
-    """``constellation ARGV``, its exit code and what it printed."""
-
-    def run() -> tuple[int, str]:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            code = cli_main(list(argv))
-        return code, out.getvalue()
-
-    return await asyncio.to_thread(run)
 
 
 async def test_the_wallet_pays_a_user_of_another_operator(where: Path) -> None:
