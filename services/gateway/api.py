@@ -553,9 +553,9 @@ class Api:
         """Outputs paid to the address from other operators' ledgers, newest first:
         pending until the paying operator settles over Lightning, then a coin here."""
         owner = self._owner(request)
-        if self.settle_store is None:
-            raise ApiError("unavailable", "this gateway does not settle with other operators")
-        rows = await self.settle_store.incoming(owner, self._limit(request))
+        limit = self._limit(request)
+        # an operator that does not settle with others is paid nothing from their ledgers
+        rows = await self.settle_store.incoming(owner, limit) if self.settle_store else []
         entries = [
             {
                 "from": r["peer"],
@@ -575,9 +575,11 @@ class Api:
     async def get_settlement(self, _: web.Request) -> web.Response:
         """Each peer: what this operator owes it and holds for it, and the batches."""
         settler = self.settler
-        if settler is None or not settler.leading:
-            raise ApiError("unavailable", "this gateway is not the operator's settler now")
-        return json_response({"peers": settler.summary()})
+        if settler is None:
+            return json_response({"settling": False, "peers": {}})
+        if not settler.leading:
+            raise ApiError("unavailable", "another gateway of this operator settles now", 1)
+        return json_response({"settling": True, "peers": settler.summary()})
 
     async def get_ledger(self, request: web.Request) -> web.Response:
         """A ledger's totals, summed over its workers (and each worker's)."""

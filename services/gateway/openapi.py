@@ -272,7 +272,7 @@ def openapi() -> dict[str, Any]:
                                 address={"type": "string"},
                                 incoming={"type": "array", "items": _ref("Incoming")},
                             ),
-                            "the payments",
+                            "the payments (none where this operator does not settle)",
                         ),
                         **_errors(400, 503),
                     },
@@ -285,7 +285,14 @@ def openapi() -> dict[str, Any]:
                         " the batch in flight (served by the operator's settling gateway)"
                     ),
                     "responses": {
-                        "200": _json({"type": "object"}, "per peer: owed and held"),
+                        "200": _json(
+                            _object(
+                                ["settling", "peers"],
+                                settling={"type": "boolean"},
+                                peers={"type": "object"},
+                            ),
+                            "per peer: owed and held (none where this operator does not settle)",
+                        ),
                         **_errors(503),
                     },
                 }
