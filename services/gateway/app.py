@@ -29,6 +29,7 @@ class GatewayNode:
         self.ops = OpsServer(self.metrics.registry, self.ready, settings.max_body)
         self.api: Api | None = None
         self.lightning_up: bool | None = None  # None: no node configured, or not asked yet
+        self.settler: Settler | None = None
         self.draining = False
 
     def ready(self) -> tuple[bool, str]:
@@ -83,7 +84,7 @@ class GatewayNode:
         if s.settle is not None and lightning is not None:
             settle_store = await SettleStore.open(s.database_url)
             settler = Settler(s.settle, settle_store, lightning, ledger, m)
-            api.settle_store, api.settler = settle_store, settler
+            api.settle_store, api.settler, self.settler = settle_store, settler, settler
             tasks.start("settle", settler.run)
         await self.ops.start(s.http_host, s.http_port)
         self.api = api
@@ -146,13 +147,14 @@ class GatewayNode:
                     m.lightning_channel_msat.labels(c.peer_id, "spendable").set(c.spendable_msat)
                     m.lightning_channel_msat.labels(c.peer_id, "receivable").set(c.receivable_msat)
                 m.lightning_splicing.set(sum(1 for c in channels if c.splicing))
-                if self.settings.liquidity_msat:
+                if self.settings.liquidity_msat or self.settler is not None:
                     await self._rebalance(backend)
             await asyncio.sleep(LIGHTNING_POLL_S)
 
     async def _rebalance(self, backend: ClnBackend) -> None:
+        expected = self.settler.expected() if self.settler is not None else {}
         try:
-            done = await rebalance(backend, self.settings.liquidity_msat)
+            done = await rebalance(backend, self.settings.liquidity_msat, expected)
         except LightningError as exc:
             log.warning("liquidity not checked", extra={"error": str(exc)})
             return

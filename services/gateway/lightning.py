@@ -24,7 +24,7 @@ import hashlib
 import logging
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +111,12 @@ class Balances:
     onchain_unconfirmed_msat: int
 
 
+@dataclass(frozen=True)
+class Income:
+    onchain_fees_msat: int  # paid to miners: opens, splices, withdrawals
+    routed_msat: int  # earned forwarding others' payments
+
+
 class LightningBackend(ABC):
     @abstractmethod
     async def info(self) -> NodeInfo: ...
@@ -153,6 +159,10 @@ class LightningBackend(ABC):
 
     @abstractmethod
     async def balances(self) -> Balances: ...
+
+    @abstractmethod
+    async def income(self) -> Income:
+        """What the node's own bookkeeping says it paid miners and earned forwarding."""
 
     @abstractmethod
     async def open_channel(self, peer_id: str, sat: int, push_msat: int = 0) -> str: ...
@@ -430,6 +440,17 @@ class ClnBackend(LightningBackend):
             ),
         )
 
+    async def income(self) -> Income:
+        """From the bookkeeper plugin (``bkpr-listincome``, built into lightningd)."""
+        doc = await self._ask("bkpr-listincome", {"consolidate_fees": False})
+        fees = routed = 0
+        for e in doc["income_events"]:
+            if e["tag"] == "onchain_fee":
+                fees += msat(e["debit_msat"]) - msat(e["credit_msat"])
+            elif e["tag"] == "routed":
+                routed += msat(e["credit_msat"]) - msat(e["debit_msat"])
+        return Income(fees, routed)
+
     async def open_channel(self, peer_id: str, sat: int, push_msat: int = 0) -> str:
         await self._ask("connect", {"id": peer_id})
         params = {"id": peer_id, "amount": sat, "push_msat": push_msat or None}
@@ -484,11 +505,15 @@ class ClnBackend(LightningBackend):
 
 
 async def rebalance(
-    backend: LightningBackend, expected_msat: int, limits: Limits = DEFAULT
+    backend: LightningBackend,
+    floor_msat: int,
+    expected: Mapping[str, int],
+    limits: Limits = DEFAULT,
 ) -> list[tuple[Splice, str | None]]:
-    """Splice the channels that cannot carry ``expected_msat`` (``headroom`` times) to
-    their peer, from the wallet, or from a channel with far more than it needs
-    (``constellation.liquidity``); each splice with its error, or None."""
+    """Splice the channels that cannot carry what their peer (by node id) is expected to
+    be sent, at least ``floor_msat`` (``headroom`` times), from the wallet, or from a
+    channel with far more than it needs (``constellation.liquidity``); each splice with
+    its error, or None."""
     channels = await backend.channels()
     balances = await backend.balances()
     # the busiest channel to each peer carries its payments (the others stay as they are)
@@ -502,9 +527,9 @@ async def rebalance(
         ChannelView(c.channel_id, c.peer_id, c.spendable_msat, c.usable, c.splicing)
         for c in best.values()
     ]
-    expected = {peer: expected_msat for peer in best}
+    wanted = {peer: max(floor_msat, expected.get(peer, 0)) for peer in best}
     done: list[tuple[Splice, str | None]] = []
-    for splice in plan(views, expected, balances.onchain_confirmed_msat // 1000, limits):
+    for splice in plan(views, wanted, balances.onchain_confirmed_msat // 1000, limits):
         try:
             if splice.relative_sat > 0:
                 await backend.splice_in(splice.channel_id, splice.relative_sat)

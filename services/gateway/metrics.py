@@ -129,6 +129,13 @@ class GatewayMetrics:
             "the age of the oldest output paid to another ledger not yet an obligation",
             registry=r,
         )
+        self.settle_expected = Gauge(
+            "gateway_settle_expected_msat",
+            "what a batch to a peer is expected to carry (the liquidity policy keeps the"
+            " channel able to send it, twice over)",
+            ["peer"],
+            registry=r,
+        )
         self.settle_unsent = Counter(
             "gateway_settle_unsent",
             "settlement messages not sent (the peer unreachable)",

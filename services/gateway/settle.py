@@ -25,6 +25,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -66,6 +67,7 @@ INVOICE_EXPIRY_S = 3600
 RESERVE_EVERY_S = 1.0
 CONFIRM = 5  # reserve checks in a row beyond what is in flight: the invariant is broken
 PEER_RETRY_S = 1.0
+RECENT_BATCHES = 60  # the liquidity policy expects the most of these
 
 
 @dataclass
@@ -86,10 +88,16 @@ class Pair:
     release_backoff: float = 0.0
     paying: asyncio.Task[None] | None = None  # the pay command of the batch in flight
     last_failure: str = ""
+    node_id: str = ""  # the peer's Lightning node, as its invoices name it
+    recent: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT_BATCHES))
     invoicing: asyncio.Lock = field(default_factory=asyncio.Lock)  # make, cancel: in turn
     client: Client | None = None
     announced: dict[int, float] = field(default_factory=dict)  # pending here: seq -> seen
     releasing_msat: int = 0  # being issued now
+
+
+def _expected(p: Pair) -> int:
+    return max(max(p.recent, default=0), p.payer.owed_msat)
 
 
 def _payer_blob(s: st.PayerState) -> bytes:
@@ -311,6 +319,7 @@ class Settler:
         m = self.metrics
         m.settle_pending.labels(pair.name, "owed").set(len(pair.payer.state.owed))
         m.settle_pending.labels(pair.name, "held").set(len(pair.payee.state.pending))
+        m.settle_expected.labels(pair.name).set(_expected(pair))
         oldest = min(pair.announced.values(), default=now)
         m.settle_pending_age.labels(pair.name).set(now - oldest)
 
@@ -381,6 +390,7 @@ class Settler:
         if b is None:
             return
         if s.settled > settled_before:
+            pair.recent.append(b.amount_msat)
             m.settle_batches.labels(pair.name, "settled").inc()
             m.settle_paid.labels(pair.name).inc(b.amount_msat)
             m.settle_batch_seconds.observe(self.clock() - b.since)
@@ -590,6 +600,7 @@ class Settler:
             decoded = bolt11_lib.decode(msg.bolt11)
             payment_hash = payment_hash_of(msg.bolt11)
             amount = int(decoded.amount_msat or 0)
+            pair.node_id = str(decoded.payee)
         except Exception as exc:  # another operator's bytes: anything may be wrong
             log.warning(
                 "an invoice that does not decode", extra={"peer": pair.name, "error": repr(exc)}
@@ -605,6 +616,11 @@ class Settler:
                 "an invoice for another amount", extra={"peer": pair.name, "error": str(exc)}
             )
             await self._call(pair, lambda: pair.payer.refused(msg.batch, now))
+
+    def expected(self) -> dict[str, int]:
+        """What each peer's node is expected to be sent in a batch: the most of the
+        recent batches, or what is owed now if more (for the liquidity policy)."""
+        return {p.node_id: _expected(p) for p in self.pairs.values() if p.node_id}
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -658,6 +674,7 @@ class Settler:
         )
         channels = await self.backend.channels()
         balances = await self.backend.balances()
+        income = await self.backend.income()
         untaken, oldest = await self.store.untaken()
         self.metrics.settle_untaken.set(untaken)
         self.metrics.settle_untaken_age.set(oldest)
@@ -673,6 +690,8 @@ class Settler:
             lightning_msat=sum(c.local_msat for c in channels if c.state in CAN_ADD_HTLC),
             onchain_msat=balances.onchain_confirmed_msat + balances.onchain_unconfirmed_msat,
             lightning_fees_msat=sum(p.payer.state.fees_msat for p in self.pairs.values()),
+            onchain_fees_msat=income.onchain_fees_msat,
+            routed_msat=income.routed_msat,
             in_flight_msat=self._in_flight() + sum(x.pending_msat for x in states),
         )
         had = self.reserve.baseline
@@ -716,6 +735,8 @@ class Books:
     lightning_msat: int  # our side of every channel
     onchain_msat: int
     lightning_fees_msat: int  # paid to route settlements
+    onchain_fees_msat: int  # paid to miners (opens, splices, withdrawals: the node's books)
+    routed_msat: int  # earned forwarding others' payments (the node's books)
     in_flight_msat: int
 
 
@@ -728,8 +749,9 @@ class Reserve:
     Pending outputs owed by others are coins of this ledger's users, held as pending:
     counted on the left as L3 coins and taken off again, they leave what was paid for
     them and not yet issued. So ``slack = funds - (held + owed to others + paid in and
-    not yet issued)`` moves only by fees: up by what the ledger collects, down by what
-    Lightning takes. A change beyond what is in flight at that moment breaks it.
+    not yet issued)`` moves only by fees: up by what the ledger collects and the node
+    earns forwarding, down by what Lightning routes and miners take (the node's own
+    books say those two). A change beyond what is in flight at that moment breaks it.
     """
 
     def __init__(self) -> None:
@@ -744,6 +766,7 @@ class Reserve:
         liabilities += b.releasing_msat  # paid for, being issued
         funds = b.lightning_msat + b.onchain_msat
         slack = funds - liabilities - b.fees_msat + b.lightning_fees_msat
+        slack += b.onchain_fees_msat - b.routed_msat
         if self.baseline is None and b.in_flight_msat == 0:
             # two quiet reads in a row that agree: not a transaction between reads
             if self.candidate == slack:

@@ -217,6 +217,8 @@ class Node:
     sendpay_index: int = 0
     updated: int = 0
     fees_collected_msat: int = 0
+    # lightningd's bookkeeper: (tag, credit msat, debit msat, txid or payment hash, when)
+    income: list[tuple[str, int, int, str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -315,10 +317,14 @@ class Network:
         for u in picked:
             u.spent = True
         txid = self._txid()
-        self.miner_fees_sat += TX_FEE_SAT
+        self._miner_fee(name, txid)
         if total > need:
             node.utxos.append(Utxo(txid, 1, total - need, self.newaddr(name), None))
         return txid
+
+    def _miner_fee(self, name: str, txid: str) -> None:
+        self.miner_fees_sat += TX_FEE_SAT
+        self.nodes[name].income.append(("onchain_fee", 0, TX_FEE_SAT * 1000, txid, self.now()))
 
     def withdraw(self, name: str, destination: str, sat: int | None) -> str:
         if sat is None:  # "all"
@@ -407,8 +413,8 @@ class Network:
             if ch.balance[name] - ch.offered(name) + delta * 1000 < after_reserve:
                 raise LnError(SPLICE_FUNDING_LOW, "Not enough funds in the channel to splice out")
             ch.balance[name] += delta * 1000
-            self.miner_fees_sat += TX_FEE_SAT
             txid = self._txid()
+            self._miner_fee(name, txid)
             self.nodes[name].utxos.append(Utxo(txid, 1, -relative_sat, self.newaddr(name), None))
         ch.splice = Splice(txid, name, relative_sat, delta, self.height + 1)
         ch.state = "CHANNELD_AWAITING_SPLICE"
@@ -651,7 +657,11 @@ class Network:
             ch.balance[offerer] -= amt
             ch.balance[ch.other(offerer)] += amt
             if i > 0:  # the forwarding node kept the difference
-                self.nodes[offerer].fees_collected_msat += attempt.hops[i - 1][2] - amt
+                fee = attempt.hops[i - 1][2] - amt
+                self.nodes[offerer].fees_collected_msat += fee
+                self.nodes[offerer].income.append(
+                    ("routed", fee, 0, attempt.part.payment_hash.hex(), now)
+                )
         part = attempt.part
         payer = self.nodes[attempt.payer]
         payer.updated += 1

@@ -757,6 +757,28 @@ async def splice_signed(s: NodeServer, p: dict[str, Any]) -> dict[str, Any]:
     return {"tx": "00", "txid": txid, "psbt": psbt, "outnum": 0}
 
 
+async def bkpr_listincome(s: NodeServer, p: dict[str, Any]) -> dict[str, Any]:
+    """The bookkeeper's income events, of two kinds: ``onchain_fee`` (every transaction
+    this node paid a miner for) and ``routed`` (fees earned forwarding)."""
+    start = int(p.get("start_time") or 0)
+    end = int(p["end_time"]) if p.get("end_time") is not None else 2**63
+    return {
+        "income_events": [
+            {
+                "account": "wallet" if tag == "onchain_fee" else "channel",
+                "tag": tag,
+                "credit_msat": credit,
+                "debit_msat": debit,
+                "currency": "bcrt",
+                "timestamp": when,
+                **({"txid": ref} if tag == "onchain_fee" else {"payment_id": ref}),
+            }
+            for tag, credit, debit, ref, when in s.node.income
+            if start <= when <= end
+        ]
+    }
+
+
 # name -> (handler, parameters in schema order, required ones)
 METHODS: dict[str, tuple[Handler, tuple[str, ...], tuple[str, ...]]] = {
     "getinfo": (getinfo, (), ()),
@@ -836,6 +858,11 @@ METHODS: dict[str, tuple[Handler, tuple[str, ...], tuple[str, ...]]] = {
     "decode": (decode, ("string",), ("string",)),
     "listpeerchannels": (listpeerchannels, ("id", "short_channel_id", "channel_id"), ()),
     "listfunds": (listfunds, ("spent",), ()),
+    "bkpr-listincome": (
+        bkpr_listincome,
+        ("consolidate_fees", "start_time", "end_time"),
+        (),
+    ),
     "connect": (connect, ("id", "host", "port"), ("id",)),
     "fundchannel": (
         fundchannel,

@@ -104,6 +104,9 @@ async def test_two_hops_pay_the_forwarder_s_fee_within_the_limit(net: Net) -> No
     state = await a.pay(inv.bolt11, 100)
     assert state.outcome is Outcome.SETTLED and state.fee_msat == 1 + 1_000_000 * 10 // 1_000_000
     assert net.sim.network.nodes["c"].fees_collected_msat == state.fee_msat
+    # the forwarder's own books (bkpr-listincome) say what it earned
+    earned = await (await net.backend("c")).income()
+    assert earned.routed_msat == state.fee_msat and earned.onchain_fees_msat == 0
 
 
 async def test_what_is_refused_before_anything_is_sent_fails(net: Net) -> None:
@@ -197,7 +200,7 @@ async def test_channels_balances_splices_and_the_chain(net: Net) -> None:
     b_id = (await b.info()).node_id
     channel = next(c for c in await a.channels() if c.peer_id == b_id)
     assert channel.usable and channel.capacity_msat == CHANNEL_SAT * 1000
-    before = await a.balances()
+    before, paid_before = await a.balances(), (await a.income()).onchain_fees_msat
     await a.splice_in(channel.channel_id, 200_000)
     during = next(c for c in await a.channels() if c.channel_id == channel.channel_id)
     assert during.splicing and during.usable  # it keeps carrying payments meanwhile
@@ -209,6 +212,14 @@ async def test_channels_balances_splices_and_the_chain(net: Net) -> None:
     net.sim.network.mine(1)
     balances = await a.balances()
     assert balances.onchain_confirmed_msat < before.onchain_confirmed_msat
+    # what a paid its miners for the two splices, as its bookkeeper says
+    funds_now = sum(c.local_msat for c in await a.channels()) + balances.onchain_confirmed_msat
+    funds_before = channel.local_msat + sum(
+        c.local_msat for c in await a.channels() if c.channel_id != channel.channel_id
+    )
+    funds_before += before.onchain_confirmed_msat
+    paid = (await a.income()).onchain_fees_msat - paid_before
+    assert paid == funds_before - funds_now > 0
     address = await b.new_address()
     assert address.startswith("bcrt1p")
     await a.withdraw(address, 50_000)
@@ -300,20 +311,20 @@ async def test_a_channel_short_of_what_it_must_send_is_spliced_in_never_closed(n
     a = await net.backend("a")
     before = {c.channel_id: c for c in await a.channels()}
     # each channel can send about half its capacity; twice 400,000 sat is more than that
-    started = [s for s, error in await lightning.rebalance(a, 400_000_000) if error is None]
+    started = [s for s, error in await lightning.rebalance(a, 400_000_000, {}) if error is None]
     assert started and all(s.relative_sat > 0 for s in started)
     during = {c.channel_id: c for c in await a.channels()}
     assert all(during[s.channel_id].splicing and during[s.channel_id].usable for s in started)
-    again = await lightning.rebalance(a, 400_000_000)  # one splice a channel at a time
+    again = await lightning.rebalance(a, 400_000_000, {})  # one splice a channel at a time
     assert not {s.channel_id for s, _ in again} & {s.channel_id for s in started}
     for _ in range(4):  # the wallet's change confirms block by block
         net.sim.network.mine(1)
-        await lightning.rebalance(a, 400_000_000)
+        await lightning.rebalance(a, 400_000_000, {})
     net.sim.network.mine(1)
     after = await a.channels()
     assert {c.channel_id for c in after} == set(before)  # none closed
     assert all(c.spendable_msat >= 2 * 400_000_000 and not c.splicing for c in after)
-    assert await lightning.rebalance(a, 400_000_000) == []  # enough now
+    assert await lightning.rebalance(a, 400_000_000, {}) == []  # enough now
     assert net.sim.network.books()["missing_msat"] == 0
 
 
@@ -328,3 +339,12 @@ async def test_a_lost_answer_over_failed_attempts_is_unknown_until_looked_up_aga
     net.sim.network.nodes["a"].faults.lose_replies = 1
     assert (await a.pay(inv.bolt11, 1_000)).outcome is Outcome.UNKNOWN
     assert (await a.payment(inv.payment_hash)).outcome is Outcome.FAILED
+
+
+async def test_each_channel_is_kept_for_what_its_peer_is_expected_to_be_sent(net: Net) -> None:
+    a = await net.backend("a")
+    b_id = net.sim.network.nodes["b"].node_id
+    # settlements expected to b outgrow its channel; nothing is expected elsewhere
+    started = [s for s, e in await lightning.rebalance(a, 0, {b_id: 400_000_000}) if e is None]
+    assert [s.peer for s in started] == [b_id] and started[0].relative_sat > 0
+    assert await lightning.rebalance(a, 0, {}) == []  # nothing expected: nothing to do

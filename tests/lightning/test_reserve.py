@@ -16,6 +16,8 @@ START = Books(
     lightning_msat=50_000,
     onchain_msat=7_000,
     lightning_fees_msat=0,
+    onchain_fees_msat=0,
+    routed_msat=0,
     in_flight_msat=0,
 )
 
@@ -81,3 +83,17 @@ def test_broken_only_when_it_stays_beyond_what_is_in_flight() -> None:
     for _ in range(CONFIRM - 1):
         assert not r.check(skewed)["broken"]
     assert r.check(skewed)["broken"]  # it stays: money appeared from nowhere
+
+
+def test_the_node_s_own_fees_and_earnings_keep_it() -> None:
+    r = Reserve()
+    r.check(START)
+    r.check(START)
+    # a splice in of 2,000 paying a miner 200: funds down by the fee, booked by the node
+    spliced = replace(START, lightning_msat=52_000, onchain_msat=4_800, onchain_fees_msat=200)
+    assert r.check(spliced)["drift"] == 0
+    # 30 earned forwarding a payment through this node
+    routed = replace(spliced, lightning_msat=52_030, routed_msat=30)
+    assert r.check(routed)["drift"] == 0
+    # a miner's fee the books do not name is a loss
+    assert r.check(replace(routed, onchain_msat=4_700))["drift"] == -100

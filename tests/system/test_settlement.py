@@ -3,7 +3,8 @@ with its gateway settling with the others over the simulated Lightning network.
 
 The payer's ledger spends at once and the receiver sees the output pending, then a coin.
 Under faults (payments failed, held and their replies lost at the Lightning nodes; the
-settling gateways killed with ``kill -9`` and restarted by their supervisors) every
+settling gateways and the machines holding the shards killed with ``kill -9`` and
+restarted by their supervisors) every
 output is still released exactly once, as the coin it was announced as, and only by a
 batch whose invoice was paid for exactly the outputs it released; nothing is paid twice;
 each pair's paid and released totals agree; the ledgers' books are conserved; and the
@@ -65,8 +66,8 @@ async def faults(where: Path, stop: asyncio.Event, log: list[str]) -> None:
     rng = random.Random(os.urandom(8))
     kinds: list[str] = []
     while not stop.is_set():
-        if not kinds:  # every kind in each round of four, in a random order
-            kinds = ["fail", "hold", "lose", "kill"]
+        if not kinds:  # every kind in each round, in a random order
+            kinds = ["fail", "hold", "lose", "kill gateway", "kill machine"]
             rng.shuffle(kinds)
         kind = kinds.pop()
         node = f"op{rng.randrange(3)}"
@@ -78,9 +79,10 @@ async def faults(where: Path, stop: asyncio.Event, log: list[str]) -> None:
             guild.lightning(where, f"/v1/release/{node}", {})
         elif kind == "lose":  # the payer's node pays, and the reply is lost
             guild.lightning_faults(where, node, {"lose_replies": 2})
-        else:
+        else:  # the supervisor starts it again
             net = next(n for n in nets(where) if n.operator == node)
-            os.kill(net.gateway_pid, signal.SIGKILL)
+            pid = net.gateway_pid if kind == "kill gateway" else rng.choice(net.machines).pid
+            os.kill(pid, signal.SIGKILL)
         log.append(f"{kind} {node}")
         await asyncio.sleep(rng.uniform(0.3, 1.5))
     for node in ("op0", "op1", "op2"):
@@ -112,7 +114,7 @@ async def test_settlement_under_faults_releases_each_output_once_after_paying(
         await work.setup(4)
         chaos = asyncio.create_task(faults(where, stop, log))
         rounds = 0
-        while rounds < 6 or len(log) < 8:  # payments in rounds, gateways dying and back
+        while rounds < 6 or len(log) < 10:  # payments in rounds, processes dying and back
             await gateways_ready(where)
             await work.run(40, 6, cross=True)
             rounds += 1
