@@ -24,6 +24,7 @@ ledger is not canonical), so one meaning has one encoding.
 
 from __future__ import annotations
 
+import copy
 import struct
 from collections.abc import Sequence
 from functools import partial
@@ -370,13 +371,21 @@ class Issuance:
     __slots__ = ("body", "issuance_id", "issuer", "nonce", "output_ids", "outputs", "signature")
 
     def __init__(
-        self, issuer: bytes, nonce: int, outputs: Sequence[TxOutput], signature: bytes = b""
+        self,
+        issuer: bytes,
+        nonce: int,
+        outputs: Sequence[TxOutput],
+        signature: bytes = b"",
+        *,
+        check_keys: bool = True,
     ) -> None:
-        if not is_valid_xonly(issuer):
+        """``check_keys=False`` skips checking that the issuer and owners are curve points
+        (a square root each): for keys checked already; the ledger checks them again."""
+        if check_keys and not is_valid_xonly(issuer):
             raise InvalidKey("issuer is not a BIP340 public key")
         if type(nonce) is not int or not 0 <= nonce <= MAX_MSAT:
             raise ValueOutOfRange(f"issuance nonce {nonce!r} outside u64")
-        _check_outputs(outputs, "issuance")
+        _check_outputs(outputs, "issuance", check_keys)
         if signature and len(signature) != SIGNATURE_LEN:
             raise NonCanonical("issuance signature must be 64 bytes")
         self.issuer = XOnlyPubKey(issuer)
@@ -392,9 +401,10 @@ class Issuance:
         return sum(v for v, _ in self.outputs)
 
     def signed_by(self, secret: bytes, aux_rand: bytes | None = None) -> Issuance:
-        return Issuance(
-            self.issuer, self.nonce, self.outputs, schnorr_sign(secret, self.issuance_id, aux_rand)
-        )
+        """This issuance with its issuer's signature (checked already: not again)."""
+        signed = copy.copy(self)
+        signed.signature = schnorr_sign(secret, self.issuance_id, aux_rand)
+        return signed
 
     def verify(self) -> None:
         """Raise ``BadIssuance`` unless the issuer signed this issuance's id."""

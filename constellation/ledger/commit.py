@@ -277,7 +277,8 @@ class TwoPhaseCommit:
                     issuance = decode_issuance(rec.issuance)
                     if verify and all(self._owner(c) != self.me for c in issuance.output_ids):
                         raise NotHeldHere("the issuance creates no coin here")
-                    self.state.issue(issuance)
+                    # its signature is checked as a transaction's: by copies that check
+                    self.state.issue(issuance, verify=signatures)
                     if derive:
                         changes += self._issued_changes(issuance)
             except ConstellationError as exc:

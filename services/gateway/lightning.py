@@ -146,9 +146,12 @@ class LightningBackend(ABC):
         each one's ``pay_index`` to resume after a restart)."""
 
     @abstractmethod
-    async def pay(self, bolt11: str, fee_limit_msat: int) -> PaymentState:
-        """Pay ``bolt11``: settled, failed, pending or unknown (never failed unless it
-        is). Paying it again after any outcome but failed pays nothing twice."""
+    async def pay(
+        self, bolt11: str, fee_limit_msat: int, payment_hash: bytes | None = None
+    ) -> PaymentState:
+        """Pay ``bolt11`` (whose hash the caller may know from decoding it already):
+        settled, failed, pending or unknown (never failed unless it is). Paying it again
+        after any outcome but failed pays nothing twice."""
 
     @abstractmethod
     async def payment(self, payment_hash: bytes) -> PaymentState:
@@ -180,15 +183,24 @@ class LightningBackend(ABC):
     async def withdraw(self, address: str, sat: int) -> str: ...
 
 
-def payment_hash_of(bolt11: str) -> bytes:
-    """The payment hash a BOLT11 invoice names (``LightningError`` if it is none)."""
+@dataclass(frozen=True)
+class Decoded:
+    payment_hash: bytes
+    amount_msat: int | None
+    payee: str  # the node id that signed it
+
+
+def decode_invoice(bolt11: str) -> Decoded:
+    """What a BOLT11 invoice says (``LightningError`` if it is none, or names no hash).
+    Decoding costs milliseconds (the ``bolt11`` package): once per invoice."""
     try:
-        found = decode_bolt11(bolt11).payment_hash
+        found = decode_bolt11(bolt11)
     except (Bolt11Exception, ValueError, KeyError, IndexError) as exc:
         raise LightningError(f"not a BOLT11 invoice: {exc}", -32602) from None
-    if found is None:
+    if found.payment_hash is None:
         raise LightningError("the invoice names no payment hash", -32602)
-    return bytes.fromhex(found)
+    amount = int(found.amount_msat) if found.amount_msat is not None else None
+    return Decoded(bytes.fromhex(found.payment_hash), amount, str(found.payee))
 
 
 def version_tuple(version: str) -> tuple[int, int]:
@@ -355,11 +367,14 @@ class ClnBackend(LightningBackend):
 
     # -- payments ---------------------------------------------------------------------
 
-    async def pay(self, bolt11: str, fee_limit_msat: int) -> PaymentState:
-        try:
-            payment_hash = payment_hash_of(bolt11)
-        except LightningError as exc:
-            return PaymentState(Outcome.FAILED, b"", reason=str(exc))
+    async def pay(
+        self, bolt11: str, fee_limit_msat: int, payment_hash: bytes | None = None
+    ) -> PaymentState:
+        if payment_hash is None:
+            try:
+                payment_hash = decode_invoice(bolt11).payment_hash
+            except LightningError as exc:
+                return PaymentState(Outcome.FAILED, b"", reason=str(exc))
         method, invoice = ("xpay", "invstring") if self.xpay else ("pay", "bolt11")
         params = {invoice: bolt11, "maxfee": fee_limit_msat, "retry_for": RETRY_FOR_S}
         try:

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncpg
-import bolt11 as bolt11_lib
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -47,7 +46,7 @@ from services.gateway.lightning import (
     CAN_ADD_HTLC,
     LightningBackend,
     LightningError,
-    payment_hash_of,
+    decode_invoice,
 )
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settle_store import SettleStore
@@ -363,8 +362,11 @@ class Settler:
             return  # asked again while its command runs: lightningd pays a hash once
         self.metrics.settle_payments.labels(pair.name).inc()
 
+        b = pair.payer.state.batch
+        known = b.payment_hash if b is not None and b.id == a.batch else None
+
         async def pay() -> None:
-            state = await self.backend.pay(a.bolt11, a.fee_limit_msat)
+            state = await self.backend.pay(a.bolt11, a.fee_limit_msat, known)
             fee = state.fee_msat or 0
             pair.last_failure = state.reason
             await self._call(
@@ -597,19 +599,21 @@ class Settler:
 
     async def _offered(self, pair: Pair, msg: sp.Offer, now: float) -> None:
         try:
-            decoded = bolt11_lib.decode(msg.bolt11)
-            payment_hash = payment_hash_of(msg.bolt11)
-            amount = int(decoded.amount_msat or 0)
-            pair.node_id = str(decoded.payee)
-        except Exception as exc:  # another operator's bytes: anything may be wrong
+            decoded = decode_invoice(msg.bolt11)
+        except LightningError as exc:  # another operator's bytes
             log.warning(
-                "an invoice that does not decode", extra={"peer": pair.name, "error": repr(exc)}
+                "an invoice that does not decode", extra={"peer": pair.name, "error": str(exc)}
             )
             await self._call(pair, lambda: pair.payer.refused(msg.batch, now))
             return
+        pair.node_id = decoded.payee
+        amount = decoded.amount_msat or 0
         try:
             await self._call(
-                pair, lambda: pair.payer.offered(msg.batch, msg.bolt11, payment_hash, amount, now)
+                pair,
+                lambda: pair.payer.offered(
+                    msg.batch, msg.bolt11, decoded.payment_hash, amount, now
+                ),
             )
         except ValueError as exc:  # not the amount owed: never paid; asked again
             log.warning(
