@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bolt11 import decode as decode_bolt11
-from bolt11.exceptions import Bolt11Exception
 from pyln.client import LightningRpc, RpcError
 
 from constellation.lightning import (
@@ -146,6 +144,11 @@ class LightningBackend(ABC):
         each one's ``pay_index`` to resume after a restart)."""
 
     @abstractmethod
+    async def decode(self, bolt11: str) -> Decoded:
+        """What a BOLT11 invoice says, checked by the node (``LightningError`` if it is
+        not a valid one)."""
+
+    @abstractmethod
     async def pay(
         self, bolt11: str, fee_limit_msat: int, payment_hash: bytes | None = None
     ) -> PaymentState:
@@ -188,19 +191,6 @@ class Decoded:
     payment_hash: bytes
     amount_msat: int | None
     payee: str  # the node id that signed it
-
-
-def decode_invoice(bolt11: str) -> Decoded:
-    """What a BOLT11 invoice says (``LightningError`` if it is none, or names no hash).
-    Decoding costs milliseconds (the ``bolt11`` package): once per invoice."""
-    try:
-        found = decode_bolt11(bolt11)
-    except (Bolt11Exception, ValueError, KeyError, IndexError) as exc:
-        raise LightningError(f"not a BOLT11 invoice: {exc}", -32602) from None
-    if found.payment_hash is None:
-        raise LightningError("the invoice names no payment hash", -32602)
-    amount = int(found.amount_msat) if found.amount_msat is not None else None
-    return Decoded(bytes.fromhex(found.payment_hash), amount, str(found.payee))
 
 
 def version_tuple(version: str) -> tuple[int, int]:
@@ -367,13 +357,29 @@ class ClnBackend(LightningBackend):
 
     # -- payments ---------------------------------------------------------------------
 
+    async def decode(self, bolt11: str) -> Decoded:
+        """lightningd's ``decode`` (its C parser: the Python ``bolt11`` package takes
+        milliseconds an invoice)."""
+        try:
+            doc = await self._call("decode", {"string": bolt11})
+        except RpcError as exc:
+            if _code(exc) is None:  # the connection was lost
+                raise LightningError(f"decode: {_message(exc)}") from None
+            raise LightningError(f"not a BOLT11 invoice: {_message(exc)}", -32602) from None
+        except (OSError, TimeoutError) as exc:
+            raise LightningError(f"decode: the node did not answer ({exc!r})") from None
+        if doc.get("type") != "bolt11 invoice" or not doc.get("valid") or "payment_hash" not in doc:
+            raise LightningError("not a valid BOLT11 invoice", -32602)
+        amount = msat(doc["amount_msat"]) if "amount_msat" in doc else None
+        return Decoded(bytes.fromhex(doc["payment_hash"]), amount, str(doc["payee"]))
+
     async def pay(
         self, bolt11: str, fee_limit_msat: int, payment_hash: bytes | None = None
     ) -> PaymentState:
         if payment_hash is None:
             try:
-                payment_hash = decode_invoice(bolt11).payment_hash
-            except LightningError as exc:
+                payment_hash = (await self.decode(bolt11)).payment_hash
+            except LightningError as exc:  # not asked to pay: nothing was sent
                 return PaymentState(Outcome.FAILED, b"", reason=str(exc))
         method, invoice = ("xpay", "invstring") if self.xpay else ("pay", "bolt11")
         params = {invoice: bolt11, "maxfee": fee_limit_msat, "retry_for": RETRY_FOR_S}

@@ -46,7 +46,6 @@ from services.gateway.lightning import (
     CAN_ADD_HTLC,
     LightningBackend,
     LightningError,
-    decode_invoice,
 )
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settle_store import SettleStore
@@ -599,8 +598,8 @@ class Settler:
 
     async def _offered(self, pair: Pair, msg: sp.Offer, now: float) -> None:
         try:
-            decoded = decode_invoice(msg.bolt11)
-        except LightningError as exc:  # another operator's bytes
+            decoded = await self.backend.decode(msg.bolt11)
+        except LightningError as exc:  # another operator's bytes, or the node is down
             log.warning(
                 "an invoice that does not decode", extra={"peer": pair.name, "error": str(exc)}
             )

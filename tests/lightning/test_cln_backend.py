@@ -152,7 +152,7 @@ async def test_a_reply_lost_after_the_payment_went_through_is_found_settled(net:
     a, b = await net.backend("a"), await net.backend("b")
     inv = await b.create_invoice(10_000, "lost", "x", 600)
     net.sim.network.nodes["a"].faults.lose_replies = 1
-    state = await a.pay(inv.bolt11, 1_000)
+    state = await a.pay(inv.bolt11, 1_000, inv.payment_hash)  # the pay command's reply
     assert state.outcome is Outcome.SETTLED and state.preimage is not None
     net.sim.network.nodes["b"].faults.lose_replies = 1  # an invoice made, its reply lost
     with pytest.raises(LightningError):
@@ -166,7 +166,7 @@ async def test_a_payer_node_that_is_down_leaves_the_outcome_unknown(net: Net) ->
     a, b = await net.backend("a"), await net.backend("b")
     inv = await b.create_invoice(10_000, "down", "x", 600)
     await net.sim.set_online("a", False)
-    assert (await a.pay(inv.bolt11, 1_000)).outcome is Outcome.UNKNOWN
+    assert (await a.pay(inv.bolt11, 1_000, inv.payment_hash)).outcome is Outcome.UNKNOWN
     with pytest.raises(LightningError):
         await a.balances()
     await net.sim.set_online("a", True)
@@ -337,7 +337,7 @@ async def test_a_lost_answer_over_failed_attempts_is_unknown_until_looked_up_aga
     inv = await b.create_invoice(10_000, "retrying", "x", 600)
     net.sim.network.nodes["b"].faults.fail_next = 1
     net.sim.network.nodes["a"].faults.lose_replies = 1
-    assert (await a.pay(inv.bolt11, 1_000)).outcome is Outcome.UNKNOWN
+    assert (await a.pay(inv.bolt11, 1_000, inv.payment_hash)).outcome is Outcome.UNKNOWN
     assert (await a.payment(inv.payment_hash)).outcome is Outcome.FAILED
 
 
@@ -348,3 +348,16 @@ async def test_each_channel_is_kept_for_what_its_peer_is_expected_to_be_sent(net
     started = [s for s, e in await lightning.rebalance(a, 0, {b_id: 400_000_000}) if e is None]
     assert [s.peer for s in started] == [b_id] and started[0].relative_sat > 0
     assert await lightning.rebalance(a, 0, {}) == []  # nothing expected: nothing to do
+
+
+async def test_the_node_decodes_invoices_and_refuses_what_is_not_one(net: Net) -> None:
+    a, b = await net.backend("a"), await net.backend("b")
+    inv = await b.create_invoice(12_345, "decoded", "x", 600)
+    decoded = await a.decode(inv.bolt11)
+    assert decoded.payment_hash == inv.payment_hash and decoded.amount_msat == 12_345
+    assert decoded.payee == (await b.info()).node_id
+    with pytest.raises(LightningError) as info:
+        await a.decode("lnbcrt1garbage")
+    assert info.value.code == -32602
+    # paying what does not decode sends nothing
+    assert (await a.pay("lnbcrt1garbage", 1_000)).outcome is Outcome.FAILED
