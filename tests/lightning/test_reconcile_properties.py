@@ -67,7 +67,7 @@ async def scenario(plan: list[Try]) -> None:
             faults_a.lose_replies, faults_a.delay_s = int(t.lose_reply), 0.05 * t.delay
             if t.payer_down:
                 await sim.set_online("a", False)
-            state = await payer.pay(inv.bolt11, 10_000)
+            state = await payer.pay(inv.bolt11, 10_000, inv.payment_hash)
             said.append((t, inv, state.outcome))
             if t.payer_down:
                 await sim.set_online("a", True)
