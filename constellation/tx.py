@@ -56,6 +56,7 @@ from constellation.keys import (
 TX_VERSION = 1
 TX_VERSION_LEDGERS = 2
 ISSUANCE_VERSION = 1
+ISSUANCE_BATCH_VERSION = 2
 WITNESS_KEY_PATH = 0
 MAX_INPUTS = 256
 MAX_OUTPUTS = 256
@@ -416,13 +417,93 @@ class Issuance:
             raise ValueError("an unsigned issuance has no transport encoding")
         return self.body + self.signature
 
+    def entries(self) -> list[tuple[bytes, bytes, TxOutput]]:
+        """``(issued id, coin id, coin)`` of each output: the ledger applies each issued
+        id once (here, one for all the outputs)."""
+        iid = self.issuance_id
+        return [(iid, cid, out) for cid, out in zip(self.output_ids, self.outputs, strict=True)]
 
-def decode_issuance(data: bytes) -> Issuance:
+
+class IssuanceBatch:
+    """Many one-output issuances under one signature (settlement's releases)::
+
+        body = version:u8 (=2) issuer:32 n:u16 { nonce:u64 value:u64 owner:32 }*
+        encoded = body || signature:64   -- over tagged_hash("constellation/issue", body)
+
+    Entry ``i`` is the issuance ``Issuance(issuer, nonce_i, [(value_i, owner_i)])``: its
+    issued id and coin id are that issuance's, so a coin's id is known before the batch
+    that issues it exists. The ledger applies each entry once: a batch issued again
+    issues only the entries it has not seen.
+    """
+
+    __slots__ = ("body", "entry_list", "issuance_id", "issuer", "signature")
+
+    def __init__(self, issuer: bytes, entries: Sequence[Issuance], signature: bytes = b"") -> None:
+        if not 1 <= len(entries) <= MAX_OUTPUTS:
+            raise CountOutOfRange(f"issuance batch: {len(entries)} entries, allowed 1..256")
+        if any(e.issuer != issuer or len(e.outputs) != 1 for e in entries):
+            raise BadIssuance("a batch entry is one output issued by the batch's issuer")
+        if len({e.issuance_id for e in entries}) != len(entries):
+            raise DuplicateInput("an entry appears twice in the issuance batch")
+        if signature and len(signature) != SIGNATURE_LEN:
+            raise NonCanonical("issuance signature must be 64 bytes")
+        self.issuer = XOnlyPubKey(issuer)
+        self.entry_list = tuple(entries)
+        self.signature = signature
+        self.body = (
+            bytes((ISSUANCE_BATCH_VERSION,))
+            + issuer
+            + u16(len(entries))
+            + b"".join(u64(e.nonce) + _OUTPUT.pack(*e.outputs[0]) for e in entries)
+        )
+        self.issuance_id = _issue_hash(self.body)
+
+    @property
+    def output_ids(self) -> tuple[bytes, ...]:
+        return tuple(e.output_ids[0] for e in self.entry_list)
+
+    @property
+    def outputs(self) -> tuple[TxOutput, ...]:
+        return tuple(e.outputs[0] for e in self.entry_list)
+
+    def entries(self) -> list[tuple[bytes, bytes, TxOutput]]:
+        return [(e.issuance_id, e.output_ids[0], e.outputs[0]) for e in self.entry_list]
+
+    def signed_by(self, secret: bytes, aux_rand: bytes | None = None) -> IssuanceBatch:
+        signed = copy.copy(self)
+        signed.signature = schnorr_sign(secret, self.issuance_id, aux_rand)
+        return signed
+
+    def verify(self) -> None:
+        if not schnorr_verify(self.issuer, self.issuance_id, self.signature):
+            raise BadIssuance("issuance signature does not verify under its issuer key")
+
+    def encode(self) -> bytes:
+        if not self.signature:
+            raise ValueError("an unsigned issuance has no transport encoding")
+        return self.body + self.signature
+
+
+AnyIssuance = Issuance | IssuanceBatch
+
+
+def decode_issuance(data: bytes) -> AnyIssuance:
     r = Reader(data, "issuance")
     version = r.u8()
-    if version != ISSUANCE_VERSION:
-        raise UnsupportedVersion(f"issuance version {version}, expected {ISSUANCE_VERSION}")
+    if version not in (ISSUANCE_VERSION, ISSUANCE_BATCH_VERSION):
+        raise UnsupportedVersion(f"issuance version {version}, expected 1 or 2")
     issuer = r.bytes(32)
+    if version == ISSUANCE_BATCH_VERSION:
+        n = r.count(1, MAX_OUTPUTS, "batch entries")
+        entries = []
+        for _ in range(n):
+            nonce = r.u64()
+            value = r.u64()
+            owner = XOnlyPubKey(r.bytes(32))
+            entries.append(Issuance(issuer, nonce, [TxOutput(value, owner)]))
+        signature = r.bytes(SIGNATURE_LEN)
+        r.finish()
+        return IssuanceBatch(issuer, entries, signature)
     nonce = r.u64()
     outputs = _decode_outputs(r)
     signature = r.bytes(SIGNATURE_LEN)

@@ -58,7 +58,7 @@ from constellation.ledger.partition import PartitionState, Prepared, accumulator
 from constellation.ledger.pmap import PartitionMap
 from constellation.muhash import MuHash3072
 from constellation.protocol import ledger as proto
-from constellation.tx import Issuance, Transaction, decode_issuance, decode_transaction
+from constellation.tx import AnyIssuance, Transaction, decode_issuance, decode_transaction
 
 ASK_EVERY_S = 0.25
 # How long a coordinator waits for a participant's Done before telling it the commit again.
@@ -278,9 +278,9 @@ class TwoPhaseCommit:
                     if verify and all(self._owner(c) != self.me for c in issuance.output_ids):
                         raise NotHeldHere("the issuance creates no coin here")
                     # its signature is checked as a transaction's: by copies that check
-                    self.state.issue(issuance, verify=signatures)
+                    created = self.state.issue(issuance, verify=signatures)
                     if derive:
-                        changes += self._issued_changes(issuance)
+                        changes += self._issued_changes(issuance, created)
             except ConstellationError as exc:
                 if not verify:
                     raise
@@ -852,7 +852,7 @@ class TwoPhaseCommit:
             self._refuse(reply, item.rid, *self._not_held("issuance", issuance.output_ids[0]))
             return
         try:
-            self.state.issue(issuance)
+            created = self.state.issue(issuance)
         except AlreadyCommitted:
             result = proto.Result(item.rid, "", "already applied", [])
             self.log.after_durable(lambda _: self.send(reply, result))
@@ -864,15 +864,19 @@ class TwoPhaseCommit:
         def durable(height: int) -> None:
             self.send(reply, proto.Result(item.rid, "", "", [(self.me, height)]))
 
-        self.log.add(proto.Issued(item.issuance), durable, False, self._issued_changes(issuance))
+        self.log.add(
+            proto.Issued(item.issuance), durable, False, self._issued_changes(issuance, created)
+        )
 
-    def _issued_changes(self, issuance: Issuance) -> list[proto.CoinChange]:
-        """The coins an issuance creates here, for the block's events."""
-        iid = issuance.issuance_id
+    def _issued_changes(
+        self, issuance: AnyIssuance, created: list[bytes]
+    ) -> list[proto.CoinChange]:
+        """The coins an issuance created here, for the block's events."""
+        made = set(created)
         return [
             proto.CoinChange(iid, cid, owner, value, True)
-            for cid, (value, owner) in zip(issuance.output_ids, issuance.outputs, strict=True)
-            if self._owner(cid) == self.me
+            for iid, cid, (value, owner) in issuance.entries()
+            if cid in made
         ]
 
     # -- queries -------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from constellation.keys import schnorr_verify
 from constellation.muhash import MuHash3072
 from constellation.protocol import ledger as proto
 from constellation.sighash import sighash
-from constellation.tx import PARTITIONS, Issuance, Transaction, TxOutput
+from constellation.tx import PARTITIONS, AnyIssuance, Issuance, Transaction, TxOutput
 
 Coin = TxOutput
 """A coin is an output that exists: ``(value_msat, owner)``, found by its coin id."""
@@ -308,31 +308,39 @@ class PartitionState:
 
     # -- issuance ------------------------------------------------------------------------
 
-    def issue(self, issuance: Issuance, verify: bool = True) -> list[bytes]:
-        """Create an issuance's outputs held here; returns their coin ids.
+    def issue(self, issuance: AnyIssuance, verify: bool = True) -> list[bytes]:
+        """Create an issuance's outputs held here; returns the coin ids created.
 
-        Only an issuer this state trusts may issue, each issuance id once. Without
+        Only an issuer this state trusts may issue, each issued id once (an issuance's;
+        each entry's of a batch, whose entries seen before are left out). Without
         ``verify``, its signature was checked where the caller relies on (as a
         transaction's, in ``prepare``).
         """
         if issuance.issuer not in self.issuers:
             raise BadIssuance(f"{issuance.issuer.hex()} is not an issuer of this ledger")
-        if issuance.issuance_id in self.issued_ids:
-            raise AlreadyCommitted(f"issuance {issuance.issuance_id.hex()} already applied")
+        issued = self.issued_ids
+        if isinstance(issuance, Issuance):  # one id, recorded whatever it creates here
+            if issuance.issuance_id in issued:
+                raise AlreadyCommitted(f"issuance {issuance.issuance_id.hex()} already applied")
+            ids = [issuance.issuance_id]
+            fresh = [e for e in issuance.entries() if self.holds_coin(e[1])]
+        else:  # an id an entry, recorded where its coin is
+            fresh = [e for e in issuance.entries() if self.holds_coin(e[1]) and e[0] not in issued]
+            if not fresh:
+                raise AlreadyCommitted(f"issuance {issuance.issuance_id.hex()} already applied")
+            ids = [iid for iid, _, _ in fresh]
         if verify:
             issuance.verify()
-        created = []
-        for cid, (value, owner) in zip(issuance.output_ids, issuance.outputs, strict=True):
-            if self.holds_coin(cid):
-                assert cid not in self.coins and cid not in self.spent, "issued id exists"
-                coin = self.coins[cid] = (value, owner)
-                self.issued_msat += value
-                self.held_msat += value
-                self.muhash.insert(_coin_element(cid, coin))
-                created.append(cid)
-        self.issued_ids.add(issuance.issuance_id)
-        self.muhash.insert(_issued_element(issuance.issuance_id))
-        return created
+        for _, cid, (value, owner) in fresh:
+            assert cid not in self.coins and cid not in self.spent, "issued id exists"
+            coin = self.coins[cid] = (value, owner)
+            self.issued_msat += value
+            self.held_msat += value
+            self.muhash.insert(_coin_element(cid, coin))
+        for iid in ids:
+            issued.add(iid)
+            self.muhash.insert(_issued_element(iid))
+        return [cid for _, cid, _ in fresh]
 
     # -- snapshots -----------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ from constellation.errors import AlreadyCommitted, ConstellationError
 from constellation.keys import SigningKey
 from constellation.lightning import Outcome
 from constellation.protocol import settlement as sp
-from constellation.tx import ledger_id
+from constellation.tx import IssuanceBatch, ledger_id
 from services.gateway.lightning import (
     CAN_ADD_HTLC,
     LightningBackend,
@@ -503,28 +503,30 @@ class Settler:
         if len(rows) != last - first + 1:
             return f"outputs {first}..{last} are not all held here"
         issuer = self.settings.issuer
-        issuances = []
+        entries = []
         for e, release_id in rows:
-            issuance = st.release_issuance(
+            entry = st.release_issuance(
                 issuer.pubkey, pair.ledger, e.coin_id, e.value_msat, e.owner
             )
-            if issuance.output_ids[0] != release_id:  # the issuer key changed meanwhile
+            if entry.output_ids[0] != release_id:  # the issuer key changed meanwhile
                 return f"output {e.seq} was announced as coin {release_id.hex()}"
-            issuances.append(issuance.signed_by(issuer.secret))
-        for at in range(0, len(issuances), RELEASE_CHUNK):
-            chunk = issuances[at : at + RELEASE_CHUNK]
-            results = await asyncio.gather(
-                *(self.ledger.issue(i, i.encode(), 10.0) for i in chunk),
-                return_exceptions=True,
-            )
-            for r in results:
-                if isinstance(r, LedgerUnavailable):
-                    return str(r)
-                if isinstance(r, BaseException):
-                    raise r
-                refused = [x for x in r if x.code and x.code != AlreadyCommitted.code]
-                if refused:
-                    return f"{refused[0].code}: {refused[0].detail}"
+            entries.append(entry)
+        # one signature a chunk: the ledger applies each entry once, however often asked
+        batches = [
+            IssuanceBatch(issuer.pubkey, entries[at : at + RELEASE_CHUNK]).signed_by(issuer.secret)
+            for at in range(0, len(entries), RELEASE_CHUNK)
+        ]
+        results = await asyncio.gather(
+            *(self.ledger.issue(b, b.encode(), 10.0) for b in batches), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, LedgerUnavailable):
+                return str(r)
+            if isinstance(r, BaseException):
+                raise r
+            refused = [x for x in r if x.code and x.code != AlreadyCommitted.code]
+            if refused:
+                return f"{refused[0].code}: {refused[0].detail}"
         return ""
 
     # -- messages from peers ----------------------------------------------------------

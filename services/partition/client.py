@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from constellation.errors import AlreadyCommitted, InFlight, MessageError
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
-from constellation.tx import Issuance, Transaction
+from constellation.tx import AnyIssuance, Transaction
 from services.bus import (
     GATEWAY,
     Batching,
@@ -152,7 +152,9 @@ class LedgerClient:
         ]
         return await self._answers(pending, timeout_s)
 
-    async def issue(self, issuance: Issuance, raw: bytes, timeout_s: float) -> list[proto.Result]:
+    async def issue(
+        self, issuance: AnyIssuance, raw: bytes, timeout_s: float
+    ) -> list[proto.Result]:
         """Apply an issuance at every worker holding one of its outputs."""
         workers = sorted({self.owner(cid) for cid in issuance.output_ids})
         pending = [self._request(w, proto.Issue, raw) for w in workers]

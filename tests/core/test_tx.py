@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from constellation.codec import u16, u64
 from constellation.errors import (
+    BadIssuance,
     ConstellationError,
     CountOutOfRange,
     DecodeError,
@@ -27,6 +28,7 @@ from constellation.tx import (
     HERE,
     MAX_INPUTS,
     Issuance,
+    IssuanceBatch,
     Transaction,
     TxInput,
     TxOutput,
@@ -221,3 +223,28 @@ def test_ledger_ids_checked() -> None:
         Transaction([TxInput(CID, 10)], [TxOutput(10, OWNER)], ledgers=[OTHER, OTHER])
     assert ledger_id(KEYS[2].pubkey) != ledger_id(KEYS[3].pubkey)
     assert len(OTHER) == 8
+
+
+def test_an_issuance_batch_is_its_one_output_issuances_under_one_signature() -> None:
+    issuer = KEYS[1]
+    singles = [Issuance(issuer.pubkey, n, [TxOutput(5 + n, OWNER)]) for n in range(3)]
+    batch = IssuanceBatch(issuer.pubkey, singles).signed_by(issuer.secret)
+    batch.verify()
+    again = decode_issuance(batch.encode())
+    assert isinstance(again, IssuanceBatch) and again.issuance_id == batch.issuance_id
+    # each entry's coin is the coin its one-output issuance would make
+    assert again.output_ids == tuple(s.output_ids[0] for s in singles)
+    assert [e[0] for e in again.entries()] == [s.issuance_id for s in singles]
+    with pytest.raises(DuplicateInput):
+        IssuanceBatch(issuer.pubkey, [singles[0], singles[0]])
+    with pytest.raises(BadIssuance):  # another issuer's entry
+        IssuanceBatch(KEYS[2].pubkey, singles)
+    with pytest.raises(BadIssuance):
+        IssuanceBatch(
+            issuer.pubkey, [*singles[:2], Issuance(issuer.pubkey, 9, [TxOutput(1, OWNER)] * 2)]
+        )
+    forged = IssuanceBatch(issuer.pubkey, singles[:2], batch.signature)
+    with pytest.raises(BadIssuance):
+        forged.verify()
+    with pytest.raises(TrailingBytes):
+        decode_issuance(batch.encode() + b"\\x00")

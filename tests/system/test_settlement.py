@@ -8,7 +8,8 @@ restarted by their supervisors) every
 output is still released exactly once, as the coin it was announced as, and only by a
 batch whose invoice was paid for exactly the outputs it released; nothing is paid twice;
 each pair's paid and released totals agree; the ledgers' books are conserved; and the
-reserve invariant holds at every operator with no drift.
+reserve invariant holds at every operator with no drift; and every copy of every shard
+ends at one height and state root.
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ async def test_settlement_under_faults_releases_each_output_once_after_paying(
         assert await work.spendable()
         assert await settled_books_agree(nets(where), s, out, 60), out.getvalue()
     await each_release_was_paid_for(where)
+    # every copy of every shard re-executed the same payments and releases alike
+    by_shard = await asyncio.to_thread(guild.wait_converged, nets(where), 90)
+    assert len(by_shard) == 6 and all(len(cs) == 6 for cs in by_shard.values())
 
 
 async def each_release_was_paid_for(where: Path) -> None:
