@@ -137,7 +137,6 @@ class Settler:
         self.clock = clock
         layout = s.layout
         self.me = layout.index(s.operator)
-        self.ledger_id = ledger_id(layout.members[self.me].key)
         self.sealer = Sealer(layout.guild, s.key, layout.keys)
         self.opener = Opener(layout.guild, [m.name for m in layout.members], layout.keys, self.me)
         self.pairs: dict[str, Pair] = {}

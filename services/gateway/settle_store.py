@@ -226,14 +226,6 @@ class SettleStore:
         )
         return dict(row) if row is not None else None
 
-    async def unreleased(self) -> list[tuple[str, int, float]]:
-        """Per peer: outputs pending here, and the age in seconds of the oldest."""
-        rows = await self.pool.fetch(
-            "SELECT peer, count(*) AS n, extract(epoch FROM now() - min(at)) AS age"
-            " FROM settle_pending WHERE released_at IS NULL GROUP BY peer"
-        )
-        return [(r["peer"], r["n"], float(r["age"])) for r in rows]
-
     # -- the machines' state ----------------------------------------------------------
 
     async def load_states(self) -> dict[tuple[str, str], bytes]:
