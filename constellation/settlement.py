@@ -44,13 +44,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
 from constellation.hashing import tagged_hasher
 from constellation.keys import XOnlyPubKey
 from constellation.lightning import Outcome
-from constellation.tx import Issuance, TxOutput
+from constellation.tx import IssuanceBatch, TxOutput
 
 PERIOD_S = 1.0  # a batch a second, at most
 RETRY_S = 2.0  # an unanswered request to the payee is sent again
@@ -489,21 +490,32 @@ def invoice_preimage(secret: bytes, invoice_label: str) -> bytes:
     return hmac.new(secret, invoice_label.encode(), hashlib.sha256).digest()
 
 
-def release_nonce(payer_ledger: bytes, output_id: bytes) -> int:
-    """The nonce of the issuance that releases one pending output at the payee."""
-    return int.from_bytes(_release_hash(payer_ledger + output_id)[:8], "big")
+def release_nonce(payer_ledger: bytes, output_id: bytes) -> bytes:
+    """The nonce of the batch entry that releases one pending output at the payee: all
+    of the output's 32 bytes of entropy (a shorter one would let a payer's user grind
+    two outputs into one coin)."""
+    return _release_hash(payer_ledger + output_id)
 
 
-def release_issuance(
+def release_coin(
     issuer: bytes, payer_ledger: bytes, output_id: bytes, value_msat: int, owner: bytes
-) -> Issuance:
-    """The coin a pending output becomes at the payee once its batch is paid: one
-    issuance per output, so its coin id is known while it is pending, and the ledger
-    applies it once whatever the retries (an issuance id is applied once). Its keys are
-    not checked here (the owner was, in the announcement; the ledger checks both)."""
-    return Issuance(
+) -> bytes:
+    """The coin a pending output becomes at the payee once its batch is paid, known
+    while it is pending: the ledger applies its entry once, whatever the retries."""
+    out = TxOutput(value_msat, XOnlyPubKey(owner))
+    return IssuanceBatch.coin_of(issuer, release_nonce(payer_ledger, output_id), out)
+
+
+def release_batch(
+    issuer: bytes, entries: Sequence[tuple[bytes, bytes, int, bytes]]
+) -> IssuanceBatch:
+    """The issuance of pending outputs ``(payer ledger, output id, value, owner)`` at
+    the payee (keys not checked again: the announcement's were; the ledger checks)."""
+    return IssuanceBatch(
         issuer,
-        release_nonce(payer_ledger, output_id),
-        [TxOutput(value_msat, XOnlyPubKey(owner))],
+        [
+            (release_nonce(ledger, oid), TxOutput(value, XOnlyPubKey(owner)))
+            for ledger, oid, value, owner in entries
+        ],
         check_keys=False,
     )

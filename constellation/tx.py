@@ -20,6 +20,10 @@ is not created here: the ledger of the inputs records it as owed to that ledger,
 it is pending until settled over Lightning (``constellation.settlement``). A
 transaction whose outputs all stay in the ledger is version 1 (version 2 with no other
 ledger is not canonical), so one meaning has one encoding.
+
+The ledger does not know which ledgers exist: every entry point (the gateways) refuses an
+output to a ledger its operator does not settle with, and an output paid to one all the
+same stays untaken by settlement, in plain sight (``gateway_settle_untaken_outputs``).
 """
 
 from __future__ import annotations
@@ -425,49 +429,69 @@ class Issuance:
 
 
 class IssuanceBatch:
-    """Many one-output issuances under one signature (settlement's releases)::
+    """Outputs issued under one signature, each its own entry (settlement's releases)::
 
-        body = version:u8 (=2) issuer:32 n:u16 { nonce:u64 value:u64 owner:32 }*
+        body  = version:u8 (=2) issuer:32 n:u16 { nonce:32 value:u64 owner:32 }*
         encoded = body || signature:64   -- over tagged_hash("constellation/issue", body)
+        entry = version:u8 (=2) issuer:32 nonce:32 value:u64 owner:32
+        issued id of an entry = tagged_hash("constellation/issue", entry); its coin is
+        coin_id(issued id, 0)
 
-    Entry ``i`` is the issuance ``Issuance(issuer, nonce_i, [(value_i, owner_i)])``: its
-    issued id and coin id are that issuance's, so a coin's id is known before the batch
-    that issues it exists. The ledger applies each entry once: a batch issued again
-    issues only the entries it has not seen.
+    An entry's ids depend on the issuer, its 32-byte nonce and its output, not on the
+    batch, so a coin's id is known before the batch that issues it exists; the ledger
+    applies each entry once (a batch issued again issues only what it has not seen). An
+    entry and a batch never share an id with a version 1 issuance (the version byte) or
+    with each other (their lengths differ).
     """
 
-    __slots__ = ("body", "entry_list", "issuance_id", "issuer", "signature")
+    __slots__ = ("body", "ids", "issuance_id", "issuer", "outputs", "signature")
 
-    def __init__(self, issuer: bytes, entries: Sequence[Issuance], signature: bytes = b"") -> None:
+    def __init__(
+        self,
+        issuer: bytes,
+        entries: Sequence[tuple[bytes, TxOutput]],
+        signature: bytes = b"",
+        *,
+        check_keys: bool = True,
+    ) -> None:
+        """``entries``: (nonce, output) each. ``check_keys=False``: for keys checked
+        already (the ledger checks them again)."""
         if not 1 <= len(entries) <= MAX_OUTPUTS:
             raise CountOutOfRange(f"issuance batch: {len(entries)} entries, allowed 1..256")
-        if any(e.issuer != issuer or len(e.outputs) != 1 for e in entries):
-            raise BadIssuance("a batch entry is one output issued by the batch's issuer")
-        if len({e.issuance_id for e in entries}) != len(entries):
-            raise DuplicateInput("an entry appears twice in the issuance batch")
+        if check_keys and not is_valid_xonly(issuer):
+            raise InvalidKey("issuer is not a BIP340 public key")
+        if any(len(nonce) != 32 for nonce, _ in entries):
+            raise NonCanonical("a batch entry's nonce is 32 bytes")
+        outputs = tuple(TxOutput(v, k) for _, (v, k) in entries)
+        _check_outputs(outputs, "issuance batch", check_keys)
         if signature and len(signature) != SIGNATURE_LEN:
             raise NonCanonical("issuance signature must be 64 bytes")
+        rows = [nonce + _OUTPUT.pack(v, k) for nonce, (v, k) in entries]
+        head = bytes((ISSUANCE_BATCH_VERSION,)) + issuer
+        ids = tuple(_issue_hash(head + row) for row in rows)
+        if len(set(ids)) != len(ids):
+            raise DuplicateInput("an entry appears twice in the issuance batch")
         self.issuer = XOnlyPubKey(issuer)
-        self.entry_list = tuple(entries)
+        self.outputs = outputs
+        self.ids = ids
         self.signature = signature
-        self.body = (
-            bytes((ISSUANCE_BATCH_VERSION,))
-            + issuer
-            + u16(len(entries))
-            + b"".join(u64(e.nonce) + _OUTPUT.pack(*e.outputs[0]) for e in entries)
-        )
+        self.body = head + u16(len(rows)) + b"".join(rows)
         self.issuance_id = _issue_hash(self.body)
+
+    @staticmethod
+    def coin_of(issuer: bytes, nonce: bytes, output: TxOutput) -> bytes:
+        """The coin an entry issues, known before any batch holds it."""
+        entry = bytes((ISSUANCE_BATCH_VERSION,)) + issuer + nonce + _OUTPUT.pack(*output)
+        return coin_id(_issue_hash(entry), 0)
 
     @property
     def output_ids(self) -> tuple[bytes, ...]:
-        return tuple(e.output_ids[0] for e in self.entry_list)
-
-    @property
-    def outputs(self) -> tuple[TxOutput, ...]:
-        return tuple(e.outputs[0] for e in self.entry_list)
+        return tuple(coin_id(iid, 0) for iid in self.ids)
 
     def entries(self) -> list[tuple[bytes, bytes, TxOutput]]:
-        return [(e.issuance_id, e.output_ids[0], e.outputs[0]) for e in self.entry_list]
+        return [
+            (iid, coin_id(iid, 0), out) for iid, out in zip(self.ids, self.outputs, strict=True)
+        ]
 
     def signed_by(self, secret: bytes, aux_rand: bytes | None = None) -> IssuanceBatch:
         signed = copy.copy(self)
@@ -497,10 +521,9 @@ def decode_issuance(data: bytes) -> AnyIssuance:
         n = r.count(1, MAX_OUTPUTS, "batch entries")
         entries = []
         for _ in range(n):
-            nonce = r.u64()
+            entry_nonce = r.bytes(32)
             value = r.u64()
-            owner = XOnlyPubKey(r.bytes(32))
-            entries.append(Issuance(issuer, nonce, [TxOutput(value, owner)]))
+            entries.append((entry_nonce, TxOutput(value, XOnlyPubKey(r.bytes(32)))))
         signature = r.bytes(SIGNATURE_LEN)
         r.finish()
         return IssuanceBatch(issuer, entries, signature)

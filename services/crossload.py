@@ -3,7 +3,7 @@ the others, each payment spent at once in the payer's ledger and pending at the 
 until the operators settle over Lightning; then a report and the checks.
 
 Each payment's output is followed to the coin it becomes at the payee's ledger
-(``release_issuance``: its id is known while it is pending): the receiver sees it
+(``release_coin``: its id is known while it is pending): the receiver sees it
 pending, then spendable. The checks: every output released exactly once, as the coin it
 was announced as, and only after its batch was paid (the payee's books say released
 msat = paid msat); each ledger's books conserved (issued = held + fees + paid out); the
@@ -26,7 +26,7 @@ import aiohttp
 from constellation.address import Network, encode_address
 from constellation.keys import XOnlyPubKey
 from constellation.ledger.partition import Coin
-from constellation.settlement import release_issuance
+from constellation.settlement import release_coin
 from constellation.tx import TxOutput
 from constellation.wallet import Wallet
 from services.devnet import Devnet, guild
@@ -188,14 +188,13 @@ class CrossWorkload:
         return (self.codes["committed"] - before) / (time.perf_counter() - started)
 
     def released_as(self, crossings: list[Crossing]) -> None:
-        """Work out the coin each becomes at its payee (``release_issuance``)."""
+        """Work out the coin each becomes at its payee (``release_coin``)."""
         issuers = [net.issuer.pubkey for net in self.nets]
         for c in crossings:
             if not c.release_id:
-                release = release_issuance(
+                c.release_id = release_coin(
                     issuers[c.dst], self.lids[c.src], c.output_id, c.value_msat, c.owner
                 )
-                c.release_id = release.output_ids[0]
 
     async def show_pending(self, c: Crossing) -> list[str]:
         """How the receiver sees a payment from another operator: pending, then a coin."""

@@ -314,6 +314,7 @@ class TwoPhaseCommit:
         committed: list[tuple[bytes, int]],
     ) -> None:
         state, txid = self.state, rec.txid
+        outbound: list[proto.CoinChange] = []
         if rec.tx:  # the coordinator's record: nothing was prepared before it
             tx = decode_transaction(rec.tx, check_owners=verify)
             if verify:
@@ -332,14 +333,14 @@ class TwoPhaseCommit:
                 self.muhash.insert(_decided_element(txid, decided))
             if derive:
                 committed.append((txid, tx.fee_msat))
-                changes += _outbound_of(tx)
+                outbound = _outbound_of(tx)
         else:
             if verify and txid not in self.logged:
                 raise UnknownTransaction(f"{txid.hex()} is not in doubt here")
             self.in_doubt.pop(txid, None)
             self._settle(txid)
-        if derive:
-            changes += self._changes_of(txid)
+        if derive:  # in the order the leader wrote them
+            changes += self._changes_of(txid) + outbound
         state.commit(txid)
 
     def _log_doubt(self, txid: bytes, coordinator: int, attempt: int) -> None:

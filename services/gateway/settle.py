@@ -9,7 +9,7 @@ into the member's) and a ``Payee`` (what the member's ledger paid into it). The 
 * carries out the machines' actions: messages to the peer, sealed with the operator
   key on the peer's NATS; invoices, payments and look-ups at the operator's Lightning
   node; releases, which issue each paid output's coin in this ledger
-  (``release_issuance``: applied once however often it is asked for);
+  (``release_batch``: each output applied once however often it is asked for);
 * persists each machine's state (``SettleStore.save_state``) before it acts on what a
   call returned, and on start loads it and carries out ``resume()``;
 * checks the reserve invariant every second (``Reserve``).
@@ -41,7 +41,7 @@ from constellation.errors import AlreadyCommitted, ConstellationError
 from constellation.keys import SigningKey
 from constellation.lightning import Outcome
 from constellation.protocol import settlement as sp
-from constellation.tx import IssuanceBatch, ledger_id
+from constellation.tx import ledger_id
 from services.gateway.lightning import (
     CAN_ADD_HTLC,
     LightningBackend,
@@ -501,18 +501,17 @@ class Settler:
         rows = await self.store.releases(pair.name, first, last)
         if len(rows) != last - first + 1:
             return f"outputs {first}..{last} are not all held here"
-        issuer = self.settings.issuer
-        entries = []
+        issuer = self.settings.issuer.pubkey
         for e, release_id in rows:
-            entry = st.release_issuance(
-                issuer.pubkey, pair.ledger, e.coin_id, e.value_msat, e.owner
-            )
-            if entry.output_ids[0] != release_id:  # the issuer key changed meanwhile
+            coin = st.release_coin(issuer, pair.ledger, e.coin_id, e.value_msat, e.owner)
+            if coin != release_id:  # the issuer key changed meanwhile
                 return f"output {e.seq} was announced as coin {release_id.hex()}"
-            entries.append(entry)
         # one signature a chunk: the ledger applies each entry once, however often asked
+        entries = [(pair.ledger, e.coin_id, e.value_msat, e.owner) for e, _ in rows]
         batches = [
-            IssuanceBatch(issuer.pubkey, entries[at : at + RELEASE_CHUNK]).signed_by(issuer.secret)
+            st.release_batch(issuer, entries[at : at + RELEASE_CHUNK]).signed_by(
+                self.settings.issuer.secret
+            )
             for at in range(0, len(entries), RELEASE_CHUNK)
         ]
         results = await asyncio.gather(
@@ -577,9 +576,9 @@ class Settler:
             rows = [
                 (
                     e,
-                    st.release_issuance(
+                    st.release_coin(
                         self.settings.issuer.pubkey, pair.ledger, e.coin_id, e.value_msat, e.owner
-                    ).output_ids[0],
+                    ),
                 )
                 for e in fresh
             ]

@@ -24,6 +24,7 @@ from constellation.errors import (
     ValueOutOfRange,
 )
 from constellation.hashing import tagged_hash
+from constellation.keys import XOnlyPubKey
 from constellation.tx import (
     HERE,
     MAX_INPUTS,
@@ -225,26 +226,30 @@ def test_ledger_ids_checked() -> None:
     assert len(OTHER) == 8
 
 
-def test_an_issuance_batch_is_its_one_output_issuances_under_one_signature() -> None:
+def test_an_issuance_batch_issues_entries_whose_coins_are_known_before_it() -> None:
     issuer = KEYS[1]
-    singles = [Issuance(issuer.pubkey, n, [TxOutput(5 + n, OWNER)]) for n in range(3)]
-    batch = IssuanceBatch(issuer.pubkey, singles).signed_by(issuer.secret)
+    entries = [(bytes([n]) * 32, TxOutput(5 + n, OWNER)) for n in range(3)]
+    batch = IssuanceBatch(issuer.pubkey, entries).signed_by(issuer.secret)
     batch.verify()
     again = decode_issuance(batch.encode())
     assert isinstance(again, IssuanceBatch) and again.issuance_id == batch.issuance_id
-    # each entry's coin is the coin its one-output issuance would make
-    assert again.output_ids == tuple(s.output_ids[0] for s in singles)
-    assert [e[0] for e in again.entries()] == [s.issuance_id for s in singles]
+    assert again.encode() == batch.encode()
+    # each entry's coin is known from the entry alone, whatever batch carries it
+    coins = [IssuanceBatch.coin_of(issuer.pubkey, nonce, out) for nonce, out in entries]
+    assert again.output_ids == tuple(coins)
+    other = IssuanceBatch(issuer.pubkey, entries[::-1]).signed_by(issuer.secret)
+    assert other.issuance_id != batch.issuance_id and set(other.output_ids) == set(coins)
+    # never a version 1 issuance's id
+    single = Issuance(issuer.pubkey, 0, [entries[0][1]])
+    assert single.issuance_id not in {iid for iid, _, _ in batch.entries()}
     with pytest.raises(DuplicateInput):
-        IssuanceBatch(issuer.pubkey, [singles[0], singles[0]])
-    with pytest.raises(BadIssuance):  # another issuer's entry
-        IssuanceBatch(KEYS[2].pubkey, singles)
-    with pytest.raises(BadIssuance):
-        IssuanceBatch(
-            issuer.pubkey, [*singles[:2], Issuance(issuer.pubkey, 9, [TxOutput(1, OWNER)] * 2)]
-        )
-    forged = IssuanceBatch(issuer.pubkey, singles[:2], batch.signature)
+        IssuanceBatch(issuer.pubkey, [entries[0], entries[0]])
+    with pytest.raises(NonCanonical):
+        IssuanceBatch(issuer.pubkey, [(b"\x01" * 31, entries[0][1])])
+    with pytest.raises(InvalidKey):
+        IssuanceBatch(issuer.pubkey, [(b"\x01" * 32, TxOutput(1, XOnlyPubKey(b"\xff" * 32)))])
+    forged = IssuanceBatch(issuer.pubkey, entries[:2], batch.signature)
     with pytest.raises(BadIssuance):
         forged.verify()
     with pytest.raises(TrailingBytes):
-        decode_issuance(batch.encode() + b"\\x00")
+        decode_issuance(batch.encode() + b"\x00")

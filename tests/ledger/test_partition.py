@@ -229,19 +229,18 @@ def test_stored_coins_leave_the_garbage_collectors_walk() -> None:
 
 def test_a_batch_issues_each_entry_once_and_a_retry_only_what_is_missing() -> None:
     state = PartitionState(range(PARTITIONS), [ISSUER.pubkey])
-    singles = [Issuance(ISSUER.pubkey, n, [TxOutput(10 + n, BOB.pubkey)]) for n in range(4)]
-    # two of them issued already, alone
-    state.issue(singles[0].signed_by(ISSUER.secret))
-    state.issue(singles[1].signed_by(ISSUER.secret))
-    batch = IssuanceBatch(ISSUER.pubkey, singles).signed_by(ISSUER.secret)
+    entries = [(bytes([n]) * 32, TxOutput(10 + n, BOB.pubkey)) for n in range(4)]
+    # two of them issued already, in a batch of their own
+    state.issue(IssuanceBatch(ISSUER.pubkey, entries[:2]).signed_by(ISSUER.secret))
+    batch = IssuanceBatch(ISSUER.pubkey, entries).signed_by(ISSUER.secret)
     created = state.issue(batch)
-    assert created == [s.output_ids[0] for s in singles[2:]]
+    assert created == list(batch.output_ids[2:])
     assert state.held_msat == sum(10 + n for n in range(4)) == state.issued_msat
     with pytest.raises(AlreadyCommitted):
         state.issue(batch)
     with pytest.raises(AlreadyCommitted):  # one of its entries, alone again
-        state.issue(singles[3].signed_by(ISSUER.secret))
+        state.issue(IssuanceBatch(ISSUER.pubkey, entries[3:]).signed_by(ISSUER.secret))
     state.check_invariants()
-    unsigned = IssuanceBatch(ISSUER.pubkey, [Issuance(ISSUER.pubkey, 9, [TxOutput(1, BOB.pubkey)])])
+    lone = IssuanceBatch(ISSUER.pubkey, [(b"\x09" * 32, TxOutput(1, BOB.pubkey))])
     with pytest.raises(BadIssuance):
-        state.issue(unsigned.signed_by(ALICE.secret))
+        state.issue(lone.signed_by(ALICE.secret))
