@@ -32,7 +32,7 @@ import copy
 import struct
 from collections.abc import Sequence
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 from constellation.amount import MAX_MSAT
 from constellation.codec import Reader, u16, u64
@@ -363,7 +363,34 @@ def decode_transaction(data: bytes, check_owners: bool = True) -> Transaction:
     return tx
 
 
-class Issuance:
+class _Signed:
+    """What every issuance shares: its issuer signs its id, and it travels as its body
+    and that signature."""
+
+    __slots__ = ("signature",)
+    issuer: XOnlyPubKey
+    issuance_id: bytes
+    signature: bytes
+    body: bytes
+
+    def signed_by(self, secret: bytes, aux_rand: bytes | None = None) -> Self:
+        """This issuance with its issuer's signature (checked already: not again)."""
+        signed = copy.copy(self)
+        signed.signature = schnorr_sign(secret, self.issuance_id, aux_rand)
+        return signed
+
+    def verify(self) -> None:
+        """Raise ``BadIssuance`` unless the issuer signed this issuance's id."""
+        if not schnorr_verify(self.issuer, self.issuance_id, self.signature):
+            raise BadIssuance("issuance signature does not verify under its issuer key")
+
+    def encode(self) -> bytes:
+        if not self.signature:
+            raise ValueError("an unsigned issuance has no transport encoding")
+        return self.body + self.signature
+
+
+class Issuance(_Signed):
     """New coins created by an operator's issuing key (genesis, local funding, tests).
 
     The ledger accepts an issuance only from keys it is configured to trust, once per
@@ -373,7 +400,7 @@ class Issuance:
         encoded = body || signature:64
     """
 
-    __slots__ = ("body", "issuance_id", "issuer", "nonce", "output_ids", "outputs", "signature")
+    __slots__ = ("body", "issuance_id", "issuer", "nonce", "output_ids", "outputs")
 
     def __init__(
         self,
@@ -405,22 +432,6 @@ class Issuance:
     def total_msat(self) -> int:
         return sum(v for v, _ in self.outputs)
 
-    def signed_by(self, secret: bytes, aux_rand: bytes | None = None) -> Issuance:
-        """This issuance with its issuer's signature (checked already: not again)."""
-        signed = copy.copy(self)
-        signed.signature = schnorr_sign(secret, self.issuance_id, aux_rand)
-        return signed
-
-    def verify(self) -> None:
-        """Raise ``BadIssuance`` unless the issuer signed this issuance's id."""
-        if not schnorr_verify(self.issuer, self.issuance_id, self.signature):
-            raise BadIssuance("issuance signature does not verify under its issuer key")
-
-    def encode(self) -> bytes:
-        if not self.signature:
-            raise ValueError("an unsigned issuance has no transport encoding")
-        return self.body + self.signature
-
     def entries(self) -> list[tuple[bytes, bytes, TxOutput]]:
         """``(issued id, coin id, coin)`` of each output: the ledger applies each issued
         id once (here, one for all the outputs)."""
@@ -428,7 +439,7 @@ class Issuance:
         return [(iid, cid, out) for cid, out in zip(self.output_ids, self.outputs, strict=True)]
 
 
-class IssuanceBatch:
+class IssuanceBatch(_Signed):
     """Outputs issued under one signature, each its own entry (settlement's releases)::
 
         body  = version:u8 (=2) issuer:32 n:u16 { nonce:32 value:u64 owner:32 }*
@@ -444,7 +455,7 @@ class IssuanceBatch:
     with each other (their lengths differ).
     """
 
-    __slots__ = ("body", "ids", "issuance_id", "issuer", "outputs", "signature")
+    __slots__ = ("body", "ids", "issuance_id", "issuer", "outputs")
 
     def __init__(
         self,
@@ -492,20 +503,6 @@ class IssuanceBatch:
         return [
             (iid, coin_id(iid, 0), out) for iid, out in zip(self.ids, self.outputs, strict=True)
         ]
-
-    def signed_by(self, secret: bytes, aux_rand: bytes | None = None) -> IssuanceBatch:
-        signed = copy.copy(self)
-        signed.signature = schnorr_sign(secret, self.issuance_id, aux_rand)
-        return signed
-
-    def verify(self) -> None:
-        if not schnorr_verify(self.issuer, self.issuance_id, self.signature):
-            raise BadIssuance("issuance signature does not verify under its issuer key")
-
-    def encode(self) -> bytes:
-        if not self.signature:
-            raise ValueError("an unsigned issuance has no transport encoding")
-        return self.body + self.signature
 
 
 AnyIssuance = Issuance | IssuanceBatch
