@@ -41,6 +41,8 @@ class GatewayNode:
             return False, "draining"
         # payments in the ledger need no Lightning node: ready, and saying so
         node = "; the Lightning node does not answer" if self.lightning_up is False else ""
+        if self.settler is not None:  # payments in the ledger need no settling either
+            node += "; settling" if self.settler.leading else "; not settling (standing by)"
         return True, f"routing by partition map v{self.api.ledger.pmap.version}{node}"
 
     async def run(self, stop: asyncio.Event) -> None:

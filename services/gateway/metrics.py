@@ -56,6 +56,11 @@ class GatewayMetrics:
             registry=r,
         )
         # -- settlement between operators (``settle.py``)
+        self.settle_leading = Gauge(
+            "gateway_settle_leading",
+            "1 while this gateway settles for its operator (0: another does, or it restarts)",
+            registry=r,
+        )
         self.settle_owed = Counter(
             "gateway_settle_owed_msat",
             "outputs paid from this ledger into a peer's, taken as obligations",

@@ -156,6 +156,7 @@ class Settler:
             await asyncio.sleep(LEAD_RETRY_S)
         await self._load()
         self.leading = True
+        self.metrics.settle_leading.set(1)
         log.info("settling", extra={"peers": list(self.pairs)})
         sub = await self.ledger.nc.subscribe(SETTLE_LISTEN, cb=self._on_message)
         for pair in self.pairs.values():
@@ -175,6 +176,7 @@ class Settler:
                 await asyncio.sleep(TICK_S)
         finally:
             self.leading = False
+            self.metrics.settle_leading.set(0)
             with contextlib.suppress(NatsError):
                 await sub.unsubscribe()
             for task in list(self._tasks):
