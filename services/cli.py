@@ -139,15 +139,19 @@ async def _fund(net: devnet.Devnet, address: str, amount_msat: int) -> dict[str,
 def _devnet(args: argparse.Namespace) -> int:
     in_guild = (args.dir / guild.GUILD_FILE).exists()
     if args.devnet_command == "up" and args.operators > 1:
-        nets = guild.up(args.dir, args.operators, args.workers, args.guild)
+        nets = guild.up(args.dir, args.operators, args.workers, args.guild, args.neighbours)
+        others = guild.load_neighbours(args.dir)
         print(f"guild {args.guild!r} up in {args.dir}: {len(nets)} operators")
-        for net in nets:
+        if others:
+            print(f"its neighbour, guild {others[0].guild!r}: {len(others)} operators")
+        for net in nets + others:
             _print_devnet(net)
     elif args.devnet_command == "up":
         net = devnet.up(args.dir, args.signers, args.guild, args.workers, not args.unsupervised)
         _print_devnet(net)
     elif args.devnet_command == "status" and in_guild:
-        states = [devnet.status(d) for d in guild.operator_dirs(args.dir)]
+        folders = guild.operator_dirs(args.dir) + guild.neighbour_dirs(args.dir)
+        states = [devnet.status(d) for d in folders]
         if args.json:
             print(json.dumps([st.to_json() for st in states], indent=2))
         else:
@@ -273,6 +277,13 @@ def _add_devnet(sub: Any) -> None:
         help="2 or more: a local guild of that many operators, each shard replicated at all",
     )
     up.add_argument(
+        "--neighbours",
+        type=int,
+        default=0,
+        help="a local guild: 2 or more runs a second guild of that many operators beside it,"
+        " every operator of each settling with every operator of the other",
+    )
+    up.add_argument(
         "--unsupervised", action="store_true", help="no supervisor: nothing restarts a process"
     )
     status = net_sub.add_parser(
@@ -287,7 +298,7 @@ def _add_devnet(sub: Any) -> None:
     stop = net_sub.add_parser("stop", help="a local guild: stop one operator's every process")
     start = net_sub.add_parser("start", help="a local guild: start a stopped operator again")
     for p in (stop, start):
-        p.add_argument("operator", help="its name (op0, op1, ...)")
+        p.add_argument("operator", help="its name (op0, op1, ..., a neighbour's nb0, ...)")
     for p in (up, status, fund, down, stop, start):
         p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="devnet state folder")
 

@@ -78,7 +78,7 @@ class CrossWorkload:
         self.crossings: list[Crossing] = []
         self.codes: Counter[str] = Counter()
         self.latencies: list[float] = []
-        self.local_share = 0.0
+        self.payers = list(range(len(nets)))  # the operators whose wallets pay
 
     def say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
@@ -116,7 +116,7 @@ class CrossWorkload:
         """One payment from a random wallet, to another operator's wallet (``cross``) or
         to one of its own; False where the operator picked has no coin free now."""
         ops = len(self.nets)
-        op = self.rng.randrange(ops)
+        op = self.rng.choice(self.payers)
         funded = [a for a in self.accounts[op] if a.coins]
         if not funded:
             return False
@@ -210,8 +210,9 @@ class CrossWorkload:
                 break
             await asyncio.sleep(0.02)
         self.say(
-            f"the last payment, {c.value_msat} msat from op{c.src} to op{c.dst}, as its receiver"
-            f" sees it after the commit: {' -> '.join(seen)}"
+            f"the last payment, {c.value_msat} msat from {self.nets[c.src].operator} to"
+            f" {self.nets[c.dst].operator}, as its receiver sees it after the commit:"
+            f" {' -> '.join(seen)}"
         )
         return [x.split(" at ")[0] for x in seen]
 
@@ -223,7 +224,11 @@ class CrossWorkload:
         while True:
             for op, accounts in enumerate(self.accounts):
                 for a in accounts:
-                    for entry in await self.gws[op].incoming(a.address, 500):
+                    try:
+                        entries = await self.gws[op].incoming(a.address, 500)
+                    except (aiohttp.ClientError, TimeoutError):
+                        break  # an operator down: asked again in the next round
+                    for entry in entries:
                         c = by_id.get(bytes.fromhex(entry["coin_id"]))
                         if c is not None and entry["status"] == "released":
                             c.released_at = entry["released_at"]

@@ -12,8 +12,14 @@ Each operator's devnet has its own supervisor; ``up`` starts them all, then wait
 every machine is ready (its copies follow live leaders, which needs a majority of the
 operators up). ``down`` stops them all.
 
+With ``neighbours``, a second guild runs beside the first (``<guild>-nb``, operators
+``nb0``, ``nb1``, ... in ``DIR/nbI``): each guild's layout names the other's operators
+as its neighbours, so every operator settles with every operator of both guilds, and
+payments go between the guilds as they go between members.
+
 The operators' Lightning nodes are one simulated network (``python -m services.lnsim``,
-in ``DIR/lightning``: a channel between every pair of operators), which ``up`` starts
+in ``DIR/lightning``: a channel between every pair of operators, of both guilds), which
+``up`` starts
 first and ``down`` stops last; each gateway reaches its node's lightningd socket. A
 stopped operator's node goes offline with it. The network is not supervised: it is the
 stand-in for the outside world, and a restart would lose its channels.
@@ -26,6 +32,7 @@ import os
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +48,7 @@ from services.devnet.supervisor import (
     supervisor_alive,
 )
 from services.lnsim.sim import socket_path
-from services.replica.config import MACHINES, Layout, Member
+from services.replica.config import MACHINES, Layout, Member, Neighbour
 from services.replica.transport import peer_permissions
 
 GUILD_FILE = "guild-devnet.json"
@@ -51,68 +58,99 @@ LIGHTNING_START_S = 30
 CHANNEL_SAT = 10_000_000  # each channel between two operators (half on each side)
 
 
-def operator_dirs(directory: Path) -> list[Path]:
-    """The folders of the guild's operators, in member order."""
+def _doc(directory: Path) -> dict[str, Any]:
     try:
-        doc = json.loads((directory / GUILD_FILE).read_text())
+        doc: dict[str, Any] = json.loads((directory / GUILD_FILE).read_text())
     except FileNotFoundError:
         raise DevnetError(f"no local guild in {directory}: `devnet up --operators N`") from None
-    return [directory / name for name in doc["operators"]]
+    return doc
+
+
+def operator_dirs(directory: Path) -> list[Path]:
+    """The folders of the guild's operators, in member order."""
+    return [directory / name for name in _doc(directory)["operators"]]
+
+
+def neighbour_dirs(directory: Path) -> list[Path]:
+    """The folders of the neighbouring guild's operators (none without one)."""
+    return [directory / name for name in _doc(directory).get("neighbours", [])]
 
 
 def load(directory: Path) -> list[Devnet]:
     return [Devnet.load(d) for d in operator_dirs(directory)]
 
 
-def create(directory: Path, operators: int, workers: int, guild: str) -> list[Devnet]:
-    if operators < 2:
+def load_neighbours(directory: Path) -> list[Devnet]:
+    return [Devnet.load(d) for d in neighbour_dirs(directory)]
+
+
+def create(
+    directory: Path, operators: int, workers: int, guild: str, neighbours: int = 0
+) -> tuple[list[Devnet], list[Devnet]]:
+    """The guild's operators, and its neighbouring guild's (``neighbours`` of them)."""
+    if operators < 2 or neighbours == 1:
         raise DevnetError("a guild has at least two operators")
     directory.mkdir(parents=True, exist_ok=True)
-    names = [f"op{i}" for i in range(operators)]
-    nets = []
-    for name in names:
-        folder = (directory / name).resolve()
-        folder.mkdir(exist_ok=True)
-        net = Devnet(str(folder), guild, free_port(), os.urandom(32).hex(), operator=name)
-        net.shards = workers
-        net.operator_key = os.urandom(32).hex()
-        net.nats_password = os.urandom(16).hex()
-        net.issued = {peer: os.urandom(16).hex() for peer in names if peer != name}
-        net.machines = [
-            MachineProc(m, str(folder / f"machine-{m}"), free_port()) for m in range(MACHINES)
-        ]
-        net.lightning_rpc = str(socket_path((directory / LIGHTNING_DIR).resolve(), name))
-        net.save()
-        nets.append(net)
-    write_json_atomic(directory / GUILD_FILE, {"guild": guild, "operators": names})
-    return nets
+    groups = [(guild, [f"op{i}" for i in range(operators)])]
+    if neighbours:
+        groups.append((f"{guild}-nb", [f"nb{i}" for i in range(neighbours)]))
+    everyone = [name for _, names in groups for name in names]
+    made: list[list[Devnet]] = []
+    for guild_id, names in groups:
+        nets = []
+        for name in names:
+            folder = (directory / name).resolve()
+            folder.mkdir(exist_ok=True)
+            net = Devnet(str(folder), guild_id, free_port(), os.urandom(32).hex(), operator=name)
+            net.shards = workers
+            net.operator_key = os.urandom(32).hex()
+            net.nats_password = os.urandom(16).hex()
+            net.issued = {peer: os.urandom(16).hex() for peer in everyone if peer != name}
+            net.machines = [
+                MachineProc(m, str(folder / f"machine-{m}"), free_port()) for m in range(MACHINES)
+            ]
+            net.lightning_rpc = str(socket_path((directory / LIGHTNING_DIR).resolve(), name))
+            net.save()
+            nets.append(net)
+        made.append(nets)
+    doc: dict[str, Any] = {"guild": guild, "operators": groups[0][1]}
+    if neighbours:
+        doc["neighbours"] = groups[1][1]
+    write_json_atomic(directory / GUILD_FILE, doc)
+    return made[0], made[1] if neighbours else []
 
 
-def layout(nets: list[Devnet]) -> Layout:
+def layout(nets: Sequence[Devnet], neighbours: Sequence[Devnet] = ()) -> Layout:
     return Layout(
         nets[0].guild,
         nets[0].shards,
-        tuple(
-            Member(
-                n.operator,
-                SigningKey(bytes.fromhex(n.operator_key)).pubkey,
-                frozenset([n.issuer.pubkey]),
-                f"nats://127.0.0.1:{n.nats_port}",
-            )
-            for n in nets
-        ),
+        tuple(Member(n.operator, _key(n), frozenset([n.issuer.pubkey]), _nats(n)) for n in nets),
+        tuple(Neighbour(n.operator, n.guild, _key(n), _nats(n)) for n in neighbours),
     )
 
 
-def write_config(nets: list[Devnet]) -> None:
-    """The layout, each operator's NATS users and the credentials its peers issued it
-    (the ports change with every ``up``)."""
-    doc = layout(nets).to_json()
-    for net in nets:
-        write_json_atomic(net.layout_path, doc)
+def _key(net: Devnet) -> bytes:
+    return SigningKey(bytes.fromhex(net.operator_key)).pubkey
+
+
+def _nats(net: Devnet) -> str:
+    return f"nats://127.0.0.1:{net.nats_port}"
+
+
+def write_config(nets: list[Devnet], neighbours: list[Devnet]) -> None:
+    """Each guild's layout (naming the other's operators as neighbours), each operator's
+    NATS users and the credentials its peers issued it (the ports change with every
+    ``up``)."""
+    everyone = nets + neighbours
+    for group, others in ((nets, neighbours), (neighbours, nets)):
+        if group:
+            doc = layout(group, others).to_json()
+            for net in group:
+                write_json_atomic(net.layout_path, doc)
+    for net in everyone:
         peers = {
             p.operator: f"nats://{net.operator}:{p.issued[net.operator]}@127.0.0.1:{p.nats_port}"
-            for p in nets
+            for p in everyone
             if p is not net
         }
         write_json_atomic(net.peers_path, peers)
@@ -125,37 +163,40 @@ def write_config(nets: list[Devnet]) -> None:
         net.nats_conf.write_text(json.dumps({"authorization": {"users": users}}, indent=2))
 
 
-def up(directory: Path, operators: int, workers: int, guild: str) -> list[Devnet]:
-    """Start the local guild in ``directory`` (creating it the first time); returns once
-    every machine of every operator is ready."""
+def up(
+    directory: Path, operators: int, workers: int, guild: str, neighbours: int = 0
+) -> list[Devnet]:
+    """Start the local guild in ``directory`` (creating it the first time), and its
+    neighbouring guild where it has one; returns the guild's operators once every
+    machine of every operator is ready."""
     if (directory / GUILD_FILE).exists():
-        nets = load(directory)
-        if len(nets) != operators or nets[0].shards != workers:
+        nets, others = load(directory), load_neighbours(directory)
+        if len(nets) != operators or nets[0].shards != workers or len(others) != neighbours:
             raise DevnetError(
                 f"the guild in {directory} has {len(nets)} operators of {nets[0].shards} "
-                "workers: `devnet down --purge` it first"
+                f"workers and {len(others)} neighbours: `devnet down --purge` it first"
             )
-        if any(supervisor_alive(Path(n.dir)) for n in nets):
+        if any(supervisor_alive(Path(n.dir)) for n in nets + others):
             raise DevnetError(f"the guild in {directory} is running: `devnet down` first")
     else:
-        nets = create(directory, operators, workers, guild)
-    for net in nets:
+        nets, others = create(directory, operators, workers, guild, neighbours)
+    everyone = nets + others
+    for net in everyone:
         assign_ports(net)
-    write_config(nets)
-    for net in nets:
+    write_config(nets, others)
+    for net in everyone:
         net.save()
         (Path(net.dir) / STATUS_FILE).unlink(missing_ok=True)
     try:
-        start_lightning(directory, [n.operator for n in nets])
-        pids = [spawn_supervisor(Path(n.dir)) for n in nets]
-        for net, pid in zip(nets, pids, strict=True):
+        start_lightning(directory, [n.operator for n in everyone])
+        pids = [spawn_supervisor(Path(n.dir)) for n in everyone]
+        for net, pid in zip(everyone, pids, strict=True):
             await_supervisor(Path(net.dir), pid, start_deadline_s(net))
-        nets = load(directory)
-        wait_machines(nets, READY_S)
+        wait_machines(load(directory) + load_neighbours(directory), READY_S)
     except BaseException:
         down(directory)
         raise
-    return nets
+    return load(directory)
 
 
 def wait_machines(nets: list[Devnet], deadline_s: float) -> None:
@@ -193,20 +234,15 @@ def start_operator(directory: Path, name: str) -> Devnet:
 
 
 def down(directory: Path) -> None:
-    nets = load(directory)
-    for net in nets:
-        stop_supervisor(Path(net.dir))
-    for net in load(directory):
-        stop_all(net)
+    folders = operator_dirs(directory) + neighbour_dirs(directory)
+    for folder in folders:
+        stop_supervisor(folder)
+    for folder in folders:
+        stop_all(Devnet.load(folder))
     stop_lightning(directory)
 
 
 # -- the simulated Lightning network --------------------------------------------------
-
-
-def _guild_doc(directory: Path) -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads((directory / GUILD_FILE).read_text())
-    return doc
 
 
 def start_lightning(directory: Path, names: list[str]) -> None:
@@ -222,13 +258,13 @@ def start_lightning(directory: Path, names: list[str]) -> None:
     }
     pid = spawn([sys.executable, "-m", "services.lnsim"], env, directory / f"{LIGHTNING_DIR}.log")
     wait_ready(port, pid, LIGHTNING_START_S)
-    doc = _guild_doc(directory)
+    doc = _doc(directory)
     doc["lightning"] = {"pid": pid, "http_port": port}
     write_json_atomic(directory / GUILD_FILE, doc)
 
 
 def stop_lightning(directory: Path) -> None:
-    found = _guild_doc(directory).get("lightning")
+    found = _doc(directory).get("lightning")
     if found is not None and alive(found["pid"]):
         stop_pid(found["pid"], 10)
 
@@ -249,7 +285,7 @@ def lightning_faults(directory: Path, node: str, faults: dict[str, Any]) -> None
 
 def lightning(directory: Path, path: str, doc: dict[str, Any] | None = None) -> Any:
     """The guild's simulated network's control API: GET ``path``, or POST ``doc``."""
-    found = _guild_doc(directory).get("lightning")
+    found = _doc(directory).get("lightning")
     if found is None:
         raise DevnetError(f"no Lightning network runs for the guild in {directory}")
     req = urllib.request.Request(

@@ -175,12 +175,15 @@ class Api:
         max_in_flight: int,
         timeout_s: float,
         ledger_ids: dict[str, bytes],
+        neighbour_ids: dict[str, bytes],
     ) -> None:
         self.ledgers = ledgers  # every ledger served, by its operator's name
-        # the ledger id of each guild member (none without a layout): an output may go
-        # from a member's ledger to another's, settled between them
+        # the ledger id of each guild member (none without a layout), and of each
+        # operator of another guild the members settle with: an output may go from a
+        # member's ledger to any of these but its own, settled between the two
         self.ledger_ids = ledger_ids
-        self.ledger_names = {lid: name for name, lid in ledger_ids.items()}
+        self.settled_ids = {**ledger_ids, **neighbour_ids}
+        self.ledger_names = {lid: name for name, lid in self.settled_ids.items()}
         self.settle_store: SettleStore | None = None  # set where this gateway settles
         self.settler: Settler | None = None
         self.ledger = ledgers[operator]  # this operator's: the index and pushes are its
@@ -273,7 +276,8 @@ class Api:
 
     def _check_ledgers(self, ledger: LedgerClient, tx: Transaction) -> None:
         """Every output to another ledger names one that ``ledger`` settles with: a guild
-        member other than itself (the ledger itself does not know its peers)."""
+        member other than itself, or a neighbour (the ledger itself does not know its
+        peers)."""
         remote = tx.remote()
         if remote and ledger is self.ledger and self.settler is None:
             raise UnknownLedger(
@@ -283,10 +287,12 @@ class Api:
         for i, lid in remote:
             name = self.ledger_names.get(lid)
             if name is None or name == ledger.operator:
-                known = ", ".join(f"{n} {x.hex()}" for n, x in self.ledger_ids.items())
+                known = ", ".join(
+                    f"{n} {x.hex()}" for n, x in self.settled_ids.items() if n != ledger.operator
+                )
                 raise UnknownLedger(
                     f"output {i} goes to ledger {lid.hex()}, which {ledger.operator}"
-                    f" does not settle with (members: {known or 'none configured'})"
+                    f" does not settle with (it does with: {known or 'none configured'})"
                 )
 
     def _ledger(self, request: web.Request) -> LedgerClient:

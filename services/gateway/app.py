@@ -71,6 +71,7 @@ class GatewayNode:
             s.max_in_flight,
             s.timeout_ms / 1000,
             s.ledger_ids,
+            s.neighbour_ids,
         )
         api.install(self.ops.app)
         m.queue.labels("in_flight").set_function(lambda: sum(c.in_flight for c in ledgers.values()))
@@ -105,8 +106,6 @@ class GatewayNode:
         for client in ledgers.values():
             await client.close()
         await tasks.stop()
-        if lightning is not None:
-            lightning.close()
         await index.close()
         if settle_store is not None:
             await settle_store.close()

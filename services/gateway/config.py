@@ -46,6 +46,12 @@ class Settings:
         return {m.name: ledger_id(m.key) for m in members}
 
     @property
+    def neighbour_ids(self) -> dict[str, bytes]:
+        """The ledger id of each operator of another guild the members settle with."""
+        neighbours = self.layout.neighbours if self.layout else ()
+        return {n.name: ledger_id(n.key) for n in neighbours}
+
+    @property
     def ledgers(self) -> list[str]:
         """The ledgers served: this operator's first."""
         others = [m.name for m in self.layout.members] if self.layout else []
@@ -80,8 +86,7 @@ class Settings:
             )
             if settle.key.pubkey != layout.members[layout.index(operator)].key:
                 raise ConfigError("GATEWAY_OPERATOR_KEY is not this operator's key in the layout")
-            missing = [m.name for m in layout.members if m.name != operator]
-            missing = [n for n in missing if n not in settle.peers]
+            missing = [n for n, _ in settle.counterparts if n not in settle.peers]
             if missing:
                 raise ConfigError(f"GATEWAY_PEERS has no credentials for {', '.join(missing)}")
             if not env.get("GATEWAY_LIGHTNING_RPC"):

@@ -8,10 +8,13 @@ addresses and withdrawals.
 
 ``ClnBackend`` talks to Core Lightning through pyln-client over lightningd's unix socket,
 the same code whether a real lightningd or the simulated network
-(``services/lnsim``) serves it. pyln-client blocks: each call runs in a thread of a
-bounded pool, under a timeout (pyln sets none on its socket, so a call that times out
-keeps its thread until lightningd answers or goes). Payments, which may stay pending
-for hours, have a pool of their own, so that stuck ones never starve the lookups.
+(``services/lnsim``) serves it. pyln-client blocks: each call runs on a thread of its
+own, a bounded number at once (``Threads``), under a timeout (pyln sets none on its
+socket, so a call that times out keeps its thread, and its place, until lightningd
+answers or goes). Payments, which may stay pending for hours, have places of their
+own, so that stuck ones never starve the lookups. The threads are daemons: a stopping
+gateway does not wait for a long poll or a payment in flight (the settlement's journal
+and ``listpays`` find what became of it).
 ``getinfo``'s version picks ``xpay`` (v24.11) over ``pay`` and ``splicein``/``spliceout``
 (v26.04) over the three-step splice.
 """
@@ -19,13 +22,14 @@ for hours, have a pool of their own, so that stuck ones never starve the lookups
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
 import re
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,13 +230,53 @@ def _invoice(doc: dict[str, Any]) -> Invoice:
     )
 
 
+class Threads:
+    """Runs blocking calls each on a daemon thread, at most ``size`` at once (the others
+    wait their turn); a call's place is freed when its thread ends, not when its caller
+    stops waiting."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self.name = name
+        self.places = asyncio.Semaphore(size)
+
+    async def run(self, call: Callable[[], Any], timeout: float) -> Any:
+        """``call()``'s result or exception, or ``TimeoutError`` after ``timeout`` s."""
+        loop = asyncio.get_running_loop()
+        await self.places.acquire()
+        done: asyncio.Future[Any] = loop.create_future()
+
+        def end(result: Any, error: BaseException | None) -> None:
+            self.places.release()
+            if done.done():  # its caller stopped waiting
+                return
+            if error is None:
+                done.set_result(result)
+            else:
+                done.set_exception(error)
+
+        def work() -> None:
+            try:
+                result, error = call(), None
+            except Exception as exc:
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(end, result, error)
+
+        try:
+            threading.Thread(target=work, name=self.name, daemon=True).start()
+        except BaseException:
+            self.places.release()
+            raise
+        return await asyncio.wait_for(done, timeout)
+
+
 class ClnBackend(LightningBackend):
     """Core Lightning at ``socket`` (``<lightning-dir>/<network>/lightning-rpc``)."""
 
     def __init__(self, socket: Path) -> None:
         self.rpc = LightningRpc(str(socket))
-        self.pool = ThreadPoolExecutor(THREADS, thread_name_prefix="lightning")
-        self.payments = ThreadPoolExecutor(THREADS, thread_name_prefix="lightning-pay")
+        self.calls = Threads(THREADS, "lightning")
+        self.payments = Threads(THREADS, "lightning-pay")
         self.version = (0, 0)
 
     async def connect(self) -> NodeInfo:
@@ -254,14 +298,12 @@ class ClnBackend(LightningBackend):
         method: str,
         params: dict[str, Any],
         timeout: float = CALL_S,
-        pool: ThreadPoolExecutor | None = None,
+        threads: Threads | None = None,
     ) -> Any:
         """The result, or ``RpcError`` (lightningd refused, or the connection was lost),
         ``OSError`` (no socket) or ``TimeoutError``."""
         call = functools.partial(self.rpc.call, method, params)
-        return await asyncio.wait_for(
-            asyncio.get_running_loop().run_in_executor(pool or self.pool, call), timeout
-        )
+        return await (threads or self.calls).run(call, timeout)
 
     async def _ask(self, method: str, params: dict[str, Any], timeout: float = CALL_S) -> Any:
         """Like ``_call``, every failure a ``LightningError``."""
@@ -519,10 +561,6 @@ class ClnBackend(LightningBackend):
     async def withdraw(self, address: str, sat: int) -> str:
         doc = await self._ask("withdraw", {"destination": address, "satoshi": sat})
         return str(doc["txid"])
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        self.payments.shutdown(wait=False, cancel_futures=True)
 
 
 async def rebalance(

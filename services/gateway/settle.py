@@ -1,14 +1,16 @@
 """Settlement between operators: the shell around ``constellation.settlement``.
 
-For each other member of the guild, this operator is a ``Payer`` (what its ledger paid
-into the member's) and a ``Payee`` (what the member's ledger paid into it). The shell:
+For each operator it settles with (the guild's other members, and the layout's
+neighbours: operators of other guilds), this operator is a ``Payer`` (what its ledger
+paid into the peer's) and a ``Payee`` (what the peer's ledger paid into it). The shell:
 
 * takes obligations from the index's ``outbound`` rows (``SettleStore.take``) and
   announces them to the payee, which stores them as pending outputs (the receiver sees
   them, with the coin each will become) and says how far it holds them;
 * carries out the machines' actions: messages to the peer, sealed with the operator
-  key on the peer's NATS; invoices, payments and look-ups at the operator's Lightning
-  node; releases, which issue each paid output's coin in this ledger
+  key (``SettleLink``) on the peer's NATS, under the name the peer knows it by (the user
+  of the credentials the peer issued it); invoices, payments and look-ups at the
+  operator's Lightning node; releases, which issue each paid output's coin in this ledger
   (``release_batch``: each output applied once however often it is asked for);
 * persists each machine's state (``SettleStore.save_state``) before it acts on what a
   call returned, and on start loads it and carries out ``resume()``;
@@ -29,6 +31,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import msgspec
@@ -51,7 +54,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.settle_store import SettleStore
 from services.partition.client import LedgerClient, LedgerUnavailable
 from services.replica.config import Layout
-from services.replica.transport import SETTLE_LISTEN, Opener, Sealer, settle_subject
+from services.replica.transport import SETTLE_LISTEN, SettleLink, settle_subject
 from services.runtime import connect_nats, now_ms
 
 log = logging.getLogger("settle")
@@ -73,7 +76,6 @@ class Pair:
     """This operator and one peer: both machines and what the shell keeps beside them."""
 
     name: str
-    index: int  # the peer's place in the layout
     ledger: bytes
     payer: st.Payer
     payee: st.Payee
@@ -118,6 +120,18 @@ class Settings:
     fee_limit_msat: int = 10_000
     max_batch_msat: int = 10**9  # a batch pays at most this (a channel carries it)
 
+    @property
+    def counterparts(self) -> list[tuple[str, bytes]]:
+        """(name, operator key) of each operator this one settles with: the guild's other
+        members, then the neighbours."""
+        members = [(m.name, m.key) for m in self.layout.members if m.name != self.operator]
+        return members + [(n.name, n.key) for n in self.layout.neighbours]
+
+    def publish_as(self, peer: str) -> str:
+        """The name ``peer`` knows this operator by: the user of the credentials it issued
+        (a neighbour's guild names its own members as it likes)."""
+        return urlsplit(self.peers[peer]).username or self.operator
+
 
 class Settler:
     def __init__(
@@ -135,10 +149,7 @@ class Settler:
         self.ledger = ledger
         self.metrics = metrics
         self.clock = clock
-        layout = s.layout
-        self.me = layout.index(s.operator)
-        self.sealer = Sealer(layout.guild, s.key, layout.keys)
-        self.opener = Opener(layout.guild, [m.name for m in layout.members], layout.keys, self.me)
+        self.link = SettleLink(s.key, s.counterparts)
         self.pairs: dict[str, Pair] = {}
         self.by_ledger: dict[bytes, str] = {}
         self.saved: dict[tuple[str, str], bytes] = {}
@@ -203,42 +214,39 @@ class Settler:
         raw = states.get(("reserve", "baseline"))
         if raw:
             self.reserve.baseline = int.from_bytes(raw, "big", signed=True)
-        for i, m in enumerate(s.layout.members):
-            if i == self.me:
-                continue
-            raw = states.get(("payer", m.name))
+        for name, key in s.counterparts:
+            raw = states.get(("payer", name))
             payer_state = (
                 msgspec.msgpack.decode(raw, type=st.PayerState)
                 if raw
-                else st.PayerState(s.operator, m.name)
+                else st.PayerState(s.operator, name)
             )
             payer_state.closed_at = float("-inf")  # the wall clock may have moved back
-            raw = states.get(("payee", m.name))
+            raw = states.get(("payee", name))
             payee_state = (
                 msgspec.msgpack.decode(raw, type=st.PayeeState)
                 if raw
-                else st.PayeeState(m.name, s.operator)
+                else st.PayeeState(name, s.operator)
             )
             pair = Pair(
-                m.name,
-                i,
-                ledger_id(m.key),
+                name,
+                ledger_id(key),
                 st.Payer(payer_state, s.fee_limit_msat, s.period_s, s.max_batch_msat),
                 st.Payee(payee_state),
             )
             after = payer_state.settled_upto
-            while batch := await self.store.owed(m.name, after, TAKE_LIMIT):
+            while batch := await self.store.owed(name, after, TAKE_LIMIT):
                 for e in batch:
                     pair.payer.owe(e.seq, e.value_msat)
                     pair.entries[e.seq] = e
                 after = batch[-1].seq
             pair.acked = pair.sent = payer_state.settled_upto
-            for e in await self.store.pending(m.name, payee_state.released_upto):
+            for e in await self.store.pending(name, payee_state.released_upto):
                 pair.payee.announced(e.seq, e.value_msat)
-            self.saved[("payer", m.name)] = _payer_blob(payer_state)
-            self.saved[("payee", m.name)] = _payee_blob(payee_state)
-            self.pairs[m.name] = pair
-            self.by_ledger[pair.ledger] = m.name
+            self.saved[("payer", name)] = _payer_blob(payer_state)
+            self.saved[("payee", name)] = _payee_blob(payee_state)
+            self.pairs[name] = pair
+            self.by_ledger[pair.ledger] = name
 
     async def _connect(self, pair: Pair) -> None:
         while True:
@@ -258,9 +266,9 @@ class Settler:
         if client is None or not client.is_connected:
             self.metrics.settle_unsent.labels(pair.name).inc()
             return
-        data = self.sealer.seal_body(pair.index, sp.encode(msg), now_ms())
+        data = self.link.seal(pair.name, sp.encode(msg), now_ms())
         try:
-            await client.publish(settle_subject(self.settings.operator), data)
+            await client.publish(settle_subject(self.settings.publish_as(pair.name)), data)
         except NatsError as exc:  # lost like any message: the machines ask again
             self.metrics.settle_unsent.labels(pair.name).inc()
             log.debug("not sent", extra={"peer": pair.name, "error": str(exc)})
@@ -533,8 +541,7 @@ class Settler:
 
     async def _on_message(self, msg: Msg) -> None:
         try:
-            sender, body = self.opener.open_settle(msg.subject, msg.data, now_ms())
-            name = self.settings.layout.members[sender].name
+            name, body = self.link.open(msg.subject, msg.data, now_ms())
             pair = self.pairs[name]
             message = sp.decode(body)
         except (ConstellationError, KeyError) as exc:

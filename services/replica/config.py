@@ -11,7 +11,7 @@ from typing import Any
 
 from constellation.keys import SigningKey, is_valid_xonly
 from constellation.ledger.pmap import PartitionMap
-from services.runtime import ConfigError, env_addr, env_int, env_str
+from services.runtime import OPERATOR_RE, ConfigError, env_addr, env_int, env_str
 
 MACHINES = 2  # per operator: each shard's two copies there are on different machines
 RESERVED = "relay"  # cst.relay.* carries the relay's answers (relay.py)
@@ -28,13 +28,27 @@ class Member:
 
 
 @dataclass(frozen=True)
+class Neighbour:
+    """An operator of another guild that every member settles with (over Lightning,
+    ``services.gateway.settle``): payments from a member's ledger may go to its ledger,
+    and from its ledger to a member's. Nothing of it is replicated here."""
+
+    name: str  # what the members call it: its NATS user at each member, its metrics' label
+    guild: str
+    key: bytes  # x-only: its operator key (its ledger's id derives from it)
+    nats: str  # its NATS server, where members deliver settlement messages
+
+
+@dataclass(frozen=True)
 class Layout:
     """The guild: its members in order (a member's index is its operator number in the
-    replication protocol) and the workers (shards) each runs."""
+    replication protocol), the workers (shards) each runs, and the operators of other
+    guilds its members settle with."""
 
     guild: str
     workers: int
     members: tuple[Member, ...]
+    neighbours: tuple[Neighbour, ...] = ()
 
     def index(self, name: str) -> int:
         for i, m in enumerate(self.members):
@@ -75,6 +89,10 @@ class Layout:
                 }
                 for m in self.members
             ],
+            "neighbours": [
+                {"name": n.name, "guild": n.guild, "key": n.key.hex(), "nats": n.nats}
+                for n in self.neighbours
+            ],
         }
 
     @staticmethod
@@ -89,8 +107,12 @@ class Layout:
                 )
                 for m in doc["members"]
             )
-            layout = Layout(str(doc["guild"]), int(doc["workers"]), members)
-        except (KeyError, TypeError, ValueError) as exc:
+            neighbours = tuple(
+                Neighbour(str(n["name"]), str(n["guild"]), bytes.fromhex(n["key"]), str(n["nats"]))
+                for n in doc.get("neighbours", ())
+            )
+            layout = Layout(str(doc["guild"]), int(doc["workers"]), members, neighbours)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"the guild layout is malformed: {exc!r}") from None
         if not 1 <= layout.workers <= 256:
             raise ConfigError("the guild layout needs 1 to 256 workers per operator")
@@ -103,6 +125,17 @@ class Layout:
         for m in members:
             if not is_valid_xonly(m.key) or not all(is_valid_xonly(k) for k in m.issuers):
                 raise ConfigError(f"member {m.name!r}: a key is not a BIP340 public key")
+        names = [m.name for m in members] + [n.name for n in neighbours]
+        keys = layout.keys + [n.key for n in neighbours]
+        if len(set(names)) != len(names) or len(set(keys)) != len(keys):
+            raise ConfigError("a neighbour shares a name or a key with a member or another")
+        for n in neighbours:
+            if n.guild == layout.guild:
+                raise ConfigError(f"neighbour {n.name!r} is of this guild: make it a member")
+            if n.name == RESERVED or not OPERATOR_RE.match(n.name):
+                raise ConfigError(f"neighbour {n.name!r}: reserved, or not {OPERATOR_RE.pattern}")
+            if not is_valid_xonly(n.key):
+                raise ConfigError(f"neighbour {n.name!r}: its key is not a BIP340 public key")
         return layout
 
 

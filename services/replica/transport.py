@@ -19,8 +19,12 @@ on every message to a twin.
 
 Packages and queries relayed to a shard's leader at another operator (``relay.py``) go
 to that leader's machine on ``cst.rep.<sender>.fwd.<machine>``, sealed the same way
-(always: a machine never relays to its own operator). Settlement messages between two
-operators (``services.gateway.settle``) go on ``cst.rep.<sender>.set``, sealed too.
+(always: a machine never relays to its own operator).
+
+Settlement messages between two operators (``services.gateway.settle``) go on
+``cst.rep.<sender>.set``, sealed by a ``SettleLink``: the same envelope, naming the
+settlement domain instead of a guild, since an operator settles with the other members
+of its guild and with operators of other guilds (the layout's neighbours) alike.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def settle_subject(sender: str) -> str:
 
 
 SETTLE_LISTEN = f"{PREFIX}.*.set"
+SETTLE_DOMAIN = "constellation/settle"  # what settlement envelopes name instead of a guild
 
 
 def peer_permissions(peer: str) -> dict[str, object]:
@@ -97,7 +102,7 @@ class Sealer:
 
     def seal_body(self, operator: int, body: bytes, now_ms: int) -> bytes:
         """A message for ``operator`` that is not replication's: a relayed package,
-        query or answer (``relay.py``), or a settlement message."""
+        query or answer (``relay.py``)."""
         return seal(
             self.guild, self.key.secret, self.me, self.to[operator], os.urandom(16), now_ms, body
         )
@@ -120,7 +125,6 @@ class Opener:
         # and relayed traffic its own, not that of replication.
         self.guards = [ReplayGuard(FRESH_MS, PER_SENDER) for _ in keys]
         self.forward_guards = [ReplayGuard(FRESH_MS, PER_SENDER) for _ in keys]
-        self.settle_guards = [ReplayGuard(FRESH_MS, PER_SENDER) for _ in keys]
 
     def open(self, subj: str, data: bytes, now_ms: int) -> rp.Envelope:
         """The replication envelope inside, or a ``ConstellationError`` saying why not."""
@@ -152,17 +156,6 @@ class Opener:
             raise Misdirected("a relay from our own name: machines never relay to their own")
         return self._open(self.forward_guards, claimed, parts[2], data, now_ms)
 
-    def open_settle(self, subj: str, data: bytes, now_ms: int) -> tuple[int, bytes]:
-        """(the sending operator, its settlement message inside), or a
-        ``ConstellationError`` saying why not."""
-        parts = subj.split(".")
-        if len(parts) != 4 or parts[3] != "set":
-            raise Misdirected(f"not a settlement subject: {subj!r}")
-        claimed = self.names.get(parts[2])
-        if claimed == self.index:
-            raise Misdirected("a settlement message from our own name")
-        return self._open(self.settle_guards, claimed, parts[2], data, now_ms)
-
     def _open(
         self,
         guards: list[ReplayGuard],
@@ -176,3 +169,38 @@ class Opener:
             raise Misdirected(f"signed by member {sender}, sent as {name!r}")
         guards[sender].check(env, now_ms)
         return sender, env.body
+
+
+class SettleLink:
+    """Seals this operator's settlement messages and opens those it receives, from the
+    operators it settles with (by the names it knows them by: the NATS users it issued
+    them). It refuses, raising a ``ConstellationError`` that says why, anything not from
+    one of them, signed by another than the subject names, addressed to another, seen
+    before, or stale."""
+
+    def __init__(self, key: SigningKey, peers: Sequence[tuple[str, bytes]]) -> None:
+        keys = [member_key(key.pubkey), *(member_key(k) for _, k in peers)]
+        self.key = key
+        self.me = keys[0]
+        self.keys = {name: keys[i + 1] for i, (name, _) in enumerate(peers)}
+        self.index = {name: i + 1 for i, (name, _) in enumerate(peers)}
+        self.names = {i: name for name, i in self.index.items()}
+        self.membership = Membership(SETTLE_DOMAIN, keys)
+        self.guards = [ReplayGuard(FRESH_MS, PER_SENDER) for _ in keys]
+
+    def seal(self, peer: str, body: bytes, now_ms: int) -> bytes:
+        return seal(
+            SETTLE_DOMAIN, self.key.secret, self.me, self.keys[peer], os.urandom(16), now_ms, body
+        )
+
+    def open(self, subj: str, data: bytes, now_ms: int) -> tuple[str, bytes]:
+        """(the sending peer's name, its settlement message inside)."""
+        parts = subj.split(".")
+        if len(parts) != 4 or parts[3] != "set":
+            raise Misdirected(f"not a settlement subject: {subj!r}")
+        claimed = self.index.get(parts[2])
+        env, sender = self.membership.open(data, self.me)
+        if sender != claimed:
+            raise Misdirected(f"signed by another than {parts[2][:64]!r}, who sent it")
+        self.guards[sender].check(env, now_ms)
+        return self.names[sender], env.body

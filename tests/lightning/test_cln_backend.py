@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from pyln.client import LightningRpc, RpcError
 
 from constellation.lightning import Outcome
 from services.gateway import lightning
-from services.gateway.lightning import ClnBackend, LightningError
+from services.gateway.lightning import ClnBackend, LightningError, Threads
 from services.lnsim.sim import Simulator, socket_path
 
 CHANNEL_SAT = 1_000_000
@@ -53,8 +54,6 @@ async def net() -> AsyncIterator[Net]:
     n = await start()
     yield n
     await n.sim.close()
-    for b in n.backends.values():
-        b.close()
 
 
 async def test_the_version_picks_xpay_and_splicein(net: Net) -> None:
@@ -264,8 +263,6 @@ async def test_an_older_node_is_paid_with_pay_and_spliced_in_three_steps() -> No
         assert old.sim.network.books()["missing_msat"] == 0
     finally:
         await old.sim.close()
-        for backend in old.backends.values():
-            backend.close()
 
 
 async def test_lightningd_s_wire_framing_ids_and_errors(net: Net) -> None:
@@ -361,3 +358,27 @@ async def test_the_node_decodes_invoices_and_refuses_what_is_not_one(net: Net) -
     assert info.value.code == -32602
     # paying what does not decode sends nothing
     assert (await a.pay("lnbcrt1garbage", 1_000)).outcome is Outcome.FAILED
+
+
+async def test_calls_run_on_daemon_threads_a_bounded_number_at_once() -> None:
+    """A stopping gateway never waits for lightningd (the threads are daemons), and a
+    call given up on keeps its place until its thread ends."""
+    threads = Threads(2, "test")
+    gate = threading.Event()
+    ran: list[threading.Thread] = []
+
+    def call() -> int:
+        ran.append(threading.current_thread())
+        gate.wait(10)
+        return 7
+
+    with pytest.raises(TimeoutError):
+        await threads.run(call, 0.05)
+    second = asyncio.ensure_future(threads.run(call, 10))
+    third = asyncio.ensure_future(threads.run(call, 10))
+    await asyncio.sleep(0.2)
+    assert len(ran) == 2 and all(t.daemon for t in ran)  # the third waits its turn
+    gate.set()
+    assert await second == 7 and await third == 7 and len(ran) == 3
+    with pytest.raises(ValueError):
+        await threads.run(lambda: int("not a number"), 1)

@@ -100,7 +100,6 @@ async def node() -> AsyncIterator[ClnBackend]:
         backend = ClnBackend(socket)
         await backend.connect()
         yield backend
-        backend.close()
     finally:
         for proc in (lightningd, bitcoind):
             if proc is not None:

@@ -93,9 +93,6 @@ async def scenario(plan: list[Try]) -> None:
         assert net.books()["missing_msat"] == 0
     finally:
         await sim.close()
-        payer.close()
-        for p in payees.values():
-            p.close()
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

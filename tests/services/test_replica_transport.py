@@ -25,17 +25,21 @@ from constellation.errors import (
 from constellation.keys import SigningKey
 from constellation.protocol import ledger as proto
 from constellation.protocol import replication as rp
+from constellation.protocol.envelope import seal
 from services.gateway.config import Settings as GatewaySettings
 from services.replica import relay
 from services.replica.config import MACHINES, Layout
 from services.replica.transport import (
     FRESH_MS,
+    SETTLE_DOMAIN,
     Opener,
     Sealer,
+    SettleLink,
     forward_listen,
     forward_subject,
     listen_subject,
     peer_permissions,
+    settle_subject,
     subject,
 )
 from services.runtime import ConfigError
@@ -363,3 +367,112 @@ def test_no_member_may_take_the_relay_s_name() -> None:
     doc["members"][1]["name"] = "relay"
     with pytest.raises(ConfigError, match="relay"):
         Layout.from_json(doc)
+
+
+# -- settlement messages, with members and with operators of other guilds ----------------
+
+NEIGHBOUR = SigningKey(hashlib.sha256(b"an operator of another guild").digest())
+
+
+def link(key: SigningKey, peers: dict[str, SigningKey]) -> SettleLink:
+    return SettleLink(key, [(name, k.pubkey) for name, k in peers.items()])
+
+
+def test_settlement_messages_open_from_members_and_neighbours_alike() -> None:
+    """op0 settles with op1 (a member) and with ``far`` (of another guild, which calls op0
+    ``g-op0``): each side knows the other by its own name for it."""
+    op0 = link(KEYS[0], {"op1": KEYS[1], "far": NEIGHBOUR})
+    op1 = link(KEYS[1], {"op0": KEYS[0]})
+    far = link(NEIGHBOUR, {"g-op0": KEYS[0]})
+    assert op0.open(settle_subject("op1"), op1.seal("op0", b"from op1", NOW), NOW) == (
+        "op1",
+        b"from op1",
+    )
+    assert op0.open(settle_subject("far"), far.seal("g-op0", b"far", NOW), NOW) == ("far", b"far")
+    assert far.open(settle_subject("g-op0"), op0.seal("far", b"back", NOW), NOW) == (
+        "g-op0",
+        b"back",
+    )
+
+
+def test_what_a_settlement_link_refuses() -> None:
+    op0 = link(KEYS[0], {"op1": KEYS[1], "far": NEIGHBOUR})
+    far = link(NEIGHBOUR, {"g-op0": KEYS[0], "op1": KEYS[1]})
+    from_far = far.seal("g-op0", b"x", NOW)
+    with pytest.raises(Misdirected):  # the neighbour's signature, published as a member
+        op0.open(settle_subject("op1"), from_far, NOW)
+    with pytest.raises(Misdirected):  # addressed to another
+        op0.open(settle_subject("far"), far.seal("op1", b"x", NOW), NOW)
+    with pytest.raises(NotAMember):  # an operator op0 does not settle with
+        op0.open(settle_subject("op2"), link(KEYS[2], {"op0": KEYS[0]}).seal("op0", b"", NOW), NOW)
+    mine = b"\x02" + KEYS[0].pubkey
+    with pytest.raises(Misdirected):  # its own key, from outside
+        op0.open(
+            settle_subject("op1"),
+            seal(SETTLE_DOMAIN, KEYS[0].secret, mine, mine, bytes(16), NOW, b""),
+            NOW,
+        )
+    with pytest.raises(Misdirected):
+        op0.open("cst.rep.far.fwd", from_far, NOW)
+    with pytest.raises(StaleMessage):
+        op0.open(settle_subject("far"), far.seal("g-op0", b"x", NOW - FRESH_MS - 1), NOW)
+    # a replication envelope of the guild is not a settlement message (its domain differs)
+    with pytest.raises(Misdirected):
+        op0.open(settle_subject("op1"), Sealer("g", KEYS[1], PUBS).seal_body(0, b"x", NOW), NOW)
+    op0.open(settle_subject("far"), from_far, NOW)
+    with pytest.raises(Replayed):
+        op0.open(settle_subject("far"), from_far, NOW + 1)
+
+
+def neighbour(name: str = "far", key: SigningKey = NEIGHBOUR, **changes: Any) -> dict[str, Any]:
+    return {"name": name, "guild": "h", "key": key.pubkey.hex(), "nats": "nats://y:1", **changes}
+
+
+def test_a_layout_names_its_neighbours() -> None:
+    layout = Layout.from_json(layout_doc(neighbours=[neighbour()]))
+    assert Layout.from_json(layout.to_json()) == layout
+    assert [(n.name, n.guild, n.key) for n in layout.neighbours] == [("far", "h", NEIGHBOUR.pubkey)]
+    assert Layout.from_json(layout_doc()).neighbours == ()  # a layout without any
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        (neighbour(name="op1"), "shares a name or a key"),
+        (neighbour(key=KEYS[2]), "shares a name or a key"),
+        (neighbour(guild="g"), "of this guild"),
+        (neighbour(name="relay"), "reserved"),
+        (neighbour(name="Far.x"), "reserved, or not"),
+        ({**neighbour(), "key": "00" * 32}, "BIP340"),
+        ({"name": "far"}, "malformed"),
+    ],
+)
+def test_a_bad_neighbour_is_refused(bad: dict[str, Any], says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        Layout.from_json(layout_doc(neighbours=[bad]))
+
+
+def test_a_settling_gateway_needs_credentials_for_every_peer_and_knows_their_ledgers(
+    tmp_path: Path,
+) -> None:
+    layout, peers = tmp_path / "layout.json", tmp_path / "peers.json"
+    layout.write_text(json.dumps(layout_doc(neighbours=[neighbour()])))
+    env = {
+        "GATEWAY_OPERATOR": "op1",
+        "GATEWAY_DATABASE_URL": "postgresql://x/y",
+        "GATEWAY_LAYOUT": str(layout),
+        "GATEWAY_OPERATOR_KEY": KEYS[1].secret.hex(),
+        "GATEWAY_ISSUER_KEY": KEYS[3].secret.hex(),
+        "GATEWAY_PEERS": str(peers),
+        "GATEWAY_LIGHTNING_RPC": str(tmp_path / "lightning-rpc"),
+    }
+    members = {"op0": "nats://op1:pw@x:1", "op2": "nats://op1:pw@x:2"}
+    peers.write_text(json.dumps(members))
+    with pytest.raises(ConfigError, match="no credentials for far"):
+        GatewaySettings.from_env(env)
+    peers.write_text(json.dumps({**members, "far": "nats://g-op1:pw@y:1"}))
+    s = GatewaySettings.from_env(env)
+    assert s.settle is not None
+    assert [name for name, _ in s.settle.counterparts] == ["op0", "op2", "far"]
+    assert s.settle.publish_as("far") == "g-op1" and s.settle.publish_as("op0") == "op1"
+    assert list(s.neighbour_ids) == ["far"] and "far" not in s.ledgers  # settled, not served

@@ -10,18 +10,27 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
+import asyncpg
+from pyln.client import LightningRpc
+
+from constellation.address import Network, decode_destination
 from constellation.guild import SignTarget
+from constellation.lightning import msat
 from constellation.protocol import signer as proto
 from services import devnet
 from services.cli import main as cli_main
+from services.devnet import Devnet
 from services.signer.client import SignerClient, call
 from services.signer.config import load_members
 from services.signer.store import KeyStore
+from services.wallet import Gateway
 
 FAULTY = Path(__file__).with_name("faulty_signer.py")
 
@@ -108,12 +117,13 @@ class Guild:
 
 
 @contextlib.contextmanager
-def local_guild(prefix: str) -> Iterator[Path]:
-    """A local guild of 3 operators with 2 workers each (``services.devnet.guild``), up
-    for the block, in a fresh directory."""
+def local_guild(prefix: str, operators: int = 3, neighbours: int = 0) -> Iterator[Path]:
+    """A local guild of ``operators`` operators with 2 workers each, and a neighbouring
+    guild of ``neighbours`` (``services.devnet.guild``), up for the block, in a fresh
+    directory."""
     root = Path(tempfile.mkdtemp(prefix=prefix))
     root.chmod(0o755)  # PostgreSQL runs as its own user where tests run as root
-    devnet.guild.up(root / "g", 3, 2, "test")
+    devnet.guild.up(root / "g", operators, 2, "test", neighbours)
     try:
         yield root / "g"
     finally:
@@ -131,3 +141,73 @@ async def cli(*argv: str) -> tuple[int, str]:
         return code, out.getvalue()
 
     return await asyncio.to_thread(run)
+
+
+async def each_release_was_paid_for(nets: list[Devnet]) -> None:
+    """At every payee: each batch that released outputs has its invoice paid, once, for
+    exactly their sum; every output is released in one batch; the node was paid nothing
+    under a settlement label that released nothing."""
+    for net in nets:
+        conn = await asyncpg.connect(net.database_url)
+        try:
+            rows = await conn.fetch(
+                "SELECT peer, batch, sum(value_msat) AS msat, count(*) AS n,"
+                " bool_and(released_at IS NOT NULL) AS released FROM settle_pending"
+                " GROUP BY peer, batch"
+            )
+        finally:
+            await conn.close()
+        released = {(r["peer"], r["batch"]): int(r["msat"]) for r in rows}
+        assert all(r["released"] and r["batch"] is not None for r in rows), rows
+        node = LightningRpc(net.lightning_rpc)
+        paid: dict[tuple[str, int], int] = {}
+        for inv in node.listinvoices()["invoices"]:
+            parts = inv["label"].split(":")
+            if parts[0] == "settle" and inv["status"] == "paid":
+                paid[(parts[1], int(parts[2]))] = msat(inv["amount_received_msat"])
+        assert paid == released, f"{net.operator}: paid {paid}, released {released}"
+
+
+async def a_wallet_pays_a_user_of_another_operator(where: Path, at: Devnet, to: Devnet) -> None:
+    """Alice at operator ``at`` pays Bob at operator ``to`` with ``constellation wallet``:
+    Bob sees the payment pending while ``to``'s node holds the settlement, then a coin he
+    spends back to Alice (``where``: the local guild that runs the Lightning network)."""
+    alice, bob = str(where.parent / "alice.json"), str(where.parent / "bob.json")
+    for file, net in ((alice, at), (bob, to)):
+        assert (await cli("wallet", "create", "--file", file, "--gateway", net.gateway_url))[0] == 0
+    funding = (await cli("wallet", "address", "--file", alice))[1].strip()
+    assert (await cli("devnet", "fund", funding, "5000000", "--dir", at.dir))[0] == 0
+    # bob's address names his operator's ledger: alice's payment goes there, settled by hers
+    to_bob = (await cli("wallet", "address", "--file", bob))[1].strip()
+    _, named = decode_destination(to_bob, Network.REGTEST)
+    async with aiohttp.ClientSession() as s:
+        assert named == bytes.fromhex((await Gateway(to.gateway_url, s).totals())["ledger_id"])
+    end = time.monotonic() + 10
+    while "5000000 msat in 1 coins" not in (await cli("wallet", "balance", "--file", alice))[1]:
+        assert time.monotonic() < end, f"the funded coin is not in {at.operator}'s index"
+        await asyncio.sleep(0.2)
+    # hold the payee's node's incoming payments: bob sees the payment pending meanwhile
+    devnet.guild.lightning_faults(where, to.operator, {"hold": True})
+    try:
+        code, out = await cli("wallet", "send", to_bob, "1000000", "--file", alice)
+        assert code == 0 and f"pending at {to.operator}" in out, out
+        end = time.monotonic() + 10
+        while f"1000000 msat pending in 1 payments from {at.operator}" not in (
+            out := (await cli("wallet", "balance", "--file", bob))[1]
+        ):
+            assert time.monotonic() < end, out
+            await asyncio.sleep(0.2)
+        assert out.startswith("0 msat in 0 coins"), out  # not spendable yet
+    finally:
+        devnet.guild.lightning_faults(where, to.operator, {"hold": False})
+        devnet.guild.lightning(where, f"/v1/release/{to.operator}", {})
+    end = time.monotonic() + 20
+    while not (out := (await cli("wallet", "balance", "--file", bob))[1]).startswith(
+        "1000000 msat in 1 coins"
+    ):
+        assert time.monotonic() < end, out
+        await asyncio.sleep(0.3)
+    assert "pending" not in out
+    # and bob spends it in his operator's ledger, to alice's address (naming hers)
+    code, out = await cli("wallet", "send", funding, "500000", "--file", bob)
+    assert code == 0 and f"pending at {at.operator}" in out, out

@@ -83,32 +83,28 @@ async def test_every_node_answers_pyln_and_pays_across_the_mesh(lnsim: Proc) -> 
     assert info["id"] == nodes[0]["id"] and info["num_active_channels"] == 2
     op0 = ClnBackend(socket_path(lnsim.directory, "op0"))
     op2 = ClnBackend(socket_path(lnsim.directory, "op2"))
-    try:
-        await op0.connect()
-        await op2.connect()
-        inv = await op2.create_invoice(123_000, "settle:1", "a settlement", 600)
-        assert (await op0.pay(inv.bolt11, 0)).outcome is Outcome.SETTLED
-        # faults over the control API: a payee that fails, then one that holds
-        lnsim.call("POST", "/v1/faults/op2", {"fail_next": 1})
-        inv2 = await op2.create_invoice(1_000, "settle:2", "x", 600)
-        assert (await op0.pay(inv2.bolt11, 0)).outcome is Outcome.FAILED
-        assert (await op0.pay(inv2.bolt11, 0)).outcome is Outcome.SETTLED
-        lnsim.call("POST", "/v1/faults/op2", {"hold": True})
-        inv3 = await op2.create_invoice(2_000, "settle:3", "x", 600)
-        paying = asyncio.ensure_future(op0.pay(inv3.bolt11, 0))
-        await asyncio.sleep(0.3)
-        assert (await op0.payment(inv3.payment_hash)).outcome is Outcome.PENDING
-        lnsim.call("POST", "/v1/release/op2", {})
-        assert (await asyncio.wait_for(paying, 10)).outcome is Outcome.SETTLED
-        lnsim.call("POST", "/v1/faults/op1", {"offline": True})
-        assert not os.path.exists(socket_path(lnsim.directory, "op1"))
-        with pytest.raises(RpcError):  # op1 is down: op0 cannot reach it
-            await asyncio.to_thread(rpc.call, "connect", {"id": nodes[1]["id"]})
-        lnsim.call("POST", "/v1/faults/op1", {"offline": False})
-        assert os.path.exists(socket_path(lnsim.directory, "op1"))
-    finally:
-        op0.close()
-        op2.close()
+    await op0.connect()
+    await op2.connect()
+    inv = await op2.create_invoice(123_000, "settle:1", "a settlement", 600)
+    assert (await op0.pay(inv.bolt11, 0)).outcome is Outcome.SETTLED
+    # faults over the control API: a payee that fails, then one that holds
+    lnsim.call("POST", "/v1/faults/op2", {"fail_next": 1})
+    inv2 = await op2.create_invoice(1_000, "settle:2", "x", 600)
+    assert (await op0.pay(inv2.bolt11, 0)).outcome is Outcome.FAILED
+    assert (await op0.pay(inv2.bolt11, 0)).outcome is Outcome.SETTLED
+    lnsim.call("POST", "/v1/faults/op2", {"hold": True})
+    inv3 = await op2.create_invoice(2_000, "settle:3", "x", 600)
+    paying = asyncio.ensure_future(op0.pay(inv3.bolt11, 0))
+    await asyncio.sleep(0.3)
+    assert (await op0.payment(inv3.payment_hash)).outcome is Outcome.PENDING
+    lnsim.call("POST", "/v1/release/op2", {})
+    assert (await asyncio.wait_for(paying, 10)).outcome is Outcome.SETTLED
+    lnsim.call("POST", "/v1/faults/op1", {"offline": True})
+    assert not os.path.exists(socket_path(lnsim.directory, "op1"))
+    with pytest.raises(RpcError):  # op1 is down: op0 cannot reach it
+        await asyncio.to_thread(rpc.call, "connect", {"id": nodes[1]["id"]})
+    lnsim.call("POST", "/v1/faults/op1", {"offline": False})
+    assert os.path.exists(socket_path(lnsim.directory, "op1"))
     assert lnsim.call("GET", "/v1/books")["missing_msat"] == 0
     with pytest.raises(urllib.error.HTTPError) as bad:
         lnsim.call("POST", "/v1/faults/op0", {"hold": "yes"})

@@ -25,16 +25,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 import pytest
-from pyln.client import LightningRpc
 
-from constellation.address import Network, decode_destination
-from constellation.lightning import msat
 from services.crossload import CrossWorkload, run_cross, settled_books_agree
 from services.devnet import Devnet, guild
-from services.wallet import Gateway
-from tests.system.guild import cli, local_guild
+from tests.system.guild import (
+    a_wallet_pays_a_user_of_another_operator,
+    each_release_was_paid_for,
+    local_guild,
+)
 
 
 @pytest.fixture(scope="module")
@@ -129,75 +128,12 @@ async def test_settlement_under_faults_releases_each_output_once_after_paying(
         assert left == 0, f"{left} outputs never released"
         assert await work.spendable()
         assert await settled_books_agree(nets(where), s, out, 60), out.getvalue()
-    await each_release_was_paid_for(where)
+    await each_release_was_paid_for(nets(where))
     # every copy of every shard re-executed the same payments and releases alike
     by_shard = await asyncio.to_thread(guild.wait_converged, nets(where), 90)
     assert len(by_shard) == 6 and all(len(cs) == 6 for cs in by_shard.values())
 
 
-async def each_release_was_paid_for(where: Path) -> None:
-    """At every payee: each batch that released outputs has its invoice paid, once, for
-    exactly their sum; every output is released in one batch; the node was paid nothing
-    under a settlement label that released nothing."""
-    for net in nets(where):
-        conn = await asyncpg.connect(net.database_url)
-        try:
-            rows = await conn.fetch(
-                "SELECT peer, batch, sum(value_msat) AS msat, count(*) AS n,"
-                " bool_and(released_at IS NOT NULL) AS released FROM settle_pending"
-                " GROUP BY peer, batch"
-            )
-        finally:
-            await conn.close()
-        released = {(r["peer"], r["batch"]): int(r["msat"]) for r in rows}
-        assert all(r["released"] and r["batch"] is not None for r in rows), rows
-        node = LightningRpc(net.lightning_rpc)
-        paid: dict[tuple[str, int], int] = {}
-        for inv in node.listinvoices()["invoices"]:
-            parts = inv["label"].split(":")
-            if parts[0] == "settle" and inv["status"] == "paid":
-                paid[(parts[1], int(parts[2]))] = msat(inv["amount_received_msat"])
-        assert paid == released, f"{net.operator}: paid {paid}, released {released}"
-
-
 async def test_the_wallet_pays_a_user_of_another_operator(where: Path) -> None:
     op0, op1, _ = nets(where)
-    alice, bob = str(where.parent / "alice.json"), str(where.parent / "bob.json")
-    for file, net in ((alice, op0), (bob, op1)):
-        assert (await cli("wallet", "create", "--file", file, "--gateway", net.gateway_url))[0] == 0
-    funding = (await cli("wallet", "address", "--file", alice))[1].strip()
-    assert (await cli("devnet", "fund", funding, "5000000", "--dir", op0.dir))[0] == 0
-    # bob's address names op1's ledger: alice's payment goes there, settled by op0
-    to_bob = (await cli("wallet", "address", "--file", bob))[1].strip()
-    _, named = decode_destination(to_bob, Network.REGTEST)
-    async with aiohttp.ClientSession() as s:
-        assert named == bytes.fromhex((await Gateway(op1.gateway_url, s).totals())["ledger_id"])
-    end = time.monotonic() + 10
-    while "5000000 msat in 1 coins" not in (await cli("wallet", "balance", "--file", alice))[1]:
-        assert time.monotonic() < end, "the funded coin is not in op0's index"
-        await asyncio.sleep(0.2)
-    # hold op1's node's incoming payments: bob sees the payment pending meanwhile
-    guild.lightning_faults(where, "op1", {"hold": True})
-    try:
-        code, out = await cli("wallet", "send", to_bob, "1000000", "--file", alice)
-        assert code == 0 and "pending at op1" in out, out
-        end = time.monotonic() + 10
-        while "1000000 msat pending in 1 payments from op0" not in (
-            out := (await cli("wallet", "balance", "--file", bob))[1]
-        ):
-            assert time.monotonic() < end, out
-            await asyncio.sleep(0.2)
-        assert out.startswith("0 msat in 0 coins"), out  # not spendable yet
-    finally:
-        guild.lightning_faults(where, "op1", {"hold": False})
-        guild.lightning(where, "/v1/release/op1", {})
-    end = time.monotonic() + 20
-    while not (out := (await cli("wallet", "balance", "--file", bob))[1]).startswith(
-        "1000000 msat in 1 coins"
-    ):
-        assert time.monotonic() < end, out
-        await asyncio.sleep(0.3)
-    assert "pending" not in out
-    # and bob spends it in op1's ledger
-    code, out = await cli("wallet", "send", funding, "500000", "--file", bob)
-    assert code == 0 and "pending at op0" in out, out  # alice's address names op0's ledger
+    await a_wallet_pays_a_user_of_another_operator(where, op0, op1)
