@@ -147,6 +147,7 @@ def write_config(nets: list[Devnet], neighbours: list[Devnet]) -> None:
             doc = layout(group, others).to_json()
             for net in group:
                 write_json_atomic(net.layout_path, doc)
+    guild_of = {n.operator: n.guild for n in everyone}
     for net in everyone:
         peers = {
             p.operator: f"nats://{net.operator}:{p.issued[net.operator]}@127.0.0.1:{p.nats_port}"
@@ -156,7 +157,11 @@ def write_config(nets: list[Devnet], neighbours: list[Devnet]) -> None:
         write_json_atomic(net.peers_path, peers)
         users: list[dict[str, object]] = [{"user": "self", "password": net.nats_password}]
         users += [
-            {"user": peer, "password": password, "permissions": peer_permissions(peer)}
+            {
+                "user": peer,
+                "password": password,
+                "permissions": peer_permissions(peer, guild_of[peer] == net.guild),
+            }
             for peer, password in net.issued.items()
         ]
         # NATS reads JSON as its configuration format.

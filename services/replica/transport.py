@@ -73,10 +73,12 @@ SETTLE_LISTEN = f"{PREFIX}.*.set"
 SETTLE_DOMAIN = "constellation/settle"  # what settlement envelopes name instead of a guild
 
 
-def peer_permissions(peer: str) -> dict[str, object]:
+def peer_permissions(peer: str, member: bool = True) -> dict[str, object]:
     """The NATS permissions an operator grants a peer: publish its own messages, nothing
-    else (no subscriptions, no JetStream, no other subjects)."""
-    return {"publish": {"allow": [f"{PREFIX}.{peer}.>"]}, "subscribe": {"deny": [">"]}}
+    else (no subscriptions, no JetStream, no other subjects); an operator of another
+    guild (not a ``member``), its settlement messages only."""
+    allow = f"{PREFIX}.{peer}.>" if member else settle_subject(peer)
+    return {"publish": {"allow": [allow]}, "subscribe": {"deny": [">"]}}
 
 
 class Sealer:

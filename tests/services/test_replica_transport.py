@@ -128,6 +128,7 @@ def test_subjects_and_permissions_name_the_sender() -> None:
     assert listen_subject(0, 1, 4) == "cst.rep.*.0.1.4"
     perms = peer_permissions("op1")
     assert perms == {"publish": {"allow": ["cst.rep.op1.>"]}, "subscribe": {"deny": [">"]}}
+    assert peer_permissions("far", member=False)["publish"] == {"allow": ["cst.rep.far.set"]}
 
 
 # -- the layout ---------------------------------------------------------------------------

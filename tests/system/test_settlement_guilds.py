@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import nats
 import pytest
+from nats.aio.msg import Msg
 
 from constellation.address import Network
 from constellation.keys import SigningKey
@@ -116,3 +119,33 @@ async def test_payments_between_guilds_wait_out_a_neighbour_down_and_settle_once
     for group in (guild.load(where), guild.load_neighbours(where)):
         by_shard = await asyncio.to_thread(guild.wait_converged, group, 90)
         assert len(by_shard) == 4 and all(len(cs) == 4 for cs in by_shard.values())
+
+
+async def test_an_operator_of_another_guild_may_publish_only_its_settlement_messages(
+    where: Path,
+) -> None:
+    op0, _, nb0, _ = everyone(where)
+    peers = json.loads(nb0.peers_path.read_text())  # what each peer issued nb0
+    heard: list[str] = []
+    refused: list[str] = []
+
+    async def hear(msg: Msg) -> None:
+        heard.append(msg.subject)
+
+    async def error(exc: Exception) -> None:
+        refused.append(str(exc))
+
+    own = await nats.connect(op0.nats_url)
+    outsider = await nats.connect(peers["op0"], error_cb=error)
+    try:
+        await own.subscribe("cst.rep.nb0.>", cb=hear)
+        await own.flush()
+        for subj in ("cst.rep.nb0.0.0.0", "cst.rep.nb0.fwd.0", "cst.rep.nb0.set"):
+            await outsider.publish(subj, b"x")
+        await outsider.flush()
+        await asyncio.sleep(0.3)
+    finally:
+        await outsider.close()
+        await own.close()
+    assert heard == ["cst.rep.nb0.set"]  # the replication and relay subjects: refused
+    assert len(refused) == 2 and all("permissions violation" in e.lower() for e in refused)
