@@ -1,0 +1,62 @@
+"""What a wallet does with a mint's keys (NUT-00, NUT-12): blind fresh secrets into
+outputs, unblind the mint's signatures into proofs, and check each signature's DLEQ
+proof before keeping it. The project's wallet uses it, and the tests act as one."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from coincurve import PublicKey
+
+from constellation.crypto import bdhke
+from constellation.crypto.point import N
+from constellation.ecash.keyset import split
+from constellation.protocol import cashu as nut
+
+
+class BadSignature(ValueError):
+    """A mint's signature whose DLEQ proof does not check: the mint cheated, or erred."""
+
+
+@dataclass(frozen=True)
+class Secret:
+    """One output's secret (a 64-character hex string, hashed as its text) and blinding
+    factor."""
+
+    secret: str
+    r: int
+
+    @staticmethod
+    def fresh() -> Secret:
+        return Secret(os.urandom(32).hex(), int.from_bytes(os.urandom(32)) % (N - 1) + 1)
+
+    def output(self, keyset_id: str, amount: int) -> nut.BlindedMessage:
+        blinded = bdhke.blind(self.secret.encode(), self.r)
+        return nut.BlindedMessage(amount, keyset_id, blinded.format().hex())
+
+
+def outputs_for(amount: int, keyset_id: str) -> tuple[list[nut.BlindedMessage], list[Secret]]:
+    """Fresh outputs worth ``amount`` (one per power of two in it)."""
+    secrets = [Secret.fresh() for _ in split(amount)]
+    return [s.output(keyset_id, a) for s, a in zip(secrets, split(amount), strict=True)], secrets
+
+
+def unblind(
+    signatures: list[nut.BlindSignature],
+    secrets: list[Secret],
+    keys: dict[str, dict[int, PublicKey]],
+) -> list[nut.Proof]:
+    """Proofs from the mint's signatures on our outputs (in their order), each DLEQ proof
+    checked against the keyset's published key for its amount."""
+    proofs = []
+    for sig, s in zip(signatures, secrets, strict=True):
+        key = keys[sig.id][sig.amount]
+        blinded = bdhke.blind(s.secret.encode(), s.r)
+        c_ = PublicKey(bytes.fromhex(sig.C_))
+        e, z = bytes.fromhex(sig.dleq.e), bytes.fromhex(sig.dleq.s)
+        if not bdhke.check(key, blinded, c_, e, z):
+            raise BadSignature(f"the DLEQ proof of a {sig.amount} signature does not check")
+        c = bdhke.unblind(c_, s.r, key)
+        proofs.append(nut.Proof(sig.amount, sig.id, s.secret, c.format().hex()))
+    return proofs

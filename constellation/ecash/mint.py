@@ -1,0 +1,279 @@
+"""A Cashu mint's rules, pure: which proofs may be spent, which outputs signed, whether
+a swap balances, what a mint or melt quote allows, the change a melt returns (NUT-03,
+NUT-04, NUT-05, NUT-08, NUT-20), each refusal a ``CashuError`` with its NUT code.
+
+What no rule here can decide is whether a proof was spent before or an output signed
+before: that is the store's, in one database transaction per operation
+(``services/ecash/store.py``), so that of two requests sharing a proof exactly one
+wins, whatever the interleaving and however many mint processes there are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from coincurve import PublicKey
+
+from constellation.crypto import bdhke
+from constellation.ecash.keyset import Keyset, input_fee, split
+from constellation.keys import schnorr_verify
+from constellation.protocol import cashu as nut
+
+# NUT error codes (cashubtc/nuts error_codes.md)
+PROOF_INVALID = 10001
+SPENT = 11001
+PENDING = 11002
+OUTPUTS_SIGNED = 11003
+UNBALANCED = 11005
+AMOUNT_LIMIT = 11006
+DUPLICATE_INPUTS = 11007
+DUPLICATE_OUTPUTS = 11008
+MULTIPLE_UNITS = 11009
+UNIT_MISMATCH = 11010
+AMOUNTLESS = 11011
+UNIT_UNSUPPORTED = 11013
+KEYSET_UNKNOWN = 12001
+KEYSET_INACTIVE = 12002
+QUOTE_UNPAID = 20001
+QUOTE_ISSUED = 20002
+PAYMENT_FAILED = 20004
+QUOTE_PENDING = 20005
+INVOICE_PAID = 20006
+QUOTE_EXPIRED = 20007
+SIGNATURE_INVALID = 20008
+
+
+class CashuError(Exception):
+    """A refusal a wallet caused, with its NUT error code (HTTP 400)."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(f"{detail} (code {code})")
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Spend:
+    """Proofs that verified: their Ys (the nullifiers the store records), value and fee."""
+
+    ys: list[bytes]
+    amount: int
+    fee: int
+    unit: str
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Outputs that may be signed: their blinded messages and total."""
+
+    blinded: list[bytes]
+    amount: int
+    unit: str
+
+
+def _point(hex33: str, what: str) -> PublicKey:
+    try:
+        return PublicKey(bytes.fromhex(hex33))
+    except ValueError:
+        raise CashuError(PROOF_INVALID, f"{what} is not a point on the curve") from None
+
+
+def is_locked(secret: str) -> bool:
+    """Whether ``secret`` is a NUT-10 well-known secret (``["KIND", {...}]``): spending
+    conditions this mint does not enforce yet, so it refuses them rather than ignore them."""
+    if not secret.startswith("["):
+        return False
+    try:
+        doc = json.loads(secret)
+    except ValueError:
+        return False
+    return isinstance(doc, list) and len(doc) == 2 and isinstance(doc[0], str)
+
+
+class Mint:
+    """The keysets and the rules. Every keyset can be spent from; only the active keyset
+    of a unit signs."""
+
+    def __init__(self, keysets: Sequence[Keyset], max_amount: int = 2**40) -> None:
+        self.keysets = {k.id: k for k in keysets}
+        self.max_amount = max_amount  # sat, per mint or melt
+
+    def active(self, unit: str) -> Keyset:
+        found = [k for k in self.keysets.values() if k.active and k.unit == unit]
+        if not found:
+            raise CashuError(UNIT_UNSUPPORTED, f"no active keyset of unit {unit!r}")
+        return max(found, key=lambda k: k.index)
+
+    def keyset(self, kid: str) -> Keyset:
+        found = self.keysets.get(kid)
+        if found is None:
+            raise CashuError(KEYSET_UNKNOWN, f"keyset {kid[:66]} is not known")
+        return found
+
+    # -- proofs in -------------------------------------------------------------------
+
+    def spend(self, proofs: Sequence[nut.Proof]) -> Spend:
+        """Check every proof: a known keyset and amount, one unit, no duplicate, not
+        locked, and the mint's signature on its secret (C = k·Y)."""
+        ys: list[bytes] = []
+        units = set()
+        ppks = []
+        for p in proofs:
+            keyset = self.keyset(p.id)
+            k = keyset.secrets.get(p.amount)
+            if k is None:
+                raise CashuError(PROOF_INVALID, f"keyset {p.id} has no amount {p.amount}")
+            if is_locked(p.secret):
+                raise CashuError(PROOF_INVALID, "spending conditions (NUT-10) are not supported")
+            secret = p.secret.encode()
+            if not bdhke.verify(k, secret, _point(p.C, "a proof's C")):
+                raise CashuError(PROOF_INVALID, "a proof's signature is not the mint's")
+            ys.append(bdhke.hash_to_curve(secret).format())
+            units.add(keyset.unit)
+            ppks.append(keyset.input_fee_ppk)
+        if len(set(ys)) != len(ys):
+            raise CashuError(DUPLICATE_INPUTS, "a proof is given twice")
+        if len(units) > 1:
+            raise CashuError(MULTIPLE_UNITS, "inputs of several units")
+        amount = sum(p.amount for p in proofs)
+        return Spend(ys, amount, input_fee(ppks), units.pop())
+
+    # -- outputs ---------------------------------------------------------------------
+
+    def outputs(self, outputs: Sequence[nut.BlindedMessage]) -> Outputs:
+        """Check outputs to sign: an active keyset, an amount it has, one unit, no
+        duplicate."""
+        if not outputs:
+            raise CashuError(UNBALANCED, "no outputs")
+        units = set()
+        blinded = []
+        for o in outputs:
+            keyset = self.keyset(o.id)
+            if not keyset.active:
+                raise CashuError(KEYSET_INACTIVE, f"keyset {o.id} is inactive: it signs nothing")
+            if o.amount not in keyset.secrets:
+                raise CashuError(AMOUNT_LIMIT, f"keyset {o.id} has no amount {o.amount}")
+            _point(o.B_, "an output's B_")
+            blinded.append(bytes.fromhex(o.B_))
+            units.add(keyset.unit)
+        if len(set(blinded)) != len(blinded):
+            raise CashuError(DUPLICATE_OUTPUTS, "an output is given twice")
+        if len(units) > 1:
+            raise CashuError(MULTIPLE_UNITS, "outputs of several units")
+        return Outputs(blinded, sum(o.amount for o in outputs), units.pop())
+
+    def sign(self, outputs: Sequence[nut.BlindedMessage]) -> list[nut.BlindSignature]:
+        """Blind signatures, each with its DLEQ proof (NUT-12); ``outputs`` checked."""
+        signed = []
+        for o in outputs:
+            keyset = self.keysets[o.id]
+            k = keyset.secrets[o.amount]
+            blinded = PublicKey(bytes.fromhex(o.B_))
+            e, s = bdhke.prove(k, blinded)
+            c_ = bdhke.sign(k, blinded).format().hex()
+            signed.append(nut.BlindSignature(o.amount, o.id, c_, nut.Dleq(e.hex(), s.hex())))
+        return signed
+
+    # -- operations -----------------------------------------------------------------
+
+    def swap(self, request: nut.SwapRequest) -> tuple[Spend, Outputs]:
+        """NUT-03: inputs - fee == outputs, one unit."""
+        spend = self.spend(request.inputs)
+        out = self.outputs(request.outputs)
+        if spend.unit != out.unit:
+            raise CashuError(UNIT_MISMATCH, f"inputs in {spend.unit}, outputs in {out.unit}")
+        if spend.amount - spend.fee != out.amount:
+            raise CashuError(
+                UNBALANCED,
+                f"inputs {spend.amount} - fee {spend.fee} != outputs {out.amount}",
+            )
+        return spend, out
+
+    def check_mint(self, quote: MintQuote, request: nut.MintRequest, now: int) -> Outputs:
+        """NUT-04 and NUT-20: a paid quote, not issued, outputs for exactly its amount,
+        and the quote key's signature where it has one."""
+        if quote.state == ISSUED:
+            raise CashuError(QUOTE_ISSUED, "this quote's ecash was issued already")
+        if quote.state != PAID:
+            why = "expired" if now >= quote.expiry else "not paid yet"
+            code = QUOTE_EXPIRED if now >= quote.expiry else QUOTE_UNPAID
+            raise CashuError(code, f"the quote's invoice is {why}")
+        out = self.outputs(request.outputs)
+        if out.unit != quote.unit:
+            raise CashuError(UNIT_MISMATCH, f"the quote is in {quote.unit}, outputs in {out.unit}")
+        if out.amount != quote.amount:
+            raise CashuError(UNBALANCED, f"outputs {out.amount} != the quote's {quote.amount}")
+        if quote.pubkey and not check_mint_signature(quote.pubkey, request):
+            raise CashuError(SIGNATURE_INVALID, "the mint request's signature is not valid")
+        return out
+
+    def check_melt(self, quote: MeltQuote, request: nut.MeltRequest) -> tuple[Spend, int]:
+        """NUT-05: an unpaid quote, inputs of its unit covering its amount, its fee reserve
+        and the input fee. Returns the spend and the blank outputs' count (NUT-08)."""
+        if quote.state == MELT_PAID:
+            raise CashuError(INVOICE_PAID, "this quote's invoice is paid already")
+        if quote.state == MELT_PENDING:
+            raise CashuError(QUOTE_PENDING, "this quote's payment is in flight")
+        spend = self.spend(request.inputs)
+        if spend.unit != quote.unit:
+            raise CashuError(UNIT_MISMATCH, f"the quote is in {quote.unit}, inputs in {spend.unit}")
+        needed = quote.amount + quote.fee_reserve + spend.fee
+        if spend.amount < needed:
+            raise CashuError(UNBALANCED, f"inputs {spend.amount} < {needed} (amount, reserve, fee)")
+        blanks = request.outputs or []
+        if blanks:
+            self.outputs([nut.BlindedMessage(1, b.id, b.B_) for b in blanks])
+        return spend, len(blanks)
+
+
+def change(overpaid: int, blanks: Sequence[nut.BlindedMessage]) -> list[nut.BlindedMessage]:
+    """NUT-08: the blank outputs given amounts that return ``overpaid`` (as much of it as
+    ``len(blanks)`` powers of two can carry, the largest first)."""
+    amounts = sorted(split(overpaid), reverse=True)[: len(blanks)]
+    return [nut.BlindedMessage(a, b.id, b.B_) for a, b in zip(amounts, blanks, strict=False)]
+
+
+def check_mint_signature(pubkey: str, request: nut.MintRequest) -> bool:
+    """NUT-20: BIP340 by the quote's key over SHA256(quote id || B_0 || ... || B_n-1)."""
+    msg = request.quote + "".join(o.B_ for o in request.outputs)
+    try:
+        sig = bytes.fromhex(request.signature or "")
+    except ValueError:
+        return False
+    key = bytes.fromhex(pubkey)[1:]
+    return len(sig) == 64 and schnorr_verify(key, hashlib.sha256(msg.encode()).digest(), sig)
+
+
+# -- quotes ---------------------------------------------------------------------------
+
+UNPAID, PAID, ISSUED = "UNPAID", "PAID", "ISSUED"
+MELT_UNPAID, MELT_PENDING, MELT_PAID = "UNPAID", "PENDING", "PAID"
+
+
+@dataclass(frozen=True)
+class MintQuote:
+    quote: str
+    request: str  # the BOLT11 invoice to pay
+    payment_hash: str
+    amount: int
+    unit: str
+    state: str
+    expiry: int  # unix seconds
+    pubkey: str | None = None
+
+
+@dataclass(frozen=True)
+class MeltQuote:
+    quote: str
+    request: str
+    payment_hash: str
+    amount: int
+    fee_reserve: int
+    unit: str
+    state: str
+    expiry: int
+    preimage: str | None = None
+    fee_paid: int = 0

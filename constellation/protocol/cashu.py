@@ -1,0 +1,127 @@
+"""The Cashu mint API's JSON bodies (NUT-00 to NUT-09, NUT-12, NUT-20), as msgspec structs.
+
+Requests tolerate unknown fields, and the nulls real wallets send (nutshell sends
+``witness: null``, ``C_: null``, ``signature``, ``options: null``, ``prefer_async``):
+a mint that refused them would not serve the wallets the NUTs are for. Everything else
+is bounded: counts, lengths, amounts (``decode`` raises ``CashuError`` 10001... with a
+clear detail, never a stack trace).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+
+MAX_ITEMS = 1000  # inputs or outputs in one request (NUT-06 advertises it)
+MAX_SECRET = 1024  # characters of a proof's secret
+MAX_WITNESS = 4096
+MAX_REQUEST = 4096  # characters of a payment request (a BOLT11 invoice)
+MAX_AMOUNT = 2**63 - 1
+
+Amount = Annotated[int, msgspec.Meta(ge=0, le=MAX_AMOUNT)]
+Hex33 = Annotated[str, msgspec.Meta(min_length=66, max_length=66, pattern="^[0-9a-fA-F]+$")]
+Hex32 = Annotated[str, msgspec.Meta(min_length=64, max_length=64, pattern="^[0-9a-fA-F]+$")]
+KeysetId = Annotated[str, msgspec.Meta(min_length=16, max_length=66, pattern="^[0-9a-f]+$")]
+Unit = Annotated[str, msgspec.Meta(max_length=16)]
+QuoteId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class _In(msgspec.Struct, forbid_unknown_fields=False, omit_defaults=True):
+    pass
+
+
+class _Out(msgspec.Struct, omit_defaults=False):
+    pass
+
+
+class BlindedMessage(_In):
+    amount: Amount
+    id: KeysetId
+    B_: Hex33
+
+
+class Dleq(_Out):
+    e: str
+    s: str
+
+
+class ProofDleq(_In):
+    e: Hex32
+    s: Hex32
+    r: Hex32
+
+
+class Proof(_In):
+    amount: Amount
+    id: KeysetId
+    secret: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SECRET)]
+    C: Hex33
+    witness: Annotated[str, msgspec.Meta(max_length=MAX_WITNESS)] | None = None
+    dleq: ProofDleq | None = None
+
+
+class BlindSignature(_Out):
+    amount: int
+    id: str
+    C_: str
+    dleq: Dleq
+
+
+Outputs = Annotated[list[BlindedMessage], msgspec.Meta(max_length=MAX_ITEMS)]
+Inputs = Annotated[list[Proof], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
+
+
+class SwapRequest(_In):
+    inputs: Inputs
+    outputs: Annotated[list[BlindedMessage], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
+
+
+class MintQuoteRequest(_In):
+    amount: Annotated[int, msgspec.Meta(ge=1, le=MAX_AMOUNT)]
+    unit: Unit
+    description: Annotated[str, msgspec.Meta(max_length=640)] | None = None
+    pubkey: Hex33 | None = None  # NUT-20: only the key's holder may mint
+
+
+class MintRequest(_In):
+    quote: QuoteId
+    outputs: Annotated[list[BlindedMessage], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
+    signature: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+
+
+class MeltQuoteRequest(_In):
+    request: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REQUEST)]
+    unit: Unit
+
+
+class MeltRequest(_In):
+    quote: QuoteId
+    inputs: Inputs
+    outputs: Outputs | None = None  # NUT-08: blank outputs for the fee's change
+
+
+class CheckStateRequest(_In):
+    Ys: Annotated[list[Hex33], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
+
+
+class RestoreRequest(_In):
+    outputs: Annotated[list[BlindedMessage], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
+
+
+class DecodeError(ValueError):
+    """A request body that is not what the endpoint takes (its detail says why)."""
+
+
+T = TypeVar("T")
+
+
+def decode(data: bytes, kind: type[T]) -> T:
+    try:
+        return msgspec.json.decode(data, type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise DecodeError(str(exc)) from None
+
+
+def encode(doc: Any) -> bytes:
+    return msgspec.json.encode(doc)

@@ -1,0 +1,171 @@
+"""The mint's rules (``constellation.ecash.mint``) with the wallet's side
+(``constellation.ecash.client``): swaps that balance and sign with valid DLEQ proofs,
+every refusal with its NUT code, fees, NUT-08 change and NUT-20 signatures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from constellation.ecash import client
+from constellation.ecash import mint as m
+from constellation.ecash.keyset import Keyset
+from constellation.keys import SigningKey, schnorr_sign
+from constellation.protocol import cashu as nut
+
+MASTER = bytes(range(32))
+OLD = Keyset.derive(MASTER, "sat", 0, 0)
+NOW = Keyset.derive(MASTER, "sat", 1, 100)  # 100 ppk: 10 inputs cost 1 sat
+MSAT = Keyset.derive(MASTER, "msat", 0, 0)
+MINT = m.Mint([Keyset(OLD.unit, OLD.index, 0, OLD.secrets, active=False), NOW, MSAT])
+KEYS = {k.id: k.keys for k in MINT.keysets.values()}
+
+
+def issue(amount: int, keyset: Keyset = NOW) -> list[nut.Proof]:
+    """Proofs worth ``amount`` as the mint issues them (for a paid quote)."""
+    outputs, secrets = client.outputs_for(amount, keyset.id)
+    return client.unblind(MINT.sign(outputs), secrets, KEYS)
+
+
+def swap(inputs: list[nut.Proof], amount: int) -> tuple[m.Spend, list[nut.Proof]]:
+    outputs, secrets = client.outputs_for(amount, NOW.id)
+    spend, checked = MINT.swap(nut.SwapRequest(inputs, outputs))
+    assert checked.amount == amount
+    return spend, client.unblind(MINT.sign(outputs), secrets, KEYS)
+
+
+def test_a_swap_balances_and_signs_proofs_that_verify() -> None:
+    inputs = issue(1000)
+    assert sorted(p.amount for p in inputs) == [8, 32, 64, 128, 256, 512]
+    spend, proofs = swap(inputs, 999)  # 6 inputs of a 100 ppk keyset: a fee of 1
+    assert spend.fee == 1 and spend.amount == 1000 and len(spend.ys) == 6
+    assert sum(p.amount for p in proofs) == 999
+    assert MINT.spend(proofs).amount == 999  # the new proofs are the mint's
+    with pytest.raises(m.CashuError) as e:
+        swap(issue(1000), 1000)  # the fee is not paid
+    assert e.value.code == m.UNBALANCED
+
+
+def refused(code: int, inputs: list[nut.Proof], outputs: list[nut.BlindedMessage]) -> None:
+    with pytest.raises(m.CashuError) as e:
+        MINT.swap(nut.SwapRequest(inputs, outputs))
+    assert e.value.code == code, e.value
+
+
+def test_what_a_swap_refuses() -> None:
+    p = issue(64)
+    [good] = client.outputs_for(64, NOW.id)[0]
+    forged = nut.Proof(p[0].amount, p[0].id, p[0].secret, issue(64)[0].C)
+    refused(m.PROOF_INVALID, [forged], [good])
+    refused(m.PROOF_INVALID, [nut.Proof(64, NOW.id, "x", "02" + "00" * 32)], [good])
+    refused(m.KEYSET_UNKNOWN, [nut.Proof(64, "00" * 8, p[0].secret, p[0].C)], [good])
+    refused(m.PROOF_INVALID, [nut.Proof(32, NOW.id, p[0].secret, p[0].C)], [good])
+    refused(m.DUPLICATE_INPUTS, [p[0], p[0]], [good])
+    refused(m.DUPLICATE_OUTPUTS, issue(128), [good, good])
+    refused(m.KEYSET_INACTIVE, issue(65), [nut.BlindedMessage(64, OLD.id, good.B_)])
+    refused(m.AMOUNT_LIMIT, issue(65), [nut.BlindedMessage(63, NOW.id, good.B_)])
+    refused(m.UNIT_MISMATCH, issue(65), [nut.BlindedMessage(64, MSAT.id, good.B_)])
+    refused(m.MULTIPLE_UNITS, issue(64) + issue(64, MSAT), [good])
+    bad_point = nut.BlindedMessage(64, NOW.id, "02" + "ff" * 32)
+    refused(m.PROOF_INVALID, issue(65), [bad_point])
+    # a NUT-10 secret (spending conditions): refused, never spent as a plain one
+    locked = json.dumps(["P2PK", {"nonce": "00", "data": "02" + "11" * 32}])
+    outputs = [client.Secret(locked, 7).output(NOW.id, 64)]
+    [lp] = client.unblind(MINT.sign(outputs), [client.Secret(locked, 7)], KEYS)
+    refused(m.PROOF_INVALID, [lp], [good])
+
+
+def test_an_inactive_keyset_is_spent_from_but_signs_nothing() -> None:
+    old = issue(64, OLD)  # issued while it was active
+    spend, proofs = swap(old, 64)  # its fee: 0 ppk
+    assert spend.fee == 0 and sum(p.amount for p in proofs) == 64
+    assert MINT.active("sat") is NOW
+    with pytest.raises(m.CashuError) as e:
+        MINT.active("usd")
+    assert e.value.code == m.UNIT_UNSUPPORTED
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 5000), min_size=1, max_size=4), st.integers(0, 4))
+def test_a_swap_never_creates_value(amounts: list[int], extra: int) -> None:
+    inputs = [p for a in amounts for p in issue(a)]
+    fee = (len(inputs) * 100 + 999) // 1000
+    total = sum(amounts)
+    assume(total > fee)
+    spend, proofs = swap(inputs, total - fee)
+    assert spend.amount - spend.fee == sum(p.amount for p in proofs) == total - fee
+    if extra:
+        with pytest.raises(m.CashuError):
+            swap(inputs, total - fee + extra)
+
+
+def test_melt_checks_and_change() -> None:
+    quote = m.MeltQuote("q", "lnbc", "00" * 32, 900, 10, "sat", m.MELT_UNPAID, 0)
+    blanks = [client.Secret.fresh().output(NOW.id, 1) for _ in range(4)]
+    spend, n = MINT.check_melt(quote, nut.MeltRequest("q", issue(1000), blanks))
+    assert n == 4 and spend.amount == 1000 and spend.fee == 1
+    with pytest.raises(m.CashuError) as e:
+        MINT.check_melt(quote, nut.MeltRequest("q", issue(910), None))  # the fee is short
+    assert e.value.code == m.UNBALANCED
+    for state, code in ((m.MELT_PENDING, m.QUOTE_PENDING), (m.MELT_PAID, m.INVOICE_PAID)):
+        with pytest.raises(m.CashuError) as e:
+            MINT.check_melt(
+                m.MeltQuote("q", "lnbc", "00", 900, 10, "sat", state, 0),
+                nut.MeltRequest("q", issue(1000)),
+            )
+        assert e.value.code == code
+    # NUT-08: 900 sat overpaid, over 10 blanks: 512 + 256 + 128 + 4, the largest first
+    ten = [client.Secret.fresh().output(NOW.id, 1) for _ in range(10)]
+    assert [o.amount for o in m.change(900, ten)] == [512, 256, 128, 4]
+    assert [o.amount for o in m.change(7, ten[:2])] == [4, 2]  # what two can carry
+
+
+VECTORS = Path(__file__).parents[1] / "vectors" / "cashu" / "20-test.md"
+
+
+def test_nut20_signatures() -> None:
+    doc = VECTORS.read_text()
+    pubkey = re.findall(r"`pubkey` in the `PostMintQuoteBolt11Request` is `([0-9a-f]{66})`", doc)
+    good, bad = (
+        nut.decode(b.encode(), nut.MintRequest)
+        for b in re.findall(r"```json\n(.*?)```", doc, re.S)[:2]
+    )
+    assert m.check_mint_signature(pubkey[0], good)
+    assert not m.check_mint_signature(pubkey[1], bad)
+
+
+def test_a_mint_quote_issues_once_its_invoice_is_paid() -> None:
+    key = SigningKey(bytes(31) + b"\x07")
+    outputs, _ = client.outputs_for(100, NOW.id)
+    req = nut.MintRequest("q1", outputs)
+    for state, now, code in (
+        (m.UNPAID, 1_000, m.QUOTE_UNPAID),
+        (m.UNPAID, 3_000, m.QUOTE_EXPIRED),
+        (m.ISSUED, 1_000, m.QUOTE_ISSUED),
+    ):
+        with pytest.raises(m.CashuError) as e:
+            MINT.check_mint(m.MintQuote("q1", "lnbc", "00", 100, "sat", state, 2_000), req, now)
+        assert e.value.code == code
+    paid = m.MintQuote("q1", "lnbc", "00", 100, "sat", m.PAID, 2_000)
+    assert MINT.check_mint(paid, req, 3_000).amount == 100  # paid: mintable after expiry
+    with pytest.raises(m.CashuError) as e:
+        MINT.check_mint(paid, nut.MintRequest("q1", client.outputs_for(99, NOW.id)[0]), 0)
+    assert e.value.code == m.UNBALANCED
+    # a quote locked to a key (NUT-20) needs its holder's signature
+    locked = m.MintQuote("q1", "lnbc", "00", 100, "sat", m.PAID, 2_000, "02" + key.pubkey.hex())
+    with pytest.raises(m.CashuError) as e:
+        MINT.check_mint(locked, req, 0)
+    assert e.value.code == m.SIGNATURE_INVALID
+    signed = nut.MintRequest("q1", outputs, sign_mint(key, req))
+    assert MINT.check_mint(locked, signed, 0).amount == 100
+
+
+def sign_mint(key: SigningKey, req: nut.MintRequest) -> str:
+    msg = req.quote + "".join(o.B_ for o in req.outputs)
+    return schnorr_sign(key.secret, hashlib.sha256(msg.encode()).digest()).hex()
