@@ -85,6 +85,8 @@ def _print_devnet(net: devnet.Devnet) -> None:
     print(f"  postgresql: {net.database_url}")
     if net.lightning_rpc:
         print(f"  lightning:  {net.lightning_rpc} (a simulated node: `lightning-cli --rpc-file`)")
+    if net.has_mint:
+        print(f"  mint:       {net.mint_url} (pid {net.mint_pid}; Cashu: `cashu --host URL`)")
     supervisor = devnet.read_status(Path(net.dir))
     if supervisor is not None:
         print(f"  supervisor: pid {supervisor['pid']}, restarts what exits (`devnet status`)")

@@ -43,6 +43,7 @@ WORKER_START_S = 60
 MACHINE_START_S = 60
 GATEWAY_START_S = 30
 INDEXER_START_S = 30
+MINT_START_S = 30
 # How long each may take to drain on SIGTERM before it is killed.
 STOP_GRACE_S = 10
 STOP_GRACE_QUICK_S = 5  # nats-server and Redis
@@ -153,6 +154,11 @@ def indexer_spec(net: Devnet) -> Spec:
     return Spec("indexer", argv, net.indexer_env(), Path(net.dir) / "indexer.log")
 
 
+def mint_spec(net: Devnet) -> Spec:
+    argv = [sys.executable, "-m", "services.ecash"]
+    return Spec("mint", argv, net.mint_env(), Path(net.dir) / "mint.log")
+
+
 def specs(net: Devnet) -> dict[str, Spec]:
     """Every process of a full devnet (what ``up`` starts), by name, in start order."""
     found = {s.name: s for s in (nats_spec(net), redis_spec(net), postgres_spec(net))}
@@ -160,6 +166,8 @@ def specs(net: Devnet) -> dict[str, Spec]:
     found.update((s.name, s) for s in (worker_spec(net, w) for w in net.workers))
     found.update((s.name, s) for s in (machine_spec(net, m) for m in net.machines))
     found.update((s.name, s) for s in (gateway_spec(net), indexer_spec(net)))
+    if net.has_mint:
+        found["mint"] = mint_spec(net)
     assert list(found) == [name for name, _ in net.processes()], "a process without a spec"
     return found
 
@@ -283,6 +291,11 @@ def start_gateway(net: Devnet) -> None:
     wait_ready(net.gateway_port, net.gateway_pid, GATEWAY_START_S)
 
 
+def start_mint(net: Devnet) -> None:
+    net.mint_pid = launch(mint_spec(net))
+    wait_ready(net.mint_port, net.mint_pid, MINT_START_S)
+
+
 def create(directory: Path, signers: int, guild: str, workers: int) -> Devnet:
     """Make the devnet's identities, guild file and issuer key (not its processes)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -305,7 +318,7 @@ def create(directory: Path, signers: int, guild: str, workers: int) -> Devnet:
 def assign_ports(net: Devnet) -> None:
     """Fresh ports for every process (those of the last run may be taken meanwhile)."""
     net.nats_port, net.redis_port, net.pg_port = free_port(), free_port(), free_port()
-    net.gateway_port, net.indexer_port = free_port(), free_port()
+    net.gateway_port, net.indexer_port, net.mint_port = free_port(), free_port(), free_port()
     for proc in net.signers:
         proc.http_port = free_port()
     for worker in net.workers:
@@ -337,17 +350,22 @@ def start_all(net: Devnet, started: Callable[[], None] = lambda: None) -> None:
     started()
     start_indexer(net)
     started()
+    if net.has_mint:
+        start_mint(net)
+        started()
 
 
 def start_deadline_s(net: Devnet) -> float:
     """The longest ``start_all`` may take: the sum of every start's deadline."""
     each = NATS_START_S + REDIS_START_S + POSTGRES_START_S + GATEWAY_START_S + INDEXER_START_S
+    each += MINT_START_S if net.has_mint else 0
     procs = SIGNER_START_S * len(net.signers) + WORKER_START_S * len(net.workers)
     return each + procs + MACHINE_START_S * len(net.machines)
 
 
 def stop_all(net: Devnet) -> None:
     """SIGTERM every process (SIGKILL after its grace), those that depend on others first."""
+    stop_pid(net.mint_pid, STOP_GRACE_S)
     stop_pid(net.gateway_pid, STOP_GRACE_S)
     stop_pid(net.indexer_pid, STOP_GRACE_S)
     procs = [*(w.pid for w in net.workers), *(m.pid for m in net.machines)]

@@ -110,6 +110,7 @@ def create(
                 MachineProc(m, str(folder / f"machine-{m}"), free_port()) for m in range(MACHINES)
             ]
             net.lightning_rpc = str(socket_path((directory / LIGHTNING_DIR).resolve(), name))
+            net.mint_storage_key = os.urandom(32).hex()
             net.save()
             nets.append(net)
         made.append(nets)

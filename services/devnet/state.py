@@ -82,6 +82,9 @@ class Devnet:
     nats_password: str = ""  # of its own processes' NATS user
     issued: dict[str, str] = field(default_factory=dict)  # peer -> the NATS password issued
     lightning_rpc: str = ""  # its Lightning node's socket (the guild's simulated network)
+    mint_port: int = 0  # its Cashu mint (an operator with a Lightning node runs one)
+    mint_pid: int = 0
+    mint_storage_key: str = ""  # seals the mint's master secret
 
     @property
     def in_guild(self) -> bool:
@@ -94,6 +97,14 @@ class Devnet:
     @property
     def gateway_url(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def has_mint(self) -> bool:
+        return bool(self.lightning_rpc and self.mint_storage_key)
+
+    @property
+    def mint_url(self) -> str:
+        return f"http://127.0.0.1:{self.mint_port}"
 
     @property
     def redis_url(self) -> str:
@@ -147,6 +158,7 @@ class Devnet:
             *((f"machine-{m.index}", m.pid) for m in self.machines),
             ("gateway", self.gateway_pid),
             ("indexer", self.indexer_pid),
+            *((("mint", self.mint_pid),) if self.has_mint else ()),
         ]
 
     def pid_of(self, name: str) -> int:
@@ -160,7 +172,7 @@ class Devnet:
             self.workers[int(index)].pid = pid
         elif kind == "machine":
             self.machines[int(index)].pid = pid
-        elif name in ("nats", "redis", "gateway", "indexer"):
+        elif name in ("nats", "redis", "gateway", "indexer", "mint"):
             setattr(self, f"{name}_pid", pid)
         elif name == "postgres":
             self.pg_pid = pid
@@ -214,6 +226,16 @@ class Devnet:
             "GATEWAY_ISSUER_KEY": self.issuer_secret,
             "GATEWAY_PEERS": str(self.peers_path),
             "GATEWAY_SETTLE_PERIOD_MS": str(self.settle_period_ms),
+        }
+
+    def mint_env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "MINT_OPERATOR": self.operator,
+            "MINT_DATABASE_URL": self.database_url,
+            "MINT_LIGHTNING_RPC": self.lightning_rpc,
+            "MINT_STORAGE_KEY": self.mint_storage_key,
+            "MINT_HTTP_ADDR": f"127.0.0.1:{self.mint_port}",
         }
 
     def indexer_env(self) -> dict[str, str]:

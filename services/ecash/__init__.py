@@ -1,1 +1,1 @@
-"""Not built yet: see services/README.md."""
+"""An operator's Cashu mint: ``python -m services.ecash`` (``app.py``)."""

@@ -1,0 +1,402 @@
+"""The mint's wiring: the Cashu HTTP API (NUT-01 to NUT-09, NUT-12, NUT-20) over the
+pure rules (``constellation.ecash.mint``), the store, and the operator's Lightning node.
+
+Mint quotes are paid by invoices of the operator's node; a follower of the node's paid
+invoices marks them paid (and a quote's own lookup does, where the follower lags).
+Melts pay through the node with the four-valued outcome: a payment whose fate is not
+known leaves its melt PENDING and its proofs reserved, and a resolver looks it up until
+it settles (the proofs are spent, the change signed) or fails (the proofs are free);
+nothing is both paid out and released. Each melt attempt is numbered, so that a late
+answer about an earlier attempt never undoes a later one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from constellation.ecash import mint as m
+from constellation.keys import SigningKey
+from constellation.lightning import Outcome, PaymentState
+from constellation.protocol import cashu as nut
+from services.ecash.config import Settings
+from services.ecash.metrics import MintMetrics
+from services.ecash.store import MintStore
+from services.gateway.lightning import ClnBackend, LightningBackend, LightningError
+from services.runtime import OpsServer
+
+log = logging.getLogger("mint")
+
+UNIT = "sat"
+RESOLVE_EVERY_S = 2.0
+BOOKS_EVERY_S = 5.0
+MALFORMED = 0  # no NUT code: a body that is not what the endpoint takes
+VERSION = "constellation/0.1"
+
+
+def _error(code: int, detail: str) -> web.Response:
+    return web.json_response({"detail": detail, "code": code}, status=400)
+
+
+class MintApp:
+    def __init__(self, settings: Settings, backend: LightningBackend | None = None) -> None:
+        self.settings = settings
+        self.metrics = MintMetrics()
+        self.ops = OpsServer(self.metrics.registry, self.ready, max_body=4 << 20)
+        self.backend = backend or ClnBackend(settings.lightning_rpc)
+        self.store: MintStore | None = None
+        self.mint: m.Mint | None = None
+        self.pubkey = ""
+        self.node_id = ""
+
+    def ready(self) -> tuple[bool, str]:
+        if self.mint is None:
+            return False, "starting"
+        return True, ""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        store = self.store = await MintStore.open(s.database_url)
+        master = await store.master(s.storage_key)
+        self.pubkey = SigningKey(master).pubkey.hex()
+        self.node_id = (await self.backend.info()).node_id
+        keysets = await store.keysets(master, UNIT, s.input_fee_ppk)
+        self.mint = m.Mint(keysets, s.max_amount_sat)
+        self._routes(self.ops.app.router)
+        self.ops.tasks.start("paid", self._follow_paid)
+        self.ops.tasks.start("resolve", self._resolve_forever)
+        self.ops.tasks.start("books", self._books_forever)
+        await self.ops.start(s.http_host, s.http_port)
+        log.info(
+            "mint ready",
+            extra={
+                "http_port": self.ops.port,
+                "keysets": [k.id for k in keysets if k.active],
+                "node": self.node_id,
+            },
+        )
+        await stop.wait()
+        await self.ops.stop()
+        await self.ops.tasks.stop()
+        await store.close()
+
+    def _routes(self, r: web.UrlDispatcher) -> None:
+        r.add_get("/v1/info", self.info)
+        r.add_get("/v1/keys", self.keys)
+        r.add_get("/v1/keys/{id}", self.keys)
+        r.add_get("/v1/keysets", self.keysets)
+        self._post(r, "/v1/swap", "swap", self.swap)
+        self._post(r, "/v1/mint/quote/bolt11", "mint_quote", self.mint_quote)
+        r.add_get("/v1/mint/quote/bolt11/{quote}", self._op("mint_quote_state", self.mint_state))
+        self._post(r, "/v1/mint/bolt11", "mint", self.mint_ecash)
+        self._post(r, "/v1/melt/quote/bolt11", "melt_quote", self.melt_quote)
+        r.add_get("/v1/melt/quote/bolt11/{quote}", self._op("melt_quote_state", self.melt_state))
+        self._post(r, "/v1/melt/bolt11", "melt", self.melt)
+        self._post(r, "/v1/checkstate", "checkstate", self.checkstate)
+        self._post(r, "/v1/restore", "restore", self.restore)
+
+    def _post(
+        self,
+        r: web.UrlDispatcher,
+        path: str,
+        op: str,
+        handler: Callable[[web.Request], Awaitable[Any]],
+    ) -> None:
+        r.add_post(path, self._op(op, handler))
+
+    def _op(
+        self, op: str, handler: Callable[[web.Request], Awaitable[Any]]
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """Time and count ``handler``; its ``CashuError`` (or a malformed body) is the
+        NUT error body, HTTP 400."""
+
+        async def run(request: web.Request) -> web.Response:
+            started = time.perf_counter()
+            try:
+                doc = await handler(request)
+                outcome, response = (
+                    "ok",
+                    web.Response(body=nut.encode(doc), content_type="application/json"),
+                )
+            except m.CashuError as exc:
+                outcome, response = str(exc.code), _error(exc.code, exc.detail)
+            except nut.DecodeError as exc:
+                outcome, response = "malformed", _error(MALFORMED, f"malformed request: {exc}")
+            self.metrics.operations.labels(op, outcome).inc()
+            self.metrics.seconds.labels(op).observe(time.perf_counter() - started)
+            return response
+
+        return run
+
+    @property
+    def rules(self) -> m.Mint:
+        assert self.mint is not None
+        return self.mint
+
+    @property
+    def db(self) -> MintStore:
+        assert self.store is not None
+        return self.store
+
+    # -- keys and info -----------------------------------------------------------------
+
+    async def info(self, _: web.Request) -> web.Response:
+        s = self.settings
+        method = {"method": "bolt11", "unit": UNIT, "min_amount": 1, "max_amount": s.max_amount_sat}
+        doc = {
+            "name": s.name,
+            "pubkey": "02" + self.pubkey,
+            "version": VERSION,
+            "description": f"the ecash mint of Constellation operator {s.operator}",
+            "nuts": {
+                "4": {"methods": [method], "disabled": False},
+                "5": {"methods": [method], "disabled": False},
+                **{n: {"supported": True} for n in ("7", "8", "9", "12", "20")},
+            },
+        }
+        return web.json_response(doc)
+
+    def _keyset(self, kid: str, keys: bool) -> dict[str, Any]:
+        k = self.rules.keysets[kid]
+        doc: dict[str, Any] = {
+            "id": k.id,
+            "unit": k.unit,
+            "active": k.active,
+            "input_fee_ppk": k.input_fee_ppk,
+        }
+        if keys:
+            doc["keys"] = k.public()
+        return doc
+
+    async def keys(self, request: web.Request) -> web.Response:
+        kid = request.match_info.get("id")
+        if kid is None:
+            ids = [k.id for k in self.rules.keysets.values() if k.active]
+        elif kid in self.rules.keysets:
+            ids = [kid]
+        else:
+            return _error(m.KEYSET_UNKNOWN, f"keyset {kid[:66]} is not known")
+        return web.json_response({"keysets": [self._keyset(i, True) for i in ids]})
+
+    async def keysets(self, _: web.Request) -> web.Response:
+        return web.json_response({"keysets": [self._keyset(i, False) for i in self.rules.keysets]})
+
+    # -- swap, state, restore ----------------------------------------------------------
+
+    async def swap(self, request: web.Request) -> dict[str, Any]:
+        req = nut.decode(await request.read(), nut.SwapRequest)
+        spend, _ = self.rules.swap(req)
+        signatures = await self.db.swap(spend, req, self.rules.sign)
+        return {"signatures": signatures}
+
+    async def checkstate(self, request: web.Request) -> dict[str, Any]:
+        req = nut.decode(await request.read(), nut.CheckStateRequest)
+        states = await self.db.states([bytes.fromhex(y) for y in req.Ys])
+        return {
+            "states": [
+                {"Y": y, "state": states.get(bytes.fromhex(y), "UNSPENT"), "witness": None}
+                for y in req.Ys
+            ]
+        }
+
+    async def restore(self, request: web.Request) -> dict[str, Any]:
+        req = nut.decode(await request.read(), nut.RestoreRequest)
+        found = await self.db.restore([bytes.fromhex(o.B_) for o in req.outputs])
+        pairs = [
+            (o, found[bytes.fromhex(o.B_)]) for o in req.outputs if bytes.fromhex(o.B_) in found
+        ]
+        return {
+            "outputs": [o for o, _ in pairs],
+            "signatures": [s for _, s in pairs],
+            "promises": [s for _, s in pairs],  # the name older wallets read
+        }
+
+    # -- minting -----------------------------------------------------------------------
+
+    def _check_amount(self, amount: int) -> None:
+        if not 0 < amount <= self.settings.max_amount_sat:
+            raise m.CashuError(
+                m.AMOUNT_LIMIT, f"amount {amount} outside 1..{self.settings.max_amount_sat}"
+            )
+
+    def _check_unit(self, unit: str) -> None:
+        if unit != UNIT:
+            raise m.CashuError(m.UNIT_UNSUPPORTED, f"unit {unit[:16]!r}: this mint takes {UNIT}")
+
+    async def mint_quote(self, request: web.Request) -> dict[str, Any]:
+        req = nut.decode(await request.read(), nut.MintQuoteRequest)
+        self._check_unit(req.unit)
+        self._check_amount(req.amount)
+        quote = str(uuid.uuid4())
+        try:
+            invoice = await self.backend.create_invoice(
+                req.amount * 1000,
+                f"mint:{quote}",
+                req.description or f"ecash from {self.settings.name}",
+                self.settings.quote_expiry_s,
+            )
+        except (LightningError, OSError, TimeoutError) as exc:
+            raise m.CashuError(
+                m.PAYMENT_FAILED, f"the mint's node made no invoice: {exc}"
+            ) from None
+        q = m.MintQuote(
+            quote,
+            invoice.bolt11,
+            invoice.payment_hash.hex(),
+            req.amount,
+            req.unit,
+            m.UNPAID,
+            invoice.expires_at,
+            req.pubkey,
+        )
+        await self.db.add_mint_quote(q)
+        return _mint_quote_doc(q)
+
+    async def mint_state(self, request: web.Request) -> dict[str, Any]:
+        q = await self.db.mint_quote(request.match_info["quote"])
+        if q is None:
+            raise m.CashuError(m.QUOTE_UNPAID, "no such quote")
+        if q.state == m.UNPAID:  # the follower may lag: ask the node
+            try:
+                invoice = await self.backend.invoice(f"mint:{q.quote}")
+            except (LightningError, OSError, TimeoutError):
+                invoice = None
+            if invoice is not None and invoice.status == "paid" and invoice.pay_index:
+                await self.db.paid(q.payment_hash, 0)
+                q = await self.db.mint_quote(q.quote) or q
+        return _mint_quote_doc(q)
+
+    async def mint_ecash(self, request: web.Request) -> dict[str, Any]:
+        req = nut.decode(await request.read(), nut.MintRequest)
+        now = int(time.time())
+        signatures = await self.db.mint(
+            req, lambda q: self.rules.check_mint(q, req, now), self.rules.sign
+        )
+        return {"signatures": signatures}
+
+    async def _follow_paid(self) -> None:
+        async for invoice in self.backend.paid_invoices(await self.db.pay_index()):
+            if invoice.label.startswith("mint:") and invoice.pay_index is not None:
+                quote = await self.db.paid(invoice.payment_hash.hex(), invoice.pay_index)
+                if quote:
+                    log.info("mint quote paid", extra={"quote": quote})
+
+    # -- melting -----------------------------------------------------------------------
+
+    async def melt_quote(self, request: web.Request) -> dict[str, Any]:
+        req = nut.decode(await request.read(), nut.MeltQuoteRequest)
+        self._check_unit(req.unit)
+        try:
+            decoded = await self.backend.decode(req.request)
+        except (LightningError, OSError, TimeoutError) as exc:
+            raise m.CashuError(MALFORMED, f"not a BOLT11 invoice this node reads: {exc}") from None
+        if decoded.amount_msat is None:
+            raise m.CashuError(m.AMOUNTLESS, "an invoice without an amount")
+        amount = -(-decoded.amount_msat // 1000)
+        self._check_amount(amount)
+        s = self.settings
+        reserve = max(s.fee_reserve_min_sat, amount * s.fee_reserve_ppm // 1_000_000)
+        q = m.MeltQuote(
+            str(uuid.uuid4()),
+            req.request,
+            decoded.payment_hash.hex(),
+            amount,
+            reserve,
+            req.unit,
+            m.MELT_UNPAID,
+            int(time.time()) + s.quote_expiry_s,
+        )
+        await self.db.add_melt_quote(q)
+        return _melt_quote_doc(q, [])
+
+    async def melt_state(self, request: web.Request) -> dict[str, Any]:
+        found = await self.db.melt_quote(request.match_info["quote"])
+        if found is None:
+            raise m.CashuError(m.QUOTE_UNPAID, "no such quote")
+        return _melt_quote_doc(*found)
+
+    async def melt(self, request: web.Request) -> dict[str, Any]:
+        req = nut.decode(await request.read(), nut.MeltRequest)
+        quote, attempt = await self.db.start_melt(req, lambda q: self.rules.check_melt(q, req))
+        try:
+            state = await self.backend.pay(
+                quote.request, quote.fee_reserve * 1000, bytes.fromhex(quote.payment_hash)
+            )
+        except (LightningError, OSError, TimeoutError) as exc:  # its fate is not known
+            state = PaymentState(
+                Outcome.UNKNOWN, bytes.fromhex(quote.payment_hash), reason=str(exc)
+            )
+        await self._settle(quote.quote, attempt, state)
+        found = await self.db.melt_quote(quote.quote)
+        assert found is not None
+        if found[0].state == m.MELT_UNPAID:
+            raise m.CashuError(
+                m.PAYMENT_FAILED, f"the payment failed: {state.reason or 'no route'}"
+            )
+        return _melt_quote_doc(*found)
+
+    async def _settle(self, quote: str, attempt: int, state: PaymentState) -> None:
+        """Act on what became of a melt's payment: spend its proofs and sign its change,
+        free them, or (pending, unknown) leave them reserved for the resolver."""
+        if state.outcome is Outcome.SETTLED:
+            fee = -(-(state.fee_msat or 0) // 1000)
+            preimage = state.preimage.hex() if state.preimage else ""
+            await self.db.finish_melt(quote, attempt, preimage, fee, self.rules.sign)
+        elif state.outcome is Outcome.FAILED:
+            await self.db.fail_melt(quote, attempt)
+
+    async def _resolve_forever(self) -> None:
+        while True:
+            pending = await self.db.pending_melts()
+            now = time.time()
+            self.metrics.pending_melts.set(len(pending))
+            self.metrics.oldest_pending_melt.set(
+                max((now - since for _, _, since in pending), default=0)
+            )
+            for quote, attempt, _ in pending:
+                try:
+                    state = await self.backend.payment(bytes.fromhex(quote.payment_hash))
+                except (LightningError, OSError, TimeoutError):
+                    continue
+                await self._settle(quote.quote, attempt, state)
+            await asyncio.sleep(RESOLVE_EVERY_S)
+
+    async def _books_forever(self) -> None:
+        while True:
+            for kid, amount in (await self.db.outstanding()).items():
+                self.metrics.outstanding.labels(kid).set(amount)
+            await asyncio.sleep(BOOKS_EVERY_S)
+
+
+def _mint_quote_doc(q: m.MintQuote) -> dict[str, Any]:
+    return {
+        "quote": q.quote,
+        "request": q.request,
+        "amount": q.amount,
+        "unit": q.unit,
+        "state": q.state,
+        "paid": q.state != m.UNPAID,
+        "expiry": q.expiry,
+        "pubkey": q.pubkey,
+    }
+
+
+def _melt_quote_doc(q: m.MeltQuote, change: list[nut.BlindSignature]) -> dict[str, Any]:
+    return {
+        "quote": q.quote,
+        "request": q.request,
+        "amount": q.amount,
+        "fee_reserve": q.fee_reserve,
+        "unit": q.unit,
+        "state": q.state,
+        "paid": q.state == m.MELT_PAID,
+        "expiry": q.expiry,
+        "payment_preimage": q.preimage or None,
+        "change": change,
+    }

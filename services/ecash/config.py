@@ -1,0 +1,55 @@
+"""The mint's settings, read once from the environment."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from constellation.ecash.keyset import MAX_FEE_PPK
+from services.runtime import ConfigError, env_addr, env_int, env_operator, env_str
+
+
+@dataclass(frozen=True)
+class Settings:
+    operator: str
+    database_url: str
+    lightning_rpc: Path  # the operator's lightningd socket: mint invoices, melt payments
+    storage_key: bytes  # seals the master secret the keysets derive from
+    http_host: str
+    http_port: int
+    name: str  # what NUT-06 says the mint is
+    input_fee_ppk: int  # of the active keyset; a change rotates the keyset
+    quote_expiry_s: int
+    max_amount_sat: int  # per mint or melt
+    fee_reserve_ppm: int  # a melt's reserve for routing fees: this share of its amount...
+    fee_reserve_min_sat: int  # ...and at least this
+    log_level: str
+
+    @staticmethod
+    def from_env(env: Mapping[str, str]) -> Settings:
+        host, port = env_addr(env, "MINT_HTTP_ADDR", "127.0.0.1:3338")
+        operator = env_operator(env, "MINT_OPERATOR")
+        try:
+            storage_key = bytes.fromhex(env_str(env, "MINT_STORAGE_KEY"))
+        except ValueError:
+            storage_key = b""
+        if len(storage_key) != 32:
+            raise ConfigError("MINT_STORAGE_KEY must be 32 bytes in hex")
+        return Settings(
+            operator=operator,
+            database_url=env_str(env, "MINT_DATABASE_URL"),
+            lightning_rpc=Path(env_str(env, "MINT_LIGHTNING_RPC")),
+            storage_key=storage_key,
+            http_host=host,
+            http_port=port,
+            name=env_str(env, "MINT_NAME", f"Constellation mint of {operator}"),
+            input_fee_ppk=env_int(env, "MINT_INPUT_FEE_PPK", 0, 0, MAX_FEE_PPK),
+            quote_expiry_s=env_int(env, "MINT_QUOTE_EXPIRY_S", 3600, 60, 7 * 86400),
+            max_amount_sat=env_int(
+                env, "MINT_MAX_AMOUNT_SAT", 10_000_000, 1, 2_100_000_000_000_000
+            ),
+            fee_reserve_ppm=env_int(env, "MINT_FEE_RESERVE_PPM", 10_000, 0, 1_000_000),
+            fee_reserve_min_sat=env_int(env, "MINT_FEE_RESERVE_MIN_SAT", 2, 0, 1_000_000),
+            log_level=env_str(env, "MINT_LOG_LEVEL", "info"),
+        )

@@ -1,0 +1,39 @@
+"""The mint's Prometheus metrics, declared once."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class MintMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.operations = Counter(
+            "mint_operations",
+            "requests answered, by operation and outcome (ok, or the NUT error code)",
+            ["op", "outcome"],
+            registry=r,
+        )
+        self.seconds = Histogram(
+            "mint_operation_seconds",
+            "from a request's arrival to its answer, by operation",
+            ["op"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.outstanding = Gauge(
+            "mint_outstanding",
+            "ecash out there per keyset (signed minus spent), in its unit",
+            ["keyset"],
+            registry=r,
+        )
+        self.pending_melts = Gauge(
+            "mint_pending_melts", "melts whose payment's fate is not known yet", registry=r
+        )
+        self.oldest_pending_melt = Gauge(
+            "mint_oldest_pending_melt_seconds",
+            "age of the oldest melt whose payment's fate is not known yet",
+            registry=r,
+        )

@@ -1,0 +1,448 @@
+"""The mint's state in PostgreSQL: its sealed master key and keysets, the proofs it has
+seen spent or reserved by a melt (by Y), the blind signatures it issued (by B_, for
+NUT-09 restore, and so that no output is signed twice), and its quotes.
+
+Each operation is one transaction whose inserts decide the races: the primary key on Y
+makes of two requests sharing a proof exactly one the winner, whichever mint process
+serves them; the one on B_ makes a second signature of an output impossible. A crash
+before the commit leaves nothing, after it everything: the wallet's retry is answered
+from what was stored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import asyncpg
+
+from constellation.ecash import mint as m
+from constellation.ecash.keyset import Keyset, input_fee
+from constellation.protocol import cashu as nut
+from services.signer.store import seal, unseal
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS mint_master (
+    id int PRIMARY KEY CHECK (id = 1),
+    sealed bytea NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mint_keysets (
+    id text PRIMARY KEY,
+    unit text NOT NULL,
+    idx int NOT NULL,
+    input_fee_ppk int NOT NULL,
+    active bool NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (unit, idx)
+);
+CREATE TABLE IF NOT EXISTS mint_proofs (
+    y bytea PRIMARY KEY,
+    keyset text NOT NULL,
+    amount bigint NOT NULL,
+    secret text NOT NULL,
+    c text NOT NULL,
+    witness text,
+    state text NOT NULL CHECK (state IN ('SPENT', 'PENDING')),
+    melt text,
+    at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS mint_proofs_melt ON mint_proofs (melt) WHERE melt IS NOT NULL;
+CREATE TABLE IF NOT EXISTS mint_promises (
+    b_ bytea PRIMARY KEY,
+    keyset text NOT NULL,
+    amount bigint NOT NULL,
+    c_ text NOT NULL,
+    e text NOT NULL,
+    s text NOT NULL,
+    at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS mint_quotes (
+    quote text PRIMARY KEY,
+    request text NOT NULL,
+    payment_hash text NOT NULL UNIQUE,
+    amount bigint NOT NULL,
+    unit text NOT NULL,
+    state text NOT NULL,
+    expiry bigint NOT NULL,
+    pubkey text,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS melt_quotes (
+    quote text PRIMARY KEY,
+    request text NOT NULL,
+    payment_hash text NOT NULL,
+    amount bigint NOT NULL,
+    fee_reserve bigint NOT NULL,
+    unit text NOT NULL,
+    state text NOT NULL,
+    expiry bigint NOT NULL,
+    preimage text,
+    fee_paid bigint NOT NULL DEFAULT 0,
+    change jsonb,
+    attempt int NOT NULL DEFAULT 0,  -- each melt of the quote: a late answer names its own
+    blanks jsonb,  -- the attempt's blank outputs (NUT-08), for its change
+    pending_since double precision,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS mint_cursor (
+    id int PRIMARY KEY CHECK (id = 1),
+    pay_index bigint NOT NULL
+);
+"""
+
+
+def _states(rows: Sequence[asyncpg.Record]) -> dict[bytes, str]:
+    return {bytes(r["y"]): r["state"] for r in rows}
+
+
+class MintStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @staticmethod
+    async def open(url: str) -> MintStore:
+        pool = await asyncpg.create_pool(url, min_size=2, max_size=16)
+        async with pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock(7414)")  # one schema change at once
+            try:
+                await conn.execute(SCHEMA)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(7414)")
+        return MintStore(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    # -- keys ----------------------------------------------------------------------------
+
+    async def master(self, storage_key: bytes) -> bytes:
+        """The mint's master secret, made (and stored sealed) the first time."""
+        fresh = os.urandom(32)
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO mint_master VALUES (1, $1) ON CONFLICT DO NOTHING",
+                seal(storage_key, "mint master", fresh),
+            )
+            sealed = await conn.fetchval("SELECT sealed FROM mint_master WHERE id = 1")
+        return unseal(storage_key, "mint master", bytes(sealed))
+
+    async def keysets(self, master: bytes, unit: str, input_fee_ppk: int) -> list[Keyset]:
+        """Every keyset; the first time, keyset 0 of ``unit``. A keyset whose fee is not
+        ``input_fee_ppk`` any more is retired and the next made (a rotation)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("LOCK TABLE mint_keysets IN EXCLUSIVE MODE")
+            rows = await conn.fetch("SELECT * FROM mint_keysets ORDER BY unit, idx")
+            current = [r for r in rows if r["unit"] == unit and r["active"]]
+            if not current or current[-1]["input_fee_ppk"] != input_fee_ppk:
+                idx = max((r["idx"] for r in rows if r["unit"] == unit), default=-1) + 1
+                fresh = Keyset.derive(master, unit, idx, input_fee_ppk)
+                await conn.execute("UPDATE mint_keysets SET active = false WHERE unit = $1", unit)
+                await conn.execute(
+                    "INSERT INTO mint_keysets (id, unit, idx, input_fee_ppk, active)"
+                    " VALUES ($1, $2, $3, $4, true)",
+                    fresh.id,
+                    unit,
+                    idx,
+                    input_fee_ppk,
+                )
+                rows = await conn.fetch("SELECT * FROM mint_keysets ORDER BY unit, idx")
+        found = []
+        for r in rows:
+            k = Keyset.derive(master, r["unit"], r["idx"], r["input_fee_ppk"])
+            assert k.id == r["id"], "a stored keyset id that its keys do not make"
+            found.append(Keyset(k.unit, k.index, k.input_fee_ppk, k.secrets, r["active"]))
+        return found
+
+    # -- spending and signing ------------------------------------------------------------
+
+    async def _spend(
+        self,
+        conn: asyncpg.Connection,
+        spend: m.Spend,
+        proofs: Sequence[nut.Proof],
+        state: str,
+        melt: str | None,
+    ) -> None:
+        """Record the proofs (SPENT, or PENDING for a melt); a proof seen before refuses
+        the whole operation (the caller's transaction rolls back)."""
+        inserted = await conn.fetch(
+            "INSERT INTO mint_proofs (y, keyset, amount, secret, c, witness, state, melt)"
+            " SELECT y, k, a, s, c, w, $7, $8 FROM unnest($1::bytea[], $2::text[],"
+            " $3::bigint[], $4::text[], $5::text[], $6::text[]) AS t(y, k, a, s, c, w)"
+            " ON CONFLICT (y) DO NOTHING RETURNING y",
+            spend.ys,
+            [p.id for p in proofs],
+            [p.amount for p in proofs],
+            [p.secret for p in proofs],
+            [p.C for p in proofs],
+            [p.witness for p in proofs],
+            state,
+            melt,
+        )
+        if len(inserted) != len(spend.ys):
+            fresh = {bytes(r["y"]) for r in inserted}
+            seen = [y for y in spend.ys if y not in fresh]
+            rows = await conn.fetch(
+                "SELECT y, state FROM mint_proofs WHERE y = ANY($1::bytea[])", seen
+            )
+            if any(r["state"] == "PENDING" for r in rows):
+                raise m.CashuError(m.PENDING, "a proof is reserved by a melt in flight")
+            raise m.CashuError(m.SPENT, "proofs already spent")
+
+    async def _sign(
+        self,
+        conn: asyncpg.Connection,
+        outputs: Sequence[nut.BlindedMessage],
+        signatures: Sequence[nut.BlindSignature],
+    ) -> None:
+        inserted = await conn.fetchval(
+            "WITH i AS (INSERT INTO mint_promises (b_, keyset, amount, c_, e, s)"
+            " SELECT * FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::text[],"
+            " $5::text[], $6::text[]) ON CONFLICT (b_) DO NOTHING RETURNING 1)"
+            " SELECT count(*) FROM i",
+            [bytes.fromhex(o.B_) for o in outputs],
+            [s.id for s in signatures],
+            [s.amount for s in signatures],
+            [s.C_ for s in signatures],
+            [s.dleq.e for s in signatures],
+            [s.dleq.s for s in signatures],
+        )
+        if inserted != len(outputs):
+            raise m.CashuError(m.OUTPUTS_SIGNED, "outputs already signed")
+
+    async def swap(
+        self,
+        spend: m.Spend,
+        request: nut.SwapRequest,
+        sign: Callable[[Sequence[nut.BlindedMessage]], list[nut.BlindSignature]],
+    ) -> list[nut.BlindSignature]:
+        signatures = sign(request.outputs)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._spend(conn, spend, request.inputs, "SPENT", None)
+            await self._sign(conn, request.outputs, signatures)
+        return signatures
+
+    async def states(self, ys: Sequence[bytes]) -> dict[bytes, str]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT y, state FROM mint_proofs WHERE y = ANY($1::bytea[])", list(ys)
+            )
+        return _states(rows)
+
+    async def restore(self, blinded: Sequence[bytes]) -> dict[bytes, nut.BlindSignature]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM mint_promises WHERE b_ = ANY($1::bytea[])", list(blinded)
+            )
+        return {
+            bytes(r["b_"]): nut.BlindSignature(
+                r["amount"], r["keyset"], r["c_"], nut.Dleq(r["e"], r["s"])
+            )
+            for r in rows
+        }
+
+    # -- mint quotes -------------------------------------------------------------------
+
+    async def add_mint_quote(self, q: m.MintQuote) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO mint_quotes (quote, request, payment_hash, amount, unit, state,"
+                " expiry, pubkey) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                *asdict(q).values(),
+            )
+
+    async def mint_quote(self, quote: str) -> m.MintQuote | None:
+        async with self.pool.acquire() as conn:
+            r = await conn.fetchrow("SELECT * FROM mint_quotes WHERE quote = $1", quote)
+        return _mint_quote(r) if r else None
+
+    async def paid(self, payment_hash: str, pay_index: int) -> str | None:
+        """An invoice was paid: its quote becomes PAID (once); the stream's cursor moves."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            quote = await conn.fetchval(
+                "UPDATE mint_quotes SET state = 'PAID' WHERE payment_hash = $1"
+                " AND state = 'UNPAID' RETURNING quote",
+                payment_hash,
+            )
+            await conn.execute(
+                "INSERT INTO mint_cursor VALUES (1, $1) ON CONFLICT (id) DO UPDATE"
+                " SET pay_index = greatest(mint_cursor.pay_index, $1)",
+                pay_index,
+            )
+        return str(quote) if quote else None
+
+    async def pay_index(self) -> int:
+        async with self.pool.acquire() as conn:
+            return int(await conn.fetchval("SELECT pay_index FROM mint_cursor") or 0)
+
+    async def mint(
+        self,
+        request: nut.MintRequest,
+        check: Callable[[m.MintQuote], Any],
+        sign: Callable[[Sequence[nut.BlindedMessage]], list[nut.BlindSignature]],
+    ) -> list[nut.BlindSignature]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            r = await conn.fetchrow(
+                "SELECT * FROM mint_quotes WHERE quote = $1 FOR UPDATE", request.quote
+            )
+            if r is None:
+                raise m.CashuError(m.QUOTE_UNPAID, f"no quote {request.quote[:64]!r}")
+            check(_mint_quote(r))
+            signatures = sign(request.outputs)
+            await self._sign(conn, request.outputs, signatures)
+            await conn.execute(
+                "UPDATE mint_quotes SET state = 'ISSUED' WHERE quote = $1", request.quote
+            )
+        return signatures
+
+    # -- melt quotes -------------------------------------------------------------------
+
+    async def add_melt_quote(self, q: m.MeltQuote) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO melt_quotes (quote, request, payment_hash, amount, fee_reserve,"
+                " unit, state, expiry, preimage, fee_paid)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                *asdict(q).values(),
+            )
+
+    async def melt_quote(self, quote: str) -> tuple[m.MeltQuote, list[nut.BlindSignature]] | None:
+        async with self.pool.acquire() as conn:
+            r = await conn.fetchrow("SELECT * FROM melt_quotes WHERE quote = $1", quote)
+        return (_melt_quote(r), _change(r)) if r else None
+
+    async def start_melt(
+        self,
+        request: nut.MeltRequest,
+        check: Callable[[m.MeltQuote], tuple[m.Spend, int]],
+    ) -> tuple[m.MeltQuote, int]:
+        """Reserve the inputs (PENDING) and mark the quote PENDING, in one transaction:
+        from here the payment may go out. Returns the quote and the attempt's number."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            r = await conn.fetchrow(
+                "SELECT * FROM melt_quotes WHERE quote = $1 FOR UPDATE", request.quote
+            )
+            if r is None:
+                raise m.CashuError(m.QUOTE_UNPAID, f"no quote {request.quote[:64]!r}")
+            quote = _melt_quote(r)
+            spend, _ = check(quote)
+            await self._spend(conn, spend, request.inputs, "PENDING", quote.quote)
+            attempt = await conn.fetchval(
+                "UPDATE melt_quotes SET state = 'PENDING', attempt = attempt + 1, blanks = $2,"
+                " pending_since = extract(epoch FROM now()) WHERE quote = $1 RETURNING attempt",
+                quote.quote,
+                nut.encode(request.outputs or []).decode(),
+            )
+        return quote, int(attempt)
+
+    async def finish_melt(
+        self,
+        quote: str,
+        attempt: int,
+        preimage: str,
+        fee_paid: int,
+        sign: Callable[[Sequence[nut.BlindedMessage]], list[nut.BlindSignature]],
+    ) -> None:
+        """Attempt ``attempt``'s payment settled: the reserved proofs are spent, the quote
+        PAID, and the change (NUT-08) signed on the attempt's blank outputs, once (for
+        a melt settled already, or another attempt, nothing changes)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            r = await conn.fetchrow("SELECT * FROM melt_quotes WHERE quote = $1 FOR UPDATE", quote)
+            assert r is not None
+            if r["state"] != m.MELT_PENDING or r["attempt"] != attempt:
+                return
+            blanks = nut.decode((r["blanks"] or "[]").encode(), list[nut.BlindedMessage])
+            reserved = await conn.fetchval(
+                "SELECT coalesce(sum(amount), 0) FROM mint_proofs WHERE melt = $1"
+                " AND state = 'PENDING'",
+                quote,
+            )
+            ppk = await conn.fetchval(
+                "SELECT coalesce(sum(k.input_fee_ppk), 0) FROM mint_proofs p"
+                " JOIN mint_keysets k ON k.id = p.keyset WHERE p.melt = $1",
+                quote,
+            )
+            fee = input_fee([int(ppk)])
+            overpaid = int(reserved) - r["amount"] - fee_paid - fee
+            assert overpaid >= 0, "a melt paid more than its inputs"
+            outputs = m.change(overpaid, blanks)
+            change = sign(outputs) if outputs else []
+            if outputs:
+                await self._sign(conn, outputs, change)
+            await conn.execute("UPDATE mint_proofs SET state = 'SPENT' WHERE melt = $1", quote)
+            await conn.execute(
+                "UPDATE melt_quotes SET state = 'PAID', preimage = $2, fee_paid = $3,"
+                " change = $4 WHERE quote = $1",
+                quote,
+                preimage,
+                fee_paid,
+                nut.encode(change).decode(),
+            )
+
+    async def fail_melt(self, quote: str, attempt: int) -> None:
+        """Attempt ``attempt``'s payment failed, for certain: its reserved proofs are free
+        again, the quote UNPAID (nothing, for another attempt or one resolved)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            r = await conn.fetchrow(
+                "SELECT state, attempt FROM melt_quotes WHERE quote = $1 FOR UPDATE", quote
+            )
+            if r is None or r["state"] != m.MELT_PENDING or r["attempt"] != attempt:
+                return
+            await conn.execute(
+                "DELETE FROM mint_proofs WHERE melt = $1 AND state = 'PENDING'", quote
+            )
+            await conn.execute("UPDATE melt_quotes SET state = 'UNPAID' WHERE quote = $1", quote)
+
+    async def pending_melts(self) -> list[tuple[m.MeltQuote, int, float]]:
+        """Each melt in flight: its quote, attempt, and since when (unix seconds)."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT * FROM melt_quotes WHERE state = 'PENDING'")
+        return [(_melt_quote(r), r["attempt"], r["pending_since"]) for r in rows]
+
+    # -- the books ---------------------------------------------------------------------
+
+    async def outstanding(self) -> dict[str, int]:
+        """Per keyset: what it signed minus what was spent from it (ecash out there)."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT k.id, coalesce((SELECT sum(amount) FROM mint_promises WHERE keyset"
+                " = k.id), 0) - coalesce((SELECT sum(amount) FROM mint_proofs WHERE keyset"
+                " = k.id AND state = 'SPENT'), 0) AS out FROM mint_keysets k"
+            )
+        return {r["id"]: int(r["out"]) for r in rows}
+
+
+def _mint_quote(r: asyncpg.Record) -> m.MintQuote:
+    return m.MintQuote(
+        r["quote"],
+        r["request"],
+        r["payment_hash"],
+        r["amount"],
+        r["unit"],
+        r["state"],
+        r["expiry"],
+        r["pubkey"],
+    )
+
+
+def _melt_quote(r: asyncpg.Record) -> m.MeltQuote:
+    return m.MeltQuote(
+        r["quote"],
+        r["request"],
+        r["payment_hash"],
+        r["amount"],
+        r["fee_reserve"],
+        r["unit"],
+        r["state"],
+        r["expiry"],
+        r["preimage"],
+        r["fee_paid"],
+    )
+
+
+def _change(r: asyncpg.Record) -> list[nut.BlindSignature]:
+    if not r["change"]:
+        return []
+    return nut.decode(r["change"].encode(), list[nut.BlindSignature])

@@ -1,0 +1,246 @@
+"""Each operator's Cashu mint over real processes: a local guild of 2 operators, each
+with its mint (``python -m services.ecash``) on its own PostgreSQL and Lightning node.
+
+Ecash is minted for an invoice paid from the other operator's node, swapped, checked,
+melted to the other node's invoice with its fee's change (NUT-08), and restored
+(NUT-09); every signature's DLEQ proof checks (NUT-12). Concurrent swaps sharing proofs:
+exactly one wins each proof. A melt whose payment hangs stays PENDING with its proofs
+reserved until the payment settles; one whose payment fails frees them; none is both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from coincurve import PublicKey
+from pyln.client import LightningRpc
+
+from constellation.crypto import bdhke
+from constellation.ecash import client
+from constellation.ecash import mint as m
+from constellation.ecash.keyset import parse_keys
+from constellation.keys import SigningKey, schnorr_sign
+from constellation.protocol import cashu as nut
+from services.devnet import Devnet, guild
+from tests.system.guild import local_guild
+
+
+@pytest.fixture(scope="module")
+def where() -> Iterator[Path]:
+    with local_guild("cst-mint-", operators=2) as directory:
+        yield directory
+
+
+class Mint:
+    """A wallet's view of a mint, over HTTP."""
+
+    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
+        self.url = url
+        self.s = session
+        self.keys: dict[str, dict[int, PublicKey]] = {}
+        self.active = ""
+
+    async def call(self, path: str, body: Any = None) -> tuple[int, Any]:
+        if body is None:
+            async with self.s.get(self.url + path) as r:
+                return r.status, await r.json()
+        data = nut.encode(body)
+        async with self.s.post(self.url + path, data=data) as r:
+            return r.status, await r.json()
+
+    async def ok(self, path: str, body: Any = None) -> Any:
+        status, doc = await self.call(path, body)
+        assert status == 200, doc
+        return doc
+
+    async def refused(self, path: str, body: Any) -> int:
+        status, doc = await self.call(path, body)
+        assert status == 400, doc
+        return int(doc["code"])
+
+    async def load(self) -> None:
+        for ks in (await self.ok("/v1/keys"))["keysets"]:
+            self.keys[ks["id"]] = parse_keys(ks["keys"])
+            if ks["active"] and ks["unit"] == "sat":
+                self.active = ks["id"]
+
+    async def mint(self, amount: int, payer: LightningRpc) -> list[nut.Proof]:
+        """Pay a mint quote's invoice from ``payer``'s node, then mint (NUT-04, NUT-20)."""
+        key = SigningKey(os.urandom(32))
+        quote = await self.ok(
+            "/v1/mint/quote/bolt11",
+            {"amount": amount, "unit": "sat", "pubkey": "02" + key.pubkey.hex()},
+        )
+        assert quote["state"] == "UNPAID"
+        payer.pay(quote["request"])
+        deadline = time.monotonic() + 10
+        while (await self.ok(f"/v1/mint/quote/bolt11/{quote['quote']}"))["state"] != "PAID":
+            assert time.monotonic() < deadline, "the paid quote is not PAID"
+            await asyncio.sleep(0.1)
+        outputs, secrets = client.outputs_for(amount, self.active)
+        msg = quote["quote"] + "".join(o.B_ for o in outputs)
+        sig = schnorr_sign(key.secret, hashlib.sha256(msg.encode()).digest()).hex()
+        unsigned = {"quote": quote["quote"], "outputs": outputs}
+        assert await self.refused("/v1/mint/bolt11", unsigned) == m.SIGNATURE_INVALID
+        doc = await self.ok("/v1/mint/bolt11", {**unsigned, "signature": sig})
+        proofs = self.unblind(doc["signatures"], secrets)  # each DLEQ checked
+        assert await self.refused("/v1/mint/bolt11", {**unsigned, "signature": sig}) in (
+            m.QUOTE_ISSUED,
+            m.OUTPUTS_SIGNED,
+        )
+        return proofs
+
+    async def swap(self, inputs: list[nut.Proof], amount: int) -> list[nut.Proof]:
+        outputs, secrets = client.outputs_for(amount, self.active)
+        doc = await self.ok("/v1/swap", {"inputs": inputs, "outputs": outputs})
+        return self.unblind(doc["signatures"], secrets)
+
+    def unblind(self, docs: list[dict[str, Any]], secrets: list[client.Secret]) -> list[nut.Proof]:
+        sigs = [nut.BlindSignature(**{**s, "dleq": nut.Dleq(**s["dleq"])}) for s in docs]
+        return client.unblind(sigs, secrets, self.keys)
+
+    async def states(self, proofs: list[nut.Proof]) -> list[str]:
+        ys = [bdhke.hash_to_curve(p.secret.encode()).format().hex() for p in proofs]
+        doc = await self.ok("/v1/checkstate", {"Ys": ys})
+        return [s["state"] for s in doc["states"]]
+
+
+def nets(where: Path) -> list[Devnet]:
+    return guild.load(where)
+
+
+async def test_mint_swap_melt_and_restore(where: Path) -> None:
+    op0, op1 = nets(where)
+    payer, payee = LightningRpc(op1.lightning_rpc), LightningRpc(op1.lightning_rpc)
+    async with aiohttp.ClientSession() as s:
+        mint = Mint(op0.mint_url, s)
+        info = await mint.ok("/v1/info")
+        assert {"4", "5", "7", "8", "9", "12", "20"} <= set(info["nuts"])
+        await mint.load()
+        proofs = await mint.mint(1000, payer)
+        assert sum(p.amount for p in proofs) == 1000
+        # a swap, and the same proofs again: spent
+        swapped = await mint.swap(proofs, 1000)
+        assert await mint.states(proofs) == ["SPENT"] * len(proofs)
+        assert set(await mint.states(swapped)) == {"UNSPENT"}
+        outputs, _ = client.outputs_for(1000, mint.active)
+        again = {"inputs": proofs, "outputs": outputs}
+        assert await mint.refused("/v1/swap", again) == m.SPENT
+        # melt 300 sat to op1's node: inputs for the amount and the fee reserve, and
+        # blank outputs for what the routing fee leaves of the reserve (NUT-08)
+        invoice = payee.invoice(300_000, f"melt-{os.urandom(4).hex()}", "a melt")["bolt11"]
+        quote = await mint.ok("/v1/melt/quote/bolt11", {"request": invoice, "unit": "sat"})
+        reserve = quote["fee_reserve"]
+        assert quote["amount"] == 300 and reserve >= 2
+        outputs, secrets = client.outputs_for(300 + reserve, mint.active)
+        rest, rest_secrets = client.outputs_for(1000 - 300 - reserve, mint.active)
+        doc = await mint.ok("/v1/swap", {"inputs": swapped, "outputs": outputs + rest})
+        exact = mint.unblind(doc["signatures"], secrets + rest_secrets)[: len(outputs)]
+        blanks = [client.Secret.fresh() for _ in range(max(reserve.bit_length(), 1))]
+        outputs = [b.output(mint.active, 1) for b in blanks]
+        doc = await mint.ok(
+            "/v1/melt/bolt11", {"quote": quote["quote"], "inputs": exact, "outputs": outputs}
+        )
+        assert doc["state"] == "PAID" and doc["payment_preimage"]
+        change = mint.unblind(doc["change"], blanks[: len(doc["change"])])
+        sent = [
+            p for p in LightningRpc(op0.lightning_rpc).listpays()["pays"] if p["bolt11"] == invoice
+        ]
+        fee_msat = int(sent[0]["amount_sent_msat"]) - int(sent[0]["amount_msat"])
+        assert sum(p.amount for p in change) == reserve - -(-fee_msat // 1000)
+        paid = [i for i in payee.listinvoices()["invoices"] if i["bolt11"] == invoice]
+        assert paid[0]["status"] == "paid"
+        # restore: the mint gives back its signatures on outputs it signed
+        status, restored = await mint.call("/v1/restore", {"outputs": outputs})
+        assert status == 200 and len(restored["signatures"]) == len(doc["change"])
+        async with s.get(f"{op0.mint_url}/metrics") as r:
+            metrics = await r.text()
+        for line in (
+            'mint_operations_total{op="swap",outcome="ok"} 2.0',
+            'mint_operations_total{op="swap",outcome="11001"} 1.0',
+            'mint_operations_total{op="melt",outcome="ok"} 1.0',
+            'mint_operations_total{op="mint",outcome="20008"} 1.0',
+        ):
+            assert line in metrics, line
+
+
+async def test_concurrent_swaps_sharing_proofs_spend_each_once(where: Path) -> None:
+    op0, op1 = nets(where)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as s:
+        mint = Mint(op0.mint_url, s)
+        await mint.load()
+        proofs = await mint.mint(2**10 - 1, LightningRpc(op1.lightning_rpc))  # 10 proofs
+        rng = random.Random(os.urandom(8))
+
+        async def one() -> tuple[int, list[nut.Proof]]:
+            inputs = rng.sample(proofs, rng.randint(1, 3))
+            outputs, _ = client.outputs_for(sum(p.amount for p in inputs), mint.active)
+            status, doc = await mint.call("/v1/swap", {"inputs": inputs, "outputs": outputs})
+            return (200 if status == 200 else int(doc["code"])), inputs
+
+        results = await asyncio.gather(*(one() for _ in range(64)))
+    won = [inputs for code, inputs in results if code == 200]
+    assert {code for code, _ in results} <= {200, m.SPENT, m.PENDING}
+    spent = [p.secret for inputs in won for p in inputs]
+    assert won and len(spent) == len(set(spent))  # no proof in two winning swaps
+
+
+async def test_a_melt_whose_payment_hangs_stays_pending_then_settles(where: Path) -> None:
+    op0, op1 = nets(where)
+    payee = LightningRpc(op1.lightning_rpc)
+    async with aiohttp.ClientSession() as s:
+        mint = Mint(op0.mint_url, s)
+        await mint.load()
+        proofs = await mint.mint(500, payee)
+        invoice = payee.invoice(100_000, f"hold-{os.urandom(4).hex()}", "held")["bolt11"]
+        quote = await mint.ok("/v1/melt/quote/bolt11", {"request": invoice, "unit": "sat"})
+        guild.lightning_faults(where, "op1", {"hold": True})
+        try:
+            melting = asyncio.ensure_future(
+                mint.call("/v1/melt/bolt11", {"quote": quote["quote"], "inputs": proofs})
+            )
+            deadline = time.monotonic() + 10
+            while set(await mint.states(proofs)) != {"PENDING"}:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            outputs, _ = client.outputs_for(500, mint.active)
+            swap = {"inputs": proofs, "outputs": outputs}
+            assert await mint.refused("/v1/swap", swap) == m.PENDING  # reserved
+            state = await mint.ok(f"/v1/melt/quote/bolt11/{quote['quote']}")
+            assert state["state"] == "PENDING"
+        finally:
+            guild.lightning(where, "/v1/release/op1", {})
+            guild.lightning_faults(where, "op1", {"hold": False})
+        _, doc = await melting  # paid, or still pending when it answered
+        deadline = time.monotonic() + 15
+        while (await mint.ok(f"/v1/melt/quote/bolt11/{quote['quote']}"))["state"] != "PAID":
+            assert time.monotonic() < deadline, doc
+            await asyncio.sleep(0.2)
+        assert set(await mint.states(proofs)) == {"SPENT"}
+
+
+async def test_a_melt_whose_payment_fails_frees_its_proofs(where: Path) -> None:
+    op0, op1 = nets(where)
+    payee = LightningRpc(op1.lightning_rpc)
+    async with aiohttp.ClientSession() as s:
+        mint = Mint(op0.mint_url, s)
+        await mint.load()
+        proofs = await mint.mint(200, payee)
+        invoice = payee.invoice(50_000, f"fail-{os.urandom(4).hex()}", "fails")["bolt11"]
+        quote = await mint.ok("/v1/melt/quote/bolt11", {"request": invoice, "unit": "sat"})
+        guild.lightning_faults(where, "op1", {"fail_next": 1})
+        melt = {"quote": quote["quote"], "inputs": proofs}
+        assert await mint.refused("/v1/melt/bolt11", melt) == m.PAYMENT_FAILED
+        assert set(await mint.states(proofs)) == {"UNSPENT"}
+        # and the quote can be melted again, now that the payee takes it
+        doc = await mint.ok("/v1/melt/bolt11", melt)
+        assert doc["state"] == "PAID" and set(await mint.states(proofs)) == {"SPENT"}
