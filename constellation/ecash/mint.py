@@ -276,4 +276,5 @@ class MeltQuote:
     state: str
     expiry: int
     preimage: str | None = None
-    fee_paid: int = 0
+    fee_paid: int = 0  # the routing fee, rounded up to the unit
+    amount_msat: int = 0  # the invoice's exact amount

@@ -311,6 +311,7 @@ class MintApp:
             req.unit,
             m.MELT_UNPAID,
             int(time.time()) + s.quote_expiry_s,
+            amount_msat=decoded.amount_msat,
         )
         await self.db.add_melt_quote(q)
         return _melt_quote_doc(q, [])
@@ -332,7 +333,7 @@ class MintApp:
             state = PaymentState(
                 Outcome.UNKNOWN, bytes.fromhex(quote.payment_hash), reason=str(exc)
             )
-        await self._settle(quote.quote, attempt, state)
+        await self._settle(quote, attempt, state)
         found = await self.db.melt_quote(quote.quote)
         assert found is not None
         if found[0].state == m.MELT_UNPAID:
@@ -341,15 +342,15 @@ class MintApp:
             )
         return _melt_quote_doc(*found)
 
-    async def _settle(self, quote: str, attempt: int, state: PaymentState) -> None:
+    async def _settle(self, quote: m.MeltQuote, attempt: int, state: PaymentState) -> None:
         """Act on what became of a melt's payment: spend its proofs and sign its change,
         free them, or (pending, unknown) leave them reserved for the resolver."""
         if state.outcome is Outcome.SETTLED:
-            fee = -(-(state.fee_msat or 0) // 1000)
+            sent = (state.amount_msat or quote.amount_msat) + (state.fee_msat or 0)
             preimage = state.preimage.hex() if state.preimage else ""
-            await self.db.finish_melt(quote, attempt, preimage, fee, self.rules.sign)
+            await self.db.finish_melt(quote.quote, attempt, preimage, sent, self.rules.sign)
         elif state.outcome is Outcome.FAILED:
-            await self.db.fail_melt(quote, attempt)
+            await self.db.fail_melt(quote.quote, attempt)
 
     async def _resolve_forever(self) -> None:
         while True:
@@ -364,7 +365,7 @@ class MintApp:
                     state = await self.backend.payment(bytes.fromhex(quote.payment_hash))
                 except (LightningError, OSError, TimeoutError):
                     continue
-                await self._settle(quote.quote, attempt, state)
+                await self._settle(quote, attempt, state)
             await asyncio.sleep(RESOLVE_EVERY_S)
 
     async def _books_forever(self) -> None:

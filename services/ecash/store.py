@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import asyncpg
@@ -80,11 +80,18 @@ CREATE TABLE IF NOT EXISTS melt_quotes (
     expiry bigint NOT NULL,
     preimage text,
     fee_paid bigint NOT NULL DEFAULT 0,
+    amount_msat bigint NOT NULL,
     change jsonb,
     attempt int NOT NULL DEFAULT 0,  -- each melt of the quote: a late answer names its own
     blanks jsonb,  -- the attempt's blank outputs (NUT-08), for its change
     pending_since double precision,
     created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS mint_fees (  -- what the mint kept: input fees, melt margins
+    id bigserial PRIMARY KEY,
+    kind text NOT NULL,
+    msat bigint NOT NULL,
+    at timestamptz NOT NULL DEFAULT now()
 );
 CREATE TABLE IF NOT EXISTS mint_cursor (
     id int PRIMARY KEY CHECK (id = 1),
@@ -222,6 +229,10 @@ class MintStore:
         async with self.pool.acquire() as conn, conn.transaction():
             await self._spend(conn, spend, request.inputs, "SPENT", None)
             await self._sign(conn, request.outputs, signatures)
+            if spend.fee:
+                await conn.execute(
+                    "INSERT INTO mint_fees (kind, msat) VALUES ('swap', $1)", spend.fee * 1000
+                )
         return signatures
 
     async def states(self, ys: Sequence[bytes]) -> dict[bytes, str]:
@@ -303,8 +314,8 @@ class MintStore:
         async with self.pool.acquire() as conn:
             await conn.execute(
                 "INSERT INTO melt_quotes (quote, request, payment_hash, amount, fee_reserve,"
-                " unit, state, expiry, preimage, fee_paid)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                " unit, state, expiry, preimage, fee_paid, amount_msat)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 *asdict(q).values(),
             )
 
@@ -342,12 +353,14 @@ class MintStore:
         quote: str,
         attempt: int,
         preimage: str,
-        fee_paid: int,
+        sent_msat: int,
         sign: Callable[[Sequence[nut.BlindedMessage]], list[nut.BlindSignature]],
     ) -> None:
-        """Attempt ``attempt``'s payment settled: the reserved proofs are spent, the quote
-        PAID, and the change (NUT-08) signed on the attempt's blank outputs, once (for
-        a melt settled already, or another attempt, nothing changes)."""
+        """Attempt ``attempt``'s payment settled, ``sent_msat`` leaving the node (the
+        invoice and the routing fee): the reserved proofs are spent, the quote PAID, the
+        change (NUT-08) signed on the attempt's blank outputs, and what the mint kept
+        booked as its fee, once (for a melt settled already, or another attempt,
+        nothing changes)."""
         async with self.pool.acquire() as conn, conn.transaction():
             r = await conn.fetchrow("SELECT * FROM melt_quotes WHERE quote = $1 FOR UPDATE", quote)
             assert r is not None
@@ -365,6 +378,7 @@ class MintStore:
                 quote,
             )
             fee = input_fee([int(ppk)])
+            fee_paid = max(0, -(-(sent_msat - r["amount_msat"]) // 1000))
             overpaid = int(reserved) - r["amount"] - fee_paid - fee
             assert overpaid >= 0, "a melt paid more than its inputs"
             outputs = m.change(overpaid, blanks)
@@ -372,6 +386,8 @@ class MintStore:
             if outputs:
                 await self._sign(conn, outputs, change)
             await conn.execute("UPDATE mint_proofs SET state = 'SPENT' WHERE melt = $1", quote)
+            kept = (int(reserved) - sum(o.amount for o in outputs)) * 1000 - sent_msat
+            await conn.execute("INSERT INTO mint_fees (kind, msat) VALUES ('melt', $1)", kept)
             await conn.execute(
                 "UPDATE melt_quotes SET state = 'PAID', preimage = $2, fee_paid = $3,"
                 " change = $4 WHERE quote = $1",
@@ -403,6 +419,12 @@ class MintStore:
 
     # -- the books ---------------------------------------------------------------------
 
+    async def books(self) -> MintBooks:
+        async with self.pool.acquire() as conn:
+            found = await mint_books(conn)
+        assert found is not None
+        return found
+
     async def outstanding(self) -> dict[str, int]:
         """Per keyset: what it signed minus what was spent from it (ecash out there)."""
         async with self.pool.acquire() as conn:
@@ -412,6 +434,36 @@ class MintStore:
                 " = k.id AND state = 'SPENT'), 0) AS out FROM mint_keysets k"
             )
         return {r["id"]: int(r["out"]) for r in rows}
+
+
+@dataclass(frozen=True)
+class MintBooks:
+    """What the mint owes and kept, in msat (the reserve invariant's ecash terms)."""
+
+    outstanding_msat: int  # ecash signed and not spent (proofs a melt reserved: included)
+    unissued_msat: int  # mint quotes paid, their ecash not issued yet
+    fees_msat: int  # kept: input fees and melt margins
+    melting_msat: int  # proofs reserved by melts in flight
+
+
+async def mint_books(conn: asyncpg.Connection) -> MintBooks | None:
+    """The mint's books from its tables, or None where this database holds no mint."""
+    if await conn.fetchval("SELECT to_regclass('mint_fees')") is None:
+        return None
+    row = await conn.fetchrow(
+        "SELECT (SELECT coalesce(sum(amount), 0) FROM mint_promises) AS signed,"
+        " (SELECT coalesce(sum(amount), 0) FROM mint_proofs WHERE state = 'SPENT') AS spent,"
+        " (SELECT coalesce(sum(amount), 0) FROM mint_proofs WHERE state = 'PENDING')"
+        " AS melting,"
+        " (SELECT coalesce(sum(amount), 0) FROM mint_quotes WHERE state = 'PAID') AS unissued,"
+        " (SELECT coalesce(sum(msat), 0) FROM mint_fees) AS fees"
+    )
+    return MintBooks(
+        (int(row["signed"]) - int(row["spent"])) * 1000,
+        int(row["unissued"]) * 1000,
+        int(row["fees"]),
+        int(row["melting"]) * 1000,
+    )
 
 
 def _mint_quote(r: asyncpg.Record) -> m.MintQuote:
@@ -439,6 +491,7 @@ def _melt_quote(r: asyncpg.Record) -> m.MeltQuote:
         r["expiry"],
         r["preimage"],
         r["fee_paid"],
+        r["amount_msat"],
     )
 
 

@@ -45,6 +45,7 @@ from constellation.keys import SigningKey
 from constellation.lightning import Outcome
 from constellation.protocol import settlement as sp
 from constellation.tx import ledger_id
+from services.ecash.store import MintBooks, mint_books
 from services.gateway.lightning import (
     CAN_ADD_HTLC,
     LightningBackend,
@@ -688,6 +689,8 @@ class Settler:
         balances = await self.backend.balances()
         income = await self.backend.income()
         untaken, oldest = await self.store.untaken()
+        async with self.store.pool.acquire() as conn:  # the mint's, where it shares the db
+            mint = await mint_books(conn) or MintBooks(0, 0, 0, 0)
         self.metrics.settle_untaken.set(untaken)
         self.metrics.settle_untaken_age.set(oldest)
         books = Books(
@@ -704,7 +707,11 @@ class Settler:
             lightning_fees_msat=sum(p.payer.state.fees_msat for p in self.pairs.values()),
             onchain_fees_msat=income.onchain_fees_msat,
             routed_msat=income.routed_msat,
-            in_flight_msat=self._in_flight() + sum(x.pending_msat for x in states),
+            in_flight_msat=self._in_flight()
+            + sum(x.pending_msat for x in states)
+            + mint.melting_msat,
+            ecash_msat=mint.outstanding_msat + mint.unissued_msat,
+            ecash_fees_msat=mint.fees_msat,
         )
         had = self.reserve.baseline
         verdict = self.reserve.check(books)
@@ -750,13 +757,15 @@ class Books:
     onchain_fees_msat: int  # paid to miners (opens, splices, withdrawals: the node's books)
     routed_msat: int  # earned forwarding others' payments (the node's books)
     in_flight_msat: int
+    ecash_msat: int = 0  # the mint's: outstanding ecash, and quotes paid but not issued
+    ecash_fees_msat: int = 0  # kept by the mint: input fees, melt margins
 
 
 class Reserve:
     """The reserve invariant: L3 coins held + pending outputs owed to others - pending
-    outputs owed by others = Lightning local balance + on-chain funds, up to the fees
-    the books name and a starting difference (coins issued without Lightning funds, as
-    the local guild's genesis is).
+    outputs owed by others + outstanding ecash = Lightning local balance + on-chain
+    funds, up to the fees the books name and a starting difference (coins issued without
+    Lightning funds, as the local guild's genesis is).
 
     Pending outputs owed by others are coins of this ledger's users, held as pending:
     counted on the left as L3 coins and taken off again, they leave what was paid for
@@ -776,8 +785,9 @@ class Reserve:
         owed_to_others = b.outbound_msat - b.paid_out_msat
         liabilities = held + owed_to_others - b.owed_by_others_msat
         liabilities += b.releasing_msat  # paid for, being issued
+        liabilities += b.ecash_msat
         funds = b.lightning_msat + b.onchain_msat
-        slack = funds - liabilities - b.fees_msat + b.lightning_fees_msat
+        slack = funds - liabilities - b.fees_msat - b.ecash_fees_msat + b.lightning_fees_msat
         slack += b.onchain_fees_msat - b.routed_msat
         if self.baseline is None and b.in_flight_msat == 0:
             # two quiet reads in a row that agree: not a transaction between reads
@@ -791,6 +801,7 @@ class Reserve:
             "l3_held": held,
             "owed_to_others": owed_to_others,
             "owed_by_others": b.owed_by_others_msat,
+            "ecash": b.ecash_msat,
             "funds": funds,
             "slack": slack,
             "drift": drift,
