@@ -11,10 +11,14 @@ reserved until the payment settles; one whose payment fails frees them; none is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
+import signal
+import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,7 @@ from constellation.ecash.keyset import parse_keys
 from constellation.keys import SigningKey, schnorr_sign
 from constellation.protocol import cashu as nut
 from services.crossload import reserve
-from services.devnet import Devnet, guild
+from services.devnet import Devnet, free_port, guild, spawn, stop_pid, wait_ready
 from tests.system.guild import local_guild
 
 
@@ -262,3 +266,67 @@ async def test_the_reserve_counts_the_mint_s_ecash(where: Path) -> None:
             assert time.monotonic() < deadline, r
             await asyncio.sleep(0.5)
     assert r["ecash"] > 0  # 1000 + 1023 + 500 + 200 minted, less what was melted
+
+
+async def test_two_mint_processes_and_kill_9_lose_no_proof_and_sign_nothing_twice(
+    where: Path,
+) -> None:
+    """Swaps sent at random to op0's supervised mint and to a second mint process on the
+    same database, while the first is killed with ``kill -9`` (its supervisor restarts
+    it). Afterwards each swap is all or nothing: its inputs spent and its outputs signed
+    (restorable), or neither; no proof was spent by two swaps that both got answers."""
+    op0, op1 = nets(where)
+    port = free_port()
+    env = {**op0.mint_env(), "MINT_HTTP_ADDR": f"127.0.0.1:{port}"}
+    second = spawn([sys.executable, "-m", "services.ecash"], env, Path(op0.dir) / "mint-2.log")
+    try:
+        await asyncio.to_thread(wait_ready, port, second, 30)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+            first = Mint(op0.mint_url, s)
+            await first.load()
+            proofs = await first.mint(2**12 - 1, LightningRpc(op1.lightning_rpc))  # 12
+            mints = [first, Mint(f"http://127.0.0.1:{port}", s)]
+            rng = random.Random(os.urandom(8))
+            sent: list[tuple[list[nut.Proof], list[nut.BlindedMessage], int]] = []
+
+            async def one() -> None:
+                inputs = rng.sample(proofs, rng.randint(1, 3))
+                outputs, _ = client.outputs_for(sum(p.amount for p in inputs), first.active)
+                try:
+                    status, doc = await rng.choice(mints).call(
+                        "/v1/swap", {"inputs": inputs, "outputs": outputs}
+                    )
+                    code = 200 if status == 200 else int(doc["code"])
+                except (aiohttp.ClientError, TimeoutError):
+                    code = -1  # no answer: committed or not
+                sent.append((inputs, outputs, code))
+
+            async def killer() -> None:
+                await asyncio.sleep(0.05)
+                os.kill(guild.load(where)[0].mint_pid, signal.SIGKILL)
+
+            await asyncio.gather(killer(), *(one() for _ in range(48)))
+            # the supervisor starts the first again
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    if (await first.call("/v1/keysets"))[0] == 200:
+                        break
+                assert time.monotonic() < deadline, "the mint did not come back"
+                await asyncio.sleep(0.2)
+            answered = [inputs for inputs, _, code in sent if code == 200]
+            secrets = [p.secret for inputs in answered for p in inputs]
+            assert len(secrets) == len(set(secrets)), "a proof spent by two answered swaps"
+            for inputs, outputs, code in sent:
+                states = set(await first.states(inputs))
+                _, restored = await first.call("/v1/restore", {"outputs": outputs})
+                signed = len(restored["signatures"])
+                if code == 200:
+                    assert states == {"SPENT"} and signed == len(outputs)
+                elif signed:  # committed (its answer lost, or refused for a later reason)
+                    assert signed == len(outputs) and states == {"SPENT"}
+            codes = Counter(code for *_, code in sent)
+            print("swaps by outcome:", dict(codes))
+            assert set(codes) <= {200, -1, m.SPENT, m.PENDING} and codes[200] > 0
+    finally:
+        stop_pid(second, 5)
