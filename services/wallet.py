@@ -23,7 +23,7 @@ import aiohttp
 from constellation.address import Network, decode_address, encode_address
 from constellation.keys import XOnlyPubKey
 from constellation.ledger.partition import Coin
-from constellation.tx import Issuance, Transaction
+from constellation.tx import AnyIssuance, Transaction
 from constellation.wallet import CHANGE, RECEIVE, Wallet, new_mnemonic
 from services.runtime import ConfigError
 
@@ -72,7 +72,7 @@ class Gateway:
         headers = {"Idempotency-Key": key} if key else None
         return await self.post("/v1/tx" + self.query, tx.encode(), headers)
 
-    async def issue(self, issuance: Issuance) -> dict[str, Any]:
+    async def issue(self, issuance: AnyIssuance) -> dict[str, Any]:
         return await self.post("/v1/issuance" + self.query, issuance.encode())
 
     async def totals(self) -> dict[str, Any]:

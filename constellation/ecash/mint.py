@@ -1,6 +1,9 @@
 """A Cashu mint's rules, pure: which proofs may be spent, which outputs signed, whether
 a swap balances, what a mint or melt quote allows, the change a melt returns (NUT-03,
-NUT-04, NUT-05, NUT-08, NUT-20), each refusal a ``CashuError`` with its NUT code.
+NUT-04, NUT-05, NUT-08, NUT-20), each refusal a ``CashuError`` with its NUT code; and
+the bridge to the operator's L3 ledger: ecash redeemed into an L3 coin (its issuance
+derived from the proofs, so that a retry issues the same coin), and L3 coins paid to the
+mint's key withdrawn as ecash.
 
 What no rule here can decide is whether a proof was spent before or an output signed
 before: that is the store's, in one database transaction per operation
@@ -278,3 +281,42 @@ class MeltQuote:
     preimage: str | None = None
     fee_paid: int = 0  # the routing fee, rounded up to the unit
     amount_msat: int = 0  # the invoice's exact amount
+
+
+# -- the bridge to L3 ---------------------------------------------------------------------
+
+REDEEM_DOMAIN = b"constellation/cashu/redeem/v1"
+
+
+def redeem_id(ys: Sequence[bytes]) -> bytes:
+    """A redemption's id: what its proofs are (a retry with the same proofs is the same
+    redemption, whatever order they come in)."""
+    return hashlib.sha256(REDEEM_DOMAIN + b"".join(sorted(ys))).digest()
+
+
+def redeem_nonce(rid: bytes) -> int:
+    """The issuance nonce of a redemption (a 63-bit number from its id): the same
+    issuance, hence the same coin, however often it is issued."""
+    return int.from_bytes(rid[:8]) >> 1
+
+
+def check_redeem(spend: Spend) -> int:
+    """The L3 coin's value, in msat, for these proofs: their value less the input fee."""
+    value = (spend.amount - spend.fee) * 1000
+    if value <= 0:
+        raise CashuError(UNBALANCED, f"{spend.amount} sat does not cover the fee {spend.fee}")
+    if spend.unit != "sat":
+        raise CashuError(UNIT_UNSUPPORTED, f"only sat ecash is redeemed, not {spend.unit}")
+    return value
+
+
+def check_withdraw(paid_msat: int, outputs: Outputs) -> None:
+    """An L3 payment of ``paid_msat`` to the mint's key buys outputs of exactly that
+    value (in sat)."""
+    if outputs.unit != "sat":
+        raise CashuError(UNIT_UNSUPPORTED, f"L3 is withdrawn as sat ecash, not {outputs.unit}")
+    if paid_msat != outputs.amount * 1000:
+        raise CashuError(
+            UNBALANCED,
+            f"the transaction pays the mint {paid_msat} msat, outputs {outputs.amount} sat",
+        )

@@ -109,6 +109,20 @@ class RestoreRequest(_In):
     outputs: Annotated[list[BlindedMessage], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
 
 
+class RedeemRequest(_In):
+    """Ecash into an L3 coin at ``address`` (Constellation's own endpoint)."""
+
+    inputs: Inputs
+    address: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+class WithdrawRequest(_In):
+    """Ecash for an L3 transaction paying the mint (canonical encoding, hex)."""
+
+    tx: Annotated[str, msgspec.Meta(min_length=2, max_length=1 << 20, pattern="^[0-9a-fA-F]+$")]
+    outputs: Annotated[list[BlindedMessage], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
+
+
 class DecodeError(ValueError):
     """A request body that is not what the endpoint takes (its detail says why)."""
 

@@ -236,6 +236,9 @@ class Devnet:
             "MINT_LIGHTNING_RPC": self.lightning_rpc,
             "MINT_STORAGE_KEY": self.mint_storage_key,
             "MINT_HTTP_ADDR": f"127.0.0.1:{self.mint_port}",
+            "MINT_GATEWAY_URL": self.gateway_url,
+            "MINT_ISSUER_KEY": self.issuer_secret,
+            "MINT_NETWORK": self.network,
         }
 
     def indexer_env(self) -> dict[str, str]:

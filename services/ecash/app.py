@@ -8,35 +8,51 @@ known leaves its melt PENDING and its proofs reserved, and a resolver looks it u
 it settles (the proofs are spent, the change signed) or fails (the proofs are free);
 nothing is both paid out and released. Each melt attempt is numbered, so that a late
 answer about an earlier attempt never undoes a later one.
+
+The bridge to the operator's L3 ledger (through its gateway's public API): a redemption
+reserves its proofs, then issues one coin whose issuance is derived from the proofs (a
+retry, or the resolver after a crash, issues the same coin, which the ledger takes
+once), then spends the proofs; a ledger that refuses frees them. A withdrawal takes an
+L3 transaction paying the mint's own key, has the ledger commit it, then signs the
+outputs, once per transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
+from constellation.address import decode_destination, encode_address
 from constellation.ecash import mint as m
+from constellation.errors import AlreadyCommitted, ConstellationError
 from constellation.keys import SigningKey
 from constellation.lightning import Outcome, PaymentState
 from constellation.protocol import cashu as nut
+from constellation.tx import Issuance, TxOutput, decode_issuance, decode_transaction
 from services.ecash.config import Settings
 from services.ecash.metrics import MintMetrics
-from services.ecash.store import MintStore
+from services.ecash.store import MintStore, Redeem
 from services.gateway.lightning import ClnBackend, LightningBackend, LightningError
 from services.runtime import OpsServer
+from services.wallet import Gateway, GatewayError
 
 log = logging.getLogger("mint")
 
 UNIT = "sat"
+GATEWAY_S = 15.0  # a call to the operator's gateway
 RESOLVE_EVERY_S = 2.0
 BOOKS_EVERY_S = 5.0
 MALFORMED = 0  # no NUT code: a body that is not what the endpoint takes
+PROOF_REFUSED = m.PROOF_INVALID  # an L3 transaction the ledger did not commit
 VERSION = "constellation/0.1"
 
 
@@ -54,6 +70,9 @@ class MintApp:
         self.mint: m.Mint | None = None
         self.pubkey = ""
         self.node_id = ""
+        self.master = b""
+        self.session: aiohttp.ClientSession | None = None
+        self.ledger_id = b""  # the operator's ledger's (asked of its gateway once)
 
     def ready(self) -> tuple[bool, str]:
         if self.mint is None:
@@ -63,7 +82,7 @@ class MintApp:
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
         store = self.store = await MintStore.open(s.database_url)
-        master = await store.master(s.storage_key)
+        master = self.master = await store.master(s.storage_key)
         self.pubkey = SigningKey(master).pubkey.hex()
         self.node_id = (await self.backend.info()).node_id
         keysets = await store.keysets(master, UNIT, s.input_fee_ppk)
@@ -72,6 +91,9 @@ class MintApp:
         self.ops.tasks.start("paid", self._follow_paid)
         self.ops.tasks.start("resolve", self._resolve_forever)
         self.ops.tasks.start("books", self._books_forever)
+        if s.gateway_url:
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=GATEWAY_S))
+            self.ops.tasks.start("redeem", self._redeem_forever)
         await self.ops.start(s.http_host, s.http_port)
         log.info(
             "mint ready",
@@ -84,7 +106,15 @@ class MintApp:
         await stop.wait()
         await self.ops.stop()
         await self.ops.tasks.stop()
+        if self.session is not None:
+            await self.session.close()
         await store.close()
+
+    @property
+    def l3_key(self) -> SigningKey:
+        """The mint's own L3 key: withdrawals pay it."""
+        assert self.master
+        return SigningKey(hmac.new(self.master, b"constellation/cashu/l3", "sha256").digest())
 
     def _routes(self, r: web.UrlDispatcher) -> None:
         r.add_get("/v1/info", self.info)
@@ -100,6 +130,9 @@ class MintApp:
         self._post(r, "/v1/melt/bolt11", "melt", self.melt)
         self._post(r, "/v1/checkstate", "checkstate", self.checkstate)
         self._post(r, "/v1/restore", "restore", self.restore)
+        r.add_get("/v1/l3/info", self._op("l3_info", self.l3_info))
+        self._post(r, "/v1/l3/redeem", "redeem", self.redeem)
+        self._post(r, "/v1/l3/withdraw", "withdraw", self.withdraw)
 
     def _post(
         self,
@@ -367,6 +400,107 @@ class MintApp:
                     continue
                 await self._settle(quote, attempt, state)
             await asyncio.sleep(RESOLVE_EVERY_S)
+
+    # -- the bridge to L3 ----------------------------------------------------------------
+
+    def _gateway(self) -> Gateway:
+        if self.session is None:
+            raise m.CashuError(MALFORMED, "this mint has no bridge to an L3 ledger")
+        return Gateway(self.settings.gateway_url, self.session)
+
+    async def _ledger_id(self) -> bytes:
+        if not self.ledger_id:
+            try:
+                totals = await self._gateway().totals()
+            except (GatewayError, aiohttp.ClientError, TimeoutError) as exc:
+                raise m.CashuError(MALFORMED, f"the L3 ledger is not reachable: {exc}") from None
+            self.ledger_id = bytes.fromhex(totals["ledger_id"])
+        return self.ledger_id
+
+    async def l3_info(self, _: web.Request) -> dict[str, Any]:
+        lid = await self._ledger_id()
+        key = self.l3_key.pubkey
+        return {"address": encode_address(key, self.settings.network, lid), "ledger_id": lid.hex()}
+
+    async def redeem(self, request: web.Request) -> dict[str, Any]:
+        req = nut.decode(await request.read(), nut.RedeemRequest)
+        gw = self._gateway()
+        try:
+            owner, named = decode_destination(req.address, self.settings.network)
+        except ConstellationError as exc:
+            raise m.CashuError(MALFORMED, f"not an L3 address: {exc}") from None
+        if named is not None and named != await self._ledger_id():
+            raise m.CashuError(MALFORMED, "the address names another operator's ledger")
+        spend = self.rules.spend(req.inputs)
+        value = m.check_redeem(spend)
+        rid = m.redeem_id(spend.ys)
+        issuer = self.settings.issuer
+        assert issuer is not None
+        issuance = Issuance(issuer.pubkey, m.redeem_nonce(rid), [TxOutput(value, owner)])
+        row = Redeem(
+            req.address, value, spend.fee * 1000, issuance.signed_by(issuer.secret).encode().hex()
+        )
+        row = await self.db.start_redeem(rid, spend, req.inputs, row)
+        state = await self._issue(gw, rid, row)
+        issued = decode_issuance(bytes.fromhex(row.issuance))
+        return {
+            "state": state,
+            "coin_id": issued.output_ids[0].hex(),
+            "value_msat": row.value_msat,
+            "address": row.address,
+        }
+
+    async def _issue(self, gw: Gateway, rid: bytes, row: Redeem) -> str:
+        """Issue a redemption's coin (again: the ledger takes an issuance once), then
+        spend its proofs; ISSUED, PENDING (not known yet: the resolver asks again), or a
+        ``CashuError`` where the ledger refused it (its proofs freed)."""
+        try:
+            await gw.issue(decode_issuance(bytes.fromhex(row.issuance)))
+        except GatewayError as exc:
+            if exc.code not in (AlreadyCommitted.code,) and exc.status < 500 and exc.status != 429:
+                await self.db.fail_redeem(rid)
+                raise m.CashuError(MALFORMED, f"the L3 ledger refused the coin: {exc}") from None
+            if exc.code != AlreadyCommitted.code:
+                return "PENDING"
+        except (aiohttp.ClientError, TimeoutError):
+            return "PENDING"
+        await self.db.finish_redeem(rid)
+        return "ISSUED"
+
+    async def _redeem_forever(self) -> None:
+        while True:
+            for rid, row in await self.db.pending_redeems():
+                with contextlib.suppress(m.CashuError):
+                    await self._issue(self._gateway(), rid, row)
+            await asyncio.sleep(RESOLVE_EVERY_S)
+
+    async def withdraw(self, request: web.Request) -> dict[str, Any]:
+        req = nut.decode(await request.read(), nut.WithdrawRequest)
+        gw = self._gateway()
+        try:
+            tx = decode_transaction(bytes.fromhex(req.tx))
+        except ConstellationError as exc:
+            raise m.CashuError(MALFORMED, f"not an L3 transaction: {exc}") from None
+        out = self.rules.outputs(req.outputs)
+        key = self.l3_key.pubkey
+        paid = sum(v for i, (v, owner) in enumerate(tx.outputs) if owner == key and tx.here(i))
+        m.check_withdraw(paid, out)
+        try:
+            await gw.submit(tx)
+        except GatewayError as exc:
+            if exc.code != AlreadyCommitted.code:  # committed before: a retry
+                raise m.CashuError(PROOF_REFUSED, f"the L3 ledger refused it: {exc}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            try:  # committed or not
+                found = await gw.get(f"/v1/tx/{tx.txid.hex()}")
+            except (GatewayError, aiohttp.ClientError, TimeoutError):
+                found = {}
+            if found.get("status") != "committed":
+                raise m.CashuError(
+                    PROOF_REFUSED, f"the L3 ledger did not commit it: {exc}"
+                ) from None
+        signatures = await self.db.withdraw(tx.txid, paid, req.outputs, self.rules.sign)
+        return {"signatures": signatures}
 
     async def _books_forever(self) -> None:
         while True:

@@ -6,7 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from constellation.address import Network
 from constellation.ecash.keyset import MAX_FEE_PPK
+from constellation.keys import SigningKey
 from services.runtime import ConfigError, env_addr, env_int, env_operator, env_str
 
 
@@ -25,6 +27,11 @@ class Settings:
     fee_reserve_ppm: int  # a melt's reserve for routing fees: this share of its amount...
     fee_reserve_min_sat: int  # ...and at least this
     log_level: str
+    # the bridge to the operator's L3 ledger (none without a gateway): its public API, the
+    # key that issues redeemed coins, and the addresses' network
+    gateway_url: str = ""
+    issuer: SigningKey | None = None
+    network: Network = Network.REGTEST
 
     @staticmethod
     def from_env(env: Mapping[str, str]) -> Settings:
@@ -36,7 +43,23 @@ class Settings:
             storage_key = b""
         if len(storage_key) != 32:
             raise ConfigError("MINT_STORAGE_KEY must be 32 bytes in hex")
+        issuer = None
+        if env.get("MINT_ISSUER_KEY"):
+            try:
+                issuer = SigningKey(bytes.fromhex(env_str(env, "MINT_ISSUER_KEY")))
+            except ValueError:
+                raise ConfigError("MINT_ISSUER_KEY must be a 32-byte secret key in hex") from None
+        try:
+            network = Network.from_name(env_str(env, "MINT_NETWORK", "regtest"))
+        except ValueError as exc:
+            raise ConfigError(f"MINT_NETWORK: {exc}") from None
+        gateway_url = env.get("MINT_GATEWAY_URL", "")
+        if bool(gateway_url) != (issuer is not None):
+            raise ConfigError("the L3 bridge needs both MINT_GATEWAY_URL and MINT_ISSUER_KEY")
         return Settings(
+            gateway_url=gateway_url,
+            issuer=issuer,
+            network=network,
             operator=operator,
             database_url=env_str(env, "MINT_DATABASE_URL"),
             lightning_rpc=Path(env_str(env, "MINT_LIGHTNING_RPC")),

@@ -45,10 +45,11 @@ CREATE TABLE IF NOT EXISTS mint_proofs (
     c text NOT NULL,
     witness text,
     state text NOT NULL CHECK (state IN ('SPENT', 'PENDING')),
-    melt text,
+    reserved_by text,  -- the melt quote or redemption in flight
     at timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS mint_proofs_melt ON mint_proofs (melt) WHERE melt IS NOT NULL;
+CREATE INDEX IF NOT EXISTS mint_proofs_reserved ON mint_proofs (reserved_by)
+    WHERE reserved_by IS NOT NULL;
 CREATE TABLE IF NOT EXISTS mint_promises (
     b_ bytea PRIMARY KEY,
     keyset text NOT NULL,
@@ -91,6 +92,20 @@ CREATE TABLE IF NOT EXISTS mint_fees (  -- what the mint kept: input fees, melt 
     id bigserial PRIMARY KEY,
     kind text NOT NULL,
     msat bigint NOT NULL,
+    at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS mint_redeems (  -- ecash redeemed into L3 coins
+    id bytea PRIMARY KEY,
+    address text NOT NULL,
+    value_msat bigint NOT NULL,
+    fee_msat bigint NOT NULL,
+    issuance text NOT NULL,  -- the issuance (hex), the same on every retry
+    state text NOT NULL CHECK (state IN ('PENDING', 'DONE'))
+);
+CREATE TABLE IF NOT EXISTS mint_withdrawals (  -- L3 coins paid to the mint, as ecash
+    txid bytea PRIMARY KEY,
+    value_msat bigint NOT NULL,
+    outputs bytea[] NOT NULL,
     at timestamptz NOT NULL DEFAULT now()
 );
 CREATE TABLE IF NOT EXISTS mint_cursor (
@@ -170,12 +185,13 @@ class MintStore:
         spend: m.Spend,
         proofs: Sequence[nut.Proof],
         state: str,
-        melt: str | None,
+        reserved_by: str | None,
     ) -> None:
-        """Record the proofs (SPENT, or PENDING for a melt); a proof seen before refuses
-        the whole operation (the caller's transaction rolls back)."""
+        """Record the proofs (SPENT, or PENDING for a melt or redemption in flight); a
+        proof seen before refuses the whole operation (the caller's transaction rolls
+        back)."""
         inserted = await conn.fetch(
-            "INSERT INTO mint_proofs (y, keyset, amount, secret, c, witness, state, melt)"
+            "INSERT INTO mint_proofs (y, keyset, amount, secret, c, witness, state, reserved_by)"
             " SELECT y, k, a, s, c, w, $7, $8 FROM unnest($1::bytea[], $2::text[],"
             " $3::bigint[], $4::text[], $5::text[], $6::text[]) AS t(y, k, a, s, c, w)"
             " ON CONFLICT (y) DO NOTHING RETURNING y",
@@ -186,7 +202,7 @@ class MintStore:
             [p.C for p in proofs],
             [p.witness for p in proofs],
             state,
-            melt,
+            reserved_by,
         )
         if len(inserted) != len(spend.ys):
             fresh = {bytes(r["y"]) for r in inserted}
@@ -368,13 +384,13 @@ class MintStore:
                 return
             blanks = nut.decode((r["blanks"] or "[]").encode(), list[nut.BlindedMessage])
             reserved = await conn.fetchval(
-                "SELECT coalesce(sum(amount), 0) FROM mint_proofs WHERE melt = $1"
+                "SELECT coalesce(sum(amount), 0) FROM mint_proofs WHERE reserved_by = $1"
                 " AND state = 'PENDING'",
                 quote,
             )
             ppk = await conn.fetchval(
                 "SELECT coalesce(sum(k.input_fee_ppk), 0) FROM mint_proofs p"
-                " JOIN mint_keysets k ON k.id = p.keyset WHERE p.melt = $1",
+                " JOIN mint_keysets k ON k.id = p.keyset WHERE p.reserved_by = $1",
                 quote,
             )
             fee = input_fee([int(ppk)])
@@ -385,7 +401,9 @@ class MintStore:
             change = sign(outputs) if outputs else []
             if outputs:
                 await self._sign(conn, outputs, change)
-            await conn.execute("UPDATE mint_proofs SET state = 'SPENT' WHERE melt = $1", quote)
+            await conn.execute(
+                "UPDATE mint_proofs SET state = 'SPENT' WHERE reserved_by = $1", quote
+            )
             kept = (int(reserved) - sum(o.amount for o in outputs)) * 1000 - sent_msat
             await conn.execute("INSERT INTO mint_fees (kind, msat) VALUES ('melt', $1)", kept)
             await conn.execute(
@@ -407,7 +425,7 @@ class MintStore:
             if r is None or r["state"] != m.MELT_PENDING or r["attempt"] != attempt:
                 return
             await conn.execute(
-                "DELETE FROM mint_proofs WHERE melt = $1 AND state = 'PENDING'", quote
+                "DELETE FROM mint_proofs WHERE reserved_by = $1 AND state = 'PENDING'", quote
             )
             await conn.execute("UPDATE melt_quotes SET state = 'UNPAID' WHERE quote = $1", quote)
 
@@ -416,6 +434,96 @@ class MintStore:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch("SELECT * FROM melt_quotes WHERE state = 'PENDING'")
         return [(_melt_quote(r), r["attempt"], r["pending_since"]) for r in rows]
+
+    # -- the bridge to L3 --------------------------------------------------------------
+
+    async def start_redeem(
+        self, rid: bytes, spend: m.Spend, proofs: Sequence[nut.Proof], row: Redeem
+    ) -> Redeem:
+        """Reserve the proofs for redemption ``rid`` and record it, in one transaction;
+        a redemption recorded already (a retry) is returned as it is, spending nothing."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            found = await conn.fetchrow("SELECT * FROM mint_redeems WHERE id = $1", rid)
+            if found is not None:
+                return _redeem(found)
+            await self._spend(conn, spend, proofs, "PENDING", f"redeem:{rid.hex()}")
+            await conn.execute(
+                "INSERT INTO mint_redeems VALUES ($1, $2, $3, $4, $5, 'PENDING')",
+                rid,
+                row.address,
+                row.value_msat,
+                row.fee_msat,
+                row.issuance,
+            )
+        return row
+
+    async def finish_redeem(self, rid: bytes) -> None:
+        """The coin is issued: the proofs are spent and the fee booked, once."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            r = await conn.fetchrow("SELECT * FROM mint_redeems WHERE id = $1 FOR UPDATE", rid)
+            if r is None or r["state"] == "DONE":
+                return
+            await conn.execute(
+                "UPDATE mint_proofs SET state = 'SPENT' WHERE reserved_by = $1",
+                f"redeem:{rid.hex()}",
+            )
+            if r["fee_msat"]:
+                await conn.execute(
+                    "INSERT INTO mint_fees (kind, msat) VALUES ('redeem', $1)", r["fee_msat"]
+                )
+            await conn.execute("UPDATE mint_redeems SET state = 'DONE' WHERE id = $1", rid)
+
+    async def fail_redeem(self, rid: bytes) -> None:
+        """The ledger refused the issuance: the proofs are free, the redemption gone."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            state = await conn.fetchval(
+                "SELECT state FROM mint_redeems WHERE id = $1 FOR UPDATE", rid
+            )
+            if state != "PENDING":
+                return
+            await conn.execute(
+                "DELETE FROM mint_proofs WHERE reserved_by = $1", f"redeem:{rid.hex()}"
+            )
+            await conn.execute("DELETE FROM mint_redeems WHERE id = $1", rid)
+
+    async def pending_redeems(self) -> list[tuple[bytes, Redeem]]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT * FROM mint_redeems WHERE state = 'PENDING'")
+        return [(bytes(r["id"]), _redeem(r)) for r in rows]
+
+    async def withdraw(
+        self,
+        txid: bytes,
+        value_msat: int,
+        outputs: Sequence[nut.BlindedMessage],
+        sign: Callable[[Sequence[nut.BlindedMessage]], list[nut.BlindSignature]],
+    ) -> list[nut.BlindSignature]:
+        """Ecash for L3 transaction ``txid`` (committed, paying the mint ``value_msat``):
+        its outputs signed once; a retry with the same outputs gets the same signatures,
+        with others nothing."""
+        blinded = [bytes.fromhex(o.B_) for o in outputs]
+        async with self.pool.acquire() as conn, conn.transaction():
+            done = await conn.fetchval(
+                "INSERT INTO mint_withdrawals (txid, value_msat, outputs) VALUES ($1, $2, $3)"
+                " ON CONFLICT (txid) DO NOTHING RETURNING 1",
+                txid,
+                value_msat,
+                blinded,
+            )
+            if done is None:
+                stored = await conn.fetchval(
+                    "SELECT outputs FROM mint_withdrawals WHERE txid = $1", txid
+                )
+                if [bytes(b) for b in stored] != blinded:
+                    raise m.CashuError(
+                        m.OUTPUTS_SIGNED, "this transaction was withdrawn with other outputs"
+                    )
+            else:
+                signatures = sign(outputs)
+                await self._sign(conn, outputs, signatures)
+                return signatures
+        found = await self.restore(blinded)
+        return [found[b] for b in blinded]
 
     # -- the books ---------------------------------------------------------------------
 
@@ -437,13 +545,28 @@ class MintStore:
 
 
 @dataclass(frozen=True)
+class Redeem:
+    """A redemption: the coin's address and value, the fee kept, its issuance (hex)."""
+
+    address: str
+    value_msat: int
+    fee_msat: int
+    issuance: str
+
+
+def _redeem(r: asyncpg.Record) -> Redeem:
+    return Redeem(r["address"], r["value_msat"], r["fee_msat"], r["issuance"])
+
+
+@dataclass(frozen=True)
 class MintBooks:
     """What the mint owes and kept, in msat (the reserve invariant's ecash terms)."""
 
     outstanding_msat: int  # ecash signed and not spent (proofs a melt reserved: included)
     unissued_msat: int  # mint quotes paid, their ecash not issued yet
     fees_msat: int  # kept: input fees and melt margins
-    melting_msat: int  # proofs reserved by melts in flight
+    reserved_msat: int  # proofs reserved by melts and redemptions in flight
+    l3_msat: int  # L3 coins the mint holds: paid to it for ecash (its own, no liability)
 
 
 async def mint_books(conn: asyncpg.Connection) -> MintBooks | None:
@@ -454,15 +577,17 @@ async def mint_books(conn: asyncpg.Connection) -> MintBooks | None:
         "SELECT (SELECT coalesce(sum(amount), 0) FROM mint_promises) AS signed,"
         " (SELECT coalesce(sum(amount), 0) FROM mint_proofs WHERE state = 'SPENT') AS spent,"
         " (SELECT coalesce(sum(amount), 0) FROM mint_proofs WHERE state = 'PENDING')"
-        " AS melting,"
+        " AS reserved,"
         " (SELECT coalesce(sum(amount), 0) FROM mint_quotes WHERE state = 'PAID') AS unissued,"
-        " (SELECT coalesce(sum(msat), 0) FROM mint_fees) AS fees"
+        " (SELECT coalesce(sum(msat), 0) FROM mint_fees) AS fees,"
+        " (SELECT coalesce(sum(value_msat), 0) FROM mint_withdrawals) AS l3"
     )
     return MintBooks(
         (int(row["signed"]) - int(row["spent"])) * 1000,
         int(row["unissued"]) * 1000,
         int(row["fees"]),
-        int(row["melting"]) * 1000,
+        int(row["reserved"]) * 1000,
+        int(row["l3"]),
     )
 
 

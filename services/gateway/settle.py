@@ -690,7 +690,7 @@ class Settler:
         income = await self.backend.income()
         untaken, oldest = await self.store.untaken()
         async with self.store.pool.acquire() as conn:  # the mint's, where it shares the db
-            mint = await mint_books(conn) or MintBooks(0, 0, 0, 0)
+            mint = await mint_books(conn) or MintBooks(0, 0, 0, 0, 0)
         self.metrics.settle_untaken.set(untaken)
         self.metrics.settle_untaken_age.set(oldest)
         books = Books(
@@ -709,8 +709,8 @@ class Settler:
             routed_msat=income.routed_msat,
             in_flight_msat=self._in_flight()
             + sum(x.pending_msat for x in states)
-            + mint.melting_msat,
-            ecash_msat=mint.outstanding_msat + mint.unissued_msat,
+            + mint.reserved_msat,
+            ecash_msat=mint.outstanding_msat + mint.unissued_msat - mint.l3_msat,
             ecash_fees_msat=mint.fees_msat,
         )
         had = self.reserve.baseline
@@ -757,7 +757,8 @@ class Books:
     onchain_fees_msat: int  # paid to miners (opens, splices, withdrawals: the node's books)
     routed_msat: int  # earned forwarding others' payments (the node's books)
     in_flight_msat: int
-    ecash_msat: int = 0  # the mint's: outstanding ecash, and quotes paid but not issued
+    ecash_msat: int = 0  # the mint's: outstanding ecash, and quotes paid but not issued,
+    # less the L3 coins paid to the mint for ecash (held, but its own: no liability)
     ecash_fees_msat: int = 0  # kept by the mint: input fees, melt margins
 
 

@@ -28,14 +28,19 @@ import pytest
 from coincurve import PublicKey
 from pyln.client import LightningRpc
 
+from constellation.address import Network, encode_address
 from constellation.crypto import bdhke
 from constellation.ecash import client
 from constellation.ecash import mint as m
 from constellation.ecash.keyset import parse_keys
 from constellation.keys import SigningKey, schnorr_sign
+from constellation.ledger.partition import Coin
 from constellation.protocol import cashu as nut
+from constellation.wallet import Wallet
 from services.crossload import reserve
 from services.devnet import Devnet, free_port, guild, spawn, stop_pid, wait_ready
+from services.wallet import Gateway
+from services.workload import FEE_MSAT
 from tests.system.guild import local_guild
 
 
@@ -251,23 +256,6 @@ async def test_a_melt_whose_payment_fails_frees_its_proofs(where: Path) -> None:
         assert doc["state"] == "PAID" and set(await mint.states(proofs)) == {"SPENT"}
 
 
-async def test_the_reserve_counts_the_mint_s_ecash(where: Path) -> None:
-    """After every mint, swap and melt above, op0's reserve invariant holds with no drift:
-    the ecash out there is a liability like L3 coins, what the mint kept a fee."""
-    op0, _ = nets(where)
-    async with aiohttp.ClientSession() as s:
-        mint = Mint(op0.mint_url, s)
-        await mint.load()
-        deadline = time.monotonic() + 20
-        while True:
-            r = await reserve(op0, s)
-            if r.get("ok") == 1 and r.get("drift") == 0 and r.get("in_flight") == 0:
-                break
-            assert time.monotonic() < deadline, r
-            await asyncio.sleep(0.5)
-    assert r["ecash"] > 0  # 1000 + 1023 + 500 + 200 minted, less what was melted
-
-
 async def test_two_mint_processes_and_kill_9_lose_no_proof_and_sign_nothing_twice(
     where: Path,
 ) -> None:
@@ -330,3 +318,64 @@ async def test_two_mint_processes_and_kill_9_lose_no_proof_and_sign_nothing_twic
             assert set(codes) <= {200, -1, m.SPENT, m.PENDING} and codes[200] > 0
     finally:
         stop_pid(second, 5)
+
+
+async def test_ecash_redeems_into_an_l3_coin_and_l3_withdraws_as_ecash(where: Path) -> None:
+    op0, op1 = nets(where)
+    network = Network.from_name(op0.network)
+    async with aiohttp.ClientSession() as s:
+        mint = Mint(op0.mint_url, s)
+        await mint.load()
+        gw = Gateway(op0.gateway_url, s)
+        info = await mint.ok("/v1/l3/info")
+        proofs = await mint.mint(700, LightningRpc(op1.lightning_rpc))
+        # redeem: one coin at the user's address, the same on a retry, never two
+        user = Wallet(os.urandom(32), network)
+        key = user.fresh_key().pubkey
+        address = encode_address(key, network, bytes.fromhex(info["ledger_id"]))
+        redeem = {"inputs": proofs, "address": address}
+        doc = await mint.ok("/v1/l3/redeem", redeem)
+        assert doc["state"] == "ISSUED" and doc["value_msat"] == 700_000
+        assert await mint.ok("/v1/l3/redeem", redeem) == doc  # a retry: the same coin
+        assert set(await mint.states(proofs)) == {"SPENT"}
+        coin_id = bytes.fromhex(doc["coin_id"])
+        coin = await gw.coin(coin_id)
+        assert coin is not None and coin["status"] == "unspent" and coin["value_msat"] == 700_000
+        elsewhere = {"inputs": proofs, "address": encode_address(key, network)}
+        assert await mint.ok("/v1/l3/redeem", elsewhere) == doc  # redeemed once, there
+        # withdraw: the coin paid to the mint's L3 address, ecash for exactly that
+        here = bytes.fromhex(info["ledger_id"])
+        coins = {coin_id: Coin(700_000, key)}
+        tx = user.pay(coins, info["address"], 600_000, FEE_MSAT, here=here)
+        outputs, secrets = client.outputs_for(600, mint.active)
+        body = {"tx": tx.encode().hex(), "outputs": outputs}
+        signed = await mint.ok("/v1/l3/withdraw", body)
+        ecash = mint.unblind(signed["signatures"], secrets)
+        assert sum(p.amount for p in ecash) == 600
+        assert await mint.ok("/v1/l3/withdraw", body) == signed  # a retry: the same
+        other, _ = client.outputs_for(600, mint.active)
+        again = {"tx": tx.encode().hex(), "outputs": other}
+        assert await mint.refused("/v1/l3/withdraw", again) == m.OUTPUTS_SIGNED
+        short, _ = client.outputs_for(601, mint.active)
+        bad = {"tx": tx.encode().hex(), "outputs": short}
+        assert await mint.refused("/v1/l3/withdraw", bad) == m.UNBALANCED
+        assert set(await mint.states(ecash)) == {"UNSPENT"}
+        await mint.swap(ecash, 600)  # the mint's own ecash
+        spent = {"inputs": ecash, "address": address}
+        assert await mint.refused("/v1/l3/redeem", spent) == m.SPENT  # swapped already
+
+
+async def test_the_reserve_counts_the_mint_s_ecash(where: Path) -> None:
+    """After every mint, swap, melt, redemption and withdrawal above, op0's reserve
+    invariant holds with no drift: the ecash out there is a liability like L3 coins
+    (the L3 coins paid to the mint are its own), what the mint kept a fee."""
+    op0, _ = nets(where)
+    async with aiohttp.ClientSession() as s:
+        await asyncio.sleep(2.5)  # checks made after everything above
+        deadline, steady = time.monotonic() + 20, 0
+        while steady < 3:  # three checks in a row, a second apart
+            r = await reserve(op0, s)
+            steady = steady + 1 if r.get("ok") == 1 and r.get("drift") == 0 else 0
+            assert time.monotonic() < deadline, r
+            await asyncio.sleep(1.0)
+    assert r["in_flight"] == 0 and r["ecash"] > 0
