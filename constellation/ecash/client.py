@@ -4,7 +4,9 @@ proof before keeping it. The project's wallet uses it, and the tests act as one.
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from coincurve import PublicKey
@@ -12,6 +14,7 @@ from coincurve import PublicKey
 from constellation.crypto import bdhke
 from constellation.crypto.point import N
 from constellation.ecash.keyset import split
+from constellation.keys import SigningKey, schnorr_sign
 from constellation.protocol import cashu as nut
 
 
@@ -36,10 +39,17 @@ class Secret:
         return nut.BlindedMessage(amount, keyset_id, blinded.format().hex())
 
 
+def outputs_of(
+    amounts: Sequence[int], keyset_id: str
+) -> tuple[list[nut.BlindedMessage], list[Secret]]:
+    """Fresh outputs of these amounts (each a power of two), and their secrets."""
+    secrets = [Secret.fresh() for _ in amounts]
+    return [s.output(keyset_id, a) for s, a in zip(secrets, amounts, strict=True)], secrets
+
+
 def outputs_for(amount: int, keyset_id: str) -> tuple[list[nut.BlindedMessage], list[Secret]]:
     """Fresh outputs worth ``amount`` (one per power of two in it)."""
-    secrets = [Secret.fresh() for _ in split(amount)]
-    return [s.output(keyset_id, a) for s, a in zip(secrets, split(amount), strict=True)], secrets
+    return outputs_of(split(amount), keyset_id)
 
 
 def unblind(
@@ -60,3 +70,9 @@ def unblind(
         c = bdhke.unblind(c_, s.r, key)
         proofs.append(nut.Proof(sig.amount, sig.id, s.secret, c.format().hex()))
     return proofs
+
+
+def sign_mint_request(key: SigningKey, quote: str, outputs: Sequence[nut.BlindedMessage]) -> str:
+    """NUT-20: the quote key's BIP340 signature over SHA256(quote id || B_0 || ...)."""
+    msg = quote + "".join(o.B_ for o in outputs)
+    return schnorr_sign(key.secret, hashlib.sha256(msg.encode()).digest()).hex()

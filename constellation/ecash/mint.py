@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from coincurve import PublicKey
 
 from constellation.crypto import bdhke
+from constellation.crypto.point import N, add, base_mul
 from constellation.ecash.keyset import Keyset, input_fee, split
 from constellation.keys import schnorr_verify
 from constellation.protocol import cashu as nut
@@ -213,13 +214,16 @@ class Mint:
             raise CashuError(SIGNATURE_INVALID, "the mint request's signature is not valid")
         return out
 
-    def check_melt(self, quote: MeltQuote, request: nut.MeltRequest) -> tuple[Spend, int]:
-        """NUT-05: an unpaid quote, inputs of its unit covering its amount, its fee reserve
-        and the input fee. Returns the spend and the blank outputs' count (NUT-08)."""
+    def check_melt(self, quote: MeltQuote, request: nut.MeltRequest, now: int) -> tuple[Spend, int]:
+        """NUT-05: an unpaid quote, not expired, inputs of its unit covering its amount,
+        its fee reserve and the input fee, blank outputs of its unit. Returns the spend
+        and the blank outputs' count (NUT-08)."""
         if quote.state == MELT_PAID:
             raise CashuError(INVOICE_PAID, "this quote's invoice is paid already")
         if quote.state == MELT_PENDING:
             raise CashuError(QUOTE_PENDING, "this quote's payment is in flight")
+        if now >= quote.expiry:
+            raise CashuError(QUOTE_EXPIRED, "the quote is expired")
         spend = self.spend(request.inputs)
         if spend.unit != quote.unit:
             raise CashuError(UNIT_MISMATCH, f"the quote is in {quote.unit}, inputs in {spend.unit}")
@@ -228,7 +232,9 @@ class Mint:
             raise CashuError(UNBALANCED, f"inputs {spend.amount} < {needed} (amount, reserve, fee)")
         blanks = request.outputs or []
         if blanks:
-            self.outputs([nut.BlindedMessage(1, b.id, b.B_) for b in blanks])
+            out = self.outputs([nut.BlindedMessage(1, b.id, b.B_) for b in blanks])
+            if out.unit != quote.unit:
+                raise CashuError(UNIT_MISMATCH, f"blank outputs in {out.unit}, not {quote.unit}")
         return spend, len(blanks)
 
 
@@ -308,6 +314,20 @@ def check_redeem(spend: Spend) -> int:
     if spend.unit != "sat":
         raise CashuError(UNIT_UNSUPPORTED, f"only sat ecash is redeemed, not {spend.unit}")
     return value
+
+
+WITHDRAW_DOMAIN = b"constellation/cashu/withdraw/v1"
+
+
+def withdrawal_key(mint_key: bytes, blinded: Sequence[bytes]) -> bytes:
+    """The L3 key a withdrawal pays: the mint's x-only key tweaked by the outputs it buys
+    (P + SHA256(domain || P || B_0 || ...)·G, x-only). A transaction paying it buys those
+    outputs and no others, so whoever sees the transaction cannot claim what it paid
+    (and the same outputs again get signatures only their maker can unblind)."""
+    digest = hashlib.sha256(WITHDRAW_DOMAIN + mint_key + b"".join(blinded)).digest()
+    tweaked = add(PublicKey(b"\x02" + mint_key), base_mul(int.from_bytes(digest) % N))
+    assert tweaked is not None, "a tweak that is the key's negation (probability 2^-256)"
+    return tweaked.format()[1:]
 
 
 def check_withdraw(paid_msat: int, outputs: Outputs) -> None:

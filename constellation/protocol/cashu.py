@@ -46,10 +46,10 @@ class Dleq(_Out):
     s: str
 
 
-class ProofDleq(_In):
+class ProofDleq(_In):  # a wallet's business: the mint takes it and ignores it
     e: Hex32
     s: Hex32
-    r: Hex32
+    r: Hex32 | None = None
 
 
 class Proof(_In):
@@ -119,7 +119,7 @@ class RedeemRequest(_In):
 class WithdrawRequest(_In):
     """Ecash for an L3 transaction paying the mint (canonical encoding, hex)."""
 
-    tx: Annotated[str, msgspec.Meta(min_length=2, max_length=1 << 20, pattern="^[0-9a-fA-F]+$")]
+    tx: Annotated[str, msgspec.Meta(max_length=1 << 20, pattern="^([0-9a-fA-F]{2})+$")]
     outputs: Annotated[list[BlindedMessage], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from constellation.address import decode_destination, encode_address
+from constellation.address import decode_destination
 from constellation.ecash import mint as m
 from constellation.errors import AlreadyCommitted, ConstellationError
 from constellation.keys import SigningKey
@@ -41,7 +41,7 @@ from constellation.tx import Issuance, TxOutput, decode_issuance, decode_transac
 from services.ecash.config import Settings
 from services.ecash.metrics import MintMetrics
 from services.ecash.store import MintStore, Redeem
-from services.gateway.lightning import ClnBackend, LightningBackend, LightningError
+from services.gateway.lightning import PAY_S, ClnBackend, LightningBackend, LightningError
 from services.runtime import OpsServer
 from services.wallet import Gateway, GatewayError
 
@@ -50,6 +50,8 @@ log = logging.getLogger("mint")
 UNIT = "sat"
 GATEWAY_S = 15.0  # a call to the operator's gateway
 RESOLVE_EVERY_S = 2.0
+FAIL_AFTER_S = PAY_S + 60.0  # a pay call's time, its retries', and a margin
+NODE_RETRY_S = 1.0
 BOOKS_EVERY_S = 5.0
 MALFORMED = 0  # no NUT code: a body that is not what the endpoint takes
 PROOF_REFUSED = m.PROOF_INVALID  # an L3 transaction the ledger did not commit
@@ -69,8 +71,8 @@ class MintApp:
         self.store: MintStore | None = None
         self.mint: m.Mint | None = None
         self.pubkey = ""
-        self.node_id = ""
         self.master = b""
+        self.paying: set[tuple[str, int]] = set()  # melt attempts this process is paying
         self.session: aiohttp.ClientSession | None = None
         self.ledger_id = b""  # the operator's ledger's (asked of its gateway once)
 
@@ -84,7 +86,6 @@ class MintApp:
         store = self.store = await MintStore.open(s.database_url)
         master = self.master = await store.master(s.storage_key)
         self.pubkey = SigningKey(master).pubkey.hex()
-        self.node_id = (await self.backend.info()).node_id
         keysets = await store.keysets(master, UNIT, s.input_fee_ppk)
         self.mint = m.Mint(keysets, s.max_amount_sat)
         self._routes(self.ops.app.router)
@@ -100,7 +101,6 @@ class MintApp:
             extra={
                 "http_port": self.ops.port,
                 "keysets": [k.id for k in keysets if k.active],
-                "node": self.node_id,
             },
         )
         await stop.wait()
@@ -301,7 +301,7 @@ class MintApp:
             except (LightningError, OSError, TimeoutError):
                 invoice = None
             if invoice is not None and invoice.status == "paid" and invoice.pay_index:
-                await self.db.paid(q.payment_hash, 0)
+                await self.db.paid(q.payment_hash, 0, invoice.amount_received_msat)
                 q = await self.db.mint_quote(q.quote) or q
         return _mint_quote_doc(q)
 
@@ -314,11 +314,22 @@ class MintApp:
         return {"signatures": signatures}
 
     async def _follow_paid(self) -> None:
-        async for invoice in self.backend.paid_invoices(await self.db.pay_index()):
-            if invoice.label.startswith("mint:") and invoice.pay_index is not None:
-                quote = await self.db.paid(invoice.payment_hash.hex(), invoice.pay_index)
-                if quote:
-                    log.info("mint quote paid", extra={"quote": quote})
+        """Mark quotes paid as their invoices are; while the node is down (the mint
+        serves its ecash without it), ask again every second."""
+        while True:
+            try:
+                async for invoice in self.backend.paid_invoices(await self.db.pay_index()):
+                    if invoice.label.startswith("mint:") and invoice.pay_index is not None:
+                        quote = await self.db.paid(
+                            invoice.payment_hash.hex(),
+                            invoice.pay_index,
+                            invoice.amount_received_msat,
+                        )
+                        if quote:
+                            log.info("mint quote paid", extra={"quote": quote})
+            except (LightningError, OSError, TimeoutError) as exc:
+                log.debug("lightning node unreachable", extra={"error": repr(exc)})
+                await asyncio.sleep(NODE_RETRY_S)
 
     # -- melting -----------------------------------------------------------------------
 
@@ -357,7 +368,9 @@ class MintApp:
 
     async def melt(self, request: web.Request) -> dict[str, Any]:
         req = nut.decode(await request.read(), nut.MeltRequest)
-        quote, attempt = await self.db.start_melt(req, lambda q: self.rules.check_melt(q, req))
+        now = int(time.time())
+        quote, attempt = await self.db.start_melt(req, lambda q: self.rules.check_melt(q, req, now))
+        self.paying.add((quote.quote, attempt))
         try:
             state = await self.backend.pay(
                 quote.request, quote.fee_reserve * 1000, bytes.fromhex(quote.payment_hash)
@@ -366,6 +379,8 @@ class MintApp:
             state = PaymentState(
                 Outcome.UNKNOWN, bytes.fromhex(quote.payment_hash), reason=str(exc)
             )
+        finally:
+            self.paying.discard((quote.quote, attempt))
         await self._settle(quote, attempt, state)
         found = await self.db.melt_quote(quote.quote)
         assert found is not None
@@ -393,12 +408,21 @@ class MintApp:
             self.metrics.oldest_pending_melt.set(
                 max((now - since for _, _, since in pending), default=0)
             )
-            for quote, attempt, _ in pending:
+            for quote, attempt, since in pending:
+                if (quote.quote, attempt) in self.paying:
+                    continue  # its pay call answers for it
                 try:
                     state = await self.backend.payment(bytes.fromhex(quote.payment_hash))
                 except (LightningError, OSError, TimeoutError):
                     continue
-                await self._settle(quote, attempt, state)
+                if state.outcome is Outcome.FAILED and now - since < FAIL_AFTER_S:
+                    # every attempt so far failed, but a pay call of another process may
+                    # still be trying routes (or not have begun): final only after it ends
+                    continue
+                try:
+                    await self._settle(quote, attempt, state)
+                except Exception:  # one melt's trouble holds up no other
+                    log.exception("a melt not resolved", extra={"quote": quote.quote})
             await asyncio.sleep(RESOLVE_EVERY_S)
 
     # -- the bridge to L3 ----------------------------------------------------------------
@@ -420,7 +444,7 @@ class MintApp:
     async def l3_info(self, _: web.Request) -> dict[str, Any]:
         lid = await self._ledger_id()
         key = self.l3_key.pubkey
-        return {"address": encode_address(key, self.settings.network, lid), "ledger_id": lid.hex()}
+        return {"key": key.hex(), "ledger_id": lid.hex()}
 
     async def redeem(self, request: web.Request) -> dict[str, Any]:
         req = nut.decode(await request.read(), nut.RedeemRequest)
@@ -436,7 +460,10 @@ class MintApp:
         rid = m.redeem_id(spend.ys)
         issuer = self.settings.issuer
         assert issuer is not None
-        issuance = Issuance(issuer.pubkey, m.redeem_nonce(rid), [TxOutput(value, owner)])
+        try:
+            issuance = Issuance(issuer.pubkey, m.redeem_nonce(rid), [TxOutput(value, owner)])
+        except ConstellationError as exc:
+            raise m.CashuError(m.AMOUNT_LIMIT, f"not a coin the ledger takes: {exc}") from None
         row = Redeem(
             req.address, value, spend.fee * 1000, issuance.signed_by(issuer.secret).encode().hex()
         )
@@ -482,25 +509,30 @@ class MintApp:
         except ConstellationError as exc:
             raise m.CashuError(MALFORMED, f"not an L3 transaction: {exc}") from None
         out = self.rules.outputs(req.outputs)
-        key = self.l3_key.pubkey
+        key = m.withdrawal_key(self.l3_key.pubkey, [bytes.fromhex(o.B_) for o in req.outputs])
         paid = sum(v for i, (v, owner) in enumerate(tx.outputs) if owner == key and tx.here(i))
         m.check_withdraw(paid, out)
         try:
             await gw.submit(tx)
         except GatewayError as exc:
-            if exc.code != AlreadyCommitted.code:  # committed before: a retry
+            if exc.code != AlreadyCommitted.code and exc.status < 500 and exc.status != 429:
                 raise m.CashuError(PROOF_REFUSED, f"the L3 ledger refused it: {exc}") from None
+            if exc.code != AlreadyCommitted.code:  # committed before (a retry), or not
+                await self._committed(gw, tx.txid, exc)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            try:  # committed or not
-                found = await gw.get(f"/v1/tx/{tx.txid.hex()}")
-            except (GatewayError, aiohttp.ClientError, TimeoutError):
-                found = {}
-            if found.get("status") != "committed":
-                raise m.CashuError(
-                    PROOF_REFUSED, f"the L3 ledger did not commit it: {exc}"
-                ) from None
+            await self._committed(gw, tx.txid, exc)
         signatures = await self.db.withdraw(tx.txid, paid, req.outputs, self.rules.sign)
         return {"signatures": signatures}
+
+    async def _committed(self, gw: Gateway, txid: bytes, exc: Exception) -> None:
+        """Refuse a withdrawal unless its transaction is committed after all."""
+        try:
+            found = await gw.get(f"/v1/tx/{txid.hex()}")
+        except (GatewayError, aiohttp.ClientError, TimeoutError):
+            found = {}
+        if found.get("status") != "committed":
+            why = f"the L3 ledger did not commit it: {exc}"
+            raise m.CashuError(PROOF_REFUSED, why) from None
 
     async def _books_forever(self) -> None:
         while True:

@@ -88,6 +88,9 @@ CREATE TABLE IF NOT EXISTS melt_quotes (
     pending_since double precision,
     created_at timestamptz NOT NULL DEFAULT now()
 );
+-- one invoice is paid by one melt: no second quote of it in flight or paid
+CREATE UNIQUE INDEX IF NOT EXISTS melt_quotes_one_payment ON melt_quotes (payment_hash)
+    WHERE state <> 'UNPAID';
 CREATE TABLE IF NOT EXISTS mint_fees (  -- what the mint kept: input fees, melt margins
     id bigserial PRIMARY KEY,
     kind text NOT NULL,
@@ -117,6 +120,13 @@ CREATE TABLE IF NOT EXISTS mint_cursor (
 
 def _states(rows: Sequence[asyncpg.Record]) -> dict[bytes, str]:
     return {bytes(r["y"]): r["state"] for r in rows}
+
+
+def _refuse_seen(states: dict[bytes, str]) -> None:
+    """Proofs seen before: reserved by an operation in flight (11002), or spent."""
+    if "PENDING" in states.values():
+        raise m.CashuError(m.PENDING, "a proof is reserved by a melt or redemption in flight")
+    raise m.CashuError(m.SPENT, "proofs already spent")
 
 
 class MintStore:
@@ -210,9 +220,7 @@ class MintStore:
             rows = await conn.fetch(
                 "SELECT y, state FROM mint_proofs WHERE y = ANY($1::bytea[])", seen
             )
-            if any(r["state"] == "PENDING" for r in rows):
-                raise m.CashuError(m.PENDING, "a proof is reserved by a melt in flight")
-            raise m.CashuError(m.SPENT, "proofs already spent")
+            _refuse_seen(_states(rows))
 
     async def _sign(
         self,
@@ -241,6 +249,9 @@ class MintStore:
         request: nut.SwapRequest,
         sign: Callable[[Sequence[nut.BlindedMessage]], list[nut.BlindSignature]],
     ) -> list[nut.BlindSignature]:
+        seen = await self.states(spend.ys)  # a replay costs no signing
+        if seen:
+            _refuse_seen(seen)
         signatures = sign(request.outputs)
         async with self.pool.acquire() as conn, conn.transaction():
             await self._spend(conn, spend, request.inputs, "SPENT", None)
@@ -285,20 +296,29 @@ class MintStore:
             r = await conn.fetchrow("SELECT * FROM mint_quotes WHERE quote = $1", quote)
         return _mint_quote(r) if r else None
 
-    async def paid(self, payment_hash: str, pay_index: int) -> str | None:
-        """An invoice was paid: its quote becomes PAID (once); the stream's cursor moves."""
+    async def paid(
+        self, payment_hash: str, pay_index: int, received_msat: int | None
+    ) -> str | None:
+        """An invoice was paid: its quote becomes PAID (once), what was paid beyond its
+        amount (BOLT11 allows it) is booked as the mint's, and the stream's cursor
+        moves (``pay_index`` 0: a look-up, not the stream)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            quote = await conn.fetchval(
+            row = await conn.fetchrow(
                 "UPDATE mint_quotes SET state = 'PAID' WHERE payment_hash = $1"
-                " AND state = 'UNPAID' RETURNING quote",
+                " AND state = 'UNPAID' RETURNING quote, amount",
                 payment_hash,
             )
+            extra = (received_msat or 0) - row["amount"] * 1000 if row else 0
+            if extra > 0:
+                await conn.execute(
+                    "INSERT INTO mint_fees (kind, msat) VALUES ('overpaid', $1)", extra
+                )
             await conn.execute(
                 "INSERT INTO mint_cursor VALUES (1, $1) ON CONFLICT (id) DO UPDATE"
                 " SET pay_index = greatest(mint_cursor.pay_index, $1)",
                 pay_index,
             )
-        return str(quote) if quote else None
+        return str(row["quote"]) if row else None
 
     async def pay_index(self) -> int:
         async with self.pool.acquire() as conn:
@@ -355,13 +375,29 @@ class MintStore:
                 raise m.CashuError(m.QUOTE_UNPAID, f"no quote {request.quote[:64]!r}")
             quote = _melt_quote(r)
             spend, _ = check(quote)
+            blanks = [bytes.fromhex(o.B_) for o in request.outputs or []]
+            if blanks and await conn.fetchval(
+                "SELECT 1 FROM mint_promises WHERE b_ = ANY($1::bytea[])", blanks
+            ):
+                raise m.CashuError(m.OUTPUTS_SIGNED, "a blank output is signed already")
             await self._spend(conn, spend, request.inputs, "PENDING", quote.quote)
-            attempt = await conn.fetchval(
-                "UPDATE melt_quotes SET state = 'PENDING', attempt = attempt + 1, blanks = $2,"
-                " pending_since = extract(epoch FROM now()) WHERE quote = $1 RETURNING attempt",
-                quote.quote,
-                nut.encode(request.outputs or []).decode(),
-            )
+            if await conn.fetchval(
+                "SELECT 1 FROM melt_quotes WHERE payment_hash = $1 AND state <> 'UNPAID'",
+                quote.payment_hash,
+            ):
+                raise m.CashuError(m.QUOTE_PENDING, "another quote of this invoice is paying it")
+            try:
+                attempt = await conn.fetchval(
+                    "UPDATE melt_quotes SET state = 'PENDING', attempt = attempt + 1,"
+                    " blanks = $2, pending_since = extract(epoch FROM now())"
+                    " WHERE quote = $1 RETURNING attempt",
+                    quote.quote,
+                    nut.encode(request.outputs or []).decode(),
+                )
+            except asyncpg.UniqueViolationError:  # another quote of it, at the same time
+                raise m.CashuError(
+                    m.QUOTE_PENDING, "another quote of this invoice is paying it"
+                ) from None
         return quote, int(attempt)
 
     async def finish_melt(
@@ -397,7 +433,12 @@ class MintStore:
             fee_paid = max(0, -(-(sent_msat - r["amount_msat"]) // 1000))
             overpaid = int(reserved) - r["amount"] - fee_paid - fee
             assert overpaid >= 0, "a melt paid more than its inputs"
-            outputs = m.change(overpaid, blanks)
+            taken = await conn.fetch(  # signed since the melt began: no change on those
+                "SELECT b_ FROM mint_promises WHERE b_ = ANY($1::bytea[])",
+                [bytes.fromhex(b.B_) for b in blanks],
+            )
+            used = {bytes(t["b_"]) for t in taken}
+            outputs = m.change(overpaid, [b for b in blanks if bytes.fromhex(b.B_) not in used])
             change = sign(outputs) if outputs else []
             if outputs:
                 await self._sign(conn, outputs, change)

@@ -4,9 +4,9 @@ every refusal with its NUT code, fees, NUT-08 change and NUT-20 signatures."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from constellation.ecash import client
 from constellation.ecash import mint as m
 from constellation.ecash.keyset import Keyset
-from constellation.keys import SigningKey, schnorr_sign
+from constellation.keys import SigningKey
 from constellation.protocol import cashu as nut
 
 MASTER = bytes(range(32))
@@ -25,6 +25,7 @@ NOW = Keyset.derive(MASTER, "sat", 1, 100)  # 100 ppk: 10 inputs cost 1 sat
 MSAT = Keyset.derive(MASTER, "msat", 0, 0)
 MINT = m.Mint([Keyset(OLD.unit, OLD.index, 0, OLD.secrets, active=False), NOW, MSAT])
 KEYS = {k.id: k.keys for k in MINT.keysets.values()}
+MSAT_BLANK = client.Secret.fresh().output(MSAT.id, 1)
 
 
 def issue(amount: int, keyset: Keyset = NOW) -> list[nut.Proof]:
@@ -106,19 +107,20 @@ def test_a_swap_never_creates_value(amounts: list[int], extra: int) -> None:
 
 
 def test_melt_checks_and_change() -> None:
-    quote = m.MeltQuote("q", "lnbc", "00" * 32, 900, 10, "sat", m.MELT_UNPAID, 0)
+    quote = m.MeltQuote("q", "lnbc", "00" * 32, 900, 10, "sat", m.MELT_UNPAID, 2_000)
     blanks = [client.Secret.fresh().output(NOW.id, 1) for _ in range(4)]
-    spend, n = MINT.check_melt(quote, nut.MeltRequest("q", issue(1000), blanks))
+    spend, n = MINT.check_melt(quote, nut.MeltRequest("q", issue(1000), blanks), 1_000)
     assert n == 4 and spend.amount == 1000 and spend.fee == 1
-    with pytest.raises(m.CashuError) as e:
-        MINT.check_melt(quote, nut.MeltRequest("q", issue(910), None))  # the fee is short
-    assert e.value.code == m.UNBALANCED
-    for state, code in ((m.MELT_PENDING, m.QUOTE_PENDING), (m.MELT_PAID, m.INVOICE_PAID)):
+    refusals = [
+        (quote, nut.MeltRequest("q", issue(910), None), m.UNBALANCED),  # the fee is short
+        (quote, nut.MeltRequest("q", issue(1000), [MSAT_BLANK]), m.UNIT_MISMATCH),
+        (replace(quote, expiry=1_000), nut.MeltRequest("q", issue(1000)), m.QUOTE_EXPIRED),
+        (replace(quote, state=m.MELT_PENDING), nut.MeltRequest("q", issue(1000)), m.QUOTE_PENDING),
+        (replace(quote, state=m.MELT_PAID), nut.MeltRequest("q", issue(1000)), m.INVOICE_PAID),
+    ]
+    for q, req, code in refusals:
         with pytest.raises(m.CashuError) as e:
-            MINT.check_melt(
-                m.MeltQuote("q", "lnbc", "00", 900, 10, "sat", state, 0),
-                nut.MeltRequest("q", issue(1000)),
-            )
+            MINT.check_melt(q, req, 1_000)
         assert e.value.code == code
     # NUT-08: 900 sat overpaid, over 10 blanks: 512 + 256 + 128 + 4, the largest first
     ten = [client.Secret.fresh().output(NOW.id, 1) for _ in range(10)]
@@ -162,10 +164,15 @@ def test_a_mint_quote_issues_once_its_invoice_is_paid() -> None:
     with pytest.raises(m.CashuError) as e:
         MINT.check_mint(locked, req, 0)
     assert e.value.code == m.SIGNATURE_INVALID
-    signed = nut.MintRequest("q1", outputs, sign_mint(key, req))
+    signed = nut.MintRequest("q1", outputs, client.sign_mint_request(key, "q1", outputs))
     assert MINT.check_mint(locked, signed, 0).amount == 100
 
 
-def sign_mint(key: SigningKey, req: nut.MintRequest) -> str:
-    msg = req.quote + "".join(o.B_ for o in req.outputs)
-    return schnorr_sign(key.secret, hashlib.sha256(msg.encode()).digest()).hex()
+def test_a_withdrawal_pays_a_key_that_names_its_outputs() -> None:
+    mint_key = SigningKey(bytes(31) + b"\x09").pubkey
+    outputs = [bytes.fromhex(o.B_) for o in client.outputs_for(600, NOW.id)[0]]
+    key = m.withdrawal_key(mint_key, outputs)
+    assert len(key) == 32 and key != mint_key
+    assert m.withdrawal_key(mint_key, outputs) == key  # the wallet and the mint agree
+    assert m.withdrawal_key(mint_key, outputs[:-1]) != key  # other outputs: another key
+    assert m.withdrawal_key(mint_key, list(reversed(outputs))) != key  # in their order

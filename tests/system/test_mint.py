@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import random
 import signal
@@ -25,20 +24,19 @@ from typing import Any
 
 import aiohttp
 import pytest
-from coincurve import PublicKey
 from pyln.client import LightningRpc
 
 from constellation.address import Network, encode_address
-from constellation.crypto import bdhke
 from constellation.ecash import client
 from constellation.ecash import mint as m
-from constellation.ecash.keyset import parse_keys
-from constellation.keys import SigningKey, schnorr_sign
+from constellation.ecash.keyset import split
+from constellation.keys import SigningKey
 from constellation.ledger.partition import Coin
 from constellation.protocol import cashu as nut
 from constellation.wallet import Wallet
 from services.crossload import reserve
 from services.devnet import Devnet, free_port, guild, spawn, stop_pid, wait_ready
+from services.ecash.client import MintClient
 from services.wallet import Gateway
 from services.workload import FEE_MSAT
 from tests.system.guild import local_guild
@@ -50,78 +48,32 @@ def where() -> Iterator[Path]:
         yield directory
 
 
-class Mint:
-    """A wallet's view of a mint, over HTTP."""
-
-    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
-        self.url = url
-        self.s = session
-        self.keys: dict[str, dict[int, PublicKey]] = {}
-        self.active = ""
-
-    async def call(self, path: str, body: Any = None) -> tuple[int, Any]:
-        if body is None:
-            async with self.s.get(self.url + path) as r:
-                return r.status, await r.json()
-        data = nut.encode(body)
-        async with self.s.post(self.url + path, data=data) as r:
-            return r.status, await r.json()
-
-    async def ok(self, path: str, body: Any = None) -> Any:
-        status, doc = await self.call(path, body)
-        assert status == 200, doc
-        return doc
+class Mint(MintClient):
+    """The wallet's client of a mint, with the tests' checks."""
 
     async def refused(self, path: str, body: Any) -> int:
+        """The NUT code of a request the mint must refuse (HTTP 400)."""
         status, doc = await self.call(path, body)
         assert status == 400, doc
         return int(doc["code"])
 
-    async def load(self) -> None:
-        for ks in (await self.ok("/v1/keys"))["keysets"]:
-            self.keys[ks["id"]] = parse_keys(ks["keys"])
-            if ks["active"] and ks["unit"] == "sat":
-                self.active = ks["id"]
-
-    async def mint(self, amount: int, payer: LightningRpc) -> list[nut.Proof]:
-        """Pay a mint quote's invoice from ``payer``'s node, then mint (NUT-04, NUT-20)."""
+    async def mint_paid(self, amount: int, payer: LightningRpc) -> list[nut.Proof]:
+        """A quote locked to a key (NUT-20), its invoice paid from ``payer``'s node, then
+        minted: refused unsigned, and refused a second time."""
         key = SigningKey(os.urandom(32))
-        quote = await self.ok(
-            "/v1/mint/quote/bolt11",
-            {"amount": amount, "unit": "sat", "pubkey": "02" + key.pubkey.hex()},
-        )
+        quote = await self.mint_quote(amount, key)
         assert quote["state"] == "UNPAID"
-        payer.pay(quote["request"])
-        deadline = time.monotonic() + 10
-        while (await self.ok(f"/v1/mint/quote/bolt11/{quote['quote']}"))["state"] != "PAID":
-            assert time.monotonic() < deadline, "the paid quote is not PAID"
-            await asyncio.sleep(0.1)
-        outputs, secrets = client.outputs_for(amount, self.active)
-        msg = quote["quote"] + "".join(o.B_ for o in outputs)
-        sig = schnorr_sign(key.secret, hashlib.sha256(msg.encode()).digest()).hex()
+        await asyncio.to_thread(payer.pay, quote["request"])
+        await self.wait_paid(quote["quote"])
+        outputs, _ = client.outputs_for(amount, self.active)
         unsigned = {"quote": quote["quote"], "outputs": outputs}
         assert await self.refused("/v1/mint/bolt11", unsigned) == m.SIGNATURE_INVALID
-        doc = await self.ok("/v1/mint/bolt11", {**unsigned, "signature": sig})
-        proofs = self.unblind(doc["signatures"], secrets)  # each DLEQ checked
-        assert await self.refused("/v1/mint/bolt11", {**unsigned, "signature": sig}) in (
-            m.QUOTE_ISSUED,
-            m.OUTPUTS_SIGNED,
-        )
+        proofs = await self.mint(quote["quote"], split(amount), key)  # each DLEQ checked
+        again, _ = client.outputs_for(amount, self.active)
+        signed = {"quote": quote["quote"], "outputs": again}
+        signed["signature"] = client.sign_mint_request(key, quote["quote"], again)
+        assert await self.refused("/v1/mint/bolt11", signed) == m.QUOTE_ISSUED
         return proofs
-
-    async def swap(self, inputs: list[nut.Proof], amount: int) -> list[nut.Proof]:
-        outputs, secrets = client.outputs_for(amount, self.active)
-        doc = await self.ok("/v1/swap", {"inputs": inputs, "outputs": outputs})
-        return self.unblind(doc["signatures"], secrets)
-
-    def unblind(self, docs: list[dict[str, Any]], secrets: list[client.Secret]) -> list[nut.Proof]:
-        sigs = [nut.BlindSignature(**{**s, "dleq": nut.Dleq(**s["dleq"])}) for s in docs]
-        return client.unblind(sigs, secrets, self.keys)
-
-    async def states(self, proofs: list[nut.Proof]) -> list[str]:
-        ys = [bdhke.hash_to_curve(p.secret.encode()).format().hex() for p in proofs]
-        doc = await self.ok("/v1/checkstate", {"Ys": ys})
-        return [s["state"] for s in doc["states"]]
 
 
 def nets(where: Path) -> list[Devnet]:
@@ -136,10 +88,10 @@ async def test_mint_swap_melt_and_restore(where: Path) -> None:
         info = await mint.ok("/v1/info")
         assert {"4", "5", "7", "8", "9", "12", "20"} <= set(info["nuts"])
         await mint.load()
-        proofs = await mint.mint(1000, payer)
+        proofs = await mint.mint_paid(1000, payer)
         assert sum(p.amount for p in proofs) == 1000
         # a swap, and the same proofs again: spent
-        swapped = await mint.swap(proofs, 1000)
+        swapped = await mint.swap(proofs, split(1000))
         assert await mint.states(proofs) == ["SPENT"] * len(proofs)
         assert set(await mint.states(swapped)) == {"UNSPENT"}
         outputs, _ = client.outputs_for(1000, mint.active)
@@ -188,7 +140,7 @@ async def test_concurrent_swaps_sharing_proofs_spend_each_once(where: Path) -> N
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as s:
         mint = Mint(op0.mint_url, s)
         await mint.load()
-        proofs = await mint.mint(2**10 - 1, LightningRpc(op1.lightning_rpc))  # 10 proofs
+        proofs = await mint.mint_paid(2**10 - 1, LightningRpc(op1.lightning_rpc))  # 10 proofs
         rng = random.Random(os.urandom(8))
 
         async def one() -> tuple[int, list[nut.Proof]]:
@@ -210,7 +162,7 @@ async def test_a_melt_whose_payment_hangs_stays_pending_then_settles(where: Path
     async with aiohttp.ClientSession() as s:
         mint = Mint(op0.mint_url, s)
         await mint.load()
-        proofs = await mint.mint(500, payee)
+        proofs = await mint.mint_paid(500, payee)
         invoice = payee.invoice(100_000, f"hold-{os.urandom(4).hex()}", "held")["bolt11"]
         quote = await mint.ok("/v1/melt/quote/bolt11", {"request": invoice, "unit": "sat"})
         guild.lightning_faults(where, "op1", {"hold": True})
@@ -244,7 +196,7 @@ async def test_a_melt_whose_payment_fails_frees_its_proofs(where: Path) -> None:
     async with aiohttp.ClientSession() as s:
         mint = Mint(op0.mint_url, s)
         await mint.load()
-        proofs = await mint.mint(200, payee)
+        proofs = await mint.mint_paid(200, payee)
         invoice = payee.invoice(50_000, f"fail-{os.urandom(4).hex()}", "fails")["bolt11"]
         quote = await mint.ok("/v1/melt/quote/bolt11", {"request": invoice, "unit": "sat"})
         guild.lightning_faults(where, "op1", {"fail_next": 1})
@@ -272,7 +224,7 @@ async def test_two_mint_processes_and_kill_9_lose_no_proof_and_sign_nothing_twic
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
             first = Mint(op0.mint_url, s)
             await first.load()
-            proofs = await first.mint(2**12 - 1, LightningRpc(op1.lightning_rpc))  # 12
+            proofs = await first.mint_paid(2**12 - 1, LightningRpc(op1.lightning_rpc))  # 12
             mints = [first, Mint(f"http://127.0.0.1:{port}", s)]
             rng = random.Random(os.urandom(8))
             sent: list[tuple[list[nut.Proof], list[nut.BlindedMessage], int]] = []
@@ -328,7 +280,7 @@ async def test_ecash_redeems_into_an_l3_coin_and_l3_withdraws_as_ecash(where: Pa
         await mint.load()
         gw = Gateway(op0.gateway_url, s)
         info = await mint.ok("/v1/l3/info")
-        proofs = await mint.mint(700, LightningRpc(op1.lightning_rpc))
+        proofs = await mint.mint_paid(700, LightningRpc(op1.lightning_rpc))
         # redeem: one coin at the user's address, the same on a retry, never two
         user = Wallet(os.urandom(32), network)
         key = user.fresh_key().pubkey
@@ -346,21 +298,25 @@ async def test_ecash_redeems_into_an_l3_coin_and_l3_withdraws_as_ecash(where: Pa
         # withdraw: the coin paid to the mint's L3 address, ecash for exactly that
         here = bytes.fromhex(info["ledger_id"])
         coins = {coin_id: Coin(700_000, key)}
-        tx = user.pay(coins, info["address"], 600_000, FEE_MSAT, here=here)
+        # the outputs first: the key the payment goes to names them
         outputs, secrets = client.outputs_for(600, mint.active)
+        blinded = [bytes.fromhex(o.B_) for o in outputs]
+        to = m.withdrawal_key(bytes.fromhex(info["key"]), blinded)
+        tx = user.pay(coins, encode_address(to, network, here), 600_000, FEE_MSAT, here=here)
         body = {"tx": tx.encode().hex(), "outputs": outputs}
         signed = await mint.ok("/v1/l3/withdraw", body)
         ecash = mint.unblind(signed["signatures"], secrets)
         assert sum(p.amount for p in ecash) == 600
         assert await mint.ok("/v1/l3/withdraw", body) == signed  # a retry: the same
+        # whoever sees the transaction cannot claim what it paid with outputs of its own
         other, _ = client.outputs_for(600, mint.active)
         again = {"tx": tx.encode().hex(), "outputs": other}
-        assert await mint.refused("/v1/l3/withdraw", again) == m.OUTPUTS_SIGNED
+        assert await mint.refused("/v1/l3/withdraw", again) == m.UNBALANCED
         short, _ = client.outputs_for(601, mint.active)
         bad = {"tx": tx.encode().hex(), "outputs": short}
         assert await mint.refused("/v1/l3/withdraw", bad) == m.UNBALANCED
         assert set(await mint.states(ecash)) == {"UNSPENT"}
-        await mint.swap(ecash, 600)  # the mint's own ecash
+        await mint.swap(ecash, split(600))  # the mint's own ecash
         spent = {"inputs": ecash, "address": address}
         assert await mint.refused("/v1/l3/redeem", spent) == m.SPENT  # swapped already
 

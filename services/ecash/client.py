@@ -1,0 +1,99 @@
+"""A wallet's client of a Cashu mint over HTTP (this project's mint or any other): keys,
+mint and melt quotes, minting, swapping, state checks; every signature's DLEQ proof
+checked (``constellation.ecash.client``). The tests and ``bench/mint.py`` use it, and
+so will the wallet's deposits and withdrawals."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+from coincurve import PublicKey
+
+from constellation.crypto import bdhke
+from constellation.ecash import client
+from constellation.ecash.keyset import parse_keys
+from constellation.keys import SigningKey
+from constellation.protocol import cashu as nut
+
+
+class MintError(RuntimeError):
+    """A mint's refusal: its NUT code and detail."""
+
+    def __init__(self, status: int, code: int, detail: str) -> None:
+        super().__init__(f"[{code}] {detail} (HTTP {status})")
+        self.status = status
+        self.code = code
+
+
+class MintClient:
+    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
+        self.url = url.rstrip("/")
+        self.s = session
+        self.keys: dict[str, dict[int, PublicKey]] = {}
+        self.active = ""  # the active sat keyset
+
+    async def call(self, path: str, body: Any = None) -> tuple[int, Any]:
+        """(HTTP status, JSON body) of a GET, or of a POST of ``body``."""
+        if body is None:
+            async with self.s.get(self.url + path) as r:
+                return r.status, await r.json()
+        async with self.s.post(self.url + path, data=nut.encode(body)) as r:
+            return r.status, await r.json()
+
+    async def ok(self, path: str, body: Any = None) -> Any:
+        status, doc = await self.call(path, body)
+        if status != 200:
+            raise MintError(status, int(doc.get("code", 0)), str(doc.get("detail", doc)))
+        return doc
+
+    async def load(self) -> None:
+        """The mint's active keysets and their keys."""
+        for ks in (await self.ok("/v1/keys"))["keysets"]:
+            self.keys[ks["id"]] = parse_keys(ks["keys"])
+            if ks["active"] and ks["unit"] == "sat":
+                self.active = ks["id"]
+
+    def unblind(
+        self, docs: Sequence[dict[str, Any]], secrets: Sequence[client.Secret]
+    ) -> list[nut.Proof]:
+        sigs = [nut.BlindSignature(**{**d, "dleq": nut.Dleq(**d["dleq"])}) for d in docs]
+        return client.unblind(sigs, list(secrets), self.keys)
+
+    async def mint_quote(self, amount: int, key: SigningKey | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"amount": amount, "unit": "sat"}
+        if key is not None:
+            body["pubkey"] = "02" + key.pubkey.hex()
+        doc: dict[str, Any] = await self.ok("/v1/mint/quote/bolt11", body)
+        return doc
+
+    async def wait_paid(self, quote: str, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (await self.ok(f"/v1/mint/quote/bolt11/{quote}"))["state"] != "PAID":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"mint quote {quote} not paid after {timeout_s} s")
+            await asyncio.sleep(0.05)
+
+    async def mint(
+        self, quote: str, amounts: Sequence[int], key: SigningKey | None = None
+    ) -> list[nut.Proof]:
+        """Ecash of ``amounts`` for a paid quote (signed by ``key`` where it is locked)."""
+        outputs, secrets = client.outputs_of(amounts, self.active)
+        body: dict[str, Any] = {"quote": quote, "outputs": outputs}
+        if key is not None:
+            body["signature"] = client.sign_mint_request(key, quote, outputs)
+        doc = await self.ok("/v1/mint/bolt11", body)
+        return self.unblind(doc["signatures"], secrets)
+
+    async def swap(self, inputs: Sequence[nut.Proof], amounts: Sequence[int]) -> list[nut.Proof]:
+        outputs, secrets = client.outputs_of(amounts, self.active)
+        doc = await self.ok("/v1/swap", {"inputs": list(inputs), "outputs": outputs})
+        return self.unblind(doc["signatures"], secrets)
+
+    async def states(self, proofs: Sequence[nut.Proof]) -> list[str]:
+        ys = [bdhke.hash_to_curve(p.secret.encode()).format().hex() for p in proofs]
+        doc = await self.ok("/v1/checkstate", {"Ys": ys})
+        return [s["state"] for s in doc["states"]]
