@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import asyncpg
 from aiohttp import web
 
 from constellation.address import decode_destination
@@ -52,10 +53,22 @@ GATEWAY_S = 15.0  # a call to the operator's gateway
 RESOLVE_EVERY_S = 2.0
 FAIL_AFTER_S = PAY_S + 60.0  # a pay call's time, its retries', and a margin
 NODE_RETRY_S = 1.0
+DEADLOCK_RETRIES = 3
 BOOKS_EVERY_S = 5.0
 MALFORMED = 0  # no NUT code: a body that is not what the endpoint takes
 PROOF_REFUSED = m.PROOF_INVALID  # an L3 transaction the ledger did not commit
 VERSION = "constellation/0.1"
+
+
+async def _retried(handler: Callable[[web.Request], Awaitable[Any]], request: web.Request) -> Any:
+    """``handler(request)``, again where PostgreSQL broke a deadlock by aborting it (the
+    transaction rolled back: nothing of it happened)."""
+    for _ in range(DEADLOCK_RETRIES - 1):
+        try:
+            return await handler(request)
+        except asyncpg.DeadlockDetectedError:
+            log.warning("deadlock: the operation runs again", extra={"path": request.path})
+    return await handler(request)
 
 
 def _error(code: int, detail: str) -> web.Response:
@@ -152,7 +165,7 @@ class MintApp:
         async def run(request: web.Request) -> web.Response:
             started = time.perf_counter()
             try:
-                doc = await handler(request)
+                doc = await _retried(handler, request)
                 outcome, response = (
                     "ok",
                     web.Response(body=nut.encode(doc), content_type="application/json"),

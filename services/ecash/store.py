@@ -199,12 +199,13 @@ class MintStore:
     ) -> None:
         """Record the proofs (SPENT, or PENDING for a melt or redemption in flight); a
         proof seen before refuses the whole operation (the caller's transaction rolls
-        back)."""
+        back). Rows go in by Y, so that two operations sharing proofs wait for each
+        other in one order and never deadlock."""
         inserted = await conn.fetch(
             "INSERT INTO mint_proofs (y, keyset, amount, secret, c, witness, state, reserved_by)"
             " SELECT y, k, a, s, c, w, $7, $8 FROM unnest($1::bytea[], $2::text[],"
             " $3::bigint[], $4::text[], $5::text[], $6::text[]) AS t(y, k, a, s, c, w)"
-            " ON CONFLICT (y) DO NOTHING RETURNING y",
+            " ORDER BY y ON CONFLICT (y) DO NOTHING RETURNING y",
             spend.ys,
             [p.id for p in proofs],
             [p.amount for p in proofs],
