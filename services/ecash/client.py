@@ -41,7 +41,8 @@ class MintClient:
         if body is None:
             async with self.s.get(self.url + path) as r:
                 return r.status, await r.json()
-        async with self.s.post(self.url + path, data=nut.encode(body)) as r:
+        headers = {"Content-Type": "application/json"}
+        async with self.s.post(self.url + path, data=nut.encode(body), headers=headers) as r:
             return r.status, await r.json()
 
     async def ok(self, path: str, body: Any = None) -> Any:
