@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -295,7 +295,7 @@ class MintStore:
     async def mint_quote(self, quote: str) -> m.MintQuote | None:
         async with self.pool.acquire() as conn:
             r = await conn.fetchrow("SELECT * FROM mint_quotes WHERE quote = $1", quote)
-        return _mint_quote(r) if r else None
+        return _quote(m.MintQuote, r) if r else None
 
     async def paid(
         self, payment_hash: str, pay_index: int, received_msat: int | None
@@ -337,7 +337,7 @@ class MintStore:
             )
             if r is None:
                 raise m.CashuError(m.QUOTE_UNPAID, f"no quote {request.quote[:64]!r}")
-            check(_mint_quote(r))
+            check(_quote(m.MintQuote, r))
             signatures = sign(request.outputs)
             await self._sign(conn, request.outputs, signatures)
             await conn.execute(
@@ -359,7 +359,7 @@ class MintStore:
     async def melt_quote(self, quote: str) -> tuple[m.MeltQuote, list[nut.BlindSignature]] | None:
         async with self.pool.acquire() as conn:
             r = await conn.fetchrow("SELECT * FROM melt_quotes WHERE quote = $1", quote)
-        return (_melt_quote(r), _change(r)) if r else None
+        return (_quote(m.MeltQuote, r), _change(r)) if r else None
 
     async def start_melt(
         self,
@@ -374,7 +374,7 @@ class MintStore:
             )
             if r is None:
                 raise m.CashuError(m.QUOTE_UNPAID, f"no quote {request.quote[:64]!r}")
-            quote = _melt_quote(r)
+            quote = _quote(m.MeltQuote, r)
             spend, _ = check(quote)
             blanks = [bytes.fromhex(o.B_) for o in request.outputs or []]
             if blanks and await conn.fetchval(
@@ -475,7 +475,7 @@ class MintStore:
         """Each melt in flight: its quote, attempt, and since when (unix seconds)."""
         async with self.pool.acquire() as conn:
             rows = await conn.fetch("SELECT * FROM melt_quotes WHERE state = 'PENDING'")
-        return [(_melt_quote(r), r["attempt"], r["pending_since"]) for r in rows]
+        return [(_quote(m.MeltQuote, r), r["attempt"], r["pending_since"]) for r in rows]
 
     # -- the bridge to L3 --------------------------------------------------------------
 
@@ -633,33 +633,12 @@ async def mint_books(conn: asyncpg.Connection) -> MintBooks | None:
     )
 
 
-def _mint_quote(r: asyncpg.Record) -> m.MintQuote:
-    return m.MintQuote(
-        r["quote"],
-        r["request"],
-        r["payment_hash"],
-        r["amount"],
-        r["unit"],
-        r["state"],
-        r["expiry"],
-        r["pubkey"],
-    )
+Q = TypeVar("Q", m.MintQuote, m.MeltQuote)
 
 
-def _melt_quote(r: asyncpg.Record) -> m.MeltQuote:
-    return m.MeltQuote(
-        r["quote"],
-        r["request"],
-        r["payment_hash"],
-        r["amount"],
-        r["fee_reserve"],
-        r["unit"],
-        r["state"],
-        r["expiry"],
-        r["preimage"],
-        r["fee_paid"],
-        r["amount_msat"],
-    )
+def _quote(kind: type[Q], r: asyncpg.Record) -> Q:
+    """A quote from its row (the columns bear its fields' names)."""
+    return kind(**{f.name: r[f.name] for f in fields(kind)})
 
 
 def _change(r: asyncpg.Record) -> list[nut.BlindSignature]:

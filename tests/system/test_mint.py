@@ -156,15 +156,24 @@ async def test_concurrent_swaps_sharing_proofs_spend_each_once(where: Path) -> N
     assert won and len(spent) == len(set(spent))  # no proof in two winning swaps
 
 
+async def ecash_and_a_melt_quote(
+    mint: Mint, where: Path, ecash_sat: int, invoice_sat: int
+) -> tuple[list[nut.Proof], dict[str, Any]]:
+    """Ecash from ``mint`` (op0's), and a melt quote for an invoice of op1's node."""
+    payee = LightningRpc(nets(where)[1].lightning_rpc)
+    await mint.load()
+    proofs = await mint.mint_paid(ecash_sat, payee)
+    label = f"melt-{os.urandom(4).hex()}"
+    invoice = payee.invoice(invoice_sat * 1000, label, "a melt")["bolt11"]
+    quote = await mint.ok("/v1/melt/quote/bolt11", {"request": invoice, "unit": "sat"})
+    return proofs, quote
+
+
 async def test_a_melt_whose_payment_hangs_stays_pending_then_settles(where: Path) -> None:
-    op0, op1 = nets(where)
-    payee = LightningRpc(op1.lightning_rpc)
+    op0 = nets(where)[0]
     async with aiohttp.ClientSession() as s:
         mint = Mint(op0.mint_url, s)
-        await mint.load()
-        proofs = await mint.mint_paid(500, payee)
-        invoice = payee.invoice(100_000, f"hold-{os.urandom(4).hex()}", "held")["bolt11"]
-        quote = await mint.ok("/v1/melt/quote/bolt11", {"request": invoice, "unit": "sat"})
+        proofs, quote = await ecash_and_a_melt_quote(mint, where, 500, 100)
         guild.lightning_faults(where, "op1", {"hold": True})
         try:
             melting = asyncio.ensure_future(
@@ -191,14 +200,10 @@ async def test_a_melt_whose_payment_hangs_stays_pending_then_settles(where: Path
 
 
 async def test_a_melt_whose_payment_fails_frees_its_proofs(where: Path) -> None:
-    op0, op1 = nets(where)
-    payee = LightningRpc(op1.lightning_rpc)
+    op0 = nets(where)[0]
     async with aiohttp.ClientSession() as s:
         mint = Mint(op0.mint_url, s)
-        await mint.load()
-        proofs = await mint.mint_paid(200, payee)
-        invoice = payee.invoice(50_000, f"fail-{os.urandom(4).hex()}", "fails")["bolt11"]
-        quote = await mint.ok("/v1/melt/quote/bolt11", {"request": invoice, "unit": "sat"})
+        proofs, quote = await ecash_and_a_melt_quote(mint, where, 200, 50)
         guild.lightning_faults(where, "op1", {"fail_next": 1})
         melt = {"quote": quote["quote"], "inputs": proofs}
         assert await mint.refused("/v1/melt/bolt11", melt) == m.PAYMENT_FAILED
