@@ -13,8 +13,9 @@ The bridge to the operator's L3 ledger (through its gateway's public API): a red
 reserves its proofs, then issues one coin whose issuance is derived from the proofs (a
 retry, or the resolver after a crash, issues the same coin, which the ledger takes
 once), then spends the proofs; a ledger that refuses frees them. A withdrawal takes an
-L3 transaction paying the mint's own key, has the ledger commit it, then signs the
-outputs, once per transaction.
+L3 transaction paying the mint's key tweaked by the outputs it buys
+(``mint.withdrawal_key``), has the ledger commit it, then signs those outputs, once per
+transaction.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class MintApp:
         s = self.settings
         store = self.store = await MintStore.open(s.database_url)
         master = self.master = await store.master(s.storage_key)
-        self.pubkey = SigningKey(master).pubkey.hex()
+        self.pubkey = self._key(b"constellation/cashu/info").pubkey.hex()
         keysets = await store.keysets(master, UNIT, s.input_fee_ppk)
         self.mint = m.Mint(keysets, s.max_amount_sat)
         self._routes(self.ops.app.router)
@@ -123,11 +124,15 @@ class MintApp:
             await self.session.close()
         await store.close()
 
+    def _key(self, purpose: bytes) -> SigningKey:
+        """A key of the mint's for one purpose, derived from its master secret."""
+        assert self.master
+        return SigningKey(hmac.new(self.master, purpose, "sha256").digest())
+
     @property
     def l3_key(self) -> SigningKey:
-        """The mint's own L3 key: withdrawals pay it."""
-        assert self.master
-        return SigningKey(hmac.new(self.master, b"constellation/cashu/l3", "sha256").digest())
+        """The mint's own L3 key: withdrawals pay it, tweaked by what they buy."""
+        return self._key(b"constellation/cashu/l3")
 
     def _routes(self, r: web.UrlDispatcher) -> None:
         r.add_get("/v1/info", self.info)
@@ -497,7 +502,7 @@ class MintApp:
         try:
             await gw.issue(decode_issuance(bytes.fromhex(row.issuance)))
         except GatewayError as exc:
-            if exc.code not in (AlreadyCommitted.code,) and exc.status < 500 and exc.status != 429:
+            if exc.code != AlreadyCommitted.code and exc.status < 500 and exc.status != 429:
                 await self.db.fail_redeem(rid)
                 raise m.CashuError(MALFORMED, f"the L3 ledger refused the coin: {exc}") from None
             if exc.code != AlreadyCommitted.code:
