@@ -53,7 +53,6 @@ UNIT = "sat"
 GATEWAY_S = 15.0  # a call to the operator's gateway
 RESOLVE_EVERY_S = 2.0
 FAIL_AFTER_S = PAY_S + 60.0  # a pay call's time, its retries', and a margin
-NODE_RETRY_S = 1.0
 DEADLOCK_RETRIES = 3
 BOOKS_EVERY_S = 5.0
 MALFORMED = 0  # no NUT code: a body that is not what the endpoint takes
@@ -332,22 +331,15 @@ class MintApp:
         return {"signatures": signatures}
 
     async def _follow_paid(self) -> None:
-        """Mark quotes paid as their invoices are; while the node is down (the mint
-        serves its ecash without it), ask again every second."""
-        while True:
-            try:
-                async for invoice in self.backend.paid_invoices(await self.db.pay_index()):
-                    if invoice.label.startswith("mint:") and invoice.pay_index is not None:
-                        quote = await self.db.paid(
-                            invoice.payment_hash.hex(),
-                            invoice.pay_index,
-                            invoice.amount_received_msat,
-                        )
-                        if quote:
-                            log.info("mint quote paid", extra={"quote": quote})
-            except (LightningError, OSError, TimeoutError) as exc:
-                log.debug("lightning node unreachable", extra={"error": repr(exc)})
-                await asyncio.sleep(NODE_RETRY_S)
+        """Mark quotes paid as their invoices are (the backend's stream waits out a node
+        that is down, saying so in its log: the mint serves its ecash meanwhile)."""
+        async for invoice in self.backend.paid_invoices(await self.db.pay_index()):
+            if invoice.label.startswith("mint:") and invoice.pay_index is not None:
+                quote = await self.db.paid(
+                    invoice.payment_hash.hex(), invoice.pay_index, invoice.amount_received_msat
+                )
+                if quote:
+                    log.info("mint quote paid", extra={"quote": quote})
 
     # -- melting -----------------------------------------------------------------------
 

@@ -250,12 +250,9 @@ class MintStore:
         request: nut.SwapRequest,
         sign: Callable[[Sequence[nut.BlindedMessage]], list[nut.BlindSignature]],
     ) -> list[nut.BlindSignature]:
-        seen = await self.states(spend.ys)  # a replay costs no signing
-        if seen:
-            _refuse_seen(seen)
-        signatures = sign(request.outputs)
         async with self.pool.acquire() as conn, conn.transaction():
             await self._spend(conn, spend, request.inputs, "SPENT", None)
+            signatures = sign(request.outputs)  # once the proofs are ours: a replay signs nothing
             await self._sign(conn, request.outputs, signatures)
             if spend.fee:
                 await conn.execute(
