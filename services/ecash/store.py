@@ -115,6 +115,89 @@ CREATE TABLE IF NOT EXISTS mint_cursor (
     id int PRIMARY KEY CHECK (id = 1),
     pay_index bigint NOT NULL
 );
+-- The books as running sums, kept by the tables' own triggers in each operation's
+-- transaction, so reading them costs the same however many proofs the mint has seen. Each
+-- connection adds to rows of its own shard (of its backend's pid): concurrent operations
+-- do not queue on one row.
+CREATE TABLE IF NOT EXISTS mint_totals (
+    kind text NOT NULL,  -- spent, pending, signed, unissued, fees_msat, l3_msat
+    keyset text NOT NULL,  -- '' where the sum is not per keyset
+    shard int NOT NULL,
+    amount bigint NOT NULL,
+    PRIMARY KEY (kind, keyset, shard)
+);
+CREATE OR REPLACE FUNCTION mint_count(k text, ks text, delta numeric) RETURNS void
+LANGUAGE sql AS $$  -- numeric: what sum() of bigints is
+    INSERT INTO mint_totals SELECT k, ks, pg_backend_pid() % 1024, delta WHERE delta <> 0
+    ON CONFLICT (kind, keyset, shard) DO UPDATE SET amount = mint_totals.amount + delta
+$$;
+CREATE OR REPLACE FUNCTION mint_count_proofs() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP <> 'DELETE' THEN
+        PERFORM mint_count(lower(state), keyset, sum(amount)) FROM new_rows
+            GROUP BY state, keyset;
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        PERFORM mint_count(lower(state), keyset, -sum(amount)) FROM old_rows
+            GROUP BY state, keyset;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION mint_count_promises() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM mint_count('signed', keyset, sum(amount)) FROM new_rows GROUP BY keyset;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION mint_count_quotes() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM mint_count('unissued', '', coalesce(sum(amount), 0)) FROM new_rows
+        WHERE state = 'PAID';
+    IF TG_OP = 'UPDATE' THEN
+        PERFORM mint_count('unissued', '', -coalesce(sum(amount), 0)) FROM old_rows
+            WHERE state = 'PAID';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION mint_count_fees() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM mint_count('fees_msat', '', coalesce(sum(msat), 0)) FROM new_rows;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION mint_count_withdrawals() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM mint_count('l3_msat', '', coalesce(sum(value_msat), 0)) FROM new_rows;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER mint_proofs_in AFTER INSERT ON mint_proofs
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION mint_count_proofs();
+CREATE OR REPLACE TRIGGER mint_proofs_up AFTER UPDATE ON mint_proofs
+    REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION mint_count_proofs();
+CREATE OR REPLACE TRIGGER mint_proofs_out AFTER DELETE ON mint_proofs
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION mint_count_proofs();
+CREATE OR REPLACE TRIGGER mint_promises_in AFTER INSERT ON mint_promises
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION mint_count_promises();
+CREATE OR REPLACE TRIGGER mint_quotes_in AFTER INSERT ON mint_quotes
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION mint_count_quotes();
+CREATE OR REPLACE TRIGGER mint_quotes_up AFTER UPDATE ON mint_quotes
+    REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION mint_count_quotes();
+CREATE OR REPLACE TRIGGER mint_fees_in AFTER INSERT ON mint_fees
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION mint_count_fees();
+CREATE OR REPLACE TRIGGER mint_withdrawals_in AFTER INSERT ON mint_withdrawals
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION mint_count_withdrawals();
+-- a mint that kept its books before the sums were: they start from its tables, once
+INSERT INTO mint_totals
+SELECT kind, keyset, -1, amount FROM (
+    SELECT 'tracked' AS kind, '' AS keyset, 0::bigint AS amount
+    UNION ALL SELECT lower(state), keyset, sum(amount) FROM mint_proofs GROUP BY state, keyset
+    UNION ALL SELECT 'signed', keyset, sum(amount) FROM mint_promises GROUP BY keyset
+    UNION ALL SELECT 'unissued', '', sum(amount) FROM mint_quotes WHERE state = 'PAID'
+    UNION ALL SELECT 'fees_msat', '', sum(msat) FROM mint_fees
+    UNION ALL SELECT 'l3_msat', '', sum(value_msat) FROM mint_withdrawals
+) s
+WHERE amount IS NOT NULL AND NOT EXISTS (SELECT 1 FROM mint_totals WHERE kind = 'tracked');
 """
 
 
@@ -575,12 +658,9 @@ class MintStore:
     async def outstanding(self) -> dict[str, int]:
         """Per keyset: what it signed minus what was spent from it (ecash out there)."""
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT k.id, coalesce((SELECT sum(amount) FROM mint_promises WHERE keyset"
-                " = k.id), 0) - coalesce((SELECT sum(amount) FROM mint_proofs WHERE keyset"
-                " = k.id AND state = 'SPENT'), 0) AS out FROM mint_keysets k"
-            )
-        return {r["id"]: int(r["out"]) for r in rows}
+            ids = [r["id"] for r in await conn.fetch("SELECT id FROM mint_keysets")]
+            total = await _totals(conn)
+        return {k: total.get(("signed", k), 0) - total.get(("spent", k), 0) for k in ids}
 
 
 @dataclass(frozen=True)
@@ -609,25 +689,29 @@ class MintBooks:
 
 
 async def mint_books(conn: asyncpg.Connection) -> MintBooks | None:
-    """The mint's books from its tables, or None where this database holds no mint."""
-    if await conn.fetchval("SELECT to_regclass('mint_fees')") is None:
+    """The mint's books from its running sums, or None where this database holds no mint."""
+    if await conn.fetchval("SELECT to_regclass('mint_totals')") is None:
         return None
-    row = await conn.fetchrow(
-        "SELECT (SELECT coalesce(sum(amount), 0) FROM mint_promises) AS signed,"
-        " (SELECT coalesce(sum(amount), 0) FROM mint_proofs WHERE state = 'SPENT') AS spent,"
-        " (SELECT coalesce(sum(amount), 0) FROM mint_proofs WHERE state = 'PENDING')"
-        " AS reserved,"
-        " (SELECT coalesce(sum(amount), 0) FROM mint_quotes WHERE state = 'PAID') AS unissued,"
-        " (SELECT coalesce(sum(msat), 0) FROM mint_fees) AS fees,"
-        " (SELECT coalesce(sum(value_msat), 0) FROM mint_withdrawals) AS l3"
-    )
+    total = await _totals(conn)
+
+    def of(kind: str) -> int:
+        return sum(v for (k, _), v in total.items() if k == kind)
+
     return MintBooks(
-        (int(row["signed"]) - int(row["spent"])) * 1000,
-        int(row["unissued"]) * 1000,
-        int(row["fees"]),
-        int(row["reserved"]) * 1000,
-        int(row["l3"]),
+        (of("signed") - of("spent")) * 1000,
+        of("unissued") * 1000,
+        of("fees_msat"),
+        of("pending") * 1000,
+        of("l3_msat"),
     )
+
+
+async def _totals(conn: asyncpg.Connection) -> dict[tuple[str, str], int]:
+    """The running sums by kind and keyset (one statement: one snapshot)."""
+    rows = await conn.fetch(
+        "SELECT kind, keyset, sum(amount) AS amount FROM mint_totals GROUP BY kind, keyset"
+    )
+    return {(r["kind"], r["keyset"]): int(r["amount"]) for r in rows}
 
 
 Q = TypeVar("Q", m.MintQuote, m.MeltQuote)

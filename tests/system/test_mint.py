@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from pyln.client import LightningRpc
 
@@ -37,6 +38,7 @@ from constellation.wallet import Wallet
 from services.crossload import reserve
 from services.devnet import Devnet, free_port, guild, spawn, stop_pid, wait_ready
 from services.ecash.client import MintClient
+from services.ecash.store import MintBooks, MintStore, mint_books
 from services.wallet import Gateway
 from services.workload import FEE_MSAT
 from tests.system.guild import local_guild
@@ -340,6 +342,23 @@ async def test_the_reserve_counts_the_mint_s_ecash(where: Path) -> None:
             assert time.monotonic() < deadline, r
             await asyncio.sleep(1.0)
     assert r["in_flight"] == 0 and r["ecash"] > 0
+    conn = await asyncpg.connect(op0.database_url)
+    try:  # the running sums are the sums of the tables, and what the books are read from
+        books = await mint_books(conn)
+        found = await conn.fetchrow(
+            "SELECT (SELECT sum(amount) FROM mint_promises) AS signed,"
+            " (SELECT sum(amount) FROM mint_proofs WHERE state = 'SPENT') AS spent,"
+            " (SELECT count(*) FROM mint_proofs WHERE state = 'PENDING') AS pending,"
+            " (SELECT coalesce(sum(amount), 0) FROM mint_quotes WHERE state = 'PAID') AS paid,"
+            " (SELECT sum(msat) FROM mint_fees) AS fees,"
+            " (SELECT sum(value_msat) FROM mint_withdrawals) AS l3"
+        )
+    finally:
+        await conn.close()
+    assert books is not None and found["pending"] == 0 and books.reserved_msat == 0
+    assert books.outstanding_msat == (found["signed"] - found["spent"]) * 1000 > 0
+    assert books.unissued_msat == found["paid"] * 1000
+    assert books.fees_msat == found["fees"] > 0 and books.l3_msat == found["l3"] > 0
 
 
 async def test_a_new_input_fee_rotates_the_keyset(where: Path) -> None:
@@ -376,3 +395,44 @@ async def test_a_new_input_fee_rotates_the_keyset(where: Path) -> None:
             assert sum(p.amount for p in kept) == 64 - len(fresh)
         finally:
             stop_pid(rotated, 5)
+
+
+async def test_a_mint_s_books_start_from_its_tables_once(where: Path) -> None:
+    """A mint whose database predates the running sums: they start from its tables on the
+    first open, and a second open adds nothing."""
+    op0, _ = nets(where)
+    admin = await asyncpg.connect(op0.database_url)
+    name = f"old_{os.urandom(4).hex()}"
+    await admin.execute(f"CREATE DATABASE {name}")
+    url = op0.database_url.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        store = await MintStore.open(url)
+        async with store.pool.acquire() as conn:
+            tables = ("mint_proofs", "mint_promises", "mint_quotes", "mint_fees")
+            for table in tables:  # as a mint without the sums kept them
+                await conn.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
+            await conn.execute(
+                "INSERT INTO mint_proofs (y, keyset, amount, secret, c, state) VALUES"
+                " ('\\x01', 'k', 8, 's1', 'c', 'SPENT'), ('\\x02', 'k', 2, 's2', 'c', 'PENDING')"
+            )
+            await conn.execute(
+                "INSERT INTO mint_promises (b_, keyset, amount, c_, e, s) VALUES"
+                " ('\\x01', 'k', 8, 'c', 'e', 's'), ('\\x02', 'k', 32, 'c', 'e', 's')"
+            )
+            await conn.execute(
+                "INSERT INTO mint_quotes (quote, request, payment_hash, amount, unit, state,"
+                " expiry) VALUES ('q', 'lnbc', 'h', 5, 'sat', 'PAID', 0)"
+            )
+            await conn.execute("INSERT INTO mint_fees (kind, msat) VALUES ('swap', 3000)")
+            await conn.execute("DELETE FROM mint_totals")
+            for table in tables:
+                await conn.execute(f"ALTER TABLE {table} ENABLE TRIGGER USER")
+        await store.close()
+        for _ in range(2):
+            store = await MintStore.open(url)
+            books = await store.books()
+            await store.close()
+            assert books == MintBooks(32_000, 5_000, 3_000, 2_000, 0)
+    finally:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
