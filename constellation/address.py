@@ -21,6 +21,7 @@ from constellation.keys import XOnlyPubKey, is_valid_xonly
 CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
 _CHARSET_REV = {c: i for i, c in enumerate(CHARSET)}
 BECH32M_CONST = 0x2BC830A3
+BECH32_CONST = 1  # BIP173: segwit version 0 addresses
 MAX_LENGTH = 90
 KEY_VERSION = 1
 LEDGER_VERSION = 2
@@ -66,8 +67,9 @@ def bech32m_encode(hrp: str, data: list[int]) -> str:
     return hrp + "1" + "".join(CHARSET[d] for d in data + checksum)
 
 
-def bech32m_decode(text: str) -> tuple[str, list[int]]:
-    """Decode a bech32m string into its HRP and 5-bit data, checking every BIP350 rule."""
+def bech32m_decode(text: str, const: int = BECH32M_CONST) -> tuple[str, list[int]]:
+    """Decode a bech32m string (or, with ``BECH32_CONST``, a bech32 one) into its HRP and
+    5-bit data, checking every BIP350 rule."""
     if len(text) > MAX_LENGTH:
         raise InvalidAddress(f"longer than {MAX_LENGTH} characters")
     if any(ord(c) < 33 or ord(c) > 126 for c in text):
@@ -83,7 +85,7 @@ def bech32m_decode(text: str) -> tuple[str, list[int]]:
         data = [_CHARSET_REV[c] for c in rest]
     except KeyError as exc:
         raise InvalidAddress(f"invalid character {exc.args[0]!r}") from None
-    if _polymod(_hrp_expand(hrp) + data) != BECH32M_CONST:
+    if _polymod(_hrp_expand(hrp) + data) != const:
         raise InvalidAddress("checksum does not match (a typo?)")
     return hrp, data[:-6]
 
@@ -143,6 +145,19 @@ def decode_destination(
     if ledger == bytes(LEDGER_ID_LEN):
         raise InvalidAddress("the address names the all-zero ledger")
     return XOnlyPubKey(key), ledger
+
+
+def decode_segwit(text: str) -> tuple[str, int, bytes]:
+    """A Bitcoin segwit address (BIP173 for version 0, BIP350 for 1 to 16): its HRP
+    (``bc``, ``tb`` or ``bcrt``), witness version and program."""
+    version0 = text[text.rfind("1") + 1 : text.rfind("1") + 2] in ("q", "Q")
+    hrp, data = bech32m_decode(text, BECH32_CONST if version0 else BECH32M_CONST)
+    if hrp not in ("bc", "tb", "bcrt") or not data or data[0] > 16:
+        raise InvalidAddress(f"not a Bitcoin segwit address: {text!r}")
+    program = bytes(_convert_bits(data[1:], 5, 8, pad=False))
+    if not 2 <= len(program) <= 40 or (data[0] == 0 and len(program) not in (20, 32)):
+        raise InvalidAddress(f"a witness program of {len(program)} bytes")
+    return hrp, data[0], program
 
 
 def decode_address(text: str, network: Network | str = Network.MAIN) -> XOnlyPubKey:

@@ -26,14 +26,17 @@ from constellation.tx import TxOutput
 from services import devnet
 from services.demo import run_guild_demo
 from services.devnet import guild
+from services.ecash.client import MintError
 from services.runtime import ConfigError
 from services.signer.client import call
 from services.signer.config import load_members
 from services.signer.store import KeyStore
-from services.wallet import Gateway, GatewayError, wallet_command
+from services.wallet import Gateway, GatewayError, wallet_command, wallet_lock
+from services.wallet_money import MoneyError, money_command
 from services.workload import run_workload
 
 DEFAULT_DIR = Path(".devnet")
+MONEY = ("deposit", "pay", "balance")  # the wallet commands that use (or follow) its mint
 
 
 def _operator(net: devnet.Devnet, index: int) -> tuple[Membership, bytes]:
@@ -306,25 +309,47 @@ def _add_devnet(sub: Any) -> None:
 
 
 def _add_wallet(sub: Any) -> None:
-    wallet = sub.add_parser("wallet", help="a wallet against a gateway")
+    wallet = sub.add_parser("wallet", help="a wallet against a gateway and its mint")
     wallet_sub = wallet.add_subparsers(dest="wallet_command", required=True)
     create = wallet_sub.add_parser("create", help="new BIP39 words")
     restore = wallet_sub.add_parser("restore", help="from BIP39 words")
     restore.add_argument("words", nargs="+")
     for p in (create, restore):
         p.add_argument("--network", default="regtest", help="main, test or regtest")
+        p.add_argument("--mint", default="", help="its operator's Cashu mint (deposits, invoices)")
     address = wallet_sub.add_parser("address", help="a fresh receive address")
-    balance = wallet_sub.add_parser("balance", help="unspent coins")
+    balance = wallet_sub.add_parser(
+        "balance", help="unspent coins (and deposits and payments in flight, taken up)"
+    )
     history = wallet_sub.add_parser("history", help="coins received and spent")
     history.add_argument("--limit", type=int, default=20)
-    send = wallet_sub.add_parser("send", help="pay an address")
-    send.add_argument("address")
-    send.add_argument("amount_msat", type=int)
-    send.add_argument("--fee-msat", type=int, default=1_000)
-    for p in (create, restore, address, balance, history, send):
+    deposit = wallet_sub.add_parser(
+        "deposit",
+        help="an invoice (and its QR code) to pay from any Lightning wallet; credited as a"
+        " coin once paid (exit 3: not paid yet, `wallet balance` takes it up)",
+    )
+    deposit.add_argument("amount_sat", type=int)
+    deposit.add_argument("--wait", type=float, default=600.0, help="seconds to wait for it")
+    deposit.add_argument("--no-qr", action="store_true", help="the invoice as text only")
+    pay = wallet_sub.add_parser(
+        "pay",
+        help="pay an L3 address, a BOLT11 invoice or a bitcoin: URI with lightning=; the fees"
+        " shown first (exit 1: failed, 3: pending, `wallet balance` follows it)",
+    )
+    pay.add_argument("thing", help="what was scanned or pasted")
+    pay.add_argument("amount_msat", type=int, nargs="?", help="for an address: how much")
+    pay.add_argument("--fee-msat", type=int, default=1_000, help="the L3 transaction's fee")
+    pay.add_argument("--max-fee-msat", type=int, help="refuse where the fees may be more")
+    pay.add_argument("--yes", action="store_true", help="do not ask at a terminal")
+    pay.add_argument(
+        "--wait", type=float, default=60.0, help="seconds to wait for the payment (then PENDING)"
+    )
+    for p in (deposit, pay, balance):
+        p.add_argument("--mint", default="", help="the mint (default: the wallet's)")
+    for p in (create, restore, address, balance, history, deposit, pay):
         p.add_argument("--file", type=Path, default=Path("wallet.json"), help="the wallet file")
         p.add_argument("--gateway", default="", help="gateway URL (default: the wallet's)")
-    for p in (balance, send):
+    for p in (balance, pay):
         p.add_argument(
             "--via",
             default="",
@@ -354,12 +379,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "devnet":
             return _devnet(args)
         if args.command == "wallet":
-            return asyncio.run(wallet_command(args, sys.stdout))
+            with wallet_lock(args.file):
+                command = money_command if args.wallet_command in MONEY else wallet_command
+                return asyncio.run(command(args, sys.stdout))
         return _guild(args)
     except (ConfigError, devnet.DevnetError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ConstellationError, GatewayError) as exc:
+    except (ConstellationError, GatewayError, MintError, MoneyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -12,8 +12,11 @@ but has no index of it, so the wallet pays with the coins it knows, each checked
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +129,9 @@ class WalletFile:
     ledger: str = ""  # the operator whose ledger holds the coins (its gateway says)
     ledger_id: str = ""  # that ledger's id (hex), named by the wallet's addresses
     coins: dict[str, list[Any]] = field(default_factory=dict)  # id hex: [msat, owner hex]
+    mint: str = ""  # the operator's Cashu mint (deposits, invoices paid)
+    flows: list[dict[str, Any]] = field(default_factory=list)  # through the mint, in flight
+    ecash: list[dict[str, Any]] = field(default_factory=list)  # proofs worth less than a coin
 
     def remember(self, coins: dict[bytes, Coin]) -> None:
         self.coins = {cid.hex(): [c.value_msat, bytes(c.owner).hex()] for cid, c in coins.items()}
@@ -137,11 +143,13 @@ class WalletFile:
         }
 
     @staticmethod
-    def create(path: Path, gateway: str, network: str, words: str | None = None) -> WalletFile:
+    def create(
+        path: Path, gateway: str, network: str, words: str | None = None, mint: str = ""
+    ) -> WalletFile:
         if path.exists():
             raise FileExistsError(f"{path} exists: a wallet is never overwritten")
         mnemonic = words if words is not None else new_mnemonic()
-        doc = WalletFile(mnemonic, network, gateway)
+        doc = WalletFile(mnemonic, network, gateway, mint=mint)
         doc.wallet()  # checks the words and the network
         doc.save(path)
         return doc
@@ -189,6 +197,20 @@ class WalletFile:
         self.ledger_id = self.ledger_id or totals.get("ledger_id", "")
 
 
+@contextlib.contextmanager
+def wallet_lock(path: Path) -> Iterator[None]:
+    """One wallet command at a time on a wallet file (another waits its turn): two would
+    each write the file from what they read, and one's flows would be lost."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another wallet command on {path}", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 async def wallet_coins(gateway: Gateway, addresses: list[str]) -> dict[bytes, Coin]:
     coins: dict[bytes, Coin] = {}
     for address in addresses:
@@ -211,7 +233,7 @@ async def wallet_command(args: Any, out: Any) -> int:
     path: Path = args.file
     if args.wallet_command in ("create", "restore"):
         words = " ".join(args.words) if args.wallet_command == "restore" else None
-        doc = WalletFile.create(path, args.gateway, args.network, words)
+        doc = WalletFile.create(path, args.gateway, args.network, words, args.mint)
         if words is None:
             print("write these words down; they are the only way to restore the wallet:", file=out)
             print(f"  {doc.mnemonic}", file=out)
@@ -238,20 +260,20 @@ async def wallet_command(args: Any, out: Any) -> int:
         if args.wallet_command == "history":
             await _history(gw, doc, args.limit, out)
             return 0
-        coins = await _coins(gw, doc, via)
+        coins = await unspent(gw, doc, via)  # the balance
         doc.save(path)
-        if args.wallet_command == "balance":
-            total = sum(c.value_msat for c in coins.values())
-            where = f" (as {via} sees them)" if via else ""
-            print(f"{total} msat in {len(coins)} coins{where}", file=out)
-            if not via:
-                await _pending(gw, doc, out)
-        else:
-            await _send(gw, doc, path, coins, args, out)
+        total = sum(c.value_msat for c in coins.values())
+        where = f" (as {via} sees them)" if via else ""
+        print(f"{total} msat in {len(coins)} coins{where}", file=out)
+        if not via:
+            await _pending(gw, doc, out)
+        if doc.ecash:
+            kept = sum(p["amount"] for p in doc.ecash)
+            print(f"+ {kept} sat of ecash, worth less than a coin's fee", file=out)
     return 0
 
 
-async def _coins(gw: Gateway, doc: WalletFile, via: str) -> dict[bytes, Coin]:
+async def unspent(gw: Gateway, doc: WalletFile, via: str = "") -> dict[bytes, Coin]:
     """The wallet's unspent coins: from its own gateway's index, or (``via`` another
     member's gateway) those it knows, checked there; remembered either way."""
     if via:
@@ -287,11 +309,19 @@ async def _history(gw: Gateway, doc: WalletFile, limit: int, out: Any) -> None:
         print(f"{at}  {sign}{e['value_msat']:>15} msat  {address}  tx {e['txid']}", file=out)
 
 
-async def _send(
-    gw: Gateway, doc: WalletFile, path: Path, coins: dict[bytes, Coin], args: Any, out: Any
+async def send(
+    gw: Gateway,
+    doc: WalletFile,
+    path: Path,
+    coins: dict[bytes, Coin],
+    address: str,
+    amount_msat: int,
+    fee_msat: int,
+    out: Any,
 ) -> None:
+    """Pay ``amount_msat`` to an L3 address from ``coins``, and say what happened."""
     here = bytes.fromhex(doc.ledger_id) if doc.ledger_id else None
-    tx = doc.wallet().pay(coins, args.address, args.amount_msat, args.fee_msat, here=here)
+    tx = doc.wallet().pay(coins, address, amount_msat, fee_msat, here=here)
     if len(tx.outputs) > 1:
         doc.change += 1  # the change key is spent from the chain: remember it
         doc.save(path)
@@ -303,7 +333,7 @@ async def _send(
     doc.remember(kept)
     doc.save(path)
     blocks = ", ".join(f"worker {b['worker']} block {b['height']}" for b in receipt["blocks"])
-    print(f"sent {args.amount_msat} msat to {args.address}", file=out)
+    print(f"sent {amount_msat} msat to {address}", file=out)
     print(f"txid {receipt['txid']} committed in {blocks}", file=out)
     paid = receipt["outputs"][0]
     if "ledger" in paid:

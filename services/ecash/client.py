@@ -1,7 +1,7 @@
 """A wallet's client of a Cashu mint over HTTP (this project's mint or any other): keys,
 mint and melt quotes, minting, swapping, state checks; every signature's DLEQ proof
-checked (``constellation.ecash.client``). The tests and ``bench/mint.py`` use it, and
-so will the wallet's deposits and withdrawals."""
+checked (``constellation.ecash.client``). The wallet's deposits and withdrawals
+(``services.wallet_money``), the tests and ``bench/mint.py`` use it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from coincurve import PublicKey
 
 from constellation.crypto import bdhke
 from constellation.ecash import client
-from constellation.ecash.keyset import parse_keys
+from constellation.ecash.keyset import input_fee, parse_keys, split
 from constellation.keys import SigningKey
 from constellation.protocol import cashu as nut
 
@@ -34,29 +34,49 @@ class MintClient:
         self.url = url.rstrip("/")
         self.s = session
         self.keys: dict[str, dict[int, PublicKey]] = {}
+        self.fees: dict[str, int] = {}  # each keyset's input fee (ppk)
         self.active = ""  # the active sat keyset
 
-    async def call(self, path: str, body: Any = None) -> tuple[int, Any]:
-        """(HTTP status, JSON body) of a GET, or of a POST of ``body``."""
+    async def call(
+        self, path: str, body: Any = None, timeout_s: float | None = None
+    ) -> tuple[int, Any]:
+        """(HTTP status, JSON body) of a GET, or of a POST of ``body``; within
+        ``timeout_s`` where given, else the session's timeout."""
+        limit = aiohttp.ClientTimeout(total=timeout_s) if timeout_s is not None else None
         if body is None:
-            async with self.s.get(self.url + path) as r:
+            async with self.s.get(self.url + path, timeout=limit) as r:
                 return r.status, await r.json()
         headers = {"Content-Type": "application/json"}
-        async with self.s.post(self.url + path, data=nut.encode(body), headers=headers) as r:
+        data = nut.encode(body)
+        async with self.s.post(self.url + path, data=data, headers=headers, timeout=limit) as r:
             return r.status, await r.json()
 
-    async def ok(self, path: str, body: Any = None) -> Any:
-        status, doc = await self.call(path, body)
+    async def ok(self, path: str, body: Any = None, timeout_s: float | None = None) -> Any:
+        status, doc = await self.call(path, body, timeout_s)
         if status != 200:
             raise MintError(status, int(doc.get("code", 0)), str(doc.get("detail", doc)))
         return doc
 
     async def load(self) -> None:
-        """The mint's active keysets and their keys."""
+        """The mint's active keysets, their keys and input fees."""
         for ks in (await self.ok("/v1/keys"))["keysets"]:
             self.keys[ks["id"]] = parse_keys(ks["keys"])
             if ks["active"] and ks["unit"] == "sat":
                 self.active = ks["id"]
+        for ks in (await self.ok("/v1/keysets"))["keysets"]:
+            self.fees[ks["id"]] = int(ks.get("input_fee_ppk", 0))
+
+    def input_fee(self, proofs: Sequence[nut.Proof]) -> int:
+        """What spending ``proofs`` costs at this mint (NUT-02), in sat."""
+        return input_fee([self.fees[p.id] for p in proofs])
+
+    def inputs_for(self, amount: int) -> int:
+        """The least value of fresh ecash of the active keyset that pays ``amount`` and
+        the fee for spending it (which grows with the number of proofs it is in)."""
+        total = amount
+        while total - input_fee([self.fees[self.active]] * len(split(total))) < amount:
+            total += 1
+        return total
 
     def unblind(
         self, docs: Sequence[dict[str, Any]], secrets: Sequence[client.Secret]
@@ -92,6 +112,16 @@ class MintClient:
     async def swap(self, inputs: Sequence[nut.Proof], amounts: Sequence[int]) -> list[nut.Proof]:
         outputs, secrets = client.outputs_of(amounts, self.active)
         doc = await self.ok("/v1/swap", {"inputs": list(inputs), "outputs": outputs})
+        return self.unblind(doc["signatures"], secrets)
+
+    async def restore(
+        self, outputs: Sequence[nut.BlindedMessage], secrets: Sequence[client.Secret]
+    ) -> list[nut.Proof]:
+        """NUT-09: the signatures the mint holds for ``outputs``, unblinded; refused
+        unless it signed every one (a lost reply is answered from what it stored)."""
+        doc = await self.ok("/v1/restore", {"outputs": list(outputs)})
+        if len(doc["signatures"]) != len(outputs):
+            raise MintError(200, 0, "the mint holds no signature of some outputs")
         return self.unblind(doc["signatures"], secrets)
 
     async def states(self, proofs: Sequence[nut.Proof]) -> list[str]:

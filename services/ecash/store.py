@@ -212,6 +212,18 @@ def _refuse_seen(states: dict[bytes, str]) -> None:
     raise m.CashuError(m.SPENT, "proofs already spent")
 
 
+async def _refuse_paid_or_paying(conn: asyncpg.Connection, payment_hash: str) -> None:
+    """Refuse a melt of an invoice that another quote paid (20006) or is paying (20005)."""
+    state = await conn.fetchval(
+        "SELECT state FROM melt_quotes WHERE payment_hash = $1 AND state <> 'UNPAID'",
+        payment_hash,
+    )
+    if state == m.MELT_PAID:
+        raise m.CashuError(m.INVOICE_PAID, "this invoice is paid already")
+    if state is not None:
+        raise m.CashuError(m.QUOTE_PENDING, "another quote of this invoice is paying it")
+
+
 class MintStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -429,6 +441,7 @@ class MintStore:
 
     async def add_melt_quote(self, q: m.MeltQuote) -> None:
         async with self.pool.acquire() as conn:
+            await _refuse_paid_or_paying(conn, q.payment_hash)  # no quote to melt in vain
             await conn.execute(
                 "INSERT INTO melt_quotes (quote, request, payment_hash, amount, fee_reserve,"
                 " unit, state, expiry, preimage, fee_paid, amount_msat)"
@@ -462,11 +475,7 @@ class MintStore:
             ):
                 raise m.CashuError(m.OUTPUTS_SIGNED, "a blank output is signed already")
             await self._spend(conn, spend, request.inputs, "PENDING", quote.quote)
-            if await conn.fetchval(
-                "SELECT 1 FROM melt_quotes WHERE payment_hash = $1 AND state <> 'UNPAID'",
-                quote.payment_hash,
-            ):
-                raise m.CashuError(m.QUOTE_PENDING, "another quote of this invoice is paying it")
+            await _refuse_paid_or_paying(conn, quote.payment_hash)
             try:
                 attempt = await conn.fetchval(
                     "UPDATE melt_quotes SET state = 'PENDING', attempt = attempt + 1,"

@@ -189,7 +189,7 @@ async def a_wallet_pays_a_user_of_another_operator(where: Path, at: Devnet, to: 
     # hold the payee's node's incoming payments: bob sees the payment pending meanwhile
     devnet.guild.lightning_faults(where, to.operator, {"hold": True})
     try:
-        code, out = await cli("wallet", "send", to_bob, "1000000", "--file", alice)
+        code, out = await cli("wallet", "pay", to_bob, "1000000", "--file", alice)
         assert code == 0 and f"pending at {to.operator}" in out, out
         end = time.monotonic() + 10
         while f"1000000 msat pending in 1 payments from {at.operator}" not in (
@@ -209,5 +209,5 @@ async def a_wallet_pays_a_user_of_another_operator(where: Path, at: Devnet, to: 
         await asyncio.sleep(0.3)
     assert "pending" not in out
     # and bob spends it in his operator's ledger, to alice's address (naming hers)
-    code, out = await cli("wallet", "send", funding, "500000", "--file", bob)
+    code, out = await cli("wallet", "pay", funding, "500000", "--file", bob)
     assert code == 0 and f"pending at {at.operator}" in out, out

@@ -87,11 +87,11 @@ def test_wallet_commands_ops_endpoints_and_a_clean_stop(devnet_root: Path) -> No
     code, out = cli("devnet", "fund", a_addr.strip(), "5000000", "--dir", d)
     assert code == 0 and "issued 5000000 msat" in out
     assert _balance_is(alice, 5_000_000)
-    code, out = cli("wallet", "send", b_addr.strip(), "1200000", "--file", alice)
+    code, out = cli("wallet", "pay", b_addr.strip(), "1200000", "--file", alice)
     assert code == 0 and "committed in worker" in out, out
     assert _balance_is(bob, 1_200_000)
     assert _balance_is(alice, 5_000_000 - 1_200_000 - 1_000)
-    code, out = cli("wallet", "send", b_addr.strip(), "99000000", "--file", alice)
+    code, out = cli("wallet", "pay", b_addr.strip(), "99000000", "--file", alice)
     assert code == 1  # insufficient funds, refused before anything is sent
     _, history = cli("wallet", "history", "--file", alice)
     assert history.count("msat") >= 2 and "-" in history and "+" in history

@@ -154,7 +154,7 @@ async def test_a_stopped_operator_s_shards_are_led_elsewhere_then_it_catches_up(
     bob = SigningKey(os.urandom(32)).pubkey
     bob_address = encode_address(bob, Network.REGTEST)
     code, out = await cli(
-        "wallet", "send", bob_address, "1000000", "--file", alice, "--via", op1.gateway_url
+        "wallet", "pay", bob_address, "1000000", "--file", alice, "--via", op1.gateway_url
     )
     assert code == 0, out
     code, out = await cli("wallet", "balance", "--file", alice, "--via", op1.gateway_url)

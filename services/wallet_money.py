@@ -1,0 +1,419 @@
+"""Money in and out of the wallet through its operator's Cashu mint.
+
+A deposit: the mint quotes an invoice (locked to a key of the wallet, NUT-20); once it is
+paid, the wallet mints ecash for it and redeems the ecash into an L3 coin at a fresh
+address of its own. A payment of a BOLT11 invoice: the wallet pays L3 coins to the mint
+for ecash (a withdrawal), and melts the ecash to the invoice; what the Lightning fee
+reserve did not need comes back as change (NUT-08) and is redeemed into a coin again.
+
+Each flow is a record in the wallet file, written before every request it sends, so a
+crash, a lost reply or a payment whose fate is not known yet is taken up again by the
+next wallet command (``Flows.resume``). Every request it repeats is idempotent at the
+mint: the same outputs get the same signatures (NUT-09 restore), the same proofs redeem
+into the same coin, and a melt's state is asked, never guessed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+import msgspec
+import segno
+
+from constellation.address import Network, encode_address
+from constellation.ecash import client
+from constellation.ecash import mint as m
+from constellation.ecash.keyset import split
+from constellation.keys import SigningKey
+from constellation.payto import Kind, PayTo, parse
+from constellation.protocol import cashu as nut
+from services.ecash.client import MintClient, MintError
+from services.runtime import ConfigError
+from services.wallet import Gateway, WalletFile, send, unspent, wallet_command
+
+MINT_TIMEOUT = aiohttp.ClientTimeout(total=30)
+
+
+class MoneyError(RuntimeError):
+    """A flow that cannot go on (the mint refused it; nothing of the wallet's is lost)."""
+
+
+def _secrets(flow: dict[str, Any], name: str) -> list[client.Secret]:
+    return [client.Secret(s, int(r, 16)) for s, r in flow[name]]
+
+
+def _keep_secrets(secrets: list[client.Secret]) -> list[list[str]]:
+    return [[s.secret, format(s.r, "x")] for s in secrets]
+
+
+def _proofs(docs: list[Any]) -> list[nut.Proof]:
+    return msgspec.convert(docs, list[nut.Proof])
+
+
+def _docs(proofs: list[nut.Proof]) -> list[Any]:
+    return msgspec.to_builtins(proofs)  # type: ignore[no-any-return]
+
+
+def qr(text: str) -> str:
+    """``text`` as a QR code drawn with block characters, for a terminal."""
+    out = io.StringIO()
+    segno.make(text.upper() if text.startswith("ln") else text, error="l").terminal(
+        out=out, compact=True
+    )
+    return out.getvalue()
+
+
+@dataclass
+class Flows:
+    """The wallet's flows through the mint at ``mint``'s URL."""
+
+    doc: WalletFile
+    path: Path
+    gw: Gateway
+    mint: MintClient
+    out: TextIO
+    wait_s: float = 60.0  # for a melt's answer; then its quote's state is asked
+
+    def _save(self) -> None:
+        self.doc.save(self.path)
+
+    def say(self, line: str) -> None:
+        print(line, file=self.out)
+
+    async def _l3_address(self) -> str:
+        """A fresh receive address of the wallet, in the mint's ledger."""
+        info = await self.mint.ok("/v1/l3/info")
+        self.doc.learn(await self.gw.totals())
+        if self.doc.ledger_id and self.doc.ledger_id != info["ledger_id"]:
+            raise MoneyError(
+                f"the mint at {self.mint.url} bridges to ledger {info['ledger_id']}, this"
+                f" wallet's coins are in {self.doc.ledger_id}: use its operator's mint"
+            )
+        return self.doc.next_address()
+
+    # -- deposits ------------------------------------------------------------------
+
+    async def deposit(self, amount_sat: int) -> dict[str, Any]:
+        """A deposit flow for ``amount_sat``: the invoice to pay, recorded."""
+        key = SigningKey(os.urandom(32))
+        quote = await self.mint.mint_quote(amount_sat, key)
+        flow = {
+            "kind": "deposit",
+            "quote": quote["quote"],
+            "request": quote["request"],
+            "amount": amount_sat,
+            "expiry": quote["expiry"],
+            "key": key.secret.hex(),
+            "address": await self._l3_address(),
+        }
+        self.doc.flows.append(flow)
+        self._save()
+        return flow
+
+    async def _deposit(self, flow: dict[str, Any]) -> str:
+        """A deposit, one step further: waiting, done, or expired."""
+        if "proofs" not in flow:
+            state = (await self.mint.ok(f"/v1/mint/quote/bolt11/{flow['quote']}"))["state"]
+            if state == m.UNPAID:
+                return "waiting"
+            if "outputs" not in flow:  # the outputs are kept before they are sent
+                outputs, secrets = client.outputs_of(split(flow["amount"]), self.mint.active)
+                flow["outputs"] = msgspec.to_builtins(outputs)
+                flow["secrets"] = _keep_secrets(secrets)
+                self._save()
+            outputs = msgspec.convert(flow["outputs"], list[nut.BlindedMessage])
+            secrets = _secrets(flow, "secrets")
+            if state == m.PAID:
+                key = SigningKey(bytes.fromhex(flow["key"]))
+                body = {"quote": flow["quote"], "outputs": outputs}
+                body["signature"] = client.sign_mint_request(key, flow["quote"], outputs)
+                try:
+                    doc = await self.mint.ok("/v1/mint/bolt11", body)
+                    proofs = self.mint.unblind(doc["signatures"], secrets)
+                except MintError as exc:
+                    if exc.code != m.QUOTE_ISSUED:
+                        raise
+                    proofs = await self.mint.restore(outputs, secrets)  # a lost reply
+            else:  # ISSUED: to these outputs, before a crash or a lost reply
+                proofs = await self.mint.restore(outputs, secrets)
+            flow["proofs"] = _docs(proofs)
+            self._save()
+        return await self._redeem(flow, _proofs(flow["proofs"]))
+
+    async def _redeem(self, flow: dict[str, Any], proofs: list[nut.Proof]) -> str:
+        """Ecash into an L3 coin at the flow's address: done, or pending at the ledger."""
+        doc = await self.mint.ok("/v1/l3/redeem", {"inputs": proofs, "address": flow["address"]})
+        if doc["state"] != "ISSUED":
+            return "pending"
+        flow["coin"] = doc["coin_id"]
+        flow["credited_msat"] = doc["value_msat"]
+        return "done"
+
+    # -- paying an invoice ------------------------------------------------------------
+
+    async def quote(self, payto: PayTo) -> dict[str, Any]:
+        """A payment flow for an invoice: the mint's quote and every fee, not started."""
+        body = {"request": payto.target, "unit": "sat"}
+        quote = await self.mint.ok("/v1/melt/quote/bolt11", body)
+        ecash = self.mint.inputs_for(quote["amount"] + quote["fee_reserve"])
+        return {
+            "kind": "pay",
+            "invoice": payto.target,
+            "quote": quote["quote"],
+            "amount": quote["amount"],
+            "fee_reserve": quote["fee_reserve"],
+            "ecash": ecash,  # what the wallet buys: amount, reserve, the melt's input fee
+            "input_fee": ecash - quote["amount"] - quote["fee_reserve"],
+        }
+
+    async def pay(self, flow: dict[str, Any], coins: Any, fee_msat: int) -> None:
+        """Start a payment flow: the L3 transaction buying its ecash, recorded first."""
+        info = await self.mint.ok("/v1/l3/info")
+        here = bytes.fromhex(info["ledger_id"])
+        if self.doc.ledger_id and self.doc.ledger_id != info["ledger_id"]:
+            raise MoneyError(f"the mint at {self.mint.url} bridges to another ledger")
+        outputs, secrets = client.outputs_of(split(flow["ecash"]), self.mint.active)
+        key = m.withdrawal_key(bytes.fromhex(info["key"]), [bytes.fromhex(o.B_) for o in outputs])
+        network = Network.from_name(self.doc.network)
+        to = encode_address(key, network, here)
+        tx = self.doc.wallet().pay(coins, to, flow["ecash"] * 1000, fee_msat, here=here)
+        if len(tx.outputs) > 1:
+            self.doc.change += 1
+        flow["tx"] = tx.encode().hex()
+        flow["outputs"] = msgspec.to_builtins(outputs)
+        flow["secrets"] = _keep_secrets(secrets)
+        blanks, blank_secrets = client.outputs_of(
+            [1] * max(1, flow["fee_reserve"].bit_length()), self.mint.active
+        )
+        flow["blanks"] = msgspec.to_builtins(blanks)
+        flow["blank_secrets"] = _keep_secrets(blank_secrets)
+        flow["refund_to"] = self.doc.next_address()
+        self.doc.flows.append(flow)
+        self._save()
+
+    async def _pay(self, flow: dict[str, Any]) -> str:
+        """A payment, one step further: paid, pending, or failed (and refunded)."""
+        if "proofs" not in flow:
+            outputs = msgspec.convert(flow["outputs"], list[nut.BlindedMessage])
+            try:
+                body = {"tx": flow["tx"], "outputs": outputs}
+                doc = await self.mint.ok("/v1/l3/withdraw", body)
+            except MintError as exc:  # the ledger did not take the coins: nothing spent
+                self.doc.flows.remove(flow)
+                self._save()
+                raise MoneyError(f"the mint refused the withdrawal: {exc}") from None
+            flow["proofs"] = _docs(self.mint.unblind(doc["signatures"], _secrets(flow, "secrets")))
+            self._save()
+        if "melted" not in flow:
+            flow["melted"] = True  # from here, its fate is the quote's: asked, not guessed
+            self._save()
+            body = {
+                "quote": flow["quote"],
+                "inputs": _proofs(flow["proofs"]),
+                "outputs": msgspec.convert(flow["blanks"], list[nut.BlindedMessage]),
+            }
+            try:
+                await self.mint.ok("/v1/melt/bolt11", body, self.wait_s)
+            except MintError as exc:  # refused, or its payment failed: the ecash is free
+                flow["failed"] = str(exc)
+            except (aiohttp.ClientError, TimeoutError):
+                pass  # the reply is lost: the quote's state says what became of it
+        return await self._settled(flow)
+
+    async def _settled(self, flow: dict[str, Any]) -> str:
+        quote = await self.mint.ok(f"/v1/melt/quote/bolt11/{flow['quote']}")
+        if quote["state"] == m.MELT_PENDING:
+            return "pending"
+        if quote["state"] == m.MELT_PAID:
+            flow["preimage"] = quote["payment_preimage"]
+            signatures = quote.get("change") or []
+            secrets = _secrets(flow, "blank_secrets")[: len(signatures)]
+            change = self.mint.unblind(signatures, secrets)
+            flow["fee_paid"] = flow["fee_reserve"] - sum(p.amount for p in change)
+            if change:
+                flow["change"] = _docs(change)
+            return "paid"
+        if "failed" not in flow:  # not paid and not in flight: the melt never reached it
+            flow["failed"] = "the payment was not made"
+        return "failed"
+
+    async def _refund(self, flow: dict[str, Any], name: str) -> str:
+        """Ecash the flow holds (its unspent proofs, or change) back into an L3 coin."""
+        proofs = _proofs(flow[name])
+        if sum(p.amount for p in proofs) <= self.mint.input_fee(proofs):
+            self.doc.ecash += flow.pop(name)  # worth less than redeeming it costs: kept
+            return "done"
+        return await self._redeem({**flow, "address": flow["refund_to"]}, proofs)
+
+    # -- taking flows up again ------------------------------------------------------
+
+    async def resume(self, only: dict[str, Any] | None = None) -> list[str]:
+        """Every flow in the wallet file (or just ``only``) taken as far as it goes;
+        what each came to, in words. Finished flows leave the file."""
+        said = []
+        for flow in list(self.doc.flows) if only is None else [only]:
+            try:
+                said.append(await self._step(flow))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                said.append(f"{_name(flow)}: the mint is not reachable ({exc}); tried again later")
+            self._save()
+        return said
+
+    async def _step(self, flow: dict[str, Any]) -> str:
+        if flow["kind"] == "deposit":
+            return await self._deposit_step(flow)
+        state = flow.get("state") or await self._pay(flow)
+        if state in ("paid", "failed"):
+            flow["state"] = state
+            name = "change" if state == "paid" else "proofs"
+            if name in flow and await self._refund(flow, name) == "pending":
+                return f"{_name(flow)}: {state}; its ecash back into a coin: pending"
+            self.doc.flows.remove(flow)
+        return _paid_line(flow, state)
+
+    async def _deposit_step(self, flow: dict[str, Any]) -> str:
+        state = await self._deposit(flow)
+        if state == "waiting" and flow["expiry"] <= time.time():
+            self.doc.flows.remove(flow)
+            return f"{_name(flow)}: the invoice expired unpaid; nothing was deposited"
+        if state == "done":
+            self.doc.flows.remove(flow)
+            return (
+                f"deposit of {flow['amount']} sat: credited {flow['credited_msat']} msat"
+                f" as coin {flow['coin']} at {flow['address']}"
+            )
+        return f"{_name(flow)}: {state}"
+
+
+def _name(flow: dict[str, Any]) -> str:
+    if flow["kind"] == "deposit":
+        return f"deposit of {flow['amount']} sat (quote {flow['quote']})"
+    return f"payment of {flow['amount']} sat (quote {flow['quote']})"
+
+
+def _paid_line(flow: dict[str, Any], state: str) -> str:
+    if state == "paid":
+        change = sum(p["amount"] for p in flow.get("change", []))
+        back = f"; {change} sat of the fee reserve back as a coin" if change else ""
+        return (
+            f"{_name(flow)}: PAID, Lightning fee {flow['fee_paid']} sat{back};"
+            f" preimage {flow['preimage']}"
+        )
+    if state == "failed":
+        return f"{_name(flow)}: FAILED ({flow['failed']}); its value is back as a coin"
+    return (
+        f"{_name(flow)}: PENDING: its fate is not known yet; the ecash stays reserved"
+        " (`constellation wallet balance` follows it)"
+    )
+
+
+PENDING_EXIT = 3  # a payment or deposit whose fate is not known yet
+
+
+async def money_command(args: Any, out: TextIO) -> int:
+    """``constellation wallet deposit|pay|balance``: the flows through the mint first
+    (a balance takes up those in flight), then the command."""
+    doc = WalletFile.load(args.file)
+    url = getattr(args, "mint", "") or doc.mint
+    if args.wallet_command == "balance" and not doc.flows:
+        return await wallet_command(args, out)
+    async with aiohttp.ClientSession(timeout=MINT_TIMEOUT) as session:
+        gw = Gateway(args.gateway or doc.gateway, session)
+        flows = Flows(doc, args.file, gw, MintClient(url, session), out)
+        flows.wait_s = getattr(args, "wait", flows.wait_s)
+        if args.wallet_command == "pay":
+            payto = parse(args.thing, Network.from_name(doc.network))
+            if payto.kind is not Kind.BOLT11:
+                return await _pay_address(flows, payto, args)
+        if not url:
+            raise ConfigError("the wallet knows no mint: `--mint URL` (its operator's)")
+        await flows.mint.load()
+        if args.wallet_command == "deposit":
+            return await _deposit(flows, args)
+        if args.wallet_command == "pay":
+            return await _pay_invoice(flows, payto, args)
+        for line in await flows.resume():
+            flows.say(line)
+    return await wallet_command(args, out)
+
+
+async def _deposit(flows: Flows, args: Any) -> int:
+    flow = await flows.deposit(args.amount_sat)
+    expiry = time.strftime("%H:%M:%S", time.localtime(flow["expiry"]))
+    flows.say(f"deposit {args.amount_sat} sat: pay this invoice (it expires at {expiry})")
+    flows.say(flow["request"])
+    if not args.no_qr:
+        flows.say(qr(flow["request"]))
+    deadline = time.monotonic() + args.wait
+    while True:
+        [line] = await flows.resume(flow)
+        if flow not in flows.doc.flows:
+            flows.say(line)
+            return 0
+        if not line.endswith("waiting") or time.monotonic() > deadline:
+            flows.say(f"{line}: `constellation wallet balance` takes it up")
+            return PENDING_EXIT
+        await asyncio.sleep(0.5)
+
+
+def _confirm(flows: Flows, args: Any, fee_msat: int) -> None:
+    """Go ahead only where the user says so: at a terminal (unless ``--yes``) by
+    answering, and never past ``--max-fee-msat``."""
+    if args.max_fee_msat is not None and fee_msat > args.max_fee_msat:
+        raise MoneyError(f"the fees may reach {fee_msat} msat, over --max-fee-msat")
+    if args.yes or not sys.stdin.isatty():
+        return
+    if input("pay? [y/N] ").strip().lower() not in ("y", "yes"):
+        raise MoneyError("not paid")
+
+
+async def _pay_address(flows: Flows, payto: PayTo, args: Any) -> int:
+    if payto.kind is Kind.ONCHAIN:
+        raise MoneyError(
+            "paying a Bitcoin address on-chain is not available: the guild has no on-chain"
+            " withdrawals yet (a BOLT11 invoice, or a bitcoin: URI with lightning=, is paid)"
+        )
+    if args.amount_msat is None:
+        raise MoneyError("an L3 address says no amount: give AMOUNT_MSAT")
+    flows.say(f"pay {args.amount_msat} msat to {payto.target}; L3 fee {args.fee_msat} msat")
+    _confirm(flows, args, args.fee_msat)
+    doc, gw = flows.doc, flows.gw
+    if args.via:  # another member's gateway: no index of our ledger, the coins we know
+        if not doc.ledger:
+            raise ConfigError("the wallet does not know its ledger yet: ask its own gateway")
+        gw = Gateway(args.via, gw.session, ledger=doc.ledger)
+    coins = await unspent(gw, doc, args.via)
+    doc.save(flows.path)
+    await send(gw, doc, flows.path, coins, payto.target, args.amount_msat, args.fee_msat, flows.out)
+    return 0
+
+
+async def _pay_invoice(flows: Flows, payto: PayTo, args: Any) -> int:
+    if payto.amount_msat is None:
+        raise MoneyError("the invoice says no amount: ask the payee for one that does")
+    if payto.amount_msat % 1000:
+        raise MoneyError(f"the invoice asks {payto.amount_msat} msat: the mint pays whole sat")
+    if args.amount_msat not in (None, payto.amount_msat):
+        raise MoneyError(f"the invoice asks {payto.amount_msat} msat, not {args.amount_msat}")
+    flow = await flows.quote(payto)
+    most = (flow["fee_reserve"] + flow["input_fee"]) * 1000 + args.fee_msat
+    what = f" ({payto.description})" if payto.description else ""
+    flows.say(f"pay {flow['amount']} sat to invoice {payto.payment_hash[:16]}…{what}")
+    flows.say(f"  Lightning routing fee: at most {flow['fee_reserve']} sat (what it does not")
+    flows.say("    need comes back as a coin)")
+    flows.say(f"  mint input fee: {flow['input_fee']} sat; L3 fee: {args.fee_msat} msat")
+    flows.say(f"  at most {flow['amount'] * 1000 + most} msat in all, {most} of it fees")
+    _confirm(flows, args, most)
+    coins = await unspent(flows.gw, flows.doc)
+    await flows.pay(flow, coins, args.fee_msat)
+    [line] = await flows.resume(flow)
+    flows.say(line)
+    return {"paid": 0, "failed": 1}.get(flow.get("state", ""), PENDING_EXIT)

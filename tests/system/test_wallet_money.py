@@ -1,0 +1,226 @@
+"""``constellation wallet deposit`` and ``wallet pay`` over real processes: a local guild
+of 2 operators, the wallet at op0 (its gateway and its mint), op1's Lightning node the
+outside world that pays the wallet's invoices and issues the invoices it pays.
+
+A deposit is credited as an L3 coin once its invoice is paid; an invoice (bare, or in a
+BIP21 URI) is paid through a withdrawal and a melt, the fee reserve's change coming back
+as a coin; a payment that fails comes back whole; one whose payment hangs is PENDING
+until its fate is known, and the next ``wallet balance`` finishes it; a wallet that
+stopped mid-flow takes it up where it was. The reserve invariant holds at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from pyln.client import LightningRpc
+
+from constellation.address import Network, encode_address
+from constellation.ecash import mint as m
+from constellation.keys import SigningKey
+from constellation.payto import parse
+from services.crossload import reserve
+from services.devnet import Devnet, guild
+from services.ecash.client import MintClient
+from services.wallet import Gateway, WalletFile, unspent
+from services.wallet_money import PENDING_EXIT, Flows
+from tests.system.guild import cli, local_guild
+
+DEPOSIT_SAT = 20_000
+L3_FEE_MSAT = 1_000
+
+
+@pytest.fixture(scope="module")
+def where() -> Iterator[Path]:
+    with local_guild("cst-money-", operators=2) as directory:
+        yield directory
+
+
+@pytest.fixture(scope="module")
+def alice(where: Path) -> str:
+    """Alice's wallet at op0 (its gateway, its mint)."""
+    op0, _ = guild.load(where)
+    file = str(where.parent / "alice.json")
+    code, _ = asyncio.run(
+        cli(
+            "wallet", "create", "--file", file, "--gateway", op0.gateway_url, "--mint", op0.mint_url
+        )
+    )
+    assert code == 0
+    return file
+
+
+async def balance(file: str) -> tuple[int, str]:
+    """The wallet's coins in msat (after it took up its flows), and what it said."""
+    code, out = await cli("wallet", "balance", "--file", file)
+    assert code == 0, out
+    line = next(x for x in out.splitlines() if " msat in " in x and x.endswith("coins"))
+    return int(line.split(" msat in ", 1)[0]), out
+
+
+async def settled(file: str) -> int:
+    """The balance once the gateway's index shows what the ledger committed (it follows
+    the blocks a moment behind): the same twice in a row, a moment apart."""
+    last, _ = await balance(file)
+    while True:
+        await asyncio.sleep(0.3)
+        now, _ = await balance(file)
+        if now == last:
+            return now
+        last = now
+
+
+def invoice(net: Devnet, sat: int) -> dict[str, str]:
+    label = f"bill-{os.urandom(4).hex()}"
+    found: dict[str, str] = LightningRpc(net.lightning_rpc).invoice(sat * 1000, label, "a bill")
+    return {**found, "label": label}
+
+
+def status(net: Devnet, label: str) -> str:
+    [inv] = LightningRpc(net.lightning_rpc).listinvoices(label)["invoices"]
+    return str(inv["status"])
+
+
+async def test_a_deposit_is_credited_as_a_coin_once_its_invoice_is_paid(
+    where: Path, alice: str
+) -> None:
+    _, op1 = guild.load(where)
+    # not paid within --wait: the deposit stays in the wallet, waiting
+    code, out = await cli("wallet", "deposit", "500", "--file", alice, "--wait", "0")
+    assert code == PENDING_EXIT and "waiting" in out and "█" in out, out  # with its QR code
+    [flow] = WalletFile.load(Path(alice)).flows
+    assert flow["request"] in out
+    # paid meanwhile: the next balance mints, redeems, credits it
+    await asyncio.to_thread(LightningRpc(op1.lightning_rpc).pay, flow["request"])
+    _, out = await balance(alice)
+    assert "deposit of 500 sat: credited 500000 msat" in out, out
+    assert await settled(alice) == 500_000
+    assert WalletFile.load(Path(alice)).flows == []
+    # and the usual way: the command waits, the invoice is paid while it does
+    deposit = asyncio.ensure_future(
+        cli("wallet", "deposit", str(DEPOSIT_SAT), "--file", alice, "--no-qr", "--wait", "30")
+    )
+    while not (flows := WalletFile.load(Path(alice)).flows):
+        await asyncio.sleep(0.05)
+    await asyncio.to_thread(LightningRpc(op1.lightning_rpc).pay, flows[0]["request"])
+    code, out = await deposit
+    assert code == 0 and f"credited {DEPOSIT_SAT * 1000} msat as coin" in out, out
+    assert "█" not in out
+    assert await settled(alice) == (DEPOSIT_SAT + 500) * 1000
+
+
+async def test_an_invoice_is_paid_through_the_mint(where: Path, alice: str) -> None:
+    _, op1 = guild.load(where)
+    before = await settled(alice)
+    bill = invoice(op1, 3_000)
+    code, out = await cli("wallet", "pay", bill["bolt11"], "--file", alice, "--yes")
+    assert code == 0 and "PAID" in out and "Lightning routing fee: at most" in out, out
+    assert status(op1, bill["label"]) == "paid"
+    fee_sat = int(out.split("Lightning fee ", 1)[1].split(" sat", 1)[0])
+    after = await settled(alice)
+    assert before - after == 3_000_000 + fee_sat * 1000 + L3_FEE_MSAT  # the change came back
+    # a BIP21 URI with an invoice is paid over Lightning
+    bill = invoice(op1, 1_000)
+    uri = f"bitcoin:?amount=0.00001&lightning={bill['bolt11']}"
+    code, out = await cli("wallet", "pay", uri, "--file", alice)
+    assert code == 0 and "PAID" in out and status(op1, bill["label"]) == "paid", out
+    # paid once: the same invoice again is refused by the mint, nothing spent
+    again = await settled(alice)
+    code, out = await cli("wallet", "pay", bill["bolt11"], "--file", alice)
+    assert code == 1 and f"[{m.INVOICE_PAID}]" in out, out
+    assert (await balance(alice))[0] == again and WalletFile.load(Path(alice)).flows == []
+
+
+async def test_what_wallet_pay_refuses_costs_nothing(where: Path, alice: str) -> None:
+    _, op1 = guild.load(where)
+    before = await settled(alice)
+    amountless = LightningRpc(op1.lightning_rpc).invoice("any", "free", "any amount")
+    for thing, why in (
+        ("bc1p0xlxvlhemja6c4dqv22uapctqupfhlxm9h8z3k2e72q4k9hcz7vqzk5jj0", "expected 'bcrt'"),
+        (encode_address(bytes(SigningKey(os.urandom(32)).pubkey), "bcrt"), "on-chain"),
+        (amountless["bolt11"], "no amount"),
+        ("hello", "neither an invoice nor an address"),
+    ):
+        code, out = await cli("wallet", "pay", thing, "--file", alice)
+        assert code == 1 and why in out, (thing, out)
+    bill = invoice(op1, 100)
+    code, out = await cli("wallet", "pay", bill["bolt11"], "--file", alice, "--max-fee-msat", "1")
+    assert code == 1 and "over --max-fee-msat" in out, out
+    assert (await balance(alice))[0] == before and status(op1, bill["label"]) == "unpaid"
+
+
+async def test_a_payment_that_fails_comes_back_whole(where: Path, alice: str) -> None:
+    _, op1 = guild.load(where)
+    before = await settled(alice)
+    bill = invoice(op1, 2_000)
+    guild.lightning_faults(where, "op1", {"fail_next": 1})
+    code, out = await cli("wallet", "pay", bill["bolt11"], "--file", alice)
+    assert code == 1 and "FAILED" in out and status(op1, bill["label"]) == "unpaid", out
+    assert await settled(alice) == before - L3_FEE_MSAT  # only the L3 fee is gone
+
+
+async def test_a_hanging_payment_is_pending_until_its_fate_is_known(
+    where: Path, alice: str
+) -> None:
+    _, op1 = guild.load(where)
+    before = await settled(alice)
+    bill = invoice(op1, 1_500)
+    guild.lightning_faults(where, "op1", {"hold": True})
+    try:
+        code, out = await cli("wallet", "pay", bill["bolt11"], "--file", alice, "--wait", "1")
+        assert code == PENDING_EXIT and "PENDING" in out, out
+        _, out = await balance(alice)  # still: the ecash stays reserved, nothing refunded
+        assert "PENDING" in out and len(WalletFile.load(Path(alice)).flows) == 1, out
+    finally:
+        guild.lightning(where, "/v1/release/op1", {})
+        guild.lightning_faults(where, "op1", {"hold": False})
+    end = time.monotonic() + 20
+    while WalletFile.load(Path(alice)).flows:  # a balance finishes it, once it is known
+        _, out = await balance(alice)
+        assert time.monotonic() < end, out
+        await asyncio.sleep(0.3)
+    assert "PAID" in out and status(op1, bill["label"]) == "paid", out
+    after = await settled(alice)
+    assert before - after >= 1_500_000 + L3_FEE_MSAT
+
+
+async def test_a_wallet_stopped_mid_payment_takes_it_up(where: Path, alice: str) -> None:
+    """The flow recorded, its withdrawal sent but its reply lost (the wallet stopped):
+    the next balance sends it again, gets the same ecash, and pays the invoice once."""
+    op0, op1 = guild.load(where)
+    before = await settled(alice)
+    bill = invoice(op1, 700)
+    doc = WalletFile.load(Path(alice))
+    async with aiohttp.ClientSession() as s:
+        gw, mint = Gateway(op0.gateway_url, s), MintClient(op0.mint_url, s)
+        flows = Flows(doc, Path(alice), gw, mint, io.StringIO())
+        await mint.load()
+        flow = await flows.quote(parse(bill["bolt11"], Network.REGTEST))
+        await flows.pay(flow, await unspent(flows.gw, doc), L3_FEE_MSAT)
+        body = {"tx": flow["tx"], "outputs": flow["outputs"]}
+        await flows.mint.ok("/v1/l3/withdraw", body)  # sent; the reply never read
+    assert json.loads(Path(alice).read_text())["flows"][0]["quote"] == flow["quote"]
+    _, out = await balance(alice)
+    assert "PAID" in out and status(op1, bill["label"]) == "paid", out
+    after = await settled(alice)
+    assert before - after >= 700_000 + L3_FEE_MSAT and WalletFile.load(Path(alice)).flows == []
+
+
+async def test_the_books_hold_after_the_money_moved(where: Path) -> None:
+    op0, _ = guild.load(where)
+    async with aiohttp.ClientSession() as s:
+        deadline, steady = time.monotonic() + 20, 0
+        while steady < 3:
+            r = await reserve(op0, s)
+            steady = steady + 1 if r.get("ok") == 1 and r.get("drift") == 0 else 0
+            assert time.monotonic() < deadline, r
+            await asyncio.sleep(1.0)
+    assert r["in_flight"] == 0
