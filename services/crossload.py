@@ -311,8 +311,9 @@ async def settled_books_agree(
                 r = books[net.operator]["reserve"]
                 print(
                     f"  {net.operator}: reserve holds: funds {r['funds']:,.0f} msat, L3 held"
-                    f" {r['l3_held']:,.0f}, owed to others {r['owed_to_others']:,.0f},"
-                    f" drift {r['drift']:,.0f}",
+                    f" {r['l3_held']:,.0f}, ecash less the mint's coins"
+                    f" {r.get('ecash', 0):,.0f}, owed to others"
+                    f" {r['owed_to_others']:,.0f}, drift {r['drift']:,.0f}",
                     file=out,
                 )
             return True

@@ -4,14 +4,20 @@ between them, failures, and the checks after each step."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TextIO
 
-from services.crossload import run_cross
+import aiohttp
+from pyln.client import LightningRpc
+
+from services.crossload import run_cross, settled_books_agree
 from services.devnet import Devnet, guild
 from services.workload import run_workload
 
@@ -38,9 +44,9 @@ async def run_guild_demo(
     )
     nodes = await asyncio.to_thread(guild.lightning, directory, "/v1/nodes")
     say(
-        f"Lightning: a simulated network of {len(nodes)} nodes, one per operator, with a "
-        f"channel of {guild.CHANNEL_SAT:,} sat between every pair; each gateway watches "
-        "its node through lightningd's JSON-RPC"
+        f"Lightning: a simulated network of {len(nodes)} nodes, one per operator and one for"
+        f" the outside world, with a channel of {guild.CHANNEL_SAT:,} sat between every pair;"
+        " each gateway and mint uses its node through lightningd's JSON-RPC"
     )
     ok = True
     for net in nets:
@@ -51,6 +57,7 @@ async def run_guild_demo(
         " payee's, settled over Lightning every second (one payment per pair and batch)"
     )
     ok &= await run_cross(nets, 6, 4, payments // 2, clients, out)
+    ok &= await _money_in_and_out(directory, nets, say, out)
 
     await _kill_a_leader(nets, say)
     ok &= await run(nets[0], payments // 2)
@@ -98,6 +105,115 @@ async def run_guild_demo(
     ok &= missing == 0
     say("\nguild demo: " + ("every check held" if ok else "A CHECK FAILED"))
     return ok
+
+
+async def _wallet(say: Callable[[str], None], *argv: str, expect: int = 0) -> str:
+    """``constellation wallet ARGV`` as a user runs it (its own process), shown."""
+    say(f"$ constellation wallet {' '.join(a if len(a) < 60 else a[:24] + '…' for a in argv)}")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli",
+        "wallet",
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    printed, _ = await proc.communicate()
+    text = printed.decode()
+    for line in text.splitlines():
+        say(f"  {line}")
+    if proc.returncode != expect:
+        raise DemoError(f"exit {proc.returncode}, not {expect}")
+    return text
+
+
+async def _balance(say: Callable[[str], None], file: str, msat: int) -> None:
+    """Wait until the wallet's balance is ``msat`` (its gateway's index follows the
+    ledger's blocks a moment behind, and a payment from another operator is pending
+    there until the operators settle), then show it."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if _coins_msat(await _quiet("balance", "--file", file)) == msat:
+            await _wallet(say, "balance", "--file", file)
+            return
+        await asyncio.sleep(0.5)
+    raise DemoError(f"{file}: the balance never reached {msat} msat")
+
+
+async def _quiet(*argv: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "wallet", *argv, stdout=asyncio.subprocess.PIPE
+    )
+    printed, _ = await proc.communicate()
+    return printed.decode()
+
+
+class DemoError(RuntimeError):
+    """A step of the demo that did not do what it should."""
+
+
+def _coins_msat(balance: str) -> int | None:
+    """What ``wallet balance`` said the coins are worth."""
+    for line in balance.splitlines():
+        if " msat in " in line and line.endswith("coins"):
+            return int(line.split(" msat in ", 1)[0])
+    return None
+
+
+async def _money_in_and_out(
+    directory: Path, nets: list[Devnet], say: Callable[[str], None], out: TextIO
+) -> bool:
+    """Carol (at the first operator) deposits over Lightning: her mint's invoice paid
+    from her own Lightning wallet (the network's outside node); the ecash is redeemed
+    into an L3 coin. She pays Dave at the second operator, pays a merchant's invoice
+    through her mint (a withdrawal and a melt), and every operator's books hold."""
+    here, there = nets[0], nets[1]
+    say(
+        f"\n== money in and out: a deposit over Lightning at {here.operator}'s mint, ecash"
+        f" into an L3 coin, a payment to {there.operator}, an invoice paid through the mint"
+    )
+    carol, dave = str(directory / "carol.json"), str(directory / "dave.json")
+    try:
+        for file, net in ((carol, here), (dave, there)):
+            urls = ("--gateway", net.gateway_url, "--mint", net.mint_url)
+            await _quiet("create", "--file", file, *urls)
+        deposit = asyncio.ensure_future(
+            _wallet(say, "deposit", "50000", "--no-qr", "--wait", "60", "--file", carol)
+        )
+        invoice = await _pending_invoice(Path(carol))
+        say("  (paid from Carol's own Lightning wallet: the simulated network's outside node)")
+        node = LightningRpc(guild.outside_rpc(directory))
+        await asyncio.to_thread(node.pay, invoice)
+        await deposit
+        await _balance(say, carol, 50_000_000)
+        to_dave = (await _quiet("address", "--file", dave)).strip()
+        await _wallet(say, "pay", to_dave, "20000000", "--file", carol)
+        await _balance(say, dave, 20_000_000)
+        bill = node.invoice(12_345_000, f"demo-{os.urandom(4).hex()}", "a merchant's bill")
+        await _wallet(say, "pay", bill["bolt11"], "--yes", "--file", carol)
+        [paid] = node.listinvoices(payment_hash=bill["payment_hash"])["invoices"]
+        say(f"  the merchant's node says of that invoice: {paid['status']}")
+        if paid["status"] != "paid":
+            raise DemoError("the invoice was not paid")
+    except DemoError as exc:
+        say(f"MONEY PATH FAILED: {exc}")
+        return False
+    say("the books, at every operator (L3 coins + ecash out there = Lightning + on-chain):")
+    async with aiohttp.ClientSession() as session:
+        return await settled_books_agree(nets, session, out)
+
+
+async def _pending_invoice(wallet: Path) -> str:
+    """The invoice of the deposit a wallet command recorded in ``wallet``'s file."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
+            flows = json.loads(wallet.read_text())["flows"]
+            if flows:
+                return str(flows[0]["request"])
+        await asyncio.sleep(0.1)
+    raise DemoError("no deposit was recorded")
 
 
 def _shards(net: Devnet) -> list[str]:

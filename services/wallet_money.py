@@ -407,8 +407,7 @@ async def _pay_invoice(flows: Flows, payto: PayTo, args: Any) -> int:
     most = (flow["fee_reserve"] + flow["input_fee"]) * 1000 + args.fee_msat
     what = f" ({payto.description})" if payto.description else ""
     flows.say(f"pay {flow['amount']} sat to invoice {payto.payment_hash[:16]}…{what}")
-    flows.say(f"  Lightning routing fee: at most {flow['fee_reserve']} sat (what it does not")
-    flows.say("    need comes back as a coin)")
+    flows.say(f"  Lightning routing fee: at most {flow['fee_reserve']} sat (unused, it comes back)")
     flows.say(f"  mint input fee: {flow['input_fee']} sat; L3 fee: {args.fee_msat} msat")
     flows.say(f"  at most {flow['amount'] * 1000 + most} msat in all, {most} of it fees")
     _confirm(flows, args, most)

@@ -55,6 +55,7 @@ GUILD_FILE = "guild-devnet.json"
 READY_S = 120  # every machine ready, once every operator's processes have started
 LIGHTNING_DIR = "lightning"
 LIGHTNING_START_S = 30
+OUTSIDE = "outside"  # the simulated network's node that belongs to no operator
 CHANNEL_SAT = 10_000_000  # each channel between two operators (half on each side)
 
 
@@ -194,7 +195,7 @@ def up(
         net.save()
         (Path(net.dir) / STATUS_FILE).unlink(missing_ok=True)
     try:
-        start_lightning(directory, [n.operator for n in everyone])
+        start_lightning(directory, [n.operator for n in everyone] + [OUTSIDE])
         pids = [spawn_supervisor(Path(n.dir)) for n in everyone]
         for net, pid in zip(everyone, pids, strict=True):
             await_supervisor(Path(net.dir), pid, start_deadline_s(net))
@@ -249,6 +250,13 @@ def down(directory: Path) -> None:
 
 
 # -- the simulated Lightning network --------------------------------------------------
+
+
+def outside_rpc(directory: Path) -> str:
+    """The socket of the network's node that is no operator's: the outside world (users'
+    own Lightning wallets, merchants) that pays deposits and issues the invoices users
+    pay. Its money is no operator's, so moving it breaks no operator's reserve."""
+    return str(socket_path((directory / LIGHTNING_DIR).resolve(), OUTSIDE))
 
 
 def start_lightning(directory: Path, names: list[str]) -> None:

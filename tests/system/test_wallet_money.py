@@ -1,6 +1,6 @@
 """``constellation wallet deposit`` and ``wallet pay`` over real processes: a local guild
-of 2 operators, the wallet at op0 (its gateway and its mint), op1's Lightning node the
-outside world that pays the wallet's invoices and issues the invoices it pays.
+of 2 operators, the wallet at op0 (its gateway and its mint), the simulated network's
+outside node the world that pays the wallet's invoices and issues those it pays.
 
 A deposit is credited as an L3 coin once its invoice is paid; an invoice (bare, or in a
 BIP21 URI) is paid through a withdrawal and a melt, the fee reserve's change coming back
@@ -28,7 +28,7 @@ from constellation.ecash import mint as m
 from constellation.keys import SigningKey
 from constellation.payto import parse
 from services.crossload import reserve
-from services.devnet import Devnet, guild
+from services.devnet import guild
 from services.ecash.client import MintClient
 from services.wallet import Gateway, WalletFile, unspent
 from services.wallet_money import PENDING_EXIT, Flows
@@ -78,28 +78,32 @@ async def settled(file: str) -> int:
         last = now
 
 
-def invoice(net: Devnet, sat: int) -> dict[str, str]:
+def outside(where: Path) -> LightningRpc:
+    return LightningRpc(guild.outside_rpc(where))
+
+
+def invoice(where: Path, sat: int) -> dict[str, str]:
+    """A merchant's invoice, at the outside node."""
     label = f"bill-{os.urandom(4).hex()}"
-    found: dict[str, str] = LightningRpc(net.lightning_rpc).invoice(sat * 1000, label, "a bill")
+    found: dict[str, str] = outside(where).invoice(sat * 1000, label, "a bill")
     return {**found, "label": label}
 
 
-def status(net: Devnet, label: str) -> str:
-    [inv] = LightningRpc(net.lightning_rpc).listinvoices(label)["invoices"]
+def status(where: Path, label: str) -> str:
+    [inv] = outside(where).listinvoices(label)["invoices"]
     return str(inv["status"])
 
 
 async def test_a_deposit_is_credited_as_a_coin_once_its_invoice_is_paid(
     where: Path, alice: str
 ) -> None:
-    _, op1 = guild.load(where)
     # not paid within --wait: the deposit stays in the wallet, waiting
     code, out = await cli("wallet", "deposit", "500", "--file", alice, "--wait", "0")
     assert code == PENDING_EXIT and "waiting" in out and "█" in out, out  # with its QR code
     [flow] = WalletFile.load(Path(alice)).flows
     assert flow["request"] in out
     # paid meanwhile: the next balance mints, redeems, credits it
-    await asyncio.to_thread(LightningRpc(op1.lightning_rpc).pay, flow["request"])
+    await asyncio.to_thread(outside(where).pay, flow["request"])
     _, out = await balance(alice)
     assert "deposit of 500 sat: credited 500000 msat" in out, out
     assert await settled(alice) == 500_000
@@ -110,7 +114,7 @@ async def test_a_deposit_is_credited_as_a_coin_once_its_invoice_is_paid(
     )
     while not (flows := WalletFile.load(Path(alice)).flows):
         await asyncio.sleep(0.05)
-    await asyncio.to_thread(LightningRpc(op1.lightning_rpc).pay, flows[0]["request"])
+    await asyncio.to_thread(outside(where).pay, flows[0]["request"])
     code, out = await deposit
     assert code == 0 and f"credited {DEPOSIT_SAT * 1000} msat as coin" in out, out
     assert "█" not in out
@@ -118,20 +122,19 @@ async def test_a_deposit_is_credited_as_a_coin_once_its_invoice_is_paid(
 
 
 async def test_an_invoice_is_paid_through_the_mint(where: Path, alice: str) -> None:
-    _, op1 = guild.load(where)
     before = await settled(alice)
-    bill = invoice(op1, 3_000)
+    bill = invoice(where, 3_000)
     code, out = await cli("wallet", "pay", bill["bolt11"], "--file", alice, "--yes")
     assert code == 0 and "PAID" in out and "Lightning routing fee: at most" in out, out
-    assert status(op1, bill["label"]) == "paid"
+    assert status(where, bill["label"]) == "paid"
     fee_sat = int(out.split("Lightning fee ", 1)[1].split(" sat", 1)[0])
     after = await settled(alice)
     assert before - after == 3_000_000 + fee_sat * 1000 + L3_FEE_MSAT  # the change came back
     # a BIP21 URI with an invoice is paid over Lightning
-    bill = invoice(op1, 1_000)
+    bill = invoice(where, 1_000)
     uri = f"bitcoin:?amount=0.00001&lightning={bill['bolt11']}"
     code, out = await cli("wallet", "pay", uri, "--file", alice)
-    assert code == 0 and "PAID" in out and status(op1, bill["label"]) == "paid", out
+    assert code == 0 and "PAID" in out and status(where, bill["label"]) == "paid", out
     # paid once: the same invoice again is refused by the mint, nothing spent
     again = await settled(alice)
     code, out = await cli("wallet", "pay", bill["bolt11"], "--file", alice)
@@ -140,9 +143,8 @@ async def test_an_invoice_is_paid_through_the_mint(where: Path, alice: str) -> N
 
 
 async def test_what_wallet_pay_refuses_costs_nothing(where: Path, alice: str) -> None:
-    _, op1 = guild.load(where)
     before = await settled(alice)
-    amountless = LightningRpc(op1.lightning_rpc).invoice("any", "free", "any amount")
+    amountless = outside(where).invoice("any", "free", "any amount")
     for thing, why in (
         ("bc1p0xlxvlhemja6c4dqv22uapctqupfhlxm9h8z3k2e72q4k9hcz7vqzk5jj0", "expected 'bcrt'"),
         (encode_address(bytes(SigningKey(os.urandom(32)).pubkey), "bcrt"), "on-chain"),
@@ -151,43 +153,41 @@ async def test_what_wallet_pay_refuses_costs_nothing(where: Path, alice: str) ->
     ):
         code, out = await cli("wallet", "pay", thing, "--file", alice)
         assert code == 1 and why in out, (thing, out)
-    bill = invoice(op1, 100)
+    bill = invoice(where, 100)
     code, out = await cli("wallet", "pay", bill["bolt11"], "--file", alice, "--max-fee-msat", "1")
     assert code == 1 and "over --max-fee-msat" in out, out
-    assert (await balance(alice))[0] == before and status(op1, bill["label"]) == "unpaid"
+    assert (await balance(alice))[0] == before and status(where, bill["label"]) == "unpaid"
 
 
 async def test_a_payment_that_fails_comes_back_whole(where: Path, alice: str) -> None:
-    _, op1 = guild.load(where)
     before = await settled(alice)
-    bill = invoice(op1, 2_000)
-    guild.lightning_faults(where, "op1", {"fail_next": 1})
+    bill = invoice(where, 2_000)
+    guild.lightning_faults(where, guild.OUTSIDE, {"fail_next": 1})
     code, out = await cli("wallet", "pay", bill["bolt11"], "--file", alice)
-    assert code == 1 and "FAILED" in out and status(op1, bill["label"]) == "unpaid", out
+    assert code == 1 and "FAILED" in out and status(where, bill["label"]) == "unpaid", out
     assert await settled(alice) == before - L3_FEE_MSAT  # only the L3 fee is gone
 
 
 async def test_a_hanging_payment_is_pending_until_its_fate_is_known(
     where: Path, alice: str
 ) -> None:
-    _, op1 = guild.load(where)
     before = await settled(alice)
-    bill = invoice(op1, 1_500)
-    guild.lightning_faults(where, "op1", {"hold": True})
+    bill = invoice(where, 1_500)
+    guild.lightning_faults(where, guild.OUTSIDE, {"hold": True})
     try:
         code, out = await cli("wallet", "pay", bill["bolt11"], "--file", alice, "--wait", "1")
         assert code == PENDING_EXIT and "PENDING" in out, out
         _, out = await balance(alice)  # still: the ecash stays reserved, nothing refunded
         assert "PENDING" in out and len(WalletFile.load(Path(alice)).flows) == 1, out
     finally:
-        guild.lightning(where, "/v1/release/op1", {})
-        guild.lightning_faults(where, "op1", {"hold": False})
+        guild.lightning(where, f"/v1/release/{guild.OUTSIDE}", {})
+        guild.lightning_faults(where, guild.OUTSIDE, {"hold": False})
     end = time.monotonic() + 20
     while WalletFile.load(Path(alice)).flows:  # a balance finishes it, once it is known
         _, out = await balance(alice)
         assert time.monotonic() < end, out
         await asyncio.sleep(0.3)
-    assert "PAID" in out and status(op1, bill["label"]) == "paid", out
+    assert "PAID" in out and status(where, bill["label"]) == "paid", out
     after = await settled(alice)
     assert before - after >= 1_500_000 + L3_FEE_MSAT
 
@@ -195,9 +195,9 @@ async def test_a_hanging_payment_is_pending_until_its_fate_is_known(
 async def test_a_wallet_stopped_mid_payment_takes_it_up(where: Path, alice: str) -> None:
     """The flow recorded, its withdrawal sent but its reply lost (the wallet stopped):
     the next balance sends it again, gets the same ecash, and pays the invoice once."""
-    op0, op1 = guild.load(where)
+    op0, _ = guild.load(where)
     before = await settled(alice)
-    bill = invoice(op1, 700)
+    bill = invoice(where, 700)
     doc = WalletFile.load(Path(alice))
     async with aiohttp.ClientSession() as s:
         gw, mint = Gateway(op0.gateway_url, s), MintClient(op0.mint_url, s)
@@ -209,18 +209,19 @@ async def test_a_wallet_stopped_mid_payment_takes_it_up(where: Path, alice: str)
         await flows.mint.ok("/v1/l3/withdraw", body)  # sent; the reply never read
     assert json.loads(Path(alice).read_text())["flows"][0]["quote"] == flow["quote"]
     _, out = await balance(alice)
-    assert "PAID" in out and status(op1, bill["label"]) == "paid", out
+    assert "PAID" in out and status(where, bill["label"]) == "paid", out
     after = await settled(alice)
     assert before - after >= 700_000 + L3_FEE_MSAT and WalletFile.load(Path(alice)).flows == []
 
 
 async def test_the_books_hold_after_the_money_moved(where: Path) -> None:
-    op0, _ = guild.load(where)
+    """At both operators: the money came from, and went to, the outside world."""
     async with aiohttp.ClientSession() as s:
-        deadline, steady = time.monotonic() + 20, 0
-        while steady < 3:
-            r = await reserve(op0, s)
-            steady = steady + 1 if r.get("ok") == 1 and r.get("drift") == 0 else 0
-            assert time.monotonic() < deadline, r
-            await asyncio.sleep(1.0)
-    assert r["in_flight"] == 0
+        for net in guild.load(where):
+            deadline, steady = time.monotonic() + 20, 0
+            while steady < 3:
+                r = await reserve(net, s)
+                steady = steady + 1 if r.get("ok") == 1 and r.get("drift") == 0 else 0
+                assert time.monotonic() < deadline, (net.operator, r)
+                await asyncio.sleep(1.0)
+            assert r["in_flight"] == 0
