@@ -28,6 +28,7 @@ import pytest
 from pyln.client import LightningRpc
 
 from constellation.address import Network, encode_address
+from constellation.crypto import bdhke
 from constellation.ecash import client
 from constellation.ecash import mint as m
 from constellation.ecash.keyset import split
@@ -37,7 +38,7 @@ from constellation.protocol import cashu as nut
 from constellation.wallet import Wallet
 from services.crossload import reserve
 from services.devnet import Devnet, free_port, guild, spawn, stop_pid, wait_ready
-from services.ecash.client import MintClient
+from services.ecash.client import MintClient, MintError
 from services.ecash.store import MintBooks, MintStore, mint_books
 from services.wallet import Gateway
 from services.workload import FEE_MSAT
@@ -275,6 +276,156 @@ async def test_two_mint_processes_and_kill_9_lose_no_proof_and_sign_nothing_twic
             codes = Counter(code for *_, code in sent)
             print("swaps by outcome:", dict(codes))
             assert set(codes) <= {200, -1, m.SPENT, m.PENDING} and codes[200] > 0
+    finally:
+        stop_pid(second, 5)
+
+
+Sent = tuple[str, list[nut.Proof], list[nut.BlindedMessage], int]  # quote ("": a swap)
+
+
+def y_of(proof: nut.Proof) -> bytes:
+    return bdhke.hash_to_curve(proof.secret.encode()).format()
+
+
+async def race(
+    mints: list[Mint], proofs: list[nut.Proof], quotes: list[dict[str, Any]], clients: int
+) -> list[Sent]:
+    """``clients`` concurrent swaps and melts of random, overlapping proofs, each at a
+    random mint; what each sent and its answer (its NUT code; -1: no answer)."""
+    rng = random.Random(os.urandom(8))
+    keyset = mints[0].active
+    sent: list[Sent] = []
+
+    async def one(i: int) -> None:
+        await asyncio.sleep(rng.random() * 0.5)
+        quote: dict[str, Any] | None = None if i % 2 else rng.choice(quotes)
+        if quote is None:
+            inputs = rng.sample(proofs, rng.randint(1, 3))
+            outputs, _ = client.outputs_for(sum(p.amount for p in inputs), keyset)
+            path, body = "/v1/swap", {"inputs": inputs, "outputs": outputs}
+        else:
+            inputs, need = [], quote["amount"] + quote["fee_reserve"]
+            for p in rng.sample(proofs, len(proofs)):
+                if sum(x.amount for x in inputs) < need:
+                    inputs.append(p)
+            outputs, _ = client.outputs_of([1, 1, 1], keyset)  # blanks for the change
+            path = "/v1/melt/bolt11"
+            body = {"quote": quote["quote"], "inputs": inputs, "outputs": outputs}
+        try:
+            status, doc = await rng.choice(mints).call(path, body)
+            code = 200 if status == 200 else int(doc["code"])
+        except (aiohttp.ClientError, TimeoutError):
+            code = -1  # no answer: its fate is the mint's to tell
+        sent.append((quote["quote"] if quote is not None else "", inputs, outputs, code))
+
+    await asyncio.gather(*(one(i) for i in range(clients)))
+    return sent
+
+
+async def faults(where: Path, op0: Devnet) -> None:
+    """The payees hold their HTLCs, op0's node loses 3 replies, op0's mint is killed."""
+    guild.lightning_faults(where, guild.OUTSIDE, {"hold": True})
+    guild.lightning_faults(where, op0.operator, {"lose_replies": 3})
+    try:
+        await asyncio.sleep(0.8)
+        os.kill(guild.load(where)[0].mint_pid, signal.SIGKILL)
+        await asyncio.sleep(1.5)
+    finally:
+        guild.lightning_faults(where, guild.OUTSIDE, {"hold": False})
+        guild.lightning(where, f"/v1/release/{guild.OUTSIDE}", {})
+
+
+async def fates(mint: Mint, proofs: list[nut.Proof], quotes: list[dict[str, Any]]) -> list[str]:
+    """Each quote's state once no melt is pending and no proof reserved."""
+    deadline = time.monotonic() + 40
+    while True:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, MintError):
+            states = [
+                (await mint.ok(f"/v1/melt/quote/bolt11/{q['quote']}"))["state"] for q in quotes
+            ]
+            if "PENDING" not in states and "PENDING" not in await mint.states(proofs):
+                return states
+        assert time.monotonic() < deadline, "a melt still pending"
+        await asyncio.sleep(0.5)
+
+
+async def melted(
+    op0: Devnet,
+    outside: LightningRpc,
+    quotes: list[dict[str, Any]],
+    states: list[str],
+    sent: list[Sent],
+) -> set[bytes]:
+    """The proofs the melts spent, each quote's checked: its invoice paid exactly when
+    it says PAID, by one payment of op0's node; its proofs one request's for it."""
+    conn = await asyncpg.connect(op0.database_url)
+    found: set[bytes] = set()
+    try:
+        for q, state in zip(quotes, states, strict=True):
+            [inv] = outside.listinvoices(q["label"])["invoices"]
+            assert (inv["status"] == "paid") == (state == "PAID"), (q, inv)
+            pays = LightningRpc(op0.lightning_rpc).listpays(payment_hash=q["payment_hash"])
+            done = [p for p in pays["pays"] if p["status"] == "complete"]
+            assert len(done) == (state == "PAID")  # paid once, or not at all
+            rows = await conn.fetch("SELECT y FROM mint_proofs WHERE reserved_by = $1", q["quote"])
+            ys = {bytes(r["y"]) for r in rows}
+            requests = [{y_of(p) for p in i} for quote, i, *_ in sent if quote == q["quote"]]
+            assert ys in requests if state == "PAID" else not ys, q
+            found |= ys
+    finally:
+        await conn.close()
+    return found
+
+
+async def test_64_clients_swap_and_melt_overlapping_proofs_at_two_mints_through_faults(
+    where: Path,
+) -> None:
+    """64 clients swap and melt overlapping proofs at op0's mint and at a second mint
+    process on its database, while the payees hold their HTLCs, op0's node loses the
+    replies to some of its calls, and the first mint is killed with ``kill -9``. Every
+    refusal is a NUT error; once every payment's fate is known: each proof is spent by
+    one operation at most (and a spent one by one), each invoice is paid at most once and
+    exactly when its quote says PAID, and the proofs of a paid quote are one request's."""
+    op0, _ = nets(where)
+    outside = LightningRpc(guild.outside_rpc(where))
+    port = free_port()
+    env = {**op0.mint_env(), "MINT_HTTP_ADDR": f"127.0.0.1:{port}"}
+    second = spawn([sys.executable, "-m", "services.ecash"], env, Path(op0.dir) / "mint-3.log")
+    try:
+        await asyncio.to_thread(wait_ready, port, second, 30)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=8)) as s:
+            first = Mint(op0.mint_url, s)
+            await first.load()
+            proofs = await first.mint_paid(2**11 - 1, outside)  # 11 proofs
+            proofs += await first.mint_paid(2**11 - 1, outside)
+            quotes = []
+            for sat in (60, 120, 250, 400, 700, 90):
+                label = f"race-{os.urandom(4).hex()}"
+                inv = outside.invoice(sat * 1000, label, "a race")
+                body = {"request": inv["bolt11"], "unit": "sat"}
+                quote = await first.ok("/v1/melt/quote/bolt11", body)
+                quotes.append({**quote, "label": label, "payment_hash": inv["payment_hash"]})
+            mints = [first, Mint(f"http://127.0.0.1:{port}", s)]
+            try:
+                _, sent = await asyncio.gather(faults(where, op0), race(mints, proofs, quotes, 64))
+            finally:
+                guild.lightning_faults(where, op0.operator, {"lose_replies": 0})
+            codes = Counter(code for *_, code in sent)
+            print("operations by outcome:", dict(codes))
+            refused = {m.SPENT, m.PENDING, m.QUOTE_PENDING, m.INVOICE_PAID, m.PAYMENT_FAILED}
+            assert set(codes) <= {200, -1} | refused and codes[200] > 0
+            states = await fates(mints[1], proofs, quotes)
+            spent_by: Counter[bytes] = Counter()
+            for quote, inputs, outputs, _ in sent:  # swaps: committed where signed
+                _, restored = await mints[1].call("/v1/restore", {"outputs": outputs})
+                if not quote and restored["signatures"]:
+                    assert len(restored["signatures"]) == len(outputs)
+                    spent_by.update(y_of(p) for p in inputs)
+            spent_by.update(await melted(op0, outside, quotes, states, sent))
+            assert max(spent_by.values()) == 1, "a proof spent by two operations"
+            states_now = await mints[1].states(proofs)
+            spent = {y_of(p) for p, st in zip(proofs, states_now, strict=True) if st == "SPENT"}
+            assert spent == set(spent_by), "a proof spent by no operation"
     finally:
         stop_pid(second, 5)
 
