@@ -123,6 +123,38 @@ class WithdrawRequest(_In):
     outputs: Annotated[list[BlindedMessage], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
 
 
+# -- NUT-17: subscriptions over a websocket (JSON-RPC 2.0) ------------------------------
+
+WS_KINDS = ("bolt11_mint_quote", "bolt11_melt_quote", "proof_state")
+MAX_FILTERS = 100  # quotes or Ys in one subscription
+
+
+class WsRequest(_In):
+    """A JSON-RPC request; its params are read by its method (``subscribe``,
+    ``unsubscribe``)."""
+
+    jsonrpc: Annotated[str, msgspec.Meta(pattern="^2\\.0$")]
+    method: Annotated[str, msgspec.Meta(max_length=32)]
+    id: Annotated[int, msgspec.Meta(ge=0, le=MAX_AMOUNT)]
+    params: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+SubId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class Subscribe(_In):
+    kind: Annotated[str, msgspec.Meta(max_length=32)]
+    subId: SubId
+    filters: Annotated[
+        list[Annotated[str, msgspec.Meta(min_length=1, max_length=66)]],
+        msgspec.Meta(min_length=1, max_length=MAX_FILTERS),
+    ]
+
+
+class Unsubscribe(_In):
+    subId: SubId
+
+
 class DecodeError(ValueError):
     """A request body that is not what the endpoint takes (its detail says why)."""
 

@@ -1,4 +1,4 @@
-"""The mint's wiring: the Cashu HTTP API (NUT-01 to NUT-09, NUT-12, NUT-20) over the
+"""The mint's wiring: the Cashu HTTP API (NUT-01 to NUT-09, NUT-12, NUT-17, NUT-20) over the
 pure rules (``constellation.ecash.mint``), the store, and the operator's Lightning node.
 
 Mint quotes are paid by invoices of the operator's node; a follower of the node's paid
@@ -43,6 +43,7 @@ from constellation.tx import Issuance, TxOutput, decode_issuance, decode_transac
 from services.ecash.config import Settings
 from services.ecash.metrics import MintMetrics
 from services.ecash.store import MintStore, Redeem
+from services.ecash.ws import Hub
 from services.gateway.lightning import PAY_S, ClnBackend, LightningBackend, LightningError
 from services.runtime import OpsServer
 from services.wallet import Gateway, GatewayError
@@ -88,6 +89,7 @@ class MintApp:
         self.paying: set[tuple[str, int]] = set()  # melt attempts this process is paying
         self.session: aiohttp.ClientSession | None = None
         self.ledger_id = b""  # the operator's ledger's (asked of its gateway once)
+        self.hub = Hub(settings.database_url, self._states_of, self.metrics)
 
     def ready(self) -> tuple[bool, str]:
         if self.mint is None:
@@ -105,6 +107,8 @@ class MintApp:
         self.ops.tasks.start("paid", self._follow_paid)
         self.ops.tasks.start("resolve", self._resolve_forever)
         self.ops.tasks.start("books", self._books_forever)
+        self.ops.tasks.start("listen", self.hub.listen_forever)
+        self.ops.tasks.start("tell", self.hub.tell_forever)
         if s.gateway_url:
             self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=GATEWAY_S))
             self.ops.tasks.start("redeem", self._redeem_forever)
@@ -147,6 +151,7 @@ class MintApp:
         self._post(r, "/v1/melt/bolt11", "melt", self.melt)
         self._post(r, "/v1/checkstate", "checkstate", self.checkstate)
         self._post(r, "/v1/restore", "restore", self.restore)
+        r.add_get("/v1/ws", self.hub.handle)
         r.add_get("/v1/l3/info", self._op("l3_info", self.l3_info))
         self._post(r, "/v1/l3/redeem", "redeem", self.redeem)
         self._post(r, "/v1/l3/withdraw", "withdraw", self.withdraw)
@@ -208,6 +213,11 @@ class MintApp:
                 "4": {"methods": [method], "disabled": False},
                 "5": {"methods": [method], "disabled": False},
                 **{n: {"supported": True} for n in ("7", "8", "9", "12", "20")},
+                "17": {
+                    "supported": [
+                        {"method": "bolt11", "unit": UNIT, "commands": list(nut.WS_KINDS)}
+                    ]
+                },
             },
         }
         return web.json_response(doc)
@@ -247,13 +257,25 @@ class MintApp:
 
     async def checkstate(self, request: web.Request) -> dict[str, Any]:
         req = nut.decode(await request.read(), nut.CheckStateRequest)
-        states = await self.db.states([bytes.fromhex(y) for y in req.Ys])
-        return {
-            "states": [
-                {"Y": y, "state": states.get(bytes.fromhex(y), "UNSPENT"), "witness": None}
-                for y in req.Ys
-            ]
-        }
+        return {"states": await self._proof_states(req.Ys)}
+
+    async def _proof_states(self, ys: list[str]) -> list[dict[str, Any]]:
+        states = await self.db.states([bytes.fromhex(y) for y in ys])
+        return [
+            {"Y": y, "state": states.get(bytes.fromhex(y), "UNSPENT"), "witness": None} for y in ys
+        ]
+
+    async def _states_of(self, kind: str, things: list[str]) -> dict[str, Any]:
+        """NUT-17's payloads: each proof's state, or each quote's (where it exists)."""
+        if kind == "proof_state":
+            return {doc["Y"]: doc for doc in await self._proof_states(things)}
+        found: dict[str, Any] = {}
+        for quote in things:
+            if kind == "bolt11_mint_quote" and (q := await self.db.mint_quote(quote)):
+                found[quote] = _mint_quote_doc(q)
+            elif kind == "bolt11_melt_quote" and (pair := await self.db.melt_quote(quote)):
+                found[quote] = _melt_quote_doc(*pair)
+        return found
 
     async def restore(self, request: web.Request) -> dict[str, Any]:
         req = nut.decode(await request.read(), nut.RestoreRequest)

@@ -37,3 +37,9 @@ class MintMetrics:
             "age of the oldest melt whose payment's fate is not known yet",
             registry=r,
         )
+        self.ws_sockets = Gauge(
+            "mint_ws_sockets", "websockets open for NUT-17 subscriptions", registry=r
+        )
+        self.ws_notifications = Counter(
+            "mint_ws_notifications", "NUT-17 notifications of a change sent", registry=r
+        )

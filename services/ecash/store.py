@@ -131,15 +131,25 @@ LANGUAGE sql AS $$  -- numeric: what sum() of bigints is
     INSERT INTO mint_totals SELECT k, ks, pg_backend_pid() % 1024, delta WHERE delta <> 0
     ON CONFLICT (kind, keyset, shard) DO UPDATE SET amount = mint_totals.amount + delta
 $$;
+-- ...and tell the mint processes (NUT-17 subscribers) of every change of a proof's state
+-- and a quote's, on commit: Ys in batches of 100 (a notification carries 8000 bytes)
 CREATE OR REPLACE FUNCTION mint_count_proofs() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP <> 'DELETE' THEN
         PERFORM mint_count(lower(state), keyset, sum(amount)) FROM new_rows
             GROUP BY state, keyset;
+        PERFORM pg_notify('mint_proofs', string_agg(encode(y, 'hex'), ','))
+            FROM (SELECT y, (row_number() OVER ()) / 100 AS batch FROM new_rows) b
+            GROUP BY batch;
     END IF;
     IF TG_OP <> 'INSERT' THEN
         PERFORM mint_count(lower(state), keyset, -sum(amount)) FROM old_rows
             GROUP BY state, keyset;
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        PERFORM pg_notify('mint_proofs', string_agg(encode(y, 'hex'), ','))
+            FROM (SELECT y, (row_number() OVER ()) / 100 AS batch FROM old_rows) b
+            GROUP BY batch;
     END IF;
     RETURN NULL;
 END $$;
@@ -155,7 +165,13 @@ BEGIN
     IF TG_OP = 'UPDATE' THEN
         PERFORM mint_count('unissued', '', -coalesce(sum(amount), 0)) FROM old_rows
             WHERE state = 'PAID';
+        PERFORM pg_notify('mint_quotes', quote) FROM new_rows;
     END IF;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION mint_notify_melts() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('melt_quotes', quote) FROM new_rows;
     RETURN NULL;
 END $$;
 CREATE OR REPLACE FUNCTION mint_count_fees() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -182,6 +198,8 @@ CREATE OR REPLACE TRIGGER mint_quotes_in AFTER INSERT ON mint_quotes
 CREATE OR REPLACE TRIGGER mint_quotes_up AFTER UPDATE ON mint_quotes
     REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
     FOR EACH STATEMENT EXECUTE FUNCTION mint_count_quotes();
+CREATE OR REPLACE TRIGGER melt_quotes_up AFTER UPDATE ON melt_quotes
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION mint_notify_melts();
 CREATE OR REPLACE TRIGGER mint_fees_in AFTER INSERT ON mint_fees
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION mint_count_fees();
 CREATE OR REPLACE TRIGGER mint_withdrawals_in AFTER INSERT ON mint_withdrawals

@@ -1,6 +1,7 @@
 """The reference Cashu wallet, nutshell's ``cashu`` 0.20.2 unchanged (installed by
 ``scripts/setup`` in ``.venv-cashu``), against an operator's mint on a local guild:
-mint for an invoice paid from another node, send and receive a token (a swap),
+mint for an invoice paid from another node (once waiting on the mint's websocket,
+NUT-17), send and receive a token (a swap),
 pay an invoice (a melt, with its fee reserve's change), check the proofs' state, and
 restore the wallet from its seed words."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,13 +29,16 @@ def where() -> Iterator[Path]:
         yield directory
 
 
+def cashu_env(home: Path) -> dict[str, str]:
+    return {**os.environ, "CASHU_DIR": str(home), "TOR": "FALSE", "DEBUG": "FALSE"}
+
+
 def cashu(net: Devnet, home: Path, *args: str, stdin: str = "", ok: bool = True) -> str:
     """``cashu`` as a user runs it, against ``net``'s mint, with its data in ``home``;
     what it printed (``ok``: it must succeed, else fail)."""
-    env = {**os.environ, "CASHU_DIR": str(home), "TOR": "FALSE", "DEBUG": "FALSE"}
     done = subprocess.run(
         [str(CASHU), "--host", net.mint_url, "-y", *args],
-        env=env,
+        env=cashu_env(home),
         cwd=home,  # no stray .env: nutshell reads ./.env before the environment
         input=stdin,
         capture_output=True,
@@ -67,12 +72,37 @@ def test_the_reference_wallet_mints_sends_pays_and_restores(where: Path, tmp_pat
     assert other.pay(invoice.group(1))["status"] == "complete"
     assert "Invoice paid" in cashu(op0, alice, "invoice", "500", "--id", quote.group(1))
     assert balance(op0, alice) == 500
+    # and the usual way: the wallet waits on the mint's websocket (NUT-17) for the payment
+    waiting = subprocess.Popen(
+        [str(CASHU), "--host", op0.mint_url, "-y", "invoice", "50"],
+        env={**cashu_env(alice), "PYTHONUNBUFFERED": "1"},
+        cwd=alice,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert waiting.stdout is not None
+        lines = []
+        while not (found := re.search(r"Invoice: (lnbcrt\S+)", "".join(lines))):
+            line = waiting.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        assert other.pay(found.group(1))["status"] == "complete"
+        out, _ = waiting.communicate(timeout=60)  # told by the websocket, not by polling
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 0 and "Invoice paid" in out, "".join(lines) + out
+    assert balance(op0, alice) == 550
+    with urllib.request.urlopen(f"{op0.mint_url}/metrics") as r:
+        told = re.search(r"^mint_ws_notifications_total (\S+)", r.read().decode(), re.M)
+    assert told and float(told.group(1)) >= 1
     # send a token (swapped, with DLEQ proofs) and receive it at bob's wallet
     sent = cashu(op0, alice, "send", "120", "--dleq", "--force-swap")
     token = re.search(r"cashuB[A-Za-z0-9_=-]+", sent)
     assert token is not None
     assert "Received 120 sat" in cashu(op0, bob, "receive", token.group(0))
-    assert balance(op0, bob) == 120 and balance(op0, alice) == 380
+    assert balance(op0, bob) == 120 and balance(op0, alice) == 430
     # the token is spent: receiving it again is refused with the NUT code
     assert "11001" in cashu(op0, bob, "receive", token.group(0), ok=False)
     # pay (melt) an invoice of op1's node: 100 sat, the fee reserve's rest back as change
@@ -80,11 +110,11 @@ def test_the_reference_wallet_mints_sends_pays_and_restores(where: Path, tmp_pat
     assert "Invoice paid" in cashu(op0, alice, "pay", bolt11, "-y")
     paid = [i for i in other.listinvoices()["invoices"] if i["bolt11"] == bolt11]
     assert paid[0]["status"] == "paid"
-    assert balance(op0, alice) == 280  # a simulated channel charges no routing fee
+    assert balance(op0, alice) == 330  # a simulated channel charges no routing fee
     cashu(op0, alice, "burn", "-a")  # checks every proof's state: none is spent
-    assert balance(op0, alice) == 280
-    # restore alice's wallet from its words: the mint gives back her 280 sat of proofs
+    assert balance(op0, alice) == 330
+    # restore alice's wallet from its words: the mint gives back her 330 sat of proofs
     words = re.search(r"Mnemonic:\s*\n\s*-\s*(.+)", cashu(op0, alice, "info", "--mnemonic"))
     assert words is not None
     cashu(op0, again, "restore", "--batch", "25", "--to", "2", stdin=words.group(1) + "\n")
-    assert balance(op0, again) == 280
+    assert balance(op0, again) == 330

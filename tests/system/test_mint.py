@@ -587,3 +587,89 @@ async def test_a_mint_s_books_start_from_its_tables_once(where: Path) -> None:
     finally:
         await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
         await admin.close()
+
+
+async def ask(
+    ws: aiohttp.ClientWebSocketResponse, method: str, params: Any, rid: int
+) -> dict[str, Any]:
+    """A JSON-RPC request over the mint's websocket, and its answer."""
+    await ws.send_json({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
+    return dict(await ws.receive_json(timeout=5))
+
+
+async def told(ws: aiohttp.ClientWebSocketResponse, sub: str) -> dict[str, Any]:
+    """The next notification, of subscription ``sub``: its payload."""
+    doc = await ws.receive_json(timeout=10)
+    assert doc["method"] == "subscribe" and doc["params"]["subId"] == sub, doc
+    return dict(doc["params"]["payload"])
+
+
+async def test_nut17_subscribers_are_told_every_change_whichever_process_made_it(
+    where: Path,
+) -> None:
+    """A wallet subscribed at op0's mint over its websocket is told a quote's and its
+    proofs' current state first, then each change, made there or by a second mint
+    process on the same database; an unsubscribed subscription is told nothing more."""
+    op0, _ = nets(where)
+    outside = LightningRpc(guild.outside_rpc(where))
+    port = free_port()
+    env = {**op0.mint_env(), "MINT_HTTP_ADDR": f"127.0.0.1:{port}"}
+    second = spawn([sys.executable, "-m", "services.ecash"], env, Path(op0.dir) / "mint-4.log")
+    try:
+        await asyncio.to_thread(wait_ready, port, second, 30)
+        async with aiohttp.ClientSession() as s, s.ws_connect(f"{op0.mint_url}/v1/ws") as ws:
+            mint, other = Mint(op0.mint_url, s), Mint(f"http://127.0.0.1:{port}", s)
+            await mint.load()
+            await other.load()
+            quote = await mint.mint_quote(64)
+            sub = {"kind": "bolt11_mint_quote", "subId": "q", "filters": [quote["quote"]]}
+            assert (await ask(ws, "subscribe", sub, 1))["result"] == {"status": "OK", "subId": "q"}
+            assert (await told(ws, "q"))["state"] == "UNPAID"  # the current state first
+            await asyncio.to_thread(outside.pay, quote["request"])
+            assert (await told(ws, "q"))["state"] == "PAID"
+            proofs = await other.mint(quote["quote"], [64])  # at the other process
+            assert (await told(ws, "q"))["state"] == "ISSUED"
+            ys = [y_of(p).hex() for p in proofs]
+            sub = {"kind": "proof_state", "subId": "p", "filters": ys}
+            assert (await ask(ws, "subscribe", sub, 2))["result"]["subId"] == "p"
+            assert await told(ws, "p") == {"Y": ys[0], "state": "UNSPENT", "witness": None}
+            await other.swap(proofs, [32, 32])
+            assert (await told(ws, "p"))["state"] == "SPENT"
+            assert (await ask(ws, "unsubscribe", {"subId": "p"}, 3))["result"]["subId"] == "p"
+            quote = await mint.mint_quote(8)
+            await asyncio.to_thread(outside.pay, quote["request"])
+            await mint.wait_paid(quote["quote"])
+            await mint.swap(await mint.mint(quote["quote"], [8]), [8])
+            with pytest.raises(TimeoutError):  # told nothing of what it no longer watches
+                print(await ws.receive_json(timeout=1))
+    finally:
+        stop_pid(second, 5)
+
+
+async def test_nut17_is_advertised_and_refuses_bad_requests_with_json_rpc_errors(
+    where: Path,
+) -> None:
+    op0, _ = nets(where)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{op0.mint_url}/v1/info") as r:
+            info = await r.json()
+        [method] = info["nuts"]["17"]["supported"]
+        assert set(method["commands"]) == {"bolt11_mint_quote", "bolt11_melt_quote", "proof_state"}
+        async with s.ws_connect(f"{op0.mint_url}/v1/ws") as ws:
+            await ws.send_str("{not json")
+            assert (await ws.receive_json(timeout=5))["error"]["code"] == -32700
+            await ws.send_str('{"jsonrpc": "1.0", "id": 9, "method": "subscribe"}')
+            doc = await ws.receive_json(timeout=5)
+            assert doc["error"]["code"] == -32600 and doc["id"] == 9, doc
+            assert (await ask(ws, "publish", {}, 4))["error"]["code"] == -32601
+            for bad in (
+                {"kind": "bolt12_offer", "subId": "x", "filters": ["a"]},
+                {"kind": "proof_state", "subId": "x", "filters": ["ab"]},
+                {"kind": "proof_state", "subId": "x", "filters": []},
+                {"kind": "proof_state", "subId": "x"},
+            ):
+                assert (await ask(ws, "subscribe", bad, 5))["error"]["code"] == -32602, bad
+            assert (await ask(ws, "unsubscribe", {"subId": "p"}, 7))["error"]["code"] == -32602
+            sub = {"kind": "bolt11_melt_quote", "subId": "m", "filters": ["no-such-quote"]}
+            assert (await ask(ws, "subscribe", sub, 8))["result"]["subId"] == "m"
+            assert (await ask(ws, "subscribe", sub, 9))["error"]["code"] == -32602  # taken
