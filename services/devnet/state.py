@@ -239,6 +239,7 @@ class Devnet:
             "MINT_GATEWAY_URL": self.gateway_url,
             "MINT_ISSUER_KEY": self.issuer_secret,
             "MINT_NETWORK": self.network,
+            "MINT_REDIS_URL": self.redis_url,
         }
 
     def indexer_env(self) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The mint's wiring: the Cashu HTTP API (NUT-01 to NUT-09, NUT-12, NUT-17, NUT-20) over the
+"""The mint's wiring: the Cashu HTTP API (NUT-01 to NUT-09, NUT-12, NUT-17, NUT-19, NUT-20) over the
 pure rules (``constellation.ecash.mint``), the store, and the operator's Lightning node.
 
 Mint quotes are paid by invoices of the operator's node; a follower of the node's paid
@@ -40,6 +40,7 @@ from constellation.keys import SigningKey
 from constellation.lightning import Outcome, PaymentState
 from constellation.protocol import cashu as nut
 from constellation.tx import Issuance, TxOutput, decode_issuance, decode_transaction
+from services.ecash.cache import CACHED, Cache
 from services.ecash.config import Settings
 from services.ecash.metrics import MintMetrics
 from services.ecash.store import MintStore, Redeem
@@ -90,6 +91,7 @@ class MintApp:
         self.session: aiohttp.ClientSession | None = None
         self.ledger_id = b""  # the operator's ledger's (asked of its gateway once)
         self.hub = Hub(settings.database_url, self._states_of, self.metrics)
+        self.cache: Cache | None = None
 
     def ready(self) -> tuple[bool, str]:
         if self.mint is None:
@@ -103,6 +105,8 @@ class MintApp:
         self.pubkey = self._key(b"constellation/cashu/info").pubkey.hex()
         keysets = await store.keysets(master, UNIT, s.input_fee_ppk)
         self.mint = m.Mint(keysets, s.max_amount_sat)
+        if s.redis_url:
+            self.cache = Cache.open(s.redis_url, s.cache_ttl_s, self.metrics)
         self._routes(self.ops.app.router)
         self.ops.tasks.start("paid", self._follow_paid)
         self.ops.tasks.start("resolve", self._resolve_forever)
@@ -125,6 +129,8 @@ class MintApp:
         await self.ops.tasks.stop()
         if self.session is not None:
             await self.session.close()
+        if self.cache is not None:
+            await self.cache.close()
         await store.close()
 
     def _key(self, purpose: bytes) -> SigningKey:
@@ -173,12 +179,17 @@ class MintApp:
 
         async def run(request: web.Request) -> web.Response:
             started = time.perf_counter()
+            cache = self.cache if request.path in CACHED else None
+            body = await request.read()
             try:
-                doc = await _retried(handler, request)
-                outcome, response = (
-                    "ok",
-                    web.Response(body=nut.encode(doc), content_type="application/json"),
-                )
+                answer = await cache.get(request.path, body) if cache is not None else None
+                if answer is None:
+                    doc = await _retried(handler, request)
+                    answer = nut.encode(doc)
+                    if cache is not None and doc.get("state", "PAID") == "PAID":  # final
+                        await cache.put(request.path, body, answer)
+                outcome = "ok"
+                response = web.Response(body=answer, content_type="application/json")
             except m.CashuError as exc:
                 outcome, response = str(exc.code), _error(exc.code, exc.detail)
             except nut.DecodeError as exc:
@@ -204,6 +215,7 @@ class MintApp:
     async def info(self, _: web.Request) -> web.Response:
         s = self.settings
         method = {"method": "bolt11", "unit": UNIT, "min_amount": 1, "max_amount": s.max_amount_sat}
+        cached = [{"method": "POST", "path": path} for path in CACHED]
         doc = {
             "name": s.name,
             "pubkey": "02" + self.pubkey,
@@ -213,6 +225,11 @@ class MintApp:
                 "4": {"methods": [method], "disabled": False},
                 "5": {"methods": [method], "disabled": False},
                 **{n: {"supported": True} for n in ("7", "8", "9", "12", "20")},
+                **(
+                    {"19": {"ttl": s.cache_ttl_s, "cached_endpoints": cached}}
+                    if self.cache is not None
+                    else {}
+                ),
                 "17": {
                     "supported": [
                         {"method": "bolt11", "unit": UNIT, "commands": list(nut.WS_KINDS)}

@@ -32,6 +32,9 @@ class Settings:
     gateway_url: str = ""
     issuer: SigningKey | None = None
     network: Network = Network.REGTEST
+    # NUT-19: answers kept in Redis (none without it) this long, for a wallet's retry
+    redis_url: str = ""
+    cache_ttl_s: int = 300
 
     @staticmethod
     def from_env(env: Mapping[str, str]) -> Settings:
@@ -57,6 +60,8 @@ class Settings:
         if bool(gateway_url) != (issuer is not None):
             raise ConfigError("the L3 bridge needs both MINT_GATEWAY_URL and MINT_ISSUER_KEY")
         return Settings(
+            redis_url=env.get("MINT_REDIS_URL", ""),
+            cache_ttl_s=env_int(env, "MINT_CACHE_TTL_S", 300, 1, 7 * 86400),
             gateway_url=gateway_url,
             issuer=issuer,
             network=network,

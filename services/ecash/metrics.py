@@ -43,3 +43,9 @@ class MintMetrics:
         self.ws_notifications = Counter(
             "mint_ws_notifications", "NUT-17 notifications of a change sent", registry=r
         )
+        self.cache = Counter(
+            "mint_cache",
+            "NUT-19 cached answers looked up: hit, miss, or error (Redis not reachable)",
+            ["outcome"],
+            registry=r,
+        )

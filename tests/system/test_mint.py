@@ -673,3 +673,63 @@ async def test_nut17_is_advertised_and_refuses_bad_requests_with_json_rpc_errors
             sub = {"kind": "bolt11_melt_quote", "subId": "m", "filters": ["no-such-quote"]}
             assert (await ask(ws, "subscribe", sub, 8))["result"]["subId"] == "m"
             assert (await ask(ws, "subscribe", sub, 9))["error"]["code"] == -32602  # taken
+
+
+async def test_nut19_a_lost_answer_is_given_again_and_redis_down_loses_nothing(
+    where: Path,
+) -> None:
+    """A wallet that sends the very same mint, swap or melt request again (its answer
+    lost) gets the same answer from the cache, not "spent" or "issued"; another request
+    with those proofs is still refused. A mint whose Redis is down serves the same."""
+    op0, _ = nets(where)
+    outside = LightningRpc(guild.outside_rpc(where))
+    async with aiohttp.ClientSession() as s:
+        mint = Mint(op0.mint_url, s)
+        await mint.load()
+        info = await mint.ok("/v1/info")
+        assert info["nuts"]["19"]["ttl"] > 0
+        assert {e["path"] for e in info["nuts"]["19"]["cached_endpoints"]} == {
+            "/v1/mint/bolt11",
+            "/v1/swap",
+            "/v1/melt/bolt11",
+        }
+        quote = await mint.mint_quote(300)
+        await asyncio.to_thread(outside.pay, quote["request"])
+        await mint.wait_paid(quote["quote"])
+        outputs, secrets = client.outputs_for(300, mint.active)
+        body = {"quote": quote["quote"], "outputs": outputs}
+        first = await mint.ok("/v1/mint/bolt11", body)
+        assert await mint.ok("/v1/mint/bolt11", body) == first  # not 20002
+        proofs = mint.unblind(first["signatures"], secrets)
+        outputs, _ = client.outputs_for(300, mint.active)
+        swap = {"inputs": proofs, "outputs": outputs}
+        first = await mint.ok("/v1/swap", swap)
+        assert await mint.ok("/v1/swap", swap) == first  # not 11001
+        other, _ = client.outputs_for(300, mint.active)
+        assert await mint.refused("/v1/swap", {"inputs": proofs, "outputs": other}) == m.SPENT
+        proofs, quote = await ecash_and_a_melt_quote(mint, where, 200, 50)
+        melt = {"quote": quote["quote"], "inputs": proofs}
+        first = await mint.ok("/v1/melt/bolt11", melt)
+        assert first["state"] == "PAID" and await mint.ok("/v1/melt/bolt11", melt) == first
+    # a mint whose Redis is not there: served all the same, with no cache
+    port = free_port()
+    env = {
+        **op0.mint_env(),
+        "MINT_HTTP_ADDR": f"127.0.0.1:{port}",
+        "MINT_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+    }
+    second = spawn([sys.executable, "-m", "services.ecash"], env, Path(op0.dir) / "mint-5.log")
+    try:
+        await asyncio.to_thread(wait_ready, port, second, 30)
+        async with aiohttp.ClientSession() as s:
+            mint = Mint(f"http://127.0.0.1:{port}", s)
+            await mint.load()
+            proofs = await mint.mint_paid(16, outside)
+            outputs, _ = client.outputs_for(16, mint.active)
+            swap = {"inputs": proofs, "outputs": outputs}
+            await mint.ok("/v1/swap", swap)
+            assert await mint.refused("/v1/swap", swap) == m.SPENT  # no cache: refused
+            async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
+                assert 'mint_cache_total{outcome="error"}' in await r.text()
+    finally:
+        stop_pid(second, 5)

@@ -1,0 +1,66 @@
+"""NUT-19: the answers to mint, swap and melt requests kept in Redis for a while, so a
+wallet that lost an answer and sends the very same request again gets the same answer
+(its outputs signed) instead of "proofs already spent".
+
+An answer is keyed by the request's path and body bytes (a retry sends the same bytes)
+and kept ``ttl_s`` seconds. Only answers that are final are kept: a success, and of a
+melt only one whose payment is PAID (a PENDING melt's retry is answered anew). Where
+Redis is down, requests are served without it: a retry then gets the answer it would
+get from a mint without NUT-19, and nothing is lost either way (the signatures are in
+PostgreSQL, NUT-09 restores them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from services.ecash.metrics import MintMetrics
+
+log = logging.getLogger("mint.cache")
+
+CACHED = ("/v1/mint/bolt11", "/v1/swap", "/v1/melt/bolt11")
+REDIS_TIMEOUT_S = 0.5  # a slow Redis costs a request this much at most, twice
+
+
+class Cache:
+    def __init__(self, client: aioredis.Redis, ttl_s: int, metrics: MintMetrics) -> None:
+        self.client = client
+        self.ttl_s = ttl_s
+        self.metrics = metrics
+
+    @staticmethod
+    def open(url: str, ttl_s: int, metrics: MintMetrics) -> Cache:
+        client = aioredis.Redis.from_url(
+            url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+        )
+        return Cache(client, ttl_s, metrics)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    @staticmethod
+    def key(path: str, body: bytes) -> str:
+        return "mint:nut19:" + hashlib.sha256(path.encode() + b"\n" + body).hexdigest()
+
+    async def get(self, path: str, body: bytes) -> bytes | None:
+        try:
+            found = await self.client.get(self.key(path, body))
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc)
+            return None
+        self.metrics.cache.labels("hit" if found is not None else "miss").inc()
+        return found.encode() if isinstance(found, str) else found
+
+    async def put(self, path: str, body: bytes, answer: bytes) -> None:
+        try:
+            await self.client.set(self.key(path, body), answer, ex=self.ttl_s)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        self.metrics.cache.labels("error").inc()
+        log.warning("NUT-19 cache not reachable", extra={"error": repr(exc)})
