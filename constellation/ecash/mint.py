@@ -14,7 +14,6 @@ wins, whatever the interleaving and however many mint processes there are.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +21,8 @@ from coincurve import PublicKey
 
 from constellation.crypto import bdhke
 from constellation.crypto.point import N, add, base_mul
+from constellation.ecash import conditions
+from constellation.ecash.conditions import ConditionError
 from constellation.ecash.keyset import Keyset, input_fee, split
 from constellation.keys import schnorr_verify
 from constellation.protocol import cashu as nut
@@ -85,18 +86,6 @@ def _point(hex33: str, what: str) -> PublicKey:
         raise CashuError(PROOF_INVALID, f"{what} is not a point on the curve") from None
 
 
-def is_locked(secret: str) -> bool:
-    """Whether ``secret`` is a NUT-10 well-known secret (``["KIND", {...}]``): spending
-    conditions this mint does not enforce yet, so it refuses them rather than ignore them."""
-    if not secret.startswith("["):
-        return False
-    try:
-        doc = json.loads(secret)
-    except ValueError:
-        return False
-    return isinstance(doc, list) and len(doc) == 2 and isinstance(doc[0], str)
-
-
 class Mint:
     """The keysets and the rules. Every keyset can be spent from; only the active keyset
     of a unit signs."""
@@ -119,9 +108,17 @@ class Mint:
 
     # -- proofs in -------------------------------------------------------------------
 
-    def spend(self, proofs: Sequence[nut.Proof]) -> Spend:
-        """Check every proof: a known keyset and amount, one unit, no duplicate, not
-        locked, and the mint's signature on its secret (C = k·Y)."""
+    def spend(
+        self,
+        proofs: Sequence[nut.Proof],
+        now: int,
+        outputs: Sequence[nut.BlindedMessage] = (),
+        signed: str = "",
+    ) -> Spend:
+        """Check every proof: a known keyset and amount, one unit, no duplicate, the
+        mint's signature on its secret (C = k·Y), and its spending conditions met by
+        this request (NUT-11; ``outputs`` and ``signed``, a melt's quote id or a
+        redemption's address, are what a SIG_ALL signature covers)."""
         ys: list[bytes] = []
         units = set()
         ppks = []
@@ -130,8 +127,6 @@ class Mint:
             k = keyset.secrets.get(p.amount)
             if k is None:
                 raise CashuError(PROOF_INVALID, f"keyset {p.id} has no amount {p.amount}")
-            if is_locked(p.secret):
-                raise CashuError(PROOF_INVALID, "spending conditions (NUT-10) are not supported")
             secret = p.secret.encode()
             if not bdhke.verify(k, secret, _point(p.C, "a proof's C")):
                 raise CashuError(PROOF_INVALID, "a proof's signature is not the mint's")
@@ -140,6 +135,10 @@ class Mint:
             ppks.append(keyset.input_fee_ppk)
         if len(set(ys)) != len(ys):
             raise CashuError(DUPLICATE_INPUTS, "a proof is given twice")
+        try:
+            conditions.check(proofs, outputs, now, signed)
+        except ConditionError as exc:
+            raise CashuError(PROOF_INVALID, str(exc)) from None
         if len(units) > 1:
             raise CashuError(MULTIPLE_UNITS, "inputs of several units")
         amount = sum(p.amount for p in proofs)
@@ -183,9 +182,9 @@ class Mint:
 
     # -- operations -----------------------------------------------------------------
 
-    def swap(self, request: nut.SwapRequest) -> tuple[Spend, Outputs]:
+    def swap(self, request: nut.SwapRequest, now: int) -> tuple[Spend, Outputs]:
         """NUT-03: inputs - fee == outputs, one unit."""
-        spend = self.spend(request.inputs)
+        spend = self.spend(request.inputs, now, request.outputs)
         out = self.outputs(request.outputs)
         if spend.unit != out.unit:
             raise CashuError(UNIT_MISMATCH, f"inputs in {spend.unit}, outputs in {out.unit}")
@@ -224,7 +223,7 @@ class Mint:
             raise CashuError(QUOTE_PENDING, "this quote's payment is in flight")
         if now >= quote.expiry:
             raise CashuError(QUOTE_EXPIRED, "the quote is expired")
-        spend = self.spend(request.inputs)
+        spend = self.spend(request.inputs, now, request.outputs or [], quote.quote)
         if spend.unit != quote.unit:
             raise CashuError(UNIT_MISMATCH, f"the quote is in {quote.unit}, inputs in {spend.unit}")
         needed = quote.amount + quote.fee_reserve + spend.fee

@@ -144,7 +144,7 @@ SubId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 class Subscribe(_In):
     kind: Annotated[str, msgspec.Meta(max_length=32)]
-    subId: SubId
+    sub_id: SubId = msgspec.field(name="subId")
     filters: Annotated[
         list[Annotated[str, msgspec.Meta(min_length=1, max_length=66)]],
         msgspec.Meta(min_length=1, max_length=MAX_FILTERS),
@@ -152,7 +152,7 @@ class Subscribe(_In):
 
 
 class Unsubscribe(_In):
-    subId: SubId
+    sub_id: SubId = msgspec.field(name="subId")
 
 
 class DecodeError(ValueError):

@@ -1,4 +1,4 @@
-"""The mint's wiring: the Cashu HTTP API (NUT-01 to NUT-09, NUT-12, NUT-17, NUT-19, NUT-20) over the
+"""The mint's wiring: the Cashu HTTP API (NUT-01 to NUT-12, NUT-17, NUT-19, NUT-20) over the
 pure rules (``constellation.ecash.mint``), the store, and the operator's Lightning node.
 
 Mint quotes are paid by invoices of the operator's node; a follower of the node's paid
@@ -224,7 +224,7 @@ class MintApp:
             "nuts": {
                 "4": {"methods": [method], "disabled": False},
                 "5": {"methods": [method], "disabled": False},
-                **{n: {"supported": True} for n in ("7", "8", "9", "12", "20")},
+                **{n: {"supported": True} for n in ("7", "8", "9", "10", "11", "12", "20")},
                 **(
                     {"19": {"ttl": s.cache_ttl_s, "cached_endpoints": cached}}
                     if self.cache is not None
@@ -268,7 +268,7 @@ class MintApp:
 
     async def swap(self, request: web.Request) -> dict[str, Any]:
         req = nut.decode(await request.read(), nut.SwapRequest)
-        spend, _ = self.rules.swap(req)
+        spend, _ = self.rules.swap(req, int(time.time()))
         signatures = await self.db.swap(spend, req, self.rules.sign)
         return {"signatures": signatures}
 
@@ -504,7 +504,7 @@ class MintApp:
             raise m.CashuError(MALFORMED, f"not an L3 address: {exc}") from None
         if named is not None and named != await self._ledger_id():
             raise m.CashuError(MALFORMED, "the address names another operator's ledger")
-        spend = self.rules.spend(req.inputs)
+        spend = self.rules.spend(req.inputs, int(time.time()), signed=req.address)
         value = m.check_redeem(spend)
         rid = m.redeem_id(spend.ys)
         issuer = self.settings.issuer

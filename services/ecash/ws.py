@@ -140,26 +140,26 @@ class Hub:
     def _subscribe(self, sock: Socket, p: nut.Subscribe) -> dict[str, str]:
         if p.kind not in nut.WS_KINDS:
             raise RpcError(INVALID_PARAMS, f"kind {p.kind!r}: one of {', '.join(nut.WS_KINDS)}")
-        if p.subId in sock.subs:
-            raise RpcError(INVALID_PARAMS, f"subId {p.subId!r} is subscribed already")
+        if p.sub_id in sock.subs:
+            raise RpcError(INVALID_PARAMS, f"subId {p.sub_id!r} is subscribed already")
         if len(sock.subs) >= MAX_SUBSCRIPTIONS:
             raise RpcError(INVALID_PARAMS, f"at most {MAX_SUBSCRIPTIONS} subscriptions a socket")
         things = list(dict.fromkeys(f.lower() if p.kind == "proof_state" else f for f in p.filters))
         if p.kind == "proof_state" and not all(_is_point(y) for y in things):
             raise RpcError(INVALID_PARAMS, "a proof_state filter is a Y: 33 bytes, hex")
-        sock.subs[p.subId] = (p.kind, things)
+        sock.subs[p.sub_id] = (p.kind, things)
         for thing in things:
-            self.watch.setdefault((p.kind, thing), set()).add((sock, p.subId))
-        return {"status": "OK", "subId": p.subId}
+            self.watch.setdefault((p.kind, thing), set()).add((sock, p.sub_id))
+        return {"status": "OK", "subId": p.sub_id}
 
     def _unsubscribe(self, sock: Socket, p: nut.Unsubscribe) -> dict[str, str]:
-        found = sock.subs.pop(p.subId, None)
+        found = sock.subs.pop(p.sub_id, None)
         if found is None:
-            raise RpcError(INVALID_PARAMS, f"no subscription {p.subId!r}")
+            raise RpcError(INVALID_PARAMS, f"no subscription {p.sub_id!r}")
         kind, things = found
         for thing in things:
-            self._unwatch((kind, thing), (sock, p.subId))
-        return {"status": "OK", "subId": p.subId}
+            self._unwatch((kind, thing), (sock, p.sub_id))
+        return {"status": "OK", "subId": p.sub_id}
 
     async def _current(self, sock: Socket, reply: dict[str, Any]) -> bool:
         """After a subscription's answer: the current state of what it watches."""

@@ -26,6 +26,7 @@ MSAT = Keyset.derive(MASTER, "msat", 0, 0)
 MINT = m.Mint([Keyset(OLD.unit, OLD.index, 0, OLD.secrets, active=False), NOW, MSAT])
 KEYS = {k.id: k.keys for k in MINT.keysets.values()}
 MSAT_BLANK = client.Secret.fresh().output(MSAT.id, 1)
+T = 1_800_000_000  # the rules' clock
 
 
 def issue(amount: int, keyset: Keyset = NOW) -> list[nut.Proof]:
@@ -36,7 +37,7 @@ def issue(amount: int, keyset: Keyset = NOW) -> list[nut.Proof]:
 
 def swap(inputs: list[nut.Proof], amount: int) -> tuple[m.Spend, list[nut.Proof]]:
     outputs, secrets = client.outputs_for(amount, NOW.id)
-    spend, checked = MINT.swap(nut.SwapRequest(inputs, outputs))
+    spend, checked = MINT.swap(nut.SwapRequest(inputs, outputs), T)
     assert checked.amount == amount
     return spend, client.unblind(MINT.sign(outputs), secrets, KEYS)
 
@@ -47,7 +48,7 @@ def test_a_swap_balances_and_signs_proofs_that_verify() -> None:
     spend, proofs = swap(inputs, 999)  # 6 inputs of a 100 ppk keyset: a fee of 1
     assert spend.fee == 1 and spend.amount == 1000 and len(spend.ys) == 6
     assert sum(p.amount for p in proofs) == 999
-    assert MINT.spend(proofs).amount == 999  # the new proofs are the mint's
+    assert MINT.spend(proofs, T).amount == 999  # the new proofs are the mint's
     with pytest.raises(m.CashuError) as e:
         swap(issue(1000), 1000)  # the fee is not paid
     assert e.value.code == m.UNBALANCED
@@ -55,7 +56,7 @@ def test_a_swap_balances_and_signs_proofs_that_verify() -> None:
 
 def refused(code: int, inputs: list[nut.Proof], outputs: list[nut.BlindedMessage]) -> None:
     with pytest.raises(m.CashuError) as e:
-        MINT.swap(nut.SwapRequest(inputs, outputs))
+        MINT.swap(nut.SwapRequest(inputs, outputs), T)
     assert e.value.code == code, e.value
 
 
@@ -75,11 +76,13 @@ def test_what_a_swap_refuses() -> None:
     refused(m.MULTIPLE_UNITS, issue(64) + issue(64, MSAT), [good])
     bad_point = nut.BlindedMessage(64, NOW.id, "02" + "ff" * 32)
     refused(m.PROOF_INVALID, issue(65), [bad_point])
-    # a NUT-10 secret (spending conditions): refused, never spent as a plain one
-    locked = json.dumps(["P2PK", {"nonce": "00", "data": "02" + "11" * 32}])
-    outputs = [client.Secret(locked, 7).output(NOW.id, 64)]
-    [lp] = client.unblind(MINT.sign(outputs), [client.Secret(locked, 7)], KEYS)
-    refused(m.PROOF_INVALID, [lp], [good])
+    # NUT-10 secrets: P2PK without its signature, or a kind it does not enforce (HTLC):
+    # refused, never spent as a plain secret
+    for kind in ("P2PK", "HTLC"):
+        locked = json.dumps([kind, {"nonce": "00", "data": "02" + "11" * 32}])
+        outputs = [client.Secret(locked, 7).output(NOW.id, 64)]
+        [lp] = client.unblind(MINT.sign(outputs), [client.Secret(locked, 7)], KEYS)
+        refused(m.PROOF_INVALID, [lp], [good])
 
 
 def test_an_inactive_keyset_is_spent_from_but_signs_nothing() -> None:

@@ -1,7 +1,7 @@
 """The reference Cashu wallet, nutshell's ``cashu`` 0.20.2 unchanged (installed by
 ``scripts/setup`` in ``.venv-cashu``), against an operator's mint on a local guild:
 mint for an invoice paid from another node (once waiting on the mint's websocket,
-NUT-17), send and receive a token (a swap),
+NUT-17), send and receive a token (a swap) and one locked to a key (NUT-11),
 pay an invoice (a melt, with its fee reserve's change), check the proofs' state, and
 restore the wallet from its seed words."""
 
@@ -59,8 +59,8 @@ def balance(net: Devnet, home: Path) -> int:
 def test_the_reference_wallet_mints_sends_pays_and_restores(where: Path, tmp_path: Path) -> None:
     op0, op1 = guild.load(where)
     other = LightningRpc(op1.lightning_rpc)
-    alice, bob, again = (tmp_path / n for n in ("alice", "bob", "restored"))
-    for home in (alice, bob, again):
+    alice, bob, carol, again = (tmp_path / n for n in ("alice", "bob", "carol", "restored"))
+    for home in (alice, bob, carol, again):
         home.mkdir()
     info = cashu(op0, alice, "info", "--mint")
     assert "Constellation mint of op0" in info and "NUT-12" in info
@@ -83,7 +83,7 @@ def test_the_reference_wallet_mints_sends_pays_and_restores(where: Path, tmp_pat
     )
     try:
         assert waiting.stdout is not None
-        lines = []
+        lines: list[str] = []
         while not (found := re.search(r"Invoice: (lnbcrt\S+)", "".join(lines))):
             line = waiting.stdout.readline()
             assert line, "".join(lines)
@@ -105,16 +105,25 @@ def test_the_reference_wallet_mints_sends_pays_and_restores(where: Path, tmp_pat
     assert balance(op0, bob) == 120 and balance(op0, alice) == 430
     # the token is spent: receiving it again is refused with the NUT code
     assert "11001" in cashu(op0, bob, "receive", token.group(0), ok=False)
+    # a token locked to bob's key (NUT-11): carol cannot receive it, bob can
+    lock = re.search(r"Public receiving lock: (P2PK:\S+)", cashu(op0, bob, "lock", "p2pk"))
+    assert lock is not None
+    sent = cashu(op0, alice, "send", "40", "--lock", lock.group(1))
+    token = re.search(r"cashuB[A-Za-z0-9_=-]+", sent)
+    assert token is not None
+    cashu(op0, carol, "receive", token.group(0), ok=False)
+    assert "Received 40 sat" in cashu(op0, bob, "receive", token.group(0))
+    assert balance(op0, bob) == 160 and balance(op0, alice) == 390
     # pay (melt) an invoice of op1's node: 100 sat, the fee reserve's rest back as change
     bolt11 = other.invoice(100_000, f"cashu-{os.urandom(4).hex()}", "a melt")["bolt11"]
     assert "Invoice paid" in cashu(op0, alice, "pay", bolt11, "-y")
     paid = [i for i in other.listinvoices()["invoices"] if i["bolt11"] == bolt11]
     assert paid[0]["status"] == "paid"
-    assert balance(op0, alice) == 330  # a simulated channel charges no routing fee
+    assert balance(op0, alice) == 290  # a simulated channel charges no routing fee
     cashu(op0, alice, "burn", "-a")  # checks every proof's state: none is spent
-    assert balance(op0, alice) == 330
-    # restore alice's wallet from its words: the mint gives back her 330 sat of proofs
+    assert balance(op0, alice) == 290
+    # restore alice's wallet from its words: the mint gives back her 290 sat of proofs
     words = re.search(r"Mnemonic:\s*\n\s*-\s*(.+)", cashu(op0, alice, "info", "--mnemonic"))
     assert words is not None
     cashu(op0, again, "restore", "--batch", "25", "--to", "2", stdin=words.group(1) + "\n")
-    assert balance(op0, again) == 330
+    assert balance(op0, again) == 290

@@ -1,0 +1,167 @@
+"""Spending conditions (NUT-10) and pay-to-public-key (NUT-11): ecash whose secret says
+who may spend it.
+
+A well-known secret is the JSON text ``["KIND", {"nonce": …, "data": …, "tags": [[…]]}]``.
+This mint enforces kind ``P2PK``: ``data`` is a public key (33 bytes, hex), and the tags
+may add ``pubkeys`` (more keys), ``n_sigs`` (how many of the keys must sign, default 1),
+``locktime`` (a unix time) with ``refund`` keys and ``n_sigs_refund``, and ``sigflag``:
+
+* ``SIG_INPUTS`` (the default): each proof's witness holds BIP340 signatures over
+  SHA256 of its own secret's text;
+* ``SIG_ALL``: every input carries the same conditions (kind, data, tags; the nonce may
+  differ), and the first input's witness signs the whole request: each input's secret
+  and C, then each output's amount and B_, then (a melt) the quote id.
+
+A proof spends with ``n_sigs`` valid signatures by distinct keys of ``data`` and
+``pubkeys``, at any time; once its locktime has passed, also with ``n_sigs_refund`` by
+distinct ``refund`` keys, or with none at all where it names no refund key. Anything
+else (another kind, a malformed secret, tag or witness) is refused: a condition the mint
+does not understand is never spent as if it were not there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from constellation.keys import schnorr_verify
+from constellation.protocol import cashu as nut
+
+SIG_INPUTS, SIG_ALL = "SIG_INPUTS", "SIG_ALL"
+MAX_KEYS = 10  # per condition: data, pubkeys, refund
+MAX_SIGNATURES = 10  # per witness
+
+
+class ConditionError(ValueError):
+    """A proof whose spending conditions are not met, or not understood (why, in words)."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    kind: str
+    data: str
+    tags: tuple[tuple[str, ...], ...]
+
+    def tag(self, name: str) -> list[str]:
+        """The values of tag ``name`` (empty where it is absent)."""
+        for t in self.tags:
+            if t[0] == name:
+                return list(t[1:])
+        return []
+
+    def number(self, name: str, default: int) -> int:
+        found = self.tag(name)
+        if not found:
+            return default
+        try:
+            return int(found[0])
+        except ValueError:
+            raise ConditionError(f"tag {name!r} is not a number: {found[0][:32]!r}") from None
+
+    @property
+    def sigflag(self) -> str:
+        flag = (self.tag("sigflag") or [SIG_INPUTS])[0]
+        if flag not in (SIG_INPUTS, SIG_ALL):
+            raise ConditionError(f"sigflag {flag[:16]!r}: SIG_INPUTS or SIG_ALL")
+        return flag
+
+
+def condition_of(secret: str) -> Condition | None:
+    """The spending condition of a secret, or None where it is a plain one (random
+    bytes, not a NUT-10 array)."""
+    if not secret.startswith("["):
+        return None
+    try:
+        doc = json.loads(secret)
+    except ValueError:
+        return None
+    if not (isinstance(doc, list) and len(doc) == 2 and isinstance(doc[0], str)):
+        return None
+    kind, body = doc
+    if kind != "P2PK":
+        raise ConditionError(f"spending condition {kind[:16]!r} is not supported: P2PK is")
+    if not isinstance(body, dict) or not isinstance(body.get("data"), str):
+        raise ConditionError("a P2PK secret's second element is {nonce, data, tags}")
+    tags = body.get("tags") or []
+    if not isinstance(tags, list) or not all(
+        isinstance(t, list) and t and all(isinstance(v, str) for v in t) for t in tags
+    ):
+        raise ConditionError("a P2PK secret's tags are lists of strings")
+    found = Condition(kind, body["data"], tuple(tuple(t) for t in tags))
+    _ = found.sigflag  # refused here where it is neither flag
+    return found
+
+
+def check(
+    proofs: Sequence[nut.Proof],
+    outputs: Sequence[nut.BlindedMessage],
+    now: int,
+    quote: str = "",
+) -> None:
+    """Refuse (``ConditionError``) unless every proof's conditions are met by the
+    request: its outputs and, for a melt, its quote id (what SIG_ALL signs)."""
+    conditions = [condition_of(p.secret) for p in proofs]
+    if any(c is not None and c.sigflag == SIG_ALL for c in conditions):
+        first = conditions[0]
+        if first is None or any(
+            c is None or (c.kind, c.data, c.tags) != (first.kind, first.data, first.tags)
+            for c in conditions
+        ):
+            raise ConditionError("SIG_ALL: every input must carry the same conditions")
+        msg = "".join(p.secret + p.C for p in proofs)
+        msg += "".join(f"{o.amount}{o.B_}" for o in outputs) + quote
+        _met(first, msg, proofs[0].witness, now)
+        return
+    for p, c in zip(proofs, conditions, strict=True):
+        if c is not None:
+            _met(c, p.secret, p.witness, now)
+
+
+def _met(c: Condition, msg: str, witness: str | None, now: int) -> None:
+    digest = hashlib.sha256(msg.encode()).digest()
+    signatures = _signatures(witness)
+    keys = [c.data, *c.tag("pubkeys")]
+    needed = c.number("n_sigs", 1)
+    if _signed(keys, signatures, digest) >= needed:
+        return
+    locktime = c.number("locktime", 0) if c.tag("locktime") else None
+    if locktime is None or now < locktime:
+        raise ConditionError(f"P2PK: {needed} valid signature(s) of its keys needed")
+    refund = c.tag("refund")
+    if not refund:
+        return  # the lock expired and names no refund key: anyone spends it
+    needed = c.number("n_sigs_refund", 1)
+    if _signed(refund, signatures, digest) < needed:
+        raise ConditionError(f"P2PK: locktime passed; {needed} refund signature(s) needed")
+
+
+def _signatures(witness: str | None) -> list[bytes]:
+    if not witness:
+        return []
+    try:
+        doc: Any = json.loads(witness)
+        found = [bytes.fromhex(s) for s in doc.get("signatures", [])]
+    except (ValueError, AttributeError, TypeError):
+        raise ConditionError('a P2PK witness is {"signatures": [hex, ...]}') from None
+    if len(found) > MAX_SIGNATURES:
+        raise ConditionError(f"at most {MAX_SIGNATURES} signatures in a witness")
+    return found
+
+
+def _signed(keys: list[str], signatures: list[bytes], digest: bytes) -> int:
+    """How many distinct ``keys`` signed ``digest`` (among ``signatures``)."""
+    if len(keys) > MAX_KEYS:
+        raise ConditionError(f"at most {MAX_KEYS} keys in a condition")
+    xonly = set()
+    for key in keys:
+        try:
+            raw = bytes.fromhex(key)
+        except ValueError:
+            raise ConditionError(f"not a public key: {key[:66]!r}") from None
+        if len(raw) != 33 or raw[0] not in (2, 3):
+            raise ConditionError(f"not a compressed public key: {key[:66]!r}")
+        xonly.add(raw[1:])
+    return sum(any(schnorr_verify(k, digest, s) for s in signatures) for k in xonly)

@@ -1,0 +1,166 @@
+"""Spending conditions (``constellation.ecash.conditions``): the NUT-11 vectors of
+``tests/vectors/cashu/11-test.md`` (SIG_INPUTS, multisig, locktime and refund,
+SIG_ALL on swaps and melts with their message hashes; HTLCs refused as not enforced),
+and a property: a proof spends exactly when enough distinct keys signed it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from constellation.ecash.conditions import ConditionError, check, condition_of
+from constellation.keys import SigningKey, schnorr_sign
+from constellation.protocol import cashu as nut
+
+VECTORS = Path(__file__).parents[1] / "vectors" / "cashu" / "11-test.md"
+NOW = 1_800_000_000
+
+
+def blocks() -> tuple[list[Any], list[str]]:
+    """The vectors' JSON blocks, and their message blocks, in order."""
+    text = VECTORS.read_text()
+    docs = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", text, re.S)]
+    msgs = re.findall(r"^```\n(\[\"P2PK\".*?)\n```", text, re.S | re.M)
+    return docs, msgs
+
+
+DOCS, MSGS = blocks()
+HASHES = re.findall(r"should look like this: `([0-9a-f]{64})`", VECTORS.read_text())
+
+
+def proof(doc: dict[str, Any]) -> nut.Proof:
+    return msgspec.convert(doc, nut.Proof)
+
+
+def request(doc: dict[str, Any]) -> tuple[list[nut.Proof], list[nut.BlindedMessage], str]:
+    inputs = [proof(p) for p in doc["inputs"]]
+    outputs = msgspec.convert(doc["outputs"], list[nut.BlindedMessage])
+    return inputs, outputs, doc.get("quote", "")
+
+
+@pytest.mark.parametrize(
+    ("index", "valid"),
+    [(1, True), (2, True), (3, True), (4, False), (5, True), (6, False), (7, True), (8, False)],
+)
+def test_the_sig_inputs_vectors(index: int, valid: bool) -> None:
+    p = proof(DOCS[index])
+    if valid:
+        check([p], [], NOW)
+    else:
+        with pytest.raises(ConditionError):
+            check([p], [], NOW)
+
+
+def test_a_locked_proof_without_its_witness_is_refused() -> None:
+    with pytest.raises(ConditionError, match="signature"):
+        check([proof(DOCS[0])], [], NOW)
+
+
+@pytest.mark.parametrize(("index", "valid"), [(10, True), (11, False), (12, True), (13, True)])
+def test_the_sig_all_swap_vectors(index: int, valid: bool) -> None:
+    inputs, outputs, _ = request(DOCS[index])
+    if valid:
+        check(inputs, outputs, NOW)
+    else:
+        with pytest.raises(ConditionError, match="same conditions"):
+            check(inputs, outputs, NOW)
+
+
+@pytest.mark.parametrize("index", [18, 19])
+def test_the_sig_all_melt_vectors(index: int) -> None:
+    inputs, outputs, quote = request(DOCS[index])
+    check(inputs, outputs, NOW, quote)
+    with pytest.raises(ConditionError):  # the signature covers the quote id
+        check(inputs, outputs, NOW, quote + "x")
+    with pytest.raises(ConditionError):  # and the outputs
+        check(inputs, [], NOW, quote)
+
+
+def test_the_sig_all_messages_hash_as_the_vectors_say() -> None:
+    for doc, msg, digest in zip((DOCS[9], DOCS[17]), MSGS, HASHES, strict=True):
+        inputs, outputs, quote = request(doc)
+        mine = "".join(p.secret + p.C for p in inputs)
+        mine += "".join(f"{o.amount}{o.B_}" for o in outputs) + quote
+        assert mine == msg and hashlib.sha256(mine.encode()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("index", [14, 15, 16])
+def test_htlcs_are_refused_not_spent_as_plain_secrets(index: int) -> None:
+    inputs, outputs, _ = request(DOCS[index])
+    with pytest.raises(ConditionError, match="not supported"):
+        check(inputs, outputs, NOW)
+
+
+@pytest.mark.parametrize(
+    ("secret", "why"),
+    [
+        ('["P2PK", "x"]', "nonce, data, tags"),
+        ('["P2PK", {"data": "02aa", "tags": [["n_sigs", "two"]]}]', "not a number"),
+        ('["P2PK", {"data": "02aa", "tags": [["sigflag", "SIG_SOME"]]}]', "sigflag"),
+        ('["P2PK", {"data": "02aa", "tags": "sigflag"}]', "lists of strings"),
+        ('["P2PK", {"data": "02aa"}]', "compressed public key"),
+    ],
+)
+def test_malformed_conditions_are_refused(secret: str, why: str) -> None:
+    p = nut.Proof(1, "009a1f293253e41e", secret, "02" + "11" * 32, '{"signatures": []}')
+    with pytest.raises(ConditionError, match=why):
+        check([p], [], NOW)
+
+
+def test_plain_secrets_have_no_condition() -> None:
+    for secret in (os.urandom(32).hex(), "[not json", '["P2PK"]', "[1, 2]"):
+        assert condition_of(secret) is None
+
+
+KEYS = [SigningKey(bytes([i + 1]) * 32) for i in range(5)]
+
+
+def locked(data: int, pubkeys: list[int], n: int, tags: list[list[str]] | None = None) -> str:
+    extra = [["pubkeys", *("02" + KEYS[i].pubkey.hex() for i in pubkeys)]] if pubkeys else []
+    body = {
+        "nonce": os.urandom(8).hex(),
+        "data": "02" + KEYS[data].pubkey.hex(),
+        "tags": [*extra, ["n_sigs", str(n)], *(tags or [])],
+    }
+    return json.dumps(["P2PK", body])
+
+
+def signed(secret: str, signers: list[int]) -> nut.Proof:
+    digest = hashlib.sha256(secret.encode()).digest()
+    sigs = [schnorr_sign(KEYS[i].secret, digest).hex() for i in signers]
+    return nut.Proof(
+        1, "009a1f293253e41e", secret, "02" + "11" * 32, json.dumps({"signatures": sigs})
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 4),
+    st.lists(st.integers(0, 4), max_size=6),
+    st.booleans(),
+)
+def test_a_proof_spends_exactly_when_enough_of_its_keys_signed(
+    n: int, signers: list[int], expired: bool
+) -> None:
+    """Keys 0 (data), 1, 2 (pubkeys) of which ``n`` must sign; key 3 the refund key once
+    the locktime passed; key 4 nobody's. Repeated signers count once."""
+    lock = [
+        ["locktime", str(NOW - 1 if expired else NOW + 1)],
+        ["refund", "02" + KEYS[3].pubkey.hex()],
+    ]
+    p = signed(locked(0, [1, 2], n, lock), signers)
+    enough = len({s for s in signers if s in (0, 1, 2)}) >= n or (expired and 3 in signers)
+    if enough:
+        check([p], [], NOW)
+    else:
+        with pytest.raises(ConditionError):
+            check([p], [], NOW)
