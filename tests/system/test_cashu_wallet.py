@@ -56,6 +56,34 @@ def balance(net: Devnet, home: Path) -> int:
     return int(found[-1])
 
 
+def mint_waiting_on_the_websocket(net: Devnet, home: Path, payer: LightningRpc, sat: int) -> None:
+    """``cashu invoice SAT`` as a user runs it: it shows the invoice, then waits to be
+    told over the mint's websocket (NUT-17) that it is paid, and mints."""
+    waiting = subprocess.Popen(
+        [str(CASHU), "--host", net.mint_url, "-y", "invoice", str(sat)],
+        env={**cashu_env(home), "PYTHONUNBUFFERED": "1"},
+        cwd=home,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert waiting.stdout is not None
+        lines: list[str] = []
+        while not (found := re.search(r"Invoice: (lnbcrt\S+)", "".join(lines))):
+            line = waiting.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        assert payer.pay(found.group(1))["status"] == "complete"
+        out, _ = waiting.communicate(timeout=60)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 0 and "Invoice paid" in out, "".join(lines) + out
+    with urllib.request.urlopen(f"{net.mint_url}/metrics") as r:
+        told = re.search(r"^mint_ws_notifications_total (\S+)", r.read().decode(), re.M)
+    assert told and float(told.group(1)) >= 1  # told by the websocket, not by polling
+
+
 def test_the_reference_wallet_mints_sends_pays_and_restores(where: Path, tmp_path: Path) -> None:
     op0, op1 = guild.load(where)
     other = LightningRpc(op1.lightning_rpc)
@@ -73,30 +101,8 @@ def test_the_reference_wallet_mints_sends_pays_and_restores(where: Path, tmp_pat
     assert "Invoice paid" in cashu(op0, alice, "invoice", "500", "--id", quote.group(1))
     assert balance(op0, alice) == 500
     # and the usual way: the wallet waits on the mint's websocket (NUT-17) for the payment
-    waiting = subprocess.Popen(
-        [str(CASHU), "--host", op0.mint_url, "-y", "invoice", "50"],
-        env={**cashu_env(alice), "PYTHONUNBUFFERED": "1"},
-        cwd=alice,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert waiting.stdout is not None
-        lines: list[str] = []
-        while not (found := re.search(r"Invoice: (lnbcrt\S+)", "".join(lines))):
-            line = waiting.stdout.readline()
-            assert line, "".join(lines)
-            lines.append(line)
-        assert other.pay(found.group(1))["status"] == "complete"
-        out, _ = waiting.communicate(timeout=60)  # told by the websocket, not by polling
-    finally:
-        waiting.kill()
-    assert waiting.returncode == 0 and "Invoice paid" in out, "".join(lines) + out
+    mint_waiting_on_the_websocket(op0, alice, other, 50)
     assert balance(op0, alice) == 550
-    with urllib.request.urlopen(f"{op0.mint_url}/metrics") as r:
-        told = re.search(r"^mint_ws_notifications_total (\S+)", r.read().decode(), re.M)
-    assert told and float(told.group(1)) >= 1
     # send a token (swapped, with DLEQ proofs) and receive it at bob's wallet
     sent = cashu(op0, alice, "send", "120", "--dleq", "--force-swap")
     token = re.search(r"cashuB[A-Za-z0-9_=-]+", sent)
