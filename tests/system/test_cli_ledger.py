@@ -47,7 +47,12 @@ def test_the_main_command_runs_a_guild_through_failures(devnet_root: Path) -> No
     assert re.search(r"op0/0: copy [2-5] at op[12] elected", out)
     assert "every copy caught up" in out and "guild demo: every check held" in out
     assert out.count(": conserved") == 6 and "NOT CONSERVED" not in out
-    assert "Lightning: a simulated network of 3 nodes" in out
+    assert "Lightning: a simulated network of 4 nodes, one per operator and one for" in out
+    # the money path: a deposit over Lightning into a coin, an invoice paid through the mint
+    assert "deposit of 50000 sat: credited 50000000 msat as coin" in out
+    assert re.search(r"payment of 12345 sat \(quote \S+\): PAID", out)
+    assert "the merchant's node says of that invoice: paid" in out
+    assert out.count("reserve holds") >= 3 and "MONEY PATH FAILED" not in out
     assert "its Lightning node went down with it (offline: op0)" in out
     assert re.search(r"Lightning books: [\d,]+ msat minted, all accounted for", out)
     assert not folder.exists()  # purged after the run

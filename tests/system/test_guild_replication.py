@@ -318,7 +318,8 @@ async def test_every_gateway_watches_its_lightning_node_with_a_channel_to_each_p
             await asyncio.sleep(0.5)
         money = gauges(net, "gateway_lightning_msat")
         half = guild.CHANNEL_SAT * 1000 // 2  # each channel starts balanced
-        assert money['gateway_lightning_msat{kind="local"}'] == 2 * half
+        assert money['gateway_lightning_msat{kind="local"}'] == 3 * half
         channels = gauges(net, "gateway_lightning_channel_msat")
-        assert sum(1 for k in channels if 'kind="local"' in k) == 2  # one per peer
+        # one per peer, and one to the network's outside node (users' own wallets)
+        assert sum(1 for k in channels if 'kind="local"' in k) == 3
     assert guild.lightning(where, "/v1/books")["missing_msat"] == 0
