@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import time
@@ -43,8 +44,8 @@ from constellation.tx import Issuance, TxOutput, decode_issuance, decode_transac
 from services.ecash.cache import CACHED, Cache
 from services.ecash.config import Settings
 from services.ecash.metrics import MintMetrics
-from services.ecash.store import MintStore, Redeem
-from services.ecash.ws import Hub
+from services.ecash.store import MintStore, Redeem, listen_forever
+from services.ecash.ws import CHANNELS, Hub
 from services.gateway.lightning import PAY_S, ClnBackend, LightningBackend, LightningError
 from services.runtime import OpsServer
 from services.wallet import Gateway, GatewayError
@@ -90,7 +91,8 @@ class MintApp:
         self.paying: set[tuple[str, int]] = set()  # melt attempts this process is paying
         self.session: aiohttp.ClientSession | None = None
         self.ledger_id = b""  # the operator's ledger's (asked of its gateway once)
-        self.hub = Hub(settings.database_url, self._states_of, self.metrics)
+        self.hub = Hub(self._states_of, self.metrics)
+        self.rotated = asyncio.Event()  # another process changed the keysets
         self.cache: Cache | None = None
 
     def ready(self) -> tuple[bool, str]:
@@ -111,8 +113,15 @@ class MintApp:
         self.ops.tasks.start("paid", self._follow_paid)
         self.ops.tasks.start("resolve", self._resolve_forever)
         self.ops.tasks.start("books", self._books_forever)
-        self.ops.tasks.start("listen", self.hub.listen_forever)
+        handlers: dict[str, Callable[[str], None]] = {
+            ch: functools.partial(self.hub.heard, kind) for ch, kind in CHANNELS.items()
+        }
+        handlers["mint_keysets"] = lambda _: self.rotated.set()
+        self.ops.tasks.start(
+            "listen", functools.partial(listen_forever, s.database_url, handlers, self._heard_all)
+        )
         self.ops.tasks.start("tell", self.hub.tell_forever)
+        self.ops.tasks.start("keysets", self._keysets_forever)
         if s.gateway_url:
             self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=GATEWAY_S))
             self.ops.tasks.start("redeem", self._redeem_forever)
@@ -132,6 +141,24 @@ class MintApp:
         if self.cache is not None:
             await self.cache.close()
         await store.close()
+
+    async def _heard_all(self) -> None:
+        """Listening (again): what changed meanwhile is read anew."""
+        self.rotated.set()
+        await self.hub.everything()
+
+    async def _keysets_forever(self) -> None:
+        """Take up the keysets as stored when another mint process rotated them: this
+        one signs only with the active keyset, whoever made it active."""
+        while True:
+            await self.rotated.wait()
+            self.rotated.clear()
+            keysets = await self.db.stored_keysets(self.master)
+            if {k.id: k.active for k in keysets} != {
+                k.id: k.active for k in self.rules.keysets.values()
+            }:
+                self.mint = m.Mint(keysets, self.settings.max_amount_sat)
+                log.info("keysets taken up", extra={"active": [k.id for k in keysets if k.active]})
 
     def _key(self, purpose: bytes) -> SigningKey:
         """A key of the mint's for one purpose, derived from its master secret."""

@@ -11,8 +11,11 @@ from what was stored.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
@@ -22,6 +25,10 @@ from constellation.ecash import mint as m
 from constellation.ecash.keyset import Keyset, input_fee
 from constellation.protocol import cashu as nut
 from services.signer.store import seal, unseal
+
+log = logging.getLogger("mint.store")
+
+RELISTEN_S = 1.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS mint_master (
@@ -131,8 +138,9 @@ LANGUAGE sql AS $$  -- numeric: what sum() of bigints is
     INSERT INTO mint_totals SELECT k, ks, pg_backend_pid() % 1024, delta WHERE delta <> 0
     ON CONFLICT (kind, keyset, shard) DO UPDATE SET amount = mint_totals.amount + delta
 $$;
--- ...and tell the mint processes (NUT-17 subscribers) of every change of a proof's state
--- and a quote's, on commit: Ys in batches of 100 (a notification carries 8000 bytes)
+-- ...and tell the mint processes of every change of a proof's state and a quote's (NUT-17
+-- subscribers), and of the keysets (a rotation), on commit: Ys in batches of 100 (a
+-- notification carries 8000 bytes)
 CREATE OR REPLACE FUNCTION mint_count_proofs() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP <> 'DELETE' THEN
@@ -198,6 +206,13 @@ CREATE OR REPLACE TRIGGER mint_quotes_in AFTER INSERT ON mint_quotes
 CREATE OR REPLACE TRIGGER mint_quotes_up AFTER UPDATE ON mint_quotes
     REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
     FOR EACH STATEMENT EXECUTE FUNCTION mint_count_quotes();
+CREATE OR REPLACE FUNCTION mint_notify_keysets() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('mint_keysets', '');
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER mint_keysets_changed AFTER INSERT OR UPDATE ON mint_keysets
+    FOR EACH STATEMENT EXECUTE FUNCTION mint_notify_keysets();
 CREATE OR REPLACE TRIGGER melt_quotes_up AFTER UPDATE ON melt_quotes
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION mint_notify_melts();
 CREATE OR REPLACE TRIGGER mint_fees_in AFTER INSERT ON mint_fees
@@ -240,6 +255,15 @@ async def _refuse_paid_or_paying(conn: asyncpg.Connection, payment_hash: str) ->
         raise m.CashuError(m.INVOICE_PAID, "this invoice is paid already")
     if state is not None:
         raise m.CashuError(m.QUOTE_PENDING, "another quote of this invoice is paying it")
+
+
+def _keysets(master: bytes, rows: Sequence[asyncpg.Record]) -> list[Keyset]:
+    found = []
+    for r in rows:
+        k = Keyset.derive(master, r["unit"], r["idx"], r["input_fee_ppk"])
+        assert k.id == r["id"], "a stored keyset id that its keys do not make"
+        found.append(Keyset(k.unit, k.index, k.input_fee_ppk, k.secrets, r["active"]))
+    return found
 
 
 class MintStore:
@@ -293,12 +317,13 @@ class MintStore:
                     input_fee_ppk,
                 )
                 rows = await conn.fetch("SELECT * FROM mint_keysets ORDER BY unit, idx")
-        found = []
-        for r in rows:
-            k = Keyset.derive(master, r["unit"], r["idx"], r["input_fee_ppk"])
-            assert k.id == r["id"], "a stored keyset id that its keys do not make"
-            found.append(Keyset(k.unit, k.index, k.input_fee_ppk, k.secrets, r["active"]))
-        return found
+        return _keysets(master, rows)
+
+    async def stored_keysets(self, master: bytes) -> list[Keyset]:
+        """Every keyset as stored (another mint process may have rotated them)."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT * FROM mint_keysets ORDER BY unit, idx")
+        return _keysets(master, rows)
 
     # -- spending and signing ------------------------------------------------------------
 
@@ -753,3 +778,33 @@ def _change(r: asyncpg.Record) -> list[nut.BlindSignature]:
     if not r["change"]:
         return []
     return nut.decode(r["change"].encode(), list[nut.BlindSignature])
+
+
+async def listen_forever(
+    url: str,
+    handlers: dict[str, Callable[[str], None]],
+    connected: Callable[[], Awaitable[None]],
+) -> None:
+    """Hand each notification of the tables' triggers to its channel's handler, on a
+    connection of its own; where it breaks it is made again, and ``connected`` runs
+    each time it is (what changed meanwhile was not heard: read it anew)."""
+    while True:
+        try:
+            conn = await asyncpg.connect(url)
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("not listening", extra={"error": repr(exc)})
+            await asyncio.sleep(RELISTEN_S)
+            continue
+        try:
+            for channel, handler in handlers.items():
+                await conn.add_listener(channel, _heard(handler))
+            await connected()
+            while not conn.is_closed():
+                await asyncio.sleep(RELISTEN_S)
+        finally:
+            with contextlib.suppress(OSError, asyncpg.PostgresError):
+                await conn.close()
+
+
+def _heard(handler: Callable[[str], None]) -> Callable[[Any, int, str, str], None]:
+    return lambda _conn, _pid, _channel, payload: handler(payload)

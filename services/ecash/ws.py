@@ -2,12 +2,12 @@
 melt quotes and proofs, and are told every change of their state.
 
 A change is made by whichever mint process served it (or by a resolver); the tables'
-triggers notify every process through PostgreSQL on commit (LISTEN/NOTIFY), and each
-process tells its own sockets. A notification names what changed, never what it became:
-the state is read anew, so a late notification tells nothing stale. A subscription is
-answered with the current state of each thing first. Where the listening connection
-breaks it is made again, and every subscriber is told the current state of all it
-watches (what changed meanwhile is not missed).
+triggers notify every process through PostgreSQL on commit (LISTEN/NOTIFY, heard by
+``store.listen_forever``), and each process tells its own sockets. A notification names
+what changed, never what it became: the state is read anew, so a late notification
+tells nothing stale. A subscription is answered with the current state of each thing
+first. Where the listening connection breaks it is made again, and every subscriber is
+told the current state of all it watches (what changed meanwhile is not missed).
 
 Every request is bounded (its size, subscriptions per socket, things per subscription,
 sockets per process), and a socket that does not read what it is sent is closed rather
@@ -41,7 +41,6 @@ MAX_SOCKETS = 1000
 MAX_SUBSCRIPTIONS = 100  # per socket
 MAX_MESSAGE = 64 << 10
 QUEUE = 256  # messages a socket may be behind before it is closed
-RELISTEN_S = 1.0
 HEARTBEAT_S = 30.0
 PARSE_ERROR, INVALID_REQUEST, NO_METHOD, INVALID_PARAMS = -32700, -32600, -32601, -32602
 
@@ -72,10 +71,10 @@ class Socket:
 
 
 class Hub:
-    """One mint process's subscribed sockets, and its ear on the database."""
+    """One mint process's subscribed sockets, told what the database's notifications
+    (``store.listen_forever``) say changed."""
 
-    def __init__(self, database_url: str, fetch: Fetch, metrics: MintMetrics) -> None:
-        self.database_url = database_url
+    def __init__(self, fetch: Fetch, metrics: MintMetrics) -> None:
         self.fetch = fetch
         self.metrics = metrics
         self.watch: dict[tuple[str, str], set[tuple[Socket, str]]] = {}
@@ -188,28 +187,9 @@ class Hub:
 
     # -- what changed ------------------------------------------------------------------
 
-    async def listen_forever(self) -> None:
-        """Listen to the tables' notifications; made again when the connection breaks
-        (then every subscriber is told the current state)."""
-        while True:
-            try:
-                conn = await asyncpg.connect(self.database_url)
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("not listening", extra={"error": repr(exc)})
-                await asyncio.sleep(RELISTEN_S)
-                continue
-            try:
-                for channel in CHANNELS:
-                    await conn.add_listener(channel, self._heard)
-                await self._everything()
-                while not conn.is_closed():
-                    await asyncio.sleep(RELISTEN_S)
-            finally:
-                with contextlib.suppress(OSError, asyncpg.PostgresError):
-                    await conn.close()
-
-    def _heard(self, _: Any, __: int, channel: str, payload: str) -> None:
-        self.changes.put_nowait((CHANNELS[channel], payload.split(",")))
+    def heard(self, kind: str, payload: str) -> None:
+        """A notification of the tables' triggers: ``kind``'s things that changed."""
+        self.changes.put_nowait((kind, payload.split(",")))
 
     async def tell_forever(self) -> None:
         """Tell each change to the sockets that watch it."""
@@ -235,7 +215,9 @@ class Hub:
                     self._drop(sock)
                     await sock.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too slow")
 
-    async def _everything(self) -> None:
+    async def everything(self) -> None:
+        """Tell every subscriber the current state of all it watches (after the listening
+        connection was made again: what changed meanwhile was not heard)."""
         by_kind: dict[str, list[str]] = {}
         for kind, thing in list(self.watch):
             by_kind.setdefault(kind, []).append(thing)

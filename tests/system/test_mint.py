@@ -512,42 +512,6 @@ async def test_the_reserve_counts_the_mint_s_ecash(where: Path) -> None:
     assert books.fees_msat == found["fees"] > 0 and books.l3_msat == found["l3"] > 0
 
 
-async def test_a_new_input_fee_rotates_the_keyset(where: Path) -> None:
-    """A mint started with another input fee retires the active keyset and makes the next
-    one: ecash of the old keyset is still spent there (paying the old fee), outputs of it
-    are refused (12002), and every keyset is listed with whether it is active."""
-    op0, op1 = nets(where)
-    async with aiohttp.ClientSession() as s:
-        old = Mint(op0.mint_url, s)
-        await old.load()
-        proofs = await old.mint_paid(64, LightningRpc(op1.lightning_rpc))
-        port = free_port()
-        env = {
-            **op0.mint_env(),
-            "MINT_HTTP_ADDR": f"127.0.0.1:{port}",
-            "MINT_INPUT_FEE_PPK": "1000",
-        }
-        rotated = spawn([sys.executable, "-m", "services.ecash"], env, Path(op0.dir) / "mint-3.log")
-        try:
-            await asyncio.to_thread(wait_ready, port, rotated, 30)
-            new = Mint(f"http://127.0.0.1:{port}", s)
-            await new.load()
-            assert new.active != old.active
-            listed = {k["id"]: k for k in (await new.ok("/v1/keysets"))["keysets"]}
-            assert listed[old.active]["active"] is False and listed[new.active]["active"] is True
-            assert listed[new.active]["input_fee_ppk"] == 1000
-            stale, _ = client.outputs_for(64, old.active)
-            swap = {"inputs": proofs, "outputs": stale}
-            assert await new.refused("/v1/swap", swap) == m.KEYSET_INACTIVE
-            fresh = await new.swap(proofs, split(64))  # the old keyset's fee: 0
-            assert {p.id for p in fresh} == {new.active}
-            assert sum(p.amount for p in fresh) == 64
-            kept = await new.swap(fresh, split(64 - len(fresh)))  # 1 sat per input now
-            assert sum(p.amount for p in kept) == 64 - len(fresh)
-        finally:
-            stop_pid(rotated, 5)
-
-
 async def test_a_mint_s_books_start_from_its_tables_once(where: Path) -> None:
     """A mint whose database predates the running sums: they start from its tables on the
     first open, and a second open adds nothing."""
@@ -733,3 +697,51 @@ async def test_nut19_a_lost_answer_is_given_again_and_redis_down_loses_nothing(
                 assert 'mint_cache_total{outcome="error"}' in await r.text()
     finally:
         stop_pid(second, 5)
+
+
+async def test_a_new_input_fee_rotates_the_keyset(where: Path) -> None:
+    """A mint started with another input fee retires the active keyset and makes the next
+    one: ecash of the old keyset is still spent there (paying the old fee), outputs of it
+    are refused (12002), and every keyset is listed with whether it is active. The mint
+    process already running takes the new keyset up: it signs with it alone. (Last in
+    this module: op0's mint charges the new fee from here.)"""
+    op0, op1 = nets(where)
+    async with aiohttp.ClientSession() as s:
+        old = Mint(op0.mint_url, s)
+        await old.load()
+        proofs = await old.mint_paid(64, LightningRpc(op1.lightning_rpc))
+        port = free_port()
+        env = {
+            **op0.mint_env(),
+            "MINT_HTTP_ADDR": f"127.0.0.1:{port}",
+            "MINT_INPUT_FEE_PPK": "1000",
+        }
+        rotated = spawn([sys.executable, "-m", "services.ecash"], env, Path(op0.dir) / "mint-3.log")
+        try:
+            await asyncio.to_thread(wait_ready, port, rotated, 30)
+            new = Mint(f"http://127.0.0.1:{port}", s)
+            await new.load()
+            assert new.active != old.active
+            listed = (await new.ok("/v1/keysets"))["keysets"]
+            by_id = {k["id"]: k for k in listed}
+            assert by_id[old.active]["active"] is False and by_id[new.active]["active"] is True
+            assert by_id[new.active]["input_fee_ppk"] == 1000
+            stale, _ = client.outputs_for(64, old.active)
+            swap = {"inputs": proofs, "outputs": stale}
+            assert await new.refused("/v1/swap", swap) == m.KEYSET_INACTIVE
+            fresh = await new.swap(proofs, split(64))  # the old keyset's fee: 0
+            assert {p.id for p in fresh} == {new.active}
+            assert sum(p.amount for p in fresh) == 64
+            kept = await new.swap(fresh, split(64 - len(fresh)))  # 1 sat per input now
+            assert sum(p.amount for p in kept) == 64 - len(fresh)
+            deadline = time.monotonic() + 10
+            while (await old.ok("/v1/keysets"))["keysets"] != listed:
+                assert time.monotonic() < deadline, "the running mint kept the old keyset"
+                await asyncio.sleep(0.1)
+            stale, _ = client.outputs_for(sum(p.amount for p in kept) - 1, old.active)
+            swap = {"inputs": kept, "outputs": stale}
+            assert await old.refused("/v1/swap", swap) == m.KEYSET_INACTIVE
+            await old.load()
+            assert old.active == new.active
+        finally:
+            stop_pid(rotated, 5)
