@@ -117,7 +117,9 @@ async def ours(directory: Path, args: argparse.Namespace) -> dict[str, float]:
                 return True
 
             mint_rate, _ = await closed_loop(args.seconds, args.flows, mint_one)
-            pool = await fund([4] * min(1000, int(args.seconds * 60)))
+            pool: list[Any] = []
+            while len(pool) < args.seconds * 150 * args.flows / 8:  # more than melts can use
+                pool += await fund([4] * 1000)
 
             async def melt_one(_: int) -> bool:
                 label = f"bench-{os.urandom(8).hex()}"

@@ -209,23 +209,27 @@ class MintApp:
             cache = self.cache if request.path in CACHED else None
             body = await request.read()
             try:
-                answer = await cache.get(request.path, body) if cache is not None else None
-                if answer is None:
-                    doc = await _retried(handler, request)
-                    answer = nut.encode(doc)
-                    if cache is not None and doc.get("state", "PAID") == "PAID":  # final
-                        await cache.put(request.path, body, answer)
-                outcome = "ok"
-                response = web.Response(body=answer, content_type="application/json")
-            except m.CashuError as exc:
-                outcome, response = str(exc.code), _error(exc.code, exc.detail)
+                doc = await _retried(handler, request)
+                answer = nut.encode(doc)
+                if cache is not None and doc.get("state", "PAID") == "PAID":  # final
+                    await cache.put(request.path, body, answer)
+            except m.CashuError as exc:  # spent, issued, paid: by this very request, before?
+                found = await cache.get(request.path, body) if cache is not None else None
+                if found is None:
+                    return self._done(op, started, str(exc.code), _error(exc.code, exc.detail))
+                answer = found
             except nut.DecodeError as exc:
-                outcome, response = "malformed", _error(MALFORMED, f"malformed request: {exc}")
-            self.metrics.operations.labels(op, outcome).inc()
-            self.metrics.seconds.labels(op).observe(time.perf_counter() - started)
-            return response
+                why = f"malformed request: {exc}"
+                return self._done(op, started, "malformed", _error(MALFORMED, why))
+            ok = web.Response(body=answer, content_type="application/json")
+            return self._done(op, started, "ok", ok)
 
         return run
+
+    def _done(self, op: str, started: float, outcome: str, response: web.Response) -> web.Response:
+        self.metrics.operations.labels(op, outcome).inc()
+        self.metrics.seconds.labels(op).observe(time.perf_counter() - started)
+        return response
 
     @property
     def rules(self) -> m.Mint:
