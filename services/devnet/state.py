@@ -240,6 +240,7 @@ class Devnet:
             "MINT_ISSUER_KEY": self.issuer_secret,
             "MINT_NETWORK": self.network,
             "MINT_REDIS_URL": self.redis_url,
+            "MINT_RATE_PER_S": os.environ.get("MINT_RATE_PER_S", "5000"),  # one local client
         }
 
     def indexer_env(self) -> dict[str, str]:

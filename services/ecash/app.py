@@ -47,6 +47,7 @@ from services.ecash.metrics import MintMetrics
 from services.ecash.store import MintStore, Redeem, listen_forever
 from services.ecash.ws import CHANNELS, Hub
 from services.gateway.lightning import PAY_S, ClnBackend, LightningBackend, LightningError
+from services.gateway.limits import Limits
 from services.runtime import OpsServer
 from services.wallet import Gateway, GatewayError
 
@@ -59,6 +60,7 @@ FAIL_AFTER_S = PAY_S + 60.0  # a pay call's time, its retries', and a margin
 DEADLOCK_RETRIES = 3
 BOOKS_EVERY_S = 5.0
 MALFORMED = 0  # no NUT code: a body that is not what the endpoint takes
+RATE_LIMITED = 0  # nor for a client over its rate (HTTP 429, Retry-After)
 PROOF_REFUSED = m.PROOF_INVALID  # an L3 transaction the ledger did not commit
 VERSION = "constellation/0.1"
 
@@ -94,6 +96,7 @@ class MintApp:
         self.hub = Hub(self._states_of, self.metrics)
         self.rotated = asyncio.Event()  # another process changed the keysets
         self.cache: Cache | None = None
+        self.limits: Limits | None = None  # per client address, where there is Redis
 
     def ready(self) -> tuple[bool, str]:
         if self.mint is None:
@@ -109,6 +112,8 @@ class MintApp:
         self.mint = m.Mint(keysets, s.max_amount_sat)
         if s.redis_url:
             self.cache = Cache.open(s.redis_url, s.cache_ttl_s, self.metrics)
+            self.limits = Limits.connect(s.redis_url, s.rate_per_s, prefix="mint-rate")
+            self.ops.tasks.start("limits", self.limits.sync_forever)
         self._routes(self.ops.app.router)
         self.ops.tasks.start("paid", self._follow_paid)
         self.ops.tasks.start("resolve", self._resolve_forever)
@@ -140,6 +145,8 @@ class MintApp:
             await self.session.close()
         if self.cache is not None:
             await self.cache.close()
+        if self.limits is not None:
+            await self.limits.close()
         await store.close()
 
     async def _heard_all(self) -> None:
@@ -206,6 +213,12 @@ class MintApp:
 
         async def run(request: web.Request) -> web.Response:
             started = time.perf_counter()
+            wait = self.limits.admit(request.remote or "unknown", 1) if self.limits else 0.0
+            if wait:
+                why = f"over {self.settings.rate_per_s} requests a second: retry in {wait:.2f} s"
+                limited = web.json_response({"detail": why, "code": RATE_LIMITED}, status=429)
+                limited.headers["Retry-After"] = str(max(1, round(wait)))
+                return self._done(op, started, "429", limited)
             cache = self.cache if request.path in CACHED else None
             body = await request.read()
             try:

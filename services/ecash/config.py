@@ -35,6 +35,7 @@ class Settings:
     # NUT-19: answers kept in Redis (none without it) this long, for a wallet's retry
     redis_url: str = ""
     cache_ttl_s: int = 300
+    rate_per_s: int = 100  # requests a second per client address (shared through Redis)
 
     @staticmethod
     def from_env(env: Mapping[str, str]) -> Settings:
@@ -62,6 +63,7 @@ class Settings:
         return Settings(
             redis_url=env.get("MINT_REDIS_URL", ""),
             cache_ttl_s=env_int(env, "MINT_CACHE_TTL_S", 300, 1, 7 * 86400),
+            rate_per_s=env_int(env, "MINT_RATE_PER_S", 100, 1, 1_000_000),
             gateway_url=gateway_url,
             issuer=issuer,
             network=network,

@@ -45,20 +45,25 @@ class Stored:
 
 class Limits:
     def __init__(
-        self, client: aioredis.Redis, rate_per_s: int, clock: Callable[[], float] = time.time
+        self,
+        client: aioredis.Redis,
+        rate_per_s: int,
+        clock: Callable[[], float] = time.time,
+        prefix: str = "rate",
     ) -> None:
         self.redis = client
         self.rate_per_s = rate_per_s
         self.clock = clock
+        self.prefix = prefix  # of its counts' keys: each service counts its own requests
         # (client, window) -> its count in Redis when last synced / admitted here since
         self._seen: dict[tuple[str, int], int] = {}
         self._unsynced: dict[tuple[str, int], int] = {}
 
     @classmethod
-    def connect(cls, url: str, rate_per_s: int) -> Limits:
+    def connect(cls, url: str, rate_per_s: int, prefix: str = "rate") -> Limits:
         """A client whose requests wait for one of 32 connections (5 s at most)."""
         pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=32, timeout=5)
-        return cls(aioredis.Redis(connection_pool=pool), rate_per_s)
+        return cls(aioredis.Redis(connection_pool=pool), rate_per_s, prefix=prefix)
 
     def admit(self, client: str, count: int) -> float:
         """Count ``count`` transactions for ``client``: 0 if admitted, else the seconds
@@ -83,8 +88,8 @@ class Limits:
             seen[key] = seen.get(key, 0) + n
         pipe = self.redis.pipeline(transaction=False)
         for (client, w), n in batch.items():
-            pipe.incrby(f"rate:{client}:{w}", n)
-            pipe.expire(f"rate:{client}:{w}", 2)
+            pipe.incrby(f"{self.prefix}:{client}:{w}", n)
+            pipe.expire(f"{self.prefix}:{client}:{w}", 2)
         try:
             totals = (await pipe.execute())[::2]
         except RedisError:

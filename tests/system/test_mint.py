@@ -699,6 +699,33 @@ async def test_nut19_a_lost_answer_is_given_again_and_redis_down_loses_nothing(
         stop_pid(second, 5)
 
 
+async def test_a_client_over_its_rate_is_told_when_to_come_back(where: Path) -> None:
+    """A mint allowing 5 requests a second per client: a burst of 30 gets 5 answers and
+    25 HTTP 429s with Retry-After; a second later the client is served again."""
+    op0, _ = nets(where)
+    port = free_port()
+    env = {**op0.mint_env(), "MINT_HTTP_ADDR": f"127.0.0.1:{port}", "MINT_RATE_PER_S": "5"}
+    second = spawn([sys.executable, "-m", "services.ecash"], env, Path(op0.dir) / "mint-6.log")
+    try:
+        await asyncio.to_thread(wait_ready, port, second, 30)
+        url = f"http://127.0.0.1:{port}/v1/checkstate"
+        body = {"Ys": ["02" + "11" * 32]}
+        async with aiohttp.ClientSession() as s:
+            await asyncio.sleep(1.0 - time.time() % 1.0 + 0.05)  # a fresh one-second window
+
+            async def one() -> tuple[int, str]:
+                async with s.post(url, json=body) as r:
+                    return r.status, r.headers.get("Retry-After", "")
+
+            answers = await asyncio.gather(*(one() for _ in range(30)))
+            assert sorted(status for status, _ in answers) == [200] * 5 + [429] * 25
+            assert all(after == "1" for status, after in answers if status == 429)
+            await asyncio.sleep(1.1)
+            assert (await one())[0] == 200
+    finally:
+        stop_pid(second, 5)
+
+
 async def test_a_new_input_fee_rotates_the_keyset(where: Path) -> None:
     """A mint started with another input fee retires the active keyset and makes the next
     one: ecash of the old keyset is still spent there (paying the old fee), outputs of it
