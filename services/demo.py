@@ -116,6 +116,7 @@ async def _wallet(say: Callable[[str], None], *argv: str, expect: int = 0) -> st
         "services.cli",
         "wallet",
         *argv,
+        stdin=asyncio.subprocess.DEVNULL,  # nothing to answer: the demo's fees are shown
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -143,7 +144,13 @@ async def _balance(say: Callable[[str], None], file: str, msat: int) -> None:
 
 async def _quiet(*argv: str) -> str:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "wallet", *argv, stdout=asyncio.subprocess.PIPE
+        sys.executable,
+        "-m",
+        "services.cli",
+        "wallet",
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
     )
     printed, _ = await proc.communicate()
     return printed.decode()

@@ -35,11 +35,21 @@ from constellation.ecash.keyset import split
 from constellation.keys import SigningKey
 from constellation.payto import Kind, PayTo, parse
 from constellation.protocol import cashu as nut
+from constellation.tx import decode_transaction
 from services.ecash.client import MintClient, MintError
 from services.runtime import ConfigError
-from services.wallet import Gateway, WalletFile, send, unspent, wallet_command
+from services.wallet import (
+    Gateway,
+    GatewayError,
+    WalletFile,
+    send,
+    unspent,
+    wallet_command,
+)
 
 MINT_TIMEOUT = aiohttp.ClientTimeout(total=30)
+EXPIRED_AFTER_S = 3600  # past its expiry, as this clock says: an unpaid deposit's invoice
+GIVE_UP_S = 600  # after a withdrawal's unclear refusal, until the ledger's word is final
 
 
 class MoneyError(RuntimeError):
@@ -190,8 +200,8 @@ class Flows:
         flow["tx"] = tx.encode().hex()
         flow["outputs"] = msgspec.to_builtins(outputs)
         flow["secrets"] = _keep_secrets(secrets)
-        blanks, blank_secrets = client.outputs_of(
-            [1] * max(1, flow["fee_reserve"].bit_length()), self.mint.active
+        blanks, blank_secrets = client.outputs_of(  # as many as the change may need
+            [1] * max(1, (flow["ecash"] - flow["amount"]).bit_length()), self.mint.active
         )
         flow["blanks"] = msgspec.to_builtins(blanks)
         flow["blank_secrets"] = _keep_secrets(blank_secrets)
@@ -203,13 +213,13 @@ class Flows:
         """A payment, one step further: paid, pending, or failed (and refunded)."""
         if "proofs" not in flow:
             outputs = msgspec.convert(flow["outputs"], list[nut.BlindedMessage])
+            flow["tries"] = flow.get("tries", 0) + 1
+            self._save()
             try:
                 body = {"tx": flow["tx"], "outputs": outputs}
                 doc = await self.mint.ok("/v1/l3/withdraw", body)
-            except MintError as exc:  # the ledger did not take the coins: nothing spent
-                self.doc.flows.remove(flow)
-                self._save()
-                raise MoneyError(f"the mint refused the withdrawal: {exc}") from None
+            except MintError as exc:
+                return await self._not_withdrawn(flow, exc)
             flow["proofs"] = _docs(self.mint.unblind(doc["signatures"], _secrets(flow, "secrets")))
             self._save()
         if "melted" not in flow:
@@ -227,6 +237,29 @@ class Flows:
             except (aiohttp.ClientError, TimeoutError):
                 pass  # the reply is lost: the quote's state says what became of it
         return await self._settled(flow)
+
+    async def _not_withdrawn(self, flow: dict[str, Any], exc: MintError) -> str:
+        """A withdrawal the mint did not answer with ecash. Refused at the first try
+        (HTTP 400), the ledger took nothing: the flow goes. Else its coins may be taken
+        (a lost reply, then a refused retry; a ledger slow to commit): the flow stays and
+        is asked again, until the ledger says it took the transaction (then the mint's
+        answer is due) or, ``GIVE_UP_S`` on, that it did not (then nothing was spent)."""
+        if exc.status == 400 and flow["tries"] == 1:
+            self.doc.flows.remove(flow)
+            raise MoneyError(f"the mint refused the withdrawal: {exc}; nothing was spent")
+        flow["refused"] = str(exc)
+        first = flow.setdefault("refused_at", time.time())
+        txid = decode_transaction(bytes.fromhex(flow["tx"])).txid.hex()
+        try:
+            committed = (await self.gw.get(f"/v1/tx/{txid}")).get("status") == "committed"
+        except GatewayError as gone:
+            if gone.status != 404:
+                raise
+            committed = False
+        if not committed and time.time() - first >= GIVE_UP_S:
+            self.doc.flows.remove(flow)
+            raise MoneyError(f"the ledger never took the withdrawal ({exc}): nothing was spent")
+        return "withdrawing"
 
     async def _settled(self, flow: dict[str, Any]) -> str:
         quote = await self.mint.ok(f"/v1/melt/quote/bolt11/{flow['quote']}")
@@ -264,7 +297,12 @@ class Flows:
                 said.append(await self._step(flow))
             except (aiohttp.ClientError, TimeoutError) as exc:
                 said.append(f"{_name(flow)}: the mint is not reachable ({exc}); tried again later")
-            self._save()
+            except (MintError, MoneyError, GatewayError) as exc:
+                if only is not None:
+                    raise
+                said.append(f"{_name(flow)}: {exc}")  # the others are taken up all the same
+            finally:
+                self._save()
         return said
 
     async def _step(self, flow: dict[str, Any]) -> str:
@@ -281,7 +319,7 @@ class Flows:
 
     async def _deposit_step(self, flow: dict[str, Any]) -> str:
         state = await self._deposit(flow)
-        if state == "waiting" and flow["expiry"] <= time.time():
+        if state == "waiting" and flow["expiry"] + EXPIRED_AFTER_S <= time.time():
             self.doc.flows.remove(flow)
             return f"{_name(flow)}: the invoice expired unpaid; nothing was deposited"
         if state == "done":
@@ -309,6 +347,11 @@ def _paid_line(flow: dict[str, Any], state: str) -> str:
         )
     if state == "failed":
         return f"{_name(flow)}: FAILED ({flow['failed']}); its value is back as a coin"
+    if state == "withdrawing":
+        return (
+            f"{_name(flow)}: PENDING: the mint has not given its ecash yet ({flow['refused']});"
+            " asked again by `constellation wallet balance`, nothing is lost"
+        )
     return (
         f"{_name(flow)}: PENDING: its fate is not known yet; the ecash stays reserved"
         " (`constellation wallet balance` follows it)"

@@ -33,6 +33,7 @@ from constellation.protocol import cashu as nut
 SIG_INPUTS, SIG_ALL = "SIG_INPUTS", "SIG_ALL"
 MAX_KEYS = 10  # per condition: data, pubkeys, refund
 MAX_SIGNATURES = 10  # per witness
+MAX_CHECKS = 1000  # signature checks in one request (about 50 ms of CPU)
 
 
 class ConditionError(ValueError):
@@ -52,14 +53,17 @@ class Condition:
                 return list(t[1:])
         return []
 
-    def number(self, name: str, default: int) -> int:
+    def number(self, name: str, default: int, least: int = 0) -> int:
         found = self.tag(name)
         if not found:
             return default
         try:
-            return int(found[0])
+            value = int(found[0])
         except ValueError:
             raise ConditionError(f"tag {name!r} is not a number: {found[0][:32]!r}") from None
+        if value < least:
+            raise ConditionError(f"tag {name!r} is {value}: at least {least}")
+        return value
 
     @property
     def sigflag(self) -> str:
@@ -70,16 +74,18 @@ class Condition:
 
 
 def condition_of(secret: str) -> Condition | None:
-    """The spending condition of a secret, or None where it is a plain one (random
-    bytes, not a NUT-10 array)."""
-    if not secret.startswith("["):
-        return None
+    """The spending condition of a secret, or None where it is a plain one. Whatever a
+    wallet may read as a NUT-10 secret (a JSON array, whitespace around it, that starts
+    with a kind) is one here too: refused unless it is exactly a P2PK this mint
+    enforces, so a token locked for a wallet is never spendable by anyone at the mint."""
     try:
         doc = json.loads(secret)
     except ValueError:
         return None
-    if not (isinstance(doc, list) and len(doc) == 2 and isinstance(doc[0], str)):
+    if not (isinstance(doc, list) and doc and isinstance(doc[0], str)):
         return None
+    if len(doc) != 2:
+        raise ConditionError("a NUT-10 secret is [kind, {nonce, data, tags}]")
     kind, body = doc
     if kind != "P2PK":
         raise ConditionError(f"spending condition {kind[:16]!r} is not supported: P2PK is")
@@ -104,6 +110,7 @@ def check(
     """Refuse (``ConditionError``) unless every proof's conditions are met by the
     request: its outputs and, for a melt, its quote id (what SIG_ALL signs)."""
     conditions = [condition_of(p.secret) for p in proofs]
+    budget = [MAX_CHECKS]
     if any(c is not None and c.sigflag == SIG_ALL for c in conditions):
         first = conditions[0]
         if first is None or any(
@@ -113,19 +120,19 @@ def check(
             raise ConditionError("SIG_ALL: every input must carry the same conditions")
         msg = "".join(p.secret + p.C for p in proofs)
         msg += "".join(f"{o.amount}{o.B_}" for o in outputs) + quote
-        _met(first, msg, proofs[0].witness, now)
+        _met(first, msg, proofs[0].witness, now, budget)
         return
     for p, c in zip(proofs, conditions, strict=True):
         if c is not None:
-            _met(c, p.secret, p.witness, now)
+            _met(c, p.secret, p.witness, now, budget)
 
 
-def _met(c: Condition, msg: str, witness: str | None, now: int) -> None:
+def _met(c: Condition, msg: str, witness: str | None, now: int, budget: list[int]) -> None:
     digest = hashlib.sha256(msg.encode()).digest()
     signatures = _signatures(witness)
     keys = [c.data, *c.tag("pubkeys")]
-    needed = c.number("n_sigs", 1)
-    if _signed(keys, signatures, digest) >= needed:
+    needed = c.number("n_sigs", 1, least=1)
+    if _signed(keys, signatures, digest, budget) >= needed:
         return
     locktime = c.number("locktime", 0) if c.tag("locktime") else None
     if locktime is None or now < locktime:
@@ -133,8 +140,8 @@ def _met(c: Condition, msg: str, witness: str | None, now: int) -> None:
     refund = c.tag("refund")
     if not refund:
         return  # the lock expired and names no refund key: anyone spends it
-    needed = c.number("n_sigs_refund", 1)
-    if _signed(refund, signatures, digest) < needed:
+    needed = c.number("n_sigs_refund", 1, least=1)
+    if _signed(refund, signatures, digest, budget) < needed:
         raise ConditionError(f"P2PK: locktime passed; {needed} refund signature(s) needed")
 
 
@@ -151,8 +158,9 @@ def _signatures(witness: str | None) -> list[bytes]:
     return found
 
 
-def _signed(keys: list[str], signatures: list[bytes], digest: bytes) -> int:
-    """How many distinct ``keys`` signed ``digest`` (among ``signatures``)."""
+def _signed(keys: list[str], signatures: list[bytes], digest: bytes, budget: list[int]) -> int:
+    """How many distinct ``keys`` signed ``digest`` (among ``signatures``), each check
+    taken from the request's ``budget``."""
     if len(keys) > MAX_KEYS:
         raise ConditionError(f"at most {MAX_KEYS} keys in a condition")
     xonly = set()
@@ -164,4 +172,7 @@ def _signed(keys: list[str], signatures: list[bytes], digest: bytes) -> int:
         if len(raw) != 33 or raw[0] not in (2, 3):
             raise ConditionError(f"not a compressed public key: {key[:66]!r}")
         xonly.add(raw[1:])
+    budget[0] -= len(xonly) * len(signatures)
+    if budget[0] < 0:
+        raise ConditionError(f"more than {MAX_CHECKS} signature checks in one request")
     return sum(any(schnorr_verify(k, digest, s) for s in signatures) for k in xonly)

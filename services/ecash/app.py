@@ -76,6 +76,10 @@ async def _retried(handler: Callable[[web.Request], Awaitable[Any]], request: we
     return await handler(request)
 
 
+class NotKnownYet(Exception):
+    """What became of a request is not known yet (its transaction may still commit)."""
+
+
 def _error(code: int, detail: str) -> web.Response:
     return web.json_response({"detail": detail, "code": code}, status=400)
 
@@ -234,6 +238,9 @@ class MintApp:
             except nut.DecodeError as exc:
                 why = f"malformed request: {exc}"
                 return self._done(op, started, "malformed", _error(MALFORMED, why))
+            except NotKnownYet as exc:
+                unknown = web.json_response({"detail": str(exc), "code": MALFORMED}, status=503)
+                return self._done(op, started, "unknown", unknown)
             ok = web.Response(body=answer, content_type="application/json")
             return self._done(op, started, "ok", ok)
 
@@ -601,6 +608,9 @@ class MintApp:
             tx = decode_transaction(bytes.fromhex(req.tx))
         except ConstellationError as exc:
             raise m.CashuError(MALFORMED, f"not an L3 transaction: {exc}") from None
+        done = await self.db.withdrawn(tx.txid, req.outputs)
+        if done is not None:  # a retry: answered as first, whatever changed since (keysets)
+            return {"signatures": done}
         out = self.rules.outputs(req.outputs)
         key = m.withdrawal_key(self.l3_key.pubkey, [bytes.fromhex(o.B_) for o in req.outputs])
         paid = sum(v for i, (v, owner) in enumerate(tx.outputs) if owner == key and tx.here(i))
@@ -618,14 +628,15 @@ class MintApp:
         return {"signatures": signatures}
 
     async def _committed(self, gw: Gateway, txid: bytes, exc: Exception) -> None:
-        """Refuse a withdrawal unless its transaction is committed after all."""
+        """Go on with a withdrawal whose submission had no clear answer only where its
+        transaction is committed after all; else its fate is not known yet (HTTP 503: the
+        wallet asks again, and the ledger may still take it)."""
         try:
             found = await gw.get(f"/v1/tx/{txid.hex()}")
         except (GatewayError, aiohttp.ClientError, TimeoutError):
             found = {}
         if found.get("status") != "committed":
-            why = f"the L3 ledger did not commit it: {exc}"
-            raise m.CashuError(PROOF_REFUSED, why) from None
+            raise NotKnownYet(f"the L3 ledger has not committed it (yet?): {exc}") from None
 
     async def _books_forever(self) -> None:
         while True:

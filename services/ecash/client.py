@@ -58,13 +58,16 @@ class MintClient:
         return doc
 
     async def load(self) -> None:
-        """The mint's active keysets, their keys and input fees."""
+        """The mint's keysets, their keys and input fees, and which one is active."""
         for ks in (await self.ok("/v1/keys"))["keysets"]:
             self.keys[ks["id"]] = parse_keys(ks["keys"])
             if ks["active"] and ks["unit"] == "sat":
                 self.active = ks["id"]
         for ks in (await self.ok("/v1/keysets"))["keysets"]:
             self.fees[ks["id"]] = int(ks.get("input_fee_ppk", 0))
+            if ks["id"] not in self.keys:  # retired: ecash of it is still taken
+                [found] = (await self.ok(f"/v1/keys/{ks['id']}"))["keysets"]
+                self.keys[ks["id"]] = parse_keys(found["keys"])
 
     def input_fee(self, proofs: Sequence[nut.Proof]) -> int:
         """What spending ``proofs`` costs at this mint (NUT-02), in sat."""

@@ -29,6 +29,7 @@ from services.signer.store import seal, unseal
 log = logging.getLogger("mint.store")
 
 RELISTEN_S = 1.0
+ALIVE_S = 5.0  # the listening connection answers within this, or is made again
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS mint_master (
@@ -192,34 +193,45 @@ BEGIN
     PERFORM mint_count('l3_msat', '', coalesce(sum(value_msat), 0)) FROM new_rows;
     RETURN NULL;
 END $$;
-CREATE OR REPLACE TRIGGER mint_proofs_in AFTER INSERT ON mint_proofs
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION mint_count_proofs();
-CREATE OR REPLACE TRIGGER mint_proofs_up AFTER UPDATE ON mint_proofs
-    REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION mint_count_proofs();
-CREATE OR REPLACE TRIGGER mint_proofs_out AFTER DELETE ON mint_proofs
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION mint_count_proofs();
-CREATE OR REPLACE TRIGGER mint_promises_in AFTER INSERT ON mint_promises
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION mint_count_promises();
-CREATE OR REPLACE TRIGGER mint_quotes_in AFTER INSERT ON mint_quotes
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION mint_count_quotes();
-CREATE OR REPLACE TRIGGER mint_quotes_up AFTER UPDATE ON mint_quotes
-    REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION mint_count_quotes();
 CREATE OR REPLACE FUNCTION mint_notify_keysets() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('mint_keysets', '');
     RETURN NULL;
 END $$;
-CREATE OR REPLACE TRIGGER mint_keysets_changed AFTER INSERT OR UPDATE ON mint_keysets
-    FOR EACH STATEMENT EXECUTE FUNCTION mint_notify_keysets();
-CREATE OR REPLACE TRIGGER melt_quotes_up AFTER UPDATE ON melt_quotes
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION mint_notify_melts();
-CREATE OR REPLACE TRIGGER mint_fees_in AFTER INSERT ON mint_fees
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION mint_count_fees();
-CREATE OR REPLACE TRIGGER mint_withdrawals_in AFTER INSERT ON mint_withdrawals
-    REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION mint_count_withdrawals();
+-- the triggers, where they are not yet (made again, each would lock its table)
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'mint_withdrawals_in') THEN
+        CREATE TRIGGER mint_proofs_in AFTER INSERT ON mint_proofs
+            REFERENCING NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION mint_count_proofs();
+        CREATE TRIGGER mint_proofs_up AFTER UPDATE ON mint_proofs
+            REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION mint_count_proofs();
+        CREATE TRIGGER mint_proofs_out AFTER DELETE ON mint_proofs
+            REFERENCING OLD TABLE AS old_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION mint_count_proofs();
+        CREATE TRIGGER mint_promises_in AFTER INSERT ON mint_promises
+            REFERENCING NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION mint_count_promises();
+        CREATE TRIGGER mint_quotes_in AFTER INSERT ON mint_quotes
+            REFERENCING NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION mint_count_quotes();
+        CREATE TRIGGER mint_quotes_up AFTER UPDATE ON mint_quotes
+            REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION mint_count_quotes();
+        CREATE TRIGGER mint_keysets_changed AFTER INSERT OR UPDATE ON mint_keysets
+            FOR EACH STATEMENT EXECUTE FUNCTION mint_notify_keysets();
+        CREATE TRIGGER melt_quotes_up AFTER UPDATE ON melt_quotes
+            REFERENCING NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION mint_notify_melts();
+        CREATE TRIGGER mint_fees_in AFTER INSERT ON mint_fees
+            REFERENCING NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION mint_count_fees();
+        CREATE TRIGGER mint_withdrawals_in AFTER INSERT ON mint_withdrawals
+            REFERENCING NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION mint_count_withdrawals();
+    END IF;
+END $$;
 -- a mint that kept its books before the sums were: they start from its tables, once
 INSERT INTO mint_totals
 SELECT kind, keyset, -1, amount FROM (
@@ -684,18 +696,31 @@ class MintStore:
                 value_msat,
                 blinded,
             )
-            if done is None:
-                stored = await conn.fetchval(
-                    "SELECT outputs FROM mint_withdrawals WHERE txid = $1", txid
-                )
-                if [bytes(b) for b in stored] != blinded:
-                    raise m.CashuError(
-                        m.OUTPUTS_SIGNED, "this transaction was withdrawn with other outputs"
-                    )
-            else:
+            if done is not None:
                 signatures = sign(outputs)
                 await self._sign(conn, outputs, signatures)
                 return signatures
+        found = await self.withdrawn(txid, outputs)
+        assert found is not None
+        return found
+
+    async def withdrawn(
+        self, txid: bytes, outputs: Sequence[nut.BlindedMessage]
+    ) -> list[nut.BlindSignature] | None:
+        """The signatures of transaction ``txid``'s withdrawal where it was made (a retry
+        gets them again, whatever happened since), None where it was not; refused where
+        it was made with other outputs."""
+        blinded = [bytes.fromhex(o.B_) for o in outputs]
+        async with self.pool.acquire() as conn:
+            stored = await conn.fetchval(
+                "SELECT outputs FROM mint_withdrawals WHERE txid = $1", txid
+            )
+        if stored is None:
+            return None
+        if [bytes(b) for b in stored] != blinded:
+            raise m.CashuError(
+                m.OUTPUTS_SIGNED, "this transaction was withdrawn with other outputs"
+            )
         found = await self.restore(blinded)
         return [found[b] for b in blinded]
 
@@ -799,8 +824,11 @@ async def listen_forever(
             for channel, handler in handlers.items():
                 await conn.add_listener(channel, _heard(handler))
             await connected()
-            while not conn.is_closed():
+            while True:  # a connection broken without a word (half-open) is found out too
                 await asyncio.sleep(RELISTEN_S)
+                await conn.execute("SELECT 1", timeout=ALIVE_S)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("listening again", extra={"error": repr(exc)})
         finally:
             with contextlib.suppress(OSError, asyncpg.PostgresError):
                 await conn.close()

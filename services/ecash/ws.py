@@ -39,6 +39,7 @@ CHANNELS = {
 }
 MAX_SOCKETS = 1000
 MAX_SUBSCRIPTIONS = 100  # per socket
+MAX_WATCHED = 1000  # quotes and proofs, all a socket's subscriptions together
 MAX_MESSAGE = 64 << 10
 QUEUE = 256  # messages a socket may be behind before it is closed
 HEARTBEAT_S = 30.0
@@ -79,7 +80,11 @@ class Hub:
         self.metrics = metrics
         self.watch: dict[tuple[str, str], set[tuple[Socket, str]]] = {}
         self.sockets: set[Socket] = set()
-        self.changes: asyncio.Queue[tuple[str, list[str]]] = asyncio.Queue()
+        # what to tell, in order: (kind, things, the one subscription to tell or None: all)
+        self.changes: asyncio.Queue[tuple[str, list[str], tuple[Socket, str] | None]] = (
+            asyncio.Queue()
+        )
+        self.closing: set[asyncio.Task[bool]] = set()  # slow sockets being closed
 
     # -- a socket ----------------------------------------------------------------------
 
@@ -97,8 +102,12 @@ class Hub:
                 if msg.type != WSMsgType.TEXT:
                     break
                 reply = await self._answer(sock, msg.data)
-                if not sock.send(reply) or not await self._current(sock, reply):
+                if not sock.send(reply):
                     break
+                result = reply.get("result")
+                if result is not None and result["subId"] in sock.subs:  # its current state
+                    kind, things = sock.subs[result["subId"]]
+                    self.changes.put_nowait((kind, things, (sock, result["subId"])))
         finally:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -146,6 +155,8 @@ class Hub:
         things = list(dict.fromkeys(f.lower() if p.kind == "proof_state" else f for f in p.filters))
         if p.kind == "proof_state" and not all(_is_point(y) for y in things):
             raise RpcError(INVALID_PARAMS, "a proof_state filter is a Y: 33 bytes, hex")
+        if sum(len(t) for _, t in sock.subs.values()) + len(things) > MAX_WATCHED:
+            raise RpcError(INVALID_PARAMS, f"at most {MAX_WATCHED} things watched a socket")
         sock.subs[p.sub_id] = (p.kind, things)
         for thing in things:
             self.watch.setdefault((p.kind, thing), set()).add((sock, p.sub_id))
@@ -159,16 +170,6 @@ class Hub:
         for thing in things:
             self._unwatch((kind, thing), (sock, p.sub_id))
         return {"status": "OK", "subId": p.sub_id}
-
-    async def _current(self, sock: Socket, reply: dict[str, Any]) -> bool:
-        """After a subscription's answer: the current state of what it watches."""
-        result = reply.get("result")
-        if result is None or result["subId"] not in sock.subs:
-            return True
-        sub = result["subId"]
-        kind, things = sock.subs[sub]
-        found = await self.fetch(kind, things)
-        return all(sock.send(_notification(sub, found[t])) for t in things if t in found)
 
     def _unwatch(self, key: tuple[str, str], who: tuple[Socket, str]) -> None:
         watchers = self.watch.get(key)
@@ -188,19 +189,27 @@ class Hub:
     # -- what changed ------------------------------------------------------------------
 
     def heard(self, kind: str, payload: str) -> None:
-        """A notification of the tables' triggers: ``kind``'s things that changed."""
-        self.changes.put_nowait((kind, payload.split(",")))
+        """A notification of the tables' triggers: ``kind``'s things that changed (those
+        some socket here watches are told)."""
+        watched = [t for t in payload.split(",") if (kind, t) in self.watch]
+        if watched:
+            self.changes.put_nowait((kind, watched, None))
 
     async def tell_forever(self) -> None:
         """Tell each change to the sockets that watch it."""
         while True:
-            kind, things = await self.changes.get()
+            kind, things, only = await self.changes.get()
             try:
-                await self._tell(kind, things)
+                await self._tell(kind, things, only)
             except (OSError, asyncpg.PostgresError) as exc:  # read again on the next change
                 log.warning("a change not told", extra={"error": repr(exc)})
 
-    async def _tell(self, kind: str, things: list[str]) -> None:
+    async def _tell(
+        self, kind: str, things: list[str], only: tuple[Socket, str] | None = None
+    ) -> None:
+        """Tell the state of ``things`` as it is now to the subscriptions watching them
+        (or to ``only``, a new one). One task tells everything, in order: a state read
+        later is told later, so the last told is the newest."""
         watched = [t for t in things if (kind, t) in self.watch]
         if not watched:
             return
@@ -208,12 +217,18 @@ class Hub:
         for thing in watched:
             if thing not in found:
                 continue
-            for sock, sub in list(self.watch.get((kind, thing), ())):
+            for sock, sub in [only] if only else list(self.watch.get((kind, thing), ())):
+                if sub not in sock.subs:
+                    continue  # unsubscribed meanwhile
                 if sock.send(_notification(sub, found[thing])):
                     self.metrics.ws_notifications.inc()
-                else:  # too far behind: closed, its subscriptions gone
+                else:  # too far behind: its subscriptions gone, closed aside
                     self._drop(sock)
-                    await sock.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too slow")
+                    task = asyncio.ensure_future(
+                        sock.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too slow")
+                    )
+                    self.closing.add(task)
+                    task.add_done_callback(self.closing.discard)
 
     async def everything(self) -> None:
         """Tell every subscriber the current state of all it watches (after the listening

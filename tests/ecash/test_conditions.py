@@ -23,6 +23,7 @@ from constellation.protocol import cashu as nut
 
 VECTORS = Path(__file__).parents[1] / "vectors" / "cashu" / "11-test.md"
 NOW = 1_800_000_000
+KEY = "0249098aa8b9d2fbec49ff8598feb17b592b986e62319a4fa488a3dc36387157a7"  # the vectors'
 
 
 def blocks() -> tuple[list[Any], list[str]]:
@@ -108,6 +109,12 @@ def test_htlcs_are_refused_not_spent_as_plain_secrets(index: int) -> None:
         ('["P2PK", {"data": "02aa", "tags": [["sigflag", "SIG_SOME"]]}]', "sigflag"),
         ('["P2PK", {"data": "02aa", "tags": "sigflag"}]', "lists of strings"),
         ('["P2PK", {"data": "02aa"}]', "compressed public key"),
+        ('["P2PK", {"data": "02aa", "tags": [["n_sigs", "0"]]}]', "at least 1"),
+        (
+            f'["P2PK", {{"data": "{KEY}", "tags": [["locktime", "1"], ["refund", "{KEY}"],'
+            ' ["n_sigs_refund", "-1"]]}]',
+            "at least 1",
+        ),
     ],
 )
 def test_malformed_conditions_are_refused(secret: str, why: str) -> None:
@@ -117,8 +124,44 @@ def test_malformed_conditions_are_refused(secret: str, why: str) -> None:
 
 
 def test_plain_secrets_have_no_condition() -> None:
-    for secret in (os.urandom(32).hex(), "[not json", '["P2PK"]', "[1, 2]"):
+    for secret in (os.urandom(32).hex(), "[not json", "[1, 2]", "[]", '"text"'):
         assert condition_of(secret) is None
+
+
+def test_what_a_wallet_may_read_as_locked_is_never_spent_as_plain() -> None:
+    """Whitespace around the array, or another length: a wallet may see a lock there;
+    the mint never spends it as a plain secret."""
+    body = {"nonce": "00", "data": "02" + "11" * 32}
+    for secret in (
+        " " + json.dumps(["P2PK", body]),
+        json.dumps(["P2PK", body]) + "\n",
+        json.dumps(["P2PK"]),
+        json.dumps(["P2PK", body, "x"]),
+    ):
+        with pytest.raises(ConditionError):
+            check([nut.Proof(1, "009a1f293253e41e", secret, "02" + "11" * 32)], [], NOW)
+
+
+def test_a_request_is_bounded_in_signature_checks() -> None:
+    """10 keys x 10 signatures a proof: 10 such proofs fit, 11 are refused unchecked."""
+    keys = [SigningKey(bytes([i + 1]) * 32) for i in range(10)]
+    pubkeys = ["pubkeys", *("02" + k.pubkey.hex() for k in keys[1:])]
+    secret = json.dumps(
+        [
+            "P2PK",
+            {
+                "nonce": "00",
+                "data": "02" + keys[0].pubkey.hex(),
+                "tags": [pubkeys, ["n_sigs", "10"]],
+            },
+        ]
+    )
+    digest = hashlib.sha256(secret.encode()).digest()
+    witness = json.dumps({"signatures": [schnorr_sign(k.secret, digest).hex() for k in keys]})
+    p = nut.Proof(1, "009a1f293253e41e", secret, "02" + "11" * 32, witness)
+    check([p] * 10, [], NOW)
+    with pytest.raises(ConditionError, match="checks in one request"):
+        check([p] * 11, [], NOW)
 
 
 KEYS = [SigningKey(bytes([i + 1]) * 32) for i in range(5)]

@@ -179,3 +179,15 @@ def test_a_withdrawal_pays_a_key_that_names_its_outputs() -> None:
     assert m.withdrawal_key(mint_key, outputs) == key  # the wallet and the mint agree
     assert m.withdrawal_key(mint_key, outputs[:-1]) != key  # other outputs: another key
     assert m.withdrawal_key(mint_key, list(reversed(outputs))) != key  # in their order
+
+
+def test_a_withdrawal_buys_outputs_of_exactly_what_it_paid() -> None:
+    outputs = MINT.outputs(client.outputs_for(600, NOW.id)[0])
+    m.check_withdraw(600_000, outputs)
+    for paid in (599_000, 601_000, 600_001, 0):
+        with pytest.raises(m.CashuError) as e:
+            m.check_withdraw(paid, outputs)
+        assert e.value.code == m.UNBALANCED
+    with pytest.raises(m.CashuError) as e:
+        m.check_withdraw(1_000, MINT.outputs([MSAT_BLANK]))
+    assert e.value.code == m.UNIT_UNSUPPORTED

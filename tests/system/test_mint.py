@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,20 @@ class Mint(MintClient):
         signed["signature"] = client.sign_mint_request(key, quote["quote"], again)
         assert await self.refused("/v1/mint/bolt11", signed) == m.QUOTE_ISSUED
         return proofs
+
+
+@contextlib.asynccontextmanager
+async def another_mint(op0: Devnet, log: str, **env: str) -> AsyncIterator[str]:
+    """A second mint process on op0's database (``env`` over op0's settings), up for
+    the block: its URL."""
+    port = free_port()
+    settings = {**op0.mint_env(), "MINT_HTTP_ADDR": f"127.0.0.1:{port}", **env}
+    pid = spawn([sys.executable, "-m", "services.ecash"], settings, Path(op0.dir) / log)
+    try:
+        await asyncio.to_thread(wait_ready, port, pid, 30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_pid(pid, 5)
 
 
 def nets(where: Path) -> list[Devnet]:
@@ -224,60 +238,56 @@ async def test_two_mint_processes_and_kill_9_lose_no_proof_and_sign_nothing_twic
     it). Afterwards each swap is all or nothing: its inputs spent and its outputs signed
     (restorable), or neither; no proof was spent by two swaps that both got answers."""
     op0, op1 = nets(where)
-    port = free_port()
-    env = {**op0.mint_env(), "MINT_HTTP_ADDR": f"127.0.0.1:{port}"}
-    second = spawn([sys.executable, "-m", "services.ecash"], env, Path(op0.dir) / "mint-2.log")
-    try:
-        await asyncio.to_thread(wait_ready, port, second, 30)
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
-            first = Mint(op0.mint_url, s)
-            await first.load()
-            proofs = await first.mint_paid(2**12 - 1, LightningRpc(op1.lightning_rpc))  # 12
-            mints = [first, Mint(f"http://127.0.0.1:{port}", s)]
-            rng = random.Random(os.urandom(8))
-            sent: list[tuple[list[nut.Proof], list[nut.BlindedMessage], int]] = []
+    async with (
+        another_mint(op0, "mint-2.log") as url,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s,
+    ):
+        first = Mint(op0.mint_url, s)
+        await first.load()
+        proofs = await first.mint_paid(2**12 - 1, LightningRpc(op1.lightning_rpc))  # 12
+        mints = [first, Mint(url, s)]
+        rng = random.Random(os.urandom(8))
+        sent: list[tuple[list[nut.Proof], list[nut.BlindedMessage], int]] = []
 
-            async def one() -> None:
-                inputs = rng.sample(proofs, rng.randint(1, 3))
-                outputs, _ = client.outputs_for(sum(p.amount for p in inputs), first.active)
-                try:
-                    status, doc = await rng.choice(mints).call(
-                        "/v1/swap", {"inputs": inputs, "outputs": outputs}
-                    )
-                    code = 200 if status == 200 else int(doc["code"])
-                except (aiohttp.ClientError, TimeoutError):
-                    code = -1  # no answer: committed or not
-                sent.append((inputs, outputs, code))
+        async def one() -> None:
+            inputs = rng.sample(proofs, rng.randint(1, 3))
+            outputs, _ = client.outputs_for(sum(p.amount for p in inputs), first.active)
+            try:
+                status, doc = await rng.choice(mints).call(
+                    "/v1/swap", {"inputs": inputs, "outputs": outputs}
+                )
+                code = 200 if status == 200 else int(doc["code"])
+            except (aiohttp.ClientError, TimeoutError):
+                code = -1  # no answer: committed or not
+            sent.append((inputs, outputs, code))
 
-            async def killer() -> None:
-                await asyncio.sleep(0.05)
-                os.kill(guild.load(where)[0].mint_pid, signal.SIGKILL)
+        async def killer() -> None:
+            await asyncio.sleep(0.05)
+            os.kill(guild.load(where)[0].mint_pid, signal.SIGKILL)
 
-            await asyncio.gather(killer(), *(one() for _ in range(48)))
-            # the supervisor starts the first again
-            deadline = time.monotonic() + 30
-            while True:
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    if (await first.call("/v1/keysets"))[0] == 200:
-                        break
-                assert time.monotonic() < deadline, "the mint did not come back"
-                await asyncio.sleep(0.2)
-            answered = [inputs for inputs, _, code in sent if code == 200]
-            secrets = [p.secret for inputs in answered for p in inputs]
-            assert len(secrets) == len(set(secrets)), "a proof spent by two answered swaps"
-            for inputs, outputs, code in sent:
-                states = set(await first.states(inputs))
-                _, restored = await first.call("/v1/restore", {"outputs": outputs})
-                signed = len(restored["signatures"])
-                if code == 200:
-                    assert states == {"SPENT"} and signed == len(outputs)
-                elif signed:  # committed (its answer lost, or refused for a later reason)
-                    assert signed == len(outputs) and states == {"SPENT"}
-            codes = Counter(code for *_, code in sent)
-            print("swaps by outcome:", dict(codes))
-            assert set(codes) <= {200, -1, m.SPENT, m.PENDING} and codes[200] > 0
-    finally:
-        stop_pid(second, 5)
+        await asyncio.gather(killer(), *(one() for _ in range(48)))
+        # the supervisor starts the first again
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                if (await first.call("/v1/keysets"))[0] == 200:
+                    break
+            assert time.monotonic() < deadline, "the mint did not come back"
+            await asyncio.sleep(0.2)
+        answered = [inputs for inputs, _, code in sent if code == 200]
+        secrets = [p.secret for inputs in answered for p in inputs]
+        assert len(secrets) == len(set(secrets)), "a proof spent by two answered swaps"
+        for inputs, outputs, code in sent:
+            states = set(await first.states(inputs))
+            _, restored = await first.call("/v1/restore", {"outputs": outputs})
+            signed = len(restored["signatures"])
+            if code == 200:
+                assert states == {"SPENT"} and signed == len(outputs)
+            elif signed:  # committed (its answer lost, or refused for a later reason)
+                assert signed == len(outputs) and states == {"SPENT"}
+        codes = Counter(code for *_, code in sent)
+        print("swaps by outcome:", dict(codes))
+        assert set(codes) <= {200, -1, m.SPENT, m.PENDING} and codes[200] > 0
 
 
 Sent = tuple[str, list[nut.Proof], list[nut.BlindedMessage], int]  # quote ("": a swap)
@@ -388,46 +398,42 @@ async def test_64_clients_swap_and_melt_overlapping_proofs_at_two_mints_through_
     exactly when its quote says PAID, and the proofs of a paid quote are one request's."""
     op0, _ = nets(where)
     outside = LightningRpc(guild.outside_rpc(where))
-    port = free_port()
-    env = {**op0.mint_env(), "MINT_HTTP_ADDR": f"127.0.0.1:{port}"}
-    second = spawn([sys.executable, "-m", "services.ecash"], env, Path(op0.dir) / "mint-3.log")
-    try:
-        await asyncio.to_thread(wait_ready, port, second, 30)
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=8)) as s:
-            first = Mint(op0.mint_url, s)
-            await first.load()
-            proofs = await first.mint_paid(2**11 - 1, outside)  # 11 proofs
-            proofs += await first.mint_paid(2**11 - 1, outside)
-            quotes = []
-            for sat in (60, 120, 250, 400, 700, 90):
-                label = f"race-{os.urandom(4).hex()}"
-                inv = outside.invoice(sat * 1000, label, "a race")
-                body = {"request": inv["bolt11"], "unit": "sat"}
-                quote = await first.ok("/v1/melt/quote/bolt11", body)
-                quotes.append({**quote, "label": label, "payment_hash": inv["payment_hash"]})
-            mints = [first, Mint(f"http://127.0.0.1:{port}", s)]
-            try:
-                _, sent = await asyncio.gather(faults(where, op0), race(mints, proofs, quotes, 64))
-            finally:
-                guild.lightning_faults(where, op0.operator, {"lose_replies": 0})
-            codes = Counter(code for *_, code in sent)
-            print("operations by outcome:", dict(codes))
-            refused = {m.SPENT, m.PENDING, m.QUOTE_PENDING, m.INVOICE_PAID, m.PAYMENT_FAILED}
-            assert set(codes) <= {200, -1} | refused and codes[200] > 0
-            states = await fates(mints[1], proofs, quotes)
-            spent_by: Counter[bytes] = Counter()
-            for quote, inputs, outputs, _ in sent:  # swaps: committed where signed
-                _, restored = await mints[1].call("/v1/restore", {"outputs": outputs})
-                if not quote and restored["signatures"]:
-                    assert len(restored["signatures"]) == len(outputs)
-                    spent_by.update(y_of(p) for p in inputs)
-            spent_by.update(await melted(op0, outside, quotes, states, sent))
-            assert max(spent_by.values()) == 1, "a proof spent by two operations"
-            states_now = await mints[1].states(proofs)
-            spent = {y_of(p) for p, st in zip(proofs, states_now, strict=True) if st == "SPENT"}
-            assert spent == set(spent_by), "a proof spent by no operation"
-    finally:
-        stop_pid(second, 5)
+    async with (
+        another_mint(op0, "mint-3.log") as url,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=8)) as s,
+    ):
+        first = Mint(op0.mint_url, s)
+        await first.load()
+        proofs = await first.mint_paid(2**11 - 1, outside)  # 11 proofs
+        proofs += await first.mint_paid(2**11 - 1, outside)
+        quotes = []
+        for sat in (60, 120, 250, 400, 700, 90):
+            label = f"race-{os.urandom(4).hex()}"
+            inv = outside.invoice(sat * 1000, label, "a race")
+            body = {"request": inv["bolt11"], "unit": "sat"}
+            quote = await first.ok("/v1/melt/quote/bolt11", body)
+            quotes.append({**quote, "label": label, "payment_hash": inv["payment_hash"]})
+        mints = [first, Mint(url, s)]
+        try:
+            _, sent = await asyncio.gather(faults(where, op0), race(mints, proofs, quotes, 64))
+        finally:
+            guild.lightning_faults(where, op0.operator, {"lose_replies": 0})
+        codes = Counter(code for *_, code in sent)
+        print("operations by outcome:", dict(codes))
+        refused = {m.SPENT, m.PENDING, m.QUOTE_PENDING, m.INVOICE_PAID, m.PAYMENT_FAILED}
+        assert set(codes) <= {200, -1} | refused and codes[200] > 0
+        states = await fates(mints[1], proofs, quotes)
+        spent_by: Counter[bytes] = Counter()
+        for quote, inputs, outputs, _ in sent:  # swaps: committed where signed
+            _, restored = await mints[1].call("/v1/restore", {"outputs": outputs})
+            if not quote and restored["signatures"]:
+                assert len(restored["signatures"]) == len(outputs)
+                spent_by.update(y_of(p) for p in inputs)
+        spent_by.update(await melted(op0, outside, quotes, states, sent))
+        assert max(spent_by.values()) == 1, "a proof spent by two operations"
+        states_now = await mints[1].states(proofs)
+        spent = {y_of(p) for p, st in zip(proofs, states_now, strict=True) if st == "SPENT"}
+        assert spent == set(spent_by), "a proof spent by no operation"
 
 
 async def test_ecash_redeems_into_an_l3_coin_and_l3_withdraws_as_ecash(where: Path) -> None:
@@ -466,13 +472,14 @@ async def test_ecash_redeems_into_an_l3_coin_and_l3_withdraws_as_ecash(where: Pa
         ecash = mint.unblind(signed["signatures"], secrets)
         assert sum(p.amount for p in ecash) == 600
         assert await mint.ok("/v1/l3/withdraw", body) == signed  # a retry: the same
-        # whoever sees the transaction cannot claim what it paid with outputs of its own
+        # whoever sees the transaction cannot claim what it paid with outputs of its own:
+        # it was withdrawn, with these outputs only
         other, _ = client.outputs_for(600, mint.active)
         again = {"tx": tx.encode().hex(), "outputs": other}
-        assert await mint.refused("/v1/l3/withdraw", again) == m.UNBALANCED
+        assert await mint.refused("/v1/l3/withdraw", again) == m.OUTPUTS_SIGNED
         short, _ = client.outputs_for(601, mint.active)
         bad = {"tx": tx.encode().hex(), "outputs": short}
-        assert await mint.refused("/v1/l3/withdraw", bad) == m.UNBALANCED
+        assert await mint.refused("/v1/l3/withdraw", bad) == m.OUTPUTS_SIGNED
         assert set(await mint.states(ecash)) == {"UNSPENT"}
         await mint.swap(ecash, split(600))  # the mint's own ecash
         spent = {"inputs": ecash, "address": address}
@@ -576,38 +583,35 @@ async def test_nut17_subscribers_are_told_every_change_whichever_process_made_it
     process on the same database; an unsubscribed subscription is told nothing more."""
     op0, _ = nets(where)
     outside = LightningRpc(guild.outside_rpc(where))
-    port = free_port()
-    env = {**op0.mint_env(), "MINT_HTTP_ADDR": f"127.0.0.1:{port}"}
-    second = spawn([sys.executable, "-m", "services.ecash"], env, Path(op0.dir) / "mint-4.log")
-    try:
-        await asyncio.to_thread(wait_ready, port, second, 30)
-        async with aiohttp.ClientSession() as s, s.ws_connect(f"{op0.mint_url}/v1/ws") as ws:
-            mint, other = Mint(op0.mint_url, s), Mint(f"http://127.0.0.1:{port}", s)
-            await mint.load()
-            await other.load()
-            quote = await mint.mint_quote(64)
-            sub = {"kind": "bolt11_mint_quote", "subId": "q", "filters": [quote["quote"]]}
-            assert (await ask(ws, "subscribe", sub, 1))["result"] == {"status": "OK", "subId": "q"}
-            assert (await told(ws, "q"))["state"] == "UNPAID"  # the current state first
-            await asyncio.to_thread(outside.pay, quote["request"])
-            assert (await told(ws, "q"))["state"] == "PAID"
-            proofs = await other.mint(quote["quote"], [64])  # at the other process
-            assert (await told(ws, "q"))["state"] == "ISSUED"
-            ys = [y_of(p).hex() for p in proofs]
-            sub = {"kind": "proof_state", "subId": "p", "filters": ys}
-            assert (await ask(ws, "subscribe", sub, 2))["result"]["subId"] == "p"
-            assert await told(ws, "p") == {"Y": ys[0], "state": "UNSPENT", "witness": None}
-            await other.swap(proofs, [32, 32])
-            assert (await told(ws, "p"))["state"] == "SPENT"
-            assert (await ask(ws, "unsubscribe", {"subId": "p"}, 3))["result"]["subId"] == "p"
-            quote = await mint.mint_quote(8)
-            await asyncio.to_thread(outside.pay, quote["request"])
-            await mint.wait_paid(quote["quote"])
-            await mint.swap(await mint.mint(quote["quote"], [8]), [8])
-            with pytest.raises(TimeoutError):  # told nothing of what it no longer watches
-                print(await ws.receive_json(timeout=1))
-    finally:
-        stop_pid(second, 5)
+    async with (
+        another_mint(op0, "mint-4.log") as url,
+        aiohttp.ClientSession() as s,
+        s.ws_connect(f"{op0.mint_url}/v1/ws") as ws,
+    ):
+        mint, other = Mint(op0.mint_url, s), Mint(url, s)
+        await mint.load()
+        await other.load()
+        quote = await mint.mint_quote(64)
+        sub = {"kind": "bolt11_mint_quote", "subId": "q", "filters": [quote["quote"]]}
+        assert (await ask(ws, "subscribe", sub, 1))["result"] == {"status": "OK", "subId": "q"}
+        assert (await told(ws, "q"))["state"] == "UNPAID"  # the current state first
+        await asyncio.to_thread(outside.pay, quote["request"])
+        assert (await told(ws, "q"))["state"] == "PAID"
+        proofs = await other.mint(quote["quote"], [64])  # at the other process
+        assert (await told(ws, "q"))["state"] == "ISSUED"
+        ys = [y_of(p).hex() for p in proofs]
+        sub = {"kind": "proof_state", "subId": "p", "filters": ys}
+        assert (await ask(ws, "subscribe", sub, 2))["result"]["subId"] == "p"
+        assert await told(ws, "p") == {"Y": ys[0], "state": "UNSPENT", "witness": None}
+        await other.swap(proofs, [32, 32])
+        assert (await told(ws, "p"))["state"] == "SPENT"
+        assert (await ask(ws, "unsubscribe", {"subId": "p"}, 3))["result"]["subId"] == "p"
+        quote = await mint.mint_quote(8)
+        await asyncio.to_thread(outside.pay, quote["request"])
+        await mint.wait_paid(quote["quote"])
+        await mint.swap(await mint.mint(quote["quote"], [8]), [8])
+        with pytest.raises(TimeoutError):  # told nothing of what it no longer watches
+            print(await ws.receive_json(timeout=1))
 
 
 async def test_nut17_is_advertised_and_refuses_bad_requests_with_json_rpc_errors(
@@ -676,45 +680,33 @@ async def test_nut19_a_lost_answer_is_given_again_and_redis_down_loses_nothing(
         first = await mint.ok("/v1/melt/bolt11", melt)
         assert first["state"] == "PAID" and await mint.ok("/v1/melt/bolt11", melt) == first
     # a mint whose Redis is not there: served all the same, with no cache
-    port = free_port()
-    env = {
-        **op0.mint_env(),
-        "MINT_HTTP_ADDR": f"127.0.0.1:{port}",
-        "MINT_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-    }
-    second = spawn([sys.executable, "-m", "services.ecash"], env, Path(op0.dir) / "mint-5.log")
-    try:
-        await asyncio.to_thread(wait_ready, port, second, 30)
-        async with aiohttp.ClientSession() as s:
-            mint = Mint(f"http://127.0.0.1:{port}", s)
-            await mint.load()
-            proofs = await mint.mint_paid(16, outside)
-            outputs, _ = client.outputs_for(16, mint.active)
-            swap = {"inputs": proofs, "outputs": outputs}
-            await mint.ok("/v1/swap", swap)
-            assert await mint.refused("/v1/swap", swap) == m.SPENT  # no cache: refused
-            async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
-                assert 'mint_cache_total{outcome="error"}' in await r.text()
-    finally:
-        stop_pid(second, 5)
+    async with (
+        another_mint(op0, "mint-5.log", MINT_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0") as url,
+        aiohttp.ClientSession() as s,
+    ):
+        mint = Mint(url, s)
+        await mint.load()
+        proofs = await mint.mint_paid(16, outside)
+        outputs, _ = client.outputs_for(16, mint.active)
+        swap = {"inputs": proofs, "outputs": outputs}
+        await mint.ok("/v1/swap", swap)
+        assert await mint.refused("/v1/swap", swap) == m.SPENT  # no cache: refused
+        async with s.get(f"{url}/metrics") as r:
+            assert 'mint_cache_total{outcome="error"}' in await r.text()
 
 
 async def test_a_client_over_its_rate_is_told_when_to_come_back(where: Path) -> None:
     """A mint allowing 5 requests a second per client: a burst of 30 gets 5 answers and
     25 HTTP 429s with Retry-After; a second later the client is served again."""
     op0, _ = nets(where)
-    port = free_port()
-    env = {**op0.mint_env(), "MINT_HTTP_ADDR": f"127.0.0.1:{port}", "MINT_RATE_PER_S": "5"}
-    second = spawn([sys.executable, "-m", "services.ecash"], env, Path(op0.dir) / "mint-6.log")
-    try:
-        await asyncio.to_thread(wait_ready, port, second, 30)
-        url = f"http://127.0.0.1:{port}/v1/checkstate"
+    async with another_mint(op0, "mint-6.log", MINT_RATE_PER_S="5") as url:
+        checkstate = f"{url}/v1/checkstate"
         body = {"Ys": ["02" + "11" * 32]}
         async with aiohttp.ClientSession() as s:
             await asyncio.sleep(1.0 - time.time() % 1.0 + 0.05)  # a fresh one-second window
 
             async def one() -> tuple[int, str]:
-                async with s.post(url, json=body) as r:
+                async with s.post(checkstate, json=body) as r:
                     return r.status, r.headers.get("Retry-After", "")
 
             answers = await asyncio.gather(*(one() for _ in range(30)))
@@ -722,8 +714,6 @@ async def test_a_client_over_its_rate_is_told_when_to_come_back(where: Path) -> 
             assert all(after == "1" for status, after in answers if status == 429)
             await asyncio.sleep(1.1)
             assert (await one())[0] == 200
-    finally:
-        stop_pid(second, 5)
 
 
 async def test_a_new_input_fee_rotates_the_keyset(where: Path) -> None:
@@ -737,16 +727,8 @@ async def test_a_new_input_fee_rotates_the_keyset(where: Path) -> None:
         old = Mint(op0.mint_url, s)
         await old.load()
         proofs = await old.mint_paid(64, LightningRpc(op1.lightning_rpc))
-        port = free_port()
-        env = {
-            **op0.mint_env(),
-            "MINT_HTTP_ADDR": f"127.0.0.1:{port}",
-            "MINT_INPUT_FEE_PPK": "1000",
-        }
-        rotated = spawn([sys.executable, "-m", "services.ecash"], env, Path(op0.dir) / "mint-3.log")
-        try:
-            await asyncio.to_thread(wait_ready, port, rotated, 30)
-            new = Mint(f"http://127.0.0.1:{port}", s)
+        async with another_mint(op0, "mint-7.log", MINT_INPUT_FEE_PPK="1000") as url:
+            new = Mint(url, s)
             await new.load()
             assert new.active != old.active
             listed = (await new.ok("/v1/keysets"))["keysets"]
@@ -770,5 +752,3 @@ async def test_a_new_input_fee_rotates_the_keyset(where: Path) -> None:
             assert await old.refused("/v1/swap", swap) == m.KEYSET_INACTIVE
             await old.load()
             assert old.active == new.active
-        finally:
-            stop_pid(rotated, 5)

@@ -26,12 +26,13 @@ from pyln.client import LightningRpc
 from constellation.address import Network, encode_address
 from constellation.ecash import mint as m
 from constellation.keys import SigningKey
+from constellation.ledger.partition import Coin
 from constellation.payto import parse
 from services.crossload import reserve
 from services.devnet import guild
-from services.ecash.client import MintClient
+from services.ecash.client import MintClient, MintError
 from services.wallet import Gateway, WalletFile, unspent
-from services.wallet_money import PENDING_EXIT, Flows
+from services.wallet_money import PENDING_EXIT, Flows, MoneyError
 from tests.system.guild import cli, local_guild
 
 DEPOSIT_SAT = 20_000
@@ -212,6 +213,39 @@ async def test_a_wallet_stopped_mid_payment_takes_it_up(where: Path, alice: str)
     assert "PAID" in out and status(where, bill["label"]) == "paid", out
     after = await settled(alice)
     assert before - after >= 700_000 + L3_FEE_MSAT and WalletFile.load(Path(alice)).flows == []
+
+
+async def test_a_withdrawal_the_ledger_refused_costs_nothing_one_not_known_is_kept(
+    where: Path, alice: str
+) -> None:
+    """Refused at its first try (the ledger has no such coin): the flow goes, nothing
+    spent. A withdrawal whose answer is not clear (the mint, rate limited, answered
+    HTTP 429) stays in the wallet file, its value safe, and is taken up later."""
+    op0, _ = guild.load(where)
+    doc = WalletFile.load(Path(alice))
+    key = doc.wallet().key(0, 0).pubkey
+    async with aiohttp.ClientSession() as s:
+        gw, mint = Gateway(op0.gateway_url, s), MintClient(op0.mint_url, s)
+        flows = Flows(doc, Path(alice), gw, mint, io.StringIO())
+        await mint.load()
+        bill = invoice(where, 300)
+        flow = await flows.quote(parse(bill["bolt11"], Network.REGTEST))
+        await flows.pay(flow, {os.urandom(32): Coin(10_000_000, key)}, L3_FEE_MSAT)
+        with pytest.raises(MoneyError, match="nothing was spent"):
+            await flows.resume(flow)
+        assert WalletFile.load(Path(alice)).flows == []
+        before = await settled(alice)
+        flow = await flows.quote(parse(bill["bolt11"], Network.REGTEST))
+        await flows.pay(flow, await unspent(gw, doc), L3_FEE_MSAT)
+        flow["tries"] = 1  # as if a first try's answer had been lost
+        refused = MintError(429, 0, "over its rate")
+        assert await flows._not_withdrawn(flow, refused) == "withdrawing"
+        flows._save()
+    [kept] = WalletFile.load(Path(alice)).flows
+    assert kept["quote"] == flow["quote"] and "refused_at" in kept
+    _, out = await balance(alice)  # taken up: withdrawn, melted, paid
+    assert "PAID" in out and status(where, bill["label"]) == "paid", out
+    assert before - await settled(alice) >= 300_000 + L3_FEE_MSAT
 
 
 async def test_the_books_hold_after_the_money_moved(where: Path) -> None:
