@@ -27,8 +27,8 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import aiohttp
 import asyncpg
@@ -58,6 +58,8 @@ GATEWAY_S = 15.0  # a call to the operator's gateway
 RESOLVE_EVERY_S = 2.0
 FAIL_AFTER_S = PAY_S + 60.0  # a pay call's time, its retries', and a margin
 DEADLOCK_RETRIES = 3
+OFF_LOOP = 16  # proofs and outputs in a request past which its EC work leaves the loop
+T = TypeVar("T")
 BOOKS_EVERY_S = 5.0
 MALFORMED = 0  # no NUT code: a body that is not what the endpoint takes
 RATE_LIMITED = 0  # nor for a client over its rate (HTTP 429, Retry-After)
@@ -251,6 +253,16 @@ class MintApp:
         self.metrics.seconds.labels(op).observe(time.perf_counter() - started)
         return response
 
+    async def _off_loop(self, weight: int, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``: in a thread where the request is large (its EC work in
+        coincurve lets go of the GIL: other requests are served meanwhile)."""
+        if weight > OFF_LOOP:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    async def _sign(self, outputs: Sequence[nut.BlindedMessage]) -> list[nut.BlindSignature]:
+        return await self._off_loop(len(outputs), self.rules.sign, outputs)
+
     @property
     def rules(self) -> m.Mint:
         assert self.mint is not None
@@ -319,8 +331,9 @@ class MintApp:
 
     async def swap(self, request: web.Request) -> dict[str, Any]:
         req = nut.decode(await request.read(), nut.SwapRequest)
-        spend, _ = self.rules.swap(req, int(time.time()))
-        signatures = await self.db.swap(spend, req, self.rules.sign)
+        weight = len(req.inputs) + len(req.outputs)
+        spend, _ = await self._off_loop(weight, self.rules.swap, req, int(time.time()))
+        signatures = await self.db.swap(spend, req, self._sign)
         return {"signatures": signatures}
 
     async def checkstate(self, request: web.Request) -> dict[str, Any]:
@@ -416,7 +429,7 @@ class MintApp:
         req = nut.decode(await request.read(), nut.MintRequest)
         now = int(time.time())
         signatures = await self.db.mint(
-            req, lambda q: self.rules.check_mint(q, req, now), self.rules.sign
+            req, lambda q: self.rules.check_mint(q, req, now), self._sign
         )
         return {"signatures": signatures}
 
@@ -496,7 +509,7 @@ class MintApp:
         if state.outcome is Outcome.SETTLED:
             sent = (state.amount_msat or quote.amount_msat) + (state.fee_msat or 0)
             preimage = state.preimage.hex() if state.preimage else ""
-            await self.db.finish_melt(quote.quote, attempt, preimage, sent, self.rules.sign)
+            await self.db.finish_melt(quote.quote, attempt, preimage, sent, self._sign)
         elif state.outcome is Outcome.FAILED:
             await self.db.fail_melt(quote.quote, attempt)
 
@@ -555,7 +568,10 @@ class MintApp:
             raise m.CashuError(MALFORMED, f"not an L3 address: {exc}") from None
         if named is not None and named != await self._ledger_id():
             raise m.CashuError(MALFORMED, "the address names another operator's ledger")
-        spend = self.rules.spend(req.inputs, int(time.time()), signed=req.address)
+        now = int(time.time())
+        spend = await self._off_loop(
+            len(req.inputs), self.rules.spend, req.inputs, now, (), req.address
+        )
         value = m.check_redeem(spend)
         rid = m.redeem_id(spend.ys)
         issuer = self.settings.issuer
@@ -624,7 +640,7 @@ class MintApp:
                 await self._committed(gw, tx.txid, exc)
         except (aiohttp.ClientError, TimeoutError) as exc:
             await self._committed(gw, tx.txid, exc)
-        signatures = await self.db.withdraw(tx.txid, paid, req.outputs, self.rules.sign)
+        signatures = await self.db.withdraw(tx.txid, paid, req.outputs, self._sign)
         return {"signatures": signatures}
 
     async def _committed(self, gw: Gateway, txid: bytes, exc: Exception) -> None:

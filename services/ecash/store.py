@@ -28,6 +28,10 @@ from services.signer.store import seal, unseal
 
 log = logging.getLogger("mint.store")
 
+# signs outputs (NUT-12 signatures), in the operation's transaction: awaited, so a large
+# batch's EC work may run off the event loop
+Sign = Callable[[Sequence[nut.BlindedMessage]], Awaitable[list[nut.BlindSignature]]]
+
 RELISTEN_S = 1.0
 ALIVE_S = 5.0  # the listening connection answers within this, or is made again
 
@@ -398,11 +402,11 @@ class MintStore:
         self,
         spend: m.Spend,
         request: nut.SwapRequest,
-        sign: Callable[[Sequence[nut.BlindedMessage]], list[nut.BlindSignature]],
+        sign: Sign,
     ) -> list[nut.BlindSignature]:
         async with self.pool.acquire() as conn, conn.transaction():
             await self._spend(conn, spend, request.inputs, "SPENT", None)
-            signatures = sign(request.outputs)  # once the proofs are ours: a replay signs nothing
+            signatures = await sign(request.outputs)  # the proofs ours: a replay signs nothing
             await self._sign(conn, request.outputs, signatures)
             if spend.fee:
                 await conn.execute(
@@ -476,7 +480,7 @@ class MintStore:
         self,
         request: nut.MintRequest,
         check: Callable[[m.MintQuote], Any],
-        sign: Callable[[Sequence[nut.BlindedMessage]], list[nut.BlindSignature]],
+        sign: Sign,
     ) -> list[nut.BlindSignature]:
         async with self.pool.acquire() as conn, conn.transaction():
             r = await conn.fetchrow(
@@ -485,7 +489,7 @@ class MintStore:
             if r is None:
                 raise m.CashuError(m.QUOTE_UNPAID, f"no quote {request.quote[:64]!r}")
             check(_quote(m.MintQuote, r))
-            signatures = sign(request.outputs)
+            signatures = await sign(request.outputs)
             await self._sign(conn, request.outputs, signatures)
             await conn.execute(
                 "UPDATE mint_quotes SET state = 'ISSUED' WHERE quote = $1", request.quote
@@ -551,7 +555,7 @@ class MintStore:
         attempt: int,
         preimage: str,
         sent_msat: int,
-        sign: Callable[[Sequence[nut.BlindedMessage]], list[nut.BlindSignature]],
+        sign: Sign,
     ) -> None:
         """Attempt ``attempt``'s payment settled, ``sent_msat`` leaving the node (the
         invoice and the routing fee): the reserved proofs are spent, the quote PAID, the
@@ -584,7 +588,7 @@ class MintStore:
             )
             used = {bytes(t["b_"]) for t in taken}
             outputs = m.change(overpaid, [b for b in blanks if bytes.fromhex(b.B_) not in used])
-            change = sign(outputs) if outputs else []
+            change = await sign(outputs) if outputs else []
             if outputs:
                 await self._sign(conn, outputs, change)
             await conn.execute(
@@ -682,7 +686,7 @@ class MintStore:
         txid: bytes,
         value_msat: int,
         outputs: Sequence[nut.BlindedMessage],
-        sign: Callable[[Sequence[nut.BlindedMessage]], list[nut.BlindSignature]],
+        sign: Sign,
     ) -> list[nut.BlindSignature]:
         """Ecash for L3 transaction ``txid`` (committed, paying the mint ``value_msat``):
         its outputs signed once; a retry with the same outputs gets the same signatures,
@@ -697,7 +701,7 @@ class MintStore:
                 blinded,
             )
             if done is not None:
-                signatures = sign(outputs)
+                signatures = await sign(outputs)
                 await self._sign(conn, outputs, signatures)
                 return signatures
         found = await self.withdrawn(txid, outputs)

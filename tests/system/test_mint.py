@@ -173,6 +173,22 @@ async def test_concurrent_swaps_sharing_proofs_spend_each_once(where: Path) -> N
     assert won and len(spent) == len(set(spent))  # no proof in two winning swaps
 
 
+async def test_large_requests_are_signed_and_checked_off_the_event_loop(where: Path) -> None:
+    """40 outputs minted and 40 proofs swapped (past ``OFF_LOOP``: in a thread), every
+    signature's DLEQ proof checked, while a small request is answered meanwhile."""
+    op0, _ = nets(where)
+    async with aiohttp.ClientSession() as s:
+        mint = Mint(op0.mint_url, s)
+        await mint.load()
+        quote = await mint.mint_quote(40)
+        await asyncio.to_thread(LightningRpc(guild.outside_rpc(where)).pay, quote["request"])
+        await mint.wait_paid(quote["quote"])
+        proofs = await mint.mint(quote["quote"], [1] * 40)
+        swapped, keys = await asyncio.gather(mint.swap(proofs, [1] * 40), mint.ok("/v1/keys"))
+        assert len(swapped) == 40 and keys["keysets"]
+        assert set(await mint.states(proofs)) == {"SPENT"}
+
+
 async def ecash_and_a_melt_quote(
     mint: Mint, where: Path, ecash_sat: int, invoice_sat: int
 ) -> tuple[list[nut.Proof], dict[str, Any]]:
