@@ -270,7 +270,8 @@ class Flows:
             signatures = quote.get("change") or []
             secrets = _secrets(flow, "blank_secrets")[: len(signatures)]
             change = self.mint.unblind(signatures, secrets)
-            flow["fee_paid"] = flow["fee_reserve"] - sum(p.amount for p in change)
+            kept = self.mint.input_fee(_proofs(flow["proofs"]))  # the mint's, for the melt
+            flow["fee_paid"] = flow["ecash"] - flow["amount"] - kept - sum(p.amount for p in change)
             if change:
                 flow["change"] = _docs(change)
             return "paid"
@@ -366,6 +367,7 @@ async def money_command(args: Any, out: TextIO) -> int:
     (a balance takes up those in flight), then the command."""
     doc = WalletFile.load(args.file)
     url = getattr(args, "mint", "") or doc.mint
+    doc.mint = doc.mint or url  # remembered: its flows are taken up there later
     if args.wallet_command == "balance" and not doc.flows:
         return await wallet_command(args, out)
     async with aiohttp.ClientSession(timeout=MINT_TIMEOUT) as session:
