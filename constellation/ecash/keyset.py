@@ -70,6 +70,15 @@ def input_fee(ppks: list[int]) -> int:
     return (sum(ppks) + 999) // 1000
 
 
+def ecash_for(amount: int, ppk: int) -> int:
+    """The least value of fresh ecash, of a keyset charging ``ppk``, that pays ``amount``
+    and the fee for spending it (which grows with the number of proofs it is in)."""
+    total = amount
+    while total - input_fee([ppk] * len(split(total))) < amount:
+        total += 1
+    return total
+
+
 def split(amount: int) -> list[int]:
     """The powers of two that sum to ``amount``, smallest first."""
     if amount < 0:

@@ -15,7 +15,7 @@ from coincurve import PublicKey
 
 from constellation.crypto import bdhke
 from constellation.ecash import client
-from constellation.ecash.keyset import input_fee, parse_keys, split
+from constellation.ecash.keyset import ecash_for, input_fee, parse_keys
 from constellation.keys import SigningKey
 from constellation.protocol import cashu as nut
 
@@ -74,12 +74,8 @@ class MintClient:
         return input_fee([self.fees[p.id] for p in proofs])
 
     def inputs_for(self, amount: int) -> int:
-        """The least value of fresh ecash of the active keyset that pays ``amount`` and
-        the fee for spending it (which grows with the number of proofs it is in)."""
-        total = amount
-        while total - input_fee([self.fees[self.active]] * len(split(total))) < amount:
-            total += 1
-        return total
+        """The ecash of the active keyset that pays ``amount`` and its own input fee."""
+        return ecash_for(amount, self.fees[self.active])
 
     def unblind(
         self, docs: Sequence[dict[str, Any]], secrets: Sequence[client.Secret]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from constellation.ecash import client
 from constellation.ecash import mint as m
-from constellation.ecash.keyset import Keyset
+from constellation.ecash.keyset import Keyset, ecash_for, input_fee, split
 from constellation.keys import SigningKey
 from constellation.protocol import cashu as nut
 
@@ -191,3 +191,17 @@ def test_a_withdrawal_buys_outputs_of_exactly_what_it_paid() -> None:
     with pytest.raises(m.CashuError) as e:
         m.check_withdraw(1_000, MINT.outputs([MSAT_BLANK]))
     assert e.value.code == m.UNIT_UNSUPPORTED
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 2**40), st.integers(0, 1000))
+def test_the_ecash_a_payment_buys_pays_its_own_input_fee_and_no_more(amount: int, ppk: int) -> None:
+    """``ecash_for``: fresh ecash worth T pays ``amount`` once the mint took the fee for
+    spending T's proofs, and T - 1 would not."""
+    total = ecash_for(amount, ppk)
+
+    def left(t: int) -> int:
+        return t - input_fee([ppk] * len(split(t)))
+
+    assert left(total) >= amount and (total == amount or left(total - 1) < amount)
+    assert total - amount <= input_fee([ppk] * 64) + 64  # bounded: a fee's worth of slack

@@ -630,6 +630,25 @@ async def test_nut17_subscribers_are_told_every_change_whichever_process_made_it
             print(await ws.receive_json(timeout=1))
 
 
+async def test_nut17_a_melt_quote_is_told_in_order_until_paid(where: Path) -> None:
+    """A subscriber of a melt quote is told its states as they come, never an older one
+    after a newer: UNPAID, then (PENDING and) PAID, with the preimage."""
+    op0, _ = nets(where)
+    order = [m.MELT_UNPAID, m.MELT_PENDING, m.MELT_PAID]
+    async with aiohttp.ClientSession() as s, s.ws_connect(f"{op0.mint_url}/v1/ws") as ws:
+        mint = Mint(op0.mint_url, s)
+        proofs, quote = await ecash_and_a_melt_quote(mint, where, 100, 40)
+        sub = {"kind": "bolt11_melt_quote", "subId": "m", "filters": [quote["quote"]]}
+        assert (await ask(ws, "subscribe", sub, 1))["result"]["subId"] == "m"
+        states = [(await told(ws, "m"))["state"]]
+        await mint.ok("/v1/melt/bolt11", {"quote": quote["quote"], "inputs": proofs})
+        while states[-1] != m.MELT_PAID:
+            payload = await told(ws, "m")
+            states.append(payload["state"])
+        assert states[0] == m.MELT_UNPAID and payload["payment_preimage"]
+        assert [order.index(x) for x in states] == sorted(order.index(x) for x in states)
+
+
 async def test_nut17_is_advertised_and_refuses_bad_requests_with_json_rpc_errors(
     where: Path,
 ) -> None:
