@@ -251,12 +251,7 @@ async def wallet_command(args: Any, out: Any) -> int:
         return 0
     via = getattr(args, "via", "")
     async with aiohttp.ClientSession() as session:
-        if via:  # another member's gateway: no index of our ledger, the coins we know
-            if not doc.ledger:
-                raise ConfigError("the wallet does not know its ledger yet: ask its own gateway")
-            gw = Gateway(via, session, ledger=doc.ledger)
-        else:
-            gw = Gateway(args.gateway or doc.gateway, session)
+        gw = gateway_of(doc, session, args.gateway, via)
         if args.wallet_command == "history":
             await _history(gw, doc, args.limit, out)
             return 0
@@ -271,6 +266,17 @@ async def wallet_command(args: Any, out: Any) -> int:
             kept = sum(p["amount"] for p in doc.ecash)
             print(f"+ {kept} sat of ecash, worth less than a coin's fee", file=out)
     return 0
+
+
+def gateway_of(doc: WalletFile, session: aiohttp.ClientSession, url: str, via: str) -> Gateway:
+    """The wallet's gateway (``url``, else its own); or, ``via`` another guild member's
+    while its own operator is down: it has no index of the wallet's ledger, so the wallet
+    pays with the coins it knows, each checked there."""
+    if not via:
+        return Gateway(url or doc.gateway, session)
+    if not doc.ledger:
+        raise ConfigError("the wallet does not know its ledger yet: ask its own gateway")
+    return Gateway(via, session, ledger=doc.ledger)
 
 
 async def unspent(gw: Gateway, doc: WalletFile, via: str = "") -> dict[bytes, Coin]:

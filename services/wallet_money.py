@@ -42,6 +42,7 @@ from services.wallet import (
     Gateway,
     GatewayError,
     WalletFile,
+    gateway_of,
     send,
     unspent,
     wallet_command,
@@ -371,7 +372,7 @@ async def money_command(args: Any, out: TextIO) -> int:
     if args.wallet_command == "balance" and not doc.flows:
         return await wallet_command(args, out)
     async with aiohttp.ClientSession(timeout=MINT_TIMEOUT) as session:
-        gw = Gateway(args.gateway or doc.gateway, session)
+        gw = gateway_of(doc, session, args.gateway, "")
         flows = Flows(doc, args.file, gw, MintClient(url, session), out)
         flows.wait_s = getattr(args, "wait", flows.wait_s)
         if args.wallet_command == "pay":
@@ -430,11 +431,8 @@ async def _pay_address(flows: Flows, payto: PayTo, args: Any) -> int:
         raise MoneyError("an L3 address says no amount: give AMOUNT_MSAT")
     flows.say(f"pay {args.amount_msat} msat to {payto.target}; L3 fee {args.fee_msat} msat")
     _confirm(flows, args, args.fee_msat)
-    doc, gw = flows.doc, flows.gw
-    if args.via:  # another member's gateway: no index of our ledger, the coins we know
-        if not doc.ledger:
-            raise ConfigError("the wallet does not know its ledger yet: ask its own gateway")
-        gw = Gateway(args.via, gw.session, ledger=doc.ledger)
+    doc = flows.doc
+    gw = gateway_of(doc, flows.gw.session, args.gateway, args.via)
     coins = await unspent(gw, doc, args.via)
     doc.save(flows.path)
     await send(gw, doc, flows.path, coins, payto.target, args.amount_msat, args.fee_msat, flows.out)

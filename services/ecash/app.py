@@ -58,6 +58,7 @@ GATEWAY_S = 15.0  # a call to the operator's gateway
 RESOLVE_EVERY_S = 2.0
 FAIL_AFTER_S = PAY_S + 60.0  # a pay call's time, its retries', and a margin
 DEADLOCK_RETRIES = 3
+REDIS_S = 0.5  # a slow Redis costs a request this much at most, per call
 OFF_LOOP = 16  # proofs and outputs in a request past which its EC work leaves the loop
 T = TypeVar("T")
 BOOKS_EVERY_S = 5.0
@@ -117,8 +118,9 @@ class MintApp:
         keysets = await store.keysets(master, UNIT, s.input_fee_ppk)
         self.mint = m.Mint(keysets, s.max_amount_sat)
         if s.redis_url:
-            self.cache = Cache.open(s.redis_url, s.cache_ttl_s, self.metrics)
-            self.limits = Limits.connect(s.redis_url, s.rate_per_s, prefix="mint-rate")
+            redis = Limits.client(s.redis_url, REDIS_S)  # one pool: the cache's, the limits'
+            self.cache = Cache(redis, s.cache_ttl_s, self.metrics)
+            self.limits = Limits(redis, s.rate_per_s, prefix="mint-rate")
             self.ops.tasks.start("limits", self.limits.sync_forever)
         self._routes(self.ops.app.router)
         self.ops.tasks.start("paid", self._follow_paid)
@@ -149,10 +151,8 @@ class MintApp:
         await self.ops.tasks.stop()
         if self.session is not None:
             await self.session.close()
-        if self.cache is not None:
-            await self.cache.close()
         if self.limits is not None:
-            await self.limits.close()
+            await self.limits.close()  # and the cache's: one client
         await store.close()
 
     async def _heard_all(self) -> None:
@@ -165,8 +165,8 @@ class MintApp:
         one signs only with the active keyset, whoever made it active."""
         while True:
             await self.rotated.wait()
-            self.rotated.clear()
             keysets = await self.db.stored_keysets(self.master)
+            self.rotated.clear()  # only now: a read that failed is made again
             if {k.id: k.active for k in keysets} != {
                 k.id: k.active for k in self.rules.keysets.values()
             }:

@@ -25,7 +25,6 @@ from services.ecash.metrics import MintMetrics
 log = logging.getLogger("mint.cache")
 
 CACHED = ("/v1/mint/bolt11", "/v1/swap", "/v1/melt/bolt11")
-REDIS_TIMEOUT_S = 0.5  # a slow Redis costs a request this much at most, twice
 
 
 class Cache:
@@ -33,16 +32,6 @@ class Cache:
         self.client = client
         self.ttl_s = ttl_s
         self.metrics = metrics
-
-    @staticmethod
-    def open(url: str, ttl_s: int, metrics: MintMetrics) -> Cache:
-        client = aioredis.Redis.from_url(
-            url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
-        )
-        return Cache(client, ttl_s, metrics)
-
-    async def close(self) -> None:
-        await self.client.aclose()
 
     @staticmethod
     def key(path: str, body: bytes) -> str:

@@ -60,10 +60,21 @@ class Limits:
         self._unsynced: dict[tuple[str, int], int] = {}
 
     @classmethod
-    def connect(cls, url: str, rate_per_s: int, prefix: str = "rate") -> Limits:
-        """A client whose requests wait for one of 32 connections (5 s at most)."""
-        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=32, timeout=5)
-        return cls(aioredis.Redis(connection_pool=pool), rate_per_s, prefix=prefix)
+    def connect(cls, url: str, rate_per_s: int) -> Limits:
+        return cls(cls.client(url), rate_per_s)
+
+    @staticmethod
+    def client(url: str, timeout_s: float | None = None) -> aioredis.Redis:
+        """A client whose requests wait for one of 32 connections (5 s at most), each
+        call answered within ``timeout_s`` (where given) or failed."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=32,
+            timeout=5,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+        )
+        return aioredis.Redis(connection_pool=pool)
 
     def admit(self, client: str, count: int) -> float:
         """Count ``count`` transactions for ``client``: 0 if admitted, else the seconds
