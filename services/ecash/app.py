@@ -58,6 +58,12 @@ GATEWAY_S = 15.0  # a call to the operator's gateway
 RESOLVE_EVERY_S = 2.0
 FAIL_AFTER_S = PAY_S + 60.0  # a pay call's time, its retries', and a margin
 DEADLOCK_RETRIES = 3
+DATABASE_DOWN = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    OSError,
+)
 REDIS_S = 0.5  # a slow Redis costs a request this much at most, per call
 OFF_LOOP = 16  # proofs and outputs in a request past which its EC work leaves the loop
 T = TypeVar("T")
@@ -243,6 +249,11 @@ class MintApp:
             except NotKnownYet as exc:
                 unknown = web.json_response({"detail": str(exc), "code": MALFORMED}, status=503)
                 return self._done(op, started, "unknown", unknown)
+            except DATABASE_DOWN as exc:  # done or not as the database says: a retry knows
+                log.warning("database not reachable", extra={"op": op, "error": repr(exc)})
+                why = f"the mint's database is not reachable ({type(exc).__name__}): retry"
+                down = web.json_response({"detail": why, "code": MALFORMED}, status=503)
+                return self._done(op, started, "unavailable", down)
             ok = web.Response(body=answer, content_type="application/json")
             return self._done(op, started, "ok", ok)
 
