@@ -23,6 +23,7 @@ MAX_STATEMENT_BYTES = 1024
 GUILD_ID_MAX_LEN = 64
 
 _checkpoint_hash = tagged_hasher("Constellation/checkpoint")
+_deposit_tweak = tagged_hasher("Constellation/deposit")
 
 
 MAX_SPEND_INPUTS = 500
@@ -69,8 +70,9 @@ class OnchainSpend(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=
     """A Bitcoin transaction spending guild funds; the guild signs input ``input_index``.
 
     Each signer recomputes the BIP341 signature hash from the transaction and the outputs
-    it spends, and signs only if that input is the guild's own taproot output (the guild
-    key with the BIP341 key-path tweak) and no value is created.
+    it spends, and signs only if that input is a taproot output of the guild's
+    (``guild_output``: the guild key, moved by ``derivation`` where there is one, with
+    the BIP341 key-path tweak) and no value is created.
     """
 
     version: int
@@ -78,6 +80,37 @@ class OnchainSpend(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=
     inputs: list[SpendInput]
     outputs: list[SpendOutput]
     input_index: int
+    derivation: bytes = b""  # the signed input's: empty, or 32 bytes
+
+
+class GuildOutput(NamedTuple):
+    """A key of the guild's on-chain funds, and the FROST tweaks that sign for it."""
+
+    xonly: bytes  # the taproot output key
+    tweaks: tuple[bytes, ...]
+    is_xonly: tuple[bool, ...]
+
+
+def guild_output(thresh_pk: bytes, derivation: bytes = b"") -> GuildOutput:
+    """The taproot output key of the guild key ``thresh_pk`` (33 bytes) for a
+    ``derivation`` (empty, or 32 bytes naming one deposit address).
+
+    A derivation adds ``hash_Constellation/deposit(thresh_pk || derivation)`` times G to
+    the guild key (a plain tweak, as BIP32's unhardened derivation), so every deposit has
+    an address of its own that only the guild signs for, and that anyone holding the
+    guild key and the derivation can check; the BIP341 key-path tweak (no script tree)
+    comes last. The tweaks are hashes, never scalars a requester picks.
+    """
+    tweaks: list[bytes] = []
+    if derivation:
+        if len(derivation) != 32:
+            raise RequestRefused("a derivation is 32 bytes")
+        tweaks.append(_deposit_tweak(thresh_pk + derivation))
+    internal = frost.tweak_context(thresh_pk, tweaks, [False] * len(tweaks)).xonly_pk
+    tweaks.append(frost.taproot_tweak(internal))
+    is_xonly = (*([False] * (len(tweaks) - 1)), True)
+    output = frost.tweak_context(thresh_pk, tweaks, is_xonly).xonly_pk
+    return GuildOutput(output, tuple(tweaks), is_xonly)
 
 
 SignTarget = Statement | Checkpoint | OnchainSpend
@@ -118,14 +151,13 @@ def _derive_spend(spend: OnchainSpend, thresh_pk: bytes) -> Derived:
             raise RequestRefused("an amount or a script is out of range")
     if sum(o.amount_sat for o in spend.outputs) > sum(i.amount_sat for i in spend.inputs):
         raise RequestRefused("the outputs are worth more than the inputs")
-    tweak = frost.taproot_tweak(thresh_pk[1:])
-    output_key = frost.tweak_context(thresh_pk, [tweak], [True]).xonly_pk
-    if spend.inputs[spend.input_index].script_pubkey != p2tr_script(output_key):
+    output = guild_output(thresh_pk, spend.derivation)
+    if spend.inputs[spend.input_index].script_pubkey != p2tr_script(output.xonly):
         raise RequestRefused("the input to sign is not the guild's taproot output")
     msg = taproot_sighash(
         spend.version, spend.locktime, spend.inputs, spend.outputs, spend.input_index
     )
-    return Derived(Purpose.SPEND, msg, (tweak,), (True,), output_key)
+    return Derived(Purpose.SPEND, msg, output.tweaks, output.is_xonly, output.xonly)
 
 
 def derive(target: SignTarget, thresh_pk: bytes) -> Derived:

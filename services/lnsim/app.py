@@ -9,6 +9,7 @@ Control (JSON, on the ops port):
     POST /v1/mine                  {blocks}
     POST /v1/fund/{node}           {sat}: the faucet
     GET  /v1/books                 where every msat is (``missing_msat`` must be 0)
+    POST /bitcoind                 the chain, as bitcoind's JSON-RPC (``bitcoind.py``)
 
 The network lives in this process's memory: restarted, it starts afresh (a real
 lightningd keeps its channels on disk).
@@ -17,6 +18,7 @@ lightningd keeps its channels on disk).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from services.lnsim import bitcoind
 from services.lnsim.config import Settings
 from services.lnsim.network import Faults, LnError
 from services.lnsim.sim import Simulator
@@ -93,6 +96,7 @@ class LnSimNode:
         r.add_post("/v1/mine", self._mine)
         r.add_post("/v1/fund/{node}", self._fund)
         r.add_get("/v1/books", self._books)
+        r.add_post("/bitcoind", self._bitcoind)
 
     def ready(self) -> tuple[bool, str]:
         if not self._started:
@@ -199,3 +203,17 @@ class LnSimNode:
 
     async def _books(self, _: web.Request) -> web.Response:
         return web.json_response(self.sim.network.books())
+
+    async def _bitcoind(self, request: web.Request) -> web.Response:
+        body = await request.content.read(bitcoind.MAX_REQUEST_BYTES + 1)
+        if len(body) > bitcoind.MAX_REQUEST_BYTES:
+            raise web.HTTPRequestEntityTooLarge(bitcoind.MAX_REQUEST_BYTES, len(body))
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        answer = bitcoind.call(self.sim.network, doc)
+        status = 200 if answer["error"] is None else 500  # as bitcoind does
+        return web.Response(
+            body=json.dumps(answer, default=float), status=status, content_type="application/json"
+        )

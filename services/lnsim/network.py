@@ -43,6 +43,10 @@ from bolt11 import decode as decode_bolt11
 from bolt11 import encode as encode_bolt11
 from bolt11.exceptions import Bolt11Exception
 
+from constellation.bitcoin import SpendOutput, address_script, p2tr_script
+from constellation.errors import InvalidAddress
+from services.lnsim.chain import Chain
+
 # lightningd's error codes (common/jsonrpc_errors.h)
 INVALID_PARAMS = -32602
 LIGHTNINGD = -1
@@ -244,9 +248,12 @@ class Network:
         self.height = 101
         self.minted_sat = 0
         self.miner_fees_sat = 0
-        self.outside_sat = 0  # withdrawn to addresses of no node
         self._txids = itertools.count(1)
         self._address_owner: dict[str, str] = {}
+        self._script_address: dict[bytes, str] = {}  # of the nodes' addresses
+        self.onchain = Chain(
+            lambda script: self._address_owner.get(self._script_address.get(script, ""))
+        )
         self.listeners: list[Callable[[], None]] = []  # told after every change
 
     def _changed(self) -> None:
@@ -281,6 +288,7 @@ class Network:
         assert address is not None
         self.nodes[name].addresses.add(address)
         self._address_owner[address] = name
+        self._script_address[p2tr_script(program)] = address
         return address
 
     def fund(self, name: str, sat: int) -> Utxo:
@@ -333,18 +341,40 @@ class Network:
                 raise LnError(FUND_CANNOT_AFFORD, "Could not afford all: nothing to spend")
         if sat <= 0:
             raise LnError(INVALID_PARAMS, "satoshi: must be positive")
-        txid = self._spend(name, sat)
         owner = self._address_owner.get(destination)
         if owner is None:
-            self.outside_sat += sat
+            try:
+                script = address_script(destination, HRP[self.chain])
+            except InvalidAddress as exc:
+                raise LnError(
+                    INVALID_PARAMS, f"Could not parse destination address: {exc}"
+                ) from None
+        txid = self._spend(name, sat)
+        if owner is None:
+            self.onchain.paid(txid, [SpendOutput(sat, script)], [])
         else:
             self.nodes[owner].utxos.append(Utxo(txid, 0, sat, destination, None))
         self._changed()
         return txid
 
+    def send_raw(self, raw: bytes) -> str:
+        """A transaction spending coins of no node (bitcoind's ``sendrawtransaction``):
+        checked as Bitcoin checks it (raises ChainError), into the next block."""
+        tx, fee, new = self.onchain.send(raw)
+        if new:
+            self.miner_fees_sat += fee
+            for vout, out in enumerate(tx.outputs):
+                address = self._script_address.get(out.script_pubkey)
+                if address is not None:
+                    owner = self.nodes[self._address_owner[address]]
+                    owner.utxos.append(Utxo(tx.txid, vout, out.amount_sat, address, None))
+            self._changed()
+        return tx.txid
+
     def mine(self, blocks: int = 1) -> int:
         """Advance the chain; what waited for a block confirms."""
         self.height += blocks
+        self.onchain.mine(self.height)
         for node in self.nodes.values():
             for u in node.utxos:
                 if u.blockheight is None:
@@ -755,7 +785,7 @@ class Network:
             if c.splice is not None and c.splice.relative_sat > 0
         )
         fees = self.miner_fees_sat * 1000
-        outside = self.outside_sat * 1000
+        outside = self.onchain.unspent_sat * 1000
         held = wallets + balances + splicing + fees + outside
         return {
             "minted_msat": self.minted_sat * 1000,

@@ -1,0 +1,150 @@
+"""The simulated chain served as bitcoind's JSON-RPC (``POST /bitcoind`` on the
+simulator's ops port): the methods a wallet that follows blocks and sends its own
+transactions calls, with bitcoind's shapes and error codes. Amounts are BTC as JSON
+numbers, as bitcoind writes them (read them as decimals).
+
+Only what the simulated chain knows is shown: blocks list the transactions that pay
+addresses of no node and those sent raw; the nodes' own wallet transactions (channel
+opens, splices, change) are not rendered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from services.lnsim.chain import (
+    RPC_DESERIALIZATION_ERROR,
+    RPC_INVALID_ADDRESS_OR_KEY,
+    RPC_INVALID_PARAMETER,
+    RPC_METHOD_NOT_FOUND,
+    ChainError,
+    ChainTx,
+    block_hash,
+    btc,
+)
+from services.lnsim.network import HRP, Network
+
+MAX_REQUEST_BYTES = 1_000_000
+
+
+def _height(net: Network, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= net.height:
+        raise ChainError(RPC_INVALID_PARAMETER, "Block height out of range")
+    return value
+
+
+def _by_hash(net: Network, value: Any) -> int:
+    for height in range(net.height, -1, -1):
+        if block_hash(height) == value:
+            return height
+    raise ChainError(RPC_INVALID_ADDRESS_OR_KEY, "Block not found")
+
+
+def _tx(net: Network, t: ChainTx) -> dict[str, Any]:
+    return {
+        "txid": t.txid,
+        "hash": t.txid,
+        **({"hex": t.raw.hex()} if t.raw is not None else {}),
+        "vin": [{"txid": txid, "vout": vout} for txid, vout in t.inputs],
+        "vout": [
+            {
+                "value": btc(o.amount_sat),
+                "n": n,
+                "scriptPubKey": {"hex": o.script_pubkey.hex()},
+            }
+            for n, o in enumerate(t.outputs)
+        ],
+        **(
+            {
+                "blockhash": block_hash(t.height),
+                "confirmations": net.height - t.height + 1,
+            }
+            if t.height is not None
+            else {}
+        ),
+    }
+
+
+def _getblock(net: Network, p: list[Any]) -> Any:
+    height = _by_hash(net, p[0] if p else None)
+    verbosity = p[1] if len(p) > 1 else 1
+    txids = net.onchain.blocks.get(height, [])
+    block: dict[str, Any] = {
+        "hash": block_hash(height),
+        "height": height,
+        "confirmations": net.height - height + 1,
+        **({"previousblockhash": block_hash(height - 1)} if height else {}),
+        **({"nextblockhash": block_hash(height + 1)} if height < net.height else {}),
+    }
+    if verbosity == 2:
+        block["tx"] = [_tx(net, net.onchain.txs[t]) for t in txids]
+    else:
+        block["tx"] = list(txids)
+    return block
+
+
+def _gettxout(net: Network, p: list[Any]) -> Any:
+    if len(p) < 2:
+        raise ChainError(RPC_INVALID_PARAMETER, "gettxout txid n ( include_mempool )")
+    coin = net.onchain.coins.get((p[0], p[1]))
+    mempool = p[2] if len(p) > 2 else True
+    t = net.onchain.txs.get(p[0])
+    if coin is None or t is None or coin.spent_by is not None:
+        return None
+    if t.height is None and not mempool:
+        return None
+    return {
+        "bestblock": block_hash(net.height),
+        "confirmations": 0 if t.height is None else net.height - t.height + 1,
+        "value": btc(coin.amount_sat),
+        "scriptPubKey": {"hex": coin.script.hex()},
+    }
+
+
+def _getrawtransaction(net: Network, p: list[Any]) -> Any:
+    t = net.onchain.txs.get(p[0] if p else "")
+    if t is None or t.raw is None:
+        raise ChainError(RPC_INVALID_ADDRESS_OR_KEY, "No such mempool or blockchain transaction")
+    return _tx(net, t) if len(p) > 1 and p[1] else t.raw.hex()
+
+
+def _sendrawtransaction(net: Network, p: list[Any]) -> Any:
+    try:
+        raw = bytes.fromhex(p[0])
+    except (IndexError, TypeError, ValueError):
+        raise ChainError(RPC_DESERIALIZATION_ERROR, "TX decode failed") from None
+    return net.send_raw(raw)
+
+
+METHODS: dict[str, Callable[[Network, list[Any]], Any]] = {
+    "getblockchaininfo": lambda net, _: {
+        "chain": {"bcrt": "regtest", "tb": "test", "tbs": "signet", "bc": "main"}[HRP[net.chain]],
+        "blocks": net.height,
+        "headers": net.height,
+        "bestblockhash": block_hash(net.height),
+    },
+    "getblockcount": lambda net, _: net.height,
+    "getblockhash": lambda net, p: block_hash(_height(net, p[0] if p else None)),
+    "getblock": _getblock,
+    "gettxout": _gettxout,
+    "getrawtransaction": _getrawtransaction,
+    "sendrawtransaction": _sendrawtransaction,
+}
+
+
+def call(net: Network, request: Any) -> dict[str, Any]:
+    """One JSON-RPC 1.0 request as bitcoind answers it: ``{result, error, id}``."""
+    if not isinstance(request, dict) or not isinstance(request.get("method"), str):
+        return {"result": None, "error": {"code": -32600, "message": "Invalid Request"}, "id": None}
+    rid = request.get("id")
+    params = request.get("params", [])
+    method = METHODS.get(request["method"])
+    try:
+        if method is None:
+            raise ChainError(RPC_METHOD_NOT_FOUND, "Method not found")
+        if not isinstance(params, list):
+            raise ChainError(RPC_INVALID_PARAMETER, "params: a list")
+        return {"result": method(net, params), "error": None, "id": rid}
+    except ChainError as exc:
+        return {"result": None, "error": {"code": exc.code, "message": exc.message}, "id": rid}

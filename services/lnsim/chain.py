@@ -1,0 +1,145 @@
+"""The simulated chain's outputs that belong to no node, and the transactions that
+spend them: what a guild's on-chain funds live in.
+
+The nodes' own wallets are the network's (``Node.utxos``). An output paid to any other
+address (a node's ``withdraw`` to it, or a transaction sent raw) is a ``Coin`` here,
+spendable only by a transaction sent raw whose every input is a key-path taproot spend
+with a valid BIP340 signature over its BIP341 signature hash, as Bitcoin checks it.
+``rpc`` serves it as bitcoind's JSON-RPC does (blocks, transactions, ``gettxout``,
+``sendrawtransaction``), which is how the guild's mint follows it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from constellation.bitcoin import (
+    BitcoinTx,
+    SpendInput,
+    SpendOutput,
+    parse_tx,
+    taproot_sighash,
+)
+from constellation.errors import DecodeError
+from constellation.keys import schnorr_verify
+
+MIN_FEERATE = 1  # sat/vB: less is not relayed
+COIN = Decimal(100_000_000)
+# bitcoind's error codes
+RPC_MISC_ERROR = -1
+RPC_INVALID_PARAMETER = -8
+RPC_METHOD_NOT_FOUND = -32601
+RPC_DESERIALIZATION_ERROR = -22
+RPC_VERIFY_ERROR = -25
+RPC_VERIFY_REJECTED = -26
+RPC_VERIFY_ALREADY_IN_CHAIN = -27
+RPC_INVALID_ADDRESS_OR_KEY = -5
+
+
+class ChainError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Coin:
+    amount_sat: int
+    script: bytes
+    spent_by: str | None = None
+
+
+@dataclass
+class ChainTx:
+    txid: str
+    outputs: list[SpendOutput]
+    inputs: list[tuple[str, int]]  # outpoints (txid as shown, vout); none: a node's wallet
+    raw: bytes | None  # what was sent raw; None: a node wallet's (not rendered)
+    height: int | None = None
+
+
+@dataclass
+class Chain:
+    """Coins of no node, by outpoint, and the transactions that made them."""
+
+    owner_of_script: Callable[[bytes], str | None]  # the node a script pays, if any
+    txs: dict[str, ChainTx] = field(default_factory=dict)
+    coins: dict[tuple[str, int], Coin] = field(default_factory=dict)
+    blocks: dict[int, list[str]] = field(default_factory=dict)  # height: txids confirmed
+
+    @property
+    def unspent_sat(self) -> int:
+        return sum(c.amount_sat for c in self.coins.values() if c.spent_by is None)
+
+    def paid(self, txid: str, outputs: list[SpendOutput], inputs: list[tuple[str, int]]) -> None:
+        """A transaction is on its way: its outputs to no node become coins."""
+        self.txs[txid] = ChainTx(txid, outputs, inputs, None)
+        for vout, out in enumerate(outputs):
+            if self.owner_of_script(out.script_pubkey) is None:
+                self.coins[(txid, vout)] = Coin(out.amount_sat, out.script_pubkey)
+
+    def check(self, raw: bytes) -> tuple[BitcoinTx, int]:
+        """Parse and verify a transaction sent raw (raises ChainError as bitcoind would);
+        returns it and its fee."""
+        try:
+            tx = parse_tx(raw)
+        except DecodeError as exc:
+            raise ChainError(RPC_DESERIALIZATION_ERROR, f"TX decode failed: {exc}") from None
+        known = self.txs.get(tx.txid)
+        if known is not None and known.height is not None:
+            raise ChainError(RPC_VERIFY_ALREADY_IN_CHAIN, "Transaction already in block chain")
+        spent = []
+        for i in tx.inputs:
+            coin = self.coins.get((i.txid[::-1].hex(), i.vout))
+            if coin is None or (coin.spent_by not in (None, tx.txid)):
+                raise ChainError(RPC_VERIFY_ERROR, "bad-txns-inputs-missingorspent")
+            spent.append(SpendInput(i.txid, i.vout, i.sequence, coin.amount_sat, coin.script))
+        fee = sum(c.amount_sat for c in spent) - sum(o.amount_sat for o in tx.outputs)
+        if fee < 0:
+            raise ChainError(RPC_VERIFY_REJECTED, "bad-txns-in-belowout")
+        if any(o.amount_sat < 0 for o in tx.outputs) or not tx.outputs:
+            raise ChainError(RPC_VERIFY_REJECTED, "bad-txns-vout-empty or negative")
+        if fee < tx.vsize * MIN_FEERATE:
+            raise ChainError(RPC_VERIFY_REJECTED, "min relay fee not met")
+        for index, (i, prev) in enumerate(zip(tx.inputs, spent, strict=True)):
+            if len(prev.script_pubkey) != 34 or prev.script_pubkey[:2] != b"\x51\x20":
+                raise ChainError(RPC_VERIFY_REJECTED, "only key-path taproot spends are checked")
+            msg = taproot_sighash(tx.version, tx.locktime, spent, tx.outputs, index)
+            if len(i.witness) != 1 or not schnorr_verify(prev.script_pubkey[2:], msg, i.witness[0]):
+                raise ChainError(
+                    RPC_VERIFY_REJECTED,
+                    "mandatory-script-verify-flag-failed (Invalid Schnorr signature)",
+                )
+        return tx, fee
+
+    def send(self, raw: bytes) -> tuple[BitcoinTx, int, bool]:
+        """Take a verified transaction into the mempool: its inputs spent, its outputs
+        to no node made coins. Returns it, its fee, and whether it is new (a resend of
+        one in the mempool changes nothing)."""
+        tx, fee = self.check(raw)
+        if tx.txid in self.txs:
+            return tx, fee, False
+        outpoints = [(i.txid[::-1].hex(), i.vout) for i in tx.inputs]
+        for outpoint in outpoints:
+            self.coins[outpoint].spent_by = tx.txid
+        self.paid(tx.txid, list(tx.outputs), outpoints)
+        self.txs[tx.txid].raw = tx.serialize()
+        return tx, fee, True
+
+    def mine(self, height: int) -> None:
+        waiting = [t.txid for t in self.txs.values() if t.height is None]
+        for txid in waiting:
+            self.txs[txid].height = height
+        self.blocks[height] = waiting
+
+
+def block_hash(height: int) -> str:
+    return hashlib.sha256(b"lnsim block %d" % height).digest()[::-1].hex()
+
+
+def btc(sat: int) -> Decimal:
+    return Decimal(sat) / COIN
