@@ -128,6 +128,10 @@ class SignRequest(_Msg, frozen=True, tag="op.sign"):
     target: SignTarget
 
 
+class KeyRequest(_Msg, frozen=True, tag="op.key"):
+    """The guild key this signer holds a share of (``OpReply.threshold_pubkey``)."""
+
+
 class OpReply(_Msg, frozen=True, tag="op.reply"):
     """Answer to an operator request: a key or a signature, or an error code."""
 
@@ -140,6 +144,8 @@ class OpReply(_Msg, frozen=True, tag="op.reply"):
     sessions: int = 0
     blamed: list[int] = []
 
+
+OpRequest = KeygenRequest | SignRequest | KeyRequest
 
 Message = (
     SignStart
@@ -157,6 +163,7 @@ Message = (
     | DkgFailed
     | KeygenRequest
     | SignRequest
+    | KeyRequest
     | OpReply
 )
 

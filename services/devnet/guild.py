@@ -27,6 +27,7 @@ stand-in for the outside world, and a restart would lose its channels.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -37,9 +38,17 @@ from pathlib import Path
 from typing import Any
 
 from constellation.keys import SigningKey
+from constellation.protocol.envelope import Membership
+from constellation.protocol.signer import KeygenRequest, OpReply, OpRequest
 from services.devnet.deps import assign_ports, start_deadline_s, stop_all
 from services.devnet.procs import alive, free_port, ready, spawn, stop_pid, wait_ready
-from services.devnet.state import Devnet, DevnetError, MachineProc, write_json_atomic
+from services.devnet.state import (
+    Devnet,
+    DevnetError,
+    MachineProc,
+    SignerProc,
+    write_json_atomic,
+)
 from services.devnet.supervisor import (
     STATUS_FILE,
     await_supervisor,
@@ -50,6 +59,9 @@ from services.devnet.supervisor import (
 from services.lnsim.sim import socket_path
 from services.replica.config import MACHINES, Layout, Member, Neighbour
 from services.replica.transport import peer_permissions
+from services.signer.client import call
+from services.signer.config import load_members, save_members
+from services.signer.store import KeyStore
 
 GUILD_FILE = "guild-devnet.json"
 READY_S = 120  # every machine ready, once every operator's processes have started
@@ -57,6 +69,8 @@ LIGHTNING_DIR = "lightning"
 LIGHTNING_START_S = 30
 OUTSIDE = "outside"  # the simulated network's node that belongs to no operator
 CHANNEL_SAT = 10_000_000  # each channel between two operators (half on each side)
+GUILD_KEY_FILE = "guild-key"  # the guild's threshold key, hex, in the first operator's folder
+KEYGEN_S = 60
 
 
 def _doc(directory: Path) -> dict[str, Any]:
@@ -98,7 +112,7 @@ def create(
     everyone = [name for _, names in groups for name in names]
     made: list[list[Devnet]] = []
     for guild_id, names in groups:
-        nets = []
+        nets, identities = [], []
         for name in names:
             folder = (directory / name).resolve()
             folder.mkdir(exist_ok=True)
@@ -112,8 +126,14 @@ def create(
             ]
             net.lightning_rpc = str(socket_path((directory / LIGHTNING_DIR).resolve(), name))
             net.mint_storage_key = os.urandom(32).hex()
-            net.save()
+            signer = SignerProc(0, str(folder / "signer"), os.urandom(32).hex(), free_port())
+            store = KeyStore(Path(signer.state_dir), bytes.fromhex(signer.storage_key))
+            identities.append(store.create_identity())
+            net.signers = [signer]
             nets.append(net)
+        for net in nets:  # one signer per operator: the guild's members, in operator order
+            save_members(Membership(guild_id, identities), net.members_path)
+            net.save()
         made.append(nets)
     doc: dict[str, Any] = {"guild": guild, "operators": groups[0][1]}
     if neighbours:
@@ -195,15 +215,42 @@ def up(
         net.save()
         (Path(net.dir) / STATUS_FILE).unlink(missing_ok=True)
     try:
-        start_lightning(directory, [n.operator for n in everyone] + [OUTSIDE])
+        port = start_lightning(directory, [n.operator for n in everyone] + [OUTSIDE])
+        for net in everyone:
+            net.bitcoind_url = f"http://127.0.0.1:{port}/bitcoind"
+            net.save()
         pids = [spawn_supervisor(Path(n.dir)) for n in everyone]
         for net, pid in zip(everyone, pids, strict=True):
             await_supervisor(Path(net.dir), pid, start_deadline_s(net))
         wait_machines(load(directory) + load_neighbours(directory), READY_S)
+        for group in (nets, others):
+            if group:
+                guild_key(group)
     except BaseException:
         down(directory)
         raise
     return load(directory)
+
+
+def guild_key(nets: list[Devnet]) -> bytes:
+    """The guild's threshold key (33 bytes), made by a DKG among the operators' signers
+    the first time (a majority signs), and remembered in the first operator's folder."""
+    path = Path(nets[0].dir) / GUILD_KEY_FILE
+    if path.exists():
+        return bytes.fromhex(path.read_text().strip())
+    reply = signer_request(nets[0], KeygenRequest(len(nets) // 2 + 1))
+    if not reply.ok:
+        raise DevnetError(f"the guild's key generation failed: {reply.code}: {reply.error}")
+    path.write_text(reply.threshold_pubkey.hex() + "\n")
+    return reply.threshold_pubkey
+
+
+def signer_request(net: Devnet, request: OpRequest, timeout_s: float = KEYGEN_S) -> OpReply:
+    """One request of an operator to its own signer, signed with the signer's identity."""
+    proc = net.signers[0]
+    hostseckey = KeyStore(Path(proc.state_dir), bytes.fromhex(proc.storage_key)).load_identity()
+    members = load_members(net.members_path)
+    return asyncio.run(call(net.nats_url, members, hostseckey, request, timeout_s))
 
 
 def wait_machines(nets: list[Devnet], deadline_s: float) -> None:
@@ -259,8 +306,9 @@ def outside_rpc(directory: Path) -> str:
     return str(socket_path((directory / LIGHTNING_DIR).resolve(), OUTSIDE))
 
 
-def start_lightning(directory: Path, names: list[str]) -> None:
-    """Start the operators' simulated Lightning network (stopping one left running)."""
+def start_lightning(directory: Path, names: list[str]) -> int:
+    """Start the operators' simulated Lightning network (stopping one left running);
+    returns its ops port (where its chain answers as bitcoind: ``/bitcoind``)."""
     stop_lightning(directory)
     port = free_port()
     env = {
@@ -275,6 +323,7 @@ def start_lightning(directory: Path, names: list[str]) -> None:
     doc = _doc(directory)
     doc["lightning"] = {"pid": pid, "http_port": port}
     write_json_atomic(directory / GUILD_FILE, doc)
+    return port
 
 
 def stop_lightning(directory: Path) -> None:

@@ -85,6 +85,7 @@ class Devnet:
     mint_port: int = 0  # its Cashu mint (an operator with a Lightning node runs one)
     mint_pid: int = 0
     mint_storage_key: str = ""  # seals the mint's master secret
+    bitcoind_url: str = ""  # the chain, as bitcoind's JSON-RPC (the simulated network's)
 
     @property
     def in_guild(self) -> bool:
@@ -228,6 +229,12 @@ class Devnet:
             "GATEWAY_SETTLE_PERIOD_MS": str(self.settle_period_ms),
         }
 
+    @property
+    def member_names(self) -> list[str]:
+        """The operators of this one's guild, in member order (the layout's)."""
+        doc = json.loads(self.layout_path.read_text())
+        return [m["name"] for m in doc["members"]]
+
     def mint_env(self) -> dict[str, str]:
         return {
             **os.environ,
@@ -241,6 +248,20 @@ class Devnet:
             "MINT_NETWORK": self.network,
             "MINT_REDIS_URL": self.redis_url,
             "MINT_RATE_PER_S": os.environ.get("MINT_RATE_PER_S", "5000"),  # one local client
+            **(self._onchain_env() if self.bitcoind_url and self.signers else {}),
+        }
+
+    def _onchain_env(self) -> dict[str, str]:
+        """What the mint needs for on-chain deposits and withdrawals: the chain, and its
+        operator's signer (asked with the signer's identity, as the operator asks it)."""
+        signer = self.signers[0]
+        return {
+            "MINT_BITCOIND_URL": self.bitcoind_url,
+            "MINT_SIGNER_NATS_URL": self.nats_url,
+            "MINT_SIGNER_MEMBERS": str(self.members_path),
+            "MINT_SIGNER_STATE_DIR": signer.state_dir,
+            "MINT_SIGNER_STORAGE_KEY": signer.storage_key,
+            "MINT_CHAIN_POLL_S": os.environ.get("MINT_CHAIN_POLL_S", "1"),
         }
 
     def indexer_env(self) -> dict[str, str]:
@@ -260,6 +281,11 @@ class Devnet:
             "SIGNER_STATE_DIR": proc.state_dir,
             "SIGNER_STORAGE_KEY": proc.storage_key,
             "SIGNER_HTTP_ADDR": f"127.0.0.1:{proc.http_port}",
+            **(
+                {"SIGNER_NAMES": ",".join(self.member_names), "SIGNER_PEERS": str(self.peers_path)}
+                if self.in_guild
+                else {}
+            ),
             "SIGNER_REQUEST_TIMEOUT_MS": str(self.request_timeout_ms),
         }
 

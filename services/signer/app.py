@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
+from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 
 from constellation.crypto.dkg import hostpubkey_gen
 from constellation.errors import ConstellationError, NotAMember
@@ -18,9 +21,10 @@ from services.signer.coordinator import Coordinator
 from services.signer.handlers import Participant
 from services.signer.metrics import SignerMetrics
 from services.signer.store import AuditLog, KeyStore
-from services.signer.transport import Role, Transport, subject
+from services.signer.transport import Role, Transport, listen_subject, subject
 
 log = logging.getLogger("signer")
+PEER_RETRY_S = 0.5
 
 
 class SignerNode:
@@ -62,6 +66,8 @@ class SignerNode:
         )
         self.ops = OpsServer(self.metrics.registry, self.ready)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.routes: dict[int, Client] = {}  # each other member's server, once connected
+        self._connecting: list[asyncio.Task[None]] = []
 
     def ready(self) -> tuple[bool, str]:
         if self.transport is None or not self.transport.nc.is_connected:
@@ -76,11 +82,15 @@ class SignerNode:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.ops.start(self.settings.http_host, self.settings.http_port)
-        nc = await connect_nats(self.settings.nats_url, f"signer-{self.members.guild}-{self.me}")
-        self.transport = Transport(nc, self.members, self.hostseckey, self.guard)
+        name = f"signer-{self.members.guild}-{self.me}"
+        nc = await connect_nats(self.settings.nats_url, name)
+        me = self.settings.names[self.me] if self.settings.names else ""
+        routes = None if self.settings.peers is None else self.routes
+        self.transport = Transport(nc, self.members, self.hostseckey, self.guard, me, routes)
+        self._connect_peers(name)
         guild = self.members.guild
-        await nc.subscribe(subject(guild, Role.SIGNER, self.me), cb=self._on_signer)
-        await nc.subscribe(subject(guild, Role.COORD, self.me), cb=self._on_coord)
+        await nc.subscribe(listen_subject(Role.SIGNER, self.me), cb=self._on_signer)
+        await nc.subscribe(listen_subject(Role.COORD, self.me), cb=self._on_coord)
         ops = await nc.subscribe(subject(guild, Role.OP, self.me), cb=self._on_op)
         await nc.flush()
         log.info(
@@ -102,8 +112,39 @@ class SignerNode:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.settings.request_timeout_ms / 1000)
         await nc.drain()
+        for task in self._connecting:
+            task.cancel()
+        for peer in self.routes.values():
+            with contextlib.suppress(NatsError, OSError):
+                await peer.close()
         self.audit.close()
         await self.ops.stop()
+
+    def _connect_peers(self, name: str) -> None:
+        """Where members run their own servers: connect to each other member's, with
+        the credentials it issued us, retrying until it answers (the client reconnects
+        by itself afterwards); until then that member hears nothing from us."""
+        s = self.settings
+        if s.peers is None:
+            return
+        if len(s.names) != len(self.members.hostpubkeys) or not set(s.names) - {
+            s.names[self.me]
+        } <= set(s.peers):
+            raise ConfigError("SIGNER_NAMES names every member, SIGNER_PEERS each other one")
+
+        async def connect(i: int, url: str) -> None:
+            while i not in self.routes:
+                try:
+                    self.routes[i] = await connect_nats(url, name, connect_timeout=2)
+                except (NatsError, OSError, TimeoutError) as exc:
+                    log.debug("peer unreachable", extra={"peer": i, "error": repr(exc)})
+                    await asyncio.sleep(PEER_RETRY_S)
+
+        for i, peer in enumerate(s.names):
+            if i != self.me:
+                task = asyncio.create_task(connect(i, s.peers[peer]))
+                self._connecting.append(task)
+                self.ops.tasks.watch(f"peer-{peer}", task)
 
     def _open(self, data: bytes) -> tuple[int, proto.Message] | None:
         assert self.transport is not None
@@ -143,6 +184,13 @@ class SignerNode:
             reply = await self.coordinator.keygen(request.t)
         elif isinstance(request, proto.SignRequest):
             reply = await self.coordinator.sign(request.target)
+        elif isinstance(request, proto.KeyRequest):
+            group = self.participant.group
+            reply = (
+                proto.OpReply(True, threshold_pubkey=group.thresh_pk)
+                if group is not None
+                else proto.OpReply(False, code="signing.no_key", error="no key share yet")
+            )
         else:
             reply = proto.OpReply(False, code="protocol.unexpected", error="not a request")
         assert self.transport is not None

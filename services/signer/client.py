@@ -41,7 +41,7 @@ class SignerClient:
             await self._nc.close()
 
     async def request(
-        self, request: proto.KeygenRequest | proto.SignRequest, timeout_s: float
+        self, request: proto.OpRequest, timeout_s: float
     ) -> proto.OpReply:
         """Send ``request`` to this operator's signer and return its authenticated reply."""
         assert self._nc is not None and self._transport is not None, "use `async with`"
@@ -60,7 +60,7 @@ async def call(
     nats_url: str,
     members: Membership,
     hostseckey: bytes,
-    request: proto.KeygenRequest | proto.SignRequest,
+    request: proto.OpRequest,
     timeout_s: float,
 ) -> proto.OpReply:
     """One request over a connection of its own."""

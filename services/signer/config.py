@@ -10,6 +10,7 @@ from pathlib import Path
 
 from constellation.guild import Purpose
 from constellation.protocol.envelope import Membership
+from services.replica.config import load_peers
 from services.runtime import ConfigError, env_addr, env_int, env_str
 
 GUILD_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -51,6 +52,8 @@ class Settings:
     max_requests: int
     replay_window_ms: int
     log_level: str
+    names: tuple[str, ...] = ()  # every member's name, in member order (with peers)
+    peers: dict[str, str] | None = None  # a member's name -> its NATS, our credentials
 
     @staticmethod
     def from_env(env: Mapping[str, str]) -> Settings:
@@ -67,6 +70,10 @@ class Settings:
         except ValueError as exc:
             raise ConfigError(f"SIGNER_PURPOSES: {exc}") from exc
         host, port = env_addr(env, "SIGNER_HTTP_ADDR", "127.0.0.1:0")
+        member_names = tuple(n for n in env.get("SIGNER_NAMES", "").split(",") if n)
+        peers = load_peers(Path(env["SIGNER_PEERS"])) if env.get("SIGNER_PEERS") else None
+        if (peers is None) != (not member_names):
+            raise ConfigError("SIGNER_NAMES and SIGNER_PEERS go together (a member per server)")
         return Settings(
             nats_url=env_str(env, "SIGNER_NATS_URL", "nats://127.0.0.1:4222"),
             members_path=Path(env_str(env, "SIGNER_MEMBERS")),
@@ -79,4 +86,6 @@ class Settings:
             max_requests=env_int(env, "SIGNER_MAX_REQUESTS", 64, 1, 10_000),
             replay_window_ms=env_int(env, "SIGNER_REPLAY_WINDOW_MS", 60_000, 1_000, 600_000),
             log_level=env.get("SIGNER_LOG_LEVEL") or "info",
+            names=member_names,
+            peers=peers,
         )

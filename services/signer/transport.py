@@ -1,8 +1,12 @@
 """Signed, replay-checked messages between guild members over NATS.
 
-Subjects: ``cst.<guild>.signer.<i>`` (member i's signer), ``cst.<guild>.coord.<i>``
-(member i's coordinator), ``cst.<guild>.op.<i>`` (member i's operator requests,
-request-reply). Every payload is an envelope signed by the sender's host key.
+Between members: ``cst.rep.<sender>.sig.signer.<i>`` (member i's signer) and
+``cst.rep.<sender>.sig.coord.<i>`` (member i's coordinator), published on member i's
+NATS server (where each member runs its own, a peer reaches it with the credentials it
+was issued, which let it publish under its own name only: ``replica.transport``); the
+sender's name in the subject is for routing only, the envelope says who sent it. An
+operator's requests to its own signer: ``cst.<guild>.op.<i>`` (request-reply, on its
+own server). Every payload is an envelope signed by the sender's host key.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from constellation.crypto.dkg import hostpubkey_gen
 from constellation.errors import MessageError
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import MSG_ID_LEN, Membership, ReplayGuard, seal
+from services.replica.transport import PREFIX
 from services.runtime import now_ms
 
 
@@ -26,7 +31,17 @@ class Role(StrEnum):
 
 
 def subject(guild: str, role: Role, idx: int) -> str:
+    """Where an operator asks its own signer (``Role.OP``)."""
     return f"cst.{guild}.{role}.{idx}"
+
+
+def peer_subject(sender: str, role: Role, idx: int) -> str:
+    return f"{PREFIX}.{sender}.sig.{role}.{idx}"
+
+
+def listen_subject(role: Role, idx: int) -> str:
+    """What member ``idx``'s signer or coordinator hears, from every sender."""
+    return f"{PREFIX}.*.sig.{role}.{idx}"
 
 
 class Transport:
@@ -36,12 +51,19 @@ class Transport:
         members: Membership,
         hostseckey: bytes,
         guard: ReplayGuard,
+        name: str = "",
+        routes: dict[int, Client] | None = None,
     ) -> None:
+        """``routes``: the connection to each other member's server, once made (None:
+        every member shares ``nc``'s); ``name``: this member's, in subjects."""
         self.nc = nc
+        self.routes = routes
         self.members = members
         self.guild = members.guild
         self.hostseckey = hostseckey
         self.hostpubkey = hostpubkey_gen(hostseckey)
+        self.me = members.index.get(self.hostpubkey, -1)  # -1: not a member (it is refused)
+        self.name = name or f"m{self.me}"
         self.guard = guard
 
     def seal(self, to: bytes, msg: proto.Message) -> bytes:
@@ -57,7 +79,10 @@ class Transport:
 
     async def send(self, role: Role, idx: int, msg: proto.Message) -> None:
         data = self.seal(self.members.hostpubkeys[idx], msg)
-        await self.nc.publish(subject(self.guild, role, idx), data)
+        nc = self.nc if self.routes is None or idx == self.me else self.routes.get(idx)
+        if nc is None:
+            return  # not connected to that member yet: it is unresponsive, as ROAST sees it
+        await nc.publish(peer_subject(self.name, role, idx), data)
 
     def open(self, data: bytes) -> tuple[int, proto.Message]:
         """Authenticate, replay-check and decode; returns the sender's index."""

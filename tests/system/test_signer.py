@@ -24,7 +24,7 @@ from constellation.crypto import frost
 from constellation.guild import Checkpoint, OnchainSpend, Statement
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import ReplayGuard
-from services.signer.transport import Role, Transport, subject
+from services.signer.transport import Role, Transport, listen_subject, peer_subject, subject
 from tests.system.conftest import GuildFactory
 from tests.system.guild import Guild
 
@@ -161,7 +161,7 @@ async def test_replays_outsiders_forgeries_and_garbage_are_rejected(
     async def capture(msg: Msg) -> None:
         captured.append(msg.data)
 
-    await nc.subscribe(subject("test", Role.SIGNER, 1), cb=capture)
+    await nc.subscribe(listen_subject(Role.SIGNER, 1), cb=capture)
     await nc.flush()
     assert_valid(await guild.sign(Statement("once")), b"once", "capture")
     assert captured
@@ -169,14 +169,14 @@ async def test_replays_outsiders_forgeries_and_garbage_are_rejected(
     def rejected(code: str) -> float:
         return guild.metric(1, f'signer_rejected_messages_total{{code="{code}"}}')
 
-    await nc.publish(subject("test", Role.SIGNER, 1), captured[0])  # a replay
+    await nc.publish(peer_subject("m0", Role.SIGNER, 1), captured[0])  # a replay
     outsider = Transport(nc, guild.members, b"\x07" * 32, ReplayGuard())
     start = proto.SignStart(os.urandom(16), Statement("from outside"))
     await nc.publish(
-        subject("test", Role.SIGNER, 1), outsider.seal(guild.members.hostpubkeys[1], start)
+        peer_subject("m0", Role.SIGNER, 1), outsider.seal(guild.members.hostpubkeys[1], start)
     )
-    await nc.publish(subject("test", Role.SIGNER, 1), b"\x93garbage")
-    await nc.publish(subject("test", Role.SIGNER, 1), b"\x00" * (proto.MAX_MESSAGE_BYTES + 1))
+    await nc.publish(peer_subject("m0", Role.SIGNER, 1), b"\x93garbage")
+    await nc.publish(peer_subject("m0", Role.SIGNER, 1), b"\x00" * (proto.MAX_MESSAGE_BYTES + 1))
     # Member 2 tries to command member 1's signer (only operator 1 may).
     member2 = Transport(nc, guild.members, guild.identity(2), ReplayGuard())
     with pytest.raises(nats.errors.TimeoutError):
