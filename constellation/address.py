@@ -147,6 +147,13 @@ def decode_destination(
     return XOnlyPubKey(key), ledger
 
 
+def encode_segwit(hrp: str, version: int, program: bytes) -> str:
+    """A Bitcoin segwit address (bech32m: version 1 and up, BIP350)."""
+    if not 1 <= version <= 16:
+        raise InvalidAddress("only segwit version 1 and up are encoded here (bech32m)")
+    return bech32m_encode(hrp, [version, *_convert_bits(program, 8, 5, pad=True)])
+
+
 def decode_segwit(text: str) -> tuple[str, int, bytes]:
     """A Bitcoin segwit address (BIP173 for version 0, BIP350 for 1 to 16): its HRP
     (``bc``, ``tb`` or ``bcrt``), witness version and program."""

@@ -101,6 +101,31 @@ class MeltRequest(_In):
     outputs: Outputs | None = None  # NUT-08: blank outputs for the fee's change
 
 
+class MintQuoteOnchainRequest(_In):
+    """NUT-30: an address to pay on-chain; only the key's holder mints (NUT-20)."""
+
+    unit: Unit
+    pubkey: Hex33
+
+
+class MeltQuoteOnchainRequest(_In):
+    """NUT-30: pay ``amount`` to a Bitcoin address on-chain."""
+
+    request: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REQUEST)]
+    unit: Unit
+    amount: Annotated[int, msgspec.Meta(ge=1, le=MAX_AMOUNT)]
+
+
+class MeltOnchainRequest(_In):
+    quote: QuoteId
+    fee_index: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+    inputs: Inputs
+    outputs: Outputs | None = None
+
+    def melt(self) -> MeltRequest:
+        return MeltRequest(self.quote, self.inputs, self.outputs)
+
+
 class CheckStateRequest(_In):
     Ys: Annotated[list[Hex33], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
 

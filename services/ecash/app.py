@@ -44,6 +44,8 @@ from constellation.tx import Issuance, TxOutput, decode_issuance, decode_transac
 from services.ecash.cache import CACHED, Cache
 from services.ecash.config import Settings
 from services.ecash.metrics import MintMetrics
+from services.ecash.onchain import METHOD as ONCHAIN
+from services.ecash.onchain import BitcoindError, Onchain, Uncovered
 from services.ecash.store import MintStore, Redeem, listen_forever
 from services.ecash.ws import CHANNELS, Hub
 from services.gateway.lightning import PAY_S, ClnBackend, LightningBackend, LightningError
@@ -110,6 +112,7 @@ class MintApp:
         self.rotated = asyncio.Event()  # another process changed the keysets
         self.cache: Cache | None = None
         self.limits: Limits | None = None  # per client address, where there is Redis
+        self.onchain: Onchain | None = None  # deposits and withdrawals on-chain (NUT-30)
 
     def ready(self) -> tuple[bool, str]:
         if self.mint is None:
@@ -128,6 +131,11 @@ class MintApp:
             self.cache = Cache(redis, s.cache_ttl_s, self.metrics)
             self.limits = Limits(redis, s.rate_per_s, prefix="mint-rate")
             self.ops.tasks.start("limits", self.limits.sync_forever)
+        if s.chain is not None:
+            await Onchain.create_schema(store.pool)
+            self.onchain = Onchain(s.chain, store, lambda: self.rules, self._sign)
+            self.ops.tasks.start("chain", self.onchain.follow_forever)
+            self.ops.tasks.start("withdrawals", self.onchain.resolve_forever)
         self._routes(self.ops.app.router)
         self.ops.tasks.start("paid", self._follow_paid)
         self.ops.tasks.start("resolve", self._resolve_forever)
@@ -159,6 +167,8 @@ class MintApp:
             await self.session.close()
         if self.limits is not None:
             await self.limits.close()  # and the cache's: one client
+        if self.onchain is not None:
+            await self.onchain.close()
         await store.close()
 
     async def _heard_all(self) -> None:
@@ -207,6 +217,19 @@ class MintApp:
         r.add_get("/v1/l3/info", self._op("l3_info", self.l3_info))
         self._post(r, "/v1/l3/redeem", "redeem", self.redeem)
         self._post(r, "/v1/l3/withdraw", "withdraw", self.withdraw)
+        if self.onchain is not None:
+            self._post(r, "/v1/mint/quote/onchain", "mint_quote", self.mint_quote_onchain)
+            r.add_get(
+                "/v1/mint/quote/onchain/{quote}",
+                self._op("mint_quote_state", self.mint_state_onchain),
+            )
+            self._post(r, "/v1/mint/onchain", "mint", self.mint_onchain)
+            self._post(r, "/v1/melt/quote/onchain", "melt_quote", self.melt_quote_onchain)
+            r.add_get(
+                "/v1/melt/quote/onchain/{quote}",
+                self._op("melt_quote_state", self.melt_state_onchain),
+            )
+            self._post(r, "/v1/melt/onchain", "melt", self.melt_onchain)
 
     def _post(
         self,
@@ -289,6 +312,7 @@ class MintApp:
     async def info(self, _: web.Request) -> web.Response:
         s = self.settings
         method = {"method": "bolt11", "unit": UNIT, "min_amount": 1, "max_amount": s.max_amount_sat}
+        methods = [method] + ([{**method, "method": ONCHAIN}] if self.onchain else [])
         cached = [{"method": "POST", "path": path} for path in CACHED]
         doc = {
             "name": s.name,
@@ -296,8 +320,8 @@ class MintApp:
             "version": VERSION,
             "description": f"the ecash mint of Constellation operator {s.operator}",
             "nuts": {
-                "4": {"methods": [method], "disabled": False},
-                "5": {"methods": [method], "disabled": False},
+                "4": {"methods": methods, "disabled": False},
+                "5": {"methods": methods, "disabled": False},
                 **{n: {"supported": True} for n in ("7", "8", "9", "10", "11", "12", "20")},
                 **(
                     {"19": {"ttl": s.cache_ttl_s, "cached_endpoints": cached}}
@@ -533,8 +557,10 @@ class MintApp:
                 max((now - since for _, _, since in pending), default=0)
             )
             for quote, attempt, since in pending:
-                if (quote.quote, attempt) in self.paying:
-                    continue  # its pay call answers for it
+                if (quote.quote, attempt) in self.paying or quote.payment_hash.startswith(
+                    f"{ONCHAIN}:"
+                ):
+                    continue  # its pay call answers for it; or not Lightning's to resolve
                 try:
                     state = await self.backend.payment(bytes.fromhex(quote.payment_hash))
                 except (LightningError, OSError, TimeoutError):
@@ -548,6 +574,63 @@ class MintApp:
                 except Exception:  # one melt's trouble holds up no other
                     log.exception("a melt not resolved", extra={"quote": quote.quote})
             await asyncio.sleep(RESOLVE_EVERY_S)
+
+    # -- on-chain (NUT-30) ---------------------------------------------------------------
+
+    @property
+    def chain(self) -> Onchain:
+        assert self.onchain is not None
+        return self.onchain
+
+    async def mint_quote_onchain(self, request: web.Request) -> dict[str, Any]:
+        req = nut.decode(await request.read(), nut.MintQuoteOnchainRequest)
+        self._check_unit(req.unit)
+        return await self.chain.mint_quote(req, self.settings.quote_expiry_s)
+
+    async def mint_state_onchain(self, request: web.Request) -> dict[str, Any]:
+        return await self.chain.mint_quote_state(request.match_info["quote"])
+
+    async def mint_onchain(self, request: web.Request) -> dict[str, Any]:
+        req = nut.decode(await request.read(), nut.MintRequest)
+        return {"signatures": await self.chain.mint(req)}
+
+    async def melt_quote_onchain(self, request: web.Request) -> dict[str, Any]:
+        req = nut.decode(await request.read(), nut.MeltQuoteOnchainRequest)
+        self._check_unit(req.unit)
+        self._check_amount(req.amount)
+        q = await self.chain.melt_quote(req, self.settings.quote_expiry_s)
+        return self.chain.melt_doc(q, [])
+
+    async def melt_state_onchain(self, request: web.Request) -> dict[str, Any]:
+        found = await self.db.melt_quote(request.match_info["quote"])
+        if found is None or not found[0].payment_hash.startswith(f"{ONCHAIN}:"):
+            raise m.CashuError(m.QUOTE_UNPAID, "no such quote")
+        return self.chain.melt_doc(*found)
+
+    async def melt_onchain(self, request: web.Request) -> dict[str, Any]:
+        req = nut.decode(await request.read(), nut.MeltOnchainRequest)
+        if req.fee_index != 0:
+            raise m.CashuError(MALFORMED, "fee_index: this mint offers option 0 only")
+        melt = req.melt()
+        now = int(time.time())
+        found = await self.db.melt_quote(req.quote)
+        if found is None or not found[0].payment_hash.startswith(f"{ONCHAIN}:"):
+            raise m.CashuError(m.QUOTE_UNPAID, f"no on-chain quote {req.quote[:64]!r}")
+        quote, attempt = await self.db.start_melt(
+            melt, lambda q: self.rules.check_melt(q, melt, now)
+        )
+        try:
+            await self.chain.withdraw(quote, attempt)
+        except (BitcoindError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            # recorded: the resolver signs and sends it (it is never refunded)
+            log.warning("withdrawal not sent yet", extra={"quote": quote.quote, "error": repr(exc)})
+        except Uncovered:
+            raise  # refused before anything was recorded: the proofs are free
+        except m.CashuError as exc:  # the guild did not sign (yet)
+            log.warning("withdrawal not sent yet", extra={"quote": quote.quote, "error": str(exc)})
+        found = await self.db.melt_quote(quote.quote)
+        assert found is not None
+        return self.chain.melt_doc(*found)
 
     # -- the bridge to L3 ----------------------------------------------------------------
 

@@ -9,7 +9,10 @@ from pathlib import Path
 from constellation.address import Network
 from constellation.ecash.keyset import MAX_FEE_PPK
 from constellation.keys import SigningKey
+from services.ecash.onchain import HRP, ChainSettings
 from services.runtime import ConfigError, env_addr, env_int, env_operator, env_str
+from services.signer.config import load_members
+from services.signer.store import KeyStore
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Settings:
     redis_url: str = ""
     cache_ttl_s: int = 300
     rate_per_s: int = 100  # requests a second per client address (shared through Redis)
+    chain: ChainSettings | None = None  # on-chain deposits and withdrawals (NUT-30)
 
     @staticmethod
     def from_env(env: Mapping[str, str]) -> Settings:
@@ -61,6 +65,7 @@ class Settings:
         if bool(gateway_url) != (issuer is not None):
             raise ConfigError("the L3 bridge needs both MINT_GATEWAY_URL and MINT_ISSUER_KEY")
         return Settings(
+            chain=_chain(env, network),
             redis_url=env.get("MINT_REDIS_URL", ""),
             cache_ttl_s=env_int(env, "MINT_CACHE_TTL_S", 300, 1, 7 * 86400),
             rate_per_s=env_int(env, "MINT_RATE_PER_S", 100, 1, 1_000_000),
@@ -83,3 +88,25 @@ class Settings:
             fee_reserve_min_sat=env_int(env, "MINT_FEE_RESERVE_MIN_SAT", 2, 0, 1_000_000),
             log_level=env_str(env, "MINT_LOG_LEVEL", "info"),
         )
+
+
+def _chain(env: Mapping[str, str], network: Network) -> ChainSettings | None:
+    """The chain (bitcoind's JSON-RPC) and the operator's signer, where both are given."""
+    if not env.get("MINT_BITCOIND_URL"):
+        return None
+    try:
+        storage_key = bytes.fromhex(env_str(env, "MINT_SIGNER_STORAGE_KEY"))
+        state_dir = Path(env_str(env, "MINT_SIGNER_STATE_DIR"))
+        identity = KeyStore(state_dir, storage_key).load_identity()
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"MINT_SIGNER_STATE_DIR and _STORAGE_KEY: {exc}") from None
+    return ChainSettings(
+        bitcoind_url=env_str(env, "MINT_BITCOIND_URL"),
+        signer_nats_url=env_str(env, "MINT_SIGNER_NATS_URL"),
+        signer_members=load_members(Path(env_str(env, "MINT_SIGNER_MEMBERS"))),
+        signer_identity=identity,
+        confirmations=env_int(env, "MINT_CHAIN_CONFIRMATIONS", 3, 1, 1000),
+        feerate=env_int(env, "MINT_CHAIN_FEERATE", 2, 1, 10_000),
+        poll_s=env_int(env, "MINT_CHAIN_POLL_S", 5, 1, 600),
+        hrp=HRP[network.name.lower()],
+    )

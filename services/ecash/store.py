@@ -132,7 +132,7 @@ CREATE TABLE IF NOT EXISTS mint_cursor (
 -- connection adds to rows of its own shard (of its backend's pid): concurrent operations
 -- do not queue on one row.
 CREATE TABLE IF NOT EXISTS mint_totals (
-    kind text NOT NULL,  -- spent, pending, signed, unissued, fees_msat, l3_msat
+    kind text NOT NULL,  -- spent, pending, signed, unissued, fees_msat, l3_msat, chain_sat
     keyset text NOT NULL,  -- '' where the sum is not per keyset
     shard int NOT NULL,
     amount bigint NOT NULL,
@@ -377,7 +377,7 @@ class MintStore:
             )
             _refuse_seen(_states(rows))
 
-    async def _sign(
+    async def record_signatures(
         self,
         conn: asyncpg.Connection,
         outputs: Sequence[nut.BlindedMessage],
@@ -407,7 +407,7 @@ class MintStore:
         async with self.pool.acquire() as conn, conn.transaction():
             await self._spend(conn, spend, request.inputs, "SPENT", None)
             signatures = await sign(request.outputs)  # the proofs ours: a replay signs nothing
-            await self._sign(conn, request.outputs, signatures)
+            await self.record_signatures(conn, request.outputs, signatures)
             if spend.fee:
                 await conn.execute(
                     "INSERT INTO mint_fees (kind, msat) VALUES ('swap', $1)", spend.fee * 1000
@@ -490,7 +490,7 @@ class MintStore:
                 raise m.CashuError(m.QUOTE_UNPAID, f"no quote {request.quote[:64]!r}")
             check(_quote(m.MintQuote, r))
             signatures = await sign(request.outputs)
-            await self._sign(conn, request.outputs, signatures)
+            await self.record_signatures(conn, request.outputs, signatures)
             await conn.execute(
                 "UPDATE mint_quotes SET state = 'ISSUED' WHERE quote = $1", request.quote
             )
@@ -590,7 +590,7 @@ class MintStore:
             outputs = m.change(overpaid, [b for b in blanks if bytes.fromhex(b.B_) not in used])
             change = await sign(outputs) if outputs else []
             if outputs:
-                await self._sign(conn, outputs, change)
+                await self.record_signatures(conn, outputs, change)
             await conn.execute(
                 "UPDATE mint_proofs SET state = 'SPENT' WHERE reserved_by = $1", quote
             )
@@ -702,7 +702,7 @@ class MintStore:
             )
             if done is not None:
                 signatures = await sign(outputs)
-                await self._sign(conn, outputs, signatures)
+                await self.record_signatures(conn, outputs, signatures)
                 return signatures
         found = await self.withdrawn(txid, outputs)
         assert found is not None
@@ -767,6 +767,7 @@ class MintBooks:
     fees_msat: int  # kept: input fees and melt margins
     reserved_msat: int  # proofs reserved by melts and redemptions in flight
     l3_msat: int  # L3 coins the mint holds: paid to it for ecash (its own, no liability)
+    chain_msat: int = 0  # the guild's on-chain coins the mint holds (``onchain.py``)
 
 
 async def mint_books(conn: asyncpg.Connection) -> MintBooks | None:
@@ -784,6 +785,7 @@ async def mint_books(conn: asyncpg.Connection) -> MintBooks | None:
         of("fees_msat"),
         of("pending") * 1000,
         of("l3_msat"),
+        of("chain_sat") * 1000,
     )
 
 

@@ -703,7 +703,9 @@ class Settler:
                 sum(a for _, a in p.payee.state.pending) for p in self.pairs.values()
             ),
             lightning_msat=sum(c.local_msat for c in channels if c.state in CAN_ADD_HTLC),
-            onchain_msat=balances.onchain_confirmed_msat + balances.onchain_unconfirmed_msat,
+            onchain_msat=balances.onchain_confirmed_msat
+            + balances.onchain_unconfirmed_msat
+            + mint.chain_msat,  # the guild's outputs the operator's mint holds
             lightning_fees_msat=sum(p.payer.state.fees_msat for p in self.pairs.values()),
             onchain_fees_msat=income.onchain_fees_msat,
             routed_msat=income.routed_msat,

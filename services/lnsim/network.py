@@ -28,7 +28,6 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import bech32
 import coincurve
 from bolt11 import (
     Bolt11,
@@ -44,6 +43,7 @@ from bolt11 import encode as encode_bolt11
 from bolt11.exceptions import Bolt11Exception
 
 from constellation.bitcoin import SpendOutput, address_script, p2tr_script
+from constellation.address import encode_segwit
 from constellation.errors import InvalidAddress
 from services.lnsim.chain import Chain
 
@@ -284,8 +284,7 @@ class Network:
 
     def newaddr(self, name: str) -> str:
         program = hashlib.sha256(f"{name} address {len(self._address_owner)}".encode()).digest()
-        address = bech32.encode(HRP[self.chain], 1, list(program))
-        assert address is not None
+        address = encode_segwit(HRP[self.chain], 1, program)  # P2TR: bech32m
         self.nodes[name].addresses.add(address)
         self._address_owner[address] = name
         self._script_address[p2tr_script(program)] = address

@@ -40,9 +40,7 @@ class SignerClient:
         if self._nc is not None:
             await self._nc.close()
 
-    async def request(
-        self, request: proto.OpRequest, timeout_s: float
-    ) -> proto.OpReply:
+    async def request(self, request: proto.OpRequest, timeout_s: float) -> proto.OpReply:
         """Send ``request`` to this operator's signer and return its authenticated reply."""
         assert self._nc is not None and self._transport is not None, "use `async with`"
         msg = await self._nc.request(

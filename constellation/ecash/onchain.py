@@ -1,0 +1,108 @@
+"""On-chain withdrawals from the guild's funds that a mint holds (NUT-30 melts): which
+coins to spend, the transaction, its fee, and what each guild signer is asked to sign.
+
+Pure: the mint's service picks the coins it holds from its database, asks the signers,
+sends the result and keeps the records. Sizes are BIP141 weights: every input a key-path
+taproot spend (one 64-byte signature), every output its script.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from constellation.bitcoin import BitcoinTx, SpendInput, SpendOutput, TxIn
+from constellation.guild import OnchainSpend
+
+TX_VERSION = 2
+SEQUENCE = 0xFFFFFFFD  # final, replaceable (BIP125): a stuck withdrawal can be bumped
+OVERHEAD_WU = 4 * (4 + 1 + 1 + 4) + 2  # version, counts, locktime; segwit marker and flag
+INPUT_WU = 4 * (32 + 4 + 1 + 4) + (1 + 1 + 64)  # outpoint, empty scriptSig, sequence; witness
+DUST_SAT = 330  # the least a taproot output may carry (Bitcoin Core's dust limit for it)
+
+
+class Coin(NamedTuple):
+    """An output of the guild's that the mint holds."""
+
+    txid: str  # as Bitcoin shows it
+    vout: int
+    amount_sat: int
+    script: bytes
+    derivation: bytes  # what moved the guild key to its address (empty: none)
+
+
+class Withdrawal(NamedTuple):
+    tx: BitcoinTx  # unsigned
+    spent: list[Coin]
+    fee_sat: int
+    change_sat: int  # 0: no change output
+
+
+def output_wu(script: bytes) -> int:
+    return 4 * (8 + 1 + len(script))
+
+
+def fee_sat(inputs: int, output_scripts: Sequence[bytes], feerate: int) -> int:
+    """The fee of a transaction of ``inputs`` guild inputs and these outputs at
+    ``feerate`` sat/vB (its virtual size rounded up)."""
+    weight = OVERHEAD_WU + inputs * INPUT_WU + sum(output_wu(s) for s in output_scripts)
+    return -(-weight // 4) * feerate
+
+
+def plan(
+    coins: Sequence[Coin],
+    destination: bytes,
+    amount_sat: int,
+    change: bytes,
+    feerate: int,
+    max_fee_sat: int,
+) -> Withdrawal | None:
+    """Pay ``amount_sat`` to the script ``destination`` from ``coins`` (the largest
+    first), the rest back to ``change`` (dropped, to the fee, below the dust limit), at
+    ``feerate``, for at most ``max_fee_sat``; None where the coins or the fee limit do
+    not allow it."""
+    picked: list[Coin] = []
+    total = 0
+    for coin in sorted(coins, key=lambda c: (-c.amount_sat, c.txid, c.vout)):
+        picked.append(coin)
+        total += coin.amount_sat
+        bare = fee_sat(len(picked), [destination], feerate)  # without change
+        if bare > max_fee_sat:
+            return None
+        if total >= amount_sat + bare:
+            break
+    else:
+        return None
+    fee = fee_sat(len(picked), [destination, change], feerate)
+    left = total - amount_sat - fee
+    outputs = [SpendOutput(amount_sat, destination)]
+    if left >= DUST_SAT and fee <= max_fee_sat:
+        outputs.append(SpendOutput(left, change))
+    else:  # what is left is too little for an output of its own: the miner's
+        fee, left = total - amount_sat, 0
+        if fee > max_fee_sat:
+            return None
+    inputs = [TxIn(bytes.fromhex(c.txid)[::-1], c.vout, SEQUENCE) for c in picked]
+    return Withdrawal(BitcoinTx(TX_VERSION, 0, inputs, outputs), picked, fee, left)
+
+
+def spend_requests(w: Withdrawal) -> list[OnchainSpend]:
+    """What the guild signs for each input: the transaction, every output it spends,
+    and the input's derivation."""
+    spent = [
+        SpendInput(i.txid, i.vout, i.sequence, c.amount_sat, c.script)
+        for i, c in zip(w.tx.inputs, w.spent, strict=True)
+    ]
+    return [
+        OnchainSpend(w.tx.version, w.tx.locktime, spent, list(w.tx.outputs), k, c.derivation)
+        for k, c in enumerate(w.spent)
+    ]
+
+
+def signed(tx: BitcoinTx, signatures: Sequence[bytes]) -> BitcoinTx:
+    """The transaction with each input's key-path signature as its witness."""
+    inputs = [
+        TxIn(i.txid, i.vout, i.sequence, [sig])
+        for i, sig in zip(tx.inputs, signatures, strict=True)
+    ]
+    return BitcoinTx(tx.version, tx.locktime, inputs, list(tx.outputs))

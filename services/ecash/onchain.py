@@ -1,0 +1,570 @@
+"""The mint's on-chain side (NUT-30): deposits to addresses of the guild's key, credited
+after confirmations, and withdrawals the guild signs with ROAST.
+
+* A mint quote (``onchain``) gets an address of its own: the guild key moved by a
+  derivation named after the quote (``constellation.guild.guild_output``). The chain
+  follower reads every block through bitcoind's JSON-RPC; an output to a quote's address
+  is recorded as a coin of the guild's that this mint holds, and credited to the quote
+  (``amount_paid``) once it has ``confirmations``. The quote's key (NUT-20) then mints
+  up to what was credited and not yet issued, as often as the wallet likes.
+* A melt quote (``onchain``) names an address and an amount, with a fee reserve for a
+  transaction of up to ``MAX_INPUTS`` inputs. The melt reserves the proofs, then in one
+  database transaction picks the coins, builds the transaction (change to a fresh guild
+  address) and records it: from that moment the withdrawal is never refunded. Each
+  input is signed by the guild (the operator's signer coordinates ROAST; every signer
+  derives the BIP341 sighash itself), the signed transaction is recorded, then sent; the
+  melt is PAID (its outpoint in ``payment_preimage`` and ``outpoint``) once the chain took
+  it, with the unused fee reserve returned as NUT-08 change. A withdrawal not signed or
+  not sent (signers unreachable, chain down, a crash) is taken up again by the resolver
+  with the very same transaction, until it is sent.
+* Books: the guild coins the mint holds count as its on-chain funds (``chain_sat``);
+  credited deposits not yet issued count as ``unissued`` ecash, as paid Lightning quotes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from constellation.address import encode_segwit
+from constellation.bitcoin import BitcoinTx, address_script, p2tr_script, parse_tx
+from constellation.ecash import mint as m
+from constellation.ecash import onchain as oc
+from constellation.errors import ConstellationError
+from constellation.guild import guild_output
+from constellation.hashing import tagged_hasher
+from constellation.keys import schnorr_verify
+from constellation.protocol import cashu as nut
+from constellation.protocol import signer as sp
+from constellation.protocol.envelope import Membership
+from services.ecash.store import MintStore, Sign
+from services.signer.client import SignerClient
+
+log = logging.getLogger("mint.onchain")
+
+METHOD = "onchain"
+MAX_INPUTS = 4  # a withdrawal's fee reserve covers a transaction of this many inputs
+SIGN_S = 30.0
+RPC_S = 10.0
+HRP = {"regtest": "bcrt", "test": "tb", "main": "bc"}  # by the L3 network's name
+_derivation = tagged_hasher("Constellation/deposit-derivation")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS chain_quotes (  -- NUT-30 mint quotes: an address each
+    quote text PRIMARY KEY,
+    address text NOT NULL UNIQUE,
+    script bytea NOT NULL UNIQUE,
+    derivation bytea NOT NULL,
+    pubkey text NOT NULL,
+    amount_paid bigint NOT NULL DEFAULT 0,
+    amount_issued bigint NOT NULL DEFAULT 0 CHECK (amount_issued <= amount_paid),
+    expiry bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chain_coins (  -- the guild's outputs this mint holds
+    txid text NOT NULL,
+    vout int NOT NULL,
+    amount_sat bigint NOT NULL,
+    script bytea NOT NULL,
+    derivation bytea NOT NULL,
+    height int,  -- NULL: not in a block yet
+    quote text,  -- the deposit's mint quote (NULL: a withdrawal's change)
+    held bool NOT NULL,  -- counted in the mint's funds: a credited deposit, or change
+    spent_by text,  -- the withdrawal (melt quote) that spends it
+    PRIMARY KEY (txid, vout)
+);
+CREATE TABLE IF NOT EXISTS chain_withdrawals (
+    quote text PRIMARY KEY,  -- the melt quote
+    attempt int NOT NULL,
+    tx bytea NOT NULL,  -- unsigned, then signed
+    txid text NOT NULL,
+    fee_sat bigint NOT NULL,
+    spent jsonb NOT NULL,  -- the coins it spends: txid, vout, amount_sat, script, derivation
+    state text NOT NULL CHECK (state IN ('SIGNING', 'SIGNED', 'SENT')),
+    height int
+);
+CREATE TABLE IF NOT EXISTS chain_blocks (  -- what the follower read, to find a reorg
+    height int PRIMARY KEY,
+    hash text NOT NULL
+);
+"""
+
+
+class Uncovered(m.CashuError):
+    """A withdrawal the mint's on-chain funds do not cover: refused before anything was
+    recorded, its proofs free again."""
+
+
+class BitcoindError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Bitcoind:
+    """bitcoind's JSON-RPC (user and password in the URL where it asks for them)."""
+
+    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
+        self.url = url
+        self.session = session
+        self._id = 0
+
+    async def call(self, method: str, *params: Any) -> Any:
+        self._id += 1
+        body = {"jsonrpc": "1.0", "id": self._id, "method": method, "params": list(params)}
+        async with self.session.post(self.url, json=body) as r:
+            doc = json.loads(await r.read(), parse_float=Decimal)
+        if not isinstance(doc, dict):
+            raise BitcoindError(-1, "not a JSON-RPC answer")
+        if doc.get("error"):
+            raise BitcoindError(int(doc["error"].get("code", -1)), str(doc["error"].get("message")))
+        return doc.get("result")
+
+
+@dataclass(frozen=True)
+class ChainSettings:
+    bitcoind_url: str
+    signer_nats_url: str
+    signer_members: Membership
+    signer_identity: bytes  # the operator's signer's host key: it asks its own signer
+    confirmations: int
+    feerate: int  # sat/vB
+    poll_s: float
+    hrp: str
+
+
+def sat(value: Decimal) -> int:
+    return int(value * 100_000_000)
+
+
+class Onchain:
+    def __init__(
+        self, settings: ChainSettings, store: MintStore, rules: Callable[[], m.Mint], sign: Sign
+    ) -> None:
+        self.s = settings
+        self.store = store
+        self.rules = rules
+        self.sign = sign
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=RPC_S))
+        self.rpc = Bitcoind(settings.bitcoind_url, self.session)
+        self.guild_key = b""  # 33 bytes, asked of the signer once
+        self.tip = 0
+        self.working: set[str] = set()  # withdrawals this process is signing or sending
+
+    @staticmethod
+    async def create_schema(pool: asyncpg.Pool) -> None:
+        async with pool.acquire() as conn:
+            await conn.execute(SCHEMA)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def _signer(self, request: sp.OpRequest) -> sp.OpReply:
+        async with SignerClient(
+            self.s.signer_nats_url, self.s.signer_members, self.s.signer_identity
+        ) as client:
+            return await client.request(request, SIGN_S)
+
+    async def key(self) -> bytes:
+        if not self.guild_key:
+            reply = await self._signer(sp.KeyRequest())
+            if not reply.ok:
+                raise m.CashuError(m.PAYMENT_FAILED, f"the guild has no key yet: {reply.error}")
+            self.guild_key = reply.threshold_pubkey
+        return self.guild_key
+
+    async def address(self, derivation: bytes) -> tuple[str, bytes]:
+        xonly = guild_output(await self.key(), derivation).xonly
+        return encode_segwit(self.s.hrp, 1, xonly), p2tr_script(xonly)
+
+    # -- deposits ------------------------------------------------------------------------
+
+    async def mint_quote(self, req: nut.MintQuoteOnchainRequest, expiry_s: int) -> dict[str, Any]:
+        quote = str(uuid.uuid4())
+        derivation = _derivation(quote.encode())
+        address, script = await self.address(derivation)
+        expiry = int(time.time()) + expiry_s
+        async with self.store.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO chain_quotes (quote, address, script, derivation, pubkey, expiry)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
+                quote,
+                address,
+                script,
+                derivation,
+                req.pubkey,
+                expiry,
+            )
+        return await self.mint_quote_state(quote)
+
+    async def mint_quote_state(self, quote: str) -> dict[str, Any]:
+        async with self.store.pool.acquire() as conn:
+            r = await conn.fetchrow("SELECT * FROM chain_quotes WHERE quote = $1", quote)
+        if r is None:
+            raise m.CashuError(m.QUOTE_UNPAID, "no such quote")
+        return _mint_doc(r)
+
+    async def mint(self, req: nut.MintRequest) -> list[nut.BlindSignature]:
+        """Sign outputs for up to what the quote was credited and has not issued."""
+        async with self.store.pool.acquire() as conn, conn.transaction():
+            r = await conn.fetchrow(
+                "SELECT * FROM chain_quotes WHERE quote = $1 FOR UPDATE", req.quote
+            )
+            if r is None:
+                raise m.CashuError(m.QUOTE_UNPAID, f"no quote {req.quote[:64]!r}")
+            if not m.check_mint_signature(r["pubkey"], req):
+                raise m.CashuError(m.SIGNATURE_INVALID, "the mint request's signature is not valid")
+            out = self.rules().outputs(req.outputs)
+            left = r["amount_paid"] - r["amount_issued"]
+            if left == 0:
+                code = m.QUOTE_ISSUED if r["amount_paid"] else m.QUOTE_UNPAID
+                raise m.CashuError(code, "nothing credited to this quote is left to issue")
+            if out.amount > left:
+                raise m.CashuError(m.UNBALANCED, f"outputs {out.amount} > {left} left to issue")
+            signatures = await self.sign(req.outputs)
+            await self.store.record_signatures(conn, req.outputs, signatures)
+            await conn.execute(
+                "UPDATE chain_quotes SET amount_issued = amount_issued + $2 WHERE quote = $1",
+                req.quote,
+                out.amount,
+            )
+            await conn.execute("SELECT mint_count('unissued', '', $1)", -out.amount)
+        return signatures
+
+    # -- following the chain ---------------------------------------------------------------
+
+    async def follow_forever(self) -> None:
+        while True:
+            try:
+                await self.follow()
+            except (BitcoindError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.warning("chain not read", extra={"error": repr(exc)})
+            await asyncio.sleep(self.s.poll_s)
+
+    async def follow(self) -> None:
+        """Read the blocks since the last one read, record outputs to the quotes'
+        addresses and the withdrawals' confirmations, and credit what has enough."""
+        tip = int(await self.rpc.call("getblockcount"))
+        async with self.store.pool.acquire() as conn:
+            last = await conn.fetchrow("SELECT * FROM chain_blocks ORDER BY height DESC LIMIT 1")
+            start = tip if last is None else last["height"] + 1  # a new mint: from now
+            if (
+                last is not None
+                and await self.rpc.call("getblockhash", last["height"]) != last["hash"]
+            ):
+                await self._reorg(conn, last["height"])
+                return
+            for height in range(start, tip + 1):
+                block = await self.rpc.call(
+                    "getblock", await self.rpc.call("getblockhash", height), 2
+                )
+                async with conn.transaction():
+                    await self._block(conn, height, block)
+            credited = await self._credit(conn, tip)
+        self.tip = tip
+        for quote, amount in credited:
+            log.info("deposit credited", extra={"quote": quote, "sat": amount})
+
+    async def _block(self, conn: asyncpg.Connection, height: int, block: dict[str, Any]) -> None:
+        outputs = [
+            (tx["txid"], o["n"], sat(o["value"]), bytes.fromhex(o["scriptPubKey"]["hex"]))
+            for tx in block.get("tx", [])
+            for o in tx.get("vout", [])
+        ]
+        watched = await conn.fetch(
+            "SELECT quote, script, derivation FROM chain_quotes WHERE script = ANY($1::bytea[])",
+            list({o[3] for o in outputs}),
+        )
+        by_script = {bytes(w["script"]): w for w in watched}
+        for txid, vout, amount, script in outputs:
+            w = by_script.get(script)
+            if w is not None:
+                await conn.execute(
+                    "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, height,"
+                    " quote, held) VALUES ($1, $2, $3, $4, $5, $6, $7, false)"
+                    " ON CONFLICT (txid, vout) DO UPDATE SET height = $6",
+                    txid,
+                    vout,
+                    amount,
+                    script,
+                    w["derivation"],
+                    height,
+                    w["quote"],
+                )
+        txids = [tx["txid"] for tx in block.get("tx", [])]
+        await conn.execute(
+            "UPDATE chain_coins SET height = $2 WHERE txid = ANY($1::text[]) AND height IS NULL",
+            txids,
+            height,
+        )
+        await conn.execute(
+            "UPDATE chain_withdrawals SET height = $2 WHERE txid = ANY($1::text[])", txids, height
+        )
+        await conn.execute(
+            "INSERT INTO chain_blocks (height, hash) VALUES ($1, $2)"
+            " ON CONFLICT (height) DO UPDATE SET hash = $2",
+            height,
+            block["hash"],
+        )
+
+    async def _credit(self, conn: asyncpg.Connection, tip: int) -> list[tuple[str, int]]:
+        """Deposits with enough confirmations: held by the mint, credited to their quote
+        (as ecash owed), in one transaction."""
+        async with conn.transaction():
+            rows = await conn.fetch(
+                "UPDATE chain_coins SET held = true WHERE NOT held AND quote IS NOT NULL"
+                " AND height IS NOT NULL AND height <= $1 RETURNING quote, amount_sat",
+                tip - self.s.confirmations + 1,
+            )
+            for r in rows:
+                await conn.execute(
+                    "UPDATE chain_quotes SET amount_paid = amount_paid + $2 WHERE quote = $1",
+                    r["quote"],
+                    r["amount_sat"],
+                )
+            total = sum(r["amount_sat"] for r in rows)
+            await conn.execute("SELECT mint_count('unissued', '', $1)", total)
+            await conn.execute("SELECT mint_count('chain_sat', '', $1)", total)
+        return [(r["quote"], r["amount_sat"]) for r in rows]
+
+    async def _reorg(self, conn: asyncpg.Connection, height: int) -> None:
+        """The block last read is no longer the chain's: forget what was read from the
+        fork on (deposits not credited yet; a credited one reorganised away is said
+        loudly, as it was issued against), and read again."""
+        fork = height
+        while fork > 0:
+            stored = await conn.fetchval("SELECT hash FROM chain_blocks WHERE height = $1", fork)
+            if stored is None or stored == await self.rpc.call("getblockhash", fork):
+                break
+            fork -= 1
+        async with conn.transaction():
+            lost = await conn.fetch(
+                "SELECT txid, vout, quote FROM chain_coins WHERE held AND quote IS NOT NULL"
+                " AND height > $1",
+                fork,
+            )
+            for r in lost:
+                log.error("a credited deposit was reorganised out of the chain", extra=dict(r))
+            await conn.execute(
+                "DELETE FROM chain_coins WHERE NOT held AND quote IS NOT NULL AND height > $1", fork
+            )
+            await conn.execute("UPDATE chain_coins SET height = NULL WHERE height > $1", fork)
+            await conn.execute("DELETE FROM chain_blocks WHERE height > $1", fork)
+        log.warning("chain reorganisation", extra={"fork": fork, "was": height})
+
+    # -- withdrawals -----------------------------------------------------------------------
+
+    def fee_reserve(self, destination: bytes) -> int:
+        change = p2tr_script(bytes(32))
+        return oc.fee_sat(MAX_INPUTS, [destination, change], self.s.feerate)
+
+    def destination(self, address: str) -> bytes:
+        try:
+            return address_script(address, self.s.hrp)
+        except ConstellationError as exc:
+            raise m.CashuError(0, f"not an address of this chain: {exc}") from None
+
+    async def melt_quote(self, req: nut.MeltQuoteOnchainRequest, expiry_s: int) -> m.MeltQuote:
+        script = self.destination(req.request)
+        if req.amount < oc.DUST_SAT:
+            raise m.CashuError(m.AMOUNT_LIMIT, f"an output of less than {oc.DUST_SAT} sat")
+        quote = str(uuid.uuid4())
+        q = m.MeltQuote(
+            quote,
+            req.request,
+            f"{METHOD}:{quote}",
+            req.amount,
+            self.fee_reserve(script),
+            req.unit,
+            m.MELT_UNPAID,
+            int(time.time()) + expiry_s,
+            amount_msat=req.amount * 1000,
+        )
+        await self.store.add_melt_quote(q)
+        return q
+
+    async def withdraw(self, quote: m.MeltQuote, attempt: int) -> None:
+        """After the melt reserved its proofs: build and record the transaction (from
+        here never refunded), then sign it and send it."""
+        destination = self.destination(quote.request)
+        change_derivation = _derivation(b"change:" + quote.quote.encode())
+        _, change = await self.address(change_derivation)
+        async with self.store.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT * FROM chain_coins WHERE held AND spent_by IS NULL"
+                " AND height IS NOT NULL FOR UPDATE SKIP LOCKED"
+            )
+            coins = [
+                oc.Coin(
+                    r["txid"],
+                    r["vout"],
+                    r["amount_sat"],
+                    bytes(r["script"]),
+                    bytes(r["derivation"]),
+                )
+                for r in rows
+            ]
+            w = oc.plan(coins, destination, quote.amount, change, self.s.feerate, quote.fee_reserve)
+            if w is not None:
+                await self._record(conn, quote, attempt, w, change, change_derivation)
+        if w is None:  # nothing was recorded: the proofs are free again
+            await self.store.fail_melt(quote.quote, attempt)
+            raise Uncovered(
+                m.PAYMENT_FAILED, "the mint's on-chain funds do not cover this withdrawal"
+            )
+        log.info(
+            "withdrawal built",
+            extra={"quote": quote.quote, "txid": w.tx.txid, "fee_sat": w.fee_sat},
+        )
+        await self.complete(quote.quote)
+
+    async def _record(
+        self,
+        conn: asyncpg.Connection,
+        quote: m.MeltQuote,
+        attempt: int,
+        w: oc.Withdrawal,
+        change: bytes,
+        change_derivation: bytes,
+    ) -> None:
+        await conn.execute(
+            "UPDATE chain_coins SET spent_by = $3 WHERE (txid, vout) IN"
+            " (SELECT * FROM unnest($1::text[], $2::int[]))",
+            [c.txid for c in w.spent],
+            [c.vout for c in w.spent],
+            quote.quote,
+        )
+        if w.change_sat:
+            await conn.execute(
+                "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, held)"
+                " VALUES ($1, 1, $2, $3, $4, true)",
+                w.tx.txid,
+                w.change_sat,
+                change,
+                change_derivation,
+            )
+        spent = sum(c.amount_sat for c in w.spent)
+        await conn.execute("SELECT mint_count('chain_sat', '', $1)", w.change_sat - spent)
+        await conn.execute(
+            "INSERT INTO chain_withdrawals (quote, attempt, tx, txid, fee_sat, spent, state)"
+            " VALUES ($1, $2, $3, $4, $5, $6, 'SIGNING')",
+            quote.quote,
+            attempt,
+            w.tx.serialize(),
+            w.tx.txid,
+            w.fee_sat,
+            json.dumps(
+                [
+                    [c.txid, c.vout, c.amount_sat, c.script.hex(), c.derivation.hex()]
+                    for c in w.spent
+                ]
+            ),
+        )
+
+    async def complete(self, quote: str) -> None:
+        """Sign (where not yet) and send a recorded withdrawal; once the chain has it,
+        the melt is PAID. Whatever fails is taken up again by the resolver."""
+        if quote in self.working:
+            return
+        self.working.add(quote)
+        try:
+            async with self.store.pool.acquire() as conn:
+                r = await conn.fetchrow("SELECT * FROM chain_withdrawals WHERE quote = $1", quote)
+            assert r is not None
+            tx = parse_tx(bytes(r["tx"]))
+            if r["state"] == "SIGNING":
+                tx = await self._sign(quote, tx, json.loads(r["spent"]), r["fee_sat"])
+            try:
+                await self.rpc.call("sendrawtransaction", tx.serialize().hex())
+            except BitcoindError as exc:
+                if exc.code != -27:  # already in the chain: sent before
+                    raise
+            async with self.store.pool.acquire() as conn:
+                await conn.execute(
+                    "UPDATE chain_withdrawals SET state = 'SENT' WHERE quote = $1", quote
+                )
+            found = await self.store.melt_quote(quote)
+            assert found is not None
+            sent_msat = (found[0].amount + r["fee_sat"]) * 1000
+            await self.store.finish_melt(quote, r["attempt"], f"{tx.txid}:0", sent_msat, self.sign)
+            log.info("withdrawal sent", extra={"quote": quote, "txid": tx.txid})
+        finally:
+            self.working.discard(quote)
+
+    async def _sign(
+        self, quote: str, tx: BitcoinTx, spent: list[list[Any]], fee_sat: int
+    ) -> BitcoinTx:
+        coins = [oc.Coin(t, v, a, bytes.fromhex(s), bytes.fromhex(d)) for t, v, a, s, d in spent]
+        w = oc.Withdrawal(tx, coins, fee_sat, 0)
+        signatures = []
+        for request in oc.spend_requests(w):
+            reply = await self._signer(sp.SignRequest(request))
+            key = guild_output(await self.key(), request.derivation).xonly
+            if not reply.ok or not schnorr_verify(key, reply.message, reply.signature):
+                raise m.CashuError(
+                    m.PAYMENT_FAILED, f"the guild did not sign: {reply.code} {reply.error}"
+                )
+            signatures.append(reply.signature)
+        done = oc.signed(tx, signatures)
+        async with self.store.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE chain_withdrawals SET tx = $2, state = 'SIGNED' WHERE quote = $1",
+                quote,
+                done.serialize(),
+            )
+        return done
+
+    async def resolve_forever(self) -> None:
+        """Withdrawals recorded and not sent yet (a signer or the chain was down, a
+        process died): signed and sent again, the same transaction."""
+        while True:
+            async with self.store.pool.acquire() as conn:
+                open_ = await conn.fetch(
+                    "SELECT quote FROM chain_withdrawals WHERE state <> 'SENT'"
+                )
+            for r in open_:
+                try:
+                    await self.complete(r["quote"])
+                except Exception as exc:  # one withdrawal's trouble holds up no other
+                    log.warning(
+                        "withdrawal not sent yet", extra={"quote": r["quote"], "error": repr(exc)}
+                    )
+            await asyncio.sleep(self.s.poll_s)
+
+    def melt_doc(self, q: m.MeltQuote, change: list[nut.BlindSignature]) -> dict[str, Any]:
+        return {
+            "quote": q.quote,
+            "amount": q.amount,
+            "unit": q.unit,
+            "method": METHOD,
+            "state": q.state,
+            "expiry": q.expiry,
+            "request": q.request,
+            "fee_options": [{"fee_index": 0, "fee_reserve": q.fee_reserve, "estimated_blocks": 1}],
+            "selected_fee_index": None if q.state == m.MELT_UNPAID else 0,
+            "outpoint": q.preimage or None,
+            "change": change,
+        }
+
+
+def _mint_doc(r: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "quote": r["quote"],
+        "request": r["address"],
+        "unit": "sat",
+        "method": METHOD,
+        "expiry": r["expiry"],
+        "pubkey": r["pubkey"],
+        "amount_paid": r["amount_paid"],
+        "amount_issued": r["amount_issued"],
+    }

@@ -1,0 +1,122 @@
+"""On-chain withdrawals, pure: the plan (coins, fee, change), what each signer is asked,
+and the transaction the guild signs, checked as Bitcoin checks it (the simulated chain's
+``Chain``), with a FROST key dealt here and every signer's own derivation of the sighash.
+"""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from constellation.bitcoin import SpendOutput, p2tr_script, parse_tx
+from constellation.ecash import onchain as oc
+from constellation.errors import RequestRefused
+from constellation.guild import derive, guild_output
+from services.lnsim.chain import Chain, ChainError
+from tests.crypto.dealer import deal
+from tests.crypto.test_frost import run_session
+
+GROUP, SHARES = deal(3, 2, random.Random(7))
+DESTINATION = b"\x00\x14" + b"\x11" * 20  # a P2WPKH output
+FEERATE = 2
+
+
+def derivation(k: int) -> bytes:
+    return bytes([k]) * 32
+
+
+def coin(k: int, sat: int) -> oc.Coin:
+    key = guild_output(GROUP.thresh_pk, derivation(k)).xonly
+    return oc.Coin(f"{k:064x}", k % 3, sat, p2tr_script(key), derivation(k))
+
+
+CHANGE = p2tr_script(guild_output(GROUP.thresh_pk, b"\xcc" * 32).xonly)
+
+
+def sign_all(w: oc.Withdrawal) -> bytes:
+    """Each input signed as a signer would: ``derive`` checks the request and gives the
+    message and tweaks; two of three shares sign it."""
+    sigs = []
+    for request in oc.spend_requests(w):
+        d = derive(request, GROUP.thresh_pk)
+        sigs.append(run_session(GROUP, SHARES, [0, 2], d.msg, d.tweaks, d.is_xonly))
+    return oc.signed(w.tx, sigs).serialize()
+
+
+def chain_of(coins: list[oc.Coin]) -> Chain:
+    chain = Chain(lambda _: None)
+    for c in coins:
+        chain.paid(
+            c.txid, [*[SpendOutput(0, b"\x6a")] * c.vout, SpendOutput(c.amount_sat, c.script)], []
+        )
+    return chain
+
+
+def test_a_withdrawal_the_guild_signs_is_valid_on_the_chain() -> None:
+    coins = [coin(1, 40_000), coin(2, 25_000), coin(3, 9_000)]
+    w = oc.plan(coins, DESTINATION, 50_000, CHANGE, FEERATE, 10_000)
+    assert w is not None
+    assert [c.amount_sat for c in w.spent] == [40_000, 25_000]  # the largest first
+    assert sum(c.amount_sat for c in w.spent) == 50_000 + w.change_sat + w.fee_sat
+    raw = sign_all(w)
+    tx, fee = chain_of(coins).check(raw)
+    assert fee == w.fee_sat and tx.txid == w.tx.txid  # witnesses do not change the txid
+    assert w.fee_sat == tx.vsize * FEERATE  # the planned size is the signed size
+    assert parse_tx(raw) == tx
+
+
+def test_a_signature_for_another_input_or_key_is_refused_by_the_chain() -> None:
+    coins = [coin(1, 40_000), coin(2, 25_000)]
+    w = oc.plan(coins, DESTINATION, 50_000, CHANGE, FEERATE, 10_000)
+    assert w is not None
+    signed = parse_tx(sign_all(w))
+    swapped = oc.signed(w.tx, [signed.inputs[1].witness[0], signed.inputs[0].witness[0]])
+    with pytest.raises(ChainError, match="Invalid Schnorr signature"):
+        chain_of(coins).check(swapped.serialize())
+
+
+def test_the_signer_refuses_a_derivation_that_is_not_the_inputs() -> None:
+    w = oc.plan([coin(1, 40_000)], DESTINATION, 30_000, CHANGE, FEERATE, 10_000)
+    assert w is not None
+    [request] = oc.spend_requests(w)
+    moved = msgspec.structs.replace(request, derivation=derivation(2))
+    with pytest.raises(RequestRefused, match="not the guild's taproot output"):
+        derive(moved, GROUP.thresh_pk)
+    with pytest.raises(RequestRefused, match="32 bytes"):
+        derive(msgspec.structs.replace(request, derivation=b"\x01"), GROUP.thresh_pk)
+
+
+def test_dust_change_goes_to_the_fee_and_limits_refuse() -> None:
+    coins = [coin(1, 30_500)]
+    fee2 = oc.fee_sat(1, [DESTINATION, CHANGE], FEERATE)
+    w = oc.plan(coins, DESTINATION, 30_500 - fee2 - 100, CHANGE, FEERATE, 10_000)
+    assert w is not None and w.change_sat == 0 and len(w.tx.outputs) == 1
+    assert w.fee_sat == fee2 + 100
+    assert oc.plan(coins, DESTINATION, 30_500, CHANGE, FEERATE, 10_000) is None  # short
+    assert oc.plan(coins, DESTINATION, 100, CHANGE, FEERATE, fee2 - 1) is None  # fee limit
+
+
+@given(
+    st.lists(st.integers(oc.DUST_SAT, 10**8), min_size=1, max_size=8),
+    st.integers(oc.DUST_SAT, 10**8),
+    st.integers(1, 50),
+)
+@settings(max_examples=200, deadline=None)
+def test_a_plan_conserves_value_and_pays_its_rate(
+    amounts: list[int], amount: int, feerate: int
+) -> None:
+    coins = [coin(k + 1, a) for k, a in enumerate(amounts)]
+    w = oc.plan(coins, DESTINATION, amount, CHANGE, feerate, 10**9)
+    if w is None:
+        assert sum(amounts) < amount + oc.fee_sat(len(amounts), [DESTINATION], feerate)
+        return
+    spent = sum(c.amount_sat for c in w.spent)
+    assert spent == amount + w.change_sat + w.fee_sat
+    assert w.tx.outputs[0].amount_sat == amount
+    assert w.change_sat == 0 or w.change_sat >= oc.DUST_SAT
+    dummy = oc.signed(w.tx, [b"\x00" * 64] * len(w.spent))
+    assert w.fee_sat >= dummy.vsize * feerate

@@ -1,0 +1,95 @@
+"""The simulated chain: coins of no node, transactions sent raw and checked as Bitcoin
+checks key-path taproot spends, the books still balanced, and bitcoind's JSON-RPC."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from constellation.address import encode_segwit
+from constellation.bitcoin import (
+    BitcoinTx,
+    SpendInput,
+    SpendOutput,
+    TxIn,
+    p2tr_script,
+    taproot_sighash,
+)
+from constellation.keys import SigningKey
+from services.lnsim import bitcoind
+from services.lnsim.chain import ChainError
+from services.lnsim.network import Network
+
+KEY = SigningKey(b"\x21" * 32)
+SCRIPT = p2tr_script(KEY.pubkey)
+ADDRESS = encode_segwit("bcrt", 1, KEY.pubkey)
+
+
+def funded() -> tuple[Network, str]:
+    """A network whose node ``a`` paid 50,000 sat to ``KEY``'s address."""
+    net = Network(lambda: 1_700_000_000.0)
+    net.add_node("a")
+    net.fund("a", 1_000_000)
+    txid = net.withdraw("a", ADDRESS, 50_000)
+    net.mine(1)
+    return net, txid
+
+
+def spend(txid: str, pay: list[SpendOutput], key: SigningKey = KEY, amount: int = 50_000) -> bytes:
+    inputs = [TxIn(bytes.fromhex(txid)[::-1], 0, 0xFFFFFFFD)]
+    prev = [SpendInput(inputs[0].txid, 0, 0xFFFFFFFD, amount, SCRIPT)]
+    sig = key.sign(taproot_sighash(2, 0, prev, pay, 0))
+    return BitcoinTx(2, 0, [TxIn(inputs[0].txid, 0, 0xFFFFFFFD, [sig])], pay).serialize()
+
+
+def test_a_valid_spend_is_taken_and_the_books_balance() -> None:
+    net, txid = funded()
+    assert net.books()["outside_msat"] == 50_000_000
+    to_node = net.newaddr("a")
+    node_script = bytes([0x51, 0x20]) + bytes(32)
+    raw = spend(txid, [SpendOutput(30_000, SCRIPT), SpendOutput(19_000, node_script)])
+    new = net.send_raw(raw)
+    assert net.send_raw(raw) == new  # a resend changes nothing
+    assert net.books()["missing_msat"] == 0
+    assert net.books()["miner_fees_msat"] >= 1_000_000
+    net.mine(1)
+    block = bitcoind.call(net, {"method": "getblockhash", "params": [net.height], "id": 1})
+    got = bitcoind.call(net, {"method": "getblock", "params": [block["result"], 2], "id": 2})
+    [tx] = got["result"]["tx"]
+    assert tx["txid"] == new and tx["vout"][0]["value"] == Decimal("0.0003")
+    assert tx["vout"][0]["scriptPubKey"]["hex"] == SCRIPT.hex()
+    again = bitcoind.call(net, {"method": "sendrawtransaction", "params": [raw.hex()], "id": 3})
+    assert again["error"]["code"] == -27
+    assert to_node  # a node's address stays its own
+
+
+@pytest.mark.parametrize(
+    ("make", "code", "reason"),
+    [
+        (
+            lambda t: spend(t, [SpendOutput(49_000, SCRIPT)], SigningKey(b"\x22" * 32)),
+            -26,
+            "Schnorr",
+        ),
+        (lambda t: spend(t, [SpendOutput(50_001, SCRIPT)]), -26, "belowout"),
+        (lambda t: spend(t, [SpendOutput(49_990, SCRIPT)]), -26, "min relay fee"),
+        (lambda t: spend("00" * 32, [SpendOutput(49_000, SCRIPT)]), -25, "missingorspent"),
+        (lambda t: b"\x02\x00\x00", -22, "decode"),
+    ],
+)
+def test_what_bitcoin_refuses_is_refused(make, code: int, reason: str) -> None:  # type: ignore[no-untyped-def]
+    net, txid = funded()
+    with pytest.raises(ChainError, match=reason) as caught:
+        net.send_raw(make(txid))
+    assert caught.value.code == code
+    assert net.books()["missing_msat"] == 0
+
+
+def test_a_coin_is_spent_once() -> None:
+    net, txid = funded()
+    net.send_raw(spend(txid, [SpendOutput(49_000, SCRIPT)]))
+    with pytest.raises(ChainError, match="missingorspent"):
+        net.send_raw(spend(txid, [SpendOutput(48_000, SCRIPT)]))
+    answer = bitcoind.call(net, {"method": "gettxout", "params": [txid, 0], "id": 1})
+    assert answer["result"] is None
