@@ -42,8 +42,8 @@ from bolt11 import decode as decode_bolt11
 from bolt11 import encode as encode_bolt11
 from bolt11.exceptions import Bolt11Exception
 
-from constellation.bitcoin import SpendOutput, address_script, p2tr_script
 from constellation.address import encode_segwit
+from constellation.bitcoin import SpendOutput, address_script, p2tr_script
 from constellation.errors import InvalidAddress
 from services.lnsim.chain import Chain
 

@@ -1,0 +1,177 @@
+"""On-chain deposits and withdrawals (NUT-30) over real processes: a local guild of 3
+operators, each with its own NATS and signer, the guild key made by their DKG; the
+simulated network's chain, followed by op0's mint over bitcoind's JSON-RPC; the outside
+node a user's own Bitcoin wallet.
+
+A deposit to a quote's address is credited once it has 3 confirmations, and only the
+quote's key mints, no more than was credited; a withdrawal is signed by ROAST with one
+operator's signer frozen, is valid by Bitcoin's rules (the chain checks every
+signature), reaches the address, returns the unused fee reserve as change, and keeps
+the books: the simulated network loses nothing and op0's reserve invariant holds with the
+guild's coins counted. A withdrawal the mint's coins do not cover is refused with its
+proofs untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from pyln.client import LightningRpc
+
+from constellation.ecash import client
+from constellation.ecash import mint as m
+from constellation.keys import SigningKey
+from services.crossload import reserve
+from services.devnet import guild
+from services.ecash.client import MintClient, MintError
+from tests.system.guild import local_guild
+
+KEY = SigningKey(b"\x31" * 32)
+DEPOSIT_SAT = 60_000
+DEPOSITED: list[Any] = []  # the first test's ecash, which the second withdraws
+
+
+@pytest.fixture(scope="module")
+def where() -> Iterator[Path]:
+    with local_guild("cst-onchain-", operators=3) as directory:
+        yield directory
+
+
+@pytest.fixture
+async def mint(where: Path) -> AsyncIterator[MintClient]:
+    async with aiohttp.ClientSession() as session:
+        mc = MintClient(guild.load(where)[0].mint_url, session)
+        await mc.load()
+        yield mc
+
+
+def mine(where: Path, blocks: int) -> None:
+    guild.lightning(where, "/v1/mine", {"blocks": blocks})
+
+
+async def paid(mc: MintClient, quote: str, at_least: int, wait_s: float = 15.0) -> dict[str, Any]:
+    deadline = time.monotonic() + wait_s
+    while True:
+        doc: dict[str, Any] = await mc.ok(f"/v1/mint/quote/onchain/{quote}")
+        if doc["amount_paid"] >= at_least or time.monotonic() > deadline:
+            return doc
+        await asyncio.sleep(0.3)
+
+
+async def mint_onchain(mc: MintClient, quote: str, amounts: list[int], key: SigningKey) -> Any:
+    outputs, secrets = client.outputs_of(amounts, mc.active)
+    body = {"quote": quote, "outputs": outputs}
+    body["signature"] = client.sign_mint_request(key, quote, outputs)
+    doc = await mc.ok("/v1/mint/onchain", body)
+    return mc.unblind(doc["signatures"], secrets)
+
+
+async def test_a_deposit_is_credited_after_confirmations_and_only_its_key_mints(
+    where: Path, mint: MintClient
+) -> None:
+    outside = LightningRpc(guild.outside_rpc(where))
+    q = await mint.ok("/v1/mint/quote/onchain", {"unit": "sat", "pubkey": "02" + KEY.pubkey.hex()})
+    assert q["request"].startswith("bcrt1p") and q["amount_paid"] == 0
+    other = await mint.ok(
+        "/v1/mint/quote/onchain", {"unit": "sat", "pubkey": "02" + KEY.pubkey.hex()}
+    )
+    assert other["request"] != q["request"]  # an address per quote
+    outside.withdraw(q["request"], DEPOSIT_SAT)
+    mine(where, 2)
+    assert (await paid(mint, q["quote"], 1, wait_s=3))["amount_paid"] == 0  # 2 of 3
+    mine(where, 1)
+    assert (await paid(mint, q["quote"], DEPOSIT_SAT))["amount_paid"] == DEPOSIT_SAT
+    with pytest.raises(MintError) as refused:
+        await mint_onchain(mint, q["quote"], [32], SigningKey(b"\x32" * 32))
+    assert refused.value.code == m.SIGNATURE_INVALID
+    with pytest.raises(MintError) as refused:
+        await mint_onchain(mint, q["quote"], [65536], KEY)
+    assert refused.value.code == m.UNBALANCED
+    first = await mint_onchain(mint, q["quote"], [32768, 8192], KEY)
+    rest = await mint_onchain(mint, q["quote"], [16384, 2048, 512, 64, 32], KEY)
+    assert sum(p.amount for p in first + rest) == DEPOSIT_SAT
+    with pytest.raises(MintError) as refused:
+        await mint_onchain(mint, q["quote"], [1], KEY)
+    assert refused.value.code == m.QUOTE_ISSUED
+    doc = await mint.ok(f"/v1/mint/quote/onchain/{q['quote']}")
+    assert doc["amount_issued"] == DEPOSIT_SAT
+    DEPOSITED.extend(first + rest)
+
+
+async def test_a_withdrawal_is_signed_by_the_guild_with_a_signer_frozen(
+    where: Path, mint: MintClient
+) -> None:
+    proofs = list(DEPOSITED)
+    assert proofs, "the deposit test runs first"
+    outside = LightningRpc(guild.outside_rpc(where))
+    address = outside.newaddr()["p2tr"]
+    too_much = await mint.ok(
+        "/v1/melt/quote/onchain", {"request": address, "unit": "sat", "amount": 1_000_000}
+    )
+    status, doc = await mint.call(  # the inputs fall short: refused, nothing reserved
+        "/v1/melt/onchain", {"quote": too_much["quote"], "fee_index": 0, "inputs": proofs}
+    )
+    assert status == 400 and doc["code"] == m.UNBALANCED
+    assert await mint.states(proofs) == ["UNSPENT"] * len(proofs)
+    # ecash bought over Lightning, more than the mint's coins on-chain: refused as such
+    ln = await mint.mint_quote(70_000)
+    outside.pay(ln["request"])
+    await mint.wait_paid(ln["quote"])
+    over = await mint.mint(ln["quote"], [65536, 4096, 256, 64, 32, 16])
+    big = await mint.ok(
+        "/v1/melt/quote/onchain", {"request": address, "unit": "sat", "amount": 65_000}
+    )
+    status, doc = await mint.call(
+        "/v1/melt/onchain", {"quote": big["quote"], "fee_index": 0, "inputs": over}
+    )
+    assert status == 400 and "do not cover" in doc["detail"], doc
+    assert await mint.states(over) == ["UNSPENT"] * len(over)
+    status, doc = await mint.call(
+        "/v1/melt/quote/onchain", {"request": "bc1qnotanaddress", "unit": "sat", "amount": 500}
+    )
+    assert status == 400 and "address" in doc["detail"]
+
+    q = await mint.ok(
+        "/v1/melt/quote/onchain", {"request": address, "unit": "sat", "amount": 40_000}
+    )
+    reserve_sat = q["fee_options"][0]["fee_reserve"]
+    assert 0 < reserve_sat < 2_000
+    blanks, secrets = client.outputs_of([1] * 12, mint.active)
+    signer2 = guild.load(where)[2].signers[0].pid
+    os.kill(signer2, signal.SIGSTOP)  # ROAST: 2 of 3 respond
+    try:
+        status, done = await mint.call(
+            "/v1/melt/onchain",
+            {"quote": q["quote"], "fee_index": 0, "inputs": proofs, "outputs": blanks},
+            timeout_s=120,
+        )
+    finally:
+        os.kill(signer2, signal.SIGCONT)
+    assert status == 200 and done["state"] == "PAID", done
+    txid, vout = done["outpoint"].split(":")
+    mine(where, 1)
+    [got] = [o for o in outside.listfunds()["outputs"] if o["address"] == address]
+    assert got["amount_msat"] == 40_000_000 and got["txid"] == txid and got["output"] == int(vout)
+    change = mint.unblind(done["change"], secrets[: len(done["change"])])
+    fee = DEPOSIT_SAT - 40_000 - sum(p.amount for p in change)
+    assert 0 < fee <= reserve_sat
+    assert await mint.states(proofs) == ["SPENT"] * len(proofs)
+    books = guild.lightning(where, "/v1/books")
+    assert books["missing_msat"] == 0
+    async with aiohttp.ClientSession() as session:
+        op0 = guild.load(where)[0]
+        deadline = time.monotonic() + 30
+        while True:
+            terms = await reserve(op0, session)
+            if (terms.get("ok") == 1 and terms.get("drift") == 0) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+    assert terms["ok"] == 1 and terms["drift"] == 0, terms
