@@ -424,8 +424,8 @@ def _confirm(flows: Flows, args: Any, fee_msat: int) -> None:
 async def _pay_address(flows: Flows, payto: PayTo, args: Any) -> int:
     if payto.kind is Kind.ONCHAIN:
         raise MoneyError(
-            "paying a Bitcoin address on-chain is not available: the guild has no on-chain"
-            " withdrawals yet (a BOLT11 invoice, or a bitcoin: URI with lightning=, is paid)"
+            "paying a Bitcoin address on-chain is not in the wallet yet (the mint's NUT-30"
+            " melt pays one); a BOLT11 invoice, or a bitcoin: URI with lightning=, is paid"
         )
     if args.amount_msat is None:
         raise MoneyError("an L3 address says no amount: give AMOUNT_MSAT")

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
-from constellation.bitcoin import SpendInput, SpendOutput, compact_size, taproot_sighash
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from constellation.address import encode_segwit
+from constellation.bitcoin import (
+    BitcoinTx,
+    SpendInput,
+    SpendOutput,
+    TxIn,
+    address_script,
+    compact_size,
+    p2tr_script,
+    parse_tx,
+    taproot_sighash,
+)
+from constellation.errors import DecodeError, InvalidAddress
 
 # bitcoin/bips bip-0341/wallet-test-vectors.json, keyPathSpending[0]: the unsigned
 # transaction, the outputs it spends, and input 4 (hashType 0, SIGHASH_DEFAULT).
@@ -76,3 +92,62 @@ def test_compact_size() -> None:
     assert compact_size(0xFD) == b"\xfd\xfd\x00"
     assert compact_size(0x10000) == b"\xfe\x00\x00\x01\x00"
     assert compact_size(2**32) == b"\xff" + (2**32).to_bytes(8, "little")
+
+
+def test_the_vector_transaction_parses_and_serializes_back() -> None:
+    raw = bytes.fromhex(RAW_UNSIGNED_TX)
+    tx = parse_tx(raw)
+    assert tx.serialize() == raw and len(tx.inputs) == 9 and len(tx.outputs) == 2
+    assert tx.vsize == len(raw)  # no witness: weight is 4 bytes a byte
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.binary(min_size=32, max_size=32),
+            st.integers(0, 2**32 - 1),
+            st.lists(st.binary(max_size=80), max_size=3),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    st.lists(st.tuples(st.integers(0, 2**63), st.binary(max_size=60)), max_size=5),
+)
+@settings(max_examples=200)
+def test_transactions_round_trip(
+    ins: list[tuple[bytes, int, list[bytes]]], outs: list[tuple[int, bytes]]
+) -> None:
+    tx = BitcoinTx(
+        2, 0, [TxIn(t, v, 0xFFFFFFFD, w) for t, v, w in ins], [SpendOutput(a, s) for a, s in outs]
+    )
+    if any(w for _, _, w in ins):
+        assert parse_tx(tx.serialize()) == tx
+    bare = parse_tx(tx.serialize(witness=False))
+    assert bare.txid == tx.txid and bare.serialize() == tx.serialize(witness=False)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("0200000000", "without inputs"),
+        ("0200000001" + "00" * 36 + "01aa" + "00" * 4, "scriptSig"),
+        ("0200000001" + "00" * 36 + "00" + "00" * 4 + "00" + "00" * 4 + "ff", "after"),
+        ("02000000fd0100", "shortest form"),
+        ("0200000001" + "00" * 20, "ends early"),
+    ],
+)
+def test_malformed_transactions_are_refused(raw: str, reason: str) -> None:
+    with pytest.raises(DecodeError, match=reason):
+        parse_tx(bytes.fromhex(raw))
+
+
+def test_an_address_gives_its_script_on_its_chain_only() -> None:
+    key = bytes.fromhex("79be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798")
+    address = encode_segwit("bcrt", 1, key)
+    assert address_script(address, "bcrt") == p2tr_script(key)
+    with pytest.raises(InvalidAddress, match="not one of this chain"):
+        address_script(address, "bc")
+    # BIP173's example P2WPKH address
+    assert address_script("BC1QW508D6QEJXTDG4Y5R3ZARVARY0C5XW7KV8F3T4", "bc") == bytes.fromhex(
+        "0014751e76e8199196d454941c45d1b3a323f1433bd6"
+    )
