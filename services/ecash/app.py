@@ -517,7 +517,13 @@ class MintApp:
     async def melt(self, request: web.Request) -> dict[str, Any]:
         req = nut.decode(await request.read(), nut.MeltRequest)
         now = int(time.time())
-        quote, attempt = await self.db.start_melt(req, lambda q: self.rules.check_melt(q, req, now))
+
+        def check(q: m.MeltQuote) -> tuple[m.Spend, int]:
+            if q.payment_hash.startswith(f"{ONCHAIN}:"):
+                raise m.CashuError(MALFORMED, "an on-chain quote: melt it at /v1/melt/onchain")
+            return self.rules.check_melt(q, req, now)
+
+        quote, attempt = await self.db.start_melt(req, check)
         self.paying.add((quote.quote, attempt))
         try:
             state = await self.backend.pay(

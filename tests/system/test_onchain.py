@@ -143,6 +143,8 @@ async def test_a_withdrawal_is_signed_by_the_guild_with_a_signer_frozen(
         "/v1/melt/quote/onchain", {"request": address, "unit": "sat", "amount": 40_000}
     )
     reserve_sat = q["fee_options"][0]["fee_reserve"]
+    status, doc = await mint.call("/v1/melt/bolt11", {"quote": q["quote"], "inputs": proofs})
+    assert status == 400 and "on-chain quote" in doc["detail"]  # not paid over Lightning
     assert 0 < reserve_sat < 2_000
     blanks, secrets = client.outputs_of([1] * 12, mint.active)
     signer2 = guild.load(where)[2].signers[0].pid
