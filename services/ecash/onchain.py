@@ -41,7 +41,7 @@ from constellation.bitcoin import BitcoinTx, address_script, p2tr_script, parse_
 from constellation.ecash import mint as m
 from constellation.ecash import onchain as oc
 from constellation.errors import ConstellationError
-from constellation.guild import guild_output
+from constellation.guild import derive, guild_output
 from constellation.hashing import tagged_hasher
 from constellation.keys import schnorr_verify
 from constellation.protocol import cashu as nut
@@ -508,9 +508,9 @@ class Onchain:
         w = oc.Withdrawal(tx, coins, fee_sat, 0)
         signatures = []
         for request in oc.spend_requests(w):
+            expected = derive(request, await self.key())  # the sighash, derived here too
             reply = await self._signer(sp.SignRequest(request))
-            key = guild_output(await self.key(), request.derivation).xonly
-            if not reply.ok or not schnorr_verify(key, reply.message, reply.signature):
+            if not reply.ok or not schnorr_verify(expected.pubkey, expected.msg, reply.signature):
                 raise m.CashuError(
                     m.PAYMENT_FAILED, f"the guild did not sign: {reply.code} {reply.error}"
                 )
