@@ -106,9 +106,7 @@ async def test_a_deposit_is_credited_after_confirmations_and_only_its_key_mints(
     DEPOSITED.extend(first + rest)
 
 
-async def test_a_withdrawal_is_signed_by_the_guild_with_a_signer_frozen(
-    where: Path, mint: MintClient
-) -> None:
+async def test_withdrawals_that_cannot_be_paid_touch_nothing(where: Path, mint: MintClient) -> None:
     proofs = list(DEPOSITED)
     assert proofs, "the deposit test runs first"
     outside = LightningRpc(guild.outside_rpc(where))
@@ -139,6 +137,13 @@ async def test_a_withdrawal_is_signed_by_the_guild_with_a_signer_frozen(
     )
     assert status == 400 and "address" in doc["detail"]
 
+
+async def test_a_withdrawal_is_signed_by_the_guild_with_a_signer_frozen(
+    where: Path, mint: MintClient
+) -> None:
+    proofs = list(DEPOSITED)
+    outside = LightningRpc(guild.outside_rpc(where))
+    address = outside.newaddr()["p2tr"]
     q = await mint.ok(
         "/v1/melt/quote/onchain", {"request": address, "unit": "sat", "amount": 40_000}
     )
