@@ -35,6 +35,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from nats.errors import Error as NatsError
 
 from constellation.address import encode_segwit
 from constellation.bitcoin import BitcoinTx, address_script, p2tr_script, parse_tx
@@ -158,7 +159,6 @@ class Onchain:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=RPC_S))
         self.rpc = Bitcoind(settings.bitcoind_url, self.session)
         self.guild_key = b""  # 33 bytes, asked of the signer once
-        self.tip = 0
         self.working: set[str] = set()  # withdrawals this process is signing or sending
 
     @staticmethod
@@ -170,10 +170,15 @@ class Onchain:
         await self.session.close()
 
     async def _signer(self, request: sp.OpRequest) -> sp.OpReply:
-        async with SignerClient(
-            self.s.signer_nats_url, self.s.signer_members, self.s.signer_identity
-        ) as client:
-            return await client.request(request, SIGN_S)
+        try:
+            async with SignerClient(
+                self.s.signer_nats_url, self.s.signer_members, self.s.signer_identity
+            ) as client:
+                return await client.request(request, SIGN_S)
+        except (NatsError, OSError, TimeoutError) as exc:
+            raise m.CashuError(
+                m.PAYMENT_FAILED, f"the operator's signer did not answer: {exc!r}"
+            ) from None
 
     async def key(self) -> bytes:
         if not self.guild_key:
@@ -271,7 +276,6 @@ class Onchain:
                 async with conn.transaction():
                     await self._block(conn, height, block)
             credited = await self._credit(conn, tip)
-        self.tip = tip
         for quote, amount in credited:
             log.info("deposit credited", extra={"quote": quote, "sat": amount})
 
