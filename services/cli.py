@@ -331,6 +331,9 @@ def _add_wallet(sub: Any) -> None:
     deposit.add_argument("amount_sat", type=int)
     deposit.add_argument("--wait", type=float, default=600.0, help="seconds to wait for it")
     deposit.add_argument("--no-qr", action="store_true", help="the invoice as text only")
+    deposit.add_argument(
+        "--onchain", action="store_true", help="an address of the guild's, not an invoice"
+    )
     pay = wallet_sub.add_parser(
         "pay",
         help="pay an L3 address, a BOLT11 invoice or a bitcoin: URI with lightning=; the fees"

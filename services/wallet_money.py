@@ -5,6 +5,9 @@ paid, the wallet mints ecash for it and redeems the ecash into an L3 coin at a f
 address of its own. A payment of a BOLT11 invoice: the wallet pays L3 coins to the mint
 for ecash (a withdrawal), and melts the ecash to the invoice; what the Lightning fee
 reserve did not need comes back as change (NUT-08) and is redeemed into a coin again.
+On-chain (NUT-30) alike: a deposit sends bitcoin to an address of the guild's, which the
+mint credits after confirmations (any amount; the flow waits as long as it takes), and a
+Bitcoin address is paid by a melt the guild signs, the unused miner fee reserve back.
 
 Each flow is a record in the wallet file, written before every request it sends, so a
 crash, a lost reply or a payment whose fate is not known yet is taken up again by the
@@ -21,6 +24,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -51,6 +55,7 @@ from services.wallet import (
 MINT_TIMEOUT = aiohttp.ClientTimeout(total=30)
 EXPIRED_AFTER_S = 3600  # past its expiry, as this clock says: an unpaid deposit's invoice
 GIVE_UP_S = 600  # after a withdrawal's unclear refusal, until the ledger's word is final
+BOLT11, ONCHAIN = "bolt11", "onchain"  # the mint's payment methods (NUT-04, 05, 30)
 
 
 class MoneyError(RuntimeError):
@@ -112,12 +117,18 @@ class Flows:
 
     # -- deposits ------------------------------------------------------------------
 
-    async def deposit(self, amount_sat: int) -> dict[str, Any]:
-        """A deposit flow for ``amount_sat``: the invoice to pay, recorded."""
+    async def deposit(self, amount_sat: int, onchain: bool = False) -> dict[str, Any]:
+        """A deposit flow for ``amount_sat``: the invoice to pay (or, ``onchain``, the
+        address of the guild's to send it to), recorded."""
         key = SigningKey(os.urandom(32))
-        quote = await self.mint.mint_quote(amount_sat, key)
+        if onchain:
+            body = {"unit": "sat", "pubkey": "02" + key.pubkey.hex()}
+            quote = await self.mint.ok("/v1/mint/quote/onchain", body)
+        else:
+            quote = await self.mint.mint_quote(amount_sat, key)
         flow = {
             "kind": "deposit",
+            "method": ONCHAIN if onchain else BOLT11,
             "quote": quote["quote"],
             "request": quote["request"],
             "amount": amount_sat,
@@ -132,8 +143,15 @@ class Flows:
     async def _deposit(self, flow: dict[str, Any]) -> str:
         """A deposit, one step further: waiting, done, or expired."""
         if "proofs" not in flow:
-            state = (await self.mint.ok(f"/v1/mint/quote/bolt11/{flow['quote']}"))["state"]
-            if state == m.UNPAID:
+            method = flow.get("method", BOLT11)
+            quote = await self.mint.ok(f"/v1/mint/quote/{method}/{flow['quote']}")
+            if method == ONCHAIN:  # what the chain credited and was not issued
+                state = m.PAID if quote["amount_paid"] > quote["amount_issued"] else m.UNPAID
+                if "outputs" not in flow and state == m.PAID:
+                    flow["amount"] = quote["amount_paid"] - quote["amount_issued"]
+            else:
+                state = quote["state"]
+            if state == m.UNPAID and "outputs" not in flow:
                 return "waiting"
             if "outputs" not in flow:  # the outputs are kept before they are sent
                 outputs, secrets = client.outputs_of(split(flow["amount"]), self.mint.active)
@@ -147,13 +165,13 @@ class Flows:
                 body = {"quote": flow["quote"], "outputs": outputs}
                 body["signature"] = client.sign_mint_request(key, flow["quote"], outputs)
                 try:
-                    doc = await self.mint.ok("/v1/mint/bolt11", body)
+                    doc = await self.mint.ok(f"/v1/mint/{method}", body)
                     proofs = self.mint.unblind(doc["signatures"], secrets)
                 except MintError as exc:
-                    if exc.code != m.QUOTE_ISSUED:
+                    if exc.code not in (m.QUOTE_ISSUED, m.OUTPUTS_SIGNED):
                         raise
                     proofs = await self.mint.restore(outputs, secrets)  # a lost reply
-            else:  # ISSUED: to these outputs, before a crash or a lost reply
+            else:  # issued to these outputs, before a crash or a lost reply
                 proofs = await self.mint.restore(outputs, secrets)
             flow["proofs"] = _docs(proofs)
             self._save()
@@ -170,13 +188,21 @@ class Flows:
 
     # -- paying an invoice ------------------------------------------------------------
 
-    async def quote(self, payto: PayTo) -> dict[str, Any]:
-        """A payment flow for an invoice: the mint's quote and every fee, not started."""
-        body = {"request": payto.target, "unit": "sat"}
-        quote = await self.mint.ok("/v1/melt/quote/bolt11", body)
+    async def quote(self, payto: PayTo, amount_sat: int = 0) -> dict[str, Any]:
+        """A payment flow for an invoice (or ``amount_sat`` to a Bitcoin address, on
+        chain): the mint's quote and every fee, not started."""
+        if payto.kind is Kind.ONCHAIN:
+            body: dict[str, Any] = {"request": payto.target, "unit": "sat", "amount": amount_sat}
+            quote = await self.mint.ok("/v1/melt/quote/onchain", body)
+            quote["fee_reserve"] = quote["fee_options"][0]["fee_reserve"]
+        else:
+            quote = await self.mint.ok(
+                "/v1/melt/quote/bolt11", {"request": payto.target, "unit": "sat"}
+            )
         ecash = self.mint.inputs_for(quote["amount"] + quote["fee_reserve"])
         return {
             "kind": "pay",
+            "method": ONCHAIN if payto.kind is Kind.ONCHAIN else BOLT11,
             "invoice": payto.target,
             "quote": quote["quote"],
             "amount": quote["amount"],
@@ -231,8 +257,11 @@ class Flows:
                 "inputs": _proofs(flow["proofs"]),
                 "outputs": msgspec.convert(flow["blanks"], list[nut.BlindedMessage]),
             }
+            method = flow.get("method", BOLT11)
+            if method == ONCHAIN:
+                body["fee_index"] = 0
             try:
-                await self.mint.ok("/v1/melt/bolt11", body, self.wait_s)
+                await self.mint.ok(f"/v1/melt/{method}", body, self.wait_s)
             except MintError as exc:  # refused, or its payment failed: the ecash is free
                 flow["failed"] = str(exc)
             except (aiohttp.ClientError, TimeoutError):
@@ -263,11 +292,11 @@ class Flows:
         return "withdrawing"
 
     async def _settled(self, flow: dict[str, Any]) -> str:
-        quote = await self.mint.ok(f"/v1/melt/quote/bolt11/{flow['quote']}")
+        quote = await self.mint.ok(f"/v1/melt/quote/{flow.get('method', BOLT11)}/{flow['quote']}")
         if quote["state"] == m.MELT_PENDING:
             return "pending"
         if quote["state"] == m.MELT_PAID:
-            flow["preimage"] = quote["payment_preimage"]
+            flow["preimage"] = quote.get("payment_preimage") or quote.get("outpoint")
             signatures = quote.get("change") or []
             secrets = _secrets(flow, "blank_secrets")[: len(signatures)]
             change = self.mint.unblind(signatures, secrets)
@@ -321,7 +350,8 @@ class Flows:
 
     async def _deposit_step(self, flow: dict[str, Any]) -> str:
         state = await self._deposit(flow)
-        if state == "waiting" and flow["expiry"] + EXPIRED_AFTER_S <= time.time():
+        onchain = flow.get("method") == ONCHAIN  # a deposit may come hours later: kept
+        if state == "waiting" and not onchain and flow["expiry"] + EXPIRED_AFTER_S <= time.time():
             self.doc.flows.remove(flow)
             return f"{_name(flow)}: the invoice expired unpaid; nothing was deposited"
         if state == "done":
@@ -335,6 +365,8 @@ class Flows:
 
 def _name(flow: dict[str, Any]) -> str:
     if flow["kind"] == "deposit":
+        if flow.get("method") == ONCHAIN and "outputs" not in flow:
+            return f"on-chain deposit to {flow['request']} (quote {flow['quote']})"
         return f"deposit of {flow['amount']} sat (quote {flow['quote']})"
     return f"payment of {flow['amount']} sat (quote {flow['quote']})"
 
@@ -343,6 +375,11 @@ def _paid_line(flow: dict[str, Any], state: str) -> str:
     if state == "paid":
         change = sum(p["amount"] for p in flow.get("change", []))
         back = f"; {change} sat of the fee reserve back as a coin" if change else ""
+        if flow.get("method") == ONCHAIN:
+            return (
+                f"{_name(flow)}: PAID on-chain, miner fee {flow['fee_paid']} sat{back};"
+                f" outpoint {flow['preimage']}"
+            )
         return (
             f"{_name(flow)}: PAID, Lightning fee {flow['fee_paid']} sat{back};"
             f" preimage {flow['preimage']}"
@@ -377,7 +414,7 @@ async def money_command(args: Any, out: TextIO) -> int:
         flows.wait_s = getattr(args, "wait", flows.wait_s)
         if args.wallet_command == "pay":
             payto = parse(args.thing, Network.from_name(doc.network))
-            if payto.kind is not Kind.BOLT11:
+            if payto.kind is Kind.L3:
                 return await _pay_address(flows, payto, args)
         if not url:
             raise ConfigError("the wallet knows no mint: `--mint URL` (its operator's)")
@@ -392,12 +429,18 @@ async def money_command(args: Any, out: TextIO) -> int:
 
 
 async def _deposit(flows: Flows, args: Any) -> int:
-    flow = await flows.deposit(args.amount_sat)
-    expiry = time.strftime("%H:%M:%S", time.localtime(flow["expiry"]))
-    flows.say(f"deposit {args.amount_sat} sat: pay this invoice (it expires at {expiry})")
-    flows.say(flow["request"])
+    flow = await flows.deposit(args.amount_sat, args.onchain)
+    if args.onchain:
+        shown = f"bitcoin:{flow['request']}?amount={Decimal(args.amount_sat) / 100_000_000}"
+        flows.say(f"deposit {args.amount_sat} sat: send it to this address of the guild's")
+        flows.say("(credited after the mint's confirmations; any amount sent is credited)")
+    else:
+        expiry = time.strftime("%H:%M:%S", time.localtime(flow["expiry"]))
+        flows.say(f"deposit {args.amount_sat} sat: pay this invoice (it expires at {expiry})")
+        shown = flow["request"]
+    flows.say(shown)
     if not args.no_qr:
-        flows.say(qr(flow["request"]))
+        flows.say(qr(shown))
     deadline = time.monotonic() + args.wait
     while True:
         [line] = await flows.resume(flow)
@@ -422,11 +465,6 @@ def _confirm(flows: Flows, args: Any, fee_msat: int) -> None:
 
 
 async def _pay_address(flows: Flows, payto: PayTo, args: Any) -> int:
-    if payto.kind is Kind.ONCHAIN:
-        raise MoneyError(
-            "paying a Bitcoin address on-chain is not in the wallet yet (the mint's NUT-30"
-            " melt pays one); a BOLT11 invoice, or a bitcoin: URI with lightning=, is paid"
-        )
     if args.amount_msat is None:
         raise MoneyError("an L3 address says no amount: give AMOUNT_MSAT")
     flows.say(f"pay {args.amount_msat} msat to {payto.target}; L3 fee {args.fee_msat} msat")
@@ -440,17 +478,31 @@ async def _pay_address(flows: Flows, payto: PayTo, args: Any) -> int:
 
 
 async def _pay_invoice(flows: Flows, payto: PayTo, args: Any) -> int:
-    if payto.amount_msat is None:
-        raise MoneyError("the invoice says no amount: ask the payee for one that does")
-    if payto.amount_msat % 1000:
-        raise MoneyError(f"the invoice asks {payto.amount_msat} msat: the mint pays whole sat")
-    if args.amount_msat not in (None, payto.amount_msat):
-        raise MoneyError(f"the invoice asks {payto.amount_msat} msat, not {args.amount_msat}")
-    flow = await flows.quote(payto)
+    """An invoice paid over Lightning, or a Bitcoin address on-chain, through the mint."""
+    onchain = payto.kind is Kind.ONCHAIN
+    thing = "a Bitcoin address" if onchain else "the invoice"
+    amount_msat = payto.amount_msat if payto.amount_msat is not None else args.amount_msat
+    if amount_msat is None:
+        raise MoneyError(
+            f"{thing} says no amount: give AMOUNT_MSAT"
+            if onchain
+            else "the invoice says no amount: ask the payee for one that does"
+        )
+    if amount_msat % 1000:
+        raise MoneyError(f"{thing} asks {amount_msat} msat: the mint pays whole sat")
+    if args.amount_msat not in (None, amount_msat):
+        raise MoneyError(f"{thing} asks {amount_msat} msat, not {args.amount_msat}")
+    flow = await flows.quote(payto, amount_msat // 1000)
     most = (flow["fee_reserve"] + flow["input_fee"]) * 1000 + args.fee_msat
     what = f" ({payto.description})" if payto.description else ""
-    flows.say(f"pay {flow['amount']} sat to invoice {payto.payment_hash[:16]}…{what}")
-    flows.say(f"  Lightning routing fee: at most {flow['fee_reserve']} sat (unused, it comes back)")
+    if onchain:
+        flows.say(f"pay {flow['amount']} sat on-chain to {payto.target}{what}")
+        flows.say(f"  miner fee: at most {flow['fee_reserve']} sat (unused, it comes back)")
+    else:
+        flows.say(f"pay {flow['amount']} sat to invoice {payto.payment_hash[:16]}…{what}")
+        flows.say(
+            f"  Lightning routing fee: at most {flow['fee_reserve']} sat (unused, it comes back)"
+        )
     flows.say(f"  mint input fee: {flow['input_fee']} sat; L3 fee: {args.fee_msat} msat")
     flows.say(f"  at most {flow['amount'] * 1000 + most} msat in all, {most} of it fees")
     _confirm(flows, args, most)

@@ -382,13 +382,22 @@ class Onchain:
         script = self.destination(req.request)
         if req.amount < oc.DUST_SAT:
             raise m.CashuError(m.AMOUNT_LIMIT, f"an output of less than {oc.DUST_SAT} sat")
+        reserve = self.fee_reserve(script)
+        async with self.store.pool.acquire() as conn:  # checked again when it is melted
+            held = await conn.fetchval(
+                "SELECT coalesce(sum(amount_sat), 0) FROM chain_coins"
+                " WHERE held AND spent_by IS NULL AND height IS NOT NULL"
+            )
+        held = int(held)
+        if held < req.amount + reserve:
+            raise Uncovered(m.PAYMENT_FAILED, f"the mint holds {held} sat on-chain: not enough")
         quote = str(uuid.uuid4())
         q = m.MeltQuote(
             quote,
             req.request,
             f"{METHOD}:{quote}",
             req.amount,
-            self.fee_reserve(script),
+            reserve,
             req.unit,
             m.MELT_UNPAID,
             int(time.time()) + expiry_s,

@@ -32,7 +32,9 @@ from constellation.keys import SigningKey
 from services.crossload import reserve
 from services.devnet import guild
 from services.ecash.client import MintClient, MintError
-from tests.system.guild import local_guild
+from services.wallet_money import PENDING_EXIT
+from tests.system.guild import cli, local_guild
+from tests.system.test_wallet_money import balance
 
 KEY = SigningKey(b"\x31" * 32)
 DEPOSIT_SAT = 60_000
@@ -111,11 +113,11 @@ async def test_withdrawals_that_cannot_be_paid_touch_nothing(where: Path, mint: 
     assert proofs, "the deposit test runs first"
     outside = LightningRpc(guild.outside_rpc(where))
     address = outside.newaddr()["p2tr"]
-    too_much = await mint.ok(
-        "/v1/melt/quote/onchain", {"request": address, "unit": "sat", "amount": 1_000_000}
+    quote = await mint.ok(
+        "/v1/melt/quote/onchain", {"request": address, "unit": "sat", "amount": 40_000}
     )
     status, doc = await mint.call(  # the inputs fall short: refused, nothing reserved
-        "/v1/melt/onchain", {"quote": too_much["quote"], "fee_index": 0, "inputs": proofs}
+        "/v1/melt/onchain", {"quote": quote["quote"], "fee_index": 0, "inputs": proofs[:1]}
     )
     assert status == 400 and doc["code"] == m.UNBALANCED
     assert await mint.states(proofs) == ["UNSPENT"] * len(proofs)
@@ -124,13 +126,10 @@ async def test_withdrawals_that_cannot_be_paid_touch_nothing(where: Path, mint: 
     outside.pay(ln["request"])
     await mint.wait_paid(ln["quote"])
     over = await mint.mint(ln["quote"], [65536, 4096, 256, 64, 32, 16])
-    big = await mint.ok(
+    status, doc = await mint.call(  # refused at the quote, before the wallet pays for it
         "/v1/melt/quote/onchain", {"request": address, "unit": "sat", "amount": 65_000}
     )
-    status, doc = await mint.call(
-        "/v1/melt/onchain", {"quote": big["quote"], "fee_index": 0, "inputs": over}
-    )
-    assert status == 400 and "do not cover" in doc["detail"], doc
+    assert status == 400 and "holds 60000 sat on-chain: not enough" in doc["detail"], doc
     assert await mint.states(over) == ["UNSPENT"] * len(over)
     status, doc = await mint.call(
         "/v1/melt/quote/onchain", {"request": "bc1qnotanaddress", "unit": "sat", "amount": 500}
@@ -182,3 +181,36 @@ async def test_a_withdrawal_is_signed_by_the_guild_with_a_signer_frozen(
                 break
             await asyncio.sleep(0.5)
     assert terms["ok"] == 1 and terms["drift"] == 0, terms
+
+
+async def test_the_wallet_deposits_and_pays_on_chain(where: Path) -> None:
+    """``wallet deposit --onchain`` and ``wallet pay <bitcoin address>``: the address
+    shown is paid from the outside node's wallet, credited as an L3 coin after the
+    confirmations; then a Bitcoin address (in a BIP21 URI) is paid on-chain from coins."""
+    op0 = guild.load(where)[0]
+    file = str(where.parent / "wallet-onchain.json")
+    create = ["wallet", "create", "--file", file, "--gateway", op0.gateway_url]
+    assert (await cli(*create, "--mint", op0.mint_url))[0] == 0
+    code, out = await cli(
+        "wallet", "deposit", "25000", "--onchain", "--wait", "0", "--no-qr", "--file", file
+    )
+    assert code == PENDING_EXIT, out
+    uri = next(line for line in out.splitlines() if line.startswith("bitcoin:"))
+    address = uri.removeprefix("bitcoin:").split("?")[0]
+    outside = LightningRpc(guild.outside_rpc(where))
+    outside.withdraw(address, 25_000)
+    mine(where, 3)
+    deadline = time.monotonic() + 30
+    while (held := (await balance(file))[0]) == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    assert held == 25_000_000, held
+
+    to = outside.newaddr()["p2tr"]
+    code, out = await cli("wallet", "pay", f"bitcoin:{to}?amount=0.0001", "--yes", "--file", file)
+    assert code == 0 and "PAID on-chain" in out, out
+    assert "miner fee: at most" in out
+    mine(where, 1)
+    [got] = [o for o in outside.listfunds()["outputs"] if o["address"] == to]
+    assert got["amount_msat"] == 10_000_000
+    spent = 25_000_000 - (await balance(file))[0]
+    assert 10_000_000 < spent < 10_000_000 + 1_000_000  # the amount, the fees: no more
