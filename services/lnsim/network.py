@@ -438,8 +438,9 @@ class Network:
             delta = relative_sat
         else:
             delta = relative_sat - TX_FEE_SAT  # the fee comes out of the channel
-            after_reserve = (ch.capacity_sat + delta) * 1000 // RESERVE_DIVISOR
-            if ch.balance[name] - ch.offered(name) + delta * 1000 < after_reserve:
+            # until a block confirms it both the old and the new channel must be valid:
+            # the old one's reserve (the larger) holds meanwhile
+            if ch.balance[name] - ch.offered(name) + delta * 1000 < ch.reserve_msat:
                 raise LnError(SPLICE_FUNDING_LOW, "Not enough funds in the channel to splice out")
             ch.balance[name] += delta * 1000
             txid = self._txid()

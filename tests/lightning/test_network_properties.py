@@ -13,6 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from constellation.address import encode_segwit
 from services.lnsim.network import (
     PAY_ALREADY_PAID,
     PAY_IN_PROGRESS,
@@ -27,6 +28,7 @@ from services.lnsim.network import (
 NODES = ["a", "b", "c", "d"]
 PAIRS = [("a", "b"), ("b", "c"), ("c", "d"), ("a", "c")]
 START = 1_800_000_000.0
+OUTSIDE_ADDRESS = encode_segwit("bcrt", 1, bytes(range(32)))  # no node's: a coin on the chain
 
 
 class LightningNetwork(RuleBasedStateMachine):
@@ -149,7 +151,7 @@ class LightningNetwork(RuleBasedStateMachine):
         sat=st.integers(1, 2_000_000),
     )
     def withdraw(self, node: str, to: str | None, sat: int) -> None:
-        address = self.net.newaddr(to) if to is not None else "bcrt1poutside"
+        address = self.net.newaddr(to) if to is not None else OUTSIDE_ADDRESS
         with contextlib.suppress(LnError):
             self.net.withdraw(node, address, sat)
 
