@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import msgspec
 
 from constellation.address import decode_segwit
+from constellation.codec import Reader
 from constellation.errors import DecodeError, InvalidAddress
 from constellation.hashing import tagged_hasher
 
@@ -147,25 +148,16 @@ class BitcoinTx(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return (base * 3 + len(self.serialize()) + 3) // 4
 
 
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
+class _Reader(Reader):
+    """Bitcoin's fields: little-endian integers, CompactSize counts."""
 
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise DecodeError("the transaction ends early")
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
+    def le(self, n: int) -> int:
+        return int.from_bytes(self.bytes(n), "little")
 
-    def uint(self, n: int) -> int:
-        return int.from_bytes(self.take(n), "little")
-
-    def count(self) -> int:
-        first = self.uint(1)
+    def compact(self) -> int:
+        first = self.u8()
         size = {0xFD: 2, 0xFE: 4, 0xFF: 8}.get(first)
-        n = first if size is None else self.uint(size)
+        n = first if size is None else self.le(size)
         if size is not None and n < (0xFD, 0x10000, 0x100000000)[(2, 4, 8).index(size)]:
             raise DecodeError("a count is not in its shortest form")
         if n > MAX_ITEMS:
@@ -173,7 +165,7 @@ class _Reader:
         return n
 
     def blob(self) -> bytes:
-        return self.take(self.count())
+        return self.bytes(self.compact())
 
 
 def parse_tx(raw: bytes) -> BitcoinTx:
@@ -181,30 +173,30 @@ def parse_tx(raw: bytes) -> BitcoinTx:
     Inputs must have empty scriptSigs: only segwit spends are read."""
     if len(raw) > MAX_TX_BYTES:
         raise DecodeError(f"a transaction of {len(raw)} bytes is over the limit")
-    r = _Reader(raw)
-    version = r.uint(4)
-    segwit = raw[r.pos : r.pos + 2] == b"\x00\x01"
+    r = _Reader(raw, "transaction")
+    version = r.le(4)
+    segwit = r.peek(2) == b"\x00\x01"
     if segwit:
-        r.take(2)
+        r.bytes(2)
     inputs = []
-    for _ in range(r.count()):
-        txid, vout = r.take(32), r.uint(4)
+    for _ in range(r.compact()):
+        txid, vout = r.bytes(32), r.le(4)
         if r.blob():
             raise DecodeError("an input with a scriptSig: only segwit spends are read")
-        inputs.append(TxIn(txid, vout, r.uint(4)))
+        inputs.append(TxIn(txid, vout, r.le(4)))
     if not inputs:
         raise DecodeError("a transaction without inputs")
     outputs = []
-    for _ in range(r.count()):
-        amount = r.uint(8)
+    for _ in range(r.compact()):
+        amount = r.le(8)
         outputs.append(SpendOutput(amount, r.blob()))
     if segwit:
         inputs = [
-            msgspec.structs.replace(i, witness=[r.blob() for _ in range(r.count())]) for i in inputs
+            msgspec.structs.replace(i, witness=[r.blob() for _ in range(r.compact())])
+            for i in inputs
         ]
         if not any(i.witness for i in inputs):
             raise DecodeError("a segwit marker without witnesses")
-    tx = BitcoinTx(version, r.uint(4), inputs, outputs)
-    if r.pos != len(raw):
-        raise DecodeError("bytes after the transaction")
+    tx = BitcoinTx(version, r.le(4), inputs, outputs)
+    r.finish()
     return tx

@@ -32,6 +32,10 @@ class Reader:
         self._pos = pos + n
         return pos
 
+    def peek(self, n: int) -> bytes:
+        """The next ``n`` bytes (fewer at the end), not consumed."""
+        return self._data[self._pos : self._pos + n]
+
     def bytes(self, n: int) -> bytes:
         pos = self._need(n)
         return self._data[pos : pos + n]

@@ -155,6 +155,21 @@ async def connect_nats(url: str, name: str, **options: Any) -> Client:
     )
 
 
+async def connect_peer(url: str, name: str, peer: str, **options: Any) -> Client:
+    """A connection to another operator's NATS, with the credentials in ``url`` it
+    issued us: tried every ``RECONNECT_S`` until it answers (said once at debug level
+    each time); the client reconnects by itself afterwards."""
+    while True:
+        try:
+            client = await connect_nats(url, name, connect_timeout=2, **options)
+        except (NatsError, OSError, TimeoutError) as exc:
+            _log.debug("peer unreachable", extra={"peer": peer, "error": repr(exc)})
+            await asyncio.sleep(RECONNECT_S)
+            continue
+        _log.info("connected to peer", extra={"peer": peer, "as": name})
+        return client
+
+
 async def nats_error(exc: Exception) -> None:
     """The NATS client's ``error_cb``. A lost or refused connection is said in one line
     (the client reconnects by itself); anything else came from a subscription's callback

@@ -36,6 +36,7 @@ from constellation.address import Network, encode_address
 from constellation.ecash import client
 from constellation.ecash import mint as m
 from constellation.ecash.keyset import split
+from constellation.ecash.mint import BOLT11, ONCHAIN
 from constellation.keys import SigningKey
 from constellation.payto import Kind, PayTo, parse
 from constellation.protocol import cashu as nut
@@ -55,7 +56,7 @@ from services.wallet import (
 MINT_TIMEOUT = aiohttp.ClientTimeout(total=30)
 EXPIRED_AFTER_S = 3600  # past its expiry, as this clock says: an unpaid deposit's invoice
 GIVE_UP_S = 600  # after a withdrawal's unclear refusal, until the ledger's word is final
-BOLT11, ONCHAIN = "bolt11", "onchain"  # the mint's payment methods (NUT-04, 05, 30)
+ONCHAIN_WATCH_S = 7 * 86400  # past its quote's expiry: an on-chain deposit's address
 
 
 class MoneyError(RuntimeError):
@@ -167,10 +168,11 @@ class Flows:
                 try:
                     doc = await self.mint.ok(f"/v1/mint/{method}", body)
                     proofs = self.mint.unblind(doc["signatures"], secrets)
-                except MintError as exc:
-                    if exc.code not in (m.QUOTE_ISSUED, m.OUTPUTS_SIGNED):
-                        raise
-                    proofs = await self.mint.restore(outputs, secrets)  # a lost reply
+                except MintError as exc:  # refused: signed before, and the reply lost?
+                    try:
+                        proofs = await self.mint.restore(outputs, secrets)
+                    except MintError:
+                        raise exc from None
             else:  # issued to these outputs, before a crash or a lost reply
                 proofs = await self.mint.restore(outputs, secrets)
             flow["proofs"] = _docs(proofs)
@@ -350,17 +352,40 @@ class Flows:
 
     async def _deposit_step(self, flow: dict[str, Any]) -> str:
         state = await self._deposit(flow)
-        onchain = flow.get("method") == ONCHAIN  # a deposit may come hours later: kept
-        if state == "waiting" and not onchain and flow["expiry"] + EXPIRED_AFTER_S <= time.time():
+        if flow.get("method") == ONCHAIN:
+            return self._onchain_round(flow, state)
+        if state == "waiting" and flow["expiry"] + EXPIRED_AFTER_S <= time.time():
             self.doc.flows.remove(flow)
             return f"{_name(flow)}: the invoice expired unpaid; nothing was deposited"
         if state == "done":
             self.doc.flows.remove(flow)
+            return _credited(flow)
+        return f"{_name(flow)}: {state}"
+
+    def _onchain_round(self, flow: dict[str, Any], state: str) -> str:
+        """An address may be paid more than once, and late: each credit is minted and
+        redeemed in a round of its own, and the flow (with its quote's key) is kept
+        ``ONCHAIN_WATCH_S`` from its start."""
+        if state == "done":
+            said = _credited(flow)
+            flow["credited_total"] = flow.get("credited_total", 0) + flow["credited_msat"]
+            for name in ("outputs", "secrets", "proofs", "coin", "credited_msat"):
+                flow.pop(name)
+            flow["address"] = self.doc.next_address()  # the next round's coin
+            return said
+        if state == "waiting" and flow["expiry"] + ONCHAIN_WATCH_S <= time.time():
+            self.doc.flows.remove(flow)
             return (
-                f"deposit of {flow['amount']} sat: credited {flow['credited_msat']} msat"
-                f" as coin {flow['coin']} at {flow['address']}"
+                f"{_name(flow)}: no longer watched; {flow.get('credited_total', 0)} msat credited"
             )
         return f"{_name(flow)}: {state}"
+
+
+def _credited(flow: dict[str, Any]) -> str:
+    return (
+        f"deposit of {flow['amount']} sat: credited {flow['credited_msat']} msat"
+        f" as coin {flow['coin']} at {flow['address']}"
+    )
 
 
 def _name(flow: dict[str, Any]) -> str:
@@ -433,7 +458,7 @@ async def _deposit(flows: Flows, args: Any) -> int:
     if args.onchain:
         shown = f"bitcoin:{flow['request']}?amount={Decimal(args.amount_sat) / 100_000_000}"
         flows.say(f"deposit {args.amount_sat} sat: send it to this address of the guild's")
-        flows.say("(credited after the mint's confirmations; any amount sent is credited)")
+        flows.say("(credited after the mint's confirmations: whatever is sent, in a week)")
     else:
         expiry = time.strftime("%H:%M:%S", time.localtime(flow["expiry"]))
         flows.say(f"deposit {args.amount_sat} sat: pay this invoice (it expires at {expiry})")
@@ -444,7 +469,7 @@ async def _deposit(flows: Flows, args: Any) -> int:
     deadline = time.monotonic() + args.wait
     while True:
         [line] = await flows.resume(flow)
-        if flow not in flows.doc.flows:
+        if flow not in flows.doc.flows or flow.get("credited_total"):
             flows.say(line)
             return 0
         if not line.endswith("waiting") or time.monotonic() > deadline:

@@ -258,6 +258,7 @@ def check_mint_signature(pubkey: str, request: nut.MintRequest) -> bool:
 # -- quotes ---------------------------------------------------------------------------
 
 UNPAID, PAID, ISSUED = "UNPAID", "PAID", "ISSUED"
+BOLT11, ONCHAIN = "bolt11", "onchain"  # payment methods (NUT-04, NUT-05; NUT-30)
 MELT_UNPAID, MELT_PENDING, MELT_PAID = "UNPAID", "PENDING", "PAID"
 
 
@@ -286,6 +287,7 @@ class MeltQuote:
     preimage: str | None = None
     fee_paid: int = 0  # the routing fee, rounded up to the unit
     amount_msat: int = 0  # the invoice's exact amount
+    method: str = BOLT11  # how it is paid: BOLT11, or ONCHAIN (NUT-30)
 
 
 # -- the bridge to L3 ---------------------------------------------------------------------

@@ -86,16 +86,16 @@ def plan(
     return Withdrawal(BitcoinTx(TX_VERSION, 0, inputs, outputs), picked, fee, left)
 
 
-def spend_requests(w: Withdrawal) -> list[OnchainSpend]:
-    """What the guild signs for each input: the transaction, every output it spends,
-    and the input's derivation."""
+def spend_requests(tx: BitcoinTx, coins: Sequence[Coin]) -> list[OnchainSpend]:
+    """What the guild signs for each input of ``tx`` (spending ``coins``, in order): the
+    transaction, every output it spends, and the input's derivation."""
     spent = [
         SpendInput(i.txid, i.vout, i.sequence, c.amount_sat, c.script)
-        for i, c in zip(w.tx.inputs, w.spent, strict=True)
+        for i, c in zip(tx.inputs, coins, strict=True)
     ]
     return [
-        OnchainSpend(w.tx.version, w.tx.locktime, spent, list(w.tx.outputs), k, c.derivation)
-        for k, c in enumerate(w.spent)
+        OnchainSpend(tx.version, tx.locktime, spent, list(tx.outputs), k, c.derivation)
+        for k, c in enumerate(coins)
     ]
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from constellation.keys import SigningKey
 from constellation.protocol.envelope import Membership
-from constellation.protocol.signer import KeygenRequest, OpReply, OpRequest
+from constellation.protocol.signer import KeygenRequest, KeyRequest, OpReply, OpRequest
 from services.devnet.deps import assign_ports, start_deadline_s, stop_all
 from services.devnet.procs import alive, free_port, ready, spawn, stop_pid, wait_ready
 from services.devnet.state import (
@@ -69,7 +69,6 @@ LIGHTNING_DIR = "lightning"
 LIGHTNING_START_S = 30
 OUTSIDE = "outside"  # the simulated network's node that belongs to no operator
 CHANNEL_SAT = 10_000_000  # each channel between two operators (half on each side)
-GUILD_KEY_FILE = "guild-key"  # the guild's threshold key, hex, in the first operator's folder
 KEYGEN_S = 60
 
 
@@ -232,17 +231,14 @@ def up(
     return load(directory)
 
 
-def guild_key(nets: list[Devnet]) -> bytes:
-    """The guild's threshold key (33 bytes), made by a DKG among the operators' signers
-    the first time (a majority signs), and remembered in the first operator's folder."""
-    path = Path(nets[0].dir) / GUILD_KEY_FILE
-    if path.exists():
-        return bytes.fromhex(path.read_text().strip())
+def guild_key(nets: list[Devnet]) -> None:
+    """Make the guild's threshold key by a DKG among the operators' signers (a majority
+    signs), unless the first operator's signer holds a share of it already."""
+    if signer_request(nets[0], KeyRequest()).ok:
+        return
     reply = signer_request(nets[0], KeygenRequest(len(nets) // 2 + 1))
     if not reply.ok:
         raise DevnetError(f"the guild's key generation failed: {reply.code}: {reply.error}")
-    path.write_text(reply.threshold_pubkey.hex() + "\n")
-    return reply.threshold_pubkey
 
 
 def signer_request(net: Devnet, request: OpRequest, timeout_s: float = KEYGEN_S) -> OpReply:

@@ -44,8 +44,7 @@ from constellation.tx import Issuance, TxOutput, decode_issuance, decode_transac
 from services.ecash.cache import CACHED, Cache
 from services.ecash.config import Settings
 from services.ecash.metrics import MintMetrics
-from services.ecash.onchain import METHOD as ONCHAIN
-from services.ecash.onchain import BitcoindError, Onchain, Uncovered
+from services.ecash.onchain import CHAIN_DOWN, Onchain
 from services.ecash.store import MintStore, Redeem, listen_forever
 from services.ecash.ws import CHANNELS, Hub
 from services.gateway.lightning import PAY_S, ClnBackend, LightningBackend, LightningError
@@ -87,8 +86,9 @@ async def _retried(handler: Callable[[web.Request], Awaitable[Any]], request: we
     return await handler(request)
 
 
-class NotKnownYet(Exception):
-    """What became of a request is not known yet (its transaction may still commit)."""
+class RetryLater(Exception):
+    """Answered HTTP 503: what became of the request is not known yet (its transaction
+    may still commit), or what it needs is not reachable now."""
 
 
 def _error(code: int, detail: str) -> web.Response:
@@ -133,7 +133,7 @@ class MintApp:
             self.ops.tasks.start("limits", self.limits.sync_forever)
         if s.chain is not None:
             await Onchain.create_schema(store.pool)
-            self.onchain = Onchain(s.chain, store, lambda: self.rules, self._sign)
+            self.onchain = Onchain(s.chain, store, lambda: self.rules, self._sign, self.metrics)
             self.ops.tasks.start("chain", self.onchain.follow_forever)
             self.ops.tasks.start("withdrawals", self.onchain.resolve_forever)
         self._routes(self.ops.app.router)
@@ -269,7 +269,7 @@ class MintApp:
             except nut.DecodeError as exc:
                 why = f"malformed request: {exc}"
                 return self._done(op, started, "malformed", _error(MALFORMED, why))
-            except NotKnownYet as exc:
+            except RetryLater as exc:
                 unknown = web.json_response({"detail": str(exc), "code": MALFORMED}, status=503)
                 return self._done(op, started, "unknown", unknown)
             except DATABASE_DOWN as exc:  # done or not as the database says: a retry knows
@@ -312,7 +312,7 @@ class MintApp:
     async def info(self, _: web.Request) -> web.Response:
         s = self.settings
         method = {"method": "bolt11", "unit": UNIT, "min_amount": 1, "max_amount": s.max_amount_sat}
-        methods = [method] + ([{**method, "method": ONCHAIN}] if self.onchain else [])
+        methods = [method] + ([{**method, "method": m.ONCHAIN}] if self.onchain else [])
         cached = [{"method": "POST", "path": path} for path in CACHED]
         doc = {
             "name": s.name,
@@ -389,7 +389,9 @@ class MintApp:
         for quote in things:
             if kind == "bolt11_mint_quote" and (q := await self.db.mint_quote(quote)):
                 found[quote] = _mint_quote_doc(q)
-            elif kind == "bolt11_melt_quote" and (pair := await self.db.melt_quote(quote)):
+            elif kind == "bolt11_melt_quote" and (
+                pair := await self.db.melt_quote(quote, m.BOLT11)
+            ):
                 found[quote] = _melt_quote_doc(*pair)
         return found
 
@@ -509,7 +511,7 @@ class MintApp:
         return _melt_quote_doc(q, [])
 
     async def melt_state(self, request: web.Request) -> dict[str, Any]:
-        found = await self.db.melt_quote(request.match_info["quote"])
+        found = await self.db.melt_quote(request.match_info["quote"], m.BOLT11)
         if found is None:
             raise m.CashuError(m.QUOTE_UNPAID, "no such quote")
         return _melt_quote_doc(*found)
@@ -517,13 +519,9 @@ class MintApp:
     async def melt(self, request: web.Request) -> dict[str, Any]:
         req = nut.decode(await request.read(), nut.MeltRequest)
         now = int(time.time())
-
-        def check(q: m.MeltQuote) -> tuple[m.Spend, int]:
-            if q.payment_hash.startswith(f"{ONCHAIN}:"):
-                raise m.CashuError(MALFORMED, "an on-chain quote: melt it at /v1/melt/onchain")
-            return self.rules.check_melt(q, req, now)
-
-        quote, attempt = await self.db.start_melt(req, check)
+        quote, attempt = await self.db.start_melt(
+            req, m.BOLT11, lambda q: self.rules.check_melt(q, req, now)
+        )
         self.paying.add((quote.quote, attempt))
         try:
             state = await self.backend.pay(
@@ -536,7 +534,7 @@ class MintApp:
         finally:
             self.paying.discard((quote.quote, attempt))
         await self._settle(quote, attempt, state)
-        found = await self.db.melt_quote(quote.quote)
+        found = await self.db.melt_quote(quote.quote, m.BOLT11)
         assert found is not None
         if found[0].state == m.MELT_UNPAID:
             raise m.CashuError(
@@ -556,17 +554,15 @@ class MintApp:
 
     async def _resolve_forever(self) -> None:
         while True:
-            pending = await self.db.pending_melts()
+            pending = await self.db.pending_melts(m.BOLT11)
             now = time.time()
             self.metrics.pending_melts.set(len(pending))
             self.metrics.oldest_pending_melt.set(
                 max((now - since for _, _, since in pending), default=0)
             )
             for quote, attempt, since in pending:
-                if (quote.quote, attempt) in self.paying or quote.payment_hash.startswith(
-                    f"{ONCHAIN}:"
-                ):
-                    continue  # its pay call answers for it; or not Lightning's to resolve
+                if (quote.quote, attempt) in self.paying:
+                    continue  # its pay call answers for it
                 try:
                     state = await self.backend.payment(bytes.fromhex(quote.payment_hash))
                 except (LightningError, OSError, TimeoutError):
@@ -591,7 +587,10 @@ class MintApp:
     async def mint_quote_onchain(self, request: web.Request) -> dict[str, Any]:
         req = nut.decode(await request.read(), nut.MintQuoteOnchainRequest)
         self._check_unit(req.unit)
-        return await self.chain.mint_quote(req, self.settings.quote_expiry_s)
+        try:
+            return await self.chain.mint_quote(req, self.settings.quote_expiry_s)
+        except CHAIN_DOWN as exc:
+            raise RetryLater(f"the chain is not reachable ({exc!r}): retry") from None
 
     async def mint_state_onchain(self, request: web.Request) -> dict[str, Any]:
         return await self.chain.mint_quote_state(request.match_info["quote"])
@@ -608,8 +607,8 @@ class MintApp:
         return self.chain.melt_doc(q, [])
 
     async def melt_state_onchain(self, request: web.Request) -> dict[str, Any]:
-        found = await self.db.melt_quote(request.match_info["quote"])
-        if found is None or not found[0].payment_hash.startswith(f"{ONCHAIN}:"):
+        found = await self.db.melt_quote(request.match_info["quote"], m.ONCHAIN)
+        if found is None:
             raise m.CashuError(m.QUOTE_UNPAID, "no such quote")
         return self.chain.melt_doc(*found)
 
@@ -619,22 +618,13 @@ class MintApp:
             raise m.CashuError(MALFORMED, "fee_index: this mint offers option 0 only")
         melt = req.melt()
         now = int(time.time())
-        found = await self.db.melt_quote(req.quote)
-        if found is None or not found[0].payment_hash.startswith(f"{ONCHAIN}:"):
-            raise m.CashuError(m.QUOTE_UNPAID, f"no on-chain quote {req.quote[:64]!r}")
-        quote, attempt = await self.db.start_melt(
-            melt, lambda q: self.rules.check_melt(q, melt, now)
+        await self.chain.withdraw(
+            req.quote,
+            lambda: self.db.start_melt(
+                melt, m.ONCHAIN, lambda q: self.rules.check_melt(q, melt, now)
+            ),
         )
-        try:
-            await self.chain.withdraw(quote, attempt)
-        except (BitcoindError, aiohttp.ClientError, OSError, TimeoutError) as exc:
-            # recorded: the resolver signs and sends it (it is never refunded)
-            log.warning("withdrawal not sent yet", extra={"quote": quote.quote, "error": repr(exc)})
-        except Uncovered:
-            raise  # refused before anything was recorded: the proofs are free
-        except m.CashuError as exc:  # the guild did not sign (yet)
-            log.warning("withdrawal not sent yet", extra={"quote": quote.quote, "error": str(exc)})
-        found = await self.db.melt_quote(quote.quote)
+        found = await self.db.melt_quote(req.quote, m.ONCHAIN)
         assert found is not None
         return self.chain.melt_doc(*found)
 
@@ -752,7 +742,7 @@ class MintApp:
         except (GatewayError, aiohttp.ClientError, TimeoutError):
             found = {}
         if found.get("status") != "committed":
-            raise NotKnownYet(f"the L3 ledger has not committed it (yet?): {exc}") from None
+            raise RetryLater(f"the L3 ledger has not committed it (yet?): {exc}") from None
 
     async def _books_forever(self) -> None:
         while True:

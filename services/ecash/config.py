@@ -9,7 +9,8 @@ from pathlib import Path
 from constellation.address import Network
 from constellation.ecash.keyset import MAX_FEE_PPK
 from constellation.keys import SigningKey
-from services.ecash.onchain import HRP, ChainSettings
+from constellation.payto import BITCOIN_HRP
+from services.ecash.onchain import ChainSettings
 from services.runtime import ConfigError, env_addr, env_int, env_operator, env_str
 from services.signer.config import load_members
 from services.signer.store import KeyStore
@@ -108,5 +109,5 @@ def _chain(env: Mapping[str, str], network: Network) -> ChainSettings | None:
         confirmations=env_int(env, "MINT_CHAIN_CONFIRMATIONS", 3, 1, 1000),
         feerate=env_int(env, "MINT_CHAIN_FEERATE", 2, 1, 10_000),
         poll_s=env_int(env, "MINT_CHAIN_POLL_S", 5, 1, 600),
-        hrp=HRP[network.name.lower()],
+        hrp=BITCOIN_HRP[network],
     )

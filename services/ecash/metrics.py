@@ -49,3 +49,11 @@ class MintMetrics:
             ["outcome"],
             registry=r,
         )
+        self.chain_height = Gauge(
+            "mint_chain_height", "the last block the chain follower read (NUT-30)", registry=r
+        )
+        self.withdrawals_open = Gauge(
+            "mint_withdrawals_open",
+            "on-chain withdrawals recorded and not yet signed and sent (the resolver's)",
+            registry=r,
+        )

@@ -16,9 +16,11 @@ after confirmations, and withdrawals the guild signs with ROAST.
   melt is PAID (its outpoint in ``payment_preimage`` and ``outpoint``) once the chain took
   it, with the unused fee reserve returned as NUT-08 change. A withdrawal not signed or
   not sent (signers unreachable, chain down, a crash) is taken up again by the resolver
-  with the very same transaction, until it is sent.
-* Books: the guild coins the mint holds count as its on-chain funds (``chain_sat``);
-  credited deposits not yet issued count as ``unissued`` ecash, as paid Lightning quotes.
+  with the very same transaction, until it is sent. A melt that reserved its proofs and
+  recorded nothing (its process died in between) has them freed by the resolver.
+* Books: the tables' triggers keep the running sums, as the mint's other tables do: the
+  guild coins the mint holds are its on-chain funds (``chain_sat``); what deposits were
+  credited and is not issued yet is owed ecash (``unissued``), as paid Lightning quotes.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -48,16 +50,16 @@ from constellation.keys import schnorr_verify
 from constellation.protocol import cashu as nut
 from constellation.protocol import signer as sp
 from constellation.protocol.envelope import Membership
+from services.ecash.metrics import MintMetrics
 from services.ecash.store import MintStore, Sign
-from services.signer.client import SignerClient
+from services.signer.client import SignerClient, call
 
 log = logging.getLogger("mint.onchain")
 
-METHOD = "onchain"
 MAX_INPUTS = 4  # a withdrawal's fee reserve covers a transaction of this many inputs
 SIGN_S = 30.0
 RPC_S = 10.0
-HRP = {"regtest": "bcrt", "test": "tb", "main": "bc"}  # by the L3 network's name
+ABANDONED_S = 60.0  # a melt PENDING this long with no withdrawal recorded: its process died
 _derivation = tagged_hasher("Constellation/deposit-derivation")
 
 SCHEMA = """
@@ -90,13 +92,49 @@ CREATE TABLE IF NOT EXISTS chain_withdrawals (
     txid text NOT NULL,
     fee_sat bigint NOT NULL,
     spent jsonb NOT NULL,  -- the coins it spends: txid, vout, amount_sat, script, derivation
-    state text NOT NULL CHECK (state IN ('SIGNING', 'SIGNED', 'SENT')),
-    height int
+    state text NOT NULL CHECK (state IN ('SIGNING', 'SIGNED'))  -- sent: its melt is PAID
 );
 CREATE TABLE IF NOT EXISTS chain_blocks (  -- what the follower read, to find a reorg
     height int PRIMARY KEY,
     hash text NOT NULL
 );
+-- the books' running sums (``store.py``'s mint_count), kept by the tables' triggers
+CREATE OR REPLACE FUNCTION mint_count_chain_coins() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP <> 'DELETE' THEN
+        PERFORM mint_count('chain_sat', '', coalesce(sum(amount_sat), 0)) FROM new_rows
+            WHERE held AND spent_by IS NULL;
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        PERFORM mint_count('chain_sat', '', -coalesce(sum(amount_sat), 0)) FROM old_rows
+            WHERE held AND spent_by IS NULL;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION mint_count_chain_quotes() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM mint_count('unissued', '', coalesce(sum(amount_paid - amount_issued), 0))
+        FROM new_rows;
+    PERFORM mint_count('unissued', '', -coalesce(sum(amount_paid - amount_issued), 0))
+        FROM old_rows;
+    RETURN NULL;
+END $$;
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'chain_quotes_up') THEN
+        CREATE TRIGGER chain_coins_in AFTER INSERT ON chain_coins
+            REFERENCING NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION mint_count_chain_coins();
+        CREATE TRIGGER chain_coins_up AFTER UPDATE ON chain_coins
+            REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION mint_count_chain_coins();
+        CREATE TRIGGER chain_coins_out AFTER DELETE ON chain_coins
+            REFERENCING OLD TABLE AS old_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION mint_count_chain_coins();
+        CREATE TRIGGER chain_quotes_up AFTER UPDATE ON chain_quotes
+            REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION mint_count_chain_quotes();
+    END IF;
+END $$;
 """
 
 
@@ -112,6 +150,11 @@ class BitcoindError(Exception):
         self.message = message
 
 
+CHAIN_DOWN = (BitcoindError, aiohttp.ClientError, OSError, TimeoutError)
+# what may go wrong with a withdrawal after it was recorded: said, and taken up again
+NOT_SENT = (*CHAIN_DOWN, m.CashuError, NatsError, asyncpg.PostgresError)
+
+
 class Bitcoind:
     """bitcoind's JSON-RPC (user and password in the URL where it asks for them)."""
 
@@ -124,12 +167,15 @@ class Bitcoind:
         self._id += 1
         body = {"jsonrpc": "1.0", "id": self._id, "method": method, "params": list(params)}
         async with self.session.post(self.url, json=body) as r:
-            doc = json.loads(await r.read(), parse_float=Decimal)
-        if not isinstance(doc, dict):
-            raise BitcoindError(-1, "not a JSON-RPC answer")
-        if doc.get("error"):
-            raise BitcoindError(int(doc["error"].get("code", -1)), str(doc["error"].get("message")))
-        return doc.get("result")
+            raw = await r.read()
+        try:
+            doc = json.loads(raw, parse_float=Decimal)
+            error = doc.get("error")
+            if error:
+                raise BitcoindError(int(error.get("code", -1)), str(error.get("message")))
+            return doc["result"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise BitcoindError(-1, f"not a JSON-RPC answer: {raw[:200]!r}") from None
 
 
 @dataclass(frozen=True)
@@ -145,14 +191,23 @@ class ChainSettings:
 
 
 def sat(value: Decimal) -> int:
-    return int(value * 100_000_000)
+    amount = int(value * 100_000_000)
+    if not 0 <= amount <= 21_000_000 * 100_000_000:
+        raise ValueError(f"an amount of {value} BTC")
+    return amount
 
 
 class Onchain:
     def __init__(
-        self, settings: ChainSettings, store: MintStore, rules: Callable[[], m.Mint], sign: Sign
+        self,
+        settings: ChainSettings,
+        store: MintStore,
+        rules: Callable[[], m.Mint],
+        sign: Sign,
+        metrics: MintMetrics,
     ) -> None:
         self.s = settings
+        self.metrics = metrics
         self.store = store
         self.rules = rules
         self.sign = sign
@@ -169,20 +224,23 @@ class Onchain:
     async def close(self) -> None:
         await self.session.close()
 
-    async def _signer(self, request: sp.OpRequest) -> sp.OpReply:
-        try:
-            async with SignerClient(
-                self.s.signer_nats_url, self.s.signer_members, self.s.signer_identity
-            ) as client:
-                return await client.request(request, SIGN_S)
-        except (NatsError, OSError, TimeoutError) as exc:
-            raise m.CashuError(
-                m.PAYMENT_FAILED, f"the operator's signer did not answer: {exc!r}"
-            ) from None
+    def _signer(self) -> SignerClient:
+        return SignerClient(self.s.signer_nats_url, self.s.signer_members, self.s.signer_identity)
 
     async def key(self) -> bytes:
         if not self.guild_key:
-            reply = await self._signer(sp.KeyRequest())
+            try:
+                reply = await call(
+                    self.s.signer_nats_url,
+                    self.s.signer_members,
+                    self.s.signer_identity,
+                    sp.KeyRequest(),
+                    SIGN_S,
+                )
+            except (NatsError, OSError, TimeoutError) as exc:
+                raise m.CashuError(
+                    m.PAYMENT_FAILED, f"the operator's signer did not answer: {exc!r}"
+                ) from None
             if not reply.ok:
                 raise m.CashuError(m.PAYMENT_FAILED, f"the guild has no key yet: {reply.error}")
             self.guild_key = reply.threshold_pubkey
@@ -199,7 +257,17 @@ class Onchain:
         derivation = _derivation(quote.encode())
         address, script = await self.address(derivation)
         expiry = int(time.time()) + expiry_s
+        tip = int(await self.rpc.call("getblockcount"))
+        tip_hash = await self.rpc.call("getblockhash", tip)
         async with self.store.pool.acquire() as conn:
+            # the follower reads on from here at least: a deposit to this address can be
+            # in no block before it, and none after it is missed
+            await conn.execute(
+                "INSERT INTO chain_blocks SELECT $1, $2"
+                " WHERE NOT EXISTS (SELECT 1 FROM chain_blocks)",
+                tip,
+                tip_hash,
+            )
             await conn.execute(
                 "INSERT INTO chain_quotes (quote, address, script, derivation, pubkey, expiry)"
                 " VALUES ($1, $2, $3, $4, $5, $6)",
@@ -243,7 +311,6 @@ class Onchain:
                 req.quote,
                 out.amount,
             )
-            await conn.execute("SELECT mint_count('unissued', '', $1)", -out.amount)
         return signatures
 
     # -- following the chain ---------------------------------------------------------------
@@ -252,7 +319,7 @@ class Onchain:
         while True:
             try:
                 await self.follow()
-            except (BitcoindError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except CHAIN_DOWN as exc:
                 log.warning("chain not read", extra={"error": repr(exc)})
             await asyncio.sleep(self.s.poll_s)
 
@@ -273,18 +340,35 @@ class Onchain:
                 block = await self.rpc.call(
                     "getblock", await self.rpc.call("getblockhash", height), 2
                 )
+                try:  # the chain's answer is read as untrusted input
+                    outputs = [
+                        (
+                            t["txid"],
+                            o["n"],
+                            sat(o["value"]),
+                            bytes.fromhex(o["scriptPubKey"]["hex"]),
+                        )
+                        for t in block["tx"]
+                        for o in t["vout"]
+                    ]
+                    txids, block_hash = [str(t["txid"]) for t in block["tx"]], str(block["hash"])
+                except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+                    raise BitcoindError(-1, f"block {height} malformed: {exc!r}") from None
                 async with conn.transaction():
-                    await self._block(conn, height, block)
+                    await self._block(conn, height, block_hash, txids, outputs)
             credited = await self._credit(conn, tip)
+        self.metrics.chain_height.set(tip)
         for quote, amount in credited:
             log.info("deposit credited", extra={"quote": quote, "sat": amount})
 
-    async def _block(self, conn: asyncpg.Connection, height: int, block: dict[str, Any]) -> None:
-        outputs = [
-            (tx["txid"], o["n"], sat(o["value"]), bytes.fromhex(o["scriptPubKey"]["hex"]))
-            for tx in block.get("tx", [])
-            for o in tx.get("vout", [])
-        ]
+    async def _block(
+        self,
+        conn: asyncpg.Connection,
+        height: int,
+        block_hash: str,
+        txids: list[str],
+        outputs: list[tuple[str, int, int, bytes]],
+    ) -> None:
         watched = await conn.fetch(
             "SELECT quote, script, derivation FROM chain_quotes WHERE script = ANY($1::bytea[])",
             list({o[3] for o in outputs}),
@@ -305,20 +389,16 @@ class Onchain:
                     height,
                     w["quote"],
                 )
-        txids = [tx["txid"] for tx in block.get("tx", [])]
         await conn.execute(
             "UPDATE chain_coins SET height = $2 WHERE txid = ANY($1::text[]) AND height IS NULL",
             txids,
             height,
         )
         await conn.execute(
-            "UPDATE chain_withdrawals SET height = $2 WHERE txid = ANY($1::text[])", txids, height
-        )
-        await conn.execute(
             "INSERT INTO chain_blocks (height, hash) VALUES ($1, $2)"
             " ON CONFLICT (height) DO UPDATE SET hash = $2",
             height,
-            block["hash"],
+            block_hash,
         )
 
     async def _credit(self, conn: asyncpg.Connection, tip: int) -> list[tuple[str, int]]:
@@ -336,15 +416,13 @@ class Onchain:
                     r["quote"],
                     r["amount_sat"],
                 )
-            total = sum(r["amount_sat"] for r in rows)
-            await conn.execute("SELECT mint_count('unissued', '', $1)", total)
-            await conn.execute("SELECT mint_count('chain_sat', '', $1)", total)
         return [(r["quote"], r["amount_sat"]) for r in rows]
 
     async def _reorg(self, conn: asyncpg.Connection, height: int) -> None:
         """The block last read is no longer the chain's: forget what was read from the
-        fork on (deposits not credited yet; a credited one reorganised away is said
-        loudly, as it was issued against), and read again."""
+        fork on and read again. A credited deposit reorganised away is gone from the
+        mint's funds too, and said loudly: ecash may have been issued against it, so the
+        reserve invariant breaks, as it should."""
         fork = height
         while fork > 0:
             stored = await conn.fetchval("SELECT hash FROM chain_blocks WHERE height = $1", fork)
@@ -353,15 +431,13 @@ class Onchain:
             fork -= 1
         async with conn.transaction():
             lost = await conn.fetch(
-                "SELECT txid, vout, quote FROM chain_coins WHERE held AND quote IS NOT NULL"
-                " AND height > $1",
+                "DELETE FROM chain_coins WHERE quote IS NOT NULL AND height > $1"
+                " AND spent_by IS NULL RETURNING txid, vout, quote, amount_sat, held",
                 fork,
             )
             for r in lost:
-                log.error("a credited deposit was reorganised out of the chain", extra=dict(r))
-            await conn.execute(
-                "DELETE FROM chain_coins WHERE NOT held AND quote IS NOT NULL AND height > $1", fork
-            )
+                if r["held"]:
+                    log.error("a credited deposit was reorganised out of the chain", extra=dict(r))
             await conn.execute("UPDATE chain_coins SET height = NULL WHERE height > $1", fork)
             await conn.execute("DELETE FROM chain_blocks WHERE height > $1", fork)
         log.warning("chain reorganisation", extra={"fork": fork, "was": height})
@@ -384,38 +460,45 @@ class Onchain:
             raise m.CashuError(m.AMOUNT_LIMIT, f"an output of less than {oc.DUST_SAT} sat")
         reserve = self.fee_reserve(script)
         async with self.store.pool.acquire() as conn:  # checked again when it is melted
-            held = await conn.fetchval(
-                "SELECT coalesce(sum(amount_sat), 0) FROM chain_coins"
-                " WHERE held AND spent_by IS NULL AND height IS NOT NULL"
+            held = int(
+                await conn.fetchval(
+                    "SELECT coalesce(sum(amount_sat), 0) FROM chain_coins"
+                    " WHERE held AND spent_by IS NULL AND height IS NOT NULL"
+                )
             )
-        held = int(held)
         if held < req.amount + reserve:
             raise Uncovered(m.PAYMENT_FAILED, f"the mint holds {held} sat on-chain: not enough")
         quote = str(uuid.uuid4())
         q = m.MeltQuote(
             quote,
             req.request,
-            f"{METHOD}:{quote}",
+            quote,  # no payment hash: the quote names its one payment
             req.amount,
             reserve,
             req.unit,
             m.MELT_UNPAID,
             int(time.time()) + expiry_s,
             amount_msat=req.amount * 1000,
+            method=m.ONCHAIN,
         )
         await self.store.add_melt_quote(q)
         return q
 
-    async def withdraw(self, quote: m.MeltQuote, attempt: int) -> None:
-        """After the melt reserved its proofs: build and record the transaction (from
-        here never refunded), then sign it and send it."""
+    async def withdraw(
+        self, quote_id: str, start: Callable[[], Awaitable[tuple[m.MeltQuote, int]]]
+    ) -> None:
+        """A melt: ``start`` reserves its proofs; then the transaction is built and
+        recorded (from here it is never refunded), signed and sent. What may fail before
+        the record raises, with the proofs free; what fails after it is said, and the
+        resolver takes it up."""
+        change_derivation = _derivation(b"change:" + quote_id.encode())
+        _, change = await self.address(change_derivation)  # the key, before any proof
+        quote, attempt = await start()
         destination = self.destination(quote.request)
-        change_derivation = _derivation(b"change:" + quote.quote.encode())
-        _, change = await self.address(change_derivation)
         async with self.store.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
+            rows = await conn.fetch(  # concurrent withdrawals wait for each other's coins
                 "SELECT * FROM chain_coins WHERE held AND spent_by IS NULL"
-                " AND height IS NOT NULL FOR UPDATE SKIP LOCKED"
+                " AND height IS NOT NULL FOR UPDATE"
             )
             coins = [
                 oc.Coin(
@@ -432,14 +515,15 @@ class Onchain:
                 await self._record(conn, quote, attempt, w, change, change_derivation)
         if w is None:  # nothing was recorded: the proofs are free again
             await self.store.fail_melt(quote.quote, attempt)
-            raise Uncovered(
-                m.PAYMENT_FAILED, "the mint's on-chain funds do not cover this withdrawal"
-            )
+            raise Uncovered(m.PAYMENT_FAILED, "the mint's on-chain coins do not cover it now")
         log.info(
             "withdrawal built",
             extra={"quote": quote.quote, "txid": w.tx.txid, "fee_sat": w.fee_sat},
         )
-        await self.complete(quote.quote)
+        try:
+            await self.complete(quote.quote)
+        except NOT_SENT as exc:
+            log.warning("withdrawal not sent yet", extra={"quote": quote.quote, "error": repr(exc)})
 
     async def _record(
         self,
@@ -450,6 +534,13 @@ class Onchain:
         change: bytes,
         change_derivation: bytes,
     ) -> None:
+        """Record a withdrawal in the transaction that picked its coins, if its melt is
+        still this attempt's (the resolver may have freed a melt it took for dead)."""
+        r = await conn.fetchrow(
+            "SELECT state, attempt FROM melt_quotes WHERE quote = $1 FOR UPDATE", quote.quote
+        )
+        if r["state"] != m.MELT_PENDING or r["attempt"] != attempt:
+            raise m.CashuError(m.QUOTE_PENDING, "the melt was given up meanwhile: nothing sent")
         await conn.execute(
             "UPDATE chain_coins SET spent_by = $3 WHERE (txid, vout) IN"
             " (SELECT * FROM unnest($1::text[], $2::int[]))",
@@ -466,8 +557,6 @@ class Onchain:
                 change,
                 change_derivation,
             )
-        spent = sum(c.amount_sat for c in w.spent)
-        await conn.execute("SELECT mint_count('chain_sat', '', $1)", w.change_sat - spent)
         await conn.execute(
             "INSERT INTO chain_withdrawals (quote, attempt, tx, txid, fee_sat, spent, state)"
             " VALUES ($1, $2, $3, $4, $5, $6, 'SIGNING')",
@@ -496,17 +585,13 @@ class Onchain:
             assert r is not None
             tx = parse_tx(bytes(r["tx"]))
             if r["state"] == "SIGNING":
-                tx = await self._sign(quote, tx, json.loads(r["spent"]), r["fee_sat"])
+                tx = await self._sign(quote, tx, json.loads(r["spent"]))
             try:
                 await self.rpc.call("sendrawtransaction", tx.serialize().hex())
             except BitcoindError as exc:
                 if exc.code != -27:  # already in the chain: sent before
                     raise
-            async with self.store.pool.acquire() as conn:
-                await conn.execute(
-                    "UPDATE chain_withdrawals SET state = 'SENT' WHERE quote = $1", quote
-                )
-            found = await self.store.melt_quote(quote)
+            found = await self.store.melt_quote(quote, m.ONCHAIN)
             assert found is not None
             sent_msat = (found[0].amount + r["fee_sat"]) * 1000
             await self.store.finish_melt(quote, r["attempt"], f"{tx.txid}:0", sent_msat, self.sign)
@@ -514,20 +599,24 @@ class Onchain:
         finally:
             self.working.discard(quote)
 
-    async def _sign(
-        self, quote: str, tx: BitcoinTx, spent: list[list[Any]], fee_sat: int
-    ) -> BitcoinTx:
+    async def _sign(self, quote: str, tx: BitcoinTx, spent: list[list[Any]]) -> BitcoinTx:
+        """Each input signed by the guild (a ROAST session each, over one connection to
+        the operator's signer), every signature checked against the sighash derived
+        here; the signed transaction recorded."""
         coins = [oc.Coin(t, v, a, bytes.fromhex(s), bytes.fromhex(d)) for t, v, a, s, d in spent]
-        w = oc.Withdrawal(tx, coins, fee_sat, 0)
+        key = await self.key()
         signatures = []
-        for request in oc.spend_requests(w):
-            expected = derive(request, await self.key())  # the sighash, derived here too
-            reply = await self._signer(sp.SignRequest(request))
-            if not reply.ok or not schnorr_verify(expected.pubkey, expected.msg, reply.signature):
-                raise m.CashuError(
-                    m.PAYMENT_FAILED, f"the guild did not sign: {reply.code} {reply.error}"
-                )
-            signatures.append(reply.signature)
+        async with self._signer() as client:
+            for request in oc.spend_requests(tx, coins):
+                expected = derive(request, key)
+                reply = await client.request(sp.SignRequest(request), SIGN_S)
+                if not reply.ok or not schnorr_verify(
+                    expected.pubkey, expected.msg, reply.signature
+                ):
+                    raise m.CashuError(
+                        m.PAYMENT_FAILED, f"the guild did not sign: {reply.code} {reply.error}"
+                    )
+                signatures.append(reply.signature)
         done = oc.signed(tx, signatures)
         async with self.store.pool.acquire() as conn:
             await conn.execute(
@@ -538,28 +627,49 @@ class Onchain:
         return done
 
     async def resolve_forever(self) -> None:
-        """Withdrawals recorded and not sent yet (a signer or the chain was down, a
-        process died): signed and sent again, the same transaction."""
+        """Withdrawals recorded whose melt is not PAID yet (a signer or the chain was
+        down, a process died): signed and sent again, the same transaction. Melts that
+        reserved their proofs and recorded nothing for ``ABANDONED_S`` (their process
+        died before): the proofs freed, as nothing can have been sent."""
         while True:
-            async with self.store.pool.acquire() as conn:
-                open_ = await conn.fetch(
-                    "SELECT quote FROM chain_withdrawals WHERE state <> 'SENT'"
-                )
-            for r in open_:
-                try:
-                    await self.complete(r["quote"])
-                except Exception as exc:  # one withdrawal's trouble holds up no other
-                    log.warning(
-                        "withdrawal not sent yet", extra={"quote": r["quote"], "error": repr(exc)}
-                    )
+            try:
+                await self._resolve()
+            except NOT_SENT as exc:
+                log.warning("withdrawals not resolved", extra={"error": repr(exc)})
             await asyncio.sleep(self.s.poll_s)
+
+    async def _resolve(self) -> None:
+        async with self.store.pool.acquire() as conn:
+            open_ = await conn.fetch(
+                "SELECT w.quote FROM chain_withdrawals w JOIN melt_quotes q USING (quote)"
+                " WHERE q.state = 'PENDING'"
+            )
+            abandoned = await conn.fetch(
+                "SELECT q.quote, q.attempt FROM melt_quotes q"
+                " LEFT JOIN chain_withdrawals w USING (quote)"
+                " WHERE q.method = $1 AND q.state = 'PENDING' AND w.quote IS NULL"
+                " AND q.pending_since < extract(epoch FROM now()) - $2",
+                m.ONCHAIN,
+                ABANDONED_S,
+            )
+        self.metrics.withdrawals_open.set(len(open_))
+        for r in abandoned:
+            log.warning("an on-chain melt recorded no withdrawal: its proofs freed", extra=dict(r))
+            await self.store.fail_melt(r["quote"], r["attempt"])
+        for r in open_:
+            try:
+                await self.complete(r["quote"])
+            except NOT_SENT as exc:  # one withdrawal's trouble holds up no other
+                log.warning(
+                    "withdrawal not sent yet", extra={"quote": r["quote"], "error": repr(exc)}
+                )
 
     def melt_doc(self, q: m.MeltQuote, change: list[nut.BlindSignature]) -> dict[str, Any]:
         return {
             "quote": q.quote,
             "amount": q.amount,
             "unit": q.unit,
-            "method": METHOD,
+            "method": m.ONCHAIN,
             "state": q.state,
             "expiry": q.expiry,
             "request": q.request,
@@ -575,7 +685,7 @@ def _mint_doc(r: asyncpg.Record) -> dict[str, Any]:
         "quote": r["quote"],
         "request": r["address"],
         "unit": "sat",
-        "method": METHOD,
+        "method": m.ONCHAIN,
         "expiry": r["expiry"],
         "pubkey": r["pubkey"],
         "amount_paid": r["amount_paid"],

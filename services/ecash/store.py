@@ -100,6 +100,7 @@ CREATE TABLE IF NOT EXISTS melt_quotes (
     pending_since double precision,
     created_at timestamptz NOT NULL DEFAULT now()
 );
+ALTER TABLE melt_quotes ADD COLUMN IF NOT EXISTS method text NOT NULL DEFAULT 'bolt11';
 -- one invoice is paid by one melt: no second quote of it in flight or paid
 CREATE UNIQUE INDEX IF NOT EXISTS melt_quotes_one_payment ON melt_quotes (payment_hash)
     WHERE state <> 'UNPAID';
@@ -503,29 +504,38 @@ class MintStore:
             await _refuse_paid_or_paying(conn, q.payment_hash)  # no quote to melt in vain
             await conn.execute(
                 "INSERT INTO melt_quotes (quote, request, payment_hash, amount, fee_reserve,"
-                " unit, state, expiry, preimage, fee_paid, amount_msat)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                " unit, state, expiry, preimage, fee_paid, amount_msat, method)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 *asdict(q).values(),
             )
 
-    async def melt_quote(self, quote: str) -> tuple[m.MeltQuote, list[nut.BlindSignature]] | None:
+    async def melt_quote(
+        self, quote: str, method: str
+    ) -> tuple[m.MeltQuote, list[nut.BlindSignature]] | None:
+        """A melt quote of ``method`` and its change, if there is one."""
         async with self.pool.acquire() as conn:
-            r = await conn.fetchrow("SELECT * FROM melt_quotes WHERE quote = $1", quote)
+            r = await conn.fetchrow(
+                "SELECT * FROM melt_quotes WHERE quote = $1 AND method = $2", quote, method
+            )
         return (_quote(m.MeltQuote, r), _change(r)) if r else None
 
     async def start_melt(
         self,
         request: nut.MeltRequest,
+        method: str,
         check: Callable[[m.MeltQuote], tuple[m.Spend, int]],
     ) -> tuple[m.MeltQuote, int]:
-        """Reserve the inputs (PENDING) and mark the quote PENDING, in one transaction:
-        from here the payment may go out. Returns the quote and the attempt's number."""
+        """Reserve the inputs (PENDING) and mark the quote (of ``method``) PENDING, in
+        one transaction: from here the payment may go out. Returns the quote and the
+        attempt's number."""
         async with self.pool.acquire() as conn, conn.transaction():
             r = await conn.fetchrow(
-                "SELECT * FROM melt_quotes WHERE quote = $1 FOR UPDATE", request.quote
+                "SELECT * FROM melt_quotes WHERE quote = $1 AND method = $2 FOR UPDATE",
+                request.quote,
+                method,
             )
             if r is None:
-                raise m.CashuError(m.QUOTE_UNPAID, f"no quote {request.quote[:64]!r}")
+                raise m.CashuError(m.QUOTE_UNPAID, f"no {method} quote {request.quote[:64]!r}")
             quote = _quote(m.MeltQuote, r)
             spend, _ = check(quote)
             blanks = [bytes.fromhex(o.B_) for o in request.outputs or []]
@@ -619,10 +629,13 @@ class MintStore:
             )
             await conn.execute("UPDATE melt_quotes SET state = 'UNPAID' WHERE quote = $1", quote)
 
-    async def pending_melts(self) -> list[tuple[m.MeltQuote, int, float]]:
-        """Each melt in flight: its quote, attempt, and since when (unix seconds)."""
+    async def pending_melts(self, method: str) -> list[tuple[m.MeltQuote, int, float]]:
+        """Each melt in flight paid by ``method``: its quote, attempt, and since when
+        (unix seconds)."""
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch("SELECT * FROM melt_quotes WHERE state = 'PENDING'")
+            rows = await conn.fetch(
+                "SELECT * FROM melt_quotes WHERE state = 'PENDING' AND method = $1", method
+            )
         return [(_quote(m.MeltQuote, r), r["attempt"], r["pending_since"]) for r in rows]
 
     # -- the bridge to L3 --------------------------------------------------------------

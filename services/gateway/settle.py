@@ -56,7 +56,7 @@ from services.gateway.settle_store import SettleStore
 from services.partition.client import LedgerClient, LedgerUnavailable
 from services.replica.config import Layout
 from services.replica.transport import SETTLE_LISTEN, SettleLink, settle_subject
-from services.runtime import connect_nats, now_ms
+from services.runtime import connect_peer, now_ms
 
 log = logging.getLogger("settle")
 
@@ -68,7 +68,6 @@ RELEASE_CHUNK = 256  # coins issued at once
 INVOICE_EXPIRY_S = 3600
 RESERVE_EVERY_S = 1.0
 CONFIRM = 5  # reserve checks in a row beyond what is in flight: the invariant is broken
-PEER_RETRY_S = 1.0
 RECENT_BATCHES = 60  # the liquidity policy expects the most of these
 
 
@@ -250,17 +249,9 @@ class Settler:
             self.by_ledger[pair.ledger] = name
 
     async def _connect(self, pair: Pair) -> None:
-        while True:
-            try:
-                pair.client = await connect_nats(
-                    self.settings.peers[pair.name],
-                    f"settle-{self.settings.operator}",
-                    connect_timeout=2,
-                )
-                return
-            except (NatsError, OSError, TimeoutError) as exc:
-                log.debug("peer unreachable", extra={"peer": pair.name, "error": repr(exc)})
-                await asyncio.sleep(PEER_RETRY_S)
+        pair.client = await connect_peer(
+            self.settings.peers[pair.name], f"settle-{self.settings.operator}", pair.name
+        )
 
     async def _send(self, pair: Pair, msg: sp.Message) -> None:
         client = pair.client

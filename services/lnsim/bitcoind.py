@@ -145,6 +145,9 @@ def call(net: Network, request: Any) -> dict[str, Any]:
             raise ChainError(RPC_METHOD_NOT_FOUND, "Method not found")
         if not isinstance(params, list):
             raise ChainError(RPC_INVALID_PARAMETER, "params: a list")
-        return {"result": method(net, params), "error": None, "id": rid}
+        try:
+            return {"result": method(net, params), "error": None, "id": rid}
+        except (TypeError, ValueError, KeyError, IndexError) as exc:  # a parameter's type
+            raise ChainError(RPC_INVALID_PARAMETER, f"invalid parameter: {exc}") from None
     except ChainError as exc:
         return {"result": None, "error": {"code": exc.code, "message": exc.message}, "id": rid}

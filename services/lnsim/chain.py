@@ -92,6 +92,8 @@ class Chain:
         known = self.txs.get(tx.txid)
         if known is not None and known.height is not None:
             raise ChainError(RPC_VERIFY_ALREADY_IN_CHAIN, "Transaction already in block chain")
+        if len({(i.txid, i.vout) for i in tx.inputs}) != len(tx.inputs):
+            raise ChainError(RPC_VERIFY_REJECTED, "bad-txns-inputs-duplicate")
         spent = []
         for i in tx.inputs:
             coin = self.coins.get((i.txid[::-1].hex(), i.vout))
@@ -131,6 +133,7 @@ class Chain:
         return tx, fee, True
 
     def mine(self, height: int) -> None:
+        """The mempool into the block at ``height``."""
         waiting = [t.txid for t in self.txs.values() if t.height is None]
         for txid in waiting:
             self.txs[txid].height = height

@@ -372,8 +372,8 @@ class Network:
 
     def mine(self, blocks: int = 1) -> int:
         """Advance the chain; what waited for a block confirms."""
+        self.onchain.mine(self.height + 1)  # in the first block, as bitcoind mines
         self.height += blocks
-        self.onchain.mine(self.height)
         for node in self.nodes.values():
             for u in node.utxos:
                 if u.blockheight is None:

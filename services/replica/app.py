@@ -37,10 +37,9 @@ from services.replica.transport import (
     listen_subject,
     subject,
 )
-from services.runtime import OpsServer, connect_nats, now_ms
+from services.runtime import OpsServer, connect_nats, connect_peer, now_ms
 
 TICK_S = 0.02
-PEER_RETRY_S = 0.5
 PEER_PING_S = 2
 OUTBOX = 100_000  # messages waiting for one NATS client, at most: beyond, the oldest go
 
@@ -183,22 +182,15 @@ class Machine:
         it answers; the client reconnects by itself afterwards."""
         s = self.settings
         member = s.layout.members[peer]
-        while True:
-            try:
-                client = await connect_nats(
-                    s.peers[member.name],
-                    f"replica-{s.name}-{s.machine}",
-                    pending_size=8 << 20,
-                    connect_timeout=2,
-                    ping_interval=PEER_PING_S,  # a peer gone silent is noticed in seconds
-                    max_outstanding_pings=3,
-                )
-                break
-            except (NatsError, OSError, TimeoutError) as exc:
-                log.debug("peer unreachable", extra={"peer": member.name, "error": repr(exc)})
-                await asyncio.sleep(PEER_RETRY_S)
+        client = await connect_peer(
+            s.peers[member.name],
+            f"replica-{s.name}-{s.machine}",
+            member.name,
+            pending_size=8 << 20,
+            ping_interval=PEER_PING_S,  # a peer gone silent is noticed in seconds
+            max_outstanding_pings=3,
+        )
         self.peers[peer] = client
-        log.info("connected to peer", extra={"peer": member.name})
         await self._pump(peer, client)
 
     # -- the traffic -------------------------------------------------------------------

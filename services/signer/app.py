@@ -15,7 +15,7 @@ from constellation.errors import ConstellationError, NotAMember
 from constellation.guild import SigningPolicy
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import ReplayGuard
-from services.runtime import ConfigError, OpsServer, connect_nats
+from services.runtime import ConfigError, OpsServer, connect_nats, connect_peer
 from services.signer.config import Settings, load_members
 from services.signer.coordinator import Coordinator
 from services.signer.handlers import Participant
@@ -24,7 +24,6 @@ from services.signer.store import AuditLog, KeyStore
 from services.signer.transport import Role, Transport, listen_subject, subject
 
 log = logging.getLogger("signer")
-PEER_RETRY_S = 0.5
 
 
 class SignerNode:
@@ -124,25 +123,20 @@ class SignerNode:
         """Where members run their own servers: connect to each other member's, with
         the credentials it issued us, retrying until it answers (the client reconnects
         by itself afterwards); until then that member hears nothing from us."""
-        s = self.settings
-        if s.peers is None:
+        s, peers = self.settings, self.settings.peers
+        if peers is None:
             return
         if len(s.names) != len(self.members.hostpubkeys) or not set(s.names) - {
             s.names[self.me]
-        } <= set(s.peers):
+        } <= set(peers):
             raise ConfigError("SIGNER_NAMES names every member, SIGNER_PEERS each other one")
 
-        async def connect(i: int, url: str) -> None:
-            while i not in self.routes:
-                try:
-                    self.routes[i] = await connect_nats(url, name, connect_timeout=2)
-                except (NatsError, OSError, TimeoutError) as exc:
-                    log.debug("peer unreachable", extra={"peer": i, "error": repr(exc)})
-                    await asyncio.sleep(PEER_RETRY_S)
+        async def connect(i: int, peer: str) -> None:
+            self.routes[i] = await connect_peer(peers[peer], name, peer)
 
         for i, peer in enumerate(s.names):
             if i != self.me:
-                task = asyncio.create_task(connect(i, s.peers[peer]))
+                task = asyncio.create_task(connect(i, peer))
                 self._connecting.append(task)
                 self.ops.tasks.watch(f"peer-{peer}", task)
 

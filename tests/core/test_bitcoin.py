@@ -131,9 +131,9 @@ def test_transactions_round_trip(
     [
         ("0200000000", "without inputs"),
         ("0200000001" + "00" * 36 + "01aa" + "00" * 4, "scriptSig"),
-        ("0200000001" + "00" * 36 + "00" + "00" * 4 + "00" + "00" * 4 + "ff", "after"),
+        ("0200000001" + "00" * 36 + "00" + "00" * 4 + "00" + "00" * 4 + "ff", "after the end"),
         ("02000000fd0100", "shortest form"),
-        ("0200000001" + "00" * 20, "ends early"),
+        ("0200000001" + "00" * 20, "needs 37 bytes, got 25"),
     ],
 )
 def test_malformed_transactions_are_refused(raw: str, reason: str) -> None:

@@ -41,7 +41,7 @@ def sign_all(w: oc.Withdrawal) -> bytes:
     """Each input signed as a signer would: ``derive`` checks the request and gives the
     message and tweaks; two of three shares sign it."""
     sigs = []
-    for request in oc.spend_requests(w):
+    for request in oc.spend_requests(w.tx, w.spent):
         d = derive(request, GROUP.thresh_pk)
         sigs.append(run_session(GROUP, SHARES, [0, 2], d.msg, d.tweaks, d.is_xonly))
     return oc.signed(w.tx, sigs).serialize()
@@ -82,7 +82,7 @@ def test_a_signature_for_another_input_or_key_is_refused_by_the_chain() -> None:
 def test_the_signer_refuses_a_derivation_that_is_not_the_inputs() -> None:
     w = oc.plan([coin(1, 40_000)], DESTINATION, 30_000, CHANGE, FEERATE, 10_000)
     assert w is not None
-    [request] = oc.spend_requests(w)
+    [request] = oc.spend_requests(w.tx, w.spent)
     moved = msgspec.structs.replace(request, derivation=derivation(2))
     with pytest.raises(RequestRefused, match="not the guild's taproot output"):
         derive(moved, GROUP.thresh_pk)

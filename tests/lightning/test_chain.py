@@ -14,6 +14,7 @@ from constellation.bitcoin import (
     SpendOutput,
     TxIn,
     p2tr_script,
+    parse_tx,
     taproot_sighash,
 )
 from constellation.keys import SigningKey
@@ -88,8 +89,18 @@ def test_what_bitcoin_refuses_is_refused(make, code: int, reason: str) -> None: 
 
 def test_a_coin_is_spent_once() -> None:
     net, txid = funded()
+    twice = parse_tx(spend(txid, [SpendOutput(49_000, SCRIPT)]))
+    twice = BitcoinTx(2, 0, [twice.inputs[0], twice.inputs[0]], [SpendOutput(99_000, SCRIPT)])
+    with pytest.raises(ChainError, match="inputs-duplicate"):
+        net.send_raw(twice.serialize())
     net.send_raw(spend(txid, [SpendOutput(49_000, SCRIPT)]))
     with pytest.raises(ChainError, match="missingorspent"):
         net.send_raw(spend(txid, [SpendOutput(48_000, SCRIPT)]))
     answer = bitcoind.call(net, {"method": "gettxout", "params": [txid, 0], "id": 1})
     assert answer["result"] is None
+    bad: list[list[object]] = [[["x"], 0], [{}]]  # wrong types: an error, not a crash
+    for params in bad:
+        answer = bitcoind.call(net, {"method": "gettxout", "params": params, "id": 2})
+        assert answer["error"]["code"] == -8
+    answer = bitcoind.call(net, {"method": "getrawtransaction", "params": [{}], "id": 3})
+    assert answer["error"]["code"] in (-8, -5)

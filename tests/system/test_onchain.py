@@ -31,6 +31,7 @@ from constellation.ecash import mint as m
 from constellation.keys import SigningKey
 from services.crossload import reserve
 from services.devnet import guild
+from services.devnet.state import Devnet
 from services.ecash.client import MintClient, MintError
 from services.wallet_money import PENDING_EXIT
 from tests.system.guild import cli, local_guild
@@ -43,8 +44,17 @@ DEPOSITED: list[Any] = []  # the first test's ecash, which the second withdraws
 
 @pytest.fixture(scope="module")
 def where() -> Iterator[Path]:
-    with local_guild("cst-onchain-", operators=3) as directory:
-        yield directory
+    """The guild, its chain mined only when a test says (confirmations are counted)."""
+    saved = os.environ.get("LNSIM_BLOCK_S")
+    os.environ["LNSIM_BLOCK_S"] = "0"
+    try:
+        with local_guild("cst-onchain-", operators=3) as directory:
+            yield directory
+    finally:
+        if saved is None:
+            os.environ.pop("LNSIM_BLOCK_S")
+        else:
+            os.environ["LNSIM_BLOCK_S"] = saved
 
 
 @pytest.fixture
@@ -148,7 +158,7 @@ async def test_a_withdrawal_is_signed_by_the_guild_with_a_signer_frozen(
     )
     reserve_sat = q["fee_options"][0]["fee_reserve"]
     status, doc = await mint.call("/v1/melt/bolt11", {"quote": q["quote"], "inputs": proofs})
-    assert status == 400 and "on-chain quote" in doc["detail"]  # not paid over Lightning
+    assert status == 400 and "no bolt11 quote" in doc["detail"]  # not paid over Lightning
     assert 0 < reserve_sat < 2_000
     blanks, secrets = client.outputs_of([1] * 12, mint.active)
     signer2 = guild.load(where)[2].signers[0].pid
@@ -214,3 +224,59 @@ async def test_the_wallet_deposits_and_pays_on_chain(where: Path) -> None:
     assert got["amount_msat"] == 10_000_000
     spent = 25_000_000 - (await balance(file))[0]
     assert 10_000_000 < spent < 10_000_000 + 1_000_000  # the amount, the fees: no more
+
+
+async def test_a_withdrawal_survives_kill_9_of_the_mint_while_the_guild_signs(
+    where: Path, mint: MintClient
+) -> None:
+    """The mint dies (``kill -9``) after recording a withdrawal, while two signers are
+    frozen so the guild cannot sign: its successor signs and sends the same
+    transaction once they are back, the melt is PAID once, the books balance."""
+    outside = LightningRpc(guild.outside_rpc(where))
+    key = SigningKey(b"\x33" * 32)
+    q = await mint.ok("/v1/mint/quote/onchain", {"unit": "sat", "pubkey": "02" + key.pubkey.hex()})
+    outside.withdraw(q["request"], 30_000)
+    mine(where, 3)
+    assert (await paid(mint, q["quote"], 30_000))["amount_paid"] == 30_000
+    proofs = await mint_onchain(mint, q["quote"], [16384, 8192, 4096, 1024, 256, 32, 16], key)
+    address = outside.newaddr()["p2tr"]
+    mq = await mint.ok(
+        "/v1/melt/quote/onchain", {"request": address, "unit": "sat", "amount": 20_000}
+    )
+    nets = guild.load(where)
+    frozen = [nets[1].signers[0].pid, nets[2].signers[0].pid]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        call = asyncio.create_task(
+            mint.call(
+                "/v1/melt/onchain",
+                {"quote": mq["quote"], "fee_index": 0, "inputs": proofs},
+                timeout_s=60,
+            )
+        )
+        deadline = time.monotonic() + 20  # until the withdrawal is recorded: PENDING
+        while (await mint.ok(f"/v1/melt/quote/onchain/{mq['quote']}"))["state"] != "PENDING":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        os.kill(Devnet.load(Path(nets[0].dir)).mint_pid, signal.SIGKILL)
+        with pytest.raises(aiohttp.ClientError):
+            await call
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            state = (await mint.ok(f"/v1/melt/quote/onchain/{mq['quote']}"))["state"]
+        except (aiohttp.ClientError, MintError):
+            state = "restarting"
+        if state == "PAID" or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    assert state == "PAID"
+    mine(where, 1)
+    got = [o for o in outside.listfunds()["outputs"] if o["address"] == address]
+    assert [o["amount_msat"] for o in got] == [20_000_000]  # paid once
+    assert await mint.states(proofs) == ["SPENT"] * len(proofs)
+    assert guild.lightning(where, "/v1/books")["missing_msat"] == 0
