@@ -261,7 +261,6 @@ class Devnet:
             "MINT_SIGNER_MEMBERS": str(self.members_path),
             "MINT_SIGNER_STATE_DIR": signer.state_dir,
             "MINT_SIGNER_STORAGE_KEY": signer.storage_key,
-            "MINT_CHAIN_POLL_S": os.environ.get("MINT_CHAIN_POLL_S", "1"),
         }
 
     def indexer_env(self) -> dict[str, str]:
