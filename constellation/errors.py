@@ -336,3 +336,71 @@ class Equivocation(RequestRefused):
     """Signing would contradict something this signer has already signed."""
 
     code = "signing.equivocation"
+
+
+# -- light-client proofs: each check that can fail has its own code ------------------------
+
+
+class ProofRefused(ConstellationError):
+    """A checkpoint or proof does not verify; ``check`` names the check that failed."""
+
+    code = "proof"
+    check = "proof"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{self.check}: {message}")
+
+
+class WrongGuild(ProofRefused):
+    code = "proof.guild"
+    check = "guild"
+
+
+class WrongMembers(ProofRefused):
+    """The checkpoint names another member set than the one pinned."""
+
+    code = "proof.members"
+    check = "member set"
+
+
+class BadCheckpointSignature(ProofRefused):
+    code = "proof.checkpoint_signature"
+    check = "checkpoint signature"
+
+
+class StaleCheckpoint(ProofRefused):
+    """Older than a checkpoint the verifier has already seen: state may have moved on."""
+
+    code = "proof.stale"
+    check = "checkpoint height"
+
+
+class BadEntryPath(ProofRefused):
+    """A shard's entry is not under the checkpoint's commitment."""
+
+    code = "proof.entry_path"
+    check = "shard entry path"
+
+
+class BadRecordPath(ProofRefused):
+    code = "proof.record_path"
+    check = "record path"
+
+
+class BadCoinPath(ProofRefused):
+    code = "proof.coin_path"
+    check = "coin path"
+
+
+class WrongSubject(ProofRefused):
+    """The proof is about another transaction or coin than the one asked about."""
+
+    code = "proof.subject"
+    check = "subject"
+
+
+class Unconfirmed(ProofRefused):
+    """No record in the proof says the transaction was committed."""
+
+    code = "proof.unconfirmed"
+    check = "commit record"

@@ -49,7 +49,9 @@ class Statement(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="st
 
 
 class Checkpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="checkpoint"):
-    """The guild's ledger state at a height, chained to the previous checkpoint.
+    """The guild's ledger at a height, chained to the previous checkpoint: ``shards`` is
+    the Merkle root over every shard's entry (``constellation.lightclient.proof``), and
+    ``members`` commits to the member set that made it.
 
     Light clients check one BIP340 signature under the guild key over ``message()``.
     """
@@ -57,12 +59,20 @@ class Checkpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="c
     guild: str
     height: int
     prev_hash: bytes  # message() of the checkpoint at height - 1 (zeros at height 0)
-    state_root: bytes
+    time_ms: int  # the proposer's clock, for a reader to see how old it is
+    shards: bytes
+    members: bytes
 
     def message(self) -> bytes:
         guild = self.guild.encode()
         return _checkpoint_hash(
-            u32(len(guild)) + guild + u64(self.height) + self.prev_hash + self.state_root
+            u32(len(guild))
+            + guild
+            + u64(self.height)
+            + self.prev_hash
+            + u64(self.time_ms)
+            + self.shards
+            + self.members
         )
 
 
@@ -177,7 +187,9 @@ def derive(target: SignTarget, thresh_pk: bytes) -> Derived:
         raise RequestRefused("a checkpoint names its guild")
     if not 0 <= target.height < 2**64:
         raise RequestRefused("checkpoint height out of range")
-    if len(target.prev_hash) != 32 or len(target.state_root) != 32:
+    if not 0 <= target.time_ms < 2**64:
+        raise RequestRefused("checkpoint time out of range")
+    if any(len(h) != 32 for h in (target.prev_hash, target.shards, target.members)):
         raise RequestRefused("checkpoint hashes are 32 bytes")
     if target.height == 0 and target.prev_hash != bytes(32):
         raise RequestRefused("the first checkpoint has no predecessor")

@@ -25,7 +25,7 @@ GUILD_PK = PublicKey.from_secret(b"\x11" * 32).format()
 
 
 def checkpoint(height: int, prev: bytes = bytes(32), root: bytes = b"r" * 32) -> Checkpoint:
-    return Checkpoint("g", height, prev, root)
+    return Checkpoint("g", height, prev, 0, root, b"m" * 32)
 
 
 @given(st.text(min_size=1, max_size=200).filter(lambda s: len(s.encode()) != 32))
@@ -43,7 +43,7 @@ def test_statements_that_could_pass_for_something_else_are_refused(text: str) ->
 def test_checkpoint_message_commits_to_every_field() -> None:
     base = checkpoint(5, b"p" * 32)
     variants = [
-        Checkpoint("h", 5, b"p" * 32, b"r" * 32),
+        Checkpoint("h", 5, b"p" * 32, 0, b"r" * 32, b"m" * 32),
         checkpoint(6, b"p" * 32),
         checkpoint(5, b"q" * 32),
         checkpoint(5, b"p" * 32, b"s" * 32),
@@ -55,11 +55,13 @@ def test_checkpoint_message_commits_to_every_field() -> None:
 @pytest.mark.parametrize(
     "bad",
     [
-        Checkpoint("", 1, bytes(32), bytes(32)),
-        Checkpoint("g", -1, bytes(32), bytes(32)),
-        Checkpoint("g", 2**64, bytes(32), bytes(32)),
-        Checkpoint("g", 1, bytes(31), bytes(32)),
-        Checkpoint("g", 0, b"x" * 32, bytes(32)),
+        Checkpoint("", 1, bytes(32), 0, bytes(32), bytes(32)),
+        Checkpoint("g", -1, bytes(32), 0, bytes(32), bytes(32)),
+        Checkpoint("g", 2**64, bytes(32), 0, bytes(32), bytes(32)),
+        Checkpoint("g", 1, bytes(31), 0, bytes(32), bytes(32)),
+        Checkpoint("g", 0, b"x" * 32, 0, bytes(32), bytes(32)),
+        Checkpoint("g", 1, bytes(32), -1, bytes(32), bytes(32)),
+        Checkpoint("g", 1, bytes(32), 0, bytes(32), bytes(33)),
     ],
 )
 def test_malformed_checkpoints_are_refused(bad: Checkpoint) -> None:

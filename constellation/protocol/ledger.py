@@ -236,6 +236,10 @@ class BlockEvents(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_f
     prev: int  # the height of this worker's previous block with events; -1: none
     changes: list[CoinChange]
     committed: list[tuple[bytes, int]]  # (txid, fee) of transactions this worker coordinated
+    # A replicated shard's block: its header hash and the state root after it (what a
+    # light-client checkpoint names); empty where nobody replicates the shard.
+    block: bytes = b""
+    root: bytes = b""
 
 
 class EventsHead(msgspec.Struct, frozen=True, array_like=True):

@@ -101,10 +101,10 @@ async def test_signers_never_sign_conflicting_checkpoints_even_after_restart(
 ) -> None:
     guild = guild_factory(3)
     assert (await guild.keygen(2)).ok
-    first = Checkpoint("test", 0, bytes(32), b"a" * 32)
+    first = Checkpoint("test", 0, bytes(32), 0, b"a" * 32, bytes(32))
     assert_valid(await guild.sign(first), first.message(), "checkpoint 0")
     assert_valid(await guild.sign(first, operator=1), first.message(), "retry of checkpoint 0")
-    fork = Checkpoint("test", 0, bytes(32), b"b" * 32)
+    fork = Checkpoint("test", 0, bytes(32), 0, b"b" * 32, bytes(32))
     refused = await guild.sign(fork)
     assert not refused.ok and refused.code == "signing.refused"
     assert "signing.equivocation" in refused.error
@@ -113,9 +113,9 @@ async def test_signers_never_sign_conflicting_checkpoints_even_after_restart(
         guild.start(i)
     again = await guild.sign(fork, operator=2)
     assert not again.ok and "signing.equivocation" in again.error
-    nxt = Checkpoint("test", 1, first.message(), b"c" * 32)
+    nxt = Checkpoint("test", 1, first.message(), 0, b"c" * 32, bytes(32))
     assert_valid(await guild.sign(nxt), nxt.message(), "checkpoint 1")
-    wrong_guild = await guild.sign(Checkpoint("other", 5, b"x" * 32, b"c" * 32))
+    wrong_guild = await guild.sign(Checkpoint("other", 5, b"x" * 32, 0, b"c" * 32, bytes(32)))
     assert not wrong_guild.ok and "not ours" in wrong_guild.error
     statement = await guild.sign(Statement("x" * 32))
     assert not statement.ok and "digest" in statement.error

@@ -1,0 +1,254 @@
+"""What an operator computes to make, check and prove checkpoints: a deterministic
+function of the shards' confirmed blocks.
+
+Every operator follows every shard of the guild (its own copies' events logs) into a
+``GuildIndex``. The operator that proposes a checkpoint takes each shard's latest block
+with events (``propose``); every signer's operator recomputes each entry from its own
+index before its signer signs (``check``), so a signed checkpoint says that at least a
+threshold of operators computed the same coins and records. Once signed (``signed``), a
+checkpoint's entries and what they cover (``Covered``) are kept to serve proofs, and each
+shard forgets the heights below its entry.
+
+A shard's records are the changes of its blocks since the previous checkpoint's entry,
+one ``Record`` per transaction (or issuance) and block, in the order the block has them;
+its coin tree holds every coin it ever created: unspent, or where spent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple
+
+from constellation.guild import Checkpoint
+from constellation.lightclient import merkle, smt
+from constellation.lightclient.proof import (
+    Change,
+    ChangeKind,
+    CoinLeaf,
+    CoinProof,
+    CoinState,
+    EntryProof,
+    Record,
+    ShardEntry,
+    SignedCheckpoint,
+    TxPart,
+    TxProof,
+    shards_tree,
+)
+from constellation.protocol.ledger import BlockEvents
+
+ZERO = bytes(32)
+Shard = tuple[int, int]  # (owner, worker)
+
+
+def records_of(events: BlockEvents) -> list[Record]:
+    """A block's records: its changes grouped by transaction in the order they come,
+    the commits it holds marked (with the fee)."""
+    by_txid: dict[bytes, Record] = {}
+    for c in events.changes:
+        if c.ledger:
+            kind = ChangeKind.PAID_OUT
+        else:
+            kind = ChangeKind.CREATED if c.created else ChangeKind.SPENT
+        rec = by_txid.get(c.txid)
+        if rec is None:
+            rec = by_txid[c.txid] = Record(events.height, c.txid, False, 0, [])
+        rec.changes.append(Change(kind, c.coin_id, c.owner, c.value_msat, c.ledger))
+    for txid, fee in events.committed:
+        rec = by_txid.get(txid) or Record(events.height, txid, False, 0, [])
+        by_txid[txid] = rec._replace(committed=True, fee_msat=fee)
+    return list(by_txid.values())
+
+
+def coin_changes(records: Iterable[Record]) -> list[tuple[bytes, bytes]]:
+    """The coin tree's changes for records: a created coin unspent, a spent one spent."""
+    out = []
+    for rec in records:
+        for c in rec.changes:
+            if c.kind is ChangeKind.PAID_OUT:
+                continue
+            state = CoinState.UNSPENT if c.kind is ChangeKind.CREATED else CoinState.SPENT
+            leaf = CoinLeaf(state, c.value_msat, c.owner, rec.txid, rec.height)
+            out.append((c.coin_id, leaf.encode()))
+    return out
+
+
+class Covered(NamedTuple):
+    """A shard's entry, and what it commits to: the records tree and the coin tree."""
+
+    entry: ShardEntry
+    records: list[Record]
+    tree: merkle.MerkleTree
+    coins: smt.Tree
+
+
+class _Head(NamedTuple):
+    block: bytes
+    root: bytes
+    coins: smt.Tree
+
+
+class ShardIndex:
+    """One shard's coins and the records since its last signed entry."""
+
+    def __init__(self, owner: int, worker: int) -> None:
+        self.owner, self.worker = owner, worker
+        self.height = 0  # the last block with events applied (blocks start at 1)
+        self.heads: dict[int, _Head] = {0: _Head(ZERO, ZERO, None)}
+        self.records: list[Record] = []
+        self.floor = 0  # the height of the last signed entry
+
+    def apply(self, events: BlockEvents) -> None:
+        """The next confirmed block with events (in height order)."""
+        if events.height <= self.height:
+            raise ValueError(f"shard {self.owner}/{self.worker}: block {events.height} again")
+        records = records_of(events)
+        coins = smt.apply(self.heads[self.height].coins, coin_changes(records))
+        self.records += records
+        self.heads[events.height] = _Head(events.block or ZERO, events.root or ZERO, coins)
+        self.height = events.height
+
+    def covered(self, upto: int) -> Covered | None:
+        """The entry at ``upto`` (a height with events at or above the last signed entry,
+        or that entry's) over the records since the last signed entry; None where this
+        index has not reached ``upto`` or has no block with events there."""
+        head = self.heads.get(upto)
+        if head is None or upto < self.floor:
+            return None
+        records = [r for r in self.records if r.height <= upto]
+        tree = merkle.MerkleTree([r.encode() for r in records])
+        entry = ShardEntry(
+            self.owner,
+            self.worker,
+            upto,
+            head.block,
+            head.root,
+            smt.root_hash(head.coins),
+            tree.root(),
+            tree.size,
+        )
+        return Covered(entry, records, tree, head.coins)
+
+    def settle(self, upto: int) -> None:
+        """A checkpoint with this shard's entry at ``upto`` is signed: what it covers goes."""
+        self.records = [r for r in self.records if r.height > upto]
+        self.heads = {h: head for h, head in self.heads.items() if h >= upto}
+        self.floor = upto
+
+
+class Signed(NamedTuple):
+    """A signed checkpoint and, by shard, what its entries cover."""
+
+    checkpoint: SignedCheckpoint
+    covered: dict[Shard, Covered]
+
+    def entries(self) -> list[ShardEntry]:
+        return [self.covered[s].entry for s in sorted(self.covered)]
+
+
+class GuildIndex:
+    """Every shard of the guild, and the last signed checkpoint."""
+
+    def __init__(self, guild: str, members: bytes, shards: Iterable[Shard]) -> None:
+        self.guild, self.members = guild, members
+        self.shards = {s: ShardIndex(*s) for s in sorted(shards)}
+        self.last: Signed | None = None
+
+    def apply(self, owner: int, events: BlockEvents) -> None:
+        self.shards[(owner, events.worker)].apply(events)
+
+    def _prev(self) -> tuple[int, bytes]:
+        if self.last is None:
+            return 0, ZERO
+        c = self.last.checkpoint.checkpoint
+        return c.height + 1, c.message()
+
+    def propose(self, time_ms: int) -> tuple[Checkpoint, list[ShardEntry]]:
+        """The next checkpoint: every shard at its latest block with events."""
+        entries = []
+        for shard in self.shards.values():
+            c = shard.covered(shard.height)
+            assert c is not None, "a shard's latest height is covered"
+            entries.append(c.entry)
+        height, prev = self._prev()
+        last_time = self.last.checkpoint.checkpoint.time_ms if self.last else 0
+        root = shards_tree(entries).root()
+        return Checkpoint(
+            self.guild, height, prev, max(time_ms, last_time), root, self.members
+        ), entries
+
+    def check(self, checkpoint: Checkpoint, entries: list[ShardEntry]) -> str | None:
+        """Why this index will not vouch for a proposed checkpoint, or None: it must
+        follow the last signed one, name this guild's member set, and carry exactly the
+        entries this index computes at their heights."""
+        height, prev = self._prev()
+        if checkpoint.guild != self.guild or checkpoint.members != self.members:
+            return "another guild or member set"
+        if (checkpoint.height, checkpoint.prev_hash) != (height, prev):
+            return f"does not follow checkpoint {height - 1} known here"
+        if self.last and checkpoint.time_ms < self.last.checkpoint.checkpoint.time_ms:
+            return "older than the checkpoint it follows"
+        if [(e.owner, e.worker) for e in entries] != list(self.shards):
+            return "not one entry per shard of the guild, in order"
+        if shards_tree(entries).root() != checkpoint.shards:
+            return "the entries do not make its shards root"
+        for e in entries:
+            mine = self.shards[(e.owner, e.worker)].covered(e.height)
+            if mine is None:
+                return f"shard {e.owner}/{e.worker} has not reached {e.height} here"
+            if mine.entry != e:
+                return f"shard {e.owner}/{e.worker} at {e.height} differs here"
+        return None
+
+    def signed(self, checkpoint: SignedCheckpoint, entries: list[ShardEntry]) -> Signed:
+        """Take a checkpoint the guild signed (checked by ``check`` or by its signature)."""
+        covered = {}
+        for e in entries:
+            shard = self.shards[(e.owner, e.worker)]
+            c = shard.covered(e.height)
+            assert c is not None and c.entry == e, "a signed checkpoint this index disagrees with"
+            covered[(e.owner, e.worker)] = c
+            shard.settle(e.height)
+        self.last = Signed(checkpoint, covered)
+        return self.last
+
+
+def entry_proof(signed: Signed, shard: Shard) -> EntryProof:
+    keys = sorted(signed.covered)
+    tree = shards_tree(signed.entries())
+    i = keys.index(shard)
+    return EntryProof(signed.covered[shard].entry, i, tree.size, tree.path(i))
+
+
+def tx_parts(signed: Signed, index: int, txid: bytes) -> list[TxPart]:
+    """The parts of a transaction proof that one signed checkpoint holds (its records
+    of ``txid``), each naming checkpoint ``index`` of the proof."""
+    parts = []
+    for shard, c in signed.covered.items():
+        for i, rec in enumerate(c.records):
+            if rec.txid == txid:
+                parts.append(
+                    TxPart(index, entry_proof(signed, shard), rec.encode(), i, c.tree.path(i))
+                )
+    return parts
+
+
+def tx_proof(checkpoints: list[Signed], txid: bytes) -> TxProof | None:
+    """A proof of ``txid`` from the signed checkpoints that cover its records."""
+    used: list[SignedCheckpoint] = []
+    parts: list[TxPart] = []
+    for signed in checkpoints:
+        found = tx_parts(signed, len(used), txid)
+        if found:
+            used.append(signed.checkpoint)
+            parts += found
+    return TxProof(txid, used, parts) if parts else None
+
+
+def coin_proof(signed: Signed, shard: Shard, coin_id: bytes) -> CoinProof:
+    return CoinProof(
+        coin_id,
+        signed.checkpoint,
+        entry_proof(signed, shard),
+        smt.prove(signed.covered[shard].coins, coin_id),
+    )
