@@ -61,7 +61,11 @@ def test_wrong_key_swapped_file_or_damage_is_refused(tmp_path: Path) -> None:
 
 
 def entry(seq: int, height: int) -> AuditEntry:
-    target = Checkpoint("g", height, bytes(32), 0, bytes(32), bytes(32)) if height >= 0 else Statement("hi")
+    target = (
+        Checkpoint("g", height, bytes(32), 0, bytes(32), bytes(32))
+        if height >= 0
+        else Statement("hi")
+    )
     return AuditEntry(
         seq, 1, f"{seq:032x}", 0, "checkpoint", encode_target(target).hex(), "", 0, [0, 1], ""
     )
