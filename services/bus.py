@@ -53,6 +53,12 @@ def query_subject(operator: str, worker: int, what: str) -> str:
     return f"cst.{operator}.q.{worker}.{what}"
 
 
+def copy_events_subject(owner: str, worker: int, copy: int) -> str:
+    """Where copy ``copy`` of shard (``owner``, ``worker``) serves its events log, on the
+    NATS of the operator hosting it (to its twin, and to that operator's indexer)."""
+    return f"cst.{owner}.qe.{worker}.{copy}"
+
+
 def events_subject(operator: str) -> str:
     return f"cst.{operator}.events"
 

@@ -33,6 +33,7 @@ from constellation.lightclient.proof import (
     SignedCheckpoint,
     TxPart,
     TxProof,
+    block_state,
     shards_tree,
 )
 from constellation.protocol.ledger import BlockEvents
@@ -121,11 +122,10 @@ class ShardIndex:
             self.owner,
             self.worker,
             upto,
-            head.block,
-            head.root,
-            smt.root_hash(head.coins),
-            tree.root(),
             tree.size,
+            tree.root(),
+            smt.root_hash(head.coins),
+            block_state(head.block, head.root),
         )
         return Covered(entry, records, tree, head.coins)
 

@@ -3,9 +3,10 @@
 A checkpoint (``constellation.guild.Checkpoint``, one BIP340 signature under the guild
 key) commits in ``shards`` to an RFC 9162 Merkle tree over one ``ShardEntry`` per shard,
 ordered by (owner, worker). An entry says, for its shard at ``height`` (a confirmed
-block): the block's header hash and consensus state root, the root of the shard's coin
-tree (``smt``), and the root of an RFC 9162 tree over the ``Record`` s of the shard's
-blocks since the previous checkpoint's entry (``size`` of them).
+block): a hash of the block's header hash and consensus state root (``block_state``),
+the root of the shard's coin tree (``smt``), and the root of an RFC 9162 tree over the
+``Record`` s of the shard's blocks since the previous checkpoint's entry (``size`` of
+them).
 
 * A **transaction proof** shows, for each shard the transaction touched, its record
   (what it spent and created there, the block's height, and at its coordinator's shard
@@ -50,6 +51,7 @@ MAX_SHARDS = 4096
 MAX_CHANGES = 1024  # a record's coin changes
 MAX_PARTS = 64  # shards one transaction proof covers
 _members_hash = tagged_hasher("Constellation/members")
+_block_state = tagged_hasher("Constellation/block-state")
 
 
 def members_root(threshold: int, members: list[tuple[str, bytes]]) -> bytes:
@@ -62,33 +64,35 @@ def members_root(threshold: int, members: list[tuple[str, bytes]]) -> bytes:
     return _members_hash(data)
 
 
+def block_state(block: bytes, root: bytes) -> bytes:
+    """An entry's commitment to its block: the header hash and the consensus state root
+    (one hash, as a light client checks records and coins, not the replicas' root)."""
+    return _block_state(block + root)
+
+
 class ShardEntry(NamedTuple):
     owner: int
     worker: int
     height: int
-    block: bytes  # the header hash of the block at ``height``
-    root: bytes  # the shard's consensus state root after it
-    coins: bytes  # the coin tree's root after it
+    size: int  # how many records the records tree has
     records: bytes  # RFC 9162 root over the records since the previous checkpoint
-    size: int  # how many records that tree has
+    coins: bytes  # the coin tree's root after the block at ``height``
+    state: bytes  # block_state() of that block
 
     def encode(self) -> bytes:
         return (
             u16(self.owner)
             + u16(self.worker)
             + u64(self.height)
-            + self.block
-            + self.root
-            + self.coins
-            + self.records
             + u32(self.size)
+            + self.records
+            + self.coins
+            + self.state
         )
 
     @staticmethod
     def read(r: Reader) -> ShardEntry:
-        return ShardEntry(
-            r.u16(), r.u16(), r.u64(), r.bytes(32), r.bytes(32), r.bytes(32), r.bytes(32), _u32(r)
-        )
+        return ShardEntry(r.u16(), r.u16(), r.u64(), _u32(r), r.bytes(32), r.bytes(32), r.bytes(32))
 
 
 def shards_tree(entries: list[ShardEntry]) -> merkle.MerkleTree:
@@ -303,11 +307,13 @@ def encode_tx_proof(p: TxProof) -> bytes:
     out += [c.encode() for c in p.checkpoints]
     out.append(bytes([len(p.parts)]))
     for part in p.parts:
+        assert part.record[8:40] == p.txid, "a part is a record of the proof's transaction"
+        record = part.record[:8] + part.record[40:]  # the txid is the proof's
         out += [
             bytes([part.checkpoint]),
             part.entry.encode(),
-            u16(len(part.record)),
-            part.record,
+            u16(len(record)),
+            record,
             u32(part.position),
             _path(part.path),
         ]
@@ -325,6 +331,9 @@ def decode_tx_proof(data: bytes) -> TxProof:
         if cp >= len(checkpoints):
             raise DecodeError("transaction proof: a part names a checkpoint it lacks")
         record = r.bytes(r.u16())
+        if len(record) < 8:
+            raise DecodeError("transaction proof: a record shorter than its height")
+        record = record[:8] + txid + record[8:]
         parts.append(TxPart(cp, entry, record, _u32(r), _read_path(r)))
     r.finish()
     return TxProof(txid, checkpoints, parts)

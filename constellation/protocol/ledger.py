@@ -392,3 +392,26 @@ def decode_page(data: bytes) -> EventsPage:
         if after.prev != before.height or after.height <= before.height:
             raise MessageError(f"events page: block {after.height} does not follow {before.height}")
     return page
+
+
+_copy_page_decoder = msgspec.msgpack.Decoder(tuple[int, msgspec.Raw])
+
+
+def encode_copy_page(whole: int, page: bytes) -> bytes:
+    """A copy's answer to an ``EventsQuery`` on its own subject: how far its events log
+    is whole (it holds every confirmed block's events up to there), and the page."""
+    return _package_encoder.encode((whole, msgspec.Raw(page)))
+
+
+def split_copy_page(data: bytes) -> tuple[int, bytes]:
+    """A copy's answer: how far its log is whole, and the page as a worker encodes it."""
+    try:
+        whole, raw = _copy_page_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise MessageError(f"malformed copy's events page: {exc}") from None
+    return whole, bytes(raw)
+
+
+def decode_copy_page(data: bytes) -> tuple[int, EventsPage]:
+    whole, raw = split_copy_page(data)
+    return whole, decode_page(raw)

@@ -30,6 +30,7 @@ class SignStart(_Msg, frozen=True, tag="sign.start"):
     request_id: bytes
     target: SignTarget
     presign: bool = True
+    evidence: bytes = b""  # what a checkpoint's entries are (each signer's ledger checks)
 
 
 class Presign(_Msg, frozen=True, tag="sign.presign"):
@@ -126,6 +127,7 @@ class KeygenRequest(_Msg, frozen=True, tag="op.keygen"):
 
 class SignRequest(_Msg, frozen=True, tag="op.sign"):
     target: SignTarget
+    evidence: bytes = b""  # passed to every signer with the target
 
 
 class KeyRequest(_Msg, frozen=True, tag="op.key"):

@@ -107,6 +107,17 @@ STATUS: dict[str, int] = {
     e.Replayed.code: 409,
     e.InvalidBlock.code: 400,
     e.InvalidSnapshot.code: 400,
+    # (a light client's: a proof it was served does not verify)
+    e.ProofRefused.code: 400,
+    e.WrongGuild.code: 400,
+    e.WrongMembers.code: 400,
+    e.BadCheckpointSignature.code: 400,
+    e.StaleCheckpoint.code: 400,
+    e.BadEntryPath.code: 400,
+    e.BadRecordPath.code: 400,
+    e.BadCoinPath.code: 400,
+    e.WrongSubject.code: 400,
+    e.Unconfirmed.code: 400,
 }
 assert set(STATUS.values()) <= STATUS_TEXT.keys(), "a status without its prose"
 

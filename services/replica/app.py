@@ -144,9 +144,8 @@ class Machine:
             )
             tasks.start(f"packages-{copy.name}", copy.packer.run)
             tasks.start(f"serve-{copy.name}", copy.serve)
-            if copy.fills:
-                await nc.subscribe(copy.own_subject, cb=copy.on_twin_query)
-                tasks.start(f"backfill-{copy.name}", copy.backfill)
+            await nc.subscribe(copy.own_subject, cb=copy.on_twin_query)
+            tasks.start(f"backfill-{copy.name}", copy.backfill)
         await nc.subscribe(
             forward_listen(s.machine), cb=self._take_forward, pending_msgs_limit=1_000_000
         )

@@ -11,9 +11,11 @@ confirmed subscribes to the shard's subjects on its operator's NATS (packages an
 queries), and unsubscribes when it stops leading.
 
 Every copy keeps an events log, so that whichever leads can serve its operator's
-indexer. A copy restored from a leader's snapshot lacks the events of the blocks the
-snapshot skipped: it marks the gap durably, and fills it from its twin (the owner's
-other copy), meanwhile serving readers from the twin's log.
+indexer, and serves it to its own operator's indexer (``own_subject``), which follows
+every shard of the guild from its own copies. A copy restored from a leader's snapshot
+lacks the events of the blocks the snapshot skipped: it marks the gap durably, and fills
+it from its twin (its operator's other copy), meanwhile serving readers from the twin's
+log.
 """
 
 from __future__ import annotations
@@ -43,7 +45,14 @@ from constellation.protocol import replication as rp
 from constellation.replication.replica import EVERYONE, Ready, Replica, Role, body_hash
 from constellation.replication.replica import Settings as ReplicaSettings
 from constellation.replication.shard import Events, LedgerShard, ShardLog
-from services.bus import Batching, Packer, Publisher, query_subject, worker_subject
+from services.bus import (
+    Batching,
+    Packer,
+    Publisher,
+    copy_events_subject,
+    query_subject,
+    worker_subject,
+)
 from services.partition.app import EVENTS_PAGE_BYTES, query_answer
 from services.partition.wal import EventLog
 from services.partition.worker import state_info
@@ -62,9 +71,6 @@ GAP_FILE = "events.gap"  # the events log lacks the events of blocks up to the h
 BACKFILL_S = 1.0
 GAPPED_PENDING = 1024  # blocks' events held while the log has a gap; beyond, the gap grows
 QUERIES = ("coins", "state", "events")  # what a leader answers, on query_subject(..., what)
-
-_twin_encoder = msgspec.msgpack.Encoder()
-_twin_decoder = msgspec.msgpack.Decoder(tuple[int, msgspec.Raw])
 
 
 def _installed(ready: Ready) -> bool:
@@ -157,12 +163,13 @@ class HostedCopy:
         if self.gap is not None and self.events.last >= self.gap:
             self.gap = None  # filled, and the mark's removal was lost in a crash
         self._gap_found = asyncio.Event()
-        # The owner's copies (whose events its indexer reads) fill a gap from each other;
-        # the others' events logs are read by nobody, and may have gaps.
-        self.fills = me // 2 == owner
-        self.own_subject = f"cst.{owner_name}.qe.{worker}.{me}"
-        self.twin_subject = f"cst.{owner_name}.qe.{worker}.{me ^ 1}"
-        self.pending: dict[int, Events] = {}  # events of blocks held, not yet confirmed
+        # Every copy fills a gap in its events log from its twin (the copy on the other
+        # machine of the same operator): its operator's indexer reads every shard's
+        # events from its own copies, for light-client checkpoints.
+        self.own_subject = copy_events_subject(owner_name, worker, me)
+        self.twin_subject = copy_events_subject(owner_name, worker, me ^ 1)
+        # Events of blocks held, not yet confirmed, with each block's header hash and root.
+        self.pending: dict[int, tuple[Events, bytes, bytes]] = {}
         # Events are written up to here (synced before every snapshot of our own).
         self.written = self.replica.confirmed
         self._take_events(self.replica.blocks(self.replica.first - 1, self.replica.last))
@@ -255,7 +262,7 @@ class HostedCopy:
                 self.events.cut_from(floor + 1)
             snap = ready.snapshot
             installed = _installed(ready) and snap is not None
-            if installed and snap is not None and snap.height > self.events.last and self.fills:
+            if installed and snap is not None and snap.height > self.events.last:
                 self._set_gap(max(self.gap or 0, snap.height))
         self._take_events(ready.append)
 
@@ -265,7 +272,8 @@ class HostedCopy:
             h = block.signed.header.height
             events = proposed.pop(h, None) or derived.get(body_hash(block.body))
             if events is not None:
-                self.pending[h] = events
+                header = block.signed.header
+                self.pending[h] = (events, rp.header_hash(header), header.root)
         derived.clear()
 
     def _confirmed(self, height: int, snapshot: int | None) -> None:
@@ -301,8 +309,10 @@ class HostedCopy:
         try:
             for h in sorted(h for h in self.pending if h <= height):
                 if h > self.events.last:
-                    changes, committed = self.pending[h]
-                    events = proto.BlockEvents(self.worker, h, self.events.last, changes, committed)
+                    (changes, committed), block, root = self.pending[h]
+                    events = proto.BlockEvents(
+                        self.worker, h, self.events.last, changes, committed, block, root
+                    )
                     payload = proto.encode_block_events(events)
                     self.events.append(h, payload)
                     if leading:
@@ -350,20 +360,18 @@ class HostedCopy:
         return self.events.last if self.gap is not None else self.written
 
     async def backfill(self) -> None:
-        """Fill a gap in the events log from the twin, the owner's other copy, which
-        serves its own log on ``own_subject`` (a long-running task of the machine).
-        Copies at other operators keep no gap filled: nobody reads their events."""
+        """Fill a gap in the events log from the twin, which serves its own log on
+        ``own_subject`` (a long-running task of the machine)."""
         while True:
-            if self.gap is None or not self.fills:
+            if self.gap is None:
                 await self._gap_found.wait()
                 self._gap_found.clear()
                 continue
             try:
                 query = msgspec.msgpack.encode(proto.EventsQuery(self.events.last))
                 msg = await self.nc.request(self.twin_subject, query, timeout=BACKFILL_S)
-                whole, raw = _twin_decoder.decode(msg.data)
-                page = proto.decode_page(raw)
-            except (NatsError, MessageError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+                whole, page = proto.decode_copy_page(msg.data)
+            except (NatsError, MessageError) as exc:
                 log.debug("backfill: twin unavailable", extra={"error": repr(exc)})
                 await asyncio.sleep(BACKFILL_S)
                 continue
@@ -408,7 +416,7 @@ class HostedCopy:
     def _twin_page(self, query: proto.EventsQuery) -> bytes:
         events = self.events
         page = proto.encode_page(events.last, events.read_after(query.after, EVENTS_PAGE_BYTES))
-        return _twin_encoder.encode((self.whole(), msgspec.Raw(page)))
+        return proto.encode_copy_page(self.whole(), page)
 
     def seal_soon(self) -> None:
         """Propose what the engine wrote, once everything that arrived in this turn of
@@ -527,10 +535,9 @@ class HostedCopy:
         if self.gap is not None:  # the twin's log answers, while ours has a gap
             try:
                 answer = await self.nc.request(self.twin_subject, data, timeout=BACKFILL_S)
-                _, page = _twin_decoder.decode(answer.data)
-            except (NatsError, msgspec.ValidationError, msgspec.DecodeError):
+                return proto.split_copy_page(answer.data)[1]
+            except (NatsError, MessageError):
                 return None  # the reader asks again
-            return bytes(page)
         events = self.events
         return query_answer(
             data,

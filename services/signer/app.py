@@ -6,13 +6,15 @@ import asyncio
 import contextlib
 import logging
 
+import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 from constellation.crypto.dkg import hostpubkey_gen
 from constellation.errors import ConstellationError, NotAMember
-from constellation.guild import SigningPolicy
+from constellation.guild import Checkpoint, SigningPolicy
+from constellation.protocol import lightclient as lc
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import ReplayGuard
 from services.runtime import ConfigError, OpsServer, connect_nats, connect_peer
@@ -24,6 +26,8 @@ from services.signer.store import AuditLog, KeyStore
 from services.signer.transport import Role, Transport, listen_subject, subject
 
 log = logging.getLogger("signer")
+
+VOUCH_S = 5.0  # how long a checkpoint waits for this operator's indexer to check it
 
 
 class SignerNode:
@@ -54,6 +58,7 @@ class SignerNode:
             lambda idx, msg: self.send(Role.COORD, idx, msg),
             settings.max_requests,
             settings.request_timeout_ms,
+            self.vouch if settings.vouch_subject else None,
         )
         self.coordinator = Coordinator(
             self.members,
@@ -74,6 +79,19 @@ class SignerNode:
         if self.participant.group is None:
             return True, "connected; no key share yet"
         return True, "connected; holds a key share"
+
+    async def vouch(self, checkpoint: Checkpoint, evidence: bytes) -> str:
+        """Ask this operator's indexer whether it computed the checkpoint's entries: a
+        reason to refuse, or empty."""
+        assert self.transport is not None
+        request = msgspec.msgpack.encode(lc.Vouch(checkpoint, evidence))
+        try:
+            msg = await self.transport.nc.request(
+                self.settings.vouch_subject, request, timeout=VOUCH_S
+            )
+            return msgspec.msgpack.decode(msg.data, type=str)
+        except (NatsError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return f"this operator's ledger did not answer ({type(exc).__name__})"
 
     async def send(self, role: Role, idx: int, msg: proto.Message) -> None:
         assert self.transport is not None
@@ -177,7 +195,7 @@ class SignerNode:
         if isinstance(request, proto.KeygenRequest):
             reply = await self.coordinator.keygen(request.t)
         elif isinstance(request, proto.SignRequest):
-            reply = await self.coordinator.sign(request.target)
+            reply = await self.coordinator.sign(request.target, request.evidence)
         elif isinstance(request, proto.KeyRequest):
             group = self.participant.group
             reply = (

@@ -52,6 +52,9 @@ class Settings:
     max_requests: int
     replay_window_ms: int
     log_level: str
+    # Where this operator's indexer checks a checkpoint before this signer signs it;
+    # empty: checkpoints are checked by the signing policy only (a signer without a ledger).
+    vouch_subject: str = ""
     names: tuple[str, ...] = ()  # every member's name, in member order (with peers)
     peers: dict[str, str] | None = None  # a member's name -> its NATS, our credentials
 
@@ -86,6 +89,7 @@ class Settings:
             max_requests=env_int(env, "SIGNER_MAX_REQUESTS", 64, 1, 10_000),
             replay_window_ms=env_int(env, "SIGNER_REPLAY_WINDOW_MS", 60_000, 1_000, 600_000),
             log_level=env.get("SIGNER_LOG_LEVEL") or "info",
+            vouch_subject=env.get("SIGNER_VOUCH_SUBJECT", ""),
             names=member_names,
             peers=peers,
         )

@@ -87,7 +87,7 @@ class Coordinator:
 
     # -- signing ----------------------------------------------------------------------------
 
-    async def sign(self, target: SignTarget) -> proto.OpReply:
+    async def sign(self, target: SignTarget, evidence: bytes = b"") -> proto.OpReply:
         """ROAST-sign ``target``. Signers' nonces left over from earlier requests start
         the first session at once; a signer that restarted has forgotten its nonce and
         says so, and if that leaves too few signers the request is run once more with
@@ -103,9 +103,9 @@ class Coordinator:
             return _error(exc)
         self.metrics.requests_started.inc()
         started = time.perf_counter()
-        reply, stale = await self._run(group, target, derived, use_cached=True)
+        reply, stale = await self._run(group, target, evidence, derived, use_cached=True)
         if not reply.ok and stale:
-            reply, _ = await self._run(group, target, derived, use_cached=False)
+            reply, _ = await self._run(group, target, evidence, derived, use_cached=False)
         outcome = "signed" if reply.ok else reply.code
         self.metrics.requests_finished.labels(outcome).inc()
         if reply.ok:
@@ -113,7 +113,12 @@ class Coordinator:
         return reply
 
     async def _run(
-        self, group: roast.Group, target: SignTarget, derived: Derived, use_cached: bool
+        self,
+        group: roast.Group,
+        target: SignTarget,
+        evidence: bytes,
+        derived: Derived,
+        use_cached: bool,
     ) -> tuple[proto.OpReply, bool]:
         """One ROAST run; also says whether a signer refused a nonce we held for it."""
         coordinator = roast.Coordinator(group, derived.msg, derived.tweaks, derived.is_xonly)
@@ -123,7 +128,7 @@ class Coordinator:
         preloaded = []
         for i in range(self.n):
             nonce = self.cached.pop(i, None) if use_cached else None
-            await self.send(i, proto.SignStart(rid, target, presign=nonce is None))
+            await self.send(i, proto.SignStart(rid, target, nonce is None, evidence))
             if nonce is not None:
                 preloaded.append((i, nonce))
         for i, nonce in preloaded:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from constellation.crypto import dkg, roast
 from constellation.errors import ConstellationError, Overloaded, RequestRefused, SigningError
-from constellation.guild import Derived, SigningPolicy, SignTarget
+from constellation.guild import Checkpoint, Derived, SigningPolicy, SignTarget
 from constellation.keys import schnorr_verify
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import Membership
@@ -27,6 +27,7 @@ from services.signer.store import AuditEntry, AuditLog, KeyStore, ShareRecord, t
 log = logging.getLogger("signer")
 
 Reply = Callable[[int, proto.Message], Awaitable[None]]  # (coordinator index, message)
+Vouch = Callable[[Checkpoint, bytes], Awaitable[str]]  # (checkpoint, evidence) -> refusal
 FINISHED_MEMORY = 10_000
 
 
@@ -59,8 +60,12 @@ class Participant:
         reply: Reply,
         max_requests: int,
         request_timeout_ms: int,
+        vouch: Vouch | None = None,
     ) -> None:
+        """``vouch``: asks this operator's ledger whether a checkpoint's entries are what
+        it computed (a reason to refuse, or empty); None: the policy alone decides."""
         self.members = members
+        self.vouch = vouch
         self.me = me
         self.hostseckey = hostseckey
         self.keystore = keystore
@@ -139,6 +144,10 @@ class Participant:
             if len(self.pending) >= self.max_requests:
                 raise Overloaded(f"{self.max_requests} signing requests are open already")
             derived = self.policy.check(msg.target, self.group.thresh_pk)
+            if isinstance(msg.target, Checkpoint) and self.vouch is not None:
+                reason = await self.vouch(msg.target, msg.evidence)
+                if reason:
+                    raise RequestRefused(f"this operator's ledger does not vouch: {reason}")
         except ConstellationError as exc:
             await self._refuse(sender, rid, exc)
             return

@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from constellation.bitcoin import SpendInput, SpendOutput, p2tr_script, taproot_sighash
 from constellation.crypto import frost
 from constellation.guild import Checkpoint, OnchainSpend, Statement
+from constellation.protocol import lightclient as lc
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import ReplayGuard
 from services.signer.transport import Role, Transport, listen_subject, peer_subject, subject
@@ -237,3 +238,46 @@ async def test_an_onchain_spend_is_signed_under_the_guild_taproot_key(
     )
     refused = await guild.sign(stranger)
     assert not refused.ok and "not the guild's taproot output" in refused.error
+
+
+async def test_a_checkpoint_is_signed_only_where_each_signers_ledger_vouches_for_it(
+    guild_factory: GuildFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every signer asks its operator's ledger (here, one responder on SIGNER_VOUCH_SUBJECT)
+    about a checkpoint, with the evidence its proposer sent; a refusal or silence is a
+    refusal to sign, with the ledger's reason."""
+    monkeypatch.setenv("SIGNER_VOUCH_SUBJECT", "test.vouch")
+    guild = guild_factory(3)
+    assert (await guild.keygen(2)).ok
+    asked: list[tuple[Checkpoint, bytes]] = []
+
+    async def ledger(msg: Msg) -> None:
+        vouch = msgspec.msgpack.decode(msg.data, type=lc.Vouch)
+        asked.append((vouch.checkpoint, vouch.evidence))
+        if vouch.evidence != b"silent":
+            answer = "" if vouch.evidence == b"entries" else "shard 0/1 at 7 differs here"
+            await msg.respond(msgspec.msgpack.encode(answer))
+
+    nc = await nats.connect(guild.net.nats_url)
+    try:
+        await nc.subscribe("test.vouch", cb=ledger)
+        await nc.flush()
+
+        async def sign(target: Checkpoint, evidence: bytes) -> proto.OpReply:
+            async with guild.client() as client:
+                return await client.request(proto.SignRequest(target, evidence), 60)
+
+        first = Checkpoint("test", 0, bytes(32), 0, b"a" * 32, bytes(32))
+        assert_valid(await sign(first, b"entries"), first.message(), "vouched for")
+        assert {(c, e) for c, e in asked} == {(first, b"entries")} and len(asked) >= 2
+        other = Checkpoint("test", 1, first.message(), 0, b"b" * 32, bytes(32))
+        refused = await sign(other, b"forged")
+        assert not refused.ok and "does not vouch: shard 0/1 at 7 differs here" in refused.error
+        silent = await sign(other, b"silent")
+        assert not silent.ok and "ledger did not answer" in silent.error
+        # A statement is not a checkpoint: no ledger is asked.
+        before = len(asked)
+        assert (await guild.sign(Statement("not about the ledger"))).ok
+        assert len(asked) == before
+    finally:
+        await nc.close()

@@ -1,0 +1,185 @@
+"""Light-client proofs: their size, and a wallet's CPU to check one.
+
+    python bench/lightclient.py --json bench/results/lightclient.json [--coins 1000000]
+
+Builds the index every operator computes (``constellation.lightclient.index``) for a
+guild of 3 operators x 2 workers holding --coins coins, then one checkpoint's worth of
+payments (--payments, 1 input to 2 outputs, each coin in the shard its id falls in: a
+payment touches 1 to 3 shards), signed like the guild signs (one BIP340 signature).
+
+Figures:
+  proof_bytes        median size of a payment's proof (every shard's record of it)
+  proof_bytes_max    the largest of them
+  coin_proof_bytes   median size of a coin's proof (unspent, as of the checkpoint)
+  verify_us          median CPU to check a payment's proof and its checkpoint
+  coin_verify_us     the same for a coin's proof
+  index_s            seconds to build the index of --coins coins (an operator's start)
+  checkpoint_ms      CPU to make one checkpoint (entries, records trees, shards tree)
+Targets: verify_us <= 500, proof_bytes <= 2,048.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import median, print_table, write_json
+from constellation.keys import SigningKey
+from constellation.lightclient import index as lc
+from constellation.lightclient import proof as pf
+from constellation.protocol.ledger import BlockEvents, CoinChange
+
+GUILD_KEY = SigningKey(b"\x33" * 32)
+SHARDS = [(o, w) for o in range(3) for w in range(2)]
+MEMBERS = pf.members_root(2, [(n, bytes([i + 1]) * 32) for i, n in enumerate("abc")])
+PIN = pf.Pin("bench", bytes(GUILD_KEY.pubkey), MEMBERS)
+ISSUE_CHUNK = 250
+
+
+def shard_of(coin_id: bytes) -> lc.Shard:
+    return SHARDS[coin_id[0] * len(SHARDS) // 256]
+
+
+class Guild:
+    """The index of a guild's shards, fed blocks of events."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.index = lc.GuildIndex("bench", MEMBERS, SHARDS)
+        self.heights = dict.fromkeys(SHARDS, 0)
+        self.unspent: list[tuple[bytes, int, bytes]] = []
+
+    def block(
+        self, shard: lc.Shard, changes: list[CoinChange], committed: list[tuple[bytes, int]]
+    ) -> None:
+        self.heights[shard] += 1
+        rng = self.rng
+        ev = BlockEvents(
+            shard[1],
+            self.heights[shard],
+            -1,
+            changes,
+            committed,
+            rng.randbytes(32),
+            rng.randbytes(32),
+        )
+        self.index.apply(shard[0], ev)
+
+    def checkpoint(self, time_ms: int) -> lc.Signed:
+        checkpoint, entries = self.index.propose(time_ms)
+        sig = GUILD_KEY.sign(checkpoint.message())
+        return self.index.signed(pf.SignedCheckpoint(checkpoint, sig), entries)
+
+    def issue(self, coins: int) -> None:
+        rng = self.rng
+        pending: dict[lc.Shard, list[CoinChange]] = {s: [] for s in SHARDS}
+        iid = b""
+        for n in range(coins):
+            if n % ISSUE_CHUNK == 0:
+                iid = rng.randbytes(32)
+            cid, owner = rng.randbytes(32), rng.randbytes(32)
+            pending[shard_of(cid)].append(CoinChange(iid, cid, owner, 1_000_000, True))
+            self.unspent.append((cid, 1_000_000, owner))
+        for shard, changes in pending.items():
+            for i in range(0, len(changes), 10_000):
+                self.block(shard, changes[i : i + 10_000], [])
+
+    def pay(self) -> bytes:
+        """A payment of one coin to two new ones, each recorded in its shard's block."""
+        rng = self.rng
+        cid, value, owner = self.unspent.pop(rng.randrange(len(self.unspent)))
+        txid = rng.randbytes(32)
+        changes = {shard_of(cid): [CoinChange(txid, cid, owner, value, False)]}
+        for part in (value // 2, value - value // 2 - 100):
+            out = rng.randbytes(32)
+            changes.setdefault(shard_of(out), []).append(
+                CoinChange(txid, out, rng.randbytes(32), part, True)
+            )
+            self.unspent.append((out, part, owner))
+        for shard, cs in changes.items():
+            self.block(shard, cs, [(txid, 100)] if shard == shard_of(cid) else [])
+        return txid
+
+
+def measure(
+    guild: Guild, signed: lc.Signed, payments: list[bytes], samples: int
+) -> dict[str, float]:
+    rng = guild.rng
+    sizes: list[float] = []
+    coin_sizes: list[float] = []
+    verify: list[float] = []
+    coin_verify: list[float] = []
+    for txid in rng.sample(payments, min(samples, len(payments))):
+        proof = lc.tx_proof([signed], txid)
+        assert proof is not None
+        raw = pf.encode_tx_proof(proof)
+        sizes.append(len(raw))
+        t = time.process_time()
+        pf.verify_tx(PIN, pf.decode_tx_proof(raw), txid)
+        verify.append((time.process_time() - t) * 1e6)
+    for cid, _, _ in rng.sample(guild.unspent, samples):
+        raw = pf.encode_coin_proof(lc.coin_proof(signed, shard_of(cid), cid))
+        coin_sizes.append(len(raw))
+        t = time.process_time()
+        verdict = pf.verify_coin(PIN, pf.decode_coin_proof(raw), cid, not_below=1)
+        coin_verify.append((time.process_time() - t) * 1e6)
+        assert verdict.leaf is not None and verdict.leaf.state is pf.CoinState.UNSPENT
+    return {
+        "proof_bytes": median(sizes),
+        "proof_bytes_max": max(sizes),
+        "coin_proof_bytes": median(coin_sizes),
+        "verify_us": median(verify),
+        "coin_verify_us": median(coin_verify),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--coins", type=int, default=1_000_000)
+    ap.add_argument("--payments", type=int, default=600, help="in one checkpoint")
+    ap.add_argument("--samples", type=int, default=300)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    guild = Guild(random.Random(1))
+    started = time.perf_counter()
+    guild.issue(args.coins)
+    guild.checkpoint(0)
+    index_s = time.perf_counter() - started
+    payments = [guild.pay() for _ in range(args.payments)]
+    started = time.process_time()
+    signed = guild.checkpoint(1000)
+    checkpoint_ms = (time.process_time() - started) * 1000
+    figures = {
+        "coins": args.coins,
+        "payments_per_checkpoint": args.payments,
+        **measure(guild, signed, payments, args.samples),
+        "index_s": index_s,
+        "checkpoint_ms": checkpoint_ms,
+    }
+    print_table(
+        f"light-client proofs: {args.coins:,} coins in 3 operators x 2 workers, "
+        f"{args.payments} payments per checkpoint",
+        [
+            ("proof_bytes", f"{figures['proof_bytes']:.0f}", "median, a payment (target <= 2,048)"),
+            ("proof_bytes_max", f"{figures['proof_bytes_max']:.0f}", ""),
+            ("coin_proof_bytes", f"{figures['coin_proof_bytes']:.0f}", "median, an unspent coin"),
+            (
+                "verify_us",
+                f"{figures['verify_us']:.0f}",
+                "median, proof + checkpoint (target <= 500)",
+            ),
+            ("coin_verify_us", f"{figures['coin_verify_us']:.0f}", "median"),
+            ("index_s", f"{index_s:.1f}", "building the index of every coin"),
+            ("checkpoint_ms", f"{checkpoint_ms:.1f}", "CPU to make one checkpoint"),
+        ],
+    )
+    write_json(args.json, figures)
+
+
+if __name__ == "__main__":
+    main()
