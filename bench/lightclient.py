@@ -57,12 +57,13 @@ class Guild:
     def block(
         self, shard: lc.Shard, changes: list[CoinChange], committed: list[tuple[bytes, int]]
     ) -> None:
+        prev = self.heights[shard] or -1
         self.heights[shard] += 1
         rng = self.rng
         ev = BlockEvents(
             shard[1],
             self.heights[shard],
-            -1,
+            prev,
             changes,
             committed,
             rng.randbytes(32),
@@ -126,7 +127,7 @@ def measure(
         raw = pf.encode_coin_proof(lc.coin_proof(signed, shard_of(cid), cid))
         coin_sizes.append(len(raw))
         t = time.process_time()
-        verdict = pf.verify_coin(PIN, pf.decode_coin_proof(raw), cid, not_below=1)
+        verdict = pf.verify_coin(PIN, pf.decode_coin_proof(raw), cid, shard_of(cid), not_below=1)
         coin_verify.append((time.process_time() - t) * 1e6)
         assert verdict.leaf is not None and verdict.leaf.state is pf.CoinState.UNSPENT
     return {

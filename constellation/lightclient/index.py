@@ -22,6 +22,7 @@ from typing import NamedTuple
 from constellation.guild import Checkpoint
 from constellation.lightclient import merkle, smt
 from constellation.lightclient.proof import (
+    MAX_SHARDS,
     Change,
     ChangeKind,
     CoinLeaf,
@@ -39,6 +40,7 @@ from constellation.lightclient.proof import (
 from constellation.protocol.ledger import BlockEvents
 
 ZERO = bytes(32)
+MAX_SKEW_MS = 10_000  # how far ahead of a vouching operator's clock a checkpoint may be dated
 Shard = tuple[int, int]  # (owner, worker)
 
 
@@ -101,8 +103,11 @@ class ShardIndex:
 
     def apply(self, events: BlockEvents) -> None:
         """The next confirmed block with events (in height order)."""
-        if events.height <= self.height:
-            raise ValueError(f"shard {self.owner}/{self.worker}: block {events.height} again")
+        if events.height <= self.height or events.prev != (self.height or -1):
+            raise ValueError(
+                f"shard {self.owner}/{self.worker}: block {events.height} (after "
+                f"{events.prev}) does not follow block {self.height}"
+            )
         records = records_of(events)
         coins = smt.apply(self.heads[self.height].coins, coin_changes(records))
         self.records += records
@@ -152,6 +157,8 @@ class GuildIndex:
     def __init__(self, guild: str, members: bytes, shards: Iterable[Shard]) -> None:
         self.guild, self.members = guild, members
         self.shards = {s: ShardIndex(*s) for s in sorted(shards)}
+        if not 0 < len(self.shards) <= MAX_SHARDS:
+            raise ValueError(f"a guild of 1 to {MAX_SHARDS} shards")
         self.last: Signed | None = None
 
     def apply(self, owner: int, events: BlockEvents) -> None:
@@ -177,13 +184,16 @@ class GuildIndex:
             self.guild, height, prev, max(time_ms, last_time), root, self.members
         ), entries
 
-    def check(self, checkpoint: Checkpoint, entries: list[ShardEntry]) -> str | None:
+    def check(self, checkpoint: Checkpoint, entries: list[ShardEntry], now_ms: int) -> str | None:
         """Why this index will not vouch for a proposed checkpoint, or None: it must
-        follow the last signed one, name this guild's member set, and carry exactly the
-        entries this index computes at their heights."""
+        follow the last signed one, name this guild's member set, not be dated ahead of
+        ``now_ms`` (beyond ``MAX_SKEW_MS``), and carry exactly the entries this index
+        computes at their heights."""
         height, prev = self._prev()
         if checkpoint.guild != self.guild or checkpoint.members != self.members:
             return "another guild or member set"
+        if checkpoint.time_ms > now_ms + MAX_SKEW_MS:
+            return f"dated {checkpoint.time_ms - now_ms} ms ahead of this operator's clock"
         if (checkpoint.height, checkpoint.prev_hash) != (height, prev):
             return f"does not follow checkpoint {height - 1} known here"
         if self.last and checkpoint.time_ms < self.last.checkpoint.checkpoint.time_ms:
@@ -201,14 +211,20 @@ class GuildIndex:
         return None
 
     def signed(self, checkpoint: SignedCheckpoint, entries: list[ShardEntry]) -> Signed:
-        """Take a checkpoint the guild signed (checked by ``check`` or by its signature)."""
+        """Take a checkpoint the guild signed (its signature checked by the caller), once
+        this index computes the same entries (``check``: raises ValueError with the
+        reason otherwise, changing nothing)."""
+        c = checkpoint.checkpoint
+        reason = self.check(c, entries, c.time_ms)
+        if reason is not None:
+            raise ValueError(f"signed checkpoint {c.height}: {reason}")
         covered = {}
         for e in entries:
-            shard = self.shards[(e.owner, e.worker)]
-            c = shard.covered(e.height)
-            assert c is not None and c.entry == e, "a signed checkpoint this index disagrees with"
-            covered[(e.owner, e.worker)] = c
-            shard.settle(e.height)
+            cover = self.shards[(e.owner, e.worker)].covered(e.height)
+            assert cover is not None, "check() found every entry covered"
+            covered[(e.owner, e.worker)] = cover
+        for e in entries:
+            self.shards[(e.owner, e.worker)].settle(e.height)
         self.last = Signed(checkpoint, covered)
         return self.last
 

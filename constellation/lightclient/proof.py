@@ -258,8 +258,10 @@ class EntryProof(NamedTuple):
 
     @staticmethod
     def read(r: Reader) -> EntryProof:
-        entry, index, size = ShardEntry.read(r), r.u16(), r.u16()
-        return EntryProof(entry, index, size, _read_path(r))
+        entry, position, size = ShardEntry.read(r), r.u16(), r.u16()
+        if not position < size <= MAX_SHARDS:
+            raise DecodeError(f"{r.what}: entry {position} of {size}, at most {MAX_SHARDS}")
+        return EntryProof(entry, position, size, _read_path(r))
 
     def verify(self, checkpoint: Checkpoint) -> ShardEntry:
         if not merkle.verify_path(
@@ -340,12 +342,14 @@ def decode_tx_proof(data: bytes) -> TxProof:
 
 
 def verify_tx(pin: Pin, proof: TxProof, txid: bytes) -> list[Placed]:
-    """The transaction's records, each checked up to a signed checkpoint; refused unless
-    one is its commit (the coordinator's record)."""
+    """The transaction's records, each checked up to a signed checkpoint, each once;
+    refused unless one is its commit (the coordinator's record). The records shown are
+    the transaction's changes in those shards; a server may leave a shard's out (to see
+    an output, ask for the coin's proof)."""
     if proof.txid != txid:
         raise WrongSubject(f"the proof is of transaction {proof.txid.hex()}, not {txid.hex()}")
     checkpoints = [verify_checkpoint(pin, c) for c in proof.checkpoints]
-    placed = []
+    placed: list[Placed] = []
     for part in proof.parts:
         checkpoint = checkpoints[part.checkpoint]
         entry = part.entry.verify(checkpoint)
@@ -359,6 +363,13 @@ def verify_tx(pin: Pin, proof: TxProof, txid: bytes) -> list[Placed]:
             raise WrongSubject(f"a record of transaction {record.txid.hex()}, not {txid.hex()}")
         if record.height > entry.height:
             raise BadRecordPath(f"a record at height {record.height}, above its entry's")
+        if any(
+            (p.owner, p.worker, p.record.height) == (entry.owner, entry.worker, record.height)
+            for p in placed
+        ):
+            raise BadRecordPath(
+                f"shard {entry.owner}/{entry.worker}'s record at {record.height} is shown twice"
+            )
         placed.append(Placed(entry.owner, entry.worker, checkpoint.height, record))
     if not any(p.record.committed for p in placed):
         raise Unconfirmed(f"no record shows transaction {txid.hex()} committed")
@@ -420,14 +431,21 @@ def decode_coin_proof(data: bytes) -> CoinProof:
     return CoinProof(coin_id, checkpoint, entry, smt.Path(siblings, key, value))
 
 
-def verify_coin(pin: Pin, proof: CoinProof, coin_id: bytes, not_below: int = 0) -> CoinVerdict:
+def verify_coin(
+    pin: Pin, proof: CoinProof, coin_id: bytes, shard: tuple[int, int], not_below: int = 0
+) -> CoinVerdict:
     """The coin's state as of the proof's checkpoint (which must not be older than
-    ``not_below``). A proof that no coin exists holds for the shard of the proof only:
-    the caller checks that the shard holds the coin's partition."""
+    ``not_below``), in ``shard`` (owner, worker): the shard that holds the coin's
+    partition in its ledger, which the caller knows. A proof from another shard is
+    refused: there, no such coin would say nothing."""
     if proof.coin_id != coin_id:
         raise WrongSubject(f"the proof is of coin {proof.coin_id.hex()}, not {coin_id.hex()}")
     checkpoint = verify_checkpoint(pin, proof.checkpoint, not_below)
     entry = proof.entry.verify(checkpoint)
+    if (entry.owner, entry.worker) != shard:
+        raise WrongSubject(
+            f"the proof is from shard {entry.owner}/{entry.worker}, not {shard[0]}/{shard[1]}"
+        )
     path = proof.path
     if smt.path_root(coin_id, path) != entry.coins:
         raise BadCoinPath(

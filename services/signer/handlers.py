@@ -7,11 +7,12 @@ and writes the audit entry before a partial signature leaves the process.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 
 from constellation.crypto import dkg, roast
@@ -66,6 +67,9 @@ class Participant:
         it computed (a reason to refuse, or empty); None: the policy alone decides."""
         self.members = members
         self.vouch = vouch
+        # Requests whose checkpoint the ledger is checking; set once it answered.
+        self.vouching: dict[bytes, asyncio.Event] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.me = me
         self.hostseckey = hostseckey
         self.keystore = keystore
@@ -103,6 +107,8 @@ class Participant:
     async def handle(self, sender: int, msg: proto.Message) -> None:
         if isinstance(msg, proto.SignStart):
             await self._sign_start(sender, msg)
+        elif isinstance(msg, proto.SignSession) and msg.request_id in self.vouching:
+            self._spawn(self._after_vouch(sender, msg))
         elif isinstance(msg, proto.SignSession):
             await self._sign_session(sender, msg)
         elif isinstance(msg, proto.SignDone):
@@ -137,25 +143,59 @@ class Participant:
         try:
             if len(rid) != 16:
                 raise RequestRefused("request ids are 16 bytes")
-            if rid in self.pending or rid in self.finished:
+            if rid in self.pending or rid in self.finished or rid in self.vouching:
                 raise RequestRefused(f"request {rid.hex()} was started already")
             if self.group is None or self.share is None:
                 raise RequestRefused("this signer holds no key share yet (run keygen)")
-            if len(self.pending) >= self.max_requests:
+            if len(self.pending) + len(self.vouching) >= self.max_requests:
                 raise Overloaded(f"{self.max_requests} signing requests are open already")
             derived = self.policy.check(msg.target, self.group.thresh_pk)
-            if isinstance(msg.target, Checkpoint) and self.vouch is not None:
-                reason = await self.vouch(msg.target, msg.evidence)
-                if reason:
-                    raise RequestRefused(f"this operator's ledger does not vouch: {reason}")
         except ConstellationError as exc:
             await self._refuse(sender, rid, exc)
             return
+        if isinstance(msg.target, Checkpoint) and self.vouch is not None:
+            # Asked in a task of its own: messages of other requests go on meanwhile.
+            self.vouching[rid] = asyncio.Event()
+            self._spawn(self._vouched(sender, msg, msg.target, derived))
+            return
+        await self._open(sender, msg, derived)
+
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _after_vouch(self, sender: int, msg: proto.SignSession) -> None:
+        """A session that came (with a nonce held from before) while the ledger checks
+        its checkpoint: handled once it answered."""
+        answered = self.vouching.get(msg.request_id)
+        if answered is not None:
+            await answered.wait()
+        await self._sign_session(sender, msg)
+
+    async def _vouched(
+        self, sender: int, msg: proto.SignStart, target: Checkpoint, derived: Derived
+    ) -> None:
+        assert self.vouch is not None
+        answered = self.vouching[msg.request_id]
+        try:
+            reason = await self.vouch(target, msg.evidence)
+            if reason:
+                refusal = RequestRefused(f"this operator's ledger does not vouch: {reason}")
+                await self._refuse(sender, msg.request_id, refusal)
+            else:
+                await self._open(sender, msg, derived)
+        finally:
+            del self.vouching[msg.request_id]
+            answered.set()
+
+    async def _open(self, sender: int, msg: proto.SignStart, derived: Derived) -> None:
+        """The request is open here: a nonce for the coordinator where it asked for one."""
         deadline = now_ms() + self.request_timeout_ms
-        self.pending[rid] = _Pending(sender, msg.target, derived, deadline)
+        self.pending[msg.request_id] = _Pending(sender, msg.target, derived, deadline)
         self.metrics.pending_requests.set(len(self.pending))
         if msg.presign:
-            await self.reply(sender, proto.Presign(rid, self._signer(sender).presign()))
+            await self.reply(sender, proto.Presign(msg.request_id, self._signer(sender).presign()))
 
     def _signer(self, coordinator: int) -> roast.Signer:
         signer = self.nonces.get(coordinator)

@@ -55,9 +55,12 @@ def build(seed: int, rounds: int = 4, txs_per_round: int = 6) -> Ledger:
     def block(
         shard: lc.Shard, changes: list[CoinChange], committed: list[tuple[bytes, int]]
     ) -> None:
+        prev = heights[shard] or -1
         heights[shard] += rng.randint(1, 3)
         h = heights[shard]
-        ev = BlockEvents(shard[1], h, -1, changes, committed, rng.randbytes(32), rng.randbytes(32))
+        ev = BlockEvents(
+            shard[1], h, prev, changes, committed, rng.randbytes(32), rng.randbytes(32)
+        )
         index.apply(shard[0], ev)
 
     for r in range(rounds):
@@ -98,7 +101,7 @@ def build(seed: int, rounds: int = 4, txs_per_round: int = 6) -> Ledger:
                 block(shard, changes, [(txid, fee)] if shard == coordinator else [])
             txs[txid] = coordinator
         checkpoint, entries = index.propose(1000 * r)
-        assert index.check(checkpoint, entries) is None
+        assert index.check(checkpoint, entries, 1000 * r) is None
         sc = pf.SignedCheckpoint(checkpoint, KEY.sign(checkpoint.message()))
         signed.append(index.signed(sc, entries))
     return Ledger(index, signed, coins, txs)
@@ -137,7 +140,7 @@ def test_every_honest_coin_proof_verifies(seed: int, data: st.DataObject) -> Non
     coin_id = data.draw(st.sampled_from(sorted(ledger.coins)))
     state, value, owner, txid, shard = ledger.coins[coin_id]
     proof = roundtrip_coin(lc.coin_proof(latest, shard, coin_id))
-    verdict = pf.verify_coin(PIN, proof, coin_id, not_below=len(ledger.signed) - 1)
+    verdict = pf.verify_coin(PIN, proof, coin_id, shard, not_below=len(ledger.signed) - 1)
     assert (verdict.owner, verdict.worker) == shard
     assert verdict.leaf is not None
     assert (verdict.leaf.state, verdict.leaf.value_msat, verdict.leaf.owner) == (
@@ -147,7 +150,12 @@ def test_every_honest_coin_proof_verifies(seed: int, data: st.DataObject) -> Non
     )
     assert verdict.leaf.txid == txid
     absent = data.draw(st.binary(min_size=32, max_size=32).filter(lambda b: b not in ledger.coins))
-    nothing = pf.verify_coin(PIN, roundtrip_coin(lc.coin_proof(latest, shard, absent)), absent)
+    nothing = pf.verify_coin(
+        PIN, roundtrip_coin(lc.coin_proof(latest, shard, absent)), absent, shard
+    )
+    other = next(s for s in SHARDS if s != shard)
+    with pytest.raises(WrongSubject):  # no such coin, but in a shard that would not hold it
+        pf.verify_coin(PIN, lc.coin_proof(latest, other, absent), absent, shard)
     assert nothing.leaf is None
 
 
@@ -234,6 +242,7 @@ TX_TAMPERS: dict[str, tuple[type[ProofRefused], Callable[[pf.TxProof], pf.TxProo
         Unconfirmed,
         lambda p: p._replace(parts=[x for x in p.parts if not _committed(x)]),
     ),
+    "record twice": (BadRecordPath, lambda p: p._replace(parts=[*p.parts, p.parts[0]])),
 }
 
 
@@ -298,16 +307,16 @@ def test_a_tampered_coin_proof_is_refused_by_its_check(
     proof = lc.coin_proof(ledger.signed[-1], ledger.coins[coin_id][4], coin_id)
     error, change = COIN_TAMPERS[tamper]
     with pytest.raises(error):
-        pf.verify_coin(PIN, roundtrip_coin(change(proof)), coin_id)
+        pf.verify_coin(PIN, roundtrip_coin(change(proof)), coin_id, ledger.coins[coin_id][4])
 
 
 def test_a_stale_checkpoint_is_refused_where_the_latest_state_matters() -> None:
     ledger = LEDGERS[0]
     coin_id, (_, _, _, _, shard) = next(iter(ledger.coins.items()))
     old = lc.coin_proof(ledger.signed[0], shard, coin_id)
-    assert pf.verify_coin(PIN, old, coin_id).checkpoint == 0
+    assert pf.verify_coin(PIN, old, coin_id, shard).checkpoint == 0
     with pytest.raises(StaleCheckpoint):
-        pf.verify_coin(PIN, old, coin_id, not_below=len(ledger.signed) - 1)
+        pf.verify_coin(PIN, old, coin_id, shard, not_below=len(ledger.signed) - 1)
 
 
 def test_a_leaf_off_the_coins_path_is_not_an_absence() -> None:
@@ -318,7 +327,7 @@ def test_a_leaf_off_the_coins_path_is_not_an_absence() -> None:
     shard = ledger.coins[b][4]
     proof = lc.coin_proof(latest, shard, b)
     with pytest.raises((BadCoinPath, WrongSubject)):
-        pf.verify_coin(PIN, proof._replace(coin_id=a), a)
+        pf.verify_coin(PIN, proof._replace(coin_id=a), a, shard)
 
 
 @given(st.integers(0, 2), st.data())
@@ -339,17 +348,37 @@ def test_truncated_or_padded_proofs_are_malformed(seed: int, data: st.DataObject
 
 def test_an_index_vouches_only_for_what_it_computed() -> None:
     """Two operators' indexes of the same blocks agree; one that saw a different block,
-    or has not reached a height, refuses the proposal and says why."""
+    has not reached a height, is on another member set, or is asked about a checkpoint
+    dated ahead of its clock refuses the proposal and says why; a signed checkpoint it
+    disagrees with changes nothing."""
     a, b = build(7, rounds=1).guild, build(7, rounds=1).guild
-    ev = BlockEvents(0, 50, -1, [CoinChange(b"t" * 32, b"c" * 32, b"o" * 32, 5, True)], [])
+    last = a.shards[(0, 0)].height
+    ev = BlockEvents(0, 50, last, [CoinChange(b"t" * 32, b"c" * 32, b"o" * 32, 5, True)], [])
     a.apply(0, ev)
-    b.apply(0, BlockEvents(0, 50, -1, [CoinChange(b"t" * 32, b"c" * 32, b"o" * 32, 6, True)], []))
+    b.apply(0, BlockEvents(0, 50, last, [CoinChange(b"t" * 32, b"c" * 32, b"o" * 32, 6, True)], []))
     checkpoint, entries = a.propose(5000)
-    assert a.check(checkpoint, entries) is None
-    assert b.check(checkpoint, entries) == "shard 0/0 at 50 differs here"
+    assert a.check(checkpoint, entries, 5000) is None
+    assert b.check(checkpoint, entries, 5000) == "shard 0/0 at 50 differs here"
+    assert "ahead of this operator's clock" in (a.check(checkpoint, entries, -6000) or "")
     late = lc.GuildIndex("guild", MEMBERS, SHARDS)
-    assert late.check(checkpoint, entries) is not None
+    assert late.check(checkpoint, entries, 5000) is not None
     fork = checkpoint.__class__(**{**_fields(checkpoint), "height": checkpoint.height + 1})
-    assert a.check(fork, entries) is not None
+    assert a.check(fork, entries, 5000) is not None
     other = lc.GuildIndex("guild", b"x" * 32, SHARDS)
-    assert other.check(checkpoint, entries) == "another guild or member set"
+    assert other.check(checkpoint, entries, 5000) == "another guild or member set"
+    signed = pf.SignedCheckpoint(checkpoint, KEY.sign(checkpoint.message()))
+    before = dict(b.shards[(0, 0)].heads)
+    with pytest.raises(ValueError, match="differs here"):
+        b.signed(signed, entries)
+    assert b.shards[(0, 0)].heads == before and b.last is not None
+    assert b.last.checkpoint.checkpoint.height == checkpoint.height - 1
+
+
+def test_a_block_that_does_not_follow_is_refused() -> None:
+    index = lc.GuildIndex("guild", MEMBERS, SHARDS)
+    index.apply(0, BlockEvents(0, 3, -1, [], []))
+    with pytest.raises(ValueError, match="does not follow"):
+        index.apply(0, BlockEvents(0, 9, 5, [], []))  # the block at 5 was missed
+    with pytest.raises(ValueError, match="does not follow"):
+        index.apply(0, BlockEvents(0, 3, -1, [], []))
+    index.apply(0, BlockEvents(0, 9, 3, [], []))

@@ -275,6 +275,9 @@ async def test_a_checkpoint_is_signed_only_where_each_signers_ledger_vouches_for
         assert not refused.ok and "does not vouch: shard 0/1 at 7 differs here" in refused.error
         silent = await sign(other, b"silent")
         assert not silent.ok and "ledger did not answer" in silent.error
+        # Nonces held from earlier requests start a session at once: it waits for the
+        # ledger's answer rather than being refused as unknown.
+        assert_valid(await sign(other, b"entries"), other.message(), "vouched, nonces held")
         # A statement is not a checkpoint: no ledger is asked.
         before = len(asked)
         assert (await guild.sign(Statement("not about the ledger"))).ok
