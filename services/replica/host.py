@@ -11,8 +11,9 @@ confirmed subscribes to the shard's subjects on its operator's NATS (packages an
 queries), and unsubscribes when it stops leading.
 
 Every copy keeps an events log, so that whichever leads can serve its operator's
-indexer, and serves it to its own operator's indexer (``own_subject``), which follows
-every shard of the guild from its own copies. A copy restored from a leader's snapshot
+indexer, and serves it on ``own_subject`` to its twin and to its operator's readers (a
+light-client checkpoint's entries are to be computed from an operator's own copies of
+every shard of the guild). A copy restored from a leader's snapshot
 lacks the events of the blocks the snapshot skipped: it marks the gap durably, and fills
 it from its twin (its operator's other copy), meanwhile serving readers from the twin's
 log.
@@ -164,8 +165,8 @@ class HostedCopy:
             self.gap = None  # filled, and the mark's removal was lost in a crash
         self._gap_found = asyncio.Event()
         # Every copy fills a gap in its events log from its twin (the copy on the other
-        # machine of the same operator): its operator's indexer reads every shard's
-        # events from its own copies, for light-client checkpoints.
+        # machine of the same operator), so that its operator can read every shard's
+        # events from its own copies (for light-client checkpoints).
         self.own_subject = copy_events_subject(owner_name, worker, me)
         self.twin_subject = copy_events_subject(owner_name, worker, me ^ 1)
         # Events of blocks held, not yet confirmed, with each block's header hash and root.
