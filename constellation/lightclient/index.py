@@ -83,6 +83,7 @@ class Covered(NamedTuple):
     records: list[Record]
     tree: merkle.MerkleTree
     coins: smt.Tree
+    positions: dict[bytes, list[int]]  # txid -> where its records are in ``records``
 
 
 class _Head(NamedTuple):
@@ -132,7 +133,10 @@ class ShardIndex:
             smt.root_hash(head.coins),
             block_state(head.block, head.root),
         )
-        return Covered(entry, records, tree, head.coins)
+        positions: dict[bytes, list[int]] = {}
+        for i, r in enumerate(records):
+            positions.setdefault(r.txid, []).append(i)
+        return Covered(entry, records, tree, head.coins, positions)
 
     def settle(self, upto: int) -> None:
         """A checkpoint with this shard's entry at ``upto`` is signed: what it covers goes."""
@@ -142,13 +146,12 @@ class ShardIndex:
 
 
 class Signed(NamedTuple):
-    """A signed checkpoint and, by shard, what its entries cover."""
+    """A signed checkpoint and, by shard, what its entries cover; ``tree`` is the tree
+    of its entries (in shard order), whose root the checkpoint names."""
 
     checkpoint: SignedCheckpoint
     covered: dict[Shard, Covered]
-
-    def entries(self) -> list[ShardEntry]:
-        return [self.covered[s].entry for s in sorted(self.covered)]
+    tree: merkle.MerkleTree
 
 
 class GuildIndex:
@@ -189,6 +192,13 @@ class GuildIndex:
         follow the last signed one, name this guild's member set, not be dated ahead of
         ``now_ms`` (beyond ``MAX_SKEW_MS``), and carry exactly the entries this index
         computes at their heights."""
+        found = self._compare(checkpoint, entries, now_ms)
+        return found if isinstance(found, str) else None
+
+    def _compare(
+        self, checkpoint: Checkpoint, entries: list[ShardEntry], now_ms: int
+    ) -> str | dict[Shard, Covered]:
+        """``check``'s reason, or what this index covers at the entries' heights."""
         height, prev = self._prev()
         if checkpoint.guild != self.guild or checkpoint.members != self.members:
             return "another guild or member set"
@@ -202,37 +212,33 @@ class GuildIndex:
             return "not one entry per shard of the guild, in order"
         if shards_tree(entries).root() != checkpoint.shards:
             return "the entries do not make its shards root"
+        covered = {}
         for e in entries:
             mine = self.shards[(e.owner, e.worker)].covered(e.height)
             if mine is None:
                 return f"shard {e.owner}/{e.worker} has not reached {e.height} here"
             if mine.entry != e:
                 return f"shard {e.owner}/{e.worker} at {e.height} differs here"
-        return None
+            covered[(e.owner, e.worker)] = mine
+        return covered
 
     def signed(self, checkpoint: SignedCheckpoint, entries: list[ShardEntry]) -> Signed:
         """Take a checkpoint the guild signed (its signature checked by the caller), once
-        this index computes the same entries (``check``: raises ValueError with the
-        reason otherwise, changing nothing)."""
+        this index computes the same entries (raises ValueError with ``check``'s reason
+        otherwise, changing nothing)."""
         c = checkpoint.checkpoint
-        reason = self.check(c, entries, c.time_ms)
-        if reason is not None:
-            raise ValueError(f"signed checkpoint {c.height}: {reason}")
-        covered = {}
-        for e in entries:
-            cover = self.shards[(e.owner, e.worker)].covered(e.height)
-            assert cover is not None, "check() found every entry covered"
-            covered[(e.owner, e.worker)] = cover
+        covered = self._compare(c, entries, c.time_ms)
+        if isinstance(covered, str):
+            raise ValueError(f"signed checkpoint {c.height}: {covered}")
         for e in entries:
             self.shards[(e.owner, e.worker)].settle(e.height)
-        self.last = Signed(checkpoint, covered)
+        self.last = Signed(checkpoint, covered, shards_tree(entries))
         return self.last
 
 
 def entry_proof(signed: Signed, shard: Shard) -> EntryProof:
-    keys = sorted(signed.covered)
-    tree = shards_tree(signed.entries())
-    i = keys.index(shard)
+    i = list(signed.covered).index(shard)  # covered is in shard order
+    tree = signed.tree
     return EntryProof(signed.covered[shard].entry, i, tree.size, tree.path(i))
 
 
@@ -241,11 +247,9 @@ def tx_parts(signed: Signed, index: int, txid: bytes) -> list[TxPart]:
     of ``txid``), each naming checkpoint ``index`` of the proof."""
     parts = []
     for shard, c in signed.covered.items():
-        for i, rec in enumerate(c.records):
-            if rec.txid == txid:
-                parts.append(
-                    TxPart(index, entry_proof(signed, shard), rec.encode(), i, c.tree.path(i))
-                )
+        for i in c.positions.get(txid, ()):
+            record = c.records[i].encode()
+            parts.append(TxPart(index, entry_proof(signed, shard), record, i, c.tree.path(i)))
     return parts
 
 

@@ -163,7 +163,13 @@ class Participant:
     def _spawn(self, work: Coroutine[None, None, None]) -> None:
         task = asyncio.create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        """A vouching task ended: a failure is logged, never lost with the task."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a checkpoint's vouching failed", exc_info=task.exception())
 
     async def _after_vouch(self, sender: int, msg: proto.SignSession) -> None:
         """A session that came (with a nonce held from before) while the ledger checks
