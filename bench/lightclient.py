@@ -115,8 +115,9 @@ def measure(
     coin_sizes: list[float] = []
     verify: list[float] = []
     coin_verify: list[float] = []
+    held = [lc.held(signed)]
     for txid in rng.sample(payments, min(samples, len(payments))):
-        proof = lc.tx_proof([signed], txid)
+        proof = lc.tx_proof(held, txid)
         assert proof is not None
         raw = pf.encode_tx_proof(proof)
         sizes.append(len(raw))

@@ -83,7 +83,6 @@ class Covered(NamedTuple):
     records: list[Record]
     tree: merkle.MerkleTree
     coins: smt.Tree
-    positions: dict[bytes, list[int]]  # txid -> where its records are in ``records``
 
 
 class _Head(NamedTuple):
@@ -133,10 +132,7 @@ class ShardIndex:
             smt.root_hash(head.coins),
             block_state(head.block, head.root),
         )
-        positions: dict[bytes, list[int]] = {}
-        for i, r in enumerate(records):
-            positions.setdefault(r.txid, []).append(i)
-        return Covered(entry, records, tree, head.coins, positions)
+        return Covered(entry, records, tree, head.coins)
 
     def settle(self, upto: int) -> None:
         """A checkpoint with this shard's entry at ``upto`` is signed: what it covers goes."""
@@ -166,6 +162,23 @@ class GuildIndex:
 
     def apply(self, owner: int, events: BlockEvents) -> None:
         self.shards[(owner, events.worker)].apply(events)
+
+    def reached(self, entries: Iterable[ShardEntry]) -> bool:
+        """Whether this index has applied blocks up to every entry's height (a shard it
+        does not know counts as reached: ``check`` says what is wrong with it)."""
+        return all(
+            (s := self.shards.get((e.owner, e.worker))) is None or s.height >= e.height
+            for e in entries
+        )
+
+    def moved(self) -> bool:
+        """Whether some shard has blocks with events past the last signed checkpoint."""
+        return any(s.height > s.floor for s in self.shards.values())
+
+    @property
+    def next_height(self) -> int:
+        """The height of the next checkpoint."""
+        return self._prev()[0]
 
     def _prev(self) -> tuple[int, bytes]:
         if self.last is None:
@@ -236,32 +249,53 @@ class GuildIndex:
         return self.last
 
 
+class Held(NamedTuple):
+    """A signed checkpoint as an operator keeps it (and stores it) to prove transactions
+    under it: its entries, and each shard's records (by the shard's position among the
+    entries; shards without records left out), encoded."""
+
+    checkpoint: SignedCheckpoint
+    entries: list[ShardEntry]
+    records: dict[int, list[bytes]]
+
+
+def held(signed: Signed) -> Held:
+    records = {
+        i: [r.encode() for r in c.records]
+        for i, c in enumerate(signed.covered.values())
+        if c.records
+    }
+    return Held(signed.checkpoint, [c.entry for c in signed.covered.values()], records)
+
+
 def entry_proof(signed: Signed, shard: Shard) -> EntryProof:
     i = list(signed.covered).index(shard)  # covered is in shard order
     tree = signed.tree
     return EntryProof(signed.covered[shard].entry, i, tree.size, tree.path(i))
 
 
-def tx_parts(signed: Signed, index: int, txid: bytes) -> list[TxPart]:
-    """The parts of a transaction proof that one signed checkpoint holds (its records
-    of ``txid``), each naming checkpoint ``index`` of the proof."""
-    parts = []
-    for shard, c in signed.covered.items():
-        for i in c.positions.get(txid, ()):
-            record = c.records[i].encode()
-            parts.append(TxPart(index, entry_proof(signed, shard), record, i, c.tree.path(i)))
-    return parts
-
-
-def tx_proof(checkpoints: list[Signed], txid: bytes) -> TxProof | None:
-    """A proof of ``txid`` from the signed checkpoints that cover its records."""
+def tx_proof(checkpoints: Iterable[Held], txid: bytes) -> TxProof | None:
+    """A proof of ``txid`` from the signed checkpoints that hold its records."""
     used: list[SignedCheckpoint] = []
     parts: list[TxPart] = []
-    for signed in checkpoints:
-        found = tx_parts(signed, len(used), txid)
-        if found:
-            used.append(signed.checkpoint)
-            parts += found
+    for h in checkpoints:
+        found = [
+            (position, i)
+            for position, records in h.records.items()
+            for i, record in enumerate(records)
+            if record[8:40] == txid  # a record's txid follows its height
+        ]
+        if not found:
+            continue
+        shards = shards_tree(h.entries)
+        trees: dict[int, merkle.MerkleTree] = {}
+        for position, i in found:
+            tree = trees.get(position) or trees.setdefault(
+                position, merkle.MerkleTree(h.records[position])
+            )
+            entry = EntryProof(h.entries[position], position, shards.size, shards.path(position))
+            parts.append(TxPart(len(used), entry, h.records[position][i], i, tree.path(i)))
+        used.append(h.checkpoint)
     return TxProof(txid, used, parts) if parts else None
 
 

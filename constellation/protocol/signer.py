@@ -141,6 +141,7 @@ class OpReply(_Msg, frozen=True, tag="op.reply"):
     code: str = ""
     error: str = ""
     threshold_pubkey: bytes = b""
+    threshold: int = 0  # a key's: how many of the members sign
     signature: bytes = b""
     message: bytes = b""
     sessions: int = 0

@@ -199,7 +199,7 @@ class SignerNode:
         elif isinstance(request, proto.KeyRequest):
             group = self.participant.group
             reply = (
-                proto.OpReply(True, threshold_pubkey=group.thresh_pk)
+                proto.OpReply(True, threshold_pubkey=group.thresh_pk, threshold=group.t)
                 if group is not None
                 else proto.OpReply(False, code="signing.no_key", error="no key share yet")
             )

@@ -122,7 +122,7 @@ def roundtrip_coin(p: pf.CoinProof) -> pf.CoinProof:
 def test_every_honest_transaction_proof_verifies(seed: int, data: st.DataObject) -> None:
     ledger = LEDGERS[seed]
     txid = data.draw(st.sampled_from(sorted(ledger.txs)))
-    proof = lc.tx_proof(ledger.signed, txid)
+    proof = lc.tx_proof(map(lc.held, ledger.signed), txid)
     assert proof is not None and roundtrip_tx(proof) == proof
     placed = pf.verify_tx(PIN, roundtrip_tx(proof), txid)
     coordinator = [p for p in placed if p.record.committed]
@@ -258,7 +258,7 @@ def test_a_tampered_transaction_proof_is_refused_by_its_check(
 ) -> None:
     ledger = LEDGERS[seed]
     txid = data.draw(st.sampled_from(sorted(ledger.txs)))
-    proof = lc.tx_proof(ledger.signed, txid)
+    proof = lc.tx_proof(map(lc.held, ledger.signed), txid)
     assert proof is not None
     error, change = TX_TAMPERS[tamper]
     bad = change(proof)
@@ -334,7 +334,7 @@ def test_a_leaf_off_the_coins_path_is_not_an_absence() -> None:
 def test_truncated_or_padded_proofs_are_malformed(seed: int, data: st.DataObject) -> None:
     ledger = LEDGERS[seed]
     txid = data.draw(st.sampled_from(sorted(ledger.txs)))
-    proof = lc.tx_proof(ledger.signed, txid)
+    proof = lc.tx_proof(map(lc.held, ledger.signed), txid)
     assert proof is not None
     raw = pf.encode_tx_proof(proof)
     cut = data.draw(st.integers(0, len(raw) - 1))

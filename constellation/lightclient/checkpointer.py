@@ -1,0 +1,193 @@
+"""When an operator proposes a checkpoint, whether it vouches for another's, and which
+signed checkpoints it takes: sans I/O, driven by the indexer's checkpointing
+(``services.indexer.checkpoints``), which passes in the clock and what arrives.
+
+**Proposing.** Members propose by rank (their place in the guild): member 0 proposes
+every ``cadence_ms`` while some shard moved (and every ``idle_ms`` at rest, so that a
+quiet guild still shows it is alive); member ``r`` proposes only after ``r *
+takeover_ms`` without a signed checkpoint. While member 0 is up one proposal is in
+flight at a time, and with any member up the guild goes on checkpointing. A proposal is
+sent again unchanged until its height is signed, by it or by another's proposal: a
+signer never signs two checkpoints at one height, and it sees the same message again.
+
+**Evidence.** A proposal travels with its entries and with the signed checkpoint it
+follows (and that one's entries), so that a member that missed the latter takes it
+before it vouches.
+
+**Taking.** A signed checkpoint is taken in height order, once its signature verifies
+under the guild's pinned key and this index reached its entries' heights (held until
+then). One that this index disagrees with stops the taking (``disagreed``): a threshold
+of operators computed other coins or records than this one, which an operator must look
+at; this index serves no proof past it.
+
+A proposer that fails after some signers released shares of its checkpoint but before
+the signature was made leaves those signers bound to it at that height; another
+proposer's checkpoint there is refused by them. With a threshold of the others it is
+signed anyway; otherwise the guild waits for the first proposer to send it again.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from constellation.codec import Reader, u16
+from constellation.errors import DecodeError
+from constellation.guild import Checkpoint
+from constellation.lightclient.index import GuildIndex, Signed
+from constellation.lightclient.proof import (
+    MAX_SHARDS,
+    Pin,
+    ShardEntry,
+    SignedCheckpoint,
+    verify_checkpoint,
+)
+
+MAX_WAITING = 256  # signed checkpoints held for their turn, at most
+
+
+class Announced(NamedTuple):
+    """A signed checkpoint and its entries, as members send it to each other."""
+
+    signed: SignedCheckpoint
+    entries: list[ShardEntry]
+
+    def encode(self) -> bytes:
+        return self.signed.encode() + encode_entries(self.entries)
+
+    @staticmethod
+    def read(r: Reader) -> Announced:
+        return Announced(SignedCheckpoint.read(r), read_entries(r))
+
+    @staticmethod
+    def decode(data: bytes) -> Announced:
+        r = Reader(data, "announced checkpoint")
+        announced = Announced.read(r)
+        r.finish()
+        return announced
+
+
+class Evidence(NamedTuple):
+    """What a proposal's signers' ledgers check it against."""
+
+    entries: list[ShardEntry]
+    prev: Announced | None  # the signed checkpoint it follows (None at height 0)
+
+    def encode(self) -> bytes:
+        prev = b"\x00" if self.prev is None else b"\x01" + self.prev.encode()
+        return encode_entries(self.entries) + prev
+
+    @staticmethod
+    def decode(data: bytes) -> Evidence:
+        r = Reader(data, "checkpoint evidence")
+        entries = read_entries(r)
+        flag = r.u8()
+        if flag > 1:
+            raise DecodeError("checkpoint evidence: unknown flag")
+        prev = Announced.read(r) if flag else None
+        r.finish()
+        return Evidence(entries, prev)
+
+
+def encode_entries(entries: list[ShardEntry]) -> bytes:
+    return u16(len(entries)) + b"".join(e.encode() for e in entries)
+
+
+def read_entries(r: Reader) -> list[ShardEntry]:
+    return [ShardEntry.read(r) for _ in range(r.count(1, MAX_SHARDS, "entries"))]
+
+
+class NotYet(NamedTuple):
+    """This index has not reached a proposal's heights: ask again shortly."""
+
+
+class Checkpointer:
+    def __init__(
+        self,
+        index: GuildIndex,
+        pin: Pin,
+        rank: int,
+        cadence_ms: int,
+        takeover_ms: int,
+        idle_ms: int,
+    ) -> None:
+        self.index, self.pin, self.rank = index, pin, rank
+        self.cadence_ms, self.takeover_ms, self.idle_ms = cadence_ms, takeover_ms, idle_ms
+        self.waiting: dict[int, Announced] = {}  # height -> signed, not taken yet
+        self.proposal: tuple[Checkpoint, Evidence] | None = None
+        self.proposed_at: int | None = None
+        self.signed_at: int | None = None  # when a signed checkpoint was last taken
+        self.started_at: int | None = None
+        self.disagreed: str | None = None
+
+    def due(self, now_ms: int) -> tuple[Checkpoint, Evidence] | None:
+        """The proposal to send to the signer now, if one is due (at most one per
+        ``cadence_ms``; the caller sends one at a time)."""
+        if self.started_at is None:
+            self.started_at = now_ms
+        if self.disagreed is not None:
+            return None
+        quiet = now_ms - (self.signed_at if self.signed_at is not None else self.started_at)
+        if quiet < self.rank * self.takeover_ms:
+            return None
+        if self.proposed_at is not None and now_ms - self.proposed_at < self.cadence_ms:
+            return None
+        index = self.index
+        if self.proposal is None or self.proposal[0].height != index.next_height:
+            at_rest = not index.moved() and index.last is not None
+            if at_rest and self.signed_at is not None and now_ms - self.signed_at < self.idle_ms:
+                return None
+            checkpoint, entries = index.propose(now_ms)
+            prev = None
+            if index.last is not None:
+                covered = index.last.covered.values()
+                prev = Announced(index.last.checkpoint, [c.entry for c in covered])
+            self.proposal = checkpoint, Evidence(entries, prev)
+        self.proposed_at = now_ms
+        return self.proposal
+
+    def take(self, announced: Announced, now_ms: int) -> list[Signed]:
+        """A signed checkpoint heard of (announced by a member, in a proposal's
+        evidence, or from this operator's store): checked against the pinned guild
+        (raises ``ProofRefused``) and held for its turn. Returns what is taken now."""
+        verify_checkpoint(self.pin, announced.signed)
+        height = announced.signed.checkpoint.height
+        if height >= self.index.next_height and len(self.waiting) < MAX_WAITING:
+            self.waiting.setdefault(height, announced)
+        return self.advance(now_ms)
+
+    def advance(self, now_ms: int) -> list[Signed]:
+        """Take the held checkpoints whose turn it is and whose heights this index
+        reached (call after applying blocks)."""
+        taken: list[Signed] = []
+        index = self.index
+        while self.disagreed is None:
+            announced = self.waiting.get(index.next_height)
+            if announced is None or not index.reached(announced.entries):
+                break
+            del self.waiting[index.next_height]
+            try:
+                taken.append(index.signed(*announced))
+            except ValueError as exc:
+                self.disagreed = str(exc)
+                break
+            self.signed_at = now_ms
+        for h in [h for h in self.waiting if h < index.next_height]:
+            del self.waiting[h]
+        return taken
+
+    def vouch(self, checkpoint: Checkpoint, evidence: Evidence, now_ms: int) -> str | NotYet:
+        """Why this operator's signer must not sign ``checkpoint`` ("" if it may), or
+        ``NotYet`` while this index has not reached its entries."""
+        if evidence.prev is not None:
+            try:
+                self.take(evidence.prev, now_ms)
+            except ValueError as exc:  # ProofRefused among them
+                return f"the checkpoint it follows: {exc}"
+        if self.disagreed is not None:
+            return f"this operator disagrees with the guild: {self.disagreed}"
+        last = self.index.last
+        if last is not None and checkpoint == last.checkpoint.checkpoint:
+            return ""  # signed already: a signer that missed it may sign it too
+        if not self.index.reached(evidence.entries):
+            return NotYet()
+        return self.index.check(checkpoint, evidence.entries, now_ms) or ""

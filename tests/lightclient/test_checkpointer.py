@@ -1,0 +1,196 @@
+"""The checkpointing rules every operator's indexer follows: who proposes and when, what
+a member vouches for, and which signed checkpoints it takes (``constellation.lightclient
+.checkpointer``), with three members' indexes fed the same blocks at different times."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from constellation.errors import BadCheckpointSignature, DecodeError
+from constellation.lightclient import checkpointer as ck
+from constellation.lightclient import index as lc
+from constellation.lightclient import proof as pf
+from constellation.protocol.ledger import BlockEvents, CoinChange
+from tests.lightclient.test_proofs import KEY, MEMBERS, PIN, SHARDS
+
+CADENCE, TAKEOVER, IDLE = 1000, 5000, 30_000
+
+
+class Guild:
+    """Three members' checkpointers, and the shards' blocks each has applied."""
+
+    def __init__(self, seed: int = 1) -> None:
+        self.rng = random.Random(seed)
+        self.blocks: list[tuple[int, BlockEvents]] = []
+        self.heights = dict.fromkeys(SHARDS, 0)
+        self.members = [
+            ck.Checkpointer(
+                lc.GuildIndex("guild", MEMBERS, SHARDS), PIN, rank, CADENCE, TAKEOVER, IDLE
+            )
+            for rank in range(3)
+        ]
+        self.applied = [0, 0, 0]  # how many of ``blocks`` each member applied
+
+    def pay(self) -> None:
+        """An issuance in a random shard: one block."""
+        shard = self.rng.choice(SHARDS)
+        prev = self.heights[shard] or -1
+        self.heights[shard] += 1
+        change = CoinChange(self.rng.randbytes(32), self.rng.randbytes(32), b"o" * 32, 5, True)
+        ev = BlockEvents(
+            shard[1], self.heights[shard], prev, [change], [], self.rng.randbytes(32), b"r" * 32
+        )
+        self.blocks.append((shard[0], ev))
+
+    def catch_up(self, m: int, now: int) -> list[lc.Signed]:
+        c = self.members[m]
+        for owner, ev in self.blocks[self.applied[m] :]:
+            c.index.apply(owner, ev)
+        self.applied[m] = len(self.blocks)
+        return c.advance(now)
+
+    def sign(self, proposal: tuple[object, ck.Evidence]) -> ck.Announced:
+        checkpoint, evidence = proposal
+        assert isinstance(checkpoint, lc.Checkpoint)
+        return ck.Announced(
+            pf.SignedCheckpoint(checkpoint, KEY.sign(checkpoint.message())), evidence.entries
+        )
+
+
+def test_member_zero_proposes_and_the_others_vouch_once_they_reached_its_heights() -> None:
+    g = Guild()
+    for _ in range(5):
+        g.pay()
+    g.catch_up(0, 0)
+    proposal = g.members[0].due(0)
+    assert proposal is not None
+    checkpoint, evidence = proposal
+    assert checkpoint.height == 0 and evidence.prev is None
+    assert isinstance(g.members[1].vouch(checkpoint, evidence, 0), ck.NotYet)
+    g.catch_up(1, 0)
+    assert g.members[1].vouch(checkpoint, evidence, 0) == ""
+    # its evidence travels as bytes
+    assert ck.Evidence.decode(evidence.encode()) == evidence
+    announced = g.sign(proposal)
+    assert ck.Announced.decode(announced.encode()) == announced
+    for m in range(3):
+        g.catch_up(m, 10)
+        assert [s.checkpoint.checkpoint for s in g.members[m].take(announced, 10)] == [checkpoint]
+        assert g.members[m].index.next_height == 1
+    # taken once: heard again, nothing more
+    assert g.members[2].take(announced, 11) == []
+
+
+def test_a_proposal_is_sent_again_unchanged_until_its_height_is_signed() -> None:
+    g = Guild()
+    g.pay()
+    g.catch_up(0, 0)
+    first = g.members[0].due(0)
+    assert first is not None
+    assert g.members[0].due(500) is None  # not before the cadence
+    g.pay()
+    g.catch_up(0, 1000)
+    assert g.members[0].due(1000) == first  # the same, though the shards moved on
+    g.members[0].take(g.sign(first), 1100)
+    second = g.members[0].due(2000)
+    assert second is not None and second[0].height == 1
+    assert second[1].prev is not None and second[1].prev.signed.checkpoint == first[0]
+
+
+def test_others_take_over_by_rank_only_after_the_guild_is_quiet() -> None:
+    g = Guild()
+    g.pay()
+    for m in range(3):
+        g.catch_up(m, 0)
+    assert g.members[1].due(0) is None and g.members[2].due(0) is None
+    assert g.members[1].due(TAKEOVER - 1) is None
+    proposal = g.members[1].due(TAKEOVER)
+    assert proposal is not None and proposal[0].height == 0
+    assert g.members[2].due(TAKEOVER) is None  # rank 2 waits twice as long
+    announced = g.sign(proposal)
+    g.members[2].take(announced, TAKEOVER + 10)
+    g.pay()
+    g.catch_up(2, TAKEOVER + 10)
+    # a checkpoint was signed: rank 2 waits from then on
+    assert g.members[2].due(2 * TAKEOVER) is None
+    assert g.members[2].due(3 * TAKEOVER + 10) is not None
+
+
+def test_a_guild_at_rest_checkpoints_only_every_idle_period() -> None:
+    g = Guild()
+    g.pay()
+    g.catch_up(0, 0)
+    p = g.members[0].due(0)
+    assert p is not None
+    g.members[0].take(g.sign(p), 0)
+    assert g.members[0].due(CADENCE) is None  # nothing moved
+    assert g.members[0].due(IDLE - 1) is None
+    idle = g.members[0].due(IDLE)
+    assert idle is not None and idle[0].height == 1
+
+
+def test_a_member_that_missed_a_checkpoint_takes_it_from_the_next_proposal() -> None:
+    g = Guild()
+    g.pay()
+    g.catch_up(0, 0)
+    first = g.members[0].due(0)
+    assert first is not None
+    g.members[0].take(g.sign(first), 0)
+    g.pay()
+    g.catch_up(0, 1000)
+    second = g.members[0].due(1000)
+    assert second is not None
+    g.catch_up(2, 1000)  # member 2 never heard that checkpoint 0 was signed
+    assert g.members[2].index.next_height == 0
+    assert g.members[2].vouch(*second, 1000) == ""
+    assert g.members[2].index.next_height == 1
+
+
+def test_a_forged_or_foreign_checkpoint_is_refused_and_changes_nothing() -> None:
+    g = Guild()
+    g.pay()
+    g.catch_up(0, 0)
+    g.catch_up(1, 0)
+    p = g.members[0].due(0)
+    assert p is not None
+    good = g.sign(p)
+    forged = good._replace(signed=good.signed._replace(sig=bytes(64)))
+    with pytest.raises(BadCheckpointSignature):
+        g.members[1].take(forged, 0)
+    assert g.members[1].waiting == {}
+    # a proposal following a forged checkpoint is not vouched for
+    evidence = p[1]._replace(prev=forged)
+    assert "not signed by the guild key" in str(g.members[1].vouch(p[0], evidence, 0))
+    with pytest.raises(DecodeError):
+        ck.Evidence.decode(p[1].encode() + b"\x00")
+    with pytest.raises(DecodeError):
+        ck.Evidence.decode(p[1].encode()[:-1] + b"\x02")
+
+
+def test_a_signed_checkpoint_this_index_disagrees_with_stops_the_taking() -> None:
+    g = Guild()
+    g.pay()
+    g.catch_up(0, 0)
+    p = g.members[0].due(0)
+    assert p is not None
+    checkpoint, evidence = p
+    lie = evidence.entries[0]._replace(coins=b"\x07" * 32)
+    entries = [lie, *evidence.entries[1:]]
+    bad = checkpoint.__class__(
+        checkpoint.guild,
+        checkpoint.height,
+        checkpoint.prev_hash,
+        checkpoint.time_ms,
+        pf.shards_tree(entries).root(),
+        checkpoint.members,
+    )
+    # its own index would not vouch for it ...
+    assert "differs here" in str(g.members[0].vouch(bad, ck.Evidence(entries, None), 0))
+    # ... but the guild signed it: this member stops, and says why
+    signed = ck.Announced(pf.SignedCheckpoint(bad, KEY.sign(bad.message())), entries)
+    assert g.members[0].take(signed, 0) == []
+    assert g.members[0].disagreed is not None and "differs here" in g.members[0].disagreed
+    assert g.members[0].due(10_000) is None
+    assert "disagrees with the guild" in str(g.members[0].vouch(*p, 0))
