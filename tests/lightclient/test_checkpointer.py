@@ -9,6 +9,7 @@ import random
 import pytest
 
 from constellation.errors import BadCheckpointSignature, DecodeError
+from constellation.guild import Checkpoint
 from constellation.lightclient import checkpointer as ck
 from constellation.lightclient import index as lc
 from constellation.lightclient import proof as pf
@@ -51,9 +52,8 @@ class Guild:
         self.applied[m] = len(self.blocks)
         return c.advance(now)
 
-    def sign(self, proposal: tuple[object, ck.Evidence]) -> ck.Announced:
+    def sign(self, proposal: tuple[Checkpoint, ck.Evidence]) -> ck.Announced:
         checkpoint, evidence = proposal
-        assert isinstance(checkpoint, lc.Checkpoint)
         return ck.Announced(
             pf.SignedCheckpoint(checkpoint, KEY.sign(checkpoint.message())), evidence.entries
         )
@@ -178,7 +178,7 @@ def test_a_signed_checkpoint_this_index_disagrees_with_stops_the_taking() -> Non
     checkpoint, evidence = p
     lie = evidence.entries[0]._replace(coins=b"\x07" * 32)
     entries = [lie, *evidence.entries[1:]]
-    bad = checkpoint.__class__(
+    bad = Checkpoint(
         checkpoint.guild,
         checkpoint.height,
         checkpoint.prev_hash,
