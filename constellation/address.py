@@ -67,11 +67,14 @@ def bech32m_encode(hrp: str, data: list[int]) -> str:
     return hrp + "1" + "".join(CHARSET[d] for d in data + checksum)
 
 
-def bech32m_decode(text: str, const: int = BECH32M_CONST) -> tuple[str, list[int]]:
+def bech32m_decode(
+    text: str, const: int = BECH32M_CONST, limit: int = MAX_LENGTH
+) -> tuple[str, list[int]]:
     """Decode a bech32m string (or, with ``BECH32_CONST``, a bech32 one) into its HRP and
-    5-bit data, checking every BIP350 rule."""
-    if len(text) > MAX_LENGTH:
-        raise InvalidAddress(f"longer than {MAX_LENGTH} characters")
+    5-bit data, checking every BIP350 rule (but the length, up to ``limit``: longer
+    strings, like BOLT11's, keep the checksum with weaker guarantees)."""
+    if len(text) > limit:
+        raise InvalidAddress(f"longer than {limit} characters")
     if any(ord(c) < 33 or ord(c) > 126 for c in text):
         raise InvalidAddress("contains a character outside printable ASCII")
     if text.lower() != text and text.upper() != text:
@@ -88,6 +91,19 @@ def bech32m_decode(text: str, const: int = BECH32M_CONST) -> tuple[str, list[int
     if _polymod(_hrp_expand(hrp) + data) != const:
         raise InvalidAddress("checksum does not match (a typo?)")
     return hrp, data[:-6]
+
+
+def encode_bytes(hrp: str, data: bytes) -> str:
+    """Bytes under ``hrp`` as bech32m."""
+    return bech32m_encode(hrp, _convert_bits(data, 8, 5, True))
+
+
+def decode_bytes(text: str, hrp: str, limit: int) -> bytes:
+    """``encode_bytes``'s inverse, for strings under ``hrp`` up to ``limit`` characters."""
+    found, data = bech32m_decode(text, limit=limit)
+    if found != hrp:
+        raise InvalidAddress(f"expected the prefix {hrp!r}, got {found!r}")
+    return bytes(_convert_bits(data, 5, 8, False))
 
 
 def _convert_bits(data: bytes | list[int], from_bits: int, to_bits: int, pad: bool) -> list[int]:

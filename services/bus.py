@@ -59,6 +59,11 @@ def copy_events_subject(owner: str, worker: int, copy: int) -> str:
     return f"cst.{owner}.qe.{worker}.{copy}"
 
 
+def lc_subject(operator: str) -> str:
+    """Where an operator's indexer answers its gateway about checkpoints and proofs."""
+    return f"cst.{operator}.lc"
+
+
 def events_subject(operator: str) -> str:
     return f"cst.{operator}.events"
 

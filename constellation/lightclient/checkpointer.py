@@ -4,9 +4,10 @@ signed checkpoints it takes: sans I/O, driven by the indexer's checkpointing
 
 **Proposing.** Members propose by rank (their place in the guild): member 0 proposes
 every ``cadence_ms`` while some shard moved (and every ``idle_ms`` at rest, so that a
-quiet guild still shows it is alive); member ``r`` proposes only after ``r *
-takeover_ms`` without a signed checkpoint. While member 0 is up one proposal is in
-flight at a time, and with any member up the guild goes on checkpointing. A proposal is
+quiet guild still shows it is alive); member ``r`` proposes only once no checkpoint was
+signed for ``r * takeover_ms`` longer than member 0 would have waited. While member 0
+is up one proposal is in flight at a time, and with any member up the guild goes on
+checkpointing. A proposal is
 sent again unchanged until its height is signed, by it or by another's proposal: a
 signer never signs two checkpoints at one height, and it sees the same message again.
 
@@ -126,15 +127,17 @@ class Checkpointer:
             self.started_at = now_ms
         if self.disagreed is not None:
             return None
+        index = self.index
         quiet = now_ms - (self.signed_at if self.signed_at is not None else self.started_at)
-        if quiet < self.rank * self.takeover_ms:
-            return None
+        at_rest = not index.moved() and index.last is not None
+        if self.rank:
+            expected = self.idle_ms if at_rest else self.cadence_ms
+            if quiet < expected + self.rank * self.takeover_ms:
+                return None
         if self.proposed_at is not None and now_ms - self.proposed_at < self.cadence_ms:
             return None
-        index = self.index
         if self.proposal is None or self.proposal[0].height != index.next_height:
-            at_rest = not index.moved() and index.last is not None
-            if at_rest and self.signed_at is not None and now_ms - self.signed_at < self.idle_ms:
+            if at_rest and quiet < self.idle_ms:
                 return None
             checkpoint, entries = index.propose(now_ms)
             prev = None
@@ -175,19 +178,23 @@ class Checkpointer:
             del self.waiting[h]
         return taken
 
-    def vouch(self, checkpoint: Checkpoint, evidence: Evidence, now_ms: int) -> str | NotYet:
+    def vouch(
+        self, checkpoint: Checkpoint, evidence: Evidence, now_ms: int
+    ) -> tuple[str | NotYet, list[Signed]]:
         """Why this operator's signer must not sign ``checkpoint`` ("" if it may), or
-        ``NotYet`` while this index has not reached its entries."""
+        ``NotYet`` while this index has not reached its entries; and the checkpoints
+        taken meanwhile (the one the evidence says it follows, where it was missed)."""
+        taken: list[Signed] = []
         if evidence.prev is not None:
             try:
-                self.take(evidence.prev, now_ms)
+                taken = self.take(evidence.prev, now_ms)
             except ValueError as exc:  # ProofRefused among them
-                return f"the checkpoint it follows: {exc}"
+                return f"the checkpoint it follows: {exc}", taken
         if self.disagreed is not None:
-            return f"this operator disagrees with the guild: {self.disagreed}"
+            return f"this operator disagrees with the guild: {self.disagreed}", taken
         last = self.index.last
         if last is not None and checkpoint == last.checkpoint.checkpoint:
-            return ""  # signed already: a signer that missed it may sign it too
+            return "", taken  # signed already: a signer that missed it may sign it too
         if not self.index.reached(evidence.entries):
-            return NotYet()
-        return self.index.check(checkpoint, evidence.entries, now_ms) or ""
+            return NotYet(), taken
+        return self.index.check(checkpoint, evidence.entries, now_ms) or "", taken

@@ -27,6 +27,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import NamedTuple
 
+from constellation.address import decode_bytes, encode_bytes
 from constellation.codec import Reader, u16, u32, u64
 from constellation.errors import (
     BadCheckpointSignature,
@@ -34,6 +35,7 @@ from constellation.errors import (
     BadEntryPath,
     BadRecordPath,
     DecodeError,
+    InvalidAddress,
     StaleCheckpoint,
     Unconfirmed,
     UnsupportedVersion,
@@ -196,6 +198,44 @@ class Pin(NamedTuple):
     guild: str
     key: bytes
     members: bytes
+
+
+DESCRIPTOR_HRP = "cstguild"
+MAX_DESCRIPTOR = 400  # characters
+
+
+class Descriptor(NamedTuple):
+    """What a wallet pins, as one string it can scan or paste (bech32m, ``cstguild1…``):
+    the pin, and the hash of the guild's first checkpoint, where the chain of checkpoints
+    a wallet follows starts."""
+
+    pin: Pin
+    first: bytes  # message() of checkpoint 0
+
+    def encode(self) -> str:
+        guild = self.pin.guild.encode()
+        data = bytes([VERSION, len(guild)]) + guild + self.pin.key + self.pin.members + self.first
+        return encode_bytes(DESCRIPTOR_HRP, data)
+
+    @staticmethod
+    def decode(text: str) -> Descriptor:
+        try:
+            data = decode_bytes(text.strip(), DESCRIPTOR_HRP, MAX_DESCRIPTOR)
+        except InvalidAddress as exc:
+            raise DecodeError(f"guild descriptor: {exc}") from None
+        r = Reader(data, "guild descriptor")
+        _version(r)
+        n = r.u8()
+        if not 0 < n <= GUILD_ID_MAX_LEN:
+            raise DecodeError("guild descriptor: guild name length out of range")
+        try:
+            guild = r.bytes(n).decode()
+        except UnicodeDecodeError:
+            raise DecodeError("guild descriptor: the guild name is not UTF-8") from None
+        pin = Pin(guild, r.bytes(32), r.bytes(32))
+        first = r.bytes(32)
+        r.finish()
+        return Descriptor(pin, first)
 
 
 class SignedCheckpoint(NamedTuple):

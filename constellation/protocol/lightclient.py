@@ -17,3 +17,45 @@ from constellation.guild import Checkpoint
 class Vouch(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     checkpoint: Checkpoint
     evidence: bytes
+
+
+# -- the gateway asks its operator's indexer (request/reply, ``services.bus.lc_subject``) --
+
+
+class _Query(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="q"):
+    pass
+
+
+class Checkpoints(_Query, frozen=True, tag="checkpoints"):
+    """Signed checkpoints from height ``start`` on (at most ``count``); ``start`` -1:
+    the latest only."""
+
+    start: int
+    count: int
+
+
+class TxProofQuery(_Query, frozen=True, tag="tx"):
+    txid: bytes
+
+
+class CoinProofQuery(_Query, frozen=True, tag="coin"):
+    """A coin's proof as of the latest checkpoint, from the shard of ``owner`` (an
+    operator's index in the guild) that holds the coin's partition."""
+
+    owner: int
+    coin_id: bytes
+
+
+class DescriptorQuery(_Query, frozen=True, tag="descriptor"):
+    pass
+
+
+Query = Checkpoints | TxProofQuery | CoinProofQuery | DescriptorQuery
+
+
+class Answer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What the indexer has: encoded checkpoints (``Announced``), a proof, or the guild
+    descriptor; ``error`` where it cannot answer (no checkpoint yet, ...)."""
+
+    items: list[bytes] = []
+    error: str = ""

@@ -270,6 +270,25 @@ class Devnet:
             "INDEXER_NATS_URL": self.nats_url,
             "INDEXER_DATABASE_URL": self.database_url,
             "INDEXER_HTTP_ADDR": f"127.0.0.1:{self.indexer_port}",
+            **(self._checkpoint_env() if self.in_guild else {}),
+        }
+
+    @property
+    def vouch_subject(self) -> str:
+        """Where the signer asks the indexer to vouch for a checkpoint."""
+        return f"cst.{self.operator}.vouch"
+
+    def _checkpoint_env(self) -> dict[str, str]:
+        """A guild member's indexer makes the guild's checkpoints with its signer."""
+        signer = self.signers[0]
+        return {
+            "INDEXER_LAYOUT": str(self.layout_path),
+            "INDEXER_PEERS": str(self.peers_path),
+            "INDEXER_VOUCH_SUBJECT": self.vouch_subject,
+            "INDEXER_SIGNER_NATS_URL": self.nats_url,
+            "INDEXER_SIGNER_MEMBERS": str(self.members_path),
+            "INDEXER_SIGNER_STATE_DIR": signer.state_dir,
+            "INDEXER_SIGNER_STORAGE_KEY": signer.storage_key,
         }
 
     def signer_env(self, proc: SignerProc) -> dict[str, str]:
@@ -281,7 +300,11 @@ class Devnet:
             "SIGNER_STORAGE_KEY": proc.storage_key,
             "SIGNER_HTTP_ADDR": f"127.0.0.1:{proc.http_port}",
             **(
-                {"SIGNER_NAMES": ",".join(self.member_names), "SIGNER_PEERS": str(self.peers_path)}
+                {
+                    "SIGNER_NAMES": ",".join(self.member_names),
+                    "SIGNER_PEERS": str(self.peers_path),
+                    "SIGNER_VOUCH_SUBJECT": self.vouch_subject,
+                }
                 if self.in_guild
                 else {}
             ),

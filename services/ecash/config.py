@@ -12,8 +12,7 @@ from constellation.keys import SigningKey
 from constellation.payto import BITCOIN_HRP
 from services.ecash.onchain import ChainSettings
 from services.runtime import ConfigError, env_addr, env_int, env_operator, env_str
-from services.signer.config import load_members
-from services.signer.store import KeyStore
+from services.signer.config import signer_access
 
 
 @dataclass(frozen=True)
@@ -95,17 +94,12 @@ def _chain(env: Mapping[str, str], network: Network) -> ChainSettings | None:
     """The chain (bitcoind's JSON-RPC) and the operator's signer, where both are given."""
     if not env.get("MINT_BITCOIND_URL"):
         return None
-    try:
-        storage_key = bytes.fromhex(env_str(env, "MINT_SIGNER_STORAGE_KEY"))
-        state_dir = Path(env_str(env, "MINT_SIGNER_STATE_DIR"))
-        identity = KeyStore(state_dir, storage_key).load_identity()
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"MINT_SIGNER_STATE_DIR and _STORAGE_KEY: {exc}") from None
+    signer = signer_access(env, "MINT_SIGNER")
     return ChainSettings(
         bitcoind_url=env_str(env, "MINT_BITCOIND_URL"),
-        signer_nats_url=env_str(env, "MINT_SIGNER_NATS_URL"),
-        signer_members=load_members(Path(env_str(env, "MINT_SIGNER_MEMBERS"))),
-        signer_identity=identity,
+        signer_nats_url=signer.nats_url,
+        signer_members=signer.members,
+        signer_identity=signer.identity,
         confirmations=env_int(env, "MINT_CHAIN_CONFIRMATIONS", 3, 1, 1000),
         feerate=env_int(env, "MINT_CHAIN_FEERATE", 2, 1, 10_000),
         poll_s=env_int(env, "MINT_CHAIN_POLL_S", 5, 1, 600),

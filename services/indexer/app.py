@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from services.bus import await_map, drop_legacy_events_stream
 from services.follow import Follower, FollowMetrics
+from services.indexer.checkpoints import Checkpoints
 from services.indexer.config import Settings
 from services.indexer.store import Index
 from services.runtime import OpsServer, connect_nats
@@ -25,13 +26,17 @@ class Indexer:
         self.ops = OpsServer(registry, self.ready)
         self.nc: Client | None = None
         self.follower: Follower | None = None
+        self.checkpoints: Checkpoints | None = None
 
     def ready(self) -> tuple[bool, str]:
         if self.nc is None or not self.nc.is_connected:
             return False, "not connected to NATS"
         if self.follower is None:
             return False, "starting"
-        return self.follower.progress(self.settings.max_behind, self.settings.stall_s)
+        ok, why = self.follower.progress(self.settings.max_behind, self.settings.stall_s)
+        if ok and self.checkpoints is not None:
+            return self.checkpoints.progress()
+        return ok, why
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -44,6 +49,11 @@ class Indexer:
             nc, s.operator, pmap.workers, await index.cursors(), index.store, self.metrics
         )
         self.ops.tasks.start("follow", self.follower.run)
+        if s.checkpoints is not None:
+            self.checkpoints = Checkpoints(
+                s.checkpoints, nc, index, self.ops.registry, self.ops.tasks
+            )
+            self.ops.tasks.start("checkpoints", self.checkpoints.run)
         log.info(
             "indexer ready",
             extra={"http_port": self.ops.port, "cursors": self.follower.cursor},

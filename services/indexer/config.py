@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from services.runtime import env_addr, env_int, env_operator, env_str
+from services.indexer.checkpoints import CheckpointSettings
+from services.replica.config import load_layout, load_peers
+from services.runtime import ConfigError, env_addr, env_int, env_operator, env_str
+from services.signer.config import signer_access
 
 
 @dataclass(frozen=True)
@@ -18,6 +22,7 @@ class Settings:
     max_behind: int  # blocks behind a worker's log beyond which it is not ready
     stall_s: int  # seconds without progress after which it is not ready
     log_level: str
+    checkpoints: CheckpointSettings | None  # a guild's member: its light-client checkpoints
 
     @staticmethod
     def from_env(env: Mapping[str, str]) -> Settings:
@@ -31,4 +36,29 @@ class Settings:
             max_behind=env_int(env, "INDEXER_MAX_BEHIND", 2_000, 0, 1 << 40),
             stall_s=env_int(env, "INDEXER_STALL_S", 15, 1, 3600),
             log_level=env_str(env, "INDEXER_LOG_LEVEL", "info"),
+            checkpoints=_checkpoints(env) if env.get("INDEXER_LAYOUT") else None,
         )
+
+
+def _checkpoints(env: Mapping[str, str]) -> CheckpointSettings:
+    """A guild member's checkpointing: the layout and peers, its operator's signer (asked
+    with the signer's identity, as the operator asks it) and where that signer asks it
+    to vouch."""
+    layout = load_layout(Path(env_str(env, "INDEXER_LAYOUT")))
+    cadence = env_int(env, "INDEXER_CHECKPOINT_MS", 1000, 100, 3_600_000)
+    return CheckpointSettings(
+        layout=layout,
+        me=layout.index(env_operator(env, "INDEXER_OPERATOR")),
+        peers=load_peers(Path(env_str(env, "INDEXER_PEERS"))),
+        signer=signer_access(env, "INDEXER_SIGNER"),
+        vouch_subject=_vouch_subject(env_str(env, "INDEXER_VOUCH_SUBJECT")),
+        cadence_ms=cadence,
+        takeover_ms=env_int(env, "INDEXER_CHECKPOINT_TAKEOVER_MS", 5 * cadence, cadence, 10**8),
+        idle_ms=env_int(env, "INDEXER_CHECKPOINT_IDLE_MS", 30_000, cadence, 10**8),
+    )
+
+
+def _vouch_subject(subject: str) -> str:
+    if not subject or any(c in subject for c in " *>"):
+        raise ConfigError(f"INDEXER_VOUCH_SUBJECT {subject!r} is not a plain NATS subject")
+    return subject

@@ -13,6 +13,8 @@ from typing import Any
 
 import asyncpg
 
+from constellation.lightclient import index as lc
+from constellation.lightclient.checkpointer import Announced
 from constellation.protocol import ledger as proto
 
 SCHEMA = """
@@ -48,6 +50,22 @@ CREATE TABLE IF NOT EXISTS outbound (
     taken      boolean  NOT NULL DEFAULT false  -- settlement has made it an obligation
 );
 CREATE INDEX IF NOT EXISTS outbound_untaken ON outbound (at) WHERE NOT taken;
+CREATE TABLE IF NOT EXISTS lc_checkpoints (
+    height    bigint PRIMARY KEY,
+    announced bytea  NOT NULL,  -- the signed checkpoint and its entries
+    at        timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS lc_records (
+    height   bigint  NOT NULL,
+    position integer NOT NULL,  -- the shard's among the checkpoint's entries
+    records  bytea[] NOT NULL,  -- the records its entry's tree is over, in order
+    PRIMARY KEY (height, position)
+);
+CREATE TABLE IF NOT EXISTS lc_txs (
+    txid   bytea  NOT NULL,
+    height bigint NOT NULL,  -- a checkpoint with a record of it
+    PRIMARY KEY (txid, height)
+);
 CREATE TABLE IF NOT EXISTS index_cursors (
     worker integer PRIMARY KEY,
     height bigint  NOT NULL  -- the last block with events stored
@@ -179,6 +197,68 @@ class Index:
             "block": {"worker": row["worker"], "height": row["height"]},
             "at": row["at"].isoformat(),
         }
+
+    # -- light-client checkpoints (``services.indexer.checkpoints``) ----------------------
+
+    async def store_checkpoints(self, held: list[lc.Held]) -> None:
+        """Signed checkpoints and what their entries cover (stored again: nothing twice)."""
+        checkpoints: list[tuple[int, bytes]] = []
+        records: list[tuple[int, int, list[bytes]]] = []
+        txs: list[tuple[bytes, int]] = []
+        for h in held:
+            height = h.checkpoint.checkpoint.height
+            checkpoints.append((height, Announced(h.checkpoint, h.entries).encode()))
+            for position, encoded in h.records.items():
+                records.append((height, position, encoded))
+                txs.extend((r[8:40], height) for r in encoded)  # a record's txid
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.executemany(
+                "INSERT INTO lc_checkpoints (height, announced) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING",
+                checkpoints,
+            )
+            await conn.executemany(
+                "INSERT INTO lc_records (height, position, records) VALUES ($1, $2, $3)"
+                " ON CONFLICT DO NOTHING",
+                records,
+            )
+            if txs:
+                await conn.execute(
+                    "INSERT INTO lc_txs (txid, height) SELECT * FROM"
+                    " unnest($1::bytea[], $2::bigint[]) ON CONFLICT DO NOTHING",
+                    *(list(column) for column in zip(*txs, strict=True)),
+                )
+
+    async def checkpoints(self, start: int, count: int) -> list[bytes]:
+        """Signed checkpoints (``Announced``, encoded) from height ``start`` on."""
+        rows = await self.pool.fetch(
+            "SELECT announced FROM lc_checkpoints WHERE height >= $1 ORDER BY height LIMIT $2",
+            start,
+            count,
+        )
+        return [r["announced"] for r in rows]
+
+    async def holding(self, txid: bytes, most: int) -> list[lc.Held]:
+        """The first ``most`` checkpoints with records of ``txid``, each with its
+        records (those of the shards that have the transaction's)."""
+        rows = await self.pool.fetch(
+            "SELECT c.height, c.announced, r.position, r.records FROM lc_txs t"
+            " JOIN lc_checkpoints c ON c.height = t.height"
+            " JOIN lc_records r ON r.height = t.height"
+            " WHERE t.txid = $1 AND t.height IN (SELECT height FROM lc_txs WHERE txid = $1"
+            " ORDER BY height LIMIT $2) AND $1 = ANY (SELECT substring(x FROM 9 FOR 32)"
+            " FROM unnest(r.records) AS x) ORDER BY c.height, r.position",
+            txid,
+            most,
+        )
+        held: dict[int, lc.Held] = {}
+        for row in rows:
+            h = held.get(row["height"])
+            if h is None:
+                a = Announced.decode(row["announced"])
+                h = held[row["height"]] = lc.Held(a.signed, a.entries, {})
+            h.records[row["position"]] = list(row["records"])
+        return list(held.values())
 
     async def close(self) -> None:
         await self.pool.close()

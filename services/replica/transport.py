@@ -21,6 +21,9 @@ Packages and queries relayed to a shard's leader at another operator (``relay.py
 to that leader's machine on ``cst.rep.<sender>.fwd.<machine>``, sealed the same way
 (always: a machine never relays to its own operator).
 
+Checkpoints a member had signed go to every member on ``cst.rep.<sender>.ckpt``
+(``services.indexer.checkpoints``).
+
 Settlement messages between two operators (``services.gateway.settle``) go on
 ``cst.rep.<sender>.set``, sealed by a ``SettleLink``: the same envelope, naming the
 settlement domain instead of a guild, since an operator settles with the other members
@@ -70,6 +73,15 @@ def settle_subject(sender: str) -> str:
 
 
 SETTLE_LISTEN = f"{PREFIX}.*.set"
+
+
+def checkpoint_subject(sender: str) -> str:
+    """Where ``sender``'s indexer announces the checkpoints it had signed to a member
+    (not sealed: a signed checkpoint proves itself)."""
+    return f"{PREFIX}.{sender}.ckpt"
+
+
+CHECKPOINT_LISTEN = f"{PREFIX}.*.ckpt"
 SETTLE_DOMAIN = "constellation/settle"  # what settlement envelopes name instead of a guild
 
 

@@ -12,6 +12,7 @@ from constellation.guild import Purpose
 from constellation.protocol.envelope import Membership
 from services.replica.config import load_peers
 from services.runtime import ConfigError, env_addr, env_int, env_str
+from services.signer.store import KeyStore
 
 GUILD_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -37,6 +38,31 @@ def load_members(path: Path) -> Membership:
 def save_members(members: Membership, path: Path) -> None:
     doc = {"guild": members.guild, "members": [k.hex() for k in members.hostpubkeys]}
     path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class SignerAccess:
+    """How another service of an operator asks the operator's own signer: the signer's
+    NATS, the guild's members, and the signer's identity key (it asks as the operator)."""
+
+    nats_url: str
+    members: Membership
+    identity: bytes
+
+
+def signer_access(env: Mapping[str, str], prefix: str) -> SignerAccess:
+    """From ``<prefix>_NATS_URL``, ``_MEMBERS``, ``_STATE_DIR`` and ``_STORAGE_KEY``."""
+    try:
+        storage_key = bytes.fromhex(env_str(env, f"{prefix}_STORAGE_KEY"))
+        state_dir = Path(env_str(env, f"{prefix}_STATE_DIR"))
+        identity = KeyStore(state_dir, storage_key).load_identity()
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{prefix}_STATE_DIR and _STORAGE_KEY: {exc}") from None
+    return SignerAccess(
+        env_str(env, f"{prefix}_NATS_URL"),
+        load_members(Path(env_str(env, f"{prefix}_MEMBERS"))),
+        identity,
+    )
 
 
 @dataclass(frozen=True)

@@ -68,9 +68,9 @@ def test_member_zero_proposes_and_the_others_vouch_once_they_reached_its_heights
     assert proposal is not None
     checkpoint, evidence = proposal
     assert checkpoint.height == 0 and evidence.prev is None
-    assert isinstance(g.members[1].vouch(checkpoint, evidence, 0), ck.NotYet)
+    assert isinstance(g.members[1].vouch(checkpoint, evidence, 0)[0], ck.NotYet)
     g.catch_up(1, 0)
-    assert g.members[1].vouch(checkpoint, evidence, 0) == ""
+    assert g.members[1].vouch(checkpoint, evidence, 0)[0] == ""
     # its evidence travels as bytes
     assert ck.Evidence.decode(evidence.encode()) == evidence
     announced = g.sign(proposal)
@@ -105,17 +105,33 @@ def test_others_take_over_by_rank_only_after_the_guild_is_quiet() -> None:
     for m in range(3):
         g.catch_up(m, 0)
     assert g.members[1].due(0) is None and g.members[2].due(0) is None
-    assert g.members[1].due(TAKEOVER - 1) is None
-    proposal = g.members[1].due(TAKEOVER)
+    late = CADENCE + TAKEOVER  # member 0 would have proposed after a cadence
+    assert g.members[1].due(late - 1) is None
+    proposal = g.members[1].due(late)
     assert proposal is not None and proposal[0].height == 0
-    assert g.members[2].due(TAKEOVER) is None  # rank 2 waits twice as long
+    assert g.members[2].due(late) is None  # rank 2 waits longer
     announced = g.sign(proposal)
-    g.members[2].take(announced, TAKEOVER + 10)
+    g.members[2].take(announced, late)
     g.pay()
-    g.catch_up(2, TAKEOVER + 10)
+    g.catch_up(2, late)
     # a checkpoint was signed: rank 2 waits from then on
-    assert g.members[2].due(2 * TAKEOVER) is None
-    assert g.members[2].due(3 * TAKEOVER + 10) is not None
+    assert g.members[2].due(late + CADENCE + 2 * TAKEOVER - 1) is None
+    assert g.members[2].due(late + CADENCE + 2 * TAKEOVER) is not None
+
+
+def test_at_rest_the_others_wait_for_the_idle_checkpoint_before_taking_over() -> None:
+    g = Guild()
+    g.pay()
+    g.catch_up(0, 0)
+    g.catch_up(1, 0)
+    p = g.members[0].due(0)
+    assert p is not None
+    announced = g.sign(p)
+    g.members[0].take(announced, 0)
+    g.members[1].take(announced, 0)
+    assert g.members[1].due(IDLE) is None  # member 0's idle checkpoint is due then
+    assert g.members[1].due(IDLE + TAKEOVER - 1) is None
+    assert g.members[1].due(IDLE + TAKEOVER) is not None
 
 
 def test_a_guild_at_rest_checkpoints_only_every_idle_period() -> None:
@@ -144,7 +160,8 @@ def test_a_member_that_missed_a_checkpoint_takes_it_from_the_next_proposal() -> 
     assert second is not None
     g.catch_up(2, 1000)  # member 2 never heard that checkpoint 0 was signed
     assert g.members[2].index.next_height == 0
-    assert g.members[2].vouch(*second, 1000) == ""
+    reason, taken = g.members[2].vouch(*second, 1000)
+    assert reason == "" and [s.checkpoint.checkpoint for s in taken] == [first[0]]
     assert g.members[2].index.next_height == 1
 
 
@@ -162,7 +179,7 @@ def test_a_forged_or_foreign_checkpoint_is_refused_and_changes_nothing() -> None
     assert g.members[1].waiting == {}
     # a proposal following a forged checkpoint is not vouched for
     evidence = p[1]._replace(prev=forged)
-    assert "not signed by the guild key" in str(g.members[1].vouch(p[0], evidence, 0))
+    assert "not signed by the guild key" in str(g.members[1].vouch(p[0], evidence, 0)[0])
     with pytest.raises(DecodeError):
         ck.Evidence.decode(p[1].encode() + b"\x00")
     with pytest.raises(DecodeError):
@@ -187,10 +204,10 @@ def test_a_signed_checkpoint_this_index_disagrees_with_stops_the_taking() -> Non
         checkpoint.members,
     )
     # its own index would not vouch for it ...
-    assert "differs here" in str(g.members[0].vouch(bad, ck.Evidence(entries, None), 0))
+    assert "differs here" in str(g.members[0].vouch(bad, ck.Evidence(entries, None), 0)[0])
     # ... but the guild signed it: this member stops, and says why
     signed = ck.Announced(pf.SignedCheckpoint(bad, KEY.sign(bad.message())), entries)
     assert g.members[0].take(signed, 0) == []
     assert g.members[0].disagreed is not None and "differs here" in g.members[0].disagreed
     assert g.members[0].due(10_000) is None
-    assert "disagrees with the guild" in str(g.members[0].vouch(*p, 0))
+    assert "disagrees with the guild" in str(g.members[0].vouch(*p, 0)[0])

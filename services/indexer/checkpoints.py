@@ -1,0 +1,443 @@
+"""The guild's checkpoints at one operator (the indexer's part of issue 16's light
+clients): follow every shard of the guild, propose, vouch, take and store signed
+checkpoints, and answer the gateway's questions about them.
+
+* **Following.** Every machine of this operator holds a copy of every shard of the
+  guild, and each copy serves its events log (confirmed blocks only) on its own subject
+  (``services.bus.copy_events_subject``). The checkpointer reads each shard from this
+  operator's two copies (the other when one does not answer) every ``POLL_S``, into its
+  ``GuildIndex``: so what it vouches for is what this operator's own copies executed.
+* **Proposing** (``constellation.lightclient.checkpointer`` says who and when): a
+  proposal goes to this operator's signer, which coordinates ROAST among the members'
+  signers; each asks its own indexer to vouch (``Vouch`` on ``vouch_subject``). A signed
+  checkpoint is taken here and announced to every member on its NATS
+  (``checkpoint_subject``), where its indexer takes it once its signature verifies and
+  its own index computed the same entries. Every member announces its latest checkpoint
+  again every ``ANNOUNCE_S``, so one that missed it (down, or just started) hears it.
+* **Storing.** Each signed checkpoint taken is stored with its entries and the records
+  its entries cover (``Index.store_checkpoints``): transaction proofs come from there;
+  coin proofs from the coin trees as of the latest checkpoint, in memory. After a
+  restart, the index is rebuilt from the copies' logs and the stored checkpoints are
+  taken again as it reaches them.
+* **Answering** the gateway on ``lc_subject`` (``constellation.protocol.lightclient``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from constellation.errors import DecodeError, MessageError, ProofRefused
+from constellation.lightclient import index as lc
+from constellation.lightclient import proof as pf
+from constellation.lightclient.checkpointer import (
+    Announced,
+    Checkpointer,
+    Evidence,
+    NotYet,
+)
+from constellation.protocol import ledger as proto
+from constellation.protocol import lightclient as lcp
+from constellation.protocol.signer import KeyRequest, SignRequest
+from constellation.tx import partition_of
+from services.bus import copy_events_subject, lc_subject
+from services.indexer.store import Index
+from services.replica.config import MACHINES, Layout
+from services.replica.transport import CHECKPOINT_LISTEN, checkpoint_subject
+from services.runtime import Tasks, connect_peer, now_ms
+from services.signer.client import SignerClient
+from services.signer.config import SignerAccess
+
+POLL_S = 0.1  # each shard's copies are read this often
+PAGES = 8  # pages read from one shard's copy in a round
+PAGE_TIMEOUT_S = 2.0
+SIGN_TIMEOUT_S = 10.0
+KEY_RETRY_S = 1.0  # the guild's key is asked of the signer this often until it has one
+VOUCH_WAIT_S = 4.0  # how long a vouch waits for the index to reach a proposal (the signer
+# waits 5 s: services.signer.app.VOUCH_S)
+ANNOUNCE_S = 2.0  # each member tells the others of its latest checkpoint this often
+MAX_RANGE = 100  # checkpoints answered at once
+RESTORE_PAGE = 1000
+MAX_TX_CHECKPOINTS = 16  # checkpoints one transaction proof spans (the format's limit)
+
+log = logging.getLogger("indexer.checkpoints")
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    layout: Layout
+    me: int  # this operator's index in the layout
+    peers: dict[str, str]  # member name -> its NATS URL, with the credentials it issued us
+    signer: SignerAccess
+    vouch_subject: str  # where this operator's signer asks (its SIGNER_VOUCH_SUBJECT)
+    cadence_ms: int
+    takeover_ms: int
+    idle_ms: int
+
+
+class CheckpointMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.height = Gauge(
+            "indexer_checkpoint_height", "the latest signed checkpoint taken", registry=registry
+        )
+        self.time = Gauge(
+            "indexer_checkpoint_time_seconds",
+            "the latest signed checkpoint's time (its proposer's clock)",
+            registry=registry,
+        )
+        self.proposals = Counter(
+            "indexer_checkpoint_proposals",
+            "checkpoints this operator proposed, by outcome (signed, refused, failed)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.vouches = Counter(
+            "indexer_checkpoint_vouches",
+            "checkpoints this operator's signer asked about, by answer (yes, no, late)",
+            ["answer"],
+            registry=registry,
+        )
+        self.refused = Counter(
+            "indexer_checkpoint_refused",
+            "announced checkpoints or pages refused (malformed, badly signed, not chaining)",
+            registry=registry,
+        )
+        self.lag = Histogram(
+            "indexer_checkpoint_lag_seconds",
+            "from a block's events read here to a signed checkpoint covering it taken here",
+            buckets=(0.25, 0.5, 1, 1.5, 2, 2.5, 3, 5, 10, 30),
+            registry=registry,
+        )
+
+
+class Checkpoints:
+    def __init__(
+        self,
+        settings: CheckpointSettings,
+        nc: Client,
+        store: Index,
+        registry: CollectorRegistry,
+        tasks: Tasks,
+    ) -> None:
+        self.s = settings
+        self.nc = nc
+        self.store = store
+        self.metrics = CheckpointMetrics(registry)
+        self.tasks = tasks
+        self.pin: pf.Pin | None = None
+        self.ck: Checkpointer | None = None
+        self.first: bytes = b""  # checkpoint 0's message, once known
+        self.stored = -1  # the highest checkpoint in the store
+        self.peers: dict[str, Client] = {}
+        self.diverged: dict[lc.Shard, str] = {}  # shards whose copies' logs do not chain
+        self.seen: dict[lc.Shard, deque[tuple[int, float]]] = {}  # blocks read, not covered
+
+    # -- readiness -----------------------------------------------------------------------
+
+    def progress(self) -> tuple[bool, str]:
+        """Not ready only where this operator's ledger disagrees with the guild's or its
+        copies' logs do not chain: waiting for the guild's key (its first start, before
+        the members' key generation) or for the shards is part of running."""
+        ck = self.ck
+        if ck is None:
+            return True, "checkpoints: waiting for the guild's key"
+        if ck.disagreed is not None:
+            return False, f"disagrees with a checkpoint the guild signed: {ck.disagreed}"
+        if self.diverged:
+            return False, "; ".join(
+                f"shard {o}/{w}: {why}" for (o, w), why in self.diverged.items()
+            )
+        last = ck.index.last
+        at = "none yet" if last is None else str(last.checkpoint.checkpoint.height)
+        return True, f"checkpoints: latest {at}"
+
+    # -- running -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Until cancelled (a task of the indexer)."""
+        s = self.s
+        async with SignerClient(s.signer.nats_url, s.signer.members, s.signer.identity) as signer:
+            pin = self.pin = await self._pin(signer)
+            layout = s.layout
+            shards = [(o, w) for o in range(len(layout.members)) for w in layout.pmap.workers]
+            index = lc.GuildIndex(layout.guild, pin.members, shards)
+            self.seen = {shard: deque() for shard in shards}
+            ck = Checkpointer(index, pin, s.me, s.cadence_ms, s.takeover_ms, s.idle_ms)
+            await self._restore(ck)
+            self.ck = ck
+            subs = [
+                await self.nc.subscribe(s.vouch_subject, cb=self._on_vouch),
+                await self.nc.subscribe(CHECKPOINT_LISTEN, cb=self._on_announced),
+                await self.nc.subscribe(lc_subject(layout.members[s.me].name), cb=self._on_query),
+            ]
+            for i, member in enumerate(layout.members):
+                if i != s.me and member.name in s.peers:
+                    self.tasks.watch("peer", asyncio.create_task(self._connect(member.name)))
+            log.info("checkpointing", extra={"shards": len(shards), "rank": s.me})
+            try:
+                await asyncio.gather(self._follow(ck), self._propose(ck, signer))
+            finally:
+                for sub in subs:
+                    with contextlib.suppress(NatsError):
+                        await sub.unsubscribe()
+                for peer in self.peers.values():
+                    await peer.close()
+
+    async def _pin(self, signer: SignerClient) -> pf.Pin:
+        """The guild's key, threshold and members, once the signer holds a share."""
+        while True:
+            try:
+                reply = await signer.request(KeyRequest(), SIGN_TIMEOUT_S)
+            except (NatsError, TimeoutError, MessageError) as exc:
+                reply = None
+                log.debug("signer unavailable", extra={"error": repr(exc)})
+            if reply is not None and reply.ok:
+                members = [(m.name, m.key) for m in self.s.layout.members]
+                return pf.Pin(
+                    self.s.layout.guild,
+                    reply.threshold_pubkey[1:],
+                    pf.members_root(reply.threshold, members),
+                )
+            await asyncio.sleep(KEY_RETRY_S)
+
+    async def _restore(self, ck: Checkpointer) -> None:
+        """The stored checkpoints, held to be taken again as the index reaches them."""
+        start = 0
+        while page := await self.store.checkpoints(start, RESTORE_PAGE):
+            for data in page:
+                announced = Announced.decode(data)
+                ck.waiting[announced.signed.checkpoint.height] = announced
+            start += len(page)
+        self.stored = start - 1
+        if start:
+            first = Announced.decode((await self.store.checkpoints(0, 1))[0])
+            self.first = first.signed.checkpoint.message()
+            log.info("restoring checkpoints", extra={"stored": start})
+
+    async def _connect(self, peer: str) -> None:
+        name = f"indexer-{self.s.layout.members[self.s.me].name}"
+        self.peers[peer] = await connect_peer(self.s.peers[peer], name, peer)
+
+    # -- following the shards -----------------------------------------------------------
+
+    async def _follow(self, ck: Checkpointer) -> None:
+        while True:
+            moved = await asyncio.gather(*(self._read(ck, shard) for shard in ck.index.shards))
+            await self._took(ck.advance(now_ms()))
+            if not any(moved):
+                await asyncio.sleep(POLL_S)
+
+    async def _read(self, ck: Checkpointer, shard: lc.Shard) -> bool:
+        """Read a shard's new blocks from one of this operator's copies (the other where
+        one does not answer); whether any came."""
+        if shard in self.diverged:
+            return False
+        owner, worker = shard
+        name = self.s.layout.members[owner].name
+        for copy in range(2 * self.s.me, 2 * self.s.me + MACHINES):
+            moved = await self._pages(ck, shard, copy, copy_events_subject(name, worker, copy))
+            if moved is not None:
+                return moved
+        return False
+
+    async def _pages(
+        self, ck: Checkpointer, shard: lc.Shard, copy: int, subject: str
+    ) -> bool | None:
+        """A few pages of one copy's events log into the index: whether blocks came, or
+        None where the copy did not answer."""
+        index = ck.index.shards[shard]
+        moved = False
+        for _ in range(PAGES):
+            query = msgspec.msgpack.encode(proto.EventsQuery(index.height))
+            try:
+                reply = await self.nc.request(subject, query, timeout=PAGE_TIMEOUT_S)
+                _, page = proto.decode_copy_page(reply.data)
+            except (NatsError, TimeoutError) as exc:
+                log.debug("copy unavailable", extra={"subject": subject, "error": repr(exc)})
+                return None
+            except MessageError as exc:
+                self.metrics.refused.inc()
+                log.warning("events page refused", extra={"subject": subject, "error": str(exc)})
+                return None
+            fresh = [b for b in page.blocks if b.height > index.height]
+            try:
+                for events in fresh:
+                    if events.worker != shard[1]:
+                        raise ValueError(f"a block of worker {events.worker}")
+                    index.apply(events)
+                    self.seen[shard].append((events.height, time.monotonic()))
+            except ValueError as exc:
+                self.diverged[shard] = f"copy {copy}'s events log does not chain: {exc}"
+                log.error(
+                    "a copy's events do not chain", extra={"subject": subject, "error": str(exc)}
+                )
+                return moved
+            moved = moved or bool(fresh)
+            if not fresh or index.height >= page.last:
+                break
+        return moved
+
+    # -- proposing ----------------------------------------------------------------------
+
+    async def _propose(self, ck: Checkpointer, signer: SignerClient) -> None:
+        announced_at = 0.0
+        while True:
+            proposal = ck.due(now_ms())
+            if proposal is None:
+                if time.monotonic() - announced_at > ANNOUNCE_S and ck.index.last is not None:
+                    announced_at = time.monotonic()
+                    last = ck.index.last
+                    entries = [c.entry for c in last.covered.values()]
+                    await self._announce(Announced(last.checkpoint, entries))
+                await asyncio.sleep(0.05)
+                continue
+            checkpoint, evidence = proposal
+            request = SignRequest(checkpoint, evidence.encode())
+            try:
+                reply = await signer.request(request, SIGN_TIMEOUT_S)
+            except (NatsError, TimeoutError, MessageError) as exc:
+                self.metrics.proposals.labels("failed").inc()
+                log.warning("the signer did not answer", extra={"error": repr(exc)})
+                continue
+            if not reply.ok:
+                self.metrics.proposals.labels("refused").inc()
+                log.info(
+                    "checkpoint not signed",
+                    extra={"height": checkpoint.height, "code": reply.code, "error": reply.error},
+                )
+                continue
+            announced = Announced(
+                pf.SignedCheckpoint(checkpoint, reply.signature), evidence.entries
+            )
+            try:
+                taken = ck.take(announced, now_ms())
+            except ProofRefused as exc:  # the signer's bug: said loudly, not announced
+                self.metrics.proposals.labels("failed").inc()
+                log.error(
+                    "the signer's checkpoint signature does not verify", extra={"error": str(exc)}
+                )
+                continue
+            self.metrics.proposals.labels("signed").inc()
+            await self._took(taken)
+            await self._announce(announced)
+            announced_at = time.monotonic()
+
+    async def _announce(self, announced: Announced) -> None:
+        """Tell every member (a member that misses it hears it again, or takes it from
+        the next proposal's evidence)."""
+        data = announced.encode()
+        subject = checkpoint_subject(self.s.layout.members[self.s.me].name)
+        for peer, client in self.peers.items():
+            try:
+                await client.publish(subject, data)
+            except NatsError as exc:
+                log.debug("announcing failed", extra={"peer": peer, "error": repr(exc)})
+
+    async def _took(self, taken: list[lc.Signed]) -> None:
+        """Signed checkpoints just taken: stored (unless restored from the store)."""
+        if not taken:
+            return
+        now = time.monotonic()
+        for signed in taken:
+            for shard, covered in signed.covered.items():
+                seen = self.seen[shard]
+                while seen and seen[0][0] <= covered.entry.height:
+                    self.metrics.lag.observe(now - seen.popleft()[1])
+        fresh = [lc.held(s) for s in taken if s.checkpoint.checkpoint.height > self.stored]
+        if fresh:
+            await self.store.store_checkpoints(fresh)
+            self.stored = fresh[-1].checkpoint.checkpoint.height
+        last = taken[-1].checkpoint.checkpoint
+        if taken[0].checkpoint.checkpoint.height == 0:
+            self.first = taken[0].checkpoint.checkpoint.message()
+        self.metrics.height.set(last.height)
+        self.metrics.time.set(last.time_ms / 1000)
+
+    # -- what other services and members send ---------------------------------------------
+
+    async def _on_vouch(self, msg: Msg) -> None:
+        ck = self.ck
+        assert ck is not None
+        reason: str | NotYet
+        try:
+            vouch = msgspec.msgpack.decode(msg.data, type=lcp.Vouch)
+            evidence = Evidence.decode(vouch.evidence)
+        except (msgspec.ValidationError, msgspec.DecodeError, DecodeError) as exc:
+            reason = f"malformed: {exc}"
+        else:
+            end = time.monotonic() + VOUCH_WAIT_S
+            while True:
+                reason, taken = ck.vouch(vouch.checkpoint, evidence, now_ms())
+                await self._took(taken)
+                if not isinstance(reason, NotYet) or time.monotonic() > end:
+                    break
+                await asyncio.sleep(0.05)
+        if isinstance(reason, NotYet):
+            self.metrics.vouches.labels("late").inc()
+            reason = "this operator has not reached the checkpoint's blocks yet"
+        self.metrics.vouches.labels("yes" if not reason else "no").inc()
+        await msg.respond(msgspec.msgpack.encode(reason))
+
+    async def _on_announced(self, msg: Msg) -> None:
+        ck = self.ck
+        assert ck is not None
+        try:
+            taken = ck.take(Announced.decode(msg.data), now_ms())
+        except (DecodeError, ProofRefused) as exc:
+            self.metrics.refused.inc()
+            log.warning(
+                "announced checkpoint refused", extra={"subject": msg.subject, "error": str(exc)}
+            )
+            return
+        await self._took(taken)
+
+    async def _on_query(self, msg: Msg) -> None:
+        try:
+            query = msgspec.msgpack.decode(msg.data, type=lcp.Query)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            answer = lcp.Answer(error=f"bad query: {exc}")
+        else:
+            answer = await self._answer(query)
+        await msg.respond(msgspec.msgpack.encode(answer))
+
+    async def _answer(self, query: lcp.Query) -> lcp.Answer:
+        ck, pin = self.ck, self.pin
+        assert ck is not None and pin is not None
+        last = ck.index.last
+        if isinstance(query, lcp.DescriptorQuery):
+            if not self.first:
+                return lcp.Answer(error="the guild has signed no checkpoint yet")
+            return lcp.Answer([pf.Descriptor(pin, self.first).encode().encode()])
+        if isinstance(query, lcp.Checkpoints):
+            if query.start < 0:
+                if last is None:
+                    return lcp.Answer(error="the guild has signed no checkpoint yet")
+                entries = [c.entry for c in last.covered.values()]
+                return lcp.Answer([Announced(last.checkpoint, entries).encode()])
+            return lcp.Answer(
+                await self.store.checkpoints(query.start, min(query.count, MAX_RANGE))
+            )
+        if isinstance(query, lcp.TxProofQuery):
+            held = await self.store.holding(query.txid, MAX_TX_CHECKPOINTS)
+            proof = lc.tx_proof(held, query.txid)
+            if proof is None:
+                return lcp.Answer(error="no checkpoint covers this transaction (yet)")
+            return lcp.Answer([pf.encode_tx_proof(proof)])
+        if last is None:
+            return lcp.Answer(error="the guild has signed no checkpoint yet")
+        if not 0 <= query.owner < len(self.s.layout.members) or len(query.coin_id) != 32:
+            return lcp.Answer(error="no such ledger in the guild, or not a coin id")
+        worker = self.s.layout.pmap.owners()[partition_of(query.coin_id)]
+        return lcp.Answer(
+            [pf.encode_coin_proof(lc.coin_proof(last, (query.owner, worker), query.coin_id))]
+        )
