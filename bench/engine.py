@@ -50,7 +50,7 @@ from constellation.keys import SigningKey, schnorr_sign
 from constellation.sighash import sighash
 from constellation.tx import Transaction, TxInput, TxOutput
 from services import devnet
-from services.wallet import Gateway
+from services.api_client import Gateway
 
 COIN_MSAT = 1_000_000
 FEE_MSAT = 100

@@ -46,9 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import median, print_table, write_json
 from services import devnet
+from services.api_client import Gateway, GatewayError
 from services.devnet import Devnet, guild
 from services.devnet.procs import cpu_seconds
-from services.wallet import Gateway, GatewayError
 from services.workload import Workload, percentile
 
 

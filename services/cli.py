@@ -24,6 +24,7 @@ from constellation.protocol import signer as proto
 from constellation.protocol.envelope import Membership
 from constellation.tx import TxOutput
 from services import devnet
+from services.api_client import Gateway, GatewayError
 from services.demo import run_guild_demo
 from services.devnet import guild
 from services.ecash.client import MintError
@@ -31,7 +32,7 @@ from services.runtime import ConfigError
 from services.signer.client import call
 from services.signer.config import load_members
 from services.signer.store import KeyStore
-from services.wallet import Gateway, GatewayError, wallet_command, wallet_lock
+from services.wallet import wallet_command, wallet_lock
 from services.wallet_money import MoneyError, money_command
 from services.workload import run_workload
 
@@ -321,6 +322,19 @@ def _add_wallet(sub: Any) -> None:
     balance = wallet_sub.add_parser(
         "balance", help="unspent coins (and deposits and payments in flight, taken up)"
     )
+    pin = wallet_sub.add_parser(
+        "pin",
+        help="trust a guild: its descriptor (default: the one the wallet's gateway serves) and"
+        " the gateways to ask; then every checkpoint and proof is checked against it",
+    )
+    pin.add_argument("descriptor", nargs="?", default="", help="cstguild1...")
+    pin.add_argument(
+        "--server", action="append", default=[], help="another member's gateway (repeat)"
+    )
+    verify = wallet_sub.add_parser(
+        "verify", help="a transaction's proof from the guild's gateways, and the verdict"
+    )
+    verify.add_argument("txid")
     history = wallet_sub.add_parser("history", help="coins received and spent")
     history.add_argument("--limit", type=int, default=20)
     deposit = wallet_sub.add_parser(
@@ -349,7 +363,7 @@ def _add_wallet(sub: Any) -> None:
     )
     for p in (deposit, pay, balance):
         p.add_argument("--mint", default="", help="the mint (default: the wallet's)")
-    for p in (create, restore, address, balance, history, deposit, pay):
+    for p in (create, restore, address, balance, history, deposit, pay, pin, verify):
         p.add_argument("--file", type=Path, default=Path("wallet.json"), help="the wallet file")
         p.add_argument("--gateway", default="", help="gateway URL (default: the wallet's)")
     for p in (balance, pay):

@@ -29,8 +29,8 @@ from constellation.ledger.partition import Coin
 from constellation.settlement import release_coin
 from constellation.tx import TxOutput
 from constellation.wallet import Wallet
+from services.api_client import Gateway, GatewayError
 from services.devnet import Devnet, guild
-from services.wallet import Gateway, GatewayError
 from services.workload import COIN_MSAT, FEE_MSAT, percentile
 
 RELEASE_WAIT_S = 120.0

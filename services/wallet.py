@@ -1,4 +1,5 @@
-"""A wallet against a gateway: the seed file, the gateway client, and the wallet commands.
+"""A wallet against a gateway: the seed file and the wallet commands (the gateway client is
+``services.api_client``; as a light client, ``services.light``).
 
 The wallet file holds the BIP39 words, the network, the gateway URL and how many keys
 of each chain were handed out; it is written with mode 0600 and must be protected like
@@ -23,100 +24,17 @@ from typing import Any
 
 import aiohttp
 
-from constellation.address import Network, decode_address, encode_address
+from constellation.address import Network, encode_address
 from constellation.keys import XOnlyPubKey
 from constellation.ledger.partition import Coin
-from constellation.tx import AnyIssuance, Transaction
+from constellation.lightclient import proof as pf
 from constellation.wallet import CHANGE, RECEIVE, Wallet, new_mnemonic
+from services.api_client import Gateway, GatewayError
+from services.light import LightClient, NoServer, describe
 from services.runtime import ConfigError
 
 ADDRESS_TIMEOUT = aiohttp.ClientTimeout(total=5)
 GAP = 5  # unused receive addresses past the last handed out that a balance also checks
-
-
-class GatewayError(RuntimeError):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"[{code}] {message} (HTTP {status})")
-        self.status = status
-        self.code = code
-
-
-class Gateway:
-    """The public API, over HTTP; transactions, issuances and totals go to ``ledger``
-    (a guild member's name) where given, else to the gateway's own operator's."""
-
-    def __init__(self, url: str, session: aiohttp.ClientSession, ledger: str | None = None) -> None:
-        self.url = url.rstrip("/")
-        self.session = session
-        self.query = f"?ledger={ledger}" if ledger else ""
-
-    async def _json(self, resp: aiohttp.ClientResponse) -> dict[str, Any]:
-        try:
-            doc: dict[str, Any] = await resp.json(content_type=None)
-        except (aiohttp.ContentTypeError, json.JSONDecodeError, ValueError):
-            raise GatewayError(resp.status, "http", await resp.text()) from None
-        if resp.status >= 400:
-            err = doc.get("error", {})
-            raise GatewayError(resp.status, err.get("code", "http"), err.get("message", ""))
-        return doc
-
-    async def get(self, path: str) -> dict[str, Any]:
-        async with self.session.get(self.url + path) as resp:
-            return await self._json(resp)
-
-    async def post(
-        self, path: str, body: bytes, headers: dict[str, str] | None = None
-    ) -> dict[str, Any]:
-        hdrs = {"Content-Type": "application/octet-stream", **(headers or {})}
-        async with self.session.post(self.url + path, data=body, headers=hdrs) as resp:
-            return await self._json(resp)
-
-    async def submit(self, tx: Transaction, key: str | None = None) -> dict[str, Any]:
-        headers = {"Idempotency-Key": key} if key else None
-        return await self.post("/v1/tx" + self.query, tx.encode(), headers)
-
-    async def issue(self, issuance: AnyIssuance) -> dict[str, Any]:
-        return await self.post("/v1/issuance" + self.query, issuance.encode())
-
-    async def totals(self) -> dict[str, Any]:
-        return await self.get("/v1/ledger" + self.query)
-
-    async def coin(self, coin_id: bytes) -> dict[str, Any] | None:
-        """A coin's state, or None where the ledger has no such coin."""
-        try:
-            return await self.get(f"/v1/coin/{coin_id.hex()}" + self.query)
-        except GatewayError as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    async def coins(self, address: str) -> dict[bytes, Coin]:
-        """Every unspent coin of ``address``, page by page."""
-        # The wallet's own address: its network is whatever its prefix says.
-        owner = decode_address(address, address.rpartition("1")[0].lower())
-        found: dict[bytes, Coin] = {}
-        after = 0
-        while True:
-            doc = await self.get(f"/v1/address/{address}/coins?limit=500&after={after}")
-            found.update(
-                (bytes.fromhex(c["coin_id"]), Coin(c["value_msat"], owner))
-                for c in doc["coins"]
-                if c["status"] == "unspent"
-            )
-            if "next" not in doc:
-                return found
-            after = doc["next"]
-
-    async def incoming(self, address: str, limit: int = 50) -> list[dict[str, Any]]:
-        """Outputs paid to ``address`` from other operators' ledgers (pending, released)."""
-        doc = await self.get(f"/v1/address/{address}/incoming?limit={limit}")
-        entries: list[dict[str, Any]] = doc["incoming"]
-        return entries
-
-    async def history(self, address: str, limit: int = 50) -> list[dict[str, Any]]:
-        doc = await self.get(f"/v1/address/{address}/history?limit={limit}")
-        entries: list[dict[str, Any]] = doc["history"]
-        return entries
 
 
 @dataclass
@@ -132,6 +50,12 @@ class WalletFile:
     mint: str = ""  # the operator's Cashu mint (deposits, invoices paid)
     flows: list[dict[str, Any]] = field(default_factory=list)  # through the mint, in flight
     ecash: list[dict[str, Any]] = field(default_factory=list)  # proofs worth less than a coin
+    # As a light client (``wallet pin``): the guild descriptor it trusts, the guild's
+    # members in order, the gateways it asks (its own first), the highest checkpoint seen.
+    descriptor: str = ""
+    members: list[str] = field(default_factory=list)
+    servers: list[str] = field(default_factory=list)
+    checkpoint: int = 0
 
     def remember(self, coins: dict[bytes, Coin]) -> None:
         self.coins = {cid.hex(): [c.value_msat, bytes(c.owner).hex()] for cid, c in coins.items()}
@@ -252,6 +176,14 @@ async def wallet_command(args: Any, out: Any) -> int:
     via = getattr(args, "via", "")
     async with aiohttp.ClientSession() as session:
         gw = gateway_of(doc, session, args.gateway, via)
+        if args.wallet_command == "pin":
+            await pin(gw, doc, args.descriptor, args.server, out)
+            doc.save(path)
+            return 0
+        if args.wallet_command == "verify":
+            code = await verify(doc, session, bytes.fromhex(args.txid), out)
+            doc.save(path)
+            return code
         if args.wallet_command == "history":
             await _history(gw, doc, args.limit, out)
             return 0
@@ -260,12 +192,107 @@ async def wallet_command(args: Any, out: Any) -> int:
         total = sum(c.value_msat for c in coins.values())
         where = f" (as {via} sees them)" if via else ""
         print(f"{total} msat in {len(coins)} coins{where}", file=out)
+        if doc.descriptor:
+            await verify_coins(doc, session, coins, out)
+            doc.save(path)
         if not via:
             await _pending(gw, doc, out)
         if doc.ecash:
             kept = sum(p["amount"] for p in doc.ecash)
             print(f"+ {kept} sat of ecash, worth less than a coin's fee", file=out)
     return 0
+
+
+async def pin(gw: Gateway, doc: WalletFile, text: str, servers: list[str], out: Any) -> None:
+    """Pin the guild descriptor ``text`` (or, without one, the one the wallet's gateway
+    serves: compare it with what the guild publishes), and the gateways to ask."""
+    if not text:
+        text = (await gw.get("/v1/lc/descriptor"))["descriptor"]
+        print(f"the descriptor {gw.url} serves (compare it with the guild's):", file=out)
+    descriptor = pf.Descriptor.decode(text)
+    doc.descriptor = text
+    doc.members = (await gw.get("/v1/lc"))["members"]
+    doc.servers = list(dict.fromkeys([gw.url, *(s.rstrip("/") for s in servers)]))
+    doc.checkpoint = 0
+    print(f"  {text}", file=out)
+    print(
+        f"pinned guild {descriptor.pin.guild!r}, key {descriptor.pin.key.hex()}, members"
+        f" {', '.join(doc.members)}; asking {', '.join(doc.servers)}",
+        file=out,
+    )
+
+
+def light_client(doc: WalletFile, session: aiohttp.ClientSession) -> LightClient:
+    if not doc.descriptor:
+        raise ConfigError("the wallet pins no guild: `constellation wallet pin`")
+    descriptor = pf.Descriptor.decode(doc.descriptor)
+    return LightClient(descriptor, doc.servers or [doc.gateway], session, doc.checkpoint)
+
+
+def _said(client: LightClient, out: Any) -> None:
+    """What gateways failed on the way (the wallet moved on from each)."""
+    for failure in client.failures:
+        print(f"! {failure} (asked the next gateway)", file=out)
+    client.failures.clear()
+
+
+async def verify(doc: WalletFile, session: aiohttp.ClientSession, txid: bytes, out: Any) -> int:
+    """``wallet verify TXID``: the transaction's proof, checked against the pinned guild."""
+    client = light_client(doc, session)
+    try:
+        url, proof, placed = await client.tx(txid)
+    except NoServer as exc:
+        for failure in exc.failures:
+            print(f"! {failure}", file=out)
+        print(f"verdict: NOT VERIFIED: no gateway proved transaction {txid.hex()}", file=out)
+        return 1
+    _said(client, out)
+    heights = sorted({c.checkpoint.height for c in proof.checkpoints})
+    print(f"transaction {txid.hex()} (proof from {url}):", file=out)
+    for line in describe(placed, doc.members):
+        print(line, file=out)
+    doc.checkpoint = client.seen = max(client.seen, *heights)
+    print(
+        f"verdict: VERIFIED: committed, under checkpoint {', '.join(map(str, heights))}"
+        f" signed by the guild key",
+        file=out,
+    )
+    return 0
+
+
+async def verify_coins(
+    doc: WalletFile, session: aiohttp.ClientSession, coins: dict[bytes, Coin], out: Any
+) -> None:
+    """Check each coin the wallet's gateway says it holds against the latest checkpoint."""
+    client = light_client(doc, session)
+    if doc.ledger not in doc.members:
+        print(f"! the wallet's ledger {doc.ledger!r} is not a member of the pinned guild", file=out)
+        return
+    owner = doc.members.index(doc.ledger)
+    try:
+        _, latest = await client.latest()
+        unconfirmed = []
+        for cid, coin in coins.items():
+            _, verdict = await client.coin(cid, doc.ledger, owner)
+            leaf = verdict.leaf
+            if leaf is None:
+                unconfirmed.append(cid)
+            elif leaf.state is not pf.CoinState.UNSPENT or (
+                leaf.value_msat,
+                leaf.owner,
+            ) != (coin.value_msat, bytes(coin.owner)):
+                print(f"! coin {cid.hex()}: the guild's checkpoint says otherwise", file=out)
+    except NoServer as exc:
+        print(f"! coins not verified: {exc}", file=out)
+        return
+    finally:
+        _said(client, out)
+        doc.checkpoint = client.seen
+    height = latest.signed.checkpoint.height
+    checked = len(coins) - len(unconfirmed)
+    print(f"{checked} of {len(coins)} coins verified as of checkpoint {height}", file=out)
+    for cid in unconfirmed:
+        print(f"  coin {cid.hex()}: not under a checkpoint yet", file=out)
 
 
 def gateway_of(doc: WalletFile, session: aiohttp.ClientSession, url: str, via: str) -> Gateway:

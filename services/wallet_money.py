@@ -41,17 +41,10 @@ from constellation.keys import SigningKey
 from constellation.payto import Kind, PayTo, parse
 from constellation.protocol import cashu as nut
 from constellation.tx import decode_transaction
+from services.api_client import Gateway, GatewayError
 from services.ecash.client import MintClient, MintError
 from services.runtime import ConfigError
-from services.wallet import (
-    Gateway,
-    GatewayError,
-    WalletFile,
-    gateway_of,
-    send,
-    unspent,
-    wallet_command,
-)
+from services.wallet import WalletFile, gateway_of, send, unspent, wallet_command
 
 MINT_TIMEOUT = aiohttp.ClientTimeout(total=30)
 EXPIRED_AFTER_S = 3600  # past its expiry, as this clock says: an unpaid deposit's invoice

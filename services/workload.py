@@ -18,8 +18,8 @@ from constellation.keys import XOnlyPubKey
 from constellation.ledger.partition import Coin
 from constellation.tx import Transaction, TxOutput
 from constellation.wallet import Wallet
+from services.api_client import Gateway, GatewayError
 from services.devnet import Devnet, guild
-from services.wallet import Gateway, GatewayError
 
 FEE_MSAT = 1_000
 COIN_MSAT = 10_000_000

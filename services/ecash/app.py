@@ -41,6 +41,7 @@ from constellation.keys import SigningKey
 from constellation.lightning import Outcome, PaymentState
 from constellation.protocol import cashu as nut
 from constellation.tx import Issuance, TxOutput, decode_issuance, decode_transaction
+from services.api_client import Gateway, GatewayError
 from services.ecash.cache import CACHED, Cache
 from services.ecash.config import Settings
 from services.ecash.metrics import MintMetrics
@@ -50,7 +51,6 @@ from services.ecash.ws import CHANNELS, Hub
 from services.gateway.lightning import PAY_S, ClnBackend, LightningBackend, LightningError
 from services.gateway.limits import Limits
 from services.runtime import OpsServer
-from services.wallet import Gateway, GatewayError
 
 log = logging.getLogger("mint")
 

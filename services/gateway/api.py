@@ -93,7 +93,7 @@ class JsonTx(msgspec.Struct, forbid_unknown_fields=True):
     fee_msat: int = 0
 
 
-def _hex(text: str, what: str, size: int) -> bytes:
+def parse_hex(text: str, what: str, size: int) -> bytes:
     if len(text) != 2 * size or not _HEX.fullmatch(text):
         raise ApiError("malformed", f"{what} must be {size} bytes in hex")
     return bytes.fromhex(text)
@@ -118,10 +118,10 @@ def tx_from_json(body: bytes, network: Network, here: bytes | None = None) -> Tr
         outputs.append(TxOutput(o.value_msat, owner))
         ledgers.append(HERE if ledger is None or ledger == here else ledger)
     return Transaction(
-        [TxInput(_hex(i.coin_id, "coin_id", 32), i.value_msat) for i in doc.inputs],
+        [TxInput(parse_hex(i.coin_id, "coin_id", 32), i.value_msat) for i in doc.inputs],
         outputs,
         doc.fee_msat,
-        [_hex(w, "witness", 64) for w in doc.witnesses],
+        [parse_hex(w, "witness", 64) for w in doc.witnesses],
         ledgers=ledgers,
     )
 
@@ -152,11 +152,16 @@ def parse_batch(body: bytes) -> list[Parsed]:
     return parsed
 
 
-def _decimal(request: web.Request, name: str, low: int, high: int, default: int) -> int:
+def query_int(request: web.Request, name: str, low: int, high: int, default: int) -> int:
     """Query parameter ``name``: a decimal in ``low..high``, ``default`` when absent."""
     raw = request.query.get(name)
     if raw is None:
         return default
+    return parse_int(raw, name, low, high)
+
+
+def parse_int(raw: str, name: str, low: int, high: int) -> int:
+    """A decimal in ``low..high``."""
     if not _DECIMAL.fullmatch(raw) or not low <= int(raw) <= high:
         raise ApiError(f"malformed.{name}", f"{name} must be an integer in {low}..{high}")
     return int(raw)
@@ -453,7 +458,7 @@ class Api:
     # -- lookups -------------------------------------------------------------------------
 
     async def get_tx(self, request: web.Request) -> web.Response:
-        txid = _hex(request.match_info["txid"], "txid", 32)
+        txid = parse_hex(request.match_info["txid"], "txid", 32)
         if txid in self.pending:
             return json_response({"txid": txid.hex(), "status": "pending"})
         found = await self.index.tx(txid)
@@ -496,7 +501,7 @@ class Api:
         return {cid: infos.get(cid, unknown) for cid in coin_ids}
 
     async def get_coin(self, request: web.Request) -> web.Response:
-        coin_id = _hex(request.match_info["coin_id"], "coin_id", 32)
+        coin_id = parse_hex(request.match_info["coin_id"], "coin_id", 32)
         ledger = self._ledger(request)
         info = (await self._coin_infos(ledger, [coin_id]))[coin_id]
         if info.status == "unknown":
@@ -527,14 +532,14 @@ class Api:
         return bytes(decode_address(request.match_info["address"], self.network))
 
     def _limit(self, request: web.Request) -> int:
-        return _decimal(request, "limit", 1, HISTORY_LIMIT, 50)
+        return query_int(request, "limit", 1, HISTORY_LIMIT, 50)
 
     async def get_coins(self, request: web.Request) -> web.Response:
         """The address's unspent coins, a page at a time (``after``: the previous page's
         ``next``): found in the index, confirmed by their workers."""
         owner = self._owner(request)
         limit = self._limit(request)
-        after = _decimal(request, "after", 0, MAX_CURSOR, 0)
+        after = query_int(request, "after", 0, MAX_CURSOR, 0)
         indexed = await self.index.unspent(owner, limit, after)
         infos = (
             await self._coin_infos(self.ledger, [cid for _, cid, _ in indexed]) if indexed else {}
@@ -551,7 +556,7 @@ class Api:
 
     async def get_history(self, request: web.Request) -> web.Response:
         owner = self._owner(request)
-        before = _decimal(request, "before", 0, MAX_CURSOR, MAX_CURSOR)
+        before = query_int(request, "before", 0, MAX_CURSOR, MAX_CURSOR)
         entries = await self.index.history(owner, self._limit(request), before)
         return json_response({"address": request.match_info["address"], "history": entries})
 

@@ -7,6 +7,7 @@ import logging
 
 from services.gateway.api import Api
 from services.gateway.config import Settings
+from services.gateway.lightclient import LightClientApi
 from services.gateway.lightning import ClnBackend, LightningError, rebalance
 from services.gateway.limits import Limits
 from services.gateway.metrics import GatewayMetrics
@@ -74,6 +75,8 @@ class GatewayNode:
             s.neighbour_ids,
         )
         api.install(self.ops.app)
+        members = [m.name for m in s.layout.members] if s.layout else []
+        LightClientApi(ledger.nc, s.operator, members).install(self.ops.app)
         m.queue.labels("in_flight").set_function(lambda: sum(c.in_flight for c in ledgers.values()))
         m.queue.labels("outbox").set_function(lambda: sum(c.packer.depth for c in ledgers.values()))
         tasks = self.ops.tasks

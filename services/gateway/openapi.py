@@ -104,6 +104,114 @@ TX_BODY = {
 COIN_OUT = _object(["coin_id", "value_msat"], coin_id=HEX32, value_msat=MSAT)
 
 
+HEX = {"type": "string", "pattern": "^([0-9a-f]{2})*$"}
+
+
+def _light_client_paths() -> dict[str, Any]:
+    """``/v1/lc``: what a light client checks against the guild key it pinned."""
+    checkpoint = _json(_ref("Checkpoint"), "a signed checkpoint and its entries")
+    lc_errors = _errors(400, 404, 503)
+    return {
+        "/v1/lc": {
+            "get": {
+                "summary": "The light-client protocol: version, features, the guild's members",
+                "responses": {"200": _json({"type": "object"}, "the server"), **_errors()},
+            }
+        },
+        "/v1/lc/descriptor": {
+            "get": {
+                "summary": "The guild descriptor a wallet pins (bech32m, cstguild1...)",
+                "responses": {
+                    "200": _json(
+                        _object(
+                            ["descriptor", "guild", "key", "members", "first"],
+                            descriptor={"type": "string"},
+                            guild={"type": "string"},
+                            key=HEX32,
+                            members=HEX32,
+                            first=HEX32,
+                        ),
+                        "the descriptor, and what it says",
+                    ),
+                    **lc_errors,
+                },
+            }
+        },
+        "/v1/lc/checkpoints": {
+            "get": {
+                "summary": "Signed checkpoints from a height on, oldest first",
+                "parameters": [
+                    {"name": "start", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {
+                        "name": "count",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+                    },
+                ],
+                "responses": {
+                    "200": _json(
+                        _object(
+                            ["checkpoints"],
+                            checkpoints={"type": "array", "items": _ref("Checkpoint")},
+                        ),
+                        "up to count checkpoints",
+                    ),
+                    **lc_errors,
+                },
+            }
+        },
+        "/v1/lc/checkpoints/latest": {
+            "get": {
+                "summary": "The latest signed checkpoint",
+                "responses": {"200": checkpoint, **lc_errors},
+            }
+        },
+        "/v1/lc/checkpoints/{height}": {
+            "get": {
+                "summary": "The signed checkpoint at a height",
+                "parameters": [_path_param("height", {"type": "integer", "minimum": 0})],
+                "responses": {"200": checkpoint, **lc_errors},
+            }
+        },
+        "/v1/lc/tx/{txid}": {
+            "get": {
+                "summary": "A transaction's proof: its records under signed checkpoints",
+                "parameters": [_path_param("txid", HEX32_IN)],
+                "responses": {
+                    "200": _json(
+                        _object(
+                            ["txid", "checkpoints", "proof"],
+                            txid=HEX32,
+                            checkpoints={"type": "array", "items": INT},
+                            proof=HEX,
+                        ),
+                        "the proof (constellation.lightclient.proof.encode_tx_proof)",
+                    ),
+                    **lc_errors,
+                },
+            }
+        },
+        "/v1/lc/coin/{coin_id}": {
+            "get": {
+                "summary": "A coin's proof as of the latest checkpoint: unspent, spent, none",
+                "parameters": [_path_param("coin_id", HEX32_IN), LEDGER],
+                "responses": {
+                    "200": _json(
+                        _object(
+                            ["coin_id", "ledger", "proof"],
+                            coin_id=HEX32,
+                            ledger={"type": "string"},
+                            proof=HEX,
+                        ),
+                        "the proof (constellation.lightclient.proof.encode_coin_proof)",
+                    ),
+                    **lc_errors,
+                },
+            }
+        },
+    }
+
+
 def openapi() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
@@ -316,6 +424,7 @@ def openapi() -> dict[str, Any]:
                     },
                 }
             },
+            **_light_client_paths(),
             "/openapi.json": {
                 "get": {
                     "summary": "This document",
@@ -397,6 +506,34 @@ def openapi() -> dict[str, Any]:
                     },
                     "required": ["txid", "status", "blocks", "outputs"],
                 },
+                "Checkpoint": _object(
+                    [
+                        *("guild", "height", "time_ms", "prev_hash", "shards", "members"),
+                        *("signature", "entries", "encoded"),
+                    ],
+                    guild={"type": "string"},
+                    height=INT,
+                    time_ms=INT,
+                    prev_hash=HEX32,
+                    shards=HEX32,
+                    members=HEX32,
+                    signature={"type": "string", "pattern": "^[0-9a-f]{128}$"},
+                    entries={
+                        "type": "array",
+                        "items": _object(
+                            ["owner", "worker", "height", "records"],
+                            owner=INT,
+                            worker=INT,
+                            height=INT,
+                            records=INT,
+                        ),
+                    },
+                    encoded={
+                        **HEX,
+                        "description": "the signed checkpoint and its entries, as a wallet"
+                        " checks them (constellation.lightclient.checkpointer.Announced)",
+                    },
+                ),
                 "Incoming": _object(
                     ["from", "txid", "output", "coin_id", "value_msat", "status"],
                     **{"from": {"type": "string", "description": "the paying operator"}},

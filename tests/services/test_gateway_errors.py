@@ -93,15 +93,15 @@ def test_cursors_and_limits_are_range_checked(query: str, code: str) -> None:
     name = query.split("=", maxsplit=1)[0]
     low, high = (1, gateway_api.HISTORY_LIMIT) if name == "limit" else (0, gateway_api.MAX_CURSOR)
     with pytest.raises(ApiError) as err:
-        gateway_api._decimal(request, name, low, high, 50)
+        gateway_api.query_int(request, name, low, high, 50)
     assert err.value.code == code and err.value.status == 400
 
 
 def test_cursor_bounds_are_accepted() -> None:
     request = make_mocked_request("GET", f"/h?before={2**63 - 1}&limit=500")
-    assert gateway_api._decimal(request, "before", 0, gateway_api.MAX_CURSOR, 7) == 2**63 - 1
-    assert gateway_api._decimal(request, "limit", 1, gateway_api.HISTORY_LIMIT, 50) == 500
-    assert gateway_api._decimal(request, "absent", 1, 2, 50) == 50
+    assert gateway_api.query_int(request, "before", 0, gateway_api.MAX_CURSOR, 7) == 2**63 - 1
+    assert gateway_api.query_int(request, "limit", 1, gateway_api.HISTORY_LIMIT, 50) == 500
+    assert gateway_api.query_int(request, "absent", 1, 2, 50) == 50
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

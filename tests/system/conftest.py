@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from services import devnet
-from services.wallet import Gateway
+from services.api_client import Gateway
 from tests.system.guild import Guild
 from tests.system.operator import Operator
 

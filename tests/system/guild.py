@@ -25,12 +25,12 @@ from constellation.guild import SignTarget
 from constellation.lightning import msat
 from constellation.protocol import signer as proto
 from services import devnet
+from services.api_client import Gateway
 from services.cli import main as cli_main
 from services.devnet import Devnet
 from services.signer.client import SignerClient, call
 from services.signer.config import load_members
 from services.signer.store import KeyStore
-from services.wallet import Gateway
 
 FAULTY = Path(__file__).with_name("faulty_signer.py")
 

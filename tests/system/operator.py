@@ -17,7 +17,7 @@ from constellation.keys import SigningKey
 from constellation.sighash import sign_transaction
 from constellation.tx import Transaction, TxInput, TxOutput, partition_of
 from services import devnet
-from services.wallet import Gateway
+from services.api_client import Gateway
 
 
 class Operator:

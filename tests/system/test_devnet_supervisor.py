@@ -16,8 +16,8 @@ import pytest
 
 from constellation.keys import SigningKey
 from services import devnet
+from services.api_client import Gateway
 from services.cli import main
-from services.wallet import Gateway
 from tests.system.operator import Operator
 
 pytestmark = pytest.mark.system

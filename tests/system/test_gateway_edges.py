@@ -34,7 +34,7 @@ from schemathesis.core.result import Ok
 from constellation.address import Network, encode_address
 from constellation.keys import SigningKey
 from constellation.tx import Transaction, TxOutput
-from services.wallet import Gateway
+from services.api_client import Gateway
 from tests.system.operator import Operator, pay, post
 
 pytestmark = pytest.mark.system

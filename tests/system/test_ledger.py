@@ -23,9 +23,9 @@ from constellation.keys import SigningKey
 from constellation.protocol import ledger as proto
 from constellation.tx import MAX_OUTPUTS, Issuance, TxOutput
 from services import devnet
+from services.api_client import Gateway, GatewayError
 from services.bus import GATEWAY, worker_subject
 from services.indexer.store import Index
-from services.wallet import Gateway, GatewayError
 from tests.system.operator import Operator, pay, post
 
 pytestmark = pytest.mark.system

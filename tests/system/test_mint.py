@@ -36,11 +36,11 @@ from constellation.keys import SigningKey
 from constellation.ledger.partition import Coin
 from constellation.protocol import cashu as nut
 from constellation.wallet import Wallet
+from services.api_client import Gateway
 from services.crossload import reserve
 from services.devnet import Devnet, free_port, guild, spawn, stop_pid, wait_ready
 from services.ecash.client import MintClient, MintError
 from services.ecash.store import MintBooks, MintStore, mint_books
-from services.wallet import Gateway
 from services.workload import FEE_MSAT
 from tests.system.guild import local_guild
 

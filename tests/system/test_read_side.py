@@ -28,8 +28,8 @@ from constellation.address import Network, encode_address
 from constellation.keys import SigningKey
 from constellation.tx import Issuance, Transaction, TxOutput
 from services import devnet
+from services.api_client import Gateway
 from services.follow import QUERY_TIMEOUT_S
-from services.wallet import Gateway
 from tests.system.operator import Operator, environment, pay, post
 
 pytestmark = pytest.mark.system

@@ -29,9 +29,9 @@ from constellation.keys import SigningKey
 from constellation.ledger.partition import Coin
 from constellation.tx import Transaction, TxOutput, ledger_id
 from constellation.wallet import Wallet
+from services.api_client import Gateway, GatewayError
 from services.crossload import CrossWorkload, settled_books_agree
 from services.devnet import Devnet, guild
-from services.wallet import Gateway, GatewayError
 from services.workload import FEE_MSAT
 from tests.system.guild import (
     a_wallet_pays_a_user_of_another_operator,

@@ -30,6 +30,7 @@ from constellation.keys import SigningKey
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
 from constellation.tx import Issuance, TxOutput
+from services.api_client import Gateway
 from services.bus import publish_map
 from services.follow import Follower, FollowMetrics
 from services.gateway.app import GatewayNode
@@ -39,7 +40,6 @@ from services.indexer.config import Settings as IndexerSettings
 from services.partition.app import WorkerNode
 from services.partition.config import Settings as WorkerSettings
 from services.runtime import OpsServer
-from services.wallet import Gateway
 from tests.system.operator import Operator, pay
 
 pytestmark = pytest.mark.system

@@ -28,10 +28,11 @@ from constellation.ecash import mint as m
 from constellation.keys import SigningKey
 from constellation.ledger.partition import Coin
 from constellation.payto import parse
+from services.api_client import Gateway
 from services.crossload import reserve
 from services.devnet import guild
 from services.ecash.client import MintClient, MintError
-from services.wallet import Gateway, WalletFile, unspent
+from services.wallet import WalletFile, unspent
 from services.wallet_money import PENDING_EXIT, Flows, MoneyError
 from tests.system.guild import cli, local_guild
 

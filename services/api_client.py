@@ -1,0 +1,97 @@
+"""The gateway's public API, as its clients (the wallet, the mint, the workloads) call it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+
+from constellation.address import decode_address
+from constellation.ledger.partition import Coin
+from constellation.tx import AnyIssuance, Transaction
+
+
+class GatewayError(RuntimeError):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"[{code}] {message} (HTTP {status})")
+        self.status = status
+        self.code = code
+
+
+class Gateway:
+    """The public API, over HTTP; transactions, issuances and totals go to ``ledger``
+    (a guild member's name) where given, else to the gateway's own operator's."""
+
+    def __init__(self, url: str, session: aiohttp.ClientSession, ledger: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.session = session
+        self.query = f"?ledger={ledger}" if ledger else ""
+
+    async def _json(self, resp: aiohttp.ClientResponse) -> dict[str, Any]:
+        try:
+            doc: dict[str, Any] = await resp.json(content_type=None)
+        except (aiohttp.ContentTypeError, json.JSONDecodeError, ValueError):
+            raise GatewayError(resp.status, "http", await resp.text()) from None
+        if resp.status >= 400:
+            err = doc.get("error", {})
+            raise GatewayError(resp.status, err.get("code", "http"), err.get("message", ""))
+        return doc
+
+    async def get(self, path: str) -> dict[str, Any]:
+        async with self.session.get(self.url + path) as resp:
+            return await self._json(resp)
+
+    async def post(
+        self, path: str, body: bytes, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        hdrs = {"Content-Type": "application/octet-stream", **(headers or {})}
+        async with self.session.post(self.url + path, data=body, headers=hdrs) as resp:
+            return await self._json(resp)
+
+    async def submit(self, tx: Transaction, key: str | None = None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": key} if key else None
+        return await self.post("/v1/tx" + self.query, tx.encode(), headers)
+
+    async def issue(self, issuance: AnyIssuance) -> dict[str, Any]:
+        return await self.post("/v1/issuance" + self.query, issuance.encode())
+
+    async def totals(self) -> dict[str, Any]:
+        return await self.get("/v1/ledger" + self.query)
+
+    async def coin(self, coin_id: bytes) -> dict[str, Any] | None:
+        """A coin's state, or None where the ledger has no such coin."""
+        try:
+            return await self.get(f"/v1/coin/{coin_id.hex()}" + self.query)
+        except GatewayError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def coins(self, address: str) -> dict[bytes, Coin]:
+        """Every unspent coin of ``address``, page by page."""
+        # The wallet's own address: its network is whatever its prefix says.
+        owner = decode_address(address, address.rpartition("1")[0].lower())
+        found: dict[bytes, Coin] = {}
+        after = 0
+        while True:
+            doc = await self.get(f"/v1/address/{address}/coins?limit=500&after={after}")
+            found.update(
+                (bytes.fromhex(c["coin_id"]), Coin(c["value_msat"], owner))
+                for c in doc["coins"]
+                if c["status"] == "unspent"
+            )
+            if "next" not in doc:
+                return found
+            after = doc["next"]
+
+    async def incoming(self, address: str, limit: int = 50) -> list[dict[str, Any]]:
+        """Outputs paid to ``address`` from other operators' ledgers (pending, released)."""
+        doc = await self.get(f"/v1/address/{address}/incoming?limit={limit}")
+        entries: list[dict[str, Any]] = doc["incoming"]
+        return entries
+
+    async def history(self, address: str, limit: int = 50) -> list[dict[str, Any]]:
+        doc = await self.get(f"/v1/address/{address}/history?limit={limit}")
+        entries: list[dict[str, Any]] = doc["history"]
+        return entries
