@@ -27,7 +27,7 @@ TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
 class Failure(NamedTuple):
-    """What one gateway did wrong: ``check`` is a proof check's code (``proof.…``) where
+    """What one gateway did wrong: ``check`` is the failed check's code (``proof.…``) where
     it served something that does not verify, else why it could not be asked."""
 
     server: str
@@ -74,14 +74,15 @@ class LightClient:
             try:
                 return url, await ask(Gateway(url, self.session))
             except ProofRefused as exc:
-                failed.append(Failure(url, exc.check, str(exc)))
+                failure = Failure(url, exc.code, str(exc))
             except (DecodeError, ValueError, KeyError, TypeError) as exc:  # malformed answers
-                failed.append(Failure(url, "malformed", f"{type(exc).__name__}: {exc}"))
+                failure = Failure(url, "malformed", f"{type(exc).__name__}: {exc}")
             except GatewayError as exc:
-                failed.append(Failure(url, exc.code, str(exc)))
+                failure = Failure(url, exc.code, str(exc))
             except (aiohttp.ClientError, TimeoutError) as exc:
-                failed.append(Failure(url, "unreachable", repr(exc)))
-        self.failures += failed
+                failure = Failure(url, "unreachable", repr(exc))
+            failed.append(failure)
+            self.failures.append(failure)
         raise NoServer(what, failed)
 
     def _checkpoint(self, doc: dict[str, Any]) -> Announced:

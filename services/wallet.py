@@ -241,8 +241,8 @@ async def verify(doc: WalletFile, session: aiohttp.ClientSession, txid: bytes, o
     client = light_client(doc, session)
     try:
         url, proof, placed = await client.tx(txid)
-    except NoServer as exc:
-        for failure in exc.failures:
+    except NoServer:
+        for failure in client.failures:
             print(f"! {failure}", file=out)
         print(f"verdict: NOT VERIFIED: no gateway proved transaction {txid.hex()}", file=out)
         return 1
@@ -283,7 +283,7 @@ async def verify_coins(
             ) != (coin.value_msat, bytes(coin.owner)):
                 print(f"! coin {cid.hex()}: the guild's checkpoint says otherwise", file=out)
     except NoServer as exc:
-        print(f"! coins not verified: {exc}", file=out)
+        print(f"! coins not verified: {exc.args[0].splitlines()[0]}", file=out)
         return
     finally:
         _said(client, out)
