@@ -34,8 +34,12 @@ class Gateway:
         except (aiohttp.ContentTypeError, json.JSONDecodeError, ValueError):
             raise GatewayError(resp.status, "http", await resp.text()) from None
         if resp.status >= 400:
-            err = doc.get("error", {})
-            raise GatewayError(resp.status, err.get("code", "http"), err.get("message", ""))
+            err = doc.get("error") if isinstance(doc, dict) else None
+            if not isinstance(err, dict):
+                raise GatewayError(resp.status, "http", str(doc)[:200])
+            raise GatewayError(resp.status, str(err.get("code", "http")), str(err.get("message")))
+        if not isinstance(doc, dict):
+            raise GatewayError(resp.status, "http", f"not a JSON object: {str(doc)[:200]}")
         return doc
 
     async def get(self, path: str) -> dict[str, Any]:

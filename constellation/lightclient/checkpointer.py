@@ -16,10 +16,10 @@ follows (and that one's entries), so that a member that missed the latter takes 
 before it vouches.
 
 **Taking.** A signed checkpoint is taken in height order, once its signature verifies
-under the guild's pinned key and this index reached its entries' heights (held until
-then). One that this index disagrees with stops the taking (``disagreed``): a threshold
-of operators computed other coins or records than this one, which an operator must look
-at; this index serves no proof past it.
+under the guild's pinned key, its entries are one per shard and make its root, and this
+index reached their heights (held until then). One that this index disagrees with stops
+the taking (``disagreed``): a threshold of operators computed other coins or records
+than this one, which an operator must look at; this index serves no proof past it.
 
 A proposer that fails after some signers released shares of its checkpoint but before
 the signature was made leaves those signers bound to it at that height; another
@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from constellation.codec import Reader, u16
-from constellation.errors import DecodeError
+from constellation.errors import BadEntryPath, DecodeError
 from constellation.guild import Checkpoint
 from constellation.lightclient.index import GuildIndex, Signed
 from constellation.lightclient.proof import (
@@ -40,6 +40,7 @@ from constellation.lightclient.proof import (
     Pin,
     ShardEntry,
     SignedCheckpoint,
+    shards_tree,
     verify_checkpoint,
 )
 
@@ -152,8 +153,16 @@ class Checkpointer:
         """A signed checkpoint heard of (announced by a member, in a proposal's
         evidence, or from this operator's store): checked against the pinned guild
         (raises ``ProofRefused``) and held for its turn. Returns what is taken now."""
-        verify_checkpoint(self.pin, announced.signed)
-        height = announced.signed.checkpoint.height
+        checkpoint = verify_checkpoint(self.pin, announced.signed)
+        shards = [(e.owner, e.worker) for e in announced.entries]
+        if shards != list(self.index.shards) or shards_tree(announced.entries).root() != (
+            checkpoint.shards
+        ):
+            raise BadEntryPath(
+                f"checkpoint {checkpoint.height}'s entries are not one per shard of the guild"
+                " making its shards root"
+            )
+        height = checkpoint.height
         if height >= self.index.next_height and len(self.waiting) < MAX_WAITING:
             self.waiting.setdefault(height, announced)
         return self.advance(now_ms)
@@ -195,6 +204,9 @@ class Checkpointer:
         last = self.index.last
         if last is not None and checkpoint == last.checkpoint.checkpoint:
             return "", taken  # signed already: a signer that missed it may sign it too
+        held = self.waiting.get(checkpoint.height)
+        if held is not None and held.signed.checkpoint != checkpoint:
+            return f"the guild signed another checkpoint at height {checkpoint.height}", taken
         if not self.index.reached(evidence.entries):
             return NotYet(), taken
         return self.index.check(checkpoint, evidence.entries, now_ms) or "", taken

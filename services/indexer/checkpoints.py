@@ -337,7 +337,7 @@ class Checkpoints:
         the next proposal's evidence)."""
         data = announced.encode()
         subject = checkpoint_subject(self.s.layout.members[self.s.me].name)
-        for peer, client in self.peers.items():
+        for peer, client in list(self.peers.items()):
             try:
                 await client.publish(subject, data)
             except NatsError as exc:
@@ -425,7 +425,7 @@ class Checkpoints:
                 entries = [c.entry for c in last.covered.values()]
                 return lcp.Answer([Announced(last.checkpoint, entries).encode()])
             return lcp.Answer(
-                await self.store.checkpoints(query.start, min(query.count, MAX_RANGE))
+                await self.store.checkpoints(query.start, max(1, min(query.count, MAX_RANGE)))
             )
         if isinstance(query, lcp.TxProofQuery):
             held = await self.store.holding(query.txid, MAX_TX_CHECKPOINTS)

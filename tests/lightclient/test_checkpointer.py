@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import random
 
+import msgspec
 import pytest
 
-from constellation.errors import BadCheckpointSignature, DecodeError
+from constellation.errors import BadCheckpointSignature, BadEntryPath, DecodeError
 from constellation.guild import Checkpoint
 from constellation.lightclient import checkpointer as ck
 from constellation.lightclient import index as lc
@@ -176,7 +177,14 @@ def test_a_forged_or_foreign_checkpoint_is_refused_and_changes_nothing() -> None
     forged = good._replace(signed=good.signed._replace(sig=bytes(64)))
     with pytest.raises(BadCheckpointSignature):
         g.members[1].take(forged, 0)
+    # a true signature with entries that are not the ones it signed
+    wrong = good._replace(entries=[good.entries[0]._replace(size=9), *good.entries[1:]])
+    with pytest.raises(BadEntryPath):
+        g.members[1].take(wrong, 0)
     assert g.members[1].waiting == {}
+    g.members[2].take(good, 0)  # held: member 2 has not reached its heights
+    other = msgspec.structs.replace(p[0], time_ms=p[0].time_ms + 1)
+    assert "another checkpoint" in str(g.members[2].vouch(other, p[1], 0)[0])
     # a proposal following a forged checkpoint is not vouched for
     evidence = p[1]._replace(prev=forged)
     assert "not signed by the guild key" in str(g.members[1].vouch(p[0], evidence, 0)[0])
