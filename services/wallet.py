@@ -181,7 +181,7 @@ async def wallet_command(args: Any, out: Any) -> int:
             doc.save(path)
             return 0
         if args.wallet_command == "verify":
-            code = await verify(doc, session, bytes.fromhex(args.txid), out)
+            code = await verify(doc, session, _txid(args.txid), out)
             doc.save(path)
             return code
         if args.wallet_command == "history":
@@ -201,6 +201,16 @@ async def wallet_command(args: Any, out: Any) -> int:
             kept = sum(p["amount"] for p in doc.ecash)
             print(f"+ {kept} sat of ecash, worth less than a coin's fee", file=out)
     return 0
+
+
+def _txid(text: str) -> bytes:
+    try:
+        txid = bytes.fromhex(text)
+    except ValueError:
+        txid = b""
+    if len(txid) != 32:
+        raise ConfigError(f"{text[:80]!r} is not a transaction id (32 bytes in hex)")
+    return txid
 
 
 async def pin(gw: Gateway, doc: WalletFile, text: str, servers: list[str], out: Any) -> None:

@@ -17,7 +17,10 @@ before it vouches.
 
 **Taking.** A signed checkpoint is taken in height order, once its signature verifies
 under the guild's pinned key, its entries are one per shard and make its root, and this
-index reached their heights (held until then). One that this index disagrees with stops
+index reached their heights (held until then). A member that missed checkpoints (it was
+down) adopts the latest it reached once the gap lasted ``takeover_ms``: its coins and
+blocks are checked, its records are left to the members that saw them (``GuildIndex
+.adopt``). One that this index disagrees with stops
 the taking (``disagreed``): a threshold of operators computed other coins or records
 than this one, which an operator must look at; this index serves no proof past it.
 
@@ -119,6 +122,7 @@ class Checkpointer:
         self.proposed_at: int | None = None
         self.signed_at: int | None = None  # when a signed checkpoint was last taken
         self.started_at: int | None = None
+        self.gap_since: int | None = None  # when a gap in the held heights was first seen
         self.disagreed: str | None = None
 
     def due(self, now_ms: int) -> tuple[Checkpoint, Evidence] | None:
@@ -163,13 +167,20 @@ class Checkpointer:
                 " making its shards root"
             )
         height = checkpoint.height
-        if height >= self.index.next_height and len(self.waiting) < MAX_WAITING:
-            self.waiting.setdefault(height, announced)
+        waiting = self.waiting
+        if height >= self.index.next_height and height not in waiting:
+            if len(waiting) >= MAX_WAITING:  # the highest goes: it is heard again
+                highest = max(waiting)
+                if height > highest:
+                    return self.advance(now_ms)
+                del waiting[highest]
+            waiting[height] = announced
         return self.advance(now_ms)
 
     def advance(self, now_ms: int) -> list[Signed]:
         """Take the held checkpoints whose turn it is and whose heights this index
-        reached (call after applying blocks)."""
+        reached (call after applying blocks); after ``takeover_ms`` of a gap (this member
+        missed checkpoints: it was down), adopt the latest held one it reached."""
         taken: list[Signed] = []
         index = self.index
         while self.disagreed is None:
@@ -183,9 +194,33 @@ class Checkpointer:
                 self.disagreed = str(exc)
                 break
             self.signed_at = now_ms
+        if not self.waiting or index.next_height in self.waiting or self.disagreed:
+            self.gap_since = None
+        elif self.gap_since is None:
+            self.gap_since = now_ms
+        elif now_ms - self.gap_since >= self.takeover_ms:
+            reached = [h for h in self.waiting if index.reached(self.waiting[h].entries)]
+            if reached:
+                self.gap_since = None
+                try:
+                    taken.append(index.adopt(*self.waiting.pop(max(reached))))
+                except ValueError as exc:
+                    self.disagreed = str(exc)
+                else:
+                    self.signed_at = now_ms
+                    return taken + self.advance(now_ms)  # those held above it
         for h in [h for h in self.waiting if h < index.next_height]:
             del self.waiting[h]
         return taken
+
+    def behind(self) -> str | None:
+        """Why this member is behind the guild's checkpoints, if it is."""
+        if self.gap_since is None:
+            return None
+        return (
+            f"missed checkpoints from {self.index.next_height} (the guild is at "
+            f"{max(self.waiting)}): adopting the latest once its blocks are here"
+        )
 
     def vouch(
         self, checkpoint: Checkpoint, evidence: Evidence, now_ms: int

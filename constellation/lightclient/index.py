@@ -77,10 +77,11 @@ def coin_changes(records: Iterable[Record]) -> list[tuple[bytes, bytes]]:
 
 
 class Covered(NamedTuple):
-    """A shard's entry, and what it commits to: the records tree and the coin tree."""
+    """A shard's entry, and what it commits to: the records (encoded) and their tree, and
+    the coin tree. An adopted checkpoint's (``GuildIndex.adopt``) has no records."""
 
     entry: ShardEntry
-    records: list[Record]
+    records: list[bytes]
     tree: merkle.MerkleTree
     coins: smt.Tree
 
@@ -98,8 +99,11 @@ class ShardIndex:
         self.owner, self.worker = owner, worker
         self.height = 0  # the last block with events applied (blocks start at 1)
         self.heads: dict[int, _Head] = {0: _Head(ZERO, ZERO, None)}
-        self.records: list[Record] = []
+        self.records: list[tuple[int, bytes]] = []  # (height, encoded) since the floor
         self.floor = 0  # the height of the last signed entry
+        # Entries computed since the floor, by height: proposing, vouching and taking a
+        # checkpoint ask for the same one.
+        self._covered: dict[int, Covered] = {}
 
     def apply(self, events: BlockEvents) -> None:
         """The next confirmed block with events (in height order)."""
@@ -110,7 +114,7 @@ class ShardIndex:
             )
         records = records_of(events)
         coins = smt.apply(self.heads[self.height].coins, coin_changes(records))
-        self.records += records
+        self.records += [(events.height, r.encode()) for r in records]
         self.heads[events.height] = _Head(events.block or ZERO, events.root or ZERO, coins)
         self.height = events.height
 
@@ -121,8 +125,11 @@ class ShardIndex:
         head = self.heads.get(upto)
         if head is None or upto < self.floor:
             return None
-        records = [r for r in self.records if r.height <= upto]
-        tree = merkle.MerkleTree([r.encode() for r in records])
+        found = self._covered.get(upto)
+        if found is not None:
+            return found
+        records = [r for h, r in self.records if h <= upto]
+        tree = merkle.MerkleTree(records)
         entry = ShardEntry(
             self.owner,
             self.worker,
@@ -132,13 +139,15 @@ class ShardIndex:
             smt.root_hash(head.coins),
             block_state(head.block, head.root),
         )
-        return Covered(entry, records, tree, head.coins)
+        found = self._covered[upto] = Covered(entry, records, tree, head.coins)
+        return found
 
     def settle(self, upto: int) -> None:
         """A checkpoint with this shard's entry at ``upto`` is signed: what it covers goes."""
-        self.records = [r for r in self.records if r.height > upto]
+        self.records = [(h, r) for h, r in self.records if h > upto]
         self.heads = {h: head for h, head in self.heads.items() if h >= upto}
         self.floor = upto
+        self._covered.clear()
 
 
 class Signed(NamedTuple):
@@ -243,10 +252,37 @@ class GuildIndex:
         covered = self._compare(c, entries, c.time_ms)
         if isinstance(covered, str):
             raise ValueError(f"signed checkpoint {c.height}: {covered}")
+        return self._settle(Signed(checkpoint, covered, shards_tree(entries)))
+
+    def adopt(self, checkpoint: SignedCheckpoint, entries: list[ShardEntry]) -> Signed:
+        """Take a signed checkpoint above the next height, skipping those in between (this
+        operator missed them: it was down), once this index computes the same coins and
+        blocks at its entries' heights. Its records trees cannot be checked here (they are
+        over the records since entries this index never saw), so none of its records are
+        kept: another operator proves those transactions. Raises ValueError, changing
+        nothing, where they differ."""
+        c = checkpoint.checkpoint
+        if c.height <= self.next_height or (c.guild, c.members) != (self.guild, self.members):
+            raise ValueError(f"checkpoint {c.height}: not one to adopt here")
+        if [(e.owner, e.worker) for e in entries] != list(self.shards):
+            raise ValueError(f"checkpoint {c.height}: not one entry per shard of the guild")
+        covered = {}
         for e in entries:
-            self.shards[(e.owner, e.worker)].settle(e.height)
-        self.last = Signed(checkpoint, covered, shards_tree(entries))
-        return self.last
+            shard = self.shards[(e.owner, e.worker)]
+            head = shard.heads.get(e.height)
+            if head is None or e.height < shard.floor:
+                raise ValueError(f"shard {e.owner}/{e.worker} has no block {e.height} here")
+            state = block_state(head.block, head.root)
+            if (e.coins, e.state) != (smt.root_hash(head.coins), state):
+                raise ValueError(f"shard {e.owner}/{e.worker} at {e.height} differs here")
+            covered[(e.owner, e.worker)] = Covered(e, [], merkle.MerkleTree([]), head.coins)
+        return self._settle(Signed(checkpoint, covered, shards_tree(entries)))
+
+    def _settle(self, signed: Signed) -> Signed:
+        for shard, covered in signed.covered.items():
+            self.shards[shard].settle(covered.entry.height)
+        self.last = signed
+        return signed
 
 
 class Held(NamedTuple):
@@ -260,11 +296,7 @@ class Held(NamedTuple):
 
 
 def held(signed: Signed) -> Held:
-    records = {
-        i: [r.encode() for r in c.records]
-        for i, c in enumerate(signed.covered.values())
-        if c.records
-    }
+    records = {i: c.records for i, c in enumerate(signed.covered.values()) if c.records}
     return Held(signed.checkpoint, [c.entry for c in signed.covered.values()], records)
 
 

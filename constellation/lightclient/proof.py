@@ -225,14 +225,7 @@ class Descriptor(NamedTuple):
             raise DecodeError(f"guild descriptor: {exc}") from None
         r = Reader(data, "guild descriptor")
         _version(r)
-        n = r.u8()
-        if not 0 < n <= GUILD_ID_MAX_LEN:
-            raise DecodeError("guild descriptor: guild name length out of range")
-        try:
-            guild = r.bytes(n).decode()
-        except UnicodeDecodeError:
-            raise DecodeError("guild descriptor: the guild name is not UTF-8") from None
-        pin = Pin(guild, r.bytes(32), r.bytes(32))
+        pin = Pin(_guild_name(r), r.bytes(32), r.bytes(32))
         first = r.bytes(32)
         r.finish()
         return Descriptor(pin, first)
@@ -258,14 +251,7 @@ class SignedCheckpoint(NamedTuple):
 
     @staticmethod
     def read(r: Reader) -> SignedCheckpoint:
-        n = r.u8()
-        if not 0 < n <= GUILD_ID_MAX_LEN:
-            raise DecodeError("checkpoint: guild name length out of range")
-        try:
-            guild = r.bytes(n).decode()
-        except UnicodeDecodeError:
-            raise DecodeError("checkpoint: guild name is not UTF-8") from None
-        c = Checkpoint(guild, r.u64(), r.bytes(32), r.u64(), r.bytes(32), r.bytes(32))
+        c = Checkpoint(_guild_name(r), r.u64(), r.bytes(32), r.u64(), r.bytes(32), r.bytes(32))
         return SignedCheckpoint(c, r.bytes(64))
 
 
@@ -501,6 +487,17 @@ def verify_coin(
 
 
 # -- encoding helpers ---------------------------------------------------------------------
+
+
+def _guild_name(r: Reader) -> str:
+    """A guild's name: its length (1 byte), then UTF-8."""
+    n = r.u8()
+    if not 0 < n <= GUILD_ID_MAX_LEN:
+        raise DecodeError(f"{r.what}: guild name length out of range")
+    try:
+        return r.bytes(n).decode()
+    except UnicodeDecodeError:
+        raise DecodeError(f"{r.what}: the guild name is not UTF-8") from None
 
 
 def _path(path: list[bytes]) -> bytes:

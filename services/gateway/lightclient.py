@@ -111,10 +111,10 @@ class LightClientApi:
 
     async def get_checkpoint(self, request: web.Request) -> web.Response:
         height = parse_int(request.match_info["height"], "height", 0, MAX_HEIGHT)
-        found = await self._ask(lcp.Checkpoints(height, 1))
-        if not found:
-            raise ApiError(NOT_FOUND, f"no checkpoint at height {height} (yet)")
-        return json_response(checkpoint_doc(Announced.decode(found[0])))
+        found = [Announced.decode(a) for a in await self._ask(lcp.Checkpoints(height, 1))]
+        if not found or found[0].signed.checkpoint.height != height:
+            raise ApiError(NOT_FOUND, f"no checkpoint at height {height} here (yet)")
+        return json_response(checkpoint_doc(found[0]))
 
     async def get_checkpoints(self, request: web.Request) -> web.Response:
         start = query_int(request, "start", 0, MAX_HEIGHT, 0)

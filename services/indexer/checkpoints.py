@@ -153,6 +153,9 @@ class Checkpoints:
             return True, "checkpoints: waiting for the guild's key"
         if ck.disagreed is not None:
             return False, f"disagrees with a checkpoint the guild signed: {ck.disagreed}"
+        behind = ck.behind()
+        if behind is not None:
+            return False, behind
         if self.diverged:
             return False, "; ".join(
                 f"shard {o}/{w}: {why}" for (o, w), why in self.diverged.items()
@@ -180,9 +183,13 @@ class Checkpoints:
                 await self.nc.subscribe(CHECKPOINT_LISTEN, cb=self._on_announced),
                 await self.nc.subscribe(lc_subject(layout.members[s.me].name), cb=self._on_query),
             ]
-            for i, member in enumerate(layout.members):
-                if i != s.me and member.name in s.peers:
-                    self.tasks.watch("peer", asyncio.create_task(self._connect(member.name)))
+            connecting = [
+                asyncio.create_task(self._connect(member.name))
+                for i, member in enumerate(layout.members)
+                if i != s.me and member.name in s.peers
+            ]
+            for task in connecting:
+                self.tasks.watch("peer", task)
             log.info("checkpointing", extra={"shards": len(shards), "rank": s.me})
             try:
                 await asyncio.gather(self._follow(ck), self._propose(ck, signer))
@@ -190,7 +197,10 @@ class Checkpoints:
                 for sub in subs:
                     with contextlib.suppress(NatsError):
                         await sub.unsubscribe()
-                for peer in self.peers.values():
+                for task in connecting:
+                    task.cancel()
+                peers, self.peers = self.peers, {}
+                for peer in peers.values():
                     await peer.close()
 
     async def _pin(self, signer: SignerClient) -> pf.Pin:
@@ -216,13 +226,14 @@ class Checkpoints:
         while page := await self.store.checkpoints(start, RESTORE_PAGE):
             for data in page:
                 announced = Announced.decode(data)
-                ck.waiting[announced.signed.checkpoint.height] = announced
-            start += len(page)
+                checkpoint = announced.signed.checkpoint
+                ck.waiting[checkpoint.height] = announced
+                if checkpoint.height == 0:
+                    self.first = checkpoint.message()
+            start = max(ck.waiting) + 1
         self.stored = start - 1
-        if start:
-            first = Announced.decode((await self.store.checkpoints(0, 1))[0])
-            self.first = first.signed.checkpoint.message()
-            log.info("restoring checkpoints", extra={"stored": start})
+        if ck.waiting:
+            log.info("restoring checkpoints", extra={"stored": len(ck.waiting)})
 
     async def _connect(self, peer: str) -> None:
         name = f"indexer-{self.s.layout.members[self.s.me].name}"
@@ -276,7 +287,7 @@ class Checkpoints:
                         raise ValueError(f"a block of worker {events.worker}")
                     index.apply(events)
                     self.seen[shard].append((events.height, time.monotonic()))
-            except ValueError as exc:
+            except ValueError as exc:  # an operator must look: this copy's log is damaged
                 self.diverged[shard] = f"copy {copy}'s events log does not chain: {exc}"
                 log.error(
                     "a copy's events do not chain", extra={"subject": subject, "error": str(exc)}
@@ -356,7 +367,7 @@ class Checkpoints:
         fresh = [lc.held(s) for s in taken if s.checkpoint.checkpoint.height > self.stored]
         if fresh:
             await self.store.store_checkpoints(fresh)
-            self.stored = fresh[-1].checkpoint.checkpoint.height
+            self.stored = max(self.stored, fresh[-1].checkpoint.checkpoint.height)
         last = taken[-1].checkpoint.checkpoint
         if taken[0].checkpoint.checkpoint.height == 0:
             self.first = taken[0].checkpoint.checkpoint.message()

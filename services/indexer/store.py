@@ -62,9 +62,10 @@ CREATE TABLE IF NOT EXISTS lc_records (
     PRIMARY KEY (height, position)
 );
 CREATE TABLE IF NOT EXISTS lc_txs (
-    txid   bytea  NOT NULL,
-    height bigint NOT NULL,  -- a checkpoint with a record of it
-    PRIMARY KEY (txid, height)
+    txid     bytea   NOT NULL,
+    height   bigint  NOT NULL,  -- a checkpoint with a record of it
+    position integer NOT NULL,  -- in the records of that shard
+    PRIMARY KEY (txid, height, position)
 );
 CREATE TABLE IF NOT EXISTS index_cursors (
     worker integer PRIMARY KEY,
@@ -204,13 +205,13 @@ class Index:
         """Signed checkpoints and what their entries cover (stored again: nothing twice)."""
         checkpoints: list[tuple[int, bytes]] = []
         records: list[tuple[int, int, list[bytes]]] = []
-        txs: list[tuple[bytes, int]] = []
+        txs: list[tuple[bytes, int, int]] = []
         for h in held:
             height = h.checkpoint.checkpoint.height
             checkpoints.append((height, Announced(h.checkpoint, h.entries).encode()))
             for position, encoded in h.records.items():
                 records.append((height, position, encoded))
-                txs.extend((r[8:40], height) for r in encoded)  # a record's txid
+                txs.extend((r[8:40], height, position) for r in encoded)  # a record's txid
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.executemany(
                 "INSERT INTO lc_checkpoints (height, announced) VALUES ($1, $2)"
@@ -224,13 +225,14 @@ class Index:
             )
             if txs:
                 await conn.execute(
-                    "INSERT INTO lc_txs (txid, height) SELECT * FROM"
-                    " unnest($1::bytea[], $2::bigint[]) ON CONFLICT DO NOTHING",
+                    "INSERT INTO lc_txs (txid, height, position) SELECT * FROM"
+                    " unnest($1::bytea[], $2::bigint[], $3::integer[]) ON CONFLICT DO NOTHING",
                     *(list(column) for column in zip(*txs, strict=True)),
                 )
 
     async def checkpoints(self, start: int, count: int) -> list[bytes]:
-        """Signed checkpoints (``Announced``, encoded) from height ``start`` on."""
+        """Signed checkpoints (``Announced``, encoded) from height ``start`` on (a member
+        that adopted a checkpoint lacks those it missed)."""
         rows = await self.pool.fetch(
             "SELECT announced FROM lc_checkpoints WHERE height >= $1 ORDER BY height LIMIT $2",
             start,
@@ -242,12 +244,11 @@ class Index:
         """The first ``most`` checkpoints with records of ``txid``, each with its
         records (those of the shards that have the transaction's)."""
         rows = await self.pool.fetch(
-            "SELECT c.height, c.announced, r.position, r.records FROM lc_txs t"
+            "SELECT DISTINCT c.height, c.announced, r.position, r.records FROM lc_txs t"
             " JOIN lc_checkpoints c ON c.height = t.height"
-            " JOIN lc_records r ON r.height = t.height"
-            " WHERE t.txid = $1 AND t.height IN (SELECT height FROM lc_txs WHERE txid = $1"
-            " ORDER BY height LIMIT $2) AND $1 = ANY (SELECT substring(x FROM 9 FOR 32)"
-            " FROM unnest(r.records) AS x) ORDER BY c.height, r.position",
+            " JOIN lc_records r ON (r.height, r.position) = (t.height, t.position)"
+            " WHERE t.txid = $1 AND t.height IN (SELECT DISTINCT height FROM lc_txs"
+            " WHERE txid = $1 ORDER BY height LIMIT $2) ORDER BY c.height, r.position",
             txid,
             most,
         )

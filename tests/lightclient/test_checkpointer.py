@@ -219,3 +219,45 @@ def test_a_signed_checkpoint_this_index_disagrees_with_stops_the_taking() -> Non
     assert g.members[0].disagreed is not None and "differs here" in g.members[0].disagreed
     assert g.members[0].due(10_000) is None
     assert "disagrees with the guild" in str(g.members[0].vouch(*p, 0)[0])
+
+
+def test_a_member_that_missed_checkpoints_adopts_the_latest_after_a_while() -> None:
+    g = Guild()
+    signed = []
+    for r in range(3):  # checkpoints 0, 1, 2: member 1 hears only the last
+        g.pay()
+        g.catch_up(0, 1000 * r)
+        p = g.members[0].due(1000 * r)
+        assert p is not None
+        signed.append(g.sign(p))
+        g.members[0].take(signed[-1], 1000 * r)
+    m = g.members[1]
+    g.catch_up(1, 5000)
+    assert m.take(signed[2], 5000) == [] and m.behind() is not None
+    assert m.advance(5000 + TAKEOVER - 1) == []
+    [adopted] = m.advance(5000 + TAKEOVER)
+    assert adopted.checkpoint == signed[2].signed and m.behind() is None
+    assert m.index.next_height == 3 and adopted.covered[SHARDS[0]].records == []
+    # from there it checks the next one as any member does
+    g.pay()
+    g.catch_up(0, 9000)
+    g.catch_up(1, 9000)
+    p = g.members[0].due(9000)
+    assert p is not None and m.vouch(*p, 9000)[0] == ""
+    # coins that differ from its own are not adopted: it stops, and says why
+    lying = Guild()
+    for _ in range(2):
+        lying.pay()
+    lying.catch_up(0, 0)
+    first = lying.members[0].due(0)
+    assert first is not None
+    entries = first[1].entries
+    entries = [entries[0]._replace(coins=b"\x05" * 32), *entries[1:]]
+    cp = msgspec.structs.replace(
+        first[0], height=4, prev_hash=b"\x01" * 32, shards=pf.shards_tree(entries).root()
+    )
+    forged = ck.Announced(pf.SignedCheckpoint(cp, KEY.sign(cp.message())), entries)
+    lying.catch_up(1, 0)
+    lying.members[1].take(forged, 0)
+    assert lying.members[1].advance(TAKEOVER) == []
+    assert "differs here" in str(lying.members[1].disagreed)
