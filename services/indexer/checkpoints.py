@@ -397,6 +397,8 @@ class Checkpoints:
             self.metrics.vouches.labels("late").inc()
             reason = "this operator has not reached the checkpoint's blocks yet"
         self.metrics.vouches.labels("yes" if not reason else "no").inc()
+        if reason:
+            log.info("not vouching for a checkpoint", extra={"reason": reason})
         await msg.respond(msgspec.msgpack.encode(reason))
 
     async def _on_announced(self, msg: Msg) -> None:

@@ -7,6 +7,8 @@ true proof of its absence from another shard)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -182,3 +184,50 @@ async def test_a_wallet_verifies_its_payment_and_moves_past_a_lying_gateway(
     assert code == 0, out
     code, out = await cli("wallet", "verify", txid, "--file", wallet)
     assert code == 1 and "verdict: NOT VERIFIED" in out and "[proof.record_path]" in out, out
+
+
+async def test_a_member_whose_indexer_was_killed_adopts_the_guilds_checkpoints(
+    where: Path,
+) -> None:
+    """kill -9 of a member's indexer while the guild goes on checkpointing: restarted by
+    its supervisor, it rebuilds its index, takes what it stored, adopts the guild's
+    latest checkpoint once the gap lasts (not ready meanwhile), and follows again."""
+    nets = [Devnet.load(where / f"op{i}") for i in range(3)]
+    wallet = str(where.parent / "killed.json")
+    assert (await cli("wallet", "create", "--file", wallet, "--gateway", nets[0].gateway_url))[
+        0
+    ] == 0
+    address = (await cli("wallet", "address", "--file", wallet))[1].strip()
+    assert (await cli("devnet", "fund", address, "2000000", "--dir", nets[0].dir))[0] == 0
+    await _until("2000000 msat in 1 coins", lambda: cli("wallet", "balance", "--file", wallet))
+    os.kill(nets[1].indexer_pid, signal.SIGKILL)
+    for _ in range(3):  # the guild moves on meanwhile
+        code, out = await cli("wallet", "pay", address, "1000", "--file", wallet, "--yes")
+        assert code == 0, out
+        await asyncio.sleep(1.2)
+    end = time.monotonic() + 60
+    async with aiohttp.ClientSession() as s:
+        while True:
+            heights = []
+            for net in nets:
+                async with s.get(net.gateway_url + "/v1/lc/checkpoints/latest") as r:
+                    heights.append((await r.json())["height"] if r.status == 200 else -1)
+            op1 = Devnet.load(where / "op1")
+            async with s.get(f"http://127.0.0.1:{op1.indexer_port}/readyz") as r:
+                ready = r.status == 200
+            if ready and len(set(heights)) == 1 and op1.indexer_pid != nets[1].indexer_pid:
+                break
+            assert time.monotonic() < end, (heights, ready)
+            await asyncio.sleep(0.5)
+    # and it vouches again: the next checkpoint needs it no less than the others
+    code, out = await cli("wallet", "pay", address, "1000", "--file", wallet, "--yes")
+    assert code == 0, out
+    txid = out.split("txid ")[1].split()[0]
+    async with aiohttp.ClientSession() as s:
+        end = time.monotonic() + 20
+        while True:
+            async with s.get(op1.gateway_url + f"/v1/lc/tx/{txid}") as r:
+                if r.status == 200:
+                    break
+            assert time.monotonic() < end, await r.text()
+            await asyncio.sleep(0.3)
