@@ -64,6 +64,12 @@ def lc_subject(operator: str) -> str:
     return f"cst.{operator}.lc"
 
 
+def lc_taken_subject(operator: str) -> str:
+    """Where an operator's indexer tells its gateways of each signed checkpoint it stored
+    (``Announced``): what they push to light clients."""
+    return f"cst.{operator}.lc.taken"
+
+
 def events_subject(operator: str) -> str:
     return f"cst.{operator}.events"
 

@@ -22,6 +22,7 @@ from typing import NamedTuple
 from constellation.guild import Checkpoint
 from constellation.lightclient import merkle, smt
 from constellation.lightclient.proof import (
+    MAX_PROOF_CHECKPOINTS,
     MAX_SHARDS,
     Change,
     ChangeKind,
@@ -306,29 +307,138 @@ def entry_proof(signed: Signed, shard: Shard) -> EntryProof:
     return EntryProof(signed.covered[shard].entry, i, tree.size, tree.path(i))
 
 
-def tx_proof(checkpoints: Iterable[Held], txid: bytes) -> TxProof | None:
-    """A proof of ``txid`` from the signed checkpoints that hold its records."""
+class _Found(NamedTuple):
+    """A signed checkpoint's records of one transaction: (position, index) of each."""
+
+    checkpoint: SignedCheckpoint
+    entries: list[ShardEntry]
+    shards: merkle.MerkleTree
+    places: list[tuple[int, int]]
+    records: dict[int, list[bytes]]
+    trees: dict[int, merkle.MerkleTree]
+
+
+def _tx_proof(txid: bytes, found: Iterable[_Found]) -> TxProof | None:
     used: list[SignedCheckpoint] = []
     parts: list[TxPart] = []
+    for f in found:
+        for position, i in f.places:
+            tree = f.trees.get(position) or f.trees.setdefault(
+                position, merkle.MerkleTree(f.records[position])
+            )
+            entry = EntryProof(
+                f.entries[position], position, f.shards.size, f.shards.path(position)
+            )
+            parts.append(TxPart(len(used), entry, f.records[position][i], i, tree.path(i)))
+        used.append(f.checkpoint)
+    return TxProof(txid, used, parts) if parts else None
+
+
+def tx_proof(checkpoints: Iterable[Held], txid: bytes) -> TxProof | None:
+    """A proof of ``txid`` from the signed checkpoints that hold its records."""
+    found = []
     for h in checkpoints:
-        found = [
+        places = [
             (position, i)
             for position, records in h.records.items()
             for i, record in enumerate(records)
             if record[8:40] == txid  # a record's txid follows its height
         ]
-        if not found:
-            continue
-        shards = shards_tree(h.entries)
-        trees: dict[int, merkle.MerkleTree] = {}
-        for position, i in found:
-            tree = trees.get(position) or trees.setdefault(
-                position, merkle.MerkleTree(h.records[position])
-            )
-            entry = EntryProof(h.entries[position], position, shards.size, shards.path(position))
-            parts.append(TxPart(len(used), entry, h.records[position][i], i, tree.path(i)))
-        used.append(h.checkpoint)
-    return TxProof(txid, used, parts) if parts else None
+        if places:
+            shards = shards_tree(h.entries)
+            found.append(_Found(h.checkpoint, h.entries, shards, places, h.records, {}))
+    return _tx_proof(txid, found)
+
+
+Key = tuple[str, bytes]  # ("address", owner) or ("coin", coin id)
+
+
+class Recent:
+    """The records of the last ``keep`` signed checkpoints, in memory with their trees, to
+    prove at once what each new checkpoint did to an address or a coin (what a light
+    client subscribed to them is pushed).
+
+    A checkpoint *touches* a key with a transaction when the transaction's records changing
+    the key (a coin created for, spent by or paid out to an address; the coin itself) are
+    under it or an earlier kept checkpoint, and its commit (the coordinator's record,
+    which ``proof.verify_tx`` asks for) is under it, or was under an earlier one that
+    already touched the key: a participant's change can come a checkpoint before or after
+    the commit, and is told once both are signed. A transaction whose commit does not come
+    while its change is kept is not told."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.kept: dict[int, _Found] = {}  # by height; places unused: the txids' are below
+        self.places: dict[bytes, list[tuple[int, int, int]]] = {}  # (height, position, i)
+        self.committed: dict[bytes, int] = {}  # txid -> the height of its commit
+        self.touched: dict[int, dict[Key, list[bytes]]] = {}
+        self.waiting: dict[bytes, tuple[int, set[Key]]] = {}  # no commit yet: since, keys
+
+    def add(self, signed: Signed) -> dict[Key, list[bytes]]:
+        """A signed checkpoint just taken (in height order): the keys it touches, and with
+        which transactions."""
+        height = signed.checkpoint.checkpoint.height
+        records = {i: c.records for i, c in enumerate(signed.covered.values()) if c.records}
+        trees = {i: c.tree for i, c in enumerate(signed.covered.values()) if c.records}
+        entries = [c.entry for c in signed.covered.values()]
+        self.kept[height] = _Found(signed.checkpoint, entries, signed.tree, [], records, trees)
+        changed: dict[bytes, set[Key]] = {}
+        for position, encoded in records.items():
+            for i, data in enumerate(encoded):
+                record = Record.decode(data)
+                self.places.setdefault(record.txid, []).append((height, position, i))
+                if record.committed:
+                    self.committed[record.txid] = height
+                keys = changed.setdefault(record.txid, set())
+                for c in record.changes:
+                    keys.add(("address", c.owner))
+                    keys.add(("coin", c.coin_id))
+        touched: dict[Key, list[bytes]] = {}
+        for txid, keys in changed.items():
+            if txid not in self.committed:
+                since, waiting = self.waiting.get(txid, (height, set()))
+                self.waiting[txid] = (since, waiting | keys)
+                continue
+            done = self.waiting.pop(txid, (0, set()))[1]
+            for key in keys | done:
+                touched.setdefault(key, []).append(txid)
+        self.touched[height] = touched
+        while len(self.kept) > self.keep:
+            self._forget(min(self.kept))
+        return touched
+
+    def _forget(self, height: int) -> None:
+        found = self.kept.pop(height)
+        del self.touched[height]
+        for encoded in found.records.values():
+            for data in encoded:
+                txid = data[8:40]
+                places = [p for p in self.places.get(txid, []) if p[0] != height]
+                if places:
+                    self.places[txid] = places
+                else:
+                    self.places.pop(txid, None)
+                    self.committed.pop(txid, None)
+        for txid, (since, _) in list(self.waiting.items()):
+            if since <= height:
+                del self.waiting[txid]
+
+    def proof(self, txid: bytes, upto: int) -> TxProof | None:
+        """A proof of ``txid`` from its records under the kept checkpoints up to ``upto``;
+        None where its commit is under one no longer kept (the store proves it)."""
+        if self.committed.get(txid, -1) not in self.kept:
+            return None
+        by_height: dict[int, list[tuple[int, int]]] = {}
+        for height, position, i in self.places.get(txid, []):
+            if height <= upto:
+                by_height.setdefault(height, []).append((position, i))
+        return _tx_proof(
+            txid,
+            (
+                self.kept[h]._replace(places=places)
+                for h, places in sorted(by_height.items())[:MAX_PROOF_CHECKPOINTS]
+            ),
+        )
 
 
 def coin_proof(signed: Signed, shard: Shard, coin_id: bytes) -> CoinProof:

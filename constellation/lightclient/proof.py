@@ -52,6 +52,7 @@ VERSION = 1
 MAX_SHARDS = 4096
 MAX_CHANGES = 1024  # a record's coin changes
 MAX_PARTS = 64  # shards one transaction proof covers
+MAX_PROOF_CHECKPOINTS = 16  # checkpoints one transaction proof spans
 _members_hash = tagged_hasher("Constellation/members")
 _block_state = tagged_hasher("Constellation/block-state")
 
@@ -352,7 +353,8 @@ def decode_tx_proof(data: bytes) -> TxProof:
     r = Reader(data, "transaction proof")
     _version(r)
     txid = r.bytes(32)
-    checkpoints = [SignedCheckpoint.read(r) for _ in range(_small(r, 1, 16, "checkpoints"))]
+    n = _small(r, 1, MAX_PROOF_CHECKPOINTS, "checkpoints")
+    checkpoints = [SignedCheckpoint.read(r) for _ in range(n)]
     parts = []
     for _ in range(_small(r, 1, MAX_PARTS, "parts")):
         cp, entry = r.u8(), EntryProof.read(r)

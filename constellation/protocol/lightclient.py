@@ -50,12 +50,51 @@ class DescriptorQuery(_Query, frozen=True, tag="descriptor"):
     pass
 
 
-Query = Checkpoints | TxProofQuery | CoinProofQuery | DescriptorQuery
+class PushQuery(_Query, frozen=True, tag="pushes"):
+    """What signed checkpoint ``height`` did to the keys asked (``("address", owner)`` or
+    ``("coin", coin_id)``): a ``Pushed`` for each key and transaction, in key order."""
+
+    height: int
+    keys: list[tuple[str, bytes]]
+
+
+class HistoryQuery(_Query, frozen=True, tag="history"):
+    """The transactions that changed an address in any member's ledger, newest first (by
+    checkpoint, then txid): those before ``(before, before_txid)``, at most ``limit``;
+    each item a ``Touch``."""
+
+    owner: bytes
+    before: int
+    before_txid: bytes
+    limit: int
+
+
+Query = Checkpoints | TxProofQuery | CoinProofQuery | DescriptorQuery | PushQuery | HistoryQuery
+
+
+class Pushed(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A transaction that changed ``key`` (``kind`` "address" or "coin"), and its proof
+    (``proof.encode_tx_proof``) up to the checkpoint asked about."""
+
+    kind: str
+    key: bytes
+    txid: bytes
+    proof: bytes
+
+
+class Touch(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A transaction that changed an address, provable from checkpoint ``height`` on."""
+
+    height: int
+    txid: bytes
 
 
 class Answer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """What the indexer has: encoded checkpoints (``Announced``), a proof, or the guild
-    descriptor; ``error`` where it cannot answer (no checkpoint yet, ...)."""
+    """What the indexer has: encoded checkpoints (``Announced``), a proof, the guild
+    descriptor, pushes or history; ``error`` where it cannot answer (no checkpoint yet,
+    ...). ``more``: where an answer stopped short of its size limit, the index of the
+    first key it did not answer."""
 
     items: list[bytes] = []
     error: str = ""
+    more: int = 0

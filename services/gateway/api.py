@@ -313,10 +313,10 @@ class Api:
             )
         return client
 
-    def _admit(self, request: web.Request, count: int) -> None:
+    def _admit(self, client: str, count: int) -> None:
         if sum(c.in_flight for c in self.ledgers.values()) + count > self.max_in_flight:
             raise ApiError("overloaded", "too many transactions in flight; retry", 1.0)
-        wait = self.limits.admit(request.remote or "unknown", count)
+        wait = self.limits.admit(client, count)
         if wait:
             raise ApiError("rate_limited", f"over {self.limits.rate_per_s} tx/s", wait)
 
@@ -394,7 +394,7 @@ class Api:
                 )
         try:
             tx, raw = self._parse(request, body, ledger)
-            self._admit(request, 1)
+            self._admit(client, 1)
             [(status, answer)] = await self._run(ledger, [(tx, raw)])
         except (ApiError, ConstellationError) as exc:
             if key is not None:
@@ -405,6 +405,20 @@ class Api:
             await self.limits.finish(client, key, body, status, answer)
         return json_response(answer, status=status)
 
+    async def submit(self, raw: bytes, client: str) -> tuple[int, dict[str, Any]]:
+        """A transaction in its canonical encoding, sent over a light client's websocket
+        (``services.gateway.lcws``): run in this operator's ledger as ``POST /v1/tx``
+        runs it; the HTTP status it would have, and the receipt or error body."""
+        if len(raw) > MAX_TX_BYTES:
+            raise ApiError(
+                TOO_LARGE, f"the transaction is {len(raw)} bytes; at most {MAX_TX_BYTES}"
+            )
+        tx = decode_transaction(raw, check_owners=False)  # the coordinator checks
+        self._check_ledgers(self.ledger, tx)
+        self._admit(client, 1)
+        [(status, answer)] = await self._run(self.ledger, [(tx, raw)])
+        return status, answer
+
     async def post_txs(self, request: web.Request) -> web.Response:
         """A batch: ``(length:u32 transaction)*`` in, one answer per transaction out."""
         if request.content_type != "application/octet-stream":
@@ -412,7 +426,7 @@ class Api:
         body = await self._body(request, MAX_BATCH * MAX_TX_BYTES)
         ledger = self._ledger(request)
         parsed = [self._checked(ledger, p) for p in parse_batch(body)]
-        self._admit(request, len(parsed))
+        self._admit(request.remote or "unknown", len(parsed))
         txs = [p for p in parsed if not isinstance(p, ApiError)]
         answers = iter(await self._run(ledger, txs))
         results = [p.body() if isinstance(p, ApiError) else next(answers)[1] for p in parsed]
@@ -431,7 +445,7 @@ class Api:
         body = await self._body(request, MAX_TX_BYTES)
         ledger = self._ledger(request)
         issuance = decode_issuance(body)
-        self._admit(request, 1)
+        self._admit(request.remote or "unknown", 1)
         try:
             results = await ledger.issue(issuance, body, self.timeout_s)
         except LedgerUnavailable as exc:

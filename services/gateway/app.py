@@ -7,6 +7,7 @@ import logging
 
 from services.gateway.api import Api
 from services.gateway.config import Settings
+from services.gateway.lcws import LightSockets
 from services.gateway.lightclient import LightClientApi
 from services.gateway.lightning import ClnBackend, LightningError, rebalance
 from services.gateway.limits import Limits
@@ -76,7 +77,9 @@ class GatewayNode:
         )
         api.install(self.ops.app)
         members = [m.name for m in s.layout.members] if s.layout else []
-        LightClientApi(ledger.nc, s.operator, members).install(self.ops.app)
+        light = LightClientApi(ledger.nc, s.operator, members, s.network)
+        light.install(self.ops.app)
+        LightSockets(light, api, m, self.ops.tasks).install(self.ops.app)
         m.queue.labels("in_flight").set_function(lambda: sum(c.in_flight for c in ledgers.values()))
         m.queue.labels("outbox").set_function(lambda: sum(c.packer.depth for c in ledgers.values()))
         tasks = self.ops.tasks

@@ -10,6 +10,7 @@ they say.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -17,6 +18,8 @@ from aiohttp import web
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
+from constellation.address import Network, decode_address, encode_address
+from constellation.errors import DecodeError
 from constellation.lightclient import proof as pf
 from constellation.lightclient.checkpointer import Announced
 from constellation.protocol import lightclient as lcp
@@ -26,10 +29,20 @@ from services.gateway.errors import NOT_FOUND, ApiError, json_response
 
 PROTOCOL = "constellation-lc"
 VERSION = 1
-FEATURES = ["descriptor", "checkpoints", "tx_proof", "coin_proof"]
+FEATURES = ["descriptor", "checkpoints", "tx_proof", "coin_proof", "history", "subscribe", "submit"]
 ASK_TIMEOUT_S = 5.0
 MAX_COUNT = 100  # checkpoints in one answer
+MAX_HISTORY = 100  # transactions in one page of an address's history
 MAX_HEIGHT = 2**62
+CURSOR_TXID = re.compile(r"(?:[0-9a-f]{64})?")
+MAX_SUBSCRIPTIONS = 1000  # addresses and coins one websocket subscribes to
+MAX_MESSAGE = 64 << 10  # bytes of one websocket message
+LIMITS = {
+    "checkpoints": MAX_COUNT,
+    "history": MAX_HISTORY,
+    "subscriptions": MAX_SUBSCRIPTIONS,
+    "message_bytes": MAX_MESSAGE,
+}
 
 
 def checkpoint_doc(announced: Announced) -> dict[str, Any]:
@@ -51,11 +64,15 @@ def checkpoint_doc(announced: Announced) -> dict[str, Any]:
 
 
 class LightClientApi:
-    def __init__(self, nc: Client, operator: str, members: list[str]) -> None:
+    """The answers, each a JSON document (``ApiError`` where there is none), served over
+    HTTP here and over the websocket (``services.gateway.lcws``)."""
+
+    def __init__(self, nc: Client, operator: str, members: list[str], network: Network) -> None:
         self.nc = nc
         self.operator = operator
         self.subject = lc_subject(operator)
         self.members = members  # the guild's operators, in order (empty: not in a guild)
+        self.network = network
 
     def install(self, app: web.Application) -> None:
         r = app.router
@@ -66,8 +83,9 @@ class LightClientApi:
         r.add_get("/v1/lc/checkpoints/{height}", self.get_checkpoint)
         r.add_get("/v1/lc/tx/{txid}", self.get_tx_proof)
         r.add_get("/v1/lc/coin/{coin_id}", self.get_coin_proof)
+        r.add_get("/v1/lc/address/{address}/history", self.get_history)
 
-    async def _ask(self, query: lcp.Query) -> list[bytes]:
+    async def ask(self, query: lcp.Query) -> lcp.Answer:
         if not self.members:
             raise ApiError(NOT_FOUND, "this operator is not in a guild: it makes no checkpoints")
         try:
@@ -79,62 +97,130 @@ class LightClientApi:
             raise ApiError("unavailable", f"the indexer did not answer: {exc!r}", 1) from None
         if answer.error:
             raise ApiError(NOT_FOUND, answer.error)
-        return answer.items
+        return answer
+
+    async def _items(self, query: lcp.Query) -> list[bytes]:
+        return (await self.ask(query)).items
+
+    # -- the answers ---------------------------------------------------------------------
+
+    def server(self) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL,
+            "version": VERSION,
+            "features": FEATURES if self.members else [],
+            "members": self.members,
+            "limits": LIMITS,
+        }
+
+    async def descriptor(self) -> dict[str, Any]:
+        text = (await self._items(lcp.DescriptorQuery()))[0].decode()
+        d = pf.Descriptor.decode(text)
+        return {
+            "descriptor": text,
+            "guild": d.pin.guild,
+            "key": d.pin.key.hex(),
+            "members": d.pin.members.hex(),
+            "first": d.first.hex(),
+        }
+
+    async def latest(self) -> dict[str, Any]:
+        data = (await self._items(lcp.Checkpoints(-1, 1)))[0]
+        return checkpoint_doc(Announced.decode(data))
+
+    async def checkpoint(self, height: int) -> dict[str, Any]:
+        found = [Announced.decode(a) for a in await self._items(lcp.Checkpoints(height, 1))]
+        if not found or found[0].signed.checkpoint.height != height:
+            raise ApiError(NOT_FOUND, f"no checkpoint at height {height} here (yet)")
+        return checkpoint_doc(found[0])
+
+    async def checkpoints(self, start: int, count: int) -> dict[str, Any]:
+        found = await self._items(lcp.Checkpoints(start, count))
+        return {"checkpoints": [checkpoint_doc(Announced.decode(a)) for a in found]}
+
+    async def tx_proof(self, txid: bytes) -> dict[str, Any]:
+        proof = (await self._items(lcp.TxProofQuery(txid)))[0]
+        heights = [c.checkpoint.height for c in pf.decode_tx_proof(proof).checkpoints]
+        return {"txid": txid.hex(), "checkpoints": heights, "proof": proof.hex()}
+
+    async def coin_proof(self, coin_id: bytes, ledger: str) -> dict[str, Any]:
+        """The coin's proof from the ledger of guild member ``ledger``."""
+        if ledger not in self.members:
+            raise ApiError("malformed.ledger", f"no guild member {ledger[:64]!r}")
+        owner = self.members.index(ledger)
+        proof = (await self._items(lcp.CoinProofQuery(owner, coin_id)))[0]
+        return {"coin_id": coin_id.hex(), "ledger": ledger, "proof": proof.hex()}
+
+    async def history(self, address: str, before: str, limit: int) -> dict[str, Any]:
+        """The transactions that changed an address in any member's ledger, newest first,
+        each with the checkpoint from which its proof is served. ``before``: a page's
+        ``next`` (where there may be more), or a checkpoint height ("" for the newest)."""
+        owner = self.owner(address)
+        height, txid = parse_cursor(before)
+        found = [
+            msgspec.msgpack.decode(item, type=lcp.Touch)
+            for item in await self._items(lcp.HistoryQuery(owner, height, txid, limit))
+        ]
+        doc: dict[str, Any] = {
+            "address": address,
+            "history": [{"checkpoint": t.height, "txid": t.txid.hex()} for t in found],
+        }
+        if len(found) == limit:
+            doc["next"] = f"{found[-1].height}.{found[-1].txid.hex()}"
+        return doc
+
+    def address(self, owner: bytes) -> str:
+        return encode_address(owner, self.network)
+
+    def owner(self, address: str) -> bytes:
+        try:
+            return bytes(decode_address(address, self.network))
+        except DecodeError as exc:
+            raise ApiError("malformed.address", str(exc)) from None
+
+    # -- over HTTP -----------------------------------------------------------------------
 
     async def get_server(self, _: web.Request) -> web.Response:
-        return json_response(
-            {
-                "protocol": PROTOCOL,
-                "version": VERSION,
-                "features": FEATURES if self.members else [],
-                "members": self.members,
-                "limits": {"checkpoints": MAX_COUNT},
-            }
-        )
+        return json_response(self.server())
 
     async def get_descriptor(self, _: web.Request) -> web.Response:
-        text = (await self._ask(lcp.DescriptorQuery()))[0].decode()
-        d = pf.Descriptor.decode(text)
-        return json_response(
-            {
-                "descriptor": text,
-                "guild": d.pin.guild,
-                "key": d.pin.key.hex(),
-                "members": d.pin.members.hex(),
-                "first": d.first.hex(),
-            }
-        )
+        return json_response(await self.descriptor())
 
     async def get_latest(self, _: web.Request) -> web.Response:
-        data = (await self._ask(lcp.Checkpoints(-1, 1)))[0]
-        return json_response(checkpoint_doc(Announced.decode(data)))
+        return json_response(await self.latest())
 
     async def get_checkpoint(self, request: web.Request) -> web.Response:
         height = parse_int(request.match_info["height"], "height", 0, MAX_HEIGHT)
-        found = [Announced.decode(a) for a in await self._ask(lcp.Checkpoints(height, 1))]
-        if not found or found[0].signed.checkpoint.height != height:
-            raise ApiError(NOT_FOUND, f"no checkpoint at height {height} here (yet)")
-        return json_response(checkpoint_doc(found[0]))
+        return json_response(await self.checkpoint(height))
 
     async def get_checkpoints(self, request: web.Request) -> web.Response:
         start = query_int(request, "start", 0, MAX_HEIGHT, 0)
         count = query_int(request, "count", 1, MAX_COUNT, MAX_COUNT)
-        found = await self._ask(lcp.Checkpoints(start, count))
-        return json_response({"checkpoints": [checkpoint_doc(Announced.decode(a)) for a in found]})
+        return json_response(await self.checkpoints(start, count))
 
     async def get_tx_proof(self, request: web.Request) -> web.Response:
         txid = parse_hex(request.match_info["txid"], "txid", 32)
-        proof = (await self._ask(lcp.TxProofQuery(txid)))[0]
-        heights = [c.checkpoint.height for c in pf.decode_tx_proof(proof).checkpoints]
-        return json_response({"txid": txid.hex(), "checkpoints": heights, "proof": proof.hex()})
+        return json_response(await self.tx_proof(txid))
 
     async def get_coin_proof(self, request: web.Request) -> web.Response:
         """``?ledger=NAME``: the guild member whose ledger holds the coin (this
         operator's if not named)."""
         coin_id = parse_hex(request.match_info["coin_id"], "coin_id", 32)
-        name = request.query.get("ledger", self.operator)
-        if name not in self.members:
-            raise ApiError("malformed.ledger", f"no guild member {name[:64]!r}")
-        owner = self.members.index(name)
-        proof = (await self._ask(lcp.CoinProofQuery(owner, coin_id)))[0]
-        return json_response({"coin_id": coin_id.hex(), "ledger": name, "proof": proof.hex()})
+        ledger = request.query.get("ledger", self.operator)
+        return json_response(await self.coin_proof(coin_id, ledger))
+
+    async def get_history(self, request: web.Request) -> web.Response:
+        before = request.query.get("before", "")
+        limit = query_int(request, "limit", 1, MAX_HISTORY, MAX_HISTORY)
+        return json_response(await self.history(request.match_info["address"], before, limit))
+
+
+def parse_cursor(text: str) -> tuple[int, bytes]:
+    """A history page's ``before``: "" (the newest), a checkpoint height (transactions
+    below it), or a page's ``next`` ("HEIGHT.TXID": those after it, newest first)."""
+    if not text:
+        return MAX_HEIGHT, b""
+    height, _, txid = text.partition(".")
+    if not height.isdigit() or len(height) > 19 or not CURSOR_TXID.fullmatch(txid):
+        raise ApiError("malformed.before", "before is a height, or a page's next")
+    return min(int(height), MAX_HEIGHT), bytes.fromhex(txid)

@@ -30,6 +30,13 @@ class GatewayMetrics:
         )
         self.queue = Gauge("gateway_queue_depth", "items waiting, by queue", ["queue"], registry=r)
         self.websockets = Gauge("gateway_websockets", "open websocket subscriptions", registry=r)
+        self.lc_pushes = Counter(
+            "gateway_lc_pushes",
+            "light-client websocket pushes, by method (cut: a socket too slow, dropped;"
+            " failed: a checkpoint's pushes the indexer did not answer)",
+            ["method"],
+            registry=r,
+        )
         self.lightning_up = Gauge(
             "gateway_lightning_up", "1 while the Lightning node answers", registry=r
         )

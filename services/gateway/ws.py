@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -28,12 +28,85 @@ from services.partition.client import LedgerClient
 from services.runtime import Tasks
 
 MAX_SUBSCRIPTIONS = 1000
+MAX_MESSAGE = 64 << 10  # bytes of one message a client sends
 WS_QUEUE = 1000
+OVERLOADED = {"type": "error", "code": "overloaded"}
 TASK = "pushes"
 
 log = logging.getLogger("gateway.ws")
 
-Queue = asyncio.Queue[dict[str, Any]]
+
+class Socket:
+    """A subscriber's websocket: what is pushed to it queued (at most ``WS_QUEUE``) and
+    sent in order by a task of its own; one too slow to keep up is sent ``overflow``
+    once, unsubscribed, and closed."""
+
+    def __init__(self, ws: web.WebSocketResponse, overflow: dict[str, Any]) -> None:
+        self.ws = ws
+        self.overflow = overflow
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(WS_QUEUE + 1)
+        self.cut = False
+
+    def push(self, doc: dict[str, Any]) -> bool:
+        """Queue ``doc``; False where the socket is (now) cut."""
+        if self.cut:
+            return False
+        if self.queue.qsize() < WS_QUEUE:
+            self.queue.put_nowait(doc)
+            return True
+        self.queue.put_nowait(self.overflow)  # the last slot is kept for this
+        self.cut = True
+        return False
+
+    async def pump(self) -> None:
+        while True:
+            doc = await self.queue.get()
+            if not await send(self.ws, doc):
+                return
+            if doc is self.overflow:
+                await self.ws.close(message=b"subscriber too slow")
+                return
+
+
+async def serve(
+    request: web.Request,
+    tasks: Tasks,
+    metrics: GatewayMetrics,
+    overflow: dict[str, Any],
+    binary: dict[str, Any],
+    answer: Callable[[Socket, str], Awaitable[dict[str, Any] | None]],
+    ended: Callable[[Socket], Awaitable[None]],
+) -> web.WebSocketResponse:
+    """A websocket: each text message answered in turn (``answer``; None: no answer), a
+    binary one with ``binary``, pushes sent as they are queued, ``ended`` once it
+    closes."""
+    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=MAX_MESSAGE)
+    await ws.prepare(request)
+    sock = Socket(ws, overflow)
+    sender = asyncio.create_task(sock.pump())
+    tasks.watch("websocket", sender)
+    metrics.websockets.inc()
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                doc = await answer(sock, msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                doc = binary
+            else:  # ERROR (a frame over the size limit, a protocol error) or closing:
+                # aiohttp has begun the close handshake; there is nobody to answer.
+                why = {"type": msg.type.name, "error": str(msg.data)}
+                log.debug("websocket ends", extra=why)
+                break
+            if doc is not None and not await send(ws, doc):
+                break
+    except Exception:  # a bug: said once; the socket, already upgraded, is closed
+        log.exception("websocket handler failed")
+        await ws.close(code=WSCloseCode.INTERNAL_ERROR)
+    finally:
+        sender.cancel()
+        metrics.websockets.dec()
+        await ended(sock)
+    return ws
 
 
 class Subscription(msgspec.Struct, forbid_unknown_fields=True):
@@ -57,8 +130,7 @@ class Pushes:
         self.metrics = metrics
         self.follow_metrics = FollowMetrics(registry, "gateway_pushes")
         self.tasks = tasks
-        self.sockets: dict[bytes, set[Queue]] = {}
-        self.cut: set[Queue] = set()  # sockets told they are too slow: closing, not served
+        self.sockets: dict[bytes, set[Socket]] = {}
         self.follower: Follower | None = None
         self._following = asyncio.Lock()
 
@@ -91,11 +163,11 @@ class Pushes:
         sockets = self.sockets
         for events in blocks:
             for c in events.changes:
-                queues = sockets.get(c.owner)
-                if queues and not c.ledger:  # an output paid to another ledger is not here
-                    self._push(queues, events, c)
+                socks = sockets.get(c.owner)
+                if socks and not c.ledger:  # an output paid to another ledger is not here
+                    self._push(socks, events, c)
 
-    def _push(self, queues: set[Queue], events: proto.BlockEvents, c: proto.CoinChange) -> None:
+    def _push(self, socks: set[Socket], events: proto.BlockEvents, c: proto.CoinChange) -> None:
         note = {
             "type": "coin",
             "address": encode_address(c.owner, self.network),
@@ -105,26 +177,22 @@ class Pushes:
             "kind": "received" if c.created else "spent",
             "block": {"worker": events.worker, "height": events.height},
         }
-        for queue in list(queues):
-            if queue.qsize() < WS_QUEUE:
-                queue.put_nowait(note)
-            else:  # the last slot is kept for this
-                queue.put_nowait({"type": "error", "code": "overloaded"})
-                self.cut.add(queue)
-                self._unsubscribe_all(queue)
+        for sock in list(socks):
+            if not sock.push(note):
+                self._unsubscribe_all(sock)
 
-    def _unsubscribe(self, queue: Queue, owners: Iterable[bytes]) -> None:
+    def _unsubscribe(self, sock: Socket, owners: Iterable[bytes]) -> None:
         for owner in owners:
-            queues = self.sockets.get(owner)
-            if queues is not None:
-                queues.discard(queue)
-                if not queues:
+            socks = self.sockets.get(owner)
+            if socks is not None:
+                socks.discard(sock)
+                if not socks:
                     del self.sockets[owner]
 
-    def _unsubscribe_all(self, queue: Queue) -> None:
-        self._unsubscribe(queue, [o for o, qs in self.sockets.items() if queue in qs])
+    def _unsubscribe_all(self, sock: Socket) -> None:
+        self._unsubscribe(sock, [o for o, socks in self.sockets.items() if sock in socks])
 
-    async def _subscription(self, text: str, queue: Queue, mine: set[bytes]) -> dict[str, Any]:
+    async def _subscription(self, sock: Socket, text: str, mine: set[bytes]) -> dict[str, Any]:
         """Apply one subscription message of a socket; the answer to send it."""
         try:
             sub = msgspec.json.decode(text, type=Subscription)
@@ -132,63 +200,34 @@ class Pushes:
             drop = [bytes(decode_address(a, self.network)) for a in sub.unsubscribe]
         except (msgspec.ValidationError, msgspec.DecodeError, DecodeError) as exc:
             return {"type": "error", "code": "malformed", "message": str(exc)}
-        if queue in self.cut:
+        if sock.cut:
             return {"type": "error", "code": "overloaded", "message": "too slow: reconnect"}
         if len(mine | set(add)) > MAX_SUBSCRIPTIONS:
             message = f"at most {MAX_SUBSCRIPTIONS} addresses"
             return {"type": "error", "code": TOO_LARGE, "message": message}
         for owner in add:
             mine.add(owner)
-            self.sockets.setdefault(owner, set()).add(queue)
+            self.sockets.setdefault(owner, set()).add(sock)
         mine.difference_update(drop)
-        self._unsubscribe(queue, drop)
+        self._unsubscribe(sock, drop)
         await self._follow()
         return {"type": "subscribed", "count": len(mine)}
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=64 << 10)
-        await ws.prepare(request)
-        queue: Queue = asyncio.Queue(WS_QUEUE + 1)
         mine: set[bytes] = set()
 
-        async def pump() -> None:
-            while True:
-                note = await queue.get()
-                if not await _send(ws, note):
-                    return
-                if note["type"] == "error":
-                    await ws.close(message=b"subscriber too slow")
-                    return
+        async def answer(sock: Socket, text: str) -> dict[str, Any]:
+            return await self._subscription(sock, text, mine)
 
-        sender = asyncio.create_task(pump())
-        self.tasks.watch("websocket", sender)
-        self.metrics.websockets.inc()
-        try:
-            async for msg in ws:
-                if msg.type == WSMsgType.TEXT:
-                    answer = await self._subscription(msg.data, queue, mine)
-                elif msg.type == WSMsgType.BINARY:
-                    answer = {"type": "error", "code": "malformed", "message": "text only"}
-                else:  # ERROR (a frame over the size limit, a protocol error) or closing:
-                    # aiohttp has begun the close handshake; there is nobody to answer.
-                    why = {"type": msg.type.name, "error": str(msg.data)}
-                    log.debug("websocket ends", extra=why)
-                    break
-                if not await _send(ws, answer):
-                    break
-        except Exception:  # a bug: said once; the socket, already upgraded, is closed
-            log.exception("websocket handler failed")
-            await ws.close(code=WSCloseCode.INTERNAL_ERROR)
-        finally:
-            sender.cancel()
-            self.cut.discard(queue)
-            self._unsubscribe_all(queue)
-            self.metrics.websockets.dec()
+        async def ended(sock: Socket) -> None:
+            self._unsubscribe_all(sock)
             await self._follow()
-        return ws
+
+        binary = {"type": "error", "code": "malformed", "message": "text only"}
+        return await serve(request, self.tasks, self.metrics, OVERLOADED, binary, answer, ended)
 
 
-async def _send(ws: web.WebSocketResponse, doc: dict[str, Any]) -> bool:
+async def send(ws: web.WebSocketResponse, doc: dict[str, Any]) -> bool:
     """Send ``doc``; False (and nothing logged above debug) once the socket is closing."""
     if ws.closed:
         return False

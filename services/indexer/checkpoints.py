@@ -19,7 +19,10 @@ checkpoints, and answer the gateway's questions about them.
   coin proofs from the coin trees as of the latest checkpoint, in memory. After a
   restart, the index is rebuilt from the copies' logs and the stored checkpoints are
   taken again as it reaches them.
-* **Answering** the gateway on ``lc_subject`` (``constellation.protocol.lightclient``).
+* **Answering** the gateway on ``lc_subject`` (``constellation.protocol.lightclient``),
+  and telling it of each checkpoint stored (``lc_taken_subject``): it asks then what the
+  checkpoint did to the addresses and coins its light clients subscribe to, proved from
+  the last ``RECENT`` checkpoints' records kept in memory (``index.Recent``).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from constellation.protocol import ledger as proto
 from constellation.protocol import lightclient as lcp
 from constellation.protocol.signer import KeyRequest, SignRequest
 from constellation.tx import partition_of
-from services.bus import copy_events_subject, lc_subject
+from services.bus import copy_events_subject, lc_subject, lc_taken_subject
 from services.indexer.store import Index
 from services.replica.config import MACHINES, Layout
 from services.replica.transport import CHECKPOINT_LISTEN, checkpoint_subject
@@ -68,7 +71,10 @@ VOUCH_WAIT_S = 4.0  # how long a vouch waits for the index to reach a proposal (
 ANNOUNCE_S = 2.0  # each member tells the others of its latest checkpoint this often
 MAX_RANGE = 100  # checkpoints answered at once
 RESTORE_PAGE = 1000
-MAX_TX_CHECKPOINTS = 16  # checkpoints one transaction proof spans (the format's limit)
+RECENT = 64  # checkpoints whose records are kept in memory to prove pushes at once
+MAX_KEYS = 1000  # keys in one push query
+MAX_ANSWER = 512 << 10  # bytes of pushes in one answer (NATS carries 1 MiB)
+MAX_HISTORY = 1000
 
 log = logging.getLogger("indexer.checkpoints")
 
@@ -141,6 +147,7 @@ class Checkpoints:
         self.peers: dict[str, Client] = {}
         self.diverged: dict[lc.Shard, str] = {}  # shards whose copies' logs do not chain
         self.seen: dict[lc.Shard, deque[tuple[int, float]]] = {}  # blocks read, not covered
+        self.recent = lc.Recent(RECENT)
 
     # -- readiness -----------------------------------------------------------------------
 
@@ -364,10 +371,26 @@ class Checkpoints:
                 seen = self.seen[shard]
                 while seen and seen[0][0] <= covered.entry.height:
                     self.metrics.lag.observe(now - seen.popleft()[1])
-        fresh = [lc.held(s) for s in taken if s.checkpoint.checkpoint.height > self.stored]
+        fresh: list[lc.Held] = []
+        touches: list[tuple[bytes, int, bytes]] = []  # (address, height, txid)
+        for signed in taken:
+            touched = self.recent.add(signed)
+            height = signed.checkpoint.checkpoint.height
+            if height > self.stored:
+                fresh.append(lc.held(signed))
+                touches += [
+                    (key, height, txid)
+                    for (kind, key), txids in touched.items()
+                    if kind == "address"
+                    for txid in txids
+                ]
         if fresh:
-            await self.store.store_checkpoints(fresh)
+            await self.store.store_checkpoints(fresh, touches)
             self.stored = max(self.stored, fresh[-1].checkpoint.checkpoint.height)
+            subject = lc_taken_subject(self.s.layout.members[self.s.me].name)
+            for h in fresh:
+                with contextlib.suppress(NatsError):  # the gateways catch up by asking
+                    await self.nc.publish(subject, Announced(h.checkpoint, h.entries).encode())
         last = taken[-1].checkpoint.checkpoint
         if taken[0].checkpoint.checkpoint.height == 0:
             self.first = taken[0].checkpoint.checkpoint.message()
@@ -441,11 +464,18 @@ class Checkpoints:
                 await self.store.checkpoints(query.start, max(1, min(query.count, MAX_RANGE)))
             )
         if isinstance(query, lcp.TxProofQuery):
-            held = await self.store.holding(query.txid, MAX_TX_CHECKPOINTS)
+            held = await self.store.holding(query.txid, pf.MAX_PROOF_CHECKPOINTS)
             proof = lc.tx_proof(held, query.txid)
             if proof is None:
                 return lcp.Answer(error="no checkpoint covers this transaction (yet)")
             return lcp.Answer([pf.encode_tx_proof(proof)])
+        if isinstance(query, lcp.PushQuery):
+            return await self._pushes(query)
+        if isinstance(query, lcp.HistoryQuery):
+            limit = max(1, min(query.limit, MAX_HISTORY))
+            before = (query.before, query.before_txid)
+            found = await self.store.lc_history(query.owner, before, limit)
+            return lcp.Answer([msgspec.msgpack.encode(t) for t in found])
         if last is None:
             return lcp.Answer(error="the guild has signed no checkpoint yet")
         if not 0 <= query.owner < len(self.s.layout.members) or len(query.coin_id) != 32:
@@ -454,3 +484,26 @@ class Checkpoints:
         return lcp.Answer(
             [pf.encode_coin_proof(lc.coin_proof(last, (query.owner, worker), query.coin_id))]
         )
+
+    async def _pushes(self, query: lcp.PushQuery) -> lcp.Answer:
+        touched = self.recent.touched.get(query.height)
+        if touched is None:
+            return lcp.Answer(error=f"checkpoint {query.height} is not among the last taken here")
+        if len(query.keys) > MAX_KEYS:
+            return lcp.Answer(error=f"at most {MAX_KEYS} keys")
+        items: list[bytes] = []
+        size = 0
+        for n, (kind, key) in enumerate(query.keys):
+            if size > MAX_ANSWER:
+                return lcp.Answer(items, more=n)
+            for txid in touched.get((kind, key), []):
+                proof = self.recent.proof(txid, query.height) or lc.tx_proof(
+                    await self.store.holding(txid, pf.MAX_PROOF_CHECKPOINTS), txid
+                )
+                if proof is None:  # a bug: said, and the rest answered
+                    log.error("a touched transaction has no proof", extra={"txid": txid.hex()})
+                    continue
+                pushed = lcp.Pushed(kind, key, txid, pf.encode_tx_proof(proof))
+                items.append(msgspec.msgpack.encode(pushed))
+                size += len(items[-1])
+        return lcp.Answer(items)

@@ -16,6 +16,7 @@ import asyncpg
 from constellation.lightclient import index as lc
 from constellation.lightclient.checkpointer import Announced
 from constellation.protocol import ledger as proto
+from constellation.protocol import lightclient as lcp
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS coin_events (
@@ -66,6 +67,12 @@ CREATE TABLE IF NOT EXISTS lc_txs (
     height   bigint  NOT NULL,  -- a checkpoint with a record of it
     position integer NOT NULL,  -- in the records of that shard
     PRIMARY KEY (txid, height, position)
+);
+CREATE TABLE IF NOT EXISTS lc_touches (
+    owner  bytea  NOT NULL,  -- an address of any member's ledger
+    height bigint NOT NULL,  -- the checkpoint from which the transaction is provable
+    txid   bytea  NOT NULL,
+    PRIMARY KEY (owner, height, txid)
 );
 CREATE TABLE IF NOT EXISTS index_cursors (
     worker integer PRIMARY KEY,
@@ -201,8 +208,12 @@ class Index:
 
     # -- light-client checkpoints (``services.indexer.checkpoints``) ----------------------
 
-    async def store_checkpoints(self, held: list[lc.Held]) -> None:
-        """Signed checkpoints and what their entries cover (stored again: nothing twice)."""
+    async def store_checkpoints(
+        self, held: list[lc.Held], touches: list[tuple[bytes, int, bytes]]
+    ) -> None:
+        """Signed checkpoints, what their entries cover, and the transactions they made
+        provable by each address they changed (``(address, height, txid)``; stored
+        again: nothing twice)."""
         checkpoints: list[tuple[int, bytes]] = []
         records: list[tuple[int, int, list[bytes]]] = []
         txs: list[tuple[bytes, int, int]] = []
@@ -229,6 +240,26 @@ class Index:
                     " unnest($1::bytea[], $2::bigint[], $3::integer[]) ON CONFLICT DO NOTHING",
                     *(list(column) for column in zip(*txs, strict=True)),
                 )
+            if touches:
+                await conn.execute(
+                    "INSERT INTO lc_touches (owner, height, txid) SELECT * FROM"
+                    " unnest($1::bytea[], $2::bigint[], $3::bytea[]) ON CONFLICT DO NOTHING",
+                    *(list(column) for column in zip(*touches, strict=True)),
+                )
+
+    async def lc_history(
+        self, owner: bytes, before: tuple[int, bytes], limit: int
+    ) -> list[lcp.Touch]:
+        """The transactions that changed an address, newest first (by checkpoint, then
+        txid), those before ``before`` (a checkpoint height and txid)."""
+        rows = await self.pool.fetch(
+            "SELECT height, txid FROM lc_touches WHERE owner = $1 AND (height, txid) < ($2, $3)"
+            " ORDER BY height DESC, txid DESC LIMIT $4",
+            owner,
+            *before,
+            limit,
+        )
+        return [lcp.Touch(r["height"], r["txid"]) for r in rows]
 
     async def checkpoints(self, start: int, count: int) -> list[bytes]:
         """Signed checkpoints (``Announced``, encoded) from height ``start`` on (a member
