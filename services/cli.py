@@ -335,6 +335,16 @@ def _add_wallet(sub: Any) -> None:
         "verify", help="a transaction's proof from the guild's gateways, and the verdict"
     )
     verify.add_argument("txid")
+    follow = wallet_sub.add_parser(
+        "follow",
+        help="follow the wallet's addresses (or those named) over a gateway's websocket, each"
+        " change checked against the pinned guild before it is printed",
+    )
+    follow.add_argument("--address", action="append", default=[], help="an address (repeat)")
+    follow.add_argument("--count", type=int, default=0, help="stop after this many (0: never)")
+    follow.add_argument(
+        "--since", type=int, default=-1, help="from this checkpoint (default: the latest)"
+    )
     history = wallet_sub.add_parser("history", help="coins received and spent")
     history.add_argument("--limit", type=int, default=20)
     deposit = wallet_sub.add_parser(
@@ -363,7 +373,7 @@ def _add_wallet(sub: Any) -> None:
     )
     for p in (deposit, pay, balance):
         p.add_argument("--mint", default="", help="the mint (default: the wallet's)")
-    for p in (create, restore, address, balance, history, deposit, pay, pin, verify):
+    for p in (create, restore, address, balance, history, deposit, pay, pin, verify, follow):
         p.add_argument("--file", type=Path, default=Path("wallet.json"), help="the wallet file")
         p.add_argument("--gateway", default="", help="gateway URL (default: the wallet's)")
     for p in (balance, pay):

@@ -6,16 +6,25 @@ serves something that does not verify, saying which gateway failed which check.
 It never goes back on what it has seen: a checkpoint below the highest it verified is
 stale (a server withholding what happened since), and a coin proof must be as of a
 checkpoint at least that high.
+
+``follow`` follows addresses over a gateway's websocket (``services.gateway.lcws``):
+each checkpoint and each pushed change is verified before it is told; a gateway that
+pushes what does not verify, or goes away, is left for the next, where the addresses'
+history since the last told checkpoint is read (and each transaction's proof checked)
+before its pushes are.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple, TypeVar
 
 import aiohttp
 
-from constellation.errors import BadEntryPath, DecodeError, ProofRefused, WrongGuild
+from constellation.address import Network, decode_address
+from constellation.errors import BadEntryPath, DecodeError, ProofRefused, WrongGuild, WrongSubject
 from constellation.ledger.pmap import PartitionMap
 from constellation.lightclient import proof as pf
 from constellation.lightclient.checkpointer import Announced
@@ -24,6 +33,9 @@ from services.api_client import Gateway, GatewayError
 
 T = TypeVar("T")
 TIMEOUT = aiohttp.ClientTimeout(total=10)
+CALL_TIMEOUT_S = 10.0
+SILENT_S = 60.0  # a socket that pushes nothing this long (not even a checkpoint) is left
+RETRY_S = 1.0  # after every gateway failed in turn
 
 
 class Failure(NamedTuple):
@@ -73,17 +85,20 @@ class LightClient:
         for url in self.servers:
             try:
                 return url, await ask(Gateway(url, self.session))
-            except ProofRefused as exc:
-                failure = Failure(url, exc.code, str(exc))
-            except (DecodeError, ValueError, KeyError, TypeError) as exc:  # malformed answers
-                failure = Failure(url, "malformed", f"{type(exc).__name__}: {exc}")
-            except GatewayError as exc:
-                failure = Failure(url, exc.code, str(exc))
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                failure = Failure(url, "unreachable", repr(exc))
-            failed.append(failure)
-            self.failures.append(failure)
+            except SERVER_FAULTS as exc:
+                failed.append(self._failed(url, exc))
         raise NoServer(what, failed)
+
+    def _failed(self, url: str, exc: BaseException) -> Failure:
+        """What went wrong with a gateway, kept in ``failures``."""
+        if isinstance(exc, ProofRefused | GatewayError):
+            failure = Failure(url, exc.code, str(exc))
+        elif isinstance(exc, aiohttp.ClientError | TimeoutError | ConnectionError):
+            failure = Failure(url, "unreachable", repr(exc))
+        else:  # malformed answers
+            failure = Failure(url, "malformed", f"{type(exc).__name__}: {exc}")
+        self.failures.append(failure)
+        return failure
 
     def _checkpoint(self, doc: dict[str, Any]) -> Announced:
         announced = Announced.decode(bytes.fromhex(doc["encoded"]))
@@ -135,6 +150,172 @@ class LightClient:
         url, verdict = await self._each(f"a proof of coin {coin_id.hex()}", ask)
         self.seen = max(self.seen, verdict.checkpoint)
         return url, verdict
+
+    def _pushed(self, doc: dict[str, Any], owner: bytes) -> Update:
+        """A pushed (or read) change of an address, verified: the transaction's records
+        that change it, under checkpoints of the pinned guild."""
+        txid = bytes.fromhex(doc["txid"])
+        proof = pf.decode_tx_proof(bytes.fromhex(doc["proof"]))
+        placed = pf.verify_tx(self.pin, proof, txid)
+        for c in proof.checkpoints:
+            if c.checkpoint.height == 0 and c.checkpoint.message() != self.descriptor.first:
+                raise WrongGuild("checkpoint 0 is not the one the descriptor pins")
+        mine = [p for p in placed if any(c.owner == owner for c in p.record.changes)]
+        if not mine:
+            raise WrongSubject(f"the proof of {txid.hex()} shows no change of the address")
+        return Update("", doc["checkpoint"], txid, mine)
+
+    async def follow(
+        self,
+        addresses: list[str],
+        network: Network,
+        since: int,
+        told: Callable[[Update], Awaitable[bool]],
+    ) -> None:
+        """Tell ``told`` of every change of ``addresses`` from checkpoint ``since`` on,
+        each verified and told once, until it answers False; moving from gateway to
+        gateway as each fails (``failures`` says how), and starting over after
+        ``RETRY_S`` when every one failed in turn."""
+        owners = {a: bytes(decode_address(a, network)) for a in addresses}
+        done: set[tuple[str, bytes]] = set()  # (address, txid) told
+        state = {"since": since}
+        for url in itertools.cycle(self.servers):
+            try:
+                if not await self._follow_one(url, owners, state, done, told):
+                    return
+            except SERVER_FAULTS as exc:
+                self._failed(url, exc)
+                if url == self.servers[-1]:
+                    await asyncio.sleep(RETRY_S)
+
+    async def _follow_one(
+        self,
+        url: str,
+        owners: dict[str, bytes],
+        state: dict[str, int],
+        done: set[tuple[str, bytes]],
+        told: Callable[[Update], Awaitable[bool]],
+    ) -> bool:
+        """Follow over one gateway's websocket until ``told`` says stop (False) or the
+        gateway fails (raises)."""
+        ws_url = url.replace("http", "ws", 1) + "/v1/lc/ws"
+        async with self.session.ws_connect(ws_url, heartbeat=30) as ws:
+            rpc = Rpc(ws)
+            latest = await rpc.call("checkpoints.subscribe")
+            if latest is not None:
+                self._took(self._checkpoint(latest))
+            for address in owners:
+                await rpc.call("address.subscribe", address=address)
+            # what happened since the last told checkpoint, read before what is pushed
+            for address, owner in owners.items():
+                before: str | None = ""
+                while before is not None:
+                    page = await rpc.call("address.history", address=address, before=before)
+                    entries = [e for e in page["history"] if e["checkpoint"] >= state["since"]]
+                    for entry in entries:
+                        proof = await rpc.call("tx.proof", txid=entry["txid"])
+                        doc = {**entry, **proof}
+                        if not await self._tell(url, address, owner, doc, done, told):
+                            return False
+                    more = len(entries) == len(page["history"])
+                    before = page.get("next") if more else None
+            while True:
+                note = await rpc.notification(SILENT_S)
+                method, params = note.get("method"), note.get("params", {})
+                if method == "checkpoints.new":
+                    self._took(self._checkpoint(params))
+                    state["since"] = max(state["since"], params["height"])
+                elif method == "address.update" and params["address"] in owners:
+                    address = params["address"]
+                    if not await self._tell(url, address, owners[address], params, done, told):
+                        return False
+                elif method == "error":
+                    raise GatewayError(0, params["code"], params["message"])
+
+    def _took(self, announced: Announced) -> None:
+        self.seen = max(self.seen, announced.signed.checkpoint.height)
+
+    async def _tell(
+        self,
+        url: str,
+        address: str,
+        owner: bytes,
+        doc: dict[str, Any],
+        done: set[tuple[str, bytes]],
+        told: Callable[[Update], Awaitable[bool]],
+    ) -> bool:
+        update = self._pushed(doc, owner)._replace(server=url, address=address)
+        if (address, update.txid) in done:  # a push of what the history told
+            return True
+        done.add((address, update.txid))
+        return await told(update)
+
+
+class Update(NamedTuple):
+    """A verified change of a followed address: a transaction's records that change it
+    (``placed``), told by ``server``, provable as of checkpoint ``checkpoint``."""
+
+    server: str
+    checkpoint: int
+    txid: bytes
+    placed: list[pf.Placed]
+    address: str = ""
+
+
+class Rpc:
+    """JSON-RPC 2.0 calls over a websocket, the notifications that come between kept."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.ids = itertools.count(1)
+        self.notes: list[dict[str, Any]] = []
+
+    async def _receive(self, timeout: float) -> dict[str, Any]:
+        msg = await self.ws.receive(timeout)
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            raise ConnectionError(f"the websocket ended ({msg.type.name})")
+        doc = msg.json()
+        if not isinstance(doc, dict):
+            raise TypeError("a message that is not an object")
+        return doc
+
+    async def call(self, method: str, **params: Any) -> Any:
+        call_id = next(self.ids)
+        await self.ws.send_json(
+            {"jsonrpc": "2.0", "id": call_id, "method": method, "params": params}
+        )
+        while True:
+            doc = await self._receive(CALL_TIMEOUT_S)
+            if "method" in doc:
+                self.notes.append(doc)
+                continue
+            if doc.get("id") != call_id:
+                raise ValueError(f"an answer to call {doc.get('id')!r}, not {call_id}")
+            if "error" in doc:
+                err = doc["error"]
+                raise GatewayError(0, err.get("data", {}).get("code", "error"), err["message"])
+            return doc["result"]
+
+    async def notification(self, timeout: float) -> dict[str, Any]:
+        if self.notes:
+            return self.notes.pop(0)
+        doc = await self._receive(timeout)
+        if "method" not in doc:
+            raise ValueError("an answer to no call")
+        return doc
+
+
+SERVER_FAULTS = (
+    ProofRefused,
+    GatewayError,
+    aiohttp.ClientError,
+    TimeoutError,
+    ConnectionError,
+    DecodeError,
+    ValueError,
+    KeyError,
+    TypeError,
+)
 
 
 def shard_of(coin_id: bytes, workers: int) -> int:

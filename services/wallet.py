@@ -24,13 +24,13 @@ from typing import Any
 
 import aiohttp
 
-from constellation.address import Network, encode_address
+from constellation.address import Network, decode_address, encode_address
 from constellation.keys import XOnlyPubKey
 from constellation.ledger.partition import Coin
 from constellation.lightclient import proof as pf
 from constellation.wallet import CHANGE, RECEIVE, Wallet, new_mnemonic
 from services.api_client import Gateway, GatewayError
-from services.light import LightClient, NoServer, describe
+from services.light import LightClient, NoServer, Update, describe
 from services.runtime import ConfigError
 
 ADDRESS_TIMEOUT = aiohttp.ClientTimeout(total=5)
@@ -184,6 +184,10 @@ async def wallet_command(args: Any, out: Any) -> int:
             code = await verify(doc, session, _txid(args.txid), out)
             doc.save(path)
             return code
+        if args.wallet_command == "follow":
+            code = await follow(doc, session, args.address, args.since, args.count, out)
+            doc.save(path)
+            return code
         if args.wallet_command == "history":
             await _history(gw, doc, args.limit, out)
             return 0
@@ -267,6 +271,50 @@ async def verify(doc: WalletFile, session: aiohttp.ClientSession, txid: bytes, o
         f" signed by the guild key",
         file=out,
     )
+    return 0
+
+
+async def follow(
+    doc: WalletFile,
+    session: aiohttp.ClientSession,
+    addresses: list[str],
+    since: int,
+    count: int,
+    out: Any,
+) -> int:
+    """``wallet follow``: each change of the addresses, verified, as the guild signs it."""
+    client = light_client(doc, session)
+    if since < 0:
+        try:
+            since = (await client.latest())[1].signed.checkpoint.height
+        except NoServer as exc:
+            print(f"! {exc}", file=out)
+            return 1
+    addresses = addresses or doc.addresses()
+    network = doc.wallet().network
+    seen = 0
+    print(f"following {len(addresses)} addresses from checkpoint {since}", file=out, flush=True)
+
+    async def told(update: Update) -> bool:
+        nonlocal seen
+        _said(client, out)
+        seen += 1
+        owner = bytes(decode_address(update.address, network))
+        for p in update.placed:
+            for c in p.record.changes:
+                if c.owner == owner:
+                    kind = c.kind.name.lower()
+                    print(
+                        f"checkpoint {update.checkpoint}: {update.address} {kind}"
+                        f" {c.value_msat} msat (coin {c.coin_id.hex()}, tx {update.txid.hex()})"
+                        f" VERIFIED via {update.server}",
+                        file=out,
+                        flush=True,
+                    )
+        return seen != count
+
+    await client.follow(addresses, network, since, told)
+    doc.checkpoint = client.seen
     return 0
 
 

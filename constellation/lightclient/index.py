@@ -360,17 +360,18 @@ class Recent:
 
     A checkpoint *touches* a key with a transaction when the transaction's records changing
     the key (a coin created for, spent by or paid out to an address; the coin itself) are
-    under it or an earlier kept checkpoint, and its commit (the coordinator's record,
-    which ``proof.verify_tx`` asks for) is under it, or was under an earlier one that
-    already touched the key: a participant's change can come a checkpoint before or after
-    the commit, and is told once both are signed. A transaction whose commit does not come
-    while its change is kept is not told."""
+    under it and its commit (the coordinator's record, which ``proof.verify_tx`` asks for)
+    is under it or an earlier one: a participant's change can be signed a checkpoint
+    before or after the commit, and is told once both are. Commits are remembered for
+    ``horizon`` checkpoints (the records for ``keep``): a change signed later than that
+    after its commit, or before a commit that never comes, is not told."""
 
-    def __init__(self, keep: int) -> None:
-        self.keep = keep
+    def __init__(self, keep: int, horizon: int) -> None:
+        self.keep, self.horizon = keep, max(keep, horizon)
         self.kept: dict[int, _Found] = {}  # by height; places unused: the txids' are below
         self.places: dict[bytes, list[tuple[int, int, int]]] = {}  # (height, position, i)
         self.committed: dict[bytes, int] = {}  # txid -> the height of its commit
+        self.commits: dict[int, list[bytes]] = {}  # height -> txids committed there
         self.touched: dict[int, dict[Key, list[bytes]]] = {}
         self.waiting: dict[bytes, tuple[int, set[Key]]] = {}  # no commit yet: since, keys
 
@@ -383,12 +384,14 @@ class Recent:
         entries = [c.entry for c in signed.covered.values()]
         self.kept[height] = _Found(signed.checkpoint, entries, signed.tree, [], records, trees)
         changed: dict[bytes, set[Key]] = {}
+        commits = self.commits[height] = []
         for position, encoded in records.items():
             for i, data in enumerate(encoded):
                 record = Record.decode(data)
                 self.places.setdefault(record.txid, []).append((height, position, i))
                 if record.committed:
                     self.committed[record.txid] = height
+                    commits.append(record.txid)
                 keys = changed.setdefault(record.txid, set())
                 for c in record.changes:
                     keys.add(("address", c.owner))
@@ -405,6 +408,9 @@ class Recent:
         self.touched[height] = touched
         while len(self.kept) > self.keep:
             self._forget(min(self.kept))
+        while len(self.commits) > self.horizon:
+            for txid in self.commits.pop(min(self.commits)):
+                self.committed.pop(txid, None)
         return touched
 
     def _forget(self, height: int) -> None:
@@ -418,14 +424,13 @@ class Recent:
                     self.places[txid] = places
                 else:
                     self.places.pop(txid, None)
-                    self.committed.pop(txid, None)
         for txid, (since, _) in list(self.waiting.items()):
             if since <= height:
                 del self.waiting[txid]
 
     def proof(self, txid: bytes, upto: int) -> TxProof | None:
         """A proof of ``txid`` from its records under the kept checkpoints up to ``upto``;
-        None where its commit is under one no longer kept (the store proves it)."""
+        None where its commit is under one no longer kept (the store has it)."""
         if self.committed.get(txid, -1) not in self.kept:
             return None
         by_height: dict[int, list[tuple[int, int]]] = {}

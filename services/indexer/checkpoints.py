@@ -72,6 +72,7 @@ ANNOUNCE_S = 2.0  # each member tells the others of its latest checkpoint this o
 MAX_RANGE = 100  # checkpoints answered at once
 RESTORE_PAGE = 1000
 RECENT = 64  # checkpoints whose records are kept in memory to prove pushes at once
+COMMIT_HORIZON = 1024  # checkpoints whose commits are remembered (index.Recent)
 MAX_KEYS = 1000  # keys in one push query
 MAX_ANSWER = 512 << 10  # bytes of pushes in one answer (NATS carries 1 MiB)
 MAX_HISTORY = 1000
@@ -147,7 +148,7 @@ class Checkpoints:
         self.peers: dict[str, Client] = {}
         self.diverged: dict[lc.Shard, str] = {}  # shards whose copies' logs do not chain
         self.seen: dict[lc.Shard, deque[tuple[int, float]]] = {}  # blocks read, not covered
-        self.recent = lc.Recent(RECENT)
+        self.recent = lc.Recent(RECENT, COMMIT_HORIZON)
 
     # -- readiness -----------------------------------------------------------------------
 
