@@ -1,6 +1,8 @@
-"""Light-client proofs: their size, and a wallet's CPU to check one.
+"""Light-client proofs: their size, and a wallet's CPU to check one; with --guild, a
+local guild's checkpoint lag and the pushes one gateway sustains.
 
     python bench/lightclient.py --json bench/results/lightclient.json [--coins 1000000]
+    python bench/lightclient.py --guild --clients 1000 --json bench/results/lightclient.json
 
 Builds the index every operator computes (``constellation.lightclient.index``) for a
 guild of 3 operators x 2 workers holding --coins coins, then one checkpoint's worth of
@@ -15,24 +17,46 @@ Figures:
   coin_verify_us     the same for a coin's proof
   index_s            seconds to build the index of --coins coins (an operator's start)
   checkpoint_ms      CPU to make one checkpoint (entries, records trees, shards tree)
-Targets: verify_us <= 500, proof_bytes <= 2,048.
+
+With --guild (a 3-operator local guild, ``constellation devnet``, on this machine):
+--clients websockets subscribe to an address each at op0's gateway (``/v1/lc/ws``); each
+of --rounds rounds issues a coin to every address (issuances of 250 outputs) and waits
+for every push.
+  checkpoint_lag_ms  p50/p99: an issuance's receipt (its block confirmed) to the push of
+                     its proof arriving (a signed checkpoint covers it, and the gateway
+                     pushed it)
+  pushes_per_s       median over rounds: pushes one gateway delivered a second, from the
+                     round's first push to its last
+  pushes_missing     pushes that did not come within 30 s of their round
+Targets: verify_us <= 500, proof_bytes <= 2,048, checkpoint_lag_ms p99 <= 2,500.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import median, print_table, write_json
+from constellation.address import Network, encode_address
 from constellation.keys import SigningKey
 from constellation.lightclient import index as lc
 from constellation.lightclient import proof as pf
 from constellation.protocol.ledger import BlockEvents, CoinChange
+from constellation.tx import TxOutput
+from services.api_client import Gateway
+from services.devnet import Devnet, guild
+from services.workload import percentile
 
 GUILD_KEY = SigningKey(b"\x33" * 32)
 SHARDS = [(o, w) for o in range(3) for w in range(2)]
@@ -140,12 +164,103 @@ def measure(
     }
 
 
+async def _pushes(net: Devnet, clients: int, rounds: int) -> dict[str, Any]:
+    network = Network.from_name(net.network)
+    keys = [SigningKey(os.urandom(32)) for _ in range(clients)]
+    owners = [k.pubkey for k in keys]
+    addresses = [encode_address(o, network) for o in owners]
+    arrived: dict[str, float] = {}
+    ready = asyncio.Event()
+    url = net.gateway_url.replace("http", "ws", 1) + "/v1/lc/ws"
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        gw = Gateway(net.gateway_url, session)
+        while True:  # the guild's first checkpoint
+            async with session.get(net.gateway_url + "/v1/lc/checkpoints/latest") as r:
+                if r.status == 200:
+                    break
+            await asyncio.sleep(0.5)
+        subscribed = 0
+
+        async def client(address: str) -> None:
+            nonlocal subscribed
+            async with session.ws_connect(url, max_msg_size=0) as ws:
+                await ws.send_json(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": 1,
+                        "method": "address.subscribe",
+                        "params": {"address": address},
+                    }
+                )
+                await ws.receive_json()
+                subscribed += 1
+                if subscribed == clients:
+                    ready.set()
+                async for msg in ws:
+                    if msg.json().get("method") == "address.update":
+                        arrived[address] = time.perf_counter()
+
+        tasks = [asyncio.create_task(client(a)) for a in addresses]
+        await asyncio.wait_for(ready.wait(), 120)
+        lags: list[float] = []
+        rates: list[float] = []
+        missing = 0
+        receipts: dict[str, float] = {}
+        for _ in range(rounds):
+            arrived.clear()
+            receipts.clear()
+
+            async def issue(chunk: list[int]) -> None:
+                outputs = [TxOutput(1_000_000, owners[i]) for i in chunk]
+                await gw.issue(net.issuance(outputs))
+                now = time.perf_counter()
+                receipts.update((addresses[i], now) for i in chunk)
+
+            await asyncio.gather(
+                *(issue(list(range(i, min(i + 250, clients)))) for i in range(0, clients, 250))
+            )
+            end = time.perf_counter() + 30
+            while len(arrived) < clients and time.perf_counter() < end:
+                await asyncio.sleep(0.05)
+            missing += clients - len(arrived)
+            lags += [(t - receipts[a]) * 1000 for a, t in arrived.items()]
+            if len(arrived) > 1:
+                rates.append(len(arrived) / (max(arrived.values()) - min(arrived.values()) or 1e-3))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    lags.sort()
+    return {
+        "clients": clients,
+        "rounds": rounds,
+        "checkpoint_lag_p50_ms": percentile(lags, 0.5),
+        "checkpoint_lag_p99_ms": percentile(lags, 0.99),
+        "pushes_per_s": median(rates),
+        "pushes_missing": missing,
+    }
+
+
+def guild_figures(clients: int, rounds: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-lc-", dir="/tmp") as tmp:
+        os.chmod(tmp, 0o755)  # PostgreSQL runs as its own user where we are root
+        directory = Path(tmp) / "guild"
+        nets = guild.up(directory, 3, 2, "bench")
+        try:
+            return asyncio.run(_pushes(nets[0], clients, rounds))
+        finally:
+            guild.down(directory)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--coins", type=int, default=1_000_000)
     ap.add_argument("--payments", type=int, default=600, help="in one checkpoint")
     ap.add_argument("--samples", type=int, default=300)
     ap.add_argument("--json")
+    ap.add_argument("--guild", action="store_true", help="also a local guild's lag and pushes")
+    ap.add_argument("--clients", type=int, default=1000, help="--guild: websockets")
+    ap.add_argument("--rounds", type=int, default=5, help="--guild: a push to every client each")
     args = ap.parse_args()
     guild = Guild(random.Random(1))
     started = time.perf_counter()
@@ -163,6 +278,19 @@ def main() -> None:
         "index_s": index_s,
         "checkpoint_ms": checkpoint_ms,
     }
+    rows = []
+    if args.guild:
+        g = guild_figures(args.clients, args.rounds)
+        figures.update(g)
+        rows = [
+            (
+                "checkpoint_lag_ms",
+                f"{g['checkpoint_lag_p50_ms']:.0f} / {g['checkpoint_lag_p99_ms']:.0f}",
+                "p50 / p99, confirmed to pushed with its proof (target p99 <= 2,500)",
+            ),
+            ("pushes_per_s", f"{g['pushes_per_s']:,.0f}", f"one gateway, {args.clients} sockets"),
+            ("pushes_missing", str(g["pushes_missing"]), f"of {args.clients} x {args.rounds}"),
+        ]
     print_table(
         f"light-client proofs: {args.coins:,} coins in 3 operators x 2 workers, "
         f"{args.payments} payments per checkpoint",
@@ -178,6 +306,7 @@ def main() -> None:
             ("coin_verify_us", f"{figures['coin_verify_us']:.0f}", "median"),
             ("index_s", f"{index_s:.1f}", "building the index of every coin"),
             ("checkpoint_ms", f"{checkpoint_ms:.1f}", "CPU to make one checkpoint"),
+            *rows,
         ],
     )
     write_json(args.json, figures)

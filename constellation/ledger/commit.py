@@ -280,7 +280,9 @@ class TwoPhaseCommit:
                     # its signature is checked as a transaction's: by copies that check
                     created = self.state.issue(issuance, verify=signatures)
                     if derive:
-                        changes += self._issued_changes(issuance, created)
+                        issued, done = self._issued_events(issuance, created)
+                        changes += issued
+                        committed += done
             except ConstellationError as exc:
                 if not verify:
                     raise
@@ -866,19 +868,21 @@ class TwoPhaseCommit:
             self.send(reply, proto.Result(item.rid, "", "", [(self.me, height)]))
 
         self.log.add(
-            proto.Issued(item.issuance), durable, False, self._issued_changes(issuance, created)
+            proto.Issued(item.issuance), durable, False, *self._issued_events(issuance, created)
         )
 
-    def _issued_changes(
+    def _issued_events(
         self, issuance: AnyIssuance, created: list[bytes]
-    ) -> list[proto.CoinChange]:
-        """The coins an issuance created here, for the block's events."""
+    ) -> tuple[list[proto.CoinChange], list[tuple[bytes, int]]]:
+        """The coins an issuance created here, and its ids as committed here (a shard's
+        part of an issuance is final on its own), for the block's events."""
         made = set(created)
-        return [
+        changes = [
             proto.CoinChange(iid, cid, owner, value, True)
             for iid, cid, (value, owner) in issuance.entries()
             if cid in made
         ]
+        return changes, [(iid, 0) for iid in dict.fromkeys(c.txid for c in changes)]
 
     # -- queries -------------------------------------------------------------------------
 

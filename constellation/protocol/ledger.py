@@ -235,7 +235,9 @@ class BlockEvents(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_f
     height: int
     prev: int  # the height of this worker's previous block with events; -1: none
     changes: list[CoinChange]
-    committed: list[tuple[bytes, int]]  # (txid, fee) of transactions this worker coordinated
+    # (txid, fee) of transactions this worker coordinated, and (id, 0) of the issuances
+    # that created coins here (each shard's part of one is final on its own)
+    committed: list[tuple[bytes, int]]
     # A replicated shard's block: its header hash and the state root after it (what a
     # light-client checkpoint names); empty where nobody replicates the shard.
     block: bytes = b""

@@ -264,7 +264,7 @@ class Conn:
     def __init__(self, sock: Socket, remote: str) -> None:
         self.sock = sock
         self.remote = remote
-        self.keys: set[Key] = set()
+        self.keys: dict[Key, str] = {}  # each as the client named it
         self.checkpoints = False
 
 
@@ -406,17 +406,17 @@ class LightSockets:
                 return None
             raise
 
-    def _add(self, conn: Conn, key: Key) -> dict[str, Any]:
+    def _add(self, conn: Conn, key: Key, name: str) -> dict[str, Any]:
         if conn.sock.cut:
             raise ApiError("overloaded", "too slow to keep up: reconnect")
         if key not in conn.keys and len(conn.keys) >= MAX_SUBSCRIPTIONS:
             raise ApiError(TOO_LARGE, f"at most {MAX_SUBSCRIPTIONS} addresses and coins")
-        conn.keys.add(key)
+        conn.keys[key] = name
         self.by_key.setdefault(key, set()).add(conn)
         return {"subscriptions": len(conn.keys)}
 
     def _remove(self, conn: Conn, key: Key) -> dict[str, Any]:
-        conn.keys.discard(key)
+        conn.keys.pop(key, None)
         conns = self.by_key.get(key)
         if conns is not None:
             conns.discard(conn)
@@ -430,13 +430,13 @@ class LightSockets:
         self.conns.discard(conn)
 
     async def _subscribe_address(self, conn: Conn, p: AddressParams) -> dict[str, Any]:
-        return self._add(conn, ("address", self.lc.owner(p.address)))
+        return self._add(conn, ("address", self.lc.owner(p.address)), p.address)
 
     async def _unsubscribe_address(self, conn: Conn, p: AddressParams) -> dict[str, Any]:
         return self._remove(conn, ("address", self.lc.owner(p.address)))
 
     async def _subscribe_coin(self, conn: Conn, p: CoinIdParams) -> dict[str, Any]:
-        return self._add(conn, ("coin", parse_hex(p.coin_id, "coin_id", 32)))
+        return self._add(conn, ("coin", parse_hex(p.coin_id, "coin_id", 32)), p.coin_id)
 
     async def _unsubscribe_coin(self, conn: Conn, p: CoinIdParams) -> dict[str, Any]:
         return self._remove(conn, ("coin", parse_hex(p.coin_id, "coin_id", 32)))
@@ -484,22 +484,26 @@ class LightSockets:
                 chunk = chunk[answer.more :] if answer.more else []
 
     def _deliver(self, height: int, pushed: lcp.Pushed) -> None:
-        if pushed.kind == "address":
-            method, name = "address.update", "address"
-            key: str = self.lc.address(pushed.key)
-        else:
-            method, name, key = "coin.update", "coin_id", pushed.key.hex()
-        doc = {
-            "jsonrpc": "2.0",
-            "method": method,
-            "params": {
-                name: key,
-                "checkpoint": height,
-                "txid": pushed.txid.hex(),
-                "proof": pushed.proof.hex(),
-            },
-        }
-        for conn in list(self.by_key.get((pushed.kind, pushed.key), ())):
+        key = (pushed.kind, pushed.key)
+        method, name = (
+            ("address.update", "address")
+            if key[0] == "address"
+            else (
+                "coin.update",
+                "coin_id",
+            )
+        )
+        for conn in list(self.by_key.get(key, ())):
+            doc = {
+                "jsonrpc": "2.0",
+                "method": method,
+                "params": {
+                    name: conn.keys[key],  # as it subscribed
+                    "checkpoint": height,
+                    "txid": pushed.txid.hex(),
+                    "proof": pushed.proof.hex(),
+                },
+            }
             self._send(conn, doc)
 
     def _send(self, conn: Conn, doc: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ from aiohttp import web
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
-from constellation.address import Network, decode_address, encode_address
+from constellation.address import Network, decode_address
 from constellation.errors import DecodeError
 from constellation.lightclient import proof as pf
 from constellation.lightclient.checkpointer import Announced
@@ -168,9 +168,6 @@ class LightClientApi:
         if len(found) == limit:
             doc["next"] = f"{found[-1].height}.{found[-1].txid.hex()}"
         return doc
-
-    def address(self, owner: bytes) -> str:
-        return encode_address(owner, self.network)
 
     def owner(self, address: str) -> bytes:
         try:

@@ -7,19 +7,24 @@ true proof of its absence from another shard)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import jsonschema_rs
 import pytest
 from aiohttp import web
 
 from constellation.lightclient import proof as pf
 from constellation.lightclient.checkpointer import Announced
 from services.devnet import Devnet
+from services.light import LightClient, Update
+from services.wallet import WalletFile
 from tests.system.guild import cli, local_guild
 
 pytestmark = pytest.mark.system
@@ -39,24 +44,22 @@ class Liar:
         self.other_ledger = other_ledger
         self.mode = "honest"
         self.session: aiohttp.ClientSession | None = None
+        self.messages: list[dict[str, Any]] = []  # over the websocket, both ways
 
     async def _get(self, path: str) -> tuple[int, bytes]:
         assert self.session is not None
         async with self.session.get(self.upstream + path) as r:
             return r.status, await r.read()
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         assert self.session is not None
         path = request.path_qs
+        if path == "/v1/lc/ws":
+            return await self.socket(request)
         if request.method == "GET" and self.mode == "forge" and path.startswith("/v1/lc/tx/"):
             status, body = await self._get(path)
-            doc = __import__("json").loads(body)
-            proof = pf.decode_tx_proof(bytes.fromhex(doc["proof"]))
-            part = proof.parts[0]
-            record = pf.Record.decode(part.record)
-            forged = record._replace(fee_msat=record.fee_msat + 1)
-            parts = [part._replace(record=forged.encode()), *proof.parts[1:]]
-            doc["proof"] = pf.encode_tx_proof(proof._replace(parts=parts)).hex()
+            doc = json.loads(body)
+            doc["proof"] = forge(doc["proof"])
             return web.json_response(doc, status=status)
         if request.method == "GET" and self.mode == "stale" and path == "/v1/lc/checkpoints/latest":
             status, body = await self._get("/v1/lc/checkpoints/0")
@@ -72,6 +75,40 @@ class Liar:
             headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
         ) as r:
             return web.Response(body=await r.read(), status=r.status, content_type=r.content_type)
+
+    async def socket(self, request: web.Request) -> web.WebSocketResponse:
+        """The websocket, both ways; a pushed change's proof forged where ``mode`` says."""
+        assert self.session is not None
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        upstream = self.upstream.replace("http", "ws", 1) + "/v1/lc/ws"
+        async with self.session.ws_connect(upstream) as up:
+
+            async def down() -> None:
+                async for msg in up:
+                    doc = json.loads(msg.data)
+                    self.messages.append(doc)
+                    if self.mode == "forge" and doc.get("method") == "address.update":
+                        doc["params"]["proof"] = forge(doc["params"]["proof"])
+                    await ws.send_json(doc)
+                await ws.close()
+
+            task = asyncio.create_task(down())
+            async for msg in ws:
+                self.messages.append(json.loads(msg.data))
+                await up.send_str(msg.data)
+            task.cancel()
+        return ws
+
+
+def forge(proof_hex: str) -> str:
+    """A transaction proof with its first record changed (its fee, one more)."""
+    proof = pf.decode_tx_proof(bytes.fromhex(proof_hex))
+    part = proof.parts[0]
+    record = pf.Record.decode(part.record)
+    forged = record._replace(fee_msat=record.fee_msat + 1)
+    parts = [part._replace(record=forged.encode()), *proof.parts[1:]]
+    return pf.encode_tx_proof(proof._replace(parts=parts)).hex()
 
 
 @pytest.fixture
@@ -150,8 +187,10 @@ async def test_a_wallet_verifies_its_payment_and_moves_past_a_lying_gateway(
     assert code == 0 and "pinned guild 'test'" in out, out
 
     # honest: verified (once a checkpoint covers it), from the wallet's own gateway
-    out = await _until("verdict: VERIFIED", lambda: cli("wallet", "verify", txid, "--file", wallet))
-    assert f"proof from {liar_url}" in out and "committed here" in out, out
+    out = await _until(
+        f"proof from {liar_url}", lambda: cli("wallet", "verify", txid, "--file", wallet)
+    )
+    assert "verdict: VERIFIED" in out and "committed here" in out, out
 
     # a forged record: refused by its check, verified through the next gateway
     lie.mode = "forge"
@@ -231,3 +270,111 @@ async def test_a_member_whose_indexer_was_killed_adopts_the_guilds_checkpoints(
                     break
             assert time.monotonic() < end, await r.text()
             await asyncio.sleep(0.3)
+
+
+async def test_a_wallet_follows_an_address_over_the_websocket_and_leaves_a_forging_gateway(
+    where: Path, liar: tuple[Liar, str]
+) -> None:
+    """Every change of the address is pushed with its proof and verified before it is
+    told; a gateway that pushes a forged proof is left for the next, which tells the
+    change; every message both ways is one the protocol's schema describes."""
+    lie, liar_url = liar
+    op0, op1 = (Devnet.load(where / f"op{i}") for i in range(2))
+    wallet = str(where.parent / "follow.json")
+    assert (await cli("wallet", "create", "--file", wallet, "--gateway", op0.gateway_url))[0] == 0
+    address = (await cli("wallet", "address", "--file", wallet))[1].strip()
+    await _until("pinned guild", lambda: cli("wallet", "pin", "--file", wallet))
+    doc = WalletFile.load(Path(wallet))
+    updates: asyncio.Queue[Update] = asyncio.Queue()
+
+    async def told(update: Update) -> bool:
+        await updates.put(update)
+        return True
+
+    async with aiohttp.ClientSession() as session:
+        client = LightClient(
+            pf.Descriptor.decode(doc.descriptor), [liar_url, op1.gateway_url], session
+        )
+        since = (await client.latest())[1].signed.checkpoint.height
+        following = asyncio.create_task(client.follow([address], doc.wallet().network, since, told))
+        try:
+            # honest: the issuance, pushed by the first gateway, verified
+            assert (await cli("devnet", "fund", address, "3000000", "--dir", op0.dir))[0] == 0
+            first = await asyncio.wait_for(updates.get(), 30)
+            assert first.server == liar_url and first.address == address
+            [change] = [c for p in first.placed for c in p.record.changes]
+            assert change.value_msat == 3000000 and change.kind is pf.ChangeKind.CREATED
+            # forged: refused by its check, and the change told by the next gateway
+            lie.mode = "forge"
+            code, out = await cli("wallet", "pay", address, "1000000", "--file", wallet, "--yes")
+            assert code == 0, out
+            txid = bytes.fromhex(out.split("txid ")[1].split()[0])
+            second = await asyncio.wait_for(updates.get(), 30)
+            assert second.server == op1.gateway_url and second.txid == txid
+            kinds = {c.kind for p in second.placed for c in p.record.changes}
+            assert kinds == {pf.ChangeKind.SPENT, pf.ChangeKind.CREATED}
+            assert [f.server for f in client.failures] == [liar_url]
+            assert client.failures[0].check == "proof.record_path"
+        finally:
+            following.cancel()
+        async with session.get(op1.gateway_url + "/v1/lc/ws/schema.json") as r:
+            schema = jsonschema_rs.validator_for(await r.json())
+    assert lie.messages
+    for message in lie.messages:
+        schema.validate(message)
+
+    # the command: the history since the first checkpoint, each change verified
+    code, out = await cli(
+        "wallet", "follow", "--file", wallet, "--address", address, "--since", "0", "--count", "2"
+    )
+    assert code == 0 and out.count("VERIFIED via") == 3, out  # the payment: 2 changes
+    assert "created 3000000 msat" in out and "spent 3000000 msat" in out, out
+    assert "created 1000000 msat" in out, out
+
+
+async def test_the_websocket_refuses_what_is_malformed_and_says_why(where: Path) -> None:
+    op1 = Devnet.load(where / "op1")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(op1.gateway_url + "/v1/lc/ws/schema.json") as r:
+            schema = jsonschema_rs.validator_for(await r.json())
+        async with s.ws_connect(op1.gateway_url.replace("http", "ws") + "/v1/lc/ws") as ws:
+
+            async def send(text: str) -> dict[str, Any]:
+                await ws.send_str(text)
+                doc: dict[str, Any] = await ws.receive_json(timeout=10)
+                schema.validate(doc)
+                return doc
+
+            def call(method: str, **params: Any) -> str:
+                return json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+
+            cases = [
+                ("{not json", -32700, "malformed"),
+                ('{"jsonrpc": "2.0", "id": 1}', -32600, "malformed"),
+                ('{"jsonrpc": "1.0", "id": 1, "method": "server.version"}', -32600, "malformed"),
+                (call("no.such"), -32601, "not_found"),
+                (call("tx.proof", txid="zz"), -32602, "malformed"),
+                (call("tx.proof", txid="00" * 32, extra=1), -32602, "malformed"),
+                (call("checkpoints.range", count=101), -32602, "malformed.count"),
+                (call("address.history", address="nope"), -32602, "malformed.address"),
+                (call("tx.proof", txid="00" * 32), -32000, "not_found"),
+                (call("tx.submit", tx="0011"), -32000, "malformed"),
+            ]
+            for text, code, api_code in cases:
+                doc = await send(text)
+                assert doc["error"]["code"] == code, (text, doc)
+                assert doc["error"]["data"]["code"].startswith(api_code), (text, doc)
+            # a notification (no id) gets no answer; the next call's answer comes first
+            await ws.send_str(json.dumps({"jsonrpc": "2.0", "method": "checkpoints.latest"}))
+            doc = await send(call("server.version"))
+            assert doc["result"]["protocol"] == "constellation-lc", doc
+            # at most 1000 subscriptions a socket
+            for i in range(1000):
+                await ws.send_str(call("coin.subscribe", coin_id=i.to_bytes(32, "big").hex()))
+            answers = [await ws.receive_json(timeout=10) for _ in range(1000)]
+            assert answers[-1]["result"] == {"subscriptions": 1000}
+            doc = await send(call("coin.subscribe", coin_id="ff" * 32))
+            assert doc["error"]["data"]["code"] == "too_large", doc
+            await ws.send_bytes(b"\x00")
+            doc = await ws.receive_json(timeout=10)
+            assert doc["error"]["code"] == -32600, doc
