@@ -209,6 +209,59 @@ def _light_client_paths() -> dict[str, Any]:
                 },
             }
         },
+        "/v1/lc/address/{address}/history": {
+            "get": {
+                "summary": "The transactions that changed an address in any member's ledger,"
+                " newest first, each with the checkpoint from which its proof is served",
+                "parameters": [
+                    _path_param("address", {"type": "string"}),
+                    {
+                        "name": "before",
+                        "in": "query",
+                        "description": "a page's next, or a checkpoint height",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+                    },
+                ],
+                "responses": {
+                    "200": _json(
+                        _object(
+                            ["address", "history"],
+                            address={"type": "string"},
+                            history={
+                                "type": "array",
+                                "items": _object(
+                                    ["checkpoint", "txid"], checkpoint=INT, txid=HEX32
+                                ),
+                            },
+                            next={"type": "string"},
+                        ),
+                        "a page of the history (next: the before of the next one)",
+                    ),
+                    **lc_errors,
+                },
+            }
+        },
+        "/v1/lc/ws": {
+            "get": {
+                "summary": "Websocket: the light-client protocol in JSON-RPC 2.0 (methods,"
+                " subscriptions and pushes with proofs: /v1/lc/ws/schema.json)",
+                "responses": {
+                    "101": {"description": "switching to the websocket protocol"},
+                    **_errors(400),
+                },
+            }
+        },
+        "/v1/lc/ws/schema.json": {
+            "get": {
+                "summary": "The JSON Schema of every websocket message, both ways",
+                "responses": {"200": _json({"type": "object"}, "JSON Schema 2020-12"), **_errors()},
+            }
+        },
     }
 
 
