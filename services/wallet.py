@@ -219,13 +219,21 @@ def _txid(text: str) -> bytes:
 
 async def pin(gw: Gateway, doc: WalletFile, text: str, servers: list[str], out: Any) -> None:
     """Pin the guild descriptor ``text`` (or, without one, the one the wallet's gateway
-    serves: compare it with what the guild publishes), and the gateways to ask."""
+    serves: compare it with what the guild publishes), and the gateways to ask. The
+    members' names are taken once they make the member-set root the descriptor pins."""
+    served = await gw.get("/v1/lc/descriptor")
     if not text:
-        text = (await gw.get("/v1/lc/descriptor"))["descriptor"]
+        text = served["descriptor"]
         print(f"the descriptor {gw.url} serves (compare it with the guild's):", file=out)
     descriptor = pf.Descriptor.decode(text)
+    members = [(m["name"], bytes.fromhex(m["key"])) for m in served["member_keys"]]
+    if pf.members_root(served["threshold"], members) != descriptor.pin.members:
+        raise ConfigError(
+            f"{gw.url} names members the descriptor's member set is not: it may lie; pin"
+            " through another member's gateway (--gateway)"
+        )
     doc.descriptor = text
-    doc.members = (await gw.get("/v1/lc"))["members"]
+    doc.members = [name for name, _ in members]
     doc.servers = list(dict.fromkeys([gw.url, *(s.rstrip("/") for s in servers)]))
     doc.checkpoint = 0
     print(f"  {text}", file=out)

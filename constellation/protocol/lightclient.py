@@ -47,7 +47,13 @@ class CoinProofQuery(_Query, frozen=True, tag="coin"):
 
 
 class DescriptorQuery(_Query, frozen=True, tag="descriptor"):
-    pass
+    """Answered with the guild descriptor (bech32m text) and the ``Members`` its
+    member-set root commits to."""
+
+
+class Members(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    threshold: int
+    members: list[tuple[str, bytes]]  # (name, x-only operator key), in the guild's order
 
 
 class PushQuery(_Query, frozen=True, tag="pushes"):

@@ -114,14 +114,17 @@ class LightClientApi:
         }
 
     async def descriptor(self) -> dict[str, Any]:
-        text = (await self._items(lcp.DescriptorQuery()))[0].decode()
-        d = pf.Descriptor.decode(text)
+        text, members = await self._items(lcp.DescriptorQuery())
+        d = pf.Descriptor.decode(text.decode())
+        m = msgspec.msgpack.decode(members, type=lcp.Members)
         return {
-            "descriptor": text,
+            "descriptor": text.decode(),
             "guild": d.pin.guild,
             "key": d.pin.key.hex(),
             "members": d.pin.members.hex(),
             "first": d.first.hex(),
+            "threshold": m.threshold,
+            "member_keys": [{"name": name, "key": key.hex()} for name, key in m.members],
         }
 
     async def latest(self) -> dict[str, Any]:

@@ -124,14 +124,30 @@ def _light_client_paths() -> dict[str, Any]:
                 "responses": {
                     "200": _json(
                         _object(
-                            ["descriptor", "guild", "key", "members", "first"],
+                            [
+                                "descriptor",
+                                "guild",
+                                "key",
+                                "members",
+                                "first",
+                                "threshold",
+                                "member_keys",
+                            ],
                             descriptor={"type": "string"},
                             guild={"type": "string"},
                             key=HEX32,
                             members=HEX32,
                             first=HEX32,
+                            threshold=INT,
+                            member_keys={
+                                "type": "array",
+                                "items": _object(
+                                    ["name", "key"], name={"type": "string"}, key=HEX32
+                                ),
+                            },
                         ),
-                        "the descriptor, and what it says",
+                        "the descriptor, what it says, and the member set its members"
+                        " root commits to (a wallet checks it)",
                     ),
                     **lc_errors,
                 },

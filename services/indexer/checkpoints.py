@@ -32,7 +32,9 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client
@@ -142,6 +144,7 @@ class Checkpoints:
         self.metrics = CheckpointMetrics(registry)
         self.tasks = tasks
         self.pin: pf.Pin | None = None
+        self.members: lcp.Members | None = None  # what the pin's member-set root is over
         self.ck: Checkpointer | None = None
         self.first: bytes = b""  # checkpoint 0's message, once known
         self.stored = -1  # the highest checkpoint in the store
@@ -149,6 +152,7 @@ class Checkpoints:
         self.diverged: dict[lc.Shard, str] = {}  # shards whose copies' logs do not chain
         self.seen: dict[lc.Shard, deque[tuple[int, float]]] = {}  # blocks read, not covered
         self.recent = lc.Recent(RECENT, COMMIT_HORIZON)
+        self.requests: set[asyncio.Task[None]] = set()  # answering, each in its own task
 
     # -- readiness -----------------------------------------------------------------------
 
@@ -187,9 +191,11 @@ class Checkpoints:
             await self._restore(ck)
             self.ck = ck
             subs = [
-                await self.nc.subscribe(s.vouch_subject, cb=self._on_vouch),
+                await self.nc.subscribe(s.vouch_subject, cb=self._each(self._on_vouch)),
                 await self.nc.subscribe(CHECKPOINT_LISTEN, cb=self._on_announced),
-                await self.nc.subscribe(lc_subject(layout.members[s.me].name), cb=self._on_query),
+                await self.nc.subscribe(
+                    lc_subject(layout.members[s.me].name), cb=self._each(self._on_query)
+                ),
             ]
             connecting = [
                 asyncio.create_task(self._connect(member.name))
@@ -205,7 +211,7 @@ class Checkpoints:
                 for sub in subs:
                     with contextlib.suppress(NatsError):
                         await sub.unsubscribe()
-                for task in connecting:
+                for task in [*connecting, *self.requests]:
                     task.cancel()
                 peers, self.peers = self.peers, {}
                 for peer in peers.values():
@@ -221,6 +227,7 @@ class Checkpoints:
                 log.debug("signer unavailable", extra={"error": repr(exc)})
             if reply is not None and reply.ok:
                 members = [(m.name, m.key) for m in self.s.layout.members]
+                self.members = lcp.Members(reply.threshold, members)
                 return pf.Pin(
                     self.s.layout.guild,
                     reply.threshold_pubkey[1:],
@@ -400,6 +407,21 @@ class Checkpoints:
 
     # -- what other services and members send ---------------------------------------------
 
+    def _each(
+        self, handler: Callable[[Msg], Coroutine[Any, Any, None]]
+    ) -> Callable[[Msg], Awaitable[None]]:
+        """A subscription's callback that answers each request in a task of its own (NATS
+        hands a subscription's messages over one at a time: a vouch waiting for the index,
+        or a slow query, would hold up the next)."""
+
+        async def callback(msg: Msg) -> None:
+            task = asyncio.create_task(handler(msg))
+            self.requests.add(task)
+            task.add_done_callback(self.requests.discard)
+            self.tasks.watch("request", task)
+
+        return callback
+
     async def _on_vouch(self, msg: Msg) -> None:
         ck = self.ck
         assert ck is not None
@@ -444,7 +466,11 @@ class Checkpoints:
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             answer = lcp.Answer(error=f"bad query: {exc}")
         else:
-            answer = await self._answer(query)
+            try:
+                answer = await self._answer(query)
+            except Exception:  # a bug or the store failing: said, and the gateway told
+                log.exception("a query failed", extra={"query": type(query).__name__})
+                answer = lcp.Answer(error="the indexer failed to answer (it is logged)")
         await msg.respond(msgspec.msgpack.encode(answer))
 
     async def _answer(self, query: lcp.Query) -> lcp.Answer:
@@ -454,7 +480,9 @@ class Checkpoints:
         if isinstance(query, lcp.DescriptorQuery):
             if not self.first:
                 return lcp.Answer(error="the guild has signed no checkpoint yet")
-            return lcp.Answer([pf.Descriptor(pin, self.first).encode().encode()])
+            assert self.members is not None
+            descriptor = pf.Descriptor(pin, self.first).encode().encode()
+            return lcp.Answer([descriptor, msgspec.msgpack.encode(self.members)])
         if isinstance(query, lcp.Checkpoints):
             if query.start < 0:
                 if last is None:
