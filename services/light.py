@@ -18,13 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple, TypeVar
 
 import aiohttp
 
 from constellation.address import Network, decode_address
-from constellation.errors import BadEntryPath, DecodeError, ProofRefused, WrongGuild, WrongSubject
+from constellation.errors import (
+    BadEntryPath,
+    DecodeError,
+    ProofRefused,
+    StaleCheckpoint,
+    WrongGuild,
+    WrongSubject,
+)
 from constellation.ledger.pmap import PartitionMap
 from constellation.lightclient import proof as pf
 from constellation.lightclient.checkpointer import Announced
@@ -36,6 +44,8 @@ TIMEOUT = aiohttp.ClientTimeout(total=10)
 CALL_TIMEOUT_S = 10.0
 SILENT_S = 60.0  # a socket that pushes nothing this long (not even a checkpoint) is left
 RETRY_S = 1.0  # after every gateway failed in turn
+MAX_AGE_S = 300.0  # a latest checkpoint older than this is stale (the guild signs one
+# every 30 s at rest: INDEXER_CHECKPOINT_IDLE_MS)
 
 
 class Failure(NamedTuple):
@@ -67,12 +77,14 @@ class LightClient:
         session: aiohttp.ClientSession,
         seen: int = 0,
         workers: int = 0,
+        max_age_s: float = MAX_AGE_S,
     ) -> None:
         self.descriptor = descriptor
         self.servers = servers
         self.session = session
         self.seen = seen  # the highest checkpoint verified so far
         self.workers = workers  # shards per member (a coin's shard), once learnt
+        self.max_age_s = max_age_s  # how old the latest checkpoint served may be
         self.failures: list[Failure] = []  # every failure met, in order
 
     @property
@@ -113,7 +125,15 @@ class LightClient:
         """The latest checkpoint, verified, and not older than any seen before."""
 
         async def ask(gw: Gateway) -> Announced:
-            return self._checkpoint(await gw.get("/v1/lc/checkpoints/latest"))
+            announced = self._checkpoint(await gw.get("/v1/lc/checkpoints/latest"))
+            c = announced.signed.checkpoint
+            age = time.time() - c.time_ms / 1000
+            if age > self.max_age_s:  # the guild signs one every 30 s at rest
+                raise StaleCheckpoint(
+                    f"the latest checkpoint served, {c.height}, is {age:.0f} s old"
+                    f" (at most {self.max_age_s:.0f} s)"
+                )
+            return announced
 
         url, announced = await self._each("the latest checkpoint", ask)
         self.seen = max(self.seen, announced.signed.checkpoint.height)

@@ -23,7 +23,7 @@ from aiohttp import web
 from constellation.lightclient import proof as pf
 from constellation.lightclient.checkpointer import Announced
 from services.devnet import Devnet
-from services.light import LightClient, Update
+from services.light import LightClient, NoServer, Update
 from services.wallet import WalletFile
 from tests.system.guild import cli, local_guild
 
@@ -60,6 +60,12 @@ class Liar:
             status, body = await self._get(path)
             doc = json.loads(body)
             doc["proof"] = forge(doc["proof"])
+            return web.json_response(doc, status=status)
+        if request.method == "GET" and self.mode == "members" and path == "/v1/lc/descriptor":
+            status, body = await self._get(path)
+            doc = json.loads(body)
+            keys = doc["member_keys"]
+            keys[0]["name"], keys[1]["name"] = keys[1]["name"], keys[0]["name"]
             return web.json_response(doc, status=status)
         if request.method == "GET" and self.mode == "stale" and path == "/v1/lc/checkpoints/latest":
             status, body = await self._get("/v1/lc/checkpoints/0")
@@ -319,6 +325,12 @@ async def test_a_wallet_follows_an_address_over_the_websocket_and_leaves_a_forgi
             following.cancel()
         async with session.get(op1.gateway_url + "/v1/lc/ws/schema.json") as r:
             schema = jsonschema_rs.validator_for(await r.json())
+        # a latest checkpoint too old is stale (here: any)
+        impatient = LightClient(client.descriptor, [op1.gateway_url], session, max_age_s=0.0)
+        with pytest.raises(NoServer) as refused:
+            await impatient.latest()
+        [failure] = refused.value.failures
+        assert failure.check == "proof.stale" and "s old" in failure.message, failure
     assert lie.messages
     for message in lie.messages:
         schema.validate(message)
@@ -378,3 +390,17 @@ async def test_the_websocket_refuses_what_is_malformed_and_says_why(where: Path)
             await ws.send_bytes(b"\x00")
             doc = await ws.receive_json(timeout=10)
             assert doc["error"]["code"] == -32600, doc
+
+
+async def test_a_wallet_pins_no_member_names_its_descriptor_does_not_commit_to(
+    where: Path, liar: tuple[Liar, str]
+) -> None:
+    lie, liar_url = liar
+    wallet = str(where.parent / "names.json")
+    assert (await cli("wallet", "create", "--file", wallet, "--gateway", liar_url))[0] == 0
+    lie.mode = "members"  # op0 and op1 swapped: each coin would be looked for elsewhere
+    code, out = await cli("wallet", "pin", "--file", wallet)
+    assert code != 0 and "names members the descriptor's member set is not" in out, out
+    lie.mode = "honest"
+    code, out = await cli("wallet", "pin", "--file", wallet)
+    assert code == 0 and "members op0, op1, op2" in out, out
