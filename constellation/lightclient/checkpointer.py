@@ -35,9 +35,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from constellation.codec import Reader, u16
-from constellation.errors import BadEntryPath, DecodeError
+from constellation.errors import BadEntryPath, BadRecordPath, DecodeError
 from constellation.guild import Checkpoint
-from constellation.lightclient.index import GuildIndex, Signed
+from constellation.lightclient import merkle
+from constellation.lightclient.index import GuildIndex, Held, Signed
 from constellation.lightclient.proof import (
     MAX_SHARDS,
     Pin,
@@ -245,3 +246,34 @@ class Checkpointer:
         if not self.index.reached(evidence.entries):
             return NotYet(), taken
         return self.index.check(checkpoint, evidence.entries, now_ms) or "", taken
+
+
+class Filled(NamedTuple):
+    """A signed checkpoint and the records its entries cover (by the shard's position
+    among the entries; shards without records left out): what a member that missed
+    checkpoints (it adopted a later one) asks another for, to prove their transactions."""
+
+    announced: Announced
+    records: dict[int, list[bytes]]
+
+
+def verify_filled(pin: Pin, filled: Filled) -> Held:
+    """A filled checkpoint from another member, checked (raises ``ProofRefused``): signed
+    by the pinned guild, its entries making its shards root, and each shard's records
+    exactly those its entry's records root and count commit to."""
+    announced = filled.announced
+    checkpoint = verify_checkpoint(pin, announced.signed)
+    entries = announced.entries
+    if shards_tree(entries).root() != checkpoint.shards:
+        raise BadEntryPath(f"checkpoint {checkpoint.height}'s entries do not make its root")
+    for position, entry in enumerate(entries):
+        records = filled.records.get(position, [])
+        tree = merkle.MerkleTree(records)
+        if (tree.size, tree.root()) != (entry.size, entry.records):
+            raise BadRecordPath(
+                f"checkpoint {checkpoint.height}: shard {entry.owner}/{entry.worker}'s records"
+                " are not those its entry commits to"
+            )
+    if set(filled.records) - set(range(len(entries))):
+        raise BadRecordPath(f"checkpoint {checkpoint.height}: records of no entry")
+    return Held(announced.signed, entries, {p: r for p, r in filled.records.items() if r})

@@ -104,3 +104,23 @@ class Answer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     items: list[bytes] = []
     error: str = ""
     more: int = 0
+
+
+# -- between members' indexers (over the peers' NATS, unsealed: what they carry is checked) --
+
+
+class RangeRequest(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A member that missed checkpoints asks another for them, from ``start`` on (at
+    most ``count``), with the records they cover."""
+
+    start: int
+    count: int
+
+
+class FilledItem(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    announced: bytes  # ``Announced``
+    records: list[tuple[int, list[bytes]]]  # (the shard's position, its records)
+
+
+class Fills(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    items: list[FilledItem]

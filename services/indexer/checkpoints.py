@@ -49,7 +49,9 @@ from constellation.lightclient.checkpointer import (
     Announced,
     Checkpointer,
     Evidence,
+    Filled,
     NotYet,
+    verify_filled,
 )
 from constellation.protocol import ledger as proto
 from constellation.protocol import lightclient as lcp
@@ -58,7 +60,14 @@ from constellation.tx import partition_of
 from services.bus import copy_events_subject, lc_subject, lc_taken_subject
 from services.indexer.store import Index
 from services.replica.config import MACHINES, Layout
-from services.replica.transport import CHECKPOINT_LISTEN, checkpoint_subject
+from services.replica.transport import (
+    CHECKPOINT_LISTEN,
+    FILL_LISTEN,
+    RANGE_LISTEN,
+    checkpoint_subject,
+    fill_subject,
+    range_subject,
+)
 from services.runtime import Tasks, connect_peer, now_ms
 from services.signer.client import SignerClient
 from services.signer.config import SignerAccess
@@ -78,6 +87,8 @@ COMMIT_HORIZON = 1024  # checkpoints whose commits are remembered (index.Recent)
 MAX_KEYS = 1000  # keys in one push query
 MAX_ANSWER = 512 << 10  # bytes of pushes in one answer (NATS carries 1 MiB)
 MAX_HISTORY = 1000
+BACKFILL_S = 5.0  # how often a member that missed checkpoints asks another for them
+ANSWER_EVERY_S = 1.0  # a member is answered one range request this often, at most
 
 log = logging.getLogger("indexer.checkpoints")
 
@@ -153,6 +164,9 @@ class Checkpoints:
         self.seen: dict[lc.Shard, deque[tuple[int, float]]] = {}  # blocks read, not covered
         self.recent = lc.Recent(RECENT, COMMIT_HORIZON)
         self.requests: set[asyncio.Task[None]] = set()  # answering, each in its own task
+        self.taking = asyncio.Lock()
+        self.complete_below = 0  # every checkpoint below is stored with its records
+        self.answered: dict[str, float] = {}  # member -> when its last range was answered
 
     # -- readiness -----------------------------------------------------------------------
 
@@ -196,6 +210,8 @@ class Checkpoints:
                 await self.nc.subscribe(
                     lc_subject(layout.members[s.me].name), cb=self._each(self._on_query)
                 ),
+                await self.nc.subscribe(RANGE_LISTEN, cb=self._on_range),
+                await self.nc.subscribe(FILL_LISTEN, cb=self._on_fills),
             ]
             connecting = [
                 asyncio.create_task(self._connect(member.name))
@@ -206,7 +222,7 @@ class Checkpoints:
                 self.tasks.watch("peer", task)
             log.info("checkpointing", extra={"shards": len(shards), "rank": s.me})
             try:
-                await asyncio.gather(self._follow(ck), self._propose(ck, signer))
+                await asyncio.gather(self._follow(ck), self._propose(ck, signer), self._backfill())
             finally:
                 for sub in subs:
                     with contextlib.suppress(NatsError):
@@ -370,9 +386,16 @@ class Checkpoints:
                 log.debug("announcing failed", extra={"peer": peer, "error": repr(exc)})
 
     async def _took(self, taken: list[lc.Signed]) -> None:
-        """Signed checkpoints just taken: stored (unless restored from the store)."""
+        """Signed checkpoints just taken: stored (unless restored from the store), and the
+        gateways told, in height order (one call at a time: the checkpointer hands them
+        over in order, and the proposing, following, vouching and announced tasks all
+        take)."""
         if not taken:
             return
+        async with self.taking:
+            await self._store(taken)
+
+    async def _store(self, taken: list[lc.Signed]) -> None:
         now = time.monotonic()
         for signed in taken:
             for shard, covered in signed.covered.items():
@@ -404,6 +427,92 @@ class Checkpoints:
             self.first = taken[0].checkpoint.checkpoint.message()
         self.metrics.height.set(last.height)
         self.metrics.time.set(last.time_ms / 1000)
+
+    # -- checkpoints missed -------------------------------------------------------------
+
+    async def _backfill(self) -> None:
+        """Ask the other members, in turn, for the checkpoints this operator missed (it
+        was down and adopted a later one), with their records: they prove the
+        transactions under them here too."""
+        turn = 0
+        while True:
+            await asyncio.sleep(BACKFILL_S)
+            missing = await self.store.missing(self.complete_below, self.stored, MAX_RANGE)
+            self.complete_below = missing[0] if missing else self.stored + 1
+            peers = sorted(self.peers)
+            if not missing or not peers:
+                continue
+            peer = peers[turn % len(peers)]
+            turn += 1
+            request = lcp.RangeRequest(missing[0], missing[-1] - missing[0] + 1)
+            log.info("asking for missed checkpoints", extra={"peer": peer, "from": missing[0]})
+            with contextlib.suppress(NatsError):
+                me = self.s.layout.members[self.s.me].name
+                await self.peers[peer].publish(range_subject(me), msgspec.msgpack.encode(request))
+
+    async def _on_range(self, msg: Msg) -> None:
+        """A member's ``RangeRequest``: answered with what this operator stored, at most
+        one a second for each member, in messages of at most ``MAX_ANSWER`` bytes."""
+        sender = msg.subject.split(".")[2]
+        peer = self.peers.get(sender)
+        now = time.monotonic()
+        if peer is None or now - self.answered.get(sender, -ANSWER_EVERY_S) < ANSWER_EVERY_S:
+            return
+        self.answered[sender] = now
+        try:
+            request = msgspec.msgpack.decode(msg.data, type=lcp.RangeRequest)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            self.metrics.refused.inc()
+            log.warning("range request refused", extra={"peer": sender, "error": str(exc)})
+            return
+        found = await self.store.filled(
+            max(0, request.start), max(1, min(request.count, MAX_RANGE))
+        )
+        me = self.s.layout.members[self.s.me].name
+        items: list[lcp.FilledItem] = []
+        size = 0
+        for f in found:
+            item = lcp.FilledItem(f.announced.encode(), list(f.records.items()))
+            length = len(item.announced) + sum(len(r) + 8 for _, rs in item.records for r in rs)
+            if length > MAX_ANSWER:
+                log.warning("a checkpoint's records too large to send", extra={"peer": sender})
+                continue
+            if size + length > MAX_ANSWER:
+                await peer.publish(fill_subject(me), msgspec.msgpack.encode(lcp.Fills(items)))
+                items, size = [], 0
+            items.append(item)
+            size += length
+        if items:
+            await peer.publish(fill_subject(me), msgspec.msgpack.encode(lcp.Fills(items)))
+
+    async def _on_fills(self, msg: Msg) -> None:
+        """Checkpoints another member sent with their records: each checked against the
+        pin and its entries (another operator is not trusted) and stored where missing."""
+        pin = self.pin
+        assert pin is not None
+        try:
+            fills = msgspec.msgpack.decode(msg.data, type=lcp.Fills)
+            held = [
+                verify_filled(pin, Filled(Announced.decode(i.announced), dict(i.records)))
+                for i in fills.items
+            ]
+        except (msgspec.ValidationError, msgspec.DecodeError, DecodeError, ProofRefused) as exc:
+            self.metrics.refused.inc()
+            log.warning(
+                "filled checkpoints refused", extra={"subject": msg.subject, "error": str(exc)}
+            )
+            return
+        fresh = [h for h in held if h.checkpoint.checkpoint.height <= self.stored]
+        touches = [
+            (c.owner, h.checkpoint.checkpoint.height, record.txid)
+            for h in fresh
+            for records in h.records.values()
+            for record in map(pf.Record.decode, records)
+            for c in record.changes
+        ]
+        if fresh:
+            await self.store.store_checkpoints(fresh, touches)
+            log.info("missed checkpoints filled", extra={"count": len(fresh)})
 
     # -- what other services and members send ---------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 
 from constellation.lightclient import index as lc
-from constellation.lightclient.checkpointer import Announced
+from constellation.lightclient.checkpointer import Announced, Filled
 from constellation.protocol import ledger as proto
 from constellation.protocol import lightclient as lcp
 
@@ -56,6 +56,9 @@ CREATE TABLE IF NOT EXISTS lc_checkpoints (
     announced bytea  NOT NULL,  -- the signed checkpoint and its entries
     at        timestamptz NOT NULL DEFAULT now()
 );
+-- false: adopted (taken without the records its entries cover), until another member's
+-- are filled in
+ALTER TABLE lc_checkpoints ADD COLUMN IF NOT EXISTS complete boolean NOT NULL DEFAULT true;
 CREATE TABLE IF NOT EXISTS lc_records (
     height   bigint  NOT NULL,
     position integer NOT NULL,  -- the shard's among the checkpoint's entries
@@ -214,19 +217,21 @@ class Index:
         """Signed checkpoints, what their entries cover, and the transactions they made
         provable by each address they changed (``(address, height, txid)``; stored
         again: nothing twice)."""
-        checkpoints: list[tuple[int, bytes]] = []
+        checkpoints: list[tuple[int, bytes, bool]] = []
         records: list[tuple[int, int, list[bytes]]] = []
         txs: list[tuple[bytes, int, int]] = []
         for h in held:
             height = h.checkpoint.checkpoint.height
-            checkpoints.append((height, Announced(h.checkpoint, h.entries).encode()))
+            complete = all(e.size == 0 or i in h.records for i, e in enumerate(h.entries))
+            checkpoints.append((height, Announced(h.checkpoint, h.entries).encode(), complete))
             for position, encoded in h.records.items():
                 records.append((height, position, encoded))
                 txs.extend((r[8:40], height, position) for r in encoded)  # a record's txid
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.executemany(
-                "INSERT INTO lc_checkpoints (height, announced) VALUES ($1, $2)"
-                " ON CONFLICT DO NOTHING",
+                "INSERT INTO lc_checkpoints (height, announced, complete) VALUES ($1, $2, $3)"
+                " ON CONFLICT (height) DO UPDATE SET complete = EXCLUDED.complete"
+                " WHERE EXCLUDED.complete",
                 checkpoints,
             )
             await conn.executemany(
@@ -270,6 +275,38 @@ class Index:
             count,
         )
         return [r["announced"] for r in rows]
+
+    async def missing(self, since: int, upto: int, most: int) -> list[int]:
+        """The heights from ``since`` to ``upto`` with no checkpoint, or one without its
+        records (adopted), lowest first."""
+        rows = await self.pool.fetch(
+            "SELECT h FROM generate_series($1::bigint, $2::bigint) h WHERE NOT EXISTS"
+            " (SELECT 1 FROM lc_checkpoints c WHERE c.height = h AND c.complete)"
+            " ORDER BY h LIMIT $3",
+            since,
+            upto,
+            most,
+        )
+        return [r["h"] for r in rows]
+
+    async def filled(self, start: int, count: int) -> list[Filled]:
+        """Checkpoints with their records from ``start`` on (those this operator has)."""
+        rows = await self.pool.fetch(
+            "SELECT c.height, c.announced, r.position, r.records FROM (SELECT height,"
+            " announced FROM lc_checkpoints WHERE height >= $1 AND complete ORDER BY height"
+            " LIMIT $2) c LEFT JOIN lc_records r ON r.height = c.height"
+            " ORDER BY c.height, r.position",
+            start,
+            count,
+        )
+        found: dict[int, Filled] = {}
+        for row in rows:
+            f = found.get(row["height"])
+            if f is None:
+                f = found[row["height"]] = Filled(Announced.decode(row["announced"]), {})
+            if row["position"] is not None:
+                f.records[row["position"]] = list(row["records"])
+        return list(found.values())
 
     async def holding(self, txid: bytes, most: int) -> list[lc.Held]:
         """The first ``most`` checkpoints with records of ``txid``, each with its

@@ -82,6 +82,22 @@ def checkpoint_subject(sender: str) -> str:
 
 
 CHECKPOINT_LISTEN = f"{PREFIX}.*.ckpt"
+
+
+def range_subject(sender: str) -> str:
+    """Where ``sender``'s indexer asks a member for checkpoints it missed (``RangeRequest``)."""
+    return f"{PREFIX}.{sender}.ckptq"
+
+
+RANGE_LISTEN = f"{PREFIX}.*.ckptq"
+
+
+def fill_subject(sender: str) -> str:
+    """Where ``sender``'s indexer answers a ``RangeRequest`` (``Fills``)."""
+    return f"{PREFIX}.{sender}.ckptf"
+
+
+FILL_LISTEN = f"{PREFIX}.*.ckptf"
 SETTLE_DOMAIN = "constellation/settle"  # what settlement envelopes name instead of a guild
 
 

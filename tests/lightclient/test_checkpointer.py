@@ -9,13 +9,18 @@ import random
 import msgspec
 import pytest
 
-from constellation.errors import BadCheckpointSignature, BadEntryPath, DecodeError
+from constellation.errors import (
+    BadCheckpointSignature,
+    BadEntryPath,
+    BadRecordPath,
+    DecodeError,
+)
 from constellation.guild import Checkpoint
 from constellation.lightclient import checkpointer as ck
 from constellation.lightclient import index as lc
 from constellation.lightclient import proof as pf
 from constellation.protocol.ledger import BlockEvents, CoinChange
-from tests.lightclient.test_proofs import KEY, MEMBERS, PIN, SHARDS
+from tests.lightclient.test_proofs import KEY, LEDGERS, MEMBERS, PIN, SHARDS
 
 CADENCE, TAKEOVER, IDLE = 1000, 5000, 30_000
 
@@ -261,3 +266,22 @@ def test_a_member_that_missed_checkpoints_adopts_the_latest_after_a_while() -> N
     lying.members[1].take(forged, 0)
     assert lying.members[1].advance(TAKEOVER) == []
     assert "differs here" in str(lying.members[1].disagreed)
+
+
+def test_filled_checkpoints_from_another_member_are_taken_only_as_signed() -> None:
+    """A member that missed checkpoints takes them, with their records, from another;
+    whatever does not match the guild's signature and entries is refused."""
+    signed = LEDGERS[0].signed[1]
+    honest = lc.held(signed)
+    filled = ck.Filled(ck.Announced(honest.checkpoint, honest.entries), dict(honest.records))
+    assert ck.verify_filled(PIN, filled) == honest
+    position, records = next(iter(honest.records.items()))
+    tampered = {**honest.records, position: [records[0][:-1] + b"\x00", *records[1:]]}
+    withheld = {**honest.records, position: records[1:]}
+    extra = {**honest.records, len(honest.entries): records}
+    for bad in (tampered, withheld, extra):
+        with pytest.raises(BadRecordPath):
+            ck.verify_filled(PIN, filled._replace(records=bad))
+    forged = pf.SignedCheckpoint(signed.checkpoint.checkpoint, bytes(64))
+    with pytest.raises(BadCheckpointSignature):
+        ck.verify_filled(PIN, filled._replace(announced=ck.Announced(forged, honest.entries)))
