@@ -112,9 +112,11 @@ class LightClient:
         self.failures.append(failure)
         return failure
 
-    def _checkpoint(self, doc: dict[str, Any]) -> Announced:
+    def _checkpoint(self, doc: dict[str, Any], not_below: int | None = None) -> Announced:
+        """A checkpoint served, verified (not below ``not_below``: the highest seen)."""
         announced = Announced.decode(bytes.fromhex(doc["encoded"]))
-        c = pf.verify_checkpoint(self.pin, announced.signed, self.seen)
+        floor = self.seen if not_below is None else not_below
+        c = pf.verify_checkpoint(self.pin, announced.signed, floor)
         if pf.shards_tree(announced.entries).root() != c.shards:
             raise BadEntryPath(f"checkpoint {c.height}'s entries do not make its root")
         if c.height == 0 and c.message() != self.descriptor.first:
@@ -197,7 +199,7 @@ class LightClient:
         gateway as each fails (``failures`` says how), and starting over after
         ``RETRY_S`` when every one failed in turn."""
         owners = {a: bytes(decode_address(a, network)) for a in addresses}
-        done: set[tuple[str, bytes]] = set()  # (address, txid) told
+        done: set[Told] = set()  # each record told, for each address
         state = {"since": since}
         for url in itertools.cycle(self.servers):
             try:
@@ -213,7 +215,7 @@ class LightClient:
         url: str,
         owners: dict[str, bytes],
         state: dict[str, int],
-        done: set[tuple[str, bytes]],
+        done: set[Told],
         told: Callable[[Update], Awaitable[bool]],
     ) -> bool:
         """Follow over one gateway's websocket until ``told`` says stop (False) or the
@@ -243,7 +245,9 @@ class LightClient:
                 note = await rpc.notification(SILENT_S)
                 method, params = note.get("method"), note.get("params", {})
                 if method == "checkpoints.new":
-                    self._took(self._checkpoint(params))
+                    # one pushed while an answer overtook it may be below the latest seen
+                    announced = self._checkpoint(params, not_below=0)
+                    self._took(announced)
                     state["since"] = max(state["since"], params["height"])
                 elif method == "address.update" and params["address"] in owners:
                     address = params["address"]
@@ -261,14 +265,21 @@ class LightClient:
         address: str,
         owner: bytes,
         doc: dict[str, Any],
-        done: set[tuple[str, bytes]],
+        done: set[Told],
         told: Callable[[Update], Awaitable[bool]],
     ) -> bool:
         update = self._pushed(doc, owner)._replace(server=url, address=address)
-        if (address, update.txid) in done:  # a push of what the history told
+        keys = {
+            p: (address, p.owner, p.worker, p.record.height, update.txid) for p in update.placed
+        }
+        fresh = [p for p, key in keys.items() if key not in done]  # the history told the rest
+        if not fresh:
             return True
-        done.add((address, update.txid))
-        return await told(update)
+        done.update(keys.values())
+        return await told(update._replace(placed=fresh))
+
+
+Told = tuple[str, int, int, int, bytes]  # (address, owner, worker, record height, txid)
 
 
 class Update(NamedTuple):

@@ -377,8 +377,11 @@ class Recent:
 
     def add(self, signed: Signed) -> dict[Key, list[bytes]]:
         """A signed checkpoint just taken (in height order): the keys it touches, and with
-        which transactions."""
+        which transactions (a checkpoint taken again, or below one taken, touches none
+        again)."""
         height = signed.checkpoint.checkpoint.height
+        if self.touched and height <= max(self.touched):
+            return {}
         records = {i: c.records for i, c in enumerate(signed.covered.values()) if c.records}
         trees = {i: c.tree for i, c in enumerate(signed.covered.values()) if c.records}
         entries = [c.entry for c in signed.covered.values()]

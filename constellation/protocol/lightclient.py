@@ -62,6 +62,7 @@ class PushQuery(_Query, frozen=True, tag="pushes"):
 
     height: int
     keys: list[tuple[str, bytes]]
+    skip: int = 0  # the first key's transactions answered already
 
 
 class HistoryQuery(_Query, frozen=True, tag="history"):
@@ -98,12 +99,13 @@ class Touch(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=
 class Answer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What the indexer has: encoded checkpoints (``Announced``), a proof, the guild
     descriptor, pushes or history; ``error`` where it cannot answer (no checkpoint yet,
-    ...). ``more``: where an answer stopped short of its size limit, the index of the
-    first key it did not answer."""
+    ...). ``more``: where pushes stopped short of the size limit, the index of the first
+    key not wholly answered, and ``skip`` how many of its transactions were."""
 
     items: list[bytes] = []
     error: str = ""
     more: int = 0
+    skip: int = 0
 
 
 # -- between members' indexers (over the peers' NATS, unsealed: what they carry is checked) --

@@ -43,6 +43,7 @@ from services.gateway.ws import Socket, serve
 from services.runtime import Tasks
 
 MAX_KEYS = 1000  # keys in one push query to the indexer (its limit)
+CATCH_UP = 64  # checkpoints not heard of, pushed late (the indexer keeps that many)
 TASK = "lc-pushes"
 
 log = logging.getLogger("gateway.lcws")
@@ -50,13 +51,15 @@ log = logging.getLogger("gateway.lcws")
 Key = tuple[str, bytes]
 
 # JSON-RPC 2.0's codes, and the server's: the API's own code is in the error's data
-PARSE_ERROR, INVALID_REQUEST, NO_METHOD, INVALID_PARAMS, SERVER_ERROR = (
+PARSE_ERROR, INVALID_REQUEST, NO_METHOD, INVALID_PARAMS, INTERNAL_ERROR, SERVER_ERROR = (
     -32700,
     -32600,
     -32601,
     -32602,
+    -32603,
     -32000,
 )
+MAX_BATCH = 100  # calls in one message
 OVERLOADED = {
     "jsonrpc": "2.0",
     "method": "error",
@@ -67,8 +70,8 @@ OVERLOADED = {
 class Request(msgspec.Struct, forbid_unknown_fields=True):
     jsonrpc: str
     method: str
-    id: int | str | None = None
-    params: dict[str, Any] = {}
+    id: int | str | msgspec.UnsetType | None = msgspec.UNSET  # absent: a notification
+    params: dict[str, Any] | list[Any] = {}
 
 
 class _Params(msgspec.Struct, forbid_unknown_fields=True):
@@ -251,6 +254,8 @@ def _schema() -> dict[str, Any]:
             {"$ref": "#/$defs/request"},
             {"$ref": "#/$defs/response"},
             {"$ref": "#/$defs/notification"},
+            {"type": "array", "items": {"$ref": "#/$defs/request"}, "minItems": 1},
+            {"type": "array", "items": {"$ref": "#/$defs/response"}, "minItems": 1},
         ],
     }
 
@@ -313,7 +318,7 @@ class LightSockets:
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         conns: dict[Socket, Conn] = {}
 
-        async def answer(sock: Socket, text: str) -> dict[str, Any] | None:
+        async def answer(sock: Socket, text: str) -> Any:
             conn = conns.get(sock)
             if conn is None:
                 conn = conns[sock] = Conn(sock, request.remote or "unknown")
@@ -330,33 +335,58 @@ class LightSockets:
 
     # -- calls ---------------------------------------------------------------------------
 
-    async def _call(self, conn: Conn, text: str) -> dict[str, Any] | None:
+    async def _call(self, conn: Conn, text: str) -> Any:
+        """The answer to a message: a call's, a batch's (a list, without those of its
+        notifications), or None (a notification, or a batch of them)."""
         try:
-            req = msgspec.json.decode(text, type=Request)
-        except msgspec.ValidationError as exc:
-            return _error(None, INVALID_REQUEST, "malformed", str(exc))
+            doc = msgspec.json.decode(text)
         except msgspec.DecodeError as exc:
             return _error(None, PARSE_ERROR, "malformed", str(exc))
+        if not isinstance(doc, list):
+            return await self._one(conn, doc)
+        if not 1 <= len(doc) <= MAX_BATCH:
+            return _error(None, INVALID_REQUEST, "malformed", f"a batch of 1 to {MAX_BATCH} calls")
+        answers = [await self._one(conn, call) for call in doc]
+        return [a for a in answers if a is not None] or None
+
+    async def _one(self, conn: Conn, doc: Any) -> dict[str, Any] | None:
+        try:
+            req = msgspec.convert(doc, type=Request)
+        except msgspec.ValidationError as exc:
+            found = doc.get("id") if isinstance(doc, dict) else None
+            call_id = found if isinstance(found, int | str) else None
+            return _error(call_id, INVALID_REQUEST, "malformed", str(exc))
+        answer = await self._answer(conn, req)
+        if req.id is msgspec.UNSET:  # a notification: never answered, even its errors
+            return None
+        if "error" in answer:
+            return _error(req.id, *answer["error"])
+        return {"jsonrpc": "2.0", "id": req.id, "result": answer["result"]}
+
+    async def _answer(self, conn: Conn, req: Request) -> dict[str, Any]:
+        """``{"result": ...}`` or ``{"error": (code, api code, message)}``."""
         if req.jsonrpc != "2.0":
-            return _error(req.id, INVALID_REQUEST, "malformed", 'jsonrpc is "2.0"')
+            return {"error": (INVALID_REQUEST, "malformed", 'jsonrpc is "2.0"')}
         found = self.methods.get(req.method)
         if found is None:
-            return _error(req.id, NO_METHOD, "not_found", f"no method {req.method[:64]!r}")
+            return {"error": (NO_METHOD, "not_found", f"no method {req.method[:64]!r}")}
         kind, method = found
+        if isinstance(req.params, list):
+            return {"error": (INVALID_PARAMS, "malformed", "params by name (an object)")}
         try:
             params = msgspec.convert(req.params, type=kind)
         except msgspec.ValidationError as exc:
-            return _error(req.id, INVALID_PARAMS, "malformed", str(exc))
+            return {"error": (INVALID_PARAMS, "malformed", str(exc))}
         try:
-            result = await method(conn, params)
+            return {"result": await method(conn, params)}
         except ApiError as err:
             code = INVALID_PARAMS if err.code.startswith("malformed") else SERVER_ERROR
-            return _error(req.id, code, err.code, str(err))
+            return {"error": (code, err.code, str(err))}
         except ConstellationError as exc:  # the ledger refused a transaction
-            return _error(req.id, SERVER_ERROR, exc.code, str(exc))
-        if req.id is None:  # a notification: no answer
-            return None
-        return {"jsonrpc": "2.0", "id": req.id, "result": result}
+            return {"error": (SERVER_ERROR, exc.code, str(exc))}
+        except Exception:  # a bug: said once, and answered
+            log.exception("a call failed", extra={"method": req.method})
+            return {"error": (INTERNAL_ERROR, "internal", "an unexpected error; it is logged")}
 
     async def _version(self, _: Conn, __: NoParams) -> dict[str, Any]:
         return {**self.lc.server(), "transport": "websocket"}
@@ -447,6 +477,7 @@ class LightSockets:
         """Each checkpoint the indexer stores, pushed in order (a task of the gateway)."""
         subject = lc_taken_subject(self.lc.operator)
         sub = await self.lc.nc.subscribe(subject)
+        last = -1  # the last checkpoint pushed
         try:
             async for msg in sub.messages:
                 try:
@@ -454,9 +485,28 @@ class LightSockets:
                 except ConstellationError as exc:  # our own indexer: a bug
                     log.error("a stored checkpoint does not decode", extra={"error": str(exc)})
                     continue
+                height = announced.signed.checkpoint.height
+                if height <= last:
+                    continue
+                if last >= 0:  # what was not heard (NATS does not promise it), asked for
+                    for missed in range(max(last + 1, height - CATCH_UP), height):
+                        await self._missed(missed)
                 await self._pushes(announced)
+                last = height
         finally:
             await sub.unsubscribe()
+
+    async def _missed(self, height: int) -> None:
+        try:
+            found = await self.lc.ask(lcp.Checkpoints(height, 1))
+        except ApiError as err:
+            log.warning(
+                "a missed checkpoint not pushed", extra={"height": height, "error": str(err)}
+            )
+            return
+        announced = [Announced.decode(a) for a in found.items]
+        if announced and announced[0].signed.checkpoint.height == height:
+            await self._pushes(announced[0])
 
     async def _pushes(self, announced: Announced) -> None:
         height = announced.signed.checkpoint.height
@@ -471,17 +521,18 @@ class LightSockets:
                 self._send(conn, doc)
         keys = sorted(self.by_key)
         for start in range(0, len(keys), MAX_KEYS):
-            chunk = keys[start : start + MAX_KEYS]
+            chunk, skip = keys[start : start + MAX_KEYS], 0
             while chunk:
                 try:
-                    answer = await self.lc.ask(lcp.PushQuery(height, chunk))
-                except ApiError as err:
+                    answer = await self.lc.ask(lcp.PushQuery(height, chunk, skip))
+                except ApiError as err:  # these keys' pushes are lost: said and counted
                     log.warning("pushes not asked", extra={"height": height, "error": str(err)})
                     self.metrics.lc_pushes.labels("failed").inc()
-                    return
+                    break
                 for item in answer.items:
                     self._deliver(height, msgspec.msgpack.decode(item, type=lcp.Pushed))
-                chunk = chunk[answer.more :] if answer.more else []
+                more = answer.more or answer.skip  # stopped short of its size limit
+                chunk, skip = (chunk[answer.more :] if more else []), answer.skip
 
     def _deliver(self, height: int, pushed: lcp.Pushed) -> None:
         key = (pushed.kind, pushed.key)

@@ -74,7 +74,7 @@ async def serve(
     metrics: GatewayMetrics,
     overflow: dict[str, Any],
     binary: dict[str, Any],
-    answer: Callable[[Socket, str], Awaitable[dict[str, Any] | None]],
+    answer: Callable[[Socket, str], Awaitable[Any]],
     ended: Callable[[Socket], Awaitable[None]],
 ) -> web.WebSocketResponse:
     """A websocket: each text message answered in turn (``answer``; None: no answer), a
@@ -227,7 +227,7 @@ class Pushes:
         return await serve(request, self.tasks, self.metrics, OVERLOADED, binary, answer, ended)
 
 
-async def send(ws: web.WebSocketResponse, doc: dict[str, Any]) -> bool:
+async def send(ws: web.WebSocketResponse, doc: Any) -> bool:
     """Send ``doc``; False (and nothing logged above debug) once the socket is closing."""
     if ws.closed:
         return False

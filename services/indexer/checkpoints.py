@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -87,6 +88,7 @@ COMMIT_HORIZON = 1024  # checkpoints whose commits are remembered (index.Recent)
 MAX_KEYS = 1000  # keys in one push query
 MAX_ANSWER = 512 << 10  # bytes of pushes in one answer (NATS carries 1 MiB)
 MAX_HISTORY = 1000
+MAX_REQUESTS = 32  # answered at once
 BACKFILL_S = 5.0  # how often a member that missed checkpoints asks another for them
 ANSWER_EVERY_S = 1.0  # a member is answered one range request this often, at most
 
@@ -162,11 +164,13 @@ class Checkpoints:
         self.peers: dict[str, Client] = {}
         self.diverged: dict[lc.Shard, str] = {}  # shards whose copies' logs do not chain
         self.seen: dict[lc.Shard, deque[tuple[int, float]]] = {}  # blocks read, not covered
-        self.recent = lc.Recent(RECENT, COMMIT_HORIZON)
+        self.recent = lc.Recent(RECENT, COMMIT_HORIZON)  # made anew each run
         self.requests: set[asyncio.Task[None]] = set()  # answering, each in its own task
+        self.slots = asyncio.Semaphore(MAX_REQUESTS)
         self.taking = asyncio.Lock()
         self.complete_below = 0  # every checkpoint below is stored with its records
         self.answered: dict[str, float] = {}  # member -> when its last range was answered
+        self.asked: set[int] = set()  # the missed heights last asked for
 
     # -- readiness -----------------------------------------------------------------------
 
@@ -202,6 +206,7 @@ class Checkpoints:
             index = lc.GuildIndex(layout.guild, pin.members, shards)
             self.seen = {shard: deque() for shard in shards}
             ck = Checkpointer(index, pin, s.me, s.cadence_ms, s.takeover_ms, s.idle_ms)
+            self.recent = lc.Recent(RECENT, COMMIT_HORIZON)
             await self._restore(ck)
             self.ck = ck
             subs = [
@@ -222,7 +227,10 @@ class Checkpoints:
                 self.tasks.watch("peer", task)
             log.info("checkpointing", extra={"shards": len(shards), "rank": s.me})
             try:
-                await asyncio.gather(self._follow(ck), self._propose(ck, signer), self._backfill())
+                async with asyncio.TaskGroup() as group:  # one fails: all stop, run again
+                    group.create_task(self._follow(ck))
+                    group.create_task(self._propose(ck, signer))
+                    group.create_task(self._backfill())
             finally:
                 for sub in subs:
                     with contextlib.suppress(NatsError):
@@ -437,13 +445,19 @@ class Checkpoints:
         turn = 0
         while True:
             await asyncio.sleep(BACKFILL_S)
-            missing = await self.store.missing(self.complete_below, self.stored, MAX_RANGE)
-            self.complete_below = missing[0] if missing else self.stored + 1
+            upto = self.stored
+            try:
+                missing = await self.store.missing(self.complete_below, upto, MAX_RANGE)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("missed checkpoints not looked for", extra={"error": repr(exc)})
+                continue
+            self.complete_below = missing[0] if missing else upto + 1
             peers = sorted(self.peers)
             if not missing or not peers:
                 continue
             peer = peers[turn % len(peers)]
             turn += 1
+            self.asked = set(missing)
             request = lcp.RangeRequest(missing[0], missing[-1] - missing[0] + 1)
             log.info("asking for missed checkpoints", extra={"peer": peer, "from": missing[0]})
             with contextlib.suppress(NatsError):
@@ -492,17 +506,26 @@ class Checkpoints:
         assert pin is not None
         try:
             fills = msgspec.msgpack.decode(msg.data, type=lcp.Fills)
-            held = [
-                verify_filled(pin, Filled(Announced.decode(i.announced), dict(i.records)))
-                for i in fills.items
-            ]
-        except (msgspec.ValidationError, msgspec.DecodeError, DecodeError, ProofRefused) as exc:
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             self.metrics.refused.inc()
             log.warning(
                 "filled checkpoints refused", extra={"subject": msg.subject, "error": str(exc)}
             )
             return
-        fresh = [h for h in held if h.checkpoint.checkpoint.height <= self.stored]
+        fresh: list[lc.Held] = []
+        for item in fills.items:  # only what was asked for and is missing is looked at
+            try:
+                announced = Announced.decode(item.announced)
+                if announced.signed.checkpoint.height not in self.asked:
+                    continue
+                fresh.append(verify_filled(pin, Filled(announced, dict(item.records))))
+            except (DecodeError, ProofRefused) as exc:
+                self.metrics.refused.inc()
+                log.warning(
+                    "a filled checkpoint refused", extra={"subject": msg.subject, "error": str(exc)}
+                )
+                continue
+            self.asked.discard(announced.signed.checkpoint.height)
         touches = [
             (c.owner, h.checkpoint.checkpoint.height, record.txid)
             for h in fresh
@@ -524,12 +547,17 @@ class Checkpoints:
         or a slow query, would hold up the next)."""
 
         async def callback(msg: Msg) -> None:
+            await self.slots.acquire()  # at most MAX_REQUESTS at once: NATS holds the rest
             task = asyncio.create_task(handler(msg))
             self.requests.add(task)
-            task.add_done_callback(self.requests.discard)
+            task.add_done_callback(self._answered)
             self.tasks.watch("request", task)
 
         return callback
+
+    def _answered(self, task: asyncio.Task[None]) -> None:
+        self.requests.discard(task)
+        self.slots.release()
 
     async def _on_vouch(self, msg: Msg) -> None:
         ck = self.ck
@@ -632,9 +660,11 @@ class Checkpoints:
         items: list[bytes] = []
         size = 0
         for n, (kind, key) in enumerate(query.keys):
-            if size > MAX_ANSWER:
-                return lcp.Answer(items, more=n)
-            for txid in touched.get((kind, key), []):
+            txids = touched.get((kind, key), [])
+            for i in range(query.skip if n == 0 else 0, len(txids)):
+                if size > MAX_ANSWER:
+                    return lcp.Answer(items, more=n, skip=i)
+                txid = txids[i]
                 proof = self.recent.proof(txid, query.height) or lc.tx_proof(
                     await self.store.holding(txid, pf.MAX_PROOF_CHECKPOINTS), txid
                 )

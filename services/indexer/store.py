@@ -56,9 +56,17 @@ CREATE TABLE IF NOT EXISTS lc_checkpoints (
     announced bytea  NOT NULL,  -- the signed checkpoint and its entries
     at        timestamptz NOT NULL DEFAULT now()
 );
--- false: adopted (taken without the records its entries cover), until another member's
--- are filled in
-ALTER TABLE lc_checkpoints ADD COLUMN IF NOT EXISTS complete boolean NOT NULL DEFAULT true;
+-- complete false: adopted (taken without the records its entries cover), until another
+-- member's are filled in (where the column is new, a checkpoint without records may be
+-- one: it is asked for, and one with none to fill is filled with none)
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_name = 'lc_checkpoints' AND column_name = 'complete') THEN
+        ALTER TABLE lc_checkpoints ADD COLUMN complete boolean NOT NULL DEFAULT true;
+        UPDATE lc_checkpoints c SET complete = false
+            WHERE NOT EXISTS (SELECT 1 FROM lc_records r WHERE r.height = c.height);
+    END IF;
+END $$;
 CREATE TABLE IF NOT EXISTS lc_records (
     height   bigint  NOT NULL,
     position integer NOT NULL,  -- the shard's among the checkpoint's entries
@@ -290,14 +298,14 @@ class Index:
         return [r["h"] for r in rows]
 
     async def filled(self, start: int, count: int) -> list[Filled]:
-        """Checkpoints with their records from ``start`` on (those this operator has)."""
+        """The checkpoints from ``start`` to ``start + count - 1`` with their records
+        (those this operator has)."""
         rows = await self.pool.fetch(
-            "SELECT c.height, c.announced, r.position, r.records FROM (SELECT height,"
-            " announced FROM lc_checkpoints WHERE height >= $1 AND complete ORDER BY height"
-            " LIMIT $2) c LEFT JOIN lc_records r ON r.height = c.height"
-            " ORDER BY c.height, r.position",
+            "SELECT c.height, c.announced, r.position, r.records FROM lc_checkpoints c"
+            " LEFT JOIN lc_records r ON r.height = c.height"
+            " WHERE c.height BETWEEN $1 AND $2 AND c.complete ORDER BY c.height, r.position",
             start,
-            count,
+            start + count - 1,
         )
         found: dict[int, Filled] = {}
         for row in rows:

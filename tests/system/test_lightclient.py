@@ -382,15 +382,34 @@ async def test_the_websocket_refuses_what_is_malformed_and_says_why(where: Path)
                 (call("address.history", address="nope"), -32602, "malformed.address"),
                 (call("tx.proof", txid="00" * 32), -32000, "not_found"),
                 (call("tx.submit", tx="0011"), -32000, "malformed"),
+                (
+                    '{"jsonrpc": "2.0", "id": 1, "method": "tx.proof", "params": ["00"]}',
+                    -32602,
+                    "malformed",
+                ),
+                ("[]", -32600, "malformed"),
             ]
             for text, code, api_code in cases:
                 doc = await send(text)
                 assert doc["error"]["code"] == code, (text, doc)
                 assert doc["error"]["data"]["code"].startswith(api_code), (text, doc)
-            # a notification (no id) gets no answer; the next call's answer comes first
+            # a notification (no id) gets no answer, not even an error; the next call's
+            # answer comes first
             await ws.send_str(json.dumps({"jsonrpc": "2.0", "method": "checkpoints.latest"}))
+            await ws.send_str(json.dumps({"jsonrpc": "2.0", "method": "no.such"}))
             doc = await send(call("server.version"))
             assert doc["result"]["protocol"] == "constellation-lc", doc
+            # a batch: an answer for each call, none for its notifications, in order
+            batch = [
+                {"jsonrpc": "2.0", "id": "a", "method": "server.version"},
+                {"jsonrpc": "2.0", "method": "server.version"},
+                {"jsonrpc": "2.0", "id": None, "method": "no.such"},
+            ]
+            await ws.send_str(json.dumps(batch))
+            answers = await ws.receive_json(timeout=10)
+            schema.validate(answers)
+            assert [a["id"] for a in answers] == ["a", None], answers
+            assert "result" in answers[0] and answers[1]["error"]["code"] == -32601
             # at most 1000 subscriptions a socket
             for i in range(1000):
                 await ws.send_str(call("coin.subscribe", coin_id=i.to_bytes(32, "big").hex()))
