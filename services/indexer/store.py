@@ -56,6 +56,12 @@ CREATE TABLE IF NOT EXISTS lc_checkpoints (
     announced bytea  NOT NULL,  -- the signed checkpoint and its entries
     at        timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS lc_records (
+    height   bigint  NOT NULL,
+    position integer NOT NULL,  -- the shard's among the checkpoint's entries
+    records  bytea[] NOT NULL,  -- the records its entry's tree is over, in order
+    PRIMARY KEY (height, position)
+);
 -- complete false: adopted (taken without the records its entries cover), until another
 -- member's are filled in (where the column is new, a checkpoint without records may be
 -- one: it is asked for, and one with none to fill is filled with none)
@@ -67,12 +73,6 @@ DO $$ BEGIN
             WHERE NOT EXISTS (SELECT 1 FROM lc_records r WHERE r.height = c.height);
     END IF;
 END $$;
-CREATE TABLE IF NOT EXISTS lc_records (
-    height   bigint  NOT NULL,
-    position integer NOT NULL,  -- the shard's among the checkpoint's entries
-    records  bytea[] NOT NULL,  -- the records its entry's tree is over, in order
-    PRIMARY KEY (height, position)
-);
 CREATE TABLE IF NOT EXISTS lc_txs (
     txid     bytea   NOT NULL,
     height   bigint  NOT NULL,  -- a checkpoint with a record of it
