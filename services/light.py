@@ -269,13 +269,11 @@ class LightClient:
         told: Callable[[Update], Awaitable[bool]],
     ) -> bool:
         update = self._pushed(doc, owner)._replace(server=url, address=address)
-        keys = {
-            p: (address, p.owner, p.worker, p.record.height, update.txid) for p in update.placed
-        }
-        fresh = [p for p, key in keys.items() if key not in done]  # the history told the rest
-        if not fresh:
+        keys = [(address, p.owner, p.worker, p.record.height, update.txid) for p in update.placed]
+        fresh = [p for p, key in zip(update.placed, keys, strict=True) if key not in done]
+        if not fresh:  # the history (or another gateway) told them
             return True
-        done.update(keys.values())
+        done.update(keys)
         return await told(update._replace(placed=fresh))
 
 
