@@ -1,6 +1,6 @@
 """The light-client protocol over a websocket (``/v1/lc/ws``): JSON-RPC 2.0, electrum-like.
 
-A client calls the methods of ``METHODS`` (the answers are those of the HTTP API,
+A client calls the methods of ``PARAMS`` (the answers are those of the HTTP API,
 ``services.gateway.lightclient``) and subscribes to checkpoints, addresses and coins.
 Each signed checkpoint this operator's indexer stores (``services.bus.lc_taken_subject``)
 is pushed to the sockets subscribed to checkpoints (``checkpoints.new``), and what it did

@@ -26,6 +26,7 @@ from constellation.protocol import lightclient as lcp
 from services.bus import lc_subject
 from services.gateway.api import parse_hex, parse_int, query_int
 from services.gateway.errors import NOT_FOUND, ApiError, json_response
+from services.gateway.ws import MAX_MESSAGE
 
 PROTOCOL = "constellation-lc"
 VERSION = 1
@@ -36,7 +37,6 @@ MAX_HISTORY = 100  # transactions in one page of an address's history
 MAX_HEIGHT = 2**62
 CURSOR_TXID = re.compile(r"(?:[0-9a-f]{64})?")
 MAX_SUBSCRIPTIONS = 1000  # addresses and coins one websocket subscribes to
-MAX_MESSAGE = 64 << 10  # bytes of one websocket message
 LIMITS = {
     "checkpoints": MAX_COUNT,
     "history": MAX_HISTORY,
