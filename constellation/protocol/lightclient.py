@@ -76,7 +76,34 @@ class HistoryQuery(_Query, frozen=True, tag="history"):
     limit: int
 
 
-Query = Checkpoints | TxProofQuery | CoinProofQuery | DescriptorQuery | PushQuery | HistoryQuery
+class CoinsQuery(_Query, frozen=True, tag="coins"):
+    """An address's coins in any member's ledger, unspent as of the latest checkpoint
+    stored, by coin id after ``after``; each item an ``Owned``."""
+
+    owner: bytes
+    after: bytes
+    limit: int
+
+
+Query = (
+    Checkpoints
+    | TxProofQuery
+    | CoinProofQuery
+    | DescriptorQuery
+    | PushQuery
+    | HistoryQuery
+    | CoinsQuery
+)
+
+
+class Owned(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A coin of an address: in member ``member``'s ledger, created under checkpoint
+    ``height``."""
+
+    coin_id: bytes
+    member: int
+    value_msat: int
+    height: int
 
 
 class Pushed(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):

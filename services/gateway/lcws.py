@@ -114,6 +114,12 @@ class HistoryParams(_Params):
     limit: int = MAX_HISTORY
 
 
+class CoinsParams(_Params):
+    address: str
+    after: str = ""
+    limit: int = MAX_HISTORY
+
+
 class SubmitParams(_Params):
     tx: str  # hex of the canonical encoding
 
@@ -131,6 +137,7 @@ PARAMS: dict[str, type[_Params]] = {
     "coin.subscribe": CoinIdParams,
     "coin.unsubscribe": CoinIdParams,
     "address.history": HistoryParams,
+    "address.coins": CoinsParams,
     "address.subscribe": AddressParams,
     "address.unsubscribe": AddressParams,
 }
@@ -300,6 +307,7 @@ class LightSockets:
             "coin.subscribe": self._subscribe_coin,
             "coin.unsubscribe": self._unsubscribe_coin,
             "address.history": self._history,
+            "address.coins": self._coins,
             "address.subscribe": self._subscribe_address,
             "address.unsubscribe": self._unsubscribe_address,
         }
@@ -413,6 +421,9 @@ class LightSockets:
 
     async def _history(self, _: Conn, p: HistoryParams) -> dict[str, Any]:
         return await self.lc.history(p.address, p.before, _in(p.limit, 1, MAX_HISTORY, "limit"))
+
+    async def _coins(self, _: Conn, p: CoinsParams) -> dict[str, Any]:
+        return await self.lc.coins(p.address, p.after, _in(p.limit, 1, MAX_HISTORY, "limit"))
 
     async def _submit(self, conn: Conn, p: SubmitParams) -> dict[str, Any]:
         try:

@@ -30,7 +30,16 @@ from services.gateway.ws import MAX_MESSAGE
 
 PROTOCOL = "constellation-lc"
 VERSION = 1
-FEATURES = ["descriptor", "checkpoints", "tx_proof", "coin_proof", "history", "subscribe", "submit"]
+FEATURES = [
+    "descriptor",
+    "checkpoints",
+    "tx_proof",
+    "coin_proof",
+    "history",
+    "coins",
+    "subscribe",
+    "submit",
+]
 ASK_TIMEOUT_S = 5.0
 MAX_COUNT = 100  # checkpoints in one answer
 MAX_HISTORY = 100  # transactions in one page of an address's history
@@ -84,6 +93,7 @@ class LightClientApi:
         r.add_get("/v1/lc/tx/{txid}", self.get_tx_proof)
         r.add_get("/v1/lc/coin/{coin_id}", self.get_coin_proof)
         r.add_get("/v1/lc/address/{address}/history", self.get_history)
+        r.add_get("/v1/lc/address/{address}/coins", self.get_coins)
 
     async def ask(self, query: lcp.Query) -> lcp.Answer:
         if not self.members:
@@ -172,6 +182,32 @@ class LightClientApi:
             doc["next"] = f"{found[-1].height}.{found[-1].txid.hex()}"
         return doc
 
+    async def coins(self, address: str, after: str, limit: int) -> dict[str, Any]:
+        """An address's unspent coins in any member's ledger as of the latest checkpoint
+        stored here, by coin id (``after``: a page's ``next``): each one a wallet checks
+        with its coin proof."""
+        owner = self.owner(address)
+        start = parse_hex(after, "after", 32) if after else b""
+        found = [
+            msgspec.msgpack.decode(item, type=lcp.Owned)
+            for item in await self._items(lcp.CoinsQuery(owner, start, limit))
+        ]
+        doc: dict[str, Any] = {
+            "address": address,
+            "coins": [
+                {
+                    "coin_id": o.coin_id.hex(),
+                    "ledger": self.members[o.member],
+                    "value_msat": o.value_msat,
+                    "checkpoint": o.height,
+                }
+                for o in found
+            ],
+        }
+        if len(found) == limit:
+            doc["next"] = found[-1].coin_id.hex()
+        return doc
+
     def owner(self, address: str) -> bytes:
         try:
             return bytes(decode_address(address, self.network))
@@ -208,6 +244,11 @@ class LightClientApi:
         coin_id = parse_hex(request.match_info["coin_id"], "coin_id", 32)
         ledger = request.query.get("ledger", self.operator)
         return json_response(await self.coin_proof(coin_id, ledger))
+
+    async def get_coins(self, request: web.Request) -> web.Response:
+        after = request.query.get("after", "")
+        limit = query_int(request, "limit", 1, MAX_HISTORY, MAX_HISTORY)
+        return json_response(await self.coins(request.match_info["address"], after, limit))
 
     async def get_history(self, request: web.Request) -> web.Response:
         before = request.query.get("before", "")

@@ -262,6 +262,47 @@ def _light_client_paths() -> dict[str, Any]:
                 },
             }
         },
+        "/v1/lc/address/{address}/coins": {
+            "get": {
+                "summary": "An address's unspent coins in any member's ledger as of the latest"
+                " checkpoint, by coin id (each checked with its coin proof)",
+                "parameters": [
+                    _path_param("address", {"type": "string"}),
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "description": "a page's next (a coin id)",
+                        "schema": HEX32_IN,
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+                    },
+                ],
+                "responses": {
+                    "200": _json(
+                        _object(
+                            ["address", "coins"],
+                            address={"type": "string"},
+                            coins={
+                                "type": "array",
+                                "items": _object(
+                                    ["coin_id", "ledger", "value_msat", "checkpoint"],
+                                    coin_id=HEX32,
+                                    ledger={"type": "string"},
+                                    value_msat=MSAT,
+                                    checkpoint=INT,
+                                ),
+                            },
+                            next=HEX32,
+                        ),
+                        "a page of the coins (next: the after of the next one)",
+                    ),
+                    **lc_errors,
+                },
+            }
+        },
         "/v1/lc/ws": {
             "get": {
                 "summary": "Websocket: the light-client protocol in JSON-RPC 2.0 (methods,"

@@ -637,6 +637,10 @@ class Checkpoints:
             return lcp.Answer([pf.encode_tx_proof(proof)])
         if isinstance(query, lcp.PushQuery):
             return await self._pushes(query)
+        if isinstance(query, lcp.CoinsQuery):
+            limit = max(1, min(query.limit, MAX_HISTORY))
+            owned = await self.store.lc_coins(query.owner, query.after, limit)
+            return lcp.Answer([msgspec.msgpack.encode(o) for o in owned])
         if isinstance(query, lcp.HistoryQuery):
             limit = max(1, min(query.limit, MAX_HISTORY))
             before = (query.before, query.before_txid)

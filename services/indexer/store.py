@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from constellation.lightclient import index as lc
+from constellation.lightclient import proof as pf
 from constellation.lightclient.checkpointer import Announced, Filled
 from constellation.protocol import ledger as proto
 from constellation.protocol import lightclient as lcp
@@ -84,6 +85,18 @@ CREATE TABLE IF NOT EXISTS lc_touches (
     height bigint NOT NULL,  -- the checkpoint from which the transaction is provable
     txid   bytea  NOT NULL,
     PRIMARY KEY (owner, height, txid)
+);
+CREATE TABLE IF NOT EXISTS lc_created (
+    coin_id    bytea  PRIMARY KEY,
+    owner      bytea  NOT NULL,
+    member     integer NOT NULL,  -- the guild member whose ledger holds it
+    value_msat numeric(20) NOT NULL,
+    height     bigint NOT NULL   -- the checkpoint it was created under
+);
+CREATE INDEX IF NOT EXISTS lc_created_owner ON lc_created (owner, coin_id);
+CREATE TABLE IF NOT EXISTS lc_spent (
+    coin_id bytea  PRIMARY KEY,
+    height  bigint NOT NULL  -- the checkpoint it was spent under
 );
 CREATE TABLE IF NOT EXISTS index_cursors (
     worker integer PRIMARY KEY,
@@ -228,7 +241,19 @@ class Index:
         checkpoints: list[tuple[int, bytes, bool]] = []
         records: list[tuple[int, int, list[bytes]]] = []
         txs: list[tuple[bytes, int, int]] = []
+        created: list[tuple[bytes, bytes, int, int, int]] = []
+        spent: list[tuple[bytes, int]] = []
         for h in held:
+            height = h.checkpoint.checkpoint.height
+            for position, encoded in h.records.items():
+                member = h.entries[position].owner
+                for change in (c for r in map(pf.Record.decode, encoded) for c in r.changes):
+                    if change.kind is pf.ChangeKind.CREATED:
+                        created.append(
+                            (change.coin_id, change.owner, member, change.value_msat, height)
+                        )
+                    elif change.kind is pf.ChangeKind.SPENT:
+                        spent.append((change.coin_id, height))
             height = h.checkpoint.checkpoint.height
             complete = all(e.size == 0 or i in h.records for i, e in enumerate(h.entries))
             checkpoints.append((height, Announced(h.checkpoint, h.entries).encode(), complete))
@@ -252,6 +277,19 @@ class Index:
                     "INSERT INTO lc_txs (txid, height, position) SELECT * FROM"
                     " unnest($1::bytea[], $2::bigint[], $3::integer[]) ON CONFLICT DO NOTHING",
                     *(list(column) for column in zip(*txs, strict=True)),
+                )
+            if created:
+                await conn.execute(
+                    "INSERT INTO lc_created (coin_id, owner, member, value_msat, height)"
+                    " SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::integer[],"
+                    " $4::numeric[], $5::bigint[]) ON CONFLICT DO NOTHING",
+                    *(list(column) for column in zip(*created, strict=True)),
+                )
+            if spent:
+                await conn.execute(
+                    "INSERT INTO lc_spent (coin_id, height) SELECT * FROM"
+                    " unnest($1::bytea[], $2::bigint[]) ON CONFLICT DO NOTHING",
+                    *(list(column) for column in zip(*spent, strict=True)),
                 )
             if touches:
                 await conn.execute(
@@ -283,6 +321,20 @@ class Index:
             count,
         )
         return [r["announced"] for r in rows]
+
+    async def lc_coins(self, owner: bytes, after: bytes, limit: int) -> list[lcp.Owned]:
+        """An address's unspent coins under the checkpoints stored, by coin id."""
+        rows = await self.pool.fetch(
+            "SELECT coin_id, member, value_msat, height FROM lc_created c WHERE owner = $1"
+            " AND coin_id > $2 AND NOT EXISTS (SELECT 1 FROM lc_spent s"
+            " WHERE s.coin_id = c.coin_id) ORDER BY coin_id LIMIT $3",
+            owner,
+            after,
+            limit,
+        )
+        return [
+            lcp.Owned(r["coin_id"], r["member"], int(r["value_msat"]), r["height"]) for r in rows
+        ]
 
     async def missing(self, since: int, upto: int, most: int) -> list[int]:
         """The heights from ``since`` to ``upto`` with no checkpoint, or one without its

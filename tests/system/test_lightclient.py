@@ -332,6 +332,7 @@ async def test_a_wallet_follows_an_address_over_the_websocket_and_leaves_a_forgi
             assert kinds == {pf.ChangeKind.SPENT, pf.ChangeKind.CREATED}
             assert [f.server for f in client.failures] == [liar_url]
             assert client.failures[0].check == "proof.record_path"
+            await coins_listed_anywhere(Devnet.load(where / "op2"), client, address)
         finally:
             following.cancel()
         async with session.get(op1.gateway_url + "/v1/lc/ws/schema.json") as r:
@@ -353,6 +354,23 @@ async def test_a_wallet_follows_an_address_over_the_websocket_and_leaves_a_forgi
     assert code == 0 and out.count("VERIFIED via") == 3, out  # the payment: 2 changes
     assert "created 3000000 msat" in out and "spent 3000000 msat" in out, out
     assert "created 1000000 msat" in out, out
+
+
+async def coins_listed_anywhere(net: Devnet, client: LightClient, address: str) -> None:
+    """Any member lists the address's coins in op0's ledger (one left, of 1,000,000
+    msat); its proof verifies."""
+    path = f"/v1/lc/address/{address}/coins"
+    end = time.monotonic() + 20
+    while True:
+        async with client.session.get(net.gateway_url + path) as r:
+            coins = (await r.json())["coins"]
+        if [c["value_msat"] for c in coins] == [1000000]:
+            break
+        assert time.monotonic() < end, coins
+        await asyncio.sleep(0.3)
+    assert coins[0]["ledger"] == "op0", coins
+    _, verdict = await client.coin(bytes.fromhex(coins[0]["coin_id"]), "op0", 0)
+    assert verdict.leaf is not None and verdict.leaf.state is pf.CoinState.UNSPENT
 
 
 async def test_the_websocket_refuses_what_is_malformed_and_says_why(where: Path) -> None:
@@ -380,6 +398,7 @@ async def test_the_websocket_refuses_what_is_malformed_and_says_why(where: Path)
                 (call("tx.proof", txid="00" * 32, extra=1), -32602, "malformed"),
                 (call("checkpoints.range", count=101), -32602, "malformed.count"),
                 (call("address.history", address="nope"), -32602, "malformed.address"),
+                (call("address.coins", address="nope"), -32602, "malformed.address"),
                 (call("tx.proof", txid="00" * 32), -32000, "not_found"),
                 (call("tx.submit", tx="0011"), -32000, "malformed"),
                 (
