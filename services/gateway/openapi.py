@@ -107,6 +107,41 @@ COIN_OUT = _object(["coin_id", "value_msat"], coin_id=HEX32, value_msat=MSAT)
 HEX = {"type": "string", "pattern": "^([0-9a-f]{2})*$"}
 
 
+def _address_page(
+    cursor: str,
+    cursor_schema: dict[str, Any],
+    cursor_says: str,
+    field: str,
+    item: dict[str, Any],
+    next_schema: dict[str, Any],
+) -> dict[str, Any]:
+    """The parameters and answers of a page of what the light-client API lists of an
+    address (``field``: a list of ``item``), paged by ``cursor``."""
+    return {
+        "parameters": [
+            _path_param("address", {"type": "string"}),
+            {"name": cursor, "in": "query", "description": cursor_says, "schema": cursor_schema},
+            {
+                "name": "limit",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+            },
+        ],
+        "responses": {
+            "200": _json(
+                _object(
+                    ["address", field],
+                    address={"type": "string"},
+                    **{field: {"type": "array", "items": item}},
+                    next=next_schema,
+                ),
+                f"a page of the {field} (next: the {cursor} of the next one)",
+            ),
+            **_errors(400, 404, 503),
+        },
+    }
+
+
 def _light_client_paths() -> dict[str, Any]:
     """``/v1/lc``: what a light client checks against the guild key it pinned."""
     checkpoint = _json(_ref("Checkpoint"), "a signed checkpoint and its entries")
@@ -229,78 +264,34 @@ def _light_client_paths() -> dict[str, Any]:
             "get": {
                 "summary": "The transactions that changed an address in any member's ledger,"
                 " newest first, each with the checkpoint from which its proof is served",
-                "parameters": [
-                    _path_param("address", {"type": "string"}),
-                    {
-                        "name": "before",
-                        "in": "query",
-                        "description": "a page's next, or a checkpoint height",
-                        "schema": {"type": "string"},
-                    },
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
-                    },
-                ],
-                "responses": {
-                    "200": _json(
-                        _object(
-                            ["address", "history"],
-                            address={"type": "string"},
-                            history={
-                                "type": "array",
-                                "items": _object(
-                                    ["checkpoint", "txid"], checkpoint=INT, txid=HEX32
-                                ),
-                            },
-                            next={"type": "string"},
-                        ),
-                        "a page of the history (next: the before of the next one)",
-                    ),
-                    **lc_errors,
-                },
+                **_address_page(
+                    "before",
+                    {"type": "string"},
+                    "a page's next, or a checkpoint height",
+                    "history",
+                    _object(["checkpoint", "txid"], checkpoint=INT, txid=HEX32),
+                    {"type": "string"},
+                ),
             }
         },
         "/v1/lc/address/{address}/coins": {
             "get": {
                 "summary": "An address's unspent coins in any member's ledger as of the latest"
                 " checkpoint, by coin id (each checked with its coin proof)",
-                "parameters": [
-                    _path_param("address", {"type": "string"}),
-                    {
-                        "name": "after",
-                        "in": "query",
-                        "description": "a page's next (a coin id)",
-                        "schema": HEX32_IN,
-                    },
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
-                    },
-                ],
-                "responses": {
-                    "200": _json(
-                        _object(
-                            ["address", "coins"],
-                            address={"type": "string"},
-                            coins={
-                                "type": "array",
-                                "items": _object(
-                                    ["coin_id", "ledger", "value_msat", "checkpoint"],
-                                    coin_id=HEX32,
-                                    ledger={"type": "string"},
-                                    value_msat=MSAT,
-                                    checkpoint=INT,
-                                ),
-                            },
-                            next=HEX32,
-                        ),
-                        "a page of the coins (next: the after of the next one)",
+                **_address_page(
+                    "after",
+                    HEX32_IN,
+                    "a page's next (a coin id)",
+                    "coins",
+                    _object(
+                        ["coin_id", "ledger", "value_msat", "checkpoint"],
+                        coin_id=HEX32,
+                        ledger={"type": "string"},
+                        value_msat=MSAT,
+                        checkpoint=INT,
                     ),
-                    **lc_errors,
-                },
+                    HEX32,
+                ),
             }
         },
         "/v1/lc/ws": {
