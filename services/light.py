@@ -9,9 +9,10 @@ checkpoint at least that high.
 
 ``follow`` follows addresses over a gateway's websocket (``services.gateway.lcws``):
 each checkpoint and each pushed change is verified before it is told; a gateway that
-pushes what does not verify, or goes away, is left for the next, where the addresses'
-history since the last told checkpoint is read (and each transaction's proof checked)
-before its pushes are.
+pushes what does not verify, skips a checkpoint (what changed under it would be
+unknown), or goes away, is left for the next, where the addresses' history since the
+last checkpoint followed is read (and each transaction's proof checked) before its
+pushes are.
 """
 
 from __future__ import annotations
@@ -224,8 +225,10 @@ class LightClient:
         async with self.session.ws_connect(ws_url, heartbeat=30) as ws:
             rpc = Rpc(ws)
             latest = await rpc.call("checkpoints.subscribe")
+            pushed = -1  # the highest checkpoint this gateway told of
             if latest is not None:
                 self._took(self._checkpoint(latest))
+                pushed = latest["height"]
             for address in owners:
                 await rpc.call("address.subscribe", address=address)
             # what happened since the last told checkpoint, read before what is pushed
@@ -247,8 +250,14 @@ class LightClient:
                 if method == "checkpoints.new":
                     # one pushed while an answer overtook it may be below the latest seen
                     announced = self._checkpoint(params, not_below=0)
+                    height = announced.signed.checkpoint.height
+                    if pushed >= 0 and height > pushed + 1:  # what changed there is unknown
+                        raise GatewayError(
+                            0, "gap", f"checkpoints {pushed + 1} to {height - 1} were not pushed"
+                        )
+                    pushed = max(pushed, height)
                     self._took(announced)
-                    state["since"] = max(state["since"], params["height"])
+                    state["since"] = max(state["since"], height)
                 elif method == "address.update" and params["address"] in owners:
                     address = params["address"]
                     if not await self._tell(url, address, owners[address], params, done, told):

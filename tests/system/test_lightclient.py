@@ -96,6 +96,9 @@ class Liar:
                     self.messages.append(doc)
                     if self.mode == "forge" and doc.get("method") == "address.update":
                         doc["params"]["proof"] = forge(doc["params"]["proof"])
+                    if self.mode == "skip" and doc.get("method") == "checkpoints.new":
+                        self.mode = "honest"  # one withheld, with what it did
+                        continue
                     await ws.send_json(doc)
                 await ws.close()
 
@@ -453,3 +456,42 @@ async def test_a_wallet_pins_no_member_names_its_descriptor_does_not_commit_to(
     lie.mode = "honest"
     code, out = await cli("wallet", "pin", "--file", wallet)
     assert code == 0 and "members op0, op1, op2" in out, out
+
+
+async def test_a_wallet_leaves_a_gateway_that_skips_a_checkpoint(
+    where: Path, liar: tuple[Liar, str]
+) -> None:
+    """A checkpoint not pushed (and what it did withheld with it) is a gap the wallet
+    sees at the next one: it leaves the gateway, and the next tells it what changed."""
+    lie, liar_url = liar
+    op0, op1 = (Devnet.load(where / f"op{i}") for i in range(2))
+    wallet = str(where.parent / "gap.json")
+    assert (await cli("wallet", "create", "--file", wallet, "--gateway", op0.gateway_url))[0] == 0
+    address = (await cli("wallet", "address", "--file", wallet))[1].strip()
+    await _until("pinned guild", lambda: cli("wallet", "pin", "--file", wallet))
+    doc = WalletFile.load(Path(wallet))
+    updates: asyncio.Queue[Update] = asyncio.Queue()
+
+    async def told(update: Update) -> bool:
+        await updates.put(update)
+        return True
+
+    async with aiohttp.ClientSession() as session:
+        descriptor = pf.Descriptor.decode(doc.descriptor)
+        client = LightClient(descriptor, [liar_url, op1.gateway_url], session)
+        since = (await client.latest())[1].signed.checkpoint.height
+        following = asyncio.create_task(client.follow([address], doc.wallet().network, since, told))
+        try:
+            await asyncio.sleep(1)  # subscribed
+            lie.mode = "skip"
+            assert (await cli("devnet", "fund", address, "5000", "--dir", op0.dir))[0] == 0
+            await asyncio.sleep(2)  # its checkpoint withheld, and its push
+            assert (await cli("devnet", "fund", address, "7000", "--dir", op0.dir))[0] == 0
+            values: set[int] = set()
+            while len(values) < 2:
+                update = await asyncio.wait_for(updates.get(), 30)
+                values |= {c.value_msat for p in update.placed for c in p.record.changes}
+            assert values == {5000, 7000}, values
+            assert [(f.server, f.check) for f in client.failures][:1] == [(liar_url, "gap")]
+        finally:
+            following.cancel()
