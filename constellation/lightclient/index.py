@@ -353,6 +353,29 @@ def tx_proof(checkpoints: Iterable[Held], txid: bytes) -> TxProof | None:
 Key = tuple[str, bytes]  # ("address", owner) or ("coin", coin id)
 
 
+class Coins(NamedTuple):
+    """The coins a checkpoint's records created (id, owner, the member whose ledger holds
+    it, value) and spent (id): an operator's list of each address's coins."""
+
+    created: list[tuple[bytes, bytes, int, int]]
+    spent: list[bytes]
+
+    def add(self, member: int, record: Record) -> None:
+        for c in record.changes:
+            if c.kind is ChangeKind.CREATED:
+                self.created.append((c.coin_id, c.owner, member, c.value_msat))
+            elif c.kind is ChangeKind.SPENT:
+                self.spent.append(c.coin_id)
+
+
+class Touched(NamedTuple):
+    """What a signed checkpoint did: the keys it touches and with which transactions,
+    and its coins (one reading of its records)."""
+
+    by_key: dict[Key, list[bytes]]
+    coins: Coins
+
+
 class Recent:
     """The records of the last ``keep`` signed checkpoints, in memory with their trees, to
     prove at once what each new checkpoint did to an address or a coin (what a light
@@ -375,13 +398,14 @@ class Recent:
         self.touched: dict[int, dict[Key, list[bytes]]] = {}
         self.waiting: dict[bytes, tuple[int, set[Key]]] = {}  # no commit yet: since, keys
 
-    def add(self, signed: Signed) -> dict[Key, list[bytes]]:
+    def add(self, signed: Signed) -> Touched:
         """A signed checkpoint just taken (in height order): the keys it touches, and with
         which transactions (a checkpoint taken again, or below one taken, touches none
-        again)."""
+        again), and its coins."""
         height = signed.checkpoint.checkpoint.height
+        coins = Coins([], [])
         if self.touched and height <= max(self.touched):
-            return {}
+            return Touched({}, coins)
         records = {i: c.records for i, c in enumerate(signed.covered.values()) if c.records}
         trees = {i: c.tree for i, c in enumerate(signed.covered.values()) if c.records}
         entries = [c.entry for c in signed.covered.values()]
@@ -391,6 +415,7 @@ class Recent:
         for position, encoded in records.items():
             for i, data in enumerate(encoded):
                 record = Record.decode(data)
+                coins.add(entries[position].owner, record)
                 self.places.setdefault(record.txid, []).append((height, position, i))
                 if record.committed:
                     self.committed[record.txid] = height
@@ -414,7 +439,7 @@ class Recent:
         while len(self.commits) > self.horizon:
             for txid in self.commits.pop(min(self.commits)):
                 self.committed.pop(txid, None)
-        return touched
+        return Touched(touched, coins)
 
     def _forget(self, height: int) -> None:
         found = self.kept.pop(height)

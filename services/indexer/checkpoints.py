@@ -412,19 +412,21 @@ class Checkpoints:
                     self.metrics.lag.observe(now - seen.popleft()[1])
         fresh: list[lc.Held] = []
         touches: list[tuple[bytes, int, bytes]] = []  # (address, height, txid)
+        coins: dict[int, lc.Coins] = {}
         for signed in taken:
             touched = self.recent.add(signed)
             height = signed.checkpoint.checkpoint.height
             if height > self.stored:
                 fresh.append(lc.held(signed))
+                coins[height] = touched.coins
                 touches += [
                     (key, height, txid)
-                    for (kind, key), txids in touched.items()
+                    for (kind, key), txids in touched.by_key.items()
                     if kind == "address"
                     for txid in txids
                 ]
         if fresh:
-            await self.store.store_checkpoints(fresh, touches)
+            await self.store.store_checkpoints(fresh, touches, coins)
             self.stored = max(self.stored, fresh[-1].checkpoint.checkpoint.height)
             subject = lc_taken_subject(self.s.layout.members[self.s.me].name)
             for h in fresh:
@@ -526,15 +528,17 @@ class Checkpoints:
                 )
                 continue
             self.asked.discard(announced.signed.checkpoint.height)
-        touches = [
-            (c.owner, h.checkpoint.checkpoint.height, record.txid)
-            for h in fresh
-            for records in h.records.values()
-            for record in map(pf.Record.decode, records)
-            for c in record.changes
-        ]
+        touches: list[tuple[bytes, int, bytes]] = []
+        coins: dict[int, lc.Coins] = {}
+        for h in fresh:
+            height = h.checkpoint.checkpoint.height
+            found = coins[height] = lc.Coins([], [])
+            for position, records in h.records.items():
+                for record in map(pf.Record.decode, records):
+                    found.add(h.entries[position].owner, record)
+                    touches += [(c.owner, height, record.txid) for c in record.changes]
         if fresh:
-            await self.store.store_checkpoints(fresh, touches)
+            await self.store.store_checkpoints(fresh, touches, coins)
             log.info("missed checkpoints filled", extra={"count": len(fresh)})
 
     # -- what other services and members send ---------------------------------------------

@@ -14,7 +14,6 @@ from typing import Any
 import asyncpg
 
 from constellation.lightclient import index as lc
-from constellation.lightclient import proof as pf
 from constellation.lightclient.checkpointer import Announced, Filled
 from constellation.protocol import ledger as proto
 from constellation.protocol import lightclient as lcp
@@ -233,27 +232,20 @@ class Index:
     # -- light-client checkpoints (``services.indexer.checkpoints``) ----------------------
 
     async def store_checkpoints(
-        self, held: list[lc.Held], touches: list[tuple[bytes, int, bytes]]
+        self,
+        held: list[lc.Held],
+        touches: list[tuple[bytes, int, bytes]],
+        coins: dict[int, lc.Coins],
     ) -> None:
-        """Signed checkpoints, what their entries cover, and the transactions they made
-        provable by each address they changed (``(address, height, txid)``; stored
-        again: nothing twice)."""
+        """Signed checkpoints, what their entries cover, the transactions they made
+        provable by each address they changed (``(address, height, txid)``), and the
+        coins they created and spent, by height (stored again: nothing twice)."""
         checkpoints: list[tuple[int, bytes, bool]] = []
         records: list[tuple[int, int, list[bytes]]] = []
         txs: list[tuple[bytes, int, int]] = []
-        created: list[tuple[bytes, bytes, int, int, int]] = []
-        spent: list[tuple[bytes, int]] = []
+        created = [(*c, height) for height, cs in coins.items() for c in cs.created]
+        spent = [(coin_id, height) for height, cs in coins.items() for coin_id in cs.spent]
         for h in held:
-            height = h.checkpoint.checkpoint.height
-            for position, encoded in h.records.items():
-                member = h.entries[position].owner
-                for change in (c for r in map(pf.Record.decode, encoded) for c in r.changes):
-                    if change.kind is pf.ChangeKind.CREATED:
-                        created.append(
-                            (change.coin_id, change.owner, member, change.value_msat, height)
-                        )
-                    elif change.kind is pf.ChangeKind.SPENT:
-                        spent.append((change.coin_id, height))
             height = h.checkpoint.checkpoint.height
             complete = all(e.size == 0 or i in h.records for i, e in enumerate(h.entries))
             checkpoints.append((height, Announced(h.checkpoint, h.entries).encode(), complete))

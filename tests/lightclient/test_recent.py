@@ -31,12 +31,25 @@ def test_every_change_is_told_once_with_a_proof_that_shows_it(seed: int) -> None
     ledger = LEDGERS[seed]
     recent = lc.Recent(keep=100, horizon=100)
     told: dict[tuple[lc.Key, bytes], int] = {}
+    created: list[tuple[bytes, bytes, int, int]] = []
+    spent: list[bytes] = []
     for signed in ledger.signed:
         height = signed.checkpoint.checkpoint.height
-        for key, txids in recent.add(signed).items():
+        touched = recent.add(signed)
+        for key, txids in touched.by_key.items():
             for txid in txids:
                 assert (key, txid) not in told
                 told[(key, txid)] = height
+        created += touched.coins.created
+        spent += touched.coins.spent
+        assert recent.add(signed) == (({}, ([], [])))  # taken again: nothing again
+    # every coin the ledger made and spent, with the member whose ledger holds it
+    assert sorted(created) == sorted(
+        (cid, owner, shard[0], value) for cid, (_, value, owner, _, shard) in ledger.coins.items()
+    )
+    assert sorted(spent) == sorted(
+        cid for cid, c in ledger.coins.items() if c[0] is pf.CoinState.SPENT
+    )
     for txid in ledger.txs:
         height = max(h for (_, t), h in told.items() if t == txid)
         proof = recent.proof(txid, height)
@@ -87,7 +100,7 @@ class Split:
     def checkpoint(self) -> dict[lc.Key, list[bytes]]:
         checkpoint, entries = self.index.propose(0)
         sc = pf.SignedCheckpoint(checkpoint, KEY.sign(checkpoint.message()))
-        return self.recent.add(self.index.signed(sc, entries))
+        return self.recent.add(self.index.signed(sc, entries)).by_key
 
     def verified(self, upto: int) -> list[pf.Placed]:
         proof = self.recent.proof(self.txid, upto)

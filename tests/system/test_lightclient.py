@@ -7,6 +7,7 @@ true proof of its absence from another shard)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -300,44 +301,26 @@ async def test_a_wallet_follows_an_address_over_the_websocket_and_leaves_a_forgi
     change; every message both ways is one the protocol's schema describes."""
     lie, liar_url = liar
     op0, op1 = (Devnet.load(where / f"op{i}") for i in range(2))
-    wallet = str(where.parent / "follow.json")
-    assert (await cli("wallet", "create", "--file", wallet, "--gateway", op0.gateway_url))[0] == 0
-    address = (await cli("wallet", "address", "--file", wallet))[1].strip()
-    await _until("pinned guild", lambda: cli("wallet", "pin", "--file", wallet))
-    doc = WalletFile.load(Path(wallet))
-    updates: asyncio.Queue[Update] = asyncio.Queue()
-
-    async def told(update: Update) -> bool:
-        await updates.put(update)
-        return True
-
-    async with aiohttp.ClientSession() as session:
-        client = LightClient(
-            pf.Descriptor.decode(doc.descriptor), [liar_url, op1.gateway_url], session
-        )
-        since = (await client.latest())[1].signed.checkpoint.height
-        following = asyncio.create_task(client.follow([address], doc.wallet().network, since, told))
-        try:
-            # honest: the issuance, pushed by the first gateway, verified
-            assert (await cli("devnet", "fund", address, "3000000", "--dir", op0.dir))[0] == 0
-            first = await asyncio.wait_for(updates.get(), 30)
-            assert first.server == liar_url and first.address == address
-            [change] = [c for p in first.placed for c in p.record.changes]
-            assert change.value_msat == 3000000 and change.kind is pf.ChangeKind.CREATED
-            # forged: refused by its check, and the change told by the next gateway
-            lie.mode = "forge"
-            code, out = await cli("wallet", "pay", address, "1000000", "--file", wallet, "--yes")
-            assert code == 0, out
-            txid = bytes.fromhex(out.split("txid ")[1].split()[0])
-            second = await asyncio.wait_for(updates.get(), 30)
-            assert second.server == op1.gateway_url and second.txid == txid
-            kinds = {c.kind for p in second.placed for c in p.record.changes}
-            assert kinds == {pf.ChangeKind.SPENT, pf.ChangeKind.CREATED}
-            assert [f.server for f in client.failures] == [liar_url]
-            assert client.failures[0].check == "proof.record_path"
-            await coins_listed_anywhere(Devnet.load(where / "op2"), client, address)
-        finally:
-            following.cancel()
+    async with following(where, liar_url, "follow") as (client, wallet, address, updates):
+        session = client.session
+        # honest: the issuance, pushed by the first gateway, verified
+        assert (await cli("devnet", "fund", address, "3000000", "--dir", op0.dir))[0] == 0
+        first = await asyncio.wait_for(updates.get(), 30)
+        assert first.server == liar_url and first.address == address
+        [change] = [c for p in first.placed for c in p.record.changes]
+        assert change.value_msat == 3000000 and change.kind is pf.ChangeKind.CREATED
+        # forged: refused by its check, and the change told by the next gateway
+        lie.mode = "forge"
+        code, out = await cli("wallet", "pay", address, "1000000", "--file", wallet, "--yes")
+        assert code == 0, out
+        txid = bytes.fromhex(out.split("txid ")[1].split()[0])
+        second = await asyncio.wait_for(updates.get(), 30)
+        assert second.server == op1.gateway_url and second.txid == txid
+        kinds = {c.kind for p in second.placed for c in p.record.changes}
+        assert kinds == {pf.ChangeKind.SPENT, pf.ChangeKind.CREATED}
+        assert [f.server for f in client.failures] == [liar_url]
+        assert client.failures[0].check == "proof.record_path"
+        await coins_listed_anywhere(Devnet.load(where / "op2"), client, address)
         async with session.get(op1.gateway_url + "/v1/lc/ws/schema.json") as r:
             schema = jsonschema_rs.validator_for(await r.json())
         # a latest checkpoint too old is stale (here: any)
@@ -357,6 +340,35 @@ async def test_a_wallet_follows_an_address_over_the_websocket_and_leaves_a_forgi
     assert code == 0 and out.count("VERIFIED via") == 3, out  # the payment: 2 changes
     assert "created 3000000 msat" in out and "spent 3000000 msat" in out, out
     assert "created 1000000 msat" in out, out
+
+
+@contextlib.asynccontextmanager
+async def following(
+    where: Path, first: str, name: str
+) -> AsyncIterator[tuple[LightClient, str, str, asyncio.Queue[Update]]]:
+    """A new wallet, pinned, following its first address through ``first`` then op1's
+    gateway: its light client, file, address, and the changes it is told."""
+    op0, op1 = (Devnet.load(where / f"op{i}") for i in range(2))
+    wallet = str(where.parent / f"{name}.json")
+    assert (await cli("wallet", "create", "--file", wallet, "--gateway", op0.gateway_url))[0] == 0
+    address = (await cli("wallet", "address", "--file", wallet))[1].strip()
+    await _until("pinned guild", lambda: cli("wallet", "pin", "--file", wallet))
+    doc = WalletFile.load(Path(wallet))
+    updates: asyncio.Queue[Update] = asyncio.Queue()
+
+    async def told(update: Update) -> bool:
+        await updates.put(update)
+        return True
+
+    async with aiohttp.ClientSession() as session:
+        descriptor = pf.Descriptor.decode(doc.descriptor)
+        client = LightClient(descriptor, [first, op1.gateway_url], session)
+        since = (await client.latest())[1].signed.checkpoint.height
+        task = asyncio.create_task(client.follow([address], doc.wallet().network, since, told))
+        try:
+            yield client, wallet, address, updates
+        finally:
+            task.cancel()
 
 
 async def coins_listed_anywhere(net: Devnet, client: LightClient, address: str) -> None:
@@ -464,34 +476,16 @@ async def test_a_wallet_leaves_a_gateway_that_skips_a_checkpoint(
     """A checkpoint not pushed (and what it did withheld with it) is a gap the wallet
     sees at the next one: it leaves the gateway, and the next tells it what changed."""
     lie, liar_url = liar
-    op0, op1 = (Devnet.load(where / f"op{i}") for i in range(2))
-    wallet = str(where.parent / "gap.json")
-    assert (await cli("wallet", "create", "--file", wallet, "--gateway", op0.gateway_url))[0] == 0
-    address = (await cli("wallet", "address", "--file", wallet))[1].strip()
-    await _until("pinned guild", lambda: cli("wallet", "pin", "--file", wallet))
-    doc = WalletFile.load(Path(wallet))
-    updates: asyncio.Queue[Update] = asyncio.Queue()
-
-    async def told(update: Update) -> bool:
-        await updates.put(update)
-        return True
-
-    async with aiohttp.ClientSession() as session:
-        descriptor = pf.Descriptor.decode(doc.descriptor)
-        client = LightClient(descriptor, [liar_url, op1.gateway_url], session)
-        since = (await client.latest())[1].signed.checkpoint.height
-        following = asyncio.create_task(client.follow([address], doc.wallet().network, since, told))
-        try:
-            await asyncio.sleep(1)  # subscribed
-            lie.mode = "skip"
-            assert (await cli("devnet", "fund", address, "5000", "--dir", op0.dir))[0] == 0
-            await asyncio.sleep(2)  # its checkpoint withheld, and its push
-            assert (await cli("devnet", "fund", address, "7000", "--dir", op0.dir))[0] == 0
-            values: set[int] = set()
-            while len(values) < 2:
-                update = await asyncio.wait_for(updates.get(), 30)
-                values |= {c.value_msat for p in update.placed for c in p.record.changes}
-            assert values == {5000, 7000}, values
-            assert [(f.server, f.check) for f in client.failures][:1] == [(liar_url, "gap")]
-        finally:
-            following.cancel()
+    op0 = Devnet.load(where / "op0")
+    async with following(where, liar_url, "gap") as (client, _, address, updates):
+        await asyncio.sleep(1)  # subscribed
+        lie.mode = "skip"
+        assert (await cli("devnet", "fund", address, "5000", "--dir", op0.dir))[0] == 0
+        await asyncio.sleep(2)  # its checkpoint withheld, and its push
+        assert (await cli("devnet", "fund", address, "7000", "--dir", op0.dir))[0] == 0
+        values: set[int] = set()
+        while len(values) < 2:
+            update = await asyncio.wait_for(updates.get(), 30)
+            values |= {c.value_msat for p in update.placed for c in p.record.changes}
+        assert values == {5000, 7000}, values
+        assert [(f.server, f.check) for f in client.failures][:1] == [(liar_url, "gap")]
