@@ -1,0 +1,18 @@
+"""The operator's Prometheus metrics, declared once."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.reconciles = Counter(
+            "operator_reconciles",
+            "reconciles of a Guild, by the phase it was left in",
+            ["phase"],
+            registry=registry,
+        )
+        self.applied = Counter(
+            "operator_applied_objects", "objects created or patched", registry=registry
+        )

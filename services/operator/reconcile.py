@@ -1,0 +1,231 @@
+"""What to do about a Guild, from what the cluster holds: pure and level-based.
+
+``plan`` compares the rendered objects with the observed ones and says which to create
+and which to patch; ``status`` says what the Guild's status is. Neither reads a clock
+or the API server: the shell (``handlers``) passes the time and the observed objects
+in, so a restarted operator reaches the same decisions from the same cluster.
+
+One change is refused rather than applied: the guild's layout (its members, their keys,
+the shards each runs) is what every member's copies agree on, so a running operator's
+layout is never rewritten under it. A Guild whose layout differs from the one its
+machines run is Degraded, saying what differs, and nothing else of it is changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.operator.render import Obj, Renderer
+
+LAYOUT_FILE = "layout.json"
+CONFIG_HASH = "constellation.dev/config-hash"  # on pod templates: a new one rolls them
+Key = tuple[str, str]  # (kind, name)
+
+
+def key_of(obj: Obj) -> Key:
+    return obj["kind"], obj["metadata"]["name"]
+
+
+def covers(actual: Any, desired: Any) -> bool:
+    """Whether ``actual`` holds everything ``desired`` says (the API server adds
+    defaults and bookkeeping, which are not differences)."""
+    if isinstance(desired, dict):
+        return isinstance(actual, dict) and all(
+            k in actual and covers(actual[k], v) for k, v in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(desired)
+            and all(covers(a, d) for a, d in zip(actual, desired, strict=True))
+        )
+    return bool(actual == desired)
+
+
+def layout_change(running: str, wanted: str) -> str | None:
+    """What differs between the layout the machines run and the Guild's, or None."""
+    old, new = json.loads(running), json.loads(wanted)
+    changes = []
+    if old["guild"] != new["guild"]:
+        changes.append(f"guild {old['guild']} -> {new['guild']}")
+    if old["workers"] != new["workers"]:
+        changes.append(f"shards {old['workers']} -> {new['workers']}")
+    before = {m["name"]: m for m in old["members"]}
+    after = {m["name"]: m for m in new["members"]}
+    if added := sorted(after.keys() - before.keys()):
+        changes.append(f"members added: {', '.join(added)}")
+    if removed := sorted(before.keys() - after.keys()):
+        changes.append(f"members removed: {', '.join(removed)}")
+    if changed := sorted(n for n in before.keys() & after.keys() if before[n] != after[n]):
+        changes.append(f"members changed: {', '.join(changed)}")
+    if [m["name"] for m in old["members"]] != [m["name"] for m in new["members"]] and not (
+        added or removed
+    ):
+        changes.append("members reordered")
+    return "; ".join(changes) or None
+
+
+def config_hash(objs: Sequence[Obj]) -> str:
+    """A digest of the configuration the pods read at start (the layout and the NATS
+    configuration): a change to it rolls the workloads that read it."""
+    data = [o["data"] for o in objs if o["kind"] == "ConfigMap"]
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Plan:
+    create: list[Obj] = field(default_factory=list)
+    patch: list[Obj] = field(default_factory=list)
+    refused: str | None = None  # why nothing is applied
+
+
+def plan(renderer: Renderer, observed: Mapping[Key, Obj]) -> Plan:
+    """What to create and what to patch so that the cluster holds the rendered Guild."""
+    objs = renderer.objects()
+    layout = objs[0]
+    assert layout["kind"] == "ConfigMap" and LAYOUT_FILE in layout["data"]
+    running = observed.get(key_of(layout))
+    if running is not None:
+        change = layout_change(running["data"][LAYOUT_FILE], layout["data"][LAYOUT_FILE])
+        if change is not None:
+            return Plan(
+                refused=(
+                    f"the guild's layout cannot change under running machines ({change}): "
+                    "a membership change goes through the guild's own procedure"
+                )
+            )
+    digest = config_hash(objs)
+    out = Plan()
+    for obj in objs:
+        if obj["kind"] == "StatefulSet":
+            template = obj["spec"]["template"]["metadata"]
+            template["annotations"] = {CONFIG_HASH: digest}
+        have = observed.get(key_of(obj))
+        if have is None:
+            out.create.append(obj)
+        elif not covers(have, obj):
+            out.patch.append(obj)
+    return out
+
+
+# -- status
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: bool
+    reason: str
+    message: str
+
+
+def _workload_state(obj: Obj | None) -> tuple[bool, bool]:
+    """(ready, settled) of a StatefulSet: all its replicas ready, and its controller
+    has seen its last spec and updated every replica to it."""
+    if obj is None:
+        return False, False
+    want = obj.get("spec", {}).get("replicas", 1)
+    st = obj.get("status", {})
+    ready = st.get("readyReplicas", 0) >= want
+    settled = (
+        st.get("observedGeneration", 0) >= obj["metadata"].get("generation", 1)
+        and st.get("updatedReplicas", 0) >= want
+    )
+    return ready, ready and settled
+
+
+def conditions(
+    renderer: Renderer, observed: Mapping[Key, Obj], problem: str | None
+) -> tuple[list[Condition], list[Obj]]:
+    """The Guild's conditions and its machines' states."""
+    workloads = [o for o in renderer.objects() if o["kind"] == "StatefulSet"]
+    states = {o["metadata"]["name"]: _workload_state(observed.get(key_of(o))) for o in workloads}
+    machines = []
+    for m in range(renderer.spec.machines):
+        name = renderer.n.machine(m)
+        ready, settled = states[name]
+        machines.append({"name": name, "index": m, "ready": ready, "upToDate": settled})
+    waiting = sorted(n for n, (_, settled) in states.items() if not settled)
+    degraded = Condition(
+        "Degraded",
+        problem is not None,
+        "Refused" if problem else "AsExpected",
+        problem or "",
+    )
+    progressing = Condition(
+        "Progressing",
+        bool(waiting) and problem is None,
+        "RollingOut" if waiting else "Settled",
+        f"waiting for {', '.join(waiting)}" if waiting else "every workload is up to date",
+    )
+    up = Condition(
+        "Ready",
+        not waiting and problem is None,
+        "Running" if not waiting and problem is None else "NotReady",
+        problem or (f"waiting for {', '.join(waiting)}" if waiting else "every workload ready"),
+    )
+    return [up, progressing, degraded], machines
+
+
+def status(
+    renderer: Renderer | None,
+    observed: Mapping[Key, Obj],
+    previous: Mapping[str, Any],
+    generation: int,
+    problem: str | None,
+    now: str,
+    peers: Sequence[str],
+) -> Obj:
+    """The Guild's ``status``: conditions keep their ``lastTransitionTime`` while their
+    status holds. ``renderer`` is None for a Guild that cannot be rendered at all."""
+    if renderer is None:
+        assert problem is not None
+        conds = [
+            Condition("Ready", False, "NotReady", problem),
+            Condition("Progressing", False, "Refused", problem),
+            Condition("Degraded", True, "Refused", problem),
+        ]
+        machines: list[Obj] = []
+        members: list[Obj] = []
+    else:
+        conds, machines = conditions(renderer, observed, problem)
+        spec = renderer.spec
+        members = [
+            {
+                "name": m.name,
+                "key": m.key,
+                "self": m.name == spec.operator,
+                "credentials": m.name == spec.operator or m.name in peers,
+            }
+            for m in spec.members
+        ]
+    before = {c["type"]: c for c in previous.get("conditions", [])}
+    out = []
+    for c in conds:
+        text = "True" if c.status else "False"
+        old = before.get(c.type)
+        since = old["lastTransitionTime"] if old and old.get("status") == text else now
+        out.append(
+            {
+                "type": c.type,
+                "status": text,
+                "reason": c.reason,
+                "message": c.message,
+                "lastTransitionTime": since,
+                "observedGeneration": generation,
+            }
+        )
+    ready, _, degraded = conds
+    phase = "Degraded" if degraded.status else "Running" if ready.status else "Progressing"
+    return {
+        "observedGeneration": generation,
+        "phase": phase,
+        "partitionMapVersion": renderer.spec.layout().pmap.version if renderer else None,
+        "conditions": out,
+        "machines": machines,
+        "members": members,
+    }

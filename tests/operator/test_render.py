@@ -1,0 +1,366 @@
+"""A Guild, rendered: placement of the machines, no secret in the objects, and every
+container's environment accepted by its own service's settings."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import re
+import secrets
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.errors import Error as NatsError
+
+from services.devnet.deps import nats_server_binary
+from services.devnet.procs import free_port, wait_tcp
+from services.ecash.config import Settings as MintSettings
+from services.gateway.config import Settings as GatewaySettings
+from services.operator.reconcile import CONFIG_HASH, covers, layout_change, plan
+from services.operator.render import (
+    GUILD,
+    LAYOUT_DIR,
+    PEERS_DIR,
+    ROLE,
+    Renderer,
+    generated_keys,
+    generated_value,
+    issued_env,
+    issued_key,
+    owner_reference,
+)
+from services.operator.spec import BadGuild, GuildSpec, check_keys, read_spec
+from services.replica.config import Settings as ReplicaSettings
+from services.signer.config import Settings as SignerSettings
+from tests.operator.conftest import example
+
+OWNER = owner_reference(
+    {
+        "apiVersion": "constellation.dev/v1alpha1",
+        "kind": "Guild",
+        "metadata": {"name": "g1", "uid": "u1"},
+    }
+)
+
+
+def _example() -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+    keys, peers, guild = example()
+    return guild, keys["stringData"], peers["stringData"]
+
+
+def _renderer(**changes: Any) -> Renderer:
+    guild, _, _ = _example()
+    spec = read_spec({**guild["spec"], **changes})
+    return Renderer("g1", "default", spec, OWNER)
+
+
+def _by(objs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objs if o["kind"] == kind}
+
+
+def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+def test_machines_are_pinned_and_apart() -> None:
+    r = _renderer()
+    objs = r.objects()
+    sets = _by(objs, "StatefulSet")
+    machines = [sets[r.n.machine(m)] for m in range(2)]
+    pods = [m["spec"]["template"] for m in machines]
+    for machine, pod in zip(machines, pods, strict=True):
+        spec = pod["spec"]
+        # Guaranteed QoS with whole CPUs: every container's requests equal its limits.
+        for c in spec["containers"] + spec.get("initContainers", []):
+            res = c["resources"]
+            assert res["requests"] == res["limits"], c["name"]
+            assert re.fullmatch(r"[1-9][0-9]*", res["requests"]["cpu"]), "not a whole CPU"
+        assert spec["nodeSelector"] == {ROLE: "machine"}
+        assert any(t["effect"] == "NoSchedule" for t in spec["tolerations"])
+        (term,) = spec["affinity"]["podAntiAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        # Each machine's pod repels the other's: the two copies are on two nodes.
+        assert all(_matches(term["labelSelector"], p["metadata"]["labels"]) for p in pods)
+        assert _matches(machine["spec"]["selector"], pod["metadata"]["labels"])
+    assert pods[0]["metadata"]["labels"] != pods[1]["metadata"]["labels"]
+    budget = _by(objs, "PodDisruptionBudget")[r.n.machines]
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert all(_matches(budget["spec"]["selector"], p["metadata"]["labels"]) for p in pods)
+    services = sets[r.n.services]["spec"]["template"]["metadata"]["labels"]
+    assert not _matches(budget["spec"]["selector"], services)
+
+
+def test_every_object_is_owned_and_labelled() -> None:
+    r = _renderer()
+    for obj in r.objects():
+        meta = obj["metadata"]
+        assert meta["ownerReferences"] == [OWNER] and OWNER["controller"] is True
+        assert meta["labels"][GUILD] == "g1" and meta["namespace"] == "default"
+        if obj["kind"] == "Service":
+            assert obj["spec"]["selector"][GUILD] == "g1"
+
+
+def test_rendering_is_deterministic_and_holds_no_secret() -> None:
+    _, keys, peers = _example()
+    a, b = _renderer().objects(), _renderer().objects()
+    assert a == b
+    text = repr(a)
+    for value in [*keys.values(), *peers.values()]:
+        assert value not in text
+    assert "issued-by-op1" not in text
+
+
+def test_external_servers_replace_the_guilds_own() -> None:
+    ext = {"external": {"secret": "db", "key": "url"}, "image": "unused"}
+    r = _renderer(postgres=ext)
+    sets = _by(r.objects(), "StatefulSet")
+    assert r.n.postgres not in sets and r.n.redis in sets
+    (gateway,) = [
+        c
+        for c in sets[r.n.services]["spec"]["template"]["spec"]["containers"]
+        if c["name"] == "gateway"
+    ]
+    (url,) = [e for e in gateway["env"] if e["name"] == "DATABASE_URL"]
+    assert url["valueFrom"]["secretKeyRef"] == {"name": "db", "key": "url"}
+
+
+def test_without_lightning_no_lightningd_and_no_mint() -> None:
+    with pytest.raises(BadGuild, match="mint needs"):
+        _renderer(lightning=None)
+    r = _renderer(lightning=None, mint=False)
+    pod = _by(r.objects(), "StatefulSet")[r.n.services]["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["signer", "indexer", "gateway"]
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"threshold": 4}, "threshold"),
+        ({"operator": "op9"}, "not one of spec.members"),
+        ({"machines": 3}, "machines must be 2"),
+        ({"shards": 0}, "shards"),
+        ({"network": "mainnet"}, "network"),
+        ({"surprise": 1}, "unknown field"),
+        ({"members": "op0"}, "spec"),
+    ],
+)
+def test_bad_guilds_are_refused_saying_why(change: dict[str, Any], why: str) -> None:
+    with pytest.raises(BadGuild, match=why):
+        _renderer(**change)
+
+
+def test_member_keys_are_checked() -> None:
+    guild, _, _ = _example()
+    members = copy.deepcopy(guild["spec"]["members"])
+    members[1]["key"] = "00" * 32  # not a point on the curve
+    with pytest.raises(BadGuild, match="BIP340"):
+        _renderer(members=members)
+    members = copy.deepcopy(guild["spec"]["members"])
+    members[1]["signerKey"] = "02" + "11" * 31
+    with pytest.raises(BadGuild, match="signerKey"):
+        _renderer(members=members)
+
+
+def test_the_keys_secret_must_be_the_members_own() -> None:
+    guild, keys, _ = _example()
+    spec = read_spec(guild["spec"])
+    check_keys(spec, keys["operator-key"], keys["issuer-key"])
+    with pytest.raises(BadGuild, match="operator-key"):
+        check_keys(spec, "00" * 31 + "02", keys["issuer-key"])
+    with pytest.raises(BadGuild, match="issuer-key"):
+        check_keys(spec, keys["operator-key"], keys["operator-key"])
+
+
+def test_layout_changes_are_named_and_refused() -> None:
+    r = _renderer()
+    observed = {(o["kind"], o["metadata"]["name"]): o for o in r.objects()}
+    assert plan(r, observed).create == []
+    guild, _, _ = _example()
+    fewer = guild["spec"]["members"][:2]
+    other = _renderer(members=fewer, threshold=2)
+    refused = plan(other, observed)
+    assert refused.create == refused.patch == []
+    assert refused.refused is not None and "members removed: op2" in refused.refused
+    layout = r.objects()[0]["data"]["layout.json"]
+    assert layout_change(layout, _renderer(shards=8).objects()[0]["data"]["layout.json"]) == (
+        "shards 4 -> 8"
+    )
+
+
+def test_a_new_configuration_rolls_the_workloads() -> None:
+    r = _renderer()
+    first = plan(r, {})
+    observed = {(o["kind"], o["metadata"]["name"]): o for o in first.create}
+    assert plan(r, observed).patch == []
+    neighbour = {
+        "name": "nb0",
+        "guild": "g2",
+        "key": "e493dbf1c10d80f3581e4904930b1404cc6c13900ee0758474fa94abe8c4cd13",
+        "nats": "nats://nats.nb0.example:4222",
+    }
+    changed = plan(_renderer(neighbours=[neighbour]), observed)
+    names = {o["metadata"]["name"] for o in changed.patch}
+    assert {"g1-layout", "g1-nats", "g1-machine-0", "g1-machine-1", "g1-services"} <= names
+    hashes = {
+        o["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH]
+        for o in [*changed.patch, observed[("StatefulSet", "g1-machine-0")]]
+        if o["kind"] == "StatefulSet"
+    }
+    assert len(hashes) == 2
+
+
+def test_covers_ignores_what_the_server_adds() -> None:
+    want = {"spec": {"ports": [{"port": 1}], "type": "ClusterIP"}}
+    have = {"spec": {"ports": [{"port": 1, "protocol": "TCP"}], "type": "ClusterIP", "x": 1}}
+    assert covers(have, want)
+    assert not covers({"spec": {"ports": [{"port": 2}], "type": "ClusterIP"}}, want)
+    assert not covers({"spec": {"ports": [], "type": "ClusterIP"}}, want)
+
+
+# -- each container's environment, as the kubelet gives it, accepted by its service
+
+
+def _environment(
+    container: dict[str, Any], secret_values: dict[tuple[str, str], str], files: Path
+) -> dict[str, str]:
+    """The environment the kubelet makes: values from Secrets, ``$(VAR)`` expanded
+    from the variables before, and the mounted files' paths moved into ``files``."""
+    env: dict[str, str] = {}
+    for e in container["env"]:
+        if "valueFrom" in e:
+            ref = e["valueFrom"]["secretKeyRef"]
+            value = secret_values[ref["name"], ref["key"]]
+        else:
+            value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), e["value"])
+        for mount in (LAYOUT_DIR, PEERS_DIR, "/var/lib/constellation", "/run/lightning"):
+            value = value.replace(mount, str(files / mount.strip("/").replace("/", "-")))
+        env[e["name"]] = value
+    return env
+
+
+def _mounted(r: Renderer, peers: dict[str, str], files: Path) -> None:
+    layout = files / "etc-constellation-layout"
+    layout.mkdir(parents=True)
+    for name, text in r.objects()[0]["data"].items():
+        (layout / name).write_text(text)
+    (files / "etc-constellation-peers").mkdir()
+    (files / "etc-constellation-peers" / "peers.json").write_text(peers["peers.json"])
+    for folder in ("var-lib-constellation", "run-lightning"):
+        (files / folder).mkdir()
+
+
+def _secret_values(r: Renderer, keys: dict[str, str]) -> dict[tuple[str, str], str]:
+    values = {(r.spec.secrets.keys, k): v for k, v in keys.items()}
+    for key in generated_keys(r.spec):
+        values[r.n.generated, key] = generated_value(key, secrets.token_bytes(32))
+    return values
+
+
+def test_every_service_accepts_its_rendered_environment(tmp_path: Path) -> None:
+    _, keys, peers = _example()
+    r = _renderer()
+    _mounted(r, peers, tmp_path)
+    values = _secret_values(r, keys)
+    sets = _by(r.objects(), "StatefulSet")
+    containers = {
+        c["name"]: c
+        for s in (sets[r.n.machine(0)], sets[r.n.services])
+        for c in s["spec"]["template"]["spec"]["containers"]
+    }
+    loaders: dict[str, Any] = {
+        "machine": ReplicaSettings.from_env,
+        "gateway": GatewaySettings.from_env,
+        "signer": SignerSettings.from_env,
+        "mint": MintSettings.from_env,
+    }
+    for name, load in loaders.items():
+        env = _environment(containers[name], values, tmp_path)
+        settings = load(env)
+        assert "$(" not in repr(env), f"{name}: a variable was not expanded"
+        if name == "machine":
+            assert settings.layout == r.spec.layout() and settings.machine == 0
+    # The indexer asks the signer as its identity: the signer's state folder, shared.
+    indexer = {e["name"]: e for e in containers["indexer"]["env"]}
+    signer = {e["name"]: e for e in containers["signer"]["env"]}
+    assert indexer["INDEXER_SIGNER_STATE_DIR"]["value"] == signer["SIGNER_STATE_DIR"]["value"]
+    assert (
+        indexer["INDEXER_SIGNER_STORAGE_KEY"]["valueFrom"]
+        == signer["SIGNER_STORAGE_KEY"]["valueFrom"]
+    )
+
+
+# -- NATS: the operator's own services, and each peer publishing only as itself
+
+
+async def test_nats_lets_each_peer_publish_only_as_itself(tmp_path: Path) -> None:
+    r = _renderer()
+    config = tmp_path / "nats.conf"
+    conf = r.nats_config().replace('"/data"', f'"{tmp_path / "js"}"')
+    port, monitor = free_port(), free_port()
+    conf = conf.replace("port: 4222", f"port: {port}").replace(
+        "http_port: 8222", f"http_port: {monitor}"
+    )
+    config.write_text(conf)
+    # Passwords as the operator makes them (one of only digits would trip NATS up).
+    passwords = {"NATS_SELF": generated_value("nats-self", bytes(32))}
+    for peer in ("op1", "op2"):
+        passwords[issued_env(peer)] = generated_value(issued_key(peer), secrets.token_bytes(32))
+    assert {issued_key("op1"), issued_key("op2")} <= set(generated_keys(r.spec))
+    binary = nats_server_binary()
+    check = subprocess.run(
+        [binary, "-c", str(config), "-t"], capture_output=True, env=passwords, check=False
+    )
+    assert check.returncode == 0, check.stderr
+    server = subprocess.Popen([binary, "-c", str(config), "-a", "127.0.0.1"], env=passwords)
+    try:
+        await asyncio.to_thread(wait_tcp, port, 10)
+        seen: list[str] = []
+        errors: list[Exception] = []
+
+        async def denied(exc: Exception) -> None:
+            errors.append(exc)
+
+        async def delivered(msg: Any) -> None:
+            seen.append(msg.subject)
+
+        own = await _connect(f"nats://self:{passwords['NATS_SELF']}@127.0.0.1:{port}")
+        peer = await _connect(f"nats://op1:{passwords['ISSUED_OP1']}@127.0.0.1:{port}", denied)
+        await own.subscribe("cst.rep.>", cb=delivered)
+        await own.flush()
+        await peer.publish("cst.rep.op1.x", b"1")  # as itself: delivered
+        await peer.publish("cst.rep.op2.x", b"2")  # as another member: refused
+        await peer.flush()
+        for _ in range(50):
+            if seen and errors:
+                break
+            await asyncio.sleep(0.05)
+        assert seen == ["cst.rep.op1.x"]
+        assert any("permissions violation" in str(e).lower() for e in errors), errors
+        with pytest.raises(NatsError):
+            await _connect(f"nats://op1:wrong@127.0.0.1:{port}")
+        await own.close()
+        await peer.close()
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+async def _connect(url: str, error_cb: Any = None) -> Any:
+    options = {"error_cb": error_cb} if error_cb else {}
+    return await nats.connect(
+        url, allow_reconnect=False, connect_timeout=2, max_reconnect_attempts=0, **options
+    )
+
+
+def test_generated_keys_cover_every_peer() -> None:
+    guild, _, _ = _example()
+    spec: GuildSpec = read_spec(guild["spec"])
+    assert [k for k in generated_keys(spec) if k.startswith("issued-")] == [
+        "issued-op1",
+        "issued-op2",
+    ]
