@@ -170,7 +170,7 @@ async def _create_example(api: Api) -> dict[str, Any]:
 async def test_a_guild_is_rolled_out_and_becomes_ready(api: Api, running: Running) -> None:
     guild = await _create_example(api)
     await eventually(lambda: _all_exist(api, WORKLOADS), "every workload exists")
-    assert await api.phase() == "Progressing"
+    await eventually(lambda: _phase_is(api, "Progressing"), "the Guild is Progressing")
     layout = await api.kube.get("ConfigMap", NS, "g1-layout")
     assert layout is not None
     spec = read_spec(guild["spec"])
