@@ -1,18 +1,24 @@
 """The operator's tests run it against kmock's Kubernetes API emulator, with the fix-ups
-a kopf operator needs from it (kmock 0.8 sets no resourceVersion, uid or generation,
-answers a failed JSON-patch ``test`` with 500 where an API server says 422, leaves
-``kind`` out of list replies, and names the core group ``/v1``)."""
+a kopf operator and kubectl need from it (kmock 0.8 sets no resourceVersion, uid or
+generation, answers a failed JSON-patch ``test`` with 500 where an API server says 422,
+keeps a Secret's ``stringData`` apart, leaves ``kind`` out of list replies, and names
+the core group ``/v1``)."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import copy
 import datetime
 import itertools
+import json
+import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import attrs
 import jsonpatch
 import kmock
@@ -20,7 +26,10 @@ import pytest
 import yaml
 from aiohttp import web
 
-from services.operator.kube import KINDS
+from services.operator.app import OperatorNode
+from services.operator.config import Settings
+from services.operator.kube import KINDS, Connection, Kube
+from services.operator.reconcile import CONFIG_HASH
 from services.operator.spec import GROUP, VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +63,11 @@ class VersionedEmulator(kmock.KubernetesEmulator):
 
     def _bookkeep(self, request: Any) -> None:
         version = str(next(self._versions))
+        if isinstance(request.data, dict) and "stringData" in request.data:
+            # An API server folds a Secret's stringData into its data.
+            plain = request.data.pop("stringData")
+            data = request.data.setdefault("data", {})
+            data.update({k: base64.b64encode(v.encode()).decode() for k, v in plain.items()})
         if request.action == kmock.action.CREATE and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if "name" not in meta and "generateName" in meta:  # kopf's events
@@ -140,3 +154,153 @@ async def k8s() -> AsyncIterator[VersionedEmulator]:
 
 def example() -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d]
+
+
+NS = "default"
+GUILDS = f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/guilds"
+WAIT_S = 30
+
+
+class Running:
+    """The operator's process (``OperatorNode``), in a thread with its own event loop,
+    as ``python -m services.operator`` runs it."""
+
+    def __init__(self, server: str) -> None:
+        self.settings = Settings.from_env(
+            {
+                "OPERATOR_KUBE_SERVER": server,
+                "OPERATOR_HTTP_ADDR": "127.0.0.1:0",
+                "OPERATOR_RESYNC_S": "1",
+            }
+        )
+        self.node = OperatorNode(self.settings)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await self.node.run(self._stop)
+
+        asyncio.run(main())
+
+    async def start(self) -> None:
+        self._thread.start()
+        await eventually(self.node.ready.is_set, "the operator is ready")
+
+    async def stop(self) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        await asyncio.to_thread(self._thread.join, WAIT_S)
+        assert not self._thread.is_alive(), "the operator did not stop"
+
+
+async def eventually(check: Callable[[], Any], what: str, wait_s: float = WAIT_S) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        result = check()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        await asyncio.sleep(0.1)
+
+
+class Api:
+    """The test's own client: what `kubectl` would do."""
+
+    def __init__(self, k8s: VersionedEmulator) -> None:
+        self.url = str(k8s.url).rstrip("/")
+        self.kube = Kube(Connection(self.url))
+        self.http = aiohttp.ClientSession()
+
+    async def close(self) -> None:
+        await self.kube.close()
+        await self.http.close()
+
+    async def guild(self, name: str = "g1") -> dict[str, Any] | None:
+        async with self.http.get(f"{self.url}{GUILDS}/{name}") as resp:
+            return None if resp.status == 404 else await resp.json()
+
+    async def create_guild(self, guild: dict[str, Any]) -> None:
+        async with self.http.post(f"{self.url}{GUILDS}", json=guild) as resp:
+            assert resp.status < 300, await resp.text()
+
+    async def patch_spec(self, spec: dict[str, Any], name: str = "g1") -> None:
+        headers = {"Content-Type": "application/merge-patch+json"}
+        body = json.dumps({"spec": spec})
+        async with self.http.patch(f"{self.url}{GUILDS}/{name}", data=body, headers=headers) as r:
+            assert r.status < 300, await r.text()
+
+    async def delete_guild(self, name: str = "g1") -> None:
+        async with self.http.delete(f"{self.url}{GUILDS}/{name}") as resp:
+            assert resp.status < 300, await resp.text()
+
+    async def secret(self, doc: dict[str, Any]) -> None:
+        await self.kube.create(copy.deepcopy(doc))
+
+    async def phase(self, name: str = "g1") -> str | None:
+        guild = await self.guild(name)
+        phase = (guild or {}).get("status", {}).get("phase")
+        return None if phase is None else str(phase)
+
+    async def condition(self, kind: str) -> dict[str, Any]:
+        guild = await self.guild()
+        assert guild is not None
+        (found,) = [c for c in guild["status"]["conditions"] if c["type"] == kind]
+        return dict(found)
+
+    async def settle(self, names: list[str]) -> None:
+        """What the StatefulSet controller would report once each one's pods are up."""
+        for name in names:
+            have = await self.kube.get("StatefulSet", NS, name)
+            assert have is not None, name
+            generation = have["metadata"]["generation"]
+            status = {"readyReplicas": 1, "updatedReplicas": 1, "observedGeneration": generation}
+            await self.kube.patch(
+                {
+                    "kind": "StatefulSet",
+                    "metadata": {"name": name, "namespace": NS},
+                    "status": status,
+                }
+            )
+
+
+WORKLOADS = ["g1-nats", "g1-redis", "g1-postgres", "g1-machine-0", "g1-machine-1", "g1-services"]
+
+
+@pytest.fixture
+async def api(k8s: VersionedEmulator) -> AsyncIterator[Api]:
+    client = Api(k8s)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def running(k8s: VersionedEmulator) -> AsyncIterator[Running]:
+    op = Running(str(k8s.url).rstrip("/"))
+    await op.start()
+    yield op
+    await op.stop()
+
+
+async def all_exist(api: Api, names: list[str]) -> bool:
+    found = [await api.kube.get("StatefulSet", NS, n) for n in names]
+    return all(f is not None for f in found)
+
+
+async def phase_is(api: Api, phase: str) -> bool:
+    return await api.phase() == phase
+
+
+async def gone(api: Api) -> bool:
+    return await api.guild() is None
+
+
+def template_hash(obj: dict[str, Any]) -> str:
+    return str(obj["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH])
