@@ -104,10 +104,11 @@ class Reconciler:
         await (self.kube.patch(obj) if have else self.kube.create(obj))
 
     async def observe(self, renderer: Renderer) -> dict[Key, Obj]:
+        """The Guild's objects, and its pods (read only: their controllers own them)."""
         found = await asyncio.gather(
             *(
                 self.kube.list(kind, renderer.namespace, {GUILD: renderer.n.guild})
-                for kind in OBSERVED
+                for kind in (*OBSERVED, "Pod")
             )
         )
         return {key_of(o): o for objs in found for o in objs}

@@ -138,18 +138,41 @@ def _workload_state(obj: Obj | None) -> tuple[bool, bool]:
     return ready, ready and settled
 
 
+# Why a kubelet refuses a pod after the scheduler placed it: the node's CPU manager or
+# topology manager cannot give it whole cores (the scheduler does not know). The pod
+# stays Failed; the StatefulSet replaces it, possibly on the same node again.
+REFUSED_BY_NODE = ("SMTAlignmentError", "TopologyAffinityError", "UnexpectedAdmissionError")
+
+
+def _machine_state(name: str, index: int, state: tuple[bool, bool], pod: Obj | None) -> Obj:
+    ready, settled = state
+    out: Obj = {"name": name, "index": index, "ready": ready, "upToDate": settled}
+    if pod is not None:
+        out["pod"] = pod["metadata"]["name"]
+        out["node"] = pod.get("spec", {}).get("nodeName", "")
+        out["podPhase"] = pod.get("status", {}).get("phase", "Pending")
+        reason = pod.get("status", {}).get("reason", "")
+        if out["podPhase"] == "Failed" and reason in REFUSED_BY_NODE:
+            out["refused"] = f"node {out['node'] or '?'} refused its pod: {reason}"
+    return out
+
+
 def conditions(
     renderer: Renderer, observed: Mapping[Key, Obj], problem: str | None
 ) -> tuple[list[Condition], list[Obj]]:
-    """The Guild's conditions and its machines' states."""
+    """The Guild's conditions and its machines' states (each machine's one pod, where
+    the observed objects have it)."""
     workloads = [o for o in renderer.objects() if o["kind"] == "StatefulSet"]
     states = {o["metadata"]["name"]: _workload_state(observed.get(key_of(o))) for o in workloads}
     machines = []
     for m in range(renderer.spec.machines):
         name = renderer.n.machine(m)
-        ready, settled = states[name]
-        machines.append({"name": name, "index": m, "ready": ready, "upToDate": settled})
+        pod = observed.get(("Pod", f"{name}-0"))
+        machines.append(_machine_state(name, m, states[name], pod))
     waiting = sorted(n for n, (_, settled) in states.items() if not settled)
+    refused = [f"{m['name']}: {m['refused']}" for m in machines if "refused" in m]
+    if refused and problem is None:
+        problem = "; ".join(refused)
     degraded = Condition(
         "Degraded",
         problem is not None,

@@ -25,7 +25,7 @@ from tests.operator.conftest import (
 )
 
 
-async def _create_example(api: Api) -> dict[str, Any]:
+async def create_example(api: Api) -> dict[str, Any]:
     keys, peers, guild = example()
     await api.secret(keys)
     await api.secret(peers)
@@ -34,7 +34,7 @@ async def _create_example(api: Api) -> dict[str, Any]:
 
 
 async def test_a_guild_is_rolled_out_and_becomes_ready(api: Api, running: Running) -> None:
-    guild = await _create_example(api)
+    guild = await create_example(api)
     await eventually(lambda: all_exist(api, WORKLOADS), "every workload exists")
     await eventually(lambda: phase_is(api, "Progressing"), "the Guild is Progressing")
     layout = await api.kube.get("ConfigMap", NS, "g1-layout")
@@ -70,7 +70,7 @@ async def test_a_guild_is_rolled_out_and_becomes_ready(api: Api, running: Runnin
 
 
 async def test_a_new_neighbour_rolls_the_machines(api: Api, running: Running) -> None:
-    await _create_example(api)
+    await create_example(api)
     await eventually(lambda: all_exist(api, WORKLOADS), "every workload exists")
     await api.settle(WORKLOADS)
     await eventually(lambda: phase_is(api, "Running"), "the Guild is Running")
@@ -104,7 +104,7 @@ async def test_a_new_neighbour_rolls_the_machines(api: Api, running: Running) ->
 async def test_a_membership_change_is_refused_and_nothing_changes(
     api: Api, running: Running
 ) -> None:
-    guild = await _create_example(api)
+    guild = await create_example(api)
     await eventually(lambda: all_exist(api, WORKLOADS), "every workload exists")
     await api.settle(WORKLOADS)
     await eventually(lambda: phase_is(api, "Running"), "the Guild is Running")
@@ -148,7 +148,7 @@ async def test_a_guild_that_cannot_be_read_says_why(api: Api, running: Running) 
 async def test_a_restarted_operator_resumes(api: Api) -> None:
     first = Running(api.url)
     await first.start()
-    await _create_example(api)
+    await create_example(api)
     await eventually(lambda: all_exist(api, WORKLOADS), "every workload exists")
     await first.stop()
     # While no operator runs, a machine's StatefulSet goes (a mistaken kubectl delete).
@@ -164,7 +164,7 @@ async def test_a_restarted_operator_resumes(api: Api) -> None:
 
 
 async def test_deleting_a_guild_keeps_its_data(api: Api, running: Running) -> None:
-    await _create_example(api)
+    await create_example(api)
     await eventually(lambda: all_exist(api, WORKLOADS), "every workload exists")
     await api.delete_guild()
     await eventually(lambda: gone(api), "the Guild is gone")
@@ -172,3 +172,36 @@ async def test_deleting_a_guild_keeps_its_data(api: Api, running: Running) -> No
         assert await api.kube.get("StatefulSet", NS, name) is None, name
     assert await api.kube.get("ConfigMap", NS, "g1-layout") is None
     assert await api.kube.get("Secret", NS, "g1-generated") is not None
+
+
+async def test_a_pod_a_node_refuses_is_reported(api: Api, running: Running) -> None:
+    await create_example(api)
+    await eventually(lambda: all_exist(api, WORKLOADS), "every workload exists")
+    await api.settle(WORKLOADS)
+    await eventually(lambda: phase_is(api, "Running"), "the Guild is Running")
+    # The kubelet's CPU manager cannot give the pod whole cores: it fails admission.
+    pod: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "g1-machine-0-0",
+            "namespace": NS,
+            "labels": {"constellation.dev/guild": "g1", "constellation.dev/role": "machine"},
+        },
+        "spec": {"nodeName": "node-a", "containers": [{"name": "machine", "image": "x"}]},
+        "status": {"phase": "Failed", "reason": "SMTAlignmentError"},
+    }
+    await api.kube.create(pod)
+    await eventually(lambda: phase_is(api, "Degraded"), "the Guild is Degraded")
+    degraded = await api.condition("Degraded")
+    assert "node node-a refused its pod: SMTAlignmentError" in degraded["message"]
+    guild = await api.guild()
+    assert guild is not None
+    (machine,) = [m for m in guild["status"]["machines"] if m["index"] == 0]
+    assert machine["node"] == "node-a" and machine["podPhase"] == "Failed"
+    # Its replacement runs on a node that can pin it.
+    await api.kube.delete("Pod", NS, "g1-machine-0-0")
+    pod["spec"]["nodeName"] = "node-b"
+    pod["status"] = {"phase": "Running"}
+    await api.kube.create(pod)
+    await eventually(lambda: phase_is(api, "Running"), "the Guild is Running again")
