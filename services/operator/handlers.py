@@ -30,7 +30,7 @@ from services.operator.render import (
     generated_value,
     owner_reference,
 )
-from services.operator.spec import GROUP, VERSION, BadGuild, check_keys, read_spec
+from services.operator.spec import GROUP, VERSION, BadGuild, GuildSpec, check_keys, read_spec
 
 PLURAL = "guilds"
 OBSERVED = ("ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget")
@@ -54,7 +54,7 @@ class Reconciler:
         self.metrics = metrics
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def _user_secrets(self, spec: Any, namespace: str) -> list[str]:
+    async def _user_secrets(self, spec: GuildSpec, namespace: str) -> list[str]:
         """Check the member's keys; the peers whose credentials it holds."""
         keys = await self.kube.get("Secret", namespace, spec.secrets.keys)
         if keys is None:

@@ -160,13 +160,21 @@ def _hardened() -> Obj:
     }
 
 
-def _pod_security() -> Obj:
+def _pod_basics() -> Obj:
+    """What every pod of the guild's own services has: a hardened security context, no
+    token for the Kubernetes API (nothing in it talks to the API), no service links in
+    its environment, and time to drain."""
     return {
-        "runAsNonRoot": True,
-        "runAsUser": UID,
-        "runAsGroup": UID,
-        "fsGroup": UID,
-        "seccompProfile": {"type": "RuntimeDefault"},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "fsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 60,
     }
 
 
@@ -477,8 +485,7 @@ class Renderer:
                                 ]
                             }
                         },
-                        "securityContext": _pod_security(),
-                        "terminationGracePeriodSeconds": 60,
+                        **_pod_basics(),
                         "containers": [container],
                         "volumes": self._config_volumes(),
                     },
@@ -633,8 +640,7 @@ class Renderer:
                 "template": {
                     "metadata": {"labels": labels(self.n.guild, "services")},
                     "spec": {
-                        "securityContext": _pod_security(),
-                        "terminationGracePeriodSeconds": 60,
+                        **_pod_basics(),
                         "containers": containers,
                         "volumes": volumes,
                     },

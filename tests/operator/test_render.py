@@ -95,6 +95,19 @@ def test_machines_are_pinned_and_apart() -> None:
     assert not _matches(budget["spec"]["selector"], services)
 
 
+def test_the_guilds_own_pods_are_hardened() -> None:
+    r = _renderer()
+    sets = _by(r.objects(), "StatefulSet")
+    for name in (r.n.machine(0), r.n.machine(1), r.n.services):
+        pod = sets[name]["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["automountServiceAccountToken"] is False
+        for c in pod["containers"]:
+            if c["name"] != "lightningd":  # Core Lightning's own image
+                assert c["securityContext"]["readOnlyRootFilesystem"] is True, c["name"]
+                assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", c["name"]
+
+
 def test_every_object_is_owned_and_labelled() -> None:
     r = _renderer()
     for obj in r.objects():
