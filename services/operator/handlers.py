@@ -134,12 +134,13 @@ class Reconciler:
         problem: str | None = None
         observed: dict[Key, Obj] = {}
         peers: list[str] = []
+        queued: list[str] = []
         try:
             peers = await self._user_secrets(spec, renderer.namespace)
             await self._generated(renderer)
             observed = await self.observe(renderer)
             todo = plan(renderer, observed)
-            problem = todo.refused
+            problem, queued = todo.refused, todo.waiting
             for obj in todo.create:
                 observed[key_of(obj)] = await self.kube.create(obj)
                 self._event(body, "Created", obj)
@@ -151,7 +152,7 @@ class Reconciler:
             problem = str(exc)
         except KubeError as exc:
             problem = f"the API server refused: {exc}"
-        return status(renderer, observed, previous, generation, problem, _now(), peers)
+        return status(renderer, observed, previous, generation, problem, _now(), peers, queued)
 
     def _event(self, body: Any, reason: str, obj: Obj) -> None:
         message = f"{reason.lower()} {obj['kind']} {obj['metadata']['name']}"

@@ -80,6 +80,7 @@ def config_hash(objs: Sequence[Obj]) -> str:
 class Plan:
     create: list[Obj] = field(default_factory=list)
     patch: list[Obj] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)  # machines whose change waits its turn
     refused: str | None = None  # why nothing is applied
 
 
@@ -99,6 +100,7 @@ def plan(renderer: Renderer, observed: Mapping[Key, Obj]) -> Plan:
                 )
             )
     digest = config_hash(objs)
+    machines = {renderer.n.machine(m) for m in range(renderer.spec.machines)}
     out = Plan()
     for obj in objs:
         if obj["kind"] == "StatefulSet":
@@ -107,9 +109,30 @@ def plan(renderer: Renderer, observed: Mapping[Key, Obj]) -> Plan:
         have = observed.get(key_of(obj))
         if have is None:
             out.create.append(obj)
-        elif not covers(have, obj):
+        elif covers(have, obj):
+            continue
+        elif obj["metadata"]["name"] in machines and not _machine_turn(
+            obj, out, observed, machines
+        ):
+            out.waiting.append(obj["metadata"]["name"])
+        else:
             out.patch.append(obj)
     return out
+
+
+def _machine_turn(machine: Obj, out: Plan, observed: Mapping[Key, Obj], machines: set[str]) -> bool:
+    """Whether ``machine``'s change may go now: the member's machines change one at a
+    time, each once the others run what they should (ready and up to date), so that
+    one of the member's two copies of every shard is always up. (A disruption budget
+    limits evictions only, not a rollout.) Where no machine is ready there is nothing
+    to keep up: the change goes (it may be what mends them)."""
+    name = machine["metadata"]["name"]
+    states = {m: _workload_state(observed.get(("StatefulSet", m))) for m in machines}
+    if not any(ready for ready, _ in states.values()):
+        return True
+    if any(o["metadata"]["name"] in machines for o in out.patch):
+        return False
+    return all(settled for m, (_, settled) in states.items() if m != name)
 
 
 # -- status
@@ -158,7 +181,10 @@ def _machine_state(name: str, index: int, state: tuple[bool, bool], pod: Obj | N
 
 
 def conditions(
-    renderer: Renderer, observed: Mapping[Key, Obj], problem: str | None
+    renderer: Renderer,
+    observed: Mapping[Key, Obj],
+    problem: str | None,
+    queued: Sequence[str] = (),
 ) -> tuple[list[Condition], list[Obj]]:
     """The Guild's conditions and its machines' states (each machine's one pod, where
     the observed objects have it)."""
@@ -169,7 +195,7 @@ def conditions(
         name = renderer.n.machine(m)
         pod = observed.get(("Pod", f"{name}-0"))
         machines.append(_machine_state(name, m, states[name], pod))
-    waiting = sorted(n for n, (_, settled) in states.items() if not settled)
+    waiting = sorted({n for n, (_, settled) in states.items() if not settled} | set(queued))
     refused = [f"{m['name']}: {m['refused']}" for m in machines if "refused" in m]
     if refused and problem is None:
         problem = "; ".join(refused)
@@ -183,7 +209,8 @@ def conditions(
         "Progressing",
         bool(waiting) and problem is None,
         "RollingOut" if waiting else "Settled",
-        f"waiting for {', '.join(waiting)}" if waiting else "every workload is up to date",
+        (f"waiting for {', '.join(waiting)}" if waiting else "every workload is up to date")
+        + (f"; {', '.join(queued)} next, one machine at a time" if queued else ""),
     )
     up = Condition(
         "Ready",
@@ -202,6 +229,7 @@ def status(
     problem: str | None,
     now: str,
     peers: Sequence[str],
+    queued: Sequence[str] = (),
 ) -> Obj:
     """The Guild's ``status``: conditions keep their ``lastTransitionTime`` while their
     status holds. ``renderer`` is None for a Guild that cannot be rendered at all."""
@@ -215,7 +243,7 @@ def status(
         machines: list[Obj] = []
         members: list[Obj] = []
     else:
-        conds, machines = conditions(renderer, observed, problem)
+        conds, machines = conditions(renderer, observed, problem, queued)
         spec = renderer.spec
         members = [
             {

@@ -271,6 +271,7 @@ class Api:
             )
 
 
+MACHINES = ["g1-machine-0", "g1-machine-1"]
 WORKLOADS = ["g1-nats", "g1-redis", "g1-postgres", "g1-machine-0", "g1-machine-1", "g1-services"]
 
 

@@ -4,6 +4,7 @@ restart, and deleted through its finalizer."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import urllib.request
@@ -12,6 +13,7 @@ from typing import Any
 from services.operator.render import generated_keys
 from services.operator.spec import read_spec
 from tests.operator.conftest import (
+    MACHINES,
     NS,
     WORKLOADS,
     Api,
@@ -69,13 +71,12 @@ async def test_a_guild_is_rolled_out_and_becomes_ready(api: Api, running: Runnin
     assert json.loads(ready_probe.read())["ready"] is True
 
 
-async def test_a_new_neighbour_rolls_the_machines(api: Api, running: Running) -> None:
+async def test_a_new_neighbour_rolls_the_machines_one_at_a_time(api: Api, running: Running) -> None:
     await create_example(api)
     await eventually(lambda: all_exist(api, WORKLOADS), "every workload exists")
     await api.settle(WORKLOADS)
     await eventually(lambda: phase_is(api, "Running"), "the Guild is Running")
-    before = await api.kube.get("StatefulSet", NS, "g1-machine-0")
-    assert before is not None
+    before = {m: await api.kube.get("StatefulSet", NS, m) for m in MACHINES}
     neighbour = {
         "name": "nb0",
         "guild": "g2",
@@ -84,12 +85,17 @@ async def test_a_new_neighbour_rolls_the_machines(api: Api, running: Running) ->
     }
     await api.patch_spec({"neighbours": [neighbour]})
 
-    async def rolled() -> bool:
-        after = await api.kube.get("StatefulSet", NS, "g1-machine-0")
-        assert after is not None
-        return template_hash(after) != template_hash(before)
+    async def rolled() -> set[str]:
+        out = set()
+        for m, old in before.items():
+            new = await api.kube.get("StatefulSet", NS, m)
+            assert new is not None and old is not None
+            if template_hash(new) != template_hash(old):
+                out.add(m)
+        return out
 
-    await eventually(rolled, "the machines' pods are to be replaced")
+    first = await eventually(rolled, "a machine's pod is to be replaced")
+    assert len(first) == 1, "both machines rolled at once"
     layout = await api.kube.get("ConfigMap", NS, "g1-layout")
     assert layout is not None and "nb0" in layout["data"]["layout.json"]
     nats_config = await api.kube.get("ConfigMap", NS, "g1-nats")
@@ -97,8 +103,18 @@ async def test_a_new_neighbour_rolls_the_machines(api: Api, running: Running) ->
     await eventually(lambda: phase_is(api, "Progressing"), "the Guild rolls out")
     generated = await api.kube.get("Secret", NS, "g1-generated")
     assert generated is not None and "issued-nb0" in generated["data"]
+    await asyncio.sleep(2.5)  # resyncs: the other waits while the first is not back
+    assert await rolled() == first
+    progressing = await api.condition("Progressing")
+    assert "one machine at a time" in progressing["message"]
+    await api.settle(WORKLOADS)  # the first is back, up to date
+    await eventually(lambda: _all_rolled(rolled), "the other machine's turn")
     await api.settle(WORKLOADS)
     await eventually(lambda: phase_is(api, "Running"), "the Guild is Running again")
+
+
+async def _all_rolled(rolled: Any) -> bool:
+    return len(await rolled()) == len(MACHINES)
 
 
 async def test_a_membership_change_is_refused_and_nothing_changes(

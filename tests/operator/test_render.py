@@ -19,7 +19,7 @@ from services.devnet.deps import nats_server_binary
 from services.devnet.procs import free_port, wait_tcp
 from services.ecash.config import Settings as MintSettings
 from services.gateway.config import Settings as GatewaySettings
-from services.operator.reconcile import CONFIG_HASH, covers, layout_change, plan
+from services.operator.reconcile import covers, key_of, layout_change, plan
 from services.operator.render import (
     GUILD,
     LAYOUT_DIR,
@@ -35,7 +35,7 @@ from services.operator.render import (
 from services.operator.spec import BadGuild, GuildSpec, check_keys, read_spec
 from services.replica.config import Settings as ReplicaSettings
 from services.signer.config import Settings as SignerSettings
-from tests.operator.conftest import example
+from tests.operator.conftest import example, template_hash
 
 OWNER = owner_reference(
     {
@@ -205,26 +205,48 @@ def test_layout_changes_are_named_and_refused() -> None:
     )
 
 
-def test_a_new_configuration_rolls_the_workloads() -> None:
+def _settled(obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` as its StatefulSet controller reports it once its pod runs it."""
+    status = {"readyReplicas": 1, "updatedReplicas": 1, "observedGeneration": 1}
+    return {**obj, "metadata": {**obj["metadata"], "generation": 1}, "status": status}
+
+
+NEIGHBOUR = {
+    "name": "nb0",
+    "guild": "g2",
+    "key": "e493dbf1c10d80f3581e4904930b1404cc6c13900ee0758474fa94abe8c4cd13",
+    "nats": "nats://nats.nb0.example:4222",
+}
+
+
+def test_a_new_configuration_rolls_the_machines_one_at_a_time() -> None:
     r = _renderer()
     first = plan(r, {})
-    observed = {(o["kind"], o["metadata"]["name"]): o for o in first.create}
+    observed = {(o["kind"], o["metadata"]["name"]): _settled(o) for o in first.create}
     assert plan(r, observed).patch == []
-    neighbour = {
-        "name": "nb0",
-        "guild": "g2",
-        "key": "e493dbf1c10d80f3581e4904930b1404cc6c13900ee0758474fa94abe8c4cd13",
-        "nats": "nats://nats.nb0.example:4222",
-    }
-    changed = plan(_renderer(neighbours=[neighbour]), observed)
-    names = {o["metadata"]["name"] for o in changed.patch}
-    assert {"g1-layout", "g1-nats", "g1-machine-0", "g1-machine-1", "g1-services"} <= names
-    hashes = {
-        o["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH]
-        for o in [*changed.patch, observed[("StatefulSet", "g1-machine-0")]]
-        if o["kind"] == "StatefulSet"
-    }
-    assert len(hashes) == 2
+    changed = _renderer(neighbours=[NEIGHBOUR])
+    step = plan(changed, observed)
+    names = {o["metadata"]["name"] for o in step.patch}
+    assert {"g1-layout", "g1-nats", "g1-machine-0", "g1-services"} <= names
+    assert "g1-machine-1" not in names and step.waiting == ["g1-machine-1"]
+    new_hash = template_hash(next(o for o in step.patch if o["metadata"]["name"] == "g1-machine-0"))
+    assert new_hash != template_hash(observed[("StatefulSet", "g1-machine-0")])
+    # machine-0 restarts with it: until it is ready again, machine-1 keeps its pod.
+    for o in step.patch:
+        observed[key_of(o)] = {**o, "metadata": {**o["metadata"], "generation": 2}}
+    assert plan(changed, observed).waiting == ["g1-machine-1"]
+    observed[("StatefulSet", "g1-machine-0")] = _settled(observed[("StatefulSet", "g1-machine-0")])
+    last = plan(changed, observed)
+    assert [o["metadata"]["name"] for o in last.patch] == ["g1-machine-1"] and not last.waiting
+
+
+def test_machines_that_are_all_down_change_at_once() -> None:
+    r = _renderer()
+    observed = {(o["kind"], o["metadata"]["name"]): o for o in plan(r, {}).create}
+    step = plan(_renderer(neighbours=[NEIGHBOUR]), observed)
+    names = {o["metadata"]["name"] for o in step.patch}
+    # Neither runs: holding one back would keep nothing up (and may keep the fix out).
+    assert {"g1-machine-0", "g1-machine-1"} <= names and step.waiting == []
 
 
 def test_covers_ignores_what_the_server_adds() -> None:
