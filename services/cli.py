@@ -28,6 +28,7 @@ from services.api_client import Gateway, GatewayError
 from services.demo import run_guild_demo
 from services.devnet import guild
 from services.ecash.client import MintError
+from services.replica.config import MACHINES
 from services.runtime import ConfigError
 from services.signer.client import call
 from services.signer.config import load_members
@@ -145,7 +146,9 @@ async def _fund(net: devnet.Devnet, address: str, amount_msat: int) -> dict[str,
 def _devnet(args: argparse.Namespace) -> int:
     in_guild = (args.dir / guild.GUILD_FILE).exists()
     if args.devnet_command == "up" and args.operators > 1:
-        nets = guild.up(args.dir, args.operators, args.workers, args.guild, args.neighbours)
+        nets = guild.up(
+            args.dir, args.operators, args.workers, args.guild, args.neighbours, args.machines
+        )
         others = guild.load_neighbours(args.dir)
         print(f"guild {args.guild!r} up in {args.dir}: {len(nets)} operators")
         if others:
@@ -288,6 +291,13 @@ def _add_devnet(sub: Any) -> None:
         default=0,
         help="a local guild: 2 or more runs a second guild of that many operators beside it,"
         " every operator of each settling with every operator of the other",
+    )
+    up.add_argument(
+        "--machines",
+        type=int,
+        default=MACHINES,
+        help="a local guild: each operator's machines (first time), over which its two"
+        " copies of every shard spread",
     )
     up.add_argument(
         "--unsupervised", action="store_true", help="no supervisor: nothing restarts a process"

@@ -57,7 +57,7 @@ from services.devnet.supervisor import (
     supervisor_alive,
 )
 from services.lnsim.sim import socket_path
-from services.replica.config import MACHINES, Layout, Member, Neighbour
+from services.replica.config import COPIES, MACHINES, MAX_MACHINES, Layout, Member, Neighbour
 from services.replica.transport import peer_permissions
 from services.signer.client import call
 from services.signer.config import load_members, save_members
@@ -99,11 +99,18 @@ def load_neighbours(directory: Path) -> list[Devnet]:
 
 
 def create(
-    directory: Path, operators: int, workers: int, guild: str, neighbours: int = 0
+    directory: Path,
+    operators: int,
+    workers: int,
+    guild: str,
+    neighbours: int = 0,
+    machines: int = MACHINES,
 ) -> tuple[list[Devnet], list[Devnet]]:
     """The guild's operators, and its neighbouring guild's (``neighbours`` of them)."""
     if operators < 2 or neighbours == 1:
         raise DevnetError("a guild has at least two operators")
+    if not MACHINES <= machines <= MAX_MACHINES:
+        raise DevnetError(f"an operator runs {MACHINES} to {MAX_MACHINES} machines")
     directory.mkdir(parents=True, exist_ok=True)
     groups = [(guild, [f"op{i}" for i in range(operators)])]
     if neighbours:
@@ -121,7 +128,7 @@ def create(
             net.nats_password = os.urandom(16).hex()
             net.issued = {peer: os.urandom(16).hex() for peer in everyone if peer != name}
             net.machines = [
-                MachineProc(m, str(folder / f"machine-{m}"), free_port()) for m in range(MACHINES)
+                MachineProc(m, str(folder / f"machine-{m}"), free_port()) for m in range(machines)
             ]
             net.lightning_rpc = str(socket_path((directory / LIGHTNING_DIR).resolve(), name))
             net.mint_storage_key = os.urandom(32).hex()
@@ -145,7 +152,10 @@ def layout(nets: Sequence[Devnet], neighbours: Sequence[Devnet] = ()) -> Layout:
     return Layout(
         nets[0].guild,
         nets[0].shards,
-        tuple(Member(n.operator, _key(n), frozenset([n.issuer.pubkey]), _nats(n)) for n in nets),
+        tuple(
+            Member(n.operator, _key(n), frozenset([n.issuer.pubkey]), _nats(n), len(n.machines))
+            for n in nets
+        ),
         tuple(Neighbour(n.operator, n.guild, _key(n), _nats(n)) for n in neighbours),
     )
 
@@ -190,22 +200,34 @@ def write_config(nets: list[Devnet], neighbours: list[Devnet]) -> None:
 
 
 def up(
-    directory: Path, operators: int, workers: int, guild: str, neighbours: int = 0
+    directory: Path,
+    operators: int,
+    workers: int,
+    guild: str,
+    neighbours: int = 0,
+    machines: int = MACHINES,
 ) -> list[Devnet]:
     """Start the local guild in ``directory`` (creating it the first time), and its
     neighbouring guild where it has one; returns the guild's operators once every
-    machine of every operator is ready."""
+    machine of every operator is ready. Each operator runs ``machines`` machines, over
+    which its two copies of every shard spread (``Layout.machine_of``)."""
     if (directory / GUILD_FILE).exists():
         nets, others = load(directory), load_neighbours(directory)
-        if len(nets) != operators or nets[0].shards != workers or len(others) != neighbours:
+        if (
+            len(nets) != operators
+            or nets[0].shards != workers
+            or len(others) != neighbours
+            or len(nets[0].machines) != machines
+        ):
             raise DevnetError(
                 f"the guild in {directory} has {len(nets)} operators of {nets[0].shards} "
-                f"workers and {len(others)} neighbours: `devnet down --purge` it first"
+                f"workers and {len(nets[0].machines)} machines, and {len(others)} "
+                "neighbours: `devnet down --purge` it first"
             )
         if any(supervisor_alive(Path(n.dir)) for n in nets + others):
             raise DevnetError(f"the guild in {directory} is running: `devnet down` first")
     else:
-        nets, others = create(directory, operators, workers, guild, neighbours)
+        nets, others = create(directory, operators, workers, guild, neighbours, machines)
     everyone = nets + others
     for net in everyone:
         assign_ports(net)
@@ -402,7 +424,7 @@ def wait_converged(nets: list[Devnet], deadline_s: float = 60) -> dict[str, list
     """Wait until every copy of every shard holds the same confirmed log with the same
     state root; returns the copies by shard."""
     end = time.monotonic() + deadline_s
-    expected = sum(len(n.machines) for n in nets) * len(nets) * nets[0].shards
+    expected = COPIES * len(nets) * len(nets) * nets[0].shards
     while True:
         rows = copies(nets)
         by_shard: dict[str, list[dict[str, Any]]] = {}

@@ -60,7 +60,7 @@ from constellation.protocol.signer import KeyRequest, SignRequest
 from constellation.tx import partition_of
 from services.bus import copy_events_subject, lc_subject, lc_taken_subject
 from services.indexer.store import Index
-from services.replica.config import MACHINES, Layout
+from services.replica.config import COPIES, Layout
 from services.replica.transport import (
     CHECKPOINT_LISTEN,
     FILL_LISTEN,
@@ -294,7 +294,7 @@ class Checkpoints:
             return False
         owner, worker = shard
         name = self.s.layout.members[owner].name
-        for copy in range(2 * self.s.me, 2 * self.s.me + MACHINES):
+        for copy in range(COPIES * self.s.me, COPIES * self.s.me + COPIES):
             moved = await self._pages(ck, shard, copy, copy_events_subject(name, worker, copy))
             if moved is not None:
                 return moved

@@ -60,7 +60,12 @@ def layout_change(running: str, wanted: str) -> str | None:
         changes.append(f"members added: {', '.join(added)}")
     if removed := sorted(before.keys() - after.keys()):
         changes.append(f"members removed: {', '.join(removed)}")
-    if changed := sorted(n for n in before.keys() & after.keys() if before[n] != after[n]):
+    both = sorted(before.keys() & after.keys())
+    for n in both:
+        was, now = before[n].get("machines", 2), after[n].get("machines", 2)
+        if was != now:
+            changes.append(f"machines of {n}: {was} -> {now} (copies do not move yet)")
+    if changed := [n for n in both if {**before[n], "machines": 0} != {**after[n], "machines": 0}]:
         changes.append(f"members changed: {', '.join(changed)}")
     if [m["name"] for m in old["members"]] != [m["name"] for m in new["members"]] and not (
         added or removed

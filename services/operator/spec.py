@@ -32,6 +32,7 @@ class MemberSpec(msgspec.Struct, rename="camel", forbid_unknown_fields=True, fro
     signer_key: str  # the member's signer's host public key (33 bytes, hex)
     issuers: list[str]  # x-only keys whose issuances its shards accept
     nats: str  # its NATS server, where peers deliver what they send it
+    machines: int = MACHINES  # its machines, over which its two copies of a shard spread
 
 
 class NeighbourSpec(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
@@ -110,7 +111,6 @@ class GuildSpec(msgspec.Struct, rename="camel", forbid_unknown_fields=True, froz
     members: list[MemberSpec]
     secrets: Secrets
     shards: int = 4
-    machines: int = MACHINES
     network: str = "regtest"
     neighbours: list[NeighbourSpec] = []
     image: Image = msgspec.field(default_factory=Image)
@@ -130,6 +130,11 @@ class GuildSpec(msgspec.Struct, rename="camel", forbid_unknown_fields=True, froz
     def me(self) -> int:
         return [m.name for m in self.members].index(self.operator)
 
+    @property
+    def machines(self) -> int:
+        """This member's machines."""
+        return self.members[self.me].machines
+
     def layout(self) -> Layout:
         """The guild layout every member holds alike (services.replica.config)."""
         return Layout(
@@ -141,6 +146,7 @@ class GuildSpec(msgspec.Struct, rename="camel", forbid_unknown_fields=True, froz
                     bytes.fromhex(m.key),
                     frozenset(bytes.fromhex(k) for k in m.issuers),
                     m.nats,
+                    m.machines,
                 )
                 for m in self.members
             ),
@@ -173,11 +179,6 @@ def read_spec(doc: Any) -> GuildSpec:
         raise BadGuild("a guild has at least two members")
     if not 1 <= spec.threshold <= len(spec.members):
         raise BadGuild("spec.threshold must be between 1 and the number of members")
-    if spec.machines != MACHINES:
-        raise BadGuild(
-            f"spec.machines must be {MACHINES}: each of an operator's machines holds one of "
-            "its two copies of every shard"
-        )
     if not 1 <= spec.shards <= 256:
         raise BadGuild("spec.shards must be in 1..256")
     if spec.network not in NETWORKS:

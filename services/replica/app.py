@@ -1,4 +1,5 @@
-"""A machine of an operator: one copy of every shard of the guild, their ticks, the
+"""A machine of an operator: its copies of the guild's shards (with two machines, one of
+every shard; with more, the layout spreads them: ``Layout.machine_of``), their ticks, the
 replication traffic to and from the other copies (``transport.py``), and its part of the
 relay to shards led at other operators (``relay.py``)."""
 
@@ -109,24 +110,24 @@ class Machine:
         started = time.monotonic()
         for owner, member in enumerate(s.layout.members):
             for worker in range(s.layout.workers):
-                me = s.layout.copy_at(s.operator, s.machine, worker)
-                copy = HostedCopy(
-                    layout=s.layout,
-                    owner=owner,
-                    worker=worker,
-                    me=me,
-                    key=s.key,
-                    folder=s.state_dir / f"{member.name}-{worker}",
-                    replication=replication,
-                    prepare_timeout_ms=s.prepare_timeout_ms,
-                    nc=nc,
-                    publisher=relay,
-                    deliver=self._deliver,
-                    publish_events=self._publish_events,
-                    observe_round=self.metrics.round_seconds.observe,
-                )
-                self.copies.append(copy)
-                relay.add(copy)
+                for me in s.layout.copies_at(s.operator, s.machine, worker):
+                    copy = HostedCopy(
+                        layout=s.layout,
+                        owner=owner,
+                        worker=worker,
+                        me=me,
+                        key=s.key,
+                        folder=s.state_dir / f"{member.name}-{worker}",
+                        replication=replication,
+                        prepare_timeout_ms=s.prepare_timeout_ms,
+                        nc=nc,
+                        publisher=relay,
+                        deliver=self._deliver,
+                        publish_events=self._publish_events,
+                        observe_round=self.metrics.round_seconds.observe,
+                    )
+                    self.copies.append(copy)
+                    relay.add(copy)
         gc.freeze()
         log.info(
             "recovered",

@@ -13,7 +13,9 @@ from constellation.keys import SigningKey, is_valid_xonly
 from constellation.ledger.pmap import PartitionMap
 from services.runtime import OPERATOR_RE, ConfigError, env_addr, env_int, env_str
 
-MACHINES = 2  # per operator: each shard's two copies there are on different machines
+COPIES = 2  # of every shard at every operator, on two of its machines
+MACHINES = 2  # an operator's machines, unless the layout says more
+MAX_MACHINES = 64
 RESERVED = "relay"  # cst.relay.* carries the relay's answers (relay.py)
 
 
@@ -25,6 +27,7 @@ class Member:
     key: bytes  # x-only: it signs blocks, acks, votes and every message it sends
     issuers: frozenset[bytes]  # keys whose issuances its shards accept
     nats: str  # its NATS server, where its peers deliver what they send it
+    machines: int = MACHINES  # its machines: its two copies of a shard are on two of them
 
 
 @dataclass(frozen=True)
@@ -64,17 +67,20 @@ class Layout:
     def pmap(self) -> PartitionMap:
         return PartitionMap.even(self.workers)
 
-    def copy_at(self, operator: int, machine: int, worker: int) -> int:
-        """The copy of each shard of worker ``worker`` that ``operator``'s ``machine``
-        holds. Every machine holds one copy of every shard; an operator's preferred copy
-        (``2*operator``) of worker ``w`` is on machine ``w % 2``, so an operator's shards
-        lead from both of its machines."""
-        return 2 * operator + (worker + machine) % MACHINES
-
     def machine_of(self, copy: int, worker: int) -> int:
         """The machine of its operator that holds copy ``copy`` of worker ``worker``'s
-        shards (``copy_at``'s inverse)."""
-        return (copy % MACHINES - worker) % MACHINES
+        shards (of every owner). An operator's two copies of a shard are on two
+        different machines (``k - w`` and ``1 - w`` differ modulo any count above one),
+        and the shards of its workers spread over all of its machines: with two, each
+        holds one copy of every shard, and the preferred copies (``k = 0``) of an
+        operator's workers lead from both."""
+        return (copy % COPIES - worker) % self.members[copy // COPIES].machines
+
+    def copies_at(self, operator: int, machine: int, worker: int) -> list[int]:
+        """The copies of worker ``worker``'s shards that ``operator``'s ``machine`` holds
+        (none, one, or, with two machines, always one)."""
+        mine = range(COPIES * operator, COPIES * operator + COPIES)
+        return [c for c in mine if self.machine_of(c, worker) == machine]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -86,6 +92,7 @@ class Layout:
                     "key": m.key.hex(),
                     "issuers": sorted(k.hex() for k in m.issuers),
                     "nats": m.nats,
+                    "machines": m.machines,
                 }
                 for m in self.members
             ],
@@ -104,6 +111,7 @@ class Layout:
                     bytes.fromhex(m["key"]),
                     frozenset(bytes.fromhex(k) for k in m["issuers"]),
                     str(m["nats"]),
+                    int(m.get("machines", MACHINES)),
                 )
                 for m in doc["members"]
             )
@@ -118,6 +126,8 @@ class Layout:
             raise ConfigError("the guild layout needs 1 to 256 workers per operator")
         if len(members) < 2:
             raise ConfigError("a guild has at least two members")
+        if not all(MACHINES <= m.machines <= MAX_MACHINES for m in members):
+            raise ConfigError(f"a member runs {MACHINES} to {MAX_MACHINES} machines")
         if any(m.name == RESERVED for m in members):
             raise ConfigError(f"no member may be named {RESERVED!r} (its subjects are the relay's)")
         if len({m.name for m in members}) != len(members) or len(set(layout.keys)) != len(members):
@@ -201,7 +211,7 @@ class Settings:
         return Settings(
             layout=layout,
             operator=operator,
-            machine=env_int(env, "REPLICA_MACHINE", 0, 0, MACHINES - 1),
+            machine=env_int(env, "REPLICA_MACHINE", 0, 0, layout.members[operator].machines - 1),
             key=key,
             nats_url=env_str(env, "REPLICA_NATS_URL", "nats://127.0.0.1:4222"),
             peers=peers,

@@ -4,8 +4,10 @@ Gateways and workers reach a shard on their own operator's NATS: packages on
 ``cst.<owner>.w.<w>``, queries on ``cst.<owner>.q.<w>.<what>``. A shard led at this
 operator is served there by its leader (``HostedCopy.serve``). A shard led elsewhere
 (another operator's shard, or this operator's own while its copies here are down or it
-is excluded) is served by the relay: this operator's machines take the shard's subjects
-(in one queue group, so that one machine takes each message) and send what comes to the
+is excluded) is served by the relay: this operator's machines that hold a copy of the
+shard take its subjects (in one queue group, so that one machine takes each message;
+what a leader here sends to a shard no machine of its own holds goes out on the
+operator's NATS, for the machines that do) and send what comes to the
 machine of the leader, sealed like a replication message (``transport.py``). So a
 user whose operator is down pays through any other member's gateway, and a member's
 gateway serves every ledger of the guild.
@@ -16,7 +18,7 @@ shards led at different operators crosses one operator boundary per message.
 
 Answers go back where the request came from. The leader's machine rewrites a relayed
 client request's reply subject to ``cst.relay.<operator>.<reply>``: what the engine
-answers there returns, sealed once, to both machines of that operator (a resend may
+answers there returns, sealed once, to every machine of that operator (a resend may
 come through either: the engine's memory of a refusal is by reply subject and request
 id), and each publishes on the original subject the answers to the requests it
 relayed there itself. A relayed query's answer returns to the inbox it came from.
@@ -51,7 +53,7 @@ from nats.aio.subscription import Subscription
 from constellation.errors import InFlight, MessageError, Misdirected
 from constellation.protocol import ledger as proto
 from services.bus import GATEWAY, query_subject, worker_subject
-from services.replica.config import MACHINES, Layout
+from services.replica.config import Layout
 from services.replica.host import HostedCopy
 
 log = logging.getLogger("replica.relay")
@@ -204,7 +206,8 @@ class Relay:
             if not operator.isdecimal() or not 0 <= int(operator) < len(self.layout.members):
                 log.warning("an answer to an unknown relay dropped", extra={"to": subject})
                 return
-            self._send(int(operator), range(MACHINES), Answer(reply, payload))
+            machines = self.layout.members[int(operator)].machines
+            self._send(int(operator), range(machines), Answer(reply, payload))
             return
         if subject in self._shards:
             shard = self._shards[subject]
@@ -302,7 +305,7 @@ class Relay:
             await self._answer(sender, msg)
             return
         copy = self.copies.get((msg.owner, msg.worker))
-        if copy is None or not 0 <= msg.machine < MACHINES:
+        if copy is None or not 0 <= msg.machine < self.layout.members[sender].machines:
             raise Misdirected(f"no shard ({msg.owner}, {msg.worker}) or machine {msg.machine}")
         if isinstance(msg, Relayed):
             copy.take(self._checked(sender, msg))

@@ -65,11 +65,20 @@ def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
 
 
-def test_machines_are_pinned_and_apart() -> None:
-    r = _renderer()
+def _with_machines(count: int) -> list[dict[str, Any]]:
+    guild, _, _ = _example()
+    members = copy.deepcopy(guild["spec"]["members"])
+    members[0]["machines"] = count
+    return list(members)
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_machines_are_pinned_and_apart(count: int) -> None:
+    r = _renderer(members=_with_machines(count))
     objs = r.objects()
     sets = _by(objs, "StatefulSet")
-    machines = [sets[r.n.machine(m)] for m in range(2)]
+    assert len([n for n in sets if "-machine-" in n]) == count
+    machines = [sets[r.n.machine(m)] for m in range(count)]
     pods = [m["spec"]["template"] for m in machines]
     for machine, pod in zip(machines, pods, strict=True):
         spec = pod["spec"]
@@ -155,7 +164,7 @@ def test_without_lightning_no_lightningd_and_no_mint() -> None:
     [
         ({"threshold": 4}, "threshold"),
         ({"operator": "op9"}, "not one of spec.members"),
-        ({"machines": 3}, "machines must be 2"),
+        ({"members": [{"name": "op0"}]}, "spec"),
         ({"shards": 0}, "shards"),
         ({"network": "mainnet"}, "network"),
         ({"surprise": 1}, "unknown field"),
@@ -203,6 +212,8 @@ def test_layout_changes_are_named_and_refused() -> None:
     assert layout_change(layout, _renderer(shards=8).objects()[0]["data"]["layout.json"]) == (
         "shards 4 -> 8"
     )
+    more = _renderer(members=_with_machines(3)).objects()[0]["data"]["layout.json"]
+    assert layout_change(layout, more) == "machines of op0: 2 -> 3 (copies do not move yet)"
 
 
 def _settled(obj: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from constellation.protocol import replication as rp
 from constellation.protocol.envelope import seal
 from services.gateway.config import Settings as GatewaySettings
 from services.replica import relay
-from services.replica.config import MACHINES, Layout
+from services.replica.config import Layout
 from services.replica.transport import (
     FRESH_MS,
     SETTLE_DOMAIN,
@@ -173,18 +173,45 @@ def test_a_bad_layout_is_refused(doc: dict[str, Any]) -> None:
 def test_every_machine_holds_one_copy_of_every_shard_and_twins_are_apart(operators: int) -> None:
     layout = Layout.from_json(layout_doc(operators))
     for worker in range(layout.workers):
-        held = [layout.copy_at(op, m, worker) for op in range(operators) for m in range(MACHINES)]
+        held = [
+            c for op in range(operators) for m in range(2) for c in layout.copies_at(op, m, worker)
+        ]
         assert sorted(held) == list(range(2 * operators))  # each copy once, on one machine
         for op in range(operators):  # an operator's two copies are on its two machines
-            assert {layout.copy_at(op, m, worker) // 2 for m in range(MACHINES)} == {op}
-        for op in range(operators):  # machine_of finds the machine copy_at put a copy on
-            for m in range(MACHINES):
-                assert layout.machine_of(layout.copy_at(op, m, worker), worker) == m
+            for m in range(2):
+                (copy,) = layout.copies_at(op, m, worker)
+                assert copy // 2 == op and layout.machine_of(copy, worker) == m
     # the owner's preferred copy leads from either machine, by worker
-    assert {m for w in range(2) for m in range(MACHINES) if layout.copy_at(0, m, w) == 0} == {
-        0,
-        1,
-    }
+    assert {m for w in range(2) for m in range(2) if 0 in layout.copies_at(0, m, w)} == {0, 1}
+
+
+@pytest.mark.parametrize("machines", [2, 3, 4, 5])
+def test_more_machines_spread_the_copies_and_keep_twins_apart(machines: int) -> None:
+    doc = layout_doc(3)
+    doc["workers"] = 8
+    doc["members"][0]["machines"] = machines  # op0 runs more machines than the others
+    layout = Layout.from_json(doc)
+    assert Layout.from_json(layout.to_json()) == layout
+    assert [m.machines for m in layout.members] == [machines, 2, 2]
+    load = [0] * machines
+    for worker in range(layout.workers):
+        at = [layout.copies_at(0, m, worker) for m in range(machines)]
+        assert sorted(c for copies in at for c in copies) == [0, 1]  # each copy once
+        (m0,) = [m for m, copies in enumerate(at) if 0 in copies]
+        (m1,) = [m for m, copies in enumerate(at) if 1 in copies]
+        assert m0 != m1, "an operator's two copies of a shard on one machine"
+        for m, copies in enumerate(at):
+            load[m] += len(copies)
+    assert max(load) - min(load) <= 2  # spread evenly: each worker's two copies in turn
+    assert min(load) >= 1
+
+
+@pytest.mark.parametrize("machines", [1, 65])
+def test_a_member_runs_two_to_sixty_four_machines(machines: int) -> None:
+    doc = layout_doc(3)
+    doc["members"][1]["machines"] = machines
+    with pytest.raises(ConfigError, match="machines"):
+        Layout.from_json(doc)
 
 
 def test_between_one_operator_s_machines_messages_go_plain() -> None:

@@ -117,13 +117,15 @@ class Guild:
 
 
 @contextlib.contextmanager
-def local_guild(prefix: str, operators: int = 3, neighbours: int = 0) -> Iterator[Path]:
-    """A local guild of ``operators`` operators with 2 workers each, and a neighbouring
-    guild of ``neighbours`` (``services.devnet.guild``), up for the block, in a fresh
-    directory."""
+def local_guild(
+    prefix: str, operators: int = 3, neighbours: int = 0, machines: int = 2
+) -> Iterator[Path]:
+    """A local guild of ``operators`` operators with 2 workers and ``machines`` machines
+    each, and a neighbouring guild of ``neighbours`` (``services.devnet.guild``), up for
+    the block, in a fresh directory."""
     root = Path(tempfile.mkdtemp(prefix=prefix))
     root.chmod(0o755)  # PostgreSQL runs as its own user where tests run as root
-    devnet.guild.up(root / "g", operators, 2, "test", neighbours)
+    devnet.guild.up(root / "g", operators, 2, "test", neighbours, machines)
     try:
         yield root / "g"
     finally:

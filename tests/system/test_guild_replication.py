@@ -194,7 +194,7 @@ async def test_forged_replayed_and_impersonating_traffic_is_refused(where: Path)
     op0, op1, _ = nets(where)
     layout = guild.layout(nets(where))
     machine = 0
-    dest = layout.copy_at(0, machine, 0)  # op0's copy of op0/0 on its machine 0
+    (dest,) = layout.copies_at(0, machine, 0)  # op0's copy of op0/0 on its machine 0
     key = SigningKey(bytes.fromhex(op1.operator_key))
     stale = rp.Envelope(0, 0, 2, rp.Appended(0, False, 0, bytes(32), bytes(64), ""))
     good = Sealer(layout.guild, key, layout.keys).seal(0, stale, now_ms())
