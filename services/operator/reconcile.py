@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.operator.render import Obj, Renderer
+from services.replica.config import MACHINES
 
 LAYOUT_FILE = "layout.json"
 CONFIG_HASH = "constellation.dev/config-hash"  # on pod templates: a new one rolls them
@@ -60,13 +61,18 @@ def layout_change(running: str, wanted: str) -> str | None:
         changes.append(f"members added: {', '.join(added)}")
     if removed := sorted(before.keys() - after.keys()):
         changes.append(f"members removed: {', '.join(removed)}")
-    both = sorted(before.keys() & after.keys())
-    for n in both:
-        was, now = before[n].get("machines", 2), after[n].get("machines", 2)
+    changed = []
+    for n in sorted(before.keys() & after.keys()):
+        was, now = dict(before[n]), dict(after[n])
+        machines = was.pop("machines", MACHINES), now.pop("machines", MACHINES)
+        if machines[0] != machines[1]:
+            changes.append(f"machines of {n}: {machines[0]} -> {machines[1]}")
         if was != now:
-            changes.append(f"machines of {n}: {was} -> {now} (copies do not move yet)")
-    if changed := [n for n in both if {**before[n], "machines": 0} != {**after[n], "machines": 0}]:
+            changed.append(n)
+    if changed:
         changes.append(f"members changed: {', '.join(changed)}")
+    if any(c.startswith("machines of") for c in changes):
+        changes.append("copies do not move between machines yet")
     if [m["name"] for m in old["members"]] != [m["name"] for m in new["members"]] and not (
         added or removed
     ):

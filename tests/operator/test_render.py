@@ -213,7 +213,9 @@ def test_layout_changes_are_named_and_refused() -> None:
         "shards 4 -> 8"
     )
     more = _renderer(members=_with_machines(3)).objects()[0]["data"]["layout.json"]
-    assert layout_change(layout, more) == "machines of op0: 2 -> 3 (copies do not move yet)"
+    assert layout_change(layout, more) == (
+        "machines of op0: 2 -> 3; copies do not move between machines yet"
+    )
 
 
 def _settled(obj: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -31,6 +32,7 @@ from services.devnet import Devnet
 from services.signer.client import SignerClient, call
 from services.signer.config import load_members
 from services.signer.store import KeyStore
+from services.workload import run_workload
 
 FAULTY = Path(__file__).with_name("faulty_signer.py")
 
@@ -131,6 +133,37 @@ def local_guild(
     finally:
         devnet.guild.down(root / "g")
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def pay(net: Devnet, payments: int = 150, via: Devnet | None = None) -> bool:
+    """A workload on ``net``'s ledger, at its gateway or at ``via``'s; its report goes to
+    the test's output."""
+    out = io.StringIO()
+    ok = await run_workload(net, 6, 6, payments, 16, out, via)
+    where = f" through {via.operator}'s gateway" if via else ""
+    print(f"-- payments at {net.operator}{where}:\n{out.getvalue()}")
+    return ok
+
+
+async def kill_the_leader_under_payments(
+    where: Path, shard: str, payments: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``kill -9`` of ``shard``'s leader (a copy of its owner's) while its owner's ledger
+    takes payments: its twin leads next, and every payment is in the books. The old
+    leader's and the new one's rows (``devnet.guild.copies``)."""
+    owner = shard.split("/", maxsplit=1)[0]
+    lead = devnet.guild.leader(devnet.guild.load(where), shard)
+    assert lead is not None and lead["operator"] == owner
+    net = next(n for n in devnet.guild.load(where) if n.operator == owner)
+    paying = asyncio.create_task(pay(net, payments))
+    await asyncio.sleep(0.5)
+    os.kill(lead["pid"], signal.SIGKILL)
+    new = await asyncio.to_thread(
+        devnet.guild.wait_new_leader, devnet.guild.load(where), shard, lead["confirmed"]
+    )
+    assert new["operator"] == owner and new["copy"] == 1 - lead["copy"]  # the twin
+    assert await paying
+    return lead, new
 
 
 async def cli(*argv: str) -> tuple[int, str]:

@@ -5,8 +5,6 @@ shard are on two of them (``Layout.machine_of``), payments reach every copy alik
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +12,7 @@ import pytest
 
 from services.devnet import Devnet, guild
 from services.replica.config import COPIES
-from tests.system.guild import local_guild
-from tests.system.test_guild_replication import pay
+from tests.system.guild import kill_the_leader_under_payments, local_guild, pay
 
 MACHINES = 3
 
@@ -47,13 +44,6 @@ async def test_the_copies_spread_over_three_machines(where: Path) -> None:
 
 async def test_kill_9_of_a_leaders_machine_hands_the_shard_to_its_twin(where: Path) -> None:
     await asyncio.to_thread(guild.wait_home, nets(where))
-    lead = guild.leader(nets(where), "op0/1")
-    assert lead is not None and lead["operator"] == "op0"
-    paying = asyncio.create_task(pay(nets(where)[0], 200))
-    await asyncio.sleep(0.5)
-    os.kill(lead["pid"], signal.SIGKILL)
-    new = await asyncio.to_thread(guild.wait_new_leader, nets(where), "op0/1", lead["confirmed"])
-    assert new["operator"] == "op0" and new["copy"] == 1 - lead["copy"]  # the twin
+    lead, new = await kill_the_leader_under_payments(where, "op0/1", 200)
     assert new["machine"] != lead["machine"]
-    assert await paying
     guild.wait_converged(nets(where), 90)

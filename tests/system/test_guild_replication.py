@@ -12,7 +12,6 @@ height and state root. The tests share one guild, in order.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import signal
@@ -35,8 +34,7 @@ from services.devnet import Devnet, guild
 from services.replica import relay
 from services.replica.transport import Sealer, forward_subject, subject
 from services.runtime import now_ms
-from services.workload import run_workload
-from tests.system.guild import cli, local_guild
+from tests.system.guild import cli, kill_the_leader_under_payments, local_guild, pay
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +45,6 @@ def where() -> Iterator[Path]:
 
 def nets(where: Path) -> list[Devnet]:
     return guild.load(where)  # the current pids (the supervisors restart what dies)
-
-
-async def pay(net: Devnet, payments: int = 150, via: Devnet | None = None) -> bool:
-    """A workload on ``net``'s ledger, at its gateway or at ``via``'s; its report goes to
-    the test's output."""
-    out = io.StringIO()
-    ok = await run_workload(net, 6, 6, payments, 16, out, via)
-    where = f" through {via.operator}'s gateway" if via else ""
-    print(f"-- payments at {net.operator}{where}:\n{out.getvalue()}")
-    return ok
 
 
 def converged(where: Path) -> dict[str, list[dict[str, Any]]]:
@@ -89,14 +77,7 @@ async def test_payments_reach_every_copy_of_their_shards_alike(where: Path) -> N
 
 
 async def test_kill_9_of_a_leader_under_payments_loses_nothing(where: Path) -> None:
-    lead = guild.leader(nets(where), "op0/0")
-    assert lead is not None and lead["operator"] == "op0"
-    paying = asyncio.create_task(pay(nets(where)[0], 300))
-    await asyncio.sleep(0.5)
-    os.kill(lead["pid"], signal.SIGKILL)
-    new = await asyncio.to_thread(guild.wait_new_leader, nets(where), "op0/0", lead["confirmed"])
-    assert new["operator"] == "op0" and new["copy"] == 1 - lead["copy"]  # the twin
-    assert await paying
+    await kill_the_leader_under_payments(where, "op0/0", 300)
     converged(where)
     no_two_leaders_in_a_term(where)
 
