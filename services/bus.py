@@ -14,10 +14,16 @@ from typing import Protocol
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
 
 from constellation.ledger.pmap import PartitionMap, decode_map
 from constellation.protocol.ledger import PROTOCOL_VERSION, Item, Package, encode
+from constellation.replication.placement import Placement, decode_placement
 from services.runtime import env_int
 
 
@@ -39,6 +45,7 @@ class Batching:
 
 
 MAP_KEY = "partition-map"
+PLACEMENT_KEY = "placement"
 LAZY_S = 0.05  # how long an item nobody waits for may wait for a package that goes anyway
 GATEWAY = -1  # the sender id of a gateway
 
@@ -114,6 +121,42 @@ async def publish_map(nc: Client, operator: str, pmap: PartitionMap) -> None:
     js = nc.jetstream()
     kv = await js.create_key_value(bucket=map_bucket(operator), history=16)
     await kv.put(MAP_KEY, pmap.encode())
+
+
+class Stale(Exception):
+    """The placement changed since it was read: read it again."""
+
+
+async def load_placement(nc: Client, operator: str) -> tuple[Placement, int] | None:
+    """The operator's placement of its copies and its KV revision, or None where none
+    was published yet."""
+    try:
+        kv = await nc.jetstream().key_value(map_bucket(operator))
+        entry = await kv.get(PLACEMENT_KEY)
+    except (BucketNotFoundError, KeyNotFoundError):
+        return None
+    assert entry.value is not None and entry.revision is not None
+    return decode_placement(entry.value), entry.revision
+
+
+async def ensure_placement(nc: Client, operator: str, first: Placement) -> tuple[Placement, int]:
+    """The operator's placement, publishing ``first`` where there is none yet (every
+    machine of the operator computes the same first one, and one of them writes it)."""
+    while (found := await load_placement(nc, operator)) is None:
+        kv = await nc.jetstream().create_key_value(bucket=map_bucket(operator), history=16)
+        with contextlib.suppress(KeyWrongLastSequenceError):
+            await kv.create(PLACEMENT_KEY, first.encode())
+    return found
+
+
+async def update_placement(nc: Client, operator: str, new: Placement, revision: int) -> int:
+    """Write ``new`` over the placement read at ``revision``; its new revision. Raises
+    ``Stale`` where another wrote since (read again and redo)."""
+    kv = await nc.jetstream().key_value(map_bucket(operator))
+    try:
+        return await kv.update(PLACEMENT_KEY, new.encode(), last=revision)
+    except KeyWrongLastSequenceError:
+        raise Stale(f"placement revision {revision} is no longer the last") from None
 
 
 class Publisher(Protocol):

@@ -22,6 +22,7 @@ from constellation.errors import ConstellationError
 from constellation.guild import Statement
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import Membership
+from constellation.replication.placement import BATCH, MAX_MACHINES
 from constellation.tx import TxOutput
 from services import devnet
 from services.api_client import Gateway, GatewayError
@@ -185,6 +186,12 @@ def _devnet(args: argparse.Namespace) -> int:
     elif args.devnet_command == "start":
         guild.start_operator(args.dir, args.operator)
         print(f"operator {args.operator} started and caught up")
+    elif args.devnet_command == "machines":
+        done = guild.set_machines(args.dir, args.operator, args.machines, args.batch)
+        print(
+            f"operator {done.operator}: {done.before} -> {done.after} machines, "
+            f"{done.moved} copy slots moved in {done.seconds} s (placement v{done.placement})"
+        )
     elif in_guild:
         guild.down(args.dir)
         if args.purge:
@@ -313,9 +320,18 @@ def _add_devnet(sub: Any) -> None:
     down.add_argument("--purge", action="store_true", help="and delete the devnet's state")
     stop = net_sub.add_parser("stop", help="a local guild: stop one operator's every process")
     start = net_sub.add_parser("start", help="a local guild: start a stopped operator again")
-    for p in (stop, start):
+    machines = net_sub.add_parser(
+        "machines",
+        help="a local guild: run an operator on more or fewer machines, moving its copies"
+        " live (new machines start first; removed ones stop once nothing is on them)",
+    )
+    for p in (stop, start, machines):
         p.add_argument("operator", help="its name (op0, op1, ..., a neighbour's nb0, ...)")
-    for p in (up, status, fund, down, stop, start):
+    machines.add_argument("machines", type=int, help=f"{MACHINES} to {MAX_MACHINES}")
+    machines.add_argument(
+        "--batch", type=int, default=BATCH, help="copy slots moving at once (default %(default)s)"
+    )
+    for p in (up, status, fund, down, stop, start, machines):
         p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="devnet state folder")
 
 

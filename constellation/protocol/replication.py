@@ -153,6 +153,13 @@ class TimeoutNow(_Msg, frozen=True, tag="t"):
     term: int
 
 
+class Resign(_Msg, frozen=True, tag="r"):
+    """Leader -> its followers but one: I stop leading in ``term`` (my copy moves to
+    another machine); my lease is over. The one left out gets ``TimeoutNow``."""
+
+    term: int
+
+
 class Head(_Msg, frozen=True, tag="h"):
     """Copy -> copies of other operators: the header of my latest block (cross-check)."""
 
@@ -187,7 +194,7 @@ class Proof(_Msg, frozen=True, tag="p"):
 
 
 Message = Union[  # noqa: UP007
-    Append, Appended, AskVote, Voted, Chunk, ChunkAck, TimeoutNow, Head, Proof
+    Append, Appended, AskVote, Voted, Chunk, ChunkAck, TimeoutNow, Resign, Head, Proof
 ]
 
 

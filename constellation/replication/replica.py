@@ -576,6 +576,37 @@ class Replica:
         ):
             self._prevote(transfer=True)
 
+    def resign(self) -> None:
+        """Stop leading, ahead of this copy's move to another machine: hand leadership to
+        the most preferred copy that holds the whole log (its twin first) and end the
+        lease at the others, so that it is elected at once rather than after an election
+        timeout. A follower has nothing to do."""
+        if self.role is not Role.LEADER:
+            return
+        now = self.clock()
+        ready = [
+            c
+            for c, p in self.progress.items()
+            if not self._excluded(c)
+            and p.knows
+            and p.match == self.last
+            and now - p.heard < self.settings.heartbeat_s * 3
+        ]
+        twin = self.me ^ 1
+        heir = twin if twin in ready else min(ready, key=self.preference.index, default=-1)
+        for c in range(self.copies):
+            if c not in (self.me, heir):
+                self._send(c, rp.Resign(self.term))
+        if heir >= 0:
+            self._send(heir, rp.TimeoutNow(self.term))
+        self._follow(self.term, -1)
+        self.deadline = float("inf")  # it stops; it does not campaign meanwhile
+
+    def _on_resign(self, sender: int, msg: rp.Resign) -> None:
+        if msg.term == self.term and sender == self.leader:
+            self.leader = -1  # no lease: the heir's votes come at once
+            self._reset_deadline()
+
     # -- replication: leader -------------------------------------------------------------
 
     def can_propose(self) -> bool:
@@ -1103,6 +1134,8 @@ class Replica:
             self._on_chunk_ack(sender, msg)
         elif isinstance(msg, rp.TimeoutNow):
             self._on_timeout_now(sender, msg)
+        elif isinstance(msg, rp.Resign):
+            self._on_resign(sender, msg)
         elif isinstance(msg, rp.Head):
             self._on_head(sender, msg)
         else:

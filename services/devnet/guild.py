@@ -1,8 +1,10 @@
 """A local guild: several operators on this machine, each a devnet of its own.
 
 Operator ``opI`` lives in ``DIR/opI``: its own NATS server (users and permissions in
-``nats.conf``), Redis, PostgreSQL, gateway and indexer, and two machines
-(``services.replica``), each holding one copy of every shard of every operator. What
+``nats.conf``), Redis, PostgreSQL, gateway and indexer, and two or more machines
+(``services.replica``) over which its two copies of every shard of every operator
+spread (``constellation.replication.placement``; ``set_machines`` adds and removes
+machines, moving the copies live). What
 binds them is the guild layout (``layout.json``, the same in every folder: each
 member's name, operator key, issuer keys and NATS address) and, per operator, the
 credentials each peer issued it (``peers.json``): a peer may publish on another's NATS
@@ -34,12 +36,14 @@ import sys
 import time
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from constellation.keys import SigningKey
 from constellation.protocol.envelope import Membership
 from constellation.protocol.signer import KeygenRequest, KeyRequest, OpReply, OpRequest
+from constellation.replication.placement import BATCH, COPIES, MAX_MACHINES, Placement
 from services.devnet.deps import assign_ports, start_deadline_s, stop_all
 from services.devnet.procs import alive, free_port, ready, spawn, stop_pid, wait_ready
 from services.devnet.state import (
@@ -50,15 +54,19 @@ from services.devnet.state import (
     write_json_atomic,
 )
 from services.devnet.supervisor import (
+    MACHINES_FILE,
     STATUS_FILE,
     await_supervisor,
     spawn_supervisor,
     stop_supervisor,
     supervisor_alive,
+    want_machines,
 )
 from services.lnsim.sim import socket_path
-from services.replica.config import COPIES, MACHINES, MAX_MACHINES, Layout, Member, Neighbour
+from services.replica.config import MACHINES, Layout, Member, Neighbour
+from services.replica.moves import Stuck, drive
 from services.replica.transport import peer_permissions
+from services.runtime import connect_nats
 from services.signer.client import call
 from services.signer.config import load_members, save_members
 from services.signer.store import KeyStore
@@ -209,20 +217,15 @@ def up(
 ) -> list[Devnet]:
     """Start the local guild in ``directory`` (creating it the first time), and its
     neighbouring guild where it has one; returns the guild's operators once every
-    machine of every operator is ready. Each operator runs ``machines`` machines, over
-    which its two copies of every shard spread (``Layout.machine_of``)."""
+    machine of every operator is ready. Each operator runs ``machines`` machines the
+    first time (then as many as ``set_machines`` left it), over which its two copies of
+    every shard spread (``constellation.replication.placement``)."""
     if (directory / GUILD_FILE).exists():
         nets, others = load(directory), load_neighbours(directory)
-        if (
-            len(nets) != operators
-            or nets[0].shards != workers
-            or len(others) != neighbours
-            or len(nets[0].machines) != machines
-        ):
+        if len(nets) != operators or nets[0].shards != workers or len(others) != neighbours:
             raise DevnetError(
                 f"the guild in {directory} has {len(nets)} operators of {nets[0].shards} "
-                f"workers and {len(nets[0].machines)} machines, and {len(others)} "
-                "neighbours: `devnet down --purge` it first"
+                f"workers, and {len(others)} neighbours: `devnet down --purge` it first"
             )
         if any(supervisor_alive(Path(n.dir)) for n in nets + others):
             raise DevnetError(f"the guild in {directory} is running: `devnet down` first")
@@ -303,6 +306,67 @@ def start_operator(directory: Path, name: str) -> Devnet:
     net = Devnet.load(folder)
     wait_machines([net], READY_S)
     return net
+
+
+@dataclass(frozen=True)
+class Rebalanced:
+    """What ``set_machines`` did."""
+
+    operator: str
+    before: int  # machines
+    after: int
+    moved: int  # copy slots moved
+    placement: int  # the placement's version at the end
+    seconds: float
+
+
+def set_machines(
+    directory: Path, name: str, machines: int, batch: int = BATCH, stalled_s: float = 60.0
+) -> Rebalanced:
+    """Run operator ``name`` on ``machines`` machines, moving its copies live: new
+    machines start first, the copies move (``batch`` at a time) while payments go on,
+    and machines removed stop only once no copy is on them. A move that makes no
+    progress for ``stalled_s`` (a machine that does not answer) stops the change with
+    the reason, and every machine that still holds a copy keeps running."""
+    folder = directory / name
+    if not supervisor_alive(folder):
+        raise DevnetError(f"operator {name} does not run: `devnet start {name}` first")
+    if not MACHINES <= machines <= MAX_MACHINES:
+        raise DevnetError(f"an operator runs {MACHINES} to {MAX_MACHINES} machines")
+    net = Devnet.load(folder)
+    before, started = len(net.machines), time.monotonic()
+    if machines > before:
+        net = _machines_become(folder, machines)
+        wait_machines([net], READY_S)
+
+    async def move() -> tuple[Placement, int]:
+        nc = await connect_nats(net.nats_url, f"devnet-machines-{name}")
+        try:
+            return await drive(nc, name, machines, batch, stalled_s)
+        except Stuck as exc:
+            raise DevnetError(f"{exc}: the machines stay as they are") from None
+        finally:
+            await nc.close()
+
+    placement, moved = asyncio.run(move())
+    if machines < before:
+        net = _machines_become(folder, machines)
+    return Rebalanced(
+        name, before, machines, moved, placement.version, round(time.monotonic() - started, 3)
+    )
+
+
+def _machines_become(folder: Path, machines: int, deadline_s: float = READY_S) -> Devnet:
+    """Ask the supervisor for ``machines`` machines and wait until it runs them."""
+    want_machines(folder, machines)
+    end = time.monotonic() + deadline_s
+    while True:
+        net = Devnet.load(folder)
+        if len(net.machines) == machines and not (folder / MACHINES_FILE).exists():
+            return net
+        if time.monotonic() > end or not supervisor_alive(folder):
+            raise DevnetError(f"{folder.name} did not come to {machines} machines")
+        time.sleep(0.1)
 
 
 def down(directory: Path) -> None:

@@ -14,6 +14,7 @@ Its log, ``supervisor.log``, has one JSON line per exit and per restart.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -27,13 +28,23 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from services.devnet.deps import specs, start_all, stop_all
-from services.devnet.procs import Spec, alive, launch, poll_exit, proc_state, spawn, stop_pid
+from services.devnet.deps import machine_spec, specs, start_all, start_machine, stop_all
+from services.devnet.procs import (
+    Spec,
+    alive,
+    free_port,
+    launch,
+    poll_exit,
+    proc_state,
+    spawn,
+    stop_pid,
+)
 from services.devnet.procs import started_at as process_started_at
-from services.devnet.state import Devnet, DevnetError, write_json_atomic
+from services.devnet.state import Devnet, DevnetError, MachineProc, write_json_atomic
 from services.runtime import configure_logging
 
 STATUS_FILE = "supervisor.json"
+MACHINES_FILE = "machines.json"  # the machines asked for (``follow_machines``)
 LOG_FILE = "supervisor.log"
 POLL_S = 0.1  # how soon an exit is noticed
 SUPERVISOR_START_S = 10  # its own start, before it starts the devnet's processes
@@ -110,6 +121,20 @@ class Supervisor:
         self.watched = {name: Watched(spec, pids[name], now) for name, spec in procs.items()}
         self.since = wall()
 
+    def add(self, name: str, spec: Spec, pid: int) -> None:
+        """Watch a process started since (a machine added)."""
+        assert name not in self.watched, f"{name} is watched already"
+        self.watched[name] = Watched(spec, pid, self.clock())
+        self.write("running")
+        log.info("watching", extra={"proc": name, "pid": pid})
+
+    def remove(self, name: str) -> None:
+        """Stop a process and watch it no more (a machine removed)."""
+        w = self.watched.pop(name)
+        stop_pid(w.pid, SUPERVISOR_STOP_S)
+        self.write("running")
+        log.info("removed", extra={"proc": name, "pid": w.pid})
+
     def tick(self) -> None:
         """Notice exits and make the restarts that are due; write the status on a change."""
         now = self.clock()
@@ -126,8 +151,9 @@ class Supervisor:
         if changed:
             self.write("running")
 
-    def run(self, stop: threading.Event) -> None:
-        """Supervise until ``stop`` is set (the processes are left running)."""
+    def run(self, stop: threading.Event, each: Callable[[], None] = lambda: None) -> None:
+        """Supervise until ``stop`` is set (the processes are left running), calling
+        ``each`` after every look."""
         self.write("running")
         log.info(
             "supervising",
@@ -135,6 +161,7 @@ class Supervisor:
         )
         while not stop.wait(POLL_S):
             self.tick()
+            each()
         self.write("stopped")
         log.info("stopped")
 
@@ -274,8 +301,46 @@ def main(directory: Path) -> int:
         stop_all(net)
         _write_status(path, "failed", error)
         return 1
-    supervisor.run(stop)
+    supervisor.run(stop, functools.partial(follow_machines, net, supervisor))
     return 0
+
+
+def want_machines(directory: Path, machines: int) -> None:
+    """Ask a devnet's supervisor to run ``machines`` machines (``follow_machines``)."""
+    write_json_atomic(directory / MACHINES_FILE, {"machines": machines})
+
+
+def follow_machines(net: Devnet, supervisor: Supervisor) -> None:
+    """Start the machines asked for beyond those running (the next numbers), or stop
+    the highest beyond those asked for: ``devnet machines`` asks once their copies have
+    moved off (``services.devnet.guild.set_machines``)."""
+    path = Path(net.dir) / MACHINES_FILE
+    try:
+        wanted = int(json.loads(path.read_text())["machines"])
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.error("machines file unreadable", extra={"error": str(exc)})
+        path.unlink(missing_ok=True)
+        return
+    while len(net.machines) < wanted:
+        index = len(net.machines)
+        proc = MachineProc(index, str(Path(net.dir) / f"machine-{index}"), free_port())
+        try:
+            start_machine(net, proc)
+        except DevnetError as exc:
+            log.error("machine not started", extra={"machine": index, "error": str(exc)})
+            stop_pid(proc.pid, SUPERVISOR_STOP_S)
+            path.unlink(missing_ok=True)
+            return
+        net.machines.append(proc)
+        supervisor.add(f"machine-{index}", machine_spec(net, proc), proc.pid)
+        net.save()
+    while len(net.machines) > wanted:
+        proc = net.machines.pop()
+        supervisor.remove(f"machine-{proc.index}")
+        net.save()
+    path.unlink()
 
 
 def launch_supervisor(directory: Path, start_s: float) -> int:

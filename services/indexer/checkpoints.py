@@ -57,10 +57,11 @@ from constellation.lightclient.checkpointer import (
 from constellation.protocol import ledger as proto
 from constellation.protocol import lightclient as lcp
 from constellation.protocol.signer import KeyRequest, SignRequest
+from constellation.replication.placement import COPIES
 from constellation.tx import partition_of
 from services.bus import copy_events_subject, lc_subject, lc_taken_subject
 from services.indexer.store import Index
-from services.replica.config import COPIES, Layout
+from services.replica.config import Layout
 from services.replica.transport import (
     CHECKPOINT_LISTEN,
     FILL_LISTEN,

@@ -14,33 +14,57 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 from constellation.errors import ConstellationError
 from constellation.protocol import ledger as proto
 from constellation.protocol import replication as rp
+from constellation.replication.placement import COPIES, Placement
 from constellation.replication.replica import Settings as ReplicaSettings
-from services.bus import events_subject
+from services.bus import (
+    Stale,
+    ensure_placement,
+    events_subject,
+    load_placement,
+    update_placement,
+)
 from services.partition.app import EVENTS_LINGER_S, EVENTS_MAX_BYTES
 from services.replica.config import Settings
 from services.replica.host import HostedCopy
 from services.replica.metrics import MachineMetrics
+from services.replica.moves import (
+    NotYet,
+    drop,
+    folder_name,
+    is_released,
+    move_subject,
+    record,
+    recorded,
+    release,
+)
+from services.replica.moves import fetch as fetch_folder
+from services.replica.moves import serve as serve_folder
 from services.replica.relay import Relay, Unasked
 from services.replica.transport import (
+    ALL,
     Opener,
     Sealer,
+    copy_target,
     forward_listen,
     forward_subject,
     listen_subject,
     subject,
 )
-from services.runtime import OpsServer, connect_nats, connect_peer, now_ms
+from services.runtime import ConfigError, OpsServer, connect_nats, connect_peer, now_ms
 
 TICK_S = 0.02
+PLACEMENT_POLL_S = 0.2
 PEER_PING_S = 2
 OUTBOX = 100_000  # messages waiting for one NATS client, at most: beyond, the oldest go
 
@@ -72,6 +96,9 @@ class Machine:
         self._out = [Outbox() for _ in s.layout.members]
         self._events: dict[str, list[bytes]] = defaultdict(list)
         self._events_wake = asyncio.Event()
+        self._subs: dict[str, list[Subscription]] = {}  # a copy's subscriptions, by its name
+        self.revision = 0  # of the placement last read
+        self.followed = 0  # the version of the placement last recorded
         self._started = False
 
     def ready(self) -> tuple[bool, str]:
@@ -100,56 +127,39 @@ class Machine:
             s.nats_url, f"replica-{s.name}-{s.machine}", pending_size=64 << 20
         )
         relay = self.relay = Relay(s.layout, s.operator, s.machine, nc, self._forward)
-        replication = ReplicaSettings(
+        self.replication = ReplicaSettings(
             heartbeat_s=s.heartbeat_ms / 1000,
             election_s=s.election_ms / 1000,
             authenticated=True,  # every message is sealed (or from our own machine)
             snapshot_every=s.snapshot_every,
             keep=s.keep,
         )
+        known = recorded(s.state_dir)
+        first = known or Placement.initial(s.layout.workers, s.layout.members[s.operator].machines)
+        placement, self.revision = await ensure_placement(nc, s.name, first)
+        if known is not None and placement.version < known.version:
+            raise ConfigError(
+                f"the placement in NATS KV (v{placement.version}) is older than the one this "
+                f"machine followed (v{known.version}): the KV was lost or rolled back"
+            )
         started = time.monotonic()
-        for owner, member in enumerate(s.layout.members):
-            for worker in range(s.layout.workers):
-                for me in s.layout.copies_at(s.operator, s.machine, worker):
-                    copy = HostedCopy(
-                        layout=s.layout,
-                        owner=owner,
-                        worker=worker,
-                        me=me,
-                        key=s.key,
-                        folder=s.state_dir / f"{member.name}-{worker}",
-                        replication=replication,
-                        prepare_timeout_ms=s.prepare_timeout_ms,
-                        nc=nc,
-                        publisher=relay,
-                        deliver=self._deliver,
-                        publish_events=self._publish_events,
-                        observe_round=self.metrics.round_seconds.observe,
-                    )
-                    self.copies.append(copy)
-                    relay.add(copy)
+        await self._follow_placement(placement)
         gc.freeze()
         log.info(
             "recovered",
             extra={
+                "placement": placement.version,
                 "copies": [[c.name, c.me, c.replica.last] for c in self.copies],
                 "seconds": round(time.monotonic() - started, 3),
             },
         )
         tasks = self.ops.tasks
-        for copy in self.copies:
+        for to in (str(s.machine), ALL):
             await nc.subscribe(
-                listen_subject(copy.owner, copy.worker, copy.me),
-                cb=self._receiver(copy),
-                pending_msgs_limit=1_000_000,
+                forward_listen(to), cb=self._take_forward, pending_msgs_limit=1_000_000
             )
-            tasks.start(f"packages-{copy.name}", copy.packer.run)
-            tasks.start(f"serve-{copy.name}", copy.serve)
-            await nc.subscribe(copy.own_subject, cb=copy.on_twin_query)
-            tasks.start(f"backfill-{copy.name}", copy.backfill)
-        await nc.subscribe(
-            forward_listen(s.machine), cb=self._take_forward, pending_msgs_limit=1_000_000
-        )
+        await nc.subscribe(move_subject(s.name, s.machine), cb=self._serve_folder)
+        tasks.start("placement", self._placement)
         tasks.start("relay", relay.follow)
         for peer, member in enumerate(s.layout.members):
             if peer != s.operator:
@@ -165,6 +175,165 @@ class Machine:
         )
         await stop.wait()
         await self._drain()
+
+    # -- the copies this machine runs, as its operator's placement says -----------------
+
+    def _folder(self, owner: int, worker: int, me: int) -> Path:
+        return self.settings.state_dir / folder_name(
+            self.settings.layout.members[owner].name, worker, me
+        )
+
+    def _slot_copies(self, placement: Placement, slot: int) -> list[tuple[int, int, int]]:
+        """(owner, worker, copy) of every shard's copy in ``slot``."""
+        s = self.settings
+        k, worker = divmod(slot, placement.workers)
+        return [(owner, worker, COPIES * s.operator + k) for owner in range(len(s.layout.members))]
+
+    async def _host(self, owner: int, worker: int, me: int) -> None:
+        """Open a copy from its folder and run it here."""
+        assert self.nc is not None and self.relay is not None
+        s = self.settings
+        copy = HostedCopy(
+            layout=s.layout,
+            owner=owner,
+            worker=worker,
+            me=me,
+            key=s.key,
+            folder=self._folder(owner, worker, me),
+            replication=self.replication,
+            prepare_timeout_ms=s.prepare_timeout_ms,
+            nc=self.nc,
+            publisher=self.relay,
+            deliver=self._deliver,
+            publish_events=self._publish_events,
+            observe_round=self.metrics.round_seconds.observe,
+        )
+        self.copies.append(copy)
+        self.relay.add(copy)
+        nc = self.nc
+        self._subs[copy.name] = [
+            await nc.subscribe(
+                listen_subject(owner, worker, me),
+                cb=self._receiver(copy),
+                pending_msgs_limit=1_000_000,
+            ),
+            await nc.subscribe(copy.own_subject, cb=copy.on_twin_query),
+            await nc.subscribe(
+                forward_listen(copy_target(owner, worker, me)),
+                cb=self._take_forward,
+                pending_msgs_limit=1_000_000,
+            ),
+        ]
+        tasks = self.ops.tasks
+        tasks.start(f"packages-{copy.name}", copy.packer.run)
+        tasks.start(f"serve-{copy.name}", copy.serve)
+        tasks.start(f"backfill-{copy.name}", copy.backfill)
+
+    async def _unhost(self, copy: HostedCopy) -> None:
+        assert self.relay is not None
+        await self.ops.tasks.stop(
+            f"packages-{copy.name}", f"serve-{copy.name}", f"backfill-{copy.name}"
+        )
+        for sub in [*self._subs.pop(copy.name), *copy.subs.values()]:
+            with contextlib.suppress(NatsError):
+                await sub.unsubscribe()
+        await self.relay.remove(copy)
+        self.copies.remove(copy)
+        copy.close()
+
+    async def _release(self, copies: list[HostedCopy]) -> None:
+        """Stop copies that move to another machine: a leader hands its leadership over
+        first (waiting an election timeout at most), then each stops."""
+        for copy in copies:
+            copy.replica.resign()
+            copy.process()
+        deadline = time.monotonic() + 2 * self.replication.election_s
+        while time.monotonic() < deadline and any(c.replica.leader in (-1, c.me) for c in copies):
+            await asyncio.sleep(TICK_S)
+        for copy in copies:
+            await self._unhost(copy)
+
+    async def _follow_placement(self, placement: Placement, fetch: bool = False) -> None:
+        """Make what runs here what ``placement`` says: release what moves away, run what
+        stays, fetch (where ``fetch``) and run what moves here, drop what runs elsewhere."""
+        s = self.settings
+        me = s.machine
+        running = {(c.owner, c.worker, c.me): c for c in self.copies}
+        for slot in placement.outgoing(me):
+            shards = self._slot_copies(placement, slot)
+            leaving = [running[x] for x in shards if x in running]
+            if leaving:
+                await self._release(leaving)
+                log.info("copies released", extra={"slot": slot, "to": placement.spots[slot].to})
+            for x in shards:
+                release(self._folder(*x))
+        for slot in placement.runs(me):
+            for x in self._slot_copies(placement, slot):
+                if x not in running:
+                    if is_released(self._folder(*x)):  # never: a move does not go back
+                        raise RuntimeError(f"{self._folder(*x)} was released, yet placed here")
+                    await self._host(*x)
+        for slot in placement.incoming(me):
+            await self._arrive(placement, slot, fetch)
+        for slot, spot in enumerate(placement.spots):
+            if me not in (spot.machine, spot.to):
+                for x in self._slot_copies(placement, slot):
+                    folder = self._folder(*x)
+                    if is_released(folder):
+                        drop(folder)
+                        log.info("folder dropped", extra={"folder": folder.name})
+
+    async def _arrive(self, placement: Placement, slot: int, fetch: bool) -> None:
+        """Run a slot that moves here, fetching its folders first; then say it arrived."""
+        assert self.nc is not None
+        s = self.settings
+        shards = self._slot_copies(placement, slot)
+        running = {(c.owner, c.worker, c.me) for c in self.copies}
+        source = move_subject(s.name, placement.spots[slot].machine)
+        for x in shards:
+            folder = self._folder(*x)
+            if x in running or (folder.is_dir() and not is_released(folder)):
+                continue  # fetched already
+            if not fetch:
+                return
+            try:
+                size = await fetch_folder(self.nc, source, folder)
+            except NotYet as exc:
+                log.debug("not fetched yet", extra={"folder": folder.name, "why": str(exc)})
+                return
+            self.metrics.moved_bytes.inc(size)
+            log.info("folder fetched", extra={"folder": folder.name, "bytes": size})
+        for x in shards:
+            if x not in running:
+                await self._host(*x)
+        while placement.spots[slot].to == s.machine:
+            try:
+                self.revision = await update_placement(
+                    self.nc, s.name, placement.arrive(slot, s.machine), self.revision
+                )
+                log.info("slot arrived", extra={"slot": slot, "placement": placement.version + 1})
+                return
+            except Stale:
+                found = await load_placement(self.nc, s.name)
+                assert found is not None
+                placement, self.revision = found
+
+    async def _placement(self) -> None:
+        """Follow the operator's placement (a long-running task)."""
+        assert self.nc is not None
+        while True:
+            found = await load_placement(self.nc, self.settings.name)
+            if found is not None:
+                placement, self.revision = found
+                if placement.version > self.followed:
+                    record(self.settings.state_dir, placement)
+                    self.followed = placement.version
+                    self.metrics.placement.set(placement.version)
+                await self._follow_placement(placement, fetch=True)
+            await asyncio.sleep(PLACEMENT_POLL_S)
+
+    async def _serve_folder(self, msg: Msg) -> None:
+        await msg.respond(serve_folder(self.settings.state_dir, msg.data))
 
     async def _drain(self) -> None:
         log.info("stopping", extra={"leading": [c.name for c in self.copies if c.serving]})
@@ -236,9 +405,8 @@ class Machine:
                 except NatsError as exc:  # lost like any message: the protocol resends
                     log.debug("not sent", extra={"to": subj, "error": str(exc)})
 
-    def _forward(self, operator: int, machines: Sequence[int], body: bytes) -> None:
-        """Queue a relayed message for ``machines`` of ``operator`` (``relay.py``), sealed
-        once (each machine's replay guard sees it once)."""
+    def _forward(self, operator: int, to: str, body: bytes) -> None:
+        """Queue a relayed message for ``to`` at ``operator`` (``relay.py``), sealed."""
         s = self.settings
         peer = s.layout.members[operator].name
         client = self.peers.get(operator)
@@ -249,8 +417,7 @@ class Machine:
         self.metrics.relayed.labels("out").inc()
         data = self.sealer.seal_body(operator, body, now_ms())
         me = s.layout.members[s.operator].name
-        for machine in machines:
-            out.queue.append((forward_subject(me, machine), data))
+        out.queue.append((forward_subject(me, to), data))
         out.wake.set()
 
     async def _take_forward(self, msg: Msg) -> None:

@@ -11,11 +11,10 @@ from typing import Any
 
 from constellation.keys import SigningKey, is_valid_xonly
 from constellation.ledger.pmap import PartitionMap
+from constellation.replication.placement import MAX_MACHINES, MIN_MACHINES
 from services.runtime import OPERATOR_RE, ConfigError, env_addr, env_int, env_str
 
-COPIES = 2  # of every shard at every operator, on two of its machines
-MACHINES = 2  # an operator's machines, unless the layout says more
-MAX_MACHINES = 64
+MACHINES = MIN_MACHINES  # an operator's machines at first, unless the layout says more
 RESERVED = "relay"  # cst.relay.* carries the relay's answers (relay.py)
 
 
@@ -27,7 +26,9 @@ class Member:
     key: bytes  # x-only: it signs blocks, acks, votes and every message it sends
     issuers: frozenset[bytes]  # keys whose issuances its shards accept
     nats: str  # its NATS server, where its peers deliver what they send it
-    machines: int = MACHINES  # its machines: its two copies of a shard are on two of them
+    # Its machines at first (``Placement.initial``); it adds and removes machines itself
+    # (``constellation.replication.placement``), telling no other member.
+    machines: int = MACHINES
 
 
 @dataclass(frozen=True)
@@ -66,21 +67,6 @@ class Layout:
     @property
     def pmap(self) -> PartitionMap:
         return PartitionMap.even(self.workers)
-
-    def machine_of(self, copy: int, worker: int) -> int:
-        """The machine of its operator that holds copy ``copy`` of worker ``worker``'s
-        shards (of every owner). An operator's two copies of a shard are on two
-        different machines (``k - w`` and ``1 - w`` differ modulo any count above one),
-        and the shards of its workers spread over all of its machines: with two, each
-        holds one copy of every shard, and the preferred copies (``k = 0``) of an
-        operator's workers lead from both."""
-        return (copy % COPIES - worker) % self.members[copy // COPIES].machines
-
-    def copies_at(self, operator: int, machine: int, worker: int) -> list[int]:
-        """The copies of worker ``worker``'s shards that ``operator``'s ``machine`` holds
-        (none, one, or, with two machines, always one)."""
-        mine = range(COPIES * operator, COPIES * operator + COPIES)
-        return [c for c in mine if self.machine_of(c, worker) == machine]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -211,7 +197,7 @@ class Settings:
         return Settings(
             layout=layout,
             operator=operator,
-            machine=env_int(env, "REPLICA_MACHINE", 0, 0, layout.members[operator].machines - 1),
+            machine=env_int(env, "REPLICA_MACHINE", 0, 0, MAX_MACHINES - 1),
             key=key,
             nats_url=env_str(env, "REPLICA_NATS_URL", "nats://127.0.0.1:4222"),
             peers=peers,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -112,6 +112,16 @@ class MachineMetrics:
             "replica_undelivered_messages",
             "messages not sent: no connection to the receiving operator",
             ["peer"],
+            registry=r,
+        )
+        self.placement = Gauge(
+            "replica_placement_version",
+            "the version of its operator's placement of copies this machine follows",
+            registry=r,
+        )
+        self.moved_bytes = Counter(
+            "replica_moved_bytes",
+            "bytes of copies' folders fetched from another machine of the operator",
             registry=r,
         )
         self.relayed = Counter(

@@ -43,7 +43,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import msgspec
 from nats.aio.client import Client
@@ -52,9 +52,11 @@ from nats.aio.subscription import Subscription
 
 from constellation.errors import InFlight, MessageError, Misdirected
 from constellation.protocol import ledger as proto
+from constellation.replication.placement import MAX_MACHINES
 from services.bus import GATEWAY, query_subject, worker_subject
 from services.replica.config import Layout
 from services.replica.host import HostedCopy
+from services.replica.transport import ALL, copy_target
 
 log = logging.getLogger("replica.relay")
 
@@ -156,12 +158,13 @@ class _Expected:
         self._keys.pop(key, None)
 
 
-Send = Callable[[int, Sequence[int], bytes], None]  # (operator, machines, relayed message)
+Send = Callable[[int, str, bytes], None]  # (operator, forward target, relayed message)
 
 
 class Relay:
     """This machine's part of the relay (see the module docstring). ``send`` seals a
-    message for an operator's machine and queues it."""
+    message for an operator's copy or machines (``transport.forward_subject``) and
+    queues it."""
 
     def __init__(self, layout: Layout, operator: int, machine: int, nc: Client, send: Send) -> None:
         self.layout, self.operator, self.machine = layout, operator, machine
@@ -179,21 +182,34 @@ class Relay:
     def add(self, copy: HostedCopy) -> None:
         self.copies[(copy.owner, copy.worker)] = copy
 
-    def leader_at(self, owner: int, worker: int) -> tuple[int, int] | None:
-        """(operator, machine) of the shard's leader where it is at another operator;
-        None where it is here or unknown."""
-        leader = self.copies[(owner, worker)].replica.leader
+    async def remove(self, copy: HostedCopy) -> None:
+        """The copy leaves this machine: its shard's subjects are no longer relayed here."""
+        shard = (copy.owner, copy.worker)
+        del self.copies[shard]
+        for sub in self.subs.pop(shard, []):
+            await sub.unsubscribe()
+
+    def leader_at(self, owner: int, worker: int) -> tuple[int, str] | None:
+        """(operator, forward target) of the shard's leader where it is at another
+        operator; None where it is here or unknown (or the copy here moved away)."""
+        copy = self.copies.get((owner, worker))
+        if copy is None:
+            return None
+        leader = copy.replica.leader
         operator = leader // 2
         if leader < 0 or operator == self.operator:
             return None
-        return operator, self.layout.machine_of(leader, worker)
+        return operator, copy_target(owner, worker, leader)
 
     def _leading_operator(self, owner: int, worker: int) -> int:
-        leader = self.copies[(owner, worker)].replica.leader
+        copy = self.copies.get((owner, worker))
+        if copy is None:
+            raise Misdirected(f"no copy of shard ({owner}, {worker}) here to know its leader")
+        leader = copy.replica.leader
         return leader // 2 if leader >= 0 else -1
 
-    def _send(self, operator: int, machines: Sequence[int], msg: Forward) -> None:
-        self.send(operator, machines, encode(msg))
+    def _send(self, operator: int, to: str, msg: Forward) -> None:
+        self.send(operator, to, encode(msg))
 
     # -- going out -------------------------------------------------------------------
 
@@ -206,8 +222,7 @@ class Relay:
             if not operator.isdecimal() or not 0 <= int(operator) < len(self.layout.members):
                 log.warning("an answer to an unknown relay dropped", extra={"to": subject})
                 return
-            machines = self.layout.members[int(operator)].machines
-            self._send(int(operator), range(machines), Answer(reply, payload))
+            self._send(int(operator), ALL, Answer(reply, payload))
             return
         if subject in self._shards:
             shard = self._shards[subject]
@@ -218,7 +233,7 @@ class Relay:
         if shard is not None:
             at = self.leader_at(*shard)
             if at is not None:
-                self._send(at[0], (at[1],), Relayed(shard[0], shard[1], self.machine, payload))
+                self._send(*at, Relayed(shard[0], shard[1], self.machine, payload))
                 return
         await self.nc.publish(subject, payload)
 
@@ -228,14 +243,18 @@ class Relay:
         if len(parts) != 4 or parts[0] != "cst" or parts[2] != "w" or not parts[3].isdecimal():
             return None
         owner = self.names.get(parts[1])
-        shard = (owner, int(parts[3])) if owner is not None else None
-        return shard if shard in self.copies else None
+        if owner is None or int(parts[3]) >= self.layout.workers:
+            return None
+        return owner, int(parts[3])
 
     async def follow(self) -> None:
         """Keep this machine in the relay's queue group for every shard led at another
         operator, and out of it for the others (a long-running task of the machine)."""
         while True:
-            for (owner, worker), copy in self.copies.items():
+            for shard in [s for s in self.subs if s not in self.copies]:  # moved away
+                for sub in self.subs.pop(shard):
+                    await sub.unsubscribe()
+            for (owner, worker), copy in list(self.copies.items()):
                 wanted = not copy.closed and self.leader_at(owner, worker) is not None
                 subs = self.subs.get((owner, worker))
                 if wanted and subs is None:
@@ -286,14 +305,14 @@ class Relay:
             for item in pkg.items:
                 if isinstance(item, _FROM_GATEWAY):
                     self.expected.add((pkg.reply, at[0], item.rid), now)
-        self._send(at[0], (at[1],), Relayed(owner, worker, self.machine, msg.data))
+        self._send(*at, Relayed(owner, worker, self.machine, msg.data))
 
     async def _on_query(self, owner: int, worker: int, what: str, msg: Msg) -> None:
         at = self.leader_at(owner, worker)
         if at is None or not msg.reply:
             return  # the asker asks again
         self.expected.add((msg.reply, at[0], 0), time.monotonic())
-        self._send(at[0], (at[1],), Query(owner, worker, self.machine, what, msg.data, msg.reply))
+        self._send(*at, Query(owner, worker, self.machine, what, msg.data, msg.reply))
 
     # -- coming in -------------------------------------------------------------------
 
@@ -305,7 +324,7 @@ class Relay:
             await self._answer(sender, msg)
             return
         copy = self.copies.get((msg.owner, msg.worker))
-        if copy is None or not 0 <= msg.machine < self.layout.members[sender].machines:
+        if copy is None or not 0 <= msg.machine < MAX_MACHINES:
             raise Misdirected(f"no shard ({msg.owner}, {msg.worker}) or machine {msg.machine}")
         if isinstance(msg, Relayed):
             copy.take(self._checked(sender, msg))
@@ -330,7 +349,7 @@ class Relay:
     async def _answer_query(self, sender: int, copy: HostedCopy, msg: Query) -> None:
         answer = await copy.answer(msg.what, msg.data)
         if answer is not None:  # else this copy no longer leads: the asker asks again
-            self._send(sender, (msg.machine,), Answer(msg.reply, answer))
+            self._send(sender, str(msg.machine), Answer(msg.reply, answer))
 
     def _checked(self, sender: int, msg: Relayed) -> proto.Package:
         """The package, where operator ``sender`` may relay it (see the docstring)."""

@@ -18,7 +18,9 @@ leaves them plain, ``Opener.open`` takes them plain), saving a signature and its
 on every message to a twin.
 
 Packages and queries relayed to a shard's leader at another operator (``relay.py``) go
-to that leader's machine on ``cst.rep.<sender>.fwd.<machine>``, sealed the same way
+to the machine hosting that copy on ``cst.rep.<sender>.fwd.<owner>.<worker>.<copy>``
+(an operator moves its copies between its machines without telling anyone), and their
+answers to one machine (``fwd.<machine>``) or all (``fwd.all``), sealed the same way
 (always: a machine never relays to its own operator).
 
 Checkpoints a member had signed go to every member on ``cst.rep.<sender>.ckpt``
@@ -59,13 +61,21 @@ def listen_subject(owner: int, worker: int, copy: int) -> str:
     return f"{PREFIX}.*.{owner}.{worker}.{copy}"
 
 
-def forward_subject(sender: str, machine: int) -> str:
-    """Where ``sender`` relays to machine ``machine`` of the receiving operator."""
-    return f"{PREFIX}.{sender}.fwd.{machine}"
+def forward_subject(sender: str, to: str) -> str:
+    """Where ``sender`` relays to ``to`` at the receiving operator: ``copy_target`` (the
+    machine hosting that copy, wherever it is), ``str(machine)`` or ``ALL`` machines."""
+    return f"{PREFIX}.{sender}.fwd.{to}"
 
 
-def forward_listen(machine: int) -> str:
-    return f"{PREFIX}.*.fwd.{machine}"
+def copy_target(owner: int, worker: int, copy: int) -> str:
+    return f"{owner}.{worker}.{copy}"
+
+
+ALL = "all"
+
+
+def forward_listen(to: str) -> str:
+    return f"{PREFIX}.*.fwd.{to}"
 
 
 def settle_subject(sender: str) -> str:
@@ -179,7 +189,7 @@ class Opener:
         """(the sending operator, the relayed message inside), or a
         ``ConstellationError`` saying why not."""
         parts = subj.split(".")
-        if len(parts) != 5 or parts[3] != "fwd":
+        if len(parts) not in (5, 7) or parts[3] != "fwd":
             raise Misdirected(f"not a relay subject: {subj!r}")
         claimed = self.names.get(parts[2])
         if claimed == self.index:

@@ -376,3 +376,32 @@ def test_an_ack_whose_signature_fails_does_not_count() -> None:
         leader.step(c, forged)
     assert leader.confirmed < height
     assert leader.counters.refused_messages == before + 2
+
+
+def test_a_leader_that_resigns_hands_over_at_once_and_its_moved_copy_takes_back() -> None:
+    shard = started()
+    shard.until(functools.partial(shard.confirmed_everywhere, shard.pay()))
+    shard.run(3 * SETTINGS.heartbeat_s)  # every copy answered in this term
+    shard.replicas[0].resign()
+    shard.flush(0)
+    took = shard.until(lambda: shard.leader() == 1)
+    assert took < SETTINGS.election_s / 2  # not an election timeout: handed over
+    assert shard.replicas[0].role is Role.FOLLOWER
+    # The copy moves: stopped, and started elsewhere from its folder (the same disk).
+    shard.stop(0)
+    height = shard.pay(2)
+    shard.until(functools.partial(shard.confirmed_everywhere, height, [1, 2, 3, 4, 5]))
+    shard.restart(0)
+    shard.until(lambda: shard.leader() == 0 and shard.confirmed_everywhere(height))
+    assert not any(r.evidence for r in shard.replicas)
+    assert len({r.state_root() for r in shard.replicas}) == 1
+
+
+def test_resigning_breaks_no_lease_of_another_term_and_a_follower_has_nothing_to_do() -> None:
+    shard = started()
+    follower = shard.replicas[2]
+    follower.resign()
+    assert follower.ready().empty()
+    leader = shard.replicas[0]
+    follower.step(0, rp.Resign(leader.term + 1))  # not its leader's term: ignored
+    assert follower.leader == 0

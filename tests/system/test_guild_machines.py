@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from constellation.replication.placement import COPIES
 from services.devnet import Devnet, guild
-from services.replica.config import COPIES
 from tests.system.guild import kill_the_leader_under_payments, local_guild, pay
 
 MACHINES = 3
