@@ -161,10 +161,12 @@ class Placement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             # A slot moves once at most, so that no two moves wait on each other. Some
             # slot on the fullest is one to move: what moved there came when it was among
             # the emptiest; and the emptiest cannot hold the twin of each of the others.
+            # Copies 1 first: the owners' preferred copies (0) lead their shards, and a
+            # leader's move hands its leadership over twice (to the twin, and back).
             pick = next(
                 (
                     s
-                    for s in range(len(at))
+                    for s in [*range(self.workers, len(at)), *range(self.workers)]
                     if at[s] == full and s not in moved and at[self.twin(s)] != empty
                 ),
                 None,

@@ -78,6 +78,7 @@ LIGHTNING_START_S = 30
 OUTSIDE = "outside"  # the simulated network's node that belongs to no operator
 CHANNEL_SAT = 10_000_000  # each channel between two operators (half on each side)
 KEYGEN_S = 60
+DROP_S = 10  # a removed machine's released folders are dropped within, or go with it
 
 
 def _doc(directory: Path) -> dict[str, Any]:
@@ -317,7 +318,9 @@ class Rebalanced:
     after: int
     moved: int  # copy slots moved
     placement: int  # the placement's version at the end
-    seconds: float
+    seconds: float  # the whole change: machines started, copies moved, machines stopped
+    moving_since: float  # time.perf_counter() when the copies began to move
+    moving_s: float  # from then to the last arrival
 
 
 def set_machines(
@@ -348,12 +351,30 @@ def set_machines(
         finally:
             await nc.close()
 
+    moving_since = time.perf_counter()
     placement, moved = asyncio.run(move())
+    moving_s = time.perf_counter() - moving_since
     if machines < before:
+        leaving = net.machines[machines:]
+        end = time.monotonic() + DROP_S
+        while any(_holds(m) for m in leaving) and time.monotonic() < end:
+            time.sleep(0.05)  # its released folders are dropped (no copy runs there)
         net = _machines_become(folder, machines)
     return Rebalanced(
-        name, before, machines, moved, placement.version, round(time.monotonic() - started, 3)
+        name,
+        before,
+        machines,
+        moved,
+        placement.version,
+        round(time.monotonic() - started, 3),
+        moving_since,
+        round(moving_s, 3),
     )
+
+
+def _holds(machine: MachineProc) -> bool:
+    """Whether a machine's folder still holds a copy's folder."""
+    return any(p.is_dir() for p in Path(machine.state_dir).iterdir())
 
 
 def _machines_become(folder: Path, machines: int, deadline_s: float = READY_S) -> Devnet:

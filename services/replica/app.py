@@ -1,7 +1,9 @@
-"""A machine of an operator: its copies of the guild's shards (with two machines, one of
-every shard; with more, the layout spreads them: ``Layout.machine_of``), their ticks, the
-replication traffic to and from the other copies (``transport.py``), and its part of the
-relay to shards led at other operators (``relay.py``)."""
+"""A machine of an operator: the copies of the guild's shards its operator's placement
+puts on it (``constellation.replication.placement``: with two machines, one of every
+shard), followed as it changes (copies released to, and fetched from, the operator's
+other machines: ``moves.py``), their ticks, the replication traffic to and from the other
+copies (``transport.py``), and its part of the relay to shards led at other operators
+(``relay.py``)."""
 
 from __future__ import annotations
 
@@ -65,6 +67,7 @@ from services.runtime import ConfigError, OpsServer, connect_nats, connect_peer,
 
 TICK_S = 0.02
 PLACEMENT_POLL_S = 0.2
+HAND_OVER_S = 0.1
 PEER_PING_S = 2
 OUTBOX = 100_000  # messages waiting for one NATS client, at most: beyond, the oldest go
 
@@ -243,14 +246,20 @@ class Machine:
 
     async def _release(self, copies: list[HostedCopy]) -> None:
         """Stop copies that move to another machine: a leader hands its leadership over
-        first (waiting an election timeout at most), then each stops."""
+        first, and what reached it meanwhile to its successor once that one serves
+        (waiting two election timeouts at most); then each stops."""
         for copy in copies:
-            copy.replica.resign()
-            copy.process()
+            copy.resign()
+        leaders = any(c.handing is not None for c in copies)
         deadline = time.monotonic() + 2 * self.replication.election_s
-        while time.monotonic() < deadline and any(c.replica.leader in (-1, c.me) for c in copies):
+        while time.monotonic() < deadline and not all(
+            c.handing is None or c.successor_serving() for c in copies
+        ):
             await asyncio.sleep(TICK_S)
+        if leaders:
+            await asyncio.sleep(HAND_OVER_S)  # the successor subscribes once it serves
         for copy in copies:
+            await copy.hand_over()
             await self._unhost(copy)
 
     async def _follow_placement(self, placement: Placement, fetch: bool = False) -> None:
@@ -307,11 +316,10 @@ class Machine:
             if x not in running:
                 await self._host(*x)
         while placement.spots[slot].to == s.machine:
+            arrived = placement.arrive(slot, s.machine)
             try:
-                self.revision = await update_placement(
-                    self.nc, s.name, placement.arrive(slot, s.machine), self.revision
-                )
-                log.info("slot arrived", extra={"slot": slot, "placement": placement.version + 1})
+                self.revision = await update_placement(self.nc, s.name, arrived, self.revision)
+                log.info("slot arrived", extra={"slot": slot, "placement": arrived.version})
                 return
             except Stale:
                 found = await load_placement(self.nc, s.name)

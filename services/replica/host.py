@@ -115,6 +115,7 @@ class HostedCopy:
         self.layout, self.owner, self.worker, self.me = layout, owner, worker, me
         self.name = f"{layout.members[owner].name}/{worker}"
         self.nc = nc
+        self.publisher = publisher
         self.deliver = deliver
         self.publish_events = publish_events
         self.observe_round = observe_round  # a leader's block: proposed to confirmed, s
@@ -179,6 +180,7 @@ class HostedCopy:
         self._serve_changed = asyncio.Event()
         self.closed = False
         self.held: deque[proto.Package] = deque()  # packages waiting for a block's room
+        self.handing: list[proto.Package] | None = None  # resigned: kept for the next leader
         self.dropped = 0  # packages refused while HELD waited
         self._sealing = False
         self._processing = False  # a process() is due
@@ -239,7 +241,31 @@ class HostedCopy:
                     "leading" if ready.leading else "no longer leading",
                     extra={"shard": self.name, "copy": self.me, "term": self.replica.term},
                 )
-        self._serve(self.shard.accepting(self.replica))
+        self._serve(self.shard.accepting(self.replica) or self.handing is not None)
+
+    # -- moving to another machine -------------------------------------------------------
+
+    def resign(self) -> None:
+        """Hand the leadership over, ahead of this copy's move to another machine: the
+        packages that wait for a block, and those that arrive meanwhile, are kept for the
+        next leader (``hand_over``) rather than left to their senders' resends."""
+        if self.replica.role is not Role.LEADER:
+            return
+        self.handing = list(self.held)
+        self.replica.resign()
+        self.process()
+
+    def successor_serving(self) -> bool:
+        """Whether another copy leads and has its own term's first block confirmed (it
+        takes packages from then on)."""
+        r = self.replica
+        return r.leader not in (-1, self.me) and r.term_at(r.confirmed) == r.term
+
+    async def hand_over(self) -> None:
+        """Pass the packages kept since ``resign`` to the shard's leader now."""
+        handing, self.handing = self.handing or [], None
+        for pkg in handing:
+            await self.publisher.publish(self.subject, proto.encode(pkg))
 
     def _persist(self, ready: Ready) -> None:
         try:
@@ -487,6 +513,8 @@ class HostedCopy:
     def take(self, pkg: proto.Package) -> None:
         """A package for the shard, from this operator's NATS or relayed to it."""
         if not self.shard.accepting(self.replica):
+            if self.handing is not None and len(self.handing) < HELD:
+                self.handing.append(pkg)  # for the next leader
             return  # a package that reached a copy no longer leading: its sender retries
         if self.held or self.shard.log.full:
             # A block's worth waits to be sealed: the package waits for the next block

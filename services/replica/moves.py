@@ -226,19 +226,18 @@ async def drive(
     poll_s: float = 0.1,
 ) -> tuple[Placement, int]:
     """Drive the operator's placement to ``machines`` machines, ``batch`` moves at a
-    time; (the placement at the end, the slots moved). Raises ``Stuck`` where no move
+    time; (the placement at the end, the slots it moved). Raises ``Stuck`` where no move
     ends for ``stalled_s``: a machine that does not release (or serve) its copies, or one
     that does not fetch them, keeps its moves waiting, and the moves name them."""
     loop = asyncio.get_running_loop()
     progress = loop.time()
-    version, moved = -1, 0
-    moving: set[int] = set()
+    version, first = -1, None
     while True:
         placement = await advance(nc, operator, machines, batch)
-        now = {s for s, spot in enumerate(placement.spots) if spot.moving}
-        moved += len(moving - now)
-        moving = now
+        if first is None:
+            first = [spot.machine for spot in placement.spots]
         if placement.done(machines):
+            moved = sum(1 for s, spot in enumerate(placement.spots) if spot.machine != first[s])
             return placement, moved
         if placement.version != version:
             version, progress = placement.version, loop.time()

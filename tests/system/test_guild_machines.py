@@ -1,6 +1,7 @@
 """A local guild whose operators run three machines each: an operator's two copies of a
-shard are on two of them (``Layout.machine_of``), payments reach every copy alike, and
-``kill -9`` of the machine holding a leader hands the shard to its twin on another."""
+shard are on two of them (``constellation.replication.placement``), payments reach every
+copy alike, and ``kill -9`` of the machine holding a leader hands the shard to its twin
+on another."""
 
 from __future__ import annotations
 

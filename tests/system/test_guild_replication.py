@@ -29,10 +29,11 @@ from constellation.address import Network, encode_address
 from constellation.keys import SigningKey
 from constellation.protocol import ledger as proto
 from constellation.protocol import replication as rp
+from constellation.replication.placement import COPIES, MIN_MACHINES, Placement
 from services.bus import GATEWAY, worker_subject
 from services.devnet import Devnet, guild
 from services.replica import relay
-from services.replica.transport import Sealer, forward_subject, subject
+from services.replica.transport import Sealer, copy_target, forward_subject, subject
 from services.runtime import now_ms
 from tests.system.guild import cli, kill_the_leader_under_payments, local_guild, pay
 
@@ -175,7 +176,8 @@ async def test_forged_replayed_and_impersonating_traffic_is_refused(where: Path)
     op0, op1, _ = nets(where)
     layout = guild.layout(nets(where))
     machine = 0
-    (dest,) = layout.copies_at(0, machine, 0)  # op0's copy of op0/0 on its machine 0
+    placement = Placement.initial(layout.workers, MIN_MACHINES)
+    (dest,) = [k for k in range(COPIES) if placement.spots[placement.slot(k, 0)].machine == 0]
     key = SigningKey(bytes.fromhex(op1.operator_key))
     stale = rp.Envelope(0, 0, 2, rp.Appended(0, False, 0, bytes(32), bytes(64), ""))
     good = Sealer(layout.guild, key, layout.keys).seal(0, stale, now_ms())
@@ -215,7 +217,8 @@ async def test_relayed_packages_and_answers_from_a_peer_are_checked(where: Path)
     await asyncio.to_thread(guild.wait_home, nets(where))
     op0, op1, _ = nets(where)
     layout = guild.layout(nets(where))
-    machine = layout.machine_of(0, 0)  # op0's preferred copy of op0/0 leads there
+    placement = Placement.initial(layout.workers, MIN_MACHINES)
+    machine = placement.spots[placement.slot(0, 0)].machine  # op0/0's leader is there
     sealer = Sealer(layout.guild, SigningKey(bytes.fromhex(op1.operator_key)), layout.keys)
     decide = proto.Decide(bytes(32), True, 1)
     bodies: list[relay.Forward] = [
@@ -252,8 +255,9 @@ async def test_relayed_packages_and_answers_from_a_peer_are_checked(where: Path)
     try:
         for body in bodies:
             data = sealer.seal_body(0, relay.encode(body), now_ms())
-            await nc.publish(forward_subject("op1", machine), data)
-        await nc.publish(forward_subject("op1", machine), sealer.seal_body(0, b"junk", now_ms()))
+            await nc.publish(forward_subject("op1", copy_target(0, 0, 0)), data)
+        junk = sealer.seal_body(0, b"junk", now_ms())
+        await nc.publish(forward_subject("op1", copy_target(0, 0, 0)), junk)
         await nc.flush()
         await asyncio.sleep(0.5)
     finally:
