@@ -243,6 +243,7 @@ class Replica:
         self.gossip_again = 0.0
         self.transferred = -1e18
         self.transfer = False  # the PreVote under way is a handed-over leadership's
+        self.prevoted = -1e18  # when it began
         self.led_since = 0.0
         self.deadline = 0.0
         self._reset_deadline()
@@ -391,6 +392,7 @@ class Replica:
         if not transfer:
             self.leader = -1
         self.transfer = transfer
+        self.prevoted = self.clock()
         self.prevotes = {self.me}
         self._send(EVERYONE, rp.AskVote(self.term + 1, self.last_term, self.last, True, transfer))
 
@@ -793,8 +795,13 @@ class Replica:
                     self._send(sender, rp.Appended(msg.term, False, self.last, b"", b"", ""))
                 return
             self._follow(msg.term, sender)
-        elif self.role is not Role.FOLLOWER:
-            self._follow(msg.term, sender)  # a handed-over leadership that did not happen
+        elif self.role is not Role.FOLLOWER and not (
+            self.transfer and self.clock() - self.prevoted < self.settings.election_s
+        ):
+            # A handed-over leadership that did not happen. While it may still happen,
+            # the leader's messages (it leads until the transfer succeeds) do not end it:
+            # they raced its answers, and would leave the leadership where it was.
+            self._follow(msg.term, sender)
         self.heard = self.clock()
         self._reset_deadline()
         prev = msg.prev_height

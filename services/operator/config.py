@@ -18,6 +18,8 @@ class Settings:
     http_port: int
     resync_s: int  # between two reconciles of a Guild that nothing changed
     log_level: str
+    nats_addr: str = ""  # host:port of every Guild's NATS; "": its Service (in the cluster)
+    stall_s: int = 120  # a change of machines with no move ending this long is stuck
 
     @staticmethod
     def from_env(env: Mapping[str, str]) -> Settings:
@@ -47,4 +49,6 @@ class Settings:
             http_port=port,
             resync_s=env_int(env, "OPERATOR_RESYNC_S", 30, 1, 3600),
             log_level=env_str(env, "OPERATOR_LOG_LEVEL", "info"),
+            nats_addr=env.get("OPERATOR_NATS_ADDR", ""),
+            stall_s=env_int(env, "OPERATOR_STALL_S", 120, 1, 86_400),
         )

@@ -18,12 +18,27 @@ from collections.abc import Callable
 from typing import Any
 
 import kopf
+import nats
+from nats.errors import Error as NatsError
 
+from constellation.errors import MessageError
+from constellation.replication.placement import Placement
+from services.bus import load_placement
 from services.operator.kube import Connection, Kube, KubeError
 from services.operator.metrics import Metrics
-from services.operator.reconcile import Key, key_of, plan, status
+from services.operator.reconcile import (
+    Key,
+    Moves,
+    key_of,
+    moves,
+    placement_status,
+    plan,
+    status,
+)
 from services.operator.render import (
     GUILD,
+    NATS_PORT,
+    NATS_SELF,
     Obj,
     Renderer,
     generated_keys,
@@ -31,6 +46,7 @@ from services.operator.render import (
     owner_reference,
 )
 from services.operator.spec import GROUP, VERSION, BadGuild, GuildSpec, check_keys, read_spec
+from services.replica.moves import advance
 
 PLURAL = "guilds"
 OBSERVED = ("ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget")
@@ -41,6 +57,10 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+async def _quiet(exc: Exception) -> None:
+    """nats-py's error callback: an unreachable NATS is said once, by ``_moves``."""
+
+
 def _secret_data(secret: Obj) -> dict[str, str]:
     try:
         return {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
@@ -49,9 +69,17 @@ def _secret_data(secret: Obj) -> dict[str, str]:
 
 
 class Reconciler:
-    def __init__(self, kube: Kube, metrics: Metrics) -> None:
+    def __init__(
+        self, kube: Kube, metrics: Metrics, nats_addr: str = "", stall_s: float = 120.0
+    ) -> None:
+        """``nats_addr``: where every Guild's NATS is reached (host:port), for an
+        operator outside the cluster; "": its Service in the Guild's namespace.
+        ``stall_s``: a change of machines none of whose moves ends for this long is
+        stuck (the Guild is Degraded, saying which moves wait)."""
         self.kube = kube
         self.metrics = metrics
+        self.nats_addr = nats_addr
+        self.stall_s = stall_s
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def _user_secrets(self, spec: GuildSpec, namespace: str) -> list[str]:
@@ -130,16 +158,21 @@ class Reconciler:
             spec = read_spec(body["spec"])
         except BadGuild as exc:
             return status(None, {}, previous, generation, str(exc), _now(), [])
-        renderer = Renderer(meta["name"], meta["namespace"], spec, owner_reference(body))
+        owner = owner_reference(body)
+        renderer = Renderer(meta["name"], meta["namespace"], spec, owner)
         problem: str | None = None
         observed: dict[Key, Obj] = {}
         peers: list[str] = []
         queued: list[str] = []
+        found: Placement | None = None
+        now = _now()
         try:
             peers = await self._user_secrets(spec, renderer.namespace)
             await self._generated(renderer)
             observed = await self.observe(renderer)
-            todo = plan(renderer, observed)
+            mv, found = await self._moves(renderer, observed)
+            renderer = Renderer(meta["name"], meta["namespace"], spec, owner, mv.machines)
+            todo = plan(renderer, observed, mv.remove)
             problem, queued = todo.refused, todo.waiting
             for obj in todo.create:
                 observed[key_of(obj)] = await self.kube.create(obj)
@@ -147,12 +180,75 @@ class Reconciler:
             for obj in todo.patch:
                 observed[key_of(obj)] = await self.kube.patch(obj)
                 self._event(body, "Updated", obj)
-            self.metrics.applied.inc(len(todo.create) + len(todo.patch))
+            for name in todo.delete:
+                await self.kube.delete("StatefulSet", renderer.namespace, name)
+                observed.pop(("StatefulSet", name), None)
+                self._event(body, "Removed", {"kind": "StatefulSet", "metadata": {"name": name}})
+            self.metrics.applied.inc(len(todo.create) + len(todo.patch) + len(todo.delete))
         except BadGuild as exc:
             problem = str(exc)
         except KubeError as exc:
             problem = f"the API server refused: {exc}"
-        return status(renderer, observed, previous, generation, problem, _now(), peers, queued)
+        placed, moving, stuck = placement_status(found, previous, spec.machines, now, self.stall_s)
+        return status(
+            renderer,
+            observed,
+            previous,
+            generation,
+            problem or stuck,
+            now,
+            peers,
+            queued,
+            placed,
+            moving,
+        )
+
+    async def _nats_url(self, renderer: Renderer) -> str:
+        """The member's NATS, as its own services reach it (user ``self``)."""
+        ext = renderer.spec.nats.external
+        if ext is not None:
+            secret = await self.kube.get("Secret", renderer.namespace, ext.secret)
+            url = _secret_data(secret).get(ext.key) if secret else None
+            if not url:
+                raise BadGuild(f"Secret {ext.secret} has no {ext.key} (the NATS URL)")
+            return url
+        generated = await self.kube.get("Secret", renderer.namespace, renderer.n.generated)
+        password = _secret_data(generated or {}).get(NATS_SELF, "")
+        addr = self.nats_addr or f"{renderer.n.nats}.{renderer.namespace}.svc:{NATS_PORT}"
+        return f"nats://self:{password}@{addr}"
+
+    async def _moves(
+        self, renderer: Renderer, observed: dict[Key, Obj]
+    ) -> tuple[Moves, Placement | None]:
+        """The member's placement (None where its NATS does not answer, or no machine
+        has started yet) and what it asks of the machines; one step of a change of
+        their number, where one may be taken now."""
+        spec = renderer.spec
+        try:
+            nc = await nats.connect(
+                await self._nats_url(renderer),
+                connect_timeout=2,
+                allow_reconnect=False,
+                max_reconnect_attempts=1,  # fails at once where nothing answers (0 hangs)
+                reconnect_time_wait=0,
+                error_cb=_quiet,
+            )
+        except (NatsError, OSError, TimeoutError) as exc:
+            _log.info("NATS not reached", extra={"guild": renderer.n.guild, "error": str(exc)})
+            return moves(renderer, None, observed), None
+        try:
+            found = await load_placement(nc, spec.operator)
+            placement = found[0] if found else None
+            mv = moves(renderer, placement, observed)
+            if mv.drive:
+                placement = await advance(nc, spec.operator, spec.machines)
+                mv = moves(renderer, placement, observed)
+            return mv, placement
+        except (NatsError, TimeoutError, MessageError) as exc:
+            _log.warning("placement not read", extra={"guild": renderer.n.guild, "error": str(exc)})
+            return moves(renderer, None, observed), None
+        finally:
+            await nc.close()
 
     def _event(self, body: Any, reason: str, obj: Obj) -> None:
         message = f"{reason.lower()} {obj['kind']} {obj['metadata']['name']}"

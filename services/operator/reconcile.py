@@ -1,7 +1,9 @@
 """What to do about a Guild, from what the cluster holds: pure and level-based.
 
-``plan`` compares the rendered objects with the observed ones and says which to create
-and which to patch; ``status`` says what the Guild's status is. Neither reads a clock
+``plan`` compares the rendered objects with the observed ones and says which to create,
+patch and delete; ``moves`` says what the member's placement of its copies asks of its
+machines (those to run, those drained, whether a change's next step may go);
+``status`` says what the Guild's status is. Neither reads a clock
 or the API server: the shell (``handlers``) passes the time and the observed objects
 in, so a restarted operator reaches the same decisions from the same cluster.
 
@@ -13,14 +15,16 @@ machines run is Degraded, saying what differs, and nothing else of it is changed
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.operator.render import Obj, Renderer
-from services.replica.config import MACHINES
+from constellation.replication.placement import MAX_MACHINES, Placement
+from services.operator.render import MACHINE, Obj, Renderer
+from services.replica.moves import waiting
 
 LAYOUT_FILE = "layout.json"
 CONFIG_HASH = "constellation.dev/config-hash"  # on pod templates: a new one rolls them
@@ -63,16 +67,12 @@ def layout_change(running: str, wanted: str) -> str | None:
         changes.append(f"members removed: {', '.join(removed)}")
     changed = []
     for n in sorted(before.keys() & after.keys()):
-        was, now = dict(before[n]), dict(after[n])
-        machines = was.pop("machines", MACHINES), now.pop("machines", MACHINES)
-        if machines[0] != machines[1]:
-            changes.append(f"machines of {n}: {machines[0]} -> {machines[1]}")
+        # A member's machines are its own: its copies move (``moves``), nobody else's.
+        was, now = _without_machines(before[n]), _without_machines(after[n])
         if was != now:
             changed.append(n)
     if changed:
         changes.append(f"members changed: {', '.join(changed)}")
-    if any(c.startswith("machines of") for c in changes):
-        changes.append("copies do not move between machines yet")
     if [m["name"] for m in old["members"]] != [m["name"] for m in new["members"]] and not (
         added or removed
     ):
@@ -80,23 +80,73 @@ def layout_change(running: str, wanted: str) -> str | None:
     return "; ".join(changes) or None
 
 
+def _without_machines(member: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in member.items() if k != "machines"}
+
+
 def config_hash(objs: Sequence[Obj]) -> str:
     """A digest of the configuration the pods read at start (the layout and the NATS
-    configuration): a change to it rolls the workloads that read it."""
-    data = [o["data"] for o in objs if o["kind"] == "ConfigMap"]
+    configuration): a change to it rolls the workloads that read it. The members'
+    machine counts are left out: a machine reads its own only while its operator has
+    no placement yet (``Placement.initial``), and adding a machine rolls none."""
+    data = []
+    for o in objs:
+        if o["kind"] != "ConfigMap":
+            continue
+        d = dict(o["data"])
+        if LAYOUT_FILE in d:
+            layout = json.loads(d[LAYOUT_FILE])
+            layout["members"] = [_without_machines(m) for m in layout["members"]]
+            d[LAYOUT_FILE] = layout
+        data.append(d)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Moves:
+    """Where the member's copies are, and what that asks of its machines."""
+
+    machines: list[int]  # to run: those asked for, and any beyond that holds a copy
+    drive: bool  # the next step of the change may be taken (``moves.advance``)
+    remove: list[str]  # machine StatefulSets to delete: nothing is on them any more
+    moving: list[str]  # the moves under way, "slot: from -> to"
+    known: bool  # the placement was read
+
+
+def moves(renderer: Renderer, placement: Placement | None, observed: Mapping[Key, Obj]) -> Moves:
+    """What the member's machines need, from its placement (None: not read, so nothing
+    is removed and nothing driven): a machine beyond those asked for runs until no copy
+    is on it, then goes; the copies move once every machine asked for is ready."""
+    want = renderer.spec.machines
+    have = sorted(
+        int(o["metadata"]["labels"][MACHINE])
+        for (kind, _), o in observed.items()
+        if kind == "StatefulSet" and MACHINE in o["metadata"].get("labels", {})
+    )
+    if placement is None:
+        return Moves(sorted({*range(want), *have}), False, [], [], False)
+    holding = [m for m in range(MAX_MACHINES) if placement.holds(m)]
+    machines = sorted({*range(want), *holding})
+    ready = all(
+        _workload_state(observed.get(("StatefulSet", renderer.n.machine(m))))[0]
+        for m in range(want)
+    )
+    remove = [renderer.n.machine(m) for m in have if m not in machines]
+    return Moves(machines, ready and not placement.done(want), remove, waiting(placement), True)
 
 
 @dataclass
 class Plan:
     create: list[Obj] = field(default_factory=list)
     patch: list[Obj] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)  # machine StatefulSets, drained
     waiting: list[str] = field(default_factory=list)  # machines whose change waits its turn
     refused: str | None = None  # why nothing is applied
 
 
-def plan(renderer: Renderer, observed: Mapping[Key, Obj]) -> Plan:
-    """What to create and what to patch so that the cluster holds the rendered Guild."""
+def plan(renderer: Renderer, observed: Mapping[Key, Obj], remove: Sequence[str] = ()) -> Plan:
+    """What to create, patch and delete so that the cluster holds the rendered Guild
+    (``remove``: the machines ``moves`` found drained)."""
     objs = renderer.objects()
     layout = objs[0]
     assert layout["kind"] == "ConfigMap" and LAYOUT_FILE in layout["data"]
@@ -111,8 +161,8 @@ def plan(renderer: Renderer, observed: Mapping[Key, Obj]) -> Plan:
                 )
             )
     digest = config_hash(objs)
-    machines = {renderer.n.machine(m) for m in range(renderer.spec.machines)}
-    out = Plan()
+    machines = {renderer.n.machine(m) for m in renderer.machines}
+    out = Plan(delete=list(remove))
     for obj in objs:
         if obj["kind"] == "StatefulSet":
             template = obj["spec"]["template"]["metadata"]
@@ -196,13 +246,15 @@ def conditions(
     observed: Mapping[Key, Obj],
     problem: str | None,
     queued: Sequence[str] = (),
+    moving: str | None = None,
 ) -> tuple[list[Condition], list[Obj]]:
     """The Guild's conditions and its machines' states (each machine's one pod, where
-    the observed objects have it)."""
+    the observed objects have it); ``moving``: what the member's copies are doing, while
+    a change of its machines goes on."""
     workloads = [o for o in renderer.objects() if o["kind"] == "StatefulSet"]
     states = {o["metadata"]["name"]: _workload_state(observed.get(key_of(o))) for o in workloads}
     machines = []
-    for m in range(renderer.spec.machines):
+    for m in renderer.machines:
         name = renderer.n.machine(m)
         pod = observed.get(("Pod", f"{name}-0"))
         machines.append(_machine_state(name, m, states[name], pod))
@@ -216,12 +268,14 @@ def conditions(
         "Refused" if problem else "AsExpected",
         problem or "",
     )
+    rolling = (f"waiting for {', '.join(waiting)}" if waiting else "") + (
+        f"; {', '.join(queued)} next, one machine at a time" if queued else ""
+    )
     progressing = Condition(
         "Progressing",
-        bool(waiting) and problem is None,
-        "RollingOut" if waiting else "Settled",
-        (f"waiting for {', '.join(waiting)}" if waiting else "every workload is up to date")
-        + (f"; {', '.join(queued)} next, one machine at a time" if queued else ""),
+        bool(waiting or moving) and problem is None,
+        "RollingOut" if waiting else "MovingCopies" if moving else "Settled",
+        "; ".join(filter(None, [rolling, moving])) or "every workload is up to date",
     )
     up = Condition(
         "Ready",
@@ -241,9 +295,12 @@ def status(
     now: str,
     peers: Sequence[str],
     queued: Sequence[str] = (),
+    placement: Obj | None = None,
+    moving: str | None = None,
 ) -> Obj:
     """The Guild's ``status``: conditions keep their ``lastTransitionTime`` while their
-    status holds. ``renderer`` is None for a Guild that cannot be rendered at all."""
+    status holds. ``renderer`` is None for a Guild that cannot be rendered at all.
+    ``placement`` and ``moving``: ``placement_status``'s."""
     if renderer is None:
         assert problem is not None
         conds = [
@@ -254,7 +311,7 @@ def status(
         machines: list[Obj] = []
         members: list[Obj] = []
     else:
-        conds, machines = conditions(renderer, observed, problem, queued)
+        conds, machines = conditions(renderer, observed, problem, queued, moving)
         spec = renderer.spec
         members = [
             {
@@ -281,13 +338,67 @@ def status(
                 "observedGeneration": generation,
             }
         )
-    ready, _, degraded = conds
-    phase = "Degraded" if degraded.status else "Running" if ready.status else "Progressing"
+    ready, progressing, degraded = conds
+    phase = (
+        "Degraded"
+        if degraded.status
+        else "Running"
+        if ready.status and not progressing.status
+        else "Progressing"
+    )
     return {
         "observedGeneration": generation,
         "phase": phase,
         "partitionMapVersion": renderer.spec.layout().pmap.version if renderer else None,
+        "placement": placement or previous.get("placement"),
         "conditions": out,
         "machines": machines,
         "members": members,
     }
+
+
+def placement_status(
+    placement: Placement | None,
+    previous: Mapping[str, Any],
+    want: int,
+    now: str,
+    stall_s: float,
+) -> tuple[Obj | None, str | None, str | None]:
+    """The member's placement in its status (None where unread), what its copies are
+    doing while a change goes on, and why the change is stuck: no move has ended for
+    ``stall_s`` (a machine that does not release its copies, or one that does not fetch
+    them; the machines that still hold copies keep running)."""
+    if placement is None:
+        return None, None, None
+    before = previous.get("placement") or {}
+    since = before.get("since", now) if before.get("version") == placement.version else now
+    moving = waiting(placement)
+    st: Obj = {
+        "version": placement.version,
+        "machines": placement.machines,
+        "moving": moving,
+        "since": since,
+    }
+    if placement.done(want):
+        return st, None, None
+    doing = f"moving copies to {want} machines: " + (", ".join(moving) or "the next batch")
+    stalled = _seconds(now) - _seconds(since) > stall_s
+    if moving and stalled:
+        return (
+            st,
+            doing,
+            (
+                f"no move of the copies ended in {stall_s:g} s (waiting: {', '.join(moving)}): "
+                "a machine does not release its copies, or does not fetch them; every machine "
+                "that holds a copy keeps running"
+            ),
+        )
+    return st, doing, None
+
+
+def _seconds(stamp: str) -> float:
+    return (
+        datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")
+        .replace(tzinfo=datetime.UTC)
+        .timestamp()
+    )

@@ -23,6 +23,7 @@ The workloads:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from services.operator.spec import GuildSpec, Infra
@@ -188,11 +189,21 @@ def _pvc(name: str, size: str, spec: GuildSpec) -> Obj:
 class Renderer:
     """Renders one Guild (``name`` in ``namespace``, owned by ``owner``)."""
 
-    def __init__(self, name: str, namespace: str, spec: GuildSpec, owner: Obj) -> None:
+    def __init__(
+        self,
+        name: str,
+        namespace: str,
+        spec: GuildSpec,
+        owner: Obj,
+        machines: Sequence[int] | None = None,
+    ) -> None:
+        """``machines``: the machines to run, where others than the first
+        ``spec.machines`` still hold copies (``reconcile.moves``)."""
         self.n = Names(name)
         self.namespace = namespace
         self.spec = spec
         self.owner = owner
+        self.machines = list(range(spec.machines) if machines is None else machines)
 
     def meta(self, name: str, role: str, **more: str) -> Obj:
         return _meta(name, self.namespace, labels(self.n.guild, role, **more), self.owner)
@@ -208,7 +219,7 @@ class Renderer:
             if infra.external is None:
                 objs += make()
         objs += [self.machines_service(), self.machines_budget()]
-        objs += [self.machine(m) for m in range(self.spec.machines)]
+        objs += [self.machine(m) for m in self.machines]
         objs += [self.services_service(), self.services()]
         return objs
 

@@ -165,12 +165,13 @@ class Running:
     """The operator's process (``OperatorNode``), in a thread with its own event loop,
     as ``python -m services.operator`` runs it."""
 
-    def __init__(self, server: str) -> None:
+    def __init__(self, server: str, **env: str) -> None:
         self.settings = Settings.from_env(
             {
                 "OPERATOR_KUBE_SERVER": server,
                 "OPERATOR_HTTP_ADDR": "127.0.0.1:0",
                 "OPERATOR_RESYNC_S": "1",
+                **env,
             }
         )
         self.node = OperatorNode(self.settings)

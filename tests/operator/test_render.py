@@ -15,14 +15,25 @@ import nats
 import pytest
 from nats.errors import Error as NatsError
 
+from constellation.replication.placement import Placement
 from services.devnet.deps import nats_server_binary
 from services.devnet.procs import free_port, wait_tcp
 from services.ecash.config import Settings as MintSettings
 from services.gateway.config import Settings as GatewaySettings
-from services.operator.reconcile import covers, key_of, layout_change, plan
+from services.operator.reconcile import (
+    Moves,
+    config_hash,
+    covers,
+    key_of,
+    layout_change,
+    moves,
+    placement_status,
+    plan,
+)
 from services.operator.render import (
     GUILD,
     LAYOUT_DIR,
+    MACHINE,
     PEERS_DIR,
     ROLE,
     Renderer,
@@ -212,10 +223,73 @@ def test_layout_changes_are_named_and_refused() -> None:
     assert layout_change(layout, _renderer(shards=8).objects()[0]["data"]["layout.json"]) == (
         "shards 4 -> 8"
     )
-    more = _renderer(members=_with_machines(3)).objects()[0]["data"]["layout.json"]
-    assert layout_change(layout, more) == (
-        "machines of op0: 2 -> 3; copies do not move between machines yet"
-    )
+    more = _renderer(members=_with_machines(3)).objects()
+    assert layout_change(layout, more[0]["data"]["layout.json"]) is None  # op0's own
+    assert config_hash(more) == config_hash(r.objects())  # a machine added rolls none
+
+
+def _observed(r: Renderer, ready: int) -> dict[tuple[str, str], dict[str, Any]]:
+    """The machines of ``r`` as the cluster holds them, the first ``ready`` ready."""
+    objs = [o for o in r.objects() if o["kind"] == "StatefulSet" and o["metadata"]["name"]]
+    machines = [o for o in objs if MACHINE in o["metadata"]["labels"]]
+    return {
+        ("StatefulSet", o["metadata"]["name"]): _settled(o) if i < ready else o
+        for i, o in enumerate(machines)
+    }
+
+
+def _finish(placement: Placement, machines: int) -> Placement:
+    """The machines' part: every move arrives (and the driver's next steps)."""
+    while not placement.done(machines):
+        moving = [s for s, spot in enumerate(placement.spots) if spot.moving]
+        if not moving:
+            placement = placement.step(machines)
+            continue
+        placement = placement.arrive(moving[0], placement.spots[moving[0]].to)
+    return placement
+
+
+def test_machines_come_before_the_moves_and_go_once_nothing_is_on_them() -> None:
+    two = _renderer()
+    placement = Placement.initial(4, 2)
+    assert moves(two, None, {}) == Moves([0, 1], False, [], [], False)
+    three = _renderer(members=_with_machines(3))
+    # machine 2 is created; the copies move once every machine asked for is ready
+    assert moves(three, placement, _observed(two, 2)).machines == [0, 1, 2]
+    assert not moves(three, placement, _observed(two, 2)).drive
+    grown = Renderer("g1", "default", three.spec, {}, [0, 1, 2])
+    assert moves(three, placement, _observed(grown, 3)).drive
+    moved = _finish(placement.step(3), 3)
+    assert not moves(three, moved, _observed(grown, 3)).drive  # done
+    # back to two: machine 2 runs until its copies have moved off, then goes
+    back = moves(two, moved, _observed(grown, 3))
+    assert back.drive and back.machines == [0, 1, 2] and back.remove == []
+    leaving = moved.step(2)
+    assert moves(two, leaving, _observed(grown, 3)).machines == [0, 1, 2]
+    while not leaving.done(2):
+        moving = [s for s, spot in enumerate(leaving.spots) if spot.moving]
+        leaving = (
+            leaving.arrive(moving[0], leaving.spots[moving[0]].to) if moving else leaving.step(2)
+        )
+    gone = moves(two, leaving, _observed(grown, 3))
+    assert gone.machines == [0, 1] and gone.remove == ["g1-machine-2"] and not gone.drive
+    cleaned = plan(Renderer("g1", "default", two.spec, {}, gone.machines), {}, gone.remove)
+    assert cleaned.delete == ["g1-machine-2"]
+    assert "g1-machine-2" not in {o["metadata"]["name"] for o in cleaned.create}
+
+
+def test_a_change_of_machines_that_makes_no_progress_degrades_with_the_reason() -> None:
+    placement = Placement.initial(4, 2).step(3)
+    st, doing, stuck = placement_status(placement, {}, 3, "2026-12-02T10:00:00Z", 120)
+    assert st is not None and st["since"] == "2026-12-02T10:00:00Z" and stuck is None
+    assert doing is not None and "moving copies to 3 machines" in doing
+    later = "2026-12-02T10:05:00Z"
+    _, _, stuck = placement_status(placement, {"placement": st}, 3, later, 120)
+    assert stuck is not None and "waiting: " in stuck and "-> 2" in stuck
+    moved = placement.arrive(next(s for s, p in enumerate(placement.spots) if p.moving), 2)
+    _, _, stuck = placement_status(moved, {"placement": st}, 3, later, 120)  # it moved: anew
+    assert stuck is None
+    assert placement_status(None, {}, 3, later, 120) == (None, None, None)
 
 
 def _settled(obj: dict[str, Any]) -> dict[str, Any]:

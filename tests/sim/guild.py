@@ -369,8 +369,9 @@ class Guild:
                 "pause_leader",
                 "clock_jump",
                 "lossy",
+                "move",
             ],
-            weights=[3, 4, 3, 2, 1, 1, 2, 2, 2, 1, 1],
+            weights=[3, 4, 3, 2, 1, 1, 2, 2, 2, 1, 1, 2],
         )[0]
         self.log.append(f"{self.now:.3f} fault {kind}")
         machines = range(self.machines)
@@ -409,6 +410,15 @@ class Guild:
             self.paused_until[m] = self.now + rng.uniform(0.3, 2.0)
         elif kind == "clock_jump":
             self.offset[rng.randrange(self.machines)] += rng.uniform(0.1, 3.0)
+        elif kind == "move":
+            # Its copies move to another machine of the operator: its leaders resign, it
+            # stops, and they start again from their folders (moved whole) a moment later.
+            m = self._leader_machine()
+            if self.up[m]:
+                for s in range(self.shards):
+                    self.copies[(m, s)].replica.resign()
+                    self._flush(m, self.copies[(m, s)])
+                self._crash(m, kind, down_s=rng.uniform(0.05, 0.5))
         else:
             self.loss = rng.uniform(0.05, 0.3)
             self._at(self.now + rng.uniform(0.2, 1.0), self._no_loss)

@@ -1,0 +1,243 @@
+"""The operator changes its member's machines over a real local guild: the Kubernetes API
+is the emulator, the machines are the guild's own processes (``services.devnet``), and
+this test plays the kubelet (a machine StatefulSet the operator makes is started by the
+guild's supervisor and reported ready once its process is; one it deletes is stopped).
+
+A machine added: created, then the copies move to it. A machine removed: the copies move
+off first, then its StatefulSet goes. An operator restarted in the middle of a change
+carries on from the placement. A change whose moves wait on a machine that does not
+answer is Degraded with the reason, and the machine that still holds copies is kept."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from constellation.keys import SigningKey
+from constellation.replication.placement import Placement
+from services.bus import load_placement
+from services.devnet import Devnet, guild
+from services.devnet.procs import ready
+from services.devnet.supervisor import want_machines
+from services.operator.render import MACHINE, NATS_SELF
+from services.runtime import connect_nats
+from services.signer.config import load_members
+from tests.operator.conftest import NS, Api, Running, eventually
+from tests.system.guild import local_guild
+
+MOVES_S = 90  # a change of machines on this machine, moves included
+OTHERS = ["g1-nats", "g1-redis", "g1-postgres", "g1-services"]
+
+
+@pytest.fixture(scope="module")
+def where() -> Iterator[Path]:
+    with local_guild("cst-opmoves-", operators=2) as directory:
+        yield directory
+
+
+def op0(where: Path) -> Devnet:
+    return guild.load(where)[0]
+
+
+def documents(where: Path) -> list[dict[str, Any]]:
+    """op0's Secrets and Guild, as its operator would write them for the local guild."""
+    nets = guild.load(where)
+    net = nets[0]
+    signers = load_members(net.members_path).hostpubkeys
+    members = [
+        {
+            "name": n.operator,
+            "key": SigningKey(bytes.fromhex(n.operator_key)).pubkey.hex(),
+            "signerKey": signers[i].hex(),
+            "issuers": [n.issuer.pubkey.hex()],
+            "nats": f"nats://127.0.0.1:{n.nats_port}",
+            "machines": 2,
+        }
+        for i, n in enumerate(nets)
+    ]
+    peers = json.loads(net.peers_path.read_text())
+
+    def secret(name: str, data: dict[str, str]) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": NS},
+            "type": "Opaque",
+            "stringData": data,
+        }
+
+    return [
+        secret("op0-keys", {"operator-key": net.operator_key, "issuer-key": net.issuer_secret}),
+        secret("op0-peers", {"peers.json": json.dumps(peers)}),
+        # what the operator would generate, as the local guild made it
+        secret("g1-generated", {NATS_SELF: net.nats_password}),
+        {
+            "apiVersion": "constellation.dev/v1alpha1",
+            "kind": "Guild",
+            "metadata": {"name": "g1", "namespace": NS},
+            "spec": {
+                "guild": net.guild,
+                "operator": "op0",
+                "threshold": 2,
+                "shards": net.shards,
+                "network": "regtest",
+                "secrets": {"keys": "op0-keys", "peers": "op0-peers"},
+                "members": members,
+                "mint": False,
+            },
+        },
+    ]
+
+
+async def kubelet(api: Api, where: Path) -> None:
+    """Run op0's machines as their StatefulSets say, and report the ready ones (and the
+    guild's other workloads, which the local guild runs already) ready."""
+    folder = where / "op0"
+    while True:
+        sets = await api.kube.list("StatefulSet", NS, {})
+        machines = {
+            int(o["metadata"]["labels"][MACHINE]): o
+            for o in sets
+            if MACHINE in o["metadata"].get("labels", {})
+        }
+        if machines and len(op0(where).machines) != max(machines) + 1:
+            await asyncio.to_thread(want_machines, folder, max(machines) + 1)
+        running = {m.index: m for m in op0(where).machines}
+        up = [o for o in sets if o["metadata"]["name"] in OTHERS]
+        for index, obj in machines.items():
+            have = running.get(index)
+            if have is not None and ready(have.http_port):
+                up.append(obj)
+        for obj in up:
+            st = obj.get("status", {})
+            if st.get("observedGeneration", 0) < obj["metadata"]["generation"] or not st.get(
+                "readyReplicas"
+            ):
+                await api.settle([obj["metadata"]["name"]])
+        await asyncio.sleep(0.2)
+
+
+async def placement(where: Path) -> Placement:
+    net = op0(where)
+    nc = await connect_nats(net.nats_url, "test-operator-moves")
+    try:
+        found = await load_placement(nc, "op0")
+    finally:
+        await nc.close()
+    assert found is not None
+    return found[0]
+
+
+@pytest.fixture
+async def playing(api: Api, where: Path) -> AsyncIterator[None]:
+    task = asyncio.create_task(kubelet(api, where))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def start(k8s: Any, where: Path) -> Running:
+    addr = f"127.0.0.1:{op0(where).nats_port}"
+    return Running(str(k8s.url).rstrip("/"), OPERATOR_NATS_ADDR=addr, OPERATOR_STALL_S="4")
+
+
+async def set_machines(api: Api, where: Path, count: int) -> None:
+    doc = documents(where)[-1]["spec"]
+    doc["members"][0]["machines"] = count
+    await api.patch_spec({"members": doc["members"]})
+
+
+async def settled_at(api: Api, where: Path, count: int) -> bool:
+    have = await api.guild()
+    status = (have or {}).get("status", {})
+    names = {o["metadata"]["name"] for o in await api.kube.list("StatefulSet", NS, {})}
+    machines = {n for n in names if n.startswith("g1-machine-")}
+    return (
+        (await placement(where)).done(count)
+        and machines == {f"g1-machine-{m}" for m in range(count)}
+        and len(op0(where).machines) == count
+        and status.get("phase") == "Running"
+        and not status.get("placement", {}).get("moving")
+    )
+
+
+async def test_machines_added_and_removed_move_the_copies_and_a_restart_resumes(
+    api: Api, k8s: Any, where: Path, playing: None
+) -> None:
+    for doc in documents(where)[:-1]:
+        await api.secret(doc)
+    running = start(k8s, where)
+    await running.start()
+    try:
+        await api.create_guild(documents(where)[-1])
+        await eventually(lambda: settled_at(api, where, 2), "the Guild runs on 2 machines")
+        have = await api.guild()
+        assert have is not None and have["status"]["placement"]["version"] >= 1
+
+        await set_machines(api, where, 3)
+        await eventually(lambda: settled_at(api, where, 3), "3 machines", MOVES_S)
+        assert {r["machine"] for r in guild.copies([op0(where)])} == {0, 1, 2}
+
+        leaving = op0(where).machines[2].pid
+        os.kill(leaving, signal.SIGSTOP)  # the change waits on it: its moves stay begun
+        try:
+            await set_machines(api, where, 2)
+            await eventually(lambda: _moving(where), "copies moving off machine 2", MOVES_S)
+            await running.stop()  # an operator restarted in the middle of the change
+            running = start(k8s, where)
+            await running.start()
+        finally:
+            os.kill(leaving, signal.SIGCONT)
+        await eventually(lambda: settled_at(api, where, 2), "2 machines again", MOVES_S)
+        assert {r["machine"] for r in guild.copies([op0(where)])} == {0, 1}
+    finally:
+        await running.stop()
+        await api.delete_guild()
+
+
+async def _moving(where: Path) -> bool:
+    p = await placement(where)
+    return p.goal_machines == 2 and any(spot.moving for spot in p.spots)
+
+
+async def test_a_removal_that_cannot_be_drained_is_refused_with_the_reason(
+    api: Api, k8s: Any, where: Path, playing: None
+) -> None:
+    for doc in documents(where)[:-1]:
+        await api.secret(doc)
+    running = start(k8s, where)
+    await running.start()
+    frozen = 0
+    try:
+        await api.create_guild(documents(where)[-1])
+        await set_machines(api, where, 3)
+        await eventually(lambda: settled_at(api, where, 3), "3 machines", MOVES_S)
+        frozen = op0(where).machines[0].pid  # the copies leaving machine 2 go to 0 and 1
+        os.kill(frozen, signal.SIGSTOP)
+        await set_machines(api, where, 2)
+        degraded = await eventually(lambda: _degraded(api), "the Guild is Degraded", MOVES_S)
+        assert "waiting: " in degraded["message"] and "-> 0" in degraded["message"]
+        assert await api.kube.get("StatefulSet", NS, "g1-machine-2") is not None  # kept
+        os.kill(frozen, signal.SIGCONT)
+        frozen = 0
+        await eventually(lambda: settled_at(api, where, 2), "2 machines", MOVES_S)
+        assert (await api.condition("Degraded"))["status"] == "False"
+    finally:
+        if frozen:
+            os.kill(frozen, signal.SIGCONT)
+        await running.stop()
+        await api.delete_guild()
+
+
+async def _degraded(api: Api) -> dict[str, Any] | None:
+    found = await api.condition("Degraded")
+    return found if found["status"] == "True" else None
