@@ -1,4 +1,5 @@
-"""A bounded reader for the project's fixed binary layouts (big-endian, no varints).
+"""A bounded reader for the project's fixed binary layouts (big-endian, no varints), and
+the reading of its small JSON documents.
 
 Every read checks the remaining length, so truncated input is a ``Truncated`` error
 rather than an exception from ``struct``; ``finish`` rejects trailing bytes.
@@ -7,8 +8,13 @@ rather than an exception from ``struct``; ``finish`` rejects trailing bytes.
 from __future__ import annotations
 
 import struct
+from typing import TypeVar
 
-from constellation.errors import CountOutOfRange, TrailingBytes, Truncated
+import msgspec
+
+from constellation.errors import CountOutOfRange, MessageError, TrailingBytes, Truncated
+
+T = TypeVar("T")
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -72,3 +78,14 @@ def u32(n: int) -> bytes:
 
 def u64(n: int) -> bytes:
     return _U64.pack(n)
+
+
+def decode_json(data: bytes, kind: type[T], what: str) -> T:
+    """A JSON document of ``kind`` (a struct, checked as it is read), or a
+    ``MessageError`` that names ``what`` and says why not."""
+    try:
+        return msgspec.json.decode(data, type=kind)
+    except msgspec.ValidationError as exc:
+        raise MessageError(f"bad {what}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise MessageError(f"{what} is not JSON: {exc}") from None

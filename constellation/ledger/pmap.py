@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
+from constellation.codec import decode_json
 from constellation.errors import MessageError
 from constellation.tx import PARTITIONS
 
@@ -55,9 +56,4 @@ class PartitionMap(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 def decode_map(data: bytes) -> PartitionMap:
-    try:
-        return msgspec.json.decode(data, type=PartitionMap)
-    except msgspec.ValidationError as exc:
-        raise MessageError(f"bad partition map: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise MessageError(f"partition map is not JSON: {exc}") from None
+    return decode_json(data, PartitionMap, "partition map")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import msgspec
 
+from constellation.codec import decode_json
 from constellation.errors import MessageError
 
 COPIES = 2  # an operator's copies of every shard (its slots per worker)
@@ -229,9 +230,4 @@ class Placement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 def decode_placement(data: bytes) -> Placement:
-    try:
-        return msgspec.json.decode(data, type=Placement)
-    except msgspec.ValidationError as exc:
-        raise MessageError(f"bad placement: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise MessageError(f"placement is not JSON: {exc}") from None
+    return decode_json(data, Placement, "placement")

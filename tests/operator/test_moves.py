@@ -145,11 +145,6 @@ async def playing(api: Api, where: Path) -> AsyncIterator[None]:
         await task
 
 
-def start(k8s: Any, where: Path) -> Running:
-    addr = f"127.0.0.1:{op0(where).nats_port}"
-    return Running(str(k8s.url).rstrip("/"), OPERATOR_NATS_ADDR=addr, OPERATOR_STALL_S="4")
-
-
 async def set_machines(api: Api, where: Path, count: int) -> None:
     doc = documents(where)[-1]["spec"]
     doc["members"][0]["machines"] = count
@@ -170,38 +165,59 @@ async def settled_at(api: Api, where: Path, count: int) -> bool:
     )
 
 
-async def test_machines_added_and_removed_move_the_copies_and_a_restart_resumes(
-    api: Api, k8s: Any, where: Path, playing: None
-) -> None:
-    for doc in documents(where)[:-1]:
+class Operator:
+    """op0's operator, running against the emulator, restartable."""
+
+    def __init__(self, k8s: Any, where: Path) -> None:
+        self.k8s, self.where = k8s, where
+        self.running = self._new()
+
+    def _new(self) -> Running:
+        addr = f"127.0.0.1:{op0(self.where).nats_port}"
+        server = str(self.k8s.url).rstrip("/")
+        return Running(server, OPERATOR_NATS_ADDR=addr, OPERATOR_STALL_S="4")
+
+    async def restart(self) -> None:
+        await self.running.stop()
+        self.running = self._new()
+        await self.running.start()
+
+
+@pytest.fixture
+async def operator(api: Api, k8s: Any, where: Path, playing: None) -> AsyncIterator[Operator]:
+    """The Guild of op0 (2 machines) and its operator; both gone afterwards."""
+    docs = documents(where)
+    for doc in docs[:-1]:
         await api.secret(doc)
-    running = start(k8s, where)
-    await running.start()
+    op = Operator(k8s, where)
+    await op.running.start()
+    await api.create_guild(docs[-1])
+    yield op
+    await op.running.stop()
+    await api.delete_guild()
+
+
+async def test_machines_added_and_removed_move_the_copies_and_a_restart_resumes(
+    api: Api, where: Path, operator: Operator
+) -> None:
+    await eventually(lambda: settled_at(api, where, 2), "the Guild runs on 2 machines")
+    have = await api.guild()
+    assert have is not None and have["status"]["placement"]["version"] >= 1
+
+    await set_machines(api, where, 3)
+    await eventually(lambda: settled_at(api, where, 3), "3 machines", MOVES_S)
+    assert {r["machine"] for r in guild.copies([op0(where)])} == {0, 1, 2}
+
+    leaving = op0(where).machines[2].pid
+    os.kill(leaving, signal.SIGSTOP)  # the change waits on it: its moves stay begun
     try:
-        await api.create_guild(documents(where)[-1])
-        await eventually(lambda: settled_at(api, where, 2), "the Guild runs on 2 machines")
-        have = await api.guild()
-        assert have is not None and have["status"]["placement"]["version"] >= 1
-
-        await set_machines(api, where, 3)
-        await eventually(lambda: settled_at(api, where, 3), "3 machines", MOVES_S)
-        assert {r["machine"] for r in guild.copies([op0(where)])} == {0, 1, 2}
-
-        leaving = op0(where).machines[2].pid
-        os.kill(leaving, signal.SIGSTOP)  # the change waits on it: its moves stay begun
-        try:
-            await set_machines(api, where, 2)
-            await eventually(lambda: _moving(where), "copies moving off machine 2", MOVES_S)
-            await running.stop()  # an operator restarted in the middle of the change
-            running = start(k8s, where)
-            await running.start()
-        finally:
-            os.kill(leaving, signal.SIGCONT)
-        await eventually(lambda: settled_at(api, where, 2), "2 machines again", MOVES_S)
-        assert {r["machine"] for r in guild.copies([op0(where)])} == {0, 1}
+        await set_machines(api, where, 2)
+        await eventually(lambda: _moving(where), "copies moving off machine 2", MOVES_S)
+        await operator.restart()  # an operator restarted in the middle of the change
     finally:
-        await running.stop()
-        await api.delete_guild()
+        os.kill(leaving, signal.SIGCONT)
+    await eventually(lambda: settled_at(api, where, 2), "2 machines again", MOVES_S)
+    assert {r["machine"] for r in guild.copies([op0(where)])} == {0, 1}
 
 
 async def _moving(where: Path) -> bool:
@@ -210,32 +226,21 @@ async def _moving(where: Path) -> bool:
 
 
 async def test_a_removal_that_cannot_be_drained_is_refused_with_the_reason(
-    api: Api, k8s: Any, where: Path, playing: None
+    api: Api, where: Path, operator: Operator
 ) -> None:
-    for doc in documents(where)[:-1]:
-        await api.secret(doc)
-    running = start(k8s, where)
-    await running.start()
-    frozen = 0
+    await set_machines(api, where, 3)
+    await eventually(lambda: settled_at(api, where, 3), "3 machines", MOVES_S)
+    frozen = op0(where).machines[0].pid  # the copies leaving machine 2 go to 0 and 1
+    os.kill(frozen, signal.SIGSTOP)
     try:
-        await api.create_guild(documents(where)[-1])
-        await set_machines(api, where, 3)
-        await eventually(lambda: settled_at(api, where, 3), "3 machines", MOVES_S)
-        frozen = op0(where).machines[0].pid  # the copies leaving machine 2 go to 0 and 1
-        os.kill(frozen, signal.SIGSTOP)
         await set_machines(api, where, 2)
         degraded = await eventually(lambda: _degraded(api), "the Guild is Degraded", MOVES_S)
         assert "waiting: " in degraded["message"] and "-> 0" in degraded["message"]
         assert await api.kube.get("StatefulSet", NS, "g1-machine-2") is not None  # kept
-        os.kill(frozen, signal.SIGCONT)
-        frozen = 0
-        await eventually(lambda: settled_at(api, where, 2), "2 machines", MOVES_S)
-        assert (await api.condition("Degraded"))["status"] == "False"
     finally:
-        if frozen:
-            os.kill(frozen, signal.SIGCONT)
-        await running.stop()
-        await api.delete_guild()
+        os.kill(frozen, signal.SIGCONT)
+    await eventually(lambda: settled_at(api, where, 2), "2 machines", MOVES_S)
+    assert (await api.condition("Degraded"))["status"] == "False"
 
 
 async def _degraded(api: Api) -> dict[str, Any] | None:

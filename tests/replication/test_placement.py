@@ -84,7 +84,7 @@ def test_a_plan_keeps_twins_apart_balances_and_moves_few(
         assert moved <= -(-slots * (after - before) // after) + before
     elif after < before:  # what was on the machines that go, and a little to even out
         gone = sum(1 for spot in p.spots if spot.machine >= after)
-        assert gone <= moved <= gone + after
+        assert gone <= moved <= gone + 2 * after  # and at most two a kept machine
     else:
         assert moved <= before
 
