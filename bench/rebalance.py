@@ -127,7 +127,7 @@ async def run(directory: Path, net: Devnet, clients: int, repeats: int) -> dict[
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, help="write the figures here")
-    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="moves there and back")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-rebalance-", dir="/tmp") as tmp:
