@@ -25,6 +25,7 @@ from nats.errors import Error as NatsError
 from constellation.errors import MessageError
 from constellation.replication.placement import BATCH, Placement, decode_placement
 from services.bus import Stale, load_placement, update_placement
+from services.runtime import sync_dir, write_atomic
 
 log = logging.getLogger("replica.moves")
 
@@ -64,25 +65,10 @@ _answer = msgspec.msgpack.Decoder(Answer)
 _encode = msgspec.msgpack.Encoder().encode
 
 
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def record(state_dir: Path, placement: Placement) -> None:
     """Keep the placement a machine follows on its own disk, durably: should the NATS KV
     lose it, or go back to an older version, the machine will not follow that."""
-    path = state_dir / PLACEMENT_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(placement.encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _sync_dir(state_dir)
+    write_atomic(state_dir / PLACEMENT_FILE, placement.encode())
 
 
 def recorded(state_dir: Path) -> Placement | None:
@@ -103,14 +89,14 @@ def release(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _sync_dir(folder)
+    sync_dir(folder)
 
 
 def drop(folder: Path) -> None:
     """Delete a released folder (its copy runs on another machine now)."""
     assert is_released(folder), f"{folder} is not released"
     shutil.rmtree(folder)
-    _sync_dir(folder.parent)
+    sync_dir(folder.parent)
 
 
 def _files(folder: Path) -> list[tuple[str, int]]:
@@ -178,11 +164,11 @@ async def fetch(nc: Client, subject: str, folder: Path) -> int:
             f.flush()
             os.fsync(f.fileno())
         total += size
-    _sync_dir(incoming)
+    sync_dir(incoming)
     if folder.exists():
         drop(folder)  # a stale copy, released here earlier: the fetched one is newer
     incoming.rename(folder)
-    _sync_dir(folder.parent)
+    sync_dir(folder.parent)
     return total
 
 

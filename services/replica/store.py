@@ -30,6 +30,7 @@ import msgspec
 from constellation.protocol import replication as rp
 from constellation.replication.replica import Ready, Snapshot
 from services.partition.wal import FRAME_HEAD, Frames, frame, open_log, write_all
+from services.runtime import sync_dir
 
 log = logging.getLogger("replica.store")
 
@@ -173,7 +174,7 @@ class CopyStore:
         finally:
             os.close(fd)
         os.replace(tmp, self.folder / "blocks.log")
-        self._sync_folder()
+        sync_dir(self.folder)
         os.close(self._fd)
         self._fd = os.open(self.folder / "blocks.log", os.O_RDWR)
         os.lseek(self._fd, 0, os.SEEK_END)
@@ -189,7 +190,7 @@ class CopyStore:
         finally:
             os.close(fd)
         os.replace(tmp, self.folder / name)
-        self._sync_folder()
+        sync_dir(self.folder)
 
     def _read_whole(self, name: str) -> bytes | None:
         path = self.folder / name
@@ -200,13 +201,6 @@ class CopyStore:
             # Written whole and renamed into place: only the disk can break it.
             raise OSError(f"{path} is corrupt")
         return payloads[0]
-
-    def _sync_folder(self) -> None:
-        fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def close(self) -> None:
         if self._fd >= 0:

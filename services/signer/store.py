@@ -27,25 +27,11 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from constellation.crypto import dkg
 from constellation.guild import SignTarget
 from constellation.protocol.signer import decode_target
-from services.runtime import ConfigError
+from services.runtime import ConfigError, write_atomic
 
 log = logging.getLogger("signer.store")
 
 MAGIC = b"CSTSEAL1"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def seal(key: bytes, role: str, plaintext: bytes) -> bytes:
