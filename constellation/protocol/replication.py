@@ -33,6 +33,7 @@ HASH_LEN = 32
 _header_hash = tagged_hasher("constellation/block")
 _ack_hash = tagged_hasher("constellation/ack")
 _vote_hash = tagged_hasher("constellation/vote")
+_members_hash = tagged_hasher("constellation/members")
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -48,6 +49,31 @@ class Header(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields
     root: bytes
     leader: int  # the copy that made it
     time_ms: int  # the leader's clock; never read by execution
+    members: bytes  # members_hash of the shard's members in effect from this block on
+
+
+class Members(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """Which operators' copies of a shard count, as of a block.
+
+    ``voters`` confirm blocks and elect leaders. While a member joins or leaves the
+    change is *joint*: ``old`` holds the voters before it, and a block confirms (and a
+    leader is elected) only with a quorum of ``voters`` and a quorum of ``old``.
+    ``learners``' copies receive the log but never count: a joiner catches up as one
+    before it votes. Each list is sorted, without repeats; an operator is in at most one
+    of ``voters`` and ``learners``.
+    """
+
+    voters: list[int]
+    old: list[int] = []
+    learners: list[int] = []
+
+    def operators(self) -> set[int]:
+        """Every operator whose copies take part (vote, or learn)."""
+        return {*self.voters, *self.old, *self.learners}
+
+
+def members_hash(members: Members) -> bytes:
+    return _members_hash(_encoder.encode(members))
 
 
 def header_hash(header: Header) -> bytes:
@@ -250,6 +276,7 @@ def check_shape(msg: Message) -> None:
         _hash(h.prev)
         _hash(h.body)
         _hash(h.root)
+        _hash(h.members)
         _nonneg(h.term, h.height, h.leader)
 
 

@@ -33,22 +33,33 @@ Copy = tuple[int, int]  # (operator, which of its copies)
 
 @dataclass(frozen=True)
 class Quorums:
-    """The quorum sizes of a shard replicated at ``operators`` operators."""
+    """The quorum sizes of a shard replicated at the operators ``members``."""
 
-    operators: int
+    members: frozenset[int]
     confirm: int  # copies whose acks confirm a block
     elect: int  # copies whose votes elect a leader
 
     @staticmethod
     def of(operators: int) -> Quorums:
+        """The quorums of operators ``0 .. operators - 1``."""
+        return Quorums.among(range(operators))
+
+    @staticmethod
+    def among(members: Iterable[int]) -> Quorums:
         """The smallest sizes that keep both rules (see the module's docstring)."""
+        found = frozenset(members)
+        operators = len(found)
         if operators < 1:
             raise ValueError(f"a guild has at least one operator, not {operators}")
         copies = COPIES_PER_OPERATOR * operators
         confirm = COPIES_PER_OPERATOR * (operators // 2) + 1
         elect = max(copies - confirm + 1, copies // 2 + 1)
         assert confirm <= copies and elect <= copies
-        return Quorums(operators, confirm, elect)
+        return Quorums(found, confirm, elect)
+
+    @property
+    def operators(self) -> int:
+        return len(self.members)
 
     @property
     def copies(self) -> int:
@@ -65,6 +76,7 @@ class Quorums:
     def _valid(self, copies: Iterable[Copy]) -> set[Copy]:
         found = set(copies)
         for operator, copy in found:
-            if not (0 <= operator < self.operators and 0 <= copy < COPIES_PER_OPERATOR):
-                raise ValueError(f"no copy ({operator}, {copy}) in a guild of {self.operators}")
+            if not (operator in self.members and 0 <= copy < COPIES_PER_OPERATOR):
+                among = sorted(self.members)
+                raise ValueError(f"no copy ({operator}, {copy}) among operators {among}")
         return found

@@ -45,8 +45,7 @@ sends its messages, then calls ``stored``.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -54,7 +53,7 @@ from typing import Protocol
 from constellation.errors import ConstellationError
 from constellation.keys import schnorr_verify
 from constellation.protocol import replication as rp
-from constellation.replication.quorum import Quorums
+from constellation.replication import members as mb
 
 GENESIS = bytes(32)
 EVERYONE = -1  # a message's destination: every other copy
@@ -127,6 +126,7 @@ class Ready:
     messages: list[tuple[int, rp.Message]] = field(default_factory=list)
     confirmed: int = 0  # the confirmed height, when it grew
     leading: bool | None = None  # leadership gained (True) or lost (False)
+    members: rp.Members | None = None  # the members in effect, when they changed
     repaired: bool = False  # a damaged copy is whole again: forget that it was damaged
     last: int = 0
 
@@ -140,6 +140,7 @@ class Ready:
             or self.messages
             or self.confirmed
             or self.leading is not None
+            or self.members is not None
             or self.repaired
         )
 
@@ -189,6 +190,7 @@ class Replica:
         snapshot: Snapshot | None = None,
         blocks: Sequence[rp.Block] = (),
         damaged: bool = False,
+        members: Sequence[rp.Members] = (),
     ) -> None:
         """``keys``: each operator's x-only key, by operator index; ``sign`` signs with
         this copy's operator key. ``hard``, ``snapshot`` and ``blocks`` are what an
@@ -197,13 +199,21 @@ class Replica:
         this copy acked may be gone: it neither votes nor campaigns until it holds a block
         of a term begun after this start, from that term's leader (else a leader missing
         a confirmed block could be elected with its vote); the shell keeps the mark until
-        ``Ready.repaired``."""
+        ``Ready.repaired``.
+
+        ``members``: the shard's members the guild agreed to (``constellation.replication
+        .members``), the first in effect from its genesis; a block naming others is
+        refused. By default every operator of ``keys`` votes, and that never changes."""
         self.owner, self.worker, self.me = owner, worker, me
         self.keys = list(keys)
-        self.quorums = Quorums.of(len(self.keys))
-        self.copies = self.quorums.copies
-        if not 0 <= me < self.copies or not 0 <= owner < len(self.keys):
+        if not self._known(me) or not 0 <= owner < len(self.keys):
             raise ValueError(f"no copy {me} or owner {owner} in a guild of {len(self.keys)}")
+        agreed = list(members) or [mb.genesis(range(len(self.keys)))]
+        for m in agreed:
+            why = mb.malformed(m)
+            if why or max(m.operators()) >= len(self.keys):
+                raise ValueError(f"members {m}: {why or 'an operator without a key'}")
+        self.agreed = {rp.members_hash(m): m for m in agreed}
         self.sign = sign
         self.executor = executor
         self.clock = clock
@@ -216,13 +226,10 @@ class Replica:
         self.leader = -1
         self.heard = -1e18  # when the leader was last heard
         self.counters = Counters()
-        # Preference: the owner's two copies, then the others in order.
-        first = 2 * owner
-        self.preference = [first, first + 1] + [c for c in range(self.copies) if c // 2 != owner]
-        self.rank = self.preference.index(me)
         self.snap = snapshot or Snapshot(0, 0, GENESIS, None, executor.snapshot())
         self.base = (self.snap.height, self.snap.term, self.snap.hash)  # just before log[0]
         self.log = [b for b in blocks if b.signed.header.height > self.snap.height]
+        self._load_members(agreed[0])
         self.confirmed = self.snap.height
         self._rebuild(self.last)
         self.stored_height = self.last
@@ -286,6 +293,114 @@ class Replica:
         if self.log:
             return self.log[-1].signed.header.root
         return self.executor.root()
+
+    # -- members -------------------------------------------------------------------------
+
+    def _load_members(self, genesis: rp.Members) -> None:
+        """The members in effect at the base (``genesis`` at height 0), the heights in the
+        log where they change, and those in effect now."""
+        signed = self.snap.signed
+        self.base_members = signed.header.members if signed else rp.members_hash(genesis)
+        self.changes: list[int] = []
+        named = self.base_members
+        for block in self.log:
+            if block.signed.header.members != named:
+                self.changes.append(block.signed.header.height)
+                named = block.signed.header.members
+        if named not in self.agreed or self.base_members not in self.agreed:
+            raise ValueError("the log names members this copy was not given")
+        self.members_hash, self.members = named, self.agreed[named]
+        self.preference: list[int] = []
+        self.rank = 0
+        self._prefer()
+
+    def _known(self, copy: int) -> bool:
+        """Whether ``copy`` is a copy of an operator the guild has had (with a key)."""
+        return 0 <= copy < 2 * len(self.keys)
+
+    def _votes(self, copy: int) -> bool:
+        """Whether ``copy`` votes (and may lead) under the members in effect."""
+        op = copy // 2
+        return op in self.members.voters or op in self.members.old
+
+    @property
+    def group(self) -> list[int]:
+        """The copies taking part in the shard now (voting or learning): where a message
+        to ``EVERYONE`` goes."""
+        return mb.copies_of(self.members)
+
+    @property
+    def changed_at(self) -> int:
+        """The height of the block that put the members in effect (the base's, at most)."""
+        return self.changes[-1] if self.changes else self.base[0]
+
+    def _prefer(self) -> None:
+        """Preference: the owner's two copies, then the other voters' in order; a copy
+        that does not vote comes after all, and never campaigns."""
+        voting = [c for c in self.group if self._votes(c)]
+        first = [c for c in voting if c // 2 == self.owner]
+        self.preference = first + [c for c in voting if c // 2 != self.owner]
+        self.rank = self.preference.index(self.me) if self.me in self.preference else len(voting)
+
+    def _adopt(self) -> None:
+        """Put in effect the members the log's last block names (after an append, a
+        truncation or a snapshot)."""
+        named = self.log[-1].signed.header.members if self.log else self.base_members
+        if named == self.members_hash:
+            return
+        self.members_hash, self.members = named, self.agreed[named]
+        self.ready_.members = self.members
+        self._prefer()
+        if self.role is Role.LEADER:
+            now = self.clock()
+            for c in self.group:
+                if c != self.me and c not in self.progress:
+                    self.progress[c] = Progress(next=self.last + 1, heard=now)
+            for c in [c for c in self.progress if c not in self.group]:
+                del self.progress[c]
+
+    def change(self, members: rp.Members) -> str:
+        """Propose the next step of a change of members (``constellation.replication
+        .members``); say why it cannot be taken now, or ''. The step's block confirms like
+        any other; a joint step's end is proposed by the leader once it is confirmed."""
+        if self.role is not Role.LEADER:
+            return "not the leader"
+        named = rp.members_hash(members)
+        if named not in self.agreed:
+            return "members the guild did not agree to"
+        why = mb.next_ok(self.members, members)
+        if why:
+            return why
+        if self.changed_at > self.confirmed:
+            return "the previous change is not confirmed yet"
+        now = self.clock()
+        for op in set(members.voters) - set(self.members.voters):
+            for c in (2 * op, 2 * op + 1):
+                p = self.progress[c]
+                if not (
+                    p.knows
+                    and p.match >= self.confirmed
+                    and now - p.heard < self.settings.election_s
+                ):
+                    return f"operator {op}'s copies have not caught up"
+        if not self.can_propose():
+            return "the leader is busy"
+        self._propose(b"", self.state_root(), named)
+        return ""
+
+    def _end_change(self) -> None:
+        """A leader's part once its members' block is confirmed: end a joint change, or
+        step down if its operator no longer votes."""
+        if self.changed_at > self.confirmed:
+            return
+        m = self.members
+        if m.old:
+            end = rp.Members(m.voters, [], m.learners)
+            named = rp.members_hash(end)
+            if named in self.agreed:
+                self._propose(b"", self.state_root(), named)
+        elif not self._votes(self.me):
+            self._follow(self.term, -1)
 
     # -- the shell's side ----------------------------------------------------------------
 
@@ -377,7 +492,7 @@ class Replica:
             return
         self.gossiped, self.gossip_again = signed, now + HEAD_AGAIN * self.settings.heartbeat_s
         lead = signed.header.leader // 2
-        for c in range(self.copies):
+        for c in self.group:
             if c // 2 not in (lead, self.me // 2):
                 self._send(c, rp.Head(signed))
 
@@ -386,7 +501,7 @@ class Replica:
     def _prevote(self, transfer: bool = False) -> None:
         """Ask whether an election would be won, spending no term. ``transfer``: the
         leader hands leadership over; it stays the leader unless this succeeds."""
-        if self._excluded(self.me) or self.damaged:
+        if self._excluded(self.me) or self.damaged or not self._votes(self.me):
             return
         self.role = Role.PRECANDIDATE
         if not transfer:
@@ -415,9 +530,13 @@ class Replica:
         )
         return rp.Vote(self.term, candidate, self.last_term, self.last, self.me, self.sign(digest))
 
+    def _elects(self, copies: Iterable[int]) -> bool:
+        """Whether these copies' votes (or PreVotes) elect under the members in effect."""
+        voters = [divmod(c, 2) for c in copies if not self._excluded(c)]
+        return mb.elects(self.members, voters)
+
     def _won(self) -> None:
-        voters = [divmod(c, 2) for c in self.votes if not self._excluded(c)]
-        if self.role is Role.CANDIDATE and self.quorums.elects(voters):
+        if self.role is Role.CANDIDATE and self._elects(self.votes):
             self._lead()
 
     def _lead(self) -> None:
@@ -427,7 +546,7 @@ class Replica:
         now = self.clock()
         self.led_since = now
         self.progress = {
-            c: Progress(next=self.last + 1, heard=now) for c in range(self.copies) if c != self.me
+            c: Progress(next=self.last + 1, heard=now) for c in self.group if c != self.me
         }
         self.ready_.leading = True
         self.next_beat = now + self.settings.heartbeat_s
@@ -516,8 +635,7 @@ class Replica:
                 return
             if self.role is Role.PRECANDIDATE and msg.term == self.term + 1:
                 self.prevotes.add(sender)
-                voters = [divmod(c, 2) for c in self.prevotes if not self._excluded(c)]
-                if self.quorums.elects(voters):
+                if self._elects(self.prevotes):
                     self._campaign(self.transfer)
             return
         if msg.term > self.term:
@@ -539,7 +657,7 @@ class Replica:
         self._won()
 
     def _vote_valid(self, vote: rp.Vote) -> bool:
-        if not 0 <= vote.voter < self.copies:
+        if not self._known(vote.voter):
             return False
         digest = rp.vote_digest(
             self.owner,
@@ -553,12 +671,14 @@ class Replica:
         return schnorr_verify(self.keys[vote.voter // 2], digest, vote.sig)
 
     def _cert_valid(self, term: int, leader: int, cert: list[rp.Vote]) -> bool:
-        """Whether ``cert`` holds enough valid votes for ``leader`` in ``term``."""
+        """Whether ``cert`` holds enough valid votes for ``leader`` in ``term``, under the
+        members in effect here or any others the guild agreed to (a copy behind a change
+        follows a leader elected after it)."""
         if self._excluded(leader):
             return False
-        if len(cert) > self.copies:
+        if len(cert) > 2 * len(self.keys):
             return False
-        voters = set()
+        voters: set[int] = set()
         for vote in cert:
             if vote.term != term or vote.candidate != leader or vote.voter in voters:
                 continue
@@ -567,7 +687,8 @@ class Replica:
             self._saw_vote(vote)
             if not self._excluded(vote.voter):
                 voters.add(vote.voter)
-        return self.quorums.elects(divmod(c, 2) for c in voters)
+        copies = [divmod(c, 2) for c in voters]
+        return any(mb.elects(m, copies) for m in self.agreed.values())
 
     def _on_timeout_now(self, sender: int, msg: rp.TimeoutNow) -> None:
         if (
@@ -596,7 +717,7 @@ class Replica:
         ]
         twin = self.me ^ 1
         heir = twin if twin in ready else min(ready, key=self.preference.index, default=-1)
-        for c in range(self.copies):
+        for c in self.group:
             if c not in (self.me, heir):
                 self._send(c, rp.Resign(self.term))
         if heir >= 0:
@@ -623,6 +744,9 @@ class Replica:
     def propose(self, body: bytes, root: bytes) -> int:
         """Seal ``body``, which the application has already applied (its state's root is
         ``root``), as the next block; return its height."""
+        return self._propose(body, root, self.members_hash)
+
+    def _propose(self, body: bytes, root: bytes, members: bytes) -> int:
         assert self.role is Role.LEADER, "only a leader proposes"
         height = self.last + 1
         header = rp.Header(
@@ -635,12 +759,11 @@ class Replica:
             root,
             self.me,
             int(self.clock() * 1000),
+            members,
         )
         block = rp.Block(rp.Signed(header, self.sign(rp.header_hash(header))), body)
-        self.log.append(block)
-        self.ready_.append.append(block)
+        self._append(block)
         self.seen[(header.term, height)] = block.signed
-        self._capture()
         for c, p in self.progress.items():
             if p.next == height:
                 self._send_to(c, p, beat=False)
@@ -689,7 +812,9 @@ class Replica:
             return
         if self.role is not Role.LEADER or msg.term != self.term:
             return
-        p = self.progress[sender]
+        p = self.progress.get(sender)
+        if p is None:  # a copy that no longer takes part
+            return
         p.heard = self.clock()
         p.knows = msg.ok  # a refusal may come from a copy that lost our certificate
         if msg.refused:
@@ -722,12 +847,15 @@ class Replica:
             p.offset = -1
         p.next = max(p.next, msg.height + 1)
         self._confirm()
-        self._send_to(sender, p, beat=False)
+        if self.role is Role.LEADER:  # not if it stepped down, its operator gone
+            self._send_to(sender, p, beat=False)
 
     def _on_chunk_ack(self, sender: int, msg: rp.ChunkAck) -> None:
         if self.role is not Role.LEADER or msg.term != self.term:
             return
-        p = self.progress[sender]
+        p = self.progress.get(sender)
+        if p is None:
+            return
         p.heard = self.clock()
         if p.offset < 0:
             return
@@ -756,11 +884,7 @@ class Replica:
 
     def _confirming(self, copies: list[int]) -> bool:
         """Whether these copies (this one among them) may confirm a block of ours."""
-        mine = self.me // 2
-        per_operator = Counter(c // 2 for c in copies)
-        return len(copies) >= self.quorums.confirm and all(
-            len(copies) - n >= 2 for op, n in per_operator.items() if op != mine
-        )
+        return mb.confirming(self.members, [divmod(c, 2) for c in copies], self.me // 2)
 
     def _confirmed(self, height: int) -> None:
         self.confirmed = height
@@ -769,6 +893,8 @@ class Replica:
         if captured is not None and captured[0] <= height:
             self._snapshot(*captured)
         self._forget()
+        if self.role is Role.LEADER:
+            self._end_change()
 
     def _forget(self) -> None:
         """Keep the headers and votes remembered for proofs within bounds."""
@@ -837,9 +963,7 @@ class Replica:
                 self.counters.refused_blocks += 1
                 self._refuse_append(sender, self.last, why)
                 return
-            self.log.append(block)
-            self.ready_.append.append(block)
-            self._capture()
+            self._append(block)
         self._follower_confirm(min(msg.confirmed, height))
         if self.damaged and msg.term > self.damaged_term and self.last_term == msg.term:
             # It holds a block of a term begun after its restart, so all that leader's
@@ -847,6 +971,15 @@ class Replica:
             self.damaged = False
             self.ready_.repaired = True
         self._ack(sender, height)
+
+    def _append(self, block: rp.Block) -> None:
+        """Add a checked (or our own) block at the log's end."""
+        if block.signed.header.members != self.members_hash:
+            self.changes.append(block.signed.header.height)
+        self.log.append(block)
+        self.ready_.append.append(block)
+        self._capture()
+        self._adopt()
 
     def _ack(self, leader: int, height: int) -> None:
         """Tell the leader, signed, that this copy holds its log up to ``height``."""
@@ -871,15 +1004,24 @@ class Replica:
         before = self.ready_.truncate
         self.ready_.truncate = height if before is None else min(before, height)
         self.ready_.append = [b for b in self.ready_.append if b.signed.header.height <= height]
+        self.changes = [h for h in self.changes if h <= height]
         self._rebuild(height)
+        self._adopt()
 
     def _check(self, block: rp.Block, term: int) -> str:
         """Why ``block`` may not follow the log (it is then not applied), or ''."""
         header = block.signed.header
         if (header.owner, header.worker) != (self.owner, self.worker):
             return "a block of another shard"
-        if not 0 <= header.leader < self.copies:
+        if not self._known(header.leader):
             return f"no copy {header.leader}"
+        if header.members != self.members_hash:
+            new = self.agreed.get(header.members)
+            if new is None:
+                return "names members the guild did not agree to"
+            why = mb.next_ok(self.members, new)
+            if why:
+                return f"a change of members refused: {why}"
         if header.term > term or header.term < self.last_term:
             return f"term {header.term} out of order"
         if header.prev != self.hash_at(self.last):
@@ -938,8 +1080,10 @@ class Replica:
         if upto < self.first:
             return
         base = (upto, self.term_at(upto), self.hash_at(upto))
+        self.base_members = self._block(upto).signed.header.members
         del self.log[: upto - self.first + 1]
         self.base = base
+        self.changes = [h for h in self.changes if h > upto]
         self.ready_.compact = upto
 
     def _on_chunk(self, sender: int, msg: rp.Chunk) -> None:
@@ -977,7 +1121,8 @@ class Replica:
         header = signed.header
         signer = header.leader // 2
         if (header.owner, header.worker) != (self.owner, self.worker) or not (
-            0 <= header.leader < self.copies
+            self._known(header.leader)
+            and header.members in self.agreed
             and schnorr_verify(self.keys[signer], rp.header_hash(header), signed.sig)
         ):
             self.counters.refused_messages += 1
@@ -995,6 +1140,8 @@ class Replica:
         self.captured = None
         self.log = []
         self.base = (h, header.term, self.snap.hash)
+        self.base_members, self.changes = header.members, []
+        self._adopt()
         self.ready_.snapshot = self.snap
         self.ready_.truncate = 0
         self.ready_.append = []
@@ -1044,7 +1191,7 @@ class Replica:
         h = signed.header
         return (
             (h.owner, h.worker) == (self.owner, self.worker)
-            and 0 <= h.leader < self.copies
+            and self._known(h.leader)
             and schnorr_verify(self.keys[h.leader // 2], rp.header_hash(h), signed.sig)
         )
 
@@ -1093,7 +1240,7 @@ class Replica:
                 (a.owner, a.worker, a.term, a.height) != (b.owner, b.worker, b.term, b.height)
                 or (a.owner, a.worker) != (self.owner, self.worker)
                 or a == b
-                or not (0 <= a.leader < self.copies and 0 <= b.leader < self.copies)
+                or not (self._known(a.leader) and self._known(b.leader))
                 or a.leader // 2 != b.leader // 2
             ):
                 return None
@@ -1121,7 +1268,7 @@ class Replica:
     def step(self, sender: int, msg: rp.Message) -> None:
         """Take one message from copy ``sender`` (authenticated by the transport)."""
         if (
-            not 0 <= sender < self.copies
+            not self._known(sender)
             or sender == self.me
             or (self._excluded(sender) and not isinstance(msg, rp.Proof))
         ):

@@ -124,6 +124,7 @@ def _alternative(block: rp.Block, key_index: int) -> rp.Block:
         header.root,
         header.leader,
         header.time_ms,
+        header.members,
     )
     return rp.Block(rp.Signed(other, KEYS[key_index].sign(rp.header_hash(other))), b"")
 
@@ -248,7 +249,7 @@ def test_a_junk_head_does_not_hide_an_equivocation() -> None:
     leader = shard.replicas[0]
     # First a header at the next height naming another operator's copy, badly signed.
     junk = rp.Signed(
-        rp.Header(0, 0, leader.term, warm + 1, bytes(32), bytes(32), bytes(32), 4, 0), bytes(64)
+        rp.Header(0, 0, leader.term, warm + 1, *[bytes(32)] * 3, 4, 0, bytes(32)), bytes(64)
     )
     for c in range(2, 6):
         shard.queue.append((0, c, rp.encode(rp.Envelope(0, 0, 0, rp.Head(junk)))))

@@ -1,0 +1,146 @@
+"""Who counts in a shard's replication, and how that changes: one member at a time.
+
+A shard's members (``rp.Members``) live in its log: every block header names the members
+in effect from it on (``Header.members``, a hash), so a copy knows them at every height,
+a snapshot included, and a block that changes them is an ordinary block whose header
+names others. A copy uses the latest members in its log, confirmed or not (Raft's rule).
+
+A change goes through Raft's joint consensus (Raft thesis §4.3), over copies:
+
+1. **Learn.** The joiner's copies become ``learners``: they get the log, never count.
+2. **Joint.** Once they hold the log, the voters become the new set and ``old`` the
+   previous one: a block confirms, and a leader is elected, only with quorums of both.
+3. **New.** Once the joint block is confirmed, its leader appends the new members alone.
+   A leaver's copies no longer count from here; a leader whose operator left steps down
+   once this block is confirmed.
+
+Every confirming quorum and election quorum of one step meets every election quorum of
+the next (joint quorums contain quorums of both), so no two leaders share a term and a
+confirmed block is never lost across a change. Only the steps the guild agreed to are
+taken: a copy refuses a block naming members it was not given (``Replica`` 's
+``members``), and ``plan`` spells those steps out.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from constellation.protocol.replication import Members
+from constellation.replication.quorum import COPIES_PER_OPERATOR, Copy, Quorums
+
+
+def genesis(operators: Iterable[int]) -> Members:
+    """The members of a shard whose every operator votes from its first block."""
+    return Members(sorted(set(operators)))
+
+
+def malformed(m: Members) -> str:
+    """Why ``m`` is not a well-formed set of members, or ''."""
+    for name, ops in (("voters", m.voters), ("old", m.old), ("learners", m.learners)):
+        if ops != sorted(set(ops)) or any(op < 0 for op in ops):
+            return f"{name} are not sorted, distinct operator numbers"
+    if not m.voters:
+        return "no voters"
+    if set(m.voters) & set(m.learners):
+        return "an operator both votes and learns"
+    return ""
+
+
+def next_ok(cur: Members, new: Members) -> str:
+    """Why ``new`` may not follow ``cur`` in a shard's log, or ''."""
+    why = malformed(new)
+    if why:
+        return why
+    voters, before = set(new.voters), set(cur.voters)
+    if cur.old:
+        if new.old or voters != before or new.learners != cur.learners:
+            return "a joint change ends with its new voters alone"
+        return ""
+    if not new.old:
+        if voters != before:
+            return "voters change only through a joint step"
+        return "" if new.learners != cur.learners else "the same members"
+    if set(new.old) != before:
+        return "a joint step keeps the voters before it as old"
+    changed = voters ^ before
+    if len(changed) != 1:
+        return "one member joins or leaves at a time"
+    (op,) = changed
+    if op in voters:
+        if op not in cur.learners:
+            return f"operator {op} votes before it learned the log"
+        if set(new.learners) != set(cur.learners) - {op}:
+            return "the joiner leaves the learners, the others stay"
+    elif new.learners != cur.learners:
+        return "a leaver's step keeps the learners"
+    return ""
+
+
+def plan(cur: Members, voters: Iterable[int]) -> list[Members]:
+    """The members a shard goes through from ``cur`` to ``voters`` alone (no learners
+    left of those joining): joiners first, then leavers, one at a time."""
+    goal = set(voters)
+    if not goal:
+        raise ValueError("a shard keeps at least one voter")
+    steps: list[Members] = []
+    m = cur
+    if m.old:
+        m = Members(m.voters, [], m.learners)
+        steps.append(m)
+    for op in sorted(goal - set(m.voters)):
+        if op not in m.learners:
+            m = Members(m.voters, [], sorted({*m.learners, op}))
+            steps.append(m)
+        learners = sorted(set(m.learners) - {op})
+        m = Members(sorted({*m.voters, op}), m.voters, learners)
+        steps.append(m)
+        m = Members(m.voters, [], learners)
+        steps.append(m)
+    for op in sorted(set(m.voters) - goal):
+        m = Members(sorted(set(m.voters) - {op}), m.voters, m.learners)
+        steps.append(m)
+        m = Members(m.voters, [], m.learners)
+        steps.append(m)
+    return steps
+
+
+def groups(m: Members) -> list[list[int]]:
+    """The operator sets each needing a quorum: the voters, and the old ones if joint."""
+    return [m.voters, m.old] if m.old else [m.voters]
+
+
+def elects(m: Members, votes: Iterable[Copy]) -> bool:
+    """Whether these copies' votes elect a leader under ``m``."""
+    found = set(votes)
+    for group in groups(m):
+        among = Quorums.among(group)
+        if not among.elects(c for c in found if c[0] in among.members):
+            return False
+    return True
+
+
+def confirming(m: Members, copies: Iterable[Copy], mine: int) -> bool:
+    """Whether a leader of operator ``mine`` may confirm a block these copies hold: in
+    each group a confirming quorum, which keeps two copies once any one other operator's
+    are taken away (an operator acking what it did not store cannot alone make a
+    confirmed block depend on it)."""
+    found = set(copies)
+    for group in groups(m):
+        among = Quorums.among(group)
+        held = [c for c in found if c[0] in among.members]
+        per_operator = Counter(op for op, _ in held)
+        if not among.confirms(held) or any(
+            len(held) - n < 2 for op, n in per_operator.items() if op != mine
+        ):
+            return False
+    return True
+
+
+def copies_of(m: Members) -> list[int]:
+    """The copy numbers of every operator that takes part in ``m``."""
+    return [
+        COPIES_PER_OPERATOR * op + k
+        for op in sorted(m.operators())
+        for k in range(COPIES_PER_OPERATOR)
+    ]
