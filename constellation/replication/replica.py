@@ -340,7 +340,11 @@ class Replica:
         voting = [c for c in self.group if self._votes(c)]
         first = [c for c in voting if c // 2 == self.owner]
         self.preference = first + [c for c in voting if c // 2 != self.owner]
-        self.rank = self.preference.index(self.me) if self.me in self.preference else len(voting)
+        self.rank = self._rank_of(self.me)
+
+    def _rank_of(self, copy: int) -> int:
+        """Where ``copy`` comes in the preference (after all if it does not vote)."""
+        return self.preference.index(copy) if copy in self.preference else len(self.preference)
 
     def _adopt(self) -> None:
         """Put in effect the members the log's last block names (after an append, a
@@ -582,7 +586,7 @@ class Replica:
         # Leadership is handed only to a copy preferred to its leader: another copy
         # naming a transfer does not break the lease.
         transfer = msg.transfer and (
-            self.leader < 0 or self.preference.index(sender) < self.preference.index(self.leader)
+            self.leader < 0 or self._rank_of(sender) < self._rank_of(self.leader)
         )
         lease = self._in_lease() and not transfer
         if msg.pre:
@@ -716,7 +720,7 @@ class Replica:
             and now - p.heard < self.settings.heartbeat_s * 3
         ]
         twin = self.me ^ 1
-        heir = twin if twin in ready else min(ready, key=self.preference.index, default=-1)
+        heir = twin if twin in ready else min(ready, key=self._rank_of, default=-1)
         for c in self.group:
             if c not in (self.me, heir):
                 self._send(c, rp.Resign(self.term))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import msgspec
 
@@ -27,14 +27,23 @@ class Shard:
     """The 2n copies of shard (owner 0, worker 0); time moves only in ``run``."""
 
     def __init__(
-        self, operators: int = 3, seed: int = 1, make: Callable[[], Executor] = Payments
+        self,
+        operators: int = 3,
+        seed: int = 1,
+        make: Callable[[], Executor] = Payments,
+        members: Sequence[rp.Members] = (),
     ) -> None:
+        """``members``: the members the guild agreed the shard may have (by default its
+        ``operators`` vote); every operator they name has copies here, taking part or
+        not."""
         self.make = make
-        self.operators = operators
+        self.members = list(members)
+        named = {op for m in self.members for op in m.operators()}
+        self.operators = max(named, default=operators - 1) + 1
         self.rng = random.Random(seed)
         self.now = 0.0
-        self.copies = 2 * operators
-        self.keys = KEYS[:operators]
+        self.copies = 2 * self.operators
+        self.keys = KEYS[: self.operators]
         self.down: set[int] = set()
         self.cut: set[tuple[int, int]] = set()
         self.liars: set[int] = set()  # copies that ack without storing
@@ -51,7 +60,16 @@ class Shard:
     def _start(self, c: int) -> Replica:
         self.apps[c] = self.make()
         return restart(
-            self.disks[c], 0, 0, c, self.keys, self.apps[c], self.clock, self.rng.random, SETTINGS
+            self.disks[c],
+            0,
+            0,
+            c,
+            self.keys,
+            self.apps[c],
+            self.clock,
+            self.rng.random,
+            SETTINGS,
+            self.members,
         )
 
     def clock(self) -> float:

@@ -2,10 +2,11 @@
 event, under the fault schedules of ``notes/replication.md`` §6.
 
 ``CST_SIM_SEEDS`` (default 300) seeds of a 3-operator guild, a sixth as many of a
-4-operator guild and a fifth as many of the real ledger (``tests/sim/ledger.py``: two
-workers' shards, two-phase commit across them) run in CI; a long hunt runs
-``python -m tests.sim --seeds N [--operators 4] [--ledger]``. A seed that ever failed
-goes into ``regressions.txt``.
+4-operator guild, a fifth as many of the real ledger (``tests/sim/ledger.py``: two
+workers' shards, two-phase commit across them) and a tenth as many each of a fourth
+operator joining and of one of three leaving run in CI; a long hunt runs
+``python -m tests.sim --seeds N [--operators 4] [--ledger | --change join|leave]``. A
+seed that ever failed goes into ``regressions.txt`` (seed, operators, kind).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tests.sim.ledger import LedgerGuild
 
 SEEDS = int(os.environ.get("CST_SIM_SEEDS", "300"))
 REGRESSIONS = [
-    (int(seed), int(operators), kind == "ledger")
+    (int(seed), int(operators), kind)
     for seed, operators, kind in (
         [*line.split(), "replication"][:3]
         for line in (Path(__file__).parent / "regressions.txt").read_text().splitlines()
@@ -28,23 +29,29 @@ REGRESSIONS = [
     )
 ]
 CASES = sorted(
-    {(seed, 3, False) for seed in range(SEEDS)}
-    | {(10_000 + seed, 4, False) for seed in range(SEEDS // 6)}
-    | {(20_000 + seed, 3, True) for seed in range(SEEDS // 5)}
+    {(seed, 3, "replication") for seed in range(SEEDS)}
+    | {(10_000 + seed, 4, "replication") for seed in range(SEEDS // 6)}
+    | {(20_000 + seed, 3, "ledger") for seed in range(SEEDS // 5)}
+    | {(30_000 + seed, 3, "join") for seed in range(SEEDS // 10)}
+    | {(40_000 + seed, 3, "leave") for seed in range(SEEDS // 10)}
     | set(REGRESSIONS)
 )
 
 
-@pytest.mark.parametrize(("seed", "operators", "ledger"), CASES)
-def test_the_guild_keeps_every_invariant_under_faults(
-    seed: int, operators: int, ledger: bool
-) -> None:
-    guild = (LedgerGuild if ledger else Guild)(seed, operators=operators)
+@pytest.mark.parametrize(("seed", "operators", "kind"), CASES)
+def test_the_guild_keeps_every_invariant_under_faults(seed: int, operators: int, kind: str) -> None:
+    ledger = kind == "ledger"
+    change = kind if kind in ("join", "leave") else ""
+    if ledger:
+        guild: Guild = LedgerGuild(seed, operators=operators)
+    else:
+        guild = Guild(seed, operators=operators, change=change)
     try:
         guild.run()
     except Violation as exc:
         faults = "\n".join(guild.log[-30:])
-        pytest.fail(f"{exc}\nreplay: {replay_command(seed, operators, ledger)}\n{faults}")
+        replay = replay_command(seed, operators, ledger, change)
+        pytest.fail(f"{exc}\nreplay: {replay}\n{faults}")
     if isinstance(guild, LedgerGuild):
         assert any(p.done for p in guild.payments.values()), "no payment was answered"
         assert guild.outbound > 0, "no payment paid another ledger"

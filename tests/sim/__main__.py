@@ -20,18 +20,25 @@ def main() -> int:
     parser.add_argument(
         "--ledger", action="store_true", help="the real ledger (2PC across two shards)"
     )
+    parser.add_argument(
+        "--change", choices=["join", "leave"], default="", help="a member joins or leaves"
+    )
     args = parser.parse_args()
     seeds = [args.seed] if args.seed is not None else range(args.first, args.first + args.seeds)
     failed = []
     started = time.monotonic()
     for seed in seeds:
-        guild = (LedgerGuild if args.ledger else Guild)(seed, operators=args.operators)
+        if args.ledger:
+            guild: Guild = LedgerGuild(seed, operators=args.operators)
+        else:
+            guild = Guild(seed, operators=args.operators, change=args.change)
         try:
             guild.run()
         except Violation as exc:
             failed.append(seed)
             print(
-                f"seed {seed}: {exc}\n  replay: {replay_command(seed, args.operators, args.ledger)}"
+                f"seed {seed}: {exc}\n  replay: "
+                f"{replay_command(seed, args.operators, args.ledger, args.change)}"
             )
             if args.seed is not None:
                 print("\n".join(guild.log))

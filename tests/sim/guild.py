@@ -23,7 +23,7 @@ import functools
 import hashlib
 import heapq
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -31,6 +31,7 @@ import msgspec
 from constellation.errors import ConstellationError
 from constellation.keys import SigningKey
 from constellation.protocol import replication as rp
+from constellation.replication import members as mb
 from constellation.replication.replica import EVERYONE, Executor, Ready, Replica, Role, Settings
 from services.replica.store import Loaded
 
@@ -132,10 +133,26 @@ class Guild:
     ``_workload`` and ``_check_app``."""
 
     def __init__(
-        self, seed: int, operators: int = 3, shards: list[tuple[int, int]] | None = None
+        self,
+        seed: int,
+        operators: int = 3,
+        shards: list[tuple[int, int]] | None = None,
+        change: str = "",
     ) -> None:
+        """``change``: "join" (a new operator joins the ``operators``) or "leave" (one of
+        them leaves), driven through every shard's log while the faults go on."""
         self.seed = seed
         self.rng = random.Random(seed)
+        self.change = change
+        founders = list(range(operators))
+        goal = founders
+        if change == "join":
+            goal, operators = [*founders, operators], operators + 1
+        elif change == "leave":
+            leaver = self.rng.randrange(operators)
+            goal = [op for op in founders if op != leaver]
+        self.steps = mb.plan(mb.genesis(founders), goal)
+        self.members = [mb.genesis(founders), *self.steps]
         self.operators = operators
         self.machines = 2 * operators
         # (owner, worker) of each shard; by default one shard each of two operators
@@ -180,7 +197,9 @@ class Guild:
         app = self._executor(m, s)
         owner, worker = self.shard_ids[s]
         clock = functools.partial(self._clock, m)
-        replica = restart(disk, owner, worker, m, self.keys, app, clock, self.rng.random, SETTINGS)
+        replica = restart(
+            disk, owner, worker, m, self.keys, app, clock, self.rng.random, SETTINGS, self.members
+        )
         return Copy(s, replica, app, disk)
 
     def _clock(self, m: int) -> float:
@@ -423,6 +442,23 @@ class Guild:
             self.loss = rng.uniform(0.05, 0.3)
             self._at(self.now + rng.uniform(0.2, 1.0), self._no_loss)
 
+    def _drive_change(self) -> None:
+        """The guild's change of members: each shard's leader takes the next step when it
+        can (a joint step ends by itself)."""
+        self._at(self.now + 0.05, self._drive_change)
+        for m in range(self.machines):
+            if not self._runnable(m):
+                continue
+            for s in range(self.shards):
+                c = self.copies[(m, s)]
+                r = c.replica
+                if r.role is not Role.LEADER or r.members.old or r.members == self.steps[-1]:
+                    continue
+                step = self.steps[self.steps.index(r.members) + 1 if r.members in self.steps else 0]
+                if r.change(step) == "":
+                    self.log.append(f"{self.now:.3f} shard {s} members {step}")
+                    self._flush(m, c)
+
     def _no_loss(self) -> None:
         self.loss = 0.0
 
@@ -462,6 +498,8 @@ class Guild:
                 break
             self._at(t, self._fault)
         self._at(heal_s, self._heal)
+        if self.steps:
+            self._at(self.rng.uniform(0.3, 1.5), self._drive_change)
         while self.events and self.events[0][0] <= end_s:
             self.now, _, action = heapq.heappop(self.events)
             action()
@@ -479,6 +517,9 @@ class Guild:
             if self.last_confirm_at[s] <= heal_s:
                 raise Violation(f"shard {s}: nothing confirmed after the faults stopped")
             lead = leaders[0].replica
+            final = self.members[-1]
+            if lead.members != final:
+                raise Violation(f"shard {s}: the change of members did not finish")
             for (shard, h), digest in self.confirmed.items():
                 if shard != s:
                     continue
@@ -486,7 +527,7 @@ class Guild:
                     raise Violation(f"shard {s}: confirmed block {h} lost")
                 if h > lead.last:
                     raise Violation(f"shard {s}: confirmed block {h} is beyond the leader's log")
-            for m in range(self.machines):
+            for m in [m for m in range(self.machines) if m // 2 in final.operators()]:
                 r = self.copies[(m, s)].replica
                 if r.last != lead.last:
                     raise Violation(
@@ -542,6 +583,7 @@ def restart(
     clock: Callable[[], float],
     draw: Callable[[], float],
     settings: Settings,
+    members: Sequence[rp.Members] = (),
 ) -> Replica:
     """Copy ``me`` of shard (owner, worker), started from what it persisted."""
     return Replica(
@@ -558,6 +600,7 @@ def restart(
         snapshot=disk.snapshot,
         blocks=list(disk.blocks),
         damaged=disk.damaged,
+        members=members,
     )
 
 
@@ -565,6 +608,6 @@ def _sign(key: SigningKey, digest: bytes) -> bytes:
     return key.sign(digest, bytes(32))  # deterministic: a seed replays byte for byte
 
 
-def replay_command(seed: int, operators: int, ledger: bool = False) -> str:
-    flag = " --ledger" if ledger else ""
+def replay_command(seed: int, operators: int, ledger: bool = False, change: str = "") -> str:
+    flag = " --ledger" if ledger else f" --change {change}" if change else ""
     return f".venv/bin/python -m tests.sim --seed {seed} --operators {operators}{flag}"
