@@ -23,6 +23,7 @@ from nats.js.errors import (
 
 from constellation.ledger.pmap import PartitionMap, decode_map
 from constellation.protocol.ledger import PROTOCOL_VERSION, Item, Package, encode
+from constellation.replication.members import Agreement, decode_agreement
 from constellation.replication.placement import Placement, decode_placement
 from services.runtime import env_int
 
@@ -46,6 +47,7 @@ class Batching:
 
 MAP_KEY = "partition-map"
 PLACEMENT_KEY = "placement"
+MEMBERS_KEY = "members"
 LAZY_S = 0.05  # how long an item nobody waits for may wait for a package that goes anyway
 GATEWAY = -1  # the sender id of a gateway
 
@@ -253,3 +255,26 @@ class Packer:
         for subject, items in list(self._out.items()):
             self._close(subject, items)
         await self._idle.wait()
+
+
+async def load_agreement(nc: Client, operator: str) -> Agreement | None:
+    """The changes of members the operator agreed to, or None where it agreed to none
+    (its guild's founders vote)."""
+    try:
+        kv = await nc.jetstream().key_value(map_bucket(operator))
+        entry = await kv.get(MEMBERS_KEY)
+    except (BucketNotFoundError, KeyNotFoundError):
+        return None
+    assert entry.value is not None
+    return decode_agreement(entry.value)
+
+
+async def publish_agreement(nc: Client, operator: str, agreement: Agreement) -> None:
+    """Agree to ``agreement``: it must extend what was agreed before (a change of
+    members is never taken back once agreed: copies may have taken its steps)."""
+    before = await load_agreement(nc, operator)
+    n = len(before.voters) if before else 0
+    if before is not None and agreement.voters[:n] != before.voters:
+        raise ValueError(f"the agreement {before.voters} is not extended by {agreement.voters}")
+    kv = await nc.jetstream().create_key_value(bucket=map_bucket(operator), history=16)
+    await kv.put(MEMBERS_KEY, agreement.encode())

@@ -192,6 +192,12 @@ def _devnet(args: argparse.Namespace) -> int:
             f"operator {done.operator}: {done.before} -> {done.after} machines, "
             f"{done.moved} copy slots moved in {done.seconds} s (placement v{done.placement})"
         )
+    elif args.devnet_command == "leave":
+        left = guild.leave(args.dir, args.operator)
+        print(
+            f"operator {left.operator} left: every shard's voters are "
+            f"{', '.join(left.voters)} ({left.seconds:.1f} s); its processes stopped"
+        )
     elif in_guild:
         guild.down(args.dir)
         if args.purge:
@@ -325,13 +331,18 @@ def _add_devnet(sub: Any) -> None:
         help="a local guild: run an operator on more or fewer machines, moving its copies"
         " live (new machines start first; removed ones stop once nothing is on them)",
     )
-    for p in (stop, start, machines):
+    leave = net_sub.add_parser(
+        "leave",
+        help="a local guild: a member leaves (the others agree; every shard's members change"
+        " through a joint step while payments go on; then its processes stop)",
+    )
+    for p in (stop, start, machines, leave):
         p.add_argument("operator", help="its name (op0, op1, ..., a neighbour's nb0, ...)")
     machines.add_argument("machines", type=int, help=f"{MACHINES} to {MAX_MACHINES}")
     machines.add_argument(
         "--batch", type=int, default=BATCH, help="copy slots moving at once (default %(default)s)"
     )
-    for p in (up, status, fund, down, stop, start, machines):
+    for p in (up, status, fund, down, stop, start, machines, leave):
         p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="devnet state folder")
 
 

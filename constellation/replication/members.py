@@ -24,8 +24,12 @@ taken: a copy refuses a block naming members it was not given (``Replica`` 's
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+import msgspec
+
+from constellation.codec import decode_json
+from constellation.errors import MessageError
 from constellation.protocol.replication import Members
 from constellation.replication.quorum import COPIES_PER_OPERATOR, Copy, Quorums
 
@@ -144,3 +148,48 @@ def copies_of(m: Members) -> list[int]:
         for op in sorted(m.operators())
         for k in range(COPIES_PER_OPERATOR)
     ]
+
+
+def agreed(voter_sets: Sequence[Sequence[int]]) -> list[Members]:
+    """Every step of the changes a guild agreed to, in order: its founders' members
+    (``voter_sets[0]``), then the plan from each set of voters to the next."""
+    if not voter_sets:
+        raise ValueError("a guild has founders")
+    steps = [genesis(voter_sets[0])]
+    for voters in voter_sets[1:]:
+        steps += plan(steps[-1], voters)
+    return steps
+
+
+def next_step(current: Members, steps: Sequence[Members]) -> Members | None:
+    """The step a leader under ``current`` takes next along ``steps``: None when it is
+    at their end, or ``current`` is not among them (a copy told less than its log), or
+    a joint step is under way (its leader ends it by itself)."""
+    if current.old or current not in steps:
+        return None
+    at = list(steps).index(current)
+    return steps[at + 1] if at + 1 < len(steps) else None
+
+
+class Agreement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What an operator agreed its guild's voters become, in order (the founders
+    first): kept in its NATS KV, where its machines follow it (``agreed``)."""
+
+    voters: list[list[int]]
+
+    def encode(self) -> bytes:
+        return msgspec.json.encode(self)
+
+    def steps(self) -> list[Members]:
+        return agreed(self.voters)
+
+
+def decode_agreement(data: bytes) -> Agreement:
+    found = decode_json(data, Agreement, "agreement on members")
+    try:
+        found.steps()
+    except ValueError as exc:
+        raise MessageError(f"bad agreement on members: {exc}") from None
+    if any(op < 0 for voters in found.voters for op in voters):
+        raise MessageError("bad agreement on members: a negative operator")
+    return found

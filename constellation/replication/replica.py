@@ -209,11 +209,8 @@ class Replica:
         if not self._known(me) or not 0 <= owner < len(self.keys):
             raise ValueError(f"no copy {me} or owner {owner} in a guild of {len(self.keys)}")
         agreed = list(members) or [mb.genesis(range(len(self.keys)))]
-        for m in agreed:
-            why = mb.malformed(m)
-            if why or max(m.operators()) >= len(self.keys):
-                raise ValueError(f"members {m}: {why or 'an operator without a key'}")
-        self.agreed = {rp.members_hash(m): m for m in agreed}
+        self.agreed: dict[bytes, rp.Members] = {}
+        self.agree(agreed)
         self.sign = sign
         self.executor = executor
         self.clock = clock
@@ -363,10 +360,21 @@ class Replica:
             for c in [c for c in self.progress if c not in self.group]:
                 del self.progress[c]
 
+    def agree(self, members: Sequence[rp.Members]) -> None:
+        """The guild agreed to more members (a change was approved): blocks naming them
+        are taken from now on."""
+        for m in members:
+            why = mb.malformed(m)
+            if why or max(m.operators()) >= len(self.keys):
+                raise ValueError(f"members {m}: {why or 'an operator without a key'}")
+            self.agreed.setdefault(rp.members_hash(m), m)
+
     def change(self, members: rp.Members) -> str:
         """Propose the next step of a change of members (``constellation.replication
         .members``); say why it cannot be taken now, or ''. The step's block confirms like
-        any other; a joint step's end is proposed by the leader once it is confirmed."""
+        any other; a joint step's end is proposed by the leader once it is confirmed.
+        Its block is empty: as for ``propose``, the application's state must be the
+        log's (nothing applied that waits for a block)."""
         if self.role is not Role.LEADER:
             return "not the leader"
         named = rp.members_hash(members)

@@ -43,7 +43,9 @@ from typing import Any
 from constellation.keys import SigningKey
 from constellation.protocol.envelope import Membership
 from constellation.protocol.signer import KeygenRequest, KeyRequest, OpReply, OpRequest
+from constellation.replication.members import Agreement
 from constellation.replication.placement import BATCH, COPIES, MAX_MACHINES, Placement
+from services.bus import load_agreement, publish_agreement
 from services.devnet.deps import assign_ports, start_deadline_s, stop_all
 from services.devnet.procs import alive, free_port, ready, spawn, stop_pid, wait_ready
 from services.devnet.state import (
@@ -370,6 +372,68 @@ def set_machines(
         moving_since,
         round(moving_s, 3),
     )
+
+
+@dataclass(frozen=True)
+class Left:
+    """What ``leave`` did."""
+
+    operator: str
+    voters: list[str]  # the guild's voters after it
+    seconds: float  # from the agreement to every shard's new members confirmed
+
+
+def leave(directory: Path, name: str, deadline_s: float = 60.0) -> Left:
+    """Operator ``name`` leaves the guild: every member agrees to the voters without it
+    (``constellation.replication.members``), every shard's leader takes the steps (a
+    joint step, then the voters alone) while payments go on, and once every copy of
+    every shard at the members that stay names the new voters, confirmed, the leaver's
+    processes stop. Its shards stay, led and kept by the others' copies."""
+    nets = load(directory)
+    names = [n.operator for n in nets]
+    if name not in names:
+        raise DevnetError(f"no operator {name} in this guild")
+    leaver = names.index(name)
+    stay = [n for n in nets if n.operator != name]
+    if not all(supervisor_alive(directory / n.operator) for n in nets):
+        raise DevnetError("every member runs while one leaves (`devnet start` the others)")
+
+    async def agree() -> list[int]:
+        clients = [await connect_nats(n.nats_url, f"devnet-leave-{n.operator}") for n in nets]
+        try:
+            found = await load_agreement(clients[0], nets[0].operator)
+            agreement = found or Agreement([list(range(len(nets)))])
+            voters = agreement.voters[-1]
+            if leaver not in voters:
+                raise DevnetError(f"operator {name} left already")
+            if len(voters) <= 2:
+                raise DevnetError("a guild keeps at least two members")
+            new = Agreement([*agreement.voters, [op for op in voters if op != leaver]])
+            for nc, net in zip(clients, nets, strict=True):
+                await publish_agreement(nc, net.operator, new)
+            return new.voters[-1]
+        finally:
+            for nc in clients:
+                await nc.close()
+
+    started = time.monotonic()
+    voters = asyncio.run(agree())
+    expected = COPIES * len(stay) * len(nets) * nets[0].shards
+    while True:
+        rows = copies(stay)
+        if len(rows) == expected and all(
+            r["voters"] == voters and not r["old"] and r["members_confirmed"] for r in rows
+        ):
+            break
+        if time.monotonic() - started > deadline_s:
+            raise DevnetError(
+                f"the shards did not all take the new members within {deadline_s} s: "
+                f"{name} keeps running"
+            )
+        time.sleep(0.1)
+    seconds = time.monotonic() - started
+    stop_operator(directory, name)
+    return Left(name, [names[op] for op in voters], seconds)
 
 
 def _holds(machine: MachineProc) -> bool:

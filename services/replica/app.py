@@ -27,12 +27,14 @@ from nats.errors import Error as NatsError
 from constellation.errors import ConstellationError
 from constellation.protocol import ledger as proto
 from constellation.protocol import replication as rp
+from constellation.replication import members as mb
 from constellation.replication.placement import COPIES, Placement
 from constellation.replication.replica import Settings as ReplicaSettings
 from services.bus import (
     Stale,
     ensure_placement,
     events_subject,
+    load_agreement,
     load_placement,
     update_placement,
 )
@@ -102,6 +104,8 @@ class Machine:
         self._subs: dict[str, list[Subscription]] = {}  # a copy's subscriptions, by its name
         self.revision = 0  # of the placement last read
         self.followed = 0  # the version of the placement last recorded
+        # Every step of the changes of members the operator agreed to (none: founders).
+        self.agreement = mb.Agreement([list(range(len(s.layout.members)))])
         self._started = False
 
     def ready(self) -> tuple[bool, str]:
@@ -146,6 +150,7 @@ class Machine:
                 f"machine followed (v{known.version}): the KV was lost or rolled back"
             )
         started = time.monotonic()
+        await self._follow_agreement()
         await self._follow_placement(placement)
         gc.freeze()
         log.info(
@@ -209,6 +214,7 @@ class Machine:
             publisher=self.relay,
             deliver=self._deliver,
             publish_events=self._publish_events,
+            members=self.agreement.steps(),
             observe_round=self.metrics.round_seconds.observe,
         )
         self.copies.append(copy)
@@ -326,10 +332,29 @@ class Machine:
                 assert found is not None
                 placement, self.revision = found
 
+    async def _follow_agreement(self) -> None:
+        """Take the changes of members the operator agreed to since last read."""
+        assert self.nc is not None
+        found = await load_agreement(self.nc, self.settings.name)
+        if found is None or found == self.agreement:
+            return
+        if len(found.voters) < len(self.agreement.voters):
+            log.warning(
+                "the agreement on members went back: ignored", extra={"found": found.voters}
+            )
+            return
+        self.agreement = found
+        steps = found.steps()
+        for copy in self.copies:
+            copy.agree(steps)
+        log.info("members agreed", extra={"voters": found.voters})
+
     async def _placement(self) -> None:
-        """Follow the operator's placement (a long-running task)."""
+        """Follow the operator's placement and its agreement on members (a long-running
+        task)."""
         assert self.nc is not None
         while True:
+            await self._follow_agreement()
             found = await load_placement(self.nc, self.settings.name)
             if found is not None:
                 placement, self.revision = found

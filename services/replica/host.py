@@ -43,6 +43,7 @@ from constellation.keys import SigningKey
 from constellation.ledger.commit import TwoPhaseCommit
 from constellation.protocol import ledger as proto
 from constellation.protocol import replication as rp
+from constellation.replication import members as mb
 from constellation.replication.replica import EVERYONE, Ready, Replica, Role, body_hash
 from constellation.replication.replica import Settings as ReplicaSettings
 from constellation.replication.shard import Events, LedgerShard, ShardLog
@@ -110,8 +111,11 @@ class HostedCopy:
         publisher: Publisher,
         deliver: Deliver,
         publish_events: Callable[[str, bytes], None],
+        members: Sequence[rp.Members],
         observe_round: Callable[[float], None] = lambda _: None,
     ) -> None:
+        """``members``: every step of the changes of members the operator agreed to
+        (``constellation.replication.members.agreed``); a leader takes them."""
         self.layout, self.owner, self.worker, self.me = layout, owner, worker, me
         self.name = f"{layout.members[owner].name}/{worker}"
         self.nc = nc
@@ -157,7 +161,9 @@ class HostedCopy:
             snapshot=loaded.snapshot,
             blocks=loaded.blocks,
             damaged=loaded.damaged,
+            members=members,
         )
+        self.steps = list(members)
         self.folder = folder
         self.events = EventLog(folder / "events.log")
         self.events.open()
@@ -207,7 +213,23 @@ class HostedCopy:
         self._proposing(lambda: self.shard.tick(self.replica, now))
         if self.held:
             self._seal_full()
+        self._change_members()
         self.process()
+
+    def agree(self, steps: Sequence[rp.Members]) -> None:
+        """The operator agreed to more changes of members (``members``)."""
+        self.replica.agree(steps)
+        self.steps = list(steps)
+
+    def _change_members(self) -> None:
+        """A leader takes the next agreed step of a change of members once nothing
+        waits for a block (its block is empty, and the state must be the log's)."""
+        r = self.replica
+        if r.role is not Role.LEADER or self.shard.log.records:
+            return
+        step = mb.next_step(r.members, self.steps)
+        if step is not None and r.change(step) == "":
+            log.info("members change", extra={"shard": self.name, "members": str(step)})
 
     def process(self) -> None:
         """Carry out what the replica asked, until it asks nothing more: the events of
@@ -227,7 +249,7 @@ class HostedCopy:
                 self._confirmed(ready.confirmed, own.height if own is not None else None)
             self._persist(ready)
             for to, msg in ready.messages:
-                dests = range(self.replica.copies) if to == EVERYONE else (to,)
+                dests = self.replica.group if to == EVERYONE else (to,)
                 self.deliver(
                     [d for d in dests if d != self.me],
                     rp.Envelope(self.owner, self.worker, self.me, msg),
@@ -596,6 +618,11 @@ class HostedCopy:
             "root": r.state_root().hex(),
             "evidence": sorted(r.evidence),
             "events_gap": self.gap,
+            # The members in effect, and whether the block that made them is confirmed.
+            "voters": r.members.voters,
+            "old": r.members.old,
+            "learners": r.members.learners,
+            "members_confirmed": r.changed_at <= r.confirmed,
         }
 
     def close(self) -> None:
