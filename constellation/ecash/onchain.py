@@ -86,6 +86,24 @@ def plan(
     return Withdrawal(BitcoinTx(TX_VERSION, 0, inputs, outputs), picked, fee, left)
 
 
+def sweep(
+    coins: Sequence[Coin], destination: bytes, feerate: int, max_fee_sat: int
+) -> Withdrawal | None:
+    """Move every one of ``coins`` to the script ``destination`` in one transaction (a
+    new guild key's output, after a change of members), less the fee at ``feerate``;
+    None where there are none, or the fee would pass ``max_fee_sat`` or leave dust."""
+    if not coins:
+        return None
+    picked = sorted(coins, key=lambda c: (c.txid, c.vout))
+    fee = fee_sat(len(picked), [destination], feerate)
+    total = sum(c.amount_sat for c in picked)
+    if fee > max_fee_sat or total - fee < DUST_SAT:
+        return None
+    inputs = [TxIn(bytes.fromhex(c.txid)[::-1], c.vout, SEQUENCE) for c in picked]
+    outputs = [SpendOutput(total - fee, destination)]
+    return Withdrawal(BitcoinTx(TX_VERSION, 0, inputs, outputs), picked, fee, 0)
+
+
 def spend_requests(tx: BitcoinTx, coins: Sequence[Coin]) -> list[OnchainSpend]:
     """What the guild signs for each input of ``tx`` (spending ``coins``, in order): the
     transaction, every output it spends, and the input's derivation."""

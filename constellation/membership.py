@@ -1,0 +1,147 @@
+"""A change of a guild's members: one member joins or leaves, in phases that each wait
+for the operator's approval, and what each phase waits for.
+
+    join:   Proposed -> Learning -> Voting -> Resharing -> Moving -> Done
+    leave:  Proposed ->             Voting -> Resharing -> Moving -> Done
+
+* **Learning**: the joiner's copies get every shard's log as learners (they count for
+  nothing yet), until they hold it.
+* **Voting**: every shard's voters become the new members, through a joint step
+  (``constellation.replication.members``): a joiner votes from here, a leaver stops.
+* **Resharing**: the new members make a new guild key by a DKG among themselves
+  (``constellation.crypto.dkg``); the old key still signs.
+* **Moving**: the guild's on-chain funds move to the new key in one spend that the old
+  key's signers sign (ROAST), checked by each as any spend (``constellation.guild``).
+* **Done**: the old key signs nothing more.
+
+A phase begins once the work of the one before is observed done (``Observed``: what the
+shards, the signers and the chain say, never assumed) and the operator approved it.
+Pure: the operator's reconciler observes, and records the phase it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from constellation.bitcoin import p2tr_script
+from constellation.ecash.onchain import Coin, Withdrawal, sweep
+from constellation.guild import guild_output
+
+
+class Kind(StrEnum):
+    JOIN = "join"
+    LEAVE = "leave"
+
+
+class Phase(StrEnum):
+    PROPOSED = "Proposed"
+    LEARNING = "Learning"
+    VOTING = "Voting"
+    RESHARING = "Resharing"
+    MOVING = "Moving"
+    DONE = "Done"
+
+
+def phases(kind: Kind) -> list[Phase]:
+    steps = [Phase.VOTING, Phase.RESHARING, Phase.MOVING, Phase.DONE]
+    return [Phase.PROPOSED, *([Phase.LEARNING] if kind is Kind.JOIN else []), *steps]
+
+
+# What each phase's work is, as a phase waiting for it says.
+WORK = {
+    Phase.PROPOSED: "nothing",
+    Phase.LEARNING: "the joiner's copies to hold every shard's log",
+    Phase.VOTING: "every shard to confirm its new voters",
+    Phase.RESHARING: "the new members' key (their DKG)",
+    Phase.MOVING: "the move of the on-chain funds to the new key, confirmed",
+}
+
+
+@dataclass(frozen=True)
+class Change:
+    """``member`` joins or leaves a guild of ``members`` (in their order: a member's
+    position is its operator number); the new key needs ``threshold`` signers."""
+
+    kind: Kind
+    member: str
+    members: tuple[str, ...]
+    threshold: int
+
+    @property
+    def after(self) -> tuple[str, ...]:
+        """The members once the change is done (a joiner comes last)."""
+        if self.kind is Kind.JOIN:
+            return (*self.members, self.member)
+        return tuple(m for m in self.members if m != self.member)
+
+    def voters(self) -> list[int]:
+        """The operator numbers that vote once the change is done."""
+        order = [*self.members, self.member] if self.kind is Kind.JOIN else list(self.members)
+        return sorted(order.index(m) for m in self.after)
+
+    def malformed(self) -> str:
+        """Why this change cannot be made, or ''."""
+        if len(set(self.members)) != len(self.members):
+            return "two members share a name"
+        if self.kind is Kind.JOIN and self.member in self.members:
+            return f"{self.member} is a member already"
+        if self.kind is Kind.LEAVE and self.member not in self.members:
+            return f"{self.member} is not a member"
+        n = len(self.after)
+        if n < 2:
+            return "a guild keeps at least two members"
+        if not n // 2 < self.threshold <= n:
+            return f"the new key's threshold must be a majority of {n} members, at most {n}"
+        return ""
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the guild shows of the change's work."""
+
+    learned: bool = False  # every shard names the joiner a learner, and it holds the log
+    voted: bool = False  # every shard's voters are the new members alone, confirmed
+    new_key: bytes = b""  # the key the new members' DKG made (33 bytes)
+    moved: str = ""  # the txid of the funds' move, confirmed (or "none": nothing held)
+
+
+def work_done(phase: Phase, seen: Observed) -> bool:
+    return {
+        Phase.PROPOSED: True,
+        Phase.LEARNING: seen.learned,
+        Phase.VOTING: seen.voted,
+        Phase.RESHARING: len(seen.new_key) == 33,
+        Phase.MOVING: bool(seen.moved),
+        Phase.DONE: True,
+    }[phase]
+
+
+def advance(
+    kind: Kind, phase: Phase, seen: Observed, approved: Collection[Phase]
+) -> tuple[Phase, str]:
+    """The phase a change in ``phase`` is in now, and what it waits for ('' if
+    nothing): the next phase once this one's work is done and the next is approved (the
+    end needs no approval)."""
+    order = phases(kind)
+    if phase not in order:
+        raise ValueError(f"a {kind} change has no phase {phase}")
+    if phase is Phase.DONE:
+        return phase, ""
+    if not work_done(phase, seen):
+        return phase, f"waiting for {WORK[phase]}"
+    following = order[order.index(phase) + 1]
+    if following is not Phase.DONE and following not in approved:
+        return phase, f"waiting for approval of {following}"
+    return following, ""
+
+
+def move_funds(
+    coins: Sequence[Coin], new_key: bytes, feerate: int, max_fee_sat: int
+) -> Withdrawal | None:
+    """The spend that moves every one of the guild's ``coins`` to ``new_key``'s output
+    (its taproot key, no derivation); the old key signs each input
+    (``onchain.spend_requests``). None where there is nothing to move or the fee is
+    too high."""
+    return sweep(coins, p2tr_script(guild_output(new_key).xonly), feerate, max_fee_sat)
