@@ -248,9 +248,8 @@ def test_a_junk_head_does_not_hide_an_equivocation() -> None:
     shard.until(lambda: shard.confirmed_everywhere(warm))
     leader = shard.replicas[0]
     # First a header at the next height naming another operator's copy, badly signed.
-    junk = rp.Signed(
-        rp.Header(0, 0, leader.term, warm + 1, *[bytes(32)] * 3, 4, 0, bytes(32)), bytes(64)
-    )
+    zero = bytes(32)
+    junk = rp.Signed(rp.Header(0, 0, leader.term, warm + 1, zero, zero, zero, 4, 0, zero), zero * 2)
     for c in range(2, 6):
         shard.queue.append((0, c, rp.encode(rp.Envelope(0, 0, 0, rp.Head(junk)))))
     shard.deliver()
