@@ -1,4 +1,5 @@
-"""What the services share on NATS: subjects, the partition map in NATS KV, and
+"""What the services share on NATS: subjects, the partition map, placement and
+agreement on members in NATS KV (with what machines report of them), and
 packages (items batched per destination, closed by size or deadline)."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js.errors import (
@@ -21,6 +23,7 @@ from nats.js.errors import (
     NotFoundError,
 )
 
+from constellation.codec import decode_json
 from constellation.ledger.pmap import PartitionMap, decode_map
 from constellation.protocol.ledger import PROTOCOL_VERSION, Item, Package, encode
 from constellation.replication.members import Agreement, decode_agreement
@@ -278,3 +281,38 @@ async def publish_agreement(nc: Client, operator: str, agreement: Agreement) -> 
         raise ValueError(f"the agreement {before.voters} is not extended by {agreement.voters}")
     kv = await nc.jetstream().create_key_value(bucket=map_bucket(operator), history=16)
     await kv.put(MEMBERS_KEY, agreement.encode())
+
+
+class SeenCopy(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A copy's shard members, as its machine reports them."""
+
+    shard: str  # "owner/worker"
+    voters: list[int]
+    old: list[int]
+    learners: list[int]
+    confirmed: bool  # the block that made them is confirmed
+
+
+def _seen_key(machine: int) -> str:
+    return f"{MEMBERS_KEY}-seen-{machine}"
+
+
+async def report_members(nc: Client, operator: str, machine: int, seen: list[SeenCopy]) -> None:
+    """What a machine's copies say of their shards' members (for its operator's
+    operator, which follows a change of members by them)."""
+    kv = await nc.jetstream().key_value(map_bucket(operator))
+    await kv.put(_seen_key(machine), msgspec.json.encode(seen))
+
+
+async def load_members_seen(nc: Client, operator: str, machines: int) -> list[SeenCopy]:
+    """What machines ``0 .. machines - 1`` of the operator reported last."""
+    kv = await nc.jetstream().key_value(map_bucket(operator))
+    found: list[SeenCopy] = []
+    for machine in range(machines):
+        try:
+            entry = await kv.get(_seen_key(machine))
+        except KeyNotFoundError:
+            continue
+        assert entry.value is not None
+        found += decode_json(entry.value, list[SeenCopy], "members seen")
+    return found

@@ -17,6 +17,7 @@ import msgspec
 import pytest
 import yaml
 
+from services.operator.changes import ChangeSpec
 from services.operator.spec import GuildSpec, read_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +53,8 @@ def render(*values: Path, monitoring: bool = True) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
 
 
-def crd_schema() -> dict[str, Any]:
-    crd = yaml.safe_load((CHART / "crds" / "guilds.yaml").read_text())
+def crd_schema(name: str = "guilds") -> dict[str, Any]:
+    crd = yaml.safe_load((CHART / "crds" / f"{name}.yaml").read_text())
     (version,) = crd["spec"]["versions"]
     schema: dict[str, Any] = json_schema(version["schema"]["openAPIV3Schema"])
     return schema
@@ -223,3 +224,16 @@ def test_the_example_guild_is_valid() -> None:
     for doc in docs:
         if doc["kind"] != "Guild":
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_the_guild_change_crd_and_the_operator_read_the_same_fields() -> None:
+    schema = crd_schema("guildchanges")
+    _agree(schema["properties"]["spec"], ChangeSpec, "spec")
+    (change,) = [d for d in yaml.safe_load_all((CHART / "examples" / "leave.yaml").read_text())]
+    jsonschema.validate(change, schema)
+    msgspec.convert(change["spec"], ChangeSpec)
+    for field, value in [("kind", "merge"), ("threshold", 1), ("approve", ["Done"])]:
+        bad = copy.deepcopy(change)
+        bad["spec"][field] = value
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)

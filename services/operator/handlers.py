@@ -19,11 +19,21 @@ from typing import Any
 
 import kopf
 import nats
+from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
 from constellation.errors import MessageError
+from constellation.membership import Change, Observed, Phase
+from constellation.replication.members import Agreement
 from constellation.replication.placement import Placement
-from services.bus import load_placement
+from services.bus import (
+    load_agreement,
+    load_members_seen,
+    load_placement,
+    publish_agreement,
+)
+from services.operator.changes import PLURAL as CHANGES
+from services.operator.changes import change_status, final_voters, read_change, voted
 from services.operator.kube import Connection, Kube, KubeError
 from services.operator.metrics import Metrics
 from services.operator.reconcile import (
@@ -217,6 +227,16 @@ class Reconciler:
         addr = self.nats_addr or f"{renderer.n.nats}.{renderer.namespace}.svc:{NATS_PORT}"
         return f"nats://self:{password}@{addr}"
 
+    async def _connect(self, renderer: Renderer) -> Client:
+        return await nats.connect(
+            await self._nats_url(renderer),
+            connect_timeout=2,
+            allow_reconnect=False,
+            max_reconnect_attempts=1,  # fails at once where nothing answers (0 hangs)
+            reconnect_time_wait=0,
+            error_cb=_quiet,
+        )
+
     async def _moves(
         self, renderer: Renderer, observed: dict[Key, Obj]
     ) -> tuple[Moves, Placement | None]:
@@ -225,14 +245,7 @@ class Reconciler:
         their number, where one may be taken now."""
         spec = renderer.spec
         try:
-            nc = await nats.connect(
-                await self._nats_url(renderer),
-                connect_timeout=2,
-                allow_reconnect=False,
-                max_reconnect_attempts=1,  # fails at once where nothing answers (0 hangs)
-                reconnect_time_wait=0,
-                error_cb=_quiet,
-            )
+            nc = await self._connect(renderer)
         except (NatsError, OSError, TimeoutError) as exc:
             _log.info("NATS not reached", extra={"guild": renderer.n.guild, "error": str(exc)})
             return moves(renderer, None, observed), None
@@ -249,6 +262,87 @@ class Reconciler:
             return moves(renderer, None, observed), None
         finally:
             await nc.close()
+
+    # -- GuildChange -------------------------------------------------------------------
+
+    async def reconcile_change(self, body: Any) -> Obj:
+        """One look at a GuildChange (``changes.py``): what its Guild's member observes
+        of the change's work, the phase that lets it take, and its new status."""
+        meta = body["metadata"]
+        async with self._locks.setdefault(meta["uid"], asyncio.Lock()):
+            st = await self._reconcile_change(body)
+        self.metrics.changes.labels(st["phase"]).inc()
+        return st
+
+    async def _reconcile_change(self, body: Any) -> Obj:
+        meta, ns = body["metadata"], body["metadata"]["namespace"]
+        previous = body.get("status") or {}
+        generation = int(meta.get("generation", 1))
+        now = _now()
+        change: Change | None = None
+        before: list[int] | None = previous.get("before")
+        final: list[int] | None = None
+        approved: list[str] = []
+        seen, shards, problem = Observed(), (0, 0), ""
+        try:
+            name = str(body.get("spec", {}).get("guild", ""))
+            guild = await self.kube.get("Guild", ns, name)
+            if guild is None:
+                raise BadGuild(f"no Guild {name!r} in namespace {ns}")
+            gspec = read_spec(guild["spec"])
+            renderer = Renderer(guild["metadata"]["name"], ns, gspec, owner_reference(guild))
+            earlier = await self._earlier_change(body, name)
+            nc = await self._connect(renderer)
+            try:
+                agreement = await load_agreement(nc, gspec.operator)
+                agreed = agreement or Agreement([list(range(len(gspec.members)))])
+                before = before or agreed.voters[-1]  # the voters when the change began
+                spec, change = read_change(body["spec"], gspec, before)
+                final, approved = final_voters(change, gspec), spec.approve
+                phase = Phase(previous.get("phase", Phase.PROPOSED.value))
+                if earlier and phase is Phase.PROPOSED:
+                    raise BadGuild(f"waiting for GuildChange {earlier} to finish first")
+                if phase is not Phase.PROPOSED and agreed.voters[-1] != final:
+                    await publish_agreement(nc, gspec.operator, Agreement([*agreed.voters, final]))
+                    _log.info("members agreed", extra={"guild": name, "voters": final})
+                machines = gspec.members[gspec.me].machines
+                shards = voted(final, gspec, await load_members_seen(nc, gspec.operator, machines))
+            finally:
+                await nc.close()
+            seen = Observed(voted=shards[0] == shards[1] > 0)
+        except BadGuild as exc:
+            problem = str(exc)
+        except KubeError as exc:
+            problem = f"the API server refused: {exc}"
+        except (NatsError, OSError, TimeoutError, MessageError, ValueError) as exc:
+            problem = f"the member's NATS: {exc}"
+        st = change_status(
+            previous, generation, now, change, before, final, approved, seen, shards, problem
+        )
+        if st["phase"] != previous.get("phase"):
+            kopf.info(body, reason=st["phase"], message=f"phase {st['phase']}")
+        return st
+
+    async def _earlier_change(self, body: Any, guild: str) -> str | None:
+        """The name of an unfinished GuildChange of ``guild`` that goes before this one,
+        if any: one member joins or leaves at a time. A change under way goes first;
+        then the one made first (then by name: creation times are to the second)."""
+
+        def order(obj: Obj) -> tuple[bool, str, str]:
+            m = obj["metadata"]
+            proposed = obj.get("status", {}).get("phase", Phase.PROPOSED.value) == "Proposed"
+            return proposed, m.get("creationTimestamp", ""), m["name"]
+
+        mine = order(body)
+        for other in await self.kube.list("GuildChange", body["metadata"]["namespace"], {}):
+            if (
+                other.get("spec", {}).get("guild") == guild
+                and other["metadata"]["name"] != body["metadata"]["name"]
+                and other.get("status", {}).get("phase") != Phase.DONE.value
+                and order(other) < mine
+            ):
+                return str(other["metadata"]["name"])
+        return None
 
     def _event(self, body: Any, reason: str, obj: Obj) -> None:
         message = f"{reason.lower()} {obj['kind']} {obj['metadata']['name']}"
@@ -293,5 +387,15 @@ def registry(
     @kopf.on.delete(*resource, registry=reg)
     async def deleted(body: kopf.Body, **_: Any) -> None:
         await reconciler().delete(body)
+
+    changes = (GROUP, VERSION, CHANGES)
+
+    async def change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        patch.status.update(await reconciler().reconcile_change(body))
+
+    kopf.on.resume(*changes, registry=reg, id="change-resume")(change)
+    kopf.on.create(*changes, registry=reg, id="change-create")(change)
+    kopf.on.update(*changes, registry=reg, id="change-update")(change)
+    kopf.timer(*changes, registry=reg, id="change-resync", interval=resync_s)(change)
 
     return reg

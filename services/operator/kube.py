@@ -14,6 +14,7 @@ import aiohttp
 import kopf
 
 from services.operator.render import Obj
+from services.operator.spec import GROUP, VERSION
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 TIMEOUT_S = 30
@@ -27,6 +28,8 @@ KINDS = {
     "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
     "StatefulSet": ("/apis/apps/v1", "statefulsets"),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
+    "Guild": (f"/apis/{GROUP}/{VERSION}", "guilds"),
+    "GuildChange": (f"/apis/{GROUP}/{VERSION}", "guildchanges"),
 }
 
 

@@ -13,6 +13,12 @@ class Metrics:
             ["phase"],
             registry=registry,
         )
+        self.changes = Counter(
+            "operator_guild_change_reconciles",
+            "reconciles of a GuildChange, by the phase it was left in",
+            ["phase"],
+            registry=registry,
+        )
         self.applied = Counter(
             "operator_applied_objects", "objects created or patched", registry=registry
         )

@@ -322,22 +322,7 @@ def status(
             }
             for m in spec.members
         ]
-    before = {c["type"]: c for c in previous.get("conditions", [])}
-    out = []
-    for c in conds:
-        text = "True" if c.status else "False"
-        old = before.get(c.type)
-        since = old["lastTransitionTime"] if old and old.get("status") == text else now
-        out.append(
-            {
-                "type": c.type,
-                "status": text,
-                "reason": c.reason,
-                "message": c.message,
-                "lastTransitionTime": since,
-                "observedGeneration": generation,
-            }
-        )
+    out = condition_list(conds, previous, generation, now)
     ready, progressing, degraded = conds
     phase = (
         "Degraded"
@@ -355,6 +340,29 @@ def status(
         "machines": machines,
         "members": members,
     }
+
+
+def condition_list(
+    conds: Sequence[Condition], previous: Mapping[str, Any], generation: int, now: str
+) -> list[Obj]:
+    """``status.conditions``: each keeps its ``lastTransitionTime`` while it holds."""
+    before = {c["type"]: c for c in previous.get("conditions", [])}
+    out = []
+    for c in conds:
+        text = "True" if c.status else "False"
+        old = before.get(c.type)
+        since = old["lastTransitionTime"] if old and old.get("status") == text else now
+        out.append(
+            {
+                "type": c.type,
+                "status": text,
+                "reason": c.reason,
+                "message": c.message,
+                "lastTransitionTime": since,
+                "observedGeneration": generation,
+            }
+        )
+    return out
 
 
 def placement_status(

@@ -31,11 +31,13 @@ from constellation.replication import members as mb
 from constellation.replication.placement import COPIES, Placement
 from constellation.replication.replica import Settings as ReplicaSettings
 from services.bus import (
+    SeenCopy,
     Stale,
     ensure_placement,
     events_subject,
     load_agreement,
     load_placement,
+    report_members,
     update_placement,
 )
 from services.partition.app import EVENTS_LINGER_S, EVENTS_MAX_BYTES
@@ -106,6 +108,7 @@ class Machine:
         self.followed = 0  # the version of the placement last recorded
         # Every step of the changes of members the operator agreed to (none: founders).
         self.agreement = mb.Agreement([list(range(len(s.layout.members)))])
+        self.reported: list[SeenCopy] | None = None  # the copies' members, as last reported
         self._started = False
 
     def ready(self) -> tuple[bool, str]:
@@ -349,12 +352,30 @@ class Machine:
             copy.agree(steps)
         log.info("members agreed", extra={"voters": found.voters})
 
+    async def _report_members(self) -> None:
+        """Report the copies' members where they changed (``bus.report_members``)."""
+        assert self.nc is not None
+        seen = [
+            SeenCopy(
+                c.name,
+                c.replica.members.voters,
+                c.replica.members.old,
+                c.replica.members.learners,
+                c.replica.changed_at <= c.replica.confirmed,
+            )
+            for c in sorted(self.copies, key=lambda c: c.name)
+        ]
+        if seen != self.reported:
+            await report_members(self.nc, self.settings.name, self.settings.machine, seen)
+            self.reported = seen
+
     async def _placement(self) -> None:
         """Follow the operator's placement and its agreement on members (a long-running
         task)."""
         assert self.nc is not None
         while True:
             await self._follow_agreement()
+            await self._report_members()
             found = await load_placement(self.nc, self.settings.name)
             if found is not None:
                 placement, self.revision = found

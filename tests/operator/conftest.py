@@ -129,25 +129,27 @@ class VersionedEmulator(kmock.KubernetesEmulator):
         return reply
 
 
-KIND_OF = {plural: kind for kind, (_, plural) in KINDS.items()} | {"guilds": "Guild"}
+KIND_OF = {plural: kind for kind, (_, plural) in KINDS.items()}
 API_OF = {
     kind: (prefix.removeprefix("/api/").removeprefix("/apis/"))
     for kind, (prefix, _) in KINDS.items()
-} | {"Guild": f"{GROUP}/{VERSION}"}
+}
 
 
 @pytest.fixture
 async def k8s() -> AsyncIterator[VersionedEmulator]:
-    """A running emulator that knows the built-in kinds and the Guild."""
+    """A running emulator that knows the built-in kinds, the Guild and the GuildChange."""
     emulator = VersionedEmulator()
     emulator.resources.load_bundled()
-    emulator.resources[f"{GROUP}/{VERSION}/guilds"] = kmock.ResourceInfo(
-        kind="Guild",
-        singular="guild",
-        namespaced=True,
-        verbs={"list", "watch", "get", "create", "update", "patch", "delete"},
-        subresources={"status"},
-    )
+    for kind in ("Guild", "GuildChange"):
+        singular = kind.lower()
+        emulator.resources[f"{GROUP}/{VERSION}/{singular}s"] = kmock.ResourceInfo(
+            kind=kind,
+            singular=singular,
+            namespaced=True,
+            verbs={"list", "watch", "get", "create", "update", "patch", "delete"},
+            subresources={"status"},
+        )
     async with emulator, kmock.Server(emulator):
         yield emulator
 

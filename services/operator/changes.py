@@ -1,0 +1,118 @@
+"""A ``GuildChange`` resource: one member joins or leaves the guild a ``Guild`` runs a part
+of, walked through the phases of ``constellation.membership``, each once the one before
+is observed done and this member approved it (``spec.approve`` names the phases it
+approves; ``kubectl patch --type merge``). ``status`` says the phase, what it waits for,
+the history of phases with their times, and what was observed.
+
+Every member runs the same change, each approving on its side: a member's machines take
+a change of members only once their own operator agreed to it (its agreement in NATS KV,
+``services.bus.publish_agreement``, written here when Voting begins).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import msgspec
+
+from constellation.membership import Change, Kind, Observed, Phase, advance, phases
+from services.bus import SeenCopy
+from services.operator.reconcile import Condition, condition_list
+from services.operator.render import Obj
+from services.operator.spec import BadGuild, GuildSpec
+
+PLURAL = "guildchanges"
+
+
+class ChangeSpec(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
+    guild: str  # the Guild resource (in this namespace) whose members change
+    kind: Literal["join", "leave"]
+    member: str
+    threshold: int  # signers the new members' key needs
+    approve: list[str] = []  # the phases this member approved
+
+
+def read_change(doc: Any, guild: GuildSpec, voting: Sequence[int]) -> tuple[ChangeSpec, Change]:
+    """The change a GuildChange asks of ``guild``, whose members ``voting`` (operator
+    numbers: positions in ``guild.members``) vote now; or BadGuild saying why it cannot
+    be made."""
+    try:
+        spec = msgspec.convert(doc, ChangeSpec)
+    except msgspec.ValidationError as exc:
+        raise BadGuild(f"spec: {exc}") from None
+    names = tuple(guild.members[op].name for op in voting)
+    change = Change(Kind(spec.kind), spec.member, names, spec.threshold)
+    why = change.malformed()
+    if why:
+        raise BadGuild(why)
+    if change.kind is Kind.JOIN:
+        # A joiner's copies, shards and peers' credentials need its place in every
+        # member's layout first, which running machines do not take yet.
+        raise BadGuild("a member joining a running guild is not supported yet: only leaving")
+    known = [p.value for p in phases(change.kind)]
+    unknown = [p for p in spec.approve if p not in known]
+    if unknown:
+        raise BadGuild(f"spec.approve: no phase {', '.join(unknown)} (phases: {', '.join(known)})")
+    return spec, change
+
+
+def final_voters(change: Change, guild: GuildSpec) -> list[int]:
+    """The operator numbers that vote once ``change`` is done."""
+    names = [m.name for m in guild.members]
+    return sorted(names.index(m) for m in change.after)
+
+
+def voted(final: list[int], guild: GuildSpec, seen: Sequence[SeenCopy]) -> tuple[int, int]:
+    """(shards whose ``final`` voters are confirmed, shards), by what this member's
+    machines report: one of its copies of a shard confirming them is the shard
+    confirming them. Every member's shards count, former members' too."""
+    shards = [f"{m.name}/{w}" for m in guild.members for w in range(guild.shards)]
+    done = {c.shard for c in seen if c.voters == final and not c.old and c.confirmed}
+    return sum(1 for s in shards if s in done), len(shards)
+
+
+def change_status(
+    previous: Mapping[str, Any],
+    generation: int,
+    now: str,
+    change: Change | None,
+    before: list[int] | None,
+    final: list[int] | None,
+    approved: Sequence[str],
+    seen: Observed,
+    shards: tuple[int, int],
+    problem: str,
+) -> Obj:
+    """The GuildChange's status after one look: the phase it moves to (at most one
+    step), what it waits for, its history, the voters ``before`` it (what it is judged
+    against from then on) and once it is done, and the conditions."""
+    phase = Phase(previous.get("phase", Phase.PROPOSED.value))
+    history = list(previous.get("history", [])) or [{"phase": phase.value, "at": now}]
+    waiting = problem
+    if change is not None and not problem:
+        phase, waiting = advance(change.kind, phase, seen, {Phase(p) for p in approved})
+        if phase.value != history[-1]["phase"]:
+            history.append({"phase": phase.value, "at": now})
+    done = phase is Phase.DONE
+    conds = [
+        Condition("Ready", done, "Done" if done else "InProgress", waiting or f"phase {phase}"),
+        Condition(
+            "Progressing",
+            not done and not problem,
+            "Refused" if problem else ("Done" if done else "Waiting"),
+            waiting or ("" if done else f"phase {phase}"),
+        ),
+        Condition("Degraded", bool(problem), "Refused" if problem else "AsExpected", problem),
+    ]
+    return {
+        "observedGeneration": generation,
+        "phase": phase.value,
+        "waitingFor": waiting,
+        "history": history,
+        "approved": sorted(approved),
+        "before": before,
+        "voters": final,
+        "shardsVoted": f"{shards[0]}/{shards[1]}",
+        "conditions": condition_list(conds, previous, generation, now),
+    }
