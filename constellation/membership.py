@@ -61,8 +61,8 @@ WORK = {
 
 @dataclass(frozen=True)
 class Change:
-    """``member`` joins or leaves a guild of ``members`` (in their order: a member's
-    position is its operator number); the new key needs ``threshold`` signers."""
+    """``member`` joins or leaves a guild whose voting members are ``members``; the
+    new key needs ``threshold`` signers."""
 
     kind: Kind
     member: str
@@ -75,11 +75,6 @@ class Change:
         if self.kind is Kind.JOIN:
             return (*self.members, self.member)
         return tuple(m for m in self.members if m != self.member)
-
-    def voters(self) -> list[int]:
-        """The operator numbers that vote once the change is done."""
-        order = [*self.members, self.member] if self.kind is Kind.JOIN else list(self.members)
-        return sorted(order.index(m) for m in self.after)
 
     def malformed(self) -> str:
         """Why this change cannot be made, or ''."""
