@@ -43,7 +43,6 @@ from constellation.keys import SigningKey
 from constellation.ledger.commit import TwoPhaseCommit
 from constellation.protocol import ledger as proto
 from constellation.protocol import replication as rp
-from constellation.replication import members as mb
 from constellation.replication.replica import EVERYONE, Ready, Replica, Role, body_hash
 from constellation.replication.replica import Settings as ReplicaSettings
 from constellation.replication.shard import Events, LedgerShard, ShardLog
@@ -222,13 +221,9 @@ class HostedCopy:
         self.steps = list(steps)
 
     def _change_members(self) -> None:
-        """A leader takes the next agreed step of a change of members once nothing
-        waits for a block (its block is empty, and the state must be the log's)."""
-        r = self.replica
-        if r.role is not Role.LEADER or self.shard.log.records:
-            return
-        step = mb.next_step(r.members, self.steps)
-        if step is not None and r.change(step) == "":
+        """A leader takes the next agreed step of a change of members."""
+        step = self.shard.change_members(self.replica, self.steps)
+        if step is not None:
             log.info("members change", extra={"shard": self.name, "members": str(step)})
 
     def process(self) -> None:

@@ -3,10 +3,12 @@ event, under the fault schedules of ``notes/replication.md`` §6.
 
 ``CST_SIM_SEEDS`` (default 300) seeds of a 3-operator guild, a sixth as many of a
 4-operator guild, a fifth as many of the real ledger (``tests/sim/ledger.py``: two
-workers' shards, two-phase commit across them) and a tenth as many each of a fourth
-operator joining and of one of three leaving run in CI; a long hunt runs
-``python -m tests.sim --seeds N [--operators 4] [--ledger | --change join|leave]``. A
-seed that ever failed goes into ``regressions.txt`` (seed, operators, kind).
+workers' shards, two-phase commit across them), a tenth as many each of a fourth
+operator joining and of one of three leaving, and a twentieth as many of one leaving
+the real ledger run in CI; a long hunt runs
+``python -m tests.sim --seeds N [--operators 4] [--ledger] [--change join|leave]``. A
+seed that ever failed goes into ``regressions.txt`` (seed, operators, kind: "ledger",
+"join", "leave" or "ledger-leave").
 """
 
 from __future__ import annotations
@@ -34,18 +36,16 @@ CASES = sorted(
     | {(20_000 + seed, 3, "ledger") for seed in range(SEEDS // 5)}
     | {(30_000 + seed, 3, "join") for seed in range(SEEDS // 10)}
     | {(40_000 + seed, 3, "leave") for seed in range(SEEDS // 10)}
+    | {(50_000 + seed, 3, "ledger-leave") for seed in range(SEEDS // 20)}
     | set(REGRESSIONS)
 )
 
 
 @pytest.mark.parametrize(("seed", "operators", "kind"), CASES)
 def test_the_guild_keeps_every_invariant_under_faults(seed: int, operators: int, kind: str) -> None:
-    ledger = kind == "ledger"
-    change = kind if kind in ("join", "leave") else ""
-    if ledger:
-        guild: Guild = LedgerGuild(seed, operators=operators)
-    else:
-        guild = Guild(seed, operators=operators, change=change)
+    ledger = kind.startswith("ledger")
+    change = kind.removeprefix("ledger").strip("-") if kind != "replication" else ""
+    guild = (LedgerGuild if ledger else Guild)(seed, operators=operators, change=change)
     try:
         guild.run()
     except Violation as exc:

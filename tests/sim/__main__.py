@@ -28,10 +28,8 @@ def main() -> int:
     failed = []
     started = time.monotonic()
     for seed in seeds:
-        if args.ledger:
-            guild: Guild = LedgerGuild(seed, operators=args.operators)
-        else:
-            guild = Guild(seed, operators=args.operators, change=args.change)
+        kind = LedgerGuild if args.ledger else Guild
+        guild = kind(seed, operators=args.operators, change=args.change)
         try:
             guild.run()
         except Violation as exc:

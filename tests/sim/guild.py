@@ -451,13 +451,18 @@ class Guild:
                 continue
             for s in range(self.shards):
                 c = self.copies[(m, s)]
-                r = c.replica
-                if r.role is not Role.LEADER or r.members.old or r.members == self.steps[-1]:
-                    continue
-                step = self.steps[self.steps.index(r.members) + 1 if r.members in self.steps else 0]
-                if r.change(step) == "":
+                step = self._change_members(m, c)
+                if step is not None:
                     self.log.append(f"{self.now:.3f} shard {s} members {step}")
                     self._flush(m, c)
+
+    def _change_members(self, m: int, c: Copy) -> rp.Members | None:
+        """A leader's next step of the change (the application's hook): the step taken."""
+        r = c.replica
+        step = mb.next_step(r.members, self.members)
+        if r.role is not Role.LEADER or step is None or r.change(step):
+            return None
+        return step
 
     def _no_loss(self) -> None:
         self.loss = 0.0
@@ -609,5 +614,5 @@ def _sign(key: SigningKey, digest: bytes) -> bytes:
 
 
 def replay_command(seed: int, operators: int, ledger: bool = False, change: str = "") -> str:
-    flag = " --ledger" if ledger else f" --change {change}" if change else ""
+    flag = (" --ledger" if ledger else "") + (f" --change {change}" if change else "")
     return f".venv/bin/python -m tests.sim --seed {seed} --operators {operators}{flag}"

@@ -26,6 +26,7 @@ from constellation.keys import SigningKey
 from constellation.ledger.commit import TwoPhaseCommit
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
+from constellation.protocol import replication as rp
 from constellation.replication.replica import Ready, Role
 from constellation.replication.shard import LedgerExecutor, LedgerShard, ShardLog
 from constellation.sighash import sighash
@@ -75,9 +76,9 @@ class Payment:
 
 
 class LedgerGuild(Guild):
-    def __init__(self, seed: int, operators: int = 3) -> None:
+    def __init__(self, seed: int, operators: int = 3, change: str = "") -> None:
         self.nodes: dict[tuple[int, int], Node] = {}
-        super().__init__(seed, operators, shards=[(0, 0), (0, 1)])
+        super().__init__(seed, operators, shards=[(0, 0), (0, 1)], change=change)
         self.wallets: list[dict[bytes, int]] = [{} for _ in WALLETS]
         self.busy: set[int] = set()  # wallets with a payment in flight
         self.outbound = 0  # paid to another ledger by committed payments
@@ -110,6 +111,9 @@ class LedgerGuild(Guild):
         m = c.replica.me
         self.nodes[(m, c.shard)].shard.tick(c.replica, self._clock(m))
         self._route(m, c.shard)
+
+    def _change_members(self, m: int, c: Copy) -> rp.Members | None:
+        return self.nodes[(m, c.shard)].shard.change_members(c.replica, self.members)
 
     def _on_ready(self, m: int, c: Copy, ready: Ready) -> None:
         node = self.nodes[(m, c.shard)]
