@@ -10,9 +10,10 @@ A change goes through Raft's joint consensus (Raft thesis §4.3), over copies:
 1. **Learn.** The joiner's copies become ``learners``: they get the log, never count.
 2. **Joint.** Once they hold the log, the voters become the new set and ``old`` the
    previous one: a block confirms, and a leader is elected, only with quorums of both.
-3. **New.** Once the joint block is confirmed, its leader appends the new members alone.
-   A leaver's copies no longer count from here; a leader whose operator left steps down
-   once this block is confirmed.
+3. **New.** Once the joint block is confirmed, its leader appends the new members alone
+   (every step waits for the one before to be confirmed). A leaver's copies no longer
+   count from here; a leader whose operator left steps down once this block is
+   confirmed.
 
 Every confirming quorum and election quorum of one step meets every election quorum of
 the next (joint quorums contain quorums of both), so no two leaders share a term and a
@@ -163,9 +164,8 @@ def agreed(voter_sets: Sequence[Sequence[int]]) -> list[Members]:
 
 def next_step(current: Members, steps: Sequence[Members]) -> Members | None:
     """The step a leader under ``current`` takes next along ``steps``: None when it is
-    at their end, or ``current`` is not among them (a copy told less than its log), or
-    a joint step is under way (its leader ends it by itself)."""
-    if current.old or current not in steps:
+    at their end, or ``current`` is not among them (a copy told less than its log)."""
+    if current not in steps:
         return None
     at = list(steps).index(current)
     return steps[at + 1] if at + 1 < len(steps) else None

@@ -371,10 +371,10 @@ class Replica:
 
     def change(self, members: rp.Members) -> str:
         """Propose the next step of a change of members (``constellation.replication
-        .members``); say why it cannot be taken now, or ''. The step's block confirms like
-        any other; a joint step's end is proposed by the leader once it is confirmed.
-        Its block is empty: as for ``propose``, the application's state must be the
-        log's (nothing applied that waits for a block)."""
+        .members``), once the last step's block is confirmed; say why it cannot be taken
+        now, or ''. The step's block confirms like any other. It is empty: as for
+        ``propose``, the application's state must be the log's (nothing applied that
+        waits for a block), so the application proposes it, a joint step's end too."""
         if self.role is not Role.LEADER:
             return "not the leader"
         named = rp.members_hash(members)
@@ -400,18 +400,10 @@ class Replica:
         self._propose(b"", self.state_root(), named)
         return ""
 
-    def _end_change(self) -> None:
-        """A leader's part once its members' block is confirmed: end a joint change, or
-        step down if its operator no longer votes."""
-        if self.changed_at > self.confirmed:
-            return
-        m = self.members
-        if m.old:
-            end = rp.Members(m.voters, [], m.learners)
-            named = rp.members_hash(end)
-            if named in self.agreed:
-                self._propose(b"", self.state_root(), named)
-        elif not self._votes(self.me):
+    def _step_down_if_gone(self) -> None:
+        """A leader whose operator no longer votes steps down once the block that says so
+        is confirmed."""
+        if self.changed_at <= self.confirmed and not self._votes(self.me):
             self._follow(self.term, -1)
 
     # -- the shell's side ----------------------------------------------------------------
@@ -906,7 +898,7 @@ class Replica:
             self._snapshot(*captured)
         self._forget()
         if self.role is Role.LEADER:
-            self._end_change()
+            self._step_down_if_gone()
 
     def _forget(self) -> None:
         """Keep the headers and votes remembered for proofs within bounds."""

@@ -101,7 +101,7 @@ def joining() -> tuple[Shard, list[rp.Members]]:
 
 
 def drive(shard: Shard, steps: list[rp.Members]) -> None:
-    """Take each step as its leader allows (a joint step's end comes by itself)."""
+    """Take each step as its leader allows."""
     for i, step in enumerate(steps):
 
         def taken(i: int = i, step: rp.Members = step) -> bool:
@@ -111,7 +111,7 @@ def drive(shard: Shard, steps: list[rp.Members]) -> None:
             r = shard.replicas[lead]
             if r.members in steps[i:]:
                 return r.confirmed >= r.changed_at
-            if not r.members.old and mb.next_ok(r.members, step) == "":
+            if mb.next_ok(r.members, step) == "":
                 r.change(step)
                 shard.flush(lead)
             return False
