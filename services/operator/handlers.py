@@ -175,12 +175,13 @@ class Reconciler:
         peers: list[str] = []
         queued: list[str] = []
         found: Placement | None = None
+        voters: list[int] | None = None
         now = _now()
         try:
             peers = await self._user_secrets(spec, renderer.namespace)
             await self._generated(renderer)
             observed = await self.observe(renderer)
-            mv, found = await self._moves(renderer, observed)
+            mv, found, voters = await self._moves(renderer, observed)
             renderer = Renderer(meta["name"], meta["namespace"], spec, owner, mv.machines)
             todo = plan(renderer, observed, mv.remove)
             problem, queued = todo.refused, todo.waiting
@@ -211,6 +212,7 @@ class Reconciler:
             queued,
             placed,
             moving,
+            voters,
         )
 
     async def _nats_url(self, renderer: Renderer) -> str:
@@ -239,16 +241,17 @@ class Reconciler:
 
     async def _moves(
         self, renderer: Renderer, observed: dict[Key, Obj]
-    ) -> tuple[Moves, Placement | None]:
+    ) -> tuple[Moves, Placement | None, list[int] | None]:
         """The member's placement (None where its NATS does not answer, or no machine
         has started yet) and what it asks of the machines; one step of a change of
-        their number, where one may be taken now."""
+        their number, where one may be taken now; and the members that vote, as the
+        member agreed (None where its NATS does not answer)."""
         spec = renderer.spec
         try:
             nc = await self._connect(renderer)
         except (NatsError, OSError, TimeoutError) as exc:
             _log.info("NATS not reached", extra={"guild": renderer.n.guild, "error": str(exc)})
-            return moves(renderer, None, observed), None
+            return moves(renderer, None, observed), None, None
         try:
             found = await load_placement(nc, spec.operator)
             placement = found[0] if found else None
@@ -256,10 +259,12 @@ class Reconciler:
             if mv.drive:
                 placement = await advance(nc, spec.operator, spec.machines)
                 mv = moves(renderer, placement, observed)
-            return mv, placement
+            agreement = await load_agreement(nc, spec.operator)
+            voters = agreement.voters[-1] if agreement else list(range(len(spec.members)))
+            return mv, placement, voters
         except (NatsError, TimeoutError, MessageError) as exc:
             _log.warning("placement not read", extra={"guild": renderer.n.guild, "error": str(exc)})
-            return moves(renderer, None, observed), None
+            return moves(renderer, None, observed), None, None
         finally:
             await nc.close()
 

@@ -297,10 +297,12 @@ def status(
     queued: Sequence[str] = (),
     placement: Obj | None = None,
     moving: str | None = None,
+    voters: Sequence[int] | None = None,
 ) -> Obj:
     """The Guild's ``status``: conditions keep their ``lastTransitionTime`` while their
     status holds. ``renderer`` is None for a Guild that cannot be rendered at all.
-    ``placement`` and ``moving``: ``placement_status``'s."""
+    ``placement`` and ``moving``: ``placement_status``'s. ``voters``: the members that
+    vote, as this member agreed (None: not read)."""
     if renderer is None:
         assert problem is not None
         conds = [
@@ -319,8 +321,9 @@ def status(
                 "key": m.key,
                 "self": m.name == spec.operator,
                 "credentials": m.name == spec.operator or m.name in peers,
+                "voting": None if voters is None else i in voters,
             }
-            for m in spec.members
+            for i, m in enumerate(spec.members)
         ]
     out = condition_list(conds, previous, generation, now)
     ready, progressing, degraded = conds

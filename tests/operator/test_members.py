@@ -124,6 +124,7 @@ async def test_a_member_leaves_through_approved_phases(
     assert voted["phase"] == "Voting" and voted["shardsVoted"] == "6/6"
     rows = guild.copies(guild.load(where)[:2])
     assert rows and all(r["voters"] == [0, 1] and r["members_confirmed"] for r in rows)
+    await eventually(lambda: _voting(api, [True, True, False]), "the Guild shows op2 out")
 
     await operator[0].stop()  # restarted in the middle: it resumes from the status
     operator[0] = running(k8s, where)
@@ -138,3 +139,9 @@ async def test_a_member_leaves_through_approved_phases(
 async def _waiting(api: Api, name: str, what: str) -> dict[str, Any] | None:
     found = await status(api, name)
     return found if what in found.get("waitingFor", "") else None
+
+
+async def _voting(api: Api, expected: list[bool]) -> bool:
+    have = await api.guild()
+    members = (have or {}).get("status", {}).get("members", [])
+    return [m.get("voting") for m in members] == expected

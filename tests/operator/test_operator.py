@@ -64,6 +64,7 @@ async def test_a_guild_is_rolled_out_and_becomes_ready(api: Api, running: Runnin
         ("op1", False, True),
         ("op2", False, True),
     ]
+    assert all(m["voting"] is None for m in status["members"])  # its NATS is not read
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{running.node.ops.port}/metrics")
     text = metrics.read().decode()
     assert 'operator_reconciles_total{phase="Running"}' in text
