@@ -17,6 +17,7 @@ from typing import Any, Literal
 import msgspec
 
 from constellation.membership import Change, Kind, Observed, Phase, advance, phases
+from constellation.replication.members import Agreement
 from services.bus import SeenCopy
 from services.operator.reconcile import Condition, condition_list
 from services.operator.render import Obj
@@ -61,6 +62,21 @@ def final_voters(change: Change, guild: GuildSpec) -> list[int]:
     """The operator numbers that vote once ``change`` is done."""
     names = [m.name for m in guild.members]
     return sorted(names.index(m) for m in change.after)
+
+
+def to_agree(agreed: Agreement, at: int, final: list[int], phase: Phase) -> Agreement | None:
+    """The agreement to write for a change in ``phase`` whose own entry goes at index
+    ``at`` of the member's agreement (its length when the change began), or None: not
+    before Voting, not once Done, and never twice (a change done long ago must not put
+    back the voters a later change moved on from). BadGuild where another change took
+    that entry."""
+    if phase in (Phase.PROPOSED, Phase.LEARNING, Phase.DONE):
+        return None
+    if len(agreed.voters) == at:
+        return Agreement([*agreed.voters, final])
+    if len(agreed.voters) < at or agreed.voters[at] != final:
+        raise BadGuild(f"the member agreed to other voters than {final} meanwhile")
+    return None
 
 
 def voted(final: list[int], guild: GuildSpec, seen: Sequence[SeenCopy]) -> tuple[int, int]:

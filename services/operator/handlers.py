@@ -33,7 +33,13 @@ from services.bus import (
     publish_agreement,
 )
 from services.operator.changes import PLURAL as CHANGES
-from services.operator.changes import change_status, final_voters, read_change, voted
+from services.operator.changes import (
+    change_status,
+    final_voters,
+    read_change,
+    to_agree,
+    voted,
+)
 from services.operator.kube import Connection, Kube, KubeError
 from services.operator.metrics import Metrics
 from services.operator.reconcile import (
@@ -286,6 +292,7 @@ class Reconciler:
         now = _now()
         change: Change | None = None
         before: list[int] | None = previous.get("before")
+        at: int | None = previous.get("agreedAt")
         final: list[int] | None = None
         approved: list[str] = []
         seen, shards, problem = Observed(), (0, 0), ""
@@ -302,13 +309,15 @@ class Reconciler:
                 agreement = await load_agreement(nc, gspec.operator)
                 agreed = agreement or Agreement([list(range(len(gspec.members)))])
                 before = before or agreed.voters[-1]  # the voters when the change began
+                at = at or len(agreed.voters)  # where its own entry goes in the agreement
                 spec, change = read_change(body["spec"], gspec, before)
                 final, approved = final_voters(change, gspec), spec.approve
                 phase = Phase(previous.get("phase", Phase.PROPOSED.value))
                 if earlier and phase is Phase.PROPOSED:
                     raise BadGuild(f"waiting for GuildChange {earlier} to finish first")
-                if phase is not Phase.PROPOSED and agreed.voters[-1] != final:
-                    await publish_agreement(nc, gspec.operator, Agreement([*agreed.voters, final]))
+                extended = to_agree(agreed, at, final, phase)
+                if extended is not None:
+                    await publish_agreement(nc, gspec.operator, extended)
                     _log.info("members agreed", extra={"guild": name, "voters": final})
                 machines = gspec.members[gspec.me].machines
                 shards = voted(final, gspec, await load_members_seen(nc, gspec.operator, machines))
@@ -324,6 +333,7 @@ class Reconciler:
         st = change_status(
             previous, generation, now, change, before, final, approved, seen, shards, problem
         )
+        st["agreedAt"] = at
         if st["phase"] != previous.get("phase"):
             kopf.info(body, reason=st["phase"], message=f"phase {st['phase']}")
         return st
