@@ -110,32 +110,29 @@ def plan(cur: Members, voters: Iterable[int]) -> list[Members]:
     return steps
 
 
-def groups(m: Members) -> list[list[int]]:
-    """The operator sets each needing a quorum: the voters, and the old ones if joint."""
-    return [m.voters, m.old] if m.old else [m.voters]
+def quorums(m: Members) -> list[Quorums]:
+    """The quorums each needed under ``m``: the voters', and the old ones' if joint
+    (a copy computes them once per change of members, not per message)."""
+    return [Quorums.among(group) for group in ([m.voters, m.old] if m.old else [m.voters])]
 
 
-def elects(m: Members, votes: Iterable[Copy]) -> bool:
-    """Whether these copies' votes elect a leader under ``m``."""
+def elects(needed: Sequence[Quorums], votes: Iterable[Copy]) -> bool:
+    """Whether these copies' votes elect a leader under the members of ``needed``
+    (``quorums``)."""
     found = set(votes)
-    for group in groups(m):
-        among = Quorums.among(group)
-        if not among.elects(c for c in found if c[0] in among.members):
-            return False
-    return True
+    return all(q.elects(c for c in found if c[0] in q.members) for q in needed)
 
 
-def confirming(m: Members, copies: Iterable[Copy], mine: int) -> bool:
+def confirming(needed: Sequence[Quorums], copies: Iterable[Copy], mine: int) -> bool:
     """Whether a leader of operator ``mine`` may confirm a block these copies hold: in
-    each group a confirming quorum, which keeps two copies once any one other operator's
-    are taken away (an operator acking what it did not store cannot alone make a
-    confirmed block depend on it)."""
+    each of ``needed`` a confirming quorum, which keeps two copies once any one other
+    operator's are taken away (an operator acking what it did not store cannot alone
+    make a confirmed block depend on it)."""
     found = set(copies)
-    for group in groups(m):
-        among = Quorums.among(group)
-        held = [c for c in found if c[0] in among.members]
+    for q in needed:
+        held = [c for c in found if c[0] in q.members]
         per_operator = Counter(op for op, _ in held)
-        if not among.confirms(held) or any(
+        if not q.confirms(held) or any(
             len(held) - n < 2 for op, n in per_operator.items() if op != mine
         ):
             return False

@@ -307,6 +307,7 @@ class Replica:
         if named not in self.agreed or self.base_members not in self.agreed:
             raise ValueError("the log names members this copy was not given")
         self.members_hash, self.members = named, self.agreed[named]
+        self.quorums = mb.quorums(self.members)
         self.preference: list[int] = []
         self.rank = 0
         self._prefer()
@@ -350,6 +351,7 @@ class Replica:
         if named == self.members_hash:
             return
         self.members_hash, self.members = named, self.agreed[named]
+        self.quorums = mb.quorums(self.members)
         self.ready_.members = self.members
         self._prefer()
         if self.role is Role.LEADER:
@@ -537,7 +539,7 @@ class Replica:
     def _elects(self, copies: Iterable[int]) -> bool:
         """Whether these copies' votes (or PreVotes) elect under the members in effect."""
         voters = [divmod(c, 2) for c in copies if not self._excluded(c)]
-        return mb.elects(self.members, voters)
+        return mb.elects(self.quorums, voters)
 
     def _won(self) -> None:
         if self.role is Role.CANDIDATE and self._elects(self.votes):
@@ -692,7 +694,7 @@ class Replica:
             if not self._excluded(vote.voter):
                 voters.add(vote.voter)
         copies = [divmod(c, 2) for c in voters]
-        return any(mb.elects(m, copies) for m in self.agreed.values())
+        return any(mb.elects(mb.quorums(m), copies) for m in self.agreed.values())
 
     def _on_timeout_now(self, sender: int, msg: rp.TimeoutNow) -> None:
         if (
@@ -888,7 +890,7 @@ class Replica:
 
     def _confirming(self, copies: list[int]) -> bool:
         """Whether these copies (this one among them) may confirm a block of ours."""
-        return mb.confirming(self.members, [divmod(c, 2) for c in copies], self.me // 2)
+        return mb.confirming(self.quorums, [divmod(c, 2) for c in copies], self.me // 2)
 
     def _confirmed(self, height: int) -> None:
         self.confirmed = height

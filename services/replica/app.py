@@ -336,20 +336,26 @@ class Machine:
                 placement, self.revision = found
 
     async def _follow_agreement(self) -> None:
-        """Take the changes of members the operator agreed to since last read."""
+        """Take the changes of members the operator agreed to since last read. One this
+        machine cannot take (it went back, or names an operator the layout lacks) stops
+        the task, not ready and saying why, until the agreement is mended."""
         assert self.nc is not None
-        found = await load_agreement(self.nc, self.settings.name)
+        s = self.settings
+        found = await load_agreement(self.nc, s.name)
         if found is None or found == self.agreement:
             return
-        if len(found.voters) < len(self.agreement.voters):
-            log.warning(
-                "the agreement on members went back: ignored", extra={"found": found.voters}
+        if found.voters[: len(self.agreement.voters)] != self.agreement.voters:
+            raise ConfigError(
+                f"the agreement on members in NATS KV ({found.voters}) does not extend the "
+                f"one this machine follows ({self.agreement.voters}): the KV was rolled back"
             )
-            return
-        self.agreement = found
         steps = found.steps()
+        named = max(op for m in steps for op in m.operators())
+        if named >= len(s.layout.members):
+            raise ConfigError(f"the agreement on members names operator {named}: not in the layout")
         for copy in self.copies:
             copy.agree(steps)
+        self.agreement = found
         log.info("members agreed", extra={"voters": found.voters})
 
     async def _report_members(self) -> None:

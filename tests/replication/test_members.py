@@ -29,7 +29,12 @@ def quorums(m: rp.Members, elect: bool) -> list[frozenset[Copy]]:
             s = frozenset(chosen)
             if any(q <= s for q in found):
                 continue
-            ok = mb.elects(m, s) if elect else any(mb.confirming(m, s, mine) for mine in m.voters)
+            needed = mb.quorums(m)
+            ok = (
+                mb.elects(needed, s)
+                if elect
+                else any(mb.confirming(needed, s, mine) for mine in m.voters)
+            )
             if ok:
                 found.append(s)
     return found

@@ -8,12 +8,17 @@ the leaver's shards are led by the others' copies, and the two that stay confirm
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from services.bus import load_agreement
+from constellation.replication.members import Agreement
+from services.bus import MEMBERS_KEY, load_agreement, map_bucket
 from services.devnet import DevnetError, guild
 from services.devnet.procs import alive
 from services.runtime import connect_nats
@@ -55,3 +60,32 @@ async def test_a_member_leaves_under_payments_and_the_others_go_on(where: Path) 
     assert all(await asyncio.gather(*(pay(net, 60) for net in stay)))
     with pytest.raises(DevnetError, match="every member runs"):
         await asyncio.to_thread(guild.leave, where, "op2")
+
+
+async def test_an_agreement_a_machine_cannot_take_makes_it_not_ready(where: Path) -> None:
+    """One naming an operator the layout lacks: the machine says why, and is ready again
+    once the agreement is mended."""
+    net = guild.load(where)[0]
+    port = net.machines[0].http_port
+    nc = await connect_nats(net.nats_url, "test-members")
+    kv = await nc.jetstream().key_value(map_bucket("op0"))
+    good = (await kv.get(MEMBERS_KEY)).value
+    try:
+        await kv.put(MEMBERS_KEY, Agreement([[0, 1, 2], [0, 1], [0, 1, 7]]).encode())
+        why = await asyncio.to_thread(_not_ready, port, 10.0)
+        assert "names operator 7" in why
+    finally:
+        await kv.put(MEMBERS_KEY, good or b"")
+        await nc.close()
+    await asyncio.to_thread(guild.wait_machines, [net], 30)
+
+
+def _not_ready(port: int, wait_s: float) -> str:
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2)
+        except urllib.error.HTTPError as exc:
+            return str(json.loads(exc.read())["reason"])
+        time.sleep(0.1)
+    raise AssertionError(f"machine on {port} stayed ready")
