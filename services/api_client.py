@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -62,6 +64,17 @@ class Gateway:
 
     async def totals(self) -> dict[str, Any]:
         return await self.get("/v1/ledger" + self.query)
+
+    async def settled(self, timeout_s: float = 15) -> dict[str, Any]:
+        """The totals once no lock is held and nothing is in doubt, or the last read when
+        ``timeout_s`` passes first. A receipt comes once a payment's outcome is decided;
+        its other workers apply it just after, so totals read at once may lag it."""
+        end = time.monotonic() + timeout_s
+        while True:
+            doc = await self.totals()
+            if (doc["locks"] == 0 and doc["in_doubt"] == 0) or time.monotonic() > end:
+                return doc
+            await asyncio.sleep(0.05)
 
     async def coin(self, coin_id: bytes) -> dict[str, Any] | None:
         """A coin's state, or None where the ledger has no such coin."""

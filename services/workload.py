@@ -180,13 +180,13 @@ async def run_workload(
         else:
             gw = Gateway(via.gateway_url, session, ledger=net.operator)
         work = Workload(net, gw, wallets, out)
-        before = await gw.totals()
+        before = await gw.settled()
         issued = await work.fund(coins_each)
         started = time.perf_counter()
         todo = [payments]
         await asyncio.gather(*(work.payer(todo) for _ in range(clients)))
         work.report(payments, clients, time.perf_counter() - started)
         won = await work.double_spend()
-        after = await gw.totals()
+        after = await gw.settled()
         ok = work.conserved(issued, before, after)
         return ok and won == 1 and after["locks"] == 0 and after["in_doubt"] == 0

@@ -44,13 +44,9 @@ async def ledger(gw: Gateway) -> dict[str, Any]:
 
 async def settled(gw: Gateway, timeout_s: float = 15) -> dict[str, Any]:
     """The ledger's totals once no lock is held and nothing is in doubt."""
-    end = time.monotonic() + timeout_s
-    while True:
-        doc = await ledger(gw)
-        if doc["locks"] == 0 and doc["in_doubt"] == 0:
-            return doc
-        assert time.monotonic() < end, f"locks or doubts remain: {doc}"
-        await asyncio.sleep(0.1)
+    doc = await gw.settled(timeout_s)
+    assert doc["locks"] == 0 and doc["in_doubt"] == 0, f"locks or doubts remain: {doc}"
+    return doc
 
 
 async def test_cross_worker_payment_commits_in_both_workers_blocks(
