@@ -31,6 +31,7 @@ class SignStart(_Msg, frozen=True, tag="sign.start"):
     target: SignTarget
     presign: bool = True
     evidence: bytes = b""  # what a checkpoint's entries are (each signer's ledger checks)
+    key: bytes = b""  # the guild key that signs (33 bytes); empty: the active one
 
 
 class Presign(_Msg, frozen=True, tag="sign.presign"):
@@ -122,16 +123,38 @@ class DkgFailed(_Msg, frozen=True, tag="dkg.failed"):
 
 
 class KeygenRequest(_Msg, frozen=True, tag="op.keygen"):
+    """Coordinate a DKG among ``members`` (member indices; empty: all of them), each of
+    which agreed to it (``AgreeKey``) unless it is the guild's first key."""
+
     t: int
+    members: list[int] = []
+
+
+class AgreeKey(_Msg, frozen=True, tag="op.agree_key"):
+    """This operator agrees that its signer takes part in a new guild key among
+    ``members`` (member indices), ``t`` of them signing: a change of the guild's members
+    re-makes its key, and a signer takes part in no DKG its own operator did not agree to."""
+
+    members: list[int]
+    t: int
+
+
+class ActivateKey(_Msg, frozen=True, tag="op.activate_key"):
+    """Sign with ``key`` from now on, and never again with any key made before it (once
+    the guild's funds moved to it)."""
+
+    key: bytes
 
 
 class SignRequest(_Msg, frozen=True, tag="op.sign"):
     target: SignTarget
     evidence: bytes = b""  # passed to every signer with the target
+    key: bytes = b""  # the guild key that signs (33 bytes); empty: the active one
 
 
 class KeyRequest(_Msg, frozen=True, tag="op.key"):
-    """The guild key this signer holds a share of (``OpReply.threshold_pubkey``)."""
+    """The guild keys this signer holds a share of: the active one
+    (``OpReply.threshold_pubkey``) and every one it may sign with (``OpReply.keys``)."""
 
 
 class OpReply(_Msg, frozen=True, tag="op.reply"):
@@ -146,9 +169,10 @@ class OpReply(_Msg, frozen=True, tag="op.reply"):
     message: bytes = b""
     sessions: int = 0
     blamed: list[int] = []
+    keys: list[bytes] = []  # every key this signer may sign with, oldest first
 
 
-OpRequest = KeygenRequest | SignRequest | KeyRequest
+OpRequest = KeygenRequest | AgreeKey | ActivateKey | SignRequest | KeyRequest
 
 Message = (
     SignStart
@@ -165,6 +189,8 @@ Message = (
     | DkgDone
     | DkgFailed
     | KeygenRequest
+    | AgreeKey
+    | ActivateKey
     | SignRequest
     | KeyRequest
     | OpReply

@@ -64,7 +64,7 @@ class SignerNode:
             self.members,
             self.metrics,
             lambda idx, msg: self.send(Role.SIGNER, idx, msg),
-            lambda: self.participant.group,
+            self.participant.key,
             settings.max_requests,
             settings.request_timeout_ms,
         )
@@ -76,9 +76,9 @@ class SignerNode:
     def ready(self) -> tuple[bool, str]:
         if self.transport is None or not self.transport.nc.is_connected:
             return False, "not connected to NATS"
-        if self.participant.group is None:
+        if self.participant.active is None:
             return True, "connected; no key share yet"
-        return True, "connected; holds a key share"
+        return True, f"connected; holds a key share ({len(self.participant.usable())} usable)"
 
     async def vouch(self, checkpoint: Checkpoint, evidence: bytes) -> str:
         """Ask this operator's indexer whether it computed the checkpoint's entries: a
@@ -117,7 +117,7 @@ class SignerNode:
                 "member": self.me,
                 "hostpubkey": self.hostpubkey.hex(),
                 "http_port": self.ops.port,
-                "has_share": self.participant.group is not None,
+                "keys": len(self.participant.usable()),
                 "audit_entries": self.audit.count,
             },
         )
@@ -193,17 +193,29 @@ class SignerNode:
 
     async def _serve_op(self, msg: Msg, request: proto.Message) -> None:
         if isinstance(request, proto.KeygenRequest):
-            reply = await self.coordinator.keygen(request.t)
+            reply = await self.coordinator.keygen(request.t, request.members)
         elif isinstance(request, proto.SignRequest):
-            reply = await self.coordinator.sign(request.target, request.evidence)
+            reply = await self.coordinator.sign(request.target, request.evidence, request.key)
         elif isinstance(request, proto.KeyRequest):
-            group = self.participant.group
-            reply = (
-                proto.OpReply(True, threshold_pubkey=group.thresh_pk, threshold=group.t)
-                if group is not None
-                else proto.OpReply(False, code="signing.no_key", error="no key share yet")
-            )
+            reply = self._keys()
+        elif isinstance(request, proto.AgreeKey | proto.ActivateKey):
+            try:
+                if isinstance(request, proto.AgreeKey):
+                    self.participant.agree(request.members, request.t)
+                else:
+                    self.participant.activate(request.key)
+                reply = self._keys()
+            except ConstellationError as exc:
+                reply = proto.OpReply(False, code=exc.code, error=str(exc))
         else:
             reply = proto.OpReply(False, code="protocol.unexpected", error="not a request")
         assert self.transport is not None
         await msg.respond(self.transport.seal(self.hostpubkey, reply))
+
+    def _keys(self) -> proto.OpReply:
+        """The active key, and every key this signer signs with."""
+        key = self.participant.active
+        if key is None:
+            return proto.OpReply(False, code="signing.no_key", error="no key share yet")
+        keys = [k.pubkey for k in self.participant.usable()]
+        return proto.OpReply(True, threshold_pubkey=key.pubkey, threshold=key.group.t, keys=keys)

@@ -10,7 +10,8 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from constellation.crypto import dkg, roast
@@ -24,6 +25,7 @@ from constellation.errors import (
 from constellation.guild import Derived, SignTarget, derive
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import Membership
+from services.signer.handlers import FINISHED_MEMORY, Key
 from services.signer.metrics import SignerMetrics
 
 log = logging.getLogger("signer.coordinator")
@@ -33,18 +35,26 @@ Send = Callable[[int, proto.Message], Awaitable[None]]  # (signer index, message
 
 @dataclass
 class _Signing:
+    """One ROAST run. ROAST counts the key's participants by position; messages go to
+    and come from members (``key.members``): ``refused`` and ``presigned`` are members."""
+
     request_id: bytes
     derived: Derived
+    key: Key
     roast: roast.Coordinator
     done: asyncio.Future[proto.OpReply]
     refused: dict[int, str] = field(default_factory=dict)
     stale_nonce: bool = False  # a signer no longer held a nonce we had cached for it
     presigned: set[int] = field(default_factory=set)
 
+    def members(self, positions: Iterable[int]) -> list[int]:
+        return sorted(self.key.members[p] for p in positions)
+
 
 @dataclass
 class _Keygen:
     dkg_id: bytes
+    members: list[int]  # who takes part, in member order
     expect: type[proto.DkgMsg1 | proto.DkgMsg2 | proto.DkgDone]
     got: dict[int, bytes] = field(default_factory=dict)
     failed: proto.DkgFailed | None = None
@@ -61,21 +71,26 @@ class Coordinator:
         members: Membership,
         metrics: SignerMetrics,
         send: Send,
-        group: Callable[[], roast.Group | None],
+        keys: Callable[[bytes], Key | None],
         max_requests: int,
         request_timeout_ms: int,
     ) -> None:
+        """``keys``: the usable key of a public key (the active one for b''), if the
+        operator's own signer holds it."""
         self.members = members
         self.n = len(members.hostpubkeys)
         self.metrics = metrics
         self.send = send
-        self.group = group
+        self.keys = keys
         self.max_requests = max_requests
         self.timeout_s = request_timeout_ms / 1000
         self.signing: dict[bytes, _Signing] = {}
         self._dkg: _Keygen | None = None
         self._announcing: set[asyncio.Task[None]] = set()
-        self.cached: dict[int, bytes] = {}  # signer -> a fresh nonce it sent us, unused
+        # (key, member) -> a fresh nonce its signer sent us for that key, unused
+        self.cached: dict[tuple[bytes, int], bytes] = {}
+        # requests finished lately -> their key (a late answer's nonce is for it)
+        self.finished: OrderedDict[bytes, bytes] = OrderedDict()
 
     async def handle(self, sender: int, msg: proto.Message) -> None:
         if isinstance(msg, proto.Presign | proto.Share | proto.SignRefused):
@@ -87,25 +102,31 @@ class Coordinator:
 
     # -- signing ----------------------------------------------------------------------------
 
-    async def sign(self, target: SignTarget, evidence: bytes = b"") -> proto.OpReply:
-        """ROAST-sign ``target``. Signers' nonces left over from earlier requests start
-        the first session at once; a signer that restarted has forgotten its nonce and
-        says so, and if that leaves too few signers the request is run once more with
-        fresh nonces from everyone."""
-        group = self.group()
+    async def sign(
+        self, target: SignTarget, evidence: bytes = b"", pubkey: bytes = b""
+    ) -> proto.OpReply:
+        """ROAST-sign ``target`` with the key ``pubkey`` (the active one where empty).
+        Signers' nonces left over from earlier requests start the first session at once;
+        a signer that restarted has forgotten its nonce and says so, and if that leaves
+        too few signers the request is run once more with fresh nonces from everyone."""
+        key = self.keys(pubkey)
         try:
-            if group is None:
-                raise RequestRefused("no guild key yet: run keygen first")
+            if key is None:
+                raise RequestRefused(
+                    f"no usable guild key {pubkey.hex()}"
+                    if pubkey
+                    else "no guild key yet: run keygen first"
+                )
             if len(self.signing) >= self.max_requests:
                 raise RequestRefused(f"{self.max_requests} signing requests are running")
-            derived = derive(target, group.thresh_pk)
+            derived = derive(target, key.pubkey)
         except ConstellationError as exc:
             return _error(exc)
         self.metrics.requests_started.inc()
         started = time.perf_counter()
-        reply, stale = await self._run(group, target, evidence, derived, use_cached=True)
+        reply, stale = await self._run(key, target, evidence, derived, use_cached=True)
         if not reply.ok and stale:
-            reply, _ = await self._run(group, target, evidence, derived, use_cached=False)
+            reply, _ = await self._run(key, target, evidence, derived, use_cached=False)
         outcome = "signed" if reply.ok else reply.code
         self.metrics.requests_finished.labels(outcome).inc()
         if reply.ok:
@@ -114,31 +135,34 @@ class Coordinator:
 
     async def _run(
         self,
-        group: roast.Group,
+        key: Key,
         target: SignTarget,
         evidence: bytes,
         derived: Derived,
         use_cached: bool,
     ) -> tuple[proto.OpReply, bool]:
         """One ROAST run; also says whether a signer refused a nonce we held for it."""
+        group = key.group
         coordinator = roast.Coordinator(group, derived.msg, derived.tweaks, derived.is_xonly)
         rid = os.urandom(16)
-        run = _Signing(rid, derived, coordinator, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        run = _Signing(rid, derived, key, coordinator, loop.create_future())
         self.signing[rid] = run
         preloaded = []
-        for i in range(self.n):
-            nonce = self.cached.pop(i, None) if use_cached else None
-            await self.send(i, proto.SignStart(rid, target, nonce is None, evidence))
+        for i in key.members:
+            nonce = self.cached.pop((key.pubkey, i), None) if use_cached else None
+            start = proto.SignStart(rid, target, nonce is None, evidence, key.pubkey)
+            await self.send(i, start)
             if nonce is not None:
                 preloaded.append((i, nonce))
         for i, nonce in preloaded:
             run.presigned.add(i)
-            await self._dispatch(run, coordinator.receive(i, None, nonce))
+            await self._dispatch(run, coordinator.receive(key.members.index(i), None, nonce))
         try:
             reply = await asyncio.wait_for(asyncio.shield(run.done), self.timeout_s)
         except TimeoutError:
-            silent = sorted(set(range(self.n)) - run.presigned - set(run.refused))
-            stalled = sorted(coordinator.session_of)
+            silent = sorted(set(key.members) - run.presigned - set(run.refused))
+            stalled = run.members(coordinator.session_of)
             for i in silent:
                 self.metrics.signer_failures.labels(str(i), "unresponsive").inc()
             for i in stalled:
@@ -149,10 +173,10 @@ class Coordinator:
                 error=f"fewer than {group.t} signers answered: silent {silent}, "
                 f"stalled in a session {stalled}, refused {sorted(run.refused)}",
                 sessions=len(coordinator.sessions),
-                blamed=sorted(coordinator.malicious),
+                blamed=run.members(coordinator.malicious),
             )
             self._finish(run, reply)
-        announce = asyncio.create_task(self._announce(rid, reply.signature))
+        announce = asyncio.create_task(self._announce(key, rid, reply.signature))
         self._announcing.add(announce)
         announce.add_done_callback(self._announcing.discard)
         return reply, run.stale_nonce
@@ -163,8 +187,8 @@ class Coordinator:
             session = proto.SignSession(
                 run.request_id, request.session_id, list(request.ids), list(request.pubnonces)
             )
-            for i in request.ids:
-                await self.send(i, session)
+            for p in request.ids:
+                await self.send(run.key.members[p], session)
 
     async def _on_signer(
         self, sender: int, msg: proto.Presign | proto.Share | proto.SignRefused
@@ -172,16 +196,22 @@ class Coordinator:
         run = self.signing.get(msg.request_id)
         if run is None:
             # A late answer to a finished request: its fresh nonce starts a later one.
-            if not isinstance(msg, proto.SignRefused):
-                self.cached[sender] = msg.pubnonce
+            key = self.finished.get(msg.request_id)
+            if not isinstance(msg, proto.SignRefused) and key is not None:
+                self.cached[(key, sender)] = msg.pubnonce
             return
         coordinator = run.roast
+        position = run.key.position(sender)
+        if position is None:  # not one of this key's participants
+            self.metrics.rejected_messages.labels("protocol.unexpected").inc()
+            return
         if isinstance(msg, proto.SignRefused):
             run.refused[sender] = f"[{msg.code}] {msg.reason}"
             run.stale_nonce |= msg.code == UnknownNonce.code
             self.metrics.signer_failures.labels(str(sender), "refused").inc()
             group = coordinator.group
-            if len(run.refused.keys() | coordinator.malicious) > group.n - group.t:
+            refusing = {run.key.members.index(i) for i in run.refused}
+            if len(refusing | coordinator.malicious) > group.n - group.t:
                 self._finish(
                     run,
                     proto.OpReply(
@@ -190,17 +220,17 @@ class Coordinator:
                         error="signers refused: "
                         + "; ".join(f"{i}: {why}" for i, why in sorted(run.refused.items())),
                         sessions=len(coordinator.sessions),
-                        blamed=sorted(coordinator.malicious),
+                        blamed=run.members(coordinator.malicious),
                     ),
                 )
             return
-        was_malicious = sender in coordinator.malicious
+        was_malicious = position in coordinator.malicious
         if isinstance(msg, proto.Presign):
             run.presigned.add(sender)
-            requests = coordinator.receive(sender, None, msg.pubnonce)
+            requests = coordinator.receive(position, None, msg.pubnonce)
         else:
-            requests = coordinator.receive(sender, msg.psig, msg.pubnonce)
-        if sender in coordinator.malicious and not was_malicious:
+            requests = coordinator.receive(position, msg.psig, msg.pubnonce)
+        if position in coordinator.malicious and not was_malicious:
             self.metrics.signer_failures.labels(str(sender), "invalid_share").inc()
             log.warning(
                 "signer misbehaved", extra={"request_id": run.request_id.hex(), "signer": sender}
@@ -209,9 +239,10 @@ class Coordinator:
             await self._dispatch(run, requests)
             return
         self.metrics.sessions_finished.inc()
-        for i in coordinator.ready:  # nonces they sent that no session used
-            self.cached[i] = coordinator.pubnonce[i]
-        self.cached[sender] = msg.pubnonce  # the share that completed it carries one too
+        pk = run.key.pubkey
+        for p in coordinator.ready:  # nonces they sent that no session used
+            self.cached[(pk, run.key.members[p])] = coordinator.pubnonce[p]
+        self.cached[(pk, sender)] = msg.pubnonce  # the share that completed it carries one
         self._finish(
             run,
             proto.OpReply(
@@ -220,40 +251,50 @@ class Coordinator:
                 signature=coordinator.signature,
                 message=run.derived.msg,
                 sessions=len(coordinator.sessions),
-                blamed=sorted(coordinator.malicious),
+                blamed=run.members(coordinator.malicious),
             ),
         )
 
     def _finish(self, run: _Signing, reply: proto.OpReply) -> None:
         if self.signing.pop(run.request_id, None) is not None:
+            self.finished[run.request_id] = run.key.pubkey
+            while len(self.finished) > FINISHED_MEMORY:
+                self.finished.popitem(last=False)
             run.done.set_result(reply)
 
-    async def _announce(self, request_id: bytes, signature: bytes) -> None:
-        """Tell every signer the request is over (after the operator has its answer)."""
-        for i in range(self.n):
+    async def _announce(self, key: Key, request_id: bytes, signature: bytes) -> None:
+        """Tell the key's signers the request is over (after the operator has its answer)."""
+        for i in key.members:
             await self.send(i, proto.SignDone(request_id, signature))
 
     # -- key generation ---------------------------------------------------------------------
 
-    async def keygen(self, t: int) -> proto.OpReply:
+    async def keygen(self, t: int, members: list[int] | None = None) -> proto.OpReply:
+        """ChillDKG among ``members`` (member indices; all of them where None), ``t`` of
+        them to sign with the key it makes."""
         if self._dkg is not None:
             return _error(RequestRefused("a key generation is running already"))
-        params = dkg.SessionParams(self.members.hostpubkeys, t)
+        taking = sorted(set(members)) if members else list(range(self.n))
+        if members and (taking != members or not 0 <= taking[0] <= taking[-1] < self.n):
+            return _error(RequestRefused(f"members are distinct indices below {self.n}, in order"))
+        params = dkg.SessionParams(tuple(self.members.hostpubkeys[i] for i in taking), t)
         dkg_id = os.urandom(16)
         started = time.perf_counter()
         try:
             dkg.params_validate(params)
-            pmsgs1 = await self._gather(
-                dkg_id, proto.DkgMsg1, proto.DkgStart(dkg_id, list(params.hostpubkeys), t)
-            )
+            start = proto.DkgStart(dkg_id, list(params.hostpubkeys), t)
+            pmsgs1 = await self._gather(dkg_id, taking, proto.DkgMsg1, start)
             state, cmsg1 = dkg.coordinator_step1(pmsgs1, params)
-            pmsgs2 = await self._gather(dkg_id, proto.DkgMsg2, proto.DkgCoord1(dkg_id, cmsg1))
+            coord1 = proto.DkgCoord1(dkg_id, cmsg1)
+            pmsgs2 = await self._gather(dkg_id, taking, proto.DkgMsg2, coord1)
             cmsg2, output, _ = dkg.coordinator_finalize(state, pmsgs2)
-            keys = await self._gather(dkg_id, proto.DkgDone, proto.DkgCoord2(dkg_id, cmsg2))
+            coord2 = proto.DkgCoord2(dkg_id, cmsg2)
+            keys = await self._gather(dkg_id, taking, proto.DkgDone, coord2)
         except ConstellationError as exc:
             self.metrics.dkg_runs.labels(exc.code).inc()
-            blamed = getattr(exc, "participant", None)
-            return _error(exc, blamed=[] if blamed is None else [blamed])
+            at = getattr(exc, "participant", None)  # a position in the session
+            blamed = [taking[at]] if isinstance(at, int) and 0 <= at < len(taking) else []
+            return _error(exc, blamed=blamed)
         finally:
             self._dkg = None
         if any(k != output.threshold_pubkey for k in keys):
@@ -261,23 +302,27 @@ class Coordinator:
             return _error(DKGError("participants stored different keys"))
         self.metrics.dkg_runs.labels("ok").inc()
         self.metrics.dkg_seconds.observe(time.perf_counter() - started)
-        log.info("key generation finished", extra={"threshold_pubkey": keys[0].hex(), "t": t})
-        return proto.OpReply(True, threshold_pubkey=output.threshold_pubkey)
+        log.info(
+            "key generation finished",
+            extra={"threshold_pubkey": keys[0].hex(), "t": t, "members": taking},
+        )
+        return proto.OpReply(True, threshold_pubkey=output.threshold_pubkey, threshold=t)
 
     async def _gather(
         self,
         dkg_id: bytes,
+        members: list[int],
         expect: type[proto.DkgMsg1 | proto.DkgMsg2 | proto.DkgDone],
         out: proto.Message,
     ) -> list[bytes]:
-        """Send ``out`` to every member and wait for one ``expect`` from each."""
-        run = self._dkg = _Keygen(dkg_id, expect)
-        for i in range(self.n):
+        """Send ``out`` to the session's members and wait for one ``expect`` from each."""
+        run = self._dkg = _Keygen(dkg_id, members, expect)
+        for i in members:
             await self.send(i, out)
         try:
             await asyncio.wait_for(run.complete.wait(), self.timeout_s)
         except TimeoutError:
-            missing = sorted(set(range(self.n)) - run.got.keys())
+            missing = sorted(set(members) - run.got.keys())
             raise DKGError(f"participants {missing} did not answer in time") from None
         if run.failed is not None:
             failed = run.failed
@@ -285,7 +330,7 @@ class Coordinator:
             if failed.blamed >= 0:
                 raise FaultyParticipantOrCoordinatorError(failed.blamed, reason)
             raise DKGError(reason)
-        return [run.got[i] for i in range(self.n)]
+        return [run.got[i] for i in members]
 
     def _on_dkg(
         self, sender: int, msg: proto.DkgMsg1 | proto.DkgMsg2 | proto.DkgDone | proto.DkgFailed
@@ -294,10 +339,12 @@ class Coordinator:
         if run is None or msg.dkg_id != run.dkg_id:
             return
         if isinstance(msg, proto.DkgFailed):
+            if sender not in run.members:
+                return
             run.failed = msg
             run.complete.set()
             return
-        if not isinstance(msg, run.expect) or sender in run.got:
+        if not isinstance(msg, run.expect) or sender in run.got or sender not in run.members:
             return
         if isinstance(msg, proto.DkgMsg1):
             run.got[sender] = msg.pmsg1
@@ -305,5 +352,5 @@ class Coordinator:
             run.got[sender] = msg.pmsg2
         else:
             run.got[sender] = msg.threshold_pubkey
-        if len(run.got) == self.n:
+        if len(run.got) == len(run.members):
             run.complete.set()

@@ -23,7 +23,14 @@ from constellation.protocol import signer as proto
 from constellation.protocol.envelope import Membership
 from services.runtime import ConfigError, now_ms
 from services.signer.metrics import SignerMetrics
-from services.signer.store import AuditEntry, AuditLog, KeyStore, ShareRecord, target_of
+from services.signer.store import (
+    AuditEntry,
+    AuditLog,
+    KeyAgreement,
+    KeyStore,
+    ShareRecord,
+    target_of,
+)
 
 log = logging.getLogger("signer")
 
@@ -32,12 +39,39 @@ Vouch = Callable[[Checkpoint, bytes], Awaitable[str]]  # (checkpoint, evidence) 
 FINISHED_MEMORY = 10_000
 
 
+@dataclass(frozen=True)
+class Key:
+    """A guild key this signer holds a share of: ROAST's group over the key's
+    participants (positions 0..n-1), and the member each position is."""
+
+    record: ShareRecord
+    group: roast.Group
+    members: tuple[int, ...]
+
+    @property
+    def pubkey(self) -> bytes:
+        return self.group.thresh_pk
+
+    def position(self, member: int) -> int | None:
+        return self.members.index(member) if member in self.members else None
+
+
+def key_of(members: Membership, record: ShareRecord) -> Key:
+    """The key of a stored share: one of this guild's, among its members."""
+    if record.guild != members.guild or not all(k in members.index for k in record.hostpubkeys):
+        raise ConfigError("a stored share belongs to another guild or membership")
+    n = len(record.hostpubkeys)
+    group = roast.Group(n, record.t, record.threshold_pubkey, tuple(record.pubshares))
+    return Key(record, group, tuple(members.index[k] for k in record.hostpubkeys))
+
+
 @dataclass
 class _Pending:
     coordinator: int
     target: SignTarget
     derived: Derived
     deadline_ms: int
+    key: Key
 
 
 @dataclass
@@ -79,25 +113,58 @@ class Participant:
         self.reply = reply
         self.max_requests = max_requests
         self.request_timeout_ms = request_timeout_ms
-        self.share = keystore.load_share()
-        self.group = self._group(self.share)
+        self.keys = [key_of(members, r) for r in keystore.load_shares()]
+        active = keystore.load_active()
+        self.active = next((k for k in self.keys if k.pubkey == active), None)
+        if active is not None and self.active is None:
+            raise ConfigError("the active key is none of the keys this signer holds")
+        self.active = self.active or (self.keys[0] if self.keys else None)
+        self.agreement = keystore.load_agreement()
         self.pending: dict[bytes, _Pending] = {}
-        self.nonces: dict[int, roast.Signer] = {}  # per coordinator: its pool of our nonces
+        # per (coordinator, key): the pool of our nonces it may hold
+        self.nonces: dict[tuple[int, bytes], roast.Signer] = {}
         self.finished: OrderedDict[bytes, None] = OrderedDict()
         self.dkg: _DkgRun | None = None
         for entry in audit.take_loaded():
             policy.record(target_of(entry), bytes.fromhex(entry["msg"]))
             self._remember(bytes.fromhex(entry["request_id"]))
 
-    def _group(self, share: ShareRecord | None) -> roast.Group | None:
-        if share is None:
-            return None
-        if share.guild != self.members.guild or tuple(share.hostpubkeys) != (
-            self.members.hostpubkeys
-        ):
-            raise ConfigError("the stored share belongs to another guild or membership")
-        n = len(share.hostpubkeys)
-        return roast.Group(n, share.t, share.threshold_pubkey, tuple(share.pubshares))
+    def usable(self) -> list[Key]:
+        """The keys this signer signs with: the active one and any made after it (a key
+        made before the active one signs nothing more)."""
+        if self.active is None:
+            return []
+        return self.keys[self.keys.index(self.active) :]
+
+    def key(self, pubkey: bytes = b"") -> Key | None:
+        """The usable key ``pubkey`` (the active one where empty), if this signer holds it."""
+        if not pubkey:
+            return self.active
+        return next((k for k in self.usable() if k.pubkey == pubkey), None)
+
+    def agree(self, members: list[int], t: int) -> None:
+        """Take part in a DKG among ``members`` with threshold ``t`` (this operator's
+        consent; kept until that key is made)."""
+        n = len(self.members.hostpubkeys)
+        if not members or sorted(set(members)) != members or not 0 <= members[0] <= members[-1] < n:
+            raise RequestRefused(f"members must be distinct member indices below {n}, in order")
+        if self.me not in members:
+            raise RequestRefused("this signer is not among the new key's members")
+        if not len(members) // 2 < t <= len(members):
+            raise RequestRefused(f"the threshold must be a majority of {len(members)}, at most all")
+        self.agreement = KeyAgreement([self.members.hostpubkeys[i] for i in members], t)
+        self.keystore.save_agreement(self.agreement)
+        log.info("agreed to a new key", extra={"members": members, "t": t})
+
+    def activate(self, pubkey: bytes) -> None:
+        """Sign with ``pubkey`` from now on, and never with a key made before it."""
+        key = self.key(pubkey) if pubkey else None
+        if key is None:
+            raise RequestRefused("this signer holds no usable share of that key")
+        self.keystore.save_active(key.pubkey)
+        retired = [k.pubkey.hex() for k in self.keys[: self.keys.index(key)]]
+        self.active = key
+        log.info("key activated", extra={"key": key.pubkey.hex(), "retired": retired})
 
     def _remember(self, request_id: bytes) -> None:
         self.finished[request_id] = None
@@ -145,20 +212,23 @@ class Participant:
                 raise RequestRefused("request ids are 16 bytes")
             if rid in self.pending or rid in self.finished or rid in self.vouching:
                 raise RequestRefused(f"request {rid.hex()} was started already")
-            if self.group is None or self.share is None:
+            if self.active is None:
                 raise RequestRefused("this signer holds no key share yet (run keygen)")
+            key = self.key(msg.key)
+            if key is None:
+                raise RequestRefused(f"this signer signs with no key {msg.key.hex()}")
             if len(self.pending) + len(self.vouching) >= self.max_requests:
                 raise Overloaded(f"{self.max_requests} signing requests are open already")
-            derived = self.policy.check(msg.target, self.group.thresh_pk)
+            derived = self.policy.check(msg.target, key.pubkey)
         except ConstellationError as exc:
             await self._refuse(sender, rid, exc)
             return
         if isinstance(msg.target, Checkpoint) and self.vouch is not None:
             # Asked in a task of its own: messages of other requests go on meanwhile.
             self.vouching[rid] = asyncio.Event()
-            self._spawn(self._vouched(sender, msg, msg.target, derived))
+            self._spawn(self._vouched(sender, msg, msg.target, derived, key))
             return
-        await self._open(sender, msg, derived)
+        await self._open(sender, msg, derived, key)
 
     def _spawn(self, work: Coroutine[None, None, None]) -> None:
         task = asyncio.create_task(work)
@@ -180,7 +250,7 @@ class Participant:
         await self._sign_session(sender, msg)
 
     async def _vouched(
-        self, sender: int, msg: proto.SignStart, target: Checkpoint, derived: Derived
+        self, sender: int, msg: proto.SignStart, target: Checkpoint, derived: Derived, key: Key
     ) -> None:
         assert self.vouch is not None
         answered = self.vouching[msg.request_id]
@@ -190,25 +260,27 @@ class Participant:
                 refusal = RequestRefused(f"this operator's ledger does not vouch: {reason}")
                 await self._refuse(sender, msg.request_id, refusal)
             else:
-                await self._open(sender, msg, derived)
+                await self._open(sender, msg, derived, key)
         finally:
             del self.vouching[msg.request_id]
             answered.set()
 
-    async def _open(self, sender: int, msg: proto.SignStart, derived: Derived) -> None:
+    async def _open(self, sender: int, msg: proto.SignStart, derived: Derived, key: Key) -> None:
         """The request is open here: a nonce for the coordinator where it asked for one."""
         deadline = now_ms() + self.request_timeout_ms
-        self.pending[msg.request_id] = _Pending(sender, msg.target, derived, deadline)
+        self.pending[msg.request_id] = _Pending(sender, msg.target, derived, deadline, key)
         self.metrics.pending_requests.set(len(self.pending))
         if msg.presign:
-            await self.reply(sender, proto.Presign(msg.request_id, self._signer(sender).presign()))
+            nonce = self._signer(sender, key).presign()
+            await self.reply(sender, proto.Presign(msg.request_id, nonce))
 
-    def _signer(self, coordinator: int) -> roast.Signer:
-        signer = self.nonces.get(coordinator)
+    def _signer(self, coordinator: int, key: Key) -> roast.Signer:
+        signer = self.nonces.get((coordinator, key.pubkey))
         if signer is None:
-            assert self.group is not None and self.share is not None
-            signer = roast.Signer(self.group, self.me, self.share.secshare, self.max_requests + 1)
-            self.nonces[coordinator] = signer
+            me = key.position(self.me)
+            assert me is not None  # a share of the key is held here
+            signer = roast.Signer(key.group, me, key.record.secshare, self.max_requests + 1)
+            self.nonces[(coordinator, key.pubkey)] = signer
         return signer
 
     async def _sign_session(self, sender: int, msg: proto.SignSession) -> None:
@@ -230,7 +302,7 @@ class Participant:
             )
             # Checked again: another request may have signed a conflicting checkpoint.
             self.policy.check_history(pending.target, pending.derived.msg)
-            psig, next_pubnonce = self._signer(sender).sign(request)
+            psig, next_pubnonce = self._signer(sender, pending.key).sign(request)
         except ConstellationError as exc:
             del self.pending[rid]
             self._remember(rid)
@@ -290,12 +362,25 @@ class Participant:
         )
         await self.reply(coordinator, proto.DkgFailed(dkg_id, exc.code, str(exc), blamed))
 
-    async def _dkg_start(self, sender: int, msg: proto.DkgStart) -> None:
-        try:
-            if self.share is not None:
-                raise RequestRefused("this signer holds a key share already; it never replaces one")
+    def _takes_part(self, msg: proto.DkgStart) -> None:
+        """Refuses a DKG this signer's operator did not ask for: the guild's first key
+        is made by all its members; a later one only among the members and with the
+        threshold its operator agreed to (``agree``)."""
+        if not self.keys:
             if tuple(msg.hostpubkeys) != self.members.hostpubkeys:
                 raise RequestRefused("the session's participants are not this guild's members")
+            return
+        agreed = self.agreement
+        if agreed is None:
+            raise RequestRefused(
+                "this signer holds a key share already, and its operator agreed to no new key"
+            )
+        if (msg.hostpubkeys, msg.t) != (agreed.hostpubkeys, agreed.t):
+            raise RequestRefused("the session's members or threshold are not the agreed ones")
+
+    async def _dkg_start(self, sender: int, msg: proto.DkgStart) -> None:
+        try:
+            self._takes_part(msg)
             params = dkg.SessionParams(tuple(msg.hostpubkeys), msg.t)
             state1, pmsg1 = dkg.participant_step1(self.hostseckey, params, os.urandom(32))
         except ConstellationError as exc:
@@ -326,14 +411,20 @@ class Participant:
         record = ShareRecord(
             self.members.guild,
             run.state1.params.t,
-            list(self.members.hostpubkeys),
+            list(run.state1.params.hostpubkeys),
             output.threshold_pubkey,
             list(output.pubshares),
             output.secshare,
             recovery,
         )
         self.keystore.save_share(record)
-        self.share, self.group, self.dkg = record, self._group(record), None
+        key = key_of(self.members, record)
+        self.keys.append(key)
+        self.active = self.active or key
+        if self.agreement is not None:  # the agreed key is made: agreed to no more
+            self.agreement = None
+            self.keystore.save_agreement(None)
+        self.dkg = None
         log.info(
             "key share stored",
             extra={"threshold_pubkey": output.threshold_pubkey.hex(), "t": record.t},

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from constellation.crypto import dkg
 from constellation.guild import SignTarget
 from constellation.protocol.signer import decode_target
-from services.runtime import ConfigError, write_atomic
+from services.runtime import ConfigError, sync_dir, write_atomic
 
 log = logging.getLogger("signer.store")
 
@@ -63,11 +63,24 @@ class ShareRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     recovery_data: bytes
 
 
-class KeyStore:
-    """``identity.sealed`` (the host secret key) and ``share.sealed`` in ``state_dir``.
+class KeyAgreement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The new guild key this signer's operator agreed it takes part in: among these
+    members (their host public keys, in member order), ``t`` of them signing."""
 
-    ``recovery.bin`` holds ChillDKG's recovery data in the clear: it has no secret, and
-    with the host key it restores the share if ``share.sealed`` is lost.
+    hostpubkeys: list[bytes]
+    t: int
+
+
+class KeyStore:
+    """``identity.sealed`` (the host secret key) and the shares of the guild's keys in
+    ``state_dir``: ``share.sealed`` (the first key), then ``share-1.sealed``,
+    ``share-2.sealed``, ... (each key a change of members made); ``active-key`` names
+    the one that signs (the first where absent); ``agreed-key.json`` the next key's
+    members, once this operator agreed to them.
+
+    ``recovery.bin`` (``recovery-1.bin``, ...) holds ChillDKG's recovery data in the
+    clear: it has no secret, and with the host key it restores a share if its sealed
+    file is lost.
     """
 
     def __init__(self, state_dir: Path, storage_key: bytes) -> None:
@@ -97,20 +110,56 @@ class KeyStore:
             raise ConfigError("the sealed identity is not a 32-byte key")
         return hostseckey
 
-    def save_share(self, record: ShareRecord) -> None:
-        path = self.dir / "share.sealed"
-        if path.exists():
-            raise ConfigError(f"{path} exists: refusing to replace a key share")
-        write_atomic(self.dir / "recovery.bin", record.recovery_data)
-        write_atomic(path, seal(self.key, "share", msgspec.msgpack.encode(record)))
+    def _share_path(self, k: int) -> Path:
+        return self.dir / ("share.sealed" if k == 0 else f"share-{k}.sealed")
 
-    def load_share(self) -> ShareRecord | None:
+    def save_share(self, record: ShareRecord) -> None:
+        """Keep the share of a new key beside the ones held (never replacing one)."""
+        k = len(self.load_shares())
+        write_atomic(
+            self.dir / ("recovery.bin" if k == 0 else f"recovery-{k}.bin"), record.recovery_data
+        )
+        write_atomic(self._share_path(k), seal(self.key, "share", msgspec.msgpack.encode(record)))
+
+    def load_shares(self) -> list[ShareRecord]:
+        """The shares held, the oldest key first."""
+        shares: list[ShareRecord] = []
+        while True:
+            try:
+                data = self._share_path(len(shares)).read_bytes()
+            except FileNotFoundError:
+                return shares
+            plain = unseal(self.key, "share", data)
+            shares.append(msgspec.msgpack.decode(plain, type=ShareRecord))
+
+    def save_active(self, threshold_pubkey: bytes) -> None:
+        write_atomic(self.dir / "active-key", threshold_pubkey.hex().encode())
+
+    def load_active(self) -> bytes | None:
         try:
-            data = (self.dir / "share.sealed").read_bytes()
+            return bytes.fromhex((self.dir / "active-key").read_text())
         except FileNotFoundError:
             return None
-        plain = unseal(self.key, "share", data)
-        return msgspec.msgpack.decode(plain, type=ShareRecord)
+        except ValueError:
+            raise ConfigError(f"{self.dir / 'active-key'} is not a key in hex") from None
+
+    def save_agreement(self, agreement: KeyAgreement | None) -> None:
+        path = self.dir / "agreed-key.json"
+        if agreement is None:
+            path.unlink(missing_ok=True)
+            sync_dir(self.dir)
+        else:
+            write_atomic(path, msgspec.json.encode(agreement))
+
+    def load_agreement(self) -> KeyAgreement | None:
+        try:
+            data = (self.dir / "agreed-key.json").read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return msgspec.json.decode(data, type=KeyAgreement)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ConfigError(f"{self.dir / 'agreed-key.json'}: {exc}") from None
 
 
 @dataclass(frozen=True)

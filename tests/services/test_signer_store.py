@@ -12,37 +12,60 @@ from constellation.crypto.dkg import hostpubkey_gen
 from constellation.guild import Checkpoint, Statement
 from constellation.protocol.signer import encode_target
 from services.runtime import ConfigError
-from services.signer.store import AuditEntry, AuditLog, KeyStore, ShareRecord, target_of
+from services.signer.store import (
+    AuditEntry,
+    AuditLog,
+    KeyAgreement,
+    KeyStore,
+    ShareRecord,
+    target_of,
+)
 
 KEY = bytes(range(32))
 
 
-def record() -> ShareRecord:
-    return ShareRecord(
-        "g", 2, [b"\x02" * 33] * 3, b"\x03" * 33, [b"\x02" * 33] * 3, b"s" * 32, b"rd"
-    )
+def record(key: bytes = b"\x03" * 33, recovery: bytes = b"rd") -> ShareRecord:
+    return ShareRecord("g", 2, [b"\x02" * 33] * 3, key, [b"\x02" * 33] * 3, b"s" * 32, recovery)
 
 
 def test_identity_and_share_round_trip_sealed(tmp_path: Path) -> None:
     store = KeyStore(tmp_path, KEY)
     pub = store.create_identity()
     assert hostpubkey_gen(store.load_identity()) == pub
-    assert store.load_share() is None
+    assert store.load_shares() == []
     store.save_share(record())
-    assert store.load_share() == record()
+    assert store.load_shares() == [record()]
     on_disk = (tmp_path / "share.sealed").read_bytes() + store.identity_path.read_bytes()
     assert b"s" * 32 not in on_disk and store.load_identity() not in on_disk
     assert (tmp_path / "recovery.bin").read_bytes() == b"rd"
 
 
 def test_secrets_are_never_replaced(tmp_path: Path) -> None:
+    """An identity is made once; a new key's share goes beside the ones held."""
     store = KeyStore(tmp_path, KEY)
     store.create_identity()
     with pytest.raises(ConfigError, match="refusing to replace an identity"):
         store.create_identity()
     store.save_share(record())
-    with pytest.raises(ConfigError, match="refusing to replace a key share"):
-        store.save_share(record())
+    store.save_share(record(b"\x02" * 33, b"rd1"))
+    assert store.load_shares() == [record(), record(b"\x02" * 33, b"rd1")]
+    assert (tmp_path / "recovery-1.bin").read_bytes() == b"rd1"
+    assert (tmp_path / "recovery.bin").read_bytes() == b"rd"
+
+
+def test_the_active_key_and_the_agreed_one_are_kept(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path, KEY)
+    assert store.load_active() is None and store.load_agreement() is None
+    store.save_active(b"\x02" * 33)
+    agreed = KeyAgreement([b"\x02" * 33, b"\x03" * 33], 2)
+    store.save_agreement(agreed)
+    again = KeyStore(tmp_path, KEY)
+    assert again.load_active() == b"\x02" * 33 and again.load_agreement() == agreed
+    again.save_agreement(None)
+    assert store.load_agreement() is None
+    (tmp_path / "agreed-key.json").write_text('{"hostpubkeys": [], "t": 2, "x": 1}')
+    with pytest.raises(ConfigError, match="agreed-key"):
+        store.load_agreement()
 
 
 def test_wrong_key_swapped_file_or_damage_is_refused(tmp_path: Path) -> None:
@@ -57,7 +80,7 @@ def test_wrong_key_swapped_file_or_damage_is_refused(tmp_path: Path) -> None:
         store.load_identity()
     (tmp_path / "share.sealed").write_bytes(share[:-1] + bytes([share[-1] ^ 1]))
     with pytest.raises(ConfigError):
-        store.load_share()
+        store.load_shares()
 
 
 def entry(seq: int, height: int) -> AuditEntry:

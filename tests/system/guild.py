@@ -63,15 +63,15 @@ class Guild:
         proc = self.net.signers[i]
         return KeyStore(Path(proc.state_dir), bytes.fromhex(proc.storage_key)).load_identity()
 
-    async def keygen(self, t: int, operator: int = 0) -> proto.OpReply:
-        return await call(
-            self.net.nats_url, self.members, self.identity(operator), proto.KeygenRequest(t), 60
-        )
+    async def request(self, request: proto.OpRequest, operator: int = 0) -> proto.OpReply:
+        """``operator``'s request to its own signer."""
+        return await call(self.net.nats_url, self.members, self.identity(operator), request, 60)
 
-    async def sign(self, target: SignTarget, operator: int = 0) -> proto.OpReply:
-        return await call(
-            self.net.nats_url, self.members, self.identity(operator), proto.SignRequest(target), 60
-        )
+    async def keygen(self, t: int, operator: int = 0) -> proto.OpReply:
+        return await self.request(proto.KeygenRequest(t), operator)
+
+    async def sign(self, target: SignTarget, operator: int = 0, key: bytes = b"") -> proto.OpReply:
+        return await self.request(proto.SignRequest(target, key=key), operator)
 
     def client(self, operator: int = 0) -> SignerClient:
         return SignerClient(self.net.nats_url, self.members, self.identity(operator))

@@ -127,9 +127,62 @@ async def test_keygen_refuses_to_replace_a_share(guild_factory: GuildFactory) ->
     before = await guild.keygen(2)
     assert before.ok and len(before.threshold_pubkey) == 33
     again = await guild.keygen(3, operator=1)
-    assert not again.ok and "never replaces" in again.error
+    assert not again.ok and "agreed to no new key" in again.error
     bad_t = await guild.keygen(4)
     assert not bad_t.ok and bad_t.code.startswith("dkg.")
+
+
+async def test_a_new_key_among_the_members_that_stay_signs_beside_the_old_one(
+    guild_factory: GuildFactory,
+) -> None:
+    """Member 3 leaves: members 0-2 make a new key (each agreed to it), both keys sign
+    until the new one is activated, then the old one signs nothing more at them."""
+    guild = guild_factory(4)
+    old = (await guild.keygen(3)).threshold_pubkey
+    stay = [0, 1, 2]
+    unasked = await guild.request(proto.KeygenRequest(2, stay), operator=1)
+    assert not unasked.ok and "agreed to no new key" in unasked.error
+    leaver = await guild.request(proto.AgreeKey(stay, 2), operator=3)
+    assert not leaver.ok and "not among" in leaver.error
+    for i in stay[:2]:
+        assert (await guild.request(proto.AgreeKey(stay, 2), operator=i)).ok
+    not_all = await guild.request(proto.KeygenRequest(2, stay), operator=1)
+    assert not not_all.ok and "agreed to no new key" in not_all.error  # member 2 did not
+    other_t = await guild.request(proto.AgreeKey(stay, 3), operator=2)
+    assert other_t.ok
+    assert not (await guild.request(proto.KeygenRequest(2, stay), operator=1)).ok
+    assert (await guild.request(proto.AgreeKey(stay, 2), operator=2)).ok
+    made = await guild.request(proto.KeygenRequest(2, stay), operator=1)
+    assert made.ok and made.threshold == 2, made.error
+    new = made.threshold_pubkey
+    assert new != old and len(new) == 33
+    held = await guild.request(proto.KeyRequest(), operator=0)
+    assert held.threshold_pubkey == old and held.keys == [old, new]
+    assert (await guild.request(proto.KeyRequest(), operator=3)).keys == [old]
+    again = await guild.request(proto.KeygenRequest(2, stay), operator=0)
+    assert not again.ok and "agreed to no new key" in again.error  # the agreement is used
+
+    guild.stop(2)  # 2 of the new key's 3 sign with it; the old key's 3 of 4 remain too
+    by_new = await guild.sign(Statement("with the new key"), operator=0, key=new)
+    assert_valid(by_new, b"with the new key", "new key")
+    assert by_new.threshold_pubkey == new[1:]
+    by_old = await guild.sign(Statement("with the old key"), operator=3)
+    assert_valid(by_old, b"with the old key", "old key")
+    assert by_old.threshold_pubkey == old[1:]
+    refused = await guild.sign(Statement("x"), operator=3, key=new)
+    assert not refused.ok and "no usable guild key" in refused.error
+    guild.start(2)
+
+    for i in stay:
+        assert (await guild.request(proto.ActivateKey(new), operator=i)).keys == [new]
+    assert_valid(await guild.sign(Statement("active"), operator=1), b"active", "activated")
+    retired = await guild.sign(Statement("x"), operator=0, key=old)
+    assert not retired.ok and "no usable guild key" in retired.error
+    by_leaver = await guild.sign(Statement("the leaver asks"), operator=3)
+    assert not by_leaver.ok and by_leaver.code == "signing.refused", by_leaver.error
+    guild.stop(1)
+    guild.start(1)  # the active key and the retired one are remembered
+    assert (await guild.request(proto.KeyRequest(), operator=1)).keys == [new]
 
 
 async def test_ops_endpoints_and_clean_sigterm(guild_factory: GuildFactory) -> None:
