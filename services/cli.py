@@ -196,7 +196,9 @@ def _devnet(args: argparse.Namespace) -> int:
         left = guild.leave(args.dir, args.operator)
         print(
             f"operator {left.operator} left: every shard's voters are "
-            f"{', '.join(left.voters)} ({left.seconds:.1f} s); its processes stopped"
+            f"{', '.join(left.voters)} ({left.seconds:.1f} s); its processes stopped; "
+            f"new guild key {left.key} ({left.key_seconds:.1f} s), the old one signs "
+            "until the funds move"
         )
     elif in_guild:
         guild.down(args.dir)

@@ -40,9 +40,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from constellation.crypto.dkg import hostpubkey_gen
 from constellation.keys import SigningKey
 from constellation.protocol.envelope import Membership
-from constellation.protocol.signer import KeygenRequest, KeyRequest, OpReply, OpRequest
+from constellation.protocol.signer import (
+    AgreeKey,
+    KeygenRequest,
+    KeyRequest,
+    OpReply,
+    OpRequest,
+)
 from constellation.replication.members import Agreement
 from constellation.replication.placement import BATCH, COPIES, MAX_MACHINES, Placement
 from services.bus import load_agreement, publish_agreement
@@ -271,10 +278,29 @@ def guild_key(nets: list[Devnet]) -> None:
 
 def signer_request(net: Devnet, request: OpRequest, timeout_s: float = KEYGEN_S) -> OpReply:
     """One request of an operator to its own signer, signed with the signer's identity."""
-    proc = net.signers[0]
-    hostseckey = KeyStore(Path(proc.state_dir), bytes.fromhex(proc.storage_key)).load_identity()
     members = load_members(net.members_path)
-    return asyncio.run(call(net.nats_url, members, hostseckey, request, timeout_s))
+    return asyncio.run(call(net.nats_url, members, _identity(net), request, timeout_s))
+
+
+def _identity(net: Devnet) -> bytes:
+    proc = net.signers[0]
+    return KeyStore(Path(proc.state_dir), bytes.fromhex(proc.storage_key)).load_identity()
+
+
+def reshare(nets: list[Devnet]) -> OpReply:
+    """A new guild key among ``nets``' signers (a majority of them signs): each operator
+    agrees to it, then the first coordinates the DKG. The old key still signs."""
+    members = load_members(nets[0].members_path)
+    taking = sorted(members.index[hostpubkey_gen(_identity(n))] for n in nets)
+    t = len(taking) // 2 + 1
+    for net in nets:
+        agreed = signer_request(net, AgreeKey(taking, t))
+        if not agreed.ok:
+            raise DevnetError(f"{net.operator}'s signer refused the new key: {agreed.error}")
+    made = signer_request(nets[0], KeygenRequest(t, taking))
+    if not made.ok:
+        raise DevnetError(f"the new key's generation failed: {made.code}: {made.error}")
+    return made
 
 
 def wait_machines(nets: list[Devnet], deadline_s: float) -> None:
@@ -381,6 +407,8 @@ class Left:
     operator: str
     voters: list[str]  # the guild's voters after it
     seconds: float  # from the agreement to every shard's new members confirmed
+    key: str  # the new guild key the voters made (hex), beside the old one
+    key_seconds: float  # how long its DKG took, with the agreements
 
 
 def leave(directory: Path, name: str, deadline_s: float = 60.0) -> Left:
@@ -388,7 +416,9 @@ def leave(directory: Path, name: str, deadline_s: float = 60.0) -> Left:
     (``constellation.replication.members``), every shard's leader takes the steps (a
     joint step, then the voters alone) while payments go on, and once every copy of
     every shard at the members that stay names the new voters, confirmed, the leaver's
-    processes stop. Its shards stay, led and kept by the others' copies."""
+    processes stop. Its shards stay, led and kept by the others' copies. Then the
+    members that stay make a new guild key (``reshare``): the old key, a share of which
+    the leaver holds, still signs until the guild's funds move to the new one."""
     nets = load(directory)
     names = [n.operator for n in nets]
     if name not in names:
@@ -433,7 +463,9 @@ def leave(directory: Path, name: str, deadline_s: float = 60.0) -> Left:
         time.sleep(0.1)
     seconds = time.monotonic() - started
     stop_operator(directory, name)
-    return Left(name, [names[op] for op in voters], seconds)
+    started = time.monotonic()
+    key = reshare(stay).threshold_pubkey.hex()
+    return Left(name, [names[op] for op in voters], seconds, key, time.monotonic() - started)
 
 
 def _holds(machine: MachineProc) -> bool:

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from constellation.guild import Statement
+from constellation.keys import schnorr_verify
+from constellation.protocol.signer import KeyRequest, SignRequest
 from constellation.replication.members import Agreement
 from services.bus import MEMBERS_KEY, load_agreement, map_bucket
 from services.devnet import DevnetError, guild
@@ -55,6 +58,17 @@ async def test_a_member_leaves_under_payments_and_the_others_go_on(where: Path) 
     finally:
         await nc.close()
     assert agreement is not None and agreement.voters == [[0, 1, 2], [0, 1]]
+
+    # The two that stay made a new key; the old one (op2 holds a share) signs on.
+    ask = guild.signer_request
+    old, new = (await asyncio.to_thread(ask, stay[0], KeyRequest())).keys
+    assert new.hex() == left.key
+    assert (await asyncio.to_thread(ask, stay[1], KeyRequest())).keys == [old, new]
+    for key in (old, new):
+        signing = SignRequest(Statement("after op2 left"), key=key)
+        signed = await asyncio.to_thread(ask, stay[1], signing)
+        assert signed.ok and signed.threshold_pubkey == key[1:], signed.error
+        assert schnorr_verify(signed.threshold_pubkey, signed.message, signed.signature)
 
     # The two that stay confirm alone: payments on both ledgers, op2 gone.
     assert all(await asyncio.gather(*(pay(net, 60) for net in stay)))
