@@ -12,7 +12,9 @@ for the operator's approval, and what each phase waits for.
   (``constellation.crypto.dkg``); the old key still signs.
 * **Moving**: the guild's on-chain funds move to the new key in one spend that the old
   key's signers sign (ROAST), checked by each as any spend (``constellation.guild``).
-* **Done**: the old key signs nothing more.
+* **Done**: every coin is under the new key. The old key may still sign checkpoints:
+  the signers retire it (``op.activate_key``) once light clients can follow a handover
+  from one key to the next.
 
 A phase begins once the work of the one before is observed done (``Observed``: what the
 shards, the signers and the chain say, never assumed) and the operator approved it.

@@ -197,8 +197,8 @@ def _devnet(args: argparse.Namespace) -> int:
         print(
             f"operator {left.operator} left: every shard's voters are "
             f"{', '.join(left.voters)} ({left.seconds:.1f} s); its processes stopped; "
-            f"new guild key {left.key} ({left.key_seconds:.1f} s), the old one signs "
-            "until the funds move"
+            f"new guild key {left.key} ({left.key_seconds:.1f} s), the guild's coins "
+            f"moved to it ({', '.join(left.moved) or 'none held'})"
         )
     elif in_guild:
         guild.down(args.dir)

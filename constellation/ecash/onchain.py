@@ -29,6 +29,7 @@ class Coin(NamedTuple):
     amount_sat: int
     script: bytes
     derivation: bytes  # what moved the guild key to its address (empty: none)
+    key: bytes = b""  # the guild key it is under (33 bytes): the one that signs for it
 
 
 class Withdrawal(NamedTuple):

@@ -157,6 +157,14 @@ class KeyRequest(_Msg, frozen=True, tag="op.key"):
     (``OpReply.threshold_pubkey``) and every one it may sign with (``OpReply.keys``)."""
 
 
+class KeyInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    """A guild key: made among ``members`` (member indices), ``t`` of them signing."""
+
+    key: bytes
+    members: list[int]
+    t: int
+
+
 class OpReply(_Msg, frozen=True, tag="op.reply"):
     """Answer to an operator request: a key or a signature, or an error code."""
 
@@ -169,7 +177,8 @@ class OpReply(_Msg, frozen=True, tag="op.reply"):
     message: bytes = b""
     sessions: int = 0
     blamed: list[int] = []
-    keys: list[bytes] = []  # every key this signer may sign with, oldest first
+    keys: list[KeyInfo] = []  # every key this signer may sign with, oldest first
+    agreed: KeyInfo | None = None  # the next key its operator agreed to (``key`` empty)
 
 
 OpRequest = KeygenRequest | AgreeKey | ActivateKey | SignRequest | KeyRequest

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
 from constellation.crypto.dkg import hostpubkey_gen
 from constellation.keys import SigningKey
 from constellation.protocol.envelope import Membership
@@ -71,6 +73,7 @@ from services.devnet.supervisor import (
     supervisor_alive,
     want_machines,
 )
+from services.ecash.onchain import ask_move, moved
 from services.lnsim.sim import socket_path
 from services.replica.config import MACHINES, Layout, Member, Neighbour
 from services.replica.moves import Stuck, drive
@@ -303,6 +306,33 @@ def reshare(nets: list[Devnet]) -> OpReply:
     return made
 
 
+def move_funds(nets: list[Devnet], key: bytes, deadline_s: float = 60.0) -> list[str]:
+    """Each of ``nets``' mints moves the guild's coins it holds to ``key`` (each coin
+    signed by the key it is under), again where coins under another key confirm
+    meanwhile (a deposit, a withdrawal's change); returns the moves' txids once every
+    coin is under ``key`` in a block and no withdrawal waits for signatures."""
+
+    async def ask_and_wait() -> list[str]:
+        conns = [await asyncpg.connect(n.database_url) for n in nets]
+        try:
+            end = time.monotonic() + deadline_s
+            while True:
+                states = [await moved(conn, key) for conn in conns]
+                if all(m.done for m in states):
+                    return [txid for m in states for txid in m.txids]
+                for conn, m in zip(conns, states, strict=True):
+                    if m.confirmed_elsewhere and not m.open:
+                        await ask_move(conn, key)
+                if time.monotonic() > end:
+                    raise DevnetError(f"the guild's coins did not move in {deadline_s} s: {states}")
+                await asyncio.sleep(0.2)
+        finally:
+            for conn in conns:
+                await conn.close()
+
+    return asyncio.run(ask_and_wait())
+
+
 def wait_machines(nets: list[Devnet], deadline_s: float) -> None:
     """Wait until every running machine is ready (its copies follow live leaders)."""
     end = time.monotonic() + deadline_s
@@ -407,8 +437,9 @@ class Left:
     operator: str
     voters: list[str]  # the guild's voters after it
     seconds: float  # from the agreement to every shard's new members confirmed
-    key: str  # the new guild key the voters made (hex), beside the old one
+    key: str  # the new guild key the voters made (hex): it holds the guild's coins
     key_seconds: float  # how long its DKG took, with the agreements
+    moved: list[str]  # the txids moving the guild's coins to it (none: no coin held)
 
 
 def leave(directory: Path, name: str, deadline_s: float = 60.0) -> Left:
@@ -417,8 +448,10 @@ def leave(directory: Path, name: str, deadline_s: float = 60.0) -> Left:
     joint step, then the voters alone) while payments go on, and once every copy of
     every shard at the members that stay names the new voters, confirmed, the leaver's
     processes stop. Its shards stay, led and kept by the others' copies. Then the
-    members that stay make a new guild key (``reshare``): the old key, a share of which
-    the leaver holds, still signs until the guild's funds move to the new one."""
+    members that stay make a new guild key (``reshare``) and their mints move the
+    guild's coins to it: the leaver's share signs for none of them. The old key still
+    signs the guild's checkpoints (light clients trust it, and can follow no handover to
+    another yet)."""
     nets = load(directory)
     names = [n.operator for n in nets]
     if name not in names:
@@ -464,8 +497,10 @@ def leave(directory: Path, name: str, deadline_s: float = 60.0) -> Left:
     seconds = time.monotonic() - started
     stop_operator(directory, name)
     started = time.monotonic()
-    key = reshare(stay).threshold_pubkey.hex()
-    return Left(name, [names[op] for op in voters], seconds, key, time.monotonic() - started)
+    key = reshare(stay).threshold_pubkey
+    key_seconds = time.monotonic() - started
+    txids = move_funds(stay, key)
+    return Left(name, [names[op] for op in voters], seconds, key.hex(), key_seconds, txids)
 
 
 def _holds(machine: MachineProc) -> bool:

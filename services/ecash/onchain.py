@@ -47,6 +47,7 @@ from constellation.errors import ConstellationError
 from constellation.guild import derive, guild_output
 from constellation.hashing import tagged_hasher
 from constellation.keys import schnorr_verify
+from constellation.membership import move_funds
 from constellation.protocol import cashu as nut
 from constellation.protocol import signer as sp
 from constellation.protocol.envelope import Membership
@@ -60,6 +61,7 @@ MAX_INPUTS = 4  # a withdrawal's fee reserve covers a transaction of this many i
 SIGN_S = 30.0
 RPC_S = 10.0
 ABANDONED_S = 60.0  # a melt PENDING this long with no withdrawal recorded: its process died
+MOVE_MAX_FEE_SAT = 50_000  # a move to a new key costing more waits (for a lower feerate)
 _derivation = tagged_hasher("Constellation/deposit-derivation")
 
 SCHEMA = """
@@ -68,6 +70,7 @@ CREATE TABLE IF NOT EXISTS chain_quotes (  -- NUT-30 mint quotes: an address eac
     address text NOT NULL UNIQUE,
     script bytea NOT NULL UNIQUE,
     derivation bytea NOT NULL,
+    guild_key bytea NOT NULL,  -- the guild key its address is under (33 bytes)
     pubkey text NOT NULL,
     amount_paid bigint NOT NULL DEFAULT 0,
     amount_issued bigint NOT NULL DEFAULT 0 CHECK (amount_issued <= amount_paid),
@@ -79,10 +82,11 @@ CREATE TABLE IF NOT EXISTS chain_coins (  -- the guild's outputs this mint holds
     amount_sat bigint NOT NULL,
     script bytea NOT NULL,
     derivation bytea NOT NULL,
+    key bytea NOT NULL,  -- the guild key it is under: the one that signs for it
     height int,  -- NULL: not in a block yet
     quote text,  -- the deposit's mint quote (NULL: a withdrawal's change)
     held bool NOT NULL,  -- counted in the mint's funds: a credited deposit, or change
-    spent_by text,  -- the withdrawal (melt quote) that spends it
+    spent_by text,  -- the withdrawal (melt quote) or the move ('move:' key) that spends it
     PRIMARY KEY (txid, vout)
 );
 CREATE TABLE IF NOT EXISTS chain_withdrawals (
@@ -93,6 +97,16 @@ CREATE TABLE IF NOT EXISTS chain_withdrawals (
     fee_sat bigint NOT NULL,
     spent jsonb NOT NULL,  -- the coins it spends: txid, vout, amount_sat, script, derivation
     state text NOT NULL CHECK (state IN ('SIGNING', 'SIGNED'))  -- sent: its melt is PAID
+);
+CREATE TABLE IF NOT EXISTS chain_moves (  -- coins moved to a new guild key
+    id bigserial PRIMARY KEY,
+    key bytea NOT NULL,  -- the new key, made by the members after a change of members
+    asked_at bigint NOT NULL,
+    tx bytea,  -- unsigned, then signed (NULL: not built yet)
+    txid text,
+    fee_sat bigint,  -- the guild's: booked as chain_fees_sat
+    spent jsonb,  -- the coins it spends: txid, vout, amount_sat, script, derivation, key
+    state text NOT NULL CHECK (state IN ('ASKED', 'SIGNING', 'SIGNED', 'SENT', 'NONE'))
 );
 CREATE TABLE IF NOT EXISTS chain_blocks (  -- what the follower read, to find a reorg
     height int PRIMARY KEY,
@@ -190,6 +204,73 @@ class ChainSettings:
     hrp: str
 
 
+def _coins_json(coins: list[oc.Coin]) -> str:
+    return json.dumps(
+        [
+            [c.txid, c.vout, c.amount_sat, c.script.hex(), c.derivation.hex(), c.key.hex()]
+            for c in coins
+        ]
+    )
+
+
+def _coins_of(spent: list[list[Any]]) -> list[oc.Coin]:
+    return [
+        oc.Coin(t, v, a, bytes.fromhex(s), bytes.fromhex(d), bytes.fromhex(k))
+        for t, v, a, s, d, k in spent
+    ]
+
+
+async def ask_move(conn: asyncpg.Connection, key: bytes) -> None:
+    """Ask the mint to move every coin it holds under another key to ``key`` (a new
+    guild key, made after a change of members), unless a move to it is under way."""
+    await conn.execute(
+        "INSERT INTO chain_moves (key, asked_at, state) SELECT $1, $2, 'ASKED' WHERE NOT EXISTS"
+        " (SELECT 1 FROM chain_moves WHERE key = $1 AND state IN ('ASKED', 'SIGNING', 'SIGNED'))",
+        key,
+        int(time.time()),
+    )
+
+
+@dataclass(frozen=True)
+class Moved:
+    """Where the moves to a key are."""
+
+    txids: list[str]  # every move sent or under way
+    open: int  # moves asked for and not sent yet
+    unconfirmed: int  # moves sent and in no block yet
+    confirmed_elsewhere: int  # coins held under another key, confirmed: to move
+    pending_elsewhere: int  # ...and not confirmed yet (a deposit, a withdrawal's change)
+    signing: int  # withdrawals not signed yet (they may spend coins under another key)
+
+    @property
+    def done(self) -> bool:
+        """Every coin is under the key, in a block: the keys before it may be retired."""
+        counts = (self.open, self.unconfirmed, self.confirmed_elsewhere, self.pending_elsewhere)
+        return not any(counts) and not self.signing
+
+
+async def moved(conn: asyncpg.Connection, key: bytes) -> Moved:
+    moves = await conn.fetch(
+        "SELECT m.state, m.txid, c.height FROM chain_moves m"
+        " LEFT JOIN chain_coins c ON c.txid = m.txid AND c.vout = 0 WHERE m.key = $1",
+        key,
+    )
+    left = await conn.fetch(
+        "SELECT height IS NOT NULL AS confirmed FROM chain_coins"
+        " WHERE held AND spent_by IS NULL AND key <> $1",
+        key,
+    )
+    signing = await conn.fetchval("SELECT count(*) FROM chain_withdrawals WHERE state = 'SIGNING'")
+    return Moved(
+        [r["txid"] for r in moves if r["txid"]],
+        sum(r["state"] in ("ASKED", "SIGNING", "SIGNED") for r in moves),
+        sum(r["state"] == "SENT" and r["height"] is None for r in moves),
+        sum(r["confirmed"] for r in left),
+        sum(not r["confirmed"] for r in left),
+        signing,
+    )
+
+
 def sat(value: Decimal) -> int:
     amount = int(value * 100_000_000)
     if not 0 <= amount <= 21_000_000 * 100_000_000:
@@ -213,7 +294,8 @@ class Onchain:
         self.sign = sign
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=RPC_S))
         self.rpc = Bitcoind(settings.bitcoind_url, self.session)
-        self.guild_key = b""  # 33 bytes, asked of the signer once
+        self.guild_key = b""  # the newest key (33 bytes), asked of the signer
+        self.usable: list[bytes] = []  # every key the signers sign with (a move's, too)
         self.working: set[str] = set()  # withdrawals this process is signing or sending
 
     @staticmethod
@@ -228,23 +310,31 @@ class Onchain:
         return SignerClient(self.s.signer_nats_url, self.s.signer_members, self.s.signer_identity)
 
     async def key(self) -> bytes:
+        """The guild's newest key: new addresses are under it (asked of the signer once,
+        then again each time the resolver looks: a change of members makes another)."""
         if not self.guild_key:
-            try:
-                reply = await call(
-                    self.s.signer_nats_url,
-                    self.s.signer_members,
-                    self.s.signer_identity,
-                    sp.KeyRequest(),
-                    SIGN_S,
-                )
-            except (NatsError, OSError, TimeoutError) as exc:
-                raise m.CashuError(
-                    m.PAYMENT_FAILED, f"the operator's signer did not answer: {exc!r}"
-                ) from None
-            if not reply.ok:
-                raise m.CashuError(m.PAYMENT_FAILED, f"the guild has no key yet: {reply.error}")
-            self.guild_key = reply.threshold_pubkey
+            await self._ask_keys()
         return self.guild_key
+
+    async def _ask_keys(self) -> None:
+        try:
+            reply = await call(
+                self.s.signer_nats_url,
+                self.s.signer_members,
+                self.s.signer_identity,
+                sp.KeyRequest(),
+                SIGN_S,
+            )
+        except (NatsError, OSError, TimeoutError) as exc:
+            raise m.CashuError(
+                m.PAYMENT_FAILED, f"the operator's signer did not answer: {exc!r}"
+            ) from None
+        if not reply.ok:
+            raise m.CashuError(m.PAYMENT_FAILED, f"the guild has no key yet: {reply.error}")
+        newest = reply.keys[-1].key
+        if self.guild_key and newest != self.guild_key:
+            log.info("the guild key changed", extra={"key": newest.hex()})
+        self.guild_key, self.usable = newest, [k.key for k in reply.keys]
 
     async def address(self, derivation: bytes) -> tuple[str, bytes]:
         xonly = guild_output(await self.key(), derivation).xonly
@@ -269,12 +359,13 @@ class Onchain:
                 tip_hash,
             )
             await conn.execute(
-                "INSERT INTO chain_quotes (quote, address, script, derivation, pubkey, expiry)"
-                " VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO chain_quotes (quote, address, script, derivation, guild_key, pubkey,"
+                " expiry) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 quote,
                 address,
                 script,
                 derivation,
+                await self.key(),
                 req.pubkey,
                 expiry,
             )
@@ -370,7 +461,8 @@ class Onchain:
         outputs: list[tuple[str, int, int, bytes]],
     ) -> None:
         watched = await conn.fetch(
-            "SELECT quote, script, derivation FROM chain_quotes WHERE script = ANY($1::bytea[])",
+            "SELECT quote, script, derivation, guild_key FROM chain_quotes"
+            " WHERE script = ANY($1::bytea[])",
             list({o[3] for o in outputs}),
         )
         by_script = {bytes(w["script"]): w for w in watched}
@@ -378,14 +470,15 @@ class Onchain:
             w = by_script.get(script)
             if w is not None:
                 await conn.execute(
-                    "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, height,"
-                    " quote, held) VALUES ($1, $2, $3, $4, $5, $6, $7, false)"
-                    " ON CONFLICT (txid, vout) DO UPDATE SET height = $6",
+                    "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, key,"
+                    " height, quote, held) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, false)"
+                    " ON CONFLICT (txid, vout) DO UPDATE SET height = $7",
                     txid,
                     vout,
                     amount,
                     script,
                     w["derivation"],
+                    w["guild_key"],
                     height,
                     w["quote"],
                 )
@@ -493,26 +586,15 @@ class Onchain:
         resolver takes it up."""
         change_derivation = _derivation(b"change:" + quote_id.encode())
         _, change = await self.address(change_derivation)  # the key, before any proof
+        key = await self.key()
         quote, attempt = await start()
         destination = self.destination(quote.request)
         async with self.store.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(  # concurrent withdrawals wait for each other's coins
-                "SELECT * FROM chain_coins WHERE held AND spent_by IS NULL"
-                " AND height IS NOT NULL FOR UPDATE"
-            )
-            coins = [
-                oc.Coin(
-                    r["txid"],
-                    r["vout"],
-                    r["amount_sat"],
-                    bytes(r["script"]),
-                    bytes(r["derivation"]),
-                )
-                for r in rows
-            ]
+            # under a key that signs now: a move's coin is spent before the move confirms
+            coins = await self._held(conn, "key = ANY($1::bytea[])", self.usable)
             w = oc.plan(coins, destination, quote.amount, change, self.s.feerate, quote.fee_reserve)
             if w is not None:
-                await self._record(conn, quote, attempt, w, change, change_derivation)
+                await self._record(conn, quote, attempt, w, change, change_derivation, key)
         if w is None:  # nothing was recorded: the proofs are free again
             await self.store.fail_melt(quote.quote, attempt)
             raise Uncovered(m.PAYMENT_FAILED, "the mint's on-chain coins do not cover it now")
@@ -533,6 +615,7 @@ class Onchain:
         w: oc.Withdrawal,
         change: bytes,
         change_derivation: bytes,
+        key: bytes,
     ) -> None:
         """Record a withdrawal in the transaction that picked its coins, if its melt is
         still this attempt's (the resolver may have freed a melt it took for dead)."""
@@ -550,12 +633,13 @@ class Onchain:
         )
         if w.change_sat:
             await conn.execute(
-                "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, held)"
-                " VALUES ($1, 1, $2, $3, $4, true)",
+                "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, key, held)"
+                " VALUES ($1, 1, $2, $3, $4, $5, true)",
                 w.tx.txid,
                 w.change_sat,
                 change,
                 change_derivation,
+                key,
             )
         await conn.execute(
             "INSERT INTO chain_withdrawals (quote, attempt, tx, txid, fee_sat, spent, state)"
@@ -565,12 +649,7 @@ class Onchain:
             w.tx.serialize(),
             w.tx.txid,
             w.fee_sat,
-            json.dumps(
-                [
-                    [c.txid, c.vout, c.amount_sat, c.script.hex(), c.derivation.hex()]
-                    for c in w.spent
-                ]
-            ),
+            _coins_json(w.spent),
         )
 
     async def complete(self, quote: str) -> None:
@@ -585,7 +664,13 @@ class Onchain:
             assert r is not None
             tx = parse_tx(bytes(r["tx"]))
             if r["state"] == "SIGNING":
-                tx = await self._sign(quote, tx, json.loads(r["spent"]))
+                tx = await self._sign(tx, _coins_of(json.loads(r["spent"])))
+                async with self.store.pool.acquire() as conn:
+                    await conn.execute(
+                        "UPDATE chain_withdrawals SET tx = $2, state = 'SIGNED' WHERE quote = $1",
+                        quote,
+                        tx.serialize(),
+                    )
             try:
                 await self.rpc.call("sendrawtransaction", tx.serialize().hex())
             except BitcoindError as exc:
@@ -599,17 +684,15 @@ class Onchain:
         finally:
             self.working.discard(quote)
 
-    async def _sign(self, quote: str, tx: BitcoinTx, spent: list[list[Any]]) -> BitcoinTx:
-        """Each input signed by the guild (a ROAST session each, over one connection to
-        the operator's signer), every signature checked against the sighash derived
-        here; the signed transaction recorded."""
-        coins = [oc.Coin(t, v, a, bytes.fromhex(s), bytes.fromhex(d)) for t, v, a, s, d in spent]
-        key = await self.key()
+    async def _sign(self, tx: BitcoinTx, coins: list[oc.Coin]) -> BitcoinTx:
+        """Each input signed by the guild key its coin is under (a ROAST session each,
+        over one connection to the operator's signer), every signature checked against
+        the sighash derived here."""
         signatures = []
         async with self._signer() as client:
-            for request in oc.spend_requests(tx, coins):
-                expected = derive(request, key)
-                reply = await client.request(sp.SignRequest(request), SIGN_S)
+            for coin, request in zip(coins, oc.spend_requests(tx, coins), strict=True):
+                expected = derive(request, coin.key)
+                reply = await client.request(sp.SignRequest(request, key=coin.key), SIGN_S)
                 if not reply.ok or not schnorr_verify(
                     expected.pubkey, expected.msg, reply.signature
                 ):
@@ -617,14 +700,103 @@ class Onchain:
                         m.PAYMENT_FAILED, f"the guild did not sign: {reply.code} {reply.error}"
                     )
                 signatures.append(reply.signature)
-        done = oc.signed(tx, signatures)
-        async with self.store.pool.acquire() as conn:
-            await conn.execute(
-                "UPDATE chain_withdrawals SET tx = $2, state = 'SIGNED' WHERE quote = $1",
-                quote,
-                done.serialize(),
+        return oc.signed(tx, signatures)
+
+    async def _held(self, conn: asyncpg.Connection, where: str, *args: Any) -> list[oc.Coin]:
+        """The confirmed coins the mint holds and spends nowhere yet that also meet
+        ``where``, locked (concurrent spends wait for each other's coins)."""
+        rows = await conn.fetch(
+            "SELECT * FROM chain_coins WHERE held AND spent_by IS NULL AND height IS NOT NULL"
+            f" AND {where} FOR UPDATE",
+            *args,
+        )
+        return [
+            oc.Coin(
+                r["txid"],
+                r["vout"],
+                r["amount_sat"],
+                bytes(r["script"]),
+                bytes(r["derivation"]),
+                bytes(r["key"]),
             )
-        return done
+            for r in rows
+        ]
+
+    # -- moves to a new key -----------------------------------------------------------------
+
+    async def _move_on(self, move: int) -> None:
+        """Take a move on to the chain: built and recorded with the coins it spends
+        (every held coin under another key, confirmed) in one transaction, signed by the
+        keys those coins are under, then sent; the same transaction each time."""
+        async with self.store.pool.acquire() as conn, conn.transaction():
+            r = await conn.fetchrow("SELECT * FROM chain_moves WHERE id = $1 FOR UPDATE", move)
+            if r["state"] == "ASKED":
+                r = await self._build_move(conn, move, bytes(r["key"]))
+        if r["state"] == "SIGNING":
+            tx = await self._sign(parse_tx(bytes(r["tx"])), _coins_of(json.loads(r["spent"])))
+            async with self.store.pool.acquire() as conn:
+                r = await conn.fetchrow(
+                    "UPDATE chain_moves SET tx = $2, state = 'SIGNED' WHERE id = $1 RETURNING *",
+                    move,
+                    tx.serialize(),
+                )
+        if r["state"] == "SIGNED":
+            try:
+                await self.rpc.call("sendrawtransaction", bytes(r["tx"]).hex())
+            except BitcoindError as exc:
+                if exc.code != -27:  # already in the chain: sent before
+                    raise
+            async with self.store.pool.acquire() as conn:
+                await conn.execute("UPDATE chain_moves SET state = 'SENT' WHERE id = $1", move)
+            log.info("the guild's coins moved", extra={"key": r["key"].hex(), "txid": r["txid"]})
+
+    async def _build_move(self, conn: asyncpg.Connection, move: int, key: bytes) -> asyncpg.Record:
+        coins = await self._held(conn, "key <> $1", key)
+        w = move_funds(coins, key, self.s.feerate, MOVE_MAX_FEE_SAT)
+        if w is None and coins:
+            raise m.CashuError(
+                m.PAYMENT_FAILED,
+                f"moving {len(coins)} coins costs more than {MOVE_MAX_FEE_SAT} sat",
+            )
+        if w is None:
+            return await conn.fetchrow(
+                "UPDATE chain_moves SET state = 'NONE' WHERE id = $1 RETURNING *", move
+            )
+        await conn.execute(
+            "UPDATE chain_coins SET spent_by = $3 WHERE (txid, vout) IN"
+            " (SELECT * FROM unnest($1::text[], $2::int[]))",
+            [c.txid for c in w.spent],
+            [c.vout for c in w.spent],
+            "move:" + key.hex(),
+        )
+        [out] = w.tx.outputs
+        await conn.execute(
+            "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, key, held)"
+            " VALUES ($1, 0, $2, $3, ''::bytea, $4, true)",
+            w.tx.txid,
+            out.amount_sat,
+            out.script_pubkey,
+            key,
+        )
+        await conn.execute("SELECT mint_count('chain_fees_sat', '', $1)", w.fee_sat)
+        log.info(
+            "the guild's coins' move built",
+            extra={
+                "key": key.hex(),
+                "txid": w.tx.txid,
+                "coins": len(w.spent),
+                "fee_sat": w.fee_sat,
+            },
+        )
+        return await conn.fetchrow(
+            "UPDATE chain_moves SET tx = $2, txid = $3, fee_sat = $4, spent = $5,"
+            " state = 'SIGNING' WHERE id = $1 RETURNING *",
+            move,
+            w.tx.serialize(),
+            w.tx.txid,
+            w.fee_sat,
+            _coins_json(w.spent),
+        )
 
     async def resolve_forever(self) -> None:
         """Withdrawals recorded whose melt is not PAID yet (a signer or the chain was
@@ -639,7 +811,15 @@ class Onchain:
             await asyncio.sleep(self.s.poll_s)
 
     async def _resolve(self) -> None:
+        try:
+            await self._ask_keys()  # a change of members may have made another
+        except m.CashuError as exc:
+            log.warning("the guild's keys not asked", extra={"error": str(exc)})
         async with self.store.pool.acquire() as conn:
+            moves = await conn.fetch(
+                "SELECT id, key FROM chain_moves WHERE state IN ('ASKED', 'SIGNING', 'SIGNED')"
+                " ORDER BY id"
+            )
             open_ = await conn.fetch(
                 "SELECT w.quote FROM chain_withdrawals w JOIN melt_quotes q USING (quote)"
                 " WHERE q.state = 'PENDING'"
@@ -662,6 +842,13 @@ class Onchain:
             except NOT_SENT as exc:  # one withdrawal's trouble holds up no other
                 log.warning(
                     "withdrawal not sent yet", extra={"quote": r["quote"], "error": repr(exc)}
+                )
+        for r in moves:
+            try:
+                await self._move_on(r["id"])
+            except NOT_SENT as exc:
+                log.warning(
+                    "the move not sent yet", extra={"key": r["key"].hex(), "error": repr(exc)}
                 )
 
     def melt_doc(self, q: m.MeltQuote, change: list[nut.BlindSignature]) -> dict[str, Any]:

@@ -133,7 +133,8 @@ CREATE TABLE IF NOT EXISTS mint_cursor (
 -- connection adds to rows of its own shard (of its backend's pid): concurrent operations
 -- do not queue on one row.
 CREATE TABLE IF NOT EXISTS mint_totals (
-    kind text NOT NULL,  -- spent, pending, signed, unissued, fees_msat, l3_msat, chain_sat
+    kind text NOT NULL,  -- spent, pending, signed, unissued, fees_msat, l3_msat, chain_sat,
+    -- chain_fees_sat
     keyset text NOT NULL,  -- '' where the sum is not per keyset
     shard int NOT NULL,
     amount bigint NOT NULL,
@@ -781,6 +782,7 @@ class MintBooks:
     reserved_msat: int  # proofs reserved by melts and redemptions in flight
     l3_msat: int  # L3 coins the mint holds: paid to it for ecash (its own, no liability)
     chain_msat: int = 0  # the guild's on-chain coins the mint holds (``onchain.py``)
+    chain_fees_msat: int = 0  # paid to miners from them: moves to a new guild key
 
 
 async def mint_books(conn: asyncpg.Connection) -> MintBooks | None:
@@ -799,6 +801,7 @@ async def mint_books(conn: asyncpg.Connection) -> MintBooks | None:
         of("pending") * 1000,
         of("l3_msat"),
         of("chain_sat") * 1000,
+        of("chain_fees_sat") * 1000,
     )
 
 

@@ -698,7 +698,7 @@ class Settler:
             + balances.onchain_unconfirmed_msat
             + mint.chain_msat,  # the guild's outputs the operator's mint holds
             lightning_fees_msat=sum(p.payer.state.fees_msat for p in self.pairs.values()),
-            onchain_fees_msat=income.onchain_fees_msat,
+            onchain_fees_msat=income.onchain_fees_msat + mint.chain_fees_msat,
             routed_msat=income.routed_msat,
             in_flight_msat=self._in_flight()
             + sum(x.pending_msat for x in states)

@@ -217,5 +217,12 @@ class SignerNode:
         key = self.participant.active
         if key is None:
             return proto.OpReply(False, code="signing.no_key", error="no key share yet")
-        keys = [k.pubkey for k in self.participant.usable()]
-        return proto.OpReply(True, threshold_pubkey=key.pubkey, threshold=key.group.t, keys=keys)
+        p = self.participant
+        keys = [proto.KeyInfo(k.pubkey, list(k.members), k.group.t) for k in p.usable()]
+        agreed = None
+        if p.agreement is not None:
+            taking = sorted(self.members.index[h] for h in p.agreement.hostpubkeys)
+            agreed = proto.KeyInfo(b"", taking, p.agreement.t)
+        return proto.OpReply(
+            True, threshold_pubkey=key.pubkey, threshold=key.group.t, keys=keys, agreed=agreed
+        )

@@ -23,12 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from pyln.client import LightningRpc
 
 from constellation.ecash import client
 from constellation.ecash import mint as m
+from constellation.guild import Statement
 from constellation.keys import SigningKey
+from constellation.protocol.signer import ActivateKey, KeyRequest, SignRequest
 from services.crossload import reserve
 from services.devnet import guild
 from services.devnet.state import Devnet
@@ -99,6 +102,29 @@ async def mint_onchain(mc: MintClient, quote: str, amounts: list[int], key: Sign
     body["signature"] = client.sign_mint_request(key, quote, outputs)
     doc = await mc.ok("/v1/mint/onchain", body)
     return mc.unblind(doc["signatures"], secrets)
+
+
+async def reserve_holds(net: Devnet) -> None:
+    """Until the operator's reserve invariant holds with no drift (30 s at most)."""
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 30
+        while True:
+            terms = await reserve(net, session)
+            if (terms.get("ok") == 1 and terms.get("drift") == 0) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+    assert terms["ok"] == 1 and terms["drift"] == 0, terms
+
+
+async def under_key(net: Devnet, quote: str) -> bytes:
+    """The guild key a deposit quote's address is under."""
+    conn = await asyncpg.connect(net.database_url)
+    try:
+        return bytes(
+            await conn.fetchval("SELECT guild_key FROM chain_quotes WHERE quote = $1", quote)
+        )
+    finally:
+        await conn.close()
 
 
 async def test_a_deposit_is_credited_after_confirmations_and_only_its_key_mints(
@@ -198,15 +224,7 @@ async def test_a_withdrawal_is_signed_by_the_guild_with_a_signer_frozen(
     assert await mint.states(proofs) == ["SPENT"] * len(proofs)
     books = guild.lightning(where, "/v1/books")
     assert books["missing_msat"] == 0
-    async with aiohttp.ClientSession() as session:
-        op0 = guild.load(where)[0]
-        deadline = time.monotonic() + 30
-        while True:
-            terms = await reserve(op0, session)
-            if (terms.get("ok") == 1 and terms.get("drift") == 0) or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.5)
-    assert terms["ok"] == 1 and terms["drift"] == 0, terms
+    await reserve_holds(guild.load(where)[0])
 
 
 async def test_the_wallet_deposits_and_pays_on_chain(where: Path) -> None:
@@ -295,4 +313,68 @@ async def test_a_withdrawal_survives_kill_9_of_the_mint_while_the_guild_signs(
     got = [o for o in outside.listfunds()["outputs"] if o["address"] == address]
     assert [o["amount_msat"] for o in got] == [20_000_000]  # paid once
     assert await mint.states(proofs) == ["SPENT"] * len(proofs)
+    assert guild.lightning(where, "/v1/books")["missing_msat"] == 0
+
+
+async def test_the_guild_coins_move_to_a_new_key_that_then_signs_alone(
+    where: Path, mint: MintClient
+) -> None:
+    """A change of members re-makes the guild key: op0 and op1 make a new one (op2 takes
+    no part), op0's mint moves every coin it holds to it in one spend the old key signs
+    (the chain checks each signature), and the miner's fee is booked (the reserve holds,
+    no drift). New deposits go to addresses under the new key; with the old key retired
+    at op0 and op1, a withdrawal spends the moved coin and a new deposit."""
+    nets = guild.load(where)
+    old = (await asyncio.to_thread(guild.signer_request, nets[0], KeyRequest())).threshold_pubkey
+    new = (await asyncio.to_thread(guild.reshare, nets[:2])).threshold_pubkey
+    moving = asyncio.create_task(asyncio.to_thread(guild.move_funds, nets[:2], new))
+    while not moving.done():
+        mine(where, 1)
+        await asyncio.sleep(0.5)
+    [txid] = await moving  # op1's mint held no coin
+    conn = await asyncpg.connect(nets[0].database_url)
+    try:
+        coins = await conn.fetch(
+            "SELECT txid, key, amount_sat FROM chain_coins WHERE held AND spent_by IS NULL"
+        )
+        assert [(r["txid"], bytes(r["key"])) for r in coins] == [(txid, new)]
+        fee = await conn.fetchval("SELECT fee_sat FROM chain_moves WHERE key = $1", new)
+        assert 0 < fee < 1_000
+    finally:
+        await conn.close()
+    await reserve_holds(nets[0])
+    for net in nets[:2]:
+        activated = await asyncio.to_thread(guild.signer_request, net, ActivateKey(new))
+        assert [k.key for k in activated.keys] == [new]
+    refused = await asyncio.to_thread(
+        guild.signer_request, nets[0], SignRequest(Statement("x"), key=old)
+    )
+    assert not refused.ok and "no usable guild key" in refused.error
+
+    key = SigningKey(b"\x34" * 32)
+    deadline = time.monotonic() + 30
+    while True:  # the mint asks its signer for the newest key as its resolver goes round
+        q = await mint.ok(
+            "/v1/mint/quote/onchain", {"unit": "sat", "pubkey": "02" + key.pubkey.hex()}
+        )
+        if await under_key(nets[0], q["quote"]) == new:
+            break
+        assert time.monotonic() < deadline, "the mint's new addresses are not under the new key"
+        await asyncio.sleep(0.5)
+    outside = LightningRpc(guild.outside_rpc(where))
+    outside.withdraw(q["request"], 30_000)
+    mine(where, 3)
+    assert (await paid(mint, q["quote"], 30_000))["amount_paid"] == 30_000
+    proofs = await mint_onchain(mint, q["quote"], [16384, 8192, 4096, 1024, 256, 32, 16], key)
+    address = outside.newaddr()["p2tr"]
+    mq = await mint.ok(
+        "/v1/melt/quote/onchain", {"request": address, "unit": "sat", "amount": 29_000}
+    )
+    status, done = await mint.call(
+        "/v1/melt/onchain", {"quote": mq["quote"], "fee_index": 0, "inputs": proofs}, timeout_s=60
+    )
+    assert status == 200 and done["state"] == "PAID", done
+    mine(where, 1)
+    got = [o for o in outside.listfunds()["outputs"] if o["address"] == address]
+    assert [o["amount_msat"] for o in got] == [29_000_000]
     assert guild.lightning(where, "/v1/books")["missing_msat"] == 0

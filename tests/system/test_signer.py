@@ -149,7 +149,7 @@ async def test_a_new_key_among_the_members_that_stay_signs_beside_the_old_one(
     not_all = await guild.request(proto.KeygenRequest(2, stay), operator=1)
     assert not not_all.ok and "agreed to no new key" in not_all.error  # member 2 did not
     other_t = await guild.request(proto.AgreeKey(stay, 3), operator=2)
-    assert other_t.ok
+    assert other_t.agreed == proto.KeyInfo(b"", stay, 3)
     assert not (await guild.request(proto.KeygenRequest(2, stay), operator=1)).ok
     assert (await guild.request(proto.AgreeKey(stay, 2), operator=2)).ok
     made = await guild.request(proto.KeygenRequest(2, stay), operator=1)
@@ -157,8 +157,10 @@ async def test_a_new_key_among_the_members_that_stay_signs_beside_the_old_one(
     new = made.threshold_pubkey
     assert new != old and len(new) == 33
     held = await guild.request(proto.KeyRequest(), operator=0)
-    assert held.threshold_pubkey == old and held.keys == [old, new]
-    assert (await guild.request(proto.KeyRequest(), operator=3)).keys == [old]
+    assert held.threshold_pubkey == old and held.agreed is None
+    assert held.keys == [proto.KeyInfo(old, [0, 1, 2, 3], 3), proto.KeyInfo(new, stay, 2)]
+    leaver_keys = (await guild.request(proto.KeyRequest(), operator=3)).keys
+    assert [k.key for k in leaver_keys] == [old]
     again = await guild.request(proto.KeygenRequest(2, stay), operator=0)
     assert not again.ok and "agreed to no new key" in again.error  # the agreement is used
 
@@ -174,7 +176,8 @@ async def test_a_new_key_among_the_members_that_stay_signs_beside_the_old_one(
     guild.start(2)
 
     for i in stay:
-        assert (await guild.request(proto.ActivateKey(new), operator=i)).keys == [new]
+        activated = await guild.request(proto.ActivateKey(new), operator=i)
+        assert [k.key for k in activated.keys] == [new]
     assert_valid(await guild.sign(Statement("active"), operator=1), b"active", "activated")
     retired = await guild.sign(Statement("x"), operator=0, key=old)
     assert not retired.ok and "no usable guild key" in retired.error
@@ -182,7 +185,7 @@ async def test_a_new_key_among_the_members_that_stay_signs_beside_the_old_one(
     assert not by_leaver.ok and by_leaver.code == "signing.refused", by_leaver.error
     guild.stop(1)
     guild.start(1)  # the active key and the retired one are remembered
-    assert (await guild.request(proto.KeyRequest(), operator=1)).keys == [new]
+    assert [k.key for k in (await guild.request(proto.KeyRequest(), operator=1)).keys] == [new]
 
 
 async def test_ops_endpoints_and_clean_sigterm(guild_factory: GuildFactory) -> None:
