@@ -27,9 +27,14 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+import msgspec
+
 from constellation.bitcoin import p2tr_script
+from constellation.codec import decode_json
 from constellation.ecash.onchain import Coin, Withdrawal, sweep
+from constellation.errors import MessageError
 from constellation.guild import guild_output
+from constellation.protocol.signer import KeyInfo
 
 
 class Kind(StrEnum):
@@ -142,3 +147,94 @@ def move_funds(
     (``onchain.spend_requests``). None where there is nothing to move or the fee is
     too high."""
     return sweep(coins, p2tr_script(guild_output(new_key).xonly), feerate, max_fee_sat)
+
+
+# -- the new key, at one operator ----------------------------------------------------------
+
+
+class KeyPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The guild key an operator agreed its guild re-makes after a change of members,
+    kept in its NATS KV, where its own services act on it: made among ``members``
+    (member indices, in order), ``t`` of them signing; with ``move``, its mint moves the
+    guild's coins it holds to that key, once made."""
+
+    members: list[int]
+    t: int
+    move: bool = False
+
+    def encode(self) -> bytes:
+        return msgspec.json.encode(self)
+
+    def malformed(self, n: int) -> str:
+        """Why a guild of ``n`` members cannot make this key, or ''."""
+        m = self.members
+        if not m or sorted(set(m)) != m or not 0 <= m[0] <= m[-1] < n:
+            return f"its members must be distinct member indices below {n}, in order"
+        if not len(m) // 2 < self.t <= len(m):
+            return f"its threshold must be a majority of its {len(m)} members, at most all"
+        return ""
+
+
+def decode_plan(data: bytes) -> KeyPlan:
+    return decode_json(data, KeyPlan, "key plan")
+
+
+class KeysSeen(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What an operator's services report of its key plan: the plan they act on, the
+    key made for it (empty until then), and the moves of the coins to it."""
+
+    members: list[int]
+    t: int
+    key: bytes = b""
+    txids: list[str] = []  # the moves sent or under way
+    moved: bool = False  # every coin its mint holds is under the key, in a block
+    waiting: str = ""  # what they wait for ('' once done)
+
+    def encode(self) -> bytes:
+        return msgspec.json.encode(self)
+
+    def of(self, plan: KeyPlan) -> bool:
+        """Whether this report is about ``plan``'s key."""
+        return (self.members, self.t) == (plan.members, plan.t)
+
+
+def decode_seen(data: bytes) -> KeysSeen:
+    seen = decode_json(data, KeysSeen, "keys seen")
+    if seen.key and len(seen.key) != 33:
+        raise MessageError("keys seen: a key is 33 bytes")
+    return seen
+
+
+class KeyStep(StrEnum):
+    AGREE = "agree"  # tell the signer its operator agrees to the plan's key
+    KEYGEN = "keygen"  # coordinate the DKG (the plan's first member does)
+    MOVE = "move"  # ask the mint to move the coins it holds to the key
+    WAIT = "wait"
+
+
+def planned(plan: KeyPlan, held: Sequence[KeyInfo]) -> KeyInfo | None:
+    """The key made for ``plan`` among those the signer holds (the newest such)."""
+    made = [k for k in held if (k.members, k.t) == (plan.members, plan.t)]
+    return made[-1] if made else None
+
+
+def key_step(
+    plan: KeyPlan, me: int, held: Sequence[KeyInfo], agreed: KeyInfo | None, to_move: bool
+) -> tuple[KeyStep, str]:
+    """What member ``me``'s services do next for ``plan``, given the keys its signer
+    holds, the key it agreed to, and whether its mint holds coins under another key
+    that may move (confirmed, no move under way); and what they wait for."""
+    made = planned(plan, held)
+    if made is None:
+        if me not in plan.members:
+            return KeyStep.WAIT, "the new members' key (this member takes no part)"
+        if agreed is None or (agreed.members, agreed.t) != (plan.members, plan.t):
+            return KeyStep.AGREE, ""
+        if me == plan.members[0]:
+            return KeyStep.KEYGEN, ""
+        return KeyStep.WAIT, f"member {plan.members[0]} to make the key"
+    if not plan.move:
+        return KeyStep.WAIT, "approval to move the coins"
+    if to_move:
+        return KeyStep.MOVE, ""
+    return KeyStep.WAIT, ""

@@ -25,6 +25,7 @@ from nats.js.errors import (
 
 from constellation.codec import decode_json
 from constellation.ledger.pmap import PartitionMap, decode_map
+from constellation.membership import KeyPlan, KeysSeen, decode_plan, decode_seen
 from constellation.protocol.ledger import PROTOCOL_VERSION, Item, Package, encode
 from constellation.replication.members import Agreement, decode_agreement
 from constellation.replication.placement import Placement, decode_placement
@@ -51,6 +52,7 @@ class Batching:
 MAP_KEY = "partition-map"
 PLACEMENT_KEY = "placement"
 MEMBERS_KEY = "members"
+KEY_PLAN_KEY = "guild-key"
 LAZY_S = 0.05  # how long an item nobody waits for may wait for a package that goes anyway
 GATEWAY = -1  # the sender id of a gateway
 
@@ -260,16 +262,20 @@ class Packer:
         await self._idle.wait()
 
 
+async def _load(nc: Client, operator: str, key: str) -> bytes | None:
+    try:
+        kv = await nc.jetstream().key_value(map_bucket(operator))
+        entry = await kv.get(key)
+    except (BucketNotFoundError, KeyNotFoundError):
+        return None
+    return entry.value
+
+
 async def load_agreement(nc: Client, operator: str) -> Agreement | None:
     """The changes of members the operator agreed to, or None where it agreed to none
     (its guild's founders vote)."""
-    try:
-        kv = await nc.jetstream().key_value(map_bucket(operator))
-        entry = await kv.get(MEMBERS_KEY)
-    except (BucketNotFoundError, KeyNotFoundError):
-        return None
-    assert entry.value is not None
-    return decode_agreement(entry.value)
+    data = await _load(nc, operator, MEMBERS_KEY)
+    return None if data is None else decode_agreement(data)
 
 
 async def publish_agreement(nc: Client, operator: str, agreement: Agreement) -> None:
@@ -281,6 +287,29 @@ async def publish_agreement(nc: Client, operator: str, agreement: Agreement) -> 
         raise ValueError(f"the agreement {before.voters} is not extended by {agreement.voters}")
     kv = await nc.jetstream().create_key_value(bucket=map_bucket(operator), history=16)
     await kv.put(MEMBERS_KEY, agreement.encode())
+
+
+async def load_key_plan(nc: Client, operator: str) -> KeyPlan | None:
+    """The guild key the operator agreed its guild re-makes, if any
+    (``constellation.membership.KeyPlan``)."""
+    data = await _load(nc, operator, KEY_PLAN_KEY)
+    return None if data is None else decode_plan(data)
+
+
+async def publish_key_plan(nc: Client, operator: str, plan: KeyPlan) -> None:
+    kv = await nc.jetstream().create_key_value(bucket=map_bucket(operator), history=16)
+    await kv.put(KEY_PLAN_KEY, plan.encode())
+
+
+async def load_keys_seen(nc: Client, operator: str) -> KeysSeen | None:
+    """What the operator's services last reported of its key plan."""
+    data = await _load(nc, operator, f"{KEY_PLAN_KEY}-seen")
+    return None if data is None else decode_seen(data)
+
+
+async def report_keys(nc: Client, operator: str, seen: KeysSeen) -> None:
+    kv = await nc.jetstream().key_value(map_bucket(operator))
+    await kv.put(f"{KEY_PLAN_KEY}-seen", seen.encode())
 
 
 class SeenCopy(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):

@@ -13,18 +13,26 @@ from hypothesis import strategies as st
 from constellation.bitcoin import SpendOutput, p2tr_script
 from constellation.crypto.roast import Group
 from constellation.ecash import onchain as oc
-from constellation.errors import RequestRefused
+from constellation.errors import MessageError, RequestRefused
 from constellation.guild import derive, guild_output
 from constellation.membership import (
     Change,
+    KeyPlan,
+    KeysSeen,
+    KeyStep,
     Kind,
     Observed,
     Phase,
     advance,
+    decode_plan,
+    decode_seen,
+    key_step,
     move_funds,
     phases,
+    planned,
     work_done,
 )
+from constellation.protocol.signer import KeyInfo
 from services.lnsim.chain import Chain
 from tests.crypto.test_dkg import run_dkg
 from tests.crypto.test_frost import run_session
@@ -137,3 +145,55 @@ def test_the_funds_move_to_the_new_members_key_signed_by_the_old_one() -> None:
         derive(request, old.thresh_pk)
     assert move_funds([], new.thresh_pk, 2, 5_000) is None
     assert move_funds(coins[2:], new.thresh_pk, 2, 100) is None  # the fee limit
+
+
+OLD = KeyInfo(b"\x02" + b"\x01" * 32, [0, 1, 2], 2)
+NEW = KeyInfo(b"\x03" + b"\x02" * 32, [0, 1], 2)
+
+
+def test_each_member_takes_the_key_plan_s_steps_in_order() -> None:
+    """Agree, then the first member makes the key (the others wait for it), then, once
+    approved, the coins move; the leaver takes no part."""
+    plan = KeyPlan([0, 1], 2)
+    assert key_step(plan, 0, [OLD], None, False) == (KeyStep.AGREE, "")
+    other = KeyInfo(b"", [0, 1], 3)  # agreed to another threshold: agreed again
+    assert key_step(plan, 1, [OLD], other, False) == (KeyStep.AGREE, "")
+    agreed = KeyInfo(b"", [0, 1], 2)
+    assert key_step(plan, 0, [OLD], agreed, False) == (KeyStep.KEYGEN, "")
+    assert key_step(plan, 1, [OLD], agreed, False) == (KeyStep.WAIT, "member 0 to make the key")
+    step, why = key_step(plan, 2, [OLD], None, False)
+    assert step is KeyStep.WAIT and "takes no part" in why
+    assert planned(plan, [OLD, NEW]) == NEW
+    assert key_step(plan, 1, [OLD, NEW], None, True) == (
+        KeyStep.WAIT,
+        "approval to move the coins",
+    )
+    moving = KeyPlan([0, 1], 2, move=True)
+    assert key_step(moving, 1, [OLD, NEW], None, True) == (KeyStep.MOVE, "")
+    assert key_step(moving, 1, [OLD, NEW], None, False) == (KeyStep.WAIT, "")
+
+
+@given(st.lists(st.integers(-2, 6), max_size=6), st.integers(-1, 7))
+def test_a_key_plan_a_guild_cannot_make_says_why(members: list[int], t: int) -> None:
+    plan = KeyPlan(members, t)
+    why = plan.malformed(5)
+    legal = (
+        bool(members)
+        and members == sorted(set(members))
+        and all(0 <= m < 5 for m in members)
+        and len(members) // 2 < t <= len(members)
+    )
+    assert (why == "") == legal, (members, t, why)
+
+
+def test_key_plans_and_reports_round_trip_and_refuse_what_they_are_not() -> None:
+    plan = KeyPlan([0, 2], 2, move=True)
+    assert decode_plan(plan.encode()) == plan
+    seen = KeysSeen([0, 2], 2, NEW.key, ["ab" * 32], True, "")
+    assert decode_seen(seen.encode()) == seen and seen.of(plan)
+    assert not KeysSeen([0, 1], 2).of(plan)
+    for bad in (b"[]", b'{"members": [0], "t": 1, "extra": 1}', b"not json"):
+        with pytest.raises(MessageError):
+            decode_plan(bad)
+    with pytest.raises(MessageError, match="33 bytes"):
+        decode_seen(KeysSeen([0], 1, b"\x02" * 5).encode())

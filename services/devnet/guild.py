@@ -40,13 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
+import msgspec
 
-from constellation.crypto.dkg import hostpubkey_gen
 from constellation.keys import SigningKey
+from constellation.membership import KeyPlan, KeysSeen
 from constellation.protocol.envelope import Membership
 from constellation.protocol.signer import (
-    AgreeKey,
     KeygenRequest,
     KeyRequest,
     OpReply,
@@ -54,7 +53,7 @@ from constellation.protocol.signer import (
 )
 from constellation.replication.members import Agreement
 from constellation.replication.placement import BATCH, COPIES, MAX_MACHINES, Placement
-from services.bus import load_agreement, publish_agreement
+from services.bus import load_agreement, load_keys_seen, publish_agreement, publish_key_plan
 from services.devnet.deps import assign_ports, start_deadline_s, stop_all
 from services.devnet.procs import alive, free_port, ready, spawn, stop_pid, wait_ready
 from services.devnet.state import (
@@ -73,7 +72,6 @@ from services.devnet.supervisor import (
     supervisor_alive,
     want_machines,
 )
-from services.ecash.onchain import ask_move, moved
 from services.lnsim.sim import socket_path
 from services.replica.config import MACHINES, Layout, Member, Neighbour
 from services.replica.moves import Stuck, drive
@@ -290,47 +288,39 @@ def _identity(net: Devnet) -> bytes:
     return KeyStore(Path(proc.state_dir), bytes.fromhex(proc.storage_key)).load_identity()
 
 
-def reshare(nets: list[Devnet]) -> OpReply:
-    """A new guild key among ``nets``' signers (a majority of them signs): each operator
-    agrees to it, then the first coordinates the DKG. The old key still signs."""
-    members = load_members(nets[0].members_path)
-    taking = sorted(members.index[hostpubkey_gen(_identity(n))] for n in nets)
-    t = len(taking) // 2 + 1
-    for net in nets:
-        agreed = signer_request(net, AgreeKey(taking, t))
-        if not agreed.ok:
-            raise DevnetError(f"{net.operator}'s signer refused the new key: {agreed.error}")
-    made = signer_request(nets[0], KeygenRequest(t, taking))
-    if not made.ok:
-        raise DevnetError(f"the new key's generation failed: {made.code}: {made.error}")
-    return made
+def plan_key(nets: list[Devnet], plan: KeyPlan, deadline_s: float = 60.0) -> list[KeysSeen]:
+    """Agree to ``plan`` at each of ``nets`` (in its NATS KV, where its indexer follows
+    it: ``services.indexer.keys``) and wait until each reports it done: the key made
+    (the same at all), and with ``move``, the guild's coins its mint holds moved to it,
+    in a block. What each reported."""
 
-
-def move_funds(nets: list[Devnet], key: bytes, deadline_s: float = 60.0) -> list[str]:
-    """Each of ``nets``' mints moves the guild's coins it holds to ``key`` (each coin
-    signed by the key it is under), again where coins under another key confirm
-    meanwhile (a deposit, a withdrawal's change); returns the moves' txids once every
-    coin is under ``key`` in a block and no withdrawal waits for signatures."""
-
-    async def ask_and_wait() -> list[str]:
-        conns = [await asyncpg.connect(n.database_url) for n in nets]
+    async def agree_and_wait() -> list[KeysSeen]:
+        clients = [await connect_nats(n.nats_url, f"devnet-key-{n.operator}") for n in nets]
         try:
+            for nc, net in zip(clients, nets, strict=True):
+                await publish_key_plan(nc, net.operator, plan)
             end = time.monotonic() + deadline_s
             while True:
-                states = [await moved(conn, key) for conn in conns]
-                if all(m.done for m in states):
-                    return [txid for m in states for txid in m.txids]
-                for conn, m in zip(conns, states, strict=True):
-                    if m.confirmed_elsewhere and not m.open:
-                        await ask_move(conn, key)
+                pairs = zip(clients, nets, strict=True)
+                seen = [await load_keys_seen(nc, n.operator) for nc, n in pairs]
+                done = [
+                    s is not None and s.of(plan) and bool(s.key) and (s.moved or not plan.move)
+                    for s in seen
+                ]
+                if all(done) and len({s.key for s in seen if s is not None}) == 1:
+                    return [s for s in seen if s is not None]
                 if time.monotonic() > end:
-                    raise DevnetError(f"the guild's coins did not move in {deadline_s} s: {states}")
+                    waiting = {
+                        n.operator: s.waiting if s is not None and s.of(plan) else "no report"
+                        for n, s in zip(nets, seen, strict=True)
+                    }
+                    raise DevnetError(f"the planned key is not done in {deadline_s} s: {waiting}")
                 await asyncio.sleep(0.2)
         finally:
-            for conn in conns:
-                await conn.close()
+            for nc in clients:
+                await nc.close()
 
-    return asyncio.run(ask_and_wait())
+    return asyncio.run(agree_and_wait())
 
 
 def wait_machines(nets: list[Devnet], deadline_s: float) -> None:
@@ -448,7 +438,7 @@ def leave(directory: Path, name: str, deadline_s: float = 60.0) -> Left:
     joint step, then the voters alone) while payments go on, and once every copy of
     every shard at the members that stay names the new voters, confirmed, the leaver's
     processes stop. Its shards stay, led and kept by the others' copies. Then the
-    members that stay make a new guild key (``reshare``) and their mints move the
+    members that stay make a new guild key (``plan_key``) and their mints move the
     guild's coins to it: the leaver's share signs for none of them. The old key still
     signs the guild's checkpoints (light clients trust it, and can follow no handover to
     another yet)."""
@@ -497,10 +487,12 @@ def leave(directory: Path, name: str, deadline_s: float = 60.0) -> Left:
     seconds = time.monotonic() - started
     stop_operator(directory, name)
     started = time.monotonic()
-    key = reshare(stay).threshold_pubkey
+    plan = KeyPlan(voters, len(voters) // 2 + 1)  # member indices are the layout's
+    [made, *_] = plan_key(stay, plan)
     key_seconds = time.monotonic() - started
-    txids = move_funds(stay, key)
-    return Left(name, [names[op] for op in voters], seconds, key.hex(), key_seconds, txids)
+    moves = plan_key(stay, msgspec.structs.replace(plan, move=True))
+    txids = [t for seen in moves for t in seen.txids]
+    return Left(name, [names[op] for op in voters], seconds, made.key.hex(), key_seconds, txids)
 
 
 def _holds(machine: MachineProc) -> bool:

@@ -12,6 +12,7 @@ from services.bus import await_map, drop_legacy_events_stream
 from services.follow import Follower, FollowMetrics
 from services.indexer.checkpoints import Checkpoints
 from services.indexer.config import Settings
+from services.indexer.keys import KeyFollower
 from services.indexer.store import Index
 from services.runtime import OpsServer, connect_nats
 
@@ -54,6 +55,10 @@ class Indexer:
                 s.checkpoints, nc, index, self.ops.registry, self.ops.tasks
             )
             self.ops.tasks.start("checkpoints", self.checkpoints.run)
+            keys = KeyFollower(
+                nc, s.operator, s.checkpoints.me, s.checkpoints.signer, s.database_url
+            )
+            self.ops.tasks.start("keys", keys.run)
         log.info(
             "indexer ready",
             extra={"http_port": self.ops.port, "cursors": self.follower.cursor},

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from constellation.membership import Change, Kind, Observed, Phase, advance, phases
+from constellation.membership import Change, KeysSeen, Kind, Observed, Phase, advance, phases
 from constellation.replication.members import Agreement
 from services.bus import SeenCopy
 from services.operator.reconcile import Condition, condition_list
@@ -86,6 +86,22 @@ def voted(final: list[int], guild: GuildSpec, seen: Sequence[SeenCopy]) -> tuple
     shards = [f"{m.name}/{w}" for m in guild.members for w in range(guild.shards)]
     done = {c.shard for c in seen if c.voters == final and not c.old and c.confirmed}
     return sum(1 for s in shards if s in done), len(shards)
+
+
+def observed(shards: tuple[int, int], keys: KeysSeen | None) -> Observed:
+    """What the member shows of a change's work: its shards that took the new voters
+    (of all), and what its services report of the new key (None: nothing yet)."""
+    return Observed(
+        voted=shards[0] == shards[1] > 0,
+        new_key=keys.key if keys else b"",
+        moved=(",".join(keys.txids) or "none") if keys and keys.moved else "",
+    )
+
+
+def key_status(keys: KeysSeen | None) -> Obj:
+    if keys is None:
+        return {}
+    return {"newKey": keys.key.hex(), "moves": keys.txids, "keyPlan": keys.waiting}
 
 
 def change_status(

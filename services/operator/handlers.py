@@ -23,19 +23,24 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
 from constellation.errors import MessageError
-from constellation.membership import Change, Observed, Phase
+from constellation.membership import Change, KeyPlan, KeysSeen, Observed, Phase
 from constellation.replication.members import Agreement
 from constellation.replication.placement import Placement
 from services.bus import (
     load_agreement,
+    load_key_plan,
+    load_keys_seen,
     load_members_seen,
     load_placement,
     publish_agreement,
+    publish_key_plan,
 )
 from services.operator.changes import PLURAL as CHANGES
 from services.operator.changes import (
     change_status,
     final_voters,
+    key_status,
+    observed,
     read_change,
     to_agree,
     voted,
@@ -283,6 +288,8 @@ class Reconciler:
         async with self._locks.setdefault(meta["uid"], asyncio.Lock()):
             st = await self._reconcile_change(body)
         self.metrics.changes.labels(st["phase"]).inc()
+        if st["phase"] != (body.get("status") or {}).get("phase"):
+            kopf.info(body, reason=st["phase"], message=f"phase {st['phase']}")
         return st
 
     async def _reconcile_change(self, body: Any) -> Obj:
@@ -296,6 +303,7 @@ class Reconciler:
         final: list[int] | None = None
         approved: list[str] = []
         seen, shards, problem = Observed(), (0, 0), ""
+        keys: KeysSeen | None = None
         try:
             name = str(body.get("spec", {}).get("guild", ""))
             guild = await self.kube.get("Guild", ns, name)
@@ -321,9 +329,10 @@ class Reconciler:
                     _log.info("members agreed", extra={"guild": name, "voters": final})
                 machines = gspec.members[gspec.me].machines
                 shards = voted(final, gspec, await load_members_seen(nc, gspec.operator, machines))
+                keys = await self._key_plan(nc, gspec.operator, change, final, phase)
             finally:
                 await nc.close()
-            seen = Observed(voted=shards[0] == shards[1] > 0)
+            seen = observed(shards, keys)
         except BadGuild as exc:
             problem = str(exc)
         except KubeError as exc:
@@ -333,10 +342,22 @@ class Reconciler:
         st = change_status(
             previous, generation, now, change, before, final, approved, seen, shards, problem
         )
-        st["agreedAt"] = at
-        if st["phase"] != previous.get("phase"):
-            kopf.info(body, reason=st["phase"], message=f"phase {st['phase']}")
-        return st
+        return st | {"agreedAt": at} | key_status(keys)
+
+    async def _key_plan(
+        self, nc: Client, operator: str, change: Change, final: list[int], phase: Phase
+    ) -> KeysSeen | None:
+        """From Resharing on, the member agrees (in its NATS KV) that the new voters make
+        the new key, and from Moving on, that its coins move to it: its own services act
+        on that (``services.indexer.keys``). What they report of it."""
+        if phase not in (Phase.RESHARING, Phase.MOVING, Phase.DONE):
+            return None
+        plan = KeyPlan(final, change.threshold, move=phase is not Phase.RESHARING)
+        if await load_key_plan(nc, operator) != plan:
+            await publish_key_plan(nc, operator, plan)
+            _log.info("key plan agreed", extra={"voters": final, "move": plan.move})
+        found = await load_keys_seen(nc, operator)
+        return found if found is not None and found.of(plan) else None
 
     async def _earlier_change(self, body: Any, guild: str) -> str | None:
         """The name of an unfinished GuildChange of ``guild`` that goes before this one,

@@ -3,8 +3,9 @@ API is the emulator; the machines are the guild's own processes): op2 leaves. Ea
 waits for its approval; a second change of the same guild waits for the first; Voting
 writes the member's agreement, and once every member agreed (this test plays op1's and
 op2's operators) every shard confirms the new voters, which the change observes from
-op0's machines; an operator restarted in the middle resumes from the resource's status;
-Resharing then waits for the new members' key."""
+op0's machines; an operator restarted in the middle resumes from the resource's status.
+Resharing agrees to the new members' key (op0's services and op1's make it by their DKG),
+Moving to the move of the coins (none held here), and the change is Done."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from typing import Any
 
 import pytest
 
+from constellation.membership import KeyPlan
+from constellation.protocol.signer import KeyRequest
 from constellation.replication.members import Agreement
-from services.bus import load_agreement, publish_agreement
+from services.bus import load_agreement, publish_agreement, publish_key_plan
 from services.devnet import guild
 from services.operator.spec import GROUP, VERSION
 from services.runtime import connect_nats
@@ -134,6 +137,32 @@ async def test_a_member_leaves_through_approved_phases(
         lambda: _waiting(api, "op2-leaves", "new members' key"), "resharing", VOTING_S
     )
     assert [h["phase"] for h in resharing["history"]] == ["Proposed", "Voting", "Resharing"]
+    await plan_at(where, 1, KeyPlan([0, 1], 2))  # op1's operator agrees on its side
+    made = await eventually(
+        lambda: _waiting(api, "op2-leaves", "approval of Moving"), "the key made", VOTING_S
+    )
+    key = bytes.fromhex(made["newKey"])
+    held = await asyncio.to_thread(guild.signer_request, guild.load(where)[1], KeyRequest())
+    assert [k.key for k in held.keys][-1] == key and held.keys[-1].members == [0, 1]
+    await approve(api, "op2-leaves", ["Voting", "Resharing", "Moving"])
+    await plan_at(where, 1, KeyPlan([0, 1], 2, move=True))
+    done = await eventually(lambda: _phase(api, "op2-leaves", "Done"), "done", VOTING_S)
+    assert [h["phase"] for h in done["history"]][-2:] == ["Moving", "Done"]
+    assert done["moves"] == [] and done["keyPlan"] == "" and done["newKey"] == key.hex()
+
+
+async def plan_at(where: Path, operator: int, plan: KeyPlan) -> None:
+    net = guild.load(where)[operator]
+    nc = await connect_nats(net.nats_url, "test-members")
+    try:
+        await publish_key_plan(nc, net.operator, plan)
+    finally:
+        await nc.close()
+
+
+async def _phase(api: Api, name: str, phase: str) -> dict[str, Any] | None:
+    found = await status(api, name)
+    return found if found.get("phase") == phase else None
 
 
 async def _waiting(api: Api, name: str, what: str) -> dict[str, Any] | None:

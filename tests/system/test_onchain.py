@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import msgspec
 import pytest
 from pyln.client import LightningRpc
 
@@ -31,6 +32,7 @@ from constellation.ecash import client
 from constellation.ecash import mint as m
 from constellation.guild import Statement
 from constellation.keys import SigningKey
+from constellation.membership import KeyPlan
 from constellation.protocol.signer import ActivateKey, KeyRequest, SignRequest
 from services.crossload import reserve
 from services.devnet import guild
@@ -326,12 +328,16 @@ async def test_the_guild_coins_move_to_a_new_key_that_then_signs_alone(
     at op0 and op1, a withdrawal spends the moved coin and a new deposit."""
     nets = guild.load(where)
     old = (await asyncio.to_thread(guild.signer_request, nets[0], KeyRequest())).threshold_pubkey
-    new = (await asyncio.to_thread(guild.reshare, nets[:2])).threshold_pubkey
-    moving = asyncio.create_task(asyncio.to_thread(guild.move_funds, nets[:2], new))
+    plan = KeyPlan([0, 1], 2)  # as the operators agree to it, in their NATS KV
+    new = (await asyncio.to_thread(guild.plan_key, nets[:2], plan))[0].key
+    assert new != old
+    moving = asyncio.create_task(
+        asyncio.to_thread(guild.plan_key, nets[:2], msgspec.structs.replace(plan, move=True))
+    )
     while not moving.done():
         mine(where, 1)
         await asyncio.sleep(0.5)
-    [txid] = await moving  # op1's mint held no coin
+    [txid] = [t for seen in await moving for t in seen.txids]  # op1's mint held no coin
     conn = await asyncpg.connect(nets[0].database_url)
     try:
         coins = await conn.fetch(
