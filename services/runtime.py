@@ -247,11 +247,20 @@ class Tasks:
         _log.error("task failed", extra={"task": name}, exc_info=task.exception())
 
     async def stop(self, *names: str) -> None:
-        """Cancel the named tasks (every task, if none is named) and wait for them."""
+        """Cancel the named tasks (every task, if none is named) and wait for them. A
+        task still running a second later is cancelled again: a cancel can be lost (in
+        Python 3.11 an await may return a result that came with it), and a service that
+        waited for it would not stop on SIGTERM."""
         stopping = [self._tasks.pop(n) for n in names or list(self._tasks) if n in self._tasks]
-        for task in stopping:
-            task.cancel()
-        await asyncio.gather(*stopping, return_exceptions=True)
+        pending = set(stopping)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=1.0)
+            if pending:
+                _log.warning(
+                    "tasks still stopping", extra={"tasks": [t.get_name() for t in pending]}
+                )
 
 
 class OpsServer:

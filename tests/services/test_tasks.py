@@ -121,3 +121,28 @@ async def test_nats_errors_say_a_lost_connection_in_a_line_and_a_callbacks_bug_i
         ("WARNING", "nats connection", False),
         ("ERROR", "unhandled error", True),
     ]
+
+
+async def test_a_task_that_lost_its_cancel_is_cancelled_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As when an await returns a result that came with the cancel (Python 3.11): the
+    task goes on; stopping cancels it again a second later, and says so."""
+    tasks = Tasks(CollectorRegistry())
+    lost: list[int] = []
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                if lost:
+                    raise
+                lost.append(1)
+
+    tasks.start("stubborn", stubborn)
+    await asyncio.sleep(0.01)
+    with caplog.at_level(logging.WARNING, "runtime"):
+        await asyncio.wait_for(tasks.stop(), 5)
+    assert lost == [1]
+    assert [r.getMessage() for r in caplog.records] == ["tasks still stopping"]
