@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+from nats.aio.client import Client
 
 from constellation.membership import KeyPlan
 from constellation.protocol.signer import KeyRequest
@@ -28,6 +29,7 @@ from tests.operator.conftest import NS, Api, Running, eventually
 from tests.operator.localguild import documents, op0
 from tests.system.guild import local_guild
 
+T = TypeVar("T")
 CHANGES = f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/guildchanges"
 VOTING_S = 60
 
@@ -61,22 +63,22 @@ async def approve(api: Api, name: str, phases: list[str]) -> None:
         assert r.status < 300, await r.text()
 
 
-async def agreement_at(where: Path, operator: int) -> Agreement | None:
+async def at(where: Path, operator: int, act: Callable[[Client, str], Awaitable[T]]) -> T:
+    """``act`` on an operator's NATS, as its operator would (``act(nc, name)``)."""
     net = guild.load(where)[operator]
     nc = await connect_nats(net.nats_url, "test-members")
     try:
-        return await load_agreement(nc, net.operator)
+        return await act(nc, net.operator)
     finally:
         await nc.close()
+
+
+async def agreement_at(where: Path, operator: int) -> Agreement | None:
+    return await at(where, operator, load_agreement)
 
 
 async def agree_at(where: Path, operator: int, agreement: Agreement) -> None:
-    net = guild.load(where)[operator]
-    nc = await connect_nats(net.nats_url, "test-members")
-    try:
-        await publish_agreement(nc, net.operator, agreement)
-    finally:
-        await nc.close()
+    await at(where, operator, lambda nc, name: publish_agreement(nc, name, agreement))
 
 
 def running(k8s: Any, where: Path) -> Running:
@@ -152,12 +154,7 @@ async def test_a_member_leaves_through_approved_phases(
 
 
 async def plan_at(where: Path, operator: int, plan: KeyPlan) -> None:
-    net = guild.load(where)[operator]
-    nc = await connect_nats(net.nats_url, "test-members")
-    try:
-        await publish_key_plan(nc, net.operator, plan)
-    finally:
-        await nc.close()
+    await at(where, operator, lambda nc, name: publish_key_plan(nc, name, plan))
 
 
 async def _phase(api: Api, name: str, phase: str) -> dict[str, Any] | None:

@@ -106,6 +106,15 @@ async def mint_onchain(mc: MintClient, quote: str, amounts: list[int], key: Sign
     return mc.unblind(doc["signatures"], secrets)
 
 
+async def deposited(where: Path, mc: MintClient, quote: str, address: str, key: SigningKey) -> Any:
+    """30,000 sat paid from the outside node to a quote's address, confirmed, credited
+    and minted as ecash."""
+    LightningRpc(guild.outside_rpc(where)).withdraw(address, 30_000)
+    mine(where, 3)
+    assert (await paid(mc, quote, 30_000))["amount_paid"] == 30_000
+    return await mint_onchain(mc, quote, [16384, 8192, 4096, 1024, 256, 32, 16], key)
+
+
 async def reserve_holds(net: Devnet) -> None:
     """Until the operator's reserve invariant holds with no drift (30 s at most)."""
     async with aiohttp.ClientSession() as session:
@@ -271,10 +280,7 @@ async def test_a_withdrawal_survives_kill_9_of_the_mint_while_the_guild_signs(
     outside = LightningRpc(guild.outside_rpc(where))
     key = SigningKey(b"\x33" * 32)
     q = await mint.ok("/v1/mint/quote/onchain", {"unit": "sat", "pubkey": "02" + key.pubkey.hex()})
-    outside.withdraw(q["request"], 30_000)
-    mine(where, 3)
-    assert (await paid(mint, q["quote"], 30_000))["amount_paid"] == 30_000
-    proofs = await mint_onchain(mint, q["quote"], [16384, 8192, 4096, 1024, 256, 32, 16], key)
+    proofs = await deposited(where, mint, q["quote"], q["request"], key)
     address = outside.newaddr()["p2tr"]
     mq = await mint.ok(
         "/v1/melt/quote/onchain", {"request": address, "unit": "sat", "amount": 20_000}
@@ -368,10 +374,7 @@ async def test_the_guild_coins_move_to_a_new_key_that_then_signs_alone(
         assert time.monotonic() < deadline, "the mint's new addresses are not under the new key"
         await asyncio.sleep(0.5)
     outside = LightningRpc(guild.outside_rpc(where))
-    outside.withdraw(q["request"], 30_000)
-    mine(where, 3)
-    assert (await paid(mint, q["quote"], 30_000))["amount_paid"] == 30_000
-    proofs = await mint_onchain(mint, q["quote"], [16384, 8192, 4096, 1024, 256, 32, 16], key)
+    proofs = await deposited(where, mint, q["quote"], q["request"], key)
     address = outside.newaddr()["p2tr"]
     mq = await mint.ok(
         "/v1/melt/quote/onchain", {"request": address, "unit": "sat", "amount": 29_000}
