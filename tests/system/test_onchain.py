@@ -9,7 +9,8 @@ operator's signer frozen, is valid by Bitcoin's rules (the chain checks every
 signature), reaches the address, returns the unused fee reserve as change, and keeps
 the books: the simulated network loses nothing and op0's reserve invariant holds with the
 guild's coins counted. A withdrawal the mint's coins do not cover is refused with its
-proofs untouched.
+proofs untouched. After a change of members, the guild's coins move to the new key the
+members that stay made, through a kill -9 of the mint, and the new key alone then signs.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from tests.system.test_wallet_money import balance
 KEY = SigningKey(b"\x31" * 32)
 DEPOSIT_SAT = 60_000
 DEPOSITED: list[Any] = []  # the first test's ecash, which the second withdraws
+KEYS: list[bytes] = []  # the guild's key before the move, and the key moved to
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +115,18 @@ async def deposited(where: Path, mc: MintClient, quote: str, address: str, key: 
     mine(where, 3)
     assert (await paid(mc, quote, 30_000))["amount_paid"] == 30_000
     return await mint_onchain(mc, quote, [16384, 8192, 4096, 1024, 256, 32, 16], key)
+
+
+async def until_move(net: Devnet, state: str) -> None:
+    """Until the operator's mint has a move in ``state`` (30 s at most)."""
+    conn = await asyncpg.connect(net.database_url)
+    try:
+        deadline = time.monotonic() + 30
+        while not await conn.fetchval("SELECT count(*) FROM chain_moves WHERE state = $1", state):
+            assert time.monotonic() < deadline, f"no move {state}"
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
 
 
 async def reserve_holds(net: Devnet) -> None:
@@ -324,28 +338,38 @@ async def test_a_withdrawal_survives_kill_9_of_the_mint_while_the_guild_signs(
     assert guild.lightning(where, "/v1/books")["missing_msat"] == 0
 
 
-async def test_the_guild_coins_move_to_a_new_key_that_then_signs_alone(
-    where: Path, mint: MintClient
+async def test_the_guild_coins_move_to_a_new_key_through_kill_9_of_the_mint(
+    where: Path,
 ) -> None:
     """A change of members re-makes the guild key: op0 and op1 make a new one (op2 takes
     no part), op0's mint moves every coin it holds to it in one spend the old key signs
-    (the chain checks each signature), and the miner's fee is booked (the reserve holds,
-    no drift). New deposits go to addresses under the new key; with the old key retired
-    at op0 and op1, a withdrawal spends the moved coin and a new deposit."""
+    (the chain checks each signature), once, though it is killed (``kill -9``) while the
+    old key's signers are frozen; the miner's fee is booked (the reserve holds, no
+    drift)."""
     nets = guild.load(where)
     old = (await asyncio.to_thread(guild.signer_request, nets[0], KeyRequest())).threshold_pubkey
     plan = KeyPlan([0, 1], 2)  # as the operators agree to it, in their NATS KV
     new = (await asyncio.to_thread(guild.plan_key, nets[:2], plan))[0].key
     assert new != old
-    moving = asyncio.create_task(
-        asyncio.to_thread(guild.plan_key, nets[:2], msgspec.structs.replace(plan, move=True))
-    )
-    while not moving.done():
+    frozen = [nets[1].signers[0].pid, nets[2].signers[0].pid]  # the old key cannot sign
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        moving = asyncio.create_task(
+            asyncio.to_thread(guild.plan_key, nets[:2], msgspec.structs.replace(plan, move=True))
+        )
+        await until_move(nets[0], "SIGNING")  # recorded: the coins are the move's
+        os.kill(Devnet.load(Path(nets[0].dir)).mint_pid, signal.SIGKILL)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    while not moving.done():  # the restarted mint signs and sends the same move
         mine(where, 1)
         await asyncio.sleep(0.5)
     [txid] = [t for seen in await moving for t in seen.txids]  # op1's mint held no coin
     conn = await asyncpg.connect(nets[0].database_url)
     try:
+        assert await conn.fetchval("SELECT count(*) FROM chain_moves") == 1
         coins = await conn.fetch(
             "SELECT txid, key, amount_sat FROM chain_coins WHERE held AND spent_by IS NULL"
         )
@@ -355,6 +379,17 @@ async def test_the_guild_coins_move_to_a_new_key_that_then_signs_alone(
     finally:
         await conn.close()
     await reserve_holds(nets[0])
+    KEYS[:] = [old, new]
+
+
+async def test_with_the_old_key_retired_the_new_one_alone_signs(
+    where: Path, mint: MintClient
+) -> None:
+    """New deposits go to addresses under the new key; with the old key retired at op0
+    and op1, a withdrawal spends the moved coin and a new deposit, signed by the new
+    key alone."""
+    old, new = KEYS
+    nets = guild.load(where)
     for net in nets[:2]:
         activated = await asyncio.to_thread(guild.signer_request, net, ActivateKey(new))
         assert [k.key for k in activated.keys] == [new]
