@@ -46,6 +46,7 @@ class KeyFollower:
         self.signer = signer
         self.database_url = database_url
         self._db: asyncpg.Connection | None = None  # opened once a plan moves coins
+        self._reported: KeysSeen | None = None  # written to the KV only when it changes
 
     async def run(self) -> None:
         """Until cancelled (a task of the indexer)."""
@@ -126,4 +127,6 @@ class KeyFollower:
         txids = moves.txids if moves is not None else []
         done = moves is not None and moves.done
         seen = KeysSeen(plan.members, plan.t, key, txids, done, waiting)
-        await report_keys(self.nc, self.operator, seen)
+        if seen != self._reported:
+            await report_keys(self.nc, self.operator, seen)
+            self._reported = seen
