@@ -10,8 +10,13 @@ from typing import Any
 import aiohttp
 
 from constellation.address import decode_address
+from constellation.errors import AlreadyCommitted, CoinSpent, InFlight, InputLocked
 from constellation.ledger.partition import Coin
 from constellation.tx import AnyIssuance, Transaction
+from services.gateway.errors import IN_PROGRESS
+
+OUTCOME_WAIT_S = 60.0  # for the outcome of a payment that had no clear answer
+OUTCOME_RETRY_S = 0.25
 
 
 class GatewayError(RuntimeError):
@@ -19,6 +24,16 @@ class GatewayError(RuntimeError):
         super().__init__(f"[{code}] {message} (HTTP {status})")
         self.status = status
         self.code = code
+
+    @property
+    def final(self) -> bool:
+        """The ledger refused the request for good: sending it again changes nothing
+        (not a timeout, an overload, or a transaction still being committed)."""
+        return (
+            self.status < 500
+            and self.status != 429
+            and self.code not in (InFlight.code, InputLocked.code, IN_PROGRESS)
+        )
 
 
 class Gateway:
@@ -58,6 +73,32 @@ class Gateway:
     async def submit(self, tx: Transaction, key: str | None = None) -> dict[str, Any]:
         headers = {"Idempotency-Key": key} if key else None
         return await self.post("/v1/tx" + self.query, tx.encode(), headers)
+
+    async def outcome(self, tx: Transaction, timeout_s: float = OUTCOME_WAIT_S) -> bool:
+        """Whether ``tx``, whose submission had no clear answer (a timeout, a lost
+        connection), is committed: it is sent again until the ledger commits it, says it
+        committed it before, or refuses it for good (the ledger commits a transaction
+        once). Raises the last error where the outcome is still unknown after
+        ``timeout_s``."""
+        end = time.monotonic() + timeout_s
+        while True:
+            try:
+                await self.submit(tx)
+                return True
+            except GatewayError as exc:
+                if exc.code == AlreadyCommitted.code:
+                    return True
+                if exc.code == CoinSpent.code:  # by itself, where its record is gone
+                    info = await self.coin(tx.inputs[0].coin_id)
+                    return info is not None and info.get("spent_by") == tx.txid.hex()
+                if exc.final:
+                    return False
+                if time.monotonic() > end:
+                    raise
+            except (aiohttp.ClientError, TimeoutError):
+                if time.monotonic() > end:
+                    raise
+            await asyncio.sleep(OUTCOME_RETRY_S)
 
     async def issue(self, issuance: AnyIssuance) -> dict[str, Any]:
         return await self.post("/v1/issuance" + self.query, issuance.encode())

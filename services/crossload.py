@@ -79,6 +79,7 @@ class CrossWorkload:
         self.codes: Counter[str] = Counter()
         self.latencies: list[float] = []
         self.payers = list(range(len(nets)))  # the operators whose wallets pay
+        self.paying = 0  # payments sent and not answered yet
 
     def say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
@@ -108,8 +109,18 @@ class CrossWorkload:
     async def payer(self, todo: list[int], cross: bool) -> None:
         while todo[0] > 0:
             todo[0] -= 1
-            if not await self.pay_one(cross):
+            self.paying += 1
+            try:
+                paid = await self.pay_one(cross)
+            finally:
+                self.paying -= 1
+            if not paid:
                 todo[0] += 1
+                if not self.paying and not any(
+                    a.coins for p in self.payers for a in self.accounts[p]
+                ):
+                    self.codes["no coin left"] += todo[0]  # every coin is spent or lost
+                    todo[0] = 0
                 await asyncio.sleep(0.001)
 
     async def pay_one(self, cross: bool) -> bool:
@@ -137,26 +148,37 @@ class CrossWorkload:
         )
         started = time.perf_counter()
         try:
-            receipt = await self.gws[op].submit(tx)
-        except GatewayError as exc:
-            self.codes[exc.code] += 1
+            await self.gws[op].submit(tx)
+        except aiohttp.ClientConnectorError:  # never sent (the gateway is down): not spent
+            self.codes["gateway down"] += 1
             src.coins[cid] = coin
+            await asyncio.sleep(0.05)
             return True
-        except (aiohttp.ClientError, TimeoutError):  # committed or not: the coin is left
-            self.codes["no answer"] += 1
-            return True
-        self.latencies.append(time.perf_counter() - started)
-        self.codes["committed"] += 1
-        outs = receipt["outputs"]
-        for i, ((value, owner), o) in enumerate(zip(tx.outputs, outs, strict=True)):
+        except (GatewayError, aiohttp.ClientError, TimeoutError) as exc:
+            code = exc.code if isinstance(exc, GatewayError) else "no answer"
+            self.codes[code] += 1
+            if isinstance(exc, GatewayError) and exc.final:
+                src.coins[cid] = coin
+                return True
+            try:  # committed or not: sent again until the ledger says
+                committed = await self.gws[op].outcome(tx)
+            except (GatewayError, aiohttp.ClientError, TimeoutError):
+                self.codes["outcome unknown"] += 1  # the coin is left
+                return True
+            if not committed:
+                src.coins[cid] = coin
+                return True
+            self.codes[f"{code}, then committed"] += 1
+        else:
+            self.latencies.append(time.perf_counter() - started)
+            self.codes["committed"] += 1
+        for i, ((value, owner), out_id) in enumerate(zip(tx.outputs, tx.output_ids, strict=True)):
             if i == 0 and dst_op != op:  # nothing more here: the load's CPU is the guild's
-                self.crossings.append(
-                    Crossing(op, dst_op, tx.output_ids[0], owner, value, time.time())
-                )
+                self.crossings.append(Crossing(op, dst_op, out_id, owner, value, time.time()))
             elif owner == dst.owner and i == 0:
-                dst.coins[bytes.fromhex(o["coin_id"])] = Coin(value, owner)
+                dst.coins[out_id] = Coin(value, owner)
             else:
-                src.coins[bytes.fromhex(o["coin_id"])] = Coin(value, owner)
+                src.coins[out_id] = Coin(value, owner)
         return True
 
     async def closed_loop(self, seconds: float, clients: int, cross: bool) -> float:

@@ -100,15 +100,18 @@ class Workload:
             src, cid, coin, tx = made
             started = time.perf_counter()
             try:
-                receipt = await self.gw.submit(tx)
+                await self.gw.submit(tx)
             except GatewayError as exc:
                 self.codes[exc.code] += 1
-                src.coins[cid] = coin
-                continue
-            self.latencies.append(time.perf_counter() - started)
-            self.codes["committed"] += 1
-            for (value, owner), o in zip(tx.outputs, receipt["outputs"], strict=True):
-                self.by_owner[owner].coins[bytes.fromhex(o["coin_id"])] = Coin(value, owner)
+                if exc.final or not await self.gw.outcome(tx):
+                    src.coins[cid] = coin
+                    continue
+                self.codes[f"{exc.code}, then committed"] += 1
+            else:
+                self.latencies.append(time.perf_counter() - started)
+                self.codes["committed"] += 1
+            for (value, owner), out_id in zip(tx.outputs, tx.output_ids, strict=True):
+                self.by_owner[owner].coins[out_id] = Coin(value, owner)
 
     async def double_spend(self) -> int:
         """Two payments of one coin, sent at once: how many committed."""

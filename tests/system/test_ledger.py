@@ -251,12 +251,17 @@ async def test_no_answer_in_time_is_504_and_the_txid_tells_the_outcome(op: Opera
                 op.thaw(0)
             assert status == 504 and body["error"]["code"] == "timeout"
             assert f"/v1/tx/{tx.txid.hex()}" in body["error"]["message"]
-            # The coordinator was only slow: it commits, and the coin says by what.
-            end = time.monotonic() + 10
-            while (doc := await gw.get(f"/v1/coin/{coin.hex()}"))["status"] != "spent":
-                assert time.monotonic() < end, doc
-                await asyncio.sleep(0.1)
-            assert doc["spent_by"] == tx.txid.hex()
+            # The coordinator was only slow: sent again, the ledger says it committed it,
+            # and the coin says by what; a rival spend of that coin is refused for good.
+            assert await gw.outcome(tx, 10)
+            doc = await gw.get(f"/v1/coin/{coin.hex()}")
+            assert doc["status"] == "spent" and doc["spent_by"] == tx.txid.hex()
+            bob = SigningKey(os.urandom(32))
+            rival = pay([(coin, 1_000, alice)], [TxOutput(1_000, bob.pubkey)])
+            assert not await gw.outcome(rival, 10)
+            # never sent before: sending it is its outcome
+            fresh = pay([(tx.output_ids[0], 1_000, alice)], [TxOutput(1_000, alice.pubkey)])
+            assert await gw.outcome(fresh, 10) and await gw.outcome(fresh, 10)
 
 
 async def test_worker_refuses_partitions_it_does_not_hold(op: Operator, gw: Gateway) -> None:
