@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from services.operator.changes import ChangeSpec
+from services.operator.rebalance import RebalanceSpec, read_rebalance
 from services.operator.spec import GuildSpec, read_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,6 +235,19 @@ def test_the_guild_change_crd_and_the_operator_read_the_same_fields() -> None:
     msgspec.convert(change["spec"], ChangeSpec)
     for field, value in [("kind", "merge"), ("threshold", 1), ("approve", ["Done"])]:
         bad = copy.deepcopy(change)
+        bad["spec"][field] = value
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+
+
+def test_the_guild_rebalance_crd_and_the_operator_read_the_same_fields() -> None:
+    schema = crd_schema("guildrebalances")
+    _agree(schema["properties"]["spec"], RebalanceSpec, "spec")
+    (doc,) = [d for d in yaml.safe_load_all((CHART / "examples" / "rebalance.yaml").read_text())]
+    jsonschema.validate(doc, schema)
+    assert read_rebalance(doc["spec"]).machines == 3
+    for field, value in [("machines", 1), ("machines", 65), ("approve", "yes")]:
+        bad = copy.deepcopy(doc)
         bad["spec"][field] = value
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)

@@ -19,7 +19,7 @@ import msgspec
 from constellation.membership import Change, KeysSeen, Kind, Observed, Phase, advance, phases
 from constellation.replication.members import Agreement
 from services.bus import SeenCopy
-from services.operator.reconcile import Condition, condition_list
+from services.operator.reconcile import change_conditions, condition_list
 from services.operator.render import Obj
 from services.operator.spec import BadGuild, GuildSpec
 
@@ -126,17 +126,7 @@ def change_status(
         phase, waiting = advance(change.kind, phase, seen, {Phase(p) for p in approved})
         if phase.value != history[-1]["phase"]:
             history.append({"phase": phase.value, "at": now})
-    done = phase is Phase.DONE
-    conds = [
-        Condition("Ready", done, "Done" if done else "InProgress", waiting or f"phase {phase}"),
-        Condition(
-            "Progressing",
-            not done and not problem,
-            "Refused" if problem else ("Done" if done else "Waiting"),
-            waiting or ("" if done else f"phase {phase}"),
-        ),
-        Condition("Degraded", bool(problem), "Refused" if problem else "AsExpected", problem),
-    ]
+    conds = change_conditions(phase is Phase.DONE, phase.value, waiting, problem)
     return {
         "observedGeneration": generation,
         "phase": phase.value,

@@ -35,6 +35,7 @@ from services.bus import (
     publish_agreement,
     publish_key_plan,
 )
+from services.operator import rebalance as rb
 from services.operator.changes import PLURAL as CHANGES
 from services.operator.changes import (
     change_status,
@@ -66,7 +67,15 @@ from services.operator.render import (
     generated_value,
     owner_reference,
 )
-from services.operator.spec import GROUP, VERSION, BadGuild, GuildSpec, check_keys, read_spec
+from services.operator.spec import (
+    API_VERSION,
+    GROUP,
+    VERSION,
+    BadGuild,
+    GuildSpec,
+    check_keys,
+    read_spec,
+)
 from services.replica.moves import advance
 
 PLURAL = "guilds"
@@ -311,7 +320,7 @@ class Reconciler:
                 raise BadGuild(f"no Guild {name!r} in namespace {ns}")
             gspec = read_spec(guild["spec"])
             renderer = Renderer(guild["metadata"]["name"], ns, gspec, owner_reference(guild))
-            earlier = await self._earlier_change(body, name)
+            earlier = await self._earlier(body, "GuildChange", name)
             nc = await self._connect(renderer)
             try:
                 agreement = await load_agreement(nc, gspec.operator)
@@ -359,10 +368,11 @@ class Reconciler:
         found = await load_keys_seen(nc, operator)
         return found if found is not None and found.of(plan) else None
 
-    async def _earlier_change(self, body: Any, guild: str) -> str | None:
-        """The name of an unfinished GuildChange of ``guild`` that goes before this one,
-        if any: one member joins or leaves at a time. A change under way goes first;
-        then the one made first (then by name: creation times are to the second)."""
+    async def _earlier(self, body: Any, kind: str, guild: str) -> str | None:
+        """The name of an unfinished change of ``kind`` (GuildChange, GuildRebalance) of
+        ``guild`` that goes before this one, if any: one at a time. A change under way
+        goes first; then the one made first (then by name: creation times are to the
+        second)."""
 
         def order(obj: Obj) -> tuple[bool, str, str]:
             m = obj["metadata"]
@@ -370,7 +380,7 @@ class Reconciler:
             return proposed, m.get("creationTimestamp", ""), m["name"]
 
         mine = order(body)
-        for other in await self.kube.list("GuildChange", body["metadata"]["namespace"], {}):
+        for other in await self.kube.list(kind, body["metadata"]["namespace"], {}):
             if (
                 other.get("spec", {}).get("guild") == guild
                 and other["metadata"]["name"] != body["metadata"]["name"]
@@ -379,6 +389,83 @@ class Reconciler:
             ):
                 return str(other["metadata"]["name"])
         return None
+
+    # -- GuildRebalance ----------------------------------------------------------------
+
+    async def reconcile_rebalance(self, body: Any) -> Obj:
+        """One look at a GuildRebalance (``rebalance.py``): its plan from the member's
+        placement, the phase it may take, and its new status."""
+        meta = body["metadata"]
+        async with self._locks.setdefault(meta["uid"], asyncio.Lock()):
+            st = await self._reconcile_rebalance(body)
+        self.metrics.rebalances.labels(st["phase"]).inc()
+        if st["phase"] != (body.get("status") or {}).get("phase"):
+            kopf.info(body, reason=st["phase"], message=f"phase {st['phase']}")
+        return st
+
+    async def _reconcile_rebalance(self, body: Any) -> Obj:
+        meta, ns = body["metadata"], body["metadata"]["namespace"]
+        previous = body.get("status") or {}
+        was = rb.Phase(previous.get("phase", rb.Phase.PROPOSED.value))
+        phase, waiting, problem = was, "", ""
+        plan: list[Obj] | None = None
+        placement: Placement | None = None
+        try:
+            spec = rb.read_rebalance(body.get("spec"))
+            guild = await self.kube.get("Guild", ns, spec.guild)
+            if guild is None:
+                raise BadGuild(f"no Guild {spec.guild!r} in namespace {ns}")
+            gspec = read_spec(guild["spec"])
+            renderer = Renderer(guild["metadata"]["name"], ns, gspec, owner_reference(guild))
+            placement = await self._placement(renderer)
+            if was is rb.Phase.PROPOSED:
+                plan = rb.planned(placement, spec.machines)
+            earlier = await self._earlier(body, "GuildRebalance", spec.guild)
+            now, waiting = rb.next_phase(was, spec, placement, gspec.machines, earlier)
+            if was is rb.Phase.PROPOSED and now is not was and gspec.machines != spec.machines:
+                members = [dict(m) for m in guild["spec"]["members"]]
+                members[gspec.me]["machines"] = spec.machines
+                target = {"name": spec.guild, "namespace": ns}
+                await self.kube.patch(
+                    {
+                        "apiVersion": API_VERSION,
+                        "kind": "Guild",
+                        "metadata": target,
+                        "spec": {"members": members},
+                    }
+                )
+                _log.info(
+                    "rebalance approved", extra={"guild": spec.guild, "machines": spec.machines}
+                )
+            phase = now  # taken only once the Guild asks for its machines
+        except BadGuild as exc:
+            problem = str(exc)
+        except KubeError as exc:
+            problem = f"the API server refused: {exc}"
+        return rb.rebalance_status(
+            previous,
+            int(meta.get("generation", 1)),
+            _now(),
+            phase,
+            waiting,
+            plan,
+            placement,
+            problem,
+        )
+
+    async def _placement(self, renderer: Renderer) -> Placement:
+        """The member's placement, from its NATS KV; BadGuild where it cannot be read."""
+        try:
+            nc = await self._connect(renderer)
+            try:
+                found = await load_placement(nc, renderer.spec.operator)
+            finally:
+                await nc.close()
+        except (NatsError, OSError, TimeoutError, MessageError) as exc:
+            raise BadGuild(f"the member's NATS: {exc}") from None
+        if found is None:
+            raise BadGuild("the member's placement is not known yet: no machine has started")
+        return found[0]
 
     def _event(self, body: Any, reason: str, obj: Obj) -> None:
         message = f"{reason.lower()} {obj['kind']} {obj['metadata']['name']}"
@@ -424,14 +511,17 @@ def registry(
     async def deleted(body: kopf.Body, **_: Any) -> None:
         await reconciler().delete(body)
 
-    changes = (GROUP, VERSION, CHANGES)
-
     async def change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         patch.status.update(await reconciler().reconcile_change(body))
 
-    kopf.on.resume(*changes, registry=reg, id="change-resume")(change)
-    kopf.on.create(*changes, registry=reg, id="change-create")(change)
-    kopf.on.update(*changes, registry=reg, id="change-update")(change)
-    kopf.timer(*changes, registry=reg, id="change-resync", interval=resync_s)(change)
+    async def rebalance(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        patch.status.update(await reconciler().reconcile_rebalance(body))
+
+    for plural, handler, name in ((CHANGES, change, "change"), (rb.PLURAL, rebalance, "rebalance")):
+        kind = (GROUP, VERSION, plural)
+        kopf.on.resume(*kind, registry=reg, id=f"{name}-resume")(handler)
+        kopf.on.create(*kind, registry=reg, id=f"{name}-create")(handler)
+        kopf.on.update(*kind, registry=reg, id=f"{name}-update")(handler)
+        kopf.timer(*kind, registry=reg, id=f"{name}-resync", interval=resync_s)(handler)
 
     return reg

@@ -30,6 +30,7 @@ KINDS = {
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
     "Guild": (f"/apis/{GROUP}/{VERSION}", "guilds"),
     "GuildChange": (f"/apis/{GROUP}/{VERSION}", "guildchanges"),
+    "GuildRebalance": (f"/apis/{GROUP}/{VERSION}", "guildrebalances"),
 }
 
 

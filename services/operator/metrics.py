@@ -19,6 +19,12 @@ class Metrics:
             ["phase"],
             registry=registry,
         )
+        self.rebalances = Counter(
+            "operator_guild_rebalance_reconciles",
+            "reconciles of a GuildRebalance, by the phase it was left in",
+            ["phase"],
+            registry=registry,
+        )
         self.applied = Counter(
             "operator_applied_objects", "objects created or patched", registry=registry
         )

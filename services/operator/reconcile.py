@@ -345,6 +345,22 @@ def status(
     }
 
 
+def change_conditions(done: bool, phase: str, waiting: str, problem: str) -> list[Condition]:
+    """Ready, Progressing and Degraded of a change walked through phases (a GuildChange,
+    a GuildRebalance): ``waiting`` says what it waits for, ``problem`` why it is refused."""
+    waiting = problem or waiting
+    return [
+        Condition("Ready", done, "Done" if done else "InProgress", waiting or f"phase {phase}"),
+        Condition(
+            "Progressing",
+            not done and not problem,
+            "Refused" if problem else ("Done" if done else "Waiting"),
+            waiting or ("" if done else f"phase {phase}"),
+        ),
+        Condition("Degraded", bool(problem), "Refused" if problem else "AsExpected", problem),
+    ]
+
+
 def condition_list(
     conds: Sequence[Condition], previous: Mapping[str, Any], generation: int, now: str
 ) -> list[Obj]:

@@ -138,10 +138,10 @@ API_OF = {
 
 @pytest.fixture
 async def k8s() -> AsyncIterator[VersionedEmulator]:
-    """A running emulator that knows the built-in kinds, the Guild and the GuildChange."""
+    """A running emulator that knows the built-in kinds and the project's own."""
     emulator = VersionedEmulator()
     emulator.resources.load_bundled()
-    for kind in ("Guild", "GuildChange"):
+    for kind in ("Guild", "GuildChange", "GuildRebalance"):
         singular = kind.lower()
         emulator.resources[f"{GROUP}/{VERSION}/{singular}s"] = kmock.ResourceInfo(
             kind=kind,

@@ -1,5 +1,6 @@
 """``kubectl`` applies the example ``guild.yaml`` against the API emulator, and the
-running operator turns it into the guild's workloads."""
+running operator turns it into the guild's workloads; then the example
+``rebalance.yaml``, which waits, saying why (the member's NATS does not run here)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.operator.conftest import (
+    CHART,
     EXAMPLE,
     WORKLOADS,
     Api,
@@ -66,3 +68,16 @@ async def test_kubectl_applies_the_example(
     sets = json.loads(await _kubectl(config, "get", "statefulsets", "-o", "json"))
     names = {i["metadata"]["name"] for i in sets["items"]}
     assert set(WORKLOADS) <= names
+
+    out = await _kubectl(
+        config, "apply", "--validate=false", "-f", str(CHART / "examples" / "rebalance.yaml")
+    )
+    assert "guildrebalance.constellation.dev/g1-three-machines created" in out, out
+
+    async def rebalance() -> Any:
+        doc = json.loads(await _kubectl(config, "get", "guildrebalance", "-o", "json"))
+        (item,) = doc["items"]
+        return item.get("status", {}).get("waitingFor")
+
+    waiting = await eventually(rebalance, "kubectl sees the rebalance's status")
+    assert waiting.startswith("the member's NATS"), waiting

@@ -6,7 +6,8 @@ guild's supervisor and reported ready once its process is; one it deletes is sto
 A machine added: created, then the copies move to it. A machine removed: the copies move
 off first, then its StatefulSet goes. An operator restarted in the middle of a change
 carries on from the placement. A change whose moves wait on a machine that does not
-answer is Degraded with the reason, and the machine that still holds copies is kept."""
+answer is Degraded with the reason, and the machine that still holds copies is kept. A
+GuildRebalance shows its plan and changes nothing until approved, then walks to Done."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from services.bus import load_placement
 from services.devnet import guild
 from services.devnet.procs import ready
 from services.devnet.supervisor import want_machines
+from services.operator.rebalance import planned
 from services.operator.render import MACHINE
+from services.operator.spec import API_VERSION
 from services.runtime import connect_nats
 from tests.operator.conftest import NS, Api, Running, eventually
 from tests.operator.localguild import documents, op0
@@ -190,3 +193,47 @@ async def test_a_removal_that_cannot_be_drained_is_refused_with_the_reason(
 async def _degraded(api: Api) -> dict[str, Any] | None:
     found = await api.condition("Degraded")
     return found if found["status"] == "True" else None
+
+
+def rebalance(name: str, machines: int, approve: bool = False) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "GuildRebalance",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"guild": "g1", "machines": machines, "approve": approve},
+    }
+
+
+async def _rebalance(api: Api, name: str, phase: str, waiting: str) -> dict[str, Any] | None:
+    found = await api.kube.get("GuildRebalance", NS, name)
+    st: dict[str, Any] = (found or {}).get("status", {})
+    return st if st.get("phase") == phase and st.get("waitingFor", "").startswith(waiting) else None
+
+
+async def test_a_rebalance_shows_its_plan_and_moves_the_copies_once_approved(
+    api: Api, where: Path, operator: Operator
+) -> None:
+    await eventually(lambda: settled_at(api, where, 2), "the Guild runs on 2 machines")
+    before = await placement(where)
+    await api.kube.create(rebalance("g1-three", 3))
+    proposed = await eventually(
+        lambda: _rebalance(api, "g1-three", "Proposed", "approval"), "the plan, to approve"
+    )
+    assert proposed["plan"] == planned(before, 3) and proposed["plan"]
+    assert {m["to"] for m in proposed["plan"]} == {2}
+    await asyncio.sleep(2)  # not approved: nothing changes
+    assert (await placement(where)).version == before.version and len(op0(where).machines) == 2
+
+    await api.kube.patch(rebalance("g1-three", 3, approve=True))
+    done = await eventually(lambda: _rebalance(api, "g1-three", "Done", ""), "Done", MOVES_S)
+    assert [h["phase"] for h in done["history"]] == ["Proposed", "Moving", "Done"]
+    assert done["plan"] == proposed["plan"]
+    await eventually(lambda: settled_at(api, where, 3), "3 machines", MOVES_S)
+    guild_now = await api.guild()
+    assert guild_now is not None and guild_now["spec"]["members"][0]["machines"] == 3
+
+    await api.kube.create(rebalance("g1-two", 2, approve=True))  # approved at once
+    await eventually(lambda: _rebalance(api, "g1-two", "Done", ""), "back to 2", MOVES_S)
+    await eventually(lambda: settled_at(api, where, 2), "2 machines", MOVES_S)
+    for name in ("g1-three", "g1-two"):
+        await api.kube.delete("GuildRebalance", NS, name)
