@@ -508,6 +508,61 @@ def replication() -> dm.Dashboard:
         PER_S,
         Query(f"sum by (shard) ({rate('replica_dropped_packages_total')})", "{{shard}}"),
     )
+    b.row("Placement and members")
+    b.stat(
+        "Shards changing members",
+        "Shards whose copies here are in a joint step of a change of members, or have a"
+        " joiner learning their log (a GuildChange under way).",
+        "short",
+        Query(
+            f"count(max by (shard) ({sel('replica_members_joint')}"
+            f" + {sel('replica_learners')}) > 0) or vector(0)",
+            "shards",
+        ),
+    )
+    b.stat(
+        "Fewest voters",
+        "The fewest operators voting in any shard, as the copies here see it.",
+        "short",
+        Query(f"min({sel('replica_voters')})", "operators"),
+    )
+    b.stat(
+        "Placement version",
+        "The version of the operator's placement of copies its machines follow (it moves"
+        " on with each step of a change of machines).",
+        "short",
+        Query(f"max({sel('replica_placement_version')})", "version"),
+    )
+    b.stat(
+        "Machines out of step",
+        "Machines following an older placement than the newest any machine follows.",
+        "short",
+        Query(
+            f"count({sel('replica_placement_version')}"
+            f" < scalar(max({sel('replica_placement_version')}))) or vector(0)",
+            "machines",
+        ),
+    )
+    b.graph(
+        "Copies, by machine",
+        "The copies each machine runs: they spread over the machines after a rebalance.",
+        "short",
+        Query(f"count by (pod) ({sel('replica_term')})", "{{pod}}"),
+        stacked=True,
+    )
+    b.graph(
+        "Copies moved in, by machine",
+        "Bytes of copies' folders each machine fetched from another while copies move.",
+        "Bps",
+        Query(f"sum by (pod) ({rate('replica_moved_bytes_total')})", "{{pod}}"),
+    )
+    b.graph(
+        "Voters and learners, by shard",
+        "Operators voting in each shard and those learning its log (joining).",
+        "short",
+        Query(f"min by (shard) ({sel('replica_voters')})", "voters {{shard}}"),
+        Query(f"max by (shard) ({sel('replica_learners')})", "learners {{shard}}"),
+    )
     return b.build()
 
 

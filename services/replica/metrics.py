@@ -16,7 +16,7 @@ ROUND_BUCKETS_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 class CopyCollector(Collector):
-    """Each copy's term, role, heights, lag, elections, refusals and evidence."""
+    """Each copy's term, role, heights, lag, members, elections, refusals and evidence."""
 
     def __init__(self, copies: Callable[[], Sequence[HostedCopy]]) -> None:
         self.copies = copies
@@ -69,6 +69,19 @@ class CopyCollector(Collector):
         snapshots = CounterMetricFamily(
             "replica_snapshots_installed", "snapshots received from a leader", labels=labels
         )
+        voters = GaugeMetricFamily(
+            "replica_voters",
+            "operators voting in the shard, as this copy's log says",
+            labels=labels,
+        )
+        learners = GaugeMetricFamily(
+            "replica_learners", "operators learning the shard's log (joining)", labels=labels
+        )
+        joint = GaugeMetricFamily(
+            "replica_members_joint",
+            "1 while the shard is in a joint step of a change of members (both sets count)",
+            labels=labels,
+        )
         now = time.monotonic()
         for c in self.copies():
             r, lv = c.replica, [c.name, str(c.me)]
@@ -80,6 +93,9 @@ class CopyCollector(Collector):
             since.add_metric(lv, now - c.confirmed_at)
             evidence.add_metric(lv, len(r.evidence))
             gap.add_metric(lv, c.gap or 0)
+            voters.add_metric(lv, len(r.members.voters))
+            learners.add_metric(lv, len(r.members.learners))
+            joint.add_metric(lv, 1 if r.members.old else 0)
             elections.add_metric(lv, r.counters.elections)
             refused_blocks.add_metric(lv, r.counters.refused_blocks)
             refused.add_metric(lv, r.counters.refused_messages)
@@ -89,6 +105,7 @@ class CopyCollector(Collector):
                 for peer, p in r.progress.items():
                     lag.add_metric([*lv, str(peer)], max(0, r.last - p.match))
         yield from (term, leading, leader, confirmed, last, since, lag, evidence, gap)
+        yield from (voters, learners, joint)
         yield from (elections, refused_blocks, refused, snapshots, dropped)
 
 

@@ -16,13 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from constellation.guild import Statement
 from constellation.keys import schnorr_verify
 from constellation.protocol.signer import KeyRequest, SignRequest
 from constellation.replication.members import Agreement
 from services.bus import MEMBERS_KEY, load_agreement, map_bucket
-from services.devnet import DevnetError, guild
+from services.devnet import Devnet, DevnetError, guild
 from services.devnet.procs import alive
 from services.runtime import connect_nats
 from tests.system.guild import local_guild, pay
@@ -36,6 +37,7 @@ def where() -> Iterator[Path]:
 
 async def test_a_member_leaves_under_payments_and_the_others_go_on(where: Path) -> None:
     nets = guild.load(where)
+    assert set(gauges(nets, "replica_voters")) == {3.0}
     old = (await asyncio.to_thread(guild.signer_request, nets[0], KeyRequest())).threshold_pubkey
     paying = [asyncio.create_task(pay(net, 200)) for net in nets[:2]]
     await asyncio.sleep(0.5)
@@ -50,6 +52,9 @@ async def test_a_member_leaves_under_payments_and_the_others_go_on(where: Path) 
     assert len(rows) == 2 * 2 * 3 * 2  # 2 copies x 2 members x 3 owners x 2 workers
     assert all(r["voters"] == [0, 1] and r["members_confirmed"] for r in rows)
     assert not [r for r in rows if r["evidence"]], "a proof against an operator"
+    assert set(gauges(stay, "replica_voters")) == {2.0}  # as the dashboards show it
+    assert set(gauges(stay, "replica_members_joint")) == set(gauges(stay, "replica_learners"))
+    assert set(gauges(stay, "replica_learners")) == {0.0}
     for worker in range(2):
         lead = guild.leader(stay, f"op2/{worker}")
         assert lead is not None and lead["operator"] in ("op0", "op1")
@@ -107,3 +112,15 @@ def _not_ready(port: int, wait_s: float) -> str:
             return str(json.loads(exc.read())["reason"])
         time.sleep(0.1)
     raise AssertionError(f"machine on {port} stayed ready")
+
+
+def gauges(nets: list[Devnet], name: str) -> list[float]:
+    """Every copy's value of gauge ``name``, from its machine's ``/metrics``."""
+    found = []
+    for m in (m for net in nets for m in net.machines):
+        with urllib.request.urlopen(f"http://127.0.0.1:{m.http_port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+        for family in text_string_to_metric_families(text):
+            found += [s.value for s in family.samples if s.name == name]
+    assert found, f"no {name}"
+    return found
