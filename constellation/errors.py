@@ -368,6 +368,13 @@ class BadCheckpointSignature(ProofRefused):
     check = "checkpoint signature"
 
 
+class BadHandover(ProofRefused):
+    """Handovers that do not chain: not in height order, or one that names no next key."""
+
+    code = "proof.handover"
+    check = "handover"
+
+
 class StaleCheckpoint(ProofRefused):
     """Older than a checkpoint the verifier has already seen: state may have moved on."""
 

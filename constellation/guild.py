@@ -54,6 +54,11 @@ class Checkpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="c
     ``members`` commits to the member set that made it.
 
     Light clients check one BIP340 signature under the guild key over ``message()``.
+
+    A **handover** names ``next_key`` (x-only) and ``next_members``: signed by the key
+    that signs it, it says that from the next height on the checkpoints are signed by
+    ``next_key`` and name ``next_members``, after a change of the guild's members made a
+    new key. A light client follows the chain of handovers from the key it pinned.
     """
 
     guild: str
@@ -62,6 +67,8 @@ class Checkpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="c
     time_ms: int  # the proposer's clock, for a reader to see how old it is
     shards: bytes
     members: bytes
+    next_key: bytes = b""  # a handover's: the key that signs from the next height on
+    next_members: bytes = b""  # and the member set that holds it
 
     def message(self) -> bytes:
         guild = self.guild.encode()
@@ -73,6 +80,8 @@ class Checkpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="c
             + u64(self.time_ms)
             + self.shards
             + self.members
+            + self.next_key  # both empty or both 32 bytes: the length says which
+            + self.next_members
         )
 
 
@@ -193,6 +202,10 @@ def derive(target: SignTarget, thresh_pk: bytes) -> Derived:
         raise RequestRefused("checkpoint hashes are 32 bytes")
     if target.height == 0 and target.prev_hash != bytes(32):
         raise RequestRefused("the first checkpoint has no predecessor")
+    if (len(target.next_key), len(target.next_members)) not in ((0, 0), (32, 32)):
+        raise RequestRefused("a handover names a 32-byte key and member set, or neither")
+    if target.next_key == thresh_pk[1:]:
+        raise RequestRefused("a handover names another key than the one that signs it")
     return Derived(Purpose.CHECKPOINT, target.message(), (), (), thresh_pk[1:])
 
 
@@ -200,14 +213,16 @@ class SigningPolicy:
     """One signer's rules, and the memory of what it signed that they depend on.
 
     ``allowed`` lists the purposes this operator signs for; a checkpoint must be for
-    this guild, must not conflict with another checkpoint signed at its height, and must
-    extend the checkpoint signed at the height below when there is one.
+    this guild, must not conflict with another checkpoint signed at its height, must
+    extend the checkpoint signed at the height below when there is one, and above a
+    handover this signer signed must be signed by the key it handed over to.
     """
 
     def __init__(self, guild: str, allowed: frozenset[Purpose]) -> None:
         self.guild = guild
         self.allowed = allowed
         self.checkpoints: dict[int, bytes] = {}  # height -> message signed
+        self.handovers: dict[int, bytes] = {}  # height -> the key it handed over to
 
     def check(self, target: SignTarget, thresh_pk: bytes) -> Derived:
         """Derive the request's message and apply every rule (raises RequestRefused)."""
@@ -216,6 +231,13 @@ class SigningPolicy:
             raise RequestRefused(f"this signer does not sign {derived.purpose} requests")
         if isinstance(target, Checkpoint) and target.guild != self.guild:
             raise RequestRefused(f"checkpoint of guild {target.guild!r}, not ours")
+        if isinstance(target, Checkpoint):
+            below = [h for h in self.handovers if h < target.height]
+            if below and self.handovers[max(below)] != thresh_pk[1:]:
+                raise Equivocation(
+                    f"checkpoint {target.height} is above the handover at {max(below)}"
+                    " and not signed by the key handed over to"
+                )
         self.check_history(target, derived.msg)
         return derived
 
@@ -239,3 +261,5 @@ class SigningPolicy:
         """Remember a request (and its message) this signer made a partial signature for."""
         if isinstance(target, Checkpoint):
             self.checkpoints[target.height] = msg
+            if target.next_key:
+                self.handovers[target.height] = target.next_key

@@ -47,8 +47,10 @@ def test_checkpoint_message_commits_to_every_field() -> None:
         checkpoint(6, b"p" * 32),
         checkpoint(5, b"q" * 32),
         checkpoint(5, b"p" * 32, b"s" * 32),
+        msgspec.structs.replace(base, next_key=b"k" * 32, next_members=b"n" * 32),
+        msgspec.structs.replace(base, next_key=b"k" * 32, next_members=b"o" * 32),
     ]
-    assert len({base.message(), *(v.message() for v in variants)}) == 5
+    assert len({base.message(), *(v.message() for v in variants)}) == 7
     assert len(base.message()) == 32
 
 
@@ -62,6 +64,9 @@ def test_checkpoint_message_commits_to_every_field() -> None:
         Checkpoint("g", 0, b"x" * 32, 0, bytes(32), bytes(32)),
         Checkpoint("g", 1, bytes(32), -1, bytes(32), bytes(32)),
         Checkpoint("g", 1, bytes(32), 0, bytes(32), bytes(33)),
+        Checkpoint("g", 1, bytes(32), 0, bytes(32), bytes(32), b"k" * 32),  # no members
+        Checkpoint("g", 1, bytes(32), 0, bytes(32), bytes(32), b"k" * 31, b"n" * 32),
+        Checkpoint("g", 1, bytes(32), 0, bytes(32), bytes(32), GUILD_PK[1:], b"n" * 32),
     ],
 )
 def test_malformed_checkpoints_are_refused(bad: Checkpoint) -> None:
@@ -145,3 +150,20 @@ def test_an_outpoint_spent_twice_is_refused() -> None:
     twice = msgspec.structs.replace(spend, inputs=[spend.inputs[0], spend.inputs[0]])
     with pytest.raises(RequestRefused, match="spent twice"):
         derive(twice, GUILD_PK)
+
+
+def test_above_a_handover_it_signed_a_signer_signs_only_with_the_key_handed_to() -> None:
+    new_pk = PublicKey.from_secret(b"\x22" * 32).format()
+    policy = SigningPolicy("g", ALL)
+    first = checkpoint(0)
+    policy.record(first, policy.check(first, GUILD_PK).msg)
+    handover = msgspec.structs.replace(
+        checkpoint(1, first.message()), next_key=new_pk[1:], next_members=b"n" * 32
+    )
+    policy.record(handover, policy.check(handover, GUILD_PK).msg)
+    above = checkpoint(2, handover.message())
+    with pytest.raises(Equivocation, match="handover at 1"):
+        policy.check(above, GUILD_PK)  # the old key, above its handover
+    assert policy.check(above, new_pk).pubkey == new_pk[1:]
+    # at and below the handover, the old key still signs what it signed
+    assert policy.check(handover, GUILD_PK).msg == handover.message()

@@ -15,8 +15,16 @@ signer never signs two checkpoints at one height, and it sees the same message a
 follows (and that one's entries), so that a member that missed the latter takes it
 before it vouches.
 
+**Handing over.** Where this operator's guild made a new key (a change of members) and
+moved its coins to it, the service sets ``handover`` (the key, x-only, and its member
+set): the next checkpoint proposed names them, and is signed by the key that signs at
+its height; from the height above, checkpoints are signed by the new key and name the
+new members. A member vouches for a handover only to the key its own operator hands
+over to. ``pin`` follows every handover heard, in height order, so it says which key
+signs each height (``Pin.at``).
+
 **Taking.** A signed checkpoint is taken in height order, once its signature verifies
-under the guild's pinned key, its entries are one per shard and make its root, and this
+under the guild's key at its height, its entries are one per shard and make its root, and this
 index reached their heights (held until then). A member that missed checkpoints (it was
 down) adopts the latest it reached once the gap lasted ``takeover_ms``: its coins and
 blocks are checked, its records are left to the members that saw them (``GuildIndex
@@ -125,6 +133,11 @@ class Checkpointer:
         self.started_at: int | None = None
         self.gap_since: int | None = None  # when a gap in the held heights was first seen
         self.disagreed: str | None = None
+        self.handover: tuple[bytes, bytes] | None = None  # the key and members to hand to
+
+    def signing_key(self, height: int) -> bytes:
+        """The key (x-only) that signs the checkpoint at ``height``."""
+        return self.pin.at(height)[0]
 
     def due(self, now_ms: int) -> tuple[Checkpoint, Evidence] | None:
         """The proposal to send to the signer now, if one is due (at most one per
@@ -145,7 +158,10 @@ class Checkpointer:
         if self.proposal is None or self.proposal[0].height != index.next_height:
             if at_rest and quiet < self.idle_ms:
                 return None
-            checkpoint, entries = index.propose(now_ms)
+            handover = self.handover
+            if handover is not None and handover[0] == self.signing_key(index.next_height):
+                handover = None  # handed over already
+            checkpoint, entries = index.propose(now_ms, handover)
             prev = None
             if index.last is not None:
                 covered = index.last.covered.values()
@@ -168,6 +184,13 @@ class Checkpointer:
                 " making its shards root"
             )
         height = checkpoint.height
+        if checkpoint.next_key and height > self.pin.handed:
+            self.pin = self.pin.follow(announced.signed)
+            for above in [h for h in self.waiting if h > height]:  # by the key handed over
+                try:
+                    verify_checkpoint(self.pin, self.waiting[above].signed)
+                except ValueError:
+                    del self.waiting[above]
         waiting = self.waiting
         if height >= self.index.next_height and height not in waiting:
             if len(waiting) >= MAX_WAITING:  # the highest goes: it is heard again
@@ -243,6 +266,10 @@ class Checkpointer:
         held = self.waiting.get(checkpoint.height)
         if held is not None and held.signed.checkpoint != checkpoint:
             return f"the guild signed another checkpoint at height {checkpoint.height}", taken
+        if checkpoint.next_key and (checkpoint.next_key, checkpoint.next_members) != (
+            self.handover
+        ):
+            return "this operator hands the checkpoints over to no such key", taken
         if not self.index.reached(evidence.entries):
             return NotYet(), taken
         return self.index.check(checkpoint, evidence.entries, now_ms) or "", taken

@@ -161,7 +161,9 @@ class Signed(NamedTuple):
 
 
 class GuildIndex:
-    """Every shard of the guild, and the last signed checkpoint."""
+    """Every shard of the guild, and the last signed checkpoint. ``members`` is the
+    member set the next checkpoint names: the pinned one, then the one the last
+    handover taken names."""
 
     def __init__(self, guild: str, members: bytes, shards: Iterable[Shard]) -> None:
         self.guild, self.members = guild, members
@@ -196,8 +198,11 @@ class GuildIndex:
         c = self.last.checkpoint.checkpoint
         return c.height + 1, c.message()
 
-    def propose(self, time_ms: int) -> tuple[Checkpoint, list[ShardEntry]]:
-        """The next checkpoint: every shard at its latest block with events."""
+    def propose(
+        self, time_ms: int, handover: tuple[bytes, bytes] | None = None
+    ) -> tuple[Checkpoint, list[ShardEntry]]:
+        """The next checkpoint: every shard at its latest block with events; with
+        ``handover`` (a key and member set), a handover to them."""
         entries = []
         for shard in self.shards.values():
             c = shard.covered(shard.height)
@@ -206,9 +211,18 @@ class GuildIndex:
         height, prev = self._prev()
         last_time = self.last.checkpoint.checkpoint.time_ms if self.last else 0
         root = shards_tree(entries).root()
-        return Checkpoint(
-            self.guild, height, prev, max(time_ms, last_time), root, self.members
-        ), entries
+        next_key, next_members = handover or (b"", b"")
+        checkpoint = Checkpoint(
+            self.guild,
+            height,
+            prev,
+            max(time_ms, last_time),
+            root,
+            self.members,
+            next_key,
+            next_members,
+        )
+        return checkpoint, entries
 
     def check(self, checkpoint: Checkpoint, entries: list[ShardEntry], now_ms: int) -> str | None:
         """Why this index will not vouch for a proposed checkpoint, or None: it must
@@ -260,10 +274,11 @@ class GuildIndex:
         operator missed them: it was down), once this index computes the same coins and
         blocks at its entries' heights. Its records trees cannot be checked here (they are
         over the records since entries this index never saw), so none of its records are
-        kept: another operator proves those transactions. Raises ValueError, changing
-        nothing, where they differ."""
+        kept: another operator proves those transactions. Its member set is the caller's
+        to check (the handovers it skipped may have changed it). Raises ValueError,
+        changing nothing, where they differ."""
         c = checkpoint.checkpoint
-        if c.height <= self.next_height or (c.guild, c.members) != (self.guild, self.members):
+        if c.height <= self.next_height or c.guild != self.guild:
             raise ValueError(f"checkpoint {c.height}: not one to adopt here")
         if [(e.owner, e.worker) for e in entries] != list(self.shards):
             raise ValueError(f"checkpoint {c.height}: not one entry per shard of the guild")
@@ -283,6 +298,8 @@ class GuildIndex:
         for shard, covered in signed.covered.items():
             self.shards[shard].settle(covered.entry.height)
         self.last = signed
+        c = signed.checkpoint.checkpoint
+        self.members = c.next_members or c.members
         return signed
 
 

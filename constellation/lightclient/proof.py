@@ -18,8 +18,9 @@ them).
 
 Nothing in a proof is taken from the server on trust: every hash is recomputed, every
 path checked against the root above it, and the checkpoint against the pinned guild key
-and member set. A proof is bytes (``encode_*``/``decode_*``, big-endian, fixed layouts);
-each refusal is a ``ProofRefused`` naming the check that failed.
+and member set, or the key and member set that a chain of handovers from them names for
+its height (``Pin.follow``). A proof is bytes (``encode_*``/``decode_*``, big-endian,
+fixed layouts); each refusal is a ``ProofRefused`` naming the check that failed.
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ from __future__ import annotations
 from enum import Enum
 from typing import NamedTuple
 
+import msgspec
+
 from constellation.address import decode_bytes, encode_bytes
 from constellation.codec import Reader, u16, u32, u64
 from constellation.errors import (
     BadCheckpointSignature,
     BadCoinPath,
     BadEntryPath,
+    BadHandover,
     BadRecordPath,
     DecodeError,
     InvalidAddress,
@@ -194,11 +198,38 @@ class CoinLeaf(NamedTuple):
 
 
 class Pin(NamedTuple):
-    """What a wallet trusts: the guild's name, its key (x-only) and member set."""
+    """What a wallet trusts: the guild's name, its key (x-only) and member set, and the
+    handovers it followed from them (signed checkpoints, in height order), each naming
+    the key and member set of the checkpoints above it."""
 
     guild: str
     key: bytes
     members: bytes
+    handovers: tuple[SignedCheckpoint, ...] = ()
+
+    def at(self, height: int) -> tuple[bytes, bytes]:
+        """The key and member set of the checkpoint at ``height``."""
+        key, members = self.key, self.members
+        for h in self.handovers:
+            if h.checkpoint.height >= height:
+                break
+            key, members = h.checkpoint.next_key, h.checkpoint.next_members
+        return key, members
+
+    @property
+    def handed(self) -> int:
+        """The height of the last handover followed (-1: none)."""
+        return self.handovers[-1].checkpoint.height if self.handovers else -1
+
+    def follow(self, signed: SignedCheckpoint) -> Pin:
+        """This pin after handover ``signed``: checked (raises ``ProofRefused``) to be
+        signed by the key this pin names at its height, above the last handover."""
+        c = verify_checkpoint(self, signed)
+        if not c.next_key:
+            raise BadHandover(f"checkpoint {c.height} hands over to no key")
+        if c.height <= self.handed:
+            raise BadHandover(f"handover {c.height} is not above handover {self.handed}")
+        return self._replace(handovers=(*self.handovers, signed))
 
 
 DESCRIPTOR_HRP = "cstguild"
@@ -247,25 +278,36 @@ class SignedCheckpoint(NamedTuple):
             + u64(c.time_ms)
             + c.shards
             + c.members
+            + (b"\x01" + c.next_key + c.next_members if c.next_key else b"\x00")
             + self.sig
         )
 
     @staticmethod
     def read(r: Reader) -> SignedCheckpoint:
         c = Checkpoint(_guild_name(r), r.u64(), r.bytes(32), r.u64(), r.bytes(32), r.bytes(32))
+        if _small(r, 0, 1, "a handover flag"):
+            c = msgspec.structs.replace(c, next_key=r.bytes(32), next_members=r.bytes(32))
         return SignedCheckpoint(c, r.bytes(64))
+
+    @staticmethod
+    def decode(data: bytes) -> SignedCheckpoint:
+        r = Reader(data, "signed checkpoint")
+        signed = SignedCheckpoint.read(r)
+        r.finish()
+        return signed
 
 
 def verify_checkpoint(pin: Pin, signed: SignedCheckpoint, not_below: int = 0) -> Checkpoint:
-    """The checkpoint, if it is the pinned guild's, by its member set, signed by its key,
-    and not older than ``not_below`` (the highest the caller has seen, where it needs
-    the latest state)."""
+    """The checkpoint, if it is the pinned guild's, by its member set at its height,
+    signed by its key at its height, and not older than ``not_below`` (the highest the
+    caller has seen, where it needs the latest state)."""
     c = signed.checkpoint
     if c.guild != pin.guild:
         raise WrongGuild(f"checkpoint of guild {c.guild!r}, pinned {pin.guild!r}")
-    if c.members != pin.members:
+    key, members = pin.at(c.height)
+    if c.members != members:
         raise WrongMembers(f"checkpoint {c.height} names member set {c.members.hex()[:16]}…")
-    if not schnorr_verify(pin.key, c.message(), signed.sig):
+    if not schnorr_verify(key, c.message(), signed.sig):
         raise BadCheckpointSignature(f"checkpoint {c.height} is not signed by the guild key")
     if c.height < not_below:
         raise StaleCheckpoint(f"checkpoint {c.height}, but {not_below} was seen already")
