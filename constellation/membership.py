@@ -11,10 +11,11 @@ for the operator's approval, and what each phase waits for.
 * **Resharing**: the new members make a new guild key by a DKG among themselves
   (``constellation.crypto.dkg``); the old key still signs.
 * **Moving**: the guild's on-chain funds move to the new key in one spend that the old
-  key's signers sign (ROAST), checked by each as any spend (``constellation.guild``).
-* **Done**: every coin is under the new key. The old key may still sign checkpoints:
-  the signers retire it (``op.activate_key``) once light clients can follow a handover
-  from one key to the next.
+  key's signers sign (ROAST), checked by each as any spend (``constellation.guild``);
+  once every coin is under it, the checkpoints hand over to it (a checkpoint the old key
+  signs names the new key and members: light clients follow it, ``Pin.follow``) and the
+  signers retire the old key (``op.activate_key``).
+* **Done**: every coin is under the new key, which alone signs.
 
 A phase begins once the work of the one before is observed done (``Observed``: what the
 shards, the signers and the chain say, never assumed) and the operator approved it.
@@ -62,7 +63,7 @@ WORK = {
     Phase.LEARNING: "the joiner's copies to hold every shard's log",
     Phase.VOTING: "every shard to confirm its new voters",
     Phase.RESHARING: "the new members' key (their DKG)",
-    Phase.MOVING: "the move of the on-chain funds to the new key, confirmed",
+    Phase.MOVING: "the move of the on-chain funds to the new key, confirmed, and the handover",
 }
 
 
@@ -106,7 +107,8 @@ class Observed:
     learned: bool = False  # every shard names the joiner a learner, and it holds the log
     voted: bool = False  # every shard's voters are the new members alone, confirmed
     new_key: bytes = b""  # the key the new members' DKG made (33 bytes)
-    moved: str = ""  # the txid of the funds' move, confirmed (or "none": nothing held)
+    moved: str = ""  # the txid of the funds' move, confirmed (or "none": nothing held),
+    # once the checkpoints are handed over to the new key and the old one is retired
 
 
 def work_done(phase: Phase, seen: Observed) -> bool:
@@ -181,13 +183,15 @@ def decode_plan(data: bytes) -> KeyPlan:
 
 class KeysSeen(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What an operator's services report of its key plan: the plan they act on, the
-    key made for it (empty until then), and the moves of the coins to it."""
+    key made for it (empty until then), the moves of the coins to it, and whether the
+    checkpoints are handed over to it and its signer retired the keys before it."""
 
     members: list[int]
     t: int
     key: bytes = b""
     txids: list[str] = []  # the moves sent or under way
     moved: bool = False  # every coin its mint holds is under the key, in a block
+    handed: bool = False  # its checkpoints are signed by the key, which alone signs
     waiting: str = ""  # what they wait for ('' once done)
 
     def encode(self) -> bytes:
@@ -209,6 +213,8 @@ class KeyStep(StrEnum):
     AGREE = "agree"  # tell the signer its operator agrees to the plan's key
     KEYGEN = "keygen"  # coordinate the DKG (the plan's first member does)
     MOVE = "move"  # ask the mint to move the coins it holds to the key
+    HAND_OVER = "hand_over"  # the checkpoints hand over to the key (its indexer proposes)
+    RETIRE = "retire"  # the signer signs with the key alone (``op.activate_key``)
     WAIT = "wait"
 
 
@@ -219,11 +225,19 @@ def planned(plan: KeyPlan, held: Sequence[KeyInfo]) -> KeyInfo | None:
 
 
 def key_step(
-    plan: KeyPlan, me: int, held: Sequence[KeyInfo], agreed: KeyInfo | None, to_move: bool
+    plan: KeyPlan,
+    me: int,
+    held: Sequence[KeyInfo],
+    agreed: KeyInfo | None,
+    to_move: bool,
+    moved: bool = False,
+    handed: bool = False,
 ) -> tuple[KeyStep, str]:
     """What member ``me``'s services do next for ``plan``, given the keys its signer
-    holds, the key it agreed to, and whether its mint holds coins under another key
-    that may move (confirmed, no move under way); and what they wait for."""
+    holds (the one it signs with first), the key it agreed to, whether its mint holds
+    coins under another key that may move (confirmed, no move under way), whether every
+    coin is under the plan's key (``moved``), and whether the checkpoints are signed by
+    it (``handed``); and what they wait for."""
     made = planned(plan, held)
     if made is None:
         if me not in plan.members:
@@ -237,4 +251,10 @@ def key_step(
         return KeyStep.WAIT, "approval to move the coins"
     if to_move:
         return KeyStep.MOVE, ""
+    if not moved or me not in plan.members:
+        return KeyStep.WAIT, ""
+    if not handed:
+        return KeyStep.HAND_OVER, "the checkpoints' handover to the key"
+    if held[0].key != made.key:
+        return KeyStep.RETIRE, ""
     return KeyStep.WAIT, ""

@@ -27,11 +27,13 @@ import aiohttp
 
 from constellation.address import Network, decode_address
 from constellation.errors import (
+    BadCheckpointSignature,
     BadEntryPath,
     DecodeError,
     ProofRefused,
     StaleCheckpoint,
     WrongGuild,
+    WrongMembers,
     WrongSubject,
 )
 from constellation.ledger.pmap import PartitionMap
@@ -79,8 +81,13 @@ class LightClient:
         seen: int = 0,
         workers: int = 0,
         max_age_s: float = MAX_AGE_S,
+        handovers: tuple[pf.SignedCheckpoint, ...] = (),
     ) -> None:
+        """``handovers``: those followed before (kept by the wallet), checked again."""
         self.descriptor = descriptor
+        self.pin = descriptor.pin
+        for handover in handovers:
+            self.pin = self.pin.follow(handover)
         self.servers = servers
         self.session = session
         self.seen = seen  # the highest checkpoint verified so far
@@ -88,19 +95,33 @@ class LightClient:
         self.max_age_s = max_age_s  # how old the latest checkpoint served may be
         self.failures: list[Failure] = []  # every failure met, in order
 
-    @property
-    def pin(self) -> pf.Pin:
-        return self.descriptor.pin
-
     async def _each(self, what: str, ask: Callable[[Gateway], Awaitable[T]]) -> tuple[str, T]:
-        """``ask`` of each gateway in turn until one answers with what verifies."""
+        """``ask`` of each gateway in turn until one answers with what verifies (asked
+        again where the gateway had handovers this client had not followed)."""
         failed: list[Failure] = []
         for url in self.servers:
+            gw = Gateway(url, self.session)
             try:
-                return url, await ask(Gateway(url, self.session))
+                try:
+                    return url, await ask(gw)
+                except (WrongMembers, BadCheckpointSignature):
+                    if not await self.catch_up(gw):
+                        raise
+                    return url, await ask(gw)
             except SERVER_FAULTS as exc:
                 failed.append(self._failed(url, exc))
         raise NoServer(what, failed)
+
+    async def catch_up(self, gw: Gateway) -> bool:
+        """Follow the handovers ``gw`` serves above the last one followed, each checked
+        (``Pin.follow``: raises ``ProofRefused``); whether there were any."""
+        doc = await gw.get(f"/v1/lc/handovers?start={self.pin.handed + 1}")
+        handovers = [
+            pf.SignedCheckpoint.decode(bytes.fromhex(h["encoded"])) for h in doc["handovers"]
+        ]
+        for handover in handovers:
+            self.pin = self.pin.follow(handover)
+        return bool(handovers)
 
     def _failed(self, url: str, exc: BaseException) -> Failure:
         """What went wrong with a gateway, kept in ``failures``."""
@@ -122,6 +143,8 @@ class LightClient:
             raise BadEntryPath(f"checkpoint {c.height}'s entries do not make its root")
         if c.height == 0 and c.message() != self.descriptor.first:
             raise WrongGuild("checkpoint 0 is not the one the descriptor pins")
+        if c.next_key and c.height > self.pin.handed:  # a handover, as it is signed
+            self.pin = self.pin.follow(announced.signed)
         return announced
 
     async def latest(self) -> tuple[str, Announced]:
@@ -221,6 +244,7 @@ class LightClient:
     ) -> bool:
         """Follow over one gateway's websocket until ``told`` says stop (False) or the
         gateway fails (raises)."""
+        await self.catch_up(Gateway(url, self.session))  # those signed while away
         ws_url = url.replace("http", "ws", 1) + "/v1/lc/ws"
         async with self.session.ws_connect(ws_url, heartbeat=30) as ws:
             rpc = Rpc(ws)

@@ -56,6 +56,7 @@ class WalletFile:
     members: list[str] = field(default_factory=list)
     servers: list[str] = field(default_factory=list)
     checkpoint: int = 0
+    handovers: list[str] = field(default_factory=list)  # followed from the pin's key (hex)
 
     def remember(self, coins: dict[bytes, Coin]) -> None:
         self.coins = {cid.hex(): [c.value_msat, bytes(c.owner).hex()] for cid, c in coins.items()}
@@ -236,6 +237,7 @@ async def pin(gw: Gateway, doc: WalletFile, text: str, servers: list[str], out: 
     doc.members = [name for name, _ in members]
     doc.servers = list(dict.fromkeys([gw.url, *(s.rstrip("/") for s in servers)]))
     doc.checkpoint = 0
+    doc.handovers = []
     print(f"  {text}", file=out)
     print(
         f"pinned guild {descriptor.pin.guild!r}, key {descriptor.pin.key.hex()}, members"
@@ -248,7 +250,16 @@ def light_client(doc: WalletFile, session: aiohttp.ClientSession) -> LightClient
     if not doc.descriptor:
         raise ConfigError("the wallet pins no guild: `constellation wallet pin`")
     descriptor = pf.Descriptor.decode(doc.descriptor)
-    return LightClient(descriptor, doc.servers or [doc.gateway], session, doc.checkpoint)
+    handovers = tuple(pf.SignedCheckpoint.decode(bytes.fromhex(h)) for h in doc.handovers)
+    servers = doc.servers or [doc.gateway]
+    return LightClient(descriptor, servers, session, doc.checkpoint, handovers=handovers)
+
+
+def kept(doc: WalletFile, client: LightClient) -> None:
+    """What the wallet keeps of a light client's checks: the highest checkpoint seen,
+    and the handovers followed (the key that signs now)."""
+    doc.checkpoint = client.seen
+    doc.handovers = [h.encode().hex() for h in client.pin.handovers]
 
 
 def _said(client: LightClient, out: Any) -> None:
@@ -273,7 +284,8 @@ async def verify(doc: WalletFile, session: aiohttp.ClientSession, txid: bytes, o
     print(f"transaction {txid.hex()} (proof from {url}):", file=out)
     for line in describe(placed, doc.members):
         print(line, file=out)
-    doc.checkpoint = client.seen = max(client.seen, *heights)
+    client.seen = max(client.seen, *heights)
+    kept(doc, client)
     print(
         f"verdict: VERIFIED: committed, under checkpoint {', '.join(map(str, heights))}"
         f" signed by the guild key",
@@ -322,7 +334,7 @@ async def follow(
         return seen != count
 
     await client.follow(addresses, network, since, told)
-    doc.checkpoint = client.seen
+    kept(doc, client)
     return 0
 
 
@@ -353,7 +365,7 @@ async def verify_coins(
         return
     finally:
         _said(client, out)
-        doc.checkpoint = client.seen
+        kept(doc, client)
     height = latest.signed.checkpoint.height
     checked = len(coins) - len(unconfirmed)
     print(f"{checked} of {len(coins)} coins verified as of checkpoint {height}", file=out)

@@ -171,6 +171,13 @@ def test_each_member_takes_the_key_plan_s_steps_in_order() -> None:
     moving = KeyPlan([0, 1], 2, move=True)
     assert key_step(moving, 1, [OLD, NEW], None, True) == (KeyStep.MOVE, "")
     assert key_step(moving, 1, [OLD, NEW], None, False) == (KeyStep.WAIT, "")
+    # every coin under the new key: the checkpoints hand over, then the old key retires
+    step, why = key_step(moving, 1, [OLD, NEW], None, False, moved=True)
+    assert step is KeyStep.HAND_OVER and "handover" in why
+    assert key_step(moving, 1, [OLD, NEW], None, False, True, True) == (KeyStep.RETIRE, "")
+    assert key_step(moving, 1, [NEW], None, False, True, True) == (KeyStep.WAIT, "")
+    # the leaver hands nothing over (its indexer and signer are gone)
+    assert key_step(moving, 2, [OLD, NEW], None, False, True, False)[0] is KeyStep.WAIT
 
 
 @given(st.lists(st.integers(-2, 6), max_size=6), st.integers(-1, 7))
@@ -189,7 +196,7 @@ def test_a_key_plan_a_guild_cannot_make_says_why(members: list[int], t: int) -> 
 def test_key_plans_and_reports_round_trip_and_refuse_what_they_are_not() -> None:
     plan = KeyPlan([0, 2], 2, move=True)
     assert decode_plan(plan.encode()) == plan
-    seen = KeysSeen([0, 2], 2, NEW.key, ["ab" * 32], True, "")
+    seen = KeysSeen([0, 2], 2, NEW.key, ["ab" * 32], True, True, "")
     assert decode_seen(seen.encode()) == seen and seen.of(plan)
     assert not KeysSeen([0, 1], 2).of(plan)
     for bad in (b"[]", b'{"members": [0], "t": 1, "extra": 1}', b"not json"):

@@ -184,13 +184,7 @@ class Checkpointer:
                 " making its shards root"
             )
         height = checkpoint.height
-        if checkpoint.next_key and height > self.pin.handed:
-            self.pin = self.pin.follow(announced.signed)
-            for above in [h for h in self.waiting if h > height]:  # by the key handed over
-                try:
-                    verify_checkpoint(self.pin, self.waiting[above].signed)
-                except ValueError:
-                    del self.waiting[above]
+        self.follow(announced.signed)
         waiting = self.waiting
         if height >= self.index.next_height and height not in waiting:
             if len(waiting) >= MAX_WAITING:  # the highest goes: it is heard again
@@ -200,6 +194,21 @@ class Checkpointer:
                 del waiting[highest]
             waiting[height] = announced
         return self.advance(now_ms)
+
+    def follow(self, signed: SignedCheckpoint) -> None:
+        """A signed checkpoint heard (raises ``ProofRefused`` where it does not verify):
+        where it is a handover above the last one followed, ``pin`` follows it, and what
+        is held above it that its key did not sign is dropped."""
+        c = signed.checkpoint
+        if not c.next_key or c.height <= self.pin.handed:
+            verify_checkpoint(self.pin, signed)
+            return
+        self.pin = self.pin.follow(signed)
+        for above in [h for h in self.waiting if h > c.height]:
+            try:
+                verify_checkpoint(self.pin, self.waiting[above].signed)
+            except ValueError:
+                del self.waiting[above]
 
     def advance(self, now_ms: int) -> list[Signed]:
         """Take the held checkpoints whose turn it is and whose heights this index

@@ -51,6 +51,14 @@ class DescriptorQuery(_Query, frozen=True, tag="descriptor"):
     member-set root commits to."""
 
 
+class Handovers(_Query, frozen=True, tag="handovers"):
+    """The handovers from one key and member set to the next (``Checkpoint.next_key``)
+    signed at height ``start`` or above, in height order (each an encoded
+    ``SignedCheckpoint``): a light client pinned to an earlier key follows them."""
+
+    start: int
+
+
 class Members(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     threshold: int
     members: list[tuple[str, bytes]]  # (name, x-only operator key), in the guild's order
@@ -90,6 +98,7 @@ Query = (
     | TxProofQuery
     | CoinProofQuery
     | DescriptorQuery
+    | Handovers
     | PushQuery
     | HistoryQuery
     | CoinsQuery

@@ -292,7 +292,8 @@ def plan_key(nets: list[Devnet], plan: KeyPlan, deadline_s: float = 60.0) -> lis
     """Agree to ``plan`` at each of ``nets`` (in its NATS KV, where its indexer follows
     it: ``services.indexer.keys``) and wait until each reports it done: the key made
     (the same at all), and with ``move``, the guild's coins its mint holds moved to it,
-    in a block. What each reported."""
+    in a block, the checkpoints handed over to it and the keys before it retired. What
+    each reported."""
 
     async def agree_and_wait() -> list[KeysSeen]:
         clients = [await connect_nats(n.nats_url, f"devnet-key-{n.operator}") for n in nets]
@@ -304,7 +305,10 @@ def plan_key(nets: list[Devnet], plan: KeyPlan, deadline_s: float = 60.0) -> lis
                 pairs = zip(clients, nets, strict=True)
                 seen = [await load_keys_seen(nc, n.operator) for nc, n in pairs]
                 done = [
-                    s is not None and s.of(plan) and bool(s.key) and (s.moved or not plan.move)
+                    s is not None
+                    and s.of(plan)
+                    and bool(s.key)
+                    and ((s.moved and s.handed) or not plan.move)
                     for s in seen
                 ]
                 if all(done) and len({s.key for s in seen if s is not None}) == 1:
@@ -439,9 +443,9 @@ def leave(directory: Path, name: str, deadline_s: float = 60.0) -> Left:
     every shard at the members that stay names the new voters, confirmed, the leaver's
     processes stop. Its shards stay, led and kept by the others' copies. Then the
     members that stay make a new guild key (``plan_key``) and their mints move the
-    guild's coins to it: the leaver's share signs for none of them. The old key still
-    signs the guild's checkpoints (light clients trust it, and can follow no handover to
-    another yet)."""
+    guild's coins to it: the leaver's share signs for none of them. Then the checkpoints
+    hand over to the new key (light clients follow the handover from the key they
+    pinned), and the members' signers retire the old key."""
     nets = load(directory)
     names = [n.operator for n in nets]
     if name not in names:

@@ -112,6 +112,7 @@ STATUS: dict[str, int] = {
     e.WrongGuild.code: 400,
     e.WrongMembers.code: 400,
     e.BadCheckpointSignature.code: 400,
+    e.BadHandover.code: 400,
     e.StaleCheckpoint.code: 400,
     e.BadEntryPath.code: 400,
     e.BadRecordPath.code: 400,

@@ -63,6 +63,11 @@ def checkpoint_doc(announced: Announced) -> dict[str, Any]:
         "prev_hash": c.prev_hash.hex(),
         "shards": c.shards.hex(),
         "members": c.members.hex(),
+        **(
+            {"next_key": c.next_key.hex(), "next_members": c.next_members.hex()}
+            if c.next_key
+            else {}
+        ),
         "signature": announced.signed.sig.hex(),
         "entries": [
             {"owner": e.owner, "worker": e.worker, "height": e.height, "records": e.size}
@@ -87,6 +92,7 @@ class LightClientApi:
         r = app.router
         r.add_get("/v1/lc", self.get_server)
         r.add_get("/v1/lc/descriptor", self.get_descriptor)
+        r.add_get("/v1/lc/handovers", self.get_handovers)
         r.add_get("/v1/lc/checkpoints", self.get_checkpoints)
         r.add_get("/v1/lc/checkpoints/latest", self.get_latest)
         r.add_get("/v1/lc/checkpoints/{height}", self.get_checkpoint)
@@ -135,6 +141,22 @@ class LightClientApi:
             "first": d.first.hex(),
             "threshold": m.threshold,
             "member_keys": [{"name": name, "key": key.hex()} for name, key in m.members],
+        }
+
+    async def handovers(self, start: int) -> dict[str, Any]:
+        """The handovers of the checkpoints from one key to the next, from height
+        ``start`` on: a wallet pinned to an earlier key follows them (``Pin.follow``)."""
+        found = map(pf.SignedCheckpoint.decode, await self._items(lcp.Handovers(start)))
+        return {
+            "handovers": [
+                {
+                    "height": h.checkpoint.height,
+                    "next_key": h.checkpoint.next_key.hex(),
+                    "next_members": h.checkpoint.next_members.hex(),
+                    "encoded": h.encode().hex(),
+                }
+                for h in found
+            ]
         }
 
     async def latest(self) -> dict[str, Any]:
@@ -221,6 +243,10 @@ class LightClientApi:
 
     async def get_descriptor(self, _: web.Request) -> web.Response:
         return json_response(await self.descriptor())
+
+    async def get_handovers(self, request: web.Request) -> web.Response:
+        start = query_int(request, "start", 0, MAX_HEIGHT, 0)
+        return json_response(await self.handovers(start))
 
     async def get_latest(self, _: web.Request) -> web.Response:
         return json_response(await self.latest())

@@ -211,6 +211,35 @@ def _light_client_paths() -> dict[str, Any]:
                 },
             }
         },
+        "/v1/lc/handovers": {
+            "get": {
+                "summary": "The handovers of the checkpoints from one guild key to the next",
+                "parameters": [
+                    {"name": "start", "in": "query", "schema": {"type": "integer", "minimum": 0}}
+                ],
+                "responses": {
+                    "200": _json(
+                        _object(
+                            ["handovers"],
+                            handovers={
+                                "type": "array",
+                                "items": _object(
+                                    ["height", "next_key", "next_members", "encoded"],
+                                    height=INT,
+                                    next_key=HEX32,
+                                    next_members=HEX32,
+                                    encoded=HEX,
+                                ),
+                            },
+                        ),
+                        "each a signed checkpoint naming the key and member set of the"
+                        " checkpoints above it, in height order: a wallet follows them from"
+                        " the key it pinned (constellation.lightclient.proof.Pin.follow)",
+                    ),
+                    **lc_errors,
+                },
+            }
+        },
         "/v1/lc/checkpoints/latest": {
             "get": {
                 "summary": "The latest signed checkpoint",
@@ -618,6 +647,8 @@ def openapi() -> dict[str, Any]:
                     prev_hash=HEX32,
                     shards=HEX32,
                     members=HEX32,
+                    next_key={**HEX32, "description": "a handover's: the key from the next on"},
+                    next_members={**HEX32, "description": "a handover's: the next member set"},
                     signature={"type": "string", "pattern": "^[0-9a-f]{128}$"},
                     entries={
                         "type": "array",

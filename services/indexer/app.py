@@ -56,7 +56,12 @@ class Indexer:
             )
             self.ops.tasks.start("checkpoints", self.checkpoints.run)
             keys = KeyFollower(
-                nc, s.operator, s.checkpoints.me, s.checkpoints.signer, s.database_url
+                nc,
+                s.operator,
+                s.checkpoints.me,
+                s.checkpoints.signer,
+                s.database_url,
+                self.checkpoints,
             )
             self.ops.tasks.start("keys", keys.run)
         log.info(

@@ -14,6 +14,12 @@ checkpoints, and answer the gateway's questions about them.
   (``checkpoint_subject``), where its indexer takes it once its signature verifies and
   its own index computed the same entries. Every member announces its latest checkpoint
   again every ``ANNOUNCE_S``, so one that missed it (down, or just started) hears it.
+* **Handing over** (after a change of members, ``services.indexer.keys``): once this
+  operator's guild key was re-made and its coins moved to it, ``hand_over`` names the new
+  key and members; the next checkpoint proposed is a handover to them, signed by the old
+  key, and the later ones are signed by the new key (``Checkpointer.signing_key``). The
+  pin the descriptor names stays the first key (kept in the store): light clients follow
+  the handovers from it (``Handovers``).
 * **Storing.** Each signed checkpoint taken is stored with its entries and the records
   its entries cover (``Index.store_checkpoints``): transaction proofs come from there;
   coin proofs from the coin trees as of the latest checkpoint, in memory. After a
@@ -56,7 +62,7 @@ from constellation.lightclient.checkpointer import (
 )
 from constellation.protocol import ledger as proto
 from constellation.protocol import lightclient as lcp
-from constellation.protocol.signer import KeyRequest, SignRequest
+from constellation.protocol.signer import KeyRequest, OpReply, SignRequest
 from constellation.replication.placement import COPIES
 from constellation.tx import partition_of
 from services.bus import copy_events_subject, lc_subject, lc_taken_subject
@@ -157,7 +163,8 @@ class Checkpoints:
         self.store = store
         self.metrics = CheckpointMetrics(registry)
         self.tasks = tasks
-        self.pin: pf.Pin | None = None
+        self.pin: pf.Pin | None = None  # the first key's: the descriptor's
+        self.keys: dict[bytes, bytes] = {}  # x-only -> the signer's 33-byte key
         self.members: lcp.Members | None = None  # what the pin's member-set root is over
         self.ck: Checkpointer | None = None
         self.first: bytes = b""  # checkpoint 0's message, once known
@@ -243,22 +250,46 @@ class Checkpoints:
                     await peer.close()
 
     async def _pin(self, signer: SignerClient) -> pf.Pin:
-        """The guild's key, threshold and members, once the signer holds a share."""
-        while True:
-            try:
-                reply = await signer.request(KeyRequest(), SIGN_TIMEOUT_S)
-            except (NatsError, TimeoutError, MessageError) as exc:
-                reply = None
-                log.debug("signer unavailable", extra={"error": repr(exc)})
-            if reply is not None and reply.ok:
-                members = [(m.name, m.key) for m in self.s.layout.members]
-                self.members = lcp.Members(reply.threshold, members)
-                return pf.Pin(
-                    self.s.layout.guild,
-                    reply.threshold_pubkey[1:],
-                    pf.members_root(reply.threshold, members),
-                )
+        """The guild's first key, threshold and members: the store's, or the signer's
+        once it holds a share (kept in the store for good)."""
+        while (reply := await self._signer_keys(signer)) is None:
             await asyncio.sleep(KEY_RETRY_S)
+        key, threshold = await self.store.pin(reply.threshold_pubkey, reply.threshold)
+        self.keys[key[1:]] = key
+        members = [(m.name, m.key) for m in self.s.layout.members]
+        self.members = lcp.Members(threshold, members)
+        return pf.Pin(self.s.layout.guild, key[1:], pf.members_root(threshold, members))
+
+    async def _signer_keys(self, signer: SignerClient) -> OpReply | None:
+        """The keys the signer signs with (kept in ``keys``), or None where it has none
+        or does not answer."""
+        try:
+            reply = await signer.request(KeyRequest(), SIGN_TIMEOUT_S)
+        except (NatsError, TimeoutError, MessageError) as exc:
+            log.debug("signer unavailable", extra={"error": repr(exc)})
+            return None
+        if not reply.ok:
+            return None
+        self.keys.update((k.key[1:], k.key) for k in reply.keys)
+        return reply
+
+    def hand_over(self, key: bytes, members: list[int], t: int) -> None:
+        """Hand the checkpoints over to ``key`` (33 bytes), made among ``members``
+        (member indices), ``t`` of them signing: the next checkpoint proposed names them,
+        and this operator vouches for such a handover only."""
+        layout = self.s.layout
+        root = pf.members_root(
+            t, [(layout.members[i].name, layout.members[i].key) for i in members]
+        )
+        self.keys[key[1:]] = key
+        if self.ck is not None and self.ck.handover != (key[1:], root):
+            self.ck.handover = key[1:], root
+            log.info("handing the checkpoints over", extra={"key": key.hex(), "members": members})
+
+    def handed(self, key: bytes) -> bool:
+        """Whether the checkpoints are signed by ``key`` (33 bytes) from the next on."""
+        ck = self.ck
+        return ck is not None and ck.signing_key(ck.index.next_height) == key[1:]
 
     async def _restore(self, ck: Checkpointer) -> None:
         """The stored checkpoints, held to be taken again as the index reaches them."""
@@ -353,7 +384,16 @@ class Checkpoints:
                 await asyncio.sleep(0.05)
                 continue
             checkpoint, evidence = proposal
-            request = SignRequest(checkpoint, evidence.encode())
+            key = self.keys.get(ck.signing_key(checkpoint.height))
+            if key is None and await self._signer_keys(signer) is None:
+                await asyncio.sleep(KEY_RETRY_S)
+                continue
+            key = self.keys.get(ck.signing_key(checkpoint.height))
+            if key is None:
+                log.warning("the signer holds no share of the key that signs now")
+                await asyncio.sleep(KEY_RETRY_S)
+                continue
+            request = SignRequest(checkpoint, evidence.encode(), key)
             try:
                 reply = await signer.request(request, SIGN_TIMEOUT_S)
             except (NatsError, TimeoutError, MessageError) as exc:
@@ -505,8 +545,8 @@ class Checkpoints:
     async def _on_fills(self, msg: Msg) -> None:
         """Checkpoints another member sent with their records: each checked against the
         pin and its entries (another operator is not trusted) and stored where missing."""
-        pin = self.pin
-        assert pin is not None
+        ck = self.ck
+        assert ck is not None
         try:
             fills = msgspec.msgpack.decode(msg.data, type=lcp.Fills)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -521,7 +561,8 @@ class Checkpoints:
                 announced = Announced.decode(item.announced)
                 if announced.signed.checkpoint.height not in self.asked:
                     continue
-                fresh.append(verify_filled(pin, Filled(announced, dict(item.records))))
+                fresh.append(verify_filled(ck.pin, Filled(announced, dict(item.records))))
+                ck.follow(announced.signed)  # a handover missed: followed, in height order
             except (DecodeError, ProofRefused) as exc:
                 self.metrics.refused.inc()
                 log.warning(
@@ -625,6 +666,9 @@ class Checkpoints:
             assert self.members is not None
             descriptor = pf.Descriptor(pin, self.first).encode().encode()
             return lcp.Answer([descriptor, msgspec.msgpack.encode(self.members)])
+        if isinstance(query, lcp.Handovers):
+            handovers = [h for h in ck.pin.handovers if h.checkpoint.height >= query.start]
+            return lcp.Answer([h.encode() for h in handovers[:MAX_RANGE]])
         if isinstance(query, lcp.Checkpoints):
             if query.start < 0:
                 if last is None:

@@ -11,7 +11,10 @@ reports what it sees (``KeysSeen``) beside the plan:
 * with ``move``, once the key is made, the mint is asked to move every coin it holds
   under another key to it (``services.ecash.onchain.ask_move``): its resolver builds,
   signs (the old key's ROAST) and sends the move, and asks again where coins under the
-  old key confirm later.
+  old key confirm later;
+* once every coin is under the key, the checkpoints are handed over to it (this
+  operator's checkpointing proposes and vouches for the handover: ``Checkpoints
+  .hand_over``), and then the signer retires the keys before it (``op.activate_key``).
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from nats.errors import Error as NatsError
 
 from constellation.errors import MessageError
 from constellation.membership import KeyPlan, KeysSeen, KeyStep, key_step, planned
-from constellation.protocol.signer import AgreeKey, KeygenRequest, KeyRequest
+from constellation.protocol.signer import ActivateKey, AgreeKey, KeygenRequest, KeyRequest
 from services.bus import load_key_plan, report_keys
 from services.ecash.onchain import Moved, ask_move, moved
+from services.indexer.checkpoints import Checkpoints
 from services.signer.client import SignerClient
 from services.signer.config import SignerAccess
 
@@ -40,9 +44,16 @@ KEYGEN_S = 60.0
 
 class KeyFollower:
     def __init__(
-        self, nc: Client, operator: str, me: int, signer: SignerAccess, database_url: str
+        self,
+        nc: Client,
+        operator: str,
+        me: int,
+        signer: SignerAccess,
+        database_url: str,
+        checkpoints: Checkpoints,
     ) -> None:
         self.nc, self.operator, self.me = nc, operator, me
+        self.checkpoints = checkpoints
         self.signer = signer
         self.database_url = database_url
         self._db: asyncpg.Connection | None = None  # opened once a plan moves coins
@@ -75,14 +86,16 @@ class KeyFollower:
             return
         why = plan.malformed(len(self.signer.members.hostpubkeys))
         if why:
-            await self._report(plan, b"", None, f"the key plan is malformed: {why}")
+            await self._report(plan, b"", None, False, f"the key plan is malformed: {why}")
             return
         reply = await signer.request(KeyRequest(), ASK_S)
         held = reply.keys if reply.ok else []
         made = planned(plan, held)
         moves = await self._moves(made.key) if made is not None and plan.move else None
         to_move = moves is not None and moves.confirmed_elsewhere > 0 and not moves.open
-        step, waiting = key_step(plan, self.me, held, reply.agreed, to_move)
+        all_moved = moves is not None and moves.done
+        handed = made is not None and self.checkpoints.handed(made.key)
+        step, waiting = key_step(plan, self.me, held, reply.agreed, to_move, all_moved, handed)
         if step is KeyStep.AGREE:
             agreed = await signer.request(AgreeKey(plan.members, plan.t), ASK_S)
             waiting = "" if agreed.ok else f"the signer refused the plan: {agreed.error}"
@@ -97,13 +110,24 @@ class KeyFollower:
             assert made is not None
             await ask_move(await self._conn(), made.key)
             log.info("asked the mint to move the coins", extra={"key": made.key.hex()})
+        elif step is KeyStep.HAND_OVER:
+            assert made is not None
+            self.checkpoints.hand_over(made.key, plan.members, plan.t)
+        elif step is KeyStep.RETIRE:
+            assert made is not None
+            retired = await signer.request(ActivateKey(made.key), ASK_S)
+            waiting = "" if retired.ok else f"the signer kept the old key: {retired.error}"
+            held = retired.keys if retired.ok else held
+            if retired.ok:
+                log.info("the keys before the planned key retired", extra={"key": made.key.hex()})
         if not waiting and moves is not None and not moves.done:
             waiting = (
                 f"the moves to the new key: {moves.open} under way, {moves.unconfirmed} "
                 f"in no block yet, {moves.confirmed_elsewhere + moves.pending_elsewhere} "
                 f"coins under another key, {moves.signing} withdrawals signing"
             )
-        await self._report(plan, made.key if made else b"", moves, waiting)
+        alone = handed and made is not None and held[0].key == made.key
+        await self._report(plan, made.key if made else b"", moves, alone, waiting)
 
     async def _moves(self, key: bytes) -> Moved:
         """Where the mint's moves to ``key`` are (nothing to move where this operator's
@@ -123,10 +147,12 @@ class KeyFollower:
             self._db.terminate()
             self._db = None
 
-    async def _report(self, plan: KeyPlan, key: bytes, moves: Moved | None, waiting: str) -> None:
+    async def _report(
+        self, plan: KeyPlan, key: bytes, moves: Moved | None, handed: bool, waiting: str
+    ) -> None:
         txids = moves.txids if moves is not None else []
         done = moves is not None and moves.done
-        seen = KeysSeen(plan.members, plan.t, key, txids, done, waiting)
+        seen = KeysSeen(plan.members, plan.t, key, txids, done, handed, waiting)
         if seen != self._reported:
             await report_keys(self.nc, self.operator, seen)
             self._reported = seen

@@ -97,6 +97,11 @@ CREATE TABLE IF NOT EXISTS lc_spent (
     coin_id bytea  PRIMARY KEY,
     height  bigint NOT NULL  -- the checkpoint it was spent under
 );
+CREATE TABLE IF NOT EXISTS lc_pin (  -- the key the guild's first checkpoint is signed by
+    one       boolean  PRIMARY KEY DEFAULT true CHECK (one),
+    key       bytea    NOT NULL,  -- 33 bytes: later keys come from handovers
+    threshold integer  NOT NULL
+);
 CREATE TABLE IF NOT EXISTS index_cursors (
     worker integer PRIMARY KEY,
     height bigint  NOT NULL  -- the last block with events stored
@@ -303,6 +308,17 @@ class Index:
             limit,
         )
         return [lcp.Touch(r["height"], r["txid"]) for r in rows]
+
+    async def pin(self, key: bytes, threshold: int) -> tuple[bytes, int]:
+        """The guild key (33 bytes) and threshold the checkpoints start from: the first
+        ever given here, kept for good (the signer's key changes with the members)."""
+        await self.pool.execute(
+            "INSERT INTO lc_pin (key, threshold) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            key,
+            threshold,
+        )
+        row = await self.pool.fetchrow("SELECT key, threshold FROM lc_pin")
+        return bytes(row["key"]), row["threshold"]
 
     async def checkpoints(self, start: int, count: int) -> list[bytes]:
         """Signed checkpoints (``Announced``, encoded) from height ``start`` on (a member

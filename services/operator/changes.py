@@ -94,7 +94,7 @@ def observed(shards: tuple[int, int], keys: KeysSeen | None) -> Observed:
     return Observed(
         voted=shards[0] == shards[1] > 0,
         new_key=keys.key if keys else b"",
-        moved=(",".join(keys.txids) or "none") if keys and keys.moved else "",
+        moved=(",".join(keys.txids) or "none") if keys and keys.moved and keys.handed else "",
     )
 
 

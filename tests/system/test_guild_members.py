@@ -3,6 +3,8 @@ shard's members change through a joint step while payments go on, and the leaver
 No payment is lost or applied twice and the books balance; every copy at the members
 that stay names the new voters, confirmed, and nobody holds a proof against anybody;
 the leaver's shards are led by the others' copies, and the two that stay confirm alone.
+The two that stay make a new key, the checkpoints hand over to it and the old key
+retires: a light client pinned before the leave follows the handover.
 """
 
 from __future__ import annotations
@@ -14,17 +16,23 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from constellation.errors import WrongMembers
 from constellation.guild import Statement
 from constellation.keys import schnorr_verify
+from constellation.lightclient import proof as pf
+from constellation.lightclient.checkpointer import Announced
 from constellation.protocol.signer import KeyRequest, SignRequest
 from constellation.replication.members import Agreement
 from services.bus import MEMBERS_KEY, load_agreement, map_bucket
 from services.devnet import Devnet, DevnetError, guild
 from services.devnet.procs import alive
+from services.light import LightClient
 from services.runtime import connect_nats
 from tests.system.guild import local_guild, pay
 
@@ -39,6 +47,8 @@ async def test_a_member_leaves_under_payments_and_the_others_go_on(where: Path) 
     nets = guild.load(where)
     assert set(gauges(nets, "replica_voters")) == {3.0}
     old = (await asyncio.to_thread(guild.signer_request, nets[0], KeyRequest())).threshold_pubkey
+    descriptor = pf.Descriptor.decode((await _get(nets[1], "/v1/lc/descriptor"))["descriptor"])
+    assert descriptor.pin.key == old[1:]
     paying = [asyncio.create_task(pay(net, 200)) for net in nets[:2]]
     await asyncio.sleep(0.5)
     left = await asyncio.to_thread(guild.leave, where, "op2")
@@ -65,19 +75,20 @@ async def test_a_member_leaves_under_payments_and_the_others_go_on(where: Path) 
         await nc.close()
     assert agreement is not None and agreement.voters == [[0, 1, 2], [0, 1]]
 
-    # The two that stay made a new key (no coin was held to move); the old one still
-    # signs the checkpoints, the new one signs as well, at them only.
+    # The two that stay made a new key (no coin was held to move), the checkpoints were
+    # handed over to it, and the old key retired: it signs nothing more.
     ask = guild.signer_request
+    new = bytes.fromhex(left.key)
     assert left.moved == []
     for net in stay:
         held = await asyncio.to_thread(ask, net, KeyRequest())
-        assert held.threshold_pubkey == old
-        assert [k.key.hex() for k in held.keys] == [old.hex(), left.key]
-    for key in (old, bytes.fromhex(left.key)):
-        signing = SignRequest(Statement("after op2 left"), key=key)
-        signed = await asyncio.to_thread(ask, stay[1], signing)
-        assert signed.ok and signed.threshold_pubkey == key[1:], signed.error
-        assert schnorr_verify(signed.threshold_pubkey, signed.message, signed.signature)
+        assert held.threshold_pubkey == new and [k.key for k in held.keys] == [new]
+    refused = await asyncio.to_thread(ask, stay[1], SignRequest(Statement("after"), key=old))
+    assert not refused.ok and "no usable guild key" in refused.error
+    signing = SignRequest(Statement("after op2 left"), key=new)
+    signed = await asyncio.to_thread(ask, stay[1], signing)
+    assert signed.ok and schnorr_verify(new[1:], signed.message, signed.signature)
+    await _handed_over(stay, descriptor, new)
 
     # The two that stay confirm alone: payments on both ledgers, op2 gone.
     assert all(await asyncio.gather(*(pay(net, 60) for net in stay)))
@@ -124,3 +135,60 @@ def gauges(nets: list[Devnet], name: str) -> list[float]:
             found += [s.value for s in family.samples if s.name == name]
     assert found, f"no {name}"
     return found
+
+
+async def _handed_over(stay: list[Devnet], descriptor: pf.Descriptor, new: bytes) -> None:
+    """Each member that stays serves one handover, from the pinned key to ``new`` and the
+    two members; the chain verifies from the pin through it, and what is above it does
+    not under the pin alone. A light client pinned before follows it (and so does one
+    made again from the handovers it kept)."""
+    keys = (await _get(stay[0], "/v1/lc/descriptor"))["member_keys"][:2]
+    members = pf.members_root(2, [(k["name"], bytes.fromhex(k["key"])) for k in keys])
+    async with aiohttp.ClientSession() as session:
+        served = [(await _get(net, "/v1/lc/handovers", 5))["handovers"] for net in stay]
+        assert served[0] == served[1] and len(served[0]) == 1, served
+        [doc] = served[0]
+        assert (doc["next_key"], doc["next_members"]) == (new[1:].hex(), members.hex())
+        pin = descriptor.pin.follow(pf.SignedCheckpoint.decode(bytes.fromhex(doc["encoded"])))
+        height = doc["height"]
+        end = time.monotonic() + 30
+        while True:  # until a checkpoint above the handover is signed
+            async with session.get(stay[0].gateway_url + "/v1/lc/checkpoints/latest") as r:
+                latest = Announced.decode(bytes.fromhex((await r.json())["encoded"]))
+            if latest.signed.checkpoint.height > height:
+                break
+            assert time.monotonic() < end, "no checkpoint above the handover"
+            await asyncio.sleep(0.5)
+        async with session.get(f"{stay[1].gateway_url}/v1/lc/checkpoints?start=0&count=100") as r:
+            chain = [
+                Announced.decode(bytes.fromhex(c["encoded"]))
+                for c in (await r.json())["checkpoints"]
+            ]
+        for a in chain:
+            c = pf.verify_checkpoint(pin, a.signed)
+            assert c.members == (members if c.height > height else descriptor.pin.members)
+            if c.height > height:
+                with pytest.raises(WrongMembers):
+                    pf.verify_checkpoint(descriptor.pin, a.signed)
+        assert chain[-1].signed.checkpoint.height > height
+
+        client = LightClient(descriptor, [stay[1].gateway_url], session)
+        _, found = await client.latest()
+        assert found.signed.checkpoint.height > height and client.pin.handed == height
+        again = LightClient(
+            descriptor, [stay[0].gateway_url], session, handovers=client.pin.handovers
+        )
+        assert again.pin == client.pin
+        await again.latest()
+
+
+async def _get(net: Devnet, path: str, wait_s: float = 30.0) -> Any:
+    """``path`` at ``net``'s gateway, once it answers (its indexer may be starting)."""
+    end = time.monotonic() + wait_s
+    async with aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(net.gateway_url + path) as r:
+                if r.status == 200:
+                    return await r.json()
+                assert time.monotonic() < end, await r.text()
+            await asyncio.sleep(0.2)
