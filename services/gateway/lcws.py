@@ -91,6 +91,10 @@ class RangeParams(_Params):
     count: int = MAX_COUNT
 
 
+class StartParams(_Params):
+    start: int = 0
+
+
 class TxParams(_Params):
     txid: str
 
@@ -127,6 +131,7 @@ class SubmitParams(_Params):
 PARAMS: dict[str, type[_Params]] = {
     "server.version": NoParams,
     "guild.descriptor": NoParams,
+    "guild.handovers": StartParams,
     "checkpoints.latest": NoParams,
     "checkpoints.get": HeightParams,
     "checkpoints.range": RangeParams,
@@ -165,6 +170,8 @@ class CheckpointNew(msgspec.Struct):
     signature: str
     entries: list[Entry]
     encoded: str
+    next_key: str = ""  # a handover's: the key that signs from the next height on
+    next_members: str = ""
 
 
 class AddressUpdate(msgspec.Struct):
@@ -297,6 +304,7 @@ class LightSockets:
         handlers: dict[str, Callable[[Conn, Any], Awaitable[Any]]] = {
             "server.version": self._version,
             "guild.descriptor": self._descriptor,
+            "guild.handovers": self._handovers,
             "checkpoints.latest": self._latest,
             "checkpoints.get": self._checkpoint,
             "checkpoints.range": self._range,
@@ -401,6 +409,9 @@ class LightSockets:
 
     async def _descriptor(self, _: Conn, __: NoParams) -> dict[str, Any]:
         return await self.lc.descriptor()
+
+    async def _handovers(self, _: Conn, p: StartParams) -> dict[str, Any]:
+        return await self.lc.handovers(_in(p.start, 0, MAX_HEIGHT, "start"))
 
     async def _latest(self, _: Conn, __: NoParams) -> dict[str, Any]:
         return await self.lc.latest()

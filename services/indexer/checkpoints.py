@@ -384,11 +384,10 @@ class Checkpoints:
                 await asyncio.sleep(0.05)
                 continue
             checkpoint, evidence = proposal
-            key = self.keys.get(ck.signing_key(checkpoint.height))
-            if key is None and await self._signer_keys(signer) is None:
-                await asyncio.sleep(KEY_RETRY_S)
-                continue
-            key = self.keys.get(ck.signing_key(checkpoint.height))
+            xonly = ck.signing_key(checkpoint.height)
+            if xonly not in self.keys:  # a key made since: the signer says its parity
+                await self._signer_keys(signer)
+            key = self.keys.get(xonly)
             if key is None:
                 log.warning("the signer holds no share of the key that signs now")
                 await asyncio.sleep(KEY_RETRY_S)

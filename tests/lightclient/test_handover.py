@@ -5,13 +5,18 @@ nothing signed by a key the chain does not name at its height verifies."""
 
 from __future__ import annotations
 
+import random
+
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from constellation.errors import (
     BadCheckpointSignature,
     BadHandover,
     DecodeError,
+    ProofRefused,
     WrongMembers,
 )
 from constellation.guild import Checkpoint
@@ -143,3 +148,49 @@ def test_a_handover_travels_as_bytes() -> None:
     data[1 + len("guild") + 8 + 32 + 8 + 64] = 2  # the handover flag
     with pytest.raises(DecodeError, match="handover flag"):
         pf.SignedCheckpoint.decode(bytes(data))
+
+
+def _chain(handover_at: int, length: int) -> tuple[Guild, list[ck.Announced]]:
+    """A guild's honest chain of ``length`` checkpoints, handed over at ``handover_at``."""
+    g = Guild()
+    chain = []
+    for height in range(length):
+        if height == handover_at:
+            for m in range(3):
+                g.members[m].handover = HANDOVER
+        chain.append(round_of(g, 2000 * height, KEY if height <= handover_at else NEW))
+    return g, chain
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 4),
+    st.randoms(use_true_random=False),
+    st.lists(st.integers(0, 5), max_size=6),
+)
+def test_in_any_order_a_member_takes_the_honest_chain_through_its_handover(
+    handover_at: int, rng: random.Random, forged_heights: list[int]
+) -> None:
+    """Checkpoints heard in any order, again and again, with forgeries among them (the
+    old key above its handover, the new key at or below it): a member that follows the
+    shards takes exactly the honest chain and follows its one handover."""
+    length = 6
+    g, chain = _chain(handover_at, length)
+    forged = []
+    for h in forged_heights:
+        c = chain[h].signed.checkpoint
+        wrong = NEW if h <= handover_at else KEY
+        forged.append(ck.Announced(signed(c, wrong), chain[h].entries))
+    heard = [*chain, *chain, *forged]
+    rng.shuffle(heard)
+    fresh = Guild().members[1]
+    for owner, events in g.blocks:
+        fresh.index.apply(owner, events)
+    taken = []
+    for announced in [*heard, *chain]:  # the members announce their latest again
+        try:
+            taken += fresh.take(announced, 0)
+        except ProofRefused:
+            assert announced in forged or announced.signed.checkpoint.height > handover_at
+    assert [t.checkpoint for t in taken] == [a.signed for a in chain]
+    assert fresh.pin.handed == handover_at and fresh.index.members == NEW_MEMBERS

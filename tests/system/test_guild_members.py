@@ -32,7 +32,7 @@ from constellation.replication.members import Agreement
 from services.bus import MEMBERS_KEY, load_agreement, map_bucket
 from services.devnet import Devnet, DevnetError, guild
 from services.devnet.procs import alive
-from services.light import LightClient
+from services.light import LightClient, Rpc
 from services.runtime import connect_nats
 from tests.system.guild import local_guild, pay
 
@@ -147,6 +147,11 @@ async def _handed_over(stay: list[Devnet], descriptor: pf.Descriptor, new: bytes
     async with aiohttp.ClientSession() as session:
         served = [(await _get(net, "/v1/lc/handovers", 5))["handovers"] for net in stay]
         assert served[0] == served[1] and len(served[0]) == 1, served
+        ws_url = stay[0].gateway_url.replace("http", "ws", 1) + "/v1/lc/ws"
+        async with session.ws_connect(ws_url) as ws:  # the same over the websocket
+            assert (await Rpc(ws).call("guild.handovers"))["handovers"] == served[0]
+            nothing = await Rpc(ws).call("guild.handovers", start=served[0][0]["height"] + 1)
+            assert nothing["handovers"] == []
         [doc] = served[0]
         assert (doc["next_key"], doc["next_members"]) == (new[1:].hex(), members.hex())
         pin = descriptor.pin.follow(pf.SignedCheckpoint.decode(bytes.fromhex(doc["encoded"])))
