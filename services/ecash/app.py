@@ -690,7 +690,7 @@ class MintApp:
         try:
             await gw.issue(decode_issuance(bytes.fromhex(row.issuance)))
         except GatewayError as exc:
-            if exc.code != AlreadyCommitted.code and exc.status < 500 and exc.status != 429:
+            if exc.code != AlreadyCommitted.code and exc.final:
                 await self.db.fail_redeem(rid)
                 raise m.CashuError(MALFORMED, f"the L3 ledger refused the coin: {exc}") from None
             if exc.code != AlreadyCommitted.code:
@@ -724,7 +724,7 @@ class MintApp:
         try:
             await gw.submit(tx)
         except GatewayError as exc:
-            if exc.code != AlreadyCommitted.code and exc.status < 500 and exc.status != 429:
+            if exc.code != AlreadyCommitted.code and exc.final:
                 raise m.CashuError(PROOF_REFUSED, f"the L3 ledger refused it: {exc}") from None
             if exc.code != AlreadyCommitted.code:  # committed before (a retry), or not
                 await self._committed(gw, tx.txid, exc)
