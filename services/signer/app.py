@@ -43,6 +43,10 @@ class SignerNode:
         me = self.members.index.get(self.hostpubkey)
         if me is None:
             raise ConfigError("this signer's identity is not in the guild's member list")
+        for key in self.keystore.restore_shares(self.hostseckey, self.members.guild):
+            log.warning(
+                "a lost key share restored from its recovery data", extra={"key": key.hex()}
+            )
         self.me = me
         self.audit = AuditLog(settings.state_dir / "audit.log")
         self.guard = ReplayGuard(settings.replay_window_ms)

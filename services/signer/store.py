@@ -13,6 +13,7 @@ from it, so a restart never forgets which checkpoints it signed.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from constellation.crypto import dkg
+from constellation.errors import DKGError
 from constellation.guild import SignTarget
 from constellation.protocol.signer import decode_target
 from services.runtime import ConfigError, sync_dir, write_atomic
@@ -63,6 +65,24 @@ class ShareRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     recovery_data: bytes
 
 
+def share_record(guild: str, hostseckey: bytes, recovery_data: bytes) -> ShareRecord:
+    """This host's share of the key a DKG made, from the DKG's recovery data."""
+    try:
+        output, params = dkg.recover(hostseckey, recovery_data)
+    except DKGError as exc:
+        raise ConfigError(f"recovery data: {exc}") from None
+    assert output.secshare is not None
+    return ShareRecord(
+        guild,
+        params.t,
+        list(params.hostpubkeys),
+        output.threshold_pubkey,
+        list(output.pubshares),
+        output.secshare,
+        recovery_data,
+    )
+
+
 class KeyAgreement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The new guild key this signer's operator agreed it takes part in: among these
     members (their host public keys, in member order), ``t`` of them signing."""
@@ -80,7 +100,8 @@ class KeyStore:
 
     ``recovery.bin`` (``recovery-1.bin``, ...) holds ChillDKG's recovery data in the
     clear: it has no secret, and with the host key it restores a share if its sealed
-    file is lost.
+    file is lost (``restore_shares``). It is the same at every participant of a DKG: an
+    operator that lost it too copies another member's.
     """
 
     def __init__(self, state_dir: Path, storage_key: bytes) -> None:
@@ -113,13 +134,32 @@ class KeyStore:
     def _share_path(self, k: int) -> Path:
         return self.dir / ("share.sealed" if k == 0 else f"share-{k}.sealed")
 
+    def _recovery_path(self, k: int) -> Path:
+        return self.dir / ("recovery.bin" if k == 0 else f"recovery-{k}.bin")
+
     def save_share(self, record: ShareRecord) -> None:
         """Keep the share of a new key beside the ones held (never replacing one)."""
         k = len(self.load_shares())
-        write_atomic(
-            self.dir / ("recovery.bin" if k == 0 else f"recovery-{k}.bin"), record.recovery_data
-        )
+        write_atomic(self._recovery_path(k), record.recovery_data)
+        self._seal_share(k, record)
+
+    def _seal_share(self, k: int, record: ShareRecord) -> None:
         write_atomic(self._share_path(k), seal(self.key, "share", msgspec.msgpack.encode(record)))
+
+    def restore_shares(self, hostseckey: bytes, guild: str) -> list[bytes]:
+        """Rebuild each share whose sealed file is lost from its recovery data, in key
+        order (ChillDKG's recovery: with this host key, the data gives the share back);
+        the keys restored. Raises ConfigError where the data is not a DKG this host key
+        took part in."""
+        restored = []
+        for k in itertools.count():
+            if not self._share_path(k).exists():
+                if not self._recovery_path(k).exists():
+                    break
+                record = share_record(guild, hostseckey, self._recovery_path(k).read_bytes())
+                self._seal_share(k, record)
+                restored.append(record.threshold_pubkey)
+        return restored
 
     def load_shares(self) -> list[ShareRecord]:
         """The shares held, the oldest key first."""

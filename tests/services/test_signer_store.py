@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,10 @@ from services.signer.store import (
     KeyAgreement,
     KeyStore,
     ShareRecord,
+    share_record,
     target_of,
 )
+from tests.crypto.test_dkg import run_dkg
 
 KEY = bytes(range(32))
 
@@ -133,3 +136,41 @@ def test_audit_log_cuts_a_torn_tail_and_refuses_tampering(
     path.write_bytes(b"\n".join(lines))
     with pytest.raises(ConfigError, match="broken at line 2"):
         AuditLog(path)
+
+
+def test_a_lost_share_is_restored_from_the_recovery_data(tmp_path: Path) -> None:
+    """ChillDKG's recovery data (kept in the clear, the same at every participant) and
+    the host key give a share back: its own file, or another member's where that was
+    lost too. Data of a DKG this host took no part in, or tampered, is refused."""
+    rng = random.Random(7)
+    seckeys, _, [recovery], _ = run_dkg(3, 2, rng)
+    stores = [KeyStore(tmp_path / f"s{i}", KEY) for i in range(3)]
+    kept = [share_record("g", seckeys[i], recovery) for i in range(3)]
+    for store, rec in zip(stores, kept, strict=True):
+        store.dir.mkdir()
+        store.save_share(rec)
+    assert stores[1].restore_shares(seckeys[1], "g") == []  # nothing lost
+    (stores[1].dir / "share.sealed").unlink()
+    assert stores[1].restore_shares(seckeys[1], "g") == [kept[1].threshold_pubkey]
+    assert stores[1].load_shares() == [kept[1]]
+    # a second key made since, and the whole first key's files lost: another member's
+    # recovery data is copied in
+    second = record(b"\x02" * 33, b"rd1")
+    stores[2].save_share(second)
+    (stores[2].dir / "share.sealed").unlink()
+    (stores[2].dir / "recovery.bin").unlink()
+    assert stores[2].restore_shares(seckeys[2], "g") == []  # nothing to restore from
+    (stores[2].dir / "recovery.bin").write_bytes((stores[0].dir / "recovery.bin").read_bytes())
+    assert stores[2].restore_shares(seckeys[2], "g") == [kept[2].threshold_pubkey]
+    assert stores[2].load_shares() == [kept[2], second]
+    assert kept[2].secshare != kept[1].secshare  # each its own share
+    # not this host's DKG, or tampered
+    (stores[0].dir / "share.sealed").unlink()
+    with pytest.raises(ConfigError, match="took no part"):
+        stores[0].restore_shares(os.urandom(32), "g")
+    bad = bytearray(recovery)
+    bad[-1] ^= 1
+    (stores[0].dir / "recovery.bin").write_bytes(bytes(bad))
+    with pytest.raises(ConfigError, match="certificate"):
+        stores[0].restore_shares(seckeys[0], "g")
+    assert not (stores[0].dir / "share.sealed").exists()

@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import time
+from pathlib import Path
 
 import msgspec
 import nats
@@ -83,6 +84,13 @@ async def test_killing_a_signer_mid_session_does_not_stop_signing(
     assert_valid(await guild.sign(Statement("two down"), operator=3), b"two down", "3 left")
     guild.start(2)  # back from its sealed share and audit log
     assert_valid(await guild.sign(Statement("back"), operator=2), b"back", "restarted")
+    # its sealed share lost: restored at start from the DKG's recovery data and its host key
+    guild.stop(2)
+    state = Path(guild.net.signers[2].state_dir)
+    (state / "share.sealed").unlink()
+    guild.start(2)
+    assert "a lost key share restored" in guild.log(2)
+    assert_valid(await guild.sign(Statement("restored"), operator=2), b"restored", "restored")
 
 
 async def test_too_few_signers_is_a_clear_timeout(guild_factory: GuildFactory) -> None:
