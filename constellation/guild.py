@@ -257,6 +257,14 @@ class SigningPolicy:
                 f"checkpoint {target.height} does not extend the one signed below it"
             )
 
+    def learn(self, signed: Checkpoint) -> None:
+        """The guild signed ``signed`` (its signature checked by the caller): a share
+        this signer released for another checkpoint at its height lost, and the next
+        height extends this one."""
+        self.checkpoints[signed.height] = signed.message()
+        if signed.next_key:
+            self.handovers[signed.height] = signed.next_key
+
     def record(self, target: SignTarget, msg: bytes) -> None:
         """Remember a request (and its message) this signer made a partial signature for."""
         if isinstance(target, Checkpoint):

@@ -2,14 +2,19 @@
 signed checkpoints it takes: sans I/O, driven by the indexer's checkpointing
 (``services.indexer.checkpoints``), which passes in the clock and what arrives.
 
-**Proposing.** Members propose by rank (their place in the guild): member 0 proposes
-every ``cadence_ms`` while some shard moved (and every ``idle_ms`` at rest, so that a
-quiet guild still shows it is alive); member ``r`` proposes only once no checkpoint was
-signed for ``r * takeover_ms`` longer than member 0 would have waited. While member 0
-is up one proposal is in flight at a time, and with any member up the guild goes on
-checkpointing. A proposal is
-sent again unchanged until its height is signed, by it or by another's proposal: a
-signer never signs two checkpoints at one height, and it sees the same message again.
+**Proposing.** Members propose by rank (their place among the members of the key that
+signs the next checkpoint, ``signers``; their place in the guild where it is not
+known): the first proposes every ``cadence_ms`` while some shard moved (and every
+``idle_ms`` at rest, so that a quiet guild still shows it is alive); the one at ``r``
+proposes only once no checkpoint was signed for ``r * takeover_ms`` longer than the
+first would have waited. While the first is up one proposal is in flight at a time, and
+with a threshold of members up the guild goes on checkpointing. Where every member of
+the key must sign (a guild of two after a leave), only the first proposes: another's
+proposal could make nothing the first could not, and two proposals at one height, each
+with one share released, would leave that height unsigned for good. A proposal is sent
+again unchanged until its height is signed, by it or by another's proposal (and after a
+restart: ``resume``): a signer never signs two checkpoints at one height, and it sees
+the same message again.
 
 **Evidence.** A proposal travels with its entries and with the signed checkpoint it
 follows (and that one's entries), so that a member that missed the latter takes it
@@ -40,11 +45,13 @@ signed anyway; otherwise the guild waits for the first proposer to send it again
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import NamedTuple
 
 from constellation.codec import Reader, u16
 from constellation.errors import BadEntryPath, BadRecordPath, DecodeError
 from constellation.guild import Checkpoint
+from constellation.keys import schnorr_verify
 from constellation.lightclient import merkle
 from constellation.lightclient.index import GuildIndex, Held, Signed
 from constellation.lightclient.proof import (
@@ -110,6 +117,26 @@ def read_entries(r: Reader) -> list[ShardEntry]:
     return [ShardEntry.read(r) for _ in range(r.count(1, MAX_SHARDS, "entries"))]
 
 
+def signed_below(
+    checkpoint: Checkpoint, evidence: bytes, keys: Collection[bytes]
+) -> Checkpoint | None:
+    """The checkpoint ``checkpoint`` follows, from its proposal's evidence, where its
+    signature verifies under one of the guild's ``keys`` (x-only): what the guild signed
+    at the height below (a signer learns from it that a share it released there lost)."""
+    try:
+        prev = Evidence.decode(evidence).prev
+    except ValueError:  # malformed: the indexer says so when it vouches
+        return None
+    if prev is None:
+        return None
+    below = prev.signed.checkpoint
+    if (below.height + 1, below.message()) != (checkpoint.height, checkpoint.prev_hash):
+        return None
+    if not any(schnorr_verify(k, below.message(), prev.signed.sig) for k in keys):
+        return None
+    return below
+
+
 class NotYet(NamedTuple):
     """This index has not reached a proposal's heights: ask again shortly."""
 
@@ -134,10 +161,23 @@ class Checkpointer:
         self.gap_since: int | None = None  # when a gap in the held heights was first seen
         self.disagreed: str | None = None
         self.handover: tuple[bytes, bytes] | None = None  # the key and members to hand to
+        # each key (x-only): the members that hold it, in order, and how many sign
+        self.signers: dict[bytes, tuple[list[int], int]] = {}
 
     def signing_key(self, height: int) -> bytes:
         """The key (x-only) that signs the checkpoint at ``height``."""
         return self.pin.at(height)[0]
+
+    def _rank(self, height: int) -> int | None:
+        """This member's rank among the proposers of ``height`` (None: it proposes none)."""
+        found = self.signers.get(self.signing_key(height))
+        if found is None:
+            return self.rank
+        members, t = found
+        if self.rank not in members:
+            return None
+        rank = members.index(self.rank)
+        return rank if rank == 0 or len(members) > t else None
 
     def due(self, now_ms: int) -> tuple[Checkpoint, Evidence] | None:
         """The proposal to send to the signer now, if one is due (at most one per
@@ -147,11 +187,14 @@ class Checkpointer:
         if self.disagreed is not None:
             return None
         index = self.index
+        rank = self._rank(index.next_height)
+        if rank is None:
+            return None
         quiet = now_ms - (self.signed_at if self.signed_at is not None else self.started_at)
         at_rest = not index.moved() and index.last is not None
-        if self.rank:
+        if rank:
             expected = self.idle_ms if at_rest else self.cadence_ms
-            if quiet < expected + self.rank * self.takeover_ms:
+            if quiet < expected + rank * self.takeover_ms:
                 return None
         if self.proposed_at is not None and now_ms - self.proposed_at < self.cadence_ms:
             return None
@@ -194,6 +237,18 @@ class Checkpointer:
                 del waiting[highest]
             waiting[height] = announced
         return self.advance(now_ms)
+
+    def resume(self, proposal: tuple[Checkpoint, Evidence]) -> None:
+        """The proposal this member sent last before it restarted (its service keeps
+        it): sent again unchanged while its height is the next, since signers that
+        released shares of it sign no other checkpoint at that height."""
+        self.proposal = proposal
+
+    def restore(self, announced: Announced) -> None:
+        """A signed checkpoint from this operator's own store (given in height order):
+        held to be taken again as the index reaches it, a handover followed."""
+        self.follow(announced.signed)
+        self.waiting[announced.signed.checkpoint.height] = announced
 
     def follow(self, signed: SignedCheckpoint) -> None:
         """A signed checkpoint heard (raises ``ProofRefused`` where it does not verify):

@@ -50,6 +50,7 @@ from nats.errors import Error as NatsError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from constellation.errors import DecodeError, MessageError, ProofRefused
+from constellation.guild import Checkpoint
 from constellation.lightclient import index as lc
 from constellation.lightclient import proof as pf
 from constellation.lightclient.checkpointer import (
@@ -62,7 +63,13 @@ from constellation.lightclient.checkpointer import (
 )
 from constellation.protocol import ledger as proto
 from constellation.protocol import lightclient as lcp
-from constellation.protocol.signer import KeyRequest, OpReply, SignRequest
+from constellation.protocol.signer import (
+    KeyRequest,
+    OpReply,
+    SignRequest,
+    decode_target,
+    encode_target,
+)
 from constellation.replication.placement import COPIES
 from constellation.tx import partition_of
 from services.bus import copy_events_subject, lc_subject, lc_taken_subject
@@ -165,6 +172,9 @@ class Checkpoints:
         self.tasks = tasks
         self.pin: pf.Pin | None = None  # the first key's: the descriptor's
         self.keys: dict[bytes, bytes] = {}  # x-only -> the signer's 33-byte key
+        self.holders: dict[bytes, tuple[list[int], int]] = {}  # x-only -> members, t
+        self.staying: list[int] | None = None  # the members a key plan keeps
+        self.saved: tuple[Checkpoint, Evidence] | None = None  # the proposal kept
         self.members: lcp.Members | None = None  # what the pin's member-set root is over
         self.ck: Checkpointer | None = None
         self.first: bytes = b""  # checkpoint 0's message, once known
@@ -216,7 +226,14 @@ class Checkpoints:
             ck = Checkpointer(index, pin, s.me, s.cadence_ms, s.takeover_ms, s.idle_ms)
             self.recent = lc.Recent(RECENT, COMMIT_HORIZON)
             await self._restore(ck)
+            saved = await self.store.proposal()
+            if saved is not None:
+                target = decode_target(saved[0])
+                assert isinstance(target, Checkpoint)  # stored only by _propose
+                self.saved = target, Evidence.decode(saved[1])
+                ck.resume(self.saved)
             self.ck = ck
+            self._signers()
             subs = [
                 await self.nc.subscribe(s.vouch_subject, cb=self._each(self._on_vouch)),
                 await self.nc.subscribe(CHECKPOINT_LISTEN, cb=self._on_announced),
@@ -257,6 +274,7 @@ class Checkpoints:
         key, threshold = await self.store.pin(reply.threshold_pubkey, reply.threshold)
         self.keys[key[1:]] = key
         members = [(m.name, m.key) for m in self.s.layout.members]
+        self.holders.setdefault(key[1:], (list(range(len(members))), threshold))
         self.members = lcp.Members(threshold, members)
         return pf.Pin(self.s.layout.guild, key[1:], pf.members_root(threshold, members))
 
@@ -271,7 +289,25 @@ class Checkpoints:
         if not reply.ok:
             return None
         self.keys.update((k.key[1:], k.key) for k in reply.keys)
+        self.holders.update((k.key[1:], (k.members, k.t)) for k in reply.keys)
+        self._signers()
         return reply
+
+    def stay(self, members: list[int]) -> None:
+        """A key plan names the members that stay: only they sign, with any key."""
+        if self.staying != members:
+            self.staying = members
+            self._signers()
+
+    def _signers(self) -> None:
+        """Who signs with each key, for the checkpointer's proposers: its holders that
+        are still members."""
+        if self.ck is not None:
+            stay = self.staying
+            self.ck.signers = {
+                key: ([m for m in held if stay is None or m in stay], t)
+                for key, (held, t) in self.holders.items()
+            }
 
     def hand_over(self, key: bytes, members: list[int], t: int) -> None:
         """Hand the checkpoints over to ``key`` (33 bytes), made among ``members``
@@ -298,7 +334,7 @@ class Checkpoints:
             for data in page:
                 announced = Announced.decode(data)
                 checkpoint = announced.signed.checkpoint
-                ck.waiting[checkpoint.height] = announced
+                ck.restore(announced)
                 if checkpoint.height == 0:
                     self.first = checkpoint.message()
             start = max(ck.waiting) + 1
@@ -383,6 +419,9 @@ class Checkpoints:
                     await self._announce(Announced(last.checkpoint, entries))
                 await asyncio.sleep(0.05)
                 continue
+            if proposal is not self.saved:  # sent again unchanged after a restart
+                self.saved = proposal
+                await self.store.save_proposal(encode_target(proposal[0]), proposal[1].encode())
             checkpoint, evidence = proposal
             xonly = ck.signing_key(checkpoint.height)
             if xonly not in self.keys:  # a key made since: the signer says its parity

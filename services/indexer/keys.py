@@ -88,6 +88,7 @@ class KeyFollower:
         if why:
             await self._report(plan, b"", None, False, f"the key plan is malformed: {why}")
             return
+        self.checkpoints.stay(plan.members)
         reply = await signer.request(KeyRequest(), ASK_S)
         held = reply.keys if reply.ok else []
         made = planned(plan, held)

@@ -102,6 +102,11 @@ CREATE TABLE IF NOT EXISTS lc_pin (  -- the key the guild's first checkpoint is 
     key       bytea    NOT NULL,  -- 33 bytes: later keys come from handovers
     threshold integer  NOT NULL
 );
+CREATE TABLE IF NOT EXISTS lc_proposal (  -- the checkpoint this member proposed last
+    one        boolean PRIMARY KEY DEFAULT true CHECK (one),
+    checkpoint bytea   NOT NULL,  -- its sign target (MessagePack)
+    evidence   bytea   NOT NULL
+);
 CREATE TABLE IF NOT EXISTS index_cursors (
     worker integer PRIMARY KEY,
     height bigint  NOT NULL  -- the last block with events stored
@@ -319,6 +324,19 @@ class Index:
         )
         row = await self.pool.fetchrow("SELECT key, threshold FROM lc_pin")
         return bytes(row["key"]), row["threshold"]
+
+    async def save_proposal(self, checkpoint: bytes, evidence: bytes) -> None:
+        await self.pool.execute(
+            "INSERT INTO lc_proposal (checkpoint, evidence) VALUES ($1, $2) ON CONFLICT (one)"
+            " DO UPDATE SET checkpoint = EXCLUDED.checkpoint, evidence = EXCLUDED.evidence",
+            checkpoint,
+            evidence,
+        )
+
+    async def proposal(self) -> tuple[bytes, bytes] | None:
+        """The checkpoint this member proposed last, and its evidence (None: none yet)."""
+        row = await self.pool.fetchrow("SELECT checkpoint, evidence FROM lc_proposal")
+        return None if row is None else (bytes(row["checkpoint"]), bytes(row["evidence"]))
 
     async def checkpoints(self, start: int, count: int) -> list[bytes]:
         """Signed checkpoints (``Announced``, encoded) from height ``start`` on (a member

@@ -19,6 +19,7 @@ from constellation.crypto import dkg, roast
 from constellation.errors import ConstellationError, Overloaded, RequestRefused, SigningError
 from constellation.guild import Checkpoint, Derived, SigningPolicy, SignTarget
 from constellation.keys import schnorr_verify
+from constellation.lightclient.checkpointer import signed_below
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import Membership
 from services.runtime import ConfigError, now_ms
@@ -219,6 +220,11 @@ class Participant:
                 raise RequestRefused(f"this signer signs with no key {msg.key.hex()}")
             if len(self.pending) + len(self.vouching) >= self.max_requests:
                 raise Overloaded(f"{self.max_requests} signing requests are open already")
+            if isinstance(msg.target, Checkpoint):  # a share released below may have lost
+                keys = [k.pubkey[1:] for k in self.keys]
+                below = signed_below(msg.target, msg.evidence, keys)
+                if below is not None:
+                    self.policy.learn(below)
             derived = self.policy.check(msg.target, key.pubkey)
         except ConstellationError as exc:
             await self._refuse(sender, rid, exc)

@@ -16,15 +16,18 @@ from constellation.errors import (
     BadCheckpointSignature,
     BadHandover,
     DecodeError,
+    Equivocation,
     ProofRefused,
     WrongMembers,
 )
-from constellation.guild import Checkpoint
+from constellation.guild import Checkpoint, Purpose, SigningPolicy
 from constellation.keys import SigningKey
 from constellation.lightclient import checkpointer as ck
+from constellation.lightclient import index as lc
 from constellation.lightclient import proof as pf
-from tests.lightclient.test_checkpointer import Guild
-from tests.lightclient.test_proofs import KEY, PIN
+from tests.lightclient.test_checkpointer import CADENCE, IDLE, TAKEOVER, Guild
+from tests.lightclient.test_proofs import KEY, PIN, SHARDS
+from tests.sim.checkpoints import CheckpointSim
 
 NEW = SigningKey(b"\x43" * 32)
 NEW_MEMBERS = pf.members_root(2, [("a", b"\x01" * 32), ("b", b"\x02" * 32)])
@@ -194,3 +197,87 @@ def test_in_any_order_a_member_takes_the_honest_chain_through_its_handover(
             assert announced in forged or announced.signed.checkpoint.height > handover_at
     assert [t.checkpoint for t in taken] == [a.signed for a in chain]
     assert fresh.pin.handed == handover_at and fresh.index.members == NEW_MEMBERS
+
+
+def test_where_every_holder_of_the_key_must_sign_only_the_first_proposes() -> None:
+    """Members propose by their rank among the key's holders that are still members;
+    where all of them must sign, the others never take over (two proposals at one
+    height, a share of each released, would leave it unsigned for good)."""
+    g = Guild()
+    g.pay()
+    for m in range(3):
+        g.catch_up(m, 0)
+    for m in range(3):
+        g.members[m].due(0)  # each starts waiting
+    late = 10 * (CADENCE + 2 * TAKEOVER + IDLE)
+    assert g.members[1].due(late) is not None  # by rank in the guild: it takes over
+    for m in range(3):
+        g.members[m].signers = {PIN.key: ([1, 2], 2)}  # member 0 left: 2 of 2
+    assert g.members[0].due(late) is None  # no longer a holder
+    assert g.members[1].due(late + CADENCE) is not None  # the first holder now
+    assert g.members[2].due(late) is None  # both must sign: it never takes over
+    g.members[2].signers = {PIN.key: ([0, 1, 2], 2)}
+    assert g.members[2].due(late) is not None  # 2 of 3: it takes over at its turn
+
+
+def test_a_restarted_proposer_sends_its_last_proposal_again() -> None:
+    g = Guild()
+    g.pay()
+    g.catch_up(0, 0)
+    first = g.members[0].due(0)
+    assert first is not None
+    restarted = ck.Checkpointer(
+        lc.GuildIndex("guild", PIN.members, SHARDS), PIN, 0, CADENCE, TAKEOVER, IDLE
+    )
+    for owner, events in g.blocks:
+        restarted.index.apply(owner, events)
+    g.pay()  # the shards moved on meanwhile
+    for owner, events in g.blocks[-1:]:
+        restarted.index.apply(owner, events)
+    restarted.resume(first)
+    assert restarted.due(5000) == first  # its signers' shares are of this one
+    g.members[0].take(g.sign(first), 5000)
+    restarted.take(g.sign(first), 5000)
+    again = restarted.due(10_000)
+    assert again is not None and again[0].height == 1
+
+
+def test_a_signer_whose_share_lost_at_a_height_signs_the_next_once_it_learns() -> None:
+    """Two proposals at one height, one signed by the guild: a signer that released a
+    share of the other refuses the next height until the next proposal's evidence
+    shows it what the guild signed (checked under a guild key); forged evidence, or
+    evidence of another height, teaches it nothing."""
+    g = Guild()
+    g.pay()
+    for m in range(3):
+        g.catch_up(m, 0)
+    won = g.members[0].due(0)
+    g.members[1].due(0)
+    lost = g.members[1].due(10 * (CADENCE + TAKEOVER + IDLE))
+    assert won is not None and lost is not None and won[0] != lost[0]
+    policy = SigningPolicy("guild", frozenset(Purpose))
+    policy.record(lost[0], lost[0].message())
+    for m in range(3):
+        g.members[m].take(g.sign(won), 100)
+    g.pay()
+    g.catch_up(0, 2000)
+    after = g.members[0].due(20_000)
+    assert after is not None
+    checkpoint, evidence = after
+    key = b"\x02" + PIN.key
+    with pytest.raises(Equivocation, match="does not extend"):
+        policy.check(checkpoint, key)
+    assert ck.signed_below(checkpoint, evidence.encode(), [bytes(NEW.pubkey)]) is None
+    forged = evidence._replace(prev=ck.Announced(signed(won[0], NEW), won[1].entries))
+    assert ck.signed_below(checkpoint, forged.encode(), [PIN.key]) is None
+    assert ck.signed_below(checkpoint, b"garbage", [PIN.key]) is None
+    below = ck.signed_below(checkpoint, evidence.encode(), [PIN.key])
+    assert below == won[0]
+    policy.learn(below)
+    assert policy.check(checkpoint, key).msg == checkpoint.message()
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_the_checkpoints_simulator_through_a_leave_and_its_handover(seed: int) -> None:
+    """``python -m tests.sim --checkpoints --seeds N`` for a longer hunt."""
+    CheckpointSim(seed).run()

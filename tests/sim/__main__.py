@@ -7,6 +7,7 @@ import argparse
 import sys
 import time
 
+from tests.sim.checkpoints import CheckpointSim
 from tests.sim.guild import Guild, Violation, replay_command
 from tests.sim.ledger import LedgerGuild
 
@@ -23,21 +24,27 @@ def main() -> int:
     parser.add_argument(
         "--change", choices=["join", "leave"], default="", help="a member joins or leaves"
     )
+    parser.add_argument(
+        "--checkpoints", action="store_true", help="the checkpoints through a key's handover"
+    )
     args = parser.parse_args()
     seeds = [args.seed] if args.seed is not None else range(args.first, args.first + args.seeds)
     failed = []
     started = time.monotonic()
     for seed in seeds:
-        kind = LedgerGuild if args.ledger else Guild
-        guild = kind(seed, operators=args.operators, change=args.change)
+        guild: Guild | LedgerGuild | CheckpointSim
+        if args.checkpoints:
+            guild = CheckpointSim(seed)
+            replay = f".venv/bin/python -m tests.sim --checkpoints --seed {seed}"
+        else:
+            kind = LedgerGuild if args.ledger else Guild
+            guild = kind(seed, operators=args.operators, change=args.change)
+            replay = replay_command(seed, args.operators, args.ledger, args.change)
         try:
             guild.run()
         except Violation as exc:
             failed.append(seed)
-            print(
-                f"seed {seed}: {exc}\n  replay: "
-                f"{replay_command(seed, args.operators, args.ledger, args.change)}"
-            )
+            print(f"seed {seed}: {exc}\n  replay: {replay}")
             if args.seed is not None:
                 print("\n".join(guild.log))
     took = time.monotonic() - started

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -89,6 +91,7 @@ async def test_a_member_leaves_under_payments_and_the_others_go_on(where: Path) 
     signed = await asyncio.to_thread(ask, stay[1], signing)
     assert signed.ok and schnorr_verify(new[1:], signed.message, signed.signature)
     await _handed_over(stay, descriptor, new)
+    await _indexer_restarts_after_the_handover(where, descriptor, new)
 
     # The two that stay confirm alone: payments on both ledgers, op2 gone.
     assert all(await asyncio.gather(*(pay(net, 60) for net in stay)))
@@ -197,3 +200,29 @@ async def _get(net: Devnet, path: str, wait_s: float = 30.0) -> Any:
                     return await r.json()
                 assert time.monotonic() < end, await r.text()
             await asyncio.sleep(0.2)
+
+
+async def _indexer_restarts_after_the_handover(
+    where: Path, descriptor: pf.Descriptor, new: bytes
+) -> None:
+    """``kill -9`` of op1's indexer (its signer vouches through it: the new key needs
+    both members): restored from its store, it follows the handover again, and the
+    guild goes on checkpointing under the new key, served by op1 too."""
+    op1 = guild.load(where)[1]
+    latest = await _get(op1, "/v1/lc/checkpoints/latest")
+    os.kill(op1.indexer_pid, signal.SIGKILL)
+    end = time.monotonic() + 60
+    while (pid := guild.load(where)[1].indexer_pid) == op1.indexer_pid or not alive(pid):
+        assert time.monotonic() < end, "the indexer was not restarted"
+        await asyncio.sleep(0.2)
+    while True:
+        after = await _get(op1, "/v1/lc/checkpoints/latest")
+        if after["height"] > latest["height"] + 1:
+            break
+        assert time.monotonic() < end, "no checkpoint after the indexer's restart"
+        await asyncio.sleep(0.5)
+    signed = Announced.decode(bytes.fromhex(after["encoded"])).signed
+    assert schnorr_verify(new[1:], signed.checkpoint.message(), signed.sig)
+    [handover] = (await _get(op1, "/v1/lc/handovers"))["handovers"]
+    pin = descriptor.pin.follow(pf.SignedCheckpoint.decode(bytes.fromhex(handover["encoded"])))
+    assert pf.verify_checkpoint(pin, signed) == signed.checkpoint
