@@ -40,7 +40,13 @@ than this one, which an operator must look at; this index serves no proof past i
 A proposer that fails after some signers released shares of its checkpoint but before
 the signature was made leaves those signers bound to it at that height; another
 proposer's checkpoint there is refused by them. With a threshold of the others it is
-signed anyway; otherwise the guild waits for the first proposer to send it again.
+signed anyway; otherwise the guild waits for the first proposer to send it again (its
+service keeps its last proposal across a restart: ``resume``). A signer whose share at a
+height went to a proposal that lost learns what the guild signed there from the next
+proposal's evidence (``signed_below``), and signs above it. Two proposals at one height
+each holding a share of the only signers left (a takeover raced just before a member
+left) stay unsigned: a member leaves once no share is out for an unsigned checkpoint
+(``tests.sim.checkpoints`` drives these rules through faults).
 """
 
 from __future__ import annotations
