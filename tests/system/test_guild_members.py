@@ -190,6 +190,36 @@ async def _handed_over(stay: list[Devnet], descriptor: pf.Descriptor, new: bytes
         await again.latest()
 
 
+async def _indexer_restarts_after_the_handover(
+    where: Path, descriptor: pf.Descriptor, new: bytes
+) -> None:
+    """``kill -9`` of op1's indexer (its signer vouches through it: the new key needs
+    both members): restored from its store, it follows the handover again, and the
+    guild goes on checkpointing under the new key (payments move the shards), served by
+    op1 too."""
+    op0, op1 = guild.load(where)[:2]
+    latest = await _get(op1, "/v1/lc/checkpoints/latest")
+    os.kill(op1.indexer_pid, signal.SIGKILL)
+    started = time.monotonic()
+    end = started + 60
+    while (pid := guild.load(where)[1].indexer_pid) == op1.indexer_pid or not alive(pid):
+        assert time.monotonic() < end, "the indexer was not restarted"
+        await asyncio.sleep(0.2)
+    assert await pay(op0, 30)
+    while True:
+        after = await _get(op1, "/v1/lc/checkpoints/latest")
+        if after["height"] > latest["height"]:
+            break
+        assert time.monotonic() < end, "no checkpoint after the indexer's restart"
+        await asyncio.sleep(0.5)
+    print(f"-- a checkpoint {time.monotonic() - started:.1f} s after op1's indexer was killed")
+    signed = Announced.decode(bytes.fromhex(after["encoded"])).signed
+    assert schnorr_verify(new[1:], signed.checkpoint.message(), signed.sig)
+    [handover] = (await _get(op1, "/v1/lc/handovers"))["handovers"]
+    pin = descriptor.pin.follow(pf.SignedCheckpoint.decode(bytes.fromhex(handover["encoded"])))
+    assert pf.verify_checkpoint(pin, signed) == signed.checkpoint
+
+
 async def _get(net: Devnet, path: str, wait_s: float = 30.0) -> Any:
     """``path`` at ``net``'s gateway, once it answers (its indexer may be starting)."""
     end = time.monotonic() + wait_s
@@ -200,29 +230,3 @@ async def _get(net: Devnet, path: str, wait_s: float = 30.0) -> Any:
                     return await r.json()
                 assert time.monotonic() < end, await r.text()
             await asyncio.sleep(0.2)
-
-
-async def _indexer_restarts_after_the_handover(
-    where: Path, descriptor: pf.Descriptor, new: bytes
-) -> None:
-    """``kill -9`` of op1's indexer (its signer vouches through it: the new key needs
-    both members): restored from its store, it follows the handover again, and the
-    guild goes on checkpointing under the new key, served by op1 too."""
-    op1 = guild.load(where)[1]
-    latest = await _get(op1, "/v1/lc/checkpoints/latest")
-    os.kill(op1.indexer_pid, signal.SIGKILL)
-    end = time.monotonic() + 60
-    while (pid := guild.load(where)[1].indexer_pid) == op1.indexer_pid or not alive(pid):
-        assert time.monotonic() < end, "the indexer was not restarted"
-        await asyncio.sleep(0.2)
-    while True:
-        after = await _get(op1, "/v1/lc/checkpoints/latest")
-        if after["height"] > latest["height"] + 1:
-            break
-        assert time.monotonic() < end, "no checkpoint after the indexer's restart"
-        await asyncio.sleep(0.5)
-    signed = Announced.decode(bytes.fromhex(after["encoded"])).signed
-    assert schnorr_verify(new[1:], signed.checkpoint.message(), signed.sig)
-    [handover] = (await _get(op1, "/v1/lc/handovers"))["handovers"]
-    pin = descriptor.pin.follow(pf.SignedCheckpoint.decode(bytes.fromhex(handover["encoded"])))
-    assert pf.verify_checkpoint(pin, signed) == signed.checkpoint
