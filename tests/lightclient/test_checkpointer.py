@@ -25,6 +25,16 @@ from tests.lightclient.test_proofs import KEY, LEDGERS, MEMBERS, PIN, SHARDS
 CADENCE, TAKEOVER, IDLE = 1000, 5000, 30_000
 
 
+def issuance(rng: random.Random, heights: dict[lc.Shard, int]) -> tuple[int, BlockEvents]:
+    """An issuance in a random shard of ``heights``: one block, and its owner."""
+    shard = rng.choice(list(heights))
+    prev = heights[shard] or -1
+    heights[shard] += 1
+    change = CoinChange(rng.randbytes(32), rng.randbytes(32), b"o" * 32, 5, True)
+    events = BlockEvents(shard[1], heights[shard], prev, [change], [], rng.randbytes(32), b"r" * 32)
+    return shard[0], events
+
+
 class Guild:
     """Three members' checkpointers, and the shards' blocks each has applied."""
 
@@ -41,15 +51,7 @@ class Guild:
         self.applied = [0, 0, 0]  # how many of ``blocks`` each member applied
 
     def pay(self) -> None:
-        """An issuance in a random shard: one block."""
-        shard = self.rng.choice(SHARDS)
-        prev = self.heights[shard] or -1
-        self.heights[shard] += 1
-        change = CoinChange(self.rng.randbytes(32), self.rng.randbytes(32), b"o" * 32, 5, True)
-        ev = BlockEvents(
-            shard[1], self.heights[shard], prev, [change], [], self.rng.randbytes(32), b"r" * 32
-        )
-        self.blocks.append((shard[0], ev))
+        self.blocks.append(issuance(self.rng, self.heights))
 
     def catch_up(self, m: int, now: int) -> list[lc.Signed]:
         c = self.members[m]

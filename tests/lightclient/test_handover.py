@@ -38,15 +38,20 @@ def signed(checkpoint: Checkpoint, key: SigningKey) -> pf.SignedCheckpoint:
     return pf.SignedCheckpoint(checkpoint, key.sign(checkpoint.message()))
 
 
-def round_of(g: Guild, now: int, key: SigningKey) -> ck.Announced:
-    """One payment, a checkpoint proposed by member 0 and vouched for by the others,
-    signed by ``key`` and taken by all."""
+def proposed(g: Guild, now: int) -> tuple[Checkpoint, ck.Evidence]:
+    """One payment, every member caught up, and member 0's proposal."""
     g.pay()
     for m in range(3):
         g.catch_up(m, now)
     proposal = g.members[0].due(now)
     assert proposal is not None
-    checkpoint, evidence = proposal
+    return proposal
+
+
+def round_of(g: Guild, now: int, key: SigningKey) -> ck.Announced:
+    """A checkpoint proposed by member 0 and vouched for by the others, signed by
+    ``key`` and taken by all."""
+    checkpoint, evidence = proposed(g, now)
     for m in (1, 2):
         assert g.members[m].vouch(checkpoint, evidence, now)[0] == ""
     announced = ck.Announced(signed(checkpoint, key), evidence.entries)
@@ -60,12 +65,7 @@ def test_the_checkpoints_are_handed_over_to_the_new_key_and_members() -> None:
     first = round_of(g, 0, KEY)
     for m in (0, 1):
         g.members[m].handover = HANDOVER
-    g.pay()
-    for m in range(3):
-        g.catch_up(m, 2000)
-    proposal = g.members[0].due(2000)
-    assert proposal is not None
-    checkpoint, evidence = proposal
+    checkpoint, evidence = proposed(g, 2000)
     assert (checkpoint.next_key, checkpoint.next_members) == HANDOVER
     assert checkpoint.members == PIN.members  # it names the old members: they sign it
     assert g.members[1].vouch(checkpoint, evidence, 2000)[0] == ""
@@ -99,12 +99,7 @@ def test_a_checkpoint_by_the_old_key_above_its_handover_is_refused() -> None:
     for m in range(3):
         g.members[m].handover = HANDOVER
     handover = round_of(g, 2000, KEY)
-    g.pay()
-    for m in range(3):
-        g.catch_up(m, 4000)
-    proposal = g.members[0].due(4000)
-    assert proposal is not None
-    checkpoint, evidence = proposal
+    checkpoint, evidence = proposed(g, 4000)
     forged = ck.Announced(signed(checkpoint, KEY), evidence.entries)
     with pytest.raises(BadCheckpointSignature):
         g.members[1].take(forged, 4000)

@@ -36,7 +36,8 @@ from constellation.lightclient.checkpointer import (
     Evidence,
     signed_below,
 )
-from constellation.protocol.ledger import BlockEvents, CoinChange
+from constellation.protocol.ledger import BlockEvents
+from tests.lightclient.test_checkpointer import issuance
 from tests.sim.guild import Violation
 
 GUILD = "sim"
@@ -134,14 +135,7 @@ class CheckpointSim:
         return not any(h > top for m in self.members for h in m.policy.checkpoints)
 
     def pay(self) -> None:
-        shard = self.rng.choice(SHARDS)
-        prev = self.heights[shard] or -1
-        self.heights[shard] += 1
-        change = CoinChange(self.rng.randbytes(32), self.rng.randbytes(32), b"o" * 32, 5, True)
-        events = BlockEvents(
-            shard[1], self.heights[shard], prev, [change], [], self.rng.randbytes(32), b"r" * 32
-        )
-        self.blocks.append((shard[0], events))
+        self.blocks.append(issuance(self.rng, self.heights))
 
     def follow(self, m: int, faults: bool) -> None:
         """Member ``m`` reads some of the blocks it has not applied (all, once calm)."""
