@@ -179,6 +179,7 @@ class OpReply(_Msg, frozen=True, tag="op.reply"):
     blamed: list[int] = []
     keys: list[KeyInfo] = []  # every key this signer may sign with, oldest first
     agreed: KeyInfo | None = None  # the next key its operator agreed to (``key`` empty)
+    first: KeyInfo | None = None  # the first key it held a share of (retired or not)
 
 
 OpRequest = KeygenRequest | AgreeKey | ActivateKey | SignRequest | KeyRequest

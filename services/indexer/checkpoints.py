@@ -267,11 +267,11 @@ class Checkpoints:
                     await peer.close()
 
     async def _pin(self, signer: SignerClient) -> pf.Pin:
-        """The guild's first key, threshold and members: the store's, or the signer's
-        once it holds a share (kept in the store for good)."""
-        while (reply := await self._signer_keys(signer)) is None:
+        """The guild's first key, threshold and members: the store's, or the first the
+        signer held a share of (kept in the store for good)."""
+        while (reply := await self._signer_keys(signer)) is None or reply.first is None:
             await asyncio.sleep(KEY_RETRY_S)
-        key, threshold = await self.store.pin(reply.threshold_pubkey, reply.threshold)
+        key, threshold = await self.store.pin(reply.first.key, reply.first.t)
         self.keys[key[1:]] = key
         members = [(m.name, m.key) for m in self.s.layout.members]
         self.holders.setdefault(key[1:], (list(range(len(members))), threshold))

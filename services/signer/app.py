@@ -227,6 +227,12 @@ class SignerNode:
         if p.agreement is not None:
             taking = sorted(self.members.index[h] for h in p.agreement.hostpubkeys)
             agreed = proto.KeyInfo(b"", taking, p.agreement.t)
+        first = p.keys[0]
         return proto.OpReply(
-            True, threshold_pubkey=key.pubkey, threshold=key.group.t, keys=keys, agreed=agreed
+            True,
+            threshold_pubkey=key.pubkey,
+            threshold=key.group.t,
+            keys=keys,
+            agreed=agreed,
+            first=proto.KeyInfo(first.pubkey, list(first.members), first.group.t),
         )

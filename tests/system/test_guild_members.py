@@ -85,6 +85,7 @@ async def test_a_member_leaves_under_payments_and_the_others_go_on(where: Path) 
     for net in stay:
         held = await asyncio.to_thread(ask, net, KeyRequest())
         assert held.threshold_pubkey == new and [k.key for k in held.keys] == [new]
+        assert held.first is not None and held.first.key == old  # where the chain starts
     refused = await asyncio.to_thread(ask, stay[1], SignRequest(Statement("after"), key=old))
     assert not refused.ok and "no usable guild key" in refused.error
     signing = SignRequest(Statement("after op2 left"), key=new)
