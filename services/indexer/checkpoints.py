@@ -19,7 +19,8 @@ checkpoints, and answer the gateway's questions about them.
   key and members; the next checkpoint proposed is a handover to them, signed by the old
   key, and the later ones are signed by the new key (``Checkpointer.signing_key``). The
   pin the descriptor names stays the first key (kept in the store): light clients follow
-  the handovers from it (``Handovers``).
+  the handovers from it (``Handovers``). Every member announces the handovers it
+  followed every ``HANDOVERS_S``: one that lost its store follows them again.
 * **Storing.** Each signed checkpoint taken is stored with its entries and the records
   its entries cover (``Index.store_checkpoints``): transaction proofs come from there;
   coin proofs from the coin trees as of the latest checkpoint, in memory. After a
@@ -95,6 +96,7 @@ KEY_RETRY_S = 1.0  # the guild's key is asked of the signer this often until it 
 VOUCH_WAIT_S = 4.0  # how long a vouch waits for the index to reach a proposal (the signer
 # waits 5 s: services.signer.app.VOUCH_S)
 ANNOUNCE_S = 2.0  # each member tells the others of its latest checkpoint this often
+HANDOVERS_S = 10.0  # ...and of the handovers it followed
 MAX_RANGE = 100  # checkpoints answered at once
 RESTORE_PAGE = 1000
 RECENT = 64  # checkpoints whose records are kept in memory to prove pushes at once
@@ -408,7 +410,7 @@ class Checkpoints:
     # -- proposing ----------------------------------------------------------------------
 
     async def _propose(self, ck: Checkpointer, signer: SignerClient) -> None:
-        announced_at = 0.0
+        announced_at = handovers_at = 0.0
         while True:
             proposal = ck.due(now_ms())
             if proposal is None:
@@ -417,6 +419,9 @@ class Checkpoints:
                     last = ck.index.last
                     entries = [c.entry for c in last.covered.values()]
                     await self._announce(Announced(last.checkpoint, entries))
+                if time.monotonic() - handovers_at > HANDOVERS_S and ck.pin.handovers:
+                    handovers_at = time.monotonic()
+                    await self._announce_handovers(ck)
                 await asyncio.sleep(0.05)
                 continue
             if proposal is not self.saved:  # sent again unchanged after a restart
@@ -460,6 +465,18 @@ class Checkpoints:
             await self._took(taken)
             await self._announce(announced)
             announced_at = time.monotonic()
+
+    async def _announce_handovers(self, ck: Checkpointer) -> None:
+        """Every handover followed here, as stored (with its entries): a member that
+        lost its store follows them before it can check what is signed above them."""
+        for handover in ck.pin.handovers:
+            try:
+                found = await self.store.checkpoints(handover.checkpoint.height, 1)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("handovers not announced", extra={"error": repr(exc)})
+                return
+            if found and Announced.decode(found[0]).signed == handover:  # stored here
+                await self._announce(Announced.decode(found[0]))
 
     async def _announce(self, announced: Announced) -> None:
         """Tell every member (a member that misses it hears it again, or takes it from
@@ -612,6 +629,8 @@ class Checkpoints:
         coins: dict[int, lc.Coins] = {}
         for h in fresh:
             height = h.checkpoint.checkpoint.height
+            if height == 0:
+                self.first = h.checkpoint.checkpoint.message()
             found = coins[height] = lc.Coins([], [])
             for position, records in h.records.items():
                 for record in map(pf.Record.decode, records):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -37,6 +38,8 @@ from services.devnet.procs import alive
 from services.light import LightClient, Rpc
 from services.runtime import connect_nats
 from tests.system.guild import local_guild, pay
+
+LC_TABLES = ["checkpoints", "records", "txs", "touches", "created", "spent", "pin", "proposal"]
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +96,7 @@ async def test_a_member_leaves_under_payments_and_the_others_go_on(where: Path) 
     assert signed.ok and schnorr_verify(new[1:], signed.message, signed.signature)
     await _handed_over(stay, descriptor, new)
     await _indexer_restarts_after_the_handover(where, descriptor, new)
+    await _indexer_loses_its_store_after_the_handover(where, descriptor)
 
     # The two that stay confirm alone: payments on both ledgers, op2 gone.
     assert all(await asyncio.gather(*(pay(net, 60) for net in stay)))
@@ -207,18 +211,53 @@ async def _indexer_restarts_after_the_handover(
         assert time.monotonic() < end, "the indexer was not restarted"
         await asyncio.sleep(0.2)
     assert await pay(op0, 30)
-    while True:
-        after = await _get(op1, "/v1/lc/checkpoints/latest")
-        if after["height"] > latest["height"]:
-            break
-        assert time.monotonic() < end, "no checkpoint after the indexer's restart"
-        await asyncio.sleep(0.5)
+    after = await _latest_above(op1, latest["height"], end - time.monotonic())
     print(f"-- a checkpoint {time.monotonic() - started:.1f} s after op1's indexer was killed")
     signed = Announced.decode(bytes.fromhex(after["encoded"])).signed
     assert schnorr_verify(new[1:], signed.checkpoint.message(), signed.sig)
     [handover] = (await _get(op1, "/v1/lc/handovers"))["handovers"]
     pin = descriptor.pin.follow(pf.SignedCheckpoint.decode(bytes.fromhex(handover["encoded"])))
     assert pf.verify_checkpoint(pin, signed) == signed.checkpoint
+
+
+async def _indexer_loses_its_store_after_the_handover(
+    where: Path, descriptor: pf.Descriptor
+) -> None:
+    """op1's indexer loses every checkpoint it stored, and restarts: it pins the first
+    key again (its signer's first share: the key that signs now is the new one), follows
+    the handover another member announces, adopts the latest checkpoint and fills the
+    rest from the others, and serves the same descriptor and handover as before."""
+    op0, op1 = guild.load(where)[:2]
+    latest = await _get(op1, "/v1/lc/checkpoints/latest")
+    [handover] = (await _get(op1, "/v1/lc/handovers"))["handovers"]
+    conn = await asyncpg.connect(op1.database_url)
+    try:
+        lost = ", ".join(f"lc_{t}" for t in LC_TABLES)
+        await conn.execute(f"DROP TABLE {lost}")
+    finally:
+        await conn.close()
+    os.kill(op1.indexer_pid, signal.SIGKILL)
+    started = time.monotonic()
+    while (pid := guild.load(where)[1].indexer_pid) == op1.indexer_pid or not alive(pid):
+        assert time.monotonic() < started + 60, "the indexer was not restarted"
+        await asyncio.sleep(0.2)
+    assert await pay(op0, 30)
+    await _latest_above(op1, latest["height"], 60)
+    assert (await _get(op1, "/v1/lc/handovers", 60))["handovers"] == [handover]
+    served = await _get(op1, "/v1/lc/descriptor", 60)  # checkpoint 0 filled from the others
+    assert served["descriptor"] == descriptor.encode()
+    print(
+        f"-- op1's indexer, its store lost, served again after {time.monotonic() - started:.1f} s"
+    )
+
+
+async def _latest_above(net: Devnet, height: int, wait_s: float) -> Any:
+    """The latest checkpoint ``net`` serves, once it is above ``height``."""
+    end = time.monotonic() + wait_s
+    while (latest := await _get(net, "/v1/lc/checkpoints/latest", wait_s))["height"] <= height:
+        assert time.monotonic() < end, f"no checkpoint above {height} at {net.operator}"
+        await asyncio.sleep(0.5)
+    return latest
 
 
 async def _get(net: Devnet, path: str, wait_s: float = 30.0) -> Any:
