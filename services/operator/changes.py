@@ -101,7 +101,12 @@ def observed(shards: tuple[int, int], keys: KeysSeen | None) -> Observed:
 def key_status(keys: KeysSeen | None) -> Obj:
     if keys is None:
         return {}
-    return {"newKey": keys.key.hex(), "moves": keys.txids, "keyPlan": keys.waiting}
+    return {
+        "newKey": keys.key.hex(),
+        "moves": keys.txids,
+        "handedOver": keys.handed,
+        "keyPlan": keys.waiting,
+    }
 
 
 def change_status(

@@ -144,6 +144,7 @@ async def test_a_member_leaves_through_approved_phases(
         lambda: _waiting(api, "op2-leaves", "approval of Moving"), "the key made", VOTING_S
     )
     key = bytes.fromhex(made["newKey"])
+    assert made["handedOver"] is False  # the old key signs until the coins moved
     held = await asyncio.to_thread(guild.signer_request, guild.load(where)[1], KeyRequest())
     assert [k.key for k in held.keys][-1] == key and held.keys[-1].members == [0, 1]
     await approve(api, "op2-leaves", ["Voting", "Resharing", "Moving"])
@@ -151,6 +152,7 @@ async def test_a_member_leaves_through_approved_phases(
     done = await eventually(lambda: _phase(api, "op2-leaves", "Done"), "done", VOTING_S)
     assert [h["phase"] for h in done["history"]][-2:] == ["Moving", "Done"]
     assert done["moves"] == [] and done["keyPlan"] == "" and done["newKey"] == key.hex()
+    assert done["handedOver"] is True  # the checkpoints signed by the new key alone
 
 
 async def plan_at(where: Path, operator: int, plan: KeyPlan) -> None:
