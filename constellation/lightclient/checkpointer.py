@@ -223,13 +223,13 @@ class Checkpointer:
         """A signed checkpoint heard of (announced by a member, in a proposal's
         evidence, or from this operator's store): checked against the pinned guild
         (raises ``ProofRefused``) and held for its turn. Returns what is taken now."""
-        checkpoint = verify_checkpoint(self.pin, announced.signed)
+        checkpoint = announced.signed.checkpoint
         shards = [(e.owner, e.worker) for e in announced.entries]
-        if shards != list(self.index.shards) or shards_tree(announced.entries).root() != (
+        if shards != sorted(set(shards)) or shards_tree(announced.entries).root() != (
             checkpoint.shards
         ):
             raise BadEntryPath(
-                f"checkpoint {checkpoint.height}'s entries are not one per shard of the guild"
+                f"checkpoint {checkpoint.height}'s entries are not one per shard, in order,"
                 " making its shards root"
             )
         height = checkpoint.height

@@ -177,9 +177,10 @@ class GuildIndex:
 
     def reached(self, entries: Iterable[ShardEntry]) -> bool:
         """Whether this index has applied blocks up to every entry's height (a shard it
-        does not know counts as reached: ``check`` says what is wrong with it)."""
+        does not know is not reached: a member joined, and this operator runs the layout
+        from before it until its processes restart with the new one)."""
         return all(
-            (s := self.shards.get((e.owner, e.worker))) is None or s.height >= e.height
+            (s := self.shards.get((e.owner, e.worker))) is not None and s.height >= e.height
             for e in entries
         )
 
@@ -245,8 +246,9 @@ class GuildIndex:
             return f"does not follow checkpoint {height - 1} known here"
         if self.last and checkpoint.time_ms < self.last.checkpoint.checkpoint.time_ms:
             return "older than the checkpoint it follows"
-        if [(e.owner, e.worker) for e in entries] != list(self.shards):
-            return "not one entry per shard of the guild, in order"
+        why = self._shard_set(entries)
+        if why:
+            return why
         if shards_tree(entries).root() != checkpoint.shards:
             return "the entries do not make its shards root"
         covered = {}
@@ -258,6 +260,22 @@ class GuildIndex:
                 return f"shard {e.owner}/{e.worker} at {e.height} differs here"
             covered[(e.owner, e.worker)] = mine
         return covered
+
+    def _shard_set(self, entries: list[ShardEntry]) -> str:
+        """Why a checkpoint's entries are not a shard set that may follow the last signed
+        checkpoint's, or '': one entry per shard, in order, of shards known here, every
+        shard of the last one among them. The set grows when a member joins (its shards
+        come in from the first checkpoint proposed by a member that runs the new layout);
+        it never shrinks (a leaver's shards stay, led by the others' copies)."""
+        named = [(e.owner, e.worker) for e in entries]
+        if named != sorted(set(named)):
+            return "not one entry per shard, in order"
+        if unknown := [s for s in named if s not in self.shards]:
+            return f"shard {unknown[0][0]}/{unknown[0][1]} is not known here"
+        before = set(self.last.covered) if self.last is not None else set()
+        if missing := sorted(before - set(named)):
+            return f"shard {missing[0][0]}/{missing[0][1]} of the last checkpoint is missing"
+        return ""
 
     def signed(self, checkpoint: SignedCheckpoint, entries: list[ShardEntry]) -> Signed:
         """Take a checkpoint the guild signed (its signature checked by the caller), once
@@ -280,8 +298,9 @@ class GuildIndex:
         c = checkpoint.checkpoint
         if c.height <= self.next_height or c.guild != self.guild:
             raise ValueError(f"checkpoint {c.height}: not one to adopt here")
-        if [(e.owner, e.worker) for e in entries] != list(self.shards):
-            raise ValueError(f"checkpoint {c.height}: not one entry per shard of the guild")
+        why = self._shard_set(entries)
+        if why:
+            raise ValueError(f"checkpoint {c.height}: {why}")
         covered = {}
         for e in entries:
             shard = self.shards[(e.owner, e.worker)]

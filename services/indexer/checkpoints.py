@@ -65,6 +65,7 @@ from constellation.lightclient.checkpointer import (
 from constellation.protocol import ledger as proto
 from constellation.protocol import lightclient as lcp
 from constellation.protocol.signer import (
+    KeyInfo,
     KeyRequest,
     OpReply,
     SignRequest,
@@ -121,6 +122,7 @@ class CheckpointSettings:
     cadence_ms: int
     takeover_ms: int
     idle_ms: int
+    pin: KeyInfo | None = None  # the guild's first key, for a member that joined after it
 
 
 class CheckpointMetrics:
@@ -269,16 +271,24 @@ class Checkpoints:
                     await peer.close()
 
     async def _pin(self, signer: SignerClient) -> pf.Pin:
-        """The guild's first key, threshold and members: the store's, or the first the
-        signer held a share of (kept in the store for good)."""
-        while (reply := await self._signer_keys(signer)) is None or reply.first is None:
-            await asyncio.sleep(KEY_RETRY_S)
-        key, threshold = await self.store.pin(reply.first.key, reply.first.t)
+        """The guild's first key, threshold and members: the store's, or else the one
+        configured (a member that joined after the guild's first key was made), or else
+        the first the signer held a share of (kept in the store for good). The member set
+        is the key's holders, not the layout's members: those change as members join."""
+        first = self.s.pin
+        while first is None:
+            reply = await self._signer_keys(signer)
+            if reply is not None and reply.first is not None:
+                first = reply.first
+            else:
+                await asyncio.sleep(KEY_RETRY_S)
+        pin = await self.store.pin(first)
+        key, layout = pin.key, self.s.layout
         self.keys[key[1:]] = key
-        members = [(m.name, m.key) for m in self.s.layout.members]
-        self.holders.setdefault(key[1:], (list(range(len(members))), threshold))
-        self.members = lcp.Members(threshold, members)
-        return pf.Pin(self.s.layout.guild, key[1:], pf.members_root(threshold, members))
+        members = [(layout.members[i].name, layout.members[i].key) for i in pin.members]
+        self.holders.setdefault(key[1:], (pin.members, pin.t))
+        self.members = lcp.Members(pin.t, members)
+        return pf.Pin(layout.guild, key[1:], pf.members_root(pin.t, members))
 
     async def _signer_keys(self, signer: SignerClient) -> OpReply | None:
         """The keys the signer signs with (kept in ``keys``), or None where it has none
@@ -756,10 +766,10 @@ class Checkpoints:
             return lcp.Answer(error="the guild has signed no checkpoint yet")
         if not 0 <= query.owner < len(self.s.layout.members) or len(query.coin_id) != 32:
             return lcp.Answer(error="no such ledger in the guild, or not a coin id")
-        worker = self.s.layout.pmap.owners()[partition_of(query.coin_id)]
-        return lcp.Answer(
-            [pf.encode_coin_proof(lc.coin_proof(last, (query.owner, worker), query.coin_id))]
-        )
+        shard = (query.owner, self.s.layout.pmap.owners()[partition_of(query.coin_id)])
+        if shard not in last.covered:  # a member that joined after the last checkpoint
+            return lcp.Answer(error="no checkpoint covers this ledger yet")
+        return lcp.Answer([pf.encode_coin_proof(lc.coin_proof(last, shard, query.coin_id))])
 
     async def _pushes(self, query: lcp.PushQuery) -> lcp.Answer:
         touched = self.recent.touched.get(query.height)

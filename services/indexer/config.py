@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from constellation.keys import is_valid_xonly
+from constellation.protocol.signer import KeyInfo
 from services.indexer.checkpoints import CheckpointSettings
 from services.replica.config import load_layout, load_peers
 from services.runtime import ConfigError, env_addr, env_int, env_operator, env_str
@@ -55,7 +58,32 @@ def _checkpoints(env: Mapping[str, str]) -> CheckpointSettings:
         cadence_ms=cadence,
         takeover_ms=env_int(env, "INDEXER_CHECKPOINT_TAKEOVER_MS", 5 * cadence, cadence, 10**8),
         idle_ms=env_int(env, "INDEXER_CHECKPOINT_IDLE_MS", 30_000, cadence, 10**8),
+        pin=_pin(env.get("INDEXER_GUILD_PIN", ""), len(layout.members)),
     )
+
+
+def _pin(text: str, members: int) -> KeyInfo | None:
+    """``INDEXER_GUILD_PIN``: the guild's first key, for a member that joins a running
+    guild (its signer holds no share of that key): ``{"key": 33 bytes in hex,
+    "threshold": t, "members": [its holders' layout indices]}``, as every member's
+    indexer keeps it (``GET /v1/lc/descriptor`` shows it)."""
+    if not text:
+        return None
+    try:
+        doc = json.loads(text)
+        pin = KeyInfo(
+            bytes.fromhex(doc["key"]), [int(i) for i in doc["members"]], int(doc["threshold"])
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"INDEXER_GUILD_PIN is not a guild pin: {exc!r}") from None
+    held = pin.members
+    if len(pin.key) != 33 or pin.key[0] not in (2, 3) or not is_valid_xonly(pin.key[1:]):
+        raise ConfigError("INDEXER_GUILD_PIN: the key is not a compressed public key")
+    if held != sorted(set(held)) or not held or held[0] < 0 or held[-1] >= members:
+        raise ConfigError("INDEXER_GUILD_PIN: members are not distinct indices of the layout")
+    if not 1 <= pin.t <= len(held):
+        raise ConfigError("INDEXER_GUILD_PIN: the threshold is not 1 to its members")
+    return pin
 
 
 def _vouch_subject(subject: str) -> str:

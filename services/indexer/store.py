@@ -17,6 +17,7 @@ from constellation.lightclient import index as lc
 from constellation.lightclient.checkpointer import Announced, Filled
 from constellation.protocol import ledger as proto
 from constellation.protocol import lightclient as lcp
+from constellation.protocol.signer import KeyInfo
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS coin_events (
@@ -100,7 +101,8 @@ CREATE TABLE IF NOT EXISTS lc_spent (
 CREATE TABLE IF NOT EXISTS lc_pin (  -- the key the guild's first checkpoint is signed by
     one       boolean  PRIMARY KEY DEFAULT true CHECK (one),
     key       bytea    NOT NULL,  -- 33 bytes: later keys come from handovers
-    threshold integer  NOT NULL
+    threshold integer  NOT NULL,
+    members   integer[] NOT NULL  -- its holders (layout indices): the first member set
 );
 CREATE TABLE IF NOT EXISTS lc_proposal (  -- the checkpoint this member proposed last
     one        boolean PRIMARY KEY DEFAULT true CHECK (one),
@@ -314,16 +316,19 @@ class Index:
         )
         return [lcp.Touch(r["height"], r["txid"]) for r in rows]
 
-    async def pin(self, key: bytes, threshold: int) -> tuple[bytes, int]:
-        """The guild key (33 bytes) and threshold the checkpoints start from: the first
-        ever given here, kept for good (the signer's key changes with the members)."""
+    async def pin(self, first: KeyInfo) -> KeyInfo:
+        """The guild key (33 bytes), threshold and members the checkpoints start from:
+        the first ever given here, kept for good (the signer's key changes with the
+        members)."""
         await self.pool.execute(
-            "INSERT INTO lc_pin (key, threshold) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            key,
-            threshold,
+            "INSERT INTO lc_pin (key, threshold, members) VALUES ($1, $2, $3)"
+            " ON CONFLICT DO NOTHING",
+            first.key,
+            first.t,
+            first.members,
         )
-        row = await self.pool.fetchrow("SELECT key, threshold FROM lc_pin")
-        return bytes(row["key"]), row["threshold"]
+        row = await self.pool.fetchrow("SELECT key, threshold, members FROM lc_pin")
+        return KeyInfo(bytes(row["key"]), list(row["members"]), row["threshold"])
 
     async def save_proposal(self, checkpoint: bytes, evidence: bytes) -> None:
         await self.pool.execute(

@@ -4,6 +4,7 @@ to make payments fail, hang or lose their replies, and nodes go down).
 
 Control (JSON, on the ops port):
     GET  /v1/nodes                 each node: id, socket, online, faults
+    POST /v1/nodes/{node}          a node joins, with a channel to every node
     POST /v1/faults/{node}         {offline, fail_next, hold, lose_replies, delay_s}
     POST /v1/release/{node}        settle or fail what the node holds, and hold no more
     POST /v1/mine                  {blocks}
@@ -32,7 +33,7 @@ from services.lnsim import bitcoind
 from services.lnsim.config import Settings
 from services.lnsim.network import Faults, LnError
 from services.lnsim.sim import Simulator
-from services.runtime import OpsServer
+from services.runtime import OPERATOR_RE, OpsServer
 
 log = logging.getLogger("lnsim")
 
@@ -91,6 +92,7 @@ class LnSimNode:
         self._started = False
         r = self.ops.app.router
         r.add_get("/v1/nodes", self._nodes)
+        r.add_post("/v1/nodes/{node}", self._join)
         r.add_post("/v1/faults/{node}", self._faults)
         r.add_post("/v1/release/{node}", self._release)
         r.add_post("/v1/mine", self._mine)
@@ -163,6 +165,19 @@ class LnSimNode:
                 for name, node in net.nodes.items()
             ]
         )
+
+    async def _join(self, request: web.Request) -> web.Response:
+        """A node joins the network, with a channel to every node (an operator joins the
+        guild): its socket is served from now on."""
+        name = request.match_info["node"]
+        if not OPERATOR_RE.match(name):
+            raise web.HTTPBadRequest(text=f"a node's name must match {OPERATOR_RE.pattern}")
+        if name in self.sim.network.nodes:
+            raise web.HTTPConflict(text=f"node {name!r} is in the network already")
+        sat = self.settings.channel_sat
+        server = await self.sim.join(name, sat, sat * (len(self.sim.servers) + 1))
+        node = self.sim.network.nodes[name]
+        return web.json_response({"name": name, "id": node.node_id, "socket": str(server.path)})
 
     async def _faults(self, request: web.Request) -> web.Response:
         name = self._node(request)

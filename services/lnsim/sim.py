@@ -59,6 +59,15 @@ class Simulator:
             for b in names[i + 1 :]:
                 self.open_channel(a, b, sat, sat * 1000 // 2)
 
+    async def join(self, name: str, sat: int, fund_sat: int) -> NodeServer:
+        """A node that joins the network: funded on-chain, it opens a balanced channel of
+        ``sat`` to every node already in it (an operator that joins a guild)."""
+        others = list(self.servers)
+        server = await self.add_node(name, fund_sat)
+        for other in others:
+            self.open_channel(name, other, sat, sat * 1000 // 2)
+        return server
+
     async def set_online(self, name: str, online: bool) -> None:
         await self.servers[name].set_online(online)
 

@@ -107,7 +107,7 @@ class Machine:
         self.revision = 0  # of the placement last read
         self.followed = 0  # the version of the placement last recorded
         # Every step of the changes of members the operator agreed to (none: founders).
-        self.agreement = mb.Agreement([list(range(len(s.layout.members)))])
+        self.agreement = mb.Agreement([s.layout.founding])
         self.reported: list[SeenCopy] | None = None  # the copies' members, as last reported
         self._started = False
 

@@ -53,6 +53,10 @@ class Layout:
     workers: int
     members: tuple[Member, ...]
     neighbours: tuple[Neighbour, ...] = ()
+    # The first ``founders`` members founded the guild (0: every member did); those after
+    # joined it, and vote once the guild agreed to it (``constellation.replication
+    # .members``): a shard's first block names the founders alone.
+    founders: int = 0
 
     def index(self, name: str) -> int:
         for i, m in enumerate(self.members):
@@ -63,6 +67,11 @@ class Layout:
     @property
     def keys(self) -> list[bytes]:
         return [m.key for m in self.members]
+
+    @property
+    def founding(self) -> list[int]:
+        """The founders' member indices: the voters of every shard's first block."""
+        return list(range(self.founders or len(self.members)))
 
     @property
     def pmap(self) -> PartitionMap:
@@ -86,6 +95,7 @@ class Layout:
                 {"name": n.name, "guild": n.guild, "key": n.key.hex(), "nats": n.nats}
                 for n in self.neighbours
             ],
+            **({"founders": self.founders} if self.founders else {}),
         }
 
     @staticmethod
@@ -105,13 +115,16 @@ class Layout:
                 Neighbour(str(n["name"]), str(n["guild"]), bytes.fromhex(n["key"]), str(n["nats"]))
                 for n in doc.get("neighbours", ())
             )
-            layout = Layout(str(doc["guild"]), int(doc["workers"]), members, neighbours)
+            founders = int(doc.get("founders", 0))
+            layout = Layout(str(doc["guild"]), int(doc["workers"]), members, neighbours, founders)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"the guild layout is malformed: {exc!r}") from None
         if not 1 <= layout.workers <= 256:
             raise ConfigError("the guild layout needs 1 to 256 workers per operator")
         if len(members) < 2:
             raise ConfigError("a guild has at least two members")
+        if founders and not 2 <= founders < len(members):
+            raise ConfigError("founders: at least two, fewer than the members (or 0: all)")
         if not all(MACHINES <= m.machines <= MAX_MACHINES for m in members):
             raise ConfigError(f"a member runs {MACHINES} to {MAX_MACHINES} machines")
         if any(m.name == RESERVED for m in members):

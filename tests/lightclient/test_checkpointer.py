@@ -287,3 +287,51 @@ def test_filled_checkpoints_from_another_member_are_taken_only_as_signed() -> No
     forged = pf.SignedCheckpoint(signed.checkpoint.checkpoint, bytes(64))
     with pytest.raises(BadCheckpointSignature):
         ck.verify_filled(PIN, filled._replace(announced=ck.Announced(forged, honest.entries)))
+
+
+def test_a_joiners_shards_come_in_once_a_member_runs_the_new_layout_and_never_go() -> None:
+    """Member 3 joins: its shards are in the checkpoints from the first one proposed by a
+    member that runs the layout with it; a member still on the layout before waits for
+    such a checkpoint (it cannot check the new shards) rather than disagree, and a
+    checkpoint that leaves out a shard the last one had is refused."""
+    g = Guild()
+    g.pay()
+    g.catch_up(0, 0)
+    first = g.members[0].due(0)
+    assert first is not None
+    for m in range(3):
+        g.catch_up(m, 0)
+        assert g.members[m].take(g.sign(first), 0)
+    grown = [*SHARDS, (3, 0), (3, 1)]
+    ahead = ck.Checkpointer(lc.GuildIndex("guild", MEMBERS, grown), PIN, 1, CADENCE, TAKEOVER, 0)
+    for owner, ev in g.blocks:
+        ahead.index.apply(owner, ev)
+    assert ahead.take(g.sign(first), 0)  # the chain before the join, with fewer shards
+    g.pay()
+    g.catch_up(0, 1000)
+    # a proposal from a member on the old layout: a member on the new one vouches for it
+    old = g.members[0].due(1000)
+    assert old is not None and len(old[1].entries) == len(SHARDS)
+    for owner, ev in g.blocks[1:]:
+        ahead.index.apply(owner, ev)
+    assert ahead.vouch(*old, 1000)[0] == ""
+    # one from a member on the new layout names the joiner's shards (at genesis) ...
+    new = ahead.index.propose(1000)
+    assert [(e.owner, e.worker) for e in new[1]] == grown
+    evidence = ck.Evidence(new[1], g.sign(first))
+    # ... which a member on the old layout cannot check: it waits, and does not disagree
+    verdict = g.members[0].vouch(new[0], evidence, 1000)[0]
+    assert isinstance(verdict, ck.NotYet)
+    announced = ck.Announced(pf.SignedCheckpoint(new[0], KEY.sign(new[0].message())), new[1])
+    assert g.members[0].take(announced, 1000) == [] and g.members[0].disagreed is None
+    [taken] = ahead.take(announced, 1000)
+    assert set(taken.covered) == set(grown)
+    # from here on no checkpoint may leave a shard out
+    g.pay()
+    for owner, ev in g.blocks[2:]:
+        ahead.index.apply(owner, ev)
+    fewer, entries = ahead.index.propose(2000)
+    entries = [e for e in entries if e.owner != 3]
+    fewer = msgspec.structs.replace(fewer, shards=pf.shards_tree(entries).root())
+    why = ahead.vouch(fewer, ck.Evidence(entries, None), 2000)[0]
+    assert "shard 3/0 of the last checkpoint is missing" in str(why)

@@ -119,6 +119,24 @@ async def test_every_node_answers_pyln_and_pays_across_the_mesh(lnsim: Proc) -> 
     assert "lnsim_books_missing_msat 0.0" in metrics
 
 
+async def test_a_node_joins_with_a_channel_to_every_node_and_pays(lnsim: Proc) -> None:
+    joined = lnsim.call("POST", "/v1/nodes/op3", {})
+    assert joined["socket"] == str(socket_path(lnsim.directory, "op3"))
+    op3 = ClnBackend(socket_path(lnsim.directory, "op3"))
+    await op3.connect()
+    info = await asyncio.to_thread(LightningRpc(joined["socket"]).getinfo)
+    assert info["id"] == joined["id"] and info["num_active_channels"] == 3
+    op1 = ClnBackend(socket_path(lnsim.directory, "op1"))
+    await op1.connect()
+    inv = await op3.create_invoice(50_000, "settle:join", "to the joiner", 600)
+    assert (await op1.pay(inv.bolt11, 0)).outcome is Outcome.SETTLED
+    assert lnsim.call("GET", "/v1/books")["missing_msat"] == 0
+    for bad, code in [("op3", 409), ("no%20such", 400)]:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            lnsim.call("POST", f"/v1/nodes/{bad}", {})
+        assert refused.value.code == code
+
+
 def test_sigterm_stops_it_cleanly(lnsim: Proc) -> None:
     lnsim.proc.send_signal(signal.SIGTERM)
     assert lnsim.proc.wait(timeout=15) == 0
