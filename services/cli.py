@@ -192,14 +192,8 @@ def _devnet(args: argparse.Namespace) -> int:
             f"operator {done.operator}: {done.before} -> {done.after} machines, "
             f"{done.moved} copy slots moved in {done.seconds} s (placement v{done.placement})"
         )
-    elif args.devnet_command == "leave":
-        left = guild.leave(args.dir, args.operator)
-        print(
-            f"operator {left.operator} left: every shard's voters are "
-            f"{', '.join(left.voters)} ({left.seconds:.1f} s); its processes stopped; "
-            f"new guild key {left.key} ({left.key_seconds:.1f} s), the guild's coins "
-            f"moved to it ({', '.join(left.moved) or 'none held'})"
-        )
+    elif args.devnet_command in ("leave", "join"):
+        print(_membership(args))
     elif in_guild:
         guild.down(args.dir)
         if args.purge:
@@ -209,6 +203,26 @@ def _devnet(args: argparse.Namespace) -> int:
         devnet.down(args.dir, args.purge)
         print("devnet down" + (" and deleted" if args.purge else ""))
     return 0
+
+
+def _membership(args: argparse.Namespace) -> str:
+    """``devnet leave`` or ``devnet join``: what it did."""
+    if args.devnet_command == "leave":
+        left = guild.leave(args.dir, args.operator)
+        return (
+            f"operator {left.operator} left: every shard's voters are "
+            f"{', '.join(left.voters)} ({left.seconds:.1f} s); its processes stopped; "
+            f"new guild key {left.key} ({left.key_seconds:.1f} s), the guild's coins "
+            f"moved to it ({', '.join(left.moved) or 'none held'})"
+        )
+    joined = guild.join(args.dir, args.operator)
+    return (
+        f"operator {joined.operator} joined: the members restarted on the layout naming it"
+        f" ({joined.roll_seconds:.1f} s); every shard's voters are "
+        f"{', '.join(joined.voters)} ({joined.seconds:.1f} s); new guild key {joined.key}"
+        f" ({joined.key_seconds:.1f} s), the guild's coins moved to it "
+        f"({', '.join(joined.moved) or 'none held'})"
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -338,13 +352,18 @@ def _add_devnet(sub: Any) -> None:
         help="a local guild: a member leaves (the others agree; every shard's members change"
         " through a joint step while payments go on; then its processes stop)",
     )
-    for p in (stop, start, machines, leave):
+    join = net_sub.add_parser(
+        "join",
+        help="a local guild: a new member joins (the members restart on the layout naming it;"
+        " its copies learn every shard's log, then vote; then a new guild key is made)",
+    )
+    for p in (stop, start, machines, leave, join):
         p.add_argument("operator", help="its name (op0, op1, ..., a neighbour's nb0, ...)")
     machines.add_argument("machines", type=int, help=f"{MACHINES} to {MAX_MACHINES}")
     machines.add_argument(
         "--batch", type=int, default=BATCH, help="copy slots moving at once (default %(default)s)"
     )
-    for p in (up, status, fund, down, stop, start, machines, leave):
+    for p in (up, status, fund, down, stop, start, machines, leave, join):
         p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="devnet state folder")
 
 

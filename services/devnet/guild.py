@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from nats.errors import Error as NatsError
 
 from constellation.keys import SigningKey
 from constellation.membership import KeyPlan, KeysSeen
@@ -54,7 +55,7 @@ from constellation.protocol.signer import (
 from constellation.replication.members import Agreement
 from constellation.replication.placement import BATCH, COPIES, MAX_MACHINES, Placement
 from services.bus import load_agreement, load_keys_seen, publish_agreement, publish_key_plan
-from services.devnet.deps import assign_ports, start_deadline_s, stop_all
+from services.devnet.deps import NATS_START_S, assign_ports, start_deadline_s, stop_all
 from services.devnet.procs import alive, free_port, ready, spawn, stop_pid, wait_ready
 from services.devnet.state import (
     Devnet,
@@ -139,23 +140,9 @@ def create(
     for guild_id, names in groups:
         nets, identities = [], []
         for name in names:
-            folder = (directory / name).resolve()
-            folder.mkdir(exist_ok=True)
-            net = Devnet(str(folder), guild_id, free_port(), os.urandom(32).hex(), operator=name)
-            net.shards = workers
-            net.operator_key = os.urandom(32).hex()
-            net.nats_password = os.urandom(16).hex()
-            net.issued = {peer: os.urandom(16).hex() for peer in everyone if peer != name}
-            net.machines = [
-                MachineProc(m, str(folder / f"machine-{m}"), free_port()) for m in range(machines)
-            ]
-            net.lightning_rpc = str(socket_path((directory / LIGHTNING_DIR).resolve(), name))
-            net.mint_storage_key = os.urandom(32).hex()
-            signer = SignerProc(0, str(folder / "signer"), os.urandom(32).hex(), free_port())
-            store = KeyStore(Path(signer.state_dir), bytes.fromhex(signer.storage_key))
-            identities.append(store.create_identity())
-            net.signers = [signer]
+            net, identity = _operator(directory, guild_id, name, everyone, workers, machines)
             nets.append(net)
+            identities.append(identity)
         for net in nets:  # one signer per operator: the guild's members, in operator order
             save_members(Membership(guild_id, identities), net.members_path)
             net.save()
@@ -167,7 +154,31 @@ def create(
     return made[0], made[1] if neighbours else []
 
 
-def layout(nets: Sequence[Devnet], neighbours: Sequence[Devnet] = ()) -> Layout:
+def _operator(
+    directory: Path, guild: str, name: str, everyone: list[str], workers: int, machines: int
+) -> tuple[Devnet, bytes]:
+    """A new operator's folder, keys and the NATS passwords it issues each of
+    ``everyone`` else; and its signer's identity (a member of the guild's signers)."""
+    folder = (directory / name).resolve()
+    folder.mkdir(exist_ok=True)
+    net = Devnet(str(folder), guild, free_port(), os.urandom(32).hex(), operator=name)
+    net.shards = workers
+    net.operator_key = os.urandom(32).hex()
+    net.nats_password = os.urandom(16).hex()
+    net.issued = {peer: os.urandom(16).hex() for peer in everyone if peer != name}
+    net.machines = [
+        MachineProc(m, str(folder / f"machine-{m}"), free_port()) for m in range(machines)
+    ]
+    net.lightning_rpc = str(socket_path((directory / LIGHTNING_DIR).resolve(), name))
+    net.mint_storage_key = os.urandom(32).hex()
+    signer = SignerProc(0, str(folder / "signer"), os.urandom(32).hex(), free_port())
+    store = KeyStore(Path(signer.state_dir), bytes.fromhex(signer.storage_key))
+    net.signers = [signer]
+    return net, store.create_identity()
+
+
+def layout(nets: Sequence[Devnet], neighbours: Sequence[Devnet] = (), founders: int = 0) -> Layout:
+    """The layout of ``nets``' guild, whose first ``founders`` founded it (0: all)."""
     return Layout(
         nets[0].guild,
         nets[0].shards,
@@ -176,6 +187,7 @@ def layout(nets: Sequence[Devnet], neighbours: Sequence[Devnet] = ()) -> Layout:
             for n in nets
         ),
         tuple(Neighbour(n.operator, n.guild, _key(n), _nats(n)) for n in neighbours),
+        founders,
     )
 
 
@@ -192,9 +204,10 @@ def write_config(nets: list[Devnet], neighbours: list[Devnet]) -> None:
     NATS users and the credentials its peers issued it (the ports change with every
     ``up``)."""
     everyone = nets + neighbours
-    for group, others in ((nets, neighbours), (neighbours, nets)):
+    founders = _doc(Path(nets[0].dir).parent).get("founders", 0)
+    for group, others, first in ((nets, neighbours, founders), (neighbours, nets, 0)):
         if group:
-            doc = layout(group, others).to_json()
+            doc = layout(group, others, first).to_json()
             for net in group:
                 write_json_atomic(net.layout_path, doc)
     guild_of = {n.operator: n.guild for n in everyone}
@@ -455,39 +468,16 @@ def leave(directory: Path, name: str, deadline_s: float = 60.0) -> Left:
     if not all(supervisor_alive(directory / n.operator) for n in nets):
         raise DevnetError("every member runs while one leaves (`devnet start` the others)")
 
-    async def agree() -> list[int]:
-        clients = [await connect_nats(n.nats_url, f"devnet-leave-{n.operator}") for n in nets]
-        try:
-            found = await load_agreement(clients[0], nets[0].operator)
-            agreement = found or Agreement([list(range(len(nets)))])
-            voters = agreement.voters[-1]
-            if leaver not in voters:
-                raise DevnetError(f"operator {name} left already")
-            if len(voters) <= 2:
-                raise DevnetError("a guild keeps at least two members")
-            new = Agreement([*agreement.voters, [op for op in voters if op != leaver]])
-            for nc, net in zip(clients, nets, strict=True):
-                await publish_agreement(nc, net.operator, new)
-            return new.voters[-1]
-        finally:
-            for nc in clients:
-                await nc.close()
-
+    agreement = _agreement(nets)
+    voters = agreement.voters[-1]
+    if leaver not in voters:
+        raise DevnetError(f"operator {name} left already")
+    if len(voters) <= 2:
+        raise DevnetError("a guild keeps at least two members")
     started = time.monotonic()
-    voters = asyncio.run(agree())
-    expected = COPIES * len(stay) * len(nets) * nets[0].shards
-    while True:
-        rows = copies(stay)
-        if len(rows) == expected and all(
-            r["voters"] == voters and not r["old"] and r["members_confirmed"] for r in rows
-        ):
-            break
-        if time.monotonic() - started > deadline_s:
-            raise DevnetError(
-                f"the shards did not all take the new members within {deadline_s} s: "
-                f"{name} keeps running"
-            )
-        time.sleep(0.1)
+    voters = [op for op in voters if op != leaver]
+    _agree(nets, Agreement([*agreement.voters, voters]))
+    _wait_voters(stay, len(nets), voters, started + deadline_s)
     seconds = time.monotonic() - started
     stop_operator(directory, name)
     started = time.monotonic()
@@ -497,6 +487,181 @@ def leave(directory: Path, name: str, deadline_s: float = 60.0) -> Left:
     moves = plan_key(stay, msgspec.structs.replace(plan, move=True))
     txids = [t for seen in moves for t in seen.txids]
     return Left(name, [names[op] for op in voters], seconds, made.key.hex(), key_seconds, txids)
+
+
+@dataclass(frozen=True)
+class Joined:
+    """What ``join`` did."""
+
+    operator: str
+    voters: list[str]  # the guild's voters after it
+    roll_seconds: float  # every member restarted on the layout that names it
+    seconds: float  # from the agreement to every shard's new members confirmed
+    key: str  # the new guild key the voters made (hex): it holds the guild's coins
+    key_seconds: float  # how long its DKG took, with the agreements
+    moved: list[str]  # the txids moving the guild's coins to it (none: no coin held)
+
+
+def join(directory: Path, name: str, deadline_s: float = 120.0) -> Joined:
+    """Operator ``name`` joins the guild, while payments go on:
+
+    1. Its folder, keys and NATS credentials are made; every member's layout names it
+       (after the founders: ``Layout.founders``), and its signer's identity is among the
+       signers'. Its Lightning node joins the network with a channel to every member.
+    2. The members restart on that layout one at a time, each once the one before it
+       follows its shards' leaders again (the others keep every shard led meanwhile);
+       its shards start at every member's copies, their first block naming the voters
+       of the time.
+    3. It starts, its indexer pinned to the guild's first key (``INDEXER_GUILD_PIN``: it
+       holds no share of it), and every member agrees to the voters with it: each
+       shard's leader makes its copies learners, and once they hold the log, voters
+       (a joint step, then the new voters alone).
+    4. The voters make a new guild key, the mints move the guild's coins to it, and the
+       checkpoints hand over to it (``plan_key``): from there its share signs."""
+    nets = load(directory)
+    names = [n.operator for n in nets]
+    doc = _doc(directory)
+    if name in names or name == OUTSIDE or name in doc.get("neighbours", []):
+        raise DevnetError(f"{name} is a name taken in this local guild")
+    if doc.get("neighbours"):
+        raise DevnetError("a member joins a guild without a neighbouring guild only")
+    if not all(supervisor_alive(directory / n.operator) for n in nets):
+        raise DevnetError("every member runs while one joins (`devnet start` the others)")
+    agreement = _agreement(nets)
+    voters = agreement.voters[-1]
+    if len(voters) != len(nets):
+        raise DevnetError("a member that left is still in the layout: a guild joins once")
+    joiner = _admit(directory, nets, name)
+    started = time.monotonic()
+    for net in nets:  # each restarts on the layout that names the joiner
+        folder = Path(net.dir)
+        stop_supervisor(folder)
+        stop_all(Devnet.load(folder))
+        await_supervisor(folder, spawn_supervisor(folder), start_deadline_s(net))
+        _wait_led([Devnet.load(folder)], set(names), READY_S)
+    roll_seconds = time.monotonic() - started
+    # The joiner's machines follow the agreement from their start (its indexer reads
+    # its copies of every shard, which take blocks once they learn), and the members'
+    # leaders make its copies learners once they hear of it.
+    folder = Path(joiner.dir)
+    supervisor = spawn_supervisor(folder)
+    started = time.monotonic()
+    grown = [*voters, len(nets)]
+    _agree([joiner, *nets], Agreement([*agreement.voters, grown]), NATS_START_S)
+    await_supervisor(folder, supervisor, start_deadline_s(joiner))
+    everyone = load(directory)
+    _wait_voters(everyone, len(everyone), grown, started + deadline_s)
+    seconds = time.monotonic() - started
+    started = time.monotonic()
+    plan = KeyPlan(grown, len(grown) // 2 + 1)
+    [made, *_] = plan_key(everyone, plan)
+    key_seconds = time.monotonic() - started
+    moves = plan_key(everyone, msgspec.structs.replace(plan, move=True))
+    txids = [t for seen in moves for t in seen.txids]
+    return Joined(
+        name,
+        [n.operator for n in everyone],
+        round(roll_seconds, 3),
+        round(seconds, 3),
+        made.key.hex(),
+        round(key_seconds, 3),
+        txids,
+    )
+
+
+def _admit(directory: Path, nets: list[Devnet], name: str) -> Devnet:
+    """``join``'s first step: the joiner's folder, credentials, signer and Lightning
+    node, and every member's configuration naming it. Returns the joiner."""
+    names, doc = [n.operator for n in nets], _doc(directory)
+    first = signer_request(nets[0], KeyRequest()).first
+    if first is None:
+        raise DevnetError("the guild has no key yet")
+    joiner, identity = _operator(
+        directory, nets[0].guild, name, names, nets[0].shards, len(nets[0].machines)
+    )
+    joiner.bitcoind_url = nets[0].bitcoind_url
+    joiner.guild_pin = msgspec.json.encode(
+        {"key": first.key.hex(), "threshold": first.t, "members": first.members}
+    ).decode()
+    assign_ports(joiner)
+    members = load_members(nets[0].members_path)
+    for net in nets:
+        net.issued[name] = os.urandom(16).hex()
+    everyone = [*nets, joiner]
+    for net in everyone:
+        signers = Membership(members.guild, [*members.hostpubkeys, identity])
+        save_members(signers, net.members_path)
+        net.save()
+    lightning(directory, f"/v1/nodes/{name}", {})
+    doc.update(operators=[*names, name], founders=doc.get("founders") or len(nets))
+    write_json_atomic(directory / GUILD_FILE, doc)
+    write_config(everyone, [])
+    return joiner
+
+
+def _agreement(nets: list[Devnet]) -> Agreement:
+    """The voters the guild agreed to, as its first member keeps them."""
+
+    async def read() -> Agreement | None:
+        nc = await connect_nats(nets[0].nats_url, f"devnet-agreement-{nets[0].operator}")
+        try:
+            return await load_agreement(nc, nets[0].operator)
+        finally:
+            await nc.close()
+
+    return asyncio.run(read()) or Agreement([layout(nets).founding])
+
+
+def _agree(nets: list[Devnet], agreement: Agreement, wait_s: float = 0.0) -> None:
+    """Every member agrees to ``agreement`` (in its NATS KV, where its machines follow
+    it), waiting up to ``wait_s`` for a member's NATS that is starting."""
+
+    async def publish(net: Devnet) -> None:
+        nc = await connect_nats(net.nats_url, f"devnet-agree-{net.operator}")
+        try:
+            await publish_agreement(nc, net.operator, agreement)
+        finally:
+            await nc.close()
+
+    end = time.monotonic() + wait_s
+    for net in nets:
+        while True:
+            try:
+                asyncio.run(publish(Devnet.load(Path(net.dir))))
+                break
+            except (OSError, NatsError):
+                if time.monotonic() > end:
+                    raise DevnetError(f"{net.operator}'s NATS did not answer") from None
+                time.sleep(0.2)
+
+
+def _wait_led(nets: list[Devnet], owners: set[str], deadline_s: float) -> None:
+    """Wait until every copy at ``nets`` of a shard of ``owners`` follows a leader."""
+    end = time.monotonic() + deadline_s
+    expected = COPIES * len(owners) * sum(n.shards for n in nets)
+    while True:
+        rows = [c for c in copies(nets) if c["shard"].split("/")[0] in owners]
+        if len(rows) == expected and all(r["leader"] >= 0 for r in rows):
+            return
+        if time.monotonic() > end:
+            who = nets[0].operator
+            raise DevnetError(f"the copies at {who} follow no leader in {deadline_s} s")
+        time.sleep(0.1)
+
+
+def _wait_voters(nets: list[Devnet], owners: int, voters: list[int], end: float) -> None:
+    """Wait until every copy at ``nets`` of every shard (of ``owners`` members) names
+    ``voters``, confirmed."""
+    expected = COPIES * len(nets) * owners * nets[0].shards
+    while True:
+        rows = copies(nets)
+        if len(rows) == expected and all(
+            r["voters"] == voters and not r["old"] and r["members_confirmed"] for r in rows
+        ):
+            return
+        if time.monotonic() > end:
+            raise DevnetError(f"the shards did not all take the voters {voters} in time")
+        time.sleep(0.1)
 
 
 def _holds(machine: MachineProc) -> bool:

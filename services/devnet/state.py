@@ -86,6 +86,7 @@ class Devnet:
     mint_pid: int = 0
     mint_storage_key: str = ""  # seals the mint's master secret
     bitcoind_url: str = ""  # the chain, as bitcoind's JSON-RPC (the simulated network's)
+    guild_pin: str = ""  # a member that joined: the guild's first key (INDEXER_GUILD_PIN)
 
     @property
     def in_guild(self) -> bool:
@@ -289,6 +290,7 @@ class Devnet:
             "INDEXER_SIGNER_MEMBERS": str(self.members_path),
             "INDEXER_SIGNER_STATE_DIR": signer.state_dir,
             "INDEXER_SIGNER_STORAGE_KEY": signer.storage_key,
+            **({"INDEXER_GUILD_PIN": self.guild_pin} if self.guild_pin else {}),
         }
 
     def signer_env(self, proc: SignerProc) -> dict[str, str]:
