@@ -282,9 +282,8 @@ async def publish_agreement(nc: Client, operator: str, agreement: Agreement) -> 
     """Agree to ``agreement``: it must extend what was agreed before (a change of
     members is never taken back once agreed: copies may have taken its steps)."""
     before = await load_agreement(nc, operator)
-    n = len(before.voters) if before else 0
-    if before is not None and agreement.voters[:n] != before.voters:
-        raise ValueError(f"the agreement {before.voters} is not extended by {agreement.voters}")
+    if before is not None and not agreement.extends(before):
+        raise ValueError(f"the agreement {before} is not extended by {agreement}")
     kv = await nc.jetstream().create_key_value(bucket=map_bucket(operator), history=16)
     await kv.put(MEMBERS_KEY, agreement.encode())
 

@@ -170,15 +170,28 @@ def next_step(current: Members, steps: Sequence[Members]) -> Members | None:
 
 class Agreement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What an operator agreed its guild's voters become, in order (the founders
-    first): kept in its NATS KV, where its machines follow it (``agreed``)."""
+    first), and the operators whose copies learn every shard's log after the last
+    voters (a joiner, before the guild agrees it votes): kept in its NATS KV, where its
+    machines follow it (``agreed``)."""
 
     voters: list[list[int]]
+    learning: list[int] = []
 
     def encode(self) -> bytes:
         return msgspec.json.encode(self)
 
     def steps(self) -> list[Members]:
-        return agreed(self.voters)
+        steps = agreed(self.voters)
+        if self.learning:
+            last = steps[-1]
+            steps.append(Members(last.voters, [], sorted({*last.learners, *self.learning})))
+        return steps
+
+    def extends(self, before: Agreement) -> bool:
+        """Whether this agreement takes every step ``before`` did, in the same order (a
+        change of members is never taken back: copies may have taken its steps)."""
+        mine, theirs = self.steps(), before.steps()
+        return mine[: len(theirs)] == theirs
 
 
 def decode_agreement(data: bytes) -> Agreement:
@@ -187,6 +200,9 @@ def decode_agreement(data: bytes) -> Agreement:
         found.steps()
     except ValueError as exc:
         raise MessageError(f"bad agreement on members: {exc}") from None
-    if any(op < 0 for voters in found.voters for op in voters):
+    if any(op < 0 for voters in found.voters for op in [*voters, *found.learning]):
         raise MessageError("bad agreement on members: a negative operator")
+    learning = found.learning
+    if learning != sorted(set(learning)) or set(learning) & set(found.voters[-1]):
+        raise MessageError("bad agreement on members: learners are distinct non-voters")
     return found

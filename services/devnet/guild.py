@@ -496,7 +496,7 @@ class Joined:
     operator: str
     voters: list[str]  # the guild's voters after it
     roll_seconds: float  # every member restarted on the layout that names it
-    seconds: float  # from the agreement to every shard's new members confirmed
+    seconds: float  # from the first agreement to every shard's new voters confirmed
     key: str  # the new guild key the voters made (hex): it holds the guild's coins
     key_seconds: float  # how long its DKG took, with the agreements
     moved: list[str]  # the txids moving the guild's coins to it (none: no coin held)
@@ -512,11 +512,12 @@ def join(directory: Path, name: str, deadline_s: float = 120.0) -> Joined:
        follows its shards' leaders again (the others keep every shard led meanwhile);
        its shards start at every member's copies, their first block naming the voters
        of the time.
-    3. It starts, its indexer pinned to the guild's first key (``INDEXER_GUILD_PIN``: it
-       holds no share of it), and every member agrees to the voters with it: each
-       shard's leader makes its copies learners, and once they hold the log, voters
-       (a joint step, then the new voters alone).
-    4. The voters make a new guild key, the mints move the guild's coins to it, and the
+    3. Every member agrees that its copies learn (``Agreement.learning``): each
+       shard's leader makes them learners. It starts, its indexer pinned to the guild's
+       first key (``INDEXER_GUILD_PIN``: it holds no share of it).
+    4. Every member agrees to the voters with it: each shard's leader makes its copies
+       voters once they hold the log (a joint step, then the new voters alone).
+    5. The voters make a new guild key, the mints move the guild's coins to it, and the
        checkpoints hand over to it (``plan_key``): from there its share signs."""
     nets = load(directory)
     names = [n.operator for n in nets]
@@ -540,14 +541,17 @@ def join(directory: Path, name: str, deadline_s: float = 120.0) -> Joined:
         await_supervisor(folder, spawn_supervisor(folder), start_deadline_s(net))
         _wait_led([Devnet.load(folder)], set(names), READY_S)
     roll_seconds = time.monotonic() - started
-    # The joiner's machines follow the agreement from their start (its indexer reads
-    # its copies of every shard, which take blocks once they learn), and the members'
-    # leaders make its copies learners once they hear of it.
+    # Learning: the members' leaders make the joiner's copies learners (its machines
+    # follow that from their start, and its indexer reads every shard from them).
     folder = Path(joiner.dir)
     supervisor = spawn_supervisor(folder)
     started = time.monotonic()
+    _agree([joiner, *nets], Agreement(agreement.voters, learning=[len(nets)]), NATS_START_S)
+    _wait_learners(nets, len(nets), started + deadline_s)
+    # Voting: each shard's leader makes them voters once they hold its log (its own
+    # shards' leadership comes home then, and its indexer is ready).
     grown = [*voters, len(nets)]
-    _agree([joiner, *nets], Agreement([*agreement.voters, grown]), NATS_START_S)
+    _agree([joiner, *nets], Agreement([*agreement.voters, grown]))
     await_supervisor(folder, supervisor, start_deadline_s(joiner))
     everyone = load(directory)
     _wait_voters(everyone, len(everyone), grown, started + deadline_s)
@@ -646,6 +650,21 @@ def _wait_led(nets: list[Devnet], owners: set[str], deadline_s: float) -> None:
         if time.monotonic() > end:
             who = nets[0].operator
             raise DevnetError(f"the copies at {who} follow no leader in {deadline_s} s")
+        time.sleep(0.1)
+
+
+def _wait_learners(nets: list[Devnet], joiner: int, end: float) -> None:
+    """Wait until every copy at ``nets`` of every shard names ``joiner`` a learner (or
+    a voter), confirmed."""
+    expected = COPIES * len(nets) * (len(nets) + 1) * nets[0].shards
+    while True:
+        rows = copies(nets)
+        if len(rows) == expected and all(
+            joiner in (*r["learners"], *r["voters"]) and r["members_confirmed"] for r in rows
+        ):
+            return
+        if time.monotonic() > end:
+            raise DevnetError(f"the shards did not all take operator {joiner} as a learner")
         time.sleep(0.1)
 
 

@@ -58,11 +58,11 @@ def _checkpoints(env: Mapping[str, str]) -> CheckpointSettings:
         cadence_ms=cadence,
         takeover_ms=env_int(env, "INDEXER_CHECKPOINT_TAKEOVER_MS", 5 * cadence, cadence, 10**8),
         idle_ms=env_int(env, "INDEXER_CHECKPOINT_IDLE_MS", 30_000, cadence, 10**8),
-        pin=_pin(env.get("INDEXER_GUILD_PIN", ""), len(layout.members)),
+        pin=guild_pin(env.get("INDEXER_GUILD_PIN", ""), len(layout.members)),
     )
 
 
-def _pin(text: str, members: int) -> KeyInfo | None:
+def guild_pin(text: str, members: int) -> KeyInfo | None:
     """``INDEXER_GUILD_PIN``: the guild's first key, for a member that joins a running
     guild (its signer holds no share of that key): ``{"key": 33 bytes in hex,
     "threshold": t, "members": [its holders' layout indices]}``, as every member's

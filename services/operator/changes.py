@@ -47,10 +47,10 @@ def read_change(doc: Any, guild: GuildSpec, voting: Sequence[int]) -> tuple[Chan
     why = change.malformed()
     if why:
         raise BadGuild(why)
-    if change.kind is Kind.JOIN:
-        # A joiner's copies, shards and peers' credentials need its place in every
-        # member's layout first, which running machines do not take yet.
-        raise BadGuild("a member joining a running guild is not supported yet: only leaving")
+    if change.kind is Kind.JOIN and change.member not in [m.name for m in guild.members]:
+        # Its copies, shards and peers' credentials need its place in every member's
+        # layout: the Guild names it first (its workloads roll onto that layout).
+        raise BadGuild(f"spec.members of Guild {spec.guild} must name {change.member} first")
     known = [p.value for p in phases(change.kind)]
     unknown = [p for p in spec.approve if p not in known]
     if unknown:
@@ -64,19 +64,38 @@ def final_voters(change: Change, guild: GuildSpec) -> list[int]:
     return sorted(names.index(m) for m in change.after)
 
 
-def to_agree(agreed: Agreement, at: int, final: list[int], phase: Phase) -> Agreement | None:
+def to_agree(
+    agreed: Agreement, at: int, final: list[int], phase: Phase, learning: list[int]
+) -> Agreement | None:
     """The agreement to write for a change in ``phase`` whose own entry goes at index
     ``at`` of the member's agreement (its length when the change began), or None: not
-    before Voting, not once Done, and never twice (a change done long ago must not put
-    back the voters a later change moved on from). BadGuild where another change took
-    that entry."""
-    if phase in (Phase.PROPOSED, Phase.LEARNING, Phase.DONE):
+    before Learning (a joiner's copies, ``learning``, learn every shard's log) or
+    Voting, not once Done, and never twice (a change done long ago must not put back
+    the voters a later change moved on from). BadGuild where another change took that
+    entry."""
+    if phase in (Phase.PROPOSED, Phase.DONE):
         return None
-    if len(agreed.voters) == at:
-        return Agreement([*agreed.voters, final])
-    if len(agreed.voters) < at or agreed.voters[at] != final:
+    if phase is Phase.LEARNING:
+        wanted = Agreement(agreed.voters[:at], learning=learning)
+    else:
+        wanted = Agreement([*agreed.voters[:at], final])
+    if agreed.extends(wanted):
+        return None
+    if len(agreed.voters) < at or not wanted.extends(agreed):
         raise BadGuild(f"the member agreed to other voters than {final} meanwhile")
-    return None
+    return wanted
+
+
+def learnt(change: Change, guild: GuildSpec, seen: Sequence[SeenCopy]) -> bool:
+    """Whether every shard names a joiner a learner (or a voter), confirmed, by what
+    this member's machines report (a joiner's copies are learners till they hold the
+    log: a shard's leader makes them voters only then)."""
+    if change.kind is not Kind.JOIN:
+        return True
+    op = [m.name for m in guild.members].index(change.member)
+    shards = {f"{m.name}/{w}" for m in guild.members for w in range(guild.shards)}
+    done = {c.shard for c in seen if op in (*c.learners, *c.voters) and c.confirmed}
+    return shards <= done
 
 
 def voted(final: list[int], guild: GuildSpec, seen: Sequence[SeenCopy]) -> tuple[int, int]:
@@ -88,10 +107,12 @@ def voted(final: list[int], guild: GuildSpec, seen: Sequence[SeenCopy]) -> tuple
     return sum(1 for s in shards if s in done), len(shards)
 
 
-def observed(shards: tuple[int, int], keys: KeysSeen | None) -> Observed:
-    """What the member shows of a change's work: its shards that took the new voters
-    (of all), and what its services report of the new key (None: nothing yet)."""
+def observed(shards: tuple[int, int], learned: bool, keys: KeysSeen | None) -> Observed:
+    """What the member shows of a change's work: whether every shard made a joiner a
+    learner, its shards that took the new voters (of all), and what its services report
+    of the new key (None: nothing yet)."""
     return Observed(
+        learned=learned,
         voted=shards[0] == shards[1] > 0,
         new_key=keys.key if keys else b"",
         moved=(",".join(keys.txids) or "none") if keys and keys.moved and keys.handed else "",

@@ -41,6 +41,7 @@ from services.operator.changes import (
     change_status,
     final_voters,
     key_status,
+    learnt,
     observed,
     read_change,
     to_agree,
@@ -280,7 +281,7 @@ class Reconciler:
                 placement = await advance(nc, spec.operator, spec.machines)
                 mv = moves(renderer, placement, observed)
             agreement = await load_agreement(nc, spec.operator)
-            voters = agreement.voters[-1] if agreement else list(range(len(spec.members)))
+            voters = agreement.voters[-1] if agreement else spec.layout().founding
             return mv, placement, voters
         except (NatsError, TimeoutError, MessageError) as exc:
             _log.warning("placement not read", extra={"guild": renderer.n.guild, "error": str(exc)})
@@ -324,7 +325,7 @@ class Reconciler:
             nc = await self._connect(renderer)
             try:
                 agreement = await load_agreement(nc, gspec.operator)
-                agreed = agreement or Agreement([list(range(len(gspec.members)))])
+                agreed = agreement or Agreement([gspec.layout().founding])
                 before = before or agreed.voters[-1]  # the voters when the change began
                 at = at or len(agreed.voters)  # where its own entry goes in the agreement
                 spec, change = read_change(body["spec"], gspec, before)
@@ -332,16 +333,17 @@ class Reconciler:
                 phase = Phase(previous.get("phase", Phase.PROPOSED.value))
                 if earlier and phase is Phase.PROPOSED:
                     raise BadGuild(f"waiting for GuildChange {earlier} to finish first")
-                extended = to_agree(agreed, at, final, phase)
+                extended = to_agree(agreed, at, final, phase, sorted(set(final) - set(before)))
                 if extended is not None:
                     await publish_agreement(nc, gspec.operator, extended)
-                    _log.info("members agreed", extra={"guild": name, "voters": final})
+                    _log.info("members agreed", extra={"guild": name, "agreement": extended})
                 machines = gspec.members[gspec.me].machines
-                shards = voted(final, gspec, await load_members_seen(nc, gspec.operator, machines))
+                reported = await load_members_seen(nc, gspec.operator, machines)
+                shards = voted(final, gspec, reported)
                 keys = await self._key_plan(nc, gspec.operator, change, final, phase)
             finally:
                 await nc.close()
-            seen = observed(shards, keys)
+            seen = observed(shards, learnt(change, gspec, reported), keys)
         except BadGuild as exc:
             problem = str(exc)
         except KubeError as exc:

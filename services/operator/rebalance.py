@@ -83,12 +83,16 @@ def next_phase(
     if phase is Phase.PROPOSED:
         if earlier is not None:
             return phase, f"GuildRebalance {earlier} to finish first"
+        if spec.approve and asked == spec.machines:
+            # approved, and the Guild asks for its machines: Done waits for a later look,
+            # so that a look at a stale body (its status from before) skips no phase
+            return Phase.MOVING, "the copies to move"
         if not placement.done(asked):
             return phase, f"the change to {asked} machines under way to finish"
         if not spec.approve:
             return phase, "approval (spec.approve: true)"
-        phase = Phase.MOVING  # the caller sets the Guild's machines
-    elif asked != spec.machines:
+        return Phase.MOVING, "the copies to move"  # the caller sets the Guild's machines
+    if asked != spec.machines:
         raise BadGuild(
             f"the Guild asks for {asked} machines now, not {spec.machines}: its machines were"
             " changed since this rebalance began"

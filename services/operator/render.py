@@ -26,7 +26,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from services.operator.spec import GuildSpec, Infra
+from services.operator.spec import GuildSpec, Infra, pin_env
 from services.replica.transport import peer_permissions
 
 Obj = dict[str, Any]
@@ -580,6 +580,11 @@ class Renderer:
                     _value("INDEXER_PEERS", peers),
                     _value("INDEXER_VOUCH_SUBJECT", vouch),
                     *signer_access,
+                    *(
+                        [_value("INDEXER_GUILD_PIN", pin_env(spec.pin, len(spec.members)))]
+                        if spec.pin is not None
+                        else []
+                    ),
                 ],
                 mounts,
             ),

@@ -7,12 +7,14 @@ and what they cannot: keys that are points on the curve, names the services acce
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 import msgspec
 
 from constellation.address import Network
 from constellation.keys import SigningKey, is_valid_xonly
+from services.indexer.config import guild_pin
 from services.replica.config import MACHINES, Layout, Member, Neighbour
 from services.runtime import OPERATOR_RE
 
@@ -79,6 +81,16 @@ class Lightning(msgspec.Struct, rename="camel", forbid_unknown_fields=True, froz
     config: str | None = None  # a Secret whose ``config`` is lightningd's (bitcoind's RPC)
 
 
+class GuildPin(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
+    """The guild's first key, for a member that joined after it was made (its signer
+    holds no share of it): where its light-client checkpoints start (every member's
+    gateway shows it at ``/v1/lc/descriptor``)."""
+
+    key: str  # 33 bytes, hex
+    threshold: int
+    members: list[int]  # its holders: member indices
+
+
 class Secrets(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
     keys: str  # holds ``operator-key`` and ``issuer-key`` (32-byte secrets, hex)
     peers: str  # holds ``peers.json``: each peer's NATS URL with what it issued us
@@ -125,6 +137,8 @@ class GuildSpec(msgspec.Struct, rename="camel", forbid_unknown_fields=True, froz
     postgres: Infra = msgspec.field(default_factory=_postgres)
     lightning: Lightning | None = None
     mint: bool = True  # needs ``lightning``
+    founders: int = 0  # the first ``founders`` members founded the guild (0: all of them)
+    pin: GuildPin | None = None  # a member that joined: the guild's first key
 
     @property
     def me(self) -> int:
@@ -153,6 +167,7 @@ class GuildSpec(msgspec.Struct, rename="camel", forbid_unknown_fields=True, froz
             tuple(
                 Neighbour(n.name, n.guild, bytes.fromhex(n.key), n.nats) for n in self.neighbours
             ),
+            self.founders,
         )
 
 
@@ -196,9 +211,18 @@ def read_spec(doc: Any) -> GuildSpec:
         _hex(m.signer_key, 33, f"member {m.name}: signerKey")
     try:
         Layout.from_json(spec.layout().to_json())  # the services' own checks
+        if spec.pin is not None:
+            pin_env(spec.pin, len(spec.members))
     except ValueError as exc:
         raise BadGuild(str(exc)) from None
     return spec
+
+
+def pin_env(pin: GuildPin, members: int) -> str:
+    """``INDEXER_GUILD_PIN`` for ``pin`` (ConfigError where the indexer would refuse it)."""
+    text = json.dumps({"key": pin.key, "threshold": pin.threshold, "members": pin.members})
+    guild_pin(text, members)
+    return text
 
 
 def check_keys(spec: GuildSpec, operator_key: str, issuer_key: str) -> None:

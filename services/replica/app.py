@@ -344,10 +344,10 @@ class Machine:
         found = await load_agreement(self.nc, s.name)
         if found is None or found == self.agreement:
             return
-        if found.voters[: len(self.agreement.voters)] != self.agreement.voters:
+        if not found.extends(self.agreement):
             raise ConfigError(
-                f"the agreement on members in NATS KV ({found.voters}) does not extend the "
-                f"one this machine follows ({self.agreement.voters}): the KV was rolled back"
+                f"the agreement on members in NATS KV ({found}) does not extend the "
+                f"one this machine follows ({self.agreement}): the KV was rolled back"
             )
         steps = found.steps()
         named = max(op for m in steps for op in m.operators())

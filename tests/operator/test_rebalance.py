@@ -81,6 +81,9 @@ def test_the_status_waits_for_approval_then_moves_then_is_done() -> None:
     assert [h["phase"] for h in st["history"]] == ["Proposed", "Moving"]
 
     underway = two.step(3)
+    # a look at a stale body (still Proposed, the Guild already at 3): Moving, never Done
+    for now_at in (underway, settled(underway, 3)):
+        assert next_phase(Phase.PROPOSED, approved, now_at, 3, None)[0] is Phase.MOVING
     phase, waiting = next_phase(Phase.MOVING, approved, underway, 3, None)
     assert phase is Phase.MOVING and "->2" in waiting
     phase, waiting = next_phase(Phase.MOVING, approved, settled(underway, 3), 3, None)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import itertools
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import given
 
+from constellation.errors import MessageError
 from constellation.protocol import replication as rp
 from constellation.replication import members as mb
 from constellation.replication.quorum import Copy
@@ -209,3 +211,26 @@ def test_a_change_the_guild_did_not_agree_to_is_refused() -> None:
     shard.run(1.0)
     assert leader.confirmed < leader.last
     assert all(shard.replicas[c].counters.refused_blocks for c in range(1, 6))
+
+
+def test_an_agreement_to_learn_first_then_to_vote_extends_step_by_step() -> None:
+    """A joiner's Learning is agreed before its Voting: the first agreement's steps end
+    with its copies learning, and the second's continue from there (each extends the
+    one before; nothing taken back). Malformed agreements are refused."""
+    founders = mb.Agreement([[0, 1, 2]])
+    learning = mb.Agreement([[0, 1, 2]], learning=[3])
+    voting = mb.Agreement([[0, 1, 2], [0, 1, 2, 3]])
+    assert learning.steps() == [THREE, rp.Members([0, 1, 2], [], [3])]
+    assert voting.steps()[:2] == learning.steps() and len(voting.steps()) == 4
+    assert learning.extends(founders) and voting.extends(learning) and voting.extends(founders)
+    assert not founders.extends(learning)  # the learners' step taken back
+    assert not mb.Agreement([[0, 1, 2]], learning=[4]).extends(learning)
+    leaving = mb.Agreement([[0, 1, 2], [0, 1]])
+    assert not leaving.extends(learning)
+    for bad in (
+        b'{"voters": [[0, 1, 2]], "learning": [2]}',
+        b'{"voters": [[0, 1]], "learning": [3, 2]}',
+    ):
+        with pytest.raises(MessageError, match="learners are distinct non-voters"):
+            mb.decode_agreement(bad)
+    assert mb.decode_agreement(learning.encode()) == learning

@@ -9,7 +9,7 @@ import sys
 import pytest
 from coincurve import PrivateKey
 
-from services.indexer.config import _pin
+from services.indexer.config import guild_pin
 from services.runtime import ConfigError
 
 
@@ -50,9 +50,9 @@ def test_bad_configuration_is_refused(module: str, env: dict[str, str], says: st
 
 def test_a_joiners_guild_pin_is_read_and_checked() -> None:
     key = PrivateKey(b"\x07" * 32).public_key.format().hex()
-    pin = _pin(f'{{"key": "{key}", "threshold": 2, "members": [0, 1, 2]}}', 4)
+    pin = guild_pin(f'{{"key": "{key}", "threshold": 2, "members": [0, 1, 2]}}', 4)
     assert pin is not None and (pin.key.hex(), pin.t, pin.members) == (key, 2, [0, 1, 2])
-    assert _pin("", 4) is None  # a founder's indexer takes its signer's first key
+    assert guild_pin("", 4) is None  # a founder's indexer takes its signer's first key
     for bad, says in [
         ("{", "not a guild pin"),
         (f'{{"key": "{key[2:]}", "threshold": 2, "members": [0, 1]}}', "compressed"),
@@ -61,4 +61,4 @@ def test_a_joiners_guild_pin_is_read_and_checked() -> None:
         (f'{{"key": "{key}", "threshold": 3, "members": [0, 1]}}', "threshold"),
     ]:
         with pytest.raises(ConfigError, match=says):
-            _pin(bad, 4)
+            guild_pin(bad, 4)
