@@ -230,14 +230,15 @@ def test_the_example_guild_is_valid() -> None:
 def test_the_guild_change_crd_and_the_operator_read_the_same_fields() -> None:
     schema = crd_schema("guildchanges")
     _agree(schema["properties"]["spec"], ChangeSpec, "spec")
-    (change,) = [d for d in yaml.safe_load_all((CHART / "examples" / "leave.yaml").read_text())]
-    jsonschema.validate(change, schema)
-    msgspec.convert(change["spec"], ChangeSpec)
-    for field, value in [("kind", "merge"), ("threshold", 1), ("approve", ["Done"])]:
-        bad = copy.deepcopy(change)
-        bad["spec"][field] = value
-        with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate(bad, schema)
+    for example in ("leave.yaml", "join.yaml"):
+        (change,) = [d for d in yaml.safe_load_all((CHART / "examples" / example).read_text())]
+        jsonschema.validate(change, schema)
+        msgspec.convert(change["spec"], ChangeSpec)
+        for field, value in [("kind", "merge"), ("threshold", 1), ("approve", ["Done"])]:
+            bad = copy.deepcopy(change)
+            bad["spec"][field] = value
+            with pytest.raises(jsonschema.ValidationError):
+                jsonschema.validate(bad, schema)
 
 
 def test_the_guild_rebalance_crd_and_the_operator_read_the_same_fields() -> None:

@@ -20,6 +20,7 @@ from services.devnet.deps import nats_server_binary
 from services.devnet.procs import free_port, wait_tcp
 from services.ecash.config import Settings as MintSettings
 from services.gateway.config import Settings as GatewaySettings
+from services.indexer.config import Settings as IndexerSettings
 from services.operator.reconcile import (
     Moves,
     config_hash,
@@ -46,6 +47,7 @@ from services.operator.render import (
 from services.operator.spec import BadGuild, GuildSpec, check_keys, read_spec
 from services.replica.config import Settings as ReplicaSettings
 from services.signer.config import Settings as SignerSettings
+from services.signer.store import KeyStore
 from tests.operator.conftest import example, template_hash
 
 OWNER = owner_reference(
@@ -55,6 +57,10 @@ OWNER = owner_reference(
         "metadata": {"name": "g1", "uid": "u1"},
     }
 )
+
+# A member that joined after the founders op0 and op1 made the guild's first key.
+PIN: dict[str, Any] = {"key": "02" + "79be667e" * 8, "threshold": 2, "members": [0, 1]}
+JOINED: dict[str, Any] = {"founders": 2, "pin": PIN}
 
 
 def _example() -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
@@ -180,6 +186,9 @@ def test_without_lightning_no_lightningd_and_no_mint() -> None:
         ({"network": "mainnet"}, "network"),
         ({"surprise": 1}, "unknown field"),
         ({"members": "op0"}, "spec"),
+        ({"founders": 3}, "founders"),
+        (JOINED | {"pin": PIN | {"members": [0, 3]}}, "INDEXER_GUILD_PIN"),
+        (JOINED | {"pin": PIN | {"key": "04" + "00" * 32}}, "INDEXER_GUILD_PIN"),
     ],
 )
 def test_bad_guilds_are_refused_saying_why(change: dict[str, Any], why: str) -> None:
@@ -383,9 +392,10 @@ def _secret_values(r: Renderer, keys: dict[str, str]) -> dict[tuple[str, str], s
     return values
 
 
-def test_every_service_accepts_its_rendered_environment(tmp_path: Path) -> None:
+@pytest.mark.parametrize("joined", [False, True])
+def test_every_service_accepts_its_rendered_environment(tmp_path: Path, joined: bool) -> None:
     _, keys, peers = _example()
-    r = _renderer()
+    r = _renderer(**(JOINED if joined else {}))
     _mounted(r, peers, tmp_path)
     values = _secret_values(r, keys)
     sets = _by(r.objects(), "StatefulSet")
@@ -399,13 +409,20 @@ def test_every_service_accepts_its_rendered_environment(tmp_path: Path) -> None:
         "gateway": GatewaySettings.from_env,
         "signer": SignerSettings.from_env,
         "mint": MintSettings.from_env,
+        "indexer": IndexerSettings.from_env,
     }
     for name, load in loaders.items():
         env = _environment(containers[name], values, tmp_path)
         settings = load(env)
         assert "$(" not in repr(env), f"{name}: a variable was not expanded"
+        if name == "signer":  # its identity, as the signer's first start makes it
+            KeyStore(settings.state_dir, settings.storage_key).create_identity()
         if name == "machine":
             assert settings.layout == r.spec.layout() and settings.machine == 0
+            assert settings.layout.founding == ([0, 1] if joined else [0, 1, 2])
+        if name == "indexer":
+            pin = settings.checkpoints.pin
+            assert (pin.members, pin.t) == ([0, 1], 2) if joined else pin is None
     # The indexer asks the signer as its identity: the signer's state folder, shared.
     indexer = {e["name"]: e for e in containers["indexer"]["env"]}
     signer = {e["name"]: e for e in containers["signer"]["env"]}
