@@ -58,6 +58,22 @@ def read_change(doc: Any, guild: GuildSpec, voting: Sequence[int]) -> tuple[Chan
     return spec, change
 
 
+def began(agreed: Agreement, doc: Any, guild: GuildSpec) -> tuple[list[int], int]:
+    """The voters when the change a GuildChange (``doc``, its spec) asks began, and where
+    its own entry goes in the member's agreement: the last voters and its length; or,
+    where that last entry already took the change (agreed by another hand before the
+    resource was read, or a repeat of the change just done), the voters before it."""
+    names = [m.name for m in guild.members]
+    member = doc.get("member") if isinstance(doc, Mapping) else None
+    if member not in names or len(agreed.voters) < 2:
+        return agreed.voters[-1], len(agreed.voters)
+    op, joins = names.index(member), doc.get("kind") == Kind.JOIN.value
+    previous, last = agreed.voters[-2:]
+    if (op in last) == joins and (op in previous) != joins:
+        return previous, len(agreed.voters) - 1
+    return last, len(agreed.voters)
+
+
 def final_voters(change: Change, guild: GuildSpec) -> list[int]:
     """The operator numbers that vote once ``change`` is done."""
     names = [m.name for m in guild.members]

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import kopf
+import msgspec
 import nats
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
@@ -38,6 +39,7 @@ from services.bus import (
 from services.operator import rebalance as rb
 from services.operator.changes import PLURAL as CHANGES
 from services.operator.changes import (
+    began,
     change_status,
     final_voters,
     key_status,
@@ -326,8 +328,8 @@ class Reconciler:
             try:
                 agreement = await load_agreement(nc, gspec.operator)
                 agreed = agreement or Agreement([gspec.layout().founding])
-                before = before or agreed.voters[-1]  # the voters when the change began
-                at = at or len(agreed.voters)  # where its own entry goes in the agreement
+                if before is None or at is None:
+                    before, at = began(agreed, body["spec"], gspec)
                 spec, change = read_change(body["spec"], gspec, before)
                 final, approved = final_voters(change, gspec), spec.approve
                 phase = Phase(previous.get("phase", Phase.PROPOSED.value))
@@ -360,11 +362,13 @@ class Reconciler:
     ) -> KeysSeen | None:
         """From Resharing on, the member agrees (in its NATS KV) that the new voters make
         the new key, and from Moving on, that its coins move to it: its own services act
-        on that (``services.indexer.keys``). What they report of it."""
+        on that (``services.indexer.keys``); a move agreed is never taken back (the
+        coins may be moving). What they report of it."""
         if phase not in (Phase.RESHARING, Phase.MOVING, Phase.DONE):
             return None
         plan = KeyPlan(final, change.threshold, move=phase is not Phase.RESHARING)
-        if await load_key_plan(nc, operator) != plan:
+        moving = msgspec.structs.replace(plan, move=True)
+        if await load_key_plan(nc, operator) not in (plan, moving):  # no move taken back
             await publish_key_plan(nc, operator, plan)
             _log.info("key plan agreed", extra={"voters": final, "move": plan.move})
         found = await load_keys_seen(nc, operator)

@@ -52,7 +52,9 @@ def covers(actual: Any, desired: Any) -> bool:
 
 
 def layout_change(running: str, wanted: str) -> str | None:
-    """What differs between the layout the machines run and the Guild's, or None."""
+    """What differs between the layout the machines run and the Guild's that they cannot
+    take, or None. They take members added after those they know, the founders kept (a
+    join: the machines roll onto it, one at a time, and carry the joiner's shards)."""
     old, new = json.loads(running), json.loads(wanted)
     changes = []
     if old["guild"] != new["guild"]:
@@ -61,8 +63,14 @@ def layout_change(running: str, wanted: str) -> str | None:
         changes.append(f"shards {old['workers']} -> {new['workers']}")
     before = {m["name"]: m for m in old["members"]}
     after = {m["name"]: m for m in new["members"]}
+    founders = old.get("founders") or len(old["members"])
     if added := sorted(after.keys() - before.keys()):
-        changes.append(f"members added: {', '.join(added)}")
+        appended = [m["name"] for m in new["members"][: len(before)]] == list(before)
+        if not appended or (new.get("founders") or len(after)) != founders:
+            changes.append(
+                f"members added: {', '.join(added)} (a joiner comes after the members,"
+                f" with spec.founders: {founders})"
+            )
     if removed := sorted(before.keys() - after.keys()):
         changes.append(f"members removed: {', '.join(removed)}")
     changed = []

@@ -12,7 +12,14 @@ import pytest
 from constellation.membership import Observed, Phase
 from constellation.replication.members import Agreement
 from services.bus import SeenCopy
-from services.operator.changes import change_status, final_voters, learnt, read_change, to_agree
+from services.operator.changes import (
+    began,
+    change_status,
+    final_voters,
+    learnt,
+    read_change,
+    to_agree,
+)
 from services.operator.spec import BadGuild, read_spec
 from tests.operator.conftest import example
 
@@ -100,3 +107,22 @@ def test_a_join_learns_first_then_votes_and_is_judged_by_every_shard() -> None:
     st = change_status({}, 1, "t0", change, [0, 1], [0, 1, 2], ["Learning"], Observed(), (0, 0), "")
     st = change_status(st, 1, "t1", change, [0, 1], [0, 1, 2], ["Learning"], Observed(), (0, 0), "")
     assert st["phase"] == "Learning" and "every shard's log" in st["waitingFor"]
+
+
+def test_a_change_begins_before_its_own_entry_where_the_agreement_took_it_already() -> None:
+    """A change read once its member already agreed to it (another hand got there
+    first) begins at the voters before that entry; a change not yet agreed begins at
+    the last voters, and a join of a member that left is read as a new change."""
+    joining = msgspec.structs.replace(GUILD, founders=2)
+    join = LEAVE | {"kind": "join", "member": "op2"}
+    assert began(Agreement([[0, 1]]), join, joining) == ([0, 1], 1)
+    assert began(Agreement([[0, 1]], learning=[2]), join, joining) == ([0, 1], 1)
+    assert began(Agreement([[0, 1], [0, 1, 2]]), join, joining) == ([0, 1], 1)
+    assert began(Agreement([[0, 1, 2], [0, 1]]), join, joining) == ([0, 1], 2)
+    assert began(Agreement([[0, 1, 2]]), LEAVE, joining) == ([0, 1, 2], 1)
+    assert began(Agreement([[0, 1, 2], [0, 1]]), LEAVE, joining) == ([0, 1, 2], 1)
+    assert began(Agreement([[0, 1], [0, 1, 2]]), LEAVE, joining) == ([0, 1, 2], 2)
+    assert began(Agreement([[0, 1, 2]]), {"member": "op9"}, joining) == ([0, 1, 2], 1)
+    assert began(Agreement([[0, 1, 2]]), "not a spec", joining) == ([0, 1, 2], 1)
+    _, change = read_change(join, joining, began(Agreement([[0, 1], [0, 1, 2]]), join, joining)[0])
+    assert change.after == ("op0", "op1", "op2")

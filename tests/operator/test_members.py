@@ -1,33 +1,51 @@
-"""A GuildChange walked by the operator over a real local guild of three (the Kubernetes
-API is the emulator; the machines are the guild's own processes): op2 leaves. Each phase
-waits for its approval; a second change of the same guild waits for the first; Voting
-writes the member's agreement, and once every member agreed (this test plays op1's and
-op2's operators) every shard confirms the new voters, which the change observes from
-op0's machines; an operator restarted in the middle resumes from the resource's status.
-Resharing agrees to the new members' key (op0's services and op1's make it by their DKG),
-Moving to the move of the coins (none held here), and the change is Done."""
+"""Members leave and join real local guilds, a GuildChange walking each at op0 (the
+Kubernetes API is the emulator; the machines are the guilds' own processes).
+
+op2 leaves a guild of three. Each phase waits for its approval; a second change of the
+same guild waits for the first; Voting writes the member's agreement, and once every
+member agreed (this test plays op1's and op2's operators) every shard confirms the new
+voters, which the change observes from op0's machines; an operator restarted in the
+middle resumes from the resource's status. Resharing agrees to the new members' key
+(op0's services and op1's make it by their DKG), Moving to the move of the coins (none
+held here), and the change is Done.
+
+op2 joins a guild of two (``constellation devnet join``, doing every member's part,
+the machines' restarts on the layout naming it included), while op0's Guild names it
+and its operator walks the change: Learning, Voting, Resharing, Moving, Done, each seen
+from op0's machines and services. No payment is lost or applied twice and the books
+balance; every copy at every member names the new voters, confirmed, and nobody holds a
+proof against anybody; a light client pinned before the join follows the handover, and
+the joiner's ledger takes payments.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import pytest
 from nats.aio.client import Client
 
+from constellation.lightclient import proof as pf
+from constellation.lightclient.checkpointer import Announced
 from constellation.membership import KeyPlan
 from constellation.protocol.signer import KeyRequest
 from constellation.replication.members import Agreement
 from services.bus import load_agreement, publish_agreement, publish_key_plan
-from services.devnet import guild
+from services.devnet import Devnet, DevnetError, guild
+from services.light import LightClient
+from services.operator.render import Obj
 from services.operator.spec import GROUP, VERSION
 from services.runtime import connect_nats
 from tests.operator.conftest import NS, Api, Running, eventually
 from tests.operator.localguild import documents, op0
-from tests.system.guild import local_guild
+from tests.system.guild import local_guild, pay
+from tests.system.test_guild_members import _get, _latest_above, gauges
 
 T = TypeVar("T")
 CHANGES = f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/guildchanges"
@@ -40,12 +58,18 @@ def where() -> Iterator[Path]:
         yield directory
 
 
-def change(name: str, member: str) -> dict[str, Any]:
+def change(name: str, member: str, kind: str = "leave", approve: Sequence[str] = ()) -> Obj:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "GuildChange",
         "metadata": {"name": name, "namespace": NS},
-        "spec": {"guild": "g1", "kind": "leave", "member": member, "threshold": 2, "approve": []},
+        "spec": {
+            "guild": "g1",
+            "kind": kind,
+            "member": member,
+            "threshold": 2,
+            "approve": list(approve),
+        },
     }
 
 
@@ -86,8 +110,15 @@ def running(k8s: Any, where: Path) -> Running:
     return Running(str(k8s.url).rstrip("/"), OPERATOR_NATS_ADDR=addr)
 
 
-@pytest.fixture
-async def operator(api: Api, k8s: Any, where: Path) -> AsyncIterator[list[Running]]:
+@pytest.fixture(scope="module")
+def founders() -> Iterator[Path]:
+    """A guild of two, that op2 joins."""
+    with local_guild("cst-opjoin-", operators=2) as directory:
+        yield directory
+
+
+@asynccontextmanager
+async def op0_operator(api: Api, k8s: Any, where: Path) -> AsyncIterator[list[Running]]:
     """op0's Guild and its operator (restartable: the list's one element)."""
     docs = documents(where)
     for doc in docs[:-1]:
@@ -95,8 +126,16 @@ async def operator(api: Api, k8s: Any, where: Path) -> AsyncIterator[list[Runnin
     await api.create_guild(docs[-1])
     op = [running(k8s, where)]
     await op[0].start()
-    yield op
-    await op[0].stop()
+    try:
+        yield op
+    finally:
+        await op[0].stop()
+
+
+@pytest.fixture
+async def operator(api: Api, k8s: Any, where: Path) -> AsyncIterator[list[Running]]:
+    async with op0_operator(api, k8s, where) as op:
+        yield op
 
 
 async def test_a_member_leaves_through_approved_phases(
@@ -173,3 +212,91 @@ async def _voting(api: Api, expected: list[bool]) -> bool:
     have = await api.guild()
     members = (have or {}).get("status", {}).get("members", [])
     return [m.get("voting") for m in members] == expected
+
+
+async def test_a_member_joins_and_votes_signs_and_takes_payments(
+    api: Api, k8s: Any, founders: Path
+) -> None:
+    where = founders
+    before = guild.load(where)
+    assert all(await asyncio.gather(*(pay(net, 60) for net in before)))
+    old = (await asyncio.to_thread(guild.signer_request, before[0], KeyRequest())).first
+    assert old is not None
+    descriptor = pf.Descriptor.decode((await _get(before[0], "/v1/lc/descriptor"))["descriptor"])
+    with pytest.raises(DevnetError, match="name taken"):
+        await asyncio.to_thread(guild.join, where, "op1")
+
+    async with op0_operator(api, k8s, where):
+        joining = asyncio.create_task(asyncio.to_thread(guild.join, where, "op2"))
+        await eventually(lambda: _admitted(where), "op2 admitted", VOTING_S)
+        # op0's Guild names the joiner after its founders (its machines roll onto it),
+        # and op0 holds what the joiner issued it
+        docs = documents(where)
+        await api.kube.patch(docs[1])
+        await api.patch_spec({"members": docs[-1]["spec"]["members"], "founders": 2})
+        learning = await eventually(lambda: _learning(where), "op0 agreed op2 learns", VOTING_S)
+        assert learning == Agreement([[0, 1]], learning=[2])
+        phases = ["Learning", "Voting", "Resharing", "Moving"]
+        async with api.http.post(
+            f"{api.url}{CHANGES}", json=change("op2-joins", "op2", "join", phases)
+        ) as r:
+            assert r.status < 300, await r.text()
+        joined = await joining
+        print(f"-- {joined}")
+        done = await eventually(lambda: _phase(api, "op2-joins", "Done"), "done", VOTING_S)
+        assert [h["phase"] for h in done["history"]] == ["Proposed", *phases, "Done"]
+        assert done["voters"] == [0, 1, 2] and done["newKey"] == joined.key
+        assert done["shardsVoted"] == "6/6" and done["handedOver"] is True
+        await eventually(lambda: _voting(api, [True, True, True]), "the Guild shows op2 in")
+        assert (await api.condition("Degraded"))["status"] == "False"  # the layout taken
+
+    assert joined.voters == ["op0", "op1", "op2"]
+    nets = guild.load(where)
+    assert [n.operator for n in nets] == ["op0", "op1", "op2"]
+    rows = guild.copies(nets)
+    assert len(rows) == 2 * 3 * 3 * 2  # 2 copies x 3 members x 3 owners x 2 workers
+    assert all(r["voters"] == [0, 1, 2] and r["members_confirmed"] for r in rows)
+    assert not [r for r in rows if r["evidence"]], "a proof against an operator"
+    assert set(gauges(nets, "replica_voters")) == {3.0}
+    for worker in range(2):
+        assert guild.leader(nets, f"op2/{worker}") is not None
+    assert await agreement_at(where, 2) == Agreement([[0, 1], [0, 1, 2]])
+
+    await _handed_over_to(nets, descriptor, bytes.fromhex(joined.key))
+    # Payments on every ledger, the joiner's too, and through the joiner's gateway.
+    assert all(await asyncio.gather(*(pay(net, 60) for net in nets)))
+    assert await pay(nets[0], 30, via=nets[2])
+
+
+async def _handed_over_to(nets: list[Devnet], descriptor: pf.Descriptor, new: bytes) -> None:
+    """The three made the ``new`` key; the founders' signers retired the old one, and the
+    joiner's holds only the new one (the chain still starts at the old)."""
+    for net in nets:
+        held = await asyncio.to_thread(guild.signer_request, net, KeyRequest())
+        assert held.threshold_pubkey == new and [k.key for k in held.keys] == [new]
+        assert held.keys[0].members == [0, 1, 2]
+
+    # Every member, the joiner too, serves the handover and checkpoints above it; a
+    # light client pinned before the join follows it.
+    served = [(await _get(net, "/v1/lc/handovers", 60))["handovers"] for net in nets]
+    assert served[0] == served[1] == served[2] and len(served[0]) == 1, served
+    [doc] = served[0]
+    assert doc["next_key"] == new[1:].hex()
+    latest = await _latest_above(nets[2], doc["height"], 60)
+    signed = Announced.decode(bytes.fromhex(latest["encoded"])).signed
+    pin = descriptor.pin.follow(pf.SignedCheckpoint.decode(bytes.fromhex(doc["encoded"])))
+    assert pf.verify_checkpoint(pin, signed) == signed.checkpoint
+    assert (await _get(nets[2], "/v1/lc/descriptor"))["descriptor"] == descriptor.encode()
+    async with aiohttp.ClientSession() as session:
+        client = LightClient(descriptor, [nets[2].gateway_url], session)
+        _, found = await client.latest()
+        assert client.pin.handed == doc["height"] and found.signed.checkpoint.height > doc["height"]
+
+
+async def _admitted(where: Path) -> bool:
+    return len(guild.load(where)) == 3
+
+
+async def _learning(where: Path) -> Agreement | None:
+    found = await agreement_at(where, 0)
+    return found if found is not None and found.learning else None

@@ -13,6 +13,7 @@ from typing import Any
 
 import nats
 import pytest
+from coincurve import PrivateKey
 from nats.errors import Error as NatsError
 
 from constellation.replication.placement import Placement
@@ -235,6 +236,42 @@ def test_layout_changes_are_named_and_refused() -> None:
     more = _renderer(members=_with_machines(3)).objects()
     assert layout_change(layout, more[0]["data"]["layout.json"]) is None  # op0's own
     assert config_hash(more) == config_hash(r.objects())  # a machine added rolls none
+
+
+def test_a_joiner_after_the_founders_is_a_layout_the_machines_take() -> None:
+    r = _renderer()
+    observed = {(o["kind"], o["metadata"]["name"]): o for o in r.objects()}
+    observed |= _observed(r, len(r.machines))  # every machine ready
+    guild, _, _ = _example()
+    joiner = _member("op3", 7)
+    joined = _renderer(members=[*guild["spec"]["members"], joiner], founders=3)
+    taken = plan(joined, observed)
+    assert taken.refused is None and config_hash(joined.objects()) != config_hash(r.objects())
+    rolled = [o["metadata"]["name"] for o in taken.patch if MACHINE in o["metadata"]["labels"]]
+    assert len(rolled) == 1 and len(taken.waiting) == len(r.machines) - 1  # one at a time
+    for bad in (
+        _renderer(members=[*guild["spec"]["members"], joiner]),  # founders not kept
+        _renderer(members=[joiner, *guild["spec"]["members"]], founders=0),  # not after
+    ):
+        refused = plan(bad, observed).refused
+        assert refused is not None and "members added: op3" in refused
+        assert "spec.founders: 3" in refused
+    # a second joiner, the founders kept
+    running = {(o["kind"], o["metadata"]["name"]): o for o in joined.objects()}
+    again = _renderer(members=[*guild["spec"]["members"], joiner, _member("op4", 8)], founders=3)
+    assert plan(again, running).refused is None
+
+
+def _member(name: str, seed: int) -> dict[str, Any]:
+    """A member entry with its own valid keys."""
+    key, issuer = PrivateKey(bytes([seed] * 32)), PrivateKey(bytes([seed + 100] * 32))
+    return {
+        "name": name,
+        "key": key.public_key.format()[1:].hex(),
+        "signerKey": PrivateKey(bytes([seed + 50] * 32)).public_key.format().hex(),
+        "issuers": [issuer.public_key.format()[1:].hex()],
+        "nats": f"nats://nats.{name}.example:4222",
+    }
 
 
 def _observed(r: Renderer, ready: int) -> dict[tuple[str, str], dict[str, Any]]:
