@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 
@@ -34,6 +34,20 @@ class GatewayError(RuntimeError):
             and self.status != 429
             and self.code not in (InFlight.code, InputLocked.code, IN_PROGRESS)
         )
+
+
+class Sent(NamedTuple):
+    """What became of a payment sent: ``committed`` (None: nobody could tell in time),
+    and how it went (``how``): "committed", "gateway down" (never sent: the connection
+    was refused), the error code of a refusal for good, "CODE, then committed" or "CODE,
+    outcome unknown" where the first answer left it open ("no answer": none came)."""
+
+    committed: bool | None
+    how: str
+    seconds: float  # from the submission to the answer that told
+
+
+REFUSED_WAIT_S = 0.05  # after a refused connection: the gateway's supervisor restarts it
 
 
 class Gateway:
@@ -99,6 +113,28 @@ class Gateway:
                 if time.monotonic() > end:
                     raise
             await asyncio.sleep(OUTCOME_RETRY_S)
+
+    async def send(self, tx: Transaction) -> Sent:
+        """Submit ``tx`` and find out what became of it, whatever the gateway does
+        meanwhile (a refusal for good, a timeout, a restart): a payer keeps its coin
+        where ``committed`` is False, spends it where True, and cannot tell where None."""
+        started = time.perf_counter()
+        try:
+            await self.submit(tx)
+            return Sent(True, "committed", time.perf_counter() - started)
+        except aiohttp.ClientConnectorError:
+            await asyncio.sleep(REFUSED_WAIT_S)
+            return Sent(False, "gateway down", time.perf_counter() - started)
+        except (GatewayError, aiohttp.ClientError, TimeoutError) as exc:
+            code = exc.code if isinstance(exc, GatewayError) else "no answer"
+            if isinstance(exc, GatewayError) and exc.final:
+                return Sent(False, code, time.perf_counter() - started)
+        try:  # committed or not: sent again until the ledger says
+            committed = await self.outcome(tx)
+        except (GatewayError, aiohttp.ClientError, TimeoutError):
+            return Sent(None, f"{code}, outcome unknown", time.perf_counter() - started)
+        how = f"{code}, then committed" if committed else code
+        return Sent(committed, how, time.perf_counter() - started)
 
     async def issue(self, issuance: AnyIssuance) -> dict[str, Any]:
         return await self.post("/v1/issuance" + self.query, issuance.encode())

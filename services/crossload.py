@@ -29,9 +29,9 @@ from constellation.ledger.partition import Coin
 from constellation.settlement import release_coin
 from constellation.tx import TxOutput
 from constellation.wallet import Wallet
-from services.api_client import Gateway, GatewayError
+from services.api_client import Gateway
 from services.devnet import Devnet, guild
-from services.workload import COIN_MSAT, FEE_MSAT, percentile
+from services.workload import COIN_MSAT, FEE_MSAT, percentile, tally
 
 RELEASE_WAIT_S = 120.0
 
@@ -146,32 +146,12 @@ class CrossWorkload:
             ledger=self.lids[dst_op],
             here=self.lids[op],
         )
-        started = time.perf_counter()
-        try:
-            await self.gws[op].submit(tx)
-        except aiohttp.ClientConnectorError:  # never sent (the gateway is down): not spent
-            self.codes["gateway down"] += 1
+        sent = await self.gws[op].send(tx)
+        tally(sent, self.codes, self.latencies)
+        if sent.committed is False:
             src.coins[cid] = coin
-            await asyncio.sleep(0.05)
+        if not sent.committed:  # not spent, or nobody could tell (the coin is left)
             return True
-        except (GatewayError, aiohttp.ClientError, TimeoutError) as exc:
-            code = exc.code if isinstance(exc, GatewayError) else "no answer"
-            self.codes[code] += 1
-            if isinstance(exc, GatewayError) and exc.final:
-                src.coins[cid] = coin
-                return True
-            try:  # committed or not: sent again until the ledger says
-                committed = await self.gws[op].outcome(tx)
-            except (GatewayError, aiohttp.ClientError, TimeoutError):
-                self.codes["outcome unknown"] += 1  # the coin is left
-                return True
-            if not committed:
-                src.coins[cid] = coin
-                return True
-            self.codes[f"{code}, then committed"] += 1
-        else:
-            self.latencies.append(time.perf_counter() - started)
-            self.codes["committed"] += 1
         for i, ((value, owner), out_id) in enumerate(zip(tx.outputs, tx.output_ids, strict=True)):
             if i == 0 and dst_op != op:  # nothing more here: the load's CPU is the guild's
                 self.crossings.append(Crossing(op, dst_op, out_id, owner, value, time.time()))
