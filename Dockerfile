@@ -1,5 +1,15 @@
 # The project's one image: every service is `python -m services.<name>`, so a service
 # picks its module with `command` (docker-compose.yml: `command: ["services.gateway"]`).
+
+# The explorer's and the console's pages (web/), built once: the gateway serves them.
+FROM node:20-slim AS web
+WORKDIR /web
+COPY web/package.json web/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY web/build.mjs ./
+COPY web/src ./src
+RUN npm run build
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -21,6 +31,8 @@ RUN mkdir constellation services \
 COPY constellation ./constellation
 COPY services ./services
 RUN pip install --no-deps . && rm -rf build ./*.egg-info
+COPY --from=web /web/dist /srv/web
+ENV GATEWAY_WEB_DIR=/srv/web
 
 # Not root. The state folders exist in the image, owned by the service's user, so that a
 # new named volume mounted on one of them starts with that owner (docker-compose.yml

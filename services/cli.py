@@ -80,6 +80,8 @@ def _guild(args: argparse.Namespace) -> int:
 def _print_devnet(net: devnet.Devnet) -> None:
     print(f"devnet {net.guild!r} up in {net.dir}")
     print(f"  gateway:    {net.gateway_url} (pid {net.gateway_pid}; API at /openapi.json)")
+    print(f"  explorer:   {net.gateway_url}/explorer/")
+    print(f"  console:    {net.gateway_url}/console/ (token {net.console_token})")
     for w in net.workers:
         print(f"  worker {w.index}:   pid {w.pid}, http://127.0.0.1:{w.http_port}")
     for proc in net.signers:

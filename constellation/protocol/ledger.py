@@ -298,6 +298,9 @@ class StateInfo(msgspec.Struct, frozen=True):
     events_height: int  # the latest block with events (-1: none): what readers follow
     outbound_msat: int = 0  # paid to other ledgers (coordinated here)
     pending_msat: int = 0  # locked or to be created by transactions prepared here
+    leader: int = -1  # the copy of the shard that answered, leading it (-1: not replicated)
+    term: int = 0  # its term
+    confirmed: int = -1  # the shard's confirmed height (-1: not replicated; see height)
 
 
 _package_encoder = msgspec.msgpack.Encoder()

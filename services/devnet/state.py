@@ -87,6 +87,7 @@ class Devnet:
     mint_storage_key: str = ""  # seals the mint's master secret
     bitcoind_url: str = ""  # the chain, as bitcoind's JSON-RPC (the simulated network's)
     guild_pin: str = ""  # a member that joined: the guild's first key (INDEXER_GUILD_PIN)
+    console_token: str = field(default_factory=lambda: os.urandom(16).hex())  # the console's
 
     @property
     def in_guild(self) -> bool:
@@ -219,7 +220,22 @@ class Devnet:
             **({"GATEWAY_LAYOUT": str(self.layout_path)} if self.in_guild else {}),
             **({"GATEWAY_LIGHTNING_RPC": self.lightning_rpc} if self.lightning_rpc else {}),
             **(self._settle_env() if self.in_guild and self.lightning_rpc else {}),
+            "GATEWAY_CONSOLE_TOKEN": self.console_token,
+            "GATEWAY_CONSOLE_TARGETS": ",".join(
+                f"{name}=http://127.0.0.1:{port}" for name, port in self.ops_ports()
+            ),
         }
+
+    def ops_ports(self) -> list[tuple[str, int]]:
+        """The ops server (``/readyz``, ``/metrics``) of each of its own processes."""
+        return [
+            *((f"signer-{s.index}", s.http_port) for s in self.signers),
+            *((f"worker-{w.index}", w.http_port) for w in self.workers),
+            *((f"machine-{m.index}", m.http_port) for m in self.machines),
+            ("gateway", self.gateway_port),
+            ("indexer", self.indexer_port),
+            *((("mint", self.mint_port),) if self.has_mint else ()),
+        ]
 
     def _settle_env(self) -> dict[str, str]:
         """The gateway settles with the other members over the Lightning network."""

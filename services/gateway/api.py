@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from constellation.address import Network, decode_address, decode_destination, encode_address
 from constellation.errors import ConstellationError, UnknownLedger, Unsigned
 from constellation.protocol import ledger as proto
+from constellation.settlement import release_coin
 from constellation.tx import (
     HERE,
     Transaction,
@@ -181,6 +182,7 @@ class Api:
         timeout_s: float,
         ledger_ids: dict[str, bytes],
         neighbour_ids: dict[str, bytes],
+        issuers: dict[str, frozenset[bytes]],
     ) -> None:
         self.ledgers = ledgers  # every ledger served, by its operator's name
         # the ledger id of each guild member (none without a layout), and of each
@@ -189,6 +191,7 @@ class Api:
         self.ledger_ids = ledger_ids
         self.settled_ids = {**ledger_ids, **neighbour_ids}
         self.ledger_names = {lid: name for name, lid in self.settled_ids.items()}
+        self.issuers = issuers  # each member's ledger's issuer keys (releases are theirs)
         self.settle_store: SettleStore | None = None  # set where this gateway settles
         self.settler: Settler | None = None
         self.ledger = ledgers[operator]  # this operator's: the index and pushes are its
@@ -478,7 +481,43 @@ class Api:
         found = await self.index.tx(txid)
         if found is None:
             raise await self._not_found()
+        found["changes"] = [self.described(c) for c in found["changes"]]
+        for change in found["changes"]:
+            if change["kind"] == "paid_out":
+                change["settlement"] = await self._settlement(change)
         return json_response({"txid": txid.hex(), "status": "committed", **found})
+
+    async def _settlement(self, change: dict[str, Any]) -> str:
+        """An output paid to another member's ledger: "settled" once its batch was paid
+        and it was released there as a coin, "pending" until then ("unknown" where that
+        ledger is not a member's, or does not answer)."""
+        name = change.get("ledger")
+        if name not in self.ledgers or self.ledger.operator not in self.ledger_ids:
+            return "unknown"
+        payer = self.ledger_ids[self.ledger.operator]
+        owner = decode_address(change["address"], self.network)
+        coin = bytes.fromhex(change["coin_id"])
+        value = change["value_msat"]
+        # the release is issued by one of the payee's issuer keys: ask for each's coin
+        candidates = [release_coin(i, payer, coin, value, owner) for i in self.issuers[name]]
+        try:
+            infos = await self._coin_infos(self.ledgers[name], candidates)
+        except ApiError:
+            return "unknown"
+        released = [c for c, info in infos.items() if info.status != "unknown"]
+        if released:
+            change["released_as"] = released[0].hex()
+        return "settled" if released else "pending"
+
+    def described(self, change: dict[str, Any]) -> dict[str, Any]:
+        """An indexed change (``Index.tx``, ``Index.blocks``) with its owner as an
+        address, and the ledger an output is paid to by its operator's name."""
+        doc = dict(change)
+        doc["address"] = encode_address(bytes.fromhex(doc.pop("owner")), self.network)
+        name = self.ledger_names.get(bytes.fromhex(doc.get("ledger_id", "")))
+        if name is not None:
+            doc["ledger"] = name
+        return doc
 
     async def _not_found(self) -> ApiError:
         """Not in the index: whether that is final, or the index is behind the ledger."""

@@ -7,6 +7,8 @@ import logging
 
 from services.gateway.api import Api
 from services.gateway.config import Settings
+from services.gateway.console import Console
+from services.gateway.explorer import Explorer
 from services.gateway.lcws import LightSockets
 from services.gateway.lightclient import LightClientApi
 from services.gateway.lightning import ClnBackend, LightningError, rebalance
@@ -74,12 +76,15 @@ class GatewayNode:
             s.timeout_ms / 1000,
             s.ledger_ids,
             s.neighbour_ids,
+            {m.name: m.issuers for m in s.layout.members} if s.layout else {},
         )
         api.install(self.ops.app)
         members = [m.name for m in s.layout.members] if s.layout else []
         light = LightClientApi(ledger.nc, s.operator, members, s.network)
         light.install(self.ops.app)
         LightSockets(light, api, m, self.ops.tasks).install(self.ops.app)
+        Explorer(api, members, s.web_dir).install(self.ops.app)
+        Console(s.console_token, s.console_targets, s.grafana_url, s.operator).install(self.ops.app)
         m.queue.labels("in_flight").set_function(lambda: sum(c.in_flight for c in ledgers.values()))
         m.queue.labels("outbox").set_function(lambda: sum(c.packer.depth for c in ledgers.values()))
         tasks = self.ops.tasks

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from constellation.address import Network
 from constellation.keys import SigningKey
 from constellation.tx import ledger_id
 from services.bus import Batching
+from services.gateway.console import parse_targets
 from services.gateway.settle import Settings as SettleSettings
 from services.replica.config import Layout, load_layout, load_peers
 from services.runtime import ConfigError, env_addr, env_int, env_operator, env_str
+
+WEB_DIR = Path(__file__).resolve().parents[2] / "web" / "dist"  # web/ built (scripts/setup)
+MIN_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,10 @@ class Settings:
     liquidity_msat: int = 0
     # settlement with the other members (needs the layout and the Lightning node)
     settle: SettleSettings | None = None
+    web_dir: Path = WEB_DIR  # the explorer's and the console's built pages
+    console_token: str = ""  # the operator console's (empty: no console)
+    console_targets: dict[str, str] = field(default_factory=dict)  # name: ops server URL
+    grafana_url: str = ""  # the console links to it
 
     @property
     def ledger_ids(self) -> dict[str, bytes]:
@@ -91,6 +99,10 @@ class Settings:
                 raise ConfigError(f"GATEWAY_PEERS has no credentials for {', '.join(missing)}")
             if not env.get("GATEWAY_LIGHTNING_RPC"):
                 raise ConfigError("settling (GATEWAY_OPERATOR_KEY) needs GATEWAY_LIGHTNING_RPC")
+        try:
+            targets = parse_targets(env.get("GATEWAY_CONSOLE_TARGETS", ""))
+        except ValueError as exc:
+            raise ConfigError(f"GATEWAY_CONSOLE_TARGETS: {exc}") from None
         return Settings(
             operator=operator,
             nats_url=env_str(env, "GATEWAY_NATS_URL", "nats://127.0.0.1:4222"),
@@ -111,6 +123,10 @@ class Settings:
             else None,
             liquidity_msat=env_int(env, "GATEWAY_LIQUIDITY_MSAT", 0, 0, 10**15),
             settle=settle,
+            web_dir=Path(env_str(env, "GATEWAY_WEB_DIR", str(WEB_DIR))),
+            console_token=_console_token(env),
+            console_targets=targets,
+            grafana_url=env.get("GATEWAY_GRAFANA_URL", ""),
         )
 
 
@@ -119,3 +135,17 @@ def _secret(env: Mapping[str, str], name: str) -> SigningKey:
         return SigningKey(bytes.fromhex(env_str(env, name)))
     except ValueError:
         raise ConfigError(f"{name} must be a 32-byte secret key in hex") from None
+
+
+def _console_token(env: Mapping[str, str]) -> str:
+    """The console's token: GATEWAY_CONSOLE_TOKEN, or the file GATEWAY_CONSOLE_TOKEN_FILE
+    names (a mounted Secret); at least 16 characters, or none (no console)."""
+    token = env.get("GATEWAY_CONSOLE_TOKEN", "")
+    if env.get("GATEWAY_CONSOLE_TOKEN_FILE"):
+        try:
+            token = Path(env["GATEWAY_CONSOLE_TOKEN_FILE"]).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"GATEWAY_CONSOLE_TOKEN_FILE: {exc}") from None
+    if token and len(token) < MIN_TOKEN:
+        raise ConfigError(f"the console token needs at least {MIN_TOKEN} characters")
+    return token

@@ -19,6 +19,7 @@ from constellation import errors as e
 # What each status means to a client; the OpenAPI document's descriptions come from here.
 STATUS_TEXT = {
     400: "malformed or invalid",
+    401: "the operator console's token is missing or wrong",
     403: "not allowed: not an issuer of this ledger, or not a member",
     404: "not found",
     409: "a coin is spent or locked by another transaction, or the request is running",
@@ -38,6 +39,7 @@ RATE_LIMITED = "rate_limited"
 TIMEOUT = "timeout"
 INTERNAL = "internal"
 IN_PROGRESS = "idempotency.in_progress"
+UNAUTHORIZED = "unauthorized"
 
 STATUS: dict[str, int] = {
     # -- the request itself is wrong
@@ -75,6 +77,7 @@ STATUS: dict[str, int] = {
     # -- the API edge
     e.KeyReused.code: 422,
     IN_PROGRESS: 409,
+    UNAUTHORIZED: 401,
     NOT_FOUND: 404,
     NOT_INDEXED: 404,
     TOO_LARGE: 413,

@@ -105,6 +105,147 @@ COIN_OUT = _object(["coin_id", "value_msat"], coin_id=HEX32, value_msat=MSAT)
 
 
 HEX = {"type": "string", "pattern": "^([0-9a-f]{2})*$"}
+CHANGE = _object(
+    ["kind", "coin_id", "address", "value_msat", "block"],
+    kind={"enum": ["spent", "created", "paid_out"]},
+    coin_id=HEX32,
+    address={"type": "string"},
+    value_msat=MSAT,
+    block=BLOCK,
+    ledger_id={"type": "string", "description": "paid_out: the ledger it is paid to"},
+    ledger={"type": "string", "description": "paid_out: that ledger's operator, if known"},
+    settlement={
+        "enum": ["pending", "settled", "unknown"],
+        "description": "paid_out (in /v1/tx): released there as a coin once settled",
+    },
+    released_as={**HEX32, "description": "settled: the coin it became in that ledger"},
+)
+
+
+def _explorer_paths() -> dict[str, Any]:
+    """What the explorer's pages read besides the rest of the API, and the console."""
+    shard = _object(
+        ["ledger", "worker"],
+        ledger={"type": "string"},
+        worker=INT,
+        height=INT,
+        confirmed=INT,
+        coins=INT,
+        in_doubt=INT,
+        leader=_object(["member", "copy", "term"], member={"type": "string"}, copy=INT, term=INT),
+        error={"type": "string", "description": "no leader answered in time"},
+    )
+    record = _object(
+        ["txid", "committed", "fee_msat", "changes"],
+        txid=HEX32,
+        committed={"type": "boolean"},
+        fee_msat=MSAT,
+        changes={"type": "array", "items": CHANGE},
+    )
+    block = _object(
+        ["worker", "height", "records"],
+        worker=INT,
+        height=INT,
+        records={"type": "array", "items": record},
+    )
+    return {
+        "/v1/shards": {
+            "get": {
+                "summary": "Every shard of the ledgers served: its leader, term and heights",
+                "responses": {
+                    "200": _json(
+                        _object(
+                            ["ledger", "network", "members", "shards"],
+                            ledger={"type": "string"},
+                            network={"type": "string"},
+                            members={"type": "array", "items": {"type": "string"}},
+                            shards={"type": "array", "items": shard},
+                        ),
+                        "the shards",
+                    ),
+                    **_errors(),
+                },
+            }
+        },
+        "/v1/blocks/{worker}": {
+            "get": {
+                "summary": "This ledger's blocks of one worker that changed coins, newest first",
+                "parameters": [
+                    _path_param("worker", {"type": "string", "pattern": "^[0-9]{1,6}$"}),
+                    {
+                        "name": "before",
+                        "in": "query",
+                        "description": "a height: the blocks below it (a page's next)",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 2**62},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+                    },
+                ],
+                "responses": {
+                    "200": _json(
+                        _object(
+                            ["ledger", "worker", "blocks"],
+                            ledger={"type": "string"},
+                            worker=INT,
+                            blocks={"type": "array", "items": block},
+                            next=INT,
+                        ),
+                        "a page of blocks",
+                    ),
+                    **_errors(400, 404),
+                },
+            }
+        },
+        "/v1/rate": {
+            "get": {
+                "summary": "Transactions committed in this ledger, each second",
+                "parameters": [
+                    {
+                        "name": "seconds",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 600},
+                    }
+                ],
+                "responses": {
+                    "200": _json(
+                        _object(
+                            ["ledger", "seconds", "rate"],
+                            ledger={"type": "string"},
+                            seconds=INT,
+                            rate={
+                                "type": "array",
+                                "items": _object(["second", "txs"], second=INT, txs=INT),
+                            },
+                        ),
+                        "the seconds with any, oldest first",
+                    ),
+                    **_errors(400),
+                },
+            }
+        },
+        "/v1/console": {
+            "get": {
+                "summary": "The operator console: its processes' health and figures",
+                "description": "needs Authorization: Bearer <the console token>",
+                "responses": {
+                    "200": _json(
+                        _object(
+                            ["operator", "panels", "processes"],
+                            operator={"type": "string"},
+                            panels={"type": "array", "items": {"type": "string"}},
+                            processes={"type": "array", "items": {"type": "object"}},
+                            grafana={"type": "string"},
+                        ),
+                        "each process: up, ready, and its figures by panel",
+                    ),
+                    **_errors(401, 404),
+                },
+            }
+        },
+    }
 
 
 def _address_page(
@@ -417,8 +558,17 @@ def openapi() -> dict[str, Any]:
                                 ["txid", "status"],
                                 txid=HEX32,
                                 status={"enum": ["pending", "committed"]},
+                                fee_msat=MSAT,
+                                block={**BLOCK, "description": "the block of its commit"},
+                                at={"type": "string", "description": "when it was indexed"},
+                                changes={
+                                    "type": "array",
+                                    "items": CHANGE,
+                                    "description": "the coins it spent and created in this"
+                                    " ledger, and its outputs paid to other ledgers",
+                                },
                             ),
-                            "pending or committed",
+                            "pending, or committed (with what it changed)",
                         ),
                         **_errors(400, 404, 503),
                     },
@@ -555,6 +705,7 @@ def openapi() -> dict[str, Any]:
                 }
             },
             **_light_client_paths(),
+            **_explorer_paths(),
             "/openapi.json": {
                 "get": {
                     "summary": "This document",

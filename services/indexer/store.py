@@ -33,6 +33,8 @@ CREATE TABLE IF NOT EXISTS coin_events (
     PRIMARY KEY (coin_id, created)
 );
 CREATE INDEX IF NOT EXISTS coin_events_owner ON coin_events (owner, seq);
+CREATE INDEX IF NOT EXISTS coin_events_block ON coin_events (worker, height);  -- explorer
+CREATE INDEX IF NOT EXISTS coin_events_txid ON coin_events (txid);  -- a transaction's coins
 CREATE TABLE IF NOT EXISTS txs (
     txid     bytea PRIMARY KEY,
     fee_msat numeric(20) NOT NULL,
@@ -40,6 +42,7 @@ CREATE TABLE IF NOT EXISTS txs (
     height   bigint  NOT NULL,
     at       timestamptz NOT NULL DEFAULT now()
 );
+CREATE INDEX IF NOT EXISTS txs_at ON txs (at);  -- payments a second
 CREATE TABLE IF NOT EXISTS outbound (
     coin_id    bytea PRIMARY KEY,  -- the output's id (a coin of the other ledger once settled)
     txid       bytea    NOT NULL,
@@ -52,6 +55,8 @@ CREATE TABLE IF NOT EXISTS outbound (
     taken      boolean  NOT NULL DEFAULT false  -- settlement has made it an obligation
 );
 CREATE INDEX IF NOT EXISTS outbound_untaken ON outbound (at) WHERE NOT taken;
+CREATE INDEX IF NOT EXISTS outbound_txid ON outbound (txid);
+CREATE INDEX IF NOT EXISTS outbound_block ON outbound (worker, height);
 CREATE TABLE IF NOT EXISTS lc_checkpoints (
     height    bigint PRIMARY KEY,
     announced bytea  NOT NULL,  -- the signed checkpoint and its entries
@@ -114,6 +119,33 @@ CREATE TABLE IF NOT EXISTS index_cursors (
     height bigint  NOT NULL  -- the last block with events stored
 );
 """
+
+
+# A coin a transaction spent or created in a block, or an output it paid to another
+# ledger (``ledger`` its id, NULL for a coin of this one).
+_CHANGES = (
+    "SELECT * FROM (SELECT txid, coin_id, owner, value_msat, created, worker, height,"
+    " NULL::bytea AS ledger FROM coin_events UNION ALL SELECT txid, coin_id, owner,"
+    " value_msat, true, worker, height, ledger FROM outbound) c"
+)
+
+
+def _change(r: asyncpg.Record) -> dict[str, Any]:
+    kind = "paid_out" if r["ledger"] is not None else "created" if r["created"] else "spent"
+    doc = {
+        "kind": kind,
+        "coin_id": r["coin_id"].hex(),
+        "owner": r["owner"].hex(),
+        "value_msat": int(r["value_msat"]),
+        "block": {"worker": r["worker"], "height": r["height"]},
+    }
+    if r["ledger"] is not None:
+        doc["ledger_id"] = r["ledger"].hex()
+    return doc
+
+
+def _record(txid: bytes) -> dict[str, Any]:
+    return {"txid": txid.hex(), "committed": False, "fee_msat": 0, "changes": []}
 
 
 COMMAND_TIMEOUT_S = 30.0  # a statement that takes longer fails (the database hangs)
@@ -230,16 +262,65 @@ class Index:
         return [(r["seq"], r["coin_id"], int(r["value_msat"])) for r in rows]
 
     async def tx(self, txid: bytes) -> dict[str, Any] | None:
-        row = await self.pool.fetchrow(
-            "SELECT fee_msat, worker, height, at FROM txs WHERE txid = $1", txid
-        )
-        if row is None:
-            return None
+        """A committed transaction: its fee, the block of its commit, and the coins it
+        spent and created in each block that carries a part of it (outputs paid to
+        other ledgers among them)."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT fee_msat, worker, height, at FROM txs WHERE txid = $1", txid
+            )
+            if row is None:
+                return None
+            coins = await conn.fetch(_CHANGES + " WHERE txid = $1", txid)
         return {
             "fee_msat": int(row["fee_msat"]),
             "block": {"worker": row["worker"], "height": row["height"]},
             "at": row["at"].isoformat(),
+            "changes": [_change(r) for r in coins],
         }
+
+    async def blocks(self, worker: int, before: int, limit: int) -> list[dict[str, Any]]:
+        """A worker's blocks below height ``before`` that changed coins, newest first
+        (at most ``limit``), each with its transactions' changes and commits."""
+        async with self.pool.acquire() as conn:
+            heights = [
+                r["height"]
+                for r in await conn.fetch(
+                    "SELECT DISTINCT height FROM coin_events WHERE worker = $1 AND height < $2"
+                    " ORDER BY height DESC LIMIT $3",
+                    worker,
+                    before,
+                    limit,
+                )
+            ]
+            if not heights:
+                return []
+            span = (worker, heights[-1], heights[0])
+            where = " WHERE worker = $1 AND height BETWEEN $2 AND $3"
+            coins = await conn.fetch(_CHANGES + where + " ORDER BY txid", *span)
+            commits = await conn.fetch("SELECT txid, fee_msat, height FROM txs" + where, *span)
+        found: dict[int, dict[bytes, dict[str, Any]]] = {h: {} for h in heights}
+        for r in coins:
+            if r["height"] in found:
+                tx = found[r["height"]].setdefault(r["txid"], _record(r["txid"]))
+                tx["changes"].append(_change(r))
+        for r in commits:
+            if r["height"] in found:
+                tx = found[r["height"]].setdefault(r["txid"], _record(r["txid"]))
+                tx["committed"], tx["fee_msat"] = True, int(r["fee_msat"])
+        return [
+            {"worker": worker, "height": h, "records": list(found[h].values())} for h in heights
+        ]
+
+    async def rate(self, seconds: int) -> list[tuple[int, int]]:
+        """(unix second, transactions committed in it) for the last ``seconds`` seconds,
+        as the index took them (seconds without any left out)."""
+        rows = await self.pool.fetch(
+            "SELECT floor(extract(epoch FROM at))::bigint AS second, count(*) AS n FROM txs"
+            " WHERE at > now() - make_interval(secs => $1) GROUP BY second ORDER BY second",
+            seconds,
+        )
+        return [(r["second"], r["n"]) for r in rows]
 
     # -- light-client checkpoints (``services.indexer.checkpoints``) ----------------------
 

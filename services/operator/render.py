@@ -55,6 +55,7 @@ REDIS_PASSWORD = "redis"
 POSTGRES_PASSWORD = "postgres"
 SIGNER_STORAGE = "signer-storage"
 MINT_STORAGE = "mint-storage"
+CONSOLE_TOKEN = "console-token"
 
 
 def generated_value(key: str, entropy: bytes) -> str:
@@ -82,6 +83,7 @@ def generated_keys(spec: GuildSpec) -> list[str]:
     peers = [m.name for m in spec.members if m.name != spec.operator]
     peers += [n.name for n in spec.neighbours]
     fixed = [NATS_SELF, REDIS_PASSWORD, POSTGRES_PASSWORD, SIGNER_STORAGE, MINT_STORAGE]
+    fixed.append(CONSOLE_TOKEN)
     return fixed + [issued_key(p) for p in peers]
 
 
@@ -515,6 +517,17 @@ class Renderer:
         ]
         return self._service(self.n.services, "services", ports)
 
+    def _console_targets(self) -> str:
+        """The operator console's view: the services in this pod, and every machine (the
+        machines' headless Service, resolved when the console is asked: machines come
+        and go without a restart of the gateway)."""
+        local = [
+            c for c in ("gateway", "signer", "indexer", "mint") if c != "mint" or self.spec.mint
+        ]
+        targets = [f"{c}=http://127.0.0.1:{PORTS[c]}" for c in local]
+        targets.append(f"machine=dns+http://{self.n.machines}:{PORTS['machine']}")
+        return ",".join(targets)
+
     def _service_container(self, name: str, env: list[Obj], mounts: list[Obj]) -> Obj:
         res = {"cpu": "250m", "memory": "512Mi"}
         if name == "gateway":  # the busiest: every payment passes through it
@@ -598,6 +611,8 @@ class Renderer:
             _value("GATEWAY_HTTP_ADDR", f"0.0.0.0:{PORTS['gateway']}"),
             _value("GATEWAY_NETWORK", spec.network),
             _value("GATEWAY_LAYOUT", layout),
+            _secret_env("GATEWAY_CONSOLE_TOKEN", gen, CONSOLE_TOKEN),
+            _value("GATEWAY_CONSOLE_TARGETS", self._console_targets()),
         ]
         volumes = self._config_volumes()
         claims = [_pvc("state", spec.services_storage, spec)]

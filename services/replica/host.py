@@ -577,7 +577,10 @@ class HostedCopy:
                 lambda q: msgspec.msgpack.encode([engine.coin_info(c) for c in q.coin_ids[:1000]]),
             )
         if what == "state":
-            return msgspec.msgpack.encode(state_info(engine, self.replica.last, self.events.last))
+            info = state_info(engine, self.replica.last, self.events.last)
+            r = self.replica
+            info = msgspec.structs.replace(info, leader=self.me, term=r.term, confirmed=r.confirmed)
+            return msgspec.msgpack.encode(info)
         if self.gap is not None:  # the twin's log answers, while ours has a gap
             try:
                 answer = await self.nc.request(self.twin_subject, data, timeout=BACKFILL_S)

@@ -460,6 +460,16 @@ def test_every_service_accepts_its_rendered_environment(tmp_path: Path, joined: 
         if name == "indexer":
             pin = settings.checkpoints.pin
             assert (pin.members, pin.t) == ([0, 1], 2) if joined else pin is None
+        if name == "gateway":  # the console: its token from the generated Secret
+            assert settings.console_token == values[r.n.generated, "console-token"]
+            assert set(settings.console_targets) == {
+                "gateway",
+                "signer",
+                "indexer",
+                "mint",
+                "machine",
+            }
+            assert settings.console_targets["machine"] == f"dns+http://{r.n.machines}:8080"
     # The indexer asks the signer as its identity: the signer's state folder, shared.
     indexer = {e["name"]: e for e in containers["indexer"]["env"]}
     signer = {e["name"]: e for e in containers["signer"]["env"]}

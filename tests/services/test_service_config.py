@@ -27,6 +27,24 @@ from services.runtime import ConfigError
             {"GATEWAY_DATABASE_URL": "postgresql://x", "GATEWAY_RATE_PER_S": "fast"},
             "GATEWAY_RATE_PER_S",
         ),
+        (
+            "services.gateway",
+            {"GATEWAY_DATABASE_URL": "postgresql://x", "GATEWAY_CONSOLE_TOKEN": "short"},
+            "the console token needs at least 16 characters",
+        ),
+        (
+            "services.gateway",
+            {"GATEWAY_DATABASE_URL": "postgresql://x", "GATEWAY_CONSOLE_TARGETS": "gw:8080"},
+            "GATEWAY_CONSOLE_TARGETS: a console target is name=http://host:port",
+        ),
+        (
+            "services.gateway",
+            {
+                "GATEWAY_DATABASE_URL": "postgresql://x",
+                "GATEWAY_CONSOLE_TOKEN_FILE": "/nonexistent",
+            },
+            "GATEWAY_CONSOLE_TOKEN_FILE",
+        ),
         ("services.indexer", {}, "INDEXER_DATABASE_URL must be set"),
     ],
 )

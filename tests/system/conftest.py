@@ -9,10 +9,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from services import devnet
 from services.api_client import Gateway
+from services.devnet import Devnet
 from tests.system.guild import Guild
+from tests.system.liar import Liar
 from tests.system.operator import Operator
 
 GuildFactory = Callable[..., Guild]
@@ -50,3 +53,21 @@ def devnet_root() -> Iterator[Path]:
         if state.parent.exists():
             devnet.down(state.parent, purge=True)
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def liar(where: Path) -> AsyncIterator[tuple[Liar, str]]:
+    """A lying gateway in front of op0's (the module's guild, ``where``), and its URL."""
+    op0 = Devnet.load(where / "op0")
+    lie = Liar(op0.gateway_url, "op1")
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", lie.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    async with aiohttp.ClientSession() as session:
+        lie.session = session
+        yield lie, f"http://127.0.0.1:{port}"
+    await runner.cleanup()
