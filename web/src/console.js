@@ -9,8 +9,22 @@ const REFRESH_MS = 5000;
 const main = document.getElementById('main');
 let timer = null;
 
+/** What a process's /readyz says (JSON with a reason, or text). */
+function reason(text) {
+  try {
+    return JSON.parse(text).reason ?? text;
+  } catch {
+    return text || '';
+  }
+}
+
 function labels(l) {
   return Object.entries(l).map(([k, v]) => `${k}=${v}`).join(' ');
+}
+
+/** A figure's name without its service's prefix (replica_lag_blocks: lag blocks). */
+function short(name) {
+  return name.split('_').slice(1).join(' ');
 }
 
 function number(v) {
@@ -47,18 +61,27 @@ function render(doc) {
       p.name,
       [{ class: p.up ? 'ok' : 'bad' }, p.up ? 'up' : 'down'],
       [{ class: p.ready ? 'ok' : 'bad' }, p.ready ? 'ready' : 'not ready'],
-      p.error || p.readiness || '',
+      p.error || reason(p.readiness),
     ])),
   ];
-  const grid = h('div', { class: 'panels' });
   for (const panel of doc.panels) {
-    const rows = [];
+    // a row per process and label set (a copy of a shard, a peer, a channel…), a column
+    // per figure
+    const names = [];
+    const rows = new Map();
     for (const p of processes) {
-      for (const s of (p.metrics || {})[panel] || []) rows.push([p.name, s.name, [{ class: 'mono' }, labels(s.labels)], [{ class: 'num' }, number(s.value)]]);
+      for (const s of (p.metrics || {})[panel] || []) {
+        if (!names.includes(s.name)) names.push(s.name);
+        const key = `${p.name} ${labels(s.labels)}`;
+        if (!rows.has(key)) rows.set(key, { process: p.name, labels: labels(s.labels), values: {} });
+        rows.get(key).values[s.name] = s.value;
+      }
     }
-    if (rows.length) grid.append(h('section', { 'data-panel': panel }, h('h2', {}, panel), table(['process', 'metric', 'labels', 'value'], rows)));
+    if (!rows.size) continue;
+    const head = ['process', 'of', ...names.map(short)];
+    const body = [...rows.values()].map((r) => [r.process, [{ class: 'mono' }, r.labels], ...names.map((n) => [{ class: 'num' }, n in r.values ? number(r.values[n]) : ''])]);
+    parts.push(h('section', { 'data-panel': panel }, h('h2', {}, panel), table(head, body)));
   }
-  parts.push(grid);
   show(main, parts);
 }
 
