@@ -155,8 +155,11 @@ async def test_the_guild_page_checks_the_checkpoints_and_shows_every_shard_s_lea
     where: Path, browser: WebDriver
 ) -> None:
     op0 = member(where, 0)
-    status, descriptor = await get(op0.gateway_url + "/v1/lc/descriptor")
-    assert status == 200
+    end = time.monotonic() + WAIT_S
+    while (found := await get(op0.gateway_url + "/v1/lc/descriptor"))[0] != 200:
+        assert time.monotonic() < end, found  # the guild's first checkpoint is on its way
+        await asyncio.sleep(0.3)
+    descriptor = found[1]
     browser.get(op0.gateway_url + "/")  # the root leads to the explorer
     assert browser.current_url.endswith("/explorer/")
     verified = until(browser, lambda: rows(browser, "td[data-height].ok"), "verified checkpoints")
@@ -181,6 +184,16 @@ async def test_the_guild_page_checks_the_checkpoints_and_shows_every_shard_s_lea
     }
     assert all(s["leader"]["member"] == s["ledger"] and s["confirmed"] >= 0 for s in doc["shards"])
     shot(browser, "guild")
+    # on a phone: nothing wider than the screen but the tables, which scroll in place
+    browser.set_window_size(390, 844)
+    try:
+        wide = browser.execute_script(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert wide <= 0, f"the page is {wide} px wider than a phone's screen"
+        shot(browser, "guild-phone")
+    finally:
+        browser.set_window_size(1280, 1600)
 
 
 async def test_a_payment_shows_live_on_its_address_page_and_its_proof_verifies_in_the_page(
@@ -243,6 +256,30 @@ async def test_a_payment_shows_live_on_its_address_page_and_its_proof_verifies_i
     records = next(b for b in page["blocks"] if b["height"] == block["height"])["records"]
     assert any(r["txid"] == txid and r["committed"] for r in records)
     shot(browser, "blocks")
+
+
+async def test_the_search_finds_a_transaction_a_coin_and_an_address(
+    where: Path, browser: WebDriver
+) -> None:
+    op0 = member(where, 0)
+    _, address = new_address()
+    txid = await a_payment(where, address)
+    doc = await indexed(op0, txid)
+    coin = next(c["coin_id"] for c in doc["changes"] if c["address"] == address)
+    browser.get(op0.gateway_url + "/explorer/")
+    for query, view in ((txid, "#/tx/"), (coin, "#/coin/"), (address, "#/address/")):
+        box = until(browser, lambda: browser.find_element(By.ID, "q"), "the search box")
+        box.clear()
+        box.send_keys(query.upper() if view != "#/address/" else query)  # hex in any case
+        browser.find_element(By.CSS_SELECTOR, "#search button").click()
+        until(browser, lambda: browser.current_url.endswith(view + query), f"search {query}")  # noqa: B023
+        until(browser, lambda: query in browser.find_element(By.TAG_NAME, "h1").text, "its page")  # noqa: B023
+    box = browser.find_element(By.ID, "q")
+    box.clear()
+    box.send_keys("no-such-thing")
+    browser.find_element(By.CSS_SELECTOR, "#search button").click()
+    error = until(browser, lambda: browser.find_elements(By.ID, "error"), "not found")[0]
+    assert error.text.startswith("malformed.address: "), error.text
 
 
 async def test_a_forged_proof_shows_as_failing(

@@ -143,7 +143,7 @@ async function guildView(me) {
     h('div', { id: 'checkpoints' }, h('p', { class: 'muted' }, 'loading…')),
     h('h2', {}, 'Pin another descriptor'),
     h('form', { id: 'pin-form', onsubmit: pinAnother },
-      h('input', { id: 'pin-text', class: 'mono', placeholder: 'cstguild1…', size: 60, 'aria-label': 'descriptor' }), ' ',
+      h('input', { id: 'pin-text', class: 'mono', placeholder: 'cstguild1…', 'aria-label': 'descriptor' }), ' ',
       h('button', {}, 'Pin')),
   ];
   if (me !== view) return;
@@ -471,7 +471,7 @@ async function route() {
     else if (what === 'blocks' && /^\d+$/.test(arg)) await blocksView(me, Number(arg), params.get('before'));
     else await guildView(me);
   } catch (e) {
-    if (me === view) show(main, h('h1', {}, 'Not found'), h('p', { id: 'error' }, e.message));
+    if (me === view) show(main, h('h1', {}, 'Not found'), h('p', { id: 'error' }, e.code ? `${e.code}: ${e.message}` : e.message));
   }
 }
 
