@@ -71,9 +71,16 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
         driver.quit()
 
 
-def until(driver: WebDriver, check: Callable[[], Any], what: str, seconds: float = WAIT_S) -> Any:
-    """``check()``'s first true answer (exceptions of a page still loading count as no),
-    reloading the page every few seconds where it shows what it had at load time."""
+def until(
+    driver: WebDriver,
+    check: Callable[[], Any],
+    what: str,
+    seconds: float = WAIT_S,
+    reload: bool = False,
+) -> Any:
+    """``check()``'s first true answer (exceptions of a page still loading count as no);
+    with ``reload``, the page is loaded again every few seconds (a page that shows what
+    it had at load time: a proof that waits for its checkpoint)."""
     end = time.monotonic() + seconds
     reload_at = time.monotonic() + 5
     while True:
@@ -84,7 +91,7 @@ def until(driver: WebDriver, check: Callable[[], Any], what: str, seconds: float
         except WebDriverException:
             pass
         assert time.monotonic() < end, f"{what}: not seen in {seconds} s: {text(driver)[:2000]}"
-        if time.monotonic() > reload_at:
+        if reload and time.monotonic() > reload_at:
             driver.refresh()
             reload_at = time.monotonic() + 5
         time.sleep(0.2)
@@ -148,6 +155,7 @@ async def indexed(net: Devnet, txid: str) -> dict[str, Any]:
 
 
 def rows(driver: WebDriver, css: str) -> list[str]:
+    """The text of each element ``css`` selects, read at once."""
     return [str(e.text) for e in driver.find_elements(By.CSS_SELECTOR, css)]
 
 
@@ -206,14 +214,9 @@ async def test_a_payment_shows_live_on_its_address_page_and_its_proof_verifies_i
     assert rows(browser, "#history tr") == []
     txid = await a_payment(where, address)
     # pushed over the websocket, without a reload
-    row = until(
-        browser,
-        lambda: [r for r in browser.find_elements(By.CSS_SELECTOR, "#history tr.new")],
-        "the payment's row",
-        seconds=10,
-    )[0]
-    assert "received" in row.text and "+1,234 sat" in row.text
-    assert browser.find_element(By.ID, "balance").text == "1,234 sat"
+    [row] = until(browser, lambda: rows(browser, "#history tr.new"), "its row", seconds=10)
+    assert "received" in row and "+1,234 sat" in row
+    assert rows(browser, "#balance") == ["1,234 sat"]
     shot(browser, "address")
 
     doc = await indexed(op0, txid)
@@ -223,26 +226,28 @@ async def test_a_payment_shows_live_on_its_address_page_and_its_proof_verifies_i
     assert any(c["address"] == address and c["value_msat"] == 1_234_000 for c in doc["changes"])
 
     browser.get(f"{op0.gateway_url}/explorer/#/tx/{txid}")
-    proof = until(
+    [proof] = until(
         browser,
-        lambda: browser.find_elements(By.CSS_SELECTOR, "#proof [data-verified=yes]"),
+        lambda: rows(browser, "#proof [data-verified=yes]"),
         "the transaction's proof verified (once a checkpoint covers it)",
         seconds=60,
+        reload=True,
     )
-    assert "committed, under checkpoint" in proof[0].text
+    assert "committed, under checkpoint" in proof
     assert address in text(browser)  # its output, read from the verified records
     shot(browser, "transaction")
 
     # the coin it paid: its coin proof checked in the page too
     coin = next(c for c in doc["changes"] if c["address"] == address)
     browser.get(f"{op0.gateway_url}/explorer/#/coin/{coin['coin_id']}")
-    verdict = until(
+    [verdict] = until(
         browser,
-        lambda: browser.find_elements(By.CSS_SELECTOR, "#proof [data-verified=yes]"),
+        lambda: rows(browser, "#proof [data-verified=yes]"),
         "the coin's proof",
         seconds=60,
-    )[0]
-    assert "unspent: 1,234 sat to " + address in verdict.text
+        reload=True,
+    )
+    assert "unspent: 1,234 sat to " + address in verdict
     shot(browser, "coin")
 
     # the block that carries its commit, newest first in its shard's blocks
@@ -278,8 +283,8 @@ async def test_the_search_finds_a_transaction_a_coin_and_an_address(
     box.clear()
     box.send_keys("no-such-thing")
     browser.find_element(By.CSS_SELECTOR, "#search button").click()
-    error = until(browser, lambda: browser.find_elements(By.ID, "error"), "not found")[0]
-    assert error.text.startswith("malformed.address: "), error.text
+    [error] = until(browser, lambda: rows(browser, "#error"), "not found")
+    assert error.startswith("malformed.address: "), error
 
 
 async def test_a_forged_proof_shows_as_failing(
@@ -293,12 +298,11 @@ async def test_a_forged_proof_shows_as_failing(
         return str(
             until(
                 browser,
-                lambda: browser.find_elements(
-                    By.CSS_SELECTOR, f"#proof [data-verified={verified}]"
-                ),
+                lambda: rows(browser, f"#proof [data-verified={verified}]"),
                 f"the proof shown verified={verified}",
                 seconds=60,
-            )[0].text
+                reload=True,
+            )[0]
         )
 
     await asyncio.to_thread(browser.get, f"{liar_url}/explorer/#/tx/{txid}")  # honest so far
@@ -327,15 +331,15 @@ async def test_the_console_wants_the_operator_s_token(where: Path, browser: WebD
     browser.get(op0.gateway_url + "/console/")
     browser.find_element(By.ID, "token").send_keys("wrong-token-wrong-token")
     browser.find_element(By.CSS_SELECTOR, "#login button").click()
-    refused = until(browser, lambda: browser.find_elements(By.ID, "refused"), "refused")[0]
-    assert "token" in refused.text
+    [refused] = until(browser, lambda: rows(browser, "#refused"), "refused")
+    assert "token" in refused
     shot(browser, "console-refused")
     browser.find_element(By.ID, "token").clear()
     browser.find_element(By.ID, "token").send_keys(op0.console_token)
     browser.find_element(By.CSS_SELECTOR, "#login button").click()
-    ready = until(browser, lambda: browser.find_elements(By.ID, "ready-count"), "the console")[0]
+    [ready] = until(browser, lambda: rows(browser, "#ready-count"), "the console")
     n = len(doc["processes"])
-    assert ready.text == f"{n} of {n}"
+    assert ready == f"{n} of {n}"
     panels = {
         e.get_attribute("data-panel")
         for e in browser.find_elements(By.CSS_SELECTOR, "section[data-panel]")

@@ -235,12 +235,12 @@ async function txView(me, txid) {
     const pending = paidOut.filter((c) => c.settlement !== 'settled').length;
     if (paidOut.length && pending) state += `; pending between operators (${pending} of ${paidOut.length} output(s) to other ledgers not settled yet)`;
     else if (paidOut.length) state += '; settled between operators';
-    const info = [['state', h('span', { id: 'tx-state' }, state)]];
+    const info = [['state (this gateway says)', h('span', { id: 'tx-state' }, state)]];
     if (x.block) info.push(['committed in block', link.block(x.block.worker, x.block.height)], ['fee', msat(x.fee_msat)], ['indexed at', x.at]);
     parts.push(facts(info));
     if (x.changes) parts.push(h('h2', {}, 'Inputs and outputs (this ledger)'), changesTable(x.changes));
   } else {
-    parts.push(facts([['state', h('span', { id: 'tx-state' }, `not in this ledger's index (${indexed.reason.message})`)]]));
+    parts.push(facts([['state (this gateway says)', h('span', { id: 'tx-state' }, `not in this ledger's index (${indexed.reason.message})`)]]));
   }
   parts.push(h('h2', {}, 'Proof'));
   if (proof.status === 'rejected') {
@@ -294,14 +294,14 @@ async function coinView(me, coinId, ledger) {
   const parts = [h('h1', {}, 'Coin ', h('span', { class: 'mono' }, coinId))];
   if (indexed.status === 'fulfilled') {
     const c = indexed.value;
-    const info = [['ledger', name], ['status', h('span', { id: 'coin-status' }, c.status)]];
+    const info = [['ledger', name], ['status (this gateway says)', h('span', { id: 'coin-status' }, c.status)]];
     if (c.value_msat !== undefined) info.push(['value', msat(c.value_msat)]);
     if (c.address) info.push(['owner', link.address(c.address)]);
     if (c.spent_by) info.push(['spent by', link.tx(c.spent_by)]);
     if (c.from) info.push(['paid from', `${c.from.ledger}, transaction `, link.tx(c.from.txid)]);
     parts.push(facts(info));
   } else {
-    parts.push(facts([['status', h('span', { id: 'coin-status' }, indexed.reason.message)]]));
+    parts.push(facts([['status (this gateway says)', h('span', { id: 'coin-status' }, indexed.reason.message)]]));
   }
   parts.push(h('h2', {}, 'Proof'));
   if (proof.status === 'rejected' || latest.status === 'rejected') {
