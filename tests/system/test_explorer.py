@@ -287,7 +287,7 @@ async def test_the_search_finds_a_transaction_a_coin_and_an_address(
     assert error.startswith("malformed.address: "), error
 
 
-async def test_a_forged_proof_shows_as_failing(
+async def test_forged_proofs_and_checkpoints_show_as_failing(
     where: Path, browser: WebDriver, liar: tuple[Liar, str]
 ) -> None:
     lie, liar_url = liar
@@ -312,6 +312,19 @@ async def test_a_forged_proof_shows_as_failing(
     bad = await asyncio.to_thread(proof_shown, "no")
     assert "does not verify" in bad and "proof.record_path" in bad, bad
     shot(browser, "forged-proof")
+
+    def refused() -> list[str]:  # a fresh load: what the page trusts is checked again
+        browser.get(f"{liar_url}/explorer/#/")
+        browser.refresh()
+        found = until(browser, lambda: rows(browser, "td[data-height].bad"), "refused checkpoints")
+        return [*found, text(browser)]
+
+    lie.mode = "entries"
+    *bad_rows, page = await asyncio.to_thread(refused)
+    assert all("proof.entry_path" in b for b in bad_rows), bad_rows
+    assert not await asyncio.to_thread(rows, browser, "td[data-height].ok")
+    assert "does not follow from the pinned descriptor: proof.entry_path" in page, page[:2000]
+    shot(browser, "forged-checkpoints")
 
 
 async def test_the_console_wants_the_operator_s_token(where: Path, browser: WebDriver) -> None:

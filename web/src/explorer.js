@@ -8,6 +8,7 @@ import {
   Descriptor,
   ProofRefused,
   bytesToHex,
+  checkpointMessage,
   decodeAnnounced,
   decodeCoinProof,
   decodeSignedCheckpoint,
@@ -16,7 +17,7 @@ import {
   hexToBytes,
   membersRoot,
   shardOf,
-  verifyCheckpoint,
+  verifyAnnounced,
   verifyCoin,
   verifyTx,
 } from './verify.js';
@@ -64,7 +65,8 @@ async function trust() {
     text = served.descriptor;
     localStorage.setItem(PIN_KEY, text);
   }
-  let pin = Descriptor.decode(text).pin;
+  const descriptor = Descriptor.decode(text);
+  let pin = descriptor.pin;
   let error = null;
   const { handovers } = await api('/v1/lc/handovers?start=0');
   for (const ho of handovers) {
@@ -73,6 +75,19 @@ async function trust() {
     } catch (e) {
       error = refusal(e);
       break;
+    }
+  }
+  // The chain followed starts at the descriptor's first checkpoint: a gateway serving
+  // another guild's history under this key is caught here.
+  const { checkpoints: [genesis] } = await api('/v1/lc/checkpoints?start=0&count=1');
+  if (!error && genesis) {
+    try {
+      const c = verifyAnnounced(pin, decodeAnnounced(hexToBytes(genesis.encoded))).checkpoint;
+      if (bytesToHex(checkpointMessage(c)) !== bytesToHex(descriptor.first)) {
+        error = "checkpoint 0 is not the descriptor's first checkpoint";
+      }
+    } catch (e) {
+      error = refusal(e);
     }
   }
   trusted = { pin, descriptor: text, served, first, handovers: pin.handovers.length, error };
@@ -122,11 +137,11 @@ async function guildView(me) {
     t.descriptor !== d.descriptor
       ? verdict(false, 'this gateway serves another descriptor than the one this browser pinned')
       : null,
-    t.error ? verdict(false, `a key handover does not verify: ${t.error}`) : null,
+    t.error ? verdict(false, `the guild's history does not follow from the pinned descriptor: ${t.error}`) : null,
     facts([
       ['descriptor', h('span', { class: 'mono', id: 'descriptor' }, t.descriptor)],
       ['pinned', t.first ? 'now, on this first visit (paste a descriptor you trust below)' : 'earlier, in this browser'],
-      ['guild key', h('span', { class: 'mono', id: 'guild-key' }, bytesToHex(t.pin.at(2 ** 62)[0]))],
+      ['guild key', h('span', { class: 'mono', id: 'guild-key' }, bytesToHex(t.pin.at(2n ** 62n)[0]))],
       ['key handovers followed', String(t.handovers)],
       ['threshold', `${d.threshold} of ${d.member_keys.length}`],
     ]),
@@ -204,8 +219,9 @@ async function checkpointsView(pin) {
   const rows = checkpoints.reverse().map((c) => {
     let ok = true;
     let why = '';
+    let entries = [];
     try {
-      verifyCheckpoint(pin, decodeAnnounced(hexToBytes(c.encoded)).signed);
+      entries = verifyAnnounced(pin, decodeAnnounced(hexToBytes(c.encoded))).entries;
     } catch (e) {
       ok = false;
       why = refusal(e);
@@ -213,8 +229,8 @@ async function checkpointsView(pin) {
     return [
       [{ class: 'num' }, String(c.height)],
       new Date(c.time_ms).toISOString().replace('T', ' ').slice(0, 19),
-      String(c.entries.length),
-      [{ class: 'num' }, String(c.entries.reduce((a, e) => a + e.records, 0))],
+      ok ? String(entries.length) : '',
+      [{ class: 'num' }, ok ? String(entries.reduce((a, e) => a + e.size, 0)) : ''],
       [{ class: ok ? 'ok' : 'bad', 'data-height': c.height }, ok ? '✓ verified' : `✗ ${why}`],
     ];
   });
