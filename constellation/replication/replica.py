@@ -152,6 +152,7 @@ class Progress:
     match: int = 0  # the copy holds our log up to here
     next: int = 1  # the next height to send
     heard: float = -1e18  # when it last answered
+    sent: float = -1e18  # when it was last sent blocks (a beat then would tell it nothing)
     knows: bool = False  # it answered in this term: it has seen our certificate
     offset: int = -1  # snapshot bytes it has; -1 while no snapshot is being sent
     snapshot: int = -1  # the height of the snapshot being sent
@@ -465,7 +466,10 @@ class Replica:
             self._follow(self.term, -1)  # CheckQuorum: cut off from a confirming set
             return
         for c, p in self.progress.items():
-            self._send_to(c, p, beat=True)
+            # A copy sent blocks within the last beat heard from us then (that Append
+            # named our term, the last block before them and the confirmed height): it
+            # gets what it lacks, if anything, and no empty Append besides.
+            self._send_to(c, p, beat=not p.knows or now - p.sent >= s.heartbeat_s)
         self._hand_back(now)
 
     def _hand_back(self, now: float) -> None:
@@ -802,6 +806,8 @@ class Replica:
             copy, rp.Append(self.term, prev, self.hash_at(prev), blocks, self.confirmed, cert)
         )
         p.next = max(p.next, prev + len(blocks) + 1)
+        if blocks:
+            p.sent = self.clock()
 
     def _send_chunk(self, copy: int, p: Progress) -> None:
         snap = self.snap

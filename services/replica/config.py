@@ -203,7 +203,9 @@ class Settings:
             if i != operator and m.name not in peers:
                 raise ConfigError(f"no credentials for peer {m.name!r} in REPLICA_PEERS")
         host, port = env_addr(env, "REPLICA_HTTP_ADDR", "127.0.0.1:0")
-        heartbeat_ms = env_int(env, "REPLICA_HEARTBEAT_MS", 100, 10, 10_000)
+        # Three beats to an election timeout: every beat is a message to each other copy
+        # of every shard, and its answer (at 100 ms, half the messages of an idle guild).
+        heartbeat_ms = env_int(env, "REPLICA_HEARTBEAT_MS", 200, 10, 10_000)
         election_ms = env_int(env, "REPLICA_ELECTION_MS", 600, 50, 60_000)
         if election_ms < 3 * heartbeat_ms:
             raise ConfigError("REPLICA_ELECTION_MS must be at least 3 heartbeats")

@@ -5,6 +5,7 @@ stored, forged leadership)."""
 from __future__ import annotations
 
 import functools
+from collections import Counter
 
 import msgspec
 import pytest
@@ -43,6 +44,36 @@ def test_the_twin_takes_over_when_the_leader_stops_then_hands_back() -> None:
     shard.restart(0)
     shard.until(lambda: shard.leader() == 0)
     assert shard.replicas[0].last >= height
+
+
+def test_blocks_stand_for_the_leaders_heartbeat_and_a_quiet_shard_beats_again() -> None:
+    """A copy sent blocks within the last heartbeat gets no empty Append besides (each
+    Append names the term, the last block before its own and the confirmed height); once
+    the shard is quiet, every copy is sent its heartbeat again, and no one campaigns."""
+    shard = started()
+    sent: list[tuple[int, bool]] = []  # (to, an empty Append), from the leader
+
+    def record(src: int, dst: int, msg: rp.Message) -> list[rp.Message]:
+        if src == 0 and isinstance(msg, rp.Append):
+            sent.append((dst, not msg.blocks))
+        return [msg]
+
+    shard.tamper = record
+    elections = sum(r.counters.elections for r in shard.replicas)
+    for _ in range(50):  # a block every 2/5 of a heartbeat, for 20 heartbeats
+        height = shard.pay()
+        shard.run(0.4 * SETTINGS.heartbeat_s)
+    busy = Counter(sent)
+    sent.clear()
+    shard.until(lambda: shard.confirmed_everywhere(height))
+    shard.run(20 * SETTINGS.heartbeat_s)
+    quiet = Counter(sent)
+    followers = range(1, shard.copies)
+    assert all(busy[c, False] >= 50 for c in followers), busy
+    assert not any(busy[c, True] for c in followers), busy
+    assert all(quiet[c, True] >= 15 for c in followers), quiet
+    assert shard.leader() == 0
+    assert sum(r.counters.elections for r in shard.replicas) == elections
 
 
 def test_the_other_operators_elect_a_leader_when_the_owner_is_down() -> None:
