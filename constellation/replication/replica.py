@@ -466,9 +466,9 @@ class Replica:
             self._follow(self.term, -1)  # CheckQuorum: cut off from a confirming set
             return
         for c, p in self.progress.items():
-            # A copy sent blocks within the last beat heard from us then (that Append
-            # named our term, the last block before them and the confirmed height): it
-            # gets what it lacks, if anything, and no empty Append besides.
+            # A copy sent blocks less than a beat ago heard from us then (that Append
+            # named our term, the block before them and the confirmed height): it gets
+            # what it lacks, if anything, and no empty Append besides.
             self._send_to(c, p, beat=not p.knows or now - p.sent >= s.heartbeat_s)
         self._hand_back(now)
 

@@ -577,7 +577,7 @@ class HostedCopy:
                 lambda q: msgspec.msgpack.encode([engine.coin_info(c) for c in q.coin_ids[:1000]]),
             )
         if what == "state":
-            info = state_info(engine, self.replica.last, self.events.last)
+            info = state_info(engine, self.replica.last, self.events_height())
             r = self.replica
             info = msgspec.structs.replace(info, leader=self.me, term=r.term, confirmed=r.confirmed)
             return msgspec.msgpack.encode(info)
@@ -593,6 +593,16 @@ class HostedCopy:
             proto.EventsQuery,
             lambda q: proto.encode_page(events.last, events.read_after(q.after, EVENTS_PAGE_BYTES)),
         )
+
+    def events_height(self) -> int:
+        """How far the shard's events go, as readers may take them: this copy's events
+        log's last block; while that log has a gap (its own events wait for it to be
+        filled, and readers are served from the twin's log), the last block it knows
+        confirmed. A reader that has indexed less is behind: a gateway must not take a
+        payment committed meanwhile for one that does not exist."""
+        if self.gap is None:
+            return self.events.last
+        return max(self.events.last, self.replica.confirmed)
 
     # -- health ------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 
 from constellation.lightclient import proof as pf
 from constellation.lightclient.checkpointer import Announced
@@ -101,6 +102,15 @@ async def agreement_at(where: Path, operator: int) -> Agreement | None:
     return await at(where, operator, load_agreement)
 
 
+async def agreement_seen(where: Path, operator: int) -> Agreement | None:
+    """``agreement_at``, polled: a server too busy to answer in time (while the join
+    rolls machines on a loaded machine) has not shown an agreement yet."""
+    try:
+        return await agreement_at(where, operator)
+    except NatsError:
+        return None
+
+
 async def agree_at(where: Path, operator: int, agreement: Agreement) -> None:
     await at(where, operator, lambda nc, name: publish_agreement(nc, name, agreement))
 
@@ -158,7 +168,7 @@ async def test_a_member_leaves_through_approved_phases(
     assert [c["status"] for c in second["conditions"] if c["type"] == "Degraded"] == ["True"]
 
     await approve(api, "op2-leaves", ["Voting"])
-    agreed = await eventually(lambda: agreement_at(where, 0), "op0 agreed", VOTING_S)
+    agreed = await eventually(lambda: agreement_seen(where, 0), "op0 agreed", VOTING_S)
     assert agreed.voters == [[0, 1, 2], [0, 1]]
     for other in (1, 2):  # the other members' operators approve on their side
         await agree_at(where, other, agreed)
@@ -298,5 +308,5 @@ async def _admitted(where: Path) -> bool:
 
 
 async def _learning(where: Path) -> Agreement | None:
-    found = await agreement_at(where, 0)
+    found = await agreement_seen(where, 0)
     return found if found is not None and found.learning else None

@@ -16,13 +16,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import msgspec
 import nats
 import pytest
 
+from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
+from constellation.tx import Transaction, partition_of
+from services.api_client import Gateway, GatewayError
 from services.devnet import Devnet, guild
-from services.workload import run_workload
+from services.gateway.errors import NOT_INDEXED
+from services.workload import Workload, run_workload
 
 SETTINGS = {"REPLICA_SNAPSHOT_EVERY": "16", "REPLICA_KEEP": "4"}
 
@@ -93,3 +98,72 @@ async def test_a_copy_restored_from_a_snapshot_fills_its_events_from_its_twin(
         assert all(b.prev == a.height for a, b in itertools.pairwise(ours))
     await asyncio.to_thread(guild.wait_home, nets)
     assert await run_workload(op0, 6, 6, 30, 8, io.StringIO())  # indexed, conserved
+
+
+async def test_a_payment_led_by_a_copy_with_a_gap_in_its_events_is_not_said_not_to_exist(
+    where: Path,
+) -> None:
+    """A copy restored from a snapshot leads (its twin stopped, so its events log keeps
+    its gap): a payment it commits, which the owner's index cannot take yet, is "not
+    indexed yet" at the gateway, never "not found"; found once the twin is back."""
+    nets = guild.load(where)
+    op0 = nets[0]
+    await asyncio.to_thread(guild.wait_home, nets)
+    async with aiohttp.ClientSession() as session:
+        work = Workload(op0, Gateway(op0.gateway_url, session), 4, io.StringIO())
+        await work.fund(4)
+        twin, frozen = op0.machines
+        os.kill(frozen.pid, signal.SIGSTOP)
+        try:
+            await asyncio.to_thread(guild.wait_new_leader, nets, "op0/1", 0)
+            assert await run_workload(op0, 6, 6, 150, 8, io.StringIO())  # past its log
+        finally:
+            os.kill(twin.pid, signal.SIGSTOP)  # nothing fills the gap it is about to have
+            os.kill(frozen.pid, signal.SIGCONT)
+        try:
+            end = time.monotonic() + 60
+            while not (gapped := gapped_leads(nets, frozen.pid)):
+                assert time.monotonic() < end, guild.copies(nets)
+                await asyncio.sleep(0.2)
+            receipt = await work.gw.submit(payment_in(work, gapped[0], op0.shards))
+            with pytest.raises(GatewayError) as unknown:
+                await work.gw.get(f"/v1/tx/{receipt['txid']}")
+            assert unknown.value.code == NOT_INDEXED, unknown.value
+        finally:
+            os.kill(twin.pid, signal.SIGCONT)
+        end = time.monotonic() + 60
+        while True:
+            try:
+                found = await work.gw.get(f"/v1/tx/{receipt['txid']}")
+                break
+            except GatewayError as exc:
+                assert exc.code == NOT_INDEXED and time.monotonic() < end, exc
+                await asyncio.sleep(0.5)
+        assert found["status"] == "committed"
+    await asyncio.to_thread(guild.wait_converged, nets, 90)
+
+
+def gapped_leads(nets: list[Devnet], pid: int) -> list[int]:
+    """The workers of op0 whose shard the copy on machine ``pid`` leads with a gap in
+    its events log."""
+    return [
+        w
+        for w in range(nets[0].shards)
+        if (c := guild.leader(nets, f"op0/{w}")) is not None
+        and c["pid"] == pid
+        and c["events_gap"] is not None
+    ]
+
+
+def payment_in(work: Workload, worker: int, workers: int) -> Transaction:
+    """A payment whose coin and outputs are all in ``worker``'s shard (so that only that
+    shard's events show it)."""
+    owners = PartitionMap.even(workers).owners()
+    for _ in range(1_000):
+        made = work.payment()
+        assert made is not None
+        src, cid, coin, tx = made
+        if all(owners[partition_of(c)] == worker for c in (cid, *tx.output_ids)):
+            return tx
+        src.coins[cid] = coin  # kept for another try
+    raise AssertionError(f"no payment inside worker {worker}'s shard")
