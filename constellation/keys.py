@@ -8,12 +8,13 @@ length, and verification is the ledger's hot path.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
 import struct
 from dataclasses import dataclass
-from typing import NewType
+from typing import Any, NewType
 
 from coincurve import PrivateKey, PublicKey, PublicKeyXOnly
 from coincurve._libsecp256k1 import ffi, lib
@@ -33,12 +34,18 @@ _CTX = GLOBAL_CONTEXT.ctx
 _EXTRAPARAMS_MAGIC = b"\xda\x6f\xb3\x8c"
 
 
+@functools.lru_cache(maxsize=4096)
+def _parsed(pubkey: bytes) -> Any:
+    """libsecp256k1's form of an x-only key (None: not one), kept for the keys seen last:
+    the operators' keys sign every message between them, and parsing costs as much as a
+    sixth of a check."""
+    buf = ffi.new("secp256k1_xonly_pubkey *")
+    return buf if lib.secp256k1_xonly_pubkey_parse(_CTX, buf, pubkey) else None
+
+
 def is_valid_xonly(data: bytes) -> bool:
     """True if ``data`` is the x coordinate of a point on secp256k1."""
-    if len(data) != XONLY_LEN:
-        return False
-    buf = ffi.new("secp256k1_xonly_pubkey *")
-    return bool(lib.secp256k1_xonly_pubkey_parse(_CTX, buf, data))
+    return len(data) == XONLY_LEN and _parsed(bytes(data)) is not None
 
 
 def xonly(data: bytes) -> XOnlyPubKey:
@@ -52,8 +59,8 @@ def schnorr_verify(pubkey: bytes, msg: bytes, sig: bytes) -> bool:
     """Verify a BIP340 signature over a message of any length; never raises."""
     if len(sig) != SIGNATURE_LEN or len(pubkey) != XONLY_LEN:
         return False
-    buf = ffi.new("secp256k1_xonly_pubkey *")
-    if not lib.secp256k1_xonly_pubkey_parse(_CTX, buf, pubkey):
+    buf = _parsed(bytes(pubkey))
+    if buf is None:
         return False
     return bool(lib.secp256k1_schnorrsig_verify(_CTX, sig, msg, len(msg), buf))
 
@@ -64,13 +71,21 @@ def schnorr_sign(secret: bytes, msg: bytes, aux_rand: bytes | None = None) -> by
     ``aux_rand`` is 32 bytes of auxiliary randomness; fresh randomness is used when it is
     None. Pass explicit bytes only for deterministic tests and test vectors.
     """
+    return _sign(_keypair(secret), msg, aux_rand)
+
+
+def _keypair(secret: bytes) -> Any:
+    keypair = ffi.new("secp256k1_keypair *")
+    if not lib.secp256k1_keypair_create(_CTX, keypair, secret):
+        raise InvalidKey("secret key is zero or not below the curve order")
+    return keypair
+
+
+def _sign(keypair: Any, msg: bytes, aux_rand: bytes | None) -> bytes:
     if aux_rand is None:
         aux_rand = os.urandom(32)
     if len(aux_rand) != 32:
         raise ValueError("aux_rand must be 32 bytes")
-    keypair = ffi.new("secp256k1_keypair *")
-    if not lib.secp256k1_keypair_create(_CTX, keypair, secret):
-        raise InvalidKey("secret key is zero or not below the curve order")
     params = ffi.new("secp256k1_schnorrsig_extraparams *")
     params.magic = _EXTRAPARAMS_MAGIC
     params.noncefp = ffi.NULL
@@ -85,16 +100,19 @@ def schnorr_sign(secret: bytes, msg: bytes, aux_rand: bytes | None = None) -> by
 class SigningKey:
     """A secret key with its BIP340 public key."""
 
-    __slots__ = ("pubkey", "secret")
+    __slots__ = ("_pair", "pubkey", "secret")
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) != 32 or not 0 < int.from_bytes(secret, "big") < CURVE_ORDER:
             raise InvalidKey("secret key must be 32 bytes in 1..n-1")
         self.secret = secret
         self.pubkey = XOnlyPubKey(PublicKeyXOnly.from_secret(secret).format())
+        self._pair: Any = None  # libsecp256k1's keypair, made at the first signature
 
     def sign(self, msg: bytes, aux_rand: bytes | None = None) -> bytes:
-        return schnorr_sign(self.secret, msg, aux_rand)
+        if self._pair is None:
+            self._pair = _keypair(self.secret)
+        return _sign(self._pair, msg, aux_rand)
 
     def __repr__(self) -> str:
         return f"SigningKey(pubkey={self.pubkey.hex()})"

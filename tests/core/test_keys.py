@@ -13,6 +13,8 @@ from constellation.keys import (
     SigningKey,
     contact_address_key,
     contact_spending_key,
+    is_valid_xonly,
+    schnorr_sign,
     schnorr_verify,
 )
 from constellation.wallet import Wallet, new_mnemonic
@@ -116,3 +118,24 @@ def test_contact_addresses_depend_on_the_payer() -> None:
     assert contact_address_key(a, contact.pubkey, 0) != contact_address_key(b, contact.pubkey, 0)
     with pytest.raises(InvalidKey):
         contact_address_key(a, b"\xff" * 32, 0)
+
+
+@settings(max_examples=25)
+@given(st.integers(1, 2**255), st.lists(st.binary(max_size=80), min_size=1, max_size=4))
+def test_a_key_signs_as_the_one_off_function_does_and_checks_answer_the_same_twice(
+    n: int, messages: list[bytes]
+) -> None:
+    """A signing key keeps libsecp256k1's keypair, and parsed public keys are kept:
+    neither changes a signature or an answer, however often a key is used."""
+    key = SigningKey(n.to_bytes(32, "big"))
+    aux = bytes(32)
+    for msg in messages * 2:
+        sig = key.sign(msg, aux)
+        assert sig == schnorr_sign(key.secret, msg, aux)
+        assert schnorr_verify(key.pubkey, msg, sig) and schnorr_verify(key.pubkey, msg, sig)
+        assert not schnorr_verify(key.pubkey, msg + b"x", sig)
+    off_curve = bytes.fromhex("eefdea4cdb677750a420fee807eacf21eb9898ae79b9768766e4faa04a2d4a34")
+    for _ in range(2):  # a key that is not one, known as such or not
+        assert not is_valid_xonly(off_curve)
+        assert not schnorr_verify(off_curve, b"m", sig)
+        assert not is_valid_xonly(bytes(31))
