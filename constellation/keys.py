@@ -179,7 +179,7 @@ class ExtendedKey:
         for part in parts[1:]:
             hardened = part[-1:] in ("'", "h", "H")
             digits = part[:-1] if hardened else part
-            if not digits.isdigit() or int(digits) >= HARDENED:
+            if not (digits.isascii() and digits.isdigit()) or int(digits) >= HARDENED:
                 raise InvalidKey(f"bad path element {part!r} in {path!r}")
             key = key.child(int(digits) + (HARDENED if hardened else 0))
         return key

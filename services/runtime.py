@@ -70,7 +70,7 @@ def env_operator(env: Mapping[str, str], name: str) -> str:
 def env_addr(env: Mapping[str, str], name: str, default: str) -> tuple[str, int]:
     raw = env.get(name) or default
     host, sep, port = raw.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
         raise ConfigError(f"{name} must be HOST:PORT, got {raw!r}")
     return host or "127.0.0.1", int(port)
 

@@ -44,7 +44,7 @@ ASK_TIMEOUT_S = 5.0
 MAX_COUNT = 100  # checkpoints in one answer
 MAX_HISTORY = 100  # transactions in one page of an address's history
 MAX_HEIGHT = 2**62
-CURSOR_TXID = re.compile(r"(?:[0-9a-f]{64})?")
+CURSOR = re.compile(r"([0-9]{1,19})(?:\.([0-9a-f]{64})?)?")  # ASCII digits: int() refuses "²"
 MAX_SUBSCRIPTIONS = 1000  # addresses and coins one websocket subscribes to
 LIMITS = {
     "checkpoints": MAX_COUNT,
@@ -287,7 +287,7 @@ def parse_cursor(text: str) -> tuple[int, bytes]:
     below it), or a page's ``next`` ("HEIGHT.TXID": those after it, newest first)."""
     if not text:
         return MAX_HEIGHT, b""
-    height, _, txid = text.partition(".")
-    if not height.isdigit() or len(height) > 19 or not CURSOR_TXID.fullmatch(txid):
+    m = CURSOR.fullmatch(text)
+    if m is None:
         raise ApiError("malformed.before", "before is a height, or a page's next")
-    return min(int(height), MAX_HEIGHT), bytes.fromhex(txid)
+    return min(int(m[1]), MAX_HEIGHT), bytes.fromhex(m[2] or "")

@@ -64,7 +64,7 @@ def test_hardened_needs_secret_and_paths_are_checked() -> None:
     root = ExtendedKey.from_seed(SEED1)
     with pytest.raises(InvalidKey):
         root.neuter().child(HARDENED)
-    for bad in ("0/1", "m/x", "m/1''", f"m/{HARDENED}"):
+    for bad in ("0/1", "m/x", "m/1''", f"m/{HARDENED}", "m/\u00b2"):
         with pytest.raises(InvalidKey):
             root.derive(bad)
     with pytest.raises(InvalidKey):

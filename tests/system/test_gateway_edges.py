@@ -103,15 +103,15 @@ async def test_inputs_that_answered_500_get_the_json_error(
 ) -> None:
     url = seeded.op.url
     address = encode_address(seeded.bob.pubkey, Network.REGTEST)
-    for before in (2**63, 2**64, 10**30, "-1", "²", "1" * 5000):
-        status, ctype, doc = await get(
-            session, f"{url}/v1/address/{address}/history?before={before}"
-        )
+    malformed = [("/v1/address", b) for b in (2**63, 2**64, 10**30, "-1", "²", "1" * 5000)]
+    malformed += [("/v1/lc/address", b) for b in ("-1", "²", "²." + "00" * 32, "1" * 5000)]
+    for path, before in malformed:
+        status, ctype, doc = await get(session, f"{url}{path}/{address}/history?before={before}")
         assert (status, ctype, doc["error"]["code"]) == (
             400,
             "application/json",
             "malformed.before",
-        )
+        ), (path, before)
     status, _, doc = await get(session, f"{url}/v1/address/{address}/history?before={2**63 - 1}")
     assert status == 200 and doc["history"], doc
     for limit in (0, 501, "²", 2**64):
