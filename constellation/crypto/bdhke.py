@@ -81,9 +81,9 @@ def unblind(signature: PublicKey, r: int, key: PublicKey) -> PublicKey:
     return point
 
 
-def verify(k: int, secret: bytes, unblinded: PublicKey) -> bool:
-    """Whether C = k·hash_to_curve(secret)."""
-    return cbytes(sign(k, hash_to_curve(secret))) == cbytes(unblinded)
+def verify(k: int, y: PublicKey, unblinded: PublicKey) -> bool:
+    """Whether C = k·Y (Y = hash_to_curve(secret))."""
+    return cbytes(sign(k, y)) == cbytes(unblinded)
 
 
 def hash_e(*points: PublicKey) -> bytes:
@@ -104,11 +104,19 @@ def dleq_nonce(k: int, key: PublicKey, blinded: PublicKey, signature: PublicKey)
     raise AssertionError("256 HMAC outputs out of range")  # probability 2^-32768
 
 
-def prove(k: int, blinded: PublicKey, nonce: int | None = None) -> tuple[bytes, bytes]:
+def prove(
+    k: int,
+    blinded: PublicKey,
+    nonce: int | None = None,
+    *,
+    key: PublicKey | None = None,
+    signature: PublicKey | None = None,
+) -> tuple[bytes, bytes]:
     """(e, s) showing that C_ = k·B_ and K = k·G share k; ``nonce`` for test vectors
-    only (by default the deterministic one)."""
-    key = public_key(k)
-    signature = sign(k, blinded)
+    only (by default the deterministic one). K and C_ where the caller has them already
+    (they are computed otherwise)."""
+    key = key or public_key(k)
+    signature = signature or sign(k, blinded)
     p = dleq_nonce(k, key, blinded, signature) if nonce is None else nonce
     _check_scalar(p)
     r1, r2 = base_mul(p), mul(blinded, p)

@@ -8,6 +8,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from coincurve import PublicKey
 
@@ -34,9 +35,13 @@ class Secret:
     def fresh() -> Secret:
         return Secret(os.urandom(32).hex(), int.from_bytes(os.urandom(32)) % (N - 1) + 1)
 
+    @cached_property
+    def blinded(self) -> PublicKey:
+        """B_ = Y + r·G (made once: the output, then the signature's check)."""
+        return bdhke.blind(self.secret.encode(), self.r)
+
     def output(self, keyset_id: str, amount: int) -> nut.BlindedMessage:
-        blinded = bdhke.blind(self.secret.encode(), self.r)
-        return nut.BlindedMessage(amount, keyset_id, blinded.format().hex())
+        return nut.BlindedMessage(amount, keyset_id, self.blinded.format().hex())
 
 
 def outputs_of(
@@ -62,10 +67,9 @@ def unblind(
     proofs = []
     for sig, s in zip(signatures, secrets, strict=True):
         key = keys[sig.id][sig.amount]
-        blinded = bdhke.blind(s.secret.encode(), s.r)
         c_ = PublicKey(bytes.fromhex(sig.C_))
         e, z = bytes.fromhex(sig.dleq.e), bytes.fromhex(sig.dleq.s)
-        if not bdhke.check(key, blinded, c_, e, z):
+        if not bdhke.check(key, s.blinded, c_, e, z):
             raise BadSignature(f"the DLEQ proof of a {sig.amount} signature does not check")
         c = bdhke.unblind(c_, s.r, key)
         proofs.append(nut.Proof(sig.amount, sig.id, s.secret, c.format().hex()))

@@ -127,10 +127,10 @@ class Mint:
             k = keyset.secrets.get(p.amount)
             if k is None:
                 raise CashuError(PROOF_INVALID, f"keyset {p.id} has no amount {p.amount}")
-            secret = p.secret.encode()
-            if not bdhke.verify(k, secret, _point(p.C, "a proof's C")):
+            y = bdhke.hash_to_curve(p.secret.encode())
+            if not bdhke.verify(k, y, _point(p.C, "a proof's C")):
                 raise CashuError(PROOF_INVALID, "a proof's signature is not the mint's")
-            ys.append(bdhke.hash_to_curve(secret).format())
+            ys.append(y.format())
             units.add(keyset.unit)
             ppks.append(keyset.input_fee_ppk)
         if len(set(ys)) != len(ys):
@@ -175,9 +175,10 @@ class Mint:
             keyset = self.keysets[o.id]
             k = keyset.secrets[o.amount]
             blinded = PublicKey(bytes.fromhex(o.B_))
-            e, s = bdhke.prove(k, blinded)
-            c_ = bdhke.sign(k, blinded).format().hex()
-            signed.append(nut.BlindSignature(o.amount, o.id, c_, nut.Dleq(e.hex(), s.hex())))
+            c_ = bdhke.sign(k, blinded)
+            e, s = bdhke.prove(k, blinded, key=keyset.keys[o.amount], signature=c_)
+            dleq = nut.Dleq(e.hex(), s.hex())
+            signed.append(nut.BlindSignature(o.amount, o.id, c_.format().hex(), dleq))
         return signed
 
     # -- operations -----------------------------------------------------------------

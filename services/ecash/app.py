@@ -121,7 +121,7 @@ class MintApp:
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
-        store = self.store = await MintStore.open(s.database_url)
+        store = self.store = await MintStore.open(s.database_url, self.metrics.swap_groups.observe)
         master = self.master = await store.master(s.storage_key)
         self.pubkey = self._key(b"constellation/cashu/info").pubkey.hex()
         keysets = await store.keysets(master, UNIT, s.input_fee_ppk)

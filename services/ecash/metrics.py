@@ -29,6 +29,12 @@ class MintMetrics:
             ["keyset"],
             registry=r,
         )
+        self.swap_groups = Histogram(
+            "mint_swap_group_swaps",
+            "swaps committed together in one transaction",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
         self.pending_melts = Gauge(
             "mint_pending_melts", "melts whose payment's fate is not known yet", registry=r
         )

@@ -7,6 +7,13 @@ makes of two requests sharing a proof exactly one the winner, whichever mint pro
 serves them; the one on B_ makes a second signature of an output impossible. A crash
 before the commit leaves nothing, after it everything: the wallet's retry is answered
 from what was stored.
+
+Swaps, the mint's busiest operation, commit in groups: the swaps that arrive while
+others are committing go together in the next transaction (at most ``SWAP_GROUPS`` in
+flight), each one all or nothing in it. A swap refused there (a proof seen before, an
+output signed before) takes back what it inserted before the commit; two swaps of one
+group that share a proof or an output never meet in it: the later one waits for the next
+group, where it finds what the first one left, as it would alone.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ log = logging.getLogger("mint.store")
 Sign = Callable[[Sequence[nut.BlindedMessage]], Awaitable[list[nut.BlindSignature]]]
 
 RELISTEN_S = 1.0
+SWAP_GROUPS = 2  # swap transactions in flight at once, each taking what waits
+SWAP_GROUP_ITEMS = 2048  # proofs and outputs in one (a single larger swap goes alone)
 ALIVE_S = 5.0  # the listening connection answers within this, or is made again
 
 SCHEMA = """
@@ -169,8 +178,12 @@ BEGIN
     RETURN NULL;
 END $$;
 CREATE OR REPLACE FUNCTION mint_count_promises() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM mint_count('signed', keyset, sum(amount)) FROM new_rows GROUP BY keyset;
+BEGIN  -- deleted only by the swap of a group that was refused, in that transaction
+    IF TG_OP = 'INSERT' THEN
+        PERFORM mint_count('signed', keyset, sum(amount)) FROM new_rows GROUP BY keyset;
+    ELSE
+        PERFORM mint_count('signed', keyset, -sum(amount)) FROM old_rows GROUP BY keyset;
+    END IF;
     RETURN NULL;
 END $$;
 CREATE OR REPLACE FUNCTION mint_count_quotes() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -238,6 +251,13 @@ DO $$ BEGIN
             FOR EACH STATEMENT EXECUTE FUNCTION mint_count_withdrawals();
     END IF;
 END $$;
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'mint_promises_out') THEN
+        CREATE TRIGGER mint_promises_out AFTER DELETE ON mint_promises
+            REFERENCING OLD TABLE AS old_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION mint_count_promises();
+    END IF;
+END $$;
 -- a mint that kept its books before the sums were: they start from its tables, once
 INSERT INTO mint_totals
 SELECT kind, keyset, -1, amount FROM (
@@ -252,6 +272,27 @@ WHERE amount IS NOT NULL AND NOT EXISTS (SELECT 1 FROM mint_totals WHERE kind = 
 """
 
 
+@dataclass
+class _Swap:
+    """A swap waiting for its group's transaction."""
+
+    spend: m.Spend
+    request: nut.SwapRequest
+    blinded: list[bytes]
+    sign: Sign
+    done: asyncio.Future[list[nut.BlindSignature]]
+
+    @property
+    def items(self) -> int:
+        return len(self.spend.ys) + len(self.blinded)
+
+
+async def _keep_session(_: asyncpg.Connection) -> None:
+    """A pooled connection goes back as it is (an open transaction is still rolled
+    back): the mint sets nothing on them that a reset would undo (no LISTEN, settings
+    or advisory lock outlives the call that made it), so it saves that round trip."""
+
+
 def _states(rows: Sequence[asyncpg.Record]) -> dict[bytes, str]:
     return {bytes(r["y"]): r["state"] for r in rows}
 
@@ -261,6 +302,59 @@ def _refuse_seen(states: dict[bytes, str]) -> None:
     if "PENDING" in states.values():
         raise m.CashuError(m.PENDING, "a proof is reserved by a melt or redemption in flight")
     raise m.CashuError(m.SPENT, "proofs already spent")
+
+
+async def _refuse_seen_of(conn: asyncpg.Connection, ys: list[bytes]) -> None:
+    rows = await conn.fetch("SELECT y, state FROM mint_proofs WHERE y = ANY($1::bytea[])", ys)
+    _refuse_seen(_states(rows))
+
+
+async def _insert_proofs(
+    conn: asyncpg.Connection,
+    ys: Sequence[bytes],
+    proofs: Sequence[nut.Proof],
+    state: str,
+    reserved_by: str | None,
+) -> set[bytes]:
+    """Insert the proofs not seen before; the Ys inserted. Rows go in by Y, so that two
+    transactions sharing proofs wait for each other in one order and never deadlock."""
+    rows = await conn.fetch(
+        "INSERT INTO mint_proofs (y, keyset, amount, secret, c, witness, state, reserved_by)"
+        " SELECT y, k, a, s, c, w, $7, $8 FROM unnest($1::bytea[], $2::text[],"
+        " $3::bigint[], $4::text[], $5::text[], $6::text[]) AS t(y, k, a, s, c, w)"
+        " ORDER BY y ON CONFLICT (y) DO NOTHING RETURNING y",
+        ys,
+        [p.id for p in proofs],
+        [p.amount for p in proofs],
+        [p.secret for p in proofs],
+        [p.C for p in proofs],
+        [p.witness for p in proofs],
+        state,
+        reserved_by,
+    )
+    return {bytes(r["y"]) for r in rows}
+
+
+async def _insert_promises(
+    conn: asyncpg.Connection,
+    blinded: Sequence[bytes],
+    signatures: Sequence[nut.BlindSignature],
+) -> set[bytes]:
+    """Record blind signatures of outputs not signed before; the B_s recorded (in B_'s
+    order, as proofs go in by Y)."""
+    rows = await conn.fetch(
+        "INSERT INTO mint_promises (b_, keyset, amount, c_, e, s)"
+        " SELECT * FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::text[],"
+        " $5::text[], $6::text[]) AS t(b, k, a, c, e, s)"
+        " ORDER BY b ON CONFLICT (b_) DO NOTHING RETURNING b_",
+        blinded,
+        [s.id for s in signatures],
+        [s.amount for s in signatures],
+        [s.C_ for s in signatures],
+        [s.dleq.e for s in signatures],
+        [s.dleq.s for s in signatures],
+    )
+    return {bytes(r["b_"]) for r in rows}
 
 
 async def _refuse_paid_or_paying(conn: asyncpg.Connection, payment_hash: str) -> None:
@@ -285,21 +379,25 @@ def _keysets(master: bytes, rows: Sequence[asyncpg.Record]) -> list[Keyset]:
 
 
 class MintStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, grouped: Callable[[int], None] = lambda _: None) -> None:
         self.pool = pool
+        self.grouped = grouped  # told how many swaps each group committed
+        self._swaps: list[_Swap] = []  # waiting for a group
+        self._groups: set[asyncio.Task[None]] = set()
 
     @staticmethod
-    async def open(url: str) -> MintStore:
-        pool = await asyncpg.create_pool(url, min_size=2, max_size=16)
+    async def open(url: str, grouped: Callable[[int], None] = lambda _: None) -> MintStore:
+        pool = await asyncpg.create_pool(url, min_size=2, max_size=16, reset=_keep_session)
         async with pool.acquire() as conn:
             await conn.execute("SELECT pg_advisory_lock(7414)")  # one schema change at once
             try:
                 await conn.execute(SCHEMA)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock(7414)")
-        return MintStore(pool)
+        return MintStore(pool, grouped)
 
     async def close(self) -> None:
+        await asyncio.gather(*self._groups)
         await self.pool.close()
 
     # -- keys ----------------------------------------------------------------------------
@@ -355,29 +453,10 @@ class MintStore:
     ) -> None:
         """Record the proofs (SPENT, or PENDING for a melt or redemption in flight); a
         proof seen before refuses the whole operation (the caller's transaction rolls
-        back). Rows go in by Y, so that two operations sharing proofs wait for each
-        other in one order and never deadlock."""
-        inserted = await conn.fetch(
-            "INSERT INTO mint_proofs (y, keyset, amount, secret, c, witness, state, reserved_by)"
-            " SELECT y, k, a, s, c, w, $7, $8 FROM unnest($1::bytea[], $2::text[],"
-            " $3::bigint[], $4::text[], $5::text[], $6::text[]) AS t(y, k, a, s, c, w)"
-            " ORDER BY y ON CONFLICT (y) DO NOTHING RETURNING y",
-            spend.ys,
-            [p.id for p in proofs],
-            [p.amount for p in proofs],
-            [p.secret for p in proofs],
-            [p.C for p in proofs],
-            [p.witness for p in proofs],
-            state,
-            reserved_by,
-        )
+        back)."""
+        inserted = await _insert_proofs(conn, spend.ys, proofs, state, reserved_by)
         if len(inserted) != len(spend.ys):
-            fresh = {bytes(r["y"]) for r in inserted}
-            seen = [y for y in spend.ys if y not in fresh]
-            rows = await conn.fetch(
-                "SELECT y, state FROM mint_proofs WHERE y = ANY($1::bytea[])", seen
-            )
-            _refuse_seen(_states(rows))
+            await _refuse_seen_of(conn, [y for y in spend.ys if y not in inserted])
 
     async def record_signatures(
         self,
@@ -385,19 +464,8 @@ class MintStore:
         outputs: Sequence[nut.BlindedMessage],
         signatures: Sequence[nut.BlindSignature],
     ) -> None:
-        inserted = await conn.fetchval(
-            "WITH i AS (INSERT INTO mint_promises (b_, keyset, amount, c_, e, s)"
-            " SELECT * FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::text[],"
-            " $5::text[], $6::text[]) ON CONFLICT (b_) DO NOTHING RETURNING 1)"
-            " SELECT count(*) FROM i",
-            [bytes.fromhex(o.B_) for o in outputs],
-            [s.id for s in signatures],
-            [s.amount for s in signatures],
-            [s.C_ for s in signatures],
-            [s.dleq.e for s in signatures],
-            [s.dleq.s for s in signatures],
-        )
-        if inserted != len(outputs):
+        blinded = [bytes.fromhex(o.B_) for o in outputs]
+        if len(await _insert_promises(conn, blinded, signatures)) != len(outputs):
             raise m.CashuError(m.OUTPUTS_SIGNED, "outputs already signed")
 
     async def swap(
@@ -406,15 +474,101 @@ class MintStore:
         request: nut.SwapRequest,
         sign: Sign,
     ) -> list[nut.BlindSignature]:
+        """Spend the inputs and sign the outputs, in the next group's transaction."""
+        blinded = [bytes.fromhex(o.B_) for o in request.outputs]
+        done: asyncio.Future[list[nut.BlindSignature]] = asyncio.get_running_loop().create_future()
+        self._swaps.append(_Swap(spend, request, blinded, sign, done))
+        if len(self._groups) < SWAP_GROUPS:
+            task = asyncio.create_task(self._swap_groups())
+            self._groups.add(task)
+            task.add_done_callback(self._groups.discard)
+        return await done
+
+    async def _swap_groups(self) -> None:
+        """Commit groups of waiting swaps until none waits."""
+        while self._swaps:
+            group: list[_Swap] = []
+            items = 0
+            while self._swaps and (not group or items + self._swaps[0].items <= SWAP_GROUP_ITEMS):
+                items += self._swaps[0].items
+                group.append(self._swaps.pop(0))
+            try:
+                await self._swap_group(group)
+            except Exception as exc:  # nothing of the group happened: each request says why
+                for e in group:
+                    if not e.done.done():
+                        e.done.set_exception(exc)
+
+    async def _swap_group(self, waiting: list[_Swap]) -> None:
+        """One transaction for the swaps of ``waiting`` that share no proof and no output
+        (the others wait for the next group); each one all or nothing."""
+        group: list[_Swap] = []
+        later: list[_Swap] = []  # each meets an earlier swap of this group
+        ys: set[bytes] = set()
+        blinded: set[bytes] = set()
+        for e in waiting:
+            if ys.isdisjoint(e.spend.ys) and blinded.isdisjoint(e.blinded):
+                group.append(e)
+                ys.update(e.spend.ys)
+                blinded.update(e.blinded)
+            else:
+                later.append(e)
+        self._swaps[:0] = later
+        refused: dict[int, m.CashuError] = {}
         async with self.pool.acquire() as conn, conn.transaction():
-            await self._spend(conn, spend, request.inputs, "SPENT", None)
-            signatures = await sign(request.outputs)  # the proofs ours: a replay signs nothing
-            await self.record_signatures(conn, request.outputs, signatures)
-            if spend.fee:
+            inserted = await _insert_proofs(
+                conn,
+                [y for e in group for y in e.spend.ys],
+                [p for e in group for p in e.request.inputs],
+                "SPENT",
+                None,
+            )
+            for i, e in enumerate(group):
+                if seen := [y for y in e.spend.ys if y not in inserted]:
+                    try:
+                        await _refuse_seen_of(conn, seen)
+                    except m.CashuError as exc:
+                        refused[i] = exc
+            signing = [e for i, e in enumerate(group) if i not in refused]
+            outputs = [o for e in signing for o in e.request.outputs]
+            signatures = await signing[0].sign(outputs) if signing else []
+            fresh = (
+                await _insert_promises(conn, [b for e in signing for b in e.blinded], signatures)
+                if signing
+                else set()
+            )
+            signed: dict[int, list[nut.BlindSignature]] = {}
+            at = 0
+            for i, e in enumerate(group):
+                if i in refused:
+                    continue
+                signed[i] = signatures[at : at + len(e.blinded)]
+                at += len(e.blinded)
+                if not fresh.issuperset(e.blinded):
+                    refused[i] = m.CashuError(m.OUTPUTS_SIGNED, "outputs already signed")
+            if refused:  # what the refused swaps inserted goes: as if they never came
                 await conn.execute(
-                    "INSERT INTO mint_fees (kind, msat) VALUES ('swap', $1)", spend.fee * 1000
+                    "DELETE FROM mint_proofs WHERE y = ANY($1::bytea[])",
+                    [y for i in refused for y in group[i].spend.ys if y in inserted],
                 )
-        return signatures
+                await conn.execute(
+                    "DELETE FROM mint_promises WHERE b_ = ANY($1::bytea[])",
+                    [b for i in refused for b in group[i].blinded if b in fresh],
+                )
+            fees = [e.spend.fee * 1000 for i, e in enumerate(group) if i not in refused]
+            if any(fees):
+                await conn.execute(
+                    "INSERT INTO mint_fees (kind, msat)"
+                    " SELECT 'swap', f FROM unnest($1::bigint[]) AS f WHERE f > 0",
+                    fees,
+                )
+        self.grouped(len(group))
+        for i, e in enumerate(group):
+            if not e.done.done():
+                if i in refused:
+                    e.done.set_exception(refused[i])
+                else:
+                    e.done.set_result(signed[i])
 
     async def states(self, ys: Sequence[bytes]) -> dict[bytes, str]:
         async with self.pool.acquire() as conn:

@@ -173,6 +173,47 @@ async def test_concurrent_swaps_sharing_proofs_spend_each_once(where: Path) -> N
     assert won and len(spent) == len(set(spent))  # no proof in two winning swaps
 
 
+async def test_swaps_committed_together_each_win_or_leave_nothing(where: Path) -> None:
+    """64 swaps at once (committed in groups) of 2 of 32 proofs each, to 2 of 24 shared
+    outputs: the winners share no proof and no output; exactly their inputs are spent
+    and exactly their outputs signed: a swap refused in a group left nothing behind."""
+    op0, _ = nets(where)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as s:
+        mint = Mint(op0.mint_url, s)
+        await mint.load()
+        quote = await mint.mint_quote(32)
+        await asyncio.to_thread(LightningRpc(guild.outside_rpc(where)).pay, quote["request"])
+        await mint.wait_paid(quote["quote"])
+        proofs = await mint.mint(quote["quote"], [1] * 32)
+        outputs, _ = client.outputs_of([1] * 24, mint.active)
+        rng = random.Random(os.urandom(8))
+
+        async def one() -> tuple[int, list[nut.Proof], list[nut.BlindedMessage]]:
+            inputs, chosen = rng.sample(proofs, 2), rng.sample(outputs, 2)
+            status, doc = await mint.call("/v1/swap", {"inputs": inputs, "outputs": chosen})
+            return (200 if status == 200 else int(doc["code"])), inputs, chosen
+
+        results = await asyncio.gather(*(one() for _ in range(64)))
+        assert {code for code, _, _ in results} <= {200, m.SPENT, m.OUTPUTS_SIGNED}
+        won = [(inputs, chosen) for code, inputs, chosen in results if code == 200]
+        spent = [p.secret for inputs, _ in won for p in inputs]
+        signed = [o.B_ for _, chosen in won for o in chosen]
+        assert won and len(spent) == len(set(spent)) and len(signed) == len(set(signed))
+        states = dict(zip([p.secret for p in proofs], await mint.states(proofs), strict=True))
+        assert {p for p, state in states.items() if state == "SPENT"} == set(spent)
+        assert set(states.values()) == {"SPENT", "UNSPENT"}
+        restored = (await mint.ok("/v1/restore", {"outputs": outputs}))["outputs"]
+        assert {o["B_"] for o in restored} == set(signed)
+        async with s.get(f"{op0.mint_url}/metrics") as resp:
+            metrics = await resp.text()
+    grouped = {
+        line.split('le="')[1].split('"')[0]: float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("mint_swap_group_swaps_bucket")
+    }
+    assert grouped["1.0"] < grouped["+Inf"], grouped  # some groups held several swaps
+
+
 async def test_large_requests_are_signed_and_checked_off_the_event_loop(where: Path) -> None:
     """40 outputs minted and 40 proofs swapped (past ``OFF_LOOP``: in a thread), every
     signature's DLEQ proof checked, while a small request is answered meanwhile."""
@@ -513,7 +554,7 @@ async def test_the_reserve_counts_the_mint_s_ecash(where: Path) -> None:
         while steady < 3:  # three checks in a row, a second apart
             r = await reserve(op0, s)
             steady = steady + 1 if r.get("ok") == 1 and r.get("drift") == 0 else 0
-            assert time.monotonic() < deadline, r
+            assert time.monotonic() < deadline, str(r)
             await asyncio.sleep(1.0)
     assert r["in_flight"] == 0 and r["ecash"] > 0
     conn = await asyncpg.connect(op0.database_url)
