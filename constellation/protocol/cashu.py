@@ -19,12 +19,14 @@ MAX_WITNESS = 4096
 MAX_REQUEST = 4096  # characters of a payment request (a BOLT11 invoice)
 MAX_AMOUNT = 2**63 - 1
 
+NO_NUL = "^[^\\x00]*$"  # text that PostgreSQL stores (it takes no NUL character)
+
 Amount = Annotated[int, msgspec.Meta(ge=0, le=MAX_AMOUNT)]
 Hex33 = Annotated[str, msgspec.Meta(min_length=66, max_length=66, pattern="^[0-9a-fA-F]+$")]
 Hex32 = Annotated[str, msgspec.Meta(min_length=64, max_length=64, pattern="^[0-9a-fA-F]+$")]
 KeysetId = Annotated[str, msgspec.Meta(min_length=16, max_length=66, pattern="^[0-9a-f]+$")]
-Unit = Annotated[str, msgspec.Meta(max_length=16)]
-QuoteId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Unit = Annotated[str, msgspec.Meta(max_length=16, pattern=NO_NUL)]
+QuoteId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL)]
 
 
 class _In(msgspec.Struct, forbid_unknown_fields=False, omit_defaults=True):
@@ -55,9 +57,9 @@ class ProofDleq(_In):  # a wallet's business: the mint takes it and ignores it
 class Proof(_In):
     amount: Amount
     id: KeysetId
-    secret: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SECRET)]
+    secret: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SECRET, pattern=NO_NUL)]
     C: Hex33
-    witness: Annotated[str, msgspec.Meta(max_length=MAX_WITNESS)] | None = None
+    witness: Annotated[str, msgspec.Meta(max_length=MAX_WITNESS, pattern=NO_NUL)] | None = None
     dleq: ProofDleq | None = None
 
 
@@ -80,7 +82,7 @@ class SwapRequest(_In):
 class MintQuoteRequest(_In):
     amount: Annotated[int, msgspec.Meta(ge=1, le=MAX_AMOUNT)]
     unit: Unit
-    description: Annotated[str, msgspec.Meta(max_length=640)] | None = None
+    description: Annotated[str, msgspec.Meta(max_length=640, pattern=NO_NUL)] | None = None
     pubkey: Hex33 | None = None  # NUT-20: only the key's holder may mint
 
 
@@ -91,7 +93,7 @@ class MintRequest(_In):
 
 
 class MeltQuoteRequest(_In):
-    request: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REQUEST)]
+    request: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REQUEST, pattern=NO_NUL)]
     unit: Unit
 
 
@@ -111,7 +113,7 @@ class MintQuoteOnchainRequest(_In):
 class MeltQuoteOnchainRequest(_In):
     """NUT-30: pay ``amount`` to a Bitcoin address on-chain."""
 
-    request: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REQUEST)]
+    request: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REQUEST, pattern=NO_NUL)]
     unit: Unit
     amount: Annotated[int, msgspec.Meta(ge=1, le=MAX_AMOUNT)]
 
@@ -138,7 +140,7 @@ class RedeemRequest(_In):
     """Ecash into an L3 coin at ``address`` (Constellation's own endpoint)."""
 
     inputs: Inputs
-    address: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    address: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)]
 
 
 class WithdrawRequest(_In):

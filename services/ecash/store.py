@@ -11,9 +11,11 @@ from what was stored.
 Swaps, the mint's busiest operation, commit in groups: the swaps that arrive while
 others are committing go together in the next transaction (at most ``SWAP_GROUPS`` in
 flight), each one all or nothing in it. A swap refused there (a proof seen before, an
-output signed before) takes back what it inserted before the commit; two swaps of one
-group that share a proof or an output never meet in it: the later one waits for the next
-group, where it finds what the first one left, as it would alone.
+output signed before) takes back what it inserted before the commit; two swaps that
+share a proof or an output never go in one group: the later one goes in a later
+transaction, which decides between them as between any two. Where PostgreSQL refuses a
+group's transaction, its swaps go again one a transaction, so that one swap's failure is
+not the others'. A swap whose request was given up before its group began is dropped.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
@@ -178,12 +181,15 @@ BEGIN
     RETURN NULL;
 END $$;
 CREATE OR REPLACE FUNCTION mint_count_promises() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN  -- deleted only by the swap of a group that was refused, in that transaction
-    IF TG_OP = 'INSERT' THEN
-        PERFORM mint_count('signed', keyset, sum(amount)) FROM new_rows GROUP BY keyset;
-    ELSE
-        PERFORM mint_count('signed', keyset, -sum(amount)) FROM old_rows GROUP BY keyset;
-    END IF;
+BEGIN
+    PERFORM mint_count('signed', keyset, sum(amount)) FROM new_rows GROUP BY keyset;
+    RETURN NULL;
+END $$;
+-- deleted only by a swap refused in its group, in that transaction (a function of its
+-- own: a mint process of an older version redefines the one above)
+CREATE OR REPLACE FUNCTION mint_uncount_promises() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM mint_count('signed', keyset, -sum(amount)) FROM old_rows GROUP BY keyset;
     RETURN NULL;
 END $$;
 CREATE OR REPLACE FUNCTION mint_count_quotes() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -252,10 +258,13 @@ DO $$ BEGIN
     END IF;
 END $$;
 DO $$ BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'mint_promises_out') THEN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_trigger
+        WHERE tgname = 'mint_promises_out' AND tgrelid = 'mint_promises'::regclass
+    ) THEN
         CREATE TRIGGER mint_promises_out AFTER DELETE ON mint_promises
             REFERENCING OLD TABLE AS old_rows
-            FOR EACH STATEMENT EXECUTE FUNCTION mint_count_promises();
+            FOR EACH STATEMENT EXECUTE FUNCTION mint_uncount_promises();
     END IF;
 END $$;
 -- a mint that kept its books before the sums were: they start from its tables, once
@@ -297,16 +306,17 @@ def _states(rows: Sequence[asyncpg.Record]) -> dict[bytes, str]:
     return {bytes(r["y"]): r["state"] for r in rows}
 
 
-def _refuse_seen(states: dict[bytes, str]) -> None:
+def _seen_error(states: dict[bytes, str]) -> m.CashuError:
     """Proofs seen before: reserved by an operation in flight (11002), or spent."""
     if "PENDING" in states.values():
-        raise m.CashuError(m.PENDING, "a proof is reserved by a melt or redemption in flight")
-    raise m.CashuError(m.SPENT, "proofs already spent")
+        return m.CashuError(m.PENDING, "a proof is reserved by a melt or redemption in flight")
+    return m.CashuError(m.SPENT, "proofs already spent")
 
 
-async def _refuse_seen_of(conn: asyncpg.Connection, ys: list[bytes]) -> None:
-    rows = await conn.fetch("SELECT y, state FROM mint_proofs WHERE y = ANY($1::bytea[])", ys)
-    _refuse_seen(_states(rows))
+def _fail(group: list[_Swap], exc: Exception) -> None:
+    for e in group:
+        if not e.done.done():
+            e.done.set_exception(exc)
 
 
 async def _insert_proofs(
@@ -382,18 +392,15 @@ class MintStore:
     def __init__(self, pool: asyncpg.Pool, grouped: Callable[[int], None] = lambda _: None) -> None:
         self.pool = pool
         self.grouped = grouped  # told how many swaps each group committed
-        self._swaps: list[_Swap] = []  # waiting for a group
+        self._swaps: deque[_Swap] = deque()  # waiting for a group
         self._groups: set[asyncio.Task[None]] = set()
 
     @staticmethod
     async def open(url: str, grouped: Callable[[int], None] = lambda _: None) -> MintStore:
         pool = await asyncpg.create_pool(url, min_size=2, max_size=16, reset=_keep_session)
-        async with pool.acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock(7414)")  # one schema change at once
-            try:
-                await conn.execute(SCHEMA)
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock(7414)")
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(7414)")  # one schema change at once
+            await conn.execute(SCHEMA)
         return MintStore(pool, grouped)
 
     async def close(self) -> None:
@@ -456,7 +463,11 @@ class MintStore:
         back)."""
         inserted = await _insert_proofs(conn, spend.ys, proofs, state, reserved_by)
         if len(inserted) != len(spend.ys):
-            await _refuse_seen_of(conn, [y for y in spend.ys if y not in inserted])
+            seen = [y for y in spend.ys if y not in inserted]
+            rows = await conn.fetch(
+                "SELECT y, state FROM mint_proofs WHERE y = ANY($1::bytea[])", seen
+            )
+            raise _seen_error(_states(rows))
 
     async def record_signatures(
         self,
@@ -478,7 +489,7 @@ class MintStore:
         blinded = [bytes.fromhex(o.B_) for o in request.outputs]
         done: asyncio.Future[list[nut.BlindSignature]] = asyncio.get_running_loop().create_future()
         self._swaps.append(_Swap(spend, request, blinded, sign, done))
-        if len(self._groups) < SWAP_GROUPS:
+        if sum(not t.done() for t in self._groups) < SWAP_GROUPS:
             task = asyncio.create_task(self._swap_groups())
             self._groups.add(task)
             task.add_done_callback(self._groups.discard)
@@ -487,33 +498,57 @@ class MintStore:
     async def _swap_groups(self) -> None:
         """Commit groups of waiting swaps until none waits."""
         while self._swaps:
-            group: list[_Swap] = []
-            items = 0
-            while self._swaps and (not group or items + self._swaps[0].items <= SWAP_GROUP_ITEMS):
-                items += self._swaps[0].items
-                group.append(self._swaps.pop(0))
+            group = self._next_group()
             try:
-                await self._swap_group(group)
-            except Exception as exc:  # nothing of the group happened: each request says why
+                await self._commit_swaps(group)
+            finally:  # stopped (cancelled) on the way: what became of them is not known
                 for e in group:
                     if not e.done.done():
-                        e.done.set_exception(exc)
+                        e.done.set_exception(asyncpg.InterfaceError("the mint is stopping"))
 
-    async def _swap_group(self, waiting: list[_Swap]) -> None:
-        """One transaction for the swaps of ``waiting`` that share no proof and no output
-        (the others wait for the next group); each one all or nothing."""
+    def _next_group(self) -> list[_Swap]:
+        """The waiting swaps that go together next, in order, up to ``SWAP_GROUP_ITEMS``:
+        one that shares a proof or an output with an earlier one of the group waits for a
+        later group; one whose request was given up (cancelled) is dropped."""
         group: list[_Swap] = []
-        later: list[_Swap] = []  # each meets an earlier swap of this group
+        later: list[_Swap] = []
         ys: set[bytes] = set()
         blinded: set[bytes] = set()
-        for e in waiting:
+        items = 0
+        while self._swaps and (not group or items + self._swaps[0].items <= SWAP_GROUP_ITEMS):
+            e = self._swaps.popleft()
+            if e.done.done():
+                continue
             if ys.isdisjoint(e.spend.ys) and blinded.isdisjoint(e.blinded):
                 group.append(e)
                 ys.update(e.spend.ys)
                 blinded.update(e.blinded)
+                items += e.items
             else:
                 later.append(e)
-        self._swaps[:0] = later
+        self._swaps.extendleft(reversed(later))
+        return group
+
+    async def _commit_swaps(self, group: list[_Swap]) -> None:
+        """``group`` in one transaction; where PostgreSQL refused it (rolled back: one
+        swap's data it does not take, a deadlock), each swap again alone, so that one
+        swap's failure is not the others'."""
+        if not group:
+            return
+        try:
+            await self._swap_group(group)
+        except asyncpg.PostgresError as exc:
+            if len(group) == 1 or isinstance(exc, asyncpg.PostgresConnectionError):
+                _fail(group, exc)
+            else:
+                for e in group:
+                    await self._commit_swaps([e])
+        except Exception as exc:  # a broken connection (the commit's fate not known), the signer
+            _fail(group, exc)
+
+    async def _swap_group(self, group: list[_Swap]) -> None:
+        """One transaction for swaps that share no proof and no output, each one all or
+        nothing in it."""
         refused: dict[int, m.CashuError] = {}
         async with self.pool.acquire() as conn, conn.transaction():
             inserted = await _insert_proofs(
@@ -523,20 +558,24 @@ class MintStore:
                 "SPENT",
                 None,
             )
-            for i, e in enumerate(group):
-                if seen := [y for y in e.spend.ys if y not in inserted]:
-                    try:
-                        await _refuse_seen_of(conn, seen)
-                    except m.CashuError as exc:
-                        refused[i] = exc
+            if len(inserted) < sum(len(e.spend.ys) for e in group):
+                states = _states(
+                    await conn.fetch(
+                        "SELECT y, state FROM mint_proofs WHERE y = ANY($1::bytea[])",
+                        [y for e in group for y in e.spend.ys if y not in inserted],
+                    )
+                )
+                for i, e in enumerate(group):
+                    if seen := {y: states.get(y, "SPENT") for y in e.spend.ys if y not in inserted}:
+                        refused[i] = _seen_error(seen)
             signing = [e for i, e in enumerate(group) if i not in refused]
-            outputs = [o for e in signing for o in e.request.outputs]
-            signatures = await signing[0].sign(outputs) if signing else []
-            fresh = (
-                await _insert_promises(conn, [b for e in signing for b in e.blinded], signatures)
-                if signing
-                else set()
-            )
+            signatures: list[nut.BlindSignature] = []
+            fresh: set[bytes] = set()
+            if signing:
+                signatures = await signing[0].sign([o for e in signing for o in e.request.outputs])
+                fresh = await _insert_promises(
+                    conn, [b for e in signing for b in e.blinded], signatures
+                )
             signed: dict[int, list[nut.BlindSignature]] = {}
             at = 0
             for i, e in enumerate(group):
@@ -546,15 +585,11 @@ class MintStore:
                 at += len(e.blinded)
                 if not fresh.issuperset(e.blinded):
                     refused[i] = m.CashuError(m.OUTPUTS_SIGNED, "outputs already signed")
-            if refused:  # what the refused swaps inserted goes: as if they never came
-                await conn.execute(
-                    "DELETE FROM mint_proofs WHERE y = ANY($1::bytea[])",
-                    [y for i in refused for y in group[i].spend.ys if y in inserted],
-                )
-                await conn.execute(
-                    "DELETE FROM mint_promises WHERE b_ = ANY($1::bytea[])",
-                    [b for i in refused for b in group[i].blinded if b in fresh],
-                )
+            # what the refused swaps inserted goes: as if they never came
+            if gone := [y for i in refused for y in group[i].spend.ys if y in inserted]:
+                await conn.execute("DELETE FROM mint_proofs WHERE y = ANY($1::bytea[])", gone)
+            if gone := [b for i in refused for b in group[i].blinded if b in fresh]:
+                await conn.execute("DELETE FROM mint_promises WHERE b_ = ANY($1::bytea[])", gone)
             fees = [e.spend.fee * 1000 for i, e in enumerate(group) if i not in refused]
             if any(fees):
                 await conn.execute(
@@ -562,13 +597,13 @@ class MintStore:
                     " SELECT 'swap', f FROM unnest($1::bigint[]) AS f WHERE f > 0",
                     fees,
                 )
-        self.grouped(len(group))
         for i, e in enumerate(group):
             if not e.done.done():
                 if i in refused:
                     e.done.set_exception(refused[i])
                 else:
                     e.done.set_result(signed[i])
+        self.grouped(len(group))
 
     async def states(self, ys: Sequence[bytes]) -> dict[bytes, str]:
         async with self.pool.acquire() as conn:

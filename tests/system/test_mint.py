@@ -18,12 +18,13 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
+import msgspec
 import pytest
 from pyln.client import LightningRpc
 
@@ -31,7 +32,7 @@ from constellation.address import Network, encode_address
 from constellation.crypto import bdhke
 from constellation.ecash import client
 from constellation.ecash import mint as m
-from constellation.ecash.keyset import split
+from constellation.ecash.keyset import Keyset, split
 from constellation.keys import SigningKey
 from constellation.ledger.partition import Coin
 from constellation.protocol import cashu as nut
@@ -40,7 +41,7 @@ from services.api_client import Gateway
 from services.crossload import reserve
 from services.devnet import Devnet, free_port, guild, spawn, stop_pid, wait_ready
 from services.ecash.client import MintClient, MintError
-from services.ecash.store import MintBooks, MintStore, mint_books
+from services.ecash.store import SWAP_GROUPS, MintBooks, MintStore, mint_books
 from services.workload import FEE_MSAT
 from tests.system.guild import local_guild
 
@@ -114,6 +115,12 @@ async def test_mint_swap_melt_and_restore(where: Path) -> None:
         outputs, _ = client.outputs_for(1000, mint.active)
         again = {"inputs": proofs, "outputs": outputs}
         assert await mint.refused("/v1/swap", again) == m.SPENT
+        # text PostgreSQL cannot store (a NUL): refused as malformed, not a 500
+        nul = {
+            "inputs": [{**msgspec.to_builtins(swapped[0]), "witness": "\x00"}],
+            "outputs": client.outputs_for(swapped[0].amount, mint.active)[0],
+        }
+        assert await mint.refused("/v1/swap", nul) == 0
         # melt 300 sat to op1's node: inputs for the amount and the fee reserve, and
         # blank outputs for what the routing fee leaves of the reserve (NUT-08)
         invoice = payee.invoice(300_000, f"melt-{os.urandom(4).hex()}", "a melt")["bolt11"]
@@ -615,6 +622,99 @@ async def test_a_mint_s_books_start_from_its_tables_once(where: Path) -> None:
     finally:
         await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
         await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def fresh_store(op0: Devnet, grouped: list[int]) -> AsyncIterator[MintStore]:
+    """A mint's store on a database of its own on op0's server, for the block."""
+    admin = await asyncpg.connect(op0.database_url)
+    name = f"groups_{os.urandom(4).hex()}"
+    await admin.execute(f"CREATE DATABASE {name}")
+    try:
+        store = await MintStore.open(
+            op0.database_url.rsplit("/", 1)[0] + f"/{name}", grouped.append
+        )
+        try:
+            yield store
+        finally:
+            await store.close()
+    finally:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
+
+
+KEYSET = Keyset.derive(b"groups" * 6, "sat", 0, 0)
+
+
+def a_swap(secret: str = "") -> tuple[m.Spend, nut.SwapRequest]:
+    """A swap of two 1-sat proofs as the store takes it (the rules checked them before:
+    the store checks no signature), to two fresh outputs."""
+    inputs = [
+        nut.Proof(1, KEYSET.id, secret or os.urandom(16).hex(), "02" + "11" * 32) for _ in range(2)
+    ]
+    ys = [bdhke.hash_to_curve(p.secret.encode()).format() for p in inputs]
+    outputs, _ = client.outputs_of([1, 1], KEYSET.id)
+    return m.Spend(ys, 2, 0, "sat"), nut.SwapRequest(inputs, outputs)
+
+
+async def test_a_swap_postgresql_refuses_fails_alone_and_a_given_up_one_spends_nothing(
+    where: Path,
+) -> None:
+    """In a group with swaps of good data, one whose text PostgreSQL refuses (a NUL in a
+    secret, past the rules as no request can bring it since they refuse it) fails alone:
+    the group goes again one swap a transaction. A swap whose request was given up while
+    it waited (cancelled) is dropped: its proofs stay unspent."""
+    op0, _ = nets(where)
+    rules = m.Mint([KEYSET])
+    grouped: list[int] = []
+    async with fresh_store(op0, grouped) as store:
+        release = asyncio.Event()
+
+        async def sign(outputs: Sequence[nut.BlindedMessage]) -> list[nut.BlindSignature]:
+            return rules.sign(outputs)
+
+        async def held(outputs: Sequence[nut.BlindedMessage]) -> list[nut.BlindSignature]:
+            await release.wait()
+            return rules.sign(outputs)
+
+        tried: list[int] = []  # each transaction's swaps (a spy on the real method)
+        commit = store._swap_group
+
+        async def spied(group: list[Any]) -> None:
+            tried.append(len(group))
+            await commit(group)
+
+        store._swap_group = spied  # type: ignore[method-assign]
+        good = [a_swap() for _ in range(6)]
+        bad = a_swap("\x00")
+        busy = []
+        for _ in range(SWAP_GROUPS):  # each group holds one swap, waiting to sign
+            busy.append(asyncio.create_task(store.swap(*a_swap(), held)))
+            await asyncio.sleep(0.3)
+        waiting = [asyncio.create_task(store.swap(*sw, sign)) for sw in [*good[:3], bad, *good[3:]]]
+        given_up_spend, given_up = a_swap()
+        dropped = asyncio.create_task(store.swap(given_up_spend, given_up, sign))
+        await asyncio.sleep(0.1)
+        dropped.cancel()
+        release.set()
+        results = await asyncio.gather(*busy, *waiting, return_exceptions=True)
+        assert isinstance(results[SWAP_GROUPS + 3], asyncpg.CharacterNotInRepertoireError)
+        assert all(
+            isinstance(r, list) and len(r) == 2
+            for i, r in enumerate(results)
+            if i != SWAP_GROUPS + 3
+        ), results
+        # the seven that waited went together, PostgreSQL refused it, then each alone
+        assert tried == [1] * SWAP_GROUPS + [7] + [1] * 7, tried
+        assert grouped == [1] * (SWAP_GROUPS + 6), grouped
+        states = await store.states([y for sw, _ in good for y in sw.ys] + given_up_spend.ys)
+        assert len(states) == 12 and set(states.values()) == {"SPENT"}
+        assert await store.restore([bytes.fromhex(o.B_) for o in given_up.outputs]) == {}
+        async with store.pool.acquire() as conn:
+            rows = await conn.fetchval("SELECT count(*) FROM mint_promises")
+            proofs = await conn.fetchval("SELECT count(*) FROM mint_proofs")
+        assert rows == proofs == 2 * (SWAP_GROUPS + 6)
+        assert (await store.books()).outstanding_msat == 0  # the sums agree: as many spent
 
 
 async def ask(
