@@ -79,6 +79,13 @@ class Mint(MintClient):
         assert await self.refused("/v1/mint/bolt11", signed) == m.QUOTE_ISSUED
         return proofs
 
+    async def ones(self, count: int, where: Path) -> list[nut.Proof]:
+        """``count`` 1-sat proofs, their invoice paid from the outside node."""
+        quote = await self.mint_quote(count)
+        await asyncio.to_thread(LightningRpc(guild.outside_rpc(where)).pay, quote["request"])
+        await self.wait_paid(quote["quote"])
+        return await self.mint(quote["quote"], [1] * count)
+
 
 @contextlib.asynccontextmanager
 async def another_mint(op0: Devnet, log: str, **env: str) -> AsyncIterator[str]:
@@ -188,10 +195,7 @@ async def test_swaps_committed_together_each_win_or_leave_nothing(where: Path) -
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as s:
         mint = Mint(op0.mint_url, s)
         await mint.load()
-        quote = await mint.mint_quote(32)
-        await asyncio.to_thread(LightningRpc(guild.outside_rpc(where)).pay, quote["request"])
-        await mint.wait_paid(quote["quote"])
-        proofs = await mint.mint(quote["quote"], [1] * 32)
+        proofs = await mint.ones(32, where)
         outputs, _ = client.outputs_of([1] * 24, mint.active)
         rng = random.Random(os.urandom(8))
 
@@ -228,10 +232,7 @@ async def test_large_requests_are_signed_and_checked_off_the_event_loop(where: P
     async with aiohttp.ClientSession() as s:
         mint = Mint(op0.mint_url, s)
         await mint.load()
-        quote = await mint.mint_quote(40)
-        await asyncio.to_thread(LightningRpc(guild.outside_rpc(where)).pay, quote["request"])
-        await mint.wait_paid(quote["quote"])
-        proofs = await mint.mint(quote["quote"], [1] * 40)
+        proofs = await mint.ones(40, where)
         swapped, keys = await asyncio.gather(mint.swap(proofs, [1] * 40), mint.ok("/v1/keys"))
         assert len(swapped) == 40 and keys["keysets"]
         assert set(await mint.states(proofs)) == {"SPENT"}
