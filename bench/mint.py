@@ -14,6 +14,8 @@ DLEQ proofs are checked after the timed window (``swaps``).
 Figures:
   swap_per_s, swap_p50_ms,    2-in-2-out swaps of 1-sat proofs, --clients at once,
   swap_p95_ms                 closed loop for --seconds (each client swaps its outputs)
+  swap2_per_s, swap2_p95_ms   the same, half the clients at a second mint process on
+                              the same database
   mint_per_s                  quote, the invoice paid by another node, mint: --flows at
                               once (the project's mint only: FakeWallet pays itself)
   melt_per_s                  quote, melt to another node's invoice: --flows at once
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -33,7 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +51,7 @@ from bench.common import print_table, write_json
 from constellation.crypto import bdhke
 from constellation.ecash import client
 from constellation.protocol import cashu as nut
-from services.devnet import Devnet, free_port, guild, start_postgres, stop_pid
+from services.devnet import Devnet, free_port, guild, spawn, start_postgres, stop_pid, wait_ready
 from services.ecash.client import MintClient
 from services.workload import percentile
 
@@ -74,13 +77,17 @@ async def closed_loop(
     return len(lat) / (time.monotonic() - started), sorted(lat)
 
 
-async def swaps(mint: MintClient, seconds: float, clients: int, fund: Any) -> dict[str, float]:
+async def swaps(
+    mints: list[MintClient], seconds: float, clients: int, fund: Any
+) -> dict[str, float]:
     """2-in-2-out swaps: each client holds two 1-sat proofs and swaps them again and
-    again (``fund(amounts)`` mints the starting proofs). The load shares the mint's
+    again (``fund(amounts)`` mints the starting proofs), client i at ``mints[i % n]``
+    (processes of one mint, on one database). The load shares the mint's
     cores, so it does inside the window only what the next swap needs: its outputs are
     blinded before, each signature unblinded as it comes, and every signature's DLEQ
     proof is checked after (by the wallet's own ``unblind``, which must give the same
     proofs); a bad one fails the run."""
+    mint = mints[0]
     proofs = await fund([1] * (2 * clients))
     held = [proofs[2 * i : 2 * i + 2] for i in range(clients)]
     key = mint.keys[mint.active][1]
@@ -90,7 +97,8 @@ async def swaps(mint: MintClient, seconds: float, clients: int, fund: Any) -> di
 
     async def step(i: int) -> bool:
         outputs, secrets = ready.pop() if ready else client.outputs_of([1, 1], mint.active)
-        status, doc = await mint.call("/v1/swap", {"inputs": held[i], "outputs": outputs})
+        body = {"inputs": held[i], "outputs": outputs}
+        status, doc = await mints[i % len(mints)].call("/v1/swap", body)
         if status != 200:  # nutshell's SQLite under load: "failed to acquire database lock"
             refused[0] += 1
             return False
@@ -134,7 +142,11 @@ async def ours(directory: Path, args: argparse.Namespace) -> dict[str, float]:
                 await mint.wait_paid(quote["quote"])
                 return await mint.mint(quote["quote"], amounts)
 
-            swap = await swaps(mint, args.seconds, args.clients, fund)
+            swap = await swaps([mint], args.seconds, args.clients, fund)
+            async with second_process(op0) as url:
+                other = MintClient(url, s)
+                await other.load()
+                swap2 = await swaps([mint, other], args.seconds, args.clients, fund)
 
             async def mint_one(_: int) -> bool:
                 await fund([1])
@@ -161,6 +173,8 @@ async def ours(directory: Path, args: argparse.Namespace) -> dict[str, float]:
         "swap_per_s": swap["per_s"],
         "swap_p50_ms": swap["p50_ms"],
         "swap_p95_ms": swap["p95_ms"],
+        "swap2_per_s": swap2["per_s"],
+        "swap2_p95_ms": swap2["p95_ms"],
         "mint_per_s": mint_rate,
         "melt_per_s": melt_rate,
     }
@@ -201,9 +215,23 @@ async def nutshell(directory: Path, database: str, args: argparse.Namespace) -> 
                 await mint.wait_paid(quote["quote"], 30)
                 return await mint.mint(quote["quote"], amounts)
 
-            return await swaps(mint, args.seconds, args.clients, fund)
+            return await swaps([mint], args.seconds, args.clients, fund)
     finally:
         stop_pid(proc.pid, 10)
+
+
+@contextlib.asynccontextmanager
+async def second_process(net: Devnet) -> AsyncIterator[str]:
+    """Another process of ``net``'s mint, on its database (as an operator scales its
+    mint: pods behind one Service), up for the block: its URL."""
+    port = free_port()
+    env = {**net.mint_env(), "MINT_HTTP_ADDR": f"127.0.0.1:{port}"}
+    pid = spawn([sys.executable, "-m", "services.ecash"], env, Path(net.dir) / "mint-2.log")
+    try:
+        await asyncio.to_thread(wait_ready, port, pid, 60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_pid(pid, 10)
 
 
 def wait_ready_nutshell(port: int) -> None:
@@ -269,6 +297,11 @@ def main() -> int:
             "swap p50 / p95 ms",
             f"{f['swap_p50_ms']:.1f} / {f['swap_p95_ms']:.1f}",
             "target p95 <= 50",
+        ),
+        (
+            "2 processes: swaps/s, p95",
+            f"{f['swap2_per_s']:,.0f}, {f['swap2_p95_ms']:.1f} ms",
+            "one database, half the clients each",
         ),
         ("mint_per_s", f"{f['mint_per_s']:,.1f}", f"quote, pay, mint; {args.flows} at once"),
         ("melt_per_s", f"{f['melt_per_s']:,.1f}", f"quote, melt; {args.flows} at once"),
