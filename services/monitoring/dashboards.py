@@ -741,6 +741,17 @@ def money() -> dm.Dashboard:
         Query(quantile(0.99, "mint_operation_seconds", "op"), "{{op}}"),
     )
     b.graph(
+        "Swaps a transaction",
+        "Swaps committed together in one PostgreSQL transaction (the mint groups those"
+        " that arrive while others commit): the mean.",
+        "short",
+        Query(
+            f"sum({rate('mint_swap_group_swaps_sum')})"
+            f" / sum({rate('mint_swap_group_swaps_count')})",
+            "swaps",
+        ),
+    )
+    b.graph(
         "Outstanding ecash",
         "Signed minus spent, per keyset, in the keyset's unit.",
         "short",
