@@ -115,8 +115,8 @@ def prove(
     """(e, s) showing that C_ = k·B_ and K = k·G share k; ``nonce`` for test vectors
     only (by default the deterministic one). K and C_ where the caller has them already
     (they are computed otherwise)."""
-    key = key or public_key(k)
-    signature = signature or sign(k, blinded)
+    key = public_key(k) if key is None else key
+    signature = sign(k, blinded) if signature is None else signature
     p = dleq_nonce(k, key, blinded, signature) if nonce is None else nonce
     _check_scalar(p)
     r1, r2 = base_mul(p), mul(blinded, p)
