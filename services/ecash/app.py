@@ -367,8 +367,8 @@ class MintApp:
     async def swap(self, request: web.Request) -> dict[str, Any]:
         req = nut.decode(await request.read(), nut.SwapRequest)
         weight = len(req.inputs) + len(req.outputs)
-        spend, _ = await self._off_loop(weight, self.rules.swap, req, int(time.time()))
-        signatures = await self.db.swap(spend, req, self._sign)
+        spend, out = await self._off_loop(weight, self.rules.swap, req, int(time.time()))
+        signatures = await self.db.swap(spend, out, req, self._sign)
         return {"signatures": signatures}
 
     async def checkstate(self, request: web.Request) -> dict[str, Any]:

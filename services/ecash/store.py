@@ -482,13 +482,14 @@ class MintStore:
     async def swap(
         self,
         spend: m.Spend,
+        outputs: m.Outputs,
         request: nut.SwapRequest,
         sign: Sign,
     ) -> list[nut.BlindSignature]:
-        """Spend the inputs and sign the outputs, in the next group's transaction."""
-        blinded = [bytes.fromhex(o.B_) for o in request.outputs]
+        """Spend the inputs and sign the outputs (``outputs``: as the rules checked
+        them), in the next group's transaction."""
         done: asyncio.Future[list[nut.BlindSignature]] = asyncio.get_running_loop().create_future()
-        self._swaps.append(_Swap(spend, request, blinded, sign, done))
+        self._swaps.append(_Swap(spend, request, outputs.blinded, sign, done))
         if sum(not t.done() for t in self._groups) < SWAP_GROUPS:
             task = asyncio.create_task(self._swap_groups())
             self._groups.add(task)

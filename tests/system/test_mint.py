@@ -647,7 +647,7 @@ async def fresh_store(op0: Devnet, grouped: list[int]) -> AsyncIterator[MintStor
 KEYSET = Keyset.derive(b"groups" * 6, "sat", 0, 0)
 
 
-def a_swap(secret: str = "") -> tuple[m.Spend, nut.SwapRequest]:
+def a_swap(secret: str = "") -> tuple[m.Spend, m.Outputs, nut.SwapRequest]:
     """A swap of two 1-sat proofs as the store takes it (the rules checked them before:
     the store checks no signature), to two fresh outputs."""
     inputs = [
@@ -655,7 +655,8 @@ def a_swap(secret: str = "") -> tuple[m.Spend, nut.SwapRequest]:
     ]
     ys = [bdhke.hash_to_curve(p.secret.encode()).format() for p in inputs]
     outputs, _ = client.outputs_of([1, 1], KEYSET.id)
-    return m.Spend(ys, 2, 0, "sat"), nut.SwapRequest(inputs, outputs)
+    checked = m.Outputs([bytes.fromhex(o.B_) for o in outputs], 2, "sat")
+    return m.Spend(ys, 2, 0, "sat"), checked, nut.SwapRequest(inputs, outputs)
 
 
 async def test_a_swap_postgresql_refuses_fails_alone_and_a_given_up_one_spends_nothing(
@@ -693,8 +694,8 @@ async def test_a_swap_postgresql_refuses_fails_alone_and_a_given_up_one_spends_n
             busy.append(asyncio.create_task(store.swap(*a_swap(), held)))
             await asyncio.sleep(0.3)
         waiting = [asyncio.create_task(store.swap(*sw, sign)) for sw in [*good[:3], bad, *good[3:]]]
-        given_up_spend, given_up = a_swap()
-        dropped = asyncio.create_task(store.swap(given_up_spend, given_up, sign))
+        given_up = a_swap()
+        dropped = asyncio.create_task(store.swap(*given_up, sign))
         await asyncio.sleep(0.1)
         dropped.cancel()
         release.set()
@@ -708,9 +709,9 @@ async def test_a_swap_postgresql_refuses_fails_alone_and_a_given_up_one_spends_n
         # the seven that waited went together, PostgreSQL refused it, then each alone
         assert tried == [1] * SWAP_GROUPS + [7] + [1] * 7, tried
         assert grouped == [1] * (SWAP_GROUPS + 6), grouped
-        states = await store.states([y for sw, _ in good for y in sw.ys] + given_up_spend.ys)
+        states = await store.states([y for sw, _, _ in good for y in sw.ys] + given_up[0].ys)
         assert len(states) == 12 and set(states.values()) == {"SPENT"}
-        assert await store.restore([bytes.fromhex(o.B_) for o in given_up.outputs]) == {}
+        assert await store.restore([bytes.fromhex(o.B_) for o in given_up[2].outputs]) == {}
         async with store.pool.acquire() as conn:
             rows = await conn.fetchval("SELECT count(*) FROM mint_promises")
             proofs = await conn.fetchval("SELECT count(*) FROM mint_proofs")
