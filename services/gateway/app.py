@@ -114,9 +114,9 @@ class GatewayNode:
         self.draining = True
         log.info("draining", extra={"in_flight": sum(c.in_flight for c in ledgers.values())})
         await self.ops.stop()  # stops taking requests; waits for the running ones
+        await tasks.stop()  # before the connections they use go (else each logs a failure)
         for client in ledgers.values():
             await client.close()
-        await tasks.stop()
         await index.close()
         if settle_store is not None:
             await settle_store.close()

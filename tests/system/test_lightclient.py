@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ import pytest
 
 from constellation.lightclient import proof as pf
 from constellation.lightclient.checkpointer import Announced
+from services import devnet
 from services.devnet import Devnet
 from services.light import LightClient, NoServer, Update
 from services.wallet import WalletFile
@@ -388,3 +391,26 @@ async def test_a_wallet_leaves_a_gateway_that_skips_a_checkpoint(
             values |= {c.value_msat for p in update.placed for c in p.record.changes}
         assert values == {5000, 7000}, values
         assert [(f.server, f.check) for f in client.failures][:1] == [(liar_url, "gap")]
+
+
+def test_a_guild_stopped_cleanly_logs_no_failed_task() -> None:
+    """SIGTERM to every process of a guild whose gateways push checkpoints: no task of
+    any service says it failed or ended on the way out (the gateway's checkpoint feed
+    did, its NATS connection closed under it)."""
+    root = Path(tempfile.mkdtemp(prefix="cst-stop-"))
+    root.chmod(0o755)  # PostgreSQL runs as its own user where tests run as root
+    try:
+        devnet.guild.up(root / "g", 2, 2, "test")
+        try:
+            time.sleep(3.0)  # checkpoints made and pushed
+        finally:
+            devnet.guild.down(root / "g")
+        failed = [
+            line
+            for log in sorted(root.rglob("*.log"))
+            for line in log.read_text(errors="replace").splitlines()
+            if '"task failed"' in line or '"task ended"' in line
+        ]
+        assert not failed, failed[:3]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
