@@ -5,8 +5,9 @@ checkpoints, and answer the gateway's questions about them.
 * **Following.** Every machine of this operator holds a copy of every shard of the
   guild, and each copy serves its events log (confirmed blocks only) on its own subject
   (``services.bus.copy_events_subject``). The checkpointer reads each shard from this
-  operator's two copies (the other when one does not answer) every ``POLL_S``, into its
-  ``GuildIndex``: so what it vouches for is what this operator's own copies executed.
+  operator's two copies (the other when one does not answer), each shard every ``POLL_S``
+  unless its copy holds more than one read takes, into its ``GuildIndex``: so what it
+  vouches for is what this operator's own copies executed.
 * **Proposing** (``constellation.lightclient.checkpointer`` says who and when): a
   proposal goes to this operator's signer, which coordinates ROAST among the members'
   signers; each asks its own indexer to vouch (``Vouch`` on ``vouch_subject``). A signed
@@ -361,32 +362,39 @@ class Checkpoints:
     # -- following the shards -----------------------------------------------------------
 
     async def _follow(self, ck: Checkpointer) -> None:
+        """Each shard read by a task of its own, at its own pace: one whose copy holds
+        more than a read takes is read again at once, any other every ``POLL_S`` (a busy
+        shard does not make the idle ones be read more often)."""
+        async with asyncio.TaskGroup() as group:
+            for shard in ck.index.shards:
+                group.create_task(self._follow_shard(ck, shard))
+
+    async def _follow_shard(self, ck: Checkpointer, shard: lc.Shard) -> None:
         while True:
-            moved = await asyncio.gather(*(self._read(ck, shard) for shard in ck.index.shards))
+            behind = await self._read(ck, shard)
             await self._took(ck.advance(now_ms()))
-            if not any(moved):
+            if not behind:
                 await asyncio.sleep(POLL_S)
 
     async def _read(self, ck: Checkpointer, shard: lc.Shard) -> bool:
         """Read a shard's new blocks from one of this operator's copies (the other where
-        one does not answer); whether any came."""
+        one does not answer); whether that copy holds more than was read."""
         if shard in self.diverged:
             return False
         owner, worker = shard
         name = self.s.layout.members[owner].name
         for copy in range(COPIES * self.s.me, COPIES * self.s.me + COPIES):
-            moved = await self._pages(ck, shard, copy, copy_events_subject(name, worker, copy))
-            if moved is not None:
-                return moved
+            behind = await self._pages(ck, shard, copy, copy_events_subject(name, worker, copy))
+            if behind is not None:
+                return behind
         return False
 
     async def _pages(
         self, ck: Checkpointer, shard: lc.Shard, copy: int, subject: str
     ) -> bool | None:
-        """A few pages of one copy's events log into the index: whether blocks came, or
-        None where the copy did not answer."""
+        """Up to ``PAGES`` pages of one copy's events log into the index: whether the copy
+        holds more, or None where it did not answer."""
         index = ck.index.shards[shard]
-        moved = False
         for _ in range(PAGES):
             query = msgspec.msgpack.encode(proto.EventsQuery(index.height))
             try:
@@ -411,11 +419,10 @@ class Checkpoints:
                 log.error(
                     "a copy's events do not chain", extra={"subject": subject, "error": str(exc)}
                 )
-                return moved
-            moved = moved or bool(fresh)
+                return False
             if not fresh or index.height >= page.last:
-                break
-        return moved
+                return False
+        return True
 
     # -- proposing ----------------------------------------------------------------------
 
