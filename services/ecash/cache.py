@@ -10,10 +10,15 @@ paid): a retry is refused that way, and a first request does not pay for the loo
 Redis is down, requests are served without it: a retry then gets the answer it would
 get from a mint without NUT-19, and nothing is lost either way (the signatures are in
 PostgreSQL, NUT-09 restores them).
+
+An answer is sent once it is kept. The answers of requests that finish while one write
+is on its way go together in the next (one pipelined round trip): at a few hundred swaps
+a second, one write per answer was a twelfth of the mint's time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 
@@ -32,6 +37,9 @@ class Cache:
         self.client = client
         self.ttl_s = ttl_s
         self.metrics = metrics
+        self._puts: list[tuple[str, bytes]] = []  # for the next write
+        self._next: asyncio.Future[None] | None = None  # done once they are written
+        self._writer: asyncio.Task[None] | None = None
 
     @staticmethod
     def key(path: str, body: bytes) -> str:
@@ -47,10 +55,29 @@ class Cache:
         return found.encode() if isinstance(found, str) else found
 
     async def put(self, path: str, body: bytes, answer: bytes) -> None:
-        try:
-            await self.client.set(self.key(path, body), answer, ex=self.ttl_s)
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._failed(exc)
+        """Keep ``answer``; returns once it is written (or Redis failed: nothing kept)."""
+        self._puts.append((self.key(path, body), answer))
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.create_task(self._write())
+        # shielded: a request given up does not stop the write of the others' answers
+        await asyncio.shield(self._next)
+
+    async def _write(self) -> None:
+        """Write what waits, one pipelined write at a time, until nothing waits."""
+        while self._next is not None:
+            written, puts = self._next, self._puts
+            self._next, self._puts = None, []
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for key, answer in puts:
+                        pipe.set(key, answer, ex=self.ttl_s)
+                    await pipe.execute()
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._failed(exc)
+            finally:
+                written.set_result(None)
 
     def _failed(self, exc: Exception) -> None:
         self.metrics.cache.labels("error").inc()

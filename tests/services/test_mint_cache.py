@@ -1,0 +1,81 @@
+"""The mint's NUT-19 cache against a real redis-server: answers put at once share a
+write, each is kept once its put returns, and Redis down loses nothing but the cache."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from services import devnet
+from services.ecash.cache import Cache
+from services.ecash.metrics import MintMetrics
+from tests.services.test_limits import redis_port  # noqa: F401  (a fixture)
+
+SWAP = "/v1/swap"
+
+
+@pytest.fixture
+async def cache(redis_port: int) -> AsyncIterator[tuple[Cache, list[int]]]:  # noqa: F811
+    """A cache on a real Redis, and the size of each pipelined write it made."""
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_port}")
+    writes: list[int] = []
+    pipeline = client.pipeline
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        pipe = pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        async def run(*a: Any, **k: Any) -> Any:
+            writes.append(len(pipe.command_stack))
+            return await execute(*a, **k)
+
+        pipe.execute = run  # type: ignore[method-assign]
+        return pipe
+
+    client.pipeline = counted  # type: ignore[method-assign]
+    yield Cache(client, 60, MintMetrics()), writes
+    await client.aclose()
+
+
+async def test_answers_put_at_once_share_a_write_and_each_is_kept(
+    cache: tuple[Cache, list[int]],
+) -> None:
+    c, writes = cache
+    bodies = [os.urandom(8) for _ in range(200)]
+    await asyncio.gather(*(c.put(SWAP, b, b"answer " + b) for b in bodies))
+    assert writes == [200]
+    # puts made while a write is on its way go together in the next one
+    first = asyncio.create_task(c.put(SWAP, b"first", b"1"))
+    await asyncio.sleep(0)  # the writer has taken the first and writes it
+    later = [os.urandom(8) for _ in range(50)]
+    await asyncio.gather(first, *(c.put(SWAP, b, b"answer " + b) for b in later))
+    assert writes == [200, 1, 50]
+    for b in [*bodies, *later]:
+        assert await c.get(SWAP, b) == b"answer " + b
+    assert await c.get(SWAP, b"first") == b"1" and await c.get("/v1/melt/bolt11", b"first") is None
+    assert 50 < await c.client.ttl(Cache.key(SWAP, b"first")) <= 60
+
+
+async def test_a_put_given_up_leaves_the_others_written(cache: tuple[Cache, list[int]]) -> None:
+    c, writes = cache
+    puts = [asyncio.create_task(c.put(SWAP, bytes([i]), bytes([i]))) for i in range(10)]
+    await asyncio.sleep(0)
+    puts[3].cancel()
+    done = await asyncio.gather(*puts, return_exceptions=True)
+    assert [isinstance(d, asyncio.CancelledError) for d in done] == [i == 3 for i in range(10)]
+    assert writes == [10]  # its answer was on its way all the same
+    assert [await c.get(SWAP, bytes([i])) for i in range(10)] == [bytes([i]) for i in range(10)]
+
+
+async def test_redis_down_fails_no_put_and_counts_the_error() -> None:
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{devnet.free_port()}")
+    c = Cache(client, 60, MintMetrics())
+    await asyncio.gather(*(c.put(SWAP, bytes([i]), b"x") for i in range(5)))
+    assert await c.get(SWAP, bytes([1])) is None
+    assert c.metrics.registry.get_sample_value("mint_cache_total", {"outcome": "error"}) == 2
+    await client.aclose()
