@@ -16,7 +16,8 @@ form one replication group (a modified Raft, ``notes/replication.md``):
   the application may answer for. Up to ``window`` blocks are in flight per copy.
 * **Leadership.** Copies have a preference: the owner's first copy, then its twin, then
   the other operators' copies. Election timeouts follow it (the twin's is short, the
-  others' three times longer), and a leader hands leadership to a more preferred copy
+  others' three to four times longer, each in a slot of its own by preference, so that
+  one campaigns at a time), and a leader hands leadership to a more preferred copy
   once that copy has its whole log (``TimeoutNow``). An election: PreVote first (no term
   is spent unless ``Quorums.elect`` copies would vote), then votes, one per copy per
   term, persisted before it is sent, for a candidate whose log is at least as up to date.
@@ -59,6 +60,9 @@ GENESIS = bytes(32)
 EVERYONE = -1  # a message's destination: every other copy
 SEEN_LIMIT = 4096  # headers and votes remembered for finding equivocation, about
 HEAD_AGAIN = 20  # heartbeats after which an unchanged head is shown again
+# Election timeouts before a leader that stepped down (CheckQuorum) campaigns again: after
+# every other copy's (``Replica._timeout``: 4 at most).
+LAST_RESORT = 4.5
 
 
 class Executor(Protocol):
@@ -432,10 +436,15 @@ class Replica:
     # -- ticks ---------------------------------------------------------------------------
 
     def _timeout(self) -> float:
+        """The owner's copies: 1 to 1.5 election timeouts (its twin takes over). The
+        others: 3 to 4, each in its own slot by preference. Without its owner, a shard
+        of 3 operators elects with the votes of all four copies left: two candidates at
+        once split them, and a split costs a whole timeout more."""
         t = self.settings.election_s
         if self.rank < 2:
             return t * (1 + 0.5 * self.draw())
-        return t * (3 + self.draw())
+        others = max(1, len(self.preference) - 2)
+        return t * (3 + (min(self.rank - 2, others - 1) + self.draw()) / others)
 
     def _reset_deadline(self) -> None:
         self.deadline = self.clock() + self._timeout()
@@ -464,6 +473,9 @@ class Replica:
         ]
         if not self._confirming(heard) and now - self.led_since > s.election_s:
             self._follow(self.term, -1)  # CheckQuorum: cut off from a confirming set
+            # The others campaign first: preferred, it would win again where it can be
+            # elected but not confirm (its operator short of a copy, with one other left).
+            self.deadline = now + LAST_RESORT * s.election_s
             return
         for c, p in self.progress.items():
             # A copy sent blocks less than a beat ago heard from us then (that Append
