@@ -485,21 +485,29 @@ class Replica:
         self._hand_back(now)
 
     def _hand_back(self, now: float) -> None:
-        """Give leadership to a more preferred copy that holds the whole log (and take
-        no proposals meanwhile, so that it still does when it campaigns)."""
-        if self.rank == 0 or now - self.transferred < self.settings.election_s:
+        """Give leadership to a more preferred copy that holds the whole log and could
+        confirm with the copies that answer (and take no proposals meanwhile, so that it
+        still does when it campaigns)."""
+        s = self.settings
+        if self.rank == 0 or now - self.transferred < s.election_s:
             return
+        answer = [self.me] + [
+            c
+            for c, p in self.progress.items()
+            if p.knows and now - p.heard < s.election_s and not self._excluded(c)
+        ]
         for c in self.preference[: self.rank]:
             p = self.progress[c]
             if (
                 not self._excluded(c)
                 and p.knows
                 and p.match == self.last
-                and now - p.heard < self.settings.heartbeat_s * 3
+                and now - p.heard < s.heartbeat_s * 3
                 and now >= p.handed
+                and mb.confirming(self.quorums, [divmod(a, 2) for a in answer], c // 2)
             ):
                 self.transferred = now
-                p.handed = now + 10 * self.settings.election_s  # if it does not take it
+                p.handed = now + 10 * s.election_s  # if it does not take it
                 self._send(c, rp.TimeoutNow(self.term))
                 return
 

@@ -186,11 +186,16 @@ def test_the_owner_leaves_its_copies_stop_counting_and_the_others_lead() -> None
     new_leader = shard.replicas[shard.leader() or 0]
     assert new_leader.members == steps[-1] and new_leader.confirmed >= paid
     assert shard.replicas[0].role is Role.FOLLOWER
-    # The leaver's copies can be gone: operators 1 and 2 confirm alone (3 of 4 copies).
-    shard.stop(0, 1, 2)  # copy 2 may have led: then the others elect
+    # The leaver's copies can be gone: operators 1 and 2 confirm alone (3 of 4 copies),
+    # with a leader at operator 2. Copy 2 led (the first preferred); its twin, copy 3, is
+    # elected first but cannot confirm (operator 2's copies would make up the confirming
+    # set alone): it steps down, a copy of operator 2 is elected and keeps leading.
+    shard.stop(0, 1, 2)
     shard.until(lambda: shard.leader() in {3, 4, 5})
     more = shard.pay(2)
     shard.until(lambda: shard.confirmed_everywhere(more, [3, 4, 5]))
+    shard.run(3.0)
+    assert shard.leader() in {4, 5} and shard.replicas[3].counters.elections == 1
     # And a leaver no longer campaigns.
     shard.restart(0, 1)
     shard.run(3.0)
