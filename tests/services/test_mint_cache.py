@@ -51,7 +51,7 @@ async def test_answers_put_at_once_share_a_write_and_each_is_kept(
     assert writes == [200]
     # puts made while a write is on its way go together in the next one
     first = asyncio.create_task(c.put(SWAP, b"first", b"1"))
-    await asyncio.sleep(0)  # the writer has taken the first and writes it
+    await asyncio.sleep(0)  # put: the writer it started takes it before the puts below
     later = [os.urandom(8) for _ in range(50)]
     await asyncio.gather(first, *(c.put(SWAP, b, b"answer " + b) for b in later))
     assert writes == [200, 1, 50]
