@@ -171,6 +171,25 @@ async def connect_peer(url: str, name: str, peer: str, **options: Any) -> Client
         return client
 
 
+async def close_nats(client: Client, drain: bool = False) -> None:
+    """Close a NATS connection (``drain``: first let the callbacks that started finish
+    and send what is pending), whatever became of its server. A client whose server
+    died is reconnecting, and refuses to drain; under uvloop its close raises
+    RuntimeError as it flushes what was pending onto the dead socket, though the client
+    is closed by then (it no longer reconnects). Either is said in one line, not raised:
+    on the way out, a service's peer or its own server may already be gone."""
+    if drain:
+        try:
+            await client.drain()
+            return
+        except (NatsError, OSError, RuntimeError) as exc:
+            _log.info("nats connection not drained", extra={"error": repr(exc)})
+    try:
+        await client.close()
+    except (NatsError, OSError, RuntimeError) as exc:
+        _log.info("nats connection closed with its server gone", extra={"error": repr(exc)})
+
+
 async def nats_error(exc: Exception) -> None:
     """The NATS client's ``error_cb``. A lost or refused connection is said in one line
     (the client reconnects by itself); anything else came from a subscription's callback

@@ -76,6 +76,9 @@ class Cache:
                     await pipe.execute()
             except (RedisError, OSError, TimeoutError) as exc:
                 self._failed(exc)
+            except Exception:  # a bug: said with its traceback; the next write still goes
+                self.metrics.cache.labels("error").inc()
+                log.exception("NUT-19 answers not kept", extra={"answers": len(puts)})
             finally:
                 written.set_result(None)
 

@@ -56,7 +56,7 @@ from services.gateway.settle_store import SettleStore
 from services.partition.client import LedgerClient, LedgerUnavailable
 from services.replica.config import Layout
 from services.replica.transport import SETTLE_LISTEN, SettleLink, settle_subject
-from services.runtime import connect_peer, now_ms
+from services.runtime import close_nats, connect_peer, now_ms
 
 log = logging.getLogger("settle")
 
@@ -194,8 +194,7 @@ class Settler:
                 task.cancel()
             for pair in self.pairs.values():
                 if pair.client is not None:
-                    with contextlib.suppress(NatsError, OSError):
-                        await pair.client.close()
+                    await close_nats(pair.client)
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)

@@ -14,7 +14,7 @@ from services.indexer.checkpoints import Checkpoints
 from services.indexer.config import Settings
 from services.indexer.keys import KeyFollower
 from services.indexer.store import Index
-from services.runtime import OpsServer, connect_nats
+from services.runtime import OpsServer, close_nats, connect_nats
 
 log = logging.getLogger("indexer")
 
@@ -70,6 +70,6 @@ class Indexer:
         )
         await stop.wait()
         await self.ops.tasks.stop()  # a block stored, its cursor not yet: stored again
-        await nc.close()
+        await close_nats(nc)
         await index.close()
         await self.ops.stop()

@@ -86,7 +86,7 @@ from services.replica.transport import (
     fill_subject,
     range_subject,
 )
-from services.runtime import Tasks, connect_peer, now_ms
+from services.runtime import Tasks, close_nats, connect_peer, now_ms
 from services.signer.client import SignerClient
 from services.signer.config import SignerAccess
 
@@ -269,7 +269,7 @@ class Checkpoints:
                     task.cancel()
                 peers, self.peers = self.peers, {}
                 for peer in peers.values():
-                    await peer.close()
+                    await close_nats(peer)
 
     async def _pin(self, signer: SignerClient) -> pf.Pin:
         """The guild's first key, threshold and members: the store's, or else the one

@@ -80,6 +80,7 @@ from services.operator.spec import (
     read_spec,
 )
 from services.replica.moves import advance
+from services.runtime import close_nats
 
 PLURAL = "guilds"
 OBSERVED = ("ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget")
@@ -289,7 +290,7 @@ class Reconciler:
             _log.warning("placement not read", extra={"guild": renderer.n.guild, "error": str(exc)})
             return moves(renderer, None, observed), None, None
         finally:
-            await nc.close()
+            await close_nats(nc)
 
     # -- GuildChange -------------------------------------------------------------------
 
@@ -344,7 +345,7 @@ class Reconciler:
                 shards = voted(final, gspec, reported)
                 keys = await self._key_plan(nc, gspec.operator, change, final, phase)
             finally:
-                await nc.close()
+                await close_nats(nc)
             seen = observed(shards, learnt(change, gspec, reported), keys)
         except BadGuild as exc:
             problem = str(exc)
@@ -466,7 +467,7 @@ class Reconciler:
             try:
                 found = await load_placement(nc, renderer.spec.operator)
             finally:
-                await nc.close()
+                await close_nats(nc)
         except (NatsError, OSError, TimeoutError, MessageError) as exc:
             raise BadGuild(f"the member's NATS: {exc}") from None
         if found is None:

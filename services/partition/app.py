@@ -30,7 +30,7 @@ from services.partition.metrics import WorkerMetrics
 from services.partition.verify import Verifiers
 from services.partition.wal import BlockLog, EventLog
 from services.partition.worker import Worker, state_info
-from services.runtime import OpsServer, connect_nats
+from services.runtime import OpsServer, close_nats, connect_nats
 
 TICK_S = 0.05
 # One events message per this many seconds at most: every reader wakes per message,
@@ -164,7 +164,7 @@ class WorkerNode:
         await self.ops.tasks.stop()
         # Close, not drain: what had to go out went above, and a drain waits (up to 30 s)
         # for answers to requests cut short by the cancel.
-        await nc.close()
+        await close_nats(nc)
         if verifiers is not None:
             verifiers.close()
         worker.wal.close()

@@ -24,7 +24,7 @@ from services.bus import (
     query_subject,
     worker_subject,
 )
-from services.runtime import connect_nats
+from services.runtime import close_nats, connect_nats
 
 # A request unanswered this long is sent again (same request id), then after twice as
 # long, and so on: the package may have gone to a leader that died or handed over, and
@@ -72,7 +72,7 @@ class LedgerClient:
         if pmap is None:
             pmap = await load_map(nc, operator)
         if pmap is None:
-            await nc.close()
+            await close_nats(nc)
             raise LedgerUnavailable("no partition map is published yet")
         client = cls(nc, operator, pmap, batching, observe)
         await nc.subscribe(client.inbox, cb=client._on_results, pending_msgs_limit=1_000_000)
@@ -203,4 +203,4 @@ class LedgerClient:
 
     async def close(self) -> None:
         await self.packer.drain()
-        await self.nc.drain()
+        await close_nats(self.nc, drain=True)

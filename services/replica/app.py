@@ -67,7 +67,14 @@ from services.replica.transport import (
     listen_subject,
     subject,
 )
-from services.runtime import ConfigError, OpsServer, connect_nats, connect_peer, now_ms
+from services.runtime import (
+    ConfigError,
+    OpsServer,
+    close_nats,
+    connect_nats,
+    connect_peer,
+    now_ms,
+)
 
 TICK_S = 0.02
 PLACEMENT_POLL_S = 0.2
@@ -400,8 +407,7 @@ class Machine:
         await self.ops.tasks.stop()
         for client in [self.nc, *self.peers.values()]:
             if client is not None:
-                with contextlib.suppress(NatsError, OSError):
-                    await client.close()
+                await close_nats(client)
         for copy in self.copies:
             copy.close()
         await self.ops.stop()

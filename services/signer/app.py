@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import msgspec
@@ -17,7 +16,7 @@ from constellation.guild import Checkpoint, SigningPolicy
 from constellation.protocol import lightclient as lc
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import ReplayGuard
-from services.runtime import ConfigError, OpsServer, connect_nats, connect_peer
+from services.runtime import ConfigError, OpsServer, close_nats, connect_nats, connect_peer
 from services.signer.config import Settings, load_members
 from services.signer.coordinator import Coordinator
 from services.signer.handlers import Participant
@@ -132,12 +131,11 @@ class SignerNode:
         await ops.unsubscribe()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.settings.request_timeout_ms / 1000)
-        await nc.drain()
+        await close_nats(nc, drain=True)
         for task in self._connecting:
             task.cancel()
         for peer in self.routes.values():
-            with contextlib.suppress(NatsError, OSError):
-                await peer.close()
+            await close_nats(peer)
         self.audit.close()
         await self.ops.stop()
 

@@ -11,6 +11,7 @@ from constellation.crypto.dkg import hostpubkey_gen
 from constellation.errors import MessageError
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import Membership, ReplayGuard
+from services.runtime import close_nats
 from services.signer.transport import Role, Transport, subject
 
 
@@ -38,7 +39,7 @@ class SignerClient:
         tb: TracebackType | None,
     ) -> None:
         if self._nc is not None:
-            await self._nc.close()
+            await close_nats(self._nc)
 
     async def request(self, request: proto.OpRequest, timeout_s: float) -> proto.OpReply:
         """Send ``request`` to this operator's signer and return its authenticated reply."""

@@ -79,3 +79,35 @@ async def test_redis_down_fails_no_put_and_counts_the_error() -> None:
     assert await c.get(SWAP, bytes([1])) is None
     assert c.metrics.registry.get_sample_value("mint_cache_total", {"outcome": "error"}) == 2
     await client.aclose()
+
+
+async def test_a_write_that_fails_unexpectedly_is_said_and_the_next_goes(
+    cache: tuple[Cache, list[int]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write that raises what Redis never does (a bug): its puts return, it is logged
+    with its traceback and counted, and the puts made meanwhile are written all the same
+    (the writer stopped with it once, and they waited for ever)."""
+    c, writes = cache
+    pipeline = c.client.pipeline
+    made: list[Any] = []
+
+    def bug(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("a bug")
+
+    def broken_once(*args: Any, **kwargs: Any) -> Any:
+        made.append(pipe := pipeline(*args, **kwargs))
+        if len(made) == 1:
+            pipe.set = bug  # type: ignore[method-assign]
+        return pipe
+
+    c.client.pipeline = broken_once  # type: ignore[method-assign]
+    first = asyncio.create_task(c.put(SWAP, b"first", b"1"))
+    await asyncio.sleep(0)  # the writer takes it, and fails
+    later = asyncio.gather(*(c.put(SWAP, bytes([i]), bytes([i])) for i in range(5)))
+    await asyncio.wait_for(asyncio.gather(first, later), 5)
+    assert len(made) == 2 and writes == [5]  # the first write failed before it was sent
+    assert await c.get(SWAP, b"first") is None
+    assert [await c.get(SWAP, bytes([i])) for i in range(5)] == [bytes([i]) for i in range(5)]
+    [record] = [r for r in caplog.records if r.getMessage() == "NUT-19 answers not kept"]
+    assert record.exc_info is not None and "a bug" in str(record.exc_info[1])
+    assert c.metrics.registry.get_sample_value("mint_cache_total", {"outcome": "error"}) == 1
