@@ -541,7 +541,11 @@ class Api:
         if unknown:
             why = f"worker {', '.join(unknown)} did not say how far its log is"
             return ApiError(NOT_INDEXED, f"not in the index; it may be behind the ledger ({why})")
-        return ApiError(NOT_FOUND, "no committed transaction with this id")
+        mine = self.ledger.operator
+        elsewhere = " (other members' are proved under /v1/lc/tx)" if len(self.ledgers) > 1 else ""
+        return ApiError(
+            NOT_FOUND, f"no committed transaction with this id in {mine}'s ledger{elsewhere}"
+        )
 
     async def _coin_infos(
         self, ledger: LedgerClient, coin_ids: list[bytes]

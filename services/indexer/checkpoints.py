@@ -538,18 +538,34 @@ class Checkpoints:
                     if kind == "address"
                     for txid in txids
                 ]
-        if fresh:
-            await self.store.store_checkpoints(fresh, touches, coins)
-            self.stored = max(self.stored, fresh[-1].checkpoint.checkpoint.height)
-            subject = lc_taken_subject(self.s.layout.members[self.s.me].name)
-            for h in fresh:
-                with contextlib.suppress(NatsError):  # the gateways catch up by asking
-                    await self.nc.publish(subject, Announced(h.checkpoint, h.entries).encode())
         last = taken[-1].checkpoint.checkpoint
         if taken[0].checkpoint.checkpoint.height == 0:
             self.first = taken[0].checkpoint.checkpoint.message()
         self.metrics.height.set(last.height)
         self.metrics.time.set(last.time_ms / 1000)
+        if fresh and await self._keep(fresh, touches, coins):
+            self.stored = max(self.stored, fresh[-1].checkpoint.checkpoint.height)
+            subject = lc_taken_subject(self.s.layout.members[self.s.me].name)
+            for h in fresh:
+                with contextlib.suppress(NatsError):  # the gateways catch up by asking
+                    await self.nc.publish(subject, Announced(h.checkpoint, h.entries).encode())
+
+    async def _keep(
+        self,
+        fresh: list[lc.Held],
+        touches: list[tuple[bytes, int, bytes]],
+        coins: dict[int, lc.Coins],
+    ) -> bool:
+        """Store checkpoints; whether it was done. PostgreSQL down loses none for good:
+        a checkpoint not stored is a gap once a later one is, and ``_backfill`` asks
+        another member for it."""
+        try:
+            await self.store.store_checkpoints(fresh, touches, coins)
+        except (OSError, asyncpg.PostgresError) as exc:
+            height = fresh[0].checkpoint.checkpoint.height
+            log.warning("checkpoints not stored", extra={"from": height, "error": repr(exc)})
+            return False
+        return True
 
     # -- checkpoints missed -------------------------------------------------------------
 
@@ -653,8 +669,7 @@ class Checkpoints:
                 for record in map(pf.Record.decode, records):
                     found.add(h.entries[position].owner, record)
                     touches += [(c.owner, height, record.txid) for c in record.changes]
-        if fresh:
-            await self.store.store_checkpoints(fresh, touches, coins)
+        if fresh and await self._keep(fresh, touches, coins):
             log.info("missed checkpoints filled", extra={"count": len(fresh)})
 
     # -- what other services and members send ---------------------------------------------

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from types import TracebackType
 
-import nats
 from nats.aio.client import Client
 
 from constellation.crypto.dkg import hostpubkey_gen
 from constellation.errors import MessageError
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import Membership, ReplayGuard
-from services.runtime import close_nats
+from services.runtime import close_nats, connect_nats
 from services.signer.transport import Role, Transport, subject
 
 
@@ -28,7 +27,8 @@ class SignerClient:
         self._transport: Transport | None = None
 
     async def __aenter__(self) -> SignerClient:
-        self._nc = await nats.connect(self.nats_url, connect_timeout=5)
+        name = f"signer-client-{self.me}"
+        self._nc = await connect_nats(self.nats_url, name, connect_timeout=5)
         self._transport = Transport(self._nc, self.members, self.hostseckey, ReplayGuard())
         return self
 

@@ -137,6 +137,56 @@ async def test_a_wallet_verifies_its_payment_and_moves_past_a_lying_gateway(
     assert code == 1 and "verdict: NOT VERIFIED" in out and "[proof.record_path]" in out, out
 
 
+async def _funded(where: Path, name: str, nets: list[Devnet]) -> tuple[str, str]:
+    """A wallet of op0's, and its address, holding a funded coin."""
+    wallet = str(where.parent / f"{name}.json")
+    assert (await cli("wallet", "create", "--file", wallet, "--gateway", nets[0].gateway_url))[
+        0
+    ] == 0
+    address = (await cli("wallet", "address", "--file", wallet))[1].strip()
+    assert (await cli("devnet", "fund", address, "2000000", "--dir", nets[0].dir))[0] == 0
+    await _until("2000000 msat in 1 coins", lambda: cli("wallet", "balance", "--file", wallet))
+    return wallet, address
+
+
+async def _pay_self(wallet: str, address: str, times: int) -> list[str]:
+    """Payments a checkpoint apart; their txids."""
+    txids = []
+    for _ in range(times):
+        code, out = await cli("wallet", "pay", address, "1000", "--file", wallet, "--yes")
+        assert code == 0, out
+        txids.append(out.split("txid ")[1].split()[0])
+        await asyncio.sleep(1.2)
+    return txids
+
+
+async def _proves_the_guilds_chain(member: Devnet, other: Devnet, txids: list[str]) -> None:
+    """``member``'s gateway proves each of ``txids`` (of ``other``'s ledger: its own
+    index does not hold them, and says where they are) and serves the chain ``other``'s
+    does."""
+    async with aiohttp.ClientSession() as s:
+        async with s.get(member.gateway_url + f"/v1/tx/{txids[0]}") as r:
+            error = (await r.json())["error"]
+        assert r.status == 404 and error["message"] == (
+            f"no committed transaction with this id in {member.operator}'s ledger"
+            " (other members' are proved under /v1/lc/tx)"
+        ), error
+        for wanted in txids:
+            end = time.monotonic() + 30
+            while True:
+                async with s.get(member.gateway_url + f"/v1/lc/tx/{wanted}") as r:
+                    if r.status == 200:
+                        break
+                assert time.monotonic() < end, await r.text()
+                await asyncio.sleep(0.3)
+        chains = []
+        for net in (other, member):
+            async with s.get(net.gateway_url + "/v1/lc/checkpoints?start=0&count=100") as r:
+                chains.append([c["encoded"] for c in (await r.json())["checkpoints"]])
+        shorter = min(len(c) for c in chains)
+        assert chains[0][:shorter] == chains[1][:shorter] and shorter >= 4, chains
+
+
 async def test_a_member_whose_indexer_was_killed_adopts_the_guilds_checkpoints(
     where: Path,
 ) -> None:
@@ -144,20 +194,9 @@ async def test_a_member_whose_indexer_was_killed_adopts_the_guilds_checkpoints(
     its supervisor, it rebuilds its index, takes what it stored, adopts the guild's
     latest checkpoint once the gap lasts (not ready meanwhile), and follows again."""
     nets = [Devnet.load(where / f"op{i}") for i in range(3)]
-    wallet = str(where.parent / "killed.json")
-    assert (await cli("wallet", "create", "--file", wallet, "--gateway", nets[0].gateway_url))[
-        0
-    ] == 0
-    address = (await cli("wallet", "address", "--file", wallet))[1].strip()
-    assert (await cli("devnet", "fund", address, "2000000", "--dir", nets[0].dir))[0] == 0
-    await _until("2000000 msat in 1 coins", lambda: cli("wallet", "balance", "--file", wallet))
+    wallet, address = await _funded(where, "killed", nets)
     os.kill(nets[1].indexer_pid, signal.SIGKILL)
-    missed = []
-    for _ in range(3):  # the guild moves on meanwhile
-        code, out = await cli("wallet", "pay", address, "1000", "--file", wallet, "--yes")
-        assert code == 0, out
-        missed.append(out.split("txid ")[1].split()[0])
-        await asyncio.sleep(1.2)
+    missed = await _pay_self(wallet, address, 3)  # the guild moves on meanwhile
     end = time.monotonic() + 60
     async with aiohttp.ClientSession() as s:
         while True:
@@ -172,27 +211,29 @@ async def test_a_member_whose_indexer_was_killed_adopts_the_guilds_checkpoints(
                 break
             assert time.monotonic() < end, (heights, ready)
             await asyncio.sleep(0.5)
-    # and it vouches again: the next checkpoint needs it no less than the others
-    code, out = await cli("wallet", "pay", address, "1000", "--file", wallet, "--yes")
-    assert code == 0, out
-    txid = out.split("txid ")[1].split()[0]
-    # and the checkpoints it missed come from another member, records and all: it proves
+    # and it vouches again: the next checkpoint needs it no less than the others; and
+    # the checkpoints it missed come from another member, records and all: it proves
     # what was paid while it was down, and serves the guild's whole chain
-    async with aiohttp.ClientSession() as s:
-        for wanted in [txid, *missed]:
-            end = time.monotonic() + 30
-            while True:
-                async with s.get(op1.gateway_url + f"/v1/lc/tx/{wanted}") as r:
-                    if r.status == 200:
-                        break
-                assert time.monotonic() < end, await r.text()
-                await asyncio.sleep(0.3)
-        chains = []
-        for net in (nets[0], op1):
-            async with s.get(net.gateway_url + "/v1/lc/checkpoints?start=0&count=100") as r:
-                chains.append([c["encoded"] for c in (await r.json())["checkpoints"]])
-        shorter = min(len(c) for c in chains)
-        assert chains[0][:shorter] == chains[1][:shorter] and shorter >= 4, chains
+    await _proves_the_guilds_chain(op1, nets[0], [*await _pay_self(wallet, address, 1), *missed])
+
+
+async def test_a_member_whose_postgresql_was_killed_fills_the_checkpoints_it_missed(
+    where: Path,
+) -> None:
+    """kill -9 of a member's PostgreSQL while the guild checkpoints: its indexer goes on
+    vouching, says it could not store what it took (no error escapes a task or a
+    callback), and once its database is back it holds the guild's whole chain, the
+    checkpoints of the outage filled from another member."""
+    nets = [Devnet.load(where / f"op{i}") for i in range(3)]
+    wallet, address = await _funded(where, "pg-killed", nets)
+    os.kill(nets[2].pg_pid, signal.SIGKILL)
+    paid = await _pay_self(wallet, address, 4)
+    await _proves_the_guilds_chain(nets[2], nets[0], paid)
+    log = (Path(nets[2].dir) / "indexer.log").read_text(errors="replace").splitlines()
+    assert any('"checkpoints not stored"' in line for line in log)  # the outage was seen
+    assert not [line for line in log if '"level": "error"' in line], [
+        line for line in log if '"level": "error"' in line
+    ][:2]
 
 
 async def test_a_wallet_follows_an_address_over_the_websocket_and_leaves_a_forging_gateway(
