@@ -12,8 +12,12 @@ Control (JSON, on the ops port):
     GET  /v1/books                 where every msat is (``missing_msat`` must be 0)
     POST /bitcoind                 the chain, as bitcoind's JSON-RPC (``bitcoind.py``)
 
-The network lives in this process's memory: restarted, it starts afresh (a real
-lightningd keeps its channels on disk).
+The network is kept in ``LNSIM_DIR/network.state`` when the process stops (SIGTERM),
+and taken up from there when it starts again, as a lightningd keeps its channels,
+wallet, invoices and payments on disk: a devnet stopped and started again finds its
+Lightning balances where its ledgers' coins are. A process killed (``kill -9``) keeps
+nothing of what happened since it last started (unlike lightningd, which writes each
+change), so none of the devnet's tests kill it.
 """
 
 from __future__ import annotations
@@ -32,10 +36,13 @@ from prometheus_client.registry import Collector
 from services.lnsim import bitcoind
 from services.lnsim.config import Settings
 from services.lnsim.network import Faults, LnError
+from services.lnsim.rpc import NodeServer
 from services.lnsim.sim import Simulator
 from services.runtime import OPERATOR_RE, OpsServer
 
 log = logging.getLogger("lnsim")
+
+STATE_FILE = "network.state"
 
 FAULTS = {"offline": bool, "fail_next": int, "hold": bool, "lose_replies": int, "delay_s": float}
 
@@ -110,7 +117,15 @@ class LnSimNode:
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
-        await self.sim.mesh(s.nodes, s.channel_sat, s.fund_sat)
+        state = s.directory / STATE_FILE
+        if state.exists():  # as it was stopped, and a node named since joins
+            await self.sim.restore(state)
+            for name in s.nodes:
+                if name not in self.sim.network.nodes:
+                    await self._joined(name)
+            log.info("network restored", extra={"height": self.sim.network.height})
+        else:
+            await self.sim.mesh(s.nodes, s.channel_sat, s.fund_sat)
         await self.ops.start(s.http_host, s.http_port)
         if s.block_s:
             self.ops.tasks.start("blocks", self._blocks)
@@ -127,6 +142,7 @@ class LnSimNode:
         await self.ops.tasks.stop()
         await self.sim.close()
         await self.ops.stop()
+        self.sim.network.save(state)  # nothing changes it any more
 
     async def _blocks(self) -> None:
         while True:
@@ -174,10 +190,13 @@ class LnSimNode:
             raise web.HTTPBadRequest(text=f"a node's name must match {OPERATOR_RE.pattern}")
         if name in self.sim.network.nodes:
             raise web.HTTPConflict(text=f"node {name!r} is in the network already")
-        sat = self.settings.channel_sat
-        server = await self.sim.join(name, sat, sat * (len(self.sim.servers) + 1))
+        server = await self._joined(name)
         node = self.sim.network.nodes[name]
         return web.json_response({"name": name, "id": node.node_id, "socket": str(server.path)})
+
+    async def _joined(self, name: str) -> NodeServer:
+        sat = self.settings.channel_sat
+        return await self.sim.join(name, sat, sat * (len(self.sim.servers) + 1))
 
     async def _faults(self, request: web.Request) -> web.Response:
         name = self._node(request)

@@ -17,16 +17,21 @@ JSON-RPC; its errors are lightningd's (``LnError``, the codes of
 The books (``books``): every msat the faucet minted is in a wallet, a channel balance
 (HTLCs in flight stay in their offerer's balance until they settle), a splice in flight,
 a miner's fee or an address outside the network.
+
+What a lightningd keeps on disk (channels, wallets, invoices, payments) the network
+keeps across a restart of its process: ``save`` writes it whole, ``load`` reads it back
+(all but the clock and the listeners, which the process gives it again).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
+import pickle
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import coincurve
 from bolt11 import (
@@ -92,6 +97,9 @@ class LnError(Exception):
         self.code = code
         self.message = message
         self.data = data
+
+    def __reduce__(self) -> tuple[type[LnError], tuple[int, str, dict[str, object] | None]]:
+        return LnError, (self.code, self.message, self.data)  # kept with a failed payment
 
 
 @dataclass
@@ -248,13 +256,37 @@ class Network:
         self.height = 101
         self.minted_sat = 0
         self.miner_fees_sat = 0
-        self._txids = itertools.count(1)
+        self._txids = 0  # made so far
         self._address_owner: dict[str, str] = {}
         self._script_address: dict[bytes, str] = {}  # of the nodes' addresses
-        self.onchain = Chain(
-            lambda script: self._address_owner.get(self._script_address.get(script, ""))
-        )
+        self.onchain = Chain(self._owner_of_script)
         self.listeners: list[Callable[[], None]] = []  # told after every change
+
+    def _owner_of_script(self, script: bytes) -> str | None:
+        return self._address_owner.get(self._script_address.get(script, ""))
+
+    def __getstate__(self) -> dict[str, object]:
+        return {k: v for k, v in vars(self).items() if k not in ("clock", "listeners")}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        vars(self).update(state)
+        self.listeners = []  # the clock: ``load`` gives it
+
+    def save(self, path: Path) -> None:
+        """Write the network to ``path``, replaced whole. Pickled: the file is this
+        process's own, as a lightningd's database is, and never comes from anyone else."""
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL))
+        tmp.replace(path)
+
+    @staticmethod
+    def load(path: Path, clock: Callable[[], float]) -> Network:
+        """The network ``save`` wrote to ``path``, on ``clock``."""
+        network = pickle.loads(path.read_bytes())
+        if not isinstance(network, Network):
+            raise ValueError(f"{path} holds no network")
+        network.clock = clock
+        return network
 
     def _changed(self) -> None:
         for listener in self.listeners:
@@ -280,7 +312,8 @@ class Network:
         return next((n for n in self.nodes.values() if n.node_id == node_id), None)
 
     def _txid(self) -> str:
-        return hashlib.sha256(b"lnsim tx %d" % next(self._txids)).hexdigest()
+        self._txids += 1
+        return hashlib.sha256(b"lnsim tx %d" % self._txids).hexdigest()
 
     def newaddr(self, name: str) -> str:
         program = hashlib.sha256(f"{name} address {len(self._address_owner)}".encode()).digest()

@@ -252,6 +252,10 @@ class NodeServer:
                     await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             return
+        except asyncio.CancelledError:
+            # ``stop``: the connection is dropped. Not raised on: Python 3.11's stream
+            # server asks a cancelled handler's task for its exception, which raises.
+            return
         finally:
             self.clients.pop(writer, None)
             writer.close()

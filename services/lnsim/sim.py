@@ -35,12 +35,26 @@ class Simulator:
         self.network.add_node(name)
         if fund_sat:
             self.network.fund(name, fund_sat)
+        server = self._server(name)
+        await server.start()
+        return server
+
+    def _server(self, name: str) -> NodeServer:
         path = socket_path(self.directory, name, self.network.chain)
         server = self.servers[name] = NodeServer(
             self.network, name, path, self.changes, self.version
         )
-        await server.start()
         return server
+
+    async def restore(self, path: Path) -> None:
+        """The network as ``Network.save`` left it in ``path`` (on this simulator's
+        clock), each node's socket served again, but an offline node's."""
+        self.network = Network.load(path, self.network.clock)
+        self.network.listeners.append(self.changes.notify)
+        for name, node in self.network.nodes.items():
+            server = self._server(name)
+            if not node.faults.offline:
+                await server.start()
 
     def open_channel(self, a: str, b: str, sat: int, push_msat: int = 0) -> Channel:
         """A channel funded by ``a``, usable once the next block confirms it (mined

@@ -141,3 +141,75 @@ def test_sigterm_stops_it_cleanly(lnsim: Proc) -> None:
     lnsim.proc.send_signal(signal.SIGTERM)
     assert lnsim.proc.wait(timeout=15) == 0
     assert not os.path.exists(socket_path(lnsim.directory, "op0"))
+
+
+def _started(directory: Path, port: int, nodes: str, log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "LNSIM_DIR": str(directory),
+        "LNSIM_NODES": nodes,
+        "LNSIM_CHANNEL_SAT": "1000000",
+        "LNSIM_BLOCK_S": "0",
+        "LNSIM_HTTP_ADDR": f"127.0.0.1:{port}",
+    }
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.lnsim"], env=env, stdout=out, stderr=out
+        )
+    wait_ready(port, proc.pid, 30)
+    return proc
+
+
+async def test_a_restart_keeps_the_network_as_lightningd_keeps_its_state() -> None:
+    """SIGTERM, then start again: the same nodes, channels, wallets, invoices and
+    payments (a devnet stopped and started again keeps its Lightning balances with its
+    ledgers' coins); a node named since joins; a long poll open at the stop is dropped
+    without an error."""
+    directory = Path(tempfile.mkdtemp(prefix="lns", dir="/tmp"))  # unix socket paths: short
+    port, log = free_port(), directory / "lnsim.log"
+    proc = _started(directory, port, "op0,op1", log)
+    lnsim = Proc(directory, port, proc)
+    try:
+        op0 = ClnBackend(socket_path(directory, "op0"))
+        op1 = ClnBackend(socket_path(directory, "op1"))
+        await op0.connect()
+        await op1.connect()
+        inv = await op1.create_invoice(42_000, "kept", "a payment kept", 600)
+        assert (await op0.pay(inv.bolt11, 0)).outcome is Outcome.SETTLED
+        lnsim.call("POST", "/v1/fund/op1", {"sat": 5_000})
+        before = (lnsim.call("GET", "/v1/nodes"), lnsim.call("GET", "/v1/books"))
+        rpc = LightningRpc(str(socket_path(directory, "op1")))
+        polling = asyncio.ensure_future(asyncio.to_thread(rpc.waitanyinvoice, 1, 30))
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        with pytest.raises((RpcError, OSError, ValueError)):  # the connection was dropped
+            await asyncio.wait_for(polling, 10)
+
+        lnsim.proc = proc = _started(directory, port, "op0,op1", log)
+        assert (lnsim.call("GET", "/v1/nodes"), lnsim.call("GET", "/v1/books")) == before
+        op0, op1 = (
+            ClnBackend(socket_path(directory, "op0")),
+            ClnBackend(socket_path(directory, "op1")),
+        )
+        await op0.connect()
+        await op1.connect()
+        assert (await op0.payment(inv.payment_hash)).outcome is Outcome.SETTLED
+        paid = await asyncio.to_thread(rpc.listinvoices, "kept")
+        assert [i["status"] for i in paid["invoices"]] == ["paid"]
+        again = await op1.create_invoice(7_000, "after", "a payment after", 600)
+        assert (await op0.pay(again.bolt11, 0)).outcome is Outcome.SETTLED
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+
+        lnsim.proc = proc = _started(directory, port, "op0,op1,op2", log)
+        nodes = lnsim.call("GET", "/v1/nodes")
+        assert [n["id"] for n in nodes[:2]] == [n["id"] for n in before[0]]
+        info = await asyncio.to_thread(LightningRpc(nodes[2]["socket"]).getinfo)
+        assert nodes[2]["name"] == "op2" and info["num_active_channels"] == 2
+        assert lnsim.call("GET", "/v1/books")["missing_msat"] == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "unhandled error" not in log.read_text(errors="replace")
