@@ -15,9 +15,10 @@ Control (JSON, on the ops port):
 The network is kept in ``LNSIM_DIR/network.state`` when the process stops (SIGTERM),
 and taken up from there when it starts again, as a lightningd keeps its channels,
 wallet, invoices and payments on disk: a devnet stopped and started again finds its
-Lightning balances where its ledgers' coins are. A process killed (``kill -9``) keeps
-nothing of what happened since it last started (unlike lightningd, which writes each
-change), so none of the devnet's tests kill it.
+Lightning balances where its ledgers' coins are. A process killed (``kill -9``) writes
+nothing: started again, it takes up the network as it was at its last stop, without
+what happened since (lightningd writes each change), so none of the devnet's tests
+kill it.
 """
 
 from __future__ import annotations
