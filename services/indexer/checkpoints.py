@@ -610,9 +610,13 @@ class Checkpoints:
             self.metrics.refused.inc()
             log.warning("range request refused", extra={"peer": sender, "error": str(exc)})
             return
-        found = await self.store.filled(
-            max(0, request.start), max(1, min(request.count, MAX_RANGE))
-        )
+        try:
+            found = await self.store.filled(
+                max(0, request.start), max(1, min(request.count, MAX_RANGE))
+            )
+        except (OSError, asyncpg.PostgresError) as exc:  # it asks again, maybe another
+            log.warning("range request not answered", extra={"peer": sender, "error": repr(exc)})
+            return
         me = self.s.layout.members[self.s.me].name
         items: list[lcp.FilledItem] = []
         size = 0
