@@ -121,16 +121,18 @@ class ShardLog:
         return self.size >= MAX_BLOCK_BYTES or len(self.changes) >= MAX_BLOCK_CHANGES
 
     def after_durable(self, callback: Callable[[int], None]) -> None:
-        if self.records:
-            self.after.append(callback)
-        elif self.proposed > self.confirmed:
-            self.waiting.setdefault(self.proposed, []).append(callback)
-        else:
-            callback(self.confirmed)
+        """``callback`` once the next block sealed is confirmed (an empty one where
+        nothing else gathers): everything added so far is durable then, and this copy
+        still leads. Not sooner, though nothing may wait: a leader deposed without
+        knowing it has all it added confirmed, and a state that may lack what its
+        successors confirmed (a participant's Done said from there once ended the
+        coordinator's memory of a commit the worker had not applied; seed 150049)."""
+        self.after.append(callback)
+        self.urgent = True
 
     def seal(self, replica: Replica, engine: TwoPhaseCommit) -> None:
         """Propose what gathered as the next block, if the replica takes one now."""
-        if not self.records or not replica.can_propose():
+        if not (self.records or self.after) or not replica.can_propose():
             return
         height = replica.propose(encode_body(self.records), engine.root())
         self.proposed = height

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from constellation.errors import InvalidBlock, InvalidSnapshot
 from constellation.keys import SigningKey, XOnlyPubKey
 from constellation.ledger import partition
-from constellation.ledger.commit import Check, TwoPhaseCommit, Verifier
+from constellation.ledger.commit import Check, Log, TwoPhaseCommit, Verifier
 from constellation.ledger.partition import CoinStatus
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
@@ -51,7 +51,7 @@ assert len(AT[0]) >= 4 and len(AT[1]) >= 4
 def engine(
     me: int,
     sent: list[proto.Item] | None = None,
-    log: MemoryLog | None = None,
+    log: Log | None = None,
     verifiers: Verifier | None = None,
     rooted: bool = True,
 ) -> TwoPhaseCommit:

@@ -12,10 +12,10 @@ import functools
 
 from constellation.ledger.commit import TwoPhaseCommit
 from constellation.protocol import ledger as proto
-from constellation.replication.shard import LedgerExecutor, encode_body
+from constellation.replication.shard import LedgerExecutor, ShardLog, encode_body
 from constellation.tx import Transaction
 from tests.ledger.test_properties import MemoryLog
-from tests.ledger.test_replication import ALICE, BOB, GENESIS, engine, pay
+from tests.ledger.test_replication import ALICE, BOB, GENESIS, PMAP, engine, pay
 from tests.replication.harness import Shard
 
 
@@ -76,3 +76,35 @@ def test_a_block_with_a_forged_signature_is_refused_by_the_other_operators() -> 
         assert shard.replicas[c].last < bad
         assert shard.replicas[c].counters.refused_blocks >= 1
     assert shard.replicas[0].confirmed < bad
+
+
+def test_a_leader_says_done_only_once_a_block_sealed_after_the_commit_is_told_confirms() -> None:
+    """A participant's copy told a commit it holds no PREPARED record of says Done once a
+    block sealed after that confirms (an empty one: nothing else gathered), not at once:
+    a leader deposed without knowing it has everything it added confirmed, and may lack
+    what its successor confirmed. Seed 150049: such a leader's Done ended the
+    coordinator's memory of a commit whose PREPARED record it had never seen; the
+    participant's real leader, in doubt, asked, was told "aborted" (presumed abort) and
+    unlocked its input: a payment committed on one shard only, value created."""
+    shard = ledger_shard()
+    sent: list[proto.Item] = []
+    log = ShardLog()
+    participant = engine(1, sent, log=log)
+    txid = pay(list(GENESIS.output_ids[:2])).txid
+    decide = proto.Decide(txid, True, 7)
+    participant.handle(proto.Package(proto.PROTOCOL_VERSION, 0, "w.0", PMAP.version, [decide]))
+    assert sent == [] and log.urgent  # nothing in flight, yet no Done
+    replica = shard.replicas[0]
+    log.seal(replica, leader_engine(shard))
+    assert log.proposed == replica.last  # the empty block that answers the question
+    shard.flush(0)
+    shard.until(lambda: replica.confirmed >= log.proposed)
+    assert sent == []
+    log.confirm(replica.confirmed)
+    assert sent == [proto.Done(txid, 7)]
+    # told again, then deposed before its block confirms: nothing is said
+    participant.handle(proto.Package(proto.PROTOCOL_VERSION, 0, "w.0", PMAP.version, [decide]))
+    log.reset(replica.confirmed, replica.last)
+    log.seal(replica, leader_engine(shard))
+    log.confirm(replica.last)
+    assert sent == [proto.Done(txid, 7)]
