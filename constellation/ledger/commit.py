@@ -122,7 +122,9 @@ class Log(Protocol):
         durable. A ``lazy`` record is one nothing waits for: it may wait for the next."""
 
     def after_durable(self, callback: Callable[[int], None]) -> None:
-        """``callback(height)`` once everything added so far is durable."""
+        """``callback(height)`` once everything added so far is durable; where the log is
+        replicated, also once this copy is known to lead still, its state holding all
+        that was confirmed (what is answered from the state, an absence above all)."""
 
 
 class Verifier(Protocol):
@@ -709,13 +711,18 @@ class TwoPhaseCommit:
 
     def _tell(self, worker: int, txid: bytes, attempt: int) -> None:
         """The outcome of a settled attempt: committed if it is the one that committed;
-        else aborted (presumed abort). Nothing while its commit is not yet durable: the
-        asker hears it once it is."""
+        else aborted (presumed abort), once the log shows this copy still leads (a leader
+        deposed without knowing it may lack the commit its successor confirmed). Nothing
+        while its commit is not yet durable: the asker hears it once it is."""
         decided = self.decided.get(txid)
         commit = decided is not None and decided.attempt == attempt
         if decided is not None and commit and not decided.durable:
             return
-        self.send(self.subject_of(worker), proto.Decide(txid, commit, attempt))
+        decide = proto.Decide(txid, commit, attempt)
+        if commit:
+            self.send(self.subject_of(worker), decide)
+        else:  # an absence: told once the log shows this state is current (see Log)
+            self.log.after_durable(lambda _: self.send(self.subject_of(worker), decide))
 
     def _done(self, done: proto.Done, sender: int) -> None:
         decided = self.decided.get(done.txid)

@@ -108,3 +108,25 @@ def test_a_leader_says_done_only_once_a_block_sealed_after_the_commit_is_told_co
     log.seal(replica, leader_engine(shard))
     log.confirm(replica.last)
     assert sent == [proto.Done(txid, 7)]
+
+
+def test_a_coordinator_presumes_an_abort_only_once_a_block_sealed_after_the_ask_confirms() -> None:
+    """Presumed abort answers from an absence: a coordinator's copy asked about a commit it
+    holds no record of says "aborted" once a block sealed after the Ask confirms (only a
+    copy that still leads gets there, and its state holds every commit confirmed), not at
+    once: a leader deposed without knowing it would tell a participant in doubt to abort
+    a commit its successor made."""
+    shard = ledger_shard()
+    sent: list[proto.Item] = []
+    log = ShardLog()
+    coordinator = engine(0, sent, log=log)
+    txid = pay(list(GENESIS.output_ids[:2])).txid
+    ask = proto.Ask(txid, 7)
+    coordinator.handle(proto.Package(proto.PROTOCOL_VERSION, 1, "w.1", PMAP.version, [ask]))
+    assert sent == [] and log.urgent
+    replica = shard.replicas[0]
+    log.seal(replica, leader_engine(shard))
+    shard.flush(0)
+    shard.until(lambda: replica.confirmed >= log.proposed)
+    log.confirm(replica.confirmed)
+    assert sent == [proto.Decide(txid, False, 7)]
