@@ -4,17 +4,17 @@ signed checkpoints it takes: sans I/O, driven by the indexer's checkpointing
 
 **Proposing.** Members propose by rank (their place among the members of the key that
 signs the next checkpoint, ``signers``; their place in the guild where it is not
-known): the first proposes every ``cadence_ms`` while some shard moved (and every
-``idle_ms`` at rest, so that a quiet guild still shows it is alive); the one at ``r``
-proposes only once no checkpoint was signed for ``r * takeover_ms`` longer than the
-first would have waited. While the first is up one proposal is in flight at a time, and
-with a threshold of members up the guild goes on checkpointing. Where every member of
-the key must sign (a guild of two after a leave), only the first proposes: another's
-proposal could make nothing the first could not, and two proposals at one height, each
-with one share released, would leave that height unsigned for good. A proposal is sent
-again unchanged until its height is signed, by it or by another's proposal (and after a
-restart: ``resume``): a signer never signs two checkpoints at one height, and it sees
-the same message again.
+known): the first proposes every ``cadence_ms`` while some shard moved or a handover
+waits (and every ``idle_ms`` at rest, so that a quiet guild still shows it is alive);
+the one at ``r`` proposes only once no checkpoint was signed for ``r * takeover_ms``
+longer than the first would have waited. While the first is up one proposal is in
+flight at a time, and with a threshold of members up the guild goes on checkpointing.
+Where every member of the key must sign (a guild of two after a leave), only the first
+proposes: another's proposal could make nothing the first could not, and two proposals
+at one height, each with one share released, would leave that height unsigned for good.
+A proposal is sent again unchanged until its height is signed, by it or by another's
+proposal (and after a restart: ``resume``): a signer never signs two checkpoints at one
+height, and it sees the same message again.
 
 **Evidence.** A proposal travels with its entries and with the signed checkpoint it
 follows (and that one's entries), so that a member that missed the latter takes it
@@ -197,7 +197,10 @@ class Checkpointer:
         if rank is None:
             return None
         quiet = now_ms - (self.signed_at if self.signed_at is not None else self.started_at)
-        at_rest = not index.moved() and index.last is not None
+        handover = self.handover
+        if handover is not None and handover[0] == self.signing_key(index.next_height):
+            handover = None  # handed over already
+        at_rest = not index.moved() and index.last is not None and handover is None
         if rank:
             expected = self.idle_ms if at_rest else self.cadence_ms
             if quiet < expected + rank * self.takeover_ms:
@@ -207,9 +210,6 @@ class Checkpointer:
         if self.proposal is None or self.proposal[0].height != index.next_height:
             if at_rest and quiet < self.idle_ms:
                 return None
-            handover = self.handover
-            if handover is not None and handover[0] == self.signing_key(index.next_height):
-                handover = None  # handed over already
             checkpoint, entries = index.propose(now_ms, handover)
             prev = None
             if index.last is not None:

@@ -93,6 +93,25 @@ def test_the_checkpoints_are_handed_over_to_the_new_key_and_members() -> None:
     assert pf.verify_checkpoint(pin, handover.signed) == checkpoint
 
 
+def test_a_quiet_guild_proposes_its_handover_without_waiting_for_the_idle_checkpoint() -> None:
+    g = Guild()
+    round_of(g, 0, KEY)
+    assert g.members[0].due(CADENCE) is None  # at rest: the idle checkpoint is not due
+    for m in (0, 1):
+        g.members[m].handover = HANDOVER
+    proposal = g.members[0].due(CADENCE)  # a change of members waits on it
+    assert proposal is not None
+    checkpoint, evidence = proposal
+    assert (checkpoint.height, checkpoint.next_key) == (1, HANDOVER[0])
+    assert g.members[1].vouch(checkpoint, evidence, CADENCE)[0] == ""
+    handover = ck.Announced(signed(checkpoint, KEY), evidence.entries)
+    for m in range(3):
+        g.members[m].take(handover, CADENCE)
+    # handed over: at rest again, the next waits for the idle period
+    assert g.members[0].due(2 * CADENCE) is None
+    assert g.members[0].due(CADENCE + IDLE) is not None
+
+
 def test_a_checkpoint_by_the_old_key_above_its_handover_is_refused() -> None:
     g = Guild()
     round_of(g, 0, KEY)
