@@ -257,13 +257,22 @@ class SigningPolicy:
                 f"checkpoint {target.height} does not extend the one signed below it"
             )
 
-    def learn(self, signed: Checkpoint) -> None:
-        """The guild signed ``signed`` (its signature checked by the caller): a share
-        this signer released for another checkpoint at its height lost, and the next
-        height extends this one."""
+    def learn(self, signed: Checkpoint, key: bytes) -> None:
+        """The guild signed ``signed`` with ``key`` (x-only; the signature checked by
+        the caller): a share this signer released for another checkpoint at its height
+        lost, and the next height extends this one. A handover this signer shared lost
+        where the guild's chain did not take it: at ``signed``'s height, or below it
+        where ``key`` is not the key it names (after a restart the audit log gives back
+        every share released, lost or not)."""
         self.checkpoints[signed.height] = signed.message()
         if signed.next_key:
             self.handovers[signed.height] = signed.next_key
+        else:
+            self.handovers.pop(signed.height, None)
+        while below := [h for h in self.handovers if h < signed.height]:
+            if self.handovers[max(below)] == key:
+                break
+            del self.handovers[max(below)]
 
     def record(self, target: SignTarget, msg: bytes) -> None:
         """Remember a request (and its message) this signer made a partial signature for."""

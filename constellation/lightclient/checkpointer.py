@@ -43,10 +43,12 @@ proposer's checkpoint there is refused by them. With a threshold of the others i
 signed anyway; otherwise the guild waits for the first proposer to send it again (its
 service keeps its last proposal across a restart: ``resume``). A signer whose share at a
 height went to a proposal that lost learns what the guild signed there from the next
-proposal's evidence (``signed_below``), and signs above it. Two proposals at one height
-each holding a share of the only signers left (a takeover raced just before a member
-left) stay unsigned: a member leaves once no share is out for an unsigned checkpoint
-(``tests.sim.checkpoints`` drives these rules through faults).
+proposal's evidence (``signed_below``), and signs above it; where the lost proposal was
+a handover, it forgets it (after a restart too, from a proposal higher up: its audit log
+gives back every share it released). Two proposals at one height each holding a share
+of the only signers left (a takeover raced just before a member left) stay unsigned: a
+member leaves once no share is out for an unsigned checkpoint (``tests.sim.checkpoints``
+drives these rules through faults).
 """
 
 from __future__ import annotations
@@ -125,10 +127,11 @@ def read_entries(r: Reader) -> list[ShardEntry]:
 
 def signed_below(
     checkpoint: Checkpoint, evidence: bytes, keys: Collection[bytes]
-) -> Checkpoint | None:
-    """The checkpoint ``checkpoint`` follows, from its proposal's evidence, where its
-    signature verifies under one of the guild's ``keys`` (x-only): what the guild signed
-    at the height below (a signer learns from it that a share it released there lost)."""
+) -> tuple[Checkpoint, bytes] | None:
+    """The checkpoint ``checkpoint`` follows, from its proposal's evidence, and the key
+    its signature verifies under, one of the guild's ``keys`` (x-only): what the guild
+    signed at the height below (a signer learns from it that a share it released there
+    lost, ``SigningPolicy.learn``)."""
     try:
         prev = Evidence.decode(evidence).prev
     except ValueError:  # malformed: the indexer says so when it vouches
@@ -138,9 +141,10 @@ def signed_below(
     below = prev.signed.checkpoint
     if (below.height + 1, below.message()) != (checkpoint.height, checkpoint.prev_hash):
         return None
-    if not any(schnorr_verify(k, below.message(), prev.signed.sig) for k in keys):
-        return None
-    return below
+    for key in keys:
+        if schnorr_verify(key, below.message(), prev.signed.sig):
+            return below, key
+    return None
 
 
 class NotYet(NamedTuple):

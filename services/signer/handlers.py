@@ -224,7 +224,7 @@ class Participant:
                 keys = [k.pubkey[1:] for k in self.keys]
                 below = signed_below(msg.target, msg.evidence, keys)
                 if below is not None:
-                    self.policy.learn(below)
+                    self.policy.learn(*below)
             derived = self.policy.check(msg.target, key.pubkey)
         except ConstellationError as exc:
             await self._refuse(sender, rid, exc)

@@ -7,8 +7,9 @@ the key the two that stay made (2 of 2), under a seeded fault schedule:
 * announcements lost, late and out of order; signing requests lost;
 * a signing session that fails after some signers released shares (they stay bound to
   that checkpoint at its height);
-* members restarted from what they stored, the proposal they sent last included (their
-  signers keep their memory, as the audit log does);
+* members restarted from what they stored, the proposal they sent last included, their
+  signers too, with what their audit log holds: every share released, lost or not (what
+  a signer learned from evidence is gone);
 * each member's operator sets the handover at its own time, after member 2 left (which
   it does once no share is out for an unsigned checkpoint: ``settled``).
 
@@ -59,10 +60,18 @@ class Member:
         self.up = True
         self.applied = 0  # blocks applied (a restart reads them again from its copies)
         self.stored: dict[int, Announced] = {}
-        self.policy = SigningPolicy(GUILD, frozenset(Purpose))  # survives restarts
+        self.audit: list[tuple[Checkpoint, bytes]] = []  # the shares its signer released
+        self.policy = self.signer()
         self.announced_at = 0
         self.proposal: tuple[Checkpoint, Evidence] | None = None  # kept across restarts
         self.ck = self.fresh()
+
+    def signer(self) -> SigningPolicy:
+        """The signer's rules, as it starts: the shares in its audit log recorded."""
+        policy = SigningPolicy(GUILD, frozenset(Purpose))
+        for checkpoint, msg in self.audit:
+            policy.record(checkpoint, msg)
+        return policy
 
     def fresh(self) -> Checkpointer:
         index = lc.GuildIndex(GUILD, FIRST_MEMBERS, SHARDS)
@@ -153,11 +162,13 @@ class CheckpointSim:
             self.announce(m, Announced(last.checkpoint, [c.entry for c in last.covered.values()]))
 
     def restart(self, m: int) -> None:
-        """Member ``m``'s indexer restarts: its index read again from its copies, its
-        stored checkpoints restored (its operator sets the handover again later)."""
+        """Member ``m``'s indexer and signer restart: its index read again from its
+        copies, its stored checkpoints restored (its operator sets the handover again
+        later), its signer's rules from its audit log."""
         member = self.members[m]
         member.up = True
         member.ck = member.fresh()
+        member.policy = member.signer()
         for owner, events in self.blocks[: member.applied]:
             member.ck.index.apply(owner, events)
         for height in sorted(member.stored):
@@ -238,7 +249,7 @@ class CheckpointSim:
             return False
         below = signed_below(checkpoint, evidence.encode(), list(SIGNERS))
         if below is not None:
-            member.policy.learn(below)
+            member.policy.learn(*below)
         reason, taken = member.ck.vouch(checkpoint, evidence, self.now)
         self.keep(s, taken)
         if reason != "":
@@ -248,6 +259,7 @@ class CheckpointSim:
         except RequestRefused:
             return False
         member.policy.record(checkpoint, derived.msg)
+        member.audit.append((checkpoint, derived.msg))
         return True
 
     # -- what must hold --------------------------------------------------------------------
