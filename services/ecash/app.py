@@ -368,8 +368,9 @@ class MintApp:
         req = nut.decode(await request.read(), nut.SwapRequest)
         weight = len(req.inputs) + len(req.outputs)
         spend, out = await self._off_loop(weight, self.rules.swap, req, int(time.time()))
-        signatures = await self.db.swap(spend, out, req, self._sign)
-        return {"signatures": signatures}
+        # signed before the transaction, not in it: its group commits sooner
+        signatures = await self._sign(req.outputs)
+        return {"signatures": await self.db.swap(spend, out, req, signatures)}
 
     async def checkstate(self, request: web.Request) -> dict[str, Any]:
         req = nut.decode(await request.read(), nut.CheckStateRequest)

@@ -16,6 +16,9 @@ share a proof or an output never go in one group: the later one goes in a later
 transaction, which decides between them as between any two. Where PostgreSQL refuses a
 group's transaction, its swaps go again one a transaction, so that one swap's failure is
 not the others'. A swap whose request was given up before its group began is dropped.
+A swap's outputs are signed before it waits for its group (the signatures of a swap
+refused go nowhere): a group's transaction holds its connection and its proofs' rows for
+the database's work alone.
 """
 
 from __future__ import annotations
@@ -288,7 +291,7 @@ class _Swap:
     spend: m.Spend
     request: nut.SwapRequest
     blinded: list[bytes]
-    sign: Sign
+    signatures: list[nut.BlindSignature]
     done: asyncio.Future[list[nut.BlindSignature]]
 
     @property
@@ -484,12 +487,13 @@ class MintStore:
         spend: m.Spend,
         outputs: m.Outputs,
         request: nut.SwapRequest,
-        sign: Sign,
+        signatures: list[nut.BlindSignature],
     ) -> list[nut.BlindSignature]:
-        """Spend the inputs and sign the outputs (``outputs``: as the rules checked
-        them), in the next group's transaction."""
+        """Spend the inputs and record the outputs' ``signatures`` (``outputs``: as the
+        rules checked them; signed ahead, outside the transaction, they go back only
+        once the spend commits), in the next group's transaction."""
         done: asyncio.Future[list[nut.BlindSignature]] = asyncio.get_running_loop().create_future()
-        self._swaps.append(_Swap(spend, request, outputs.blinded, sign, done))
+        self._swaps.append(_Swap(spend, request, outputs.blinded, signatures, done))
         if sum(not t.done() for t in self._groups) < SWAP_GROUPS:
             task = asyncio.create_task(self._swap_groups())
             self._groups.add(task)
@@ -544,7 +548,7 @@ class MintStore:
             else:
                 for e in group:
                     await self._commit_swaps([e])
-        except Exception as exc:  # a broken connection (the commit's fate not known), the signer
+        except Exception as exc:  # a broken connection: the commit's fate is not known
             _fail(group, exc)
 
     async def _swap_group(self, group: list[_Swap]) -> None:
@@ -569,22 +573,16 @@ class MintStore:
                 for i, e in enumerate(group):
                     if seen := {y: states.get(y, "SPENT") for y in e.spend.ys if y not in inserted}:
                         refused[i] = _seen_error(seen)
-            signing = [e for i, e in enumerate(group) if i not in refused]
-            signatures: list[nut.BlindSignature] = []
+            kept = [e for i, e in enumerate(group) if i not in refused]
             fresh: set[bytes] = set()
-            if signing:
-                signatures = await signing[0].sign([o for e in signing for o in e.request.outputs])
+            if kept:
                 fresh = await _insert_promises(
-                    conn, [b for e in signing for b in e.blinded], signatures
+                    conn,
+                    [b for e in kept for b in e.blinded],
+                    [s for e in kept for s in e.signatures],
                 )
-            signed: dict[int, list[nut.BlindSignature]] = {}
-            at = 0
             for i, e in enumerate(group):
-                if i in refused:
-                    continue
-                signed[i] = signatures[at : at + len(e.blinded)]
-                at += len(e.blinded)
-                if not fresh.issuperset(e.blinded):
+                if i not in refused and not fresh.issuperset(e.blinded):
                     refused[i] = m.CashuError(m.OUTPUTS_SIGNED, "outputs already signed")
             # what the refused swaps inserted goes: as if they never came
             if gone := [y for i in refused for y in group[i].spend.ys if y in inserted]:
@@ -603,7 +601,7 @@ class MintStore:
                 if i in refused:
                     e.done.set_exception(refused[i])
                 else:
-                    e.done.set_result(signed[i])
+                    e.done.set_result(e.signatures)
         self.grouped(len(group))
 
     async def states(self, ys: Sequence[bytes]) -> dict[bytes, str]:

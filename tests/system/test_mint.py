@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -676,31 +676,28 @@ async def test_a_swap_postgresql_refuses_fails_alone_and_a_given_up_one_spends_n
     grouped: list[int] = []
     async with fresh_store(op0, grouped) as store:
         release = asyncio.Event()
-
-        async def sign(outputs: Sequence[nut.BlindedMessage]) -> list[nut.BlindSignature]:
-            return rules.sign(outputs)
-
-        async def held(outputs: Sequence[nut.BlindedMessage]) -> list[nut.BlindSignature]:
-            await release.wait()
-            return rules.sign(outputs)
-
         tried: list[int] = []  # each transaction's swaps (a spy on the real method)
         commit = store._swap_group
 
         async def spied(group: list[Any]) -> None:
             tried.append(len(group))
+            if len(tried) <= SWAP_GROUPS:  # the first groups wait: the others gather
+                await release.wait()
             await commit(group)
+
+        async def swap(sw: tuple[m.Spend, m.Outputs, nut.SwapRequest]) -> list[Any]:
+            return await store.swap(*sw, rules.sign(sw[2].outputs))
 
         store._swap_group = spied  # type: ignore[method-assign]
         good = [a_swap() for _ in range(6)]
         bad = a_swap("\x00")
         busy = []
-        for _ in range(SWAP_GROUPS):  # each group holds one swap, waiting to sign
-            busy.append(asyncio.create_task(store.swap(*a_swap(), held)))
+        for _ in range(SWAP_GROUPS):  # each group holds one swap, waiting
+            busy.append(asyncio.create_task(swap(a_swap())))
             await asyncio.sleep(0.3)
-        waiting = [asyncio.create_task(store.swap(*sw, sign)) for sw in [*good[:3], bad, *good[3:]]]
+        waiting = [asyncio.create_task(swap(sw)) for sw in [*good[:3], bad, *good[3:]]]
         given_up = a_swap()
-        dropped = asyncio.create_task(store.swap(*given_up, sign))
+        dropped = asyncio.create_task(swap(given_up))
         await asyncio.sleep(0.1)
         dropped.cancel()
         release.set()
