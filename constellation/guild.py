@@ -215,14 +215,14 @@ class SigningPolicy:
     ``allowed`` lists the purposes this operator signs for; a checkpoint must be for
     this guild, must not conflict with another checkpoint signed at its height, must
     extend the checkpoint signed at the height below when there is one, and above a
-    handover this signer signed must be signed by the key it handed over to.
+    handover this signer signed or learned of must be signed by the key handed over to.
     """
 
     def __init__(self, guild: str, allowed: frozenset[Purpose]) -> None:
         self.guild = guild
         self.allowed = allowed
         self.checkpoints: dict[int, bytes] = {}  # height -> message signed
-        self.handovers: dict[int, bytes] = {}  # height -> the key it handed over to
+        self.handovers: dict[int, bytes] = {}  # height -> the key that signs above it
 
     def check(self, target: SignTarget, thresh_pk: bytes) -> Derived:
         """Derive the request's message and apply every rule (raises RequestRefused)."""
@@ -235,8 +235,8 @@ class SigningPolicy:
             below = [h for h in self.handovers if h < target.height]
             if below and self.handovers[max(below)] != thresh_pk[1:]:
                 raise Equivocation(
-                    f"checkpoint {target.height} is above the handover at {max(below)}"
-                    " and not signed by the key handed over to"
+                    f"checkpoint {target.height} is not signed by the key that signs"
+                    f" above height {max(below)}"
                 )
         self.check_history(target, derived.msg)
         return derived
@@ -260,19 +260,23 @@ class SigningPolicy:
     def learn(self, signed: Checkpoint, key: bytes) -> None:
         """The guild signed ``signed`` with ``key`` (x-only; the signature checked by
         the caller): a share this signer released for another checkpoint at its height
-        lost, and the next height extends this one. A handover this signer shared lost
-        where the guild's chain did not take it: at ``signed``'s height, or below it
-        where ``key`` is not the key it names (after a restart the audit log gives back
-        every share released, lost or not)."""
-        self.checkpoints[signed.height] = signed.message()
-        if signed.next_key:
-            self.handovers[signed.height] = signed.next_key
-        else:
-            self.handovers.pop(signed.height, None)
-        while below := [h for h in self.handovers if h < signed.height]:
-            if self.handovers[max(below)] == key:
+        lost, the next height extends this one, and ``key`` signs from its height on
+        (until a handover). A handover this signer holds below it that names another key
+        lost (after a restart the audit log gives back every share released, lost or
+        not); where it holds none naming ``key``, it holds that ``key`` signs above the
+        height below (a handover it missed)."""
+        height = signed.height
+        self.checkpoints[height] = signed.message()
+        for below in sorted((h for h in self.handovers if h < height), reverse=True):
+            if self.handovers[below] == key:
                 break
-            del self.handovers[max(below)]
+            del self.handovers[below]
+        else:
+            self.handovers[height - 1] = key
+        if signed.next_key:
+            self.handovers[height] = signed.next_key
+        else:
+            self.handovers.pop(height, None)
 
     def record(self, target: SignTarget, msg: bytes) -> None:
         """Remember a request (and its message) this signer made a partial signature for."""

@@ -162,7 +162,7 @@ def test_above_a_handover_it_signed_a_signer_signs_only_with_the_key_handed_to()
     )
     policy.record(handover, policy.check(handover, GUILD_PK).msg)
     above = checkpoint(2, handover.message())
-    with pytest.raises(Equivocation, match="handover at 1"):
+    with pytest.raises(Equivocation, match="signs above height 1"):
         policy.check(above, GUILD_PK)  # the old key, above its handover
     assert policy.check(above, new_pk).pubkey == new_pk[1:]
     # at and below the handover, the old key still signs what it signed

@@ -112,6 +112,32 @@ def test_a_quiet_guild_proposes_its_handover_without_waiting_for_the_idle_checkp
     assert g.members[0].due(CADENCE + IDLE) is not None
 
 
+def test_a_signer_that_missed_the_handover_learns_which_key_signs_above_it() -> None:
+    """A signer restarted with no share of the handover in its audit log (it was down,
+    or its share went to a checkpoint that lost) learns from the next proposal's
+    evidence that the new key signs the chain, and signs nothing by the old key above."""
+    g = Guild()
+    round_of(g, 0, KEY)
+    for m in range(3):
+        g.members[m].handover = HANDOVER
+    round_of(g, 2000, KEY)  # the handover, at height 1
+    round_of(g, 4000, NEW)
+    g.pay()
+    for m in range(3):
+        g.catch_up(m, 6000)
+    proposal = g.members[0].due(6000)
+    assert proposal is not None
+    checkpoint, evidence = proposal
+    assert checkpoint.height == 3
+    policy = SigningPolicy("guild", frozenset(Purpose))
+    below = ck.signed_below(checkpoint, evidence.encode(), [PIN.key, bytes(NEW.pubkey)])
+    assert below is not None and below[1] == bytes(NEW.pubkey)
+    policy.learn(*below)
+    with pytest.raises(Equivocation, match="signs above height 1"):
+        policy.check(checkpoint, b"\x02" + PIN.key)  # the old key, above the handover
+    assert policy.check(checkpoint, b"\x02" + bytes(NEW.pubkey)).msg == checkpoint.message()
+
+
 def test_a_checkpoint_by_the_old_key_above_its_handover_is_refused() -> None:
     g = Guild()
     round_of(g, 0, KEY)
@@ -325,7 +351,7 @@ def test_a_signer_whose_share_of_a_handover_lost_signs_the_guild_s_chain_above_i
     g.catch_up(0, 21_000)
     second = g.members[0].due(21_000 + IDLE)
     assert second is not None and second[0].height == 2
-    with pytest.raises(Equivocation, match="above the handover at 1"):
+    with pytest.raises(Equivocation, match="signs above height 1"):
         policy.check(second[0], key)
     below = ck.signed_below(second[0], second[1].encode(), [PIN.key])
     assert below == (won[0], PIN.key)
@@ -341,7 +367,7 @@ def test_a_signer_whose_share_of_a_handover_lost_signs_the_guild_s_chain_above_i
     restarted = SigningPolicy("guild", frozenset(Purpose))
     for c in audit:
         restarted.record(c, c.message())
-    with pytest.raises(Equivocation, match="above the handover at 1"):
+    with pytest.raises(Equivocation, match="signs above height 1"):
         restarted.check(third[0], key)
     below = ck.signed_below(third[0], third[1].encode(), [bytes(NEW.pubkey), PIN.key])
     assert below is not None and below[1] == PIN.key
