@@ -223,20 +223,14 @@ class Checkpoints:
         """Until cancelled (a task of the indexer)."""
         s = self.s
         async with SignerClient(s.signer.nats_url, s.signer.members, s.signer.identity) as signer:
-            pin = self.pin = await self._pin(signer)
+            while True:
+                try:
+                    ck = await self._start(signer)
+                    break
+                except (OSError, asyncpg.PostgresError) as exc:
+                    log.warning("checkpointing waits for the database", extra={"error": repr(exc)})
+                    await asyncio.sleep(KEY_RETRY_S)
             layout = s.layout
-            shards = [(o, w) for o in range(len(layout.members)) for w in layout.pmap.workers]
-            index = lc.GuildIndex(layout.guild, pin.members, shards)
-            self.seen = {shard: deque() for shard in shards}
-            ck = Checkpointer(index, pin, s.me, s.cadence_ms, s.takeover_ms, s.idle_ms)
-            self.recent = lc.Recent(RECENT, COMMIT_HORIZON)
-            await self._restore(ck)
-            saved = await self.store.proposal()
-            if saved is not None:
-                target = decode_target(saved[0])
-                assert isinstance(target, Checkpoint)  # stored only by _propose
-                self.saved = target, Evidence.decode(saved[1])
-                ck.resume(self.saved)
             self.ck = ck
             self._signers()
             subs = [
@@ -255,7 +249,7 @@ class Checkpoints:
             ]
             for task in connecting:
                 self.tasks.watch("peer", task)
-            log.info("checkpointing", extra={"shards": len(shards), "rank": s.me})
+            log.info("checkpointing", extra={"shards": len(ck.index.shards), "rank": s.me})
             try:
                 async with asyncio.TaskGroup() as group:  # one fails: all stop, run again
                     group.create_task(self._follow(ck))
@@ -270,6 +264,25 @@ class Checkpoints:
                 peers, self.peers = self.peers, {}
                 for peer in peers.values():
                     await close_nats(peer)
+
+    async def _start(self, signer: SignerClient) -> Checkpointer:
+        """The checkpointer, from the pin and what the store holds."""
+        s = self.s
+        pin = self.pin = await self._pin(signer)
+        layout = s.layout
+        shards = [(o, w) for o in range(len(layout.members)) for w in layout.pmap.workers]
+        index = lc.GuildIndex(layout.guild, pin.members, shards)
+        self.seen = {shard: deque() for shard in shards}
+        ck = Checkpointer(index, pin, s.me, s.cadence_ms, s.takeover_ms, s.idle_ms)
+        self.recent = lc.Recent(RECENT, COMMIT_HORIZON)
+        await self._restore(ck)
+        saved = await self.store.proposal()
+        if saved is not None:
+            target = decode_target(saved[0])
+            assert isinstance(target, Checkpoint)  # stored only by _propose
+            self.saved = target, Evidence.decode(saved[1])
+            ck.resume(self.saved)
+        return ck
 
     async def _pin(self, signer: SignerClient) -> pf.Pin:
         """The guild's first key, threshold and members: the store's, or else the one
@@ -441,9 +454,9 @@ class Checkpoints:
                     await self._announce_handovers(ck)
                 await asyncio.sleep(0.05)
                 continue
-            if proposal is not self.saved:  # sent again unchanged after a restart
-                self.saved = proposal
-                await self.store.save_proposal(encode_target(proposal[0]), proposal[1].encode())
+            if not await self._keep_proposal(proposal):
+                await asyncio.sleep(KEY_RETRY_S)
+                continue
             checkpoint, evidence = proposal
             xonly = ck.signing_key(checkpoint.height)
             if xonly not in self.keys:  # a key made since: the signer says its parity
@@ -482,6 +495,19 @@ class Checkpoints:
             await self._took(taken)
             await self._announce(announced)
             announced_at = time.monotonic()
+
+    async def _keep_proposal(self, proposal: tuple[Checkpoint, Evidence]) -> bool:
+        """Store ``proposal`` before it is sent (it is sent again unchanged after a
+        restart); whether it is stored."""
+        if proposal is self.saved:
+            return True
+        try:
+            await self.store.save_proposal(encode_target(proposal[0]), proposal[1].encode())
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("a proposal not stored: not sent", extra={"error": repr(exc)})
+            return False
+        self.saved = proposal
+        return True
 
     async def _announce_handovers(self, ck: Checkpointer) -> None:
         """Every handover followed here, as stored (with its entries): a member that
