@@ -41,7 +41,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -126,6 +126,32 @@ class CheckpointSettings:
     pin: KeyInfo | None = None  # the guild's first key, for a member that joined after it
 
 
+@dataclass
+class _Unstored:
+    """Checkpoints taken and not stored (the database down), with their records' keys:
+    stored with the next ones taken, or by ``_backfill`` once the database is back. Past
+    ``MAX_RANGE`` the oldest are let go: gaps that ``_backfill`` asks another member for."""
+
+    held: list[lc.Held] = field(default_factory=list)
+    touches: list[tuple[bytes, int, bytes]] = field(default_factory=list)  # (address, height, txid)
+    coins: dict[int, lc.Coins] = field(default_factory=dict)
+
+    def add(
+        self,
+        held: list[lc.Held],
+        touches: list[tuple[bytes, int, bytes]],
+        coins: dict[int, lc.Coins],
+    ) -> None:
+        self.held += held
+        self.touches += touches
+        self.coins.update(coins)
+        if len(self.held) > MAX_RANGE:
+            self.held = self.held[-MAX_RANGE:]
+            low = self.held[0].checkpoint.checkpoint.height
+            self.touches = [t for t in self.touches if t[1] >= low]
+            self.coins = {h: c for h, c in self.coins.items() if h >= low}
+
+
 class CheckpointMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.height = Gauge(
@@ -184,6 +210,7 @@ class Checkpoints:
         self.ck: Checkpointer | None = None
         self.first: bytes = b""  # checkpoint 0's message, once known
         self.stored = -1  # the highest checkpoint in the store
+        self.unstored = _Unstored()
         self.peers: dict[str, Client] = {}
         self.diverged: dict[lc.Shard, str] = {}  # shards whose copies' logs do not chain
         self.seen: dict[lc.Shard, deque[tuple[int, float]]] = {}  # blocks read, not covered
@@ -569,12 +596,23 @@ class Checkpoints:
             self.first = taken[0].checkpoint.checkpoint.message()
         self.metrics.height.set(last.height)
         self.metrics.time.set(last.time_ms / 1000)
-        if fresh and await self._keep(fresh, touches, coins):
-            self.stored = max(self.stored, fresh[-1].checkpoint.checkpoint.height)
-            subject = lc_taken_subject(self.s.layout.members[self.s.me].name)
-            for h in fresh:
-                with contextlib.suppress(NatsError):  # the gateways catch up by asking
-                    await self.nc.publish(subject, Announced(h.checkpoint, h.entries).encode())
+        if fresh:
+            self.unstored.add(fresh, touches, coins)
+            await self._keep_taken()
+
+    async def _keep_taken(self) -> bool:
+        """Store what was taken and not stored yet; once stored, the gateways are told.
+        Whether it was done."""
+        pending = self.unstored
+        if not await self._keep(pending.held, pending.touches, pending.coins):
+            return False
+        self.unstored = _Unstored()
+        self.stored = max(self.stored, pending.held[-1].checkpoint.checkpoint.height)
+        subject = lc_taken_subject(self.s.layout.members[self.s.me].name)
+        for h in pending.held:
+            with contextlib.suppress(NatsError):  # the gateways catch up by asking
+                await self.nc.publish(subject, Announced(h.checkpoint, h.entries).encode())
+        return True
 
     async def _keep(
         self,
@@ -583,8 +621,8 @@ class Checkpoints:
         coins: dict[int, lc.Coins],
     ) -> bool:
         """Store checkpoints; whether it was done. PostgreSQL down loses none for good:
-        a checkpoint not stored is a gap once a later one is, and ``_backfill`` asks
-        another member for it."""
+        what was taken is kept to be stored again (``_Unstored``), and a checkpoint let
+        go is a gap that ``_backfill`` asks another member for."""
         try:
             await self.store.store_checkpoints(fresh, touches, coins)
         except (OSError, asyncpg.PostgresError) as exc:
@@ -596,12 +634,16 @@ class Checkpoints:
     # -- checkpoints missed -------------------------------------------------------------
 
     async def _backfill(self) -> None:
-        """Ask the other members, in turn, for the checkpoints this operator missed (it
-        was down and adopted a later one), with their records: they prove the
-        transactions under them here too."""
+        """Store what was taken while the database was down, and ask the other members,
+        in turn, for the checkpoints this operator missed (it was down and adopted a
+        later one), with their records: they prove the transactions under them here too."""
         turn = 0
         while True:
             await asyncio.sleep(BACKFILL_S)
+            async with self.taking:  # the database was down: what was taken, stored now
+                held = len(self.unstored.held)
+                if held and await self._keep_taken():
+                    log.info("checkpoints taken in the outage stored", extra={"count": held})
             upto = self.stored
             try:
                 missing = await self.store.missing(self.complete_below, upto, MAX_RANGE)

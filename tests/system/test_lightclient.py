@@ -220,17 +220,36 @@ async def test_a_member_whose_indexer_was_killed_adopts_the_guilds_checkpoints(
 async def test_a_member_whose_postgresql_was_killed_fills_the_checkpoints_it_missed(
     where: Path,
 ) -> None:
-    """kill -9 of a member's PostgreSQL while the guild checkpoints: its indexer goes on
-    vouching, says it could not store what it took (no error escapes a task or a
-    callback), and once its database is back it holds the guild's whole chain, the
-    checkpoints of the outage filled from another member."""
+    """kill -9 of a member's PostgreSQL, kept down while the guild checkpoints: its
+    indexer goes on taking, says it could not store what it took (no error escapes a
+    task or a callback), stores it once its database is back (not waiting for the
+    guild's next checkpoint), and holds the guild's whole chain."""
     nets = [Devnet.load(where / f"op{i}") for i in range(3)]
     wallet, address = await _funded(where, "pg-killed", nets)
-    os.kill(nets[2].pg_pid, signal.SIGKILL)
-    paid = await _pay_self(wallet, address, 4)
+    status = devnet.read_status(Path(nets[2].dir))
+    assert status is not None
+    indexer_log = Path(nets[2].dir) / "indexer.log"
+    os.kill(status["pid"], signal.SIGSTOP)  # its supervisor brings PostgreSQL back later
+    try:
+        os.killpg(nets[2].pg_pid, signal.SIGKILL)  # the server and its backends
+        paid = await _pay_self(wallet, address, 4)
+        end = time.monotonic() + 60
+        while '"checkpoints not stored"' not in indexer_log.read_text(errors="replace"):
+            assert time.monotonic() < end, "the outage was not seen"
+            paid += await _pay_self(wallet, address, 1)  # the guild checkpoints meanwhile
+    finally:
+        os.kill(status["pid"], signal.SIGCONT)
+    end = time.monotonic() + 60
+    async with aiohttp.ClientSession() as s:
+        while True:  # its PostgreSQL back, its gateway ready again
+            async with s.get(nets[2].gateway_url + "/readyz") as r:
+                if r.status == 200:
+                    break
+            assert time.monotonic() < end, await r.text()
+            await asyncio.sleep(0.3)
     await _proves_the_guilds_chain(nets[2], nets[0], paid)
-    log = (Path(nets[2].dir) / "indexer.log").read_text(errors="replace").splitlines()
-    assert any('"checkpoints not stored"' in line for line in log)  # the outage was seen
+    log = indexer_log.read_text(errors="replace").splitlines()
+    assert any('"checkpoints taken in the outage stored"' in line for line in log)
     assert not [line for line in log if '"level": "error"' in line], [
         line for line in log if '"level": "error"' in line
     ][:2]
