@@ -138,8 +138,8 @@ class MintApp:
             self.ops.tasks.start("withdrawals", self.onchain.resolve_forever)
         self._routes(self.ops.app.router)
         self.ops.tasks.start("paid", self._follow_paid)
-        self.ops.tasks.start("resolve", self._resolve_forever)
-        self.ops.tasks.start("books", self._books_forever)
+        self.ops.tasks.start("resolve", self._every(RESOLVE_EVERY_S, "resolve", self._resolve))
+        self.ops.tasks.start("books", self._every(BOOKS_EVERY_S, "books", self._books))
         handlers: dict[str, Callable[[str], None]] = {
             ch: functools.partial(self.hub.heard, kind) for ch, kind in CHANNELS.items()
         }
@@ -151,7 +151,7 @@ class MintApp:
         self.ops.tasks.start("keysets", self._keysets_forever)
         if s.gateway_url:
             self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=GATEWAY_S))
-            self.ops.tasks.start("redeem", self._redeem_forever)
+            self.ops.tasks.start("redeem", self._every(RESOLVE_EVERY_S, "redeem", self._redeem))
         await self.ops.start(s.http_host, s.http_port)
         log.info(
             "mint ready",
@@ -553,30 +553,45 @@ class MintApp:
         elif state.outcome is Outcome.FAILED:
             await self.db.fail_melt(quote.quote, attempt)
 
-    async def _resolve_forever(self) -> None:
-        while True:
-            pending = await self.db.pending_melts(m.BOLT11)
-            now = time.time()
-            self.metrics.pending_melts.set(len(pending))
-            self.metrics.oldest_pending_melt.set(
-                max((now - since for _, _, since in pending), default=0)
-            )
-            for quote, attempt, since in pending:
-                if (quote.quote, attempt) in self.paying:
-                    continue  # its pay call answers for it
+    def _every(
+        self, seconds: float, what: str, step: Callable[[], Awaitable[None]]
+    ) -> Callable[[], Awaitable[None]]:
+        """A task running ``step()`` every ``seconds``: a PostgreSQL outage is waited
+        out (said, not a failure of the task)."""
+
+        async def run() -> None:
+            while True:
                 try:
-                    state = await self.backend.payment(bytes.fromhex(quote.payment_hash))
-                except (LightningError, OSError, TimeoutError):
-                    continue
-                if state.outcome is Outcome.FAILED and now - since < FAIL_AFTER_S:
-                    # every attempt so far failed, but a pay call of another process may
-                    # still be trying routes (or not have begun): final only after it ends
-                    continue
-                try:
-                    await self._settle(quote, attempt, state)
-                except Exception:  # one melt's trouble holds up no other
-                    log.exception("a melt not resolved", extra={"quote": quote.quote})
-            await asyncio.sleep(RESOLVE_EVERY_S)
+                    await step()
+                except (OSError, asyncpg.PostgresError) as exc:
+                    log.warning("waits for the database", extra={"task": what, "error": repr(exc)})
+                await asyncio.sleep(seconds)
+
+        return run
+
+    async def _resolve(self) -> None:
+        """Pending melts, each settled once its payment's fate is known."""
+        pending = await self.db.pending_melts(m.BOLT11)
+        now = time.time()
+        self.metrics.pending_melts.set(len(pending))
+        self.metrics.oldest_pending_melt.set(
+            max((now - since for _, _, since in pending), default=0)
+        )
+        for quote, attempt, since in pending:
+            if (quote.quote, attempt) in self.paying:
+                continue  # its pay call answers for it
+            try:
+                state = await self.backend.payment(bytes.fromhex(quote.payment_hash))
+            except (LightningError, OSError, TimeoutError):
+                continue
+            if state.outcome is Outcome.FAILED and now - since < FAIL_AFTER_S:
+                # every attempt so far failed, but a pay call of another process may
+                # still be trying routes (or not have begun): final only after it ends
+                continue
+            try:
+                await self._settle(quote, attempt, state)
+            except Exception:  # one melt's trouble holds up no other
+                log.exception("a melt not resolved", extra={"quote": quote.quote})
 
     # -- on-chain (NUT-30) ---------------------------------------------------------------
 
@@ -701,12 +716,11 @@ class MintApp:
         await self.db.finish_redeem(rid)
         return "ISSUED"
 
-    async def _redeem_forever(self) -> None:
-        while True:
-            for rid, row in await self.db.pending_redeems():
-                with contextlib.suppress(m.CashuError):
-                    await self._issue(self._gateway(), rid, row)
-            await asyncio.sleep(RESOLVE_EVERY_S)
+    async def _redeem(self) -> None:
+        """Redeems whose coin is not issued yet, issued."""
+        for rid, row in await self.db.pending_redeems():
+            with contextlib.suppress(m.CashuError):
+                await self._issue(self._gateway(), rid, row)
 
     async def withdraw(self, request: web.Request) -> dict[str, Any]:
         req = nut.decode(await request.read(), nut.WithdrawRequest)
@@ -745,11 +759,9 @@ class MintApp:
         if found.get("status") != "committed":
             raise RetryLater(f"the L3 ledger has not committed it (yet?): {exc}") from None
 
-    async def _books_forever(self) -> None:
-        while True:
-            for kid, amount in (await self.db.outstanding()).items():
-                self.metrics.outstanding.labels(kid).set(amount)
-            await asyncio.sleep(BOOKS_EVERY_S)
+    async def _books(self) -> None:
+        for kid, amount in (await self.db.outstanding()).items():
+            self.metrics.outstanding.labels(kid).set(amount)
 
 
 def _mint_quote_doc(q: m.MintQuote) -> dict[str, Any]:

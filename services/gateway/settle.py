@@ -161,10 +161,25 @@ class Settler:
     # -- running ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Stand by until this process holds the lock, then settle for ever."""
-        s = self.settings
-        while not await self.store.lead(s.database_url):
+        """Stand by until this process holds the lock, then settle until it loses it
+        (the lock's database connection gone), and stand by again."""
+        while True:
+            await self._stand_by()
+            await self._settle()
+            log.warning("settlement lock lost (its database connection): standing by")
+
+    async def _stand_by(self) -> None:
+        """Until this process holds the lock (another holds it, or the database is down)."""
+        while True:
+            try:
+                if await self.store.lead(self.settings.database_url):
+                    return
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("settlement waits for the database", extra={"error": repr(exc)})
             await asyncio.sleep(LEAD_RETRY_S)
+
+    async def _settle(self) -> None:
+        """Settle while this process holds the lock."""
         await self._load()
         self.leading = True
         self.metrics.settle_leading.set(1)
@@ -180,7 +195,7 @@ class Settler:
                 await self._act(pair, pair.payee.resume())
             while True:
                 if not await self.store.still_leading():
-                    raise RuntimeError("lost the settlement lock's connection")
+                    return
                 if stream.done():  # it ends only by failing: start over
                     raise RuntimeError("the stream of paid invoices stopped")
                 await self._step()
