@@ -95,14 +95,18 @@ class Follower:
         cursors: dict[int, int] | None,
         sink: Sink,
         metrics: FollowMetrics,
+        waits_out: tuple[type[Exception], ...] = (),
     ) -> None:
         """Follow from ``cursors`` (-1 for a worker not named), or from the end of each
-        log (what it holds when first read) if ``cursors`` is None."""
+        log (what it holds when first read) if ``cursors`` is None. A ``sink`` that fails
+        with one of ``waits_out`` (its database down) is tried again each ``POLL_S``."""
         self.nc = nc
         self.operator = operator
         self.workers = list(workers)
         self.sink = sink
         self.metrics = metrics
+        self.waits_out = waits_out
+        self.sink_down: str | None = None  # why the sink failed last, until it stores again
         # worker -> the height of the last block with events stored (-1: none)
         self.cursor = {w: (cursors or {}).get(w, -1) for w in self.workers}
         self._at_end = set() if cursors is not None else set(self.workers)  # not read yet
@@ -130,6 +134,8 @@ class Follower:
         stalled = asyncio.get_running_loop().time() - self.turned_at
         if stalled > stall_s:
             return False, f"stalled: no progress for {stalled:.0f} s"
+        if self.sink_down is not None:
+            return False, f"not storing: {self.sink_down}"
         if self.diverged:
             return False, "; ".join(
                 f"worker {w}'s log does not follow what was stored: {why}"
@@ -166,13 +172,20 @@ class Follower:
                         async with asyncio.timeout(wait):
                             await self._wake.wait()
                 self._wake.clear()
-                gaps = await self._take_live()
-                poll = loop.time() >= poll_at
-                if poll:
-                    poll_at = loop.time() + POLL_S
-                for w in self.workers:
-                    if poll or w in gaps or w in self._behind:
-                        await self._catch_up(w)
+                try:
+                    gaps = await self._take_live()
+                    poll = loop.time() >= poll_at
+                    if poll:
+                        poll_at = loop.time() + POLL_S
+                    for w in self.workers:
+                        if poll or w in gaps or w in self._behind:
+                            await self._catch_up(w)
+                except self.waits_out as exc:  # what was not stored is read from the logs
+                    self.sink_down = repr(exc)
+                    log.warning("following waits for its store", extra={"error": repr(exc)})
+                    await asyncio.sleep(POLL_S)
+                    continue
+                self.sink_down = None
                 self.started.set()
         finally:
             with contextlib.suppress(NatsError):

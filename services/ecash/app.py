@@ -42,6 +42,7 @@ from constellation.lightning import Outcome, PaymentState
 from constellation.protocol import cashu as nut
 from constellation.tx import Issuance, TxOutput, decode_issuance, decode_transaction
 from services.api_client import Gateway, GatewayError
+from services.database import DATABASE_DOWN
 from services.ecash.cache import CACHED, Cache
 from services.ecash.config import Settings
 from services.ecash.metrics import MintMetrics
@@ -59,12 +60,6 @@ GATEWAY_S = 15.0  # a call to the operator's gateway
 RESOLVE_EVERY_S = 2.0
 FAIL_AFTER_S = PAY_S + 60.0  # a pay call's time, its retries', and a margin
 DEADLOCK_RETRIES = 3
-DATABASE_DOWN = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-    OSError,
-)
 REDIS_S = 0.5  # a slow Redis costs a request this much at most, per call
 OFF_LOOP = 16  # proofs and outputs in a request past which its EC work leaves the loop
 T = TypeVar("T")
@@ -563,7 +558,7 @@ class MintApp:
             while True:
                 try:
                     await step()
-                except (OSError, asyncpg.PostgresError) as exc:
+                except DATABASE_DOWN as exc:
                     log.warning("waits for the database", extra={"task": what, "error": repr(exc)})
                 await asyncio.sleep(seconds)
 

@@ -51,6 +51,7 @@ from constellation.membership import move_funds
 from constellation.protocol import cashu as nut
 from constellation.protocol import signer as sp
 from constellation.protocol.envelope import Membership
+from services.database import DATABASE_DOWN
 from services.ecash.metrics import MintMetrics
 from services.ecash.store import MintStore, Sign
 from services.signer.client import SignerClient, call
@@ -412,6 +413,8 @@ class Onchain:
                 await self.follow()
             except CHAIN_DOWN as exc:
                 log.warning("chain not read", extra={"error": repr(exc)})
+            except DATABASE_DOWN as exc:
+                log.warning("chain not read: the database is down", extra={"error": repr(exc)})
             await asyncio.sleep(self.s.poll_s)
 
     async def follow(self) -> None:

@@ -45,6 +45,7 @@ from constellation.keys import SigningKey
 from constellation.lightning import Outcome
 from constellation.protocol import settlement as sp
 from constellation.tx import ledger_id
+from services.database import DATABASE_DOWN
 from services.ecash.store import MintBooks, mint_books
 from services.gateway.lightning import (
     CAN_ADD_HTLC,
@@ -162,11 +163,10 @@ class Settler:
 
     async def run(self) -> None:
         """Stand by until this process holds the lock, then settle until it loses it
-        (the lock's database connection gone), and stand by again."""
+        or its database (the state is loaded again from it), and stand by again."""
         while True:
             await self._stand_by()
             await self._settle()
-            log.warning("settlement lock lost (its database connection): standing by")
 
     async def _stand_by(self) -> None:
         """Until this process holds the lock (another holds it, or the database is down)."""
@@ -174,7 +174,7 @@ class Settler:
             try:
                 if await self.store.lead(self.settings.database_url):
                     return
-            except (OSError, asyncpg.PostgresError) as exc:
+            except DATABASE_DOWN as exc:
                 log.warning("settlement waits for the database", extra={"error": repr(exc)})
             await asyncio.sleep(LEAD_RETRY_S)
 
@@ -195,10 +195,19 @@ class Settler:
                 await self._act(pair, pair.payee.resume())
             while True:
                 if not await self.store.still_leading():
+                    log.warning("settlement lock lost (its database connection): standing by")
                     return
                 if stream.done():  # it ends only by failing: start over
+                    if isinstance(stream.exception(), DATABASE_DOWN):
+                        log.warning("settlement stopped for its database: standing by")
+                        return
                     raise RuntimeError("the stream of paid invoices stopped")
-                await self._step()
+                try:
+                    await self._step()
+                except DATABASE_DOWN as exc:  # the lock's connection is looked at next
+                    log.warning(
+                        "settlement step not taken: no database", extra={"error": repr(exc)}
+                    )
                 await asyncio.sleep(TICK_S)
         finally:
             self.leading = False
@@ -219,8 +228,13 @@ class Settler:
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("a settlement task failed", exc_info=task.exception())
+        exc = None if task.cancelled() else task.exception()
+        if isinstance(exc, DATABASE_DOWN):  # the settlement starts over from its store
+            log.warning(
+                "a settlement task stopped: the database is down", extra={"error": repr(exc)}
+            )
+        elif exc is not None:
+            log.error("a settlement task failed", exc_info=exc)
 
     async def _load(self) -> None:
         s = self.settings

@@ -9,6 +9,7 @@ from nats.aio.client import Client
 from prometheus_client import CollectorRegistry
 
 from services.bus import await_map, drop_legacy_events_stream
+from services.database import DATABASE_DOWN
 from services.follow import Follower, FollowMetrics
 from services.indexer.checkpoints import Checkpoints
 from services.indexer.config import Settings
@@ -47,7 +48,13 @@ class Indexer:
         pmap = await await_map(nc, s.operator)
         await drop_legacy_events_stream(nc, s.operator)
         self.follower = Follower(
-            nc, s.operator, pmap.workers, await index.cursors(), index.store, self.metrics
+            nc,
+            s.operator,
+            pmap.workers,
+            await index.cursors(),
+            index.store,
+            self.metrics,
+            DATABASE_DOWN,
         )
         self.ops.tasks.start("follow", self.follower.run)
         if s.checkpoints is not None:

@@ -32,6 +32,7 @@ from constellation.protocol import ledger as proto
 from constellation.tx import Issuance, TxOutput
 from services.api_client import Gateway
 from services.bus import publish_map
+from services.database import DATABASE_DOWN
 from services.follow import Follower, FollowMetrics
 from services.gateway.app import GatewayNode
 from services.gateway.config import Settings as GatewaySettings
@@ -291,6 +292,43 @@ async def test_a_reader_ahead_of_a_workers_log_stops_following_it_and_says_so(
         ok, why = follower.progress(10**9, 60)
         assert not ok and "worker 0's log does not follow what was stored" in why, why
         assert not stored and follower.cursor[0] == 10**6
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await nc.close()
+
+
+async def test_a_reader_whose_store_is_down_waits_and_then_stores_every_block(
+    op: Operator, services: Services
+) -> None:
+    """A store that fails as a database that is down does (``DATABASE_DOWN``): the reader
+    keeps its task, says it is not storing (not ready), and once the store takes blocks
+    again it holds every block of the log, each once and in order."""
+    await paid_and_indexed(services.url)
+    nc = await nats.connect(op.net.nats_url)
+    stored: list[proto.BlockEvents] = []
+    down = [True]
+
+    async def sink(blocks: list[proto.BlockEvents]) -> None:
+        if down[0]:
+            raise ConnectionRefusedError(111, "Connection refused")
+        stored.extend(blocks)
+
+    metrics = FollowMetrics(CollectorRegistry(), "test")
+    follower = Follower(nc, OPERATOR, [0], {0: -1}, sink, metrics, DATABASE_DOWN)
+    task = asyncio.create_task(follower.run())
+    try:
+        await until(lambda: follower.sink_down is not None, "seen down")
+        ok, why = follower.progress(10**9, 60)
+        assert not ok and why.startswith("not storing: ConnectionRefusedError"), why
+        await paid_and_indexed(services.url)  # the log goes on meanwhile
+        down[0] = False
+        await until(lambda: follower.sink_down is None and follower.behind(0) == 0, "caught up")
+        assert not task.done()
+        assert follower.progress(10**9, 60)[0]
+        heights = [b.height for b in stored]
+        assert heights and heights == sorted(set(heights)), heights
+        assert heights[-1] == follower.cursor[0] == follower.last[0]
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
