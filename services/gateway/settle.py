@@ -204,10 +204,12 @@ class Settler:
                     raise RuntimeError("the stream of paid invoices stopped")
                 try:
                     await self._step()
-                except DATABASE_DOWN as exc:  # the lock's connection is looked at next
+                except DATABASE_DOWN as exc:  # what the store holds is loaded again
                     log.warning(
-                        "settlement step not taken: no database", extra={"error": repr(exc)}
+                        "settlement stopped for its database: standing by",
+                        extra={"error": repr(exc)},
                     )
+                    return
                 await asyncio.sleep(TICK_S)
         finally:
             self.leading = False
