@@ -57,7 +57,7 @@ async def change_under_payments(where: Path, machines: dict[str, int]) -> None:
     assert all(await asyncio.gather(*paying))  # conserved, double spend refused, no lock
     stop.set()
     looks, doubled = await watching
-    assert looks > 10 and not doubled, f"copies on two machines at once: {doubled}"
+    assert looks >= 5 and not doubled, f"copies on two machines at once: {doubled} ({looks} looks)"
     for d in done:
         assert d.after == machines[d.operator] and d.moved > 0, d
         print(f"-- {d}")
