@@ -108,10 +108,13 @@ class MintApp:
         self.cache: Cache | None = None
         self.limits: Limits | None = None  # per client address, where there is Redis
         self.onchain: Onchain | None = None  # deposits and withdrawals on-chain (NUT-30)
+        self.database_down: str | None = None  # why it failed last, until a task reaches it
 
     def ready(self) -> tuple[bool, str]:
         if self.mint is None:
             return False, "starting"
+        if self.database_down is not None:
+            return False, f"database not reachable: {self.database_down}"
         return True, ""
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -268,6 +271,7 @@ class MintApp:
                 unknown = web.json_response({"detail": str(exc), "code": MALFORMED}, status=503)
                 return self._done(op, started, "unknown", unknown)
             except DATABASE_DOWN as exc:  # done or not as the database says: a retry knows
+                self.database_down = repr(exc)
                 log.warning("database not reachable", extra={"op": op, "error": repr(exc)})
                 why = f"the mint's database is not reachable ({type(exc).__name__}): retry"
                 down = web.json_response({"detail": why, "code": MALFORMED}, status=503)
@@ -552,13 +556,16 @@ class MintApp:
         self, seconds: float, what: str, step: Callable[[], Awaitable[None]]
     ) -> Callable[[], Awaitable[None]]:
         """A task running ``step()`` every ``seconds``: a PostgreSQL outage is waited
-        out (said, not a failure of the task)."""
+        out (said, not a failure of the task) and makes the mint not ready until a step
+        (each reads the database) goes through again."""
 
         async def run() -> None:
             while True:
                 try:
                     await step()
+                    self.database_down = None
                 except DATABASE_DOWN as exc:
+                    self.database_down = repr(exc)
                     log.warning("waits for the database", extra={"task": what, "error": repr(exc)})
                 await asyncio.sleep(seconds)
 

@@ -242,21 +242,29 @@ async def test_a_member_whose_postgresql_was_killed_fills_the_checkpoints_it_mis
         while '"checkpoints not stored"' not in indexer_log.read_text(errors="replace"):
             assert time.monotonic() < end, "the outage was not seen"
             paid += await _pay_self(wallet, address, 1)  # the guild checkpoints meanwhile
+        why = await _readyz(nets[2].mint_url, 503, 20)  # its mint says it is not ready
+        assert "database not reachable" in why, why
     finally:
         os.kill(status["pid"], signal.SIGCONT)
-    end = time.monotonic() + 60
-    async with aiohttp.ClientSession() as s:
-        while True:  # its PostgreSQL back, its gateway ready again
-            async with s.get(nets[2].gateway_url + "/readyz") as r:
-                if r.status == 200:
-                    break
-            assert time.monotonic() < end, await r.text()
-            await asyncio.sleep(0.3)
+    await _readyz(nets[2].gateway_url, 200, 60)  # its PostgreSQL back, ready again
+    await _readyz(nets[2].mint_url, 200, 60)
     await _proves_the_guilds_chain(nets[2], nets[0], paid)
     log = indexer_log.read_text(errors="replace").splitlines()
     assert any('"checkpoints taken in the outage stored"' in line for line in log)
     errors = [line for line in log if '"level": "error"' in line]
     assert not errors, errors[:2]
+
+
+async def _readyz(url: str, status: int, seconds: float) -> str:
+    """The body of ``url``'s ``/readyz`` once it answers ``status``, asking each 0.3 s."""
+    end = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as s:
+        while True:
+            async with s.get(url + "/readyz") as r:
+                if r.status == status:
+                    return await r.text()
+                assert time.monotonic() < end, (r.status, await r.text())
+            await asyncio.sleep(0.3)
 
 
 async def test_a_wallet_follows_an_address_over_the_websocket_and_leaves_a_forging_gateway(
