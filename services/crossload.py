@@ -29,7 +29,7 @@ from constellation.ledger.partition import Coin
 from constellation.settlement import release_coin
 from constellation.tx import TxOutput
 from constellation.wallet import Wallet
-from services.api_client import Gateway
+from services.api_client import Gateway, GatewayError
 from services.devnet import Devnet, guild
 from services.workload import COIN_MSAT, FEE_MSAT, percentile, tally
 
@@ -230,6 +230,10 @@ class CrossWorkload:
                         entries = await self.gws[op].incoming(a.address, 500)
                     except (aiohttp.ClientError, TimeoutError):
                         break  # an operator down: asked again in the next round
+                    except GatewayError as exc:
+                        if exc.status != 503:
+                            raise
+                        break  # its database restarting: "retry", in the next round
                     for entry in entries:
                         c = by_id.get(bytes.fromhex(entry["coin_id"]))
                         if c is not None and entry["status"] == "released":
