@@ -384,20 +384,27 @@ class Machine:
 
     async def _placement(self) -> None:
         """Follow the operator's placement and its agreement on members (a long-running
-        task)."""
-        assert self.nc is not None
+        task). Its NATS server down or restarting is waited out (said, not a failure of
+        the task): the next turn reads both again and goes on from there."""
         while True:
-            await self._follow_agreement()
-            await self._report_members()
-            found = await load_placement(self.nc, self.settings.name)
-            if found is not None:
-                placement, self.revision = found
-                if placement.version > self.followed:
-                    record(self.settings.state_dir, placement)
-                    self.followed = placement.version
-                    self.metrics.placement.set(placement.version)
-                await self._follow_placement(placement, fetch=True)
+            try:
+                await self._follow()
+            except NatsError as exc:
+                log.warning("placement waits for NATS", extra={"error": repr(exc)})
             await asyncio.sleep(PLACEMENT_POLL_S)
+
+    async def _follow(self) -> None:
+        assert self.nc is not None
+        await self._follow_agreement()
+        await self._report_members()
+        found = await load_placement(self.nc, self.settings.name)
+        if found is not None:
+            placement, self.revision = found
+            if placement.version > self.followed:
+                record(self.settings.state_dir, placement)
+                self.followed = placement.version
+                self.metrics.placement.set(placement.version)
+            await self._follow_placement(placement, fetch=True)
 
     async def _serve_folder(self, msg: Msg) -> None:
         await msg.respond(serve_folder(self.settings.state_dir, msg.data))
