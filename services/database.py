@@ -9,6 +9,9 @@ import asyncpg
 DATABASE_DOWN: tuple[type[Exception], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # asyncpg's, using a connection whose server died mid-operation ("cannot switch to
+    # state N; another operation is in progress")
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.OperatorInterventionError,
     OSError,
 )

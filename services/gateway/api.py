@@ -32,6 +32,7 @@ from constellation.tx import (
     decode_issuance,
     decode_transaction,
 )
+from services.database import DATABASE_DOWN
 from services.gateway.errors import (
     IN_PROGRESS,
     INTERNAL,
@@ -65,14 +66,7 @@ _HEX = re.compile(r"[0-9a-fA-F]*")
 _LEN = struct.Struct(">I")
 
 # A dependency that failed on the way (PostgreSQL, a socket): 503, retry; not a bug.
-_UNAVAILABLE = (
-    ConnectionError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.ConnectionDoesNotExistError,
-)
+_UNAVAILABLE = (*DATABASE_DOWN, TimeoutError, asyncpg.TooManyConnectionsError)
 
 # -- the JSON form of a transaction -------------------------------------------------------
 

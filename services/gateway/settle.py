@@ -158,6 +158,9 @@ class Settler:
         self.leading = False
         self.reserve = Reserve()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # a call whose state was not persisted (its database failed): the memory may be
+        # ahead of the store, so the settlement stands by and loads the store again
+        self.stale = False
 
     # -- running ----------------------------------------------------------------------
 
@@ -166,7 +169,12 @@ class Settler:
         or its database (the state is loaded again from it), and stand by again."""
         while True:
             await self._stand_by()
-            await self._settle()
+            try:
+                await self._settle()
+            except DATABASE_DOWN as exc:  # what the store holds is loaded again
+                log.warning(
+                    "settlement stopped for its database: standing by", extra={"error": repr(exc)}
+                )
 
     async def _stand_by(self) -> None:
         """Until this process holds the lock (another holds it, or the database is down)."""
@@ -181,6 +189,7 @@ class Settler:
     async def _settle(self) -> None:
         """Settle while this process holds the lock."""
         await self._load()
+        self.stale = False
         self.leading = True
         self.metrics.settle_leading.set(1)
         log.info("settling", extra={"peers": list(self.pairs)})
@@ -197,19 +206,15 @@ class Settler:
                 if not await self.store.still_leading():
                     log.warning("settlement lock lost (its database connection): standing by")
                     return
+                if self.stale:
+                    log.warning("settlement state not persisted: standing by")
+                    return
                 if stream.done():  # it ends only by failing: start over
                     if isinstance(stream.exception(), DATABASE_DOWN):
                         log.warning("settlement stopped for its database: standing by")
                         return
                     raise RuntimeError("the stream of paid invoices stopped")
-                try:
-                    await self._step()
-                except DATABASE_DOWN as exc:  # what the store holds is loaded again
-                    log.warning(
-                        "settlement stopped for its database: standing by",
-                        extra={"error": repr(exc)},
-                    )
-                    return
+                await self._step()
                 await asyncio.sleep(TICK_S)
         finally:
             self.leading = False
@@ -232,6 +237,7 @@ class Settler:
         self._tasks.discard(task)
         exc = None if task.cancelled() else task.exception()
         if isinstance(exc, DATABASE_DOWN):  # the settlement starts over from its store
+            self.stale = True
             log.warning(
                 "a settlement task stopped: the database is down", extra={"error": repr(exc)}
             )
@@ -572,6 +578,16 @@ class Settler:
                 "settlement message refused", extra={"subject": msg.subject, "error": str(exc)}
             )
             return
+        try:
+            await self._take(pair, message)
+        except DATABASE_DOWN as exc:  # the peer tells it again; the store is loaded again
+            self.stale = True
+            log.warning(
+                "settlement message not taken: the database is down",
+                extra={"peer": pair.name, "error": repr(exc)},
+            )
+
+    async def _take(self, pair: Pair, message: sp.Message) -> None:
         now = self.clock()
         if isinstance(message, sp.Announce):
             await self._announced(pair, message, now)

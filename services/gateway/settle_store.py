@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 
 from constellation.protocol.settlement import Entry
+from services.database import DATABASE_DOWN
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS settle_owed (
@@ -86,7 +87,11 @@ class SettleStore:
         (a crashed holder's session ends, and its lock with it)."""
         if self._leader is None or self._leader.is_closed():
             self._leader = await asyncpg.connect(dsn, command_timeout=COMMAND_TIMEOUT_S)
-        return bool(await self._leader.fetchval(f"SELECT pg_try_advisory_lock({LEADER_LOCK})"))
+        try:
+            return bool(await self._leader.fetchval(f"SELECT pg_try_advisory_lock({LEADER_LOCK})"))
+        except DATABASE_DOWN:
+            self._drop_leader()
+            raise
 
     async def still_leading(self) -> bool:
         conn = self._leader
@@ -94,9 +99,17 @@ class SettleStore:
             return False
         try:
             await conn.fetchval("SELECT 1")
-        except (asyncpg.PostgresError, OSError):
+        except (*DATABASE_DOWN, asyncpg.PostgresError):
+            self._drop_leader()
             return False
         return True
+
+    def _drop_leader(self) -> None:
+        """The lock's connection failed: gone (asyncpg may not see it closed where its
+        server died mid-statement), so that ``lead`` connects afresh."""
+        if self._leader is not None:
+            self._leader.terminate()
+            self._leader = None
 
     # -- the payer's side -------------------------------------------------------------
 

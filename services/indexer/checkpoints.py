@@ -76,6 +76,7 @@ from constellation.protocol.signer import (
 from constellation.replication.placement import COPIES
 from constellation.tx import partition_of
 from services.bus import copy_events_subject, lc_subject, lc_taken_subject
+from services.database import DATABASE_DOWN
 from services.indexer.store import Index
 from services.replica.config import Layout
 from services.replica.transport import (
@@ -109,6 +110,8 @@ MAX_HISTORY = 1000
 MAX_REQUESTS = 32  # answered at once
 BACKFILL_S = 5.0  # how often a member that missed checkpoints asks another for them
 ANSWER_EVERY_S = 1.0  # a member is answered one range request this often, at most
+# the database unreachable, or a statement it refused: said, and tried again
+NOT_STORED = (*DATABASE_DOWN, asyncpg.PostgresError)
 
 log = logging.getLogger("indexer.checkpoints")
 
@@ -254,7 +257,7 @@ class Checkpoints:
                 try:
                     ck = await self._start(signer)
                     break
-                except (OSError, asyncpg.PostgresError) as exc:
+                except NOT_STORED as exc:
                     log.warning("checkpointing waits for the database", extra={"error": repr(exc)})
                     await asyncio.sleep(KEY_RETRY_S)
             layout = s.layout
@@ -530,7 +533,7 @@ class Checkpoints:
             return True
         try:
             await self.store.save_proposal(encode_target(proposal[0]), proposal[1].encode())
-        except (OSError, asyncpg.PostgresError) as exc:
+        except NOT_STORED as exc:
             log.warning("a proposal not stored: not sent", extra={"error": repr(exc)})
             return False
         self.saved = proposal
@@ -542,7 +545,7 @@ class Checkpoints:
         for handover in ck.pin.handovers:
             try:
                 found = await self.store.checkpoints(handover.checkpoint.height, 1)
-            except (OSError, asyncpg.PostgresError) as exc:
+            except NOT_STORED as exc:
                 log.warning("handovers not announced", extra={"error": repr(exc)})
                 return
             if found and Announced.decode(found[0]).signed == handover:  # stored here
@@ -625,7 +628,7 @@ class Checkpoints:
         go is a gap that ``_backfill`` asks another member for."""
         try:
             await self.store.store_checkpoints(fresh, touches, coins)
-        except (OSError, asyncpg.PostgresError) as exc:
+        except NOT_STORED as exc:
             height = fresh[0].checkpoint.checkpoint.height
             log.warning("checkpoints not stored", extra={"from": height, "error": repr(exc)})
             return False
@@ -647,7 +650,7 @@ class Checkpoints:
             upto = self.stored
             try:
                 missing = await self.store.missing(self.complete_below, upto, MAX_RANGE)
-            except (OSError, asyncpg.PostgresError) as exc:
+            except NOT_STORED as exc:
                 log.warning("missed checkpoints not looked for", extra={"error": repr(exc)})
                 continue
             self.complete_below = missing[0] if missing else upto + 1
@@ -682,7 +685,7 @@ class Checkpoints:
             found = await self.store.filled(
                 max(0, request.start), max(1, min(request.count, MAX_RANGE))
             )
-        except (OSError, asyncpg.PostgresError) as exc:  # it asks again, maybe another
+        except NOT_STORED as exc:  # it asks again, maybe another
             log.warning("range request not answered", extra={"peer": sender, "error": repr(exc)})
             return
         me = self.s.layout.members[self.s.me].name

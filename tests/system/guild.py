@@ -135,6 +135,16 @@ def local_guild(
         shutil.rmtree(root, ignore_errors=True)
 
 
+def errors_logged(where: Path) -> list[str]:
+    """Every line a process of the guild in ``where`` logged at level error, by log."""
+    return [
+        f"{log.relative_to(where)}: {line[:300]}"
+        for log in where.rglob("*.log")
+        for line in log.read_text(errors="replace").splitlines()
+        if '"level": "error"' in line
+    ]
+
+
 async def pay(net: Devnet, payments: int = 150, via: Devnet | None = None) -> bool:
     """A workload on ``net``'s ledger, at its gateway or at ``via``'s; its report goes to
     the test's output."""

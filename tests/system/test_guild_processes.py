@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from services.devnet import Devnet, guild
-from tests.system.guild import local_guild, pay
+from tests.system.guild import errors_logged, local_guild, pay
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +67,5 @@ async def test_kill_9_of_a_process_under_payments_loses_nothing(where: Path, kin
         assert time.monotonic() < end, waiting
         await asyncio.sleep(0.5)
     assert await pay(op1(where), 60)  # and it takes payments as before
-    errors = [
-        f"{log.relative_to(where)}: {line[:300]}"
-        for log in where.rglob("*.log")
-        for line in log.read_text(errors="replace").splitlines()
-        if '"level": "error"' in line
-    ]
+    errors = errors_logged(where)
     assert not errors, errors[:3]
