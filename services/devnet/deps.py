@@ -215,8 +215,21 @@ def start_postgres(net: Devnet) -> None:
         )
         if done.returncode != 0:
             raise DevnetError(f"initdb failed: {done.stderr.strip()}")
+    clear_stale_lock(data / "postmaster.pid")
     net.pg_pid = launch(postgres_spec(net))
     asyncio.run(_create_database(net))
+
+
+def clear_stale_lock(lock: Path) -> None:
+    """Remove the lock of a server that is gone: killed with the machine it ran on (its
+    operator's power lost), or a zombie nobody reaped yet, which PostgreSQL would take
+    for a server still running in its data directory."""
+    try:
+        pid = int(lock.read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return
+    if not alive(pid):
+        lock.unlink(missing_ok=True)
 
 
 async def _create_database(net: Devnet) -> None:

@@ -248,6 +248,8 @@ class NodeServer:
                         return  # the call took effect; its reply is lost
                     if faults.delay_s:
                         await asyncio.sleep(faults.delay_s)
+                    if writer.is_closing():  # the client went while its call ran (it took
+                        return  # effect, as lightningd's does); uvloop raises on a write
                     writer.write(json.dumps(answer).encode() + b"\n\n")
                     await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):

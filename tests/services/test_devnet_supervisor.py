@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ import pytest
 
 from services import devnet
 from services.cli import main
+from services.devnet.deps import clear_stale_lock
 from services.devnet.supervisor import Supervisor
 
 POLICY = devnet.RestartPolicy(initial_s=1.0, max_s=8.0, reset_after_s=100.0)
@@ -173,3 +175,18 @@ def test_status_of_a_devnet_that_is_not_running(tmp_path: Path) -> None:
     doc = json.loads(out)
     assert code == 1 and doc["supervisor"] == "none" and len(doc["processes"]) == 7
     assert cli("devnet", "status", "--dir", str(tmp_path / "none"))[0] == 2
+
+
+def test_a_postmaster_lock_is_cleared_only_where_its_server_is_gone(tmp_path: Path) -> None:
+    """After an operator's power loss its PostgreSQL left ``postmaster.pid`` behind (a
+    killed server nobody reaped reads as running to PostgreSQL): the devnet removes the
+    lock of a server that is gone, and keeps one of a live process."""
+    lock = tmp_path / "postmaster.pid"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock.write_text(f"{gone.pid}\n/data\n1700000000\n5432\n")
+    clear_stale_lock(lock)
+    assert not lock.exists()
+    lock.write_text(f"{os.getpid()}\n/data\n")
+    clear_stale_lock(lock)
+    assert lock.exists()
