@@ -209,11 +209,8 @@ class Settler:
                 if self.stale:
                     log.warning("settlement state not persisted: standing by")
                     return
-                if stream.done():  # it ends only by failing: start over
-                    if isinstance(stream.exception(), DATABASE_DOWN):
-                        log.warning("settlement stopped for its database: standing by")
-                        return
-                    raise RuntimeError("the stream of paid invoices stopped")
+                if stream.done():  # it ends only by failing (its database: standing by)
+                    raise stream.exception() or RuntimeError("the paid invoices' stream ended")
                 await self._step()
                 await asyncio.sleep(TICK_S)
         finally:
