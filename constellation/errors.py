@@ -338,6 +338,13 @@ class Equivocation(RequestRefused):
     code = "signing.equivocation"
 
 
+class CheckpointBound(Equivocation):
+    """This signer released shares for another checkpoint at this height and epoch (its
+    standing there says which): the coordinator may show that the epoch is over."""
+
+    code = "signing.checkpoint_bound"
+
+
 # -- light-client proofs: each check that can fail has its own code ------------------------
 
 

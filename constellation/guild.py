@@ -8,6 +8,8 @@ only then contributes a partial signature.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import NamedTuple
 
@@ -16,14 +18,16 @@ import msgspec
 from constellation.bitcoin import SpendInput, SpendOutput, p2tr_script, taproot_sighash
 from constellation.codec import u32, u64
 from constellation.crypto import frost
-from constellation.errors import Equivocation, RequestRefused
+from constellation.errors import CheckpointBound, Equivocation, RequestRefused
 from constellation.hashing import tagged_hasher
+from constellation.keys import schnorr_sign, schnorr_verify
 
 MAX_STATEMENT_BYTES = 1024
 GUILD_ID_MAX_LEN = 64
 
 _checkpoint_hash = tagged_hasher("Constellation/checkpoint")
 _deposit_tweak = tagged_hasher("Constellation/deposit")
+_standing_hash = tagged_hasher("Constellation/checkpoint-standing")
 
 
 MAX_SPEND_INPUTS = 500
@@ -209,53 +213,226 @@ def derive(target: SignTarget, thresh_pk: bytes) -> Derived:
     return Derived(Purpose.CHECKPOINT, target.message(), (), (), thresh_pk[1:])
 
 
+MAX_EPOCH = 2**32 - 1
+
+
+class Standing(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    """A signer's signed word on one checkpoint height: the ``epoch`` it is at there, and
+    the checkpoint (its message) it released shares for in that epoch (empty: none);
+    ``cert``, the standings at ``epoch - 1`` that let it into ``epoch`` (empty at epoch
+    0, and in a standing that is part of a certificate)."""
+
+    member: int
+    height: int
+    epoch: int
+    msg: bytes
+    sig: bytes  # BIP340, by the member's identity key, over ``standing_digest``
+    cert: list[Standing] = []
+
+    def bare(self) -> Standing:
+        """This standing without its certificate, as a certificate holds it."""
+        return msgspec.structs.replace(self, cert=[])
+
+
+def standing_digest(guild: str, member: int, height: int, epoch: int, msg: bytes) -> bytes:
+    name = guild.encode()
+    return _standing_hash(
+        u32(len(name)) + name + u32(member) + u64(height) + u32(epoch) + u32(len(msg)) + msg
+    )
+
+
+def make_standing(
+    secret: bytes,
+    guild: str,
+    member: int,
+    height: int,
+    epoch: int,
+    msg: bytes,
+    cert: Sequence[Standing] = (),
+) -> Standing:
+    sig = schnorr_sign(secret, standing_digest(guild, member, height, epoch, msg))
+    return Standing(member, height, epoch, msg, sig, [c.bare() for c in cert])
+
+
+class Quorum(NamedTuple):
+    """The signers of a key (member indices) and how many of them sign."""
+
+    holders: tuple[int, ...]
+    t: int
+
+
+def _standing_fault(
+    guild: str, s: Standing, height: int, quorum: Quorum, identities: Sequence[bytes]
+) -> str:
+    """What is wrong with the standing ``s`` of a signer of ``quorum`` at ``height``
+    (empty: nothing)."""
+    if s.member not in quorum.holders or s.member >= len(identities):
+        return f"a standing of member {s.member}, not one of the key's signers"
+    if s.height != height or not 0 <= s.epoch <= MAX_EPOCH or len(s.msg) not in (0, 32):
+        return f"member {s.member}'s standing is not one at height {height}"
+    digest = standing_digest(guild, s.member, height, s.epoch, s.msg)
+    if not schnorr_verify(identities[s.member], digest, s.sig):
+        return f"member {s.member}'s standing is badly signed"
+    return ""
+
+
+def epoch_ended(
+    guild: str,
+    height: int,
+    epoch: int,
+    cert: Sequence[Standing],
+    quorum: Quorum,
+    identities: Sequence[bytes],
+) -> bool:
+    """Whether the standings ``cert`` (of ``quorum``'s signers, at ``height`` and
+    ``epoch``) show that no checkpoint can be signed there any more: for every
+    checkpoint, the signers standing by it and those whose word is missing (or who
+    shared none there) are fewer than ``t``. ``identities``: each member's x-only
+    identity key. A malformed certificate raises RequestRefused."""
+    said: dict[int, bytes] = {}
+    for s in cert:
+        fault = _standing_fault(guild, s, height, quorum, identities)
+        if not fault and (s.epoch != epoch or s.cert or s.member in said):
+            fault = f"member {s.member}'s standing is not one of a certificate of epoch {epoch}"
+        if fault:
+            raise RequestRefused(fault)
+        said[s.member] = s.msg
+    bound = Counter(msg for msg in said.values() if msg)
+    open_ = len(quorum.holders) - sum(bound.values())
+    return max(bound.values(), default=0) + open_ < quorum.t
+
+
+def next_epoch(
+    guild: str,
+    height: int,
+    epoch: int,
+    standings: Sequence[Standing],
+    quorum: Quorum,
+    identities: Sequence[bytes],
+) -> tuple[int, list[Standing]] | None:
+    """Where a coordinator whose checkpoint at ``height`` was refused in ``epoch`` asks
+    next, from the signers' ``standings`` there (untrusted: a bad one is left out): the
+    highest epoch a signer entered, with the certificate it entered by; or the epoch
+    above, where the standings at ``epoch`` show it ended. None: neither (a checkpoint
+    of ``epoch`` can still be signed, or too few signers answered)."""
+    good = {
+        s.member: s for s in standings if not _standing_fault(guild, s, height, quorum, identities)
+    }
+    for s in sorted(good.values(), key=lambda s: -s.epoch):
+        if s.epoch <= epoch:
+            break
+        try:
+            if epoch_ended(guild, height, s.epoch - 1, s.cert, quorum, identities):
+                return s.epoch, s.cert
+        except RequestRefused:
+            continue
+    at = [s.bare() for s in good.values() if s.epoch == epoch]
+    if epoch < MAX_EPOCH and epoch_ended(guild, height, epoch, at, quorum, identities):
+        return epoch + 1, at
+    return None
+
+
 class SigningPolicy:
     """One signer's rules, and the memory of what it signed that they depend on.
 
     ``allowed`` lists the purposes this operator signs for; a checkpoint must be for
-    this guild, must not conflict with another checkpoint signed at its height, must
-    extend the checkpoint signed at the height below when there is one, and above a
-    handover this signer signed or learned of must be signed by the key handed over to.
+    this guild, must not conflict with another checkpoint signed at its height and
+    epoch, must extend the checkpoint signed at the height below when there is one, and
+    above a handover this signer signed or learned of must be signed by the key handed
+    over to.
+
+    **Epochs.** With ``t`` of ``n`` signing and ``2t > n``, a signer that releases
+    shares for one checkpoint per height keeps the guild to one checkpoint per height.
+    But proposals made at one height by several proposers may each hold shares of
+    signers that share no other, none reaching ``t``: the height would stay unsigned for
+    good. So a height has epochs: a signer shares for at most one checkpoint per height
+    and epoch, never in an epoch below its own, and enters epoch ``e > 0`` only with a
+    certificate that ``e - 1`` ended (``epoch_ended``: standings of the signers at
+    ``e - 1``, each signed with its identity key). Safety: a checkpoint signed in epoch
+    ``e`` holds ``t`` shares released there; each of those signers gave no standing at
+    ``e`` or one naming that checkpoint, so no certificate of ``e`` exists; no signer
+    enters ``e + 1``, and none a later epoch (a standing naming a checkpoint at ``e + 1``
+    comes from a signer that entered it). Liveness: with every signer's standing at the
+    top epoch, either a checkpoint there can still get ``t`` shares (its own and those
+    of the signers bound to none) or the standings are the certificate.
+    ``identities`` are the members' x-only identity keys, by member index.
     """
 
-    def __init__(self, guild: str, allowed: frozenset[Purpose]) -> None:
+    def __init__(
+        self, guild: str, allowed: frozenset[Purpose], identities: Sequence[bytes] = ()
+    ) -> None:
         self.guild = guild
         self.allowed = allowed
+        self.identities = tuple(identities)
         self.checkpoints: dict[int, bytes] = {}  # height -> message signed
+        # height -> the epoch of that share, and the certificate that let it in
+        self.epochs: dict[int, tuple[int, list[Standing]]] = {}
+        self.decided: set[int] = set()  # heights the guild signed (``learn``)
         self.handovers: dict[int, bytes] = {}  # height -> the key that signs above it
 
-    def check(self, target: SignTarget, thresh_pk: bytes) -> Derived:
-        """Derive the request's message and apply every rule (raises RequestRefused)."""
+    def check(
+        self,
+        target: SignTarget,
+        thresh_pk: bytes,
+        epoch: int = 0,
+        cert: Sequence[Standing] = (),
+        quorum: Quorum | None = None,
+    ) -> Derived:
+        """Derive the request's message and apply every rule (raises RequestRefused).
+        A checkpoint in an ``epoch`` above 0 comes with the ``cert`` that the one below
+        ended, among ``quorum`` (the signers of its key)."""
         derived = derive(target, thresh_pk)
         if derived.purpose not in self.allowed:
             raise RequestRefused(f"this signer does not sign {derived.purpose} requests")
-        if isinstance(target, Checkpoint) and target.guild != self.guild:
+        if not isinstance(target, Checkpoint):
+            if epoch or cert:
+                raise RequestRefused("only a checkpoint is signed in an epoch")
+            return derived
+        if target.guild != self.guild:
             raise RequestRefused(f"checkpoint of guild {target.guild!r}, not ours")
-        if isinstance(target, Checkpoint):
-            below = [h for h in self.handovers if h < target.height]
-            if below and self.handovers[max(below)] != thresh_pk[1:]:
-                raise Equivocation(
-                    f"checkpoint {target.height} is not signed by the key that signs"
-                    f" above height {max(below)}"
-                )
-        self.check_history(target, derived.msg)
+        below = [h for h in self.handovers if h < target.height]
+        if below and self.handovers[max(below)] != thresh_pk[1:]:
+            raise Equivocation(
+                f"checkpoint {target.height} is not signed by the key that signs"
+                f" above height {max(below)}"
+            )
+        if not 0 <= epoch <= MAX_EPOCH:
+            raise RequestRefused("epoch out of range")
+        if epoch > 0 and (
+            quorum is None
+            or not epoch_ended(self.guild, target.height, epoch - 1, cert, quorum, self.identities)
+        ):
+            raise RequestRefused(f"no certificate that epoch {epoch - 1} ended")
+        self.check_history(target, derived.msg, epoch)
         return derived
 
-    def check_history(self, target: SignTarget, msg: bytes) -> None:
+    def check_history(self, target: SignTarget, msg: bytes, epoch: int = 0) -> None:
         """The rules that depend on what was signed since: checked again just before
         signing, as a concurrent request may have signed a conflicting checkpoint."""
         if not isinstance(target, Checkpoint):
             return
-        signed = self.checkpoints.get(target.height)
+        height = target.height
+        signed = self.checkpoints.get(height)
+        held = self.epochs.get(height, (0, []))[0]
         if signed is not None and signed != msg:
-            raise Equivocation(
-                f"a different checkpoint at height {target.height} was signed already"
-            )
-        below = self.checkpoints.get(target.height - 1)
+            if height in self.decided:
+                raise Equivocation(f"the guild signed another checkpoint at height {height}")
+            if epoch <= held:
+                raise CheckpointBound(
+                    f"a different checkpoint at height {height} was signed already (epoch {held})"
+                )
+        elif signed is not None and epoch < held:
+            raise CheckpointBound(f"height {height} is at epoch {held} here, not {epoch}")
+        below = self.checkpoints.get(height - 1)
         if below is not None and below != target.prev_hash:
-            raise Equivocation(
-                f"checkpoint {target.height} does not extend the one signed below it"
-            )
+            raise Equivocation(f"checkpoint {height} does not extend the one signed below it")
+
+    def standing(self, height: int, member: int, secret: bytes) -> Standing:
+        """This signer's standing at ``height``, signed with its identity key
+        ``secret`` (it is ``member``)."""
+        epoch, cert = self.epochs.get(height, (0, []))
+        msg = self.checkpoints.get(height, b"")
+        return make_standing(secret, self.guild, member, height, epoch, msg, cert)
 
     def learn(self, signed: Checkpoint, key: bytes) -> None:
         """The guild signed ``signed`` with ``key`` (x-only; the signature checked by
@@ -267,6 +444,7 @@ class SigningPolicy:
         height below (a handover it missed)."""
         height = signed.height
         self.checkpoints[height] = signed.message()
+        self.decided.add(height)
         for below in sorted((h for h in self.handovers if h < height), reverse=True):
             if self.handovers[below] == key:
                 break
@@ -278,9 +456,14 @@ class SigningPolicy:
         else:
             self.handovers.pop(height, None)
 
-    def record(self, target: SignTarget, msg: bytes) -> None:
-        """Remember a request (and its message) this signer made a partial signature for."""
+    def record(
+        self, target: SignTarget, msg: bytes, epoch: int = 0, cert: Sequence[Standing] = ()
+    ) -> None:
+        """Remember a request (and its message) this signer made a partial signature
+        for, in ``epoch`` (let in by ``cert``)."""
         if isinstance(target, Checkpoint):
             self.checkpoints[target.height] = msg
+            if epoch > self.epochs.get(target.height, (0, []))[0]:
+                self.epochs[target.height] = epoch, [c.bare() for c in cert]
             if target.next_key:
                 self.handovers[target.height] = target.next_key

@@ -38,10 +38,13 @@ the taking (``disagreed``): a threshold of operators computed other coins or rec
 than this one, which an operator must look at; this index serves no proof past it.
 
 A proposer that fails after some signers released shares of its checkpoint but before
-the signature was made leaves those signers bound to it at that height; another
-proposer's checkpoint there is refused by them. With a threshold of the others it is
-signed anyway; otherwise the guild waits for the first proposer to send it again (its
-service keeps its last proposal across a restart: ``resume``). A signer whose share at a
+the signature was made leaves those signers bound to it at that height (and epoch);
+another proposer's checkpoint there is refused by them. With a threshold of the others
+it is signed anyway; where the shares split so that no checkpoint can reach the
+threshold, the signers' standings show it and the coordinator asks again in the next
+epoch (``constellation.guild.SigningPolicy``); otherwise the guild waits for the
+proposer whose checkpoint can still be signed to send it again (its service keeps its
+last proposal across a restart: ``resume``). A signer whose share at a
 height went to a proposal that lost learns what the guild signed there from the next
 proposal's evidence (``signed_below``), and signs above it; where the lost proposal was
 a handover, it forgets it (after a restart too, from a proposal higher up: its audit log

@@ -10,7 +10,7 @@ from __future__ import annotations
 import msgspec
 
 from constellation.errors import MessageError
-from constellation.guild import SignTarget
+from constellation.guild import SignTarget, Standing
 
 
 class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind"):
@@ -32,6 +32,8 @@ class SignStart(_Msg, frozen=True, tag="sign.start"):
     presign: bool = True
     evidence: bytes = b""  # what a checkpoint's entries are (each signer's ledger checks)
     key: bytes = b""  # the guild key that signs (33 bytes); empty: the active one
+    epoch: int = 0  # a checkpoint's epoch at its height (``constellation.guild``)
+    cert: list[Standing] = []  # above epoch 0: the standings that show the one below ended
 
 
 class Presign(_Msg, frozen=True, tag="sign.presign"):
@@ -65,6 +67,21 @@ class SignRefused(_Msg, frozen=True, tag="sign.refused"):
     request_id: bytes
     code: str
     reason: str
+
+
+class StandingAsk(_Msg, frozen=True, tag="sign.standing_ask"):
+    """Coordinator -> every signer of a key: a checkpoint of ``request_id`` was refused
+    as bound to another at ``height``: say where you stand there."""
+
+    request_id: bytes
+    height: int
+
+
+class StandingSaid(_Msg, frozen=True, tag="sign.standing"):
+    """Signer -> coordinator: its signed standing at the height asked."""
+
+    request_id: bytes
+    standing: Standing
 
 
 class SignDone(_Msg, frozen=True, tag="sign.done"):
@@ -190,6 +207,8 @@ Message = (
     | SignSession
     | Share
     | SignRefused
+    | StandingAsk
+    | StandingSaid
     | SignDone
     | DkgStart
     | DkgMsg1
@@ -213,6 +232,18 @@ _decoder = msgspec.msgpack.Decoder(Message)
 
 
 _target_decoder: msgspec.msgpack.Decoder[SignTarget] = msgspec.msgpack.Decoder(SignTarget)
+
+
+_cert_decoder: msgspec.msgpack.Decoder[list[Standing]] = msgspec.msgpack.Decoder(list[Standing])
+
+
+def encode_cert(cert: list[Standing]) -> bytes:
+    return _encoder.encode(cert)
+
+
+def decode_cert(data: bytes) -> list[Standing]:
+    cert: list[Standing] = _cert_decoder.decode(data)
+    return cert
 
 
 def encode_target(target: SignTarget) -> bytes:

@@ -56,7 +56,11 @@ class SignerNode:
             self.hostseckey,
             self.keystore,
             self.audit,
-            SigningPolicy(self.members.guild, settings.purposes),
+            SigningPolicy(
+                self.members.guild,
+                settings.purposes,
+                [pk[1:] for pk in self.members.hostpubkeys],
+            ),
             self.metrics,
             lambda idx, msg: self.send(Role.COORD, idx, msg),
             settings.max_requests,

@@ -7,6 +7,7 @@ deadline only bounds how long an operator waits when fewer than t signers answer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -16,13 +17,14 @@ from dataclasses import dataclass, field
 
 from constellation.crypto import dkg, roast
 from constellation.errors import (
+    CheckpointBound,
     ConstellationError,
     DKGError,
     FaultyParticipantOrCoordinatorError,
     RequestRefused,
     UnknownNonce,
 )
-from constellation.guild import Derived, SignTarget, derive
+from constellation.guild import Checkpoint, Derived, SignTarget, Standing, derive, next_epoch
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import Membership
 from services.signer.handlers import FINISHED_MEMORY, Key
@@ -31,6 +33,8 @@ from services.signer.metrics import SignerMetrics
 log = logging.getLogger("signer.coordinator")
 
 Send = Callable[[int, proto.Message], Awaitable[None]]  # (signer index, message)
+EPOCH_STEPS = 3  # epochs a checkpoint's request moves through, at most
+STANDING_WAIT_S = 2.0  # how long the signers' standings are gathered, at most
 
 
 @dataclass
@@ -45,10 +49,20 @@ class _Signing:
     done: asyncio.Future[proto.OpReply]
     refused: dict[int, str] = field(default_factory=dict)
     stale_nonce: bool = False  # a signer no longer held a nonce we had cached for it
+    bound: bool = False  # a signer released shares for another checkpoint at this height
     presigned: set[int] = field(default_factory=set)
 
     def members(self, positions: Iterable[int]) -> list[int]:
         return sorted(self.key.members[p] for p in positions)
+
+
+@dataclass
+class _Standings:
+    """The standings gathered for one refused checkpoint, by member."""
+
+    members: tuple[int, ...]
+    said: dict[int, Standing] = field(default_factory=dict)
+    complete: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -85,6 +99,7 @@ class Coordinator:
         self.max_requests = max_requests
         self.timeout_s = request_timeout_ms / 1000
         self.signing: dict[bytes, _Signing] = {}
+        self.standings: dict[bytes, _Standings] = {}
         self._dkg: _Keygen | None = None
         self._announcing: set[asyncio.Task[None]] = set()
         # (key, member) -> a fresh nonce its signer sent us for that key, unused
@@ -95,6 +110,8 @@ class Coordinator:
     async def handle(self, sender: int, msg: proto.Message) -> None:
         if isinstance(msg, proto.Presign | proto.Share | proto.SignRefused):
             await self._on_signer(sender, msg)
+        elif isinstance(msg, proto.StandingSaid):
+            self._on_standing(sender, msg)
         elif isinstance(msg, proto.DkgMsg1 | proto.DkgMsg2 | proto.DkgDone | proto.DkgFailed):
             self._on_dkg(sender, msg)
         else:
@@ -108,7 +125,10 @@ class Coordinator:
         """ROAST-sign ``target`` with the key ``pubkey`` (the active one where empty).
         Signers' nonces left over from earlier requests start the first session at once;
         a signer that restarted has forgotten its nonce and says so, and if that leaves
-        too few signers the request is run once more with fresh nonces from everyone."""
+        too few signers the request is run once more with fresh nonces from everyone.
+        A checkpoint refused by a signer bound to another at its height is asked again
+        in the epoch the signers' standings allow (``constellation.guild.next_epoch``):
+        at most ``EPOCH_STEPS`` times."""
         key = self.keys(pubkey)
         try:
             if key is None:
@@ -124,9 +144,25 @@ class Coordinator:
             return _error(exc)
         self.metrics.requests_started.inc()
         started = time.perf_counter()
-        reply, stale = await self._run(key, target, evidence, derived, use_cached=True)
-        if not reply.ok and stale:
-            reply, _ = await self._run(key, target, evidence, derived, use_cached=False)
+        reply, run = await self._run(key, target, evidence, derived, use_cached=True)
+        if not reply.ok and run.stale_nonce:
+            reply, run = await self._run(key, target, evidence, derived, use_cached=False)
+        epoch = 0
+        for _ in range(EPOCH_STEPS):
+            if reply.ok or not run.bound or not isinstance(target, Checkpoint):
+                break
+            found = await self._next_epoch(key, target.height, epoch)
+            if found is None:
+                break
+            epoch, cert = found
+            log.info(
+                "a checkpoint asked again in a later epoch",
+                extra={"height": target.height, "epoch": epoch},
+            )
+            self.metrics.epochs_moved.inc()
+            reply, run = await self._run(
+                key, target, evidence, derived, use_cached=False, epoch=epoch, cert=cert
+            )
         outcome = "signed" if reply.ok else reply.code
         self.metrics.requests_finished.labels(outcome).inc()
         if reply.ok:
@@ -140,8 +176,11 @@ class Coordinator:
         evidence: bytes,
         derived: Derived,
         use_cached: bool,
-    ) -> tuple[proto.OpReply, bool]:
-        """One ROAST run; also says whether a signer refused a nonce we held for it."""
+        epoch: int = 0,
+        cert: list[Standing] | None = None,
+    ) -> tuple[proto.OpReply, _Signing]:
+        """One ROAST run, and what it saw (a signer refused a nonce we held for it, or
+        a checkpoint as bound to another)."""
         group = key.group
         coordinator = roast.Coordinator(group, derived.msg, derived.tweaks, derived.is_xonly)
         rid = os.urandom(16)
@@ -151,7 +190,9 @@ class Coordinator:
         preloaded = []
         for i in key.members:
             nonce = self.cached.pop((key.pubkey, i), None) if use_cached else None
-            start = proto.SignStart(rid, target, nonce is None, evidence, key.pubkey)
+            start = proto.SignStart(
+                rid, target, nonce is None, evidence, key.pubkey, epoch, cert or []
+            )
             await self.send(i, start)
             if nonce is not None:
                 preloaded.append((i, nonce))
@@ -179,7 +220,34 @@ class Coordinator:
         announce = asyncio.create_task(self._announce(key, rid, reply.signature))
         self._announcing.add(announce)
         announce.add_done_callback(self._announcing.discard)
-        return reply, run.stale_nonce
+        return reply, run
+
+    async def _next_epoch(
+        self, key: Key, height: int, epoch: int
+    ) -> tuple[int, list[Standing]] | None:
+        """Gather the standings of ``key``'s signers at ``height`` (every one, or what
+        came within ``STANDING_WAIT_S``) and where they let a checkpoint go next."""
+        rid = os.urandom(16)
+        gathering = self.standings[rid] = _Standings(key.members)
+        try:
+            for i in key.members:
+                await self.send(i, proto.StandingAsk(rid, height))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gathering.complete.wait(), STANDING_WAIT_S)
+        finally:
+            del self.standings[rid]
+        identities = [pk[1:] for pk in self.members.hostpubkeys]
+        said = list(gathering.said.values())
+        return next_epoch(self.members.guild, height, epoch, said, key.quorum, identities)
+
+    def _on_standing(self, sender: int, msg: proto.StandingSaid) -> None:
+        gathering = self.standings.get(msg.request_id)
+        if gathering is None or sender not in gathering.members or msg.standing.member != sender:
+            self.metrics.rejected_messages.labels("protocol.unexpected").inc()
+            return
+        gathering.said[sender] = msg.standing
+        if len(gathering.said) == len(gathering.members):
+            gathering.complete.set()
 
     async def _dispatch(self, run: _Signing, requests: list[roast.SignRequest]) -> None:
         for request in requests:
@@ -208,6 +276,7 @@ class Coordinator:
         if isinstance(msg, proto.SignRefused):
             run.refused[sender] = f"[{msg.code}] {msg.reason}"
             run.stale_nonce |= msg.code == UnknownNonce.code
+            run.bound |= msg.code == CheckpointBound.code
             self.metrics.signer_failures.labels(str(sender), "refused").inc()
             group = coordinator.group
             refusing = {run.key.members.index(i) for i in run.refused}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from constellation.crypto import dkg, roast
 from constellation.errors import ConstellationError, Overloaded, RequestRefused, SigningError
-from constellation.guild import Checkpoint, Derived, SigningPolicy, SignTarget
+from constellation.guild import Checkpoint, Derived, Quorum, SigningPolicy, SignTarget, Standing
 from constellation.keys import schnorr_verify
 from constellation.lightclient.checkpointer import signed_below
 from constellation.protocol import signer as proto
@@ -56,6 +56,10 @@ class Key:
     def position(self, member: int) -> int | None:
         return self.members.index(member) if member in self.members else None
 
+    @property
+    def quorum(self) -> Quorum:
+        return Quorum(self.members, self.group.t)
+
 
 def key_of(members: Membership, record: ShareRecord) -> Key:
     """The key of a stored share: one of this guild's, among its members."""
@@ -73,6 +77,8 @@ class _Pending:
     derived: Derived
     deadline_ms: int
     key: Key
+    epoch: int
+    cert: list[Standing]
 
 
 @dataclass
@@ -127,7 +133,10 @@ class Participant:
         self.finished: OrderedDict[bytes, None] = OrderedDict()
         self.dkg: _DkgRun | None = None
         for entry in audit.take_loaded():
-            policy.record(target_of(entry), bytes.fromhex(entry["msg"]))
+            cert = proto.decode_cert(bytes.fromhex(entry["cert"])) if entry.get("cert") else []
+            policy.record(
+                target_of(entry), bytes.fromhex(entry["msg"]), entry.get("epoch", 0), cert
+            )
             self._remember(bytes.fromhex(entry["request_id"]))
 
     def usable(self) -> list[Key]:
@@ -181,6 +190,9 @@ class Participant:
             await self._sign_session(sender, msg)
         elif isinstance(msg, proto.SignDone):
             self._sign_done(sender, msg)
+        elif isinstance(msg, proto.StandingAsk):
+            standing = self.policy.standing(msg.height, self.me, self.hostseckey)
+            await self.reply(sender, proto.StandingSaid(msg.request_id, standing))
         elif isinstance(msg, proto.DkgStart):
             await self._dkg_start(sender, msg)
         elif isinstance(msg, proto.DkgCoord1 | proto.DkgCoord2):
@@ -225,7 +237,7 @@ class Participant:
                 below = signed_below(msg.target, msg.evidence, keys)
                 if below is not None:
                     self.policy.learn(*below)
-            derived = self.policy.check(msg.target, key.pubkey)
+            derived = self.policy.check(msg.target, key.pubkey, msg.epoch, msg.cert, key.quorum)
         except ConstellationError as exc:
             await self._refuse(sender, rid, exc)
             return
@@ -274,7 +286,9 @@ class Participant:
     async def _open(self, sender: int, msg: proto.SignStart, derived: Derived, key: Key) -> None:
         """The request is open here: a nonce for the coordinator where it asked for one."""
         deadline = now_ms() + self.request_timeout_ms
-        self.pending[msg.request_id] = _Pending(sender, msg.target, derived, deadline, key)
+        self.pending[msg.request_id] = _Pending(
+            sender, msg.target, derived, deadline, key, msg.epoch, msg.cert
+        )
         self.metrics.pending_requests.set(len(self.pending))
         if msg.presign:
             nonce = self._signer(sender, key).presign()
@@ -307,7 +321,7 @@ class Participant:
                 pending.derived.is_xonly,
             )
             # Checked again: another request may have signed a conflicting checkpoint.
-            self.policy.check_history(pending.target, pending.derived.msg)
+            self.policy.check_history(pending.target, pending.derived.msg, pending.epoch)
             psig, next_pubnonce = self._signer(sender, pending.key).sign(request)
         except ConstellationError as exc:
             del self.pending[rid]
@@ -327,10 +341,12 @@ class Participant:
                 session_id=msg.session_id,
                 ids=list(msg.ids),
                 psig=psig.hex(),
+                epoch=pending.epoch,
+                cert=proto.encode_cert(pending.cert).hex() if pending.cert else "",
             )
         )
         self.metrics.audit_fsync.observe(time.perf_counter() - started)
-        self.policy.record(pending.target, pending.derived.msg)
+        self.policy.record(pending.target, pending.derived.msg, pending.epoch, pending.cert)
         self.metrics.partial_signatures.inc()
         await self.reply(sender, proto.Share(rid, msg.session_id, psig, next_pubnonce))
 

@@ -19,6 +19,11 @@ class SignerMetrics:
             ["outcome"],
             registry=r,
         )
+        self.epochs_moved = Counter(
+            "signer_checkpoint_epochs_moved",
+            "checkpoints asked again in a later epoch at their height (shares split)",
+            registry=r,
+        )
         self.sessions_started = Counter(
             "signer_sessions_started", "ROAST sessions started (coordinator)", registry=r
         )

@@ -214,6 +214,8 @@ class AuditEntry:
     session_id: int
     ids: list[int]
     psig: str
+    epoch: int = 0  # a checkpoint's epoch at its height
+    cert: str = ""  # above epoch 0: msgpack of the standings that let it in, hex
 
 
 def target_of(entry: dict[str, Any]) -> SignTarget:

@@ -6,7 +6,9 @@ the key the two that stay made (2 of 2), under a seeded fault schedule:
 
 * announcements lost, late and out of order; signing requests lost;
 * a signing session that fails after some signers released shares (they stay bound to
-  that checkpoint at its height);
+  that checkpoint at its height and epoch); a proposal refused by a signer bound to
+  another asks the signers' standings and goes on in the epoch they allow
+  (``constellation.guild.next_epoch``), as the signers' coordinator does;
 * members restarted from what they stored, the proposal they sent last included, their
   signers too, with what their audit log holds: every share released, lost or not (what
   a signer learned from evidence is gone);
@@ -26,8 +28,15 @@ from __future__ import annotations
 import hashlib
 import random
 
-from constellation.errors import RequestRefused
-from constellation.guild import Checkpoint, Purpose, SigningPolicy
+from constellation.errors import CheckpointBound, RequestRefused
+from constellation.guild import (
+    Checkpoint,
+    Purpose,
+    Quorum,
+    SigningPolicy,
+    Standing,
+    next_epoch,
+)
 from constellation.keys import SigningKey
 from constellation.lightclient import index as lc
 from constellation.lightclient import proof as pf
@@ -50,6 +59,8 @@ NEW_MEMBERS = pf.members_root(2, OPERATORS[:2])
 PIN = pf.Pin(GUILD, bytes(OLD.pubkey), FIRST_MEMBERS)
 SHARDS = [(o, w) for o in range(3) for w in range(2)]
 SIGNERS = {bytes(OLD.pubkey): [0, 1, 2], bytes(NEW.pubkey): [0, 1]}  # 2 of them sign
+IDENTITY = [SigningKey(hashlib.sha256(f"identity {i}".encode()).digest()) for i in range(3)]
+IDENTITIES = [bytes(k.pubkey) for k in IDENTITY]
 CADENCE, TAKEOVER, IDLE = 1000, 3000, 10_000
 ANNOUNCE_MS = 2000
 
@@ -60,7 +71,8 @@ class Member:
         self.up = True
         self.applied = 0  # blocks applied (a restart reads them again from its copies)
         self.stored: dict[int, Announced] = {}
-        self.audit: list[tuple[Checkpoint, bytes]] = []  # the shares its signer released
+        # the shares its signer released: checkpoint, message, epoch, certificate
+        self.audit: list[tuple[Checkpoint, bytes, int, list[Standing]]] = []
         self.policy = self.signer()
         self.announced_at = 0
         self.proposal: tuple[Checkpoint, Evidence] | None = None  # kept across restarts
@@ -68,9 +80,9 @@ class Member:
 
     def signer(self) -> SigningPolicy:
         """The signer's rules, as it starts: the shares in its audit log recorded."""
-        policy = SigningPolicy(GUILD, frozenset(Purpose))
-        for checkpoint, msg in self.audit:
-            policy.record(checkpoint, msg)
+        policy = SigningPolicy(GUILD, frozenset(Purpose), IDENTITIES)
+        for checkpoint, msg, epoch, cert in self.audit:
+            policy.record(checkpoint, msg, epoch, cert)
         return policy
 
     def fresh(self) -> Checkpointer:
@@ -217,12 +229,28 @@ class CheckpointSim:
         member.proposal = proposal
         checkpoint, evidence = proposal
         key = member.ck.signing_key(checkpoint.height)
-        shares = []
-        for s in self.rng.sample(SIGNERS[key], len(SIGNERS[key])):
-            if self.sign_share(s, checkpoint, evidence, key, faults):
-                shares.append(s)
-            if len(shares) == 2:
+        quorum = Quorum(tuple(SIGNERS[key]), 2)
+        epoch, cert = 0, list[Standing]()
+        for _ in range(3):
+            shares, bound = [], False
+            for s in self.rng.sample(SIGNERS[key], len(SIGNERS[key])):
+                answer = self.sign_share(s, checkpoint, evidence, key, faults, epoch, cert)
+                shares += [s] if answer is True else []
+                bound |= answer is CheckpointBound
+                if len(shares) == 2:
+                    break
+            if len(shares) == 2 or not bound:
                 break
+            standings = [
+                self.members[s].policy.standing(checkpoint.height, s, IDENTITY[s].secret)
+                for s in SIGNERS[key]
+                if self.members[s].up and not (faults and self.rng.random() < 0.1)
+            ]
+            found = next_epoch(GUILD, checkpoint.height, epoch, standings, quorum, IDENTITIES)
+            if found is None:
+                break
+            epoch, cert = found
+            self.log.append(f"{self.now}: member {m} asks at {checkpoint.height}/{epoch}")
         if len(shares) < 2 or (faults and self.rng.random() < 0.1):
             return  # too few, or the session failed after shares were released
         signer = OLD if key == bytes(OLD.pubkey) else NEW
@@ -241,9 +269,17 @@ class CheckpointSim:
         self.announce(m, announced)
 
     def sign_share(
-        self, s: int, checkpoint: Checkpoint, evidence: Evidence, key: bytes, faults: bool
-    ) -> bool:
-        """Signer ``s`` asked: its ledger vouches, its rules allow, it releases a share."""
+        self,
+        s: int,
+        checkpoint: Checkpoint,
+        evidence: Evidence,
+        key: bytes,
+        faults: bool,
+        epoch: int,
+        cert: list[Standing],
+    ) -> bool | type[CheckpointBound]:
+        """Signer ``s`` asked: its ledger vouches, its rules allow, it releases a share
+        (True); CheckpointBound where it is bound to another checkpoint there."""
         member = self.members[s]
         if not member.up or (faults and self.rng.random() < 0.1):
             return False
@@ -254,12 +290,15 @@ class CheckpointSim:
         self.keep(s, taken)
         if reason != "":
             return False
+        quorum = Quorum(tuple(SIGNERS[key]), 2)
         try:
-            derived = member.policy.check(checkpoint, b"\x02" + key)
+            derived = member.policy.check(checkpoint, b"\x02" + key, epoch, cert, quorum)
+        except CheckpointBound:
+            return CheckpointBound
         except RequestRefused:
             return False
-        member.policy.record(checkpoint, derived.msg)
-        member.audit.append((checkpoint, derived.msg))
+        member.policy.record(checkpoint, derived.msg, epoch, cert)
+        member.audit.append((checkpoint, derived.msg, epoch, cert))
         return True
 
     # -- what must hold --------------------------------------------------------------------

@@ -26,6 +26,7 @@ from constellation.guild import Checkpoint, OnchainSpend, Statement
 from constellation.protocol import lightclient as lc
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import ReplayGuard
+from services.signer.store import AuditEntry, AuditLog
 from services.signer.transport import Role, Transport, listen_subject, peer_subject, subject
 from tests.system.conftest import GuildFactory
 from tests.system.guild import Guild
@@ -116,18 +117,63 @@ async def test_signers_never_sign_conflicting_checkpoints_even_after_restart(
     fork = Checkpoint("test", 0, bytes(32), 0, b"b" * 32, bytes(32))
     refused = await guild.sign(fork)
     assert not refused.ok and refused.code == "signing.refused"
-    assert "signing.equivocation" in refused.error
+    assert "signing.checkpoint_bound" in refused.error
     for i in range(3):  # policy is rebuilt from the audit log
         guild.stop(i)
         guild.start(i)
     again = await guild.sign(fork, operator=2)
-    assert not again.ok and "signing.equivocation" in again.error
+    assert not again.ok and "signing.checkpoint_bound" in again.error
+    assert guild.metric(0, "signer_checkpoint_epochs_moved_total") == 0
     nxt = Checkpoint("test", 1, first.message(), 0, b"c" * 32, bytes(32))
     assert_valid(await guild.sign(nxt), nxt.message(), "checkpoint 1")
     wrong_guild = await guild.sign(Checkpoint("other", 5, b"x" * 32, 0, b"c" * 32, bytes(32)))
     assert not wrong_guild.ok and "not ours" in wrong_guild.error
     statement = await guild.sign(Statement("x" * 32))
     assert not statement.ok and "digest" in statement.error
+
+
+async def test_shares_split_at_one_height_go_on_in_the_next_epoch(
+    guild_factory: GuildFactory,
+) -> None:
+    """Each signer holds a share of a different checkpoint at height 0 (proposers took
+    over from each other and each session failed after one share), so none of them can
+    reach 2. One of them is signed in epoch 1, once the signers' standings show that
+    epoch 0 ended; no other checkpoint is signed at that height afterwards, after
+    restarts too (the audit log keeps the epochs)."""
+    guild = guild_factory(3)
+    assert (await guild.keygen(2)).ok
+    split = [Checkpoint("test", 0, bytes(32), 0, bytes([i]) * 32, bytes(32)) for i in range(4)]
+    for i in range(3):
+        guild.stop(i)
+        audit = AuditLog(Path(guild.net.signers[i].state_dir) / "audit.log")
+        audit.append(
+            AuditEntry(
+                audit.count,
+                0,
+                os.urandom(16).hex(),
+                i,
+                "checkpoint",
+                proto.encode_target(split[i]).hex(),
+                split[i].message().hex(),
+                0,
+                [0, 1],
+                bytes(32).hex(),
+            )
+        )
+        audit.close()
+        guild.start(i)
+    assert_valid(await guild.sign(split[1]), split[1].message(), "in epoch 1")
+    assert guild.metric(0, "signer_checkpoint_epochs_moved_total") == 1
+    assert "a checkpoint asked again in a later epoch" in guild.log(0)
+    for restarted in (False, True):
+        for i in range(3):
+            if restarted:
+                guild.stop(i)
+                guild.start(i)
+        for i, other in enumerate((split[0], split[2], split[3])):
+            refused = await guild.sign(other, operator=i)
+            assert not refused.ok and "signing.checkpoint_bound" in refused.error, refused.error
+        assert_valid(await guild.sign(split[1], operator=2), split[1].message(), "again")
 
 
 async def test_keygen_refuses_to_replace_a_share(guild_factory: GuildFactory) -> None:
