@@ -214,6 +214,8 @@ class Checkpointer:
                 return None
         if self.proposed_at is not None and now_ms - self.proposed_at < self.cadence_ms:
             return None
+        if self.proposal is not None and self.proposal[0].height > index.next_height:
+            return None  # restarted behind its own proposal: the heights below are signed
         if self.proposal is None or self.proposal[0].height != index.next_height:
             if at_rest and quiet < self.idle_ms:
                 return None
@@ -254,7 +256,8 @@ class Checkpointer:
     def resume(self, proposal: tuple[Checkpoint, Evidence]) -> None:
         """The proposal this member sent last before it restarted (its service keeps
         it): sent again unchanged while its height is the next, since signers that
-        released shares of it sign no other checkpoint at that height."""
+        released shares of it sign no other checkpoint at that height; none is made
+        below it (those heights were signed) while this index catches up."""
         self.proposal = proposal
 
     def restore(self, announced: Announced) -> None:

@@ -282,6 +282,35 @@ def test_a_restarted_proposer_sends_its_last_proposal_again() -> None:
     assert again is not None and again[0].height == 1
 
 
+def test_a_proposer_restarted_behind_its_last_proposal_proposes_none_below_it() -> None:
+    """Its index starts again below the height of the proposal it sent last (its stored
+    checkpoints end lower): it proposes nothing until it caught up, then that one
+    again. A proposal below would be refused anyway, and, sent, would have replaced the
+    one its own signer holds a share of: a second checkpoint of its own at that height
+    (found by ``--splits``, where only two of the key's three holders are left)."""
+    g = Guild()
+    g.pay()
+    g.catch_up(0, 0)
+    first = g.members[0].due(0)
+    assert first is not None
+    g.members[0].take(g.sign(first), 0)
+    g.pay()
+    g.catch_up(0, 0)
+    second = g.members[0].due(5000)
+    assert second is not None and second[0].height == 1
+    restarted = ck.Checkpointer(
+        lc.GuildIndex("guild", PIN.members, SHARDS), PIN, 0, CADENCE, TAKEOVER, IDLE
+    )
+    for owner, events in g.blocks:
+        restarted.index.apply(owner, events)
+    restarted.resume(second)
+    assert restarted.index.next_height == 0
+    assert restarted.due(10_000) is None and restarted.due(100_000) is None
+    restarted.take(g.sign(first), 100_000)
+    assert restarted.index.next_height == 1
+    assert restarted.due(200_000) == second
+
+
 def test_a_signer_whose_share_lost_at_a_height_signs_the_next_once_it_learns() -> None:
     """Two proposals at one height, one signed by the guild: a signer that released a
     share of the other refuses the next height until the next proposal's evidence
@@ -385,3 +414,11 @@ FOUND = [20547, 21297, 21691, 52463]
 def test_the_checkpoints_simulator_through_a_leave_and_its_handover(seed: int) -> None:
     """``python -m tests.sim --checkpoints --seeds N`` for a longer hunt."""
     CheckpointSim(seed).run()
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_the_checkpoints_simulator_with_shares_split_between_proposals(seed: int) -> None:
+    """Proposers take over sooner and sessions fail after one share: the shares of one
+    height split between proposals, and the signers go on in later epochs.
+    ``python -m tests.sim --checkpoints --splits --seeds N`` for a longer hunt."""
+    CheckpointSim(seed, splits=True).run()

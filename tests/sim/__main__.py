@@ -27,6 +27,9 @@ def main() -> int:
     parser.add_argument(
         "--checkpoints", action="store_true", help="the checkpoints through a key's handover"
     )
+    parser.add_argument(
+        "--splits", action="store_true", help="checkpoints: sessions fail after one share"
+    )
     args = parser.parse_args()
     seeds = [args.seed] if args.seed is not None else range(args.first, args.first + args.seeds)
     failed = []
@@ -34,8 +37,9 @@ def main() -> int:
     for seed in seeds:
         guild: Guild | LedgerGuild | CheckpointSim
         if args.checkpoints:
-            guild = CheckpointSim(seed)
-            replay = f".venv/bin/python -m tests.sim --checkpoints --seed {seed}"
+            guild = CheckpointSim(seed, splits=args.splits)
+            splits = " --splits" if args.splits else ""
+            replay = f".venv/bin/python -m tests.sim --checkpoints{splits} --seed {seed}"
         else:
             kind = LedgerGuild if args.ledger else Guild
             guild = kind(seed, operators=args.operators, change=args.change)

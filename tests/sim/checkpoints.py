@@ -9,6 +9,9 @@ the key the two that stay made (2 of 2), under a seeded fault schedule:
   that checkpoint at its height and epoch); a proposal refused by a signer bound to
   another asks the signers' standings and goes on in the epoch they allow
   (``constellation.guild.next_epoch``), as the signers' coordinator does;
+* with ``splits``, proposers that take over ten times sooner and sessions that fail
+  after one share, which split the shares of one height between proposals far more
+  often (``--splits``);
 * members restarted from what they stored, the proposal they sent last included, their
   signers too, with what their audit log holds: every share released, lost or not (what
   a signer learned from evidence is gone);
@@ -66,8 +69,9 @@ ANNOUNCE_MS = 2000
 
 
 class Member:
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, takeover_ms: int = TAKEOVER) -> None:
         self.rank = rank
+        self.takeover_ms = takeover_ms
         self.up = True
         self.applied = 0  # blocks applied (a restart reads them again from its copies)
         self.stored: dict[int, Announced] = {}
@@ -87,20 +91,23 @@ class Member:
 
     def fresh(self) -> Checkpointer:
         index = lc.GuildIndex(GUILD, FIRST_MEMBERS, SHARDS)
-        ck = Checkpointer(index, PIN, self.rank, CADENCE, TAKEOVER, IDLE)
+        ck = Checkpointer(index, PIN, self.rank, CADENCE, self.takeover_ms, IDLE)
         ck.signers = {key: (members, 2) for key, members in SIGNERS.items()}
         return ck
 
 
 class CheckpointSim:
-    def __init__(self, seed: int, steps: int = 500) -> None:
+    def __init__(self, seed: int, steps: int = 500, splits: bool = False) -> None:
         self.rng = random.Random(seed)
+        # ``splits``: proposers take over ten times sooner, and a session fails after one
+        # share now and then (a stream of its own: a seed without splits plays as always)
+        self.splits = random.Random(-1 - seed) if splits else None
         self.steps = steps
         self.calm = steps * 6 // 10  # no faults from this step on
         self.now = 0
         self.blocks: list[tuple[int, BlockEvents]] = []
         self.heights = dict.fromkeys(SHARDS, 0)
-        self.members = [Member(r) for r in range(3)]
+        self.members = [Member(r, TAKEOVER // 10 if splits else TAKEOVER) for r in range(3)]
         self.left = self.rng.randint(10, self.calm // 2)  # member 2 stops here
         self.hand = {m: self.rng.randint(self.left, self.calm) for m in (0, 1)}
         self.signed: dict[int, bytes] = {}  # the guild's one chain: height -> message
@@ -237,6 +244,9 @@ class CheckpointSim:
                 answer = self.sign_share(s, checkpoint, evidence, key, faults, epoch, cert)
                 shares += [s] if answer is True else []
                 bound |= answer is CheckpointBound
+                if self.splits and faults and shares and self.splits.random() < 0.3:
+                    self.log.append(f"{self.now}: member {m}'s session failed after a share")
+                    return
                 if len(shares) == 2:
                     break
             if len(shares) == 2 or not bound:
