@@ -218,20 +218,21 @@ MAX_EPOCH = 2**32 - 1
 
 class Standing(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
     """A signer's signed word on one checkpoint height: the ``epoch`` it is at there, and
-    the checkpoint (its message) it released shares for in that epoch (empty: none);
-    ``cert``, the standings at ``epoch - 1`` that let it into ``epoch`` (empty at epoch
-    0, and in a standing that is part of a certificate)."""
+    the checkpoint (its message) it released shares for in that epoch (empty: none)."""
 
     member: int
     height: int
     epoch: int
     msg: bytes
     sig: bytes  # BIP340, by the member's identity key, over ``standing_digest``
-    cert: list[Standing] = []
 
-    def bare(self) -> Standing:
-        """This standing without its certificate, as a certificate holds it."""
-        return msgspec.structs.replace(self, cert=[])
+
+class Stand(NamedTuple):
+    """A signer's standing, and the certificate it entered its epoch by (the standings
+    at the epoch below; empty at epoch 0)."""
+
+    standing: Standing
+    cert: list[Standing]
 
 
 def standing_digest(guild: str, member: int, height: int, epoch: int, msg: bytes) -> bytes:
@@ -248,10 +249,9 @@ def make_standing(
     height: int,
     epoch: int,
     msg: bytes,
-    cert: Sequence[Standing] = (),
 ) -> Standing:
     sig = schnorr_sign(secret, standing_digest(guild, member, height, epoch, msg))
-    return Standing(member, height, epoch, msg, sig, [c.bare() for c in cert])
+    return Standing(member, height, epoch, msg, sig)
 
 
 class Quorum(NamedTuple):
@@ -291,9 +291,11 @@ def epoch_ended(
     identity key. A malformed certificate raises RequestRefused."""
     said: dict[int, bytes] = {}
     for s in cert:
+        if s.epoch != epoch or s.member in said:
+            raise RequestRefused(
+                f"member {s.member}'s standing is not one of a certificate of epoch {epoch}"
+            )
         fault = _standing_fault(guild, s, height, quorum, identities)
-        if not fault and (s.epoch != epoch or s.cert or s.member in said):
-            fault = f"member {s.member}'s standing is not one of a certificate of epoch {epoch}"
         if fault:
             raise RequestRefused(fault)
         said[s.member] = s.msg
@@ -306,27 +308,29 @@ def next_epoch(
     guild: str,
     height: int,
     epoch: int,
-    standings: Sequence[Standing],
+    stands: Sequence[Stand],
     quorum: Quorum,
     identities: Sequence[bytes],
 ) -> tuple[int, list[Standing]] | None:
     """Where a coordinator whose checkpoint at ``height`` was refused in ``epoch`` asks
-    next, from the signers' ``standings`` there (untrusted: a bad one is left out): the
+    next, from the signers' ``stands`` there (untrusted: a bad one is left out): the
     highest epoch a signer entered, with the certificate it entered by; or the epoch
     above, where the standings at ``epoch`` show it ended. None: neither (a checkpoint
     of ``epoch`` can still be signed, or too few signers answered)."""
     good = {
-        s.member: s for s in standings if not _standing_fault(guild, s, height, quorum, identities)
+        s.standing.member: s
+        for s in stands
+        if not _standing_fault(guild, s.standing, height, quorum, identities)
     }
-    for s in sorted(good.values(), key=lambda s: -s.epoch):
+    for s, cert in sorted(good.values(), key=lambda s: -s.standing.epoch):
         if s.epoch <= epoch:
             break
         try:
-            if epoch_ended(guild, height, s.epoch - 1, s.cert, quorum, identities):
-                return s.epoch, s.cert
+            if epoch_ended(guild, height, s.epoch - 1, cert, quorum, identities):
+                return s.epoch, cert
         except RequestRefused:
             continue
-    at = [s.bare() for s in good.values() if s.epoch == epoch]
+    at = [s.standing for s in good.values() if s.standing.epoch == epoch]
     if epoch < MAX_EPOCH and epoch_ended(guild, height, epoch, at, quorum, identities):
         return epoch + 1, at
     return None
@@ -427,12 +431,12 @@ class SigningPolicy:
         if below is not None and below != target.prev_hash:
             raise Equivocation(f"checkpoint {height} does not extend the one signed below it")
 
-    def standing(self, height: int, member: int, secret: bytes) -> Standing:
+    def stand(self, height: int, member: int, secret: bytes) -> Stand:
         """This signer's standing at ``height``, signed with its identity key
-        ``secret`` (it is ``member``)."""
+        ``secret`` (it is ``member``), and how it entered its epoch there."""
         epoch, cert = self.epochs.get(height, (0, []))
         msg = self.checkpoints.get(height, b"")
-        return make_standing(secret, self.guild, member, height, epoch, msg, cert)
+        return Stand(make_standing(secret, self.guild, member, height, epoch, msg), cert)
 
     def learn(self, signed: Checkpoint, key: bytes) -> None:
         """The guild signed ``signed`` with ``key`` (x-only; the signature checked by
@@ -464,6 +468,6 @@ class SigningPolicy:
         if isinstance(target, Checkpoint):
             self.checkpoints[target.height] = msg
             if epoch > self.epochs.get(target.height, (0, []))[0]:
-                self.epochs[target.height] = epoch, [c.bare() for c in cert]
+                self.epochs[target.height] = epoch, list(cert)
             if target.next_key:
                 self.handovers[target.height] = target.next_key

@@ -17,6 +17,7 @@ from constellation.guild import (
     Purpose,
     Quorum,
     SigningPolicy,
+    Stand,
     Standing,
     Statement,
     epoch_ended,
@@ -48,8 +49,8 @@ def share(
     policy.record(target, derived.msg, epoch, cert)
 
 
-def standings(policies: list[SigningPolicy], members: list[int]) -> list[Standing]:
-    return [policies[i].standing(HEIGHT, i, IDENTITY[i].secret) for i in members]
+def stands(policies: list[SigningPolicy], members: list[int]) -> list[Stand]:
+    return [policies[i].stand(HEIGHT, i, IDENTITY[i].secret) for i in members]
 
 
 def test_a_three_way_split_moves_to_the_next_epoch_and_one_checkpoint_is_signed_there() -> None:
@@ -60,8 +61,8 @@ def test_a_three_way_split_moves_to_the_next_epoch_and_one_checkpoint_is_signed_
     for i in range(3):
         with pytest.raises(CheckpointBound):
             policies[i].check(proposal(3), GUILD_PK, 0, [], q)
-    assert next_epoch(GUILD, HEIGHT, 0, standings(policies, [0, 1]), q, IDENTITIES) is None
-    found = next_epoch(GUILD, HEIGHT, 0, standings(policies, [0, 1, 2]), q, IDENTITIES)
+    assert next_epoch(GUILD, HEIGHT, 0, stands(policies, [0, 1]), q, IDENTITIES) is None
+    found = next_epoch(GUILD, HEIGHT, 0, stands(policies, [0, 1, 2]), q, IDENTITIES)
     assert found is not None and found[0] == 1
     epoch, cert = found
     with pytest.raises(RequestRefused, match="no certificate"):
@@ -74,12 +75,12 @@ def test_a_three_way_split_moves_to_the_next_epoch_and_one_checkpoint_is_signed_
             policies[0].check(target, GUILD_PK, 1, cert, q)
         with pytest.raises(CheckpointBound):
             policies[1].check(target, GUILD_PK, 0, [], q)
-    everyone = standings(policies, [0, 1, 2])
+    everyone = stands(policies, [0, 1, 2])
     moved = next_epoch(GUILD, HEIGHT, 0, everyone, q, IDENTITIES)  # to where the top is
     assert moved is not None and moved[0] == 1
     assert next_epoch(GUILD, HEIGHT, 1, everyone, q, IDENTITIES) is None  # it holds there
     # The signer left behind in epoch 0 is shown the way to epoch 1 and joins there.
-    top = next(s for s in everyone if s.epoch == 1)
+    top = next(s for s in everyone if s.standing.epoch == 1)
     assert epoch_ended(GUILD, HEIGHT, 0, top.cert, q, IDENTITIES)
     share(policies[2], proposal(3), 1, top.cert, q)
 
@@ -90,11 +91,11 @@ def test_a_checkpoint_that_can_still_be_signed_leaves_no_certificate() -> None:
     share(policies[0], proposal(1), 0, [], q)
     share(policies[1], proposal(1), 0, [], q)
     share(policies[2], proposal(2), 0, [], q)
-    assert next_epoch(GUILD, HEIGHT, 0, standings(policies, [0, 1, 2]), q, IDENTITIES) is None
+    assert next_epoch(GUILD, HEIGHT, 0, stands(policies, [0, 1, 2]), q, IDENTITIES) is None
     policies = signers(3)  # one share of checkpoint 1; signer 2 shared none
     share(policies[0], proposal(1), 0, [], q)
     share(policies[1], proposal(2), 0, [], q)
-    assert next_epoch(GUILD, HEIGHT, 0, standings(policies, [0, 1, 2]), q, IDENTITIES) is None
+    assert next_epoch(GUILD, HEIGHT, 0, stands(policies, [0, 1, 2]), q, IDENTITIES) is None
 
 
 def test_bad_certificates_are_refused() -> None:
@@ -102,12 +103,12 @@ def test_bad_certificates_are_refused() -> None:
     policies = signers(3)
     for i in range(3):
         share(policies[i], proposal(i), 0, [], q)
-    good = standings(policies, [0, 1, 2])
+    good = [s.standing for s in stands(policies, [0, 1, 2])]
     assert epoch_ended(GUILD, HEIGHT, 0, good, q, IDENTITIES)
     forged = make_standing(IDENTITY[3].secret, GUILD, 2, HEIGHT, 0, proposal(2).message())
     stranger = make_standing(IDENTITY[3].secret, GUILD, 3, HEIGHT, 0, proposal(3).message())
     elsewhere = make_standing(IDENTITY[2].secret, GUILD, 2, HEIGHT + 1, 0, bytes(32))
-    later = make_standing(IDENTITY[2].secret, GUILD, 2, HEIGHT, 1, bytes(32), good)
+    later = make_standing(IDENTITY[2].secret, GUILD, 2, HEIGHT, 1, bytes(32))
     bad = {
         "badly signed": [*good[:2], forged],
         "not one of the key's signers": [*good[:2], stranger],
@@ -121,7 +122,8 @@ def test_bad_certificates_are_refused() -> None:
             fresh.check(proposal(3), GUILD_PK, 1, cert, q)
     with pytest.raises(RequestRefused, match="certificate of epoch 1"):
         fresh.check(proposal(3), GUILD_PK, 2, good, q)
-    assert next_epoch(GUILD, HEIGHT, 0, [*good[:2], forged], q, IDENTITIES) is None
+    said = [Stand(s, []) for s in [*good[:2], forged]]
+    assert next_epoch(GUILD, HEIGHT, 0, said, q, IDENTITIES) is None
     with pytest.raises(RequestRefused, match="only a checkpoint"):
         fresh.check(Statement("hi there"), GUILD_PK, 1, good, q)
 
@@ -162,10 +164,10 @@ def test_one_checkpoint_per_height_whatever_coordinators_ask(
     for signer, which, epoch, listen in steps:
         i = signer % n
         if listen:  # every signer's standing, as a coordinator gathers them
-            for s in standings(policies, list(range(n))):
+            for s, _ in stands(policies, list(range(n))):
                 heard[(s.member, s.epoch)] = s
             continue
-        cert = [s.bare() for (_, e), s in heard.items() if e == epoch - 1]
+        cert = [s for (_, e), s in heard.items() if e == epoch - 1]
         target = proposal(which)
         try:
             share(policies[i], target, epoch, cert, q)
@@ -174,18 +176,18 @@ def test_one_checkpoint_per_height_whatever_coordinators_ask(
         shares.setdefault((epoch, target.message()), set()).add(i)
         signable = {msg for (_, msg), who in shares.items() if len(who) >= q.t}
         assert len(signable) <= 1, f"two checkpoints at one height: {steps}"
-    everyone = standings(policies, list(range(n)))
-    top = max(s.epoch for s in everyone)
+    everyone = stands(policies, list(range(n)))
+    top = max(s.standing.epoch for s in everyone)
     found = next_epoch(GUILD, HEIGHT, top, everyone, q, IDENTITIES)
     if found is not None:
         epoch, cert, want = found[0], found[1], proposal(9)
     else:  # a checkpoint of the top epoch can still get t shares: ask for it there
-        at_top = [s for s in everyone if s.epoch == top and s.msg]
+        at_top = [s for s, _ in everyone if s.epoch == top and s.msg]
         counts = {m: sum(s.msg == m for s in at_top) for m in {s.msg for s in at_top}}
         best = max(counts, key=lambda m: counts[m], default=b"")
         want = next((proposal(k) for k in range(4) if proposal(k).message() == best), proposal(9))
         epoch = top
-        cert = next((s.cert for s in everyone if s.epoch == top), [])
+        cert = next((c for s, c in everyone if s.epoch == top), [])
     took = 0
     for i in range(n):
         try:

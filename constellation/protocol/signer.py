@@ -78,10 +78,12 @@ class StandingAsk(_Msg, frozen=True, tag="sign.standing_ask"):
 
 
 class StandingSaid(_Msg, frozen=True, tag="sign.standing"):
-    """Signer -> coordinator: its signed standing at the height asked."""
+    """Signer -> coordinator: its signed standing at the height asked, and the
+    certificate it entered its epoch there by."""
 
     request_id: bytes
     standing: Standing
+    cert: list[Standing]
 
 
 class SignDone(_Msg, frozen=True, tag="sign.done"):

@@ -24,7 +24,15 @@ from constellation.errors import (
     RequestRefused,
     UnknownNonce,
 )
-from constellation.guild import Checkpoint, Derived, SignTarget, Standing, derive, next_epoch
+from constellation.guild import (
+    Checkpoint,
+    Derived,
+    SignTarget,
+    Stand,
+    Standing,
+    derive,
+    next_epoch,
+)
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import Membership
 from services.signer.handlers import FINISHED_MEMORY, Key
@@ -61,7 +69,7 @@ class _Standings:
     """The standings gathered for one refused checkpoint, by member."""
 
     members: tuple[int, ...]
-    said: dict[int, Standing] = field(default_factory=dict)
+    said: dict[int, Stand] = field(default_factory=dict)
     complete: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -245,7 +253,7 @@ class Coordinator:
         if gathering is None or sender not in gathering.members or msg.standing.member != sender:
             self.metrics.rejected_messages.labels("protocol.unexpected").inc()
             return
-        gathering.said[sender] = msg.standing
+        gathering.said[sender] = Stand(msg.standing, msg.cert)
         if len(gathering.said) == len(gathering.members):
             gathering.complete.set()
 

@@ -190,9 +190,9 @@ class Participant:
             await self._sign_session(sender, msg)
         elif isinstance(msg, proto.SignDone):
             self._sign_done(sender, msg)
-        elif isinstance(msg, proto.StandingAsk):
-            standing = self.policy.standing(msg.height, self.me, self.hostseckey)
-            await self.reply(sender, proto.StandingSaid(msg.request_id, standing))
+        elif isinstance(msg, proto.StandingAsk) and 0 <= msg.height < 2**64:
+            stand = self.policy.stand(msg.height, self.me, self.hostseckey)
+            await self.reply(sender, proto.StandingSaid(msg.request_id, *stand))
         elif isinstance(msg, proto.DkgStart):
             await self._dkg_start(sender, msg)
         elif isinstance(msg, proto.DkgCoord1 | proto.DkgCoord2):

@@ -251,12 +251,12 @@ class CheckpointSim:
                     break
             if len(shares) == 2 or not bound:
                 break
-            standings = [
-                self.members[s].policy.standing(checkpoint.height, s, IDENTITY[s].secret)
+            stands = [
+                self.members[s].policy.stand(checkpoint.height, s, IDENTITY[s].secret)
                 for s in SIGNERS[key]
                 if self.members[s].up and not (faults and self.rng.random() < 0.1)
             ]
-            found = next_epoch(GUILD, checkpoint.height, epoch, standings, quorum, IDENTITIES)
+            found = next_epoch(GUILD, checkpoint.height, epoch, stands, quorum, IDENTITIES)
             if found is None:
                 break
             epoch, cert = found
