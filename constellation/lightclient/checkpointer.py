@@ -50,8 +50,9 @@ proposal's evidence (``signed_below``), and signs above it; where the lost propo
 a handover, it forgets it (after a restart too, from a proposal higher up: its audit log
 gives back every share it released). Two proposals at one height each holding a share
 of the only signers left (a takeover raced just before a member left) stay unsigned: a
-member leaves once no share is out for an unsigned checkpoint (``tests.sim.checkpoints``
-drives these rules through faults).
+member leaves once no share is out for an unsigned checkpoint, and once the members that
+stay took the last one signed, of which it may hold the only copy
+(``tests.sim.checkpoints`` drives these rules through faults).
 """
 
 from __future__ import annotations

@@ -156,11 +156,14 @@ class CheckpointSim:
     # -- the world ------------------------------------------------------------------------
 
     def settled(self) -> bool:
-        """No signer released a share above the last checkpoint signed: a leaver goes
-        only then, since its share may be the one that decides between two proposals
-        at one height (each with one share of the two that stay, which sign no other)."""
+        """No signer released a share above the last checkpoint signed, and the members
+        that stay took that one: a leaver goes only then, since its share may be the one
+        that decides between two proposals at one height (each with one share of the two
+        that stay, which sign no other), and it may hold the only copy of the last
+        checkpoint signed (its own, its announcement lost)."""
         top = max(self.signed, default=-1)
-        return not any(h > top for m in self.members for h in m.policy.checkpoints)
+        took = all(self.members[m].ck.index.next_height > top for m in (0, 1))
+        return took and not any(h > top for m in self.members for h in m.policy.checkpoints)
 
     def pay(self) -> None:
         self.blocks.append(issuance(self.rng, self.heights))
