@@ -109,6 +109,7 @@ class CheckpointSim:
         self.heights = dict.fromkeys(SHARDS, 0)
         self.members = [Member(r, TAKEOVER // 10 if splits else TAKEOVER) for r in range(3)]
         self.left = self.rng.randint(10, self.calm // 2)  # member 2 stops here
+        self.gone = False  # member 2 left (it was only down before)
         self.hand = {m: self.rng.randint(self.left, self.calm) for m in (0, 1)}
         self.signed: dict[int, bytes] = {}  # the guild's one chain: height -> message
         self.key_at: dict[int, bytes] = {}
@@ -125,6 +126,7 @@ class CheckpointSim:
                 self.pay()
             if step >= self.left and self.members[2].up and self.settled():
                 self.left = step
+                self.gone = True
                 self.members[2].up = False
                 self.back.pop(2, None)
                 self.log.append(f"{self.now}: member 2 left")
@@ -134,7 +136,7 @@ class CheckpointSim:
                     self.restart(m)
             for m in (0, 1):  # what each operator's key plan tells its indexer
                 member = self.members[m]
-                if not self.members[2].up and member.up:
+                if self.gone and member.up:
                     member.ck.signers[bytes(OLD.pubkey)] = [0, 1], 2  # 2 signs no more
                 if step >= self.hand[m] and member.up:
                     member.ck.handover = bytes(NEW.pubkey), NEW_MEMBERS
