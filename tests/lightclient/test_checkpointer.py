@@ -66,6 +66,22 @@ class Guild:
             pf.SignedCheckpoint(checkpoint, KEY.sign(checkpoint.message())), evidence.entries
         )
 
+    def signed_then_next(
+        self, now: int
+    ) -> tuple[tuple[Checkpoint, ck.Evidence], tuple[Checkpoint, ck.Evidence]]:
+        """Member 0 proposes checkpoint 0, takes it signed, and proposes checkpoint 1 at
+        ``now`` (after a payment each)."""
+        self.pay()
+        self.catch_up(0, 0)
+        first = self.members[0].due(0)
+        assert first is not None
+        self.members[0].take(self.sign(first), 0)
+        self.pay()
+        self.catch_up(0, now)
+        second = self.members[0].due(now)
+        assert second is not None
+        return first, second
+
 
 def test_member_zero_proposes_and_the_others_vouch_once_they_reached_its_heights() -> None:
     g = Guild()
@@ -157,15 +173,7 @@ def test_a_guild_at_rest_checkpoints_only_every_idle_period() -> None:
 
 def test_a_member_that_missed_a_checkpoint_takes_it_from_the_next_proposal() -> None:
     g = Guild()
-    g.pay()
-    g.catch_up(0, 0)
-    first = g.members[0].due(0)
-    assert first is not None
-    g.members[0].take(g.sign(first), 0)
-    g.pay()
-    g.catch_up(0, 1000)
-    second = g.members[0].due(1000)
-    assert second is not None
+    first, second = g.signed_then_next(1000)
     g.catch_up(2, 1000)  # member 2 never heard that checkpoint 0 was signed
     assert g.members[2].index.next_height == 0
     reason, taken = g.members[2].vouch(*second, 1000)

@@ -289,15 +289,8 @@ def test_a_proposer_restarted_behind_its_last_proposal_proposes_none_below_it() 
     one its own signer holds a share of: a second checkpoint of its own at that height
     (found by ``--splits``, where only two of the key's three holders are left)."""
     g = Guild()
-    g.pay()
-    g.catch_up(0, 0)
-    first = g.members[0].due(0)
-    assert first is not None
-    g.members[0].take(g.sign(first), 0)
-    g.pay()
-    g.catch_up(0, 0)
-    second = g.members[0].due(5000)
-    assert second is not None and second[0].height == 1
+    first, second = g.signed_then_next(5000)
+    assert second[0].height == 1
     restarted = ck.Checkpointer(
         lc.GuildIndex("guild", PIN.members, SHARDS), PIN, 0, CADENCE, TAKEOVER, IDLE
     )
