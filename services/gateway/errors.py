@@ -92,6 +92,7 @@ STATUS: dict[str, int] = {
     e.NonceReuse.code: 409,
     e.RequestRefused.code: 403,
     e.Equivocation.code: 409,
+    e.CheckpointBound.code: 409,
     e.DKGError.code: 400,
     e.HostSeckeyError.code: 400,
     e.RandomnessError.code: 400,
