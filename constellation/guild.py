@@ -218,7 +218,9 @@ MAX_EPOCH = 2**32 - 1
 
 class Standing(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
     """A signer's signed word on one checkpoint height: the ``epoch`` it is at there, and
-    the checkpoint (its message) it released shares for in that epoch (empty: none)."""
+    the checkpoint (its message) it released shares for in that epoch (empty: none), or
+    the one it learned the guild signed there (``SigningPolicy.learn``: the height is
+    decided, and a standing naming its checkpoint only keeps an epoch from ending)."""
 
     member: int
     height: int
@@ -269,7 +271,7 @@ def _standing_fault(
     if s.member not in quorum.holders or s.member >= len(identities):
         return f"a standing of member {s.member}, not one of the key's signers"
     if s.height != height or not 0 <= s.epoch <= MAX_EPOCH or len(s.msg) not in (0, 32):
-        return f"member {s.member}'s standing is not one at height {height}"
+        return f"member {s.member}'s standing is malformed or not one at height {height}"
     digest = standing_digest(guild, s.member, height, s.epoch, s.msg)
     if not schnorr_verify(identities[s.member], digest, s.sig):
         return f"member {s.member}'s standing is badly signed"
@@ -356,9 +358,12 @@ class SigningPolicy:
     ``e`` holds ``t`` shares released there; each of those signers gave no standing at
     ``e`` or one naming that checkpoint, so no certificate of ``e`` exists; no signer
     enters ``e + 1``, and none a later epoch (a standing naming a checkpoint at ``e + 1``
-    comes from a signer that entered it). Liveness: with every signer's standing at the
-    top epoch, either a checkpoint there can still get ``t`` shares (its own and those
-    of the signers bound to none) or the standings are the certificate.
+    comes from a signer that entered it). A signer that holds several keys enters an
+    epoch only where it ended for each of them: a checkpoint signed by any key it holds
+    stops it. Liveness: with every signer's standing at the top epoch, either a
+    checkpoint there can still get ``t`` shares (its own and those of the signers bound
+    to none) or the standings are the certificate; between a key's making and the old
+    key's retirement, the old key's signers must all answer too.
     ``identities`` are the members' x-only identity keys, by member index.
     """
 
@@ -380,11 +385,14 @@ class SigningPolicy:
         thresh_pk: bytes,
         epoch: int = 0,
         cert: Sequence[Standing] = (),
-        quorum: Quorum | None = None,
+        quorums: Sequence[Quorum] = (),
     ) -> Derived:
         """Derive the request's message and apply every rule (raises RequestRefused).
         A checkpoint in an ``epoch`` above 0 comes with the ``cert`` that the one below
-        ended, among ``quorum`` (the signers of its key)."""
+        ended among the signers of every key this signer signs with (``quorums``, the
+        request's among them): a signer's binding at a height holds for all its keys,
+        so an epoch ended for one key only (two keys are usable between a key's making
+        and the old one's retirement) could let the other sign a second checkpoint."""
         derived = derive(target, thresh_pk)
         if derived.purpose not in self.allowed:
             raise RequestRefused(f"this signer does not sign {derived.purpose} requests")
@@ -402,9 +410,21 @@ class SigningPolicy:
             )
         if not 0 <= epoch <= MAX_EPOCH:
             raise RequestRefused("epoch out of range")
-        if epoch > 0 and (
-            quorum is None
-            or not epoch_ended(self.guild, target.height, epoch - 1, cert, quorum, self.identities)
+        if epoch == 0 and cert:
+            raise RequestRefused("a certificate comes only with an epoch above 0")
+        if epoch > 0 and not (
+            quorums
+            and all(
+                epoch_ended(
+                    self.guild,
+                    target.height,
+                    epoch - 1,
+                    [c for c in cert if c.member in q.holders],
+                    q,
+                    self.identities,
+                )
+                for q in quorums
+            )
         ):
             raise RequestRefused(f"no certificate that epoch {epoch - 1} ended")
         self.check_history(target, derived.msg, epoch)

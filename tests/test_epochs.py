@@ -28,7 +28,7 @@ from constellation.keys import SigningKey
 
 GUILD = "g"
 GUILD_PK = PublicKey.from_secret(b"\x11" * 32).format()
-IDENTITY = [SigningKey(hashlib.sha256(b"identity %d" % i).digest()) for i in range(4)]
+IDENTITY = [SigningKey(hashlib.sha256(b"identity %d" % i).digest()) for i in range(5)]
 IDENTITIES = [bytes(k.pubkey) for k in IDENTITY]
 HEIGHT = 4
 
@@ -45,7 +45,7 @@ def share(
     policy: SigningPolicy, target: Checkpoint, epoch: int, cert: list[Standing], q: Quorum
 ) -> None:
     """The signer checks the request and releases a share (records it)."""
-    derived = policy.check(target, GUILD_PK, epoch, cert, q)
+    derived = policy.check(target, GUILD_PK, epoch, cert, [q])
     policy.record(target, derived.msg, epoch, cert)
 
 
@@ -60,21 +60,21 @@ def test_a_three_way_split_moves_to_the_next_epoch_and_one_checkpoint_is_signed_
         share(policies[i], proposal(i), 0, [], q)
     for i in range(3):
         with pytest.raises(CheckpointBound):
-            policies[i].check(proposal(3), GUILD_PK, 0, [], q)
+            policies[i].check(proposal(3), GUILD_PK, 0, [], [q])
     assert next_epoch(GUILD, HEIGHT, 0, stands(policies, [0, 1]), q, IDENTITIES) is None
     found = next_epoch(GUILD, HEIGHT, 0, stands(policies, [0, 1, 2]), q, IDENTITIES)
     assert found is not None and found[0] == 1
     epoch, cert = found
     with pytest.raises(RequestRefused, match="no certificate"):
-        policies[0].check(proposal(3), GUILD_PK, 1, cert[:2], q)
+        policies[0].check(proposal(3), GUILD_PK, 1, cert[:2], [q])
     share(policies[0], proposal(3), epoch, cert, q)
     share(policies[1], proposal(3), epoch, cert, q)  # t shares: checkpoint 3 can be signed
     # No other checkpoint at this height: not in epoch 1, nor below it, nor above it.
     for target in (proposal(0), proposal(2)):
         with pytest.raises(CheckpointBound):
-            policies[0].check(target, GUILD_PK, 1, cert, q)
+            policies[0].check(target, GUILD_PK, 1, cert, [q])
         with pytest.raises(CheckpointBound):
-            policies[1].check(target, GUILD_PK, 0, [], q)
+            policies[1].check(target, GUILD_PK, 0, [], [q])
     everyone = stands(policies, [0, 1, 2])
     moved = next_epoch(GUILD, HEIGHT, 0, everyone, q, IDENTITIES)  # to where the top is
     assert moved is not None and moved[0] == 1
@@ -111,7 +111,7 @@ def test_bad_certificates_are_refused() -> None:
     later = make_standing(IDENTITY[2].secret, GUILD, 2, HEIGHT, 1, bytes(32))
     bad = {
         "badly signed": [*good[:2], forged],
-        "not one of the key's signers": [*good[:2], stranger],
+        "no certificate that epoch 0 ended": [*good[:2], stranger],  # not counted
         "not one at height 4": [*good[:2], elsewhere],
         "not one of a certificate of epoch 0": [*good[:2], later],
         "member 2's standing is not one of a certificate": [*good, good[2]],
@@ -119,13 +119,15 @@ def test_bad_certificates_are_refused() -> None:
     fresh = signers(1)[0]
     for why, cert in bad.items():
         with pytest.raises(RequestRefused, match=why):
-            fresh.check(proposal(3), GUILD_PK, 1, cert, q)
+            fresh.check(proposal(3), GUILD_PK, 1, cert, [q])
     with pytest.raises(RequestRefused, match="certificate of epoch 1"):
-        fresh.check(proposal(3), GUILD_PK, 2, good, q)
+        fresh.check(proposal(3), GUILD_PK, 2, good, [q])
     said = [Stand(s, []) for s in [*good[:2], forged]]
     assert next_epoch(GUILD, HEIGHT, 0, said, q, IDENTITIES) is None
+    with pytest.raises(RequestRefused, match="only with an epoch above 0"):
+        fresh.check(proposal(3), GUILD_PK, 0, good, [q])
     with pytest.raises(RequestRefused, match="only a checkpoint"):
-        fresh.check(Statement("hi there"), GUILD_PK, 1, good, q)
+        fresh.check(Statement("hi there"), GUILD_PK, 1, good, [q])
 
 
 def test_what_the_guild_signed_at_a_height_binds_in_every_epoch() -> None:
@@ -138,8 +140,32 @@ def test_what_the_guild_signed_at_a_height_binds_in_every_epoch() -> None:
         for i in range(3)
     ]
     with pytest.raises(Equivocation, match="guild signed another"):
-        policy.check(proposal(2), GUILD_PK, 1, cert, q)
-    policy.check(proposal(1), GUILD_PK, 1, cert, q)
+        policy.check(proposal(2), GUILD_PK, 1, cert, [q])
+    policy.check(proposal(1), GUILD_PK, 1, cert, [q])
+
+
+def test_an_epoch_ends_for_every_key_a_signer_holds_or_for_none() -> None:
+    """Between a key's making and the old key's retirement a signer signs with both,
+    and its binding at a height holds for both: a certificate that ends an epoch for
+    the new key's signers only would let the old key sign a second checkpoint there
+    (the old key 3 of members 0..4, the new one 3 of 0..3 after member 4 left)."""
+    old, new = GUILD_PK, PublicKey.from_secret(b"\x22" * 32).format()
+    q_old, q_new = Quorum((0, 1, 2, 3, 4), 3), Quorum((0, 1, 2, 3), 3)
+    policies = signers(5)
+    signed = proposal(7)
+    for i in (2, 3, 4):  # the old key signs checkpoint 7 in epoch 0
+        derived = policies[i].check(signed, old, 0, [], [q_old])
+        policies[i].record(signed, derived.msg, 0, [])
+    for i in (0, 1):
+        derived = policies[i].check(proposal(i), old, 0, [], [q_old, q_new])
+        policies[i].record(proposal(i), derived.msg, 0, [])
+    cert = [policies[i].stand(HEIGHT, i, IDENTITY[i].secret).standing for i in range(4)]
+    assert epoch_ended(GUILD, HEIGHT, 0, cert, q_new, IDENTITIES)  # for the new key only
+    for i in range(4):
+        with pytest.raises(RequestRefused, match="no certificate that epoch 0 ended"):
+            policies[i].check(proposal(10 + i), new, 1, cert, [q_old, q_new])
+    everyone = [*cert, policies[4].stand(HEIGHT, 4, IDENTITY[4].secret).standing]
+    assert not epoch_ended(GUILD, HEIGHT, 0, everyone, q_old, IDENTITIES)
 
 
 @settings(max_examples=300, deadline=None)

@@ -237,7 +237,8 @@ class Participant:
                 below = signed_below(msg.target, msg.evidence, keys)
                 if below is not None:
                     self.policy.learn(*below)
-            derived = self.policy.check(msg.target, key.pubkey, msg.epoch, msg.cert, key.quorum)
+            quorums = [k.quorum for k in self.usable()]
+            derived = self.policy.check(msg.target, key.pubkey, msg.epoch, msg.cert, quorums)
         except ConstellationError as exc:
             await self._refuse(sender, rid, exc)
             return

@@ -72,6 +72,7 @@ class Member:
     def __init__(self, rank: int, takeover_ms: int = TAKEOVER) -> None:
         self.rank = rank
         self.takeover_ms = takeover_ms
+        self.retired = False  # its signer signs with the new key only (its keystore says)
         self.up = True
         self.applied = 0  # blocks applied (a restart reads them again from its copies)
         self.stored: dict[int, Announced] = {}
@@ -140,6 +141,8 @@ class CheckpointSim:
                     member.ck.signers[bytes(OLD.pubkey)] = [0, 1], 2  # 2 signs no more
                 if step >= self.hand[m] and member.up:
                     member.ck.handover = bytes(NEW.pubkey), NEW_MEMBERS
+                if member.up and member.ck.pin.handed >= 0:
+                    member.retired = True  # handed over: the old key retired
             if faults and self.rng.random() < 0.03:
                 m = self.rng.choice([0, 1] if step >= self.left else [0, 1, 2])
                 self.members[m].up = False
@@ -305,9 +308,14 @@ class CheckpointSim:
         self.keep(s, taken)
         if reason != "":
             return False
-        quorum = Quorum(tuple(SIGNERS[key]), 2)
+        # every key its signer signs with: both until the old one retired (not member 2)
+        keys = [k for k, holders in SIGNERS.items() if s in holders]
+        keys = [bytes(NEW.pubkey)] if member.retired else keys
+        if key not in keys:
+            return False
+        quorums = [Quorum(tuple(SIGNERS[k]), 2) for k in keys]
         try:
-            derived = member.policy.check(checkpoint, b"\x02" + key, epoch, cert, quorum)
+            derived = member.policy.check(checkpoint, b"\x02" + key, epoch, cert, quorums)
         except CheckpointBound:
             return CheckpointBound
         except RequestRefused:
