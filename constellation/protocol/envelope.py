@@ -84,6 +84,7 @@ class Membership:
         self.guild = guild
         self.hostpubkeys = tuple(hostpubkeys)
         self.index = {pk: i for i, pk in enumerate(self.hostpubkeys)}
+        self.identities = tuple(pk[1:] for pk in self.hostpubkeys)  # x-only, by index
         if len(self.index) != len(self.hostpubkeys):
             raise ValueError("a host public key appears twice in the membership")
 

@@ -56,11 +56,7 @@ class SignerNode:
             self.hostseckey,
             self.keystore,
             self.audit,
-            SigningPolicy(
-                self.members.guild,
-                settings.purposes,
-                [pk[1:] for pk in self.members.hostpubkeys],
-            ),
+            SigningPolicy(self.members.guild, settings.purposes, self.members.identities),
             self.metrics,
             lambda idx, msg: self.send(Role.COORD, idx, msg),
             settings.max_requests,

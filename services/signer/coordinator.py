@@ -244,9 +244,9 @@ class Coordinator:
                 await asyncio.wait_for(gathering.complete.wait(), STANDING_WAIT_S)
         finally:
             del self.standings[rid]
-        identities = [pk[1:] for pk in self.members.hostpubkeys]
         said = list(gathering.said.values())
-        return next_epoch(self.members.guild, height, epoch, said, key.quorum, identities)
+        m = self.members
+        return next_epoch(m.guild, height, epoch, said, key.quorum, m.identities)
 
     def _on_standing(self, sender: int, msg: proto.StandingSaid) -> None:
         gathering = self.standings.get(msg.request_id)
