@@ -344,7 +344,7 @@ async def test_two_mint_processes_and_kill_9_lose_no_proof_and_sign_nothing_twic
                 committed.append(inputs)
         # every proof is spent by exactly one committed swap, or by none and unspent
         spenders = Counter(p.secret for inputs in committed for p in inputs)
-        assert max(spenders.values()) == 1, "a proof spent by two committed swaps"
+        assert max(spenders.values(), default=0) <= 1, "a proof spent by two committed swaps"
         for proof, state in zip(proofs, await first.states(proofs), strict=True):
             assert (state == "SPENT") == (proof.secret in spenders), (proof.amount, state)
         codes = Counter(code for *_, code in sent)
