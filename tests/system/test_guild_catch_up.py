@@ -165,5 +165,5 @@ def payment_in(work: Workload, worker: int, workers: int) -> Transaction:
         src, cid, coin, tx = made
         if all(owners[partition_of(c)] == worker for c in (cid, *tx.output_ids)):
             return tx
-        src.coins[cid] = coin  # kept for another try
+        src.coins = {cid: coin, **src.coins}  # kept, first: the next try takes another coin
     raise AssertionError(f"no payment inside worker {worker}'s shard")
