@@ -669,6 +669,24 @@ def a_swap(secret: str = "") -> tuple[m.Spend, m.Outputs, nut.SwapRequest]:
     return m.Spend(ys, 2, 0, "sat"), checked, nut.SwapRequest(inputs, outputs)
 
 
+def hold_groups(store: MintStore) -> tuple[asyncio.Event, list[int]]:
+    """A spy on ``store``'s group transactions: the first ``SWAP_GROUPS`` wait for the
+    event (the swaps that come meanwhile gather for the next); the list: each
+    transaction's swaps."""
+    release = asyncio.Event()
+    tried: list[int] = []
+    commit = store._swap_group
+
+    async def spied(group: list[Any]) -> None:
+        tried.append(len(group))
+        if len(tried) <= SWAP_GROUPS:
+            await release.wait()
+        await commit(group)
+
+    store._swap_group = spied  # type: ignore[method-assign]
+    return release, tried
+
+
 async def test_a_swap_postgresql_refuses_fails_alone_and_a_given_up_one_spends_nothing(
     where: Path,
 ) -> None:
@@ -680,20 +698,11 @@ async def test_a_swap_postgresql_refuses_fails_alone_and_a_given_up_one_spends_n
     rules = m.Mint([KEYSET])
     grouped: list[int] = []
     async with fresh_store(op0, grouped) as store:
-        release = asyncio.Event()
-        tried: list[int] = []  # each transaction's swaps (a spy on the real method)
-        commit = store._swap_group
-
-        async def spied(group: list[Any]) -> None:
-            tried.append(len(group))
-            if len(tried) <= SWAP_GROUPS:  # the first groups wait: the others gather
-                await release.wait()
-            await commit(group)
+        release, tried = hold_groups(store)
 
         async def swap(sw: tuple[m.Spend, m.Outputs, nut.SwapRequest]) -> list[Any]:
             return await store.swap(*sw, rules.sign(sw[2].outputs))
 
-        store._swap_group = spied  # type: ignore[method-assign]
         good = [a_swap() for _ in range(6)]
         bad = a_swap("\x00")
         busy = []
@@ -724,6 +733,74 @@ async def test_a_swap_postgresql_refuses_fails_alone_and_a_given_up_one_spends_n
             proofs = await conn.fetchval("SELECT count(*) FROM mint_proofs")
         assert rows == proofs == 2 * (SWAP_GROUPS + 6)
         assert (await store.books()).outstanding_msat == 0  # the sums agree: as many spent
+
+
+async def test_a_group_commits_its_good_swaps_and_leaves_nothing_of_its_refused_ones(
+    where: Path,
+) -> None:
+    """One group's transaction: a swap with a fee commits (its fee kept); one with a proof
+    spent before (11001), one with a proof a melt reserves (11002) and one with an output
+    signed before (11003) are refused, and of each nothing stays: its fresh proofs
+    unspent, its fresh outputs unsigned, no fee. The books agree with the tables."""
+    op0, _ = nets(where)
+    rules = m.Mint([KEYSET])
+    async with fresh_store(op0, []) as store:
+
+        async def swap(sw: tuple[m.Spend, m.Outputs, nut.SwapRequest]) -> Any:
+            return await store.swap(*sw, rules.sign(sw[2].outputs))
+
+        before, signed = a_swap(), a_swap()
+        await asyncio.gather(*(swap(sw) for sw in (before, signed)))
+        paying = a_swap()
+        async with store.pool.acquire() as conn:  # as a melt in flight reserves its proof
+            await conn.execute(
+                "INSERT INTO mint_proofs (y, keyset, amount, secret, c, state, reserved_by)"
+                " VALUES ($1, $2, 1, 's', 'c', 'PENDING', 'quote')",
+                paying[0].ys[1],
+                KEYSET.id,
+            )
+        release, tried = hold_groups(store)
+        busy = []
+        for _ in range(SWAP_GROUPS):  # each group holds one swap, waiting
+            busy.append(asyncio.create_task(swap(a_swap())))
+            await asyncio.sleep(0.3)
+        good = a_swap()
+        charged = (m.Spend(good[0].ys, 2, 1, "sat"), *good[1:])
+        spent_one = a_swap()
+        spent_one = (m.Spend([before[0].ys[0], spent_one[0].ys[1]], 2, 1, "sat"), *spent_one[1:])
+        twice = a_swap()
+        outputs = [signed[2].outputs[0], twice[2].outputs[1]]
+        twice = (
+            m.Spend(twice[0].ys, 2, 1, "sat"),
+            m.Outputs([bytes.fromhex(o.B_) for o in outputs], 2, "sat"),
+            nut.SwapRequest(twice[2].inputs, outputs),
+        )
+        grouped = [charged, spent_one, (m.Spend(paying[0].ys, 2, 1, "sat"), *paying[1:]), twice]
+        waiting = [asyncio.create_task(swap(sw)) for sw in grouped]
+        await asyncio.sleep(0.1)
+        release.set()
+        results = await asyncio.gather(*busy, *waiting, return_exceptions=True)
+        assert tried[SWAP_GROUPS:] == [4], tried  # the four went in one transaction
+        won = results[SWAP_GROUPS]
+        assert isinstance(won, list) and len(won) == 2, won
+        codes = [getattr(r, "code", None) for r in results[SWAP_GROUPS + 1 :]]
+        assert codes == [m.SPENT, m.PENDING, m.OUTPUTS_SIGNED], results
+        fresh = [spent_one[0].ys[1], paying[0].ys[0], *twice[0].ys]
+        assert await store.states(fresh) == {}
+        assert len(await store.states(charged[0].ys)) == 2
+        blinded = [b for sw in (spent_one, paying) for b in sw[1].blinded]
+        assert await store.restore([*blinded, twice[1].blinded[1]]) == {}
+        assert len(await store.restore(charged[1].blinded)) == 2
+        async with store.pool.acquire() as conn:
+            fees = await conn.fetch("SELECT kind, msat FROM mint_fees")
+            proofs = await conn.fetchval("SELECT count(*) FROM mint_proofs WHERE state = 'SPENT'")
+            promises = await conn.fetchval("SELECT count(*) FROM mint_promises")
+        assert [tuple(r) for r in fees] == [("swap", 1000)]
+        books = await store.books()
+        assert books.fees_msat == 1000 and books.reserved_msat == 1000
+        # 2 swaps before, SWAP_GROUPS meanwhile and the good one: 2 proofs and 2 outputs each
+        assert proofs == promises == 2 * (3 + SWAP_GROUPS)
+        assert books.outstanding_msat == (promises - proofs) * 1000  # the sums: as the rows
 
 
 async def ask(
