@@ -10,9 +10,7 @@ from what was stored.
 
 Swaps, the mint's busiest operation, commit in groups: the swaps that arrive while
 others are committing go together in the next transaction (at most ``SWAP_GROUPS`` in
-flight), each one all or nothing in it. A group's transaction is one statement (the
-schema's ``mint_swap_group``): one round trip, not four or more, each of whose replies
-waited its turn on a busy event loop. A swap refused there (a proof seen before, an
+flight), each one all or nothing in it. A swap refused there (a proof seen before, an
 output signed before) takes back what it inserted before the commit; two swaps that
 share a proof or an output never go in one group: the later one goes in a later
 transaction, which decides between them as between any two. Where PostgreSQL refuses a
@@ -227,59 +225,6 @@ CREATE OR REPLACE FUNCTION mint_notify_keysets() RETURNS trigger LANGUAGE plpgsq
 BEGIN
     PERFORM pg_notify('mint_keysets', '');
     RETURN NULL;
-END $$;
--- A group of swaps (see the module's docstring) in one statement: one round trip, its own
--- transaction. Proof j belongs to swap p_swap[j], output j to swap o_swap[j] (numbered
--- from 0 in the group); fees[i] is swap i's (msat). Each swap is all or nothing: one with a
--- proof seen before is refused with a row (swap, Y, its state: NULL where the row went
--- meanwhile) per such proof; one with an output signed before, with (swap, NULL, NULL).
--- What a refused swap inserted goes before the commit, as if it never came.
-CREATE OR REPLACE FUNCTION mint_swap_group(
-    p_swap int[], p_y bytea[], p_keyset text[], p_amount bigint[], p_secret text[],
-    p_c text[], p_witness text[], o_swap int[], o_b bytea[], o_keyset text[],
-    o_amount bigint[], o_c text[], o_e text[], o_s text[], fees bigint[]
-) RETURNS TABLE (refused int, seen bytea, seen_state text) LANGUAGE plpgsql AS $$
-DECLARE
-    spent bytea[];  -- the proofs this group inserted
-    signed bytea[];  -- the outputs it recorded
-    stale int[];  -- swaps with a proof seen before
-    twice int[];  -- swaps with an output signed before
-BEGIN
-    WITH t AS (  -- rows in by Y (outputs by B_): two groups never wait on each other in a cycle
-        INSERT INTO mint_proofs (y, keyset, amount, secret, c, witness, state)
-        SELECT u.y, u.k, u.a, u.s, u.c, u.w, 'SPENT'
-        FROM unnest(p_y, p_keyset, p_amount, p_secret, p_c, p_witness) AS u(y, k, a, s, c, w)
-        ORDER BY u.y ON CONFLICT (y) DO NOTHING RETURNING mint_proofs.y
-    ) SELECT coalesce(array_agg(t.y), '{}') INTO spent FROM t;
-    SELECT coalesce(array_agg(DISTINCT u.i), '{}') INTO stale
-    FROM unnest(p_swap, p_y) AS u(i, y) LEFT JOIN unnest(spent) AS g(y) ON g.y = u.y
-    WHERE g.y IS NULL;
-    RETURN QUERY
-        SELECT u.i, u.y, p.state
-        FROM unnest(p_swap, p_y) AS u(i, y)
-        LEFT JOIN unnest(spent) AS g(y) ON g.y = u.y
-        LEFT JOIN mint_proofs AS p ON p.y = u.y
-        WHERE g.y IS NULL;
-    WITH t AS (
-        INSERT INTO mint_promises (b_, keyset, amount, c_, e, s)
-        SELECT u.b, u.k, u.a, u.c, u.e, u.s
-        FROM unnest(o_swap, o_b, o_keyset, o_amount, o_c, o_e, o_s) AS u(i, b, k, a, c, e, s)
-        WHERE u.i <> ALL (stale)
-        ORDER BY u.b ON CONFLICT (b_) DO NOTHING RETURNING mint_promises.b_
-    ) SELECT coalesce(array_agg(t.b_), '{}') INTO signed FROM t;
-    SELECT coalesce(array_agg(DISTINCT u.i), '{}') INTO twice
-    FROM unnest(o_swap, o_b) AS u(i, b) LEFT JOIN unnest(signed) AS g(b) ON g.b = u.b
-    WHERE g.b IS NULL AND u.i <> ALL (stale);
-    RETURN QUERY SELECT u.i, NULL::bytea, NULL::text FROM unnest(twice) AS u(i);
-    DELETE FROM mint_proofs AS p
-    USING unnest(p_swap, p_y) AS u(i, y) JOIN unnest(spent) AS g(y) ON g.y = u.y
-    WHERE p.y = u.y AND u.i = ANY (stale || twice);
-    DELETE FROM mint_promises AS p
-    USING unnest(o_swap, o_b) AS u(i, b) JOIN unnest(signed) AS g(b) ON g.b = u.b
-    WHERE p.b_ = u.b AND u.i = ANY (twice);
-    INSERT INTO mint_fees (kind, msat)
-    SELECT 'swap', f.msat FROM unnest(fees) WITH ORDINALITY AS f(msat, n)
-    WHERE f.msat > 0 AND (f.n - 1)::int <> ALL (stale || twice);
 END $$;
 -- the triggers, where they are not yet (made again, each would lock its table)
 DO $$ BEGIN
@@ -607,46 +552,50 @@ class MintStore:
             _fail(group, exc)
 
     async def _swap_group(self, group: list[_Swap]) -> None:
-        """One transaction (one statement: ``mint_swap_group``) for swaps that share no
-        proof and no output, each one all or nothing in it."""
-        proofs = [
-            (i, y, p)
-            for i, e in enumerate(group)
-            for y, p in zip(e.spend.ys, e.request.inputs, strict=True)
-        ]
-        outputs = [
-            (i, b, s)
-            for i, e in enumerate(group)
-            for b, s in zip(e.blinded, e.signatures, strict=True)
-        ]
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT * FROM mint_swap_group($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
-                " $12, $13, $14, $15)",
-                [i for i, _, _ in proofs],
-                [y for _, y, _ in proofs],
-                [p.id for _, _, p in proofs],
-                [p.amount for _, _, p in proofs],
-                [p.secret for _, _, p in proofs],
-                [p.C for _, _, p in proofs],
-                [p.witness for _, _, p in proofs],
-                [i for i, _, _ in outputs],
-                [b for _, b, _ in outputs],
-                [s.id for _, _, s in outputs],
-                [s.amount for _, _, s in outputs],
-                [s.C_ for _, _, s in outputs],
-                [s.dleq.e for _, _, s in outputs],
-                [s.dleq.s for _, _, s in outputs],
-                [e.spend.fee * 1000 for e in group],
-            )
-        seen: dict[int, dict[bytes, str]] = {}
+        """One transaction for swaps that share no proof and no output, each one all or
+        nothing in it."""
         refused: dict[int, m.CashuError] = {}
-        for r in rows:
-            if r["seen"] is None:
-                refused[r["refused"]] = m.CashuError(m.OUTPUTS_SIGNED, "outputs already signed")
-            else:  # a state None: the row went meanwhile (a reservation let go)
-                seen.setdefault(r["refused"], {})[bytes(r["seen"])] = r["seen_state"] or "SPENT"
-        refused.update((i, _seen_error(states)) for i, states in seen.items())
+        async with self.pool.acquire() as conn, conn.transaction():
+            inserted = await _insert_proofs(
+                conn,
+                [y for e in group for y in e.spend.ys],
+                [p for e in group for p in e.request.inputs],
+                "SPENT",
+                None,
+            )
+            if len(inserted) < sum(len(e.spend.ys) for e in group):
+                states = _states(
+                    await conn.fetch(
+                        "SELECT y, state FROM mint_proofs WHERE y = ANY($1::bytea[])",
+                        [y for e in group for y in e.spend.ys if y not in inserted],
+                    )
+                )
+                for i, e in enumerate(group):
+                    if seen := {y: states.get(y, "SPENT") for y in e.spend.ys if y not in inserted}:
+                        refused[i] = _seen_error(seen)
+            kept = [e for i, e in enumerate(group) if i not in refused]
+            fresh: set[bytes] = set()
+            if kept:
+                fresh = await _insert_promises(
+                    conn,
+                    [b for e in kept for b in e.blinded],
+                    [s for e in kept for s in e.signatures],
+                )
+            for i, e in enumerate(group):
+                if i not in refused and not fresh.issuperset(e.blinded):
+                    refused[i] = m.CashuError(m.OUTPUTS_SIGNED, "outputs already signed")
+            # what the refused swaps inserted goes: as if they never came
+            if gone := [y for i in refused for y in group[i].spend.ys if y in inserted]:
+                await conn.execute("DELETE FROM mint_proofs WHERE y = ANY($1::bytea[])", gone)
+            if gone := [b for i in refused for b in group[i].blinded if b in fresh]:
+                await conn.execute("DELETE FROM mint_promises WHERE b_ = ANY($1::bytea[])", gone)
+            fees = [e.spend.fee * 1000 for i, e in enumerate(group) if i not in refused]
+            if any(fees):
+                await conn.execute(
+                    "INSERT INTO mint_fees (kind, msat)"
+                    " SELECT 'swap', f FROM unnest($1::bigint[]) AS f WHERE f > 0",
+                    fees,
+                )
         for i, e in enumerate(group):
             if not e.done.done():
                 if i in refused:
