@@ -37,6 +37,7 @@ import asyncpg
 from constellation.ecash import mint as m
 from constellation.ecash.keyset import Keyset, input_fee
 from constellation.protocol import cashu as nut
+from services.database import DATABASE_DOWN
 from services.signer.store import seal, unseal
 
 log = logging.getLogger("mint.store")
@@ -49,6 +50,8 @@ RELISTEN_S = 1.0
 SWAP_GROUPS = 2  # swap transactions in flight at once, each taking what waits
 SWAP_GROUP_ITEMS = 2048  # proofs and outputs in one (a single larger swap goes alone)
 ALIVE_S = 5.0  # the listening connection answers within this, or is made again
+# the listening connection is not made, or breaks: its server down, starting, stopping
+NOT_LISTENING = (*DATABASE_DOWN, asyncpg.PostgresError)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS mint_master (
@@ -1026,7 +1029,7 @@ async def listen_forever(
     while True:
         try:
             conn = await asyncpg.connect(url)
-        except (OSError, asyncpg.PostgresError) as exc:
+        except NOT_LISTENING as exc:
             log.warning("not listening", extra={"error": repr(exc)})
             await asyncio.sleep(RELISTEN_S)
             continue
@@ -1037,10 +1040,10 @@ async def listen_forever(
             while True:  # a connection broken without a word (half-open) is found out too
                 await asyncio.sleep(RELISTEN_S)
                 await conn.execute("SELECT 1", timeout=ALIVE_S)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except NOT_LISTENING as exc:
             log.warning("listening again", extra={"error": repr(exc)})
         finally:
-            with contextlib.suppress(OSError, asyncpg.PostgresError):
+            with contextlib.suppress(*NOT_LISTENING):
                 await conn.close()
 
 
