@@ -657,16 +657,24 @@ async def fresh_store(op0: Devnet, grouped: list[int]) -> AsyncIterator[MintStor
 KEYSET = Keyset.derive(b"groups" * 6, "sat", 0, 0)
 
 
-def a_swap(secret: str = "") -> tuple[m.Spend, m.Outputs, nut.SwapRequest]:
+def a_swap(
+    secret: str = "",
+    fee: int = 0,
+    seen: nut.Proof | None = None,
+    signed: nut.BlindedMessage | None = None,
+) -> tuple[m.Spend, m.Outputs, nut.SwapRequest]:
     """A swap of two 1-sat proofs as the store takes it (the rules checked them before:
-    the store checks no signature), to two fresh outputs."""
+    the store checks no signature), to two fresh outputs; ``seen`` is its first proof
+    instead of a fresh one, ``signed`` its first output."""
     inputs = [
         nut.Proof(1, KEYSET.id, secret or os.urandom(16).hex(), "02" + "11" * 32) for _ in range(2)
     ]
+    inputs[0] = seen or inputs[0]
     ys = [bdhke.hash_to_curve(p.secret.encode()).format() for p in inputs]
     outputs, _ = client.outputs_of([1, 1], KEYSET.id)
+    outputs[0] = signed or outputs[0]
     checked = m.Outputs([bytes.fromhex(o.B_) for o in outputs], 2, "sat")
-    return m.Spend(ys, 2, 0, "sat"), checked, nut.SwapRequest(inputs, outputs)
+    return m.Spend(ys, 2, fee, "sat"), checked, nut.SwapRequest(inputs, outputs)
 
 
 def hold_groups(store: MintStore) -> tuple[asyncio.Event, list[int]]:
@@ -751,12 +759,12 @@ async def test_a_group_commits_its_good_swaps_and_leaves_nothing_of_its_refused_
 
         before, signed = a_swap(), a_swap()
         await asyncio.gather(*(swap(sw) for sw in (before, signed)))
-        paying = a_swap()
+        paying = a_swap(fee=1)
         async with store.pool.acquire() as conn:  # as a melt in flight reserves its proof
             await conn.execute(
                 "INSERT INTO mint_proofs (y, keyset, amount, secret, c, state, reserved_by)"
                 " VALUES ($1, $2, 1, 's', 'c', 'PENDING', 'quote')",
-                paying[0].ys[1],
+                paying[0].ys[0],
                 KEYSET.id,
             )
         release, tried = hold_groups(store)
@@ -764,19 +772,10 @@ async def test_a_group_commits_its_good_swaps_and_leaves_nothing_of_its_refused_
         for _ in range(SWAP_GROUPS):  # each group holds one swap, waiting
             busy.append(asyncio.create_task(swap(a_swap())))
             await asyncio.sleep(0.3)
-        good = a_swap()
-        charged = (m.Spend(good[0].ys, 2, 1, "sat"), *good[1:])
-        spent_one = a_swap()
-        spent_one = (m.Spend([before[0].ys[0], spent_one[0].ys[1]], 2, 1, "sat"), *spent_one[1:])
-        twice = a_swap()
-        outputs = [signed[2].outputs[0], twice[2].outputs[1]]
-        twice = (
-            m.Spend(twice[0].ys, 2, 1, "sat"),
-            m.Outputs([bytes.fromhex(o.B_) for o in outputs], 2, "sat"),
-            nut.SwapRequest(twice[2].inputs, outputs),
-        )
-        grouped = [charged, spent_one, (m.Spend(paying[0].ys, 2, 1, "sat"), *paying[1:]), twice]
-        waiting = [asyncio.create_task(swap(sw)) for sw in grouped]
+        good = a_swap(fee=1)
+        spent_one = a_swap(fee=1, seen=before[2].inputs[0])
+        twice = a_swap(fee=1, signed=signed[2].outputs[0])
+        waiting = [asyncio.create_task(swap(sw)) for sw in (good, spent_one, paying, twice)]
         await asyncio.sleep(0.1)
         release.set()
         results = await asyncio.gather(*busy, *waiting, return_exceptions=True)
@@ -785,12 +784,12 @@ async def test_a_group_commits_its_good_swaps_and_leaves_nothing_of_its_refused_
         assert isinstance(won, list) and len(won) == 2, won
         codes = [getattr(r, "code", None) for r in results[SWAP_GROUPS + 1 :]]
         assert codes == [m.SPENT, m.PENDING, m.OUTPUTS_SIGNED], results
-        fresh = [spent_one[0].ys[1], paying[0].ys[0], *twice[0].ys]
+        fresh = [spent_one[0].ys[1], paying[0].ys[1], *twice[0].ys]
         assert await store.states(fresh) == {}
-        assert len(await store.states(charged[0].ys)) == 2
-        blinded = [b for sw in (spent_one, paying) for b in sw[1].blinded]
-        assert await store.restore([*blinded, twice[1].blinded[1]]) == {}
-        assert len(await store.restore(charged[1].blinded)) == 2
+        assert len(await store.states(good[0].ys)) == 2
+        unsigned = [*spent_one[1].blinded, *paying[1].blinded, twice[1].blinded[1]]
+        assert await store.restore(unsigned) == {}
+        assert len(await store.restore(good[1].blinded)) == 2
         async with store.pool.acquire() as conn:
             fees = await conn.fetch("SELECT kind, msat FROM mint_fees")
             proofs = await conn.fetchval("SELECT count(*) FROM mint_proofs WHERE state = 'SPENT'")
