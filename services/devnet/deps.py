@@ -119,11 +119,11 @@ def postgres_spec(net: Devnet) -> Spec:
     # shares cores with the ledger, it yields to commits like the indexer that feeds it.
     # The mint's store is on it too; the mint's swaps measured no faster with it at nice 0
     # (the mint's own event loop bounds them: README, "The ecash mint").
-    argv = ["nice", "-n", "10", pg_binary("postgres"), "-D", str(data), "-p", str(net.pg_port)]
+    argv = [pg_binary("postgres"), "-D", str(data), "-p", str(net.pg_port)]
     argv += ["-k", str(data), "-h", "127.0.0.1", "-c", "max_connections=50"]
     argv += ["-c", "synchronous_commit=on"]
     log = Path(net.dir) / "postgres.log"
-    return Spec("postgres", argv, dict(os.environ), log, _pg_user())
+    return Spec("postgres", argv, dict(os.environ), log, _pg_user(), nice=10)
 
 
 def signer_spec(net: Devnet, proc: SignerProc, argv: list[str] | None = None) -> Spec:
@@ -152,8 +152,8 @@ def gateway_spec(net: Devnet) -> Spec:
 def indexer_spec(net: Devnet) -> Spec:
     # The index follows the ledger; where they share cores, indexing yields to commits
     # (it catches up when the load drops) rather than delaying them.
-    argv = ["nice", "-n", "10", sys.executable, "-m", "services.indexer"]
-    return Spec("indexer", argv, net.indexer_env(), Path(net.dir) / "indexer.log")
+    argv = [sys.executable, "-m", "services.indexer"]
+    return Spec("indexer", argv, net.indexer_env(), Path(net.dir) / "indexer.log", nice=10)
 
 
 def mint_spec(net: Devnet) -> Spec:

@@ -27,6 +27,7 @@ class Spec:
     env: dict[str, str]
     log_path: Path
     user: str | None = None
+    nice: int = 0  # above 0: it yields the cores it shares to processes at 0
 
 
 # Our children, held so that the subprocess module's own clean-up (which reaps the
@@ -75,7 +76,32 @@ def spawn(argv: list[str], env: dict[str, str], log_path: Path, user: str | None
 
 
 def launch(spec: Spec) -> int:
-    return spawn(spec.argv, spec.env, spec.log_path, spec.user)
+    if not spec.nice:
+        return spawn(spec.argv, spec.env, spec.log_path, spec.user)
+    argv = ["nice", "-n", str(spec.nice), *spec.argv]
+    pid = spawn(argv, spec.env, spec.log_path, spec.user)
+    set_group_nice(pid, spec.nice)
+    return pid
+
+
+def set_group_nice(pid: int, nice: int) -> None:
+    """Give the session ``pid`` leads the scheduling weight of ``nice``. Where the kernel
+    groups processes by session (autogroup, on in most distributions' kernels), CPU is
+    shared between sessions first, and a process's own nice weighs it only against its
+    own session: a process alone in its session (every devnet process) would take as
+    much as any other, its nice ignored. Nothing to do where the kernel has no
+    autogroup (the file is absent), has it off (the value is kept, and unused) or does
+    not let us (the process then keeps only its own nice)."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
+
+
+def group_nice(pid: int) -> int | None:
+    """The nice of the session ``pid`` is in (``set_group_nice``); None without autogroup."""
+    try:
+        return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
 
 
 def child_pids(pid: int) -> list[int]:

@@ -20,6 +20,7 @@ import pytest
 from services import devnet
 from services.cli import main
 from services.devnet.deps import clear_stale_lock
+from services.devnet.procs import group_nice
 from services.devnet.supervisor import Supervisor
 
 POLICY = devnet.RestartPolicy(initial_s=1.0, max_s=8.0, reset_after_s=100.0)
@@ -54,8 +55,8 @@ class Procs:
         self.folder = folder
         self.pids: list[int] = []
 
-    def start(self, name: str, argv: list[str]) -> devnet.Spec:
-        spec = devnet.Spec(name, argv, dict(os.environ), self.folder / f"{name}.log")
+    def start(self, name: str, argv: list[str], nice: int = 0) -> devnet.Spec:
+        spec = devnet.Spec(name, argv, dict(os.environ), self.folder / f"{name}.log", nice=nice)
         self.pids.append(devnet.launch(spec))
         return spec
 
@@ -148,6 +149,42 @@ def test_a_killed_process_restarts_and_a_frozen_one_is_left_alone(
         assert sup.watched["b"].pid == pid_b and sup.watched["b"].restarts == 0
     finally:
         os.kill(pid_b, signal.SIGCONT)
+
+
+def niceness(pid: int) -> tuple[int, int | None]:
+    """(its own nice, its session's), once it runs ``sleep`` (after the fork and ``nice``)."""
+    end = time.monotonic() + 5
+    while not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\0"):
+        assert time.monotonic() < end, "the program never ran"
+        time.sleep(0.01)
+    return os.getpriority(os.PRIO_PROCESS, pid), group_nice(pid)
+
+
+def test_a_yielding_process_yields_as_a_session_too_and_after_a_restart(
+    tmp_path: Path, procs: Procs
+) -> None:
+    """A devnet process leads its own session; where the kernel shares CPU between
+    sessions first (autogroup), its nice alone changed nothing against other sessions
+    (PostgreSQL and the indexers took as much CPU as the ledger's machines)."""
+    low = procs.start("low", ["sleep", "60"], nice=10)
+    plain = procs.start("plain", ["sleep", "60"])
+    grouped = Path("/proc/self/autogroup").exists()
+    assert niceness(procs.pids[0]) == (10, 10 if grouped else None)
+    assert niceness(procs.pids[1]) == (0, 0 if grouped else None)
+    clock = Clock()
+    sup = Supervisor(
+        {"low": low, "plain": plain},
+        {"low": procs.pids[0], "plain": procs.pids[1]},
+        tmp_path / "s.json",
+        clock=clock,
+    )
+    os.kill(procs.pids[0], signal.SIGKILL)
+    tick_until(sup, lambda: sup.watched["low"].restart_s is not None)
+    clock.now += devnet.DEVNET_POLICY.initial_s
+    sup.tick()
+    again = sup.watched["low"].pid
+    procs.pids.append(again)
+    assert again != procs.pids[0] and niceness(again) == (10, 10 if grouped else None)
 
 
 def test_the_supervisor_module_refuses_anything_but_supervise() -> None:
