@@ -15,7 +15,6 @@ from constellation.errors import ConstellationError, NotAMember
 from constellation.guild import Checkpoint, SigningPolicy
 from constellation.protocol import lightclient as lc
 from constellation.protocol import signer as proto
-from constellation.protocol.envelope import ReplayGuard
 from services.runtime import ConfigError, OpsServer, close_nats, connect_nats, connect_peer
 from services.signer.config import Settings, load_members
 from services.signer.coordinator import Coordinator
@@ -48,7 +47,6 @@ class SignerNode:
             )
         self.me = me
         self.audit = AuditLog(settings.state_dir / "audit.log")
-        self.guard = ReplayGuard(settings.replay_window_ms)
         self.transport: Transport | None = None
         self.participant = Participant(
             self.members,
@@ -106,7 +104,10 @@ class SignerNode:
         nc = await connect_nats(self.settings.nats_url, name)
         me = self.settings.names[self.me] if self.settings.names else ""
         routes = None if self.settings.peers is None else self.routes
-        self.transport = Transport(nc, self.members, self.hostseckey, self.guard, me, routes)
+        s = self.settings
+        self.transport = Transport(
+            nc, self.members, self.hostseckey, s.replay_window_ms, s.replay_per_sender, me, routes
+        )
         self._connect_peers(name)
         guild = self.members.guild
         await nc.subscribe(listen_subject(Role.SIGNER, self.me), cb=self._on_signer)

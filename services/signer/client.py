@@ -9,7 +9,7 @@ from nats.aio.client import Client
 from constellation.crypto.dkg import hostpubkey_gen
 from constellation.errors import MessageError
 from constellation.protocol import signer as proto
-from constellation.protocol.envelope import Membership, ReplayGuard
+from constellation.protocol.envelope import Membership
 from services.runtime import close_nats, connect_nats
 from services.signer.transport import Role, Transport, subject
 
@@ -29,7 +29,7 @@ class SignerClient:
     async def __aenter__(self) -> SignerClient:
         name = f"signer-client-{self.me}"
         self._nc = await connect_nats(self.nats_url, name, connect_timeout=5)
-        self._transport = Transport(self._nc, self.members, self.hostseckey, ReplayGuard())
+        self._transport = Transport(self._nc, self.members, self.hostseckey)
         return self
 
     async def __aexit__(

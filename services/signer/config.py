@@ -13,6 +13,7 @@ from constellation.protocol.envelope import Membership
 from services.replica.config import load_peers
 from services.runtime import ConfigError, env_addr, env_int, env_str
 from services.signer.store import KeyStore
+from services.signer.transport import PER_SENDER
 
 GUILD_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -77,6 +78,7 @@ class Settings:
     request_timeout_ms: int
     max_requests: int
     replay_window_ms: int
+    replay_per_sender: int  # message ids remembered per member, at most
     log_level: str
     # Where this operator's indexer checks a checkpoint before this signer signs it;
     # empty: checkpoints are checked by the signing policy only (a signer without a ledger).
@@ -114,6 +116,7 @@ class Settings:
             request_timeout_ms=env_int(env, "SIGNER_REQUEST_TIMEOUT_MS", 30_000, 100, 600_000),
             max_requests=env_int(env, "SIGNER_MAX_REQUESTS", 64, 1, 10_000),
             replay_window_ms=env_int(env, "SIGNER_REPLAY_WINDOW_MS", 60_000, 1_000, 600_000),
+            replay_per_sender=env_int(env, "SIGNER_REPLAY_PER_SENDER", PER_SENDER, 16, 10_000_000),
             log_level=env.get("SIGNER_LOG_LEVEL") or "info",
             vouch_subject=env.get("SIGNER_VOUCH_SUBJECT", ""),
             names=member_names,

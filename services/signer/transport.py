@@ -23,6 +23,10 @@ from constellation.protocol.envelope import MSG_ID_LEN, Membership, ReplayGuard,
 from services.replica.transport import PREFIX
 from services.runtime import now_ms
 
+# Message ids remembered per member within the replay window: far above what signing
+# sends (a few messages a session), and a bound on what a flooding member costs.
+PER_SENDER = 100_000
+
 
 class Role(StrEnum):
     SIGNER = "signer"
@@ -50,12 +54,16 @@ class Transport:
         nc: Client,
         members: Membership,
         hostseckey: bytes,
-        guard: ReplayGuard,
+        window_ms: int = 60_000,
+        per_sender: int = PER_SENDER,
         name: str = "",
         routes: dict[int, Client] | None = None,
     ) -> None:
         """``routes``: the connection to each other member's server, once made (None:
-        every member shares ``nc``'s); ``name``: this member's, in subjects."""
+        every member shares ``nc``'s); ``name``: this member's, in subjects. Message ids
+        are remembered for ``window_ms``, at most ``per_sender`` of each member's: a
+        member that floods fills its own and is refused, not the others (one memory
+        for all let a faulty member have every member's messages refused)."""
         self.nc = nc
         self.routes = routes
         self.members = members
@@ -64,7 +72,7 @@ class Transport:
         self.hostpubkey = hostpubkey_gen(hostseckey)
         self.me = members.index.get(self.hostpubkey, -1)  # -1: not a member (it is refused)
         self.name = name or f"m{self.me}"
-        self.guard = guard
+        self.guards = [ReplayGuard(window_ms, per_sender) for _ in members.hostpubkeys]
 
     def seal(self, to: bytes, msg: proto.Message) -> bytes:
         return seal(
@@ -89,5 +97,5 @@ class Transport:
         if len(data) > proto.MAX_MESSAGE_BYTES:
             raise MessageError(f"message of {len(data)} bytes is over the limit")
         env, sender = self.members.open(data, self.hostpubkey)
-        self.guard.check(env, now_ms())
+        self.guards[sender].check(env, now_ms())
         return sender, proto.decode(env.body)

@@ -25,7 +25,8 @@ from constellation.crypto import frost
 from constellation.guild import Checkpoint, OnchainSpend, Statement
 from constellation.protocol import lightclient as lc
 from constellation.protocol import signer as proto
-from constellation.protocol.envelope import ReplayGuard
+from constellation.protocol.envelope import seal
+from services.runtime import now_ms
 from services.signer.store import AuditEntry, AuditLog
 from services.signer.transport import Role, Transport, listen_subject, peer_subject, subject
 from tests.system.conftest import GuildFactory
@@ -281,7 +282,7 @@ async def test_replays_outsiders_forgeries_and_garbage_are_rejected(
         return guild.metric(1, f'signer_rejected_messages_total{{code="{code}"}}')
 
     await nc.publish(peer_subject("m0", Role.SIGNER, 1), captured[0])  # a replay
-    outsider = Transport(nc, guild.members, b"\x07" * 32, ReplayGuard())
+    outsider = Transport(nc, guild.members, b"\x07" * 32)
     start = proto.SignStart(os.urandom(16), Statement("from outside"))
     await nc.publish(
         peer_subject("m0", Role.SIGNER, 1), outsider.seal(guild.members.hostpubkeys[1], start)
@@ -289,7 +290,7 @@ async def test_replays_outsiders_forgeries_and_garbage_are_rejected(
     await nc.publish(peer_subject("m0", Role.SIGNER, 1), b"\x93garbage")
     await nc.publish(peer_subject("m0", Role.SIGNER, 1), b"\x00" * (proto.MAX_MESSAGE_BYTES + 1))
     # Member 2 tries to command member 1's signer (only operator 1 may).
-    member2 = Transport(nc, guild.members, guild.identity(2), ReplayGuard())
+    member2 = Transport(nc, guild.members, guild.identity(2))
     with pytest.raises(nats.errors.TimeoutError):
         await nc.request(
             subject("test", Role.OP, 1),
@@ -302,6 +303,38 @@ async def test_replays_outsiders_forgeries_and_garbage_are_rejected(
     assert rejected("protocol.bad_signature") == 1
     assert rejected("protocol.malformed") == 1
     assert_valid(await guild.sign(Statement("still fine"), 1), b"still fine", "after attacks")
+
+
+async def test_a_member_flooding_a_signer_fills_only_its_own_replay_memory(
+    guild_factory: GuildFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Member 2 sends member 1 more fresh, validly signed messages than a member's ids
+    are remembered: the rest of its are refused as overloaded, and member 1 still
+    hears member 0 (one memory for all had member 1 refuse everyone's)."""
+    monkeypatch.setenv("SIGNER_REPLAY_PER_SENDER", "40")
+    guild = guild_factory(3)
+    assert (await guild.keygen(2)).ok
+    nc = await nats.connect(guild.net.nats_url)
+    members, key = guild.members, guild.identity(2)
+    for _ in range(60):
+        data = seal(
+            members.guild, key, members.hostpubkeys[2], members.hostpubkeys[1],
+            os.urandom(16), now_ms(), b"",
+        )  # fmt: skip
+        await nc.publish(peer_subject("m2", Role.COORD, 1), data)
+    await nc.close()
+
+    def rejected(code: str) -> float:
+        return guild.metric(1, f'signer_rejected_messages_total{{code="{code}"}}')
+
+    end = time.monotonic() + 10
+    while rejected("overloaded") < 20:  # past its 40 (those, empty, are refused later)
+        assert time.monotonic() < end, "the flood was not refused"
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.2)
+    assert rejected("overloaded") == 20
+    # Member 1 coordinates with member 0 (member 2's own messages are refused too now).
+    assert_valid(await guild.sign(Statement("after a flood"), 1), b"after a flood", "flood")
 
 
 async def test_nonces_held_from_before_a_signer_restart_are_refused_then_replaced(
