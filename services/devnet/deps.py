@@ -115,15 +115,14 @@ def redis_spec(net: Devnet) -> Spec:
 
 def postgres_spec(net: Devnet) -> Spec:
     data = Path(net.dir) / "postgres"
-    # PostgreSQL holds the history index (nothing on the ledger's commit path): where it
-    # shares cores with the ledger, it yields to commits like the indexer that feeds it.
-    # The mint's store is on it too; the mint's swaps measured the same at nice 0 and
-    # at 10 (the mint's own event loop bounds them: README, "The ecash mint").
+    # At nice 0: at 10 (in effect, its session's too: ``set_group_nice``), the backends of
+    # a server killed under load took long enough to go that the next postmaster found
+    # their shared memory still in use and exited (CI, a power loss under payments).
     argv = [pg_binary("postgres"), "-D", str(data), "-p", str(net.pg_port)]
     argv += ["-k", str(data), "-h", "127.0.0.1", "-c", "max_connections=50"]
     argv += ["-c", "synchronous_commit=on"]
     log = Path(net.dir) / "postgres.log"
-    return Spec("postgres", argv, dict(os.environ), log, _pg_user(), nice=10)
+    return Spec("postgres", argv, dict(os.environ), log, _pg_user())
 
 
 def signer_spec(net: Devnet, proc: SignerProc, argv: list[str] | None = None) -> Spec:
