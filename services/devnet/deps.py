@@ -4,6 +4,7 @@ it and waits until it is ready, and the order in which they start and stop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import os
 import pwd
@@ -38,6 +39,7 @@ from services.signer.store import KeyStore
 NATS_START_S = 10
 REDIS_START_S = 10
 POSTGRES_START_S = 30
+STALE_LOCK_WAIT_S = 10  # a killed PostgreSQL, to exit before its next start
 SIGNER_START_S = 20
 WORKER_START_S = 60
 MACHINE_START_S = 60
@@ -115,9 +117,8 @@ def redis_spec(net: Devnet) -> Spec:
 
 def postgres_spec(net: Devnet) -> Spec:
     data = Path(net.dir) / "postgres"
-    # At nice 0: at 10 (in effect, its session's too: ``set_group_nice``), the backends of
-    # a server killed under load took long enough to go that the next postmaster found
-    # their shared memory still in use and exited (CI, a power loss under payments).
+    # At nice 0: a nice would reach only the postmaster. Each backend leads its own
+    # session, and under autogroup a session's processes share its weight, nice 0 there.
     argv = [pg_binary("postgres"), "-D", str(data), "-p", str(net.pg_port)]
     argv += ["-k", str(data), "-h", "127.0.0.1", "-c", "max_connections=50"]
     argv += ["-c", "synchronous_commit=on"]
@@ -216,21 +217,51 @@ def start_postgres(net: Devnet) -> None:
         )
         if done.returncode != 0:
             raise DevnetError(f"initdb failed: {done.stderr.strip()}")
-    clear_stale_lock(data / "postmaster.pid")
+    clear_stale_lock(data)
     net.pg_pid = launch(postgres_spec(net))
     asyncio.run(_create_database(net))
 
 
-def clear_stale_lock(lock: Path) -> None:
-    """Remove the lock of a server that is gone: killed with the machine it ran on (its
-    operator's power lost), or a zombie nobody reaped yet, which PostgreSQL would take
-    for a server still running in its data directory."""
+def clear_stale_lock(data: Path, wait_s: float = STALE_LOCK_WAIT_S) -> None:
+    """Clear what a server that is gone left in data directory ``data``: its lock
+    (``postmaster.pid``), which PostgreSQL would take for a server still running if its
+    process is a zombie nobody reaped yet, and its backends. Each backend leads its own
+    session, so a server killed with its process group (its operator's power lost) or
+    alone leaves them running until they notice, attached to its shared memory, and
+    PostgreSQL refuses to start beside them. A server killed a moment ago may still be
+    exiting (a killed process exits when it next runs: later on busy cores): wait up to
+    ``wait_s`` for it. A lock whose server still runs after that stays, with its
+    backends, and PostgreSQL refuses to start, saying so."""
+    lock = data / "postmaster.pid"
     try:
         pid = int(lock.read_text().split("\n", 1)[0])
     except (OSError, ValueError):
         return
-    if not alive(pid):
-        lock.unlink(missing_ok=True)
+    end = time.monotonic() + wait_s
+    while alive(pid):
+        if time.monotonic() > end:
+            return
+        time.sleep(0.05)
+    left = _processes_in(data)
+    for orphan in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(orphan, signal.SIGKILL)
+    end = time.monotonic() + wait_s
+    while any(alive(orphan) for orphan in left) and time.monotonic() < end:
+        time.sleep(0.05)
+    lock.unlink(missing_ok=True)
+
+
+def _processes_in(folder: Path) -> list[int]:
+    """The processes whose working directory is ``folder`` (a PostgreSQL server's all are
+    in its data directory), of those this user may see."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(os.readlink(entry / "cwd")) == folder.resolve():
+                    found.append(int(entry.name))
+    return found
 
 
 async def _create_database(net: Devnet) -> None:

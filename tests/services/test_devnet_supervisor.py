@@ -217,13 +217,46 @@ def test_status_of_a_devnet_that_is_not_running(tmp_path: Path) -> None:
 def test_a_postmaster_lock_is_cleared_only_where_its_server_is_gone(tmp_path: Path) -> None:
     """After an operator's power loss its PostgreSQL left ``postmaster.pid`` behind (a
     killed server nobody reaped reads as running to PostgreSQL): the devnet removes the
-    lock of a server that is gone, and keeps one of a live process."""
+    lock of a server that is gone, waits for one still exiting, and keeps one of a live
+    process."""
     lock = tmp_path / "postmaster.pid"
     gone = subprocess.Popen(["true"])
     gone.wait()
     lock.write_text(f"{gone.pid}\n/data\n1700000000\n5432\n")
-    clear_stale_lock(lock)
+    clear_stale_lock(tmp_path)
     assert not lock.exists()
+    exiting = subprocess.Popen(["sleep", "0.5"])
+    lock.write_text(f"{exiting.pid}\n/data\n")
+    clear_stale_lock(tmp_path, wait_s=10)
+    assert not lock.exists() and exiting.poll() is not None
     lock.write_text(f"{os.getpid()}\n/data\n")
-    clear_stale_lock(lock)
+    clear_stale_lock(tmp_path, wait_s=0.3)
     assert lock.exists()
+
+
+def test_the_backends_a_killed_postmaster_left_running_are_stopped(tmp_path: Path) -> None:
+    """A backend leads its own session, so it outlives a postmaster killed with its
+    process group, attached to the server's shared memory, and PostgreSQL refuses to
+    start beside it. The devnet stops what still runs in the data directory of a server
+    that is gone, and nothing while the server runs."""
+    data, elsewhere = tmp_path / "postgres", tmp_path / "other"
+    data.mkdir()
+    elsewhere.mkdir()
+    lock = data / "postmaster.pid"
+    backend = subprocess.Popen(["sleep", "60"], cwd=data, start_new_session=True)
+    other = subprocess.Popen(["sleep", "60"], cwd=elsewhere)
+    try:
+        lock.write_text(f"{os.getpid()}\n{data}\n")  # its server runs
+        clear_stale_lock(data, wait_s=0.3)
+        assert lock.exists() and backend.poll() is None
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        lock.write_text(f"{gone.pid}\n{data}\n")
+        clear_stale_lock(data)
+        assert not lock.exists()
+        assert backend.poll() is not None  # stopped, long before its 60 s
+        assert other.poll() is None
+    finally:
+        for p in (backend, other):
+            p.kill()
+            p.wait()

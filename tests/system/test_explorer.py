@@ -240,9 +240,12 @@ async def test_a_payment_shows_live_on_its_address_page_and_its_proof_verifies_i
     # the coin it paid: its coin proof checked in the page too
     coin = next(c for c in doc["changes"] if c["address"] == address)
     browser.get(f"{op0.gateway_url}/explorer/#/coin/{coin['coin_id']}")
-    [verdict] = until(
+    [verdict] = until(  # the coin's page: a new address in the same page loads after
         browser,
-        lambda: rows(browser, "#proof [data-verified=yes]"),
+        lambda: (
+            coin["coin_id"] in browser.find_element(By.TAG_NAME, "h1").text
+            and rows(browser, "#proof [data-verified=yes]")
+        ),
         "the coin's proof",
         seconds=60,
         reload=True,

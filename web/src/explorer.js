@@ -480,6 +480,9 @@ async function route() {
   const [path, query] = location.hash.slice(1).split('?');
   const params = new URLSearchParams(query || '');
   const [, what, arg] = path.split('/');
+  // nothing of the page before stays under this address while this one loads (a
+  // verified proof of a transaction read as the coin's)
+  show(main, h('p', { class: 'muted', id: 'loading' }, 'loading…'));
   try {
     if (what === 'tx' && HEX64.test(arg)) await txView(me, arg.toLowerCase());
     else if (what === 'coin' && HEX64.test(arg)) await coinView(me, arg.toLowerCase(), params.get('ledger'));
