@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import glob
 import os
 import pwd
@@ -123,7 +124,8 @@ def postgres_spec(net: Devnet) -> Spec:
     argv += ["-k", str(data), "-h", "127.0.0.1", "-c", "max_connections=50"]
     argv += ["-c", "synchronous_commit=on"]
     log = Path(net.dir) / "postgres.log"
-    return Spec("postgres", argv, dict(os.environ), log, _pg_user())
+    clear = functools.partial(clear_stale_lock, data)  # at every start: after a crash too
+    return Spec("postgres", argv, dict(os.environ), log, _pg_user(), before=clear)
 
 
 def signer_spec(net: Devnet, proc: SignerProc, argv: list[str] | None = None) -> Spec:
@@ -217,7 +219,6 @@ def start_postgres(net: Devnet) -> None:
         )
         if done.returncode != 0:
             raise DevnetError(f"initdb failed: {done.stderr.strip()}")
-    clear_stale_lock(data)
     net.pg_pid = launch(postgres_spec(net))
     asyncio.run(_create_database(net))
 

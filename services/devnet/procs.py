@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class Spec:
     log_path: Path
     user: str | None = None
     nice: int = 0  # above 0: it yields the cores it shares to processes at 0
+    before: Callable[[], None] | None = None  # run before each start: what a last one left
 
 
 # Our children, held so that the subprocess module's own clean-up (which reaps the
@@ -76,6 +78,8 @@ def spawn(argv: list[str], env: dict[str, str], log_path: Path, user: str | None
 
 
 def launch(spec: Spec) -> int:
+    if spec.before is not None:
+        spec.before()
     if not spec.nice:
         return spawn(spec.argv, spec.env, spec.log_path, spec.user)
     argv = ["nice", "-n", str(spec.nice), *spec.argv]

@@ -55,8 +55,15 @@ class Procs:
         self.folder = folder
         self.pids: list[int] = []
 
-    def start(self, name: str, argv: list[str], nice: int = 0) -> devnet.Spec:
-        spec = devnet.Spec(name, argv, dict(os.environ), self.folder / f"{name}.log", nice=nice)
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        nice: int = 0,
+        before: Callable[[], None] | None = None,
+    ) -> devnet.Spec:
+        log = self.folder / f"{name}.log"
+        spec = devnet.Spec(name, argv, dict(os.environ), log, nice=nice, before=before)
         self.pids.append(devnet.launch(spec))
         return spec
 
@@ -165,7 +172,7 @@ def test_a_yielding_process_yields_as_a_session_too_and_after_a_restart(
 ) -> None:
     """A devnet process leads its own session; where the kernel shares CPU between
     sessions first (autogroup), its nice alone changed nothing against other sessions
-    (PostgreSQL and the indexers took as much CPU as the ledger's machines)."""
+    (the indexers took as much CPU as the ledger's machines)."""
     low = procs.start("low", ["sleep", "60"], nice=10)
     plain = procs.start("plain", ["sleep", "60"])
     grouped = Path("/proc/self/autogroup").exists()
@@ -185,6 +192,26 @@ def test_a_yielding_process_yields_as_a_session_too_and_after_a_restart(
     again = sup.watched["low"].pid
     procs.pids.append(again)
     assert again != procs.pids[0] and niceness(again) == (10, 10 if grouped else None)
+
+
+def test_what_a_process_left_is_cleared_before_its_start_and_each_restart(
+    tmp_path: Path, procs: Procs
+) -> None:
+    """A server that crashed can leave what its next start trips over (PostgreSQL: its
+    lock and its backends, ``clear_stale_lock``): a spec's ``before`` runs before the
+    first start and before each restart by the supervisor."""
+    cleared: list[float] = []
+    spec = procs.start("server", ["sleep", "60"], before=lambda: cleared.append(time.monotonic()))
+    assert len(cleared) == 1
+    clock = Clock()
+    sup = Supervisor({"server": spec}, {"server": procs.pids[0]}, tmp_path / "s.json", clock=clock)
+    os.kill(procs.pids[0], signal.SIGKILL)
+    tick_until(sup, lambda: sup.watched["server"].restart_s is not None)
+    assert len(cleared) == 1  # not while it waits out its backoff
+    clock.now += devnet.DEVNET_POLICY.initial_s
+    sup.tick()
+    procs.pids.append(sup.watched["server"].pid)
+    assert len(cleared) == 2 and procs.pids[1] != procs.pids[0]
 
 
 def test_the_supervisor_module_refuses_anything_but_supervise() -> None:

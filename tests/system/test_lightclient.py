@@ -236,7 +236,7 @@ async def test_a_member_whose_postgresql_was_killed_fills_the_checkpoints_it_mis
     indexer_log = Path(nets[2].dir) / "indexer.log"
     os.kill(status["pid"], signal.SIGSTOP)  # its supervisor brings PostgreSQL back later
     try:
-        os.killpg(nets[2].pg_pid, signal.SIGKILL)  # the server and its backends
+        os.killpg(nets[2].pg_pid, signal.SIGKILL)  # its backends go when they see it gone
         paid = await _pay_self(wallet, address, 4)
         end = time.monotonic() + 60
         while '"checkpoints not stored"' not in indexer_log.read_text(errors="replace"):
