@@ -3,6 +3,8 @@ restart is logged and counted by ``devnet status``, and ``devnet down`` leaves n
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import os
@@ -12,8 +14,10 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 
+from constellation.address import Network, encode_address
 from constellation.keys import SigningKey
 from services import devnet
 from services.api_client import Gateway
@@ -23,6 +27,9 @@ from tests.system.operator import Operator
 pytestmark = pytest.mark.system
 
 KILLED = ("worker-0", "gateway", "indexer")
+# minutes of CPU in one backend, which waits for nothing (a set-returning function in the
+# select list streams its rows: nothing goes to disk)
+BUSY = "SELECT count(*) FROM (SELECT generate_series(1, 10000000000::bigint)) AS s"
 
 
 def cli(*argv: str) -> tuple[int, str]:
@@ -85,3 +92,36 @@ async def test_killed_processes_come_back_and_down_stops_everything() -> None:
         every |= {p for pid in list(every) for p in devnet.child_pids(pid)}  # PostgreSQL's
         op.close()
     assert not [pid for pid in every if devnet.alive(pid)]
+
+
+async def test_postgresql_killed_alone_comes_back_though_a_backend_still_runs() -> None:
+    """kill -9 of PostgreSQL's postmaster alone: a backend busy in a query does not see
+    it gone until it next waits, attached to the dead server's shared memory meanwhile,
+    and a new postmaster refuses to start beside it. The supervisor's restart stops it
+    first (``clear_stale_lock``): PostgreSQL is back at its first restart, and the
+    gateway reads its index again."""
+    op = Operator(workers=1, supervise=True)
+    try:
+        conn = await asyncpg.connect(op.net.database_url)
+        backend = await conn.fetchval("SELECT pg_backend_pid()")
+        busy = asyncio.create_task(conn.fetchval(BUSY))
+        await asyncio.sleep(0.5)  # it runs
+        old = op.pid("postgres")
+        os.kill(old, signal.SIGKILL)
+        new = await asyncio.to_thread(op.wait_restarted, "postgres", old, 30)
+        assert not devnet.alive(backend)
+        with contextlib.suppress(asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+            await busy  # its connection went with its backend
+        assert {p.name: p.restarts for p in op.status().processes}["postgres"] == 1
+        address = encode_address(bytes(SigningKey(os.urandom(32)).pubkey), Network.REGTEST)
+        end = time.monotonic() + 30
+        async with aiohttp.ClientSession() as session:  # its index answers again
+            while True:
+                async with session.get(f"{op.url}/v1/address/{address}/history") as r:
+                    if r.status == 200:
+                        break
+                    assert time.monotonic() < end, (r.status, await r.text())
+                await asyncio.sleep(0.3)
+        assert devnet.alive(new) and op.pid("postgres") == new
+    finally:
+        op.close()

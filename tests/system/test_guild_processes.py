@@ -1,6 +1,8 @@
 """kill -9 of each of an operator's supporting processes while its ledger takes payments:
 its NATS server (every one of its processes and its peers' connections to it), Redis,
-a signer, the indexer and the mint, each started again by the devnet's supervisor.
+a signer, the indexer, the mint and PostgreSQL (its postmaster: the backends, each in
+its own session, live on until they see it gone or its next start stops them), each
+started again by the devnet's supervisor.
 
 After each: every payment is committed and in the books (the workload checks that value
 is conserved and its wallets' books, read from the index, equal the ledger), every copy
@@ -56,7 +58,7 @@ def not_ready(net: Devnet) -> dict[str, str]:
     return found
 
 
-@pytest.mark.parametrize("kind", ["redis", "signer-0", "indexer", "mint", "nats"])
+@pytest.mark.parametrize("kind", ["redis", "signer-0", "indexer", "mint", "nats", "postgres"])
 async def test_kill_9_of_a_process_under_payments_loses_nothing(where: Path, kind: str) -> None:
     net = op1(where)
     pid = net.pid_of(kind)
