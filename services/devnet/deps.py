@@ -254,13 +254,15 @@ def clear_stale_lock(data: Path, wait_s: float = STALE_LOCK_WAIT_S) -> None:
 
 
 def _processes_in(folder: Path) -> list[int]:
-    """The processes whose working directory is ``folder`` (a PostgreSQL server's all are
-    in its data directory), of those this user may see."""
+    """The PostgreSQL processes working in ``folder`` (a server's all are in its data
+    directory), of those this user may see; nothing else there (a shell, say) counts."""
+    binary, where = Path(pg_binary("postgres")).resolve(), folder.resolve()
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
-                if Path(os.readlink(entry / "cwd")) == folder.resolve():
+                cwd, exe = Path(os.readlink(entry / "cwd")), Path(os.readlink(entry / "exe"))
+                if cwd == where and exe == binary:
                     found.append(int(entry.name))
     return found
 
