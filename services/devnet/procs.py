@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import signal
@@ -17,6 +18,8 @@ from pathlib import Path
 from services.devnet.state import DevnetError
 
 KILLED_WITHIN_S = 5.0  # how long stop_pid waits for a SIGKILLed process to be gone
+
+log = logging.getLogger("devnet")
 
 
 @dataclass(frozen=True)
@@ -247,6 +250,10 @@ def stop_pid(pid: int, grace_s: float, sig: signal.Signals = signal.SIGTERM) -> 
         if not alive(pid):
             return
         time.sleep(0.02)
+    # Said, with what it was: whatever waits on this stop waited out the whole grace.
+    with contextlib.suppress(OSError):
+        what = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120].decode()
+        log.warning("pid %d (%s) not stopped in %g s: killed", pid, what.strip(), grace_s)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     end = time.monotonic() + KILLED_WITHIN_S

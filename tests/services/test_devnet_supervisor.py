@@ -278,3 +278,17 @@ def test_a_gone_server_s_lock_goes_but_no_other_program_in_its_folder(tmp_path: 
     finally:
         shell.kill()
         shell.wait()
+
+
+def test_a_process_that_outlives_its_grace_is_killed_and_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stop that waited out a whole grace says which process it waited for (an
+    operator's stop, an election measured after it: 10 s more, and why)."""
+    stubborn = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 60"], start_new_session=True)
+    time.sleep(0.2)  # its trap is set
+    with caplog.at_level(logging.WARNING, logger="devnet"):
+        devnet.stop_pid(stubborn.pid, 0.3)
+    assert stubborn.poll() is not None
+    [said] = [r.getMessage() for r in caplog.records if r.name == "devnet"]
+    assert f"pid {stubborn.pid} (sh -c trap '' TERM; sleep 60) not stopped in 0.3 s" in said
