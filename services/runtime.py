@@ -278,8 +278,32 @@ class Tasks:
             _, pending = await asyncio.wait(pending, timeout=1.0)
             if pending:
                 _log.warning(
-                    "tasks still stopping", extra={"tasks": [t.get_name() for t in pending]}
+                    "tasks still stopping",
+                    extra={"tasks": [t.get_name() for t in pending], "waiting": _waiting()},
                 )
+
+
+def _waiting() -> list[str]:
+    """Where each other task of this loop waits (its coroutines, outermost first, and the
+    line of the innermost): a task that does not stop when cancelled is one of them, or
+    waits on one."""
+    here = asyncio.current_task()
+    found = []
+    for task in asyncio.all_tasks():
+        if task is here or task.done():
+            continue
+        frames = []
+        awaited: Any = task.get_coro()
+        while (frame := getattr(awaited, "cr_frame", None)) is not None:
+            frames.append(frame)
+            awaited = awaited.cr_await
+        if frames:
+            calls = " > ".join(f.f_code.co_name for f in frames)
+            inner = frames[-1]
+            found.append(
+                f"{task.get_name()}: {calls} ({inner.f_code.co_filename}:{inner.f_lineno})"
+            )
+    return sorted(found)
 
 
 class OpsServer:
