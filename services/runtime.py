@@ -269,14 +269,20 @@ class Tasks:
         """Cancel the named tasks (every task, if none is named) and wait for them. A
         task still running a second later is cancelled again: a cancel can be lost (in
         Python 3.11 an await may return a result that came with it), and a service that
-        waited for it would not stop on SIGTERM."""
+        waited for it would not stop on SIGTERM. So is every task of the loop that was
+        cancelled and still runs: a task group cancels its tasks once, and waits for them
+        (an indexer's checkpoints task waited out its 10 s grace for a shard's reader
+        whose cancel came with the reply it waited for)."""
         stopping = [self._tasks.pop(n) for n in names or list(self._tasks) if n in self._tasks]
         pending = set(stopping)
+        here = asyncio.current_task()
+        lost: set[asyncio.Task[Any]] = set()
         while pending:
-            for task in pending:
+            for task in pending | lost:
                 task.cancel()
             _, pending = await asyncio.wait(pending, timeout=1.0)
             if pending:
+                lost = {t for t in asyncio.all_tasks() if t is not here and t.cancelling()}
                 _log.warning(
                     "tasks still stopping",
                     extra={"tasks": [t.get_name() for t in pending], "waiting": _waiting()},

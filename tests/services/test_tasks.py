@@ -149,3 +149,30 @@ async def test_a_task_that_lost_its_cancel_is_cancelled_again(
     assert said.getMessage() == "tasks still stopping"
     [where] = [w for w in said.__dict__["waiting"] if w.startswith("stubborn:")]
     assert "_keep > stubborn > wait (" in where and "locks.py" in where  # the line it waits on
+
+
+async def test_a_task_of_a_task_group_that_lost_its_cancel_is_cancelled_again() -> None:
+    """A task group cancels its tasks once and waits for them: one whose cancel was lost
+    (it came with the reply its await returned) held its group, the task that runs it
+    and the service's stop for ever. Stopping cancels again every task that was
+    cancelled and still runs."""
+    tasks = Tasks(CollectorRegistry())
+    lost: list[int] = []
+
+    async def reader() -> None:
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if lost:
+                    raise
+                lost.append(1)  # as wait_for returns a result that came with the cancel
+
+    async def group() -> None:
+        async with asyncio.TaskGroup() as g:
+            g.create_task(reader())
+
+    tasks.start("group", group)
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(tasks.stop(), 5)
+    assert lost == [1]
