@@ -289,6 +289,15 @@ class Tasks:
                 )
 
 
+def raise_lost_cancel() -> None:
+    """Raise the cancel that an await just returned through: in Python 3.11,
+    ``asyncio.wait_for`` (a NATS request's) returns a result that came with a cancel and
+    drops the cancel. Called after such an await in a loop, the loop stops at once."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _waiting() -> list[str]:
     """Where each other task of this loop waits (its coroutines, outermost first, and the
     line of the innermost): a task that does not stop when cancelled is one of them, or

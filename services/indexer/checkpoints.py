@@ -87,7 +87,7 @@ from services.replica.transport import (
     fill_subject,
     range_subject,
 )
-from services.runtime import Tasks, close_nats, connect_peer, now_ms
+from services.runtime import Tasks, close_nats, connect_peer, now_ms, raise_lost_cancel
 from services.signer.client import SignerClient
 from services.signer.config import SignerAccess
 
@@ -459,6 +459,7 @@ class Checkpoints:
             query = msgspec.msgpack.encode(proto.EventsQuery(index.height))
             try:
                 reply = await self.nc.request(subject, query, timeout=PAGE_TIMEOUT_S)
+                raise_lost_cancel()  # else its task group would wait for it (Tasks.stop)
                 _, page = proto.decode_copy_page(reply.data)
             except (NatsError, TimeoutError) as exc:
                 log.debug("copy unavailable", extra={"subject": subject, "error": repr(exc)})

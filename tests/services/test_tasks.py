@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 
 import pytest
 from nats.errors import UnexpectedEOF
 from prometheus_client import CollectorRegistry
 
 from services import runtime
-from services.runtime import Tasks, nats_error
+from services.runtime import Tasks, nats_error, raise_lost_cancel
 
 
 def failures(registry: CollectorRegistry, task: str) -> float:
@@ -176,3 +177,29 @@ async def test_a_task_of_a_task_group_that_lost_its_cancel_is_cancelled_again() 
     await asyncio.sleep(0.05)
     await asyncio.wait_for(tasks.stop(), 5)
     assert lost == [1]
+
+
+async def test_a_cancel_an_await_returned_through_is_raised() -> None:
+    """Python 3.11's wait_for (a NATS request's) returns a result that came with a
+    cancel, and drops the cancel: ``raise_lost_cancel`` after it stops the task."""
+    loop = asyncio.get_running_loop()
+
+    async def read(reply: asyncio.Future[int], check: bool) -> int:
+        value = await asyncio.wait_for(reply, 10)
+        if check:
+            raise_lost_cancel()
+        return value
+
+    outcomes = []
+    for check in (False, True):
+        reply: asyncio.Future[int] = loop.create_future()
+        task = asyncio.create_task(read(reply, check))
+        await asyncio.sleep(0)  # it waits for its reply
+        reply.set_result(7)
+        task.cancel()  # in the same turn as the reply
+        await asyncio.wait([task])
+        outcomes.append("cancelled" if task.cancelled() else task.result())
+    if sys.version_info < (3, 12):
+        assert outcomes == [7, "cancelled"]  # without it, the task reads on
+    else:
+        assert outcomes[1] == "cancelled"
