@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import asyncpg
+
+from services.database import DATABASE_DOWN
 from services.gateway.api import Api
 from services.gateway.config import Settings
 from services.gateway.console import Console
@@ -24,6 +27,7 @@ from services.runtime import OpsServer
 log = logging.getLogger("gateway")
 
 LIGHTNING_POLL_S = 5.0
+INDEX_POLL_S = 2.0
 
 
 class GatewayNode:
@@ -33,6 +37,7 @@ class GatewayNode:
         self.ops = OpsServer(self.metrics.registry, self.ready, settings.max_body)
         self.api: Api | None = None
         self.lightning_up: bool | None = None  # None: no node configured, or not asked yet
+        self.index_up = True
         self.settler: Settler | None = None
         self.draining = False
 
@@ -43,8 +48,11 @@ class GatewayNode:
             return False, "not connected to NATS"
         if self.draining:
             return False, "draining"
-        # payments in the ledger need no Lightning node: ready, and saying so
-        node = "; the Lightning node does not answer" if self.lightning_up is False else ""
+        # payments in the ledger need neither the index nor a Lightning node: ready,
+        # and saying so
+        node = "" if self.index_up else "; the index database does not answer (no reads)"
+        if self.lightning_up is False:
+            node += "; the Lightning node does not answer"
         if self.settler is not None:  # payments in the ledger need no settling either
             node += "; settling" if self.settler.leading else "; not settling (standing by)"
         return True, f"routing by partition map v{self.api.ledger.pmap.version}{node}"
@@ -91,6 +99,7 @@ class GatewayNode:
         for name, client in ledgers.items():
             tasks.start(f"packages-{name}", client.packer.run)
         tasks.start("limits", limits.sync_forever)
+        tasks.start("index", lambda: self._watch_index(index))
         lightning = ClnBackend(s.lightning_rpc) if s.lightning_rpc else None
         if lightning is not None:
             tasks.start("lightning", lambda: self._watch_lightning(lightning))
@@ -121,6 +130,24 @@ class GatewayNode:
         if settle_store is not None:
             await settle_store.close()
         await limits.close()
+
+    async def _watch_index(self, index: Index) -> None:
+        """Whether the index database answers, every ``INDEX_POLL_S`` (``/readyz``'s
+        reason and ``gateway_index_up``); said once as it goes and as it comes back."""
+        while True:
+            try:
+                async with asyncio.timeout(INDEX_POLL_S):
+                    await index.ping()
+                up = True
+            except (*DATABASE_DOWN, TimeoutError, asyncpg.PostgresError) as exc:
+                if self.index_up:
+                    log.warning("index database not answering", extra={"error": repr(exc)})
+                up = False
+            if up and not self.index_up:
+                log.info("index database answering again")
+            self.index_up = up
+            self.metrics.index_up.set(int(up))
+            await asyncio.sleep(INDEX_POLL_S)
 
     async def _watch_lightning(self, backend: ClnBackend) -> None:
         """The Lightning node's money into the metrics, every ``LIGHTNING_POLL_S`` (its

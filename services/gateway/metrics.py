@@ -40,6 +40,9 @@ class GatewayMetrics:
         self.lightning_up = Gauge(
             "gateway_lightning_up", "1 while the Lightning node answers", registry=r
         )
+        self.index_up = Gauge(
+            "gateway_index_up", "1 while the index database (reads) answers", registry=r
+        )
         self.lightning_msat = Gauge(
             "gateway_lightning_msat",
             "the Lightning node's money: local, spendable and receivable in channels that "

@@ -168,6 +168,10 @@ class Index:
                 await conn.execute("SELECT pg_advisory_unlock(7411)")
         return cls(pool)
 
+    async def ping(self) -> None:
+        """Raise where the database does not answer."""
+        await self.pool.fetchval("SELECT 1")
+
     async def store(self, events: list[proto.BlockEvents]) -> None:
         """Store blocks' events, and move each worker's cursor to its last block here."""
         changes: list[tuple[bytes, bytes, bytes, int, bool, int, int]] = []

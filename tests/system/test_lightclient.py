@@ -14,7 +14,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +234,10 @@ async def test_a_member_whose_postgresql_was_killed_fills_the_checkpoints_it_mis
     status = devnet.read_status(Path(nets[2].dir))
     assert status is not None
     indexer_log = Path(nets[2].dir) / "indexer.log"
+    end = time.monotonic() + 60  # it checkpoints (it loads its pin from its database first)
+    while '"checkpointing"' not in indexer_log.read_text(errors="replace"):
+        assert time.monotonic() < end, "op2's indexer never started checkpointing"
+        await asyncio.sleep(0.3)
     os.kill(status["pid"], signal.SIGSTOP)  # its supervisor brings PostgreSQL back later
     try:
         os.killpg(nets[2].pg_pid, signal.SIGKILL)  # its backends go when they see it gone
@@ -244,9 +248,12 @@ async def test_a_member_whose_postgresql_was_killed_fills_the_checkpoints_it_mis
             paid += await _pay_self(wallet, address, 1)  # the guild checkpoints meanwhile
         why = await _readyz(nets[2].mint_url, 503, 20)  # its mint says it is not ready
         assert "database not reachable" in why, why
+        # its gateway takes payments still (ready), and says it cannot read
+        await _readyz(nets[2].gateway_url, 200, 20, lambda why: "index database does not" in why)
     finally:
         os.kill(status["pid"], signal.SIGCONT)
-    await _readyz(nets[2].gateway_url, 200, 60)  # its PostgreSQL back, ready again
+    # its PostgreSQL back, ready again, and its gateway reads again
+    await _readyz(nets[2].gateway_url, 200, 60, lambda why: "index database" not in why)
     await _readyz(nets[2].mint_url, 200, 60)
     await _proves_the_guilds_chain(nets[2], nets[0], paid)
     log = indexer_log.read_text(errors="replace").splitlines()
@@ -255,15 +262,19 @@ async def test_a_member_whose_postgresql_was_killed_fills_the_checkpoints_it_mis
     assert not errors, errors[:2]
 
 
-async def _readyz(url: str, status: int, seconds: float) -> str:
-    """The body of ``url``'s ``/readyz`` once it answers ``status``, asking each 0.3 s."""
+async def _readyz(
+    url: str, status: int, seconds: float, says: Callable[[str], bool] = lambda _: True
+) -> str:
+    """The body of ``url``'s ``/readyz`` once it answers ``status`` with a body that
+    ``says``, asking each 0.3 s."""
     end = time.monotonic() + seconds
     async with aiohttp.ClientSession() as s:
         while True:
             async with s.get(url + "/readyz") as r:
-                if r.status == status:
-                    return await r.text()
-                assert time.monotonic() < end, (r.status, await r.text())
+                body = await r.text()
+                if r.status == status and says(body):
+                    return body
+                assert time.monotonic() < end, (r.status, body)
             await asyncio.sleep(0.3)
 
 
