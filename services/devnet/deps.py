@@ -27,6 +27,7 @@ from services.devnet.procs import (
     alive,
     free_port,
     launch,
+    pids_where,
     stop_pid,
     wait_ready,
     wait_tcp,
@@ -257,14 +258,11 @@ def _processes_in(folder: Path) -> list[int]:
     """The PostgreSQL processes working in ``folder`` (a server's all are in its data
     directory), of those this user may see; nothing else there (a shell, say) counts."""
     binary, where = Path(pg_binary("postgres")).resolve(), folder.resolve()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                cwd, exe = Path(os.readlink(entry / "cwd")), Path(os.readlink(entry / "exe"))
-                if cwd == where and exe == binary:
-                    found.append(int(entry.name))
-    return found
+    return pids_where(
+        lambda proc: (
+            Path(os.readlink(proc / "cwd")) == where and Path(os.readlink(proc / "exe")) == binary
+        )
+    )
 
 
 async def _create_database(net: Devnet) -> None:

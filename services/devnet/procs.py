@@ -113,15 +113,18 @@ def group_nice(pid: int) -> int | None:
 
 def child_pids(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (started by any of its threads)."""
+    return pids_where(lambda proc: f"\nPPid:\t{pid}\n" in (proc / "status").read_text())
+
+
+def pids_where(test: Callable[[Path], bool]) -> list[int]:
+    """The processes whose ``/proc`` folder ``test`` accepts; one gone meanwhile, or not
+    this user's to read, is not."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                status = (entry / "status").read_text()
-            except OSError:
-                continue  # gone meanwhile
-            if f"\nPPid:\t{pid}\n" in status:
-                found.append(int(entry.name))
+            with contextlib.suppress(OSError):
+                if test(entry):
+                    found.append(int(entry.name))
     return found
 
 

@@ -166,8 +166,10 @@ class BitcoindError(Exception):
 
 
 CHAIN_DOWN = (BitcoindError, aiohttp.ClientError, OSError, TimeoutError)
-# what may go wrong with a withdrawal after it was recorded: said, and taken up again
-NOT_SENT = (*CHAIN_DOWN, m.CashuError, NatsError, asyncpg.PostgresError)
+# what may go wrong with a withdrawal after it was recorded: said, and taken up again (the
+# database gone mid-statement too: asyncpg's InterfaceError and InternalClientError are
+# no OSError, and ended the task with an error)
+NOT_SENT = (*CHAIN_DOWN, *DATABASE_DOWN, m.CashuError, NatsError, asyncpg.PostgresError)
 
 
 class Bitcoind:
