@@ -10,8 +10,10 @@ from what was stored.
 
 Swaps, the mint's busiest operation, commit in groups: the swaps that arrive while
 others are committing go together in the next transaction (at most ``SWAP_GROUPS`` in
-flight), each one all or nothing in it. A swap refused there (a proof seen before, an
-output signed before) takes back what it inserted before the commit; two swaps that
+flight), each one all or nothing in it. A group goes first as one statement (one round
+trip; PostgreSQL refuses it whole where one of its proofs was seen or one of its outputs
+signed before), then, so refused, as a transaction in which a swap refused (that proof,
+that output) takes back what it inserted before the commit; two swaps that
 share a proof or an output never go in one group: the later one goes in a later
 transaction, which decides between them as between any two. Where PostgreSQL refuses a
 group's transaction, its swaps go again one a transaction, so that one swap's failure is
@@ -287,6 +289,38 @@ WHERE amount IS NOT NULL AND NOT EXISTS (SELECT 1 FROM mint_totals WHERE kind = 
 """
 
 
+def _proofs(state: str, reserved_by: str) -> str:
+    """The rows of ``INSERT INTO mint_proofs`` from ``_proof_columns`` ($1 to $6), in
+    Y's order."""
+    return (
+        "(y, keyset, amount, secret, c, witness, state, reserved_by)"
+        f" SELECT y, k, a, s, c, w, {state}, {reserved_by} FROM unnest($1::bytea[],"
+        " $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[])"
+        " AS t(y, k, a, s, c, w) ORDER BY y"
+    )
+
+
+def _promises(first: int) -> str:
+    """The rows of ``INSERT INTO mint_promises`` from ``_promise_columns`` (from
+    ``$first``), in B_'s order."""
+    a, b, c, d, e, f = (f"${first + i}" for i in range(6))
+    return (
+        "(b_, keyset, amount, c_, e, s)"
+        f" SELECT * FROM unnest({a}::bytea[], {b}::text[], {c}::bigint[], {d}::text[],"
+        f" {e}::text[], {f}::text[]) AS t(b, k, a, c, e, s) ORDER BY b"
+    )
+
+
+# a group of swaps in one statement: it fails as a whole (a unique violation) where one
+# proof was seen or one output signed before
+SWAP_GROUP = (
+    f"WITH proofs AS (INSERT INTO mint_proofs {_proofs(repr('SPENT'), 'NULL')}),"
+    f" promises AS (INSERT INTO mint_promises {_promises(7)})"
+    " INSERT INTO mint_fees (kind, msat) SELECT 'swap', f FROM unnest($13::bigint[]) AS f"
+    " WHERE f > 0"
+)
+
+
 @dataclass
 class _Swap:
     """A swap waiting for its group's transaction."""
@@ -325,6 +359,30 @@ def _fail(group: list[_Swap], exc: Exception) -> None:
             e.done.set_exception(exc)
 
 
+def _proof_columns(ys: Sequence[bytes], proofs: Sequence[nut.Proof]) -> list[Sequence[Any]]:
+    return [
+        ys,
+        [p.id for p in proofs],
+        [p.amount for p in proofs],
+        [p.secret for p in proofs],
+        [p.C for p in proofs],
+        [p.witness for p in proofs],
+    ]
+
+
+def _promise_columns(
+    blinded: Sequence[bytes], signatures: Sequence[nut.BlindSignature]
+) -> list[Sequence[Any]]:
+    return [
+        blinded,
+        [s.id for s in signatures],
+        [s.amount for s in signatures],
+        [s.C_ for s in signatures],
+        [s.dleq.e for s in signatures],
+        [s.dleq.s for s in signatures],
+    ]
+
+
 async def _insert_proofs(
     conn: asyncpg.Connection,
     ys: Sequence[bytes],
@@ -335,16 +393,8 @@ async def _insert_proofs(
     """Insert the proofs not seen before; the Ys inserted. Rows go in by Y, so that two
     transactions sharing proofs wait for each other in one order and never deadlock."""
     rows = await conn.fetch(
-        "INSERT INTO mint_proofs (y, keyset, amount, secret, c, witness, state, reserved_by)"
-        " SELECT y, k, a, s, c, w, $7, $8 FROM unnest($1::bytea[], $2::text[],"
-        " $3::bigint[], $4::text[], $5::text[], $6::text[]) AS t(y, k, a, s, c, w)"
-        " ORDER BY y ON CONFLICT (y) DO NOTHING RETURNING y",
-        ys,
-        [p.id for p in proofs],
-        [p.amount for p in proofs],
-        [p.secret for p in proofs],
-        [p.C for p in proofs],
-        [p.witness for p in proofs],
+        f"INSERT INTO mint_proofs {_proofs('$7', '$8')} ON CONFLICT (y) DO NOTHING RETURNING y",
+        *_proof_columns(ys, proofs),
         state,
         reserved_by,
     )
@@ -359,16 +409,8 @@ async def _insert_promises(
     """Record blind signatures of outputs not signed before; the B_s recorded (in B_'s
     order, as proofs go in by Y)."""
     rows = await conn.fetch(
-        "INSERT INTO mint_promises (b_, keyset, amount, c_, e, s)"
-        " SELECT * FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::text[],"
-        " $5::text[], $6::text[]) AS t(b, k, a, c, e, s)"
-        " ORDER BY b ON CONFLICT (b_) DO NOTHING RETURNING b_",
-        blinded,
-        [s.id for s in signatures],
-        [s.amount for s in signatures],
-        [s.C_ for s in signatures],
-        [s.dleq.e for s in signatures],
-        [s.dleq.s for s in signatures],
+        f"INSERT INTO mint_promises {_promises(1)} ON CONFLICT (b_) DO NOTHING RETURNING b_",
+        *_promise_columns(blinded, signatures),
     )
     return {bytes(r["b_"]) for r in rows}
 
@@ -555,8 +597,36 @@ class MintStore:
             _fail(group, exc)
 
     async def _swap_group(self, group: list[_Swap]) -> None:
-        """One transaction for swaps that share no proof and no output, each one all or
-        nothing in it."""
+        """Swaps that share no proof and no output, each one all or nothing: first all in
+        one statement (its own transaction, one round trip); where a proof was seen or an
+        output signed before, that statement changed nothing, and a transaction finds
+        which swaps to refuse (``_sort_group``)."""
+        signatures = [s for e in group for s in e.signatures]
+        try:
+            async with self.pool.acquire() as conn:
+                await conn.execute(
+                    SWAP_GROUP,
+                    *_proof_columns(
+                        [y for e in group for y in e.spend.ys],
+                        [p for e in group for p in e.request.inputs],
+                    ),
+                    *_promise_columns([b for e in group for b in e.blinded], signatures),
+                    [e.spend.fee * 1000 for e in group],
+                )
+            refused: dict[int, m.CashuError] = {}
+        except asyncpg.UniqueViolationError:
+            refused = await self._sort_group(group)
+        for i, e in enumerate(group):
+            if not e.done.done():
+                if i in refused:
+                    e.done.set_exception(refused[i])
+                else:
+                    e.done.set_result(e.signatures)
+        self.grouped(len(group))
+
+    async def _sort_group(self, group: list[_Swap]) -> dict[int, m.CashuError]:
+        """``group`` in one transaction where some of its swaps are refused: those
+        swaps (by index in the group) with why, the others committed."""
         refused: dict[int, m.CashuError] = {}
         async with self.pool.acquire() as conn, conn.transaction():
             inserted = await _insert_proofs(
@@ -599,13 +669,7 @@ class MintStore:
                     " SELECT 'swap', f FROM unnest($1::bigint[]) AS f WHERE f > 0",
                     fees,
                 )
-        for i, e in enumerate(group):
-            if not e.done.done():
-                if i in refused:
-                    e.done.set_exception(refused[i])
-                else:
-                    e.done.set_result(e.signatures)
-        self.grouped(len(group))
+        return refused
 
     async def states(self, ys: Sequence[bytes]) -> dict[bytes, str]:
         async with self.pool.acquire() as conn:
