@@ -312,7 +312,10 @@ def _promises(first: int) -> str:
 
 
 # a group of swaps in one statement: it fails as a whole (a unique violation) where one
-# proof was seen or one output signed before
+# proof was seen or one output signed before. Its two inserts run in PostgreSQL's order,
+# not ours: it and a group's transaction (proofs, then outputs) that share a proof and an
+# output (one request sent twice at once) may deadlock, which PostgreSQL breaks (a
+# second later), and their swaps go again, each alone
 SWAP_GROUP = (
     f"WITH proofs AS (INSERT INTO mint_proofs {_proofs(repr('SPENT'), 'NULL')}),"
     f" promises AS (INSERT INTO mint_promises {_promises(7)})"
