@@ -81,21 +81,26 @@ def unblind(signature: PublicKey, r: int, key: PublicKey) -> PublicKey:
     return point
 
 
-def verify(k: int, y: PublicKey, unblinded: PublicKey) -> bool:
-    """Whether C = k·Y (Y = hash_to_curve(secret))."""
-    return cbytes(sign(k, y)) == cbytes(unblinded)
+def verify(k: int, y: PublicKey, unblinded: bytes) -> bool:
+    """Whether C = k·Y (Y = hash_to_curve(secret)), C given as its 33 bytes (a point has
+    one compressed encoding: bytes that are none are no k·Y)."""
+    return cbytes(sign(k, y)) == unblinded
 
 
 def hash_e(*points: PublicKey) -> bytes:
     """SHA256 over the lowercase hex text of each point's uncompressed encoding."""
-    text = "".join(p.format(compressed=False).hex() for p in points)
-    return hashlib.sha256(text.encode()).digest()
+    return _hash_e(*(p.format(compressed=False) for p in points))
 
 
-def dleq_nonce(k: int, key: PublicKey, blinded: PublicKey, signature: PublicKey) -> int:
+def _hash_e(*uncompressed: bytes) -> bytes:
+    return hashlib.sha256("".join(u.hex() for u in uncompressed).encode()).digest()
+
+
+def dleq_nonce(k: int, key: bytes, blinded: bytes, signature: bytes) -> int:
     """The deterministic nonce of a DLEQ proof: HMAC-SHA256 keyed by ``k`` over the
-    domain, K, B_, C_ (uncompressed) and a counter byte, the first value in [1, n)."""
-    body = DLEQ_NONCE + b"".join(p.format(compressed=False) for p in (key, blinded, signature))
+    domain, K, B_, C_ (their uncompressed encodings) and a counter byte, the first value
+    in [1, n)."""
+    body = DLEQ_NONCE + key + blinded + signature
     secret = k.to_bytes(32, "big")
     for counter in range(256):
         r = int.from_bytes(hmac.new(secret, body + bytes([counter]), hashlib.sha256).digest())
@@ -117,11 +122,14 @@ def prove(
     (they are computed otherwise)."""
     key = public_key(k) if key is None else key
     signature = sign(k, blinded) if signature is None else signature
-    p = dleq_nonce(k, key, blinded, signature) if nonce is None else nonce
+    # K and C_ are in both hashes: encoded once
+    key_u, signature_u = key.format(compressed=False), signature.format(compressed=False)
+    blinded_u = blinded.format(compressed=False)
+    p = dleq_nonce(k, key_u, blinded_u, signature_u) if nonce is None else nonce
     _check_scalar(p)
     r1, r2 = base_mul(p), mul(blinded, p)
     assert r1 is not None and r2 is not None
-    e = hash_e(r1, r2, key, signature)
+    e = _hash_e(r1.format(compressed=False), r2.format(compressed=False), key_u, signature_u)
     s = (p + int.from_bytes(e) * k) % N
     return e, s.to_bytes(32, "big")
 

@@ -79,6 +79,13 @@ class Outputs:
     unit: str
 
 
+def _hex(text: str, what: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise CashuError(PROOF_INVALID, f"{what} is not hex") from None
+
+
 def _point(hex33: str, what: str) -> PublicKey:
     try:
         return PublicKey(bytes.fromhex(hex33))
@@ -128,7 +135,7 @@ class Mint:
             if k is None:
                 raise CashuError(PROOF_INVALID, f"keyset {p.id} has no amount {p.amount}")
             y = bdhke.hash_to_curve(p.secret.encode())
-            if not bdhke.verify(k, y, _point(p.C, "a proof's C")):
+            if not bdhke.verify(k, y, _hex(p.C, "a proof's C")):
                 raise CashuError(PROOF_INVALID, "a proof's signature is not the mint's")
             ys.append(y.format())
             units.add(keyset.unit)
