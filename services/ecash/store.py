@@ -316,8 +316,9 @@ def _promises(first: int) -> str:
 # not ours: it and a group's transaction (proofs, then outputs) that share a proof and an
 # output (one request sent twice at once) may deadlock, which PostgreSQL breaks (a
 # second later), and their swaps go again, each alone
+_SPENT_ROWS = _proofs("'SPENT'", "NULL")
 SWAP_GROUP = (
-    f"WITH proofs AS (INSERT INTO mint_proofs {_proofs(repr('SPENT'), 'NULL')}),"
+    f"WITH proofs AS (INSERT INTO mint_proofs {_SPENT_ROWS}),"
     f" promises AS (INSERT INTO mint_promises {_promises(7)})"
     " INSERT INTO mint_fees (kind, msat) SELECT 'swap', f FROM unnest($13::bigint[]) AS f"
     " WHERE f > 0"
