@@ -24,7 +24,7 @@ from constellation.errors import (
     StaleMessage,
 )
 from constellation.hashing import tagged_hasher
-from constellation.keys import schnorr_sign, schnorr_verify
+from constellation.keys import SigningKey, schnorr_verify
 
 VERSION = 1
 MSG_ID_LEN = 16
@@ -64,16 +64,18 @@ _decoder = msgspec.msgpack.Decoder(Envelope)
 
 def seal(
     guild: str,
-    hostseckey: bytes,
+    key: SigningKey,
     hostpubkey: bytes,
     to: bytes,
     msg_id: bytes,
     sent_ms: int,
     body: bytes,
 ) -> bytes:
-    """Sign ``body`` from ``hostpubkey`` to ``to``; returns the wire bytes."""
+    """Sign ``body`` with ``key`` (whose public key is ``hostpubkey``) to ``to``; returns
+    the wire bytes. The key keeps its libsecp256k1 keypair: making one from the secret
+    for every message took 18 of its 39 µs."""
     unsigned = Envelope(VERSION, guild, hostpubkey, to, msg_id, sent_ms, body, b"")
-    sig = schnorr_sign(hostseckey, unsigned.digest())
+    sig = key.sign(unsigned.digest())
     return _encoder.encode(msgspec.structs.replace(unsigned, sig=sig))
 
 

@@ -143,14 +143,10 @@ class Sealer:
     def seal_body(self, operator: int, body: bytes, now_ms: int) -> bytes:
         """A message for ``operator`` that is not replication's: a relayed package,
         query or answer (``relay.py``)."""
-        return seal(
-            self.guild, self.key.secret, self.me, self.to[operator], os.urandom(16), now_ms, body
-        )
+        return seal(self.guild, self.key, self.me, self.to[operator], os.urandom(16), now_ms, body)
 
     def _seal(self, to: bytes, envelope: rp.Envelope, now_ms: int) -> bytes:
-        return seal(
-            self.guild, self.key.secret, self.me, to, os.urandom(16), now_ms, rp.encode(envelope)
-        )
+        return seal(self.guild, self.key, self.me, to, os.urandom(16), now_ms, rp.encode(envelope))
 
 
 class Opener:
@@ -229,9 +225,7 @@ class SettleLink:
         self.guards = [ReplayGuard(FRESH_MS, PER_SENDER) for _ in keys]
 
     def seal(self, peer: str, body: bytes, now_ms: int) -> bytes:
-        return seal(
-            SETTLE_DOMAIN, self.key.secret, self.me, self.keys[peer], os.urandom(16), now_ms, body
-        )
+        return seal(SETTLE_DOMAIN, self.key, self.me, self.keys[peer], os.urandom(16), now_ms, body)
 
     def open(self, subj: str, data: bytes, now_ms: int) -> tuple[str, bytes]:
         """(the sending peer's name, its settlement message inside)."""

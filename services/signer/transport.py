@@ -18,6 +18,7 @@ from nats.aio.client import Client
 
 from constellation.crypto.dkg import hostpubkey_gen
 from constellation.errors import MessageError
+from constellation.keys import SigningKey
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import MSG_ID_LEN, Membership, ReplayGuard, seal
 from services.replica.transport import PREFIX
@@ -68,7 +69,7 @@ class Transport:
         self.routes = routes
         self.members = members
         self.guild = members.guild
-        self.hostseckey = hostseckey
+        self.key = SigningKey(hostseckey)
         self.hostpubkey = hostpubkey_gen(hostseckey)
         self.me = members.index.get(self.hostpubkey, -1)  # -1: not a member (it is refused)
         self.name = name or f"m{self.me}"
@@ -77,7 +78,7 @@ class Transport:
     def seal(self, to: bytes, msg: proto.Message) -> bytes:
         return seal(
             self.guild,
-            self.hostseckey,
+            self.key,
             self.hostpubkey,
             to,
             os.urandom(MSG_ID_LEN),

@@ -19,6 +19,7 @@ from constellation.errors import (
     Replayed,
     StaleMessage,
 )
+from constellation.keys import SigningKey
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import BROADCAST, Membership, ReplayGuard, seal
 
@@ -32,7 +33,7 @@ NOW = 1_800_000_000_000
 def sealed(sender: int = 0, to: bytes | None = None, body: bytes = b"hi", **kw: object) -> bytes:
     args: dict[str, object] = {
         "guild": GUILD,
-        "hostseckey": SECRETS[sender],
+        "key": SigningKey(SECRETS[sender]),
         "hostpubkey": KEYS[sender],
         "to": KEYS[1] if to is None else to,
         "msg_id": os.urandom(16),
@@ -52,13 +53,13 @@ def test_a_member_message_opens_for_its_addressee() -> None:
 
 def test_non_member_is_rejected() -> None:
     outsider = bytes([9]) * 32
-    data = sealed(hostseckey=outsider, hostpubkey=hostpubkey_gen(outsider))
+    data = sealed(key=SigningKey(outsider), hostpubkey=hostpubkey_gen(outsider))
     with pytest.raises(NotAMember):
         MEMBERS.open(data, KEYS[1])
 
 
 def test_member_key_claimed_by_someone_else_fails_the_signature() -> None:
-    data = sealed(sender=0, hostseckey=SECRETS[2])  # claims to be member 0
+    data = sealed(sender=0, key=SigningKey(SECRETS[2]))  # claims to be member 0
     with pytest.raises(BadMessageSignature):
         MEMBERS.open(data, KEYS[1])
 

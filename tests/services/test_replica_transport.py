@@ -413,7 +413,7 @@ def test_what_a_settlement_link_refuses() -> None:
     with pytest.raises(Misdirected):  # its own key, from outside
         op0.open(
             settle_subject("op1"),
-            seal(SETTLE_DOMAIN, KEYS[0].secret, mine, mine, bytes(16), NOW, b""),
+            seal(SETTLE_DOMAIN, KEYS[0], mine, mine, bytes(16), NOW, b""),
             NOW,
         )
     with pytest.raises(Misdirected):

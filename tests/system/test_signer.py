@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from constellation.bitcoin import SpendInput, SpendOutput, p2tr_script, taproot_sighash
 from constellation.crypto import frost
 from constellation.guild import Checkpoint, OnchainSpend, Statement
+from constellation.keys import SigningKey
 from constellation.protocol import lightclient as lc
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import seal
@@ -315,7 +316,7 @@ async def test_a_member_flooding_a_signer_fills_only_its_own_replay_memory(
     guild = guild_factory(3)
     assert (await guild.keygen(2)).ok
     nc = await nats.connect(guild.net.nats_url)
-    members, key = guild.members, guild.identity(2)
+    members, key = guild.members, SigningKey(guild.identity(2))
     for _ in range(60):
         data = seal(
             members.guild, key, members.hostpubkeys[2], members.hostpubkeys[1],
