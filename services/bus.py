@@ -92,6 +92,12 @@ def map_bucket(operator: str) -> str:
     return f"cst-{operator}"
 
 
+def put_subject(operator: str, key: str) -> str:
+    """The subject a put of ``key`` in the operator's bucket goes out on: a plain
+    subscriber to it hears of each put (a notice to read it again, not the read)."""
+    return f"$KV.{map_bucket(operator)}.{key}"
+
+
 async def load_map(nc: Client, operator: str) -> PartitionMap | None:
     """The current partition map, or None where none was published yet."""
     try:

@@ -43,6 +43,7 @@ from constellation.keys import SigningKey
 from constellation.ledger.commit import TwoPhaseCommit
 from constellation.protocol import ledger as proto
 from constellation.protocol import replication as rp
+from constellation.replication import members as mb
 from constellation.replication.replica import EVERYONE, Ready, Replica, Role, body_hash
 from constellation.replication.replica import Settings as ReplicaSettings
 from constellation.replication.shard import Events, LedgerShard, ShardLog
@@ -219,6 +220,12 @@ class HostedCopy:
         """The operator agreed to more changes of members (``members``)."""
         self.replica.agree(steps)
         self.steps = list(steps)
+
+    def members_settled(self) -> bool:
+        """Whether the copy's members are the last step its operator agreed to (or all
+        its log told it), made by a confirmed block: no change of members under way."""
+        r = self.replica
+        return mb.next_step(r.members, self.steps) is None and r.changed_at <= r.confirmed
 
     def _change_members(self) -> None:
         """A leader takes the next agreed step of a change of members."""
