@@ -10,10 +10,10 @@ from typing import Any, NamedTuple
 import aiohttp
 
 from constellation.address import decode_address
-from constellation.errors import AlreadyCommitted, CoinSpent, InFlight, InputLocked
+from constellation.errors import AlreadyCommitted, CoinSpent
 from constellation.ledger.partition import Coin
 from constellation.tx import AnyIssuance, Transaction
-from services.gateway.errors import IN_PROGRESS
+from services.gateway.errors import is_final
 
 OUTCOME_WAIT_S = 60.0  # for the outcome of a payment that had no clear answer
 OUTCOME_RETRY_S = 0.25
@@ -29,11 +29,7 @@ class GatewayError(RuntimeError):
     def final(self) -> bool:
         """The ledger refused the request for good: sending it again changes nothing
         (not a timeout, an overload, or a transaction still being committed)."""
-        return (
-            self.status < 500
-            and self.status != 429
-            and self.code not in (InFlight.code, InputLocked.code, IN_PROGRESS)
-        )
+        return is_final(self.status, self.code)
 
 
 class Sent(NamedTuple):

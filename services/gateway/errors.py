@@ -133,6 +133,18 @@ API_FAMILIES = frozenset(
 )
 
 
+# Refusals under 500 that the same request sent again may change: the transaction is
+# being committed already, an input is locked by one that may still abort, or the first
+# request with this idempotency key still runs.
+PASSING = frozenset({e.InFlight.code, e.InputLocked.code, IN_PROGRESS})
+
+
+def is_final(status: int, code: str) -> bool:
+    """Whether an answer is for good: sending the request again changes nothing (not a
+    timeout, an overload, an outage, a bug, or a transaction still being committed)."""
+    return status < 500 and status != 429 and code not in PASSING
+
+
 def status_of(code: str) -> int:
     """The HTTP status of ``code``: its own, else its family's, else 400."""
     status = STATUS.get(code)

@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from constellation.errors import KeyReused
+from services.gateway.errors import is_final
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 PENDING_TTL_S = 60
@@ -139,9 +140,10 @@ class Limits:
     async def finish(
         self, client: str, key: str, body: bytes, status: int, answer: dict[str, Any]
     ) -> None:
-        """Store the final answer, or forget the key when the outcome may change on retry."""
+        """Store the final answer, or forget the key when the outcome may change on retry
+        (``errors.is_final``: a retry must reach the ledger again, not this answer)."""
         rkey = f"idem:{client}:{key}"
-        if status in (429, 503, 504):
+        if status >= 400 and not is_final(status, answer["error"]["code"]):
             await self.redis.delete(rkey)
             return
         doc = {"hash": hashlib.sha256(body).hexdigest(), "status": status, "body": answer}

@@ -79,7 +79,11 @@ ADDRESS = _path_param("address", {"type": "string", "pattern": "^[0-9A-Za-z]{1,9
 IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key",
     "in": "header",
-    "description": "the same key and body within a day get the first answer again",
+    "description": (
+        "the same key and body within a day get the first final answer again (a receipt"
+        " or a refusal for good); an answer that may change (a timeout, an overload, the"
+        " transaction still being committed, an input locked) is not kept: the retry runs"
+    ),
     "schema": {"type": "string", "pattern": "^[\\x20-\\x7e]{1,128}$"},
 }
 LEDGER = {

@@ -7,13 +7,22 @@ import shutil
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from constellation.errors import (
+    CoinSpent,
+    CommitTimeout,
+    InFlight,
+    InputLocked,
+    KeyReused,
+)
 from services import devnet
-from services.gateway.limits import Limits
+from services.gateway.errors import INTERNAL, RATE_LIMITED, TIMEOUT
+from services.gateway.limits import Limits, Stored
 
 RATE = 100
 
@@ -104,3 +113,37 @@ async def test_counts_stay_local_while_redis_is_down(
         await a.sync()
     assert a.admit("alice", 40) > 0  # the 70 still count
     assert a.admit("alice", 30) == 0
+
+
+async def test_only_final_answers_are_kept_for_an_idempotency_key(
+    gateways: tuple[Limits, Limits, Clock],
+) -> None:
+    a, b, _ = gateways
+    body = b"a transaction"
+
+    def refusal(code: str) -> dict[str, Any]:
+        return {"error": {"code": code, "message": "..."}}
+
+    # An answer that a retry may change is forgotten: the retry reaches the ledger again.
+    for status, code in (
+        (409, InFlight.code),
+        (409, InputLocked.code),
+        (429, RATE_LIMITED),
+        (500, INTERNAL),
+        (503, CommitTimeout.code),
+        (504, TIMEOUT),
+    ):
+        assert await a.begin("alice", "k", body) is None
+        await a.finish("alice", "k", body, status, refusal(code))
+        assert await b.begin("alice", "k", body) is None, code  # claimed anew
+        await b.finish("alice", "k", body, 504, refusal(TIMEOUT))
+    # A refusal for good and a receipt are replayed, by every gateway.
+    assert await a.begin("alice", "spent", body) is None
+    await a.finish("alice", "spent", body, 409, refusal(CoinSpent.code))
+    assert await b.begin("alice", "spent", body) == Stored(409, refusal(CoinSpent.code))
+    receipt = {"txid": "ab", "status": "committed"}
+    assert await a.begin("alice", "paid", body) is None
+    await a.finish("alice", "paid", body, 200, receipt)
+    assert await b.begin("alice", "paid", body) == Stored(200, receipt)
+    with pytest.raises(KeyReused):
+        await b.begin("alice", "paid", b"another transaction")
