@@ -135,13 +135,15 @@ class Touch(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=
 class Answer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What the indexer has: encoded checkpoints (``Announced``), a proof, the guild
     descriptor, pushes or history; ``error`` where it cannot answer (no checkpoint yet,
-    ...). ``more``: where pushes stopped short of the size limit, the index of the first
+    ...), ``unavailable`` where that may change on asking again (its database down).
+    ``more``: where pushes stopped short of the size limit, the index of the first
     key not wholly answered, and ``skip`` how many of its transactions were."""
 
     items: list[bytes] = []
     error: str = ""
     more: int = 0
     skip: int = 0
+    unavailable: bool = False
 
 
 # -- between members' indexers (over the peers' NATS, unsealed: what they carry is checked) --

@@ -111,6 +111,8 @@ class LightClientApi:
             answer = msgspec.msgpack.decode(msg.data, type=lcp.Answer)
         except (NatsError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ApiError("unavailable", f"the indexer did not answer: {exc!r}", 1) from None
+        if answer.unavailable:
+            raise ApiError("unavailable", answer.error, 1)
         if answer.error:
             raise ApiError(NOT_FOUND, answer.error)
         return answer

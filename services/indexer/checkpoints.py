@@ -829,9 +829,14 @@ class Checkpoints:
         else:
             try:
                 answer = await self._answer(query)
-            except Exception:  # a bug or the store failing: said, and the gateway told
+            except NOT_STORED as exc:  # the database down: the gateway says to retry
+                log.warning("a query not answered", extra={"error": repr(exc)})
+                answer = lcp.Answer(error="the indexer cannot read its database", unavailable=True)
+            except Exception:  # a bug: said, and the gateway told
                 log.exception("a query failed", extra={"query": type(query).__name__})
-                answer = lcp.Answer(error="the indexer failed to answer (it is logged)")
+                answer = lcp.Answer(
+                    error="the indexer failed to answer (it is logged)", unavailable=True
+                )
         await msg.respond(msgspec.msgpack.encode(answer))
 
     async def _answer(self, query: lcp.Query) -> lcp.Answer:

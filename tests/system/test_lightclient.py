@@ -226,9 +226,10 @@ async def test_a_member_whose_postgresql_was_killed_fills_the_checkpoints_it_mis
     where: Path,
 ) -> None:
     """kill -9 of a member's PostgreSQL, kept down while the guild checkpoints: its
-    indexer goes on taking, says it could not store what it took, stores it once its
-    database is back (not waiting for the guild's next checkpoint), and holds the
-    guild's whole chain; no error escapes its tasks or callbacks."""
+    indexer goes on taking, says it could not store what it took (and its gateway that
+    a proof is unavailable, not missing), stores it once its database is back (not
+    waiting for the guild's next checkpoint), and holds the guild's whole chain; no
+    error escapes its tasks or callbacks."""
     nets = [Devnet.load(where / f"op{i}") for i in range(3)]
     wallet, address = await _funded(where, "pg-killed", nets)
     status = devnet.read_status(Path(nets[2].dir))
@@ -250,6 +251,12 @@ async def test_a_member_whose_postgresql_was_killed_fills_the_checkpoints_it_mis
         assert "database not reachable" in why, why
         # its gateway takes payments still (ready), and says it cannot read
         await _readyz(nets[2].gateway_url, 200, 20, lambda why: "index database does not" in why)
+        # a proof it cannot read now is unavailable (retry), not "not found"
+        proof = f"{nets[2].gateway_url}/v1/lc/tx/{paid[0]}"
+        async with aiohttp.ClientSession() as s, s.get(proof) as r:
+            refusal = await r.json()
+            assert r.status == 503 and "Retry-After" in r.headers, (r.status, refusal)
+        assert refusal["error"]["code"] == "unavailable", refusal
     finally:
         os.kill(status["pid"], signal.SIGCONT)
     # its PostgreSQL back, ready again, and its gateway reads again
