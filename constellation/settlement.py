@@ -31,9 +31,10 @@ payment failed is cancelled at Q the same way. Q cancels only an unpaid invoice,
 can then never be paid (an HTLC held for it fails); a paid one settles the batch. P
 does not take Q's word either way: it asks its own node once more. Cancelled, it puts
 the batch's obligations into the next batch only once its node says the payment
-failed (pending and unknown are looked up again: a payment in flight may still land);
-paid, it settles with the fee its node reports (and where its node paid nothing,
-someone else paid Q's invoice: Q released, so the batch is settled all the same).
+failed (pending and unknown are looked up again: a payment in flight may still land;
+no attempt at all ``NEVER_SENT_S`` after the cancel is a payment never sent); paid,
+it settles with the fee its node reports (and where its node paid nothing, someone
+else paid Q's invoice: Q released, so the batch is settled all the same).
 
 Q releases a batch's outputs once its invoice is paid for the whole amount. The release
 is remembered until the shell says its ledger made it (``released``), and asked for
@@ -57,6 +58,9 @@ PERIOD_S = 1.0  # a batch a second, at most
 RETRY_S = 2.0  # an unanswered request to the payee is sent again
 LOOKUP_S = 1.0  # a payment in doubt is looked up again
 GIVE_UP_S = 30.0  # a payment unknown this long: the payee is asked to cancel its invoice
+# Cancelled this long, no attempt of ours at our node means none was made: we send none
+# once cancelled, and a pay command ends sooner (services.gateway.lightning.RETRY_FOR_S).
+NEVER_SENT_S = 60.0
 
 _release_hash = tagged_hasher("constellation/release")
 
@@ -108,8 +112,12 @@ class Pay:
 
 @dataclass(frozen=True)
 class LookUp:
+    """What our node says of the batch's payment. ``attempted`` False: no attempt of
+    ours can appear any more, so none seen means it was never sent (failed)."""
+
     batch: int
     payment_hash: bytes
+    attempted: bool = True
 
 
 @dataclass(frozen=True)
@@ -254,8 +262,15 @@ class Payer:
             return [RequestCancel(b.id)]
         if b.status is Status.CANCELLED and now - b.asked >= LOOKUP_S:
             b.asked = now
-            return [LookUp(b.id, b.payment_hash)]
+            return [self._look_up_cancelled(b, now)]
         return []
+
+    @staticmethod
+    def _look_up_cancelled(b: Batch, now: float) -> LookUp:
+        """A cancelled batch's payment: a payment that never reached our node (no route,
+        an expired invoice, the node down when asked) shows no attempt at all, which
+        after ``NEVER_SENT_S`` is a failure, not a payment still to appear."""
+        return LookUp(b.id, b.payment_hash, now - b.since < NEVER_SENT_S)
 
     def offered(
         self, batch: int, bolt11: str, payment_hash: bytes, amount_msat: int, now: float
@@ -342,7 +357,7 @@ class Payer:
         if b.status is Status.PAYING:  # the node pays no hash twice: asking again is safe
             return [Pay(b.id, b.bolt11, self.fee_limit_msat)]
         if b.status is Status.CANCELLED:
-            return [LookUp(b.id, b.payment_hash)]
+            return [self._look_up_cancelled(b, now)]
         return [RequestCancel(b.id)]
 
 

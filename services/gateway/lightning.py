@@ -161,8 +161,10 @@ class LightningBackend(ABC):
         after any outcome but failed pays nothing twice."""
 
     @abstractmethod
-    async def payment(self, payment_hash: bytes) -> PaymentState:
-        """What became of a payment this node was asked to make."""
+    async def payment(self, payment_hash: bytes, attempted: bool = True) -> PaymentState:
+        """What became of a payment this node was asked to make. ``attempted`` False:
+        the caller knows no attempt can appear any more, so none seen is a failure
+        (else unknown: a call may not have reached the node yet)."""
 
     @abstractmethod
     async def channels(self) -> list[Channel]: ...
@@ -451,8 +453,8 @@ class ClnBackend(LightningBackend):
             return await self.payment(payment_hash)
         return PaymentState(Outcome.SETTLED, payment_hash, preimage, amount, sent - amount)
 
-    async def payment(self, payment_hash: bytes) -> PaymentState:
-        return await self._lookup(payment_hash, asked=True, over=-1)
+    async def payment(self, payment_hash: bytes, attempted: bool = True) -> PaymentState:
+        return await self._lookup(payment_hash, asked=attempted, over=-1)
 
     async def _lookup(self, payment_hash: bytes, asked: bool, over: int | None) -> PaymentState:
         """``listpays``' verdict. ``over``: the code the payment's command ended with

@@ -409,7 +409,7 @@ class Settler:
         pair.paying = self._spawn(pay())
 
     async def _look_up(self, pair: Pair, a: st.LookUp) -> None:
-        state = await self.backend.payment(a.payment_hash)
+        state = await self.backend.payment(a.payment_hash, a.attempted)
         outcome = state.outcome
         if outcome is Outcome.FAILED and pair.paying is not None and not pair.paying.done():
             # every attempt so far failed, and the pay command is still trying others

@@ -172,6 +172,9 @@ async def test_a_payer_node_that_is_down_leaves_the_outcome_unknown(net: Net) ->
     # no attempt at the node: our call never reached it, or has not yet; only the
     # caller's own journal can tell, and paying again is safe either way
     assert (await a.payment(inv.payment_hash)).outcome is Outcome.UNKNOWN
+    # where the caller knows no attempt can come any more (it sends none, and any call
+    # of its would have ended), none seen is a payment never sent
+    assert (await a.payment(inv.payment_hash, attempted=False)).outcome is Outcome.FAILED
     net.sim.network.nodes["a"].faults.delay_s = 0.2  # slow, not lost
     assert (await a.pay(inv.bolt11, 1_000)).outcome is Outcome.SETTLED
 

@@ -1,7 +1,8 @@
 """Settlement between two operators (``constellation/settlement.py``) over the simulated
 Lightning network, under random faults: payments that fail, hang or lose their answers,
-messages between the operators lost, repeated and reordered, and either side crashing
-between persisting and acting (it comes back from what it persisted).
+payments that never reach the payer's node, messages between the operators lost,
+repeated and reordered, and either side crashing between persisting and acting (it
+comes back from what it persisted).
 
 After every step: outputs are released in order, each once, and only when an invoice of
 exactly their batch was paid; the payer counts as paid only what the payee's node
@@ -22,6 +23,8 @@ from hypothesis import strategies as st
 
 from constellation.lightning import Outcome, nothing_sent, outgoing
 from constellation.settlement import (
+    LOOKUP_S,
+    NEVER_SENT_S,
     Action,
     CancelInvoice,
     Cancelled,
@@ -39,6 +42,7 @@ from constellation.settlement import (
     RequestInvoice,
     label,
 )
+from services.gateway.lightning import RETRY_FOR_S
 from services.lnsim.network import Attempt, LnError, Network
 
 KEY = b"payee settlement key"
@@ -112,6 +116,8 @@ class World:
                 assert a.amount_msat <= MAX_BATCH_MSAT or a.first == a.last
             self.to_payee.append(a)
         elif isinstance(a, Pay):
+            if self.chance(0.05):
+                return  # the node was down: the call never reached it, and no answer came
             if self.chance(0.1):
                 self.net.nodes["q"].faults.fail_next = 1
             if self.chance(0.1):
@@ -130,15 +136,15 @@ class World:
             self.look_up(a.batch, self._hash(a.bolt11))
         elif isinstance(a, LookUp):
             if not self.chance(0.2):
-                self.look_up(a.batch, a.payment_hash)
+                self.look_up(a.batch, a.payment_hash, a.attempted)
         else:
             raise AssertionError(f"the payer does not {a}")
 
     def _hash(self, bolt11: str) -> bytes:
         return bytes.fromhex(self.net.decode(bolt11).payment_hash or "")
 
-    def look_up(self, batch: int, payment_hash: bytes) -> None:
-        state = outgoing(self.net.pays("p", payment_hash), payment_hash, asked=True)
+    def look_up(self, batch: int, payment_hash: bytes, attempted: bool = True) -> None:
+        state = outgoing(self.net.pays("p", payment_hash), payment_hash, asked=attempted)
         self.payer_did(self.payer.outcome(batch, state.outcome, self.now))
 
     def payee_act(self, a: Action) -> None:
@@ -350,3 +356,18 @@ def test_the_payer_confirms_a_cancel_with_its_own_node() -> None:
     assert payer.state.owed == [(1, 5_000)]
     assert payer.cancelled(batch, True, 14.0) == []  # too late to matter: ignored
     assert payer.state.settled_upto == 0
+
+
+def test_a_cancelled_payment_is_never_sent_only_after_our_pay_command_would_end() -> None:
+    """``NEVER_SENT_S``'s premise: a pay command of ours stops trying before it."""
+    assert RETRY_FOR_S + LOOKUP_S < NEVER_SENT_S
+    payer = Payer(PayerState("p", "q"))
+    payer.owe(1, 5_000)
+    [request] = payer.tick(10.0)
+    assert isinstance(request, RequestInvoice)
+    payer.offered(request.batch, "lnbcrt1x", b"h" * 32, 5_000, 10.0)
+    payer.outcome(request.batch, Outcome.FAILED, 11.0)
+    assert payer.cancelled(request.batch, False, 12.0) == [LookUp(request.batch, b"h" * 32)]
+    assert payer.tick(12.0 + NEVER_SENT_S - 1) == [LookUp(request.batch, b"h" * 32, True)]
+    assert payer.tick(12.0 + NEVER_SENT_S) == [LookUp(request.batch, b"h" * 32, False)]
+    assert payer.resume(12.0 + NEVER_SENT_S) == [LookUp(request.batch, b"h" * 32, False)]
