@@ -113,6 +113,14 @@ CREATE TABLE IF NOT EXISTS chain_blocks (  -- what the follower read, to find a 
     height int PRIMARY KEY,
     hash text NOT NULL
 );
+CREATE TABLE IF NOT EXISTS chain_credited (  -- deposits credited to their quote: once each
+    txid text NOT NULL,
+    vout int NOT NULL,
+    PRIMARY KEY (txid, vout)
+);
+-- (those credited before this table was: a reorg must not credit them again either)
+INSERT INTO chain_credited SELECT txid, vout FROM chain_coins WHERE held AND quote IS NOT NULL
+    ON CONFLICT DO NOTHING;
 -- the books' running sums (``store.py``'s mint_count), kept by the tables' triggers
 CREATE OR REPLACE FUNCTION mint_count_chain_coins() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -501,26 +509,39 @@ class Onchain:
 
     async def _credit(self, conn: asyncpg.Connection, tip: int) -> list[tuple[str, int]]:
         """Deposits with enough confirmations: held by the mint, credited to their quote
-        (as ecash owed), in one transaction."""
+        (as ecash owed), in one transaction. A deposit credited before, reorganised out
+        and mined again, is held again and not credited twice."""
+        credited = []
         async with conn.transaction():
             rows = await conn.fetch(
                 "UPDATE chain_coins SET held = true WHERE NOT held AND quote IS NOT NULL"
-                " AND height IS NOT NULL AND height <= $1 RETURNING quote, amount_sat",
+                " AND height IS NOT NULL AND height <= $1 RETURNING txid, vout, quote, amount_sat",
                 tip - self.s.confirmations + 1,
             )
             for r in rows:
+                first = await conn.fetchval(
+                    "INSERT INTO chain_credited (txid, vout) VALUES ($1, $2)"
+                    " ON CONFLICT DO NOTHING RETURNING true",
+                    r["txid"],
+                    r["vout"],
+                )
+                if not first:
+                    log.warning("a deposit mined again after a reorg: held again", extra=dict(r))
+                    continue
                 await conn.execute(
                     "UPDATE chain_quotes SET amount_paid = amount_paid + $2 WHERE quote = $1",
                     r["quote"],
                     r["amount_sat"],
                 )
-        return [(r["quote"], r["amount_sat"]) for r in rows]
+                credited.append((r["quote"], r["amount_sat"]))
+        return credited
 
     async def _reorg(self, conn: asyncpg.Connection, height: int) -> None:
         """The block last read is no longer the chain's: forget what was read from the
         fork on and read again. A credited deposit reorganised away is gone from the
         mint's funds too, and said loudly: ecash may have been issued against it, so the
-        reserve invariant breaks, as it should."""
+        reserve invariant breaks, as it should, until the deposit is mined again (then
+        held again, its quote credited once: ``_credit``)."""
         fork = height
         while fork > 0:
             stored = await conn.fetchval("SELECT hash FROM chain_blocks WHERE height = $1", fork)
