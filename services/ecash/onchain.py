@@ -859,9 +859,11 @@ class Onchain:
                 ABANDONED_S,
             )
         self.metrics.withdrawals_open.set(len(open_))
-        for r in abandoned:
-            log.warning("an on-chain melt recorded no withdrawal: its proofs freed", extra=dict(r))
-            await self.store.fail_melt(r["quote"], r["attempt"])
+        for r in abandoned:  # (unless its process recorded one since: then it is sent)
+            if await self.store.fail_melt(r["quote"], r["attempt"], onchain=True):
+                log.warning(
+                    "an on-chain melt recorded no withdrawal: its proofs freed", extra=dict(r)
+                )
         for r in open_:
             try:
                 await self.complete(r["quote"])

@@ -875,19 +875,27 @@ class MintStore:
                 nut.encode(change).decode(),
             )
 
-    async def fail_melt(self, quote: str, attempt: int) -> None:
+    async def fail_melt(self, quote: str, attempt: int, onchain: bool = False) -> bool:
         """Attempt ``attempt``'s payment failed, for certain: its reserved proofs are free
-        again, the quote UNPAID (nothing, for another attempt or one resolved)."""
+        again, the quote UNPAID. Whether it was so: not for another attempt or one
+        resolved, nor, where ``onchain``, for a melt whose withdrawal was recorded
+        meanwhile (from its record on, a withdrawal is sent, never refunded)."""
         async with self.pool.acquire() as conn, conn.transaction():
             r = await conn.fetchrow(
                 "SELECT state, attempt FROM melt_quotes WHERE quote = $1 FOR UPDATE", quote
             )
             if r is None or r["state"] != m.MELT_PENDING or r["attempt"] != attempt:
-                return
+                return False
+            # (recorded under the same row lock: committed before this one was taken)
+            if onchain and await conn.fetchval(
+                "SELECT true FROM chain_withdrawals WHERE quote = $1", quote
+            ):
+                return False
             await conn.execute(
                 "DELETE FROM mint_proofs WHERE reserved_by = $1 AND state = 'PENDING'", quote
             )
             await conn.execute("UPDATE melt_quotes SET state = 'UNPAID' WHERE quote = $1", quote)
+            return True
 
     async def pending_melts(self, method: str) -> list[tuple[m.MeltQuote, int, float]]:
         """Each melt in flight paid by ``method``: its quote, attempt, and since when

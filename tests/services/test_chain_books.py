@@ -1,7 +1,8 @@
-"""The mint's chain follower (``services.ecash.onchain``) through a reorganisation,
-against a real PostgreSQL: a deposit credited, reorganised out and mined again is
-credited to its quote once. The chain is a scripted bitcoind (the three calls the
-follower makes), since no bitcoind runs here and the simulated one never reorganises."""
+"""The mint's on-chain books (``services.ecash.onchain``) against a real PostgreSQL: a
+deposit credited, reorganised out and mined again is credited to its quote once; a melt
+whose withdrawal is recorded is never refunded. The chain is a scripted bitcoind (the
+three calls the follower makes), since no bitcoind runs here and the simulated one never
+reorganises."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from constellation.ecash.mint import Mint
+from constellation.ecash.mint import ONCHAIN, Mint
 from constellation.protocol.cashu import BlindedMessage, BlindSignature
 from constellation.protocol.envelope import Membership
 from services import devnet
@@ -116,3 +117,38 @@ def _no_rules() -> Mint:
 
 async def _no_signing(_: Sequence[BlindedMessage]) -> list[BlindSignature]:
     raise AssertionError("the follower signs nothing")
+
+
+async def test_a_melt_taken_for_abandoned_is_not_refunded_once_its_withdrawal_is_recorded(
+    store: MintStore,
+) -> None:
+    """The resolver found an on-chain melt PENDING with no withdrawal recorded; before it
+    freed the proofs, the melt's own process recorded one (which it then sends)."""
+    await store.pool.execute(
+        "INSERT INTO melt_quotes (quote, request, payment_hash, amount, fee_reserve, unit,"
+        " state, expiry, amount_msat, attempt, pending_since, method)"
+        " VALUES ('w', 'bcrt1q', 'w', 1000, 200, 'sat', 'PENDING', 0, 1000000, 1, 0, $1)",
+        ONCHAIN,
+    )
+    await store.pool.execute(
+        "INSERT INTO mint_proofs (y, keyset, amount, secret, c, state, reserved_by)"
+        " VALUES ('\\x01', '00', 1024, 's', 'c', 'PENDING', 'w')"
+    )
+    await store.pool.execute(
+        "INSERT INTO chain_withdrawals (quote, attempt, tx, txid, fee_sat, spent, state)"
+        " VALUES ('w', 1, '\\x00', 't', 200, '[]', 'SIGNING')"
+    )
+
+    async def melt() -> tuple[str, int]:
+        state = await store.pool.fetchval("SELECT state FROM melt_quotes WHERE quote = 'w'")
+        reserved = await store.pool.fetchval(
+            "SELECT count(*) FROM mint_proofs WHERE reserved_by = 'w'"
+        )
+        return state, reserved
+
+    assert not await store.fail_melt("w", 1, onchain=True)
+    assert await melt() == ("PENDING", 1)  # it is sent: never refunded as well
+    # with no withdrawal recorded, the same call frees the proofs
+    await store.pool.execute("DELETE FROM chain_withdrawals")
+    assert await store.fail_melt("w", 1, onchain=True)
+    assert await melt() == ("UNPAID", 0)
