@@ -59,6 +59,7 @@ UNIT = "sat"
 GATEWAY_S = 15.0  # a call to the operator's gateway
 RESOLVE_EVERY_S = 2.0
 FAIL_AFTER_S = PAY_S + 60.0  # a pay call's time, its retries', and a margin
+EXPIRED_MARGIN_S = 600.0  # an invoice this long expired is paid by no node (clocks differ)
 DEADLOCK_RETRIES = 3
 REDIS_S = 0.5  # a slow Redis costs a request this much at most, per call
 OFF_LOOP = 16  # proofs and outputs in a request past which its EC work leaves the loop
@@ -583,7 +584,13 @@ class MintApp:
             if (quote.quote, attempt) in self.paying:
                 continue  # its pay call answers for it
             try:
-                state = await self.backend.payment(bytes.fromhex(quote.payment_hash))
+                attempted = True
+                if now - since >= FAIL_AFTER_S:  # no pay call of ours runs any more
+                    expires_at = (await self.backend.decode(quote.request)).expires_at
+                    # nor can one begin (a process stopped before its call): none seen is
+                    # a payment never sent, not one still to appear
+                    attempted = now < expires_at + EXPIRED_MARGIN_S
+                state = await self.backend.payment(bytes.fromhex(quote.payment_hash), attempted)
             except (LightningError, OSError, TimeoutError):
                 continue
             if state.outcome is Outcome.FAILED and now - since < FAIL_AFTER_S:

@@ -53,6 +53,7 @@ CALL_S = 30.0  # an ordinary call
 PAY_S = 60.0  # a payment's call: past it the payment is looked up, not given up
 WAIT_S = 30  # a long poll for paid invoices (waitanyinvoice's own timeout)
 RETRY_FOR_S = 30  # how long lightningd keeps trying routes for a payment
+DEFAULT_EXPIRY_S = 3600  # an invoice's expiry where it names none (BOLT 11)
 THREADS = 8  # for calls, and as many again for payments
 CAN_ADD_HTLC = ("CHANNELD_NORMAL", "CHANNELD_AWAITING_SPLICE")
 SPLICE_ROUNDS = 10  # splice_update calls before the commitments must be secured
@@ -197,6 +198,7 @@ class Decoded:
     payment_hash: bytes
     amount_msat: int | None
     payee: str  # the node id that signed it
+    expires_at: int  # unix seconds (its creation time and expiry): no node pays it after
 
 
 def version_tuple(version: str) -> tuple[int, int]:
@@ -412,10 +414,16 @@ class ClnBackend(LightningBackend):
             raise LightningError(f"not a BOLT11 invoice: {_message(exc)}", -32602) from None
         except (OSError, TimeoutError) as exc:
             raise LightningError(f"decode: the node did not answer ({exc!r})") from None
-        if doc.get("type") != "bolt11 invoice" or not doc.get("valid") or "payment_hash" not in doc:
+        if (
+            doc.get("type") != "bolt11 invoice"
+            or not doc.get("valid")
+            or "payment_hash" not in doc
+            or "created_at" not in doc
+        ):
             raise LightningError("not a valid BOLT11 invoice", -32602)
         amount = msat(doc["amount_msat"]) if "amount_msat" in doc else None
-        return Decoded(bytes.fromhex(doc["payment_hash"]), amount, str(doc["payee"]))
+        expires_at = int(doc["created_at"]) + int(doc.get("expiry", DEFAULT_EXPIRY_S))
+        return Decoded(bytes.fromhex(doc["payment_hash"]), amount, str(doc["payee"]), expires_at)
 
     async def pay(
         self, bolt11: str, fee_limit_msat: int, payment_hash: bytes | None = None

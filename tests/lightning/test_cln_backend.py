@@ -356,6 +356,7 @@ async def test_the_node_decodes_invoices_and_refuses_what_is_not_one(net: Net) -
     decoded = await a.decode(inv.bolt11)
     assert decoded.payment_hash == inv.payment_hash and decoded.amount_msat == 12_345
     assert decoded.payee == (await b.info()).node_id
+    assert decoded.expires_at == inv.expires_at  # what the payee's node says of it
     with pytest.raises(LightningError) as info:
         await a.decode("lnbcrt1garbage")
     assert info.value.code == -32602
