@@ -10,8 +10,8 @@ Anything ambiguous or unknown is refused with the reason, never guessed at.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from enum import Enum
 from urllib.parse import parse_qsl
 
@@ -22,6 +22,8 @@ from constellation.address import Network, decode_destination, decode_segwit
 from constellation.errors import ConstellationError, InvalidAddress
 
 MSAT_PER_BTC = 100_000_000_000
+MAX_MSAT = 21_000_000 * MSAT_PER_BTC
+AMOUNT = re.compile(r"[0-9]{1,8}(\.[0-9]{0,30})?", re.ASCII)  # BIP21: *digit ["." *digit]
 INVOICE_PREFIX = {Network.MAIN: "lnbc", Network.TEST: "lntb", Network.REGTEST: "lnbcrt"}
 BITCOIN_HRP = {Network.MAIN: "bc", Network.TEST: "tb", Network.REGTEST: "bcrt"}
 MAX_LENGTH = 4096  # an invoice with many route hints fits; a pasted book does not
@@ -97,7 +99,11 @@ def _onchain(text: str, network: Network, amount_msat: int | None, label: str = 
 def _bip21(rest: str, network: Network) -> PayTo:
     address, _, query = rest.partition("?")
     params: dict[str, str] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+    try:
+        fields = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError as exc:
+        raise PayToError(f"the URI's parameters are malformed: {exc}") from None
+    for key, value in fields:
         if key.lower() in params:
             raise PayToError(f"the URI names {key!r} twice")
         params[key.lower()] = value
@@ -119,12 +125,14 @@ def _bip21(rest: str, network: Network) -> PayTo:
 
 
 def _btc(text: str) -> int:
-    """A BIP21 amount (decimal BTC) in msat, refused where it is not a whole msat."""
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise PayToError(f"not an amount of BTC: {text!r}") from None
-    msat = value * MSAT_PER_BTC
-    if not value.is_finite() or value <= 0 or msat != msat.to_integral_value():
-        raise PayToError(f"not an amount of BTC: {text!r}")
-    return int(msat)
+    """A BIP21 amount (decimal BTC: digits, maybe a point and more) in msat, refused
+    where it is not a whole msat, is none, or is more BTC than there will ever be."""
+    if not AMOUNT.fullmatch(text):
+        raise PayToError(f"not an amount of BTC: {text[:40]!r}")
+    whole, _, fraction = text.partition(".")
+    if fraction.rstrip("0")[11:]:
+        raise PayToError(f"an amount not in whole msat: {text[:40]!r}")
+    msat = int(whole) * MSAT_PER_BTC + int((fraction + "0" * 11)[:11])
+    if not 0 < msat <= MAX_MSAT:
+        raise PayToError(f"not an amount of BTC: {text[:40]!r}")
+    return msat

@@ -74,6 +74,15 @@ def test_bip21_amounts_are_exact(msat: int) -> None:
     assert (found.kind, found.amount_msat, found.description) == (Kind.ONCHAIN, msat, "rent")
 
 
+def test_bip21_amounts_at_the_edges() -> None:
+    def amount(text: str) -> int | None:
+        return parse(f"bitcoin:{V1}?amount={text}", Network.MAIN).amount_msat
+
+    assert amount("21000000") == 21_000_000 * 100_000_000_000  # every bitcoin
+    assert amount("0.00000000001") == 1  # one msat
+    assert amount("1.") == amount("1.000000000000000000") == 100_000_000_000
+
+
 def test_bip21_with_an_invoice_is_paid_over_lightning() -> None:
     bolt11 = invoice(150_000_000)
     uri = f"bitcoin:{V1}?amount=0.0015&lightning={bolt11}"
@@ -96,6 +105,14 @@ def test_bip21_with_an_invoice_is_paid_over_lightning() -> None:
         (f"bitcoin:{V1}?amount=0.000000000001", "amount"),
         (f"bitcoin:{V1}?amount=NaN", "amount"),
         (f"bitcoin:{V1}?amount=abc", "amount"),
+        (f"bitcoin:{V1}?amount=sNaN", "amount"),
+        (f"bitcoin:{V1}?amount=1e3", "amount"),
+        (f"bitcoin:{V1}?amount=1_000", "amount"),
+        (f"bitcoin:{V1}?amount=99999999999", "amount"),  # more BTC than there will be
+        (f"bitcoin:{V1}?amount=21000000.00000000001", "amount"),
+        (f"bitcoin:{V1}?amount=1.0000000000000000000000000001", "whole msat"),
+        (f"bitcoin:{V1}?amount=1&&label=x", "malformed"),
+        (f"bitcoin:{V1}?amount", "malformed"),
         ("bitcoin:", "neither"),
         ("hello", "neither an invoice nor an address"),
     ],
