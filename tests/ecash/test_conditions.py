@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from constellation.ecash.conditions import ConditionError, check, condition_of
+from constellation.ecash.conditions import MAX_CHECKS, ConditionError, check, condition_of
 from constellation.keys import SigningKey, schnorr_sign
 from constellation.protocol import cashu as nut
 
@@ -142,26 +142,49 @@ def test_what_a_wallet_may_read_as_locked_is_never_spent_as_plain() -> None:
             check([nut.Proof(1, "009a1f293253e41e", secret, "02" + "11" * 32)], [], NOW)
 
 
+def many_locked(count: int, n: int, tags: list[list[str]] | None = None) -> tuple[str, bytes]:
+    """A secret locked to ``count`` keys (``MANY``), ``n`` of which must sign; its digest."""
+    pubkeys = ["pubkeys", *("02" + k.pubkey.hex() for k in MANY[1:count])]
+    body = {
+        "nonce": "00",
+        "data": "02" + MANY[0].pubkey.hex(),
+        "tags": [pubkeys, ["n_sigs", str(n)], *(tags or [])],
+    }
+    secret = json.dumps(["P2PK", body])
+    return secret, hashlib.sha256(secret.encode()).digest()
+
+
+MANY = [SigningKey(bytes([i + 1]) * 32) for i in range(20)]
+
+
 def test_a_request_is_bounded_in_signature_checks() -> None:
-    """10 keys x 10 signatures a proof: 10 such proofs fit, 11 are refused unchecked."""
-    keys = [SigningKey(bytes([i + 1]) * 32) for i in range(10)]
-    pubkeys = ["pubkeys", *("02" + k.pubkey.hex() for k in keys[1:])]
-    secret = json.dumps(
-        [
-            "P2PK",
-            {
-                "nonce": "00",
-                "data": "02" + keys[0].pubkey.hex(),
-                "tags": [pubkeys, ["n_sigs", "10"]],
-            },
-        ]
-    )
-    digest = hashlib.sha256(secret.encode()).digest()
-    witness = json.dumps({"signatures": [schnorr_sign(k.secret, digest).hex() for k in keys]})
-    p = nut.Proof(1, "009a1f293253e41e", secret, "02" + "11" * 32, witness)
-    check([p] * 10, [], NOW)
+    """10 of 10 keys signed, the signatures in the reverse order of the keys: each key
+    is checked against signatures until one is its own, 55 checks a proof; proofs that
+    need more than MAX_CHECKS in all are refused."""
+    secret, digest = many_locked(10, 10)
+    sigs = [schnorr_sign(k.secret, digest).hex() for k in reversed(MANY[:10])]
+    p = nut.Proof(1, "009a1f293253e41e", secret, "02" + "11" * 32, json.dumps({"signatures": sigs}))
+    fit = MAX_CHECKS // 55
+    check([p] * fit, [], NOW)
     with pytest.raises(ConditionError, match="checks in one request"):
-        check([p] * 11, [], NOW)
+        check([p] * (fit + 1), [], NOW)
+
+
+def test_a_lock_of_many_keys_spends_as_any_other() -> None:
+    """The mint signs outputs blind, so it cannot refuse to issue a lock of many keys:
+    spending one is bounded by the request's checks, not by a count of its keys."""
+    secret, digest = many_locked(20, 1)
+    last = json.dumps({"signatures": [schnorr_sign(MANY[19].secret, digest).hex()]})
+    check([nut.Proof(1, "009a1f293253e41e", secret, "02" + "11" * 32, last)], [], NOW)
+    secret, digest = many_locked(12, 12)
+    every = json.dumps({"signatures": [schnorr_sign(k.secret, digest).hex() for k in MANY[:12]]})
+    check([nut.Proof(1, "009a1f293253e41e", secret, "02" + "11" * 32, every)], [], NOW)
+    # a lock of many keys whose locktime passed, naming no refund key: anyone's
+    secret, _ = many_locked(20, 20, [["locktime", str(NOW - 1)]])
+    check([nut.Proof(1, "009a1f293253e41e", secret, "02" + "11" * 32)], [], NOW)
+    secret, _ = many_locked(20, 20, [["locktime", str(NOW + 1)]])
+    with pytest.raises(ConditionError, match="20 valid signature"):
+        check([nut.Proof(1, "009a1f293253e41e", secret, "02" + "11" * 32)], [], NOW)
 
 
 KEYS = [SigningKey(bytes([i + 1]) * 32) for i in range(5)]
