@@ -56,6 +56,15 @@ RETRY_FOR_S = 30  # how long lightningd keeps trying routes for a payment
 DEFAULT_EXPIRY_S = 3600  # an invoice's expiry where it names none (BOLT 11)
 THREADS = 8  # for calls, and as many again for payments
 CAN_ADD_HTLC = ("CHANNELD_NORMAL", "CHANNELD_AWAITING_SPLICE")
+# A channel holds our side from its funding (while it waits for lock-in) until a mutual
+# close's transaction goes out: money that left the wallet and is not back in it.
+HOLDS_OUR_SIDE = (
+    *CAN_ADD_HTLC,
+    "CHANNELD_AWAITING_LOCKIN",
+    "DUALOPEND_AWAITING_LOCKIN",
+    "CHANNELD_SHUTTING_DOWN",
+    "CLOSINGD_SIGEXCHANGE",
+)
 SPLICE_ROUNDS = 10  # splice_update calls before the commitments must be secured
 
 
@@ -103,6 +112,10 @@ class Channel:
     @property
     def usable(self) -> bool:
         return self.connected and self.state in CAN_ADD_HTLC
+
+    @property
+    def holds_our_side(self) -> bool:
+        return self.state in HOLDS_OUR_SIDE
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,6 @@ from constellation.tx import ledger_id
 from services.database import DATABASE_DOWN
 from services.ecash.store import MintBooks, mint_books
 from services.gateway.lightning import (
-    CAN_ADD_HTLC,
     LightningBackend,
     LightningError,
 )
@@ -736,7 +735,7 @@ class Settler:
             owed_by_others_msat=sum(
                 sum(a for _, a in p.payee.state.pending) for p in self.pairs.values()
             ),
-            lightning_msat=sum(c.local_msat for c in channels if c.state in CAN_ADD_HTLC),
+            lightning_msat=sum(c.local_msat for c in channels if c.holds_our_side),
             onchain_msat=balances.onchain_confirmed_msat
             + balances.onchain_unconfirmed_msat
             + mint.chain_msat,  # the guild's outputs the operator's mint holds

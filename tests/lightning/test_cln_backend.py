@@ -229,11 +229,26 @@ async def test_channels_balances_splices_and_the_chain(net: Net) -> None:
     assert (await b.balances()).onchain_confirmed_msat >= 50_000_000
     newcomer = await net.sim.add_node("new", 2 * CHANNEL_SAT)
     n = await net.backend("new")
+    funds_before, fees_before = await funds(n), (await n.income()).onchain_fees_msat
     opened = await n.open_channel(net.sim.network.nodes["a"].node_id, 500_000)
+    locking = next(c for c in await n.channels() if c.channel_id == opened)
+    assert locking.state == "CHANNELD_AWAITING_LOCKIN" and not locking.usable
+    # the funding left the wallet for the channel, not the node's funds (the reserve's)
+    fee = (await n.income()).onchain_fees_msat - fees_before
+    assert await funds(n) == funds_before - fee
     net.sim.network.mine(1)
+    assert await funds(n) == funds_before - fee
     assert any(c.channel_id == opened and c.usable for c in await n.channels())
     assert newcomer.name == "new"
     assert net.sim.network.books()["missing_msat"] == 0
+
+
+async def funds(node: ClnBackend) -> int:
+    """A node's money as the reserve check counts it: its side of each channel that
+    holds it, and its wallet's outputs."""
+    balances = await node.balances()
+    channels = sum(c.local_msat for c in await node.channels() if c.holds_our_side)
+    return channels + balances.onchain_confirmed_msat + balances.onchain_unconfirmed_msat
 
 
 async def test_an_older_node_is_paid_with_pay_and_spliced_in_three_steps() -> None:
