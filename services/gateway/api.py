@@ -337,8 +337,9 @@ class Api:
             if result is None:
                 err = ApiError(
                     TIMEOUT,
-                    f"no answer from the ledger in {self.timeout_s:g} s; look up"
-                    f" /v1/tx/{tx.txid.hex()} for the outcome",
+                    f"no answer from the ledger in {self.timeout_s:g} s for transaction"
+                    f" {tx.txid.hex()}; it may still commit: send it again for its outcome"
+                    " (it commits once)",
                 )
             elif result.code:
                 err = ApiError(result.code, result.detail)

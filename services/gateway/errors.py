@@ -28,7 +28,10 @@ STATUS_TEXT = {
     429: "overloaded or rate limited; see Retry-After",
     500: "a bug in the gateway (logged with its traceback); the outcome is unknown",
     503: "unavailable or aborted; retry",
-    504: "no answer in time: the outcome is unknown, look the txid up",
+    504: (
+        "no answer in time: the outcome is unknown; send the same request again (a"
+        " transaction commits once: the answer is its receipt or ledger.already_committed)"
+    ),
 }
 
 # Codes that only the API edge uses (no class of the core raises them).
