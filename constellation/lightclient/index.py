@@ -477,6 +477,22 @@ class Recent:
                 self.committed.pop(txid, None)
         return Touched(touched, coins)
 
+    def filled(self, height: int, commits: Iterable[bytes]) -> list[tuple[Key, int, bytes]]:
+        """Transactions committed under checkpoint ``height``, taken earlier without its
+        records (adopted by a member that had been down) and filled in since: the keys
+        that their changes under later checkpoints touch, each with the height from which
+        it is provable (the latest checkpoint with a record of it here). Told in the
+        history only, not pushed (their checkpoints were pushed already)."""
+        found = []
+        for txid in commits:
+            self.committed[txid] = height
+            self.commits.setdefault(height, []).append(txid)
+            waiting = self.waiting.pop(txid, None)
+            if waiting is not None:
+                latest = max((h for h, _, _ in self.places.get(txid, [])), default=waiting[0])
+                found += [(key, latest, txid) for key in waiting[1]]
+        return found
+
     def _forget(self, height: int) -> None:
         found = self.kept.pop(height)
         del self.touched[height]

@@ -754,10 +754,16 @@ class Checkpoints:
             if height == 0:
                 self.first = h.checkpoint.checkpoint.message()
             found = coins[height] = lc.Coins([], [])
+            commits = []
             for position, records in h.records.items():
                 for record in map(pf.Record.decode, records):
                     found.add(h.entries[position].owner, record)
                     touches += [(c.owner, height, record.txid) for c in record.changes]
+                    if record.committed:
+                        commits.append(record.txid)
+            # changes taken later whose commit this checkpoint holds: in the history now
+            later = self.recent.filled(height, commits)
+            touches += [(key, at, txid) for (kind, key), at, txid in later if kind == "address"]
         if fresh and await self._keep(fresh, touches, coins):
             log.info("missed checkpoints filled", extra={"count": len(fresh)})
 

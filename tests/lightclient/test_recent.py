@@ -76,6 +76,7 @@ class Split:
         self.txid = self.rng.randbytes(32)
         self.owner = b"\x0a" * 32
         self.coin = self.rng.randbytes(32)
+        self.applied: list[tuple[int, BlockEvents]] = []  # to replay at another member
 
     def block(self, shard: lc.Shard, changes: list[CoinChange], committed: bool) -> None:
         prev = self.heights[shard] or -1
@@ -90,6 +91,7 @@ class Split:
             self.rng.randbytes(32),
         )
         self.index.apply(shard[0], ev)
+        self.applied.append((shard[0], ev))
 
     def commit(self) -> None:
         self.block(SHARDS[0], [], True)
@@ -106,6 +108,49 @@ class Split:
         proof = self.recent.proof(self.txid, upto)
         assert proof is not None
         return pf.verify_tx(PIN, proof, self.txid)
+
+
+def signed_next(index: lc.GuildIndex) -> lc.Signed:
+    """``index``'s next checkpoint, signed by the guild."""
+    checkpoint, entries = index.propose(0)
+    return index.signed(pf.SignedCheckpoint(checkpoint, KEY.sign(checkpoint.message())), entries)
+
+
+def test_a_change_whose_commit_a_member_adopted_is_told_once_that_checkpoint_is_filled() -> None:
+    """A member that was down adopts a checkpoint (no records) above the one holding a
+    commit; the change signed after waits for the commit, which the fill of the missed
+    checkpoint brings: the change is in the history from then on, at its checkpoint."""
+    s = Split()
+    s.commit()
+    first = signed_next(s.index)  # the commit's checkpoint, which the other member misses
+    s.block(SHARDS[1], [], False)
+    second = signed_next(s.index)
+    other, recent = lc.GuildIndex("guild", MEMBERS, SHARDS), lc.Recent(keep=3, horizon=6)
+    for owner, ev in s.applied:
+        other.apply(owner, ev)
+    adopted = other.adopt(second.checkpoint, [c.entry for c in second.covered.values()])
+    assert recent.add(adopted).by_key == {}
+    s.change()
+    third = signed_next(s.index)
+    other.apply(*s.applied[-1])
+    taken = other.signed(third.checkpoint, [c.entry for c in third.covered.values()])
+    assert ("address", s.owner) not in recent.add(taken).by_key  # its commit unknown here
+    assert s.txid in recent.waiting
+    held = lc.held(first)
+    commits = [
+        r.txid
+        for records in held.records.values()
+        for r in map(pf.Record.decode, records)
+        if r.committed
+    ]
+    filled = recent.filled(0, commits)
+    assert sorted(filled) == sorted(
+        [(("address", s.owner), 2, s.txid), (("coin", s.coin), 2, s.txid)]
+    )
+    assert s.txid not in recent.waiting and recent.filled(0, commits) == []  # told once
+    proof = lc.tx_proof([held, lc.held(taken)], s.txid)  # provable from checkpoint 2 on
+    assert proof is not None
+    assert keys_of(pf.verify_tx(PIN, proof, s.txid)) >= {("address", s.owner)}
 
 
 @pytest.mark.parametrize("commit_first", [True, False])
