@@ -33,6 +33,8 @@ class Group:
 
     def signers(self, ids: Sequence[int]) -> frost.SignersContext:
         ids = tuple(sorted(ids))
+        if any(not 0 <= i < self.n for i in ids):  # a coordinator's message: untrusted
+            raise SigningError(f"signer ids are below {self.n}")
         return frost.SignersContext(
             self.n, self.t, ids, tuple(self.pubshares[i] for i in ids), self.thresh_pk
         )

@@ -86,7 +86,14 @@ class _DkgRun:
     dkg_id: bytes
     coordinator: int
     state1: dkg.ParticipantState1
+    until_ms: int  # past it, another session may replace this one
     state2: dkg.ParticipantState2 | None = None
+
+
+def _majority(t: int, n: int) -> None:
+    """A key's threshold: a majority of its ``n`` members, at most all of them."""
+    if not n // 2 < t <= n:
+        raise RequestRefused(f"the threshold must be a majority of {n}, at most all")
 
 
 class Participant:
@@ -109,7 +116,7 @@ class Participant:
         self.members = members
         self.vouch = vouch
         # Requests whose checkpoint the ledger is checking; set once it answered.
-        self.vouching: dict[bytes, asyncio.Event] = {}
+        self.vouching: dict[bytes, tuple[int, asyncio.Event]] = {}  # by its coordinator
         self._tasks: set[asyncio.Task[None]] = set()
         self.me = me
         self.hostseckey = hostseckey
@@ -160,8 +167,7 @@ class Participant:
             raise RequestRefused(f"members must be distinct member indices below {n}, in order")
         if self.me not in members:
             raise RequestRefused("this signer is not among the new key's members")
-        if not len(members) // 2 < t <= len(members):
-            raise RequestRefused(f"the threshold must be a majority of {len(members)}, at most all")
+        _majority(t, len(members))
         self.agreement = KeyAgreement([self.members.hostpubkeys[i] for i in members], t)
         self.keystore.save_agreement(self.agreement)
         log.info("agreed to a new key", extra={"members": members, "t": t})
@@ -232,6 +238,11 @@ class Participant:
                 raise RequestRefused(f"this signer signs with no key {msg.key.hex()}")
             if len(self.pending) + len(self.vouching) >= self.max_requests:
                 raise Overloaded(f"{self.max_requests} signing requests are open already")
+            # each member's coordinator its share of them: one that opens requests and
+            # never finishes them holds up no other's
+            share = max(1, self.max_requests // len(self.members.hostpubkeys))
+            if self._open_by(sender) >= share:
+                raise Overloaded(f"{share} signing requests of member {sender} are open already")
             if isinstance(msg.target, Checkpoint):  # a share released below may have lost
                 keys = [k.pubkey[1:] for k in self.keys]
                 below = signed_below(msg.target, msg.evidence, keys)
@@ -244,10 +255,15 @@ class Participant:
             return
         if isinstance(msg.target, Checkpoint) and self.vouch is not None:
             # Asked in a task of its own: messages of other requests go on meanwhile.
-            self.vouching[rid] = asyncio.Event()
+            self.vouching[rid] = (sender, asyncio.Event())
             self._spawn(self._vouched(sender, msg, msg.target, derived, key))
             return
         await self._open(sender, msg, derived, key)
+
+    def _open_by(self, coordinator: int) -> int:
+        """The requests of ``coordinator`` open here (being vouched for, or pending)."""
+        vouching = sum(c == coordinator for c, _ in self.vouching.values())
+        return vouching + sum(p.coordinator == coordinator for p in self.pending.values())
 
     def _spawn(self, work: Coroutine[None, None, None]) -> None:
         task = asyncio.create_task(work)
@@ -263,16 +279,16 @@ class Participant:
     async def _after_vouch(self, sender: int, msg: proto.SignSession) -> None:
         """A session that came (with a nonce held from before) while the ledger checks
         its checkpoint: handled once it answered."""
-        answered = self.vouching.get(msg.request_id)
-        if answered is not None:
-            await answered.wait()
+        vouching = self.vouching.get(msg.request_id)
+        if vouching is not None:
+            await vouching[1].wait()
         await self._sign_session(sender, msg)
 
     async def _vouched(
         self, sender: int, msg: proto.SignStart, target: Checkpoint, derived: Derived, key: Key
     ) -> None:
         assert self.vouch is not None
-        answered = self.vouching[msg.request_id]
+        answered = self.vouching[msg.request_id][1]
         try:
             reason = await self.vouch(target, msg.evidence)
             if reason:
@@ -392,6 +408,7 @@ class Participant:
         if not self.keys:
             if tuple(msg.hostpubkeys) != self.members.hostpubkeys:
                 raise RequestRefused("the session's participants are not this guild's members")
+            _majority(msg.t, len(msg.hostpubkeys))  # no member makes it a key it holds alone
             return
         agreed = self.agreement
         if agreed is None:
@@ -402,6 +419,18 @@ class Participant:
             raise RequestRefused("the session's members or threshold are not the agreed ones")
 
     async def _dkg_start(self, sender: int, msg: proto.DkgStart) -> None:
+        run = self.dkg
+        if run is not None and (
+            run.dkg_id == msg.dkg_id
+            or (now_ms() < run.until_ms and (sender != run.coordinator or run.state2 is not None))
+        ):
+            # one session at a time, each started once: no member pre-empts a session
+            # running (given three of the coordinator's steps to end), and a coordinator
+            # starts another only before this signer certified a transcript of its own
+            self.metrics.rejected_messages.labels("dkg.running").inc()
+            why = "a key generation is running here already"
+            await self.reply(sender, proto.DkgFailed(msg.dkg_id, RequestRefused.code, why, -1))
+            return
         try:
             self._takes_part(msg)
             params = dkg.SessionParams(tuple(msg.hostpubkeys), msg.t)
@@ -409,7 +438,7 @@ class Participant:
         except ConstellationError as exc:
             await self._dkg_fail(sender, msg.dkg_id, exc)
             return
-        self.dkg = _DkgRun(msg.dkg_id, sender, state1)
+        self.dkg = _DkgRun(msg.dkg_id, sender, state1, now_ms() + 3 * self.request_timeout_ms)
         await self.reply(sender, proto.DkgMsg1(msg.dkg_id, pmsg1))
 
     async def _dkg_step(self, sender: int, msg: proto.DkgCoord1 | proto.DkgCoord2) -> None:
@@ -419,6 +448,8 @@ class Participant:
             return
         try:
             if isinstance(msg, proto.DkgCoord1):
+                if run.state2 is not None:  # one transcript a session: certified once
+                    raise RequestRefused("the session's shares were dealt already")
                 run.state2, pmsg2 = dkg.participant_step2(
                     self.hostseckey, run.state1, msg.cmsg1, os.urandom(32)
                 )
