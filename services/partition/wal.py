@@ -29,6 +29,8 @@ from constellation.protocol.ledger import Block, decode_block, decode_events_hea
 _HEAD = struct.Struct(">II")
 FRAME_HEAD = _HEAD.size  # bytes before a frame's payload
 MAX_FRAME = 64 << 20
+# why frames ended where it cannot be a write a crash cut short
+MISMATCH, IMPOSSIBLE = "a checksum mismatch", "a frame length no writer writes"
 
 log = logging.getLogger("partition.wal")
 
@@ -49,12 +51,15 @@ class Frames:
                 self.why = "a torn frame header"
                 return
             length, crc = _HEAD.unpack_from(data, at)
+            if length > MAX_FRAME:  # no writer writes one: the length itself is damaged
+                self.why = IMPOSSIBLE
+                return
             payload = data[at + _HEAD.size : at + _HEAD.size + length]
-            if length > MAX_FRAME or len(payload) < length:
+            if len(payload) < length:
                 self.why = "a torn frame"
                 return
             if zlib.crc32(payload) != crc:
-                self.why = "a checksum mismatch"
+                self.why = MISMATCH
                 return
             yield payload
             at += _HEAD.size + length
@@ -63,6 +68,16 @@ class Frames:
 
 def frame(payload: bytes) -> bytes:
     return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def unframe(data: bytes) -> bytes | None:
+    """The payload of ``data`` framed whole (a file written at once, of any size up to
+    4 GiB: no ``MAX_FRAME``), or None where it is not exactly one good frame."""
+    if len(data) < _HEAD.size:
+        return None
+    length, crc = _HEAD.unpack_from(data)
+    payload = data[_HEAD.size :]
+    return payload if len(payload) == length and zlib.crc32(payload) == crc else None
 
 
 def write_all(fd: int, data: bytes) -> None:

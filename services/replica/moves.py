@@ -32,6 +32,7 @@ log = logging.getLogger("replica.moves")
 RELEASED = "released"
 PLACEMENT_FILE = "placement.json"  # the last placement the machine followed
 INCOMING = ".incoming"
+DROPPING = ".dropping"
 CHUNK = 512 * 1024
 ASK_S = 5.0
 _FOLDER = re.compile(r"[A-Za-z0-9_-]{1,64}-[0-9]{1,3}-[01]")
@@ -93,10 +94,15 @@ def release(folder: Path) -> None:
 
 
 def drop(folder: Path) -> None:
-    """Delete a released folder (its copy runs on another machine now)."""
+    """Delete a released folder (its copy runs on another machine now): renamed first,
+    so that a crash midway leaves no part of it under its name (taken for a whole copy,
+    its term and vote gone)."""
     assert is_released(folder), f"{folder} is not released"
-    shutil.rmtree(folder)
+    dropping = folder.with_name(folder.name + DROPPING)
+    shutil.rmtree(dropping, ignore_errors=True)  # what a crash left of an earlier drop
+    folder.rename(dropping)
     sync_dir(folder.parent)
+    shutil.rmtree(dropping)
 
 
 def _files(folder: Path) -> list[tuple[str, int]]:

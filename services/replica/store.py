@@ -11,11 +11,14 @@ Three files in the copy's folder:
   once per ``Ready``; a truncation cuts the file, a compaction rewrites it.
 
 Opening reads every frame. A frame cut short is a write a crash interrupted: nothing
-in it was acked (acks follow the fsync), so it is dropped quietly. A complete frame that
-fails its checksum, or blocks that do not chain, are damage: the copy may have acked
-what is gone, so the cut is made and the copy is marked damaged (``Replica(damaged=)``)
-until the replica says it is whole again (``Ready.repaired``); the mark is persisted at
-once so that another restart does not forget it.
+in it was acked (acks follow the fsync), so it is dropped quietly, as is a tail of zeros
+(the file grew, its data never came) and blocks of a history a snapshot replaced (a
+leader's snapshot installed, the crash before the log's cut). A complete frame that
+fails its checksum, a frame length no writer writes, or blocks that do not chain, are
+damage: the copy may have acked what is gone, so the cut is made and the copy is marked
+damaged (``Replica(damaged=)``) until the replica says it is whole again
+(``Ready.repaired``); the mark is persisted at once so that another restart does not
+forget it, and cleared only once the blocks that repair the copy are durable.
 """
 
 from __future__ import annotations
@@ -29,7 +32,16 @@ import msgspec
 
 from constellation.protocol import replication as rp
 from constellation.replication.replica import Ready, Snapshot
-from services.partition.wal import FRAME_HEAD, Frames, frame, open_log, write_all
+from services.partition.wal import (
+    FRAME_HEAD,
+    IMPOSSIBLE,
+    MISMATCH,
+    Frames,
+    frame,
+    open_log,
+    unframe,
+    write_all,
+)
 from services.runtime import sync_dir
 
 log = logging.getLogger("replica.store")
@@ -88,7 +100,10 @@ class CopyStore:
         prev: rp.Header | None = None
         at = 0
         for payload in frames:
-            at += FRAME_HEAD + len(payload)
+            start, at = at, at + FRAME_HEAD + len(payload)
+            if not payload and not any(data[start:]):
+                frames.why = "a tail of zeros"  # the file grew, its data never came: torn
+                break
             try:
                 block = _block_decoder.decode(payload)
             except msgspec.DecodeError:
@@ -100,13 +115,17 @@ class CopyStore:
             ):
                 frames.why, damaged = f"block {header.height} does not chain", True
                 break
+            if loaded.snapshot is not None and _replaced(header, loaded.snapshot):
+                # a snapshot installed in place of these, the crash before their cut
+                frames.why = f"block {header.height} is of a history the snapshot replaced"
+                break
             loaded.blocks.append(block)
             self._heights.append(header.height)
             self._ends.append(at)
             prev = header
         end = self._ends[-1] if self._ends else 0
         if end < len(data):
-            damaged = damaged or frames.why == "a checksum mismatch"
+            damaged = damaged or frames.why in (MISMATCH, IMPOSSIBLE)
             log.warning(
                 "blocks.log cut at byte %d of %d: %s%s",
                 end,
@@ -126,13 +145,11 @@ class CopyStore:
     # -- writing -------------------------------------------------------------------------
 
     def write(self, ready: Ready) -> None:
-        """Make a ``Ready``'s writes durable, in its order; raises ``OSError``."""
-        hard = _Hard(*(ready.hard or (self.hard.term, self.hard.vote)), self.hard.damaged)
-        if ready.repaired:
-            hard.damaged = False
-        if hard != self.hard:
-            self._write_whole("hard", _encoder.encode(hard))
-            self.hard = hard
+        """Make a ``Ready``'s writes durable, in its order; raises ``OSError``. The
+        damaged mark is cleared last, once the blocks that repair the copy are durable."""
+        self._write_hard(
+            _Hard(*(ready.hard or (self.hard.term, self.hard.vote)), self.hard.damaged)
+        )
         if ready.snapshot is not None and ready.snapshot.signed is not None:
             snap = _Snapshot(ready.snapshot.signed, ready.snapshot.data)
             self._write_whole("snapshot", _encoder.encode(snap))
@@ -148,8 +165,15 @@ class CopyStore:
                 self._ends.append(size)
         if ready.truncate is not None or ready.append:
             os.fdatasync(self._fd)
+        if ready.repaired:
+            self._write_hard(_Hard(self.hard.term, self.hard.vote, False))
         if ready.compact:
             self._compact(ready.compact)
+
+    def _write_hard(self, hard: _Hard) -> None:
+        if hard != self.hard:
+            self._write_whole("hard", _encoder.encode(hard))
+            self.hard = hard
 
     def _truncate(self, height: int) -> None:
         keep = sum(1 for h in self._heights if h <= height)
@@ -196,13 +220,21 @@ class CopyStore:
         path = self.folder / name
         if not path.exists():
             return None
-        payloads = list(Frames(path.read_bytes()))
-        if len(payloads) != 1:
+        payload = unframe(path.read_bytes())
+        if payload is None:
             # Written whole and renamed into place: only the disk can break it.
             raise OSError(f"{path} is corrupt")
-        return payloads[0]
+        return payload
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _replaced(header: rp.Header, snapshot: Snapshot) -> bool:
+    """Whether a block kept beside ``snapshot`` is of another history than the one it
+    snapshots: at its height, another block; just above, one that does not follow it."""
+    if header.height == snapshot.height:
+        return rp.header_hash(header) != snapshot.hash
+    return header.height == snapshot.height + 1 and header.prev != snapshot.hash
