@@ -27,6 +27,7 @@ GUILD_ID_MAX_LEN = 64
 
 _checkpoint_hash = tagged_hasher("Constellation/checkpoint")
 _deposit_tweak = tagged_hasher("Constellation/deposit")
+_owned_hash = tagged_hasher("Constellation/owned-derivation")
 _standing_hash = tagged_hasher("Constellation/checkpoint-standing")
 
 
@@ -93,9 +94,11 @@ class OnchainSpend(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=
     """A Bitcoin transaction spending guild funds; the guild signs input ``input_index``.
 
     Each signer recomputes the BIP341 signature hash from the transaction and the outputs
-    it spends, and signs only if that input is a taproot output of the guild's
-    (``guild_output``: the guild key, moved by ``derivation`` where there is one, with
-    the BIP341 key-path tweak) and no value is created.
+    it spends, and signs only if that input is a taproot output of the guild's that the
+    requesting member holds (``guild_output`` of the guild key moved by
+    ``owned_derivation(requester, label)``, with the BIP341 key-path tweak) and no value
+    is created. So a member spends only the coins paid to its own addresses (its mint's
+    deposits and change): never the other members'.
     """
 
     version: int
@@ -103,7 +106,7 @@ class OnchainSpend(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag=
     inputs: list[SpendInput]
     outputs: list[SpendOutput]
     input_index: int
-    derivation: bytes = b""  # the signed input's: empty, or 32 bytes
+    label: bytes  # the signed input's address among the requester's: 32 bytes
 
 
 class GuildOutput(NamedTuple):
@@ -112,6 +115,13 @@ class GuildOutput(NamedTuple):
     xonly: bytes  # the taproot output key
     tweaks: tuple[bytes, ...]
     is_xonly: tuple[bool, ...]
+
+
+def owned_derivation(owner: bytes, label: bytes) -> bytes:
+    """The derivation of guild address ``label`` (32 bytes) of member ``owner`` (its
+    x-only host key): bound to the member, so that the guild signs a spend of it only at
+    that member's request (``OnchainSpend``)."""
+    return _owned_hash(owner + label)
 
 
 def guild_output(thresh_pk: bytes, derivation: bytes = b"") -> GuildOutput:
@@ -154,7 +164,7 @@ def _u32(value: int) -> bool:
     return 0 <= value < 2**32
 
 
-def _derive_spend(spend: OnchainSpend, thresh_pk: bytes) -> Derived:
+def _derive_spend(spend: OnchainSpend, thresh_pk: bytes, requester: bytes) -> Derived:
     if not 1 <= len(spend.inputs) <= MAX_SPEND_INPUTS:
         raise RequestRefused(f"a spend has 1..{MAX_SPEND_INPUTS} inputs")
     if not 1 <= len(spend.outputs) <= MAX_SPEND_OUTPUTS:
@@ -174,21 +184,24 @@ def _derive_spend(spend: OnchainSpend, thresh_pk: bytes) -> Derived:
             raise RequestRefused("an amount or a script is out of range")
     if sum(o.amount_sat for o in spend.outputs) > sum(i.amount_sat for i in spend.inputs):
         raise RequestRefused("the outputs are worth more than the inputs")
-    output = guild_output(thresh_pk, spend.derivation)
+    if len(requester) != 32 or len(spend.label) != 32:
+        raise RequestRefused("a spend names a member's address: its label is 32 bytes")
+    output = guild_output(thresh_pk, owned_derivation(requester, spend.label))
     if spend.inputs[spend.input_index].script_pubkey != p2tr_script(output.xonly):
-        raise RequestRefused("the input to sign is not the guild's taproot output")
+        raise RequestRefused("the input to sign is not a guild output the requester holds")
     msg = taproot_sighash(
         spend.version, spend.locktime, spend.inputs, spend.outputs, spend.input_index
     )
     return Derived(Purpose.SPEND, msg, output.tweaks, output.is_xonly, output.xonly)
 
 
-def derive(target: SignTarget, thresh_pk: bytes) -> Derived:
+def derive(target: SignTarget, thresh_pk: bytes, requester: bytes = b"") -> Derived:
     """Check a request's form and derive the message it signs (raises RequestRefused).
 
-    ``thresh_pk`` is the guild key (33 bytes): a spend must spend the guild's output."""
+    ``thresh_pk`` is the guild key (33 bytes): a spend must spend a guild output that
+    ``requester`` holds (the x-only host key of the member whose coordinator asks)."""
     if isinstance(target, OnchainSpend):
-        return _derive_spend(target, thresh_pk)
+        return _derive_spend(target, thresh_pk, requester)
     if isinstance(target, Statement):
         data = target.text.encode()
         if not 0 < len(data) <= MAX_STATEMENT_BYTES:
@@ -386,6 +399,7 @@ class SigningPolicy:
         epoch: int = 0,
         cert: Sequence[Standing] = (),
         quorums: Sequence[Quorum] = (),
+        requester: bytes = b"",
     ) -> Derived:
         """Derive the request's message and apply every rule (raises RequestRefused).
         A checkpoint in an ``epoch`` above 0 comes with the ``cert`` that the one below
@@ -393,7 +407,7 @@ class SigningPolicy:
         request's among them): a signer's binding at a height holds for all its keys,
         so an epoch ended for one key only (two keys are usable between a key's making
         and the old one's retirement) could let the other sign a second checkpoint."""
-        derived = derive(target, thresh_pk)
+        derived = derive(target, thresh_pk, requester)
         if derived.purpose not in self.allowed:
             raise RequestRefused(f"this signer does not sign {derived.purpose} requests")
         if not isinstance(target, Checkpoint):

@@ -34,7 +34,8 @@ from constellation.bitcoin import p2tr_script
 from constellation.codec import decode_json
 from constellation.ecash.onchain import Coin, Withdrawal, sweep
 from constellation.errors import MessageError
-from constellation.guild import guild_output
+from constellation.guild import guild_output, owned_derivation
+from constellation.hashing import tagged_hasher
 from constellation.protocol.signer import KeyInfo
 
 
@@ -141,14 +142,23 @@ def advance(
     return following, ""
 
 
+_move_label = tagged_hasher("Constellation/move-label")
+
+
+def move_label(new_key: bytes) -> bytes:
+    """The label of the address of ``new_key``'s that a member's coins move to."""
+    return _move_label(new_key)
+
+
 def move_funds(
-    coins: Sequence[Coin], new_key: bytes, feerate: int, max_fee_sat: int
+    coins: Sequence[Coin], new_key: bytes, owner: bytes, feerate: int, max_fee_sat: int
 ) -> Withdrawal | None:
-    """The spend that moves every one of the guild's ``coins`` to ``new_key``'s output
-    (its taproot key, no derivation); the old key signs each input
-    (``onchain.spend_requests``). None where there is nothing to move or the fee is
-    too high."""
-    return sweep(coins, p2tr_script(guild_output(new_key).xonly), feerate, max_fee_sat)
+    """The spend that moves every one of the guild's ``coins`` that member ``owner``
+    holds to its address under ``new_key`` (``move_label``: the member holds it there
+    too); the old key signs each input (``onchain.spend_requests``). None where there is
+    nothing to move or the fee is too high."""
+    address = guild_output(new_key, owned_derivation(owner, move_label(new_key)))
+    return sweep(coins, p2tr_script(address.xonly), feerate, max_fee_sat)
 
 
 # -- the new key, at one operator ----------------------------------------------------------

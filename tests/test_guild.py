@@ -18,6 +18,8 @@ from constellation.guild import (
     SigningPolicy,
     Statement,
     derive,
+    guild_output,
+    owned_derivation,
 )
 
 ALL = frozenset(Purpose)
@@ -98,9 +100,12 @@ def test_policy_refuses_other_guilds_and_disallowed_purposes() -> None:
         only_checkpoints.check(Statement("hello"), GUILD_PK)
 
 
+MEMBER = b"\x31" * 32  # a member's x-only host key: the requester
+LABEL = b"\x41" * 32  # one of its addresses
+
+
 def guild_spend(**changes: object) -> OnchainSpend:
-    tweak = frost.taproot_tweak(GUILD_PK[1:])
-    output_key = frost.tweak_context(GUILD_PK, [tweak], [True]).xonly_pk
+    output_key = guild_output(GUILD_PK, owned_derivation(MEMBER, LABEL)).xonly
     spend = OnchainSpend(
         2,
         0,
@@ -110,23 +115,41 @@ def guild_spend(**changes: object) -> OnchainSpend:
         ],
         [SpendOutput(45_000, b"\x51\x20" + b"\x07" * 32), SpendOutput(14_000, b"\x6a")],
         0,
+        LABEL,
     )
     return msgspec.structs.replace(spend, **changes)
 
 
 def test_a_spend_signs_the_bip341_sighash_of_the_guild_input_under_the_tweaked_key() -> None:
     spend = guild_spend()
-    derived = derive(spend, GUILD_PK)
+    derived = derive(spend, GUILD_PK, MEMBER)
     assert derived.purpose == Purpose.SPEND
     assert derived.msg == taproot_sighash(2, 0, spend.inputs, spend.outputs, 0)
-    assert derived.tweaks == (frost.taproot_tweak(GUILD_PK[1:]),) and derived.is_xonly == (True,)
+    internal = frost.tweak_context(GUILD_PK, [derived.tweaks[0]], [False]).xonly_pk
+    assert derived.tweaks[1] == frost.taproot_tweak(internal)
+    assert derived.is_xonly == (False, True)
     assert p2tr_script(derived.pubkey) == spend.inputs[0].script_pubkey
+
+
+def test_a_member_gets_only_the_coins_of_its_own_addresses_spent() -> None:
+    """The guild signs a spend of an address only at the request of the member that
+    holds it: another member, naming the same label, or its own label for that
+    address, is refused; so is a request that names no member or no label."""
+    other = b"\x32" * 32
+    with pytest.raises(RequestRefused, match="requester holds"):
+        derive(guild_spend(), GUILD_PK, other)
+    with pytest.raises(RequestRefused, match="requester holds"):
+        derive(guild_spend(label=b"\x42" * 32), GUILD_PK, MEMBER)
+    with pytest.raises(RequestRefused, match="label is 32 bytes"):
+        derive(guild_spend(), GUILD_PK)
+    with pytest.raises(RequestRefused, match="label is 32 bytes"):
+        derive(guild_spend(label=b""), GUILD_PK, MEMBER)
 
 
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
-        ({"input_index": 1}, "not the guild's taproot output"),
+        ({"input_index": 1}, "not a guild output the requester holds"),
         ({"input_index": 2}, "names no input"),
         ({"outputs": [SpendOutput(60_001, b"\x6a")]}, "worth more"),
         ({"outputs": []}, "outputs"),
@@ -139,17 +162,17 @@ def test_spends_the_signer_cannot_vouch_for_are_refused(
     changes: dict[str, object], reason: str
 ) -> None:
     with pytest.raises(RequestRefused, match=reason):
-        derive(guild_spend(**changes), GUILD_PK)
+        derive(guild_spend(**changes), GUILD_PK, MEMBER)
     other_guild = PublicKey.from_secret(b"\x12" * 32).format()
-    with pytest.raises(RequestRefused, match="not the guild's"):
-        derive(guild_spend(), other_guild)
+    with pytest.raises(RequestRefused, match="not a guild output"):
+        derive(guild_spend(), other_guild, MEMBER)
 
 
 def test_an_outpoint_spent_twice_is_refused() -> None:
     spend = guild_spend()
     twice = msgspec.structs.replace(spend, inputs=[spend.inputs[0], spend.inputs[0]])
     with pytest.raises(RequestRefused, match="spent twice"):
-        derive(twice, GUILD_PK)
+        derive(twice, GUILD_PK, MEMBER)
 
 
 def test_above_a_handover_it_signed_a_signer_signs_only_with_the_key_handed_to() -> None:

@@ -14,7 +14,7 @@ from constellation.bitcoin import SpendOutput, p2tr_script
 from constellation.crypto.roast import Group
 from constellation.ecash import onchain as oc
 from constellation.errors import MessageError, RequestRefused
-from constellation.guild import derive, guild_output
+from constellation.guild import derive, guild_output, owned_derivation
 from constellation.membership import (
     Change,
     KeyPlan,
@@ -28,6 +28,7 @@ from constellation.membership import (
     decode_seen,
     key_step,
     move_funds,
+    move_label,
     phases,
     planned,
     work_done,
@@ -110,23 +111,25 @@ def test_the_funds_move_to_the_new_members_key_signed_by_the_old_one() -> None:
     new = Group(2, 2, new_out[0].threshold_pubkey, new_out[0].pubshares)
     old_shares = [o.secshare for o in old_out if o.secshare is not None]
     new_shares = [o.secshare for o in new_out if o.secshare is not None]
+    me = b"\x30" * 32  # the member whose mint holds the coins (its x-only host key)
     coins = []
     for k, sat in enumerate([50_000, 20_000, 7_000]):
-        derivation = bytes([k + 1]) * 32 if k else b""  # deposits, and the plain key
-        script = p2tr_script(guild_output(old.thresh_pk, derivation).xonly)
-        coins.append(oc.Coin(f"{k + 1:064x}", 0, sat, script, derivation))
+        label = bytes([k + 1]) * 32  # its deposits' addresses
+        script = p2tr_script(guild_output(old.thresh_pk, owned_derivation(me, label)).xonly)
+        coins.append(oc.Coin(f"{k + 1:064x}", 0, sat, script, label))
     chain = Chain(lambda _: None)
     for c in coins:
         chain.paid(c.txid, [SpendOutput(c.amount_sat, c.script)], [])
 
-    move = move_funds(coins, new.thresh_pk, 2, 5_000)
+    move = move_funds(coins, new.thresh_pk, me, 2, 5_000)
     assert move is not None
     [out] = move.tx.outputs
-    assert out.script_pubkey == p2tr_script(guild_output(new.thresh_pk).xonly)
+    there = owned_derivation(me, move_label(new.thresh_pk))  # the member holds it there too
+    assert out.script_pubkey == p2tr_script(guild_output(new.thresh_pk, there).xonly)
     assert out.amount_sat + move.fee_sat == 77_000
     sigs = []
     for request in oc.spend_requests(move.tx, move.spent):
-        d = derive(request, old.thresh_pk)  # each old signer checks it as any spend
+        d = derive(request, old.thresh_pk, me)  # each old signer checks it as any spend
         sigs.append(run_session(old, old_shares, [0, 2], d.msg, d.tweaks, d.is_xonly))
     raw = oc.signed(move.tx, sigs).serialize()
     tx, fee = chain.check(raw)
@@ -134,17 +137,17 @@ def test_the_funds_move_to_the_new_members_key_signed_by_the_old_one() -> None:
     chain.paid(tx.txid, list(tx.outputs), [(c.txid, c.vout) for c in coins])
 
     # The moved coin is the new key's: its two members spend it; the old key cannot.
-    moved = oc.Coin(tx.txid, 0, out.amount_sat, out.script_pubkey, b"")
-    onward = move_funds([moved], new.thresh_pk, 2, 5_000)
+    moved = oc.Coin(tx.txid, 0, out.amount_sat, out.script_pubkey, move_label(new.thresh_pk))
+    onward = move_funds([moved], new.thresh_pk, me, 2, 5_000)
     assert onward is not None
     [request] = oc.spend_requests(onward.tx, onward.spent)
-    d = derive(request, new.thresh_pk)
+    d = derive(request, new.thresh_pk, me)
     sig = run_session(new, new_shares, [0, 1], d.msg, d.tweaks, d.is_xonly)
     chain.check(oc.signed(onward.tx, [sig]).serialize())
-    with pytest.raises(RequestRefused, match="not the guild's taproot output"):
-        derive(request, old.thresh_pk)
-    assert move_funds([], new.thresh_pk, 2, 5_000) is None
-    assert move_funds(coins[2:], new.thresh_pk, 2, 100) is None  # the fee limit
+    with pytest.raises(RequestRefused, match="not a guild output"):
+        derive(request, old.thresh_pk, me)
+    assert move_funds([], new.thresh_pk, me, 2, 5_000) is None
+    assert move_funds(coins[2:], new.thresh_pk, me, 2, 100) is None  # the fee limit
 
 
 OLD = KeyInfo(b"\x02" + b"\x01" * 32, [0, 1, 2], 2)

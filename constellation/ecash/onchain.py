@@ -28,7 +28,7 @@ class Coin(NamedTuple):
     vout: int
     amount_sat: int
     script: bytes
-    derivation: bytes  # what moved the guild key to its address (empty: none)
+    label: bytes  # its address among the holder's (``guild.owned_derivation``)
     key: bytes = b""  # the guild key it is under (33 bytes): the one that signs for it
 
 
@@ -107,13 +107,13 @@ def sweep(
 
 def spend_requests(tx: BitcoinTx, coins: Sequence[Coin]) -> list[OnchainSpend]:
     """What the guild signs for each input of ``tx`` (spending ``coins``, in order): the
-    transaction, every output it spends, and the input's derivation."""
+    transaction, every output it spends, and the input's label."""
     spent = [
         SpendInput(i.txid, i.vout, i.sequence, c.amount_sat, c.script)
         for i, c in zip(tx.inputs, coins, strict=True)
     ]
     return [
-        OnchainSpend(tx.version, tx.locktime, spent, list(tx.outputs), k, c.derivation)
+        OnchainSpend(tx.version, tx.locktime, spent, list(tx.outputs), k, c.label)
         for k, c in enumerate(coins)
     ]
 

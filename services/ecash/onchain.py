@@ -2,7 +2,9 @@
 after confirmations, and withdrawals the guild signs with ROAST.
 
 * A mint quote (``onchain``) gets an address of its own: the guild key moved by a
-  derivation named after the quote (``constellation.guild.guild_output``). The chain
+  derivation of this operator's, labelled after the quote
+  (``constellation.guild.owned_derivation``): the guild signs a spend of it only at this
+  operator's request, as of every address the mint holds (change, moves). The chain
   follower reads every block through bitcoind's JSON-RPC; an output to a quote's address
   is recorded as a coin of the guild's that this mint holds, and credited to the quote
   (``amount_paid``) once it has ``confirmations``. The quote's key (NUT-20) then mints
@@ -41,13 +43,14 @@ from nats.errors import Error as NatsError
 
 from constellation.address import encode_segwit
 from constellation.bitcoin import BitcoinTx, address_script, p2tr_script, parse_tx
+from constellation.crypto.dkg import hostpubkey_gen
 from constellation.ecash import mint as m
 from constellation.ecash import onchain as oc
 from constellation.errors import ConstellationError
-from constellation.guild import derive, guild_output
+from constellation.guild import derive, guild_output, owned_derivation
 from constellation.hashing import tagged_hasher
 from constellation.keys import schnorr_verify
-from constellation.membership import move_funds
+from constellation.membership import move_funds, move_label
 from constellation.protocol import cashu as nut
 from constellation.protocol import signer as sp
 from constellation.protocol.envelope import Membership
@@ -63,14 +66,14 @@ SIGN_S = 30.0
 RPC_S = 10.0
 ABANDONED_S = 60.0  # a melt PENDING this long with no withdrawal recorded: its process died
 MOVE_MAX_FEE_SAT = 50_000  # a move to a new key costing more waits (for a lower feerate)
-_derivation = tagged_hasher("Constellation/deposit-derivation")
+_label = tagged_hasher("Constellation/deposit-label")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chain_quotes (  -- NUT-30 mint quotes: an address each
     quote text PRIMARY KEY,
     address text NOT NULL UNIQUE,
     script bytea NOT NULL UNIQUE,
-    derivation bytea NOT NULL,
+    derivation bytea NOT NULL,  -- its address's label (guild.owned_derivation's, ours)
     guild_key bytea NOT NULL,  -- the guild key its address is under (33 bytes)
     pubkey text NOT NULL,
     amount_paid bigint NOT NULL DEFAULT 0,
@@ -82,7 +85,7 @@ CREATE TABLE IF NOT EXISTS chain_coins (  -- the guild's outputs this mint holds
     vout int NOT NULL,
     amount_sat bigint NOT NULL,
     script bytea NOT NULL,
-    derivation bytea NOT NULL,
+    derivation bytea NOT NULL,  -- its address's label (guild.owned_derivation's, ours)
     key bytea NOT NULL,  -- the guild key it is under: the one that signs for it
     height int,  -- NULL: not in a block yet
     quote text,  -- the deposit's mint quote (NULL: a withdrawal's change)
@@ -217,10 +220,7 @@ class ChainSettings:
 
 def _coins_json(coins: list[oc.Coin]) -> str:
     return json.dumps(
-        [
-            [c.txid, c.vout, c.amount_sat, c.script.hex(), c.derivation.hex(), c.key.hex()]
-            for c in coins
-        ]
+        [[c.txid, c.vout, c.amount_sat, c.script.hex(), c.label.hex(), c.key.hex()] for c in coins]
     )
 
 
@@ -307,6 +307,7 @@ class Onchain:
         self.rpc = Bitcoind(settings.bitcoind_url, self.session)
         self.guild_key = b""  # the newest key (33 bytes), asked of the signer
         self.usable: list[bytes] = []  # every key the signers sign with (a move's, too)
+        self.me = hostpubkey_gen(settings.signer_identity)[1:]  # the addresses we hold
         self.working: set[str] = set()  # withdrawals this process is signing or sending
 
     @staticmethod
@@ -347,7 +348,10 @@ class Onchain:
             log.info("the guild key changed", extra={"key": newest.hex()})
         self.guild_key, self.usable = newest, [k.key for k in reply.keys]
 
-    async def address(self, derivation: bytes) -> tuple[str, bytes]:
+    async def address(self, label: bytes) -> tuple[str, bytes]:
+        """Our address ``label`` under the newest guild key (the guild signs for it at
+        our request only)."""
+        derivation = owned_derivation(self.me, label)
         xonly = guild_output(await self.key(), derivation).xonly
         return encode_segwit(self.s.hrp, 1, xonly), p2tr_script(xonly)
 
@@ -355,8 +359,8 @@ class Onchain:
 
     async def mint_quote(self, req: nut.MintQuoteOnchainRequest, expiry_s: int) -> dict[str, Any]:
         quote = str(uuid.uuid4())
-        derivation = _derivation(quote.encode())
-        address, script = await self.address(derivation)
+        label = _label(quote.encode())
+        address, script = await self.address(label)
         expiry = int(time.time()) + expiry_s
         tip = int(await self.rpc.call("getblockcount"))
         tip_hash = await self.rpc.call("getblockhash", tip)
@@ -375,7 +379,7 @@ class Onchain:
                 quote,
                 address,
                 script,
-                derivation,
+                label,
                 await self.key(),
                 req.pubkey,
                 expiry,
@@ -610,8 +614,8 @@ class Onchain:
         recorded (from here it is never refunded), signed and sent. What may fail before
         the record raises, with the proofs free; what fails after it is said, and the
         resolver takes it up."""
-        change_derivation = _derivation(b"change:" + quote_id.encode())
-        _, change = await self.address(change_derivation)  # the key, before any proof
+        change_label = _label(b"change:" + quote_id.encode())
+        _, change = await self.address(change_label)  # the key, before any proof
         key = await self.key()
         quote, attempt = await start()
         destination = self.destination(quote.request)
@@ -620,7 +624,7 @@ class Onchain:
             coins = await self._held(conn, "key = ANY($1::bytea[])", self.usable)
             w = oc.plan(coins, destination, quote.amount, change, self.s.feerate, quote.fee_reserve)
             if w is not None:
-                await self._record(conn, quote, attempt, w, change, change_derivation, key)
+                await self._record(conn, quote, attempt, w, change, change_label, key)
         if w is None:  # nothing was recorded: the proofs are free again
             await self.store.fail_melt(quote.quote, attempt)
             raise Uncovered(m.PAYMENT_FAILED, "the mint's on-chain coins do not cover it now")
@@ -640,7 +644,7 @@ class Onchain:
         attempt: int,
         w: oc.Withdrawal,
         change: bytes,
-        change_derivation: bytes,
+        change_label: bytes,
         key: bytes,
     ) -> None:
         """Record a withdrawal in the transaction that picked its coins, if its melt is
@@ -664,7 +668,7 @@ class Onchain:
                 w.tx.txid,
                 w.change_sat,
                 change,
-                change_derivation,
+                change_label,
                 key,
             )
         await conn.execute(
@@ -717,7 +721,7 @@ class Onchain:
         signatures = []
         async with self._signer() as client:
             for coin, request in zip(coins, oc.spend_requests(tx, coins), strict=True):
-                expected = derive(request, coin.key)
+                expected = derive(request, coin.key, self.me)
                 reply = await client.request(sp.SignRequest(request, key=coin.key), SIGN_S)
                 if not reply.ok or not schnorr_verify(
                     expected.pubkey, expected.msg, reply.signature
@@ -778,7 +782,7 @@ class Onchain:
 
     async def _build_move(self, conn: asyncpg.Connection, move: int, key: bytes) -> asyncpg.Record:
         coins = await self._held(conn, "key <> $1", key)
-        w = move_funds(coins, key, self.s.feerate, MOVE_MAX_FEE_SAT)
+        w = move_funds(coins, key, self.me, self.s.feerate, MOVE_MAX_FEE_SAT)
         if w is None and coins:
             raise m.CashuError(
                 m.PAYMENT_FAILED,
@@ -798,10 +802,11 @@ class Onchain:
         [out] = w.tx.outputs
         await conn.execute(
             "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, key, held)"
-            " VALUES ($1, 0, $2, $3, ''::bytea, $4, true)",
+            " VALUES ($1, 0, $2, $3, $4, $5, true)",
             w.tx.txid,
             out.amount_sat,
             out.script_pubkey,
+            move_label(key),
             key,
         )
         await conn.execute("SELECT mint_count('chain_fees_sat', '', $1)", w.fee_sat)

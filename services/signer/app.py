@@ -63,6 +63,7 @@ class SignerNode:
         )
         self.coordinator = Coordinator(
             self.members,
+            me,
             self.metrics,
             lambda idx, msg: self.send(Role.SIGNER, idx, msg),
             self.participant.key,

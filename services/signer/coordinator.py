@@ -91,6 +91,7 @@ class Coordinator:
     def __init__(
         self,
         members: Membership,
+        me: int,
         metrics: SignerMetrics,
         send: Send,
         keys: Callable[[bytes], Key | None],
@@ -100,6 +101,7 @@ class Coordinator:
         """``keys``: the usable key of a public key (the active one for b''), if the
         operator's own signer holds it."""
         self.members = members
+        self.me = me
         self.n = len(members.hostpubkeys)
         self.metrics = metrics
         self.send = send
@@ -147,7 +149,7 @@ class Coordinator:
                 )
             if len(self.signing) >= self.max_requests:
                 raise RequestRefused(f"{self.max_requests} signing requests are running")
-            derived = derive(target, key.pubkey)
+            derived = derive(target, key.pubkey, self.members.identities[self.me])
         except ConstellationError as exc:
             return _error(exc)
         self.metrics.requests_started.inc()

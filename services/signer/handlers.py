@@ -249,7 +249,10 @@ class Participant:
                 if below is not None:
                     self.policy.learn(*below)
             quorums = [k.quorum for k in self.usable()]
-            derived = self.policy.check(msg.target, key.pubkey, msg.epoch, msg.cert, quorums)
+            requester = self.members.identities[sender]  # a spend: of its own coins only
+            derived = self.policy.check(
+                msg.target, key.pubkey, msg.epoch, msg.cert, quorums, requester
+            )
         except ConstellationError as exc:
             await self._refuse(sender, rid, exc)
             return

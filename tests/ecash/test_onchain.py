@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from constellation.bitcoin import SpendOutput, p2tr_script, parse_tx
 from constellation.ecash import onchain as oc
 from constellation.errors import RequestRefused
-from constellation.guild import derive, guild_output
+from constellation.guild import derive, guild_output, owned_derivation
 from services.lnsim.chain import Chain, ChainError
 from tests.crypto.dealer import deal
 from tests.crypto.test_frost import run_session
@@ -25,24 +25,27 @@ DESTINATION = b"\x00\x14" + b"\x11" * 20  # a P2WPKH output
 FEERATE = 2
 
 
-def derivation(k: int) -> bytes:
+ME = b"\x30" * 32  # the member whose mint holds the coins (its x-only host key)
+
+
+def label(k: int) -> bytes:
     return bytes([k]) * 32
 
 
 def coin(k: int, sat: int) -> oc.Coin:
-    key = guild_output(GROUP.thresh_pk, derivation(k)).xonly
-    return oc.Coin(f"{k:064x}", k % 3, sat, p2tr_script(key), derivation(k))
+    key = guild_output(GROUP.thresh_pk, owned_derivation(ME, label(k))).xonly
+    return oc.Coin(f"{k:064x}", k % 3, sat, p2tr_script(key), label(k))
 
 
-CHANGE = p2tr_script(guild_output(GROUP.thresh_pk, b"\xcc" * 32).xonly)
+CHANGE = p2tr_script(guild_output(GROUP.thresh_pk, owned_derivation(ME, b"\xcc" * 32)).xonly)
 
 
 def sign_all(w: oc.Withdrawal) -> bytes:
-    """Each input signed as a signer would: ``derive`` checks the request and gives the
-    message and tweaks; two of three shares sign it."""
+    """Each input signed as a signer would: ``derive`` checks the request (of the member
+    that holds the coins) and gives the message and tweaks; two of three shares sign."""
     sigs = []
     for request in oc.spend_requests(w.tx, w.spent):
-        d = derive(request, GROUP.thresh_pk)
+        d = derive(request, GROUP.thresh_pk, ME)
         sigs.append(run_session(GROUP, SHARES, [0, 2], d.msg, d.tweaks, d.is_xonly))
     return oc.signed(w.tx, sigs).serialize()
 
@@ -79,15 +82,17 @@ def test_a_signature_for_another_input_or_key_is_refused_by_the_chain() -> None:
         chain_of(coins).check(swapped.serialize())
 
 
-def test_the_signer_refuses_a_derivation_that_is_not_the_inputs() -> None:
+def test_the_signer_refuses_a_label_that_is_not_the_inputs_or_another_member_s() -> None:
     w = oc.plan([coin(1, 40_000)], DESTINATION, 30_000, CHANGE, FEERATE, 10_000)
     assert w is not None
     [request] = oc.spend_requests(w.tx, w.spent)
-    moved = msgspec.structs.replace(request, derivation=derivation(2))
-    with pytest.raises(RequestRefused, match="not the guild's taproot output"):
-        derive(moved, GROUP.thresh_pk)
+    moved = msgspec.structs.replace(request, label=label(2))
+    with pytest.raises(RequestRefused, match="not a guild output the requester holds"):
+        derive(moved, GROUP.thresh_pk, ME)
+    with pytest.raises(RequestRefused, match="not a guild output the requester holds"):
+        derive(request, GROUP.thresh_pk, b"\x31" * 32)  # another member: not its coin
     with pytest.raises(RequestRefused, match="32 bytes"):
-        derive(msgspec.structs.replace(request, derivation=b"\x01"), GROUP.thresh_pk)
+        derive(msgspec.structs.replace(request, label=b"\x01"), GROUP.thresh_pk, ME)
 
 
 def test_dust_change_goes_to_the_fee_and_limits_refuse() -> None:

@@ -74,7 +74,7 @@ async def test_a_deposit_reorganised_out_and_mined_again_is_credited_once(
 ) -> None:
     no_signer = Membership("chain-follow", [])  # the follower signs nothing
     settings = ChainSettings(
-        "http://unused", "nats://unused", no_signer, b"", CONFIRMATIONS, 2, 1, "bcrt"
+        "http://unused", "nats://unused", no_signer, b"\x07" * 32, CONFIRMATIONS, 2, 1, "bcrt"
     )
     follower = Onchain(settings, store, _no_rules, _no_signing, MintMetrics())
     chain = Chain()

@@ -21,8 +21,7 @@ from coincurve import PublicKeyXOnly
 from nats.aio.msg import Msg
 
 from constellation.bitcoin import SpendInput, SpendOutput, p2tr_script, taproot_sighash
-from constellation.crypto import frost
-from constellation.guild import Checkpoint, OnchainSpend, Statement
+from constellation.guild import Checkpoint, OnchainSpend, Statement, guild_output, owned_derivation
 from constellation.keys import SigningKey
 from constellation.protocol import lightclient as lc
 from constellation.protocol import signer as proto
@@ -364,24 +363,23 @@ async def test_an_onchain_spend_is_signed_under_the_guild_taproot_key(
 ) -> None:
     guild = guild_factory(3)
     keygen = await guild.keygen(2)
-    tweak = frost.taproot_tweak(keygen.threshold_pubkey[1:])
-    output_key = frost.tweak_context(keygen.threshold_pubkey, [tweak], [True]).xonly_pk
+    label = b"\x41" * 32  # an address of operator 2's
+    derivation = owned_derivation(guild.members.identities[2], label)
+    output_key = guild_output(keygen.threshold_pubkey, derivation).xonly
     spend = OnchainSpend(
         2,
         0,
         [SpendInput(b"\x01" * 32, 0, 0xFFFFFFFD, 100_000, p2tr_script(output_key))],
         [SpendOutput(99_000, b"\x00\x14" + b"\x05" * 20)],
         0,
+        label,
     )
     reply = await guild.sign(spend, operator=2)
     assert_valid(reply, taproot_sighash(2, 0, spend.inputs, spend.outputs, 0), "spend")
     assert reply.threshold_pubkey == output_key  # what a P2TR key-path witness verifies under
-    stranger = msgspec.structs.replace(
-        spend,
-        inputs=[msgspec.structs.replace(spend.inputs[0], script_pubkey=b"\x51\x20" + b"\x09" * 32)],
-    )
-    refused = await guild.sign(stranger)
-    assert not refused.ok and "not the guild's taproot output" in refused.error
+    # operator 0 asking for a spend of operator 2's coin: every signer refuses
+    refused = await guild.sign(spend, operator=0)
+    assert not refused.ok and "not a guild output the requester holds" in refused.error
 
 
 async def test_a_checkpoint_is_signed_only_where_each_signers_ledger_vouches_for_it(
