@@ -49,6 +49,7 @@ from services.replica.host import HostedCopy
 from services.replica.metrics import MachineMetrics
 from services.replica.moves import (
     NotYet,
+    clear_drops,
     drop,
     folder_name,
     is_released,
@@ -161,6 +162,7 @@ class Machine:
             snapshot_every=s.snapshot_every,
             keep=s.keep,
         )
+        clear_drops(s.state_dir)
         known = recorded(s.state_dir)
         first = known or Placement.initial(s.layout.workers, s.layout.members[s.operator].machines)
         placement, self.revision = await ensure_placement(nc, s.name, first)

@@ -105,6 +105,12 @@ def drop(folder: Path) -> None:
     shutil.rmtree(dropping)
 
 
+def clear_drops(state_dir: Path) -> None:
+    """Delete what crashes left of drops in ``state_dir`` (a machine starting)."""
+    for left in state_dir.glob(f"*{DROPPING}"):
+        shutil.rmtree(left, ignore_errors=True)
+
+
 def _files(folder: Path) -> list[tuple[str, int]]:
     return sorted(
         (p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file() and p.name != RELEASED

@@ -115,14 +115,15 @@ class CopyStore:
             ):
                 frames.why, damaged = f"block {header.height} does not chain", True
                 break
-            if loaded.snapshot is not None and _replaced(header, loaded.snapshot):
-                # a snapshot installed in place of these, the crash before their cut
-                frames.why = f"block {header.height} is of a history the snapshot replaced"
-                break
             loaded.blocks.append(block)
             self._heights.append(header.height)
             self._ends.append(at)
             prev = header
+        if loaded.snapshot is not None and not _agree(loaded.blocks, loaded.snapshot):
+            # a leader's snapshot installed in place of them, the crash before their cut
+            frames.why = "blocks of a history the snapshot replaced"
+            loaded.blocks.clear()
+            del self._heights[:], self._ends[:]
         end = self._ends[-1] if self._ends else 0
         if end < len(data):
             damaged = damaged or frames.why in (MISMATCH, IMPOSSIBLE)
@@ -232,9 +233,17 @@ class CopyStore:
             self._fd = -1
 
 
-def _replaced(header: rp.Header, snapshot: Snapshot) -> bool:
-    """Whether a block kept beside ``snapshot`` is of another history than the one it
-    snapshots: at its height, another block; just above, one that does not follow it."""
-    if header.height == snapshot.height:
-        return rp.header_hash(header) != snapshot.hash
-    return header.height == snapshot.height + 1 and header.prev != snapshot.hash
+def _agree(blocks: list[rp.Block], snapshot: Snapshot) -> bool:
+    """Whether the log's blocks (chained) are of the history ``snapshot`` is of: they
+    hold its block, or start just above it and follow it. A log that holds another block
+    at its height, one that does not follow it, or blocks below it only, is what a
+    leader's snapshot was installed over (its cut lost to a crash)."""
+    if not blocks:
+        return True
+    first = blocks[0].signed.header
+    at = snapshot.height - first.height
+    if 0 <= at < len(blocks):
+        return rp.header_hash(blocks[at].signed.header) == snapshot.hash
+    if at == -1:
+        return first.prev == snapshot.hash
+    return at < -1  # above it (never written so): kept, the replica judges them

@@ -184,9 +184,19 @@ def test_a_snapshot_installed_before_a_crash_cut_the_log_restarts_on_it(
     store.close()
     loaded = CopyStore(tmp_path).load()
     assert loaded.snapshot is not None and loaded.snapshot.hash == snap.hash
-    assert all(b.signed.header.height < snap.height for b in loaded.blocks)
+    assert not loaded.blocks and not loaded.damaged
     again = restarted(mine, tmp_path)
     assert again.snap.height == snap.height and again.last == snap.height
+    # it goes on from the snapshot: the leader's next block, and another restart
+    [above] = [b for b in other.replicas[0].log if b.signed.header.height == snap.height + 1]
+    store = CopyStore(tmp_path)
+    store.load()
+    store.write(Ready(append=[above]))
+    store.close()
+    loaded = CopyStore(tmp_path).load()
+    assert not loaded.damaged and [b.signed.header.height for b in loaded.blocks] == [
+        snap.height + 1
+    ]
 
 
 def test_a_drop_cut_short_leaves_no_part_of_the_copy_under_its_name(
@@ -217,3 +227,11 @@ def test_a_drop_cut_short_leaves_no_part_of_the_copy_under_its_name(
     moves.release(folder)
     moves.drop(folder)
     assert list(tmp_path.iterdir()) == []  # the drop cut short is gone with it
+    written(folder)  # and once more, cut short again: the machine clears it as it starts
+    moves.release(folder)
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", cut_short)
+        with pytest.raises(PowerLost):
+            moves.drop(folder)
+    moves.clear_drops(tmp_path)
+    assert list(tmp_path.iterdir()) == []
