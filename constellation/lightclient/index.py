@@ -477,21 +477,28 @@ class Recent:
                 self.committed.pop(txid, None)
         return Touched(touched, coins)
 
-    def filled(self, height: int, commits: Iterable[bytes]) -> list[tuple[Key, int, bytes]]:
-        """Transactions committed under checkpoint ``height``, taken earlier without its
+    def waiting_for(self, commits: Iterable[bytes]) -> list[tuple[Key, int, bytes]]:
+        """Of transactions committed under a checkpoint taken earlier without its
         records (adopted by a member that had been down) and filled in since: the keys
         that their changes under later checkpoints touch, each with the height from which
-        it is provable (the latest checkpoint with a record of it here). Told in the
-        history only, not pushed (their checkpoints were pushed already)."""
+        it is provable (the latest checkpoint with a record of it here). For the history
+        only, not pushed (their checkpoints were pushed already); ``filled`` once
+        stored."""
         found = []
         for txid in commits:
-            self.committed[txid] = height
-            self.commits.setdefault(height, []).append(txid)
-            waiting = self.waiting.pop(txid, None)
+            waiting = self.waiting.get(txid)
             if waiting is not None:
                 latest = max((h for h, _, _ in self.places.get(txid, [])), default=waiting[0])
                 found += [(key, latest, txid) for key in waiting[1]]
         return found
+
+    def filled(self, height: int, commits: Iterable[bytes]) -> None:
+        """Those commits, of checkpoint ``height``, are known (and stored) now: their
+        waiting changes are told, and later ones are told at once."""
+        for txid in commits:
+            self.committed[txid] = height
+            self.commits.setdefault(height, []).append(txid)
+            self.waiting.pop(txid, None)
 
     def _forget(self, height: int) -> None:
         found = self.kept.pop(height)

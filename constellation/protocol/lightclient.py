@@ -132,7 +132,7 @@ class Touch(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=
     txid: bytes
 
 
-class Answer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Answer(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """What the indexer has: encoded checkpoints (``Announced``), a proof, the guild
     descriptor, pushes or history; ``error`` where it cannot answer (no checkpoint yet,
     ...), ``unavailable`` where that may change on asking again (its database down).

@@ -30,7 +30,8 @@ STATUS_TEXT = {
     503: "unavailable or aborted; retry",
     504: (
         "no answer in time: the outcome is unknown; send the same request again (a"
-        " transaction commits once: the answer is its receipt or ledger.already_committed)"
+        " transaction commits once: the answer is its receipt, ledger.already_committed,"
+        " or ledger.spent where its input's spent_by names it)"
     ),
 }
 

@@ -749,22 +749,25 @@ class Checkpoints:
             self.asked.discard(announced.signed.checkpoint.height)
         touches: list[tuple[bytes, int, bytes]] = []
         coins: dict[int, lc.Coins] = {}
+        commits: dict[int, list[bytes]] = {}
         for h in fresh:
             height = h.checkpoint.checkpoint.height
             if height == 0:
                 self.first = h.checkpoint.checkpoint.message()
             found = coins[height] = lc.Coins([], [])
-            commits = []
+            committed = commits[height] = []
             for position, records in h.records.items():
                 for record in map(pf.Record.decode, records):
                     found.add(h.entries[position].owner, record)
                     touches += [(c.owner, height, record.txid) for c in record.changes]
                     if record.committed:
-                        commits.append(record.txid)
+                        committed.append(record.txid)
             # changes taken later whose commit this checkpoint holds: in the history now
-            later = self.recent.filled(height, commits)
+            later = self.recent.waiting_for(committed)
             touches += [(key, at, txid) for (kind, key), at, txid in later if kind == "address"]
         if fresh and await self._keep(fresh, touches, coins):
+            for height, committed in commits.items():  # (asked for again where not stored)
+                self.recent.filled(height, committed)
             log.info("missed checkpoints filled", extra={"count": len(fresh)})
 
     # -- what other services and members send ---------------------------------------------

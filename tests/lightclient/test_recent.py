@@ -143,11 +143,11 @@ def test_a_change_whose_commit_a_member_adopted_is_told_once_that_checkpoint_is_
         for r in map(pf.Record.decode, records)
         if r.committed
     ]
-    filled = recent.filled(0, commits)
-    assert sorted(filled) == sorted(
-        [(("address", s.owner), 2, s.txid), (("coin", s.coin), 2, s.txid)]
-    )
-    assert s.txid not in recent.waiting and recent.filled(0, commits) == []  # told once
+    later = [(("address", s.owner), 2, s.txid), (("coin", s.coin), 2, s.txid)]
+    assert sorted(recent.waiting_for(commits)) == sorted(later)
+    assert sorted(recent.waiting_for(commits)) == sorted(later)  # until stored: asked again
+    recent.filled(0, commits)
+    assert s.txid not in recent.waiting and recent.waiting_for(commits) == []  # told once
     proof = lc.tx_proof([held, lc.held(taken)], s.txid)  # provable from checkpoint 2 on
     assert proof is not None
     assert keys_of(pf.verify_tx(PIN, proof, s.txid)) >= {("address", s.owner)}
