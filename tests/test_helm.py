@@ -150,6 +150,14 @@ def test_the_operator_has_least_privilege() -> None:
     assert role["metadata"]["namespace"] == "payments"
     (binding,) = [d for d in namespaced if d["kind"] == "RoleBinding"]
     assert binding["subjects"][0]["name"] == "constellation-operator"
+    # an account the chart does not make is named, never the namespace's default one
+    # (which every pod that names none runs as)
+    args = ["template", "r1", str(CHART), "--set", "serviceAccount.create=false"]
+    unnamed = helm(*args, check=False)
+    assert unnamed.returncode != 0 and "serviceAccount.name" in unnamed.stderr
+    named = yaml.safe_load_all(helm(*args, "--set", "serviceAccount.name=ops").stdout)
+    (binding,) = [d for d in named if d and d["kind"] == "ClusterRoleBinding"]
+    assert binding["subjects"][0]["name"] == "ops"
 
 
 def test_monitoring_ships_dashboards_rules_and_scrapes() -> None:

@@ -291,7 +291,13 @@ class Renderer:
                 "selector": {"matchLabels": {GUILD: self.n.guild, ROLE: role}},
                 "template": {
                     "metadata": {"labels": labels(self.n.guild, role)},
-                    "spec": {"containers": [container], "volumes": volumes},
+                    "spec": {
+                        "containers": [container],
+                        "volumes": volumes,
+                        # no API token: these pods (NATS faces the internet) need none
+                        "automountServiceAccountToken": False,
+                        "enableServiceLinks": False,
+                    },
                 },
                 "volumeClaimTemplates": [_pvc("data", infra.storage, self.spec)] if claim else [],
             },

@@ -125,6 +125,8 @@ def test_machines_are_pinned_and_apart(count: int) -> None:
 def test_the_guilds_own_pods_are_hardened() -> None:
     r = _renderer()
     sets = _by(r.objects(), "StatefulSet")
+    for infra in sets.values():  # NATS, Redis and PostgreSQL too: no API token
+        assert infra["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     for name in (r.n.machine(0), r.n.machine(1), r.n.services):
         pod = sets[name]["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True

@@ -21,7 +21,7 @@ app.kubernetes.io/component: operator
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "constellation.fullname" .) .Values.serviceAccount.name -}}
 {{- else -}}
-{{- default "default" .Values.serviceAccount.name -}}
+{{- required "serviceAccount.name: the account to bind the operator's role to (not the namespace's default, which every pod uses)" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
 
