@@ -23,7 +23,7 @@ from constellation.errors import ConstellationError, InvalidAddress
 
 MSAT_PER_BTC = 100_000_000_000
 MAX_MSAT = 21_000_000 * MSAT_PER_BTC
-AMOUNT = re.compile(r"[0-9]{1,8}(\.[0-9]{0,30})?", re.ASCII)  # BIP21: *digit ["." *digit]
+AMOUNT = re.compile(r"(?=\.?[0-9])[0-9]*(\.[0-9]*)?", re.ASCII)  # BIP21: *digit ["." *digit]
 INVOICE_PREFIX = {Network.MAIN: "lnbc", Network.TEST: "lntb", Network.REGTEST: "lnbcrt"}
 BITCOIN_HRP = {Network.MAIN: "bc", Network.TEST: "tb", Network.REGTEST: "bcrt"}
 MAX_LENGTH = 4096  # an invoice with many route hints fits; a pasted book does not
@@ -130,9 +130,12 @@ def _btc(text: str) -> int:
     if not AMOUNT.fullmatch(text):
         raise PayToError(f"not an amount of BTC: {text[:40]!r}")
     whole, _, fraction = text.partition(".")
-    if fraction.rstrip("0")[11:]:
+    whole, fraction = whole.lstrip("0"), fraction.rstrip("0")
+    if len(fraction) > 11:
         raise PayToError(f"an amount not in whole msat: {text[:40]!r}")
-    msat = int(whole) * MSAT_PER_BTC + int((fraction + "0" * 11)[:11])
+    if len(whole) > 8:  # more BTC than there will ever be
+        raise PayToError(f"not an amount of BTC: {text[:40]!r}")
+    msat = int(whole or "0") * MSAT_PER_BTC + int(fraction.ljust(11, "0"))
     if not 0 < msat <= MAX_MSAT:
         raise PayToError(f"not an amount of BTC: {text[:40]!r}")
     return msat

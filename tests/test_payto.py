@@ -81,6 +81,7 @@ def test_bip21_amounts_at_the_edges() -> None:
     assert amount("21000000") == 21_000_000 * 100_000_000_000  # every bitcoin
     assert amount("0.00000000001") == 1  # one msat
     assert amount("1.") == amount("1.000000000000000000") == 100_000_000_000
+    assert amount(".5") == amount("0000000000.50") == 50_000_000_000  # as BIP21 writes them
 
 
 def test_bip21_with_an_invoice_is_paid_over_lightning() -> None:

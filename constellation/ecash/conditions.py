@@ -129,11 +129,11 @@ def _met(c: Condition, msg: str, witness: str | None, now: int, budget: list[int
     locktime = c.number("locktime", 0) if c.tag("locktime") else None
     expired = locktime is not None and now >= locktime
     refund = c.tag("refund")
+    needed = c.number("n_sigs", 1, least=1)  # malformed tags and witnesses: refused, always
+    signatures = _signatures(witness)
     if expired and not refund:
         return  # the lock expired and names no refund key: anyone spends it
     digest = hashlib.sha256(msg.encode()).digest()
-    signatures = _signatures(witness)
-    needed = c.number("n_sigs", 1, least=1)
     if _signed([c.data, *c.tag("pubkeys")], needed, signatures, digest, budget):
         return
     if not expired:

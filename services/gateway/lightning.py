@@ -29,7 +29,7 @@ import logging
 import re
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,11 @@ class Channel:
     @property
     def holds_our_side(self) -> bool:
         return self.state in HOLDS_OUR_SIDE
+
+
+def our_side_msat(channels: Iterable[Channel]) -> int:
+    """What the node's channels hold of its money (the reserve invariant's count)."""
+    return sum(c.local_msat for c in channels if c.holds_our_side)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ from services.ecash.store import MintBooks, mint_books
 from services.gateway.lightning import (
     LightningBackend,
     LightningError,
+    our_side_msat,
 )
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settle_store import SettleStore
@@ -735,7 +736,7 @@ class Settler:
             owed_by_others_msat=sum(
                 sum(a for _, a in p.payee.state.pending) for p in self.pairs.values()
             ),
-            lightning_msat=sum(c.local_msat for c in channels if c.holds_our_side),
+            lightning_msat=our_side_msat(channels),
             onchain_msat=balances.onchain_confirmed_msat
             + balances.onchain_unconfirmed_msat
             + mint.chain_msat,  # the guild's outputs the operator's mint holds

@@ -147,8 +147,10 @@ class Coordinator:
                     if pubkey
                     else "no guild key yet: run keygen first"
                 )
-            if len(self.signing) >= self.max_requests:
-                raise RequestRefused(f"{self.max_requests} signing requests are running")
+            # the share of each signer's room that a member's requests may take there
+            share = max(1, self.max_requests // self.n)
+            if len(self.signing) >= share:
+                raise RequestRefused(f"{share} signing requests are running")
             derived = derive(target, key.pubkey, self.members.identities[self.me])
         except ConstellationError as exc:
             return _error(exc)

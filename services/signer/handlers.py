@@ -423,13 +423,17 @@ class Participant:
 
     async def _dkg_start(self, sender: int, msg: proto.DkgStart) -> None:
         run = self.dkg
-        if run is not None and (
-            run.dkg_id == msg.dkg_id
-            or (now_ms() < run.until_ms and (sender != run.coordinator or run.state2 is not None))
+        if run is not None and run.dkg_id == msg.dkg_id:  # started once: a repeat is dropped
+            self.metrics.rejected_messages.labels("dkg.repeated").inc()
+            return
+        if (
+            run is not None
+            and now_ms() < run.until_ms
+            and (sender != run.coordinator or run.state2 is not None)
         ):
-            # one session at a time, each started once: no member pre-empts a session
-            # running (given three of the coordinator's steps to end), and a coordinator
-            # starts another only before this signer certified a transcript of its own
+            # one session at a time: no member pre-empts a session running (given three
+            # of the coordinator's steps to end), and a coordinator starts another only
+            # before this signer certified a transcript of its own
             self.metrics.rejected_messages.labels("dkg.running").inc()
             why = "a key generation is running here already"
             await self.reply(sender, proto.DkgFailed(msg.dkg_id, RequestRefused.code, why, -1))

@@ -179,9 +179,15 @@ def test_a_lock_of_many_keys_spends_as_any_other() -> None:
     secret, digest = many_locked(12, 12)
     every = json.dumps({"signatures": [schnorr_sign(k.secret, digest).hex() for k in MANY[:12]]})
     check([nut.Proof(1, "009a1f293253e41e", secret, "02" + "11" * 32, every)], [], NOW)
-    # a lock of many keys whose locktime passed, naming no refund key: anyone's
+    # a lock of many keys whose locktime passed, naming no refund key: anyone's (its
+    # tags and witness well formed still)
     secret, _ = many_locked(20, 20, [["locktime", str(NOW - 1)]])
     check([nut.Proof(1, "009a1f293253e41e", secret, "02" + "11" * 32)], [], NOW)
+    with pytest.raises(ConditionError, match="witness"):
+        check([nut.Proof(1, "009a1f293253e41e", secret, "02" + "11" * 32, "[1]")], [], NOW)
+    secret, _ = many_locked(20, 0, [["locktime", str(NOW - 1)]])
+    with pytest.raises(ConditionError, match="n_sigs"):
+        check([nut.Proof(1, "009a1f293253e41e", secret, "02" + "11" * 32)], [], NOW)
     secret, _ = many_locked(20, 20, [["locktime", str(NOW + 1)]])
     with pytest.raises(ConditionError, match="20 valid signature"):
         check([nut.Proof(1, "009a1f293253e41e", secret, "02" + "11" * 32)], [], NOW)

@@ -17,7 +17,7 @@ from pyln.client import LightningRpc, RpcError
 
 from constellation.lightning import Outcome
 from services.gateway import lightning
-from services.gateway.lightning import ClnBackend, LightningError, Threads
+from services.gateway.lightning import ClnBackend, LightningError, Threads, our_side_msat
 from services.lnsim.sim import Simulator, socket_path
 
 CHANNEL_SAT = 1_000_000
@@ -247,7 +247,7 @@ async def funds(node: ClnBackend) -> int:
     """A node's money as the reserve check counts it: its side of each channel that
     holds it, and its wallet's outputs."""
     balances = await node.balances()
-    channels = sum(c.local_msat for c in await node.channels() if c.holds_our_side)
+    channels = our_side_msat(await node.channels())
     return channels + balances.onchain_confirmed_msat + balances.onchain_unconfirmed_msat
 
 

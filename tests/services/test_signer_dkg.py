@@ -82,11 +82,13 @@ async def test_a_session_runs_alone_and_its_shares_are_dealt_once(tmp_path: Path
         await m.p.handle(2, proto.DkgStart(session, HOSTPUBKEYS, 2))
     firsts = [m.last() for m in members]
     assert all(isinstance(f, proto.DkgMsg1) for f in firsts)
-    # another member may not pre-empt it, nor its coordinator start it again
-    for sender, dkg_id in ((1, os.urandom(16)), (2, session)):
-        await members[0].p.handle(sender, proto.DkgStart(dkg_id, HOSTPUBKEYS, 2))
-        assert isinstance(members[0].last(), proto.DkgFailed)
-        assert members[0].p.dkg is not None and members[0].p.dkg.dkg_id == session
+    # another member may not pre-empt it; its coordinator's start, repeated, is dropped
+    await members[0].p.handle(1, proto.DkgStart(os.urandom(16), HOSTPUBKEYS, 2))
+    assert isinstance(members[0].last(), proto.DkgFailed)
+    await members[0].p.handle(2, proto.DkgStart(session, HOSTPUBKEYS, 2))
+    assert len(members[0].answers) == 2  # no answer: the session goes on
+    assert members[0].p.dkg is not None and members[0].p.dkg.dkg_id == session
+    assert members[0].p.dkg.state1 is not None
     # member 2, coordinating, deals two transcripts in one session: each signer
     # certifies the first it is dealt, and gives up the session at the second
     pmsgs1 = [f.pmsg1 for f in firsts if isinstance(f, proto.DkgMsg1)]
