@@ -401,7 +401,8 @@ class SigningPolicy:
         quorums: Sequence[Quorum] = (),
         requester: bytes = b"",
     ) -> Derived:
-        """Derive the request's message and apply every rule (raises RequestRefused).
+        """Derive the request's message and apply every rule (raises RequestRefused);
+        ``requester`` is the asking member's x-only host key (a spend is of its coins).
         A checkpoint in an ``epoch`` above 0 comes with the ``cert`` that the one below
         ended among the signers of every key this signer signs with (``quorums``, the
         request's among them): a signer's binding at a height holds for all its keys,
