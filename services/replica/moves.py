@@ -98,8 +98,7 @@ def drop(folder: Path) -> None:
     so that a crash midway leaves no part of it under its name (taken for a whole copy,
     its term and vote gone)."""
     assert is_released(folder), f"{folder} is not released"
-    dropping = folder.with_name(folder.name + DROPPING)
-    shutil.rmtree(dropping, ignore_errors=True)  # what a crash left of an earlier drop
+    dropping = folder.with_name(folder.name + DROPPING)  # (none left: ``clear_drops``)
     folder.rename(dropping)
     sync_dir(folder.parent)
     shutil.rmtree(dropping)
