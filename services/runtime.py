@@ -11,6 +11,7 @@ long-running tasks and restart any that dies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -436,10 +437,22 @@ def sync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path) -> None:
+    """``path`` and the folders above it that are missing, created durably (each one's
+    parent fsynced once it is made)."""
+    if path.is_dir():
+        return
+    make_dirs(path.parent)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir()
+    sync_dir(path.parent)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``, durably: a crash leaves the old file or the new."""
+    """Replace ``path`` with ``data``, durably: a crash leaves the old file or the new
+    (readable by its owner only)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from constellation.errors import MessageError
 from constellation.protocol.ledger import Block, decode_block, decode_events_head
+from services.runtime import make_dirs, sync_dir
 
 _HEAD = struct.Struct(">II")
 FRAME_HEAD = _HEAD.size  # bytes before a frame's payload
@@ -88,8 +89,15 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def open_log(path: Path) -> tuple[int, bytes]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    """The log at ``path`` (created, durably, where there is none yet: what is then
+    appended and fsynced does not vanish with its file's name in a power loss), open for
+    reading and writing, and its bytes."""
+    make_dirs(path.parent)
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        sync_dir(path.parent)
     with os.fdopen(os.dup(fd), "rb") as f:
         return fd, f.read()
 

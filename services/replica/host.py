@@ -60,6 +60,7 @@ from services.partition.wal import EventLog
 from services.partition.worker import state_info
 from services.replica.config import Layout
 from services.replica.store import CopyStore
+from services.runtime import write_atomic
 
 log = logging.getLogger("replica.copy")
 
@@ -383,15 +384,10 @@ class HostedCopy:
         (a snapshot from the leader skipped their blocks), or that it is whole again."""
         path = self.folder / GAP_FILE
         try:
-            if upto is None:
+            if upto is None:  # a removal lost in a crash is found again (``events.last``)
                 path.unlink(missing_ok=True)
             else:
-                temp = path.with_suffix(".tmp")
-                with open(temp, "w") as f:
-                    f.write(str(upto))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(temp, path)
+                write_atomic(path, str(upto).encode())
         except OSError as exc:
             _disk_failed(exc)
         self.gap = upto

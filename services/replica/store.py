@@ -42,7 +42,7 @@ from services.partition.wal import (
     unframe,
     write_all,
 )
-from services.runtime import sync_dir
+from services.runtime import make_dirs, sync_dir, write_atomic
 
 log = logging.getLogger("replica.store")
 
@@ -75,7 +75,7 @@ class Loaded:
 class CopyStore:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(folder)
         self.hard = _Hard(0, -1, False)
         self._fd = -1
         self._heights: list[int] = []  # the blocks in the file, in order
@@ -207,15 +207,7 @@ class CopyStore:
         del self._heights[:drop]
 
     def _write_whole(self, name: str, payload: bytes) -> None:
-        tmp = self.folder / f"{name}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            write_all(fd, frame(payload))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.folder / name)
-        sync_dir(self.folder)
+        write_atomic(self.folder / name, frame(payload))
 
     def _read_whole(self, name: str) -> bytes | None:
         path = self.folder / name

@@ -18,6 +18,8 @@ from constellation.protocol.ledger import (
     encode,
     encode_block_events,
 )
+from services import runtime
+from services.partition import wal
 from services.partition.wal import BlockLog, EventLog
 
 
@@ -140,3 +142,20 @@ def test_events_log_cut_at_a_torn_tail_and_beyond_the_block_log(
     log.open()
     assert read_heights(log, -1, 1 << 20) == [0, 1, 2, 3]
     log.close()
+
+
+def test_a_new_log_and_its_folders_are_created_durably(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A log's name, and the folders above it that were made for it, are fsynced in their
+    parents when made: fsynced blocks do not vanish with their file in a power loss. A
+    log that exists is opened without it."""
+    synced: list[Path] = []
+    monkeypatch.setattr(runtime, "sync_dir", synced.append)
+    monkeypatch.setattr(wal, "sync_dir", synced.append)
+    path = tmp_path / "a" / "b" / "blocks.log"
+    write(path, 1)
+    assert synced == [tmp_path, tmp_path / "a", tmp_path / "a" / "b"]
+    synced.clear()
+    assert heights(path) == [0]
+    assert synced == []
