@@ -21,7 +21,6 @@ from constellation.address import Network, decode_address
 from constellation.errors import ConstellationError
 from constellation.guild import Statement
 from constellation.protocol import signer as proto
-from constellation.protocol.envelope import Membership
 from constellation.replication.placement import BATCH, MAX_MACHINES
 from constellation.tx import TxOutput
 from services import devnet
@@ -32,8 +31,6 @@ from services.ecash.client import MintError
 from services.replica.config import MACHINES
 from services.runtime import ConfigError
 from services.signer.client import call
-from services.signer.config import load_members
-from services.signer.store import KeyStore
 from services.wallet import wallet_command, wallet_lock
 from services.wallet_money import MoneyError, money_command
 from services.workload import run_workload
@@ -42,25 +39,19 @@ DEFAULT_DIR = Path(".devnet")
 MONEY = ("deposit", "pay", "balance")  # the wallet commands that use (or follow) its mint
 
 
-def _operator(net: devnet.Devnet, index: int) -> tuple[Membership, bytes]:
-    if not 0 <= index < len(net.signers):
-        raise ConfigError(f"the devnet has operators 0..{len(net.signers) - 1}")
-    proc = net.signers[index]
-    hostseckey = KeyStore(Path(proc.state_dir), bytes.fromhex(proc.storage_key)).load_identity()
-    return load_members(net.members_path), hostseckey
-
-
 def _guild(args: argparse.Namespace) -> int:
     net = devnet.Devnet.load(args.dir)
-    members, hostseckey = _operator(net, args.operator)
-    n = len(members.hostpubkeys)
+    if not 0 <= args.operator < len(net.signers):
+        raise ConfigError(f"the devnet has operators 0..{len(net.signers) - 1}")
+    access = net.signer_access(args.operator)
+    n = len(access.members.hostpubkeys)
     request: proto.KeygenRequest | proto.SignRequest
     if args.guild_command == "keygen":
         t = args.threshold or n // 2 + 1
         request = proto.KeygenRequest(t)
     else:
         request = proto.SignRequest(Statement(args.message))
-    reply = asyncio.run(call(net.nats_url, members, hostseckey, request, args.timeout))
+    reply = asyncio.run(call(access, request, args.timeout))
     if not reply.ok:
         print(f"error [{reply.code}]: {reply.error}", file=sys.stderr)
         return 1

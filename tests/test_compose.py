@@ -210,7 +210,7 @@ def test_the_services_set_what_the_devnet_sets_for_one_operator() -> None:
     """The devnet (``services/devnet/state.py``) is the reference: the same variables
     for a single operator with a Lightning node and a mint, less the ports it picks."""
     net = Devnet("/devnet", "devnet", 4222, "d4" * 32, lightning_rpc="/ln", mint_storage_key="00")
-    net.signers = [SignerProc(0, "/s", "00", 1)]
+    net.signers = [SignerProc(0, "/s", "00", "07" * 32, 1)]
     net.workers = [WorkerProc(0, "/w", 1)]
     with mock.patch.dict(os.environ, clear=True):
         expected = {

@@ -35,7 +35,6 @@ from services.devnet.procs import (
 )
 from services.devnet.state import Devnet, DevnetError, MachineProc, SignerProc, WorkerProc
 from services.signer.config import save_members
-from services.signer.store import KeyStore
 
 # How long each kind of process may take to start.
 NATS_START_S = 10
@@ -346,13 +345,9 @@ def create(directory: Path, signers: int, guild: str, workers: int) -> Devnet:
     """Make the devnet's identities, guild file and issuer key (not its processes)."""
     directory.mkdir(parents=True, exist_ok=True)
     net = Devnet(str(directory.resolve()), guild, free_port(), os.urandom(32).hex())
-    keys = []
     for i in range(signers):
-        proc = SignerProc(i, str(Path(net.dir) / f"signer-{i}"), os.urandom(32).hex(), free_port())
-        keys.append(
-            KeyStore(Path(proc.state_dir), bytes.fromhex(proc.storage_key)).create_identity()
-        )
-        net.signers.append(proc)
+        net.signers.append(SignerProc.create(i, Path(net.dir) / f"signer-{i}", free_port()))
+    keys = [bytes.fromhex(s.hostpubkey) for s in net.signers]
     for i in range(workers):
         net.workers.append(WorkerProc(i, str(Path(net.dir) / f"worker-{i}"), free_port()))
     if keys:

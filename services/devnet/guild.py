@@ -80,7 +80,6 @@ from services.replica.transport import peer_permissions
 from services.runtime import connect_nats
 from services.signer.client import call
 from services.signer.config import load_members, save_members
-from services.signer.store import KeyStore
 
 GUILD_FILE = "guild-devnet.json"
 READY_S = 120  # every machine ready, once every operator's processes have started
@@ -171,10 +170,8 @@ def _operator(
     ]
     net.lightning_rpc = str(socket_path((directory / LIGHTNING_DIR).resolve(), name))
     net.mint_storage_key = os.urandom(32).hex()
-    signer = SignerProc(0, str(folder / "signer"), os.urandom(32).hex(), free_port())
-    store = KeyStore(Path(signer.state_dir), bytes.fromhex(signer.storage_key))
-    net.signers = [signer]
-    return net, store.create_identity()
+    net.signers = [SignerProc.create(0, folder / "signer", free_port())]
+    return net, bytes.fromhex(net.signers[0].hostpubkey)
 
 
 def layout(nets: Sequence[Devnet], neighbours: Sequence[Devnet] = (), founders: int = 0) -> Layout:
@@ -291,14 +288,8 @@ def guild_key(nets: list[Devnet]) -> None:
 
 
 def signer_request(net: Devnet, request: OpRequest, timeout_s: float = KEYGEN_S) -> OpReply:
-    """One request of an operator to its own signer, signed with the signer's identity."""
-    members = load_members(net.members_path)
-    return asyncio.run(call(net.nats_url, members, _identity(net), request, timeout_s))
-
-
-def _identity(net: Devnet) -> bytes:
-    proc = net.signers[0]
-    return KeyStore(Path(proc.state_dir), bytes.fromhex(proc.storage_key)).load_identity()
+    """One request of an operator to its own signer, signed with its client key."""
+    return asyncio.run(call(net.signer_access(), request, timeout_s))
 
 
 def plan_key(nets: list[Devnet], plan: KeyPlan, deadline_s: float = 60.0) -> list[KeysSeen]:

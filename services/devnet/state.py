@@ -10,8 +10,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from constellation.crypto.dkg import hostpubkey_gen
 from constellation.keys import SigningKey
 from constellation.tx import Issuance, TxOutput
+from services.signer.config import SignerAccess, signer_access
+from services.signer.store import KeyStore
 
 STATE_FILE = "devnet.json"
 
@@ -31,9 +34,26 @@ def write_json_atomic(path: Path, doc: Any) -> None:
 class SignerProc:
     index: int
     state_dir: str
-    storage_key: str
+    storage_key: str  # seals its identity and shares: the signer's alone
+    client_key: str  # its operator's client key: what the operator's other services ask with
     http_port: int
+    hostpubkey: str = ""  # its identity's public key (its member's), once made
     pid: int = 0
+
+    @staticmethod
+    def create(index: int, state_dir: Path, http_port: int) -> SignerProc:
+        """A new signer, with its identity made (in ``state_dir``) and a client key."""
+        keys = os.urandom(32).hex(), os.urandom(32).hex()
+        proc = SignerProc(index, str(state_dir), *keys, http_port)
+        store = KeyStore(state_dir, bytes.fromhex(proc.storage_key))
+        proc.hostpubkey = store.create_identity().hex()
+        return proc
+
+    @property
+    def access_env(self) -> dict[str, str]:
+        """How another service of its operator asks it (``signer_access``, bar the NATS
+        and the members), by the prefix of that service's variables."""
+        return {"PUBKEY": self.hostpubkey, "CLIENT_KEY": self.client_key}
 
 
 @dataclass
@@ -270,14 +290,20 @@ class Devnet:
 
     def _onchain_env(self) -> dict[str, str]:
         """What the mint needs for on-chain deposits and withdrawals: the chain, and its
-        operator's signer (asked with the signer's identity, as the operator asks it)."""
-        signer = self.signers[0]
+        operator's signer."""
+        return {"MINT_BITCOIND_URL": self.bitcoind_url, **self.signer_access_env("MINT_SIGNER")}
+
+    def signer_access(self, index: int = 0) -> SignerAccess:
+        """How the operator (the devnet's commands) asks signer ``index``."""
+        return signer_access(self.signer_access_env("ACCESS", index), "ACCESS")
+
+    def signer_access_env(self, prefix: str, index: int = 0) -> dict[str, str]:
+        """How a service asks its operator's signer (``signer_access(env, prefix)``)."""
+        signer = self.signers[index]
         return {
-            "MINT_BITCOIND_URL": self.bitcoind_url,
-            "MINT_SIGNER_NATS_URL": self.nats_url,
-            "MINT_SIGNER_MEMBERS": str(self.members_path),
-            "MINT_SIGNER_STATE_DIR": signer.state_dir,
-            "MINT_SIGNER_STORAGE_KEY": signer.storage_key,
+            f"{prefix}_NATS_URL": self.nats_url,
+            f"{prefix}_MEMBERS": str(self.members_path),
+            **{f"{prefix}_{k}": v for k, v in signer.access_env.items()},
         }
 
     def indexer_env(self) -> dict[str, str]:
@@ -297,15 +323,11 @@ class Devnet:
 
     def _checkpoint_env(self) -> dict[str, str]:
         """A guild member's indexer makes the guild's checkpoints with its signer."""
-        signer = self.signers[0]
         return {
             "INDEXER_LAYOUT": str(self.layout_path),
             "INDEXER_PEERS": str(self.peers_path),
             "INDEXER_VOUCH_SUBJECT": self.vouch_subject,
-            "INDEXER_SIGNER_NATS_URL": self.nats_url,
-            "INDEXER_SIGNER_MEMBERS": str(self.members_path),
-            "INDEXER_SIGNER_STATE_DIR": signer.state_dir,
-            "INDEXER_SIGNER_STORAGE_KEY": signer.storage_key,
+            **self.signer_access_env("INDEXER_SIGNER"),
             **({"INDEXER_GUILD_PIN": self.guild_pin} if self.guild_pin else {}),
         }
 
@@ -316,6 +338,7 @@ class Devnet:
             "SIGNER_MEMBERS": str(self.members_path),
             "SIGNER_STATE_DIR": proc.state_dir,
             "SIGNER_STORAGE_KEY": proc.storage_key,
+            "SIGNER_CLIENT_KEYS": hostpubkey_gen(bytes.fromhex(proc.client_key)).hex(),
             "SIGNER_HTTP_ADDR": f"127.0.0.1:{proc.http_port}",
             **(
                 {

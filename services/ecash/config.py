@@ -97,9 +97,7 @@ def _chain(env: Mapping[str, str], network: Network) -> ChainSettings | None:
     signer = signer_access(env, "MINT_SIGNER")
     return ChainSettings(
         bitcoind_url=env_str(env, "MINT_BITCOIND_URL"),
-        signer_nats_url=signer.nats_url,
-        signer_members=signer.members,
-        signer_identity=signer.identity,
+        signer=signer,
         confirmations=env_int(env, "MINT_CHAIN_CONFIRMATIONS", 3, 1, 1000),
         feerate=env_int(env, "MINT_CHAIN_FEERATE", 2, 1, 10_000),
         poll_s=env_int(env, "MINT_CHAIN_POLL_S", 5, 1, 600),

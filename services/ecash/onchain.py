@@ -43,7 +43,6 @@ from nats.errors import Error as NatsError
 
 from constellation.address import encode_segwit
 from constellation.bitcoin import BitcoinTx, address_script, p2tr_script, parse_tx
-from constellation.crypto.dkg import hostpubkey_gen
 from constellation.ecash import mint as m
 from constellation.ecash import onchain as oc
 from constellation.errors import ConstellationError
@@ -53,11 +52,11 @@ from constellation.keys import schnorr_verify
 from constellation.membership import move_funds, move_label
 from constellation.protocol import cashu as nut
 from constellation.protocol import signer as sp
-from constellation.protocol.envelope import Membership
 from services.database import DATABASE_DOWN
 from services.ecash.metrics import MintMetrics
 from services.ecash.store import MintStore, Sign
 from services.signer.client import SignerClient, call
+from services.signer.config import SignerAccess
 
 log = logging.getLogger("mint.onchain")
 
@@ -209,9 +208,7 @@ class Bitcoind:
 @dataclass(frozen=True)
 class ChainSettings:
     bitcoind_url: str
-    signer_nats_url: str
-    signer_members: Membership
-    signer_identity: bytes  # the operator's signer's host key: it asks its own signer
+    signer: SignerAccess  # the operator's own signer
     confirmations: int
     feerate: int  # sat/vB
     poll_s: float
@@ -307,7 +304,7 @@ class Onchain:
         self.rpc = Bitcoind(settings.bitcoind_url, self.session)
         self.guild_key = b""  # the newest key (33 bytes), asked of the signer
         self.usable: list[bytes] = []  # every key the signers sign with (a move's, too)
-        self.me = hostpubkey_gen(settings.signer_identity)[1:]  # the addresses we hold
+        self.me = settings.signer.signer[1:]  # the addresses we hold: its member's
         self.working: set[str] = set()  # withdrawals this process is signing or sending
 
     @staticmethod
@@ -319,7 +316,7 @@ class Onchain:
         await self.session.close()
 
     def _signer(self) -> SignerClient:
-        return SignerClient(self.s.signer_nats_url, self.s.signer_members, self.s.signer_identity)
+        return SignerClient(self.s.signer)
 
     async def key(self) -> bytes:
         """The guild's newest key: new addresses are under it (asked of the signer once,
@@ -330,13 +327,7 @@ class Onchain:
 
     async def _ask_keys(self) -> None:
         try:
-            reply = await call(
-                self.s.signer_nats_url,
-                self.s.signer_members,
-                self.s.signer_identity,
-                sp.KeyRequest(),
-                SIGN_S,
-            )
+            reply = await call(self.s.signer, sp.KeyRequest(), SIGN_S)
         except (NatsError, OSError, TimeoutError) as exc:
             raise m.CashuError(
                 m.PAYMENT_FAILED, f"the operator's signer did not answer: {exc!r}"

@@ -269,7 +269,7 @@ class Checkpoints:
     async def run(self) -> None:
         """Until cancelled (a task of the indexer)."""
         s = self.s
-        async with SignerClient(s.signer.nats_url, s.signer.members, s.signer.identity) as signer:
+        async with SignerClient(s.signer) as signer:
             while True:
                 try:
                     ck = await self._start(signer)

@@ -45,7 +45,7 @@ class Settings:
 
 def _checkpoints(env: Mapping[str, str]) -> CheckpointSettings:
     """A guild member's checkpointing: the layout and peers, its operator's signer (asked
-    with the signer's identity, as the operator asks it) and where that signer asks it
+    with a client key of the operator's) and where that signer asks it
     to vouch."""
     layout = load_layout(Path(env_str(env, "INDEXER_LAYOUT")))
     cadence = env_int(env, "INDEXER_CHECKPOINT_MS", 1000, 100, 3_600_000)

@@ -61,8 +61,7 @@ class KeyFollower:
 
     async def run(self) -> None:
         """Until cancelled (a task of the indexer)."""
-        s = self.signer
-        async with SignerClient(s.nats_url, s.members, s.identity) as signer:
+        async with SignerClient(self.signer) as signer:
             try:
                 await self._follow(signer)
             finally:

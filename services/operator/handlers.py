@@ -13,7 +13,6 @@ import binascii
 import datetime
 import json
 import logging
-import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -67,7 +66,7 @@ from services.operator.render import (
     Obj,
     Renderer,
     generated_keys,
-    generated_value,
+    generated_values,
     owner_reference,
 )
 from services.operator.spec import (
@@ -149,8 +148,8 @@ class Reconciler:
         missing = [k for k in generated_keys(renderer.spec) if k not in data]
         if not missing:
             return
-        for k in missing:
-            value = generated_value(k, secrets.token_bytes(32))
+        have = {k: base64.b64decode(v).decode() for k, v in data.items()}
+        for k, value in generated_values(missing, have).items():
             data[k] = base64.b64encode(value.encode()).decode()
         obj = {
             "apiVersion": "v1",

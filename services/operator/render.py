@@ -23,9 +23,11 @@ The workloads:
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
+from constellation.crypto.dkg import hostpubkey_gen
 from services.operator.spec import GuildSpec, Infra, pin_env
 from services.replica.transport import peer_permissions
 
@@ -54,19 +56,29 @@ NATS_SELF = "nats-self"
 REDIS_PASSWORD = "redis"
 POSTGRES_PASSWORD = "postgres"
 SIGNER_STORAGE = "signer-storage"
+SIGNER_CLIENT = "signer-client"  # the key the indexer asks the signer with
+SIGNER_CLIENT_PUB = "signer-client-pub"  # its public key: the signer's SIGNER_CLIENT_KEYS
 MINT_STORAGE = "mint-storage"
 CONSOLE_TOKEN = "console-token"
 
 
-def generated_value(key: str, entropy: bytes) -> str:
-    """A new value for the generated Secret's ``key``, from 32 random bytes: the storage
-    keys are 32-byte secrets in hex; a password starts with a letter, because NATS reads
-    a password from its environment as a value of its configuration, and one of only
+def generated_values(keys: Sequence[str], have: dict[str, str]) -> dict[str, str]:
+    """New values for the generated Secret's ``keys`` (``have``: the values it holds):
+    the storage keys and the client key are 32 random bytes in hex (the client key's
+    public key goes with it); a password starts with a letter, because NATS reads a
+    password from its environment as a value of its configuration, and one of only
     digits would be a number."""
-    assert len(entropy) == 32
-    if key in (SIGNER_STORAGE, MINT_STORAGE):
-        return entropy.hex()
-    return "p" + entropy.hex()
+    made = {}
+    for key in keys:
+        entropy = secrets.token_bytes(32)
+        if key in (SIGNER_STORAGE, SIGNER_CLIENT, MINT_STORAGE):
+            made[key] = entropy.hex()
+        elif key != SIGNER_CLIENT_PUB:
+            made[key] = "p" + entropy.hex()
+    if SIGNER_CLIENT_PUB in keys:
+        client = made.get(SIGNER_CLIENT) or have[SIGNER_CLIENT]
+        made[SIGNER_CLIENT_PUB] = hostpubkey_gen(bytes.fromhex(client)).hex()
+    return made
 
 
 def issued_key(peer: str) -> str:
@@ -83,7 +95,7 @@ def generated_keys(spec: GuildSpec) -> list[str]:
     peers = [m.name for m in spec.members if m.name != spec.operator]
     peers += [n.name for n in spec.neighbours]
     fixed = [NATS_SELF, REDIS_PASSWORD, POSTGRES_PASSWORD, SIGNER_STORAGE, MINT_STORAGE]
-    fixed.append(CONSOLE_TOKEN)
+    fixed += [CONSOLE_TOKEN, SIGNER_CLIENT, SIGNER_CLIENT_PUB]
     return fixed + [issued_key(p) for p in peers]
 
 
@@ -563,13 +575,14 @@ class Renderer:
         layout = f"{LAYOUT_DIR}/layout.json"
         members = f"{LAYOUT_DIR}/members.json"
         peers = f"{PEERS_DIR}/peers.json"
-        mounts = self._config_mounts()
+        # the state volume (the signer's identity and share) is the signer's alone
+        mounts = [m for m in self._config_mounts() if m["name"] != "state"]
         rpc_mount = [{"name": "rpc", "mountPath": RPC_DIR}]
         signer_access = [
             _value("INDEXER_SIGNER_NATS_URL", "$(NATS_URL)"),
             _value("INDEXER_SIGNER_MEMBERS", members),
-            _value("INDEXER_SIGNER_STATE_DIR", signer_dir),
-            _secret_env("INDEXER_SIGNER_STORAGE_KEY", gen, SIGNER_STORAGE),
+            _value("INDEXER_SIGNER_PUBKEY", spec.members[spec.me].signer_key),
+            _secret_env("INDEXER_SIGNER_CLIENT_KEY", gen, SIGNER_CLIENT),
         ]
         containers = [
             self._service_container(
@@ -580,12 +593,13 @@ class Renderer:
                     _value("SIGNER_MEMBERS", members),
                     _value("SIGNER_STATE_DIR", signer_dir),
                     _secret_env("SIGNER_STORAGE_KEY", gen, SIGNER_STORAGE),
+                    _secret_env("SIGNER_CLIENT_KEYS", gen, SIGNER_CLIENT_PUB),
                     _value("SIGNER_HTTP_ADDR", f"0.0.0.0:{PORTS['signer']}"),
                     _value("SIGNER_NAMES", ",".join(m.name for m in spec.members)),
                     _value("SIGNER_PEERS", peers),
                     _value("SIGNER_VOUCH_SUBJECT", vouch),
                 ],
-                mounts,
+                self._config_mounts(),
             ),
             self._service_container(
                 "indexer",

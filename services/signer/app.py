@@ -11,7 +11,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 from constellation.crypto.dkg import hostpubkey_gen
-from constellation.errors import ConstellationError, NotAMember
+from constellation.errors import ConstellationError
 from constellation.guild import Checkpoint, SigningPolicy
 from constellation.protocol import lightclient as lc
 from constellation.protocol import signer as proto
@@ -41,6 +41,10 @@ class SignerNode:
         me = self.members.index.get(self.hostpubkey)
         if me is None:
             raise ConfigError("this signer's identity is not in the guild's member list")
+        if set(settings.clients) & set(self.members.hostpubkeys):
+            raise ConfigError("SIGNER_CLIENT_KEYS: a member's host key is no client key")
+        if not settings.clients:
+            log.warning("no SIGNER_CLIENT_KEYS: this operator's requests are refused")
         for key in self.keystore.restore_shares(self.hostseckey, self.members.guild):
             log.warning(
                 "a lost key share restored from its recovery data", extra={"key": key.hex()}
@@ -107,7 +111,14 @@ class SignerNode:
         routes = None if self.settings.peers is None else self.routes
         s = self.settings
         self.transport = Transport(
-            nc, self.members, self.hostseckey, s.replay_window_ms, s.replay_per_sender, me, routes
+            nc,
+            self.members,
+            self.hostseckey,
+            s.replay_window_ms,
+            s.replay_per_sender,
+            me,
+            routes,
+            s.clients,
         )
         self._connect_peers(name)
         guild = self.members.guild
@@ -182,20 +193,19 @@ class SignerNode:
             await self.coordinator.handle(*opened)
 
     async def _on_op(self, msg: Msg) -> None:
-        opened = self._open(msg.data)
-        if opened is None:
+        assert self.transport is not None
+        try:
+            client, request = self.transport.open_request(msg.data)
+        except ConstellationError as exc:
+            self.metrics.rejected_messages.labels(exc.code).inc()
+            log.info("request rejected", extra={"code": exc.code, "reason": str(exc)})
             return
-        sender, request = opened
-        if sender != self.me:  # only this operator's own key may command its signer
-            self.metrics.rejected_messages.labels(NotAMember.code).inc()
-            log.info("command from another member ignored", extra={"member": sender})
-            return
-        task = asyncio.create_task(self._serve_op(msg, request))
+        task = asyncio.create_task(self._serve_op(msg, client, request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self.ops.tasks.watch("request", task)
 
-    async def _serve_op(self, msg: Msg, request: proto.Message) -> None:
+    async def _serve_op(self, msg: Msg, client: bytes, request: proto.Message) -> None:
         if isinstance(request, proto.KeygenRequest):
             reply = await self.coordinator.keygen(request.t, request.members)
         elif isinstance(request, proto.SignRequest):
@@ -214,7 +224,7 @@ class SignerNode:
         else:
             reply = proto.OpReply(False, code="protocol.unexpected", error="not a request")
         assert self.transport is not None
-        await msg.respond(self.transport.seal(self.hostpubkey, reply))
+        await msg.respond(self.transport.seal(client, reply))
 
     def _keys(self) -> proto.OpReply:
         """The active key, and every key this signer signs with."""

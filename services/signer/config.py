@@ -8,11 +8,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from coincurve import PublicKey
+
+from constellation.crypto.dkg import hostpubkey_gen
+from constellation.errors import DKGError
 from constellation.guild import Purpose
 from constellation.protocol.envelope import Membership
 from services.replica.config import load_peers
 from services.runtime import ConfigError, env_addr, env_int, env_str
-from services.signer.store import KeyStore
 from services.signer.transport import PER_SENDER
 
 GUILD_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -44,26 +47,42 @@ def save_members(members: Membership, path: Path) -> None:
 @dataclass(frozen=True)
 class SignerAccess:
     """How another service of an operator asks the operator's own signer: the signer's
-    NATS, the guild's members, and the signer's identity key (it asks as the operator)."""
+    NATS, the guild's members, the signer's host public key (which member it is), and a
+    client key of the operator's (one of the signer's ``SIGNER_CLIENT_KEYS``)."""
 
     nats_url: str
     members: Membership
-    identity: bytes
+    signer: bytes
+    client_key: bytes
 
 
 def signer_access(env: Mapping[str, str], prefix: str) -> SignerAccess:
-    """From ``<prefix>_NATS_URL``, ``_MEMBERS``, ``_STATE_DIR`` and ``_STORAGE_KEY``."""
+    """From ``<prefix>_NATS_URL``, ``_MEMBERS``, ``_PUBKEY`` (the signer's host public
+    key) and ``_CLIENT_KEY`` (32 bytes in hex)."""
+    members = load_members(Path(env_str(env, f"{prefix}_MEMBERS")))
     try:
-        storage_key = bytes.fromhex(env_str(env, f"{prefix}_STORAGE_KEY"))
-        state_dir = Path(env_str(env, f"{prefix}_STATE_DIR"))
-        identity = KeyStore(state_dir, storage_key).load_identity()
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"{prefix}_STATE_DIR and _STORAGE_KEY: {exc}") from None
-    return SignerAccess(
-        env_str(env, f"{prefix}_NATS_URL"),
-        load_members(Path(env_str(env, f"{prefix}_MEMBERS"))),
-        identity,
-    )
+        signer = bytes.fromhex(env_str(env, f"{prefix}_PUBKEY"))
+        client_key = bytes.fromhex(env_str(env, f"{prefix}_CLIENT_KEY"))
+        hostpubkey_gen(client_key)
+    except (ValueError, DKGError) as exc:
+        raise ConfigError(f"{prefix}_PUBKEY and _CLIENT_KEY: {exc}") from None
+    if signer not in members.index:
+        raise ConfigError(f"{prefix}_PUBKEY is not a member's host key")
+    return SignerAccess(env_str(env, f"{prefix}_NATS_URL"), members, signer, client_key)
+
+
+def client_keys(text: str) -> tuple[bytes, ...]:
+    """``SIGNER_CLIENT_KEYS``: the public keys (33 bytes in hex, comma-separated) of the
+    client keys whose requests the signer serves."""
+    keys = []
+    for item in (k.strip() for k in text.split(",")):
+        if not item:
+            continue
+        try:
+            keys.append(PublicKey(bytes.fromhex(item)).format())
+        except ValueError:
+            raise ConfigError(f"SIGNER_CLIENT_KEYS: {item!r} is not a public key") from None
+    return tuple(keys)
 
 
 @dataclass(frozen=True)
@@ -85,6 +104,7 @@ class Settings:
     vouch_subject: str = ""
     names: tuple[str, ...] = ()  # every member's name, in member order (with peers)
     peers: dict[str, str] | None = None  # a member's name -> its NATS, our credentials
+    clients: tuple[bytes, ...] = ()  # the client keys that may ask it (none: no one)
 
     @staticmethod
     def from_env(env: Mapping[str, str]) -> Settings:
@@ -121,4 +141,5 @@ class Settings:
             vouch_subject=env.get("SIGNER_VOUCH_SUBJECT", ""),
             names=member_names,
             peers=peers,
+            clients=client_keys(env.get("SIGNER_CLIENT_KEYS", "")),
         )

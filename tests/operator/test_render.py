@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import re
-import secrets
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import pytest
 from coincurve import PrivateKey
 from nats.errors import Error as NatsError
 
+from constellation.crypto.dkg import hostpubkey_gen
 from constellation.replication.placement import Placement
 from services.devnet.deps import nats_server_binary
 from services.devnet.procs import free_port, wait_tcp
@@ -40,7 +40,7 @@ from services.operator.render import (
     ROLE,
     Renderer,
     generated_keys,
-    generated_value,
+    generated_values,
     issued_env,
     issued_key,
     owner_reference,
@@ -426,8 +426,8 @@ def _mounted(r: Renderer, peers: dict[str, str], files: Path) -> None:
 
 def _secret_values(r: Renderer, keys: dict[str, str]) -> dict[tuple[str, str], str]:
     values = {(r.spec.secrets.keys, k): v for k, v in keys.items()}
-    for key in generated_keys(r.spec):
-        values[r.n.generated, key] = generated_value(key, secrets.token_bytes(32))
+    for key, value in generated_values(generated_keys(r.spec), {}).items():
+        values[r.n.generated, key] = value
     return values
 
 
@@ -472,14 +472,19 @@ def test_every_service_accepts_its_rendered_environment(tmp_path: Path, joined: 
                 "machine",
             }
             assert settings.console_targets["machine"] == f"dns+http://{r.n.machines}:8080"
-    # The indexer asks the signer as its identity: the signer's state folder, shared.
-    indexer = {e["name"]: e for e in containers["indexer"]["env"]}
-    signer = {e["name"]: e for e in containers["signer"]["env"]}
-    assert indexer["INDEXER_SIGNER_STATE_DIR"]["value"] == signer["SIGNER_STATE_DIR"]["value"]
-    assert (
-        indexer["INDEXER_SIGNER_STORAGE_KEY"]["valueFrom"]
-        == signer["SIGNER_STORAGE_KEY"]["valueFrom"]
-    )
+    # The indexer asks the signer with the client key the signer takes; the signer's
+    # state (its identity, its shares) and its storage key are the signer's alone.
+    indexer = _environment(containers["indexer"], values, tmp_path)
+    signer = _environment(containers["signer"], values, tmp_path)
+    client = hostpubkey_gen(bytes.fromhex(indexer["INDEXER_SIGNER_CLIENT_KEY"]))
+    assert client.hex() == signer["SIGNER_CLIENT_KEYS"]
+    assert indexer["INDEXER_SIGNER_PUBKEY"] == r.spec.members[r.spec.me].signer_key
+    for name, c in containers.items():
+        mounted = {m["name"] for m in c.get("volumeMounts", [])}
+        names = {e["name"] for e in c.get("env", [])}
+        if name not in ("signer", "machine"):
+            assert "state" not in mounted, name
+            assert not any(n.endswith("_STORAGE_KEY") and "SIGNER" in n for n in names), name
 
 
 # -- NATS: the operator's own services, and each peer publishing only as itself
@@ -495,9 +500,10 @@ async def test_nats_lets_each_peer_publish_only_as_itself(tmp_path: Path) -> Non
     )
     config.write_text(conf)
     # Passwords as the operator makes them (one of only digits would trip NATS up).
-    passwords = {"NATS_SELF": generated_value("nats-self", bytes(32))}
+    made = generated_values(["nats-self", issued_key("op1"), issued_key("op2")], {})
+    passwords = {"NATS_SELF": made["nats-self"]}
     for peer in ("op1", "op2"):
-        passwords[issued_env(peer)] = generated_value(issued_key(peer), secrets.token_bytes(32))
+        passwords[issued_env(peer)] = made[issued_key(peer)]
     assert {issued_key("op1"), issued_key("op2")} <= set(generated_keys(r.spec))
     binary = nats_server_binary()
     check = subprocess.run(

@@ -25,6 +25,7 @@ from services.devnet import Devnet
 from services.ecash.metrics import MintMetrics
 from services.ecash.onchain import ChainSettings, Onchain
 from services.ecash.store import MintStore
+from services.signer.config import SignerAccess
 
 CONFIRMATIONS = 3
 SCRIPT = bytes.fromhex("5120" + "ab" * 32)  # the quote's P2TR address
@@ -72,10 +73,9 @@ async def store() -> AsyncIterator[MintStore]:
 async def test_a_deposit_reorganised_out_and_mined_again_is_credited_once(
     store: MintStore,
 ) -> None:
-    no_signer = Membership("chain-follow", [])  # the follower signs nothing
-    settings = ChainSettings(
-        "http://unused", "nats://unused", no_signer, b"\x07" * 32, CONFIRMATIONS, 2, 1, "bcrt"
-    )
+    # the follower signs nothing
+    no_signer = SignerAccess("nats://unused", Membership("chain-follow", []), bytes(33), b"")
+    settings = ChainSettings("http://unused", no_signer, CONFIRMATIONS, 2, 1, "bcrt")
     follower = Onchain(settings, store, _no_rules, _no_signing, MintMetrics())
     chain = Chain()
     follower.rpc = chain  # type: ignore[assignment]

@@ -65,7 +65,7 @@ class Guild:
 
     async def request(self, request: proto.OpRequest, operator: int = 0) -> proto.OpReply:
         """``operator``'s request to its own signer."""
-        return await call(self.net.nats_url, self.members, self.identity(operator), request, 60)
+        return await call(self.net.signer_access(operator), request, 60)
 
     async def keygen(self, t: int, operator: int = 0) -> proto.OpReply:
         return await self.request(proto.KeygenRequest(t), operator)
@@ -74,7 +74,7 @@ class Guild:
         return await self.request(proto.SignRequest(target, key=key), operator)
 
     def client(self, operator: int = 0) -> SignerClient:
-        return SignerClient(self.net.nats_url, self.members, self.identity(operator))
+        return SignerClient(self.net.signer_access(operator))
 
     def pid(self, i: int) -> int:
         return self.net.signers[i].pid

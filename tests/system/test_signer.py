@@ -28,7 +28,14 @@ from constellation.protocol import signer as proto
 from constellation.protocol.envelope import seal
 from services.runtime import now_ms
 from services.signer.store import AuditEntry, AuditLog
-from services.signer.transport import Role, Transport, listen_subject, peer_subject, subject
+from services.signer.transport import (
+    ClientTransport,
+    Role,
+    Transport,
+    listen_subject,
+    peer_subject,
+    subject,
+)
 from tests.system.conftest import GuildFactory
 from tests.system.guild import Guild
 
@@ -289,7 +296,7 @@ async def test_replays_outsiders_forgeries_and_garbage_are_rejected(
     )
     await nc.publish(peer_subject("m0", Role.SIGNER, 1), b"\x93garbage")
     await nc.publish(peer_subject("m0", Role.SIGNER, 1), b"\x00" * (proto.MAX_MESSAGE_BYTES + 1))
-    # Member 2 tries to command member 1's signer (only operator 1 may).
+    # Member 2 tries to command member 1's signer (only operator 1's client keys may).
     member2 = Transport(nc, guild.members, guild.identity(2))
     with pytest.raises(nats.errors.TimeoutError):
         await nc.request(
@@ -297,9 +304,21 @@ async def test_replays_outsiders_forgeries_and_garbage_are_rejected(
             member2.seal(guild.members.hostpubkeys[1], proto.KeygenRequest(2)),
             timeout=1,
         )
+    # Nor does operator 1's own identity: only its client keys ask (the identity key
+    # stays with the signer), and operator 2's client key is not one of them.
+    own = Transport(nc, guild.members, guild.identity(1))
+    key2 = bytes.fromhex(guild.net.signers[2].client_key)
+    foreign = ClientTransport(guild.members, guild.members.hostpubkeys[1], key2)
+    for request in (
+        own.seal(guild.members.hostpubkeys[1], proto.KeygenRequest(2)),
+        foreign.seal(proto.KeygenRequest(2)),
+    ):
+        with pytest.raises(nats.errors.TimeoutError):
+            await nc.request(subject("test", Role.OP, 1), request, timeout=1)
     await nc.close()
     assert rejected("protocol.replay") == 1
-    assert rejected("protocol.not_member") == 2  # the outsider, and the foreign command
+    # the outsider, and the three foreign commands
+    assert rejected("protocol.not_member") == 4
     assert rejected("protocol.bad_signature") == 1
     assert rejected("protocol.malformed") == 1
     assert_valid(await guild.sign(Statement("still fine"), 1), b"still fine", "after attacks")
