@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -74,6 +75,42 @@ def env_addr(env: Mapping[str, str], name: str, default: str) -> tuple[str, int]
     if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
         raise ConfigError(f"{name} must be HOST:PORT, got {raw!r}")
     return host or "127.0.0.1", int(port)
+
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def env_networks(env: Mapping[str, str], name: str) -> tuple[IpNetwork, ...]:
+    """Comma-separated addresses or networks (``10.0.0.0/8,fd00::/8``); none by default."""
+    try:
+        return tuple(
+            ipaddress.ip_network(item.strip())
+            for item in env.get(name, "").split(",")
+            if item.strip()
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def client_address(peer: str, forwarded: Sequence[str], trusted: Sequence[IpNetwork]) -> str:
+    """The address a request came from: its peer's, unless the peer is one of the
+    ``trusted`` proxies (a load balancer, an ingress): then the nearest address in
+    ``X-Forwarded-For`` (its headers, in order) that is not one of them. Each proxy
+    appends the address it was reached from; what stands left of that, the client
+    wrote itself, and is not believed."""
+    hops = [h.strip() for line in forwarded for h in line.split(",") if h.strip()]
+    address = peer
+    while _among(address, trusted) and hops:
+        address = hops.pop()
+    return address
+
+
+def _among(address: str, networks: Sequence[IpNetwork]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False  # not an address: no proxy of ours wrote it
+    return any(ip in n for n in networks)
 
 
 class JsonFormatter(logging.Formatter):
@@ -324,23 +361,37 @@ def _waiting() -> list[str]:
 
 class OpsServer:
     """``/healthz`` (the process runs), ``/readyz`` (it can do its work, and none of its
-    tasks is down), ``/metrics``."""
+    tasks is down), ``/metrics``. Behind ``trusted_proxies``, a request's ``remote`` is
+    its client's (``client_address``): what rate limits and logs count by."""
 
     def __init__(
         self,
         registry: CollectorRegistry,
         ready: Callable[[], tuple[bool, str]],
         max_body: int = 1 << 20,
+        trusted_proxies: Sequence[IpNetwork] = (),
     ) -> None:
         self.registry = registry
         self.ready = ready
         self.tasks = Tasks(registry)
-        self.app = web.Application(client_max_size=max_body)
+        self.trusted_proxies = tuple(trusted_proxies)
+        # none: no middleware (the busiest handlers pay for none)
+        middlewares = [self._client] if self.trusted_proxies else []
+        self.app = web.Application(client_max_size=max_body, middlewares=middlewares)
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", self._metrics)
         self._runner: web.AppRunner | None = None
         self.port = 0
+
+    @web.middleware
+    async def _client(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        forwarded = request.headers.getall("X-Forwarded-For", [])
+        peer = request.remote or ""
+        remote = client_address(peer, forwarded, self.trusted_proxies)
+        return await handler(request if remote == peer else request.clone(remote=remote))
 
     async def start(self, host: str, port: int) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)

@@ -95,7 +95,7 @@ class MintApp:
     def __init__(self, settings: Settings, backend: LightningBackend | None = None) -> None:
         self.settings = settings
         self.metrics = MintMetrics()
-        self.ops = OpsServer(self.metrics.registry, self.ready, max_body=4 << 20)
+        self.ops = OpsServer(self.metrics.registry, self.ready, 4 << 20, settings.trusted_proxies)
         self.backend = backend or ClnBackend(settings.lightning_rpc)
         self.store: MintStore | None = None
         self.mint: m.Mint | None = None

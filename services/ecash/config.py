@@ -11,7 +11,15 @@ from constellation.ecash.keyset import MAX_FEE_PPK
 from constellation.keys import SigningKey
 from constellation.payto import BITCOIN_HRP
 from services.ecash.onchain import ChainSettings
-from services.runtime import ConfigError, env_addr, env_int, env_operator, env_str
+from services.runtime import (
+    ConfigError,
+    IpNetwork,
+    env_addr,
+    env_int,
+    env_networks,
+    env_operator,
+    env_str,
+)
 from services.signer.config import signer_access
 
 
@@ -39,6 +47,7 @@ class Settings:
     redis_url: str = ""
     cache_ttl_s: int = 300
     rate_per_s: int = 100  # requests a second per client address (shared through Redis)
+    trusted_proxies: tuple[IpNetwork, ...] = ()  # whose X-Forwarded-For names the client
     chain: ChainSettings | None = None  # on-chain deposits and withdrawals (NUT-30)
 
     @staticmethod
@@ -69,6 +78,7 @@ class Settings:
             redis_url=env.get("MINT_REDIS_URL", ""),
             cache_ttl_s=env_int(env, "MINT_CACHE_TTL_S", 300, 1, 7 * 86400),
             rate_per_s=env_int(env, "MINT_RATE_PER_S", 100, 1, 1_000_000),
+            trusted_proxies=env_networks(env, "MINT_TRUSTED_PROXIES"),
             gateway_url=gateway_url,
             issuer=issuer,
             network=network,

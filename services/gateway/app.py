@@ -34,7 +34,9 @@ class GatewayNode:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = GatewayMetrics()
-        self.ops = OpsServer(self.metrics.registry, self.ready, settings.max_body)
+        self.ops = OpsServer(
+            self.metrics.registry, self.ready, settings.max_body, settings.trusted_proxies
+        )
         self.api: Api | None = None
         self.lightning_up: bool | None = None  # None: no node configured, or not asked yet
         self.index_up = True

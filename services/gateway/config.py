@@ -13,7 +13,15 @@ from services.bus import Batching
 from services.gateway.console import parse_targets
 from services.gateway.settle import Settings as SettleSettings
 from services.replica.config import Layout, load_layout, load_peers
-from services.runtime import ConfigError, env_addr, env_int, env_operator, env_str
+from services.runtime import (
+    ConfigError,
+    IpNetwork,
+    env_addr,
+    env_int,
+    env_networks,
+    env_operator,
+    env_str,
+)
 
 WEB_DIR = Path(__file__).resolve().parents[2] / "web" / "dist"  # web/ built (scripts/setup)
 MIN_TOKEN = 16
@@ -29,6 +37,7 @@ class Settings:
     http_host: str
     http_port: int
     rate_per_s: int  # transactions per second per client
+    trusted_proxies: tuple[IpNetwork, ...]  # whose X-Forwarded-For names the client
     max_in_flight: int
     max_body: int
     timeout_ms: int
@@ -112,6 +121,7 @@ class Settings:
             http_host=host,
             http_port=port,
             rate_per_s=env_int(env, "GATEWAY_RATE_PER_S", 20_000, 1, 10_000_000),
+            trusted_proxies=env_networks(env, "GATEWAY_TRUSTED_PROXIES"),
             max_in_flight=env_int(env, "GATEWAY_MAX_IN_FLIGHT", 20_000, 1, 10_000_000),
             max_body=env_int(env, "GATEWAY_MAX_BODY", 4 << 20, 1024, 64 << 20),
             timeout_ms=env_int(env, "GATEWAY_TIMEOUT_MS", 5_000, 100, 600_000),

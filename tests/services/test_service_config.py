@@ -45,6 +45,11 @@ from services.runtime import ConfigError
             },
             "GATEWAY_CONSOLE_TOKEN_FILE",
         ),
+        (
+            "services.gateway",
+            {"GATEWAY_DATABASE_URL": "postgresql://x", "GATEWAY_TRUSTED_PROXIES": "10.0.0.0/33"},
+            "GATEWAY_TRUSTED_PROXIES",
+        ),
         ("services.indexer", {}, "INDEXER_DATABASE_URL must be set"),
     ],
 )
