@@ -7,6 +7,7 @@ Every error is JSON ``{"error": {"code", "message"}}`` with the status of its co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import struct
@@ -34,6 +35,7 @@ from constellation.tx import (
 )
 from services.database import DATABASE_DOWN
 from services.gateway.errors import (
+    IN_DOUBT,
     IN_PROGRESS,
     INTERNAL,
     NOT_FOUND,
@@ -331,6 +333,11 @@ class Api:
             for tx, _ in txs:
                 pending.pop(tx.txid, None)
         took = time.monotonic() - started
+        if timed_out := [tx.txid for (tx, _), r in zip(txs, results, strict=True) if r is None]:
+            try:
+                await self.limits.timed_out(timed_out)
+            except RedisError as exc:  # their lookups say "not found" meanwhile
+                log.warning("timed-out transactions not kept", extra={"error": str(exc)})
         codes: Counter[str] = Counter()
         answers = []
         for (tx, _), result in zip(txs, results, strict=True):
@@ -475,7 +482,7 @@ class Api:
             return json_response({"txid": txid.hex(), "status": "pending"})
         found = await self.index.tx(txid)
         if found is None:
-            raise await self._not_found()
+            raise await self._not_found(txid)
         found["changes"] = [self.described(c) for c in found["changes"]]
         for change in found["changes"]:
             if change["kind"] == "paid_out":
@@ -514,8 +521,17 @@ class Api:
             doc["ledger"] = name
         return doc
 
-    async def _not_found(self) -> ApiError:
-        """Not in the index: whether that is final, or the index is behind the ledger."""
+    async def _not_found(self, txid: bytes) -> ApiError:
+        """Not in the index: whether that is final, or the index is behind the ledger,
+        or a submission of ``txid`` timed out (it may still commit)."""
+        with contextlib.suppress(RedisError):  # none: as if it never timed out
+            if (at := await self.limits.timed_out_at(txid)) is not None:
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+                return ApiError(
+                    IN_DOUBT,
+                    f"not in the index yet, and a submission of it timed out at {when}: it"
+                    " may still commit; send it again for its outcome (it commits once)",
+                )
         workers = self.ledger.pmap.workers
         indexed = await self.index.cursors()
         states = await asyncio.gather(

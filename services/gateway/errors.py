@@ -38,6 +38,7 @@ STATUS_TEXT = {
 # Codes that only the API edge uses (no class of the core raises them).
 NOT_FOUND = "not_found"
 NOT_INDEXED = "not_found.not_indexed_yet"  # the index is behind the ledger: look again
+IN_DOUBT = "not_found.in_doubt"  # its submission timed out: it may still commit
 TOO_LARGE = "too_large"
 RATE_LIMITED = "rate_limited"
 TIMEOUT = "timeout"
@@ -84,6 +85,7 @@ STATUS: dict[str, int] = {
     UNAUTHORIZED: 401,
     NOT_FOUND: 404,
     NOT_INDEXED: 404,
+    IN_DOUBT: 404,
     TOO_LARGE: 413,
     RATE_LIMITED: 429,
     TIMEOUT: 504,
@@ -138,9 +140,10 @@ API_FAMILIES = frozenset(
 
 
 # Refusals under 500 that the same request sent again may change: the transaction is
-# being committed already, an input is locked by one that may still abort, or the first
-# request with this idempotency key still runs.
-PASSING = frozenset({e.InFlight.code, e.InputLocked.code, IN_PROGRESS})
+# being committed already, an input is locked by one that may still abort, the first
+# request with this idempotency key still runs, or a lookup found nothing yet where
+# the index is behind or the transaction may still commit.
+PASSING = frozenset({e.InFlight.code, e.InputLocked.code, IN_PROGRESS, NOT_INDEXED, IN_DOUBT})
 
 
 def is_final(status: int, code: str) -> bool:

@@ -10,6 +10,9 @@ gateway goes on limiting by its own counts.
 Idempotency: the first request with a key stores ``pending``, then the final answer for
 a day; a repeat gets that answer again, a repeat while pending is told to retry, and
 the same key with a different body is refused.
+
+In doubt: a transaction whose submission timed out (HTTP 504) may still commit; every
+gateway's lookup of it says so, not "not found", for ``IN_DOUBT_TTL_S`` after.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from services.gateway.errors import is_final
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 PENDING_TTL_S = 60
+IN_DOUBT_TTL_S = 3600  # far past a two-phase commit's resolution
 SYNC_S = 0.1
 
 log = logging.getLogger("gateway.limits")
@@ -148,6 +152,18 @@ class Limits:
             return
         doc = {"hash": hashlib.sha256(body).hexdigest(), "status": status, "body": answer}
         await self.redis.set(rkey, json.dumps(doc), ex=IDEMPOTENCY_TTL_S)
+
+    async def timed_out(self, txids: list[bytes]) -> None:
+        """Remember that these transactions' submissions timed out, now."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for txid in txids:
+                pipe.set(f"doubt:{txid.hex()}", str(self.clock()), ex=IN_DOUBT_TTL_S)
+            await pipe.execute()
+
+    async def timed_out_at(self, txid: bytes) -> float | None:
+        """When a submission of ``txid`` timed out (the latest, within the TTL)."""
+        raw = await self.redis.get(f"doubt:{txid.hex()}")
+        return None if raw is None else float(raw)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())

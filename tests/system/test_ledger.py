@@ -25,6 +25,7 @@ from constellation.tx import MAX_OUTPUTS, Issuance, TxOutput
 from services import devnet
 from services.api_client import Gateway, GatewayError
 from services.bus import GATEWAY, worker_subject
+from services.gateway.errors import IN_DOUBT
 from services.indexer.store import Index
 from tests.system.operator import Operator, pay, post
 
@@ -247,11 +248,16 @@ async def test_no_answer_in_time_is_504_and_sending_again_tells_the_outcome(op: 
             op.freeze(0)
             try:
                 status, body, _ = await post(session, op.url + "/v1/tx", tx.encode())
+                # Looked up meanwhile, at any gateway, it is not "not found" for good.
+                with pytest.raises(GatewayError) as looked_up:
+                    await gw.get(f"/v1/tx/{tx.txid.hex()}")
             finally:
                 op.thaw(0)
             assert status == 504 and body["error"]["code"] == "timeout"
             message = body["error"]["message"]
             assert tx.txid.hex() in message and "send it again" in message, message
+            assert looked_up.value.status == 404 and looked_up.value.code == IN_DOUBT
+            assert not looked_up.value.final and "may still commit" in str(looked_up.value)
             # The coordinator was only slow: sent again, the ledger says it committed it,
             # and the coin says by what; a rival spend of that coin is refused for good.
             assert await gw.outcome(tx, 10)
