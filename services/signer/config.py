@@ -82,7 +82,7 @@ def client_keys(text: str) -> tuple[bytes, ...]:
             keys.append(PublicKey(bytes.fromhex(item)).format())
         except ValueError:
             raise ConfigError(f"SIGNER_CLIENT_KEYS: {item!r} is not a public key") from None
-    return tuple(keys)
+    return tuple(dict.fromkeys(keys))  # each once
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from coincurve import PrivateKey
 
+from constellation.protocol.envelope import Membership
 from services.indexer.config import guild_pin
 from services.runtime import ConfigError
+from services.signer.config import client_keys, save_members, signer_access
 
 
 @pytest.mark.parametrize(
@@ -85,3 +88,32 @@ def test_a_joiners_guild_pin_is_read_and_checked() -> None:
     ]:
         with pytest.raises(ConfigError, match=says):
             guild_pin(bad, 4)
+
+
+def test_a_services_access_to_its_signer_is_a_client_key_and_the_signers_public_key(
+    tmp_path: Path,
+) -> None:
+    """What the indexer and the mint are given to ask their operator's signer: a client
+    key the signer lists, and which member the signer is; never the signer's identity."""
+    members = [PrivateKey(bytes([i]) * 32).public_key.format() for i in (1, 2)]
+    save_members(Membership("g", members), tmp_path / "guild.json")
+    client = b"\x05" * 32
+    env = {
+        "X_NATS_URL": "nats://n:4222",
+        "X_MEMBERS": str(tmp_path / "guild.json"),
+        "X_PUBKEY": members[1].hex(),
+        "X_CLIENT_KEY": client.hex(),
+    }
+    access = signer_access(env, "X")
+    assert (access.signer, access.client_key) == (members[1], client)
+    for bad, says in [
+        ({"X_PUBKEY": PrivateKey(b"\x03" * 32).public_key.format().hex()}, "not a member"),
+        ({"X_CLIENT_KEY": "00" * 32}, "_CLIENT_KEY"),
+        ({"X_CLIENT_KEY": "05" * 31}, "_CLIENT_KEY"),
+    ]:
+        with pytest.raises(ConfigError, match=says):
+            signer_access({**env, **bad}, "X")
+    pub = PrivateKey(client).public_key.format().hex()
+    assert client_keys(f"{pub}, {pub},") == (bytes.fromhex(pub),)  # each once
+    with pytest.raises(ConfigError, match="not a public key"):
+        client_keys("02" + "00" * 32)
