@@ -164,15 +164,23 @@ class LedgerShard:
         self.log = log
         self.executor = LedgerExecutor(engine, derive)
         self.settling: int | None = None  # a new leader's log, up to here, not yet confirmed
+        self.led: int | None = None  # the term it was told it leads in (``leading``)
 
     def leading(self, gained: bool, replica: Replica) -> None:
         """Leadership gained or lost (``Ready.leading``)."""
         self.log.reset(replica.confirmed, replica.last)
         self.settling = replica.last if gained else None
+        self.led = replica.term if gained else None
+
+    def leads(self, replica: Replica) -> bool:
+        """Whether the replica leads and the shard has been told so: between the step
+        that won an election and the ``Ready`` that says so (a shell processes it
+        later), the engine's state is not yet the log's, and the log is to be reset."""
+        return replica.role is Role.LEADER and self.led == replica.term
 
     def accepting(self, replica: Replica) -> bool:
         """Whether packages may be handed to the engine: leading, its log confirmed."""
-        return replica.role is Role.LEADER and self.settling is None
+        return self.leads(replica) and self.settling is None
 
     def confirmed(self, height: int) -> None:
         self.log.confirm(height)
@@ -181,7 +189,7 @@ class LedgerShard:
         """At a leader, take the next of the agreed ``steps`` of a change of members
         (``constellation.replication.members``) once every record gathered is sealed (a
         members block is empty: the state must be the log's). The step taken, or None."""
-        if replica.role is not Role.LEADER or self.log.records:
+        if not self.leads(replica) or self.log.records:
             return None
         step = mb.next_step(replica.members, steps)
         if step is None or replica.change(step):
@@ -191,7 +199,7 @@ class LedgerShard:
     def tick(self, replica: Replica, now: float) -> None:
         """The engine's timers and the next block, at a leader. Once a new leader's log
         is confirmed it asks and tells at once, as a restarted worker does."""
-        if replica.role is not Role.LEADER:
+        if not self.leads(replica):
             return
         engine = self.engine
         if self.settling is not None:
