@@ -96,7 +96,9 @@ async def swaps(
     held = [proofs[2 * i : 2 * i + 2] for i in range(clients)]
     key = mint.keys[mint.active][1]
     ready = [blanks(key, mint.active) for _ in range(int(seconds * 4000))]
-    answered: list[tuple[list[dict[str, Any]], list[client.Secret], list[nut.Proof]]] = []
+    answered: list[
+        tuple[list[dict[str, Any]], list[nut.BlindedMessage], list[client.Secret], list[nut.Proof]]
+    ] = []
     refused = [0]
 
     wires = [Wire(mints[i % len(mints)].url) for i in range(clients)]
@@ -113,7 +115,7 @@ async def swaps(
             nut.Proof(1, sig["id"], s.secret, _unblind(sig["C_"], neg))
             for sig, s, neg in zip(sigs, secrets, unblinding, strict=True)
         ]
-        answered.append((sigs, secrets, held[i]))
+        answered.append((sigs, outputs, secrets, held[i]))
         return True
 
     try:
@@ -121,8 +123,8 @@ async def swaps(
     finally:
         for w in wires:
             w.close()
-    for sigs, secrets, unblinded in answered:
-        if mint.unblind(sigs, secrets) != unblinded:
+    for sigs, outputs, secrets, unblinded in answered:
+        if mint.unblind(sigs, outputs, secrets) != unblinded:
             raise AssertionError("a swap's proofs differ from the wallet's own unblinding")
     return {
         "per_s": rate,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -31,10 +30,11 @@ from constellation.lightclient import proof as pf
 from constellation.wallet import CHANGE, RECEIVE, Wallet, new_mnemonic
 from services.api_client import Gateway, GatewayError
 from services.light import LightClient, NoServer, Update, describe
-from services.runtime import ConfigError
+from services.runtime import ConfigError, write_atomic
 
 ADDRESS_TIMEOUT = aiohttp.ClientTimeout(total=5)
 GAP = 5  # unused receive addresses past the last handed out that a balance also checks
+PENDING_EXIT = 3  # a payment or deposit whose fate is not known yet
 
 
 @dataclass
@@ -49,6 +49,9 @@ class WalletFile:
     coins: dict[str, list[Any]] = field(default_factory=dict)  # id hex: [msat, owner hex]
     mint: str = ""  # the operator's Cashu mint (deposits, invoices paid)
     flows: list[dict[str, Any]] = field(default_factory=list)  # through the mint, in flight
+    # Flows given up on, kept whole (their keys, secrets and transactions): what the
+    # mint or the ledger did after all can still be proved and asked for.
+    archive: list[dict[str, Any]] = field(default_factory=list)
     ecash: list[dict[str, Any]] = field(default_factory=list)  # proofs worth less than a coin
     # As a light client (``wallet pin``): the guild descriptor it trusts, the guild's
     # members in order, the gateways it asks (its own first), the highest checkpoint seen.
@@ -87,11 +90,9 @@ class WalletFile:
             raise FileNotFoundError(f"no wallet at {path}: `constellation wallet create`") from None
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, path)
+        """Durably: what a flow records before it asks the mint or the ledger survives a
+        power loss (the words, the secrets of ecash bought, signed transactions)."""
+        write_atomic(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
 
     def wallet(self) -> Wallet:
         """The wallet with every key handed out so far (and the gap) registered."""
@@ -429,23 +430,47 @@ async def send(
     amount_msat: int,
     fee_msat: int,
     out: Any,
-) -> None:
-    """Pay ``amount_msat`` to an L3 address from ``coins``, and say what happened."""
+) -> int:
+    """Pay ``amount_msat`` to an L3 address from ``coins``, and say what happened: 0
+    (committed), 1 (refused for good after an unclear answer) or ``PENDING_EXIT`` (its
+    fate not known yet: it is not sent again as another transaction, which could pay
+    twice)."""
     here = bytes.fromhex(doc.ledger_id) if doc.ledger_id else None
     tx = doc.wallet().pay(coins, address, amount_msat, fee_msat, here=here)
     if len(tx.outputs) > 1:
         doc.change += 1  # the change key is spent from the chain: remember it
         doc.save(path)
-    receipt = await gw.submit(tx, key=tx.txid.hex())
+    try:
+        receipt = await gw.submit(tx, key=tx.txid.hex())
+    except aiohttp.ClientConnectorError:
+        raise  # never sent
+    except (GatewayError, aiohttp.ClientError, TimeoutError) as exc:
+        if isinstance(exc, GatewayError) and exc.final:
+            raise
+        # the answer lost, or not final: the same transaction again, until the ledger says
+        try:
+            committed = await gw.outcome(tx)
+        except (GatewayError, aiohttp.ClientError, TimeoutError) as unknown:
+            print(
+                f"PENDING: transaction {tx.txid.hex()} may still commit ({unknown}); its"
+                " coins' state tells (`constellation wallet balance`): do not pay again"
+                " before it does",
+                file=out,
+            )
+            return PENDING_EXIT
+        if not committed:
+            print(f"FAILED: the ledger refused transaction {tx.txid.hex()} ({exc})", file=out)
+            return 1
+        receipt = {"txid": tx.txid.hex(), "blocks": [], "outputs": [{}]}
     spent = {cid for cid, _ in tx.inputs}
     kept = {cid: coin for cid, coin in coins.items() if cid not in spent}
-    for output, (value, owner) in zip(receipt["outputs"][1:], tx.outputs[1:], strict=True):
-        kept[bytes.fromhex(output["coin_id"])] = Coin(value, owner)  # our change
+    for cid, (value, owner) in zip(tx.output_ids[1:], tx.outputs[1:], strict=True):
+        kept[cid] = Coin(value, owner)  # our change
     doc.remember(kept)
     doc.save(path)
     blocks = ", ".join(f"worker {b['worker']} block {b['height']}" for b in receipt["blocks"])
     print(f"sent {amount_msat} msat to {address}", file=out)
-    print(f"txid {receipt['txid']} committed in {blocks}", file=out)
+    print(f"txid {receipt['txid']} committed" + (f" in {blocks}" if blocks else ""), file=out)
     paid = receipt["outputs"][0]
     if "ledger" in paid:
         print(
@@ -453,3 +478,4 @@ async def send(
             " receiver's `wallet balance` shows it pending, then as a coin)",
             file=out,
         )
+    return 0

@@ -44,11 +44,19 @@ from constellation.tx import decode_transaction
 from services.api_client import Gateway, GatewayError
 from services.ecash.client import MintClient, MintError
 from services.runtime import ConfigError
-from services.wallet import WalletFile, gateway_of, send, unspent, wallet_command
+from services.wallet import (
+    PENDING_EXIT,
+    WalletFile,
+    gateway_of,
+    send,
+    unspent,
+    wallet_command,
+)
 
 MINT_TIMEOUT = aiohttp.ClientTimeout(total=30)
 EXPIRED_AFTER_S = 3600  # past its expiry, as this clock says: an unpaid deposit's invoice
 GIVE_UP_S = 600  # after a withdrawal's unclear refusal, until the ledger's word is final
+MELTS = 3  # a melt with no clear answer is sent again, up to this many times in all
 ONCHAIN_WATCH_S = 7 * 86400  # past its quote's expiry: an on-chain deposit's address
 
 
@@ -95,6 +103,11 @@ class Flows:
     def _save(self) -> None:
         self.doc.save(self.path)
 
+    def _give_up(self, flow: dict[str, Any], why: str) -> None:
+        """The flow leaves those taken up, into the wallet file's archive, whole."""
+        self.doc.flows.remove(flow)
+        self.doc.archive.append({**flow, "given_up": why, "given_up_at": time.time()})
+
     def say(self, line: str) -> None:
         print(line, file=self.out)
 
@@ -122,6 +135,7 @@ class Flows:
             quote = await self.mint.mint_quote(amount_sat, key)
         flow = {
             "kind": "deposit",
+            "mint": self.mint.url,  # taken up there, whatever mint later commands name
             "method": ONCHAIN if onchain else BOLT11,
             "quote": quote["quote"],
             "request": quote["request"],
@@ -160,7 +174,7 @@ class Flows:
                 body["signature"] = client.sign_mint_request(key, flow["quote"], outputs)
                 try:
                     doc = await self.mint.ok(f"/v1/mint/{method}", body)
-                    proofs = self.mint.unblind(doc["signatures"], secrets)
+                    proofs = self.mint.unblind(doc["signatures"], outputs, secrets)
                 except MintError as exc:  # refused: signed before, and the reply lost?
                     try:
                         proofs = await self.mint.restore(outputs, secrets)
@@ -197,6 +211,7 @@ class Flows:
         ecash = self.mint.inputs_for(quote["amount"] + quote["fee_reserve"])
         return {
             "kind": "pay",
+            "mint": self.mint.url,  # taken up there, whatever mint later commands name
             "method": ONCHAIN if payto.kind is Kind.ONCHAIN else BOLT11,
             "invoice": payto.target,
             "quote": quote["quote"],
@@ -242,7 +257,8 @@ class Flows:
                 doc = await self.mint.ok("/v1/l3/withdraw", body)
             except MintError as exc:
                 return await self._not_withdrawn(flow, exc)
-            flow["proofs"] = _docs(self.mint.unblind(doc["signatures"], _secrets(flow, "secrets")))
+            signed = self.mint.unblind(doc["signatures"], outputs, _secrets(flow, "secrets"))
+            flow["proofs"] = _docs(signed)
             self._save()
         if "melted" not in flow:
             flow["melted"] = True  # from here, its fate is the quote's: asked, not guessed
@@ -255,10 +271,15 @@ class Flows:
             method = flow.get("method", BOLT11)
             if method == ONCHAIN:
                 body["fee_index"] = 0
+            flow["melts"] = flow.get("melts", 0) + 1
+            self._save()
             try:
                 await self.mint.ok(f"/v1/melt/{method}", body, self.wait_s)
-            except MintError as exc:  # refused, or its payment failed: the ecash is free
-                flow["failed"] = str(exc)
+            except MintError as exc:
+                if exc.status == 400 and exc.code not in (m.PENDING, m.QUOTE_PENDING):
+                    flow["failed"] = str(exc)  # refused, or its payment failed: ecash free
+                # else no answer (rate limited, unavailable; the proofs pending under
+                # this very melt): the quote's state says what became of it
             except (aiohttp.ClientError, TimeoutError):
                 pass  # the reply is lost: the quote's state says what became of it
         return await self._settled(flow)
@@ -276,13 +297,15 @@ class Flows:
         first = flow.setdefault("refused_at", time.time())
         txid = decode_transaction(bytes.fromhex(flow["tx"])).txid.hex()
         try:
-            committed = (await self.gw.get(f"/v1/tx/{txid}")).get("status") == "committed"
+            await self.gw.get(f"/v1/tx/{txid}")  # committed, or on its way ("pending")
+            return "withdrawing"
         except GatewayError as gone:
-            if gone.status != 404:
+            # only "not found" for good says it did not commit: not while the index is
+            # behind, nor where a submission of it timed out (it may still commit)
+            if gone.status != 404 or not gone.final:
                 raise
-            committed = False
-        if not committed and time.time() - first >= GIVE_UP_S:
-            self.doc.flows.remove(flow)
+        if time.time() - first >= GIVE_UP_S:
+            self._give_up(flow, f"the ledger never took the withdrawal: {exc}")
             raise MoneyError(f"the ledger never took the withdrawal ({exc}): nothing was spent")
         return "withdrawing"
 
@@ -293,14 +316,19 @@ class Flows:
         if quote["state"] == m.MELT_PAID:
             flow["preimage"] = quote.get("payment_preimage") or quote.get("outpoint")
             signatures = quote.get("change") or []
-            secrets = _secrets(flow, "blank_secrets")[: len(signatures)]
-            change = self.mint.unblind(signatures, secrets)
+            n = len(signatures)
+            blanks = msgspec.convert(flow["blanks"], list[nut.BlindedMessage])[:n]
+            secrets = _secrets(flow, "blank_secrets")[:n]
+            change = self.mint.unblind(signatures, blanks, secrets, change=True)
             kept = self.mint.input_fee(_proofs(flow["proofs"]))  # the mint's, for the melt
             flow["fee_paid"] = flow["ecash"] - flow["amount"] - kept - sum(p.amount for p in change)
             if change:
                 flow["change"] = _docs(change)
             return "paid"
-        if "failed" not in flow:  # not paid and not in flight: the melt never reached it
+        if "failed" not in flow:  # not paid, not in flight, and no refusal heard
+            if flow.get("melts", MELTS) < MELTS:  # it may not have reached the mint: again
+                del flow["melted"]
+                return "pending"
             flow["failed"] = "the payment was not made"
         return "failed"
 
@@ -319,6 +347,8 @@ class Flows:
         what each came to, in words. Finished flows leave the file."""
         said = []
         for flow in list(self.doc.flows) if only is None else [only]:
+            if _mint_of(flow, self.doc) != self.mint.url:
+                continue  # another mint's: taken up with it (``money_command``)
             try:
                 said.append(await self._step(flow))
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -327,6 +357,10 @@ class Flows:
                 if only is not None:
                     raise
                 said.append(f"{_name(flow)}: {exc}")  # the others are taken up all the same
+            except Exception as exc:  # a bad answer (a signature that does not check)
+                if only is not None:
+                    raise
+                said.append(f"{_name(flow)}: {type(exc).__name__}: {exc}; kept, tried again later")
             finally:
                 self._save()
         return said
@@ -338,7 +372,16 @@ class Flows:
         if state in ("paid", "failed"):
             flow["state"] = state
             name = "change" if state == "paid" else "proofs"
-            if name in flow and await self._refund(flow, name) == "pending":
+            try:
+                refund = await self._refund(flow, name) if name in flow else "done"
+            except MintError as exc:
+                if state == "failed" and exc.code in (m.PENDING, m.SPENT):
+                    # a melt took them after all (one whose answer was lost): its quote
+                    # says what became of it
+                    del flow["state"], flow["failed"]
+                    return _paid_line(flow, "pending")
+                raise
+            if refund == "pending":
                 return f"{_name(flow)}: {state}; its ecash back into a coin: pending"
             self.doc.flows.remove(flow)
         return _paid_line(flow, state)
@@ -348,7 +391,7 @@ class Flows:
         if flow.get("method") == ONCHAIN:
             return self._onchain_round(flow, state)
         if state == "waiting" and flow["expiry"] + EXPIRED_AFTER_S <= time.time():
-            self.doc.flows.remove(flow)
+            self._give_up(flow, "the invoice expired unpaid")  # its quote's key kept
             return f"{_name(flow)}: the invoice expired unpaid; nothing was deposited"
         if state == "done":
             self.doc.flows.remove(flow)
@@ -367,11 +410,16 @@ class Flows:
             flow["address"] = self.doc.next_address()  # the next round's coin
             return said
         if state == "waiting" and flow["expiry"] + ONCHAIN_WATCH_S <= time.time():
-            self.doc.flows.remove(flow)
+            self._give_up(flow, "no longer watched")
             return (
                 f"{_name(flow)}: no longer watched; {flow.get('credited_total', 0)} msat credited"
             )
         return f"{_name(flow)}: {state}"
+
+
+def _mint_of(flow: dict[str, Any], doc: WalletFile) -> str:
+    """The URL of the mint a flow goes through (the wallet's, for a flow that names none)."""
+    return str(flow.get("mint") or doc.mint).rstrip("/")
 
 
 def _credited(flow: dict[str, Any]) -> str:
@@ -415,9 +463,6 @@ def _paid_line(flow: dict[str, Any], state: str) -> str:
     )
 
 
-PENDING_EXIT = 3  # a payment or deposit whose fate is not known yet
-
-
 async def money_command(args: Any, out: TextIO) -> int:
     """``constellation wallet deposit|pay|balance``: the flows through the mint first
     (a balance takes up those in flight), then the command."""
@@ -436,13 +481,29 @@ async def money_command(args: Any, out: TextIO) -> int:
                 return await _pay_address(flows, payto, args)
         if not url:
             raise ConfigError("the wallet knows no mint: `--mint URL` (its operator's)")
-        await flows.mint.load()
+        try:
+            await flows.mint.load()
+        except (aiohttp.ClientError, TimeoutError, MintError) as exc:
+            if args.wallet_command != "balance":
+                raise
+            # the coins are the ledger's to tell (``--via`` another member's gateway)
+            flows.say(f"the mint is not reachable ({exc}): {len(doc.flows)} flows wait")
+            return await wallet_command(args, out)
         if args.wallet_command == "deposit":
             return await _deposit(flows, args)
         if args.wallet_command == "pay":
             return await _pay_invoice(flows, payto, args)
         for line in await flows.resume():
             flows.say(line)
+        for other in sorted({_mint_of(f, doc) for f in doc.flows} - {flows.mint.url}):
+            elsewhere = Flows(doc, args.file, gw, MintClient(other, session), out)
+            try:
+                await elsewhere.mint.load()
+            except (aiohttp.ClientError, TimeoutError, MintError) as exc:
+                flows.say(f"the mint at {other} is not reachable ({exc}): its flows wait")
+                continue
+            for line in await elsewhere.resume():
+                flows.say(line)
     return await wallet_command(args, out)
 
 
@@ -491,8 +552,9 @@ async def _pay_address(flows: Flows, payto: PayTo, args: Any) -> int:
     gw = gateway_of(doc, flows.gw.session, args.gateway, args.via)
     coins = await unspent(gw, doc, args.via)
     doc.save(flows.path)
-    await send(gw, doc, flows.path, coins, payto.target, args.amount_msat, args.fee_msat, flows.out)
-    return 0
+    return await send(
+        gw, doc, flows.path, coins, payto.target, args.amount_msat, args.fee_msat, flows.out
+    )
 
 
 async def _pay_invoice(flows: Flows, payto: PayTo, args: Any) -> int:

@@ -59,14 +59,26 @@ def outputs_for(amount: int, keyset_id: str) -> tuple[list[nut.BlindedMessage], 
 
 def unblind(
     signatures: list[nut.BlindSignature],
+    outputs: list[nut.BlindedMessage],
     secrets: list[Secret],
     keys: dict[str, dict[int, PublicKey]],
+    change: bool = False,
 ) -> list[nut.Proof]:
-    """Proofs from the mint's signatures on our outputs (in their order), each DLEQ proof
-    checked against the keyset's published key for its amount."""
+    """Proofs from the mint's signatures on our ``outputs`` (in their order), each of
+    the keyset and amount asked (a DLEQ proof checks a signature by the key the mint
+    names: one by the key of a smaller amount would pass it), its DLEQ proof checked
+    against the keyset's published key for that amount. ``change``: blank outputs
+    (NUT-08), whose amounts are the mint's to give."""
     proofs = []
-    for sig, s in zip(signatures, secrets, strict=True):
-        key = keys[sig.id][sig.amount]
+    for sig, out, s in zip(signatures, outputs, secrets, strict=True):
+        if sig.id != out.id or (sig.amount != out.amount and not change):
+            raise BadSignature(
+                f"a signature of {sig.amount} in keyset {sig.id} for an output of"
+                f" {out.amount} in keyset {out.id}"
+            )
+        key = keys.get(sig.id, {}).get(sig.amount)
+        if key is None:
+            raise BadSignature(f"keyset {sig.id} has no key for {sig.amount}")
         c_ = PublicKey(bytes.fromhex(sig.C_))
         e, z = bytes.fromhex(sig.dleq.e), bytes.fromhex(sig.dleq.s)
         if not bdhke.check(key, s.blinded, c_, e, z):

@@ -78,10 +78,15 @@ class MintClient:
         return ecash_for(amount, self.fees[self.active])
 
     def unblind(
-        self, docs: Sequence[dict[str, Any]], secrets: Sequence[client.Secret]
+        self,
+        docs: Sequence[dict[str, Any]],
+        outputs: Sequence[nut.BlindedMessage],
+        secrets: Sequence[client.Secret],
+        change: bool = False,
     ) -> list[nut.Proof]:
+        """``client.unblind`` of the signatures in a mint's answer."""
         sigs = [nut.BlindSignature(**{**d, "dleq": nut.Dleq(**d["dleq"])}) for d in docs]
-        return client.unblind(sigs, list(secrets), self.keys)
+        return client.unblind(sigs, list(outputs), list(secrets), self.keys, change)
 
     async def mint_quote(self, amount: int, key: SigningKey | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"amount": amount, "unit": "sat"}
@@ -106,12 +111,12 @@ class MintClient:
         if key is not None:
             body["signature"] = client.sign_mint_request(key, quote, outputs)
         doc = await self.ok("/v1/mint/bolt11", body)
-        return self.unblind(doc["signatures"], secrets)
+        return self.unblind(doc["signatures"], outputs, secrets)
 
     async def swap(self, inputs: Sequence[nut.Proof], amounts: Sequence[int]) -> list[nut.Proof]:
         outputs, secrets = client.outputs_of(amounts, self.active)
         doc = await self.ok("/v1/swap", {"inputs": list(inputs), "outputs": outputs})
-        return self.unblind(doc["signatures"], secrets)
+        return self.unblind(doc["signatures"], outputs, secrets)
 
     async def restore(
         self, outputs: Sequence[nut.BlindedMessage], secrets: Sequence[client.Secret]
@@ -121,7 +126,7 @@ class MintClient:
         doc = await self.ok("/v1/restore", {"outputs": list(outputs)})
         if len(doc["signatures"]) != len(outputs):
             raise MintError(200, 0, "the mint holds no signature of some outputs")
-        return self.unblind(doc["signatures"], secrets)
+        return self.unblind(doc["signatures"], outputs, secrets)
 
     async def states(self, proofs: Sequence[nut.Proof]) -> list[str]:
         ys = [bdhke.hash_to_curve(p.secret.encode()).format().hex() for p in proofs]

@@ -9,6 +9,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -32,14 +33,14 @@ T = 1_800_000_000  # the rules' clock
 def issue(amount: int, keyset: Keyset = NOW) -> list[nut.Proof]:
     """Proofs worth ``amount`` as the mint issues them (for a paid quote)."""
     outputs, secrets = client.outputs_for(amount, keyset.id)
-    return client.unblind(MINT.sign(outputs), secrets, KEYS)
+    return client.unblind(MINT.sign(outputs), outputs, secrets, KEYS)
 
 
 def swap(inputs: list[nut.Proof], amount: int) -> tuple[m.Spend, list[nut.Proof]]:
     outputs, secrets = client.outputs_for(amount, NOW.id)
     spend, checked = MINT.swap(nut.SwapRequest(inputs, outputs), T)
     assert checked.amount == amount
-    return spend, client.unblind(MINT.sign(outputs), secrets, KEYS)
+    return spend, client.unblind(MINT.sign(outputs), outputs, secrets, KEYS)
 
 
 def test_a_swap_balances_and_signs_proofs_that_verify() -> None:
@@ -58,6 +59,22 @@ def refused(code: int, inputs: list[nut.Proof], outputs: list[nut.BlindedMessage
     with pytest.raises(m.CashuError) as e:
         MINT.swap(nut.SwapRequest(inputs, outputs), T)
     assert e.value.code == code, e.value
+
+
+def test_a_wallet_takes_only_signatures_of_the_keyset_and_amount_it_asked() -> None:
+    """A DLEQ proof checks a signature by the key the mint names: a mint that signs a
+    512-sat output with its 1-sat key passes it, and is caught by the amount."""
+    outputs, secrets = client.outputs_of([512, 8], NOW.id)
+    cheap = [msgspec.structs.replace(o, amount=1) for o in outputs]
+    signed = MINT.sign(cheap)  # valid signatures, DLEQ proofs and all: of 1 sat each
+    with pytest.raises(client.BadSignature, match="a signature of 1 in keyset"):
+        client.unblind(signed, outputs, secrets, KEYS)
+    elsewhere = MINT.sign([msgspec.structs.replace(o, id=MSAT.id) for o in outputs])
+    with pytest.raises(client.BadSignature, match=f"in keyset {MSAT.id}"):
+        client.unblind(elsewhere, outputs, secrets, KEYS)
+    # change (NUT-08): blank outputs' amounts are the mint's to give, the keyset is not
+    assert [p.amount for p in client.unblind(signed, cheap, secrets, KEYS)] == [1, 1]
+    assert len(client.unblind(signed, outputs, secrets, KEYS, change=True)) == 2
 
 
 def test_what_a_swap_refuses() -> None:
@@ -81,7 +98,7 @@ def test_what_a_swap_refuses() -> None:
     for kind in ("P2PK", "HTLC"):
         locked = json.dumps([kind, {"nonce": "00", "data": "02" + "11" * 32}])
         outputs = [client.Secret(locked, 7).output(NOW.id, 64)]
-        [lp] = client.unblind(MINT.sign(outputs), [client.Secret(locked, 7)], KEYS)
+        [lp] = client.unblind(MINT.sign(outputs), outputs, [client.Secret(locked, 7)], KEYS)
         refused(m.PROOF_INVALID, [lp], [good])
 
 

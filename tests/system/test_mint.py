@@ -137,14 +137,16 @@ async def test_mint_swap_melt_and_restore(where: Path) -> None:
         outputs, secrets = client.outputs_for(300 + reserve, mint.active)
         rest, rest_secrets = client.outputs_for(1000 - 300 - reserve, mint.active)
         doc = await mint.ok("/v1/swap", {"inputs": swapped, "outputs": outputs + rest})
-        exact = mint.unblind(doc["signatures"], secrets + rest_secrets)[: len(outputs)]
+        exact = mint.unblind(doc["signatures"], outputs + rest, secrets + rest_secrets)
+        exact = exact[: len(outputs)]
         blanks = [client.Secret.fresh() for _ in range(max(reserve.bit_length(), 1))]
         outputs = [b.output(mint.active, 1) for b in blanks]
         doc = await mint.ok(
             "/v1/melt/bolt11", {"quote": quote["quote"], "inputs": exact, "outputs": outputs}
         )
         assert doc["state"] == "PAID" and doc["payment_preimage"]
-        change = mint.unblind(doc["change"], blanks[: len(doc["change"])])
+        n = len(doc["change"])
+        change = mint.unblind(doc["change"], outputs[:n], blanks[:n], change=True)
         sent = [
             p for p in LightningRpc(op0.lightning_rpc).listpays()["pays"] if p["bolt11"] == invoice
         ]
@@ -544,7 +546,7 @@ async def test_ecash_redeems_into_an_l3_coin_and_l3_withdraws_as_ecash(where: Pa
         tx = user.pay(coins, encode_address(to, network, here), 600_000, FEE_MSAT, here=here)
         body = {"tx": tx.encode().hex(), "outputs": outputs}
         signed = await mint.ok("/v1/l3/withdraw", body)
-        ecash = mint.unblind(signed["signatures"], secrets)
+        ecash = mint.unblind(signed["signatures"], outputs, secrets)
         assert sum(p.amount for p in ecash) == 600
         assert await mint.ok("/v1/l3/withdraw", body) == signed  # a retry: the same
         # whoever sees the transaction cannot claim what it paid with outputs of its own:
@@ -929,7 +931,7 @@ async def test_nut19_a_lost_answer_is_given_again_and_redis_down_loses_nothing(
         body = {"quote": quote["quote"], "outputs": outputs}
         first = await mint.ok("/v1/mint/bolt11", body)
         assert await mint.ok("/v1/mint/bolt11", body) == first  # not 20002
-        proofs = mint.unblind(first["signatures"], secrets)
+        proofs = mint.unblind(first["signatures"], outputs, secrets)
         outputs, _ = client.outputs_for(300, mint.active)
         swap = {"inputs": proofs, "outputs": outputs}
         first = await mint.ok("/v1/swap", swap)

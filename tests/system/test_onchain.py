@@ -39,7 +39,7 @@ from services.crossload import reserve
 from services.devnet import guild
 from services.devnet.state import Devnet
 from services.ecash.client import MintClient, MintError
-from services.wallet_money import PENDING_EXIT
+from services.wallet import PENDING_EXIT
 from tests.system.guild import cli, local_guild
 from tests.system.test_wallet_money import balance
 
@@ -105,7 +105,7 @@ async def mint_onchain(mc: MintClient, quote: str, amounts: list[int], key: Sign
     body = {"quote": quote, "outputs": outputs}
     body["signature"] = client.sign_mint_request(key, quote, outputs)
     doc = await mc.ok("/v1/mint/onchain", body)
-    return mc.unblind(doc["signatures"], secrets)
+    return mc.unblind(doc["signatures"], outputs, secrets)
 
 
 async def deposited(where: Path, mc: MintClient, quote: str, address: str, key: SigningKey) -> Any:
@@ -243,7 +243,8 @@ async def test_a_withdrawal_is_signed_by_the_guild_with_a_signer_frozen(
     mine(where, 1)
     [got] = [o for o in outside.listfunds()["outputs"] if o["address"] == address]
     assert got["amount_msat"] == 40_000_000 and got["txid"] == txid and got["output"] == int(vout)
-    change = mint.unblind(done["change"], secrets[: len(done["change"])])
+    n = len(done["change"])
+    change = mint.unblind(done["change"], blanks[:n], secrets[:n], change=True)
     fee = DEPOSIT_SAT - 40_000 - sum(p.amount for p in change)
     assert 0 < fee <= reserve_sat
     assert await mint.states(proofs) == ["SPENT"] * len(proofs)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from pyln.client import LightningRpc
 
 from constellation.address import Network, encode_address
@@ -28,12 +29,14 @@ from constellation.ecash import mint as m
 from constellation.keys import SigningKey
 from constellation.ledger.partition import Coin
 from constellation.payto import parse
-from services.api_client import Gateway
+from constellation.tx import decode_transaction
+from services.api_client import Gateway, GatewayError
 from services.crossload import reserve
 from services.devnet import guild
 from services.ecash.client import MintClient, MintError
-from services.wallet import WalletFile, unspent
-from services.wallet_money import PENDING_EXIT, Flows, MoneyError
+from services.gateway.errors import IN_DOUBT
+from services.wallet import PENDING_EXIT, WalletFile, unspent
+from services.wallet_money import GIVE_UP_S, Flows, MoneyError
 from tests.system.guild import cli, local_guild
 
 DEPOSIT_SAT = 20_000
@@ -80,6 +83,10 @@ async def settled(file: str) -> int:
         last = now
 
 
+def op0_mint(where: Path) -> str:
+    return guild.load(where)[0].mint_url.rstrip("/")
+
+
 def outside(where: Path) -> LightningRpc:
     return LightningRpc(guild.outside_rpc(where))
 
@@ -103,7 +110,13 @@ async def test_a_deposit_is_credited_as_a_coin_once_its_invoice_is_paid(
     code, out = await cli("wallet", "deposit", "500", "--file", alice, "--wait", "0")
     assert code == PENDING_EXIT and "waiting" in out and "█" in out, out  # with its QR code
     [flow] = WalletFile.load(Path(alice)).flows
-    assert flow["request"] in out
+    assert flow["request"] in out and flow["mint"] == op0_mint(where)
+    # A mint that is down: the balance is the ledger's all the same (the flow waits,
+    # taken up at its own mint by the next balance).
+    code, out = await cli("wallet", "balance", "--file", alice, "--mint", "http://127.0.0.1:9")
+    assert code == 0 and "not reachable" in out and " msat in " in out, out
+    code, out = await cli("wallet", "balance", "--file", alice)
+    assert code == 0 and "waiting" in out, out
     # paid meanwhile: the next balance mints, redeems, credits it
     await asyncio.to_thread(outside(where).pay, flow["request"])
     _, out = await balance(alice)
@@ -244,6 +257,23 @@ async def test_a_withdrawal_the_ledger_refused_costs_nothing_one_not_known_is_ke
         flows._save()
     [kept] = WalletFile.load(Path(alice)).flows
     assert kept["quote"] == flow["quote"] and "refused_at" in kept
+    # Long after, the ledger's word is still not final: a submission of it timed out
+    # (as the gateway keeps it, in Redis): the flow waits; "not found" for good ends it.
+    txid = decode_transaction(bytes.fromhex(flow["tx"])).txid
+    redis = aioredis.from_url(op0.redis_url)
+    async with aiohttp.ClientSession() as s:
+        flows.gw = Gateway(op0.gateway_url, s)
+        late = {**flow, "refused_at": time.time() - GIVE_UP_S}
+        doc.flows.append(late)
+        await redis.set(f"doubt:{txid.hex()}", str(time.time()))
+        with pytest.raises(GatewayError) as in_doubt:
+            await flows._not_withdrawn(late, MintError(503, 0, "not committed (yet?)"))
+        assert in_doubt.value.code == IN_DOUBT and late in doc.flows
+        await redis.delete(f"doubt:{txid.hex()}")
+        with pytest.raises(MoneyError, match="nothing was spent"):
+            await flows._not_withdrawn(late, MintError(503, 0, "not committed (yet?)"))
+        assert late not in doc.flows and doc.archive[-1]["tx"] == flow["tx"]  # kept whole
+    await redis.aclose()
     _, out = await balance(alice)  # taken up: withdrawn, melted, paid
     assert "PAID" in out and status(where, bill["label"]) == "paid", out
     assert before - await settled(alice) >= 300_000 + L3_FEE_MSAT
