@@ -148,8 +148,16 @@ class Plan:
     create: list[Obj] = field(default_factory=list)
     patch: list[Obj] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)  # machine StatefulSets, drained
-    waiting: list[str] = field(default_factory=list)  # machines whose change waits its turn
+    waiting: list[str] = field(default_factory=list)  # rolled StatefulSets waiting their turn
     refused: str | None = None  # why nothing is applied
+
+
+def rolled(renderer: Renderer) -> list[str]:
+    """The StatefulSets a change replaces one at a time, in this order: the Guild's NATS
+    (every machine reaches every copy through it: while it restarts, none is ready),
+    then the machines (each holds one of the member's two copies of every shard)."""
+    nats = [renderer.n.nats] if renderer.spec.nats.external is None else []
+    return nats + [renderer.n.machine(m) for m in renderer.machines]
 
 
 def plan(renderer: Renderer, observed: Mapping[Key, Obj], remove: Sequence[str] = ()) -> Plan:
@@ -169,8 +177,8 @@ def plan(renderer: Renderer, observed: Mapping[Key, Obj], remove: Sequence[str] 
                 )
             )
     digest = config_hash(objs)
-    machines = {renderer.n.machine(m) for m in renderer.machines}
     out = Plan(delete=list(remove))
+    updates = []
     for obj in objs:
         if obj["kind"] == "StatefulSet":
             template = obj["spec"]["template"]["metadata"]
@@ -178,30 +186,63 @@ def plan(renderer: Renderer, observed: Mapping[Key, Obj], remove: Sequence[str] 
         have = observed.get(key_of(obj))
         if have is None:
             out.create.append(obj)
-        elif covers(have, obj):
-            continue
-        elif obj["metadata"]["name"] in machines and not _machine_turn(
-            obj, out, observed, machines
-        ):
-            out.waiting.append(obj["metadata"]["name"])
+        elif not covers(have, obj):
+            updates.append(obj)
+    order = rolled(renderer)
+    changed = {o["metadata"]["name"] for o in updates if o["kind"] == "StatefulSet"}
+    turn = _turn(order, changed, observed)
+    for obj in updates:
+        name = obj["metadata"]["name"]
+        if obj["kind"] == "StatefulSet" and name in order and name != turn:
+            out.waiting.append(name)
         else:
             out.patch.append(obj)
     return out
 
 
-def _machine_turn(machine: Obj, out: Plan, observed: Mapping[Key, Obj], machines: set[str]) -> bool:
-    """Whether ``machine``'s change may go now: the member's machines change one at a
-    time, each once the others run what they should (ready and up to date), so that
-    one of the member's two copies of every shard is always up. (A disruption budget
-    limits evictions only, not a rollout.) Where no machine is ready there is nothing
-    to keep up: the change goes (it may be what mends them)."""
-    name = machine["metadata"]["name"]
-    states = {m: _workload_state(observed.get(("StatefulSet", m))) for m in machines}
-    if not any(ready for ready, _ in states.values()):
+def _turn(order: Sequence[str], changed: set[str], observed: Mapping[Key, Obj]) -> str | None:
+    """The one StatefulSet of ``order`` (``rolled``) whose change may go now, if any: they
+    change one at a time, in order, each once every other is settled (ready, and running
+    its spec), so that one of the member's two copies of every shard is always up and no
+    machine restarts while the NATS it needs does. One that is down and cannot come up as
+    it is (``_stuck``) goes first: nothing that is up goes down, and the change may be
+    what mends it. One that runs but is not ready (starting, catching up, or connecting
+    again to a NATS that restarted) is waited for. The roll keeps no state of its own:
+    the StatefulSets, their status and their pods say where it is, so a restarted
+    operator carries on from there. (A disruption budget limits evictions only.)"""
+    settled = {m: _workload_state(observed.get(("StatefulSet", m)))[1] for m in order}
+    for m in order:
+        others = all(settled[o] for o in order if o != m)
+        if m in changed and (others or _stuck(observed.get(("Pod", f"{m}-0")))):
+            return m
+    return None
+
+
+# Why a container waits that only a new spec can change (its image, its configuration,
+# what makes it crash), as the kubelet says it.
+WAITING_ON_SPEC = frozenset(
+    {
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
+
+
+def _stuck(pod: Obj | None) -> bool:
+    """Whether a StatefulSet's one pod is down and does not come up as it is: none (its
+    controller is replacing it, or cannot make it), not running (being created,
+    unscheduled, refused by its node, failed), or a container waiting on what only a
+    new spec changes."""
+    if pod is None:
         return True
-    if any(o["metadata"]["name"] in machines for o in out.patch):
-        return False
-    return all(settled for m, (_, settled) in states.items() if m != name)
+    st = pod.get("status", {})
+    waiting = [c.get("state", {}).get("waiting", {}) for c in st.get("containerStatuses", [])]
+    return st.get("phase") != "Running" or any(w.get("reason") in WAITING_ON_SPEC for w in waiting)
 
 
 # -- status
@@ -277,7 +318,7 @@ def conditions(
         problem or "",
     )
     rolling = (f"waiting for {', '.join(waiting)}" if waiting else "") + (
-        f"; {', '.join(queued)} next, one machine at a time" if queued else ""
+        f"; {', '.join(queued)} next, one at a time" if queued else ""
     )
     progressing = Condition(
         "Progressing",

@@ -4,7 +4,6 @@ restart, and deleted through its finalizer."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import urllib.request
@@ -17,6 +16,7 @@ from tests.operator.conftest import (
     NS,
     WORKLOADS,
     Api,
+    Kubelet,
     Running,
     all_exist,
     eventually,
@@ -72,50 +72,70 @@ async def test_a_guild_is_rolled_out_and_becomes_ready(api: Api, running: Runnin
     assert json.loads(ready_probe.read())["ready"] is True
 
 
-async def test_a_new_neighbour_rolls_the_machines_one_at_a_time(api: Api, running: Running) -> None:
-    await create_example(api)
-    await eventually(lambda: all_exist(api, WORKLOADS), "every workload exists")
-    await api.settle(WORKLOADS)
-    await eventually(lambda: phase_is(api, "Running"), "the Guild is Running")
-    before = {m: await api.kube.get("StatefulSet", NS, m) for m in MACHINES}
-    neighbour = {
-        "name": "nb0",
-        "guild": "g2",
-        "key": "e493dbf1c10d80f3581e4904930b1404cc6c13900ee0758474fa94abe8c4cd13",
-        "nats": "nats://nats.nb0.example:4222",
-    }
-    await api.patch_spec({"neighbours": [neighbour]})
-
-    async def rolled() -> set[str]:
-        out = set()
-        for m, old in before.items():
-            new = await api.kube.get("StatefulSet", NS, m)
-            assert new is not None and old is not None
-            if template_hash(new) != template_hash(old):
-                out.add(m)
-        return out
-
-    first = await eventually(rolled, "a machine's pod is to be replaced")
-    assert len(first) == 1, "both machines rolled at once"
-    layout = await api.kube.get("ConfigMap", NS, "g1-layout")
-    assert layout is not None and "nb0" in layout["data"]["layout.json"]
-    nats_config = await api.kube.get("ConfigMap", NS, "g1-nats")
-    assert nats_config is not None and '"nb0"' in nats_config["data"]["nats.conf"]
-    await eventually(lambda: phase_is(api, "Progressing"), "the Guild rolls out")
-    generated = await api.kube.get("Secret", NS, "g1-generated")
-    assert generated is not None and "issued-nb0" in generated["data"]
-    await asyncio.sleep(2.5)  # resyncs: the other waits while the first is not back
-    assert await rolled() == first
-    progressing = await api.condition("Progressing")
-    assert "one machine at a time" in progressing["message"]
-    await api.settle(WORKLOADS)  # the first is back, up to date
-    await eventually(lambda: _all_rolled(rolled), "the other machine's turn")
-    await api.settle(WORKLOADS)
-    await eventually(lambda: phase_is(api, "Running"), "the Guild is Running again")
+NEIGHBOUR = {
+    "name": "nb0",
+    "guild": "g2",
+    "key": "e493dbf1c10d80f3581e4904930b1404cc6c13900ee0758474fa94abe8c4cd13",
+    "nats": "nats://nats.nb0.example:4222",
+}
 
 
-async def _all_rolled(rolled: Any) -> bool:
-    return len(await rolled()) == len(MACHINES)
+async def test_a_new_neighbour_rolls_nats_then_each_machine_one_at_a_time(api: Api) -> None:
+    """Three machines: NATS, then each machine, is replaced only while every other of
+    them is ready (a machine is ready once connected to NATS and caught up), the
+    operator restarted in the middle carries on, and the roll completes."""
+    keys, peers, guild = example()
+    guild["spec"]["members"][0]["machines"] = 3
+    machines = [*MACHINES, "g1-machine-2"]
+    rolled = ["g1-nats", *machines]
+    await api.secret(keys)
+    await api.secret(peers)
+    first = Running(api.url)
+    await first.start()
+    async with Kubelet(api) as kubelet:
+        second = None
+        try:
+            await api.create_guild(guild)
+            await eventually(lambda: phase_is(api, "Running"), "the Guild is Running")
+            before = {n: template_hash(await _get(api, n)) for n in rolled}
+            kubelet.forget()
+            await api.patch_spec({"neighbours": [NEIGHBOUR]})
+            await eventually(lambda: kubelet.began, "NATS is replaced")
+            layout = await api.kube.get("ConfigMap", NS, "g1-layout")
+            assert layout is not None and "nb0" in layout["data"]["layout.json"]
+            nats_config = await api.kube.get("ConfigMap", NS, "g1-nats")
+            assert nats_config is not None and '"nb0"' in nats_config["data"]["nats.conf"]
+            generated = await api.kube.get("Secret", NS, "g1-generated")
+            assert generated is not None and "issued-nb0" in generated["data"]
+            progressing = await eventually(lambda: _rolling(api), "the Guild says what waits")
+            assert "next, one at a time" in progressing["message"]
+            await eventually(lambda: len(kubelet.began) >= 2, "a machine is replaced")
+            await first.stop()
+            second = Running(api.url)
+            await second.start()
+
+            async def done() -> bool:
+                hashes = {n: template_hash(await _get(api, n)) for n in rolled}
+                changed = all(hashes[n] != before[n] for n in rolled)
+                return changed and not kubelet.replacing and await phase_is(api, "Running")
+
+            await eventually(done, "every one is replaced and the Guild is Running")
+        finally:
+            await (second or first).stop()
+    assert [name for name, _ in kubelet.began] == rolled
+    assert all(not down for _, down in kubelet.began), kubelet.began
+    assert kubelet.most == 1
+
+
+async def _get(api: Api, name: str) -> dict[str, Any]:
+    found = await api.kube.get("StatefulSet", NS, name)
+    assert found is not None, name
+    return found
+
+
+async def _rolling(api: Api) -> dict[str, Any] | None:
+    found = await api.condition("Progressing")
+    return found if found["reason"] == "RollingOut" and "next" in found["message"] else None
 
 
 async def test_a_membership_change_is_refused_and_nothing_changes(

@@ -24,6 +24,7 @@ from services.gateway.config import Settings as GatewaySettings
 from services.indexer.config import Settings as IndexerSettings
 from services.operator.reconcile import (
     Moves,
+    Plan,
     config_hash,
     covers,
     key_of,
@@ -31,6 +32,7 @@ from services.operator.reconcile import (
     moves,
     placement_status,
     plan,
+    rolled,
 )
 from services.operator.render import (
     GUILD,
@@ -242,15 +244,14 @@ def test_layout_changes_are_named_and_refused() -> None:
 
 def test_a_joiner_after_the_founders_is_a_layout_the_machines_take() -> None:
     r = _renderer()
-    observed = {(o["kind"], o["metadata"]["name"]): o for o in r.objects()}
-    observed |= _observed(r, len(r.machines))  # every machine ready
+    observed = _running(r.objects())
     guild, _, _ = _example()
     joiner = _member("op3", 7)
     joined = _renderer(members=[*guild["spec"]["members"], joiner], founders=3)
     taken = plan(joined, observed)
     assert taken.refused is None and config_hash(joined.objects()) != config_hash(r.objects())
-    rolled = [o["metadata"]["name"] for o in taken.patch if MACHINE in o["metadata"]["labels"]]
-    assert len(rolled) == 1 and len(taken.waiting) == len(r.machines) - 1  # one at a time
+    # one at a time: NATS (its new user) first
+    assert _rolling(taken) == ["g1-nats"] and taken.waiting == ROLLED[1:]
     for bad in (
         _renderer(members=[*guild["spec"]["members"], joiner]),  # founders not kept
         _renderer(members=[joiner, *guild["spec"]["members"]], founders=0),  # not after
@@ -354,34 +355,94 @@ NEIGHBOUR = {
 }
 
 
-def test_a_new_configuration_rolls_the_machines_one_at_a_time() -> None:
+ROLLED = ["g1-nats", "g1-machine-0", "g1-machine-1"]
+
+
+def _rolling(step: Plan) -> list[str]:
+    return [o["metadata"]["name"] for o in step.patch if key_of(o) in _rolled_keys()]
+
+
+def _rolled_keys() -> set[tuple[str, str]]:
+    return {("StatefulSet", n) for n in ROLLED}
+
+
+def _pod(name: str, ready: bool = True, waiting: str = "", phase: str = "Running") -> Any:
+    """The one pod of StatefulSet ``name``, as its kubelet reports it."""
+    state = {"waiting": {"reason": waiting}} if waiting else {"running": {}}
+    status = {"phase": phase, "containerStatuses": [{"ready": ready, "state": state}]}
+    return {("Pod", f"{name}-0"): {"metadata": {"name": f"{name}-0"}, "status": status}}
+
+
+def _running(objs: list[dict[str, Any]]) -> dict[tuple[str, str], Any]:
+    """``objs`` as the cluster holds them once they run: settled, each pod ready."""
+    observed = {key_of(o): _settled(o) for o in objs}
+    for name in ROLLED:
+        observed |= _pod(name)
+    return observed
+
+
+def _restarted(observed: dict[tuple[str, str], Any], step: Plan) -> None:
+    """``step`` applied: each StatefulSet it changed has a new spec its controller has
+    not rolled out yet."""
+    for o in step.patch:
+        observed[key_of(o)] = {**o, "metadata": {**o["metadata"], "generation": 2}}
+
+
+def test_a_new_configuration_rolls_nats_then_each_machine_one_at_a_time() -> None:
     r = _renderer()
-    first = plan(r, {})
-    observed = {(o["kind"], o["metadata"]["name"]): _settled(o) for o in first.create}
+    assert rolled(r) == ROLLED
+    observed = _running(plan(r, {}).create)
     assert plan(r, observed).patch == []
     changed = _renderer(neighbours=[NEIGHBOUR])
     step = plan(changed, observed)
-    names = {o["metadata"]["name"] for o in step.patch}
-    assert {"g1-layout", "g1-nats", "g1-machine-0", "g1-services"} <= names
-    assert "g1-machine-1" not in names and step.waiting == ["g1-machine-1"]
-    new_hash = template_hash(next(o for o in step.patch if o["metadata"]["name"] == "g1-machine-0"))
-    assert new_hash != template_hash(observed[("StatefulSet", "g1-machine-0")])
-    # machine-0 restarts with it: until it is ready again, machine-1 keeps its pod.
-    for o in step.patch:
-        observed[key_of(o)] = {**o, "metadata": {**o["metadata"], "generation": 2}}
-    assert plan(changed, observed).waiting == ["g1-machine-1"]
-    observed[("StatefulSet", "g1-machine-0")] = _settled(observed[("StatefulSet", "g1-machine-0")])
+    # The configuration and the other workloads at once; of the rolled, NATS first.
+    patched = {key_of(o) for o in step.patch}
+    assert {("ConfigMap", "g1-layout"), ("ConfigMap", "g1-nats")} <= patched
+    assert ("StatefulSet", "g1-services") in patched
+    for i, name in enumerate(ROLLED):
+        if i > 0:
+            step = plan(changed, observed)
+        assert _rolling(step) == [name] and step.waiting == ROLLED[i + 1 :]
+        new_hash = template_hash(next(o for o in step.patch if key_of(o) == ("StatefulSet", name)))
+        assert new_hash != template_hash(observed[("StatefulSet", name)])
+        _restarted(observed, step)
+        # It restarts: until it is ready again, the next keeps its pod.
+        assert _rolling(plan(changed, observed)) == []
+        assert plan(changed, observed).waiting == ROLLED[i + 1 :]
+        if name == "g1-nats":  # a later edit goes to the one under way, the others wait
+            other = NEIGHBOUR | {"name": "nb1", "key": _member("nb1", 9)["key"]}
+            again = _renderer(neighbours=[NEIGHBOUR, other])
+            assert _rolling(plan(again, observed)) == ["g1-nats"]
+        observed[("StatefulSet", name)] = _settled(observed[("StatefulSet", name)])
     last = plan(changed, observed)
-    assert [o["metadata"]["name"] for o in last.patch] == ["g1-machine-1"] and not last.waiting
+    assert last.patch == [] and last.waiting == []
 
 
-def test_machines_that_are_all_down_change_at_once() -> None:
+def test_what_is_not_ready_is_waited_for_and_what_is_stuck_changes_first() -> None:
+    """None of them settled: changing them all at once would restart every copy of
+    every shard together. One that runs and is not ready yet (a machine connecting
+    again to a NATS that just restarted) is waited for; one that is down and does not
+    come up as it is (a crash loop, no pod) changes first, one a pass: nothing that is
+    up goes down, and the change may be what mends it."""
     r = _renderer()
-    observed = {(o["kind"], o["metadata"]["name"]): o for o in plan(r, {}).create}
-    step = plan(_renderer(neighbours=[NEIGHBOUR]), observed)
-    names = {o["metadata"]["name"] for o in step.patch}
-    # Neither runs: holding one back would keep nothing up (and may keep the fix out).
-    assert {"g1-machine-0", "g1-machine-1"} <= names and step.waiting == []
+    changed = _renderer(neighbours=[NEIGHBOUR])
+    observed = _running(r.objects())
+    for name in ROLLED[1:]:
+        status = {"readyReplicas": 0, "updatedReplicas": 1, "observedGeneration": 1}
+        observed[("StatefulSet", name)] = {**observed[("StatefulSet", name)], "status": status}
+        observed |= _pod(name, ready=False)
+    step = plan(changed, observed)
+    assert _rolling(step) == [] and step.waiting == ROLLED
+    observed |= _pod("g1-machine-1", ready=False, waiting="CrashLoopBackOff")
+    step = plan(changed, observed)
+    assert _rolling(step) == ["g1-machine-1"] and step.waiting == ROLLED[:2]
+    del observed[("Pod", "g1-machine-0-0")]  # its controller cannot make it
+    assert _rolling(plan(changed, observed)) == ["g1-machine-0"]
+    observed |= _pod("g1-machine-0", ready=False, phase="Pending")  # not scheduled
+    assert _rolling(plan(changed, observed)) == ["g1-machine-0"]
+    # An external NATS is not the Guild's to roll.
+    ext = {"external": {"secret": "nats", "key": "url"}, "image": "unused"}
+    assert rolled(_renderer(nats=ext)) == ROLLED[1:]
 
 
 def test_covers_ignores_what_the_server_adds() -> None:
