@@ -150,6 +150,7 @@ class Plan:
     delete: list[str] = field(default_factory=list)  # machine StatefulSets, drained
     waiting: list[str] = field(default_factory=list)  # rolled StatefulSets waiting their turn
     refused: str | None = None  # why nothing is applied
+    held: list[str] = field(default_factory=list)  # what needs a manual step, and which
 
 
 def rolled(renderer: Renderer) -> list[str]:
@@ -186,8 +187,14 @@ def plan(renderer: Renderer, observed: Mapping[Key, Obj], remove: Sequence[str] 
         have = observed.get(key_of(obj))
         if have is None:
             out.create.append(obj)
-        elif not covers(have, obj):
-            updates.append(obj)
+            continue
+        if obj["kind"] == "StatefulSet":
+            update, step = _claims_kept(obj, have)
+            out.held += [step] if step else []
+        else:
+            update = obj
+        if update is not None and not covers(have, update):
+            updates.append(update)
     order = rolled(renderer)
     changed = {o["metadata"]["name"] for o in updates if o["kind"] == "StatefulSet"}
     turn = _turn(order, changed, observed)
@@ -198,6 +205,53 @@ def plan(renderer: Renderer, observed: Mapping[Key, Obj], remove: Sequence[str] 
         else:
             out.patch.append(obj)
     return out
+
+
+CLAIMS = "volumeClaimTemplates"
+STORAGE = "StorageApplied"  # the condition that says what a change of storage waits for
+
+
+def _claims_kept(want: Obj, have: Obj) -> tuple[Obj | None, str | None]:
+    """The update of StatefulSet ``have`` to ``want``, and the manual step what it leaves
+    out needs. An API server refuses an update that changes the claims (the field is
+    immutable), the whole of it: the update leaves them out, so that the rest (its pod
+    template) still changes. Where a claim is added or removed, nothing of it changes
+    (None): the pods' volumes must match the claims."""
+    update = {**want, "spec": {k: v for k, v in want["spec"].items() if k != CLAIMS}}
+    kept, wanted = have.get("spec", {}).get(CLAIMS, []), want["spec"][CLAIMS]
+    if covers(kept, wanted):
+        return update, None
+    name = want["metadata"]["name"]
+    was = {c["metadata"]["name"]: _claim(c) for c in kept}
+    now = {c["metadata"]["name"]: _claim(c) for c in wanted}
+    both = sorted(was.keys() & now.keys())
+    what = [f"{c} added" for c in now if c not in was]
+    what += [f"{c} removed" for c in was if c not in now]
+    what += [f"{c} {' '.join(was[c])} -> {' '.join(now[c])}" for c in both if was[c] != now[c]]
+    made = range(want["spec"].get("replicas", 1))  # the claims of the pods it made
+    grown = [f"{c}-{name}-{i}" for c in both if was[c][0] != now[c][0] for i in made]
+    moved = [f"{c}-{name}-{i}" for c in both if was[c][1] != now[c][1] for i in made]
+    steps = []
+    if grown:
+        steps.append(f"expand PersistentVolumeClaim {', '.join(grown)} (its class must allow it)")
+    steps.append(
+        f"kubectl delete statefulset {name} --cascade=orphan (its pod keeps running) and the "
+        "operator makes it again with the claims the Guild asks for"
+    )
+    step = f"StatefulSet {name}: its volume claims cannot change in place ({'; '.join(what)}): "
+    step += ", then ".join(steps)
+    if moved:
+        step += f" (PersistentVolumeClaim {', '.join(moved)} keeps its class: make it anew)"
+    if was.keys() != now.keys():
+        return None, f"{step}; until then nothing of it changes"
+    return update, step
+
+
+def _claim(template: Obj) -> tuple[str, str]:
+    """A claim template's size and storage class, as a manual step names them."""
+    spec = template.get("spec", {})
+    size = spec.get("resources", {}).get("requests", {}).get("storage", "?")
+    return size, f"({spec.get('storageClassName', 'default')} class)"
 
 
 def _turn(order: Sequence[str], changed: set[str], observed: Mapping[Key, Obj]) -> str | None:
@@ -296,10 +350,12 @@ def conditions(
     problem: str | None,
     queued: Sequence[str] = (),
     moving: str | None = None,
+    held: Sequence[str] = (),
 ) -> tuple[list[Condition], list[Obj]]:
     """The Guild's conditions and its machines' states (each machine's one pod, where
     the observed objects have it); ``moving``: what the member's copies are doing, while
-    a change of its machines goes on."""
+    a change of its machines goes on; ``held``: the manual steps a change of storage
+    needs (``Plan.held``), which keep nothing else from running."""
     workloads = [o for o in renderer.objects() if o["kind"] == "StatefulSet"]
     states = {o["metadata"]["name"]: _workload_state(observed.get(key_of(o))) for o in workloads}
     machines = []
@@ -332,7 +388,13 @@ def conditions(
         "Running" if not waiting and problem is None else "NotReady",
         problem or (f"waiting for {', '.join(waiting)}" if waiting else "every workload ready"),
     )
-    return [up, progressing, degraded], machines
+    storage = Condition(
+        STORAGE,
+        not held,
+        "ManualStepNeeded" if held else "Applied",
+        "; ".join(held) or "every volume claim is as the Guild asks",
+    )
+    return [up, progressing, degraded, storage], machines
 
 
 def status(
@@ -347,6 +409,7 @@ def status(
     placement: Obj | None = None,
     moving: str | None = None,
     voters: Sequence[int] | None = None,
+    held: Sequence[str] = (),
 ) -> Obj:
     """The Guild's ``status``: conditions keep their ``lastTransitionTime`` while their
     status holds. ``renderer`` is None for a Guild that cannot be rendered at all.
@@ -362,7 +425,7 @@ def status(
         machines: list[Obj] = []
         members: list[Obj] = []
     else:
-        conds, machines = conditions(renderer, observed, problem, queued, moving)
+        conds, machines = conditions(renderer, observed, problem, queued, moving, held)
         spec = renderer.spec
         members = [
             {
@@ -375,7 +438,7 @@ def status(
             for i, m in enumerate(spec.members)
         ]
     out = condition_list(conds, previous, generation, now)
-    ready, progressing, degraded = conds
+    ready, progressing, degraded = conds[:3]
     phase = (
         "Degraded"
         if degraded.status

@@ -2,7 +2,8 @@
 a kopf operator and kubectl need from it (kmock 0.8 sets no resourceVersion, uid or
 generation, answers a failed JSON-patch ``test`` with 500 where an API server says 422,
 keeps a Secret's ``stringData`` apart, leaves ``kind`` out of list replies, and names
-the core group ``/v1``)."""
+the core group ``/v1``), and the refusals of an API server the operator must live with
+(a StatefulSet's immutable fields; what an admission webhook denies, as a test says)."""
 
 from __future__ import annotations
 
@@ -46,10 +47,32 @@ class Invalid(kmock.KubernetesError):
     message: str = "the patch's test failed: the object changed"
 
 
+# What an update may change in a StatefulSet's spec (ValidateStatefulSetUpdate, in
+# kubernetes' pkg/apis/apps/validation): an API server refuses any other change.
+STATEFULSET_MUTABLE = (
+    "replicas",
+    "ordinals",
+    "template",
+    "updateStrategy",
+    "persistentVolumeClaimRetentionPolicy",
+    "minReadySeconds",
+)
+FORBIDDEN = (
+    "spec: Forbidden: updates to statefulset spec for fields other than 'replicas', "
+    "'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' "
+    "and 'minReadySeconds' are forbidden"
+)
+
+
 class VersionedEmulator(kmock.KubernetesEmulator):
-    """kmock's emulator, keeping the bookkeeping an API server keeps."""
+    """kmock's emulator, keeping the bookkeeping an API server keeps. ``denied`` (plural,
+    name) -> why: the objects whose creation or change an admission webhook refuses."""
 
     _versions = itertools.count(1)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.denied: dict[tuple[str, str], str] = {}
 
     def _key(self, request: Any) -> Any:
         return (request.resource, request.namespace, request.name)
@@ -70,6 +93,12 @@ class VersionedEmulator(kmock.KubernetesEmulator):
             plain = request.data.pop("stringData")
             data = request.data.setdefault("data", {})
             data.update({k: base64.b64encode(v.encode()).decode() for k, v in plain.items()})
+        if request.action in (kmock.action.CREATE, kmock.action.UPDATE):
+            name = request.name or request.data.get("metadata", {}).get("name")
+            why = self.denied.get((request.resource.plural, name))
+            if why is not None:
+                message = f'admission webhook "policy.example.com" denied the request: {why}'
+                raise kmock.KubernetesError(status=400, reason="BadRequest", message=message)
         if request.action == kmock.action.CREATE and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if "name" not in meta and "generateName" in meta:  # kopf's events
@@ -97,6 +126,13 @@ class VersionedEmulator(kmock.KubernetesEmulator):
             after = kmock.KubernetesEmulator.Object(current)
             after.patch(request.data)
             after = dict(after.raw)
+        if request.resource.plural == "statefulsets":
+            fixed = [
+                {k: v for k, v in o.get("spec", {}).items() if k not in STATEFULSET_MUTABLE}
+                for o in (current, after)
+            ]
+            if fixed[0] != fixed[1]:
+                raise Invalid(message=f'StatefulSet.apps "{request.name}" is invalid: {FORBIDDEN}')
         generation = current["metadata"].get("generation", 1)
         if after.get("spec") != current.get("spec"):
             generation += 1

@@ -9,6 +9,7 @@ import json
 import urllib.request
 from typing import Any
 
+from constellation.keys import SigningKey
 from services.operator.render import generated_keys
 from services.operator.spec import read_spec
 from tests.operator.conftest import (
@@ -18,6 +19,7 @@ from tests.operator.conftest import (
     Api,
     Kubelet,
     Running,
+    VersionedEmulator,
     all_exist,
     eventually,
     example,
@@ -136,6 +138,109 @@ async def _get(api: Api, name: str) -> dict[str, Any]:
 async def _rolling(api: Api) -> dict[str, Any] | None:
     found = await api.condition("Progressing")
     return found if found["reason"] == "RollingOut" and "next" in found["message"] else None
+
+
+async def _condition_is(api: Api, kind: str, status: str) -> dict[str, Any] | None:
+    found = await api.condition(kind)
+    return found if found["status"] == status else None
+
+
+async def _events(api: Api, reason: str) -> list[dict[str, Any]]:
+    async with api.http.get(f"{api.url}/api/v1/namespaces/{NS}/events") as resp:
+        items: list[dict[str, Any]] = (await resp.json())["items"]
+    return [e for e in items if e.get("reason") == reason]
+
+
+async def _gateway_cpu(api: Api, cpu: str) -> bool:
+    pod = (await _get(api, "g1-services"))["spec"]["template"]["spec"]
+    (gateway,) = [c for c in pod["containers"] if c["name"] == "gateway"]
+    return bool(gateway["resources"]["requests"]["cpu"] == cpu)
+
+
+def _claim_size(obj: dict[str, Any]) -> str:
+    (claim,) = obj["spec"]["volumeClaimTemplates"]
+    return str(claim["spec"]["resources"]["requests"]["storage"])
+
+
+async def test_a_change_of_storage_waits_for_a_manual_step_and_the_rest_applies(
+    api: Api, running: Running
+) -> None:
+    """An API server refuses an update that changes a StatefulSet's volume claims (the
+    emulator does too): the operator leaves them out, applies the rest, and says what
+    to do by hand, in a condition and an Event; done, the claims are the new ones."""
+    async with Kubelet(api):
+        await create_example(api)
+        await eventually(lambda: phase_is(api, "Running"), "the Guild is Running")
+        await api.patch_spec(
+            {"machineStorage": "50Gi", "gatewayResources": {"cpu": 2, "memory": "2Gi"}}
+        )
+        await eventually(lambda: _gateway_cpu(api, "2"), "the services pod changes")
+        held = await eventually(lambda: _condition_is(api, "StorageApplied", "False"), "held")
+        assert held["reason"] == "ManualStepNeeded"
+        for machine in MACHINES:
+            assert f"StatefulSet {machine}: " in held["message"]
+            assert f"expand PersistentVolumeClaim state-{machine}-0 " in held["message"]
+            assert f"kubectl delete statefulset {machine} --cascade=orphan" in held["message"]
+            assert _claim_size(await _get(api, machine)) == "20Gi"
+        assert "state 20Gi (default class) -> 50Gi (default class)" in held["message"]
+        await eventually(lambda: phase_is(api, "Running"), "Running: nothing was refused")
+        await eventually(lambda: _events(api, "ManualStepNeeded"), "an Event says so")
+        # The manual step (the emulator has no volumes to expand): the operator makes the
+        # StatefulSets again, with the new claims.
+        for machine in MACHINES:
+            await api.kube.delete("StatefulSet", NS, machine)
+        await eventually(lambda: _condition_is(api, "StorageApplied", "True"), "applied")
+        for machine in MACHINES:
+            assert _claim_size(await _get(api, machine)) == "50Gi"
+        assert len(await _events(api, "ManualStepNeeded")) == 1  # said once
+
+
+async def _refused(api: Api, *words: str) -> str | None:
+    degraded = await api.condition("Degraded")
+    message = str(degraded["message"])
+    return message if all(w in message for w in words) else None
+
+
+async def _hashes(api: Api) -> dict[str, str]:
+    return {n: template_hash(await _get(api, n)) for n in WORKLOADS}
+
+
+async def test_what_the_api_server_refuses_is_said_and_tried_again_and_the_rest_applies(
+    api: Api, k8s: VersionedEmulator, running: Running
+) -> None:
+    async with Kubelet(api):
+        await create_example(api)
+        await eventually(lambda: phase_is(api, "Running"), "the Guild is Running")
+        before = await _hashes(api)
+        k8s.denied[("statefulsets", "g1-redis")] = "no restart of Redis today"
+        await api.patch_spec({"neighbours": [NEIGHBOUR]})
+        await eventually(lambda: _refused(api, "g1-redis", "no restart of Redis today"), "said")
+
+        async def rolled(names: list[str]) -> bool:
+            now = await _hashes(api)
+            return all(now[n] != before[n] for n in names)
+
+        others = [n for n in WORKLOADS if n != "g1-redis"]
+        await eventually(lambda: rolled(others), "the others roll all the same")
+        assert (await _hashes(api))["g1-redis"] == before["g1-redis"]
+        del k8s.denied[("statefulsets", "g1-redis")]
+        await eventually(lambda: rolled(WORKLOADS), "tried again, Redis too")
+        await eventually(lambda: phase_is(api, "Running"), "the Guild is Running again")
+
+        # A refused ConfigMap holds every StatefulSet: its pods would start on the
+        # configuration before it, under the new one's hash.
+        before = await _hashes(api)
+        k8s.denied[("configmaps", "g1-layout")] = "not today"
+        other = NEIGHBOUR | {"name": "nb1", "key": SigningKey(bytes([9] * 32)).pubkey.hex()}
+        await api.patch_spec({"neighbours": [NEIGHBOUR, other]})
+        why = await eventually(lambda: _refused(api, "g1-layout", "not today"), "said")
+        assert "no StatefulSet changes until the configuration is applied" in why
+        nats_config = await api.kube.get("ConfigMap", NS, "g1-nats")
+        assert nats_config is not None and '"nb1"' in nats_config["data"]["nats.conf"]
+        assert await _hashes(api) == before
+        del k8s.denied[("configmaps", "g1-layout")]
+        await eventually(lambda: rolled(WORKLOADS), "then they roll")
+        await eventually(lambda: phase_is(api, "Running"), "the Guild is Running again")
 
 
 async def test_a_membership_change_is_refused_and_nothing_changes(

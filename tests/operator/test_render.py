@@ -23,6 +23,7 @@ from services.ecash.config import Settings as MintSettings
 from services.gateway.config import Settings as GatewaySettings
 from services.indexer.config import Settings as IndexerSettings
 from services.operator.reconcile import (
+    CLAIMS,
     Moves,
     Plan,
     config_hash,
@@ -244,7 +245,7 @@ def test_layout_changes_are_named_and_refused() -> None:
 
 def test_a_joiner_after_the_founders_is_a_layout_the_machines_take() -> None:
     r = _renderer()
-    observed = _running(r.objects())
+    observed = _running(r)
     guild, _, _ = _example()
     joiner = _member("op3", 7)
     joined = _renderer(members=[*guild["spec"]["members"], joiner], founders=3)
@@ -373,25 +374,29 @@ def _pod(name: str, ready: bool = True, waiting: str = "", phase: str = "Running
     return {("Pod", f"{name}-0"): {"metadata": {"name": f"{name}-0"}, "status": status}}
 
 
-def _running(objs: list[dict[str, Any]]) -> dict[tuple[str, str], Any]:
-    """``objs`` as the cluster holds them once they run: settled, each pod ready."""
-    observed = {key_of(o): _settled(o) for o in objs}
+def _running(r: Renderer) -> dict[tuple[str, str], Any]:
+    """What ``r`` renders, as the cluster holds it once it runs: settled, each pod ready."""
+    observed = {key_of(o): _settled(o) for o in plan(r, {}).create}
     for name in ROLLED:
         observed |= _pod(name)
     return observed
 
 
 def _restarted(observed: dict[tuple[str, str], Any], step: Plan) -> None:
-    """``step`` applied: each StatefulSet it changed has a new spec its controller has
-    not rolled out yet."""
+    """``step`` applied (merge patches: what one leaves out stays): each StatefulSet it
+    changed has a new spec its controller has not rolled out yet."""
     for o in step.patch:
-        observed[key_of(o)] = {**o, "metadata": {**o["metadata"], "generation": 2}}
+        have = observed[key_of(o)]
+        new = {**have, **o, "metadata": {**o["metadata"], "generation": 2}}
+        if "spec" in o:
+            new["spec"] = {**have["spec"], **o["spec"]}
+        observed[key_of(o)] = new
 
 
 def test_a_new_configuration_rolls_nats_then_each_machine_one_at_a_time() -> None:
     r = _renderer()
     assert rolled(r) == ROLLED
-    observed = _running(plan(r, {}).create)
+    observed = _running(r)
     assert plan(r, observed).patch == []
     changed = _renderer(neighbours=[NEIGHBOUR])
     step = plan(changed, observed)
@@ -426,7 +431,7 @@ def test_what_is_not_ready_is_waited_for_and_what_is_stuck_changes_first() -> No
     up goes down, and the change may be what mends it."""
     r = _renderer()
     changed = _renderer(neighbours=[NEIGHBOUR])
-    observed = _running(r.objects())
+    observed = _running(r)
     for name in ROLLED[1:]:
         status = {"readyReplicas": 0, "updatedReplicas": 1, "observedGeneration": 1}
         observed[("StatefulSet", name)] = {**observed[("StatefulSet", name)], "status": status}
@@ -443,6 +448,34 @@ def test_what_is_not_ready_is_waited_for_and_what_is_stuck_changes_first() -> No
     # An external NATS is not the Guild's to roll.
     ext = {"external": {"secret": "nats", "key": "url"}, "image": "unused"}
     assert rolled(_renderer(nats=ext)) == ROLLED[1:]
+
+
+def test_an_update_leaves_the_claims_out_and_says_what_their_change_needs() -> None:
+    r = _renderer()
+    observed = _running(r)
+    bigger = _renderer(machineStorage="50Gi", gatewayResources={"cpu": 2, "memory": "2Gi"})
+    step = plan(bigger, observed)
+    (services,) = [o for o in step.patch if o["kind"] == "StatefulSet"]  # not the machines
+    assert services["metadata"]["name"] == "g1-services" and CLAIMS not in services["spec"]
+    assert [h.split(":")[0] for h in step.held] == [
+        "StatefulSet g1-machine-0",
+        "StatefulSet g1-machine-1",
+    ]
+    assert "(state 20Gi (default class) -> 50Gi (default class))" in step.held[0]
+    assert "expand PersistentVolumeClaim state-g1-machine-1-0 " in step.held[1]
+    _restarted(observed, step)
+    again = plan(bigger, observed)
+    assert again.patch == [] and again.held == step.held  # said until it is done
+    classed = plan(_renderer(storageClass="fast"), observed).held
+    assert len(classed) == 5 and "data 10Gi (default class) -> 10Gi (fast class)" in classed[0]
+    assert "expand" not in classed[0]  # the same size; a volume keeps its class
+    assert "PersistentVolumeClaim data-g1-nats-0 keeps its class" in classed[0]
+    # Lightning added: a claim more, which the pod's volumes name; none of it changes.
+    bare = _running(_renderer(lightning=None, mint=False))
+    step = plan(_renderer(), bare)
+    assert ("StatefulSet", "g1-services") not in {key_of(o) for o in step.patch}
+    (held,) = step.held
+    assert "(lightning added)" in held and held.endswith("until then nothing of it changes")
 
 
 def test_covers_ignores_what_the_server_adds() -> None:
