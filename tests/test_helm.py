@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +131,13 @@ def test_the_operator_runs_alone_and_hardened() -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
 
+def _installed(docs: Iterable[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """What the release holds while installed: not its hooks' objects."""
+    return [d for d in docs if d and "helm.sh/hook" not in d["metadata"].get("annotations", {})]
+
+
 def _rules(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    (role,) = [d for d in docs if d["kind"] == kind]
+    (role,) = [d for d in _installed(docs) if d["kind"] == kind]
     return list(role["rules"])
 
 
@@ -144,7 +150,7 @@ def test_the_operator_has_least_privilege() -> None:
     assert set(secrets["verbs"]) == {"get", "create", "patch"}  # never listed, nor deleted
     (pods,) = [r for r in rules if "pods" in r["resources"]]
     assert set(pods["verbs"]) == {"get", "list", "watch"}  # its controllers own them
-    namespaced = render(CHART / "ci" / "namespaced-values.yaml")
+    namespaced = _installed(render(CHART / "ci" / "namespaced-values.yaml"))
     assert not [d for d in namespaced if d["kind"].startswith("Cluster") and "Role" in d["kind"]]
     (role,) = [d for d in namespaced if d["kind"] == "Role"]
     assert role["metadata"]["namespace"] == "payments"
@@ -155,9 +161,74 @@ def test_the_operator_has_least_privilege() -> None:
     args = ["template", "r1", str(CHART), "--set", "serviceAccount.create=false"]
     unnamed = helm(*args, check=False)
     assert unnamed.returncode != 0 and "serviceAccount.name" in unnamed.stderr
-    named = yaml.safe_load_all(helm(*args, "--set", "serviceAccount.name=ops").stdout)
-    (binding,) = [d for d in named if d and d["kind"] == "ClusterRoleBinding"]
+    named = _installed(yaml.safe_load_all(helm(*args, "--set", "serviceAccount.name=ops").stdout))
+    (binding,) = [d for d in named if d["kind"] == "ClusterRoleBinding"]
     assert binding["subjects"][0]["name"] == "ops"
+
+
+def _hooks(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The objects ``helm uninstall`` makes first, by kind."""
+    return {
+        d["kind"]: d
+        for d in docs
+        if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-delete"
+    }
+
+
+def test_uninstall_first_stops_the_operator_and_releases_what_it_watched() -> None:
+    """A pre-delete hook runs ``services.operator.release`` (tested against the API
+    emulator in tests/operator/test_operator.py) with what it needs and no more: the
+    operator's Deployment to scale and its pods to list, the resources to release."""
+    docs = render()
+    hooks = _hooks(docs)
+    kinds = {"ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "Job"}
+    assert set(hooks) == kinds
+    for hook in hooks.values():
+        policy = hook["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
+        assert set(policy.split(",")) == {"before-hook-creation", "hook-succeeded"}
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    job = hooks["Job"]["spec"]["template"]
+    (container,) = job["spec"]["containers"]
+    assert container["args"] == ["services.operator.release"]
+    assert container["image"] == deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    meta = deployment["metadata"]
+    assert env["OPERATOR_DEPLOYMENT"] == f"{meta['namespace']}/{meta['name']}"
+    assert env["OPERATOR_NAMESPACE"] == ""  # every namespace: a ClusterRole
+    # The Job's pod is not one of the operator's, whose end it waits for.
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert not selector.items() <= job["metadata"]["labels"].items()
+    account = hooks["ServiceAccount"]["metadata"]["name"]
+    assert job["spec"]["serviceAccountName"] == account
+    for binding in ("RoleBinding", "ClusterRoleBinding"):
+        assert hooks[binding]["subjects"] == [
+            {"kind": "ServiceAccount", "name": account, "namespace": meta["namespace"]}
+        ]
+    assert hooks["Role"]["rules"] == [
+        {
+            "apiGroups": ["apps"],
+            "resources": ["deployments"],
+            "resourceNames": [meta["name"]],
+            "verbs": ["get", "patch"],
+        },
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    ]
+    assert hooks["ClusterRole"]["rules"] == [
+        {
+            "apiGroups": ["constellation.dev"],
+            "resources": ["guilds", "guildchanges", "guildrebalances"],
+            "verbs": ["list", "patch"],
+        }
+    ]
+    namespaced = render(CHART / "ci" / "namespaced-values.yaml")
+    hooked = [d for d in namespaced if d["metadata"].get("annotations", {}).get("helm.sh/hook")]
+    assert not [d for d in hooked if d["kind"].startswith("Cluster")]
+    roles = {
+        d["metadata"]["name"]: d["metadata"]["namespace"] for d in hooked if d["kind"] == "Role"
+    }
+    assert roles == {f"{meta['name']}-release": meta["namespace"], f"{account}-guilds": "payments"}
+    (job,) = [d["spec"]["template"]["spec"] for d in hooked if d["kind"] == "Job"]
+    assert {"name": "OPERATOR_NAMESPACE", "value": "payments"} in job["containers"][0]["env"]
 
 
 def test_monitoring_ships_dashboards_rules_and_scrapes() -> None:

@@ -20,6 +20,7 @@ class Settings:
     log_level: str
     nats_addr: str = ""  # host:port of every Guild's NATS; "": its Service (in the cluster)
     stall_s: int = 120  # a change of machines with no move ending this long is stuck
+    deployment: str = ""  # namespace/name of its own Deployment (``release``), "" unknown
 
     @staticmethod
     def from_env(env: Mapping[str, str]) -> Settings:
@@ -51,4 +52,5 @@ class Settings:
             log_level=env_str(env, "OPERATOR_LOG_LEVEL", "info"),
             nats_addr=env.get("OPERATOR_NATS_ADDR", ""),
             stall_s=env_int(env, "OPERATOR_STALL_S", 120, 1, 86_400),
+            deployment=env.get("OPERATOR_DEPLOYMENT", ""),
         )

@@ -21,6 +21,8 @@ from services.runtime import OPERATOR_RE
 GROUP = "constellation.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+# kopf's finalizer on the resources the operator watches (its timers need one).
+FINALIZER = f"{GROUP}/operator"
 NETWORKS = tuple(n.name.lower() for n in Network)
 
 

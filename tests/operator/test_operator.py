@@ -1,17 +1,20 @@
 """The operator, running (kopf, its handlers, its ops server), against the Kubernetes API
 emulator: a Guild created, rolled out, changed, refused, recovered, resumed after a
-restart, and deleted through its finalizer."""
+restart, deleted through its finalizer, and released from it before the operator goes."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import functools
 import json
 import urllib.request
 from typing import Any
 
 from constellation.keys import SigningKey
+from services.operator.release import release
 from services.operator.render import generated_keys
-from services.operator.spec import read_spec
+from services.operator.spec import API_VERSION, FINALIZER, read_spec
 from tests.operator.conftest import (
     MACHINES,
     NS,
@@ -314,6 +317,71 @@ async def test_deleting_a_guild_keeps_its_data(api: Api, running: Running) -> No
         assert await api.kube.get("StatefulSet", NS, name) is None, name
     assert await api.kube.get("ConfigMap", NS, "g1-layout") is None
     assert await api.kube.get("Secret", NS, "g1-generated") is not None
+
+
+async def _finalized(api: Api, kind: str, name: str) -> bool:
+    found = await api.kube.get(kind, NS, name)
+    return found is not None and FINALIZER in found["metadata"].get("finalizers", [])
+
+
+async def test_uninstall_stops_the_operator_then_releases_what_it_watched(api: Api) -> None:
+    """``helm uninstall``'s pre-delete hook (``release``), with this test as the
+    Deployment controller: scaled to none, the operator stops and its pod goes; only then
+    is its finalizer taken off, and a Guild deleted without an operator goes at once."""
+    labels = {"app.kubernetes.io/name": "constellation", "app.kubernetes.io/component": "operator"}
+    meta = {"name": "r1-constellation", "namespace": NS}
+    selector = {"matchLabels": labels}
+    await api.kube.create(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": meta,
+            "spec": {
+                "replicas": 1,
+                "selector": selector,
+                "template": {"metadata": {"labels": labels}},
+            },
+        }
+    )
+    pod = "r1-constellation-5d9f-x2k4"
+    running = {"name": pod, "namespace": NS, "labels": labels}
+    await api.kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": running, "spec": {}})
+    operator = Running(api.url)
+    await operator.start()
+    await create_example(api)
+    change = {
+        "apiVersion": API_VERSION,
+        "kind": "GuildChange",
+        "metadata": {"name": "op2-leaves", "namespace": NS},
+        "spec": {"guild": "g1", "kind": "leave", "member": "op2", "threshold": 2},
+    }
+    await api.kube.create(change)
+    for kind, name in (("Guild", "g1"), ("GuildChange", "op2-leaves")):
+        held = functools.partial(_finalized, api, kind, name)
+        await eventually(held, f"the operator holds {kind} {name}")
+
+    happened = []
+
+    async def deployment_controller() -> None:
+        async def scaled() -> bool:
+            found = await api.kube.get("Deployment", NS, meta["name"])
+            return found is not None and found["spec"]["replicas"] == 0
+
+        await eventually(scaled, "the operator is scaled to none")
+        await asyncio.sleep(1)  # its pod takes a while to stop: the release waits
+        await operator.stop()
+        happened.append("stopped")
+        await api.kube.delete("Pod", NS, pod)
+
+    stopping = asyncio.create_task(deployment_controller())
+    released = await release(api.kube, f"{NS}/{meta['name']}", "")
+    assert happened == ["stopped"], "released while the operator still ran"
+    await stopping
+    assert sorted(released) == [f"Guild {NS}/g1", f"GuildChange {NS}/op2-leaves"]
+    for kind, name in (("Guild", "g1"), ("GuildChange", "op2-leaves")):
+        assert not await _finalized(api, kind, name), name
+    await api.delete_guild()  # as helm deletes the chart's own Guilds, or anyone later
+    await eventually(lambda: gone(api), "the Guild is gone, no operator running")
 
 
 async def test_a_pod_a_node_refuses_is_reported(api: Api, running: Running) -> None:

@@ -28,3 +28,9 @@ app.kubernetes.io/component: operator
 {{- define "constellation.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
+
+{{- /* The objects of the release hook: made before `helm uninstall` deletes the rest, gone once it succeeded. */ -}}
+{{- define "constellation.releaseHook" -}}
+helm.sh/hook: pre-delete
+helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
+{{- end -}}
