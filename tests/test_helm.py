@@ -8,7 +8,7 @@ import copy
 import json
 import os
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,16 @@ import pytest
 import yaml
 
 from services.operator.changes import ChangeSpec
+from services.operator.config import Settings
 from services.operator.rebalance import RebalanceSpec, read_rebalance
+from services.operator.render import Renderer, owner_reference
 from services.operator.spec import GuildSpec, read_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "constellation"
 HELM = ROOT / ".tools" / "helm"
+EXAMPLE = CHART / "examples" / "guild.yaml"
+CHART_APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
 KUBE_VERSION = "1.32.0"
 MONITORING = ["monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PrometheusRule"]
 VALUES = sorted(CHART.glob("ci/*-values.yaml"))
@@ -46,10 +50,14 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def render(*values: Path, monitoring: bool = True) -> list[dict[str, Any]]:
+def render(
+    *values: Path, monitoring: bool = True, sets: Sequence[str] = ()
+) -> list[dict[str, Any]]:
     args = ["template", "r1", str(CHART), "--namespace", "constellation", "--include-crds"]
     for v in values:
         args += ["-f", str(v)]
+    for s in sets:
+        args += ["--set", s]
     for api in MONITORING if monitoring else []:
         args += ["--api-versions", api]
     return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
@@ -134,6 +142,56 @@ def test_the_operator_runs_alone_and_hardened() -> None:
 def _installed(docs: Iterable[dict[str, Any] | None]) -> list[dict[str, Any]]:
     """What the release holds while installed: not its hooks' objects."""
     return [d for d in docs if d and "helm.sh/hook" not in d["metadata"].get("annotations", {})]
+
+
+SERVICES = ("machine", "signer", "indexer", "gateway", "mint")  # the project's own
+
+
+def _images(settings: Settings, spec: dict[str, Any]) -> set[tuple[str, str]]:
+    """The image and pull policy of every container of the project's own that the
+    operator, run with ``settings``, renders for a Guild of ``spec``."""
+    guild = {"apiVersion": "constellation.dev/v1alpha1", "kind": "Guild"}
+    owner = owner_reference(guild | {"metadata": {"name": "g1", "uid": "u1"}})
+    renderer = Renderer("g1", "default", read_spec(spec), owner, image=settings.image)
+    return {
+        (c["image"], c["imagePullPolicy"])
+        for o in renderer.objects()
+        if o["kind"] == "StatefulSet"
+        for c in o["spec"]["template"]["spec"]["containers"]
+        if c["name"] in SERVICES
+    }
+
+
+def test_the_chart_s_image_is_what_a_guild_runs_unless_it_names_another() -> None:
+    """``helm upgrade --set image.tag=...`` reaches the Guilds: the operator's Deployment
+    passes its own image down, and every Guild's services run it."""
+    (guild,) = [d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d["kind"] == "Guild"]
+    for sets, ref, policy in (
+        ((), f"ghcr.io/constellation/constellation:{CHART_APP_VERSION}", "IfNotPresent"),
+        (
+            ("image.tag=0.2.0", "image.pullPolicy=Always"),
+            "ghcr.io/constellation/constellation:0.2.0",
+            "Always",
+        ),
+        (
+            ("image.repository=registry.example/cst",),
+            f"registry.example/cst:{CHART_APP_VERSION}",
+            "IfNotPresent",
+        ),
+    ):
+        (deployment,) = [d for d in render(sets=sets) if d["kind"] == "Deployment"]
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert container["image"] == ref and container["imagePullPolicy"] == policy
+        env = {e["name"]: e["value"] for e in container["env"]}
+        settings = Settings.from_env(env | {"OPERATOR_KUBE_SERVER": "https://k8s.example"})
+        assert _images(settings, guild["spec"]) == {(ref, policy)}
+        # What a Guild names wins; what it leaves out is still the operator's.
+        named = guild["spec"] | {"image": {"tag": "0.1.9"}}
+        assert _images(settings, named) == {(ref.rpartition(":")[0] + ":0.1.9", policy)}
+        pinned = guild["spec"] | {
+            "image": {"repository": "mine/cst", "tag": "1", "pullPolicy": "Never"}
+        }
+        assert _images(settings, pinned) == {("mine/cst:1", "Never")}
 
 
 def _rules(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

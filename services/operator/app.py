@@ -38,7 +38,9 @@ class OperatorNode:
 
     async def run(self, stop: asyncio.Event) -> None:
         kube = Kube(self.s.connection)
-        self._reconciler = Reconciler(kube, self.metrics, self.s.nats_addr, self.s.stall_s)
+        self._reconciler = Reconciler(
+            kube, self.metrics, self.s.image, self.s.nats_addr, self.s.stall_s
+        )
         await self.ops.start(self.s.http_host, self.s.http_port)
         settings = kopf.OperatorSettings()
         settings.posting.level = logging.INFO

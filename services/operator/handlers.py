@@ -78,6 +78,7 @@ from services.operator.spec import (
     VERSION,
     BadGuild,
     GuildSpec,
+    Image,
     check_keys,
     read_spec,
 )
@@ -114,14 +115,21 @@ def _secret_data(secret: Obj) -> dict[str, str]:
 
 class Reconciler:
     def __init__(
-        self, kube: Kube, metrics: Metrics, nats_addr: str = "", stall_s: float = 120.0
+        self,
+        kube: Kube,
+        metrics: Metrics,
+        image: Image,
+        nats_addr: str = "",
+        stall_s: float = 120.0,
     ) -> None:
-        """``nats_addr``: where every Guild's NATS is reached (host:port), for an
+        """``image``: the operator's own, which a Guild's services run unless it names
+        another. ``nats_addr``: where every Guild's NATS is reached (host:port), for an
         operator outside the cluster; "": its Service in the Guild's namespace.
         ``stall_s``: a change of machines none of whose moves ends for this long is
         stuck (the Guild is Degraded, saying which moves wait)."""
         self.kube = kube
         self.metrics = metrics
+        self.image = image
         self.nats_addr = nats_addr
         self.stall_s = stall_s
         self._locks: dict[str, asyncio.Lock] = {}
@@ -209,7 +217,7 @@ class Reconciler:
         except BadGuild as exc:
             return status(None, {}, previous, generation, str(exc), _now(), [])
         owner = owner_reference(body)
-        renderer = Renderer(meta["name"], meta["namespace"], spec, owner)
+        renderer = Renderer(meta["name"], meta["namespace"], spec, owner, image=self.image)
         problem: str | None = None
         observed: dict[Key, Obj] = {}
         peers: list[str] = []
@@ -223,7 +231,9 @@ class Reconciler:
             await self._generated(renderer)
             observed = await self.observe(renderer)
             mv, found, voters = await self._moves(renderer, observed)
-            renderer = Renderer(meta["name"], meta["namespace"], spec, owner, mv.machines)
+            renderer = Renderer(
+                meta["name"], meta["namespace"], spec, owner, mv.machines, image=self.image
+            )
             todo = plan(renderer, observed, mv.remove)
             queued, held = todo.waiting, todo.held
             refused = await self._apply(body, renderer.namespace, todo, observed)
@@ -378,7 +388,9 @@ class Reconciler:
             if guild is None:
                 raise BadGuild(f"no Guild {name!r} in namespace {ns}")
             gspec = read_spec(guild["spec"])
-            renderer = Renderer(guild["metadata"]["name"], ns, gspec, owner_reference(guild))
+            renderer = Renderer(
+                guild["metadata"]["name"], ns, gspec, owner_reference(guild), image=self.image
+            )
             earlier = await self._earlier(body, "GuildChange", name)
             nc = await self._connect(renderer)
             try:
@@ -478,7 +490,9 @@ class Reconciler:
             if guild is None:
                 raise BadGuild(f"no Guild {spec.guild!r} in namespace {ns}")
             gspec = read_spec(guild["spec"])
-            renderer = Renderer(guild["metadata"]["name"], ns, gspec, owner_reference(guild))
+            renderer = Renderer(
+                guild["metadata"]["name"], ns, gspec, owner_reference(guild), image=self.image
+            )
             placement = await self._placement(renderer)
             if was is rb.Phase.PROPOSED:
                 plan = rb.planned(placement, spec.machines)

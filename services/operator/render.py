@@ -26,7 +26,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from services.operator.spec import GuildSpec, Infra, pin_env
+from services.operator.spec import GuildSpec, Image, Infra, pin_env
 from services.replica.transport import peer_permissions
 
 Obj = dict[str, Any]
@@ -198,14 +198,18 @@ class Renderer:
         spec: GuildSpec,
         owner: Obj,
         machines: Sequence[int] | None = None,
+        *,
+        image: Image,
     ) -> None:
         """``machines``: the machines to run, where others than the first
-        ``spec.machines`` still hold copies (``reconcile.moves``)."""
+        ``spec.machines`` still hold copies (``reconcile.moves``). ``image``: the
+        operator's own, under what ``spec.image`` leaves out."""
         self.n = Names(name)
         self.namespace = namespace
         self.spec = spec
         self.owner = owner
         self.machines = list(range(spec.machines) if machines is None else machines)
+        self.image = spec.image.over(image)
 
     def meta(self, name: str, role: str, **more: str) -> Obj:
         return _meta(name, self.namespace, labels(self.n.guild, role, **more), self.owner)
@@ -459,8 +463,8 @@ class Renderer:
         ]
         container = {
             "name": "machine",
-            "image": spec.image.ref,
-            "imagePullPolicy": spec.image.pull_policy,
+            "image": self.image.ref,
+            "imagePullPolicy": self.image.pull_policy,
             "args": ["services.replica"],
             "env": env,
             "ports": [{"name": "http", "containerPort": port}],
@@ -543,8 +547,8 @@ class Renderer:
             }
         return {
             "name": name,
-            "image": self.spec.image.ref,
-            "imagePullPolicy": self.spec.image.pull_policy,
+            "image": self.image.ref,
+            "imagePullPolicy": self.image.pull_policy,
             "args": [f"services.{'ecash' if name == 'mint' else name}"],
             "env": env,
             "ports": [{"name": name, "containerPort": PORTS[name]}],
@@ -712,7 +716,3 @@ class Renderer:
             },
             "volumeMounts": mounts,
         }
-
-
-def render(name: str, namespace: str, spec: GuildSpec, owner: Obj) -> list[Obj]:
-    return Renderer(name, namespace, spec, owner).objects()

@@ -47,12 +47,25 @@ class NeighbourSpec(msgspec.Struct, rename="camel", forbid_unknown_fields=True, 
 
 
 class Image(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
-    repository: str = "ghcr.io/constellation/constellation"
-    tag: str = "0.1.0"
-    pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """The project's image, which the Guild's own services run. What a Guild leaves out
+    is the operator's own image's (``Settings.image``, from the chart's ``image``), so
+    that upgrading the chart upgrades the Guilds too."""
+
+    repository: str | None = None
+    tag: str | None = None
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+
+    def over(self, default: Image) -> Image:
+        """This image, with what it leaves out taken from ``default``."""
+        return Image(
+            self.repository or default.repository,
+            self.tag or default.tag,
+            self.pull_policy or default.pull_policy,
+        )
 
     @property
     def ref(self) -> str:
+        assert self.repository and self.tag, "an image with nothing under what it leaves out"
         return f"{self.repository}:{self.tag}"
 
 

@@ -48,7 +48,7 @@ from services.operator.render import (
     issued_key,
     owner_reference,
 )
-from services.operator.spec import BadGuild, GuildSpec, check_keys, read_spec
+from services.operator.spec import BadGuild, GuildSpec, Image, check_keys, read_spec
 from services.replica.config import Settings as ReplicaSettings
 from services.signer.config import Settings as SignerSettings
 from services.signer.store import KeyStore
@@ -61,6 +61,9 @@ OWNER = owner_reference(
         "metadata": {"name": "g1", "uid": "u1"},
     }
 )
+
+# The operator's own image (the chart's, through its Deployment's environment).
+IMAGE = Image("ghcr.io/constellation/constellation", "0.3.1", "IfNotPresent")
 
 # A member that joined after the founders op0 and op1 made the guild's first key.
 PIN: dict[str, Any] = {"key": "02" + "79be667e" * 8, "threshold": 2, "members": [0, 1]}
@@ -75,7 +78,7 @@ def _example() -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
 def _renderer(**changes: Any) -> Renderer:
     guild, _, _ = _example()
     spec = read_spec({**guild["spec"], **changes})
-    return Renderer("g1", "default", spec, OWNER)
+    return Renderer("g1", "default", spec, OWNER, image=IMAGE)
 
 
 def _by(objs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
@@ -307,7 +310,7 @@ def test_machines_come_before_the_moves_and_go_once_nothing_is_on_them() -> None
     # machine 2 is created; the copies move once every machine asked for is ready
     assert moves(three, placement, _observed(two, 2)).machines == [0, 1, 2]
     assert not moves(three, placement, _observed(two, 2)).drive
-    grown = Renderer("g1", "default", three.spec, {}, [0, 1, 2])
+    grown = Renderer("g1", "default", three.spec, {}, [0, 1, 2], image=IMAGE)
     assert moves(three, placement, _observed(grown, 3)).drive
     moved = _finish(placement.step(3), 3)
     assert not moves(three, moved, _observed(grown, 3)).drive  # done
@@ -323,7 +326,9 @@ def test_machines_come_before_the_moves_and_go_once_nothing_is_on_them() -> None
         )
     gone = moves(two, leaving, _observed(grown, 3))
     assert gone.machines == [0, 1] and gone.remove == ["g1-machine-2"] and not gone.drive
-    cleaned = plan(Renderer("g1", "default", two.spec, {}, gone.machines), {}, gone.remove)
+    cleaned = plan(
+        Renderer("g1", "default", two.spec, {}, gone.machines, image=IMAGE), {}, gone.remove
+    )
     assert cleaned.delete == ["g1-machine-2"]
     assert "g1-machine-2" not in {o["metadata"]["name"] for o in cleaned.create}
 
