@@ -82,10 +82,19 @@ class External(msgspec.Struct, rename="camel", forbid_unknown_fields=True, froze
     key: str = "url"
 
 
+class Amount(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
+    """What a server's container is given: ``cpu`` and ``memory`` requested, and its
+    memory as its limit too (no CPU limit: a quota would throttle it in bursts)."""
+
+    cpu: str | int
+    memory: str
+
+
 class Infra(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
     image: str
     storage: str = "10Gi"
     external: External | None = None
+    resources: Amount | None = None  # None: the server's own default (``render``)
 
 
 class Lightning(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import nats
 import pytest
 from coincurve import PrivateKey
@@ -53,6 +54,7 @@ from services.replica.config import Settings as ReplicaSettings
 from services.signer.config import Settings as SignerSettings
 from services.signer.store import KeyStore
 from tests.operator.conftest import example, template_hash
+from tests.test_helm import KUBE_VERSION
 
 OWNER = owner_reference(
     {
@@ -128,19 +130,63 @@ def test_machines_are_pinned_and_apart(count: int) -> None:
     assert not _matches(budget["spec"]["selector"], services)
 
 
-def test_the_guilds_own_pods_are_hardened() -> None:
+def test_every_pod_is_hardened_and_given_its_resources() -> None:
+    """The guild's own services, and NATS, Redis and PostgreSQL too: not root, no API
+    token, no privilege to gain, no capability, a read-only root filesystem (lightningd
+    aside: Core Lightning's own image), and resources asked for."""
     r = _renderer()
-    sets = _by(r.objects(), "StatefulSet")
-    for infra in sets.values():  # NATS, Redis and PostgreSQL too: no API token
-        assert infra["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
-    for name in (r.n.machine(0), r.n.machine(1), r.n.services):
-        pod = sets[name]["spec"]["template"]["spec"]
-        assert pod["securityContext"]["runAsNonRoot"] is True
-        assert pod["automountServiceAccountToken"] is False
+    for name, sts in _by(r.objects(), "StatefulSet").items():
+        pod = sts["spec"]["template"]["spec"]
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] > 0, name
+        assert context["fsGroup"] == context["runAsUser"], name  # it writes its volumes
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert pod["automountServiceAccountToken"] is False, name
         for c in pod["containers"]:
-            if c["name"] != "lightningd":  # Core Lightning's own image
-                assert c["securityContext"]["readOnlyRootFilesystem"] is True, c["name"]
+            res = c["resources"]
+            assert res["requests"]["cpu"] and res["requests"]["memory"], c["name"]
+            if c["name"] == "lightningd":
+                continue
+            assert res["limits"]["memory"] == res["requests"]["memory"], c["name"]
+            assert c["securityContext"] == {
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]},
+            }, c["name"]
+            if name in (r.n.machine(0), r.n.machine(1), r.n.services):
                 assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", c["name"]
+    # Docker's images of Redis and PostgreSQL run their servers as uid 999.
+    sets = _by(r.objects(), "StatefulSet")
+    uids = {n: sets[n]["spec"]["template"]["spec"]["securityContext"]["runAsUser"] for n in sets}
+    assert uids[r.n.redis] == uids[r.n.postgres] == 999
+    # What PostgreSQL writes outside its data (its socket, temporary files): on volumes.
+    postgres = sets[r.n.postgres]["spec"]["template"]["spec"]["containers"][0]
+    mounts = {m["mountPath"] for m in postgres["volumeMounts"]}
+    assert {"/var/lib/postgresql/data", "/var/run/postgresql", "/tmp"} <= mounts
+
+
+def test_a_servers_resources_come_from_the_guild_where_it_says() -> None:
+    big = {"image": "postgres:16", "resources": {"cpu": 2, "memory": "4Gi"}}
+    r = _renderer(postgres=big)
+    sets = _by(r.objects(), "StatefulSet")
+    (postgres,) = sets[r.n.postgres]["spec"]["template"]["spec"]["containers"]
+    assert postgres["resources"] == {
+        "requests": {"cpu": "2", "memory": "4Gi"},
+        "limits": {"memory": "4Gi"},
+    }
+    (nats,) = sets[r.n.nats]["spec"]["template"]["spec"]["containers"]
+    assert nats["resources"]["requests"] == {"cpu": "250m", "memory": "512Mi"}  # its own
+    with pytest.raises(BadGuild, match="memory"):
+        _renderer(redis={"image": "redis:7", "resources": {"cpu": "1"}})
+
+
+def test_every_rendered_object_is_valid_kubernetes() -> None:
+    """Checked against the Kubernetes API's own schemas, strictly (no unknown field)."""
+    ext = {"external": {"secret": "db", "key": "url"}, "image": "unused"}
+    big = {"image": "redis:7", "resources": {"cpu": "500m", "memory": "1Gi"}}
+    for r in (_renderer(), _renderer(postgres=ext, redis=big), _renderer(**JOINED)):
+        for obj in r.objects():
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
 
 
 def test_every_object_is_owned_and_labelled() -> None:
