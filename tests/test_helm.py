@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import subprocess
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,16 @@ import pytest
 import yaml
 
 from services.operator.changes import ChangeSpec
+from services.operator.config import Settings
 from services.operator.rebalance import RebalanceSpec, read_rebalance
+from services.operator.render import Renderer, owner_reference
 from services.operator.spec import GuildSpec, read_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "constellation"
 HELM = ROOT / ".tools" / "helm"
+EXAMPLE = CHART / "examples" / "guild.yaml"
+CHART_APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
 KUBE_VERSION = "1.32.0"
 MONITORING = ["monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PrometheusRule"]
 VALUES = sorted(CHART.glob("ci/*-values.yaml"))
@@ -45,10 +50,14 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def render(*values: Path, monitoring: bool = True) -> list[dict[str, Any]]:
+def render(
+    *values: Path, monitoring: bool = True, sets: Sequence[str] = ()
+) -> list[dict[str, Any]]:
     args = ["template", "r1", str(CHART), "--namespace", "constellation", "--include-crds"]
     for v in values:
         args += ["-f", str(v)]
+    for s in sets:
+        args += ["--set", s]
     for api in MONITORING if monitoring else []:
         args += ["--api-versions", api]
     return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
@@ -130,8 +139,63 @@ def test_the_operator_runs_alone_and_hardened() -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
 
+def _installed(docs: Iterable[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """What the release holds while installed: not its hooks' objects."""
+    return [d for d in docs if d and "helm.sh/hook" not in d["metadata"].get("annotations", {})]
+
+
+SERVICES = ("machine", "signer", "indexer", "gateway", "mint")  # the project's own
+
+
+def _images(settings: Settings, spec: dict[str, Any]) -> set[tuple[str, str]]:
+    """The image and pull policy of every container of the project's own that the
+    operator, run with ``settings``, renders for a Guild of ``spec``."""
+    guild = {"apiVersion": "constellation.dev/v1alpha1", "kind": "Guild"}
+    owner = owner_reference(guild | {"metadata": {"name": "g1", "uid": "u1"}})
+    renderer = Renderer("g1", "default", read_spec(spec), owner, image=settings.image)
+    return {
+        (c["image"], c["imagePullPolicy"])
+        for o in renderer.objects()
+        if o["kind"] == "StatefulSet"
+        for c in o["spec"]["template"]["spec"]["containers"]
+        if c["name"] in SERVICES
+    }
+
+
+def test_the_chart_s_image_is_what_a_guild_runs_unless_it_names_another() -> None:
+    """``helm upgrade --set image.tag=...`` reaches the Guilds: the operator's Deployment
+    passes its own image down, and every Guild's services run it."""
+    (guild,) = [d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d["kind"] == "Guild"]
+    for sets, ref, policy in (
+        ((), f"ghcr.io/constellation/constellation:{CHART_APP_VERSION}", "IfNotPresent"),
+        (
+            ("image.tag=0.2.0", "image.pullPolicy=Always"),
+            "ghcr.io/constellation/constellation:0.2.0",
+            "Always",
+        ),
+        (
+            ("image.repository=registry.example/cst",),
+            f"registry.example/cst:{CHART_APP_VERSION}",
+            "IfNotPresent",
+        ),
+    ):
+        (deployment,) = [d for d in render(sets=sets) if d["kind"] == "Deployment"]
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert container["image"] == ref and container["imagePullPolicy"] == policy
+        env = {e["name"]: e["value"] for e in container["env"]}
+        settings = Settings.from_env(env | {"OPERATOR_KUBE_SERVER": "https://k8s.example"})
+        assert _images(settings, guild["spec"]) == {(ref, policy)}
+        # What a Guild names wins; what it leaves out is still the operator's.
+        named = guild["spec"] | {"image": {"tag": "0.1.9"}}
+        assert _images(settings, named) == {(ref.rpartition(":")[0] + ":0.1.9", policy)}
+        pinned = guild["spec"] | {
+            "image": {"repository": "mine/cst", "tag": "1", "pullPolicy": "Never"}
+        }
+        assert _images(settings, pinned) == {("mine/cst:1", "Never")}
+
+
 def _rules(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    (role,) = [d for d in docs if d["kind"] == kind]
+    (role,) = [d for d in _installed(docs) if d["kind"] == kind]
     return list(role["rules"])
 
 
@@ -144,7 +208,7 @@ def test_the_operator_has_least_privilege() -> None:
     assert set(secrets["verbs"]) == {"get", "create", "patch"}  # never listed, nor deleted
     (pods,) = [r for r in rules if "pods" in r["resources"]]
     assert set(pods["verbs"]) == {"get", "list", "watch"}  # its controllers own them
-    namespaced = render(CHART / "ci" / "namespaced-values.yaml")
+    namespaced = _installed(render(CHART / "ci" / "namespaced-values.yaml"))
     assert not [d for d in namespaced if d["kind"].startswith("Cluster") and "Role" in d["kind"]]
     (role,) = [d for d in namespaced if d["kind"] == "Role"]
     assert role["metadata"]["namespace"] == "payments"
@@ -155,9 +219,74 @@ def test_the_operator_has_least_privilege() -> None:
     args = ["template", "r1", str(CHART), "--set", "serviceAccount.create=false"]
     unnamed = helm(*args, check=False)
     assert unnamed.returncode != 0 and "serviceAccount.name" in unnamed.stderr
-    named = yaml.safe_load_all(helm(*args, "--set", "serviceAccount.name=ops").stdout)
-    (binding,) = [d for d in named if d and d["kind"] == "ClusterRoleBinding"]
+    named = _installed(yaml.safe_load_all(helm(*args, "--set", "serviceAccount.name=ops").stdout))
+    (binding,) = [d for d in named if d["kind"] == "ClusterRoleBinding"]
     assert binding["subjects"][0]["name"] == "ops"
+
+
+def _hooks(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The objects ``helm uninstall`` makes first, by kind."""
+    return {
+        d["kind"]: d
+        for d in docs
+        if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-delete"
+    }
+
+
+def test_uninstall_first_stops_the_operator_and_releases_what_it_watched() -> None:
+    """A pre-delete hook runs ``services.operator.release`` (tested against the API
+    emulator in tests/operator/test_operator.py) with what it needs and no more: the
+    operator's Deployment to scale and its pods to list, the resources to release."""
+    docs = render()
+    hooks = _hooks(docs)
+    kinds = {"ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "Job"}
+    assert set(hooks) == kinds
+    for hook in hooks.values():
+        policy = hook["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
+        assert set(policy.split(",")) == {"before-hook-creation", "hook-succeeded"}
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    job = hooks["Job"]["spec"]["template"]
+    (container,) = job["spec"]["containers"]
+    assert container["args"] == ["services.operator.release"]
+    assert container["image"] == deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    meta = deployment["metadata"]
+    assert env["OPERATOR_DEPLOYMENT"] == f"{meta['namespace']}/{meta['name']}"
+    assert env["OPERATOR_NAMESPACE"] == ""  # every namespace: a ClusterRole
+    # The Job's pod is not one of the operator's, whose end it waits for.
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert not selector.items() <= job["metadata"]["labels"].items()
+    account = hooks["ServiceAccount"]["metadata"]["name"]
+    assert job["spec"]["serviceAccountName"] == account
+    for binding in ("RoleBinding", "ClusterRoleBinding"):
+        assert hooks[binding]["subjects"] == [
+            {"kind": "ServiceAccount", "name": account, "namespace": meta["namespace"]}
+        ]
+    assert hooks["Role"]["rules"] == [
+        {
+            "apiGroups": ["apps"],
+            "resources": ["deployments"],
+            "resourceNames": [meta["name"]],
+            "verbs": ["get", "patch"],
+        },
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    ]
+    assert hooks["ClusterRole"]["rules"] == [
+        {
+            "apiGroups": ["constellation.dev"],
+            "resources": ["guilds", "guildchanges", "guildrebalances"],
+            "verbs": ["list", "patch"],
+        }
+    ]
+    namespaced = render(CHART / "ci" / "namespaced-values.yaml")
+    hooked = [d for d in namespaced if d["metadata"].get("annotations", {}).get("helm.sh/hook")]
+    assert not [d for d in hooked if d["kind"].startswith("Cluster")]
+    roles = {
+        d["metadata"]["name"]: d["metadata"]["namespace"] for d in hooked if d["kind"] == "Role"
+    }
+    assert roles == {f"{meta['name']}-release": meta["namespace"], f"{account}-guilds": "payments"}
+    (job,) = [d["spec"]["template"]["spec"] for d in hooked if d["kind"] == "Job"]
+    assert {"name": "OPERATOR_NAMESPACE", "value": "payments"} in job["containers"][0]["env"]
 
 
 def test_monitoring_ships_dashboards_rules_and_scrapes() -> None:

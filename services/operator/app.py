@@ -12,6 +12,7 @@ from services.operator.config import Settings
 from services.operator.handlers import Reconciler, registry
 from services.operator.kube import Kube
 from services.operator.metrics import Metrics
+from services.operator.spec import FINALIZER
 from services.runtime import OpsServer
 
 _log = logging.getLogger("operator")
@@ -37,11 +38,13 @@ class OperatorNode:
 
     async def run(self, stop: asyncio.Event) -> None:
         kube = Kube(self.s.connection)
-        self._reconciler = Reconciler(kube, self.metrics, self.s.nats_addr, self.s.stall_s)
+        self._reconciler = Reconciler(
+            kube, self.metrics, self.s.image, self.s.nats_addr, self.s.stall_s
+        )
         await self.ops.start(self.s.http_host, self.s.http_port)
         settings = kopf.OperatorSettings()
         settings.posting.level = logging.INFO
-        settings.persistence.finalizer = "constellation.dev/operator"
+        settings.persistence.finalizer = FINALIZER
         try:
             await kopf.operator(
                 registry=registry(self.s.connection, self.reconciler, self.s.resync_s),

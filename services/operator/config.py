@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
+import msgspec
+
 from services.operator.kube import Connection
+from services.operator.spec import Image
 from services.runtime import ConfigError, env_addr, env_int, env_str
+
+REPOSITORY = "ghcr.io/constellation/constellation"
 
 
 @dataclass(frozen=True)
@@ -18,8 +24,10 @@ class Settings:
     http_port: int
     resync_s: int  # between two reconciles of a Guild that nothing changed
     log_level: str
+    image: Image  # its own: what the Guilds' services run unless a Guild names another
     nats_addr: str = ""  # host:port of every Guild's NATS; "": its Service (in the cluster)
     stall_s: int = 120  # a change of machines with no move ending this long is stuck
+    deployment: str = ""  # namespace/name of its own Deployment (``release``), "" unknown
 
     @staticmethod
     def from_env(env: Mapping[str, str]) -> Settings:
@@ -42,6 +50,15 @@ class Settings:
             except OSError as exc:
                 raise ConfigError(f"the service account's token: {exc}") from None
         host, port = env_addr(env, "OPERATOR_HTTP_ADDR", "0.0.0.0:8080")
+        image = {
+            "repository": env.get("OPERATOR_IMAGE_REPOSITORY") or REPOSITORY,
+            "tag": env.get("OPERATOR_IMAGE_TAG") or version("constellation"),  # run by hand
+            "pullPolicy": env.get("OPERATOR_IMAGE_PULL_POLICY") or "IfNotPresent",
+        }
+        try:
+            own = msgspec.convert(image, Image)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"OPERATOR_IMAGE_PULL_POLICY: {exc}") from None
         return Settings(
             connection=conn,
             namespace=env.get("OPERATOR_NAMESPACE", ""),
@@ -49,6 +66,8 @@ class Settings:
             http_port=port,
             resync_s=env_int(env, "OPERATOR_RESYNC_S", 30, 1, 3600),
             log_level=env_str(env, "OPERATOR_LOG_LEVEL", "info"),
+            image=own,
             nats_addr=env.get("OPERATOR_NATS_ADDR", ""),
             stall_s=env_int(env, "OPERATOR_STALL_S", 120, 1, 86_400),
+            deployment=env.get("OPERATOR_DEPLOYMENT", ""),
         )

@@ -51,8 +51,10 @@ from services.operator.changes import (
 from services.operator.kube import Connection, Kube, KubeError
 from services.operator.metrics import Metrics
 from services.operator.reconcile import (
+    STORAGE,
     Key,
     Moves,
+    Plan,
     key_of,
     moves,
     placement_status,
@@ -75,6 +77,7 @@ from services.operator.spec import (
     VERSION,
     BadGuild,
     GuildSpec,
+    Image,
     check_keys,
     read_spec,
 )
@@ -94,6 +97,14 @@ async def _quiet(exc: Exception) -> None:
     """nats-py's error callback: an unreachable NATS is said once, by ``_moves``."""
 
 
+def _condition(status: Any, kind: str) -> Obj:
+    """The condition ``kind`` of a status, without its times ({} where there is none)."""
+    for c in (status or {}).get("conditions", []):
+        if c["type"] == kind:
+            return {k: c.get(k) for k in ("status", "reason", "message")}
+    return {}
+
+
 def _secret_data(secret: Obj) -> dict[str, str]:
     try:
         return {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
@@ -103,14 +114,21 @@ def _secret_data(secret: Obj) -> dict[str, str]:
 
 class Reconciler:
     def __init__(
-        self, kube: Kube, metrics: Metrics, nats_addr: str = "", stall_s: float = 120.0
+        self,
+        kube: Kube,
+        metrics: Metrics,
+        image: Image,
+        nats_addr: str = "",
+        stall_s: float = 120.0,
     ) -> None:
-        """``nats_addr``: where every Guild's NATS is reached (host:port), for an
+        """``image``: the operator's own, which a Guild's services run unless it names
+        another. ``nats_addr``: where every Guild's NATS is reached (host:port), for an
         operator outside the cluster; "": its Service in the Guild's namespace.
         ``stall_s``: a change of machines none of whose moves ends for this long is
         stuck (the Guild is Degraded, saying which moves wait)."""
         self.kube = kube
         self.metrics = metrics
+        self.image = image
         self.nats_addr = nats_addr
         self.stall_s = stall_s
         self._locks: dict[str, asyncio.Lock] = {}
@@ -181,6 +199,12 @@ class Reconciler:
         async with lock:
             st = await self._reconcile(body)
         self.metrics.reconciles.labels(st["phase"]).inc()
+        storage = _condition(st, STORAGE)
+        if storage.get("status") == "False" and storage != _condition(body.get("status"), STORAGE):
+            _log.warning(
+                "a manual step is needed", extra={"guild": meta["name"], "step": storage["message"]}
+            )
+            kopf.warn(body, reason=storage["reason"], message=storage["message"])
         return st
 
     async def _reconcile(self, body: Any) -> Obj:
@@ -192,11 +216,12 @@ class Reconciler:
         except BadGuild as exc:
             return status(None, {}, previous, generation, str(exc), _now(), [])
         owner = owner_reference(body)
-        renderer = Renderer(meta["name"], meta["namespace"], spec, owner)
+        renderer = Renderer(meta["name"], meta["namespace"], spec, owner, image=self.image)
         problem: str | None = None
         observed: dict[Key, Obj] = {}
         peers: list[str] = []
         queued: list[str] = []
+        held: list[str] = []
         found: Placement | None = None
         voters: list[int] | None = None
         now = _now()
@@ -205,20 +230,17 @@ class Reconciler:
             await self._generated(renderer)
             observed = await self.observe(renderer)
             mv, found, voters = await self._moves(renderer, observed)
-            renderer = Renderer(meta["name"], meta["namespace"], spec, owner, mv.machines)
+            renderer = Renderer(
+                meta["name"], meta["namespace"], spec, owner, mv.machines, image=self.image
+            )
             todo = plan(renderer, observed, mv.remove)
-            problem, queued = todo.refused, todo.waiting
-            for obj in todo.create:
-                observed[key_of(obj)] = await self.kube.create(obj)
-                self._event(body, "Created", obj)
-            for obj in todo.patch:
-                observed[key_of(obj)] = await self.kube.patch(obj)
-                self._event(body, "Updated", obj)
-            for name in todo.delete:
-                await self.kube.delete("StatefulSet", renderer.namespace, name)
-                observed.pop(("StatefulSet", name), None)
-                self._event(body, "Removed", {"kind": "StatefulSet", "metadata": {"name": name}})
-            self.metrics.applied.inc(len(todo.create) + len(todo.patch) + len(todo.delete))
+            queued, held = todo.waiting, todo.held
+            refused = await self._apply(body, renderer.namespace, todo, observed)
+            problem = todo.refused or (
+                f"the API server refused: {'; '.join(refused)} (tried again at the next reconcile)"
+                if refused
+                else None
+            )
         except BadGuild as exc:
             problem = str(exc)
         except KubeError as exc:
@@ -236,7 +258,50 @@ class Reconciler:
             placed,
             moving,
             voters,
+            held,
         )
+
+    async def _apply(
+        self, body: Any, namespace: str, todo: Plan, observed: dict[Key, Obj]
+    ) -> list[str]:
+        """Create, patch and delete what ``todo`` says, each on its own: what the API server
+        refuses is said (and tried again at the next reconcile), and the rest still goes. The
+        configuration goes first, and while a ConfigMap is refused no StatefulSet changes:
+        its pods would start on the configuration before under the new one's hash, and
+        not restart once it comes."""
+        refused: list[str] = []
+
+        def refuse(exc: KubeError) -> None:
+            refused.append(str(exc))
+            _log.warning("refused", extra={"guild": body["metadata"]["name"], "error": str(exc)})
+
+        writes = [(self.kube.create, "Created", o) for o in todo.create]
+        writes += [(self.kube.patch, "Updated", o) for o in todo.patch]
+        writes.sort(key=lambda w: w[2]["kind"] != "ConfigMap")  # stable: in render order
+        unconfigured = False
+        for write, reason, obj in writes:
+            if unconfigured and obj["kind"] == "StatefulSet":
+                continue
+            try:
+                observed[key_of(obj)] = await write(obj)
+            except KubeError as exc:
+                refuse(exc)
+                unconfigured = unconfigured or obj["kind"] == "ConfigMap"
+                continue
+            self._event(body, reason, obj)
+            self.metrics.applied.inc()
+        if unconfigured:
+            refused.append("no StatefulSet changes until the configuration is applied")
+        for name in todo.delete:
+            try:
+                await self.kube.delete("StatefulSet", namespace, name)
+            except KubeError as exc:
+                refuse(exc)
+                continue
+            observed.pop(("StatefulSet", name), None)
+            self._event(body, "Removed", {"kind": "StatefulSet", "metadata": {"name": name}})
+            self.metrics.applied.inc()
+        return refused
 
     async def _nats_url(self, renderer: Renderer) -> str:
         """The member's NATS, as its own services reach it (user ``self``)."""
@@ -322,7 +387,9 @@ class Reconciler:
             if guild is None:
                 raise BadGuild(f"no Guild {name!r} in namespace {ns}")
             gspec = read_spec(guild["spec"])
-            renderer = Renderer(guild["metadata"]["name"], ns, gspec, owner_reference(guild))
+            renderer = Renderer(
+                guild["metadata"]["name"], ns, gspec, owner_reference(guild), image=self.image
+            )
             earlier = await self._earlier(body, "GuildChange", name)
             nc = await self._connect(renderer)
             try:
@@ -422,7 +489,9 @@ class Reconciler:
             if guild is None:
                 raise BadGuild(f"no Guild {spec.guild!r} in namespace {ns}")
             gspec = read_spec(guild["spec"])
-            renderer = Renderer(guild["metadata"]["name"], ns, gspec, owner_reference(guild))
+            renderer = Renderer(
+                guild["metadata"]["name"], ns, gspec, owner_reference(guild), image=self.image
+            )
             placement = await self._placement(renderer)
             if was is rb.Phase.PROPOSED:
                 plan = rb.planned(placement, spec.machines)

@@ -27,6 +27,7 @@ KINDS = {
     "Pod": ("/api/v1", "pods"),
     "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
     "StatefulSet": ("/apis/apps/v1", "statefulsets"),
+    "Deployment": ("/apis/apps/v1", "deployments"),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
     "Guild": (f"/apis/{GROUP}/{VERSION}", "guilds"),
     "GuildChange": (f"/apis/{GROUP}/{VERSION}", "guildchanges"),
@@ -72,8 +73,10 @@ class Kube:
         await self._http.close()
 
     def _url(self, kind: str, namespace: str, name: str | None = None) -> str:
+        """An object's URL, or its kind's in ``namespace`` (empty: in every namespace)."""
         prefix, plural = KINDS[kind]
-        url = f"{self.conn.server}{prefix}/namespaces/{namespace}/{plural}"
+        where = f"/namespaces/{namespace}" if namespace else ""
+        url = f"{self.conn.server}{prefix}{where}/{plural}"
         return f"{url}/{name}" if name else url
 
     async def _call(
@@ -99,8 +102,8 @@ class Kube:
         return obj
 
     async def list(self, kind: str, namespace: str, labels: dict[str, str]) -> list[Obj]:
-        """Objects of ``kind`` in ``namespace`` that carry every one of ``labels`` (the
-        selector is sent, and checked here again)."""
+        """Objects of ``kind`` in ``namespace`` ("": every namespace) that carry every one
+        of ``labels`` (the selector is sent, and checked here again)."""
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
         url = f"{self._url(kind, namespace)}?labelSelector={selector}"
         doc = await self._call("GET", url, f"list {kind}")

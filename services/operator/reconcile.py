@@ -148,8 +148,17 @@ class Plan:
     create: list[Obj] = field(default_factory=list)
     patch: list[Obj] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)  # machine StatefulSets, drained
-    waiting: list[str] = field(default_factory=list)  # machines whose change waits its turn
+    waiting: list[str] = field(default_factory=list)  # rolled StatefulSets waiting their turn
     refused: str | None = None  # why nothing is applied
+    held: list[str] = field(default_factory=list)  # what needs a manual step, and which
+
+
+def rolled(renderer: Renderer) -> list[str]:
+    """The StatefulSets a change replaces one at a time, in this order: the Guild's NATS
+    (every machine reaches every copy through it: while it restarts, none is ready),
+    then the machines (each holds one of the member's two copies of every shard)."""
+    nats = [renderer.n.nats] if renderer.spec.nats.external is None else []
+    return nats + [renderer.n.machine(m) for m in renderer.machines]
 
 
 def plan(renderer: Renderer, observed: Mapping[Key, Obj], remove: Sequence[str] = ()) -> Plan:
@@ -169,8 +178,8 @@ def plan(renderer: Renderer, observed: Mapping[Key, Obj], remove: Sequence[str] 
                 )
             )
     digest = config_hash(objs)
-    machines = {renderer.n.machine(m) for m in renderer.machines}
     out = Plan(delete=list(remove))
+    updates = []
     for obj in objs:
         if obj["kind"] == "StatefulSet":
             template = obj["spec"]["template"]["metadata"]
@@ -178,30 +187,116 @@ def plan(renderer: Renderer, observed: Mapping[Key, Obj], remove: Sequence[str] 
         have = observed.get(key_of(obj))
         if have is None:
             out.create.append(obj)
-        elif covers(have, obj):
             continue
-        elif obj["metadata"]["name"] in machines and not _machine_turn(
-            obj, out, observed, machines
-        ):
-            out.waiting.append(obj["metadata"]["name"])
+        if obj["kind"] == "StatefulSet":
+            update, step = _claims_kept(obj, have)
+            out.held += [step] if step else []
+        else:
+            update = obj
+        if update is not None and not covers(have, update):
+            updates.append(update)
+    order = rolled(renderer)
+    changed = {o["metadata"]["name"] for o in updates if o["kind"] == "StatefulSet"}
+    turn = _turn(order, changed, observed)
+    for obj in updates:
+        name = obj["metadata"]["name"]
+        if obj["kind"] == "StatefulSet" and name in order and name != turn:
+            out.waiting.append(name)
         else:
             out.patch.append(obj)
     return out
 
 
-def _machine_turn(machine: Obj, out: Plan, observed: Mapping[Key, Obj], machines: set[str]) -> bool:
-    """Whether ``machine``'s change may go now: the member's machines change one at a
-    time, each once the others run what they should (ready and up to date), so that
-    one of the member's two copies of every shard is always up. (A disruption budget
-    limits evictions only, not a rollout.) Where no machine is ready there is nothing
-    to keep up: the change goes (it may be what mends them)."""
-    name = machine["metadata"]["name"]
-    states = {m: _workload_state(observed.get(("StatefulSet", m))) for m in machines}
-    if not any(ready for ready, _ in states.values()):
+CLAIMS = "volumeClaimTemplates"
+STORAGE = "StorageApplied"  # the condition that says what a change of storage waits for
+
+
+def _claims_kept(want: Obj, have: Obj) -> tuple[Obj | None, str | None]:
+    """The update of StatefulSet ``have`` to ``want``, and the manual step what it leaves
+    out needs. An API server refuses an update that changes the claims (the field is
+    immutable), the whole of it: the update leaves them out, so that the rest (its pod
+    template) still changes. Where a claim is added or removed, nothing of it changes
+    (None): the pods' volumes must match the claims."""
+    update = {**want, "spec": {k: v for k, v in want["spec"].items() if k != CLAIMS}}
+    kept, wanted = have.get("spec", {}).get(CLAIMS, []), want["spec"][CLAIMS]
+    if covers(kept, wanted):
+        return update, None
+    name = want["metadata"]["name"]
+    was = {c["metadata"]["name"]: _claim(c) for c in kept}
+    now = {c["metadata"]["name"]: _claim(c) for c in wanted}
+    both = sorted(was.keys() & now.keys())
+    what = [f"{c} added" for c in now if c not in was]
+    what += [f"{c} removed" for c in was if c not in now]
+    what += [f"{c} {' '.join(was[c])} -> {' '.join(now[c])}" for c in both if was[c] != now[c]]
+    made = range(want["spec"].get("replicas", 1))  # the claims of the pods it made
+    grown = [f"{c}-{name}-{i}" for c in both if was[c][0] != now[c][0] for i in made]
+    moved = [f"{c}-{name}-{i}" for c in both if was[c][1] != now[c][1] for i in made]
+    steps = []
+    if grown:
+        steps.append(f"expand PersistentVolumeClaim {', '.join(grown)} (its class must allow it)")
+    steps.append(
+        f"kubectl delete statefulset {name} --cascade=orphan (its pod keeps running) and the "
+        "operator makes it again with the claims the Guild asks for"
+    )
+    step = f"StatefulSet {name}: its volume claims cannot change in place ({'; '.join(what)}): "
+    step += ", then ".join(steps)
+    if moved:
+        step += f" (PersistentVolumeClaim {', '.join(moved)} keeps its class: make it anew)"
+    if was.keys() != now.keys():
+        return None, f"{step}; until then nothing of it changes"
+    return update, step
+
+
+def _claim(template: Obj) -> tuple[str, str]:
+    """A claim template's size and storage class, as a manual step names them."""
+    spec = template.get("spec", {})
+    size = spec.get("resources", {}).get("requests", {}).get("storage", "?")
+    return size, f"({spec.get('storageClassName', 'default')} class)"
+
+
+def _turn(order: Sequence[str], changed: set[str], observed: Mapping[Key, Obj]) -> str | None:
+    """The one StatefulSet of ``order`` (``rolled``) whose change may go now, if any: they
+    change one at a time, in order, each once every other is settled (ready, and running
+    its spec), so that one of the member's two copies of every shard is always up and no
+    machine restarts while the NATS it needs does. One that is down and cannot come up as
+    it is (``_stuck``) goes first: nothing that is up goes down, and the change may be
+    what mends it. One that runs but is not ready (starting, catching up, or connecting
+    again to a NATS that restarted) is waited for. The roll keeps no state of its own:
+    the StatefulSets, their status and their pods say where it is, so a restarted
+    operator carries on from there. (A disruption budget limits evictions only.)"""
+    settled = {m: _workload_state(observed.get(("StatefulSet", m)))[1] for m in order}
+    for m in order:
+        others = all(settled[o] for o in order if o != m)
+        if m in changed and (others or _stuck(observed.get(("Pod", f"{m}-0")))):
+            return m
+    return None
+
+
+# Why a container waits that only a new spec can change (its image, its configuration,
+# what makes it crash), as the kubelet says it.
+WAITING_ON_SPEC = frozenset(
+    {
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
+
+
+def _stuck(pod: Obj | None) -> bool:
+    """Whether a StatefulSet's one pod is down and does not come up as it is: none (its
+    controller is replacing it, or cannot make it), not running (being created,
+    unscheduled, refused by its node, failed), or a container waiting on what only a
+    new spec changes."""
+    if pod is None:
         return True
-    if any(o["metadata"]["name"] in machines for o in out.patch):
-        return False
-    return all(settled for m, (_, settled) in states.items() if m != name)
+    st = pod.get("status", {})
+    waiting = [c.get("state", {}).get("waiting", {}) for c in st.get("containerStatuses", [])]
+    return st.get("phase") != "Running" or any(w.get("reason") in WAITING_ON_SPEC for w in waiting)
 
 
 # -- status
@@ -255,10 +350,12 @@ def conditions(
     problem: str | None,
     queued: Sequence[str] = (),
     moving: str | None = None,
+    held: Sequence[str] = (),
 ) -> tuple[list[Condition], list[Obj]]:
     """The Guild's conditions and its machines' states (each machine's one pod, where
     the observed objects have it); ``moving``: what the member's copies are doing, while
-    a change of its machines goes on."""
+    a change of its machines goes on; ``held``: the manual steps a change of storage
+    needs (``Plan.held``), which keep nothing else from running."""
     workloads = [o for o in renderer.objects() if o["kind"] == "StatefulSet"]
     states = {o["metadata"]["name"]: _workload_state(observed.get(key_of(o))) for o in workloads}
     machines = []
@@ -277,7 +374,7 @@ def conditions(
         problem or "",
     )
     rolling = (f"waiting for {', '.join(waiting)}" if waiting else "") + (
-        f"; {', '.join(queued)} next, one machine at a time" if queued else ""
+        f"; {', '.join(queued)} next, one at a time" if queued else ""
     )
     progressing = Condition(
         "Progressing",
@@ -291,7 +388,13 @@ def conditions(
         "Running" if not waiting and problem is None else "NotReady",
         problem or (f"waiting for {', '.join(waiting)}" if waiting else "every workload ready"),
     )
-    return [up, progressing, degraded], machines
+    storage = Condition(
+        STORAGE,
+        not held,
+        "ManualStepNeeded" if held else "Applied",
+        "; ".join(held) or "every volume claim is as the Guild asks",
+    )
+    return [up, progressing, degraded, storage], machines
 
 
 def status(
@@ -306,6 +409,7 @@ def status(
     placement: Obj | None = None,
     moving: str | None = None,
     voters: Sequence[int] | None = None,
+    held: Sequence[str] = (),
 ) -> Obj:
     """The Guild's ``status``: conditions keep their ``lastTransitionTime`` while their
     status holds. ``renderer`` is None for a Guild that cannot be rendered at all.
@@ -321,7 +425,7 @@ def status(
         machines: list[Obj] = []
         members: list[Obj] = []
     else:
-        conds, machines = conditions(renderer, observed, problem, queued, moving)
+        conds, machines = conditions(renderer, observed, problem, queued, moving, held)
         spec = renderer.spec
         members = [
             {
@@ -334,7 +438,7 @@ def status(
             for i, m in enumerate(spec.members)
         ]
     out = condition_list(conds, previous, generation, now)
-    ready, progressing, degraded = conds
+    ready, progressing, degraded = conds[:3]
     phase = (
         "Degraded"
         if degraded.status

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from constellation.crypto.dkg import hostpubkey_gen
-from services.operator.spec import GuildSpec, Infra, pin_env
+from services.operator.spec import Amount, GuildSpec, Image, Infra, pin_env
 from services.replica.transport import peer_permissions
 
 Obj = dict[str, Any]
@@ -40,6 +40,15 @@ GUILD = "constellation.dev/guild"
 MACHINE = "constellation.dev/machine"
 DEDICATED = "constellation.dev/dedicated"  # the taint of the machines' nodes
 UID = 10001
+# The users the images of Redis and PostgreSQL (Docker's official ones) run their
+# servers as; NATS's image names none, and its server runs as any.
+IMAGE_UIDS = {"nats": UID, "redis": 999, "postgres": 999}
+# What NATS, Redis and PostgreSQL are given where the Guild does not say (Infra.resources).
+INFRA_RESOURCES = {
+    "nats": Amount(cpu="250m", memory="512Mi"),
+    "redis": Amount(cpu="100m", memory="256Mi"),
+    "postgres": Amount(cpu="500m", memory="1Gi"),
+}
 
 STATE = "/var/lib/constellation"
 LAYOUT_DIR = "/etc/constellation/layout"
@@ -175,16 +184,17 @@ def _hardened() -> Obj:
     }
 
 
-def _pod_basics() -> Obj:
-    """What every pod of the guild's own services has: a hardened security context, no
-    token for the Kubernetes API (nothing in it talks to the API), no service links in
-    its environment, and time to drain."""
+def _pod_basics(uid: int = UID) -> Obj:
+    """What every pod of the guild has: a hardened security context (not root: ``uid``,
+    which owns its volumes), no token for the Kubernetes API (nothing in it talks to the
+    API; NATS faces the internet), no service links in its environment, and time to
+    drain."""
     return {
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": UID,
-            "runAsGroup": UID,
-            "fsGroup": UID,
+            "runAsUser": uid,
+            "runAsGroup": uid,
+            "fsGroup": uid,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "automountServiceAccountToken": False,
@@ -210,14 +220,18 @@ class Renderer:
         spec: GuildSpec,
         owner: Obj,
         machines: Sequence[int] | None = None,
+        *,
+        image: Image,
     ) -> None:
         """``machines``: the machines to run, where others than the first
-        ``spec.machines`` still hold copies (``reconcile.moves``)."""
+        ``spec.machines`` still hold copies (``reconcile.moves``). ``image``: the
+        operator's own, under what ``spec.image`` leaves out."""
         self.n = Names(name)
         self.namespace = namespace
         self.spec = spec
         self.owner = owner
         self.machines = list(range(spec.machines) if machines is None else machines)
+        self.image = spec.image.over(image)
 
     def meta(self, name: str, role: str, **more: str) -> Obj:
         return _meta(name, self.namespace, labels(self.n.guild, role, **more), self.owner)
@@ -293,6 +307,15 @@ class Renderer:
         volumes: list[Obj],
         claim: bool,
     ) -> Obj:
+        """A server's StatefulSet: its container hardened and given its resources, its
+        pod as every pod of the guild, not root (the user its image runs the server as),
+        its root filesystem read-only: what it writes is on its volumes."""
+        res = infra.resources or INFRA_RESOURCES[role]
+        amount = {"cpu": str(res.cpu), "memory": res.memory}
+        container = container | {
+            "resources": {"requests": amount, "limits": {"memory": res.memory}},
+            "securityContext": _hardened(),
+        }
         return {
             "apiVersion": "apps/v1",
             "kind": "StatefulSet",
@@ -304,11 +327,9 @@ class Renderer:
                 "template": {
                     "metadata": {"labels": labels(self.n.guild, role)},
                     "spec": {
+                        **_pod_basics(IMAGE_UIDS[role]),
                         "containers": [container],
                         "volumes": volumes,
-                        # no API token: these pods (NATS faces the internet) need none
-                        "automountServiceAccountToken": False,
-                        "enableServiceLinks": False,
                     },
                 },
                 "volumeClaimTemplates": [_pvc("data", infra.storage, self.spec)] if claim else [],
@@ -391,11 +412,13 @@ class Renderer:
             "args": ["--requirepass", "$(REDIS_PASSWORD)", "--save", ""],
             "env": [_secret_env("REDIS_PASSWORD", self.n.generated, REDIS_PASSWORD)],
             "ports": [{"name": "redis", "containerPort": 6379}],
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}],  # its working folder
             "readinessProbe": {"tcpSocket": {"port": 6379}},
         }
         ports = [{"name": "redis", "port": 6379, "targetPort": "redis"}]
+        scratch = [{"name": "data", "emptyDir": {}}]
         return [
-            self._infra(name, "redis", self.spec.redis, container, [], claim=False),
+            self._infra(name, "redis", self.spec.redis, container, scratch, claim=False),
             self._service(name, "redis", ports),
         ]
 
@@ -411,12 +434,17 @@ class Renderer:
                 _secret_env("POSTGRES_PASSWORD", self.n.generated, POSTGRES_PASSWORD),
             ],
             "ports": [{"name": "postgres", "containerPort": 5432}],
-            "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}],
+            "volumeMounts": [
+                {"name": "data", "mountPath": "/var/lib/postgresql/data"},
+                {"name": "socket", "mountPath": "/var/run/postgresql"},
+                {"name": "tmp", "mountPath": "/tmp"},
+            ],
             "readinessProbe": {"exec": {"command": ["pg_isready", "-U", "constellation"]}},
         }
         ports = [{"name": "postgres", "port": 5432, "targetPort": "postgres"}]
+        scratch = [{"name": "socket", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
         return [
-            self._infra(name, "postgres", self.spec.postgres, container, [], claim=True),
+            self._infra(name, "postgres", self.spec.postgres, container, scratch, claim=True),
             self._service(name, "postgres", ports),
         ]
 
@@ -471,8 +499,8 @@ class Renderer:
         ]
         container = {
             "name": "machine",
-            "image": spec.image.ref,
-            "imagePullPolicy": spec.image.pull_policy,
+            "image": self.image.ref,
+            "imagePullPolicy": self.image.pull_policy,
             "args": ["services.replica"],
             "env": env,
             "ports": [{"name": "http", "containerPort": port}],
@@ -555,8 +583,8 @@ class Renderer:
             }
         return {
             "name": name,
-            "image": self.spec.image.ref,
-            "imagePullPolicy": self.spec.image.pull_policy,
+            "image": self.image.ref,
+            "imagePullPolicy": self.image.pull_policy,
             "args": [f"services.{'ecash' if name == 'mint' else name}"],
             "env": env,
             "ports": [{"name": name, "containerPort": PORTS[name]}],
@@ -726,7 +754,3 @@ class Renderer:
             },
             "volumeMounts": mounts,
         }
-
-
-def render(name: str, namespace: str, spec: GuildSpec, owner: Obj) -> list[Obj]:
-    return Renderer(name, namespace, spec, owner).objects()

@@ -21,6 +21,8 @@ from services.runtime import OPERATOR_RE
 GROUP = "constellation.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+# kopf's finalizer on the resources the operator watches (its timers need one).
+FINALIZER = f"{GROUP}/operator"
 NETWORKS = tuple(n.name.lower() for n in Network)
 
 
@@ -45,12 +47,25 @@ class NeighbourSpec(msgspec.Struct, rename="camel", forbid_unknown_fields=True, 
 
 
 class Image(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
-    repository: str = "ghcr.io/constellation/constellation"
-    tag: str = "0.1.0"
-    pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """The project's image, which the Guild's own services run. What a Guild leaves out
+    is the operator's own image's (``Settings.image``, from the chart's ``image``), so
+    that upgrading the chart upgrades the Guilds too."""
+
+    repository: str | None = None
+    tag: str | None = None
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+
+    def over(self, default: Image) -> Image:
+        """This image, with what it leaves out taken from ``default``."""
+        return Image(
+            self.repository or default.repository,
+            self.tag or default.tag,
+            self.pull_policy or default.pull_policy,
+        )
 
     @property
     def ref(self) -> str:
+        assert self.repository and self.tag, "an image with nothing under what it leaves out"
         return f"{self.repository}:{self.tag}"
 
 
@@ -67,10 +82,19 @@ class External(msgspec.Struct, rename="camel", forbid_unknown_fields=True, froze
     key: str = "url"
 
 
+class Amount(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
+    """What a server's container is given: ``cpu`` and ``memory`` requested, and its
+    memory as its limit too (no CPU limit: a quota would throttle it in bursts)."""
+
+    cpu: str | int
+    memory: str
+
+
 class Infra(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
     image: str
     storage: str = "10Gi"
     external: External | None = None
+    resources: Amount | None = None  # None: the server's own default (``render``)
 
 
 class Lightning(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):

@@ -2,12 +2,14 @@
 a kopf operator and kubectl need from it (kmock 0.8 sets no resourceVersion, uid or
 generation, answers a failed JSON-patch ``test`` with 500 where an API server says 422,
 keeps a Secret's ``stringData`` apart, leaves ``kind`` out of list replies, and names
-the core group ``/v1``)."""
+the core group ``/v1``), and the refusals of an API server the operator must live with
+(a StatefulSet's immutable fields; what an admission webhook denies, as a test says)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import datetime
 import itertools
@@ -30,6 +32,7 @@ from services.operator.app import OperatorNode
 from services.operator.config import Settings
 from services.operator.kube import KINDS, Connection, Kube
 from services.operator.reconcile import CONFIG_HASH
+from services.operator.render import MACHINE
 from services.operator.spec import GROUP, VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,10 +47,32 @@ class Invalid(kmock.KubernetesError):
     message: str = "the patch's test failed: the object changed"
 
 
+# What an update may change in a StatefulSet's spec (ValidateStatefulSetUpdate, in
+# kubernetes' pkg/apis/apps/validation): an API server refuses any other change.
+STATEFULSET_MUTABLE = (
+    "replicas",
+    "ordinals",
+    "template",
+    "updateStrategy",
+    "persistentVolumeClaimRetentionPolicy",
+    "minReadySeconds",
+)
+FORBIDDEN = (
+    "spec: Forbidden: updates to statefulset spec for fields other than 'replicas', "
+    "'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' "
+    "and 'minReadySeconds' are forbidden"
+)
+
+
 class VersionedEmulator(kmock.KubernetesEmulator):
-    """kmock's emulator, keeping the bookkeeping an API server keeps."""
+    """kmock's emulator, keeping the bookkeeping an API server keeps. ``denied`` (plural,
+    name) -> why: the objects whose creation or change an admission webhook refuses."""
 
     _versions = itertools.count(1)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.denied: dict[tuple[str, str], str] = {}
 
     def _key(self, request: Any) -> Any:
         return (request.resource, request.namespace, request.name)
@@ -68,6 +93,12 @@ class VersionedEmulator(kmock.KubernetesEmulator):
             plain = request.data.pop("stringData")
             data = request.data.setdefault("data", {})
             data.update({k: base64.b64encode(v.encode()).decode() for k, v in plain.items()})
+        if request.action in (kmock.action.CREATE, kmock.action.UPDATE):
+            name = request.name or request.data.get("metadata", {}).get("name")
+            why = self.denied.get((request.resource.plural, name))
+            if why is not None:
+                message = f'admission webhook "policy.example.com" denied the request: {why}'
+                raise kmock.KubernetesError(status=400, reason="BadRequest", message=message)
         if request.action == kmock.action.CREATE and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if "name" not in meta and "generateName" in meta:  # kopf's events
@@ -95,6 +126,13 @@ class VersionedEmulator(kmock.KubernetesEmulator):
             after = kmock.KubernetesEmulator.Object(current)
             after.patch(request.data)
             after = dict(after.raw)
+        if request.resource.plural == "statefulsets":
+            fixed = [
+                {k: v for k, v in o.get("spec", {}).items() if k not in STATEFULSET_MUTABLE}
+                for o in (current, after)
+            ]
+            if fixed[0] != fixed[1]:
+                raise Invalid(message=f'StatefulSet.apps "{request.name}" is invalid: {FORBIDDEN}')
         generation = current["metadata"].get("generation", 1)
         if after.get("spec") != current.get("spec"):
             generation += 1
@@ -272,6 +310,99 @@ class Api:
                     "status": status,
                 }
             )
+
+
+class Kubelet:
+    """Plays the StatefulSet controller and the kubelets for the Guild's StatefulSets, as
+    a cluster would: a new spec replaces the pod, pending for ``restart_s``, then running;
+    a machine's is ready (its /readyz) only once connected to NATS, ``reconnect_s`` after
+    NATS is ready again. Of NATS and the machines, it records each replacement with
+    those of them that were not ready as it began, and the most replaced at once."""
+
+    def __init__(self, api: Api, restart_s: float = 0.3, reconnect_s: float = 0.5) -> None:
+        self.api = api
+        self.restart_s, self.reconnect_s = restart_s, reconnect_s
+        self.replacing: dict[str, float] = {}  # name -> since
+        self.nats_since: float | None = None  # NATS ready since
+        self.began: list[tuple[str, list[str]]] = []  # (replaced, others not ready)
+        self.most = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def forget(self) -> None:
+        """Record from now on (a Guild's creation starts every pod at once)."""
+        self.began, self.most = [], 0
+
+    async def __aenter__(self) -> Kubelet:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._tick(loop.time())
+            await asyncio.sleep(0.05)
+
+    async def _tick(self, now: float) -> None:
+        sets = {o["metadata"]["name"]: o for o in await self.api.kube.list("StatefulSet", NS, {})}
+        machines = {n for n, o in sets.items() if MACHINE in o["metadata"].get("labels", {})}
+        members = machines | ({"g1-nats"} & sets.keys())
+        ready = {n: sets[n].get("status", {}).get("readyReplicas", 0) >= 1 for n in members}
+        for name, obj in sets.items():
+            if obj.get("status", {}).get("observedGeneration", 0) < obj["metadata"]["generation"]:
+                self.replacing[name] = now
+                if name in members:
+                    ready[name] = False
+                    self.began.append((name, sorted(n for n in members - {name} if not ready[n])))
+            elif name in self.replacing and now - self.replacing[name] >= self.restart_s:
+                del self.replacing[name]
+        self.most = max(self.most, len(members & self.replacing.keys()))
+        nats_up = "g1-nats" not in self.replacing
+        self.nats_since = (self.nats_since or now) if nats_up else None
+        connected = self.nats_since is not None and now - self.nats_since >= self.reconnect_s
+        for name, obj in sets.items():
+            up = name not in self.replacing and (connected or name not in machines)
+            await self._pod(obj, name not in self.replacing, up)
+            status = {
+                "observedGeneration": obj["metadata"]["generation"],
+                "updatedReplicas": 0 if name in self.replacing else 1,
+                "readyReplicas": int(up),
+            }
+            if obj.get("status") != status:
+                meta = {"name": name, "namespace": NS}
+                await self.api.kube.patch(
+                    {"kind": "StatefulSet", "metadata": meta, "status": status}
+                )
+
+    async def _pod(self, sts: dict[str, Any], running: bool, ready: bool) -> None:
+        """The StatefulSet's one pod: pending while it is replaced, then running."""
+        template = sts["spec"]["template"]
+        status: dict[str, Any] = {"phase": "Pending"}
+        if running:
+            status = {
+                "phase": "Running",
+                "conditions": [{"type": "Ready", "status": str(ready)}],
+                "containerStatuses": [
+                    {"name": c["name"], "ready": ready, "state": {"running": {}}}
+                    for c in template["spec"]["containers"]
+                ],
+            }
+        name = f"{sts['metadata']['name']}-0"
+        have = await self.api.kube.get("Pod", NS, name)
+        if have is None:
+            meta = {"name": name, "namespace": NS, "labels": template["metadata"]["labels"]}
+            spec = {"containers": [{"name": "c", "image": "x"}]}
+            await self.api.kube.create(
+                {"kind": "Pod", "metadata": meta, "spec": spec, "status": status}
+            )
+        elif have.get("status") != status:
+            meta = {"name": name, "namespace": NS}
+            await self.api.kube.patch({"kind": "Pod", "metadata": meta, "status": status})
 
 
 MACHINES = ["g1-machine-0", "g1-machine-1"]

@@ -1,23 +1,28 @@
 """The operator, running (kopf, its handlers, its ops server), against the Kubernetes API
 emulator: a Guild created, rolled out, changed, refused, recovered, resumed after a
-restart, and deleted through its finalizer."""
+restart, deleted through its finalizer, and released from it before the operator goes."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import urllib.request
 from typing import Any
 
+from constellation.keys import SigningKey
+from services.operator.release import release
 from services.operator.render import generated_keys
-from services.operator.spec import read_spec
+from services.operator.spec import API_VERSION, FINALIZER, read_spec
 from tests.operator.conftest import (
     MACHINES,
     NS,
     WORKLOADS,
     Api,
+    Kubelet,
     Running,
+    VersionedEmulator,
     all_exist,
     eventually,
     example,
@@ -72,50 +77,173 @@ async def test_a_guild_is_rolled_out_and_becomes_ready(api: Api, running: Runnin
     assert json.loads(ready_probe.read())["ready"] is True
 
 
-async def test_a_new_neighbour_rolls_the_machines_one_at_a_time(api: Api, running: Running) -> None:
-    await create_example(api)
-    await eventually(lambda: all_exist(api, WORKLOADS), "every workload exists")
-    await api.settle(WORKLOADS)
-    await eventually(lambda: phase_is(api, "Running"), "the Guild is Running")
-    before = {m: await api.kube.get("StatefulSet", NS, m) for m in MACHINES}
-    neighbour = {
-        "name": "nb0",
-        "guild": "g2",
-        "key": "e493dbf1c10d80f3581e4904930b1404cc6c13900ee0758474fa94abe8c4cd13",
-        "nats": "nats://nats.nb0.example:4222",
-    }
-    await api.patch_spec({"neighbours": [neighbour]})
-
-    async def rolled() -> set[str]:
-        out = set()
-        for m, old in before.items():
-            new = await api.kube.get("StatefulSet", NS, m)
-            assert new is not None and old is not None
-            if template_hash(new) != template_hash(old):
-                out.add(m)
-        return out
-
-    first = await eventually(rolled, "a machine's pod is to be replaced")
-    assert len(first) == 1, "both machines rolled at once"
-    layout = await api.kube.get("ConfigMap", NS, "g1-layout")
-    assert layout is not None and "nb0" in layout["data"]["layout.json"]
-    nats_config = await api.kube.get("ConfigMap", NS, "g1-nats")
-    assert nats_config is not None and '"nb0"' in nats_config["data"]["nats.conf"]
-    await eventually(lambda: phase_is(api, "Progressing"), "the Guild rolls out")
-    generated = await api.kube.get("Secret", NS, "g1-generated")
-    assert generated is not None and "issued-nb0" in generated["data"]
-    await asyncio.sleep(2.5)  # resyncs: the other waits while the first is not back
-    assert await rolled() == first
-    progressing = await api.condition("Progressing")
-    assert "one machine at a time" in progressing["message"]
-    await api.settle(WORKLOADS)  # the first is back, up to date
-    await eventually(lambda: _all_rolled(rolled), "the other machine's turn")
-    await api.settle(WORKLOADS)
-    await eventually(lambda: phase_is(api, "Running"), "the Guild is Running again")
+NEIGHBOUR = {
+    "name": "nb0",
+    "guild": "g2",
+    "key": "e493dbf1c10d80f3581e4904930b1404cc6c13900ee0758474fa94abe8c4cd13",
+    "nats": "nats://nats.nb0.example:4222",
+}
 
 
-async def _all_rolled(rolled: Any) -> bool:
-    return len(await rolled()) == len(MACHINES)
+async def test_a_new_neighbour_rolls_nats_then_each_machine_one_at_a_time(api: Api) -> None:
+    """Three machines: NATS, then each machine, is replaced only while every other of
+    them is ready (a machine is ready once connected to NATS and caught up), the
+    operator restarted in the middle carries on, and the roll completes."""
+    keys, peers, guild = example()
+    guild["spec"]["members"][0]["machines"] = 3
+    machines = [*MACHINES, "g1-machine-2"]
+    rolled = ["g1-nats", *machines]
+    await api.secret(keys)
+    await api.secret(peers)
+    first = Running(api.url)
+    await first.start()
+    async with Kubelet(api) as kubelet:
+        second = None
+        try:
+            await api.create_guild(guild)
+            await eventually(lambda: phase_is(api, "Running"), "the Guild is Running")
+            before = {n: template_hash(await _get(api, n)) for n in rolled}
+            kubelet.forget()
+            await api.patch_spec({"neighbours": [NEIGHBOUR]})
+            await eventually(lambda: kubelet.began, "NATS is replaced")
+            layout = await api.kube.get("ConfigMap", NS, "g1-layout")
+            assert layout is not None and "nb0" in layout["data"]["layout.json"]
+            nats_config = await api.kube.get("ConfigMap", NS, "g1-nats")
+            assert nats_config is not None and '"nb0"' in nats_config["data"]["nats.conf"]
+            generated = await api.kube.get("Secret", NS, "g1-generated")
+            assert generated is not None and "issued-nb0" in generated["data"]
+            progressing = await eventually(lambda: _rolling(api), "the Guild says what waits")
+            assert "next, one at a time" in progressing["message"]
+            await eventually(lambda: len(kubelet.began) >= 2, "a machine is replaced")
+            await first.stop()
+            second = Running(api.url)
+            await second.start()
+
+            async def done() -> bool:
+                hashes = {n: template_hash(await _get(api, n)) for n in rolled}
+                changed = all(hashes[n] != before[n] for n in rolled)
+                return changed and not kubelet.replacing and await phase_is(api, "Running")
+
+            await eventually(done, "every one is replaced and the Guild is Running")
+        finally:
+            await (second or first).stop()
+    assert [name for name, _ in kubelet.began] == rolled
+    assert all(not down for _, down in kubelet.began), kubelet.began
+    assert kubelet.most == 1
+
+
+async def _get(api: Api, name: str) -> dict[str, Any]:
+    found = await api.kube.get("StatefulSet", NS, name)
+    assert found is not None, name
+    return found
+
+
+async def _rolling(api: Api) -> dict[str, Any] | None:
+    found = await api.condition("Progressing")
+    return found if found["reason"] == "RollingOut" and "next" in found["message"] else None
+
+
+async def _condition_is(api: Api, kind: str, status: str) -> dict[str, Any] | None:
+    found = await api.condition(kind)
+    return found if found["status"] == status else None
+
+
+async def _events(api: Api, reason: str) -> list[dict[str, Any]]:
+    async with api.http.get(f"{api.url}/api/v1/namespaces/{NS}/events") as resp:
+        items: list[dict[str, Any]] = (await resp.json())["items"]
+    return [e for e in items if e.get("reason") == reason]
+
+
+async def _gateway_cpu(api: Api, cpu: str) -> bool:
+    pod = (await _get(api, "g1-services"))["spec"]["template"]["spec"]
+    (gateway,) = [c for c in pod["containers"] if c["name"] == "gateway"]
+    return bool(gateway["resources"]["requests"]["cpu"] == cpu)
+
+
+def _claim_size(obj: dict[str, Any]) -> str:
+    (claim,) = obj["spec"]["volumeClaimTemplates"]
+    return str(claim["spec"]["resources"]["requests"]["storage"])
+
+
+async def test_a_change_of_storage_waits_for_a_manual_step_and_the_rest_applies(
+    api: Api, running: Running
+) -> None:
+    """An API server refuses an update that changes a StatefulSet's volume claims (the
+    emulator does too): the operator leaves them out, applies the rest, and says what
+    to do by hand, in a condition and an Event; done, the claims are the new ones."""
+    async with Kubelet(api):
+        await create_example(api)
+        await eventually(lambda: phase_is(api, "Running"), "the Guild is Running")
+        await api.patch_spec(
+            {"machineStorage": "50Gi", "gatewayResources": {"cpu": 2, "memory": "2Gi"}}
+        )
+        await eventually(lambda: _gateway_cpu(api, "2"), "the services pod changes")
+        held = await eventually(lambda: _condition_is(api, "StorageApplied", "False"), "held")
+        assert held["reason"] == "ManualStepNeeded"
+        for machine in MACHINES:
+            assert f"StatefulSet {machine}: " in held["message"]
+            assert f"expand PersistentVolumeClaim state-{machine}-0 " in held["message"]
+            assert f"kubectl delete statefulset {machine} --cascade=orphan" in held["message"]
+            assert _claim_size(await _get(api, machine)) == "20Gi"
+        assert "state 20Gi (default class) -> 50Gi (default class)" in held["message"]
+        await eventually(lambda: phase_is(api, "Running"), "Running: nothing was refused")
+        await eventually(lambda: _events(api, "ManualStepNeeded"), "an Event says so")
+        # The manual step (the emulator has no volumes to expand): the operator makes the
+        # StatefulSets again, with the new claims.
+        for machine in MACHINES:
+            await api.kube.delete("StatefulSet", NS, machine)
+        await eventually(lambda: _condition_is(api, "StorageApplied", "True"), "applied")
+        for machine in MACHINES:
+            assert _claim_size(await _get(api, machine)) == "50Gi"
+        assert len(await _events(api, "ManualStepNeeded")) == 1  # said once
+
+
+async def _refused(api: Api, *words: str) -> str | None:
+    degraded = await api.condition("Degraded")
+    message = str(degraded["message"])
+    return message if all(w in message for w in words) else None
+
+
+async def _hashes(api: Api) -> dict[str, str]:
+    return {n: template_hash(await _get(api, n)) for n in WORKLOADS}
+
+
+async def test_what_the_api_server_refuses_is_said_and_tried_again_and_the_rest_applies(
+    api: Api, k8s: VersionedEmulator, running: Running
+) -> None:
+    async with Kubelet(api):
+        await create_example(api)
+        await eventually(lambda: phase_is(api, "Running"), "the Guild is Running")
+        before = await _hashes(api)
+        k8s.denied[("statefulsets", "g1-redis")] = "no restart of Redis today"
+        await api.patch_spec({"neighbours": [NEIGHBOUR]})
+        await eventually(lambda: _refused(api, "g1-redis", "no restart of Redis today"), "said")
+
+        async def rolled(names: list[str]) -> bool:
+            now = await _hashes(api)
+            return all(now[n] != before[n] for n in names)
+
+        others = [n for n in WORKLOADS if n != "g1-redis"]
+        await eventually(lambda: rolled(others), "the others roll all the same")
+        assert (await _hashes(api))["g1-redis"] == before["g1-redis"]
+        del k8s.denied[("statefulsets", "g1-redis")]
+        await eventually(lambda: rolled(WORKLOADS), "tried again, Redis too")
+        await eventually(lambda: phase_is(api, "Running"), "the Guild is Running again")
+
+        # A refused ConfigMap holds every StatefulSet: its pods would start on the
+        # configuration before it, under the new one's hash.
+        before = await _hashes(api)
+        k8s.denied[("configmaps", "g1-layout")] = "not today"
+        other = NEIGHBOUR | {"name": "nb1", "key": SigningKey(bytes([9] * 32)).pubkey.hex()}
+        await api.patch_spec({"neighbours": [NEIGHBOUR, other]})
+        why = await eventually(lambda: _refused(api, "g1-layout", "not today"), "said")
+        assert "no StatefulSet changes until the configuration is applied" in why
+        nats_config = await api.kube.get("ConfigMap", NS, "g1-nats")
+        assert nats_config is not None and '"nb1"' in nats_config["data"]["nats.conf"]
+        assert await _hashes(api) == before
+        del k8s.denied[("configmaps", "g1-layout")]
+        await eventually(lambda: rolled(WORKLOADS), "then they roll")
+        await eventually(lambda: phase_is(api, "Running"), "the Guild is Running again")
 
 
 async def test_a_membership_change_is_refused_and_nothing_changes(
@@ -189,6 +317,71 @@ async def test_deleting_a_guild_keeps_its_data(api: Api, running: Running) -> No
         assert await api.kube.get("StatefulSet", NS, name) is None, name
     assert await api.kube.get("ConfigMap", NS, "g1-layout") is None
     assert await api.kube.get("Secret", NS, "g1-generated") is not None
+
+
+async def _finalized(api: Api, kind: str, name: str) -> bool:
+    found = await api.kube.get(kind, NS, name)
+    return found is not None and FINALIZER in found["metadata"].get("finalizers", [])
+
+
+async def test_uninstall_stops_the_operator_then_releases_what_it_watched(api: Api) -> None:
+    """``helm uninstall``'s pre-delete hook (``release``), with this test as the
+    Deployment controller: scaled to none, the operator stops and its pod goes; only then
+    is its finalizer taken off, and a Guild deleted without an operator goes at once."""
+    labels = {"app.kubernetes.io/name": "constellation", "app.kubernetes.io/component": "operator"}
+    meta = {"name": "r1-constellation", "namespace": NS}
+    selector = {"matchLabels": labels}
+    await api.kube.create(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": meta,
+            "spec": {
+                "replicas": 1,
+                "selector": selector,
+                "template": {"metadata": {"labels": labels}},
+            },
+        }
+    )
+    pod = "r1-constellation-5d9f-x2k4"
+    running = {"name": pod, "namespace": NS, "labels": labels}
+    await api.kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": running, "spec": {}})
+    operator = Running(api.url)
+    await operator.start()
+    await create_example(api)
+    change = {
+        "apiVersion": API_VERSION,
+        "kind": "GuildChange",
+        "metadata": {"name": "op2-leaves", "namespace": NS},
+        "spec": {"guild": "g1", "kind": "leave", "member": "op2", "threshold": 2},
+    }
+    await api.kube.create(change)
+    for kind, name in (("Guild", "g1"), ("GuildChange", "op2-leaves")):
+        held = functools.partial(_finalized, api, kind, name)
+        await eventually(held, f"the operator holds {kind} {name}")
+
+    happened = []
+
+    async def deployment_controller() -> None:
+        async def scaled() -> bool:
+            found = await api.kube.get("Deployment", NS, meta["name"])
+            return found is not None and found["spec"]["replicas"] == 0
+
+        await eventually(scaled, "the operator is scaled to none")
+        await asyncio.sleep(1)  # its pod takes a while to stop: the release waits
+        await operator.stop()
+        happened.append("stopped")
+        await api.kube.delete("Pod", NS, pod)
+
+    stopping = asyncio.create_task(deployment_controller())
+    released = await release(api.kube, f"{NS}/{meta['name']}", "")
+    assert happened == ["stopped"], "released while the operator still ran"
+    await stopping
+    assert sorted(released) == [f"Guild {NS}/g1", f"GuildChange {NS}/op2-leaves"]
+    for kind, name in (("Guild", "g1"), ("GuildChange", "op2-leaves")):
+        assert not await _finalized(api, kind, name), name
+    await api.delete_guild()  # as helm deletes the chart's own Guilds, or anyone later
+    await eventually(lambda: gone(api), "the Guild is gone, no operator running")
 
 
 async def test_a_pod_a_node_refuses_is_reported(api: Api, running: Running) -> None:

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import nats
 import pytest
 from coincurve import PrivateKey
@@ -23,7 +24,9 @@ from services.ecash.config import Settings as MintSettings
 from services.gateway.config import Settings as GatewaySettings
 from services.indexer.config import Settings as IndexerSettings
 from services.operator.reconcile import (
+    CLAIMS,
     Moves,
+    Plan,
     config_hash,
     covers,
     key_of,
@@ -31,6 +34,7 @@ from services.operator.reconcile import (
     moves,
     placement_status,
     plan,
+    rolled,
 )
 from services.operator.render import (
     GUILD,
@@ -45,11 +49,12 @@ from services.operator.render import (
     issued_key,
     owner_reference,
 )
-from services.operator.spec import BadGuild, GuildSpec, check_keys, read_spec
+from services.operator.spec import BadGuild, GuildSpec, Image, check_keys, read_spec
 from services.replica.config import Settings as ReplicaSettings
 from services.signer.config import Settings as SignerSettings
 from services.signer.store import KeyStore
 from tests.operator.conftest import example, template_hash
+from tests.test_helm import KUBE_VERSION
 
 OWNER = owner_reference(
     {
@@ -58,6 +63,9 @@ OWNER = owner_reference(
         "metadata": {"name": "g1", "uid": "u1"},
     }
 )
+
+# The operator's own image (the chart's, through its Deployment's environment).
+IMAGE = Image("ghcr.io/constellation/constellation", "0.3.1", "IfNotPresent")
 
 # A member that joined after the founders op0 and op1 made the guild's first key.
 PIN: dict[str, Any] = {"key": "02" + "79be667e" * 8, "threshold": 2, "members": [0, 1]}
@@ -72,7 +80,7 @@ def _example() -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
 def _renderer(**changes: Any) -> Renderer:
     guild, _, _ = _example()
     spec = read_spec({**guild["spec"], **changes})
-    return Renderer("g1", "default", spec, OWNER)
+    return Renderer("g1", "default", spec, OWNER, image=IMAGE)
 
 
 def _by(objs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
@@ -122,19 +130,63 @@ def test_machines_are_pinned_and_apart(count: int) -> None:
     assert not _matches(budget["spec"]["selector"], services)
 
 
-def test_the_guilds_own_pods_are_hardened() -> None:
+def test_every_pod_is_hardened_and_given_its_resources() -> None:
+    """The guild's own services, and NATS, Redis and PostgreSQL too: not root, no API
+    token, no privilege to gain, no capability, a read-only root filesystem (lightningd
+    aside: Core Lightning's own image), and resources asked for."""
     r = _renderer()
-    sets = _by(r.objects(), "StatefulSet")
-    for infra in sets.values():  # NATS, Redis and PostgreSQL too: no API token
-        assert infra["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
-    for name in (r.n.machine(0), r.n.machine(1), r.n.services):
-        pod = sets[name]["spec"]["template"]["spec"]
-        assert pod["securityContext"]["runAsNonRoot"] is True
-        assert pod["automountServiceAccountToken"] is False
+    for name, sts in _by(r.objects(), "StatefulSet").items():
+        pod = sts["spec"]["template"]["spec"]
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] > 0, name
+        assert context["fsGroup"] == context["runAsUser"], name  # it writes its volumes
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert pod["automountServiceAccountToken"] is False, name
         for c in pod["containers"]:
-            if c["name"] != "lightningd":  # Core Lightning's own image
-                assert c["securityContext"]["readOnlyRootFilesystem"] is True, c["name"]
+            res = c["resources"]
+            assert res["requests"]["cpu"] and res["requests"]["memory"], c["name"]
+            if c["name"] == "lightningd":
+                continue
+            assert res["limits"]["memory"] == res["requests"]["memory"], c["name"]
+            assert c["securityContext"] == {
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]},
+            }, c["name"]
+            if name in (r.n.machine(0), r.n.machine(1), r.n.services):
                 assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", c["name"]
+    # Docker's images of Redis and PostgreSQL run their servers as uid 999.
+    sets = _by(r.objects(), "StatefulSet")
+    uids = {n: sets[n]["spec"]["template"]["spec"]["securityContext"]["runAsUser"] for n in sets}
+    assert uids[r.n.redis] == uids[r.n.postgres] == 999
+    # What PostgreSQL writes outside its data (its socket, temporary files): on volumes.
+    postgres = sets[r.n.postgres]["spec"]["template"]["spec"]["containers"][0]
+    mounts = {m["mountPath"] for m in postgres["volumeMounts"]}
+    assert {"/var/lib/postgresql/data", "/var/run/postgresql", "/tmp"} <= mounts
+
+
+def test_a_servers_resources_come_from_the_guild_where_it_says() -> None:
+    big = {"image": "postgres:16", "resources": {"cpu": 2, "memory": "4Gi"}}
+    r = _renderer(postgres=big)
+    sets = _by(r.objects(), "StatefulSet")
+    (postgres,) = sets[r.n.postgres]["spec"]["template"]["spec"]["containers"]
+    assert postgres["resources"] == {
+        "requests": {"cpu": "2", "memory": "4Gi"},
+        "limits": {"memory": "4Gi"},
+    }
+    (nats,) = sets[r.n.nats]["spec"]["template"]["spec"]["containers"]
+    assert nats["resources"]["requests"] == {"cpu": "250m", "memory": "512Mi"}  # its own
+    with pytest.raises(BadGuild, match="memory"):
+        _renderer(redis={"image": "redis:7", "resources": {"cpu": "1"}})
+
+
+def test_every_rendered_object_is_valid_kubernetes() -> None:
+    """Checked against the Kubernetes API's own schemas, strictly (no unknown field)."""
+    ext = {"external": {"secret": "db", "key": "url"}, "image": "unused"}
+    big = {"image": "redis:7", "resources": {"cpu": "500m", "memory": "1Gi"}}
+    for r in (_renderer(), _renderer(postgres=ext, redis=big), _renderer(**JOINED)):
+        for obj in r.objects():
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
 
 
 def test_every_object_is_owned_and_labelled() -> None:
@@ -242,15 +294,14 @@ def test_layout_changes_are_named_and_refused() -> None:
 
 def test_a_joiner_after_the_founders_is_a_layout_the_machines_take() -> None:
     r = _renderer()
-    observed = {(o["kind"], o["metadata"]["name"]): o for o in r.objects()}
-    observed |= _observed(r, len(r.machines))  # every machine ready
+    observed = _running(r)
     guild, _, _ = _example()
     joiner = _member("op3", 7)
     joined = _renderer(members=[*guild["spec"]["members"], joiner], founders=3)
     taken = plan(joined, observed)
     assert taken.refused is None and config_hash(joined.objects()) != config_hash(r.objects())
-    rolled = [o["metadata"]["name"] for o in taken.patch if MACHINE in o["metadata"]["labels"]]
-    assert len(rolled) == 1 and len(taken.waiting) == len(r.machines) - 1  # one at a time
+    # one at a time: NATS (its new user) first
+    assert _rolling(taken) == ["g1-nats"] and taken.waiting == ROLLED[1:]
     for bad in (
         _renderer(members=[*guild["spec"]["members"], joiner]),  # founders not kept
         _renderer(members=[joiner, *guild["spec"]["members"]], founders=0),  # not after
@@ -305,7 +356,7 @@ def test_machines_come_before_the_moves_and_go_once_nothing_is_on_them() -> None
     # machine 2 is created; the copies move once every machine asked for is ready
     assert moves(three, placement, _observed(two, 2)).machines == [0, 1, 2]
     assert not moves(three, placement, _observed(two, 2)).drive
-    grown = Renderer("g1", "default", three.spec, {}, [0, 1, 2])
+    grown = Renderer("g1", "default", three.spec, {}, [0, 1, 2], image=IMAGE)
     assert moves(three, placement, _observed(grown, 3)).drive
     moved = _finish(placement.step(3), 3)
     assert not moves(three, moved, _observed(grown, 3)).drive  # done
@@ -321,7 +372,9 @@ def test_machines_come_before_the_moves_and_go_once_nothing_is_on_them() -> None
         )
     gone = moves(two, leaving, _observed(grown, 3))
     assert gone.machines == [0, 1] and gone.remove == ["g1-machine-2"] and not gone.drive
-    cleaned = plan(Renderer("g1", "default", two.spec, {}, gone.machines), {}, gone.remove)
+    cleaned = plan(
+        Renderer("g1", "default", two.spec, {}, gone.machines, image=IMAGE), {}, gone.remove
+    )
     assert cleaned.delete == ["g1-machine-2"]
     assert "g1-machine-2" not in {o["metadata"]["name"] for o in cleaned.create}
 
@@ -354,34 +407,126 @@ NEIGHBOUR = {
 }
 
 
-def test_a_new_configuration_rolls_the_machines_one_at_a_time() -> None:
+ROLLED = ["g1-nats", "g1-machine-0", "g1-machine-1"]
+
+
+def _rolling(step: Plan) -> list[str]:
+    return [o["metadata"]["name"] for o in step.patch if key_of(o) in _rolled_keys()]
+
+
+def _rolled_keys() -> set[tuple[str, str]]:
+    return {("StatefulSet", n) for n in ROLLED}
+
+
+def _pod(name: str, ready: bool = True, waiting: str = "", phase: str = "Running") -> Any:
+    """The one pod of StatefulSet ``name``, as its kubelet reports it."""
+    state = {"waiting": {"reason": waiting}} if waiting else {"running": {}}
+    status = {"phase": phase, "containerStatuses": [{"ready": ready, "state": state}]}
+    return {("Pod", f"{name}-0"): {"metadata": {"name": f"{name}-0"}, "status": status}}
+
+
+def _running(r: Renderer) -> dict[tuple[str, str], Any]:
+    """What ``r`` renders, as the cluster holds it once it runs: settled, each pod ready."""
+    observed = {key_of(o): _settled(o) for o in plan(r, {}).create}
+    for name in ROLLED:
+        observed |= _pod(name)
+    return observed
+
+
+def _restarted(observed: dict[tuple[str, str], Any], step: Plan) -> None:
+    """``step`` applied (merge patches: what one leaves out stays): each StatefulSet it
+    changed has a new spec its controller has not rolled out yet."""
+    for o in step.patch:
+        have = observed[key_of(o)]
+        new = {**have, **o, "metadata": {**o["metadata"], "generation": 2}}
+        if "spec" in o:
+            new["spec"] = {**have["spec"], **o["spec"]}
+        observed[key_of(o)] = new
+
+
+def test_a_new_configuration_rolls_nats_then_each_machine_one_at_a_time() -> None:
     r = _renderer()
-    first = plan(r, {})
-    observed = {(o["kind"], o["metadata"]["name"]): _settled(o) for o in first.create}
+    assert rolled(r) == ROLLED
+    observed = _running(r)
     assert plan(r, observed).patch == []
     changed = _renderer(neighbours=[NEIGHBOUR])
     step = plan(changed, observed)
-    names = {o["metadata"]["name"] for o in step.patch}
-    assert {"g1-layout", "g1-nats", "g1-machine-0", "g1-services"} <= names
-    assert "g1-machine-1" not in names and step.waiting == ["g1-machine-1"]
-    new_hash = template_hash(next(o for o in step.patch if o["metadata"]["name"] == "g1-machine-0"))
-    assert new_hash != template_hash(observed[("StatefulSet", "g1-machine-0")])
-    # machine-0 restarts with it: until it is ready again, machine-1 keeps its pod.
-    for o in step.patch:
-        observed[key_of(o)] = {**o, "metadata": {**o["metadata"], "generation": 2}}
-    assert plan(changed, observed).waiting == ["g1-machine-1"]
-    observed[("StatefulSet", "g1-machine-0")] = _settled(observed[("StatefulSet", "g1-machine-0")])
+    # The configuration and the other workloads at once; of the rolled, NATS first.
+    patched = {key_of(o) for o in step.patch}
+    assert {("ConfigMap", "g1-layout"), ("ConfigMap", "g1-nats")} <= patched
+    assert ("StatefulSet", "g1-services") in patched
+    for i, name in enumerate(ROLLED):
+        if i > 0:
+            step = plan(changed, observed)
+        assert _rolling(step) == [name] and step.waiting == ROLLED[i + 1 :]
+        new_hash = template_hash(next(o for o in step.patch if key_of(o) == ("StatefulSet", name)))
+        assert new_hash != template_hash(observed[("StatefulSet", name)])
+        _restarted(observed, step)
+        # It restarts: until it is ready again, the next keeps its pod.
+        assert _rolling(plan(changed, observed)) == []
+        assert plan(changed, observed).waiting == ROLLED[i + 1 :]
+        if name == "g1-nats":  # a later edit goes to the one under way, the others wait
+            other = NEIGHBOUR | {"name": "nb1", "key": _member("nb1", 9)["key"]}
+            again = _renderer(neighbours=[NEIGHBOUR, other])
+            assert _rolling(plan(again, observed)) == ["g1-nats"]
+        observed[("StatefulSet", name)] = _settled(observed[("StatefulSet", name)])
     last = plan(changed, observed)
-    assert [o["metadata"]["name"] for o in last.patch] == ["g1-machine-1"] and not last.waiting
+    assert last.patch == [] and last.waiting == []
 
 
-def test_machines_that_are_all_down_change_at_once() -> None:
+def test_what_is_not_ready_is_waited_for_and_what_is_stuck_changes_first() -> None:
+    """None of them settled: changing them all at once would restart every copy of
+    every shard together. One that runs and is not ready yet (a machine connecting
+    again to a NATS that just restarted) is waited for; one that is down and does not
+    come up as it is (a crash loop, no pod) changes first, one a pass: nothing that is
+    up goes down, and the change may be what mends it."""
     r = _renderer()
-    observed = {(o["kind"], o["metadata"]["name"]): o for o in plan(r, {}).create}
-    step = plan(_renderer(neighbours=[NEIGHBOUR]), observed)
-    names = {o["metadata"]["name"] for o in step.patch}
-    # Neither runs: holding one back would keep nothing up (and may keep the fix out).
-    assert {"g1-machine-0", "g1-machine-1"} <= names and step.waiting == []
+    changed = _renderer(neighbours=[NEIGHBOUR])
+    observed = _running(r)
+    for name in ROLLED[1:]:
+        status = {"readyReplicas": 0, "updatedReplicas": 1, "observedGeneration": 1}
+        observed[("StatefulSet", name)] = {**observed[("StatefulSet", name)], "status": status}
+        observed |= _pod(name, ready=False)
+    step = plan(changed, observed)
+    assert _rolling(step) == [] and step.waiting == ROLLED
+    observed |= _pod("g1-machine-1", ready=False, waiting="CrashLoopBackOff")
+    step = plan(changed, observed)
+    assert _rolling(step) == ["g1-machine-1"] and step.waiting == ROLLED[:2]
+    del observed[("Pod", "g1-machine-0-0")]  # its controller cannot make it
+    assert _rolling(plan(changed, observed)) == ["g1-machine-0"]
+    observed |= _pod("g1-machine-0", ready=False, phase="Pending")  # not scheduled
+    assert _rolling(plan(changed, observed)) == ["g1-machine-0"]
+    # An external NATS is not the Guild's to roll.
+    ext = {"external": {"secret": "nats", "key": "url"}, "image": "unused"}
+    assert rolled(_renderer(nats=ext)) == ROLLED[1:]
+
+
+def test_an_update_leaves_the_claims_out_and_says_what_their_change_needs() -> None:
+    r = _renderer()
+    observed = _running(r)
+    bigger = _renderer(machineStorage="50Gi", gatewayResources={"cpu": 2, "memory": "2Gi"})
+    step = plan(bigger, observed)
+    (services,) = [o for o in step.patch if o["kind"] == "StatefulSet"]  # not the machines
+    assert services["metadata"]["name"] == "g1-services" and CLAIMS not in services["spec"]
+    assert [h.split(":")[0] for h in step.held] == [
+        "StatefulSet g1-machine-0",
+        "StatefulSet g1-machine-1",
+    ]
+    assert "(state 20Gi (default class) -> 50Gi (default class))" in step.held[0]
+    assert "expand PersistentVolumeClaim state-g1-machine-1-0 " in step.held[1]
+    _restarted(observed, step)
+    again = plan(bigger, observed)
+    assert again.patch == [] and again.held == step.held  # said until it is done
+    classed = plan(_renderer(storageClass="fast"), observed).held
+    assert len(classed) == 5 and "data 10Gi (default class) -> 10Gi (fast class)" in classed[0]
+    assert "expand" not in classed[0]  # the same size; a volume keeps its class
+    assert "PersistentVolumeClaim data-g1-nats-0 keeps its class" in classed[0]
+    # Lightning added: a claim more, which the pod's volumes name; none of it changes.
+    bare = _running(_renderer(lightning=None, mint=False))
+    step = plan(_renderer(), bare)
+    assert ("StatefulSet", "g1-services") not in {key_of(o) for o in step.patch}
+    (held,) = step.held
+    assert "(lightning added)" in held and held.endswith("until then nothing of it changes")
 
 
 def test_covers_ignores_what_the_server_adds() -> None:

@@ -25,6 +25,16 @@ app.kubernetes.io/component: operator
 {{- end -}}
 {{- end -}}
 
+{{- define "constellation.imageTag" -}}
+{{- default .Chart.AppVersion .Values.image.tag -}}
+{{- end -}}
+
 {{- define "constellation.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- printf "%s:%s" .Values.image.repository (include "constellation.imageTag" .) -}}
+{{- end -}}
+
+{{- /* The objects of the release hook: made before `helm uninstall` deletes the rest, gone once it succeeded. */ -}}
+{{- define "constellation.releaseHook" -}}
+helm.sh/hook: pre-delete
+helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
 {{- end -}}
