@@ -658,6 +658,7 @@ class Renderer:
             _value("GATEWAY_DATABASE_URL", "$(DATABASE_URL)"),
             _value("GATEWAY_HTTP_ADDR", f"0.0.0.0:{PORTS['gateway']}"),
             _value("GATEWAY_NETWORK", spec.network),
+            _value("GATEWAY_TRUSTED_PROXIES", ",".join(spec.trusted_proxies)),
             _value("GATEWAY_LAYOUT", layout),
             _secret_env("GATEWAY_CONSOLE_TOKEN", gen, CONSOLE_TOKEN),
             _value("GATEWAY_CONSOLE_TARGETS", self._console_targets()),
@@ -704,6 +705,7 @@ class Renderer:
                         _value("MINT_GATEWAY_URL", f"http://127.0.0.1:{PORTS['gateway']}"),
                         _secret_env("MINT_ISSUER_KEY", keys, "issuer-key"),
                         _value("MINT_NETWORK", spec.network),
+                        _value("MINT_TRUSTED_PROXIES", ",".join(spec.trusted_proxies)),
                     ],
                     mounts + rpc_mount,
                 )

@@ -16,7 +16,7 @@ from constellation.address import Network
 from constellation.keys import SigningKey, is_valid_xonly
 from services.indexer.config import guild_pin
 from services.replica.config import MACHINES, Layout, Member, Neighbour
-from services.runtime import OPERATOR_RE
+from services.runtime import OPERATOR_RE, ConfigError, env_networks
 
 GROUP = "constellation.dev"
 VERSION = "v1alpha1"
@@ -152,6 +152,9 @@ class GuildSpec(msgspec.Struct, rename="camel", forbid_unknown_fields=True, froz
     image: Image = msgspec.field(default_factory=Image)
     machine_resources: Resources = msgspec.field(default_factory=_machine)
     gateway_resources: Resources = msgspec.field(default_factory=_gateway)
+    # The load balancers or ingresses in front of the gateway and the mint (addresses or
+    # networks): their X-Forwarded-For names the client that rate limits count by.
+    trusted_proxies: list[str] = []
     machine_storage: str = "20Gi"
     services_storage: str = "5Gi"
     storage_class: str | None = None
@@ -222,6 +225,10 @@ def read_spec(doc: Any) -> GuildSpec:
         raise BadGuild("spec.shards must be in 1..256")
     if spec.network not in NETWORKS:
         raise BadGuild(f"spec.network must be one of {', '.join(NETWORKS)}")
+    try:
+        env_networks({"P": ",".join(spec.trusted_proxies)}, "P")
+    except ConfigError as exc:
+        raise BadGuild(f"spec.trustedProxies: {exc}") from None
     if spec.mint and spec.lightning is None:
         raise BadGuild("the mint needs spec.lightning (it pays and is paid over Lightning)")
     for name in [*names, *(n.name for n in spec.neighbours)]:

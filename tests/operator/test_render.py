@@ -7,6 +7,7 @@ import asyncio
 import copy
 import re
 import subprocess
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from services.operator.render import (
 )
 from services.operator.spec import BadGuild, GuildSpec, Image, check_keys, read_spec
 from services.replica.config import Settings as ReplicaSettings
+from services.runtime import env_networks
 from services.signer.config import Settings as SignerSettings
 from services.signer.store import KeyStore
 from tests.operator.conftest import example, template_hash
@@ -705,3 +707,14 @@ def test_generated_keys_cover_every_peer() -> None:
         "issued-op1",
         "issued-op2",
     ]
+
+
+def test_the_proxies_in_front_reach_the_gateway_and_the_mint() -> None:
+    r = _renderer(trustedProxies=["10.0.0.0/8", "fd00::1"])
+    pod = _by(r.objects(), "StatefulSet")[r.n.services]["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    for name, var in (("gateway", "GATEWAY_TRUSTED_PROXIES"), ("mint", "MINT_TRUSTED_PROXIES")):
+        env = {e["name"]: e.get("value", "") for e in containers[name]["env"]}
+        assert env_networks(env, var) == (ip_network("10.0.0.0/8"), ip_network("fd00::1/128"))
+    with pytest.raises(BadGuild, match="trustedProxies"):
+        _renderer(trustedProxies=["10.0.0.0/33"])
