@@ -50,13 +50,13 @@ class Settings:
             except OSError as exc:
                 raise ConfigError(f"the service account's token: {exc}") from None
         host, port = env_addr(env, "OPERATOR_HTTP_ADDR", "0.0.0.0:8080")
-        image = {
+        own = {
             "repository": env.get("OPERATOR_IMAGE_REPOSITORY") or REPOSITORY,
             "tag": env.get("OPERATOR_IMAGE_TAG") or version("constellation"),  # run by hand
             "pullPolicy": env.get("OPERATOR_IMAGE_PULL_POLICY") or "IfNotPresent",
         }
         try:
-            own = msgspec.convert(image, Image)
+            image = msgspec.convert(own, Image)
         except msgspec.ValidationError as exc:
             raise ConfigError(f"OPERATOR_IMAGE_PULL_POLICY: {exc}") from None
         return Settings(
@@ -66,7 +66,7 @@ class Settings:
             http_port=port,
             resync_s=env_int(env, "OPERATOR_RESYNC_S", 30, 1, 3600),
             log_level=env_str(env, "OPERATOR_LOG_LEVEL", "info"),
-            image=own,
+            image=image,
             nats_addr=env.get("OPERATOR_NATS_ADDR", ""),
             stall_s=env_int(env, "OPERATOR_STALL_S", 120, 1, 86_400),
             deployment=env.get("OPERATOR_DEPLOYMENT", ""),

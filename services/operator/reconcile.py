@@ -28,6 +28,8 @@ from services.replica.moves import waiting
 
 LAYOUT_FILE = "layout.json"
 CONFIG_HASH = "constellation.dev/config-hash"  # on pod templates: a new one rolls them
+CLAIMS = "volumeClaimTemplates"  # of a StatefulSet: an API server refuses a change of them
+STORAGE = "StorageApplied"  # the condition that says what a change of storage waits for
 Key = tuple[str, str]  # (kind, name)
 
 
@@ -188,11 +190,11 @@ def plan(renderer: Renderer, observed: Mapping[Key, Obj], remove: Sequence[str] 
         if have is None:
             out.create.append(obj)
             continue
+        update: Obj | None = obj
         if obj["kind"] == "StatefulSet":
             update, step = _claims_kept(obj, have)
-            out.held += [step] if step else []
-        else:
-            update = obj
+            if step:
+                out.held.append(step)
         if update is not None and not covers(have, update):
             updates.append(update)
     order = rolled(renderer)
@@ -205,10 +207,6 @@ def plan(renderer: Renderer, observed: Mapping[Key, Obj], remove: Sequence[str] 
         else:
             out.patch.append(obj)
     return out
-
-
-CLAIMS = "volumeClaimTemplates"
-STORAGE = "StorageApplied"  # the condition that says what a change of storage waits for
 
 
 def _claims_kept(want: Obj, have: Obj) -> tuple[Obj | None, str | None]:
@@ -230,7 +228,7 @@ def _claims_kept(want: Obj, have: Obj) -> tuple[Obj | None, str | None]:
     what += [f"{c} {' '.join(was[c])} -> {' '.join(now[c])}" for c in both if was[c] != now[c]]
     made = range(want["spec"].get("replicas", 1))  # the claims of the pods it made
     grown = [f"{c}-{name}-{i}" for c in both if was[c][0] != now[c][0] for i in made]
-    moved = [f"{c}-{name}-{i}" for c in both if was[c][1] != now[c][1] for i in made]
+    reclassed = [f"{c}-{name}-{i}" for c in both if was[c][1] != now[c][1] for i in made]
     steps = []
     if grown:
         steps.append(f"expand PersistentVolumeClaim {', '.join(grown)} (its class must allow it)")
@@ -240,8 +238,8 @@ def _claims_kept(want: Obj, have: Obj) -> tuple[Obj | None, str | None]:
     )
     step = f"StatefulSet {name}: its volume claims cannot change in place ({'; '.join(what)}): "
     step += ", then ".join(steps)
-    if moved:
-        step += f" (PersistentVolumeClaim {', '.join(moved)} keeps its class: make it anew)"
+    if reclassed:
+        step += f" (PersistentVolumeClaim {', '.join(reclassed)} keeps its class: make it anew)"
     if was.keys() != now.keys():
         return None, f"{step}; until then nothing of it changes"
     return update, step

@@ -28,7 +28,7 @@ from services.runtime import ConfigError, configure_logging
 
 KINDS = ("Guild", "GuildChange", "GuildRebalance")
 POLL_S = 1.0
-STOP_S = 180  # for the operator's pod to go (it has 30 s to stop; the hook's Job, 300)
+STOP_S = 180  # for the operator's pod to go (it has 30 s to stop; the hook's Job, 240)
 
 _log = logging.getLogger("operator-release")
 
@@ -39,10 +39,8 @@ async def release(kube: Kube, deployment: str, watched: str, stop_s: float = STO
     it off. TimeoutError where a pod of it still runs after ``stop_s``."""
     namespace, _, name = deployment.partition("/")
     meta = {"name": name, "namespace": namespace}
-    await kube.patch({"kind": "Deployment", "metadata": meta, "spec": {"replicas": 0}})
-    found = await kube.get("Deployment", namespace, name)
-    assert found is not None, "the Deployment went while it was scaled down"
-    selector = found["spec"]["selector"]["matchLabels"]
+    scaled = await kube.patch({"kind": "Deployment", "metadata": meta, "spec": {"replicas": 0}})
+    selector = scaled["spec"]["selector"]["matchLabels"]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + stop_s
     while pods := await kube.list("Pod", namespace, selector):

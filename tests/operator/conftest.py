@@ -199,6 +199,7 @@ def example() -> list[dict[str, Any]]:
 NS = "default"
 GUILDS = f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/guilds"
 WAIT_S = 30
+ROLL_S = 120  # a whole roll (NATS, then each machine, on a loaded machine)
 
 
 class Running:

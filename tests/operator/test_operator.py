@@ -18,6 +18,7 @@ from services.operator.spec import API_VERSION, FINALIZER, read_spec
 from tests.operator.conftest import (
     MACHINES,
     NS,
+    ROLL_S,
     WORKLOADS,
     Api,
     Kubelet,
@@ -95,10 +96,9 @@ async def test_a_new_neighbour_rolls_nats_then_each_machine_one_at_a_time(api: A
     rolled = ["g1-nats", *machines]
     await api.secret(keys)
     await api.secret(peers)
-    first = Running(api.url)
-    await first.start()
+    operator = Running(api.url)
+    await operator.start()
     async with Kubelet(api) as kubelet:
-        second = None
         try:
             await api.create_guild(guild)
             await eventually(lambda: phase_is(api, "Running"), "the Guild is Running")
@@ -115,18 +115,18 @@ async def test_a_new_neighbour_rolls_nats_then_each_machine_one_at_a_time(api: A
             progressing = await eventually(lambda: _rolling(api), "the Guild says what waits")
             assert "next, one at a time" in progressing["message"]
             await eventually(lambda: len(kubelet.began) >= 2, "a machine is replaced")
-            await first.stop()
-            second = Running(api.url)
-            await second.start()
+            await operator.stop()
+            operator = Running(api.url)
+            await operator.start()
 
             async def done() -> bool:
                 hashes = {n: template_hash(await _get(api, n)) for n in rolled}
                 changed = all(hashes[n] != before[n] for n in rolled)
                 return changed and not kubelet.replacing and await phase_is(api, "Running")
 
-            await eventually(done, "every one is replaced and the Guild is Running")
+            await eventually(done, "every one is replaced and the Guild is Running", ROLL_S)
         finally:
-            await (second or first).stop()
+            await operator.stop()
     assert [name for name, _ in kubelet.began] == rolled
     assert all(not down for _, down in kubelet.began), kubelet.began
     assert kubelet.most == 1
@@ -211,6 +211,9 @@ async def _hashes(api: Api) -> dict[str, str]:
 async def test_what_the_api_server_refuses_is_said_and_tried_again_and_the_rest_applies(
     api: Api, k8s: VersionedEmulator, running: Running
 ) -> None:
+    """An object the API server refuses (here an admission webhook denies it) is named
+    in Degraded and tried again at every reconcile; the Guild's other objects still
+    apply meanwhile (NATS and the machines roll)."""
     async with Kubelet(api):
         await create_example(api)
         await eventually(lambda: phase_is(api, "Running"), "the Guild is Running")
@@ -224,10 +227,10 @@ async def test_what_the_api_server_refuses_is_said_and_tried_again_and_the_rest_
             return all(now[n] != before[n] for n in names)
 
         others = [n for n in WORKLOADS if n != "g1-redis"]
-        await eventually(lambda: rolled(others), "the others roll all the same")
+        await eventually(lambda: rolled(others), "the others roll all the same", ROLL_S)
         assert (await _hashes(api))["g1-redis"] == before["g1-redis"]
         del k8s.denied[("statefulsets", "g1-redis")]
-        await eventually(lambda: rolled(WORKLOADS), "tried again, Redis too")
+        await eventually(lambda: rolled(WORKLOADS), "tried again, Redis too", ROLL_S)
         await eventually(lambda: phase_is(api, "Running"), "the Guild is Running again")
 
         # A refused ConfigMap holds every StatefulSet: its pods would start on the
@@ -242,7 +245,7 @@ async def test_what_the_api_server_refuses_is_said_and_tried_again_and_the_rest_
         assert nats_config is not None and '"nb1"' in nats_config["data"]["nats.conf"]
         assert await _hashes(api) == before
         del k8s.denied[("configmaps", "g1-layout")]
-        await eventually(lambda: rolled(WORKLOADS), "then they roll")
+        await eventually(lambda: rolled(WORKLOADS), "then they roll", ROLL_S)
         await eventually(lambda: phase_is(api, "Running"), "the Guild is Running again")
 
 
