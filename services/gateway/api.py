@@ -333,15 +333,12 @@ class Api:
             for tx, _ in txs:
                 pending.pop(tx.txid, None)
         took = time.monotonic() - started
-        if timed_out := [tx.txid for (tx, _), r in zip(txs, results, strict=True) if r is None]:
-            try:
-                await self.limits.timed_out(timed_out)
-            except RedisError as exc:  # their lookups say "not found" meanwhile
-                log.warning("timed-out transactions not kept", extra={"error": str(exc)})
         codes: Counter[str] = Counter()
         answers = []
+        timed_out = []
         for (tx, _), result in zip(txs, results, strict=True):
             if result is None:
+                timed_out.append(tx.txid)
                 err = ApiError(
                     TIMEOUT,
                     f"no answer from the ledger in {self.timeout_s:g} s for transaction"
@@ -359,6 +356,11 @@ class Api:
             answers.append((err.status, err.body()))
         for code, n in codes.items():
             self.metrics.submitted.labels(code).inc(n)
+        if timed_out:  # kept before the 504s go out: a lookup after one says "in doubt"
+            try:
+                await self.limits.timed_out(timed_out)
+            except RedisError as exc:  # their lookups say "not found" meanwhile
+                log.warning("timed-out transactions not kept", extra={"error": str(exc)})
         return answers
 
     def _receipt(self, tx: Transaction, result: proto.Result) -> dict[str, Any]:
