@@ -893,7 +893,17 @@ class TwoPhaseCommit:
 
     # -- queries -------------------------------------------------------------------------
 
-    def coin_info(self, coin_id: bytes) -> proto.CoinInfo:
+    def coin_infos(
+        self, coin_ids: Sequence[bytes], answer: Callable[[list[proto.CoinInfo]], None]
+    ) -> None:
+        """``answer`` with what the state says of ``coin_ids`` now, once all of that
+        state is durable (where the log is replicated: confirmed, this copy still
+        leading). A coin is never said to exist, or to be spent, on the strength of a
+        block that a crash or the next leader may not hold."""
+        infos = [self._coin_info(c) for c in coin_ids]
+        self.log.after_durable(lambda _: answer(infos))
+
+    def _coin_info(self, coin_id: bytes) -> proto.CoinInfo:
         state = self.state
         coin = state.coins.get(coin_id)
         status = state.status(coin_id).value

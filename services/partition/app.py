@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 from constellation.errors import MessageError
+from constellation.ledger.commit import TwoPhaseCommit
 from constellation.protocol import ledger as proto
 from services.bus import (
     Packer,
@@ -25,6 +26,7 @@ from services.bus import (
     query_subject,
     worker_subject,
 )
+from services.partition.client import RESEND_S
 from services.partition.config import Settings
 from services.partition.metrics import WorkerMetrics
 from services.partition.verify import Verifiers
@@ -46,6 +48,10 @@ MAP_WAIT_S = 30.0
 log = logging.getLogger("partition")
 
 Q = TypeVar("Q", proto.CoinQuery, proto.EventsQuery)
+MAX_COINS = 1000  # coins in one CoinQuery answered, at most
+# A coins query waits this long, at most, for what it read to be durable (the asker
+# asks again after as long).
+READ_S = RESEND_S
 
 
 class WorkerNode:
@@ -222,13 +228,9 @@ class WorkerNode:
 
     async def _on_coins(self, msg: Msg) -> None:
         assert self.worker is not None
-        engine = self.worker.engine
-        answer = query_answer(
-            msg.data,
-            proto.CoinQuery,
-            lambda q: msgspec.msgpack.encode([engine.coin_info(c) for c in q.coin_ids[:1000]]),
-        )
-        await msg.respond(answer)
+        answer = await coins_answer(self.worker.engine, msg.data, READ_S, lambda: None)
+        if answer is not None:
+            await msg.respond(answer)
 
     async def _on_state(self, msg: Msg) -> None:
         assert self.worker is not None
@@ -253,5 +255,34 @@ def query_answer(data: bytes, kind: type[Q], answer: Callable[[Q], bytes]) -> by
     try:
         query = msgspec.msgpack.decode(data, type=kind)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        return msgspec.msgpack.encode({"error": f"bad query: {exc}"})
+        return _bad_query(exc)
     return answer(query)
+
+
+async def coins_answer(
+    engine: TwoPhaseCommit, data: bytes, wait_s: float, flush: Callable[[], None]
+) -> bytes | None:
+    """The answer to a ``CoinQuery``: what the engine's state says now, said once that
+    state is durable (``TwoPhaseCommit.coin_infos``; ``flush`` writes or proposes what
+    waits). None where it is not within ``wait_s``: a leader deposed meanwhile says
+    nothing, and the asker asks again."""
+    try:
+        query = msgspec.msgpack.decode(data, type=proto.CoinQuery)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        return _bad_query(exc)
+    said: asyncio.Future[list[proto.CoinInfo]] = asyncio.get_running_loop().create_future()
+
+    def say(infos: list[proto.CoinInfo]) -> None:
+        if not said.done():  # the asker may have stopped waiting
+            said.set_result(infos)
+
+    engine.coin_infos(query.coin_ids[:MAX_COINS], say)
+    flush()
+    try:
+        return msgspec.msgpack.encode(await asyncio.wait_for(said, wait_s))
+    except TimeoutError:
+        return None
+
+
+def _bad_query(exc: Exception) -> bytes:
+    return msgspec.msgpack.encode({"error": f"bad query: {exc}"})

@@ -55,7 +55,7 @@ from services.bus import (
     query_subject,
     worker_subject,
 )
-from services.partition.app import EVENTS_PAGE_BYTES, query_answer
+from services.partition.app import EVENTS_PAGE_BYTES, READ_S, coins_answer, query_answer
 from services.partition.wal import EventLog
 from services.partition.worker import state_info
 from services.replica.config import Layout
@@ -574,12 +574,8 @@ class HostedCopy:
         if not self.shard.accepting(self.replica):
             return None
         engine = self.engine
-        if what == "coins":
-            return query_answer(
-                data,
-                proto.CoinQuery,
-                lambda q: msgspec.msgpack.encode([engine.coin_info(c) for c in q.coin_ids[:1000]]),
-            )
+        if what == "coins":  # said once the block after what it read is confirmed
+            return await coins_answer(engine, data, READ_S, self.seal_soon)
         if what == "state":
             info = state_info(engine, self.replica.last, self.events_height())
             r = self.replica

@@ -7,15 +7,21 @@ later (one write and fsync for every message that arrived), so other tasks run b
 the step that wins an election and the ``Ready`` that says so. A package relayed to the
 new leader in between was applied to the engine and then thrown out with the old log:
 its state change stayed, the next block's state root was one no follower computes, and
-the shard stalled under a leader whose blocks every copy refused."""
+the shard stalled under a leader whose blocks every copy refused.
+
+A leader answers what a coin's state is once the block after what it read is confirmed:
+a leader cut off never says a coin exists that its successor does not hold."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+
+import msgspec
 
 from constellation.keys import SigningKey
 from constellation.protocol import ledger as proto
@@ -51,9 +57,12 @@ class _Nowhere:
         pass
 
 
+def _issuance(nonce: int) -> Issuance:
+    return Issuance(ISSUER.pubkey, nonce, [TxOutput(1000, OWNER.pubkey)])
+
+
 def _issue(nonce: int) -> proto.Package:
-    issuance = Issuance(ISSUER.pubkey, nonce, [TxOutput(1000, OWNER.pubkey)])
-    item = proto.Issue(nonce, issuance.signed_by(ISSUER.secret).encode())
+    item = proto.Issue(nonce, _issuance(nonce).signed_by(ISSUER.secret).encode())
     return proto.Package(proto.PROTOCOL_VERSION, -1, "cst.op0.gw.test", 1, [item])
 
 
@@ -84,37 +93,60 @@ async def _until(done: Callable[[], bool], timeout_s: float = 10) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_a_package_in_the_turn_an_election_is_won_waits_for_the_new_leaders_log(
-    tmp_path: Path,
-) -> None:
-    loop = asyncio.get_running_loop()
-    copies: dict[int, HostedCopy] = {}
+class _Shard:
+    """Six copies ticking in one loop; what a copy in ``cut`` sends is lost."""
 
-    def deliver_from(me: int) -> Callable[[Sequence[int], rp.Envelope], None]:
+    def __init__(self, folder: Path) -> None:
+        self.copies: dict[int, HostedCopy] = {}
+        self.cut: set[int] = set()
+        for me in range(6):
+            self.copies[me] = _copy(me, folder, self._deliver_from(me))
+
+    def _deliver_from(self, me: int) -> Callable[[Sequence[int], rp.Envelope], None]:
+        loop = asyncio.get_running_loop()
+
         def deliver(dests: Sequence[int], env: rp.Envelope) -> None:
-            for d in dests:
-                loop.call_soon(copies[d].step, me, env.msg)
+            if me not in self.cut:
+                for d in dests:
+                    loop.call_soon(self.copies[d].step, me, env.msg)
 
         return deliver
 
-    for me in range(6):
-        copies[me] = _copy(me, tmp_path, deliver_from(me))
+    def leader(self) -> HostedCopy | None:
+        return next((c for c in self.copies.values() if c.shard.accepting(c.replica)), None)
+
+    async def elected(self) -> HostedCopy:
+        await _until(lambda: self.leader() is not None)
+        leader = self.leader()
+        assert leader is not None
+        return leader
+
+
+@contextlib.asynccontextmanager
+async def _shard(folder: Path) -> AsyncIterator[_Shard]:
+    shard = _Shard(folder)
 
     async def ticks() -> None:
         while True:
             await asyncio.sleep(0.02)
-            for c in copies.values():
+            for c in shard.copies.values():
                 c.tick(time.monotonic())
 
     ticking = asyncio.create_task(ticks())
     try:
+        yield shard
+    finally:
+        ticking.cancel()
+        for c in shard.copies.values():
+            c.close()
 
-        def leader() -> HostedCopy | None:
-            return next((c for c in copies.values() if c.shard.accepting(c.replica)), None)
 
-        await _until(lambda: leader() is not None)
-        first = leader()
-        assert first is not None
+async def test_a_package_in_the_turn_an_election_is_won_waits_for_the_new_leaders_log(
+    tmp_path: Path,
+) -> None:
+    async with _shard(tmp_path) as shard:
+        copies = shard.copies
+        first = await shard.elected()
         height = first.replica.last
         first.take(_issue(1))
         await _until(lambda: first.replica.confirmed > height)
@@ -140,9 +172,39 @@ async def test_a_package_in_the_turn_an_election_is_won_waits_for_the_new_leader
         assert all(c.replica.counters.refused_blocks == 0 for c in copies.values())
         await _until(lambda: all(c.replica.confirmed >= height + 1 for c in copies.values()))
         assert len({c.shard.engine.root() for c in copies.values()}) == 1  # one state
-    finally:
-        ticking.cancel()
-        for c in copies.values():
-            c.close()
     # The new leader's copy opens again from its disk (a bad block of its own would not).
     _copy(heir.me, tmp_path, lambda dests, env: None).close()
+
+
+async def _coin(copy: HostedCopy, coin_id: bytes) -> str | None:
+    """What ``copy`` answers of ``coin_id``: its status, or None where it says nothing."""
+    answer = await copy.answer("coins", msgspec.msgpack.encode(proto.CoinQuery([coin_id])))
+    if answer is None:
+        return None
+    (info,) = msgspec.msgpack.decode(answer, type=list[proto.CoinInfo])
+    return info.status
+
+
+async def test_a_coin_is_said_to_exist_only_once_the_block_that_made_it_is_confirmed(
+    tmp_path: Path,
+) -> None:
+    coin = _issuance(3).output_ids[0]
+    async with _shard(tmp_path) as shard:
+        first = await shard.elected()
+        first.take(_issue(1))
+        await _until(lambda: first.replica.confirmed == first.replica.last > 0)
+        # Cut off, the leader makes the coin in a block no other copy gets.
+        shard.cut.add(first.me)
+        first.take(_issue(3))
+        asked = asyncio.create_task(_coin(first, coin))
+        await asyncio.sleep(SETTINGS.heartbeat_s * 2)
+        assert first.replica.last > first.replica.confirmed  # the block is proposed
+        assert not asked.done()  # and the coin not said to exist on its strength
+        await _until(lambda: shard.leader() not in (None, first))
+        successor = await shard.elected()
+        assert await asked is None  # the deposed leader never says it
+        assert await _coin(successor, coin) == "unknown"  # the coin's block is lost
+        shard.cut.clear()
+        successor.take(_issue(3))  # the issuer sends it again
+        assert await _coin(successor, coin) == "unspent"
+        assert successor.replica.confirmed == successor.replica.last
