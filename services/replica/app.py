@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
-from constellation.errors import ConstellationError
+from constellation.errors import ConstellationError, MessageError
 from constellation.protocol import ledger as proto
 from constellation.protocol import replication as rp
 from constellation.replication import members as mb
@@ -60,7 +60,7 @@ from services.replica.moves import (
 )
 from services.replica.moves import fetch as fetch_folder
 from services.replica.moves import serve as serve_folder
-from services.replica.relay import Relay, Unasked
+from services.replica.relay import Relay, Unasked, leaders_subject
 from services.replica.transport import (
     ALL,
     Opener,
@@ -189,6 +189,7 @@ class Machine:
                 forward_listen(to), cb=self._take_forward, pending_msgs_limit=1_000_000
             )
         await nc.subscribe(move_subject(s.name, s.machine), cb=self._serve_folder)
+        await nc.subscribe(leaders_subject(s.name), cb=self._hear_leaders)
         for key in (PLACEMENT_KEY, MEMBERS_KEY):
             await nc.subscribe(put_subject(s.name, key), cb=self._on_put)
         tasks.start("placement", self._placement)
@@ -532,6 +533,15 @@ class Machine:
             log.log(level, "relayed message refused", extra=extra)
             return
         self.metrics.relayed.labels("in").inc()
+
+    async def _hear_leaders(self, msg: Msg) -> None:
+        """What another machine of this operator tells of its copies' leaders."""
+        assert self.relay is not None
+        try:
+            self.relay.hear(msg.data, time.monotonic())
+        except MessageError as exc:
+            self.metrics.rejected.labels(exc.code).inc()
+            log.warning("a machine's leaders refused", extra={"reason": str(exc)})
 
     def _receiver(self, copy: HostedCopy) -> Callable[[Msg], Awaitable[None]]:
         async def receive(msg: Msg) -> None:

@@ -24,7 +24,9 @@ id), and each publishes on the original subject the answers to the requests it
 relayed there itself. A relayed query's answer returns to the inbox it came from.
 
 What arrives from another operator is untrusted. A package from a worker is taken only
-from the operator whose copy leads that worker's shard as this machine knows it, with
+from the operator whose copy leads that worker's shard as this machine knows it (from
+its own copy of that shard, or, where it holds none, as the operator's machines that do
+tell one another on ``leaders_subject``, which no peer may publish on), with
 only the items workers send each other and that worker's own subject as its reply. A
 package from a gateway carries only transactions and issuances, whose signatures the
 shard checks as it checks any. A query names a shard, one of ``RELAYED`` and an inbox
@@ -52,7 +54,7 @@ from nats.aio.subscription import Subscription
 
 from constellation.errors import InFlight, MessageError, Misdirected
 from constellation.protocol import ledger as proto
-from constellation.replication.placement import MAX_MACHINES
+from constellation.replication.placement import COPIES, MAX_MACHINES
 from services.bus import GATEWAY, query_subject, worker_subject
 from services.replica.config import Layout
 from services.replica.host import HostedCopy
@@ -72,6 +74,8 @@ EXPECT_S = 120.0  # how long an answer to a relayed request may take
 ANSWERING = 256  # relayed queries answered at once, at most (beyond, the asker asks again)
 _SUBJECT = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){1,15}")
 MAX_SUBJECT = 256
+TELL_S = 1.0  # a machine tells its copies' leaders this often, and at once on a change
+HEARD_S = 5.0  # what another machine told of a shard's leader counts this long
 _FROM_GATEWAY = (proto.Submit, proto.Issue)
 _FROM_WORKER = (proto.Prepare, proto.Vote, proto.Decide, proto.Ask, proto.Done)
 
@@ -109,6 +113,21 @@ class Answer(_Msg, frozen=True, tag="a"):
 
 
 Forward = Relayed | Query | Answer
+
+
+class Leaders(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """What machine ``machine`` of an operator knows of the leaders of the shards it
+    holds copies of: (owner, worker, term, leader copy or -1)."""
+
+    machine: int
+    shards: list[tuple[int, int, int, int]]
+
+
+def leaders_subject(operator: str) -> str:
+    """Where an operator's machines tell one another the leaders their copies know."""
+    return f"cst.{operator}.leaders"
+
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Forward)
 
@@ -178,6 +197,9 @@ class Relay:
         # their clients' reply subjects: few, but a gateway's restart makes a new one)
         self._shards: dict[str, tuple[int, int] | None] = {}
         self.answering: set[asyncio.Task[None]] = set()
+        # what the operator's other machines told: shard -> (term, leader copy, when)
+        self.heard: dict[tuple[int, int], tuple[int, int, float]] = {}
+        self._told: tuple[list[tuple[int, int, int, int]], float] = ([], -TELL_S)
 
     def add(self, copy: HostedCopy) -> None:
         self.copies[(copy.owner, copy.worker)] = copy
@@ -202,11 +224,56 @@ class Relay:
         return operator, copy_target(owner, worker, leader)
 
     def _leading_operator(self, owner: int, worker: int) -> int:
+        """The operator whose copy leads the shard, as this machine knows it: from its
+        own copy, or what the operator's other machines told lately, the later term of
+        the two (-1 where none is known to lead)."""
+        known = []
         copy = self.copies.get((owner, worker))
-        if copy is None:
-            raise Misdirected(f"no copy of shard ({owner}, {worker}) here to know its leader")
-        leader = copy.replica.leader
+        if copy is not None:
+            known.append((copy.replica.term, copy.replica.leader))
+        heard = self.heard.get((owner, worker))
+        if heard is not None and heard[2] > time.monotonic() - HEARD_S:
+            known.append(heard[:2])
+        if not known:
+            raise Misdirected(
+                f"no copy of shard ({owner}, {worker}) here, nor word of its leader from"
+                " this operator's machines that hold one"
+            )
+        leader = max(known)[1]
         return leader // 2 if leader >= 0 else -1
+
+    def tell(self, now: float) -> bytes | None:
+        """What this machine tells the operator's others of its copies' leaders, where
+        that changed or ``TELL_S`` passed since it last told; else None."""
+        shards = sorted(
+            (owner, worker, c.replica.term, c.replica.leader)
+            for (owner, worker), c in self.copies.items()
+            if not c.closed
+        )
+        told, at = self._told
+        if shards == told and now < at + TELL_S:
+            return None
+        self._told = (shards, now)
+        return msgspec.msgpack.encode(Leaders(self.machine, shards))
+
+    def hear(self, data: bytes, now: float) -> None:
+        """What another machine of the operator told (``tell``); raises MessageError
+        where it is not that."""
+        try:
+            told = msgspec.msgpack.decode(data, type=Leaders)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise MessageError(f"not a machine's leaders: {exc}") from None
+        if told.machine == self.machine:
+            return
+        operators, workers = len(self.layout.members), self.layout.workers
+        for owner, worker, term, leader in told.shards:
+            if not (0 <= owner < operators and 0 <= worker < workers):
+                raise MessageError(f"no shard ({owner}, {worker})")
+            if not -1 <= leader < COPIES * operators or term < 0:
+                raise MessageError(f"no leader {leader} in term {term}")
+            known = self.heard.get((owner, worker))
+            if known is None or (term, leader) >= known[:2]:  # in a term, one leader
+                self.heard[(owner, worker)] = (term, leader, now)
 
     def _send(self, operator: int, to: str, msg: Forward) -> None:
         self.send(operator, to, encode(msg))
@@ -249,8 +316,13 @@ class Relay:
 
     async def follow(self) -> None:
         """Keep this machine in the relay's queue group for every shard led at another
-        operator, and out of it for the others (a long-running task of the machine)."""
+        operator, and out of it for the others, and tell the operator's other machines
+        the leaders its copies know (a long-running task of the machine)."""
+        subject = leaders_subject(self.layout.members[self.operator].name)
         while True:
+            told = self.tell(time.monotonic())
+            if told is not None:
+                await self.nc.publish(subject, told)
             for shard in [s for s in self.subs if s not in self.copies]:  # moved away
                 for sub in self.subs.pop(shard):
                     await sub.unsubscribe()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import msgspec
@@ -29,6 +31,7 @@ from constellation.protocol.envelope import seal
 from services.gateway.config import Settings as GatewaySettings
 from services.replica import relay
 from services.replica.config import Layout
+from services.replica.host import HostedCopy
 from services.replica.transport import (
     ALL,
     FRESH_MS,
@@ -480,3 +483,74 @@ def test_a_settling_gateway_needs_credentials_for_every_peer_and_knows_their_led
     assert [name for name, _ in s.settle.counterparts] == ["op0", "op2", "far"]
     assert s.settle.publish_as("far") == "g-op1" and s.settle.publish_as("op0") == "op1"
     assert list(s.neighbour_ids) == ["far"] and "far" not in s.ledgers  # settled, not served
+
+
+class _Copy:
+    """Stands in for a ``HostedCopy`` as the relay sees it: its shard, what its replica
+    knows of the leader, and the packages it takes."""
+
+    def __init__(self, owner: int, worker: int, term: int, leader: int) -> None:
+        self.owner, self.worker, self.closed = owner, worker, False
+        self.replica = SimpleNamespace(term=term, leader=leader)
+        self.taken: list[proto.Package] = []
+
+    def take(self, pkg: proto.Package) -> None:
+        self.taken.append(pkg)
+
+
+def leaders(machine: int, *shards: tuple[int, int, int, int]) -> bytes:
+    return msgspec.msgpack.encode(relay.Leaders(machine, list(shards)))
+
+
+async def test_a_machine_without_a_copy_of_the_sending_shard_knows_its_leader_from_the_operators_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """op2 is down: its shard 1 is led here (op0's copy 0), its shard 0 at op1 (copy 2).
+    With three machines, this one holds no copy of shard 0: who leads it, the machines
+    of op0 that do hold one tell."""
+    r, _, _ = a_relay()
+    target = _Copy(2, 1, 5, 0)
+    r.add(cast(HostedCopy, target))
+    ask = proto.Package(proto.PROTOCOL_VERSION, 0, "cst.op2.w.0", 1, [proto.Ask(b"t" * 32, 1)])
+    relayed = relay.encode(relay.Relayed(2, 1, 0, proto.encode(ask)))
+    with pytest.raises(Misdirected, match="nor word"):
+        await r.receive(1, relayed)
+    now = time.monotonic()
+    r.hear(leaders(1, (2, 0, 5, 2)), now)
+    await r.receive(1, relayed)
+    assert target.taken == [ask]
+    with pytest.raises(Misdirected, match="does not lead"):  # op2 does not lead it
+        await r.receive(2, relayed)
+    r.hear(leaders(2, (2, 0, 6, 4)), now)  # a later term: op2 leads it again
+    r.hear(leaders(1, (2, 0, 5, 2)), now)  # what an earlier term said changes nothing
+    r.hear(leaders(1, (2, 0, 6, -1)), now)  # nor a copy that knows no leader in that term
+    with pytest.raises(Misdirected, match="does not lead"):
+        await r.receive(1, relayed)
+    await r.receive(2, relayed)
+    assert len(target.taken) == 2
+    monkeypatch.setattr(relay, "HEARD_S", 0.0)  # what was heard grows old
+    with pytest.raises(Misdirected, match="nor word"):
+        await r.receive(2, relayed)
+
+
+def test_what_a_machine_tells_and_what_is_refused_of_what_it_hears() -> None:
+    r, _, _ = a_relay()
+    copy = _Copy(2, 1, 5, 0)
+    r.add(cast(HostedCopy, copy))
+    assert r.tell(100.0) == leaders(0, (2, 1, 5, 0))
+    assert r.tell(100.0 + relay.TELL_S / 2) is None  # nothing changed
+    copy.replica.term, copy.replica.leader = 6, -1
+    assert r.tell(100.0 + relay.TELL_S / 2) == leaders(0, (2, 1, 6, -1))  # at once
+    assert r.tell(100.0 + relay.TELL_S * 2) == leaders(0, (2, 1, 6, -1))  # and again later
+    r.hear(leaders(0, (2, 0, 5, 2)), 0.0)  # its own word: not news
+    assert r.heard == {}
+    for bad in (
+        leaders(1, (3, 0, 5, 2)),  # no operator 3
+        leaders(1, (2, 3, 5, 2)),  # no worker 3
+        leaders(1, (2, 0, 5, 6)),  # no copy 6
+        leaders(1, (2, 0, -1, 2)),
+        b"\xc1",
+        msgspec.msgpack.encode([1, [[2, 0, 5, 2]], "more"]),
+    ):
+        with pytest.raises(MessageError):
+            r.hear(bad, 0.0)
