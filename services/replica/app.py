@@ -128,12 +128,16 @@ class Machine:
         self.reported: list[SeenCopy] | None = None  # the copies' members, as last reported
         self._put = asyncio.Event()  # the placement or the agreement was put since read
         self._started = False
+        self.failing: dict[str, str] = {}  # copies whose last tick raised: why, by name
 
     def ready(self) -> tuple[bool, str]:
         if self.nc is None or not self.nc.is_connected:
             return False, "not connected to NATS"
         if not self._started:
             return False, "starting"
+        if self.failing:
+            why = "; ".join(f"{name}: {exc}" for name, exc in self.failing.items())
+            return False, f"ticks failing: {why}"
         now = time.monotonic()
         behind = [c.name for c in self.copies if not c.caught_up(now)]
         if behind:
@@ -556,11 +560,21 @@ class Machine:
         return receive
 
     async def _tick(self) -> None:
+        """Every copy's tick. One that fails (a bug) is said once, with its traceback,
+        and keeps the machine from being ready while it fails; the others tick on."""
         while True:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()
             for copy in self.copies:
-                copy.tick(now)
+                try:
+                    copy.tick(now)
+                except Exception as exc:
+                    self.metrics.tick_failures.labels(copy.name).inc()
+                    if copy.name not in self.failing:
+                        log.exception("a copy's tick failed", extra={"shard": copy.name})
+                    self.failing[copy.name] = f"{type(exc).__name__}: {exc}"
+                else:
+                    self.failing.pop(copy.name, None)
 
     # -- events of confirmed blocks, to the owner's readers ---------------------------
 

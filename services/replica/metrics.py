@@ -141,6 +141,12 @@ class MachineMetrics:
             "bytes of copies' folders fetched from another machine of the operator",
             registry=r,
         )
+        self.tick_failures = Counter(
+            "replica_tick_failures",
+            "ticks of a copy that raised (a bug; the machine is not ready while they do)",
+            ["shard"],
+            registry=r,
+        )
         self.relayed = Counter(
             "replica_relayed_messages",
             "packages, queries and answers relayed for shards led at another operator",

@@ -502,7 +502,7 @@ def leaders(machine: int, *shards: tuple[int, int, int, int]) -> bytes:
     return msgspec.msgpack.encode(relay.Leaders(machine, list(shards)))
 
 
-async def test_a_machine_without_a_copy_of_the_sending_shard_knows_its_leader_from_the_operators_others(
+async def test_a_machine_with_no_copy_of_the_sending_shard_hears_who_leads_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """op2 is down: its shard 1 is led here (op0's copy 0), its shard 0 at op1 (copy 2).
