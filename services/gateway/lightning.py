@@ -56,14 +56,19 @@ RETRY_FOR_S = 30  # how long lightningd keeps trying routes for a payment
 DEFAULT_EXPIRY_S = 3600  # an invoice's expiry where it names none (BOLT 11)
 THREADS = 8  # for calls, and as many again for payments
 CAN_ADD_HTLC = ("CHANNELD_NORMAL", "CHANNELD_AWAITING_SPLICE")
-# A channel holds our side from its funding (while it waits for lock-in) until a mutual
-# close's transaction goes out: money that left the wallet and is not back in it.
+# A channel holds our side from its funding (while it waits for lock-in) until its
+# closing transaction is mined: money that left the wallet and is not back in it.
+# lightningd adds a close's output to its wallet (``listfunds``) from the block that
+# holds it, not when it broadcasts it (as it does its own withdrawals' and fundings'
+# change); from that block on the channel is FUNDING_SPEND_SEEN, then ONCHAIN.
 HOLDS_OUR_SIDE = (
     *CAN_ADD_HTLC,
     "CHANNELD_AWAITING_LOCKIN",
     "DUALOPEND_AWAITING_LOCKIN",
     "CHANNELD_SHUTTING_DOWN",
     "CLOSINGD_SIGEXCHANGE",
+    "CLOSINGD_COMPLETE",  # a mutual close broadcast, not mined
+    "AWAITING_UNILATERAL",  # our commitment broadcast, not mined
 )
 SPLICE_ROUNDS = 10  # splice_update calls before the commitments must be secured
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from services.gateway.lightning import Channel, our_side_msat
 from services.gateway.settle import CONFIRM, Books, Reserve
 
 START = Books(
@@ -97,3 +98,31 @@ def test_the_node_s_own_fees_and_earnings_keep_it() -> None:
     assert r.check(routed)["drift"] == 0
     # a miner's fee the books do not name is a loss
     assert r.check(replace(routed, onchain_msat=4_700))["drift"] == -100
+
+
+def _channel(state: str, to_us_msat: int) -> Channel:
+    return Channel("c", "p", state, True, 100_000, to_us_msat, 0, 0, False)
+
+
+def test_a_channel_s_close_moves_our_side_to_the_wallet_once_mined() -> None:
+    """As lightningd reports a mutual close: the channel holds our side until the close
+    is mined; from that block the output is the wallet's (``listfunds``) and the channel
+    is FUNDING_SPEND_SEEN, then ONCHAIN. The books hold the same all along (the closing
+    fee, 300, is booked by the node's income as it is mined)."""
+    r = Reserve()
+    r.check(START)
+    ours = START.lightning_msat
+    for state in ("CHANNELD_SHUTTING_DOWN", "CLOSINGD_SIGEXCHANGE", "CLOSINGD_COMPLETE"):
+        books = replace(START, lightning_msat=our_side_msat([_channel(state, ours)]))
+        assert r.check(books)["drift"] == 0, state
+    for state in ("FUNDING_SPEND_SEEN", "ONCHAIN"):
+        mined = replace(
+            START,
+            lightning_msat=our_side_msat([_channel(state, ours)]),
+            onchain_msat=START.onchain_msat + ours - 300,
+            onchain_fees_msat=300,
+        )
+        assert r.check(mined)["drift"] == 0, state
+    # our own commitment, broadcast and not mined: still the channel's
+    dropped = replace(START, lightning_msat=our_side_msat([_channel("AWAITING_UNILATERAL", ours)]))
+    assert r.check(dropped)["drift"] == 0
