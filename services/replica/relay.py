@@ -266,11 +266,12 @@ class Relay:
         if told.machine == self.machine:
             return
         operators, workers = len(self.layout.members), self.layout.workers
-        for owner, worker, term, leader in told.shards:
+        for owner, worker, term, leader in told.shards:  # all checked before any is taken
             if not (0 <= owner < operators and 0 <= worker < workers):
                 raise MessageError(f"no shard ({owner}, {worker})")
             if not -1 <= leader < COPIES * operators or term < 0:
                 raise MessageError(f"no leader {leader} in term {term}")
+        for owner, worker, term, leader in told.shards:
             known = self.heard.get((owner, worker))
             if known is None or (term, leader) >= known[:2]:  # in a term, one leader
                 self.heard[(owner, worker)] = (term, leader, now)

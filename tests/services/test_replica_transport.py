@@ -545,7 +545,7 @@ def test_what_a_machine_tells_and_what_is_refused_of_what_it_hears() -> None:
     r.hear(leaders(0, (2, 0, 5, 2)), 0.0)  # its own word: not news
     assert r.heard == {}
     for bad in (
-        leaders(1, (3, 0, 5, 2)),  # no operator 3
+        leaders(1, (2, 0, 5, 2), (3, 0, 5, 2)),  # no operator 3: none of it is taken
         leaders(1, (2, 3, 5, 2)),  # no worker 3
         leaders(1, (2, 0, 5, 6)),  # no copy 6
         leaders(1, (2, 0, -1, 2)),
@@ -554,3 +554,4 @@ def test_what_a_machine_tells_and_what_is_refused_of_what_it_hears() -> None:
     ):
         with pytest.raises(MessageError):
             r.hear(bad, 0.0)
+    assert r.heard == {}
