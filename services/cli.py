@@ -369,6 +369,9 @@ def _add_wallet(sub: Any) -> None:
     for p in (create, restore):
         p.add_argument("--network", default="regtest", help="main, test or regtest")
         p.add_argument("--mint", default="", help="its operator's Cashu mint (deposits, invoices)")
+    rescan = wallet_sub.add_parser(
+        "rescan", help="find the keys in use at the gateway (as a restore from words does)"
+    )
     address = wallet_sub.add_parser("address", help="a fresh receive address")
     balance = wallet_sub.add_parser(
         "balance", help="unspent coins (and deposits and payments in flight, taken up)"
@@ -424,7 +427,19 @@ def _add_wallet(sub: Any) -> None:
     )
     for p in (deposit, pay, balance):
         p.add_argument("--mint", default="", help="the mint (default: the wallet's)")
-    for p in (create, restore, address, balance, history, deposit, pay, pin, verify, follow):
+    for p in (
+        create,
+        restore,
+        rescan,
+        address,
+        balance,
+        history,
+        deposit,
+        pay,
+        pin,
+        verify,
+        follow,
+    ):
         p.add_argument("--file", type=Path, default=Path("wallet.json"), help="the wallet file")
         p.add_argument("--gateway", default="", help="gateway URL (default: the wallet's)")
     for p in (balance, pay):

@@ -34,6 +34,9 @@ from services.runtime import ConfigError, write_atomic
 
 ADDRESS_TIMEOUT = aiohttp.ClientTimeout(total=5)
 GAP = 5  # unused receive addresses past the last handed out that a balance also checks
+# A rescan (``wallet restore``, ``wallet rescan``) walks each chain of keys until this many
+# addresses in a row were never used (BIP 44's gap limit).
+SCAN_GAP = 20
 PENDING_EXIT = 3  # a payment or deposit whose fate is not known yet
 
 
@@ -164,8 +167,12 @@ async def wallet_command(args: Any, out: Any) -> int:
             print("write these words down; they are the only way to restore the wallet:", file=out)
             print(f"  {doc.mnemonic}", file=out)
         print(f"wallet saved to {path} ({doc.network}, gateway {doc.gateway})", file=out)
-        return 0
-    doc = WalletFile.load(path)
+        if words is None:
+            return 0
+    else:
+        doc = WalletFile.load(path)
+    if args.wallet_command in ("restore", "rescan"):
+        return await _rescan(doc, path, args.gateway, out)
     if args.wallet_command == "address":
         if not doc.ledger_id:  # ask once; without it the address names no ledger
             with contextlib.suppress(aiohttp.ClientError, GatewayError, TimeoutError):
@@ -207,6 +214,44 @@ async def wallet_command(args: Any, out: Any) -> int:
             kept = sum(p["amount"] for p in doc.ecash)
             print(f"+ {kept} sat of ecash, worth less than a coin's fee", file=out)
     return 0
+
+
+async def _rescan(doc: WalletFile, path: Path, url: str, out: Any) -> int:
+    """Find how far each chain of keys was used, and save it (``rescan``)."""
+    try:
+        async with aiohttp.ClientSession() as session:
+            await rescan(gateway_of(doc, session, url, ""), doc)
+    except (aiohttp.ClientError, GatewayError, TimeoutError) as exc:
+        print(
+            f"the gateway did not say which keys were used ({exc}): coins at later keys are"
+            " not counted until `constellation wallet rescan` succeeds",
+            file=out,
+        )
+        return 1
+    doc.save(path)
+    print(f"keys in use: {doc.receive} to receive, {doc.change} for change", file=out)
+    return 0
+
+
+async def rescan(gateway: Gateway, doc: WalletFile) -> None:
+    """Set how many keys of each chain were handed out from what ``gateway`` knows of
+    them, as a wallet restored from its words must: its coins may sit at any receive
+    key handed out, and at every change key its payments made. A key counts as used
+    where its address has any history (a coin received, even spent since) or an
+    output paid to it from another ledger; each chain is walked until ``SCAN_GAP``
+    addresses in a row were never used. Never lowers what the file says."""
+    w = doc.wallet()
+    for chain in (RECEIVE, CHANGE):
+        used, index = -1, 0
+        while index - used <= SCAN_GAP:
+            address = encode_address(w.key(chain, index).pubkey, w.network)
+            if await gateway.history(address, 1) or await gateway.incoming(address, 1):
+                used = index
+            index += 1
+        if chain == RECEIVE:
+            doc.receive = max(doc.receive, used + 1)
+        else:
+            doc.change = max(doc.change, used + 1)
 
 
 def _txid(text: str) -> bytes:

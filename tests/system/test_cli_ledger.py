@@ -100,6 +100,7 @@ def test_wallet_commands_ops_endpoints_and_a_clean_stop(devnet_root: Path) -> No
     assert code == 1  # insufficient funds, refused before anything is sent
     _, history = cli("wallet", "history", "--file", alice)
     assert history.count("msat") >= 2 and "-" in history and "+" in history
+    _a_restored_wallet_finds_every_key_in_use(devnet_root, d, net, words, alice, bob, b_addr)
     # Every process answers its ops endpoints.
     ports = [net.gateway_port, net.indexer_port, *(w.http_port for w in net.workers)]
     for port in ports:
@@ -125,6 +126,30 @@ def test_wallet_commands_ops_endpoints_and_a_clean_stop(devnet_root: Path) -> No
     logs += [Path(d) / "gateway.log", Path(d) / "indexer.log"]
     for log in logs:
         assert '"event": "stopped"' in log.read_text(), log
+
+
+def _a_restored_wallet_finds_every_key_in_use(
+    root: Path, d: str, net: devnet.Devnet, words: str, alice: str, bob: str, b_addr: str
+) -> None:
+    """Alice's coins sit at a change key and, once funded there, at a receive key past
+    the few a balance looks ahead: restored from her words, the wallet finds both."""
+    for _ in range(7):
+        _, late = cli("wallet", "address", "--file", alice)
+    assert cli("devnet", "fund", late.strip(), "700000", "--dir", d)[0] == 0
+    held = 5_000_000 - 1_200_000 - 1_000 + 700_000
+    assert _balance_is(alice, held)
+    restored = str(root / "alice-restored.json")
+    code, out = cli(
+        "wallet", "restore", *words.split(), "--file", restored, "--gateway", net.gateway_url
+    )
+    assert code == 0 and "keys in use: 8 to receive, 1 for change" in out, out
+    assert _balance_is(restored, held)
+    code, out = cli("wallet", "pay", b_addr.strip(), "4000000", "--file", restored)
+    assert code == 0 and "committed in worker" in out, out  # the change and the late coin
+    assert _balance_is(bob, 5_200_000)
+    assert cli("wallet", "rescan", "--file", alice)[1].strip() == (
+        "keys in use: 8 to receive, 2 for change"  # the restored wallet's payment, seen
+    )
 
 
 def _balance_is(wallet: str, expected: int) -> bool:
