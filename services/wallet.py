@@ -458,12 +458,19 @@ async def _pending(gw: Gateway, doc: WalletFile, out: Any) -> None:
 
 
 async def _history(gw: Gateway, doc: WalletFile, limit: int, out: Any) -> None:
-    entries = []
+    """The wallet's last ``limit`` transactions, newest first, each as what it did to
+    the wallet: a payment's coins spent less its change is what it sent (with the fee),
+    a coin paid to the wallet what it received."""
+    net: dict[str, int] = {}
+    at: dict[str, Any] = {}
     for address in doc.addresses():
-        entries += [(e["at"], address, e) for e in await gw.history(address, limit)]
-    for at, address, e in sorted(entries, key=lambda x: x[0], reverse=True)[:limit]:
-        sign = "+" if e["kind"] == "received" else "-"
-        print(f"{at}  {sign}{e['value_msat']:>15} msat  {address}  tx {e['txid']}", file=out)
+        for e in await gw.history(address, limit):
+            value = e["value_msat"] if e["kind"] == "received" else -e["value_msat"]
+            net[e["txid"]] = net.get(e["txid"], 0) + value
+            at[e["txid"]] = e["at"]
+    for txid in sorted(net, key=lambda t: at[t], reverse=True)[:limit]:
+        what = "received" if net[txid] >= 0 else "sent"
+        print(f"{at[txid]}  {net[txid]:+16} msat  {what:8}  tx {txid}", file=out)
 
 
 async def send(

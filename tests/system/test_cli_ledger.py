@@ -99,7 +99,11 @@ def test_wallet_commands_ops_endpoints_and_a_clean_stop(devnet_root: Path) -> No
     code, out = cli("wallet", "pay", b_addr.strip(), "99000000", "--file", alice)
     assert code == 1  # insufficient funds, refused before anything is sent
     _, history = cli("wallet", "history", "--file", alice)
-    assert history.count("msat") >= 2 and "-" in history and "+" in history
+    # one line a transaction: the funding, then the payment with its fee, less the change
+    lines = history.splitlines()
+    assert len(lines) == 2, history
+    assert lines[0].split()[1:4] == ["-1201000", "msat", "sent"], history
+    assert lines[1].split()[1:4] == ["+5000000", "msat", "received"], history
     _a_restored_wallet_finds_every_key_in_use(devnet_root, d, net, words, alice, bob, b_addr)
     # Every process answers its ops endpoints.
     ports = [net.gateway_port, net.indexer_port, *(w.http_port for w in net.workers)]
