@@ -31,8 +31,10 @@ payment failed is cancelled at Q the same way. Q cancels only an unpaid invoice,
 can then never be paid (an HTLC held for it fails); a paid one settles the batch. P
 does not take Q's word either way: it asks its own node once more. Cancelled, it puts
 the batch's obligations into the next batch only once its node says the payment
-failed (pending and unknown are looked up again: a payment in flight may still land;
-no attempt at all ``NEVER_SENT_S`` after the cancel is a payment never sent); paid,
+failed, ``ATTEMPTING_S`` after it last asked its node to pay (pending and unknown are
+looked up again: a payment in flight may still land, and so may a pay command still
+trying routes, one sent before a restart too, where Q kept the invoice it said it
+deleted; no attempt at all ``NEVER_SENT_S`` after the cancel is a payment never sent); paid,
 it settles with the fee its node reports (and where its node paid nothing, someone
 else paid Q's invoice: Q released, so the batch is settled all the same).
 
@@ -61,6 +63,10 @@ GIVE_UP_S = 30.0  # a payment unknown this long: the payee is asked to cancel it
 # Cancelled this long, no attempt of ours at our node means none was made: we send none
 # once cancelled, and a pay command ends sooner (services.gateway.lightning.RETRY_FOR_S).
 NEVER_SENT_S = 60.0
+# A pay command tries routes this long at most (services.gateway.lightning.RETRY_FOR_S),
+# with a margin: until then, every attempt so far having failed is not the payment's
+# failure (the command, perhaps one sent before a restart, may try again and land).
+ATTEMPTING_S = 45.0
 
 _release_hash = tagged_hasher("constellation/release")
 
@@ -87,6 +93,7 @@ class Batch:
     payment_hash: bytes = b""
     since: float = 0.0  # the status's start
     asked: float = 0.0  # the last request or lookup
+    paid_at: float = 0.0  # the last ``Pay`` asked of the node
     paid_said: bool = False  # cancelling, the payee said its invoice was paid
 
 
@@ -282,10 +289,11 @@ class Payer:
             return []  # stale, or repeated
         if amount_msat != b.amount_msat:
             raise ValueError(f"batch {batch}: invoiced {amount_msat} msat, owed {b.amount_msat}")
-        b.status, b.bolt11, b.payment_hash, b.since, b.asked = (
+        b.status, b.bolt11, b.payment_hash, b.since, b.asked, b.paid_at = (
             Status.PAYING,
             bolt11,
             payment_hash,
+            now,
             now,
             now,
         )
@@ -309,7 +317,9 @@ class Payer:
             self._settle(b, fee_msat)
             return []
         if b.status is Status.CANCELLED:
-            if outcome is Outcome.FAILED:
+            # Failed is final only once no pay command of ours can still be trying: a
+            # payee that said it cancelled may have kept its invoice.
+            if outcome is Outcome.FAILED and now >= b.paid_at + ATTEMPTING_S:
                 if b.paid_said:  # paid, by someone else: the payee released it
                     self._settle(b, 0)
                 else:
@@ -355,6 +365,7 @@ class Payer:
         if b.status is Status.ASKED:
             return [RequestInvoice(b.id, b.first, b.last, b.amount_msat)]
         if b.status is Status.PAYING:  # the node pays no hash twice: asking again is safe
+            b.paid_at = now
             return [Pay(b.id, b.bolt11, self.fee_limit_msat)]
         if b.status is Status.CANCELLED:
             return [self._look_up_cancelled(b, now)]

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from constellation.lightning import Outcome, nothing_sent, outgoing
 from constellation.settlement import (
+    ATTEMPTING_S,
     LOOKUP_S,
     NEVER_SENT_S,
     Action,
@@ -351,7 +352,9 @@ def test_the_payer_confirms_a_cancel_with_its_own_node() -> None:
 
     payer, batch = cancelling()
     payer.cancelled(batch, False, 12.0)
-    payer.outcome(batch, Outcome.FAILED, 13.0)  # confirmed unpaid: into the next batch
+    payer.outcome(batch, Outcome.FAILED, 13.0)  # our pay command may still be trying
+    assert payer.state.batch is not None
+    payer.outcome(batch, Outcome.FAILED, 10.0 + ATTEMPTING_S)  # confirmed unpaid
     assert payer.state.batch is None and payer.state.failed == 1
     assert payer.state.owed == [(1, 5_000)]
     assert payer.cancelled(batch, True, 14.0) == []  # too late to matter: ignored
@@ -371,3 +374,38 @@ def test_a_cancelled_payment_is_never_sent_only_after_our_pay_command_would_end(
     assert payer.tick(12.0 + NEVER_SENT_S - 1) == [LookUp(request.batch, b"h" * 32, True)]
     assert payer.tick(12.0 + NEVER_SENT_S) == [LookUp(request.batch, b"h" * 32, False)]
     assert payer.resume(12.0 + NEVER_SENT_S) == [LookUp(request.batch, b"h" * 32, False)]
+
+
+def test_a_payee_that_keeps_the_invoice_it_said_it_deleted_is_not_paid_twice() -> None:
+    """The payer restarts while its pay command tries routes; the payee fails each
+    attempt on purpose, says it cancelled, and keeps its invoice. Between two attempts
+    the node says failed: not final while a pay command of ours may still be trying."""
+    assert RETRY_FOR_S < ATTEMPTING_S
+    payer = Payer(PayerState("p", "q"))
+    payer.owe(1, 5_000)
+    [request] = payer.tick(0.0)
+    assert isinstance(request, RequestInvoice)
+    payer.offered(request.batch, "lnbcrt1x", b"h" * 32, 5_000, 0.5)  # pay command 1 starts
+    payer = Payer(copy.deepcopy(payer.state))  # a restart
+    assert payer.resume(5.0) == [Pay(request.batch, "lnbcrt1x", payer.fee_limit_msat)]
+    assert payer.outcome(request.batch, Outcome.PENDING, 5.1) == []
+    assert payer.outcome(request.batch, Outcome.FAILED, 7.0) == [RequestCancel(request.batch)]
+    payer.cancelled(request.batch, False, 7.2)  # a lie: the invoice is kept
+    payer.outcome(request.batch, Outcome.FAILED, 7.3)
+    assert payer.state.batch is not None and payer.state.failed == 0
+    payer.outcome(request.batch, Outcome.SETTLED, 8.0, fee_msat=5)  # an attempt lands
+    assert payer.state.batch is None and payer.state.settled_upto == 1
+    assert payer.state.paid_msat == 5_000 and payer.tick(9.0) == []  # nothing to pay again
+    # Where no attempt lands, failed is final once the last pay command is over.
+    payer = Payer(PayerState("p", "q"))
+    payer.owe(1, 5_000)
+    [request] = payer.tick(0.0)
+    assert isinstance(request, RequestInvoice)
+    payer.offered(request.batch, "lnbcrt1x", b"h" * 32, 5_000, 0.5)
+    payer.resume(5.0)
+    payer.outcome(request.batch, Outcome.FAILED, 7.0)
+    payer.cancelled(request.batch, False, 7.2)
+    payer.outcome(request.batch, Outcome.FAILED, 5.0 + ATTEMPTING_S - 0.1)
+    assert payer.state.batch is not None
+    payer.outcome(request.batch, Outcome.FAILED, 5.0 + ATTEMPTING_S)
+    assert payer.state.batch is None and payer.state.failed == 1
