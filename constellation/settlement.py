@@ -279,13 +279,19 @@ class Payer:
         after ``NEVER_SENT_S`` is a failure, not a payment still to appear."""
         return LookUp(b.id, b.payment_hash, now - b.since < NEVER_SENT_S)
 
+    def asks(self, batch: int) -> bool:
+        """Whether the payee's invoice for ``batch`` is asked for now (any other offer
+        is stale, repeated or unasked: not even decoded)."""
+        b = self.state.batch
+        return b is not None and b.id == batch and b.status is Status.ASKED
+
     def offered(
         self, batch: int, bolt11: str, payment_hash: bytes, amount_msat: int, now: float
     ) -> list[Action]:
         """The payee's invoice for ``batch`` (its amount and hash as decoded by the
         shell; the payee's sealed message vouches for the invoice)."""
         b = self.state.batch
-        if b is None or b.id != batch or b.status is not Status.ASKED:
+        if b is None or not self.asks(batch):
             return []  # stale, or repeated
         if amount_msat != b.amount_msat:
             raise ValueError(f"batch {batch}: invoiced {amount_msat} msat, owed {b.amount_msat}")

@@ -641,6 +641,11 @@ class Settler:
         await self._send(pair, sp.Announced(last))
 
     async def _offered(self, pair: Pair, msg: sp.Offer, now: float) -> None:
+        """The peer's invoice, where one is asked for: decoded by our node, paid where
+        it is for the amount owed (and then its node is the peer's, for the liquidity
+        policy). An offer not asked for costs no call to the node."""
+        if not pair.payer.asks(msg.batch):
+            return
         try:
             decoded = await self.backend.decode(msg.bolt11)
         except LightningError as exc:  # another operator's bytes, or the node is down
@@ -649,7 +654,6 @@ class Settler:
             )
             await self._call(pair, lambda: pair.payer.refused(msg.batch, now))
             return
-        pair.node_id = decoded.payee
         amount = decoded.amount_msat or 0
         try:
             await self._call(
@@ -663,6 +667,10 @@ class Settler:
                 "an invoice for another amount", extra={"peer": pair.name, "error": str(exc)}
             )
             await self._call(pair, lambda: pair.payer.refused(msg.batch, now))
+            return
+        b = pair.payer.state.batch
+        if b is not None and b.id == msg.batch and b.payment_hash == decoded.payment_hash:
+            pair.node_id = decoded.payee  # an invoice taken: the node we pay
 
     def expected(self) -> dict[str, int]:
         """What each peer's node is expected to be sent in a batch: the most of the

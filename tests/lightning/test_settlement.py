@@ -337,7 +337,10 @@ def test_the_payer_confirms_a_cancel_with_its_own_node() -> None:
         payer.owe(1, 5_000)
         [request] = payer.tick(10.0)
         assert isinstance(request, RequestInvoice)
+        # only the invoice asked for is looked at (its shell decodes no other)
+        assert payer.asks(request.batch) and not payer.asks(request.batch + 1)
         payer.offered(request.batch, "lnbcrt1x", b"h" * 32, 5_000, 10.0)
+        assert not payer.asks(request.batch)  # taken: a repeat is not decoded again
         assert payer.outcome(request.batch, Outcome.FAILED, 11.0) == [RequestCancel(request.batch)]
         return payer, request.batch
 
