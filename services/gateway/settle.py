@@ -508,7 +508,13 @@ class Settler:
         refusal waits, longer each time, and is said loudly."""
         for batch, first, last, amount in list(pair.payee.state.releasing):
             pair.releasing_msat = amount
-            refused = await self._issue(pair, batch, first, last)
+            try:
+                refused = await self._issue(pair, batch, first, last)
+            except DATABASE_DOWN:
+                raise  # the settlement starts over from its store
+            except Exception as exc:  # a bug, or an answer not understood: not at once again
+                log.exception("a release failed", extra={"peer": pair.name, "batch": batch})
+                refused = f"{type(exc).__name__}: {exc}"
             if refused:
                 pair.release_backoff = min(max(1.0, pair.release_backoff * 2), 60.0)
                 pair.release_after = self.clock() + pair.release_backoff
