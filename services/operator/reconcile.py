@@ -18,8 +18,10 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from constellation.replication.placement import MAX_MACHINES, Placement
@@ -39,18 +41,58 @@ def key_of(obj: Obj) -> Key:
 
 def covers(actual: Any, desired: Any) -> bool:
     """Whether ``actual`` holds everything ``desired`` says (the API server adds
-    defaults and bookkeeping, which are not differences)."""
+    defaults and bookkeeping, which are not differences, and writes each quantity in its
+    own canonical form, which is not one either)."""
+    return _covers(actual, desired, ())
+
+
+def _covers(actual: Any, desired: Any, path: tuple[str, ...]) -> bool:
     if isinstance(desired, dict):
         return isinstance(actual, dict) and all(
-            k in actual and covers(actual[k], v) for k, v in desired.items()
+            k in actual and _covers(actual[k], v, (*path, k)) for k, v in desired.items()
         )
     if isinstance(desired, list):
         return (
             isinstance(actual, list)
             and len(actual) == len(desired)
-            and all(covers(a, d) for a, d in zip(actual, desired, strict=True))
+            and all(_covers(a, d, path) for a, d in zip(actual, desired, strict=True))
         )
+    if is_quantity(path):
+        have, want = quantity(actual), quantity(desired)
+        if have is not None and want is not None:
+            return have == want
     return bool(actual == desired)
+
+
+def is_quantity(path: Sequence[str]) -> bool:
+    """Whether the field at ``path`` (its keys, lists left out) of a rendered object holds
+    a quantity: a container's or a volume claim's resources, an emptyDir's size."""
+    return path[-1:] == ("sizeLimit",) or (
+        len(path) >= 3 and path[-3] == "resources" and path[-2] in ("requests", "limits")
+    )
+
+
+# Kubernetes' quantity grammar: a signed decimal number, then a binary suffix (Ki..Ei), a
+# decimal one (n, u and m below one, k..E above: the API server writes n and u too), or
+# an exponent of ten (1e3; a bare E is exa).
+_QUANTITY = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))(?:([KMGTPE]i|[numkMGTPE])|[eE]([+-]?\d+))?")
+_SCALE = {
+    **{s: Decimal(10) ** e for s, e in (("n", -9), ("u", -6), ("m", -3), ("", 0))},
+    **{s: Decimal(1000) ** (i + 1) for i, s in enumerate("kMGTPE")},
+    **{s: Decimal(1024) ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+}
+
+
+def quantity(text: Any) -> Decimal | None:
+    """The value of a Kubernetes quantity (``1Gi``, ``500m``, ``1e3``, or a number), exact,
+    or None where ``text`` is none (the API server refuses it: it is compared as written)."""
+    found = _QUANTITY.fullmatch(str(text))
+    if found is None:
+        return None
+    number, suffix, exponent = found.groups()
+    if exponent is not None:
+        return Decimal(number).scaleb(int(exponent))
+    return Decimal(number) * _SCALE[suffix or ""]
 
 
 def layout_change(running: str, wanted: str) -> str | None:

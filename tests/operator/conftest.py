@@ -1,8 +1,9 @@
 """The operator's tests run it against kmock's Kubernetes API emulator, with the fix-ups
 a kopf operator and kubectl need from it (kmock 0.8 sets no resourceVersion, uid or
 generation, answers a failed JSON-patch ``test`` with 500 where an API server says 422,
-keeps a Secret's ``stringData`` apart, leaves ``kind`` out of list replies, and names
-the core group ``/v1``), and the refusals of an API server the operator must live with
+keeps a Secret's ``stringData`` apart, keeps quantities as written where an API server
+writes them in their canonical form, leaves ``kind`` out of list replies, and names the
+core group ``/v1``), and the refusals of an API server the operator must live with
 (a StatefulSet's immutable fields; what an admission webhook denies, as a test says)."""
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import copy
 import datetime
 import itertools
 import json
+import math
+import re
 import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ from aiohttp import web
 from services.operator.app import OperatorNode
 from services.operator.config import Settings
 from services.operator.kube import KINDS, Connection, Kube
-from services.operator.reconcile import CONFIG_HASH
+from services.operator.reconcile import CONFIG_HASH, is_quantity, quantity
 from services.operator.render import MACHINE
 from services.operator.spec import GROUP, VERSION
 
@@ -64,6 +68,48 @@ FORBIDDEN = (
 )
 
 
+# The suffixes of 1024 to the power of each place, and of 1000 to the power of each key.
+BINARY = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"]
+DECIMAL = {-3: "n", -2: "u", -1: "m", 0: "", 1: "k", 2: "M", 3: "G", 4: "T", 5: "P", 6: "E"}
+
+
+def canonical(text: Any) -> Any:
+    """A quantity as an API server writes it back (``CanonicalizeBytes`` in apimachinery's
+    resource package): in the form it was written in (binary, decimal, exponent), with
+    the largest suffix that keeps the number whole (1024Mi: 1Gi, 1000m: 1, 0.5: 500m,
+    1.5Gi: 1536Mi); a binary one below 1024, or not whole, is written as decimal. Not a
+    quantity: as it was (an API server refuses it)."""
+    value = quantity(text)
+    if value is None:
+        return text
+    if value == 0:
+        return "0"
+    written = str(text)
+    if written.endswith("i") and abs(value) >= 1024 and value % 1 == 0:
+        power = max(p for p in range(len(BINARY)) if value % 1024**p == 0)
+        return f"{int(value) // 1024**power}{BINARY[power]}"
+    # Below a nano it is rounded up.
+    power = max((p for p in DECIMAL if value % Decimal(1000) ** p == 0), default=-3)
+    number = math.ceil(value / Decimal(1000) ** power)
+    if re.search(r"\d[eE][+-]?\d+$", written):
+        return f"{number}e{3 * power}" if power else str(number)
+    return f"{number}{DECIMAL[power]}"
+
+
+def canonical_quantities(obj: Any, path: tuple[str, ...] = ()) -> None:
+    """Writes each quantity of ``obj`` (an object, or a merge patch of one) in its
+    canonical form, as an API server stores it and answers with it."""
+    if isinstance(obj, list):
+        for item in obj:
+            canonical_quantities(item, path)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            if is_quantity((*path, k)) and isinstance(v, (str, int)):
+                obj[k] = canonical(v)
+            else:
+                canonical_quantities(v, (*path, k))
+
+
 class VersionedEmulator(kmock.KubernetesEmulator):
     """kmock's emulator, keeping the bookkeeping an API server keeps. ``denied`` (plural,
     name) -> why: the objects whose creation or change an admission webhook refuses."""
@@ -93,6 +139,8 @@ class VersionedEmulator(kmock.KubernetesEmulator):
             plain = request.data.pop("stringData")
             data = request.data.setdefault("data", {})
             data.update({k: base64.b64encode(v.encode()).decode() for k, v in plain.items()})
+        if isinstance(request.data, dict) and request.resource.group != GROUP:
+            canonical_quantities(request.data)  # the kinds it knows; a CRD's are as written
         if request.action in (kmock.action.CREATE, kmock.action.UPDATE):
             name = request.name or request.data.get("metadata", {}).get("name")
             why = self.denied.get((request.resource.plural, name))

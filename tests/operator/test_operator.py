@@ -198,6 +198,39 @@ async def test_a_change_of_storage_waits_for_a_manual_step_and_the_rest_applies(
         assert len(await _events(api, "ManualStepNeeded")) == 1  # said once
 
 
+async def _redis_resources(api: Api) -> dict[str, Any]:
+    (container,) = (await _get(api, "g1-redis"))["spec"]["template"]["spec"]["containers"]
+    return dict(container["resources"])
+
+
+async def test_quantities_the_api_server_rewrites_are_not_applied_again(
+    api: Api, running: Running
+) -> None:
+    """The API server writes quantities back in their canonical form (the emulator does
+    too): a Guild that writes them otherwise is applied once, not at every reconcile,
+    and its volume claims are as it asks; a new quantity is applied."""
+    keys, peers, guild = example()
+    odd = {"cpu": "1000m", "memory": "1024Mi"}
+    guild["spec"] |= {"redis": {"image": "redis:7", "resources": odd}, "machineStorage": "20480Mi"}
+    await api.secret(keys)
+    await api.secret(peers)
+    async with Kubelet(api):
+        await api.create_guild(guild)
+        await eventually(lambda: phase_is(api, "Running"), "the Guild is Running")
+        assert (await _redis_resources(api))["requests"] == {"cpu": "1", "memory": "1Gi"}
+        assert _claim_size(await _get(api, MACHINES[0])) == "20Gi"
+        updated = len(await _events(api, "Updated"))
+        await asyncio.sleep(3 * running.settings.resync_s)
+        assert len(await _events(api, "Updated")) == updated
+        assert (await api.condition("StorageApplied"))["status"] == "True"
+        await api.patch_spec({"redis": {"image": "redis:7", "resources": odd | {"memory": "2Gi"}}})
+
+        async def grown() -> bool:
+            return bool((await _redis_resources(api))["limits"] == {"memory": "2Gi"})
+
+        await eventually(grown, "the new memory is applied")
+
+
 async def _refused(api: Api, *words: str) -> str | None:
     degraded = await api.condition("Degraded")
     message = str(degraded["message"])

@@ -7,6 +7,7 @@ import asyncio
 import copy
 import re
 import subprocess
+from decimal import Decimal
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from services.operator.reconcile import (
     moves,
     placement_status,
     plan,
+    quantity,
     rolled,
 )
 from services.operator.render import (
@@ -55,7 +57,7 @@ from services.replica.config import Settings as ReplicaSettings
 from services.runtime import env_networks
 from services.signer.config import Settings as SignerSettings
 from services.signer.store import KeyStore
-from tests.operator.conftest import example, template_hash
+from tests.operator.conftest import canonical_quantities, example, template_hash
 from tests.test_helm import KUBE_VERSION
 
 OWNER = owner_reference(
@@ -537,6 +539,64 @@ def test_covers_ignores_what_the_server_adds() -> None:
     assert covers(have, want)
     assert not covers({"spec": {"ports": [{"port": 2}], "type": "ClusterIP"}}, want)
     assert not covers({"spec": {"ports": [], "type": "ClusterIP"}}, want)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("1Gi", 2**30),
+        ("1024Mi", 2**30),
+        ("1.5Gi", 1536 * 2**20),
+        ("1000m", 1),
+        ("0.5", Decimal("0.5")),
+        (".5", Decimal("0.5")),
+        ("1.", 1),
+        ("250m", Decimal("0.25")),
+        ("2k", 2000),
+        ("1E", 10**18),
+        ("1e3", 1000),
+        ("1E-3", Decimal("0.001")),
+        ("+2", 2),
+        ("-1Ki", -1024),
+        ("100n", Decimal("1e-7")),
+        (4, 4),
+        ("1 Gi", None),
+        ("1KB", None),
+        ("Gi", None),
+        ("", None),
+    ],
+)
+def test_a_quantity_is_read_exactly(text: object, value: object) -> None:
+    assert quantity(text) == value
+
+
+def test_quantities_the_api_server_rewrote_are_covered_and_a_change_is_not() -> None:
+    """An API server writes each quantity back in its canonical form (1024Mi as 1Gi,
+    1000m as 1): that is no difference, so nothing is applied again; a new value is."""
+    odd = {"cpu": "1000m", "memory": "1024Mi"}
+    r = _renderer(
+        redis={"image": "redis:7", "storage": "1024Mi", "resources": odd},
+        machineStorage="20480Mi",
+    )
+    observed = _running(r)
+    for obj in observed.values():
+        canonical_quantities(obj)
+    redis = observed[("StatefulSet", "g1-redis")]
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    assert container["resources"] == {
+        "requests": {"cpu": "1", "memory": "1Gi"},
+        "limits": {"memory": "1Gi"},
+    }
+    step = plan(r, observed)
+    assert step.patch == [] and step.held == [] and step.create == []
+    bigger = _renderer(
+        redis={"image": "redis:7", "storage": "1024Mi", "resources": odd | {"memory": "2Gi"}},
+        machineStorage="20480Mi",
+    )
+    assert [key_of(o) for o in plan(bigger, observed).patch] == [("StatefulSet", "g1-redis")]
+    sized = {"emptyDir": {"sizeLimit": "1Gi"}}
+    assert covers({"emptyDir": {"sizeLimit": "1024Mi", "medium": ""}}, sized)
+    assert not covers({"emptyDir": {"sizeLimit": "1G"}}, sized)
 
 
 # -- each container's environment, as the kubelet gives it, accepted by its service
