@@ -88,6 +88,7 @@ class Pair:
     release_after: float = 0.0  # a refused release is tried again from then
     release_backoff: float = 0.0
     paying: asyncio.Task[None] | None = None  # the pay command of the batch in flight
+    paying_batch: int = -1  # which batch that command pays
     last_failure: str = ""
     node_id: str = ""  # the peer's Lightning node, as its invoices name it
     recent: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT_BATCHES))
@@ -391,7 +392,7 @@ class Settler:
         await self._act(pair, actions)
 
     def _pay(self, pair: Pair, a: st.Pay) -> None:
-        if pair.paying is not None and not pair.paying.done():
+        if pair.paying is not None and not pair.paying.done() and pair.paying_batch == a.batch:
             return  # asked again while its command runs: lightningd pays a hash once
         self.metrics.settle_payments.labels(pair.name).inc()
 
@@ -406,7 +407,7 @@ class Settler:
                 pair, lambda: pair.payer.outcome(a.batch, state.outcome, self.clock(), fee)
             )
 
-        pair.paying = self._spawn(pay())
+        pair.paying, pair.paying_batch = self._spawn(pay()), a.batch
 
     async def _look_up(self, pair: Pair, a: st.LookUp) -> None:
         state = await self.backend.payment(a.payment_hash, a.attempted)
