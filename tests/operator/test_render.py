@@ -57,7 +57,7 @@ from services.replica.config import Settings as ReplicaSettings
 from services.runtime import env_networks
 from services.signer.config import Settings as SignerSettings
 from services.signer.store import KeyStore
-from tests.operator.conftest import canonical_quantities, example, template_hash
+from tests.operator.conftest import as_stored, example, template_hash
 from tests.test_helm import KUBE_VERSION
 
 OWNER = owner_reference(
@@ -467,8 +467,12 @@ def _pod(name: str, ready: bool = True, waiting: str = "", phase: str = "Running
 
 
 def _running(r: Renderer) -> dict[tuple[str, str], Any]:
-    """What ``r`` renders, as the cluster holds it once it runs: settled, each pod ready."""
-    observed = {key_of(o): _settled(o) for o in plan(r, {}).create}
+    """What ``r`` renders, as the cluster holds it once it runs: stored as an API server
+    stores it, settled, each pod ready."""
+    created = plan(r, {}).create
+    for o in created:
+        as_stored(o)
+    observed = {key_of(o): _settled(o) for o in created}
     for name in ROLLED:
         observed |= _pod(name)
     return observed
@@ -616,8 +620,6 @@ def test_quantities_the_api_server_rewrote_are_covered_and_a_change_is_not() -> 
         machineStorage="20480Mi",
     )
     observed = _running(r)
-    for obj in observed.values():
-        canonical_quantities(obj)
     redis = observed[("StatefulSet", "g1-redis")]
     (container,) = redis["spec"]["template"]["spec"]["containers"]
     assert container["resources"] == {
@@ -636,6 +638,22 @@ def test_quantities_the_api_server_rewrote_are_covered_and_a_change_is_not() -> 
     assert not covers({"emptyDir": {"sizeLimit": "1G"}}, sized)
 
 
+def test_a_running_guild_is_not_applied_again() -> None:
+    """What an API server answers is what it stores, its own way (quantities in their
+    canonical form, an empty environment variable without a value): a Guild the cluster
+    runs as rendered is applied no more, whatever it names."""
+    ext = {"external": {"secret": "db", "key": "url"}, "image": "unused"}
+    for r in (
+        _renderer(),
+        _renderer(**JOINED),
+        _renderer(lightning=None, mint=False),
+        _renderer(postgres=ext, trustedProxies=["10.0.0.0/8"]),
+    ):
+        step = plan(r, _running(r))
+        assert step.create == step.patch == [], [key_of(o) for o in step.patch]
+        assert step.waiting == []
+
+
 # -- each container's environment, as the kubelet gives it, accepted by its service
 
 
@@ -643,14 +661,17 @@ def _environment(
     container: dict[str, Any], secret_values: dict[tuple[str, str], str], files: Path
 ) -> dict[str, str]:
     """The environment the kubelet makes: values from Secrets, ``$(VAR)`` expanded
-    from the variables before, and the mounted files' paths moved into ``files``."""
+    from the variables before (one with no value is empty), and the mounted files'
+    paths moved into ``files``."""
     env: dict[str, str] = {}
     for e in container["env"]:
         if "valueFrom" in e:
             ref = e["valueFrom"]["secretKeyRef"]
             value = secret_values[ref["name"], ref["key"]]
         else:
-            value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), e["value"])
+            value = re.sub(
+                r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), e.get("value", "")
+            )
         for mount in (LAYOUT_DIR, PEERS_DIR, "/var/lib/constellation", "/run/lightning"):
             value = value.replace(mount, str(files / mount.strip("/").replace("/", "-")))
         env[e["name"]] = value
