@@ -136,21 +136,26 @@ def _without_machines(member: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in member.items() if k != "machines"}
 
 
-def config_hash(objs: Sequence[Obj]) -> str:
-    """A digest of the configuration the pods read at start (the layout and the NATS
-    configuration): a change to it rolls the workloads that read it. The members'
-    machine counts are left out: a machine reads its own only while its operator has
-    no placement yet (``Placement.initial``), and adding a machine rolls none."""
-    data = []
-    for o in objs:
-        if o["kind"] != "ConfigMap":
-            continue
-        d = dict(o["data"])
+def config_hash(workload: Obj, configs: Mapping[str, Mapping[str, str]]) -> str | None:
+    """A digest of the configuration ``workload``'s pods read at start: the ConfigMaps they
+    mount (``configs``: each rendered one's data, by name), or None where they mount none.
+    A change to it rolls that workload and no other: a new layout rolls the machines and
+    the services pod, and never restarts PostgreSQL or Redis, which do not read it. The
+    members' machine counts are left out: a machine reads its own only while its
+    operator has no placement yet (``Placement.initial``), and adding a machine rolls none."""
+    volumes = workload["spec"]["template"]["spec"].get("volumes", [])
+    mounted = sorted(v["configMap"]["name"] for v in volumes if "configMap" in v)
+    if not mounted:
+        return None
+    data = {}
+    for name in mounted:
+        assert name in configs, f"{name}: a mounted ConfigMap the Guild does not render"
+        d: dict[str, Any] = dict(configs[name])
         if LAYOUT_FILE in d:
             layout = json.loads(d[LAYOUT_FILE])
             layout["members"] = [_without_machines(m) for m in layout["members"]]
             d[LAYOUT_FILE] = layout
-        data.append(d)
+        data[name] = d
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -221,13 +226,16 @@ def plan(renderer: Renderer, observed: Mapping[Key, Obj], remove: Sequence[str] 
                     "a membership change goes through the guild's own procedure"
                 )
             )
-    digest = config_hash(objs)
+    configs = {o["metadata"]["name"]: o["data"] for o in objs if o["kind"] == "ConfigMap"}
     out = Plan(delete=list(remove))
     updates = []
     for obj in objs:
-        if obj["kind"] == "StatefulSet":
-            template = obj["spec"]["template"]["metadata"]
-            template["annotations"] = {CONFIG_HASH: digest}
+        # One that reads no ConfigMap has no digest: one an older operator gave it stays
+        # (a merge patch leaves it, and it is no difference), so that upgrading the
+        # operator does not restart PostgreSQL or Redis either.
+        digest = config_hash(obj, configs) if obj["kind"] == "StatefulSet" else None
+        if digest is not None:
+            obj["spec"]["template"]["metadata"]["annotations"] = {CONFIG_HASH: digest}
         have = observed.get(key_of(obj))
         if have is None:
             out.create.append(obj)

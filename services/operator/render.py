@@ -158,7 +158,10 @@ def _secret_env(name: str, secret: str, key: str) -> Obj:
 
 
 def _value(name: str, value: str) -> Obj:
-    return {"name": name, "value": value}
+    """An environment variable. An empty one has no value, as an API server stores it
+    (the container has it all the same, empty): written otherwise, what the API server
+    answers never covers it, and the operator would apply it again at every reconcile."""
+    return {"name": name, "value": value} if value else {"name": name}
 
 
 def _probes(port: int) -> Obj:

@@ -2,8 +2,9 @@
 a kopf operator and kubectl need from it (kmock 0.8 sets no resourceVersion, uid or
 generation, answers a failed JSON-patch ``test`` with 500 where an API server says 422,
 keeps a Secret's ``stringData`` apart, keeps quantities as written where an API server
-writes them in their canonical form, leaves ``kind`` out of list replies, and names the
-core group ``/v1``), and the refusals of an API server the operator must live with
+writes them in their canonical form, keeps an environment variable's empty value where
+an API server leaves it out, leaves ``kind`` out of list replies, and names the core
+group ``/v1``), and the refusals of an API server the operator must live with
 (a StatefulSet's immutable fields; what an admission webhook denies, as a test says)."""
 
 from __future__ import annotations
@@ -96,18 +97,21 @@ def canonical(text: Any) -> Any:
     return f"{number}{DECIMAL[power]}"
 
 
-def canonical_quantities(obj: Any, path: tuple[str, ...] = ()) -> None:
-    """Writes each quantity of ``obj`` (an object, or a merge patch of one) in its
-    canonical form, as an API server stores it and answers with it."""
+def as_stored(obj: Any, path: tuple[str, ...] = ()) -> None:
+    """Writes ``obj`` (an object, or a merge patch of one) as an API server stores it and
+    answers with it: each quantity in its canonical form, and an environment variable's
+    empty value left out (the field is ``omitempty``: the variable is set, empty)."""
     if isinstance(obj, list):
         for item in obj:
-            canonical_quantities(item, path)
+            as_stored(item, path)
     elif isinstance(obj, dict):
+        if path[-1:] == ("env",) and obj.get("value") == "":
+            del obj["value"]
         for k, v in obj.items():
             if is_quantity((*path, k)) and isinstance(v, (str, int)):
                 obj[k] = canonical(v)
             else:
-                canonical_quantities(v, (*path, k))
+                as_stored(v, (*path, k))
 
 
 class VersionedEmulator(kmock.KubernetesEmulator):
@@ -140,7 +144,7 @@ class VersionedEmulator(kmock.KubernetesEmulator):
             data = request.data.setdefault("data", {})
             data.update({k: base64.b64encode(v.encode()).decode() for k, v in plain.items()})
         if isinstance(request.data, dict) and request.resource.group != GROUP:
-            canonical_quantities(request.data)  # the kinds it knows; a CRD's are as written
+            as_stored(request.data)  # the kinds it knows; a CRD's are as written
         if request.action in (kmock.action.CREATE, kmock.action.UPDATE):
             name = request.name or request.data.get("metadata", {}).get("name")
             why = self.denied.get((request.resource.plural, name))
