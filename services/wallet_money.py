@@ -430,7 +430,16 @@ class Flows:
         if flow["kind"] == "deposit":
             return await self._deposit_step(flow)
         if flow["kind"] == "recovered":
-            if await self._refund(flow, "proofs") == "pending":
+            try:
+                refund = await self._refund(flow, "proofs")
+            except MintError as exc:
+                if exc.code != m.SPENT:
+                    raise
+                # spent since the restore found it unspent (by another copy of the wallet):
+                # what is left of it is found by the next rescan, once the flow is gone
+                self.doc.flows.remove(flow)
+                return f"{_name(flow)}: spent meanwhile, by another copy of this wallet?"
+            if refund == "pending":
                 return f"{_name(flow)}: into a coin: pending"
             self.doc.flows.remove(flow)
             if "proofs" not in flow:

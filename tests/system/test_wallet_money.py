@@ -21,15 +21,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 from pyln.client import LightningRpc
 
 from constellation.address import Network, encode_address
 from constellation.ecash import mint as m
+from constellation.ecash.client import Secret
 from constellation.keys import SigningKey
 from constellation.ledger.partition import Coin
 from constellation.payto import parse
+from constellation.protocol import cashu as nut
 from constellation.tx import decode_transaction
 from services.api_client import Gateway, GatewayError
 from services.crossload import reserve
@@ -320,6 +323,22 @@ async def test_a_lost_wallet_file_is_restored_from_its_words_coins_and_ecash(
     # found once: what the restore redeemed is spent, a rescan finds nothing more
     code, out = await cli("wallet", "rescan", "--file", alice)
     assert code == 0 and " 0 sat unspent recovered" in out, out
+    # ecash recovered but spent before it was redeemed (by another copy of the wallet,
+    # here the restore's redemption of it with the others): the flow goes
+    doc = WalletFile.load(Path(alice))
+    async with aiohttp.ClientSession() as s:
+        mint = MintClient(op0.mint_url, s)
+        flows = Flows(doc, Path(alice), Gateway(op0.gateway_url, s), mint, io.StringIO())
+        await mint.load()
+        outputs = msgspec.convert(flow["outputs"], list[nut.BlindedMessage])
+        secrets = [Secret(x, int(r, 16)) for x, r in flow["secrets"]]
+        [spent, *_] = await mint.restore(outputs, secrets)
+        taken = {"kind": "recovered", "mint": mint.url, "amount": spent.amount}
+        doc.flows.append(
+            {**taken, "proofs": [msgspec.to_builtins(spent)], "refund_to": late.strip()}
+        )
+        [said] = await flows.resume()
+        assert "spent meanwhile" in said and doc.flows == [], said
     # and it pays, its ecash secrets past those the mint signed
     bill = invoice(where, 900)
     code, out = await cli("wallet", "pay", bill["bolt11"], "--file", alice, "--yes")
