@@ -2,7 +2,8 @@
 
 Keys live at ``m/1237'/<network>'/<account>'/<chain>/<index>``: chain 0 receives,
 chain 1 takes change. The same words always give the same keys, so a wallet is
-recovered from its words alone.
+recovered from its words alone: a restore walks each chain asking which keys were used
+(``GapScan``), as it walks the wallet's ecash secrets at its mint (NUT-13).
 The wallet never reads the ledger itself: callers pass the coins it may spend.
 """
 
@@ -23,6 +24,15 @@ PURPOSE = 1237
 RECEIVE, CHANGE = 0, 1
 _NETWORK_INDEX = {Network.MAIN: 0, Network.TEST: 1, Network.REGTEST: 2}
 _BIP39 = Mnemonic("english")
+
+
+def seed_of(words: str, passphrase: str = "") -> bytes:
+    """The BIP39 seed of these words (checksum checked): the root of the wallet's keys
+    and of its ecash secrets (NUT-13)."""
+    normalized = " ".join(words.lower().split())
+    if not _BIP39.check(normalized):
+        raise InvalidKey("these words are not a valid BIP39 mnemonic (checksum failed)")
+    return bytes(Mnemonic.to_seed(normalized, passphrase))
 
 
 def new_mnemonic(words: int = 12) -> str:
@@ -48,10 +58,7 @@ class Wallet:
         cls, words: str, passphrase: str = "", network: Network = Network.MAIN
     ) -> Wallet:
         """Restore a wallet from its BIP39 words (checksum checked)."""
-        normalized = " ".join(words.lower().split())
-        if not _BIP39.check(normalized):
-            raise InvalidKey("these words are not a valid BIP39 mnemonic (checksum failed)")
-        return cls(Mnemonic.to_seed(normalized, passphrase), network)
+        return cls(seed_of(words, passphrase), network)
 
     def key(self, chain: int, index: int) -> SigningKey:
         """The key at ``chain/index``, remembered so coins it owns can be spent."""
@@ -118,3 +125,31 @@ class Wallet:
             ledgers=[dest, *[HERE] * (len(outputs) - 1)],
         )
         return sign_transaction(tx, [self._keys[c.owner] for _, c in chosen])
+
+
+class GapScan:
+    """Which of a sequence of keys (or NUT-13 counters) a wallet restored from its seed
+    has used, found by asking: indexes are asked about in order, in batches of at most
+    ``batch``, until ``gap`` in a row after the last one used were not (BIP 44's gap
+    limit; NUT-13's empty restore batches). A use further than ``gap`` past the last one
+    found is not found: the wallet never leaves such a gap (it hands keys out in order)."""
+
+    def __init__(self, gap: int, batch: int) -> None:
+        assert gap > 0 and batch > 0, "a scan that asks nothing"
+        self.gap = gap
+        self.batch = batch
+        self.asked = 0  # indexes 0 .. asked - 1 were handed out to ask about
+        self.end = 0  # one past the last index found used
+
+    def next(self) -> range:
+        """The indexes to ask about next (each batch's uses told first); empty once
+        ``gap`` in a row after the last one used were not."""
+        left = self.end + self.gap - self.asked
+        batch = range(self.asked, self.asked + max(0, min(self.batch, left)))
+        self.asked = batch.stop
+        return batch
+
+    def used(self, index: int) -> None:
+        """Index ``index``, handed out to ask about, was used."""
+        assert 0 <= index < self.asked, "a use told of an index not asked about"
+        self.end = max(self.end, index + 1)

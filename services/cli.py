@@ -36,7 +36,8 @@ from services.wallet_money import MoneyError, money_command
 from services.workload import run_workload
 
 DEFAULT_DIR = Path(".devnet")
-MONEY = ("deposit", "pay", "balance")  # the wallet commands that use (or follow) its mint
+# the wallet commands that use (or follow) its mint
+MONEY = ("deposit", "pay", "balance", "restore", "rescan")
 
 
 def _guild(args: argparse.Namespace) -> int:
@@ -364,13 +365,17 @@ def _add_wallet(sub: Any) -> None:
     wallet = sub.add_parser("wallet", help="a wallet against a gateway and its mint")
     wallet_sub = wallet.add_subparsers(dest="wallet_command", required=True)
     create = wallet_sub.add_parser("create", help="new BIP39 words")
-    restore = wallet_sub.add_parser("restore", help="from BIP39 words")
+    restore = wallet_sub.add_parser(
+        "restore", help="from BIP39 words: the keys in use, and the ecash at --mint, found again"
+    )
     restore.add_argument("words", nargs="+")
     for p in (create, restore):
         p.add_argument("--network", default="regtest", help="main, test or regtest")
         p.add_argument("--mint", default="", help="its operator's Cashu mint (deposits, invoices)")
     rescan = wallet_sub.add_parser(
-        "rescan", help="find the keys in use at the gateway (as a restore from words does)"
+        "rescan",
+        help="find the keys in use at the gateway, and the wallet's ecash at its mint (as a"
+        " restore from words does)",
     )
     address = wallet_sub.add_parser("address", help="a fresh receive address")
     balance = wallet_sub.add_parser(
@@ -425,7 +430,7 @@ def _add_wallet(sub: Any) -> None:
     pay.add_argument(
         "--wait", type=float, default=60.0, help="seconds to wait for the payment (then PENDING)"
     )
-    for p in (deposit, pay, balance):
+    for p in (deposit, pay, balance, rescan):
         p.add_argument("--mint", default="", help="the mint (default: the wallet's)")
     for p in (
         create,

@@ -8,6 +8,10 @@ the seed it is (a real deployment keeps the words in a hardware or encrypted sto
 It also keeps the name of the ledger holding its coins and the coins it last saw: while
 its own operator is down, another guild member's gateway (``--via``) serves that ledger
 but has no index of it, so the wallet pays with the coins it knows, each checked there.
+
+Its ecash secrets come from the words too (NUT-13), numbered per keyset: the file keeps
+each keyset's next number, so that a wallet restored from its words finds at its mint the
+ecash the lost file held (``services.wallet_money``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import contextlib
 import fcntl
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +28,12 @@ from typing import Any
 import aiohttp
 
 from constellation.address import Network, decode_address, encode_address
+from constellation.ecash import client
 from constellation.keys import XOnlyPubKey
 from constellation.ledger.partition import Coin
 from constellation.lightclient import proof as pf
-from constellation.wallet import CHANGE, RECEIVE, Wallet, new_mnemonic
+from constellation.protocol import cashu as nut
+from constellation.wallet import CHANGE, RECEIVE, GapScan, Wallet, new_mnemonic, seed_of
 from services.api_client import Gateway, GatewayError
 from services.light import LightClient, NoServer, Update, describe
 from services.runtime import ConfigError, write_atomic
@@ -56,6 +62,7 @@ class WalletFile:
     # mint or the ledger did after all can still be proved and asked for.
     archive: list[dict[str, Any]] = field(default_factory=list)
     ecash: list[dict[str, Any]] = field(default_factory=list)  # proofs worth less than a coin
+    counters: dict[str, int] = field(default_factory=dict)  # keyset id: next NUT-13 counter
     # As a light client (``wallet pin``): the guild descriptor it trusts, the guild's
     # members in order, the gateways it asks (its own first), the highest checkpoint seen.
     descriptor: str = ""
@@ -119,6 +126,18 @@ class WalletFile:
         self.receive += 1
         ledger = bytes.fromhex(self.ledger_id) if self.ledger_id else None
         return encode_address(key.pubkey, Network.from_name(self.network), ledger)
+
+    def outputs(
+        self, amounts: Sequence[int], keyset_id: str
+    ) -> tuple[list[nut.BlindedMessage], list[client.Secret]]:
+        """Outputs of these amounts made of the wallet's next NUT-13 secrets of
+        ``keyset_id``, its counter moved past them: saved with the outputs, before they
+        are sent, none is made twice (the mint signs an output once), and a restore
+        finds each one the mint signed."""
+        counter = self.counters.get(keyset_id, 0)
+        made = client.derived_outputs(amounts, keyset_id, seed_of(self.mnemonic), counter)
+        self.counters[keyset_id] = counter + len(amounts)
+        return made
 
     def learn(self, totals: dict[str, Any]) -> None:
         """The wallet's ledger, as its own gateway names it."""
@@ -242,16 +261,16 @@ async def rescan(gateway: Gateway, doc: WalletFile) -> None:
     addresses in a row were never used. Never lowers what the file says."""
     w = doc.wallet()
     for chain in (RECEIVE, CHANGE):
-        used, index = -1, 0
-        while index - used <= SCAN_GAP:
-            address = encode_address(w.key(chain, index).pubkey, w.network)
-            if await gateway.history(address, 1) or await gateway.incoming(address, 1):
-                used = index
-            index += 1
+        scan = GapScan(SCAN_GAP, SCAN_GAP)
+        while batch := scan.next():
+            for index in batch:
+                address = encode_address(w.key(chain, index).pubkey, w.network)
+                if await gateway.history(address, 1) or await gateway.incoming(address, 1):
+                    scan.used(index)
         if chain == RECEIVE:
-            doc.receive = max(doc.receive, used + 1)
+            doc.receive = max(doc.receive, scan.end)
         else:
-            doc.change = max(doc.change, used + 1)
+            doc.change = max(doc.change, scan.end)
 
 
 def _txid(text: str) -> bytes:

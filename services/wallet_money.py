@@ -14,6 +14,11 @@ crash, a lost reply or a payment whose fate is not known yet is taken up again b
 next wallet command (``Flows.resume``). Every request it repeats is idempotent at the
 mint: the same outputs get the same signatures (NUT-09 restore), the same proofs redeem
 into the same coin, and a melt's state is asked, never guessed.
+
+The outputs' secrets come from the wallet's words (NUT-13), so a wallet file that is lost
+loses no ecash: ``wallet restore`` (and ``wallet rescan``) makes the outputs again, asks
+the mint which it signed (NUT-09) and which of those are unspent (NUT-07), and redeems
+them into a coin (``Flows.recover``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from constellation.keys import SigningKey
 from constellation.payto import Kind, PayTo, parse
 from constellation.protocol import cashu as nut
 from constellation.tx import decode_transaction
+from constellation.wallet import GapScan, seed_of
 from services.api_client import Gateway, GatewayError
 from services.ecash.client import MintClient, MintError
 from services.runtime import ConfigError
@@ -58,6 +64,8 @@ EXPIRED_AFTER_S = 3600  # past its expiry, as this clock says: an unpaid deposit
 GIVE_UP_S = 600  # after a withdrawal's unclear refusal, until the ledger's word is final
 MELTS = 3  # a melt with no clear answer is sent again, up to this many times in all
 ONCHAIN_WATCH_S = 7 * 86400  # past its quote's expiry: an on-chain deposit's address
+RESTORE_BATCH = 100  # outputs a NUT-09 restore asks about at once (NUT-13's batch)
+RESTORE_GAP = 3 * RESTORE_BATCH  # NUT-13: three batches in a row that the mint never signed
 
 
 class MoneyError(RuntimeError):
@@ -162,7 +170,7 @@ class Flows:
             if state == m.UNPAID and "outputs" not in flow:
                 return "waiting"
             if "outputs" not in flow:  # the outputs are kept before they are sent
-                outputs, secrets = client.outputs_of(split(flow["amount"]), self.mint.active)
+                outputs, secrets = self.doc.outputs(split(flow["amount"]), self.mint.active)
                 flow["outputs"] = msgspec.to_builtins(outputs)
                 flow["secrets"] = _keep_secrets(secrets)
                 self._save()
@@ -227,7 +235,7 @@ class Flows:
         here = bytes.fromhex(info["ledger_id"])
         if self.doc.ledger_id and self.doc.ledger_id != info["ledger_id"]:
             raise MoneyError(f"the mint at {self.mint.url} bridges to another ledger")
-        outputs, secrets = client.outputs_of(split(flow["ecash"]), self.mint.active)
+        outputs, secrets = self.doc.outputs(split(flow["ecash"]), self.mint.active)
         key = m.withdrawal_key(bytes.fromhex(info["key"]), [bytes.fromhex(o.B_) for o in outputs])
         network = Network.from_name(self.doc.network)
         to = encode_address(key, network, here)
@@ -237,7 +245,7 @@ class Flows:
         flow["tx"] = tx.encode().hex()
         flow["outputs"] = msgspec.to_builtins(outputs)
         flow["secrets"] = _keep_secrets(secrets)
-        blanks, blank_secrets = client.outputs_of(  # as many as the change may need
+        blanks, blank_secrets = self.doc.outputs(  # as many as the change may need
             [1] * max(1, (flow["ecash"] - flow["amount"]).bit_length()), self.mint.active
         )
         flow["blanks"] = msgspec.to_builtins(blanks)
@@ -340,6 +348,59 @@ class Flows:
             return "done"
         return await self._redeem({**flow, "address": flow["refund_to"]}, proofs)
 
+    # -- a lost wallet file's ecash ---------------------------------------------------
+
+    async def recover(self) -> str:
+        """NUT-13 restore: the wallet's outputs of each of the mint's keysets made again
+        and asked of the mint (NUT-09) until ``RESTORE_GAP`` in a row were never signed;
+        those it signed that are unspent (NUT-07) and not held by the wallet already
+        become a flow that redeems them (``_refund``), and each keyset's counter moves
+        past the last one signed (the mint signs an output once). Ecash reserved by a
+        payment in flight when the file was lost is not unspent yet: said, and found by
+        a later rescan once the payment failed (or its change was signed)."""
+        seed = seed_of(self.doc.mnemonic)
+        held = _held(self.doc)
+        found: list[nut.Proof] = []
+        pending = 0
+        for keyset_id in sorted(self.mint.keys):
+            if keyset_id[:2] not in client.DERIVED_VERSIONS:
+                continue  # the wallet never made outputs of it
+            scan = GapScan(RESTORE_GAP, RESTORE_BATCH)
+            while batch := scan.next():
+                outputs, secrets = client.derived_outputs(  # the amounts are the mint's to say
+                    [1] * len(batch), keyset_id, seed, batch.start
+                )
+                signed = await self.mint.signed(outputs, secrets)
+                for place in signed:
+                    scan.used(batch[place])
+                proofs = [p for p in signed.values() if p.secret not in held]
+                states = await self.mint.states(proofs) if proofs else []
+                for proof, state in zip(proofs, states, strict=True):
+                    if state == "UNSPENT":  # NUT-07's states
+                        found.append(proof)
+                    elif state == "PENDING":
+                        pending += proof.amount
+            if scan.end > self.doc.counters.get(keyset_id, 0):
+                self.doc.counters[keyset_id] = scan.end
+        said = f"ecash at {self.mint.url}: {sum(p.amount for p in found)} sat unspent recovered"
+        if pending:
+            said += (
+                f"; {pending} sat reserved by a payment in flight (`constellation wallet"
+                " rescan` finds what comes back of it once it is settled)"
+            )
+        if found:
+            self.doc.flows.append(
+                {
+                    "kind": "recovered",
+                    "mint": self.mint.url,
+                    "amount": sum(p.amount for p in found),
+                    "proofs": _docs(found),
+                    "refund_to": self.doc.next_address(),
+                }
+            )
+        self._save()
+        return said
+
     # -- taking flows up again ------------------------------------------------------
 
     async def resume(self, only: dict[str, Any] | None = None) -> list[str]:
@@ -368,6 +429,22 @@ class Flows:
     async def _step(self, flow: dict[str, Any]) -> str:
         if flow["kind"] == "deposit":
             return await self._deposit_step(flow)
+        if flow["kind"] == "recovered":
+            try:
+                refund = await self._refund(flow, "proofs")
+            except MintError as exc:
+                if exc.code != m.SPENT:
+                    raise
+                # spent since the restore found it unspent (by another copy of the wallet):
+                # what is left of it is found by the next rescan, once the flow is gone
+                self.doc.flows.remove(flow)
+                return f"{_name(flow)}: spent meanwhile, by another copy of this wallet?"
+            if refund == "pending":
+                return f"{_name(flow)}: into a coin: pending"
+            self.doc.flows.remove(flow)
+            if "proofs" not in flow:
+                return f"{_name(flow)}: kept as ecash, worth less than a coin's fee"
+            return f"{_name(flow)}: back as a coin at {flow['refund_to']}"
         state = flow.get("state") or await self._pay(flow)
         if state in ("paid", "failed"):
             flow["state"] = state
@@ -429,7 +506,19 @@ def _credited(flow: dict[str, Any]) -> str:
     )
 
 
+def _held(doc: WalletFile) -> set[str]:
+    """The secrets of the ecash the wallet holds, or may yet be given by its flows: a
+    rescan leaves those to their flows and to the ecash kept."""
+    held = {p["secret"] for p in doc.ecash}
+    for flow in doc.flows:
+        held |= {s for name in ("secrets", "blank_secrets") for s, _ in flow.get(name, [])}
+        held |= {p["secret"] for name in ("proofs", "change") for p in flow.get(name, [])}
+    return held
+
+
 def _name(flow: dict[str, Any]) -> str:
+    if flow["kind"] == "recovered":
+        return f"ecash recovered ({flow['amount']} sat)"
     if flow["kind"] == "deposit":
         if flow.get("method") == ONCHAIN and "outputs" not in flow:
             return f"on-chain deposit to {flow['request']} (quote {flow['quote']})"
@@ -465,7 +554,10 @@ def _paid_line(flow: dict[str, Any], state: str) -> str:
 
 async def money_command(args: Any, out: TextIO) -> int:
     """``constellation wallet deposit|pay|balance``: the flows through the mint first
-    (a balance takes up those in flight), then the command."""
+    (a balance takes up those in flight), then the command; ``restore|rescan``: the keys
+    in use, then the ecash at the mint (``_restore``)."""
+    if args.wallet_command in ("restore", "rescan"):
+        return await _restore(args, out)
     doc = WalletFile.load(args.file)
     url = getattr(args, "mint", "") or doc.mint
     doc.mint = doc.mint or url  # remembered: its flows are taken up there later
@@ -505,6 +597,41 @@ async def money_command(args: Any, out: TextIO) -> int:
             for line in await elsewhere.resume():
                 flows.say(line)
     return await wallet_command(args, out)
+
+
+async def _restore(args: Any, out: TextIO) -> int:
+    """``wallet restore|rescan``: the keys in use, found at the gateway; then the wallet's
+    ecash at its mint, recovered and redeemed (or kept, where worth less than a coin's
+    fee), with the flows in flight there taken up."""
+    code = await wallet_command(args, out)  # the words saved (restore), the keys in use
+    if code != 0:
+        return code
+    doc = WalletFile.load(args.file)
+    url = args.mint or doc.mint
+    if not url:  # a wallet file that names none never used one
+        if args.wallet_command == "restore":
+            print(
+                "no mint named: its ecash is not looked for (`constellation wallet rescan"
+                " --mint URL` does)",
+                file=out,
+            )
+        return 0
+    doc.mint = doc.mint or url
+    async with aiohttp.ClientSession(timeout=MINT_TIMEOUT) as session:
+        gw = gateway_of(doc, session, args.gateway, "")
+        flows = Flows(doc, args.file, gw, MintClient(url, session), out)
+        try:
+            await flows.mint.load()
+            flows.say(await flows.recover())
+        except (aiohttp.ClientError, TimeoutError, MintError, client.BadSignature) as exc:
+            flows.say(
+                f"the mint at {url} did not say which ecash is the wallet's ({exc}):"
+                " `constellation wallet rescan` asks again"
+            )
+            return 1
+        for line in await flows.resume():
+            flows.say(line)
+    return 0
 
 
 async def _deposit(flows: Flows, args: Any) -> int:

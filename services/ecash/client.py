@@ -121,12 +121,38 @@ class MintClient:
     async def restore(
         self, outputs: Sequence[nut.BlindedMessage], secrets: Sequence[client.Secret]
     ) -> list[nut.Proof]:
-        """NUT-09: the signatures the mint holds for ``outputs``, unblinded; refused
-        unless it signed every one (a lost reply is answered from what it stored)."""
-        doc = await self.ok("/v1/restore", {"outputs": list(outputs)})
-        if len(doc["signatures"]) != len(outputs):
+        """NUT-09: the signatures the mint holds for ``outputs``, unblinded, each of the
+        amount asked; refused unless it signed every one (a lost reply is answered from
+        what it stored)."""
+        found = await self.signed(outputs, secrets)
+        if len(found) != len(outputs):
             raise MintError(200, 0, "the mint holds no signature of some outputs")
-        return self.unblind(doc["signatures"], outputs, secrets)
+        for place, output in enumerate(outputs):
+            if found[place].amount != output.amount:
+                raise client.BadSignature(
+                    f"a signature of {found[place].amount} for an output of {output.amount}"
+                )
+        return [found[place] for place in range(len(outputs))]
+
+    async def signed(
+        self, outputs: Sequence[nut.BlindedMessage], secrets: Sequence[client.Secret]
+    ) -> dict[int, nut.Proof]:
+        """NUT-09: the proofs of the signatures the mint holds for any of ``outputs``, by
+        their place in ``outputs``, each of the amount the mint signed (a wallet restored
+        from its words knows its outputs, not their amounts)."""
+        doc = await self.ok("/v1/restore", {"outputs": list(outputs)})
+        places = {o.B_: place for place, o in enumerate(outputs)}
+        if len(doc["outputs"]) != len(doc["signatures"]):
+            raise client.BadSignature("the mint's restore names outputs and signatures unpaired")
+        found = {}
+        for output, signature in zip(doc["outputs"], doc["signatures"], strict=True):
+            place = places.get(output["B_"])
+            if place is None or place in found:
+                raise client.BadSignature("the mint's restore answers for an output not asked")
+            [found[place]] = self.unblind(
+                [signature], [outputs[place]], [secrets[place]], change=True
+            )
+        return found
 
     async def states(self, proofs: Sequence[nut.Proof]) -> list[str]:
         ys = [bdhke.hash_to_curve(p.secret.encode()).format().hex() for p in proofs]

@@ -1,14 +1,16 @@
-"""Wallet payments: coin choice, change, and refusals."""
+"""Wallet payments: coin choice, change, and refusals; the gap scan of a restore."""
 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from constellation.address import Network, encode_address
 from constellation.errors import InsufficientFunds, InvalidAddress
 from constellation.ledger import Coin
 from constellation.sighash import input_signature_valid
-from constellation.wallet import Wallet
+from constellation.wallet import GapScan, Wallet
 from tests.strategies import KEYS
 
 
@@ -37,3 +39,48 @@ def test_pay_refuses_what_it_cannot_cover_or_address() -> None:
         wallet.pay(coins, encode_address(KEYS[0].pubkey, Network.MAIN), 100)
     exact = wallet.pay(coins, KEYS[0].pubkey, 699, fee_msat=1)
     assert len(exact.outputs) == 1  # no change output when nothing is left over
+
+
+def walk(scan: GapScan, used: set[int]) -> list[range]:
+    """The batches a scan asks about, each use in them told before the next."""
+    batches = []
+    while batch := scan.next():
+        batches.append(batch)
+        for index in batch:
+            if index in used:
+                scan.used(index)
+    return batches
+
+
+def test_a_gap_scan_of_nothing_used_asks_the_gap_in_batches() -> None:
+    scan = GapScan(gap=20, batch=8)
+    assert walk(scan, set()) == [range(0, 8), range(8, 16), range(16, 20)]
+    assert scan.end == 0 and not scan.next()
+
+
+def test_a_gap_scan_stops_gap_past_the_last_use_and_misses_what_lies_further() -> None:
+    scan = GapScan(gap=5, batch=5)
+    # 4 then 9 are found (4 unused between them); 15 lies past 5 unused: not asked
+    assert walk(scan, {4, 9, 15}) == [range(0, 5), range(5, 10), range(10, 15)]
+    assert scan.end == 10
+
+
+@given(
+    gap=st.integers(1, 30),
+    batch=st.integers(1, 120),
+    steps=st.lists(st.integers(0, 29), max_size=12),
+)
+def test_a_gap_scan_finds_every_use_closer_than_the_gap(
+    gap: int, batch: int, steps: list[int]
+) -> None:
+    """Uses each fewer than ``gap`` unused indexes past the last: every one is found,
+    and exactly ``gap`` indexes past the last are asked about, in order, none twice."""
+    used, last = set(), -1
+    for step in steps:
+        last += 1 + step % gap
+        used.add(last)
+    scan = GapScan(gap, batch)
+    batches = walk(scan, used)
+    assert scan.end == last + 1
+    assert [i for b in batches for i in b] == list(range(last + 1 + gap))
+    assert all(0 < len(b) <= batch for b in batches)

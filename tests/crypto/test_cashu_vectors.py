@@ -1,5 +1,6 @@
-"""The Cashu vectors (``tests/vectors/cashu``: NUT-00, NUT-01, NUT-02, NUT-12 and
-nutshell's own crypto tests) through the project's BDHKE, DLEQ and keyset code."""
+"""The Cashu vectors (``tests/vectors/cashu``: NUT-00, NUT-01, NUT-02, NUT-12, NUT-13
+and nutshell's own crypto tests) through the project's BDHKE, DLEQ, keyset and
+deterministic-secret code."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 from coincurve import PublicKey
 
 from constellation.crypto import bdhke
+from constellation.ecash.client import Secret, derived_outputs
 from constellation.ecash.keyset import keyset_id_v1, keyset_id_v2, parse_keys
+from constellation.wallet import seed_of
 
 HERE = Path(__file__).parents[1] / "vectors" / "cashu"
 
@@ -142,3 +145,28 @@ def test_malformed_keysets_are_refused_and_good_ones_read() -> None:
     for block in (good1, good2):
         assert len(parse_keys({str(a): str(k) for a, k in block.items()})) == len(block)
     assert max(parse_keys({str(a): str(k) for a, k in good2.items()})) == 2**63
+
+
+def test_deterministic_secrets() -> None:
+    """NUT-13, both versions: each secret and blinding factor from the wallet's words,
+    and the outputs the wallet makes of them."""
+    v1, v2 = text("13-tests.md").split("## Version 2")
+    keyset, *v1_blocks, paths = json_blocks(v1)
+    v1_id = str(keyset["keyset_id"])
+    assert int(v1_id, 16) % (2**31 - 1) == keyset["keyest_id_int"]
+    assert paths["derivation_path_4"] == str(keyset["derivation_path"]).format(counter=4)
+    v2_id = re.search(r"keyset ID `([0-9a-f]+)`", v2)
+    assert v2_id is not None
+    for kid, blocks in ((v1_id, v1_blocks), (v2_id.group(1), json_blocks(v2))):
+        words, secrets, rs = blocks
+        seed = seed_of(str(words["mnemonic"]))
+        got = [Secret.derived(seed, kid, i) for i in range(5)]
+        assert [s.secret for s in got] == [secrets[f"secret_{i}"] for i in range(5)]
+        assert [s.r for s in got] == [sc(str(rs[f"r_{i}"])) for i in range(5)]
+        outputs, made = derived_outputs([1, 2, 4], kid, seed, 2)
+        assert made == got[2:]
+        assert [o.B_ for o in outputs] == [s.blinded.format().hex() for s in got[2:]]
+        assert [(o.id, o.amount) for o in outputs] == [(kid, 1), (kid, 2), (kid, 4)]
+    for unknown in ("02" + "ab" * 32, "9mlfd5vCzgGl"):
+        with pytest.raises(ValueError, match="no secrets"):
+            Secret.derived(seed, unknown, 0)

@@ -6,7 +6,8 @@ A deposit is credited as an L3 coin once its invoice is paid; an invoice (bare, 
 BIP21 URI) is paid through a withdrawal and a melt, the fee reserve's change coming back
 as a coin; a payment that fails comes back whole; one whose payment hangs is PENDING
 until its fate is known, and the next ``wallet balance`` finishes it; a wallet that
-stopped mid-flow takes it up where it was. The reserve invariant holds at the end.
+stopped mid-flow takes it up where it was; a wallet whose file is lost is restored from
+its words, its coins and its ecash. The reserve invariant holds at the end.
 """
 
 from __future__ import annotations
@@ -20,15 +21,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 from pyln.client import LightningRpc
 
 from constellation.address import Network, encode_address
 from constellation.ecash import mint as m
+from constellation.ecash.client import Secret
 from constellation.keys import SigningKey
 from constellation.ledger.partition import Coin
 from constellation.payto import parse
+from constellation.protocol import cashu as nut
 from constellation.tx import decode_transaction
 from services.api_client import Gateway, GatewayError
 from services.crossload import reserve
@@ -277,6 +281,68 @@ async def test_a_withdrawal_the_ledger_refused_costs_nothing_one_not_known_is_ke
     _, out = await balance(alice)  # taken up: withdrawn, melted, paid
     assert "PAID" in out and status(where, bill["label"]) == "paid", out
     assert before - await settled(alice) >= 300_000 + L3_FEE_MSAT
+
+
+async def test_a_lost_wallet_file_is_restored_from_its_words_coins_and_ecash(
+    where: Path, alice: str
+) -> None:
+    """Alice pays herself at a receive key past the few a balance looks ahead (her
+    change at a change key), then buys ecash for an invoice and the wallet file is lost
+    before the melt: restored from her words, the wallet finds every coin and the
+    ecash the mint signed for it (NUT-13 secrets, NUT-09), redeems that, and pays."""
+    op0, _ = guild.load(where)
+    for _ in range(7):
+        _, late = await cli("wallet", "address", "--file", alice)
+    code, out = await cli("wallet", "pay", late.strip(), "1000000", "--file", alice, "--yes")
+    assert code == 0 and "committed" in out, out
+    held = await settled(alice)
+    lost = WalletFile.load(Path(alice))
+    async with aiohttp.ClientSession() as s:
+        gw, mint = Gateway(op0.gateway_url, s), MintClient(op0.mint_url, s)
+        flows = Flows(lost, Path(alice), gw, mint, io.StringIO())
+        await mint.load()
+        flow = await flows.quote(parse(invoice(where, 800)["bolt11"], Network.REGTEST))
+        await flows.pay(flow, await unspent(gw, lost), L3_FEE_MSAT)
+        await mint.ok("/v1/l3/withdraw", {"tx": flow["tx"], "outputs": flow["outputs"]})
+        change = decode_transaction(bytes.fromhex(flow["tx"])).outputs[1].owner
+        while not await gw.history(encode_address(bytes(change), Network.REGTEST), 1):
+            await asyncio.sleep(0.1)  # the gateway's index follows the blocks
+    Path(alice).unlink()  # the file is lost: with it the flow, its secrets and its proofs
+    code, out = await cli(
+        "wallet", "restore", *lost.mnemonic.split(), "--file", alice,
+        "--gateway", op0.gateway_url, "--mint", op0.mint_url,
+    )  # fmt: skip
+    redeemed = flow["ecash"] - flow["input_fee"]  # the withdrawal's ecash, back as a coin
+    assert code == 0 and f"keys in use: {lost.receive - 1} to receive" in out, out
+    assert f"{flow['ecash']} sat unspent recovered" in out and "back as a coin" in out, out
+    withdrawn = flow["ecash"] * 1000 + L3_FEE_MSAT
+    assert await settled(alice) == held - withdrawn + redeemed * 1000
+    restored = WalletFile.load(Path(alice))
+    assert restored.change == lost.change and restored.flows == []
+    assert 0 < restored.counters[mint.active] <= lost.counters[mint.active]
+    # found once: what the restore redeemed is spent, a rescan finds nothing more
+    code, out = await cli("wallet", "rescan", "--file", alice)
+    assert code == 0 and " 0 sat unspent recovered" in out, out
+    # ecash recovered but spent before it was redeemed (by another copy of the wallet,
+    # here the restore's redemption of it with the others): the flow goes
+    doc = WalletFile.load(Path(alice))
+    async with aiohttp.ClientSession() as s:
+        mint = MintClient(op0.mint_url, s)
+        flows = Flows(doc, Path(alice), Gateway(op0.gateway_url, s), mint, io.StringIO())
+        await mint.load()
+        outputs = msgspec.convert(flow["outputs"], list[nut.BlindedMessage])
+        secrets = [Secret(x, int(r, 16)) for x, r in flow["secrets"]]
+        [spent, *_] = await mint.restore(outputs, secrets)
+        taken = {"kind": "recovered", "mint": mint.url, "amount": spent.amount}
+        doc.flows.append(
+            {**taken, "proofs": [msgspec.to_builtins(spent)], "refund_to": late.strip()}
+        )
+        [said] = await flows.resume()
+        assert "spent meanwhile" in said and doc.flows == [], said
+    # and it pays, its ecash secrets past those the mint signed
+    bill = invoice(where, 900)
+    code, out = await cli("wallet", "pay", bill["bolt11"], "--file", alice, "--yes")
+    assert code == 0 and "PAID" in out and status(where, bill["label"]) == "paid", out
 
 
 async def test_the_books_hold_after_the_money_moved(where: Path) -> None:
