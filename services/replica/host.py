@@ -22,6 +22,7 @@ log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -74,6 +75,7 @@ GAP_FILE = "events.gap"  # the events log lacks the events of blocks up to the h
 BACKFILL_S = 1.0
 GAPPED_PENDING = 1024  # blocks' events held while the log has a gap; beyond, the gap grows
 QUERIES = ("coins", "state", "events")  # what a leader answers, on query_subject(..., what)
+ANSWERING = 256  # queries answered at once, at most
 
 
 def _installed(ready: Ready) -> bool:
@@ -191,6 +193,7 @@ class HostedCopy:
         self.handing: list[proto.Package] | None = None  # resigned: kept for the next leader
         self.dropped = 0  # packages refused while HELD waited
         self._sealing = False
+        self._answering: set[asyncio.Task[None]] = set()  # queries being answered
         self._processing = False  # a process() is due
         self.confirmed_at = time.monotonic()
 
@@ -564,9 +567,27 @@ class HostedCopy:
         self.process()
 
     async def _on_query(self, what: str, msg: Msg) -> None:
+        """Each query answered by a task of its own: a coins query waits for a block's
+        confirmation, and the ones that arrive meanwhile wait for that same block (the
+        subscription's callbacks run one at a time). Beyond ``ANSWERING`` at once, the
+        asker asks again."""
+        if len(self._answering) >= ANSWERING:
+            return
+        task = asyncio.get_running_loop().create_task(self._respond(what, msg))
+        self._answering.add(task)
+        task.add_done_callback(self._answered)
+
+    async def _respond(self, what: str, msg: Msg) -> None:
         answer = await self.answer(what, msg.data)
         if answer is not None:
-            await msg.respond(answer)
+            with contextlib.suppress(NatsError):  # gone: the asker asks again
+                await msg.respond(answer)
+
+    def _answered(self, task: asyncio.Task[None]) -> None:
+        self._answering.discard(task)
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:  # a bug: said, with its traceback (the asker asks again)
+            log.error("a query failed", exc_info=exc)
 
     async def answer(self, what: str, data: bytes) -> bytes | None:
         """The answer to query ``what`` (one of ``QUERIES``), or None where this copy
