@@ -506,7 +506,8 @@ class Machine:
                 subj, data = out.queue.popleft()
                 try:
                     await client.publish(subj, data)
-                except NatsError as exc:  # lost like any message: the protocol resends
+                except (NatsError, OSError) as exc:  # lost like any: the protocol resends
+                    # (OSError: a full buffer flushed as the server's connection dies)
                     log.debug("not sent", extra={"to": subj, "error": str(exc)})
 
     def _forward(self, operator: int, to: str, body: bytes) -> None:

@@ -40,6 +40,7 @@ machine counts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -51,6 +52,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
 
 from constellation.errors import InFlight, MessageError, Misdirected
 from constellation.protocol import ledger as proto
@@ -323,7 +325,8 @@ class Relay:
         while True:
             told = self.tell(time.monotonic())
             if told is not None:
-                await self.nc.publish(subject, told)
+                with contextlib.suppress(NatsError, OSError):  # told again within TELL_S
+                    await self.nc.publish(subject, told)
             for shard in [s for s in self.subs if s not in self.copies]:  # moved away
                 for sub in self.subs.pop(shard):
                     await sub.unsubscribe()
