@@ -78,8 +78,7 @@ def outputs_of(
     amounts: Sequence[int], keyset_id: str
 ) -> tuple[list[nut.BlindedMessage], list[Secret]]:
     """Fresh outputs of these amounts (each a power of two), and their secrets."""
-    secrets = [Secret.fresh() for _ in amounts]
-    return [s.output(keyset_id, a) for s, a in zip(secrets, amounts, strict=True)], secrets
+    return _outputs(amounts, keyset_id, [Secret.fresh() for _ in amounts])
 
 
 def derived_outputs(
@@ -88,6 +87,12 @@ def derived_outputs(
     """Outputs of these amounts made of NUT-13 secrets ``counter``, ``counter + 1``, ...
     of ``keyset_id`` (``Secret.derived``), and those secrets."""
     secrets = [Secret.derived(seed, keyset_id, counter + i) for i in range(len(amounts))]
+    return _outputs(amounts, keyset_id, secrets)
+
+
+def _outputs(
+    amounts: Sequence[int], keyset_id: str, secrets: list[Secret]
+) -> tuple[list[nut.BlindedMessage], list[Secret]]:
     return [s.output(keyset_id, a) for s, a in zip(secrets, amounts, strict=True)], secrets
 
 
