@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -136,13 +137,21 @@ def local_guild(
 
 
 def errors_logged(where: Path) -> list[str]:
-    """Every line a process of the guild in ``where`` logged at level error, by log."""
-    return [
-        f"{log.relative_to(where)}: {line[:300]}"
-        for log in where.rglob("*.log")
-        for line in log.read_text(errors="replace").splitlines()
-        if '"level": "error"' in line
-    ]
+    """Every line a process of the guild in ``where`` logged at level error, by log: its
+    fields but the traceback, then the traceback's last lines (where it was raised)."""
+    found = []
+    for log in where.rglob("*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            if '"level": "error"' not in line:
+                continue
+            try:
+                fields = json.loads(line)
+            except ValueError:  # cut short as its process died
+                found.append(f"{log.relative_to(where)}: {line[:2000]}")
+                continue
+            trace = "\n".join(str(fields.pop("exc", "")).splitlines()[-12:])
+            found.append(f"{log.relative_to(where)}: {fields}\n{trace}")
+    return found
 
 
 async def pay(net: Devnet, payments: int = 150, via: Devnet | None = None) -> bool:

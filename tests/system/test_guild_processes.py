@@ -77,7 +77,7 @@ async def test_kill_9_of_a_process_under_payments_loses_nothing(where: Path, kin
         await asyncio.sleep(0.5)
     assert await pay(op1(where), 60)  # and it takes payments as before
     errors = errors_logged(where)
-    assert not errors, errors[:3]
+    assert not errors, "\n".join(errors[:3])
 
 
 async def test_power_loss_of_an_operator_under_payments_between_operators(where: Path) -> None:
@@ -110,4 +110,4 @@ async def test_power_loss_of_an_operator_under_payments_between_operators(where:
     by_shard = await asyncio.to_thread(guild.wait_converged, guild.load(where), 90)
     assert len(by_shard) == 6 and all(len(cs) == 6 for cs in by_shard.values())
     errors = errors_logged(where)
-    assert not errors, errors[:3]
+    assert not errors, "\n".join(errors[:3])

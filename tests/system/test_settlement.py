@@ -148,7 +148,7 @@ async def test_settlement_under_faults_releases_each_output_once_after_paying(
     by_shard = await asyncio.to_thread(guild.wait_converged, nets(where), 90)
     assert len(by_shard) == 6 and all(len(cs) == 6 for cs in by_shard.values())
     errors = errors_logged(where)  # an outage is waited out, said as a warning
-    assert not errors, errors[:3]
+    assert not errors, "\n".join(errors[:3])
 
 
 async def test_the_wallet_pays_a_user_of_another_operator(where: Path) -> None:
