@@ -79,6 +79,13 @@ class UnknownLedger(InvalidTransaction):
     code = "invalid.ledger"
 
 
+class TooLargeToSettle(InvalidTransaction):
+    """An output to another ledger is worth more than one settlement batch carries: its
+    obligation could never be paid, and would hold back every later one to that ledger."""
+
+    code = "invalid.too_large_to_settle"
+
+
 class Unsigned(InvalidTransaction):
     """A transaction to run must carry one witness per input; this one does not."""
 

@@ -15,27 +15,34 @@ without gaps. Both sides learn of each (``owe``, ``announced``) and hold the sam
 
 Batches. Every ``period_s``, with nothing in flight, P closes a batch: its obligations
 after the last settled one (``first..last``, ``amount`` their sum), as many as fit in
-``max_batch_msat`` (at least one), so that a batch the channel cannot carry does not
-grow for ever. Q makes one invoice
-for exactly that batch, only where the range follows what it released and the amount is
-what it holds pending from P there, and only one at a time: a new batch waits until the
-open one is paid or cancelled. The invoice's label is ``settle:<P>:<batch>`` and its
-preimage derives from the batch id (the shell's ``HMAC(Q's key, label)``), so making
-it again after a crash gives the same invoice.
+``max_batch_msat`` (at least one) and ``MAX_BATCH_OUTPUTS``, so that a batch the channel
+cannot carry does not grow for ever, and Q can hold every obligation of it. Q holds at
+most ``MAX_PENDING`` of P's outputs pending (an announcement beyond is not taken, and
+announced again once Q released some: a peer pays nothing to announce). Q makes one
+invoice for exactly that batch, only where the range follows what it released and the
+amount is what it holds pending from P there, and only one at a time: a new batch waits
+until the open one is paid or cancelled. The invoice's label is ``settle:<P>:<batch>``
+and its preimage derives from the batch id (the shell's ``HMAC(Q's key, label)``), so
+making it again after a crash gives the same invoice. Once it expires, Q asks its node
+to delete it, and closes the batch unpaid on its node's word that it can no longer be
+paid (deleted, or expired; paid, it is released): a payer that neither pays nor cancels
+keeps no invoice open here for ever.
 
 The payer writes PAYING before it asks its node to pay (asking again after a crash is
 safe: lightningd never pays one hash twice). Its outcome is four-valued
 (``constellation.lightning``): settled; failed; pending or unknown (looked up again;
 where it stays so for ``GIVE_UP_S``, Q is asked to cancel the invoice). A batch whose
-payment failed is cancelled at Q the same way. Q cancels only an unpaid invoice, which
-can then never be paid (an HTLC held for it fails); a paid one settles the batch. P
-does not take Q's word either way: it asks its own node once more. Cancelled, it puts
-the batch's obligations into the next batch only once its node says the payment
-failed, ``ATTEMPTING_S`` after it last asked its node to pay (pending and unknown are
-looked up again: a payment in flight may still land, and so may a pay command still
-trying routes, one sent before a restart too, where Q kept the invoice it said it
-deleted; no attempt at all ``NEVER_SENT_S`` after the cancel is a payment never sent); paid,
-it settles with the fee its node reports (and where its node paid nothing, someone
+payment failed is cancelled at Q the same way. Cancelling, P asks its own node too until
+it says the payment settled (the batch is settled) or failed with no pay command of ours
+still trying (then none of it is on its way, whether Q ever answers or not). Q cancels
+only an unpaid invoice, which can then never be paid (an HTLC held for it fails); a paid
+one settles the batch. P does not take Q's word either way: it asks its own node once
+more. Cancelled, it puts the batch's obligations into the next batch only once its node
+says the payment failed, ``ATTEMPTING_S`` after it last asked its node to pay (pending
+and unknown are looked up again: a payment in flight may still land, and so may a pay
+command still trying routes, one sent before a restart too, where Q kept the invoice it
+said it deleted; no attempt at all ``NEVER_SENT_S`` after the cancel is a payment never
+sent); paid, it settles with the fee its node reports (and where its node paid nothing, someone
 else paid Q's invoice: Q released, so the batch is settled all the same).
 
 Q releases a batch's outputs once its invoice is paid for the whole amount. The release
@@ -47,14 +54,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
+from constellation.errors import TooLargeToSettle
 from constellation.hashing import tagged_hasher
 from constellation.keys import XOnlyPubKey
 from constellation.lightning import Outcome
-from constellation.tx import IssuanceBatch, TxOutput
+from constellation.tx import IssuanceBatch, Transaction, TxOutput
 
 PERIOD_S = 1.0  # a batch a second, at most
 RETRY_S = 2.0  # an unanswered request to the payee is sent again
@@ -67,12 +76,29 @@ NEVER_SENT_S = 60.0
 # with a margin: until then, every attempt so far having failed is not the payment's
 # failure (the command, perhaps one sent before a restart, may try again and land).
 ATTEMPTING_S = 45.0
+MAX_BATCH_OUTPUTS = 10_000  # obligations in one batch
+# A peer's outputs pending at the payee, announced and not yet paid: a peer pays nothing
+# to announce, and each is a row and memory here. A batch fits: the payee holds it all.
+MAX_PENDING = 100_000
 
 _release_hash = tagged_hasher("constellation/release")
 
 
 def label(payer: str, batch: int) -> str:
     return f"settle:{payer}:{batch}"
+
+
+def check_settleable(tx: Transaction, max_batch_msat: int) -> None:
+    """Each output of ``tx`` to another ledger is one obligation, paid whole in one
+    batch of at most ``max_batch_msat`` (what a channel carries): one worth more could
+    never be paid, and batches go in order, so it would hold back every later one."""
+    for i, _ in tx.remote():
+        value = tx.outputs[i].value_msat
+        if value > max_batch_msat:
+            raise TooLargeToSettle(
+                f"output {i} pays {value} msat to another ledger; at most {max_batch_msat}"
+                " msat a payment between ledgers (pay more in several transactions)"
+            )
 
 
 class Status(Enum):
@@ -95,6 +121,9 @@ class Batch:
     asked: float = 0.0  # the last request or lookup
     paid_at: float = 0.0  # the last ``Pay`` asked of the node
     paid_said: bool = False  # cancelling, the payee said its invoice was paid
+    # cancelling, our node said the payment failed, and no pay command of ours can still
+    # be trying: nothing of it is on its way (we send no other once cancelling)
+    stopped: bool = False
 
 
 # -- what the machines ask the shell to do -------------------------------------------
@@ -228,10 +257,21 @@ class Payer:
         self.fee_limit_msat = fee_limit_msat
         self.period_s = period_s
         self.max_batch_msat = max_batch_msat
+        self._owed_msat = sum(a for _, a in state.owed)  # kept as it changes
 
     @property
     def owed_msat(self) -> int:
-        return sum(a for _, a in self.state.owed)
+        return self._owed_msat
+
+    @property
+    def in_flight_msat(self) -> int:
+        """What of ours may be on its way to the payee, and so counted on one side of
+        the books only: the batch being paid with its fee (booked once settled), unless
+        our node said its payment failed for good."""
+        b = self.state.batch
+        if b is None or b.status is Status.ASKED or b.stopped:
+            return 0
+        return b.amount_msat + self.fee_limit_msat
 
     def owe(self, seq: int, amount_msat: int) -> None:
         """An obligation to the payee (told again after a crash: taken once)."""
@@ -242,6 +282,7 @@ class Payer:
         if seq != last + 1 or amount_msat <= 0:
             raise ValueError(f"obligation {seq} of {amount_msat} msat does not follow {last}")
         s.owed.append((seq, amount_msat))
+        self._owed_msat += amount_msat
 
     def tick(self, now: float) -> list[Action]:
         s = self.state
@@ -250,7 +291,7 @@ class Payer:
             if not s.owed or now - s.closed_at < self.period_s:
                 return []
             first, last, amount = s.owed[0][0], s.owed[0][0], s.owed[0][1]
-            for seq, msat in s.owed[1:]:
+            for seq, msat in itertools.islice(s.owed, 1, MAX_BATCH_OUTPUTS):
                 if amount + msat > self.max_batch_msat:
                     break
                 last, amount = seq, amount + msat
@@ -266,11 +307,21 @@ class Payer:
             return [LookUp(b.id, b.payment_hash)]
         if b.status is Status.CANCELLING and now - b.asked >= RETRY_S:
             b.asked = now
-            return [RequestCancel(b.id)]
+            return self._cancelling(b, now)
         if b.status is Status.CANCELLED and now - b.asked >= LOOKUP_S:
             b.asked = now
             return [self._look_up_cancelled(b, now)]
         return []
+
+    @staticmethod
+    def _cancelling(b: Batch, now: float) -> list[Action]:
+        """Ask the payee to cancel; and our node, until it settles whether anything is on
+        its way (a payee that never answers keeps nothing in flight for ever). No attempt
+        of ours at our node ``NEVER_SENT_S`` after our last ``Pay`` means none was made."""
+        actions: list[Action] = [RequestCancel(b.id)]
+        if b.payment_hash and not b.stopped:
+            actions.append(LookUp(b.id, b.payment_hash, now - b.paid_at < NEVER_SENT_S))
+        return actions
 
     @staticmethod
     def _look_up_cancelled(b: Batch, now: float) -> LookUp:
@@ -317,10 +368,13 @@ class Payer:
         """What the node says of the batch's payment (an answer to ``Pay`` or ``LookUp``)."""
         s = self.state
         b = s.batch
-        if b is None or b.id != batch or b.status not in (Status.PAYING, Status.CANCELLED):
+        if b is None or b.id != batch or b.status is Status.ASKED:
             return []
         if outcome is Outcome.SETTLED:
             self._settle(b, fee_msat)
+            return []
+        if b.status is Status.CANCELLING:  # the payee decides when it is cancelled
+            b.stopped = outcome is Outcome.FAILED and now >= b.paid_at + ATTEMPTING_S
             return []
         if b.status is Status.CANCELLED:
             # Failed is final only once no pay command of ours can still be trying: a
@@ -339,10 +393,11 @@ class Payer:
         return []  # pending, or unknown for now: looked up again
 
     def cancelled(self, batch: int, paid: bool, now: float) -> list[Action]:
-        """The payee's answer to ``RequestCancel``: paid settles the batch; cancelled is
-        confirmed with our own node before the batch is dropped."""
+        """The payee's answer to ``RequestCancel``, or to ``RequestInvoice`` for a batch
+        it closed (its invoice expired before we took it): paid settles the batch;
+        cancelled is confirmed with our own node before the batch is dropped."""
         b = self.state.batch
-        if b is None or b.id != batch or b.status is not Status.CANCELLING:
+        if b is None or b.id != batch or b.status not in (Status.ASKED, Status.CANCELLING):
             return []
         if not b.payment_hash:
             if paid:  # cannot be: nothing was offered to pay; asked again
@@ -355,7 +410,10 @@ class Payer:
 
     def _settle(self, b: Batch, fee_msat: int) -> None:
         s = self.state
-        s.owed = [(q, a) for q, a in s.owed if q > b.last]
+        count = b.last - b.first + 1
+        assert s.owed[count - 1][0] == b.last, "a batch is not the oldest obligations"
+        s.owed = s.owed[count:]
+        self._owed_msat -= b.amount_msat
         s.settled_upto = b.last
         s.paid_msat += b.amount_msat
         s.fees_msat += fee_msat
@@ -375,7 +433,7 @@ class Payer:
             return [Pay(b.id, b.bolt11, self.fee_limit_msat)]
         if b.status is Status.CANCELLED:
             return [self._look_up_cancelled(b, now)]
-        return [RequestCancel(b.id)]
+        return self._cancelling(b, now)
 
 
 # -- the payee -----------------------------------------------------------------------
@@ -388,6 +446,9 @@ class Open:
     last: int
     amount_msat: int
     bolt11: str = ""
+    # from then the node is asked whether the invoice can still be paid: its expiry,
+    # then every ``RETRY_S`` until the node says (unknown until it is made or found)
+    check_at: float = float("inf")
 
 
 @dataclass
@@ -405,8 +466,30 @@ class PayeeState:
 
 
 class Payee:
-    def __init__(self, state: PayeeState) -> None:
+    def __init__(self, state: PayeeState, max_pending: int = MAX_PENDING) -> None:
         self.state = state
+        self.max_pending = max_pending
+        # the running sum of what was announced, up to each pending output, less
+        # ``_base`` (what was released): a batch's sum, and what is held, without a walk
+        self._sums = list(itertools.accumulate(a for _, a in state.pending))
+        self._base = 0
+
+    @property
+    def pending_msat(self) -> int:
+        """What is pending here from the payer (not paid)."""
+        return self._sums[-1] - self._base if self._sums else 0
+
+    @property
+    def room(self) -> int:
+        """How many more outputs announced are taken now (``MAX_PENDING``): the shell
+        takes no more (those it holds from before a restart, all of them)."""
+        return max(0, self.max_pending - len(self.state.pending))
+
+    @property
+    def incoming_msat(self) -> int:
+        """What may be paid to us and not yet heard of: the open batch's invoice."""
+        o = self.state.open
+        return o.amount_msat if o is not None and o.bolt11 else 0
 
     def announced(self, seq: int, amount_msat: int) -> None:
         """An output pending from the payer (told again after a crash: taken once)."""
@@ -417,6 +500,7 @@ class Payee:
         if seq != last + 1 or amount_msat <= 0:
             raise ValueError(f"obligation {seq} of {amount_msat} msat does not follow {last}")
         s.pending.append((seq, amount_msat))
+        self._sums.append((self._sums[-1] if self._sums else self._base) + amount_msat)
 
     def request(self, batch: int, first: int, last: int, amount_msat: int) -> list[Action]:
         """The payer asks for an invoice for a batch."""
@@ -428,25 +512,39 @@ class Payee:
             if o.bolt11:
                 return [Offer(batch, o.bolt11)]  # asked again: the same invoice
             return [MakeInvoice(batch, label(s.payer, batch), amount_msat)]
-        if batch <= s.last_batch:
+        if batch == s.last_batch:  # closed (expired, say) before the payer took its invoice
+            return [Cancelled(batch, paid=s.last_paid)]
+        if batch < s.last_batch:
             return [Refuse(batch, f"batch {batch} is over")]
         if first != s.released_upto + 1:
             return [Refuse(batch, f"the next obligation is {s.released_upto + 1}, not {first}")]
-        held = {q: a for q, a in s.pending if q <= last}
-        if last < first or len(held) != last - first + 1:
+        count = last - first + 1  # pending holds the obligations after the released ones
+        if not 1 <= count <= len(s.pending):
             return [Refuse(batch, f"obligations {first}..{last} are not all announced here")]
-        if sum(held.values()) != amount_msat:
-            return [Refuse(batch, f"obligations {first}..{last} are {sum(held.values())} msat")]
+        held = self._sums[count - 1] - self._base
+        if held != amount_msat:
+            return [Refuse(batch, f"obligations {first}..{last} are {held} msat")]
         s.open = Open(batch, first, last, amount_msat)
         return [MakeInvoice(batch, label(s.payer, batch), amount_msat)]
 
-    def made(self, batch: int, bolt11: str) -> list[Action]:
-        """The node made (or, asked again, found) the batch's invoice."""
+    def made(self, batch: int, bolt11: str, expires_at: float) -> list[Action]:
+        """The node made (or, asked again, found) the batch's invoice, which no node pays
+        from ``expires_at`` (the node's clock, as the shell's ``now``)."""
         o = self.state.open
         if o is None or o.batch != batch:
             return []
-        o.bolt11 = bolt11
+        o.bolt11, o.check_at = bolt11, expires_at
         return [Offer(batch, bolt11)]
+
+    def tick(self, now: float) -> list[Action]:
+        """The open batch's invoice expired: the node is asked to delete it, and says
+        whether it was paid first (``cancel_result``). Only the node's word closes it:
+        paid just before it expired, it is released all the same."""
+        o = self.state.open
+        if o is None or not o.bolt11 or now < o.check_at:
+            return []
+        o.check_at = now + RETRY_S
+        return [CancelInvoice(o.batch, label(self.state.payer, o.batch))]
 
     def paid(self, invoice_label: str, amount_received_msat: int) -> list[Action]:
         """The node's stream says an invoice was paid (any invoice: others are not
@@ -489,7 +587,11 @@ class Payee:
 
     def _release(self, o: Open) -> list[Action]:
         s = self.state
-        s.pending = [(q, a) for q, a in s.pending if q > o.last]
+        count = o.last - o.first + 1
+        assert s.pending[count - 1][0] == o.last, "a batch is not the oldest obligations"
+        s.pending = s.pending[count:]
+        self._base = self._sums[count - 1]
+        self._sums = self._sums[count:]
         s.released_upto = o.last
         s.released_msat += o.amount_msat
         s.open, s.last_batch, s.last_paid = None, o.batch, True

@@ -22,9 +22,9 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from constellation.address import Network, decode_address, decode_destination, encode_address
-from constellation.errors import ConstellationError, UnknownLedger, Unsigned
+from constellation.errors import ConstellationError, TooLargeToSettle, UnknownLedger, Unsigned
 from constellation.protocol import ledger as proto
-from constellation.settlement import release_coin
+from constellation.settlement import check_settleable, release_coin
 from constellation.tx import (
     HERE,
     Transaction,
@@ -281,13 +281,16 @@ class Api:
     def _check_ledgers(self, ledger: LedgerClient, tx: Transaction) -> None:
         """Every output to another ledger names one that ``ledger`` settles with: a guild
         member other than itself, or a neighbour (the ledger itself does not know its
-        peers)."""
+        peers); from this operator's ledger, each is one this operator can settle (its
+        batch size: another member's is that member's to say)."""
         remote = tx.remote()
-        if remote and ledger is self.ledger and self.settler is None:
-            raise UnknownLedger(
-                f"output {remote[0][0]} goes to another ledger, and this operator does not"
-                " settle with others (no operator key or Lightning node configured)"
-            )
+        if remote and ledger is self.ledger:
+            if self.settler is None:
+                raise UnknownLedger(
+                    f"output {remote[0][0]} goes to another ledger, and this operator does"
+                    " not settle with others (no operator key or Lightning node configured)"
+                )
+            check_settleable(tx, self.settler.settings.max_batch_msat)
         for i, lid in remote:
             name = self.ledger_names.get(lid)
             if name is None or name == ledger.operator:
@@ -444,7 +447,7 @@ class Api:
             return parsed
         try:
             self._check_ledgers(ledger, parsed[0])
-        except UnknownLedger as exc:
+        except (UnknownLedger, TooLargeToSettle) as exc:
             return ApiError.of(exc)
         return parsed
 

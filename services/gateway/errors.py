@@ -64,6 +64,7 @@ STATUS: dict[str, int] = {
     e.BadSignature.code: 400,
     e.Unsigned.code: 400,
     e.UnknownLedger.code: 400,
+    e.TooLargeToSettle.code: 400,
     # -- the ledger's state refuses it
     e.LedgerError.code: 409,
     e.CoinSpent.code: 409,

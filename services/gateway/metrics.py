@@ -128,6 +128,12 @@ class GatewayMetrics:
             ["peer"],
             registry=r,
         )
+        self.settle_announce_refused = Counter(
+            "gateway_settle_announce_refused",
+            "outputs a peer announced beyond what is held pending for it (announced again)",
+            ["peer"],
+            registry=r,
+        )
         self.settle_release_refused = Counter(
             "gateway_settle_release_refused",
             "releases the ledger refused (tried again later, with a back-off)",

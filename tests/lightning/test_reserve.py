@@ -126,3 +126,19 @@ def test_a_channel_s_close_moves_our_side_to_the_wallet_once_mined() -> None:
     # our own commitment, broadcast and not mined: still the channel's
     dropped = replace(START, lightning_msat=our_side_msat([_channel("AWAITING_UNILATERAL", ours)]))
     assert r.check(dropped)["drift"] == 0
+
+
+def test_an_invoice_of_ours_a_peer_keeps_open_excuses_no_shortfall() -> None:
+    """A peer chooses the amount of the invoice it asks of us: paid and not yet heard
+    of, it can only make the books read over, never short."""
+    r = Reserve()
+    asked = replace(START, incoming_msat=10**15)
+    r.check(asked)
+    r.check(asked)
+    assert r.baseline == START.lightning_msat + START.onchain_msat - START.held_msat
+    assert r.check(replace(asked, lightning_msat=50_400))["ok"]  # paid, not yet heard of
+    v = r.check(replace(asked, lightning_msat=49_000))
+    assert not v["ok"] and v["drift"] == -1_000 and v["incoming"] == 10**15
+    for _ in range(CONFIRM - 1):
+        v = r.check(replace(asked, lightning_msat=49_000))
+    assert v["broken"]

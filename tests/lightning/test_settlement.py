@@ -18,14 +18,21 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from constellation.errors import TooLargeToSettle
+from constellation.keys import SigningKey
 from constellation.lightning import Outcome, nothing_sent, outgoing
 from constellation.settlement import (
     ATTEMPTING_S,
+    GIVE_UP_S,
     LOOKUP_S,
+    MAX_BATCH_OUTPUTS,
+    MAX_PENDING,
     NEVER_SENT_S,
+    RETRY_S,
     Action,
     CancelInvoice,
     Cancelled,
@@ -41,8 +48,10 @@ from constellation.settlement import (
     Release,
     RequestCancel,
     RequestInvoice,
+    check_settleable,
     label,
 )
+from constellation.tx import HERE, Transaction, TxInput, TxOutput, ledger_id
 from services.gateway.lightning import RETRY_FOR_S
 from services.lnsim.network import Attempt, LnError, Network
 
@@ -154,20 +163,21 @@ class World:
         elif isinstance(a, MakeInvoice):
             preimage = hmac.digest(KEY, a.label.encode(), "sha256")
             try:
-                inv = self.net.invoice("q", a.amount_msat, a.label, "settlement", 3600, preimage)
+                expiry = self.rng.choice((5, 60, 3600)) if self.faulty else 3600
+                inv = self.net.invoice("q", a.amount_msat, a.label, "settlement", expiry, preimage)
             except LnError as exc:
                 assert exc.code == 900  # made before: the same invoice
                 inv = self.net.nodes["q"].invoices[a.label]
                 assert inv.amount_msat == a.amount_msat and inv.preimage == preimage
-            self.payee_did(self.payee.made(a.batch, inv.bolt11))
+            self.payee_did(self.payee.made(a.batch, inv.bolt11, inv.expires_at))
         elif isinstance(a, CancelInvoice):
             try:
                 self.net.delinvoice("q", a.label, "unpaid")
                 paid = False
             except LnError as exc:
                 assert exc.code == 906 and exc.data is not None
+                assert exc.data["current_status"] in ("paid", "expired")
                 paid = exc.data["current_status"] == "paid"
-                assert paid  # settlement invoices live an hour: never expired here
             self.payee_did(self.payee.cancel_result(a.batch, paid))
         elif isinstance(a, Release):
             inv = self.net.nodes["q"].invoices[label("p", a.batch)]
@@ -198,6 +208,7 @@ class World:
         elif r < 0.40:
             self.now += self.rng.choice((0.1, 0.5, 1.0, 3.0))
             self.payer_did(self.payer.tick(self.now))
+            self.payee_did(self.payee.tick(self.now))
         elif r < 0.60 and self.to_payee:
             self.deliver(self.to_payee, self.to_payee_message)
         elif r < 0.80 and self.to_payer:
@@ -290,6 +301,7 @@ def run(seed: int, steps: int) -> World:
     for _ in range(2000):
         world.now += 0.5
         world.payer_did(world.payer.tick(world.now))
+        world.payee_did(world.payee.tick(world.now))
         world.deliver_all()
         world.stream()
         world.check()
@@ -412,3 +424,117 @@ def test_a_payee_that_keeps_the_invoice_it_said_it_deleted_is_not_paid_twice() -
     assert payer.state.batch is not None
     payer.outcome(request.batch, Outcome.FAILED, 5.0 + ATTEMPTING_S)
     assert payer.state.batch is None and payer.state.failed == 1
+
+
+def test_an_invoice_left_unpaid_is_closed_once_its_node_says_it_can_no_longer_be_paid() -> None:
+    """A payer that asks for an invoice and neither pays nor cancels it keeps nothing in
+    flight here beyond its expiry; one paid just before it expired is released."""
+    payee = Payee(PayeeState("p", "q"))
+    payee.announced(1, 5_000)
+    assert payee.request(1, 1, 1, 5_000) == [MakeInvoice(1, label("p", 1), 5_000)]
+    assert payee.incoming_msat == 0  # no invoice yet: nothing can be paid
+    assert payee.made(1, "lnbcrt1x", 100.0) == [Offer(1, "lnbcrt1x")]
+    assert payee.incoming_msat == 5_000
+    assert payee.tick(99.9) == []
+    assert payee.tick(100.0) == [CancelInvoice(1, label("p", 1))]  # its node says which
+    assert payee.tick(100.0 + RETRY_S - 0.1) == []
+    assert payee.tick(100.0 + RETRY_S) == [CancelInvoice(1, label("p", 1))]  # unanswered
+    assert payee.state.open is not None and payee.incoming_msat == 5_000  # not on our word
+    assert payee.cancel_result(1, False) == [Cancelled(1, paid=False)]  # expired, or deleted
+    assert payee.state.open is None and payee.incoming_msat == 0 and payee.tick(200.0) == []
+    # the payer, still asking for it (its offer was lost), hears it was closed
+    assert payee.request(1, 1, 1, 5_000) == [Cancelled(1, paid=False)]
+    payer = Payer(PayerState("p", "q"))
+    payer.owe(1, 5_000)
+    [request] = payer.tick(0.0)
+    assert request == RequestInvoice(1, 1, 1, 5_000)
+    assert payer.cancelled(1, False, 1.0) == []  # never offered: nothing was paid
+    assert payer.state.batch is None and payer.state.failed == 1
+    assert payer.tick(2.0) == [RequestInvoice(2, 1, 1, 5_000)]  # asked for again
+    # paid just before it expired: the node says so, and the paid stream releases it
+    assert payee.request(2, 1, 1, 5_000) == [MakeInvoice(2, label("p", 2), 5_000)]
+    payee.made(2, "lnbcrt1y", 300.0)
+    assert payee.tick(300.0) == [CancelInvoice(2, label("p", 2))]
+    assert payee.cancel_result(2, True) == [] and payee.incoming_msat == 5_000
+    assert payee.paid(label("p", 2), 5_000) == [Release(2, 1, 1)]
+    assert payee.state.open is None and payee.tick(400.0) == []
+
+
+def test_a_batch_the_payee_never_cancels_is_in_flight_only_while_our_node_may_pay_it() -> None:
+    """Cancelling, the payer asks its own node as well as the payee: a payee that never
+    answers keeps the batch open (still owed, never paid twice), but nothing in flight
+    once our node says the payment failed and no pay command of ours can still try."""
+    payer = Payer(PayerState("p", "q"), fee_limit_msat=10)
+    payer.owe(1, 5_000)
+    [request] = payer.tick(0.0)
+    assert isinstance(request, RequestInvoice) and payer.in_flight_msat == 0
+    b, h = request.batch, b"h" * 32
+    payer.offered(b, "lnbcrt1x", h, 5_000, 1.0)
+    assert payer.in_flight_msat == 5_010  # its fee too: booked once settled
+    assert payer.outcome(b, Outcome.UNKNOWN, 1.0 + GIVE_UP_S) == [RequestCancel(b)]
+    t = 1.0 + GIVE_UP_S + RETRY_S
+    assert payer.tick(t) == [RequestCancel(b), LookUp(b, h, True)]
+    payer.outcome(b, Outcome.FAILED, 1.0 + ATTEMPTING_S - 0.1)  # a command may still try
+    assert payer.in_flight_msat == 5_010
+    payer.outcome(b, Outcome.FAILED, 1.0 + ATTEMPTING_S)
+    assert payer.in_flight_msat == 0
+    assert payer.tick(t + 60.0) == [RequestCancel(b)]  # the payee only, from now on
+    assert payer.state.batch is not None and payer.state.owed == [(1, 5_000)]
+    assert payer.resume(t + 61.0) == [RequestCancel(b)]
+    # no attempt of ours at our node long after our last Pay: none was made
+    payer = Payer(PayerState("p", "q"))
+    payer.owe(1, 5_000)
+    payer.tick(0.0)
+    payer.offered(b, "lnbcrt1x", h, 5_000, 1.0)
+    payer.outcome(b, Outcome.FAILED, 2.0)
+    assert payer.tick(1.0 + NEVER_SENT_S) == [RequestCancel(b), LookUp(b, h, False)]
+    # our node says it settled: settled, whatever the payee says or not
+    payer.outcome(b, Outcome.SETTLED, 1.0 + NEVER_SENT_S, fee_msat=3)
+    assert payer.state.batch is None and payer.state.settled_upto == 1
+    assert payer.state.paid_msat == 5_000 and payer.state.fees_msat == 3
+
+
+def test_an_obligation_larger_than_a_batch_is_refused_where_it_would_be_made() -> None:
+    """Batches go in order, each holding the oldest obligation: one no batch carries
+    would hold back every later one to that ledger for ever."""
+    owner, other = SigningKey(b"\x01" * 32).pubkey, ledger_id(SigningKey(b"\x02" * 32).pubkey)
+    coin = b"\x03" * 32
+
+    def paying(value_msat: int) -> Transaction:
+        outputs = [TxOutput(value_msat, owner), TxOutput(1_000, owner)]
+        return Transaction([TxInput(coin, value_msat + 1_000)], outputs, ledgers=[other, HERE])
+
+    check_settleable(paying(MAX_BATCH_MSAT), MAX_BATCH_MSAT)
+    with pytest.raises(TooLargeToSettle, match=f"output 0 pays {MAX_BATCH_MSAT + 1} msat"):
+        check_settleable(paying(MAX_BATCH_MSAT + 1), MAX_BATCH_MSAT)
+    local = Transaction([TxInput(coin, 10**12)], [TxOutput(10**12, owner)])
+    check_settleable(local, MAX_BATCH_MSAT)  # kept in this ledger: owed to nobody
+
+
+def test_a_payee_holds_a_bounded_number_of_outputs_and_answers_without_walking_them() -> None:
+    """A peer pays nothing to announce: the payee takes at most ``max_pending`` (the
+    shell acknowledges no more, and the payer announces the rest again), sums a batch
+    and what it holds without a walk, and a batch always fits what it holds."""
+    assert MAX_BATCH_OUTPUTS <= MAX_PENDING
+    payee = Payee(PayeeState("p", "q"), max_pending=3)
+    for seq in (1, 2, 3):
+        payee.announced(seq, seq * 1_000)
+    assert payee.room == 0 and payee.pending_msat == 6_000
+    refused = payee.request(1, 1, 2**62, 7)
+    assert refused == [Refuse(1, f"obligations 1..{2**62} are not all announced here")]
+    assert payee.request(1, 1, 2, 7) == [Refuse(1, "obligations 1..2 are 3000 msat")]
+    assert payee.request(1, 1, 2, 3_000) == [MakeInvoice(1, label("p", 1), 3_000)]
+    payee.made(1, "lnbcrt1x", 100.0)
+    assert payee.paid(label("p", 1), 3_000) == [Release(1, 1, 2)]
+    assert payee.room == 2 and payee.pending_msat == 3_000
+    payee.announced(4, 4_000)
+    assert payee.pending_msat == 7_000
+    assert payee.request(2, 3, 4, 7_000) == [MakeInvoice(2, label("p", 2), 7_000)]
+    again = Payee(copy.deepcopy(payee.state), max_pending=3)  # after a restart
+    assert again.pending_msat == 7_000 and again.room == 1
+    # the payer's batch holds no more obligations than a payee holds
+    payer = Payer(PayerState("p", "q"))
+    for seq in range(1, MAX_BATCH_OUTPUTS + 2):
+        payer.owe(seq, 1)
+    assert payer.owed_msat == MAX_BATCH_OUTPUTS + 1
+    assert payer.tick(0.0) == [RequestInvoice(1, 1, MAX_BATCH_OUTPUTS, MAX_BATCH_OUTPUTS)]
