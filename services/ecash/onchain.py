@@ -60,6 +60,7 @@ from services.signer.config import SignerAccess
 
 log = logging.getLogger("mint.onchain")
 
+FOLLOW_LOCK = 7415  # the advisory lock of the process that reads the chain
 MAX_INPUTS = 4  # a withdrawal's fee reserve covers a transaction of this many inputs
 SIGN_S = 30.0
 RPC_S = 10.0
@@ -424,41 +425,51 @@ class Onchain:
 
     async def follow(self) -> None:
         """Read the blocks since the last one read, record outputs to the quotes'
-        addresses and the withdrawals' confirmations, and credit what has enough."""
+        addresses and the withdrawals' confirmations, and credit what has enough: by one
+        of the mint's processes at a time (the holder of an advisory lock), so that the
+        blocks recorded are one chain."""
         tip = int(await self.rpc.call("getblockcount"))
         async with self.store.pool.acquire() as conn:
-            last = await conn.fetchrow("SELECT * FROM chain_blocks ORDER BY height DESC LIMIT 1")
-            start = tip if last is None else last["height"] + 1  # a new mint: from now
-            if (
-                last is not None
-                and await self.rpc.call("getblockhash", last["height"]) != last["hash"]
-            ):
-                await self._reorg(conn, last["height"])
-                return
-            for height in range(start, tip + 1):
-                block = await self.rpc.call(
-                    "getblock", await self.rpc.call("getblockhash", height), 2
-                )
-                try:  # the chain's answer is read as untrusted input
-                    outputs = [
-                        (
-                            t["txid"],
-                            o["n"],
-                            sat(o["value"]),
-                            bytes.fromhex(o["scriptPubKey"]["hex"]),
-                        )
-                        for t in block["tx"]
-                        for o in t["vout"]
-                    ]
-                    txids, block_hash = [str(t["txid"]) for t in block["tx"]], str(block["hash"])
-                except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
-                    raise BitcoindError(-1, f"block {height} malformed: {exc!r}") from None
-                async with conn.transaction():
-                    await self._block(conn, height, block_hash, txids, outputs)
-            credited = await self._credit(conn, tip)
+            if not await conn.fetchval(f"SELECT pg_try_advisory_lock({FOLLOW_LOCK})"):
+                return  # another process of the mint reads the chain now
+            try:
+                credited = await self._follow(conn, tip)
+            finally:  # the pool's connections go back as they are (``_keep_session``)
+                await conn.execute(f"SELECT pg_advisory_unlock({FOLLOW_LOCK})")
         self.metrics.chain_height.set(tip)
         for quote, amount in credited:
             log.info("deposit credited", extra={"quote": quote, "sat": amount})
+
+    async def _follow(self, conn: asyncpg.Connection, tip: int) -> list[tuple[str, int]]:
+        """The blocks up to ``tip``, each the child of the one recorded before it, and
+        the deposits credited then."""
+        last = await conn.fetchrow("SELECT * FROM chain_blocks ORDER BY height DESC LIMIT 1")
+        start = tip if last is None else last["height"] + 1  # a new mint: from now
+        if last is not None and await self.rpc.call("getblockhash", last["height"]) != last["hash"]:
+            await self._reorg(conn, last["height"])
+            return []
+        below = None if last is None else str(last["hash"])
+        for height in range(start, tip + 1):
+            block = await self.rpc.call("getblock", await self.rpc.call("getblockhash", height), 2)
+            try:  # the chain's answer is read as untrusted input
+                outputs = [
+                    (t["txid"], o["n"], sat(o["value"]), bytes.fromhex(o["scriptPubKey"]["hex"]))
+                    for t in block["tx"]
+                    for o in t["vout"]
+                ]
+                txids, block_hash = [str(t["txid"]) for t in block["tx"]], str(block["hash"])
+                parent = block.get("previousblockhash")
+            except (AttributeError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
+                raise BitcoindError(-1, f"block {height} malformed: {exc!r}") from None
+            if below is not None and parent != below:
+                # the chain reorganised while it was read: nothing is credited on what
+                # was read, and the next pass finds the fork from the block read last
+                log.info("the chain moved while it was read", extra={"height": height})
+                return []
+            async with conn.transaction():
+                await self._block(conn, height, block_hash, txids, outputs)
+            below = block_hash
+        return await self._credit(conn, tip)
 
     async def _block(
         self,

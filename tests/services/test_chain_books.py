@@ -10,7 +10,7 @@ import asyncio
 import os
 import signal
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from constellation.protocol.envelope import Membership
 from services import devnet
 from services.devnet import Devnet
 from services.ecash.metrics import MintMetrics
-from services.ecash.onchain import ChainSettings, Onchain
+from services.ecash.onchain import FOLLOW_LOCK, ChainSettings, Onchain
 from services.ecash.store import MintStore
 from services.signer.config import SignerAccess
 
@@ -37,19 +37,30 @@ DEPOSIT = {
 
 class Chain:
     """bitcoind's getblockcount, getblockhash and getblock (verbosity 2) over a list of
-    blocks (hash, transactions) that a test replaces to reorganise it."""
+    blocks (hash, transactions) that a test replaces to reorganise it. A block of a
+    branch left behind is still served by its hash, as bitcoind does; ``after[hash]``
+    runs once that block was served."""
 
     def __init__(self) -> None:
         self.blocks: list[tuple[str, list[dict[str, Any]]]] = [("h0", [])]
+        self.known: dict[str, tuple[str | None, list[dict[str, Any]]]] = {}
+        self.after: dict[str, Callable[[], None]] = {}
 
     async def call(self, method: str, *params: Any) -> Any:
+        for i, (h, txs) in enumerate(self.blocks):
+            self.known.setdefault(h, (self.blocks[i - 1][0] if i else None, txs))
         if method == "getblockcount":
             return len(self.blocks) - 1
         if method == "getblockhash":
             return self.blocks[params[0]][0]
         if method == "getblock":
-            [txs] = [t for h, t in self.blocks if h == params[0]]
-            return {"hash": params[0], "tx": txs}
+            parent, txs = self.known[params[0]]
+            block = {"hash": params[0], "tx": txs}
+            if parent is not None:
+                block["previousblockhash"] = parent
+            if then := self.after.pop(params[0], None):
+                then()
+            return block
         raise AssertionError(f"the follower does not call {method}")
 
 
@@ -73,7 +84,71 @@ async def store() -> AsyncIterator[MintStore]:
 async def test_a_deposit_reorganised_out_and_mined_again_is_credited_once(
     store: MintStore,
 ) -> None:
-    # the follower signs nothing
+    follower, chain = await _following(store)
+    try:
+        await follower.follow()  # a new mint follows from the tip
+        chain.blocks += [("h1", [DEPOSIT]), ("h2", []), ("h3", [])]
+        await follower.follow()
+        assert await _books(store) == (100_000, 100_000)  # three confirmations: credited
+        # the last three blocks reorganised away; the deposit is in the new branch's first
+        chain.blocks = [("h0", []), ("h1b", [DEPOSIT]), ("h2b", []), ("h3b", [])]
+        await follower.follow()  # the reorg seen: the coin is gone from the funds
+        assert await _books(store) == (100_000, 0)
+        for _ in range(2):
+            await follower.follow()
+        assert await _books(store) == (100_000, 100_000)  # held again, credited once
+        chain.blocks.append(("h4b", []))
+        await follower.follow()
+        assert await _books(store) == (100_000, 100_000)
+    finally:
+        await follower.close()
+
+
+async def test_a_reorganisation_while_blocks_are_read_credits_nothing_of_the_branch_left(
+    store: MintStore,
+) -> None:
+    """The chain moves to another branch after the deposit's block was read and before
+    the next one is: the next block read is no child of it, so the deposit (spent
+    otherwise in the new branch) is not taken for confirmed under the new blocks."""
+    follower, chain = await _following(store)
+    try:
+        await follower.follow()
+        chain.blocks += [("a1", [DEPOSIT]), ("a2", []), ("a3", [])]
+
+        def reorganise() -> None:
+            chain.blocks[1:] = [("b1", []), ("b2", []), ("b3", []), ("b4", [])]
+
+        chain.after["a1"] = reorganise
+        await follower.follow()
+        assert await _books(store) == (0, 0)
+        for _ in range(4):  # the fork found, the new branch read, and it grows
+            await follower.follow()
+            chain.blocks.append((f"b{len(chain.blocks)}", []))
+        assert await _books(store) == (0, 0)
+        heights = await store.pool.fetch("SELECT height, hash FROM chain_blocks ORDER BY height")
+        assert [r["hash"] for r in heights] == [h for h, _ in chain.blocks[: len(heights)]]
+    finally:
+        await follower.close()
+
+
+async def test_one_process_of_the_mint_reads_the_chain_at_a_time(store: MintStore) -> None:
+    """Two processes' passes interleaved would record blocks of two branches as one."""
+    follower, chain = await _following(store)
+    try:
+        async with store.pool.acquire() as other:  # another process, in its pass
+            await other.execute(f"SELECT pg_advisory_lock({FOLLOW_LOCK})")
+            chain.blocks.append(("h1", [DEPOSIT]))
+            await follower.follow()
+            assert await store.pool.fetchval("SELECT count(*) FROM chain_blocks") == 0
+            await other.execute(f"SELECT pg_advisory_unlock({FOLLOW_LOCK})")
+        await follower.follow()
+        assert await store.pool.fetchval("SELECT count(*) FROM chain_blocks") == 1
+    finally:
+        await follower.close()
+
+
+async def _following(store: MintStore) -> tuple[Onchain, Chain]:
+    """A follower of a scripted chain (it signs nothing), and a quote it watches."""
     no_signer = SignerAccess("nats://unused", Membership("chain-follow", []), bytes(33), b"")
     settings = ChainSettings("http://unused", no_signer, CONFIRMATIONS, 2, 1, "bcrt")
     follower = Onchain(settings, store, _no_rules, _no_signing, MintMetrics())
@@ -84,31 +159,16 @@ async def test_a_deposit_reorganised_out_and_mined_again_is_credited_once(
         " expiry) VALUES ('q', 'bcrt1p', $1, '\\x00', '\\x02', '02', 0)",
         SCRIPT,
     )
+    return follower, chain
 
-    async def books() -> tuple[int, int]:
-        paid = await store.pool.fetchval("SELECT amount_paid FROM chain_quotes")
-        held = await store.pool.fetchval(
-            "SELECT coalesce(sum(amount), 0) FROM mint_totals WHERE kind = 'chain_sat'"
-        )
-        return paid, held
 
-    try:
-        await follower.follow()  # a new mint follows from the tip
-        chain.blocks += [("h1", [DEPOSIT]), ("h2", []), ("h3", [])]
-        await follower.follow()
-        assert await books() == (100_000, 100_000)  # three confirmations: credited
-        # the last three blocks reorganised away; the deposit is in the new branch's first
-        chain.blocks = [("h0", []), ("h1b", [DEPOSIT]), ("h2b", []), ("h3b", [])]
-        await follower.follow()  # the reorg seen: the coin is gone from the funds
-        assert await books() == (100_000, 0)
-        for _ in range(2):
-            await follower.follow()
-        assert await books() == (100_000, 100_000)  # held again, credited once
-        chain.blocks.append(("h4b", []))
-        await follower.follow()
-        assert await books() == (100_000, 100_000)
-    finally:
-        await follower.close()
+async def _books(store: MintStore) -> tuple[int, int]:
+    """(sat credited to the quote, sat of deposits the mint holds)."""
+    paid = await store.pool.fetchval("SELECT amount_paid FROM chain_quotes")
+    held = await store.pool.fetchval(
+        "SELECT coalesce(sum(amount), 0) FROM mint_totals WHERE kind = 'chain_sat'"
+    )
+    return paid, held
 
 
 def _no_rules() -> Mint:
