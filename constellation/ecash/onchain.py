@@ -19,6 +19,17 @@ SEQUENCE = 0xFFFFFFFD  # final, replaceable (BIP125): a stuck withdrawal can be 
 OVERHEAD_WU = 4 * (4 + 1 + 1 + 4) + 2  # version, counts, locktime; segwit marker and flag
 INPUT_WU = 4 * (32 + 4 + 1 + 4) + (1 + 1 + 64)  # outpoint, empty scriptSig, sequence; witness
 DUST_SAT = 330  # the least a taproot output may carry (Bitcoin Core's dust limit for it)
+# What a withdrawal pays to: P2WPKH, P2WSH and P2TR, whose outputs Bitcoin Core relays
+# at DUST_SAT (P2WPKH's limit is lower). Other witness programs are standard too, but a
+# longer one has a higher dust limit and a 2-byte one can make a transaction Core finds
+# too small to relay: either would stay unsent, and the melt pending, for good.
+STANDARD = ((0x00, 20), (0x00, 32), (0x51, 32))
+
+
+def check_destination(script: bytes) -> None:
+    """``ValueError`` unless ``script`` pays to one of the ``STANDARD`` kinds."""
+    if len(script) < 2 or (script[0], script[1]) not in STANDARD or len(script) != 2 + script[1]:
+        raise ValueError("pays neither P2WPKH, P2WSH nor P2TR (the kinds withdrawals pay)")
 
 
 class Coin(NamedTuple):

@@ -575,9 +575,14 @@ class Onchain:
 
     def destination(self, address: str) -> bytes:
         try:
-            return address_script(address, self.s.hrp)
+            script = address_script(address, self.s.hrp)
         except ConstellationError as exc:
             raise m.CashuError(0, f"not an address of this chain: {exc}") from None
+        try:
+            oc.check_destination(script)
+        except ValueError as exc:
+            raise m.CashuError(0, f"{address} {exc}") from None
+        return script
 
     async def melt_quote(self, req: nut.MeltQuoteOnchainRequest, expiry_s: int) -> m.MeltQuote:
         script = self.destination(req.request)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from constellation.bitcoin import SpendOutput, p2tr_script, parse_tx
+from constellation.bitcoin import SpendOutput, address_script, p2tr_script, parse_tx
 from constellation.ecash import onchain as oc
 from constellation.errors import RequestRefused
 from constellation.guild import derive, guild_output, owned_derivation
@@ -125,3 +125,21 @@ def test_a_plan_conserves_value_and_pays_its_rate(
     assert w.change_sat == 0 or w.change_sat >= oc.DUST_SAT
     dummy = oc.signed(w.tx, [b"\x00" * 64] * len(w.spent))
     assert w.fee_sat >= dummy.vsize * feerate
+
+
+def test_a_withdrawal_pays_only_the_kinds_of_output_bitcoin_core_relays_at_its_dust_limit() -> None:
+    """A 40-byte witness program's dust limit is above DUST_SAT, and a 2-byte one can make
+    a transaction too small to relay: either would leave the melt pending for good."""
+    key = bytes(range(32))
+    for address in (
+        "BC1QW508D6QEJXTDG4Y5R3ZARVARY0C5XW7KV8F3T4",  # P2WPKH (BIP173)
+        "bc1qrp33g0q5c5txsp9arysrx4k6zdkfs4nce4xj0gdcccefvpysxf3qccfmv3",  # P2WSH
+    ):
+        oc.check_destination(address_script(address, "bc"))
+    oc.check_destination(p2tr_script(key))
+    for version, program in ((1, bytes(40)), (1, bytes(2)), (2, bytes(32)), (0, bytes(21))):
+        script = bytes([0x50 + version if version else 0, len(program)]) + program
+        with pytest.raises(ValueError, match="neither P2WPKH, P2WSH nor P2TR"):
+            oc.check_destination(script)
+    with pytest.raises(ValueError):
+        oc.check_destination(p2tr_script(key) + b"\x00")  # its length says otherwise
