@@ -63,3 +63,8 @@ class MintMetrics:
             "on-chain withdrawals recorded and not yet signed and sent (the resolver's)",
             registry=r,
         )
+        self.withdrawals_unmined = Gauge(
+            "mint_withdrawals_unmined",
+            "on-chain withdrawals and moves sent and in no block yet (sent again until one)",
+            registry=r,
+        )

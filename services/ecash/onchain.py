@@ -64,6 +64,7 @@ FOLLOW_LOCK = 7415  # the advisory lock of the process that reads the chain
 MAX_INPUTS = 4  # a withdrawal's fee reserve covers a transaction of this many inputs
 SIGN_S = 30.0
 RPC_S = 10.0
+RESEND_S = 60.0  # a transaction sent and in no block is sent again this often
 ABANDONED_S = 60.0  # a melt PENDING this long with no withdrawal recorded: its process died
 MOVE_MAX_FEE_SAT = 50_000  # a move to a new key costing more waits (for a lower feerate)
 _label = tagged_hasher("Constellation/deposit-label")
@@ -102,6 +103,10 @@ CREATE TABLE IF NOT EXISTS chain_withdrawals (
     spent jsonb NOT NULL,  -- the coins it spends: txid, vout, amount_sat, script, derivation
     state text NOT NULL CHECK (state IN ('SIGNING', 'SIGNED'))  -- sent: its melt is PAID
 );
+-- the height of the block that holds it (NULL: in none yet: sent again until one does;
+-- 0: sent before the mint kept it)
+ALTER TABLE chain_withdrawals ADD COLUMN IF NOT EXISTS mined int DEFAULT 0;
+ALTER TABLE chain_withdrawals ALTER COLUMN mined DROP DEFAULT;
 CREATE TABLE IF NOT EXISTS chain_moves (  -- coins moved to a new guild key
     id bigserial PRIMARY KEY,
     key bytea NOT NULL,  -- the new key, made by the members after a change of members
@@ -250,12 +255,16 @@ class Moved:
     confirmed_elsewhere: int  # coins held under another key, confirmed: to move
     pending_elsewhere: int  # ...and not confirmed yet (a deposit, a withdrawal's change)
     signing: int  # withdrawals not signed yet (they may spend coins under another key)
+    # deposits still to come under another key: quotes not expired (their address may be
+    # paid), deposits in a block and not credited yet (held once credited)
+    deposits_elsewhere: int = 0
 
     @property
     def done(self) -> bool:
-        """Every coin is under the key, in a block: the keys before it may be retired."""
+        """Every coin is under the key, in a block, and none is still to come under
+        another: the keys before it may be retired."""
         counts = (self.open, self.unconfirmed, self.confirmed_elsewhere, self.pending_elsewhere)
-        return not any(counts) and not self.signing
+        return not any(counts) and not self.signing and not self.deposits_elsewhere
 
 
 async def moved(conn: asyncpg.Connection, key: bytes) -> Moved:
@@ -270,6 +279,13 @@ async def moved(conn: asyncpg.Connection, key: bytes) -> Moved:
         key,
     )
     signing = await conn.fetchval("SELECT count(*) FROM chain_withdrawals WHERE state = 'SIGNING'")
+    to_come = await conn.fetchval(
+        "SELECT (SELECT count(*) FROM chain_quotes WHERE guild_key <> $1"
+        "  AND expiry > extract(epoch FROM now()))"
+        " + (SELECT count(*) FROM chain_coins WHERE key <> $1 AND quote IS NOT NULL"
+        "  AND NOT held AND height IS NOT NULL)",
+        key,
+    )
     return Moved(
         [r["txid"] for r in moves if r["txid"]],
         sum(r["state"] in ("ASKED", "SIGNING", "SIGNED") for r in moves),
@@ -277,6 +293,7 @@ async def moved(conn: asyncpg.Connection, key: bytes) -> Moved:
         sum(r["confirmed"] for r in left),
         sum(not r["confirmed"] for r in left),
         signing,
+        to_come,
     )
 
 
@@ -305,6 +322,9 @@ class Onchain:
         self.rpc = Bitcoind(settings.bitcoind_url, self.session)
         self.guild_key = b""  # the newest key (33 bytes), asked of the signer
         self.usable: list[bytes] = []  # every key the signers sign with (a move's, too)
+        self.unusable: set[tuple[str, int]] = set()  # deposits to a retired key: said once
+        self.sent_at: dict[str, float] = {}  # transactions sent again (``send_again``)
+        self.refused: set[str] = set()  # ...and refused by the node: said once
         self.me = settings.signer.signer[1:]  # the addresses we hold: its member's
         self.working: set[str] = set()  # withdrawals this process is signing or sending
 
@@ -507,6 +527,12 @@ class Onchain:
             height,
         )
         await conn.execute(
+            "UPDATE chain_withdrawals SET mined = $2"
+            " WHERE txid = ANY($1::text[]) AND mined IS NULL",
+            txids,
+            height,
+        )
+        await conn.execute(
             "INSERT INTO chain_blocks (height, hash) VALUES ($1, $2)"
             " ON CONFLICT (height) DO UPDATE SET hash = $2",
             height,
@@ -516,13 +542,42 @@ class Onchain:
     async def _credit(self, conn: asyncpg.Connection, tip: int) -> list[tuple[str, int]]:
         """Deposits with enough confirmations: held by the mint, credited to their quote
         (as ecash owed), in one transaction. A deposit credited before, reorganised out
-        and mined again, is held again and not credited twice."""
-        credited = []
+        and mined again, is held again and not credited twice. One to a key the guild's
+        signers no longer sign with (retired after a change of members: ``moved`` holds
+        the retirement back while a quote under it is open or a deposit to it is not
+        credited yet, but a saved address may be paid later) is not credited: nothing
+        could spend it, so it backs no ecash; it is said, for the operator."""
+        credited: list[tuple[str, int]] = []
+        if not self.usable:  # the signers not asked yet: which keys they sign with
+            return credited
+        deep = tip - self.s.confirmations + 1
+        unusable = await conn.fetch(
+            "SELECT txid, vout, quote, amount_sat, key FROM chain_coins WHERE NOT held"
+            " AND quote IS NOT NULL AND height IS NOT NULL AND height <= $1"
+            " AND NOT key = ANY($2::bytea[])",
+            deep,
+            self.usable,
+        )
+        for r in unusable:  # a retired key's: nobody would sign it away; not ecash's backing
+            if (r["txid"], r["vout"]) not in self.unusable:
+                self.unusable.add((r["txid"], r["vout"]))
+                log.error(
+                    "a deposit to a key the guild no longer signs with: not credited",
+                    extra={
+                        "txid": r["txid"],
+                        "vout": r["vout"],
+                        "quote": r["quote"],
+                        "sat": r["amount_sat"],
+                        "key": bytes(r["key"]).hex(),
+                    },
+                )
         async with conn.transaction():
             rows = await conn.fetch(
                 "UPDATE chain_coins SET held = true WHERE NOT held AND quote IS NOT NULL"
-                " AND height IS NOT NULL AND height <= $1 RETURNING txid, vout, quote, amount_sat",
-                tip - self.s.confirmations + 1,
+                " AND height IS NOT NULL AND height <= $1 AND key = ANY($2::bytea[])"
+                " RETURNING txid, vout, quote, amount_sat",
+                deep,
+                self.usable,
             )
             for r in rows:
                 first = await conn.fetchval(
@@ -564,6 +619,7 @@ class Onchain:
                 if r["held"]:
                     log.error("a credited deposit was reorganised out of the chain", extra=dict(r))
             await conn.execute("UPDATE chain_coins SET height = NULL WHERE height > $1", fork)
+            await conn.execute("UPDATE chain_withdrawals SET mined = NULL WHERE mined > $1", fork)
             await conn.execute("DELETE FROM chain_blocks WHERE height > $1", fork)
         log.warning("chain reorganisation", extra={"fork": fork, "was": height})
 
@@ -890,6 +946,38 @@ class Onchain:
                 log.warning(
                     "the move not sent yet", extra={"key": r["key"].hex(), "error": repr(exc)}
                 )
+        await self.send_again()
+
+    async def send_again(self) -> None:
+        """Withdrawals and moves sent and in no block yet: sent again every ``RESEND_S``
+        (the same transaction: a node restarted with an empty mempool, or one that
+        evicted it, has it again) until a block holds them. One its node refuses (its
+        fee below what the mempool takes now) is said once: it needs a bump."""
+        async with self.store.pool.acquire() as conn:
+            unmined = await conn.fetch(
+                "SELECT w.txid, w.tx FROM chain_withdrawals w JOIN melt_quotes q USING (quote)"
+                " WHERE q.state = 'PAID' AND w.mined IS NULL"
+                " UNION ALL SELECT m.txid, m.tx FROM chain_moves m"
+                " JOIN chain_coins c ON c.txid = m.txid AND c.vout = 0"
+                " WHERE m.state = 'SENT' AND c.height IS NULL"
+            )
+        self.metrics.withdrawals_unmined.set(len(unmined))
+        now = time.monotonic()
+        for r in unmined:
+            if now - self.sent_at.get(r["txid"], -RESEND_S) < RESEND_S:
+                continue
+            self.sent_at[r["txid"]] = now
+            try:
+                await self.rpc.call("sendrawtransaction", bytes(r["tx"]).hex())
+            except BitcoindError as exc:
+                if exc.code == -27:  # in a block already (the follower has not read it yet)
+                    continue
+                if r["txid"] not in self.refused:
+                    self.refused.add(r["txid"])
+                    log.error(
+                        "a transaction sent is in no block, and its node refuses it now",
+                        extra={"txid": r["txid"], "error": str(exc)},
+                    )
 
     def melt_doc(self, q: m.MeltQuote, change: list[nut.BlindSignature]) -> dict[str, Any]:
         return {

@@ -124,7 +124,8 @@ class KeyFollower:
             waiting = (
                 f"the moves to the new key: {moves.open} under way, {moves.unconfirmed} "
                 f"in no block yet, {moves.confirmed_elsewhere + moves.pending_elsewhere} "
-                f"coins under another key, {moves.signing} withdrawals signing"
+                f"coins under another key, {moves.deposits_elsewhere} deposits still to come"
+                f" under another key, {moves.signing} withdrawals signing"
             )
         alone = handed and made is not None and held[0].key == made.key
         await self._report(plan, made.key if made else b"", moves, alone, waiting)

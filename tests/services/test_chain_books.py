@@ -22,13 +22,15 @@ from constellation.protocol.cashu import BlindedMessage, BlindSignature
 from constellation.protocol.envelope import Membership
 from services import devnet
 from services.devnet import Devnet
+from services.ecash import onchain
 from services.ecash.metrics import MintMetrics
-from services.ecash.onchain import FOLLOW_LOCK, ChainSettings, Onchain
+from services.ecash.onchain import FOLLOW_LOCK, ChainSettings, Moved, Onchain, moved
 from services.ecash.store import MintStore
 from services.signer.config import SignerAccess
 
 CONFIRMATIONS = 3
 SCRIPT = bytes.fromhex("5120" + "ab" * 32)  # the quote's P2TR address
+GUILD_KEY = b"\x02"  # the key the quote's address is under
 DEPOSIT = {
     "txid": "dd" * 32,
     "vout": [{"n": 0, "value": Decimal("0.001"), "scriptPubKey": {"hex": SCRIPT.hex()}}],
@@ -36,8 +38,9 @@ DEPOSIT = {
 
 
 class Chain:
-    """bitcoind's getblockcount, getblockhash and getblock (verbosity 2) over a list of
-    blocks (hash, transactions) that a test replaces to reorganise it. A block of a
+    """bitcoind's getblockcount, getblockhash, getblock (verbosity 2) and
+    sendrawtransaction over a list of blocks (hash, transactions) that a test replaces
+    to reorganise it. A block of a
     branch left behind is still served by its hash, as bitcoind does; ``after[hash]``
     runs once that block was served."""
 
@@ -45,6 +48,7 @@ class Chain:
         self.blocks: list[tuple[str, list[dict[str, Any]]]] = [("h0", [])]
         self.known: dict[str, tuple[str | None, list[dict[str, Any]]]] = {}
         self.after: dict[str, Callable[[], None]] = {}
+        self.sent: list[str] = []  # raw transactions, as sendrawtransaction took them
 
     async def call(self, method: str, *params: Any) -> Any:
         for i, (h, txs) in enumerate(self.blocks):
@@ -53,6 +57,9 @@ class Chain:
             return len(self.blocks) - 1
         if method == "getblockhash":
             return self.blocks[params[0]][0]
+        if method == "sendrawtransaction":
+            self.sent.append(params[0])
+            return None
         if method == "getblock":
             parent, txs = self.known[params[0]]
             block = {"hash": params[0], "tx": txs}
@@ -147,6 +154,81 @@ async def test_one_process_of_the_mint_reads_the_chain_at_a_time(store: MintStor
         await follower.close()
 
 
+async def test_a_key_retires_once_no_deposit_can_come_to_it_and_a_later_one_is_not_credited(
+    store: MintStore,
+) -> None:
+    """A quote open under the old key, or its deposit in a block and not credited yet,
+    holds the old key's retirement back (``moved``); a deposit to the old address once
+    the signers no longer sign with its key is not credited: it backs no ecash."""
+    new_key = b"\x03"
+    follower, chain = await _following(store)
+
+    async def to_come() -> Moved:
+        async with store.pool.acquire() as conn:
+            return await moved(conn, new_key)
+
+    try:
+        await follower.follow()
+        await store.pool.execute(
+            "UPDATE chain_quotes SET expiry = extract(epoch FROM now())::bigint + 600"
+        )
+        assert (await to_come()).deposits_elsewhere == 1 and not (await to_come()).done
+        await store.pool.execute("UPDATE chain_quotes SET expiry = 0")  # expired
+        chain.blocks.append(("h1", [DEPOSIT]))
+        await follower.follow()  # in a block, short of its confirmations
+        assert (await to_come()).deposits_elsewhere == 1 and not (await to_come()).done
+        chain.blocks += [("h2", []), ("h3", [])]
+        await follower.follow()
+        assert await _books(store) == (100_000, 100_000)
+        moves = await to_come()  # credited: a coin to move now
+        assert moves.deposits_elsewhere == 0 and moves.confirmed_elsewhere == 1
+        follower.usable = [new_key]  # the old key retired
+        late = {**DEPOSIT, "txid": "ee" * 32}
+        chain.blocks += [("h4", [late]), ("h5", []), ("h6", [])]
+        await follower.follow()
+        assert await _books(store) == (100_000, 100_000)
+        late_coin = await store.pool.fetchrow(
+            "SELECT held FROM chain_coins WHERE txid = $1", "ee" * 32
+        )
+        assert late_coin is not None and not late_coin["held"]
+    finally:
+        await follower.close()
+
+
+async def test_a_withdrawal_is_sent_again_until_a_block_holds_it(
+    store: MintStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its melt PAID once the node took it; a node that restarted with an empty mempool,
+    or evicted it, would otherwise never mine it, and the user would go unpaid."""
+    monkeypatch.setattr(onchain, "RESEND_S", 0.0)
+    follower, chain = await _following(store)
+    await store.pool.execute(
+        "INSERT INTO melt_quotes (quote, request, payment_hash, amount, fee_reserve, unit,"
+        " state, expiry, amount_msat, attempt, pending_since, method)"
+        " VALUES ('w', 'bcrt1q', 'w', 1000, 200, 'sat', 'PAID', 0, 1000000, 1, 0, $1)",
+        ONCHAIN,
+    )
+    await store.pool.execute(
+        "INSERT INTO chain_withdrawals (quote, attempt, tx, txid, fee_sat, spent, state)"
+        " VALUES ('w', 1, '\\x0102', 't1', 200, '[]', 'SIGNED')"
+    )
+    try:
+        await follower.follow()
+        await follower.send_again()
+        await follower.send_again()
+        assert chain.sent == ["0102", "0102"]  # in no block: sent again
+        chain.blocks.append(("h1", [{"txid": "t1", "vout": []}]))
+        await follower.follow()
+        await follower.send_again()
+        assert len(chain.sent) == 2  # a block holds it
+        chain.blocks[1:] = [("h1b", []), ("h2b", [])]  # ...and then none
+        await follower.follow()
+        await follower.send_again()
+        assert len(chain.sent) == 3
+    finally:
+        await follower.close()
+
+
 async def _following(store: MintStore) -> tuple[Onchain, Chain]:
     """A follower of a scripted chain (it signs nothing), and a quote it watches."""
     no_signer = SignerAccess("nats://unused", Membership("chain-follow", []), bytes(33), b"")
@@ -154,10 +236,12 @@ async def _following(store: MintStore) -> tuple[Onchain, Chain]:
     follower = Onchain(settings, store, _no_rules, _no_signing, MintMetrics())
     chain = Chain()
     follower.rpc = chain  # type: ignore[assignment]
+    follower.usable = [GUILD_KEY]  # as the signers say
     await store.pool.execute(
         "INSERT INTO chain_quotes (quote, address, script, derivation, guild_key, pubkey,"
-        " expiry) VALUES ('q', 'bcrt1p', $1, '\\x00', '\\x02', '02', 0)",
+        " expiry) VALUES ('q', 'bcrt1p', $1, '\\x00', $2, '02', 0)",
         SCRIPT,
+        GUILD_KEY,
     )
     return follower, chain
 
