@@ -38,7 +38,7 @@ from constellation.address import decode_destination
 from constellation.ecash import mint as m
 from constellation.errors import AlreadyCommitted, ConstellationError
 from constellation.keys import SigningKey
-from constellation.lightning import Outcome, PaymentState
+from constellation.lightning import Outcome, PaymentState, failure_final, spent_at_most
 from constellation.protocol import cashu as nut
 from constellation.tx import Issuance, TxOutput, decode_issuance, decode_transaction
 from services.api_client import Gateway, GatewayError
@@ -49,7 +49,12 @@ from services.ecash.metrics import MintMetrics
 from services.ecash.onchain import CHAIN_DOWN, Onchain
 from services.ecash.store import MintStore, Redeem, listen_forever
 from services.ecash.ws import CHANNELS, Hub
-from services.gateway.lightning import PAY_S, ClnBackend, LightningBackend, LightningError
+from services.gateway.lightning import (
+    RETRY_FOR_S,
+    ClnBackend,
+    LightningBackend,
+    LightningError,
+)
 from services.gateway.limits import Limits
 from services.runtime import OpsServer
 
@@ -58,7 +63,13 @@ log = logging.getLogger("mint")
 UNIT = "sat"
 GATEWAY_S = 15.0  # a call to the operator's gateway
 RESOLVE_EVERY_S = 2.0
-FAIL_AFTER_S = PAY_S + 60.0  # a pay call's time, its retries', and a margin
+# A melt's pay command is sent within SEND_WINDOW_S of its start (pending_since), on the
+# database's clock, or never (``MintStore.may_pay``, asked right before it goes); one runs
+# RETRY_FOR_S at most, and the margin covers the node's clock and a slow send. So every
+# attempt having failed is the payment's failure only ATTEMPTING_S past both the window's
+# end and the newest attempt's start (``constellation.lightning.failure_final``).
+SEND_WINDOW_S = 30.0
+ATTEMPTING_S = RETRY_FOR_S + 30.0
 EXPIRED_MARGIN_S = 600.0  # an invoice this long expired is paid by no node (clocks differ)
 DEADLOCK_RETRIES = 3
 REDIS_S = 0.5  # a slow Redis costs a request this much at most, per call
@@ -523,10 +534,17 @@ class MintApp:
         quote, attempt = await self.db.start_melt(
             req, m.BOLT11, lambda q: self.rules.check_melt(q, req, now)
         )
+
+        async def may_send() -> bool:  # never after the resolver's fence opened
+            return await self.db.may_pay(quote.quote, attempt, SEND_WINDOW_S)
+
         self.paying.add((quote.quote, attempt))
         try:
             state = await self.backend.pay(
-                quote.request, quote.fee_reserve * 1000, bytes.fromhex(quote.payment_hash)
+                quote.request,
+                quote.fee_reserve * 1000,
+                bytes.fromhex(quote.payment_hash),
+                may_send,
             )
         except (LightningError, OSError, TimeoutError) as exc:  # its fate is not known
             state = PaymentState(
@@ -537,7 +555,7 @@ class MintApp:
         await self._settle(quote, attempt, state)
         found = await self.db.melt_quote(quote.quote, m.BOLT11)
         assert found is not None
-        if found[0].state == m.MELT_UNPAID:
+        if found[0].state == m.MELT_UNPAID and state.outcome is not Outcome.SETTLED:
             raise m.CashuError(
                 m.PAYMENT_FAILED, f"the payment failed: {state.reason or 'no route'}"
             )
@@ -547,9 +565,24 @@ class MintApp:
         """Act on what became of a melt's payment: spend its proofs and sign its change,
         free them, or (pending, unknown) leave them reserved for the resolver."""
         if state.outcome is Outcome.SETTLED:
-            sent = (state.amount_msat or quote.amount_msat) + (state.fee_msat or 0)
+            # what left the node; where the node does not say, the whole reserve
+            sent = spent_at_most(state, quote.amount_msat, quote.fee_reserve * 1000)
             preimage = state.preimage.hex() if state.preimage else ""
-            await self.db.finish_melt(quote.quote, attempt, preimage, sent, self._sign)
+            if await self.db.finish_melt(quote.quote, attempt, preimage, sent, self._sign):
+                return
+            found = await self.db.melt_quote(quote.quote, m.BOLT11)
+            if found is not None and found[0].state == m.MELT_UNPAID:
+                # the melt was failed and its proofs freed, and the invoice paid all the same
+                log.critical(
+                    "a melt's payment settled after the melt was failed: paid out and"
+                    " refunded, a loss",
+                    extra={
+                        "quote": quote.quote,
+                        "attempt": attempt,
+                        "payment_hash": quote.payment_hash,
+                        "sent_msat": sent,
+                    },
+                )
         elif state.outcome is Outcome.FAILED:
             await self.db.fail_melt(quote.quote, attempt)
 
@@ -573,9 +606,10 @@ class MintApp:
         return run
 
     async def _resolve(self) -> None:
-        """Pending melts, each settled once its payment's fate is known."""
-        pending = await self.db.pending_melts(m.BOLT11)
-        now = time.time()
+        """Pending melts, each settled once its payment's fate is known. Its ages are
+        the database's (the clock ``may_pay`` fences the sending with), never this
+        host's time less the database's."""
+        now, pending = await self.db.pending_melts(m.BOLT11)
         self.metrics.pending_melts.set(len(pending))
         self.metrics.oldest_pending_melt.set(
             max((now - since for _, _, since in pending), default=0)
@@ -585,17 +619,19 @@ class MintApp:
                 continue  # its pay call answers for it
             try:
                 attempted = True
-                if now - since >= FAIL_AFTER_S:  # no pay call of ours runs any more
+                if now - since >= SEND_WINDOW_S + ATTEMPTING_S:  # no pay call runs any more
                     expires_at = (await self.backend.decode(quote.request)).expires_at
                     # nor can one begin (a process stopped before its call): none seen is
                     # a payment never sent, not one still to appear
-                    attempted = now < expires_at + EXPIRED_MARGIN_S
+                    attempted = time.time() < expires_at + EXPIRED_MARGIN_S
                 state = await self.backend.payment(bytes.fromhex(quote.payment_hash), attempted)
             except (LightningError, OSError, TimeoutError):
                 continue
-            if state.outcome is Outcome.FAILED and now - since < FAIL_AFTER_S:
-                # every attempt so far failed, but a pay call of another process may
-                # still be trying routes (or not have begun): final only after it ends
+            if state.outcome is Outcome.FAILED and not failure_final(
+                state, now, since + SEND_WINDOW_S, ATTEMPTING_S
+            ):
+                # every attempt so far failed, but a pay call (of another process, or
+                # one sent late) may still be trying routes: final only after it ends
                 continue
             try:
                 await self._settle(quote, attempt, state)

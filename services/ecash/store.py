@@ -826,17 +826,17 @@ class MintStore:
         preimage: str,
         sent_msat: int,
         sign: Sign,
-    ) -> None:
+    ) -> bool:
         """Attempt ``attempt``'s payment settled, ``sent_msat`` leaving the node (the
         invoice and the routing fee): the reserved proofs are spent, the quote PAID, the
         change (NUT-08) signed on the attempt's blank outputs, and what the mint kept
         booked as its fee, once (for a melt settled already, or another attempt,
-        nothing changes)."""
+        nothing changes). Whether it was so."""
         async with self.pool.acquire() as conn, conn.transaction():
             r = await conn.fetchrow("SELECT * FROM melt_quotes WHERE quote = $1 FOR UPDATE", quote)
             assert r is not None
             if r["state"] != m.MELT_PENDING or r["attempt"] != attempt:
-                return
+                return False
             blanks = nut.decode((r["blanks"] or "[]").encode(), list[nut.BlindedMessage])
             reserved = await conn.fetchval(
                 "SELECT coalesce(sum(amount), 0) FROM mint_proofs WHERE reserved_by = $1"
@@ -874,6 +874,23 @@ class MintStore:
                 fee_paid,
                 nut.encode(change).decode(),
             )
+        return True
+
+    async def may_pay(self, quote: str, attempt: int, window_s: float) -> bool:
+        """Whether attempt ``attempt`` of melt ``quote`` may still send its payment: it is
+        the quote's attempt in flight, begun less than ``window_s`` ago on the database's
+        clock (the resolver's fence counts from there, on the same clock)."""
+        async with self.pool.acquire() as conn:
+            return bool(
+                await conn.fetchval(
+                    "SELECT state = 'PENDING' AND attempt = $2"
+                    " AND extract(epoch FROM clock_timestamp()) - pending_since < $3"
+                    " FROM melt_quotes WHERE quote = $1",
+                    quote,
+                    attempt,
+                    window_s,
+                )
+            )
 
     async def fail_melt(self, quote: str, attempt: int, onchain: bool = False) -> bool:
         """Attempt ``attempt``'s payment failed, for certain: its reserved proofs are free
@@ -897,14 +914,18 @@ class MintStore:
             await conn.execute("UPDATE melt_quotes SET state = 'UNPAID' WHERE quote = $1", quote)
             return True
 
-    async def pending_melts(self, method: str) -> list[tuple[m.MeltQuote, int, float]]:
-        """Each melt in flight paid by ``method``: its quote, attempt, and since when
-        (unix seconds)."""
-        async with self.pool.acquire() as conn:
+    async def pending_melts(
+        self, method: str
+    ) -> tuple[float, list[tuple[m.MeltQuote, int, float]]]:
+        """The database's time now, and each melt in flight paid by ``method``: its
+        quote, attempt, and since when (unix seconds, on the database's clock)."""
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            now = await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())")
             rows = await conn.fetch(
                 "SELECT * FROM melt_quotes WHERE state = 'PENDING' AND method = $1", method
             )
-        return [(_quote(m.MeltQuote, r), r["attempt"], r["pending_since"]) for r in rows]
+        melts = [(_quote(m.MeltQuote, r), r["attempt"], r["pending_since"]) for r in rows]
+        return float(now), melts
 
     # -- the bridge to L3 --------------------------------------------------------------
 

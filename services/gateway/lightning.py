@@ -29,7 +29,7 @@ import logging
 import re
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ CALL_S = 30.0  # an ordinary call
 PAY_S = 60.0  # a payment's call: past it the payment is looked up, not given up
 WAIT_S = 30  # a long poll for paid invoices (waitanyinvoice's own timeout)
 RETRY_FOR_S = 30  # how long lightningd keeps trying routes for a payment
+PLACE_S = 15.0  # a payment with a last moment to be sent waits this long for a place
 DEFAULT_EXPIRY_S = 3600  # an invoice's expiry where it names none (BOLT 11)
 THREADS = 8  # for calls, and as many again for payments
 CAN_ADD_HTLC = ("CHANNELD_NORMAL", "CHANNELD_AWAITING_SPLICE")
@@ -178,11 +179,18 @@ class LightningBackend(ABC):
 
     @abstractmethod
     async def pay(
-        self, bolt11: str, fee_limit_msat: int, payment_hash: bytes | None = None
+        self,
+        bolt11: str,
+        fee_limit_msat: int,
+        payment_hash: bytes | None = None,
+        may_send: Callable[[], Awaitable[bool]] | None = None,
     ) -> PaymentState:
         """Pay ``bolt11`` (whose hash the caller may know from decoding it already):
         settled, failed, pending or unknown (never failed unless it is). Paying it again
-        after any outcome but failed pays nothing twice."""
+        after any outcome but failed pays nothing twice. ``may_send``: asked right before
+        the command goes (it waits ``PLACE_S`` at most for its turn); where it says no,
+        or no turn came, the command is never sent (what the node says of the payment
+        then is that of its earlier attempts, if any)."""
 
     @abstractmethod
     async def payment(self, payment_hash: bytes, attempted: bool = True) -> PaymentState:
@@ -257,6 +265,10 @@ def _invoice(doc: dict[str, Any]) -> Invoice:
     )
 
 
+class NotSent(Exception):
+    """A call never sent: no place was free in time, or its caller said not to send it."""
+
+
 class Threads:
     """Runs blocking calls each on a daemon thread, at most ``size`` at once (the others
     wait their turn); a call's place is freed when its thread ends, not when its caller
@@ -266,10 +278,34 @@ class Threads:
         self.name = name
         self.places = asyncio.Semaphore(size)
 
-    async def run(self, call: Callable[[], Any], timeout: float) -> Any:
-        """``call()``'s result or exception, or ``TimeoutError`` after ``timeout`` s."""
+    async def run(
+        self,
+        call: Callable[[], Any],
+        timeout: float,
+        wait_s: float | None = None,
+        ready: Callable[[], Awaitable[bool]] | None = None,
+    ) -> Any:
+        """``call()``'s result or exception, or ``TimeoutError`` after ``timeout`` s (from
+        its start). ``wait_s``: how long it may wait for a place (None: as long as it
+        takes); ``ready``: asked once it has one, right before the call starts (False, or
+        an error: it does not). Either way, nothing was called: ``NotSent``."""
         loop = asyncio.get_running_loop()
-        await self.places.acquire()
+        try:
+            await asyncio.wait_for(self.places.acquire(), wait_s)
+        except TimeoutError:
+            raise NotSent(f"no place free within {wait_s} s") from None
+        try:
+            if ready is not None and not await ready():
+                raise NotSent("its caller said it is too late to send it")
+        except NotSent:
+            self.places.release()
+            raise
+        except Exception as exc:
+            self.places.release()
+            raise NotSent(f"whether it may be sent is not known ({exc!r})") from exc
+        except BaseException:
+            self.places.release()
+            raise
         done: asyncio.Future[Any] = loop.create_future()
 
         def end(result: Any, error: BaseException | None) -> None:
@@ -449,7 +485,11 @@ class ClnBackend(LightningBackend):
         return Decoded(bytes.fromhex(doc["payment_hash"]), amount, str(doc["payee"]), expires_at)
 
     async def pay(
-        self, bolt11: str, fee_limit_msat: int, payment_hash: bytes | None = None
+        self,
+        bolt11: str,
+        fee_limit_msat: int,
+        payment_hash: bytes | None = None,
+        may_send: Callable[[], Awaitable[bool]] | None = None,
     ) -> PaymentState:
         if payment_hash is None:
             try:
@@ -458,10 +498,18 @@ class ClnBackend(LightningBackend):
                 return PaymentState(Outcome.FAILED, b"", reason=str(exc))
         method, invoice = ("xpay", "invstring") if self.xpay else ("pay", "bolt11")
         params = {invoice: bolt11, "maxfee": fee_limit_msat, "retry_for": RETRY_FOR_S}
+        wait_s = PLACE_S if may_send is not None else None
+        call = functools.partial(self.rpc.call, method, params)
         try:
-            doc = await self._call(method, params, PAY_S, self.payments)
+            doc = await self.payments.run(call, PAY_S, wait_s, may_send)
             preimage = preimage_of(doc.get("payment_preimage"), payment_hash)
             amount, sent = msat(doc["amount_msat"]), msat(doc["amount_sent_msat"])
+        except NotSent as exc:
+            log.warning(
+                "payment not sent", extra={"payment_hash": payment_hash.hex(), "error": str(exc)}
+            )
+            # this command never went: what the node says is that of earlier ones, ended
+            return await self._lookup(payment_hash, asked=False, over=-1)
         except RpcError as exc:
             code = _code(exc)
             if code not in (ALREADY_PAID, None):
@@ -482,7 +530,7 @@ class ClnBackend(LightningBackend):
             return await self._lookup(payment_hash, asked=True, over=None)
         if preimage is None:  # a success without proof settles nothing
             return await self.payment(payment_hash)
-        return PaymentState(Outcome.SETTLED, payment_hash, preimage, amount, sent - amount)
+        return PaymentState(Outcome.SETTLED, payment_hash, preimage, amount, sent - amount, sent)
 
     async def payment(self, payment_hash: bytes, attempted: bool = True) -> PaymentState:
         return await self._lookup(payment_hash, asked=attempted, over=-1)

@@ -44,7 +44,7 @@ from nats.errors import Error as NatsError
 from constellation import settlement as st
 from constellation.errors import AlreadyCommitted, ConstellationError
 from constellation.keys import SigningKey
-from constellation.lightning import Outcome
+from constellation.lightning import Outcome, PaymentState, spent_at_most
 from constellation.protocol import settlement as sp
 from constellation.tx import ledger_id
 from services.database import DATABASE_DOWN
@@ -136,6 +136,16 @@ class Settings:
         """The name ``peer`` knows this operator by: the user of the credentials it issued
         (a neighbour's guild names its own members as it likes)."""
         return urlsplit(self.peers[peer]).username or self.operator
+
+
+def _fee(pair: Pair, batch: int, state: PaymentState) -> int:
+    """The routing fee batch ``batch``'s settled payment cost: what left the node less the
+    batch; where the node does not say (``listpays`` of Core Lightning v24.11's ``xpay``
+    has no ``amount_msat``), the whole fee limit, never 0."""
+    b = pair.payer.state.batch
+    if state.outcome is not Outcome.SETTLED or b is None or b.id != batch:
+        return 0
+    return spent_at_most(state, b.amount_msat, pair.payer.fee_limit_msat) - b.amount_msat
 
 
 class Settler:
@@ -404,7 +414,7 @@ class Settler:
 
         async def pay() -> None:
             state = await self.backend.pay(a.bolt11, a.fee_limit_msat, known)
-            fee = state.fee_msat or 0
+            fee = _fee(pair, a.batch, state)
             pair.last_failure = state.reason
             await self._call(
                 pair, lambda: pair.payer.outcome(a.batch, state.outcome, self.clock(), fee)
@@ -418,7 +428,7 @@ class Settler:
         if outcome is Outcome.FAILED and pair.paying is not None and not pair.paying.done():
             # every attempt so far failed, and the pay command is still trying others
             outcome = Outcome.UNKNOWN
-        fee = state.fee_msat or 0
+        fee = _fee(pair, a.batch, state)
         await self._call(pair, lambda: pair.payer.outcome(a.batch, outcome, self.clock(), fee))
 
     def _count(

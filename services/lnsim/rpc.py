@@ -8,7 +8,9 @@ request without ``jsonrpc`` 2.0 or an ``id`` is -32600. Parameters come by name 
 position, in the order of each method's schema; an unknown name is refused. Methods
 and result fields are those of Core Lightning's schemas (``doc/schemas``) for the
 version the simulator says it is: ``xpay`` from v24.11, ``splicein``/``spliceout``
-from v26.04, the three-step ``splice_init``/``splice_update``/``splice_signed`` before.
+from v26.04, the three-step ``splice_init``/``splice_update``/``splice_signed`` before;
+``listpays`` without ``amount_msat`` from v24.11 to v25.01, as ``xpay``'s payments were
+listed there (ElementsProject/lightning#7881: ``amount_sent_msat`` only).
 
 Faults (``network.Faults``): an offline node serves no socket; a lost reply is a
 connection closed after the call took effect; a delay holds every reply back.
@@ -488,6 +490,9 @@ def _payment_hash_of(s: NodeServer, p: dict[str, Any]) -> bytes | None:
 
 async def listpays(s: NodeServer, p: dict[str, Any]) -> dict[str, Any]:
     pays = s.network.pays(s.name, _payment_hash_of(s, p))
+    if NO_AMOUNT_IN_LISTPAYS[0] <= version_tuple(s.version) < NO_AMOUNT_IN_LISTPAYS[1]:
+        for x in pays:
+            x.pop("amount_msat", None)
     if "status" in p:
         pays = [x for x in pays if x["status"] == p["status"]]
     return {"pays": pays}
@@ -938,3 +943,4 @@ METHODS: dict[str, tuple[Handler, tuple[str, ...], tuple[str, ...]]] = {
 }
 SINCE = {"xpay": (24, 11), "splicein": (26, 4), "spliceout": (26, 4)}
 UNTIL: dict[str, tuple[int, int]] = {}
+NO_AMOUNT_IN_LISTPAYS = ((24, 11), (25, 2))  # lightning#7881, fixed by #7941 in v25.02

@@ -17,7 +17,13 @@ from pyln.client import LightningRpc, RpcError
 
 from constellation.lightning import Outcome
 from services.gateway import lightning
-from services.gateway.lightning import ClnBackend, LightningError, Threads, our_side_msat
+from services.gateway.lightning import (
+    ClnBackend,
+    LightningError,
+    NotSent,
+    Threads,
+    our_side_msat,
+)
 from services.lnsim.sim import Simulator, socket_path
 
 CHANNEL_SAT = 1_000_000
@@ -401,3 +407,60 @@ async def test_calls_run_on_daemon_threads_a_bounded_number_at_once() -> None:
     assert await second == 7 and await third == 7 and len(ran) == 3
     with pytest.raises(ValueError):
         await threads.run(lambda: int("not a number"), 1)
+
+
+async def test_a_call_with_a_last_moment_is_never_started_after_it() -> None:
+    """A payment that may wait only so long for a place, or that its caller says is too
+    late to send once it has one, is never called (``NotSent``), and its place is free."""
+    threads = Threads(1, "test")
+    gate = threading.Event()
+    called: list[int] = []
+
+    def call() -> int:
+        called.append(1)
+        gate.wait(10)
+        return 7
+
+    busy = asyncio.ensure_future(threads.run(call, 10))
+    await asyncio.sleep(0.05)
+    with pytest.raises(NotSent):
+        await threads.run(call, 10, wait_s=0.1)
+    gate.set()
+    assert await busy == 7 and len(called) == 1
+
+    async def too_late() -> bool:
+        return False
+
+    async def broken() -> bool:
+        raise ConnectionError("the database is down")
+
+    for ready in (too_late, broken):
+        with pytest.raises(NotSent):
+            await threads.run(call, 10, wait_s=1, ready=ready)
+    assert len(called) == 1 and not threads.places.locked()  # nothing ran; the place free
+
+    async def in_time() -> bool:
+        return True
+
+    assert await threads.run(call, 10, wait_s=1, ready=in_time) == 7 and len(called) == 2
+
+
+async def test_xpay_on_v24_11_lists_no_amount_and_a_late_payment_says_what_it_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Core Lightning v24.11's listpays has no ``amount_msat`` for xpay's payments
+    (lightning#7881): a payment found settled there says what it sent, not its fee."""
+    monkeypatch.setattr(lightning, "PAY_S", 0.5)
+    net = await start("v24.11")
+    try:
+        a, far = await net.backend("a"), await net.backend("far")
+        inv = await far.create_invoice(1_000_000, "late", "x", 600)
+        net.sim.network.nodes["far"].faults.hold = True
+        assert (await a.pay(inv.bolt11, 100)).outcome is Outcome.PENDING
+        net.sim.release("far")
+        await asyncio.sleep(0.1)
+        state = await a.payment(inv.payment_hash)
+        assert state.outcome is Outcome.SETTLED and state.fee_msat is None
+        assert state.sent_msat == 1_000_000 + 11
+    finally:
+        await net.sim.close()

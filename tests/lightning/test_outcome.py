@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from constellation.lightning import NOTHING_SENT, Outcome, msat, nothing_sent, outgoing
+from constellation.lightning import (
+    NOTHING_SENT,
+    Outcome,
+    failure_final,
+    msat,
+    nothing_sent,
+    outgoing,
+    spent_at_most,
+)
 
 PREIMAGE = hashlib.sha256(b"preimage").digest()
 H = hashlib.sha256(PREIMAGE).digest()
@@ -62,6 +70,36 @@ def test_a_settled_payment_carries_its_proof_and_fee() -> None:
     state = outgoing([row("failed"), row("complete", amount_sent_msat="1010msat")], H, True)
     assert state.preimage == PREIMAGE
     assert (state.amount_msat, state.fee_msat) == (1000, 10)
+
+
+def test_a_payment_whose_fee_the_node_does_not_say_never_costs_no_fee() -> None:
+    """Core Lightning v24.11's xpay lists no ``amount_msat`` (lightning#7881): what was
+    sent is what it cost; where that is not said either, the whole fee limit."""
+    state = outgoing([{k: v for k, v in row("complete").items() if k != "amount_msat"}], H, True)
+    assert state.outcome is Outcome.SETTLED and state.fee_msat is None
+    assert state.sent_msat == 1010 and spent_at_most(state, 1000, 50) == 1010
+    bare = {k: v for k, v in row("complete").items() if k != "amount_sent_msat"}
+    state = outgoing([bare], H, True)
+    assert state.outcome is Outcome.SETTLED and (state.sent_msat, state.fee_msat) == (None, None)
+    assert spent_at_most(state, 1000, 50) == 1050  # never 1000: an unknown fee is not 0
+    full = outgoing([row("complete")], H, True)
+    assert spent_at_most(full, 1000, 50) == 1010
+
+
+def test_a_failure_is_final_only_once_no_command_can_still_try() -> None:
+    failed = outgoing([row("failed", created_at=1000), row("failed", created_at=1100)], H, True)
+    assert failed.last_attempt_at == 1100
+    assert not failure_final(failed, now=1100, sent_by=900, attempting_s=60)  # fence open
+    assert not failure_final(failed, now=1159, sent_by=900, attempting_s=60)  # newest trying
+    assert failure_final(failed, now=1160, sent_by=900, attempting_s=60)
+    assert not failure_final(failed, now=1200, sent_by=1150, attempting_s=60)  # sent late
+    never = outgoing([], H, False)
+    assert failure_final(never, now=1000, sent_by=900, attempting_s=60)
+    assert not failure_final(never, now=950, sent_by=900, attempting_s=60)
+    undated = outgoing([{k: v for k, v in row("failed").items()}], H, True)
+    assert not failure_final(undated, now=10**12, sent_by=0, attempting_s=60)
+    pending = outgoing([row("pending")], H, True)
+    assert not failure_final(pending, now=10**12, sent_by=0, attempting_s=60)
 
 
 def test_amounts_in_both_of_lightningd_s_formats() -> None:

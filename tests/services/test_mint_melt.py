@@ -1,0 +1,261 @@
+"""The mint's melts against a real PostgreSQL and the simulated Lightning network
+(``services.lnsim``), the mint's processes in this one (``MintApp``, its handlers called
+directly): what a melt settled late through ``listpays`` cost, and a payment that can
+never go out after the resolver's fence (a second process may have failed the melt and
+freed its proofs by then), nor wait for ever for one of the node's payment places."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from aiohttp import web
+
+from constellation.ecash import client
+from constellation.ecash import mint as m
+from constellation.ecash.keyset import split
+from constellation.protocol import cashu as nut
+from services import devnet
+from services.devnet import Devnet
+from services.ecash import app as mint_app
+from services.ecash.app import MintApp
+from services.ecash.config import Settings
+from services.ecash.store import MintStore
+from services.gateway import lightning
+from services.gateway.lightning import ClnBackend
+from services.lnsim.sim import Simulator, socket_path
+
+CHANNEL_SAT = 1_000_000
+
+
+class Body:
+    """What the handlers read of an HTTP request: its body."""
+
+    def __init__(self, body: Any) -> None:
+        self.body = nut.encode(body)
+        self.match_info: dict[str, str] = {}
+        self.path = "/"
+
+    async def read(self) -> bytes:
+        return self.body
+
+
+def request(body: Any) -> web.Request:
+    return cast(web.Request, Body(body))
+
+
+@dataclass
+class World:
+    sim: Simulator
+    database_url: str
+
+    async def mint(self) -> MintApp:
+        """A mint process on the database, paying from node ``a``."""
+        backend = ClnBackend(socket_path(self.sim.directory, "a"))
+        await backend.connect()
+        settings = Settings(
+            operator="op0",
+            database_url=self.database_url,
+            lightning_rpc=socket_path(self.sim.directory, "a"),
+            storage_key=b"k" * 32,
+            http_host="127.0.0.1",
+            http_port=0,
+            name="melt test",
+            input_fee_ppk=0,
+            quote_expiry_s=3600,
+            max_amount_sat=10_000_000,
+            fee_reserve_ppm=10_000,  # 1 %
+            fee_reserve_min_sat=2,
+            log_level="INFO",
+        )
+        app = MintApp(settings, backend)
+        store = app.store = await MintStore.open(self.database_url)
+        app.master = await store.master(settings.storage_key)
+        keysets = await store.keysets(app.master, "sat", 0)
+        app.mint = m.Mint(keysets, settings.max_amount_sat)
+        return app
+
+    async def invoice(self, node: str, sat: int, label: str) -> str:
+        backend = ClnBackend(socket_path(self.sim.directory, node))
+        await backend.connect()
+        return (await backend.create_invoice(sat * 1000, label, "x", 3600)).bolt11
+
+    def paid(self, bolt11: str) -> bool:
+        """Whether node ``a`` paid ``bolt11`` (an attempt of it completed)."""
+        h = bytes.fromhex(self.sim.network.decode(bolt11).payment_hash or "")
+        parts = self.sim.network.nodes["a"].parts
+        return any(p.payment_hash == h and p.status == "complete" for p in parts)
+
+
+def ecash(app: MintApp, amount: int) -> list[nut.Proof]:
+    """Proofs worth ``amount`` signed by the mint's active keyset (as if minted)."""
+    kid = app.rules.active("sat").id
+    outputs, secrets = client.outputs_of(split(amount), kid)
+    keys = {kid: app.rules.keysets[kid].keys}
+    return client.unblind(app.rules.sign(outputs), outputs, secrets, keys)
+
+
+async def melt_body(app: MintApp, bolt11: str, blanks: int = 0) -> dict[str, Any]:
+    """A melt of ``bolt11`` (its quote made), with proofs for the amount and the reserve,
+    and ``blanks`` outputs for the change."""
+    q = await app.melt_quote(request({"request": bolt11, "unit": "sat"}))
+    body: dict[str, Any] = {
+        "quote": q["quote"],
+        "inputs": ecash(app, q["amount"] + q["fee_reserve"]),
+    }
+    if blanks:
+        body["outputs"] = client.outputs_of([1] * blanks, app.rules.active("sat").id)[0]
+    return body
+
+
+@pytest.fixture
+async def postgres() -> AsyncIterator[str]:
+    with tempfile.TemporaryDirectory(prefix="melt-", dir="/tmp") as tmp:
+        os.chmod(tmp, 0o755)  # PostgreSQL runs as its own user where we are root
+        server = Devnet(str(Path(tmp) / "pg"), "melt", 0, os.urandom(32).hex())
+        Path(server.dir).mkdir()
+        server.pg_port = devnet.free_port()
+        await asyncio.to_thread(devnet.start_postgres, server)
+        try:
+            yield server.database_url
+        finally:
+            devnet.stop_pid(server.pg_pid, 10, signal.SIGINT)
+
+
+async def world(database_url: str, version: str) -> World:
+    # a short folder: a unix socket's path has room for about 107 bytes
+    sim = Simulator(Path(tempfile.mkdtemp(prefix="ln", dir="/tmp")), seed=5, version=version)
+    await sim.mesh(["a", "b", "c"], CHANNEL_SAT, 3 * CHANNEL_SAT)
+    await sim.add_node("far", 2 * CHANNEL_SAT)  # reached from a through c only: two hops
+    sim.open_channel("far", "c", CHANNEL_SAT, CHANNEL_SAT * 500)
+    return World(sim, database_url)
+
+
+async def test_a_melt_settled_late_through_xpay_s_listpays_keeps_its_routing_fee(
+    postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Core Lightning v24.11's xpay lists no ``amount_msat``: the fee its node paid is
+    what it sent less the invoice, not 0 (the whole reserve handed back as change)."""
+    monkeypatch.setattr(lightning, "PAY_S", 0.5)  # the payee holds the HTLC past it
+    w = await world(postgres, "v24.11")
+    app = await w.mint()
+    try:
+        bolt11 = await w.invoice("far", 100_000, "late")
+        body = await melt_body(app, bolt11, blanks=10)
+        reserve = sum(p.amount for p in body["inputs"]) - 100_000
+        w.sim.network.nodes["far"].faults.hold = True
+        doc = await app.melt(request(body))
+        assert doc["state"] == "PENDING"  # the pay call timed out: in flight
+        w.sim.release("far")
+        await asyncio.sleep(0.2)
+        await app._resolve()
+        quote, change = await app.db.melt_quote(body["quote"], m.BOLT11) or (None, [])
+        assert quote is not None and quote.state == m.MELT_PAID
+        fee_msat = 1 + 100_000_000 * 10 // 1_000_000  # c's: base 1 msat, 10 ppm
+        assert w.sim.network.nodes["c"].fees_collected_msat == fee_msat
+        assert quote.fee_paid == 2  # 1001 msat, rounded up; never 0
+        assert sum(c.amount for c in change) == reserve - 2
+        kept = await app.db.pool.fetchval(
+            "SELECT coalesce(sum(msat), 0) FROM mint_fees WHERE kind = 'melt'"
+        )
+        assert kept == 2000 - fee_msat  # what the mint kept is what it did not pay
+    finally:
+        await app.db.close()
+        await w.sim.close()
+
+
+async def fill_places(w: World, app: MintApp) -> list[str]:
+    """Melts at ``app`` of invoices whose payee (b) holds the HTLCs: each pay call times
+    out (the melt answers PENDING) and keeps its payment place."""
+    w.sim.network.nodes["b"].faults.hold = True
+    held = []
+    for i in range(lightning.THREADS):
+        bolt11 = await w.invoice("b", 1_000, f"held-{i}")
+        doc = await app.melt(request(await melt_body(app, bolt11)))
+        assert doc["state"] == "PENDING"
+        held.append(bolt11)
+    return held
+
+
+async def test_a_pay_call_late_for_its_window_is_never_sent_once_another_process_failed_it(
+    postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two mint processes, A and B, on one database. The attacker's melt of X fails;
+    it fills A's payment places with melts to invoices it holds, and melts X again at A:
+    the pay call waits for a place. B's resolver, which cannot see what A is paying, sees
+    only the first attempt's failed group and, past its fence, fails the melt: the proofs
+    are swapped away. A held HTLC is released, a place frees: A's pay call must not go
+    out now (paid and refunded)."""
+    monkeypatch.setattr(lightning, "PAY_S", 0.5)
+    monkeypatch.setattr(lightning, "PLACE_S", 30.0, raising=False)
+    monkeypatch.setattr(mint_app, "SEND_WINDOW_S", 1.0, raising=False)
+    monkeypatch.setattr(mint_app, "ATTEMPTING_S", 1.0, raising=False)
+    monkeypatch.setattr(mint_app, "FAIL_AFTER_S", 2.0, raising=False)  # before the fix
+    w = await world(postgres, "v24.11")
+    a, b = await w.mint(), await w.mint()
+    try:
+        x = await w.invoice("c", 50_000, "x")
+        body = await melt_body(a, x)
+        w.sim.network.nodes["c"].faults.fail_next = 1
+        with pytest.raises(m.CashuError) as failed:
+            await a.melt(request(body))
+        assert failed.value.code == m.PAYMENT_FAILED
+        await fill_places(w, a)
+        second = asyncio.create_task(a.melt(request(body)))
+        await asyncio.sleep(2.5)  # past the resolver's fence
+        await b._resolve()
+        quote, _ = await b.db.melt_quote(body["quote"], m.BOLT11) or (None, [])
+        assert quote is not None and quote.state == m.MELT_UNPAID  # B failed it
+        kid = b.rules.active("sat").id  # the attacker swaps the freed proofs
+        outputs, _ = client.outputs_of([p.amount for p in body["inputs"]], kid)
+        await b.swap(request({"inputs": body["inputs"], "outputs": outputs}))
+        w.sim.release("b")  # the places free: A's pay call takes one
+        with pytest.raises(m.CashuError):
+            await asyncio.wait_for(second, 10)
+        await asyncio.sleep(0.2)
+        assert not w.paid(x), "X paid out, and its proofs refunded"
+        quote, _ = await a.db.melt_quote(body["quote"], m.BOLT11) or (None, [])
+        assert quote is not None and quote.state == m.MELT_UNPAID
+    finally:
+        for app in (a, b):
+            await app.db.close()
+        await w.sim.close()
+
+
+async def test_a_melt_waits_a_bounded_time_for_a_payment_place_and_never_sends_later(
+    postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Payment places held by HTLCs a payee holds for hours block no melt for ever: a
+    melt given no place in time sends nothing, then or later, and is answered."""
+    monkeypatch.setattr(lightning, "PAY_S", 0.5)
+    monkeypatch.setattr(lightning, "PLACE_S", 0.5, raising=False)
+    w = await world(postgres, "v26.06")
+    app = await w.mint()
+    try:
+        await fill_places(w, app)
+        x = await w.invoice("c", 20_000, "x")
+        body = await melt_body(app, x)
+        with pytest.raises(m.CashuError) as failed:  # answered, not stuck
+            await asyncio.wait_for(app.melt(request(body)), 10)
+        assert failed.value.code == m.PAYMENT_FAILED
+        quote, _ = await app.db.melt_quote(body["quote"], m.BOLT11) or (None, [])
+        assert quote is not None and quote.state == m.MELT_UNPAID
+        assert not await app.db.pool.fetchval(
+            "SELECT count(*) FROM mint_proofs WHERE reserved_by = $1", body["quote"]
+        )
+        w.sim.release("b")
+        await asyncio.sleep(0.5)
+        assert not w.paid(x)
+        assert not w.sim.network.nodes["a"].parts or all(
+            p.bolt11 != x for p in w.sim.network.nodes["a"].parts
+        )
+    finally:
+        await app.db.close()
+        await w.sim.close()
