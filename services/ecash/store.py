@@ -144,6 +144,9 @@ CREATE TABLE IF NOT EXISTS mint_withdrawals (  -- L3 coins paid to the mint, as 
     outputs bytea[] NOT NULL,
     at timestamptz NOT NULL DEFAULT now()
 );
+-- from its first send on, a redemption's issuance may be applied: its proofs are freed
+-- only where the ledger shows no coin of it
+ALTER TABLE mint_redeems ADD COLUMN IF NOT EXISTS sent_at double precision;
 CREATE TABLE IF NOT EXISTS mint_cursor (
     id int PRIMARY KEY CHECK (id = 1),
     pay_index bigint NOT NULL
@@ -956,6 +959,17 @@ class MintStore:
                 "DELETE FROM mint_proofs WHERE reserved_by = $1", f"redeem:{rid.hex()}"
             )
             await conn.execute("DELETE FROM mint_redeems WHERE id = $1", rid)
+
+    async def send_redeem(self, rid: bytes, now: float) -> float | None:
+        """Mark redemption ``rid``'s issuance sent (from ``now``, unix seconds) before it
+        is sent; when it was first sent where it was before (None: this is its first)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            first: float | None = await conn.fetchval(
+                "SELECT sent_at FROM mint_redeems WHERE id = $1 FOR UPDATE", rid
+            )
+            if first is None:
+                await conn.execute("UPDATE mint_redeems SET sent_at = $2 WHERE id = $1", rid, now)
+        return first
 
     async def pending_redeems(self) -> list[tuple[bytes, Redeem]]:
         async with self.pool.acquire() as conn:

@@ -26,6 +26,7 @@ import aiohttp
 import asyncpg
 import msgspec
 import pytest
+from aiohttp import web
 from pyln.client import LightningRpc
 
 from constellation.address import Network, encode_address
@@ -40,6 +41,7 @@ from constellation.wallet import Wallet
 from services.api_client import Gateway
 from services.crossload import reserve
 from services.devnet import Devnet, free_port, guild, spawn, stop_pid, wait_ready
+from services.ecash.app import ISSUE_SETTLE_S
 from services.ecash.client import MintClient, MintError
 from services.ecash.store import SWAP_GROUPS, MintBooks, MintStore, mint_books
 from services.workload import FEE_MSAT
@@ -1015,3 +1017,124 @@ async def test_a_new_input_fee_rotates_the_keyset(where: Path) -> None:
             assert await old.refused("/v1/swap", swap) == m.KEYSET_INACTIVE
             await old.load()
             assert old.active == new.active
+
+
+class Faulty:
+    """op0's real gateway behind a proxy that loses what ``script`` says: each POST to
+    ``path`` takes its next step, "lose" (sent on, its answer lost: the connection
+    dropped), "drop" (dropped unsent), "refuse" (answered HTTP 403 in plain text, as a
+    proxy may) or "pass" (sent on); after the script's end, ``then``; everything else is
+    sent on."""
+
+    def __init__(self, gateway: str, session: aiohttp.ClientSession, path: str) -> None:
+        self.gateway, self.session, self.path = gateway, session, path
+        self.script: list[str] = []
+        self.then = "pass"
+        self.seen: list[str] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        step = ""
+        if request.method == "POST" and request.path == self.path:
+            step = self.script.pop(0) if self.script else self.then
+            self.seen.append(step)
+        if step == "refuse":
+            return web.Response(status=403, text="Forbidden", content_type="text/plain")
+        if step != "drop":
+            headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+            async with self.session.request(
+                request.method, self.gateway + request.path_qs, data=body, headers=headers
+            ) as resp:
+                answer = await resp.read()
+                kind = resp.content_type
+                status = resp.status
+        if step in ("lose", "drop"):
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response(status=500)  # never reaches the mint
+        return web.Response(status=status, body=answer, content_type=kind)
+
+
+@contextlib.asynccontextmanager
+async def bridged_mint(
+    op0: Devnet, session: aiohttp.ClientSession, path: str
+) -> AsyncIterator[tuple[Mint, Faulty, asyncpg.Connection, dict[str, str]]]:
+    """A second mint process of op0's (its keys, its gateway, its issuer) on a database
+    of its own, reaching the gateway through a ``Faulty`` proxy (of POSTs to ``path``),
+    for the block: its client, the proxy, a connection to its database, and its settings
+    over op0's."""
+    proxy = Faulty(op0.gateway_url.rstrip("/"), session, path)
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    admin = await asyncpg.connect(op0.database_url)
+    name = f"bridge_{os.urandom(4).hex()}"
+    await admin.execute(f"CREATE DATABASE {name}")
+    url = op0.database_url.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        env = {
+            "MINT_DATABASE_URL": url,
+            "MINT_GATEWAY_URL": f"http://127.0.0.1:{port}",
+            "MINT_REDIS_URL": "",
+        }
+        async with another_mint(op0, f"mint-{name}.log", **env) as mint_url:
+            mint = Mint(mint_url, session)
+            await mint.load()
+            conn = await asyncpg.connect(url)
+            try:
+                yield mint, proxy, conn, env
+            finally:
+                await conn.close()
+    finally:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
+        await runner.cleanup()
+
+
+async def test_a_redemption_whose_answer_was_lost_is_never_freed_while_its_coin_may_exist(
+    where: Path,
+) -> None:
+    """A redemption's issuance applied by the ledger, its answer lost, then refused (a
+    proxy's HTTP 403; an older ledger's refusal of a retired issuer key): its coin is
+    there, so its proofs are spent, never freed (that would make the coin and the ecash
+    both). One lost before the ledger saw it, then refused, stays PENDING while its coin
+    may still come (an alert), and is freed once the ledger still has no coin of it
+    ``ISSUE_SETTLE_S`` after its first send."""
+    op0, op1 = nets(where)
+    network = Network.from_name(op0.network)
+    async with (
+        aiohttp.ClientSession() as s,
+        bridged_mint(op0, s, "/v1/issuance") as (mint, proxy, db, _),
+    ):
+        info = await mint.ok("/v1/l3/info")
+        here = bytes.fromhex(info["ledger_id"])
+        address = encode_address(SigningKey(os.urandom(32)).pubkey, network, here)
+        gw = Gateway(op0.gateway_url, s)
+        # applied, its answer lost, then refused
+        proofs = await mint.mint_paid(300, LightningRpc(op1.lightning_rpc))
+        redeem = {"inputs": proofs, "address": address}
+        proxy.script, proxy.then = ["lose"], "refuse"
+        doc = await mint.ok("/v1/l3/redeem", redeem)
+        assert doc["state"] == "PENDING"
+        coin = await gw.coin(bytes.fromhex(doc["coin_id"]))
+        assert coin is not None and coin["value_msat"] == 300_000  # the ledger made it
+        status, again = await mint.call("/v1/l3/redeem", redeem)  # refused by the proxy
+        assert status == 200, again
+        assert again == {**doc, "state": "ISSUED"} and "refuse" in proxy.seen
+        assert set(await mint.states(proofs)) == {"SPENT"}
+        # lost before the ledger, then refused: kept while its coin may come, then freed
+        proofs = await mint.mint_paid(200, LightningRpc(op1.lightning_rpc))
+        redeem = {"inputs": proofs, "address": address}
+        proxy.script, proxy.seen = ["drop"], []
+        doc = await mint.ok("/v1/l3/redeem", redeem)
+        assert doc["state"] == "PENDING"
+        assert await mint.ok("/v1/l3/redeem", redeem) == doc  # refused, kept
+        assert "refuse" in proxy.seen and set(await mint.states(proofs)) == {"PENDING"}
+        assert await gw.coin(bytes.fromhex(doc["coin_id"])) is None
+        await db.execute("UPDATE mint_redeems SET sent_at = sent_at - $1", ISSUE_SETTLE_S)
+        assert await mint.refused("/v1/l3/redeem", redeem) == 0
+        assert set(await mint.states(proofs)) == {"UNSPENT"}  # freed: no coin was made
+        assert await gw.coin(bytes.fromhex(doc["coin_id"])) is None
