@@ -780,15 +780,17 @@ class MintApp:
         done = await self.db.withdrawn(tx.txid, req.outputs)
         if done is not None:  # a retry: answered as first, whatever changed since (keysets)
             return {"signatures": done}
-        out = self.rules.outputs(req.outputs)
-        key = m.withdrawal_key(self.l3_key.pubkey, [bytes.fromhex(o.B_) for o in req.outputs])
+        out = self.rules.outputs(req.outputs, inactive=True)
+        if not await self.db.withdraw_reserved(tx.txid, out.blinded):
+            self.rules.outputs(req.outputs)  # a first try: active keysets only
+        # (a retry of one that may have been sent: signed even by a keyset retired since)
+        key = m.withdrawal_key(self.l3_key.pubkey, out.blinded)
         paid = sum(v for i, (v, owner) in enumerate(tx.outputs) if owner == key and tx.here(i))
         m.check_withdraw(paid, out)
+        await self.db.reserve_withdraw(tx.txid, out.blinded)  # refused here: nothing sent
         try:
             await gw.submit(tx)
         except GatewayError as exc:
-            if exc.code != AlreadyCommitted.code and exc.final:
-                raise m.CashuError(PROOF_REFUSED, f"the L3 ledger refused it: {exc}") from None
             if exc.code != AlreadyCommitted.code:  # committed before (a retry), or not
                 await self._committed(gw, tx.txid, exc)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -797,12 +799,23 @@ class MintApp:
         return {"signatures": signatures}
 
     async def _committed(self, gw: Gateway, txid: bytes, exc: Exception) -> None:
-        """Go on with a withdrawal whose submission had no clear answer only where its
-        transaction is committed after all; else its fate is not known yet (HTTP 503: the
-        wallet asks again, and the ledger may still take it)."""
+        """Go on with a withdrawal whose submission was not answered "committed" only
+        where its transaction is committed after all (a refusal of a retry says nothing:
+        the ledger may have forgotten who spent its inputs). Refused (HTTP 400, its
+        outputs free) where the ledger refused it for good and has no record of it; else
+        its fate is not known yet (HTTP 503: the wallet asks again, and the ledger may
+        still take it)."""
         try:
             found = await gw.get(f"/v1/tx/{txid.hex()}")
-        except (GatewayError, aiohttp.ClientError, TimeoutError):
+        except GatewayError as gone:
+            # only "not found" for good says it did not commit: not while the index is
+            # behind, nor where a submission of it timed out (it may still commit)
+            refused = isinstance(exc, GatewayError) and exc.final
+            if refused and gone.status == 404 and gone.final:
+                await self.db.release_withdraw(txid)
+                raise m.CashuError(PROOF_REFUSED, f"the L3 ledger refused it: {exc}") from None
+            found = {}
+        except (aiohttp.ClientError, TimeoutError):
             found = {}
         if found.get("status") != "committed":
             raise RetryLater(f"the L3 ledger has not committed it (yet?): {exc}") from None

@@ -38,7 +38,7 @@ from constellation.keys import SigningKey
 from constellation.ledger.partition import Coin
 from constellation.protocol import cashu as nut
 from constellation.wallet import Wallet
-from services.api_client import Gateway
+from services.api_client import Gateway, GatewayError
 from services.crossload import reserve
 from services.devnet import Devnet, free_port, guild, spawn, stop_pid, wait_ready
 from services.ecash.app import ISSUE_SETTLE_S
@@ -1138,3 +1138,105 @@ async def test_a_redemption_whose_answer_was_lost_is_never_freed_while_its_coin_
         assert await mint.refused("/v1/l3/redeem", redeem) == 0
         assert set(await mint.states(proofs)) == {"UNSPENT"}  # freed: no coin was made
         assert await gw.coin(bytes.fromhex(doc["coin_id"])) is None
+
+
+class L3User:
+    """A wallet with one L3 coin at op0's ledger, redeemed from ecash of ``mint``'s; it
+    pays ``mint`` for withdrawals."""
+
+    def __init__(self, mint: Mint, info: dict[str, Any], network: Network) -> None:
+        self.mint, self.info, self.network = mint, info, network
+        self.here = bytes.fromhex(info["ledger_id"])
+        self.wallet = Wallet(os.urandom(32), network)
+        self.key = self.wallet.fresh_key().pubkey
+        self.coins: dict[bytes, Coin] = {}
+
+    async def redeem(self, sat: int, payer: LightningRpc) -> bytes:
+        proofs = await self.mint.mint_paid(sat, payer)
+        address = encode_address(self.key, self.network, self.here)
+        doc = await self.mint.ok("/v1/l3/redeem", {"inputs": proofs, "address": address})
+        assert doc["state"] == "ISSUED"
+        coin_id = bytes.fromhex(doc["coin_id"])
+        self.coins = {coin_id: Coin(sat * 1000, self.key)}
+        return coin_id
+
+    def withdrawal(self, sat: int) -> tuple[dict[str, Any], list[Any], list[Any], Any]:
+        """A withdrawal's body paying its coin (its change the next one), its outputs,
+        their secrets, and its transaction."""
+        outputs, secrets = client.outputs_for(sat, self.mint.active)
+        blinded = [bytes.fromhex(o.B_) for o in outputs]
+        to = m.withdrawal_key(bytes.fromhex(self.info["key"]), blinded)
+        address = encode_address(to, self.network, self.here)
+        tx = self.wallet.pay(self.coins, address, sat * 1000, FEE_MSAT, here=self.here)
+        self.coins = {
+            tx.output_ids[i]: Coin(value, owner)
+            for i, (value, owner) in enumerate(tx.outputs)
+            if owner != to  # its change
+        }
+        return {"tx": tx.encode().hex(), "outputs": outputs}, outputs, secrets, tx
+
+
+async def test_a_withdrawal_of_outputs_signed_before_is_refused_before_it_is_sent(
+    where: Path,
+) -> None:
+    """Outputs signed before (another copy of the wallet swapped them): refused before
+    the transaction is sent, so it never commits and the coin stays the user's (refused
+    after it committed, the wallet would take it as nothing spent)."""
+    op0, op1 = nets(where)
+    async with aiohttp.ClientSession() as s, bridged_mint(op0, s, "/v1/tx") as (mint, *_):
+        user = L3User(mint, await mint.ok("/v1/l3/info"), Network.from_name(op0.network))
+        gw = Gateway(op0.gateway_url, s)
+        coin_id = await user.redeem(1000, LightningRpc(op1.lightning_rpc))
+        body, outputs, _, tx = user.withdrawal(300)
+        ecash = await mint.mint_paid(300, LightningRpc(op1.lightning_rpc))
+        await mint.ok("/v1/swap", {"inputs": ecash, "outputs": outputs})
+        assert await mint.refused("/v1/l3/withdraw", body) == m.OUTPUTS_SIGNED
+        with pytest.raises(GatewayError) as gone:
+            await gw.get(f"/v1/tx/{tx.txid.hex()}")
+        assert gone.value.status == 404  # never sent: nothing spent
+        coin = await gw.coin(coin_id)
+        assert coin is not None and coin["status"] == "unspent"
+
+
+async def test_a_withdrawal_that_committed_is_signed_whatever_its_retry_is_told(
+    where: Path,
+) -> None:
+    """A withdrawal whose first answer was lost and whose retry is refused for good (a
+    proxy's HTTP 403; the ledger's "no such coin" once it forgot who spent the inputs)
+    but whose transaction committed is signed; one whose keyset retired meanwhile is
+    signed by that keyset."""
+    op0, op1 = nets(where)
+    async with (
+        aiohttp.ClientSession() as s,
+        bridged_mint(op0, s, "/v1/tx") as (mint, proxy, _, env),
+    ):
+        user = L3User(mint, await mint.ok("/v1/l3/info"), Network.from_name(op0.network))
+        gw = Gateway(op0.gateway_url, s)
+        await user.redeem(1000, LightningRpc(op1.lightning_rpc))
+        body, outputs, secrets, tx = user.withdrawal(300)
+        proxy.script, proxy.then = ["lose"], "refuse"
+        status, _ = await mint.call("/v1/l3/withdraw", body)
+        assert status == 503 and proxy.seen == ["lose"]
+        deadline = time.monotonic() + 10
+        while True:  # it committed: once the gateway's index shows it
+            with contextlib.suppress(GatewayError):
+                if (await gw.get(f"/v1/tx/{tx.txid.hex()}"))["status"] == "committed":
+                    break
+            assert time.monotonic() < deadline, "the withdrawal did not commit"
+            await asyncio.sleep(0.1)
+        signed = await mint.ok("/v1/l3/withdraw", body)
+        assert proxy.seen == ["lose", "refuse"]
+        assert sum(p.amount for p in mint.unblind(signed["signatures"], outputs, secrets)) == 300
+        assert await mint.ok("/v1/l3/withdraw", body) == signed
+        # committed, its answer lost, then the keyset retired: the retry is signed by it
+        body, outputs, secrets, _ = user.withdrawal(200)
+        proxy.script, proxy.seen, proxy.then = ["lose"], [], "pass"
+        status, _ = await mint.call("/v1/l3/withdraw", body)
+        assert status == 503
+        async with another_mint(op0, "mint-rotated.log", **env, MINT_INPUT_FEE_PPK="1000") as url:
+            rotated = Mint(url, s)
+            await rotated.load()
+            assert rotated.active != mint.active
+            signed = await rotated.ok("/v1/l3/withdraw", body)
+            ecash = rotated.unblind(signed["signatures"], outputs, secrets)
+            assert {p.id for p in ecash} == {mint.active} and sum(p.amount for p in ecash) == 200
