@@ -153,8 +153,9 @@ class Mint:
 
     # -- outputs ---------------------------------------------------------------------
 
-    def outputs(self, outputs: Sequence[nut.BlindedMessage]) -> Outputs:
-        """Check outputs to sign: an active keyset, an amount it has, one unit, no
+    def outputs(self, outputs: Sequence[nut.BlindedMessage], inactive: bool = False) -> Outputs:
+        """Check outputs to sign: an active keyset (any of the mint's with ``inactive``:
+        for what it owes since before the keyset retired), an amount it has, one unit, no
         duplicate."""
         if not outputs:
             raise CashuError(UNBALANCED, "no outputs")
@@ -162,7 +163,7 @@ class Mint:
         blinded = []
         for o in outputs:
             keyset = self.keyset(o.id)
-            if not keyset.active:
+            if not keyset.active and not inactive:
                 raise CashuError(KEYSET_INACTIVE, f"keyset {o.id} is inactive: it signs nothing")
             if o.amount not in keyset.secrets:
                 raise CashuError(AMOUNT_LIMIT, f"keyset {o.id} has no amount {o.amount}")

@@ -312,12 +312,11 @@ class PartitionState:
         """Create an issuance's outputs held here; returns the coin ids created.
 
         Only an issuer this state trusts may issue, each issued id once (an issuance's;
-        each entry's of a batch, whose entries seen before are left out). Without
+        each entry's of a batch, whose entries seen before are left out); one applied
+        before is ``AlreadyCommitted`` whether its issuer is still trusted or not. Without
         ``verify``, its signature was checked where the caller relies on (as a
         transaction's, in ``prepare``).
         """
-        if issuance.issuer not in self.issuers:
-            raise BadIssuance(f"{issuance.issuer.hex()} is not an issuer of this ledger")
         issued = self.issued_ids
         if isinstance(issuance, Issuance):  # one id, recorded whatever it creates here
             if issuance.issuance_id in issued:
@@ -329,6 +328,10 @@ class PartitionState:
             if not fresh:
                 raise AlreadyCommitted(f"issuance {issuance.issuance_id.hex()} already applied")
             ids = [iid for iid, _, _ in fresh]
+        # "already applied" first: a retry of an issuance applied before its issuer's key
+        # was retired is told so, not refused (its sender would take it as never applied)
+        if issuance.issuer not in self.issuers:
+            raise BadIssuance(f"{issuance.issuer.hex()} is not an issuer of this ledger")
         if verify:
             issuance.verify()
         for _, cid, (value, owner) in fresh:

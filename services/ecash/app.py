@@ -40,7 +40,7 @@ from constellation.errors import AlreadyCommitted, ConstellationError
 from constellation.keys import SigningKey
 from constellation.lightning import Outcome, PaymentState, failure_final, spent_at_most
 from constellation.protocol import cashu as nut
-from constellation.tx import Issuance, TxOutput, decode_issuance, decode_transaction
+from constellation.tx import AnyIssuance, Issuance, TxOutput, decode_issuance, decode_transaction
 from services.api_client import Gateway, GatewayError
 from services.database import DATABASE_DOWN
 from services.ecash.cache import CACHED, Cache
@@ -76,6 +76,10 @@ REDIS_S = 0.5  # a slow Redis costs a request this much at most, per call
 OFF_LOOP = 16  # proofs and outputs in a request past which its EC work leaves the loop
 T = TypeVar("T")
 BOOKS_EVERY_S = 5.0
+# a redemption refused after a send whose answer was lost is freed only where its coin is
+# not there this long after the first send (the gateway's and the ledger's waits are shorter)
+ISSUE_SETTLE_S = 600.0
+ISSUED_STATES = frozenset({"unspent", "locked", "spent"})  # a coin the issuance created
 MALFORMED = 0  # no NUT code: a body that is not what the endpoint takes
 RATE_LIMITED = 0  # nor for a client over its rate (HTTP 429, Retry-After)
 PROOF_REFUSED = m.PROOF_INVALID  # an L3 transaction the ledger did not commit
@@ -747,19 +751,54 @@ class MintApp:
     async def _issue(self, gw: Gateway, rid: bytes, row: Redeem) -> str:
         """Issue a redemption's coin (again: the ledger takes an issuance once), then
         spend its proofs; ISSUED, PENDING (not known yet: the resolver asks again), or a
-        ``CashuError`` where the ledger refused it (its proofs freed)."""
+        ``CashuError`` where the ledger refused it and has no coin of it (its proofs
+        freed)."""
+        issuance = decode_issuance(bytes.fromhex(row.issuance))
+        first = await self.db.send_redeem(rid, time.time())  # before it may be applied
         try:
-            await gw.issue(decode_issuance(bytes.fromhex(row.issuance)))
+            await gw.issue(issuance)
         except GatewayError as exc:
             if exc.code != AlreadyCommitted.code and exc.final:
-                await self.db.fail_redeem(rid)
-                raise m.CashuError(MALFORMED, f"the L3 ledger refused the coin: {exc}") from None
+                return await self._refused(gw, rid, issuance, first, exc)
             if exc.code != AlreadyCommitted.code:
                 return "PENDING"
         except (aiohttp.ClientError, TimeoutError):
             return "PENDING"
         await self.db.finish_redeem(rid)
         return "ISSUED"
+
+    async def _refused(
+        self, gw: Gateway, rid: bytes, issuance: AnyIssuance, first: float | None, exc: GatewayError
+    ) -> str:
+        """A redemption whose issuance was refused for good. The ledger's own refusal of
+        its first send says it was never applied: its proofs are freed. After an earlier
+        send whose answer was lost (or a refusal that is not the ledger's: a proxy's), it
+        may have been applied all the same (an issuer key since retired is refused before
+        "already applied" by an older ledger): its coin is asked for. Issued, the proofs
+        are spent; freed only where the ledger shows no such coin ``ISSUE_SETTLE_S``
+        after the first send (one still on its way may yet be applied); else it stays
+        PENDING, an alert."""
+        if first is None and exc.code != "http":
+            await self.db.fail_redeem(rid)
+            raise m.CashuError(MALFORMED, f"the L3 ledger refused the coin: {exc}")
+        coin_id = issuance.output_ids[0]
+        try:
+            coin = await gw.coin(coin_id)
+        except (GatewayError, aiohttp.ClientError, TimeoutError) as gone:
+            coin = {"status": f"not known ({gone})"}
+        if coin is not None and coin.get("status") in ISSUED_STATES:
+            await self.db.finish_redeem(rid)
+            return "ISSUED"
+        sent_s = time.time() - (first if first is not None else time.time())
+        if coin is None and sent_s >= ISSUE_SETTLE_S:
+            await self.db.fail_redeem(rid)
+            raise m.CashuError(MALFORMED, f"the L3 ledger refused the coin: {exc}")
+        self.metrics.redeems_in_doubt.inc()
+        log.error(
+            "a redemption refused after a send whose answer was lost: kept PENDING",
+            extra={"redeem": rid.hex(), "coin": coin_id.hex(), "refusal": str(exc)},
+        )
+        return "PENDING"
 
     async def _redeem(self) -> None:
         """Redeems whose coin is not issued yet, issued."""
@@ -777,15 +816,17 @@ class MintApp:
         done = await self.db.withdrawn(tx.txid, req.outputs)
         if done is not None:  # a retry: answered as first, whatever changed since (keysets)
             return {"signatures": done}
-        out = self.rules.outputs(req.outputs)
-        key = m.withdrawal_key(self.l3_key.pubkey, [bytes.fromhex(o.B_) for o in req.outputs])
+        out = self.rules.outputs(req.outputs, inactive=True)
+        if not await self.db.withdraw_reserved(tx.txid, out.blinded):
+            self.rules.outputs(req.outputs)  # a first try: active keysets only
+        # (a retry of one that may have been sent: signed even by a keyset retired since)
+        key = m.withdrawal_key(self.l3_key.pubkey, out.blinded)
         paid = sum(v for i, (v, owner) in enumerate(tx.outputs) if owner == key and tx.here(i))
         m.check_withdraw(paid, out)
+        await self.db.reserve_withdraw(tx.txid, out.blinded)  # refused here: nothing sent
         try:
             await gw.submit(tx)
         except GatewayError as exc:
-            if exc.code != AlreadyCommitted.code and exc.final:
-                raise m.CashuError(PROOF_REFUSED, f"the L3 ledger refused it: {exc}") from None
             if exc.code != AlreadyCommitted.code:  # committed before (a retry), or not
                 await self._committed(gw, tx.txid, exc)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -794,12 +835,23 @@ class MintApp:
         return {"signatures": signatures}
 
     async def _committed(self, gw: Gateway, txid: bytes, exc: Exception) -> None:
-        """Go on with a withdrawal whose submission had no clear answer only where its
-        transaction is committed after all; else its fate is not known yet (HTTP 503: the
-        wallet asks again, and the ledger may still take it)."""
+        """Go on with a withdrawal whose submission was not answered "committed" only
+        where its transaction is committed after all (a refusal of a retry says nothing:
+        the ledger may have forgotten who spent its inputs). Refused (HTTP 400, its
+        outputs free) where the ledger refused it for good and has no record of it; else
+        its fate is not known yet (HTTP 503: the wallet asks again, and the ledger may
+        still take it)."""
         try:
             found = await gw.get(f"/v1/tx/{txid.hex()}")
-        except (GatewayError, aiohttp.ClientError, TimeoutError):
+        except GatewayError as gone:
+            # only "not found" for good says it did not commit: not while the index is
+            # behind, nor where a submission of it timed out (it may still commit)
+            refused = isinstance(exc, GatewayError) and exc.final
+            if refused and gone.status == 404 and gone.final:
+                await self.db.release_withdraw(txid)
+                raise m.CashuError(PROOF_REFUSED, f"the L3 ledger refused it: {exc}") from None
+            found = {}
+        except (aiohttp.ClientError, TimeoutError):
             found = {}
         if found.get("status") != "committed":
             raise RetryLater(f"the L3 ledger has not committed it (yet?): {exc}") from None

@@ -29,6 +29,11 @@ class MintMetrics:
             ["keyset"],
             registry=r,
         )
+        self.redeems_in_doubt = Counter(
+            "mint_redeems_in_doubt",
+            "redemptions refused after a send whose answer was lost, kept PENDING (alert)",
+            registry=r,
+        )
         self.swap_groups = Histogram(
             "mint_swap_group_swaps",
             "swaps committed together in one transaction",

@@ -144,6 +144,14 @@ CREATE TABLE IF NOT EXISTS mint_withdrawals (  -- L3 coins paid to the mint, as 
     outputs bytea[] NOT NULL,
     at timestamptz NOT NULL DEFAULT now()
 );
+-- from its first send on, a redemption's issuance may be applied: its proofs are freed
+-- only where the ledger shows no coin of it
+ALTER TABLE mint_redeems ADD COLUMN IF NOT EXISTS sent_at double precision;
+CREATE TABLE IF NOT EXISTS mint_withdraw_outputs (  -- each B_ a withdrawal may sign
+    b_ bytea PRIMARY KEY,  -- one withdrawal's, reserved before its transaction is sent
+    txid bytea NOT NULL
+);
+CREATE INDEX IF NOT EXISTS mint_withdraw_outputs_txid ON mint_withdraw_outputs (txid);
 CREATE TABLE IF NOT EXISTS mint_cursor (
     id int PRIMARY KEY CHECK (id = 1),
     pay_index bigint NOT NULL
@@ -978,6 +986,17 @@ class MintStore:
             )
             await conn.execute("DELETE FROM mint_redeems WHERE id = $1", rid)
 
+    async def send_redeem(self, rid: bytes, now: float) -> float | None:
+        """Mark redemption ``rid``'s issuance sent (from ``now``, unix seconds) before it
+        is sent; when it was first sent where it was before (None: this is its first)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            first: float | None = await conn.fetchval(
+                "SELECT sent_at FROM mint_redeems WHERE id = $1 FOR UPDATE", rid
+            )
+            if first is None:
+                await conn.execute("UPDATE mint_redeems SET sent_at = $2 WHERE id = $1", rid, now)
+        return first
+
     async def pending_redeems(self) -> list[tuple[bytes, Redeem]]:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch("SELECT * FROM mint_redeems WHERE state = 'PENDING'")
@@ -1004,11 +1023,56 @@ class MintStore:
             )
             if done is not None:
                 signatures = await sign(outputs)
-                await self.record_signatures(conn, outputs, signatures)
+                # the transaction is committed: its outputs are signed whatever happens.
+                # Reserved before it was sent, none was signed before; one a swap signed
+                # since (the same B_, the same key: the same C_) keeps its first record
+                await _insert_promises(conn, blinded, signatures)
+                await conn.execute("DELETE FROM mint_withdraw_outputs WHERE txid = $1", txid)
                 return signatures
         found = await self.withdrawn(txid, outputs)
         assert found is not None
         return found
+
+    async def reserve_withdraw(self, txid: bytes, blinded: Sequence[bytes]) -> None:
+        """Reserve outputs ``blinded`` for the withdrawal of transaction ``txid``, before
+        it is sent (again: a retry's are its own already); refused, nothing sent, where
+        one was signed before or is another withdrawal's."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if await conn.fetchval(
+                "SELECT 1 FROM mint_promises WHERE b_ = ANY($1::bytea[]) LIMIT 1", blinded
+            ):
+                raise m.CashuError(m.OUTPUTS_SIGNED, "outputs already signed")
+            await conn.execute(
+                "INSERT INTO mint_withdraw_outputs (b_, txid)"
+                " SELECT b, $2 FROM unnest($1::bytea[]) AS t(b) ORDER BY b"
+                " ON CONFLICT (b_) DO NOTHING",
+                blinded,
+                txid,
+            )
+            if await conn.fetchval(
+                "SELECT 1 FROM mint_withdraw_outputs"
+                " WHERE b_ = ANY($1::bytea[]) AND txid <> $2 LIMIT 1",
+                blinded,
+                txid,
+            ):
+                raise m.CashuError(m.OUTPUTS_SIGNED, "outputs of another withdrawal")
+
+    async def withdraw_reserved(self, txid: bytes, blinded: Sequence[bytes]) -> bool:
+        """Whether outputs ``blinded`` are reserved for transaction ``txid``'s withdrawal
+        (it may have been sent: a retry)."""
+        async with self.pool.acquire() as conn:
+            found = await conn.fetchval(
+                "SELECT count(*) FROM mint_withdraw_outputs WHERE b_ = ANY($1::bytea[])"
+                " AND txid = $2",
+                blinded,
+                txid,
+            )
+        return bool(blinded) and found == len(blinded)
+
+    async def release_withdraw(self, txid: bytes) -> None:
+        """The ledger did not commit transaction ``txid``: its outputs are free again."""
+        async with self.pool.acquire() as conn:
+            await conn.execute("DELETE FROM mint_withdraw_outputs WHERE txid = $1", txid)
 
     async def withdrawn(
         self, txid: bytes, outputs: Sequence[nut.BlindedMessage]

@@ -163,6 +163,22 @@ def test_issuance_rules() -> None:
     state.check_invariants()
 
 
+def test_an_issuance_applied_before_its_issuer_was_retired_is_told_already_applied() -> None:
+    """A retry of an issuance whose first answer was lost, after its issuer's key was
+    retired: "already applied" (its sender spends what it issued for), not a refusal (its
+    sender would take it as never applied, and keep both). One never applied is refused."""
+    state, _ = funded([1])
+    iss = Issuance(ISSUER.pubkey, 7, [TxOutput(5, ALICE.pubkey)]).signed_by(ISSUER.secret)
+    state.issue(iss)
+    state.issuers = frozenset(state.issuers - {ISSUER.pubkey})
+    with pytest.raises(AlreadyCommitted):
+        state.issue(iss)
+    later = Issuance(ISSUER.pubkey, 8, [TxOutput(5, ALICE.pubkey)]).signed_by(ISSUER.secret)
+    with pytest.raises(BadIssuance, match="not an issuer"):
+        state.issue(later)
+    state.check_invariants()
+
+
 def test_two_states_commit_together_and_a_held_lock_refuses() -> None:
     """The steps of a two-phase commit across two states (one per worker): a rival's
     lock at the second makes it refuse; once the rival aborts, both commit."""

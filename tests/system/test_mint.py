@@ -26,6 +26,7 @@ import aiohttp
 import asyncpg
 import msgspec
 import pytest
+from aiohttp import web
 from pyln.client import LightningRpc
 
 from constellation.address import Network, encode_address
@@ -37,9 +38,10 @@ from constellation.keys import SigningKey
 from constellation.ledger.partition import Coin
 from constellation.protocol import cashu as nut
 from constellation.wallet import Wallet
-from services.api_client import Gateway
+from services.api_client import Gateway, GatewayError
 from services.crossload import reserve
 from services.devnet import Devnet, free_port, guild, spawn, stop_pid, wait_ready
+from services.ecash.app import ISSUE_SETTLE_S
 from services.ecash.client import MintClient, MintError
 from services.ecash.store import SWAP_GROUPS, MintBooks, MintStore, mint_books
 from services.workload import FEE_MSAT
@@ -1015,3 +1017,226 @@ async def test_a_new_input_fee_rotates_the_keyset(where: Path) -> None:
             assert await old.refused("/v1/swap", swap) == m.KEYSET_INACTIVE
             await old.load()
             assert old.active == new.active
+
+
+class Faulty:
+    """op0's real gateway behind a proxy that loses what ``script`` says: each POST to
+    ``path`` takes its next step, "lose" (sent on, its answer lost: the connection
+    dropped), "drop" (dropped unsent), "refuse" (answered HTTP 403 in plain text, as a
+    proxy may) or "pass" (sent on); after the script's end, ``then``; everything else is
+    sent on."""
+
+    def __init__(self, gateway: str, session: aiohttp.ClientSession, path: str) -> None:
+        self.gateway, self.session, self.path = gateway, session, path
+        self.script: list[str] = []
+        self.then = "pass"
+        self.seen: list[str] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        step = ""
+        if request.method == "POST" and request.path == self.path:
+            step = self.script.pop(0) if self.script else self.then
+            self.seen.append(step)
+        if step == "refuse":
+            return web.Response(status=403, text="Forbidden", content_type="text/plain")
+        if step != "drop":
+            headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+            async with self.session.request(
+                request.method, self.gateway + request.path_qs, data=body, headers=headers
+            ) as resp:
+                answer = await resp.read()
+                kind = resp.content_type
+                status = resp.status
+        if step in ("lose", "drop"):
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response(status=500)  # never reaches the mint
+        return web.Response(status=status, body=answer, content_type=kind)
+
+
+@contextlib.asynccontextmanager
+async def bridged_mint(
+    op0: Devnet, session: aiohttp.ClientSession, path: str
+) -> AsyncIterator[tuple[Mint, Faulty, asyncpg.Connection, dict[str, str]]]:
+    """A second mint process of op0's (its keys, its gateway, its issuer) on a database
+    of its own, reaching the gateway through a ``Faulty`` proxy (of POSTs to ``path``),
+    for the block: its client, the proxy, a connection to its database, and its settings
+    over op0's."""
+    proxy = Faulty(op0.gateway_url.rstrip("/"), session, path)
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    admin = await asyncpg.connect(op0.database_url)
+    name = f"bridge_{os.urandom(4).hex()}"
+    await admin.execute(f"CREATE DATABASE {name}")
+    url = op0.database_url.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        env = {
+            "MINT_DATABASE_URL": url,
+            "MINT_GATEWAY_URL": f"http://127.0.0.1:{port}",
+            "MINT_REDIS_URL": "",
+        }
+        async with another_mint(op0, f"mint-{name}.log", **env) as mint_url:
+            mint = Mint(mint_url, session)
+            await mint.load()
+            conn = await asyncpg.connect(url)
+            try:
+                yield mint, proxy, conn, env
+            finally:
+                await conn.close()
+    finally:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
+        await runner.cleanup()
+
+
+async def test_a_redemption_whose_answer_was_lost_is_never_freed_while_its_coin_may_exist(
+    where: Path,
+) -> None:
+    """A redemption's issuance applied by the ledger, its answer lost, then refused (a
+    proxy's HTTP 403; an older ledger's refusal of a retired issuer key): its coin is
+    there, so its proofs are spent, never freed (that would make the coin and the ecash
+    both). One lost before the ledger saw it, then refused, stays PENDING while its coin
+    may still come (an alert), and is freed once the ledger still has no coin of it
+    ``ISSUE_SETTLE_S`` after its first send."""
+    op0, op1 = nets(where)
+    network = Network.from_name(op0.network)
+    async with (
+        aiohttp.ClientSession() as s,
+        bridged_mint(op0, s, "/v1/issuance") as (mint, proxy, db, _),
+    ):
+        info = await mint.ok("/v1/l3/info")
+        here = bytes.fromhex(info["ledger_id"])
+        address = encode_address(SigningKey(os.urandom(32)).pubkey, network, here)
+        gw = Gateway(op0.gateway_url, s)
+        # applied, its answer lost, then refused
+        proofs = await mint.mint_paid(300, LightningRpc(op1.lightning_rpc))
+        redeem = {"inputs": proofs, "address": address}
+        proxy.script, proxy.then = ["lose"], "refuse"
+        doc = await mint.ok("/v1/l3/redeem", redeem)
+        assert doc["state"] == "PENDING"
+        coin = await gw.coin(bytes.fromhex(doc["coin_id"]))
+        assert coin is not None and coin["value_msat"] == 300_000  # the ledger made it
+        status, again = await mint.call("/v1/l3/redeem", redeem)  # refused by the proxy
+        assert status == 200, again
+        assert again == {**doc, "state": "ISSUED"} and "refuse" in proxy.seen
+        assert set(await mint.states(proofs)) == {"SPENT"}
+        # lost before the ledger, then refused: kept while its coin may come, then freed
+        proofs = await mint.mint_paid(200, LightningRpc(op1.lightning_rpc))
+        redeem = {"inputs": proofs, "address": address}
+        proxy.script, proxy.seen = ["drop"], []
+        doc = await mint.ok("/v1/l3/redeem", redeem)
+        assert doc["state"] == "PENDING"
+        assert await mint.ok("/v1/l3/redeem", redeem) == doc  # refused, kept
+        assert "refuse" in proxy.seen and set(await mint.states(proofs)) == {"PENDING"}
+        assert await gw.coin(bytes.fromhex(doc["coin_id"])) is None
+        await db.execute("UPDATE mint_redeems SET sent_at = sent_at - $1", ISSUE_SETTLE_S)
+        assert await mint.refused("/v1/l3/redeem", redeem) == 0
+        assert set(await mint.states(proofs)) == {"UNSPENT"}  # freed: no coin was made
+        assert await gw.coin(bytes.fromhex(doc["coin_id"])) is None
+
+
+class L3User:
+    """A wallet with one L3 coin at op0's ledger, redeemed from ecash of ``mint``'s; it
+    pays ``mint`` for withdrawals."""
+
+    def __init__(self, mint: Mint, info: dict[str, Any], network: Network) -> None:
+        self.mint, self.info, self.network = mint, info, network
+        self.here = bytes.fromhex(info["ledger_id"])
+        self.wallet = Wallet(os.urandom(32), network)
+        self.key = self.wallet.fresh_key().pubkey
+        self.coins: dict[bytes, Coin] = {}
+
+    async def redeem(self, sat: int, payer: LightningRpc) -> bytes:
+        proofs = await self.mint.mint_paid(sat, payer)
+        address = encode_address(self.key, self.network, self.here)
+        doc = await self.mint.ok("/v1/l3/redeem", {"inputs": proofs, "address": address})
+        assert doc["state"] == "ISSUED"
+        coin_id = bytes.fromhex(doc["coin_id"])
+        self.coins = {coin_id: Coin(sat * 1000, self.key)}
+        return coin_id
+
+    def withdrawal(self, sat: int) -> tuple[dict[str, Any], list[Any], list[Any], Any]:
+        """A withdrawal's body paying its coin (its change the next one), its outputs,
+        their secrets, and its transaction."""
+        outputs, secrets = client.outputs_for(sat, self.mint.active)
+        blinded = [bytes.fromhex(o.B_) for o in outputs]
+        to = m.withdrawal_key(bytes.fromhex(self.info["key"]), blinded)
+        address = encode_address(to, self.network, self.here)
+        tx = self.wallet.pay(self.coins, address, sat * 1000, FEE_MSAT, here=self.here)
+        self.coins = {
+            tx.output_ids[i]: Coin(value, owner)
+            for i, (value, owner) in enumerate(tx.outputs)
+            if owner != to  # its change
+        }
+        return {"tx": tx.encode().hex(), "outputs": outputs}, outputs, secrets, tx
+
+
+async def test_a_withdrawal_of_outputs_signed_before_is_refused_before_it_is_sent(
+    where: Path,
+) -> None:
+    """Outputs signed before (another copy of the wallet swapped them): refused before
+    the transaction is sent, so it never commits and the coin stays the user's (refused
+    after it committed, the wallet would take it as nothing spent)."""
+    op0, op1 = nets(where)
+    async with aiohttp.ClientSession() as s, bridged_mint(op0, s, "/v1/tx") as (mint, *_):
+        user = L3User(mint, await mint.ok("/v1/l3/info"), Network.from_name(op0.network))
+        gw = Gateway(op0.gateway_url, s)
+        coin_id = await user.redeem(1000, LightningRpc(op1.lightning_rpc))
+        body, outputs, _, tx = user.withdrawal(300)
+        ecash = await mint.mint_paid(300, LightningRpc(op1.lightning_rpc))
+        await mint.ok("/v1/swap", {"inputs": ecash, "outputs": outputs})
+        assert await mint.refused("/v1/l3/withdraw", body) == m.OUTPUTS_SIGNED
+        with pytest.raises(GatewayError) as gone:
+            await gw.get(f"/v1/tx/{tx.txid.hex()}")
+        assert gone.value.status == 404  # never sent: nothing spent
+        coin = await gw.coin(coin_id)
+        assert coin is not None and coin["status"] == "unspent"
+
+
+async def test_a_withdrawal_that_committed_is_signed_whatever_its_retry_is_told(
+    where: Path,
+) -> None:
+    """A withdrawal whose first answer was lost and whose retry is refused for good (a
+    proxy's HTTP 403; the ledger's "no such coin" once it forgot who spent the inputs)
+    but whose transaction committed is signed; one whose keyset retired meanwhile is
+    signed by that keyset."""
+    op0, op1 = nets(where)
+    async with (
+        aiohttp.ClientSession() as s,
+        bridged_mint(op0, s, "/v1/tx") as (mint, proxy, _, env),
+    ):
+        user = L3User(mint, await mint.ok("/v1/l3/info"), Network.from_name(op0.network))
+        gw = Gateway(op0.gateway_url, s)
+        await user.redeem(1000, LightningRpc(op1.lightning_rpc))
+        body, outputs, secrets, tx = user.withdrawal(300)
+        proxy.script, proxy.then = ["lose"], "refuse"
+        status, _ = await mint.call("/v1/l3/withdraw", body)
+        assert status == 503 and proxy.seen == ["lose"]
+        deadline = time.monotonic() + 10
+        while True:  # it committed: once the gateway's index shows it
+            with contextlib.suppress(GatewayError):
+                if (await gw.get(f"/v1/tx/{tx.txid.hex()}"))["status"] == "committed":
+                    break
+            assert time.monotonic() < deadline, "the withdrawal did not commit"
+            await asyncio.sleep(0.1)
+        signed = await mint.ok("/v1/l3/withdraw", body)
+        assert proxy.seen == ["lose", "refuse"]
+        assert sum(p.amount for p in mint.unblind(signed["signatures"], outputs, secrets)) == 300
+        assert await mint.ok("/v1/l3/withdraw", body) == signed
+        # committed, its answer lost, then the keyset retired: the retry is signed by it
+        body, outputs, secrets, _ = user.withdrawal(200)
+        proxy.script, proxy.seen, proxy.then = ["lose"], [], "pass"
+        status, _ = await mint.call("/v1/l3/withdraw", body)
+        assert status == 503
+        async with another_mint(op0, "mint-rotated.log", **env, MINT_INPUT_FEE_PPK="1000") as url:
+            rotated = Mint(url, s)
+            await rotated.load()
+            assert rotated.active != mint.active
+            signed = await rotated.ok("/v1/l3/withdraw", body)
+            ecash = rotated.unblind(signed["signatures"], outputs, secrets)
+            assert {p.id for p in ecash} == {mint.active} and sum(p.amount for p in ecash) == 200
