@@ -6,13 +6,8 @@ reorganises."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,13 +15,12 @@ import pytest
 from constellation.ecash.mint import ONCHAIN, Mint
 from constellation.protocol.cashu import BlindedMessage, BlindSignature
 from constellation.protocol.envelope import Membership
-from services import devnet
-from services.devnet import Devnet
 from services.ecash import onchain
 from services.ecash.metrics import MintMetrics
 from services.ecash.onchain import FOLLOW_LOCK, ChainSettings, Moved, Onchain, moved
 from services.ecash.store import MintStore
 from services.signer.config import SignerAccess
+from tests.services.postgres import throwaway_postgres
 
 CONFIRMATIONS = 3
 SCRIPT = bytes.fromhex("5120" + "ab" * 32)  # the quote's P2TR address
@@ -73,19 +67,11 @@ class Chain:
 
 @pytest.fixture
 async def store() -> AsyncIterator[MintStore]:
-    with tempfile.TemporaryDirectory(prefix="chain-follow-", dir="/tmp") as tmp:
-        os.chmod(tmp, 0o755)  # PostgreSQL runs as its own user where we are root
-        server = Devnet(str(Path(tmp) / "pg"), "chain", 0, os.urandom(32).hex())
-        Path(server.dir).mkdir()
-        server.pg_port = devnet.free_port()
-        await asyncio.to_thread(devnet.start_postgres, server)
-        try:
-            s = await MintStore.open(server.database_url)
-            await Onchain.create_schema(s.pool)
-            yield s
-            await s.close()
-        finally:
-            devnet.stop_pid(server.pg_pid, 10, signal.SIGINT)
+    async with throwaway_postgres("chain-follow") as url:
+        s = await MintStore.open(url)
+        await Onchain.create_schema(s.pool)
+        yield s
+        await s.close()
 
 
 async def test_a_deposit_reorganised_out_and_mined_again_is_credited_once(

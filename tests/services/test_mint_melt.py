@@ -7,8 +7,6 @@ freed its proofs by then), nor wait for ever for one of the node's payment place
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,8 +20,6 @@ from constellation.ecash import client
 from constellation.ecash import mint as m
 from constellation.ecash.keyset import split
 from constellation.protocol import cashu as nut
-from services import devnet
-from services.devnet import Devnet
 from services.ecash import app as mint_app
 from services.ecash.app import MintApp
 from services.ecash.config import Settings
@@ -31,6 +27,7 @@ from services.ecash.store import MintStore
 from services.gateway import lightning
 from services.gateway.lightning import ClnBackend
 from services.lnsim.sim import Simulator, socket_path
+from tests.services.postgres import throwaway_postgres
 
 CHANNEL_SAT = 1_000_000
 
@@ -117,16 +114,8 @@ async def melt_body(app: MintApp, bolt11: str, blanks: int = 0) -> dict[str, Any
 
 @pytest.fixture
 async def postgres() -> AsyncIterator[str]:
-    with tempfile.TemporaryDirectory(prefix="melt-", dir="/tmp") as tmp:
-        os.chmod(tmp, 0o755)  # PostgreSQL runs as its own user where we are root
-        server = Devnet(str(Path(tmp) / "pg"), "melt", 0, os.urandom(32).hex())
-        Path(server.dir).mkdir()
-        server.pg_port = devnet.free_port()
-        await asyncio.to_thread(devnet.start_postgres, server)
-        try:
-            yield server.database_url
-        finally:
-            devnet.stop_pid(server.pg_pid, 10, signal.SIGINT)
+    async with throwaway_postgres("melt") as url:
+        yield url
 
 
 async def world(database_url: str, version: str) -> World:
