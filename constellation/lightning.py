@@ -17,7 +17,7 @@ Lightning (#2521) by refunding a payment that then went through. So:
   (nutshell #614 took an all-zero preimage as paid): it is UNKNOWN, for an operator;
 - what a settled payment cost is what left the node (``amount_sent_msat``), never an
   unknown fee taken as 0: Core Lightning v24.11's ``xpay`` leaves ``amount_msat`` out of
-  ``listpays`` (ElementsProject/lightning#7881, fixed in v25.02), so the fee is not known
+  ``listpays`` (ElementsProject/lightning#7881, fixed in v24.11.1), so the fee is not known
   there though what was sent is; where that is not said either, the payment is counted
   as having spent its whole fee limit (``spent_at_most``);
 - a failure is final only once no pay command can still be trying routes

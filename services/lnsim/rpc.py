@@ -9,8 +9,8 @@ position, in the order of each method's schema; an unknown name is refused. Meth
 and result fields are those of Core Lightning's schemas (``doc/schemas``) for the
 version the simulator says it is: ``xpay`` from v24.11, ``splicein``/``spliceout``
 from v26.04, the three-step ``splice_init``/``splice_update``/``splice_signed`` before;
-``listpays`` without ``amount_msat`` from v24.11 to v25.01, as ``xpay``'s payments were
-listed there (ElementsProject/lightning#7881: ``amount_sent_msat`` only).
+``listpays`` without ``amount_msat`` at v24.11, as ``xpay``'s payments were listed there
+(ElementsProject/lightning#7881: ``amount_sent_msat`` only; fixed in v24.11.1).
 
 Faults (``network.Faults``): an offline node serves no socket; a lost reply is a
 connection closed after the call took effect; a delay holds every reply back.
@@ -943,4 +943,5 @@ METHODS: dict[str, tuple[Handler, tuple[str, ...], tuple[str, ...]]] = {
 }
 SINCE = {"xpay": (24, 11), "splicein": (26, 4), "spliceout": (26, 4)}
 UNTIL: dict[str, tuple[int, int]] = {}
-NO_AMOUNT_IN_LISTPAYS = ((24, 11), (25, 2))  # lightning#7881, fixed by #7941 in v25.02
+# lightning#7881, fixed by #7941 in v24.11.1 (the simulator's versions name no point release)
+NO_AMOUNT_IN_LISTPAYS = ((24, 11), (24, 12))
