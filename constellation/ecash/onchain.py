@@ -54,11 +54,16 @@ def output_wu(script: bytes) -> int:
     return 4 * (8 + 1 + len(script))
 
 
-def fee_sat(inputs: int, output_scripts: Sequence[bytes], feerate: int) -> int:
-    """The fee of a transaction of ``inputs`` guild inputs and these outputs at
-    ``feerate`` sat/vB (its virtual size rounded up)."""
+def vsize(inputs: int, output_scripts: Sequence[bytes]) -> int:
+    """The virtual size of a transaction of ``inputs`` guild inputs and these outputs
+    (its weight over 4, rounded up)."""
     weight = OVERHEAD_WU + inputs * INPUT_WU + sum(output_wu(s) for s in output_scripts)
-    return -(-weight // 4) * feerate
+    return -(-weight // 4)
+
+
+def fee_sat(inputs: int, output_scripts: Sequence[bytes], feerate: int) -> int:
+    """The fee of such a transaction at ``feerate`` sat/vB."""
+    return vsize(inputs, output_scripts) * feerate
 
 
 def plan(

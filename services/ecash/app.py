@@ -668,7 +668,10 @@ class MintApp:
         req = nut.decode(await request.read(), nut.MeltQuoteOnchainRequest)
         self._check_unit(req.unit)
         self._check_amount(req.amount)
-        q = await self.chain.melt_quote(req, self.settings.quote_expiry_s)
+        try:
+            q = await self.chain.melt_quote(req, self.settings.quote_expiry_s)
+        except CHAIN_DOWN as exc:  # its fee comes from the chain's market
+            raise RetryLater(f"the chain is not reachable ({exc!r}): retry") from None
         return self.chain.melt_doc(q, [])
 
     async def melt_state_onchain(self, request: web.Request) -> dict[str, Any]:
@@ -683,12 +686,15 @@ class MintApp:
             raise m.CashuError(MALFORMED, "fee_index: this mint offers option 0 only")
         melt = req.melt()
         now = int(time.time())
-        await self.chain.withdraw(
-            req.quote,
-            lambda: self.db.start_melt(
-                melt, m.ONCHAIN, lambda q: self.rules.check_melt(q, melt, now)
-            ),
-        )
+        try:  # reachable before its proofs are reserved (after, ``withdraw`` takes it up)
+            await self.chain.withdraw(
+                req.quote,
+                lambda: self.db.start_melt(
+                    melt, m.ONCHAIN, lambda q: self.rules.check_melt(q, melt, now)
+                ),
+            )
+        except CHAIN_DOWN as exc:
+            raise RetryLater(f"the chain is not reachable ({exc!r}): retry") from None
         found = await self.db.melt_quote(req.quote, m.ONCHAIN)
         assert found is not None
         return self.chain.melt_doc(*found)

@@ -109,7 +109,9 @@ def _chain(env: Mapping[str, str], network: Network) -> ChainSettings | None:
         bitcoind_url=env_str(env, "MINT_BITCOIND_URL"),
         signer=signer,
         confirmations=env_int(env, "MINT_CHAIN_CONFIRMATIONS", 3, 1, 1000),
-        feerate=env_int(env, "MINT_CHAIN_FEERATE", 2, 1, 10_000),
+        min_feerate=env_int(env, "MINT_CHAIN_FEERATE", 2, 1, 10_000),
+        max_feerate=env_int(env, "MINT_CHAIN_MAX_FEERATE", 1_000, 1, 100_000),
+        fee_target=env_int(env, "MINT_CHAIN_FEE_TARGET", 6, 1, 1008),
         poll_s=env_int(env, "MINT_CHAIN_POLL_S", 5, 1, 600),
         hrp=BITCOIN_HRP[network],
     )

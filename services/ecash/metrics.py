@@ -60,6 +60,12 @@ class MintMetrics:
             ["outcome"],
             registry=r,
         )
+        self.chain_feerate = Gauge(
+            "mint_chain_feerate",
+            "sat/vB the mint's on-chain transactions are built at now (bitcoind's estimate,"
+            " within MINT_CHAIN_FEERATE and MINT_CHAIN_MAX_FEERATE)",
+            registry=r,
+        )
         self.chain_height = Gauge(
             "mint_chain_height", "the last block the chain follower read (NUT-30)", registry=r
         )

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -68,6 +69,7 @@ RESEND_S = 60.0  # a transaction sent and in no block is sent again this often
 ABANDONED_S = 60.0  # a melt PENDING this long with no withdrawal recorded: its process died
 MOVE_MAX_FEE_SAT = 50_000  # a move to a new key costing more waits (for a lower feerate)
 _label = tagged_hasher("Constellation/deposit-label")
+_CHANGE = p2tr_script(bytes(32))  # a change output's script, for its size
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chain_quotes (  -- NUT-30 mint quotes: an address each
@@ -216,7 +218,9 @@ class ChainSettings:
     bitcoind_url: str
     signer: SignerAccess  # the operator's own signer
     confirmations: int
-    feerate: int  # sat/vB
+    min_feerate: int  # sat/vB: the least, and what is used where bitcoind has no estimate
+    max_feerate: int  # sat/vB: the most, whatever bitcoind estimates
+    fee_target: int  # blocks: transactions are built to confirm within this many
     poll_s: float
     hrp: str
 
@@ -327,6 +331,7 @@ class Onchain:
         self.refused: set[str] = set()  # ...and refused by the node: said once
         self.me = settings.signer.signer[1:]  # the addresses we hold: its member's
         self.working: set[str] = set()  # withdrawals this process is signing or sending
+        self.estimated: int | None = None  # sat/vB (``estimate``)
 
     @staticmethod
     async def create_schema(pool: asyncpg.Pool) -> None:
@@ -436,6 +441,7 @@ class Onchain:
     async def follow_forever(self) -> None:
         while True:
             try:
+                await self.estimate()
                 await self.follow()
             except CHAIN_DOWN as exc:
                 log.warning("chain not read", extra={"error": repr(exc)})
@@ -625,9 +631,39 @@ class Onchain:
 
     # -- withdrawals -----------------------------------------------------------------------
 
-    def fee_reserve(self, destination: bytes) -> int:
-        change = p2tr_script(bytes(32))
-        return oc.fee_sat(MAX_INPUTS, [destination, change], self.s.feerate)
+    async def estimate(self) -> None:
+        """Ask bitcoind what feerate confirms within ``fee_target`` blocks now (at every
+        pass of the chain follower, in every process of the mint): rounded up, held
+        within ``min_feerate`` and ``max_feerate``; the least where bitcoind has no
+        estimate (a node that has seen too few blocks: regtest). A feerate set once goes
+        stale in a busy market and leaves withdrawals in no block for as long as it
+        lasts (nothing bumps them)."""
+        doc = await self.rpc.call("estimatesmartfee", self.s.fee_target)
+        try:  # BTC/kvB, read as untrusted input; "errors" instead where there is none
+            found = doc.get("feerate")
+            rate = self.s.min_feerate if found is None else math.ceil(Decimal(found) * 100_000)
+        except (AttributeError, TypeError, ValueError, ArithmeticError) as exc:
+            raise BitcoindError(-1, f"estimatesmartfee answered {doc!r}: {exc!r}") from None
+        self.estimated = min(self.s.max_feerate, max(self.s.min_feerate, rate))
+        self.metrics.chain_feerate.set(self.estimated)
+
+    def feerate(self) -> int:
+        """sat/vB to build a transaction at (``estimate``'s last); CHAIN_DOWN where
+        bitcoind has not answered since the process started: nothing is built blind."""
+        if self.estimated is None:
+            raise BitcoindError(-1, "no fee estimate yet: bitcoind has not answered")
+        return self.estimated
+
+    @staticmethod
+    def fee_reserve(destination: bytes, feerate: int) -> int:
+        """What a withdrawal to ``destination`` may cost: a transaction of MAX_INPUTS at
+        ``feerate``."""
+        return oc.fee_sat(MAX_INPUTS, [destination, _CHANGE], feerate)
+
+    @staticmethod
+    def quoted_feerate(destination: bytes, reserve: int) -> int:
+        """The feerate a quote's ``reserve`` was made at (``fee_reserve``)."""
+        return reserve // oc.vsize(MAX_INPUTS, [destination, _CHANGE])
 
     def destination(self, address: str) -> bytes:
         try:
@@ -644,7 +680,7 @@ class Onchain:
         script = self.destination(req.request)
         if req.amount < oc.DUST_SAT:
             raise m.CashuError(m.AMOUNT_LIMIT, f"an output of less than {oc.DUST_SAT} sat")
-        reserve = self.fee_reserve(script)
+        reserve = self.fee_reserve(script, self.feerate())
         async with self.store.pool.acquire() as conn:  # checked again when it is melted
             held = int(
                 await conn.fetchval(
@@ -680,12 +716,18 @@ class Onchain:
         change_label = _label(b"change:" + quote_id.encode())
         _, change = await self.address(change_label)  # the key, before any proof
         key = await self.key()
+        market = self.feerate()
         quote, attempt = await start()
         destination = self.destination(quote.request)
+        quoted = self.quoted_feerate(destination, quote.fee_reserve)
         async with self.store.pool.acquire() as conn, conn.transaction():
             # under a key that signs now: a move's coin is spent before the move confirms
             coins = await self._held(conn, "key = ANY($1::bytea[])", self.usable)
-            w = oc.plan(coins, destination, quote.amount, change, self.s.feerate, quote.fee_reserve)
+            # at the market's feerate now, where the reserve covers it (fewer inputs than
+            # it was made for may leave room); else at the quote's, which it does
+            w = oc.plan(coins, destination, quote.amount, change, market, quote.fee_reserve)
+            if w is None and market > quoted:
+                w = oc.plan(coins, destination, quote.amount, change, quoted, quote.fee_reserve)
             if w is not None:
                 await self._record(conn, quote, attempt, w, change, change_label, key)
         if w is None:  # nothing was recorded: the proofs are free again
@@ -845,7 +887,7 @@ class Onchain:
 
     async def _build_move(self, conn: asyncpg.Connection, move: int, key: bytes) -> asyncpg.Record:
         coins = await self._held(conn, "key <> $1", key)
-        w = move_funds(coins, key, self.me, self.s.feerate, MOVE_MAX_FEE_SAT)
+        w = move_funds(coins, key, self.me, self.feerate(), MOVE_MAX_FEE_SAT)
         if w is None and coins:
             raise m.CashuError(
                 m.PAYMENT_FAILED,

@@ -8,6 +8,7 @@ Control (JSON, on the ops port):
     POST /v1/faults/{node}         {offline, fail_next, hold, lose_replies, delay_s}
     POST /v1/release/{node}        settle or fail what the node holds, and hold no more
     POST /v1/mine                  {blocks}
+    POST /v1/feerate               {sat_per_vb}: what a block takes (a busy fee market)
     POST /v1/fund/{node}           {sat}: the faucet
     GET  /v1/books                 where every msat is (``missing_msat`` must be 0)
     POST /bitcoind                 the chain, as bitcoind's JSON-RPC (``bitcoind.py``)
@@ -104,6 +105,7 @@ class LnSimNode:
         r.add_post("/v1/faults/{node}", self._faults)
         r.add_post("/v1/release/{node}", self._release)
         r.add_post("/v1/mine", self._mine)
+        r.add_post("/v1/feerate", self._feerate)
         r.add_post("/v1/fund/{node}", self._fund)
         r.add_get("/v1/books", self._books)
         r.add_post("/bitcoind", self._bitcoind)
@@ -224,6 +226,13 @@ class LnSimNode:
         if not isinstance(blocks, int) or isinstance(blocks, bool) or not 1 <= blocks <= 1000:
             raise web.HTTPBadRequest(text="blocks: 1 to 1000")
         return web.json_response({"height": self.sim.network.mine(blocks)})
+
+    async def _feerate(self, request: web.Request) -> web.Response:
+        rate = (await self._json(request)).get("sat_per_vb")
+        if not isinstance(rate, int) or isinstance(rate, bool) or not 1 <= rate <= 100_000:
+            raise web.HTTPBadRequest(text="sat_per_vb: 1 to 100000")
+        self.sim.network.set_feerate(rate)
+        return web.json_response({"sat_per_vb": rate})
 
     async def _fund(self, request: web.Request) -> web.Response:
         name = self._node(request)

@@ -117,6 +117,20 @@ def _sendrawtransaction(net: Network, p: list[Any]) -> Any:
     return net.send_raw(raw)
 
 
+def _estimatesmartfee(net: Network, p: list[Any]) -> Any:
+    """The market's feerate (``Network.feerate``), whatever the target: BTC per kvB."""
+    target = p[0] if p else None
+    if not isinstance(target, int) or isinstance(target, bool) or not 1 <= target <= 1008:
+        raise ChainError(RPC_INVALID_PARAMETER, "Invalid conf_target, must be between 1 and 1008")
+    if len(p) > 1 and str(p[1]).lower() not in ("unset", "economical", "conservative"):
+        raise ChainError(
+            RPC_INVALID_PARAMETER,
+            'Invalid estimate_mode parameter, must be one of: "unset", "economical",'
+            ' "conservative"',
+        )
+    return {"feerate": btc(net.feerate * 1000), "blocks": max(2, target)}
+
+
 METHODS: dict[str, Callable[[Network, list[Any]], Any]] = {
     "getblockchaininfo": lambda net, _: {
         "chain": {"bcrt": "regtest", "tb": "test", "tbs": "signet", "bc": "main"}[HRP[net.chain]],
@@ -130,6 +144,7 @@ METHODS: dict[str, Callable[[Network, list[Any]], Any]] = {
     "gettxout": _gettxout,
     "getrawtransaction": _getrawtransaction,
     "sendrawtransaction": _sendrawtransaction,
+    "estimatesmartfee": _estimatesmartfee,
 }
 
 

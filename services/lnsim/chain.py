@@ -60,6 +60,7 @@ class ChainTx:
     inputs: list[tuple[str, int]]  # outpoints (txid as shown, vout); none: a node's wallet
     raw: bytes | None  # what was sent raw; None: a node wallet's (not rendered)
     height: int | None = None
+    feerate: float | None = None  # sat/vB of one sent raw (None: a node wallet's, mined at once)
 
 
 @dataclass
@@ -130,14 +131,22 @@ class Chain:
             self.coins[outpoint].spent_by = tx.txid
         self.paid(tx.txid, list(tx.outputs), outpoints)
         self.txs[tx.txid].raw = tx.serialize()
+        self.txs[tx.txid].feerate = fee / tx.vsize
         return tx, fee, True
 
-    def mine(self, height: int) -> None:
-        """The mempool into the block at ``height``."""
-        waiting = [t.txid for t in self.txs.values() if t.height is None]
-        for txid in waiting:
-            self.txs[txid].height = height
-        self.blocks[height] = waiting
+    def mine(self, height: int, feerate: float = MIN_FEERATE) -> None:
+        """Into the block at ``height``, the mempool's transactions that pay at least
+        ``feerate`` (the market's: a miner takes what pays it best) and whose parents are
+        mined or in this block; the rest waits for a block that takes it. A parent is not
+        taken for its child's fee (no package relay here)."""
+        block: list[str] = []
+        for t in self.txs.values():  # in the order sent: a parent before its child
+            if t.height is not None or (t.feerate is not None and t.feerate < feerate):
+                continue
+            if all(self.txs[txid].height is not None for txid, _ in t.inputs if txid in self.txs):
+                t.height = height
+                block.append(t.txid)
+        self.blocks[height] = block
 
 
 def block_hash(height: int) -> str:

@@ -50,7 +50,7 @@ from bolt11.exceptions import Bolt11Exception
 from constellation.address import encode_segwit
 from constellation.bitcoin import SpendOutput, address_script, p2tr_script
 from constellation.errors import InvalidAddress
-from services.lnsim.chain import Chain
+from services.lnsim.chain import MIN_FEERATE, Chain
 
 # lightningd's error codes (common/jsonrpc_errors.h)
 INVALID_PARAMS = -32602
@@ -246,6 +246,10 @@ class Attempt:
 
 
 class Network:
+    # sat/vB a raw transaction must pay to be mined (``/v1/feerate``: a busy market), and
+    # bitcoind's ``estimatesmartfee`` answer
+    feerate: int = MIN_FEERATE
+
     def __init__(self, clock: Callable[[], float], seed: int = 0, chain: str = "regtest") -> None:
         self.clock = clock
         self.rng = random.Random(seed)
@@ -403,13 +407,21 @@ class Network:
             self._changed()
         return tx.txid
 
+    def set_feerate(self, sat_per_vb: int) -> None:
+        """The market from now on: blocks take what pays this much, and bitcoind's
+        estimate says so."""
+        self.feerate = sat_per_vb
+        self._changed()
+
     def mine(self, blocks: int = 1) -> int:
-        """Advance the chain; what waited for a block confirms."""
-        self.onchain.mine(self.height + 1)  # in the first block, as bitcoind mines
+        """Advance the chain; what waited for a block confirms, but a transaction sent
+        raw that pays less than the market's ``feerate`` (and its outputs to nodes)."""
+        self.onchain.mine(self.height + 1, self.feerate)  # in the first block, as bitcoind
         self.height += blocks
         for node in self.nodes.values():
             for u in node.utxos:
-                if u.blockheight is None:
+                waiting = self.onchain.txs.get(u.txid)
+                if u.blockheight is None and (waiting is None or waiting.height is not None):
                     u.blockheight = self.height
         for ch in self.channels.values():
             if ch.state == "CHANNELD_AWAITING_LOCKIN" and self.height >= ch.lockin_at:

@@ -218,7 +218,7 @@ async def test_a_withdrawal_is_sent_again_until_a_block_holds_it(
 async def _following(store: MintStore) -> tuple[Onchain, Chain]:
     """A follower of a scripted chain (it signs nothing), and a quote it watches."""
     no_signer = SignerAccess("nats://unused", Membership("chain-follow", []), bytes(33), b"")
-    settings = ChainSettings("http://unused", no_signer, CONFIRMATIONS, 2, 1, "bcrt")
+    settings = ChainSettings("http://unused", no_signer, CONFIRMATIONS, 2, 1_000, 6, 1, "bcrt")
     follower = Onchain(settings, store, _no_rules, _no_signing, MintMetrics())
     chain = Chain()
     follower.rpc = chain  # type: ignore[assignment]

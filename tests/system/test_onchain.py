@@ -19,7 +19,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +79,19 @@ def mine(where: Path, blocks: int) -> None:
 async def followed(where: Path, mc: MintClient) -> None:
     """Until the mint's chain follower has read the chain's last block."""
     tip = guild.lightning(where, "/bitcoind", {"method": "getblockcount"})["result"]
+    await until_metric(mc, "mint_chain_height", lambda height: height >= tip)
+
+
+async def until_metric(mc: MintClient, name: str, until: Callable[[float], bool]) -> None:
+    """Until the mint's gauge ``name`` reads a value ``until`` takes (30 s at most)."""
     deadline = time.monotonic() + 30
     while True:
         async with mc.s.get(f"{mc.url}/metrics") as r:
             text = await r.text()
-        [line] = [x for x in text.splitlines() if x.startswith("mint_chain_height ")]
-        if float(line.split()[1]) >= tip:
+        [line] = [x for x in text.splitlines() if x.startswith(f"{name} ")]
+        if until(float(line.split()[1])):
             return
-        assert time.monotonic() < deadline, "the mint does not follow the chain"
+        assert time.monotonic() < deadline, f"the mint's {line}"
         await asyncio.sleep(0.2)
 
 
@@ -284,6 +289,40 @@ async def test_the_wallet_deposits_and_pays_on_chain(where: Path) -> None:
     assert got["amount_msat"] == 10_000_000
     spent = 25_000_000 - (await balance(file))[0]
     assert 10_000_000 < spent < 10_000_000 + 1_000_000  # the amount, the fees: no more
+
+
+async def test_a_withdrawal_pays_the_feerate_the_market_asks(where: Path, mint: MintClient) -> None:
+    """A busy market (the chain's blocks take 25 sat/vB and up, and bitcoind estimates
+    so): a withdrawal's quote reserves for that feerate, its transaction pays it and the
+    next block takes it (at the feerate once set, 2 sat/vB, it would wait in the mempool
+    for as long as the market stays busy). The market calm again, quotes reserve less."""
+    q = await mint.ok("/v1/mint/quote/onchain", {"unit": "sat", "pubkey": "02" + KEY.pubkey.hex()})
+    proofs = await deposited(where, mint, q["quote"], q["request"], KEY)
+    outside = LightningRpc(guild.outside_rpc(where))
+    address = outside.newaddr()["p2tr"]
+    ask = {"request": address, "unit": "sat", "amount": 20_000}
+    calm = (await mint.ok("/v1/melt/quote/onchain", ask))["fee_options"][0]["fee_reserve"]
+    guild.lightning(where, "/v1/feerate", {"sat_per_vb": 25})
+    try:
+        await until_metric(mint, "mint_chain_feerate", lambda rate: rate == 25)
+        busy = await mint.ok("/v1/melt/quote/onchain", ask)
+        assert busy["fee_options"][0]["fee_reserve"] == calm // 2 * 25  # calm: the least, 2
+        blanks, _ = client.outputs_of([1] * 14, mint.active)
+        status, done = await mint.call(
+            "/v1/melt/onchain",
+            {"quote": busy["quote"], "fee_index": 0, "inputs": proofs, "outputs": blanks},
+            timeout_s=120,
+        )
+        assert status == 200 and done["state"] == "PAID", done
+        mine(where, 1)
+        [got] = [o for o in outside.listfunds()["outputs"] if o["address"] == address]
+        assert got["txid"] == done["outpoint"].split(":")[0] and got["status"] == "confirmed"
+    finally:
+        guild.lightning(where, "/v1/feerate", {"sat_per_vb": 1})
+    await until_metric(mint, "mint_chain_feerate", lambda rate: rate == 2)
+    again = await mint.ok("/v1/melt/quote/onchain", ask)
+    assert again["fee_options"][0]["fee_reserve"] == calm
+    await reserve_holds(guild.load(where)[0])
 
 
 async def test_a_withdrawal_survives_kill_9_of_the_mint_while_the_guild_signs(
