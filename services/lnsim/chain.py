@@ -60,7 +60,8 @@ class ChainTx:
     inputs: list[tuple[str, int]]  # outpoints (txid as shown, vout); none: a node's wallet
     raw: bytes | None  # what was sent raw; None: a node wallet's (not rendered)
     height: int | None = None
-    feerate: float | None = None  # sat/vB of one sent raw (None: a node wallet's, mined at once)
+    fee_sat: int | None = None  # of one sent raw (None: a node wallet's, mined at once)
+    vsize: int = 0
 
 
 @dataclass
@@ -131,22 +132,33 @@ class Chain:
             self.coins[outpoint].spent_by = tx.txid
         self.paid(tx.txid, list(tx.outputs), outpoints)
         self.txs[tx.txid].raw = tx.serialize()
-        self.txs[tx.txid].feerate = fee / tx.vsize
+        self.txs[tx.txid].fee_sat, self.txs[tx.txid].vsize = fee, tx.vsize
         return tx, fee, True
 
     def mine(self, height: int, feerate: float = MIN_FEERATE) -> None:
-        """Into the block at ``height``, the mempool's transactions that pay at least
-        ``feerate`` (the market's: a miner takes what pays it best) and whose parents are
-        mined or in this block; the rest waits for a block that takes it. A parent is not
-        taken for its child's fee (no package relay here)."""
+        """Into the block at ``height``, each mempool transaction whose package (it and
+        its ancestors in no block yet) pays at least ``feerate`` (the market's) together,
+        as Bitcoin Core mines by ancestor feerate: a child may pay for its parent (CPFP).
+        The rest waits for a block that takes it."""
         block: list[str] = []
         for t in self.txs.values():  # in the order sent: a parent before its child
-            if t.height is not None or (t.feerate is not None and t.feerate < feerate):
+            package = self._unmined(t, [])
+            raw = [p for p in package if p.fee_sat is not None]
+            if raw and sum(p.fee_sat or 0 for p in raw) < feerate * sum(p.vsize for p in raw):
                 continue
-            if all(self.txs[txid].height is not None for txid, _ in t.inputs if txid in self.txs):
-                t.height = height
-                block.append(t.txid)
+            for p in package:
+                p.height = height
+                block.append(p.txid)
         self.blocks[height] = block
+
+    def _unmined(self, t: ChainTx, found: list[ChainTx]) -> list[ChainTx]:
+        """``t`` and its ancestors in no block, each after its parents."""
+        if t.height is None and all(f is not t for f in found):
+            for txid, _ in t.inputs:
+                if txid in self.txs:
+                    self._unmined(self.txs[txid], found)
+            found.append(t)
+        return found
 
 
 def block_hash(height: int) -> str:

@@ -109,35 +109,33 @@ def test_a_coin_is_spent_once() -> None:
 
 def test_a_block_takes_what_pays_the_market_and_bitcoind_estimates_it() -> None:
     """A busy market (``Network.set_feerate``): a transaction paying less than it stays
-    in the mempool, and a node's output in it unconfirmed, block after block, until the
-    market falls to what it pays; a child waits for its parent. bitcoind's
-    ``estimatesmartfee`` says the market's feerate, in BTC per kvB."""
+    in the mempool, and a node's output in it unconfirmed, block after block; a child
+    paying more than the market cannot go without its parent, but pays for it (CPFP)
+    once the two together pay what the market asks. bitcoind's ``estimatesmartfee``
+    says the market's feerate, in BTC per kvB."""
     net, txid = funded()
     a_script = address_script(net.newaddr("a"), "bcrt")
-    raw = spend(txid, [SpendOutput(30_000, SCRIPT), SpendOutput(19_000, a_script)])  # ~9/vB
-    parent = parse_tx(raw)
-    pay = [SpendOutput(29_000, SCRIPT)]  # 1,000 sat on ~100 vB: ~10 sat/vB
+    raw = spend(txid, [SpendOutput(30_000, SCRIPT), SpendOutput(19_000, a_script)])
+    parent = parse_tx(raw)  # 1,000 sat on 154 vB
+    pay = [SpendOutput(25_000, SCRIPT)]  # 5,000 sat on 111 vB: 45 sat/vB; 22.6 with its parent
     prev = [SpendInput(bytes.fromhex(parent.txid)[::-1], 0, 0xFFFFFFFD, 30_000, SCRIPT)]
     sig = KEY.sign(taproot_sighash(2, 0, prev, pay, 0))
-    child = BitcoinTx(2, 0, [TxIn(prev[0].txid, 0, 0xFFFFFFFD, [sig])], pay).serialize()
-    net.set_feerate(20)
+    child = parse_tx(BitcoinTx(2, 0, [TxIn(prev[0].txid, 0, 0xFFFFFFFD, [sig])], pay).serialize())
+    net.set_feerate(30)
     estimate = bitcoind.call(net, {"method": "estimatesmartfee", "params": [6], "id": 1})
-    assert estimate["result"] == {"feerate": Decimal("0.0002"), "blocks": 6}
-    net.send_raw(raw)
-    net.send_raw(child)  # relayed (over the relay minimum), not mined: the market's higher
+    assert estimate["result"] == {"feerate": Decimal("0.0003"), "blocks": 6}
+    net.send_raw(raw)  # relayed (over the relay minimum), not mined
+    net.send_raw(child.serialize())
     net.mine(3)
     assert net.onchain.txs[parent.txid].height is None
+    assert net.onchain.txs[child.txid].height is None
     [mine] = [u for u in net.nodes["a"].utxos if u.txid == parent.txid]
     assert mine.blockheight is None
-    net.set_feerate(10)  # the child pays it, its parent does not: neither is mined
-    net.mine(1)
-    assert net.onchain.txs[parent.txid].height is None
-    assert net.onchain.txs[parse_tx(child).txid].height is None
-    net.set_feerate(5)
+    net.set_feerate(20)
     net.mine(1)
     block = bitcoind.call(net, {"method": "getblockhash", "params": [net.height], "id": 2})
     got = bitcoind.call(net, {"method": "getblock", "params": [block["result"], 1], "id": 3})
-    assert parent.txid in got["result"]["tx"] and parse_tx(child).txid in got["result"]["tx"]
+    assert parent.txid in got["result"]["tx"] and child.txid in got["result"]["tx"]
     assert mine.blockheight == net.height
     assert net.books()["missing_msat"] == 0
     for params in ([0], [1009], ["6"], [6, "fast"]):
