@@ -121,6 +121,30 @@ def sweep(
     return Withdrawal(BitcoinTx(TX_VERSION, 0, inputs, outputs), picked, fee, 0)
 
 
+def bump(
+    coin: Coin,
+    destination: bytes,
+    package_fee_sat: int,
+    package_vsize: int,
+    feerate: int,
+    max_fee_sat: int,
+) -> Withdrawal | None:
+    """A child of a transaction in no block (child pays for parent): it spends ``coin``,
+    our output of it, to ``destination``, with a fee that takes the package (the
+    transactions of ours in no block it descends from: their fees and virtual sizes, and
+    itself) to ``feerate``, as miners take a transaction with its ancestors. None where
+    the package pays that already, or the fee would pass ``max_fee_sat`` or leave
+    dust."""
+    if package_fee_sat >= package_vsize * feerate:
+        return None
+    fee = (package_vsize + vsize(1, [destination])) * feerate - package_fee_sat
+    if fee > max_fee_sat or coin.amount_sat - fee < DUST_SAT:
+        return None
+    inputs = [TxIn(bytes.fromhex(coin.txid)[::-1], coin.vout, SEQUENCE)]
+    outputs = [SpendOutput(coin.amount_sat - fee, destination)]
+    return Withdrawal(BitcoinTx(TX_VERSION, 0, inputs, outputs), [coin], fee, 0)
+
+
 def spend_requests(tx: BitcoinTx, coins: Sequence[Coin]) -> list[OnchainSpend]:
     """What the guild signs for each input of ``tx`` (spending ``coins``, in order): the
     transaction, every output it spends, and the input's label."""

@@ -68,6 +68,11 @@ RPC_S = 10.0
 RESEND_S = 60.0  # a transaction sent and in no block is sent again this often
 ABANDONED_S = 60.0  # a melt PENDING this long with no withdrawal recorded: its process died
 MOVE_MAX_FEE_SAT = 50_000  # a move to a new key costing more waits (for a lower feerate)
+# A withdrawal in no block is bumped once it pays less than the market's feerate over
+# BUMP_BELOW (a market that moves a little does not make a child each time); its
+# children cost the mint at most BUMP_MAX_FEE_SAT in all.
+BUMP_BELOW = 1.25
+BUMP_MAX_FEE_SAT = 50_000
 _label = tagged_hasher("Constellation/deposit-label")
 _CHANGE = p2tr_script(bytes(32))  # a change output's script, for its size
 
@@ -93,7 +98,7 @@ CREATE TABLE IF NOT EXISTS chain_coins (  -- the guild's outputs this mint holds
     height int,  -- NULL: not in a block yet
     quote text,  -- the deposit's mint quote (NULL: a withdrawal's change)
     held bool NOT NULL,  -- counted in the mint's funds: a credited deposit, or change
-    spent_by text,  -- the withdrawal (melt quote) or the move ('move:' key) that spends it
+    spent_by text,  -- the withdrawal (melt quote), move ('move:' key) or bump ('bump:' quote)
     PRIMARY KEY (txid, vout)
 );
 CREATE TABLE IF NOT EXISTS chain_withdrawals (
@@ -119,6 +124,16 @@ CREATE TABLE IF NOT EXISTS chain_moves (  -- coins moved to a new guild key
     spent jsonb,  -- the coins it spends: txid, vout, amount_sat, script, derivation, key
     state text NOT NULL CHECK (state IN ('ASKED', 'SIGNING', 'SIGNED', 'SENT', 'NONE'))
 );
+CREATE TABLE IF NOT EXISTS chain_bumps (  -- children that take a stuck withdrawal (CPFP)
+    id bigserial PRIMARY KEY,
+    quote text NOT NULL,  -- the withdrawal's melt quote
+    tx bytea NOT NULL,  -- unsigned, then signed
+    txid text NOT NULL,
+    fee_sat bigint NOT NULL,  -- the mint's: booked as chain_fees_sat
+    spent jsonb NOT NULL,  -- the coin it spends: the withdrawal's change, or the bump before's
+    state text NOT NULL CHECK (state IN ('SIGNING', 'SIGNED', 'SENT'))
+);
+CREATE INDEX IF NOT EXISTS chain_bumps_quote ON chain_bumps (quote);
 CREATE TABLE IF NOT EXISTS chain_blocks (  -- what the follower read, to find a reorg
     height int PRIMARY KEY,
     hash text NOT NULL
@@ -231,6 +246,18 @@ def _coins_json(coins: list[oc.Coin]) -> str:
     )
 
 
+def _coin(r: asyncpg.Record) -> oc.Coin:
+    """A coin from its ``chain_coins`` row."""
+    return oc.Coin(
+        r["txid"],
+        r["vout"],
+        r["amount_sat"],
+        bytes(r["script"]),
+        bytes(r["derivation"]),
+        bytes(r["key"]),
+    )
+
+
 def _coins_of(spent: list[list[Any]]) -> list[oc.Coin]:
     return [
         oc.Coin(t, v, a, bytes.fromhex(s), bytes.fromhex(d), bytes.fromhex(k))
@@ -332,6 +359,7 @@ class Onchain:
         self.me = settings.signer.signer[1:]  # the addresses we hold: its member's
         self.working: set[str] = set()  # withdrawals this process is signing or sending
         self.estimated: int | None = None  # sat/vB (``estimate``)
+        self.unbumpable: set[str] = set()  # withdrawals in no block that no child helps: said
 
     @staticmethod
     async def create_schema(pool: asyncpg.Pool) -> None:
@@ -845,19 +873,110 @@ class Onchain:
             f" AND {where} FOR UPDATE",
             *args,
         )
-        return [
-            oc.Coin(
-                r["txid"],
-                r["vout"],
-                r["amount_sat"],
-                bytes(r["script"]),
-                bytes(r["derivation"]),
-                bytes(r["key"]),
-            )
-            for r in rows
-        ]
+        return [_coin(r) for r in rows]
 
-    # -- moves to a new key -----------------------------------------------------------------
+    # -- bumps of withdrawals in no block ----------------------------------------------------
+
+    async def bump_stuck(self) -> None:
+        """Withdrawals sent and in no block that pay less than the market asks now (by
+        BUMP_BELOW): each gets a child of its change that pays for it (CPFP), on the
+        mint's account (the melt's reserve went back to the wallet once it was PAID), and
+        again if the market rises on. A withdrawal without change the mint cannot bump
+        (its payee can, from its output). Children recorded and not sent yet (a signer
+        or the chain was down, a process died) are signed and sent first."""
+        async with self.store.pool.acquire() as conn:
+            unsent = await conn.fetch("SELECT * FROM chain_bumps WHERE state <> 'SENT' ORDER BY id")
+            stuck = await conn.fetch(
+                "SELECT w.quote FROM chain_withdrawals w JOIN melt_quotes q USING (quote)"
+                " WHERE q.state = 'PAID' AND w.mined IS NULL"
+            )
+        for r in unsent:  # one's trouble holds up no other
+            try:
+                await self._sign_and_send("chain_bumps", r)
+            except NOT_SENT as exc:
+                log.warning("a bump not sent yet", extra={"quote": r["quote"], "error": repr(exc)})
+        for r in stuck:
+            try:
+                await self._bump(r["quote"])
+            except NOT_SENT as exc:
+                log.warning(
+                    "a withdrawal not bumped", extra={"quote": r["quote"], "error": repr(exc)}
+                )
+
+    async def _bump(self, quote: str) -> None:
+        """A child of withdrawal ``quote``'s last output of ours in no block (its change,
+        or its last child's), recorded with the coin it spends in one transaction, then
+        signed and sent: where the withdrawal and its children so far pay the market's
+        feerate less BUMP_BELOW, and the child's fee stays within BUMP_MAX_FEE_SAT."""
+        market, key = self.feerate(), await self.key()
+        async with self.store.pool.acquire() as conn, conn.transaction():
+            w = await conn.fetchrow(
+                "SELECT tx, txid, fee_sat, mined FROM chain_withdrawals WHERE quote = $1"
+                " FOR UPDATE",
+                quote,
+            )
+            bumps = await conn.fetch(
+                "SELECT tx, txid, fee_sat, state FROM chain_bumps WHERE quote = $1 ORDER BY id",
+                quote,
+            )
+            if w["mined"] is not None or any(b["state"] != "SENT" for b in bumps):
+                return
+            package = [w, *bumps]  # in no block: a child is mined with its parent or after
+            fee = sum(int(r["fee_sat"]) for r in package)
+            size = sum(parse_tx(bytes(r["tx"])).vsize for r in package)
+            if fee * BUMP_BELOW >= market * size:
+                return
+            last = (bumps[-1]["txid"], 0) if bumps else (w["txid"], 1)
+            r = await conn.fetchrow(
+                "SELECT * FROM chain_coins WHERE txid = $1 AND vout = $2 AND held"
+                " AND spent_by IS NULL FOR UPDATE",
+                *last,
+            )
+            label = _label(b"bump:%s:%d" % (last[0].encode(), last[1]))
+            _, script = await self.address(label)
+            spent = sum(int(b["fee_sat"]) for b in bumps)
+            child = None
+            if r is not None:  # else: no change (all went to the payee and the miner)
+                child = oc.bump(_coin(r), script, fee, size, market, BUMP_MAX_FEE_SAT - spent)
+            if child is None:
+                if quote not in self.unbumpable:
+                    self.unbumpable.add(quote)
+                    log.error(
+                        "a withdrawal in no block pays less than the market asks, and"
+                        " cannot be bumped (no change, or its bumps would cost too much)",
+                        extra={"quote": quote, "txid": w["txid"], "sat_per_vb": fee / size},
+                    )
+                return
+            await conn.execute(
+                "UPDATE chain_coins SET spent_by = $3 WHERE txid = $1 AND vout = $2",
+                *last,
+                "bump:" + quote,
+            )
+            [out] = child.tx.outputs
+            await conn.execute(
+                "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, key, held)"
+                " VALUES ($1, 0, $2, $3, $4, $5, true)",
+                child.tx.txid,
+                out.amount_sat,
+                script,
+                label,
+                key,
+            )
+            await conn.execute("SELECT mint_count('chain_fees_sat', '', $1)", child.fee_sat)
+            r = await conn.fetchrow(
+                "INSERT INTO chain_bumps (quote, tx, txid, fee_sat, spent, state)"
+                " VALUES ($1, $2, $3, $4, $5, 'SIGNING') RETURNING *",
+                quote,
+                child.tx.serialize(),
+                child.tx.txid,
+                child.fee_sat,
+                _coins_json(child.spent),
+            )
+        log.info(
+            "a withdrawal in no block bumped",
+            extra={"quote": quote, "txid": child.tx.txid, "fee_sat": child.fee_sat},
+        )
+        await self._sign_and_send("chain_bumps", r)
 
     async def _move_on(self, move: int) -> None:
         """Take a move on to the chain: built and recorded with the coins it spends
@@ -867,23 +986,30 @@ class Onchain:
             r = await conn.fetchrow("SELECT * FROM chain_moves WHERE id = $1 FOR UPDATE", move)
             if r["state"] == "ASKED":
                 r = await self._build_move(conn, move, bytes(r["key"]))
+        if await self._sign_and_send("chain_moves", r):
+            log.info("the guild's coins moved", extra={"key": r["key"].hex(), "txid": r["txid"]})
+
+    async def _sign_and_send(self, table: str, r: asyncpg.Record) -> bool:
+        """A move's or a bump's transaction (its row ``r`` of ``table``), recorded with
+        the coins it spends: signed where not yet, then sent; whether it was sent now."""
         if r["state"] == "SIGNING":
             tx = await self._sign(parse_tx(bytes(r["tx"])), _coins_of(json.loads(r["spent"])))
             async with self.store.pool.acquire() as conn:
                 r = await conn.fetchrow(
-                    "UPDATE chain_moves SET tx = $2, state = 'SIGNED' WHERE id = $1 RETURNING *",
-                    move,
+                    f"UPDATE {table} SET tx = $2, state = 'SIGNED' WHERE id = $1 RETURNING *",
+                    r["id"],
                     tx.serialize(),
                 )
-        if r["state"] == "SIGNED":
-            try:
-                await self.rpc.call("sendrawtransaction", bytes(r["tx"]).hex())
-            except BitcoindError as exc:
-                if exc.code != -27:  # already in the chain: sent before
-                    raise
-            async with self.store.pool.acquire() as conn:
-                await conn.execute("UPDATE chain_moves SET state = 'SENT' WHERE id = $1", move)
-            log.info("the guild's coins moved", extra={"key": r["key"].hex(), "txid": r["txid"]})
+        if r["state"] != "SIGNED":
+            return False
+        try:
+            await self.rpc.call("sendrawtransaction", bytes(r["tx"]).hex())
+        except BitcoindError as exc:
+            if exc.code != -27:  # already in the chain: sent before
+                raise
+        async with self.store.pool.acquire() as conn:
+            await conn.execute(f"UPDATE {table} SET state = 'SENT' WHERE id = $1", r["id"])
+        return True
 
     async def _build_move(self, conn: asyncpg.Connection, move: int, key: bytes) -> asyncpg.Record:
         coins = await self._held(conn, "key <> $1", key)
@@ -988,10 +1114,11 @@ class Onchain:
                 log.warning(
                     "the move not sent yet", extra={"key": r["key"].hex(), "error": repr(exc)}
                 )
+        await self.bump_stuck()
         await self.send_again()
 
     async def send_again(self) -> None:
-        """Withdrawals and moves sent and in no block yet: sent again every ``RESEND_S``
+        """Withdrawals, moves and bumps sent and in no block yet: sent again every ``RESEND_S``
         (the same transaction: a node restarted with an empty mempool, or one that
         evicted it, has it again) until a block holds them. One its node refuses (its
         fee below what the mempool takes now) is said once: it needs a bump."""
@@ -1002,6 +1129,9 @@ class Onchain:
                 " UNION ALL SELECT m.txid, m.tx FROM chain_moves m"
                 " JOIN chain_coins c ON c.txid = m.txid AND c.vout = 0"
                 " WHERE m.state = 'SENT' AND c.height IS NULL"
+                " UNION ALL SELECT b.txid, b.tx FROM chain_bumps b"  # after their parents
+                " JOIN chain_coins c ON c.txid = b.txid AND c.vout = 0"
+                " WHERE b.state = 'SENT' AND c.height IS NULL"
             )
         self.metrics.withdrawals_unmined.set(len(unmined))
         now = time.monotonic()
@@ -1030,7 +1160,13 @@ class Onchain:
             "state": q.state,
             "expiry": q.expiry,
             "request": q.request,
-            "fee_options": [{"fee_index": 0, "fee_reserve": q.fee_reserve, "estimated_blocks": 1}],
+            "fee_options": [
+                {
+                    "fee_index": 0,
+                    "fee_reserve": q.fee_reserve,
+                    "estimated_blocks": self.s.fee_target,  # what its feerate is estimated for
+                }
+            ],
             "selected_fee_index": None if q.state == m.MELT_UNPAID else 0,
             "outpoint": q.preimage or None,
             "change": change,

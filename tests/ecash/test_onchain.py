@@ -143,3 +143,31 @@ def test_a_withdrawal_pays_only_the_kinds_of_output_bitcoin_core_relays_at_its_d
             oc.check_destination(script)
     with pytest.raises(ValueError):
         oc.check_destination(p2tr_script(key) + b"\x00")  # its length says otherwise
+
+
+def test_a_child_takes_a_stuck_withdrawal_to_the_market_s_feerate() -> None:
+    """A withdrawal sent at 2 sat/vB stays in no block of a market at 30; a child of its
+    change (``bump``), signed by the guild, is valid, and with it the two pay 30 sat/vB
+    together: the next block takes both. A package that pays the rate already, a fee
+    over the limit, or a child left with dust gets no child."""
+    coins = [coin(1, 100_000)]
+    chain = chain_of(coins)
+    w = oc.plan(coins, DESTINATION, 40_000, CHANGE, FEERATE, 10_000)
+    assert w is not None and w.change_sat > 0
+    sent = parse_tx(sign_all(w))
+    chain.send(sent.serialize())
+    chain.mine(1, 30)
+    assert chain.txs[sent.txid].height is None
+    change = oc.Coin(sent.txid, 1, w.change_sat, CHANGE, b"\xcc" * 32)
+    child = oc.bump(change, CHANGE, w.fee_sat, sent.vsize, 30, 10_000)
+    assert child is not None and child.spent == [change]
+    signed = parse_tx(sign_all(child))
+    chain.send(signed.serialize())
+    assert (w.fee_sat + child.fee_sat) >= 30 * (sent.vsize + signed.vsize)
+    assert signed.outputs[0].amount_sat == w.change_sat - child.fee_sat
+    chain.mine(2, 30)
+    assert chain.txs[sent.txid].height == 2 and chain.txs[signed.txid].height == 2
+    assert oc.bump(change, CHANGE, w.fee_sat, sent.vsize, FEERATE, 10_000) is None  # pays it
+    assert oc.bump(change, CHANGE, w.fee_sat, sent.vsize, 30, child.fee_sat - 1) is None
+    small = oc.Coin(sent.txid, 1, child.fee_sat + oc.DUST_SAT - 1, CHANGE, b"\xcc" * 32)
+    assert oc.bump(small, CHANGE, w.fee_sat, sent.vsize, 30, 10_000) is None  # dust left
