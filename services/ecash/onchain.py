@@ -906,8 +906,9 @@ class Onchain:
     async def _bump(self, quote: str) -> None:
         """A child of withdrawal ``quote``'s last output of ours in no block (its change,
         or its last child's), recorded with the coin it spends in one transaction, then
-        signed and sent: where the withdrawal and its children so far pay the market's
-        feerate less BUMP_BELOW, and the child's fee stays within BUMP_MAX_FEE_SAT."""
+        signed and sent: where the withdrawal and its children so far pay less than the
+        market's feerate over BUMP_BELOW, and the children's fees stay within
+        BUMP_MAX_FEE_SAT."""
         market, key = self.feerate(), await self.key()
         async with self.store.pool.acquire() as conn, conn.transaction():
             w = await conn.fetchrow(
@@ -977,6 +978,8 @@ class Onchain:
             extra={"quote": quote, "txid": child.tx.txid, "fee_sat": child.fee_sat},
         )
         await self._sign_and_send("chain_bumps", r)
+
+    # -- moves to a new key -----------------------------------------------------------------
 
     async def _move_on(self, move: int) -> None:
         """Take a move on to the chain: built and recorded with the coins it spends
