@@ -7,8 +7,9 @@ after confirmations, and withdrawals the guild signs with ROAST.
   operator's request, as of every address the mint holds (change, moves). The chain
   follower reads every block through bitcoind's JSON-RPC; an output to a quote's address
   is recorded as a coin of the guild's that this mint holds, and credited to the quote
-  (``amount_paid``) once it has ``confirmations``. The quote's key (NUT-20) then mints
-  up to what was credited and not yet issued, as often as the wallet likes.
+  (``amount_paid``) once it has ``confirmations`` (a coinbase's once it can be spent:
+  ``COINBASE_MATURITY``). The quote's key (NUT-20) then mints up to what was credited
+  and not yet issued, as often as the wallet likes.
 * A melt quote (``onchain``) names an address and an amount, with a fee reserve for a
   transaction of up to ``MAX_INPUTS`` inputs. The melt reserves the proofs, then in one
   database transaction picks the coins, builds the transaction (change to a fresh guild
@@ -73,6 +74,10 @@ MOVE_MAX_FEE_SAT = 50_000  # a move to a new key costing more waits (for a lower
 # children cost the mint at most BUMP_MAX_FEE_SAT in all.
 BUMP_BELOW = 1.25
 BUMP_MAX_FEE_SAT = 50_000
+# Bitcoin spends a coinbase's outputs from its block's 100th confirmation on, and a
+# reorganisation takes its reward away for good: a deposit from one (a miner paid by its
+# pool in the coinbase) backs ecash only from then, whatever ``confirmations`` says
+COINBASE_MATURITY = 100
 _label = tagged_hasher("Constellation/deposit-label")
 _CHANGE = p2tr_script(bytes(32))  # a change output's script, for its size
 
@@ -114,6 +119,8 @@ CREATE TABLE IF NOT EXISTS chain_withdrawals (
 -- 0: sent before the mint kept it)
 ALTER TABLE chain_withdrawals ADD COLUMN IF NOT EXISTS mined int DEFAULT 0;
 ALTER TABLE chain_withdrawals ALTER COLUMN mined DROP DEFAULT;
+-- a coinbase's output: credited at COINBASE_MATURITY confirmations, not before
+ALTER TABLE chain_coins ADD COLUMN IF NOT EXISTS coinbase bool NOT NULL DEFAULT false;
 CREATE TABLE IF NOT EXISTS chain_moves (  -- coins moved to a new guild key
     id bigserial PRIMARY KEY,
     key bytea NOT NULL,  -- the new key, made by the members after a change of members
@@ -328,6 +335,14 @@ async def moved(conn: asyncpg.Connection, key: bytes) -> Moved:
     )
 
 
+def _coinbase(tx: Any) -> bool:
+    """Whether a block's transaction is its coinbase: its input spends no output, and
+    bitcoind shows its script (``coinbase``) instead of one. (The simulated chain shows
+    a spend from a node's wallet with no input.)"""
+    vin = tx["vin"]
+    return bool(vin) and "coinbase" in vin[0]
+
+
 def sat(value: Decimal) -> int:
     amount = int(value * 100_000_000)
     if not 0 <= amount <= 21_000_000 * 100_000_000:
@@ -507,13 +522,19 @@ class Onchain:
             block = await self.rpc.call("getblock", await self.rpc.call("getblockhash", height), 2)
             try:  # the chain's answer is read as untrusted input
                 outputs = [
-                    (t["txid"], o["n"], sat(o["value"]), bytes.fromhex(o["scriptPubKey"]["hex"]))
+                    (
+                        t["txid"],
+                        o["n"],
+                        sat(o["value"]),
+                        bytes.fromhex(o["scriptPubKey"]["hex"]),
+                        _coinbase(t),
+                    )
                     for t in block["tx"]
                     for o in t["vout"]
                 ]
                 txids, block_hash = [str(t["txid"]) for t in block["tx"]], str(block["hash"])
                 parent = block.get("previousblockhash")
-            except (AttributeError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
+            except (AttributeError, LookupError, TypeError, ValueError, ArithmeticError) as exc:
                 raise BitcoindError(-1, f"block {height} malformed: {exc!r}") from None
             if below is not None and parent != below:
                 # the chain reorganised while it was read: nothing is credited on what
@@ -531,7 +552,7 @@ class Onchain:
         height: int,
         block_hash: str,
         txids: list[str],
-        outputs: list[tuple[str, int, int, bytes]],
+        outputs: list[tuple[str, int, int, bytes, bool]],
     ) -> None:
         watched = await conn.fetch(
             "SELECT quote, script, derivation, guild_key FROM chain_quotes"
@@ -539,12 +560,13 @@ class Onchain:
             list({o[3] for o in outputs}),
         )
         by_script = {bytes(w["script"]): w for w in watched}
-        for txid, vout, amount, script in outputs:
+        for txid, vout, amount, script, coinbase in outputs:
             w = by_script.get(script)
             if w is not None:
                 await conn.execute(
                     "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, key,"
-                    " height, quote, held) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, false)"
+                    " height, quote, held, coinbase)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, false, $9)"
                     " ON CONFLICT (txid, vout) DO UPDATE SET height = $7",
                     txid,
                     vout,
@@ -554,7 +576,20 @@ class Onchain:
                     w["guild_key"],
                     height,
                     w["quote"],
+                    coinbase,
                 )
+                if coinbase:
+                    log.info(
+                        "a deposit from a coinbase: credited once it can be spent",
+                        extra={
+                            "txid": txid,
+                            "vout": vout,
+                            "quote": w["quote"],
+                            "sat": amount,
+                            "height": height,
+                            "confirmations": max(self.s.confirmations, COINBASE_MATURITY),
+                        },
+                    )
         await conn.execute(
             "UPDATE chain_coins SET height = $2 WHERE txid = ANY($1::text[]) AND height IS NULL",
             txids,
@@ -575,22 +610,28 @@ class Onchain:
 
     async def _credit(self, conn: asyncpg.Connection, tip: int) -> list[tuple[str, int]]:
         """Deposits with enough confirmations: held by the mint, credited to their quote
-        (as ecash owed), in one transaction. A deposit credited before, reorganised out
-        and mined again, is held again and not credited twice. One to a key the guild's
-        signers no longer sign with (retired after a change of members: ``moved`` holds
-        the retirement back while a quote under it is open or a deposit to it is not
-        credited yet, but a saved address may be paid later) is not credited: nothing
-        could spend it, so it backs no ecash; it is said, for the operator."""
+        (as ecash owed), in one transaction. A coinbase's has enough once Bitcoin lets it
+        be spent (``COINBASE_MATURITY``): until then nothing could spend it, and a
+        reorganisation would take it away for good. A deposit credited before,
+        reorganised out and mined again, is held again and not credited twice. One to a
+        key the guild's signers no longer sign with (retired after a change of members:
+        ``moved`` holds the retirement back while a quote under it is open or a deposit
+        to it is not credited yet, but a saved address may be paid later) is not
+        credited: nothing could spend it, so it backs no ecash; it is said, for the
+        operator."""
         credited: list[tuple[str, int]] = []
         if not self.usable:  # the signers not asked yet: which keys they sign with
             return credited
         deep = tip - self.s.confirmations + 1
+        mature = tip - max(self.s.confirmations, COINBASE_MATURITY) + 1
+        deep_enough = "height <= CASE WHEN coinbase THEN $3::int ELSE $1::int END"
         unusable = await conn.fetch(
             "SELECT txid, vout, quote, amount_sat, key FROM chain_coins WHERE NOT held"
-            " AND quote IS NOT NULL AND height IS NOT NULL AND height <= $1"
+            f" AND quote IS NOT NULL AND height IS NOT NULL AND {deep_enough}"
             " AND NOT key = ANY($2::bytea[])",
             deep,
             self.usable,
+            mature,
         )
         for r in unusable:  # a retired key's: nobody would sign it away; not ecash's backing
             if (r["txid"], r["vout"]) not in self.unusable:
@@ -608,10 +649,11 @@ class Onchain:
         async with conn.transaction():
             rows = await conn.fetch(
                 "UPDATE chain_coins SET held = true WHERE NOT held AND quote IS NOT NULL"
-                " AND height IS NOT NULL AND height <= $1 AND key = ANY($2::bytea[])"
+                f" AND height IS NOT NULL AND {deep_enough} AND key = ANY($2::bytea[])"
                 " RETURNING txid, vout, quote, amount_sat",
                 deep,
                 self.usable,
+                mature,
             )
             for r in rows:
                 first = await conn.fetchval(
@@ -867,7 +909,10 @@ class Onchain:
 
     async def _held(self, conn: asyncpg.Connection, where: str, *args: Any) -> list[oc.Coin]:
         """The confirmed coins the mint holds and spends nowhere yet that also meet
-        ``where``, locked (concurrent spends wait for each other's coins)."""
+        ``where``, locked (concurrent spends wait for each other's coins). None is a
+        coinbase's too young to spend: a deposit is held only once ``_credit`` found it
+        deep enough, a coinbase's at ``COINBASE_MATURITY``, and the mint's other coins
+        (change, moves) are outputs of its own transactions."""
         rows = await conn.fetch(
             "SELECT * FROM chain_coins WHERE held AND spent_by IS NULL AND height IS NOT NULL"
             f" AND {where} FOR UPDATE",

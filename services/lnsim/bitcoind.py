@@ -3,9 +3,10 @@ simulator's ops port): the methods a wallet that follows blocks and sends its ow
 transactions calls, with bitcoind's shapes and error codes. Amounts are BTC as JSON
 numbers, as bitcoind writes them (read them as decimals).
 
-Only what the simulated chain knows is shown: blocks list the transactions that pay
-addresses of no node and those sent raw; the nodes' own wallet transactions (channel
-opens, splices, change) are not rendered.
+Only what the simulated chain knows is shown: blocks list their coinbase first, then
+the transactions that pay addresses of no node and those sent raw; the nodes' own wallet
+transactions (channel opens, splices, change) are not rendered. ``generatetoaddress``
+mines blocks whose coinbase pays an address, as on regtest.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from constellation.bitcoin import address_script
+from constellation.errors import InvalidAddress
 from services.lnsim.chain import (
     RPC_DESERIALIZATION_ERROR,
     RPC_INVALID_ADDRESS_OR_KEY,
     RPC_INVALID_PARAMETER,
     RPC_METHOD_NOT_FOUND,
+    RPC_MISC_ERROR,
+    RPC_TYPE_ERROR,
     ChainError,
     ChainTx,
     block_hash,
@@ -26,6 +31,7 @@ from services.lnsim.chain import (
 from services.lnsim.network import HRP, Network
 
 MAX_REQUEST_BYTES = 1_000_000
+MAX_GENERATE = 1_000  # blocks one generatetoaddress mines (as ``/v1/mine``)
 
 
 def _height(net: Network, value: Any) -> int:
@@ -41,12 +47,23 @@ def _by_hash(net: Network, value: Any) -> int:
     raise ChainError(RPC_INVALID_ADDRESS_OR_KEY, "Block not found")
 
 
+def _coinbase_script(height: int) -> str:
+    """A coinbase's input script as bitcoind's miner writes it: the block's height
+    (BIP34: a push of its bytes, the simulator's heights being above 16), then OP_0."""
+    number = height.to_bytes((height.bit_length() + 8) // 8, "little")  # a sign bit clear
+    return (bytes([len(number)]) + number + b"\x00").hex()
+
+
 def _tx(net: Network, t: ChainTx) -> dict[str, Any]:
     return {
         "txid": t.txid,
         "hash": t.txid,
         **({"hex": t.raw.hex()} if t.raw is not None else {}),
-        "vin": [{"txid": txid, "vout": vout} for txid, vout in t.inputs],
+        "vin": (
+            [{"coinbase": _coinbase_script(t.height or 0), "sequence": 0xFFFFFFFF}]
+            if t.coinbase
+            else [{"txid": txid, "vout": vout} for txid, vout in t.inputs]
+        ),
         "vout": [
             {
                 "value": btc(o.amount_sat),
@@ -99,6 +116,7 @@ def _gettxout(net: Network, p: list[Any]) -> Any:
         "confirmations": 0 if t.height is None else net.height - t.height + 1,
         "value": btc(coin.amount_sat),
         "scriptPubKey": {"hex": coin.script.hex()},
+        "coinbase": t.coinbase,
     }
 
 
@@ -131,6 +149,52 @@ def _estimatesmartfee(net: Network, p: list[Any]) -> Any:
     return {"feerate": btc(net.feerate * 1000), "blocks": max(2, target)}
 
 
+JSON_TYPES = {
+    type(None): "null",
+    bool: "bool",
+    int: "number",
+    float: "number",
+    str: "string",
+    list: "array",
+    dict: "object",
+}
+
+
+def _arg(p: list[Any], index: int, name: str, kind: type) -> Any:
+    """A positional parameter of the type asked, refused as bitcoind's RPCHelpMan does."""
+    value = p[index]
+    if type(value) is kind:
+        return value
+    if kind is int and type(value) is float:  # a number, not a whole one
+        raise ChainError(RPC_MISC_ERROR, "JSON integer out of range")
+    raise ChainError(
+        RPC_TYPE_ERROR,
+        f"Wrong type passed: Position {index + 1} ({name}): JSON value of type"
+        f" {JSON_TYPES[type(value)]} is not of expected type {JSON_TYPES[kind]}",
+    )
+
+
+def _generatetoaddress(net: Network, p: list[Any]) -> Any:
+    if not 2 <= len(p) <= 3:
+        raise ChainError(RPC_MISC_ERROR, 'generatetoaddress nblocks "address" ( maxtries )')
+    nblocks, address = _arg(p, 0, "nblocks", int), _arg(p, 1, "address", str)
+    if len(p) > 2:
+        _arg(p, 2, "maxtries", int)  # the simulator's blocks take no work
+    try:
+        script = address_script(address, HRP[net.chain])
+    except InvalidAddress:
+        raise ChainError(RPC_INVALID_ADDRESS_OR_KEY, "Error: Invalid address") from None
+    if net.onchain.owner_of_script(script) is not None:  # bitcoind would pay it
+        raise ChainError(RPC_INVALID_PARAMETER, "lnsim: a node's wallet takes no coinbase")
+    if nblocks > MAX_GENERATE:
+        raise ChainError(RPC_INVALID_PARAMETER, f"lnsim: nblocks at most {MAX_GENERATE}")
+    if nblocks <= 0:  # bitcoind mines none
+        return []
+    first = net.height + 1
+    net.mine(nblocks, to=script)
+    return [block_hash(height) for height in range(first, net.height + 1)]
+
+
 METHODS: dict[str, Callable[[Network, list[Any]], Any]] = {
     "getblockchaininfo": lambda net, _: {
         "chain": {"bcrt": "regtest", "tb": "test", "tbs": "signet", "bc": "main"}[HRP[net.chain]],
@@ -145,6 +209,7 @@ METHODS: dict[str, Callable[[Network, list[Any]], Any]] = {
     "getrawtransaction": _getrawtransaction,
     "sendrawtransaction": _sendrawtransaction,
     "estimatesmartfee": _estimatesmartfee,
+    "generatetoaddress": _generatetoaddress,
 }
 
 

@@ -5,6 +5,8 @@ The nodes' own wallets are the network's (``Node.utxos``). An output paid to any
 address (a node's ``withdraw`` to it, or a transaction sent raw) is a ``Coin`` here,
 spendable only by a transaction sent raw whose every input is a key-path taproot spend
 with a valid BIP340 signature over its BIP341 signature hash, as Bitcoin checks it.
+Every block mined begins with its coinbase; one that pays an address (bitcoind's
+``generatetoaddress``) is a coin, spent ``COINBASE_MATURITY`` blocks after its own or later.
 ``rpc`` serves it as bitcoind's JSON-RPC does (blocks, transactions, ``gettxout``,
 ``sendrawtransaction``), which is how the guild's mint follows it.
 """
@@ -20,6 +22,7 @@ from constellation.bitcoin import (
     BitcoinTx,
     SpendInput,
     SpendOutput,
+    p2tr_script,
     parse_tx,
     taproot_sighash,
 )
@@ -28,8 +31,13 @@ from constellation.keys import schnorr_verify
 
 MIN_FEERATE = 1  # sat/vB: less is not relayed
 COIN = Decimal(100_000_000)
+COINBASE_MATURITY = 100  # Bitcoin's: block h's coinbase is spent in block h + 100 or later
+COINBASE_SAT = 5_000_000_000  # every block's reward: regtest's first 50 BTC, never halved
+# the simulator's own miner, whom each block pays unless told otherwise: a key nobody holds
+MINER_SCRIPT = p2tr_script(hashlib.sha256(b"lnsim miner").digest())
 # bitcoind's error codes
 RPC_MISC_ERROR = -1
+RPC_TYPE_ERROR = -3
 RPC_INVALID_PARAMETER = -8
 RPC_METHOD_NOT_FOUND = -32601
 RPC_DESERIALIZATION_ERROR = -22
@@ -58,10 +66,11 @@ class ChainTx:
     txid: str
     outputs: list[SpendOutput]
     inputs: list[tuple[str, int]]  # outpoints (txid as shown, vout); none: a node's wallet
-    raw: bytes | None  # what was sent raw; None: a node wallet's (not rendered)
+    raw: bytes | None  # what was sent raw; None: a node wallet's (not rendered) or a coinbase
     height: int | None = None
     fee_sat: int | None = None  # of one sent raw (None: a node wallet's, mined at once)
     vsize: int = 0
+    coinbase: bool = False
 
 
 @dataclass
@@ -72,6 +81,7 @@ class Chain:
     txs: dict[str, ChainTx] = field(default_factory=dict)
     coins: dict[tuple[str, int], Coin] = field(default_factory=dict)
     blocks: dict[int, list[str]] = field(default_factory=dict)  # height: txids confirmed
+    height: int = 0  # the last block mined: a coinbase's maturity counts to the next
 
     @property
     def unspent_sat(self) -> int:
@@ -101,6 +111,14 @@ class Chain:
             coin = self.coins.get((i.txid[::-1].hex(), i.vout))
             if coin is None or (coin.spent_by not in (None, tx.txid)):
                 raise ChainError(RPC_VERIFY_ERROR, "bad-txns-inputs-missingorspent")
+            made = self.txs[i.txid[::-1].hex()]
+            depth = self.height + 1 - (made.height or 0)  # as bitcoind counts: in the next block
+            if made.coinbase and depth < COINBASE_MATURITY:
+                raise ChainError(
+                    RPC_VERIFY_REJECTED,
+                    "bad-txns-premature-spend-of-coinbase,"
+                    f" tried to spend coinbase at depth {depth}",
+                )
             spent.append(SpendInput(i.txid, i.vout, i.sequence, coin.amount_sat, coin.script))
         fee = sum(c.amount_sat for c in spent) - sum(o.amount_sat for o in tx.outputs)
         if fee < 0:
@@ -159,6 +177,23 @@ class Chain:
                     self._unmined(self.txs[txid], found)
             found.append(t)
         return found
+
+    def coinbase(self, height: int, script: bytes) -> int:
+        """The block at ``height`` begins with its coinbase, paying ``COINBASE_SAT`` to
+        ``script``. Returns what it made a coin of: nothing where it pays the simulator's
+        miner (``MINER_SCRIPT``), whose rewards are nobody's here and never spent, so they
+        stay out of the coins and the books; a reward to an address is a coin (money
+        made, which the network's books count as minted)."""
+        assert self.owner_of_script(script) is None, "a node's wallet keeps no coinbase"
+        txid = hashlib.sha256(b"lnsim coinbase %d" % height).digest()[::-1].hex()
+        outputs = [SpendOutput(COINBASE_SAT, script)]
+        self.txs[txid] = ChainTx(txid, outputs, [], None, height, coinbase=True)
+        self.blocks.setdefault(height, []).insert(0, txid)
+        self.height = height
+        if script == MINER_SCRIPT:
+            return 0
+        self.coins[(txid, 0)] = Coin(COINBASE_SAT, script)
+        return COINBASE_SAT
 
 
 def block_hash(height: int) -> str:

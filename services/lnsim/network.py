@@ -14,9 +14,10 @@ and every method is synchronous. ``rpc.py`` serves each node's part as lightning
 JSON-RPC; its errors are lightningd's (``LnError``, the codes of
 ``common/jsonrpc_errors.h``). Faults are set per node (``Faults``).
 
-The books (``books``): every msat the faucet minted is in a wallet, a channel balance
-(HTLCs in flight stay in their offerer's balance until they settle), a splice in flight,
-a miner's fee or an address outside the network.
+The books (``books``): every msat the faucet minted (or a block paid to an address:
+``mine``'s coinbase) is in a wallet, a channel balance (HTLCs in flight stay in their
+offerer's balance until they settle), a splice in flight, a miner's fee or an address
+outside the network.
 
 What a lightningd keeps on disk (channels, wallets, invoices, payments) the network
 keeps across a restart of its process: ``save`` writes it whole, ``load`` reads it back
@@ -50,7 +51,7 @@ from bolt11.exceptions import Bolt11Exception
 from constellation.address import encode_segwit
 from constellation.bitcoin import SpendOutput, address_script, p2tr_script
 from constellation.errors import InvalidAddress
-from services.lnsim.chain import MIN_FEERATE, Chain
+from services.lnsim.chain import MIN_FEERATE, MINER_SCRIPT, Chain
 
 # lightningd's error codes (common/jsonrpc_errors.h)
 INVALID_PARAMS = -32602
@@ -413,10 +414,14 @@ class Network:
         self.feerate = sat_per_vb
         self._changed()
 
-    def mine(self, blocks: int = 1) -> int:
+    def mine(self, blocks: int = 1, to: bytes = MINER_SCRIPT) -> int:
         """Advance the chain; what waited for a block confirms, but a transaction sent
-        raw that pays less than the market's ``feerate`` (and its outputs to nodes)."""
+        raw that pays less than the market's ``feerate`` (and its outputs to nodes).
+        Each block's coinbase pays ``to`` (an address of no node: bitcoind's
+        ``generatetoaddress``), or the simulator's miner."""
         self.onchain.mine(self.height + 1, self.feerate)  # in the first block, as bitcoind
+        for height in range(self.height + 1, self.height + blocks + 1):
+            self.minted_sat += self.onchain.coinbase(height, to)
         self.height += blocks
         for node in self.nodes.values():
             for u in node.utxos:

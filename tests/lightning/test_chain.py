@@ -1,9 +1,11 @@
 """The simulated chain: coins of no node, transactions sent raw and checked as Bitcoin
-checks key-path taproot spends, the books still balanced, and bitcoind's JSON-RPC."""
+checks key-path taproot spends, every block's coinbase (spent only once mature), the
+books still balanced, and bitcoind's JSON-RPC."""
 
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -20,7 +22,7 @@ from constellation.bitcoin import (
 )
 from constellation.keys import SigningKey
 from services.lnsim import bitcoind
-from services.lnsim.chain import ChainError
+from services.lnsim.chain import COINBASE_SAT, MINER_SCRIPT, ChainError
 from services.lnsim.network import Network
 
 KEY = SigningKey(b"\x21" * 32)
@@ -58,7 +60,8 @@ def test_a_valid_spend_is_taken_and_the_books_balance() -> None:
     net.mine(1)
     block = bitcoind.call(net, {"method": "getblockhash", "params": [net.height], "id": 1})
     got = bitcoind.call(net, {"method": "getblock", "params": [block["result"], 2], "id": 2})
-    [tx] = got["result"]["tx"]
+    [coinbase, tx] = got["result"]["tx"]
+    assert coinbase["vout"][0]["scriptPubKey"]["hex"] == MINER_SCRIPT.hex()
     assert tx["txid"] == new and tx["vout"][0]["value"] == Decimal("0.0003")
     assert tx["vout"][0]["scriptPubKey"]["hex"] == SCRIPT.hex()
     again = bitcoind.call(net, {"method": "sendrawtransaction", "params": [raw.hex()], "id": 3})
@@ -141,3 +144,81 @@ def test_a_block_takes_what_pays_the_market_and_bitcoind_estimates_it() -> None:
     for params in ([0], [1009], ["6"], [6, "fast"]):
         answer = bitcoind.call(net, {"method": "estimatesmartfee", "params": params, "id": 4})
         assert answer["error"]["code"] == -8, params
+
+
+def rpc(net: Network, method: str, *params: object) -> dict[str, Any]:
+    return bitcoind.call(net, {"method": method, "params": list(params), "id": 1})
+
+
+def test_every_block_begins_with_its_coinbase_and_generatetoaddress_pays_an_address() -> None:
+    net, _ = funded()
+    books = net.books()
+    net.mine(2)
+    hashes = rpc(net, "generatetoaddress", 2, ADDRESS)["result"]
+    assert hashes == [rpc(net, "getblockhash", h)["result"] for h in (net.height - 1, net.height)]
+    assert net.height == 106
+    for height in range(102, 107):
+        block = rpc(net, "getblock", rpc(net, "getblockhash", height)["result"], 2)["result"]
+        coinbase = block["tx"][0]
+        # bitcoind's shape: no outpoint spent, the script begins with the height (BIP34)
+        [vin] = coinbase["vin"]
+        assert vin == {"coinbase": f"01{height:02x}00", "sequence": 0xFFFFFFFF}
+        [out] = coinbase["vout"]
+        assert out["value"] == Decimal(COINBASE_SAT) / 100_000_000
+        paid = SCRIPT if height > 104 else MINER_SCRIPT
+        assert out["scriptPubKey"]["hex"] == paid.hex()
+        coin = rpc(net, "gettxout", coinbase["txid"], 0)["result"]
+        assert (coin is not None) == (paid == SCRIPT)  # the miner's are nobody's coins
+    assert rpc(net, "gettxout", block["tx"][0]["txid"], 0)["result"]["coinbase"] is True
+    # money made: counted as minted, and outside the network until spent
+    assert net.books()["minted_msat"] == books["minted_msat"] + 2 * COINBASE_SAT * 1000
+    assert net.books()["outside_msat"] == books["outside_msat"] + 2 * COINBASE_SAT * 1000
+    assert net.books()["missing_msat"] == 0
+
+
+def test_a_coinbase_is_spent_once_mature_as_bitcoind_takes_it() -> None:
+    """Bitcoin's COINBASE_MATURITY: the coinbase of block h is spent in block h + 100 on,
+    which the mempool takes once the tip is h + 99."""
+    net, _ = funded()
+    [block] = rpc(net, "generatetoaddress", 1, ADDRESS)["result"]
+    coinbase = rpc(net, "getblock", block, 2)["result"]["tx"][0]["txid"]
+    raw = spend(coinbase, [SpendOutput(COINBASE_SAT - 1_000, SCRIPT)], amount=COINBASE_SAT)
+
+    def refused(depth: int) -> None:
+        error = rpc(net, "sendrawtransaction", raw.hex())["error"]
+        assert error == {
+            "code": -26,
+            "message": "bad-txns-premature-spend-of-coinbase,"
+            f" tried to spend coinbase at depth {depth}",
+        }
+
+    refused(1)  # the depth bitcoind says: the next block's height less the coinbase's
+    net.mine(98)
+    refused(99)  # the tip h + 98
+    net.mine(1)
+    assert rpc(net, "sendrawtransaction", raw.hex())["result"] == parse_tx(raw).txid
+    assert net.books()["missing_msat"] == 0
+
+
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [
+        ([1], -1),  # an address is required
+        ([1, ADDRESS, 10, 4], -1),
+        (["1", ADDRESS], -3),
+        ([True, ADDRESS], -3),
+        ([1.5, ADDRESS], -1),
+        ([1, 42], -3),
+        ([1, ADDRESS, "many"], -3),
+        ([1, "bcrt1qnotanaddress"], -5),
+        ([1, encode_segwit("bc", 1, KEY.pubkey)], -5),  # another chain's
+    ],
+)
+def test_generatetoaddress_refuses_what_bitcoind_refuses(params: list[object], code: int) -> None:
+    net, _ = funded()
+    height = net.height
+    assert rpc(net, "generatetoaddress", *params)["error"]["code"] == code
+    assert net.height == height
+    assert rpc(net, "generatetoaddress", 0, ADDRESS) == {"result": [], "error": None, "id": 1}
+    # a node's wallet keeps no coinbase in the simulator: refused, not paid unseen
+    assert rpc(net, "generatetoaddress", 1, net.newaddr("a"))["error"]["code"] == -8

@@ -1,6 +1,7 @@
 """The mint's on-chain books (``services.ecash.onchain``) against a real PostgreSQL: a
-deposit credited, reorganised out and mined again is credited to its quote once; a melt
-whose withdrawal is recorded is never refunded. The chain is a scripted bitcoind (the
+deposit credited, reorganised out and mined again is credited to its quote once; one
+from a coinbase only once Bitcoin lets it be spent; a melt whose withdrawal is recorded
+is never refunded. The chain is a scripted bitcoind (the
 three calls the follower makes), since no bitcoind runs here and the simulated one never
 reorganises."""
 
@@ -27,8 +28,11 @@ SCRIPT = bytes.fromhex("5120" + "ab" * 32)  # the quote's P2TR address
 GUILD_KEY = b"\x02"  # the key the quote's address is under
 DEPOSIT = {
     "txid": "dd" * 32,
+    "vin": [{"txid": "cc" * 32, "vout": 0}],
     "vout": [{"n": 0, "value": Decimal("0.001"), "scriptPubKey": {"hex": SCRIPT.hex()}}],
 }
+# a miner's payout from its pool, in the coinbase (bitcoind's shape: no outpoint spent)
+COINBASE = {**DEPOSIT, "txid": "cb" * 32, "vin": [{"coinbase": "016600", "sequence": 2**32 - 1}]}
 
 
 class Chain:
@@ -93,6 +97,41 @@ async def test_a_deposit_reorganised_out_and_mined_again_is_credited_once(
         chain.blocks.append(("h4b", []))
         await follower.follow()
         assert await _books(store) == (100_000, 100_000)
+    finally:
+        await follower.close()
+
+
+@pytest.mark.parametrize("retired", [False, True])
+async def test_a_deposit_from_a_coinbase_is_credited_once_it_can_be_spent(
+    store: MintStore, retired: bool
+) -> None:
+    """Bitcoin spends a coinbase's outputs from its 100th confirmation on, and a
+    reorganisation takes its reward away for good: until then it backs no ecash and is
+    no coin to spend, though a deposit beside it is credited at 3. To a retired key, it
+    is said to be uncredited only then too."""
+    follower, chain = await _following(store)
+    if retired:
+        follower.usable = [b"\x03"]
+
+    async def held() -> int:
+        async with store.pool.acquire() as conn, conn.transaction():
+            return len(await follower._held(conn, "true"))
+
+    try:
+        await follower.follow()
+        chain.blocks += [("c1", [COINBASE, DEPOSIT]), ("c2", []), ("c3", [])]
+        await follower.follow()  # 3 confirmations: enough for the deposit alone
+        assert await _books(store) == ((0, 0) if retired else (100_000, 100_000))
+        chain.blocks += [(f"c{n}", []) for n in range(4, 100)]
+        await follower.follow()  # 99
+        assert await _books(store) == ((0, 0) if retired else (100_000, 100_000))
+        assert await held() == (0 if retired else 1)  # the deposit's coin alone
+        assert follower.unusable == ({("dd" * 32, 0)} if retired else set())
+        chain.blocks.append(("c100", []))
+        await follower.follow()
+        assert await _books(store) == ((0, 0) if retired else (200_000, 200_000))
+        assert await held() == (0 if retired else 2)
+        assert follower.unusable == ({("dd" * 32, 0), ("cb" * 32, 0)} if retired else set())
     finally:
         await follower.close()
 

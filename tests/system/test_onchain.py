@@ -11,6 +11,8 @@ the books: the simulated network loses nothing and op0's reserve invariant holds
 guild's coins counted. A withdrawal the mint's coins do not cover is refused with its
 proofs untouched. After a change of members, the guild's coins move to the new key the
 members that stay made, through a kill -9 of the mint, and the new key alone then signs.
+A deposit from a coinbase is credited once Bitcoin lets it be spent, at 100
+confirmations, and is spent then.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from services.crossload import reserve
 from services.devnet import guild
 from services.devnet.state import Devnet
 from services.ecash.client import MintClient, MintError
+from services.lnsim.chain import COINBASE_SAT
 from services.wallet import PENDING_EXIT
 from tests.system.guild import cli, local_guild
 from tests.system.test_wallet_money import balance
@@ -482,4 +485,43 @@ async def test_with_the_old_key_retired_the_new_one_alone_signs(
     mine(where, 1)
     got = [o for o in outside.listfunds()["outputs"] if o["address"] == address]
     assert [o["amount_msat"] for o in got] == [29_000_000]
+    assert guild.lightning(where, "/v1/books")["missing_msat"] == 0
+
+
+async def test_a_deposit_from_a_coinbase_is_credited_once_it_can_be_spent(
+    where: Path, mint: MintClient
+) -> None:
+    """A miner paid by its pool in the coinbase, straight to a quote's address: Bitcoin
+    spends it from its 100th confirmation on (a reorganisation would take it away for
+    good), so the mint neither credits it nor counts it as funds at 3 confirmations, nor
+    at 99; at 100 it is credited, and a withdrawal spending it is taken by the chain."""
+    key = SigningKey(b"\x35" * 32)
+    q = await mint.ok("/v1/mint/quote/onchain", {"unit": "sat", "pubkey": "02" + key.pubkey.hex()})
+    generated = guild.lightning(
+        where, "/bitcoind", {"method": "generatetoaddress", "params": [1, q["request"]]}
+    )
+    assert len(generated["result"]) == 1, generated
+    outside = LightningRpc(guild.outside_rpc(where))
+    address = outside.newaddr()["p2tr"]
+    for blocks in (2, 96):  # 3 confirmations, then 99
+        mine(where, blocks)
+        await followed(where, mint)
+        assert (await mint.ok(f"/v1/mint/quote/onchain/{q['quote']}"))["amount_paid"] == 0
+    status, doc = await mint.call(  # not the mint's funds yet
+        "/v1/melt/quote/onchain", {"request": address, "unit": "sat", "amount": 1_000_000}
+    )
+    assert status == 400 and "not enough" in doc["detail"], doc
+    mine(where, 1)
+    assert (await paid(mint, q["quote"], COINBASE_SAT))["amount_paid"] == COINBASE_SAT
+    proofs = await mint_onchain(mint, q["quote"], [2**20], key)
+    mq = await mint.ok(
+        "/v1/melt/quote/onchain", {"request": address, "unit": "sat", "amount": 1_000_000}
+    )
+    status, done = await mint.call(
+        "/v1/melt/onchain", {"quote": mq["quote"], "fee_index": 0, "inputs": proofs}, timeout_s=60
+    )
+    assert status == 200 and done["state"] == "PAID", done
+    mine(where, 1)
+    got = [o for o in outside.listfunds()["outputs"] if o["address"] == address]
+    assert [o["amount_msat"] for o in got] == [1_000_000_000]
     assert guild.lightning(where, "/v1/books")["missing_msat"] == 0
