@@ -104,13 +104,18 @@ def _chain(env: Mapping[str, str], network: Network) -> ChainSettings | None:
     """The chain (bitcoind's JSON-RPC) and the operator's signer, where both are given."""
     if not env.get("MINT_BITCOIND_URL"):
         return None
+    # at most Bitcoin Core's maxfeerate (0.1 BTC/kvB): sendrawtransaction refuses more
+    least = env_int(env, "MINT_CHAIN_FEERATE", 2, 1, 10_000)
+    most = env_int(env, "MINT_CHAIN_MAX_FEERATE", 1_000, 1, 10_000)
+    if least > most:
+        raise ConfigError(f"MINT_CHAIN_FEERATE ({least}) over MINT_CHAIN_MAX_FEERATE ({most})")
     signer = signer_access(env, "MINT_SIGNER")
     return ChainSettings(
         bitcoind_url=env_str(env, "MINT_BITCOIND_URL"),
         signer=signer,
         confirmations=env_int(env, "MINT_CHAIN_CONFIRMATIONS", 3, 1, 1000),
-        min_feerate=env_int(env, "MINT_CHAIN_FEERATE", 2, 1, 10_000),
-        max_feerate=env_int(env, "MINT_CHAIN_MAX_FEERATE", 1_000, 1, 100_000),
+        min_feerate=least,
+        max_feerate=most,
         fee_target=env_int(env, "MINT_CHAIN_FEE_TARGET", 6, 1, 1008),
         poll_s=env_int(env, "MINT_CHAIN_POLL_S", 5, 1, 600),
         hrp=BITCOIN_HRP[network],

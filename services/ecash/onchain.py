@@ -70,10 +70,13 @@ RESEND_S = 60.0  # a transaction sent and in no block is sent again this often
 ABANDONED_S = 60.0  # a melt PENDING this long with no withdrawal recorded: its process died
 MOVE_MAX_FEE_SAT = 50_000  # a move to a new key costing more waits (for a lower feerate)
 # A withdrawal in no block is bumped once it pays less than the market's feerate over
-# BUMP_BELOW (a market that moves a little does not make a child each time); its
-# children cost the mint at most BUMP_MAX_FEE_SAT in all.
+# BUMP_BELOW (a market that moves a little does not make a child each time) and
+# BUMP_AFTER_BLOCKS blocks went by without it since it (or its last child) was built;
+# its children cost the mint at most BUMP_MAX_FEE_SAT in all.
 BUMP_BELOW = 1.25
+BUMP_AFTER_BLOCKS = 2
 BUMP_MAX_FEE_SAT = 50_000
+_READ_HEIGHT = "(SELECT coalesce(max(height), 0) FROM chain_blocks)"  # the follower's last
 # Bitcoin spends a coinbase's outputs from its block's 100th confirmation on, and a
 # reorganisation takes its reward away for good: a deposit from one (a miner paid by its
 # pool in the coinbase) backs ecash only from then, whatever ``confirmations`` says
@@ -119,6 +122,8 @@ CREATE TABLE IF NOT EXISTS chain_withdrawals (
 -- 0: sent before the mint kept it)
 ALTER TABLE chain_withdrawals ADD COLUMN IF NOT EXISTS mined int DEFAULT 0;
 ALTER TABLE chain_withdrawals ALTER COLUMN mined DROP DEFAULT;
+-- the chain's height the follower had read when it was built (BUMP_AFTER_BLOCKS)
+ALTER TABLE chain_withdrawals ADD COLUMN IF NOT EXISTS built_at int NOT NULL DEFAULT 0;
 -- a coinbase's output: credited at COINBASE_MATURITY confirmations, not before
 ALTER TABLE chain_coins ADD COLUMN IF NOT EXISTS coinbase bool NOT NULL DEFAULT false;
 CREATE TABLE IF NOT EXISTS chain_moves (  -- coins moved to a new guild key
@@ -138,7 +143,8 @@ CREATE TABLE IF NOT EXISTS chain_bumps (  -- children that take a stuck withdraw
     txid text NOT NULL,
     fee_sat bigint NOT NULL,  -- the mint's: booked as chain_fees_sat
     spent jsonb NOT NULL,  -- the coin it spends: the withdrawal's change, or the bump before's
-    state text NOT NULL CHECK (state IN ('SIGNING', 'SIGNED', 'SENT'))
+    state text NOT NULL CHECK (state IN ('SIGNING', 'SIGNED', 'SENT')),
+    built_at int NOT NULL  -- the chain's height the follower had read (BUMP_AFTER_BLOCKS)
 );
 CREATE INDEX IF NOT EXISTS chain_bumps_quote ON chain_bumps (quote);
 CREATE TABLE IF NOT EXISTS chain_blocks (  -- what the follower read, to find a reorg
@@ -292,7 +298,7 @@ class Moved:
     unconfirmed: int  # moves sent and in no block yet
     confirmed_elsewhere: int  # coins held under another key, confirmed: to move
     pending_elsewhere: int  # ...and not confirmed yet (a deposit, a withdrawal's change)
-    signing: int  # withdrawals not signed yet (they may spend coins under another key)
+    signing: int  # withdrawals and bumps not signed yet (they may spend coins under another key)
     # deposits still to come under another key: quotes not expired (their address may be
     # paid), deposits in a block and not credited yet (held once credited)
     deposits_elsewhere: int = 0
@@ -316,7 +322,10 @@ async def moved(conn: asyncpg.Connection, key: bytes) -> Moved:
         " WHERE held AND spent_by IS NULL AND key <> $1",
         key,
     )
-    signing = await conn.fetchval("SELECT count(*) FROM chain_withdrawals WHERE state = 'SIGNING'")
+    signing = await conn.fetchval(
+        "SELECT (SELECT count(*) FROM chain_withdrawals WHERE state = 'SIGNING')"
+        " + (SELECT count(*) FROM chain_bumps WHERE state = 'SIGNING')"
+    )
     to_come = await conn.fetchval(
         "SELECT (SELECT count(*) FROM chain_quotes WHERE guild_key <> $1"
         "  AND expiry > extract(epoch FROM now()))"
@@ -483,8 +492,11 @@ class Onchain:
 
     async def follow_forever(self) -> None:
         while True:
-            try:
+            try:  # a chain that gives no estimate is still read
                 await self.estimate()
+            except CHAIN_DOWN as exc:
+                log.warning("no fee estimate", extra={"error": repr(exc)})
+            try:
                 await self.follow()
             except CHAIN_DOWN as exc:
                 log.warning("chain not read", extra={"error": repr(exc)})
@@ -793,15 +805,19 @@ class Onchain:
         async with self.store.pool.acquire() as conn, conn.transaction():
             # under a key that signs now: a move's coin is spent before the move confirms
             coins = await self._held(conn, "key = ANY($1::bytea[])", self.usable)
-            # at the market's feerate now, where the reserve covers it (fewer inputs than
-            # it was made for may leave room); else at the quote's, which it does
+            # at the market's feerate now, within the reserve (fewer inputs than it was
+            # made for leave room where the market rose a little)
             w = oc.plan(coins, destination, quote.amount, change, market, quote.fee_reserve)
-            if w is None and market > quoted:
-                w = oc.plan(coins, destination, quote.amount, change, quoted, quote.fee_reserve)
             if w is not None:
                 await self._record(conn, quote, attempt, w, change, change_label, key)
         if w is None:  # nothing was recorded: the proofs are free again
             await self.store.fail_melt(quote.quote, attempt)
+            if market > quoted:  # at the quote's feerate it would wait in no block
+                raise m.CashuError(
+                    m.PAYMENT_FAILED,
+                    f"the market's feerate rose to {market} sat/vB since the quote"
+                    f" ({quoted}): ask a new quote",
+                )
             raise Uncovered(m.PAYMENT_FAILED, "the mint's on-chain coins do not cover it now")
         log.info(
             "withdrawal built",
@@ -847,8 +863,8 @@ class Onchain:
                 key,
             )
         await conn.execute(
-            "INSERT INTO chain_withdrawals (quote, attempt, tx, txid, fee_sat, spent, state)"
-            " VALUES ($1, $2, $3, $4, $5, $6, 'SIGNING')",
+            "INSERT INTO chain_withdrawals (quote, attempt, tx, txid, fee_sat, spent, state,"
+            f" built_at) VALUES ($1, $2, $3, $4, $5, $6, 'SIGNING', {_READ_HEIGHT})",
             quote.quote,
             attempt,
             w.tx.serialize(),
@@ -924,11 +940,15 @@ class Onchain:
 
     async def bump_stuck(self) -> None:
         """Withdrawals sent and in no block that pay less than the market asks now (by
-        BUMP_BELOW): each gets a child of its change that pays for it (CPFP), on the
-        mint's account (the melt's reserve went back to the wallet once it was PAID), and
-        again if the market rises on. A withdrawal without change the mint cannot bump
-        (its payee can, from its output). Children recorded and not sent yet (a signer
-        or the chain was down, a process died) are signed and sent first."""
+        BUMP_BELOW) and missed blocks: each gets a child of its change that pays for it
+        (CPFP), on the mint's account (the melt's reserve went back to the wallet once it
+        was PAID; a withdrawal is built at the market's feerate, so the mint pays only
+        for a market that rose after), and again if the market rises on. A withdrawal
+        without change the mint cannot bump (its payee can, from its output). Children
+        recorded and not sent yet (a signer or the chain was down, a process died) are
+        signed and sent first. Sent one by one (``sendrawtransaction``), a child needs its
+        parent in the node's mempool: a node that evicted the parent takes neither until
+        they go as a package (``submitpackage``), which this does not do yet."""
         async with self.store.pool.acquire() as conn:
             unsent = await conn.fetch("SELECT * FROM chain_bumps WHERE state <> 'SENT' ORDER BY id")
             stuck = await conn.fetch(
@@ -952,21 +972,28 @@ class Onchain:
         """A child of withdrawal ``quote``'s last output of ours in no block (its change,
         or its last child's), recorded with the coin it spends in one transaction, then
         signed and sent: where the withdrawal and its children so far pay less than the
-        market's feerate over BUMP_BELOW, and the children's fees stay within
-        BUMP_MAX_FEE_SAT."""
+        market's feerate over BUMP_BELOW, missed BUMP_AFTER_BLOCKS blocks, and the
+        children's fees stay within BUMP_MAX_FEE_SAT."""
         market, key = self.feerate(), await self.key()
         async with self.store.pool.acquire() as conn, conn.transaction():
+            # not while the chain is read (it locks the coins, then the withdrawals: the
+            # other way round from here)
+            await conn.execute(f"SELECT pg_advisory_xact_lock({FOLLOW_LOCK})")
             w = await conn.fetchrow(
-                "SELECT tx, txid, fee_sat, mined FROM chain_withdrawals WHERE quote = $1"
-                " FOR UPDATE",
+                "SELECT tx, txid, fee_sat, mined, built_at FROM chain_withdrawals"
+                " WHERE quote = $1 FOR UPDATE",
                 quote,
             )
             bumps = await conn.fetch(
-                "SELECT tx, txid, fee_sat, state FROM chain_bumps WHERE quote = $1 ORDER BY id",
+                "SELECT tx, txid, fee_sat, state, built_at FROM chain_bumps WHERE quote = $1"
+                " ORDER BY id",
                 quote,
             )
             if w["mined"] is not None or any(b["state"] != "SENT" for b in bumps):
                 return
+            read = await conn.fetchval(f"SELECT {_READ_HEIGHT}")
+            if read - (bumps[-1] if bumps else w)["built_at"] < BUMP_AFTER_BLOCKS:
+                return  # not missed yet
             package = [w, *bumps]  # in no block: a child is mined with its parent or after
             fee = sum(int(r["fee_sat"]) for r in package)
             size = sum(parse_tx(bytes(r["tx"])).vsize for r in package)
@@ -1010,8 +1037,8 @@ class Onchain:
             )
             await conn.execute("SELECT mint_count('chain_fees_sat', '', $1)", child.fee_sat)
             r = await conn.fetchrow(
-                "INSERT INTO chain_bumps (quote, tx, txid, fee_sat, spent, state)"
-                " VALUES ($1, $2, $3, $4, $5, 'SIGNING') RETURNING *",
+                "INSERT INTO chain_bumps (quote, tx, txid, fee_sat, spent, state, built_at)"
+                f" VALUES ($1, $2, $3, $4, $5, 'SIGNING', {_READ_HEIGHT}) RETURNING *",
                 quote,
                 child.tx.serialize(),
                 child.tx.txid,
@@ -1043,11 +1070,15 @@ class Onchain:
         if r["state"] == "SIGNING":
             tx = await self._sign(parse_tx(bytes(r["tx"])), _coins_of(json.loads(r["spent"])))
             async with self.store.pool.acquire() as conn:
-                r = await conn.fetchrow(
-                    f"UPDATE {table} SET tx = $2, state = 'SIGNED' WHERE id = $1 RETURNING *",
+                signed = await conn.fetchrow(
+                    f"UPDATE {table} SET tx = $2, state = 'SIGNED' WHERE id = $1"
+                    " AND state = 'SIGNING' RETURNING *",
                     r["id"],
                     tx.serialize(),
                 )
+            if signed is None:  # another process signed it meanwhile: it sends it
+                return False
+            r = signed
         if r["state"] != "SIGNED":
             return False
         try:
@@ -1172,14 +1203,15 @@ class Onchain:
         fee below what the mempool takes now) is said once: it needs a bump."""
         async with self.store.pool.acquire() as conn:
             unmined = await conn.fetch(
-                "SELECT w.txid, w.tx FROM chain_withdrawals w JOIN melt_quotes q USING (quote)"
-                " WHERE q.state = 'PAID' AND w.mined IS NULL"
-                " UNION ALL SELECT m.txid, m.tx FROM chain_moves m"
+                "SELECT w.txid, w.tx, 0 AS kind, 0 AS id FROM chain_withdrawals w"
+                " JOIN melt_quotes q USING (quote) WHERE q.state = 'PAID' AND w.mined IS NULL"
+                " UNION ALL SELECT m.txid, m.tx, 1, m.id FROM chain_moves m"
                 " JOIN chain_coins c ON c.txid = m.txid AND c.vout = 0"
                 " WHERE m.state = 'SENT' AND c.height IS NULL"
-                " UNION ALL SELECT b.txid, b.tx FROM chain_bumps b"  # after their parents
+                " UNION ALL SELECT b.txid, b.tx, 2, b.id FROM chain_bumps b"
                 " JOIN chain_coins c ON c.txid = b.txid AND c.vout = 0"
                 " WHERE b.state = 'SENT' AND c.height IS NULL"
+                " ORDER BY kind, id"  # a bump after its parent, and after the bump before it
             )
         self.metrics.withdrawals_unmined.set(len(unmined))
         now = time.monotonic()

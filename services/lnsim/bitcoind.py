@@ -137,10 +137,16 @@ def _sendrawtransaction(net: Network, p: list[Any]) -> Any:
 
 def _estimatesmartfee(net: Network, p: list[Any]) -> Any:
     """The market's feerate (``Network.feerate``), whatever the target: BTC per kvB."""
-    target = p[0] if p else None
-    if not isinstance(target, int) or isinstance(target, bool) or not 1 <= target <= 1008:
+    if not 1 <= len(p) <= 2:
+        raise ChainError(RPC_MISC_ERROR, 'estimatesmartfee conf_target ( "estimate_mode" )')
+    target = _arg(p, 0, "conf_target", int)
+    if not 1 <= target <= 1008:
         raise ChainError(RPC_INVALID_PARAMETER, "Invalid conf_target, must be between 1 and 1008")
-    if len(p) > 1 and str(p[1]).lower() not in ("unset", "economical", "conservative"):
+    if len(p) > 1 and _arg(p, 1, "estimate_mode", str).lower() not in (
+        "unset",
+        "economical",
+        "conservative",
+    ):
         raise ChainError(
             RPC_INVALID_PARAMETER,
             'Invalid estimate_mode parameter, must be one of: "unset", "economical",'

@@ -141,9 +141,11 @@ def test_a_block_takes_what_pays_the_market_and_bitcoind_estimates_it() -> None:
     assert parent.txid in got["result"]["tx"] and child.txid in got["result"]["tx"]
     assert mine.blockheight == net.height
     assert net.books()["missing_msat"] == 0
-    for params in ([0], [1009], ["6"], [6, "fast"]):
+    bad: list[tuple[list[object], int]] = [([0], -8), ([1009], -8), ([6, "fast"], -8)]
+    bad += [(["6"], -3), ([6, 1], -3), ([], -1)]  # bitcoind's codes: type, then usage
+    for params, code in bad:
         answer = bitcoind.call(net, {"method": "estimatesmartfee", "params": params, "id": 4})
-        assert answer["error"]["code"] == -8, params
+        assert answer["error"]["code"] == code, params
 
 
 def rpc(net: Network, method: str, *params: object) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from services.ecash.store import MintStore
 from services.gateway import lightning
 from services.gateway.lightning import ClnBackend
 from services.lnsim.sim import Simulator, socket_path
+from services.runtime import ConfigError
 from tests.services.postgres import throwaway_postgres
 
 CHANNEL_SAT = 1_000_000
@@ -248,3 +249,13 @@ async def test_a_melt_waits_a_bounded_time_for_a_payment_place_and_never_sends_l
     finally:
         await app.db.close()
         await w.sim.close()
+
+
+def test_a_feerate_floor_over_its_cap_or_over_bitcoin_core_s_is_refused() -> None:
+    """Bitcoin Core's sendrawtransaction refuses over 10,000 sat/vB (its maxfeerate): a
+    withdrawal built at more would stay unsent; a floor over the cap is a mistake."""
+    env = {"MINT_STORAGE_KEY": "11" * 32, "MINT_BITCOIND_URL": "http://127.0.0.1:1"}
+    with pytest.raises(ConfigError, match="over MINT_CHAIN_MAX_FEERATE"):
+        Settings.from_env({**env, "MINT_CHAIN_FEERATE": "50", "MINT_CHAIN_MAX_FEERATE": "10"})
+    with pytest.raises(ConfigError, match=r"MINT_CHAIN_MAX_FEERATE must be in 1\.\.10000"):
+        Settings.from_env({**env, "MINT_CHAIN_MAX_FEERATE": "20000"})

@@ -303,22 +303,30 @@ async def test_a_withdrawal_pays_the_feerate_the_market_asks(where: Path, mint: 
     """A busy market (the chain's blocks take 25 sat/vB and up, and bitcoind estimates
     so): a withdrawal's quote reserves for that feerate, its transaction pays it and the
     next block would take it (at the feerate once set, 2 sat/vB, it would wait in the
-    mempool for as long as the market stays busy). The market busier still before a
-    block takes it, the mint bumps it: a child of its change pays for both (CPFP, on the
-    mint's account: the books still hold), and the next block takes the two. The market
-    calm again, quotes reserve less."""
+    mempool for as long as the market stays busy); a quote made before the market rose
+    is refused, its proofs free. The market busier still before a block takes it, the
+    withdrawal misses two blocks, and the mint bumps it: a child of its change pays for
+    both (CPFP, on the mint's account: the books still hold), and the next block takes
+    the two. The market calm again, quotes reserve less."""
     q = await mint.ok("/v1/mint/quote/onchain", {"unit": "sat", "pubkey": "02" + KEY.pubkey.hex()})
     proofs = await deposited(where, mint, q["quote"], q["request"], KEY)
     outside = LightningRpc(guild.outside_rpc(where))
     address = outside.newaddr()["p2tr"]
     ask = {"request": address, "unit": "sat", "amount": 10_000}
-    calm = (await mint.ok("/v1/melt/quote/onchain", ask))["fee_options"][0]["fee_reserve"]
+    calm_doc = await mint.ok("/v1/melt/quote/onchain", ask)
+    calm, calm_q = calm_doc["fee_options"][0]["fee_reserve"], calm_doc["quote"]
     guild.lightning(where, "/v1/feerate", {"sat_per_vb": 25})
     try:
         await until_metric(mint, "mint_chain_feerate", lambda rate: rate == 25)
         busy = await mint.ok("/v1/melt/quote/onchain", ask)
         assert busy["fee_options"][0]["fee_reserve"] == calm // 2 * 25  # calm: the least, 2
         blanks, _ = client.outputs_of([1] * 14, mint.active)
+        status, doc = await mint.call(
+            "/v1/melt/onchain",
+            {"quote": calm_q, "fee_index": 0, "inputs": proofs, "outputs": blanks},
+        )
+        assert status == 400 and "ask a new quote" in doc["detail"], doc
+        assert await mint.states(proofs) == ["UNSPENT"] * len(proofs)
         status, done = await mint.call(
             "/v1/melt/onchain",
             {"quote": busy["quote"], "fee_index": 0, "inputs": proofs, "outputs": blanks},
@@ -326,6 +334,10 @@ async def test_a_withdrawal_pays_the_feerate_the_market_asks(where: Path, mint: 
         )
         assert status == 200 and done["state"] == "PAID", done
         guild.lightning(where, "/v1/feerate", {"sat_per_vb": 60})
+        mine(where, 2)  # it misses two blocks: bumped then
+        await followed(where, mint)
+        [got] = [o for o in outside.listfunds()["outputs"] if o["address"] == address]
+        assert got["status"] == "unconfirmed"
         await until_counted(
             guild.load(where)[0],
             "SELECT count(*) FROM chain_bumps WHERE quote = $1 AND state = 'SENT'",
