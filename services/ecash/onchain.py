@@ -259,6 +259,32 @@ def _coins_json(coins: list[oc.Coin]) -> str:
     )
 
 
+async def _record_own(
+    conn: asyncpg.Connection, w: oc.Withdrawal, by: str, label: bytes, key: bytes
+) -> None:
+    """A transaction of the mint's to itself (a move, a bump) recorded with the coins it
+    spends (``by`` it): its one output held (our address ``label`` under ``key``), its
+    fee booked as the mint's own."""
+    await conn.execute(
+        "UPDATE chain_coins SET spent_by = $3 WHERE (txid, vout) IN"
+        " (SELECT * FROM unnest($1::text[], $2::int[]))",
+        [c.txid for c in w.spent],
+        [c.vout for c in w.spent],
+        by,
+    )
+    [out] = w.tx.outputs
+    await conn.execute(
+        "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, key, held)"
+        " VALUES ($1, 0, $2, $3, $4, $5, true)",
+        w.tx.txid,
+        out.amount_sat,
+        out.script_pubkey,
+        label,
+        key,
+    )
+    await conn.execute("SELECT mint_count('chain_fees_sat', '', $1)", w.fee_sat)
+
+
 def _coin(r: asyncpg.Record) -> oc.Coin:
     """A coin from its ``chain_coins`` row."""
     return oc.Coin(
@@ -1020,22 +1046,7 @@ class Onchain:
                         extra={"quote": quote, "txid": w["txid"], "sat_per_vb": fee / size},
                     )
                 return
-            await conn.execute(
-                "UPDATE chain_coins SET spent_by = $3 WHERE txid = $1 AND vout = $2",
-                *last,
-                "bump:" + quote,
-            )
-            [out] = child.tx.outputs
-            await conn.execute(
-                "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, key, held)"
-                " VALUES ($1, 0, $2, $3, $4, $5, true)",
-                child.tx.txid,
-                out.amount_sat,
-                script,
-                label,
-                key,
-            )
-            await conn.execute("SELECT mint_count('chain_fees_sat', '', $1)", child.fee_sat)
+            await _record_own(conn, child, "bump:" + quote, label, key)
             r = await conn.fetchrow(
                 "INSERT INTO chain_bumps (quote, tx, txid, fee_sat, spent, state, built_at)"
                 f" VALUES ($1, $2, $3, $4, $5, 'SIGNING', {_READ_HEIGHT}) RETURNING *",
@@ -1102,24 +1113,7 @@ class Onchain:
             return await conn.fetchrow(
                 "UPDATE chain_moves SET state = 'NONE' WHERE id = $1 RETURNING *", move
             )
-        await conn.execute(
-            "UPDATE chain_coins SET spent_by = $3 WHERE (txid, vout) IN"
-            " (SELECT * FROM unnest($1::text[], $2::int[]))",
-            [c.txid for c in w.spent],
-            [c.vout for c in w.spent],
-            "move:" + key.hex(),
-        )
-        [out] = w.tx.outputs
-        await conn.execute(
-            "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, key, held)"
-            " VALUES ($1, 0, $2, $3, $4, $5, true)",
-            w.tx.txid,
-            out.amount_sat,
-            out.script_pubkey,
-            move_label(key),
-            key,
-        )
-        await conn.execute("SELECT mint_count('chain_fees_sat', '', $1)", w.fee_sat)
+        await _record_own(conn, w, "move:" + key.hex(), move_label(key), key)
         log.info(
             "the guild's coins' move built",
             extra={

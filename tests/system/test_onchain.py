@@ -125,6 +125,24 @@ async def deposited(where: Path, mc: MintClient, quote: str, address: str, key: 
     return await mint_onchain(mc, quote, [16384, 8192, 4096, 1024, 256, 32, 16], key)
 
 
+async def withdrawn(where: Path, mc: MintClient, proofs: list[Any], amount: int) -> None:
+    """``amount`` withdrawn from ``proofs`` to a new address of the outside node, its
+    transaction in the next block, the simulated network's books whole."""
+    outside = LightningRpc(guild.outside_rpc(where))
+    address = outside.newaddr()["p2tr"]
+    mq = await mc.ok(
+        "/v1/melt/quote/onchain", {"request": address, "unit": "sat", "amount": amount}
+    )
+    status, done = await mc.call(
+        "/v1/melt/onchain", {"quote": mq["quote"], "fee_index": 0, "inputs": proofs}, timeout_s=60
+    )
+    assert status == 200 and done["state"] == "PAID", done
+    mine(where, 1)
+    got = [o for o in outside.listfunds()["outputs"] if o["address"] == address]
+    assert [o["amount_msat"] for o in got] == [amount * 1000]
+    assert guild.lightning(where, "/v1/books")["missing_msat"] == 0
+
+
 async def until_move(net: Devnet, state: str) -> None:
     """Until the operator's mint has a move in ``state`` (30 s at most)."""
     await until_counted(net, "SELECT count(*) FROM chain_moves WHERE state = $1", state)
@@ -484,20 +502,8 @@ async def test_with_the_old_key_retired_the_new_one_alone_signs(
             break
         assert time.monotonic() < deadline, "the mint's new addresses are not under the new key"
         await asyncio.sleep(0.5)
-    outside = LightningRpc(guild.outside_rpc(where))
     proofs = await deposited(where, mint, q["quote"], q["request"], key)
-    address = outside.newaddr()["p2tr"]
-    mq = await mint.ok(
-        "/v1/melt/quote/onchain", {"request": address, "unit": "sat", "amount": 29_000}
-    )
-    status, done = await mint.call(
-        "/v1/melt/onchain", {"quote": mq["quote"], "fee_index": 0, "inputs": proofs}, timeout_s=60
-    )
-    assert status == 200 and done["state"] == "PAID", done
-    mine(where, 1)
-    got = [o for o in outside.listfunds()["outputs"] if o["address"] == address]
-    assert [o["amount_msat"] for o in got] == [29_000_000]
-    assert guild.lightning(where, "/v1/books")["missing_msat"] == 0
+    await withdrawn(where, mint, proofs, 29_000)
 
 
 async def test_a_deposit_from_a_coinbase_is_credited_once_it_can_be_spent(
@@ -525,15 +531,4 @@ async def test_a_deposit_from_a_coinbase_is_credited_once_it_can_be_spent(
     assert status == 400 and "not enough" in doc["detail"], doc
     mine(where, 1)
     assert (await paid(mint, q["quote"], COINBASE_SAT))["amount_paid"] == COINBASE_SAT
-    proofs = await mint_onchain(mint, q["quote"], [2**20], key)
-    mq = await mint.ok(
-        "/v1/melt/quote/onchain", {"request": address, "unit": "sat", "amount": 1_000_000}
-    )
-    status, done = await mint.call(
-        "/v1/melt/onchain", {"quote": mq["quote"], "fee_index": 0, "inputs": proofs}, timeout_s=60
-    )
-    assert status == 200 and done["state"] == "PAID", done
-    mine(where, 1)
-    got = [o for o in outside.listfunds()["outputs"] if o["address"] == address]
-    assert [o["amount_msat"] for o in got] == [1_000_000_000]
-    assert guild.lightning(where, "/v1/books")["missing_msat"] == 0
+    await withdrawn(where, mint, await mint_onchain(mint, q["quote"], [2**20], key), 1_000_000)
