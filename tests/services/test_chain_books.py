@@ -36,9 +36,9 @@ COINBASE = {**DEPOSIT, "txid": "cb" * 32, "vin": [{"coinbase": "016600", "sequen
 
 
 class Chain:
-    """bitcoind's getblockcount, getblockhash, getblock (verbosity 2) and
-    sendrawtransaction over a list of blocks (hash, transactions) that a test replaces
-    to reorganise it. A block of a
+    """bitcoind's getblockcount, getblockhash, getblock (verbosity 2), estimatesmartfee
+    (``estimate``) and sendrawtransaction over a list of blocks (hash, transactions)
+    that a test replaces to reorganise it. A block of a
     branch left behind is still served by its hash, as bitcoind does; ``after[hash]``
     runs once that block was served."""
 
@@ -47,6 +47,7 @@ class Chain:
         self.known: dict[str, tuple[str | None, list[dict[str, Any]]]] = {}
         self.after: dict[str, Callable[[], None]] = {}
         self.sent: list[str] = []  # raw transactions, as sendrawtransaction took them
+        self.estimate: Any = {"errors": ["Insufficient data or no feerate found"], "blocks": 0}
 
     async def call(self, method: str, *params: Any) -> Any:
         for i, (h, txs) in enumerate(self.blocks):
@@ -55,6 +56,8 @@ class Chain:
             return len(self.blocks) - 1
         if method == "getblockhash":
             return self.blocks[params[0]][0]
+        if method == "estimatesmartfee":
+            return self.estimate
         if method == "sendrawtransaction":
             self.sent.append(params[0])
             return None
@@ -321,3 +324,28 @@ async def test_a_melt_taken_for_abandoned_is_not_refunded_once_its_withdrawal_is
     await store.pool.execute("DELETE FROM chain_withdrawals")
     assert await store.fail_melt("w", 1, onchain=True)
     assert await melt() == ("UNPAID", 0)
+
+
+async def test_the_feerate_is_bitcoind_s_estimate_within_the_floor_and_the_cap(
+    store: MintStore,
+) -> None:
+    """Nothing is built before bitcoind answered; then its estimate (BTC/kvB) rounded up
+    to sat/vB, the floor where it has none (regtest's answer), the cap above it; an
+    answer that is no estimate is refused and the last one kept."""
+    follower, chain = await _following(store)
+    with pytest.raises(onchain.BitcoindError, match="no fee estimate yet"):
+        follower.feerate()
+    await follower.estimate()
+    assert follower.feerate() == 2  # the floor: regtest's "Insufficient data"
+    chain.estimate = {"feerate": Decimal("0.00012345"), "blocks": 6}
+    await follower.estimate()
+    assert follower.feerate() == 13  # 12.345 sat/vB, rounded up
+    chain.estimate = {"feerate": Decimal("0.5"), "blocks": 2}
+    await follower.estimate()
+    assert follower.feerate() == 1_000  # the cap
+    answers: list[Any] = [{"feerate": "fast"}, [], {"feerate": Decimal("NaN")}]
+    for bad in answers:
+        chain.estimate = bad
+        with pytest.raises(onchain.BitcoindError, match="estimatesmartfee answered"):
+            await follower.estimate()
+        assert follower.feerate() == 1_000
