@@ -745,7 +745,7 @@ class Onchain:
         within ``min_feerate`` and ``max_feerate``; the least where bitcoind has no
         estimate (a node that has seen too few blocks: regtest). A feerate set once goes
         stale in a busy market and leaves withdrawals in no block for as long as it
-        lasts (nothing bumps them)."""
+        lasts."""
         doc = await self.rpc.call("estimatesmartfee", self.s.fee_target)
         try:  # BTC/kvB, read as untrusted input; "errors" instead where there is none
             found = doc.get("feerate")
