@@ -119,4 +119,7 @@ def _chain(env: Mapping[str, str], network: Network) -> ChainSettings | None:
         fee_target=env_int(env, "MINT_CHAIN_FEE_TARGET", 6, 1, 1008),
         poll_s=env_int(env, "MINT_CHAIN_POLL_S", 5, 1, 600),
         hrp=BITCOIN_HRP[network],
+        bump_budget_sat=env_int(
+            env, "MINT_CHAIN_BUMP_BUDGET_SAT", 1_000_000, 0, 2_100_000_000_000_000
+        ),
     )

@@ -144,7 +144,8 @@ CREATE TABLE IF NOT EXISTS chain_bumps (  -- children that take a stuck withdraw
     fee_sat bigint NOT NULL,  -- the mint's: booked as chain_fees_sat
     spent jsonb NOT NULL,  -- the coin it spends: the withdrawal's change, or the bump before's
     state text NOT NULL CHECK (state IN ('SIGNING', 'SIGNED', 'SENT')),
-    built_at int NOT NULL  -- the chain's height the follower had read (BUMP_AFTER_BLOCKS)
+    built_at int NOT NULL,  -- the chain's height the follower had read (BUMP_AFTER_BLOCKS)
+    created_at timestamptz NOT NULL DEFAULT now()  -- for the day's budget
 );
 CREATE INDEX IF NOT EXISTS chain_bumps_quote ON chain_bumps (quote);
 CREATE TABLE IF NOT EXISTS chain_blocks (  -- what the follower read, to find a reorg
@@ -251,6 +252,7 @@ class ChainSettings:
     fee_target: int  # blocks: transactions are built to confirm within this many
     poll_s: float
     hrp: str
+    bump_budget_sat: int = 1_000_000  # what bumps may cost the mint in a day, all together
 
 
 def _coins_json(coins: list[oc.Coin]) -> str:
@@ -999,7 +1001,8 @@ class Onchain:
         or its last child's), recorded with the coin it spends in one transaction, then
         signed and sent: where the withdrawal and its children so far pay less than the
         market's feerate over BUMP_BELOW, missed BUMP_AFTER_BLOCKS blocks, and the
-        children's fees stay within BUMP_MAX_FEE_SAT."""
+        children's fees stay within BUMP_MAX_FEE_SAT, and all bumps' of the last day
+        within ``bump_budget_sat``."""
         market, key = self.feerate(), await self.key()
         async with self.store.pool.acquire() as conn, conn.transaction():
             # not while the chain is read (it locks the coins, then the withdrawals: the
@@ -1033,16 +1036,24 @@ class Onchain:
             )
             label = _label(b"bump:%s:%d" % (last[0].encode(), last[1]))
             _, script = await self.address(label)
-            spent = sum(int(b["fee_sat"]) for b in bumps)
+            today = await conn.fetchval(
+                "SELECT coalesce(sum(fee_sat), 0) FROM chain_bumps"
+                " WHERE created_at > now() - interval '1 day'"
+            )
+            most = min(
+                BUMP_MAX_FEE_SAT - sum(int(b["fee_sat"]) for b in bumps),
+                self.s.bump_budget_sat - int(today),
+            )
             child = None
             if r is not None:  # else: no change (all went to the payee and the miner)
-                child = oc.bump(_coin(r), script, fee, size, market, BUMP_MAX_FEE_SAT - spent)
+                child = oc.bump(_coin(r), script, fee, size, market, most)
             if child is None:
                 if quote not in self.unbumpable:
                     self.unbumpable.add(quote)
                     log.error(
                         "a withdrawal in no block pays less than the market asks, and"
-                        " cannot be bumped (no change, or its bumps would cost too much)",
+                        " cannot be bumped: no change, too little, or its bumps would pass"
+                        " BUMP_MAX_FEE_SAT or the day's MINT_CHAIN_BUMP_BUDGET_SAT",
                         extra={"quote": quote, "txid": w["txid"], "sat_per_vb": fee / size},
                     )
                 return

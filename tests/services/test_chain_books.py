@@ -7,13 +7,20 @@ reorganises."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
-from constellation.ecash.mint import ONCHAIN, Mint
+from constellation.bitcoin import p2tr_script, parse_tx
+from constellation.crypto.dkg import hostpubkey_gen
+from constellation.ecash import onchain as oc
+from constellation.ecash.mint import ONCHAIN, MeltQuote, Mint
+from constellation.keys import SigningKey
 from constellation.protocol.cashu import BlindedMessage, BlindSignature
 from constellation.protocol.envelope import Membership
 from services.ecash import onchain
@@ -32,6 +39,7 @@ DEPOSIT = {
     "vout": [{"n": 0, "value": Decimal("0.001"), "scriptPubKey": {"hex": SCRIPT.hex()}}],
 }
 # a miner's payout from its pool, in the coinbase (bitcoind's shape: no outpoint spent)
+DESTINATION = bytes.fromhex("0014" + "11" * 20)  # a withdrawal's P2WPKH payee
 COINBASE = {**DEPOSIT, "txid": "cb" * 32, "vin": [{"coinbase": "016600", "sequence": 2**32 - 1}]}
 
 
@@ -349,3 +357,85 @@ async def test_the_feerate_is_bitcoind_s_estimate_within_the_floor_and_the_cap(
         with pytest.raises(onchain.BitcoindError, match="estimatesmartfee answered"):
             await follower.estimate()
         assert follower.feerate() == 1_000
+
+
+async def test_a_stuck_withdrawal_gets_one_child_within_the_budgets_and_holds_the_key(
+    store: MintStore,
+) -> None:
+    """A withdrawal sent at 2 sat/vB, two blocks missed, the market at 50: two mint
+    processes bumping at once record one child of its change (its signer unreachable
+    here, it stays SIGNING), which moves its fee from the mint's funds to its fees and
+    holds back the old key's retirement until signed. Over the day's budget, no child."""
+    key = b"\x02" + SigningKey(b"\x31" * 32).pubkey
+    first, _ = await _following(store)
+    signer = hostpubkey_gen(b"\x32" * 32)  # a member's, whose NATS server is down
+    down = SignerAccess("nats://127.0.0.1:1", Membership("g", [signer]), signer, b"\x33" * 32)
+    first = Onchain(replace(first.s, signer=down), store, _no_rules, _no_signing, MintMetrics())
+    second = Onchain(first.s, store, _no_rules, _no_signing, MintMetrics())
+    deposit = oc.Coin("aa" * 32, 0, 1_000_000, SCRIPT, b"\x05" * 32, key)
+    await store.pool.execute(
+        "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, key, height,"
+        " held) VALUES ($1, 0, $2, $3, $4, $5, 1, true)",
+        deposit.txid,
+        deposit.amount_sat,
+        deposit.script,
+        deposit.label,
+        key,
+    )
+    await store.pool.execute(
+        "INSERT INTO melt_quotes (quote, request, payment_hash, amount, fee_reserve, unit,"
+        " state, expiry, amount_msat, attempt, pending_since, method)"
+        " VALUES ('w', 'bcrt1q', 'w', 20000, 654, 'sat', 'PENDING', 0, 20000000, 1, 0, $1)",
+        ONCHAIN,
+    )
+    change = p2tr_script(b"\x55" * 32)
+    w = oc.plan([deposit], DESTINATION, 20_000, change, 2, 654)
+    assert w is not None
+    async with store.pool.acquire() as conn, conn.transaction():
+        quote = MeltQuote("w", "x", "w", 20_000, 654, "sat", "PENDING", 0, method=ONCHAIN)
+        await first._record(conn, quote, 1, w, change, b"\x06" * 32, key)
+    signed = oc.signed(w.tx, [b"\x01" * 64])  # as the guild signed and the node took it
+    await store.pool.execute(
+        "UPDATE chain_withdrawals SET tx = $1, state = 'SIGNED'", signed.serialize()
+    )
+    await store.pool.execute("UPDATE melt_quotes SET state = 'PAID'")
+    before = await _totals(store)
+    for follower in (first, second):
+        follower.guild_key, follower.estimated = key, 50
+    await first.bump_stuck()
+    assert await store.pool.fetchval("SELECT count(*) FROM chain_bumps") == 0  # no block missed
+    await store.pool.execute("INSERT INTO chain_blocks VALUES (1, 'h1'), (2, 'h2')")
+    with pytest.raises(TimeoutError):  # recorded, then each waits for the signer's NATS
+        await asyncio.wait_for(asyncio.gather(first.bump_stuck(), second.bump_stuck()), 3)
+    [bump] = await store.pool.fetch("SELECT * FROM chain_bumps")
+    assert bump["state"] == "SIGNING" and json.loads(bump["spent"])[0][:2] == [signed.txid, 1]
+    child = parse_tx(bytes(bump["tx"]))
+    assert w.fee_sat + bump["fee_sat"] >= 50 * (
+        signed.vsize + oc.vsize(1, [child.outputs[0].script_pubkey])
+    )
+    after = await _totals(store)
+    assert after["chain_sat"] == before["chain_sat"] - bump["fee_sat"]
+    assert after["chain_fees_sat"] == before.get("chain_fees_sat", 0) + bump["fee_sat"]
+    async with store.pool.acquire() as conn:
+        assert (await moved(conn, b"\x03" + bytes(32))).signing == 1
+    # the day's budget spent: no child
+    await store.pool.execute("DELETE FROM chain_coins WHERE txid = $1", bump["txid"])
+    await store.pool.execute("UPDATE chain_coins SET spent_by = NULL WHERE txid = $1", signed.txid)
+    await store.pool.execute("UPDATE chain_bumps SET quote = 'earlier', state = 'SENT'")
+    poor = Onchain(
+        replace(first.s, bump_budget_sat=bump["fee_sat"] + 100),
+        store,
+        _no_rules,
+        _no_signing,
+        MintMetrics(),
+    )
+    poor.guild_key, poor.estimated = key, 50
+    await asyncio.wait_for(poor.bump_stuck(), 3)  # nothing recorded to sign: it returns
+    assert await store.pool.fetchval("SELECT count(*) FROM chain_bumps WHERE quote = 'w'") == 0
+    for follower in (first, second, poor):
+        await follower.close()
+
+
+async def _totals(store: MintStore) -> dict[str, int]:
+    rows = await store.pool.fetch("SELECT kind, sum(amount) AS a FROM mint_totals GROUP BY kind")
+    return {r["kind"]: int(r["a"]) for r in rows}
