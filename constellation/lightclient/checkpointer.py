@@ -299,6 +299,8 @@ class Checkpointer:
                 self.disagreed = str(exc)
                 break
             self.signed_at = now_ms
+        for h in [h for h in self.waiting if h < index.next_height]:  # passed: no gap
+            del self.waiting[h]
         if not self.waiting or index.next_height in self.waiting or self.disagreed:
             self.gap_since = None
         elif self.gap_since is None:
@@ -314,8 +316,6 @@ class Checkpointer:
                 else:
                     self.signed_at = now_ms
                     return taken + self.advance(now_ms)  # those held above it
-        for h in [h for h in self.waiting if h < index.next_height]:
-            del self.waiting[h]
         return taken
 
     def behind(self) -> str | None:
