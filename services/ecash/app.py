@@ -27,7 +27,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
@@ -95,6 +95,15 @@ async def _retried(handler: Callable[[web.Request], Awaitable[Any]], request: we
         except asyncpg.DeadlockDetectedError:
             log.warning("deadlock: the operation runs again", extra={"path": request.path})
     return await handler(request)
+
+
+@contextlib.contextmanager
+def _chain_reached() -> Iterator[None]:
+    """bitcoind not reachable: the request is answered "retry" (503), nothing done."""
+    try:
+        yield
+    except CHAIN_DOWN as exc:
+        raise RetryLater(f"the chain is not reachable ({exc!r}): retry") from None
 
 
 class RetryLater(Exception):
@@ -652,10 +661,8 @@ class MintApp:
     async def mint_quote_onchain(self, request: web.Request) -> dict[str, Any]:
         req = nut.decode(await request.read(), nut.MintQuoteOnchainRequest)
         self._check_unit(req.unit)
-        try:
+        with _chain_reached():
             return await self.chain.mint_quote(req, self.settings.quote_expiry_s)
-        except CHAIN_DOWN as exc:
-            raise RetryLater(f"the chain is not reachable ({exc!r}): retry") from None
 
     async def mint_state_onchain(self, request: web.Request) -> dict[str, Any]:
         return await self.chain.mint_quote_state(request.match_info["quote"])
@@ -668,10 +675,8 @@ class MintApp:
         req = nut.decode(await request.read(), nut.MeltQuoteOnchainRequest)
         self._check_unit(req.unit)
         self._check_amount(req.amount)
-        try:
+        with _chain_reached():  # its fee comes from the chain's market
             q = await self.chain.melt_quote(req, self.settings.quote_expiry_s)
-        except CHAIN_DOWN as exc:  # its fee comes from the chain's market
-            raise RetryLater(f"the chain is not reachable ({exc!r}): retry") from None
         return self.chain.melt_doc(q, [])
 
     async def melt_state_onchain(self, request: web.Request) -> dict[str, Any]:
@@ -686,15 +691,13 @@ class MintApp:
             raise m.CashuError(MALFORMED, "fee_index: this mint offers option 0 only")
         melt = req.melt()
         now = int(time.time())
-        try:  # reachable before its proofs are reserved (after, ``withdraw`` takes it up)
+        with _chain_reached():  # before its proofs are reserved (after, ``withdraw`` takes it up)
             await self.chain.withdraw(
                 req.quote,
                 lambda: self.db.start_melt(
                     melt, m.ONCHAIN, lambda q: self.rules.check_melt(q, melt, now)
                 ),
             )
-        except CHAIN_DOWN as exc:
-            raise RetryLater(f"the chain is not reachable ({exc!r}): retry") from None
         found = await self.db.melt_quote(req.quote, m.ONCHAIN)
         assert found is not None
         return self.chain.melt_doc(*found)
