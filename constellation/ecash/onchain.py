@@ -11,14 +11,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from constellation.bitcoin import BitcoinTx, SpendInput, SpendOutput, TxIn
+from constellation.bitcoin import BitcoinTx, SpendInput, SpendOutput, TxIn, compact_size
 from constellation.guild import OnchainSpend
 
 TX_VERSION = 2
 SEQUENCE = 0xFFFFFFFD  # final, replaceable (BIP125): a stuck withdrawal can be bumped
-OVERHEAD_WU = 4 * (4 + 1 + 1 + 4) + 2  # version, counts, locktime; segwit marker and flag
+OVERHEAD_WU = 4 * (4 + 4) + 2  # version, locktime; segwit marker and flag (and the counts)
 INPUT_WU = 4 * (32 + 4 + 1 + 4) + (1 + 1 + 64)  # outpoint, empty scriptSig, sequence; witness
 DUST_SAT = 330  # the least a taproot output may carry (Bitcoin Core's dust limit for it)
+# a sweep's inputs in one transaction: 500 x INPUT_WU is 115,000 weight units, well within
+# the 400,000 Bitcoin Core relays in one (a standard transaction)
+MAX_SWEEP_INPUTS = 500
 # What a withdrawal pays to: P2WPKH, P2WSH and P2TR, whose outputs Bitcoin Core relays
 # at DUST_SAT (P2WPKH's limit is lower). Other witness programs are standard too, but a
 # longer one has a higher dust limit and a 2-byte one can make a transaction Core finds
@@ -57,7 +60,9 @@ def output_wu(script: bytes) -> int:
 def vsize(inputs: int, output_scripts: Sequence[bytes]) -> int:
     """The virtual size of a transaction of ``inputs`` guild inputs and these outputs
     (its weight over 4, rounded up)."""
-    weight = OVERHEAD_WU + inputs * INPUT_WU + sum(output_wu(s) for s in output_scripts)
+    counts = len(compact_size(inputs)) + len(compact_size(len(output_scripts)))
+    weight = OVERHEAD_WU + 4 * counts + inputs * INPUT_WU
+    weight += sum(output_wu(s) for s in output_scripts)
     return -(-weight // 4)
 
 
@@ -104,18 +109,27 @@ def plan(
 
 
 def sweep(
-    coins: Sequence[Coin], destination: bytes, feerate: int, max_fee_sat: int
+    coins: Sequence[Coin],
+    destination: bytes,
+    feerate: int,
+    max_fee_sat: int,
+    max_inputs: int = MAX_SWEEP_INPUTS,
 ) -> Withdrawal | None:
-    """Move every one of ``coins`` to the script ``destination`` in one transaction (a
-    new guild key's output, after a change of members), less the fee at ``feerate``;
-    None where there are none, or the fee would pass ``max_fee_sat`` or leave dust."""
-    if not coins:
+    """Move ``coins`` to the script ``destination`` (a new guild key's output, after a
+    change of members), less the fee at ``feerate``: the largest first, as many as one
+    transaction of at most ``max_inputs`` inputs and ``max_fee_sat`` takes (a mint that
+    holds more coins moves them in several transactions, the next taking those left);
+    None where there are none, or the largest does not leave an output over dust."""
+    picked = sorted(coins, key=lambda c: (-c.amount_sat, c.txid, c.vout))[:max_inputs]
+    while picked and fee_sat(len(picked), [destination], feerate) > max_fee_sat:
+        picked.pop()
+    if not picked:
         return None
-    picked = sorted(coins, key=lambda c: (c.txid, c.vout))
     fee = fee_sat(len(picked), [destination], feerate)
     total = sum(c.amount_sat for c in picked)
-    if fee > max_fee_sat or total - fee < DUST_SAT:
+    if total - fee < DUST_SAT:
         return None
+    picked.sort(key=lambda c: (c.txid, c.vout))
     inputs = [TxIn(bytes.fromhex(c.txid)[::-1], c.vout, SEQUENCE) for c in picked]
     outputs = [SpendOutput(total - fee, destination)]
     return Withdrawal(BitcoinTx(TX_VERSION, 0, inputs, outputs), picked, fee, 0)

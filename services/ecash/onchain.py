@@ -307,8 +307,9 @@ def _coins_of(spent: list[list[Any]]) -> list[oc.Coin]:
 
 
 async def ask_move(conn: asyncpg.Connection, key: bytes) -> None:
-    """Ask the mint to move every coin it holds under another key to ``key`` (a new
-    guild key, made after a change of members), unless a move to it is under way."""
+    """Ask the mint to move the coins it holds under another key to ``key`` (a new
+    guild key, made after a change of members), unless a move to it is under way: as
+    many as one transaction takes; asked again while coins are left (``moved``)."""
     await conn.execute(
         "INSERT INTO chain_moves (key, asked_at, state) SELECT $1, $2, 'ASKED' WHERE NOT EXISTS"
         " (SELECT 1 FROM chain_moves WHERE key = $1 AND state IN ('ASKED', 'SIGNING', 'SIGNED'))",
@@ -1077,8 +1078,10 @@ class Onchain:
 
     async def _move_on(self, move: int) -> None:
         """Take a move on to the chain: built and recorded with the coins it spends
-        (every held coin under another key, confirmed) in one transaction, signed by the
-        keys those coins are under, then sent; the same transaction each time."""
+        (held coins under another key, confirmed: as many as one transaction takes,
+        ``move_funds``; the indexer asks another move for those left) in one database
+        transaction, signed by the keys those coins are under, then sent; the same
+        transaction each time."""
         async with self.store.pool.acquire() as conn, conn.transaction():
             r = await conn.fetchrow("SELECT * FROM chain_moves WHERE id = $1 FOR UPDATE", move)
             if r["state"] == "ASKED":
@@ -1118,7 +1121,8 @@ class Onchain:
         if w is None and coins:
             raise m.CashuError(
                 m.PAYMENT_FAILED,
-                f"moving {len(coins)} coins costs more than {MOVE_MAX_FEE_SAT} sat",
+                f"not one of {len(coins)} coins pays for its move at {self.feerate()} sat/vB"
+                f" within {MOVE_MAX_FEE_SAT} sat: it waits for a lower feerate",
             )
         if w is None:
             return await conn.fetchrow(

@@ -10,8 +10,9 @@ reports what it sees (``KeysSeen``) beside the plan:
   others refuse until then: it tries again each round);
 * with ``move``, once the key is made, the mint is asked to move every coin it holds
   under another key to it (``services.ecash.onchain.ask_move``): its resolver builds,
-  signs (the old key's ROAST) and sends the move, and asks again where coins under the
-  old key confirm later;
+  signs (the old key's ROAST) and sends the move, and asks again while confirmed coins
+  are left under another key (a move takes as many as one transaction takes, and coins
+  under the old key may confirm later);
 * once every coin is under the key, the checkpoints are handed over to it (this
   operator's checkpointing proposes and vouches for the handover: ``Checkpoints
   .hand_over``), and then the signer retires the keys before it (``op.activate_key``).

@@ -171,3 +171,27 @@ def test_a_child_takes_a_stuck_withdrawal_to_the_market_s_feerate() -> None:
     assert oc.bump(change, CHANGE, w.fee_sat, sent.vsize, 30, child.fee_sat - 1) is None
     small = oc.Coin(sent.txid, 1, child.fee_sat + oc.DUST_SAT - 1, CHANGE, b"\xcc" * 32)
     assert oc.bump(small, CHANGE, w.fee_sat, sent.vsize, 30, 10_000) is None  # dust left
+
+
+def test_a_sweep_takes_the_largest_coins_one_transaction_holds_and_leaves_the_rest() -> None:
+    """A mint with more coins than one move's transaction takes (its inputs, its fee
+    limit) moves the largest first; the next move takes the rest, until none is left.
+    Each transaction is one Bitcoin Core relays, at the feerate."""
+    coins = [oc.Coin(f"{i:064x}", i % 3, 10_000 + i, CHANGE, label(1)) for i in range(1_200)]
+    left, sizes = list(coins), []
+    while w := oc.sweep(left, CHANGE, 1, 50_000):  # 1 sat/vB: the inputs' count bounds it
+        assert w.fee_sat <= 50_000
+        assert w.tx.outputs[0].amount_sat == sum(c.amount_sat for c in w.spent) - w.fee_sat
+        signed = oc.signed(w.tx, [b"\x00" * 64] * len(w.spent))
+        assert w.fee_sat == signed.vsize and signed.vsize * 4 <= 400_000
+        rest = [c for c in left if c not in w.spent]
+        assert min(c.amount_sat for c in w.spent) > max((c.amount_sat for c in rest), default=0)
+        left = rest
+        sizes.append(len(w.spent))
+    assert not left and sizes == [500, 500, 200]
+    # at 20 sat/vB the fee limit, not the inputs' count, bounds a transaction
+    busy = oc.sweep(coins, CHANGE, 20, 50_000)
+    assert busy is not None and busy.fee_sat <= 50_000 and len(busy.spent) < 50
+    assert oc.fee_sat(len(busy.spent) + 1, [CHANGE], 20) > 50_000  # one more would pass it
+    assert oc.sweep([], CHANGE, FEERATE, 50_000) is None
+    assert oc.sweep(coins[:1], CHANGE, 1_000, 50_000) is None  # it does not pay for itself

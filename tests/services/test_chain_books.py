@@ -25,7 +25,7 @@ from constellation.protocol.cashu import BlindedMessage, BlindSignature
 from constellation.protocol.envelope import Membership
 from services.ecash import onchain
 from services.ecash.metrics import MintMetrics
-from services.ecash.onchain import FOLLOW_LOCK, ChainSettings, Moved, Onchain, moved
+from services.ecash.onchain import FOLLOW_LOCK, ChainSettings, Moved, Onchain, ask_move, moved
 from services.ecash.store import MintStore
 from services.signer.config import SignerAccess
 from tests.services.postgres import throwaway_postgres
@@ -433,6 +433,53 @@ async def test_a_stuck_withdrawal_gets_one_child_within_the_budgets_and_holds_th
     await asyncio.wait_for(poor.bump_stuck(), 3)  # nothing recorded to sign: it returns
     assert await store.pool.fetchval("SELECT count(*) FROM chain_bumps WHERE quote = 'w'") == 0
     for follower in (first, second, poor):
+        await follower.close()
+
+
+async def test_a_mint_with_more_coins_than_a_transaction_takes_moves_them_in_several(
+    store: MintStore,
+) -> None:
+    """700 coins under the old key: a move takes the largest 500 (one transaction holds
+    no more), recorded as spent by it; once it is sent, the coins left ask another move
+    (as the indexer does), which takes them; then none is left to move."""
+    old, new = b"\x02" + SigningKey(b"\x41" * 32).pubkey, b"\x03" + SigningKey(b"\x42" * 32).pubkey
+    first, _ = await _following(store)
+    await first.close()
+    signer = hostpubkey_gen(b"\x32" * 32)  # a member's, whose NATS server is down
+    down = SignerAccess("nats://127.0.0.1:1", Membership("g", [signer]), signer, b"\x33" * 32)
+    follower = Onchain(replace(first.s, signer=down), store, _no_rules, _no_signing, MintMetrics())
+    follower.guild_key, follower.usable, follower.estimated = new, [new, old], 1
+    await store.pool.executemany(
+        "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, key, height,"
+        " held) VALUES ($1, 0, $2, $3, $4, $5, 1, true)",
+        [(f"{i:064x}", 20_000 + i, SCRIPT, b"\x05" * 32, old) for i in range(700)],
+    )
+    sizes: list[int] = []
+    try:
+        while True:
+            async with store.pool.acquire() as conn:
+                moves = await moved(conn, new)
+                if moves.confirmed_elsewhere == 0 or moves.open:
+                    break
+                await ask_move(conn, new)
+                move = await conn.fetchval("SELECT id FROM chain_moves WHERE state = 'ASKED'")
+            with pytest.raises(TimeoutError):  # recorded, then it waits for the signer's NATS
+                await asyncio.wait_for(follower._move_on(move), 3)
+            r = await store.pool.fetchrow("SELECT * FROM chain_moves WHERE id = $1", move)
+            spent = json.loads(r["spent"])
+            signed = oc.signed(parse_tx(bytes(r["tx"])), [bytes(64)] * len(spent))
+            assert r["state"] == "SIGNING" and r["fee_sat"] == signed.vsize  # at 1 sat/vB
+            assert await store.pool.fetchval(
+                "SELECT count(*) FROM chain_coins WHERE spent_by = $1", "move:" + new.hex()
+            ) == sum(sizes) + len(spent)
+            sizes.append(len(spent))
+            await store.pool.execute("UPDATE chain_moves SET state = 'SENT' WHERE id = $1", move)
+        assert sizes == [500, 200]
+        assert min(a for _, _, a, *_ in spent) == 20_000  # the smallest went last
+        async with store.pool.acquire() as conn:
+            moves = await moved(conn, new)
+        assert moves.confirmed_elsewhere == 0 and moves.unconfirmed == 2 and len(moves.txids) == 2
+    finally:
         await follower.close()
 
 
