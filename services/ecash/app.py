@@ -36,6 +36,7 @@ from aiohttp import web
 
 from constellation.address import decode_destination
 from constellation.ecash import mint as m
+from constellation.ecash.onchain import DUST_SAT
 from constellation.errors import AlreadyCommitted, ConstellationError
 from constellation.keys import SigningKey
 from constellation.lightning import Outcome, PaymentState, failure_final, spent_at_most
@@ -336,7 +337,20 @@ class MintApp:
     async def info(self, _: web.Request) -> web.Response:
         s = self.settings
         method = {"method": "bolt11", "unit": UNIT, "min_amount": 1, "max_amount": s.max_amount_sat}
-        methods = [method] + ([{**method, "method": m.ONCHAIN}] if self.onchain else [])
+        mints: list[dict[str, Any]] = [method]
+        melts: list[dict[str, Any]] = [method]
+        if self.onchain:  # NUT-30: a deposit (each output) of less is not credited
+            chain = self.onchain.s
+            mints.append(
+                {
+                    "method": m.ONCHAIN,
+                    "unit": UNIT,
+                    "min_amount": chain.min_deposit_sat,
+                    "max_amount": None,
+                    "options": {"confirmations": chain.confirmations},
+                }
+            )
+            melts.append({**method, "method": m.ONCHAIN, "min_amount": DUST_SAT})
         cached = [{"method": "POST", "path": path} for path in CACHED]
         doc = {
             "name": s.name,
@@ -344,8 +358,8 @@ class MintApp:
             "version": VERSION,
             "description": f"the ecash mint of Constellation operator {s.operator}",
             "nuts": {
-                "4": {"methods": methods, "disabled": False},
-                "5": {"methods": methods, "disabled": False},
+                "4": {"methods": mints, "disabled": False},
+                "5": {"methods": melts, "disabled": False},
                 **{n: {"supported": True} for n in ("7", "8", "9", "10", "11", "12", "20")},
                 **(
                     {"19": {"ttl": s.cache_ttl_s, "cached_endpoints": cached}}

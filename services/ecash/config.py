@@ -8,6 +8,7 @@ from pathlib import Path
 
 from constellation.address import Network
 from constellation.ecash.keyset import MAX_FEE_PPK
+from constellation.ecash.onchain import DUST_SAT
 from constellation.keys import SigningKey
 from constellation.payto import BITCOIN_HRP
 from services.ecash.onchain import ChainSettings
@@ -121,5 +122,8 @@ def _chain(env: Mapping[str, str], network: Network) -> ChainSettings | None:
         hrp=BITCOIN_HRP[network],
         bump_budget_sat=env_int(
             env, "MINT_CHAIN_BUMP_BUDGET_SAT", 1_000_000, 0, 2_100_000_000_000_000
+        ),
+        min_deposit_sat=env_int(
+            env, "MINT_CHAIN_MIN_DEPOSIT_SAT", 10_000, DUST_SAT, 2_100_000_000_000_000
         ),
     )

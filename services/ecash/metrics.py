@@ -66,6 +66,11 @@ class MintMetrics:
             " within MINT_CHAIN_FEERATE and MINT_CHAIN_MAX_FEERATE)",
             registry=r,
         )
+        self.deposits_below_min = Counter(
+            "mint_chain_deposits_below_min",
+            "on-chain deposits (outputs) under their quote's min_amount: not credited (NUT-30)",
+            registry=r,
+        )
         self.chain_height = Gauge(
             "mint_chain_height", "the last block the chain follower read (NUT-30)", registry=r
         )

@@ -96,6 +96,10 @@ CREATE TABLE IF NOT EXISTS chain_quotes (  -- NUT-30 mint quotes: an address eac
     amount_issued bigint NOT NULL DEFAULT 0 CHECK (amount_issued <= amount_paid),
     expiry bigint NOT NULL
 );
+-- NUT-30's min_amount when the quote was made: an output to it of less is not credited
+-- (0: every one, as for quotes made before the mint had a minimum)
+ALTER TABLE chain_quotes ADD COLUMN IF NOT EXISTS min_sat bigint NOT NULL DEFAULT 0;
+ALTER TABLE chain_quotes ALTER COLUMN min_sat DROP DEFAULT;
 CREATE TABLE IF NOT EXISTS chain_coins (  -- the guild's outputs this mint holds
     txid text NOT NULL,
     vout int NOT NULL,
@@ -253,6 +257,10 @@ class ChainSettings:
     poll_s: float
     hrp: str
     bump_budget_sat: int = 1_000_000  # what bumps may cost the mint in a day, all together
+    # NUT-30's min_amount: a deposit (one output) of less is not credited; spending one
+    # costs the mint INPUT_WU of fee, so a flood of small ones would cost it more than
+    # they bring (10,000 sat pays for its spend up to about 170 sat/vB)
+    min_deposit_sat: int = 10_000
 
 
 def _coins_json(coins: list[oc.Coin]) -> str:
@@ -407,6 +415,7 @@ class Onchain:
         self.guild_key = b""  # the newest key (33 bytes), asked of the signer
         self.usable: list[bytes] = []  # every key the signers sign with (a move's, too)
         self.unusable: set[tuple[str, int]] = set()  # deposits to a retired key: said once
+        self.below_min: set[tuple[str, int]] = set()  # deposits under a minimum: said once
         self.sent_at: dict[str, float] = {}  # transactions sent again (``send_again``)
         self.refused: set[str] = set()  # ...and refused by the node: said once
         self.me = settings.signer.signer[1:]  # the addresses we hold: its member's
@@ -473,7 +482,7 @@ class Onchain:
             )
             await conn.execute(
                 "INSERT INTO chain_quotes (quote, address, script, derivation, guild_key, pubkey,"
-                " expiry) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                " expiry, min_sat) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 quote,
                 address,
                 script,
@@ -481,6 +490,7 @@ class Onchain:
                 await self.key(),
                 req.pubkey,
                 expiry,
+                self.s.min_deposit_sat,
             )
         return await self.mint_quote_state(quote)
 
@@ -596,14 +606,16 @@ class Onchain:
         outputs: list[tuple[str, int, int, bytes, bool]],
     ) -> None:
         watched = await conn.fetch(
-            "SELECT quote, script, derivation, guild_key FROM chain_quotes"
+            "SELECT quote, script, derivation, guild_key, min_sat FROM chain_quotes"
             " WHERE script = ANY($1::bytea[])",
             list({o[3] for o in outputs}),
         )
         by_script = {bytes(w["script"]): w for w in watched}
         for txid, vout, amount, script, coinbase in outputs:
             w = by_script.get(script)
-            if w is not None:
+            if w is not None and amount < w["min_sat"]:
+                self._below_min(txid, vout, amount, w)
+            elif w is not None:
                 await conn.execute(
                     "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, key,"
                     " height, quote, held, coinbase)"
@@ -647,6 +659,26 @@ class Onchain:
             " ON CONFLICT (height) DO UPDATE SET hash = $2",
             height,
             block_hash,
+        )
+
+    def _below_min(self, txid: str, vout: int, amount: int, quote: asyncpg.Record) -> None:
+        """A deposit of less than its quote's minimum (NUT-30's ``min_amount``, each
+        output on its own, never added up): not recorded, credited or held (a coin the
+        mint would pay more to spend than it brings). Said once, for the operator: its
+        guild key can still sign it away, by hand."""
+        if (txid, vout) in self.below_min:
+            return
+        self.below_min.add((txid, vout))
+        self.metrics.deposits_below_min.inc()
+        log.warning(
+            "a deposit under the quote's minimum: not credited",
+            extra={
+                "txid": txid,
+                "vout": vout,
+                "quote": quote["quote"],
+                "sat": amount,
+                "min_sat": quote["min_sat"],
+            },
         )
 
     async def _credit(self, conn: asyncpg.Connection, tip: int) -> list[tuple[str, int]]:

@@ -112,6 +112,36 @@ async def test_a_deposit_reorganised_out_and_mined_again_is_credited_once(
         await follower.close()
 
 
+async def test_a_deposit_under_its_quote_s_minimum_is_not_credited_nor_added_up(
+    store: MintStore,
+) -> None:
+    """NUT-30's min_amount (10,000 sat here): each output to a quote's address is judged
+    on its own; two of 6,000 are not credited, apart or together, nor held, nor do they
+    hold back a key's retirement; the 100,000 one beside them is credited. A quote made
+    before the mint had a minimum (0) credits every output."""
+    follower, chain = await _following(store)
+    out = {"value": Decimal("0.00006"), "scriptPubKey": {"hex": SCRIPT.hex()}}
+    small = {**DEPOSIT, "txid": "d1" * 32, "vout": [{"n": 0, **out}, {"n": 1, **out}]}
+    try:
+        await follower.follow()
+        chain.blocks += [("h1", [DEPOSIT, small]), ("h2", []), ("h3", [])]
+        await follower.follow()
+        assert await _books(store) == (100_000, 100_000)
+        assert await store.pool.fetchval("SELECT count(*) FROM chain_coins") == 1
+        below = "mint_chain_deposits_below_min_total"
+        assert follower.metrics.registry.get_sample_value(below) == 2
+        async with store.pool.acquire() as conn:
+            moves = await moved(conn, b"\x03")
+        assert moves.deposits_elsewhere == 0 and moves.confirmed_elsewhere == 1
+        await store.pool.execute("UPDATE chain_quotes SET min_sat = 0")
+        chain.blocks += [("h4", [{**small, "txid": "d2" * 32}]), ("h5", []), ("h6", [])]
+        await follower.follow()
+        assert await _books(store) == (112_000, 112_000)
+        assert follower.metrics.registry.get_sample_value(below) == 2
+    finally:
+        await follower.close()
+
+
 @pytest.mark.parametrize("retired", [False, True])
 async def test_a_deposit_from_a_coinbase_is_credited_once_it_can_be_spent(
     store: MintStore, retired: bool
@@ -275,7 +305,7 @@ async def _following(store: MintStore) -> tuple[Onchain, Chain]:
     follower.usable = [GUILD_KEY]  # as the signers say
     await store.pool.execute(
         "INSERT INTO chain_quotes (quote, address, script, derivation, guild_key, pubkey,"
-        " expiry) VALUES ('q', 'bcrt1p', $1, '\\x00', $2, '02', 0)",
+        " expiry, min_sat) VALUES ('q', 'bcrt1p', $1, '\\x00', $2, '02', 0, 10000)",
         SCRIPT,
         GUILD_KEY,
     )

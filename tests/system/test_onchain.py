@@ -193,12 +193,22 @@ async def test_a_deposit_is_credited_after_confirmations_and_only_its_key_mints(
         "/v1/mint/quote/onchain", {"unit": "sat", "pubkey": "02" + KEY.pubkey.hex()}
     )
     assert other["request"] != q["request"]  # an address per quote
+    info = await mint.ok("/v1/info")
+    [onchain] = [d for d in info["nuts"]["4"]["methods"] if d["method"] == "onchain"]
+    assert onchain["min_amount"] == 10_000 and onchain["options"] == {"confirmations": 3}
+    [onchain] = [d for d in info["nuts"]["5"]["methods"] if d["method"] == "onchain"]
+    assert onchain["min_amount"] == 330
     outside.withdraw(q["request"], DEPOSIT_SAT)
     mine(where, 2)
     await followed(where, mint)
     assert (await mint.ok(f"/v1/mint/quote/onchain/{q['quote']}"))["amount_paid"] == 0  # 2 of 3
+    outside.withdraw(other["request"], 9_999)  # under the minimum: never credited
     mine(where, 1)
     assert (await paid(mint, q["quote"], DEPOSIT_SAT))["amount_paid"] == DEPOSIT_SAT
+    mine(where, 3)
+    await followed(where, mint)
+    assert (await mint.ok(f"/v1/mint/quote/onchain/{other['quote']}"))["amount_paid"] == 0
+    await until_metric(mint, "mint_chain_deposits_below_min_total", lambda n: n == 1)
     with pytest.raises(MintError) as refused:
         await mint_onchain(mint, q["quote"], [32], SigningKey(b"\x32" * 32))
     assert refused.value.code == m.SIGNATURE_INVALID
