@@ -320,6 +320,8 @@ class Flows:
     async def _settled(self, flow: dict[str, Any]) -> str:
         quote = await self.mint.ok(f"/v1/melt/quote/{flow.get('method', BOLT11)}/{flow['quote']}")
         if quote["state"] == m.MELT_PENDING:
+            if quote.get("outpoint"):  # on-chain: sent, PAID once confirmed (NUT-30)
+                flow["outpoint"] = quote["outpoint"]
             return "pending"
         if quote["state"] == m.MELT_PAID:
             flow["preimage"] = quote.get("payment_preimage") or quote.get("outpoint")
@@ -545,6 +547,11 @@ def _paid_line(flow: dict[str, Any], state: str) -> str:
         return (
             f"{_name(flow)}: PENDING: the mint has not given its ecash yet ({flow['refused']});"
             " asked again by `constellation wallet balance`, nothing is lost"
+        )
+    if flow.get("outpoint"):
+        return (
+            f"{_name(flow)}: PENDING: sent on-chain as outpoint {flow['outpoint']}, PAID once"
+            " confirmed; the ecash stays reserved (`constellation wallet balance` follows it)"
         )
     return (
         f"{_name(flow)}: PENDING: its fate is not known yet; the ecash stays reserved"

@@ -694,10 +694,7 @@ class MintApp:
         return self.chain.melt_doc(q, [])
 
     async def melt_state_onchain(self, request: web.Request) -> dict[str, Any]:
-        found = await self.db.melt_quote(request.match_info["quote"], m.ONCHAIN)
-        if found is None:
-            raise m.CashuError(m.QUOTE_UNPAID, "no such quote")
-        return self.chain.melt_doc(*found)
+        return await self.chain.melt_state(request.match_info["quote"])
 
     async def melt_onchain(self, request: web.Request) -> dict[str, Any]:
         req = nut.decode(await request.read(), nut.MeltOnchainRequest)
@@ -712,9 +709,7 @@ class MintApp:
                     melt, m.ONCHAIN, lambda q: self.rules.check_melt(q, melt, now)
                 ),
             )
-        found = await self.db.melt_quote(req.quote, m.ONCHAIN)
-        assert found is not None
-        return self.chain.melt_doc(*found)
+        return await self.chain.melt_state(req.quote)  # PENDING: sent in the background
 
     # -- the bridge to L3 ----------------------------------------------------------------
 

@@ -15,11 +15,13 @@ after confirmations, and withdrawals the guild signs with ROAST.
   database transaction picks the coins, builds the transaction (change to a fresh guild
   address) and records it: from that moment the withdrawal is never refunded. Each
   input is signed by the guild (the operator's signer coordinates ROAST; every signer
-  derives the BIP341 sighash itself), the signed transaction is recorded, then sent; the
-  melt is PAID (its outpoint in ``payment_preimage`` and ``outpoint``) once the chain took
-  it, with the unused fee reserve returned as NUT-08 change. A withdrawal not signed or
-  not sent (signers unreachable, chain down, a crash) is taken up again by the resolver
-  with the very same transaction, until it is sent. A melt that reserved its proofs and
+  derives the BIP341 sighash itself), the signed transaction is recorded, then sent. As
+  NUT-30 asks, the melt is answered PENDING once its withdrawal is recorded (it is
+  signed and sent in the background), shows its ``outpoint`` once sent, and is PAID
+  (the outpoint in ``payment_preimage`` too, the unused fee reserve returned as NUT-08
+  change) once a block ``confirmations`` deep holds it. A withdrawal not signed or not
+  sent (signers unreachable, chain down, a crash) is taken up again by the resolver with
+  the very same transaction, until it is sent. A melt that reserved its proofs and
   recorded nothing (its process died in between) has them freed by the resolver.
 * Books: the tables' triggers keep the running sums, as the mint's other tables do: the
   guild coins the mint holds are its on-chain funds (``chain_sat``); what deposits were
@@ -120,8 +122,15 @@ CREATE TABLE IF NOT EXISTS chain_withdrawals (
     txid text NOT NULL,
     fee_sat bigint NOT NULL,
     spent jsonb NOT NULL,  -- the coins it spends: txid, vout, amount_sat, script, derivation
-    state text NOT NULL CHECK (state IN ('SIGNING', 'SIGNED'))  -- sent: its melt is PAID
+    -- SENT: taken by the node (its melt PAID once a block deep enough holds it)
+    state text NOT NULL CHECK (state IN ('SIGNING', 'SIGNED', 'SENT'))
 );
+-- (before SENT was, a sent withdrawal stayed SIGNED, its melt PAID at once)
+ALTER TABLE chain_withdrawals DROP CONSTRAINT IF EXISTS chain_withdrawals_state_check;
+UPDATE chain_withdrawals w SET state = 'SENT' FROM melt_quotes q
+    WHERE q.quote = w.quote AND q.state = 'PAID' AND w.state = 'SIGNED';
+ALTER TABLE chain_withdrawals ADD CONSTRAINT chain_withdrawals_state_check
+    CHECK (state IN ('SIGNING', 'SIGNED', 'SENT'));
 -- the height of the block that holds it (NULL: in none yet: sent again until one does;
 -- 0: sent before the mint kept it)
 ALTER TABLE chain_withdrawals ADD COLUMN IF NOT EXISTS mined int DEFAULT 0;
@@ -420,6 +429,7 @@ class Onchain:
         self.refused: set[str] = set()  # ...and refused by the node: said once
         self.me = settings.signer.signer[1:]  # the addresses we hold: its member's
         self.working: set[str] = set()  # withdrawals this process is signing or sending
+        self.sending: set[asyncio.Task[None]] = set()  # ...that a melt left to the background
         self.estimated: int | None = None  # sat/vB (``estimate``)
         self.unbumpable: set[str] = set()  # withdrawals in no block that no child helps: said
 
@@ -429,6 +439,9 @@ class Onchain:
             await conn.execute(SCHEMA)
 
     async def close(self) -> None:
+        for task in self.sending:  # the resolver takes them up again
+            task.cancel()
+        await asyncio.gather(*self.sending, return_exceptions=True)
         await self.session.close()
 
     def _signer(self) -> SignerClient:
@@ -559,6 +572,26 @@ class Onchain:
         self.metrics.chain_height.set(tip)
         for quote, amount in credited:
             log.info("deposit credited", extra={"quote": quote, "sat": amount})
+        await self._confirmed()
+
+    async def _confirmed(self) -> None:
+        """Melts whose withdrawal a block read ``confirmations`` deep holds: PAID, with
+        their NUT-08 change (once: ``finish_melt`` settles only a PENDING melt's
+        attempt)."""
+        async with self.store.pool.acquire() as conn:
+            deep = await conn.fetch(
+                "SELECT w.quote, w.attempt, w.txid, w.fee_sat, q.amount FROM chain_withdrawals w"
+                " JOIN melt_quotes q USING (quote) WHERE q.state = 'PENDING'"
+                f" AND w.mined <= {_READ_HEIGHT} - $1 + 1",
+                self.s.confirmations,
+            )
+        for r in deep:
+            sent_msat = (r["amount"] + r["fee_sat"]) * 1000
+            outpoint = f"{r['txid']}:0"
+            if await self.store.finish_melt(
+                r["quote"], r["attempt"], outpoint, sent_msat, self.sign
+            ):
+                log.info("withdrawal confirmed", extra={"quote": r["quote"], "outpoint": outpoint})
 
     async def _follow(self, conn: asyncpg.Connection, tip: int) -> list[tuple[str, int]]:
         """The blocks up to ``tip``, each the child of the one recorded before it, and
@@ -853,7 +886,8 @@ class Onchain:
         self, quote_id: str, start: Callable[[], Awaitable[tuple[m.MeltQuote, int]]]
     ) -> None:
         """A melt: ``start`` reserves its proofs; then the transaction is built and
-        recorded (from here it is never refunded), signed and sent. What may fail before
+        recorded (from here it is never refunded), and returns: it is signed and sent in
+        the background (the melt PENDING meanwhile, as NUT-30 asks). What may fail before
         the record raises, with the proofs free; what fails after it is said, and the
         resolver takes it up."""
         change_label = _label(b"change:" + quote_id.encode())
@@ -884,10 +918,17 @@ class Onchain:
             "withdrawal built",
             extra={"quote": quote.quote, "txid": w.tx.txid, "fee_sat": w.fee_sat},
         )
+        task = asyncio.create_task(self._complete_soon(quote.quote))
+        self.sending.add(task)
+        task.add_done_callback(self.sending.discard)
+
+    async def _complete_soon(self, quote: str) -> None:
+        """``complete`` for a melt answered PENDING meanwhile (NUT-30: signed and sent in
+        the background)."""
         try:
-            await self.complete(quote.quote)
+            await self.complete(quote)
         except NOT_SENT as exc:
-            log.warning("withdrawal not sent yet", extra={"quote": quote.quote, "error": repr(exc)})
+            log.warning("withdrawal not sent yet", extra={"quote": quote, "error": repr(exc)})
 
     async def _record(
         self,
@@ -935,8 +976,9 @@ class Onchain:
         )
 
     async def complete(self, quote: str) -> None:
-        """Sign (where not yet) and send a recorded withdrawal; once the chain has it,
-        the melt is PAID. Whatever fails is taken up again by the resolver."""
+        """Sign (where not yet) and send a recorded withdrawal (its melt is PAID once a
+        block deep enough holds it: ``_confirmed``). Whatever fails is taken up again by
+        the resolver."""
         if quote in self.working:
             return
         self.working.add(quote)
@@ -948,20 +990,23 @@ class Onchain:
             if r["state"] == "SIGNING":
                 tx = await self._sign(tx, _coins_of(json.loads(r["spent"])))
                 async with self.store.pool.acquire() as conn:
-                    await conn.execute(
-                        "UPDATE chain_withdrawals SET tx = $2, state = 'SIGNED' WHERE quote = $1",
+                    signed = await conn.fetchval(
+                        "UPDATE chain_withdrawals SET tx = $2, state = 'SIGNED' WHERE quote = $1"
+                        " AND state = 'SIGNING' RETURNING true",
                         quote,
                         tx.serialize(),
                     )
+                if not signed:  # another process signed it meanwhile: it sends it
+                    return
             try:
                 await self.rpc.call("sendrawtransaction", tx.serialize().hex())
             except BitcoindError as exc:
                 if exc.code != -27:  # already in the chain: sent before
                     raise
-            found = await self.store.melt_quote(quote, m.ONCHAIN)
-            assert found is not None
-            sent_msat = (found[0].amount + r["fee_sat"]) * 1000
-            await self.store.finish_melt(quote, r["attempt"], f"{tx.txid}:0", sent_msat, self.sign)
+            async with self.store.pool.acquire() as conn:
+                await conn.execute(
+                    "UPDATE chain_withdrawals SET state = 'SENT' WHERE quote = $1", quote
+                )
             log.info("withdrawal sent", extra={"quote": quote, "txid": tx.txid})
         finally:
             self.working.discard(quote)
@@ -1002,9 +1047,9 @@ class Onchain:
     async def bump_stuck(self) -> None:
         """Withdrawals sent and in no block that pay less than the market asks now (by
         BUMP_BELOW) and missed blocks: each gets a child of its change that pays for it
-        (CPFP), on the mint's account (the melt's reserve went back to the wallet once it
-        was PAID; a withdrawal is built at the market's feerate, so the mint pays only
-        for a market that rose after), and again if the market rises on. A withdrawal
+        (CPFP), on the mint's account (a withdrawal is built at the market's feerate, so
+        the mint pays only for a market that rose after), and again if the market rises
+        on. A withdrawal
         without change the mint cannot bump (its payee can, from its output). Children
         recorded and not sent yet (a signer or the chain was down, a process died) are
         signed and sent first. Sent one by one (``sendrawtransaction``), a child needs its
@@ -1013,8 +1058,7 @@ class Onchain:
         async with self.store.pool.acquire() as conn:
             unsent = await conn.fetch("SELECT * FROM chain_bumps WHERE state <> 'SENT' ORDER BY id")
             stuck = await conn.fetch(
-                "SELECT w.quote FROM chain_withdrawals w JOIN melt_quotes q USING (quote)"
-                " WHERE q.state = 'PAID' AND w.mined IS NULL"
+                "SELECT quote FROM chain_withdrawals WHERE state = 'SENT' AND mined IS NULL"
             )
         for r in unsent:  # one's trouble holds up no other
             try:
@@ -1181,8 +1225,8 @@ class Onchain:
         )
 
     async def resolve_forever(self) -> None:
-        """Withdrawals recorded whose melt is not PAID yet (a signer or the chain was
-        down, a process died): signed and sent again, the same transaction. Melts that
+        """Withdrawals recorded and not sent yet (a signer or the chain was down, a
+        process died): signed and sent, the same transaction. Melts that
         reserved their proofs and recorded nothing for ``ABANDONED_S`` (their process
         died before): the proofs freed, as nothing can have been sent."""
         while True:
@@ -1202,10 +1246,7 @@ class Onchain:
                 "SELECT id, key FROM chain_moves WHERE state IN ('ASKED', 'SIGNING', 'SIGNED')"
                 " ORDER BY id"
             )
-            open_ = await conn.fetch(
-                "SELECT w.quote FROM chain_withdrawals w JOIN melt_quotes q USING (quote)"
-                " WHERE q.state = 'PENDING'"
-            )
+            open_ = await conn.fetch("SELECT quote FROM chain_withdrawals WHERE state <> 'SENT'")
             abandoned = await conn.fetch(
                 "SELECT q.quote, q.attempt FROM melt_quotes q"
                 " LEFT JOIN chain_withdrawals w USING (quote)"
@@ -1245,7 +1286,7 @@ class Onchain:
         async with self.store.pool.acquire() as conn:
             unmined = await conn.fetch(
                 "SELECT w.txid, w.tx, 0 AS kind, 0 AS id FROM chain_withdrawals w"
-                " JOIN melt_quotes q USING (quote) WHERE q.state = 'PAID' AND w.mined IS NULL"
+                " WHERE w.state = 'SENT' AND w.mined IS NULL"
                 " UNION ALL SELECT m.txid, m.tx, 1, m.id FROM chain_moves m"
                 " JOIN chain_coins c ON c.txid = m.txid AND c.vout = 0"
                 " WHERE m.state = 'SENT' AND c.height IS NULL"
@@ -1272,7 +1313,21 @@ class Onchain:
                         extra={"txid": r["txid"], "error": str(exc)},
                     )
 
-    def melt_doc(self, q: m.MeltQuote, change: list[nut.BlindSignature]) -> dict[str, Any]:
+    async def melt_state(self, quote: str) -> dict[str, Any]:
+        """A melt quote's NUT-30 answer: its ``outpoint`` from when its withdrawal was
+        sent (PAID once a block deep enough holds it)."""
+        found = await self.store.melt_quote(quote, m.ONCHAIN)
+        if found is None:
+            raise m.CashuError(m.QUOTE_UNPAID, "no such quote")
+        async with self.store.pool.acquire() as conn:
+            txid = await conn.fetchval(
+                "SELECT txid FROM chain_withdrawals WHERE quote = $1 AND state = 'SENT'", quote
+            )
+        return self.melt_doc(*found, sent=f"{txid}:0" if txid else None)
+
+    def melt_doc(
+        self, q: m.MeltQuote, change: list[nut.BlindSignature], sent: str | None = None
+    ) -> dict[str, Any]:
         return {
             "quote": q.quote,
             "amount": q.amount,
@@ -1289,7 +1344,7 @@ class Onchain:
                 }
             ],
             "selected_fee_index": None if q.state == m.MELT_UNPAID else 0,
-            "outpoint": q.preimage or None,
+            "outpoint": q.preimage or sent,
             "change": change,
         }
 

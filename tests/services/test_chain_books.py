@@ -276,7 +276,7 @@ async def test_a_withdrawal_is_sent_again_until_a_block_holds_it(
     )
     await store.pool.execute(
         "INSERT INTO chain_withdrawals (quote, attempt, tx, txid, fee_sat, spent, state)"
-        " VALUES ('w', 1, '\\x0102', 't1', 200, '[]', 'SIGNED')"
+        " VALUES ('w', 1, '\\x0102', 't1', 200, '[]', 'SENT')"
     )
     try:
         await follower.follow()
@@ -291,6 +291,63 @@ async def test_a_withdrawal_is_sent_again_until_a_block_holds_it(
         await follower.follow()
         await follower.send_again()
         assert len(chain.sent) == 3
+    finally:
+        await follower.close()
+
+
+async def test_a_melt_is_paid_once_its_withdrawal_is_confirmations_deep(store: MintStore) -> None:
+    """NUT-30: a melt stays PENDING, its outpoint shown, while its withdrawal is in no
+    block or in one short of ``confirmations``; then it is PAID once, its proofs spent
+    and the mint's margin booked. A reorganisation after leaves it PAID and sends the
+    transaction again."""
+    follower, chain = await _following(store)
+    deposit = oc.Coin("aa" * 32, 0, 1_000_000, SCRIPT, b"\x05" * 32, GUILD_KEY)
+    await store.pool.execute(
+        "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, key, height,"
+        " held) VALUES ($1, 0, $2, $3, $4, $5, 0, true)",
+        deposit.txid,
+        deposit.amount_sat,
+        deposit.script,
+        deposit.label,
+        GUILD_KEY,
+    )
+    await store.pool.execute(
+        "INSERT INTO melt_quotes (quote, request, payment_hash, amount, fee_reserve, unit,"
+        " state, expiry, amount_msat, attempt, pending_since, method)"
+        " VALUES ('w', 'bcrt1q', 'w', 20000, 654, 'sat', 'PENDING', 0, 20000000, 1, 0, $1)",
+        ONCHAIN,
+    )
+    await store.pool.execute(
+        "INSERT INTO mint_proofs (y, keyset, amount, secret, c, state, reserved_by)"
+        " VALUES ('\\x01', '00', 20654, 's', 'c', 'PENDING', 'w')"
+    )
+    w = oc.plan([deposit], DESTINATION, 20_000, SCRIPT, 2, 654)
+    assert w is not None
+    async with store.pool.acquire() as conn, conn.transaction():
+        quote = MeltQuote("w", "x", "w", 20_000, 654, "sat", "PENDING", 0, method=ONCHAIN)
+        await follower._record(conn, quote, 1, w, SCRIPT, b"\x06" * 32, GUILD_KEY)
+    await store.pool.execute("UPDATE chain_withdrawals SET state = 'SENT'")
+    mined: dict[str, Any] = {"txid": w.tx.txid, "vout": []}
+    try:
+        await follower.follow()
+        for block in [("h1", [mined]), ("h2", [])]:
+            chain.blocks.append(block)
+            await follower.follow()
+            doc = await follower.melt_state("w")
+            assert doc["state"] == "PENDING" and doc["outpoint"] == f"{w.tx.txid}:0"
+        chain.blocks.append(("h3", []))
+        await follower.follow()
+        doc = await follower.melt_state("w")
+        assert doc["state"] == "PAID" and doc["outpoint"] == f"{w.tx.txid}:0"
+        assert await store.pool.fetchval("SELECT state FROM mint_proofs") == "SPENT"
+        kept = await store.pool.fetchval("SELECT msat FROM mint_fees WHERE kind = 'melt'")
+        assert kept == (654 - w.fee_sat) * 1000  # no blank outputs: no change
+        chain.blocks[1:] = [("h1b", []), ("h2b", []), ("h3b", []), ("h4b", [])]
+        await follower.follow()
+        await follower.send_again()
+        assert chain.sent == [w.tx.serialize().hex()]
+        assert (await follower.melt_state("w"))["state"] == "PAID"
+        assert await store.pool.fetchval("SELECT count(*) FROM mint_fees") == 1
     finally:
         await follower.close()
 
@@ -426,9 +483,8 @@ async def test_a_stuck_withdrawal_gets_one_child_within_the_budgets_and_holds_th
         await first._record(conn, quote, 1, w, change, b"\x06" * 32, key)
     signed = oc.signed(w.tx, [b"\x01" * 64])  # as the guild signed and the node took it
     await store.pool.execute(
-        "UPDATE chain_withdrawals SET tx = $1, state = 'SIGNED'", signed.serialize()
+        "UPDATE chain_withdrawals SET tx = $1, state = 'SENT'", signed.serialize()
     )
-    await store.pool.execute("UPDATE melt_quotes SET state = 'PAID'")
     before = await _totals(store)
     for follower in (first, second):
         follower.guild_key, follower.estimated = key, 50

@@ -85,6 +85,36 @@ async def followed(where: Path, mc: MintClient) -> None:
     await until_metric(mc, "mint_chain_height", lambda height: height >= tip)
 
 
+async def melt_until(
+    mc: MintClient, quote: str, until: Callable[[dict[str, Any]], bool], within_s: float = 30
+) -> dict[str, Any]:
+    """The melt quote's state once ``until`` takes it (``within_s`` at most; the mint
+    may be restarting meanwhile)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            doc: dict[str, Any] = await mc.ok(f"/v1/melt/quote/onchain/{quote}")
+        except (aiohttp.ClientError, MintError):
+            doc = {"state": "the mint restarting"}
+        if until(doc):
+            return doc
+        assert time.monotonic() < deadline, doc
+        await asyncio.sleep(0.2)
+
+
+async def confirmed(
+    where: Path, mc: MintClient, quote: str, within_s: float = 30
+) -> dict[str, Any]:
+    """A melt answered PENDING (NUT-30): once its withdrawal is sent (its outpoint shown,
+    still PENDING), three blocks are mined and it is PAID."""
+    sent = await melt_until(mc, quote, lambda d: bool(d.get("outpoint")), within_s)
+    assert sent["state"] == "PENDING", sent
+    mine(where, 3)
+    paid = await melt_until(mc, quote, lambda d: d["state"] == "PAID")
+    assert paid["outpoint"] == sent["outpoint"]
+    return paid
+
+
 async def until_metric(mc: MintClient, name: str, until: Callable[[float], bool]) -> None:
     """Until the mint's gauge ``name`` reads a value ``until`` takes (30 s at most)."""
     deadline = time.monotonic() + 30
@@ -127,7 +157,7 @@ async def deposited(where: Path, mc: MintClient, quote: str, address: str, key: 
 
 async def withdrawn(where: Path, mc: MintClient, proofs: list[Any], amount: int) -> None:
     """``amount`` withdrawn from ``proofs`` to a new address of the outside node, its
-    transaction in the next block, the simulated network's books whole."""
+    transaction confirmed and the melt PAID, the simulated network's books whole."""
     outside = LightningRpc(guild.outside_rpc(where))
     address = outside.newaddr()["p2tr"]
     mq = await mc.ok(
@@ -136,8 +166,8 @@ async def withdrawn(where: Path, mc: MintClient, proofs: list[Any], amount: int)
     status, done = await mc.call(
         "/v1/melt/onchain", {"quote": mq["quote"], "fee_index": 0, "inputs": proofs}, timeout_s=60
     )
-    assert status == 200 and done["state"] == "PAID", done
-    mine(where, 1)
+    assert status == 200 and done["state"] == "PENDING", done  # signed and sent meanwhile
+    await confirmed(where, mc, mq["quote"])
     got = [o for o in outside.listfunds()["outputs"] if o["address"] == address]
     assert [o["amount_msat"] for o in got] == [amount * 1000]
     assert guild.lightning(where, "/v1/books")["missing_msat"] == 0
@@ -275,13 +305,19 @@ async def test_a_withdrawal_is_signed_by_the_guild_with_a_signer_frozen(
         status, done = await mint.call(
             "/v1/melt/onchain",
             {"quote": q["quote"], "fee_index": 0, "inputs": proofs, "outputs": blanks},
-            timeout_s=120,
         )
+        assert status == 200 and done["state"] == "PENDING", done
+        assert await mint.states(proofs) == ["PENDING"] * len(proofs)
+        sent = await melt_until(mint, q["quote"], lambda d: bool(d.get("outpoint")), 120)
     finally:
         os.kill(signer2, signal.SIGCONT)
-    assert status == 200 and done["state"] == "PAID", done
-    txid, vout = done["outpoint"].split(":")
+    mine(where, 2)
+    await followed(where, mint)
+    assert (await mint.ok(f"/v1/melt/quote/onchain/{q['quote']}"))["state"] == "PENDING"  # 2 of 3
     mine(where, 1)
+    done = await melt_until(mint, q["quote"], lambda d: d["state"] == "PAID")
+    assert done["outpoint"] == sent["outpoint"]
+    txid, vout = done["outpoint"].split(":")
     [got] = [o for o in outside.listfunds()["outputs"] if o["address"] == address]
     assert got["amount_msat"] == 40_000_000 and got["txid"] == txid and got["output"] == int(vout)
     n = len(done["change"])
@@ -318,9 +354,15 @@ async def test_the_wallet_deposits_and_pays_on_chain(where: Path) -> None:
 
     to = outside.newaddr()["p2tr"]
     code, out = await cli("wallet", "pay", f"bitcoin:{to}?amount=0.0001", "--yes", "--file", file)
-    assert code == 0 and "PAID on-chain" in out, out
+    assert code == PENDING_EXIT and "PENDING" in out, out  # NUT-30: PAID once confirmed
     assert "miner fee: at most" in out
-    mine(where, 1)
+    for then in ("sent on-chain as outpoint", "PAID on-chain"):  # sent in the background
+        deadline = time.monotonic() + 30
+        while then not in (said := (await balance(file))[1]):
+            assert time.monotonic() < deadline, said
+            await asyncio.sleep(0.5)
+        if then.startswith("sent"):
+            mine(where, 3)
     [got] = [o for o in outside.listfunds()["outputs"] if o["address"] == to]
     assert got["amount_msat"] == 10_000_000
     spent = 25_000_000 - (await balance(file))[0]
@@ -358,9 +400,9 @@ async def test_a_withdrawal_pays_the_feerate_the_market_asks(where: Path, mint: 
         status, done = await mint.call(
             "/v1/melt/onchain",
             {"quote": busy["quote"], "fee_index": 0, "inputs": proofs, "outputs": blanks},
-            timeout_s=120,
         )
-        assert status == 200 and done["state"] == "PAID", done
+        assert status == 200 and done["state"] == "PENDING", done
+        done = await melt_until(mint, busy["quote"], lambda d: bool(d.get("outpoint")), 120)
         guild.lightning(where, "/v1/feerate", {"sat_per_vb": 60})
         mine(where, 2)  # it misses two blocks: bumped then
         await followed(where, mint)
@@ -374,6 +416,8 @@ async def test_a_withdrawal_pays_the_feerate_the_market_asks(where: Path, mint: 
         mine(where, 1)
         [got] = [o for o in outside.listfunds()["outputs"] if o["address"] == address]
         assert got["txid"] == done["outpoint"].split(":")[0] and got["status"] == "confirmed"
+        mine(where, 2)
+        await melt_until(mint, busy["quote"], lambda d: d["state"] == "PAID")
     finally:
         guild.lightning(where, "/v1/feerate", {"sat_per_vb": 1})
     await until_metric(mint, "mint_chain_feerate", lambda rate: rate == 2)
@@ -385,9 +429,10 @@ async def test_a_withdrawal_pays_the_feerate_the_market_asks(where: Path, mint: 
 async def test_a_withdrawal_survives_kill_9_of_the_mint_while_the_guild_signs(
     where: Path, mint: MintClient
 ) -> None:
-    """The mint dies (``kill -9``) after recording a withdrawal, while two signers are
-    frozen so the guild cannot sign: its successor signs and sends the same
-    transaction once they are back, the melt is PAID once, the books balance."""
+    """The mint dies (``kill -9``) after recording a withdrawal (the melt answered
+    PENDING), while two signers are frozen so the guild cannot sign: its successor signs
+    and sends the same transaction once they are back, the melt is PAID once confirmed,
+    the books balance."""
     outside = LightningRpc(guild.outside_rpc(where))
     key = SigningKey(b"\x33" * 32)
     q = await mint.ok("/v1/mint/quote/onchain", {"unit": "sat", "pubkey": "02" + key.pubkey.hex()})
@@ -401,34 +446,16 @@ async def test_a_withdrawal_survives_kill_9_of_the_mint_while_the_guild_signs(
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
     try:
-        call = asyncio.create_task(
-            mint.call(
-                "/v1/melt/onchain",
-                {"quote": mq["quote"], "fee_index": 0, "inputs": proofs},
-                timeout_s=60,
-            )
+        status, done = await mint.call(
+            "/v1/melt/onchain", {"quote": mq["quote"], "fee_index": 0, "inputs": proofs}
         )
-        deadline = time.monotonic() + 20  # until the withdrawal is recorded: PENDING
-        while (await mint.ok(f"/v1/melt/quote/onchain/{mq['quote']}"))["state"] != "PENDING":
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.1)
+        assert status == 200 and done["state"] == "PENDING" and not done["outpoint"], done
+        await asyncio.sleep(1)  # its signing under way, waiting for the frozen signers
         os.kill(Devnet.load(Path(nets[0].dir)).mint_pid, signal.SIGKILL)
-        with pytest.raises(aiohttp.ClientError):
-            await call
     finally:
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            state = (await mint.ok(f"/v1/melt/quote/onchain/{mq['quote']}"))["state"]
-        except (aiohttp.ClientError, MintError):
-            state = "restarting"
-        if state == "PAID" or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.5)
-    assert state == "PAID"
-    mine(where, 1)
+    await confirmed(where, mint, mq["quote"], within_s=90)
     got = [o for o in outside.listfunds()["outputs"] if o["address"] == address]
     assert [o["amount_msat"] for o in got] == [20_000_000]  # paid once
     assert await mint.states(proofs) == ["SPENT"] * len(proofs)
