@@ -58,7 +58,7 @@ from constellation.protocol import cashu as nut
 from constellation.protocol import signer as sp
 from services.database import DATABASE_DOWN
 from services.ecash.metrics import MintMetrics
-from services.ecash.store import MintStore, Sign
+from services.ecash.store import SCHEMA_LOCK, MintStore, Sign
 from services.signer.client import SignerClient, call
 from services.signer.config import SignerAccess
 
@@ -435,7 +435,8 @@ class Onchain:
 
     @staticmethod
     async def create_schema(pool: asyncpg.Pool) -> None:
-        async with pool.acquire() as conn:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
             await conn.execute(SCHEMA)
 
     async def close(self) -> None:

@@ -49,6 +49,7 @@ log = logging.getLogger("mint.store")
 Sign = Callable[[Sequence[nut.BlindedMessage]], Awaitable[list[nut.BlindSignature]]]
 
 RELISTEN_S = 1.0
+SCHEMA_LOCK = 7414  # an advisory lock: one process of the mint changes its schema at once
 SWAP_GROUPS = 2  # swap transactions in flight at once, each taking what waits
 SWAP_GROUP_ITEMS = 2048  # proofs and outputs in one (a single larger swap goes alone)
 ALIVE_S = 5.0  # the listening connection answers within this, or is made again
@@ -459,7 +460,7 @@ class MintStore:
     async def open(url: str, grouped: Callable[[int], None] = lambda _: None) -> MintStore:
         pool = await asyncpg.create_pool(url, min_size=2, max_size=16, reset=_keep_session)
         async with pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(7414)")  # one schema change at once
+            await conn.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
             await conn.execute(SCHEMA)
         return MintStore(pool, grouped)
 
