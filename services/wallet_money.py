@@ -136,7 +136,16 @@ class Flows:
         """A deposit flow for ``amount_sat``: the invoice to pay (or, ``onchain``, the
         address of the guild's to send it to), recorded."""
         key = SigningKey(os.urandom(32))
+        least = 1
         if onchain:
+            info = await self.mint.ok("/v1/info")
+            methods = info.get("nuts", {}).get("4", {}).get("methods", [])
+            least = next((d.get("min_amount") or 1 for d in methods if d["method"] == ONCHAIN), 1)
+            if amount_sat < least:  # NUT-30: an output of less is never credited
+                raise MoneyError(
+                    f"the mint credits no on-chain deposit under {least} sat (each output on"
+                    " its own): nothing was asked"
+                )
             body = {"unit": "sat", "pubkey": "02" + key.pubkey.hex()}
             quote = await self.mint.ok("/v1/mint/quote/onchain", body)
         else:
@@ -151,6 +160,7 @@ class Flows:
             "expiry": quote["expiry"],
             "key": key.secret.hex(),
             "address": await self._l3_address(),
+            "min_amount": least,
         }
         self.doc.flows.append(flow)
         self._save()
@@ -548,9 +558,10 @@ def _paid_line(flow: dict[str, Any], state: str) -> str:
             f"{_name(flow)}: PENDING: the mint has not given its ecash yet ({flow['refused']});"
             " asked again by `constellation wallet balance`, nothing is lost"
         )
-    if flow.get("outpoint"):
+    if flow.get("method") == ONCHAIN:
+        sent = f"sent on-chain as outpoint {flow['outpoint']}" if flow.get("outpoint") else ""
         return (
-            f"{_name(flow)}: PENDING: sent on-chain as outpoint {flow['outpoint']}, PAID once"
+            f"{_name(flow)}: PENDING: {sent or 'the guild signs and sends it'}, PAID once"
             " confirmed; the ecash stays reserved (`constellation wallet balance` follows it)"
         )
     return (
@@ -646,7 +657,10 @@ async def _deposit(flows: Flows, args: Any) -> int:
     if args.onchain:
         shown = f"bitcoin:{flow['request']}?amount={Decimal(args.amount_sat) / 100_000_000}"
         flows.say(f"deposit {args.amount_sat} sat: send it to this address of the guild's")
-        flows.say("(credited after the mint's confirmations: whatever is sent, in a week)")
+        flows.say(
+            f"(credited after the mint's confirmations: each output of {flow['min_amount']}"
+            " sat or more sent in a week; one of less is lost)"
+        )
     else:
         expiry = time.strftime("%H:%M:%S", time.localtime(flow["expiry"]))
         flows.say(f"deposit {args.amount_sat} sat: pay this invoice (it expires at {expiry})")

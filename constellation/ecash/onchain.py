@@ -116,23 +116,41 @@ def sweep(
     max_inputs: int = MAX_SWEEP_INPUTS,
 ) -> Withdrawal | None:
     """Move ``coins`` to the script ``destination`` (a new guild key's output, after a
-    change of members), less the fee at ``feerate``: the largest first, as many as one
-    transaction of at most ``max_inputs`` inputs and ``max_fee_sat`` takes (a mint that
-    holds more coins moves them in several transactions, the next taking those left);
-    None where there are none, or the largest does not leave an output over dust."""
-    picked = sorted(coins, key=lambda c: (-c.amount_sat, c.txid, c.vout))[:max_inputs]
-    while picked and fee_sat(len(picked), [destination], feerate) > max_fee_sat:
-        picked.pop()
-    if not picked:
-        return None
-    fee = fee_sat(len(picked), [destination], feerate)
-    total = sum(c.amount_sat for c in picked)
-    if total - fee < DUST_SAT:
+    change of members), less the fee at ``feerate``, in as many transactions as it takes
+    (the next taking those left): this one of at most ``max_inputs`` inputs and
+    ``max_fee_sat`` of fee. Its coins are taken from both ends by value (the largest,
+    the smallest, the next largest...), so that small coins, some worth less than their
+    input costs, go with large ones that pay for them rather than being left for a last
+    transaction that could not; where those taken would leave dust, the ones worth less
+    than their input are left out. None where there are none, or no output over dust
+    can be made."""
+    by_value = sorted(coins, key=lambda c: (-c.amount_sat, c.txid, c.vout))
+    picked: list[Coin] = []
+    large, small = 0, len(by_value) - 1
+    while large <= small and len(picked) < max_inputs:
+        if fee_sat(len(picked) + 1, [destination], feerate) > max_fee_sat:
+            break
+        if len(picked) % 2 == 0:
+            picked.append(by_value[large])
+            large += 1
+        else:
+            picked.append(by_value[small])
+            small -= 1
+    if _left(picked, destination, feerate) < DUST_SAT:
+        input_sat = -(-INPUT_WU * feerate // 4)
+        picked = [c for c in picked if c.amount_sat > input_sat]
+    if not picked or _left(picked, destination, feerate) < DUST_SAT:
         return None
     picked.sort(key=lambda c: (c.txid, c.vout))
+    fee = fee_sat(len(picked), [destination], feerate)
     inputs = [TxIn(bytes.fromhex(c.txid)[::-1], c.vout, SEQUENCE) for c in picked]
-    outputs = [SpendOutput(total - fee, destination)]
+    outputs = [SpendOutput(sum(c.amount_sat for c in picked) - fee, destination)]
     return Withdrawal(BitcoinTx(TX_VERSION, 0, inputs, outputs), picked, fee, 0)
+
+
+def _left(coins: Sequence[Coin], destination: bytes, feerate: int) -> int:
+    """What a sweep of ``coins`` leaves its output, its fee paid."""
+    return sum(c.amount_sat for c in coins) - fee_sat(len(coins), [destination], feerate)
 
 
 def bump(

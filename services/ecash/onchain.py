@@ -99,9 +99,9 @@ CREATE TABLE IF NOT EXISTS chain_quotes (  -- NUT-30 mint quotes: an address eac
     expiry bigint NOT NULL
 );
 -- NUT-30's min_amount when the quote was made: an output to it of less is not credited
--- (0: every one, as for quotes made before the mint had a minimum)
+-- (0: every one, as for quotes made before the mint had a minimum, or by a process of
+-- before, still running: once expired, the mint's minimum now holds for those)
 ALTER TABLE chain_quotes ADD COLUMN IF NOT EXISTS min_sat bigint NOT NULL DEFAULT 0;
-ALTER TABLE chain_quotes ALTER COLUMN min_sat DROP DEFAULT;
 CREATE TABLE IF NOT EXISTS chain_coins (  -- the guild's outputs this mint holds
     txid text NOT NULL,
     vout int NOT NULL,
@@ -125,18 +125,22 @@ CREATE TABLE IF NOT EXISTS chain_withdrawals (
     -- SENT: taken by the node (its melt PAID once a block deep enough holds it)
     state text NOT NULL CHECK (state IN ('SIGNING', 'SIGNED', 'SENT'))
 );
--- (before SENT was, a sent withdrawal stayed SIGNED, its melt PAID at once)
-ALTER TABLE chain_withdrawals DROP CONSTRAINT IF EXISTS chain_withdrawals_state_check;
-UPDATE chain_withdrawals w SET state = 'SENT' FROM melt_quotes q
-    WHERE q.quote = w.quote AND q.state = 'PAID' AND w.state = 'SIGNED';
-ALTER TABLE chain_withdrawals ADD CONSTRAINT chain_withdrawals_state_check
-    CHECK (state IN ('SIGNING', 'SIGNED', 'SENT'));
 -- the height of the block that holds it (NULL: in none yet: sent again until one does;
 -- 0: sent before the mint kept it)
 ALTER TABLE chain_withdrawals ADD COLUMN IF NOT EXISTS mined int DEFAULT 0;
 ALTER TABLE chain_withdrawals ALTER COLUMN mined DROP DEFAULT;
 -- the chain's height the follower had read when it was built (BUMP_AFTER_BLOCKS)
 ALTER TABLE chain_withdrawals ADD COLUMN IF NOT EXISTS built_at int NOT NULL DEFAULT 0;
+-- (before SENT was, a sent withdrawal stayed SIGNED, its melt PAID at once)
+ALTER TABLE chain_withdrawals DROP CONSTRAINT IF EXISTS chain_withdrawals_state_check;
+UPDATE chain_withdrawals w SET state = 'SENT' FROM melt_quotes q
+    WHERE q.quote = w.quote AND q.state = 'PAID' AND w.state = 'SIGNED';
+-- (mined 0, "sent before the mint kept it", was given to every withdrawal then, sent or
+-- not: one whose melt is not PAID is in no block the mint knows of)
+UPDATE chain_withdrawals w SET mined = NULL FROM melt_quotes q
+    WHERE q.quote = w.quote AND q.state = 'PENDING' AND w.mined = 0;
+ALTER TABLE chain_withdrawals ADD CONSTRAINT chain_withdrawals_state_check
+    CHECK (state IN ('SIGNING', 'SIGNED', 'SENT'));
 -- a coinbase's output: credited at COINBASE_MATURITY confirmations, not before
 ALTER TABLE chain_coins ADD COLUMN IF NOT EXISTS coinbase bool NOT NULL DEFAULT false;
 CREATE TABLE IF NOT EXISTS chain_moves (  -- coins moved to a new guild key
@@ -583,16 +587,26 @@ class Onchain:
             deep = await conn.fetch(
                 "SELECT w.quote, w.attempt, w.txid, w.fee_sat, q.amount FROM chain_withdrawals w"
                 " JOIN melt_quotes q USING (quote) WHERE q.state = 'PENDING'"
-                f" AND w.mined <= {_READ_HEIGHT} - $1 + 1",
+                f" AND w.mined > 0 AND w.mined <= {_READ_HEIGHT} - $1 + 1",
                 self.s.confirmations,
             )
-        for r in deep:
+        for r in deep:  # one melt's trouble (its change's signing) holds up no other
             sent_msat = (r["amount"] + r["fee_sat"]) * 1000
             outpoint = f"{r['txid']}:0"
-            if await self.store.finish_melt(
-                r["quote"], r["attempt"], outpoint, sent_msat, self.sign
-            ):
-                log.info("withdrawal confirmed", extra={"quote": r["quote"], "outpoint": outpoint})
+            try:
+                if await self.store.finish_melt(
+                    r["quote"], r["attempt"], outpoint, sent_msat, self.sign
+                ):
+                    log.info(
+                        "withdrawal confirmed", extra={"quote": r["quote"], "outpoint": outpoint}
+                    )
+            except NOT_SENT as exc:  # the next pass tries again
+                log.warning(
+                    "a confirmed withdrawal's melt not settled yet",
+                    extra={"quote": r["quote"], "error": repr(exc)},
+                )
+            except Exception:  # a bug: said with its traceback; the others still settle
+                log.exception("a confirmed withdrawal's melt not settled", extra=dict(r))
 
     async def _follow(self, conn: asyncpg.Connection, tip: int) -> list[tuple[str, int]]:
         """The blocks up to ``tip``, each the child of the one recorded before it, and
@@ -639,10 +653,15 @@ class Onchain:
         txids: list[str],
         outputs: list[tuple[str, int, int, bytes, bool]],
     ) -> None:
+        # an expired quote's minimum is the mint's now, if higher (NUT-30: none is paid
+        # after its expiry; one made with none does not take small deposits for ever)
         watched = await conn.fetch(
-            "SELECT quote, script, derivation, guild_key, min_sat FROM chain_quotes"
+            "SELECT quote, script, derivation, guild_key, CASE WHEN expiry < $2"
+            " THEN greatest(min_sat, $3) ELSE min_sat END AS min_sat FROM chain_quotes"
             " WHERE script = ANY($1::bytea[])",
             list({o[3] for o in outputs}),
+            int(time.time()),
+            self.s.min_deposit_sat,
         )
         by_script = {bytes(w["script"]): w for w in watched}
         for txid, vout, amount, script, coinbase in outputs:
@@ -698,8 +717,7 @@ class Onchain:
     def _below_min(self, txid: str, vout: int, amount: int, quote: asyncpg.Record) -> None:
         """A deposit of less than its quote's minimum (NUT-30's ``min_amount``, each
         output on its own, never added up): not recorded, credited or held (a coin the
-        mint would pay more to spend than it brings). Said once, for the operator: its
-        guild key can still sign it away, by hand."""
+        mint would pay more to spend than it brings). Said once, for the operator."""
         if (txid, vout) in self.below_min:
             return
         self.below_min.add((txid, vout))

@@ -173,25 +173,36 @@ def test_a_child_takes_a_stuck_withdrawal_to_the_market_s_feerate() -> None:
     assert oc.bump(small, CHANGE, w.fee_sat, sent.vsize, 30, 10_000) is None  # dust left
 
 
-def test_a_sweep_takes_the_largest_coins_one_transaction_holds_and_leaves_the_rest() -> None:
+def test_a_sweep_moves_every_coin_in_transactions_a_node_relays() -> None:
     """A mint with more coins than one move's transaction takes (its inputs, its fee
-    limit) moves the largest first; the next move takes the rest, until none is left.
-    Each transaction is one Bitcoin Core relays, at the feerate."""
+    limit) moves them in several, the next taking those left, until none is left; each
+    one Bitcoin Core relays, at the feerate. Coins worth less than their input go with
+    large ones that pay for them, not left stranded; alone they never make a move."""
+
+    def moves(coins: list[oc.Coin], feerate: int) -> list[oc.Withdrawal]:
+        left, done = list(coins), []
+        while w := oc.sweep(left, CHANGE, feerate, 50_000):
+            assert w.fee_sat <= 50_000 and len(w.spent) <= oc.MAX_SWEEP_INPUTS
+            assert w.tx.outputs[0].amount_sat == sum(c.amount_sat for c in w.spent) - w.fee_sat
+            assert w.tx.outputs[0].amount_sat >= oc.DUST_SAT
+            signed = oc.signed(w.tx, [b"\x00" * 64] * len(w.spent))
+            assert w.fee_sat == signed.vsize * feerate and signed.vsize * 4 <= 400_000
+            left = [c for c in left if c not in w.spent]
+            done.append(w)
+        return done
+
     coins = [oc.Coin(f"{i:064x}", i % 3, 10_000 + i, CHANGE, label(1)) for i in range(1_200)]
-    left, sizes = list(coins), []
-    while w := oc.sweep(left, CHANGE, 1, 50_000):  # 1 sat/vB: the inputs' count bounds it
-        assert w.fee_sat <= 50_000
-        assert w.tx.outputs[0].amount_sat == sum(c.amount_sat for c in w.spent) - w.fee_sat
-        signed = oc.signed(w.tx, [b"\x00" * 64] * len(w.spent))
-        assert w.fee_sat == signed.vsize and signed.vsize * 4 <= 400_000
-        rest = [c for c in left if c not in w.spent]
-        assert min(c.amount_sat for c in w.spent) > max((c.amount_sat for c in rest), default=0)
-        left = rest
-        sizes.append(len(w.spent))
-    assert not left and sizes == [500, 500, 200]
-    # at 20 sat/vB the fee limit, not the inputs' count, bounds a transaction
-    busy = oc.sweep(coins, CHANGE, 20, 50_000)
-    assert busy is not None and busy.fee_sat <= 50_000 and len(busy.spent) < 50
-    assert oc.fee_sat(len(busy.spent) + 1, [CHANGE], 20) > 50_000  # one more would pass it
+    assert [len(w.spent) for w in moves(coins, 1)] == [500, 500, 200]  # the inputs' count
+    busy = moves(coins, 20)  # the fee limit bounds each: one input more would pass it
+    assert sum(len(w.spent) for w in busy) == 1_200
+    assert oc.fee_sat(len(busy[0].spent) + 1, [CHANGE], 20) > 50_000
+    # at 20 sat/vB an input costs 1,150 sat: the 1,000-sat coins go with the large ones
+    mixed = [
+        oc.Coin(f"{i:064x}", 0, 100_000 if i < 30 else 1_000, CHANGE, label(1)) for i in range(60)
+    ]
+    assert sum(len(w.spent) for w in moves(mixed, 20)) == 60
+    # ...where they would leave dust, they are left out; alone, they never move
+    few = [oc.Coin(f"{i:064x}", 0, 3_000 if i == 0 else 500, CHANGE, label(1)) for i in range(41)]
+    [w] = moves(few, 20)
+    assert [c.amount_sat for c in w.spent] == [3_000]
     assert oc.sweep([], CHANGE, FEERATE, 50_000) is None
-    assert oc.sweep(coins[:1], CHANGE, 1_000, 50_000) is None  # it does not pay for itself

@@ -14,6 +14,7 @@ from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import pytest
 
 from constellation.bitcoin import p2tr_script, parse_tx
@@ -118,7 +119,8 @@ async def test_a_deposit_under_its_quote_s_minimum_is_not_credited_nor_added_up(
     """NUT-30's min_amount (10,000 sat here): each output to a quote's address is judged
     on its own; two of 6,000 are not credited, apart or together, nor held, nor do they
     hold back a key's retirement; the 100,000 one beside them is credited. A quote made
-    before the mint had a minimum (0) credits every output."""
+    before the mint had a minimum (0) credits every output while open; once expired, the
+    mint's minimum holds for it too."""
     follower, chain = await _following(store)
     out = {"value": Decimal("0.00006"), "scriptPubKey": {"hex": SCRIPT.hex()}}
     small = {**DEPOSIT, "txid": "d1" * 32, "vout": [{"n": 0, **out}, {"n": 1, **out}]}
@@ -133,11 +135,18 @@ async def test_a_deposit_under_its_quote_s_minimum_is_not_credited_nor_added_up(
         async with store.pool.acquire() as conn:
             moves = await moved(conn, b"\x03")
         assert moves.deposits_elsewhere == 0 and moves.confirmed_elsewhere == 1
-        await store.pool.execute("UPDATE chain_quotes SET min_sat = 0")
+        await store.pool.execute(
+            "UPDATE chain_quotes SET min_sat = 0, expiry = extract(epoch FROM now())::bigint + 600"
+        )
         chain.blocks += [("h4", [{**small, "txid": "d2" * 32}]), ("h5", []), ("h6", [])]
         await follower.follow()
         assert await _books(store) == (112_000, 112_000)
         assert follower.metrics.registry.get_sample_value(below) == 2
+        await store.pool.execute("UPDATE chain_quotes SET expiry = 0")
+        chain.blocks += [("h7", [{**small, "txid": "d3" * 32}]), ("h8", []), ("h9", [])]
+        await follower.follow()
+        assert await _books(store) == (112_000, 112_000)
+        assert follower.metrics.registry.get_sample_value(below) == 4
     finally:
         await follower.close()
 
@@ -326,10 +335,13 @@ async def test_a_melt_is_paid_once_its_withdrawal_is_confirmations_deep(store: M
     async with store.pool.acquire() as conn, conn.transaction():
         quote = MeltQuote("w", "x", "w", 20_000, 654, "sat", "PENDING", 0, method=ONCHAIN)
         await follower._record(conn, quote, 1, w, SCRIPT, b"\x06" * 32, GUILD_KEY)
-    await store.pool.execute("UPDATE chain_withdrawals SET state = 'SENT'")
+    await store.pool.execute("UPDATE chain_withdrawals SET state = 'SIGNED'")  # as signed
     mined: dict[str, Any] = {"txid": w.tx.txid, "vout": []}
     try:
         await follower.follow()
+        assert (await follower.melt_state("w"))["outpoint"] is None  # not sent yet
+        await follower.complete("w")
+        assert chain.sent == [w.tx.serialize().hex()]
         for block in [("h1", [mined]), ("h2", [])]:
             chain.blocks.append(block)
             await follower.follow()
@@ -345,11 +357,37 @@ async def test_a_melt_is_paid_once_its_withdrawal_is_confirmations_deep(store: M
         chain.blocks[1:] = [("h1b", []), ("h2b", []), ("h3b", []), ("h4b", [])]
         await follower.follow()
         await follower.send_again()
-        assert chain.sent == [w.tx.serialize().hex()]
+        assert chain.sent == [w.tx.serialize().hex()] * 2
         assert (await follower.melt_state("w"))["state"] == "PAID"
         assert await store.pool.fetchval("SELECT count(*) FROM mint_fees") == 1
     finally:
         await follower.close()
+
+
+async def test_a_database_of_before_sent_withdrawals_is_taken_up(store: MintStore) -> None:
+    """Made again over a database of before: a PAID melt's withdrawal left SIGNED (a sent
+    one was so then) is SENT, so it is sent again and bumped until a block holds it; a
+    PENDING melt's with ``mined`` 0 (what every withdrawal got when that column came, sent
+    or not) is in no block known, so the follower does not take it for confirmed."""
+    for quote, state in (("a", "PAID"), ("b", "PENDING")):
+        await store.pool.execute(
+            "INSERT INTO melt_quotes (quote, request, payment_hash, amount, fee_reserve, unit,"
+            " state, expiry, amount_msat, attempt, pending_since, method)"
+            " VALUES ($1, 'bcrt1q', $1, 1000, 200, 'sat', $2, 0, 1000000, 1, 0, $3)",
+            quote,
+            state,
+            ONCHAIN,
+        )
+    await store.pool.execute(
+        "INSERT INTO chain_withdrawals (quote, attempt, tx, txid, fee_sat, spent, state, mined)"
+        " VALUES ('a', 1, '\\x01', 'ta', 200, '[]', 'SIGNED', NULL),"
+        " ('b', 1, '\\x02', 'tb', 200, '[]', 'SIGNING', 0)"
+    )
+    await Onchain.create_schema(store.pool)
+    rows = await store.pool.fetch("SELECT quote, state, mined FROM chain_withdrawals ORDER BY 1")
+    assert [tuple(r) for r in rows] == [("a", "SENT", None), ("b", "SIGNING", None)]
+    with pytest.raises(asyncpg.CheckViolationError):
+        await store.pool.execute("UPDATE chain_withdrawals SET state = 'PAID'")
 
 
 async def _following(store: MintStore) -> tuple[Onchain, Chain]:
@@ -525,7 +563,7 @@ async def test_a_stuck_withdrawal_gets_one_child_within_the_budgets_and_holds_th
 async def test_a_mint_with_more_coins_than_a_transaction_takes_moves_them_in_several(
     store: MintStore,
 ) -> None:
-    """700 coins under the old key: a move takes the largest 500 (one transaction holds
+    """700 coins under the old key: a move takes 500 of them (one transaction holds
     no more), recorded as spent by it; once it is sent, the coins left ask another move
     (as the indexer does), which takes them; then none is left to move."""
     old, new = b"\x02" + SigningKey(b"\x41" * 32).pubkey, b"\x03" + SigningKey(b"\x42" * 32).pubkey
@@ -561,7 +599,12 @@ async def test_a_mint_with_more_coins_than_a_transaction_takes_moves_them_in_sev
             sizes.append(len(spent))
             await store.pool.execute("UPDATE chain_moves SET state = 'SENT' WHERE id = $1", move)
         assert sizes == [500, 200]
-        assert min(a for _, _, a, *_ in spent) == 20_000  # the smallest went last
+        assert (
+            await store.pool.fetchval(
+                "SELECT count(*) FROM chain_coins WHERE key = $1 AND spent_by IS NULL", old
+            )
+            == 0
+        )
         async with store.pool.acquire() as conn:
             moves = await moved(conn, new)
         assert moves.confirmed_elsewhere == 0 and moves.unconfirmed == 2 and len(moves.txids) == 2

@@ -338,9 +338,10 @@ async def test_the_wallet_deposits_and_pays_on_chain(where: Path) -> None:
     file = str(where.parent / "wallet-onchain.json")
     create = ["wallet", "create", "--file", file, "--gateway", op0.gateway_url]
     assert (await cli(*create, "--mint", op0.mint_url))[0] == 0
-    code, out = await cli(
-        "wallet", "deposit", "25000", "--onchain", "--wait", "0", "--no-qr", "--file", file
-    )
+    deposit = ["wallet", "deposit", "--onchain", "--wait", "0", "--no-qr", "--file", file]
+    code, out = await cli(*deposit, "9999")  # NUT-30's min_amount: never credited
+    assert code == 1 and "no on-chain deposit under 10000 sat" in out, out
+    code, out = await cli(*deposit, "25000")
     assert code == PENDING_EXIT, out
     uri = next(line for line in out.splitlines() if line.startswith("bitcoin:"))
     address = uri.removeprefix("bitcoin:").split("?")[0]
