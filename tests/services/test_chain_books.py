@@ -310,31 +310,11 @@ async def test_a_melt_is_paid_once_its_withdrawal_is_confirmations_deep(store: M
     and the mint's margin booked. A reorganisation after leaves it PAID and sends the
     transaction again."""
     follower, chain = await _following(store)
-    deposit = oc.Coin("aa" * 32, 0, 1_000_000, SCRIPT, b"\x05" * 32, GUILD_KEY)
-    await store.pool.execute(
-        "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, key, height,"
-        " held) VALUES ($1, 0, $2, $3, $4, $5, 0, true)",
-        deposit.txid,
-        deposit.amount_sat,
-        deposit.script,
-        deposit.label,
-        GUILD_KEY,
-    )
-    await store.pool.execute(
-        "INSERT INTO melt_quotes (quote, request, payment_hash, amount, fee_reserve, unit,"
-        " state, expiry, amount_msat, attempt, pending_since, method)"
-        " VALUES ('w', 'bcrt1q', 'w', 20000, 654, 'sat', 'PENDING', 0, 20000000, 1, 0, $1)",
-        ONCHAIN,
-    )
+    w = await _withdrawal(store, follower, GUILD_KEY, 0)
     await store.pool.execute(
         "INSERT INTO mint_proofs (y, keyset, amount, secret, c, state, reserved_by)"
         " VALUES ('\\x01', '00', 20654, 's', 'c', 'PENDING', 'w')"
     )
-    w = oc.plan([deposit], DESTINATION, 20_000, SCRIPT, 2, 654)
-    assert w is not None
-    async with store.pool.acquire() as conn, conn.transaction():
-        quote = MeltQuote("w", "x", "w", 20_000, 654, "sat", "PENDING", 0, method=ONCHAIN)
-        await follower._record(conn, quote, 1, w, SCRIPT, b"\x06" * 32, GUILD_KEY)
     await store.pool.execute("UPDATE chain_withdrawals SET state = 'SIGNED'")  # as signed
     mined: dict[str, Any] = {"txid": w.tx.txid, "vout": []}
     try:
@@ -405,6 +385,38 @@ async def _following(store: MintStore) -> tuple[Onchain, Chain]:
         GUILD_KEY,
     )
     return follower, chain
+
+
+async def _withdrawal(
+    store: MintStore, follower: Onchain, key: bytes, height: int
+) -> oc.Withdrawal:
+    """Melt 'w' of 20,000 sat (its fee reserve 654) PENDING, and its withdrawal recorded
+    (SIGNING) at 2 sat/vB from a 1,000,000-sat coin the mint holds under ``key`` in the
+    block at ``height``, its change to an address of the guild's."""
+    deposit = oc.Coin("aa" * 32, 0, 1_000_000, SCRIPT, b"\x05" * 32, key)
+    await store.pool.execute(
+        "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, key, height,"
+        " held) VALUES ($1, 0, $2, $3, $4, $5, $6, true)",
+        deposit.txid,
+        deposit.amount_sat,
+        deposit.script,
+        deposit.label,
+        key,
+        height,
+    )
+    await store.pool.execute(
+        "INSERT INTO melt_quotes (quote, request, payment_hash, amount, fee_reserve, unit,"
+        " state, expiry, amount_msat, attempt, pending_since, method)"
+        " VALUES ('w', 'bcrt1q', 'w', 20000, 654, 'sat', 'PENDING', 0, 20000000, 1, 0, $1)",
+        ONCHAIN,
+    )
+    change = p2tr_script(b"\x55" * 32)
+    w = oc.plan([deposit], DESTINATION, 20_000, change, 2, 654)
+    assert w is not None
+    async with store.pool.acquire() as conn, conn.transaction():
+        quote = MeltQuote("w", "x", "w", 20_000, 654, "sat", "PENDING", 0, method=ONCHAIN)
+        await follower._record(conn, quote, 1, w, change, b"\x06" * 32, key)
+    return w
 
 
 async def _books(store: MintStore) -> tuple[int, int]:
@@ -497,28 +509,7 @@ async def test_a_stuck_withdrawal_gets_one_child_within_the_budgets_and_holds_th
     down = SignerAccess("nats://127.0.0.1:1", Membership("g", [signer]), signer, b"\x33" * 32)
     first = Onchain(replace(first.s, signer=down), store, _no_rules, _no_signing, MintMetrics())
     second = Onchain(first.s, store, _no_rules, _no_signing, MintMetrics())
-    deposit = oc.Coin("aa" * 32, 0, 1_000_000, SCRIPT, b"\x05" * 32, key)
-    await store.pool.execute(
-        "INSERT INTO chain_coins (txid, vout, amount_sat, script, derivation, key, height,"
-        " held) VALUES ($1, 0, $2, $3, $4, $5, 1, true)",
-        deposit.txid,
-        deposit.amount_sat,
-        deposit.script,
-        deposit.label,
-        key,
-    )
-    await store.pool.execute(
-        "INSERT INTO melt_quotes (quote, request, payment_hash, amount, fee_reserve, unit,"
-        " state, expiry, amount_msat, attempt, pending_since, method)"
-        " VALUES ('w', 'bcrt1q', 'w', 20000, 654, 'sat', 'PENDING', 0, 20000000, 1, 0, $1)",
-        ONCHAIN,
-    )
-    change = p2tr_script(b"\x55" * 32)
-    w = oc.plan([deposit], DESTINATION, 20_000, change, 2, 654)
-    assert w is not None
-    async with store.pool.acquire() as conn, conn.transaction():
-        quote = MeltQuote("w", "x", "w", 20_000, 654, "sat", "PENDING", 0, method=ONCHAIN)
-        await first._record(conn, quote, 1, w, change, b"\x06" * 32, key)
+    w = await _withdrawal(store, first, key, 1)
     signed = oc.signed(w.tx, [b"\x01" * 64])  # as the guild signed and the node took it
     await store.pool.execute(
         "UPDATE chain_withdrawals SET tx = $1, state = 'SENT'", signed.serialize()
