@@ -154,9 +154,9 @@ def move_funds(
     coins: Sequence[Coin], new_key: bytes, owner: bytes, feerate: int, max_fee_sat: int
 ) -> Withdrawal | None:
     """The spend that moves the guild's ``coins`` that member ``owner`` holds to its
-    address under ``new_key`` (``move_label``: the member holds it there too): the
-    largest, as many as one transaction takes (``onchain.sweep``: the next move takes
-    the rest); the old key signs each input (``onchain.spend_requests``). None where
+    address under ``new_key`` (``move_label``: the member holds it there too): as many
+    as one transaction takes (``onchain.sweep``: the next move takes the rest); the old
+    key signs each input (``onchain.spend_requests``). None where
     there is nothing to move or the fee is too high."""
     address = guild_output(new_key, owned_derivation(owner, move_label(new_key)))
     return sweep(coins, p2tr_script(address.xonly), feerate, max_fee_sat)

@@ -653,8 +653,10 @@ class Onchain:
         txids: list[str],
         outputs: list[tuple[str, int, int, bytes, bool]],
     ) -> None:
-        # an expired quote's minimum is the mint's now, if higher (NUT-30: none is paid
-        # after its expiry; one made with none does not take small deposits for ever)
+        # an expired quote's minimum is the mint's now, if higher: one made with none (by
+        # a mint of before) does not take small deposits for ever. (NUT-30 credits
+        # nothing first seen after expiry; a mint that reads blocks, not the mempool,
+        # cannot tell a late payment from a slow one, and credits both.)
         watched = await conn.fetch(
             "SELECT quote, script, derivation, guild_key, CASE WHEN expiry < $2"
             " THEN greatest(min_sat, $3) ELSE min_sat END AS min_sat FROM chain_quotes"
@@ -1068,12 +1070,12 @@ class Onchain:
         BUMP_BELOW) and missed blocks: each gets a child of its change that pays for it
         (CPFP), on the mint's account (a withdrawal is built at the market's feerate, so
         the mint pays only for a market that rose after), and again if the market rises
-        on. A withdrawal
-        without change the mint cannot bump (its payee can, from its output). Children
-        recorded and not sent yet (a signer or the chain was down, a process died) are
-        signed and sent first. Sent one by one (``sendrawtransaction``), a child needs its
-        parent in the node's mempool: a node that evicted the parent takes neither until
-        they go as a package (``submitpackage``), which this does not do yet."""
+        on. A withdrawal without change the mint cannot bump (its payee can, from its
+        output). Children recorded and not sent yet (a signer or the chain was down, a
+        process died) are signed and sent first. Sent one by one (``sendrawtransaction``),
+        a child needs its parent in the node's mempool: a node that evicted the parent
+        takes neither until they go as a package (``submitpackage``), which this does not
+        do yet."""
         async with self.store.pool.acquire() as conn:
             unsent = await conn.fetch("SELECT * FROM chain_bumps WHERE state <> 'SENT' ORDER BY id")
             stuck = await conn.fetch(
@@ -1216,8 +1218,9 @@ class Onchain:
         if w is None and coins:
             raise m.CashuError(
                 m.PAYMENT_FAILED,
-                f"not one of {len(coins)} coins pays for its move at {self.feerate()} sat/vB"
-                f" within {MOVE_MAX_FEE_SAT} sat: it waits for a lower feerate",
+                f"the {len(coins)} coins left under another key do not pay for their move at"
+                f" {self.feerate()} sat/vB within {MOVE_MAX_FEE_SAT} sat: it waits for a"
+                " lower feerate",
             )
         if w is None:
             return await conn.fetchrow(
@@ -1245,9 +1248,9 @@ class Onchain:
 
     async def resolve_forever(self) -> None:
         """Withdrawals recorded and not sent yet (a signer or the chain was down, a
-        process died): signed and sent, the same transaction. Melts that
-        reserved their proofs and recorded nothing for ``ABANDONED_S`` (their process
-        died before): the proofs freed, as nothing can have been sent."""
+        process died): signed and sent, the same transaction. Melts that reserved their
+        proofs and recorded nothing for ``ABANDONED_S`` (their process died before): the
+        proofs freed, as nothing can have been sent."""
         while True:
             try:
                 await self._resolve()
