@@ -182,16 +182,11 @@ def unhandled(exc: BaseException, where: str) -> None:
 
 
 async def connect_nats(url: str, name: str, **options: Any) -> Client:
-    """A service's connection to NATS: it reconnects for ever, twice a second, and says
-    in one line when the connection drops (``options``: more of ``nats.connect``'s)."""
-    return await nats.connect(
-        url,
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=RECONNECT_S,
-        error_cb=nats_error,
-        **options,
-    )
+    """A service's connection to NATS: it connects and reconnects for ever (unless
+    ``max_reconnect_attempts`` says otherwise), twice a second, and says in one line when
+    the connection drops (``options``: more of ``nats.connect``'s)."""
+    given = {"max_reconnect_attempts": -1, "reconnect_time_wait": RECONNECT_S, **options}
+    return await nats.connect(url, name=name, error_cb=nats_error, **given)
 
 
 async def connect_peer(url: str, name: str, peer: str, **options: Any) -> Client:

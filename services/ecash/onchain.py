@@ -67,6 +67,9 @@ log = logging.getLogger("mint.onchain")
 FOLLOW_LOCK = 7415  # the advisory lock of the process that reads the chain
 MAX_INPUTS = 4  # a withdrawal's fee reserve covers a transaction of this many inputs
 SIGN_S = 30.0
+# connections to the operator's signer tried before a request is given up (said, and the
+# resolver asks again): the mint's quotes and resolver never wait for ever on a NATS down
+SIGNER_ATTEMPTS = 3
 RPC_S = 10.0
 RESEND_S = 60.0  # a transaction sent and in no block is sent again this often
 ABANDONED_S = 60.0  # a melt PENDING this long with no withdrawal recorded: its process died
@@ -450,7 +453,7 @@ class Onchain:
         await self.session.close()
 
     def _signer(self) -> SignerClient:
-        return SignerClient(self.s.signer)
+        return SignerClient(self.s.signer, SIGNER_ATTEMPTS)
 
     async def key(self) -> bytes:
         """The guild's newest key: new addresses are under it (asked of the signer once,
@@ -461,7 +464,7 @@ class Onchain:
 
     async def _ask_keys(self) -> None:
         try:
-            reply = await call(self.s.signer, sp.KeyRequest(), SIGN_S)
+            reply = await call(self.s.signer, sp.KeyRequest(), SIGN_S, SIGNER_ATTEMPTS)
         except (NatsError, OSError, TimeoutError) as exc:
             raise m.CashuError(
                 m.PAYMENT_FAILED, f"the operator's signer did not answer: {exc!r}"

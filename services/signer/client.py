@@ -17,16 +17,21 @@ from services.signer.transport import ClientTransport, Role, subject
 
 class SignerClient:
     """``async with SignerClient(access) as c: await c.request(...)`` over one
-    connection."""
+    connection, tried ``attempts`` times (-1: for ever, for a client the process holds
+    for its life; a short session gives up, NATS's NoServersError, and is asked again
+    later, rather than waiting on a NATS server that is down)."""
 
-    def __init__(self, access: SignerAccess) -> None:
+    def __init__(self, access: SignerAccess, attempts: int = -1) -> None:
         self.access = access
+        self.attempts = attempts
         self.transport = ClientTransport(access.members, access.signer, access.client_key)
         self._nc: Client | None = None
 
     async def __aenter__(self) -> SignerClient:
         name = f"signer-client-{self.transport.me}"
-        self._nc = await connect_nats(self.access.nats_url, name, connect_timeout=5)
+        self._nc = await connect_nats(
+            self.access.nats_url, name, connect_timeout=5, max_reconnect_attempts=self.attempts
+        )
         return self
 
     async def __aexit__(
@@ -52,7 +57,9 @@ class SignerClient:
         return reply
 
 
-async def call(access: SignerAccess, request: proto.OpRequest, timeout_s: float) -> proto.OpReply:
-    """One request over a connection of its own."""
-    async with SignerClient(access) as client:
+async def call(
+    access: SignerAccess, request: proto.OpRequest, timeout_s: float, attempts: int = -1
+) -> proto.OpReply:
+    """One request over a connection of its own (``SignerClient``'s ``attempts``)."""
+    async with SignerClient(access, attempts) as client:
         return await client.request(request, timeout_s)

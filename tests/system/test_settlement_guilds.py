@@ -140,16 +140,18 @@ async def test_an_operator_of_another_guild_may_publish_only_its_settlement_mess
     try:
         await own.subscribe("cst.rep.nb0.>", cb=hear)
         await own.flush()
-        for subj in ("cst.rep.nb0.0.0.0", "cst.rep.nb0.fwd.0", "cst.rep.nb0.set"):
+        for subj in ("cst.rep.nb0.0.0.0", "cst.rep.nb0.fwd.0"):
             await outsider.publish(subj, b"x")
-        await outsider.flush()
-        # one publisher's messages arrive in order: once the last is heard, so was any other
-        for _ in range(100):
+        # one publisher's messages arrive in order: once one sent after them is heard, so
+        # was any of those (sent again until heard: a loaded server may take a while)
+        for _ in range(300):
+            await outsider.publish("cst.rep.nb0.set", b"x")
+            await outsider.flush()
             if heard and len(refused) == 2:
                 break
             await asyncio.sleep(0.1)
     finally:
         await outsider.close()
         await own.close()
-    assert heard == ["cst.rep.nb0.set"]  # the replication and relay subjects: refused
+    assert heard and set(heard) == {"cst.rep.nb0.set"}  # replication and relay: refused
     assert len(refused) == 2 and all("permissions violation" in e.lower() for e in refused)
