@@ -953,6 +953,8 @@ class Onchain:
             await self.complete(quote)
         except NOT_SENT as exc:
             log.warning("withdrawal not sent yet", extra={"quote": quote, "error": repr(exc)})
+        except Exception:  # a bug: said with its traceback, not lost with the task
+            log.exception("withdrawal not sent", extra={"quote": quote})
 
     async def _record(
         self,
