@@ -8,7 +8,7 @@ Copies talk in ``Envelope`` s, each carrying one message for one shard::
     leader     <--Appended (signed ack of the last block stored, or where to resume)----  copy
     candidate  --AskVote (PreVote first, then the real vote)-------------------------->  copy
     candidate  <--Voted (a signed vote, or a refusal)----------------------------------  copy
-    leader     --Chunk (a snapshot, piece by piece, for a copy behind the log)--------->  copy
+    leader     --Chunk (a snapshot, piece by piece, and the acks proving it confirmed)-->  copy
     leader     --TimeoutNow (campaign now: leadership goes back to a preferred copy)--->  copy
     copy       --Head (its latest header, to the copies of other operators)------------>  copy
     anyone     --Proof (evidence that an operator signed two blocks or two votes)----->  anyone
@@ -159,14 +159,29 @@ class Voted(_Msg, frozen=True, tag="w"):
     vote: Vote | None  # a granted real vote, signed
 
 
+class Ack(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A copy's signed ack, as it sent it to its leader in ``term`` (``ack_digest``)."""
+
+    copy: int
+    term: int
+    height: int
+    block: bytes
+    sig: bytes
+
+
 class Chunk(_Msg, frozen=True, tag="c"):
-    """Leader -> copy behind the log: a snapshot of the state after ``signed``'s block."""
+    """Leader -> copy behind the log: a snapshot of the state after ``signed``'s block,
+    and the proof that this block is confirmed, which the copy cannot check by executing
+    it: the headers after it (``after``, each chaining to the one before) and the acks
+    of a confirming set of copies for blocks among them (``replica.proves_confirmed``)."""
 
     term: int
     signed: Signed
     offset: int
     total: int
     data: bytes
+    after: list[Header]
+    acks: list[Ack]
 
 
 class ChunkAck(_Msg, frozen=True, tag="d"):
@@ -267,12 +282,17 @@ def check_shape(msg: Message) -> None:
     elif isinstance(msg, Chunk):
         _nonneg(msg.term, msg.offset, msg.total)
         signed = [msg.signed]
+        for ack in msg.acks:
+            _hash(ack.block)
+            _nonneg(ack.copy, ack.term, ack.height)
     elif isinstance(msg, Head):
         signed = [msg.signed]
     elif isinstance(msg, Proof) and isinstance(msg.evidence, Equivocation):
         signed = [msg.evidence.a, msg.evidence.b]
-    for s in signed:
-        h = s.header
+    headers = [s.header for s in signed]
+    if isinstance(msg, Chunk):
+        headers += msg.after
+    for h in headers:
         _hash(h.prev)
         _hash(h.body)
         _hash(h.root)

@@ -46,7 +46,8 @@ sends its messages, then calls ``stored``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -60,6 +61,11 @@ GENESIS = bytes(32)
 EVERYONE = -1  # a message's destination: every other copy
 SEEN_LIMIT = 4096  # headers and votes remembered for finding equivocation, about
 HEAD_AGAIN = 20  # heartbeats after which an unchanged head is shown again
+# How far ahead of ours a term named by a message that proves nothing (a vote asked or
+# refused, an ack) is taken: no copy can push the others' terms to the end of their range
+# (``rp.MAX_NUMBER``, where no election could follow) but by 2^48 / 1000 messages. A
+# certificate's term (``Append``) is taken whole.
+TERM_STEP = 1000
 # Election timeouts before a leader that stepped down (CheckQuorum) campaigns again: after
 # every other copy's (``Replica._timeout``: 4 at most).
 LAST_RESORT = 4.5
@@ -161,6 +167,7 @@ class Progress:
     offset: int = -1  # snapshot bytes it has; -1 while no snapshot is being sent
     snapshot: int = -1  # the height of the snapshot being sent
     handed: float = 0.0  # leadership is not handed to it again before this time
+    ack: rp.Ack | None = None  # its latest ack in this term, for proofs of confirmation
 
 
 @dataclass
@@ -174,6 +181,55 @@ class Counters:
 
 def body_hash(body: bytes) -> bytes:
     return hashlib.sha256(body).digest()
+
+
+def proves_confirmed(
+    chain: Sequence[rp.Header],
+    acks: Iterable[rp.Ack],
+    keys: Sequence[bytes],
+    agreed: Mapping[bytes, rp.Members],
+    counts: Callable[[int], bool],
+) -> bool:
+    """Whether ``acks`` prove the block of ``chain[0]`` confirmed: ``chain`` is that
+    header and the headers after it, each chaining to the one before; the acks, each
+    signed by its copy's operator (``keys``) for a block of the chain, are those of a
+    confirming set of copies (``counts``: not of an excluded operator) in one term T, all
+    for blocks at or above the first block of T in the chain, under the members in
+    effect at that block (``agreed``), its leader's operator being the one that confirms.
+    That is the rule by which T's leader confirms (``Replica._confirm``): such a set
+    holds that block of T and everything before it, ``chain[0]`` among them; a confirming
+    set spans a majority of operators, so at least one honest one checked every block."""
+    if not chain:
+        return False
+    hashes = [rp.header_hash(chain[0])]
+    for before, header in itertools.pairwise(chain):
+        if (
+            (header.owner, header.worker) != (before.owner, before.worker)
+            or header.height != before.height + 1
+            or header.prev != hashes[-1]
+        ):
+            return False
+        hashes.append(rp.header_hash(header))
+    base = chain[0]
+    by_term: dict[int, dict[int, int]] = {}  # term -> copy -> the height it acked
+    for ack in acks:
+        i = ack.height - base.height
+        if not (0 <= i < len(chain) and ack.block == hashes[i]) or not counts(ack.copy):
+            continue
+        if ack.copy // 2 >= len(keys):
+            continue
+        digest = rp.ack_digest(base.owner, base.worker, ack.term, ack.height, ack.block, ack.copy)
+        if schnorr_verify(keys[ack.copy // 2], digest, ack.sig):
+            by_term.setdefault(ack.term, {})[ack.copy] = ack.height
+    for term, held in by_term.items():
+        first = next((h for h in chain if h.term == term), None)
+        members = None if first is None else agreed.get(first.members)
+        if first is None or members is None:
+            continue
+        copies = [divmod(c, 2) for c, height in held.items() if height >= first.height]
+        if mb.confirming(mb.quorums(members), copies, first.leader // 2):
+            return True
+    return False
 
 
 class Replica:
@@ -246,6 +302,8 @@ class Replica:
         self.invalid: dict[bytes, str] = {}  # hash of a block found invalid -> why
         self.incoming: tuple[rp.Signed, bytearray] | None = None  # a snapshot arriving
         self.captured: tuple[int, bytes] | None = None  # (height, state) for the next snapshot
+        # ((its height, our term), its proof) of the last snapshot proven confirmed
+        self.snap_proof: tuple[tuple[int, int], tuple[list[rp.Header], list[rp.Ack]]] | None = None
         self.next_beat = 0.0
         self.next_head = 0.0
         self.gossiped: rp.Signed | None = None  # the header last shown to other operators
@@ -628,6 +686,10 @@ class Replica:
         if msg.term < self.term or lease:
             self._send(sender, rp.Voted(self.term, False, False, None))
             return
+        if msg.term > self.term + TERM_STEP:
+            self._follow(self._later(msg.term), -1)
+            self._send(sender, rp.Voted(self.term, False, False, None))
+            return
         if msg.term > self.term:
             self._follow(msg.term, -1)
         grant = self.vote in (-1, sender) and self._up_to_date(msg.last_term, msg.last_height)
@@ -658,10 +720,12 @@ class Replica:
         self._send(sender, rp.Voted(self.term, grant, False, vote))
 
     def _on_voted(self, sender: int, msg: rp.Voted) -> None:
+        if self.role not in (Role.PRECANDIDATE, Role.CANDIDATE):
+            return  # nothing was asked: a leader or follower takes no term from answers
         if msg.pre:
             if not msg.granted:
                 if msg.term > self.term:
-                    self._follow(msg.term, -1)
+                    self._follow(self._later(msg.term), -1)
                 return
             if self.role is Role.PRECANDIDATE and msg.term == self.term + 1:
                 self.prevotes.add(sender)
@@ -669,7 +733,7 @@ class Replica:
                     self._campaign(self.transfer)
             return
         if msg.term > self.term:
-            self._follow(msg.term, -1)
+            self._follow(self._later(msg.term), -1)
             return
         if self.role is not Role.CANDIDATE or msg.term != self.term or not msg.granted:
             return
@@ -685,6 +749,14 @@ class Replica:
             return
         self.votes[sender] = vote
         self._won()
+
+    def _later(self, term: int) -> int:
+        """``term``, a later one named by a message that proves nothing (a vote asked or
+        refused, an ack), as far as it is taken (``TERM_STEP``)."""
+        if term > self.term + TERM_STEP:
+            self.counters.refused_messages += 1
+            return self.term + TERM_STEP
+        return term
 
     def _vote_valid(self, vote: rp.Vote) -> bool:
         if not self._known(vote.voter):
@@ -835,12 +907,47 @@ class Replica:
         if p.offset < 0 or p.snapshot != snap.height:
             p.offset, p.snapshot = 0, snap.height
             self.counters.snapshots_sent += 1
+        proof = self._proof(snap)
+        if proof is None:
+            return  # not before enough copies acked in this term: on a later heartbeat
         data = snap.data[p.offset : p.offset + self.settings.chunk_bytes]
-        self._send(copy, rp.Chunk(self.term, snap.signed, p.offset, len(snap.data), data))
+        self._send(copy, rp.Chunk(self.term, snap.signed, p.offset, len(snap.data), data, *proof))
+
+    def _proof(self, snap: Snapshot) -> tuple[list[rp.Header], list[rp.Ack]] | None:
+        """The proof that the snapshot's block is confirmed (``proves_confirmed``): the
+        acks of this term of the fewest copies, lowest first, that prove it, with the
+        headers up to the highest of them; None while there are not enough."""
+        assert snap.signed is not None
+        if self.snap_proof is not None and self.snap_proof[0] == (snap.height, self.term):
+            return self.snap_proof[1]
+        own = self.hash_at(self.stored_height)
+        digest = rp.ack_digest(self.owner, self.worker, self.term, self.stored_height, own, self.me)
+        acks = [rp.Ack(self.me, self.term, self.stored_height, own, self.sign(digest))]
+        acks += [p.ack for p in self.progress.values() if p.ack is not None]
+        acks = sorted(
+            (a for a in acks if snap.height <= a.height <= self.last),
+            key=lambda a: a.height,
+        )
+        chain = [snap.signed.header]
+        chosen: list[rp.Ack] = []
+        for ack in acks:
+            chosen.append(ack)
+            while chain[-1].height < ack.height:
+                chain.append(self._block(chain[-1].height + 1).signed.header)
+            if proves_confirmed(chain, chosen, self.keys, self.agreed, self._counts):
+                proof = (chain[1:], chosen)
+                self.snap_proof = ((snap.height, self.term), proof)
+                return proof
+        return None
+
+    def _counts(self, copy: int) -> bool:
+        return self._known(copy) and not self._excluded(copy)
 
     def _on_appended(self, sender: int, msg: rp.Appended) -> None:
         if msg.term > self.term:
-            self._follow(msg.term, -1)
+            # A copy that went ahead in term, and cannot be elected nor follow us, is
+            # waiting for an election (the term as far as it is taken: it proves nothing)
+            self._follow(self._later(msg.term), -1)
             return
         if self.role is not Role.LEADER or msg.term != self.term:
             return
@@ -876,6 +983,7 @@ class Replica:
                 self.counters.refused_messages += 1
                 return
             p.match = msg.height
+            p.ack = rp.Ack(sender, msg.term, msg.height, msg.block, msg.sig)
             p.offset = -1
         p.next = max(p.next, msg.height + 1)
         self._confirm()
@@ -929,13 +1037,20 @@ class Replica:
             self._step_down_if_gone()
 
     def _forget(self) -> None:
-        """Keep the headers and votes remembered for proofs within bounds."""
+        """Keep the headers and votes remembered for proofs within bounds: those near
+        our log's heights and our term, at most half the limit, the nearest first. Any
+        copy may send headers it signed at terms of its choosing: a flood of them costs
+        one rebuild per half a limit of them, never one per message."""
         if len(self.seen) > SEEN_LIMIT:
             lo, hi = self.confirmed - SEEN_LIMIT // 4, self.last + SEEN_LIMIT // 4
-            self.seen = {k: v for k, v in self.seen.items() if lo < k[1] <= hi}
+            near = sorted(
+                (k for k in self.seen if lo < k[1] <= hi),
+                key=lambda k: (abs(k[0] - self.term), abs(k[1] - self.last)),
+            )
+            self.seen = {k: self.seen[k] for k in near[: SEEN_LIMIT // 2]}
         if len(self.votes_seen) > SEEN_LIMIT:
-            lo, hi = self.term - 8, self.term + 8
-            self.votes_seen = {k: v for k, v in self.votes_seen.items() if lo <= k[0] <= hi}
+            near = sorted(self.votes_seen, key=lambda k: abs(k[0] - self.term))
+            self.votes_seen = {k: self.votes_seen[k] for k in near[: SEEN_LIMIT // 2]}
 
     # -- replication: follower -----------------------------------------------------------
 
@@ -1147,15 +1262,23 @@ class Replica:
             return
         self.incoming = None
         self._send(sender, rp.ChunkAck(self.term, header.height, msg.total))
-        self._install(sender, msg.signed, bytes(incoming[1]))
+        self._install(sender, msg, bytes(incoming[1]))
 
-    def _install(self, sender: int, signed: rp.Signed, data: bytes) -> None:
-        header = signed.header
+    def _install(self, sender: int, msg: rp.Chunk, data: bytes) -> None:
+        """Take a snapshot the leader sent, once proven: the state is checked against its
+        block's root, and the block shown confirmed by the acks of enough copies (a
+        leader's word alone would let one operator hand every copy a state of its own
+        making)."""
+        header = msg.signed.header
         signer = header.leader // 2
         if (header.owner, header.worker) != (self.owner, self.worker) or not (
-            self._known(header.leader)
+            header.term <= msg.term
+            and self._known(header.leader)
             and header.members in self.agreed
-            and schnorr_verify(self.keys[signer], rp.header_hash(header), signed.sig)
+            and schnorr_verify(self.keys[signer], rp.header_hash(header), msg.signed.sig)
+            and proves_confirmed(
+                [header, *msg.after], msg.acks, self.keys, self.agreed, self._counts
+            )
         ):
             self.counters.refused_messages += 1
             return
@@ -1168,7 +1291,7 @@ class Replica:
             self._rebuild(self.last)
             return
         h = header.height
-        self.snap = Snapshot(h, header.term, rp.header_hash(header), signed, data)
+        self.snap = Snapshot(h, header.term, rp.header_hash(header), msg.signed, data)
         self.captured = None
         self.log = []
         self.base = (h, header.term, self.snap.hash)

@@ -12,7 +12,7 @@ import pytest
 
 from constellation.errors import MessageError
 from constellation.protocol import replication as rp
-from constellation.replication.replica import Role, body_hash
+from constellation.replication.replica import SEEN_LIMIT, TERM_STEP, Role, body_hash
 from tests.replication.harness import KEYS, SETTINGS, Shard
 from tests.sim.guild import Payments
 
@@ -123,6 +123,53 @@ def test_a_copy_far_behind_catches_up_from_a_snapshot() -> None:
     assert shard.replicas[5].counters.snapshots_installed == 1
     assert shard.apps[5].snapshot() == shard.apps[0].snapshot()
     assert shard.replicas[5].state_root() == shard.replicas[0].state_root()
+
+
+def test_a_snapshot_the_leader_made_up_is_not_installed() -> None:
+    """A leader's operator signs a header over a state no block made (a payment of its
+    own), chained to the confirmed block, with its two copies' acks: an honest copy
+    behind does not take it (before: it installed it, called it confirmed and acked it,
+    which with the leader's two copies confirmed it). The real snapshot, proven by the
+    acks of honest copies, is still taken."""
+    shard = started()
+    for _ in range(3):
+        height = shard.pay()
+    shard.until(functools.partial(shard.confirmed_everywhere, height))
+    leader, victim = shard.replicas[0], shard.replicas[2]
+    state, confirmed = shard.apps[2].snapshot(), victim.confirmed
+    forged = Payments()
+    forged.restore(shard.apps[0].snapshot())
+    root = forged.execute(msgspec.msgpack.encode([(999, 10**12)]), True)
+    data = forged.snapshot()
+    header = rp.Header(
+        0, 0, leader.term, height + 1, leader.hash_at(height), bytes(32), root, 0, 0,
+        leader.members_hash,
+    )  # fmt: skip
+    signed = rp.Signed(header, KEYS[0].sign(rp.header_hash(header)))
+    acks = [
+        rp.Ack(c, leader.term, height + 1, rp.header_hash(header), KEYS[0].sign(
+            rp.ack_digest(0, 0, leader.term, height + 1, rp.header_hash(header), c)
+        ))
+        for c in (0, 1)
+    ]  # fmt: skip
+    before = victim.counters.refused_messages
+    for proof in ([], acks):
+        victim.step(0, rp.Chunk(leader.term, signed, 0, len(data), data, [], proof))
+        answers = victim.ready().messages
+        assert not any(isinstance(m, rp.Appended) and m.ok for _, m in answers)
+    assert victim.counters.refused_messages == before + 2
+    assert victim.counters.snapshots_installed == 0
+    assert (victim.confirmed, shard.apps[2].snapshot()) == (confirmed, state)
+
+    shard.stop(5)
+    for _ in range(SETTINGS.snapshot_every + SETTINGS.keep + 8):
+        shard.until(functools.partial(shard.confirmed_everywhere, shard.pay()))
+    shard.stop(0)  # the twin leads and proves the snapshot with acks of its own term
+    shard.until(lambda: shard.leader() == 1)
+    shard.restart(5)
+    shard.until(lambda: shard.replicas[5].last == shard.replicas[1].last)
+    assert shard.replicas[5].counters.snapshots_installed == 1
+    assert shard.replicas[5].state_root() == shard.replicas[1].state_root()
 
 
 def test_an_invalid_block_is_refused_by_every_honest_copy() -> None:
@@ -303,6 +350,43 @@ def test_a_junk_head_does_not_hide_an_equivocation() -> None:
     shard.until(lambda: all(0 in shard.replicas[c].evidence for c in range(2, 6)))
 
 
+def test_a_flood_of_heads_at_new_terms_stays_bounded_and_hides_no_equivocation() -> None:
+    """Another operator's copy sends headers it signed, each at a new term and a height
+    within the log's: a copy remembers at most ``SEEN_LIMIT`` of them, rebuilding its
+    memory once per half a limit of them (before: it kept all, and rebuilt it on every
+    one past the limit, its CPU quadratic in the flood), and the leader's equivocation
+    afterwards is still proven."""
+    shard = started()
+    warm = shard.pay()
+    shard.until(lambda: shard.confirmed_everywhere(warm))
+    victim = shard.replicas[2]
+    rebuilt = 0
+    for term in range(10, 10 + 3 * SEEN_LIMIT):
+        header = rp.Header(0, 0, term, warm, bytes(32), bytes(32), bytes(32), 4, 0, bytes(32))
+        before = victim.seen
+        victim.step(4, rp.Head(rp.Signed(header, KEYS[2].sign(rp.header_hash(header)))))
+        rebuilt += victim.seen is not before
+        assert len(victim.seen) <= SEEN_LIMIT
+    assert rebuilt <= 6
+    assert not victim.evidence
+    swapped: dict[bytes, rp.Block] = {}
+
+    def tamper(src: int, dst: int, msg: rp.Message) -> list[rp.Message]:
+        if src == 0 and dst // 2 == 2 and isinstance(msg, rp.Append) and msg.blocks:
+            blocks = [
+                swapped.setdefault(rp.header_hash(b.signed.header), _alternative(b, 0))
+                for b in msg.blocks
+            ]
+            return [
+                rp.Append(msg.term, msg.prev_height, msg.prev_hash, blocks, msg.confirmed, msg.cert)
+            ]
+        return [msg]
+
+    shard.tamper = tamper
+    shard.pay(2)
+    shard.until(lambda: 0 in victim.evidence)
+
+
 def test_a_copy_that_lost_acked_blocks_catches_up_and_votes_again_in_a_later_term() -> None:
     shard = started()
     for _ in range(3):
@@ -394,6 +478,40 @@ def test_terms_beyond_any_real_one_are_refused() -> None:
     voted = rp.Voted(1 << 63, False, True, None)
     with pytest.raises(MessageError):
         rp.decode(rp.encode(rp.Envelope(0, 0, 1, voted)))
+
+
+def test_no_copy_can_push_the_terms_to_the_end_of_their_range() -> None:
+    """One operator's copy names the largest term there is in every message that proves
+    nothing (refused PreVotes and votes, acks, asks): no copy takes more than
+    ``TERM_STEP`` of each, a leader is elected again, and after the owner stops the others
+    still elect (before: every term went to 2^48 - 1 at once, and no AskVote of
+    term 2^48 could be sent again, so no leader was ever elected)."""
+    shard = started()
+    shard.until(functools.partial(shard.confirmed_everywhere, shard.pay()))
+    end = rp.MAX_NUMBER - 1
+    lies: list[rp.Message] = [
+        rp.Voted(end, False, True, None),
+        rp.Voted(end, False, False, None),
+        rp.Appended(end, False, 0, b"", b"", ""),
+        rp.AskVote(end, end, end, False, False),
+    ]
+    for lie in lies:
+        for c in (0, 1, 2, 3, 5):
+            shard.queue.append((4, c, rp.encode(rp.Envelope(0, 0, 4, lie))))
+    term = shard.replicas[0].term
+    shard.deliver()
+    assert max(r.term for r in shard.replicas) <= term + len(lies) * TERM_STEP
+    shard.until(lambda: shard.leader() is not None)
+    shard.until(functools.partial(shard.confirmed_everywhere, shard.pay()))
+    shard.stop(0, 1)
+    for _ in range(3):  # while they elect, too
+        for lie in lies:
+            for c in (2, 3, 5):
+                shard.queue.append((4, c, rp.encode(rp.Envelope(0, 0, 4, lie))))
+        shard.run(SETTINGS.election_s)
+    shard.until(lambda: shard.leader() is not None, limit=10)
+    assert max(r.term for r in shard.replicas) <= term + 4 * len(lies) * TERM_STEP + 10
+    shard.until(functools.partial(shard.confirmed_everywhere, shard.pay()))
 
 
 def test_an_ack_whose_signature_fails_does_not_count() -> None:
