@@ -27,8 +27,10 @@ form one replication group (a modified Raft, ``notes/replication.md``):
   certificate) and writes an empty block of its own term at once, which confirms what
   earlier leaders left.
 * **Catching up.** A copy behind the leader's log gets a snapshot (the state after a
-  confirmed block, whose signed header carries its root: the copy checks the root) and
-  then the blocks after it. Every ``snapshot_every`` blocks a copy captures its state
+  confirmed block, whose signed header carries its root: the copy checks the root, and
+  that the block is confirmed from the signed acks of a confirming set of copies, which
+  the leader sends with it: it cannot execute what it did not receive) and then the
+  blocks after it. Every ``snapshot_every`` blocks a copy captures its state
   right after applying a block (a leader: as it proposes it), and keeps the capture as
   its snapshot once that block is confirmed (drops it if the block is dropped); it keeps
   ``keep`` blocks behind its snapshot for copies slightly behind.
