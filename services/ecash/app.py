@@ -48,7 +48,7 @@ from services.ecash.cache import CACHED, Cache
 from services.ecash.config import Settings
 from services.ecash.metrics import MintMetrics
 from services.ecash.onchain import CHAIN_DOWN, Onchain
-from services.ecash.store import MintStore, Redeem, listen_forever
+from services.ecash.store import MeltStarted, MintStore, Redeem, listen_forever
 from services.ecash.ws import CHANNELS, Hub
 from services.gateway.lightning import (
     RETRY_FOR_S,
@@ -491,22 +491,40 @@ class MintApp:
         q = await self.db.mint_quote(request.match_info["quote"])
         if q is None:
             raise m.CashuError(m.QUOTE_UNPAID, "no such quote")
-        if q.state == m.UNPAID:  # the follower may lag: ask the node
-            try:
-                invoice = await self.backend.invoice(f"mint:{q.quote}")
-            except (LightningError, OSError, TimeoutError):
-                invoice = None
-            if invoice is not None and invoice.status == "paid" and invoice.pay_index:
-                await self.db.paid(q.payment_hash, 0, invoice.amount_received_msat)
-                q = await self.db.mint_quote(q.quote) or q
-        return _mint_quote_doc(q)
+        return _mint_quote_doc(await self._paid_at_node(q))
+
+    async def _paid_at_node(self, q: m.MintQuote) -> m.MintQuote:
+        """``q``, PAID if it is UNPAID here and its node says its invoice is paid (the
+        follower of paid invoices may lag)."""
+        if q.state != m.UNPAID:
+            return q
+        try:
+            invoice = await self.backend.invoice(f"mint:{q.quote}")
+        except (LightningError, OSError, TimeoutError):
+            return q
+        if invoice is not None and invoice.status == "paid" and invoice.pay_index:
+            await self.db.paid(q.payment_hash, 0, invoice.amount_received_msat)
+            return await self.db.mint_quote(q.quote) or q
+        return q
 
     async def mint_ecash(self, request: web.Request) -> dict[str, Any]:
         req = nut.decode(await request.read(), nut.MintRequest)
         now = int(time.time())
-        signatures = await self.db.mint(
-            req, lambda q: self.rules.check_mint(q, req, now), self._sign
-        )
+
+        def check(q: m.MintQuote) -> m.Outputs:
+            return self.rules.check_mint(q, req, now)
+
+        try:
+            signatures = await self.db.mint(req, check, self._sign)
+        except m.CashuError as exc:
+            # "unpaid" or "expired" where the follower has not yet seen it paid (before:
+            # a deposit paid near its expiry was refused "expired")
+            if exc.code not in (m.QUOTE_UNPAID, m.QUOTE_EXPIRED):
+                raise
+            q = await self.db.mint_quote(req.quote)
+            if q is None or (await self._paid_at_node(q)).state == m.UNPAID:
+                raise
+            signatures = await self.db.mint(req, check, self._sign)
         return {"signatures": signatures}
 
     async def _follow_paid(self) -> None:
@@ -549,8 +567,8 @@ class MintApp:
         await self.db.add_melt_quote(q)
         return _melt_quote_doc(q, [])
 
-    async def melt_state(self, request: web.Request) -> dict[str, Any]:
-        found = await self.db.melt_quote(request.match_info["quote"], m.BOLT11)
+    async def melt_state(self, request: web.Request, quote: str = "") -> dict[str, Any]:
+        found = await self.db.melt_quote(quote or request.match_info["quote"], m.BOLT11)
         if found is None:
             raise m.CashuError(m.QUOTE_UNPAID, "no such quote")
         return _melt_quote_doc(*found)
@@ -558,9 +576,12 @@ class MintApp:
     async def melt(self, request: web.Request) -> dict[str, Any]:
         req = nut.decode(await request.read(), nut.MeltRequest)
         now = int(time.time())
-        quote, attempt = await self.db.start_melt(
-            req, m.BOLT11, lambda q: self.rules.check_melt(q, req, now)
-        )
+        try:
+            quote, attempt = await self.db.start_melt(
+                req, m.BOLT11, lambda q: self.rules.check_melt(q, req, now)
+            )
+        except MeltStarted:
+            return await self.melt_state(request, req.quote)
 
         async def may_send() -> bool:  # never after the resolver's fence opened
             return await self.db.may_pay(quote.quote, attempt, SEND_WINDOW_S)
@@ -702,7 +723,10 @@ class MintApp:
             raise m.CashuError(MALFORMED, "fee_index: this mint offers option 0 only")
         melt = req.melt()
         now = int(time.time())
-        with _chain_reached():  # before its proofs are reserved (after, ``withdraw`` takes it up)
+        # The chain not reached refuses it before its proofs are reserved (after,
+        # ``withdraw`` takes up what fails); the same request again is answered with the
+        # quote as it stands.
+        with _chain_reached(), contextlib.suppress(MeltStarted):
             await self.chain.withdraw(
                 req.quote,
                 lambda: self.db.start_melt(

@@ -298,6 +298,18 @@ WHERE amount IS NOT NULL AND NOT EXISTS (SELECT 1 FROM mint_totals WHERE kind = 
 """
 
 
+class MeltStarted(Exception):
+    """A melt request whose inputs are the very proofs its quote holds: it was made
+    before (its answer lost, or the request run again after a deadlock), and is answered
+    with the quote as it stands (NUT-19), never refused as "pending" or "paid"."""
+
+
+async def _holds(conn: asyncpg.Connection, quote: str, inputs: Sequence[nut.Proof]) -> bool:
+    """Whether ``inputs`` are exactly the proofs melt ``quote`` reserved."""
+    rows = await conn.fetch("SELECT secret, c FROM mint_proofs WHERE reserved_by = $1", quote)
+    return bool(rows) and {(r["secret"], r["c"]) for r in rows} == {(p.secret, p.C) for p in inputs}
+
+
 def _proofs(state: str, reserved_by: str) -> str:
     """The rows of ``INSERT INTO mint_proofs`` from ``_proof_columns`` ($1 to $6), in
     Y's order."""
@@ -806,6 +818,8 @@ class MintStore:
             if r is None:
                 raise m.CashuError(m.QUOTE_UNPAID, f"no {method} quote {request.quote[:64]!r}")
             quote = _quote(m.MeltQuote, r)
+            if quote.state != m.MELT_UNPAID and await _holds(conn, quote.quote, request.inputs):
+                raise MeltStarted(quote.quote)
             spend, _ = check(quote)
             blanks = [bytes.fromhex(o.B_) for o in request.outputs or []]
             if blanks and await conn.fetchval(
@@ -867,12 +881,14 @@ class MintStore:
             )
             used = {bytes(t["b_"]) for t in taken}
             outputs = m.change(overpaid, [b for b in blanks if bytes.fromhex(b.B_) not in used])
-            change = await sign(outputs) if outputs else []
-            if outputs:
-                await self.record_signatures(conn, outputs, change)
+            # the proofs, then the signatures: the order of a group of swaps, whose totals
+            # rows (``mint_count``) a melt may share (else a deadlock aborts one of them)
             await conn.execute(
                 "UPDATE mint_proofs SET state = 'SPENT' WHERE reserved_by = $1", quote
             )
+            change = await sign(outputs) if outputs else []
+            if outputs:
+                await self.record_signatures(conn, outputs, change)
             kept = (int(reserved) - sum(o.amount for o in outputs)) * 1000 - sent_msat
             await conn.execute("INSERT INTO mint_fees (kind, msat) VALUES ('melt', $1)", kept)
             await conn.execute(

@@ -1,24 +1,30 @@
 """The mint's melts against a real PostgreSQL and the simulated Lightning network
 (``services.lnsim``), the mint's processes in this one (``MintApp``, its handlers called
-directly): what a melt settled late through ``listpays`` cost, and a payment that can
-never go out after the resolver's fence (a second process may have failed the melt and
-freed its proofs by then), nor wait for ever for one of the node's payment places."""
+directly): what a melt settled late through ``listpays`` cost, a melt request sent or run
+again, and a payment that can never go out after the resolver's fence (a second process
+may have failed the melt and freed its proofs by then), nor wait for ever for one of the
+node's payment places; and a deposit paid just before its quote expired."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import asyncpg
 import pytest
 from aiohttp import web
 
 from constellation.ecash import client
 from constellation.ecash import mint as m
 from constellation.ecash.keyset import split
+from constellation.lightning import Outcome
 from constellation.protocol import cashu as nut
 from services.ecash import app as mint_app
 from services.ecash.app import MintApp
@@ -156,6 +162,103 @@ async def test_a_melt_settled_late_through_xpay_s_listpays_keeps_its_routing_fee
             "SELECT coalesce(sum(msat), 0) FROM mint_fees WHERE kind = 'melt'"
         )
         assert kept == 2000 - fee_msat  # what the mint kept is what it did not pay
+    finally:
+        await app.db.close()
+        await w.sim.close()
+
+
+async def test_a_melt_sent_again_is_answered_with_its_quote_as_it_stands(
+    postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wallet that lost a melt's answer sends the request again: it gets the quote as
+    it stands, PENDING and then PAID with its change (before: refused, "pending" 20005
+    and then "paid" 20006, the change out of its reach). A melt of that quote with other
+    proofs is still refused."""
+    monkeypatch.setattr(lightning, "PAY_S", 0.5)  # the payee holds the HTLC past it
+    w = await world(postgres, "v24.11")
+    app = await w.mint()
+    try:
+        bolt11 = await w.invoice("far", 100_000, "again")
+        body = await melt_body(app, bolt11, blanks=10)
+        other = {**body, "inputs": ecash(app, sum(p.amount for p in body["inputs"]))}
+        w.sim.network.nodes["far"].faults.hold = True
+        assert (await app.melt(request(body)))["state"] == "PENDING"
+        again = await app.melt(request(body))
+        assert (again["quote"], again["state"]) == (body["quote"], "PENDING")
+        with pytest.raises(m.CashuError) as refused:
+            await app.melt(request(other))
+        assert refused.value.code == m.QUOTE_PENDING
+        w.sim.release("far")
+        await asyncio.sleep(0.2)
+        await app._resolve()
+        paid = await app.melt(request(body))
+        assert paid["state"] == "PAID" and paid["payment_preimage"]
+        assert sum(c.amount for c in paid["change"]) > 0
+        with pytest.raises(m.CashuError) as refused:
+            await app.melt(request(other))
+        assert refused.value.code == m.INVOICE_PAID
+    finally:
+        await app.db.close()
+        await w.sim.close()
+
+
+async def test_a_paid_melt_whose_settling_a_deadlock_aborted_is_not_refused(
+    postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL aborts a melt's settling to break a deadlock (with a group of swaps,
+    over their totals' rows), after its invoice was paid: the request, run again by the
+    mint, answers the quote as it stands (before: "pending", 20005, for a paid
+    invoice, which a wallet takes for a failure), and the resolver makes it PAID."""
+    real = MintStore.finish_melt
+    aborted: list[str] = []
+
+    async def deadlocked_once(self: MintStore, quote: str, *args: Any) -> bool:
+        if not aborted:
+            aborted.append(quote)
+            raise asyncpg.DeadlockDetectedError("deadlock detected")
+        return await real(self, quote, *args)
+
+    monkeypatch.setattr(MintStore, "finish_melt", deadlocked_once)
+    w = await world(postgres, "v24.11")
+    app = await w.mint()
+    try:
+        bolt11 = await w.invoice("c", 10_000, "deadlock")
+        body = await melt_body(app, bolt11, blanks=4)
+        answer = await app._op("melt", app.melt)(request(body))
+        assert aborted == [body["quote"]] and w.paid(bolt11)
+        assert answer.status == 200, answer.body
+        assert json.loads(cast(bytes, answer.body))["state"] == "PENDING"
+        await app._resolve()
+        quote, change = await app.db.melt_quote(body["quote"], m.BOLT11) or (None, [])
+        assert quote is not None and quote.state == m.MELT_PAID and change
+    finally:
+        await app.db.close()
+        await w.sim.close()
+
+
+async def test_a_deposit_paid_before_its_quote_expired_is_minted_while_the_follower_lags(
+    postgres: str,
+) -> None:
+    """A mint quote's invoice is paid just before it expires, and the follower of paid
+    invoices has not seen it yet (here: not running): the mint request asks the node,
+    and mints (before: refused, "expired" 20007, which a wallet takes for a lost
+    deposit)."""
+    w = await world(postgres, "v24.11")
+    app = await w.mint()
+    app.settings = dataclasses.replace(app.settings, quote_expiry_s=2)
+    try:
+        q = await app.mint_quote(request({"amount": 1000, "unit": "sat"}))
+        payer = ClnBackend(socket_path(w.sim.directory, "b"))
+        await payer.connect()
+        assert (await payer.pay(q["request"], 10_000)).outcome is Outcome.SETTLED
+        await asyncio.sleep(max(0.0, q["expiry"] - time.time() + 0.2))
+        outputs, _ = client.outputs_of(split(1000), app.rules.active("sat").id)
+        minted = await app.mint_ecash(request({"quote": q["quote"], "outputs": outputs}))
+        assert sum(s.amount for s in minted["signatures"]) == 1000
+        unpaid = await app.mint_quote(request({"amount": 1000, "unit": "sat"}))
+        with pytest.raises(m.CashuError) as refused:
+            await app.mint_ecash(request({"quote": unpaid["quote"], "outputs": outputs}))
+        assert refused.value.code == m.QUOTE_UNPAID
     finally:
         await app.db.close()
         await w.sim.close()

@@ -163,10 +163,11 @@ async def withdrawn(where: Path, mc: MintClient, proofs: list[Any], amount: int)
     mq = await mc.ok(
         "/v1/melt/quote/onchain", {"request": address, "unit": "sat", "amount": amount}
     )
-    status, done = await mc.call(
-        "/v1/melt/onchain", {"quote": mq["quote"], "fee_index": 0, "inputs": proofs}, timeout_s=60
-    )
+    melt = {"quote": mq["quote"], "fee_index": 0, "inputs": proofs}
+    status, done = await mc.call("/v1/melt/onchain", melt, timeout_s=60)
     assert status == 200 and done["state"] == "PENDING", done  # signed and sent meanwhile
+    status, again = await mc.call("/v1/melt/onchain", melt)  # as a wallet that lost it
+    assert status == 200 and again["state"] == "PENDING", again
     await confirmed(where, mc, mq["quote"])
     got = [o for o in outside.listfunds()["outputs"] if o["address"] == address]
     assert [o["amount_msat"] for o in got] == [amount * 1000]
