@@ -65,6 +65,9 @@ class PaymentState:
     sent_msat: int | None = None  # what left the node: the amount and the fee
     reason: str = ""
     last_attempt_at: int | None = None  # the newest attempt's start (the node's unix seconds)
+    # False: the pay call that answered this sent nothing (it never reached the node);
+    # what the state says is that of the hash's earlier payments
+    sent: bool = True
 
 
 def msat(value: Any) -> int:

@@ -28,6 +28,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import aiohttp
@@ -600,6 +601,11 @@ class MintApp:
             )
         finally:
             self.paying.discard((quote.quote, attempt))
+        if not state.sent and state.outcome is Outcome.UNKNOWN:
+            # Nothing of this attempt reached the node, and the quote's earlier attempts
+            # failed for good: it fails now, not once its invoice expired (a node that
+            # is not reachable could say nothing more of it).
+            state = replace(state, outcome=Outcome.FAILED)
         await self._settle(quote, attempt, state)
         found = await self.db.melt_quote(quote.quote, m.BOLT11)
         assert found is not None

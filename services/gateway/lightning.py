@@ -30,7 +30,7 @@ import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -509,7 +509,16 @@ class ClnBackend(LightningBackend):
                 "payment not sent", extra={"payment_hash": payment_hash.hex(), "error": str(exc)}
             )
             # this command never went: what the node says is that of earlier ones, ended
-            return await self._lookup(payment_hash, asked=False, over=-1)
+            return replace(await self._lookup(payment_hash, asked=False, over=-1), sent=False)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            # the node's socket is not there, or nobody listens on it: the command never
+            # got in (what could say more of earlier ones is that node)
+            log.warning(
+                "payment not sent: the node is not reachable",
+                extra={"payment_hash": payment_hash.hex(), "error": repr(exc)},
+            )
+            why = f"not sent, the node not reachable ({exc!r})"
+            return PaymentState(Outcome.UNKNOWN, payment_hash, reason=why, sent=False)
         except RpcError as exc:
             code = _code(exc)
             if code not in (ALREADY_PAID, None):

@@ -202,6 +202,33 @@ async def test_a_melt_sent_again_is_answered_with_its_quote_as_it_stands(
         await w.sim.close()
 
 
+async def test_a_melt_whose_node_is_not_reachable_fails_at_once_and_frees_its_proofs(
+    postgres: str,
+) -> None:
+    """The mint's node serves no socket (it restarts) when a melt's payment is asked:
+    nothing reached it, and the melt fails (20004), its proofs free (before: PENDING, its
+    proofs held until its invoice expired, days perhaps); once the node is back the same
+    melt pays."""
+    w = await world(postgres, "v24.11")
+    app = await w.mint()
+    try:
+        bolt11 = await w.invoice("c", 10_000, "down")
+        body = await melt_body(app, bolt11)
+        await w.sim.set_online("a", False)
+        with pytest.raises(m.CashuError) as refused:
+            await app.melt(request(body))
+        assert refused.value.code == m.PAYMENT_FAILED
+        quote, _ = await app.db.melt_quote(body["quote"], m.BOLT11) or (None, [])
+        assert quote is not None and quote.state == m.MELT_UNPAID
+        held = "SELECT count(*) FROM mint_proofs WHERE reserved_by = $1"
+        assert await app.db.pool.fetchval(held, body["quote"]) == 0
+        await w.sim.set_online("a", True)
+        assert (await app.melt(request(body)))["state"] == "PAID" and w.paid(bolt11)
+    finally:
+        await app.db.close()
+        await w.sim.close()
+
+
 async def test_a_paid_melt_whose_settling_a_deadlock_aborted_is_not_refused(
     postgres: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
