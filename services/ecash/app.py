@@ -550,6 +550,7 @@ class MintApp:
             raise m.CashuError(MALFORMED, f"not a BOLT11 invoice this node reads: {exc}") from None
         if decoded.amount_msat is None:
             raise m.CashuError(m.AMOUNTLESS, "an invoice without an amount")
+        await self._not_paid_by_node(decoded.payment_hash)
         amount = -(-decoded.amount_msat // 1000)
         self._check_amount(amount)
         s = self.settings
@@ -568,6 +569,18 @@ class MintApp:
         await self.db.add_melt_quote(q)
         return _melt_quote_doc(q, [])
 
+    async def _not_paid_by_node(self, payment_hash: bytes) -> None:
+        """Refuse an invoice the node paid or is paying outside any melt of it (the
+        gateway, on the same node, pays invoices for L3 withdrawals): the node would not
+        pay it again, and the melt would take the ecash for a payment made by another
+        (the quote's own earlier attempts failed for good, or it would be pending). A
+        node that does not answer (unknown) refuses nothing here: the pay call tells."""
+        state = await self.backend.payment(payment_hash, attempted=False)
+        if state.outcome is Outcome.SETTLED:
+            raise m.CashuError(m.INVOICE_PAID, "this invoice is paid already")
+        if state.outcome is Outcome.PENDING:
+            raise m.CashuError(m.QUOTE_PENDING, "this invoice is being paid")
+
     async def melt_state(self, request: web.Request, quote: str = "") -> dict[str, Any]:
         found = await self.db.melt_quote(quote or request.match_info["quote"], m.BOLT11)
         if found is None:
@@ -583,6 +596,11 @@ class MintApp:
             )
         except MeltStarted:
             return await self.melt_state(request, req.quote)
+        try:
+            await self._not_paid_by_node(bytes.fromhex(quote.payment_hash))
+        except m.CashuError:
+            await self.db.fail_melt(quote.quote, attempt)  # nothing of it was sent
+            raise
 
         async def may_send() -> bool:  # never after the resolver's fence opened
             return await self.db.may_pay(quote.quote, attempt, SEND_WINDOW_S)

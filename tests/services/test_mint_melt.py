@@ -229,6 +229,34 @@ async def test_a_melt_whose_node_is_not_reachable_fails_at_once_and_frees_its_pr
         await w.sim.close()
 
 
+async def test_an_invoice_its_node_paid_outside_the_mint_is_not_melted(postgres: str) -> None:
+    """The gateway, on the mint's node, paid an invoice (an L3 withdrawal to it): a melt
+    quote of it is refused "paid" (20006), and so is a melt of a quote made before, its
+    proofs free (before: the node answered with that payment, and the melt took the
+    ecash, PAID, for a payment made for another)."""
+    w = await world(postgres, "v24.11")
+    app = await w.mint()
+    try:
+        bolt11 = await w.invoice("c", 10_000, "twice")
+        body = await melt_body(app, bolt11)
+        gateway = ClnBackend(socket_path(w.sim.directory, "a"))
+        await gateway.connect()
+        assert (await gateway.pay(bolt11, 10_000)).outcome is Outcome.SETTLED
+        with pytest.raises(m.CashuError) as refused:
+            await app.melt_quote(request({"request": bolt11, "unit": "sat"}))
+        assert refused.value.code == m.INVOICE_PAID
+        with pytest.raises(m.CashuError) as refused:
+            await app.melt(request(body))
+        assert refused.value.code == m.INVOICE_PAID
+        quote, _ = await app.db.melt_quote(body["quote"], m.BOLT11) or (None, [])
+        assert quote is not None and quote.state == m.MELT_UNPAID
+        held = "SELECT count(*) FROM mint_proofs WHERE reserved_by = $1"
+        assert await app.db.pool.fetchval(held, body["quote"]) == 0
+    finally:
+        await app.db.close()
+        await w.sim.close()
+
+
 async def test_a_paid_melt_whose_settling_a_deadlock_aborted_is_not_refused(
     postgres: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
