@@ -116,6 +116,16 @@ class Vote(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=T
     sig: bytes
 
 
+class Ack(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A copy's signed ack, as it sent it to its leader in ``term`` (``ack_digest``)."""
+
+    copy: int
+    term: int
+    height: int
+    block: bytes
+    sig: bytes
+
+
 class _Msg(msgspec.Struct, frozen=True, array_like=True, tag_field="k", forbid_unknown_fields=True):
     pass
 
@@ -129,6 +139,9 @@ class Append(_Msg, frozen=True, tag="a"):
     blocks: list[Block]
     confirmed: int
     cert: list[Vote]  # the votes that elected this leader, until the copy acked this term
+    # now and then: the leader's latest signed acks of this term (its own among them), by
+    # which the copy proves a snapshot's block confirmed to the copies it may serve later
+    acks: list[Ack] = []
 
 
 class Appended(_Msg, frozen=True, tag="b"):
@@ -157,16 +170,6 @@ class Voted(_Msg, frozen=True, tag="w"):
     granted: bool
     pre: bool
     vote: Vote | None  # a granted real vote, signed
-
-
-class Ack(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
-    """A copy's signed ack, as it sent it to its leader in ``term`` (``ack_digest``)."""
-
-    copy: int
-    term: int
-    height: int
-    block: bytes
-    sig: bytes
 
 
 class Chunk(_Msg, frozen=True, tag="c"):
@@ -267,10 +270,12 @@ def decode(data: bytes) -> Envelope:
 def check_shape(msg: Message) -> None:
     """Refuse hashes of the wrong length and negative numbers (``MessageError``)."""
     signed: list[Signed] = []
+    acks: list[Ack] = []
     if isinstance(msg, Append):
         _hash(msg.prev_hash)
         _nonneg(msg.term, msg.prev_height, msg.confirmed)
         signed = [b.signed for b in msg.blocks]
+        acks = msg.acks
     elif isinstance(msg, Appended):
         _nonneg(msg.term, msg.height)
     elif isinstance(msg, AskVote):
@@ -282,13 +287,14 @@ def check_shape(msg: Message) -> None:
     elif isinstance(msg, Chunk):
         _nonneg(msg.term, msg.offset, msg.total)
         signed = [msg.signed]
-        for ack in msg.acks:
-            _hash(ack.block)
-            _nonneg(ack.copy, ack.term, ack.height)
+        acks = msg.acks
     elif isinstance(msg, Head):
         signed = [msg.signed]
     elif isinstance(msg, Proof) and isinstance(msg.evidence, Equivocation):
         signed = [msg.evidence.a, msg.evidence.b]
+    for ack in acks:
+        _hash(ack.block)
+        _nonneg(ack.copy, ack.term, ack.height)
     headers = [s.header for s in signed]
     if isinstance(msg, Chunk):
         headers += msg.after

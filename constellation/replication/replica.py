@@ -113,15 +113,21 @@ class Settings:
     authenticated: bool = False
 
 
+Confirmation = tuple[list[rp.Header], list[rp.Ack]]
+
+
 @dataclass
 class Snapshot:
-    """The state after a confirmed block (``signed`` is None for the empty genesis)."""
+    """The state after a confirmed block (``signed`` is None for the empty genesis), and
+    the proof that the block is confirmed, for the copies it is sent to: the headers after
+    it and the acks (``proves_confirmed``; None where it is not known)."""
 
     height: int
     term: int
     hash: bytes
     signed: rp.Signed | None
     data: bytes
+    proof: Confirmation | None = None
 
 
 @dataclass
@@ -170,6 +176,7 @@ class Progress:
     snapshot: int = -1  # the height of the snapshot being sent
     handed: float = 0.0  # leadership is not handed to it again before this time
     ack: rp.Ack | None = None  # its latest ack in this term, for proofs of confirmation
+    acks_at: int = -1  # our confirmed height when we last sent it our acks
 
 
 @dataclass
@@ -304,8 +311,8 @@ class Replica:
         self.invalid: dict[bytes, str] = {}  # hash of a block found invalid -> why
         self.incoming: tuple[rp.Signed, bytearray] | None = None  # a snapshot arriving
         self.captured: tuple[int, bytes] | None = None  # (height, state) for the next snapshot
-        # ((its height, our term), its proof) of the last snapshot proven confirmed
-        self.snap_proof: tuple[tuple[int, int], tuple[list[rp.Header], list[rp.Ack]]] | None = None
+        self.own_ack: rp.Ack | None = None  # a leader's signed ack of what it stored
+        self.leader_acks: list[rp.Ack] = []  # the latest the leader sent
         self.next_beat = 0.0
         self.next_head = 0.0
         self.gossiped: rp.Signed | None = None  # the header last shown to other operators
@@ -876,9 +883,15 @@ class Replica:
     def _send_to(self, copy: int, p: Progress, beat: bool) -> None:
         """Send ``copy`` what it lacks, within the window; an empty Append if ``beat``."""
         cert = [] if p.knows else self.cert
+        acks: list[rp.Ack] = []
+        if beat or self.confirmed >= p.acks_at + self.settings.window:
+            acks, p.acks_at = self._acks(), self.confirmed
         if p.offset >= 0 or p.next < self.first:
             if beat or cert:  # leadership news and the confirmed height; it lacks the rest
-                self._send(copy, rp.Append(self.term, *self.base[::2], [], self.confirmed, cert))
+                base, base_hash = self.base[::2]
+                self._send(
+                    copy, rp.Append(self.term, base, base_hash, [], self.confirmed, cert, acks)
+                )
             self._send_chunk(copy, p)
             return
         # The window counts from what it acked; before its first answer in this term,
@@ -897,7 +910,8 @@ class Replica:
         # way) says where to resume.
         prev = max(p.next - 1, self.base[0])
         self._send(
-            copy, rp.Append(self.term, prev, self.hash_at(prev), blocks, self.confirmed, cert)
+            copy,
+            rp.Append(self.term, prev, self.hash_at(prev), blocks, self.confirmed, cert, acks),
         )
         p.next = max(p.next, prev + len(blocks) + 1)
         if blocks:
@@ -915,31 +929,43 @@ class Replica:
         data = snap.data[p.offset : p.offset + self.settings.chunk_bytes]
         self._send(copy, rp.Chunk(self.term, snap.signed, p.offset, len(snap.data), data, *proof))
 
-    def _proof(self, snap: Snapshot) -> tuple[list[rp.Header], list[rp.Ack]] | None:
-        """The proof that the snapshot's block is confirmed (``proves_confirmed``): the
-        acks of this term of the fewest copies, lowest first, that prove it, with the
-        headers up to the highest of them; None while there are not enough."""
+    def _proof(self, snap: Snapshot) -> Confirmation | None:
+        """The proof that the snapshot's block is confirmed: the one it was taken with,
+        else (a snapshot kept from before proofs were) from this term's acks."""
         assert snap.signed is not None
-        if self.snap_proof is not None and self.snap_proof[0] == (snap.height, self.term):
-            return self.snap_proof[1]
-        own = self.hash_at(self.stored_height)
-        digest = rp.ack_digest(self.owner, self.worker, self.term, self.stored_height, own, self.me)
-        acks = [rp.Ack(self.me, self.term, self.stored_height, own, self.sign(digest))]
-        acks += [p.ack for p in self.progress.values() if p.ack is not None]
-        acks = sorted(
-            (a for a in acks if snap.height <= a.height <= self.last),
-            key=lambda a: a.height,
+        if snap.proof is None:
+            snap.proof = self._prove(snap.signed.header, self._acks())
+        return snap.proof
+
+    def _acks(self) -> list[rp.Ack]:
+        """A leader's latest signed acks of this term: its own, of what it stored, and
+        each copy's."""
+        own = self.own_ack
+        if own is None or (own.term, own.height) != (self.term, self.stored_height):
+            block = self.hash_at(self.stored_height)
+            digest = rp.ack_digest(
+                self.owner, self.worker, self.term, self.stored_height, block, self.me
+            )
+            own = rp.Ack(self.me, self.term, self.stored_height, block, self.sign(digest))
+            self.own_ack = own
+        return [own, *(p.ack for p in self.progress.values() if p.ack is not None)]
+
+    def _prove(self, header: rp.Header, acks: Sequence[rp.Ack]) -> Confirmation | None:
+        """The proof that the block of ``header`` (in the log, or the snapshot's) is
+        confirmed, from ``acks`` (``proves_confirmed``): those of the fewest copies, the
+        lowest first, with the headers up to the highest of them; None where they do not
+        prove it."""
+        usable = sorted(
+            (a for a in acks if header.height <= a.height <= self.last), key=lambda a: a.height
         )
-        chain = [snap.signed.header]
+        chain = [header]
         chosen: list[rp.Ack] = []
-        for ack in acks:
+        for ack in usable:
             chosen.append(ack)
             while chain[-1].height < ack.height:
                 chain.append(self._block(chain[-1].height + 1).signed.header)
             if proves_confirmed(chain, chosen, self.keys, self.agreed, self._counts):
-                proof = (chain[1:], chosen)
-                self.snap_proof = ((snap.height, self.term), proof)
-                return proof
+                return chain[1:], chosen
         return None
 
     def _counts(self, copy: int) -> bool:
@@ -1114,6 +1140,10 @@ class Replica:
                 return
             self._append(block)
         self._follower_confirm(min(msg.confirmed, height))
+        if msg.acks:
+            self.leader_acks = msg.acks
+            if self.captured is not None and self.captured[0] <= self.confirmed:
+                self._snapshot(*self.captured)
         if self.damaged and msg.term > self.damaged_term and self.last_term == msg.term:
             # It holds a block of a term begun after its restart, so all that leader's
             # log below it: every block confirmed before that term.
@@ -1216,11 +1246,15 @@ class Replica:
             self.captured = (self.last, self.executor.snapshot())
 
     def _snapshot(self, height: int, data: bytes) -> None:
-        """A captured state's block is confirmed: it becomes the snapshot."""
+        """A captured state's block is confirmed: it becomes the snapshot, once acks
+        prove it confirmed (a follower's, those its leader sent; kept until then)."""
         block = self._block(height)
-        self.snap = Snapshot(
-            height, block.signed.header.term, self.hash_at(height), block.signed, data
-        )
+        header = block.signed.header
+        acks = self._acks() if self.role is Role.LEADER else self.leader_acks
+        proof = self._prove(header, acks)
+        if proof is None:
+            return
+        self.snap = Snapshot(height, header.term, self.hash_at(height), block.signed, data, proof)
         self.captured = None
         self.ready_.snapshot = self.snap
         self._compact(height - self.settings.keep)
@@ -1293,7 +1327,8 @@ class Replica:
             self._rebuild(self.last)
             return
         h = header.height
-        self.snap = Snapshot(h, header.term, rp.header_hash(header), msg.signed, data)
+        proof = (msg.after, msg.acks)
+        self.snap = Snapshot(h, header.term, rp.header_hash(header), msg.signed, data, proof)
         self.captured = None
         self.log = []
         self.base = (h, header.term, self.snap.hash)

@@ -4,8 +4,8 @@ Three files in the copy's folder:
 
 * ``hard``: the term, the vote and the damaged mark, rewritten whole (a temporary file,
   fsync, rename, fsync of the folder), so a crash leaves the old or the new one;
-* ``snapshot``: the latest snapshot (its block's signed header and the state), the same
-  way;
+* ``snapshot``: the latest snapshot (its block's signed header, the state, and the proof
+  that its block is confirmed), the same way;
 * ``blocks.log``: the blocks after (or a little before) the snapshot, one frame each
   (``services.partition.wal``'s frames: length, crc32, payload), appended and fsynced
   once per ``Ready``; a truncation cuts the file, a compaction rewrites it.
@@ -56,6 +56,8 @@ class _Hard(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
 class _Snapshot(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     signed: rp.Signed
     data: bytes
+    after: list[rp.Header] = []  # the proof that its block is confirmed (none: not kept)
+    acks: list[rp.Ack] = []
 
 
 _block_decoder = msgspec.msgpack.Decoder(rp.Block)
@@ -93,7 +95,8 @@ class CopyStore:
         if snap is not None:
             s = msgspec.msgpack.decode(snap, type=_Snapshot)
             h = s.signed.header
-            loaded.snapshot = Snapshot(h.height, h.term, rp.header_hash(h), s.signed, s.data)
+            proof = (s.after, s.acks) if s.acks else None
+            loaded.snapshot = Snapshot(h.height, h.term, rp.header_hash(h), s.signed, s.data, proof)
         self._fd, data = open_log(self.folder / "blocks.log")
         frames = Frames(data)
         damaged = False
@@ -152,7 +155,8 @@ class CopyStore:
             _Hard(*(ready.hard or (self.hard.term, self.hard.vote)), self.hard.damaged)
         )
         if ready.snapshot is not None and ready.snapshot.signed is not None:
-            snap = _Snapshot(ready.snapshot.signed, ready.snapshot.data)
+            after, acks = ready.snapshot.proof or ([], [])
+            snap = _Snapshot(ready.snapshot.signed, ready.snapshot.data, after, acks)
             self._write_whole("snapshot", _encoder.encode(snap))
         if ready.truncate is not None:
             self._truncate(ready.truncate)

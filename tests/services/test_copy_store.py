@@ -52,6 +52,7 @@ def test_a_restart_reads_back_the_term_the_vote_the_snapshot_and_the_log(tmp_pat
     again = restarted(shard, tmp_path)
     assert (again.term, again.vote) == (live.term, live.vote)
     assert again.snap.height == live.snap.height > 0
+    assert again.snap.proof == live.snap.proof and live.snap.proof is not None
     assert again.last == live.last
     assert again.hash_at(again.last) == live.hash_at(live.last)
     assert again.state_root() == live.state_root()
