@@ -292,11 +292,15 @@ def check_shape(msg: Message) -> None:
         signed = [msg.signed]
     elif isinstance(msg, Proof) and isinstance(msg.evidence, Equivocation):
         signed = [msg.evidence.a, msg.evidence.b]
+    if len(acks) > MAX_ACKS:
+        raise MessageError(f"{len(acks)} acks, more than {MAX_ACKS}")
     for ack in acks:
         _hash(ack.block)
         _nonneg(ack.copy, ack.term, ack.height)
     headers = [s.header for s in signed]
     if isinstance(msg, Chunk):
+        if len(msg.after) > MAX_AFTER:
+            raise MessageError(f"a snapshot's proof of {len(msg.after)} headers")
         headers += msg.after
     for h in headers:
         _hash(h.prev)
@@ -311,6 +315,8 @@ def _hash(value: bytes) -> None:
         raise MessageError(f"a hash of {len(value)} bytes, expected {HASH_LEN}")
 
 
+MAX_ACKS = 64  # in a proof of confirmation: two a copy of 32 operators
+MAX_AFTER = 4096  # headers after a snapshot's block, in its proof
 MAX_NUMBER = 1 << 48  # terms, heights, offsets: far above any real one, far below 2^64
 
 

@@ -63,6 +63,7 @@ GENESIS = bytes(32)
 EVERYONE = -1  # a message's destination: every other copy
 SEEN_LIMIT = 4096  # headers and votes remembered for finding equivocation, about
 HEAD_AGAIN = 20  # heartbeats after which an unchanged head is shown again
+MAX_PROOF_HEADERS = 256  # headers in a snapshot's proof (each ~150 bytes, in every chunk)
 # How far ahead of ours a term named by a message that proves nothing (a vote asked or
 # refused, an ack) is taken: no copy can push the others' terms to the end of their range
 # (``rp.MAX_NUMBER``, where no election could follow) but by 2^48 / 1000 messages. A
@@ -176,6 +177,7 @@ class Progress:
     snapshot: int = -1  # the height of the snapshot being sent
     handed: float = 0.0  # leadership is not handed to it again before this time
     ack: rp.Ack | None = None  # its latest ack in this term, for proofs of confirmation
+    ack_checked: bool = False  # its signature checked (an authenticated transport's is not)
     acks_at: int = -1  # our confirmed height when we last sent it our acks
 
 
@@ -203,8 +205,8 @@ def proves_confirmed(
     header and the headers after it, each chaining to the one before; the acks, each
     signed by its copy's operator (``keys``) for a block of the chain, are those of a
     confirming set of copies (``counts``: not of an excluded operator) in one term T, all
-    for blocks at or above the first block of T in the chain, under the members in
-    effect at that block (``agreed``), its leader's operator being the one that confirms.
+    for blocks at or above a block of T in the chain, under the members in effect at
+    that block (``agreed``), its leader's operator being the one that confirms.
     That is the rule by which T's leader confirms (``Replica._confirm``): such a set
     holds that block of T and everything before it, ``chain[0]`` among them; a confirming
     set spans a majority of operators, so at least one honest one checked every block."""
@@ -230,13 +232,13 @@ def proves_confirmed(
         digest = rp.ack_digest(base.owner, base.worker, ack.term, ack.height, ack.block, ack.copy)
         if schnorr_verify(keys[ack.copy // 2], digest, ack.sig):
             by_term.setdefault(ack.term, {})[ack.copy] = ack.height
-    for term, held in by_term.items():
-        first = next((h for h in chain if h.term == term), None)
-        members = None if first is None else agreed.get(first.members)
-        if first is None or members is None:
+    for header in chain:
+        held = by_term.get(header.term)
+        members = agreed.get(header.members)
+        if held is None or members is None:
             continue
-        copies = [divmod(c, 2) for c, height in held.items() if height >= first.height]
-        if mb.confirming(mb.quorums(members), copies, first.leader // 2):
+        copies = [divmod(c, 2) for c, height in held.items() if height >= header.height]
+        if mb.confirming(mb.quorums(members), copies, header.leader // 2):
             return True
     return False
 
@@ -883,12 +885,13 @@ class Replica:
     def _send_to(self, copy: int, p: Progress, beat: bool) -> None:
         """Send ``copy`` what it lacks, within the window; an empty Append if ``beat``."""
         cert = [] if p.knows else self.cert
-        acks: list[rp.Ack] = []
-        if beat or self.confirmed >= p.acks_at + self.settings.window:
-            acks, p.acks_at = self._acks(), self.confirmed
+        # our acks, on what is sent every few blocks confirmed (and on a heartbeat): what
+        # it proves a snapshot with
+        due = beat or self.confirmed >= p.acks_at + self.settings.window
         if p.offset >= 0 or p.next < self.first:
             if beat or cert:  # leadership news and the confirmed height; it lacks the rest
                 base, base_hash = self.base[::2]
+                acks = self._acks_for(p) if due else []
                 self._send(
                     copy, rp.Append(self.term, base, base_hash, [], self.confirmed, cert, acks)
                 )
@@ -909,6 +912,7 @@ class Replica:
         # A heartbeat names the last block sent: a copy that lacks it (lost on the
         # way) says where to resume.
         prev = max(p.next - 1, self.base[0])
+        acks = self._acks_for(p) if due else []
         self._send(
             copy,
             rp.Append(self.term, prev, self.hash_at(prev), blocks, self.confirmed, cert, acks),
@@ -937,6 +941,10 @@ class Replica:
             snap.proof = self._prove(snap.signed.header, self._acks())
         return snap.proof
 
+    def _acks_for(self, p: Progress) -> list[rp.Ack]:
+        p.acks_at = self.confirmed
+        return self._acks()
+
     def _acks(self) -> list[rp.Ack]:
         """A leader's latest signed acks of this term: its own, of what it stored, and
         each copy's."""
@@ -948,16 +956,29 @@ class Replica:
             )
             own = rp.Ack(self.me, self.term, self.stored_height, block, self.sign(digest))
             self.own_ack = own
-        return [own, *(p.ack for p in self.progress.values() if p.ack is not None)]
+        acks = [own]
+        for p in self.progress.values():
+            if p.ack is not None and not p.ack_checked:
+                # once: a proof with an ack whose signature fails proves nothing
+                a = p.ack
+                digest = rp.ack_digest(self.owner, self.worker, a.term, a.height, a.block, a.copy)
+                p.ack_checked = True
+                if not schnorr_verify(self.keys[a.copy // 2], digest, a.sig):
+                    p.ack = None
+            if p.ack is not None:
+                acks.append(p.ack)
+        return acks
 
     def _prove(self, header: rp.Header, acks: Sequence[rp.Ack]) -> Confirmation | None:
         """The proof that the block of ``header`` (in the log, or the snapshot's) is
         confirmed, from ``acks`` (``proves_confirmed``): those of the fewest copies, the
         lowest first, with the headers up to the highest of them; None where they do not
         prove it."""
-        usable = sorted(
-            (a for a in acks if header.height <= a.height <= self.last), key=lambda a: a.height
-        )
+        lowest: dict[int, rp.Ack] = {}  # one a copy (of one term: a leader's), the lowest
+        for a in sorted(acks, key=lambda a: a.height):
+            if header.height <= a.height <= self.last and self._counts(a.copy):
+                lowest.setdefault(a.copy, a)
+        usable = sorted(lowest.values(), key=lambda a: a.height)
         chain = [header]
         chosen: list[rp.Ack] = []
         for ack in usable:
@@ -1012,6 +1033,7 @@ class Replica:
                 return
             p.match = msg.height
             p.ack = rp.Ack(sender, msg.term, msg.height, msg.block, msg.sig)
+            p.ack_checked = not self.settings.authenticated
             p.offset = -1
         p.next = max(p.next, msg.height + 1)
         self._confirm()
@@ -1253,6 +1275,9 @@ class Replica:
         acks = self._acks() if self.role is Role.LEADER else self.leader_acks
         proof = self._prove(header, acks)
         if proof is None:
+            return
+        if len(proof[0]) > MAX_PROOF_HEADERS:  # captured long ago: again at the next block
+            self.captured = None
             return
         self.snap = Snapshot(height, header.term, self.hash_at(height), block.signed, data, proof)
         self.captured = None

@@ -134,6 +134,14 @@ async def world(database_url: str, version: str) -> World:
     return World(sim, database_url)
 
 
+async def unpaid_and_free(app: MintApp, quote_id: str) -> None:
+    """The melt quote is UNPAID and none of the proofs it held is held any more."""
+    quote, _ = await app.db.melt_quote(quote_id, m.BOLT11) or (None, [])
+    assert quote is not None and quote.state == m.MELT_UNPAID
+    held = "SELECT count(*) FROM mint_proofs WHERE reserved_by = $1"
+    assert await app.db.pool.fetchval(held, quote_id) == 0
+
+
 async def test_a_melt_settled_late_through_xpay_s_listpays_keeps_its_routing_fee(
     postgres: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -218,10 +226,7 @@ async def test_a_melt_whose_node_is_not_reachable_fails_at_once_and_frees_its_pr
         with pytest.raises(m.CashuError) as refused:
             await app.melt(request(body))
         assert refused.value.code == m.PAYMENT_FAILED
-        quote, _ = await app.db.melt_quote(body["quote"], m.BOLT11) or (None, [])
-        assert quote is not None and quote.state == m.MELT_UNPAID
-        held = "SELECT count(*) FROM mint_proofs WHERE reserved_by = $1"
-        assert await app.db.pool.fetchval(held, body["quote"]) == 0
+        await unpaid_and_free(app, body["quote"])
         await w.sim.set_online("a", True)
         assert (await app.melt(request(body)))["state"] == "PAID" and w.paid(bolt11)
     finally:
@@ -248,10 +253,7 @@ async def test_an_invoice_its_node_paid_outside_the_mint_is_not_melted(postgres:
         with pytest.raises(m.CashuError) as refused:
             await app.melt(request(body))
         assert refused.value.code == m.INVOICE_PAID
-        quote, _ = await app.db.melt_quote(body["quote"], m.BOLT11) or (None, [])
-        assert quote is not None and quote.state == m.MELT_UNPAID
-        held = "SELECT count(*) FROM mint_proofs WHERE reserved_by = $1"
-        assert await app.db.pool.fetchval(held, body["quote"]) == 0
+        await unpaid_and_free(app, body["quote"])
     finally:
         await app.db.close()
         await w.sim.close()
