@@ -268,7 +268,8 @@ def decode(data: bytes) -> Envelope:
 
 
 def check_shape(msg: Message) -> None:
-    """Refuse hashes of the wrong length and negative numbers (``MessageError``)."""
+    """Refuse hashes of the wrong length, negative numbers and proofs longer than any
+    real one (``MessageError``)."""
     signed: list[Signed] = []
     acks: list[Ack] = []
     if isinstance(msg, Append):

@@ -5,12 +5,11 @@ wallet that lost an answer and sends the very same request again gets the same a
 An answer is keyed by the request's path and body bytes (a retry sends the same bytes)
 and kept ``ttl_s`` seconds. Only answers that are final are kept: a success, and of a
 melt only one whose payment is PAID (a PENDING melt's retry is answered anew, with its
-quote as it stands: ``store.MeltStarted``). The cache
-is read only where the mint refuses a request (its proofs spent, its quote issued or
-paid): a retry is refused that way, and a first request does not pay for the lookup. Where
-Redis is down, requests are served without it: a retry then gets the answer it would
-get from a mint without NUT-19, and nothing is lost either way (the signatures are in
-PostgreSQL, NUT-09 restores them).
+quote as it stands: ``store.MeltStarted``). The cache is read only where the mint
+refuses a request (its proofs spent, its quote issued or paid): a retry is refused that
+way, and a first request does not pay for the lookup. Where Redis is down, requests are
+served without it: a retry then gets the answer it would get from a mint without NUT-19,
+and nothing is lost either way (the signatures are in PostgreSQL, NUT-09 restores them).
 
 An answer is sent once it is kept. The answers of requests that finish while one write
 is on its way go together in the next (one pipelined round trip): at a few hundred swaps
