@@ -309,9 +309,12 @@ def _turn(order: Sequence[str], changed: set[str], observed: Mapping[Key, Obj]) 
     machine restarts while the NATS it needs does. One that is down and cannot come up as
     it is (``_stuck``) goes first: nothing that is up goes down, and the change may be
     what mends it. One that runs but is not ready (starting, catching up, or connecting
-    again to a NATS that restarted) is waited for. The roll keeps no state of its own:
-    the StatefulSets, their status and their pods say where it is, so a restarted
-    operator carries on from there. (A disruption budget limits evictions only.)"""
+    again to a NATS that restarted) is waited for by the others; itself, it may go
+    before its turn while every other is settled (nothing else is down, and the change
+    may be what it waits for), so the order is kept only among settled ones. The roll
+    keeps no state of its own: the StatefulSets, their status and their pods say where
+    it is, so a restarted operator carries on from there. (A disruption budget limits
+    evictions only.)"""
     settled = {m: _workload_state(observed.get(("StatefulSet", m)))[1] for m in order}
     for m in order:
         others = all(settled[o] for o in order if o != m)

@@ -524,10 +524,20 @@ def test_what_is_not_ready_is_waited_for_and_what_is_stuck_changes_first() -> No
     every shard together. One that runs and is not ready yet (a machine connecting
     again to a NATS that just restarted) is waited for; one that is down and does not
     come up as it is (a crash loop, no pod) changes first, one a pass: nothing that is
-    up goes down, and the change may be what mends it."""
+    up goes down, and the change may be what mends it. One not ready while every other
+    is settled goes before its turn: nothing else is down."""
     r = _renderer()
     changed = _renderer(neighbours=[NEIGHBOUR])
     observed = _running(r)
+    late = {"readyReplicas": 0, "updatedReplicas": 1, "observedGeneration": 1}
+    alone = dict(observed)
+    alone[("StatefulSet", "g1-machine-1")] = {
+        **alone[("StatefulSet", "g1-machine-1")],
+        "status": late,
+    }
+    alone |= _pod("g1-machine-1", ready=False)
+    step = plan(changed, alone)
+    assert _rolling(step) == ["g1-machine-1"] and step.waiting == ROLLED[:2]
     for name in ROLLED[1:]:
         status = {"readyReplicas": 0, "updatedReplicas": 1, "observedGeneration": 1}
         observed[("StatefulSet", name)] = {**observed[("StatefulSet", name)], "status": status}
