@@ -16,7 +16,8 @@ ROUND_BUCKETS_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 class CopyCollector(Collector):
-    """Each copy's term, role, heights, lag, members, elections, refusals and evidence."""
+    """Each copy's term, role, heights, snapshot, lag, members, elections, refusals,
+    evidence and damage."""
 
     def __init__(self, copies: Callable[[], Sequence[HostedCopy]]) -> None:
         self.copies = copies
@@ -34,6 +35,23 @@ class CopyCollector(Collector):
             "replica_confirmed_height", "the highest block known confirmed", labels=labels
         )
         last = GaugeMetricFamily("replica_last_height", "the highest block held", labels=labels)
+        snapshot = GaugeMetricFamily(
+            "replica_snapshot_height",
+            "the block of this copy's latest snapshot (the log before it is dropped)",
+            labels=labels,
+        )
+        unsnapped = GaugeMetricFamily(
+            "replica_blocks_since_snapshot",
+            "blocks held after the latest snapshot (one is taken every REPLICA_SNAPSHOT_EVERY"
+            " confirmed blocks, once their confirmation is proven)",
+            labels=labels,
+        )
+        damaged = GaugeMetricFamily(
+            "replica_damaged",
+            "1 while this copy may have lost blocks it acked (a damaged disk): it neither"
+            " votes nor campaigns until it holds a block of a term begun after its restart",
+            labels=labels,
+        )
         since = GaugeMetricFamily(
             "replica_seconds_since_confirmed",
             "since this copy last learned of a newly confirmed block",
@@ -90,6 +108,9 @@ class CopyCollector(Collector):
             leader.add_metric(lv, r.leader)
             confirmed.add_metric(lv, r.confirmed)
             last.add_metric(lv, r.last)
+            snapshot.add_metric(lv, r.snap.height)
+            unsnapped.add_metric(lv, r.last - r.snap.height)
+            damaged.add_metric(lv, 1 if r.damaged else 0)
             since.add_metric(lv, now - c.confirmed_at)
             evidence.add_metric(lv, len(r.evidence))
             gap.add_metric(lv, c.gap or 0)
@@ -105,6 +126,7 @@ class CopyCollector(Collector):
                 for peer, p in r.progress.items():
                     lag.add_metric([*lv, str(peer)], max(0, r.last - p.match))
         yield from (term, leading, leader, confirmed, last, since, lag, evidence, gap)
+        yield from (snapshot, unsnapped, damaged)
         yield from (voters, learners, joint)
         yield from (elections, refused_blocks, refused, snapshots, dropped)
 

@@ -34,6 +34,8 @@ REQUIRED = {
     "a settlement pending too long": "gateway_settle_pending_age_seconds",
     "a settlement untaken too long": "gateway_settle_untaken_age_seconds",
     "a replica far behind": "replica_lag_blocks",
+    "a copy that takes no snapshot": "replica_blocks_since_snapshot",
+    "a copy whose disk lost acked blocks": "replica_damaged",
     "evidence against an operator": "replica_evidence",
     "failing signers": "signer_signer_failures_total",
     "failing signing requests": "signer_requests_finished_total",

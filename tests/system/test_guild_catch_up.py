@@ -13,6 +13,7 @@ import shutil
 import signal
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import aiohttp
 import msgspec
 import nats
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
@@ -71,6 +73,16 @@ async def events_log(net: Devnet, worker: int, copy: int) -> list[proto.BlockEve
         await nc.close()
 
 
+def gauges(port: int) -> list[tuple[str, float, float]]:
+    """A machine's copies' shard, snapshot height and blocks held after it, from its
+    /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    since = {s.labels["shard"]: s.value for s in families["replica_blocks_since_snapshot"].samples}
+    snap = families["replica_snapshot_height"].samples
+    return [(s.labels["shard"], s.value, since[s.labels["shard"]]) for s in snap]
+
+
 async def test_a_copy_restored_from_a_snapshot_fills_its_events_from_its_twin(
     where: Path,
 ) -> None:
@@ -90,6 +102,13 @@ async def test_a_copy_restored_from_a_snapshot_fills_its_events_from_its_twin(
         assert time.monotonic() < end, [c for c in guild.copies(nets) if c["events_gap"]]
         await asyncio.sleep(0.2)
     assert by_shard["op0/0"][0]["confirmed"] > 16 * 2
+    # Every copy of op0's shards (the others' took few blocks) snapshots, a follower once
+    # its leader's acks prove the block confirmed: the log after a snapshot stays short
+    # (16 blocks between them, 8 in flight).
+    for m in op0.machines:
+        heights = gauges(m.http_port)
+        assert len(heights) == 6 and all(since < 64 for _, snap, since in heights), heights
+        assert all(snap > 0 for shard, snap, _ in heights if shard.startswith("op0/")), heights
     said = (Path(frozen.state_dir) / "machine.log").read_text()
     assert "backfill: events log whole" in said  # it did install a snapshot, and filled
     for worker in (0, 1):
