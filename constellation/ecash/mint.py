@@ -49,6 +49,7 @@ QUOTE_PENDING = 20005
 INVOICE_PAID = 20006
 QUOTE_EXPIRED = 20007
 SIGNATURE_INVALID = 20008
+PUBKEY_INVALID = 20009
 
 
 class CashuError(Exception):
@@ -251,6 +252,19 @@ def change(overpaid: int, blanks: Sequence[nut.BlindedMessage]) -> list[nut.Blin
     ``len(blanks)`` powers of two can carry, the largest first)."""
     amounts = sorted(split(overpaid), reverse=True)[: len(blanks)]
     return [nut.BlindedMessage(a, b.id, b.B_) for a, b in zip(amounts, blanks, strict=False)]
+
+
+def check_quote_key(pubkey: str) -> None:
+    """NUT-20: a quote's key is a compressed point of the curve (20009), else a paid quote
+    could never be minted: no signature verifies under it."""
+    try:
+        key = bytes.fromhex(pubkey)
+        ok = len(key) == 33 and key[0] in (2, 3)
+        PublicKey(key)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise CashuError(PUBKEY_INVALID, f"the quote's pubkey is not a public key: {pubkey[:66]!r}")
 
 
 def check_mint_signature(pubkey: str, request: nut.MintRequest) -> bool:

@@ -190,10 +190,14 @@ T = TypeVar("T")
 
 
 def decode(data: bytes, kind: type[T]) -> T:
+    """``data`` as a ``kind``; unknown fields are skipped (wallets add their own), and one
+    nested deeper than the decoder goes is refused like any malformed body."""
     try:
         return msgspec.json.decode(data, type=kind)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise DecodeError(str(exc)) from None
+    except RecursionError:
+        raise DecodeError("JSON nested too deeply") from None
 
 
 def encode(doc: Any) -> bytes:

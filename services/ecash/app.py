@@ -417,9 +417,8 @@ class MintApp:
 
     async def _proof_states(self, ys: list[str]) -> list[dict[str, Any]]:
         states = await self.db.states([bytes.fromhex(y) for y in ys])
-        return [
-            {"Y": y, "state": states.get(bytes.fromhex(y), "UNSPENT"), "witness": None} for y in ys
-        ]
+        found = [states.get(bytes.fromhex(y), ("UNSPENT", None)) for y in ys]
+        return [{"Y": y, "state": st, "witness": w} for y, (st, w) in zip(ys, found, strict=True)]
 
     async def _states_of(self, kind: str, things: list[str]) -> dict[str, Any]:
         """NUT-17's payloads: each proof's state, or each quote's (where it exists)."""
@@ -463,6 +462,8 @@ class MintApp:
         req = nut.decode(await request.read(), nut.MintQuoteRequest)
         self._check_unit(req.unit)
         self._check_amount(req.amount)
+        if req.pubkey is not None:
+            m.check_quote_key(req.pubkey)
         quote = str(uuid.uuid4())
         try:
             invoice = await self.backend.create_invoice(

@@ -486,6 +486,7 @@ class Onchain:
     # -- deposits ------------------------------------------------------------------------
 
     async def mint_quote(self, req: nut.MintQuoteOnchainRequest, expiry_s: int) -> dict[str, Any]:
+        m.check_quote_key(req.pubkey)
         quote = str(uuid.uuid4())
         label = _label(quote.encode())
         address, script = await self.address(label)

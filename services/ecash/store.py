@@ -696,12 +696,17 @@ class MintStore:
                 )
         return refused
 
-    async def states(self, ys: Sequence[bytes]) -> dict[bytes, str]:
+    async def states(self, ys: Sequence[bytes]) -> dict[bytes, tuple[str, str | None]]:
+        """Each proof seen: its state, and the witness that spent it (NUT-07; None while
+        it is not SPENT: a wallet reads a witness as the proof spent)."""
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                "SELECT y, state FROM mint_proofs WHERE y = ANY($1::bytea[])", list(ys)
+                "SELECT y, state, witness FROM mint_proofs WHERE y = ANY($1::bytea[])", list(ys)
             )
-        return _states(rows)
+        return {
+            bytes(r["y"]): (r["state"], r["witness"] if r["state"] == "SPENT" else None)
+            for r in rows
+        }
 
     async def restore(self, blinded: Sequence[bytes]) -> dict[bytes, nut.BlindSignature]:
         async with self.pool.acquire() as conn:

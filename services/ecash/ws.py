@@ -126,7 +126,7 @@ class Hub:
         try:
             try:
                 doc = msgspec.json.decode(text)
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, RecursionError) as exc:
                 raise RpcError(PARSE_ERROR, f"not JSON: {exc}") from None
             if isinstance(doc, dict) and isinstance(doc.get("id"), int):
                 rid = doc["id"]

@@ -356,7 +356,7 @@ class LightSockets:
         notifications), or None (a notification, or a batch of them)."""
         try:
             doc = msgspec.json.decode(text)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             return _error(None, PARSE_ERROR, "malformed", str(exc))
         if not isinstance(doc, list):
             return await self._one(conn, doc)

@@ -105,15 +105,43 @@ def test_htlcs_are_refused_not_spent_as_plain_secrets(index: int) -> None:
     ("secret", "why"),
     [
         ('["P2PK", "x"]', "nonce, data, tags"),
-        ('["P2PK", {"data": "02aa", "tags": [["n_sigs", "two"]]}]', "not a number"),
+        (f'["P2PK", {{"data": "{KEY}", "tags": [["n_sigs", "two"]]}}]', "not a positive"),
+        (f'["P2PK", {{"data": "{KEY}", "tags": [["n_sigs", "+1"]]}}]', "not a positive"),
         ('["P2PK", {"data": "02aa", "tags": [["sigflag", "SIG_SOME"]]}]', "sigflag"),
         ('["P2PK", {"data": "02aa", "tags": "sigflag"}]', "lists of strings"),
         ('["P2PK", {"data": "02aa"}]', "compressed public key"),
-        ('["P2PK", {"data": "02aa", "tags": [["n_sigs", "0"]]}]', "at least 1"),
+        (f'["P2PK", {{"data": "{KEY}", "tags": [["n_sigs", "0"]]}}]', "at least 1"),
+        # NUT-11's malformed secrets: a tag twice (a wallet may read the other value), a
+        # key twice in one path (by x: either parity), more signatures than keys
+        (
+            f'["P2PK", {{"data": "{KEY}", "tags": [["locktime", "1"], ["refund", "{KEY}"],'
+            ' ["locktime", "4102444800"]]}]',
+            "'locktime' given more than once",
+        ),
+        (
+            f'["P2PK", {{"data": "{KEY}", "tags": [["n_sigs", "1"], ["n_sigs", "1"]]}}]',
+            "'n_sigs' given more than once",
+        ),
+        (
+            f'["P2PK", {{"data": "{KEY}", "tags": [["pubkeys", "03{KEY[2:]}"]]}}]',
+            "a key given twice in its keys",
+        ),
+        (
+            f'["P2PK", {{"data": "{KEY}", "tags": [["locktime", "1"],'
+            f' ["refund", "{KEY}", "{KEY.upper()}"]]}}]',
+            "a key given twice in its refund keys",
+        ),
+        (f'["P2PK", {{"data": "{KEY}", "tags": [["n_sigs", "2"]]}}]', "at most 1"),
+        (
+            f'["P2PK", {{"data": "{KEY}", "tags": [["locktime", "1"], ["refund", "{KEY}"],'
+            ' ["n_sigs_refund", "2"]]}]',
+            "at most 1",
+        ),
+        (f'["P2PK", {{"data": "{KEY}", "tags": [["n_sigs_refund", "1"]]}}]', "without refund"),
         (
             f'["P2PK", {{"data": "{KEY}", "tags": [["locktime", "1"], ["refund", "{KEY}"],'
             ' ["n_sigs_refund", "-1"]]}]',
-            "at least 1",
+            "not a positive number",
         ),
     ],
 )
@@ -123,15 +151,34 @@ def test_malformed_conditions_are_refused(secret: str, why: str) -> None:
         check([p], [], NOW)
 
 
+def test_a_locktime_that_is_not_a_unix_time_is_a_permanent_lock() -> None:
+    """NUT-11: spent by its keys, never by its refund keys; digits only, as wallets read
+    them (Python's int would take "1_0", " 1" or "+1")."""
+    for when in ("never", "1_0", " 1", "+1", "-1", "1.5", "\u0661", ""):
+        lock = [["locktime", when], ["refund", "02" + KEYS[3].pubkey.hex()]]
+        secret = locked(0, [], 1, lock)
+        check([signed(secret, [0])], [], NOW)
+        with pytest.raises(ConditionError, match="valid signature"):
+            check([signed(secret, [3])], [], NOW)
+    expired = locked(0, [], 1, [["locktime", "10"], ["refund", "02" + KEYS[3].pubkey.hex()]])
+    check([signed(expired, [3])], [], NOW)
+
+
 def test_plain_secrets_have_no_condition() -> None:
     for secret in (os.urandom(32).hex(), "[not json", "[1, 2]", "[]", '"text"'):
         assert condition_of(secret) is None
 
 
 def test_what_a_wallet_may_read_as_locked_is_never_spent_as_plain() -> None:
-    """Whitespace around the array, or another length: a wallet may see a lock there;
-    the mint never spends it as a plain secret."""
+    """Whitespace around the array, another length, JSON nested deeper than this mint
+    reads: a wallet may see a lock there; the mint never spends it as a plain secret."""
     body = {"nonce": "00", "data": "02" + "11" * 32}
+    deep = '["P2PK", {"nonce": ' + "[" * 1000 + "]" * 1000 + "}]"
+    with pytest.raises(ConditionError, match="nested too deeply"):
+        check([nut.Proof(1, "009a1f293253e41e", deep, "02" + "11" * 32)], [], NOW)
+    witness = '{"signatures": ' + "[" * 5000 + "]" * 5000 + "}"
+    with pytest.raises(ConditionError, match="witness"):
+        check([msgspec.structs.replace(signed(locked(0, [], 1), [0]), witness=witness)], [], NOW)
     for secret in (
         " " + json.dumps(["P2PK", body]),
         json.dumps(["P2PK", body]) + "\n",
@@ -230,7 +277,8 @@ def test_a_proof_spends_exactly_when_enough_of_its_keys_signed(
         ["refund", "02" + KEYS[3].pubkey.hex()],
     ]
     p = signed(locked(0, [1, 2], n, lock), signers)
-    enough = len({s for s in signers if s in (0, 1, 2)}) >= n or (expired and 3 in signers)
+    signing = len({s for s in signers if s in (0, 1, 2)})
+    enough = n <= 3 and (signing >= n or (expired and 3 in signers))  # 4 of 3: malformed
     if enough:
         check([p], [], NOW)
     else:

@@ -160,6 +160,12 @@ def test_nut20_signatures() -> None:
     )
     assert m.check_mint_signature(pubkey[0], good)
     assert not m.check_mint_signature(pubkey[1], bad)
+    # A quote's key must be a point: else, once paid, it could never be minted (20009).
+    m.check_quote_key(pubkey[0])
+    for key in ("02" + "ff" * 32, "04" + pubkey[0][2:], "zz" + pubkey[0][2:], pubkey[0][:-2]):
+        with pytest.raises(m.CashuError) as refused:
+            m.check_quote_key(key)
+        assert refused.value.code == m.PUBKEY_INVALID
 
 
 def test_a_mint_quote_issues_once_its_invoice_is_paid() -> None:

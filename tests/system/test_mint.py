@@ -124,12 +124,6 @@ async def test_mint_swap_melt_and_restore(where: Path) -> None:
         outputs, _ = client.outputs_for(1000, mint.active)
         again = {"inputs": proofs, "outputs": outputs}
         assert await mint.refused("/v1/swap", again) == m.SPENT
-        # text PostgreSQL cannot store (a NUL): refused as malformed, not a 500
-        nul = {
-            "inputs": [{**msgspec.to_builtins(swapped[0]), "witness": "\x00"}],
-            "outputs": client.outputs_for(swapped[0].amount, mint.active)[0],
-        }
-        assert await mint.refused("/v1/swap", nul) == 0
         # melt 300 sat to op1's node: inputs for the amount and the fee reserve, and
         # blank outputs for what the routing fee leaves of the reserve (NUT-08)
         invoice = payee.invoice(300_000, f"melt-{os.urandom(4).hex()}", "a melt")["bolt11"]
@@ -138,7 +132,15 @@ async def test_mint_swap_melt_and_restore(where: Path) -> None:
         assert quote["amount"] == 300 and reserve >= 2
         outputs, secrets = client.outputs_for(300 + reserve, mint.active)
         rest, rest_secrets = client.outputs_for(1000 - 300 - reserve, mint.active)
-        doc = await mint.ok("/v1/swap", {"inputs": swapped, "outputs": outputs + rest})
+        # NUT-07: the witness a proof was spent with, once it is spent (none before)
+        witness = '{"signatures": []}'
+        ys = [bdhke.hash_to_curve(p.secret.encode()).format().hex() for p in swapped]
+        spending = [msgspec.structs.replace(swapped[0], witness=witness), *swapped[1:]]
+        before = await mint.ok("/v1/checkstate", {"Ys": ys})
+        assert [s["witness"] for s in before["states"]] == [None] * len(ys)
+        doc = await mint.ok("/v1/swap", {"inputs": spending, "outputs": outputs + rest})
+        after = await mint.ok("/v1/checkstate", {"Ys": ys})
+        assert [s["witness"] for s in after["states"]] == [witness] + [None] * (len(ys) - 1)
         exact = mint.unblind(doc["signatures"], outputs + rest, secrets + rest_secrets)
         exact = exact[: len(outputs)]
         blanks = [client.Secret.fresh() for _ in range(max(reserve.bit_length(), 1))]
@@ -168,6 +170,29 @@ async def test_mint_swap_melt_and_restore(where: Path) -> None:
             'mint_operations_total{op="mint",outcome="20008"} 1.0',
         ):
             assert line in metrics, line
+
+
+async def test_what_is_malformed_is_refused_with_its_code_not_a_500(where: Path) -> None:
+    op0, _ = nets(where)
+    async with aiohttp.ClientSession() as s:
+        mint = Mint(op0.mint_url, s)
+        await mint.load()
+        proof = {
+            "amount": 8,
+            "id": mint.active,
+            "secret": os.urandom(32).hex(),
+            "C": "02" + "11" * 32,
+        }
+        outputs = client.outputs_for(8, mint.active)[0]
+        # text PostgreSQL cannot store (a NUL)
+        nul = {"inputs": [{**proof, "witness": "\x00"}], "outputs": outputs}
+        assert await mint.refused("/v1/swap", nul) == 0
+        # NUT-20: a quote whose key is no point could never be minted once paid
+        off_curve = {"amount": 1, "unit": "sat", "pubkey": "02" + "ff" * 32}
+        assert await mint.refused("/v1/mint/quote/bolt11", off_curve) == 20009
+        # an unknown field nested deeper than the decoder goes
+        deep = {"Ys": ["02" + "11" * 32], "x": msgspec.Raw(b"[" * 3000 + b"]" * 3000)}
+        assert await mint.refused("/v1/checkstate", deep) == 0
 
 
 async def test_concurrent_swaps_sharing_proofs_spend_each_once(where: Path) -> None:
@@ -738,7 +763,7 @@ async def test_a_swap_postgresql_refuses_fails_alone_and_a_given_up_one_spends_n
         assert tried == [1] * SWAP_GROUPS + [7] + [1] * 7, tried
         assert grouped == [1] * (SWAP_GROUPS + 6), grouped
         states = await store.states([y for sw, _, _ in good for y in sw.ys] + given_up[0].ys)
-        assert len(states) == 12 and set(states.values()) == {"SPENT"}
+        assert len(states) == 12 and {st for st, _ in states.values()} == {"SPENT"}
         assert await store.restore([bytes.fromhex(o.B_) for o in given_up[2].outputs]) == {}
         async with store.pool.acquire() as conn:
             rows = await conn.fetchval("SELECT count(*) FROM mint_promises")
@@ -890,6 +915,8 @@ async def test_nut17_is_advertised_and_refuses_bad_requests_with_json_rpc_errors
         assert set(method["commands"]) == {"bolt11_mint_quote", "bolt11_melt_quote", "proof_state"}
         async with s.ws_connect(f"{op0.mint_url}/v1/ws") as ws:
             await ws.send_str("{not json")
+            assert (await ws.receive_json(timeout=5))["error"]["code"] == -32700
+            await ws.send_str('{"id": 3, "x": ' + "[" * 3000 + "]" * 3000 + "}")
             assert (await ws.receive_json(timeout=5))["error"]["code"] == -32700
             await ws.send_str('{"jsonrpc": "1.0", "id": 9, "method": "subscribe"}')
             doc = await ws.receive_json(timeout=5)

@@ -224,6 +224,9 @@ async def test_a_deposit_is_credited_after_confirmations_and_only_its_key_mints(
         "/v1/mint/quote/onchain", {"unit": "sat", "pubkey": "02" + KEY.pubkey.hex()}
     )
     assert other["request"] != q["request"]  # an address per quote
+    off_curve = {"unit": "sat", "pubkey": "02" + "ff" * 32}  # no deposit could be minted
+    status, doc = await mint.call("/v1/mint/quote/onchain", off_curve)
+    assert status == 400 and doc["code"] == 20009, doc
     info = await mint.ok("/v1/info")
     [onchain] = [d for d in info["nuts"]["4"]["methods"] if d["method"] == "onchain"]
     assert onchain["min_amount"] == 10_000 and onchain["options"] == {"confirmations": 3}
