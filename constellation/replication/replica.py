@@ -69,6 +69,8 @@ MAX_PROOF_HEADERS = 256  # headers in a snapshot's proof (each ~150 bytes, in ev
 # (``rp.MAX_NUMBER``, where no election could follow) but by 2^48 / 1000 messages. A
 # certificate's term (``Append``) is taken whole.
 TERM_STEP = 1000
+# Election timeouts a leader leads before a copy ahead of it in term deposes it.
+HOLD_LEADERSHIP = 5
 # Election timeouts before a leader that stepped down (CheckQuorum) campaigns again: after
 # every other copy's (``Replica._timeout``: 4 at most).
 LAST_RESORT = 4.5
@@ -534,12 +536,7 @@ class Replica:
 
     def _beat(self, now: float) -> None:
         s = self.settings
-        heard = [self.me] + [
-            c
-            for c, p in self.progress.items()
-            if now - p.heard < s.election_s and not self._excluded(c)
-        ]
-        if not self._confirming(heard) and now - self.led_since > s.election_s:
+        if not self._confirming(self._heard(now)) and now - self.led_since > s.election_s:
             self._follow(self.term, -1)  # CheckQuorum: cut off from a confirming set
             # The others campaign first: preferred, it would win again where it can be
             # elected but not confirm (its operator short of a copy, with one other left).
@@ -984,9 +981,17 @@ class Replica:
 
     def _on_appended(self, sender: int, msg: rp.Appended) -> None:
         if msg.term > self.term:
-            # A copy that went ahead in term, and cannot be elected nor follow us, is
-            # waiting for an election (the term as far as it is taken: it proves nothing)
-            self._follow(self._later(msg.term), -1)
+            # A copy that went ahead in term (a campaign of its own that failed), and
+            # cannot be elected nor follow us, waits for an election (Raft's step-down;
+            # the term as far as it is taken: it proves nothing). A leader holds one only
+            # after leading a while (``HOLD_LEADERSHIP``): else a Byzantine copy could
+            # depose every leader it follows, one message an election. A copy that does
+            # not lead asked nothing: it takes no term.
+            held = self.clock() - self.led_since
+            if self.role is Role.LEADER and held >= HOLD_LEADERSHIP * self.settings.election_s:
+                self._follow(self._later(msg.term), -1)
+            else:
+                self.counters.refused_messages += 1
             return
         if self.role is not Role.LEADER or msg.term != self.term:
             return
@@ -1060,6 +1065,15 @@ class Replica:
                 if self.term_at(h) == self.term:
                     self._confirmed(h)
                 return
+
+    def _heard(self, now: float, but: int = -1) -> list[int]:
+        """At a leader: this copy and those (not ``but``) that answered it lately."""
+        s = self.settings
+        return [self.me] + [
+            c
+            for c, p in self.progress.items()
+            if now - p.heard < s.election_s and not self._excluded(c) and c != but
+        ]
 
     def _confirming(self, copies: list[int]) -> bool:
         """Whether these copies (this one among them) may confirm a block of ours."""

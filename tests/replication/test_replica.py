@@ -12,7 +12,13 @@ import pytest
 
 from constellation.errors import MessageError
 from constellation.protocol import replication as rp
-from constellation.replication.replica import SEEN_LIMIT, TERM_STEP, Role, body_hash
+from constellation.replication.replica import (
+    HOLD_LEADERSHIP,
+    SEEN_LIMIT,
+    TERM_STEP,
+    Role,
+    body_hash,
+)
 from tests.replication.harness import KEYS, SETTINGS, Shard, Tamper
 from tests.sim.guild import Payments
 
@@ -538,6 +544,42 @@ def test_no_copy_can_push_the_terms_to_the_end_of_their_range() -> None:
     shard.until(lambda: shard.leader() is not None, limit=10)
     assert max(r.term for r in shard.replicas) <= term + 4 * len(lies) * TERM_STEP + 10
     shard.until(functools.partial(shard.confirmed_everywhere, shard.pay()))
+
+
+def test_a_copy_ahead_in_term_deposes_a_leader_only_once_it_has_led_a_while() -> None:
+    """One operator's copy answers every leader, each heartbeat, with an ack of a later
+    term (a copy whose campaign failed, as it would say it): a leader steps down for it
+    only after leading ``HOLD_LEADERSHIP`` election timeouts, so payments go on between
+    (before: every leader was deposed by the first such answer, one election each)."""
+    shard = started()
+    shard.until(functools.partial(shard.confirmed_everywhere, shard.pay()))
+    first = shard.replicas[0].term
+    seconds = 4 * HOLD_LEADERSHIP * SETTINGS.election_s
+    end = shard.now + seconds
+    paid = 0
+    while shard.now < end:
+        lead = shard.leader()
+        if lead is not None and lead // 2 != 2:
+            term = shard.replicas[lead].term
+            shard.queue.append(
+                (
+                    4,
+                    lead,
+                    rp.encode(rp.Envelope(0, 0, 4, rp.Appended(term + 1, False, 0, b"", b"", ""))),
+                )
+            )
+            if shard.replicas[lead].confirmed == shard.replicas[lead].last:
+                shard.pay()
+                paid += 1
+        shard.run(SETTINGS.heartbeat_s)
+    terms = shard.replicas[0].term - first
+    assert 1 <= terms <= 2 * (seconds / (HOLD_LEADERSHIP * SETTINGS.election_s) + 1), terms
+    assert paid >= seconds / SETTINGS.heartbeat_s / 2
+    # A copy that does not lead takes no term from an ack.
+    follower = next(r for r in shard.replicas[:4] if r.role is Role.FOLLOWER)
+    before = follower.term
+    follower.step(4, rp.Appended(before + 5, False, 0, b"", b"", ""))
+    assert follower.term == before
 
 
 def test_an_ack_whose_signature_fails_does_not_count() -> None:
