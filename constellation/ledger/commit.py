@@ -749,7 +749,11 @@ class TwoPhaseCommit:
     def _prepare(self, item: proto.Prepare, sender: int, reply: str) -> None:
         attempt = item.attempt
         try:
-            tx = decode_transaction(item.tx, check_owners=False)  # the coordinator checked
+            _check_attempt(attempt)
+            # Every check the copies' replay makes (``_replay_prepared``), the owners of
+            # the outputs too: a record they refuse would stop the shard. The sender is
+            # another worker, possibly of another operator: untrusted.
+            tx = decode_transaction(item.tx)
         except ConstellationError as exc:
             self.send(reply, proto.Vote(b"", exc.code, str(exc), 0, attempt))
             return
@@ -815,8 +819,8 @@ class TwoPhaseCommit:
             if decide.commit:
                 self.log.after_durable(lambda _: self._say_done(sender, txid, attempt))
             return
-        if doubt[1] != attempt:
-            return  # about another attempt
+        if doubt[1] != attempt or sender != doubt[0]:
+            return  # about another attempt, or not from its coordinator
         if decide.commit and txid not in self.logged:
             return  # a commit is told only to a worker that voted YES; this one has not yet
         del self.in_doubt[txid]
@@ -905,7 +909,7 @@ class TwoPhaseCommit:
 
     def _coin_info(self, coin_id: bytes) -> proto.CoinInfo:
         state = self.state
-        coin = state.coins.get(coin_id)
+        coin = state.coins.get(coin_id) or state.being_created(coin_id)
         status = state.status(coin_id).value
         if coin is not None:
             return proto.CoinInfo(coin_id, status, coin[0], coin[1], b"")

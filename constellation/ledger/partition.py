@@ -121,6 +121,7 @@ class CoinStatus(Enum):
     UNSPENT = "unspent"
     LOCKED = "locked"
     SPENT = "spent"
+    PENDING = "pending"  # an output of a transaction prepared here, not yet committed
     UNKNOWN = "unknown"
 
 
@@ -151,6 +152,7 @@ class PartitionState:
         self.coins: dict[bytes, Held] = {}
         self.locks: dict[bytes, bytes] = {}  # coin id -> txid holding it
         self.pending: dict[bytes, Prepared] = {}
+        self.creating: dict[bytes, bytes] = {}  # output id -> pending txid creating it
         self.spent: dict[bytes, bytes] = {}  # coin id -> txid that spent it
         self.spent_order: deque[bytes] = deque()  # the spent coins, oldest first
         self.issued_ids: set[bytes] = set()
@@ -229,6 +231,8 @@ class PartitionState:
                 raise AlreadyCommitted(f"transaction {txid.hex()} is already committed")
         for cid in mine:
             locks[cid] = txid
+        for cid, _ in created:
+            self.creating[cid] = txid
         first = tx.inputs[0].coin_id
         coordinator = bool(held[(first[0] << 8) | first[1]])
         outbound = sum(tx.outputs[i].value_msat for i, _ in tx.remote()) if coordinator else 0
@@ -257,6 +261,12 @@ class PartitionState:
             raise AlreadyCommitted(f"transaction {txid.hex()} is already committed")
         if by is not None:
             raise CoinSpent(f"coin {cid.hex()} was already spent by transaction {by.hex()}")
+        maker = self.creating.get(cid)
+        if maker is not None:  # its receipt may be out: it exists once that commits here
+            raise InputLocked(
+                f"coin {cid.hex()} is being created by transaction {maker.hex()}, not yet"
+                " committed here: send again"
+            )
         raise UnknownCoin(f"coin {cid.hex()} does not exist (or was spent long ago)")
 
     def commit(self, txid: bytes) -> Prepared:
@@ -276,8 +286,10 @@ class PartitionState:
             muhash.insert(_spent_element(cid, txid))
         if len(spent) > SPENT_KEPT:
             self._forget_spent(len(spent) - SPENT_KEPT)
+        creating = self.creating
         for cid, coin in vote.outputs:
             assert cid not in coins and cid not in spent, "an output id already exists"
+            del creating[cid]
             coins[cid] = coin
             received += coin[0]
             muhash.insert(_coin_element(cid, coin))
@@ -304,6 +316,8 @@ class PartitionState:
         locks = self.locks
         for cid in vote.inputs:
             assert locks.pop(cid) == txid, "a lock changed hands while prepared"
+        for cid, _ in vote.outputs:
+            del self.creating[cid]
         return True
 
     # -- issuance ------------------------------------------------------------------------
@@ -379,7 +393,8 @@ class PartitionState:
         _ascending([doubt.txid for doubt in snapshot.in_doubt], "transactions in doubt")
         created: set[bytes] = set()
         for doubt in snapshot.in_doubt:
-            self.pending[doubt.txid] = self._load_vote(doubt, created)
+            vote = self.pending[doubt.txid] = self._load_vote(doubt, created)
+            self.creating.update((cid, doubt.txid) for cid, _ in vote.outputs)
         self.issued_msat = int.from_bytes(snapshot.issued_msat, "big")
         self.received_msat = int.from_bytes(snapshot.received_msat, "big")
         self.sent_msat = int.from_bytes(snapshot.sent_msat, "big")
@@ -418,6 +433,11 @@ class PartitionState:
         coin = self.coins.get(coin_id)
         return None if coin is None else Coin._make(coin)
 
+    def being_created(self, coin_id: bytes) -> Held | None:
+        """The value and owner of an output a transaction prepared here creates."""
+        txid = self.creating.get(coin_id)
+        return None if txid is None else dict(self.pending[txid].outputs)[coin_id]
+
     def status(self, coin_id: bytes) -> CoinStatus:
         if coin_id in self.locks:
             return CoinStatus.LOCKED
@@ -425,6 +445,8 @@ class PartitionState:
             return CoinStatus.UNSPENT
         if coin_id in self.spent:
             return CoinStatus.SPENT
+        if coin_id in self.creating:
+            return CoinStatus.PENDING
         return CoinStatus.UNKNOWN
 
     def pending_msat(self) -> int:
@@ -462,3 +484,5 @@ class PartitionState:
                 assert cid not in locked_by_pending, "two pending transactions share an input"
                 locked_by_pending[cid] = txid
         assert locked_by_pending == self.locks, "a lock without a pending owner (leak)"
+        creating = {cid: txid for txid, vote in self.pending.items() for cid, _ in vote.outputs}
+        assert creating == self.creating, "an output being created without its transaction"

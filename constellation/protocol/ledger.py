@@ -47,6 +47,9 @@ class Submit(_Item, frozen=True, tag="s"):
     tx: bytes
 
 
+U64 = Annotated[int, msgspec.Meta(ge=0)]  # msgpack carries none above 2^64 - 1
+
+
 class Issue(_Item, frozen=True, tag="i"):
     """Gateway -> a worker holding an output: apply this encoded issuance."""
 
@@ -58,7 +61,7 @@ class Prepare(_Item, frozen=True, tag="p"):
     """Coordinator -> participant: lock and check your part of this encoded transaction."""
 
     tx: bytes
-    attempt: int
+    attempt: U64
 
 
 class Vote(_Item, frozen=True, tag="v"):
@@ -68,7 +71,7 @@ class Vote(_Item, frozen=True, tag="v"):
     code: str
     detail: str
     height: int
-    attempt: int
+    attempt: U64
 
 
 class Decide(_Item, frozen=True, tag="d"):
@@ -76,14 +79,14 @@ class Decide(_Item, frozen=True, tag="d"):
 
     txid: bytes
     commit: bool
-    attempt: int
+    attempt: U64
 
 
 class Ask(_Item, frozen=True, tag="a"):
     """Participant -> coordinator: what became of this attempt, which I prepared?"""
 
     txid: bytes
-    attempt: int
+    attempt: U64
 
 
 class Result(_Item, frozen=True, tag="r"):
@@ -99,7 +102,7 @@ class Done(_Item, frozen=True, tag="e"):
     """Participant -> coordinator: this attempt's commit is durable here."""
 
     txid: bytes
-    attempt: int
+    attempt: U64
 
 
 Item = Union[Submit, Issue, Prepare, Vote, Decide, Ask, Done, Result]  # noqa: UP007
@@ -171,7 +174,6 @@ SNAPSHOT_VERSION = 2
 # MessagePack integers end at 2^64 - 1: an unsigned one needs no upper bound.
 Id = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
 Msat = Annotated[int, msgspec.Meta(ge=1)]
-U64 = Annotated[int, msgspec.Meta(ge=0)]
 WorkerId = Annotated[int, msgspec.Meta(ge=0, le=255)]
 U128 = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]  # big-endian: a total
 

@@ -487,7 +487,13 @@ class Api:
             return json_response({"txid": txid.hex(), "status": "pending"})
         found = await self.index.tx(txid)
         if found is None:
-            raise await self._not_found(txid)
+            refusal = await self._not_found(txid)
+            if refusal.code == NOT_FOUND:
+                # indexed after the first look and before the cursors were read: the
+                # cursors say so, and the index holds it now
+                found = await self.index.tx(txid)
+            if found is None:
+                raise refusal
         found["changes"] = [self.described(c) for c in found["changes"]]
         for change in found["changes"]:
             if change["kind"] == "paid_out":

@@ -580,7 +580,8 @@ def openapi() -> dict[str, Any]:
             },
             "/v1/coin/{coin_id}": {
                 "get": {
-                    "summary": "A coin: unspent, locked or spent",
+                    "summary": "A coin: unspent, locked, spent, or pending (its transaction"
+                    " commits, or it is paid from another member's ledger, until settled)",
                     "parameters": [_path_param("coin_id", HEX32_IN), LEDGER],
                     "responses": {
                         "200": _json(

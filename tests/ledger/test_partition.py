@@ -86,6 +86,33 @@ def test_held_lock_is_a_refusal_and_abort_releases() -> None:
     state.check_invariants()
 
 
+def test_an_output_being_created_is_pending_and_its_spend_is_told_to_come_back() -> None:
+    """A receipt may be out before the participant holding an output hears the commit:
+    that output is pending (with its value and owner), and a spend of it is refused as
+    locked (sent again, it may pass), not as a coin that does not exist. An abort
+    leaves nothing."""
+    state, (cid,) = funded([1_000])
+    tx = pay([cid], [1_000])
+    out = tx.output_ids[0]
+    assert state.status(out) is CoinStatus.UNKNOWN and state.being_created(out) is None
+    state.prepare(tx)
+    state.check_invariants()
+    assert state.status(out) is CoinStatus.PENDING
+    assert state.being_created(out) == (999, BOB.pubkey)
+    onwards = pay([out], [999], to=ALICE, key=BOB)
+    with pytest.raises(InputLocked, match="being created by transaction"):
+        state.prepare(onwards)
+    assert state.abort(tx.txid)
+    assert state.status(out) is CoinStatus.UNKNOWN
+    with pytest.raises(UnknownCoin):
+        state.prepare(onwards)
+    state.prepare(tx)
+    state.commit(tx.txid)
+    state.check_invariants()
+    assert state.status(out) is CoinStatus.UNSPENT
+    state.prepare(onwards)
+
+
 def test_prepare_is_idempotent_for_the_same_transaction() -> None:
     state, (cid,) = funded([1_000])
     tx = pay([cid], [1_000])

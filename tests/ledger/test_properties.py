@@ -23,10 +23,12 @@ import os
 import random
 from collections.abc import Callable, Sequence
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from constellation.errors import MessageError
 from constellation.keys import XOnlyPubKey
 from constellation.ledger.commit import TwoPhaseCommit
 from constellation.ledger.pmap import PartitionMap
@@ -248,6 +250,52 @@ class CommitMachine(RuleBasedStateMachine):
             self.net.append((subject, package))
         self.deliver(subject, package)
 
+    @precondition(lambda self: any(n.engine.in_doubt for n in self.nodes))
+    @rule(data=st.data())
+    def forge_decide(self, data: st.DataObject) -> None:
+        """A worker that is not an attempt's coordinator (another operator's, leading
+        one of our shards) tells a participant in doubt how it ended: ignored."""
+        node = data.draw(st.sampled_from([n for n in self.nodes if n.engine.in_doubt]))
+        txid = data.draw(st.sampled_from(sorted(node.engine.in_doubt)))
+        coordinator, attempt, _ = node.engine.in_doubt[txid]
+        forger = data.draw(st.sampled_from([w for w in range(WORKERS) if w != coordinator]))
+        decide = proto.Decide(txid, data.draw(st.booleans()), attempt)
+        package = proto.Package(
+            proto.PROTOCOL_VERSION, forger, subject_of(forger), PMAP.version, [decide]
+        )
+        node.engine.handle(package)
+
+    @rule(data=st.data())
+    def hostile_prepare(self, data: st.DataObject) -> None:
+        """A coordinator (another operator's worker, leading one of our shards) sends a
+        participant what the copies' replay refuses: an output owned by no key, an
+        attempt out of range. Refused, nothing logged: no block the copies refuse
+        (``Node._cut``). Its input is made up: the participant holds only the output."""
+        target = data.draw(st.integers(0, WORKERS - 1))
+        coordinator = (target + 1) % WORKERS
+        made_up = next(
+            c
+            for i in range(1 << 16)
+            if OWNER_OF[partition_of(c := i.to_bytes(2) + bytes(30))] == coordinator
+        )
+        no_key, attempt = data.draw(st.sampled_from([(True, 5), (False, -1), (False, 1 << 64)]))
+        owner = b"\xff" * 32 if no_key else OWNERS[0].pubkey
+        for fee in range(1000):
+            outputs = [TxOutput(5000 - fee, XOnlyPubKey(owner))]
+            tx = Transaction(
+                [TxInput(made_up, 5000)], outputs, fee, [bytes(64)], check_owners=False
+            )
+            if OWNER_OF[partition_of(tx.output_ids[0])] == target:
+                break
+        prepare = proto.Prepare(tx.encode(), attempt)
+        package = proto.Package(
+            proto.PROTOCOL_VERSION, coordinator, subject_of(coordinator), PMAP.version, [prepare]
+        )
+        node = self.nodes[target]
+        records = len(node.log.records)
+        node.engine.handle(package)
+        assert len(node.log.records) == records, "a record the copies refuse"
+
     @rule(w=st.integers(0, WORKERS - 1))
     def flush(self, w: int) -> None:
         self.nodes[w].log.flush()
@@ -264,6 +312,7 @@ class CommitMachine(RuleBasedStateMachine):
         data = node.engine.snapshot()
         copy = copy_of(w)
         assert copy.restore(data) == node.engine.root()
+        copy.state.check_invariants()  # outputs being created, too
         assert copy.snapshot() == data
         logged = {t: node.engine.in_doubt[t][:2] for t in node.engine.logged}
         assert {t: doubt[:2] for t, doubt in copy.in_doubt.items()} == logged
@@ -385,3 +434,19 @@ def test_the_engine_replays_a_run_exactly() -> None:
     assert run(2) != first
     attempts = {a for blocks in first for block in blocks for kind, _, a in block if kind == "C"}
     assert len(attempts) > 10  # cross-worker commits, each with its drawn attempt
+
+
+def test_an_attempt_out_of_range_is_refused_as_the_package_is_read() -> None:
+    """No worker draws a negative attempt (and msgpack carries none past 2^64 - 1): a
+    package naming one is malformed, before any engine sees it."""
+    txid = bytes(32)
+    for item in (
+        proto.Prepare(b"tx", -1),
+        proto.Vote(txid, "", "", 0, -1),
+        proto.Decide(txid, True, -1),
+        proto.Ask(txid, -1),
+        proto.Done(txid, -1),
+    ):
+        data = proto.encode(proto.Package(proto.PROTOCOL_VERSION, 0, "w.0", PMAP.version, [item]))
+        with pytest.raises(MessageError, match="malformed package"):
+            proto.decode_package(data)

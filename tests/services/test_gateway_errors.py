@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -13,6 +14,8 @@ from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
 from constellation import errors
 from constellation.address import Network
+from constellation.ledger.pmap import PartitionMap
+from constellation.protocol import ledger as proto
 from services.gateway import api as gateway_api
 from services.gateway.api import Api, tx_from_json
 from services.gateway.errors import STATUS, STATUS_TEXT, ApiError, describe, status_of
@@ -150,3 +153,42 @@ async def test_the_middleware_answers_every_failure_with_the_json_error(
                 assert resp.headers["Retry-After"] == "1"
     bugs = [r for r in caplog.records if r.getMessage() == "unexpected error"]
     assert len(bugs) == 1 and bugs[0].exc_info is not None  # once, with its traceback
+
+
+async def test_a_transaction_indexed_while_its_absence_is_checked_is_answered() -> None:
+    """The lookup misses; before the index's cursors are read the indexer stores the
+    block (it runs beside the gateway): the cursors no longer look behind the ledger,
+    and the index holds it. Answered as committed, not with a final not_found."""
+    txid = bytes(range(32))
+    height = 7  # the block of worker 0 that holds it, in its events log already
+
+    class RacingIndex:  # the indexer's commit lands right after the first lookup
+        def __init__(self) -> None:
+            self.rows: dict[bytes, dict[str, object]] = {}
+            self.cursor = height - 1
+
+        async def tx(self, wanted: bytes) -> dict[str, object] | None:
+            found = self.rows.get(wanted)
+            self.rows[txid] = {"fee_msat": 0, "block": {"height": height}, "changes": []}
+            self.cursor = height
+            return found
+
+        async def cursors(self) -> dict[int, int]:
+            return {0: self.cursor}
+
+    class Worker:  # how far worker 0's events log is
+        operator, pmap = "op", PartitionMap.even(1)
+
+        async def state(self, worker: int, timeout_s: float) -> proto.StateInfo:
+            return proto.StateInfo(worker, 1, height + 1, 0, 0, 0, 0, 0, 0, 0, height)
+
+    class NoTimeouts:
+        async def timed_out_at(self, _: bytes) -> None:
+            return None
+
+    ledger, index = Worker(), RacingIndex()
+    stand_ins: Any = [{"op": ledger}, "op", index, NoTimeouts(), *[None] * 3, 1, 1.0, {}, {}, {}]
+    api = Api(*stand_ins)
+    request = make_mocked_request("GET", f"/v1/tx/{txid.hex()}", match_info={"txid": txid.hex()})
+    answer = await api.get_tx(request)
+    assert answer.status == 200 and '"committed"' in (answer.text or "")
