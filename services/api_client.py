@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any, NamedTuple
 
@@ -50,16 +49,24 @@ class Gateway:
     """The public API, over HTTP; transactions, issuances and totals go to ``ledger``
     (a guild member's name) where given, else to the gateway's own operator's."""
 
-    def __init__(self, url: str, session: aiohttp.ClientSession, ledger: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        session: aiohttp.ClientSession,
+        ledger: str | None = None,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> None:
+        """``timeout``: of each request (else the session's)."""
         self.url = url.rstrip("/")
         self.session = session
         self.query = f"?ledger={ledger}" if ledger else ""
+        self.timeout = timeout
 
     async def _json(self, resp: aiohttp.ClientResponse) -> dict[str, Any]:
         try:
             doc: dict[str, Any] = await resp.json(content_type=None)
-        except (aiohttp.ContentTypeError, json.JSONDecodeError, ValueError):
-            raise GatewayError(resp.status, "http", await resp.text()) from None
+        except (aiohttp.ContentTypeError, ValueError, RecursionError):
+            raise GatewayError(resp.status, "http", (await resp.text())[:200]) from None
         if resp.status >= 400:
             err = doc.get("error") if isinstance(doc, dict) else None
             if not isinstance(err, dict):
@@ -70,7 +77,8 @@ class Gateway:
         return doc
 
     async def get(self, path: str) -> dict[str, Any]:
-        async with self.session.get(self.url + path) as resp:
+        timeout = self.timeout or self.session.timeout
+        async with self.session.get(self.url + path, timeout=timeout) as resp:
             return await self._json(resp)
 
     async def post(

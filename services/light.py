@@ -43,8 +43,9 @@ from constellation.tx import partition_of
 from services.api_client import Gateway, GatewayError
 
 T = TypeVar("T")
-TIMEOUT = aiohttp.ClientTimeout(total=10)
-CALL_TIMEOUT_S = 10.0
+CALL_TIMEOUT_S = 10.0  # for each request to a gateway, each call on its websocket
+TIMEOUT = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
+MAX_NOTES = 1000  # notifications kept while a call waits for its answer
 SILENT_S = 60.0  # a socket that pushes nothing this long (not even a checkpoint) is left
 RETRY_S = 1.0  # after every gateway failed in turn
 MAX_AGE_S = 300.0  # a latest checkpoint older than this is stale (the guild signs one
@@ -100,7 +101,7 @@ class LightClient:
         again where the gateway had handovers this client had not followed)."""
         failed: list[Failure] = []
         for url in self.servers:
-            gw = Gateway(url, self.session)
+            gw = Gateway(url, self.session, timeout=TIMEOUT)
             try:
                 try:
                     return url, await ask(gw)
@@ -209,7 +210,8 @@ class LightClient:
         mine = [p for p in placed if any(c.owner == owner for c in p.record.changes)]
         if not mine:
             raise WrongSubject(f"the proof of {txid.hex()} shows no change of the address")
-        return Update("", doc["checkpoint"], txid, mine)
+        # as of the checkpoints its proof is under, not as the gateway labels it
+        return Update("", max(p.checkpoint for p in mine), txid, mine)
 
     async def follow(
         self,
@@ -224,7 +226,9 @@ class LightClient:
         ``RETRY_S`` when every one failed in turn."""
         owners = {a: bytes(decode_address(a, network)) for a in addresses}
         done: set[Told] = set()  # each record told, for each address
-        state = {"since": since}
+        # "since": the history is read from here; "floor": no change under a checkpoint
+        # below the one followed from is told (one told before, served again as new)
+        state = {"since": since, "floor": since}
         for url in itertools.cycle(self.servers):
             try:
                 if not await self._follow_one(url, owners, state, done, told):
@@ -244,9 +248,11 @@ class LightClient:
     ) -> bool:
         """Follow over one gateway's websocket until ``told`` says stop (False) or the
         gateway fails (raises)."""
-        await self.catch_up(Gateway(url, self.session))  # those signed while away
+        await self.catch_up(Gateway(url, self.session, timeout=TIMEOUT))  # signed while away
         ws_url = url.replace("http", "ws", 1) + "/v1/lc/ws"
-        async with self.session.ws_connect(ws_url, heartbeat=30) as ws:
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            ws = await self.session.ws_connect(ws_url, heartbeat=30)
+        async with ws:
             rpc = Rpc(ws)
             latest = await rpc.call("checkpoints.subscribe")
             pushed = -1  # the highest checkpoint this gateway told of
@@ -264,7 +270,7 @@ class LightClient:
                     for entry in entries:
                         proof = await rpc.call("tx.proof", txid=entry["txid"])
                         doc = {**entry, **proof}
-                        if not await self._tell(url, address, owner, doc, done, told):
+                        if not await self._tell(url, address, owner, doc, state, done, told):
                             return False
                     more = len(entries) == len(page["history"])
                     before = page.get("next") if more else None
@@ -284,7 +290,8 @@ class LightClient:
                     state["since"] = max(state["since"], height)
                 elif method == "address.update" and params["address"] in owners:
                     address = params["address"]
-                    if not await self._tell(url, address, owners[address], params, done, told):
+                    tell = (url, address, owners[address], params, state, done, told)
+                    if not await self._tell(*tell):
                         return False
                 elif method == "error":
                     raise GatewayError(0, params["code"], params["message"])
@@ -298,10 +305,13 @@ class LightClient:
         address: str,
         owner: bytes,
         doc: dict[str, Any],
+        state: dict[str, int],
         done: set[Told],
         told: Callable[[Update], Awaitable[bool]],
     ) -> bool:
         update = self._pushed(doc, owner)._replace(server=url, address=address)
+        if update.checkpoint < state["floor"]:
+            return True  # under a checkpoint below the one followed from: told before
         keys = [(address, p.owner, p.worker, p.record.height, update.txid) for p in update.placed]
         fresh = [p for p, key in zip(update.placed, keys, strict=True) if key not in done]
         if not fresh:  # the history (or another gateway) told them
@@ -336,7 +346,10 @@ class Rpc:
         msg = await self.ws.receive(timeout)
         if msg.type != aiohttp.WSMsgType.TEXT:
             raise ConnectionError(f"the websocket ended ({msg.type.name})")
-        doc = msg.json()
+        try:
+            doc = msg.json()
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
         if not isinstance(doc, dict):
             raise TypeError("a message that is not an object")
         return doc
@@ -346,16 +359,23 @@ class Rpc:
         await self.ws.send_json(
             {"jsonrpc": "2.0", "id": call_id, "method": method, "params": params}
         )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CALL_TIMEOUT_S  # notifications do not put it off
         while True:
-            doc = await self._receive(CALL_TIMEOUT_S)
+            doc = await self._receive(max(0.0, deadline - loop.time()))
             if "method" in doc:
+                if len(self.notes) >= MAX_NOTES:
+                    raise GatewayError(0, "overloaded", f"{MAX_NOTES} notifications, no answer")
                 self.notes.append(doc)
                 continue
             if doc.get("id") != call_id:
                 raise ValueError(f"an answer to call {doc.get('id')!r}, not {call_id}")
             if "error" in doc:
                 err = doc["error"]
-                raise GatewayError(0, err.get("data", {}).get("code", "error"), err["message"])
+                data = err.get("data") if isinstance(err, dict) else None
+                code = data.get("code") if isinstance(data, dict) else None
+                what = err.get("message") if isinstance(err, dict) else err
+                raise GatewayError(0, str(code or "error"), str(what)[:200])
             return doc["result"]
 
     async def notification(self, timeout: float) -> dict[str, Any]:

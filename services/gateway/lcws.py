@@ -550,11 +550,29 @@ class LightSockets:
                 except ApiError as err:  # these keys' pushes are lost: said and counted
                     log.warning("pushes not asked", extra={"height": height, "error": str(err)})
                     self.metrics.lc_pushes.labels("failed").inc()
+                    self._lost(height, chunk)
                     break
                 for item in answer.items:
                     self._deliver(height, msgspec.msgpack.decode(item, type=lcp.Pushed))
                 more = answer.more or answer.skip  # stopped short of its size limit
                 chunk, skip = (chunk[answer.more :] if more else []), answer.skip
+
+    def _lost(self, height: int, keys: list[Key]) -> None:
+        """Tell each socket following one of ``keys`` that its pushes of checkpoint
+        ``height`` are lost: it was told of the checkpoint, and would take the changes
+        under it as none. It reads them again (a client leaves the gateway on an error,
+        and reads the history from the last checkpoint it followed)."""
+        note = {
+            "jsonrpc": "2.0",
+            "method": "error",
+            "params": {
+                "code": "unavailable",
+                "message": f"the changes under checkpoint {height} could not be read: read"
+                " the history again",
+            },
+        }
+        for conn in {c for key in keys for c in self.by_key.get(key, ())}:
+            self._send(conn, note)
 
     def _deliver(self, height: int, pushed: lcp.Pushed) -> None:
         key = (pushed.kind, pushed.key)
