@@ -417,12 +417,6 @@ class SigningPolicy:
             return derived
         if target.guild != self.guild:
             raise RequestRefused(f"checkpoint of guild {target.guild!r}, not ours")
-        below = [h for h in self.handovers if h < target.height]
-        if below and self.handovers[max(below)] != thresh_pk[1:]:
-            raise Equivocation(
-                f"checkpoint {target.height} is not signed by the key that signs"
-                f" above height {max(below)}"
-            )
         if not 0 <= epoch <= MAX_EPOCH:
             raise RequestRefused("epoch out of range")
         if epoch == 0 and cert:
@@ -442,15 +436,24 @@ class SigningPolicy:
             )
         ):
             raise RequestRefused(f"no certificate that epoch {epoch - 1} ended")
-        self.check_history(target, derived.msg, epoch)
+        self.check_history(target, derived.msg, thresh_pk, epoch)
         return derived
 
-    def check_history(self, target: SignTarget, msg: bytes, epoch: int = 0) -> None:
+    def check_history(
+        self, target: SignTarget, msg: bytes, thresh_pk: bytes, epoch: int = 0
+    ) -> None:
         """The rules that depend on what was signed since: checked again just before
-        signing, as a concurrent request may have signed a conflicting checkpoint."""
+        signing, as a concurrent request may have signed a conflicting checkpoint, or a
+        handover below it to another key than ``thresh_pk``."""
         if not isinstance(target, Checkpoint):
             return
         height = target.height
+        below_handovers = [h for h in self.handovers if h < height]
+        if below_handovers and self.handovers[max(below_handovers)] != thresh_pk[1:]:
+            raise Equivocation(
+                f"checkpoint {height} is not signed by the key that signs"
+                f" above height {max(below_handovers)}"
+            )
         signed = self.checkpoints.get(height)
         held = self.epochs.get(height, (0, []))[0]
         if signed is not None and signed != msg:

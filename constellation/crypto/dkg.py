@@ -48,6 +48,7 @@ from constellation.crypto.point import (
     xor_bytes,
 )
 from constellation.errors import (
+    ConstellationError,
     DKGError,
     DKGProtocolError,
     DuplicateHostPubkeyError,
@@ -171,9 +172,12 @@ def _pubshare(coms: Sequence[Point], i: int) -> Point:
     return add_all([mul(c, pow(i + 1, j, N)) for j, c in enumerate(coms)])
 
 
-def _taproot_commit(coms: Sequence[Point]) -> tuple[list[Point], int]:
+def _taproot_commit(
+    coms: Sequence[Point], fault: type[ConstellationError] = DKGError
+) -> tuple[list[Point], int]:
     """Tweak the commitment so the key commits to an unspendable script path."""
-    assert coms[0] is not None, "the summed key is infinity"
+    if coms[0] is None:
+        raise fault("the summed key is infinity")
     tweak = scalar(tagged_hash("TapTweak", xbytes(coms[0])))
     assert tweak < N, "TapTweak hash exceeded n"
     return [add(coms[0], base_mul(tweak)), *coms[1:]], tweak
@@ -263,14 +267,21 @@ class UnknownFaultyParticipantOrCoordinatorError(DKGProtocolError):
         self.inv_data = inv_data
 
 
-def _outputs(sum_coms: Sequence[Point], n: int) -> tuple[int, bytes, tuple[bytes, ...]]:
-    tweaked, tweak = _taproot_commit(sum_coms)
+def _outputs(
+    sum_coms: Sequence[Point], n: int, fault: type[ConstellationError] = DKGError
+) -> tuple[int, bytes, tuple[bytes, ...]]:
+    """The tweak, the key and each participant's pubshare the summed commitments make;
+    ``fault``: raised where one is infinity (whoever sent the sums is at fault: a
+    participant names its coordinator)."""
+    tweaked, tweak = _taproot_commit(sum_coms, fault)
     thresh = tweaked[0]
-    assert thresh is not None
+    if thresh is None:
+        raise fault("the tweaked key is infinity")
     pubshares = []
     for i in range(n):
         p = _pubshare(tweaked, i)
-        assert p is not None, "a pubshare is infinity"
+        if p is None:
+            raise fault(f"participant {i}'s pubshare is infinity")
         pubshares.append(cbytes(p))
     return tweak, cbytes(thresh), tuple(pubshares)
 
@@ -417,7 +428,7 @@ def participant_step2(
                 i, "Participant sent invalid proof-of-knowledge"
             )
     sum_coms = msg.sum_coms()
-    tweak, thresh, pubshares = _outputs(sum_coms, n)
+    tweak, thresh, pubshares = _outputs(sum_coms, n, FaultyCoordinatorError)
     mine = base_mul(secshare + tweak)
     if mine is None or cbytes(mine) != pubshares[idx]:
         inv = InvestigationData(

@@ -108,6 +108,8 @@ class Membership:
             raise Misdirected("envelope addressed to another member")
         if len(env.msg_id) != MSG_ID_LEN:
             raise BadMessageSignature("message id must be 16 bytes")
+        if not 0 <= env.sent_ms < 1 << 64:
+            raise BadMessageSignature(f"sent_ms {env.sent_ms} is not a u64")
         if not schnorr_verify(env.sender[1:], env.digest(), env.sig):
             raise BadMessageSignature(f"bad signature from member {sender}")
         return env, sender

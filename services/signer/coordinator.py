@@ -20,7 +20,6 @@ from constellation.errors import (
     CheckpointBound,
     ConstellationError,
     DKGError,
-    FaultyParticipantOrCoordinatorError,
     RequestRefused,
     UnknownNonce,
 )
@@ -80,7 +79,17 @@ class _Keygen:
     expect: type[proto.DkgMsg1 | proto.DkgMsg2 | proto.DkgDone]
     got: dict[int, bytes] = field(default_factory=dict)
     failed: proto.DkgFailed | None = None
+    failed_by: int = -1  # the member that gave up
     complete: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _Accused(DKGError):
+    """A participant gave up naming another: one of the two is faulty (or this, the
+    coordinator, which relayed): blamed both, as neither is proved to be."""
+
+    def __init__(self, members: list[int], reason: str) -> None:
+        super().__init__(reason)
+        self.members = members
 
 
 def _error(exc: ConstellationError, blamed: list[int] | None = None) -> proto.OpReply:
@@ -375,7 +384,7 @@ class Coordinator:
             self.metrics.dkg_runs.labels(exc.code).inc()
             at = getattr(exc, "participant", None)  # a position in the session
             blamed = [taking[at]] if isinstance(at, int) and 0 <= at < len(taking) else []
-            return _error(exc, blamed=blamed)
+            return _error(exc, blamed=exc.members if isinstance(exc, _Accused) else blamed)
         finally:
             self._dkg = None
         if any(k != output.threshold_pubkey for k in keys):
@@ -406,10 +415,11 @@ class Coordinator:
             missing = sorted(set(members) - run.got.keys())
             raise DKGError(f"participants {missing} did not answer in time") from None
         if run.failed is not None:
-            failed = run.failed
-            reason = f"a participant gave up: [{failed.code}] {failed.reason}"
-            if failed.blamed >= 0:
-                raise FaultyParticipantOrCoordinatorError(failed.blamed, reason)
+            failed, by = run.failed, run.failed_by
+            reason = f"member {by} gave up: [{failed.code}] {failed.reason}"
+            if 0 <= failed.blamed < len(members) and members[failed.blamed] != by:
+                accused = members[failed.blamed]
+                raise _Accused([by, accused], f"{reason} (it names member {accused})")
             raise DKGError(reason)
         return [run.got[i] for i in members]
 
@@ -422,7 +432,7 @@ class Coordinator:
         if isinstance(msg, proto.DkgFailed):
             if sender not in run.members:
                 return
-            run.failed = msg
+            run.failed, run.failed_by = msg, sender
             run.complete.set()
             return
         if not isinstance(msg, run.expect) or sender in run.got or sender not in run.members:

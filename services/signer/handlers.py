@@ -340,8 +340,13 @@ class Participant:
                 pending.derived.tweaks,
                 pending.derived.is_xonly,
             )
-            # Checked again: another request may have signed a conflicting checkpoint.
-            self.policy.check_history(pending.target, pending.derived.msg, pending.epoch)
+            # Checked again: another request may have signed a conflicting checkpoint or
+            # a handover below it, or the key may have been retired since it opened.
+            if pending.key not in self.usable():
+                raise RequestRefused("the request's key was retired: it signs nothing more")
+            self.policy.check_history(
+                pending.target, pending.derived.msg, pending.key.pubkey, pending.epoch
+            )
             psig, next_pubnonce = self._signer(sender, pending.key).sign(request)
         except ConstellationError as exc:
             del self.pending[rid]

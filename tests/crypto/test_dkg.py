@@ -12,9 +12,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from constellation.crypto import dkg
-from constellation.crypto.point import N
+from constellation.crypto.point import (
+    N,
+    add,
+    add_all,
+    base_mul,
+    cbytes,
+    cpoint,
+    mul,
+    scalar,
+    xbytes,
+)
 from constellation.crypto.roast import Group
-from constellation.errors import FaultyParticipantOrCoordinatorError
+from constellation.errors import FaultyCoordinatorError, FaultyParticipantOrCoordinatorError
+from constellation.hashing import tagged_hash
 from constellation.keys import schnorr_verify
 from tests.crypto.test_frost import run_session
 
@@ -90,3 +101,24 @@ def test_tampered_recovery_data_is_refused() -> None:
         dkg.recover(seckeys[0], bytes(tampered))
     with pytest.raises(ValueError):
         dkg.recover(os.urandom(32), recovery)
+
+
+def test_sums_that_make_a_pubshare_infinity_blame_the_coordinator() -> None:
+    """The sums of the commitments to the non-constant terms are the coordinator's (no
+    proof of possession covers them): one that makes a participant's pubshare the point
+    at infinity is the coordinator's fault, said as such (it was an AssertionError, and
+    the participant sent no answer and held the session open)."""
+    rng = random.Random(7)
+    seckeys = [rng.randbytes(32) for _ in range(3)]
+    params = dkg.SessionParams(tuple(dkg.hostpubkey_gen(k) for k in seckeys), 2)
+    steps = [dkg.participant_step1(k, params, rng.randbytes(32)) for k in seckeys]
+    _, cmsg1 = dkg.coordinator_step1([m for _, m in steps], params)
+    key = add_all([cpoint(cmsg1[33 * i : 33 * (i + 1)]) for i in range(3)])
+    assert key is not None
+    tweaked = add(key, base_mul(scalar(tagged_hash("TapTweak", xbytes(key)))))
+    # participant 2's pubshare, tweaked + 3 * term, is infinity
+    term = mul(tweaked, (N - pow(3, -1, N)) % N)
+    assert term is not None
+    evil = cmsg1[: 33 * 3] + cbytes(term) + cmsg1[33 * 4 :]
+    with pytest.raises(FaultyCoordinatorError, match="infinity"):
+        dkg.participant_step2(seckeys[0], steps[0][0], evil, rng.randbytes(32))

@@ -21,7 +21,7 @@ from constellation.errors import (
 )
 from constellation.keys import SigningKey
 from constellation.protocol import signer as proto
-from constellation.protocol.envelope import BROADCAST, Membership, ReplayGuard, seal
+from constellation.protocol.envelope import BROADCAST, Envelope, Membership, ReplayGuard, seal
 
 SECRETS = [bytes([i + 1]) * 32 for i in range(3)]
 KEYS = [hostpubkey_gen(s) for s in SECRETS]
@@ -69,6 +69,16 @@ def test_message_for_another_member_or_guild_is_misdirected() -> None:
         MEMBERS.open(sealed(to=KEYS[2]), KEYS[1])
     with pytest.raises(Misdirected):
         MEMBERS.open(sealed(guild="other"), KEYS[1])
+
+
+def test_a_time_out_of_range_is_refused_before_its_signature_is_checked() -> None:
+    """Anyone may publish on the subject, naming a member: a negative time was a
+    struct.error out of ``open`` (its digest packs the time as a u64)."""
+    env = msgspec.msgpack.decode(sealed(), type=Envelope)
+    for sent_ms in (-1, -(1 << 63)):
+        forged = msgspec.msgpack.encode(msgspec.structs.replace(env, sent_ms=sent_ms))
+        with pytest.raises(BadMessageSignature, match="not a u64"):
+            MEMBERS.open(forged, KEYS[1])
 
 
 @given(st.data())

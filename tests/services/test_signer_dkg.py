@@ -2,10 +2,13 @@
 message by message as a coordinator would, one of them another member that does not
 follow the protocol: the guild's first key is a majority's, a session runs alone and is
 dealt once, signer ids come within the key's members, and a member's open requests take
-its share of the participant's room only."""
+its share of the participant's room only. A request opened before a handover or a key's
+retirement signs nothing after it; a participant that gives up naming another is blamed
+with it."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 from pathlib import Path
@@ -15,9 +18,10 @@ import pytest
 from constellation.crypto import dkg, roast
 from constellation.crypto.dkg import hostpubkey_gen
 from constellation.errors import SigningError
-from constellation.guild import Purpose, SigningPolicy, Statement
+from constellation.guild import Checkpoint, Purpose, SigningPolicy, SignTarget, Statement
 from constellation.protocol import signer as proto
 from constellation.protocol.envelope import Membership
+from services.signer.coordinator import Coordinator
 from services.signer.handlers import Participant
 from services.signer.metrics import SignerMetrics
 from services.signer.store import AuditLog, KeyStore, share_record
@@ -29,18 +33,18 @@ HOSTPUBKEYS = [hostpubkey_gen(s) for s in SECRETS]
 
 
 class Member:
-    """Member ``me``'s participant, and what it answered, to whom (where ``recovery``,
-    holding its share of the key a DKG made)."""
+    """Member ``me``'s participant, and what it answered, to whom (holding its share of
+    each key the DKGs of ``recoveries`` made)."""
 
     def __init__(
-        self, where: Path, me: int, secrets: list[bytes] = SECRETS, recovery: bytes = b""
+        self, where: Path, me: int, secrets: list[bytes] = SECRETS, *recoveries: bytes
     ) -> None:
         self.answers: list[tuple[int, proto.Message]] = []
         folder = where / f"m{me}"
         folder.mkdir()
         members = Membership("guild", [hostpubkey_gen(s) for s in secrets])
         keystore = KeyStore(folder, b"k" * 32)
-        if recovery:
+        for recovery in recoveries:
             keystore.save_share(share_record("guild", secrets[me], recovery))
 
         async def reply(coordinator: int, msg: proto.Message) -> None:
@@ -130,3 +134,81 @@ async def test_a_member_that_opens_requests_and_never_ends_them_holds_up_no_othe
     refused = await start(2, "one too many")
     assert isinstance(refused, proto.SignRefused) and refused.code == "overloaded"
     assert isinstance(await start(1, "an honest request"), proto.Presign)
+
+
+def another_key(
+    secrets: list[bytes], params: dkg.SessionParams
+) -> tuple[bytes, list[dkg.DKGOutput]]:
+    """A second key of the same members: its recovery data and each member's output."""
+    steps = [dkg.participant_step1(k, params, os.urandom(32)) for k in secrets]
+    state, cmsg1 = dkg.coordinator_step1([m for _, m in steps], params)
+    seconds = [
+        dkg.participant_step2(k, s1, cmsg1, os.urandom(32))
+        for k, (s1, _) in zip(secrets, steps, strict=True)
+    ]
+    cmsg2, _, recovery = dkg.coordinator_finalize(state, [m for _, m in seconds])
+    return recovery, [dkg.participant_finalize(s2, cmsg2)[0] for s2, _ in seconds]
+
+
+async def test_a_request_opened_before_a_handover_or_a_retirement_signs_nothing_after(
+    tmp_path: Path,
+) -> None:
+    """Both pass the checks as they open; what is signed or changed before their session
+    is checked again as it comes: a checkpoint above a handover the old key signed
+    meanwhile, or any request under a key the operator retired meanwhile, is refused
+    (both were signed: the old key's holders could sign above its handover)."""
+    secrets, outputs, [recovery], params = run_dkg(N, 2, random.Random(5))
+    second, outputs2 = another_key(secrets, params)
+    member = Member(tmp_path, 0, secrets, recovery, second)
+    old = outputs[0].threshold_pubkey
+    group = roast.Group(N, 2, old, tuple(outputs[0].pubshares))
+    share = outputs[1].secshare
+    assert share is not None
+    helper = roast.Signer(group, 1, share)
+
+    async def opened(target: SignTarget) -> tuple[bytes, bytes]:
+        rid = os.urandom(16)
+        await member.p.handle(1, proto.SignStart(rid, target, key=old))
+        presign = member.last()
+        assert isinstance(presign, proto.Presign), presign
+        return rid, presign.pubnonce
+
+    async def session(rid: bytes, nonce: bytes) -> proto.Message:
+        await member.p.handle(1, proto.SignSession(rid, 0, [0, 1], [nonce, helper.presign()]))
+        return member.last()
+
+    roots = os.urandom(32), os.urandom(32)
+    handover = Checkpoint(
+        "guild", 0, bytes(32), 1, *roots, next_key=os.urandom(32), next_members=os.urandom(32)
+    )
+    above = Checkpoint("guild", 1, handover.message(), 2, os.urandom(32), os.urandom(32))
+    first, then = await opened(handover), await opened(above)
+    assert isinstance(await session(*first), proto.Share)
+    refused = await session(*then)
+    assert isinstance(refused, proto.SignRefused) and "signs above height 0" in refused.reason
+    pending = await opened(Statement("asked under the old key"))
+    member.p.activate(outputs2[0].threshold_pubkey)
+    refused = await session(*pending)
+    assert isinstance(refused, proto.SignRefused) and "retired" in refused.reason
+
+
+async def test_a_participant_that_gives_up_naming_another_is_blamed_with_it() -> None:
+    """Member 2 gives up at once, naming member 1: unchecked, that names one faulty
+    member of the two (the coordinator relayed honestly), not member 1 alone (a faulty
+    member could frame any other, and never be named)."""
+    sent: list[tuple[int, proto.Message]] = []
+
+    async def send(member: int, msg: proto.Message) -> None:
+        sent.append((member, msg))
+
+    members = Membership("guild", HOSTPUBKEYS)
+    coordinator = Coordinator(members, 0, SignerMetrics(), send, lambda _: None, 64, 2000)
+    running = asyncio.create_task(coordinator.keygen(2))
+    while not sent:
+        await asyncio.sleep(0.01)
+    start = sent[0][1]
+    assert isinstance(start, proto.DkgStart)
+    coordinator._on_dkg(2, proto.DkgFailed(start.dkg_id, "dkg.faulty", "it lies", 1))
+    reply = await running
+    assert not reply.ok and reply.blamed == [2, 1]
+    assert "member 2 gave up" in reply.error and "names member 1" in reply.error
