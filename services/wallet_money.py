@@ -36,6 +36,7 @@ from typing import Any, TextIO
 import aiohttp
 import msgspec
 import segno
+from bolt11 import decode as decode_bolt11
 
 from constellation.address import Network, encode_address
 from constellation.ecash import client
@@ -43,6 +44,7 @@ from constellation.ecash import mint as m
 from constellation.ecash.keyset import split
 from constellation.ecash.mint import BOLT11, ONCHAIN
 from constellation.keys import SigningKey
+from constellation.lightning import preimage_of
 from constellation.payto import Kind, PayTo, parse
 from constellation.protocol import cashu as nut
 from constellation.tx import decode_transaction
@@ -66,6 +68,10 @@ MELTS = 3  # a melt with no clear answer is sent again, up to this many times in
 ONCHAIN_WATCH_S = 7 * 86400  # past its quote's expiry: an on-chain deposit's address
 RESTORE_BATCH = 100  # outputs a NUT-09 restore asks about at once (NUT-13's batch)
 RESTORE_GAP = 3 * RESTORE_BATCH  # NUT-13: three batches in a row that the mint never signed
+# A melt's blank outputs (NUT-08): one for each bit of its fee reserve, at most. They
+# follow its withdrawal's outputs, and the mint signs them only as the melt settles: a
+# restore moves the counter past as many, where a melt in flight may have them.
+MAX_BLANKS = 64
 
 
 class MoneyError(RuntimeError):
@@ -222,9 +228,18 @@ class Flows:
             body: dict[str, Any] = {"request": payto.target, "unit": "sat", "amount": amount_sat}
             quote = await self.mint.ok("/v1/melt/quote/onchain", body)
             quote["fee_reserve"] = quote["fee_options"][0]["fee_reserve"]
+            asked = amount_sat
         else:
             quote = await self.mint.ok(
                 "/v1/melt/quote/bolt11", {"request": payto.target, "unit": "sat"}
+            )
+            asked = -(-(payto.amount_msat or 0) // 1000)  # what the invoice asks, in sat
+        # The mint's word, checked: it names what it pays, and the wallet pays it the
+        # amount (the fee reserve is shown apart, and bounded by the user's maximum)
+        if str(quote.get("request")).lower() != payto.target or quote["amount"] != asked:
+            raise MoneyError(
+                f"the mint quoted {quote['amount']} sat to {str(quote.get('request'))[:40]}…"
+                f" for {asked} sat to {payto.target[:40]}…: not what is asked, not paid"
             )
         ecash = self.mint.inputs_for(quote["amount"] + quote["fee_reserve"])
         return {
@@ -334,7 +349,12 @@ class Flows:
                 flow["outpoint"] = quote["outpoint"]
             return "pending"
         if quote["state"] == m.MELT_PAID:
-            flow["preimage"] = quote.get("payment_preimage") or quote.get("outpoint")
+            if flow.get("method") == ONCHAIN:
+                flow["preimage"] = quote.get("outpoint")
+            else:  # the proof of payment, where it is one: the mint's word is no proof
+                paid_hash = bytes.fromhex(decode_bolt11(flow["invoice"]).payment_hash)
+                preimage = preimage_of(quote.get("payment_preimage"), paid_hash)
+                flow["preimage"] = None if preimage is None else preimage.hex()
             signatures = quote.get("change") or []
             n = len(signatures)
             blanks = msgspec.convert(flow["blanks"], list[nut.BlindedMessage])[:n]
@@ -367,9 +387,11 @@ class Flows:
         and asked of the mint (NUT-09) until ``RESTORE_GAP`` in a row were never signed;
         those it signed that are unspent (NUT-07) and not held by the wallet already
         become a flow that redeems them (``_refund``), and each keyset's counter moves
-        past the last one signed (the mint signs an output once). Ecash reserved by a
-        payment in flight when the file was lost is not unspent yet: said, and found by
-        a later rescan once the payment failed (or its change was signed)."""
+        past the last one signed (the mint signs an output once), and past the blank
+        outputs a melt in flight may have after it (``MAX_BLANKS``: reused, its change
+        would be lost). Ecash reserved by a payment in flight when the file was lost is
+        not unspent yet: said, and found by a later rescan once the payment failed (or
+        its change was signed)."""
         seed = seed_of(self.doc.mnemonic)
         held = _held(self.doc)
         found: list[nut.Proof] = []
@@ -392,8 +414,8 @@ class Flows:
                         found.append(proof)
                     elif state == "PENDING":
                         pending += proof.amount
-            if scan.end > self.doc.counters.get(keyset_id, 0):
-                self.doc.counters[keyset_id] = scan.end
+            if scan.end + MAX_BLANKS > self.doc.counters.get(keyset_id, 0):
+                self.doc.counters[keyset_id] = scan.end + MAX_BLANKS
         said = f"ecash at {self.mint.url}: {sum(p.amount for p in found)} sat unspent recovered"
         if pending:
             said += (
@@ -426,10 +448,17 @@ class Flows:
                 said.append(await self._step(flow))
             except (aiohttp.ClientError, TimeoutError) as exc:
                 said.append(f"{_name(flow)}: the mint is not reachable ({exc}); tried again later")
-            except (MintError, MoneyError, GatewayError) as exc:
+            except (MintError, GatewayError) as exc:
+                if not exc.final:  # an outage: what became of the flow is not known yet
+                    said.append(f"{_name(flow)}: PENDING: {exc}; asked again later")
+                elif only is not None:
+                    raise
+                else:
+                    said.append(f"{_name(flow)}: {exc}")  # the others go on all the same
+            except MoneyError as exc:
                 if only is not None:
                     raise
-                said.append(f"{_name(flow)}: {exc}")  # the others are taken up all the same
+                said.append(f"{_name(flow)}: {exc}")
             except Exception as exc:  # a bad answer (a signature that does not check)
                 if only is not None:
                     raise
@@ -547,10 +576,12 @@ def _paid_line(flow: dict[str, Any], state: str) -> str:
                 f"{_name(flow)}: PAID on-chain, miner fee {flow['fee_paid']} sat{back};"
                 f" outpoint {flow['preimage']}"
             )
-        return (
-            f"{_name(flow)}: PAID, Lightning fee {flow['fee_paid']} sat{back};"
-            f" preimage {flow['preimage']}"
+        proof = (
+            f"preimage {flow['preimage']}"
+            if flow["preimage"]
+            else "the mint says so, and gave no preimage of the invoice's hash to prove it"
         )
+        return f"{_name(flow)}: PAID, Lightning fee {flow['fee_paid']} sat{back}; {proof}"
     if state == "failed":
         return f"{_name(flow)}: FAILED ({flow['failed']}); its value is back as a coin"
     if state == "withdrawing":

@@ -28,6 +28,12 @@ class MintError(RuntimeError):
         self.status = status
         self.code = code
 
+    @property
+    def final(self) -> bool:
+        """A refusal of the request itself (HTTP 400: a NUT error): not an outage, an
+        overload or a rate limit, after which the same request may yet go through."""
+        return self.status == 400
+
 
 class MintClient:
     def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
