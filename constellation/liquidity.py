@@ -65,6 +65,7 @@ def plan(
     expected_msat: Mapping[str, int],
     onchain_sat: int,
     limits: Limits = DEFAULT,
+    coming_sat: int = 0,
 ) -> list[Splice]:
     free = [c for c in channels if c.usable and not c.splicing]
     want = {c.channel_id: int(limits.headroom * expected_msat.get(c.peer, 0)) for c in free}
@@ -90,6 +91,7 @@ def plan(
                 f"can send {c.spendable_msat} msat; the next batches want {want[c.channel_id]}",
             )
         )
+    unmet -= coming_sat  # splices out in flight refill the wallet once they confirm
     if unmet <= 0:
         return splices
     for c in sorted(free, key=lambda c: (-c.spendable_msat, c.channel_id)):

@@ -114,6 +114,9 @@ class Channel:
     spendable_msat: int
     receivable_msat: int
     splicing: bool
+    # what a splice in flight moves: into the channel from the wallet (> 0), or out to
+    # it (< 0); one side holds it before the splice confirms, the other after
+    splice_msat: int = 0
 
     @property
     def usable(self) -> bool:
@@ -572,6 +575,12 @@ class ClnBackend(LightningBackend):
                 spendable_msat=msat(c.get("spendable_msat", 0)),
                 receivable_msat=msat(c.get("receivable_msat", 0)),
                 splicing=bool(c.get("inflight")),
+                splice_msat=1000
+                * max(
+                    (int(i.get("splice_amount", 0)) for i in c.get("inflight", [])),
+                    key=abs,
+                    default=0,
+                ),
             )
             for c in doc["channels"]
         ]
@@ -677,8 +686,11 @@ async def rebalance(
         for c in best.values()
     ]
     wanted = {peer: max(floor_msat, expected.get(peer, 0)) for peer in best}
+    # what splices out in flight bring the wallet: no other splice out for it
+    coming = sum(-c.splice_msat for c in channels if c.splice_msat < 0) // 1000
     done: list[tuple[Splice, str | None]] = []
-    for splice in plan(views, wanted, balances.onchain_confirmed_msat // 1000, limits):
+    onchain = balances.onchain_confirmed_msat // 1000
+    for splice in plan(views, wanted, onchain, limits, coming):
         try:
             if splice.relative_sat > 0:
                 await backend.splice_in(splice.channel_id, splice.relative_sat)

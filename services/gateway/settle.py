@@ -785,7 +785,8 @@ class Settler:
             routed_msat=income.routed_msat,
             in_flight_msat=self._in_flight()
             + sum(x.pending_msat for x in states)
-            + mint.reserved_msat,
+            + mint.reserved_msat
+            + sum(abs(c.splice_msat) for c in channels),  # the wallet's or the channel's
             incoming_msat=sum(p.payee.incoming_msat for p in self.pairs.values()),
             ecash_msat=mint.outstanding_msat + mint.unissued_msat - mint.l3_msat,
             ecash_fees_msat=mint.fees_msat,

@@ -209,14 +209,22 @@ async def test_channels_balances_splices_and_the_chain(net: Net) -> None:
     channel = next(c for c in await a.channels() if c.peer_id == b_id)
     assert channel.usable and channel.capacity_msat == CHANNEL_SAT * 1000
     before, paid_before = await a.balances(), (await a.income()).onchain_fees_msat
+    funds_before = await funds(a)
     await a.splice_in(channel.channel_id, 200_000)
     during = next(c for c in await a.channels() if c.channel_id == channel.channel_id)
     assert during.splicing and during.usable  # it keeps carrying payments meanwhile
+    # the wallet's coins are spent, the channel holds them once the splice confirms:
+    # the reserve counts the splice in flight (it read BROKEN, or took a wrong baseline)
+    assert during.splice_msat == 200_000_000
+    fee = (await a.income()).onchain_fees_msat - paid_before
+    assert funds_before - await funds(a) - fee == during.splice_msat
     net.sim.network.mine(1)
     after = next(c for c in await a.channels() if c.channel_id == channel.channel_id)
     assert after.capacity_msat == (CHANNEL_SAT + 200_000) * 1000 and not after.splicing
     assert after.local_msat == channel.local_msat + 200_000_000
     await a.splice_out(channel.channel_id, 100_000)
+    out = next(c for c in await a.channels() if c.channel_id == channel.channel_id)
+    assert out.splice_msat == -100_000_000
     net.sim.network.mine(1)
     balances = await a.balances()
     assert balances.onchain_confirmed_msat < before.onchain_confirmed_msat

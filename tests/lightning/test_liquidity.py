@@ -79,6 +79,11 @@ def test_a_short_wallet_is_refilled_from_a_channel_with_far_more_than_it_needs()
         LIMITS,
     )
     assert after == [Splice("poor", "p1", 4_000_000, after[0].reason)]
+    # while the splice out is in flight (the wallet is refilled once it confirms), no
+    # other channel is spliced out for the same shortfall (one was, every poll)
+    rich2 = ChannelView("rich2", "p2", 40_000_000_000, True, False)
+    want2 = {**want, "p2": 1_000_000_000}
+    assert plan([*chans, rich2], want2, 50_000, LIMITS, coming_sat=-out) == []
 
 
 def test_nothing_to_do_where_every_channel_can_carry_what_is_expected() -> None:
