@@ -211,8 +211,15 @@ class Follower:
                 continue
             for ev in blocks:
                 w = ev.worker
-                if w not in cursor or w in self._at_end or w in self.diverged:
-                    continue  # not followed (yet, or any more)
+                if w not in cursor or w in self.diverged:
+                    continue  # not followed (any more)
+                if w in self._at_end:
+                    # its log's end not read yet (its query timed out): it is followed
+                    # from this block on, the first heard (else what committed after a
+                    # subscription was answered, before the log was read, was lost)
+                    self._at_end.discard(w)
+                    self.cursor[w] = cursor[w] = ev.prev
+                    self._show(w)
                 self.last[w] = max(self.last.get(w, -1), ev.height)
                 if ev.height <= cursor[w] or w in gaps:
                     continue  # stored already, or read from the log below

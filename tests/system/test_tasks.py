@@ -31,7 +31,7 @@ from constellation.ledger.pmap import PartitionMap
 from constellation.protocol import ledger as proto
 from constellation.tx import Issuance, TxOutput
 from services.api_client import Gateway
-from services.bus import publish_map
+from services.bus import events_subject, publish_map
 from services.database import DATABASE_DOWN
 from services.follow import Follower, FollowMetrics
 from services.gateway.app import GatewayNode
@@ -329,6 +329,39 @@ async def test_a_reader_whose_store_is_down_waits_and_then_stores_every_block(
         heights = [b.height for b in stored]
         assert heights and heights == sorted(set(heights)), heights
         assert heights[-1] == follower.cursor[0] == follower.last[0]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await nc.close()
+
+
+async def test_a_reader_from_the_end_follows_a_worker_whose_log_did_not_answer(
+    op: Operator,
+) -> None:
+    """Followed from the end (pushes to subscribers), a worker whose log does not answer
+    at the start (its leader slow, or changing) is followed from the first block it
+    publishes: what commits after the subscription was answered is pushed (it was
+    dropped until the log answered, and the cursor then jumped to its end)."""
+    nc = await nats.connect(op.net.nats_url)
+    stored: list[proto.BlockEvents] = []
+
+    async def sink(blocks: list[proto.BlockEvents]) -> None:
+        stored.extend(blocks)
+
+    silent = 9  # no worker answers for it
+    follower = Follower(
+        nc, OPERATOR, [silent], None, sink, FollowMetrics(CollectorRegistry(), "test")
+    )
+    task = asyncio.create_task(follower.run())
+    try:
+        await until(lambda: silent in follower.unreachable, "its log did not answer")
+        block = proto.BlockEvents(silent, 5, 4, [], [(os.urandom(32), 0)])
+        await nc.publish(
+            events_subject(OPERATOR), proto.encode_events([proto.encode_block_events(block)])
+        )
+        await until(lambda: bool(stored), "the published block is taken")
+        assert [(b.worker, b.height) for b in stored] == [(silent, 5)]
+        assert follower.cursor[silent] == 5
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
