@@ -536,7 +536,12 @@ class Replica:
 
     def _beat(self, now: float) -> None:
         s = self.settings
-        if not self._confirming(self._heard(now)) and now - self.led_since > s.election_s:
+        heard = [self.me] + [
+            c
+            for c, p in self.progress.items()
+            if now - p.heard < s.election_s and not self._excluded(c)
+        ]
+        if not self._confirming(heard) and now - self.led_since > s.election_s:
             self._follow(self.term, -1)  # CheckQuorum: cut off from a confirming set
             # The others campaign first: preferred, it would win again where it can be
             # elected but not confirm (its operator short of a copy, with one other left).
@@ -1065,15 +1070,6 @@ class Replica:
                 if self.term_at(h) == self.term:
                     self._confirmed(h)
                 return
-
-    def _heard(self, now: float, but: int = -1) -> list[int]:
-        """At a leader: this copy and those (not ``but``) that answered it lately."""
-        s = self.settings
-        return [self.me] + [
-            c
-            for c, p in self.progress.items()
-            if now - p.heard < s.election_s and not self._excluded(c) and c != but
-        ]
 
     def _confirming(self, copies: list[int]) -> bool:
         """Whether these copies (this one among them) may confirm a block of ours."""
