@@ -30,9 +30,22 @@ CREATE TABLE IF NOT EXISTS coin_events (
     worker     integer  NOT NULL,
     height     bigint   NOT NULL,
     at         timestamptz NOT NULL DEFAULT now(),
+    spent      boolean  NOT NULL DEFAULT false,  -- a created coin's: its spend is stored
     PRIMARY KEY (coin_id, created)
 );
+-- spent: where the column is new, filled from the spends stored
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_name = 'coin_events' AND column_name = 'spent') THEN
+        ALTER TABLE coin_events ADD COLUMN spent boolean NOT NULL DEFAULT false;
+        UPDATE coin_events c SET spent = true WHERE c.created AND EXISTS
+            (SELECT 1 FROM coin_events s WHERE s.coin_id = c.coin_id AND NOT s.created);
+    END IF;
+END $$;
 CREATE INDEX IF NOT EXISTS coin_events_owner ON coin_events (owner, seq);
+-- an owner's unspent coins, a page at a time: never walking those spent long ago
+CREATE INDEX IF NOT EXISTS coin_events_unspent ON coin_events (owner, seq)
+    WHERE created AND NOT spent;
 CREATE INDEX IF NOT EXISTS coin_events_block ON coin_events (worker, height);  -- explorer
 CREATE INDEX IF NOT EXISTS coin_events_txid ON coin_events (txid);  -- a transaction's coins
 CREATE TABLE IF NOT EXISTS txs (
@@ -201,6 +214,14 @@ class Index:
                     " ON CONFLICT DO NOTHING",
                     *(list(column) for column in zip(*changes, strict=True)),
                 )
+                # a created coin whose spend is stored is marked (its spend may come in
+                # this batch, a later one, or, where a log was read from its middle, none)
+                await conn.execute(
+                    "UPDATE coin_events c SET spent = true WHERE c.coin_id = ANY($1::bytea[])"
+                    " AND c.created AND NOT c.spent AND EXISTS (SELECT 1 FROM coin_events s"
+                    " WHERE s.coin_id = c.coin_id AND NOT s.created)",
+                    list({c[1] for c in changes}),
+                )
             if outbound:
                 await conn.execute(
                     "INSERT INTO outbound (coin_id, txid, ledger, owner, value_msat, worker,"
@@ -256,9 +277,8 @@ class Index:
     ) -> list[tuple[int, bytes, int]]:
         """(seq, coin_id, value) of the owner's unspent coins after ``after``, oldest first."""
         rows = await self.pool.fetch(
-            "SELECT c.seq, c.coin_id, c.value_msat FROM coin_events c WHERE c.owner = $1"
-            " AND c.created AND c.seq > $3 AND NOT EXISTS (SELECT 1 FROM coin_events s"
-            " WHERE s.coin_id = c.coin_id AND NOT s.created) ORDER BY c.seq LIMIT $2",
+            "SELECT seq, coin_id, value_msat FROM coin_events WHERE owner = $1 AND created"
+            " AND NOT spent AND seq > $3 ORDER BY seq LIMIT $2",
             owner,
             limit,
             after,

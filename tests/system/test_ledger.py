@@ -400,6 +400,22 @@ async def test_index_stores_each_change_once_however_often_it_is_delivered(op: O
         found = await index.tx(txid)
         assert found is not None and found["fee_msat"] == 7
         assert (await index.cursors())[200] == 10**9
+        # spent in a later block, or its spend stored first: no longer listed unspent
+        # (the list reads an index of the coins not spent, not every coin ever spent)
+        later, first = os.urandom(32), os.urandom(32)
+
+        def change(coin_id: bytes, created: bool) -> proto.CoinChange:
+            return proto.CoinChange(os.urandom(32), coin_id, owner, 5, created)
+
+        def at(height: int, *changes: proto.CoinChange) -> proto.BlockEvents:
+            return proto.BlockEvents(200, height, height - 1, list(changes), [])
+
+        await index.store([at(10**9 + 1, change(later, True), change(first, False))])
+        listed = [c for _, c, _ in await index.unspent(owner, 10)]
+        assert later in listed and first not in listed
+        await index.store([at(10**9 + 2, change(coin, False), change(later, False))])
+        await index.store([at(10**9 + 3, change(first, True))])
+        assert await index.unspent(owner, 10) == []
     finally:
         await index.close()
 
