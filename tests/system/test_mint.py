@@ -1050,14 +1050,16 @@ class Faulty:
     """op0's real gateway behind a proxy that loses what ``script`` says: each POST to
     ``path`` takes its next step, "lose" (sent on, its answer lost: the connection
     dropped), "drop" (dropped unsent), "refuse" (answered HTTP 403 in plain text, as a
-    proxy may) or "pass" (sent on); after the script's end, ``then``; everything else is
-    sent on."""
+    proxy may) or "pass" (sent on); after the script's end, ``then``. While ``behind``,
+    reads of what was posted there (GET ``path``/...) are answered HTTP 503, as by an
+    index that has not caught up. Everything else is sent on."""
 
     def __init__(self, gateway: str, session: aiohttp.ClientSession, path: str) -> None:
         self.gateway, self.session, self.path = gateway, session, path
         self.script: list[str] = []
         self.then = "pass"
         self.seen: list[str] = []
+        self.behind = False
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -1065,6 +1067,8 @@ class Faulty:
         if request.method == "POST" and request.path == self.path:
             step = self.script.pop(0) if self.script else self.then
             self.seen.append(step)
+        if self.behind and request.method == "GET" and request.path.startswith(self.path + "/"):
+            return web.Response(status=503, text="Service Unavailable", content_type="text/plain")
         if step == "refuse":
             return web.Response(status=403, text="Forbidden", content_type="text/plain")
         if step != "drop":
@@ -1241,9 +1245,10 @@ async def test_a_withdrawal_that_committed_is_signed_whatever_its_retry_is_told(
         gw = Gateway(op0.gateway_url, s)
         await user.redeem(1000, LightningRpc(op1.lightning_rpc))
         body, outputs, secrets, tx = user.withdrawal(300)
-        proxy.script, proxy.then = ["lose"], "refuse"
-        status, _ = await mint.call("/v1/l3/withdraw", body)
+        proxy.script, proxy.then, proxy.behind = ["lose"], "refuse", True
+        status, _ = await mint.call("/v1/l3/withdraw", body)  # its fate not known yet
         assert status == 503 and proxy.seen == ["lose"]
+        proxy.behind = False
         deadline = time.monotonic() + 10
         while True:  # it committed: once the gateway's index shows it
             with contextlib.suppress(GatewayError):
@@ -1257,9 +1262,10 @@ async def test_a_withdrawal_that_committed_is_signed_whatever_its_retry_is_told(
         assert await mint.ok("/v1/l3/withdraw", body) == signed
         # committed, its answer lost, then the keyset retired: the retry is signed by it
         body, outputs, secrets, _ = user.withdrawal(200)
-        proxy.script, proxy.seen, proxy.then = ["lose"], [], "pass"
+        proxy.script, proxy.seen, proxy.then, proxy.behind = ["lose"], [], "pass", True
         status, _ = await mint.call("/v1/l3/withdraw", body)
         assert status == 503
+        proxy.behind = False
         async with another_mint(op0, "mint-rotated.log", **env, MINT_INPUT_FEE_PPK="1000") as url:
             rotated = Mint(url, s)
             await rotated.load()
