@@ -52,7 +52,7 @@ from constellation.address import Network, encode_address
 from constellation.keys import SigningKey
 from constellation.lightclient import index as lc
 from constellation.lightclient import proof as pf
-from constellation.protocol.ledger import BlockEvents, CoinChange
+from constellation.protocol.ledger import BlockEvents, CoinChange, Commit
 from constellation.tx import TxOutput
 from services.api_client import Gateway
 from services.devnet import Devnet, guild
@@ -78,9 +78,7 @@ class Guild:
         self.heights = dict.fromkeys(SHARDS, 0)
         self.unspent: list[tuple[bytes, int, bytes]] = []
 
-    def block(
-        self, shard: lc.Shard, changes: list[CoinChange], committed: list[tuple[bytes, int]]
-    ) -> None:
+    def block(self, shard: lc.Shard, changes: list[CoinChange], committed: list[Commit]) -> None:
         prev = self.heights[shard] or -1
         self.heights[shard] += 1
         rng = self.rng
@@ -127,7 +125,7 @@ class Guild:
             )
             self.unspent.append((out, part, owner))
         for shard, cs in changes.items():
-            self.block(shard, cs, [(txid, 100)] if shard == shard_of(cid) else [])
+            self.block(shard, cs, [Commit(txid, 100)] if shard == shard_of(cid) else [])
         return txid
 
 

@@ -115,10 +115,10 @@ class Log(Protocol):
         after: Callable[[int], None] | None = None,
         lazy: bool = False,
         changes: Sequence[proto.CoinChange] = (),
-        committed: Sequence[tuple[bytes, int]] = (),
+        committed: Sequence[proto.Commit] = (),
     ) -> None:
-        """Write ``record`` (with the coin ``changes`` it makes here and the ``committed``
-        (txid, fee) it coordinated, for the block's events); ``after(height)`` once it is
+        """Write ``record`` (with the coin ``changes`` it makes here and what it
+        ``committed``, for the block's events); ``after(height)`` once it is
         durable. A ``lazy`` record is one nothing waits for: it may wait for the next."""
 
     def after_durable(self, callback: Callable[[int], None]) -> None:
@@ -239,7 +239,7 @@ class TwoPhaseCommit:
         *,
         verify: bool = False,
         signatures: bool = False,
-    ) -> tuple[list[proto.CoinChange], list[tuple[bytes, int]]]:
+    ) -> tuple[list[proto.CoinChange], list[proto.Commit]]:
         """Apply one block's records; with ``derive``, also return the block's events:
         its coin changes and the (txid, fee) of what it coordinated.
 
@@ -256,7 +256,7 @@ class TwoPhaseCommit:
         if signatures and not verify:
             raise ValueError("signatures are checked only with verify")
         changes: list[proto.CoinChange] = []
-        committed: list[tuple[bytes, int]] = []
+        committed: list[proto.Commit] = []
         for index, rec in enumerate(records):
             try:
                 if isinstance(rec, proto.Prepared):
@@ -315,7 +315,7 @@ class TwoPhaseCommit:
         signatures: bool,
         derive: bool,
         changes: list[proto.CoinChange],
-        committed: list[tuple[bytes, int]],
+        committed: list[proto.Commit],
     ) -> None:
         state, txid = self.state, rec.txid
         outbound: list[proto.CoinChange] = []
@@ -336,7 +336,7 @@ class TwoPhaseCommit:
                 decided = self.decided[txid] = Decided(rec.attempt, participants, others)
                 self.muhash.insert(_decided_element(txid, decided))
             if derive:
-                committed.append((txid, tx.fee_msat))
+                committed.append(proto.Commit(txid, tx.fee_msat, rec.tx))
                 outbound = _outbound_of(tx)
         else:
             if verify and txid not in self.logged:
@@ -643,7 +643,11 @@ class TwoPhaseCommit:
             self.confirmed(now - started)
 
         self.log.add(
-            proto.Committed(txid, raw, attempt), durable, False, changes, [(txid, tx.fee_msat)]
+            proto.Committed(txid, raw, attempt),
+            durable,
+            False,
+            changes,
+            [proto.Commit(txid, tx.fee_msat, raw)],
         )
 
     def _changes_of(self, txid: bytes) -> list[proto.CoinChange]:
@@ -884,7 +888,7 @@ class TwoPhaseCommit:
 
     def _issued_events(
         self, issuance: AnyIssuance, created: list[bytes]
-    ) -> tuple[list[proto.CoinChange], list[tuple[bytes, int]]]:
+    ) -> tuple[list[proto.CoinChange], list[proto.Commit]]:
         """The coins an issuance created here, and its ids as committed here (a shard's
         part of an issuance is final on its own), for the block's events."""
         made = set(created)
@@ -893,7 +897,7 @@ class TwoPhaseCommit:
             for iid, cid, (value, owner) in issuance.entries()
             if cid in made
         ]
-        return changes, [(iid, 0) for iid in dict.fromkeys(c.txid for c in changes)]
+        return changes, [proto.Commit(iid, 0) for iid in dict.fromkeys(c.txid for c in changes)]
 
     # -- queries -------------------------------------------------------------------------
 

@@ -58,7 +58,7 @@ def records_of(events: BlockEvents) -> list[Record]:
         if rec is None:
             rec = by_txid[c.txid] = Record(events.height, c.txid, False, 0, [])
         rec.changes.append(Change(kind, c.coin_id, c.owner, c.value_msat, c.ledger))
-    for txid, fee in events.committed:
+    for txid, fee, _ in events.committed:
         rec = by_txid.get(txid) or Record(events.height, txid, False, 0, [])
         by_txid[txid] = rec._replace(committed=True, fee_msat=fee)
     return list(by_txid.values())

@@ -27,7 +27,7 @@ committed, aborted and issued, in order. Replaying them rebuilds its state.
 from __future__ import annotations
 
 import itertools
-from typing import Annotated, Union
+from typing import Annotated, NamedTuple, Union
 
 import msgspec
 
@@ -232,14 +232,24 @@ class CoinChange(msgspec.Struct, frozen=True, array_like=True):
     ledger: bytes = b""  # the other ledger's id, for an output paid to it
 
 
+class Commit(NamedTuple):
+    """A transaction this worker coordinated, committed: its id, its fee, and its
+    encoding (so that a reader knows every part of it before the other workers' parts
+    come); or an issuance that created coins here (its id, 0, nothing: each shard's part
+    of one is final on its own). Events written before the encoding was carried have
+    none."""
+
+    txid: bytes
+    fee_msat: int
+    tx: bytes = b""
+
+
 class BlockEvents(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     worker: int
     height: int
     prev: int  # the height of this worker's previous block with events; -1: none
     changes: list[CoinChange]
-    # (txid, fee) of transactions this worker coordinated, and (id, 0) of the issuances
-    # that created coins here (each shard's part of one is final on its own)
-    committed: list[tuple[bytes, int]]
+    committed: list[Commit]
     # A replicated shard's block: its header hash and the state root after it (what a
     # light-client checkpoint names); empty where nobody replicates the shard.
     block: bytes = b""

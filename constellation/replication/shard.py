@@ -49,7 +49,7 @@ def decode_body(body: bytes) -> list[proto.Record]:
         raise InvalidBlock(0, f"the block body is malformed: {exc}") from None
 
 
-Events = tuple[list[proto.CoinChange], list[tuple[bytes, int]]]
+Events = tuple[list[proto.CoinChange], list[proto.Commit]]
 
 
 class LedgerExecutor:
@@ -91,7 +91,7 @@ class ShardLog:
         self.records: list[proto.Record] = []
         self.after: list[Callable[[int], None]] = []
         self.changes: list[proto.CoinChange] = []
-        self.committed: list[tuple[bytes, int]] = []
+        self.committed: list[proto.Commit] = []
         self.events: dict[int, Events] = {}
         self.urgent = False
         self.size = 0  # about the encoded size of ``records``
@@ -105,7 +105,7 @@ class ShardLog:
         after: Callable[[int], None] | None = None,
         lazy: bool = False,
         changes: Sequence[proto.CoinChange] = (),
-        committed: Sequence[tuple[bytes, int]] = (),
+        committed: Sequence[proto.Commit] = (),
     ) -> None:
         self.records.append(record)
         self.size += 64 + len(getattr(record, "tx", b"")) + len(getattr(record, "issuance", b""))

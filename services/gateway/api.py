@@ -494,11 +494,47 @@ class Api:
                 found = await self.index.tx(txid)
             if found is None:
                 raise refusal
+        raw = found.pop("tx")
         found["changes"] = [self.described(c) for c in found["changes"]]
+        if raw is not None:  # the parts whose blocks are not indexed yet, as it says
+            unindexed = self._unindexed(decode_transaction(raw), found["changes"])
+            found["changes"] += unindexed
+            found["complete"] = not unindexed
         for change in found["changes"]:
             if change["kind"] == "paid_out":
                 change["settlement"] = await self._settlement(change)
         return json_response({"txid": txid.hex(), "status": "committed", **found})
+
+    def _unindexed(self, tx: Transaction, changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The parts of committed ``tx`` that ``changes`` (those indexed) lack: a
+        participant's, committed in its worker's block after the coordinator's, whose
+        block the index has not stored yet: an input with its coin and value, an output
+        with its address too. Outputs paid to other ledgers are the coordinator's
+        (in its block with the commit): never among them."""
+        seen = {(c["kind"], c["coin_id"]) for c in changes}
+        parts: list[dict[str, Any]] = [
+            {
+                "kind": "spent",
+                "coin_id": i.coin_id.hex(),
+                "value_msat": i.value_msat,
+                "indexed": False,
+            }
+            for i in tx.inputs
+            if ("spent", i.coin_id.hex()) not in seen
+        ]
+        for n, (value, owner) in enumerate(tx.outputs):
+            coin_id = tx.output_ids[n].hex()
+            if tx.here(n) and ("created", coin_id) not in seen:
+                parts.append(
+                    {
+                        "kind": "created",
+                        "coin_id": coin_id,
+                        "address": encode_address(owner, self.network),
+                        "value_msat": value,
+                        "indexed": False,
+                    }
+                )
+        return parts
 
     async def _settlement(self, change: dict[str, Any]) -> str:
         """An output paid to another member's ledger: "settled" once its batch was paid

@@ -124,6 +124,18 @@ CHANGE = _object(
     },
     released_as={**HEX32, "description": "settled: the coin it became in that ledger"},
 )
+UNINDEXED = _object(
+    ["kind", "coin_id", "value_msat", "indexed"],
+    kind={"enum": ["spent", "created"]},
+    coin_id=HEX32,
+    address={"type": "string", "description": "created: its owner"},
+    value_msat=MSAT,
+    indexed={
+        "enum": [False],
+        "description": "a part committed in another worker's block that the index has"
+        " not stored yet (shown as the transaction says)",
+    },
+)
 
 
 def _explorer_paths() -> dict[str, Any]:
@@ -567,9 +579,15 @@ def openapi() -> dict[str, Any]:
                                 at={"type": "string", "description": "when it was indexed"},
                                 changes={
                                     "type": "array",
-                                    "items": CHANGE,
+                                    "items": {"oneOf": [CHANGE, UNINDEXED]},
                                     "description": "the coins it spent and created in this"
                                     " ledger, and its outputs paid to other ledgers",
+                                },
+                                complete={
+                                    "type": "boolean",
+                                    "description": "whether every part of it is indexed"
+                                    " (absent where the index does not hold the"
+                                    " transaction itself)",
                                 },
                             ),
                             "pending, or committed (with what it changed)",

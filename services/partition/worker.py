@@ -72,7 +72,7 @@ class BlockWriter:
         self.records: list[proto.Record] = []
         self.after: list[Callable[[int], None]] = []
         self.changes: list[proto.CoinChange] = []
-        self.committed: list[tuple[bytes, int]] = []
+        self.committed: list[proto.Commit] = []
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self._lazy = False  # the timer is a lazy record's
 
@@ -82,7 +82,7 @@ class BlockWriter:
         after: Callable[[int], None] | None = None,
         lazy: bool = False,
         changes: Sequence[proto.CoinChange] = (),
-        committed: Sequence[tuple[bytes, int]] = (),
+        committed: Sequence[proto.Commit] = (),
     ) -> None:
         self.records.append(record)
         self.changes += changes
@@ -146,7 +146,7 @@ class BlockWriter:
             callback(height)
 
     def events_of(
-        self, height: int, changes: list[proto.CoinChange], committed: list[tuple[bytes, int]]
+        self, height: int, changes: list[proto.CoinChange], committed: list[proto.Commit]
     ) -> None:
         """Block ``height`` is durable: its changes (if any) into the events log, then
         out to readers."""

@@ -82,7 +82,7 @@ class MemoryLog:
         after: Callable[[int], None] | None = None,
         lazy: bool = False,
         changes: Sequence[proto.CoinChange] = (),
-        committed: Sequence[tuple[bytes, int]] = (),
+        committed: Sequence[proto.Commit] = (),
     ) -> None:
         self.records.append(record)
         if after is not None:

@@ -28,7 +28,7 @@ from constellation.errors import (
 from constellation.keys import SigningKey
 from constellation.lightclient import index as lc
 from constellation.lightclient import proof as pf
-from constellation.protocol.ledger import BlockEvents, CoinChange
+from constellation.protocol.ledger import BlockEvents, CoinChange, Commit
 
 KEY = SigningKey(b"\x42" * 32)
 MEMBERS = pf.members_root(2, [("a", b"\x01" * 32), ("b", b"\x02" * 32), ("c", b"\x03" * 32)])
@@ -52,9 +52,7 @@ def build(seed: int, rounds: int = 4, txs_per_round: int = 6) -> Ledger:
     txs: dict[bytes, lc.Shard] = {}
     signed: list[lc.Signed] = []
 
-    def block(
-        shard: lc.Shard, changes: list[CoinChange], committed: list[tuple[bytes, int]]
-    ) -> None:
+    def block(shard: lc.Shard, changes: list[CoinChange], committed: list[Commit]) -> None:
         prev = heights[shard] or -1
         heights[shard] += rng.randint(1, 3)
         h = heights[shard]
@@ -98,7 +96,7 @@ def build(seed: int, rounds: int = 4, txs_per_round: int = 6) -> Ledger:
                 coins[cid] = (pf.CoinState.UNSPENT, value, owner, txid, shard)
             per_shard.setdefault(coordinator, [])
             for shard, changes in per_shard.items():
-                block(shard, changes, [(txid, fee)] if shard == coordinator else [])
+                block(shard, changes, [Commit(txid, fee)] if shard == coordinator else [])
             txs[txid] = coordinator
         checkpoint, entries = index.propose(1000 * r)
         assert index.check(checkpoint, entries, 1000 * r) is None

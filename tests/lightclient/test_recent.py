@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from constellation.lightclient import index as lc
 from constellation.lightclient import proof as pf
-from constellation.protocol.ledger import BlockEvents, CoinChange
+from constellation.protocol.ledger import BlockEvents, CoinChange, Commit
 from tests.lightclient.test_proofs import KEY, LEDGERS, MEMBERS, PIN, SHARDS
 
 
@@ -86,7 +86,7 @@ class Split:
             self.heights[shard],
             prev,
             changes,
-            [(self.txid, 3)] if committed else [],
+            [Commit(self.txid, 3)] if committed else [],
             self.rng.randbytes(32),
             self.rng.randbytes(32),
         )

@@ -385,7 +385,7 @@ async def test_index_stores_each_change_once_however_often_it_is_delivered(op: O
             proto.CoinChange(txid, spent, owner, 2**64 - 1, False),
             proto.CoinChange(txid, coin, owner, 5, True),
         ],
-        [(txid, 7)],
+        [proto.Commit(txid, 7)],
     )
     index = await Index.open(op.net.database_url)
     try:

@@ -355,7 +355,7 @@ async def test_a_reader_from_the_end_follows_a_worker_whose_log_did_not_answer(
     task = asyncio.create_task(follower.run())
     try:
         await until(lambda: silent in follower.unreachable, "its log did not answer")
-        block = proto.BlockEvents(silent, 5, 4, [], [(os.urandom(32), 0)])
+        block = proto.BlockEvents(silent, 5, 4, [], [proto.Commit(os.urandom(32), 0)])
         await nc.publish(
             events_subject(OPERATOR), proto.encode_events([proto.encode_block_events(block)])
         )

@@ -38,7 +38,7 @@ from constellation.lightclient import checkpointer as ck
 from constellation.lightclient import index as lc
 from constellation.lightclient import merkle, smt
 from constellation.lightclient import proof as pf
-from constellation.protocol.ledger import BlockEvents, CoinChange
+from constellation.protocol.ledger import BlockEvents, CoinChange, Commit
 from constellation.tx import partition_of
 from tests.lightclient.test_proofs import (
     COIN_TAMPERS,
@@ -215,7 +215,7 @@ class Big:
     ) -> None:
         """The shard's next block, with ``changes`` and the commit of ``commit``."""
         height = self.heights[shard] = self.heights[shard] + self.rng.randint(1, 9)
-        committed = [(commit, fee)] if commit else []
+        committed = [Commit(commit, fee)] if commit else []
         block, root = self.rng.randbytes(32), self.rng.randbytes(32)
         events = BlockEvents(shard[1], height, self.last[shard], changes, committed, block, root)
         self.index.apply(shard[0], events)

@@ -292,9 +292,9 @@ function changesTable(changes) {
   return table(['change', 'coin', 'owner', 'value', 'block'], changes.map((c) => [
     c.kind === 'paid_out' ? `paid out to ${c.ledger ?? c.ledger_id}: ${c.settlement}` : c.kind,
     c.released_as ? link.coin(c.released_as, c.ledger) : c.kind === 'paid_out' ? h('span', { class: 'mono' }, short(c.coin_id)) : link.coin(c.coin_id),
-    link.address(c.address),
+    c.address ? link.address(c.address) : '',
     [{ class: 'num' }, msat(c.value_msat)],
-    link.block(c.block.worker, c.block.height),
+    c.block ? link.block(c.block.worker, c.block.height) : 'committed, not indexed yet',
   ]));
 }
 
