@@ -251,9 +251,11 @@ class HostedCopy:
             if ready.empty():
                 break
             self._note_blocks(ready)
+            own = None if _installed(ready) or ready.snapshot is None else ready.snapshot
             if ready.confirmed:
-                own = None if _installed(ready) or ready.snapshot is None else ready.snapshot
                 self._confirmed(ready.confirmed, own.height if own is not None else None)
+            elif own is not None:  # taken as acks came, nothing newly confirmed
+                self._cover(self.replica.confirmed, own.height)
             self._persist(ready)
             for to, msg in ready.messages:
                 dests = self.replica.group if to == EVERYONE else (to,)
@@ -332,6 +334,17 @@ class HostedCopy:
                 self.pending[h] = (events, rp.header_hash(header), header.root)
         derived.clear()
 
+    def _cover(self, confirmed: int, snapshot: int | None) -> None:
+        """The events of blocks confirmed up to ``confirmed`` into the events log; where
+        this copy is about to write its own ``snapshot`` (which drops the blocks below
+        it), those it covers synced first, or, while the log has a gap, the gap grown
+        over them (the blocks of the events waiting for it go with the snapshot)."""
+        if self.gap is not None and snapshot is not None:
+            for h in [h for h in self.pending if h <= snapshot]:
+                del self.pending[h]
+            self._set_gap(max(self.gap, snapshot))
+        self._write_events(confirmed, snapshot is not None)
+
     def _confirmed(self, height: int, snapshot: int | None) -> None:
         """Blocks up to ``height`` are confirmed: the leader's callbacks run, and their
         events go to the events log and out to readers (see ``_write_events``)."""
@@ -339,12 +352,7 @@ class HostedCopy:
         for h in [h for h in self.proposed if h <= height]:
             self.observe_round(now - self.proposed.pop(h))
         self.shard.confirmed(height)
-        if self.gap is not None and snapshot is not None:
-            # The blocks of what waits for the gap go with this snapshot: the gap grows.
-            for h in [h for h in self.pending if h <= snapshot]:
-                del self.pending[h]
-            self._set_gap(max(self.gap, snapshot))
-        self._write_events(height, snapshot is not None)
+        self._cover(height, snapshot)
         if self.replica.role is Role.LEADER and (self.shard.log.urgent or self.held):
             self.seal_soon()  # what waited goes now
 

@@ -17,16 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from constellation.keys import SigningKey
 from constellation.protocol import ledger as proto
 from constellation.protocol import replication as rp
-from constellation.replication.replica import Role, Settings
+from constellation.replication.replica import Ready, Role, Settings
 from constellation.tx import Issuance, TxOutput
 from services.replica.config import Layout
 from services.replica.host import HostedCopy
@@ -67,7 +69,10 @@ def _issue(nonce: int) -> proto.Package:
 
 
 def _copy(
-    me: int, folder: Path, deliver: Callable[[Sequence[int], rp.Envelope], None]
+    me: int,
+    folder: Path,
+    deliver: Callable[[Sequence[int], rp.Envelope], None],
+    settings: Settings = SETTINGS,
 ) -> HostedCopy:
     return HostedCopy(
         layout=LAYOUT,
@@ -76,7 +81,7 @@ def _copy(
         me=me,
         key=KEYS[me // 2],
         folder=folder / f"copy-{me}",
-        replication=SETTINGS,
+        replication=settings,
         prepare_timeout_ms=1000,
         nc=None,  # type: ignore[arg-type]  # no NATS: the test delivers
         publisher=_Nowhere(),
@@ -94,13 +99,21 @@ async def _until(done: Callable[[], bool], timeout_s: float = 10) -> None:
 
 
 class _Shard:
-    """Six copies ticking in one loop; what a copy in ``cut`` sends is lost."""
+    """Six copies ticking in one loop; what a copy in ``cut`` sends or is sent is lost,
+    and of the rest a share ``loss`` (drawn from ``rng``)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        settings: Settings = SETTINGS,
+        loss: float = 0.0,
+        rng: random.Random | None = None,
+    ) -> None:
         self.copies: dict[int, HostedCopy] = {}
         self.cut: set[int] = set()
+        self.loss, self.rng = loss, rng or random.Random(0)
         for me in range(6):
-            self.copies[me] = _copy(me, folder, self._deliver_from(me))
+            self.copies[me] = _copy(me, folder, self._deliver_from(me), settings)
 
     def _deliver_from(self, me: int) -> Callable[[Sequence[int], rp.Envelope], None]:
         loop = asyncio.get_running_loop()
@@ -108,7 +121,8 @@ class _Shard:
         def deliver(dests: Sequence[int], env: rp.Envelope) -> None:
             if me not in self.cut:
                 for d in dests:
-                    loop.call_soon(self.copies[d].step, me, env.msg)
+                    if d not in self.cut and self.rng.random() >= self.loss:
+                        loop.call_soon(self.copies[d].step, me, env.msg)
 
         return deliver
 
@@ -123,8 +137,8 @@ class _Shard:
 
 
 @contextlib.asynccontextmanager
-async def _shard(folder: Path) -> AsyncIterator[_Shard]:
-    shard = _Shard(folder)
+async def _shard(folder: Path, **how: Any) -> AsyncIterator[_Shard]:
+    shard = _Shard(folder, **how)
 
     async def ticks() -> None:
         while True:
@@ -208,3 +222,71 @@ async def test_a_coin_is_said_to_exist_only_once_the_block_that_made_it_is_confi
         successor.take(_issue(3))  # the issuer sends it again
         assert await _coin(successor, coin) == "unspent"
         assert successor.replica.confirmed == successor.replica.last
+
+
+def _watch(copy: HostedCopy, unconfirmed: list[int], lost: list[tuple[int, int]]) -> None:
+    """Check, as ``copy`` writes a snapshot of its own (which drops the blocks below
+    it), that the events of those blocks are synced to its events log or covered by the
+    gap its twin fills: else a power loss, or a restart with a gap, loses them for good
+    (their blocks are gone); ``lost`` gets (copy, snapshot) where not. Counts in
+    ``unconfirmed`` the snapshots taken in a Ready that confirmed nothing new (a
+    follower's, as the leader's acks came). (It runs in the loop's callbacks, where an
+    exception would only be logged.)"""
+    unsynced: set[int] = set()
+    append, sync, write = copy.events.append, copy.events.sync, copy.store.write
+
+    def appended(height: int, payload: bytes) -> None:
+        append(height, payload)
+        unsynced.add(height)
+
+    def synced() -> None:
+        sync()
+        unsynced.clear()
+
+    def written(ready: Ready) -> None:
+        snap = ready.snapshot
+        if snap is not None and ready.truncate != 0:  # its own, not a leader's installed
+            if not ready.confirmed:
+                unconfirmed.append(snap.height)
+            waiting = [h for h in [*unsynced, *copy.pending] if h <= snap.height]
+            if waiting and (copy.gap is None or copy.gap < snap.height):
+                lost.append((copy.me, snap.height))
+        write(ready)
+
+    copy.events.append = appended  # type: ignore[method-assign]
+    copy.events.sync = synced  # type: ignore[method-assign]
+    copy.store.write = written  # type: ignore[method-assign]
+
+
+async def test_a_copys_own_snapshot_drops_no_block_whose_events_are_not_durable(
+    tmp_path: Path,
+) -> None:
+    """Snapshots every 6 blocks, 30% of messages lost, copy 3 away at first (back, it
+    installs the leader's snapshot: its events log has a gap until its twin fills it).
+    A follower also takes its snapshot when the leader's acks come in a step that
+    confirms nothing new; those of its events were once left unsynced (a power loss
+    then lost them, their blocks compacted away), and the gap was not grown over them
+    (a restart then lost them). Every own snapshot is checked as it is written."""
+    settings = Settings(
+        heartbeat_s=0.05, election_s=0.3, authenticated=True, snapshot_every=6, keep=1
+    )
+    unconfirmed: list[int] = []
+    lost: list[tuple[int, int]] = []
+    for seed in range(3):
+        folder = tmp_path / str(seed)
+        how = {"settings": settings, "loss": 0.3, "rng": random.Random(seed)}
+        async with _shard(folder, **how) as shard:
+            for c in shard.copies.values():
+                _watch(c, unconfirmed, lost)
+            shard.cut.add(3)
+            start, nonce = time.monotonic(), 0
+            while time.monotonic() - start < 4:
+                if time.monotonic() - start > 1.5:
+                    shard.cut.clear()
+                leader = shard.leader()
+                if leader is not None:
+                    nonce += 1
+                    leader.take(_issue(nonce))
+                await asyncio.sleep(0.03)
+    assert unconfirmed, "no snapshot was taken as acks came"
+    assert not lost, lost
