@@ -189,7 +189,12 @@ class Gateway:
         entries: list[dict[str, Any]] = doc["incoming"]
         return entries
 
-    async def history(self, address: str, limit: int = 50) -> list[dict[str, Any]]:
-        doc = await self.get(f"/v1/address/{address}/history?limit={limit}")
+    async def history(
+        self, address: str, limit: int = 50, before: int | None = None
+    ) -> list[dict[str, Any]]:
+        """``address``'s history, newest first: ``limit`` entries before ``before`` (an
+        entry's ``seq``: the page after the one that ended there)."""
+        cursor = "" if before is None else f"&before={before}"
+        doc = await self.get(f"/v1/address/{address}/history?limit={limit}{cursor}")
         entries: list[dict[str, Any]] = doc["history"]
         return entries

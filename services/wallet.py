@@ -16,6 +16,7 @@ ecash the lost file held (``services.wallet_money``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -478,18 +479,49 @@ async def _pending(gw: Gateway, doc: WalletFile, out: Any) -> None:
 
 async def _history(gw: Gateway, doc: WalletFile, limit: int, out: Any) -> None:
     """The wallet's last ``limit`` transactions, newest first, each as what it did to
-    the wallet: a payment's coins spent less its change is what it sent (with the fee),
-    a coin paid to the wallet what it received."""
-    net: dict[str, int] = {}
-    at: dict[str, Any] = {}
-    for address in doc.addresses():
-        for e in await gw.history(address, limit):
-            value = e["value_msat"] if e["kind"] == "received" else -e["value_msat"]
-            net[e["txid"]] = net.get(e["txid"], 0) + value
-            at[e["txid"]] = e["at"]
-    for txid in sorted(net, key=lambda t: at[t], reverse=True)[:limit]:
-        what = "received" if net[txid] >= 0 else "sent"
-        print(f"{at[txid]}  {net[txid]:+16} msat  {what:8}  tx {txid}", file=out)
+    the wallet: what it created for the wallet's addresses less what it spent of their
+    coins (a payment: what it sent, with the fee, its change left out). The addresses'
+    histories (each read until it names ``limit`` transactions) say which are the
+    newest; each one's parts are then read whole (``/v1/tx``), as a page may end among
+    the coins of one (where it cannot be read, its coins in the pages are summed)."""
+    mine = set(doc.addresses())
+    at: dict[str, str] = {}
+    paged: dict[str, int] = {}
+    received: set[str] = set()
+    for address in mine:
+        txids: set[str] = set()
+        before = None
+        while len(txids) < limit:
+            page = await gw.history(address, limit, before)
+            for e in page:
+                txids.add(e["txid"])
+                at[e["txid"]] = max(at.get(e["txid"], ""), e["at"])
+                value = e["value_msat"] if e["kind"] == "received" else -e["value_msat"]
+                paged[e["txid"]] = paged.get(e["txid"], 0) + value
+                if e["kind"] == "received":
+                    received.add(e["coin_id"])
+            if len(page) < limit:
+                break
+            before = page[-1]["seq"]
+
+    async def net(txid: str) -> int:
+        try:
+            tx = await gw.get(f"/v1/tx/{txid}")
+        except GatewayError:  # its commit not indexed yet
+            return paged[txid]
+        total = 0
+        for c in tx["changes"]:
+            if c["kind"] == "created" and c.get("address") in mine:
+                total += c["value_msat"]
+            elif c["kind"] == "spent" and (c.get("address") in mine or c["coin_id"] in received):
+                total -= c["value_msat"]
+        return total
+
+    newest = sorted(at, key=lambda t: at[t], reverse=True)[:limit]
+    nets = await asyncio.gather(*(net(t) for t in newest))
+    for txid, value in zip(newest, nets, strict=True):
+        what = "received" if value >= 0 else "sent"
+        print(f"{at[txid]}  {value:+16} msat  {what:8}  tx {txid}", file=out)
 
 
 async def send(

@@ -12,6 +12,7 @@ and no other, an address's ``/coins`` are exactly its unspent coins, and its
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import random
 import signal
@@ -27,9 +28,11 @@ import pytest
 from constellation.address import Network, encode_address
 from constellation.keys import SigningKey
 from constellation.tx import Issuance, Transaction, TxOutput
+from constellation.wallet import CHANGE, RECEIVE, new_mnemonic
 from services import devnet
 from services.api_client import Gateway, GatewayError
 from services.follow import QUERY_TIMEOUT_S
+from services.wallet import WalletFile, _history
 from tests.system.operator import Operator, environment, pay, post
 
 pytestmark = pytest.mark.system
@@ -319,6 +322,36 @@ async def test_a_transaction_shows_every_part_while_a_participant_is_not_indexed
                 break
             await asyncio.sleep(0.005)
     print(f"\nfirst answers complete: {first}")
+
+
+async def test_wallet_history_shows_a_payment_of_several_coins_whole(
+    op: Operator, gw: Gateway
+) -> None:
+    """A payment spending two coins of one address, then 19 coins received there: a
+    history of 20 transactions per address's page once ended between the payment's two
+    spends, and showed it as -51,000 msat (not -151,000), and the fundings not at all."""
+    doc = WalletFile(new_mnemonic(), "regtest", op.url, receive=1, change=1)
+    w = doc.wallet()
+    key, change = w.key(RECEIVE, 0), w.key(CHANGE, 0)
+    address = encode_address(key.pubkey, Network.REGTEST)
+    bob = SigningKey(os.urandom(32))
+    c1, c2 = await op.fund(gw, key, 100_000), await op.fund(gw, key, 100_000)
+    paid = pay(
+        [(c1, 100_000, key), (c2, 100_000, key)],
+        [TxOutput(150_000, bob.pubkey), TxOutput(49_000, change.pubkey)],
+        1_000,
+    )
+    await gw.submit(paid)
+    await gw.issue(op.net.issuance([TxOutput(1_000, key.pubkey)] * 19))
+    while len(await gw.history(address, 500)) < 23:  # all indexed
+        await asyncio.sleep(0.05)
+    out = io.StringIO()
+    await _history(gw, doc, 20, out)  # `constellation wallet history`'s default
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4, lines  # the coins received, the payment, two fundings
+    nets = {line.split()[-1]: int(line.split()[1]) for line in lines}
+    assert nets.pop(paid.txid.hex()) == -151_000, lines
+    assert sorted(nets.values()) == [19_000, 100_000, 100_000], lines
 
 
 async def payments(url: str, book: Book, wallets: list[list[tuple[bytes, int]]], n: int) -> None:
