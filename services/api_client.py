@@ -184,10 +184,24 @@ class Gateway:
             after = doc["next"]
 
     async def incoming(self, address: str, limit: int = 50) -> list[dict[str, Any]]:
-        """Outputs paid to ``address`` from other operators' ledgers (pending, released)."""
+        """The last ``limit`` outputs paid to ``address`` from other operators' ledgers
+        (pending, released)."""
         doc = await self.get(f"/v1/address/{address}/incoming?limit={limit}")
         entries: list[dict[str, Any]] = doc["incoming"]
         return entries
+
+    async def pending_incoming(self, address: str) -> list[dict[str, Any]]:
+        """Every output paid to ``address`` from another operator's ledger and not
+        released here yet, a page at a time."""
+        found: list[dict[str, Any]] = []
+        cursor = ""
+        while True:
+            path = f"/v1/address/{address}/incoming?status=pending&limit=500{cursor}"
+            doc = await self.get(path)
+            found += doc["incoming"]
+            if "next" not in doc:
+                return found
+            cursor = f"&before={doc['next']}"
 
     async def history(
         self, address: str, limit: int = 50, before: int | None = None

@@ -466,7 +466,7 @@ async def _pending(gw: Gateway, doc: WalletFile, out: Any) -> None:
     """Payments to the wallet from other operators' ledgers, not spendable yet."""
     pending = []
     for address in doc.addresses():
-        pending += [e for e in await gw.incoming(address) if e["status"] == "pending"]
+        pending += await gw.pending_incoming(address)
     if pending:
         total = sum(e["value_msat"] for e in pending)
         froms = ", ".join(sorted({e["from"] for e in pending}))

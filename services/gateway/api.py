@@ -500,9 +500,7 @@ class Api:
             unindexed = self._unindexed(decode_transaction(raw), found["changes"])
             found["changes"] += unindexed
             found["complete"] = not unindexed
-        for change in found["changes"]:
-            if change["kind"] == "paid_out":
-                change["settlement"] = await self._settlement(change)
+        await self._settlements([c for c in found["changes"] if c["kind"] == "paid_out"])
         return json_response({"txid": txid.hex(), "status": "committed", **found})
 
     def _unindexed(self, tx: Transaction, changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -536,27 +534,40 @@ class Api:
                 )
         return parts
 
-    async def _settlement(self, change: dict[str, Any]) -> str:
-        """An output paid to another member's ledger: "settled" once its batch was paid
-        and it was released there as a coin, "pending" until then ("unknown" where that
-        ledger is not a member's, or does not answer)."""
-        name = change.get("ledger")
-        if name not in self.ledgers or self.ledger.operator not in self.ledger_ids:
-            return "unknown"
-        payer = self.ledger_ids[self.ledger.operator]
-        owner = decode_address(change["address"], self.network)
-        coin = bytes.fromhex(change["coin_id"])
-        value = change["value_msat"]
-        # the release is issued by one of the payee's issuer keys: ask for each's coin
-        candidates = [release_coin(i, payer, coin, value, owner) for i in self.issuers[name]]
-        try:
-            infos = await self._coin_infos(self.ledgers[name], candidates)
-        except ApiError:
-            return "unknown"
-        released = [c for c, info in infos.items() if info.status != "unknown"]
-        if released:
-            change["released_as"] = released[0].hex()
-        return "settled" if released else "pending"
+    async def _settlements(self, paid_out: list[dict[str, Any]]) -> None:
+        """Each output paid to another member's ledger gets its ``settlement``:
+        "settled" once its batch was paid and it was released there as a coin (that
+        coin its ``released_as``), "pending" until then, "unknown" where that ledger is
+        not a member's or does not answer. One question to each ledger, all at once
+        (a transaction may pay hundreds of outputs to one)."""
+        payer = self.ledger_ids.get(self.ledger.operator)
+        asks: dict[str, list[tuple[dict[str, Any], list[bytes]]]] = {}
+        for change in paid_out:
+            change["settlement"] = "unknown"
+            name = change.get("ledger")
+            if name not in self.ledgers or payer is None:
+                continue
+            owner = decode_address(change["address"], self.network)
+            coin = bytes.fromhex(change["coin_id"])
+            value = change["value_msat"]
+            # the release is issued by one of the payee's issuer keys: ask for each's coin
+            candidates = [release_coin(i, payer, coin, value, owner) for i in self.issuers[name]]
+            asks.setdefault(name, []).append((change, candidates))
+
+        async def ask(name: str, outputs: list[tuple[dict[str, Any], list[bytes]]]) -> None:
+            try:
+                infos = await self._coin_infos(
+                    self.ledgers[name], [c for _, cs in outputs for c in cs]
+                )
+            except ApiError:
+                return
+            for change, candidates in outputs:
+                released = [c for c in candidates if infos[c].status != "unknown"]
+                change["settlement"] = "settled" if released else "pending"
+                if released:
+                    change["released_as"] = released[0].hex()
+
+        await asyncio.gather(*(ask(name, outputs) for name, outputs in asks.items()))
 
     def described(self, change: dict[str, Any]) -> dict[str, Any]:
         """An indexed change (``Index.tx``, ``Index.blocks``) with its owner as an
@@ -676,27 +687,48 @@ class Api:
         return json_response({"address": request.match_info["address"], "history": entries})
 
     async def get_incoming(self, request: web.Request) -> web.Response:
-        """Outputs paid to the address from other operators' ledgers, newest first:
-        pending until the paying operator settles over Lightning, then a coin here."""
+        """Outputs paid to the address from other operators' ledgers, newest first, a
+        page at a time (``before``: the previous page's ``next``): pending until the
+        paying operator settles over Lightning, then released, a coin here. Released
+        once marked so, or once its coin is in the index (the coin is made before it is
+        marked): a wallet that adds the pending ones to the coins the index shows counts
+        each once. ``status=pending``: only those."""
         owner = self._owner(request)
         limit = self._limit(request)
+        before = query_int(request, "before", 0, MAX_CURSOR, MAX_CURSOR)
+        status = request.query.get("status")
+        if status not in (None, "pending"):
+            raise ApiError("malformed.status", "status: only pending may be asked for")
+        pending = status is not None
         # an operator that does not settle with others is paid nothing from their ledgers
-        rows = await self.settle_store.incoming(owner, limit) if self.settle_store else []
-        entries = [
-            {
-                "from": r["peer"],
-                "txid": r["txid"].hex(),
-                "output": r["coin_id"].hex(),
-                "coin_id": r["release_id"].hex(),
-                "value_msat": int(r["value_msat"]),
-                "status": "pending" if r["released_at"] is None else "released",
-                "batch": r["batch"],
-                "seen_at": r["at"].timestamp(),
-                "released_at": None if r["released_at"] is None else r["released_at"].timestamp(),
-            }
-            for r in rows
-        ]
-        return json_response({"address": request.match_info["address"], "incoming": entries})
+        store = self.settle_store
+        rows = await store.incoming(owner, limit, before, pending) if store else []
+        unmarked = [r["release_id"] for r in rows if r["released_at"] is None]
+        indexed = await self.index.created(unmarked) if unmarked else set()
+        entries = []
+        for r in rows:
+            released = r["released_at"] is not None or r["release_id"] in indexed
+            if pending and released:
+                continue
+            entries.append(
+                {
+                    "from": r["peer"],
+                    "txid": r["txid"].hex(),
+                    "output": r["coin_id"].hex(),
+                    "coin_id": r["release_id"].hex(),
+                    "value_msat": int(r["value_msat"]),
+                    "status": "released" if released else "pending",
+                    "batch": r["batch"],
+                    "seen_at": r["at"].timestamp(),
+                    "released_at": None
+                    if r["released_at"] is None
+                    else r["released_at"].timestamp(),
+                }
+            )
+        doc: dict[str, Any] = {"address": request.match_info["address"], "incoming": entries}
+        if len(rows) == limit:
+            doc["next"] = rows[-1]["n"]
+        return json_response(doc)
 
     async def get_settlement(self, _: web.Request) -> web.Response:
         """Each peer: what this operator owes it and holds for it, and the batches."""

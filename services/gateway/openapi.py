@@ -673,15 +673,34 @@ def openapi() -> dict[str, Any]:
                     "summary": (
                         "Payments to the address from other operators' ledgers, newest first:"
                         " pending until the paying operator settles over Lightning, then"
-                        " released as a coin here"
+                        " released as a coin here (marked so, or its coin indexed)"
                     ),
-                    "parameters": [ADDRESS, LIMIT],
+                    "parameters": [
+                        ADDRESS,
+                        LIMIT,
+                        {
+                            "name": "before",
+                            "in": "query",
+                            "description": "a cursor: the previous page's next",
+                            "schema": {"type": "integer", "minimum": 0},
+                        },
+                        {
+                            "name": "status",
+                            "in": "query",
+                            "description": "pending: only those not released yet",
+                            "schema": {"enum": ["pending"]},
+                        },
+                    ],
                     "responses": {
                         "200": _json(
                             _object(
                                 ["address", "incoming"],
                                 address={"type": "string"},
                                 incoming={"type": "array", "items": _ref("Incoming")},
+                                next={
+                                    "type": "integer",
+                                    "description": "where the next page starts (absent at the end)",
+                                },
                             ),
                             "the payments (none where this operator does not settle)",
                         ),

@@ -46,7 +46,17 @@ CREATE TABLE IF NOT EXISTS settle_pending (
     released_at timestamptz,
     PRIMARY KEY (peer, seq)
 );
-CREATE INDEX IF NOT EXISTS settle_pending_owner ON settle_pending (owner, at);
+-- n: the order an address's payments are listed in (where the column is new, numbered)
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_name = 'settle_pending' AND column_name = 'n') THEN
+        ALTER TABLE settle_pending ADD COLUMN n bigserial;
+    END IF;
+END $$;
+DROP INDEX IF EXISTS settle_pending_owner;
+CREATE INDEX IF NOT EXISTS settle_pending_by_owner ON settle_pending (owner, n);
+CREATE INDEX IF NOT EXISTS settle_pending_unreleased ON settle_pending (owner, n)
+    WHERE released_at IS NULL;
 CREATE TABLE IF NOT EXISTS settle_state (
     role  text  NOT NULL,
     peer  text  NOT NULL,
@@ -221,12 +231,19 @@ class SettleStore:
             batch,
         )
 
-    async def incoming(self, owner: bytes, limit: int) -> list[dict[str, Any]]:
-        """Outputs paid into this ledger for ``owner``, newest first."""
+    async def incoming(
+        self, owner: bytes, limit: int, before: int, unreleased: bool
+    ) -> list[dict[str, Any]]:
+        """Outputs paid into this ledger for ``owner``, newest first: ``limit`` of them
+        before ``before`` (an output's ``n``), only those not marked released where
+        ``unreleased``."""
         rows = await self.pool.fetch(
-            "SELECT peer, coin_id, txid, value_msat, release_id, at, batch, released_at"
-            " FROM settle_pending WHERE owner = $1 ORDER BY at DESC, seq DESC LIMIT $2",
+            "SELECT n, peer, coin_id, txid, value_msat, release_id, at, batch, released_at"
+            " FROM settle_pending WHERE owner = $1 AND n < $2"
+            + (" AND released_at IS NULL" if unreleased else "")
+            + " ORDER BY n DESC LIMIT $3",
             owner,
+            before,
             limit,
         )
         return [dict(r) for r in rows]

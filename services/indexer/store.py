@@ -288,6 +288,14 @@ class Index:
         )
         return [(r["seq"], r["coin_id"], int(r["value_msat"])) for r in rows]
 
+    async def created(self, coin_ids: list[bytes]) -> set[bytes]:
+        """Those of ``coin_ids`` whose creation is stored."""
+        rows = await self.pool.fetch(
+            "SELECT coin_id FROM coin_events WHERE coin_id = ANY($1::bytea[]) AND created",
+            coin_ids,
+        )
+        return {bytes(r["coin_id"]) for r in rows}
+
     async def tx(self, txid: bytes) -> dict[str, Any] | None:
         """A committed transaction: its fee, the block of its commit, the coins it
         spent and created in each block stored that carries a part of it (outputs paid

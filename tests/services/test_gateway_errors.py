@@ -169,7 +169,8 @@ async def test_a_transaction_indexed_while_its_absence_is_checked_is_answered() 
 
         async def tx(self, wanted: bytes) -> dict[str, object] | None:
             found = self.rows.get(wanted)
-            self.rows[txid] = {"fee_msat": 0, "block": {"height": height}, "changes": []}
+            block = {"height": height}
+            self.rows[txid] = {"fee_msat": 0, "block": block, "changes": [], "tx": None}
             self.cursor = height
             return found
 
