@@ -50,6 +50,7 @@ class Header(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields
     leader: int  # the copy that made it
     time_ms: int  # the leader's clock; never read by execution
     members: bytes  # members_hash of the shard's members in effect from this block on
+    # (and of which step they are)
 
 
 class Members(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -72,8 +73,13 @@ class Members(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_field
         return {*self.voters, *self.old, *self.learners}
 
 
-def members_hash(members: Members) -> bytes:
-    return _members_hash(_encoder.encode(members))
+def members_hash(members: Members, step: int = 0) -> bytes:
+    """What a block header names for ``members`` as step ``step`` of the changes its
+    guild agreed to (0: its founders'). The same members at two steps (a guild back to
+    voters it had before: one joined, then left) are two names, so a copy knows which
+    step its shard is at and never takes a step again."""
+    data = _encoder.encode(members)
+    return _members_hash(data if step == 0 else data + _encoder.encode(step))
 
 
 def header_hash(header: Header) -> bytes:

@@ -159,15 +159,6 @@ def agreed(voter_sets: Sequence[Sequence[int]]) -> list[Members]:
     return steps
 
 
-def next_step(current: Members, steps: Sequence[Members]) -> Members | None:
-    """The step a leader under ``current`` takes next along ``steps``: None when it is
-    at their end, or ``current`` is not among them (a copy told less than its log)."""
-    if current not in steps:
-        return None
-    at = list(steps).index(current)
-    return steps[at + 1] if at + 1 < len(steps) else None
-
-
 class Agreement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What an operator agreed its guild's voters become, in order (the founders
     first), and the operators whose copies learn every shard's log after the last

@@ -247,6 +247,10 @@ def proves_confirmed(
 class Replica:
     """One copy of one shard (see the module docstring)."""
 
+    agreed: dict[bytes, rp.Members]  # the members the guild agreed to, by name
+    steps: list[rp.Members]  # the same, in the order agreed (``rp.members_hash``'s step)
+    step_of: dict[bytes, int]  # each name's place in ``steps``
+
     def __init__(
         self,
         *,
@@ -282,7 +286,7 @@ class Replica:
         if not self._known(me) or not 0 <= owner < len(self.keys):
             raise ValueError(f"no copy {me} or owner {owner} in a guild of {len(self.keys)}")
         agreed = list(members) or [mb.genesis(range(len(self.keys)))]
-        self.agreed: dict[bytes, rp.Members] = {}
+        self.agreed, self.steps, self.step_of = {}, [], {}
         self.agree(agreed)
         self.sign = sign
         self.executor = executor
@@ -437,14 +441,30 @@ class Replica:
             for c in [c for c in self.progress if c not in self.group]:
                 del self.progress[c]
 
-    def agree(self, members: Sequence[rp.Members]) -> None:
-        """The guild agreed to more members (a change was approved): blocks naming them
-        are taken from now on."""
-        for m in members:
+    def agree(self, steps: Sequence[rp.Members]) -> None:
+        """The guild agreed to these steps of members, every one from its founders' on
+        (a change was approved: ``steps`` extends those agreed before): blocks naming
+        them are taken from now on, each only as the step after the one in effect."""
+        if steps[: len(self.steps)] != self.steps:
+            raise ValueError("an agreement takes back steps agreed before")
+        for step, m in enumerate(steps):
             why = mb.malformed(m)
             if why or max(m.operators()) >= len(self.keys):
                 raise ValueError(f"members {m}: {why or 'an operator without a key'}")
-            self.agreed.setdefault(rp.members_hash(m), m)
+            named = rp.members_hash(m, step)
+            self.agreed.setdefault(named, m)
+            self.step_of.setdefault(named, step)
+        self.steps = list(steps)
+
+    @property
+    def at_step(self) -> int:
+        """Which of the agreed steps the members in effect are."""
+        return self.step_of[self.members_hash]
+
+    def next_members(self) -> rp.Members | None:
+        """The agreed step after the members in effect, if any."""
+        at = self.at_step + 1
+        return self.steps[at] if at < len(self.steps) else None
 
     def change(self, members: rp.Members) -> str:
         """Propose the next step of a change of members (``constellation.replication
@@ -454,12 +474,12 @@ class Replica:
         waits for a block), so the application proposes it, a joint step's end too."""
         if self.role is not Role.LEADER:
             return "not the leader"
-        named = rp.members_hash(members)
-        if named not in self.agreed:
-            return "members the guild did not agree to"
         why = mb.next_ok(self.members, members)
         if why:
             return why
+        named = rp.members_hash(members, self.at_step + 1)
+        if named not in self.agreed:
+            return "members the guild did not agree to as its next step"
         if self.changed_at > self.confirmed:
             return "the previous change is not confirmed yet"
         now = self.clock()
@@ -676,7 +696,12 @@ class Replica:
         return self.leader >= 0 and self.clock() - self.heard < self.settings.election_s
 
     def _on_ask(self, sender: int, msg: rp.AskVote) -> None:
-        if self._excluded(sender) or self.damaged:
+        # A copy that does not vote here is refused, unless its log is ahead of this
+        # one's (it may hold the change that made it a voter).
+        outsider = not self._votes(sender) and not (
+            (msg.last_term, msg.last_height) > (self.last_term, self.last)
+        )
+        if self._excluded(sender) or self.damaged or outsider:
             self._send(sender, rp.Voted(self.term, False, msg.pre, None))
             return
         # Leadership is handed only to a copy preferred to its leader: another copy
@@ -786,8 +811,10 @@ class Replica:
 
     def _cert_valid(self, term: int, leader: int, cert: list[rp.Vote]) -> bool:
         """Whether ``cert`` holds enough valid votes for ``leader`` in ``term``, under the
-        members in effect here or any others the guild agreed to (a copy behind a change
-        follows a leader elected after it)."""
+        members in effect here or those of a later step the guild agreed to (a copy
+        behind a change follows a leader elected after it), ``leader`` voting under
+        them. Never under members of an earlier step: an operator that left, its votes
+        counted under the members it left, would be followed."""
         if self._excluded(leader):
             return False
         if len(cert) > 2 * len(self.keys):
@@ -802,7 +829,10 @@ class Replica:
             if not self._excluded(vote.voter):
                 voters.add(vote.voter)
         copies = [divmod(c, 2) for c in voters]
-        return any(mb.elects(mb.quorums(m), copies) for m in self.agreed.values())
+        return any(
+            leader // 2 in (*m.voters, *m.old) and mb.elects(mb.quorums(m), copies)
+            for m in self.steps[self.at_step :]
+        )
 
     def _on_timeout_now(self, sender: int, msg: rp.TimeoutNow) -> None:
         if (
@@ -1215,10 +1245,14 @@ class Replica:
             return "a block of another shard"
         if not self._known(header.leader):
             return f"no copy {header.leader}"
+        if not self._votes(header.leader):
+            return f"copy {header.leader} does not vote under the members in effect"
         if header.members != self.members_hash:
             new = self.agreed.get(header.members)
             if new is None:
                 return "names members the guild did not agree to"
+            if self.step_of[header.members] != self.at_step + 1:
+                return "names members agreed as another step than the next"
             why = mb.next_ok(self.members, new)
             if why:
                 return f"a change of members refused: {why}"

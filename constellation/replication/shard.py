@@ -22,7 +22,6 @@ from constellation.errors import InvalidBlock
 from constellation.ledger.commit import TwoPhaseCommit
 from constellation.protocol import ledger as proto
 from constellation.protocol import replication as rp
-from constellation.replication import members as mb
 from constellation.replication.replica import Replica, Role, body_hash
 
 # A block closes at either, so that it and the Append carrying it fit in one NATS
@@ -185,13 +184,13 @@ class LedgerShard:
     def confirmed(self, height: int) -> None:
         self.log.confirm(height)
 
-    def change_members(self, replica: Replica, steps: Sequence[rp.Members]) -> rp.Members | None:
-        """At a leader, take the next of the agreed ``steps`` of a change of members
+    def change_members(self, replica: Replica) -> rp.Members | None:
+        """At a leader, take the next of the agreed steps of a change of members
         (``constellation.replication.members``) once every record gathered is sealed (a
         members block is empty: the state must be the log's). The step taken, or None."""
         if not self.leads(replica) or self.log.records:
             return None
-        step = mb.next_step(replica.members, steps)
+        step = replica.next_members()
         if step is None or replica.change(step):
             return None
         return step

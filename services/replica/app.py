@@ -427,6 +427,15 @@ class Machine:
         settled = all(c.members_settled() for c in self.copies)  # as reported next
         await self._report_members()
         found = await load_placement(self.nc, self.settings.name)
+        if found is not None and found[0].version < self.followed:
+            # The KV was lost or rolled back: following it could open a copy that moved
+            # away (its folder dropped) afresh here, a second instance with no vote
+            # remembered. The copies stay as they are; a restart refuses to start.
+            log.error(
+                "the placement in NATS KV is older than the one followed: not followed",
+                extra={"kv": found[0].version, "followed": self.followed},
+            )
+            return False
         if found is not None:
             placement, self.revision = found
             if placement.version > self.followed:

@@ -44,7 +44,6 @@ from constellation.keys import SigningKey
 from constellation.ledger.commit import TwoPhaseCommit
 from constellation.protocol import ledger as proto
 from constellation.protocol import replication as rp
-from constellation.replication import members as mb
 from constellation.replication.replica import EVERYONE, Ready, Replica, Role, body_hash
 from constellation.replication.replica import Settings as ReplicaSettings
 from constellation.replication.shard import Events, LedgerShard, ShardLog
@@ -167,7 +166,6 @@ class HostedCopy:
             damaged=loaded.damaged,
             members=members,
         )
-        self.steps = list(members)
         self.folder = folder
         self.events = EventLog(folder / "events.log")
         self.events.open()
@@ -224,17 +222,16 @@ class HostedCopy:
     def agree(self, steps: Sequence[rp.Members]) -> None:
         """The operator agreed to more changes of members (``members``)."""
         self.replica.agree(steps)
-        self.steps = list(steps)
 
     def members_settled(self) -> bool:
         """Whether the copy's members are the last step its operator agreed to (or all
         its log told it), made by a confirmed block: no change of members under way."""
         r = self.replica
-        return mb.next_step(r.members, self.steps) is None and r.changed_at <= r.confirmed
+        return r.next_members() is None and r.changed_at <= r.confirmed
 
     def _change_members(self) -> None:
         """A leader takes the next agreed step of a change of members."""
-        step = self.shard.change_members(self.replica, self.steps)
+        step = self.shard.change_members(self.replica)
         if step is not None:
             log.info("members change", extra={"shard": self.name, "members": str(step)})
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 
 import hypothesis.strategies as st
+import msgspec
 import pytest
 from hypothesis import given
 
@@ -16,7 +17,7 @@ from constellation.protocol import replication as rp
 from constellation.replication import members as mb
 from constellation.replication.quorum import Copy
 from constellation.replication.replica import Role
-from tests.replication.harness import Shard
+from tests.replication.harness import KEYS, Shard
 from tests.sim.guild import Payments
 
 THREE = mb.genesis(range(3))
@@ -211,12 +212,106 @@ def test_a_change_the_guild_did_not_agree_to_is_refused() -> None:
     # A leader that was told of another change than its followers: they refuse its block.
     rogue = rp.Members([0, 1, 2], [], [3])
     for c in range(1, 8):
-        shard.replicas[c].agreed.pop(rp.members_hash(rogue))
+        shard.replicas[c].agreed.pop(rp.members_hash(rogue, 1))
     assert leader.change(rogue) == ""
     shard.flush(0)
     shard.run(1.0)
     assert leader.confirmed < leader.last
     assert all(shard.replicas[c].counters.refused_blocks for c in range(1, 6))
+
+
+def test_a_guild_back_to_voters_it_had_ends_its_change_there() -> None:
+    """Operator 3 joins, then leaves: the last step's members are the founders' again.
+    Named by their step, the change ends there. A leader at its end once found its
+    members at the first step and took the whole change again (operator 3 learning and
+    voting again, which nobody agreed to, then leaving again), for ever."""
+    steps = mb.Agreement([[0, 1, 2], [0, 1, 2, 3], [0, 1, 2]]).steps()
+    assert steps[-1] == steps[0] == THREE
+    shard = Shard(members=steps)
+    shard.until(lambda: shard.leader() == 0)
+    taken: list[rp.Members] = []
+
+    def ended() -> bool:
+        lead = shard.leader()
+        if lead is None:
+            return False
+        r = shard.replicas[lead]
+        step = r.next_members()
+        if step is None:
+            return r.confirmed >= r.changed_at
+        if r.change(step) == "":
+            taken.append(step)
+            shard.flush(lead)
+        return False
+
+    shard.until(ended)
+    assert taken == steps[1:]
+    leader = shard.replicas[shard.leader() or 0]
+    assert leader.at_step == len(steps) - 1 and leader.members == THREE
+    at = leader.changed_at
+    paid = shard.pay(3)
+    shard.until(lambda: shard.confirmed_everywhere(paid, list(range(6))))
+    shard.run(1.0)
+    assert leader.changed_at == at and leader.next_members() is None
+    assert "did not agree" in leader.change(steps[1])  # the first step, taken again
+
+
+def test_a_copy_that_does_not_vote_is_neither_elected_nor_followed() -> None:
+    """Operator 3 learns the log; operator 0 (the owner) and a copy of operator 2 are
+    down. A faulty copy of operator 3 campaigns as if the change were done (counting
+    votes by its final members): the voters once granted it their votes and followed
+    it, a learner leading the shard. Now a copy that does not vote gets no vote (unless
+    its log is ahead), and a block led by one is refused."""
+    learn, joint, final = mb.plan(THREE, [0, 1, 2, 3])
+    shard = Shard(members=[THREE, learn, joint, final])
+    shard.until(lambda: shard.leader() == 0)
+    lead = shard.replicas[0]
+    assert lead.change(learn) == ""
+    shard.flush(0)
+    shard.until(lambda: shard.confirmed_everywhere(lead.last))
+    block = lead.log[-1]  # one the voters hold, as a copy of operator 3 would lead it
+    shard.stop(0, 1, 4)
+    shard.run(0.32)  # the owner's lease is over
+    faulty = shard.replicas[6]
+    faulty._votes = lambda copy: True  # type: ignore[method-assign]
+    faulty.quorums = mb.quorums(final)
+    faulty._prevote()
+    shard.flush(6)
+    shard.run(0.3)
+    assert faulty.role is not Role.LEADER
+    assert all(shard.replicas[c].leader != 6 for c in (2, 3, 5, 7))
+    led = msgspec.structs.replace(
+        block,
+        signed=msgspec.structs.replace(
+            block.signed, header=msgspec.structs.replace(block.signed.header, leader=6)
+        ),
+    )
+    voter = shard.replicas[2]
+    assert "does not vote" in voter._check(led, voter.term)
+
+
+def test_votes_counted_under_members_of_an_earlier_step_elect_nobody() -> None:
+    """Operator 2 left the shard. Its two copies' votes and one each of operators 0
+    and 1 elect under the founders' members, not under those in effect: a certificate
+    of them once made a copy follow operator 2's copy as leader."""
+    steps = mb.plan(THREE, [0, 1])
+    shard = Shard(members=[THREE, *steps])
+    shard.until(lambda: shard.leader() == 0)
+    drive(shard, steps)
+    lead = shard.replicas[0]
+    shard.until(lambda: shard.confirmed_everywhere(lead.last, [0, 1, 2, 3]))
+    follower = shard.replicas[3]
+    term = follower.term + 1
+
+    def vote(voter: int) -> rp.Vote:
+        digest = rp.vote_digest(0, 0, term, 4, follower.last_term, follower.last, voter)
+        return rp.Vote(
+            term, 4, follower.last_term, follower.last, voter, KEYS[voter // 2].sign(digest)
+        )
+
+    cert = [vote(4), vote(5), vote(1), vote(2)]
+    assert mb.elects(mb.quorums(THREE), [divmod(v.voter, 2) for v in cert])
+    assert not follower._cert_valid(term, 4, cert)
 
 
 def test_an_agreement_to_learn_first_then_to_vote_extends_step_by_step() -> None:

@@ -4,11 +4,11 @@ event, under the fault schedules of ``notes/replication.md`` §6.
 ``CST_SIM_SEEDS`` (default 300) seeds of a 3-operator guild, a sixth as many of a
 4-operator guild, a fifth as many of the real ledger (``tests/sim/ledger.py``: two
 workers' shards, two-phase commit across them), a tenth as many each of a fourth
-operator joining and of one of three leaving, and a twentieth as many of one leaving
-the real ledger run in CI; a long hunt runs
-``python -m tests.sim --seeds N [--operators 4] [--ledger] [--change join|leave]``. A
-seed that ever failed goes into ``regressions.txt`` (seed, operators, kind: "ledger",
-"join", "leave" or "ledger-leave").
+operator joining and of one of three leaving, and a twentieth as many each of a fourth
+joining then leaving and of one leaving the real ledger run in CI; a long hunt runs
+``python -m tests.sim --seeds N [--operators 4] [--ledger] [--change join|leave|join-leave]``.
+A seed that ever failed goes into ``regressions.txt`` (seed, operators, kind: "ledger",
+"join", "leave", "join-leave" or "ledger-leave").
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ CASES = sorted(
     | {(20_000 + seed, 3, "ledger") for seed in range(SEEDS // 5)}
     | {(30_000 + seed, 3, "join") for seed in range(SEEDS // 10)}
     | {(40_000 + seed, 3, "leave") for seed in range(SEEDS // 10)}
+    | {(60_000 + seed, 3, "join-leave") for seed in range(SEEDS // 20)}
     | {(50_000 + seed, 3, "ledger-leave") for seed in range(SEEDS // 20)}
     | set(REGRESSIONS)
 )

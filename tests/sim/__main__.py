@@ -22,7 +22,10 @@ def main() -> int:
         "--ledger", action="store_true", help="the real ledger (2PC across two shards)"
     )
     parser.add_argument(
-        "--change", choices=["join", "leave"], default="", help="a member joins or leaves"
+        "--change",
+        choices=["join", "leave", "join-leave"],
+        default="",
+        help="a member joins, leaves, or joins then leaves",
     )
     parser.add_argument(
         "--checkpoints", action="store_true", help="the checkpoints through a key's handover"

@@ -139,20 +139,22 @@ class Guild:
         shards: list[tuple[int, int]] | None = None,
         change: str = "",
     ) -> None:
-        """``change``: "join" (a new operator joins the ``operators``) or "leave" (one of
-        them leaves), driven through every shard's log while the faults go on."""
+        """``change``: "join" (a new operator joins the ``operators``), "leave" (one of
+        them leaves) or "join-leave" (one joins, then leaves: the founders' voters
+        again), driven through every shard's log while the faults go on."""
         self.seed = seed
         self.rng = random.Random(seed)
         self.change = change
         founders = list(range(operators))
-        goal = founders
-        if change == "join":
-            goal, operators = [*founders, operators], operators + 1
-        elif change == "leave":
-            leaver = self.rng.randrange(operators)
-            goal = [op for op in founders if op != leaver]
-        self.steps = mb.plan(mb.genesis(founders), goal)
-        self.members = [mb.genesis(founders), *self.steps]
+        voters = [founders]
+        if change.startswith("join"):
+            voters.append([*founders, operators])
+            operators += 1
+        if change.endswith("leave"):
+            leaver = operators - 1 if change == "join-leave" else self.rng.randrange(operators)
+            voters.append([op for op in voters[-1] if op != leaver])
+        self.members = mb.agreed(voters)
+        self.steps = self.members[1:]
         self.operators = operators
         self.machines = 2 * operators
         # (owner, worker) of each shard; by default one shard each of two operators
@@ -459,7 +461,7 @@ class Guild:
     def _change_members(self, m: int, c: Copy) -> rp.Members | None:
         """A leader's next step of the change (the application's hook): the step taken."""
         r = c.replica
-        step = mb.next_step(r.members, self.members)
+        step = r.next_members()
         if r.role is not Role.LEADER or step is None or r.change(step):
             return None
         return step
@@ -523,7 +525,7 @@ class Guild:
                 raise Violation(f"shard {s}: nothing confirmed after the faults stopped")
             lead = leaders[0].replica
             final = self.members[-1]
-            if lead.members != final:
+            if lead.at_step != len(self.members) - 1:
                 raise Violation(f"shard {s}: the change of members did not finish")
             for (shard, h), digest in self.confirmed.items():
                 if shard != s:

@@ -113,7 +113,7 @@ class LedgerGuild(Guild):
         self._route(m, c.shard)
 
     def _change_members(self, m: int, c: Copy) -> rp.Members | None:
-        return self.nodes[(m, c.shard)].shard.change_members(c.replica, self.members)
+        return self.nodes[(m, c.shard)].shard.change_members(c.replica)
 
     def _on_ready(self, m: int, c: Copy, ready: Ready) -> None:
         node = self.nodes[(m, c.shard)]

@@ -14,13 +14,14 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from constellation.replication.placement import COPIES, Placement
-from services.bus import load_placement
+from services.bus import load_placement, update_placement
 from services.devnet import Devnet, DevnetError, guild
 from services.devnet.procs import alive
-from services.replica.moves import PLACEMENT_FILE
+from services.replica.moves import PLACEMENT_FILE, recorded
 from services.runtime import connect_nats
 from tests.system.guild import local_guild, pay
 
@@ -120,3 +121,40 @@ async def test_a_machine_that_cannot_be_drained_is_not_removed(where: Path) -> N
     done = await asyncio.to_thread(guild.set_machines, where, "op0", 2)
     assert done.after == 2
     await settled(where, {"op0": 2, "op1": 2, "op2": 2})
+
+
+async def test_a_placement_rolled_back_in_the_kv_is_not_followed(where: Path) -> None:
+    """op0's placement in its NATS KV goes back to an older version in which machine 0
+    ran the copy machine 1 runs (the KV restored from a backup, or lost and written
+    again): a machine once followed it, opening that copy afresh beside the one running
+    (a second instance of one copy, with no vote remembered). It is not followed: the
+    copies stay where they run, and the machines say why."""
+    net = guild.load(where)[0]
+    nc = await connect_nats(net.nats_url, "test-rollback")
+    try:
+        found = await load_placement(nc, net.operator)
+        assert found is not None
+        now, revision = found
+        ahead = msgspec.structs.replace(now, version=now.version + 1)  # as after a move
+        revision = await update_placement(nc, net.operator, ahead, revision)
+        dirs = [Path(m.state_dir) for m in net.machines]
+        while any((recorded(d) or now).version < ahead.version for d in dirs):
+            await asyncio.sleep(0.1)
+        # the older version: worker 0's two copies the other way round
+        swapped = [now.spots[now.workers], *now.spots[1 : now.workers], now.spots[0]]
+        swapped += now.spots[now.workers + 1 :]
+        older = msgspec.structs.replace(now, spots=swapped)
+        revision = await update_placement(nc, net.operator, older, revision)
+        stop = asyncio.Event()
+        watching = asyncio.create_task(watch(where, stop))
+        await asyncio.sleep(3.0)
+        stop.set()
+        looks, doubled = await watching
+        assert looks >= 5 and not doubled, f"copies on two machines at once: {doubled}"
+        logs = [(d / "machine.log").read_text() for d in dirs]
+        assert all("older than the one followed" in text for text in logs)
+        back = msgspec.structs.replace(now, version=ahead.version + 1)
+        await update_placement(nc, net.operator, back, revision)
+    finally:
+        await nc.close()
+    await settled(where, {n.operator: len(n.machines) for n in guild.load(where)})
