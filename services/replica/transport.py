@@ -43,7 +43,7 @@ from constellation.protocol import replication as rp
 from constellation.protocol.envelope import BROADCAST, Membership, ReplayGuard, seal
 
 FRESH_MS = 30_000  # a message older (or newer) than this, by the receiver's clock, is stale
-PER_SENDER = 500_000  # message ids remembered per sender (about 2 x FRESH_MS of them)
+PER_SENDER = 500_000  # message ids remembered per sender: FRESH_MS of 16,000 a second
 PREFIX = "cst.rep"
 
 

@@ -117,10 +117,42 @@ def test_replay_memory_is_pruned_and_bounded() -> None:
         guard.check(env, env.sent_ms)
     with pytest.raises(Overloaded):
         guard.check(envs[3], envs[3].sent_ms)
-    late = envs[4].sent_ms + 2500  # the first three are now older than two windows
+    late = envs[4].sent_ms + 2500  # the first three are now stale
     fresh, _ = MEMBERS.open(sealed(sent_ms=late), KEYS[1])
     guard.check(fresh, late)
     assert len(guard._seen) == 1
+
+
+def test_a_peer_sending_steadily_is_never_refused_below_the_bound() -> None:
+    """1,000 messages a window, 1,500 ids allowed: an id is remembered for as long as
+    its message is fresh, not two windows from its receipt (which took 2,000 ids: at
+    8,333 messages a second an honest operator was refused as a flood)."""
+    guard = ReplayGuard(window_ms=1000, max_entries=1500)
+    for ms in range(0, 4000, 1):
+        env, _ = MEMBERS.open(sealed(sent_ms=NOW + ms - 5), KEYS[1])
+        guard.check(env, NOW + ms)
+    assert len(guard._seen) <= 1001
+
+
+def test_a_clock_gone_back_lets_no_forgotten_id_in_again() -> None:
+    guard = ReplayGuard(window_ms=1000)
+    env, _ = MEMBERS.open(sealed(sent_ms=NOW), KEYS[1])
+    guard.check(env, NOW)
+    later, _ = MEMBERS.open(sealed(sent_ms=NOW + 1500), KEYS[1])
+    guard.check(later, NOW + 1500)  # the first is forgotten: stale from here on
+    assert len(guard._seen) == 1
+    with pytest.raises(StaleMessage):
+        guard.check(env, NOW + 500)  # the receiver's clock went back a second
+
+
+def test_what_a_stranger_names_is_quoted_short() -> None:
+    """The refusal of a stranger's envelope is logged: a guild of 900 kB or a sender of
+    450 kB (before any signature is checked) once went into the log whole."""
+    with pytest.raises(Misdirected) as guild:
+        MEMBERS.open(sealed(guild="g" * 900_000), KEYS[1])
+    with pytest.raises(NotAMember) as sender:
+        MEMBERS.open(sealed(hostpubkey=b"\x02" * 450_000), KEYS[1])
+    assert len(str(guild.value)) < 200 and len(str(sender.value)) < 200
 
 
 def test_messages_refuse_unknown_fields_and_kinds() -> None:
