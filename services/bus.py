@@ -26,7 +26,14 @@ from nats.js.errors import (
 from constellation.codec import decode_json
 from constellation.ledger.pmap import PartitionMap, decode_map
 from constellation.membership import KeyPlan, KeysSeen, decode_plan, decode_seen
-from constellation.protocol.ledger import PROTOCOL_VERSION, Item, Package, encode
+from constellation.protocol.ledger import (
+    MAX_PACKAGE_BYTES,
+    PROTOCOL_VERSION,
+    Item,
+    Package,
+    encode,
+    size_of,
+)
 from constellation.replication.members import Agreement, decode_agreement
 from constellation.replication.placement import Placement, decode_placement
 from services.runtime import env_int
@@ -179,7 +186,8 @@ class Publisher(Protocol):
 
 
 class Packer:
-    """Batches items per destination subject into packages (by size or deadline).
+    """Batches items per destination subject into packages (by count, bytes or
+    deadline: ``MAX_PACKAGE_BYTES`` keeps one within a NATS message).
 
     Closed packages queue for one publishing task (``run``, which its owner starts as a
     supervised task), which hands them to the NATS client in order; the client writes
@@ -202,6 +210,7 @@ class Packer:
         self.batching = batching
         self.observe = observe
         self._out: dict[str, list[Item]] = {}
+        self._bytes: dict[str, int] = {}  # about the encoded size of each open package
         self._lazy: set[str] = set()  # subjects whose open package holds only lazy items
         self._closed: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
@@ -231,13 +240,15 @@ class Packer:
                 else:
                     loop.call_soon(self._close, subject, items)
         items.append(item)
-        if len(items) >= self.batching.max_items:
+        size = self._bytes[subject] = self._bytes.get(subject, 0) + size_of(item)
+        if len(items) >= self.batching.max_items or size >= MAX_PACKAGE_BYTES:
             self._close(subject, items)
 
     def _close(self, subject: str, items: list[Item]) -> None:
         if self._out.get(subject) is not items:
             return  # closed already (by size, or a lazy package by a timely one)
         del self._out[subject]
+        del self._bytes[subject]
         self._lazy.discard(subject)
         self.observe(len(items))
         package = Package(PROTOCOL_VERSION, self.sender, self.reply, self.map_version(), items)

@@ -162,6 +162,24 @@ class Block(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=
     records: list[Record]
 
 
+# A block closes at either, so that it (and a replicated shard's Append carrying it)
+# fits in one NATS message (1 MiB at most), and its events too: about 110 bytes a coin
+# change, and the transactions committed, whose bytes its records carry.
+MAX_BLOCK_BYTES = 256 << 10
+MAX_BLOCK_CHANGES = 4096
+
+
+# A package closes at this size, so that it fits in one NATS message: one item more
+# (a transaction, at most about 100 kB) keeps it well within.
+MAX_PACKAGE_BYTES = 512 << 10
+
+
+def size_of(message: Record | Item) -> int:
+    """About the encoded size of a block's record or a package's item (the transaction
+    or issuance it carries, and a little more)."""
+    return 64 + len(getattr(message, "tx", b"")) + len(getattr(message, "issuance", b""))
+
+
 # -- snapshots of a shard's state -------------------------------------------------------
 #
 # A copy of a shard that is behind its log catches up from a snapshot: the state after a

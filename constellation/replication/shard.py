@@ -24,11 +24,6 @@ from constellation.protocol import ledger as proto
 from constellation.protocol import replication as rp
 from constellation.replication.replica import Replica, Role, body_hash
 
-# A block closes at either, so that it and the Append carrying it fit in one NATS
-# message (1 MiB at most), and its events too (about 110 bytes a coin change).
-MAX_BLOCK_BYTES = 256 << 10
-MAX_BLOCK_CHANGES = 4096
-
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[proto.Record])
 
@@ -107,7 +102,7 @@ class ShardLog:
         committed: Sequence[proto.Commit] = (),
     ) -> None:
         self.records.append(record)
-        self.size += 64 + len(getattr(record, "tx", b"")) + len(getattr(record, "issuance", b""))
+        self.size += proto.size_of(record)
         self.changes += changes
         self.committed += committed
         self.urgent = self.urgent or not lazy
@@ -117,7 +112,7 @@ class ShardLog:
     @property
     def full(self) -> bool:
         """What gathered fills a block: it must be sealed before anything more is taken."""
-        return self.size >= MAX_BLOCK_BYTES or len(self.changes) >= MAX_BLOCK_CHANGES
+        return self.size >= proto.MAX_BLOCK_BYTES or len(self.changes) >= proto.MAX_BLOCK_CHANGES
 
     def after_durable(self, callback: Callable[[int], None]) -> None:
         """``callback`` once the next block sealed is confirmed (an empty one where

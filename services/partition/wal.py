@@ -115,6 +115,22 @@ def _cut(fd: int, path: Path, frames: Frames, why: str) -> None:
     os.lseek(fd, at, os.SEEK_SET)
 
 
+class DamagedLog(Exception):
+    """A block log damaged before its end: blocks after the damage were durable (and
+    acknowledged), so nothing may be cut; the worker refuses to start."""
+
+
+def _after_bad_frame(data: bytes, at: int, why: str) -> bytes:
+    """What follows the frame at ``at`` that ended a log's good frames (for ``why``):
+    nothing, or zeros, where that frame is a torn tail; else damage before the end."""
+    if at >= len(data) or why in ("a torn frame header", "a torn frame"):
+        return b""
+    if why == IMPOSSIBLE:
+        return data[at + _HEAD.size :]
+    length, _ = _HEAD.unpack_from(data, at)
+    return data[at + _HEAD.size + length :]
+
+
 class BlockLog:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -122,8 +138,15 @@ class BlockLog:
         self._fd = -1
 
     def replay(self) -> Iterator[Block]:
-        """Yield the log's blocks in order, cutting a bad tail; then open for appending."""
+        """Yield the log's blocks in order, cutting a torn tail; then open for
+        appending. The file is synced first: a block written but not yet synced when
+        the last run was killed is read back from the page cache, and would be answered
+        for (committed, its vote given) while a power loss could still take it. A
+        frame that fails its checksum or decoding before the log's end (data other than
+        zeros after it) is damage, not a torn write: ``DamagedLog``, nothing cut (the
+        blocks after it were acknowledged)."""
         fd, data = open_log(self.path)
+        os.fdatasync(fd)
         frames = Frames(data)
         why = ""
         for payload in frames:
@@ -137,11 +160,21 @@ class BlockLog:
                 break
             yield block
             self.height += 1
-        _cut(fd, self.path, frames, why or frames.why)
+        why = why or frames.why
+        if any(_after_bad_frame(data, frames.end, why)):
+            os.close(fd)
+            raise DamagedLog(
+                f"{self.path} is damaged at byte {frames.end} of {len(data)} ({why}) after"
+                f" block {self.height - 1}, with blocks after it: restore it from a copy"
+                " of the disk; nothing was cut"
+            )
+        _cut(fd, self.path, frames, why)
         self._fd = fd
 
     def append(self, payload: bytes) -> None:
-        """Write one block and make it durable."""
+        """Write one block and make it durable (one no reader could read back refused)."""
+        if len(payload) > MAX_FRAME:
+            raise ValueError(f"a block of {len(payload)} bytes: at most {MAX_FRAME}")
         write_all(self._fd, frame(payload))
         os.fdatasync(self._fd)
         self.height += 1

@@ -25,9 +25,6 @@ from services.partition.wal import BlockLog, EventLog
 
 # How long a record that nothing waits for may wait for a block that something does.
 LAZY_S = 0.01
-# A block closes at this many coin changes, so that its events (about 110 bytes a
-# change) fit in one NATS message: a transaction makes at most 512 more.
-MAX_BLOCK_CHANGES = 4096
 EXIT_DISK = 74  # EX_IOERR: the worker stops when its disk fails; its supervisor restarts it
 
 log = logging.getLogger("partition.worker")
@@ -36,13 +33,13 @@ log = logging.getLogger("partition.worker")
 class BlockWriter:
     """Gathers records into blocks and makes them durable, one fsync per block.
 
-    A block closes at ``max_items`` records (or ``MAX_BLOCK_CHANGES`` coin changes) or at
-    its deadline (0: at the end of the event loop's turn, so that one block holds
-    everything handled in that turn). The ``after`` callbacks run, in order, once their
-    block is durable, with its height. A ``lazy`` record (one that nothing waits for: a
-    participant's record of an outcome it learned, which it would learn again by asking)
-    closes no block of its own; it rides with the next block, or is written ``LAZY_S``
-    later. Records stay in order.
+    A block closes at ``max_items`` records (or at the bytes and coin changes a block
+    holds: ``MAX_BLOCK_BYTES``, ``MAX_BLOCK_CHANGES``) or at its deadline (0: at the end
+    of the event loop's turn, so that one block holds everything handled in that turn).
+    The ``after`` callbacks run, in order, once their block is durable, with its height.
+    A ``lazy`` record (one that nothing waits for: a participant's record of an outcome
+    it learned, which it would learn again by asking) closes no block of its own; it
+    rides with the next block, or is written ``LAZY_S`` later. Records stay in order.
 
     A durable block's coin changes go to the events log and are then published: readers
     follow the events log by height, and publishing only tells them sooner.
@@ -73,6 +70,7 @@ class BlockWriter:
         self.after: list[Callable[[int], None]] = []
         self.changes: list[proto.CoinChange] = []
         self.committed: list[proto.Commit] = []
+        self.size = 0  # about the encoded size of ``records``
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self._lazy = False  # the timer is a lazy record's
 
@@ -85,11 +83,16 @@ class BlockWriter:
         committed: Sequence[proto.Commit] = (),
     ) -> None:
         self.records.append(record)
+        self.size += proto.size_of(record)
         self.changes += changes
         self.committed += committed
         if after is not None:
             self.after.append(after)
-        if len(self.records) >= self.batching.max_items or len(self.changes) >= MAX_BLOCK_CHANGES:
+        if (
+            len(self.records) >= self.batching.max_items
+            or self.size >= proto.MAX_BLOCK_BYTES
+            or len(self.changes) >= proto.MAX_BLOCK_CHANGES
+        ):
             self.flush()
             return
         timer = self._timer
@@ -126,6 +129,7 @@ class BlockWriter:
             return
         records, after, changes, committed = self.records, self.after, self.changes, self.committed
         self.records, self.after, self.changes, self.committed = [], [], [], []
+        self.size = 0
         height = self.wal.height
         payload = proto.encode(proto.Block(self.worker, height, records))
         started = time.perf_counter()

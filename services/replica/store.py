@@ -98,6 +98,9 @@ class CopyStore:
             proof = (s.after, s.acks) if s.acks else None
             loaded.snapshot = Snapshot(h.height, h.term, rp.header_hash(h), s.signed, s.data, proof)
         self._fd, data = open_log(self.folder / "blocks.log")
+        # Synced first: a block written but not synced when the copy was killed is read
+        # back from the page cache, and would be acked while a power loss could take it.
+        os.fdatasync(self._fd)
         frames = Frames(data)
         damaged = False
         prev: rp.Header | None = None

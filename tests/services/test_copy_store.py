@@ -60,6 +60,18 @@ def test_a_restart_reads_back_the_term_the_vote_the_snapshot_and_the_log(tmp_pat
     assert len(list(tmp_path.glob("*.tmp"))) == 0
 
 
+def test_the_log_is_synced_before_its_blocks_are_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block written but not synced when the copy was killed is in the page cache:
+    read back unsynced, it would be acked while a power loss could still take it."""
+    written(tmp_path)
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fdatasync", synced.append)
+    store = CopyStore(tmp_path)
+    assert store.load().blocks and synced == [store._fd]
+
+
 def test_a_torn_last_write_is_dropped_quietly(tmp_path: Path) -> None:
     shard = written(tmp_path)
     log = tmp_path / "blocks.log"

@@ -68,3 +68,17 @@ async def test_drain_sends_lazy_items_at_once() -> None:
     p.send("w.1", done, lazy=True)
     await p.drain()
     assert nc.sent == [("w.1", [done])]
+
+
+async def test_a_package_closes_at_its_bytes_so_that_nats_takes_it() -> None:
+    """Large transactions handled in one turn: 39 of 37 kB once made one package over
+    NATS's 1 MiB, refused ("package not sent"), every one of them then timing out."""
+    nc = Recorder()
+    p = packer(nc)
+    big = proto.Submit(1, b"x" * 37_000)
+    for _ in range(40):
+        p.send("w.1", big)
+    await turn()
+    sizes = [len(proto.encode(proto.Package(1, 0, "w.0", 1, items))) for _, items in nc.sent]
+    assert sum(len(items) for _, items in nc.sent) == 40 and len(sizes) >= 3
+    assert max(sizes) <= proto.MAX_PACKAGE_BYTES + 40_000 < 1 << 20

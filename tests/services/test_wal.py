@@ -1,26 +1,34 @@
-"""The worker's logs: durable frames, a torn or corrupt tail cut with a log line, and the
-events log read by height in bounded pages."""
+"""The worker's logs: durable frames, a torn or corrupt tail cut with a log line (damage
+before the end refused, nothing cut), synced before they are read back, and the events
+log read by height in bounded pages."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from constellation.protocol.ledger import (
+    MAX_BLOCK_BYTES,
     Aborted,
     Block,
     BlockEvents,
     CoinChange,
+    Prepared,
     decode_block_events,
     encode,
     encode_block_events,
 )
 from services import runtime
+from services.bus import Batching
 from services.partition import wal
-from services.partition.wal import BlockLog, EventLog
+from services.partition.metrics import WorkerMetrics
+from services.partition.wal import MAX_FRAME, BlockLog, DamagedLog, EventLog
+from services.partition.worker import BlockWriter
 
 
 def write(path: Path, count: int) -> None:
@@ -76,6 +84,58 @@ def test_a_bad_tail_is_cut_and_logged(
     wal.append(encode(Block(0, kept, [])))
     wal.close()
     assert heights(path) == list(range(kept + 1))
+
+
+def flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data, second: flip(data, second + 20),  # a bit of block 1's payload
+        lambda data, second: flip(data, second + 3),  # block 1's length, one byte off
+        lambda data, second: data[:second] + b"\xff" * 4 + data[second + 4 :],  # impossible
+    ],
+)
+def test_damage_before_the_end_is_refused_and_nothing_cut(
+    tmp_path: Path, damage: Callable[[bytes, int], bytes]
+) -> None:
+    """Blocks after the damage were durable and acknowledged: cutting there (as a torn
+    tail is) once lost them, a spent coin unspent again and spendable twice."""
+    path = tmp_path / "blocks.log"
+    write(path, 5)
+    data = path.read_bytes()
+    second = len(data) // 5  # the blocks are the same size: where block 1's frame starts
+    path.write_bytes(damage(data, second))
+    size = path.stat().st_size
+    with pytest.raises(DamagedLog, match="damaged at byte"):
+        heights(path)
+    assert path.stat().st_size == size  # nothing cut
+
+
+def test_the_log_is_synced_before_a_block_is_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block written but not synced when its worker was killed is in the page cache:
+    read back, it would be answered for while a power loss could still take it."""
+    path = tmp_path / "blocks.log"
+    write(path, 2)
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fdatasync", synced.append)
+    blocks = BlockLog(path).replay()
+    assert next(blocks).height == 0 and len(synced) == 1
+
+
+def test_a_block_no_reader_could_read_back_is_not_written(tmp_path: Path) -> None:
+    path = tmp_path / "blocks.log"
+    write(path, 1)
+    log = BlockLog(path)
+    list(log.replay())
+    with pytest.raises(ValueError, match="at most"):
+        log.append(b"x" * (MAX_FRAME + 1))
+    log.close()
+    assert heights(path) == [0]
 
 
 def test_a_block_out_of_sequence_ends_the_log(tmp_path: Path) -> None:
@@ -159,3 +219,22 @@ def test_a_new_log_and_its_folders_are_created_durably(
     synced.clear()
     assert heights(path) == [0]
     assert synced == []
+
+
+async def test_a_block_closes_at_its_bytes(tmp_path: Path) -> None:
+    """Large participants' records handled in one turn of the loop (NATS runs queued
+    callbacks without yielding) once made one block of 70 MB: over ``MAX_FRAME``, so
+    the next start cut it and every block after it, votes already given."""
+    log, events = BlockLog(tmp_path / "blocks.log"), EventLog(tmp_path / "events.log")
+    list(log.replay())
+    events.open()
+    writer = BlockWriter(log, events, 0, Batching(4096, 0), WorkerMetrics(), lambda _: None)
+    durable: list[int] = []
+    for n in range(40):
+        writer.add(Prepared(bytes([n]) * 37_000, 1, 1), durable.append)
+    await asyncio.sleep(0)
+    log.close()
+    events.close()
+    sizes = [len(encode(b)) for b in BlockLog(tmp_path / "blocks.log").replay()]
+    assert len(durable) == 40 and len(sizes) >= 5
+    assert max(sizes) <= MAX_BLOCK_BYTES + 40_000
