@@ -28,8 +28,10 @@ to delete it, and closes the batch unpaid on its node's word that it can no long
 paid (deleted, or expired; paid, it is released): a payer that neither pays nor cancels
 keeps no invoice open here for ever.
 
-The payer writes PAYING before it asks its node to pay (asking again after a crash is
-safe: lightningd never pays one hash twice). Its outcome is four-valued
+The payer takes only an invoice of a hash its node has no attempt of, and writes PAYING
+before it asks its node to pay (asking again after a crash is safe: lightningd never
+pays one hash twice); a settled payment that gave the payee less than the batch is an
+older payment of that hash, not the batch's. Its outcome is four-valued
 (``constellation.lightning``): settled; failed; pending or unknown (looked up again;
 where it stays so for ``GIVE_UP_S``, Q is asked to cancel the invoice). A batch whose
 payment failed is cancelled at Q the same way. Cancelling, P asks its own node too until
@@ -45,7 +47,8 @@ said it deleted; no attempt at all ``NEVER_SENT_S`` after the cancel is a paymen
 sent); paid, it settles with the fee its node reports (and where its node paid nothing, someone
 else paid Q's invoice: Q released, so the batch is settled all the same).
 
-Q releases a batch's outputs once its invoice is paid for the whole amount. The release
+Q releases a batch's outputs once its invoice is paid for the whole amount; what it
+received beyond that (a payer may overpay) is the operator's, counted apart. The release
 is remembered until the shell says its ledger made it (``released``), and asked for
 again after a restart: the ledger's release of an output is idempotent.
 """
@@ -62,7 +65,7 @@ from enum import Enum
 from constellation.errors import TooLargeToSettle
 from constellation.hashing import tagged_hasher
 from constellation.keys import XOnlyPubKey
-from constellation.lightning import Outcome
+from constellation.lightning import Outcome, PaymentState
 from constellation.tx import IssuanceBatch, Transaction, TxOutput
 
 PERIOD_S = 1.0  # a batch a second, at most
@@ -80,6 +83,13 @@ MAX_BATCH_OUTPUTS = 10_000  # obligations in one batch
 # A peer's outputs pending at the payee, announced and not yet paid: a peer pays nothing
 # to announce, and each is a row and memory here. A batch fits: the payee holds it all.
 MAX_PENDING = 100_000
+# What one output to another ledger carries at most, the same for every ledger of every
+# guild: each is one obligation, paid whole in one batch, so one worth more than a
+# channel carries would be batched alone, fail, and be batched again for ever, ahead of
+# every later obligation to that ledger. A protocol constant, not a setting: the ledger
+# refuses such an output where a transaction is admitted (``check_settleable``), and a
+# gateway serving another member's ledger knows nothing of that member's settings.
+MAX_SETTLE_MSAT = 10**9
 
 _release_hash = tagged_hasher("constellation/release")
 
@@ -88,10 +98,16 @@ def label(payer: str, batch: int) -> str:
     return f"settle:{payer}:{batch}"
 
 
-def check_settleable(tx: Transaction, max_batch_msat: int) -> None:
+def check_settleable(tx: Transaction, max_batch_msat: int = MAX_SETTLE_MSAT) -> None:
     """Each output of ``tx`` to another ledger is one obligation, paid whole in one
     batch of at most ``max_batch_msat`` (what a channel carries): one worth more could
-    never be paid, and batches go in order, so it would hold back every later one."""
+    never be paid, and batches go in order, so it would hold back every later one.
+
+    Every ledger checks this with ``MAX_SETTLE_MSAT`` where it admits a transaction
+    (``constellation.ledger.commit``: the coordinator, before anything is logged; copies
+    re-executing its blocks do not check again, so a block confirmed before, or under
+    another limit, replays alike everywhere). A gateway checks it first, with the smaller
+    of that and its own batch size for its own operator's ledger."""
     for i, _ in tx.remote():
         value = tx.outputs[i].value_msat
         if value > max_batch_msat:
@@ -337,15 +353,34 @@ class Payer:
         return b is not None and b.id == batch and b.status is Status.ASKED
 
     def offered(
-        self, batch: int, bolt11: str, payment_hash: bytes, amount_msat: int, now: float
+        self,
+        batch: int,
+        bolt11: str,
+        payment_hash: bytes,
+        amount_msat: int,
+        now: float,
+        listed: PaymentState | None = None,
     ) -> list[Action]:
         """The payee's invoice for ``batch`` (its amount and hash as decoded by the
-        shell; the payee's sealed message vouches for the invoice)."""
+        shell; the payee's sealed message vouches for the invoice). ``listed``: what our
+        node says of payments of that hash before we pay it (``attempted`` False). Only
+        an invoice of a hash our node has no attempt of is taken (every batch's hash is
+        new): the node pays no hash twice, and its record of an earlier payment of that
+        hash (a payee's invoice reusing one, for a smaller amount) would read as this
+        batch's payment; one still trying routes for another (a melt of the mint's)
+        would settle both with one payment."""
         b = self.state.batch
         if b is None or not self.asks(batch):
             return []  # stale, or repeated
         if amount_msat != b.amount_msat:
             raise ValueError(f"batch {batch}: invoiced {amount_msat} msat, owed {b.amount_msat}")
+        if listed is not None and (
+            listed.outcome is not Outcome.FAILED or listed.last_attempt_at is not None
+        ):  # an attempt listed, or the node not sure (unknown): the payee is asked again
+            raise ValueError(
+                f"batch {batch}: our node has a payment of hash {payment_hash.hex()}"
+                f" already ({listed.outcome.value}); only an invoice of a new hash is paid"
+            )
         b.status, b.bolt11, b.payment_hash, b.since, b.asked, b.paid_at = (
             Status.PAYING,
             bolt11,
@@ -364,12 +399,29 @@ class Payer:
             b.asked = now
         return []
 
-    def outcome(self, batch: int, outcome: Outcome, now: float, fee_msat: int = 0) -> list[Action]:
-        """What the node says of the batch's payment (an answer to ``Pay`` or ``LookUp``)."""
+    def outcome(
+        self,
+        batch: int,
+        outcome: Outcome,
+        now: float,
+        fee_msat: int = 0,
+        received_msat: int | None = None,
+    ) -> list[Action]:
+        """What the node says of the batch's payment (an answer to ``Pay`` or ``LookUp``):
+        with a settled one, its routing fee (what left the node, less the batch) and what
+        the payee got, where the node says.
+
+        A settled payment that gave the payee less than the batch, or cost less than the
+        batch, is not this batch's: it is an earlier payment of ours of the same hash
+        (the node pays no hash twice, so none of this batch was sent or ever will be), and
+        is taken as failed."""
         s = self.state
         b = s.batch
         if b is None or b.id != batch or b.status is Status.ASKED:
             return []
+        short = received_msat is not None and received_msat < b.amount_msat
+        if outcome is Outcome.SETTLED and (fee_msat < 0 or short):
+            outcome = Outcome.FAILED
         if outcome is Outcome.SETTLED:
             self._settle(b, fee_msat)
             return []
@@ -463,6 +515,9 @@ class PayeeState:
     released_msat: int = 0
     # (batch, first, last, msat): paid, their coins not yet issued
     releasing: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # received beyond the amounts of the invoices paid (a payer may overpay: lightningd
+    # takes up to twice the amount): the operator's, as what it earns routing is
+    overpaid_msat: int = 0
 
 
 class Payee:
@@ -548,12 +603,14 @@ class Payee:
 
     def paid(self, invoice_label: str, amount_received_msat: int) -> list[Action]:
         """The node's stream says an invoice was paid (any invoice: others are not
-        this pair's)."""
+        this pair's). What it received beyond the invoice's amount is the operator's
+        (``overpaid_msat``): it is in the channel, and owed to nobody."""
         o = self.state.open
         if o is None or invoice_label != label(self.state.payer, o.batch):
             return []
         if amount_received_msat < o.amount_msat:
             return []  # cannot be (the node takes no less than the invoice); never released
+        self.state.overpaid_msat += amount_received_msat - o.amount_msat
         return self._release(o)
 
     def cancel(self, batch: int) -> list[Action]:

@@ -58,6 +58,7 @@ from constellation.ledger.partition import PartitionState, Prepared, accumulator
 from constellation.ledger.pmap import PartitionMap
 from constellation.muhash import MuHash3072
 from constellation.protocol import ledger as proto
+from constellation.settlement import MAX_SETTLE_MSAT, check_settleable
 from constellation.tx import AnyIssuance, Transaction, decode_issuance, decode_transaction
 
 ASK_EVERY_S = 0.25
@@ -533,6 +534,9 @@ class TwoPhaseCommit:
             return
         try:
             tx = decode_transaction(item.tx)
+            # Where a transaction is admitted, never where a block is re-executed: every
+            # copy replays a confirmed block as it was (one from before this limit too).
+            check_settleable(tx, MAX_SETTLE_MSAT)
         except ConstellationError as exc:
             self._refuse(reply, item.rid, exc.code, str(exc))
             return

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 from constellation.address import Network, decode_address, decode_destination, encode_address
 from constellation.errors import ConstellationError, TooLargeToSettle, UnknownLedger, Unsigned
 from constellation.protocol import ledger as proto
-from constellation.settlement import check_settleable, release_coin
+from constellation.settlement import MAX_SETTLE_MSAT, check_settleable, release_coin
 from constellation.tx import (
     HERE,
     Transaction,
@@ -281,16 +281,23 @@ class Api:
     def _check_ledgers(self, ledger: LedgerClient, tx: Transaction) -> None:
         """Every output to another ledger names one that ``ledger`` settles with: a guild
         member other than itself, or a neighbour (the ledger itself does not know its
-        peers); from this operator's ledger, each is one this operator can settle (its
-        batch size: another member's is that member's to say)."""
+        peers), and is one a batch carries: at most ``MAX_SETTLE_MSAT``, the limit every
+        ledger enforces where it admits a transaction, whichever ledger it is from (a
+        member's ledger sent through this gateway too: its settler would batch one worth
+        more alone, ahead of every later one, for ever); from this operator's ledger, at
+        most its own batch size where smaller (another member's is that member's)."""
         remote = tx.remote()
-        if remote and ledger is self.ledger:
+        if not remote:
+            return
+        limit = MAX_SETTLE_MSAT
+        if ledger is self.ledger:
             if self.settler is None:
                 raise UnknownLedger(
                     f"output {remote[0][0]} goes to another ledger, and this operator does"
                     " not settle with others (no operator key or Lightning node configured)"
                 )
-            check_settleable(tx, self.settler.settings.max_batch_msat)
+            limit = min(limit, self.settler.settings.max_batch_msat)
+        check_settleable(tx, limit)
         for i, lid in remote:
             name = self.ledger_names.get(lid)
             if name is None or name == ledger.operator:

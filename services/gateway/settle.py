@@ -16,7 +16,11 @@ paid into the peer's) and a ``Payee`` (what the peer's ledger paid into it). The
   call returned, and on start loads it and carries out ``resume()``;
 * takes at most ``st.MAX_PENDING`` outputs pending from a peer (the rest is announced
   again once some are released: a peer pays nothing to announce);
-* checks the reserve invariant every second (``Reserve``).
+* checks the reserve invariant every second (``Reserve``), over every peer it ever
+  settled with: a peer gone from the layout (a member that left, a neighbour dropped)
+  keeps its state in the store, read here and never acted on, so that what was paid to
+  it stays paid in the books; what it is still owed, or owes, is said loudly at start
+  and in ``summary`` (nothing settles it until it is back in the layout).
 
 One gateway of an operator settles at a time: the holder of a PostgreSQL advisory lock
 (the others stand by and take over when its session ends).
@@ -50,6 +54,9 @@ from constellation.tx import ledger_id
 from services.database import DATABASE_DOWN
 from services.ecash.store import MintBooks, mint_books
 from services.gateway.lightning import (
+    Balances,
+    Channel,
+    Income,
     LightningBackend,
     LightningError,
     our_side_msat,
@@ -72,6 +79,19 @@ INVOICE_EXPIRY_S = 3600
 RESERVE_EVERY_S = 1.0
 CONFIRM = 5  # reserve checks in a row beyond what is in flight: the invariant is broken
 RECENT_BATCHES = 60  # the liquidity policy expects the most of these
+# lightningd's label of what its keysend plugin received: a payment nobody asked us for
+UNSOLICITED = "keysend-"
+
+
+@dataclass
+class Departed:
+    """A peer this operator settled with, gone from the layout: both machines' states as
+    stored, read for the books only (nothing is sent to it, paid or released)."""
+
+    name: str
+    payer: st.Payer
+    payee: st.Payee
+    owed: int  # obligations to it in the store after those settled (at most TAKE_LIMIT)
 
 
 @dataclass
@@ -141,7 +161,8 @@ class Settings:
 def _fee(pair: Pair, batch: int, state: PaymentState) -> int:
     """The routing fee batch ``batch``'s settled payment cost: what left the node less the
     batch; where the node does not say (``listpays`` of Core Lightning v24.11's ``xpay``
-    has no ``amount_msat``), the whole fee limit, never 0."""
+    has no ``amount_msat``), the whole fee limit, never 0. Negative where what left the
+    node was less than the batch: not this batch's payment (``Payer.outcome`` says so)."""
     b = pair.payer.state.batch
     if state.outcome is not Outcome.SETTLED or b is None or b.id != batch:
         return 0
@@ -166,6 +187,8 @@ class Settler:
         self.clock = clock
         self.link = SettleLink(s.key, s.counterparts)
         self.pairs: dict[str, Pair] = {}
+        self.departed: dict[str, Departed] = {}  # peers gone from the layout
+        self.unsolicited_msat = 0  # received not for any invoice we made (keysend)
         self.by_ledger: dict[bytes, str] = {}
         self.saved: dict[tuple[str, str], bytes] = {}
         self.lock = asyncio.Lock()
@@ -294,6 +317,49 @@ class Settler:
             self.saved[("payee", name)] = _payee_blob(payee_state)
             self.pairs[name] = pair
             self.by_ledger[pair.ledger] = name
+        gone = {peer for role, peer in states if role in ("payer", "payee")} - set(self.pairs)
+        for name in sorted(gone):
+            await self._departed(name, states)
+        raw = states.get(("stream", "lightning"))
+        self.unsolicited_msat = int.from_bytes(raw[8:], "big") if raw else 0
+
+    async def _departed(self, name: str, states: dict[tuple[str, str], bytes]) -> None:
+        """A peer with a stored state that is no longer in the layout: kept for the books
+        (everything paid to it stays paid), and what is unsettled with it said loudly."""
+        s = self.settings
+        raw = states.get(("payer", name))
+        payer_state = (
+            msgspec.msgpack.decode(raw, type=st.PayerState) if raw else st.PayerState("", name)
+        )
+        raw = states.get(("payee", name))
+        payee_state = (
+            msgspec.msgpack.decode(raw, type=st.PayeeState) if raw else st.PayeeState(name, "")
+        )
+        owed = await self.store.owed(name, payer_state.settled_upto, TAKE_LIMIT)
+        gone = Departed(
+            name,
+            st.Payer(payer_state, s.fee_limit_msat),
+            st.Payee(payee_state),
+            len(owed),
+        )
+        for e in owed:
+            gone.payer.owe(e.seq, e.value_msat)
+        for e in await self.store.pending(name, payee_state.released_upto):
+            gone.payee.announced(e.seq, e.value_msat)
+        self.departed[name] = gone
+        unsettled = {
+            "peer": name,
+            "owed_to_it": len(owed),
+            "owed_to_it_msat": gone.payer.owed_msat,
+            "batch_in_flight": payer_state.batch is not None,
+            "held_from_it": len(payee_state.pending),
+            "held_from_it_msat": gone.payee.pending_msat,
+            "paid_not_issued_msat": sum(r[3] for r in payee_state.releasing),
+        }
+        if owed or payer_state.batch is not None or payee_state.pending or payee_state.releasing:
+            log.error("a peer gone from the layout is not settled with", extra=unsettled)
+        else:
+            log.info("a peer gone from the layout, settled with", extra=unsettled)
 
     async def _connect(self, pair: Pair) -> None:
         pair.client = await connect_peer(
@@ -417,7 +483,10 @@ class Settler:
             fee = _fee(pair, a.batch, state)
             pair.last_failure = state.reason
             await self._call(
-                pair, lambda: pair.payer.outcome(a.batch, state.outcome, self.clock(), fee)
+                pair,
+                lambda: pair.payer.outcome(
+                    a.batch, state.outcome, self.clock(), fee, state.amount_msat
+                ),
             )
 
         pair.paying, pair.paying_batch = self._spawn(pay()), a.batch
@@ -429,7 +498,10 @@ class Settler:
             # every attempt so far failed, and the pay command is still trying others
             outcome = Outcome.UNKNOWN
         fee = _fee(pair, a.batch, state)
-        await self._call(pair, lambda: pair.payer.outcome(a.batch, outcome, self.clock(), fee))
+        await self._call(
+            pair,
+            lambda: pair.payer.outcome(a.batch, outcome, self.clock(), fee, state.amount_msat),
+        )
 
     def _count(
         self, pair: Pair, b: st.Batch | None, settled_before: int, failed_before: int
@@ -503,15 +575,19 @@ class Settler:
         """Paid invoices from the node, from where the last run stopped."""
         states = await self.store.load_states()
         raw = states.get(("stream", "lightning"))
-        after = int.from_bytes(raw, "big") if raw else 0
+        after = int.from_bytes(raw[:8], "big") if raw else 0
         async for inv in self.backend.paid_invoices(after):
             parts = inv.label.split(":")
             pair = self.pairs.get(parts[1]) if len(parts) == 3 and parts[0] == "settle" else None
             if pair is not None and inv.status == "paid":
                 received = inv.amount_received_msat or 0
                 await self._call(pair, functools.partial(pair.payee.paid, inv.label, received))
-            if inv.pay_index is not None:
-                await self.store.save_state("stream", "lightning", inv.pay_index.to_bytes(8, "big"))
+            elif inv.status == "paid" and inv.label.startswith(UNSOLICITED):
+                # in the channel, owed to nobody: the operator's, like what it earns routing
+                self.unsolicited_msat += inv.amount_received_msat or 0
+            if inv.pay_index is not None:  # with the sum: one row, so counted once
+                blob = inv.pay_index.to_bytes(8, "big") + self.unsolicited_msat.to_bytes(16, "big")
+                await self.store.save_state("stream", "lightning", blob)
 
     def _start_release(self, pair: Pair, now: float) -> None:
         if not pair.payee.state.releasing or now < pair.release_after:
@@ -689,17 +765,17 @@ class Settler:
             await self._call(pair, lambda: pair.payer.refused(msg.batch, now))
             return
         amount = decoded.amount_msat or 0
+        # what our node did with that hash (the payer takes only a new one)
+        listed = await self.backend.payment(decoded.payment_hash, attempted=False)
         try:
             await self._call(
                 pair,
                 lambda: pair.payer.offered(
-                    msg.batch, msg.bolt11, decoded.payment_hash, amount, now
+                    msg.batch, msg.bolt11, decoded.payment_hash, amount, now, listed
                 ),
             )
-        except ValueError as exc:  # not the amount owed: never paid; asked again
-            log.warning(
-                "an invoice for another amount", extra={"peer": pair.name, "error": str(exc)}
-            )
+        except ValueError as exc:  # not the amount owed, a hash paid: never paid; asked again
+            log.warning("an invoice not taken", extra={"peer": pair.name, "error": str(exc)})
             await self._call(pair, lambda: pair.payer.refused(msg.batch, now))
             return
         b = pair.payer.state.batch
@@ -743,6 +819,24 @@ class Settler:
                     "open_batch": None if payee.open is None else payee.open.batch,
                 },
             }
+        for name, d in self.departed.items():  # nothing settles with them now: said here
+            payer, payee = d.payer.state, d.payee.state
+            out[name] = {
+                "departed": True,
+                "owed": {
+                    "outputs": d.owed,
+                    "msat": d.payer.owed_msat,
+                    "settled_upto": payer.settled_upto,
+                    "paid_msat": payer.paid_msat,
+                    "batch_in_flight": payer.batch is not None,
+                },
+                "held": {
+                    "outputs": len(payee.pending),
+                    "msat": d.payee.pending_msat,
+                    "released_upto": payee.released_upto,
+                    "paid_not_issued_msat": sum(r[3] for r in payee.releasing),
+                },
+            }
         return out
 
     # -- the reserve invariant --------------------------------------------------------
@@ -769,28 +863,7 @@ class Settler:
             mint = await mint_books(conn) or MintBooks(0, 0, 0, 0, 0)
         self.metrics.settle_untaken.set(untaken)
         self.metrics.settle_untaken_age.set(oldest)
-        books = Books(
-            held_msat=sum(x.held_msat for x in states),
-            outbound_msat=sum(x.outbound_msat for x in states),
-            fees_msat=sum(x.fees_msat for x in states),
-            paid_out_msat=sum(p.payer.state.paid_msat for p in self.pairs.values()),
-            releasing_msat=sum(r[3] for p in self.pairs.values() for r in p.payee.state.releasing),
-            owed_by_others_msat=sum(p.payee.pending_msat for p in self.pairs.values()),
-            lightning_msat=our_side_msat(channels),
-            onchain_msat=balances.onchain_confirmed_msat
-            + balances.onchain_unconfirmed_msat
-            + mint.chain_msat,  # the guild's outputs the operator's mint holds
-            lightning_fees_msat=sum(p.payer.state.fees_msat for p in self.pairs.values()),
-            onchain_fees_msat=income.onchain_fees_msat + mint.chain_fees_msat,
-            routed_msat=income.routed_msat,
-            in_flight_msat=self._in_flight()
-            + sum(x.pending_msat for x in states)
-            + mint.reserved_msat
-            + sum(abs(c.splice_msat) for c in channels),  # the wallet's or the channel's
-            incoming_msat=sum(p.payee.incoming_msat for p in self.pairs.values()),
-            ecash_msat=mint.outstanding_msat + mint.unissued_msat - mint.l3_msat,
-            ecash_fees_msat=mint.fees_msat,
-        )
+        books = self.books(states, channels, balances, income, mint)
         had = self.reserve.baseline
         verdict = self.reserve.check(books)
         if had is None and self.reserve.baseline is not None:
@@ -805,6 +878,45 @@ class Settler:
         m.reserve_ok.set(0 if verdict["broken"] else 1)
         if verdict["broken"]:
             log.error("THE RESERVE INVARIANT IS BROKEN", extra=verdict)
+
+    def books(
+        self,
+        states: list[Any],
+        channels: list[Channel],
+        balances: Balances,
+        income: Income,
+        mint: MintBooks,
+    ) -> Books:
+        """The books from what the ledger's workers, the node and the mint said, and the
+        machines of every peer this operator ever settled with: one gone from the layout
+        too (all history is in ``outbound``, so what was paid to it is too)."""
+        pairs = list(self.pairs.values())
+        payers = [p.payer for p in pairs] + [d.payer for d in self.departed.values()]
+        payees = [p.payee for p in pairs] + [d.payee for d in self.departed.values()]
+        return Books(
+            held_msat=sum(x.held_msat for x in states),
+            outbound_msat=sum(x.outbound_msat for x in states),
+            fees_msat=sum(x.fees_msat for x in states),
+            paid_out_msat=sum(p.state.paid_msat for p in payers),
+            releasing_msat=sum(r[3] for p in payees for r in p.state.releasing),
+            owed_by_others_msat=sum(p.pending_msat for p in payees),
+            lightning_msat=our_side_msat(channels),
+            onchain_msat=balances.onchain_confirmed_msat
+            + balances.onchain_unconfirmed_msat
+            + mint.chain_msat,  # the guild's outputs the operator's mint holds
+            lightning_fees_msat=sum(p.state.fees_msat for p in payers),
+            onchain_fees_msat=income.onchain_fees_msat + mint.chain_fees_msat,
+            routed_msat=income.routed_msat,
+            in_flight_msat=self._in_flight()
+            + sum(d.payer.in_flight_msat for d in self.departed.values())
+            + sum(x.pending_msat for x in states)
+            + mint.reserved_msat
+            + sum(abs(c.splice_msat) for c in channels),  # the wallet's or the channel's
+            incoming_msat=sum(p.payee.incoming_msat for p in pairs),
+            ecash_msat=mint.outstanding_msat + mint.unissued_msat - mint.l3_msat,
+            ecash_fees_msat=mint.fees_msat,
+            received_msat=sum(p.state.overpaid_msat for p in payees) + self.unsolicited_msat,
+        )
 
     def _in_flight(self) -> int:
         """What may be on its way, and so counted on one side only for a moment: each
@@ -832,6 +944,9 @@ class Books:
     ecash_msat: int = 0  # the mint's: outstanding ecash, and quotes paid but not issued,
     # less the L3 coins paid to the mint for ecash (held, but its own: no liability)
     ecash_fees_msat: int = 0  # kept by the mint: input fees, melt margins
+    # received owed to nobody: beyond an invoice's amount (a payer may overpay), or for
+    # no invoice we made (keysend): the operator's, as what it earns routing is
+    received_msat: int = 0
 
 
 class Reserve:
@@ -843,9 +958,10 @@ class Reserve:
     Pending outputs owed by others are coins of this ledger's users, held as pending:
     counted on the left as L3 coins and taken off again, they leave what was paid for
     them and not yet issued. So ``slack = funds - (held + owed to others + paid in and
-    not yet issued)`` moves only by fees: up by what the ledger collects and the node
-    earns forwarding, down by what Lightning routes and miners take (the node's own
-    books say those two). A change beyond what is in flight at that moment breaks it.
+    not yet issued)`` moves only by fees: up by what the ledger collects, the node
+    earns forwarding and receives owed to nobody (an invoice overpaid, a keysend), down
+    by what Lightning routes and miners take (the node's own books say those two). A
+    change beyond what is in flight at that moment breaks it.
     """
 
     def __init__(self) -> None:
@@ -861,7 +977,7 @@ class Reserve:
         liabilities += b.ecash_msat
         funds = b.lightning_msat + b.onchain_msat
         slack = funds - liabilities - b.fees_msat - b.ecash_fees_msat + b.lightning_fees_msat
-        slack += b.onchain_fees_msat - b.routed_msat
+        slack += b.onchain_fees_msat - b.routed_msat - b.received_msat
         if self.baseline is None and b.in_flight_msat == 0:
             # two quiet reads in a row that agree: not a transaction between reads (an
             # invoice of ours paid and not yet heard of can only make it read over, and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from constellation.settlement import Payee, PayeeState, Release, label
 from services.gateway.lightning import Channel, our_side_msat
 from services.gateway.settle import CONFIRM, Books, Reserve
 
@@ -142,3 +143,33 @@ def test_an_invoice_of_ours_a_peer_keeps_open_excuses_no_shortfall() -> None:
     for _ in range(CONFIRM - 1):
         v = r.check(replace(asked, lightning_msat=49_000))
     assert v["broken"]
+
+
+def test_what_a_payer_pays_beyond_our_invoice_is_ours_and_keeps_it() -> None:
+    """A payer may overpay an invoice (lightningd takes up to twice its amount): the
+    payee releases the batch's amount, and the rest, in our channel and owed to nobody,
+    once read as money from nowhere (the invariant broken for good)."""
+    payee = Payee(PayeeState("p", "q"))
+    payee.announced(1, 1_000)
+    payee.request(1, 1, 1, 1_000)
+    payee.made(1, "lnbcrt1x", 10.0**10)
+    asked = replace(
+        START, owed_by_others_msat=payee.pending_msat, incoming_msat=payee.incoming_msat
+    )
+    r = Reserve()
+    r.check(asked)
+    r.check(asked)
+    assert payee.paid(label("p", 1), 1_999) == [Release(1, 1, 1)]  # received 1,999
+    assert payee.state.released_msat == 1_000 and payee.state.overpaid_msat == 999
+    issued = replace(
+        START,
+        held_msat=START.held_msat + 1_000,
+        lightning_msat=START.lightning_msat + 1_999,
+        received_msat=payee.state.overpaid_msat,
+    )
+    for _ in range(CONFIRM):
+        v = r.check(issued)
+    assert v["ok"] and v["drift"] == 0 and not v["broken"]
+    # a payment asked of nobody (a keysend) is the operator's the same way
+    keysend = replace(issued, lightning_msat=issued.lightning_msat + 5, received_msat=999 + 5)
+    assert r.check(keysend)["drift"] == 0

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from constellation.errors import TooLargeToSettle
 from constellation.keys import SigningKey
-from constellation.lightning import Outcome, nothing_sent, outgoing
+from constellation.lightning import Outcome, nothing_sent, outgoing, spent_at_most
 from constellation.settlement import (
     ATTEMPTING_S,
     GIVE_UP_S,
@@ -538,3 +538,55 @@ def test_a_payee_holds_a_bounded_number_of_outputs_and_answers_without_walking_t
         payer.owe(seq, 1)
     assert payer.owed_msat == MAX_BATCH_OUTPUTS + 1
     assert payer.tick(0.0) == [RequestInvoice(1, 1, MAX_BATCH_OUTPUTS, MAX_BATCH_OUTPUTS)]
+
+
+def test_an_invoice_reusing_a_hash_our_node_paid_is_neither_paid_nor_counted_paid() -> None:
+    """The payee offers, for batch 2, an invoice of its other node with the hash of
+    batch 1's payment (it knows the preimage): our node would not pay that hash again,
+    and its record of batch 1's payment (1,000 msat) once settled batch 2 (10^6 msat),
+    its fee booked as -998,999 msat."""
+    net = Network(lambda: 1_800_000_000.0, seed=1)
+    for name in ("p", "q", "q2"):
+        net.add_node(name)
+        net.fund(name, 50_000_000)
+    net.fundchannel("p", "q", 40_000_000, 0)
+    net.mine(1)
+    payer = Payer(PayerState("p", "q"), fee_limit_msat=10_000)
+    preimage = hmac.digest(KEY, label("p", 1).encode(), "sha256")
+
+    def node_says(payment_hash: bytes, asked: bool) -> Any:
+        return outgoing(net.pays("p", payment_hash), payment_hash, asked)
+
+    def pay(batch: int, bolt11: str) -> None:
+        attempt = net.start_payment("p", bolt11, None, 10_000, False)  # pay: the earlier
+        if isinstance(attempt, Attempt):  # success is answered again for a hash it paid
+            net.advance(attempt)
+        h = bytes.fromhex(net.decode(bolt11).payment_hash or "")
+        state = node_says(h, True)
+        assert payer.state.batch is not None
+        fee = spent_at_most(state, payer.state.batch.amount_msat, 10_000)
+        fee -= payer.state.batch.amount_msat
+        payer.outcome(batch, state.outcome, 1.0, fee, state.amount_msat)
+
+    payer.owe(1, 1_000)
+    payer.tick(0.0)
+    first = net.invoice("q", 1_000, label("p", 1), "settlement", 3600, preimage)
+    h = first.payment_hash
+    assert payer.offered(1, first.bolt11, h, 1_000, 0.0, node_says(h, False))
+    pay(1, first.bolt11)
+    assert payer.state.settled == 1 and payer.state.paid_msat == 1_000
+
+    payer.owe(2, 10**6)
+    assert payer.tick(10.0) == [RequestInvoice(2, 2, 2, 10**6)]
+    again = net.invoice("q2", 10**6, label("p", 2), "settlement", 3600, preimage)
+    assert again.payment_hash == h
+    with pytest.raises(ValueError, match="already"):  # our node lists it: not taken
+        payer.offered(2, again.bolt11, h, 10**6, 10.0, node_says(h, False))
+    assert payer.asks(2)  # asked again later
+    # taken all the same (our node said nothing of it, say): the old payment is not its
+    assert payer.offered(2, again.bolt11, h, 10**6, 11.0) == [Pay(2, again.bolt11, 10_000)]
+    pay(2, again.bolt11)
+    s = payer.state
+    assert s.settled == 1 and s.paid_msat == 1_000 and s.fees_msat >= 0
+    assert s.batch is not None and s.batch.id == 2 and s.owed == [(2, 10**6)]
+    assert net.nodes["q2"].invoices[label("p", 2)].status == "unpaid"  # nothing was sent
