@@ -29,6 +29,9 @@ from constellation.protocol import cashu as nut
 
 # NUT error codes (cashubtc/nuts error_codes.md)
 PROOF_INVALID = 10001
+# nutshell's TransactionError: a request its mint does not serve ("backend does not
+# support mpp"); error_codes.md names no code for it
+NOT_SERVED = 11000
 SPENT = 11001
 PENDING = 11002
 OUTPUTS_SIGNED = 11003
@@ -39,6 +42,7 @@ DUPLICATE_OUTPUTS = 11008
 MULTIPLE_UNITS = 11009
 UNIT_MISMATCH = 11010
 AMOUNTLESS = 11011
+AMOUNT_MISMATCH = 11012
 UNIT_UNSUPPORTED = 11013
 KEYSET_UNKNOWN = 12001
 KEYSET_INACTIVE = 12002
@@ -245,6 +249,22 @@ class Mint:
             if out.unit != quote.unit:
                 raise CashuError(UNIT_MISMATCH, f"blank outputs in {out.unit}, not {quote.unit}")
         return spend, len(blanks)
+
+
+def check_melt_options(options: nut.MeltQuoteOptions | None, invoice_msat: int | None) -> None:
+    """A melt quote's options (NUT-15 ``mpp``, NUT-23 ``amountless``), none of which this
+    mint offers yet: each is refused, never ignored (a quote for part of an invoice would
+    be quoted, and paid, for all of it). ``invoice_msat``: the invoice's own amount."""
+    if options is None:
+        return
+    if options.mpp is not None:
+        raise CashuError(NOT_SERVED, "this mint does not pay part of an invoice (NUT-15 mpp)")
+    if options.amountless is not None:
+        if invoice_msat is not None:
+            raise CashuError(
+                AMOUNT_MISMATCH, "an amount for an invoice that names its own (amountless)"
+            )
+        raise CashuError(AMOUNTLESS, "this mint does not pay invoices without an amount")
 
 
 def change(overpaid: int, blanks: Sequence[nut.BlindedMessage]) -> list[nut.BlindedMessage]:

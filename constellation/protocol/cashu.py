@@ -1,4 +1,5 @@
-"""The Cashu mint API's JSON bodies (NUT-00 to NUT-09, NUT-12, NUT-20), as msgspec structs.
+"""The Cashu mint API's JSON bodies (NUT-00 to NUT-09, NUT-12, NUT-15, NUT-20), as msgspec
+structs.
 
 Requests tolerate unknown fields, and the nulls real wallets send (nutshell sends
 ``witness: null``, ``C_: null``, ``signature``, ``options: null``, ``prefer_async``):
@@ -92,9 +93,27 @@ class MintRequest(_In):
     signature: Annotated[str, msgspec.Meta(max_length=128)] | None = None
 
 
+class MppOption(_In):
+    """NUT-15: pay ``amount`` (msat) of the invoice, the rest paid by other mints."""
+
+    amount: Annotated[int, msgspec.Meta(ge=1, le=MAX_AMOUNT)]
+
+
+class AmountlessOption(_In):
+    """NUT-23: the amount (msat) to pay an invoice that names none."""
+
+    amount_msat: Annotated[int, msgspec.Meta(ge=1, le=MAX_AMOUNT)]
+
+
+class MeltQuoteOptions(_In):
+    mpp: MppOption | None = None
+    amountless: AmountlessOption | None = None
+
+
 class MeltQuoteRequest(_In):
     request: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REQUEST, pattern=NO_NUL)]
     unit: Unit
+    options: MeltQuoteOptions | None = None  # decoded so that the mint refuses what it asks
 
 
 class MeltRequest(_In):

@@ -7,7 +7,10 @@ Melts pay through the node with the four-valued outcome: a payment whose fate is
 known leaves its melt PENDING and its proofs reserved, and a resolver looks it up until
 it settles (the proofs are spent, the change signed) or fails (the proofs are free);
 nothing is both paid out and released. Each melt attempt is numbered, so that a late
-answer about an earlier attempt never undoes a later one.
+answer about an earlier attempt never undoes a later one; an attempt whose own pay call
+sent nothing fails, whatever the node says of the invoice (a payment of it is another's:
+the gateway pays invoices on the same node). One payee has at most
+``PENDING_PER_PAYEE`` melts in flight: a payee holding its HTLCs holds no more.
 
 The bridge to the operator's L3 ledger (through its gateway's public API): a redemption
 reserves its proofs, then issues one coin whose issuance is derived from the proofs (a
@@ -53,6 +56,7 @@ from services.ecash.store import MeltStarted, MintStore, Redeem, listen_forever
 from services.ecash.ws import CHANNELS, Hub
 from services.gateway.lightning import (
     RETRY_FOR_S,
+    THREADS,
     ClnBackend,
     LightningBackend,
     LightningError,
@@ -73,6 +77,9 @@ RESOLVE_EVERY_S = 2.0
 SEND_WINDOW_S = 30.0
 ATTEMPTING_S = RETRY_FOR_S + 30.0
 EXPIRED_MARGIN_S = 600.0  # an invoice this long expired is paid by no node (clocks differ)
+# melts in flight to one payee (the node that signed the invoice): one that holds its
+# HTLCs takes no more than half the node's payment places, nor many held threads
+PENDING_PER_PAYEE = THREADS // 2
 DEADLOCK_RETRIES = 3
 REDIS_S = 0.5  # a slow Redis costs a request this much at most, per call
 OFF_LOOP = 16  # proofs and outputs in a request past which its EC work leaves the loop
@@ -549,6 +556,7 @@ class MintApp:
             decoded = await self.backend.decode(req.request)
         except (LightningError, OSError, TimeoutError) as exc:
             raise m.CashuError(MALFORMED, f"not a BOLT11 invoice this node reads: {exc}") from None
+        m.check_melt_options(req.options, decoded.amount_msat)
         if decoded.amount_msat is None:
             raise m.CashuError(m.AMOUNTLESS, "an invoice without an amount")
         await self._not_paid_by_node(decoded.payment_hash)
@@ -567,15 +575,15 @@ class MintApp:
             int(time.time()) + s.quote_expiry_s,
             amount_msat=decoded.amount_msat,
         )
-        await self.db.add_melt_quote(q)
+        await self.db.add_melt_quote(q, decoded.payee)
         return _melt_quote_doc(q, [])
 
     async def _not_paid_by_node(self, payment_hash: bytes) -> None:
-        """Refuse an invoice the node paid or is paying outside any melt of it (the
-        gateway, on the same node, pays invoices for L3 withdrawals): the node would not
-        pay it again, and the melt would take the ecash for a payment made by another
-        (the quote's own earlier attempts failed for good, or it would be pending). A
-        node that does not answer (unknown) refuses nothing here: the pay call tells."""
+        """Refuse a quote of an invoice the node paid or is paying outside any melt of it
+        (the gateway, on the same node, pays invoices for L3 withdrawals): the node would
+        not pay it again. A node that does not answer (unknown) refuses nothing here. A
+        melt asks the same right before its payment goes (the gateway may pay it after
+        the quote), and takes a payment its own call did not send for another's."""
         state = await self.backend.payment(payment_hash, attempted=False)
         if state.outcome is Outcome.SETTLED:
             raise m.CashuError(m.INVOICE_PAID, "this invoice is paid already")
@@ -593,42 +601,47 @@ class MintApp:
         now = int(time.time())
         try:
             quote, attempt = await self.db.start_melt(
-                req, m.BOLT11, lambda q: self.rules.check_melt(q, req, now)
+                req, m.BOLT11, lambda q: self.rules.check_melt(q, req, now), PENDING_PER_PAYEE
             )
         except MeltStarted:
             return await self.melt_state(request, req.quote)
-        try:
-            await self._not_paid_by_node(bytes.fromhex(quote.payment_hash))
-        except m.CashuError:
-            await self.db.fail_melt(quote.quote, attempt)  # nothing of it was sent
-            raise
+        payment_hash = bytes.fromhex(quote.payment_hash)
 
-        async def may_send() -> bool:  # never after the resolver's fence opened
+        async def may_send() -> bool:
+            # not where the node paid or is paying the invoice for another (the gateway,
+            # for an L3 withdrawal) since the quote was made, nor after the resolver's
+            # fence opened (asked last: right before the command goes)
+            node = await self.backend.payment(payment_hash, attempted=False)
+            if node.outcome in (Outcome.SETTLED, Outcome.PENDING):
+                return False
             return await self.db.may_pay(quote.quote, attempt, SEND_WINDOW_S)
 
         self.paying.add((quote.quote, attempt))
         try:
             state = await self.backend.pay(
-                quote.request,
-                quote.fee_reserve * 1000,
-                bytes.fromhex(quote.payment_hash),
-                may_send,
+                quote.request, quote.fee_reserve * 1000, payment_hash, may_send
             )
         except (LightningError, OSError, TimeoutError) as exc:  # its fate is not known
-            state = PaymentState(
-                Outcome.UNKNOWN, bytes.fromhex(quote.payment_hash), reason=str(exc)
-            )
+            state = PaymentState(Outcome.UNKNOWN, payment_hash, reason=str(exc))
         finally:
             self.paying.discard((quote.quote, attempt))
-        if not state.sent and state.outcome is Outcome.UNKNOWN:
-            # Nothing of this attempt reached the node, and the quote's earlier attempts
-            # failed for good: it fails now, not once its invoice expired (a node that
-            # is not reachable could say nothing more of it).
+        others = None
+        if not state.sent:
+            # Nothing of this attempt reached the node, or the node refused it (it paid
+            # the hash before), and the quote's earlier attempts failed for good (it
+            # began from UNPAID, which only a final failure makes a melt): what the node
+            # says of the hash is of another's payment (the gateway's), never this
+            # melt's. It fails now, not once its invoice expired.
+            others = state.outcome
             state = replace(state, outcome=Outcome.FAILED)
         await self._settle(quote, attempt, state)
         found = await self.db.melt_quote(quote.quote, m.BOLT11)
         assert found is not None
         if found[0].state == m.MELT_UNPAID and state.outcome is not Outcome.SETTLED:
+            if others is Outcome.SETTLED:
+                raise m.CashuError(m.INVOICE_PAID, "this invoice is paid already")
+            if others is Outcome.PENDING:
+                raise m.CashuError(m.QUOTE_PENDING, "this invoice is being paid")
             raise m.CashuError(
                 m.PAYMENT_FAILED, f"the payment failed: {state.reason or 'no route'}"
             )

@@ -122,6 +122,10 @@ CREATE TABLE IF NOT EXISTS melt_quotes (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 ALTER TABLE melt_quotes ADD COLUMN IF NOT EXISTS method text NOT NULL DEFAULT 'bolt11';
+-- the node that signed a bolt11 quote's invoice: its melts in flight are counted
+ALTER TABLE melt_quotes ADD COLUMN IF NOT EXISTS payee text;
+CREATE INDEX IF NOT EXISTS melt_quotes_payee_pending ON melt_quotes (payee)
+    WHERE state = 'PENDING';
 -- one invoice is paid by one melt: no second quote of it in flight or paid
 CREATE UNIQUE INDEX IF NOT EXISTS melt_quotes_one_payment ON melt_quotes (payment_hash)
     WHERE state <> 'UNPAID';
@@ -450,6 +454,22 @@ async def _refuse_paid_or_paying(conn: asyncpg.Connection, payment_hash: str) ->
         raise m.CashuError(m.INVOICE_PAID, "this invoice is paid already")
     if state is not None:
         raise m.CashuError(m.QUOTE_PENDING, "another quote of this invoice is paying it")
+
+
+async def _refuse_busy_payee(conn: asyncpg.Connection, payee: str, most: int) -> None:
+    """Refuse a melt to ``payee`` where ``most`` melts to it are in flight. The melts of
+    one payee start one at a time (a lock until the transaction ends), so that two at
+    once never both count the same ``most - 1``."""
+    assert most >= 1
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"payee:{payee}")
+    pending = await conn.fetchval(
+        "SELECT count(*) FROM melt_quotes WHERE payee = $1 AND state = 'PENDING'", payee
+    )
+    if pending >= most:
+        raise m.CashuError(
+            m.PAYMENT_FAILED,
+            f"{pending} payments to this payee are in flight: retry once one of them ends",
+        )
 
 
 def _keysets(master: bytes, rows: Sequence[asyncpg.Record]) -> list[Keyset]:
@@ -785,14 +805,16 @@ class MintStore:
 
     # -- melt quotes -------------------------------------------------------------------
 
-    async def add_melt_quote(self, q: m.MeltQuote) -> None:
+    async def add_melt_quote(self, q: m.MeltQuote, payee: str | None = None) -> None:
+        """Store a new melt quote; ``payee``: the node its invoice pays (bolt11)."""
         async with self.pool.acquire() as conn:
             await _refuse_paid_or_paying(conn, q.payment_hash)  # no quote to melt in vain
             await conn.execute(
                 "INSERT INTO melt_quotes (quote, request, payment_hash, amount, fee_reserve,"
-                " unit, state, expiry, preimage, fee_paid, amount_msat, method)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                " unit, state, expiry, preimage, fee_paid, amount_msat, method, payee)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
                 *asdict(q).values(),
+                payee,
             )
 
     async def melt_quote(
@@ -810,10 +832,14 @@ class MintStore:
         request: nut.MeltRequest,
         method: str,
         check: Callable[[m.MeltQuote], tuple[m.Spend, int]],
+        per_payee: int | None = None,
     ) -> tuple[m.MeltQuote, int]:
         """Reserve the inputs (PENDING) and mark the quote (of ``method``) PENDING, in
         one transaction: from here the payment may go out. Returns the quote and the
-        attempt's number."""
+        attempt's number. ``per_payee``: refused where that many melts to the quote's
+        payee are PENDING already (a payee holding its HTLCs keeps its melts in flight,
+        and the node's payment threads with them, for hours: one payee holds only so
+        many)."""
         async with self.pool.acquire() as conn, conn.transaction():
             r = await conn.fetchrow(
                 "SELECT * FROM melt_quotes WHERE quote = $1 AND method = $2 FOR UPDATE",
@@ -826,6 +852,8 @@ class MintStore:
             if quote.state != m.MELT_UNPAID and await _holds(conn, quote.quote, request.inputs):
                 raise MeltStarted(quote.quote)
             spend, _ = check(quote)
+            if per_payee is not None and r["payee"] is not None:
+                await _refuse_busy_payee(conn, r["payee"], per_payee)
             blanks = [bytes.fromhex(o.B_) for o in request.outputs or []]
             if blanks and await conn.fetchval(
                 "SELECT 1 FROM mint_promises WHERE b_ = ANY($1::bytea[])", blanks

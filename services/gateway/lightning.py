@@ -11,10 +11,12 @@ the same code whether a real lightningd or the simulated network
 (``services/lnsim``) serves it. pyln-client blocks: each call runs on a thread of its
 own, a bounded number at once (``Threads``), under a timeout (pyln sets none on its
 socket, so a call that times out keeps its thread, and its place, until lightningd
-answers or goes). Payments, which may stay pending for hours, have places of their
-own, so that stuck ones never starve the lookups. The threads are daemons: a stopping
-gateway does not wait for a long poll or a payment in flight (the settlement's journal
-and ``listpays`` find what became of it).
+answers or goes). Payments have places of their own, so that stuck ones never starve
+the lookups; and a payment whose call outlived its timeout (a payee holding the HTLC,
+for hours perhaps) leaves its place for the next payment, its thread counted among the
+held ones (``HELD_PAYMENTS`` at most; past that it keeps its place). The threads are
+daemons: a stopping gateway does not wait for a long poll or a payment in flight (the
+settlement's journal and ``listpays`` find what became of it).
 ``getinfo``'s version picks ``xpay`` (v24.11) over ``pay`` and ``splicein``/``spliceout``
 (v26.04) over the three-step splice.
 """
@@ -56,6 +58,9 @@ RETRY_FOR_S = 30  # how long lightningd keeps trying routes for a payment
 PLACE_S = 15.0  # a payment with a last moment to be sent waits this long for a place
 DEFAULT_EXPIRY_S = 3600  # an invoice's expiry where it names none (BOLT 11)
 THREADS = 8  # for calls, and as many again for payments
+# payments whose calls outlived their timeout, each on a thread blocked until lightningd
+# answers (a held HTLC: until its payee resolves it or it expires)
+HELD_PAYMENTS = 256
 CAN_ADD_HTLC = ("CHANNELD_NORMAL", "CHANNELD_AWAITING_SPLICE")
 # A channel holds our side from its funding (while it waits for lock-in) until its
 # closing transaction is mined: money that left the wallet and is not back in it.
@@ -193,7 +198,9 @@ class LightningBackend(ABC):
         after any outcome but failed pays nothing twice. ``may_send``: asked right before
         the command goes (it waits ``PLACE_S`` at most for its turn); where it says no,
         or no turn came, the command is never sent (what the node says of the payment
-        then is that of its earlier attempts, if any)."""
+        then is that of its earlier attempts, if any). ``sent`` False in the answer: this
+        call sent nothing (not sent, or refused as paid already), and its state is that
+        of the hash's earlier payments, whoever asked for them."""
 
     @abstractmethod
     async def payment(self, payment_hash: bytes, attempted: bool = True) -> PaymentState:
@@ -275,11 +282,14 @@ class NotSent(Exception):
 class Threads:
     """Runs blocking calls each on a daemon thread, at most ``size`` at once (the others
     wait their turn); a call's place is freed when its thread ends, not when its caller
-    stops waiting."""
+    stops waiting, except that up to ``held`` calls that outlived their timeout leave
+    their places then (their threads run on, outside the ``size``)."""
 
-    def __init__(self, size: int, name: str) -> None:
+    def __init__(self, size: int, name: str, held: int = 0) -> None:
         self.name = name
         self.places = asyncio.Semaphore(size)
+        self.held_max = held
+        self.held = 0  # calls past their timeout whose threads still run, places freed
 
     async def run(
         self,
@@ -293,26 +303,18 @@ class Threads:
         takes); ``ready``: asked once it has one, right before the call starts (False, or
         an error: it does not). Either way, nothing was called: ``NotSent``."""
         loop = asyncio.get_running_loop()
-        try:
-            await asyncio.wait_for(self.places.acquire(), wait_s)
-        except TimeoutError:
-            raise NotSent(f"no place free within {wait_s} s") from None
-        try:
-            if ready is not None and not await ready():
-                raise NotSent("its caller said it is too late to send it")
-        except NotSent:
-            self.places.release()
-            raise
-        except Exception as exc:
-            self.places.release()
-            raise NotSent(f"whether it may be sent is not known ({exc!r})") from exc
-        except BaseException:
-            self.places.release()
-            raise
+        await self._take_place(wait_s, ready)
         done: asyncio.Future[Any] = loop.create_future()
+        held = False  # its place given up while its thread runs on
+        ended = False
 
         def end(result: Any, error: BaseException | None) -> None:
-            self.places.release()
+            nonlocal ended
+            ended = True
+            if held:
+                self.held -= 1
+            else:
+                self.places.release()
             if done.done():  # its caller stopped waiting
                 return
             if error is None:
@@ -333,7 +335,37 @@ class Threads:
         except BaseException:
             self.places.release()
             raise
-        return await asyncio.wait_for(done, timeout)
+        try:
+            return await asyncio.wait_for(done, timeout)
+        except TimeoutError:
+            # (``end`` runs on this loop: nothing changes between these lines)
+            if not ended and self.held < self.held_max:
+                held = True
+                self.held += 1
+                self.places.release()
+            raise
+
+    async def _take_place(
+        self, wait_s: float | None, ready: Callable[[], Awaitable[bool]] | None
+    ) -> None:
+        """A place, taken; or ``NotSent`` (none free within ``wait_s``, or ``ready`` did
+        not say yes), no place taken."""
+        try:
+            await asyncio.wait_for(self.places.acquire(), wait_s)
+        except TimeoutError:
+            raise NotSent(f"no place free within {wait_s} s") from None
+        try:
+            if ready is not None and not await ready():
+                raise NotSent("its caller said not to send it")
+        except NotSent:
+            self.places.release()
+            raise
+        except Exception as exc:
+            self.places.release()
+            raise NotSent(f"whether it may be sent is not known ({exc!r})") from exc
+        except BaseException:
+            self.places.release()
+            raise
 
 
 class ClnBackend(LightningBackend):
@@ -342,7 +374,7 @@ class ClnBackend(LightningBackend):
     def __init__(self, socket: Path) -> None:
         self.rpc = LightningRpc(str(socket))
         self.calls = Threads(THREADS, "lightning")
-        self.payments = Threads(THREADS, "lightning-pay")
+        self.payments = Threads(THREADS, "lightning-pay", HELD_PAYMENTS)
         self.version = (0, 0)
 
     async def connect(self) -> NodeInfo:
@@ -531,7 +563,12 @@ class ClnBackend(LightningBackend):
                 )
             # lightningd ended the command: what listpays says is final, and where the
             # error proves no HTLC was offered, no attempt is a failure
-            return await self._lookup(payment_hash, asked=not nothing_sent(code), over=code)
+            state = await self._lookup(payment_hash, asked=not nothing_sent(code), over=code)
+            if code == ALREADY_PAID:
+                # refused: the node paid this hash before, and this command sent nothing
+                # (the payment listpays shows is that earlier one, whoever asked for it)
+                return replace(state, sent=False)
+            return state
         except Exception as exc:
             log.info(
                 "payment not answered: looking it up",

@@ -322,12 +322,18 @@ async def test_a_deposit_paid_before_its_quote_expired_is_minted_while_the_follo
 
 
 async def fill_places(w: World, app: MintApp) -> list[str]:
-    """Melts at ``app`` of invoices whose payee (b) holds the HTLCs: each pay call times
-    out (the melt answers PENDING) and keeps its payment place."""
-    w.sim.network.nodes["b"].faults.hold = True
+    """Melts at ``app`` of invoices whose payees (b and far, each as many as one payee
+    may have in flight) hold the HTLCs, with no room left for held payments (as when
+    ``HELD_PAYMENTS`` of them are held already): each pay call times out (the melt
+    answers PENDING) and keeps its payment place."""
+    cast(ClnBackend, app.backend).payments.held_max = 0
+    payees = ("b", "far")
+    assert len(payees) * mint_app.PENDING_PER_PAYEE >= lightning.THREADS
     held = []
     for i in range(lightning.THREADS):
-        bolt11 = await w.invoice("b", 1_000, f"held-{i}")
+        payee = payees[i % len(payees)]
+        w.sim.network.nodes[payee].faults.hold = True
+        bolt11 = await w.invoice(payee, 1_000, f"held-{i}")
         doc = await app.melt(request(await melt_body(app, bolt11)))
         assert doc["state"] == "PENDING"
         held.append(bolt11)
@@ -406,6 +412,168 @@ async def test_a_melt_waits_a_bounded_time_for_a_payment_place_and_never_sends_l
         assert not w.sim.network.nodes["a"].parts or all(
             p.bolt11 != x for p in w.sim.network.nodes["a"].parts
         )
+    finally:
+        await app.db.close()
+        await w.sim.close()
+
+
+async def hold_melts(w: World, app: MintApp, payee: str, count: int) -> list[dict[str, Any]]:
+    """``count`` 1-sat melts at ``app`` to ``payee``, which holds their HTLCs: each
+    answered PENDING (its pay call timed out)."""
+    w.sim.network.nodes[payee].faults.hold = True
+    bodies = []
+    for i in range(count):
+        body = await melt_body(app, await w.invoice(payee, 1, f"hold-{payee}-{i}"))
+        assert (await app.melt(request(body)))["state"] == "PENDING"
+        bodies.append(body)
+    return bodies
+
+
+async def test_payments_their_payees_hold_leave_their_places_to_other_melts(
+    postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attacker melts a few sats to invoices of its own two nodes, which hold the
+    HTLCs (for hours, and at no cost: failed, they give the ecash back), as many melts as
+    the node has payment places: another user's melt is paid at once (before: every
+    place held until the HTLCs were, any other melt refused 20004 after 15 s)."""
+    monkeypatch.setattr(lightning, "PAY_S", 0.5)  # the attacker's calls answer PENDING fast
+    w = await world(postgres, "v24.11")
+    app = await w.mint()
+    try:
+        half = lightning.THREADS // 2  # two payees: each has no more in flight
+        attack = await hold_melts(w, app, "b", half) + await hold_melts(w, app, "far", half)
+        assert len(attack) == lightning.THREADS
+        victim = await melt_body(app, await w.invoice("c", 50_000, "victim"))
+        started = time.monotonic()
+        doc = await asyncio.wait_for(app.melt(request(victim)), lightning.PLACE_S)
+        assert doc["state"] == "PAID" and time.monotonic() - started < 5
+        for body in attack:  # still in flight: nothing freed while a payee holds it
+            quote, _ = await app.db.melt_quote(body["quote"], m.BOLT11) or (None, [])
+            assert quote is not None and quote.state == m.MELT_PENDING
+    finally:
+        for payee in ("b", "far"):
+            w.sim.release(payee)
+        await app.db.close()
+        await w.sim.close()
+
+
+async def test_a_payee_holding_its_htlcs_has_only_so_many_melts_in_flight(
+    postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Melts to one payee past ``PENDING_PER_PAYEE`` in flight are refused (20004) before
+    their proofs are reserved, at every mint process: one payee holding its HTLCs holds
+    only so many of the node's payment threads. Once they end, that payee is paid
+    again."""
+    monkeypatch.setattr(lightning, "PAY_S", 0.5)
+    w = await world(postgres, "v24.11")
+    a, b = await w.mint(), await w.mint()
+    try:
+        bodies = await hold_melts(w, a, "b", mint_app.PENDING_PER_PAYEE)
+        for app in (a, b):
+            more = await melt_body(app, await w.invoice("b", 1, f"more-{id(app)}"))
+            with pytest.raises(m.CashuError) as refused:
+                await app.melt(request(more))
+            assert refused.value.code == m.PAYMENT_FAILED
+            await unpaid_and_free(app, more["quote"])
+        w.sim.release("b")
+        await asyncio.sleep(0.2)
+        await a._resolve()
+        for body in bodies:
+            quote, _ = await a.db.melt_quote(body["quote"], m.BOLT11) or (None, [])
+            assert quote is not None and quote.state == m.MELT_PAID
+        assert (await b.melt(request(more)))["state"] == "PAID"
+    finally:
+        w.sim.release("b")
+        for app in (a, b):
+            await app.db.close()
+        await w.sim.close()
+
+
+async def test_a_payment_the_gateway_made_while_a_melt_waited_to_send_is_not_the_melt_s(
+    postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway (same node, an L3 withdrawal) pays X after the melt of X began and
+    before its pay command goes (here: while it waits for a payment place): the melt
+    fails, "paid" (20006), its proofs free (before: PAID, the ecash taken for the
+    gateway's payment)."""
+    monkeypatch.setattr(lightning, "PAY_S", 0.5)
+    w = await world(postgres, "v24.11")
+    app = await w.mint()
+    try:
+        await fill_places(w, app)
+        x = await w.invoice("c", 20_000, "x")
+        body = await melt_body(app, x)
+        melt = asyncio.create_task(app.melt(request(body)))
+        await asyncio.sleep(1.0)  # the melt began, and waits for a place
+        gateway = ClnBackend(socket_path(w.sim.directory, "a"))
+        await gateway.connect()
+        assert (await gateway.pay(x, 10_000)).outcome is Outcome.SETTLED
+        w.sim.release("b")  # places free: the melt's turn comes
+        with pytest.raises(m.CashuError) as refused:
+            await asyncio.wait_for(melt, 30)
+        assert refused.value.code == m.INVOICE_PAID
+        await unpaid_and_free(app, body["quote"])
+        parts = [p for p in w.sim.network.nodes["a"].parts if p.bolt11 == x]
+        assert [p.status for p in parts] == ["complete"]  # the gateway's, once
+    finally:
+        for payee in ("b", "far"):
+            w.sim.release(payee)
+        await app.db.close()
+        await w.sim.close()
+
+
+async def test_a_pay_command_refused_as_paid_already_settles_no_melt(postgres: str) -> None:
+    """The gateway paid X; the melt's look at the node before sending gets no answer
+    (its reply lost), so its xpay goes, and lightningd refuses it: "already paid" (219).
+    That command sent nothing (``sent`` False): the melt fails "paid" (20006), its
+    proofs free (before: the gateway's payment, found by listpays, made it PAID)."""
+    w = await world(postgres, "v24.11")
+    app = await w.mint()
+    try:
+        x = await w.invoice("c", 20_000, "x")
+        body = await melt_body(app, x)
+        gateway = ClnBackend(socket_path(w.sim.directory, "a"))
+        await gateway.connect()
+        assert (await gateway.pay(x, 10_000)).outcome is Outcome.SETTLED
+        again = await gateway.pay(x, 10_000)  # the gateway's retry: its own payment, settled
+        assert (again.outcome, again.sent) == (Outcome.SETTLED, False)
+        w.sim.network.nodes["a"].faults.lose_replies = 1  # the melt's listpays, before xpay
+        with pytest.raises(m.CashuError) as refused:
+            await app.melt(request(body))
+        assert refused.value.code == m.INVOICE_PAID
+        await unpaid_and_free(app, body["quote"])
+        parts = [p for p in w.sim.network.nodes["a"].parts if p.bolt11 == x]
+        assert [p.status for p in parts] == ["complete"]
+    finally:
+        await app.db.close()
+        await w.sim.close()
+
+
+async def test_melt_quote_options_the_mint_does_not_offer_are_refused(postgres: str) -> None:
+    """NUT-15 ``mpp`` (pay part of the invoice) is refused (11000, as nutshell's mint
+    without mpp), and so is NUT-23 ``amountless`` for an invoice with an amount (11012),
+    never ignored (before: a quote for 40,000 sat of a 100,000 sat invoice was made, and
+    paid, for all of it). NUT-15 is not advertised; ``options: null`` is no option."""
+    w = await world(postgres, "v24.11")
+    app = await w.mint()
+    try:
+        bolt11 = await w.invoice("c", 100_000, "mpp")
+        info = json.loads(cast(bytes, (await app.info(request({}))).body))
+        assert "15" not in info["nuts"]
+        asks = [
+            ({"mpp": {"amount": 40_000_000}}, m.NOT_SERVED),
+            ({"mpp": {"amount": 100_000_000}}, m.NOT_SERVED),
+            ({"amountless": {"amount_msat": 100_000_000}}, m.AMOUNT_MISMATCH),
+        ]
+        for options, code in asks:
+            with pytest.raises(m.CashuError) as refused:
+                await app.melt_quote(
+                    request({"request": bolt11, "unit": "sat", "options": options})
+                )
+            assert refused.value.code == code
+        assert not await app.db.pool.fetchval("SELECT count(*) FROM melt_quotes")
+        q = await app.melt_quote(request({"request": bolt11, "unit": "sat", "options": None}))
+        assert q["amount"] == 100_000
     finally:
         await app.db.close()
         await w.sim.close()
