@@ -27,6 +27,7 @@ MAX_SWEEP_INPUTS = 500
 # longer one has a higher dust limit and a 2-byte one can make a transaction Core finds
 # too small to relay: either would stay unsent, and the melt pending, for good.
 STANDARD = ((0x00, 20), (0x00, 32), (0x51, 32))
+_P2TR = bytes([0x51, 32]) + bytes(32)  # a taproot output's script, for its size
 
 
 def check_destination(script: bytes) -> None:
@@ -71,6 +72,14 @@ def fee_sat(inputs: int, output_scripts: Sequence[bytes], feerate: int) -> int:
     return vsize(inputs, output_scripts) * feerate
 
 
+def movable_sat(feerate: int) -> int:
+    """The least a guild coin must carry to be moved on its own (``sweep``: one input to
+    one P2TR output, after a change of members) at ``feerate`` sat/vB, its output over
+    dust. A coin with less, at the least feerate the mint builds at, can only ever be
+    moved beside another that pays for it: the mint makes none (``plan``, ``bump``)."""
+    return DUST_SAT + fee_sat(1, [_P2TR], feerate)
+
+
 def plan(
     coins: Sequence[Coin],
     destination: bytes,
@@ -78,11 +87,15 @@ def plan(
     change: bytes,
     feerate: int,
     max_fee_sat: int,
+    least_change_sat: int = DUST_SAT,
 ) -> Withdrawal | None:
     """Pay ``amount_sat`` to the script ``destination`` from ``coins`` (the largest
-    first), the rest back to ``change`` (dropped, to the fee, below the dust limit), at
-    ``feerate``, for at most ``max_fee_sat``; None where the coins or the fee limit do
-    not allow it."""
+    first), the rest back to ``change``, at ``feerate``, for at most ``max_fee_sat``;
+    None where the coins or the fee limit do not allow it. A rest below
+    ``least_change_sat`` (``movable_sat`` of the least feerate: what a coin needs to be
+    moved on its own after a change of members) goes to the fee, within
+    ``max_fee_sat``; where that would pass it, a rest over the dust limit is still
+    change (a coin that moves beside another), and one below it goes to the fee."""
     picked: list[Coin] = []
     total = 0
     for coin in sorted(coins, key=lambda c: (-c.amount_sat, c.txid, c.vout)):
@@ -97,11 +110,13 @@ def plan(
         return None
     fee = fee_sat(len(picked), [destination, change], feerate)
     left = total - amount_sat - fee
+    folded = total - amount_sat  # the fee where what is left is the miner's
     outputs = [SpendOutput(amount_sat, destination)]
-    if left >= DUST_SAT and fee <= max_fee_sat:
+    least = least_change_sat if folded <= max_fee_sat else DUST_SAT
+    if left >= max(least, DUST_SAT) and fee <= max_fee_sat:
         outputs.append(SpendOutput(left, change))
     else:  # what is left is too little for an output of its own: the miner's
-        fee, left = total - amount_sat, 0
+        fee, left = folded, 0
         if fee > max_fee_sat:
             return None
     inputs = [TxIn(bytes.fromhex(c.txid)[::-1], c.vout, SEQUENCE) for c in picked]
@@ -160,17 +175,19 @@ def bump(
     package_vsize: int,
     feerate: int,
     max_fee_sat: int,
+    least_sat: int = DUST_SAT,
 ) -> Withdrawal | None:
     """A child of a transaction in no block (child pays for parent): it spends ``coin``,
     our output of it, to ``destination``, with a fee that takes the package (the
     transactions of ours in no block it descends from: their fees and virtual sizes, and
     itself) to ``feerate``, as miners take a transaction with its ancestors. None where
-    the package pays that already, or the fee would pass ``max_fee_sat`` or leave
-    dust."""
+    the package pays that already, or the fee would pass ``max_fee_sat`` or leave an
+    output of less than ``least_sat`` (``movable_sat`` of the least feerate, as change:
+    ``plan``; never less than dust)."""
     if package_fee_sat >= package_vsize * feerate:
         return None
     fee = (package_vsize + vsize(1, [destination])) * feerate - package_fee_sat
-    if fee > max_fee_sat or coin.amount_sat - fee < DUST_SAT:
+    if fee > max_fee_sat or coin.amount_sat - fee < max(least_sat, DUST_SAT):
         return None
     inputs = [TxIn(bytes.fromhex(coin.txid)[::-1], coin.vout, SEQUENCE)]
     outputs = [SpendOutput(coin.amount_sat - fee, destination)]

@@ -232,6 +232,11 @@ class BitcoindError(Exception):
         self.message = message
 
 
+# bitcoind's error codes that the mint reads
+RPC_INVALID_ADDRESS_OR_KEY = -5  # no such transaction (in the mempool, or the block named)
+RPC_VERIFY_ERROR = -25  # sendrawtransaction: its inputs missing or spent
+RPC_VERIFY_ALREADY_IN_CHAIN = -27  # sendrawtransaction: in a block, an output unspent
+
 CHAIN_DOWN = (BitcoindError, aiohttp.ClientError, OSError, TimeoutError)
 # what may go wrong with a withdrawal after it was recorded: said, and taken up again (the
 # database gone mid-statement too: asyncpg's InterfaceError and InternalClientError are
@@ -476,20 +481,23 @@ class Onchain:
             log.info("the guild key changed", extra={"key": newest.hex()})
         self.guild_key, self.usable = newest, [k.key for k in reply.keys]
 
-    async def address(self, label: bytes) -> tuple[str, bytes]:
-        """Our address ``label`` under the newest guild key (the guild signs for it at
-        our request only)."""
+    def address(self, label: bytes, key: bytes) -> tuple[str, bytes]:
+        """Our address ``label`` under the guild key ``key`` (the guild signs for it at
+        our request only). The caller reads the key once (``key``) and records that same
+        key with the address: the resolver may swap in a newer key at any await, and an
+        address recorded under a key it is not under is never signed for."""
         derivation = owned_derivation(self.me, label)
-        xonly = guild_output(await self.key(), derivation).xonly
+        xonly = guild_output(key, derivation).xonly
         return encode_segwit(self.s.hrp, 1, xonly), p2tr_script(xonly)
 
     # -- deposits ------------------------------------------------------------------------
 
     async def mint_quote(self, req: nut.MintQuoteOnchainRequest, expiry_s: int) -> dict[str, Any]:
         m.check_quote_key(req.pubkey)
+        key = await self.key()
         quote = str(uuid.uuid4())
         label = _label(quote.encode())
-        address, script = await self.address(label)
+        address, script = self.address(label, key)
         expiry = int(time.time()) + expiry_s
         tip = int(await self.rpc.call("getblockcount"))
         tip_hash = await self.rpc.call("getblockhash", tip)
@@ -509,7 +517,7 @@ class Onchain:
                 address,
                 script,
                 label,
-                await self.key(),
+                key,
                 req.pubkey,
                 expiry,
                 self.s.min_deposit_sat,
@@ -916,8 +924,8 @@ class Onchain:
         the record raises, with the proofs free; what fails after it is said, and the
         resolver takes it up."""
         change_label = _label(b"change:" + quote_id.encode())
-        _, change = await self.address(change_label)  # the key, before any proof
-        key = await self.key()
+        key = await self.key()  # before any proof
+        _, change = self.address(change_label, key)
         market = self.feerate()
         quote, attempt = await start()
         destination = self.destination(quote.request)
@@ -927,7 +935,8 @@ class Onchain:
             coins = await self._held(conn, "key = ANY($1::bytea[])", self.usable)
             # at the market's feerate now, within the reserve (fewer inputs than it was
             # made for leave room where the market rose a little)
-            w = oc.plan(coins, destination, quote.amount, change, market, quote.fee_reserve)
+            least = oc.movable_sat(self.s.min_feerate)  # change the mint can always move
+            w = oc.plan(coins, destination, quote.amount, change, market, quote.fee_reserve, least)
             if w is not None:
                 await self._record(conn, quote, attempt, w, change, change_label, key)
         if w is None:  # nothing was recorded: the proofs are free again
@@ -1025,11 +1034,7 @@ class Onchain:
                     )
                 if not signed:  # another process signed it meanwhile: it sends it
                     return
-            try:
-                await self.rpc.call("sendrawtransaction", tx.serialize().hex())
-            except BitcoindError as exc:
-                if exc.code != -27:  # already in the chain: sent before
-                    raise
+            await self._send(tx.serialize(), tx.txid)
             async with self.store.pool.acquire() as conn:
                 await conn.execute(
                     "UPDATE chain_withdrawals SET state = 'SENT' WHERE quote = $1", quote
@@ -1056,6 +1061,60 @@ class Onchain:
                 signatures.append(reply.signature)
         return oc.signed(tx, signatures)
 
+    async def _send(self, raw: bytes, txid: str, conn: asyncpg.Connection | None = None) -> None:
+        """``sendrawtransaction``, where one a block holds counts as sent (before, by
+        this process or another that died before it said so). Bitcoin Core says so
+        (-27) only while an output of it is unspent; once every one is spent in a block
+        it checks it as a new one and finds its inputs spent (-25): then the block is
+        asked (``_in_block``)."""
+        try:
+            await self.rpc.call("sendrawtransaction", raw.hex())
+        except BitcoindError as exc:
+            if exc.code == RPC_VERIFY_ALREADY_IN_CHAIN:
+                return
+            if exc.code == RPC_VERIFY_ERROR and await self._in_block(txid, conn):
+                return
+            raise
+
+    async def _in_block(self, txid: str, conn: asyncpg.Connection | None = None) -> bool:
+        """Whether a block of the chain holds our transaction ``txid``, as bitcoind's
+        ``getrawtransaction`` says: asked with the hash of the block the follower found
+        it in, since a node without ``-txindex`` (Bitcoin Core's default) finds a
+        transaction of a block no other way; where the follower has not read that block
+        yet, by its txid alone (found by a node with ``-txindex``; else not, until the
+        follower has read it). Over ``conn`` where the caller holds one."""
+        if conn is None:
+            async with self.store.pool.acquire() as own:
+                return await self._in_block(txid, own)
+        block = await conn.fetchval(
+            "SELECT hash FROM chain_blocks WHERE height IN"
+            " (SELECT mined FROM chain_withdrawals WHERE txid = $1 AND mined > 0"
+            " UNION SELECT height FROM chain_coins WHERE txid = $1) LIMIT 1",
+            txid,
+        )
+        try:
+            doc = await self.rpc.call("getrawtransaction", txid, True, *([block] if block else []))
+        except BitcoindError as exc:
+            if exc.code == RPC_INVALID_ADDRESS_OR_KEY:
+                return False
+            raise
+        try:  # read as untrusted input (0: in a block of another branch)
+            return int(doc.get("confirmations", 0)) > 0
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise BitcoindError(-1, f"getrawtransaction answered {doc!r}: {exc!r}") from None
+
+    async def _in_mempool(self, txid: str) -> bool:
+        """Whether bitcoind's mempool holds ``txid`` (``getmempoolentry``): one there is in
+        no block; one not there is in a block, or the node does not have it (it is sent
+        again: ``send_again``)."""
+        try:
+            await self.rpc.call("getmempoolentry", txid)
+        except BitcoindError as exc:
+            if exc.code == RPC_INVALID_ADDRESS_OR_KEY:
+                return False
+            raise
+        return True
+
     async def _held(self, conn: asyncpg.Connection, where: str, *args: Any) -> list[oc.Coin]:
         """The confirmed coins the mint holds and spends nowhere yet that also meet
         ``where``, locked (concurrent spends wait for each other's coins). None is a
@@ -1081,7 +1140,10 @@ class Onchain:
         process died) are signed and sent first. Sent one by one (``sendrawtransaction``),
         a child needs its parent in the node's mempool: a node that evicted the parent
         takes neither until they go as a package (``submitpackage``), which this does not
-        do yet."""
+        do yet. Whether a withdrawal is still in no block is the node's answer, not the
+        follower's (a block it has not read yet may hold it): a child is built, signed
+        and sent only while the node's mempool holds its withdrawal; one recorded for a
+        withdrawal no longer there is dropped (``_drop_bump``)."""
         async with self.store.pool.acquire() as conn:
             unsent = await conn.fetch("SELECT * FROM chain_bumps WHERE state <> 'SENT' ORDER BY id")
             stuck = await conn.fetch(
@@ -1132,6 +1194,8 @@ class Onchain:
             size = sum(parse_tx(bytes(r["tx"])).vsize for r in package)
             if fee * BUMP_BELOW >= market * size:
                 return
+            if not await self._in_mempool(w["txid"]):
+                return  # in a block the follower has not read yet, or not at the node
             last = (bumps[-1]["txid"], 0) if bumps else (w["txid"], 1)
             r = await conn.fetchrow(
                 "SELECT * FROM chain_coins WHERE txid = $1 AND vout = $2 AND held"
@@ -1139,7 +1203,7 @@ class Onchain:
                 *last,
             )
             label = _label(b"bump:%s:%d" % (last[0].encode(), last[1]))
-            _, script = await self.address(label)
+            _, script = self.address(label, key)
             today = await conn.fetchval(
                 "SELECT coalesce(sum(fee_sat), 0) FROM chain_bumps"
                 " WHERE created_at > now() - interval '1 day'"
@@ -1150,7 +1214,8 @@ class Onchain:
             )
             child = None
             if r is not None:  # else: no change (all went to the payee and the miner)
-                child = oc.bump(_coin(r), script, fee, size, market, most)
+                least = oc.movable_sat(self.s.min_feerate)
+                child = oc.bump(_coin(r), script, fee, size, market, most, least)
             if child is None:
                 if quote not in self.unbumpable:
                     self.unbumpable.add(quote)
@@ -1194,8 +1259,20 @@ class Onchain:
 
     async def _sign_and_send(self, table: str, r: asyncpg.Record) -> bool:
         """A move's or a bump's transaction (its row ``r`` of ``table``), recorded with
-        the coins it spends: signed where not yet, then sent; whether it was sent now."""
+        the coins it spends: signed where not yet, then sent; whether it was sent now. A
+        bump whose withdrawal left the node's mempool is dropped instead, before it is
+        signed and again before it is sent (``_drop_bump``): the row is locked while it
+        is sent, so no process drops one that another sends."""
         if r["state"] == "SIGNING":
+            if table == "chain_bumps":
+                async with self.store.pool.acquire() as conn, conn.transaction():
+                    locked = await conn.fetchrow(
+                        "SELECT * FROM chain_bumps WHERE id = $1 FOR UPDATE", r["id"]
+                    )
+                    if locked is None or locked["state"] != "SIGNING":
+                        return False  # another process dropped or signed it meanwhile
+                    if await self._drop_bump(conn, locked):
+                        return False
             tx = await self._sign(parse_tx(bytes(r["tx"])), _coins_of(json.loads(r["spent"])))
             async with self.store.pool.acquire() as conn:
                 signed = await conn.fetchrow(
@@ -1209,23 +1286,101 @@ class Onchain:
             r = signed
         if r["state"] != "SIGNED":
             return False
-        try:
-            await self.rpc.call("sendrawtransaction", bytes(r["tx"]).hex())
-        except BitcoindError as exc:
-            if exc.code != -27:  # already in the chain: sent before
-                raise
-        async with self.store.pool.acquire() as conn:
+        async with self.store.pool.acquire() as conn, conn.transaction():
+            r = await conn.fetchrow(f"SELECT * FROM {table} WHERE id = $1 FOR UPDATE", r["id"])
+            if r is None or r["state"] != "SIGNED":
+                return False
+            if table == "chain_bumps" and await self._drop_bump(conn, r):
+                return False
+            await self._send(bytes(r["tx"]), r["txid"], conn)
             await conn.execute(f"UPDATE {table} SET state = 'SENT' WHERE id = $1", r["id"])
         return True
 
+    async def _drop_bump(self, conn: asyncpg.Connection, r: asyncpg.Record) -> bool:
+        """Drop bump ``r`` (its row locked, not sent) where the node's mempool no longer
+        holds its withdrawal: in a block, the withdrawal needs no child; not at the node,
+        no child would be taken. Dropped, it is undone as ``_record_own`` did it: its
+        output's coin deleted, the coin it spends held unspent again, its fee taken off
+        the mint's chain fees (and the day's bump budget). A signed one may have gone
+        out before its process died: one the node holds, in its mempool or a block, is
+        kept (and sent, to say SENT). Whether it was dropped."""
+        parent = await conn.fetchval(
+            "SELECT txid FROM chain_withdrawals WHERE quote = $1", r["quote"]
+        )
+        assert parent is not None, "a bump of no withdrawal"
+        if await self._in_mempool(parent):
+            return False
+        if r["state"] == "SIGNED" and await self._at_node(r["txid"], conn):
+            return False
+        [spent] = _coins_of(json.loads(r["spent"]))
+        lost = await conn.fetchval(
+            "DELETE FROM chain_coins WHERE txid = $1 AND vout = 0 AND spent_by IS NULL"
+            " RETURNING amount_sat",
+            r["txid"],
+        )
+        assert lost == spent.amount_sat - r["fee_sat"], "a bump's output spent, or not its own"
+        freed = await conn.execute(
+            "UPDATE chain_coins SET spent_by = NULL WHERE txid = $1 AND vout = $2"
+            " AND spent_by = $3",
+            spent.txid,
+            spent.vout,
+            "bump:" + r["quote"],
+        )
+        assert freed == "UPDATE 1", "the coin a bump spends is not recorded as spent by it"
+        await conn.execute("SELECT mint_count('chain_fees_sat', '', $1)", -r["fee_sat"])
+        await conn.execute("DELETE FROM chain_bumps WHERE id = $1", r["id"])
+        log.info(
+            "a bump dropped: its withdrawal is no longer in the node's mempool",
+            extra={"quote": r["quote"], "txid": r["txid"], "fee_sat": r["fee_sat"]},
+        )
+        return True
+
+    async def _at_node(self, txid: str, conn: asyncpg.Connection) -> bool:
+        """Whether the node holds our transaction ``txid`` not recorded as sent: in its
+        mempool, or in a block (its output 0, ours, in the UTXO set: nothing of ours
+        spends an output of a transaction not sent, nor one the follower has not seen
+        in a block, when ``_in_block`` finds it)."""
+        if await self._in_mempool(txid):
+            return True
+        if await self.rpc.call("gettxout", txid, 0, False) is not None:
+            return True
+        return await self._in_block(txid, conn)
+
     async def _build_move(self, conn: asyncpg.Connection, move: int, key: bytes) -> asyncpg.Record:
+        """The move of the coins held under other keys to ``key``, recorded. Coins that
+        do not pay for their own move at the market's feerate wait for a lower one; those
+        that would not even at the least the mint builds at (``min_feerate``: a deposit
+        to a quote of a small minimum, change made before ``oc.movable_sat``) would wait
+        for ever, and the keys before ``key`` never retire (``moved``): they are moved
+        beside the largest coin the mint holds under ``key``, which pays for them. Its
+        whole value goes to the move's output, less the fee, which is booked as every
+        move's (``chain_fees_sat``): nothing is lost from the books."""
         coins = await self._held(conn, "key <> $1", key)
-        w = move_funds(coins, key, self.me, self.feerate(), MOVE_MAX_FEE_SAT)
+        feerate = self.feerate()
+        w = move_funds(coins, key, self.me, feerate, MOVE_MAX_FEE_SAT)
+        never = bool(coins) and (
+            move_funds(coins, key, self.me, self.s.min_feerate, MOVE_MAX_FEE_SAT) is None
+        )
+        if w is None and never:
+            payer = await conn.fetchrow(
+                "SELECT * FROM chain_coins WHERE held AND spent_by IS NULL"
+                " AND height IS NOT NULL AND key = $1"
+                " ORDER BY amount_sat DESC, txid, vout LIMIT 1 FOR UPDATE",
+                key,
+            )
+            if payer is None:
+                raise m.CashuError(
+                    m.PAYMENT_FAILED,
+                    f"the {len(coins)} coins left under another key are worth too little to"
+                    f" pay for their move even at {self.s.min_feerate} sat/vB: they wait for"
+                    " a confirmed coin under the new key to pay for it",
+                )
+            w = move_funds([*coins, _coin(payer)], key, self.me, feerate, MOVE_MAX_FEE_SAT)
         if w is None and coins:
             raise m.CashuError(
                 m.PAYMENT_FAILED,
                 f"the {len(coins)} coins left under another key do not pay for their move at"
-                f" {self.feerate()} sat/vB within {MOVE_MAX_FEE_SAT} sat: it waits for a"
+                f" {feerate} sat/vB within {MOVE_MAX_FEE_SAT} sat: it waits for a"
                 " lower feerate",
             )
         if w is None:
@@ -1329,11 +1484,9 @@ class Onchain:
             if now - self.sent_at.get(r["txid"], -RESEND_S) < RESEND_S:
                 continue
             self.sent_at[r["txid"]] = now
-            try:
-                await self.rpc.call("sendrawtransaction", bytes(r["tx"]).hex())
+            try:  # one in a block already (the follower has not read it yet) is fine
+                await self._send(bytes(r["tx"]), r["txid"])
             except BitcoindError as exc:
-                if exc.code == -27:  # in a block already (the follower has not read it yet)
-                    continue
                 if r["txid"] not in self.refused:
                     self.refused.add(r["txid"])
                     log.error(

@@ -6,7 +6,10 @@ numbers, as bitcoind writes them (read them as decimals).
 Only what the simulated chain knows is shown: blocks list their coinbase first, then
 the transactions that pay addresses of no node and those sent raw; the nodes' own wallet
 transactions (channel opens, splices, change) are not rendered. ``generatetoaddress``
-mines blocks whose coinbase pays an address, as on regtest.
+mines blocks whose coinbase pays an address, as on regtest. A transaction is found as on
+a node without ``-txindex`` (Bitcoin Core's default): ``getmempoolentry`` and
+``getrawtransaction`` by its txid while in no block, ``getrawtransaction`` with its
+block's hash once one holds it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from constellation.bitcoin import address_script
+from constellation.bitcoin import address_script, parse_tx
 from constellation.errors import InvalidAddress
 from services.lnsim.chain import (
     RPC_DESERIALIZATION_ERROR,
@@ -40,11 +43,11 @@ def _height(net: Network, value: Any) -> int:
     return value
 
 
-def _by_hash(net: Network, value: Any) -> int:
+def _by_hash(net: Network, value: Any, missing: str = "Block not found") -> int:
     for height in range(net.height, -1, -1):
         if block_hash(height) == value:
             return height
-    raise ChainError(RPC_INVALID_ADDRESS_OR_KEY, "Block not found")
+    raise ChainError(RPC_INVALID_ADDRESS_OR_KEY, missing)
 
 
 def _coinbase_script(height: int) -> str:
@@ -121,10 +124,59 @@ def _gettxout(net: Network, p: list[Any]) -> Any:
 
 
 def _getrawtransaction(net: Network, p: list[Any]) -> Any:
-    t = net.onchain.txs.get(p[0] if p else "")
-    if t is None or t.raw is None:
-        raise ChainError(RPC_INVALID_ADDRESS_OR_KEY, "No such mempool or blockchain transaction")
-    return _tx(net, t) if len(p) > 1 and p[1] else t.raw.hex()
+    """As bitcoind without ``-txindex`` (its default) answers: a transaction of the
+    mempool, or one of the block whose hash is given (then ``in_active_chain`` too); one
+    in a block is not found by its txid alone."""
+    if not 1 <= len(p) <= 3:
+        raise ChainError(RPC_MISC_ERROR, 'getrawtransaction "txid" ( verbosity "blockhash" )')
+    txid = _hash(p, 0, "txid")
+    verbose = len(p) > 1 and p[1] is not None and bool(p[1])  # a bool, or 0, 1 and 2
+    t = net.onchain.txs.get(txid)
+    if len(p) > 2 and p[2] is not None:
+        height = _by_hash(net, _hash(p, 2, "blockhash"), "Block hash not found")
+        if t is None or t.raw is None or t.height != height:
+            raise ChainError(
+                RPC_INVALID_ADDRESS_OR_KEY,
+                "No such transaction found in the provided block."
+                " Use gettransaction for wallet transactions.",
+            )
+        return {**_tx(net, t), "in_active_chain": True} if verbose else t.raw.hex()
+    if t is None or t.raw is None or t.height is not None:
+        raise ChainError(
+            RPC_INVALID_ADDRESS_OR_KEY,
+            "No such mempool transaction. Use -txindex or provide a block hash to enable"
+            " blockchain transaction queries. Use gettransaction for wallet transactions.",
+        )
+    return _tx(net, t) if verbose else t.raw.hex()
+
+
+def _getmempoolentry(net: Network, p: list[Any]) -> Any:
+    """A transaction sent raw and in no block yet, with its fees and its relatives in
+    the mempool (those the simulator keeps: bitcoind's other fields are left out)."""
+    if len(p) != 1:
+        raise ChainError(RPC_MISC_ERROR, 'getmempoolentry "txid"')
+    t = net.onchain.txs.get(_hash(p, 0, "txid"))
+    if t is None or t.raw is None or t.height is not None:
+        raise ChainError(RPC_INVALID_ADDRESS_OR_KEY, "Transaction not in mempool")
+    pool = {u.txid: u for u in net.onchain.txs.values() if u.height is None and u.raw is not None}
+    ancestors = [u for u in net.onchain.unmined(t, []) if u.txid in pool]
+    descendants = [u for u in pool.values() if any(a is t for a in net.onchain.unmined(u, []))]
+    return {
+        "vsize": t.vsize,
+        "fees": {
+            "base": btc(t.fee_sat or 0),
+            "modified": btc(t.fee_sat or 0),
+            "ancestor": btc(sum(u.fee_sat or 0 for u in ancestors)),
+            "descendant": btc(sum(u.fee_sat or 0 for u in descendants)),
+        },
+        "ancestorcount": len(ancestors),
+        "ancestorsize": sum(u.vsize for u in ancestors),
+        "descendantcount": len(descendants),
+        "descendantsize": sum(u.vsize for u in descendants),
+        "depends": sorted({txid for txid, _ in t.inputs if txid in pool}),
+        "spentby": sorted(u.txid for u in pool.values() if any(i == t.txid for i, _ in u.inputs)),
+        "bip125-replaceable": any(i.sequence < 0xFFFFFFFE for i in parse_tx(t.raw).inputs),
+    }
 
 
 def _sendrawtransaction(net: Network, p: list[Any]) -> Any:
@@ -180,6 +232,24 @@ def _arg(p: list[Any], index: int, name: str, kind: type) -> Any:
     )
 
 
+def _hash(p: list[Any], index: int, name: str) -> str:
+    """A txid or block hash parameter, refused as bitcoind's ParseHashV does."""
+    value = p[index]
+    if not isinstance(value, str):
+        raise ChainError(RPC_INVALID_PARAMETER, f"{name} must be hexadecimal string")
+    if len(value) != 64:
+        raise ChainError(
+            RPC_INVALID_PARAMETER, f"{name} must be of length 64 (not {len(value)}, for '{value}')"
+        )
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        raise ChainError(
+            RPC_INVALID_PARAMETER, f"{name} must be hexadecimal string (not '{value}')"
+        ) from None
+    return value.lower()
+
+
 def _generatetoaddress(net: Network, p: list[Any]) -> Any:
     if not 2 <= len(p) <= 3:
         raise ChainError(RPC_MISC_ERROR, 'generatetoaddress nblocks "address" ( maxtries )')
@@ -213,6 +283,7 @@ METHODS: dict[str, Callable[[Network, list[Any]], Any]] = {
     "getblock": _getblock,
     "gettxout": _gettxout,
     "getrawtransaction": _getrawtransaction,
+    "getmempoolentry": _getmempoolentry,
     "sendrawtransaction": _sendrawtransaction,
     "estimatesmartfee": _estimatesmartfee,
     "generatetoaddress": _generatetoaddress,

@@ -8,7 +8,7 @@ with a valid BIP340 signature over its BIP341 signature hash, as Bitcoin checks 
 Every block mined begins with its coinbase; one that pays an address (bitcoind's
 ``generatetoaddress``) is a coin, spent ``COINBASE_MATURITY`` blocks after its own or later.
 ``rpc`` serves it as bitcoind's JSON-RPC does (blocks, transactions, ``gettxout``,
-``sendrawtransaction``), which is how the guild's mint follows it.
+``getmempoolentry``, ``sendrawtransaction``), which is how the guild's mint follows it.
 """
 
 from __future__ import annotations
@@ -103,7 +103,12 @@ class Chain:
             raise ChainError(RPC_DESERIALIZATION_ERROR, f"TX decode failed: {exc}") from None
         known = self.txs.get(tx.txid)
         if known is not None and known.height is not None:
-            raise ChainError(RPC_VERIFY_ALREADY_IN_CHAIN, "Transaction already in block chain")
+            # Bitcoin Core finds a transaction in the chain by its outputs in the UTXO set
+            # (BroadcastTransaction): once every one is spent in a block, it is checked
+            # as a new one, whose inputs are spent
+            if any(self.unspent_in_chain(tx.txid, n) for n in range(len(known.outputs))):
+                raise ChainError(RPC_VERIFY_ALREADY_IN_CHAIN, "Transaction already in block chain")
+            raise ChainError(RPC_VERIFY_ERROR, "bad-txns-inputs-missingorspent")
         if len({(i.txid, i.vout) for i in tx.inputs}) != len(tx.inputs):
             raise ChainError(RPC_VERIFY_REJECTED, "bad-txns-inputs-duplicate")
         spent = []
@@ -138,6 +143,20 @@ class Chain:
                 )
         return tx, fee
 
+    def unspent_in_chain(self, txid: str, vout: int) -> bool:
+        """Whether output ``vout`` of ``txid`` (in a block) is in the chain's UTXO set: not
+        spent by a transaction in a block (a spend in the mempool leaves it there), and
+        spendable (an OP_RETURN output never is). One to a node is taken for unspent:
+        the nodes' wallets spend theirs where this chain does not see it."""
+        out = self.txs[txid].outputs[vout]
+        if out.script_pubkey[:1] == b"\x6a":
+            return False
+        coin = self.coins.get((txid, vout))
+        if coin is None:
+            return self.owner_of_script(out.script_pubkey) is not None
+        spender = self.txs.get(coin.spent_by) if coin.spent_by is not None else None
+        return spender is None or spender.height is None
+
     def send(self, raw: bytes) -> tuple[BitcoinTx, int, bool]:
         """Take a verified transaction into the mempool: its inputs spent, its outputs
         to no node made coins. Returns it, its fee, and whether it is new (a resend of
@@ -160,7 +179,7 @@ class Chain:
         The rest waits for a block that takes it."""
         block: list[str] = []
         for t in self.txs.values():  # in the order sent: a parent before its child
-            package = self._unmined(t, [])
+            package = self.unmined(t, [])
             raw = [p for p in package if p.fee_sat is not None]
             if raw and sum(p.fee_sat or 0 for p in raw) < feerate * sum(p.vsize for p in raw):
                 continue
@@ -169,12 +188,12 @@ class Chain:
                 block.append(p.txid)
         self.blocks[height] = block
 
-    def _unmined(self, t: ChainTx, found: list[ChainTx]) -> list[ChainTx]:
+    def unmined(self, t: ChainTx, found: list[ChainTx]) -> list[ChainTx]:
         """``t`` and its ancestors in no block, each after its parents."""
         if t.height is None and all(f is not t for f in found):
             for txid, _ in t.inputs:
                 if txid in self.txs:
-                    self._unmined(self.txs[txid], found)
+                    self.unmined(self.txs[txid], found)
             found.append(t)
         return found
 

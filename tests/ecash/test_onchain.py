@@ -206,3 +206,32 @@ def test_a_sweep_moves_every_coin_in_transactions_a_node_relays() -> None:
     [w] = moves(few, 20)
     assert [c.amount_sat for c in w.spent] == [3_000]
     assert oc.sweep([], CHANGE, FEERATE, 50_000) is None
+
+
+def test_every_coin_the_mint_makes_can_be_moved_on_its_own_at_the_least_feerate() -> None:
+    """A change or a child's output under ``movable_sat`` of the least feerate could be
+    moved after a change of members only beside another coin: a rest under it goes to
+    the fee while the fee limit takes it (as dust does); where it would not, it is still
+    change rather than a refused withdrawal. A child leaves no less."""
+    least = oc.movable_sat(FEERATE)
+    assert least == oc.DUST_SAT + oc.fee_sat(1, [CHANGE], FEERATE)
+    assert oc.sweep([coin(9, least)], CHANGE, FEERATE, 50_000) is not None
+    assert oc.sweep([coin(9, least - 1)], CHANGE, FEERATE, 50_000) is None
+    coins = [coin(1, 100_000)]
+    fee2 = oc.fee_sat(1, [DESTINATION, CHANGE], FEERATE)
+    amount = 100_000 - fee2 - (least - 1)  # a rest over dust, too small to move alone
+    w = oc.plan(coins, DESTINATION, amount, CHANGE, FEERATE, 10_000, least)
+    assert w is not None and w.change_sat == 0 and len(w.tx.outputs) == 1
+    assert w.fee_sat == 100_000 - amount  # the miner's, paid from the melt's fee reserve
+    w = oc.plan(coins, DESTINATION, amount - 1, CHANGE, FEERATE, 10_000, least)
+    assert w is not None and w.change_sat == least and w.fee_sat == fee2
+    w = oc.plan(coins, DESTINATION, amount, CHANGE, FEERATE, fee2 + least - 2, least)
+    assert w is not None and w.change_sat == least - 1  # the limit would not take it
+    stuck = oc.Coin("ab" * 32, 1, 0, CHANGE, b"\xcc" * 32)
+    fee = (200 + oc.vsize(1, [CHANGE])) * 30 - 400  # a child of a 200-vB parent to 30 sat/vB
+    enough = stuck._replace(amount_sat=fee + least)
+    child = oc.bump(enough, CHANGE, 400, 200, 30, 10_000, least)
+    assert child is not None and child.tx.outputs[0].amount_sat == least
+    short = stuck._replace(amount_sat=fee + least - 1)
+    assert oc.bump(short, CHANGE, 400, 200, 30, 10_000, least) is None
+    assert oc.bump(short, CHANGE, 400, 200, 30, 10_000) is not None  # dust alone allows it

@@ -22,12 +22,21 @@ from constellation.bitcoin import p2tr_script, parse_tx
 from constellation.crypto.dkg import hostpubkey_gen
 from constellation.ecash import onchain as oc
 from constellation.ecash.mint import ONCHAIN, MeltQuote, Mint
+from constellation.errors import DecodeError
 from constellation.keys import SigningKey
 from constellation.protocol.cashu import BlindedMessage, BlindSignature
 from constellation.protocol.envelope import Membership
 from services.ecash import onchain
 from services.ecash.metrics import MintMetrics
-from services.ecash.onchain import FOLLOW_LOCK, ChainSettings, Moved, Onchain, ask_move, moved
+from services.ecash.onchain import (
+    FOLLOW_LOCK,
+    BitcoindError,
+    ChainSettings,
+    Moved,
+    Onchain,
+    ask_move,
+    moved,
+)
 from services.ecash.store import MintStore
 from services.signer.config import SignerAccess
 from tests.services.postgres import throwaway_postgres
@@ -47,17 +56,29 @@ COINBASE = {**DEPOSIT, "txid": "cb" * 32, "vin": [{"coinbase": "016600", "sequen
 
 class Chain:
     """bitcoind's getblockcount, getblockhash, getblock (verbosity 2), estimatesmartfee
-    (``estimate``) and sendrawtransaction over a list of blocks (hash, transactions)
-    that a test replaces to reorganise it. A block of a
-    branch left behind is still served by its hash, as bitcoind does; ``after[hash]``
-    runs once that block was served."""
+    (``estimate``), sendrawtransaction, getmempoolentry, getrawtransaction (as without
+    ``-txindex``) and gettxout over a list of blocks (hash, transactions) that a test
+    replaces to reorganise it, and a mempool of what was sent and is in none of them. A
+    block of a branch left behind is still served by its hash, as bitcoind does;
+    ``after[hash]`` runs once that block was served. A transaction in a block is "already
+    in the chain" (-27) while an output of it is unspent, and its inputs missing (-25)
+    once ``spent`` names it (every output spent in a block), as Bitcoin Core answers."""
 
     def __init__(self) -> None:
         self.blocks: list[tuple[str, list[dict[str, Any]]]] = [("h0", [])]
         self.known: dict[str, tuple[str | None, list[dict[str, Any]]]] = {}
         self.after: dict[str, Callable[[], None]] = {}
         self.sent: list[str] = []  # raw transactions, as sendrawtransaction took them
+        self.mempool: set[str] = set()  # txids taken (those a block holds are not in it)
+        self.spent: set[str] = set()  # txids in a block whose every output is spent
         self.estimate: Any = {"errors": ["Insufficient data or no feerate found"], "blocks": 0}
+
+    def depth(self, txid: str) -> int:
+        """Its confirmations on the chain (0: in no block of it)."""
+        for i, (_, txs) in enumerate(self.blocks):
+            if any(t["txid"] == txid for t in txs):
+                return len(self.blocks) - i
+        return 0
 
     async def call(self, method: str, *params: Any) -> Any:
         for i, (h, txs) in enumerate(self.blocks):
@@ -70,7 +91,28 @@ class Chain:
             return self.estimate
         if method == "sendrawtransaction":
             self.sent.append(params[0])
-            return None
+            try:
+                txid = parse_tx(bytes.fromhex(params[0])).txid
+            except DecodeError:  # a test's stand-in for a transaction
+                return None
+            if self.depth(txid) and txid in self.spent:
+                raise BitcoindError(-25, "bad-txns-inputs-missingorspent")
+            if self.depth(txid):
+                raise BitcoindError(-27, "Transaction already in block chain")
+            self.mempool.add(txid)
+            return txid
+        if method == "getmempoolentry":
+            if params[0] not in self.mempool or self.depth(params[0]):
+                raise BitcoindError(-5, "Transaction not in mempool")
+            return {"vsize": 0, "fees": {}}
+        if method == "getrawtransaction":
+            return self._getrawtransaction(*params)
+        if method == "gettxout":
+            txid, _, mempool = params
+            if self.depth(txid) and txid not in self.spent:
+                return {"confirmations": self.depth(txid)}
+            in_mempool = txid in self.mempool and not self.depth(txid)
+            return {"confirmations": 0} if in_mempool and mempool else None
         if method == "getblock":
             parent, txs = self.known[params[0]]
             block = {"hash": params[0], "tx": txs}
@@ -80,6 +122,32 @@ class Chain:
                 then()
             return block
         raise AssertionError(f"the follower does not call {method}")
+
+    def _getrawtransaction(self, txid: str, verbose: bool, block: str | None = None) -> Any:
+        if block is None:
+            if txid in self.mempool and not self.depth(txid):
+                return {"txid": txid}
+            raise BitcoindError(
+                -5,
+                "No such mempool transaction. Use -txindex or provide a block hash to enable"
+                " blockchain transaction queries. Use gettransaction for wallet transactions.",
+            )
+        if block not in self.known:
+            raise BitcoindError(-5, "Block hash not found")
+        if not any(t["txid"] == txid for t in self.known[block][1]):
+            raise BitcoindError(
+                -5,
+                "No such transaction found in the provided block."
+                " Use gettransaction for wallet transactions.",
+            )
+        active = [h for h, _ in self.blocks]
+        depth = len(active) - active.index(block) if block in active else 0
+        return {
+            "txid": txid,
+            "blockhash": block,
+            "confirmations": depth,
+            "in_active_chain": bool(depth),
+        }
 
 
 @pytest.fixture
@@ -505,7 +573,8 @@ async def test_a_stuck_withdrawal_gets_one_child_within_the_budgets_and_holds_th
     here, it stays SIGNING), which moves its fee from the mint's funds to its fees and
     holds back the old key's retirement until signed. Over the day's budget, no child."""
     key = b"\x02" + SigningKey(b"\x31" * 32).pubkey
-    first, _ = await _following(store)
+    first, chain = await _following(store)
+    await first.close()
     signer = hostpubkey_gen(b"\x32" * 32)  # a member's, whose NATS server is down
     down = SignerAccess("nats://127.0.0.1:1", Membership("g", [signer]), signer, b"\x33" * 32)
     first = Onchain(replace(first.s, signer=down), store, _no_rules, _no_signing, MintMetrics())
@@ -515,9 +584,10 @@ async def test_a_stuck_withdrawal_gets_one_child_within_the_budgets_and_holds_th
     await store.pool.execute(
         "UPDATE chain_withdrawals SET tx = $1, state = 'SENT'", signed.serialize()
     )
+    chain.mempool.add(signed.txid)
     before = await _totals(store)
     for follower in (first, second):
-        follower.guild_key, follower.estimated = key, 50
+        follower.guild_key, follower.estimated, follower.rpc = key, 50, chain  # type: ignore[assignment]
     await first.bump_stuck()
     assert await store.pool.fetchval("SELECT count(*) FROM chain_bumps") == 0  # no block missed
     await store.pool.execute("INSERT INTO chain_blocks VALUES (1, 'h1'), (2, 'h2')")
@@ -545,7 +615,7 @@ async def test_a_stuck_withdrawal_gets_one_child_within_the_budgets_and_holds_th
         _no_signing,
         MintMetrics(),
     )
-    poor.guild_key, poor.estimated = key, 50
+    poor.guild_key, poor.estimated, poor.rpc = key, 50, chain  # type: ignore[assignment]
     await asyncio.wait_for(poor.bump_stuck(), 3)  # nothing recorded to sign: it returns
     assert await store.pool.fetchval("SELECT count(*) FROM chain_bumps WHERE quote = 'w'") == 0
     for follower in (first, second, poor):
