@@ -811,10 +811,9 @@ class Replica:
 
     def _cert_valid(self, term: int, leader: int, cert: list[rp.Vote]) -> bool:
         """Whether ``cert`` holds enough valid votes for ``leader`` in ``term``, under the
-        members in effect here or those of a later step the guild agreed to (a copy
-        behind a change follows a leader elected after it), ``leader`` voting under
-        them. Never under members of an earlier step: an operator that left, its votes
-        counted under the members it left, would be followed."""
+        members ``leader`` was elected under (``_election_steps``), ``leader`` voting
+        under them: never under members of another step (an operator that left, its
+        votes counted under members it was one of, would be followed)."""
         if self._excluded(leader):
             return False
         if len(cert) > 2 * len(self.keys):
@@ -828,11 +827,34 @@ class Replica:
             self._saw_vote(vote)
             if not self._excluded(vote.voter):
                 voters.add(vote.voter)
+        own = [v for v in cert if v.voter == leader and v.term == term]
+        if not own or leader not in voters:
+            return False  # a candidate votes for itself, naming its log
         copies = [divmod(c, 2) for c in voters]
         return any(
             leader // 2 in (*m.voters, *m.old) and mb.elects(mb.quorums(m), copies)
-            for m in self.steps[self.at_step :]
+            for m in self._election_steps(own[0].last_term, own[0].last_height)
         )
+
+    def _election_steps(self, last_term: int, last_height: int) -> list[rp.Members]:
+        """The members a candidate whose log ended at (``last_term``, ``last_height``)
+        was elected under: those that block names, where this log holds it; where its
+        log goes past this one's (or another way after it), one of the steps from the
+        one in effect at this copy's confirmed height on (its log holds every confirmed
+        block); where it ended before this log's first block, one of the steps up to
+        the one in effect there."""
+        first, last = self.first, self.last
+        if first <= last_height <= last and self.term_at(last_height) == last_term:
+            return [self.agreed[self._block(last_height).signed.header.members]]
+        if last_height >= first - 1 and last_height >= self.confirmed:
+            return self.steps[self._step_at(self.confirmed) :]
+        return self.steps[: self._step_at(first - 1) + 1]
+
+    def _step_at(self, height: int) -> int:
+        """Which step the members in effect at ``height`` (held, or the base) are."""
+        if height < self.first:
+            return self.step_of[self.base_members]
+        return self.step_of[self._block(height).signed.header.members]
 
     def _on_timeout_now(self, sender: int, msg: rp.TimeoutNow) -> None:
         if (
