@@ -250,6 +250,7 @@ class Replica:
     agreed: dict[bytes, rp.Members]  # the members the guild agreed to, by name
     steps: list[rp.Members]  # the same, in the order agreed (``rp.members_hash``'s step)
     step_of: dict[bytes, int]  # each name's place in ``steps``
+    leader_confirmed = 0  # the height the leader last said it confirmed (its word)
 
     def __init__(
         self,
@@ -1176,7 +1177,7 @@ class Replica:
             # the leader's messages (it leads until the transfer succeeds) do not end it:
             # they raced its answers, and would leave the leadership where it was.
             self._follow(msg.term, sender)
-        self.heard = self.clock()
+        self.heard, self.leader_confirmed = self.clock(), msg.confirmed
         self._reset_deadline()
         prev = msg.prev_height
         if prev > self.last:

@@ -115,6 +115,10 @@ def layout_change(running: str, wanted: str) -> str | None:
                 f"members added: {', '.join(added)} (a joiner comes after the members,"
                 f" with spec.founders: {founders})"
             )
+    elif (new.get("founders") or len(after)) != founders:
+        # who founded the guild is in every shard's log: its voters change only through
+        # the guild's agreement (a join, a leave), never by an edit
+        changes.append(f"founders {founders} -> {new.get('founders') or len(after)}")
     if removed := sorted(before.keys() - after.keys()):
         changes.append(f"members removed: {', '.join(removed)}")
     changed = []

@@ -83,6 +83,7 @@ def _installed(ready: Ready) -> bool:
     return ready.snapshot is not None and ready.truncate == 0
 
 
+READY_LAG = 64  # blocks a follower may be behind its leader's confirmed and be ready
 EXIT_DISK = 74  # EX_IOERR: a copy whose disk fails stops; its supervisor restarts it
 
 Deliver = Callable[[Sequence[int], rp.Envelope], None]  # (destination copies, message)
@@ -633,11 +634,16 @@ class HostedCopy:
     # -- health ------------------------------------------------------------------------
 
     def caught_up(self, now: float) -> bool:
-        """Leading, or following a leader heard from within an election timeout."""
+        """Leading, or following a leader heard from within an election timeout whose
+        confirmed blocks this copy holds (within ``READY_LAG``). A copy that restarted
+        far behind hears its leader at once: it was ready then, and its machine's roll
+        let the next machine go (the operator's only copy up to date with the leader)
+        while it still caught up."""
         r = self.replica
         if r.role is Role.LEADER:
             return True
-        return r.leader >= 0 and now - r.heard < 3 * r.settings.election_s
+        heard = r.leader >= 0 and now - r.heard < 3 * r.settings.election_s
+        return heard and r.confirmed >= r.leader_confirmed - READY_LAG
 
     def describe(self) -> dict[str, object]:
         r = self.replica

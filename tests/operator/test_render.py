@@ -293,6 +293,13 @@ def test_layout_changes_are_named_and_refused() -> None:
     )
     more = _renderer(members=_with_machines(3))
     assert layout_change(layout, more.objects()[0]["data"]["layout.json"]) is None  # op0's own
+    # who founded the guild is in every shard's log: an edit of it (op2 no longer a
+    # founder, or back) once rolled every machine onto voters the other members lack
+    demoted = _renderer(founders=2)
+    why = plan(demoted, observed).refused
+    assert why is not None and "(founders 3 -> 2)" in why
+    back = plan(r, _running(demoted)).refused
+    assert back is not None and "(founders 2 -> 3)" in back
     templates = _templates(more)
     assert all(templates[n] == t for n, t in _templates(r).items())  # a machine added rolls none
 

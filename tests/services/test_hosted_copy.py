@@ -290,3 +290,35 @@ async def test_a_copys_own_snapshot_drops_no_block_whose_events_are_not_durable(
                 await asyncio.sleep(0.03)
     assert unconfirmed, "no snapshot was taken as acks came"
     assert not lost, lost
+
+
+async def test_a_copy_far_behind_its_leader_is_not_ready_until_it_caught_up(
+    tmp_path: Path,
+) -> None:
+    """A copy cut off while its leader wrote 150 blocks hears the leader at once when it
+    is back: it said it was ready then (its machine's ``/readyz``), and the operator's
+    roll went on to restart the machine of its twin, the operator's only copy up to
+    date. It is ready once it holds its leader's confirmed blocks."""
+    async with _shard(tmp_path) as shard:
+        behind = shard.copies[5]  # operator 2's: the owner's copies lead
+        shard.cut.add(behind.me)
+        nonce = 0
+        while (leader := await shard.elected()).replica.confirmed < 150:
+            nonce += 1
+            leader.take(_issue(nonce))
+            await asyncio.sleep(0.002)
+            assert nonce < 5_000
+        await asyncio.sleep(3 * SETTINGS.election_s)  # what it heard last is old now
+        assert not behind.caught_up(time.monotonic())
+        shard.cut.clear()
+        seen: list[tuple[bool, int, int]] = []  # (ready, its confirmed, the leader's)
+
+        def looked() -> bool:
+            r = behind.replica
+            seen.append((behind.caught_up(time.monotonic()), r.confirmed, r.leader_confirmed))
+            return seen[-1][0]
+
+        await _until(looked, 30)
+    assert not seen[0][0] and seen[-1][0]
+    assert all(confirmed >= told - 64 for ready, confirmed, told in seen if ready)
+    assert any(told - confirmed > 64 for _, confirmed, told in seen), seen[:3]  # far behind
