@@ -214,6 +214,11 @@ def test_the_operator_has_least_privilege() -> None:
     assert role["metadata"]["namespace"] == "payments"
     (binding,) = [d for d in namespaced if d["kind"] == "RoleBinding"]
     assert binding["subjects"][0]["name"] == "constellation-operator"
+    # the chart's Guilds go where the operator watches (they once went to the release's
+    # namespace, never reconciled, nothing saying so)
+    ci = CHART / "ci"
+    guilds = render(ci / "namespaced-values.yaml", ci / "guild-values.yaml")
+    assert {d["metadata"]["namespace"] for d in guilds if d["kind"] == "Guild"} == {"payments"}
     # an account the chart does not make is named, never the namespace's default one
     # (which every pod that names none runs as)
     args = ["template", "r1", str(CHART), "--set", "serviceAccount.create=false"]

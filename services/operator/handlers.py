@@ -63,6 +63,7 @@ from services.operator.reconcile import (
 )
 from services.operator.render import (
     GUILD,
+    MAX_NAME,
     NATS_PORT,
     NATS_SELF,
     Obj,
@@ -213,6 +214,9 @@ class Reconciler:
         generation = int(meta.get("generation", 1))
         try:
             spec = read_spec(body["spec"])
+            if len(meta["name"]) > MAX_NAME:
+                # the API server would refuse its pods' labels: none would ever run
+                raise BadGuild(f"a Guild's name is at most {MAX_NAME} characters")
         except BadGuild as exc:
             return status(None, {}, previous, generation, str(exc), _now(), [])
         owner = owner_reference(body)

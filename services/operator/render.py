@@ -108,6 +108,12 @@ def generated_keys(spec: GuildSpec) -> list[str]:
     return fixed + [issued_key(p) for p in peers]
 
 
+# A Guild's name, at most: each object's name is made from it, and a StatefulSet's pods
+# are labelled with its name ("<guild>-machine-NN") and a revision hash of 10 more, in a
+# label of 63 characters at most (the chart's values and the CRD say the same)
+MAX_NAME = 41
+
+
 class Names:
     """The names of a Guild's objects: each starts with the Guild's own."""
 

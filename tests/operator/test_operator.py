@@ -340,6 +340,27 @@ async def test_a_guild_that_cannot_be_read_says_why(api: Api, running: Running) 
     assert "threshold" in (await api.condition("Degraded"))["message"]
 
 
+async def test_a_guild_whose_name_its_pods_labels_cannot_hold_says_why(
+    api: Api, running: Running
+) -> None:
+    """A name of 44 characters: every object passes validation, but the API server
+    refuses its StatefulSets' pods (a label of the name and a hash, over 63 characters),
+    and the Guild once waited for them for ever, saying it was progressing."""
+    keys, peers, guild = example()
+    name = guild["metadata"]["name"] = "g" * 44
+    await api.secret(keys)
+    await api.secret(peers)
+    await api.create_guild(guild)
+
+    async def degraded() -> dict[str, Any] | None:
+        found = await api.guild(name) or {}
+        conditions = found.get("status", {}).get("conditions", [])
+        return next((c for c in conditions if c["type"] == "Degraded"), None)
+
+    condition = await eventually(degraded, "the Guild says why")
+    assert condition["status"] == "True" and "at most 41" in condition["message"]
+
+
 async def test_a_restarted_operator_resumes(api: Api) -> None:
     first = Running(api.url)
     await first.start()
