@@ -901,11 +901,14 @@ class Replica:
 
     def can_propose(self) -> bool:
         """Whether a block proposed now would be taken (leading, not handing leadership
-        over, the window not full)."""
+        over, the window not full, voting under the members in its log: a leader that
+        took the step leaving it out proposes nothing more, which copies would refuse,
+        and steps down once that step is confirmed)."""
         return (
             self.role is Role.LEADER
             and self.clock() - self.transferred >= self.settings.election_s
             and self.last - self.confirmed < self.settings.window
+            and self._votes(self.me)
         )
 
     def propose(self, body: bytes, root: bytes) -> int:

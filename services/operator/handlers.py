@@ -504,7 +504,10 @@ class Reconciler:
             if was is rb.Phase.PROPOSED and now is not was and gspec.machines != spec.machines:
                 members = [dict(m) for m in guild["spec"]["members"]]
                 members[gspec.me]["machines"] = spec.machines
-                target = {"name": spec.guild, "namespace": ns}
+                # the whole list is written: only over the Guild as read (an edit since,
+                # a joiner appended, refused as a conflict and read again, not undone)
+                version = guild["metadata"]["resourceVersion"]
+                target = {"name": spec.guild, "namespace": ns, "resourceVersion": version}
                 await self.kube.patch(
                     {
                         "apiVersion": API_VERSION,

@@ -114,6 +114,20 @@ def as_stored(obj: Any, path: tuple[str, ...] = ()) -> None:
                 as_stored(v, (*path, k))
 
 
+def _precondition(request: Any, current: dict[str, Any]) -> None:
+    """A change naming a resourceVersion is made over that version only, as an API
+    server does (else 409 Conflict)."""
+    wanted = request.data.get("metadata", {}) if isinstance(request.data, dict) else {}
+    version = current["metadata"]["resourceVersion"]
+    if wanted.get("resourceVersion", version) != version:
+        message = (
+            f'Operation cannot be fulfilled on {request.resource.plural} "{request.name}":'
+            " the object has been modified; please apply your changes to the latest"
+            " version and try again"
+        )
+        raise kmock.KubernetesError(status=409, reason="Conflict", message=message)
+
+
 class VersionedEmulator(kmock.KubernetesEmulator):
     """kmock's emulator, keeping the bookkeeping an API server keeps. ``denied`` (plural,
     name) -> why: the objects whose creation or change an admission webhook refuses."""
@@ -169,6 +183,7 @@ class VersionedEmulator(kmock.KubernetesEmulator):
         if key not in self.objects or self.objects[key].deleted:
             return
         current = copy.deepcopy(dict(self.objects[key].raw))
+        _precondition(request, current)
         if isinstance(request.data, list):
             try:
                 after = jsonpatch.apply_patch(current, request.data, in_place=False)

@@ -11,10 +11,15 @@ import json
 import urllib.request
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from constellation.keys import SigningKey
+from constellation.replication.placement import Placement
+from services.operator.handlers import Reconciler
+from services.operator.metrics import Metrics
 from services.operator.release import release
-from services.operator.render import generated_keys
-from services.operator.spec import API_VERSION, FINALIZER, read_spec
+from services.operator.render import Renderer, generated_keys
+from services.operator.spec import API_VERSION, FINALIZER, Image, read_spec
 from tests.operator.conftest import (
     MACHINES,
     NS,
@@ -31,6 +36,7 @@ from tests.operator.conftest import (
     phase_is,
     template_hash,
 )
+from tests.operator.test_render import _member
 
 
 async def create_example(api: Api) -> dict[str, Any]:
@@ -486,3 +492,45 @@ async def test_a_pod_a_node_refuses_is_reported(api: Api, running: Running) -> N
     pod["status"] = {"phase": "Running"}
     await api.kube.create(pod)
     await eventually(lambda: phase_is(api, "Running"), "the Guild is Running again")
+
+
+async def test_an_approved_rebalance_never_undoes_an_edit_of_the_guild_made_meanwhile(
+    api: Api,
+) -> None:
+    """The rebalance writes the Guild's members list whole, with its member's machines
+    changed: a joiner named meanwhile (the join procedure's first step) was undone. It
+    writes over the Guild as it read it only: a conflict, read again, then written."""
+    keys, peers, guild = example()
+    await api.secret(keys)
+    await api.secret(peers)
+    await api.create_guild(guild)
+    reconciler = Reconciler(api.kube, Metrics(CollectorRegistry()), Image("r", "t", "Never"))
+    read = reconciler._placement
+
+    async def placement(renderer: Renderer) -> Placement:  # its NATS round trip, slow
+        await asyncio.sleep(0.5)
+        return Placement.initial(renderer.spec.shards, 2)
+
+    reconciler._placement = placement  # type: ignore[method-assign]
+    body = {
+        "apiVersion": API_VERSION,
+        "kind": "GuildRebalance",
+        "metadata": {"name": "rb1", "namespace": NS, "uid": "u-rb1", "generation": 1},
+        "spec": {"guild": "g1", "machines": 3, "approve": True},
+    }
+
+    async def edit() -> None:
+        await asyncio.sleep(0.1)
+        found = await api.guild()
+        assert found is not None
+        await api.patch_spec({"members": [*found["spec"]["members"], _member("op3", 7)]})
+
+    first, _ = await asyncio.gather(reconciler._reconcile_rebalance(body), edit())
+    assert "refused" in str(first.get("message", "")) or first["phase"] == "Proposed", first
+    again = await reconciler._reconcile_rebalance(body)
+    reconciler._placement = read  # type: ignore[method-assign]
+    found = await api.guild()
+    assert found is not None and again["phase"] != "Proposed", again
+    members = found["spec"]["members"]
+    assert [m["name"] for m in members] == ["op0", "op1", "op2", "op3"]  # the joiner kept
+    assert members[0]["machines"] == 3
