@@ -30,8 +30,8 @@ from services.partition.client import RESEND_S
 from services.partition.config import Settings
 from services.partition.metrics import WorkerMetrics
 from services.partition.verify import Verifiers
-from services.partition.wal import BlockLog, EventLog
-from services.partition.worker import Worker, state_info
+from services.partition.wal import BlockLog, DamagedLog, EventLog
+from services.partition.worker import EXIT_DISK, Worker, state_info
 from services.runtime import OpsServer, close_nats, connect_nats
 
 TICK_S = 0.05
@@ -108,7 +108,11 @@ class WorkerNode:
             verifiers=verifiers,
         )
         started = time.monotonic()
-        height = worker.recover()
+        try:
+            height = worker.recover()
+        except DamagedLog as exc:  # never ready: said once, then the process stops
+            log.critical("the block log is damaged: not starting", extra={"error": str(exc)})
+            raise SystemExit(EXIT_DISK) from None
         gc.freeze()  # the recovered state is long-lived: keep it out of collections
         log.info(
             "recovered",

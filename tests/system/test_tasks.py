@@ -40,6 +40,7 @@ from services.indexer.app import Indexer
 from services.indexer.config import Settings as IndexerSettings
 from services.partition.app import WorkerNode
 from services.partition.config import Settings as WorkerSettings
+from services.partition.wal import BlockLog
 from services.runtime import OpsServer
 from tests.system.operator import Operator, pay
 
@@ -366,3 +367,37 @@ async def test_a_reader_from_the_end_follows_a_worker_whose_log_did_not_answer(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await nc.close()
+
+
+async def test_a_worker_whose_block_log_is_damaged_says_so_and_stops(
+    op: Operator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Damage before the block log's end (blocks after it were acknowledged) is not cut:
+    the worker says so in one critical line and stops with EX_IOERR, never ready (it
+    once went out as a bare traceback)."""
+    state = tmp_path / "worker"
+    log = BlockLog(state / "blocks.log")
+    list(log.replay())
+    for height in range(3):
+        log.append(proto.encode(proto.Block(0, height, [proto.Aborted(bytes(32))])))
+    log.close()
+    data = bytearray((state / "blocks.log").read_bytes())
+    data[20] ^= 1  # inside block 0's payload: blocks 1 and 2 after it
+    (state / "blocks.log").write_bytes(bytes(data))
+    nc = await nats.connect(op.net.nats_url)
+    await publish_map(nc, OPERATOR, PartitionMap.even(1))
+    await nc.close()
+    settings = {
+        "WORKER_ID": "0",
+        "WORKER_OPERATOR": OPERATOR,
+        "WORKER_NATS_URL": op.net.nats_url,
+        "WORKER_STATE_DIR": str(state),
+        "WORKER_ISSUERS": ISSUER.pubkey.hex(),
+    }
+    worker = WorkerNode(WorkerSettings.from_env(settings))
+    with caplog.at_level(logging.CRITICAL, "partition"), pytest.raises(SystemExit) as stopped:
+        await worker.run(asyncio.Event())  # (SystemExit would escape a task of its own)
+    assert stopped.value.code == 74 and not worker.ready()[0]
+    (said,) = [r for r in caplog.records if r.getMessage().startswith("the block log is")]
+    assert "nothing was cut" in said.__dict__["error"]
+    assert (state / "blocks.log").read_bytes() == bytes(data)
