@@ -9,8 +9,9 @@ it settles (the proofs are spent, the change signed) or fails (the proofs are fr
 nothing is both paid out and released. Each melt attempt is numbered, so that a late
 answer about an earlier attempt never undoes a later one; an attempt whose own pay call
 sent nothing fails, whatever the node says of the invoice (a payment of it is another's:
-the gateway pays invoices on the same node). One payee has at most
-``PENDING_PER_PAYEE`` melts in flight: a payee holding its HTLCs holds no more.
+the gateway pays invoices on the same node). One payee has at most ``PER_PAYEE`` melts
+in flight: a payee holding its HTLCs holds only so many, and many users paying one
+popular payee at once are not refused.
 
 The bridge to the operator's L3 ledger (through its gateway's public API): a redemption
 reserves its proofs, then issues one coin whose issuance is derived from the proofs (a
@@ -52,9 +53,10 @@ from services.ecash.cache import CACHED, Cache
 from services.ecash.config import Settings
 from services.ecash.metrics import MintMetrics
 from services.ecash.onchain import CHAIN_DOWN, Onchain
-from services.ecash.store import MeltStarted, MintStore, Redeem, listen_forever
+from services.ecash.store import MeltStarted, MintStore, PayeeLimit, Redeem, listen_forever
 from services.ecash.ws import CHANNELS, Hub
 from services.gateway.lightning import (
+    PAY_S,
     RETRY_FOR_S,
     THREADS,
     ClnBackend,
@@ -77,9 +79,10 @@ RESOLVE_EVERY_S = 2.0
 SEND_WINDOW_S = 30.0
 ATTEMPTING_S = RETRY_FOR_S + 30.0
 EXPIRED_MARGIN_S = 600.0  # an invoice this long expired is paid by no node (clocks differ)
-# melts in flight to one payee (the node that signed the invoice): one that holds its
-# HTLCs takes no more than half the node's payment places, nor many held threads
-PENDING_PER_PAYEE = THREADS // 2
+# melts in flight to one payee (the node that signed the invoice): those pending past a
+# pay call (held by the payee) no more than half the node's payment places, all of them
+# no more than four times its places
+PER_PAYEE = PayeeLimit(held=THREADS // 2, held_after_s=PAY_S, in_flight=4 * THREADS)
 DEADLOCK_RETRIES = 3
 REDIS_S = 0.5  # a slow Redis costs a request this much at most, per call
 OFF_LOOP = 16  # proofs and outputs in a request past which its EC work leaves the loop
@@ -601,7 +604,7 @@ class MintApp:
         now = int(time.time())
         try:
             quote, attempt = await self.db.start_melt(
-                req, m.BOLT11, lambda q: self.rules.check_melt(q, req, now), PENDING_PER_PAYEE
+                req, m.BOLT11, lambda q: self.rules.check_melt(q, req, now), PER_PAYEE
             )
         except MeltStarted:
             return await self.melt_state(request, req.quote)

@@ -456,19 +456,35 @@ async def _refuse_paid_or_paying(conn: asyncpg.Connection, payment_hash: str) ->
         raise m.CashuError(m.QUOTE_PENDING, "another quote of this invoice is paying it")
 
 
-async def _refuse_busy_payee(conn: asyncpg.Connection, payee: str, most: int) -> None:
-    """Refuse a melt to ``payee`` where ``most`` melts to it are in flight. The melts of
-    one payee start one at a time (a lock until the transaction ends), so that two at
-    once never both count the same ``most - 1``."""
-    assert most >= 1
+@dataclass(frozen=True)
+class PayeeLimit:
+    """Melts to one payee (the node that signed the invoice) in flight at once: at most
+    ``held`` pending longer than ``held_after_s`` (past a pay call: the payee holds
+    their HTLCs, for hours maybe, each keeping a held payment's place at the node), and
+    ``in_flight`` in all (a burst, all held a pay call later)."""
+
+    held: int
+    held_after_s: float
+    in_flight: int
+
+
+async def _refuse_busy_payee(conn: asyncpg.Connection, payee: str, limit: PayeeLimit) -> None:
+    """Refuse a melt to ``payee`` past ``limit``. The melts of one payee start one at a
+    time (a lock until the transaction ends), so that two at once never both count one
+    less than the limit."""
+    assert limit.held >= 1 and limit.in_flight >= limit.held
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"payee:{payee}")
-    pending = await conn.fetchval(
-        "SELECT count(*) FROM melt_quotes WHERE payee = $1 AND state = 'PENDING'", payee
+    in_flight, held = await conn.fetchrow(
+        "SELECT count(*), count(*) FILTER (WHERE pending_since < extract(epoch FROM now()) - $2)"
+        " FROM melt_quotes WHERE payee = $1 AND state = 'PENDING'",
+        payee,
+        limit.held_after_s,
     )
-    if pending >= most:
+    if held >= limit.held or in_flight >= limit.in_flight:
         raise m.CashuError(
             m.PAYMENT_FAILED,
-            f"{pending} payments to this payee are in flight: retry once one of them ends",
+            f"{in_flight} payments to this payee are in flight ({held} of them held by the"
+            " payee): retry once one of them ends",
         )
 
 
@@ -832,14 +848,12 @@ class MintStore:
         request: nut.MeltRequest,
         method: str,
         check: Callable[[m.MeltQuote], tuple[m.Spend, int]],
-        per_payee: int | None = None,
+        per_payee: PayeeLimit | None = None,
     ) -> tuple[m.MeltQuote, int]:
         """Reserve the inputs (PENDING) and mark the quote (of ``method``) PENDING, in
         one transaction: from here the payment may go out. Returns the quote and the
-        attempt's number. ``per_payee``: refused where that many melts to the quote's
-        payee are PENDING already (a payee holding its HTLCs keeps its melts in flight,
-        and the node's payment threads with them, for hours: one payee holds only so
-        many)."""
+        attempt's number. ``per_payee``: refused where the quote's payee has as many
+        melts in flight as it allows."""
         async with self.pool.acquire() as conn, conn.transaction():
             r = await conn.fetchrow(
                 "SELECT * FROM melt_quotes WHERE quote = $1 AND method = $2 FOR UPDATE",

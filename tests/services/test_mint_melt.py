@@ -328,7 +328,7 @@ async def fill_places(w: World, app: MintApp) -> list[str]:
     answers PENDING) and keeps its payment place."""
     cast(ClnBackend, app.backend).payments.held_max = 0
     payees = ("b", "far")
-    assert len(payees) * mint_app.PENDING_PER_PAYEE >= lightning.THREADS
+    assert len(payees) * mint_app.PER_PAYEE.held >= lightning.THREADS
     held = []
     for i in range(lightning.THREADS):
         payee = payees[i % len(payees)]
@@ -460,15 +460,18 @@ async def test_payments_their_payees_hold_leave_their_places_to_other_melts(
 async def test_a_payee_holding_its_htlcs_has_only_so_many_melts_in_flight(
     postgres: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Melts to one payee past ``PENDING_PER_PAYEE`` in flight are refused (20004) before
-    their proofs are reserved, at every mint process: one payee holding its HTLCs holds
-    only so many of the node's payment threads. Once they end, that payee is paid
-    again."""
+    """Melts to one payee with ``PER_PAYEE.held`` melts pending past a pay call (the
+    payee holds their HTLCs) are refused (20004) before their proofs are reserved, at
+    every mint process: one payee holding its HTLCs holds only so many of the node's
+    payment places. Once they end, that payee is paid again."""
     monkeypatch.setattr(lightning, "PAY_S", 0.5)
+    monkeypatch.setattr(
+        mint_app, "PER_PAYEE", dataclasses.replace(mint_app.PER_PAYEE, held_after_s=0.5)
+    )
     w = await world(postgres, "v24.11")
     a, b = await w.mint(), await w.mint()
     try:
-        bodies = await hold_melts(w, a, "b", mint_app.PENDING_PER_PAYEE)
+        bodies = await hold_melts(w, a, "b", mint_app.PER_PAYEE.held)
         for app in (a, b):
             more = await melt_body(app, await w.invoice("b", 1, f"more-{id(app)}"))
             with pytest.raises(m.CashuError) as refused:
@@ -486,6 +489,65 @@ async def test_a_payee_holding_its_htlcs_has_only_so_many_melts_in_flight(
         w.sim.release("b")
         for app in (a, b):
             await app.db.close()
+        await w.sim.close()
+
+
+async def test_many_users_paying_one_payee_at_once_are_all_paid(postgres: str) -> None:
+    """Twice as many melts to one payee as the node has payment places, all at once, at
+    two mint processes: every one is paid (before: past four in flight to one payee,
+    refused 20004, as if the payee held them; many users paying one popular node, as
+    ``bench/mint.py``'s melts, were refused)."""
+    w = await world(postgres, "v24.11")
+    a, b = await w.mint(), await w.mint()
+    try:
+        apps = [a, b] * lightning.THREADS
+        bodies = [
+            await melt_body(app, await w.invoice("b", 1_000, f"popular-{i}"))
+            for i, app in enumerate(apps)
+        ]
+        docs = await asyncio.gather(
+            *(app.melt(request(body)) for app, body in zip(apps, bodies, strict=True))
+        )
+        assert [d["state"] for d in docs] == ["PAID"] * len(apps)
+    finally:
+        for app in (a, b):
+            await app.db.close()
+        await w.sim.close()
+
+
+async def test_a_burst_of_melts_to_one_payee_is_refused_past_its_in_flight_bound(
+    postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of melts to a payee that holds their HTLCs, all sent before any pay call
+    ends (none held yet): past ``PER_PAYEE.in_flight`` in flight, the next is refused
+    (20004), its proofs free; the burst would otherwise hold as many places once its pay
+    calls end. The payee released, every melt of the burst is paid."""
+    monkeypatch.setattr(mint_app, "PER_PAYEE", dataclasses.replace(mint_app.PER_PAYEE, in_flight=6))
+    w = await world(postgres, "v24.11")
+    app = await w.mint()
+    w.sim.network.nodes["b"].faults.hold = True
+    try:
+        bodies = [
+            await melt_body(app, await w.invoice("b", 1, f"burst-{i}"))
+            for i in range(mint_app.PER_PAYEE.in_flight)
+        ]
+        burst = [asyncio.create_task(app.melt(request(body))) for body in bodies]
+        pending = "SELECT count(*) FROM melt_quotes WHERE state = 'PENDING'"
+        for _ in range(100):
+            if await app.db.pool.fetchval(pending) == len(burst):
+                break
+            await asyncio.sleep(0.05)
+        more = await melt_body(app, await w.invoice("b", 1, "one-more"))
+        with pytest.raises(m.CashuError) as refused:
+            await app.melt(request(more))
+        assert refused.value.code == m.PAYMENT_FAILED
+        await unpaid_and_free(app, more["quote"])
+        w.sim.release("b")
+        docs = await asyncio.wait_for(asyncio.gather(*burst), 30)
+        assert [d["state"] for d in docs] == ["PAID"] * len(burst)
+    finally:
+        w.sim.release("b")
+        await app.db.close()
         await w.sim.close()
 
 
