@@ -555,11 +555,25 @@ class HostedCopy:
                 self.dropped += 1
             self._seal_full()
             return
-        self.engine.handle(pkg)
+        self._handle(pkg)
         if self.shard.log.full:
             self._seal_full()
         elif self.shard.log.urgent:  # else it rides with the next block, or the next tick
             self.seal_soon()
+
+    def _handle(self, pkg: proto.Package) -> None:
+        """Handle ``pkg``'s items while the next block has room; where it fills, the
+        items left wait first in ``held`` for the block after. Small items may write
+        large records (a vote's Committed carries its transaction, a Decide hundreds of
+        coin changes): a block filled only once the whole package was in went past the
+        limits without bound, its events or its Append over what NATS carries (the
+        shard stalled). As a lone worker's, a block ends within one item of them."""
+        log = self.shard.log
+        for i, item in enumerate(pkg.items):
+            if log.full:
+                self.held.appendleft(msgspec.structs.replace(pkg, items=pkg.items[i:]))
+                return
+            self.engine.handle(msgspec.structs.replace(pkg, items=[item]))
 
     def _seal_full(self) -> None:
         """Seal a full block now, whatever is in flight (within the replica's window),
@@ -567,7 +581,7 @@ class HostedCopy:
         if self.shard.log.full:
             self._proposing(lambda: self.shard.log.seal(self.replica, self.engine))
         while self.held and not self.shard.log.full and self.shard.accepting(self.replica):
-            self.engine.handle(self.held.popleft())
+            self._handle(self.held.popleft())
         if self.held and not self.shard.accepting(self.replica):
             self.held.clear()  # no longer leading: their senders retry with the leader
         self.process()

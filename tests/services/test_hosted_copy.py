@@ -322,3 +322,44 @@ async def test_a_copy_far_behind_its_leader_is_not_ready_until_it_caught_up(
     assert not seen[0][0] and seen[-1][0]
     assert all(confirmed >= told - 64 for ready, confirmed, told in seen if ready)
     assert any(told - confirmed > 64 for _, confirmed, told in seen), seen[:3]  # far behind
+
+
+NATS_MAX_PAYLOAD = 1 << 20  # nats-server's default, as the devnet and the chart run it
+# a record's worth past the limits: one item's (a transaction of 256 inputs, 256 outputs;
+# a vote's Committed carries one, a Decide or an Issue hundreds of coin changes)
+ITEM_BYTES = 40_000
+ITEM_CHANGES = 512
+
+
+def _check_blocks(copy: HostedCopy, above: int) -> None:
+    """The leader sealed a block while taking a package, and every block above
+    ``above``, and what gathers for the next, ends within one item of a block's limits:
+    what NATS carries of it (its Append, its events) fits in a message."""
+    replica, log = copy.replica, copy.shard.log
+    assert replica.last > above
+    for prev, block in enumerate(replica.blocks(above, replica.last), above):
+        assert len(block.body) < proto.MAX_BLOCK_BYTES + ITEM_BYTES
+        append = rp.Append(replica.term, prev, replica.hash_at(prev), [block], prev, [], [])
+        assert len(rp.encode(rp.Envelope(0, 0, copy.me, append))) < NATS_MAX_PAYLOAD
+        changes, _ = log.events.get(prev + 1, ([], []))
+        assert len(changes) < proto.MAX_BLOCK_CHANGES + ITEM_CHANGES
+    assert log.size < proto.MAX_BLOCK_BYTES + ITEM_BYTES
+    assert len(log.changes) < proto.MAX_BLOCK_CHANGES + ITEM_CHANGES
+
+
+async def test_one_package_of_large_issuances_makes_blocks_nats_carries(tmp_path: Path) -> None:
+    """40 issuances of 256 coins each, one gateway package (under its limit): the
+    package's items spread over blocks, each within the limits (before: one block whose
+    events were 1.15 MB, over what NATS carries: the events pages of the shard were
+    never answered, its readers stuck for ever)."""
+    items: list[proto.Item] = []
+    for nonce in range(40):
+        outputs = [TxOutput(1000 + i, OWNER.pubkey) for i in range(256)]
+        issuance = Issuance(ISSUER.pubkey, nonce, outputs).signed_by(ISSUER.secret)
+        items.append(proto.Issue(nonce, issuance.encode()))
+    assert sum(proto.size_of(i) for i in items) < proto.MAX_PACKAGE_BYTES
+    async with _shard(tmp_path) as shard:
+        leader = await shard.elected()
+        before = leader.replica.last
+        leader.take(proto.Package(proto.PROTOCOL_VERSION, -1, "cst.op0.gw.test", 1, items))
+        _check_blocks(leader, before)
