@@ -47,6 +47,10 @@ said it deleted; no attempt at all ``NEVER_SENT_S`` after the cancel is a paymen
 sent); paid, it settles with the fee its node reports (and where its node paid nothing, someone
 else paid Q's invoice: Q released, so the batch is settled all the same).
 
+P's record of a payment can be lost (a commit lost with its database): P asks again for
+the invoice of a batch its node paid. Q, having released that batch, offers its invoice
+again, and P takes the payment its node made of it for the whole batch as the batch's.
+
 Q releases a batch's outputs once its invoice is paid for the whole amount; what it
 received beyond that (a payer may overpay) is the operator's, counted apart. The release
 is remembered until the shell says its ledger made it (``released``), and asked for
@@ -65,7 +69,7 @@ from enum import Enum
 from constellation.errors import TooLargeToSettle
 from constellation.hashing import tagged_hasher
 from constellation.keys import XOnlyPubKey
-from constellation.lightning import Outcome, PaymentState
+from constellation.lightning import Outcome, PaymentState, spent_at_most
 from constellation.tx import IssuanceBatch, Transaction, TxOutput
 
 PERIOD_S = 1.0  # a batch a second, at most
@@ -368,12 +372,15 @@ class Payer:
         new): the node pays no hash twice, and its record of an earlier payment of that
         hash (a payee's invoice reusing one, for a smaller amount) would read as this
         batch's payment; one still trying routes for another (a melt of the mint's)
-        would settle both with one payment."""
+        would settle both with one payment. Except a settled payment that gave the
+        payee the whole batch: the batch's own, whose record we lost (``_adopt``)."""
         b = self.state.batch
         if b is None or not self.asks(batch):
             return []  # stale, or repeated
         if amount_msat != b.amount_msat:
             raise ValueError(f"batch {batch}: invoiced {amount_msat} msat, owed {b.amount_msat}")
+        if listed is not None and listed.outcome is Outcome.SETTLED:
+            return self._adopt(b, bolt11, payment_hash, listed)
         if listed is not None and (
             listed.outcome is not Outcome.FAILED or listed.last_attempt_at is not None
         ):  # an attempt listed, or the node not sure (unknown): the payee is asked again
@@ -390,6 +397,25 @@ class Payer:
             now,
         )
         return [Pay(b.id, bolt11, self.fee_limit_msat)]
+
+    def _adopt(
+        self, b: Batch, bolt11: str, payment_hash: bytes, listed: PaymentState
+    ) -> list[Action]:
+        """Our node paid the payee's invoice for this batch (of its amount, sealed by the
+        payee for it) while our record says we only asked for it: we paid it and lost
+        the record (written over by a settler that no longer led, or a commit lost).
+        The payment settles the batch where it gave the payee the whole batch and cost
+        at least that; else it is an earlier payment of that hash, not the batch's."""
+        fee_msat = spent_at_most(listed, b.amount_msat, self.fee_limit_msat) - b.amount_msat
+        short = listed.amount_msat is not None and listed.amount_msat < b.amount_msat
+        if fee_msat < 0 or short:
+            raise ValueError(
+                f"batch {b.id}: our node paid hash {payment_hash.hex()} already, not for"
+                " the whole batch; only an invoice of a new hash is paid"
+            )
+        b.bolt11, b.payment_hash = bolt11, payment_hash
+        self._settle(b, fee_msat)
+        return []
 
     def refused(self, batch: int, now: float) -> list[Action]:
         """The payee made no invoice (it has not heard of every obligation yet, say):
@@ -452,7 +478,9 @@ class Payer:
         if b is None or b.id != batch or b.status not in (Status.ASKED, Status.CANCELLING):
             return []
         if not b.payment_hash:
-            if paid:  # cannot be: nothing was offered to pay; asked again
+            # paid: our record of taking its invoice was lost; asked again, the payee
+            # offers that invoice again, and our node says what it paid (``offered``)
+            if paid:
                 return []
             self.state.batch = None  # no invoice was ever offered: nothing was paid
             self.state.failed += 1
@@ -512,6 +540,7 @@ class PayeeState:
     open: Open | None = None
     last_batch: int = 0  # the newest batch closed: released, or cancelled unpaid
     last_paid: bool = False  # whether it was released
+    last_bolt11: str = ""  # its invoice, where it was released
     released_msat: int = 0
     # (batch, first, last, msat): paid, their coins not yet issued
     releasing: list[tuple[int, int, int, int]] = field(default_factory=list)
@@ -567,8 +596,10 @@ class Payee:
             if o.bolt11:
                 return [Offer(batch, o.bolt11)]  # asked again: the same invoice
             return [MakeInvoice(batch, label(s.payer, batch), amount_msat)]
-        if batch == s.last_batch:  # closed (expired, say) before the payer took its invoice
-            return [Cancelled(batch, paid=s.last_paid)]
+        if batch == s.last_batch:  # closed before the payer took its invoice, as it says
+            if s.last_bolt11:  # paid (its record of that lost): for its node to confirm
+                return [Offer(batch, s.last_bolt11)]
+            return [Cancelled(batch, paid=s.last_paid)]  # expired, say
         if batch < s.last_batch:
             return [Refuse(batch, f"batch {batch} is over")]
         if first != s.released_upto + 1:
@@ -639,7 +670,7 @@ class Payee:
 
     def _close_unpaid(self, batch: int) -> list[Action]:
         s = self.state
-        s.open, s.last_batch, s.last_paid = None, batch, False
+        s.open, s.last_batch, s.last_paid, s.last_bolt11 = None, batch, False, ""
         return [Cancelled(batch, paid=False)]
 
     def _release(self, o: Open) -> list[Action]:
@@ -651,7 +682,7 @@ class Payee:
         self._sums = self._sums[count:]
         s.released_upto = o.last
         s.released_msat += o.amount_msat
-        s.open, s.last_batch, s.last_paid = None, o.batch, True
+        s.open, s.last_batch, s.last_paid, s.last_bolt11 = None, o.batch, True, o.bolt11
         s.releasing.append((o.batch, o.first, o.last, o.amount_msat))
         return [Release(o.batch, o.first, o.last)]
 

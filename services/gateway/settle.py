@@ -23,7 +23,10 @@ paid into the peer's) and a ``Payee`` (what the peer's ledger paid into it). The
   and in ``summary`` (nothing settles it until it is back in the layout).
 
 One gateway of an operator settles at a time: the holder of a PostgreSQL advisory lock
-(the others stand by and take over when its session ends).
+(the others stand by and take over when its session ends). A gateway that lost it may
+still be in a call (a peer's message, a task) before its next tick sees so: it writes
+nothing (the store writes through the lock's session) and sends no payment (its node is
+told to pay only where that session still answers right before the command goes).
 """
 
 from __future__ import annotations
@@ -479,7 +482,12 @@ class Settler:
         known = b.payment_hash if b is not None and b.id == a.batch else None
 
         async def pay() -> None:
-            state = await self.backend.pay(a.bolt11, a.fee_limit_msat, known)
+            # a successor resumes this payment from the store (PAYING was written through
+            # the lock's session) and judges it by when its own command went: one of ours
+            # sent after that session ended could land after it gave the payment up
+            state = await self.backend.pay(
+                a.bolt11, a.fee_limit_msat, known, self.store.still_leading
+            )
             fee = _fee(pair, a.batch, state)
             pair.last_failure = state.reason
             await self._call(

@@ -11,10 +11,15 @@ and the state of each pair's machines (``constellation.settlement``).
 * ``settle_state``: each machine's state, without the lists the two tables above hold.
 
 One process settles for an operator at a time: the holder of a session advisory lock.
+What it writes of the settlement's own (the machines' states, the obligations it takes)
+goes through the lock's session, so a process that lost the lock writes none of it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -74,10 +79,17 @@ def _entry(row: Any) -> Entry:
     return Entry(row["seq"], row["coin_id"], row["txid"], row["owner"], int(row["value_msat"]))
 
 
+class LockLost(ConnectionError):
+    """This process does not hold the settlement lock (its session ended, or it never
+    took the lock): it writes nothing, and stands by as for its database down."""
+
+
 class SettleStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-        self._leader: asyncpg.Connection | None = None
+        self._leader: asyncpg.Connection | None = None  # the lock's own session
+        self._holds = False  # whether that session took the lock
+        self._use = asyncio.Lock()  # one statement at a time on it
 
     @classmethod
     async def open(cls, dsn: str) -> SettleStore:
@@ -95,28 +107,48 @@ class SettleStore:
     async def lead(self, dsn: str) -> bool:
         """Whether this process settles: it holds the lock on a connection of its own
         (a crashed holder's session ends, and its lock with it)."""
-        if self._leader is None or self._leader.is_closed():
-            self._leader = await asyncpg.connect(dsn, command_timeout=COMMAND_TIMEOUT_S)
-        try:
-            return bool(await self._leader.fetchval(f"SELECT pg_try_advisory_lock({LEADER_LOCK})"))
-        except DATABASE_DOWN:
-            self._drop_leader()
-            raise
+        async with self._use:
+            if self._leader is None or self._leader.is_closed():
+                self._leader = await asyncpg.connect(dsn, command_timeout=COMMAND_TIMEOUT_S)
+            try:
+                self._holds = bool(
+                    await self._leader.fetchval(f"SELECT pg_try_advisory_lock({LEADER_LOCK})")
+                )
+            except DATABASE_DOWN:
+                self._drop_leader()
+                raise
+            return self._holds
 
     async def still_leading(self) -> bool:
-        conn = self._leader
-        if conn is None or conn.is_closed():
-            return False
+        """Whether this process holds the lock now: its session answers."""
         try:
-            await conn.fetchval("SELECT 1")
-        except (*DATABASE_DOWN, asyncpg.PostgresError):
-            self._drop_leader()
+            async with self._as_leader() as conn:
+                await conn.fetchval("SELECT 1")
+        except (*DATABASE_DOWN, asyncpg.PostgresError):  # LockLost among them
             return False
         return True
+
+    @contextlib.asynccontextmanager
+    async def _as_leader(self) -> AsyncIterator[asyncpg.Connection]:
+        """The lock's own session, to one caller at a time; ``LockLost`` where this
+        process does not hold the lock. A statement there runs only while the session
+        holds the lock, and the session's end undoes a transaction it has not committed
+        before it frees the lock: a successor, which loads the store once it holds the
+        lock, sees everything this process wrote, and nothing is written after."""
+        async with self._use:
+            conn = self._leader
+            if conn is None or conn.is_closed() or not self._holds:
+                raise LockLost("this process does not hold the settlement lock")
+            try:
+                yield conn
+            except (*DATABASE_DOWN, asyncpg.PostgresError):
+                self._drop_leader()
+                raise
 
     def _drop_leader(self) -> None:
         """The lock's connection failed: gone (asyncpg may not see it closed where its
         server died mid-statement), so that ``lead`` connects afresh."""
+        self._holds = False
         if self._leader is not None:
             self._leader.terminate()
             self._leader = None
@@ -128,8 +160,9 @@ class SettleStore:
     ) -> list[tuple[str, Entry]]:
         """New obligations from the index's outputs to the ledgers of ``peers`` (by
         ledger id), oldest first: each numbered next for its peer after ``last`` (which
-        it moves on), and marked taken, at once."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        it moves on), and marked taken, at once, only while this process holds the lock
+        (the numbers follow its memory of what was taken)."""
+        async with self._as_leader() as conn, conn.transaction():
             rows = await conn.fetch(
                 "SELECT coin_id, txid, ledger, owner, value_msat FROM outbound"
                 " WHERE NOT taken AND ledger = ANY($1::bytea[])"
@@ -263,13 +296,16 @@ class SettleStore:
         return {(r["role"], r["peer"]): bytes(r["state"]) for r in rows}
 
     async def save_state(self, role: str, peer: str, state: bytes) -> None:
-        await self.pool.execute(
-            "INSERT INTO settle_state (role, peer, state) VALUES ($1, $2, $3)"
-            " ON CONFLICT (role, peer) DO UPDATE SET state = EXCLUDED.state",
-            role,
-            peer,
-            state,
-        )
+        """Write one machine's state, only while this process holds the lock: one that
+        lost it would write its stale memory over its successor's books."""
+        async with self._as_leader() as conn:
+            await conn.execute(
+                "INSERT INTO settle_state (role, peer, state) VALUES ($1, $2, $3)"
+                " ON CONFLICT (role, peer) DO UPDATE SET state = EXCLUDED.state",
+                role,
+                peer,
+                state,
+            )
 
     async def close(self) -> None:
         if self._leader is not None:

@@ -51,6 +51,7 @@ async def world() -> AsyncIterator[tuple[SettleStore, Simulator, str]]:
     await sim.mesh(["a", "b"], CHANNEL_SAT, 3 * CHANNEL_SAT)
     async with throwaway_postgres("settle-books") as url:
         store = await SettleStore.open(url)
+        assert await store.lead(url)  # it writes only while it holds the lock
         try:
             yield store, sim, url
         finally:

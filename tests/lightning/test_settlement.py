@@ -590,3 +590,42 @@ def test_an_invoice_reusing_a_hash_our_node_paid_is_neither_paid_nor_counted_pai
     assert s.settled == 1 and s.paid_msat == 1_000 and s.fees_msat >= 0
     assert s.batch is not None and s.batch.id == 2 and s.owed == [(2, 10**6)]
     assert net.nodes["q2"].invoices[label("p", 2)].status == "unpaid"  # nothing was sent
+
+
+def test_a_payment_whose_record_the_payer_lost_is_taken_from_its_node() -> None:
+    """The payer's store says it only asked for batch 1's invoice, which its node paid
+    (the record lost): the payee, having released the batch, offers the invoice again,
+    and the payer takes what its node paid of it as the batch's, fee and all."""
+    net = Network(lambda: 1_800_000_000.0, seed=1)
+    for name in ("p", "q"):
+        net.add_node(name)
+        net.fund(name, 50_000_000)
+    net.fundchannel("p", "q", 40_000_000, 0)
+    net.mine(1)
+    payer = Payer(PayerState("p", "q"), fee_limit_msat=10_000)
+    payee = Payee(PayeeState("p", "q"))
+    payer.owe(1, 5_000)
+    payee.announced(1, 5_000)
+    [request] = payer.tick(0.0)
+    assert isinstance(request, RequestInvoice)
+    lost = copy.deepcopy(payer.state)  # what the store keeps
+    assert payee.request(1, 1, 1, 5_000) == [MakeInvoice(1, label("p", 1), 5_000)]
+    preimage = hmac.digest(KEY, label("p", 1).encode(), "sha256")
+    invoice = net.invoice("q", 5_000, label("p", 1), "settlement", 3600, preimage)
+    payee.made(1, invoice.bolt11, 3600.0)
+    attempt = net.start_payment("p", invoice.bolt11, None, 10_000, False)
+    assert isinstance(attempt, Attempt)
+    net.advance(attempt)
+    assert payee.paid(label("p", 1), 5_000) == [Release(1, 1, 1)]
+
+    payer = Payer(lost, fee_limit_msat=10_000)  # restarted from it
+    assert payer.resume(1.0) == [request]
+    assert payer.cancelled(1, True, 1.0) == []  # no hash of ours to look up
+    assert payer.asks(1)
+    assert payee.request(1, 1, 1, 5_000) == [Offer(1, invoice.bolt11)]
+    h = invoice.payment_hash
+    listed = outgoing(net.pays("p", h), h, False)
+    assert payer.offered(1, invoice.bolt11, h, 5_000, 2.0, listed) == []  # nothing paid
+    s = payer.state
+    assert s.batch is None and s.settled_upto == 1 and s.paid_msat == 5_000
+    assert s.fees_msat == (listed.sent_msat or 0) - 5_000 >= 0
