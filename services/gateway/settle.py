@@ -65,7 +65,7 @@ from services.gateway.lightning import (
     our_side_msat,
 )
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.settle_store import SettleStore
+from services.gateway.settle_store import LockLost, SettleStore
 from services.partition.client import LedgerClient, LedgerUnavailable
 from services.replica.config import Layout
 from services.replica.transport import SETTLE_LISTEN, SettleLink, settle_subject
@@ -126,6 +126,11 @@ class Pair:
 
 def _expected(p: Pair) -> int:
     return max(max(p.recent, default=0), p.payer.owed_msat)
+
+
+def _why(exc: BaseException) -> str:
+    """Why the settlement stood down (it loads its store again once it leads)."""
+    return "this gateway lost the settlement lock" if isinstance(exc, LockLost) else "database down"
 
 
 def _payer_blob(s: st.PayerState) -> bytes:
@@ -275,9 +280,7 @@ class Settler:
         exc = None if task.cancelled() else task.exception()
         if isinstance(exc, DATABASE_DOWN):  # the settlement starts over from its store
             self.stale = True
-            log.warning(
-                "a settlement task stopped: the database is down", extra={"error": repr(exc)}
-            )
+            log.warning(f"a settlement task stopped: {_why(exc)}", extra={"error": repr(exc)})
         elif exc is not None:
             log.error("a settlement task failed", exc_info=exc)
 
@@ -686,7 +689,7 @@ class Settler:
         except DATABASE_DOWN as exc:  # the peer tells it again; the store is loaded again
             self.stale = True
             log.warning(
-                "settlement message not taken: the database is down",
+                f"settlement message not taken: {_why(exc)}",
                 extra={"peer": pair.name, "error": repr(exc)},
             )
 
