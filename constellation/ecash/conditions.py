@@ -32,6 +32,7 @@ from constellation.protocol import cashu as nut
 
 SIG_INPUTS, SIG_ALL = "SIG_INPUTS", "SIG_ALL"
 MAX_CHECKS = 1000  # signature checks in one request (about 50 ms of CPU)
+JSON_SPACE = " \t\n\r"  # what JSON takes as whitespace around a value
 
 
 class ConditionError(ValueError):
@@ -67,6 +68,8 @@ def condition_of(secret: str) -> Condition | None:
     A secret NUT-11 calls malformed is refused (``ConditionError``): a tag of its own
     given twice (a wallet may read either value), a key twice in one path, more
     signatures needed than its path has keys."""
+    if not secret.lstrip(JSON_SPACE).startswith("["):  # no JSON array (a plain secret)
+        return None
     try:
         doc = json.loads(secret)
     except ValueError:

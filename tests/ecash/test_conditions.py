@@ -181,12 +181,37 @@ def test_what_a_wallet_may_read_as_locked_is_never_spent_as_plain() -> None:
         check([msgspec.structs.replace(signed(locked(0, [], 1), [0]), witness=witness)], [], NOW)
     for secret in (
         " " + json.dumps(["P2PK", body]),
+        "\t\r\n " + json.dumps(["P2PK", body]),
         json.dumps(["P2PK", body]) + "\n",
         json.dumps(["P2PK"]),
         json.dumps(["P2PK", body, "x"]),
     ):
         with pytest.raises(ConditionError):
             check([nut.Proof(1, "009a1f293253e41e", secret, "02" + "11" * 32)], [], NOW)
+
+
+@given(
+    st.one_of(
+        st.text(),
+        st.builds(
+            lambda space, doc: space + json.dumps(doc),
+            st.text(" \t\n\r\x0b\x0c\xa0"),
+            st.recursive(st.none() | st.integers() | st.text(), st.lists, max_leaves=4),
+        ),
+    )
+)
+def test_a_secret_is_plain_exactly_where_json_reads_no_kind_from_it(secret: str) -> None:
+    """A secret is looked at as a condition only where JSON reads an array that starts with
+    a string from it (plain secrets skip the JSON parse)."""
+    try:
+        doc = json.loads(secret)
+    except ValueError:
+        doc = None
+    if isinstance(doc, list) and doc and isinstance(doc[0], str):
+        with pytest.raises(ConditionError):  # a kind with no well-formed P2PK body
+            condition_of(secret)
+    else:
+        assert condition_of(secret) is None
 
 
 def many_locked(count: int, n: int, tags: list[list[str]] | None = None) -> tuple[str, bytes]:
