@@ -53,6 +53,7 @@ NOTHING_SENT = frozenset(
     }
 )
 ALREADY_PAID = 219
+IN_PROGRESS = 200  # a payment of the hash is in flight: the command refused, sending nothing
 
 
 @dataclass(frozen=True)

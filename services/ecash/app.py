@@ -9,7 +9,11 @@ it settles (the proofs are spent, the change signed) or fails (the proofs are fr
 nothing is both paid out and released. Each melt attempt is numbered, so that a late
 answer about an earlier attempt never undoes a later one; an attempt whose own pay call
 sent nothing fails, whatever the node says of the invoice (a payment of it is another's:
-the gateway pays invoices on the same node). One payee has at most ``PER_PAYEE`` melts
+the gateway pays invoices on the same node). So does one never given leave to send
+(``MintStore.may_pay``: its process stopped, or it waited for a place) once it can be
+given none: the resolver takes nothing from the node's payments of its hash until leave
+was given. A command goes only where the node says it has not paid the invoice and is
+not paying it (where it cannot say: not). One payee has at most ``PER_PAYEE`` melts
 in flight: a payee holding its HTLCs holds only so many, and many users paying one
 popular payee at once are not refused.
 
@@ -612,10 +616,11 @@ class MintApp:
 
         async def may_send() -> bool:
             # not where the node paid or is paying the invoice for another (the gateway,
-            # for an L3 withdrawal) since the quote was made, nor after the resolver's
-            # fence opened (asked last: right before the command goes)
+            # for an L3 withdrawal) since the quote was made, or cannot say whether it
+            # did, nor after the resolver's fence opened (asked last: right before the
+            # command goes)
             node = await self.backend.payment(payment_hash, attempted=False)
-            if node.outcome in (Outcome.SETTLED, Outcome.PENDING):
+            if node.outcome is not Outcome.FAILED:
                 return False
             return await self.db.may_pay(quote.quote, attempt, SEND_WINDOW_S)
 
@@ -701,11 +706,17 @@ class MintApp:
         now, pending = await self.db.pending_melts(m.BOLT11)
         self.metrics.pending_melts.set(len(pending))
         self.metrics.oldest_pending_melt.set(
-            max((now - since for _, _, since in pending), default=0)
+            max((now - since for _, _, since, _ in pending), default=0)
         )
-        for quote, attempt, since in pending:
+        for quote, attempt, since, unsent in pending:
             if (quote.quote, attempt) in self.paying:
                 continue  # its pay call answers for it
+            if unsent:
+                # its command has not gone (``may_pay``): a payment the node shows for its
+                # hash is another payer's. It fails once it can go no more.
+                if now - since >= SEND_WINDOW_S:
+                    await self.db.fail_unsent(quote.quote, attempt, SEND_WINDOW_S)
+                continue
             try:
                 attempted = True
                 if now - since >= SEND_WINDOW_S + ATTEMPTING_S:  # no pay call runs any more

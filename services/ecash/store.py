@@ -122,6 +122,9 @@ CREATE TABLE IF NOT EXISTS melt_quotes (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 ALTER TABLE melt_quotes ADD COLUMN IF NOT EXISTS method text NOT NULL DEFAULT 'bolt11';
+-- the attempt while it has not been given leave to send its payment (``may_pay``): what
+-- the node says of its hash then is another payer's (NULL: given, or begun before this)
+ALTER TABLE melt_quotes ADD COLUMN IF NOT EXISTS unsent_attempt int;
 -- the node that signed a bolt11 quote's invoice: its melts in flight are counted
 ALTER TABLE melt_quotes ADD COLUMN IF NOT EXISTS payee text;
 CREATE INDEX IF NOT EXISTS melt_quotes_payee_pending ON melt_quotes (payee)
@@ -878,7 +881,8 @@ class MintStore:
             try:
                 attempt = await conn.fetchval(
                     "UPDATE melt_quotes SET state = 'PENDING', attempt = attempt + 1,"
-                    " blanks = $2, pending_since = extract(epoch FROM now())"
+                    " unsent_attempt = attempt + 1, blanks = $2,"
+                    " pending_since = extract(epoch FROM now())"
                     " WHERE quote = $1 RETURNING attempt",
                     quote.quote,
                     nut.encode(request.outputs or []).decode(),
@@ -951,18 +955,40 @@ class MintStore:
     async def may_pay(self, quote: str, attempt: int, window_s: float) -> bool:
         """Whether attempt ``attempt`` of melt ``quote`` may still send its payment: it is
         the quote's attempt in flight, begun less than ``window_s`` ago on the database's
-        clock (the resolver's fence counts from there, on the same clock)."""
+        clock (the resolver's fence counts from there, on the same clock). Where it may,
+        that is recorded (``fail_unsent`` no longer fails it)."""
         async with self.pool.acquire() as conn:
             return bool(
                 await conn.fetchval(
-                    "SELECT state = 'PENDING' AND attempt = $2"
+                    "UPDATE melt_quotes SET unsent_attempt = NULL"
+                    " WHERE quote = $1 AND state = 'PENDING' AND attempt = $2"
                     " AND extract(epoch FROM clock_timestamp()) - pending_since < $3"
-                    " FROM melt_quotes WHERE quote = $1",
+                    " RETURNING true",
                     quote,
                     attempt,
                     window_s,
                 )
             )
+
+    async def fail_unsent(self, quote: str, attempt: int, window_s: float) -> bool:
+        """Fail attempt ``attempt`` of melt ``quote`` (its proofs free again, the quote
+        UNPAID) where it was never given leave to send (``may_pay``) and can be no more
+        (begun ``window_s`` or longer ago): its payment was never sent, whatever the node
+        says of its hash. Whether it was failed; under the row's lock, so a ``may_pay``
+        that gives leave is either before (nothing failed) or after (no leave)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            unsent = await conn.fetchval(
+                "SELECT true FROM melt_quotes WHERE quote = $1 AND state = 'PENDING'"
+                " AND attempt = $2 AND unsent_attempt = $2"
+                " AND extract(epoch FROM clock_timestamp()) - pending_since >= $3 FOR UPDATE",
+                quote,
+                attempt,
+                window_s,
+            )
+            if not unsent:
+                return False
+            await _free_melt(conn, quote)
+            return True
 
     async def fail_melt(self, quote: str, attempt: int, onchain: bool = False) -> bool:
         """Attempt ``attempt``'s payment failed, for certain: its reserved proofs are free
@@ -980,23 +1006,29 @@ class MintStore:
                 "SELECT true FROM chain_withdrawals WHERE quote = $1", quote
             ):
                 return False
-            await conn.execute(
-                "DELETE FROM mint_proofs WHERE reserved_by = $1 AND state = 'PENDING'", quote
-            )
-            await conn.execute("UPDATE melt_quotes SET state = 'UNPAID' WHERE quote = $1", quote)
+            await _free_melt(conn, quote)
             return True
 
     async def pending_melts(
         self, method: str
-    ) -> tuple[float, list[tuple[m.MeltQuote, int, float]]]:
+    ) -> tuple[float, list[tuple[m.MeltQuote, int, float, bool]]]:
         """The database's time now, and each melt in flight paid by ``method``: its
-        quote, attempt, and since when (unix seconds, on the database's clock)."""
+        quote, attempt, since when (unix seconds, on the database's clock), and whether
+        the attempt has not been given leave to send (``may_pay``) yet."""
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             now = await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())")
             rows = await conn.fetch(
                 "SELECT * FROM melt_quotes WHERE state = 'PENDING' AND method = $1", method
             )
-        melts = [(_quote(m.MeltQuote, r), r["attempt"], r["pending_since"]) for r in rows]
+        melts = [
+            (
+                _quote(m.MeltQuote, r),
+                r["attempt"],
+                r["pending_since"],
+                r["unsent_attempt"] == r["attempt"],
+            )
+            for r in rows
+        ]
         return float(now), melts
 
     # -- the bridge to L3 --------------------------------------------------------------
@@ -1182,6 +1214,14 @@ class Redeem:
     value_msat: int
     fee_msat: int
     issuance: str
+
+
+async def _free_melt(conn: asyncpg.Connection, quote: str) -> None:
+    """A melt's reserved proofs free again, its quote UNPAID (its row locked)."""
+    await conn.execute(
+        "DELETE FROM mint_proofs WHERE reserved_by = $1 AND state = 'PENDING'", quote
+    )
+    await conn.execute("UPDATE melt_quotes SET state = 'UNPAID' WHERE quote = $1", quote)
 
 
 def _redeem(r: asyncpg.Record) -> Redeem:

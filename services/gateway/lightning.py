@@ -40,6 +40,7 @@ from pyln.client import LightningRpc, RpcError
 
 from constellation.lightning import (
     ALREADY_PAID,
+    IN_PROGRESS,
     Outcome,
     PaymentState,
     msat,
@@ -199,8 +200,8 @@ class LightningBackend(ABC):
         the command goes (it waits ``PLACE_S`` at most for its turn); where it says no,
         or no turn came, the command is never sent (what the node says of the payment
         then is that of its earlier attempts, if any). ``sent`` False in the answer: this
-        call sent nothing (not sent, or refused as paid already), and its state is that
-        of the hash's earlier payments, whoever asked for them."""
+        call sent nothing (not sent, or refused as paid already or being paid), and its
+        state is that of the hash's other payments, whoever asked for them."""
 
     @abstractmethod
     async def payment(self, payment_hash: bytes, attempted: bool = True) -> PaymentState:
@@ -556,7 +557,7 @@ class ClnBackend(LightningBackend):
             return PaymentState(Outcome.UNKNOWN, payment_hash, reason=why, sent=False)
         except RpcError as exc:
             code = _code(exc)
-            if code not in (ALREADY_PAID, None):
+            if code not in (ALREADY_PAID, IN_PROGRESS, None):
                 log.info(
                     "payment error: looking it up",
                     extra={"payment_hash": payment_hash.hex(), "error": _message(exc)},
@@ -564,9 +565,10 @@ class ClnBackend(LightningBackend):
             # lightningd ended the command: what listpays says is final, and where the
             # error proves no HTLC was offered, no attempt is a failure
             state = await self._lookup(payment_hash, asked=not nothing_sent(code), over=code)
-            if code == ALREADY_PAID:
-                # refused: the node paid this hash before, and this command sent nothing
-                # (the payment listpays shows is that earlier one, whoever asked for it)
+            if code in (ALREADY_PAID, IN_PROGRESS):
+                # refused: the node paid this hash before, or is paying it, and this
+                # command sent nothing (the payment listpays shows is that other one,
+                # whoever asked for it)
                 return replace(state, sent=False)
             return state
         except Exception as exc:

@@ -585,10 +585,11 @@ async def test_a_payment_the_gateway_made_while_a_melt_waited_to_send_is_not_the
 
 
 async def test_a_pay_command_refused_as_paid_already_settles_no_melt(postgres: str) -> None:
-    """The gateway paid X; the melt's look at the node before sending gets no answer
-    (its reply lost), so its xpay goes, and lightningd refuses it: "already paid" (219).
-    That command sent nothing (``sent`` False): the melt fails "paid" (20006), its
-    proofs free (before: the gateway's payment, found by listpays, made it PAID)."""
+    """The gateway paid X, and a retry of its command is refused "already paid" (219):
+    that command sent nothing (``sent`` False). The melt's look at the node before
+    sending gets no answer (its reply lost): it sends nothing either (before: its xpay
+    went), and fails "paid" (20006), its proofs free (before: the gateway's payment,
+    found by listpays, made it PAID)."""
     w = await world(postgres, "v24.11")
     app = await w.mint()
     try:
@@ -608,6 +609,131 @@ async def test_a_pay_command_refused_as_paid_already_settles_no_melt(postgres: s
         assert [p.status for p in parts] == ["complete"]
     finally:
         await app.db.close()
+        await w.sim.close()
+
+
+async def test_a_melt_that_cannot_see_the_node_before_sending_sends_nothing(
+    postgres: str,
+) -> None:
+    """A node before v24.11 (``pay``): a ``pay`` of a hash paid before answers that
+    earlier success as its own, no error. The gateway paid X; the melt's look at the
+    node before sending gets no answer: it sends nothing, and fails "paid", its proofs
+    free (before: its pay went and answered the gateway's success: the melt PAID)."""
+    w = await world(postgres, "v24.08")
+    app = await w.mint()
+    try:
+        assert not cast(ClnBackend, app.backend).xpay
+        x = await w.invoice("c", 20_000, "x")
+        body = await melt_body(app, x)
+        gateway = ClnBackend(socket_path(w.sim.directory, "a"))
+        await gateway.connect()
+        assert (await gateway.pay(x, 10_000)).outcome is Outcome.SETTLED
+        w.sim.network.nodes["a"].faults.lose_replies = 1  # the melt's listpays, before pay
+        with pytest.raises(m.CashuError) as refused:
+            await app.melt(request(body))
+        assert refused.value.code == m.INVOICE_PAID
+        await unpaid_and_free(app, body["quote"])
+        parts = [p for p in w.sim.network.nodes["a"].parts if p.bolt11 == x]
+        assert [p.status for p in parts] == ["complete"]  # the gateway's, once
+    finally:
+        await app.db.close()
+        await w.sim.close()
+
+
+async def test_a_pay_command_refused_in_progress_sent_nothing(
+    postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway's payment of X is in flight (its payee holds the HTLC); another
+    command for X is refused "in progress" (200): it sent nothing (``sent`` False), and
+    the state is that of the gateway's payment (before: answered as this command's own
+    pending payment, a melt's would have been PAID once the gateway's settled)."""
+    monkeypatch.setattr(lightning, "PAY_S", 0.5)
+    w = await world(postgres, "v24.11")
+    try:
+        x = await w.invoice("c", 20_000, "x")
+        w.sim.network.nodes["c"].faults.hold = True
+        gateway = ClnBackend(socket_path(w.sim.directory, "a"))
+        await gateway.connect()
+        assert (await gateway.pay(x, 10_000)).outcome is Outcome.PENDING  # held by c
+        other = ClnBackend(socket_path(w.sim.directory, "a"))
+        await other.connect()
+        again = await other.pay(x, 10_000)
+        assert (again.outcome, again.sent) == (Outcome.PENDING, False)
+        w.sim.release("c")
+    finally:
+        w.sim.release("c")
+        await w.sim.close()
+
+
+async def test_a_resolver_takes_no_payment_of_another_for_a_melt_not_sent_yet(
+    postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mint process A's melt of X waits for a payment place (PENDING, not sent); the
+    gateway pays X meanwhile. Process B's resolver finds X settled at the node: not
+    the melt's payment, its command has not gone (before: B made the melt PAID, its
+    ecash taken for the gateway's payment). A's command never goes (the node paid X):
+    the melt fails "paid", its proofs free."""
+    monkeypatch.setattr(lightning, "PAY_S", 0.5)
+    w = await world(postgres, "v24.11")
+    a, b = await w.mint(), await w.mint()
+    try:
+        await fill_places(w, a)
+        x = await w.invoice("c", 20_000, "x")
+        body = await melt_body(a, x)
+        melt = asyncio.create_task(a.melt(request(body)))
+        await asyncio.sleep(1.0)  # A's melt is PENDING and waits for a payment place
+        gateway = ClnBackend(socket_path(w.sim.directory, "a"))
+        await gateway.connect()
+        assert (await gateway.pay(x, 10_000)).outcome is Outcome.SETTLED
+        await b._resolve()
+        found = await b.db.melt_quote(body["quote"], m.BOLT11)
+        assert found is not None and found[0].state == m.MELT_PENDING
+        w.sim.release("b")  # a place frees: A's may_send finds X paid, and sends nothing
+        with pytest.raises(m.CashuError) as refused:
+            await asyncio.wait_for(melt, 30)
+        assert refused.value.code == m.INVOICE_PAID
+        await unpaid_and_free(a, body["quote"])
+        parts = [p for p in w.sim.network.nodes["a"].parts if p.bolt11 == x]
+        assert [p.status for p in parts] == ["complete"]  # the gateway's, once
+    finally:
+        for payee in ("b", "far"):
+            w.sim.release(payee)
+        for app in (a, b):
+            await app.db.close()
+        await w.sim.close()
+
+
+async def test_a_melt_never_sent_fails_once_it_can_be_sent_no_more(
+    postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Process A reserved a melt's proofs (PENDING) and stopped before its pay command
+    went; the gateway pays the invoice later. The resolver takes nothing from the
+    node's payment of the hash: the melt stays PENDING while its command could still be
+    given leave to go (``may_pay``), then fails, its proofs free (before: the resolver
+    made it PAID, its ecash taken for a payment the mint never sent)."""
+    monkeypatch.setattr(mint_app, "SEND_WINDOW_S", 1.0)
+    w = await world(postgres, "v24.11")
+    a, b = await w.mint(), await w.mint()
+    try:
+        x = await w.invoice("c", 20_000, "x")
+        body = await melt_body(a, x)
+        req = nut.decode(nut.encode(body), nut.MeltRequest)
+        now = int(time.time())
+        await a.db.start_melt(  # A's melt up to PENDING; A stops here
+            req, m.BOLT11, lambda q: a.rules.check_melt(q, req, now), mint_app.PER_PAYEE
+        )
+        gateway = ClnBackend(socket_path(w.sim.directory, "a"))
+        await gateway.connect()
+        assert (await gateway.pay(x, 10_000)).outcome is Outcome.SETTLED
+        await b._resolve()
+        found = await b.db.melt_quote(body["quote"], m.BOLT11)
+        assert found is not None and found[0].state == m.MELT_PENDING
+        await asyncio.sleep(1.1)
+        await b._resolve()
+        await unpaid_and_free(b, body["quote"])
+    finally:
+        for app in (a, b):
+            await app.db.close()
         await w.sim.close()
 
 
