@@ -715,7 +715,8 @@ class MintApp:
                 # its command has not gone (``may_pay``): a payment the node shows for its
                 # hash is another payer's. It fails once it can go no more.
                 if now - since >= SEND_WINDOW_S:
-                    await self.db.fail_unsent(quote.quote, attempt, SEND_WINDOW_S)
+                    unsent_failed = self.db.fail_unsent(quote.quote, attempt, SEND_WINDOW_S)
+                    await self._resolve_one(quote.quote, unsent_failed)
                 continue
             try:
                 attempted = True
@@ -733,10 +734,14 @@ class MintApp:
                 # every attempt so far failed, but a pay call (of another process, or
                 # one sent late) may still be trying routes: final only after it ends
                 continue
-            try:
-                await self._settle(quote, attempt, state)
-            except Exception:  # one melt's trouble holds up no other
-                log.exception("a melt not resolved", extra={"quote": quote.quote})
+            await self._resolve_one(quote.quote, self._settle(quote, attempt, state))
+
+    @staticmethod
+    async def _resolve_one(quote: str, step: Awaitable[Any]) -> None:
+        try:
+            await step
+        except Exception:  # one melt's trouble holds up no other
+            log.exception("a melt not resolved", extra={"quote": quote})
 
     # -- on-chain (NUT-30) ---------------------------------------------------------------
 
