@@ -244,8 +244,7 @@ async def test_an_invoice_its_node_paid_outside_the_mint_is_not_melted(postgres:
     try:
         bolt11 = await w.invoice("c", 10_000, "twice")
         body = await melt_body(app, bolt11)
-        gateway = ClnBackend(socket_path(w.sim.directory, "a"))
-        await gateway.connect()
+        gateway = await gateway_of(w)
         assert (await gateway.pay(bolt11, 10_000)).outcome is Outcome.SETTLED
         with pytest.raises(m.CashuError) as refused:
             await app.melt_quote(request({"request": bolt11, "unit": "sat"}))
@@ -319,6 +318,13 @@ async def test_a_deposit_paid_before_its_quote_expired_is_minted_while_the_follo
     finally:
         await app.db.close()
         await w.sim.close()
+
+
+async def gateway_of(w: World) -> ClnBackend:
+    """Another payer on the mint's node (node a): the gateway, paying for L3 users."""
+    gateway = ClnBackend(socket_path(w.sim.directory, "a"))
+    await gateway.connect()
+    return gateway
 
 
 async def fill_places(w: World, app: MintApp) -> list[str]:
@@ -554,81 +560,62 @@ async def test_a_burst_of_melts_to_one_payee_is_refused_past_its_in_flight_bound
 async def test_a_payment_the_gateway_made_while_a_melt_waited_to_send_is_not_the_melt_s(
     postgres: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The gateway (same node, an L3 withdrawal) pays X after the melt of X began and
-    before its pay command goes (here: while it waits for a payment place): the melt
-    fails, "paid" (20006), its proofs free (before: PAID, the ecash taken for the
+    """The gateway (same node, an L3 withdrawal) pays X after mint process A's melt of X
+    began and before its pay command goes (here: while it waits for a payment place).
+    Process B's resolver finds X settled at the node: not the melt's payment, its
+    command has not gone (before: B made the melt PAID). A's command never goes: the
+    melt fails, "paid" (20006), its proofs free (before: PAID, the ecash taken for the
     gateway's payment)."""
     monkeypatch.setattr(lightning, "PAY_S", 0.5)
     w = await world(postgres, "v24.11")
-    app = await w.mint()
+    a, b = await w.mint(), await w.mint()
     try:
-        await fill_places(w, app)
+        await fill_places(w, a)
         x = await w.invoice("c", 20_000, "x")
-        body = await melt_body(app, x)
-        melt = asyncio.create_task(app.melt(request(body)))
+        body = await melt_body(a, x)
+        melt = asyncio.create_task(a.melt(request(body)))
         await asyncio.sleep(1.0)  # the melt began, and waits for a place
-        gateway = ClnBackend(socket_path(w.sim.directory, "a"))
-        await gateway.connect()
+        gateway = await gateway_of(w)
         assert (await gateway.pay(x, 10_000)).outcome is Outcome.SETTLED
+        await b._resolve()
+        found = await b.db.melt_quote(body["quote"], m.BOLT11)
+        assert found is not None and found[0].state == m.MELT_PENDING
         w.sim.release("b")  # places free: the melt's turn comes
         with pytest.raises(m.CashuError) as refused:
             await asyncio.wait_for(melt, 30)
         assert refused.value.code == m.INVOICE_PAID
-        await unpaid_and_free(app, body["quote"])
+        await unpaid_and_free(a, body["quote"])
         parts = [p for p in w.sim.network.nodes["a"].parts if p.bolt11 == x]
         assert [p.status for p in parts] == ["complete"]  # the gateway's, once
     finally:
         for payee in ("b", "far"):
             w.sim.release(payee)
-        await app.db.close()
+        for app in (a, b):
+            await app.db.close()
         await w.sim.close()
 
 
-async def test_a_pay_command_refused_as_paid_already_settles_no_melt(postgres: str) -> None:
-    """The gateway paid X, and a retry of its command is refused "already paid" (219):
-    that command sent nothing (``sent`` False). The melt's look at the node before
-    sending gets no answer (its reply lost): it sends nothing either (before: its xpay
-    went), and fails "paid" (20006), its proofs free (before: the gateway's payment,
-    found by listpays, made it PAID)."""
-    w = await world(postgres, "v24.11")
-    app = await w.mint()
-    try:
-        x = await w.invoice("c", 20_000, "x")
-        body = await melt_body(app, x)
-        gateway = ClnBackend(socket_path(w.sim.directory, "a"))
-        await gateway.connect()
-        assert (await gateway.pay(x, 10_000)).outcome is Outcome.SETTLED
-        again = await gateway.pay(x, 10_000)  # the gateway's retry: its own payment, settled
-        assert (again.outcome, again.sent) == (Outcome.SETTLED, False)
-        w.sim.network.nodes["a"].faults.lose_replies = 1  # the melt's listpays, before xpay
-        with pytest.raises(m.CashuError) as refused:
-            await app.melt(request(body))
-        assert refused.value.code == m.INVOICE_PAID
-        await unpaid_and_free(app, body["quote"])
-        parts = [p for p in w.sim.network.nodes["a"].parts if p.bolt11 == x]
-        assert [p.status for p in parts] == ["complete"]
-    finally:
-        await app.db.close()
-        await w.sim.close()
-
-
+@pytest.mark.parametrize("version", ["v24.11", "v24.08"])
 async def test_a_melt_that_cannot_see_the_node_before_sending_sends_nothing(
-    postgres: str,
+    postgres: str, version: str
 ) -> None:
-    """A node before v24.11 (``pay``): a ``pay`` of a hash paid before answers that
-    earlier success as its own, no error. The gateway paid X; the melt's look at the
-    node before sending gets no answer: it sends nothing, and fails "paid", its proofs
-    free (before: its pay went and answered the gateway's success: the melt PAID)."""
-    w = await world(postgres, "v24.08")
+    """The gateway paid X. The melt's look at the node before sending gets no answer
+    (its reply lost): it sends nothing, and fails "paid" (20006), its proofs free.
+    Before, its command went: ``xpay`` (from v24.11) was refused "already paid" (219),
+    and before that the gateway's payment, found by listpays, made the melt PAID;
+    ``pay`` (before v24.11) answers a hash's earlier success as its own, and still made
+    it PAID."""
+    w = await world(postgres, version)
     app = await w.mint()
     try:
-        assert not cast(ClnBackend, app.backend).xpay
         x = await w.invoice("c", 20_000, "x")
         body = await melt_body(app, x)
-        gateway = ClnBackend(socket_path(w.sim.directory, "a"))
-        await gateway.connect()
+        gateway = await gateway_of(w)
         assert (await gateway.pay(x, 10_000)).outcome is Outcome.SETTLED
-        w.sim.network.nodes["a"].faults.lose_replies = 1  # the melt's listpays, before pay
+        if gateway.xpay:  # a retry of its command is refused 219: it sent nothing
+            again = await gateway.pay(x, 10_000)
+            assert (again.outcome, again.sent) == (Outcome.SETTLED, False)
+        w.sim.network.nodes["a"].faults.lose_replies = 1  # the melt's listpays, before paying
         with pytest.raises(m.CashuError) as refused:
             await app.melt(request(body))
         assert refused.value.code == m.INVOICE_PAID
@@ -652,54 +639,12 @@ async def test_a_pay_command_refused_in_progress_sent_nothing(
     try:
         x = await w.invoice("c", 20_000, "x")
         w.sim.network.nodes["c"].faults.hold = True
-        gateway = ClnBackend(socket_path(w.sim.directory, "a"))
-        await gateway.connect()
+        gateway = await gateway_of(w)
         assert (await gateway.pay(x, 10_000)).outcome is Outcome.PENDING  # held by c
-        other = ClnBackend(socket_path(w.sim.directory, "a"))
-        await other.connect()
-        again = await other.pay(x, 10_000)
+        again = await (await gateway_of(w)).pay(x, 10_000)  # another payer on the node
         assert (again.outcome, again.sent) == (Outcome.PENDING, False)
-        w.sim.release("c")
     finally:
         w.sim.release("c")
-        await w.sim.close()
-
-
-async def test_a_resolver_takes_no_payment_of_another_for_a_melt_not_sent_yet(
-    postgres: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Mint process A's melt of X waits for a payment place (PENDING, not sent); the
-    gateway pays X meanwhile. Process B's resolver finds X settled at the node: not
-    the melt's payment, its command has not gone (before: B made the melt PAID, its
-    ecash taken for the gateway's payment). A's command never goes (the node paid X):
-    the melt fails "paid", its proofs free."""
-    monkeypatch.setattr(lightning, "PAY_S", 0.5)
-    w = await world(postgres, "v24.11")
-    a, b = await w.mint(), await w.mint()
-    try:
-        await fill_places(w, a)
-        x = await w.invoice("c", 20_000, "x")
-        body = await melt_body(a, x)
-        melt = asyncio.create_task(a.melt(request(body)))
-        await asyncio.sleep(1.0)  # A's melt is PENDING and waits for a payment place
-        gateway = ClnBackend(socket_path(w.sim.directory, "a"))
-        await gateway.connect()
-        assert (await gateway.pay(x, 10_000)).outcome is Outcome.SETTLED
-        await b._resolve()
-        found = await b.db.melt_quote(body["quote"], m.BOLT11)
-        assert found is not None and found[0].state == m.MELT_PENDING
-        w.sim.release("b")  # a place frees: A's may_send finds X paid, and sends nothing
-        with pytest.raises(m.CashuError) as refused:
-            await asyncio.wait_for(melt, 30)
-        assert refused.value.code == m.INVOICE_PAID
-        await unpaid_and_free(a, body["quote"])
-        parts = [p for p in w.sim.network.nodes["a"].parts if p.bolt11 == x]
-        assert [p.status for p in parts] == ["complete"]  # the gateway's, once
-    finally:
-        for payee in ("b", "far"):
-            w.sim.release(payee)
-        for app in (a, b):
-            await app.db.close()
         await w.sim.close()
 
 
@@ -722,8 +667,7 @@ async def test_a_melt_never_sent_fails_once_it_can_be_sent_no_more(
         await a.db.start_melt(  # A's melt up to PENDING; A stops here
             req, m.BOLT11, lambda q: a.rules.check_melt(q, req, now), mint_app.PER_PAYEE
         )
-        gateway = ClnBackend(socket_path(w.sim.directory, "a"))
-        await gateway.connect()
+        gateway = await gateway_of(w)
         assert (await gateway.pay(x, 10_000)).outcome is Outcome.SETTLED
         await b._resolve()
         found = await b.db.melt_quote(body["quote"], m.BOLT11)
