@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -55,6 +55,7 @@ from services.api_client import Gateway, GatewayError
 from services.database import DATABASE_DOWN
 from services.ecash.cache import CACHED, Cache
 from services.ecash.config import Settings
+from services.ecash.ec import EC, Stopped
 from services.ecash.metrics import MintMetrics
 from services.ecash.onchain import CHAIN_DOWN, Onchain
 from services.ecash.store import MeltStarted, MintStore, PayeeLimit, Redeem, listen_forever
@@ -89,8 +90,6 @@ EXPIRED_MARGIN_S = 600.0  # an invoice this long expired is paid by no node (clo
 PER_PAYEE = PayeeLimit(held=THREADS // 2, held_after_s=PAY_S, in_flight=4 * THREADS)
 DEADLOCK_RETRIES = 3
 REDIS_S = 0.5  # a slow Redis costs a request this much at most, per call
-OFF_LOOP = 16  # proofs and outputs in a request past which its EC work leaves the loop
-T = TypeVar("T")
 BOOKS_EVERY_S = 5.0
 # a redemption refused after a send whose answer was lost is freed only where its coin is
 # not there this long after the first send (the gateway's and the ledger's waits are shorter)
@@ -150,6 +149,7 @@ class MintApp:
         self.limits: Limits | None = None  # per client address, where there is Redis
         self.onchain: Onchain | None = None  # deposits and withdrawals on-chain (NUT-30)
         self.database_down: str | None = None  # why it failed last, until a task reaches it
+        self.ec = EC()  # checks and signs in a process of its own
 
     def ready(self) -> tuple[bool, str]:
         if self.mint is None:
@@ -165,6 +165,7 @@ class MintApp:
         self.pubkey = self._key(b"constellation/cashu/info").pubkey.hex()
         keysets = await store.keysets(master, UNIT, s.input_fee_ppk)
         self.mint = m.Mint(keysets, s.max_amount_sat)
+        await self.ec.start()
         if s.redis_url:
             redis = Limits.client(s.redis_url, REDIS_S)  # one pool: the cache's, the limits'
             self.cache = Cache(redis, s.cache_ttl_s, self.metrics)
@@ -208,6 +209,7 @@ class MintApp:
             await self.limits.close()  # and the cache's: one client
         if self.onchain is not None:
             await self.onchain.close()
+        await self.ec.close()
         await store.close()
 
     async def _heard_all(self) -> None:
@@ -308,7 +310,7 @@ class MintApp:
             except nut.DecodeError as exc:
                 why = f"malformed request: {exc}"
                 return self._done(op, started, "malformed", _error(MALFORMED, why))
-            except RetryLater as exc:
+            except (RetryLater, Stopped) as exc:
                 unknown = web.json_response({"detail": str(exc), "code": MALFORMED}, status=503)
                 return self._done(op, started, "unknown", unknown)
             except DATABASE_DOWN as exc:  # done or not as the database says: a retry knows
@@ -327,15 +329,9 @@ class MintApp:
         self.metrics.seconds.labels(op).observe(time.perf_counter() - started)
         return response
 
-    async def _off_loop(self, weight: int, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)``: in a thread where the request is large (its EC work in
-        coincurve lets go of the GIL: other requests are served meanwhile)."""
-        if weight > OFF_LOOP:
-            return await asyncio.to_thread(fn, *args)
-        return fn(*args)
-
     async def _sign(self, outputs: Sequence[nut.BlindedMessage]) -> list[nut.BlindSignature]:
-        return await self._off_loop(len(outputs), self.rules.sign, outputs)
+        signatures: list[nut.BlindSignature] = await self.ec.call(self.rules, "sign", outputs)
+        return signatures
 
     @property
     def rules(self) -> m.Mint:
@@ -419,10 +415,8 @@ class MintApp:
 
     async def swap(self, request: web.Request) -> dict[str, Any]:
         req = nut.decode(await request.read(), nut.SwapRequest)
-        weight = len(req.inputs) + len(req.outputs)
-        spend, out = await self._off_loop(weight, self.rules.swap, req, int(time.time()))
-        # signed before the transaction, not in it: its group commits sooner
-        signatures = await self._sign(req.outputs)
+        # checked and signed before the transaction, not in it: its group commits sooner
+        spend, out, signatures = await self.ec.call(self.rules, "swap", req, int(time.time()))
         return {"signatures": await self.db.swap(spend, out, req, signatures)}
 
     async def checkstate(self, request: web.Request) -> dict[str, Any]:
@@ -823,9 +817,7 @@ class MintApp:
         if named is not None and named != await self._ledger_id():
             raise m.CashuError(MALFORMED, "the address names another operator's ledger")
         now = int(time.time())
-        spend = await self._off_loop(
-            len(req.inputs), self.rules.spend, req.inputs, now, (), req.address
-        )
+        spend = await self.ec.call(self.rules, "spend", req.inputs, now, (), req.address)
         value = m.check_redeem(spend)
         rid = m.redeem_id(spend.ys)
         issuer = self.settings.issuer

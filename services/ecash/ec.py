@@ -1,0 +1,208 @@
+"""The mint's elliptic-curve work in a process of its own.
+
+A swap's checks and signatures (six multiplications and two by G, with DLEQ proofs) are
+most of the CPU the mint's event loop spends on it; done in the loop, they bound one
+process to one core however many the machine has, and every request behind them waits
+(a thread does not help: the GIL). So the loop hands them to a child process: ``EC``
+sends each call (``CALLS``: a swap checked and signed, outputs signed, proofs checked)
+down a pipe and goes on serving; the child runs them one after the other against its
+own copy of the keysets and sends each answer back as soon as it has it. The calls a
+loop turn makes go down in one write.
+
+The child is the mint's own: it gets the keysets' secrets over the pipe (never through
+its command line or environment), takes nothing from anyone else, and stops when the
+pipe closes (its parent stopped, however). A child that dies fails the calls it held
+with ``Stopped`` (the request is answered "retry": nothing of it happened, as nothing is
+stored before its signatures come back) and the next call starts another.
+
+Frames both ways are a 4-byte big-endian length and a pickle; to the child: the
+keysets (``("keysets", [(unit, index, input_fee_ppk, secrets, active)], max_amount)``)
+and calls (``(call id, name, args)``); from it: ``(call id, True, result)``, or
+``(call id, False, (code, detail))`` for a ``CashuError``, or ``(call id, None, why)``
+for anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pickle
+import struct
+import sys
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+from constellation.ecash import mint as m
+from constellation.ecash.keyset import Keyset
+
+log = logging.getLogger("mint")
+
+
+def _swap(rules: m.Mint, request: Any, now: int) -> tuple[m.Spend, m.Outputs, list[Any]]:
+    """A swap checked (``Mint.swap``), then its outputs signed."""
+    spend, out = rules.swap(request, now)
+    return spend, out, rules.sign(request.outputs)
+
+
+CALLS: dict[str, Callable[..., Any]] = {"swap": _swap, "sign": m.Mint.sign, "spend": m.Mint.spend}
+_LENGTH = struct.Struct(">I")
+
+
+class Stopped(Exception):
+    """The EC process stopped before it answered: the call did nothing."""
+
+
+def _frame(message: object) -> bytes:
+    data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(data)) + data
+
+
+def _keysets(mint: m.Mint) -> tuple[str, list[tuple[Any, ...]], int]:
+    described = [
+        (k.unit, k.index, k.input_fee_ppk, k.secrets, k.active) for k in mint.keysets.values()
+    ]
+    return ("keysets", described, mint.max_amount)
+
+
+class EC:
+    """The child process, as the mint's event loop calls it."""
+
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+        self.rules: m.Mint | None = None  # the keysets the child has
+        self.waiting: dict[int, asyncio.Future[Any]] = {}
+        self.outbox: list[bytes] = []
+        self.next_id = 0
+        self.reader: asyncio.Task[None] | None = None
+        self.starting: asyncio.Lock | None = None
+
+    async def start(self) -> None:
+        """Start the child, where none runs."""
+        if self.starting is None:
+            self.starting = asyncio.Lock()
+        async with self.starting:
+            if self.proc is not None:
+                return
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "services.ecash.ec",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            self.rules = None
+            self.reader = asyncio.create_task(self._read(self.proc))
+            log.info("EC process started", extra={"pid": self.proc.pid})
+
+    async def call(self, rules: m.Mint, name: str, *args: Any) -> Any:
+        """``CALLS[name](rules, *args)``, run by the child (with its copy of ``rules``)."""
+        assert name in CALLS
+        if self.proc is None:
+            await self.start()
+        if rules is not self.rules:  # new, or a rotation: the child takes the keysets first
+            self.rules = rules
+            self._send(_frame(_keysets(rules)))
+        self.next_id += 1
+        done = self.waiting[self.next_id] = asyncio.get_running_loop().create_future()
+        self._send(_frame((self.next_id, name, args)))
+        return await done
+
+    def _send(self, frame: bytes) -> None:
+        if not self.outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.outbox.append(frame)
+
+    def _flush(self) -> None:
+        frames, self.outbox = self.outbox, []
+        if self.proc is not None and self.proc.stdin is not None:
+            self.proc.stdin.write(b"".join(frames))
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        why = "it stopped"
+        try:
+            while True:
+                (length,) = _LENGTH.unpack(await proc.stdout.readexactly(_LENGTH.size))
+                cid, ok, result = pickle.loads(await proc.stdout.readexactly(length))
+                done = self.waiting.pop(cid, None)
+                if done is None or done.done():  # its caller was cancelled
+                    continue
+                if ok:
+                    done.set_result(result)
+                elif ok is False:
+                    done.set_exception(m.CashuError(*result))
+                else:
+                    done.set_exception(RuntimeError(f"the EC process failed: {result}"))
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            why = repr(exc)
+        finally:
+            self._lost(proc, why)
+
+    def _lost(self, proc: asyncio.subprocess.Process, why: str) -> None:
+        if self.proc is not proc:
+            return
+        self.proc = None
+        self.outbox = []  # none of it for the next child
+        waiting, self.waiting = self.waiting, {}
+        for done in waiting.values():
+            if not done.done():
+                done.set_exception(Stopped(f"the EC process stopped ({why})"))
+        if proc.returncode is None:
+            proc.kill()
+        log.warning("EC process stopped", extra={"pid": proc.pid, "why": why})
+
+    async def close(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        self._flush()
+        self.proc = None
+        if proc.stdin is not None:
+            proc.stdin.close()  # the child's end of file: it stops
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reader
+
+
+def _read_frame(stream: BinaryIO) -> Any:
+    head = stream.read(_LENGTH.size)
+    if len(head) < _LENGTH.size:
+        return None
+    (length,) = _LENGTH.unpack(head)
+    data = stream.read(length)
+    if len(data) < length:
+        return None
+    return pickle.loads(data)
+
+
+def serve(inbox: BinaryIO, outbox: BinaryIO) -> None:
+    """The child: calls from ``inbox`` run in order, each answered at once on
+    ``outbox``; returns at the end of ``inbox``."""
+    rules: m.Mint | None = None
+    while (message := _read_frame(inbox)) is not None:
+        if message[0] == "keysets":
+            _, described, max_amount = message
+            rules = m.Mint([Keyset(*d) for d in described], max_amount)
+            continue
+        cid, name, args = message
+        try:
+            if rules is None or name not in CALLS:
+                raise RuntimeError(f"{name} before any keysets, or not a call")
+            answer: tuple[Any, ...] = (cid, True, CALLS[name](rules, *args))
+        except m.CashuError as exc:
+            answer = (cid, False, (exc.code, exc.detail))
+        except Exception as exc:  # the caller is told; the child goes on
+            answer = (cid, None, repr(exc))
+        outbox.write(_frame(answer))
+        outbox.flush()
+
+
+if __name__ == "__main__":
+    serve(sys.stdin.buffer, sys.stdout.buffer)
