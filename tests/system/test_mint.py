@@ -41,6 +41,7 @@ from constellation.wallet import Wallet
 from services.api_client import Gateway, GatewayError
 from services.crossload import reserve
 from services.devnet import Devnet, free_port, guild, spawn, stop_pid, wait_ready
+from services.devnet.procs import child_pids
 from services.ecash.app import ISSUE_SETTLE_S
 from services.ecash.client import MintClient, MintError
 from services.ecash.store import SWAP_GROUPS, MintBooks, MintStore, mint_books
@@ -255,7 +256,7 @@ async def test_swaps_committed_together_each_win_or_leave_nothing(where: Path) -
 
 
 async def test_large_requests_are_signed_and_checked_off_the_event_loop(where: Path) -> None:
-    """40 outputs minted and 40 proofs swapped (past ``OFF_LOOP``: in a thread), every
+    """40 outputs minted and 40 proofs swapped (in the mint's EC process), every
     signature's DLEQ proof checked, while a small request is answered meanwhile."""
     op0, _ = nets(where)
     async with aiohttp.ClientSession() as s:
@@ -380,6 +381,39 @@ async def test_two_mint_processes_and_kill_9_lose_no_proof_and_sign_nothing_twic
         print("swaps by outcome:", dict(codes), "committed:", len(committed))
         # the answers lost to the kill may include every commit; some swap committed
         assert set(codes) <= {200, -1, m.SPENT, m.PENDING} and committed
+
+
+async def test_the_ec_process_killed_during_swaps_fails_them_whole_and_another_serves(
+    where: Path,
+) -> None:
+    """``kill -9`` of the mint's EC process while swaps wait on it: each is answered,
+    signed and spent, or "retry" (503) with nothing of it done; the mint goes on with a
+    new EC process."""
+    op0, op1 = nets(where)
+    ec = child_pids(op0.mint_pid)
+    assert len(ec) == 1, ec
+    async with aiohttp.ClientSession() as s:
+        mint = Mint(op0.mint_url, s)
+        await mint.load()
+        proofs = await mint.mint_paid(2**8 - 1, LightningRpc(op1.lightning_rpc))  # 8
+        swaps = []
+        for p in proofs:
+            outputs, _ = client.outputs_for(p.amount, mint.active)
+            swaps.append(([p], outputs, mint.call("/v1/swap", {"inputs": [p], "outputs": outputs})))
+        answers = asyncio.gather(*(call for *_, call in swaps))
+        await asyncio.sleep(0)  # the requests are on their way
+        os.kill(ec[0], signal.SIGKILL)
+        codes = [status for status, _ in await answers]
+        for (inputs, outputs, _), status in zip(swaps, codes, strict=True):
+            _, restored = await mint.call("/v1/restore", {"outputs": outputs})
+            done = (await mint.states(inputs), len(restored["signatures"]))
+            assert done == ((["SPENT"], len(outputs)) if status == 200 else (["UNSPENT"], 0))
+        assert set(codes) <= {200, 503}, codes
+        print("swaps answered:", Counter(codes))
+        again = [p for p, status in zip(proofs, codes, strict=True) if status != 200]
+        if again:  # a new EC process serves the retries
+            assert len(await mint.swap(again, [p.amount for p in again])) == len(again)
+        assert child_pids(op0.mint_pid) not in ([], ec)
 
 
 Sent = tuple[str, list[nut.Proof], list[nut.BlindedMessage], int]  # quote ("": a swap)
