@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import pickle
+import signal
 import struct
 import sys
 from collections.abc import Callable
@@ -47,6 +48,8 @@ def _swap(rules: m.Mint, request: Any, now: int) -> tuple[m.Spend, m.Outputs, li
 
 CALLS: dict[str, Callable[..., Any]] = {"swap": _swap, "sign": m.Mint.sign, "spend": m.Mint.spend}
 _LENGTH = struct.Struct(">I")
+STUCK_S = 30.0  # no answer this long to the oldest call: the child is stuck (a request of
+# 1,000 inputs and 1,000 outputs takes it about 0.2 s)
 
 
 class Stopped(Exception):
@@ -71,11 +74,13 @@ class EC:
     def __init__(self) -> None:
         self.proc: asyncio.subprocess.Process | None = None
         self.rules: m.Mint | None = None  # the keysets the child has
-        self.waiting: dict[int, asyncio.Future[Any]] = {}
+        # calls sent and not answered, oldest first: (answer, when sent)
+        self.waiting: dict[int, tuple[asyncio.Future[Any], float]] = {}
         self.outbox: list[bytes] = []
         self.next_id = 0
-        self.reader: asyncio.Task[None] | None = None
+        self.tasks: list[asyncio.Task[None]] = []  # the children's readers and watchdogs
         self.starting: asyncio.Lock | None = None
+        self.closed = False
 
     async def start(self) -> None:
         """Start the child, where none runs."""
@@ -84,28 +89,39 @@ class EC:
         async with self.starting:
             if self.proc is not None:
                 return
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "services.ecash.ec",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-            )
-            self.rules = None
-            self.reader = asyncio.create_task(self._read(self.proc))
-            log.info("EC process started", extra={"pid": self.proc.pid})
+            if self.closed:
+                raise Stopped("the mint is stopping")
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "services.ecash.ec",
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                )
+            except OSError as exc:  # out of processes or files, for now
+                raise Stopped(f"the EC process did not start ({exc!r})") from None
+            self.proc, self.rules = proc, None
+            self.tasks = [t for t in self.tasks if not t.done()] + [
+                asyncio.create_task(self._read(proc)),
+                asyncio.create_task(self._watch(proc)),
+            ]
+            log.info("EC process started", extra={"pid": proc.pid})
 
     async def call(self, rules: m.Mint, name: str, *args: Any) -> Any:
         """``CALLS[name](rules, *args)``, run by the child (with its copy of ``rules``)."""
         assert name in CALLS
         if self.proc is None:
             await self.start()
+        frame = _frame((self.next_id + 1, name, args))
         if rules is not self.rules:  # new, or a rotation: the child takes the keysets first
-            self.rules = rules
             self._send(_frame(_keysets(rules)))
+            self.rules = rules
         self.next_id += 1
-        done = self.waiting[self.next_id] = asyncio.get_running_loop().create_future()
-        self._send(_frame((self.next_id, name, args)))
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self.waiting[self.next_id] = (done, loop.time())
+        self._send(frame)
         return await done
 
     def _send(self, frame: bytes) -> None:
@@ -115,8 +131,13 @@ class EC:
 
     def _flush(self) -> None:
         frames, self.outbox = self.outbox, []
-        if self.proc is not None and self.proc.stdin is not None:
-            self.proc.stdin.write(b"".join(frames))
+        stdin = self.proc.stdin if self.proc is not None else None
+        if stdin is None or stdin.is_closing():  # the child is gone: the reader says so
+            return
+        try:
+            stdin.write(b"".join(frames))
+        except (RuntimeError, OSError) as exc:  # uvloop: the pipe closed just now
+            log.debug("EC process not written to", extra={"error": repr(exc)})
 
     async def _read(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -125,7 +146,7 @@ class EC:
             while True:
                 (length,) = _LENGTH.unpack(await proc.stdout.readexactly(_LENGTH.size))
                 cid, ok, result = pickle.loads(await proc.stdout.readexactly(length))
-                done = self.waiting.pop(cid, None)
+                done, _ = self.waiting.pop(cid, (None, 0.0))
                 if done is None or done.done():  # its caller was cancelled
                     continue
                 if ok:
@@ -134,41 +155,56 @@ class EC:
                     done.set_exception(m.CashuError(*result))
                 else:
                     done.set_exception(RuntimeError(f"the EC process failed: {result}"))
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        except Exception as exc:  # its end, or what is not a frame: it is done with
             why = repr(exc)
         finally:
             self._lost(proc, why)
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
+        """A child that answers nothing for ``STUCK_S`` (stopped, wedged) is killed: the
+        calls it held fail, the next call starts another."""
+        loop = asyncio.get_running_loop()
+        while self.proc is proc:
+            await asyncio.sleep(STUCK_S / 4)
+            oldest = next(iter(self.waiting.values()), None)
+            if oldest is not None and loop.time() - oldest[1] > STUCK_S:
+                self._lost(proc, f"no answer in {STUCK_S:.0f} s")
 
     def _lost(self, proc: asyncio.subprocess.Process, why: str) -> None:
         if self.proc is not proc:
             return
         self.proc = None
         self.outbox = []  # none of it for the next child
-        waiting, self.waiting = self.waiting, {}
-        for done in waiting.values():
-            if not done.done():
-                done.set_exception(Stopped(f"the EC process stopped ({why})"))
+        self._fail(f"the EC process stopped ({why})")
         if proc.returncode is None:
             proc.kill()
         log.warning("EC process stopped", extra={"pid": proc.pid, "why": why})
 
+    def _fail(self, why: str) -> None:
+        waiting, self.waiting = self.waiting, {}
+        for done, _ in waiting.values():
+            if not done.done():
+                done.set_exception(Stopped(why))
+
     async def close(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        self._flush()
-        self.proc = None
-        if proc.stdin is not None:
-            proc.stdin.close()  # the child's end of file: it stops
-        try:
-            await asyncio.wait_for(proc.wait(), 5)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-        if self.reader is not None:
-            self.reader.cancel()
+        """Stop the child (it finishes what it was sent); a call still waiting, or made
+        after, fails."""
+        self.closed = True
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            with contextlib.suppress(RuntimeError, OSError):  # uvloop: it closed just now
+                if proc.stdin is not None:
+                    proc.stdin.close()  # the child's end of file: it stops
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        for task in self.tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self.reader
+                await task
+        self._fail("the mint is stopping")
 
 
 def _read_frame(stream: BinaryIO) -> Any:
@@ -205,4 +241,12 @@ def serve(inbox: BinaryIO, outbox: BinaryIO) -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.stdin.buffer, sys.stdout.buffer)
+    # A signal to the mint's process group (Ctrl-C, a service manager) stops the mint,
+    # which closes the pipe when it is done with this process: until then it answers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with (
+        open(sys.stdin.fileno(), "rb", closefd=False) as inbox,  # buffered both ways,
+        open(sys.stdout.fileno(), "wb", closefd=False) as outbox,  # even unbuffered stdio
+    ):
+        serve(inbox, outbox)

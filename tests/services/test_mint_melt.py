@@ -98,6 +98,12 @@ class World:
         return any(p.payment_hash == h and p.status == "complete" for p in parts)
 
 
+async def shut(app: MintApp) -> None:
+    """What ``MintApp.run`` closes at its end, of a mint made by ``World.mint``."""
+    await app.ec.close()
+    await app.db.close()
+
+
 def ecash(app: MintApp, amount: int) -> list[nut.Proof]:
     """Proofs worth ``amount`` signed by the mint's active keyset (as if minted)."""
     kid = app.rules.active("sat").id
@@ -171,7 +177,7 @@ async def test_a_melt_settled_late_through_xpay_s_listpays_keeps_its_routing_fee
         )
         assert kept == 2000 - fee_msat  # what the mint kept is what it did not pay
     finally:
-        await app.db.close()
+        await shut(app)
         await w.sim.close()
 
 
@@ -206,7 +212,7 @@ async def test_a_melt_sent_again_is_answered_with_its_quote_as_it_stands(
             await app.melt(request(other))
         assert refused.value.code == m.INVOICE_PAID
     finally:
-        await app.db.close()
+        await shut(app)
         await w.sim.close()
 
 
@@ -230,7 +236,7 @@ async def test_a_melt_whose_node_is_not_reachable_fails_at_once_and_frees_its_pr
         await w.sim.set_online("a", True)
         assert (await app.melt(request(body)))["state"] == "PAID" and w.paid(bolt11)
     finally:
-        await app.db.close()
+        await shut(app)
         await w.sim.close()
 
 
@@ -254,7 +260,7 @@ async def test_an_invoice_its_node_paid_outside_the_mint_is_not_melted(postgres:
         assert refused.value.code == m.INVOICE_PAID
         await unpaid_and_free(app, body["quote"])
     finally:
-        await app.db.close()
+        await shut(app)
         await w.sim.close()
 
 
@@ -288,7 +294,7 @@ async def test_a_paid_melt_whose_settling_a_deadlock_aborted_is_not_refused(
         quote, change = await app.db.melt_quote(body["quote"], m.BOLT11) or (None, [])
         assert quote is not None and quote.state == m.MELT_PAID and change
     finally:
-        await app.db.close()
+        await shut(app)
         await w.sim.close()
 
 
@@ -316,7 +322,7 @@ async def test_a_deposit_paid_before_its_quote_expired_is_minted_while_the_follo
             await app.mint_ecash(request({"quote": unpaid["quote"], "outputs": outputs}))
         assert refused.value.code == m.QUOTE_UNPAID
     finally:
-        await app.db.close()
+        await shut(app)
         await w.sim.close()
 
 
@@ -387,7 +393,7 @@ async def test_a_pay_call_late_for_its_window_is_never_sent_once_another_process
         assert quote is not None and quote.state == m.MELT_UNPAID
     finally:
         for app in (a, b):
-            await app.db.close()
+            await shut(app)
         await w.sim.close()
 
 
@@ -419,7 +425,7 @@ async def test_a_melt_waits_a_bounded_time_for_a_payment_place_and_never_sends_l
             p.bolt11 != x for p in w.sim.network.nodes["a"].parts
         )
     finally:
-        await app.db.close()
+        await shut(app)
         await w.sim.close()
 
 
@@ -459,7 +465,7 @@ async def test_payments_their_payees_hold_leave_their_places_to_other_melts(
     finally:
         for payee in ("b", "far"):
             w.sim.release(payee)
-        await app.db.close()
+        await shut(app)
         await w.sim.close()
 
 
@@ -494,7 +500,7 @@ async def test_a_payee_holding_its_htlcs_has_only_so_many_melts_in_flight(
     finally:
         w.sim.release("b")
         for app in (a, b):
-            await app.db.close()
+            await shut(app)
         await w.sim.close()
 
 
@@ -517,7 +523,7 @@ async def test_many_users_paying_one_payee_at_once_are_all_paid(postgres: str) -
         assert [d["state"] for d in docs] == ["PAID"] * len(apps)
     finally:
         for app in (a, b):
-            await app.db.close()
+            await shut(app)
         await w.sim.close()
 
 
@@ -553,7 +559,7 @@ async def test_a_burst_of_melts_to_one_payee_is_refused_past_its_in_flight_bound
         assert [d["state"] for d in docs] == ["PAID"] * len(burst)
     finally:
         w.sim.release("b")
-        await app.db.close()
+        await shut(app)
         await w.sim.close()
 
 
@@ -591,7 +597,7 @@ async def test_a_payment_the_gateway_made_while_a_melt_waited_to_send_is_not_the
         for payee in ("b", "far"):
             w.sim.release(payee)
         for app in (a, b):
-            await app.db.close()
+            await shut(app)
         await w.sim.close()
 
 
@@ -623,7 +629,7 @@ async def test_a_melt_that_cannot_see_the_node_before_sending_sends_nothing(
         parts = [p for p in w.sim.network.nodes["a"].parts if p.bolt11 == x]
         assert [p.status for p in parts] == ["complete"]  # the gateway's, once
     finally:
-        await app.db.close()
+        await shut(app)
         await w.sim.close()
 
 
@@ -677,7 +683,7 @@ async def test_a_melt_never_sent_fails_once_it_can_be_sent_no_more(
         await unpaid_and_free(b, body["quote"])
     finally:
         for app in (a, b):
-            await app.db.close()
+            await shut(app)
         await w.sim.close()
 
 
@@ -707,7 +713,7 @@ async def test_melt_quote_options_the_mint_does_not_offer_are_refused(postgres: 
         q = await app.melt_quote(request({"request": bolt11, "unit": "sat", "options": None}))
         assert q["amount"] == 100_000
     finally:
-        await app.db.close()
+        await shut(app)
         await w.sim.close()
 
 
