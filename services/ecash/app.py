@@ -149,13 +149,15 @@ class MintApp:
         self.limits: Limits | None = None  # per client address, where there is Redis
         self.onchain: Onchain | None = None  # deposits and withdrawals on-chain (NUT-30)
         self.database_down: str | None = None  # why it failed last, until a task reaches it
-        self.ec = EC()  # checks and signs in a process of its own
+        self.ec = EC(self.metrics.ec_stops.inc)  # checks and signs in a process of its own
 
     def ready(self) -> tuple[bool, str]:
         if self.mint is None:
             return False, "starting"
         if self.database_down is not None:
             return False, f"database not reachable: {self.database_down}"
+        if self.ec.unsteady():
+            return False, "the EC process keeps stopping (see the log)"
         return True, ""
 
     async def run(self, stop: asyncio.Event) -> None:

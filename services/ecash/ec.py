@@ -25,12 +25,14 @@ for anything else.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import pickle
 import signal
 import struct
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
@@ -50,6 +52,7 @@ CALLS: dict[str, Callable[..., Any]] = {"swap": _swap, "sign": m.Mint.sign, "spe
 _LENGTH = struct.Struct(">I")
 STUCK_S = 30.0  # no answer this long to the oldest call: the child is stuck (a request of
 # 1,000 inputs and 1,000 outputs takes it about 0.2 s)
+UNSTEADY = (3, 60.0)  # children stopped, within seconds: the mint says it is not ready
 
 
 class Stopped(Exception):
@@ -69,9 +72,12 @@ def _keysets(mint: m.Mint) -> tuple[str, list[tuple[Any, ...]], int]:
 
 
 class EC:
-    """The child process, as the mint's event loop calls it."""
+    """The child process, as the mint's event loop calls it; ``on_stop`` is told of each
+    child that stopped unasked."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_stop: Callable[[], None] = lambda: None) -> None:
+        self.on_stop = on_stop
+        self.stops: collections.deque[float] = collections.deque(maxlen=UNSTEADY[0])
         self.proc: asyncio.subprocess.Process | None = None
         self.rules: m.Mint | None = None  # the keysets the child has
         # calls sent and not answered, oldest first: (answer, when sent)
@@ -179,6 +185,14 @@ class EC:
         if proc.returncode is None:
             proc.kill()
         log.warning("EC process stopped", extra={"pid": proc.pid, "why": why})
+        self.stops.append(time.monotonic())
+        self.on_stop()
+
+    def unsteady(self) -> bool:
+        """Whether children stopped ``UNSTEADY`` times in a short while (crashing as
+        they start, killed for memory): the mint is not ready."""
+        count, within_s = UNSTEADY
+        return len(self.stops) == count and time.monotonic() - self.stops[0] < within_s
 
     def _fail(self, why: str) -> None:
         waiting, self.waiting = self.waiting, {}

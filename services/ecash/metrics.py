@@ -40,6 +40,11 @@ class MintMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=r,
         )
+        self.ec_stops = Counter(
+            "mint_ec_process_stops",
+            "EC processes that stopped unasked (each is replaced; their calls answered 503)",
+            registry=r,
+        )
         self.pending_melts = Gauge(
             "mint_pending_melts", "melts whose payment's fate is not known yet", registry=r
         )

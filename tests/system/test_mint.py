@@ -414,6 +414,10 @@ async def test_the_ec_process_killed_during_swaps_fails_them_whole_and_another_s
         if again:  # a new EC process serves the retries
             assert len(await mint.swap(again, [p.amount for p in again])) == len(again)
         assert child_pids(op0.mint_pid) not in ([], ec)
+        async with s.get(f"{op0.mint_url}/metrics") as resp:
+            assert "mint_ec_process_stops_total 1.0" in await resp.text()
+        async with s.get(f"{op0.mint_url}/readyz") as resp:
+            assert resp.status == 200  # one stop: still ready
 
 
 Sent = tuple[str, list[nut.Proof], list[nut.BlindedMessage], int]  # quote ("": a swap)
