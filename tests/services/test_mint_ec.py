@@ -137,20 +137,20 @@ def test_under_uvloop_a_call_just_after_the_child_died_fails_and_nothing_else() 
 
 
 async def test_a_child_that_answers_nothing_is_killed_and_replaced(
-    ec: EC, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(ec_module, "STUCK_S", 0.4)
-    restart = EC()  # its watchdog with the short wait
-    await restart.start()
-    assert restart.proc is not None
-    stuck = restart.proc.pid
+    ec = EC()  # its watchdog with the short wait
+    await ec.start()
+    assert ec.proc is not None
+    stuck = ec.proc.pid
     os.kill(stuck, signal.SIGSTOP)
     outputs = client.outputs_for(8, OLD.id)[0]
     with pytest.raises(Stopped, match="no answer in 0 s"):
-        await asyncio.wait_for(restart.call(BEFORE, "sign", outputs), 5)
-    assert await restart.call(BEFORE, "sign", outputs) == BEFORE.sign(outputs)
-    assert restart.proc is not None and restart.proc.pid != stuck
-    await restart.close()
+        await asyncio.wait_for(ec.call(BEFORE, "sign", outputs), 5)
+    assert await ec.call(BEFORE, "sign", outputs) == BEFORE.sign(outputs)
+    assert ec.proc is not None and ec.proc.pid != stuck
+    await ec.close()
 
 
 async def test_closing_stops_the_child_and_fails_what_it_did_not_answer() -> None:
