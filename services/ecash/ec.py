@@ -87,6 +87,7 @@ class EC:
         self.tasks: list[asyncio.Task[None]] = []  # the children's readers and watchdogs
         self.starting: asyncio.Lock | None = None
         self.closed = False
+        self.lost: set[asyncio.subprocess.Process] = set()  # killed, maybe not yet gone
 
     async def start(self) -> None:
         """Start the child, where none runs."""
@@ -184,6 +185,8 @@ class EC:
         self._fail(f"the EC process stopped ({why})")
         if proc.returncode is None:
             proc.kill()
+        _close_pipe(proc)
+        self.lost = {p for p in self.lost if p.returncode is None} | {proc}
         log.warning("EC process stopped", extra={"pid": proc.pid, "why": why})
         self.stops.append(time.monotonic())
         self.on_stop()
@@ -206,19 +209,26 @@ class EC:
         self.closed = True
         proc, self.proc = self.proc, None
         if proc is not None:
-            with contextlib.suppress(RuntimeError, OSError):  # uvloop: it closed just now
-                if proc.stdin is not None:
-                    proc.stdin.close()  # the child's end of file: it stops
+            _close_pipe(proc)  # the child's end of file: it stops
             try:
                 await asyncio.wait_for(proc.wait(), 5)
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+        for gone in self.lost:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gone.wait(), 5)
         for task in self.tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._fail("the mint is stopping")
+
+
+def _close_pipe(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(RuntimeError, OSError):  # uvloop: it closed just now
+        if proc.stdin is not None:
+            proc.stdin.close()
 
 
 def _read_frame(stream: BinaryIO) -> Any:
