@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import pickle
 import signal
@@ -109,10 +110,10 @@ class EC:
             except OSError as exc:  # out of processes or files, for now
                 raise Stopped(f"the EC process did not start ({exc!r})") from None
             self.proc, self.rules = proc, None
-            self.tasks = [t for t in self.tasks if not t.done()] + [
-                asyncio.create_task(self._read(proc)),
-                asyncio.create_task(self._watch(proc)),
-            ]
+            tasks = [asyncio.create_task(self._read(proc)), asyncio.create_task(self._watch(proc))]
+            for task in tasks:
+                task.add_done_callback(functools.partial(self._ended, proc))
+            self.tasks = [t for t in self.tasks if not t.done()] + tasks
             log.info("EC process started", extra={"pid": proc.pid})
 
     async def call(self, rules: m.Mint, name: str, *args: Any) -> Any:
@@ -176,6 +177,13 @@ class EC:
             oldest = next(iter(self.waiting.values()), None)
             if oldest is not None and loop.time() - oldest[1] > STUCK_S:
                 self._lost(proc, f"no answer in {STUCK_S:.0f} s")
+
+    def _ended(self, proc: asyncio.subprocess.Process, task: asyncio.Task[None]) -> None:
+        """A child's reader or watchdog that failed takes the child with it (said, and
+        counted as its stop): the next call starts both again."""
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("EC process task failed", exc_info=exc, extra={"pid": proc.pid})
+            self._lost(proc, f"its task failed ({exc!r})")
 
     def _lost(self, proc: asyncio.subprocess.Process, why: str) -> None:
         if self.proc is not proc:

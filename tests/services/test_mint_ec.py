@@ -183,3 +183,26 @@ async def test_children_that_keep_stopping_make_it_unsteady() -> None:
     assert ec.unsteady() and len(stops) == ec_module.UNSTEADY[0]
     await ec.close()
     assert len(stops) == ec_module.UNSTEADY[0]  # a close is no stop
+
+
+async def test_a_task_of_the_child_that_fails_takes_the_child_and_is_said(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    stops: list[None] = []
+    ec = EC(lambda: stops.append(None))
+    monkeypatch.setattr(ec_module, "STUCK_S", None)  # its watchdog fails at once
+    await ec.start()
+    assert ec.proc is not None
+    first = ec.proc
+    for _ in range(100):
+        if ec.proc is None:
+            break
+        await asyncio.sleep(0.01)
+    assert ec.proc is None and len(stops) == 1
+    assert "EC process task failed" in caplog.text
+    monkeypatch.undo()
+    outputs = client.outputs_for(8, OLD.id)[0]
+    assert await ec.call(BEFORE, "sign", outputs) == BEFORE.sign(outputs)
+    assert ec.proc is not None and ec.proc is not first
+    await ec.close()
+    assert first.returncode is not None  # the first child was killed and reaped
