@@ -251,6 +251,10 @@ def clear_stale_lock(data: Path, wait_s: float = STALE_LOCK_WAIT_S) -> None:
     while any(alive(orphan) for orphan in left) and time.monotonic() < end:
         time.sleep(0.05)
     lock.unlink(missing_ok=True)
+    # its sockets' locks too: PostgreSQL takes a server that is a zombie nobody reaped
+    # yet for one running there, and refuses to start ("lock file ... already exists")
+    for socket_lock in data.glob(".s.PGSQL.*.lock"):
+        socket_lock.unlink(missing_ok=True)
 
 
 def _processes_in(folder: Path) -> list[int]:
