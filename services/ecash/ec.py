@@ -13,7 +13,9 @@ The child is the mint's own: it gets the keysets' secrets over the pipe (never t
 its command line or environment), takes nothing from anyone else, and stops when the
 pipe closes (its parent stopped, however). A child that dies fails the calls it held
 with ``Stopped`` (the request is answered "retry": nothing of it happened, as nothing is
-stored before its signatures come back) and the next call starts another.
+stored before its signatures come back) and the next call starts another; where children
+keep stopping before they answer anything (they crash as they start), the next starts
+only after a pause that doubles each time (``BACKOFF_S``), and calls meanwhile fail at once.
 
 Frames both ways are a 4-byte big-endian length and a pickle; to the child: the
 keysets (``("keysets", [(unit, index, input_fee_ppk, secrets, active)], max_amount)``)
@@ -34,7 +36,7 @@ import signal
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
 from constellation.ecash import mint as m
@@ -54,6 +56,11 @@ _LENGTH = struct.Struct(">I")
 STUCK_S = 30.0  # no answer this long to the oldest call: the child is stuck (a request of
 # 1,000 inputs and 1,000 outputs takes it about 0.2 s)
 UNSTEADY = (3, 60.0)  # children stopped, within seconds: the mint says it is not ready
+# After the second child in a row that stopped before it answered anything (it crashes
+# as it starts), the next starts this long after the last stopped, then twice as long
+# each time, at most the second figure; calls meanwhile fail at once.
+BACKOFF_S = (0.5, 30.0)
+CHILD = (sys.executable, "-m", "services.ecash.ec")
 
 
 class Stopped(Exception):
@@ -74,11 +81,16 @@ def _keysets(mint: m.Mint) -> tuple[str, list[tuple[Any, ...]], int]:
 
 class EC:
     """The child process, as the mint's event loop calls it; ``on_stop`` is told of each
-    child that stopped unasked."""
+    child that stopped unasked. ``argv`` starts a child."""
 
-    def __init__(self, on_stop: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self, on_stop: Callable[[], None] = lambda: None, argv: Sequence[str] = CHILD
+    ) -> None:
         self.on_stop = on_stop
+        self.argv = argv
         self.stops: collections.deque[float] = collections.deque(maxlen=UNSTEADY[0])
+        self.fruitless = 0  # children in a row that stopped before they answered anything
+        self.answered = False  # whether the child now running has answered anything
         self.proc: asyncio.subprocess.Process | None = None
         self.rules: m.Mint | None = None  # the keysets the child has
         # calls sent and not answered, oldest first: (answer, when sent)
@@ -99,17 +111,17 @@ class EC:
                 return
             if self.closed:
                 raise Stopped("the mint is stopping")
+            wait = self.backoff()
+            if wait > 0:
+                why = f"the EC process keeps stopping as it starts; next try in {wait:.1f} s"
+                raise Stopped(why)
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "services.ecash.ec",
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
+                    *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
                 )
             except OSError as exc:  # out of processes or files, for now
                 raise Stopped(f"the EC process did not start ({exc!r})") from None
-            self.proc, self.rules = proc, None
+            self.proc, self.rules, self.answered = proc, None, False
             tasks = [asyncio.create_task(self._read(proc)), asyncio.create_task(self._watch(proc))]
             for task in tasks:
                 task.add_done_callback(functools.partial(self._ended, proc))
@@ -154,6 +166,7 @@ class EC:
             while True:
                 (length,) = _LENGTH.unpack(await proc.stdout.readexactly(_LENGTH.size))
                 cid, ok, result = pickle.loads(await proc.stdout.readexactly(length))
+                self.answered = self.answered or self.proc is proc
                 done, _ = self.waiting.pop(cid, (None, 0.0))
                 if done is None or done.done():  # its caller was cancelled
                     continue
@@ -195,9 +208,21 @@ class EC:
             proc.kill()
         _close_pipe(proc)
         self.lost = {p for p in self.lost if p.returncode is None} | {proc}
-        log.warning("EC process stopped", extra={"pid": proc.pid, "why": why})
+        self.fruitless = 0 if self.answered else self.fruitless + 1
+        log.warning(
+            "EC process stopped",
+            extra={"pid": proc.pid, "why": why, "in_a_row_unanswered": self.fruitless},
+        )
         self.stops.append(time.monotonic())
         self.on_stop()
+
+    def backoff(self) -> float:
+        """Seconds before the next child may start (``BACKOFF_S``)."""
+        if self.fruitless < 2:
+            return 0.0
+        first, most = BACKOFF_S
+        delay = min(most, first * 2.0 ** (self.fruitless - 2))
+        return self.stops[-1] + delay - time.monotonic()
 
     def unsteady(self) -> bool:
         """Whether children stopped ``UNSTEADY`` times in a short while (crashing as

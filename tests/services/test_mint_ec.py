@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -169,7 +170,10 @@ async def test_closing_stops_the_child_and_fails_what_it_did_not_answer() -> Non
         await ec.call(BEFORE, "sign", outputs[0])
 
 
-async def test_children_that_keep_stopping_make_it_unsteady() -> None:
+async def test_children_that_keep_stopping_make_it_unsteady(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ec_module, "BACKOFF_S", (0.0, 0.0))  # each starts at once
     stops: list[None] = []
     ec = EC(lambda: stops.append(None))
     outputs = client.outputs_for(8, OLD.id)[0]
@@ -183,6 +187,51 @@ async def test_children_that_keep_stopping_make_it_unsteady() -> None:
     assert ec.unsteady() and len(stops) == ec_module.UNSTEADY[0]
     await ec.close()
     assert len(stops) == ec_module.UNSTEADY[0]  # a close is no stop
+
+
+async def test_children_that_crash_as_they_start_are_started_again_ever_more_slowly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ec_module, "BACKOFF_S", (0.4, 0.8))
+    started: list[int] = []
+    spawn = asyncio.create_subprocess_exec
+
+    async def counted(*argv: Any, **kw: Any) -> asyncio.subprocess.Process:
+        proc = await spawn(*argv, **kw)
+        started.append(proc.pid)
+        return proc
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", counted)
+    crashing = [sys.executable, "-c", "raise SystemExit(3)"]
+    ec = EC(argv=crashing)
+    outputs = client.outputs_for(8, OLD.id)[0]
+
+    async def fails(why: str) -> None:
+        with pytest.raises(Stopped, match=why):
+            await ec.call(BEFORE, "sign", outputs)
+
+    await fails("stopped")  # the first crash: the next starts at once
+    await fails("stopped")
+    assert len(started) == 2 and ec.fruitless == 2
+    await fails("keeps stopping as it starts; next try in 0.[34] s")  # no third child yet
+    assert len(started) == 2
+    await asyncio.sleep(0.45)
+    await fails("stopped")  # the pause is over: a third, which crashes too
+    assert len(started) == 3
+    await asyncio.sleep(0.45)
+    await fails("keeps stopping")  # the pause doubled: 0.8 s
+    assert len(started) == 3
+    ec.argv = ec_module.CHILD  # fixed: the next, once the pause is over, answers
+    await asyncio.sleep(0.4)
+    assert await ec.call(BEFORE, "sign", outputs) == BEFORE.sign(outputs)
+    assert len(started) == 4 and ec.fruitless == 3
+    assert ec.proc is not None
+    os.kill(ec.proc.pid, signal.SIGKILL)  # a child that had answered: the next at once
+    await fails("stopped")
+    assert ec.fruitless == 0
+    assert await ec.call(BEFORE, "sign", outputs) == BEFORE.sign(outputs)
+    assert len(started) == 5
+    await ec.close()
 
 
 async def test_a_task_of_the_child_that_fails_takes_the_child_and_is_said(
