@@ -69,7 +69,7 @@ from enum import Enum
 from constellation.errors import TooLargeToSettle
 from constellation.hashing import tagged_hasher
 from constellation.keys import XOnlyPubKey
-from constellation.lightning import Outcome, PaymentState, spent_at_most
+from constellation.lightning import Outcome, PaymentState, failure_final, spent_at_most
 from constellation.tx import IssuanceBatch, Transaction, TxOutput
 
 PERIOD_S = 1.0  # a batch a second, at most
@@ -432,10 +432,11 @@ class Payer:
         now: float,
         fee_msat: int = 0,
         received_msat: int | None = None,
+        last_attempt_at: int | None = None,
     ) -> list[Action]:
         """What the node says of the batch's payment (an answer to ``Pay`` or ``LookUp``):
         with a settled one, its routing fee (what left the node, less the batch) and what
-        the payee got, where the node says.
+        the payee got, where the node says; when the newest attempt it lists began.
 
         A settled payment that gave the payee less than the batch, or cost less than the
         batch, is not this batch's: it is an earlier payment of ours of the same hash
@@ -451,13 +452,21 @@ class Payer:
         if outcome is Outcome.SETTLED:
             self._settle(b, fee_msat)
             return []
+        # Failed is final only once no pay command of ours can still be trying: neither
+        # the last one asked for, nor one that began later than asked (it waited for a
+        # place, say) and still tries routes (its newest attempt is recent).
+        final = failure_final(
+            PaymentState(outcome, b.payment_hash, last_attempt_at=last_attempt_at),
+            now,
+            b.paid_at,
+            ATTEMPTING_S,
+        )
         if b.status is Status.CANCELLING:  # the payee decides when it is cancelled
-            b.stopped = outcome is Outcome.FAILED and now >= b.paid_at + ATTEMPTING_S
+            b.stopped = final
             return []
         if b.status is Status.CANCELLED:
-            # Failed is final only once no pay command of ours can still be trying: a
-            # payee that said it cancelled may have kept its invoice.
-            if outcome is Outcome.FAILED and now >= b.paid_at + ATTEMPTING_S:
+            # a payee that said it cancelled may have kept its invoice
+            if final:
                 if b.paid_said:  # paid, by someone else: the payee released it
                     self._settle(b, 0)
                 else:

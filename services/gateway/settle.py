@@ -496,7 +496,12 @@ class Settler:
             await self._call(
                 pair,
                 lambda: pair.payer.outcome(
-                    a.batch, state.outcome, self.clock(), fee, state.amount_msat
+                    a.batch,
+                    state.outcome,
+                    self.clock(),
+                    fee,
+                    state.amount_msat,
+                    state.last_attempt_at,
                 ),
             )
 
@@ -511,7 +516,9 @@ class Settler:
         fee = _fee(pair, a.batch, state)
         await self._call(
             pair,
-            lambda: pair.payer.outcome(a.batch, outcome, self.clock(), fee, state.amount_msat),
+            lambda: pair.payer.outcome(
+                a.batch, outcome, self.clock(), fee, state.amount_msat, state.last_attempt_at
+            ),
         )
 
     def _count(
@@ -778,11 +785,12 @@ class Settler:
         amount = decoded.amount_msat or 0
         # what our node did with that hash (the payer takes only a new one)
         listed = await self.backend.payment(decoded.payment_hash, attempted=False)
-        try:
+        try:  # its command goes from now on (not from the message's arrival, before the
+            # node's answers): a cancel waits out a command that may still try from then
             await self._call(
                 pair,
                 lambda: pair.payer.offered(
-                    msg.batch, msg.bolt11, decoded.payment_hash, amount, now, listed
+                    msg.batch, msg.bolt11, decoded.payment_hash, amount, self.clock(), listed
                 ),
             )
         except ValueError as exc:  # not the amount owed, a hash paid: never paid; asked again

@@ -426,6 +426,42 @@ def test_a_payee_that_keeps_the_invoice_it_said_it_deleted_is_not_paid_twice() -
     assert payer.state.batch is None and payer.state.failed == 1
 
 
+def test_a_cancelled_batch_waits_out_a_pay_command_that_began_late_and_still_tries() -> None:
+    """Our pay command went out late (it waited for a place) and still tries routes;
+    the payee fails each attempt on purpose, says it cancelled and keeps its invoice,
+    and we restart. Failed is not final while our node's newest attempt is recent: a
+    batch dropped then would be paid again in the next while this command lands."""
+    payer = Payer(PayerState("p", "q"))
+    payer.owe(1, 5_000)
+    [request] = payer.tick(0.0)
+    assert isinstance(request, RequestInvoice)
+    b, h = request.batch, b"h" * 32
+    payer.offered(b, "lnbcrt1x", h, 5_000, 0.0)  # its command goes at 22, tries until 52
+    assert payer.outcome(b, Outcome.UNKNOWN, GIVE_UP_S) == [RequestCancel(b)]
+    payer.cancelled(b, False, 31.0)  # a lie: the invoice is kept
+    payer = Payer(copy.deepcopy(payer.state))  # a restart: no command of ours known
+    assert payer.resume(40.0) == [LookUp(b, h, True)]
+    payer.outcome(b, Outcome.FAILED, ATTEMPTING_S, last_attempt_at=44)
+    assert payer.state.batch is not None and payer.state.failed == 0  # may still land
+    payer.outcome(b, Outcome.FAILED, 44 + ATTEMPTING_S - 0.1, last_attempt_at=44)
+    assert payer.state.batch is not None
+    payer.outcome(b, Outcome.FAILED, 44 + ATTEMPTING_S, last_attempt_at=44)  # over
+    assert payer.state.batch is None and payer.state.failed == 1
+    assert payer.state.owed == [(1, 5_000)]
+    # Cancelling (the payee has not answered): no longer looked up only once it is over.
+    payer = Payer(PayerState("p", "q"))
+    payer.owe(1, 5_000)
+    [request] = payer.tick(0.0)
+    assert isinstance(request, RequestInvoice)
+    b = request.batch
+    payer.offered(b, "lnbcrt1x", h, 5_000, 0.0)
+    payer.outcome(b, Outcome.UNKNOWN, GIVE_UP_S)
+    payer.outcome(b, Outcome.FAILED, ATTEMPTING_S, last_attempt_at=44)
+    assert payer.state.batch is not None and not payer.state.batch.stopped
+    payer.outcome(b, Outcome.FAILED, 44 + ATTEMPTING_S, last_attempt_at=44)
+    assert payer.state.batch.stopped
+
+
 def test_an_invoice_left_unpaid_is_closed_once_its_node_says_it_can_no_longer_be_paid() -> None:
     """A payer that asks for an invoice and neither pays nor cancels it keeps nothing in
     flight here beyond its expiry; one paid just before it expired is released."""
