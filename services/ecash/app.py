@@ -910,13 +910,16 @@ class MintApp:
         if done is not None:  # a retry: answered as first, whatever changed since (keysets)
             return {"signatures": done}
         out = self.rules.outputs(req.outputs, inactive=True)
-        if not await self.db.withdraw_reserved(tx.txid, out.blinded):
+        # a retry of one that may have been sent names its outputs as reserved (signed
+        # then even by a keyset retired since, or as what the wallet signed them as since)
+        retry = await self.db.withdraw_reserved(tx.txid, req.outputs)
+        if not retry:
             self.rules.outputs(req.outputs)  # a first try: active keysets only
-        # (a retry of one that may have been sent: signed even by a keyset retired since)
         key = m.withdrawal_key(self.l3_key.pubkey, out.blinded)
         paid = sum(v for i, (v, owner) in enumerate(tx.outputs) if owner == key and tx.here(i))
         m.check_withdraw(paid, out)
-        await self.db.reserve_withdraw(tx.txid, out.blinded)  # refused here: nothing sent
+        if not retry:
+            await self.db.reserve_withdraw(tx.txid, req.outputs)  # refused here: nothing sent
         try:
             await gw.submit(tx)
         except GatewayError as exc:

@@ -160,6 +160,10 @@ CREATE TABLE IF NOT EXISTS mint_withdraw_outputs (  -- each B_ a withdrawal may 
     txid bytea NOT NULL
 );
 CREATE INDEX IF NOT EXISTS mint_withdraw_outputs_txid ON mint_withdraw_outputs (txid);
+-- what each reserved B_ is to be signed as: a retry signs it so or not at all (NULL: a
+-- reservation from before these columns, which a retry may not rely on)
+ALTER TABLE mint_withdraw_outputs ADD COLUMN IF NOT EXISTS keyset text;
+ALTER TABLE mint_withdraw_outputs ADD COLUMN IF NOT EXISTS amount bigint;
 CREATE TABLE IF NOT EXISTS mint_cursor (
     id int PRIMARY KEY CHECK (id = 1),
     pay_index bigint NOT NULL
@@ -445,6 +449,49 @@ async def _insert_promises(
         *_promise_columns(blinded, signatures),
     )
     return {bytes(r["b_"]) for r in rows}
+
+
+async def _recorded(
+    conn: asyncpg.Connection, blinded: Sequence[bytes]
+) -> dict[bytes, nut.BlindSignature]:
+    """The blind signatures recorded of ``blinded``, by B_ (those signed)."""
+    rows = await conn.fetch(
+        "SELECT * FROM mint_promises WHERE b_ = ANY($1::bytea[])", list(blinded)
+    )
+    return {
+        bytes(r["b_"]): nut.BlindSignature(
+            r["amount"], r["keyset"], r["c_"], nut.Dleq(r["e"], r["s"])
+        )
+        for r in rows
+    }
+
+
+def _reserved_columns(
+    outputs: Sequence[nut.BlindedMessage],
+) -> tuple[list[bytes], list[str], list[int]]:
+    return (
+        [bytes.fromhex(o.B_) for o in outputs],
+        [o.id for o in outputs],
+        [o.amount for o in outputs],
+    )
+
+
+async def _reserved_as(
+    conn: asyncpg.Connection, txid: bytes, outputs: Sequence[nut.BlindedMessage]
+) -> int:
+    """How many of ``outputs`` are reserved for withdrawal ``txid`` as their keyset and
+    amount."""
+    blinded, keysets, amounts = _reserved_columns(outputs)
+    found: int = await conn.fetchval(
+        "SELECT count(*) FROM mint_withdraw_outputs w"
+        " JOIN unnest($1::bytea[], $3::text[], $4::bigint[]) AS t(b, k, a)"
+        " ON w.b_ = t.b AND w.keyset = t.k AND w.amount = t.a WHERE w.txid = $2",
+        blinded,
+        txid,
+        keysets,
+        amounts,
+    )
+    return found
 
 
 async def _refuse_paid_or_paying(conn: asyncpg.Connection, payment_hash: str) -> None:
@@ -749,15 +796,7 @@ class MintStore:
 
     async def restore(self, blinded: Sequence[bytes]) -> dict[bytes, nut.BlindSignature]:
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT * FROM mint_promises WHERE b_ = ANY($1::bytea[])", list(blinded)
-            )
-        return {
-            bytes(r["b_"]): nut.BlindSignature(
-                r["amount"], r["keyset"], r["c_"], nut.Dleq(r["e"], r["s"])
-            )
-            for r in rows
-        }
+            return await _recorded(conn, blinded)
 
     # -- mint quotes -------------------------------------------------------------------
 
@@ -1120,30 +1159,41 @@ class MintStore:
             if done is not None:
                 signatures = await sign(outputs)
                 # the transaction is committed: its outputs are signed whatever happens.
-                # Reserved before it was sent, none was signed before; one a swap signed
-                # since (the same B_, the same key: the same C_) keeps its first record
-                await _insert_promises(conn, blinded, signatures)
+                # Reserved before it was sent, none was signed before; one signed since
+                # (the wallet gave its own output to a swap too) keeps its first record,
+                # which is what this answers for it, as a restore (NUT-09) would
+                fresh = await _insert_promises(conn, blinded, signatures)
+                if len(fresh) < len(blinded):
+                    kept = await _recorded(conn, [b for b in blinded if b not in fresh])
+                    signatures = [
+                        s if b in fresh else kept[b]
+                        for b, s in zip(blinded, signatures, strict=True)
+                    ]
                 await conn.execute("DELETE FROM mint_withdraw_outputs WHERE txid = $1", txid)
                 return signatures
         found = await self.withdrawn(txid, outputs)
         assert found is not None
         return found
 
-    async def reserve_withdraw(self, txid: bytes, blinded: Sequence[bytes]) -> None:
-        """Reserve outputs ``blinded`` for the withdrawal of transaction ``txid``, before
-        it is sent (again: a retry's are its own already); refused, nothing sent, where
-        one was signed before or is another withdrawal's."""
+    async def reserve_withdraw(self, txid: bytes, outputs: Sequence[nut.BlindedMessage]) -> None:
+        """Reserve ``outputs`` (each B_ with its keyset and amount) for the withdrawal of
+        transaction ``txid``, before it is sent (again: a retry's are its own already);
+        refused, nothing sent, where one was signed before, is another withdrawal's, or
+        was reserved for this one as another keyset or amount."""
+        blinded, keysets, amounts = _reserved_columns(outputs)
         async with self.pool.acquire() as conn, conn.transaction():
             if await conn.fetchval(
                 "SELECT 1 FROM mint_promises WHERE b_ = ANY($1::bytea[]) LIMIT 1", blinded
             ):
                 raise m.CashuError(m.OUTPUTS_SIGNED, "outputs already signed")
             await conn.execute(
-                "INSERT INTO mint_withdraw_outputs (b_, txid)"
-                " SELECT b, $2 FROM unnest($1::bytea[]) AS t(b) ORDER BY b"
-                " ON CONFLICT (b_) DO NOTHING",
+                "INSERT INTO mint_withdraw_outputs (b_, txid, keyset, amount)"
+                " SELECT b, $2, k, a FROM unnest($1::bytea[], $3::text[], $4::bigint[])"
+                " AS t(b, k, a) ORDER BY b ON CONFLICT (b_) DO NOTHING",
                 blinded,
                 txid,
+                keysets,
+                amounts,
             )
             if await conn.fetchval(
                 "SELECT 1 FROM mint_withdraw_outputs"
@@ -1152,18 +1202,17 @@ class MintStore:
                 txid,
             ):
                 raise m.CashuError(m.OUTPUTS_SIGNED, "outputs of another withdrawal")
+            if await _reserved_as(conn, txid, outputs) != len(outputs):
+                raise m.CashuError(
+                    m.OUTPUTS_SIGNED,
+                    "outputs reserved for this withdrawal as other keysets or amounts",
+                )
 
-    async def withdraw_reserved(self, txid: bytes, blinded: Sequence[bytes]) -> bool:
-        """Whether outputs ``blinded`` are reserved for transaction ``txid``'s withdrawal
-        (it may have been sent: a retry)."""
+    async def withdraw_reserved(self, txid: bytes, outputs: Sequence[nut.BlindedMessage]) -> bool:
+        """Whether ``outputs`` are reserved for transaction ``txid``'s withdrawal, each as
+        the same keyset and amount (it may have been sent: a retry)."""
         async with self.pool.acquire() as conn:
-            found = await conn.fetchval(
-                "SELECT count(*) FROM mint_withdraw_outputs WHERE b_ = ANY($1::bytea[])"
-                " AND txid = $2",
-                blinded,
-                txid,
-            )
-        return bool(blinded) and found == len(blinded)
+            return bool(outputs) and await _reserved_as(conn, txid, outputs) == len(outputs)
 
     async def release_withdraw(self, txid: bytes) -> None:
         """The ledger did not commit transaction ``txid``: its outputs are free again."""

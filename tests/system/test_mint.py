@@ -1229,10 +1229,12 @@ class L3User:
         self.coins = {coin_id: Coin(sat * 1000, self.key)}
         return coin_id
 
-    def withdrawal(self, sat: int) -> tuple[dict[str, Any], list[Any], list[Any], Any]:
-        """A withdrawal's body paying its coin (its change the next one), its outputs,
-        their secrets, and its transaction."""
-        outputs, secrets = client.outputs_for(sat, self.mint.active)
+    def withdrawal(
+        self, sat: int, keyset: str | None = None
+    ) -> tuple[dict[str, Any], list[Any], list[Any], Any]:
+        """A withdrawal's body paying its coin (its change the next one), its outputs
+        (of ``keyset``, else the mint's active one), their secrets, and its transaction."""
+        outputs, secrets = client.outputs_for(sat, keyset or self.mint.active)
         blinded = [bytes.fromhex(o.B_) for o in outputs]
         to = m.withdrawal_key(bytes.fromhex(self.info["key"]), blinded)
         address = encode_address(to, self.network, self.here)
@@ -1311,3 +1313,50 @@ async def test_a_withdrawal_that_committed_is_signed_whatever_its_retry_is_told(
             signed = await rotated.ok("/v1/l3/withdraw", body)
             ecash = rotated.unblind(signed["signatures"], outputs, secrets)
             assert {p.id for p in ecash} == {mint.active} and sum(p.amount for p in ecash) == 200
+            # sent, its answer lost; the "retry" names the retired keyset (its input fee
+            # is lower) for the same outputs: refused, and they are signed as reserved
+            body, outputs, secrets, _ = user.withdrawal(100, rotated.active)
+            proxy.script, proxy.seen, proxy.behind = ["lose"], [], True
+            status, _ = await rotated.call("/v1/l3/withdraw", body)
+            assert status == 503
+            proxy.behind = False
+            cheaper = [msgspec.structs.replace(o, id=mint.active) for o in outputs]
+            assert (
+                await rotated.refused("/v1/l3/withdraw", {**body, "outputs": cheaper})
+                == m.KEYSET_INACTIVE
+            )
+            signed = await rotated.ok("/v1/l3/withdraw", body)
+            ecash = rotated.unblind(signed["signatures"], outputs, secrets)
+            assert {p.id for p in ecash} == {rotated.active} and sum(p.amount for p in ecash) == 100
+
+
+async def test_a_withdrawal_answers_for_an_output_the_wallet_also_swapped_as_restore_does(
+    where: Path,
+) -> None:
+    """A withdrawal sent, its answer lost; then the wallet gives the same outputs, as
+    other amounts, to a swap, which signs them. The withdrawal's retry answers with what
+    was recorded for them (the swap's signatures), as a restore (NUT-09) does, not with
+    signatures nobody recorded."""
+    op0, op1 = nets(where)
+    async with (
+        aiohttp.ClientSession() as s,
+        bridged_mint(op0, s, "/v1/tx") as (mint, proxy, _, _),
+    ):
+        user = L3User(mint, await mint.ok("/v1/l3/info"), Network.from_name(op0.network))
+        await user.redeem(1000, LightningRpc(op1.lightning_rpc))
+        body, outputs, _, _ = user.withdrawal(300)
+        assert len({o.amount for o in outputs}) > 1
+        proxy.script, proxy.then, proxy.behind = ["lose"], "pass", True
+        status, _ = await mint.call("/v1/l3/withdraw", body)
+        assert status == 503
+        proxy.behind = False
+        amounts = [o.amount for o in outputs][::-1]
+        again = [
+            msgspec.structs.replace(o, amount=a) for o, a in zip(outputs, amounts, strict=True)
+        ]
+        ecash = await mint.mint_paid(300, LightningRpc(op1.lightning_rpc))
+        swapped = await mint.ok("/v1/swap", {"inputs": ecash, "outputs": again})
+        signed = await mint.ok("/v1/l3/withdraw", body)
+        assert signed["signatures"] == swapped["signatures"]
+        restored = await mint.ok("/v1/restore", {"outputs": outputs})
+        assert restored["signatures"] == swapped["signatures"]
