@@ -161,7 +161,7 @@ CREATE TABLE IF NOT EXISTS mint_withdraw_outputs (  -- each B_ a withdrawal may 
 );
 CREATE INDEX IF NOT EXISTS mint_withdraw_outputs_txid ON mint_withdraw_outputs (txid);
 -- what each reserved B_ is to be signed as: a retry signs it so or not at all (NULL: a
--- reservation from before these columns, which a retry may not rely on)
+-- reservation from before these columns, which a retry matches by its B_ alone, as then)
 ALTER TABLE mint_withdraw_outputs ADD COLUMN IF NOT EXISTS keyset text;
 ALTER TABLE mint_withdraw_outputs ADD COLUMN IF NOT EXISTS amount bigint;
 CREATE TABLE IF NOT EXISTS mint_cursor (
@@ -480,12 +480,13 @@ async def _reserved_as(
     conn: asyncpg.Connection, txid: bytes, outputs: Sequence[nut.BlindedMessage]
 ) -> int:
     """How many of ``outputs`` are reserved for withdrawal ``txid`` as their keyset and
-    amount."""
+    amount (as anything, where a reservation from before those were kept)."""
     blinded, keysets, amounts = _reserved_columns(outputs)
     found: int = await conn.fetchval(
         "SELECT count(*) FROM mint_withdraw_outputs w"
         " JOIN unnest($1::bytea[], $3::text[], $4::bigint[]) AS t(b, k, a)"
-        " ON w.b_ = t.b AND w.keyset = t.k AND w.amount = t.a WHERE w.txid = $2",
+        " ON w.b_ = t.b AND (w.keyset IS NULL OR (w.keyset = t.k AND w.amount = t.a))"
+        " WHERE w.txid = $2",
         blinded,
         txid,
         keysets,
