@@ -40,7 +40,8 @@ still trying (then none of it is on its way, whether Q ever answers or not). Q c
 only an unpaid invoice, which can then never be paid (an HTLC held for it fails); a paid
 one settles the batch. P does not take Q's word either way: it asks its own node once
 more. Cancelled, it puts the batch's obligations into the next batch only once its node
-says the payment failed, ``ATTEMPTING_S`` after it last asked its node to pay (pending
+says the payment failed, ``ATTEMPTING_S`` after it last asked its node to pay and after
+the newest attempt its node lists began (a command that went late still tries) (pending
 and unknown are looked up again: a payment in flight may still land, and so may a pay
 command still trying routes, one sent before a restart too, where Q kept the invoice it
 said it deleted; no attempt at all ``NEVER_SENT_S`` after the cancel is a payment never

@@ -166,7 +166,8 @@ class EC:
             while True:
                 (length,) = _LENGTH.unpack(await proc.stdout.readexactly(_LENGTH.size))
                 cid, ok, result = pickle.loads(await proc.stdout.readexactly(length))
-                self.answered = self.answered or self.proc is proc
+                if self.proc is proc:
+                    self.answered, self.fruitless = True, 0
                 done, _ = self.waiting.pop(cid, (None, 0.0))
                 if done is None or done.done():  # its caller was cancelled
                     continue
@@ -221,14 +222,17 @@ class EC:
         if self.fruitless < 2:
             return 0.0
         first, most = BACKOFF_S
-        delay = min(most, first * 2.0 ** (self.fruitless - 2))
+        delay = min(most, first * 2.0 ** min(self.fruitless - 2, 32))
         return self.stops[-1] + delay - time.monotonic()
 
     def unsteady(self) -> bool:
-        """Whether children stopped ``UNSTEADY`` times in a short while (crashing as
-        they start, killed for memory): the mint is not ready."""
+        """Whether children stopped ``UNSTEADY`` times in a short while (killed for
+        memory, say), or keep stopping before they answer anything (crashing as they
+        start: paused between, they may stop less often than that): the mint is not
+        ready."""
         count, within_s = UNSTEADY
-        return len(self.stops) == count and time.monotonic() - self.stops[0] < within_s
+        often = len(self.stops) == count and time.monotonic() - self.stops[0] < within_s
+        return often or self.fruitless >= 2
 
     def _fail(self, why: str) -> None:
         waiting, self.waiting = self.waiting, {}

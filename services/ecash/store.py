@@ -1178,7 +1178,7 @@ class MintStore:
 
     async def reserve_withdraw(self, txid: bytes, outputs: Sequence[nut.BlindedMessage]) -> None:
         """Reserve ``outputs`` (each B_ with its keyset and amount) for the withdrawal of
-        transaction ``txid``, before it is sent (again: a retry's are its own already);
+        transaction ``txid``, before it is first sent (a retry's are its own already);
         refused, nothing sent, where one was signed before, is another withdrawal's, or
         was reserved for this one as another keyset or amount."""
         blinded, keysets, amounts = _reserved_columns(outputs)
