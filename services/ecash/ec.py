@@ -166,7 +166,7 @@ class EC:
             while True:
                 (length,) = _LENGTH.unpack(await proc.stdout.readexactly(_LENGTH.size))
                 cid, ok, result = pickle.loads(await proc.stdout.readexactly(length))
-                if self.proc is proc:
+                if not self.answered and self.proc is proc:  # its first answer
                     self.answered, self.fruitless = True, 0
                 done, _ = self.waiting.pop(cid, (None, 0.0))
                 if done is None or done.done():  # its caller was cancelled
@@ -209,7 +209,8 @@ class EC:
             proc.kill()
         _close_pipe(proc)
         self.lost = {p for p in self.lost if p.returncode is None} | {proc}
-        self.fruitless = 0 if self.answered else self.fruitless + 1
+        if not self.answered:
+            self.fruitless += 1
         log.warning(
             "EC process stopped",
             extra={"pid": proc.pid, "why": why, "in_a_row_unanswered": self.fruitless},
