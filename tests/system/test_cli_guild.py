@@ -11,8 +11,6 @@ from coincurve import PublicKeyXOnly
 from services import devnet
 from services.cli import main
 
-pytestmark = pytest.mark.system
-
 
 def test_devnet_keygen_and_sign(devnet_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = str(devnet_root / "net")

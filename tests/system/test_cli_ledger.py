@@ -10,12 +10,8 @@ import urllib.request
 from contextlib import redirect_stdout
 from pathlib import Path
 
-import pytest
-
 from services import devnet
 from services.cli import main
-
-pytestmark = pytest.mark.system
 
 
 def cli(*argv: str) -> tuple[int, str]:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
-import pytest
 
 from constellation.address import Network, encode_address
 from constellation.keys import SigningKey
@@ -23,8 +22,6 @@ from services import devnet
 from services.api_client import Gateway
 from services.cli import main
 from tests.system.operator import Operator
-
-pytestmark = pytest.mark.system
 
 KILLED = ("worker-0", "gateway", "indexer")
 # minutes of CPU in one backend, which waits for nothing (a set-returning function in the

@@ -30,8 +30,6 @@ from services.devnet import Devnet
 from tests.system.guild import cli, local_guild
 from tests.system.liar import Liar
 
-pytestmark = pytest.mark.system
-
 SHOTS = Path(os.environ.get("CST_SCREENSHOTS", "build/screenshots"))
 FIRST_LOAD_MOST = 300_000  # bytes transferred by the explorer's first load
 RENDER_MOST_S = 1.0  # an address page with 1,000 history entries

@@ -37,8 +37,6 @@ from constellation.tx import Transaction, TxOutput
 from services.api_client import Gateway
 from tests.system.operator import Operator, pay, post
 
-pytestmark = pytest.mark.system
-
 EXAMPLES = int(os.environ.get("CST_FUZZ_EXAMPLES", "150"))
 REQUEST_TIMEOUT_S = 10
 HTTP_LINE_LIMIT = 8190  # aiohttp's max_line_size and max_field_size

@@ -29,8 +29,6 @@ from services.gateway.errors import IN_DOUBT
 from services.indexer.store import Index
 from tests.system.operator import Operator, pay, post
 
-pytestmark = pytest.mark.system
-
 
 @pytest.fixture(scope="module")
 def op() -> Iterator[Operator]:

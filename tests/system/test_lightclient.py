@@ -31,8 +31,6 @@ from services.wallet import WalletFile
 from tests.system.guild import cli, local_guild
 from tests.system.liar import Liar
 
-pytestmark = pytest.mark.system
-
 
 @pytest.fixture(scope="module")
 def where() -> Iterator[Path]:

@@ -24,8 +24,6 @@ from services.devnet.procs import free_port, wait_ready
 from services.gateway.lightning import ClnBackend
 from services.lnsim.sim import socket_path
 
-pytestmark = pytest.mark.system
-
 
 class Proc:
     def __init__(self, directory: Path, port: int, proc: subprocess.Popen[bytes]) -> None:

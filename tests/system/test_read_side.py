@@ -35,8 +35,6 @@ from services.follow import QUERY_TIMEOUT_S
 from services.wallet import WalletFile, _history
 from tests.system.operator import Operator, environment, pay, post
 
-pytestmark = pytest.mark.system
-
 CLIENTS = 48
 COINS_PER_CLIENT = 16
 PAYEES = 240

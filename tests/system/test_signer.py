@@ -39,8 +39,6 @@ from services.signer.transport import (
 from tests.system.conftest import GuildFactory
 from tests.system.guild import Guild
 
-pytestmark = pytest.mark.system
-
 FAULTS = ("silent", "slow:300", "bad_psig")
 
 

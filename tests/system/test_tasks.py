@@ -44,8 +44,6 @@ from services.partition.wal import BlockLog
 from services.runtime import OpsServer
 from tests.system.operator import Operator, pay
 
-pytestmark = pytest.mark.system
-
 OPERATOR = "tasks"
 ISSUER = SigningKey(os.urandom(32))
 
